@@ -1,0 +1,185 @@
+// Shared pieces of the CPU kernels: dtype codes, scalar conversions, row load/store into a
+// compute buffer, and the thread split. Torch-free: kernels see raw pointers and sizes only.
+//
+// Every kernel source is compiled three times (see CMakeLists.txt) with PFP_ISA naming the
+// namespace (pfp_avx512, pfp_avx2, pfp_scalar) and the matching -m flags, so the plain loops
+// below are auto-vectorized for each instruction set; fp16 conversion uses F16C intrinsics where
+// the build has them.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <cstring>
+#include <omp.h>
+
+#if defined(__F16C__)
+#include <immintrin.h>
+#endif
+
+namespace pfp {
+
+// Must match pyfastpeft/_native.py (DTYPE_CODES).
+enum DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2, kFloat64 = 3 };
+
+struct bf16 { uint16_t bits; };
+struct half { uint16_t bits; };
+
+inline float bits_to_float(uint32_t u) { float f; std::memcpy(&f, &u, 4); return f; }
+inline uint32_t float_to_bits(float f) { uint32_t u; std::memcpy(&u, &f, 4); return u; }
+
+inline float to_float(bf16 v) { return bits_to_float(uint32_t(v.bits) << 16); }
+
+// Round to nearest even, NaN kept quiet (same as torch's c10::BFloat16 conversion).
+inline bf16 to_bf16(float f) {
+  uint32_t u = float_to_bits(f);
+  uint32_t rounded = (u + 0x7FFFu + ((u >> 16) & 1u)) >> 16;
+  uint32_t nan = ((u >> 16) | 0x40u);
+  bool is_nan = (u & 0x7FFFFFFFu) > 0x7F800000u;
+  return bf16{uint16_t(is_nan ? nan : rounded)};
+}
+
+// IEEE half <-> float, branch-free so the loops vectorize even without F16C.
+inline float to_float(half v) {
+  uint32_t h = v.bits;
+  uint32_t sign = (h & 0x8000u) << 16;
+  uint32_t em = h & 0x7FFFu;
+  // normal/subnormal: shift exponent+mantissa into place and rescale by 2^112 (handles subnormals
+  // exactly because the product is exact); inf/NaN: force the float exponent to all ones.
+  float magnitude = bits_to_float(em << 13) * bits_to_float(0x77800000u);  // 2^112
+  uint32_t mag_bits = float_to_bits(magnitude);
+  mag_bits = em >= 0x7C00u ? (mag_bits | 0x7F800000u) : mag_bits;
+  return bits_to_float(sign | mag_bits);
+}
+
+inline half to_half(float f) {
+#if defined(__F16C__)
+  return half{uint16_t(_cvtss_sh(f, _MM_FROUND_TO_NEAREST_INT))};
+#else
+  // Round to nearest even (Giesen's float_to_half_fast3_rtne).
+  uint32_t u = float_to_bits(f);
+  uint32_t sign = u & 0x80000000u;
+  u ^= sign;
+  uint16_t out;
+  if (u >= 0x47800000u) {                       // overflow to inf, or NaN
+    out = u > 0x7F800000u ? 0x7E00u : 0x7C00u;
+  } else if (u < 0x38800000u) {                 // subnormal or zero half
+    float denorm = bits_to_float(u) + bits_to_float(0x3F000000u);  // + 0.5
+    out = uint16_t(float_to_bits(denorm) - 0x3F000000u);
+  } else {
+    uint32_t mant_odd = (u >> 13) & 1u;
+    u += 0xC8000FFFu + mant_odd;                // rebias exponent (-112 << 23) and round
+    out = uint16_t(u >> 13);
+  }
+  return half{uint16_t(out | (sign >> 16))};
+#endif
+}
+
+template <typename T> struct Compute { using type = float; };
+template <> struct Compute<double> { using type = double; };
+
+template <typename C> inline C to_compute(float v) { return C(v); }
+template <typename C> inline C to_compute(double v) { return C(v); }
+template <typename C> inline C to_compute(bf16 v) { return C(to_float(v)); }
+template <typename C> inline C to_compute(half v) { return C(to_float(v)); }
+
+template <typename T> inline T from_compute(float v);
+template <> inline float from_compute<float>(float v) { return v; }
+template <> inline bf16 from_compute<bf16>(float v) { return to_bf16(v); }
+template <> inline half from_compute<half>(float v) { return to_half(v); }
+template <typename T> inline T from_compute(double v);
+template <> inline double from_compute<double>(double v) { return v; }
+
+// The value v takes once stored as T (rounding emulation for the "none" RMSNorm mode and the
+// llama mode's cast of the normalized row).
+template <typename T, typename C> inline C round_to(C v) { return to_compute<C>(from_compute<T>(v)); }
+
+// Convert n elements into a compute-type buffer, and back. fp16 uses F16C where the build has it.
+template <typename T, typename C>
+inline void load_row(const T* __restrict src, C* __restrict dst, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = to_compute<C>(src[i]);
+}
+template <typename T, typename C>
+inline void store_row(const C* __restrict src, T* __restrict dst, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = from_compute<T>(src[i]);
+}
+
+#if defined(__F16C__)
+template <>
+inline void load_row<half, float>(const half* __restrict src, float* __restrict dst, int64_t n) {
+  int64_t i = 0;
+#if defined(__AVX512F__)
+  for (; i + 16 <= n; i += 16)
+    _mm512_storeu_ps(dst + i, _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + i))));
+#endif
+  for (; i + 8 <= n; i += 8)
+    _mm256_storeu_ps(dst + i, _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(src + i))));
+  for (; i < n; ++i) dst[i] = _cvtsh_ss(src[i].bits);
+}
+template <>
+inline void store_row<half, float>(const float* __restrict src, half* __restrict dst, int64_t n) {
+  int64_t i = 0;
+#if defined(__AVX512F__)
+  for (; i + 16 <= n; i += 16)
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + i),
+                        _mm512_cvtps_ph(_mm512_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+#endif
+  for (; i + 8 <= n; i += 8)
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(dst + i),
+                     _mm256_cvtps_ph(_mm256_loadu_ps(src + i), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+  for (; i < n; ++i) dst[i] = half{uint16_t(_cvtss_sh(src[i], _MM_FROUND_TO_NEAREST_INT))};
+}
+#endif
+
+// Static split of [0, total) over the calling OpenMP team: thread `tid` of `nt` gets [begin, end).
+inline void split_range(int64_t total, int tid, int nt, int64_t& begin, int64_t& end) {
+  int64_t chunk = total / nt, rest = total % nt;
+  begin = tid * chunk + (tid < rest ? tid : rest);
+  end = begin + chunk + (tid < rest ? 1 : 0);
+}
+
+// Run body(begin, end, tid) over [0, total) on up to nthreads threads; serial when the work is small
+// (grain = elements of work below which threads cost more than they save).
+template <typename F>
+inline void parallel_for(int64_t total, int64_t work_per_item, int nthreads, F body) {
+  const int64_t grain = 1 << 15;
+  int64_t max_useful = (total * work_per_item) / grain + 1;
+  int nt = int(nthreads < 1 ? 1 : (max_useful < nthreads ? max_useful : nthreads));
+  if (nt > total) nt = int(total > 0 ? total : 1);
+  if (nt <= 1) { body(int64_t(0), total, 0); return; }
+#pragma omp parallel num_threads(nt)
+  {
+    int tid = omp_get_thread_num(), team = omp_get_num_threads();
+    int64_t begin, end;
+    split_range(total, tid, team, begin, end);
+    body(begin, end, tid);
+  }
+}
+
+// exp for float compute, branch-free so it vectorizes (std::exp does not without -ffast-math):
+// exp(x) = 2^n * p(r), n = round(x / ln2), r = x - n ln2 (two-part ln2, |r| <= ln2/2), p the
+// Cephes degree-7 polynomial (relative error ~2 ulp). Results below 2^-126 flush to 0 and
+// x > 88 gives +inf: the callers (sigmoid) saturate long before either matters.
+inline float exp_approx(float x) {
+  const float hi = 88.0f, lo = -87.0f;
+  float xc = x > hi ? hi : (x < lo ? lo : x);
+  float n = xc * 1.44269504088896341f;
+  n = (n + 12582912.0f) - 12582912.0f;            // round to nearest integer
+  float r = xc - n * 0.693359375f;                 // ln2 split hi/lo for an exact reduction
+  r = r - n * -2.12194440e-4f;
+  float p = 1.9875691500e-4f;
+  p = p * r + 1.3981999507e-3f;
+  p = p * r + 8.3334519073e-3f;
+  p = p * r + 4.1665795894e-2f;
+  p = p * r + 1.6666665459e-1f;
+  p = p * r + 5.0000001201e-1f;
+  p = p * r * r + r + 1.0f;
+  int32_t e = int32_t(n) + 127;
+  float scale = bits_to_float(uint32_t(e) << 23);
+  float result = p * scale;
+  result = x > hi ? INFINITY : result;
+  result = x < lo ? 0.0f : result;
+  return x != x ? x : result;
+}
+inline double exp_approx(double x) { return std::exp(x); }
+
+}  // namespace pfp

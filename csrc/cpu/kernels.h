@@ -1,0 +1,31 @@
+// Entry points of the CPU kernels, declared once per instruction-set namespace (pfp_avx512,
+// pfp_avx2, pfp_scalar); csrc/cpu/dispatch.cpp picks the namespace at run time.
+// Contracts (shapes, dtypes, layout) sit above each definition in csrc/cpu/<family>.cpp; the Python
+// wrappers in pyfastpeft/ops/<family>.py have checked them before any pointer gets here.
+#pragma once
+#include <cstdint>
+
+#define PFP_DECLARE_CPU_KERNELS(ns)                                                                  \
+  namespace ns {                                                                                     \
+  void rmsnorm_forward(const void* x, const void* weight, void* y, void* rstd, int64_t rows,         \
+                       int64_t n, int x_dtype, int weight_dtype, int y_dtype, double eps,            \
+                       double offset, int casting_mode, int nthreads);                               \
+  void rmsnorm_backward(const void* dy, const void* x, const void* weight, const void* rstd,         \
+                        void* dx, void* dw_partial, int64_t rows, int64_t n, int x_dtype,            \
+                        int weight_dtype, int dy_dtype, double offset, int casting_mode,             \
+                        int nthreads);                                                               \
+  void swiglu_forward(const void* gate, const void* up, void* out, int64_t numel, int dtype,         \
+                      int nthreads);                                                                 \
+  void swiglu_backward(const void* dy, const void* gate, const void* up, void* dgate, void* dup,     \
+                       int64_t numel, int dtype, int nthreads);                                      \
+  void rope(const void* q, const void* k, void* q_out, void* k_out, const void* cos,                 \
+            const void* sin, const int64_t* q_strides, const int64_t* k_strides,                     \
+            const int64_t* q_out_strides, const int64_t* k_out_strides, int64_t cos_batch_stride,    \
+            int64_t cos_seq_stride, int64_t batch, int64_t seq, int64_t q_heads, int64_t k_heads,    \
+            int64_t head_dim, int64_t rot_dim, int dtype, bool interleaved, bool backward,           \
+            int nthreads);                                                                           \
+  }
+
+PFP_DECLARE_CPU_KERNELS(pfp_avx512)
+PFP_DECLARE_CPU_KERNELS(pfp_avx2)
+PFP_DECLARE_CPU_KERNELS(pfp_scalar)

@@ -1,0 +1,169 @@
+// RMSNorm forward and backward on the CPU, one row of n elements at a time, rows split over threads.
+//
+// forward, one row:  r = 1 / sqrt(mean(x^2) + eps),  w' = offset + w   (fp32, or fp64 for fp64 x)
+//   llama: y = w' * round_x(x * r)            (HF LlamaRMSNorm: normalize in fp32, cast, then scale)
+//   gemma: y = x * r * w'                      (all in fp32, one cast at the store)
+//   none : y = round_x(round_x(x * round_x(r)) * round_x(w'))   (every step in x's dtype)
+// where round_x(v) is v stored as x's dtype and read back.
+// backward, one row (the casts treated as identity):  m = dy * w'
+//   dx = r * m - (r^3 / n) * dot(m, x) * x
+//   dw += dy * xn,  xn = round_x(x * r) (llama, none) or x * r (gemma); per-thread partial rows.
+#include "cpu/common.h"
+#include "cpu/kernels.h"
+
+#include <stdexcept>
+#include <vector>
+
+namespace PFP_ISA {
+namespace {
+
+using pfp::bf16;
+using pfp::half;
+
+enum CastingMode { kLlama = 0, kGemma = 1, kNone = 2 };
+
+// w' = offset + w in the compute type, whatever the weight's dtype.
+template <typename C>
+void load_weight(const void* weight, int weight_dtype, double offset, int64_t n, C* dst) {
+  switch (weight_dtype) {
+    case pfp::kFloat32: pfp::load_row(static_cast<const float*>(weight), dst, n); break;
+    case pfp::kFloat16: pfp::load_row(static_cast<const half*>(weight), dst, n); break;
+    case pfp::kBFloat16: pfp::load_row(static_cast<const bf16*>(weight), dst, n); break;
+    case pfp::kFloat64: pfp::load_row(static_cast<const double*>(weight), dst, n); break;
+    default: throw std::invalid_argument("rmsnorm: unsupported weight dtype code");
+  }
+  const C off = C(offset);
+  for (int64_t i = 0; i < n; ++i) dst[i] = off + dst[i];
+}
+
+// x: [rows, n] of Tx, y: [rows, n] of Ty, rstd: [rows] of the compute type; all contiguous.
+template <typename Tx, typename Ty>
+void forward_impl(const Tx* x, const void* weight, int weight_dtype, Ty* y, void* rstd_out, int64_t rows,
+                  int64_t n, double eps, double offset, int mode, int nthreads) {
+  using C = typename pfp::Compute<Tx>::type;
+  std::vector<C> w(n);
+  load_weight(weight, weight_dtype, offset, n, w.data());
+  const C* wp = w.data();
+  C* rstd = static_cast<C*>(rstd_out);
+  pfp::parallel_for(rows, 3 * n, nthreads, [&](int64_t begin, int64_t end, int) {
+    std::vector<C> buf(n);
+    C* b = buf.data();
+    for (int64_t row = begin; row < end; ++row) {
+      pfp::load_row(x + row * n, b, n);
+      C sum_sq = 0;
+#pragma omp simd reduction(+ : sum_sq)
+      for (int64_t i = 0; i < n; ++i) sum_sq += b[i] * b[i];
+      const C r = C(1) / std::sqrt(sum_sq / C(n) + C(eps));
+      rstd[row] = r;
+      if (mode == kLlama) {
+        for (int64_t i = 0; i < n; ++i) b[i] = wp[i] * pfp::round_to<Tx>(b[i] * r);
+      } else if (mode == kGemma) {
+        for (int64_t i = 0; i < n; ++i) b[i] = b[i] * r * wp[i];
+      } else {
+        const C r_x = pfp::round_to<Tx>(r);
+        for (int64_t i = 0; i < n; ++i)
+          b[i] = pfp::round_to<Tx>(pfp::round_to<Tx>(b[i] * r_x) * pfp::round_to<Tx>(wp[i]));
+      }
+      pfp::store_row(b, y + row * n, n);
+    }
+  });
+}
+
+// dy: [rows, n] of Tdy, x: [rows, n] of Tx, dx: [rows, n] of Tx; dw_partial: [nthreads, n] of the
+// compute type (fp32; fp64 for fp64 x), or null when the weight needs no gradient.
+template <typename Tx, typename Tdy>
+void backward_impl(const Tdy* dy, const Tx* x, const void* weight, int weight_dtype, const void* rstd_in,
+                   Tx* dx, void* dw_partial, int64_t rows, int64_t n, double offset, int mode, int nthreads) {
+  using C = typename pfp::Compute<Tx>::type;
+  std::vector<C> w(n);
+  load_weight(weight, weight_dtype, offset, n, w.data());
+  const C* wp = w.data();
+  const C* rstd = static_cast<const C*>(rstd_in);
+  C* dw_all = static_cast<C*>(dw_partial);
+  if (dw_all) std::memset(dw_all, 0, sizeof(C) * size_t(n) * size_t(nthreads < 1 ? 1 : nthreads));
+  pfp::parallel_for(rows, 5 * n, nthreads, [&](int64_t begin, int64_t end, int tid) {
+    std::vector<C> xs(n), gs(n);
+    C* xb = xs.data();
+    C* g = gs.data();
+    C* dw = dw_all ? dw_all + int64_t(tid) * n : nullptr;
+    for (int64_t row = begin; row < end; ++row) {
+      pfp::load_row(x + row * n, xb, n);
+      pfp::load_row(dy + row * n, g, n);
+      const C r = rstd[row];
+      C dot = 0;
+#pragma omp simd reduction(+ : dot)
+      for (int64_t i = 0; i < n; ++i) dot += g[i] * wp[i] * xb[i];
+      const C coef = r * r * r * dot / C(n);
+      if (dw) {
+        if (mode == kGemma) {
+          for (int64_t i = 0; i < n; ++i) dw[i] += g[i] * (xb[i] * r);
+        } else {
+          for (int64_t i = 0; i < n; ++i) dw[i] += g[i] * pfp::round_to<Tx>(xb[i] * r);
+        }
+      }
+      for (int64_t i = 0; i < n; ++i) g[i] = r * g[i] * wp[i] - coef * xb[i];
+      pfp::store_row(g, dx + row * n, n);
+    }
+  });
+}
+
+[[noreturn]] void unsupported(const char* what) {
+  throw std::invalid_argument(std::string("rmsnorm: unsupported dtype combination: ") + what);
+}
+
+}  // namespace
+
+// rmsnorm_forward: y[rows, n] = rmsnorm(x[rows, n]) scaled by (offset + weight[n]); rstd[rows] in the
+// compute type (fp32; fp64 for fp64 x).
+// x, y: contiguous rows. dtypes (pfp::DType): y_dtype == x_dtype, or y fp32 with x fp16/bf16
+// (the llama mode's promotion with an fp32 weight); weight any of the four. casting_mode 0 llama,
+// 1 gemma, 2 none.
+void rmsnorm_forward(const void* x, const void* weight, void* y, void* rstd, int64_t rows, int64_t n,
+                     int x_dtype, int weight_dtype, int y_dtype, double eps, double offset, int casting_mode,
+                     int nthreads) {
+#define PFP_RMS_FWD(TX, TY) \
+  forward_impl(static_cast<const TX*>(x), weight, weight_dtype, static_cast<TY*>(y), rstd, rows, n, eps, offset, casting_mode, nthreads)
+  if (x_dtype == y_dtype) {
+    switch (x_dtype) {
+      case pfp::kFloat32: PFP_RMS_FWD(float, float); return;
+      case pfp::kFloat16: PFP_RMS_FWD(half, half); return;
+      case pfp::kBFloat16: PFP_RMS_FWD(bf16, bf16); return;
+      case pfp::kFloat64: PFP_RMS_FWD(double, double); return;
+    }
+  } else if (y_dtype == pfp::kFloat32) {
+    switch (x_dtype) {
+      case pfp::kFloat16: PFP_RMS_FWD(half, float); return;
+      case pfp::kBFloat16: PFP_RMS_FWD(bf16, float); return;
+    }
+  }
+#undef PFP_RMS_FWD
+  unsupported("forward");
+}
+
+// rmsnorm_backward: dx[rows, n] (x's dtype) from dy[rows, n] (dy_dtype: the forward's y dtype), x,
+// weight[n], rstd[rows] (compute type) saved by the forward. dw_partial: null, or [nthreads, n] of fp32 (fp64 for
+// fp64 x) that the kernel overwrites with per-thread sums; the caller adds the rows up.
+void rmsnorm_backward(const void* dy, const void* x, const void* weight, const void* rstd, void* dx,
+                      void* dw_partial, int64_t rows, int64_t n, int x_dtype, int weight_dtype, int dy_dtype,
+                      double offset, int casting_mode, int nthreads) {
+#define PFP_RMS_BWD(TX, TDY)                                                                           \
+  backward_impl(static_cast<const TDY*>(dy), static_cast<const TX*>(x), weight, weight_dtype, rstd,  \
+                static_cast<TX*>(dx), dw_partial, rows, n, offset, casting_mode, nthreads)
+  if (x_dtype == dy_dtype) {
+    switch (x_dtype) {
+      case pfp::kFloat32: PFP_RMS_BWD(float, float); return;
+      case pfp::kFloat16: PFP_RMS_BWD(half, half); return;
+      case pfp::kBFloat16: PFP_RMS_BWD(bf16, bf16); return;
+      case pfp::kFloat64: PFP_RMS_BWD(double, double); return;
+    }
+  } else if (dy_dtype == pfp::kFloat32) {
+    switch (x_dtype) {
+      case pfp::kFloat16: PFP_RMS_BWD(half, float); return;
+      case pfp::kBFloat16: PFP_RMS_BWD(bf16, float); return;
+    }
+  }
+#undef PFP_RMS_BWD
+  unsupported("backward");
+}
+
+}  // namespace PFP_ISA

@@ -1,0 +1,80 @@
+"""Loading of the native modules and the helpers every op uses to hand tensors to them.
+
+A missing or broken native module never makes `import pyfastpeft` fail: `cpu` / `cuda` are None,
+`cpu_error` / `cuda_error` say why, and the ops fall back to the reference (warning once).
+"""
+from __future__ import annotations
+
+import importlib
+import warnings
+
+import torch  # torch first: _C reuses the OpenMP runtime torch has loaded
+
+# dtype codes shared with csrc/cpu/common.h and csrc/cuda/common.cuh.
+DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2, torch.float64: 3}
+
+cpu = None
+cpu_error: str | None = None
+try:
+    cpu = importlib.import_module("pyfastpeft._C")
+except Exception as exc:  # ImportError, or an OSError from a broken build
+    cpu_error = f"{type(exc).__name__}: {exc}"
+
+cuda = None
+cuda_error: str | None = None
+try:
+    cuda = importlib.import_module("pyfastpeft._cuda")
+except ModuleNotFoundError:
+    cuda_error = "built without nvcc"
+except Exception as exc:
+    cuda_error = f"{type(exc).__name__}: {exc}"
+
+_warned: set[str] = set()
+
+
+def warn_fallback(what: str, reason: str) -> None:
+    """One warning per (what, reason) for the life of the process."""
+    key = f"{what}: {reason}"
+    if key not in _warned:
+        _warned.add(key)
+        warnings.warn(f"pyfastpeft: {what} unavailable ({reason}); running the PyTorch reference instead",
+                      RuntimeWarning, stacklevel=3)
+
+
+HUGE_PAGE_MIN_BYTES = 4 << 20
+
+
+def on_huge_pages(out: torch.Tensor) -> torch.Tensor:
+    """Advise a freshly allocated, untouched large CPU tensor onto 2 MiB pages; returns it.
+    (advise_huge_pages in csrc/bind_cpu.cpp: it cuts the first-touch page-fault cost ~5x.)"""
+    storage = out.untyped_storage()
+    if out.device.type == "cpu" and cpu is not None and storage.nbytes() >= HUGE_PAGE_MIN_BYTES:
+        cpu.advise_huge_pages(storage.data_ptr(), storage.nbytes())
+    return out
+
+
+def empty(shape, *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    return on_huge_pages(torch.empty(shape, dtype=dtype, device=device))
+
+
+def empty_like(t: torch.Tensor) -> torch.Tensor:
+    """torch.empty_like (same memory layout), on huge pages when large."""
+    return on_huge_pages(torch.empty_like(t))
+
+
+def dtype_code(t: torch.Tensor) -> int:
+    return DTYPE_CODES[t.dtype]
+
+
+def ptr(t: torch.Tensor | None) -> int:
+    """The address a kernel reads; 0 stands for an absent optional tensor."""
+    return 0 if t is None else t.data_ptr()
+
+
+def num_threads() -> int:
+    return torch.get_num_threads()
+
+
+def cuda_stream(t: torch.Tensor) -> int:
+    """torch's current stream on t's device, as the integer the CUDA kernels take."""
+    return torch.cuda.current_stream(t.device).cuda_stream

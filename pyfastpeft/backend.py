@@ -1,0 +1,113 @@
+"""Which implementation runs an op: the single place that decides.
+
+Backends: "reference" (pure PyTorch, every device), "native" (pyfastpeft._C on CPU,
+pyfastpeft._cuda on CUDA), "triton" (pyfastpeft.triton_kernels; on CPU tensors it runs under the
+interpreter, TRITON_INTERPRET=1, which tests use). "auto" (the default) picks native on CPU and the
+measured-faster of native / Triton on CUDA (CUDA_PREFERENCE below, committed from benchmark results),
+falling back to the reference when a backend is unavailable.
+
+`PYFASTPEFT_BACKEND` sets the process default; `use_backend(...)` overrides it for a block.
+"""
+from __future__ import annotations
+
+import contextlib
+import contextvars
+import importlib.util
+import os
+
+import torch
+
+from pyfastpeft import _native
+
+BACKENDS = ("auto", "reference", "native", "triton")
+
+# Faster backend per op family on CUDA. Until GPU measurements are committed under bench/results/,
+# native CUDA kernels are the default (they launch without Triton's JIT and Python overhead).
+CUDA_PREFERENCE = {"rmsnorm": "native", "swiglu": "native", "rope": "native"}
+
+
+def _default_backend() -> str:
+    name = os.environ.get("PYFASTPEFT_BACKEND", "auto").strip().lower() or "auto"
+    if name not in BACKENDS:
+        raise ValueError(f"PYFASTPEFT_BACKEND must be one of {BACKENDS}, got {name!r}")
+    return name
+
+
+_current = contextvars.ContextVar("pyfastpeft_backend", default=_default_backend())
+
+
+@contextlib.contextmanager
+def use_backend(name: str):
+    """Run the ops inside the block on backend `name` ("auto", "reference", "native", "triton")."""
+    if name not in BACKENDS:
+        raise ValueError(f"use_backend: name must be one of {BACKENDS}, got {name!r}")
+    token = _current.set(name)
+    try:
+        yield
+    finally:
+        _current.reset(token)
+
+
+def current_backend() -> str:
+    return _current.get()
+
+
+def _triton_status() -> tuple[bool, str]:
+    if importlib.util.find_spec("triton") is None:
+        return False, "triton is not installed"
+    if torch.cuda.is_available():
+        return True, "GPU"
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return True, "CPU interpreter (TRITON_INTERPRET=1)"
+    return False, "no GPU visible (set TRITON_INTERPRET=1 before importing triton to run the interpreter)"
+
+
+def backends() -> dict:
+    """What this install can run, and why not where it cannot."""
+    cpu_ok = _native.cpu is not None
+    cuda_built = _native.cuda is not None
+    gpu = torch.cuda.is_available()
+    triton_ok, triton_why = _triton_status()
+    return {
+        "reference": {"available": True, "detail": "pure PyTorch, every device"},
+        "cpu_native": {"available": cpu_ok,
+                       "detail": f"pyfastpeft._C ({_native.cpu.current_isa()})" if cpu_ok
+                       else f"pyfastpeft._C failed to load: {_native.cpu_error}"},
+        "cuda_native": {"available": cuda_built and gpu,
+                        "detail": ("pyfastpeft._cuda" if cuda_built and gpu
+                                   else _native.cuda_error if not cuda_built else "no GPU visible")},
+        "triton": {"available": triton_ok, "detail": triton_why},
+    }
+
+
+def choose(family: str, device: torch.device) -> str:
+    """The backend an op of `family` runs on for tensors on `device`: reference, native or triton."""
+    wanted = _current.get()
+    if wanted == "reference":
+        return "reference"
+    if device.type == "cpu":
+        if wanted == "triton":
+            return "triton" if _triton_usable(family) else "reference"
+        if _native.cpu is None:
+            _native.warn_fallback("pyfastpeft._C", _native.cpu_error or "not built")
+            return "reference"
+        return "native"
+    if device.type == "cuda":
+        if wanted == "auto":
+            wanted = CUDA_PREFERENCE.get(family, "native")
+            if wanted == "native" and _native.cuda is None:
+                wanted = "triton"
+        if wanted == "native":
+            if _native.cuda is None:
+                _native.warn_fallback("pyfastpeft._cuda", _native.cuda_error or "not built")
+                return "reference"
+            return "native"
+        return "triton" if _triton_usable(family) else "reference"
+    return "reference"
+
+
+def _triton_usable(family: str) -> bool:
+    ok, why = _triton_status()
+    if not ok:
+        _native.warn_fallback(f"triton kernels ({family})", why)
+    return ok

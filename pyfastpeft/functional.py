@@ -1,0 +1,6 @@
+"""The public functions, one per op family (the ops, dispatch and autograd live in pyfastpeft.ops)."""
+from pyfastpeft.ops.rmsnorm import rms_norm
+from pyfastpeft.ops.rope import apply_rotary_pos_emb
+from pyfastpeft.ops.swiglu import swiglu
+
+__all__ = ["rms_norm", "swiglu", "apply_rotary_pos_emb"]

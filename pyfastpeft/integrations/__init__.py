@@ -1,0 +1,1 @@
+"""Glue to other libraries' models and formats (HF transformers patching)."""

@@ -1,0 +1,5 @@
+"""nn.Module drop-ins for HF transformers modules; each forward is one call into pyfastpeft.ops."""
+from pyfastpeft.nn.rmsnorm import RMSNorm
+from pyfastpeft.nn.swiglu import SwiGLUMLP
+
+__all__ = ["RMSNorm", "SwiGLUMLP"]
