@@ -57,11 +57,6 @@ def empty(shape, *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     return on_huge_pages(torch.empty(shape, dtype=dtype, device=device))
 
 
-def empty_like(t: torch.Tensor) -> torch.Tensor:
-    """torch.empty_like (same memory layout), on huge pages when large."""
-    return on_huge_pages(torch.empty_like(t))
-
-
 def dtype_code(t: torch.Tensor) -> int:
     return DTYPE_CODES[t.dtype]
 

@@ -14,5 +14,15 @@ class SwiGLUMLP(nn.Module):
         self.up_proj = nn.Linear(hidden_size, intermediate_size, bias=bias, device=device, dtype=dtype)
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=bias, device=device, dtype=dtype)
 
+    @classmethod
+    def from_projections(cls, gate_proj: nn.Module, up_proj: nn.Module, down_proj: nn.Module) -> "SwiGLUMLP":
+        """An MLP around existing projection modules (shared, not copied): how patch_model swaps an HF MLP."""
+        mlp = cls.__new__(cls)
+        nn.Module.__init__(mlp)
+        mlp.gate_proj, mlp.up_proj, mlp.down_proj = gate_proj, up_proj, down_proj
+        mlp.hidden_size = getattr(gate_proj, "in_features", None)
+        mlp.intermediate_size = getattr(gate_proj, "out_features", None)
+        return mlp
+
     def forward(self, x):
         return self.down_proj(SwiGLUFunction.apply(self.gate_proj(x), self.up_proj(x)))

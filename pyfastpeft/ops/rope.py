@@ -30,6 +30,12 @@ def rope_into(q, k, q_out, k_out, cos, sin, interleaved: bool, backward: bool) -
         _native.cpu.rope(*args, _native.num_threads())
 
 
+def _out_like(t):
+    """An output for t: t's memory layout when its last dim is contiguous (HF's transposed views
+    stay transposed), else a contiguous tensor. The fake impl and every backend agree on this."""
+    return torch.empty_like(t) if t.stride(-1) == 1 else torch.empty(t.shape, dtype=t.dtype, device=t.device)
+
+
 def _kernel_inputs(q, k, cos, sin):
     """Inputs as the kernels take them: last dims contiguous, cos/sin sharing strides and q's dtype."""
     q = q if q.stride(-1) == 1 else q.contiguous()
@@ -41,7 +47,7 @@ def _kernel_inputs(q, k, cos, sin):
 
 
 def _native_rope(q, k, cos, sin, interleaved, backward):
-    q_out, k_out = _native.empty_like(q), _native.empty_like(k)
+    q_out, k_out = _native.on_huge_pages(_out_like(q)), _native.on_huge_pages(_out_like(k))
     if q.shape[0] * q.shape[2] and q.dtype == k.dtype:
         qc, kc, cc, sc = _kernel_inputs(q, k, cos, sin)
         rope_into(qc, kc, q_out, k_out, cc, sc, interleaved, backward)
@@ -50,7 +56,7 @@ def _native_rope(q, k, cos, sin, interleaved, backward):
 
 
 def _triton_rope(q, k, cos, sin, interleaved, backward):
-    q_out, k_out = torch.empty_like(q), torch.empty_like(k)
+    q_out, k_out = _out_like(q), _out_like(k)
     if q.shape[0] * q.shape[2] and q.dtype == k.dtype:
         qc, kc, cc, sc = _kernel_inputs(q, k, cos, sin)
         triton_module("rope").rope(qc, kc, q_out, k_out, cc, sc, interleaved, backward)
@@ -60,14 +66,13 @@ def _triton_rope(q, k, cos, sin, interleaved, backward):
 
 def _reference_rope(q, k, cos, sin, interleaved, backward):
     q_ref, k_ref = ref.rope(q, k, cos.to(q.dtype), sin.to(q.dtype), interleaved, backward)
-    q_out, k_out = torch.empty_like(q), torch.empty_like(k)
-    return q_out.copy_(q_ref), k_out.copy_(k_ref)
+    return _out_like(q).copy_(q_ref), _out_like(k).copy_(k_ref)
 
 
 def _fake_rope(q, k, cos, sin, interleaved, backward):
     torch._check(q.dim() == 4 and k.dim() == 4, lambda: "rope: q and k must be 4-D")
     torch._check(cos.dim() == 3 and cos.shape == sin.shape, lambda: "rope: cos and sin must be [Bc, S, R]")
-    return torch.empty_like(q), torch.empty_like(k)
+    return _out_like(q), _out_like(k)
 
 
 rope_op = define_op("rope", "(Tensor q, Tensor k, Tensor cos, Tensor sin, bool interleaved, bool backward)"

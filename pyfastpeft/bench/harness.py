@@ -1,0 +1,427 @@
+"""Measuring one benchmark case, and writing the results as a table, JSON and a PNG chart.
+
+A case (cases.py) hands the harness two implementations of one op, ours and the reference, over the
+same inputs, plus a builder of native "into" kernel calls. Per case the harness measures:
+  * time as a user sees it: the public function or module, allocation included; backward through
+    autograd with a fixed output grad; leaf grads set to None before each run, outside the clock.
+  * peak memory of one run, and the bytes autograd saves for backward in one forward.
+  * the native kernel writing into preallocated outputs: bytes it must move, achieved GB/s, and that
+    as a fraction of this machine's copy bandwidth, with inputs/outputs rotated through more memory
+    than the last-level cache.
+Timings are medians (with p20/p80) of many runs after warm-up: perf_counter on CPU (the ops are
+synchronous), CUDA events (triton.testing.do_bench) on GPUs.
+"""
+from __future__ import annotations
+
+import contextlib
+import datetime
+import itertools
+import json
+import math
+import platform
+import re
+import statistics
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Callable, Sequence, Union
+
+import torch
+
+import pyfastpeft
+
+MODES = ("forward", "backward", "both")
+MIB = 1 << 20
+GB = 1e9  # bandwidths are in decimal GB/s
+# Kernel inputs/outputs are rotated through at least this many bytes (4x the 32 MiB L3 here), so
+# every kernel run streams from DRAM (a GPU's L2 is smaller still).
+ROTATION_BYTES = 128 * MIB
+COPY_BUFFER_BYTES = 256 * MIB
+# On CUDA, kernel calls moving less than this run under CUDA graphs so launch overhead does not hide them.
+CUDA_GRAPH_BELOW_BYTES = 64 * MIB
+
+Outputs = Union[torch.Tensor, tuple]  # what a forward returns: one tensor or a tuple of them
+
+
+@dataclass
+class Implementation:
+    """One side of a comparison: a forward over fixed inputs, and the leaves whose .grad it fills."""
+    forward: Callable[[], Outputs]
+    leaves: Sequence[torch.Tensor]
+
+
+@dataclass
+class KernelCall:
+    """One native "into" launch on its own preallocated tensors."""
+    run: Callable[[], object]
+    bytes_moved: int  # each tensor the launch reads or writes, counted once: sum of their nbytes
+
+
+@dataclass
+class Workload:
+    """The tensors of one case, built on a device; kernels maps "forward"/"backward" to a builder of
+    one fresh KernelCall (its own input/output set), called as often as the rotation needs."""
+    ours: Implementation
+    reference: Implementation
+    kernels: dict[str, Callable[[], KernelCall]]
+
+
+@dataclass(frozen=True)
+class Case:
+    family: str  # op family: rmsnorm, swiglu, rope ...
+    shape: str  # what the inputs are, e.g. "x[4096,4096]"
+    dtype: torch.dtype
+    mode: str  # one of MODES
+    reference_name: str  # what "ref" is, e.g. "transformers LlamaRMSNorm"
+    build: Callable[[torch.device], Workload]
+
+    @property
+    def label(self) -> str:
+        return f"{self.family} {self.shape} {dtype_name(self.dtype)} {self.mode}"
+
+
+@dataclass
+class Budget:
+    """How long to measure: runs stop after `seconds` of timed runs, within [min_runs, max_runs]."""
+    warmup_runs: int
+    min_runs: int
+    max_runs: int
+    seconds: float
+
+
+FULL_BUDGET = Budget(warmup_runs=3, min_runs=10, max_runs=200, seconds=1.0)
+QUICK_BUDGET = Budget(warmup_runs=2, min_runs=5, max_runs=50, seconds=0.12)
+
+
+@dataclass
+class Timing:
+    median_ms: float
+    p20_ms: float
+    p80_ms: float
+    runs: int
+
+    @classmethod
+    def from_seconds(cls, samples: Sequence[float]) -> Timing:
+        deciles = statistics.quantiles(samples, n=10, method="inclusive")
+        return cls(statistics.median(samples) * 1e3, deciles[1] * 1e3, deciles[7] * 1e3, len(samples))
+
+
+@dataclass
+class SideResult:
+    backend: str  # "native", "triton" for ours; "reference" for the reference
+    timing: Timing
+    peak_bytes: int  # peak of allocations outstanding during one run (see peak_cpu_bytes)
+    saved_bytes: int  # unique storages autograd saves in one forward
+
+
+@dataclass
+class KernelResult:
+    timing: Timing
+    bytes_moved: int
+    rotation_sets: int
+    gbps: float
+    fraction_of_copy: float
+
+
+@dataclass
+class CaseResult:
+    family: str
+    shape: str
+    dtype: str
+    mode: str
+    reference_name: str
+    ours: list[SideResult]
+    reference: SideResult
+    kernel: KernelResult
+    speedups: dict[str, float] = field(default_factory=dict)  # backend -> ref median / ours median
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}[dtype]
+
+
+# ---- timing ------------------------------------------------------------------------------------
+
+def _clear_grads(leaves: Sequence[torch.Tensor]) -> None:
+    for leaf in leaves:
+        leaf.grad = None
+
+
+def time_cpu(step: Callable[[], object], leaves: Sequence[torch.Tensor], budget: Budget) -> Timing:
+    """Median of runs of step(); grads cleared and step's outputs freed outside the clock."""
+    for _ in range(budget.warmup_runs):
+        _clear_grads(leaves)
+        step()
+    samples: list[float] = []
+    while len(samples) < budget.min_runs or (sum(samples) < budget.seconds and len(samples) < budget.max_runs):
+        _clear_grads(leaves)
+        start = time.perf_counter()
+        outputs = step()
+        samples.append(time.perf_counter() - start)
+        del outputs
+    return Timing.from_seconds(samples)
+
+
+def time_cuda(step: Callable[[], object], leaves: Sequence[torch.Tensor], use_graph: bool = False) -> Timing:
+    """CUDA events via triton.testing (it clears the listed grads and flushes L2 between runs)."""
+    from triton import testing
+
+    quantiles = [0.5, 0.2, 0.8]
+    if use_graph:
+        median, p20, p80 = testing.do_bench_cudagraph(step, grad_to_none=list(leaves), quantiles=quantiles)
+    else:
+        median, p20, p80 = testing.do_bench(step, grad_to_none=list(leaves), quantiles=quantiles)
+    return Timing(median, p20, p80, runs=0)  # do_bench does not report its run count
+
+
+def time_step(step, leaves, device: torch.device, budget: Budget, use_graph: bool = False) -> Timing:
+    if device.type == "cuda":
+        return time_cuda(step, leaves, use_graph)
+    return time_cpu(step, leaves, budget)
+
+
+# ---- one run per mode ----------------------------------------------------------------------------
+
+def _as_tuple(outputs) -> tuple[torch.Tensor, ...]:
+    return outputs if isinstance(outputs, tuple) else (outputs,)
+
+
+def make_step(impl: Implementation, mode: str) -> Callable[[], object]:
+    """One run of `mode`; returns what it produced so the caller frees it after the clock stops.
+
+    backward re-runs autograd over one graph built here (retain_graph), with a fixed output grad.
+    """
+    if mode == "forward":
+        return impl.forward
+    generator = torch.Generator().manual_seed(0)
+    outputs = _as_tuple(impl.forward())
+    grads = tuple(torch.randn(o.shape, generator=generator, dtype=o.dtype).to(o.device) for o in outputs)
+    if mode == "backward":
+        return lambda: torch.autograd.backward(outputs, grads, retain_graph=True)
+
+    def forward_and_backward():
+        fresh = _as_tuple(impl.forward())
+        torch.autograd.backward(fresh, grads)
+        return fresh
+    return forward_and_backward
+
+
+def saved_bytes(forward: Callable[[], Outputs]) -> int:
+    """Bytes autograd keeps for backward in one forward: nbytes of the unique storages it saves."""
+    storages: dict[int, int] = {}
+
+    def pack(tensor):
+        storage = tensor.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+        return tensor
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda tensor: tensor):
+        outputs = forward()
+    del outputs
+    return sum(storages.values())
+
+
+def peak_cpu_bytes(step: Callable[[], object]) -> int:
+    """Peak of the bytes allocated and not yet freed during one step (its outputs held to the end).
+
+    torch.profiler with profile_memory=True records one "[memory]" event per CPU allocation (+nbytes)
+    and free (-nbytes); the running sum in time order, from 0 at the start, peaks here. Grads are
+    cleared before the step, so every free inside it is of an allocation made inside it.
+    """
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        outputs = step()
+    del outputs
+    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+                    key=lambda e: e.start_ns())
+    outstanding = peak = 0
+    for event in events:
+        if event.device_type() == torch.autograd.DeviceType.CPU:
+            outstanding += event.nbytes()
+            peak = max(peak, outstanding)
+    return peak
+
+
+def peak_cuda_bytes(step: Callable[[], object], device: torch.device) -> int:
+    torch.cuda.synchronize(device)
+    before = torch.cuda.memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    outputs = step()
+    torch.cuda.synchronize(device)
+    del outputs
+    return torch.cuda.max_memory_allocated(device) - before
+
+
+def measure_side(impl: Implementation, mode: str, backend: str, device: torch.device, budget: Budget) -> SideResult:
+    """Time, peak memory and saved bytes of one implementation, every op forced onto `backend`."""
+    context = contextlib.nullcontext() if backend == "reference" else pyfastpeft.use_backend(backend)
+    with context:
+        step = make_step(impl, mode)
+        timing = time_step(step, impl.leaves, device, budget)
+        _clear_grads(impl.leaves)
+        peak = peak_cuda_bytes(step, device) if device.type == "cuda" else peak_cpu_bytes(step)
+        saved = saved_bytes(impl.forward)
+    _clear_grads(impl.leaves)
+    return SideResult(backend, timing, peak, saved)
+
+
+# ---- kernel bandwidth ----------------------------------------------------------------------------
+
+def _kernel_builder(workload: Workload, mode: str) -> Callable[[], KernelCall]:
+    """The kernel call of `mode`; "both" is the forward launch followed by the backward one."""
+    if mode != "both":
+        return workload.kernels[mode]
+
+    def build_both() -> KernelCall:
+        forward, backward = workload.kernels["forward"](), workload.kernels["backward"]()
+        return KernelCall(lambda: (forward.run(), backward.run()), forward.bytes_moved + backward.bytes_moved)
+    return build_both
+
+
+def rotation_sets(bytes_per_set: int) -> int:
+    """How many input/output sets make ROTATION_BYTES together (one set if it alone is that big)."""
+    return max(1, math.ceil(ROTATION_BYTES / max(bytes_per_set, 1)))
+
+
+def kernel_rotation(workload: Workload, mode: str) -> tuple[Callable[[], object], KernelCall, int]:
+    """(run_next, one call, number of sets): run_next launches the kernel on the next of enough
+    preallocated input/output sets to cover ROTATION_BYTES; every set has been run once (first touch)."""
+    build = _kernel_builder(workload, mode)
+    first = build()
+    calls = [first] + [build() for _ in range(rotation_sets(first.bytes_moved) - 1)]
+    for call in calls:
+        call.run()
+    rotation = itertools.cycle(calls)
+    return lambda: next(rotation).run(), first, len(calls)
+
+
+def measure_kernel(workload: Workload, mode: str, device: torch.device, budget: Budget,
+                   copy_gbps: float) -> KernelResult:
+    run_next, call, sets = kernel_rotation(workload, mode)
+    use_graph = device.type == "cuda" and call.bytes_moved < CUDA_GRAPH_BELOW_BYTES
+    timing = time_step(run_next, (), device, budget, use_graph)
+    gbps = call.bytes_moved / (timing.median_ms * 1e-3) / GB
+    return KernelResult(timing, call.bytes_moved, sets, gbps, gbps / copy_gbps)
+
+
+def copy_bandwidth_gbps(device: torch.device, budget: Budget) -> float:
+    """dst.copy_(src) on COPY_BUFFER_BYTES buffers; counts the bytes read plus the bytes written."""
+    src = torch.randn(COPY_BUFFER_BYTES // 4, device=device)
+    dst = torch.empty_like(src)
+    timing = time_step(lambda: dst.copy_(src), (), device, budget)
+    return 2 * COPY_BUFFER_BYTES / (timing.median_ms * 1e-3) / GB
+
+
+# ---- one case ------------------------------------------------------------------------------------
+
+def our_backends(device: torch.device) -> tuple[str, ...]:
+    """CPU: the native kernels. CUDA: native and Triton, each forced, so both are on record."""
+    return ("native", "triton") if device.type == "cuda" else ("native",)
+
+
+def run_case(case: Case, device: torch.device, budget: Budget, copy_gbps: float) -> CaseResult:
+    workload = case.build(device)
+    ours = [measure_side(workload.ours, case.mode, backend, device, budget) for backend in our_backends(device)]
+    reference = measure_side(workload.reference, case.mode, "reference", device, budget)
+    kernel = measure_kernel(workload, case.mode, device, budget, copy_gbps)
+    speedups = {side.backend: reference.timing.median_ms / side.timing.median_ms for side in ours}
+    return CaseResult(case.family, case.shape, dtype_name(case.dtype), case.mode, case.reference_name, ours,
+                      reference, kernel, speedups)
+
+
+# ---- reporting -----------------------------------------------------------------------------------
+
+def device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return torch.cuda.get_device_name(device)
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()
+
+
+def run_metadata(device: torch.device, copy_gbps: float, quick: bool) -> dict:
+    return {
+        "device": device_name(device),
+        "device_type": device.type,
+        "torch": torch.__version__,
+        "pyfastpeft": pyfastpeft.__version__,
+        "backends": {name: info["detail"] for name, info in pyfastpeft.backends().items() if info["available"]},
+        "threads": torch.get_num_threads(),
+        "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
+        "copy_bandwidth_gbps": copy_gbps,
+        "quick": quick,
+    }
+
+
+TABLE_HEADER = ("case", "dtype", "mode", "ours", "ours ms", "ref ms", "speedup", "peak MiB ours/ref",
+                "saved MiB ours/ref", "GB/s", "% copy")
+
+
+def _mib(nbytes: int) -> str:
+    return f"{nbytes / MIB:.0f}"
+
+
+def _table_rows(result: CaseResult) -> list[tuple[str, ...]]:
+    """One row per backend of ours; the saved bytes belong to the forward, so backward rows omit them."""
+    rows = []
+    ref = result.reference
+    for side in result.ours:
+        saved = "-" if result.mode == "backward" else f"{_mib(side.saved_bytes)}/{_mib(ref.saved_bytes)}"
+        rows.append((result.shape, result.dtype, result.mode, side.backend, f"{side.timing.median_ms:.3f}",
+                     f"{ref.timing.median_ms:.3f}", f"{result.speedups[side.backend]:.2f}x",
+                     f"{_mib(side.peak_bytes)}/{_mib(ref.peak_bytes)}", saved, f"{result.kernel.gbps:.1f}",
+                     f"{100 * result.kernel.fraction_of_copy:.0f}%"))
+    return rows
+
+
+def format_table(family: str, results: Sequence[CaseResult], copy_gbps: float) -> str:
+    """A plain-text table of one family's results (ms: medians; GB/s: the native kernel on
+    preallocated outputs, as a % of the measured copy bandwidth)."""
+    rows = [TABLE_HEADER] + [row for result in results for row in _table_rows(result)]
+    widths = [max(len(row[column]) for row in rows) for column in range(len(TABLE_HEADER))]
+    lines = [" ".join(cell.rjust(width) for cell, width in zip(row, widths)) for row in rows]
+    lines.insert(1, "-" * len(lines[0]))
+    title = f"{family}  (ref: {results[0].reference_name}; copy bandwidth {copy_gbps:.1f} GB/s)"
+    return "\n".join([title] + lines)
+
+
+def result_stem(families: Sequence[str], metadata: dict) -> str:
+    """<family or all>-<device>-<date>: the file name of a run's JSON and PNG."""
+    scope = families[0] if len(families) == 1 else "all"
+    device = re.sub(r"[^a-z0-9]+", "-", metadata["device"].lower()).strip("-")
+    return f"{scope}-{device}-{metadata['date'][:10]}"
+
+
+def write_json(path: Path, metadata: dict, results: Sequence[CaseResult]) -> None:
+    path.write_text(json.dumps({"run": metadata, "cases": [asdict(result) for result in results]}, indent=2) + "\n")
+
+
+def write_speedup_chart(path: Path, metadata: dict, results: Sequence[CaseResult]) -> None:
+    """Horizontal bars: the speedup over the reference per case and backend (1.0 = parity)."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    from matplotlib import pyplot
+
+    bars = [(f"{r.family} {r.dtype} {r.mode}" + (f" [{b}]" if len(r.speedups) > 1 else ""), s, r.family)
+            for r in results for b, s in r.speedups.items()]
+    families = list(dict.fromkeys(family for _, _, family in bars))
+    colors = pyplot.get_cmap("tab10")
+    figure, axes = pyplot.subplots(figsize=(8, 1.2 + 0.3 * len(bars)))
+    positions = range(len(bars))
+    axes.barh(positions, [speedup for _, speedup, _ in bars],
+              color=[colors(families.index(family)) for _, _, family in bars])
+    axes.set_yticks(list(positions), [label for label, _, _ in bars], fontsize=8)
+    axes.invert_yaxis()
+    axes.axvline(1.0, color="black", linewidth=0.8)
+    for position, (_, speedup, _) in zip(positions, bars):
+        axes.text(speedup, position, f" {speedup:.2f}x", va="center", fontsize=7)
+    axes.set_xlabel("speedup over the reference (reference median / ours median)")
+    axes.set_title(f"pyfastpeft on {metadata['device']}, torch {metadata['torch']}, "
+                   f"{metadata['threads']} threads, {metadata['date'][:10]}", fontsize=9)
+    figure.tight_layout()
+    figure.savefig(path, dpi=120)
+    pyplot.close(figure)

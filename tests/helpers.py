@@ -1,0 +1,57 @@
+"""Shared test helpers: backends and ISAs to sweep, per-dtype tolerances."""
+import contextlib
+
+import pytest
+import torch
+
+import pyfastpeft
+from pyfastpeft import _native
+from tests.conftest import HAS_TRITON
+
+# Two roundings of the dtype apart (ours rounds once from fp32, eager PyTorch may round twice).
+TOLERANCES = {
+    torch.float64: dict(rtol=1e-10, atol=1e-10),
+    torch.float32: dict(rtol=1e-5, atol=1e-5),
+    torch.float16: dict(rtol=2e-3, atol=2e-3),
+    torch.bfloat16: dict(rtol=1.6e-2, atol=1.6e-2),
+}
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+CPU_ISAS = [isa for isa in ("avx512", "avx2", "scalar")
+            if ("avx512", "avx2", "scalar").index(isa) >= ("avx512", "avx2", "scalar").index(_native.cpu.best_isa())]
+
+# The backends to compare with the reference on CPU tensors. Triton runs in the interpreter here, on
+# small shapes only, in fp32/fp16 (the interpreter mishandles bf16 arithmetic).
+BACKENDS = ["native"] + (["triton"] if HAS_TRITON else [])
+
+
+def assert_close(actual, expected, dtype=None):
+    torch.testing.assert_close(actual, expected, **TOLERANCES[dtype or expected.dtype], equal_nan=True)
+
+
+def skip_unsupported(backend, dtype, numel):
+    if backend == "triton" and dtype == torch.bfloat16:
+        pytest.skip("the Triton CPU interpreter mishandles bf16 arithmetic")
+    if backend == "triton" and numel > 300_000:
+        pytest.skip("too large for the Triton CPU interpreter")
+
+
+@contextlib.contextmanager
+def cpu_isa(name):
+    previous = _native.cpu.set_isa(name)
+    try:
+        yield
+    finally:
+        _native.cpu.set_isa(previous)
+
+
+def run(backend, fn, *args, **kwargs):
+    with pyfastpeft.use_backend(backend):
+        return fn(*args, **kwargs)
+
+
+def assert_no_less_accurate(ours, reference, exact, dtype):
+    """ours is at least as close to the fp64 result as the eager reference, up to one rounding."""
+    err_ours = (ours.double() - exact).abs().max().item()
+    err_ref = (reference.double() - exact).abs().max().item()
+    one_ulp = torch.finfo(dtype).eps * max(1.0, exact.abs().max().item())
+    assert err_ours <= err_ref + one_ulp, (err_ours, err_ref)

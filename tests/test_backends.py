@@ -1,0 +1,79 @@
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import pyfastpeft
+from pyfastpeft import _native
+from pyfastpeft.functional import rms_norm
+
+
+def test_backends_reports_every_backend_with_a_reason():
+    info = pyfastpeft.backends()
+    assert set(info) == {"reference", "cpu_native", "cuda_native", "triton"}
+    assert info["cpu_native"]["available"]
+    for entry in info.values():
+        assert isinstance(entry["detail"], str) and entry["detail"]
+    if not torch.cuda.is_available():
+        assert not info["cuda_native"]["available"]
+        assert info["cuda_native"]["detail"] in ("built without nvcc", "no GPU visible")
+
+
+def test_use_backend_is_scoped_and_validated():
+    assert pyfastpeft.current_backend() == "auto"
+    with pyfastpeft.use_backend("reference"):
+        assert pyfastpeft.current_backend() == "reference"
+    assert pyfastpeft.current_backend() == "auto"
+    with pytest.raises(ValueError, match="use_backend: name must be one of"):
+        with pyfastpeft.use_backend("cublas"):
+            pass
+
+
+def test_missing_native_module_falls_back_to_reference_with_one_warning(monkeypatch):
+    monkeypatch.setattr(_native, "cpu", None)
+    monkeypatch.setattr(_native, "cpu_error", "ImportError: simulated")
+    monkeypatch.setattr(_native, "_warned", set())
+    x, w = torch.randn(3, 8), torch.randn(8)
+    with pytest.warns(RuntimeWarning, match="simulated"):
+        y = rms_norm(x, w)
+    with pyfastpeft.use_backend("reference"):
+        torch.testing.assert_close(y, rms_norm(x, w))
+    assert not pyfastpeft.backends()["cpu_native"]["available"]
+
+
+def test_import_survives_a_broken_native_module(tmp_path):
+    """A _C that fails to load (here: a stub raising ImportError) leaves `import pyfastpeft` working."""
+    stub = tmp_path / "stub.py"
+    stub.write_text(
+        "import sys, importlib.abc\n"
+        "class Block(importlib.abc.MetaPathFinder):\n"
+        "    def find_spec(self, name, path, target=None):\n"
+        "        if name == 'pyfastpeft._C': raise ImportError('broken build')\n"
+        "sys.meta_path.insert(0, Block())\n"
+        "import pyfastpeft, torch, warnings\n"
+        "assert not pyfastpeft.backends()['cpu_native']['available']\n"
+        "assert 'broken build' in pyfastpeft.backends()['cpu_native']['detail']\n"
+        "with warnings.catch_warnings(record=True) as caught:\n"
+        "    warnings.simplefilter('always')\n"
+        "    pyfastpeft.functional.rms_norm(torch.randn(2, 4), torch.ones(4))\n"
+        "    pyfastpeft.functional.rms_norm(torch.randn(2, 4), torch.ones(4))\n"
+        "assert len(caught) == 1, caught\n")
+    subprocess.run([sys.executable, str(stub)], check=True)
+
+
+def test_environment_variable_sets_the_default_backend():
+    code = "import pyfastpeft; print(pyfastpeft.current_backend())"
+    out = subprocess.run([sys.executable, "-c", code], env={**__import__("os").environ, "PYFASTPEFT_BACKEND": "reference"},
+                         capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "reference"
+
+
+def test_info_command_prints_build_and_backends():
+    out = subprocess.run([sys.executable, "-m", "pyfastpeft.info"], capture_output=True, text=True, check=True)
+    assert "cpu_native" in out.stdout and "compiler" in out.stdout
+
+
+@pytest.mark.cuda
+def test_cuda_native_module_is_available_with_a_gpu():
+    assert pyfastpeft.backends()["cuda_native"]["available"]

@@ -1,0 +1,161 @@
+import pytest
+import torch
+from torch import nn
+from transformers import (GemmaConfig, GemmaForCausalLM, LlamaConfig, LlamaForCausalLM, MistralConfig,
+                          MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM)
+from transformers.models.llama import modeling_llama
+
+import pyfastpeft
+from pyfastpeft.nn import RMSNorm, SwiGLUMLP
+
+SMALL = dict(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+             num_key_value_heads=2, vocab_size=128, max_position_embeddings=64)
+
+
+def tiny_llama(dtype=torch.float32):
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(**SMALL)).to(dtype)
+    with torch.no_grad():  # trained-looking norms, so a wrong casting order would show
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.normal_(1.0, 0.2)
+    return model
+
+
+def forward_backward(model, ids):
+    model.zero_grad(set_to_none=True)
+    out = model(ids, labels=ids)
+    out.loss.backward()
+    grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+    return out.logits.detach(), out.loss.detach(), grads
+
+
+def test_patched_llama_matches_unpatched_logits_loss_and_gradients():
+    model = tiny_llama()
+    ids = torch.randint(0, 128, (2, 24))
+    logits, loss, grads = forward_backward(model, ids)
+    report = pyfastpeft.patch_model(model)
+    assert len(report.rms_norm) == 5 and len(report.swiglu) == 2 and report.rope == [modeling_llama.__name__]
+    assert not report.not_patched
+    assert isinstance(model.model.norm, RMSNorm) and isinstance(model.model.layers[0].mlp, SwiGLUMLP)
+    p_logits, p_loss, p_grads = forward_backward(model, ids)
+    pyfastpeft.unpatch_model(model)
+    torch.testing.assert_close(p_logits, logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(p_loss, loss, rtol=1e-6, atol=1e-6)
+    assert p_grads.keys() == grads.keys()
+    for name in grads:
+        torch.testing.assert_close(p_grads[name], grads[name], rtol=1e-4, atol=1e-5, msg=name)
+
+
+def test_patched_llama_trains_like_unpatched():
+    ids = torch.randint(0, 128, (4, 32))
+
+    def losses(patch):
+        model = tiny_llama()
+        if patch:
+            pyfastpeft.patch_model(model)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
+        curve = []
+        for _ in range(8):
+            opt.zero_grad()
+            loss = model(ids, labels=ids).loss
+            loss.backward()
+            opt.step()
+            curve.append(loss.item())
+        if patch:
+            pyfastpeft.unpatch_model(model)
+        return curve
+
+    ours, theirs = losses(True), losses(False)
+    assert ours[-1] < ours[0]
+    torch.testing.assert_close(torch.tensor(ours), torch.tensor(theirs), rtol=1e-4, atol=1e-4)
+
+
+def test_patched_llama_bf16_logits_close():
+    model = tiny_llama(torch.bfloat16)
+    ids = torch.randint(0, 128, (1, 16))
+    with torch.no_grad():
+        ref = model(ids).logits.float()
+        pyfastpeft.patch_model(model)
+        ours = model(ids).logits.float()
+        pyfastpeft.unpatch_model(model)
+    # bf16 MLP: ours rounds silu(g)*u once where eager rounds twice; the difference stays at bf16 noise
+    torch.testing.assert_close(ours, ref, rtol=5e-2, atol=5e-2)
+
+
+def test_patch_shares_parameters_and_unpatch_restores_modules():
+    model = tiny_llama()
+    norm, mlp = model.model.norm, model.model.layers[0].mlp
+    params_before = {n: p for n, p in model.named_parameters()}
+    pyfastpeft.patch_model(model)
+    assert {n: p for n, p in model.named_parameters()}.keys() == params_before.keys()
+    assert all(p is params_before[n] for n, p in model.named_parameters())
+    assert model.model.layers[0].mlp.gate_proj is mlp.gate_proj
+    pyfastpeft.unpatch_model(model)
+    assert model.model.norm is norm and model.model.layers[0].mlp is mlp
+    assert modeling_llama.apply_rotary_pos_emb is not pyfastpeft.functional.apply_rotary_pos_emb
+
+
+def test_rope_patch_is_reference_counted_across_models():
+    original = modeling_llama.apply_rotary_pos_emb
+    a, b = tiny_llama(), tiny_llama()
+    pyfastpeft.patch_model(a)
+    pyfastpeft.patch_model(b)
+    assert modeling_llama.apply_rotary_pos_emb is not original
+    pyfastpeft.unpatch_model(a)
+    assert modeling_llama.apply_rotary_pos_emb is not original  # b still uses it
+    pyfastpeft.unpatch_model(b)
+    assert modeling_llama.apply_rotary_pos_emb is original
+
+
+def test_patch_twice_is_an_error():
+    model = tiny_llama()
+    pyfastpeft.patch_model(model)
+    with pytest.raises(RuntimeError, match="already patched"):
+        pyfastpeft.patch_model(model)
+    pyfastpeft.unpatch_model(model)
+    with pytest.raises(RuntimeError, match="not patched"):
+        pyfastpeft.unpatch_model(model)
+
+
+@pytest.mark.parametrize("config_cls,model_cls", [(MistralConfig, MistralForCausalLM), (Qwen2Config, Qwen2ForCausalLM)])
+def test_other_llama_family_architectures_patch_with_no_new_code(config_cls, model_cls):
+    torch.manual_seed(0)
+    model = model_cls(config_cls(**SMALL)).eval()
+    ids = torch.randint(0, 128, (1, 12))
+    ref = model(ids).logits
+    report = pyfastpeft.patch_model(model)
+    assert len(report.rms_norm) == 5 and len(report.swiglu) == 2 and len(report.rope) == 1
+    torch.testing.assert_close(model(ids).logits, ref, rtol=1e-5, atol=1e-5)
+    pyfastpeft.unpatch_model(model)
+
+
+def test_gemma_norms_patched_in_gemma_mode_and_gelu_mlp_reported():
+    torch.manual_seed(0)
+    model = GemmaForCausalLM(GemmaConfig(**SMALL, head_dim=16)).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.normal_(0.0, 0.3)
+    ids = torch.randint(0, 128, (1, 12))
+    ref = model(ids).logits
+    with pytest.warns(UserWarning, match="activation is not SiLU"):
+        report = pyfastpeft.patch_model(model)
+    assert len(report.rms_norm) == 5 and not report.swiglu
+    assert all(m.casting_mode == "gemma" and m.offset == 1.0 for m in model.modules() if isinstance(m, RMSNorm))
+    torch.testing.assert_close(model(ids).logits, ref, rtol=1e-5, atol=1e-5)
+    pyfastpeft.unpatch_model(model)
+
+
+def test_unknown_architecture_is_reported_not_silently_skipped():
+    model = nn.Sequential(nn.Linear(8, 8), nn.LayerNorm(8), nn.GELU())
+    with pytest.warns(UserWarning, match="no RMSNorm-like module"):
+        report = pyfastpeft.patch_model(model)
+    assert report.total == 0
+    assert any("rope" in line for line in report.not_patched)
+    pyfastpeft.unpatch_model(model)
+
+
+def test_patch_model_rejects_non_module():
+    with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
+        pyfastpeft.patch_model("llama")

@@ -1,0 +1,206 @@
+import pytest
+import torch
+from transformers.models.gemma.modeling_gemma import GemmaRMSNorm
+from transformers.models.llama.modeling_llama import LlamaRMSNorm
+
+import pyfastpeft
+from pyfastpeft.functional import rms_norm
+from pyfastpeft.nn import RMSNorm
+from tests.helpers import (BACKENDS, CPU_ISAS, DTYPES, assert_close, assert_no_less_accurate, cpu_isa, run,
+                           skip_unsupported)
+
+MODES = [("llama", 0.0), ("gemma", 1.0), ("none", 0.0), ("llama", 0.5)]
+SHAPES = [(1, 123), (4097, 64), (3, 5, 4096), (2, 1), (7, 20000)]
+
+
+def inputs(shape, dtype, weight_dtype=None):
+    x = torch.randn(shape, dtype=torch.float32).mul_(3).to(dtype)
+    w = torch.randn(shape[-1], dtype=torch.float32).mul_(0.5).add_(1).to(weight_dtype or dtype)
+    return x, w
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("mode,offset", MODES)
+@pytest.mark.parametrize("shape", SHAPES)
+def test_rms_norm_forward_matches_reference(backend, dtype, mode, offset, shape):
+    skip_unsupported(backend, dtype, torch.Size(shape).numel())
+    x, w = inputs(shape, dtype)
+    y = run(backend, rms_norm, x, w, 1e-6, offset, mode)
+    y_ref = run("reference", rms_norm, x, w, 1e-6, offset, mode)
+    assert y.dtype == y_ref.dtype and y.shape == x.shape
+    assert_close(y, y_ref)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_rms_norm_llama_mode_matches_hf_within_one_rounding(dtype):
+    """In llama mode ours rounds where HF does (normalized row to x's dtype, then times w); only the
+    fp32 sum-of-squares order differs, which moves a few results by one unit in the last place."""
+    x, w = inputs((64, 4096), dtype)
+    hf = LlamaRMSNorm(4096, eps=1e-6).to(dtype)
+    hf.weight.data.copy_(w)
+    eps = torch.finfo(dtype).eps
+    torch.testing.assert_close(rms_norm(x, w), hf(x), rtol=eps, atol=eps)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("mode,offset", MODES)
+def test_rms_norm_no_less_accurate_than_reference(dtype, mode, offset):
+    x, w = inputs((257, 1000), dtype)
+    exact = run("reference", rms_norm, x.double(), w.double(), 1e-6, offset, "gemma")
+    ours = rms_norm(x, w, 1e-6, offset, mode)
+    ref = run("reference", rms_norm, x, w, 1e-6, offset, mode)
+    assert_no_less_accurate(ours, ref, exact, dtype)
+
+
+@pytest.mark.parametrize("isa", CPU_ISAS)
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float64])
+def test_rms_norm_every_cpu_isa_agrees(isa, dtype):
+    x, w = inputs((33, 517), dtype)
+    dy = torch.randn_like(x)
+    with cpu_isa(isa):
+        xg, wg = x.clone().requires_grad_(), w.clone().requires_grad_()
+        y = rms_norm(xg, wg, 1e-5, 0.0, "llama")
+        y.backward(dy)
+    xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
+    y_ref = run("reference", rms_norm, xr, wr, 1e-5, 0.0, "llama")
+    y_ref.backward(dy)
+    assert_close(y, y_ref)
+    assert_close(xg.grad, xr.grad)
+    assert_close(wg.grad, wr.grad, dtype=torch.float32 if dtype == torch.float64 else dtype)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("mode,offset", MODES)
+@pytest.mark.parametrize("shape", [(5, 123), (2, 3, 256)])
+def test_rms_norm_backward_matches_reference(backend, dtype, mode, offset, shape):
+    skip_unsupported(backend, dtype, 1)
+    x, w = inputs(shape, dtype)
+    dy = torch.randn(shape, dtype=torch.float32)
+    grads = {}
+    for name in (backend, "reference"):
+        xg, wg = x.clone().requires_grad_(), w.clone().requires_grad_()
+        y = run(name, rms_norm, xg, wg, 1e-6, offset, mode)
+        y.backward(dy.to(y.dtype))
+        grads[name] = (xg.grad, wg.grad)
+    assert_close(grads[backend][0], grads["reference"][0])
+    # dw sums over rows: allow for the longer accumulation in low precision
+    torch.testing.assert_close(grads[backend][1].float(), grads["reference"][1].float(), rtol=2e-2, atol=2e-2)
+
+
+def test_rms_norm_frozen_weight_gets_no_gradient():
+    x, w = inputs((4, 64), torch.float32)
+    x.requires_grad_()
+    rms_norm(x, w).sum().backward()
+    assert x.grad is not None and w.grad is None
+
+
+def test_rms_norm_fp32_weight_with_bf16_input_promotes_like_hf():
+    x, w = inputs((8, 96), torch.bfloat16, weight_dtype=torch.float32)
+    hf = LlamaRMSNorm(96)
+    hf.weight.data.copy_(w)
+    y = rms_norm(x, w)
+    assert y.dtype == torch.float32
+    assert torch.equal(y, hf(x))
+
+
+@pytest.mark.parametrize("backend", ["native", "reference"])
+@pytest.mark.parametrize("mode,offset", MODES)
+def test_rms_norm_gradcheck_float64(backend, mode, offset):
+    x, w = inputs((3, 17), torch.float64)
+    x.requires_grad_()
+    w.requires_grad_()
+    with pyfastpeft.use_backend(backend):
+        assert torch.autograd.gradcheck(lambda a, b: rms_norm(a, b, 1e-6, offset, mode), (x, w))
+
+
+def test_rms_norm_opcheck():
+    for dtype in (torch.float32, torch.bfloat16):
+        x, w = inputs((6, 40), dtype)
+        y, rstd = torch.ops.pyfastpeft.rms_norm_forward(x, w, 1e-6, 0.0, 0)
+        torch.library.opcheck(torch.ops.pyfastpeft.rms_norm_forward.default, (x, w, 1e-6, 0.0, 0))
+        for weight_grad in (True, False):
+            torch.library.opcheck(torch.ops.pyfastpeft.rms_norm_backward.default,
+                                  (torch.randn_like(y), x, w, rstd, 0.0, 0, weight_grad))
+
+
+def test_rms_norm_module_matches_hf_and_loads_its_state_dict():
+    hf = LlamaRMSNorm(123, eps=1e-5)
+    hf.weight.data.normal_()
+    ours = RMSNorm(123, eps=1e-5)
+    ours.load_state_dict(hf.state_dict())
+    assert ours.variance_epsilon == hf.variance_epsilon
+    x = torch.randn(2, 9, 123)
+    assert_close(ours(x), hf(x))
+
+
+def test_rms_norm_gemma_module_matches_hf():
+    hf = GemmaRMSNorm(64, eps=1e-6)
+    hf.weight.data.normal_()
+    ours = RMSNorm(64, eps=1e-6, offset=1.0, casting_mode="gemma").to(torch.bfloat16)
+    ours.weight.data.copy_(hf.weight.data)
+    x = torch.randn(5, 64, dtype=torch.bfloat16)
+    assert torch.equal(ours(x), hf.to(torch.bfloat16)(x))
+
+
+def test_rms_norm_module_compiles_fullgraph():
+    module = RMSNorm(64)
+    x = torch.randn(4, 64, requires_grad=True)
+    compiled = torch.compile(module, fullgraph=True, backend="aot_eager")
+    y = compiled(x)
+    y.sum().backward()
+    assert_close(y, module(x))
+
+
+@pytest.mark.slow
+def test_rms_norm_module_compiles_with_inductor():
+    module = RMSNorm(64)
+    x = torch.randn(4, 64)
+    assert_close(torch.compile(module, fullgraph=True)(x), module(x))
+
+
+# --- bad input -------------------------------------------------------------------------------------
+
+def test_rms_norm_rejects_integer_input():
+    with pytest.raises(TypeError, match="x must have dtype"):
+        rms_norm(torch.ones(2, 4, dtype=torch.int32), torch.ones(4))
+
+
+def test_rms_norm_rejects_weight_of_wrong_size():
+    with pytest.raises(ValueError, match="weight has 4095 elements, x's last dim is 4096"):
+        rms_norm(torch.randn(2, 4096), torch.ones(4095))
+
+
+def test_rms_norm_rejects_device_mismatch():
+    with pytest.raises(ValueError, match="weight is on meta"):
+        rms_norm(torch.randn(2, 4), torch.ones(4, device="meta"))
+
+
+def test_rms_norm_rejects_unknown_casting_mode():
+    with pytest.raises(ValueError, match="casting_mode"):
+        rms_norm(torch.randn(2, 4), torch.ones(4), casting_mode="fp8")
+
+
+def test_rms_norm_non_contiguous_input():
+    x = torch.randn(64, 10).t()
+    w = torch.randn(64)
+    assert_close(rms_norm(x, w), run("reference", rms_norm, x, w))
+
+
+def test_rms_norm_zero_size_input():
+    x = torch.randn(0, 16, requires_grad=True)
+    y = rms_norm(x, torch.ones(16, requires_grad=True))
+    assert y.shape == (0, 16)
+    y.sum().backward()
+    assert x.grad.shape == (0, 16)
+
+
+def test_rms_norm_propagates_nan_and_inf_like_reference():
+    x = torch.randn(4, 32)
+    x[1, 3] = float("nan")
+    x[2, 5] = float("inf")
+    w = torch.ones(32)
+    y, y_ref = rms_norm(x, w), run("reference", rms_norm, x, w)
+    assert torch.equal(y.isnan(), y_ref.isnan())
+    assert_close(y[[0, 3]], y_ref[[0, 3]])

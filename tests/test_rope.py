@@ -1,0 +1,238 @@
+import pytest
+import torch
+from transformers.models.llama import modeling_llama
+
+import pyfastpeft
+from pyfastpeft.functional import apply_rotary_pos_emb
+from pyfastpeft.reference.rope import rotate_every_two
+from tests.helpers import BACKENDS, CPU_ISAS, DTYPES, assert_close, cpu_isa, run, skip_unsupported
+
+
+def hf_tables(batch, seq, rot, dtype, interleaved=False):
+    """cos/sin [B, S, R] as HF builds them (halves duplicated, or pairs repeated for GPT-J)."""
+    inv_freq = 1.0 / (10000 ** (torch.arange(0, rot, 2).float() / rot))
+    freqs = (torch.arange(seq).float()[None, :, None] + torch.arange(batch).float()[:, None, None]) * inv_freq
+    emb = freqs.repeat_interleave(2, dim=-1) if interleaved else torch.cat((freqs, freqs), dim=-1)
+    return emb.cos().to(dtype), emb.sin().to(dtype)
+
+
+def hf_layout(batch, heads, seq, dim, dtype):
+    """q or k the way HF attention hands them over: a transposed view of [B, S, H, D]."""
+    return torch.randn(batch, seq, heads, dim).to(dtype).transpose(1, 2)
+
+
+def gptj_rope(x, cos, sin):
+    rot = cos.shape[-1]
+    c, s = cos[:, None], sin[:, None]
+    return torch.cat((x[..., :rot] * c + rotate_every_two(x[..., :rot]) * s, x[..., rot:]), dim=-1)
+
+
+CASES = [  # batch, q heads, k heads, seq, head_dim, rotary width
+    (1, 4, 4, 5, 16, 16),
+    (2, 8, 2, 7, 64, 64),    # GQA
+    (2, 4, 1, 3, 32, 16),    # partial rotary
+    (1, 2, 2, 1, 128, 128),  # one position
+]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("interleaved", [False, True])
+@pytest.mark.parametrize("case", CASES)
+def test_rope_forward_and_backward_match_reference(backend, dtype, interleaved, case):
+    skip_unsupported(backend, dtype, 1)
+    batch, hq, hk, seq, dim, rot = case
+    q, k = hf_layout(batch, hq, seq, dim, dtype), hf_layout(batch, hk, seq, dim, dtype)
+    cos, sin = hf_tables(batch, seq, rot, dtype, interleaved)
+    dq, dk = torch.randn(q.shape).to(dtype), torch.randn(k.shape).to(dtype)
+    results = {}
+    for name in (backend, "reference"):
+        qg, kg = q.detach().requires_grad_(), k.detach().requires_grad_()
+        q_out, k_out = run(name, apply_rotary_pos_emb, qg, kg, cos, sin, interleaved=interleaved)
+        torch.autograd.backward((q_out, k_out), (dq, dk))
+        results[name] = (q_out, k_out, qg.grad, kg.grad)
+    for ours, ref in zip(results[backend], results["reference"]):
+        assert_close(ours, ref)
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_rope_matches_transformers(dtype):
+    q, k = hf_layout(2, 8, 9, 64, dtype), hf_layout(2, 2, 9, 64, dtype)
+    cos, sin = hf_tables(2, 9, 64, dtype)
+    for ours, theirs in zip(apply_rotary_pos_emb(q, k, cos, sin), modeling_llama.apply_rotary_pos_emb(q, k, cos, sin)):
+        assert_close(ours, theirs)
+
+
+def test_rope_unsqueeze_dim_2_takes_bshd_layout():
+    q, k = torch.randn(2, 6, 4, 32), torch.randn(2, 6, 2, 32)
+    cos, sin = hf_tables(2, 6, 32, torch.float32)
+    for ours, theirs in zip(apply_rotary_pos_emb(q, k, cos, sin, 2),
+                            modeling_llama.apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=2)):
+        assert_close(ours, theirs)
+
+
+def test_rope_keeps_the_transposed_layout_of_hf_views():
+    q, k = hf_layout(1, 4, 8, 16, torch.float32), hf_layout(1, 2, 8, 16, torch.float32)
+    cos, sin = hf_tables(1, 8, 16, torch.float32)
+    q_out, k_out = apply_rotary_pos_emb(q, k, cos, sin)
+    assert q_out.stride() == q.stride() and k_out.stride() == k.stride()
+
+
+def test_rope_partial_rotary_passes_tail_through():
+    q, k = hf_layout(1, 2, 4, 32, torch.float32), hf_layout(1, 2, 4, 32, torch.float32)
+    cos, sin = hf_tables(1, 4, 8, torch.float32)
+    q_out, k_out = apply_rotary_pos_emb(q, k, cos, sin)
+    assert torch.equal(q_out[..., 8:], q[..., 8:]) and torch.equal(k_out[..., 8:], k[..., 8:])
+    ref_q, _ = modeling_llama.apply_rotary_pos_emb(q[..., :8], k[..., :8], cos, sin)
+    assert_close(q_out[..., :8], ref_q)
+
+
+def test_rope_interleaved_matches_gptj_formula():
+    q, k = hf_layout(2, 4, 5, 16, torch.float32), hf_layout(2, 4, 5, 16, torch.float32)
+    cos, sin = hf_tables(2, 5, 16, torch.float32, interleaved=True)
+    q_out, k_out = apply_rotary_pos_emb(q, k, cos, sin, interleaved=True)
+    assert_close(q_out, gptj_rope(q, cos, sin))
+    assert_close(k_out, gptj_rope(k, cos, sin))
+
+
+def test_rope_position_ids_index_a_table():
+    table_cos, table_sin = hf_tables(1, 32, 16, torch.float32)
+    position_ids = torch.tensor([[3, 4, 5], [10, 0, 7]])
+    q, k = hf_layout(2, 2, 3, 16, torch.float32), hf_layout(2, 2, 3, 16, torch.float32)
+    ours = apply_rotary_pos_emb(q, k, table_cos[0], table_sin[0], position_ids=position_ids)
+    theirs = modeling_llama.apply_rotary_pos_emb(q, k, table_cos[0][position_ids], table_sin[0][position_ids])
+    for a, b in zip(ours, theirs):
+        assert_close(a, b)
+
+
+def test_rope_cos_of_shape_s_d_broadcasts_over_batch():
+    q, k = hf_layout(3, 2, 4, 16, torch.float32), hf_layout(3, 1, 4, 16, torch.float32)
+    cos, sin = hf_tables(1, 4, 16, torch.float32)
+    ours = apply_rotary_pos_emb(q, k, cos[0], sin[0])
+    theirs = modeling_llama.apply_rotary_pos_emb(q, k, cos.expand(3, -1, -1), sin.expand(3, -1, -1))
+    for a, b in zip(ours, theirs):
+        assert_close(a, b)
+
+
+@pytest.mark.parametrize("isa", CPU_ISAS)
+@pytest.mark.parametrize("dtype", DTYPES + [torch.float64])
+def test_rope_every_cpu_isa_agrees(isa, dtype):
+    q, k = hf_layout(2, 3, 5, 48, dtype), hf_layout(2, 1, 5, 48, dtype)
+    cos, sin = hf_tables(2, 5, 32, dtype)
+    with cpu_isa(isa):
+        ours = apply_rotary_pos_emb(q, k, cos, sin)
+    for a, b in zip(ours, run("reference", apply_rotary_pos_emb, q, k, cos, sin)):
+        assert_close(a, b)
+
+
+@pytest.mark.parametrize("backend", ["native", "reference"])
+@pytest.mark.parametrize("interleaved", [False, True])
+def test_rope_gradcheck_float64(backend, interleaved):
+    q, k = hf_layout(1, 2, 3, 8, torch.float64), hf_layout(1, 1, 3, 8, torch.float64)
+    cos, sin = hf_tables(1, 3, 6, torch.float64)
+    with pyfastpeft.use_backend(backend):
+        assert torch.autograd.gradcheck(
+            lambda a, b: apply_rotary_pos_emb(a, b, cos, sin, interleaved=interleaved),
+            (q.detach().requires_grad_(), k.detach().requires_grad_()))
+
+
+def test_rope_gradient_flows_to_cos_and_sin_when_they_require_it():
+    q, k = hf_layout(1, 2, 3, 8, torch.float64), hf_layout(1, 1, 3, 8, torch.float64)
+    cos, sin = hf_tables(1, 3, 8, torch.float64)
+    assert torch.autograd.gradcheck(lambda c, s: apply_rotary_pos_emb(q, k, c, s),
+                                    (cos.requires_grad_(), sin.requires_grad_()))
+
+
+def test_rope_opcheck():
+    for dtype in (torch.float32, torch.bfloat16):
+        q, k = hf_layout(2, 4, 3, 16, dtype), hf_layout(2, 2, 3, 16, dtype)
+        cos, sin = hf_tables(2, 3, 12, dtype)
+        for backward in (False, True):
+            torch.library.opcheck(torch.ops.pyfastpeft.rope.default, (q, k, cos, sin, False, backward))
+
+
+def test_rope_compiles_fullgraph():
+    q, k = hf_layout(1, 4, 6, 16, torch.float32), hf_layout(1, 2, 6, 16, torch.float32)
+    cos, sin = hf_tables(1, 6, 16, torch.float32)
+    q.requires_grad_()
+    fn = torch.compile(lambda a, b: apply_rotary_pos_emb(a, b, cos, sin), fullgraph=True, backend="aot_eager")
+    q_out, k_out = fn(q, k)
+    q_out.sum().backward()
+    assert_close(q_out, apply_rotary_pos_emb(q, k, cos, sin)[0])
+
+
+@pytest.mark.slow
+def test_rope_compiles_with_inductor():
+    q, k = hf_layout(1, 4, 6, 16, torch.float32), hf_layout(1, 2, 6, 16, torch.float32)
+    cos, sin = hf_tables(1, 6, 16, torch.float32)
+    fn = torch.compile(lambda a, b: apply_rotary_pos_emb(a, b, cos, sin), fullgraph=True)
+    assert_close(fn(q, k)[0], apply_rotary_pos_emb(q, k, cos, sin)[0])
+
+
+# --- bad input -------------------------------------------------------------------------------------
+
+def test_rope_rejects_cos_wider_than_head_dim():
+    q, k = hf_layout(1, 2, 3, 8, torch.float32), hf_layout(1, 2, 3, 8, torch.float32)
+    cos, sin = hf_tables(1, 3, 16, torch.float32)
+    with pytest.raises(ValueError, match="width 16 must be even and <= head_dim 8"):
+        apply_rotary_pos_emb(q, k, cos, sin)
+
+
+def test_rope_rejects_odd_rotary_width():
+    q, k = hf_layout(1, 2, 3, 8, torch.float32), hf_layout(1, 2, 3, 8, torch.float32)
+    with pytest.raises(ValueError, match="must be even"):
+        apply_rotary_pos_emb(q, k, torch.ones(1, 3, 5), torch.ones(1, 3, 5))
+
+
+def test_rope_rejects_sequence_mismatch():
+    q, k = hf_layout(1, 2, 3, 8, torch.float32), hf_layout(1, 2, 3, 8, torch.float32)
+    cos, sin = hf_tables(1, 4, 8, torch.float32)
+    with pytest.raises(ValueError, match="sequence length 3"):
+        apply_rotary_pos_emb(q, k, cos, sin)
+
+
+def test_rope_rejects_k_with_other_head_dim():
+    q, k = hf_layout(1, 2, 3, 8, torch.float32), hf_layout(1, 2, 3, 16, torch.float32)
+    cos, sin = hf_tables(1, 3, 8, torch.float32)
+    with pytest.raises(ValueError, match="k has shape"):
+        apply_rotary_pos_emb(q, k, cos, sin)
+
+
+def test_rope_rejects_3d_q():
+    with pytest.raises(ValueError, match="q must be 4-D"):
+        apply_rotary_pos_emb(torch.randn(2, 3, 8), torch.randn(1, 2, 3, 8), torch.ones(3, 8), torch.ones(3, 8))
+
+
+def test_rope_rejects_dtype_mismatch_between_q_and_k():
+    q, k = hf_layout(1, 2, 3, 8, torch.float32), hf_layout(1, 2, 3, 8, torch.float16)
+    cos, sin = hf_tables(1, 3, 8, torch.float32)
+    with pytest.raises(TypeError, match="k has dtype"):
+        apply_rotary_pos_emb(q, k, cos, sin)
+
+
+def test_rope_rejects_device_mismatch():
+    q, k = hf_layout(1, 2, 3, 8, torch.float32), hf_layout(1, 2, 3, 8, torch.float32)
+    with pytest.raises(ValueError, match="cos is on meta"):
+        apply_rotary_pos_emb(q, k, torch.ones(3, 8, device="meta"), torch.ones(3, 8))
+
+
+def test_rope_non_contiguous_last_dim_is_handled():
+    q = torch.randn(1, 2, 16, 3).transpose(2, 3)  # head_dim stride 3
+    k = hf_layout(1, 2, 3, 16, torch.float32)
+    cos, sin = hf_tables(1, 3, 16, torch.float32)
+    for a, b in zip(apply_rotary_pos_emb(q, k, cos, sin), modeling_llama.apply_rotary_pos_emb(q, k, cos, sin)):
+        assert_close(a, b)
+
+
+def test_rope_zero_length_sequence():
+    q, k = torch.randn(1, 2, 0, 8), torch.randn(1, 2, 0, 8)
+    q_out, k_out = apply_rotary_pos_emb(q, k, torch.ones(0, 8), torch.ones(0, 8))
+    assert q_out.shape == q.shape and k_out.shape == k.shape
+
+
+def test_rope_propagates_nan_like_reference():
+    q, k = hf_layout(1, 2, 3, 8, torch.float32), hf_layout(1, 2, 3, 8, torch.float32)
+    q[0, 1, 2, 0] = float("nan")
+    cos, sin = hf_tables(1, 3, 8, torch.float32)
+    for a, b in zip(apply_rotary_pos_emb(q, k, cos, sin), modeling_llama.apply_rotary_pos_emb(q, k, cos, sin)):
+        assert_close(a, b)
