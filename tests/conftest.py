@@ -6,11 +6,7 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
-import importlib.util  # noqa: E402
-
 import pytest  # noqa: E402
-
-HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 
 def pytest_collection_modifyitems(config, items):

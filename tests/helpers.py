@@ -1,12 +1,14 @@
 """Shared test helpers: backends and ISAs to sweep, per-dtype tolerances."""
 import contextlib
+import importlib.util
 
 import pytest
 import torch
 
 import pyfastpeft
 from pyfastpeft import _native
-from tests.conftest import HAS_TRITON
+
+HAS_TRITON = importlib.util.find_spec("triton") is not None
 
 # Two roundings of the dtype apart (ours rounds once from fp32, eager PyTorch may round twice).
 TOLERANCES = {

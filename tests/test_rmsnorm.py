@@ -6,7 +6,7 @@ from transformers.models.llama.modeling_llama import LlamaRMSNorm
 import pyfastpeft
 from pyfastpeft.functional import rms_norm
 from pyfastpeft.nn import RMSNorm
-from tests.helpers import (BACKENDS, CPU_ISAS, DTYPES, assert_close, assert_no_less_accurate, cpu_isa, run,
+from helpers import (BACKENDS, CPU_ISAS, DTYPES, assert_close, assert_no_less_accurate, cpu_isa, run,
                            skip_unsupported)
 
 MODES = [("llama", 0.0), ("gemma", 1.0), ("none", 0.0), ("llama", 0.5)]

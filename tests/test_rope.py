@@ -5,7 +5,7 @@ from transformers.models.llama import modeling_llama
 import pyfastpeft
 from pyfastpeft.functional import apply_rotary_pos_emb
 from pyfastpeft.reference.rope import rotate_every_two
-from tests.helpers import BACKENDS, CPU_ISAS, DTYPES, assert_close, cpu_isa, run, skip_unsupported
+from helpers import BACKENDS, CPU_ISAS, DTYPES, assert_close, cpu_isa, run, skip_unsupported
 
 
 def hf_tables(batch, seq, rot, dtype, interleaved=False):

@@ -7,7 +7,7 @@ from transformers.models.llama.modeling_llama import LlamaMLP
 import pyfastpeft
 from pyfastpeft.functional import swiglu
 from pyfastpeft.nn import SwiGLUMLP
-from tests.helpers import (BACKENDS, CPU_ISAS, DTYPES, assert_close, assert_no_less_accurate, cpu_isa, run,
+from helpers import (BACKENDS, CPU_ISAS, DTYPES, assert_close, assert_no_less_accurate, cpu_isa, run,
                            skip_unsupported)
 
 SHAPES = [(1,), (1000,), (3, 4097), (2, 5, 123)]
