@@ -1,4 +1,4 @@
-// Rotary position embedding (RoPE) on the CPU: q and k in one pass over the (batch, position) pairs.
+// Rotary position embedding (RoPE) on the CPU: q and k rows in one parallel pass, in memory order.
 //
 // One head row x[0:D] with cos/sin rows c, s of width R (R <= D, even): channels [0, R) rotate,
 // [R, D) pass through. With h = R/2 (HF rotate_half layout):
@@ -19,6 +19,17 @@ namespace {
 using pfp::bf16;
 using pfp::half;
 
+// One tensor's rows in memory order: positions innermost when they are adjacent in memory
+// ([B, H, S, D] contiguous), heads innermost when HF hands a transposed view of [B, S, H, D].
+struct RowOrder {
+  int64_t heads, seq;
+  bool seq_inner;
+  void decompose(int64_t row, int64_t& b, int64_t& h, int64_t& s) const {
+    if (seq_inner) { b = row / (heads * seq); h = (row / seq) % heads; s = row % seq; }
+    else { b = row / (seq * heads); s = (row / heads) % seq; h = row % heads; }
+  }
+};
+
 template <typename T>
 void rope_impl(const T* q, const T* k, T* q_out, T* k_out, const T* cos, const T* sin, const int64_t* qs,
                const int64_t* ks, const int64_t* qos, const int64_t* kos, int64_t cos_batch_stride,
@@ -26,14 +37,42 @@ void rope_impl(const T* q, const T* k, T* q_out, T* k_out, const T* cos, const T
                int64_t head_dim, int64_t rot_dim, bool interleaved, bool backward, int nthreads) {
   using C = typename pfp::Compute<T>::type;
   const int64_t half_rot = rot_dim / 2;
-  pfp::parallel_for(batch * seq, (q_heads + k_heads) * head_dim * 2, nthreads, [&](int64_t begin, int64_t end, int) {
+  const int64_t q_rows = batch * q_heads * seq, k_rows = batch * k_heads * seq;
+  const RowOrder q_order{q_heads, seq, qs[2] < qs[1]}, k_order{k_heads, seq, ks[2] < ks[1]};
+  // q rows then k rows, one parallel pass over both.
+  pfp::parallel_for(q_rows + k_rows, head_dim * 2, nthreads, [&](int64_t begin, int64_t end, int) {
     std::vector<C> cbuf(rot_dim), sbuf(rot_dim), pbuf(rot_dim), xbuf(head_dim), ybuf(head_dim);
     C* c = cbuf.data();
+    C* sn = sbuf.data();
     C* p = pbuf.data();
     C* xb = xbuf.data();
     C* yb = ybuf.data();
-    auto rotate_row = [&](const T* src, T* dst) {
-      pfp::load_row(src, xb, head_dim);
+    int64_t table_b = -1, table_s = -1;  // the (batch, position) whose cos/sin rows are loaded
+    for (int64_t row = begin; row < end; ++row) {
+      const bool is_q = row < q_rows;
+      int64_t b, h, s_pos;
+      (is_q ? q_order : k_order).decompose(is_q ? row : row - q_rows, b, h, s_pos);
+      if (b != table_b || s_pos != table_s) {
+        const int64_t cs_off = b * cos_batch_stride + s_pos * cos_seq_stride;
+        pfp::load_row(cos + cs_off, c, rot_dim);
+        pfp::load_row(sin + cs_off, sn, rot_dim);
+        if (interleaved) {
+          for (int64_t j = 0; j < half_rot; ++j) {
+            p[2 * j] = backward ? sn[2 * j + 1] : -sn[2 * j];
+            p[2 * j + 1] = backward ? -sn[2 * j] : sn[2 * j + 1];
+          }
+        } else {
+          for (int64_t i = 0; i < half_rot; ++i) {
+            p[i] = backward ? sn[i + half_rot] : -sn[i];
+            p[i + half_rot] = backward ? -sn[i] : sn[i + half_rot];
+          }
+        }
+        table_b = b;
+        table_s = s_pos;
+      }
+      const int64_t* xs = is_q ? qs : ks;
+      const int64_t* os = is_q ? qos : kos;
+      pfp::load_row((is_q ? q : k) + b * xs[0] + h * xs[1] + s_pos * xs[2], xb, head_dim);
       if (interleaved) {
         for (int64_t j = 0; j < half_rot; ++j) {
           yb[2 * j] = xb[2 * j] * c[2 * j] + xb[2 * j + 1] * p[2 * j];
@@ -45,29 +84,7 @@ void rope_impl(const T* q, const T* k, T* q_out, T* k_out, const T* cos, const T
           yb[i + half_rot] = xb[i + half_rot] * c[i + half_rot] + xb[i] * p[i + half_rot];
       }
       for (int64_t i = rot_dim; i < head_dim; ++i) yb[i] = xb[i];
-      pfp::store_row(yb, dst, head_dim);
-    };
-    for (int64_t item = begin; item < end; ++item) {
-      const int64_t b = item / seq, s_pos = item % seq;
-      const int64_t cs_off = b * cos_batch_stride + s_pos * cos_seq_stride;
-      pfp::load_row(cos + cs_off, c, rot_dim);
-      pfp::load_row(sin + cs_off, sbuf.data(), rot_dim);
-      const C* sn = sbuf.data();
-      if (interleaved) {
-        for (int64_t j = 0; j < half_rot; ++j) {
-          p[2 * j] = backward ? sn[2 * j + 1] : -sn[2 * j];
-          p[2 * j + 1] = backward ? -sn[2 * j] : sn[2 * j + 1];
-        }
-      } else {
-        for (int64_t i = 0; i < half_rot; ++i) {
-          p[i] = backward ? sn[i + half_rot] : -sn[i];
-          p[i + half_rot] = backward ? -sn[i] : sn[i + half_rot];
-        }
-      }
-      for (int64_t h = 0; h < q_heads; ++h)
-        rotate_row(q + b * qs[0] + h * qs[1] + s_pos * qs[2], q_out + b * qos[0] + h * qos[1] + s_pos * qos[2]);
-      for (int64_t h = 0; h < k_heads; ++h)
-        rotate_row(k + b * ks[0] + h * ks[1] + s_pos * ks[2], k_out + b * kos[0] + h * kos[1] + s_pos * kos[2]);
+      pfp::store_row(yb, (is_q ? q_out : k_out) + b * os[0] + h * os[1] + s_pos * os[2], head_dim);
     }
   });
 }

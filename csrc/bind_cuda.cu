@@ -1,0 +1,90 @@
+// pybind11 bindings of the CUDA kernels (pyfastpeft._cuda): the functions of pyfastpeft._C with
+// (stream, device) in place of nthreads. Pointers arrive as integers from tensor.data_ptr(), stream as
+// torch.cuda.current_stream(device).cuda_stream, device as the CUDA device index;
+// pyfastpeft/ops/<family>.py has validated every argument against the contract written above each
+// entry point in csrc/cuda/<family>.cu. The GIL is released around every call; launches are
+// asynchronous on that stream.
+#include <pybind11/pybind11.h>
+#include <pybind11/stl.h>
+
+#include <array>
+#include <cstdint>
+
+#include "cuda/common.cuh"
+#include "cuda/kernels.cuh"
+
+namespace py = pybind11;
+
+namespace {
+
+template <typename T> T* ptr(uintptr_t address) { return reinterpret_cast<T*>(address); }
+cudaStream_t as_stream(uintptr_t stream) { return reinterpret_cast<cudaStream_t>(stream); }
+
+void rmsnorm_forward(uintptr_t x, uintptr_t weight, uintptr_t y, uintptr_t rstd, int64_t rows, int64_t n,
+                     int x_dtype, int weight_dtype, int y_dtype, double eps, double offset, int casting_mode,
+                     uintptr_t stream, int device) {
+  pfp_cuda::rmsnorm_forward(ptr<const void>(x), ptr<const void>(weight), ptr<void>(y), ptr<void>(rstd), rows, n,
+                            x_dtype, weight_dtype, y_dtype, eps, offset, casting_mode, as_stream(stream), device);
+}
+
+void rmsnorm_backward(uintptr_t dy, uintptr_t x, uintptr_t weight, uintptr_t rstd, uintptr_t dx, uintptr_t dw_partial,
+                      int64_t rows, int64_t n, int x_dtype, int weight_dtype, int dy_dtype, double offset,
+                      int casting_mode, int64_t num_partials, uintptr_t stream, int device) {
+  pfp_cuda::rmsnorm_backward(ptr<const void>(dy), ptr<const void>(x), ptr<const void>(weight), ptr<const void>(rstd),
+                             ptr<void>(dx), ptr<void>(dw_partial), rows, n, x_dtype, weight_dtype, dy_dtype, offset,
+                             casting_mode, num_partials, as_stream(stream), device);
+}
+
+void swiglu_forward(uintptr_t gate, uintptr_t up, uintptr_t out, int64_t numel, int dtype, uintptr_t stream,
+                    int device) {
+  pfp_cuda::swiglu_forward(ptr<const void>(gate), ptr<const void>(up), ptr<void>(out), numel, dtype,
+                           as_stream(stream), device);
+}
+
+void swiglu_backward(uintptr_t dy, uintptr_t gate, uintptr_t up, uintptr_t dgate, uintptr_t dup, int64_t numel,
+                     int dtype, uintptr_t stream, int device) {
+  pfp_cuda::swiglu_backward(ptr<const void>(dy), ptr<const void>(gate), ptr<const void>(up), ptr<void>(dgate),
+                            ptr<void>(dup), numel, dtype, as_stream(stream), device);
+}
+
+using Strides = std::array<int64_t, 3>;
+
+void rope(uintptr_t q, uintptr_t k, uintptr_t q_out, uintptr_t k_out, uintptr_t cos, uintptr_t sin, Strides q_strides,
+          Strides k_strides, Strides q_out_strides, Strides k_out_strides, int64_t cos_batch_stride,
+          int64_t cos_seq_stride, int64_t batch, int64_t seq, int64_t q_heads, int64_t k_heads, int64_t head_dim,
+          int64_t rot_dim, int dtype, bool interleaved, bool backward, uintptr_t stream, int device) {
+  pfp_cuda::rope(ptr<const void>(q), ptr<const void>(k), ptr<void>(q_out), ptr<void>(k_out), ptr<const void>(cos),
+                 ptr<const void>(sin), q_strides.data(), k_strides.data(), q_out_strides.data(),
+                 k_out_strides.data(), cos_batch_stride, cos_seq_stride, batch, seq, q_heads, k_heads, head_dim,
+                 rot_dim, dtype, interleaved, backward, as_stream(stream), device);
+}
+
+}  // namespace
+
+PYBIND11_MODULE(_cuda, m) {
+  m.doc() = "pyfastpeft CUDA kernels (torch-free, pointer-based)";
+  auto release = py::call_guard<py::gil_scoped_release>();
+  m.def("rmsnorm_forward", &rmsnorm_forward, release);
+  m.def("rmsnorm_backward", &rmsnorm_backward, release);
+  m.def("swiglu_forward", &swiglu_forward, release);
+  m.def("swiglu_backward", &swiglu_backward, release);
+  m.def("rope", &rope, release);
+
+  m.def("device_count", [] {
+    int count = 0;
+    if (cudaGetDeviceCount(&count) != cudaSuccess) {
+      (void)cudaGetLastError();  // clear it: no driver or no device is not an error here
+      return 0;
+    }
+    return count;
+  }, "CUDA devices this module sees; 0 when there is no driver or no device.");
+  m.def("build_info", [] {
+    int runtime_version = 0;
+    PFP_CUDA_CHECK(cudaRuntimeGetVersion(&runtime_version));
+    py::dict info;
+    info["cuda_version"] = PFP_CUDA_VERSION;
+    info["archs"] = PFP_CUDA_ARCHS;
+    info["runtime_version"] = runtime_version;
+    return info;
+  });
+}

@@ -1,0 +1,30 @@
+// Host entry points of the CUDA kernels. Contracts (shapes, dtypes, layout) sit above each definition
+// in csrc/cuda/<family>.cu; the Python wrappers in pyfastpeft/ops/<family>.py have checked them.
+// Every entry point makes `device` current for the call, launches on `stream` only (no allocation,
+// no synchronization), throws std::runtime_error on a CUDA error and std::invalid_argument on an
+// unsupported dtype, and returns without launching when there is nothing to compute.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+namespace pfp_cuda {
+
+void rmsnorm_forward(const void* x, const void* weight, void* y, void* rstd, int64_t rows, int64_t n, int x_dtype,
+                     int weight_dtype, int y_dtype, double eps, double offset, int casting_mode, cudaStream_t stream,
+                     int device);
+void rmsnorm_backward(const void* dy, const void* x, const void* weight, const void* rstd, void* dx, void* dw_partial,
+                      int64_t rows, int64_t n, int x_dtype, int weight_dtype, int dy_dtype, double offset,
+                      int casting_mode, int64_t num_partials, cudaStream_t stream, int device);
+void swiglu_forward(const void* gate, const void* up, void* out, int64_t numel, int dtype, cudaStream_t stream,
+                    int device);
+void swiglu_backward(const void* dy, const void* gate, const void* up, void* dgate, void* dup, int64_t numel,
+                     int dtype, cudaStream_t stream, int device);
+void rope(const void* q, const void* k, void* q_out, void* k_out, const void* cos, const void* sin,
+          const int64_t* q_strides, const int64_t* k_strides, const int64_t* q_out_strides,
+          const int64_t* k_out_strides, int64_t cos_batch_stride, int64_t cos_seq_stride, int64_t batch, int64_t seq,
+          int64_t q_heads, int64_t k_heads, int64_t head_dim, int64_t rot_dim, int dtype, bool interleaved,
+          bool backward, cudaStream_t stream, int device);
+
+}  // namespace pfp_cuda
