@@ -14,6 +14,7 @@ import contextlib
 import contextvars
 import importlib.util
 import os
+import warnings
 
 import torch
 
@@ -28,8 +29,9 @@ CUDA_PREFERENCE = {"rmsnorm": "native", "swiglu": "native", "rope": "native"}
 
 def _default_backend() -> str:
     name = os.environ.get("PYFASTPEFT_BACKEND", "auto").strip().lower() or "auto"
-    if name not in BACKENDS:
-        raise ValueError(f"PYFASTPEFT_BACKEND must be one of {BACKENDS}, got {name!r}")
+    if name not in BACKENDS:  # a typo in the environment must not break `import pyfastpeft`
+        warnings.warn(f"PYFASTPEFT_BACKEND must be one of {BACKENDS}, got {name!r}; using 'auto'", RuntimeWarning)
+        return "auto"
     return name
 
 

@@ -72,6 +72,13 @@ def test_environment_variable_sets_the_default_backend(tmp_path):
     assert out.stdout.strip() == "reference"
 
 
+def test_invalid_environment_backend_warns_and_uses_auto(tmp_path):
+    code = "import pyfastpeft; print(pyfastpeft.current_backend())"
+    out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYFASTPEFT_BACKEND": "cuBLAS"},
+                         capture_output=True, text=True, check=True, cwd=tmp_path)
+    assert out.stdout.strip() == "auto" and "PYFASTPEFT_BACKEND must be one of" in out.stderr
+
+
 def test_info_command_prints_build_and_backends(tmp_path):
     out = subprocess.run([sys.executable, "-m", "pyfastpeft.info"], capture_output=True, text=True, check=True,
                          cwd=tmp_path)

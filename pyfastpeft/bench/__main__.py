@@ -1,5 +1,5 @@
 """python -m pyfastpeft.bench [--quick] [--family rmsnorm,swiglu,rope] [--dtype fp32,bf16]
-[--out bench/results] [--no-plot]
+[--out bench/results] [--no-plot] [--threads N]
 
 Runs the cases of the chosen families on the GPU when one is visible (else the CPU), prints one table
 per family and writes <out>/<family or all>-<device>-<date>.json (and .png, the speedup chart).
@@ -36,38 +36,53 @@ def parse_args(argv=None) -> argparse.Namespace:
                         help=f"op families to run (default {','.join(FAMILIES)})")
     parser.add_argument("--dtype", type=_comma_list(list(DTYPES)), default=list(DTYPES),
                         help=f"input dtypes (default {','.join(DTYPES)})")
-    parser.add_argument("--out", type=Path, default=Path("bench/results"), help="results folder (default bench/results)")
+    parser.add_argument("--out", type=Path, default=Path("bench/results"),
+                        help="results folder (default bench/results)")
     parser.add_argument("--no-plot", action="store_true", help="skip the PNG chart")
+    parser.add_argument("--threads", type=int, default=0,
+                        help=f"torch threads (default: torch's own default, {torch.get_num_threads()} here)")
     return parser.parse_args(argv)
+
+
+def _warn_if_shared(metadata: dict) -> None:
+    """Our own threads count toward the load; beyond them plus one per core, others were running."""
+    busiest = max(metadata["load_average_start"], metadata["load_average_end"])
+    if metadata["device_type"] == "cpu" and busiest > metadata["cpu_count"] + metadata["threads"]:
+        print(f"warning: 1-min load average reached {busiest:.1f} on {metadata['cpu_count']} cores: other "
+              "processes shared the CPU, so these timings are noisy; rerun on a quiet machine")
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     started = time.perf_counter()
+    if args.threads:
+        torch.set_num_threads(args.threads)
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     budget = harness.QUICK_BUDGET if args.quick else harness.FULL_BUDGET
     cases = select_cases(args.family, [DTYPES[name] for name in args.dtype], args.quick)
 
-    copy_gbps = harness.copy_bandwidth_gbps(device, budget)
+    copy_gbps = harness.copy_bandwidth_gbps(device)
+    metadata = harness.run_metadata(device, copy_gbps, args.quick)
     results = []
     progress = tqdm(cases, unit="case", desc=f"benchmarking on {device.type}")
     for case in progress:
         progress.set_postfix_str(case.label)
         results.append(harness.run_case(case, device, budget, copy_gbps))
+    metadata["load_average_end"] = harness.load_average()
 
     for family in args.family:
         print("\n" + harness.format_table(family, [r for r in results if r.family == family], copy_gbps))
 
-    metadata = harness.run_metadata(device, copy_gbps, args.quick)
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / harness.result_stem(args.family, metadata)
-    harness.write_json(stem.with_suffix(".json"), metadata, results)
     written = [stem.with_suffix(".json")]
+    harness.write_json(written[0], metadata, results)
     if not args.no_plot:
-        harness.write_speedup_chart(stem.with_suffix(".png"), metadata, results)
         written.append(stem.with_suffix(".png"))
+        harness.write_speedup_chart(written[1], metadata, results)
     print(f"\n{metadata['device']}, torch {metadata['torch']}, {metadata['threads']} threads; "
           f"wrote {', '.join(map(str, written))} in {time.perf_counter() - started:.0f} s")
+    _warn_if_shared(metadata)
     return 0
 
 

@@ -18,11 +18,13 @@ import datetime
 import itertools
 import json
 import math
+import os
 import platform
 import re
 import statistics
+import sys
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Sequence, Union
 
@@ -69,7 +71,7 @@ class Workload:
 @dataclass(frozen=True)
 class Case:
     family: str  # op family: rmsnorm, swiglu, rope ...
-    shape: str  # what the inputs are, e.g. "x[4096,4096]"
+    shape: str  # the inputs' sizes, e.g. "T=4096 N=4096" (tokens, hidden)
     dtype: torch.dtype
     mode: str  # one of MODES
     reference_name: str  # what "ref" is, e.g. "transformers LlamaRMSNorm"
@@ -91,6 +93,7 @@ class Budget:
 
 FULL_BUDGET = Budget(warmup_runs=3, min_runs=10, max_runs=200, seconds=1.0)
 QUICK_BUDGET = Budget(warmup_runs=2, min_runs=5, max_runs=50, seconds=0.12)
+COPY_BUDGET = Budget(warmup_runs=2, min_runs=20, max_runs=40, seconds=0.5)  # ~15-30 ms per copy here
 
 
 @dataclass
@@ -117,10 +120,10 @@ class SideResult:
 @dataclass
 class KernelResult:
     timing: Timing
-    bytes_moved: int
-    rotation_sets: int
-    gbps: float
-    fraction_of_copy: float
+    bytes_moved: int  # per launch (forward + backward launches for mode "both")
+    rotation_sets: int  # preallocated input/output sets the runs cycle through
+    gbps: float  # bytes_moved / median time, decimal GB/s
+    fraction_of_copy: float  # gbps / the run's copy bandwidth
 
 
 @dataclass
@@ -133,7 +136,7 @@ class CaseResult:
     ours: list[SideResult]
     reference: SideResult
     kernel: KernelResult
-    speedups: dict[str, float] = field(default_factory=dict)  # backend -> ref median / ours median
+    speedups: dict[str, float]  # backend -> reference median / ours median
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -142,68 +145,108 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 # ---- timing ------------------------------------------------------------------------------------
 
-def _clear_grads(leaves: Sequence[torch.Tensor]) -> None:
+@dataclass
+class Runnable:
+    """What one timed run calls: step(), after the leaves' grads are set to None (off the clock)."""
+    step: Callable[[], object]
+    leaves: Sequence[torch.Tensor] = ()
+
+
+def clear_grads(leaves: Sequence[torch.Tensor]) -> None:
     for leaf in leaves:
         leaf.grad = None
 
 
-def time_cpu(step: Callable[[], object], leaves: Sequence[torch.Tensor], budget: Budget) -> Timing:
-    """Median of runs of step(); grads cleared and step's outputs freed outside the clock."""
+def _timed_run(runnable: Runnable) -> float:
+    """Seconds of one step; its outputs are freed after the clock stops."""
+    clear_grads(runnable.leaves)
+    start = time.perf_counter()
+    outputs = runnable.step()
+    elapsed = time.perf_counter() - start
+    del outputs
+    return elapsed
+
+
+def time_cpu(runnables: Sequence[Runnable], budget: Budget) -> list[Timing]:
+    """Runs the steps in turn (A B A B ...), so the slow phases of a shared machine hit every side
+    alike; rounds stop after budget.seconds per side, within [min_runs, max_runs]."""
     for _ in range(budget.warmup_runs):
-        _clear_grads(leaves)
-        step()
-    samples: list[float] = []
-    while len(samples) < budget.min_runs or (sum(samples) < budget.seconds and len(samples) < budget.max_runs):
-        _clear_grads(leaves)
-        start = time.perf_counter()
-        outputs = step()
-        samples.append(time.perf_counter() - start)
-        del outputs
-    return Timing.from_seconds(samples)
+        for runnable in runnables:
+            _timed_run(runnable)
+    samples: list[list[float]] = [[] for _ in runnables]
+    rounds = 0
+    while rounds < budget.min_runs or (sum(map(sum, samples)) < budget.seconds * len(runnables)
+                                       and rounds < budget.max_runs):
+        for runnable, side_samples in zip(runnables, samples):
+            side_samples.append(_timed_run(runnable))
+        rounds += 1
+    return [Timing.from_seconds(side_samples) for side_samples in samples]
 
 
-def time_cuda(step: Callable[[], object], leaves: Sequence[torch.Tensor], use_graph: bool = False) -> Timing:
+def time_cuda(runnable: Runnable, use_graph: bool) -> Timing:
     """CUDA events via triton.testing (it clears the listed grads and flushes L2 between runs)."""
     from triton import testing
 
     quantiles = [0.5, 0.2, 0.8]
-    if use_graph:
-        median, p20, p80 = testing.do_bench_cudagraph(step, grad_to_none=list(leaves), quantiles=quantiles)
-    else:
-        median, p20, p80 = testing.do_bench(step, grad_to_none=list(leaves), quantiles=quantiles)
+    bench = testing.do_bench_cudagraph if use_graph else testing.do_bench
+    median, p20, p80 = bench(runnable.step, grad_to_none=list(runnable.leaves), quantiles=quantiles)
     return Timing(median, p20, p80, runs=0)  # do_bench does not report its run count
 
 
-def time_step(step, leaves, device: torch.device, budget: Budget, use_graph: bool = False) -> Timing:
+def time_all(runnables: Sequence[Runnable], device: torch.device, budget: Budget,
+             use_graph: bool = False) -> list[Timing]:
     if device.type == "cuda":
-        return time_cuda(step, leaves, use_graph)
-    return time_cpu(step, leaves, budget)
+        return [time_cuda(runnable, use_graph) for runnable in runnables]
+    return time_cpu(runnables, budget)
 
 
-# ---- one run per mode ----------------------------------------------------------------------------
+# ---- one side of a comparison --------------------------------------------------------------------
 
-def _as_tuple(outputs) -> tuple[torch.Tensor, ...]:
+def _as_tuple(outputs: Outputs) -> tuple[torch.Tensor, ...]:
     return outputs if isinstance(outputs, tuple) else (outputs,)
 
 
-def make_step(impl: Implementation, mode: str) -> Callable[[], object]:
+def on_backend(backend: str, fn: Callable[[], object]) -> Callable[[], object]:
+    """fn with every pyfastpeft op it calls forced onto `backend`; "reference" (HF / eager) as is."""
+    if backend == "reference":
+        return fn
+
+    def forced():
+        with pyfastpeft.use_backend(backend):
+            return fn()
+    return forced
+
+
+def make_step(forward: Callable[[], Outputs], mode: str) -> Callable[[], object]:
     """One run of `mode`; returns what it produced so the caller frees it after the clock stops.
 
     backward re-runs autograd over one graph built here (retain_graph), with a fixed output grad.
     """
     if mode == "forward":
-        return impl.forward
+        return forward
     generator = torch.Generator().manual_seed(0)
-    outputs = _as_tuple(impl.forward())
+    outputs = _as_tuple(forward())
     grads = tuple(torch.randn(o.shape, generator=generator, dtype=o.dtype).to(o.device) for o in outputs)
     if mode == "backward":
         return lambda: torch.autograd.backward(outputs, grads, retain_graph=True)
 
     def forward_and_backward():
-        fresh = _as_tuple(impl.forward())
+        fresh = _as_tuple(forward())
         torch.autograd.backward(fresh, grads)
         return fresh
     return forward_and_backward
+
+
+@dataclass
+class PreparedSide:
+    backend: str
+    forward: Callable[[], Outputs]
+    runnable: Runnable
+
+
+def prepare_side(impl: Implementation, mode: str, backend: str) -> PreparedSide:
+    forward = on_backend(backend, impl.forward)
+    return PreparedSide(backend, forward, Runnable(on_backend(backend, make_step(forward, mode)), impl.leaves))
 
 
 def saved_bytes(forward: Callable[[], Outputs]) -> int:
@@ -221,6 +264,20 @@ def saved_bytes(forward: Callable[[], Outputs]) -> int:
     return sum(storages.values())
 
 
+@contextlib.contextmanager
+def _stderr_silenced():
+    """fd 2 to /dev/null: kineto prints "USDT ... profiler_start/stop" lines there, no setting stops them."""
+    sys.stderr.flush()
+    saved_fd = os.dup(2)
+    with open(os.devnull, "w") as devnull:
+        os.dup2(devnull.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved_fd, 2)
+            os.close(saved_fd)
+
+
 def peak_cpu_bytes(step: Callable[[], object]) -> int:
     """Peak of the bytes allocated and not yet freed during one step (its outputs held to the end).
 
@@ -230,7 +287,7 @@ def peak_cpu_bytes(step: Callable[[], object]) -> int:
     """
     from torch.profiler import ProfilerActivity, profile
 
-    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+    with _stderr_silenced(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         outputs = step()
     del outputs
     events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
@@ -253,17 +310,14 @@ def peak_cuda_bytes(step: Callable[[], object], device: torch.device) -> int:
     return torch.cuda.max_memory_allocated(device) - before
 
 
-def measure_side(impl: Implementation, mode: str, backend: str, device: torch.device, budget: Budget) -> SideResult:
-    """Time, peak memory and saved bytes of one implementation, every op forced onto `backend`."""
-    context = contextlib.nullcontext() if backend == "reference" else pyfastpeft.use_backend(backend)
-    with context:
-        step = make_step(impl, mode)
-        timing = time_step(step, impl.leaves, device, budget)
-        _clear_grads(impl.leaves)
-        peak = peak_cuda_bytes(step, device) if device.type == "cuda" else peak_cpu_bytes(step)
-        saved = saved_bytes(impl.forward)
-    _clear_grads(impl.leaves)
-    return SideResult(backend, timing, peak, saved)
+def side_result(side: PreparedSide, timing: Timing, device: torch.device) -> SideResult:
+    """The timing plus one profiled run's peak bytes and one forward's saved bytes."""
+    clear_grads(side.runnable.leaves)
+    step = side.runnable.step
+    peak = peak_cuda_bytes(step, device) if device.type == "cuda" else peak_cpu_bytes(step)
+    saved = saved_bytes(side.forward)
+    clear_grads(side.runnable.leaves)
+    return SideResult(side.backend, timing, peak, saved)
 
 
 # ---- kernel bandwidth ----------------------------------------------------------------------------
@@ -300,30 +354,34 @@ def measure_kernel(workload: Workload, mode: str, device: torch.device, budget: 
                    copy_gbps: float) -> KernelResult:
     run_next, call, sets = kernel_rotation(workload, mode)
     use_graph = device.type == "cuda" and call.bytes_moved < CUDA_GRAPH_BELOW_BYTES
-    timing = time_step(run_next, (), device, budget, use_graph)
+    [timing] = time_all([Runnable(run_next)], device, budget, use_graph)
     gbps = call.bytes_moved / (timing.median_ms * 1e-3) / GB
     return KernelResult(timing, call.bytes_moved, sets, gbps, gbps / copy_gbps)
 
 
-def copy_bandwidth_gbps(device: torch.device, budget: Budget) -> float:
+def copy_bandwidth_gbps(device: torch.device) -> float:
     """dst.copy_(src) on COPY_BUFFER_BYTES buffers; counts the bytes read plus the bytes written."""
     src = torch.randn(COPY_BUFFER_BYTES // 4, device=device)
     dst = torch.empty_like(src)
-    timing = time_step(lambda: dst.copy_(src), (), device, budget)
+    [timing] = time_all([Runnable(lambda: dst.copy_(src))], device, COPY_BUDGET)
     return 2 * COPY_BUFFER_BYTES / (timing.median_ms * 1e-3) / GB
 
 
 # ---- one case ------------------------------------------------------------------------------------
 
 def our_backends(device: torch.device) -> tuple[str, ...]:
-    """CPU: the native kernels. CUDA: native and Triton, each forced, so both are on record."""
-    return ("native", "triton") if device.type == "cuda" else ("native",)
+    """CPU: the native kernels. CUDA: native and, when installed, Triton, each forced, so both are on record."""
+    if device.type == "cuda" and pyfastpeft.backends()["triton"]["available"]:
+        return ("native", "triton")
+    return ("native",)
 
 
 def run_case(case: Case, device: torch.device, budget: Budget, copy_gbps: float) -> CaseResult:
     workload = case.build(device)
-    ours = [measure_side(workload.ours, case.mode, backend, device, budget) for backend in our_backends(device)]
-    reference = measure_side(workload.reference, case.mode, "reference", device, budget)
+    sides = [prepare_side(workload.ours, case.mode, backend) for backend in our_backends(device)]
+    sides.append(prepare_side(workload.reference, case.mode, "reference"))
+    timings = time_all([side.runnable for side in sides], device, budget)
+    *ours, reference = [side_result(side, timing, device) for side, timing in zip(sides, timings)]
     kernel = measure_kernel(workload, case.mode, device, budget, copy_gbps)
     speedups = {side.backend: reference.timing.median_ms / side.timing.median_ms for side in ours}
     return CaseResult(case.family, case.shape, dtype_name(case.dtype), case.mode, case.reference_name, ours,
@@ -342,7 +400,14 @@ def device_name(device: torch.device) -> str:
     return platform.processor() or platform.machine()
 
 
+def load_average() -> float:
+    """1-minute load average (0 where the OS has none); above the core count, other processes
+    shared the CPU while we measured."""
+    return os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
+
+
 def run_metadata(device: torch.device, copy_gbps: float, quick: bool) -> dict:
+    """What a run's numbers depend on; the caller adds "load_average_end" when the run is over."""
     return {
         "device": device_name(device),
         "device_type": device.type,
@@ -350,9 +415,11 @@ def run_metadata(device: torch.device, copy_gbps: float, quick: bool) -> dict:
         "pyfastpeft": pyfastpeft.__version__,
         "backends": {name: info["detail"] for name, info in pyfastpeft.backends().items() if info["available"]},
         "threads": torch.get_num_threads(),
+        "cpu_count": os.cpu_count(),
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "copy_bandwidth_gbps": copy_gbps,
         "quick": quick,
+        "load_average_start": load_average(),
     }
 
 
@@ -361,7 +428,8 @@ TABLE_HEADER = ("case", "dtype", "mode", "ours", "ours ms", "ref ms", "speedup",
 
 
 def _mib(nbytes: int) -> str:
-    return f"{nbytes / MIB:.0f}"
+    mib = nbytes / MIB
+    return f"{mib:.0f}" if mib >= 10 or mib == 0 else f"{mib:.1f}"
 
 
 def _table_rows(result: CaseResult) -> list[tuple[str, ...]]:
@@ -412,7 +480,9 @@ def write_speedup_chart(path: Path, metadata: dict, results: Sequence[CaseResult
     colors = pyplot.get_cmap("tab10")
     figure, axes = pyplot.subplots(figsize=(8, 1.2 + 0.3 * len(bars)))
     positions = range(len(bars))
-    axes.barh(positions, [speedup for _, speedup, _ in bars],
+    # Log scale, bars drawn from parity: speedups grow right, slowdowns left.
+    axes.set_xscale("log", base=2)
+    axes.barh(positions, [speedup - 1.0 for _, speedup, _ in bars], left=1.0,
               color=[colors(families.index(family)) for _, _, family in bars])
     axes.set_yticks(list(positions), [label for label, _, _ in bars], fontsize=8)
     axes.invert_yaxis()
