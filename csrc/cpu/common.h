@@ -130,6 +130,21 @@ inline void store_row<half, float>(const float* __restrict src, half* __restrict
 }
 #endif
 
+// Sum of term(i) over [0, n) in 16 interleaved partial sums (lane j takes the i with i % 16 == j),
+// folded pairwise at the end. Vectorizes without -ffast-math (an `omp simd` reduction does not
+// reliably), and adds in the same order on every instruction set.
+template <typename C, typename F>
+inline C lane_sum(int64_t n, F&& term) {
+  C acc[16] = {};
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16)
+    for (int j = 0; j < 16; ++j) acc[j] += term(i + j);
+  for (int j = 0; i < n; ++i, ++j) acc[j] += term(i);
+  for (int width = 8; width > 0; width /= 2)
+    for (int j = 0; j < width; ++j) acc[j] += acc[j + width];
+  return acc[0];
+}
+
 // Static split of [0, total) over the calling OpenMP team: thread `tid` of `nt` gets [begin, end).
 inline void split_range(int64_t total, int tid, int nt, int64_t& begin, int64_t& end) {
   int64_t chunk = total / nt, rest = total % nt;

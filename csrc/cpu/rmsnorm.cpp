@@ -50,9 +50,7 @@ void forward_impl(const Tx* x, const void* weight, int weight_dtype, Ty* y, void
     C* b = buf.data();
     for (int64_t row = begin; row < end; ++row) {
       pfp::load_row(x + row * n, b, n);
-      C sum_sq = 0;
-#pragma omp simd reduction(+ : sum_sq)
-      for (int64_t i = 0; i < n; ++i) sum_sq += b[i] * b[i];
+      const C sum_sq = pfp::lane_sum<C>(n, [&](int64_t i) { return b[i] * b[i]; });
       const C r = C(1) / std::sqrt(sum_sq / C(n) + C(eps));
       rstd[row] = r;
       if (mode == kLlama) {
@@ -90,9 +88,7 @@ void backward_impl(const Tdy* dy, const Tx* x, const void* weight, int weight_dt
       pfp::load_row(x + row * n, xb, n);
       pfp::load_row(dy + row * n, g, n);
       const C r = rstd[row];
-      C dot = 0;
-#pragma omp simd reduction(+ : dot)
-      for (int64_t i = 0; i < n; ++i) dot += g[i] * wp[i] * xb[i];
+      const C dot = pfp::lane_sum<C>(n, [&](int64_t i) { return g[i] * wp[i] * xb[i]; });
       const C coef = r * r * r * dot / C(n);
       if (dw) {
         if (mode == kGemma) {
