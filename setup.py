@@ -92,7 +92,11 @@ class CMakeBuild(build_ext):
                 raise RuntimeError(f"CMake did not produce {ext.name} in {out_dir}")
             target = Path(self.get_ext_fullpath(ext.name))
             target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(built[0], target)
+            # Copy beside the target, then rename over it: a process that has the old module mapped
+            # keeps its (now unlinked) file, instead of faulting on pages rewritten under it.
+            staging = target.with_name(target.name + ".tmp")
+            shutil.copyfile(built[0], staging)
+            os.replace(staging, target)
 
 
 def extensions():

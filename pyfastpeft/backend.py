@@ -11,7 +11,6 @@ falling back to the reference when a backend is unavailable.
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import importlib.util
 import os
 import warnings
@@ -35,23 +34,27 @@ def _default_backend() -> str:
     return name
 
 
-_current = contextvars.ContextVar("pyfastpeft_backend", default=_default_backend())
+# Process-wide rather than per-thread or per-context: autograd runs CUDA backward passes on its own
+# device threads, and the backward ops must see the backend the forward was forced onto.
+_current = _default_backend()
 
 
 @contextlib.contextmanager
 def use_backend(name: str):
-    """Run the ops inside the block on backend `name` ("auto", "reference", "native", "triton")."""
+    """Run the ops inside the block (and the backward of what it builds, when called inside it) on
+    backend `name` ("auto", "reference", "native", "triton"). Process-wide: not for concurrent threads."""
+    global _current
     if name not in BACKENDS:
         raise ValueError(f"use_backend: name must be one of {BACKENDS}, got {name!r}")
-    token = _current.set(name)
+    previous, _current = _current, name
     try:
         yield
     finally:
-        _current.reset(token)
+        _current = previous
 
 
 def current_backend() -> str:
-    return _current.get()
+    return _current
 
 
 def _triton_status() -> tuple[bool, str]:
@@ -84,7 +87,7 @@ def backends() -> dict:
 
 def choose(family: str, device: torch.device) -> str:
     """The backend an op of `family` runs on for tensors on `device`: reference, native or triton."""
-    wanted = _current.get()
+    wanted = _current
     if wanted == "reference":
         return "reference"
     if device.type == "cpu":

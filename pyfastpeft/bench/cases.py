@@ -20,6 +20,7 @@ from pyfastpeft.bench.harness import MODES, Case, Implementation, KernelCall, Wo
 from pyfastpeft.ops import rmsnorm as rmsnorm_ops
 from pyfastpeft.ops import rope as rope_ops
 from pyfastpeft.ops import swiglu as swiglu_ops
+from pyfastpeft.reference.rmsnorm import LLAMA
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
@@ -46,12 +47,12 @@ def _one_case_per_mode(family: str, shape: str, reference_name: str, dtypes: Seq
 # ---- RMSNorm: x [tokens, hidden] ----------------------------------------------------------------
 
 def _rmsnorm_forward_kernel(tokens: int, dtype, device) -> KernelCall:
-    """Reads x, weight; writes y (x's dtype) and rstd (fp32 [tokens])."""
+    """Reads x, weight; writes y (x's dtype) and rstd (fp32 [tokens]). Llama casting, offset 0."""
     x = torch.randn(tokens, HIDDEN, dtype=dtype, device=device)
     weight = torch.ones(HIDDEN, dtype=dtype, device=device)
     y = torch.empty_like(x)
     rstd = torch.empty(tokens, dtype=torch.float32, device=device)
-    return KernelCall(lambda: rmsnorm_ops.forward_into(x, weight, y, rstd, RMSNORM_EPS, 0.0, 0),
+    return KernelCall(lambda: rmsnorm_ops.forward_into(x, weight, y, rstd, RMSNORM_EPS, 0.0, LLAMA),
                       tensor_bytes(x, weight, y, rstd))
 
 
@@ -63,7 +64,7 @@ def _rmsnorm_backward_kernel(tokens: int, dtype, device) -> KernelCall:
     rstd = torch.rsqrt(x.float().pow(2).mean(-1) + RMSNORM_EPS)
     dx = torch.empty_like(x)
     dw_bytes = HIDDEN * 4
-    return KernelCall(lambda: rmsnorm_ops.backward_into(dy, x, weight, rstd, dx, 0.0, 0, True),
+    return KernelCall(lambda: rmsnorm_ops.backward_into(dy, x, weight, rstd, dx, 0.0, LLAMA, True),
                       tensor_bytes(dy, x, weight, rstd, dx) + dw_bytes)
 
 
@@ -119,6 +120,10 @@ def swiglu_cases(dtypes: Sequence[torch.dtype], quick: bool) -> list[Case]:
 
 
 # ---- RoPE: q [1, 32, S, 128], k [1, 8, S, 128] as HF hands them (transposed views) ----------------
+# The forward sees q and k as transposed views of the [1, S, H, D] projection outputs. The grads that
+# come back are contiguous [1, H, S, D], as attention's backward makes them: the backward kernels
+# see that layout, and both sides pay the strided copy into the projections' layout (in a model, the
+# reshape before q_proj/k_proj's backward pays it).
 
 def _rope_tables(seq_len: int, dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
     """cos, sin [1, S, D] in HF's rotate_half layout: angle[s, j] = s * theta^(-2j/D), repeated twice."""
@@ -128,15 +133,20 @@ def _rope_tables(seq_len: int, dtype, device) -> tuple[torch.Tensor, torch.Tenso
     return table.cos().to(dtype), table.sin().to(dtype)
 
 
-def _hf_layout(seq_len: int, heads: int, dtype, device, requires_grad: bool = False) -> torch.Tensor:
-    """A [1, S, H, D] projection output; the kernels and functions see it as .transpose(1, 2)."""
+def _projected(seq_len: int, heads: int, dtype, device, requires_grad: bool = False) -> torch.Tensor:
+    """A [1, S, H, D] projection output; functions and forward kernels see it as .transpose(1, 2)."""
     return torch.randn(1, seq_len, heads, HEAD_DIM, dtype=dtype, device=device, requires_grad=requires_grad)
 
 
 def _rope_kernel(seq_len: int, dtype, device, backward: bool) -> KernelCall:
-    """Reads q, k, cos, sin; writes q_out, k_out (q/k layouts kept). backward: the transposed rotation."""
-    q = _hf_layout(seq_len, Q_HEADS, dtype, device).transpose(1, 2)
-    k = _hf_layout(seq_len, KV_HEADS, dtype, device).transpose(1, 2)
+    """Reads q, k, cos, sin; writes q_out, k_out in q/k's layout: the forward on transposed views of
+    the projections, the backward (the transposed rotation) on contiguous [1, H, S, D] grads."""
+    if backward:
+        q = torch.randn(1, Q_HEADS, seq_len, HEAD_DIM, dtype=dtype, device=device)
+        k = torch.randn(1, KV_HEADS, seq_len, HEAD_DIM, dtype=dtype, device=device)
+    else:
+        q = _projected(seq_len, Q_HEADS, dtype, device).transpose(1, 2)
+        k = _projected(seq_len, KV_HEADS, dtype, device).transpose(1, 2)
     q_out, k_out = torch.empty_like(q), torch.empty_like(k)
     cos, sin = _rope_tables(seq_len, dtype, device)
     return KernelCall(lambda: rope_ops.rope_into(q, k, q_out, k_out, cos, sin, False, backward),
@@ -144,8 +154,8 @@ def _rope_kernel(seq_len: int, dtype, device, backward: bool) -> KernelCall:
 
 
 def _rope_workload(seq_len: int, dtype: torch.dtype, device: torch.device) -> Workload:
-    q_projected = _hf_layout(seq_len, Q_HEADS, dtype, device, requires_grad=True)
-    k_projected = _hf_layout(seq_len, KV_HEADS, dtype, device, requires_grad=True)
+    q_projected = _projected(seq_len, Q_HEADS, dtype, device, requires_grad=True)
+    k_projected = _projected(seq_len, KV_HEADS, dtype, device, requires_grad=True)
     cos, sin = _rope_tables(seq_len, dtype, device)
 
     def run(apply_rotary_pos_emb):

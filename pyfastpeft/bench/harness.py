@@ -92,7 +92,7 @@ class Budget:
 
 
 FULL_BUDGET = Budget(warmup_runs=3, min_runs=10, max_runs=200, seconds=1.0)
-QUICK_BUDGET = Budget(warmup_runs=2, min_runs=5, max_runs=50, seconds=0.12)
+QUICK_BUDGET = Budget(warmup_runs=2, min_runs=7, max_runs=100, seconds=0.25)
 COPY_BUDGET = Budget(warmup_runs=2, min_runs=20, max_runs=40, seconds=0.5)  # ~15-30 ms per copy here
 
 
@@ -220,7 +220,8 @@ def on_backend(backend: str, fn: Callable[[], object]) -> Callable[[], object]:
 def make_step(forward: Callable[[], Outputs], mode: str) -> Callable[[], object]:
     """One run of `mode`; returns what it produced so the caller frees it after the clock stops.
 
-    backward re-runs autograd over one graph built here (retain_graph), with a fixed output grad.
+    backward re-runs autograd over one graph built here (retain_graph). The output grads are fixed:
+    contiguous, seeded, so every side of a case gets the same values in the same layout.
     """
     if mode == "forward":
         return forward
@@ -370,7 +371,7 @@ def copy_bandwidth_gbps(device: torch.device) -> float:
 # ---- one case ------------------------------------------------------------------------------------
 
 def our_backends(device: torch.device) -> tuple[str, ...]:
-    """CPU: the native kernels. CUDA: native and, when installed, Triton, each forced, so both are on record."""
+    """CPU: the native kernels. CUDA: native and (when installed) Triton, each forced, both on record."""
     if device.type == "cuda" and pyfastpeft.backends()["triton"]["available"]:
         return ("native", "triton")
     return ("native",)
@@ -457,31 +458,36 @@ def format_table(family: str, results: Sequence[CaseResult], copy_gbps: float) -
 
 
 def result_stem(families: Sequence[str], metadata: dict) -> str:
-    """<family or all>-<device>-<date>: the file name of a run's JSON and PNG."""
+    """<family or all>-<device>-<date>[-quick]: the file name of a run's JSON and PNG (a quick run
+    does not overwrite the day's full one)."""
     scope = families[0] if len(families) == 1 else "all"
     device = re.sub(r"[^a-z0-9]+", "-", metadata["device"].lower()).strip("-")
-    return f"{scope}-{device}-{metadata['date'][:10]}"
+    return f"{scope}-{device}-{metadata['date'][:10]}" + ("-quick" if metadata["quick"] else "")
 
 
 def write_json(path: Path, metadata: dict, results: Sequence[CaseResult]) -> None:
-    path.write_text(json.dumps({"run": metadata, "cases": [asdict(result) for result in results]}, indent=2) + "\n")
+    document = {"run": metadata, "cases": [asdict(result) for result in results]}
+    path.write_text(json.dumps(document, indent=2) + "\n")
 
 
 def write_speedup_chart(path: Path, metadata: dict, results: Sequence[CaseResult]) -> None:
     """Horizontal bars: the speedup over the reference per case and backend (1.0 = parity)."""
     import matplotlib
+    import matplotlib.ticker
 
     matplotlib.use("Agg")
     from matplotlib import pyplot
 
-    bars = [(f"{r.family} {r.dtype} {r.mode}" + (f" [{b}]" if len(r.speedups) > 1 else ""), s, r.family)
-            for r in results for b, s in r.speedups.items()]
+    bars = [(f"{result.family} {result.dtype} {result.mode}" + (f" [{backend}]" if len(result.speedups) > 1 else ""),
+             speedup, result.family)
+            for result in results for backend, speedup in result.speedups.items()]
     families = list(dict.fromkeys(family for _, _, family in bars))
     colors = pyplot.get_cmap("tab10")
     figure, axes = pyplot.subplots(figsize=(8, 1.2 + 0.3 * len(bars)))
     positions = range(len(bars))
     # Log scale, bars drawn from parity: speedups grow right, slowdowns left.
     axes.set_xscale("log", base=2)
+    axes.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%gx"))
     axes.barh(positions, [speedup - 1.0 for _, speedup, _ in bars], left=1.0,
               color=[colors(families.index(family)) for _, _, family in bars])
     axes.set_yticks(list(positions), [label for label, _, _ in bars], fontsize=8)
