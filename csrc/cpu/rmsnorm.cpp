@@ -12,6 +12,7 @@
 #include "cpu/kernels.h"
 
 #include <stdexcept>
+#include <type_traits>
 #include <vector>
 
 namespace PFP_ISA {
@@ -36,6 +37,48 @@ void load_weight(const void* weight, int weight_dtype, double offset, int64_t n,
   for (int64_t i = 0; i < n; ++i) dst[i] = off + dst[i];
 }
 
+// One row: rstd and y from x; Tround is x's storage type (the casting modes round to it). The
+// pointers are either the tensors themselves or, for fp16, fp32 row buffers (below).
+template <typename Tround, typename C, typename Tsrc, typename Tdst>
+inline C normalize_row(const Tsrc* __restrict x, Tdst* __restrict y, const C* __restrict w, int64_t n, double eps,
+                       int mode) {
+  auto xv = [&](int64_t i) { return pfp::to_compute<C>(x[i]); };
+  const C sum_sq = pfp::lane_sum<C>(n, [&](int64_t i) { return xv(i) * xv(i); });
+  const C r = C(1) / std::sqrt(sum_sq / C(n) + C(eps));
+  if (mode == kLlama) {
+    for (int64_t i = 0; i < n; ++i) y[i] = pfp::from_compute<Tdst>(w[i] * pfp::round_to<Tround>(xv(i) * r));
+  } else if (mode == kGemma) {
+    for (int64_t i = 0; i < n; ++i) y[i] = pfp::from_compute<Tdst>(xv(i) * r * w[i]);
+  } else {
+    const C r_x = pfp::round_to<Tround>(r);
+    for (int64_t i = 0; i < n; ++i)
+      y[i] = pfp::from_compute<Tdst>(
+          pfp::round_to<Tround>(pfp::round_to<Tround>(xv(i) * r_x) * pfp::round_to<Tround>(w[i])));
+  }
+  return r;
+}
+
+// One row of the backward: dx from dy and x; dw (null: none) accumulates dy * xn.
+template <typename Tround, typename C, typename Tsrc, typename Tgrad, typename Tdst>
+inline void backward_row(const Tgrad* __restrict dy, const Tsrc* __restrict x, Tdst* __restrict dx,
+                         C* __restrict dw, const C* __restrict w, C r, int64_t n, int mode) {
+  auto xv = [&](int64_t i) { return pfp::to_compute<C>(x[i]); };
+  auto gv = [&](int64_t i) { return pfp::to_compute<C>(dy[i]); };
+  const C dot = pfp::lane_sum<C>(n, [&](int64_t i) { return gv(i) * w[i] * xv(i); });
+  const C coef = r * r * r * dot / C(n);
+  if (dw) {
+    if (mode == kGemma) {
+      for (int64_t i = 0; i < n; ++i) dw[i] += gv(i) * (xv(i) * r);
+    } else {
+      for (int64_t i = 0; i < n; ++i) dw[i] += gv(i) * pfp::round_to<Tround>(xv(i) * r);
+    }
+  }
+  for (int64_t i = 0; i < n; ++i) dx[i] = pfp::from_compute<Tdst>(r * gv(i) * w[i] - coef * xv(i));
+}
+
+// fp16 rows go through fp32 buffers: F16C conversions vectorize in load_row/store_row, not inline.
+template <typename T> constexpr bool kBuffered = std::is_same<T, half>::value;
+
 // x: [rows, n] of Tx, y: [rows, n] of Ty, rstd: [rows] of the compute type; all contiguous.
 template <typename Tx, typename Ty>
 void forward_impl(const Tx* x, const void* weight, int weight_dtype, Ty* y, void* rstd_out, int64_t rows,
@@ -46,23 +89,16 @@ void forward_impl(const Tx* x, const void* weight, int weight_dtype, Ty* y, void
   const C* wp = w.data();
   C* rstd = static_cast<C*>(rstd_out);
   pfp::parallel_for(rows, 3 * n, nthreads, [&](int64_t begin, int64_t end, int) {
-    std::vector<C> buf(n);
-    C* b = buf.data();
+    const int64_t buffered = kBuffered<Tx> ? n : 0;
+    std::vector<C> xs(buffered), ys(buffered);
     for (int64_t row = begin; row < end; ++row) {
-      pfp::load_row(x + row * n, b, n);
-      const C sum_sq = pfp::lane_sum<C>(n, [&](int64_t i) { return b[i] * b[i]; });
-      const C r = C(1) / std::sqrt(sum_sq / C(n) + C(eps));
-      rstd[row] = r;
-      if (mode == kLlama) {
-        for (int64_t i = 0; i < n; ++i) b[i] = wp[i] * pfp::round_to<Tx>(b[i] * r);
-      } else if (mode == kGemma) {
-        for (int64_t i = 0; i < n; ++i) b[i] = b[i] * r * wp[i];
+      if constexpr (kBuffered<Tx>) {
+        pfp::load_row(x + row * n, xs.data(), n);
+        rstd[row] = normalize_row<Tx>(xs.data(), ys.data(), wp, n, eps, mode);
+        pfp::store_row(ys.data(), y + row * n, n);
       } else {
-        const C r_x = pfp::round_to<Tx>(r);
-        for (int64_t i = 0; i < n; ++i)
-          b[i] = pfp::round_to<Tx>(pfp::round_to<Tx>(b[i] * r_x) * pfp::round_to<Tx>(wp[i]));
+        rstd[row] = normalize_row<Tx>(x + row * n, y + row * n, wp, n, eps, mode);
       }
-      pfp::store_row(b, y + row * n, n);
     }
   });
 }
@@ -80,25 +116,18 @@ void backward_impl(const Tdy* dy, const Tx* x, const void* weight, int weight_dt
   C* dw_all = static_cast<C*>(dw_partial);
   if (dw_all) std::memset(dw_all, 0, sizeof(C) * size_t(n) * size_t(nthreads < 1 ? 1 : nthreads));
   pfp::parallel_for(rows, 5 * n, nthreads, [&](int64_t begin, int64_t end, int tid) {
-    std::vector<C> xs(n), gs(n);
-    C* xb = xs.data();
-    C* g = gs.data();
+    const int64_t buffered = kBuffered<Tx> ? n : 0;
+    std::vector<C> xs(buffered), gs(buffered), dxs(buffered);
     C* dw = dw_all ? dw_all + int64_t(tid) * n : nullptr;
     for (int64_t row = begin; row < end; ++row) {
-      pfp::load_row(x + row * n, xb, n);
-      pfp::load_row(dy + row * n, g, n);
-      const C r = rstd[row];
-      const C dot = pfp::lane_sum<C>(n, [&](int64_t i) { return g[i] * wp[i] * xb[i]; });
-      const C coef = r * r * r * dot / C(n);
-      if (dw) {
-        if (mode == kGemma) {
-          for (int64_t i = 0; i < n; ++i) dw[i] += g[i] * (xb[i] * r);
-        } else {
-          for (int64_t i = 0; i < n; ++i) dw[i] += g[i] * pfp::round_to<Tx>(xb[i] * r);
-        }
+      if constexpr (kBuffered<Tx>) {
+        pfp::load_row(x + row * n, xs.data(), n);
+        pfp::load_row(dy + row * n, gs.data(), n);
+        backward_row<Tx>(gs.data(), xs.data(), dxs.data(), dw, wp, rstd[row], n, mode);
+        pfp::store_row(dxs.data(), dx + row * n, n);
+      } else {
+        backward_row<Tx>(dy + row * n, x + row * n, dx + row * n, dw, wp, rstd[row], n, mode);
       }
-      for (int64_t i = 0; i < n; ++i) g[i] = r * g[i] * wp[i] - coef * xb[i];
-      pfp::store_row(g, dx + row * n, n);
     }
   });
 }

@@ -1,4 +1,4 @@
-// Rotary position embedding (RoPE) on the CPU: q and k rows in one parallel pass, in memory order.
+// Rotary position embedding (RoPE) on the CPU: q and k in one parallel pass over blocks of positions.
 //
 // One head row x[0:D] with cos/sin rows c, s of width R (R <= D, even): channels [0, R) rotate,
 // [R, D) pass through. With h = R/2 (HF rotate_half layout):
@@ -11,6 +11,7 @@
 #include "cpu/kernels.h"
 
 #include <stdexcept>
+#include <type_traits>
 #include <vector>
 
 namespace PFP_ISA {
@@ -19,16 +20,30 @@ namespace {
 using pfp::bf16;
 using pfp::half;
 
-// One tensor's rows in memory order: positions innermost when they are adjacent in memory
-// ([B, H, S, D] contiguous), heads innermost when HF hands a transposed view of [B, S, H, D].
-struct RowOrder {
-  int64_t heads, seq;
-  bool seq_inner;
-  void decompose(int64_t row, int64_t& b, int64_t& h, int64_t& s) const {
-    if (seq_inner) { b = row / (heads * seq); h = (row / seq) % heads; s = row % seq; }
-    else { b = row / (seq * heads); s = (row / heads) % seq; h = row % heads; }
+// Positions per work item: their cos/sin rows are converted once and reused by every head.
+constexpr int64_t kPositionBlock = 64;
+
+// y = x*c + x[partner]*p over one head row of storage type T (p built per position from sin and the
+// direction); channels [rot_dim, head_dim) copied. Loads, math and stores in one vectorized pass.
+template <typename T, typename C>
+inline void rotate_row(const T* __restrict x, T* __restrict y, const C* __restrict c, const C* __restrict p,
+                       int64_t head_dim, int64_t rot_dim, bool interleaved) {
+  const int64_t half_rot = rot_dim / 2;
+  if (interleaved) {
+    for (int64_t j = 0; j < half_rot; ++j) {
+      const C x0 = pfp::to_compute<C>(x[2 * j]), x1 = pfp::to_compute<C>(x[2 * j + 1]);
+      y[2 * j] = pfp::from_compute<T>(x0 * c[2 * j] + x1 * p[2 * j]);
+      y[2 * j + 1] = pfp::from_compute<T>(x1 * c[2 * j + 1] + x0 * p[2 * j + 1]);
+    }
+  } else {
+    for (int64_t i = 0; i < half_rot; ++i) {
+      const C x0 = pfp::to_compute<C>(x[i]), x1 = pfp::to_compute<C>(x[i + half_rot]);
+      y[i] = pfp::from_compute<T>(x0 * c[i] + x1 * p[i]);
+      y[i + half_rot] = pfp::from_compute<T>(x1 * c[i + half_rot] + x0 * p[i + half_rot]);
+    }
   }
-};
+  for (int64_t i = rot_dim; i < head_dim; ++i) y[i] = x[i];
+}
 
 template <typename T>
 void rope_impl(const T* q, const T* k, T* q_out, T* k_out, const T* cos, const T* sin, const int64_t* qs,
@@ -37,29 +52,28 @@ void rope_impl(const T* q, const T* k, T* q_out, T* k_out, const T* cos, const T
                int64_t head_dim, int64_t rot_dim, bool interleaved, bool backward, int nthreads) {
   using C = typename pfp::Compute<T>::type;
   const int64_t half_rot = rot_dim / 2;
-  const int64_t q_rows = batch * q_heads * seq, k_rows = batch * k_heads * seq;
-  const RowOrder q_order{q_heads, seq, qs[2] < qs[1]}, k_order{k_heads, seq, ks[2] < ks[1]};
-  // q rows then k rows, one parallel pass over both.
-  pfp::parallel_for(q_rows + k_rows, head_dim * 2, nthreads, [&](int64_t begin, int64_t end, int) {
-    std::vector<C> cbuf(rot_dim), sbuf(rot_dim), pbuf(rot_dim), xbuf(head_dim), ybuf(head_dim);
-    C* c = cbuf.data();
+  const int64_t blocks_per_batch = (seq + kPositionBlock - 1) / kPositionBlock;
+  // Work item: kPositionBlock positions of one batch entry, all q heads then all k heads.
+  pfp::parallel_for(batch * blocks_per_batch, (q_heads + k_heads) * head_dim * kPositionBlock * 2, nthreads,
+                    [&](int64_t begin, int64_t end, int) {
+    std::vector<C> cbuf(kPositionBlock * rot_dim), pbuf(kPositionBlock * rot_dim), sbuf(rot_dim),
+        xbuf(head_dim), ybuf(head_dim);
     C* sn = sbuf.data();
-    C* p = pbuf.data();
     C* xb = xbuf.data();
     C* yb = ybuf.data();
-    int64_t table_b = -1, table_s = -1;  // the (batch, position) whose cos/sin rows are loaded
-    for (int64_t row = begin; row < end; ++row) {
-      const bool is_q = row < q_rows;
-      int64_t b, h, s_pos;
-      (is_q ? q_order : k_order).decompose(is_q ? row : row - q_rows, b, h, s_pos);
-      if (b != table_b || s_pos != table_s) {
-        const int64_t cs_off = b * cos_batch_stride + s_pos * cos_seq_stride;
+    for (int64_t item = begin; item < end; ++item) {
+      const int64_t b = item / blocks_per_batch, s0 = (item % blocks_per_batch) * kPositionBlock;
+      const int64_t positions = seq - s0 < kPositionBlock ? seq - s0 : kPositionBlock;
+      for (int64_t j = 0; j < positions; ++j) {
+        const int64_t cs_off = b * cos_batch_stride + (s0 + j) * cos_seq_stride;
+        C* c = cbuf.data() + j * rot_dim;
+        C* p = pbuf.data() + j * rot_dim;
         pfp::load_row(cos + cs_off, c, rot_dim);
         pfp::load_row(sin + cs_off, sn, rot_dim);
         if (interleaved) {
-          for (int64_t j = 0; j < half_rot; ++j) {
-            p[2 * j] = backward ? sn[2 * j + 1] : -sn[2 * j];
-            p[2 * j + 1] = backward ? -sn[2 * j] : sn[2 * j + 1];
+          for (int64_t i = 0; i < half_rot; ++i) {
+            p[2 * i] = backward ? sn[2 * i + 1] : -sn[2 * i];
+            p[2 * i + 1] = backward ? -sn[2 * i] : sn[2 * i + 1];
           }
         } else {
           for (int64_t i = 0; i < half_rot; ++i) {
@@ -67,24 +81,33 @@ void rope_impl(const T* q, const T* k, T* q_out, T* k_out, const T* cos, const T
             p[i + half_rot] = backward ? -sn[i] : sn[i + half_rot];
           }
         }
-        table_b = b;
-        table_s = s_pos;
       }
-      const int64_t* xs = is_q ? qs : ks;
-      const int64_t* os = is_q ? qos : kos;
-      pfp::load_row((is_q ? q : k) + b * xs[0] + h * xs[1] + s_pos * xs[2], xb, head_dim);
-      if (interleaved) {
-        for (int64_t j = 0; j < half_rot; ++j) {
-          yb[2 * j] = xb[2 * j] * c[2 * j] + xb[2 * j + 1] * p[2 * j];
-          yb[2 * j + 1] = xb[2 * j + 1] * c[2 * j + 1] + xb[2 * j] * p[2 * j + 1];
+      // Rows in memory order: positions innermost for [B, H, S, D] layouts, heads innermost for
+      // HF's transposed views of [B, S, H, D].
+      auto rotate_tensor = [&](const T* x, T* out, const int64_t* xs, const int64_t* os, int64_t heads) {
+        auto one = [&](int64_t h, int64_t j) {
+          const T* src = x + b * xs[0] + h * xs[1] + (s0 + j) * xs[2];
+          T* dst = out + b * os[0] + h * os[1] + (s0 + j) * os[2];
+          const C* c = cbuf.data() + j * rot_dim;
+          const C* p = pbuf.data() + j * rot_dim;
+          if constexpr (std::is_same<T, half>::value) {  // F16C conversions vectorize in load/store_row only
+            pfp::load_row(src, xb, head_dim);
+            rotate_row(xb, yb, c, p, head_dim, rot_dim, interleaved);
+            pfp::store_row(yb, dst, head_dim);
+          } else {
+            rotate_row(src, dst, c, p, head_dim, rot_dim, interleaved);
+          }
+        };
+        if (xs[2] < xs[1]) {
+          for (int64_t h = 0; h < heads; ++h)
+            for (int64_t j = 0; j < positions; ++j) one(h, j);
+        } else {
+          for (int64_t j = 0; j < positions; ++j)
+            for (int64_t h = 0; h < heads; ++h) one(h, j);
         }
-      } else {
-        for (int64_t i = 0; i < half_rot; ++i) yb[i] = xb[i] * c[i] + xb[i + half_rot] * p[i];
-        for (int64_t i = 0; i < half_rot; ++i)
-          yb[i + half_rot] = xb[i + half_rot] * c[i + half_rot] + xb[i] * p[i + half_rot];
-      }
-      for (int64_t i = rot_dim; i < head_dim; ++i) yb[i] = xb[i];
-      pfp::store_row(yb, (is_q ? q_out : k_out) + b * os[0] + h * os[1] + s_pos * os[2], head_dim);
+      };
+      rotate_tensor(q, q_out, qs, qos, q_heads);
+      rotate_tensor(k, k_out, ks, kos, k_heads);
     }
   });
 }
