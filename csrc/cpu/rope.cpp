@@ -10,6 +10,7 @@
 #include "cpu/common.h"
 #include "cpu/kernels.h"
 
+#include <algorithm>
 #include <stdexcept>
 #include <type_traits>
 #include <vector>
@@ -20,8 +21,10 @@ namespace {
 using pfp::bf16;
 using pfp::half;
 
-// Positions per work item: their cos/sin rows are converted once and reused by every head.
-constexpr int64_t kPositionBlock = 64;
+// Positions per work item, between these bounds: their cos/sin rows are converted once for every
+// head, and in a [B, H, S, D] layout each head's rows for the item are one contiguous run, while
+// enough items remain to share among the threads.
+constexpr int64_t kMinPositionBlock = 16, kMaxPositionBlock = 256;
 
 // y = x*c + x[partner]*p over one head row of storage type T (p built per position from sin and the
 // direction); channels [rot_dim, head_dim) copied. Loads, math and stores in one vectorized pass.
@@ -52,18 +55,19 @@ void rope_impl(const T* q, const T* k, T* q_out, T* k_out, const T* cos, const T
                int64_t head_dim, int64_t rot_dim, bool interleaved, bool backward, int nthreads) {
   using C = typename pfp::Compute<T>::type;
   const int64_t half_rot = rot_dim / 2;
-  const int64_t blocks_per_batch = (seq + kPositionBlock - 1) / kPositionBlock;
-  // Work item: kPositionBlock positions of one batch entry, all q heads then all k heads.
-  pfp::parallel_for(batch * blocks_per_batch, (q_heads + k_heads) * head_dim * kPositionBlock * 2, nthreads,
+  const int64_t per_thread = batch * seq / (4 * int64_t(nthreads < 1 ? 1 : nthreads));
+  const int64_t block = std::min(std::max(per_thread, kMinPositionBlock), kMaxPositionBlock);
+  const int64_t blocks_per_batch = (seq + block - 1) / block;
+  // Work item: `block` positions of one batch entry, all q heads then all k heads.
+  pfp::parallel_for(batch * blocks_per_batch, (q_heads + k_heads) * head_dim * block * 2, nthreads,
                     [&](int64_t begin, int64_t end, int) {
-    std::vector<C> cbuf(kPositionBlock * rot_dim), pbuf(kPositionBlock * rot_dim), sbuf(rot_dim),
-        xbuf(head_dim), ybuf(head_dim);
+    std::vector<C> cbuf(block * rot_dim), pbuf(block * rot_dim), sbuf(rot_dim), xbuf(head_dim), ybuf(head_dim);
     C* sn = sbuf.data();
     C* xb = xbuf.data();
     C* yb = ybuf.data();
     for (int64_t item = begin; item < end; ++item) {
-      const int64_t b = item / blocks_per_batch, s0 = (item % blocks_per_batch) * kPositionBlock;
-      const int64_t positions = seq - s0 < kPositionBlock ? seq - s0 : kPositionBlock;
+      const int64_t b = item / blocks_per_batch, s0 = (item % blocks_per_batch) * block;
+      const int64_t positions = std::min(seq - s0, block);
       for (int64_t j = 0; j < positions; ++j) {
         const int64_t cs_off = b * cos_batch_stride + (s0 + j) * cos_seq_stride;
         C* c = cbuf.data() + j * rot_dim;
