@@ -108,7 +108,7 @@ def extensions():
 
 setup(
     packages=["pyfastpeft", "pyfastpeft.ops", "pyfastpeft.reference", "pyfastpeft.nn",
-              "pyfastpeft.integrations", "pyfastpeft.bench", "pyfastpeft.triton_kernels"],
+              "pyfastpeft.integrations", "pyfastpeft.bench", "pyfastpeft.quant", "pyfastpeft.triton_kernels"],
     package_dir={"pyfastpeft": "pyfastpeft", "pyfastpeft.triton_kernels": "triton_kernels"},
     ext_modules=extensions(),
     cmdclass={"build_ext": CMakeBuild},

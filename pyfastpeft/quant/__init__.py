@@ -1,0 +1,4 @@
+"""Storage formats: NF4/FP4 QuantState, byte-compatible with bitsandbytes."""
+from pyfastpeft.quant.nf4 import DYNAMIC_MAP, FP4_CODE, NF4_CODE, QuantState, dequantize_nf4, quantize_nf4
+
+__all__ = ["QuantState", "quantize_nf4", "dequantize_nf4", "NF4_CODE", "FP4_CODE", "DYNAMIC_MAP"]
