@@ -65,6 +65,26 @@ void rope(uintptr_t q, uintptr_t k, uintptr_t q_out, uintptr_t k_out, uintptr_t 
                backward, nthreads);
 }
 
+void nf4_quantize(uintptr_t w, int w_dtype, uintptr_t packed, uintptr_t absmax, int64_t numel, int64_t blocksize,
+                  uintptr_t code, int nthreads) {
+  PFP_CALL_ISA(nf4_quantize, ptr<const void>(w), w_dtype, ptr<uint8_t>(packed), ptr<float>(absmax), numel, blocksize,
+               ptr<const float>(code), nthreads);
+}
+
+void nf4_dequantize(uintptr_t packed, uintptr_t absmax, uintptr_t code, uintptr_t out, int out_dtype, int64_t start,
+                    int64_t count, int64_t blocksize, int nthreads) {
+  PFP_CALL_ISA(nf4_dequantize, ptr<const uint8_t>(packed), ptr<const float>(absmax), ptr<const float>(code),
+               ptr<void>(out), out_dtype, start, count, blocksize, nthreads);
+}
+
+// bias == 0: no bias (bias_dtype is then ignored).
+void nf4_gemv(uintptr_t x, int x_dtype, uintptr_t packed, uintptr_t absmax, uintptr_t code, uintptr_t bias,
+              int bias_dtype, uintptr_t out, int64_t m, int64_t n, int64_t k, int64_t blocksize, int nthreads) {
+  PFP_CALL_ISA(nf4_gemv, ptr<const void>(x), x_dtype, ptr<const uint8_t>(packed), ptr<const float>(absmax),
+               ptr<const float>(code), ptr<const void>(bias), bias_dtype, ptr<void>(out), m, n, k, blocksize,
+               nthreads);
+}
+
 // Ask the kernel to back [address, address + nbytes) with 2 MiB pages, before its first touch.
 // Fresh large tensors come straight from mmap, and with 4 KiB pages their first-touch page faults
 // cost several times the kernel that fills them (about 15 ms for 64 MiB, against 3 ms here).
@@ -90,6 +110,9 @@ PYBIND11_MODULE(_C, m) {
   m.def("swiglu_forward", &swiglu_forward, release);
   m.def("swiglu_backward", &swiglu_backward, release);
   m.def("rope", &rope, release);
+  m.def("nf4_quantize", &nf4_quantize, release);
+  m.def("nf4_dequantize", &nf4_dequantize, release);
+  m.def("nf4_gemv", &nf4_gemv, release);
   m.def("advise_huge_pages", &advise_huge_pages, py::arg("address"), py::arg("nbytes"));
 
   m.def("best_isa", [] { return std::string(pfp::isa_name(pfp::best_isa())); },

@@ -8,10 +8,11 @@
 """
 import torch  # noqa: F401  (before the native modules: they reuse torch's OpenMP runtime)
 
-from pyfastpeft import functional, nn, ops  # noqa: F401
+from pyfastpeft import functional, nn, ops, quant  # noqa: F401
 from pyfastpeft.backend import backends, current_backend, use_backend
+from pyfastpeft.integrations.quantize import QuantizeReport, quantize_model
 from pyfastpeft.integrations.transformers import PatchReport, patch_model, unpatch_model
 
 __version__ = "0.1.0"
-__all__ = ["backends", "current_backend", "use_backend", "functional", "nn", "patch_model", "unpatch_model",
-           "PatchReport"]
+__all__ = ["backends", "current_backend", "use_backend", "functional", "nn", "quant", "patch_model",
+           "unpatch_model", "PatchReport", "quantize_model", "QuantizeReport"]

@@ -22,8 +22,9 @@ from pyfastpeft import _native
 BACKENDS = ("auto", "reference", "native", "triton")
 
 # Faster backend per op family on CUDA. Until GPU measurements are committed under bench/results/,
-# native CUDA kernels are the default (they launch without Triton's JIT and Python overhead).
-CUDA_PREFERENCE = {"rmsnorm": "native", "swiglu": "native", "rope": "native"}
+# native CUDA kernels are the default (they launch without Triton's JIT and Python overhead); NF4 has
+# no GPU kernels yet and runs its reference (dequantize, then torch's GEMM).
+CUDA_PREFERENCE = {"rmsnorm": "native", "swiglu": "native", "rope": "native", "nf4": "reference"}
 
 
 def _default_backend() -> str:
@@ -102,6 +103,8 @@ def choose(family: str, device: torch.device) -> str:
             wanted = CUDA_PREFERENCE.get(family, "native")
             if wanted == "native" and _native.cuda is None:
                 wanted = "triton"
+        if wanted == "reference":
+            return "reference"
         if wanted == "native":
             if _native.cuda is None:
                 _native.warn_fallback("pyfastpeft._cuda", _native.cuda_error or "not built")

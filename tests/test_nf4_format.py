@@ -6,7 +6,8 @@ import torch
 
 from helpers import DTYPES
 from pyfastpeft.quant import DYNAMIC_MAP, FP4_CODE, NF4_CODE, QuantState, dequantize_nf4, quantize_nf4
-from pyfastpeft.quant.nf4 import BLOCKSIZES, _nearest_code
+from pyfastpeft.quant.nf4 import BLOCKSIZES
+from pyfastpeft.reference.nf4 import nearest_code
 
 
 def _bitsandbytes():
@@ -169,8 +170,8 @@ def test_value_on_a_midpoint_takes_the_lower_code(quant_type):
 def test_nested_value_on_a_midpoint_takes_the_lower_code():
     midpoints = (DYNAMIC_MAP[:-1] + DYNAMIC_MAP[1:]) / 2
     above = torch.nextafter(midpoints, torch.tensor(float("inf")))
-    assert torch.equal(_nearest_code(midpoints, "dynamic").long(), torch.arange(255))
-    assert torch.equal(_nearest_code(above, "dynamic").long(), torch.arange(1, 256))
+    assert torch.equal(nearest_code(midpoints, DYNAMIC_MAP).long(), torch.arange(255))
+    assert torch.equal(nearest_code(above, DYNAMIC_MAP).long(), torch.arange(1, 256))
     if bnb is not None:
         one = torch.ones(1)
         x = torch.cat([one, midpoints, one, above])  # two blocks of 256 with absmax 1: scale 1.0

@@ -1,31 +1,6 @@
-"""NF4 / FP4 storage format, byte-compatible with bitsandbytes: the reference and the fallback.
-
-A weight w of any shape, n = w.numel(), is cut into blocks of `blocksize` consecutive elements of
-w.reshape(-1) (row-major, so a block may span rows; the last block holds n % blocksize elements when
-that is not 0):
-    absmax[b] = max |x| over block b                                   fp32 [ceil(n / blocksize)]
-    q[i]      = index of the code nearest x[i] / absmax[b]             4 bits
-    packed[j] = q[2j] << 4 | q[2j+1]                                   uint8 [(n + 1) // 2, 1]
-    w_hat[i]  = code[q[i]] * absmax[b]   in fp32, then cast to w's dtype
-Nested ("double") quantization of absmax, bitsandbytes' compress_statistics:
-    offset = absmax.mean();  absmax - offset is quantized in blocks of 256 with the signed 8-bit
-    dynamic map, the same way (absmax2 per block, nearest of 256 codes);  absmax becomes the uint8
-    codes and  absmax[i] = DYNAMIC_MAP[code[i]] * absmax2[i // 256] + offset.
-
-The rounding rules, each as bitsandbytes 0.50.2 does it on CPU (quantize_4bit and quantize_blockwise in
-bitsandbytes/backends/default/ops.py; its CPU backend registers no 4-bit quantizer of its own):
-  - scale: a full block is x * (1.0 / max(absmax, 1e-38)), the partial last block x / max(absmax, 1e-38)
-    (bnb divides there), both clamped to [-1, 1]. The partial block's stored absmax is the clamped one,
-    so an all-zero partial block stores float32(1e-38); an all-zero full block stores 0. Either way it
-    dequantizes to zeros.
-  - index: the number of fp32 midpoints (c[k] + c[k+1]) / 2 of the sorted codes that x is strictly
-    above (torch.bucketize, right=False): a value exactly on a midpoint takes the lower code, as the
-    CUDA kernel's `x > midpoint` decision tree (dQuantizeNF4) does.
-  - odd n: the missing last element quantizes as 0.0 (bnb pads the scaled values with a zero), so the
-    last low nibble is 7 for NF4 and 0 for FP4.
-  - NaN / inf are quantized as bnb does, not rejected: a NaN makes its block's absmax NaN and an inf
-    makes it inf, so the whole block dequantizes to NaN (or inf), visibly; other blocks are untouched.
-    Rejecting them would cost a device-to-host sync per weight on GPU and break byte equality.
+"""NF4 / FP4 storage, byte-compatible with bitsandbytes: QuantState (its fields and state-dict entries)
+and the public quantize_nf4 / dequantize_nf4. The format and bitsandbytes' rounding rules are written
+out in pyfastpeft/reference/nf4.py; the kernels run through the pyfastpeft::nf4_* ops.
 """
 from __future__ import annotations
 
@@ -35,90 +10,14 @@ import math
 
 import torch
 
+from pyfastpeft.reference.nf4 import (DYNAMIC_MAP, FP4_CODE, NESTED_BLOCKSIZE, NF4_CODE, QUANT_TABLES,
+                                      blockwise_scale, quantize_blockwise_8bit)
+
+__all__ = ["QuantState", "quantize_nf4", "dequantize_nf4", "NF4_CODE", "FP4_CODE", "DYNAMIC_MAP", "BLOCKSIZES"]
+
 BLOCKSIZES = (32, 64, 128, 256, 512, 1024, 2048, 4096)
 QUANT_TYPES = ("nf4", "fp4")
-NESTED_BLOCKSIZE = 256
 FLOAT_DTYPES = (torch.float32, torch.bfloat16, torch.float16, torch.float64)
-
-# bitsandbytes' get_4bit_type("nf4"): quantiles of N(0, 1) scaled to [-1, 1], sorted.
-NF4_CODE = torch.tensor([
-    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
-    -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
-    0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
-    0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
-], dtype=torch.float32)
-
-# bitsandbytes' get_4bit_type("fp4"): 1 sign, 2 exponent, 1 mantissa bit, in bit-pattern order, / 12.
-# Index 8 is the "negative zero" pattern, stored as +0.0 as bnb does (its table writes the int -0).
-FP4_CODE = torch.tensor([0.0, 0.0625, 8.0, 12.0, 4.0, 6.0, 2.0, 3.0,
-                         0.0, -0.0625, -8.0, -12.0, -4.0, -6.0, -2.0, -3.0], dtype=torch.float32) / 12.0
-
-
-def _signed_dynamic_map() -> torch.Tensor:
-    """bitsandbytes' create_dynamic_map(signed=True): 256 sorted fp32 values in [-0.99297, 1].
-
-    Decade d = 0..6 holds 2**d values  10**(d - 6) * (midpoints of linspace(0.1, 1, 2**d + 1)), and
-    their negatives; then 0 and 1.
-    """
-    values = [0.0, 1.0]
-    for decade in range(7):
-        bounds = torch.linspace(0.1, 1, 2**decade + 1, dtype=torch.float32)
-        means = (bounds[:-1] + bounds[1:]) / 2.0
-        values += ((10 ** (decade - 6)) * means).tolist() + ((-(10 ** (decade - 6))) * means).tolist()
-    return torch.tensor(sorted(values), dtype=torch.float32)
-
-
-DYNAMIC_MAP = _signed_dynamic_map()
-
-_CODES = {"nf4": NF4_CODE, "fp4": FP4_CODE, "dynamic": DYNAMIC_MAP}
-_tables_cache: dict[tuple[str, torch.device], tuple[torch.Tensor, torch.Tensor]] = {}
-
-
-def _search_tables(name: str, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(midpoints of the sorted code, sorted position -> code index), on `device`.
-
-    A stable sort keeps FP4's two zeros in index order (0 before 8), as bnb's argsort does, so a
-    value in (midpoint below 0, 0] takes index 0 and one in (0, midpoint above 0] takes index 8.
-    """
-    key = (name, device)
-    if key not in _tables_cache:
-        code = _CODES[name]
-        order = torch.argsort(code, stable=True)
-        midpoints = (code[order[:-1]] + code[order[1:]]) / 2
-        _tables_cache[key] = (midpoints.to(device), order.to(device=device, dtype=torch.int32))
-    return _tables_cache[key]
-
-
-def _blockwise_normalize(flat: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(scaled, absmax) of fp32 flat [n]: scaled[i] = clamp(x[i] / absmax[block], -1, 1), bnb's way."""
-    n = flat.numel()
-    full = n - n % blocksize
-    blocks = flat[:full].view(-1, blocksize)
-    absmax = blocks.abs().amax(dim=1)
-    scaled = (blocks * (1.0 / absmax.clamp(min=1e-38)).unsqueeze(1)).clamp_(-1, 1).view(-1)
-    if full < n:
-        tail = flat[full:]
-        tail_absmax = tail.abs().amax().clamp(min=1e-38)
-        absmax = torch.cat([absmax, tail_absmax.view(1)])
-        scaled = torch.cat([scaled, (tail / tail_absmax).clamp_(-1, 1)])
-    return scaled, absmax
-
-
-def _nearest_code(scaled: torch.Tensor, name: str) -> torch.Tensor:
-    """int32 index into _CODES[name] of the code nearest each value; ties go to the lower code."""
-    midpoints, order = _search_tables(name, scaled.device)
-    position = torch.bucketize(scaled, midpoints, out_int32=True)
-    return position if name != "fp4" else order[position]
-
-
-def _blockwise_scale(values: torch.Tensor, absmax: torch.Tensor, blocksize: int) -> torch.Tensor:
-    """values[i] * absmax[i // blocksize] for fp32 values [n]."""
-    n = values.numel()
-    full = n - n % blocksize
-    head = (values[:full].view(-1, blocksize) * absmax[: full // blocksize].unsqueeze(1)).view(-1)
-    if full == n:
-        return head
-    return torch.cat([head, values[full:] * absmax[full // blocksize]])
 
 
 def _dtype_name(dtype: torch.dtype) -> str:
@@ -163,7 +62,7 @@ class QuantState:
             raise ValueError(f"QuantState: state2.absmax has {state2.absmax.numel()} elements, "
                              f"{self.absmax.numel()} codes in blocks of {state2.blocksize} need {expected}")
         values = state2.code[self.absmax.view(-1).int()]
-        return _blockwise_scale(values, state2.absmax.float(), state2.blocksize) + self.offset
+        return blockwise_scale(values, state2.absmax.float(), state2.blocksize) + self.offset
 
     def as_dict(self, packed: bool = False) -> dict:
         """bnb's QuantState.as_dict: the state-dict entries of a Linear4bit weight, without "weight.".
@@ -274,20 +173,16 @@ def quantize_nf4(w: torch.Tensor, blocksize: int = 64, double_quant: bool = Fals
     if not isinstance(double_quant, bool):
         raise TypeError(f"quantize_nf4: double_quant must be a bool, got {type(double_quant).__name__}")
 
-    scaled, absmax = _blockwise_normalize(w.reshape(-1).float(), blocksize)
-    if scaled.numel() % 2:
-        scaled = torch.nn.functional.pad(scaled, (0, 1))
-    pairs = _nearest_code(scaled, quant_type).to(torch.uint8).view(-1, 2)
-    packed = ((pairs[:, 0] << 4) | pairs[:, 1]).unsqueeze(1)
+    from pyfastpeft.ops import nf4 as nf4_ops
 
-    code = _CODES[quant_type].to(w.device, copy=True)
+    code = QUANT_TABLES[quant_type].to(w.device, copy=True)
+    packed, absmax = nf4_ops.nf4_quantize(w.reshape(-1), code, blocksize)
     if not double_quant:
         return packed, QuantState(absmax=absmax, shape=w.shape, code=code, blocksize=blocksize,
                                   quant_type=quant_type, dtype=w.dtype)
     # An empty weight has no absmax to average; 0 keeps the state finite (bnb would store NaN).
     offset = absmax.mean() if absmax.numel() else absmax.new_zeros(())
-    scaled2, absmax2 = _blockwise_normalize(absmax - offset, NESTED_BLOCKSIZE)
-    codes = _nearest_code(scaled2, "dynamic").to(torch.uint8)
+    codes, absmax2 = quantize_blockwise_8bit(absmax - offset, NESTED_BLOCKSIZE)
     state2 = QuantState(absmax=absmax2, code=DYNAMIC_MAP.to(w.device, copy=True),
                         blocksize=NESTED_BLOCKSIZE, dtype=torch.float32)
     return packed, QuantState(absmax=codes, shape=w.shape, code=code, blocksize=blocksize,
@@ -316,6 +211,8 @@ def dequantize_nf4(packed: torch.Tensor, state: QuantState) -> torch.Tensor:
     if packed.device != state.absmax.device:
         raise ValueError(f"dequantize_nf4: packed is on {packed.device}, state.absmax on {state.absmax.device}")
 
-    nibbles = torch.stack([packed.view(-1) >> 4, packed.view(-1) & 0xF], dim=1).view(-1)[:n]
-    values = state.code.to(device=packed.device, dtype=torch.float32)[nibbles.int()]
-    return _blockwise_scale(values, state.dequantized_absmax(), state.blocksize).to(state.dtype).view(state.shape)
+    from pyfastpeft.ops import nf4 as nf4_ops
+
+    flat = nf4_ops.nf4_dequantize(packed.reshape(-1), state.dequantized_absmax(), state.code.float(),
+                                  state.blocksize, n, state.dtype)
+    return flat.view(state.shape)

@@ -1,0 +1,422 @@
+// NF4 / FP4 (QLoRA 4-bit) on the CPU: blockwise quantization, dequantization, fused dequant-GEMV.
+//
+// Format (bitsandbytes'; pyfastpeft/reference/nf4.py is the oracle): W flattened row-major, n elements,
+// blocks of `blocksize` consecutive elements (a block may span rows; the last one may be partial):
+//   absmax[b] = max |w| over block b                                  fp32 [ceil(n / blocksize)]
+//   q[i]      = index of the code nearest w[i] / absmax[b]            4 bits, code = fp32 table [16]
+//   packed[j] = q[2j] << 4 | q[2j+1]                                  uint8 [(n + 1) / 2]
+//   w_hat[i]  = code[q[i]] * absmax[i / blocksize]                    fp32, rounded once to the output
+// Quantization rounds exactly as bitsandbytes' pure-PyTorch backend:
+//   full block:    s = w * (1 / max(absmax, 1e-38));  partial last block: s = w / max(absmax, 1e-38),
+//                  and the partial block stores the clamped absmax;  then s = clamp(s, -1, 1)
+//   nearest code:  position p = #{sorted midpoints m_k : !(m_k >= s)} (torch.bucketize, right=False: a
+//                  tie takes the lower code, NaN counts above every midpoint), q = sorted order[p]
+//   odd n:         the missing last element quantizes as 0.0.
+// GEMV: out[r, j] = sum_c x[r, c] * w_hat[j*k + c] (+ bias[j]), fp32 sums (fp64 for fp64 x), W never
+// materialized. General path: each W row is decoded into an L1 buffer, then dotted with the m rows of x.
+// AVX-512 fast path (every row holds whole blocks and 128-weight spans): 16 nibbles become 16 codes by
+// one permute of the code table, and a span sums code * x per lane before scaling by the lane's absmax,
+// (code * x) * absmax instead of (code * absmax) * x: the same sum up to one rounding per term.
+#include "cpu/common.h"
+#include "cpu/kernels.h"
+
+#include <memory>
+#include <stdexcept>
+#include <type_traits>
+#include <utility>
+#include <vector>
+
+#if defined(__AVX2__)
+#include <immintrin.h>
+#endif
+
+namespace PFP_ISA {
+namespace {
+
+using pfp::bf16;
+using pfp::half;
+
+constexpr int kCodes = 16;
+
+// The nearest-code search over the code table sorted ascending (a stable sort: FP4's two zeros keep
+// index order, 0 before 8, as bitsandbytes' argsort does). Passing midpoint p of sorted neighbours p and
+// p + 1 moves from code index order[p] to order[p + 1], so the index is order[0] plus the steps of the
+// midpoints passed: a sum of selects, which vectorizes where a lookup in `order` would not.
+struct SearchTable {
+  float midpoints[kCodes - 1];
+  int32_t steps[kCodes - 1];
+  int32_t lowest;
+};
+
+SearchTable make_search_table(const float* code) {
+  int order[kCodes];
+  for (int i = 0; i < kCodes; ++i) {
+    int p = i;
+    for (; p > 0 && code[i] < code[order[p - 1]]; --p) order[p] = order[p - 1];
+    order[p] = i;
+  }
+  SearchTable table;
+  for (int p = 0; p + 1 < kCodes; ++p) {
+    table.midpoints[p] = (code[order[p]] + code[order[p + 1]]) / 2.0f;
+    table.steps[p] = order[p + 1] - order[p];
+  }
+  table.lowest = order[0];
+  return table;
+}
+
+inline int32_t nearest_code(float scaled, const SearchTable& table) {
+  int32_t index = table.lowest;
+  for (int p = 0; p + 1 < kCodes; ++p) index += !(table.midpoints[p] >= scaled) ? table.steps[p] : 0;
+  return index;
+}
+
+// max |v[i]|, NaN if any v[i] is NaN (torch's amax); the max and the NaN test run in 16 lanes, branch-free,
+// so both vectorize.
+inline float block_absmax(const float* v, int64_t n) {
+  float lanes[16] = {};
+  int32_t nan_seen[16] = {};
+  auto take = [&](int j, float value) {
+    const float a = std::fabs(value);
+    lanes[j] = a > lanes[j] ? a : lanes[j];
+    nan_seen[j] |= a != a;
+  };
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16)
+    for (int j = 0; j < 16; ++j) take(j, v[i + j]);
+  for (int j = 0; i < n; ++i, ++j) take(j, v[i]);
+  float result = 0.0f;
+  int32_t any_nan = 0;
+  for (int j = 0; j < 16; ++j) {
+    result = lanes[j] > result ? lanes[j] : result;
+    any_nan |= nan_seen[j];
+  }
+  return any_nan ? NAN : result;
+}
+
+constexpr int64_t kQuantizeStep = 4096;  // elements per step: whole blocks, at least one
+
+// w: [numel] of T; packed: [(numel + 1) / 2]; absmax: [ceil(numel / blocksize)]; blocksize even.
+template <typename T>
+void quantize_impl(const T* w, uint8_t* packed, float* absmax, int64_t numel, int64_t blocksize,
+                   const SearchTable& table, int nthreads) {
+  const int64_t nblocks = (numel + blocksize - 1) / blocksize;
+  const int64_t step_blocks = kQuantizeStep / blocksize > 1 ? kQuantizeStep / blocksize : 1;
+  const int64_t steps = (nblocks + step_blocks - 1) / step_blocks;
+  const uint8_t zero_code = uint8_t(nearest_code(0.0f, table));
+  pfp::parallel_for(steps, step_blocks * blocksize * 16, nthreads, [&](int64_t begin, int64_t end, int) {
+    const SearchTable search = table;  // a local copy: the uint8 stores below cannot alias it
+    std::vector<float> values(step_blocks * blocksize);
+    std::vector<uint8_t> codes(step_blocks * blocksize + 1);
+    for (int64_t step = begin; step < end; ++step) {
+      const int64_t first = step * step_blocks * blocksize;
+      const int64_t len = numel - first < step_blocks * blocksize ? numel - first : step_blocks * blocksize;
+      float* v = values.data();
+      pfp::load_row(w + first, v, len);
+      for (int64_t offset = 0; offset < len; offset += blocksize) {
+        float* block = v + offset;
+        const int64_t block_len = len - offset < blocksize ? len - offset : blocksize;
+        float amax = block_absmax(block, block_len);
+        const float divisor = amax < 1e-38f ? 1e-38f : amax;  // NaN stays NaN
+        if (block_len == blocksize) {
+          const float inverse = 1.0f / divisor;
+          for (int64_t i = 0; i < block_len; ++i) block[i] = block[i] * inverse;
+        } else {
+          amax = divisor;
+          for (int64_t i = 0; i < block_len; ++i) block[i] = block[i] / divisor;
+        }
+        absmax[(first + offset) / blocksize] = amax;
+      }
+      for (int64_t i = 0; i < len; ++i) {
+        const float s = v[i] < -1.0f ? -1.0f : (v[i] > 1.0f ? 1.0f : v[i]);
+        codes[i] = uint8_t(nearest_code(s, search));
+      }
+      codes[len] = zero_code;
+      uint8_t* out = packed + first / 2;
+      for (int64_t j = 0; j < (len + 1) / 2; ++j) out[j] = uint8_t(codes[2 * j] << 4 | codes[2 * j + 1]);
+    }
+  });
+}
+
+// dst[0 .. 2*nbytes) = table[nibbles of bytes[0 .. nbytes)], high nibble first.
+inline void decode_bytes(const uint8_t* __restrict bytes, int64_t nbytes, const float* __restrict table,
+                         float* __restrict dst) {
+  int64_t j = 0;
+#if defined(__AVX512F__)
+  // Each byte b zero-extended to a word, then (b >> 4) | (b << 8): its low byte is the high nibble,
+  // its high byte has the low nibble in its low 4 bits, the only bits vpermps reads.
+  const __m512 codes = _mm512_loadu_ps(table);
+  for (; j + 8 <= nbytes; j += 8) {
+    __m128i words = _mm_cvtepu8_epi16(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(bytes + j)));
+    __m128i nibbles = _mm_or_si128(_mm_srli_epi16(words, 4), _mm_slli_epi16(words, 8));
+    _mm512_storeu_ps(dst + 2 * j, _mm512_permutexvar_ps(_mm512_cvtepu8_epi32(nibbles), codes));
+  }
+#elif defined(__AVX2__)
+  // As above with 8 lanes: codes 0-7 and 8-15 in two registers, bit 3 of the index picks one.
+  const __m256 low_codes = _mm256_loadu_ps(table), high_codes = _mm256_loadu_ps(table + 8);
+  for (; j + 4 <= nbytes; j += 4) {
+    int32_t four;
+    std::memcpy(&four, bytes + j, 4);
+    __m128i words = _mm_cvtepu8_epi16(_mm_cvtsi32_si128(four));
+    __m128i nibbles = _mm_and_si128(_mm_or_si128(_mm_srli_epi16(words, 4), _mm_slli_epi16(words, 8)),
+                                    _mm_set1_epi8(15));
+    __m256i index = _mm256_cvtepu8_epi32(nibbles);
+    __m256 from_high = _mm256_castsi256_ps(_mm256_slli_epi32(index, 28));
+    _mm256_storeu_ps(dst + 2 * j, _mm256_blendv_ps(_mm256_permutevar8x32_ps(low_codes, index),
+                                                   _mm256_permutevar8x32_ps(high_codes, index), from_high));
+  }
+#endif
+  for (; j < nbytes; ++j) {
+    dst[2 * j] = table[bytes[j] >> 4];
+    dst[2 * j + 1] = table[bytes[j] & 15];
+  }
+}
+
+// dst[0 .. count) = w_hat[first .. first + count) in fp32.
+void decode_range(const uint8_t* packed, const float* absmax, const float* code, int64_t first, int64_t count,
+                  int64_t blocksize, float* dst) {
+  const int64_t end = first + count;
+  for (int64_t e = first; e < end;) {
+    const int64_t block = e / blocksize;
+    const int64_t stop = (block + 1) * blocksize < end ? (block + 1) * blocksize : end;
+    alignas(64) float table[kCodes];
+    for (int c = 0; c < kCodes; ++c) table[c] = code[c] * absmax[block];
+    if (e & 1) *dst++ = table[packed[e++ / 2] & 15];
+    const int64_t pairs = (stop - e) / 2;
+    decode_bytes(packed + e / 2, pairs, table, dst);
+    dst += 2 * pairs;
+    e += 2 * pairs;
+    if (e < stop) *dst++ = table[packed[e++ / 2] >> 4];
+  }
+}
+
+template <typename T> void store_fp32(const float* src, T* dst, int64_t n) { pfp::store_row(src, dst, n); }
+template <> void store_fp32<double>(const float* src, double* dst, int64_t n) {
+  for (int64_t i = 0; i < n; ++i) dst[i] = src[i];
+}
+
+constexpr int64_t kDecodeChunk = 4096;
+
+template <typename T>
+void dequantize_impl(const uint8_t* packed, const float* absmax, const float* code, T* out, int64_t start,
+                     int64_t count, int64_t blocksize, int nthreads) {
+  const int64_t chunks = (count + kDecodeChunk - 1) / kDecodeChunk;
+  pfp::parallel_for(chunks, kDecodeChunk, nthreads, [&](int64_t begin, int64_t end, int) {
+    alignas(64) float values[kDecodeChunk];
+    for (int64_t c = begin; c < end; ++c) {
+      const int64_t offset = c * kDecodeChunk, len = count - offset < kDecodeChunk ? count - offset : kDecodeChunk;
+      if constexpr (std::is_same<T, float>::value) {
+        decode_range(packed, absmax, code, start + offset, len, blocksize, out + offset);
+      } else {
+        decode_range(packed, absmax, code, start + offset, len, blocksize, values);
+        store_fp32(values, out + offset, len);
+      }
+    }
+  });
+}
+
+// src [n] of dtype -> compute type C.
+template <typename C>
+std::vector<C> load_vector(const void* src, int dtype, int64_t n) {
+  std::vector<C> dst(n);
+  switch (dtype) {
+    case pfp::kFloat32: pfp::load_row(static_cast<const float*>(src), dst.data(), n); break;
+    case pfp::kFloat16: pfp::load_row(static_cast<const half*>(src), dst.data(), n); break;
+    case pfp::kBFloat16: pfp::load_row(static_cast<const bf16*>(src), dst.data(), n); break;
+    case pfp::kFloat64: pfp::load_row(static_cast<const double*>(src), dst.data(), n); break;
+    default: throw std::invalid_argument("nf4: unsupported dtype code");
+  }
+  return dst;
+}
+
+// Any k and blocksize: each W row is decoded into an L1-resident fp32 row, then dotted with the m rows
+// of x (C: fp32, or fp64 for fp64 x). dots[r * n + j] for rows j in [begin, end).
+template <typename C>
+void gemv_rows_decoded(const C* x, const uint8_t* packed, const float* absmax, const float* code, int64_t begin,
+                       int64_t end, int64_t m, int64_t n, int64_t k, int64_t blocksize, C* dots) {
+  std::vector<float> row(k);
+  const float* w = row.data();
+  for (int64_t j = begin; j < end; ++j) {
+    decode_range(packed, absmax, code, j * k, k, blocksize, row.data());
+    for (int64_t r = 0; r < m; ++r) {
+      const C* xr = x + r * k;
+      dots[r * n + j] = pfp::lane_sum<C>(k, [&](int64_t c) { return C(w[c]) * xr[c]; });
+    }
+  }
+}
+
+#if defined(__AVX512F__)
+constexpr int64_t kSpan = 128;  // weights per 64 packed bytes: the unit of the fast path
+
+// Lane i of a 64-byte load holds bytes 4i .. 4i+3, i.e. weights 8i .. 8i+7; shifted right by 4v, its
+// low 4 bits (the only bits vpermps reads) are the nibble of weight 8i + (v ^ 1), high nibble first.
+// So 16 weights cost one shift and one permute, and x is reordered once to match:
+// x_split [m, k], per span of 128 columns position 16v + i holds column 8i + (v ^ 1). Its buffer starts
+// on a cache line, so no 64-byte load of it straddles two lines.
+struct SplitX {
+  std::vector<float> storage;
+  float* data;
+  SplitX(const float* x, int64_t m, int64_t k) : storage(m * k + 15) {
+    data = reinterpret_cast<float*>((reinterpret_cast<uintptr_t>(storage.data()) + 63) & ~uintptr_t(63));
+    for (int64_t span = 0; span < m * k; span += kSpan)
+      for (int v = 0; v < 8; ++v)
+        for (int i = 0; i < 16; ++i) data[span + 16 * v + i] = x[span + 8 * i + (v ^ 1)];
+  }
+};
+
+// Columns are taken in tiles whose x slice (M rows) fits in L1, each tile meeting a group of W rows in
+// turn, so x loads hit L1 (all of x does not fit at M = 8); dots carry the sums across tiles. Packed bytes
+// and absmax of the row kPrefetchRows ahead are prefetched (the hardware prefetcher alone leaves the
+// absmax reads exposed); a prefetch past the end of an array is harmless (it never faults).
+constexpr int64_t kTileBytes = 32 * 1024;
+constexpr int64_t kRowGroup = 16;
+constexpr int64_t kPrefetchRows = 8;
+
+// k % 128 == 0 and k % blocksize == 0 (a row holds whole spans and whole blocks); dots[r * n + j] += the dot
+// of W row j with x row r. Each lane's 8 weights lie in one block (blocksize >= 32), so a span is
+//   sum_i scale[i] * sum_v code[q(8i + (v ^ 1))] * x_split[16v + i],   scale[i] = absmax[block of 8i]
+// with scale gathered from absmax by lane_block[i] = 8i / blocksize.
+template <int M>
+void gemv_rows_fast(const float* x_split, const uint8_t* packed, const float* absmax, const float* code,
+                    int64_t begin, int64_t end, int64_t n, int64_t k, int64_t blocksize, float* dots) {
+  const __m512 codes = _mm512_loadu_ps(code);
+  alignas(64) int32_t lane_block[16];
+  for (int i = 0; i < 16; ++i) lane_block[i] = int32_t(8 * i / blocksize);
+  const __m512i lane_block_v = _mm512_load_si512(lane_block);
+  const __mmask16 span_blocks = __mmask16((1u << (lane_block[15] + 1)) - 1);
+  const int64_t tile_unit = blocksize > kSpan ? blocksize : kSpan;
+  const int64_t tile_units = kTileBytes / (int64_t(sizeof(float)) * M * tile_unit);
+  const int64_t tile = (tile_units > 1 ? tile_units : 1) * tile_unit;
+  for (int64_t group = begin; group < end; group += kRowGroup) {
+    const int64_t group_end = group + kRowGroup < end ? group + kRowGroup : end;
+    for (int64_t tile_begin = 0; tile_begin < k; tile_begin += tile) {
+      const int64_t tile_end = tile_begin + tile < k ? tile_begin + tile : k;
+      for (int64_t j = group; j < group_end; ++j) {
+        const uint8_t* bytes = packed + j * (k / 2);
+        const float* scales = absmax + j * (k / blocksize);
+        __m512 acc[M];
+        for (int r = 0; r < M; ++r) acc[r] = _mm512_setzero_ps();
+        for (int64_t c = tile_begin; c < tile_end; c += kSpan) {
+          _mm_prefetch(reinterpret_cast<const char*>(bytes + kPrefetchRows * (k / 2) + c / 2), _MM_HINT_T0);
+          _mm_prefetch(reinterpret_cast<const char*>(scales + kPrefetchRows * (k / blocksize) + c / blocksize),
+                       _MM_HINT_T0);
+          const __m512i raw = _mm512_loadu_si512(bytes + c / 2);
+          const __m512 scale =
+              _mm512_permutexvar_ps(lane_block_v, _mm512_maskz_loadu_ps(span_blocks, scales + c / blocksize));
+          __m512 span_sum[M];
+#pragma GCC unroll 8
+          for (int v = 0; v < 8; ++v) {
+            const __m512 w = _mm512_permutexvar_ps(_mm512_srli_epi32(raw, 4 * v), codes);
+#pragma GCC unroll 8
+            for (int r = 0; r < M; ++r) {
+              const __m512 xv = _mm512_load_ps(x_split + r * k + c + 16 * v);
+              span_sum[r] = v == 0 ? _mm512_mul_ps(w, xv) : _mm512_fmadd_ps(w, xv, span_sum[r]);
+            }
+          }
+          for (int r = 0; r < M; ++r) acc[r] = _mm512_fmadd_ps(span_sum[r], scale, acc[r]);
+        }
+        for (int r = 0; r < M; ++r) dots[r * n + j] += _mm512_reduce_add_ps(acc[r]);
+      }
+    }
+  }
+}
+
+template <int... Ms>
+void gemv_fast_dispatch(std::integer_sequence<int, Ms...>, int64_t m, const float* x_split, const uint8_t* packed,
+                        const float* absmax, const float* code, int64_t begin, int64_t end, int64_t n, int64_t k,
+                        int64_t blocksize, float* dots) {
+  ((m == Ms ? gemv_rows_fast<Ms>(x_split, packed, absmax, code, begin, end, n, k, blocksize, dots) : void()), ...);
+}
+#endif
+
+constexpr int64_t kMaxGemvRows = 8;
+
+// x: [m, k] of T; out: [m, n] of T; bias: [n] of bias_dtype or null.
+template <typename T>
+void gemv_impl(const T* x, const uint8_t* packed, const float* absmax, const float* code, const void* bias,
+               int bias_dtype, T* out, int64_t m, int64_t n, int64_t k, int64_t blocksize, int nthreads) {
+  using C = typename pfp::Compute<T>::type;
+  std::vector<C> xs(m * k), dots(m * n);
+  pfp::load_row(x, xs.data(), m * k);
+  const std::vector<C> bias_values = bias ? load_vector<C>(bias, bias_dtype, n) : std::vector<C>(n, C(0));
+#if defined(__AVX512F__)
+  constexpr bool fp32 = std::is_same<C, float>::value;
+  const bool fast = fp32 && k % blocksize == 0 && k % kSpan == 0 && blocksize % 32 == 0;
+  std::unique_ptr<SplitX> x_split;
+  if constexpr (fp32) {
+    if (fast) x_split = std::make_unique<SplitX>(xs.data(), m, k);
+  }
+#endif
+  pfp::parallel_for(n, m * k, nthreads, [&](int64_t begin, int64_t end, int) {
+#if defined(__AVX512F__)
+    if constexpr (fp32) {
+      if (fast) {
+        gemv_fast_dispatch(std::integer_sequence<int, 1, 2, 3, 4, 5, 6, 7, 8>(), m, x_split->data, packed,
+                           absmax, code, begin, end, n, k, blocksize, dots.data());
+        return;
+      }
+    }
+#endif
+    gemv_rows_decoded(xs.data(), packed, absmax, code, begin, end, m, n, k, blocksize, dots.data());
+  });
+  for (int64_t r = 0; r < m; ++r)
+    for (int64_t j = 0; j < n; ++j) out[r * n + j] = pfp::from_compute<T>(dots[r * n + j] + bias_values[j]);
+}
+
+}  // namespace
+
+// nf4_quantize: packed[(numel + 1) / 2] and absmax[ceil(numel / blocksize)] of w[numel] (w_dtype any of the
+// four; fp64 is rounded to fp32 first), byte for byte pyfastpeft.reference.nf4.quantize_4bit.
+// code: fp32 [16], the table (NF4 or FP4; any 16 values work). blocksize even. All contiguous.
+void nf4_quantize(const void* w, int w_dtype, uint8_t* packed, float* absmax, int64_t numel, int64_t blocksize,
+                  const float* code, int nthreads) {
+  const SearchTable table = make_search_table(code);
+#define PFP_NF4_QUANTIZE(T) quantize_impl(static_cast<const T*>(w), packed, absmax, numel, blocksize, table, nthreads)
+  switch (w_dtype) {
+    case pfp::kFloat32: PFP_NF4_QUANTIZE(float); return;
+    case pfp::kFloat16: PFP_NF4_QUANTIZE(half); return;
+    case pfp::kBFloat16: PFP_NF4_QUANTIZE(bf16); return;
+    case pfp::kFloat64: PFP_NF4_QUANTIZE(double); return;
+  }
+#undef PFP_NF4_QUANTIZE
+  throw std::invalid_argument("nf4_quantize: unsupported w dtype code");
+}
+
+// nf4_dequantize: out[i] = code[q[start + i]] * absmax[(start + i) / blocksize] for i in [0, count), in fp32
+// and rounded once to out_dtype (any of the four). packed: the whole weight's bytes; absmax: fp32, de-nested;
+// code: fp32 [16]; blocksize even; start may be odd (then out[0] is a low nibble).
+void nf4_dequantize(const uint8_t* packed, const float* absmax, const float* code, void* out, int out_dtype,
+                    int64_t start, int64_t count, int64_t blocksize, int nthreads) {
+#define PFP_NF4_DEQUANTIZE(T) \
+  dequantize_impl(packed, absmax, code, static_cast<T*>(out), start, count, blocksize, nthreads)
+  switch (out_dtype) {
+    case pfp::kFloat32: PFP_NF4_DEQUANTIZE(float); return;
+    case pfp::kFloat16: PFP_NF4_DEQUANTIZE(half); return;
+    case pfp::kBFloat16: PFP_NF4_DEQUANTIZE(bf16); return;
+    case pfp::kFloat64: PFP_NF4_DEQUANTIZE(double); return;
+  }
+#undef PFP_NF4_DEQUANTIZE
+  throw std::invalid_argument("nf4_dequantize: unsupported out dtype code");
+}
+
+// nf4_gemv: out[m, n] = x[m, k] @ w_hat[n, k]^T (+ bias[n]), W never materialized; 1 <= m <= 8.
+// x, out: row-major, dtype x_dtype (fp32, fp16, bf16: fp32 sums; fp64: fp64 sums); bias: null or [n] of
+// bias_dtype (any of the four); packed: [(n*k + 1) / 2] (a row may start on a low nibble when k is odd);
+// absmax: fp32 [ceil(n*k / blocksize)], de-nested; code: fp32 [16]; blocksize even. All contiguous.
+void nf4_gemv(const void* x, int x_dtype, const uint8_t* packed, const float* absmax, const float* code,
+              const void* bias, int bias_dtype, void* out, int64_t m, int64_t n, int64_t k, int64_t blocksize,
+              int nthreads) {
+  if (m < 1 || m > kMaxGemvRows) throw std::invalid_argument("nf4_gemv: m must be in [1, 8]");
+#define PFP_NF4_GEMV(T)                                                                                       \
+  gemv_impl(static_cast<const T*>(x), packed, absmax, code, bias, bias_dtype, static_cast<T*>(out), m, n, k, \
+            blocksize, nthreads)
+  switch (x_dtype) {
+    case pfp::kFloat32: PFP_NF4_GEMV(float); return;
+    case pfp::kFloat16: PFP_NF4_GEMV(half); return;
+    case pfp::kBFloat16: PFP_NF4_GEMV(bf16); return;
+    case pfp::kFloat64: PFP_NF4_GEMV(double); return;
+  }
+#undef PFP_NF4_GEMV
+  throw std::invalid_argument("nf4_gemv: unsupported x dtype code");
+}
+
+}  // namespace PFP_ISA

@@ -1,0 +1,55 @@
+"""quantize_model: every nn.Linear of a model (but the skipped ones) to a pyfastpeft quantized layer."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from pyfastpeft.nn import Linear4bit
+
+METHODS = ("nf4", "fp4")
+
+
+@dataclass
+class QuantizeReport:
+    replaced: list[str] = field(default_factory=list)
+    skipped: list[str] = field(default_factory=list)
+    bytes_before: int = 0
+    bytes_after: int = 0
+
+    def __str__(self) -> str:
+        mib = 1 << 20
+        return (f"pyfastpeft.quantize_model: {len(self.replaced)} linear layers quantized, {len(self.skipped)} "
+                f"skipped; parameters and buffers {self.bytes_before / mib:.1f} MiB -> {self.bytes_after / mib:.1f} MiB")
+
+
+def _model_bytes(model: nn.Module) -> int:
+    tensors = list(model.parameters()) + list(model.buffers())
+    extra = sum(sum(t.numel() * t.element_size() for t in m.quant_state.as_dict(packed=True).values())
+                for m in model.modules() if isinstance(m, Linear4bit))
+    return sum(t.numel() * t.element_size() for t in tensors) + extra
+
+
+def quantize_model(model: nn.Module, method: str = "nf4", skip=("lm_head",), blocksize: int = 64,
+                   double_quant: bool = True, compute_dtype: torch.dtype | None = None) -> QuantizeReport:
+    """Replace, in place, every nn.Linear whose name (last path component or full path) is not in `skip`
+    with a Linear4bit of `method` ("nf4" or "fp4"); returns what was replaced and the memory before/after."""
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"quantize_model: model must be a torch.nn.Module, got {type(model).__name__}")
+    if method not in METHODS:
+        raise ValueError(f"quantize_model: method must be one of {METHODS}, got {method!r} "
+                         "(int8 arrives with Linear8bitLt)")
+    report = QuantizeReport(bytes_before=_model_bytes(model))
+    for path, module in list(model.named_modules()):
+        if type(module) is not nn.Linear:
+            continue
+        if path in skip or path.rpartition(".")[2] in skip:
+            report.skipped.append(path)
+            continue
+        parent_path, _, name = path.rpartition(".")
+        setattr(model.get_submodule(parent_path), name,
+                Linear4bit.from_linear(module, blocksize, double_quant, compute_dtype, quant_type=method))
+        report.replaced.append(path)
+    report.bytes_after = _model_bytes(model)
+    return report

@@ -1,0 +1,104 @@
+import math
+
+import torch
+from torch import nn
+
+from pyfastpeft.ops.nf4 import nf4_linear
+from pyfastpeft.quant.nf4 import BLOCKSIZES, QUANT_TYPES, QuantState, dequantize_nf4, quantize_nf4
+
+
+class Linear4bit(nn.Module):
+    """A frozen linear layer stored in NF4 (or FP4), bitsandbytes' Linear4bit drop-in.
+
+    `weight` is the packed uint8 parameter ([(out*in + 1) // 2, 1], no grad) and `quant_state` its
+    QuantState; state_dict() writes bitsandbytes' keys (weight, weight.absmax, weight.quant_map,
+    weight.nested_absmax, weight.nested_quant_map, weight.quant_state.bitsandbytes__nf4, bias), so a
+    bitsandbytes / HF 4-bit checkpoint loads here and this one loads there. forward casts x to
+    compute_dtype (None: x's own), multiplies, and returns x's dtype, as bitsandbytes does.
+    """
+
+    def __init__(self, in_features: int, out_features: int, bias: bool = True, blocksize: int = 64,
+                 double_quant: bool = True, compute_dtype: torch.dtype | None = torch.bfloat16,
+                 quant_type: str = "nf4", device=None):
+        super().__init__()
+        if in_features < 1 or out_features < 1:
+            raise ValueError(f"Linear4bit: in_features and out_features must be >= 1, got {in_features}, {out_features}")
+        if blocksize not in BLOCKSIZES:
+            raise ValueError(f"Linear4bit: blocksize must be one of {BLOCKSIZES}, got {blocksize!r}")
+        if quant_type not in QUANT_TYPES:
+            raise ValueError(f"Linear4bit: quant_type must be one of {QUANT_TYPES}, got {quant_type!r}")
+        self.in_features, self.out_features = in_features, out_features
+        self.blocksize, self.double_quant, self.quant_type = blocksize, double_quant, quant_type
+        self.compute_dtype = compute_dtype
+        weight = torch.empty(out_features, in_features, device=device)
+        nn.init.kaiming_uniform_(weight, a=math.sqrt(5))  # nn.Linear's initialisation
+        self._store(weight)
+        self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=compute_dtype or torch.float32)) \
+            if bias else None
+
+    def _store(self, weight: torch.Tensor) -> None:
+        packed, self.quant_state = quantize_nf4(weight.detach(), self.blocksize, self.double_quant, self.quant_type)
+        self.weight = nn.Parameter(packed, requires_grad=False)
+
+    @classmethod
+    def from_linear(cls, linear: nn.Linear, blocksize: int = 64, double_quant: bool = True,
+                    compute_dtype: torch.dtype | None = None, quant_type: str = "nf4") -> "Linear4bit":
+        """Quantize an nn.Linear; compute_dtype None keeps the layer's own dtype."""
+        if not isinstance(linear, nn.Linear):
+            raise TypeError(f"Linear4bit.from_linear: linear must be an nn.Linear, got {type(linear).__name__}")
+        module = cls.__new__(cls)
+        nn.Module.__init__(module)
+        module.in_features, module.out_features = linear.in_features, linear.out_features
+        if blocksize not in BLOCKSIZES:
+            raise ValueError(f"Linear4bit.from_linear: blocksize must be one of {BLOCKSIZES}, got {blocksize!r}")
+        if quant_type not in QUANT_TYPES:
+            raise ValueError(f"Linear4bit.from_linear: quant_type must be one of {QUANT_TYPES}, got {quant_type!r}")
+        module.blocksize, module.double_quant, module.quant_type = blocksize, double_quant, quant_type
+        module.compute_dtype = compute_dtype if compute_dtype is not None else linear.weight.dtype
+        module._store(linear.weight)
+        module.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(),
+                                                                    requires_grad=linear.bias.requires_grad)
+        return module
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        compute = self.compute_dtype or x.dtype
+        bias = None if self.bias is None else self.bias.to(compute)
+        return nf4_linear(x.to(compute), self.weight, self.quant_state, bias).to(x.dtype)
+
+    def dequantize(self) -> torch.Tensor:
+        """The weight as a dense [out_features, in_features] tensor of its original dtype."""
+        return dequantize_nf4(self.weight, self.quant_state)
+
+    def _apply(self, fn, recurse=True):
+        super()._apply(fn, recurse)
+        self.quant_state.to(self.weight.device)  # device moves only: absmax stays fp32 under .half()
+        return self
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        for key, value in self.quant_state.as_dict(packed=True).items():
+            destination[f"{prefix}weight.{key}"] = value if keep_vars else value.detach()
+
+    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
+                              error_msgs):
+        quant_prefix = f"{prefix}weight."
+        quant_items = {key[len(quant_prefix):]: value for key, value in state_dict.items()
+                       if key.startswith(quant_prefix)}
+        if quant_items:
+            state = QuantState.from_dict(quant_items, device=self.weight.device)
+            if tuple(state.shape) != (self.out_features, self.in_features):
+                error_msgs.append(f"Linear4bit: checkpoint weight shape {tuple(state.shape)} does not match "
+                                  f"({self.out_features}, {self.in_features})")
+                return
+            self.quant_state = state
+            self.blocksize, self.quant_type, self.double_quant = state.blocksize, state.quant_type, state.nested
+        elif strict:
+            missing_keys.append(f"{quant_prefix}quant_state.bitsandbytes__{self.quant_type}")
+        # The quant-state entries are ours, not unexpected: hand the rest to nn.Module.
+        own = {key: value for key, value in state_dict.items() if not key.startswith(quant_prefix)}
+        super()._load_from_state_dict(own, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+                f"quant_type={self.quant_type}, blocksize={self.blocksize}, double_quant={self.double_quant}, "
+                f"compute_dtype={self.compute_dtype}")

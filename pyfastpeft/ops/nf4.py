@@ -1,0 +1,227 @@
+"""NF4 (QLoRA 4-bit storage): custom ops, backend table, autograd and the public nf4_linear.
+
+Ops (a QuantState crosses as tensors and ints: packed uint8, absmax fp32 already de-nested, code fp32 [16]):
+  pyfastpeft::nf4_quantize(w, code, blocksize) -> (packed [(n+1)//2, 1] uint8, absmax fp32 [nblocks])
+  pyfastpeft::nf4_dequantize(packed, absmax, code, blocksize, numel, dtype) -> flat [numel] of dtype
+  pyfastpeft::nf4_linear(x, packed, absmax, code, bias, blocksize, N, K) -> x @ W^T + bias   (bias: empty = none)
+  pyfastpeft::nf4_linear_grad_input(dy, packed, absmax, code, blocksize, N, K) -> dy @ W
+W is [N, K] (out_features, in_features), blocks run over its flattened row-major elements.
+
+CPU products: up to GEMV_MAX_ROWS rows of x take the fused dequant-GEMV kernel (W is never
+materialized; each packed byte is read once). More rows take tiles of TILE_ROWS rows of W,
+dequantized into one reused buffer that stays in cache and feeds torch's GEMM; dX = dY @ W the same
+way, so no dequantized copy of W outlives a call.
+"""
+from __future__ import annotations
+
+import torch
+
+from pyfastpeft import _native
+from pyfastpeft.ops._checks import check_same_device, check_tensor
+from pyfastpeft.ops._library import define_op
+from pyfastpeft.reference import nf4 as ref
+
+GEMV_MAX_ROWS = 8
+TILE_ROWS = 256
+ALL_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def _native_cpu_usable(*tensors) -> bool:
+    return all(t.device.type == "cpu" for t in tensors)
+
+
+# ---- quantize / dequantize -------------------------------------------------------------------------
+
+def _reference_quantize(w, code, blocksize):
+    return ref.quantize_4bit(w, blocksize, code)
+
+
+def _native_quantize(w, code, blocksize):
+    if not _native_cpu_usable(w):
+        return _reference_quantize(w, code, blocksize)
+    w = w.reshape(-1).contiguous()
+    n = w.numel()
+    packed = torch.empty(((n + 1) // 2, 1), dtype=torch.uint8)
+    absmax = torch.empty(-(-n // blocksize), dtype=torch.float32)
+    if n:
+        _native.cpu.nf4_quantize(_native.ptr(w), _native.dtype_code(w), _native.ptr(packed), _native.ptr(absmax), n,
+                                 blocksize, _native.ptr(code.float().contiguous()), _native.num_threads())
+    return packed, absmax
+
+
+def _fake_quantize(w, code, blocksize):
+    n = w.numel()
+    return (w.new_empty(((n + 1) // 2, 1), dtype=torch.uint8),
+            w.new_empty((n + blocksize - 1) // blocksize, dtype=torch.float32))
+
+
+def dequantize_into(packed, absmax, code, out, start: int, blocksize: int) -> None:
+    """Native: out (contiguous, any float dtype) = elements [start, start + out.numel()) of W."""
+    _native.cpu.nf4_dequantize(_native.ptr(packed), _native.ptr(absmax), _native.ptr(code), _native.ptr(out),
+                               _native.dtype_code(out), start, out.numel(), blocksize, _native.num_threads())
+
+
+def _reference_dequantize(packed, absmax, code, blocksize, numel, dtype):
+    return ref.dequantize_4bit(packed, absmax, code, blocksize, numel, dtype)
+
+
+def _native_dequantize(packed, absmax, code, blocksize, numel, dtype):
+    if not _native_cpu_usable(packed, absmax):
+        return _reference_dequantize(packed, absmax, code, blocksize, numel, dtype)
+    out = _native.empty(numel, dtype=dtype, device=packed.device)
+    if numel:
+        dequantize_into(packed.contiguous(), absmax.float().contiguous(), code.float().contiguous(), out, 0,
+                        blocksize)
+    return out
+
+
+def _fake_dequantize(packed, absmax, code, blocksize, numel, dtype):
+    return packed.new_empty(numel, dtype=dtype)
+
+
+# ---- products ----------------------------------------------------------------------------------------
+
+def _weight_tiles(packed, absmax, code, blocksize: int, out_features: int, in_features: int, dtype):
+    """Yields (n0, n1, W[n0:n1] as dtype) through one reused [TILE_ROWS, K] buffer."""
+    buffer = torch.empty(min(TILE_ROWS, out_features) * in_features, dtype=dtype)
+    for n0 in range(0, out_features, TILE_ROWS):
+        n1 = min(n0 + TILE_ROWS, out_features)
+        tile = buffer[: (n1 - n0) * in_features]
+        dequantize_into(packed, absmax, code, tile, n0 * in_features, blocksize)
+        yield n0, n1, tile.view(n1 - n0, in_features)
+
+
+def gemv_into(x2d, packed, absmax, code, bias, out, blocksize: int) -> None:
+    """Native fused dequant-GEMV: out[m, N] = x2d[m, K] @ W^T (+ bias; None or empty = none), m <= GEMV_MAX_ROWS;
+    every tensor contiguous, absmax fp32 de-nested, code fp32 [16], out in x2d's dtype."""
+    m, k = x2d.shape
+    has_bias = bias is not None and bias.numel() > 0
+    _native.cpu.nf4_gemv(_native.ptr(x2d), _native.dtype_code(x2d), _native.ptr(packed), _native.ptr(absmax),
+                         _native.ptr(code), _native.ptr(bias) if has_bias else 0,
+                         _native.dtype_code(bias) if has_bias else 0, _native.ptr(out), m, out.shape[1], k, blocksize,
+                         _native.num_threads())
+
+
+def _native_linear(x, packed, absmax, code, bias, blocksize, out_features, in_features):
+    if not _native_cpu_usable(x, packed, absmax) or x.dtype not in ALL_DTYPES:
+        return _reference_linear(x, packed, absmax, code, bias, blocksize, out_features, in_features)
+    lead = x.shape[:-1]
+    x2d = x.reshape(-1, in_features).contiguous()
+    packed, absmax, code = packed.contiguous(), absmax.float().contiguous(), code.float().contiguous()
+    m = x2d.shape[0]
+    out = _native.empty((m, out_features), dtype=x.dtype, device=x.device)
+    if m == 0 or out_features == 0:
+        return out.view(*lead, out_features)
+    if m <= GEMV_MAX_ROWS:
+        gemv_into(x2d, packed, absmax, code, bias.contiguous(), out, blocksize)
+        return out.view(*lead, out_features)
+    compute = ref.matmul_dtype(x.dtype)
+    xc = x2d.to(compute)
+    result = out if compute == x.dtype else torch.empty((m, out_features), dtype=compute)
+    for n0, n1, tile in _weight_tiles(packed, absmax, code, blocksize, out_features, in_features, compute):
+        result[:, n0:n1] = xc @ tile.t()
+    if bias.numel():
+        result += bias.to(compute)
+    if result is not out:
+        out.copy_(result)
+    return out.view(*lead, out_features)
+
+
+def _native_linear_grad_input(dy, packed, absmax, code, blocksize, out_features, in_features):
+    if not _native_cpu_usable(dy, packed, absmax) or dy.dtype not in ALL_DTYPES:
+        return _reference_linear_grad_input(dy, packed, absmax, code, blocksize, out_features, in_features)
+    lead = dy.shape[:-1]
+    dy2d = dy.reshape(-1, out_features)
+    packed, absmax, code = packed.contiguous(), absmax.float().contiguous(), code.float().contiguous()
+    compute = ref.matmul_dtype(dy.dtype)
+    dyc = dy2d.to(compute)
+    dx = torch.zeros((dy2d.shape[0], in_features), dtype=compute)
+    if dy2d.shape[0]:
+        for n0, n1, tile in _weight_tiles(packed, absmax, code, blocksize, out_features, in_features, compute):
+            dx.addmm_(dyc[:, n0:n1], tile)
+    return dx.to(dy.dtype).view(*lead, in_features)
+
+
+def _reference_linear(x, packed, absmax, code, bias, blocksize, out_features, in_features):
+    return ref.nf4_linear(x, packed, absmax, code, bias, blocksize, out_features, in_features).contiguous()
+
+
+def _reference_linear_grad_input(dy, packed, absmax, code, blocksize, out_features, in_features):
+    return ref.nf4_linear_grad_input(dy, packed, absmax, code, blocksize, out_features, in_features).contiguous()
+
+
+def _fake_linear(x, packed, absmax, code, bias, blocksize, out_features, in_features):
+    torch._check(x.shape[-1] == in_features, lambda: "nf4_linear: x's last dim must be in_features")
+    return x.new_empty((*x.shape[:-1], out_features))
+
+
+def _fake_linear_grad_input(dy, packed, absmax, code, blocksize, out_features, in_features):
+    return dy.new_empty((*dy.shape[:-1], in_features))
+
+
+nf4_quantize = define_op("nf4_quantize", "(Tensor w, Tensor code, int blocksize) -> (Tensor, Tensor)",
+                         family="nf4", fake=_fake_quantize, reference=_reference_quantize,
+                         native=_native_quantize, triton=_reference_quantize, triton_dtypes=())
+nf4_dequantize = define_op(
+    "nf4_dequantize", "(Tensor packed, Tensor absmax, Tensor code, int blocksize, SymInt numel, ScalarType dtype)"
+    " -> Tensor", family="nf4", fake=_fake_dequantize, reference=_reference_dequantize,
+    native=_native_dequantize, triton=_reference_dequantize, triton_dtypes=())
+nf4_linear_op = define_op(
+    "nf4_linear", "(Tensor x, Tensor packed, Tensor absmax, Tensor code, Tensor bias, int blocksize, "
+    "SymInt out_features, SymInt in_features) -> Tensor", family="nf4", fake=_fake_linear,
+    reference=_reference_linear, native=_native_linear, triton=_reference_linear, triton_dtypes=())
+nf4_linear_grad_input = define_op(
+    "nf4_linear_grad_input", "(Tensor dy, Tensor packed, Tensor absmax, Tensor code, int blocksize, "
+    "SymInt out_features, SymInt in_features) -> Tensor", family="nf4", fake=_fake_linear_grad_input,
+    reference=_reference_linear_grad_input, native=_native_linear_grad_input,
+    triton=_reference_linear_grad_input, triton_dtypes=())
+
+
+class NF4LinearFunction(torch.autograd.Function):
+    """y = x @ dequant(W)^T + b over a frozen NF4 weight: dX = dY @ dequant(W), db = sum over rows of dY,
+    no dW. Saves the packed weight, absmax and code (not x, not a dequantized W)."""
+
+    @staticmethod
+    def forward(ctx, x, packed, absmax, code, bias, blocksize: int, out_features: int, in_features: int):
+        ctx.save_for_backward(packed, absmax, code)
+        ctx.meta = (blocksize, out_features, in_features)
+        return nf4_linear_op(x, packed, absmax, code, bias, blocksize, out_features, in_features)
+
+    @staticmethod
+    def backward(ctx, dy):
+        packed, absmax, code = ctx.saved_tensors
+        dx = nf4_linear_grad_input(dy, packed, absmax, code, *ctx.meta) if ctx.needs_input_grad[0] else None
+        dbias = dy.reshape(-1, dy.shape[-1]).sum(0) if ctx.needs_input_grad[4] else None
+        return dx, None, None, None, dbias, None, None, None
+
+
+def nf4_linear(x: torch.Tensor, packed: torch.Tensor, state, bias: torch.Tensor | None = None) -> torch.Tensor:
+    """x @ dequantize_nf4(packed, state)^T + bias for a weight quantized as [out_features, in_features].
+
+    Computes in x's dtype (fp16 meets the weight in fp32 on CPU); differentiable w.r.t. x and bias.
+    """
+    from pyfastpeft.quant.nf4 import QuantState
+
+    fn = "nf4_linear"
+    check_tensor(fn, "x", x, min_dim=1)
+    if not isinstance(state, QuantState):
+        raise TypeError(f"{fn}: state must be a pyfastpeft.quant.QuantState, got {type(state).__name__}")
+    if state.shape is None or len(state.shape) != 2:
+        raise ValueError(f"{fn}: state.shape must be [out_features, in_features], got {state.shape}")
+    out_features, in_features = state.shape
+    if x.shape[-1] != in_features:
+        raise ValueError(f"{fn}: x's last dim is {x.shape[-1]}, the weight's in_features is {in_features}")
+    if not isinstance(packed, torch.Tensor) or packed.dtype != torch.uint8:
+        raise TypeError(f"{fn}: packed must be a uint8 tensor")
+    if packed.numel() != (out_features * in_features + 1) // 2:
+        raise ValueError(f"{fn}: packed has {packed.numel()} bytes, a {out_features}x{in_features} weight needs "
+                         f"{(out_features * in_features + 1) // 2}")
+    check_same_device(fn, x=x, packed=packed, absmax=state.absmax)
+    if bias is None:
+        bias = x.new_empty(0)
+    else:
+        check_tensor(fn, "bias", bias, dim=1)
+        if bias.shape[0] != out_features:
+            raise ValueError(f"{fn}: bias has {bias.shape[0]} elements, out_features is {out_features}")
+    return NF4LinearFunction.apply(x, packed, state.dequantized_absmax(), state.code.float(), bias,
+                                   state.blocksize, out_features, in_features)

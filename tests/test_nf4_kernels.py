@@ -1,0 +1,215 @@
+"""NF4 CPU kernels (pyfastpeft._C nf4_quantize / nf4_dequantize / nf4_gemv) against the PyTorch reference, on
+every instruction set this CPU runs. Called directly through the helpers below, below the ops layer."""
+import math
+
+import pytest
+import torch
+
+from helpers import CPU_ISAS, cpu_isa
+from pyfastpeft import _native
+from pyfastpeft.reference import nf4 as ref
+
+CODES = ref.QUANT_TABLES  # {"nf4": NF4_CODE, "fp4": FP4_CODE}
+NATIVE_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def native_quantize(w, blocksize, code):
+    flat = w.reshape(-1).contiguous()
+    n = flat.numel()
+    packed = torch.empty((n + 1) // 2, dtype=torch.uint8)
+    absmax = torch.empty(-(-n // blocksize), dtype=torch.float32)
+    _native.cpu.nf4_quantize(flat.data_ptr(), _native.dtype_code(flat), packed.data_ptr(), absmax.data_ptr(), n,
+                             blocksize, code.data_ptr(), torch.get_num_threads())
+    return packed, absmax
+
+
+def native_dequantize(packed, absmax, code, blocksize, start, count, dtype):
+    out = torch.empty(count, dtype=dtype)
+    _native.cpu.nf4_dequantize(packed.data_ptr(), absmax.data_ptr(), code.data_ptr(), out.data_ptr(),
+                               _native.dtype_code(out), start, count, blocksize, torch.get_num_threads())
+    return out
+
+
+def native_gemv(x, packed, absmax, code, bias, n, blocksize):
+    m, k = x.shape
+    out = torch.empty(m, n, dtype=x.dtype)
+    _native.cpu.nf4_gemv(x.data_ptr(), _native.dtype_code(x), packed.data_ptr(), absmax.data_ptr(), code.data_ptr(),
+                         0 if bias is None else bias.data_ptr(), 0 if bias is None else _native.dtype_code(bias),
+                         out.data_ptr(), m, n, k, blocksize, torch.get_num_threads())
+    return out
+
+
+def random_weight_state(n, k, blocksize, generator):
+    """(packed, absmax) of an [n, k] weight: every byte value, absmax in [0.5, 1.5)."""
+    packed = torch.randint(0, 256, ((n * k + 1) // 2,), dtype=torch.uint8, generator=generator)
+    absmax = torch.rand(-(-n * k // blocksize), generator=generator) + 0.5
+    return packed, absmax
+
+
+def with_planted_ties(shape, blocksize, code, generator):
+    """fp32 weight whose every other block scales exactly onto the code's midpoints and their fp32 neighbours:
+    the block's absmax is a power of two (one element holds it), so x / absmax and x * (1 / absmax) are exact."""
+    midpoints, _ = ref.search_tables(code)
+    candidates = torch.cat([midpoints, torch.nextafter(midpoints, torch.tensor(2.0)),
+                            torch.nextafter(midpoints, torch.tensor(-2.0)), code, torch.tensor([0.0, -0.0])])
+    flat = torch.randn(math.prod(shape), generator=generator)
+    for b in range(0, -(-flat.numel() // blocksize), 2):
+        block = flat[b * blocksize:(b + 1) * blocksize]
+        scale = 2.0 ** torch.randint(-4, 5, (), generator=generator).item()
+        block.copy_(candidates[torch.randint(0, candidates.numel(), (block.numel(),), generator=generator)] * scale)
+        block[0] = scale * (1 if b % 4 == 0 else -1)
+    return flat.view(shape)
+
+
+# ---- quantize ----------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("isa", CPU_ISAS)
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("blocksize", [32, 64, 128, 4096])
+@pytest.mark.parametrize("shape", [(1024, 1024), (7, 33), (4096, 11), (3, 64)])
+@pytest.mark.parametrize("dtype", NATIVE_DTYPES)
+def test_quantize_matches_reference_bytes_with_planted_ties(isa, quant_type, blocksize, shape, dtype):
+    code = CODES[quant_type]
+    w = with_planted_ties(shape, blocksize, code, torch.Generator().manual_seed(hash(shape) % 1000)).to(dtype)
+    with cpu_isa(isa):
+        packed, absmax = native_quantize(w, blocksize, code)
+    expected_packed, expected_absmax = ref.quantize_4bit(w, blocksize, code)
+    assert torch.equal(packed, expected_packed.view(-1))
+    assert torch.equal(absmax, expected_absmax)
+
+
+@pytest.mark.parametrize("isa", CPU_ISAS)
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+def test_quantize_float64_rounds_to_float32_first(isa, quant_type):
+    code = CODES[quant_type]
+    w = with_planted_ties((33, 40), 64, code, torch.Generator().manual_seed(3)).double()
+    w += torch.randn(w.shape, dtype=torch.float64) * 1e-9  # below fp32 resolution of most values: rounds away
+    with cpu_isa(isa):
+        packed, absmax = native_quantize(w, 64, code)
+    expected_packed, expected_absmax = ref.quantize_4bit(w, 64, code)
+    assert torch.equal(packed, expected_packed.view(-1))
+    assert torch.equal(absmax, expected_absmax)
+
+
+@pytest.mark.parametrize("isa", CPU_ISAS)
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("numel", [4 * 64 + 10, 4 * 64 + 9])  # a partial last block, of even and odd length
+def test_quantize_zero_nan_inf_blocks_like_reference(isa, quant_type, numel):
+    """Block 0 all zeros (absmax 0), block 1 one NaN (absmax NaN, all codes as the reference's NaN), block 2 one
+    +inf, block 3 one -inf, the partial block all zeros (stored absmax float32(1e-38)); then the partial block
+    NaN too."""
+    code = CODES[quant_type]
+    w = torch.randn(numel)
+    w[:64] = 0
+    w[64 + 5] = float("nan")
+    w[128 + 7] = float("inf")
+    w[192 + 1] = float("-inf")
+    w[256:] = 0
+    for case in (w, torch.cat([w[:256], torch.full((numel - 256,), float("nan"))])):
+        with cpu_isa(isa):
+            packed, absmax = native_quantize(case, 64, code)
+        expected_packed, expected_absmax = ref.quantize_4bit(case, 64, code)
+        assert torch.equal(packed, expected_packed.view(-1))
+        torch.testing.assert_close(absmax, expected_absmax, rtol=0, atol=0, equal_nan=True)
+    assert absmax[0] == 0 and absmax[1].isnan() and absmax[2] == float("inf") and absmax[3] == float("inf")
+
+
+# ---- dequantize --------------------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("isa", CPU_ISAS)
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("dtype", NATIVE_DTYPES + [torch.float64])
+@pytest.mark.parametrize("numel, blocksize, start, count", [
+    (64 * 1024, 64, 0, 64 * 1024),       # everything
+    (64 * 1024 + 33, 128, 0, 64 * 1024 + 33),  # odd numel, partial last block
+    (100 * 96, 64, 5 * 96, 30 * 96),     # a tile of rows [5, 35) of a [100, 96] weight: blocks straddle rows
+    (33 * 33, 32, 7 * 33, 9 * 33),       # odd k: the tile starts on a low nibble
+    (50_001, 32, 12_345, 37_000),        # odd start and count, several decode chunks
+    (4096, 4096, 4001, 1),               # one element, a low nibble
+])
+def test_dequantize_matches_reference_exactly(isa, quant_type, dtype, numel, blocksize, start, count):
+    code = CODES[quant_type]
+    packed, absmax = random_weight_state(1, numel, blocksize, torch.Generator().manual_seed(numel))
+    with cpu_isa(isa):
+        out = native_dequantize(packed, absmax, code, blocksize, start, count, dtype)
+    expected = ref.dequantize_4bit(packed, absmax, code, blocksize, numel, dtype)[start:start + count]
+    assert torch.equal(out, expected)
+
+
+# ---- gemv --------------------------------------------------------------------------------------------------
+
+def gemv_error_bound(x, weight, bias, out_dtype, k):
+    """Bound on |ours - exact| per output, exact = x @ weight^T + bias in fp64 from the same inputs.
+    Our sums (fp32; fp64 for fp64 x) add at most k/16 products in sequence per partial sum, then fold partial
+    sums pairwise (<= 5 steps) and add the bias: at most k/16 + 8 roundings of unit u, each below
+    u * (sum |x w| + |bias|). The fast path scales a 16-lane partial sum of code * x by absmax, one more rounding
+    per term. Then one rounding to out_dtype: u_out * |result|."""
+    compute = torch.float64 if out_dtype == torch.float64 else torch.float32
+    u, u_out = torch.finfo(compute).eps / 2, torch.finfo(out_dtype).eps / 2
+    magnitude = x.double().abs() @ weight.double().abs().T
+    if bias is not None:
+        magnitude = magnitude + bias.double().abs()
+    accumulation = (k / 16 + 9) * u * magnitude
+    return accumulation * (1 + u_out), u_out
+
+
+@pytest.mark.parametrize("isa", CPU_ISAS)
+@pytest.mark.parametrize("m", [1, 3, 8])
+@pytest.mark.parametrize("n, k, blocksize", [
+    (64, 64, 64),       # one block per row
+    (64, 384, 128),     # whole blocks and spans: the AVX-512 fast path
+    (40, 256, 32),      # fast path, four blocks per span
+    (100, 96, 64),      # blocks straddle rows
+    (33, 33, 32),       # odd k: rows start on low nibbles
+    (4096, 4096, 64),
+])
+@pytest.mark.parametrize("dtype", NATIVE_DTYPES)
+@pytest.mark.parametrize("bias_dtype", [None, torch.bfloat16, torch.float32])
+def test_gemv_matches_dequantized_matmul(isa, m, n, k, blocksize, dtype, bias_dtype):
+    generator = torch.Generator().manual_seed(n * k + m)
+    packed, absmax = random_weight_state(n, k, blocksize, generator)
+    code = CODES["nf4"]
+    x = torch.randn(m, k, generator=generator).to(dtype)
+    bias = None if bias_dtype is None else torch.randn(n, generator=generator).to(bias_dtype)
+    with cpu_isa(isa):
+        out = native_gemv(x, packed, absmax, code, bias, n, blocksize)
+    weight = ref.dequantize_4bit(packed, absmax, code, blocksize, n * k, torch.float32).view(n, k)
+    exact = x.double() @ weight.double().T + (0 if bias is None else bias.double())
+    accumulation, u_out = gemv_error_bound(x, weight, bias, dtype, k)
+    error = (out.double() - exact).abs()
+    assert out.dtype == dtype
+    assert bool((error <= accumulation + u_out * exact.abs()).all()), error.max()
+
+
+@pytest.mark.parametrize("isa", CPU_ISAS)
+def test_gemv_float64_sums_in_float64(isa):
+    generator = torch.Generator().manual_seed(0)
+    packed, absmax = random_weight_state(48, 256, 64, generator)
+    code = CODES["fp4"]
+    x = torch.randn(2, 256, dtype=torch.float64, generator=generator)
+    bias = torch.randn(48, dtype=torch.float64, generator=generator)
+    with cpu_isa(isa):
+        out = native_gemv(x, packed, absmax, code, bias, 48, 64)
+    weight = ref.dequantize_4bit(packed, absmax, code, 64, 48 * 256, torch.float64).view(48, 256)
+    torch.testing.assert_close(out, x @ weight.T + bias, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("isa", CPU_ISAS)
+def test_gemv_identity_weight_reproduces_x(isa):
+    """W = I (code 1.0 on the diagonal, 0.0 elsewhere, absmax 1): x @ W^T is x itself, exactly."""
+    k = 256
+    code = CODES["nf4"]
+    nibbles = torch.full((k, k), 7, dtype=torch.uint8)  # NF4_CODE[7] == 0.0, NF4_CODE[15] == 1.0
+    nibbles.fill_diagonal_(15)
+    flat = nibbles.view(-1)
+    packed = (flat[0::2] << 4) | flat[1::2]
+    absmax = torch.ones(k * k // 64)
+    x = torch.randn(5, k)
+    with cpu_isa(isa):
+        assert torch.equal(native_gemv(x, packed, absmax, code, None, k, 64), x)
+
+
+def test_gemv_rejects_more_than_eight_rows():
+    packed, absmax = random_weight_state(4, 64, 64, torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="m must be in"):
+        native_gemv(torch.randn(9, 64), packed, absmax, CODES["nf4"], None, 4, 64)
