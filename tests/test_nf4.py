@@ -201,3 +201,18 @@ def test_linear4bit_rejects_bad_construction():
         Linear4bit(64, 32, blocksize=48)
     with pytest.raises(ValueError, match="quant_type must be one of"):
         Linear4bit(64, 32, quant_type="int4")
+
+
+def test_linear4bit_dtype_casts_leave_the_quantized_weight_alone():
+    layer = Linear4bit.from_linear(nn.Linear(64, 32), compute_dtype=None)
+    x = torch.randn(2, 64)
+    expected = layer(x)
+    layer.to(torch.bfloat16)
+    assert layer.weight.dtype == torch.uint8 and layer._absmax.dtype == torch.float32
+    assert layer.bias.dtype == torch.bfloat16
+    torch.testing.assert_close(layer(x.bfloat16()).float(), expected, rtol=2e-2, atol=2e-2)
+
+
+def test_linear4bit_rejects_wrong_input_width():
+    with pytest.raises(ValueError, match="in_features is 64"):
+        Linear4bit(64, 32)(torch.randn(2, 65))

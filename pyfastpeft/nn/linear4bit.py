@@ -3,7 +3,7 @@ import math
 import torch
 from torch import nn
 
-from pyfastpeft.ops.nf4 import nf4_linear
+from pyfastpeft.ops.nf4 import NF4LinearFunction
 from pyfastpeft.quant.nf4 import BLOCKSIZES, QUANT_TYPES, QuantState, dequantize_nf4, quantize_nf4
 
 
@@ -39,6 +39,12 @@ class Linear4bit(nn.Module):
     def _store(self, weight: torch.Tensor) -> None:
         packed, self.quant_state = quantize_nf4(weight.detach(), self.blocksize, self.double_quant, self.quant_type)
         self.weight = nn.Parameter(packed, requires_grad=False)
+        self._refresh_absmax()
+
+    def _refresh_absmax(self) -> None:
+        """Keep the de-nested fp32 absmax (4 bytes per block, +1/8 of the packed weight at blocksize 64):
+        recomputing it per call costs decode (M=1) several times the GEMV itself."""
+        self.register_buffer("_absmax", self.quant_state.dequantized_absmax(), persistent=False)
 
     @classmethod
     def from_linear(cls, linear: nn.Linear, blocksize: int = 64, double_quant: bool = True,
@@ -61,9 +67,13 @@ class Linear4bit(nn.Module):
         return module
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.shape[-1] != self.in_features:
+            raise ValueError(f"Linear4bit: x's last dim is {x.shape[-1]}, in_features is {self.in_features}")
         compute = self.compute_dtype or x.dtype
-        bias = None if self.bias is None else self.bias.to(compute)
-        return nf4_linear(x.to(compute), self.weight, self.quant_state, bias).to(x.dtype)
+        xc = x.to(compute)
+        bias = xc.new_empty(0) if self.bias is None else self.bias.to(compute)
+        return NF4LinearFunction.apply(xc, self.weight, self._absmax, self.quant_state.code, bias, self.blocksize,
+                                       self.out_features, self.in_features).to(x.dtype)
 
     def dequantize(self) -> torch.Tensor:
         """The weight as a dense [out_features, in_features] tensor of its original dtype."""
@@ -72,6 +82,7 @@ class Linear4bit(nn.Module):
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)
         self.quant_state.to(self.weight.device)  # device moves only: absmax stays fp32 under .half()
+        self._refresh_absmax()
         return self
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
@@ -92,6 +103,7 @@ class Linear4bit(nn.Module):
                 return
             self.quant_state = state
             self.blocksize, self.quant_type, self.double_quant = state.blocksize, state.quant_type, state.nested
+            self._refresh_absmax()
         elif strict:
             missing_keys.append(f"{quant_prefix}quant_state.bitsandbytes__{self.quant_type}")
         # The quant-state entries are ours, not unexpected: hand the rest to nn.Module.
