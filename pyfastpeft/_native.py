@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import importlib
 import warnings
+from pathlib import Path
 
 import torch  # torch first: _C reuses the OpenMP runtime torch has loaded
 
@@ -19,6 +20,9 @@ try:
     cpu = importlib.import_module("pyfastpeft._C")
 except Exception as exc:  # ImportError, or an OSError from a broken build
     cpu_error = f"{type(exc).__name__}: {exc}"
+    if (Path(__file__).resolve().parent.parent / "setup.py").exists():
+        cpu_error += (f" -- pyfastpeft was imported from its source tree ({Path(__file__).resolve().parent}), "
+                      "which holds no built modules: run from another directory, or pip install -e .")
 
 cuda = None
 cuda_error: str | None = None
