@@ -117,7 +117,7 @@ def _silu_activation(module: nn.Module):
     return same, None if same else f"activation is not SiLU ({type(act).__name__})"
 
 
-def _swap_mlp(name: str, module: nn.Module):
+def _swap_mlp(module: nn.Module):
     """Our SwiGLUMLP around module's projections if it computes the same thing; else (None, reason)."""
     ok, reason = _silu_activation(module)
     if not ok:
@@ -207,6 +207,7 @@ def patch_model(model: nn.Module, rms_norm: bool = True, swiglu: bool = True, ro
         raise RuntimeError("patch_model: this model is already patched; call unpatch_model(model) first")
     state = _PatchState()
     report = state.report
+    candidates = {"rms_norm": 0, "swiglu": 0}
     for path, module in list(model.named_modules()):
         if not path or isinstance(module, (RMSNorm, SwiGLUMLP)):
             continue
@@ -214,6 +215,7 @@ def patch_model(model: nn.Module, rms_norm: bool = True, swiglu: bool = True, ro
         parent = model.get_submodule(parent_path)
         replacement = None
         if rms_norm and _is_norm_like(module):
+            candidates["rms_norm"] += 1
             setting, reason = _norm_setting(module)
             if setting is None:
                 report.not_patched.append(f"{path} ({type(module).__name__}): {reason}")
@@ -224,7 +226,8 @@ def patch_model(model: nn.Module, rms_norm: bool = True, swiglu: bool = True, ro
             replacement.weight = module.weight
             report.rms_norm.append(path)
         elif swiglu and all(isinstance(getattr(module, n, None), nn.Module) for n in ("gate_proj", "up_proj", "down_proj")):
-            replacement, reason = _swap_mlp(path, module)
+            candidates["swiglu"] += 1
+            replacement, reason = _swap_mlp(module)
             if replacement is None:
                 report.not_patched.append(f"{path} ({type(module).__name__}): {reason}")
                 continue
@@ -235,9 +238,10 @@ def patch_model(model: nn.Module, rms_norm: bool = True, swiglu: bool = True, ro
             state.modules.append((parent, attr, module))
     if rope:
         _patch_rope(model, state)
-    if rms_norm and not report.rms_norm:
+    # A kind with no candidate at all gets one line; candidates that did not match have their own.
+    if rms_norm and not candidates["rms_norm"]:
         report.not_patched.append("rms_norm: no RMSNorm-like module found")
-    if swiglu and not report.swiglu:
+    if swiglu and not candidates["swiglu"]:
         report.not_patched.append("swiglu: no gated SiLU MLP (gate_proj/up_proj/down_proj) found")
     object.__setattr__(model, _STATE_ATTR, state)
     if report.not_patched:
