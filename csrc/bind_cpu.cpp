@@ -85,6 +85,32 @@ void nf4_gemv(uintptr_t x, int x_dtype, uintptr_t packed, uintptr_t absmax, uint
                nthreads);
 }
 
+// bias == 0: no bias (bias_dtype ignored); addend == 0: none.
+void int8_quantize(uintptr_t x, int x_dtype, uintptr_t q, uintptr_t stats, uintptr_t outlier_flags, int64_t m,
+                   int64_t k, int axis, double threshold, int nthreads) {
+  PFP_CALL_ISA(int8_quantize, ptr<const void>(x), x_dtype, ptr<int8_t>(q), ptr<float>(stats),
+               ptr<uint8_t>(outlier_flags), m, k, axis, threshold, nthreads);
+}
+
+void int8_mm_dequant(uintptr_t c, uintptr_t row_stats, uintptr_t col_stats, uintptr_t bias, int bias_dtype,
+                     uintptr_t addend, uintptr_t out, int out_dtype, int64_t m, int64_t n, int nthreads) {
+  PFP_CALL_ISA(int8_mm_dequant, ptr<const int32_t>(c), ptr<const float>(row_stats), ptr<const float>(col_stats),
+               ptr<const void>(bias), bias_dtype, ptr<const float>(addend), ptr<void>(out), out_dtype, m, n, nthreads);
+}
+
+void int8_gemv(uintptr_t q, uintptr_t row_stats, uintptr_t w, uintptr_t col_stats, uintptr_t bias, int bias_dtype,
+               uintptr_t addend, uintptr_t out, int out_dtype, int64_t m, int64_t n, int64_t k, int nthreads) {
+  PFP_CALL_ISA(int8_gemv, ptr<const int8_t>(q), ptr<const float>(row_stats), ptr<const int8_t>(w),
+               ptr<const float>(col_stats), ptr<const void>(bias), bias_dtype, ptr<const float>(addend),
+               ptr<void>(out), out_dtype, m, n, k, nthreads);
+}
+
+void int8_dequantize_rows(uintptr_t q, uintptr_t stats, uintptr_t out, int out_dtype, int64_t rows, int64_t k,
+                          int nthreads) {
+  PFP_CALL_ISA(int8_dequantize_rows, ptr<const int8_t>(q), ptr<const float>(stats), ptr<void>(out), out_dtype, rows,
+               k, nthreads);
+}
+
 // Ask the kernel to back [address, address + nbytes) with 2 MiB pages, before its first touch.
 // Fresh large tensors come straight from mmap, and with 4 KiB pages their first-touch page faults
 // cost several times the kernel that fills them (about 15 ms for 64 MiB, against 3 ms here).
@@ -113,6 +139,10 @@ PYBIND11_MODULE(_C, m) {
   m.def("nf4_quantize", &nf4_quantize, release);
   m.def("nf4_dequantize", &nf4_dequantize, release);
   m.def("nf4_gemv", &nf4_gemv, release);
+  m.def("int8_quantize", &int8_quantize, release);
+  m.def("int8_mm_dequant", &int8_mm_dequant, release);
+  m.def("int8_gemv", &int8_gemv, release);
+  m.def("int8_dequantize_rows", &int8_dequantize_rows, release);
   m.def("advise_huge_pages", &advise_huge_pages, py::arg("address"), py::arg("nbytes"));
 
   m.def("best_isa", [] { return std::string(pfp::isa_name(pfp::best_isa())); },

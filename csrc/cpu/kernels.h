@@ -31,6 +31,16 @@
   void nf4_gemv(const void* x, int x_dtype, const uint8_t* packed, const float* absmax,              \
                 const float* code, const void* bias, int bias_dtype, void* out, int64_t m,           \
                 int64_t n, int64_t k, int64_t blocksize, int nthreads);                              \
+  void int8_quantize(const void* x, int x_dtype, int8_t* q, float* stats, uint8_t* outlier_flags,    \
+                     int64_t m, int64_t k, int axis, double threshold, int nthreads);                \
+  void int8_mm_dequant(const int32_t* c, const float* row_stats, const float* col_stats,             \
+                       const void* bias, int bias_dtype, const float* addend, void* out,             \
+                       int out_dtype, int64_t m, int64_t n, int nthreads);                           \
+  void int8_gemv(const int8_t* q, const float* row_stats, const int8_t* w, const float* col_stats,   \
+                 const void* bias, int bias_dtype, const float* addend, void* out, int out_dtype,    \
+                 int64_t m, int64_t n, int64_t k, int nthreads);                                     \
+  void int8_dequantize_rows(const int8_t* q, const float* stats, void* out, int out_dtype,           \
+                            int64_t rows, int64_t k, int nthreads);                                  \
   }
 
 PFP_DECLARE_CPU_KERNELS(pfp_avx512)

@@ -6,9 +6,9 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from pyfastpeft.nn import Linear4bit
+from pyfastpeft.nn import Linear4bit, Linear8bitLt
 
-METHODS = ("nf4", "fp4")
+METHODS = ("nf4", "fp4", "int8")
 
 
 @dataclass
@@ -32,14 +32,15 @@ def _model_bytes(model: nn.Module) -> int:
 
 
 def quantize_model(model: nn.Module, method: str = "nf4", skip=("lm_head",), blocksize: int = 64,
-                   double_quant: bool = True, compute_dtype: torch.dtype | None = None) -> QuantizeReport:
+                   double_quant: bool = True, compute_dtype: torch.dtype | None = None,
+                   threshold: float = 6.0) -> QuantizeReport:
     """Replace, in place, every nn.Linear whose name (last path component or full path) is not in `skip`
-    with a Linear4bit of `method` ("nf4" or "fp4"); returns what was replaced and the memory before/after."""
+    with a Linear4bit of `method` "nf4" or "fp4" (blocksize, double_quant, compute_dtype apply) or a
+    Linear8bitLt for "int8" (threshold applies); returns what was replaced and the memory before/after."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"quantize_model: model must be a torch.nn.Module, got {type(model).__name__}")
     if method not in METHODS:
-        raise ValueError(f"quantize_model: method must be one of {METHODS}, got {method!r} "
-                         "(int8 arrives with Linear8bitLt)")
+        raise ValueError(f"quantize_model: method must be one of {METHODS}, got {method!r}")
     report = QuantizeReport(bytes_before=_model_bytes(model))
     for path, module in list(model.named_modules()):
         if type(module) is not nn.Linear:
@@ -48,8 +49,11 @@ def quantize_model(model: nn.Module, method: str = "nf4", skip=("lm_head",), blo
             report.skipped.append(path)
             continue
         parent_path, _, name = path.rpartition(".")
-        setattr(model.get_submodule(parent_path), name,
-                Linear4bit.from_linear(module, blocksize, double_quant, compute_dtype, quant_type=method))
+        if method == "int8":
+            replacement = Linear8bitLt.from_linear(module, threshold)
+        else:
+            replacement = Linear4bit.from_linear(module, blocksize, double_quant, compute_dtype, quant_type=method)
+        setattr(model.get_submodule(parent_path), name, replacement)
         report.replaced.append(path)
     report.bytes_after = _model_bytes(model)
     return report

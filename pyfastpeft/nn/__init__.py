@@ -1,6 +1,7 @@
 """nn.Module drop-ins for HF transformers modules; each forward is one call into pyfastpeft.ops."""
 from pyfastpeft.nn.linear4bit import Linear4bit
+from pyfastpeft.nn.linear8bitlt import Linear8bitLt
 from pyfastpeft.nn.rmsnorm import RMSNorm
 from pyfastpeft.nn.swiglu import SwiGLUMLP
 
-__all__ = ["Linear4bit", "RMSNorm", "SwiGLUMLP"]
+__all__ = ["Linear4bit", "Linear8bitLt", "RMSNorm", "SwiGLUMLP"]

@@ -1,0 +1,355 @@
+// LLM.int8 on the CPU: vector-wise int8 quantization with outlier columns, the int32 -> float matmul
+// epilogue, a fused int8 GEMV for decode, and weight dequantization.
+//
+// Math (pyfastpeft/reference/int8.py is the oracle; every step in fp32, in this order):
+//   row-wise:    row_stats[r] = max |x[r, c]| over !(|x[r, c]| >= t)        (t = +inf when threshold <= 0)
+//                q[r, c] = round_half_even(x[r, c] * ((1 / row_stats[r]) * 127)), 0 in outlier columns
+//                (torch evaluates bitsandbytes' `127.0 / row_stats` as reciprocal, then multiply)
+//   column-wise: col_stats[c] = the same max down column c;  q[r, c] = round_half_even((x[r, c] * 127) / col_stats[c]),
+//                0 at outlier elements
+//   a non-finite scaled value (x / 0, inf * 0, NaN) codes as 0; the stat keeps its inf / NaN.
+//   outlier column c <=> some |x[r, c]| >= t.
+//   epilogue:    out[r, j] = float(C[r, j]) * (row_stats[r] * col_stats[j]) * fp32(1 / 127^2) (+ addend[r, j]) (+ bias[j])
+// Rounding to nearest even uses (s + 1.5 * 2^23) - 1.5 * 2^23, exact for |s| < 2^22 under the default rounding
+// mode; |s| <= 127 here once non-finite values are zeroed.
+#include "cpu/common.h"
+#include "cpu/kernels.h"
+
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
+namespace PFP_ISA {
+namespace {
+
+using pfp::bf16;
+using pfp::half;
+using pfp::parallel_for;
+
+constexpr float kMmDequantScale = 1.0f / 16129.0f;  // 1/127^2 (bitsandbytes' 6.200124e-05 is 1.8e-5 too large)
+constexpr float kDequantScale = 7.874015718698502e-3f;  // bitsandbytes' 1/127
+constexpr float kRoundMagic = 12582912.0f;          // 1.5 * 2^23
+
+// round_half_even(s) as an int8 code; non-finite s -> 0; |s| > 127 clamps (only reachable through rounding).
+inline int8_t to_code(float s) {
+  s = (s - s == 0.0f) ? s : 0.0f;
+  float r = (s + kRoundMagic) - kRoundMagic;
+  r = r > 127.0f ? 127.0f : (r < -127.0f ? -127.0f : r);
+  return int8_t(int32_t(r));
+}
+
+// max over i of value(i), propagating NaN, in 16 interleaved lanes so it vectorizes.
+template <typename F>
+inline float lane_max(int64_t n, F&& value) {
+  float acc[16] = {};
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16)
+    for (int j = 0; j < 16; ++j) {
+      float v = value(i + j);
+      acc[j] = (v > acc[j] || v != v) ? v : acc[j];
+    }
+  for (int j = 0; i < n; ++i, ++j) {
+    float v = value(i);
+    acc[j] = (v > acc[j] || v != v) ? v : acc[j];
+  }
+  float best = 0.0f;
+  for (int j = 0; j < 16; ++j) best = (acc[j] > best || acc[j] != acc[j]) ? acc[j] : best;
+  return best;
+}
+
+// A row of x as fp32: the row itself for fp32, else converted into `buffer`.
+template <typename T>
+inline const float* row_as_float(const T* row, int64_t k, float* buffer) {
+  if constexpr (std::is_same_v<T, float>) {
+    return row;
+  } else {
+    pfp::load_row<T, float>(row, buffer, k);
+    return buffer;
+  }
+}
+
+template <typename T>
+void quant_rows(const T* x, int8_t* q, float* row_stats, uint8_t* outlier_flags, int64_t m, int64_t k,
+                float threshold, int nthreads) {
+  const float t = threshold > 0.0f ? threshold : std::numeric_limits<float>::infinity();
+  const bool find_outliers = threshold > 0.0f;
+  std::memset(outlier_flags, 0, size_t(k));
+
+  auto code_row = [&](const float* row, int64_t r) {
+    const float stat = row_stats[r];
+    const float scale = stat == 0.0f ? 0.0f : (1.0f / stat) * 127.0f;  // torch's 127.0 / tensor
+    int8_t* out = q + r * k;
+    for (int64_t c = 0; c < k; ++c) {
+      int8_t code = to_code(row[c] * scale);
+      out[c] = outlier_flags[c] ? int8_t(0) : code;
+    }
+  };
+
+  if (!find_outliers) {  // one pass: the row stays in L1/L2 between its max and its codes
+    parallel_for(m, k, nthreads, [&](int64_t begin, int64_t end, int) {
+      std::vector<float> buffer(std::is_same_v<T, float> ? 0 : size_t(k));
+      for (int64_t r = begin; r < end; ++r) {
+        const float* row = row_as_float(x + r * k, k, buffer.data());
+        row_stats[r] = lane_max(k, [&](int64_t c) { return std::fabs(row[c]); });
+        code_row(row, r);
+      }
+    });
+    return;
+  }
+
+  // Outlier columns are known only after every row was seen: stats and flags first, codes second.
+  int team = nthreads < 1 ? 1 : nthreads;
+  std::vector<uint8_t> flags(size_t(team) * size_t(k), 0);
+  parallel_for(m, k, nthreads, [&](int64_t begin, int64_t end, int tid) {
+    std::vector<float> buffer(std::is_same_v<T, float> ? 0 : size_t(k));
+    uint8_t* mine = flags.data() + size_t(tid) * size_t(k);
+    for (int64_t r = begin; r < end; ++r) {
+      const float* row = row_as_float(x + r * k, k, buffer.data());
+      row_stats[r] = lane_max(k, [&](int64_t c) {
+        float a = std::fabs(row[c]);
+        return a >= t ? 0.0f : a;
+      });
+      for (int64_t c = 0; c < k; ++c) mine[c] |= uint8_t(std::fabs(row[c]) >= t);
+    }
+  });
+  for (int i = 0; i < team; ++i)
+    for (int64_t c = 0; c < k; ++c) outlier_flags[c] |= flags[size_t(i) * size_t(k) + size_t(c)];
+  parallel_for(m, k, nthreads, [&](int64_t begin, int64_t end, int) {
+    std::vector<float> buffer(std::is_same_v<T, float> ? 0 : size_t(k));
+    for (int64_t r = begin; r < end; ++r) code_row(row_as_float(x + r * k, k, buffer.data()), r);
+  });
+}
+
+template <typename T>
+void quant_cols(const T* x, int8_t* q, float* col_stats, uint8_t* outlier_flags, int64_t m, int64_t k,
+                float threshold, int nthreads) {
+  const float t = threshold > 0.0f ? threshold : std::numeric_limits<float>::infinity();
+  // Pass 1: each thread owns a slice of columns and walks every row over it.
+  parallel_for(k, m, nthreads, [&](int64_t begin, int64_t end, int) {
+    const int64_t width = end - begin;
+    std::vector<float> best(static_cast<size_t>(width), 0.0f), buffer(static_cast<size_t>(width));
+    std::vector<uint8_t> outlier(static_cast<size_t>(width), 0);
+    for (int64_t r = 0; r < m; ++r) {
+      const float* row = row_as_float(x + r * k + begin, width, buffer.data());
+      for (int64_t c = 0; c < width; ++c) {
+        float a = std::fabs(row[c]);
+        bool is_outlier = a >= t;
+        outlier[c] |= uint8_t(is_outlier);
+        a = is_outlier ? 0.0f : a;
+        best[c] = (a > best[c] || a != a) ? a : best[c];
+      }
+    }
+    for (int64_t c = 0; c < width; ++c) {
+      col_stats[begin + c] = best[c];
+      outlier_flags[begin + c] = outlier[c];
+    }
+  });
+  // Pass 2: codes row by row.
+  parallel_for(m, k, nthreads, [&](int64_t begin, int64_t end, int) {
+    std::vector<float> buffer(std::is_same_v<T, float> ? 0 : size_t(k));
+    for (int64_t r = begin; r < end; ++r) {
+      const float* row = row_as_float(x + r * k, k, buffer.data());
+      int8_t* out = q + r * k;
+      for (int64_t c = 0; c < k; ++c) {
+        int8_t code = to_code((row[c] * 127.0f) / col_stats[c]);
+        out[c] = std::fabs(row[c]) >= t ? int8_t(0) : code;
+      }
+    }
+  });
+}
+
+template <typename F>
+void with_float_type(int dtype, F&& body) {
+  switch (dtype) {
+    case pfp::kFloat32: body(static_cast<float*>(nullptr)); break;
+    case pfp::kFloat16: body(static_cast<half*>(nullptr)); break;
+    default: body(static_cast<bf16*>(nullptr)); break;
+  }
+}
+
+inline float load_as_float(const void* p, int dtype, int64_t i) {
+  switch (dtype) {
+    case pfp::kFloat32: return static_cast<const float*>(p)[i];
+    case pfp::kFloat16: return pfp::to_float(static_cast<const half*>(p)[i]);
+    default: return pfp::to_float(static_cast<const bf16*>(p)[i]);
+  }
+}
+
+// One row of the epilogue: out[j] = float(acc[j]) * (row_stat * col_stats[j]) * 1/127^2 (+ addend[j]) (+ bias[j]).
+template <typename T>
+void epilogue_row(const int32_t* acc, float row_stat, const float* col_stats, const float* bias, const float* addend,
+                  T* out, int64_t n, float* buffer) {
+  for (int64_t j = 0; j < n; ++j) {
+    float v = float(acc[j]) * (row_stat * col_stats[j]) * kMmDequantScale;
+    if (addend) v += addend[j];
+    if (bias) v += bias[j];
+    buffer[j] = v;
+  }
+  pfp::store_row<T, float>(buffer, out, n);
+}
+
+std::vector<float> bias_as_float(const void* bias, int bias_dtype, int64_t n) {
+  std::vector<float> values;
+  if (bias) {
+    values.resize(size_t(n));
+    for (int64_t j = 0; j < n; ++j) values[size_t(j)] = load_as_float(bias, bias_dtype, j);
+  }
+  return values;
+}
+
+// ---- GEMV: sum_c q[r, c] * w[j, c] for up to 8 rows, each weight byte read once --------------------------
+
+// Portable: widening int32 multiply-adds, which the compiler turns into vpmaddwd-style code.
+int32_t dot_i8(const int8_t* a, const int8_t* b, int64_t k) {
+  int32_t acc[16] = {};
+  int64_t i = 0;
+  for (; i + 16 <= k; i += 16)
+    for (int j = 0; j < 16; ++j) acc[j] += int32_t(a[i + j]) * int32_t(b[i + j]);
+  for (int j = 0; i < k; ++i, ++j) acc[j] += int32_t(a[i]) * int32_t(b[i]);
+  int32_t total = 0;
+  for (int j = 0; j < 16; ++j) total += acc[j];
+  return total;
+}
+
+void gemv_portable(const int8_t* q, const int8_t* w, int32_t* acc, int64_t m, int64_t j0, int64_t j1, int64_t n,
+                   int64_t k) {
+  for (int64_t j = j0; j < j1; ++j)
+    for (int64_t r = 0; r < m; ++r) acc[r * n + j] = dot_i8(q + r * k, w + j * k, k);
+}
+
+#if defined(__AVX512F__)
+// vpdpbusd multiplies unsigned by signed bytes: with u = q + 128 (q ^ 0x80 as a byte),
+//   sum_c q[c] w[c] = sum_c u[c] w[c] - 128 * sum_c w[c],
+// and sum_c w[c] comes from one more vpdpbusd against a vector of ones. No int32 overflow for k <= 65536:
+// |sum u w| <= 255 * 128 * 65536 < 2^31. Two weight rows per step share each load of x.
+template <int M>
+__attribute__((target("avx512f,avx512bw,avx512vnni")))
+void gemv_vnni_rows(const uint8_t* xu, const int8_t* w, int32_t* acc, int64_t j0, int64_t j1, int64_t n, int64_t k) {
+  const __m512i ones = _mm512_set1_epi8(1);
+  int64_t j = j0;
+  for (; j < j1; j += 2) {
+    const bool pair = j + 1 < j1;
+    const int8_t* w0 = w + j * k;
+    const int8_t* w1 = pair ? w0 + k : w0;
+    __m512i sum0[M], sum1[M];
+    __m512i wsum0 = _mm512_setzero_si512(), wsum1 = _mm512_setzero_si512();
+    for (int r = 0; r < M; ++r) sum0[r] = sum1[r] = _mm512_setzero_si512();
+    for (int64_t c = 0; c < k; c += 64) {
+      const __mmask64 mask = k - c >= 64 ? ~__mmask64(0) : (__mmask64(1) << (k - c)) - 1;
+      const __m512i a = _mm512_maskz_loadu_epi8(mask, w0 + c);
+      const __m512i b = _mm512_maskz_loadu_epi8(mask, w1 + c);
+      wsum0 = _mm512_dpbusd_epi32(wsum0, ones, a);
+      wsum1 = _mm512_dpbusd_epi32(wsum1, ones, b);
+      for (int r = 0; r < M; ++r) {
+        const __m512i xv = _mm512_maskz_loadu_epi8(mask, xu + r * k + c);
+        sum0[r] = _mm512_dpbusd_epi32(sum0[r], xv, a);
+        sum1[r] = _mm512_dpbusd_epi32(sum1[r], xv, b);
+      }
+    }
+    const int32_t correction0 = 128 * _mm512_reduce_add_epi32(wsum0);
+    const int32_t correction1 = 128 * _mm512_reduce_add_epi32(wsum1);
+    for (int r = 0; r < M; ++r) {
+      acc[r * n + j] = _mm512_reduce_add_epi32(sum0[r]) - correction0;
+      if (pair) acc[r * n + j + 1] = _mm512_reduce_add_epi32(sum1[r]) - correction1;
+    }
+  }
+}
+
+void gemv_vnni(const uint8_t* xu, const int8_t* w, int32_t* acc, int64_t m, int64_t j0, int64_t j1, int64_t n,
+               int64_t k) {
+  switch (m) {
+    case 1: gemv_vnni_rows<1>(xu, w, acc, j0, j1, n, k); break;
+    case 2: gemv_vnni_rows<2>(xu, w, acc, j0, j1, n, k); break;
+    case 3: gemv_vnni_rows<3>(xu, w, acc, j0, j1, n, k); break;
+    case 4: gemv_vnni_rows<4>(xu, w, acc, j0, j1, n, k); break;
+    case 5: gemv_vnni_rows<5>(xu, w, acc, j0, j1, n, k); break;
+    case 6: gemv_vnni_rows<6>(xu, w, acc, j0, j1, n, k); break;
+    case 7: gemv_vnni_rows<7>(xu, w, acc, j0, j1, n, k); break;
+    default: gemv_vnni_rows<8>(xu, w, acc, j0, j1, n, k); break;
+  }
+}
+
+bool has_vnni() {
+  static const bool supported = __builtin_cpu_supports("avx512vnni");
+  return supported;
+}
+#endif
+
+}  // namespace
+
+// int8_quantize: row-wise (axis 0) or column-wise (axis 1) vector-wise quantization of x [m, k] (row-major,
+// dtype x_dtype: fp32/fp16/bf16) -> q int8 [m, k], stats fp32 [m] (axis 0) or [k] (axis 1), outlier_flags
+// uint8 [k] (1 = outlier column). threshold <= 0: no outliers, flags all 0. Math at the top of the file.
+void int8_quantize(const void* x, int x_dtype, int8_t* q, float* stats, uint8_t* outlier_flags, int64_t m, int64_t k,
+                   int axis, double threshold, int nthreads) {
+  with_float_type(x_dtype, [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    if (axis == 0)
+      quant_rows(static_cast<const T*>(x), q, stats, outlier_flags, m, k, float(threshold), nthreads);
+    else
+      quant_cols(static_cast<const T*>(x), q, stats, outlier_flags, m, k, float(threshold), nthreads);
+  });
+}
+
+// int8_mm_dequant: out [m, n] (out_dtype) = float(c[m, n] int32) * (row_stats[m] * col_stats[n]) / 127^2
+// (+ addend fp32 [m, n], may be null) (+ bias [n] of bias_dtype, may be null). All row-major, contiguous.
+void int8_mm_dequant(const int32_t* c, const float* row_stats, const float* col_stats, const void* bias,
+                     int bias_dtype, const float* addend, void* out, int out_dtype, int64_t m, int64_t n,
+                     int nthreads) {
+  const std::vector<float> bias_f = bias_as_float(bias, bias_dtype, n);
+  const float* bias_p = bias ? bias_f.data() : nullptr;
+  with_float_type(out_dtype, [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    parallel_for(m, n, nthreads, [&](int64_t begin, int64_t end, int) {
+      std::vector<float> buffer(static_cast<size_t>(n));
+      for (int64_t r = begin; r < end; ++r)
+        epilogue_row(c + r * n, row_stats[r], col_stats, bias_p, addend ? addend + r * n : nullptr,
+                     static_cast<T*>(out) + r * n, n, buffer.data());
+    });
+  });
+}
+
+// int8_gemv: out [m, n] = epilogue(q [m, k] int8 @ w [n, k]^T int8) as in int8_mm_dequant, for 1 <= m <= 8 and
+// k <= 65536 (int32 accumulation bound); each weight byte is read once. Row-major, contiguous.
+void int8_gemv(const int8_t* q, const float* row_stats, const int8_t* w, const float* col_stats, const void* bias,
+               int bias_dtype, const float* addend, void* out, int out_dtype, int64_t m, int64_t n, int64_t k,
+               int nthreads) {
+  std::vector<int32_t> acc(size_t(m * n));
+#if defined(__AVX512F__)
+  std::vector<uint8_t> xu;
+  if (has_vnni()) {
+    xu.resize(size_t(m * k));
+    for (int64_t i = 0; i < m * k; ++i) xu[size_t(i)] = uint8_t(q[i]) ^ 0x80u;
+  }
+#endif
+  parallel_for(n, m * k, nthreads, [&](int64_t begin, int64_t end, int) {
+#if defined(__AVX512F__)
+    if (has_vnni()) { gemv_vnni(xu.data(), w, acc.data(), m, begin, end, n, k); return; }
+#endif
+    gemv_portable(q, w, acc.data(), m, begin, end, n, k);
+  });
+  int8_mm_dequant(acc.data(), row_stats, col_stats, bias, bias_dtype, addend, out, out_dtype, m, n, 1);
+}
+
+// int8_dequantize_rows: out [rows, k] (out_dtype) = float(q [rows, k]) * stats[r] * (1/127), bitsandbytes'
+// int8_vectorwise_dequant for one stat per row. Row-major, contiguous.
+void int8_dequantize_rows(const int8_t* q, const float* stats, void* out, int out_dtype, int64_t rows, int64_t k,
+                          int nthreads) {
+  with_float_type(out_dtype, [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    parallel_for(rows, k, nthreads, [&](int64_t begin, int64_t end, int) {
+      std::vector<float> buffer(static_cast<size_t>(k));
+      for (int64_t r = begin; r < end; ++r) {
+        const int8_t* src = q + r * k;
+        for (int64_t c = 0; c < k; ++c) buffer[size_t(c)] = float(src[c]) * stats[r] * kDequantScale;
+        pfp::store_row<T, float>(buffer.data(), static_cast<T*>(out) + r * k, k);
+      }
+    });
+  });
+}
+
+}  // namespace PFP_ISA

@@ -1,0 +1,311 @@
+"""LLM.int8 and vector-wise int8 quantization: custom ops, backend table, autograd, public int8_linear.
+
+Ops (the math is in pyfastpeft/reference/int8.py; x is flattened to [M, K] over its leading dims):
+  pyfastpeft::int8_vectorwise_quant(x, threshold) -> (q int8 like x, row_stats fp32 [M], outlier_cols int64)
+  pyfastpeft::int8_colwise_quant(x, threshold)    -> (q int8 like x, col_stats fp32 [K], outlier_cols int64)
+  pyfastpeft::int8_vectorwise_dequant(q, stats, axis) -> fp32 like q
+  pyfastpeft::int8_matmul(a, b)                    -> int32 [M, N] = a [M, K] @ b [N, K]^T, exact
+  pyfastpeft::int8_mm_dequant(c, row_stats, col_stats, bias, dtype) -> dtype [M, N]
+  pyfastpeft::int8_linear(x, weight, weight_stats, bias, threshold) -> [..., N] in x's dtype
+  pyfastpeft::int8_linear_grad_input(dy, weight, weight_stats) -> [..., K] = dY @ dequant(W)
+An absent bias is an empty tensor; "no outlier" is an empty outlier_cols.
+
+CPU products: the int8 x int8 -> int32 product of more than GEMV_MAX_ROWS rows runs torch._int_mm (oneDNN's
+VNNI GEMM; it measured faster here than a hand-written VNNI kernel would have to be to matter), and our
+kernel turns its int32 result into the output dtype in one pass (the dequant epilogue, with the outlier
+columns' 16-bit product and the bias added in fp32 before the single rounding). Up to GEMV_MAX_ROWS rows run
+our fused int8 GEMV (VNNI, every weight byte read once, epilogue fused): torch._int_mm is memory-bound at one
+row but slow for 2 to 8. dX = dY @ dequant(W) dequantizes TILE_ROWS rows of W at a time into one reused
+buffer (no dequantized copy of W outlives a call).
+"""
+from __future__ import annotations
+
+import math
+
+import torch
+
+from pyfastpeft import _native
+from pyfastpeft.ops._checks import check_same_device, check_tensor
+from pyfastpeft.ops._library import define_op
+from pyfastpeft.reference import int8 as ref
+
+GEMV_MAX_ROWS = 8
+TILE_ROWS = 256
+# int32 accumulation stays exact up to this reduction length (127 * 255 * 65536 < 2^31 with the VNNI
+# unsigned-offset trick; 127 * 127 * 65536 for a plain int8 product).
+MAX_IN_FEATURES = 65536
+NATIVE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _on_cpu(*tensors) -> bool:
+    return all(t.device.type == "cpu" for t in tensors)
+
+
+def _flags_to_cols(flags: torch.Tensor) -> torch.Tensor:
+    return flags.nonzero().view(-1)
+
+
+# ---- quantization -------------------------------------------------------------------------------------
+
+def quantize_into(x2d, q, stats, axis: int, threshold: float) -> torch.Tensor:
+    """Native: fills q [M, K] and stats ([M] for axis 0, [K] for axis 1); returns the outlier flags uint8 [K]."""
+    flags = torch.empty(x2d.shape[1], dtype=torch.uint8)
+    _native.cpu.int8_quantize(_native.ptr(x2d), _native.dtype_code(x2d), _native.ptr(q), _native.ptr(stats),
+                              _native.ptr(flags), x2d.shape[0], x2d.shape[1], axis, float(threshold),
+                              _native.num_threads())
+    return flags
+
+
+def _make_quant(axis: int, reference_fn):
+    def reference(x, threshold):
+        x2d = x.reshape(-1, x.shape[-1]) if x.dim() else x.reshape(1, 1)
+        q, stats, cols = reference_fn(x2d, threshold)
+        return q.view(x.shape), stats, cols
+
+    def native(x, threshold):
+        if not _on_cpu(x) or x.dtype not in NATIVE_DTYPES:
+            return reference(x, threshold)
+        x2d = x.reshape(-1, x.shape[-1]).contiguous()
+        q = torch.empty(x2d.shape, dtype=torch.int8)
+        stats = torch.empty(x2d.shape[axis], dtype=torch.float32)
+        if x2d.numel() == 0:
+            return q.view(x.shape), stats.zero_(), torch.empty(0, dtype=torch.int64)
+        flags = quantize_into(x2d, q, stats, axis, threshold)
+        return q.view(x.shape), stats, _flags_to_cols(flags)
+
+    def fake(x, threshold):
+        rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
+        stats = x.new_empty((rows if axis == 0 else x.shape[-1],), dtype=torch.float32)
+        n_outliers = torch.library.get_ctx().new_dynamic_size()
+        return x.new_empty(x.shape, dtype=torch.int8), stats, x.new_empty((n_outliers,), dtype=torch.int64)
+
+    return reference, native, fake
+
+
+_ref_rowq, _native_rowq, _fake_rowq = _make_quant(0, ref.vectorwise_quant)
+_ref_colq, _native_colq, _fake_colq = _make_quant(1, ref.colwise_quant)
+
+int8_vectorwise_quant_op = define_op(
+    "int8_vectorwise_quant", "(Tensor x, float threshold) -> (Tensor, Tensor, Tensor)", family="int8",
+    fake=_fake_rowq, reference=_ref_rowq, native=_native_rowq, triton=_ref_rowq, triton_dtypes=())
+int8_colwise_quant_op = define_op(
+    "int8_colwise_quant", "(Tensor x, float threshold) -> (Tensor, Tensor, Tensor)", family="int8",
+    fake=_fake_colq, reference=_ref_colq, native=_native_colq, triton=_ref_colq, triton_dtypes=())
+
+
+def _ref_dequant(q, stats, axis):
+    return ref.vectorwise_dequant(q, stats, axis)
+
+
+def _native_dequant(q, stats, axis):
+    if not _on_cpu(q, stats) or axis != 0:
+        return _ref_dequant(q, stats, axis)
+    out = torch.empty(q.shape, dtype=torch.float32)
+    if q.numel():
+        dequantize_rows_into(q.contiguous(), stats.float().contiguous(), out)
+    return out
+
+
+def dequantize_rows_into(q, stats, out) -> None:
+    """Native: out [rows, K] (contiguous, fp32/fp16/bf16) = q [rows, K] * stats[r] / 127."""
+    _native.cpu.int8_dequantize_rows(_native.ptr(q), _native.ptr(stats), _native.ptr(out), _native.dtype_code(out),
+                                     q.shape[0], q.shape[1], _native.num_threads())
+
+
+def _fake_dequant(q, stats, axis):
+    return q.new_empty(q.shape, dtype=torch.float32)
+
+
+int8_vectorwise_dequant_op = define_op(
+    "int8_vectorwise_dequant", "(Tensor q, Tensor stats, int axis) -> Tensor", family="int8",
+    fake=_fake_dequant, reference=_ref_dequant, native=_native_dequant, triton=_ref_dequant, triton_dtypes=())
+
+
+# ---- int8 matmul and its epilogue ----------------------------------------------------------------------
+
+def _ref_matmul(a, b):
+    return ref.int8_matmul(a, b)
+
+
+def _native_matmul(a, b):
+    if not _on_cpu(a, b) or a.numel() == 0 or b.numel() == 0:
+        return _ref_matmul(a, b)
+    return torch._int_mm(a.contiguous(), b.contiguous().t())
+
+
+def _fake_matmul(a, b):
+    return a.new_empty((a.shape[0], b.shape[0]), dtype=torch.int32)
+
+
+int8_matmul_op = define_op("int8_matmul", "(Tensor a, Tensor b) -> Tensor", family="int8", fake=_fake_matmul,
+                           reference=_ref_matmul, native=_native_matmul, triton=_ref_matmul, triton_dtypes=())
+
+
+def mm_dequant_into(c, row_stats, col_stats, bias, addend, out) -> None:
+    """Native epilogue: out [M, N] = c * (row_stats x col_stats) / 127^2 (+ addend fp32) (+ bias); None/empty = none."""
+    has_bias = bias is not None and bias.numel() > 0
+    has_addend = addend is not None and addend.numel() > 0
+    _native.cpu.int8_mm_dequant(_native.ptr(c), _native.ptr(row_stats), _native.ptr(col_stats),
+                                _native.ptr(bias) if has_bias else 0, _native.dtype_code(bias) if has_bias else 0,
+                                _native.ptr(addend) if has_addend else 0, _native.ptr(out), _native.dtype_code(out),
+                                c.shape[0], c.shape[1], _native.num_threads())
+
+
+def _ref_mm_dequant(c, row_stats, col_stats, bias, dtype):
+    return ref.mm_dequant(c, row_stats, col_stats, bias, c.new_empty(0, dtype=torch.float32), dtype)
+
+
+def _native_mm_dequant(c, row_stats, col_stats, bias, dtype):
+    if not _on_cpu(c, row_stats, col_stats, bias) or dtype not in NATIVE_DTYPES \
+            or (bias.numel() and bias.dtype not in NATIVE_DTYPES):
+        return _ref_mm_dequant(c, row_stats, col_stats, bias, dtype)
+    out = _native.empty(c.shape, dtype=dtype, device=c.device)
+    if c.numel():
+        mm_dequant_into(c.contiguous(), row_stats.float().contiguous(), col_stats.float().contiguous(),
+                        bias.contiguous(), None, out)
+    return out
+
+
+def _fake_mm_dequant(c, row_stats, col_stats, bias, dtype):
+    return c.new_empty(c.shape, dtype=dtype)
+
+
+int8_mm_dequant_op = define_op(
+    "int8_mm_dequant", "(Tensor c, Tensor row_stats, Tensor col_stats, Tensor bias, ScalarType dtype) -> Tensor",
+    family="int8", fake=_fake_mm_dequant, reference=_ref_mm_dequant, native=_native_mm_dequant,
+    triton=_ref_mm_dequant, triton_dtypes=())
+
+
+# ---- LLM.int8 linear -----------------------------------------------------------------------------------
+
+def _ref_linear(x, weight, weight_stats, bias, threshold):
+    return ref.int8_linear(x, weight, weight_stats, bias, threshold).contiguous()
+
+
+def _native_linear(x, weight, weight_stats, bias, threshold):
+    if not _on_cpu(x, weight, weight_stats, bias) or x.dtype not in NATIVE_DTYPES \
+            or (bias.numel() and bias.dtype not in NATIVE_DTYPES):
+        return _ref_linear(x, weight, weight_stats, bias, threshold)
+    out_features, in_features = weight.shape
+    lead = x.shape[:-1]
+    x2d = x.reshape(-1, in_features).contiguous()
+    weight, weight_stats, bias = weight.contiguous(), weight_stats.float().contiguous(), bias.contiguous()
+    m = x2d.shape[0]
+    out = _native.empty((m, out_features), dtype=x.dtype, device=x.device)
+    if m == 0 or out_features == 0:
+        return out.view(*lead, out_features)
+    if in_features == 0:
+        return out.copy_(bias.expand(m, out_features) if bias.numel() else torch.zeros(())).view(*lead, out_features)
+    q = torch.empty((m, in_features), dtype=torch.int8)
+    row_stats = torch.empty(m, dtype=torch.float32)
+    outlier_cols = _flags_to_cols(quantize_into(x2d, q, row_stats, 0, threshold))
+    addend = ref.outlier_product(x2d, weight, weight_stats, outlier_cols) if outlier_cols.numel() else None
+    if m <= GEMV_MAX_ROWS:
+        has_bias = bias.numel() > 0
+        _native.cpu.int8_gemv(_native.ptr(q), _native.ptr(row_stats), _native.ptr(weight), _native.ptr(weight_stats),
+                              _native.ptr(bias) if has_bias else 0, _native.dtype_code(bias) if has_bias else 0,
+                              _native.ptr(addend) if addend is not None else 0, _native.ptr(out),
+                              _native.dtype_code(out), m, out_features, in_features, _native.num_threads())
+    else:
+        mm_dequant_into(torch._int_mm(q, weight.t()), row_stats, weight_stats, bias, addend, out)
+    return out.view(*lead, out_features)
+
+
+def _fake_linear(x, weight, weight_stats, bias, threshold):
+    torch._check(x.shape[-1] == weight.shape[1], lambda: "int8_linear: x's last dim must be in_features")
+    return x.new_empty((*x.shape[:-1], weight.shape[0]))
+
+
+def _ref_linear_grad_input(dy, weight, weight_stats):
+    return ref.int8_linear_grad_input(dy, weight, weight_stats).contiguous()
+
+
+def _native_linear_grad_input(dy, weight, weight_stats):
+    if not _on_cpu(dy, weight, weight_stats) or dy.dtype not in NATIVE_DTYPES:
+        return _ref_linear_grad_input(dy, weight, weight_stats)
+    out_features, in_features = weight.shape
+    dy2d = dy.reshape(-1, out_features)
+    compute = ref.compute_dtype(dy.dtype)
+    dyc = dy2d.to(compute)
+    weight, weight_stats = weight.contiguous(), weight_stats.float().contiguous()
+    dx = torch.zeros((dy2d.shape[0], in_features), dtype=compute)
+    if dy2d.shape[0] and in_features:
+        tile_buffer = torch.empty(min(TILE_ROWS, out_features) * in_features, dtype=compute)
+        for n0 in range(0, out_features, TILE_ROWS):
+            n1 = min(n0 + TILE_ROWS, out_features)
+            tile = tile_buffer[: (n1 - n0) * in_features].view(n1 - n0, in_features)
+            dequantize_rows_into(weight[n0:n1], weight_stats[n0:n1], tile)
+            dx.addmm_(dyc[:, n0:n1], tile)
+    return dx.to(dy.dtype).view(*dy.shape[:-1], in_features)
+
+
+def _fake_linear_grad_input(dy, weight, weight_stats):
+    return dy.new_empty((*dy.shape[:-1], weight.shape[1]))
+
+
+int8_linear_op = define_op(
+    "int8_linear", "(Tensor x, Tensor weight, Tensor weight_stats, Tensor bias, float threshold) -> Tensor",
+    family="int8", fake=_fake_linear, reference=_ref_linear, native=_native_linear, triton=_ref_linear,
+    triton_dtypes=())
+int8_linear_grad_input = define_op(
+    "int8_linear_grad_input", "(Tensor dy, Tensor weight, Tensor weight_stats) -> Tensor", family="int8",
+    fake=_fake_linear_grad_input, reference=_ref_linear_grad_input, native=_native_linear_grad_input,
+    triton=_ref_linear_grad_input, triton_dtypes=())
+
+
+class Int8LinearFunction(torch.autograd.Function):
+    """y = int8_linear(x) over a frozen int8 weight: dX = dY @ (W * SCB / 127) (the straight-through gradient
+    of x's quantization), db = sum over rows of dY, no dW. Saves the int8 weight and its stats, not x."""
+
+    @staticmethod
+    def forward(ctx, x, weight, weight_stats, bias, threshold: float):
+        ctx.save_for_backward(weight, weight_stats)
+        return int8_linear_op(x, weight, weight_stats, bias, threshold)
+
+    @staticmethod
+    def backward(ctx, dy):
+        weight, weight_stats = ctx.saved_tensors
+        dx = int8_linear_grad_input(dy, weight, weight_stats) if ctx.needs_input_grad[0] else None
+        dbias = dy.reshape(-1, dy.shape[-1]).sum(0).to(dy.dtype) if ctx.needs_input_grad[3] else None
+        return dx, None, None, dbias, None
+
+
+def check_int8_weight(fn: str, weight, weight_stats) -> None:
+    if not isinstance(weight, torch.Tensor) or weight.dtype != torch.int8:
+        raise TypeError(f"{fn}: weight must be an int8 tensor of codes, got "
+                        f"{weight.dtype if isinstance(weight, torch.Tensor) else type(weight).__name__}")
+    if weight.dim() != 2:
+        raise ValueError(f"{fn}: weight must be 2-D [out_features, in_features], got shape {tuple(weight.shape)}")
+    check_tensor(fn, "weight_stats", weight_stats, dtypes=(torch.float32,), dim=1)
+    if weight_stats.shape[0] != weight.shape[0]:
+        raise ValueError(f"{fn}: weight_stats has {weight_stats.shape[0]} elements, weight has {weight.shape[0]} rows")
+    if weight.shape[1] > MAX_IN_FEATURES:
+        raise ValueError(f"{fn}: in_features is {weight.shape[1]}, at most {MAX_IN_FEATURES} keeps the int32 "
+                         "accumulation exact")
+
+
+def int8_linear(x: torch.Tensor, weight_int8: torch.Tensor, weight_stats: torch.Tensor,
+                bias: torch.Tensor | None = None, threshold: float = 6.0) -> torch.Tensor:
+    """LLM.int8 product: x [..., K] @ (weight_int8 * weight_stats / 127)^T + bias, in x's dtype.
+
+    x is quantized row-wise to int8 except its outlier columns (any |x| >= threshold), which meet the matching
+    dequantized weight columns in 16-bit (fp32 for fp32 x); threshold 0 turns the decomposition off.
+    weight_int8 [N, K] holds row-wise codes and weight_stats [N] their absmax (bitsandbytes' CB and SCB).
+    Differentiable w.r.t. x (straight-through: dX = dY @ dequant(W)) and bias.
+    """
+    fn = "int8_linear"
+    check_tensor(fn, "x", x, min_dim=1)
+    check_int8_weight(fn, weight_int8, weight_stats)
+    if x.shape[-1] != weight_int8.shape[1]:
+        raise ValueError(f"{fn}: x's last dim is {x.shape[-1]}, the weight's in_features is {weight_int8.shape[1]}")
+    if not isinstance(threshold, (int, float)) or threshold < 0 or math.isnan(threshold):
+        raise ValueError(f"{fn}: threshold must be a number >= 0, got {threshold!r}")
+    check_same_device(fn, x=x, weight_int8=weight_int8, weight_stats=weight_stats)
+    if bias is None:
+        bias = x.new_empty(0)
+    else:
+        check_tensor(fn, "bias", bias, dim=1)
+        if bias.shape[0] != weight_int8.shape[0]:
+            raise ValueError(f"{fn}: bias has {bias.shape[0]} elements, out_features is {weight_int8.shape[0]}")
+        check_same_device(fn, x=x, bias=bias)
+    return Int8LinearFunction.apply(x, weight_int8, weight_stats, bias, float(threshold))

@@ -1,0 +1,369 @@
+"""LLM.int8 and vector-wise int8 quantization: exact codes, outliers, epilogue, int8_linear, Linear8bitLt."""
+import pytest
+import torch
+from helpers import CPU_ISAS, cpu_isa, run
+from torch import nn
+from transformers import LlamaConfig, LlamaForCausalLM
+
+import pyfastpeft
+from pyfastpeft.functional import int8_linear
+from pyfastpeft.nn import Linear8bitLt
+from pyfastpeft.quant import (
+    int8_colwise_quant,
+    int8_double_quant,
+    int8_matmul,
+    int8_mm_dequant,
+    int8_vectorwise_dequant,
+    int8_vectorwise_quant,
+    quantize_int8_weight,
+)
+
+DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+SHAPES = [(1, 7), (5, 37), (64, 300), (9, 1024), (3, 2, 65)]
+
+
+def with_outliers(shape, dtype, columns=(3,), scale=10.0, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g)
+    for c in columns:
+        if c < shape[-1]:
+            x[..., c] *= scale
+    return x.to(dtype)
+
+
+def formula_rowwise(x, threshold):
+    """The contract written out: stats over the non-outlier elements, codes in fp32, outlier columns zeroed."""
+    x2d = x.reshape(-1, x.shape[-1]).float()
+    outliers = (x2d.abs() >= threshold) if threshold > 0 else torch.zeros_like(x2d, dtype=torch.bool)
+    cols = outliers.any(0).nonzero().view(-1)
+    stats = x2d.abs().masked_fill(outliers, 0).amax(1)
+    q = torch.round(x2d * (127.0 / stats)[:, None]).to(torch.int8)
+    q[:, cols] = 0
+    return q.view(x.shape), stats, cols
+
+
+@pytest.mark.parametrize("isa", CPU_ISAS)
+@pytest.mark.parametrize("threshold", [0.0, 6.0])
+@pytest.mark.parametrize("shape", SHAPES)
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_vectorwise_quant_codes_are_exact(dtype, shape, threshold, isa):
+    x = with_outliers(shape, dtype)
+    expected_q, expected_stats, expected_cols = formula_rowwise(x, threshold)
+    with cpu_isa(isa):
+        q, stats, cols = int8_vectorwise_quant(x, threshold)
+    ref_q, ref_stats, ref_cols = run("reference", int8_vectorwise_quant, x, threshold)
+    assert torch.equal(q, expected_q) and torch.equal(ref_q, expected_q)
+    assert torch.equal(stats, expected_stats) and torch.equal(ref_stats, expected_stats)
+    if threshold == 0:
+        assert cols is None and ref_cols is None
+    else:
+        assert torch.equal(cols, expected_cols) and torch.equal(ref_cols, expected_cols)
+
+
+@pytest.mark.parametrize("threshold", [0.0, 6.0])
+@pytest.mark.parametrize("shape", [(5, 37), (64, 300), (1, 7)])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_colwise_quant_matches_reference_and_formula(dtype, shape, threshold):
+    x = with_outliers(shape, dtype)
+    q, stats, cols = int8_colwise_quant(x, threshold)
+    ref_q, ref_stats, ref_cols = run("reference", int8_colwise_quant, x, threshold)
+    assert torch.equal(q, ref_q) and torch.equal(stats, ref_stats)
+    x2d = x.float()
+    outliers = (x2d.abs() >= threshold) if threshold > 0 else torch.zeros_like(x2d, dtype=torch.bool)
+    expected_stats = x2d.abs().masked_fill(outliers, 0).amax(0)
+    expected = torch.round((x2d * 127.0) / expected_stats).masked_fill(outliers, 0).to(torch.int8)
+    assert torch.equal(stats, expected_stats) and torch.equal(q, expected)
+    if threshold:
+        assert torch.equal(cols, ref_cols)
+
+
+def test_double_quant_returns_both_halves():
+    x = with_outliers((16, 40), torch.float32)
+    q_row, q_col, row_stats, col_stats, cols = int8_double_quant(x, 6.0)
+    assert torch.equal(q_row, int8_vectorwise_quant(x, 6.0)[0]) and torch.equal(q_col, int8_colwise_quant(x, 6.0)[0])
+    assert row_stats.shape == (16,) and col_stats.shape == (40,) and cols.tolist() == [3]
+
+
+def test_planted_outlier_columns_are_found_and_zeroed():
+    x = torch.randn(32, 128) * 0.5
+    planted = [5, 77, 100]
+    x[7, 5], x[0, 77], x[31, 100] = 9.0, -6.0, 100.0  # -6.0 sits on the threshold: |x| >= 6 counts
+    q, stats, cols = int8_vectorwise_quant(x, 6.0)
+    assert cols.tolist() == planted
+    assert (q[:, planted] == 0).all()
+    # the stats skip the outlier elements only (bitsandbytes), not the rest of their columns
+    assert torch.equal(stats, x.abs().masked_fill(x.abs() >= 6.0, 0).amax(1))
+
+
+def test_rows_of_zeros_give_zero_codes_and_no_nan():
+    x = torch.randn(4, 50)
+    x[1] = 0
+    for backend in ("native", "reference"):
+        q, stats, _ = run(backend, int8_vectorwise_quant, x)
+        assert stats[1] == 0 and (q[1] == 0).all()
+        q_col, col_stats, _ = run(backend, int8_colwise_quant, torch.zeros(3, 5))
+        assert (q_col == 0).all() and (col_stats == 0).all()
+        w, scb = quantize_int8_weight(torch.zeros(3, 8))
+        out = run(backend, int8_linear, torch.zeros(2, 8), w, scb)
+        assert not out.isnan().any()
+
+
+@pytest.mark.parametrize("backend", ["native", "reference"])
+def test_nonfinite_inputs_code_zero_and_poison_only_their_row(backend):
+    x = torch.randn(3, 40)
+    x[0, 5] = float("inf")
+    x[1, 7] = float("nan")
+    q, stats, _ = run(backend, int8_vectorwise_quant, x)
+    assert stats[0] == float("inf") and stats[1].isnan() and stats[2].isfinite()
+    assert q[0, 5] == 0 and q[1, 7] == 0
+    assert torch.equal(q[2], formula_rowwise(x[2:], 0.0)[0][0])
+    # with the decomposition on, inf is an outlier (>= threshold), NaN is not
+    q, stats, cols = run(backend, int8_vectorwise_quant, x, 6.0)
+    assert cols.tolist() == [5] and stats[0].isfinite() and stats[1].isnan()
+
+
+@pytest.mark.parametrize("isa", CPU_ISAS)
+@pytest.mark.parametrize("rows", [1, 3, 8, 9, 40])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_int8_linear_matches_reference(dtype, rows, isa):
+    torch.manual_seed(rows)
+    x = with_outliers((rows, 200), dtype, columns=(3, 150))
+    weight = torch.randn(70, 200)
+    codes, scb = quantize_int8_weight(weight)
+    bias = torch.randn(70).to(dtype)
+    for threshold in (0.0, 6.0):
+        with cpu_isa(isa):
+            ours = int8_linear(x, codes, scb, bias, threshold)
+        ref = run("reference", int8_linear, x, codes, scb, bias, threshold)
+        assert ours.dtype == dtype
+        # the int32 products are exact; the fp32 epilogue and outlier GEMM may differ in the last place
+        torch.testing.assert_close(ours.float(), ref.float(), rtol=1e-5, atol=1e-4 if dtype == torch.float32 else 1e-2)
+
+
+def test_int8_linear_decomposition_recovers_outliers():
+    torch.manual_seed(0)
+    x = torch.randn(16, 256)
+    x[:, 10] *= 40  # one hot channel, as in LLM activations
+    weight = torch.randn(64, 256) * 0.05
+    codes, scb = quantize_int8_weight(weight)
+    dense = x @ (codes.float() * scb[:, None] / 127).t()
+    err_with = (int8_linear(x, codes, scb, threshold=6.0) - dense).abs().mean()
+    err_without = (int8_linear(x, codes, scb, threshold=0.0) - dense).abs().mean()
+    assert err_with < err_without / 4, (err_with, err_without)
+
+
+def test_int8_matmul_is_exact_at_the_int32_bound():
+    k = 65536
+    a = torch.full((2, k), 127, dtype=torch.int8)
+    b = torch.full((3, k), -127, dtype=torch.int8)
+    b[1] = 127
+    c = int8_matmul(a, b)
+    assert c.dtype == torch.int32
+    assert c[0, 0].item() == -127 * 127 * k and c[0, 1].item() == 127 * 127 * k
+
+
+@pytest.mark.parametrize("rows", [1, 8, 20])
+def test_int8_linear_has_no_int32_overflow_at_65536_inputs(rows):
+    k = 65536
+    x = torch.ones(rows, k)
+    codes = torch.full((4, k), 127, dtype=torch.int8)
+    codes[1] = -127
+    codes[2, ::2] = -127
+    scb = torch.ones(4)
+    out = int8_linear(x, codes, scb, threshold=0.0)
+    expected = torch.tensor([k, -k, 0, k], dtype=torch.float32)
+    torch.testing.assert_close(out, expected.expand(rows, 4), rtol=1e-5, atol=1e-2)
+
+
+def test_bf16_output_above_fp16_range_does_not_overflow():
+    x = torch.full((2, 64), 300.0, dtype=torch.bfloat16)
+    codes = torch.full((3, 64), 127, dtype=torch.int8)
+    scb = torch.full((3,), 20.0)
+    out = int8_linear(x, codes, scb, threshold=0.0)  # 64 * 300 * 20 = 384000 > 65504
+    assert out.isfinite().all()
+    torch.testing.assert_close(out.float(), torch.full((2, 3), 384000.0), rtol=1e-2, atol=0)
+    c = torch.full((1, 2), 127 * 127 * 64, dtype=torch.int32)
+    assert int8_mm_dequant(c, torch.tensor([300.0]), torch.tensor([20.0, 20.0]), torch.bfloat16).isfinite().all()
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_mm_dequant_and_dequant_match_reference(dtype):
+    c = torch.randint(-2**20, 2**20, (9, 33), dtype=torch.int32)
+    row, col, bias = torch.rand(9) * 3, torch.rand(33) * 3, torch.randn(33).to(dtype)
+    ours = int8_mm_dequant(c, row, col, dtype, bias)
+    ref = run("reference", int8_mm_dequant, c, row, col, dtype, bias)
+    torch.testing.assert_close(ours, ref, rtol=0, atol=0)
+    q = torch.randint(-127, 128, (9, 33), dtype=torch.int8)
+    torch.testing.assert_close(int8_vectorwise_dequant(q, row), run("reference", int8_vectorwise_dequant, q, row),
+                               rtol=0, atol=0)
+    torch.testing.assert_close(int8_vectorwise_dequant(q, col, axis=1), q.float() * col * (1 / 127), rtol=1e-6,
+                               atol=0)
+
+
+@pytest.mark.parametrize("backend", ["native", "reference"])
+def test_int8_linear_gradcheck(backend):
+    torch.manual_seed(0)
+    codes, scb = quantize_int8_weight(torch.randn(6, 10))
+    x = torch.randn(3, 10, dtype=torch.float64, requires_grad=True)
+    bias = torch.randn(6, dtype=torch.float64, requires_grad=True)
+    with pyfastpeft.use_backend(backend):
+        assert torch.autograd.gradcheck(lambda x, b: int8_linear(x, codes, scb, b), (x, bias))
+
+
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_int8_linear_grad_input_is_dy_times_dequantized_weight(dtype):
+    torch.manual_seed(1)
+    codes, scb = quantize_int8_weight(torch.randn(300, 40))
+    x = torch.randn(2, 5, 40, dtype=dtype, requires_grad=True)
+    int8_linear(x, codes, scb).backward(torch.ones(2, 5, 300, dtype=dtype))
+    expected = torch.ones(10, 300) @ (codes.float() * scb[:, None] / 127)
+    # bf16 rounds the dequantized weight (~0.4%) before a 300-term sum of size ~10
+    atol = {torch.float32: 1e-4, torch.float16: 1e-3, torch.bfloat16: 0.15}[dtype]
+    torch.testing.assert_close(x.grad.float().view(10, 40), expected, rtol=1e-2, atol=atol)
+
+
+def test_int8_ops_opcheck():
+    x = with_outliers((6, 40), torch.float32)
+    codes, scb = quantize_int8_weight(torch.randn(24, 40))
+    ops = torch.ops.pyfastpeft
+    for backend in ("native", "reference"):
+        with pyfastpeft.use_backend(backend):
+            torch.library.opcheck(ops.int8_vectorwise_quant.default, (x, 6.0))
+            torch.library.opcheck(ops.int8_colwise_quant.default, (x, 6.0))
+            torch.library.opcheck(ops.int8_vectorwise_dequant.default, (codes, scb, 0))
+            torch.library.opcheck(ops.int8_matmul.default, (codes[:6], codes))
+            torch.library.opcheck(ops.int8_mm_dequant.default,
+                                  (torch.randint(-999, 999, (6, 24), dtype=torch.int32), torch.rand(6), scb,
+                                   torch.randn(24), torch.bfloat16))
+            torch.library.opcheck(ops.int8_linear.default, (x, codes, scb, torch.randn(24), 6.0))
+            torch.library.opcheck(ops.int8_linear_grad_input.default, (torch.randn(6, 24), codes, scb))
+
+
+def test_linear8bitlt_compiles_fullgraph():
+    layer = Linear8bitLt.from_linear(nn.Linear(40, 24), threshold=0.0)
+    x = torch.randn(5, 40)
+    compiled = torch.compile(layer, fullgraph=True, backend="aot_eager")
+    torch.testing.assert_close(compiled(x), layer(x))
+
+
+def test_linear8bitlt_from_linear_is_close_to_the_dense_layer():
+    torch.manual_seed(0)
+    linear = nn.Linear(128, 64)
+    layer = Linear8bitLt.from_linear(linear)
+    x = torch.randn(7, 128)
+    assert layer.weight.dtype == torch.int8 and layer.SCB.dtype == torch.float32
+    torch.testing.assert_close(layer.dequantize(), linear.weight, rtol=0, atol=linear.weight.abs().max().item() / 127)
+    rel = (layer(x) - linear(x)).norm() / linear(x).norm()
+    assert rel < 0.02, rel
+    y = layer(x.bfloat16())
+    assert y.dtype == torch.bfloat16
+
+
+def test_linear8bitlt_state_dict_round_trip_and_dtype_casts():
+    layer = Linear8bitLt.from_linear(nn.Linear(32, 16))
+    state = layer.state_dict()
+    assert set(state) == {"weight", "SCB", "weight_format", "bias"} and state["weight_format"].item() == 0
+    other = Linear8bitLt(32, 16)
+    other.load_state_dict(state)
+    x = torch.randn(3, 32)
+    assert torch.equal(other(x), layer(x))
+    other.half()
+    assert other.weight.dtype == torch.int8 and other.SCB.dtype == torch.float32
+    with pytest.raises(RuntimeError, match="only the row-major weight_format"):
+        Linear8bitLt(32, 16).load_state_dict({**state, "weight_format": torch.tensor(1, dtype=torch.uint8)})
+    with pytest.raises(RuntimeError, match="must hold int8 codes"):
+        Linear8bitLt(32, 16).load_state_dict({**state, "weight": torch.randn(16, 32)})
+
+
+def _bitsandbytes():
+    try:
+        import bitsandbytes
+        return bitsandbytes
+    except Exception:
+        return None
+
+
+bnb = _bitsandbytes()
+
+
+@pytest.mark.skipif(bnb is None, reason="bitsandbytes is not importable")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_codes_and_stats_equal_bitsandbytes(dtype):
+    x = with_outliers((33, 130), dtype, columns=(3, 64))
+    for threshold in (0.0, 6.0):
+        theirs = bnb.functional.int8_vectorwise_quant(x.clone(), threshold=threshold)
+        ours = int8_vectorwise_quant(x, threshold)
+        assert torch.equal(ours[0], theirs[0]) and torch.equal(ours[1], theirs[1])
+        if threshold:
+            assert torch.equal(ours[2], theirs[2])
+
+
+@pytest.mark.skipif(bnb is None, reason="bitsandbytes is not importable")
+def test_linear8bitlt_checkpoints_load_both_ways_with_bitsandbytes():
+    torch.manual_seed(0)
+    linear = nn.Linear(64, 48)
+    theirs = bnb.nn.Linear8bitLt(64, 48, has_fp16_weights=False, threshold=6.0)
+    theirs.load_state_dict(linear.state_dict())
+    theirs = theirs.to("cpu")  # quantizes
+    state = theirs.state_dict()
+    # bitsandbytes quantizes the weight from fp16: from that copy the codes and stats are the same
+    codes, scb = quantize_int8_weight(linear.weight.detach().half())
+    assert torch.equal(state["weight"], codes) and torch.equal(state["SCB"], scb)
+    loaded = Linear8bitLt(64, 48)
+    loaded.load_state_dict(state)
+    assert torch.equal(loaded.weight, codes) and torch.equal(loaded.SCB, scb)
+    x = torch.randn(5, 64)
+    # bitsandbytes' CPU forward multiplies x unquantized by the dequantized weight: ours differs by the int8
+    # rounding of x alone
+    assert (loaded(x) - theirs(x)).norm() / theirs(x).norm() < 0.01
+    ours = Linear8bitLt.from_linear(linear)
+    back = bnb.nn.Linear8bitLt(64, 48, has_fp16_weights=False).to("cpu")
+    back.load_state_dict(ours.state_dict())
+    assert torch.equal(back.state_dict()["weight"], ours.weight) and torch.equal(back.state_dict()["SCB"], ours.SCB)
+    assert (back(x) - ours(x)).norm() / ours(x).norm() < 0.01
+
+
+def test_quantize_model_int8_replaces_linears_and_keeps_logits_close():
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, vocab_size=128)
+    model = LlamaForCausalLM(config).eval()
+    ids = torch.randint(0, 128, (1, 12))
+    with torch.no_grad():
+        reference = model(ids).logits
+    report = pyfastpeft.quantize_model(model, "int8")
+    assert len(report.replaced) == 2 * 7 and isinstance(model.model.layers[1].mlp.down_proj, Linear8bitLt)
+    assert report.bytes_after < report.bytes_before
+    with torch.no_grad():
+        logits = model(ids).logits
+    similarity = torch.nn.functional.cosine_similarity(logits.flatten(), reference.flatten(), dim=0)
+    assert similarity > 0.995, similarity
+
+
+@pytest.mark.parametrize("call,error,match", [
+    (lambda w, s: int8_linear(torch.randn(2, 31), w, s), ValueError, "in_features is 32"),
+    (lambda w, s: int8_linear(torch.randn(2, 32), w.float(), s), TypeError, "weight must be an int8"),
+    (lambda w, s: int8_linear(torch.randn(2, 32), w, s[:3]), ValueError, "weight_stats has 3 elements"),
+    (lambda w, s: int8_linear(torch.randn(2, 32), w, s.double()), TypeError, "weight_stats must have dtype"),
+    (lambda w, s: int8_linear(torch.randn(2, 32), w, s, torch.randn(5)), ValueError, "bias has 5 elements"),
+    (lambda w, s: int8_linear(torch.randn(2, 32), w, s, threshold=-1.0), ValueError, "threshold must be"),
+    (lambda w, s: int8_linear(torch.ones(2, 32, dtype=torch.int8), w, s), TypeError, "x must have dtype"),
+    (lambda w, s: int8_vectorwise_quant(torch.randn(3, 4), threshold=float("nan")), ValueError, "threshold"),
+    (lambda w, s: int8_vectorwise_dequant(w, s, axis=2), ValueError, "axis must be 0"),
+    (lambda w, s: int8_vectorwise_dequant(w, s, axis=1), ValueError, "stats has 8 elements, q has 32 columns"),
+    (lambda w, s: int8_matmul(w, w[:, :5]), ValueError, "a has 32 columns, b has 5"),
+    (lambda w, s: int8_mm_dequant(torch.ones(2, 8, dtype=torch.int32), s[:3], s), ValueError, "row_stats has 3"),
+    (lambda w, s: Linear8bitLt(0, 4), ValueError, "in_features and out_features must be >= 1"),
+    (lambda w, s: Linear8bitLt(70000, 4), ValueError, "at most 65536"),
+])
+def test_bad_input_raises_clear_errors(call, error, match):
+    codes, scb = quantize_int8_weight(torch.randn(8, 32))
+    with pytest.raises(error, match=match):
+        call(codes, scb)
+
+
+def test_empty_inputs_give_empty_results():
+    codes, scb = quantize_int8_weight(torch.randn(8, 32))
+    assert int8_linear(torch.randn(0, 32), codes, scb).shape == (0, 8)
+    q, stats, cols = int8_vectorwise_quant(torch.randn(0, 32), 6.0)
+    assert q.shape == (0, 32) and stats.shape == (0,) and cols.numel() == 0
