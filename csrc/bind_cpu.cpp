@@ -85,6 +85,13 @@ void nf4_gemv(uintptr_t x, int x_dtype, uintptr_t packed, uintptr_t absmax, uint
                nthreads);
 }
 
+// seed, offset: the int64 pair of the op's rng tensor; threshold = fp32(p), keep_scale = fp32(1 / (1 - p)).
+void lora_dropout(uintptr_t src, uintptr_t dst, int64_t numel, int dtype, int64_t seed, int64_t offset, float threshold,
+                  float keep_scale, double alpha, bool accumulate, int nthreads) {
+  PFP_CALL_ISA(lora_dropout, ptr<const void>(src), ptr<void>(dst), numel, dtype, seed, offset, threshold, keep_scale,
+               alpha, accumulate, nthreads);
+}
+
 // Ask the kernel to back [address, address + nbytes) with 2 MiB pages, before its first touch.
 // Fresh large tensors come straight from mmap, and with 4 KiB pages their first-touch page faults
 // cost several times the kernel that fills them (about 15 ms for 64 MiB, against 3 ms here).
@@ -113,6 +120,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("nf4_quantize", &nf4_quantize, release);
   m.def("nf4_dequantize", &nf4_dequantize, release);
   m.def("nf4_gemv", &nf4_gemv, release);
+  m.def("lora_dropout", &lora_dropout, release);
   m.def("advise_huge_pages", &advise_huge_pages, py::arg("address"), py::arg("nbytes"));
 
   m.def("best_isa", [] { return std::string(pfp::isa_name(pfp::best_isa())); },

@@ -31,6 +31,9 @@
   void nf4_gemv(const void* x, int x_dtype, const uint8_t* packed, const float* absmax,              \
                 const float* code, const void* bias, int bias_dtype, void* out, int64_t m,           \
                 int64_t n, int64_t k, int64_t blocksize, int nthreads);                              \
+  void lora_dropout(const void* src, void* dst, int64_t numel, int dtype, int64_t seed,              \
+                    int64_t offset, float threshold, float keep_scale, double alpha,                 \
+                    bool accumulate, int nthreads);                                                  \
   }
 
 PFP_DECLARE_CPU_KERNELS(pfp_avx512)
