@@ -5,9 +5,9 @@ import math
 
 import pytest
 import torch
+from helpers import BACKENDS, CPU_ISAS, HAS_TRITON, TOLERANCES, cpu_isa, skip_unsupported
 
 import pyfastpeft
-from helpers import BACKENDS, CPU_ISAS, HAS_TRITON, TOLERANCES, cpu_isa, skip_unsupported
 from pyfastpeft import _native
 from pyfastpeft.functional import lora_linear
 from pyfastpeft.ops import lora as lora_ops
@@ -78,6 +78,23 @@ def test_native_dropout_accumulates_alpha_times_masked_input(isa):
         out = native_dropout(g, rng, 0.25, alpha=0.5, accumulate_into=base)
     torch.testing.assert_close(out, base + 0.5 * ref.dropout(g, 0.25, rng), rtol=1e-15, atol=1e-15)
 
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_triton_dropout_kernel_is_reference_bit_for_bit(dtype):
+    from pyfastpeft.triton_kernels import lora as triton_lora
+
+    rng = torch.tensor([2**40 + 9, 2**32 - 100])
+    x, base = torch.randn(7, 300).to(dtype), torch.randn(7, 300).to(dtype)
+    out = torch.empty_like(x)
+    keep_scale = float(torch.tensor(1 / 0.7, dtype=torch.float32))
+    triton_lora.dropout_into(x, out, rng, 0.3, keep_scale, 1.0, False)
+    assert torch.equal(out, ref.dropout(x, 0.3, rng))
+    accumulated = base.clone()
+    triton_lora.dropout_into(x, accumulated, rng, 0.3, keep_scale, 0.5, True)
+    expected = (base.float() + 0.5 * ref.dropout(x.float(), 0.3, rng)).to(dtype)
+    torch.testing.assert_close(accumulated, expected, **TOLERANCES[dtype])
 
 
 # ---- lora_linear ------------------------------------------------------------------------------------------
@@ -320,3 +337,20 @@ def test_nf4_weight_with_wrong_packed_size_raises():
     packed, state = quantize_nf4(torch.randn(17, 33))
     with pytest.raises(ValueError, match="packed"):
         lora_linear(torch.randn(2, 33), (packed[:-1], state), None, torch.randn(4, 33), torch.randn(17, 4), 1.0)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("base", ["dense", "nf4"])
+def test_cuda_matches_reference(dtype, base):
+    """The CUDA default (Triton's fused forward) against the reference on the GPU, dropout on, same mask."""
+    inputs = [t.cuda() if isinstance(t, torch.Tensor) else t for t in make_inputs((3, 100, 320), 200, 16, dtype)]
+    inputs = [t.detach().requires_grad_(t.requires_grad) if isinstance(t, torch.Tensor) else t for t in inputs]
+    if base == "nf4":
+        inputs[1] = quantize_nf4(inputs[1])
+    expected = forward_backward("reference", inputs, 2.0, 0.1)
+    actual = forward_backward("auto", inputs, 2.0, 0.1)
+    loose = {name: 4 * value for name, value in TOLERANCES[dtype].items()}  # sums of 320 and 300 terms
+    for got, want in zip(actual, expected):
+        if got is not None:
+            torch.testing.assert_close(got, want, **loose)
