@@ -7,9 +7,11 @@ forward, x [M, K], W [N, K] frozen, A [R, K], B [N, R], s = scaling (pyfastpeft/
     y     = acc + b + s * round_x(acc_a) B^T       in the epilogue
 where x_d = x * keep * keep_scale (rounded to x's dtype), keep = tl.rand(seed, uint32(offset + m * K + k)) >
 threshold: the shared Philox mask, applied on the A branch only. The xa output (round_x(acc_a)) is written
-by the programs of the first N block. With an NF4 base the K loop dequantizes the W tile from its packed
-bytes: element f = n * K + k is nibble f % 2 of byte f // 2 (high nibble first), code[nibble] * absmax[f //
-blocksize]. Rank tiles are padded to BLOCK_R = max(16, next power of two of R) with zeros.
+by the programs of the first N block; every N block computes acc_a again (R / BLOCK_N more work than x W^T
+alone, in place of a second pass over x or a dependency between programs). With an NF4 base the K loop
+dequantizes the W tile from its packed bytes: element f = n * K + k is nibble f % 2 of byte f // 2 (high
+nibble first), code[nibble] * absmax[f // blocksize]. Rank tiles are padded with zeros to BLOCK_R =
+max(16, next power of two of R).
 
 DOT_IN_FP32 (set under the CPU interpreter, which gets bf16 arithmetic and bf16 tl.dot wrong) converts every
 loaded tile to fp32; on GPUs the tiles meet tl.dot in x's dtype with fp32 accumulation.
