@@ -111,6 +111,13 @@ void int8_dequantize_rows(uintptr_t q, uintptr_t stats, uintptr_t out, int out_d
                k, nthreads);
 }
 
+// seed, offset: the int64 pair of the op's rng tensor; threshold = fp32(p), keep_scale = fp32(1 / (1 - p)).
+void lora_dropout(uintptr_t src, uintptr_t dst, int64_t numel, int dtype, int64_t seed, int64_t offset, float threshold,
+                  float keep_scale, double alpha, bool accumulate, int nthreads) {
+  PFP_CALL_ISA(lora_dropout, ptr<const void>(src), ptr<void>(dst), numel, dtype, seed, offset, threshold, keep_scale,
+               alpha, accumulate, nthreads);
+}
+
 // Ask the kernel to back [address, address + nbytes) with 2 MiB pages, before its first touch.
 // Fresh large tensors come straight from mmap, and with 4 KiB pages their first-touch page faults
 // cost several times the kernel that fills them (about 15 ms for 64 MiB, against 3 ms here).
@@ -143,6 +150,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("int8_mm_dequant", &int8_mm_dequant, release);
   m.def("int8_gemv", &int8_gemv, release);
   m.def("int8_dequantize_rows", &int8_dequantize_rows, release);
+  m.def("lora_dropout", &lora_dropout, release);
   m.def("advise_huge_pages", &advise_huge_pages, py::arg("address"), py::arg("nbytes"));
 
   m.def("best_isa", [] { return std::string(pfp::isa_name(pfp::best_isa())); },

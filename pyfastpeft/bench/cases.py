@@ -18,6 +18,7 @@ from transformers.models.llama import modeling_llama
 import pyfastpeft
 from pyfastpeft.bench.harness import MODES, Case, Implementation, KernelCall, Workload
 from pyfastpeft.ops import int8 as int8_ops
+from pyfastpeft.ops import lora as lora_ops
 from pyfastpeft.ops import nf4 as nf4_ops
 from pyfastpeft.ops import rmsnorm as rmsnorm_ops
 from pyfastpeft.ops import rope as rope_ops
@@ -345,8 +346,76 @@ def int8_cases(dtypes: Sequence[torch.dtype], quick: bool) -> list[Case]:
     return cases
 
 
+# ---- LoRA: y = x W^T + s * dropout(x) A^T B^T over a dense [N, K] base, training (x and A, B need grads) ----
+
+LORA_ROWS = {False: 2048, True: 256}
+LORA_WEIGHTS = {False: ((HIDDEN, HIDDEN), (INTERMEDIATE, HIDDEN)), True: ((HIDDEN, HIDDEN),)}
+LORA_RANKS = {False: (16, 64), True: (16,)}
+LORA_DROPOUT = {False: (0.0, 0.05), True: (0.05,)}
+LORA_ALPHA = 16
+
+
+def _lora_tensors(rows: int, out_features: int, in_features: int, rank: int, dtype, device, requires_grad=False):
+    """x [rows, K], frozen W [N, K], A [r, K], B [N, r] at the scales of a trained adapter."""
+    x = torch.randn(rows, in_features, dtype=dtype, device=device, requires_grad=requires_grad)
+    weight = torch.randn(out_features, in_features, dtype=dtype, device=device) * in_features**-0.5
+    lora_A = (torch.randn(rank, in_features, device=device) * in_features**-0.5).to(dtype).requires_grad_(requires_grad)
+    lora_B = (torch.randn(out_features, rank, device=device) * 0.01).to(dtype).requires_grad_(requires_grad)
+    return x, weight, lora_A, lora_B
+
+
+def _lora_rng(dropout_p: float, device) -> torch.Tensor:
+    if dropout_p > 0:
+        return torch.randint(0, lora_ops.SEED_HIGH, (2,), device=device)
+    return torch.empty(0, dtype=torch.int64, device=device)
+
+
+def _lora_kernel(rows: int, out_features: int, in_features: int, rank: int, dropout_p: float, dtype, device,
+                 backward: bool) -> KernelCall:
+    """The native op: forward reads x, W, A, B and writes y, xa [M, r]; backward reads dY, x, W, A, B, xa and
+    writes dX, dA, dB. The GEMMs are torch's, so this is compute-bound: the bandwidth figure is a floor."""
+    x, weight, lora_A, lora_B = _lora_tensors(rows, out_features, in_features, rank, dtype, device)
+    rng, scaling, bias = _lora_rng(dropout_p, device), LORA_ALPHA / rank, x.new_empty(0)
+    xa = torch.randn(rows, rank, dtype=dtype, device=device)
+    if backward:
+        dy = torch.randn(rows, out_features, dtype=dtype, device=device)
+        call = lambda: lora_ops.lora_backward(dy, x, weight, lora_A, lora_B, xa, scaling, dropout_p,  # noqa: E731
+                                              rng, True)
+        return KernelCall(call, tensor_bytes(dy, x, weight, lora_A, lora_B, xa) + tensor_bytes(x, lora_A, lora_B))
+    call = lambda: lora_ops.lora_forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, rng)  # noqa: E731
+    return KernelCall(call, tensor_bytes(x, weight, lora_A, lora_B, xa) + rows * out_features * x.element_size())
+
+
+def _lora_workload(rows: int, out_features: int, in_features: int, rank: int, dropout_p: float, dtype: torch.dtype,
+                   device: torch.device) -> Workload:
+    """Ours: pyfastpeft.functional.lora_linear. Reference: PEFT's eager graph, F.linear for the base plus
+    dropout and the two adapter linears."""
+    x, weight, lora_A, lora_B = _lora_tensors(rows, out_features, in_features, rank, dtype, device, True)
+    scaling = LORA_ALPHA / rank
+
+    def reference():
+        dropped = F.dropout(x, dropout_p, training=True) if dropout_p > 0 else x
+        return F.linear(x, weight) + F.linear(F.linear(dropped, lora_A), lora_B) * scaling
+    kernel = functools.partial(_lora_kernel, rows, out_features, in_features, rank, dropout_p, dtype, device)
+    leaves = (x, lora_A, lora_B)
+    return Workload(
+        ours=Implementation(lambda: pyfastpeft.functional.lora_linear(x, weight, None, lora_A, lora_B, scaling,
+                                                                      dropout_p, training=True), leaves),
+        reference=Implementation(reference, leaves),
+        kernels={"forward": functools.partial(kernel, False), "backward": functools.partial(kernel, True)})
+
+
+def lora_cases(dtypes: Sequence[torch.dtype], quick: bool) -> list[Case]:
+    rows = LORA_ROWS[quick]
+    return [Case("lora", f"M={rows} {out_features}x{in_features} r={rank} p={dropout_p}", dtype, mode,
+                 "eager PEFT: F.linear + dropout + two linears",
+                 functools.partial(_lora_workload, rows, out_features, in_features, rank, dropout_p, dtype))
+            for out_features, in_features in LORA_WEIGHTS[quick] for rank in LORA_RANKS[quick]
+            for dropout_p in LORA_DROPOUT[quick] for dtype in dtypes for mode in MODES]
+
+
 FAMILIES: dict[str, FamilyCases] = {"rmsnorm": rmsnorm_cases, "swiglu": swiglu_cases, "rope": rope_cases,
-                                    "nf4": nf4_cases, "int8": int8_cases}
+                                    "nf4": nf4_cases, "int8": int8_cases, "lora": lora_cases}
 
 
 def select_cases(families: Sequence[str], dtypes: Sequence[torch.dtype], quick: bool) -> list[Case]:

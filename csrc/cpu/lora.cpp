@@ -1,0 +1,118 @@
+// LoRA dropout on the CPU: the counter-based mask (Philox-4x32-10, Triton's tl.rand bit for bit) applied
+// elementwise; the LoRA GEMMs themselves run in torch (pyfastpeft/ops/lora.py).
+//
+// Uniforms (pyfastpeft/reference/lora.py is the oracle): element i of a row-major [M, in] tensor gets
+//   key = (seed mod 2^32, seed >> 32 mod 2^32), counter = (uint32(offset + i), 0, 0, 0), ten Philox rounds,
+//   w = first output word as int32,  u = float(w < 0 ? ~w : w) * 4.6566127342e-10f   in [0, 1)
+//   keep = u > threshold   (threshold = fp32(p), strictly greater: p = 0 keeps every element)
+// Counters are computed 16 at a time in uint32 lanes (the high product word through a uint64 multiply),
+// plain loops the AVX-512 / AVX2 builds vectorize; the scalar build runs the same loops.
+#include "cpu/common.h"
+#include "cpu/kernels.h"
+
+#include <stdexcept>
+
+namespace PFP_ISA {
+namespace {
+
+using pfp::bf16;
+using pfp::half;
+
+constexpr int kLanes = 16;
+constexpr int64_t kChunk = 1024;  // elements per step of a thread (three stack buffers); a multiple of kLanes
+
+constexpr uint32_t kPhiloxKeyA = 0x9E3779B9u, kPhiloxKeyB = 0xBB67AE85u;
+constexpr uint32_t kPhiloxRoundA = 0xD2511F53u, kPhiloxRoundB = 0xCD9E8D57u;
+constexpr int kPhiloxRounds = 10;
+constexpr float kUniformScale = 4.6566127342e-10f;
+
+// u[j] for counters first_counter + j (uint32 wrap), j in [0, kLanes).
+inline void philox_uniform_lanes(uint32_t key0, uint32_t key1, uint32_t first_counter, float* __restrict u) {
+  uint32_t c0[kLanes], c1[kLanes], c2[kLanes], c3[kLanes];
+  for (int j = 0; j < kLanes; ++j) {
+    c0[j] = first_counter + uint32_t(j);
+    c1[j] = c2[j] = c3[j] = 0;
+  }
+  uint32_t k0 = key0, k1 = key1;
+  for (int round = 0; round < kPhiloxRounds; ++round) {
+    for (int j = 0; j < kLanes; ++j) {
+      const uint64_t product_b = uint64_t(kPhiloxRoundB) * c2[j];
+      const uint64_t product_a = uint64_t(kPhiloxRoundA) * c0[j];
+      const uint32_t next_c0 = uint32_t(product_b >> 32) ^ c1[j] ^ k0;
+      const uint32_t next_c2 = uint32_t(product_a >> 32) ^ c3[j] ^ k1;
+      c1[j] = uint32_t(product_b);
+      c3[j] = uint32_t(product_a);
+      c0[j] = next_c0;
+      c2[j] = next_c2;
+    }
+    k0 += kPhiloxKeyA;
+    k1 += kPhiloxKeyB;
+  }
+  for (int j = 0; j < kLanes; ++j) {
+    const int32_t word = int32_t(c0[j]);
+    u[j] = float(word < 0 ? ~word : word) * kUniformScale;
+  }
+}
+
+// Keep factors of elements [first, first + count): keep_scale where kept, 0 where dropped.
+template <typename C>
+inline void keep_factors(uint32_t key0, uint32_t key1, uint32_t counter_base, int64_t first, int64_t count,
+                         float threshold, C keep_scale, C* __restrict factors) {
+  float u[kLanes];
+  for (int64_t start = 0; start < count; start += kLanes) {
+    philox_uniform_lanes(key0, key1, counter_base + uint32_t(first + start), u);
+    const int64_t lanes = count - start < kLanes ? count - start : kLanes;
+    for (int64_t j = 0; j < lanes; ++j) factors[start + j] = u[j] > threshold ? keep_scale : C(0);
+  }
+}
+
+template <typename T>
+void dropout_impl(const T* src, T* dst, int64_t numel, uint64_t seed, uint64_t offset, float threshold,
+                  float keep_scale, double alpha, bool accumulate, int nthreads) {
+  using C = typename pfp::Compute<T>::type;
+  const uint32_t key0 = uint32_t(seed), key1 = uint32_t(seed >> 32), counter_base = uint32_t(offset);
+  const C scale = C(keep_scale), alpha_c = C(alpha);
+  const int64_t chunks = (numel + kChunk - 1) / kChunk;
+  pfp::parallel_for(chunks, kChunk * 64, nthreads, [&](int64_t begin, int64_t end, int) {
+    C factors[kChunk], values[kChunk], current[kChunk];
+    for (int64_t chunk = begin; chunk < end; ++chunk) {
+      const int64_t first = chunk * kChunk;
+      const int64_t count = numel - first < kChunk ? numel - first : kChunk;
+      keep_factors(key0, key1, counter_base, first, count, threshold, scale, factors);
+      pfp::load_row(src + first, values, count);
+      if (accumulate) {
+        pfp::load_row(dst + first, current, count);
+        for (int64_t i = 0; i < count; ++i) values[i] = current[i] + alpha_c * (values[i] * factors[i]);
+      } else {
+        for (int64_t i = 0; i < count; ++i) values[i] = alpha_c * (values[i] * factors[i]);
+      }
+      pfp::store_row(values, dst + first, count);
+    }
+  });
+}
+
+}  // namespace
+
+// lora_dropout: for i in [0, numel), with keep[i] from (seed, offset, i) as above,
+//   d[i] = keep[i] ? src[i] * keep_scale : 0
+//   dst[i] = accumulate ? dst[i] + alpha * d[i] : alpha * d[i]
+// in fp32 (fp64 for fp64 data), rounded once to the dtype. LoRA uses it twice: x_d = dropout(x)
+// (alpha 1, no accumulate: exactly x * keep_scale where kept) and, in backward, dX += s * g * keep * keep_scale.
+// src, dst: contiguous [numel] of `dtype` (any of the four codes); dst may alias src when !accumulate.
+// seed, offset: the (int64 >= 0) pair of the op's rng tensor; threshold = fp32(p); keep_scale = fp32(1/(1-p)).
+void lora_dropout(const void* src, void* dst, int64_t numel, int dtype, int64_t seed, int64_t offset,
+                  float threshold, float keep_scale, double alpha, bool accumulate, int nthreads) {
+#define PFP_LORA_DROPOUT(T)                                                                                  \
+  dropout_impl(static_cast<const T*>(src), static_cast<T*>(dst), numel, uint64_t(seed), uint64_t(offset), \
+               threshold, keep_scale, alpha, accumulate, nthreads)
+  switch (dtype) {
+    case pfp::kFloat32: PFP_LORA_DROPOUT(float); return;
+    case pfp::kFloat16: PFP_LORA_DROPOUT(half); return;
+    case pfp::kBFloat16: PFP_LORA_DROPOUT(bf16); return;
+    case pfp::kFloat64: PFP_LORA_DROPOUT(double); return;
+  }
+#undef PFP_LORA_DROPOUT
+  throw std::invalid_argument("lora_dropout: unsupported dtype code");
+}
+
+}  // namespace PFP_ISA

@@ -1,0 +1,356 @@
+"""LoRA: the shared Philox dropout mask (reference vs Triton's tl.rand vs the C++ kernel, bit for bit), the
+lora_linear forward and backward on every backend against the reference, autograd, opcheck, compile and
+memory."""
+import math
+
+import pytest
+import torch
+from helpers import BACKENDS, CPU_ISAS, HAS_TRITON, TOLERANCES, cpu_isa, skip_unsupported
+
+import pyfastpeft
+from pyfastpeft import _native
+from pyfastpeft.functional import lora_linear
+from pyfastpeft.ops import lora as lora_ops
+from pyfastpeft.quant import quantize_nf4
+from pyfastpeft.reference import lora as ref
+
+RNG_CASES = [(0, 0), (123456789123, 2**32 - 5), (2**62 - 1, 77), (5, 2**40 + 3)]
+
+
+def native_dropout(x, rng, dropout_p, alpha=1.0, accumulate_into=None):
+    out = torch.empty_like(x) if accumulate_into is None else accumulate_into.clone()
+    seed, offset = rng.tolist()
+    _native.cpu.lora_dropout(x.data_ptr(), out.data_ptr(), x.numel(), _native.dtype_code(x), seed, offset,
+                             float(ref.keep_threshold(dropout_p)), float(torch.tensor(1 / (1 - dropout_p))),
+                             alpha, accumulate_into is not None, torch.get_num_threads())
+    return out
+
+
+# ---- the dropout mask ----------------------------------------------------------------------------------
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+@pytest.mark.parametrize("seed, offset", RNG_CASES)
+def test_reference_uniforms_are_triton_tl_rand_bit_for_bit(seed, offset):
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def uniforms_kernel(rng_ptr, out_ptr, numel, BLOCK: tl.constexpr):
+        index = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        counter = (tl.load(rng_ptr + 1) + index).to(tl.uint32)
+        tl.store(out_ptr + index, tl.rand(tl.load(rng_ptr), counter), mask=index < numel)
+
+    rng = torch.tensor([seed, offset])
+    numel = 3000
+    out = torch.empty(numel)
+    uniforms_kernel[(triton.cdiv(numel, 1024),)](rng, out, numel, BLOCK=1024)
+    assert torch.equal(out, ref.philox_uniform(rng, numel))
+
+
+def test_uniforms_cover_zero_to_one_and_offsets_shift_the_stream():
+    u = ref.philox_uniform(torch.tensor([7, 100]), 20000)
+    assert 0.0 <= u.min() < 0.001 and 0.999 < u.max() < 1.0
+    assert abs(u.mean().item() - 0.5) < 0.01
+    assert torch.equal(ref.philox_uniform(torch.tensor([7, 110]), 100), u[10:110])
+
+
+def test_counter_wraps_modulo_two_to_the_32():
+    wrapped = ref.philox_uniform(torch.tensor([3, 2**32 - 2]), 4)
+    assert torch.equal(wrapped[2:], ref.philox_uniform(torch.tensor([3, 0]), 2))
+
+
+@pytest.mark.parametrize("isa", CPU_ISAS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("seed, offset, dropout_p", [(s, o, p) for (s, o), p in zip(RNG_CASES, (0.05, 0.5, 0.3, 0.9))])
+def test_native_dropout_is_reference_bit_for_bit(isa, dtype, seed, offset, dropout_p):
+    rng = torch.tensor([seed, offset])
+    x = torch.randn(5, 1029).to(dtype)  # not a multiple of the 16-lane blocks or the 1024-element chunks
+    with cpu_isa(isa):
+        out = native_dropout(x, rng, dropout_p)
+    assert torch.equal(out, ref.dropout(x, dropout_p, rng))
+
+
+@pytest.mark.parametrize("isa", CPU_ISAS)
+def test_native_dropout_accumulates_alpha_times_masked_input(isa):
+    rng = torch.tensor([11, 12])
+    g, base = torch.randn(5, 300, dtype=torch.float64), torch.randn(5, 300, dtype=torch.float64)
+    with cpu_isa(isa):
+        out = native_dropout(g, rng, 0.25, alpha=0.5, accumulate_into=base)
+    torch.testing.assert_close(out, base + 0.5 * ref.dropout(g, 0.25, rng), rtol=1e-15, atol=1e-15)
+
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_triton_dropout_kernel_is_reference_bit_for_bit(dtype):
+    from pyfastpeft.triton_kernels import lora as triton_lora
+
+    rng = torch.tensor([2**40 + 9, 2**32 - 100])
+    x, base = torch.randn(7, 300).to(dtype), torch.randn(7, 300).to(dtype)
+    out = torch.empty_like(x)
+    keep_scale = float(torch.tensor(1 / 0.7, dtype=torch.float32))
+    triton_lora.dropout_into(x, out, rng, 0.3, keep_scale, 1.0, False)
+    assert torch.equal(out, ref.dropout(x, 0.3, rng))
+    accumulated = base.clone()
+    triton_lora.dropout_into(x, accumulated, rng, 0.3, keep_scale, 0.5, True)
+    expected = (base.float() + 0.5 * ref.dropout(x.float(), 0.3, rng)).to(dtype)
+    torch.testing.assert_close(accumulated, expected, **TOLERANCES[dtype])
+
+
+# ---- lora_linear ------------------------------------------------------------------------------------------
+
+def make_inputs(x_shape, out_features, rank, dtype, base="dense", bias="grad"):
+    """x, weight (dense, or the NF4 pair), bias (None, trained or frozen), A, B: outputs of order 1."""
+    in_features = x_shape[-1]
+    x = torch.randn(x_shape).to(dtype).requires_grad_()
+    dense = torch.randn(out_features, in_features) / math.sqrt(in_features)
+    weight = dense.to(dtype) if base == "dense" else quantize_nf4(dense.to(dtype), blocksize=64)
+    bias_tensor = None if bias is None else torch.randn(out_features).to(dtype).requires_grad_(bias == "grad")
+    lora_A = (torch.randn(rank, in_features) / math.sqrt(in_features)).to(dtype).requires_grad_()
+    lora_B = (torch.randn(out_features, rank) / math.sqrt(rank)).to(dtype).requires_grad_()
+    return x, weight, bias_tensor, lora_A, lora_B
+
+
+def forward_backward(backend, inputs, scaling, dropout_p, training=True, seed=1):
+    """(y, grads of x, bias, A, B) with the generator seeded (seed None: left as it is); a grad is None where
+    nothing requires it."""
+    x, weight, bias, lora_A, lora_B = inputs
+    leaves = (x, bias, lora_A, lora_B)
+    for leaf in leaves:
+        if leaf is not None:
+            leaf.grad = None
+    if seed is not None:
+        torch.manual_seed(seed)
+    with pyfastpeft.use_backend(backend):
+        y = lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p, training)
+        y.backward(torch.linspace(-1, 1, y.numel()).view(y.shape).to(y.dtype))
+    return [y.detach()] + [None if leaf is None or leaf.grad is None else leaf.grad.clone() for leaf in leaves]
+
+
+def assert_all_close(actual, expected, dtype):
+    for got, want in zip(actual, expected):
+        assert (got is None) == (want is None)
+        if got is not None:
+            torch.testing.assert_close(got, want, **TOLERANCES[dtype])
+
+
+# (x shape, out_features, rank, bias): M = 1, a 3-D x, in/out features not multiples of 16, r = 1, 16, 64
+SHAPES = [((1, 33), 17, 1, None), ((2, 5, 40), 24, 16, "grad"), ((7, 19), 21, 64, "frozen")]
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("x_shape, out_features, rank, bias", SHAPES)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dropout_p", [0.0, 0.25])
+@pytest.mark.parametrize("base", ["dense", "nf4"])
+def test_lora_linear_matches_reference(backend, x_shape, out_features, rank, bias, dtype, dropout_p, base):
+    skip_unsupported(backend, dtype, 0)
+    inputs = make_inputs(x_shape, out_features, rank, dtype, base, bias)
+    scaling = 16 / rank
+    expected = forward_backward("reference", inputs, scaling, dropout_p)
+    assert_all_close(forward_backward(backend, inputs, scaling, dropout_p), expected, dtype)
+
+
+@pytest.mark.parametrize("rank, scaling", [(8, 16 / 8), (64, 16 / math.sqrt(64))])  # alpha / r and rsLoRA
+@pytest.mark.parametrize("bias", [None, "grad"])
+def test_reference_is_peft_eager_dropout_and_two_linears(rank, scaling, bias):
+    """fp64: y and every grad equal PEFT's graph, F.linear(x, W, b) + s * lora_B(lora_A(dropout(x))), with the
+    dropout mask keep = u > p of the shared uniforms."""
+    x, weight, bias_tensor, lora_A, lora_B = make_inputs((3, 4, 37), 23, rank, torch.float64, bias=bias)
+    torch.manual_seed(5)
+    rng = torch.randint(0, lora_ops.SEED_HIGH, (2,))
+    keep = ref.keep_mask(rng, x.shape, 0.3, x.device)
+    keep_scale = float(torch.tensor(1 / 0.7, dtype=torch.float32))  # every backend scales by fp32(1 / (1 - p))
+    x_dropped = x * keep * keep_scale
+    peft_y = (torch.nn.functional.linear(x, weight, bias_tensor)
+              + scaling * torch.nn.functional.linear(torch.nn.functional.linear(x_dropped, lora_A), lora_B))
+    leaves = [t for t in (x, bias_tensor, lora_A, lora_B) if t is not None]
+    dy = torch.randn_like(peft_y)
+    expected = [peft_y] + list(torch.autograd.grad(peft_y, leaves, dy))
+    torch.manual_seed(5)
+    with pyfastpeft.use_backend("reference"):
+        y = lora_linear(x, weight, bias_tensor, lora_A, lora_B, scaling, 0.3, True)
+    actual = [y] + list(torch.autograd.grad(y, leaves, dy))
+    for got, want in zip(actual, expected):
+        torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_same_seed_same_mask_on_every_backend_and_no_draw_without_dropout(backend):
+    inputs = make_inputs((6, 50), 20, 8, torch.float32)
+    with_dropout = forward_backward(backend, inputs, 2.0, 0.5, seed=3)
+    assert_all_close(forward_backward("reference", inputs, 2.0, 0.5, seed=3), with_dropout, torch.float32)
+    assert_all_close(forward_backward(backend, inputs, 2.0, 0.5, seed=3), with_dropout, torch.float32)
+    without = forward_backward(backend, inputs, 2.0, 0.0)
+    assert not torch.allclose(with_dropout[0], without[0])
+    assert not torch.allclose(forward_backward(backend, inputs, 2.0, 0.5, seed=4)[0], with_dropout[0])
+    for dropout_p, training in ((0.0, True), (0.5, False)):
+        state = torch.get_rng_state()
+        assert_all_close(forward_backward(backend, inputs, 2.0, dropout_p, training, seed=None), without,
+                         torch.float32)
+        assert torch.equal(torch.get_rng_state(), state)
+
+
+@pytest.mark.parametrize("backend", ["reference", "native"])
+@pytest.mark.parametrize("base", ["dense", "nf4"])
+@pytest.mark.parametrize("dropout_p", [0.0, 0.4])
+def test_gradcheck_float64(backend, base, dropout_p):
+    """fp64 through the reference and through the C++ scalar dropout path; the generator is reseeded per
+    call so every evaluation draws the same mask."""
+    x, weight, bias, lora_A, lora_B = make_inputs((2, 3, 9), 7, 3, torch.float64, base)
+
+    def fn(x, bias, lora_A, lora_B):
+        torch.manual_seed(0)
+        return lora_linear(x, weight, bias, lora_A, lora_B, 0.75, dropout_p, True)
+    with pyfastpeft.use_backend(backend):
+        assert torch.autograd.gradcheck(fn, (x, bias, lora_A, lora_B))
+
+
+def op_samples(base):
+    x = torch.randn(2, 3, 40)
+    lora_A, lora_B = torch.randn(4, 40), torch.randn(24, 4)
+    rng, no_rng = torch.tensor([9, 10]), torch.empty(0, dtype=torch.int64)
+    weight = torch.randn(24, 40)
+    packed, state = quantize_nf4(weight)
+    base_args = (weight,) if base == "dense" else (packed, state.dequantized_absmax(), state.code)
+    base_ints = () if base == "dense" else (64, 24, 40)
+    xa = torch.randn(6, 4)
+    dy = torch.randn(2, 3, 24)
+    for bias, r in ((torch.randn(24), rng), (torch.empty(0), no_rng)):
+        forward = (x, *base_args, bias, lora_A, lora_B, *base_ints, 0.5, 0.2, r)
+        for needs_dx in (True, False):
+            yield "forward", forward
+            yield "backward", (dy, x, *base_args, lora_A, lora_B, xa, *base_ints, 0.5, 0.2, r, needs_dx)
+
+
+@pytest.mark.parametrize("backend", ["reference", "native"])
+@pytest.mark.parametrize("base", ["dense", "nf4"])
+def test_opcheck(backend, base):
+    forward_op, backward_op = lora_ops.BASE_OPS[base]
+    with pyfastpeft.use_backend(backend):
+        for which, args in op_samples(base):
+            torch.library.opcheck(forward_op if which == "forward" else backward_op, args)
+
+
+def test_compiles_fullgraph_with_dropout():
+    class TinyLoRA(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.weight = torch.nn.Parameter(torch.randn(12, 20), requires_grad=False)
+            self.lora_A = torch.nn.Parameter(torch.randn(4, 20))
+            self.lora_B = torch.nn.Parameter(torch.randn(12, 4))
+
+        def forward(self, x):
+            return lora_linear(x, self.weight, None, self.lora_A, self.lora_B, 2.0, 0.1, self.training)
+
+    module, x = TinyLoRA(), torch.randn(3, 20)
+    torch.manual_seed(2)
+    expected = module(x)
+    compiled = torch.compile(module, fullgraph=True, backend="aot_eager")
+    torch.manual_seed(2)
+    y = compiled(x)
+    torch.testing.assert_close(y, expected)
+    y.sum().backward()
+    assert module.lora_A.grad is not None and module.lora_B.grad is not None
+
+
+@pytest.mark.parametrize("backend", ["reference", "native"])
+def test_activation_checkpointing_recomputes_the_same_mask(backend):
+    inputs = make_inputs((4, 30), 18, 8, torch.float32)
+    x, weight, bias, lora_A, lora_B = inputs
+    plain = forward_backward(backend, inputs, 2.0, 0.5)
+
+    def block(x):
+        return lora_linear(x, weight, bias, lora_A, lora_B, 2.0, 0.5, True)
+    for leaf in (x, bias, lora_A, lora_B):
+        leaf.grad = None
+    torch.manual_seed(1)
+    with pyfastpeft.use_backend(backend):
+        y = torch.utils.checkpoint.checkpoint(block, x, use_reentrant=False)
+        y.backward(torch.linspace(-1, 1, y.numel()).view(y.shape))
+    assert_all_close([y.detach(), x.grad, bias.grad, lora_A.grad, lora_B.grad], plain, torch.float32)
+
+
+def saved_bytes(fn):
+    """Bytes autograd saves for backward while fn runs, each storage counted once."""
+    storages = {}
+
+    def pack(t):
+        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return sum(storages.values())
+
+
+def test_saves_less_than_peft_eager_graph():
+    """PEFT: dropout module (saves its mask) + lora_A (saves x_d) + lora_B (saves xa); we save x and xa and
+    regenerate the mask: less by at least the x_d and mask bytes minus x."""
+    x = torch.randn(64, 256, requires_grad=True)
+    weight = torch.randn(128, 256)
+    lora_A = torch.randn(16, 256, requires_grad=True)
+    lora_B = torch.randn(128, 16, requires_grad=True)
+    dropout, linear = torch.nn.functional.dropout, torch.nn.functional.linear
+
+    def peft():
+        return linear(x, weight) + 2.0 * linear(linear(dropout(x, 0.1, True), lora_A), lora_B)
+    ours = saved_bytes(lambda: lora_linear(x, weight, None, lora_A, lora_B, 2.0, 0.1, True))
+    theirs = saved_bytes(peft)
+    assert ours + x.numel() * 1 <= theirs, (ours, theirs)  # at least the bool mask smaller
+
+
+def test_empty_rows_give_empty_results():
+    inputs = make_inputs((0, 33), 17, 4, torch.float32)
+    y, dx, _, grad_A, grad_B = forward_backward("native", inputs, 2.0, 0.25)
+    assert y.shape == (0, 17) and dx.shape == (0, 33)
+    assert torch.equal(grad_A, torch.zeros(4, 33)) and torch.equal(grad_B, torch.zeros(17, 4))
+
+
+@pytest.mark.parametrize("change, error, message", [
+    (dict(lora_B=torch.randn(17, 3)), ValueError, "rank"),
+    (dict(lora_A=torch.randn(4, 32)), ValueError, "lora_A"),
+    (dict(x=torch.randn(2, 32)), ValueError, "in_features"),
+    (dict(weight=torch.randn(17, 32)), ValueError, "in_features"),
+    (dict(lora_B=torch.randn(16, 4)), ValueError, "out_features"),
+    (dict(bias=torch.randn(16)), ValueError, "bias"),
+    (dict(dropout_p=1.0), ValueError, "dropout_p"),
+    (dict(dropout_p=-0.1), ValueError, "dropout_p"),
+    (dict(lora_A=torch.randn(4, 33, dtype=torch.float64)), TypeError, "lora_A"),
+    (dict(weight=torch.randn(17, 33).half()), TypeError, "weight"),
+    (dict(bias=torch.randn(17).bfloat16()), TypeError, "bias"),
+    (dict(x=torch.randint(0, 3, (2, 33))), TypeError, "x"),
+    (dict(weight=(torch.zeros(3, dtype=torch.uint8), None)), TypeError, "QuantState"),
+    (dict(weight=[1, 2]), TypeError, "weight"),
+    (dict(scaling="2"), TypeError, "scaling"),
+    (dict(training=1), TypeError, "training"),
+    (dict(lora_A=torch.randn(4, 33, device="meta")), ValueError, "lora_A"),
+])
+def test_bad_inputs_raise_naming_the_argument(change, error, message):
+    args = dict(x=torch.randn(2, 33), weight=torch.randn(17, 33), bias=torch.randn(17), lora_A=torch.randn(4, 33),
+                lora_B=torch.randn(17, 4), scaling=2.0, dropout_p=0.1, training=True)
+    args.update(change)
+    with pytest.raises(error, match=message):
+        lora_linear(**args)
+
+
+def test_nf4_weight_with_wrong_packed_size_raises():
+    packed, state = quantize_nf4(torch.randn(17, 33))
+    with pytest.raises(ValueError, match="packed"):
+        lora_linear(torch.randn(2, 33), (packed[:-1], state), None, torch.randn(4, 33), torch.randn(17, 4), 1.0)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("base", ["dense", "nf4"])
+def test_cuda_matches_reference(dtype, base):
+    """The CUDA default (Triton's fused forward) against the reference on the GPU, dropout on, same mask."""
+    inputs = [t.cuda() if isinstance(t, torch.Tensor) else t for t in make_inputs((3, 100, 320), 200, 16, dtype)]
+    inputs = [t.detach().requires_grad_(t.requires_grad) if isinstance(t, torch.Tensor) else t for t in inputs]
+    if base == "nf4":
+        inputs[1] = quantize_nf4(inputs[1])
+    expected = forward_backward("reference", inputs, 2.0, 0.1)
+    actual = forward_backward("auto", inputs, 2.0, 0.1)
+    loose = {name: 4 * value for name, value in TOLERANCES[dtype].items()}  # sums of 320 and 300 terms
+    for got, want in zip(actual, expected):
+        if got is not None:
+            torch.testing.assert_close(got, want, **loose)
