@@ -11,7 +11,7 @@ import pyfastpeft
 from pyfastpeft import _native
 from pyfastpeft.functional import lora_linear
 from pyfastpeft.ops import lora as lora_ops
-from pyfastpeft.quant import quantize_nf4
+from pyfastpeft.quant import quantize_int8_weight, quantize_nf4
 from pyfastpeft.reference import lora as ref
 
 RNG_CASES = [(0, 0), (123456789123, 2**32 - 5), (2**62 - 1, 77), (5, 2**40 + 3)]
@@ -100,11 +100,13 @@ def test_triton_dropout_kernel_is_reference_bit_for_bit(dtype):
 # ---- lora_linear ------------------------------------------------------------------------------------------
 
 def make_inputs(x_shape, out_features, rank, dtype, base="dense", bias="grad"):
-    """x, weight (dense, or the NF4 pair), bias (None, trained or frozen), A, B: outputs of order 1."""
+    """x, weight (dense, the NF4 pair or the int8 (codes, SCB) pair), bias (None, trained or frozen), A, B:
+    outputs of order 1."""
     in_features = x_shape[-1]
     x = torch.randn(x_shape).to(dtype).requires_grad_()
     dense = torch.randn(out_features, in_features) / math.sqrt(in_features)
-    weight = dense.to(dtype) if base == "dense" else quantize_nf4(dense.to(dtype), blocksize=64)
+    weight = {"dense": lambda: dense.to(dtype), "nf4": lambda: quantize_nf4(dense.to(dtype), blocksize=64),
+              "int8": lambda: quantize_int8_weight(dense)}[base]()
     bias_tensor = None if bias is None else torch.randn(out_features).to(dtype).requires_grad_(bias == "grad")
     lora_A = (torch.randn(rank, in_features) / math.sqrt(in_features)).to(dtype).requires_grad_()
     lora_B = (torch.randn(out_features, rank) / math.sqrt(rank)).to(dtype).requires_grad_()
@@ -142,7 +144,7 @@ SHAPES = [((1, 33), 17, 1, None), ((2, 5, 40), 24, 16, "grad"), ((7, 19), 21, 64
 @pytest.mark.parametrize("x_shape, out_features, rank, bias", SHAPES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("dropout_p", [0.0, 0.25])
-@pytest.mark.parametrize("base", ["dense", "nf4"])
+@pytest.mark.parametrize("base", ["dense", "nf4", "int8"])
 def test_lora_linear_matches_reference(backend, x_shape, out_features, rank, bias, dtype, dropout_p, base):
     skip_unsupported(backend, dtype, 0)
     inputs = make_inputs(x_shape, out_features, rank, dtype, base, bias)
@@ -192,7 +194,7 @@ def test_same_seed_same_mask_on_every_backend_and_no_draw_without_dropout(backen
 
 
 @pytest.mark.parametrize("backend", ["reference", "native"])
-@pytest.mark.parametrize("base", ["dense", "nf4"])
+@pytest.mark.parametrize("base", ["dense", "nf4", "int8"])
 @pytest.mark.parametrize("dropout_p", [0.0, 0.4])
 def test_gradcheck_float64(backend, base, dropout_p):
     """fp64 through the reference and through the C++ scalar dropout path; the generator is reseeded per
@@ -212,8 +214,9 @@ def op_samples(base):
     rng, no_rng = torch.tensor([9, 10]), torch.empty(0, dtype=torch.int64)
     weight = torch.randn(24, 40)
     packed, state = quantize_nf4(weight)
-    base_args = (weight,) if base == "dense" else (packed, state.dequantized_absmax(), state.code)
-    base_ints = () if base == "dense" else (64, 24, 40)
+    base_args = {"dense": (weight,), "nf4": (packed, state.dequantized_absmax(), state.code),
+                 "int8": quantize_int8_weight(weight)}[base]
+    base_ints = {"dense": (), "nf4": (64, 24, 40), "int8": (6.0,)}[base]
     xa = torch.randn(6, 4)
     dy = torch.randn(2, 3, 24)
     for bias, r in ((torch.randn(24), rng), (torch.empty(0), no_rng)):
@@ -224,7 +227,7 @@ def op_samples(base):
 
 
 @pytest.mark.parametrize("backend", ["reference", "native"])
-@pytest.mark.parametrize("base", ["dense", "nf4"])
+@pytest.mark.parametrize("base", ["dense", "nf4", "int8"])
 def test_opcheck(backend, base):
     forward_op, backward_op = lora_ops.BASE_OPS[base]
     with pyfastpeft.use_backend(backend):
@@ -337,6 +340,16 @@ def test_nf4_weight_with_wrong_packed_size_raises():
     packed, state = quantize_nf4(torch.randn(17, 33))
     with pytest.raises(ValueError, match="packed"):
         lora_linear(torch.randn(2, 33), (packed[:-1], state), None, torch.randn(4, 33), torch.randn(17, 4), 1.0)
+
+
+@pytest.mark.parametrize("weight, error, message", [
+    ((torch.zeros(17, 33, dtype=torch.int8), torch.ones(16)), ValueError, "weight_stats has 16 elements"),
+    ((torch.zeros(17, 33, dtype=torch.int8), torch.ones(17, dtype=torch.float64)), TypeError, "weight_stats must"),
+    ((torch.zeros(17, 33, dtype=torch.int8), torch.ones(17), -1.0), ValueError, "threshold must be >= 0"),
+])
+def test_int8_base_with_bad_parts_raises(weight, error, message):
+    with pytest.raises(error, match=message):
+        lora_linear(torch.randn(2, 33), weight, None, torch.randn(4, 33), torch.randn(17, 4), 1.0)
 
 
 @pytest.mark.cuda

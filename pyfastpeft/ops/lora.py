@@ -28,9 +28,11 @@ import numbers
 import torch
 
 from pyfastpeft import _native
+from pyfastpeft.ops import int8 as int8_ops
 from pyfastpeft.ops import nf4 as nf4_ops
 from pyfastpeft.ops._checks import FLOAT_DTYPES, check_same_device, check_same_dtype, check_tensor
 from pyfastpeft.ops._library import define_op, triton_module
+from pyfastpeft.reference import int8 as int8_ref
 from pyfastpeft.reference import lora as ref
 from pyfastpeft.reference import nf4 as nf4_ref
 
@@ -89,6 +91,27 @@ class _NF4Base:
     def grad_input(self, dy2d):
         return nf4_ops.nf4_linear_grad_input(dy2d, *self._args(), self.blocksize, self.out_features,
                                              self.in_features).contiguous()
+
+
+@dataclasses.dataclass(frozen=True)
+class _Int8Base:
+    weight: torch.Tensor  # int8 codes [out, in], row-wise
+    weight_stats: torch.Tensor  # fp32 [out] (bitsandbytes' SCB)
+    threshold: float  # LLM.int8 outlier threshold on x (0: no decomposition)
+
+    kind = "int8"
+
+    def reference_forward(self, x2d, bias):
+        return int8_ref.int8_linear(x2d, self.weight, self.weight_stats, bias, self.threshold)
+
+    def reference_grad_input(self, dy2d):
+        return int8_ref.int8_linear_grad_input(dy2d, self.weight, self.weight_stats)
+
+    def forward(self, x2d, bias):
+        return int8_ops.int8_linear_op(x2d, self.weight, self.weight_stats, bias, self.threshold).contiguous()
+
+    def grad_input(self, dy2d):
+        return int8_ops.int8_linear_grad_input(dy2d, self.weight, self.weight_stats).contiguous()
 
 
 # ---- implementations, generic over the base ------------------------------------------------------------
@@ -164,6 +187,8 @@ def _native_backward(base, dy, x, lora_A, lora_B, xa, scaling, dropout_p, rng, n
 
 
 def _triton_forward(base, x, bias, lora_A, lora_B, scaling, dropout_p, rng):
+    if base.kind == "int8":  # no fused Triton kernel over an int8 base: the base's own ops, then the LoRA branch
+        return _unfused_forward(base, x, bias, lora_A, lora_B, scaling, dropout_p, rng)
     in_features, out_features = lora_A.shape[1], lora_B.shape[0]
     x2d = x.reshape(-1, in_features).contiguous()
     y = torch.empty((x2d.shape[0], out_features), dtype=x.dtype, device=x.device)
@@ -196,6 +221,18 @@ def _triton_backward(base, dy, x, lora_A, lora_B, xa, scaling, dropout_p, rng, n
     else:
         dx.addmm_(grad_xa, lora_A, alpha=scaling)
     return dx.view(x.shape), grad_A, grad_B
+
+
+def _unfused_forward(base, x, bias, lora_A, lora_B, scaling, dropout_p, rng):
+    in_features, out_features = lora_A.shape[1], lora_B.shape[0]
+    x2d = x.reshape(-1, in_features).contiguous()
+    y = base.forward(x2d, bias)
+    x_dropped = x2d
+    if rng.numel() and x2d.numel():
+        x_dropped = ref.dropout(x2d, dropout_p, rng)
+    xa = x_dropped @ lora_A.t()
+    y.add_((xa @ lora_B.t()).to(y.dtype), alpha=scaling)
+    return y.view(*x.shape[:-1], out_features), xa
 
 
 # ---- the ops ---------------------------------------------------------------------------------------------
@@ -262,8 +299,28 @@ lora_nf4_forward, lora_nf4_backward = _define_base_ops(
     lambda x, packed, absmax, code, bias, lora_A, lora_B, *_: _fake_forward(x, lora_A, lora_B),
     lambda dy, x, packed, absmax, code, lora_A, lora_B, xa, *rest: _fake_backward(x, lora_A, lora_B, rest[-1]))
 
-# base kind -> (forward op, backward op): the op arguments are (x, *base tensors, bias, A, B, *base ints, ...)
-BASE_OPS = {"dense": (lora_forward, lora_backward), "nf4": (lora_nf4_forward, lora_nf4_backward)}
+
+
+def _int8_op_impls(impl_forward, impl_backward):
+    def forward(x, weight, weight_stats, bias, lora_A, lora_B, threshold, scaling, dropout_p, rng):
+        return impl_forward(_Int8Base(weight, weight_stats, threshold), x, bias, lora_A, lora_B, scaling, dropout_p,
+                            rng)
+
+    def backward(dy, x, weight, weight_stats, lora_A, lora_B, xa, threshold, scaling, dropout_p, rng,
+                 needs_input_grad):
+        return impl_backward(_Int8Base(weight, weight_stats, threshold), dy, x, lora_A, lora_B, xa, scaling,
+                             dropout_p, rng, needs_input_grad)
+    return forward, backward
+
+
+lora_int8_forward, lora_int8_backward = _define_base_ops(
+    "lora_int8", "Tensor weight, Tensor weight_stats", ", float threshold", _int8_op_impls,
+    lambda x, weight, weight_stats, bias, lora_A, lora_B, *_: _fake_forward(x, lora_A, lora_B),
+    lambda dy, x, weight, weight_stats, lora_A, lora_B, xa, *rest: _fake_backward(x, lora_A, lora_B, rest[-1]))
+
+# base kind -> (forward op, backward op): the op arguments are (x, *base tensors, bias, A, B, *base scalars, ...)
+BASE_OPS = {"dense": (lora_forward, lora_backward), "nf4": (lora_nf4_forward, lora_nf4_backward),
+            "int8": (lora_int8_forward, lora_int8_backward)}
 
 
 class LoRALinearFunction(torch.autograd.Function):
@@ -301,8 +358,19 @@ def _check_number(fn: str, name: str, value) -> float:
     return float(value)
 
 
+def _int8_base(fn: str, weight, x):
+    codes, stats, *rest = weight
+    threshold = _check_number(fn, "weight's threshold", rest[0]) if rest else 6.0
+    if threshold < 0:
+        raise ValueError(f"{fn}: weight's threshold must be >= 0, got {threshold}")
+    int8_ops.check_int8_weight(fn, codes, stats)
+    check_same_device(fn, x=x, weight_int8=codes, weight_stats=stats)
+    return "int8", (threshold,), (codes, stats), codes.shape[0], codes.shape[1]
+
+
 def _base_from_weight(fn: str, weight, x):
-    """(base_kind, base_ints, base_tensors, out_features, in_features) of a dense weight or an NF4 (packed, state)."""
+    """(base_kind, base_scalars, base_tensors, out_features, in_features) of a dense weight, an NF4
+    (packed, state) pair or an int8 (codes, SCB[, threshold]) tuple."""
     from pyfastpeft.quant.nf4 import QuantState
 
     if isinstance(weight, torch.Tensor):
@@ -310,9 +378,12 @@ def _base_from_weight(fn: str, weight, x):
         check_same_dtype(fn, x=x, weight=weight)
         check_same_device(fn, x=x, weight=weight)
         return "dense", (), (weight,), weight.shape[0], weight.shape[1]
+    if isinstance(weight, tuple) and len(weight) in (2, 3) and isinstance(weight[0], torch.Tensor) \
+            and weight[0].dtype == torch.int8:
+        return _int8_base(fn, weight, x)
     if not (isinstance(weight, tuple) and len(weight) == 2):
-        raise TypeError(f"{fn}: weight must be a tensor or the (packed, state) pair of quantize_nf4, "
-                        f"got {type(weight).__name__}")
+        raise TypeError(f"{fn}: weight must be a tensor, the (packed, state) pair of quantize_nf4 or an int8 "
+                        f"(weight_int8, weight_stats[, threshold]) tuple, got {type(weight).__name__}")
     packed, state = weight
     if not isinstance(state, QuantState):
         raise TypeError(f"{fn}: weight's state must be a pyfastpeft.quant.QuantState, got {type(state).__name__}")
@@ -335,7 +406,8 @@ def lora_linear(x: torch.Tensor, weight, bias: torch.Tensor | None, lora_A: torc
                 scaling: float, dropout_p: float = 0.0, training: bool = False) -> torch.Tensor:
     """x W^T + b + scaling * dropout(x) A^T B^T, PEFT's LoRA linear; differentiable w.r.t. x, bias, A, B.
 
-    weight: dense [out, in] in x's dtype, or the (packed, state) pair pyfastpeft.quant.quantize_nf4 returns.
+    weight: dense [out, in] in x's dtype, the (packed, state) pair pyfastpeft.quant.quantize_nf4 returns, or an
+    LLM.int8 base (weight_int8 [out, in], weight_stats fp32 [out][, threshold = 6.0]) as int8_linear takes it.
     lora_A: [r, in], lora_B: [out, r], in x's dtype. scaling: alpha / r (or alpha / sqrt(r), rsLoRA).
     Dropout (probability dropout_p in [0, 1)) applies only when training and dropout_p > 0: then a (seed,
     offset) pair is drawn from torch's default generator for x's device, so torch.manual_seed reproduces
