@@ -1,7 +1,7 @@
 """LLM.int8 and vector-wise int8 quantization: exact codes, outliers, epilogue, int8_linear, Linear8bitLt."""
 import pytest
 import torch
-from helpers import CPU_ISAS, cpu_isa, run
+from helpers import BACKENDS, CPU_ISAS, HAS_TRITON, cpu_isa, run, skip_unsupported
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
@@ -138,6 +138,48 @@ def test_int8_linear_matches_reference(dtype, rows, isa):
         assert ours.dtype == dtype
         # the int32 products are exact; the fp32 epilogue and outlier GEMM may differ in the last place
         torch.testing.assert_close(ours.float(), ref.float(), rtol=1e-5, atol=1e-4 if dtype == torch.float32 else 1e-2)
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+@pytest.mark.parametrize("threshold", [0.0, 6.0])
+@pytest.mark.parametrize("shape", [(1, 7), (5, 37), (40, 300)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_triton_quantization_codes_are_exact(dtype, shape, threshold):
+    x = with_outliers(shape, dtype)
+    x[min(1, shape[0] - 1), 2] = float("nan")
+    for quant in (int8_vectorwise_quant, int8_colwise_quant):
+        ours = run("triton", quant, x, threshold)
+        expected = run("reference", quant, x, threshold)
+        assert torch.equal(ours[0], expected[0])
+        torch.testing.assert_close(ours[1], expected[1], rtol=0, atol=0, equal_nan=True)
+        assert (ours[2] is None) == (expected[2] is None)
+        if threshold:
+            assert torch.equal(ours[2], expected[2])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("rows", [1, 9, 40])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_int8_linear_and_grad_input_on_every_backend(backend, rows, dtype):
+    skip_unsupported(backend, dtype, 0)
+    torch.manual_seed(rows)
+    x = with_outliers((rows, 100), dtype, columns=(3, 70)).requires_grad_()
+    codes, scb = quantize_int8_weight(torch.randn(50, 100))
+    bias = torch.randn(50).to(dtype)
+    dy = torch.randn(rows, 50).to(dtype)
+    results = []
+    for name in (backend, "reference"):
+        x.grad = None
+        with pyfastpeft.use_backend(name):
+            y = int8_linear(x, codes, scb, bias, 6.0)
+            y.backward(dy)
+        results.append((y.detach().float(), x.grad.float()))
+    (y, dx), (y_ref, dx_ref) = results
+    tol = 1e-4 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(y, y_ref, rtol=tol, atol=tol)
+    torch.testing.assert_close(dx, dx_ref, rtol=tol, atol=tol)
+    a = torch.randint(-127, 128, (rows, 100), dtype=torch.int8)
+    assert torch.equal(run(backend, int8_matmul, a, codes), run("reference", int8_matmul, a, codes))
 
 
 def test_int8_linear_decomposition_recovers_outliers():

@@ -26,7 +26,7 @@ import torch
 
 from pyfastpeft import _native
 from pyfastpeft.ops._checks import check_same_device, check_tensor
-from pyfastpeft.ops._library import define_op
+from pyfastpeft.ops._library import define_op, triton_module
 from pyfastpeft.reference import int8 as ref
 
 GEMV_MAX_ROWS = 8
@@ -73,24 +73,33 @@ def _make_quant(axis: int, reference_fn):
         flags = quantize_into(x2d, q, stats, axis, threshold)
         return q.view(x.shape), stats, _flags_to_cols(flags)
 
+    def triton(x, threshold):
+        x2d = x.reshape(-1, x.shape[-1]).contiguous()
+        q = torch.empty(x2d.shape, dtype=torch.int8, device=x.device)
+        stats = torch.zeros(x2d.shape[axis], dtype=torch.float32, device=x.device)
+        flags = torch.zeros(x2d.shape[1], dtype=torch.int32, device=x.device)
+        if x2d.numel():
+            triton_module("int8").quantize(x2d, q, stats, flags, axis, threshold)
+        return q.view(x.shape), stats, _flags_to_cols(flags)
+
     def fake(x, threshold):
         rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
         stats = x.new_empty((rows if axis == 0 else x.shape[-1],), dtype=torch.float32)
         n_outliers = torch.library.get_ctx().new_dynamic_size()
         return x.new_empty(x.shape, dtype=torch.int8), stats, x.new_empty((n_outliers,), dtype=torch.int64)
 
-    return reference, native, fake
+    return reference, native, triton, fake
 
 
-_ref_rowq, _native_rowq, _fake_rowq = _make_quant(0, ref.vectorwise_quant)
-_ref_colq, _native_colq, _fake_colq = _make_quant(1, ref.colwise_quant)
+_ref_rowq, _native_rowq, _triton_rowq, _fake_rowq = _make_quant(0, ref.vectorwise_quant)
+_ref_colq, _native_colq, _triton_colq, _fake_colq = _make_quant(1, ref.colwise_quant)
 
 int8_vectorwise_quant_op = define_op(
     "int8_vectorwise_quant", "(Tensor x, float threshold) -> (Tensor, Tensor, Tensor)", family="int8",
-    fake=_fake_rowq, reference=_ref_rowq, native=_native_rowq, triton=_ref_rowq, triton_dtypes=())
+    fake=_fake_rowq, reference=_ref_rowq, native=_native_rowq, triton=_triton_rowq, triton_dtypes=NATIVE_DTYPES)
 int8_colwise_quant_op = define_op(
     "int8_colwise_quant", "(Tensor x, float threshold) -> (Tensor, Tensor, Tensor)", family="int8",
-    fake=_fake_colq, reference=_ref_colq, native=_native_colq, triton=_ref_colq, triton_dtypes=())
+    fake=_fake_colq, reference=_ref_colq, native=_native_colq, triton=_triton_colq, triton_dtypes=NATIVE_DTYPES)
 
 
 def _ref_dequant(q, stats, axis):
@@ -133,12 +142,22 @@ def _native_matmul(a, b):
     return torch._int_mm(a.contiguous(), b.contiguous().t())
 
 
+def _triton_matmul(a, b):
+    out = torch.empty((a.shape[0], b.shape[0]), dtype=torch.int32, device=a.device)
+    if out.numel():
+        if a.shape[1] == 0:
+            return out.zero_()
+        triton_module("int8").matmul(a.contiguous(), b.contiguous(), out)
+    return out
+
+
 def _fake_matmul(a, b):
     return a.new_empty((a.shape[0], b.shape[0]), dtype=torch.int32)
 
 
 int8_matmul_op = define_op("int8_matmul", "(Tensor a, Tensor b) -> Tensor", family="int8", fake=_fake_matmul,
-                           reference=_ref_matmul, native=_native_matmul, triton=_ref_matmul, triton_dtypes=())
+                           reference=_ref_matmul, native=_native_matmul, triton=_triton_matmul,
+                           triton_dtypes=(torch.int8,))
 
 
 def mm_dequant_into(c, row_stats, col_stats, bias, addend, out) -> None:
@@ -211,6 +230,25 @@ def _native_linear(x, weight, weight_stats, bias, threshold):
     return out.view(*lead, out_features)
 
 
+def _triton_linear(x, weight, weight_stats, bias, threshold):
+    out_features, in_features = weight.shape
+    lead = x.shape[:-1]
+    x2d = x.reshape(-1, in_features).contiguous()
+    out = torch.empty((x2d.shape[0], out_features), dtype=x.dtype, device=x.device)
+    if out.numel() == 0 or in_features == 0:
+        return _ref_linear(x, weight, weight_stats, bias, threshold)
+    kernels = triton_module("int8")
+    q = torch.empty(x2d.shape, dtype=torch.int8, device=x.device)
+    row_stats = torch.empty(x2d.shape[0], dtype=torch.float32, device=x.device)
+    flags = torch.zeros(in_features, dtype=torch.int32, device=x.device)
+    kernels.quantize(x2d, q, row_stats, flags, 0, threshold)
+    outlier_cols = _flags_to_cols(flags)
+    weight, weight_stats = weight.contiguous(), weight_stats.float().contiguous()
+    addend = ref.outlier_product(x2d, weight, weight_stats, outlier_cols) if outlier_cols.numel() else None
+    kernels.matmul(q, weight, out, row_stats, weight_stats, bias.contiguous(), addend)
+    return out.view(*lead, out_features)
+
+
 def _fake_linear(x, weight, weight_stats, bias, threshold):
     torch._check(x.shape[-1] == weight.shape[1], lambda: "int8_linear: x's last dim must be in_features")
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
@@ -239,18 +277,29 @@ def _native_linear_grad_input(dy, weight, weight_stats):
     return dx.to(dy.dtype).view(*dy.shape[:-1], in_features)
 
 
+def _triton_linear_grad_input(dy, weight, weight_stats):
+    out_features, in_features = weight.shape
+    dy2d = dy.reshape(-1, out_features).contiguous()
+    dx = torch.empty((dy2d.shape[0], in_features), dtype=dy.dtype, device=dy.device)
+    if dx.numel():
+        if out_features == 0:
+            return dx.zero_().view(*dy.shape[:-1], in_features)
+        triton_module("int8").grad_input(dy2d, weight.contiguous(), weight_stats.float().contiguous(), dx)
+    return dx.view(*dy.shape[:-1], in_features)
+
+
 def _fake_linear_grad_input(dy, weight, weight_stats):
     return dy.new_empty((*dy.shape[:-1], weight.shape[1]))
 
 
 int8_linear_op = define_op(
     "int8_linear", "(Tensor x, Tensor weight, Tensor weight_stats, Tensor bias, float threshold) -> Tensor",
-    family="int8", fake=_fake_linear, reference=_ref_linear, native=_native_linear, triton=_ref_linear,
-    triton_dtypes=())
+    family="int8", fake=_fake_linear, reference=_ref_linear, native=_native_linear, triton=_triton_linear,
+    triton_dtypes=NATIVE_DTYPES)
 int8_linear_grad_input = define_op(
     "int8_linear_grad_input", "(Tensor dy, Tensor weight, Tensor weight_stats) -> Tensor", family="int8",
     fake=_fake_linear_grad_input, reference=_ref_linear_grad_input, native=_native_linear_grad_input,
-    triton=_ref_linear_grad_input, triton_dtypes=())
+    triton=_triton_linear_grad_input, triton_dtypes=NATIVE_DTYPES)
 
 
 class Int8LinearFunction(torch.autograd.Function):
