@@ -59,6 +59,33 @@ void rope(uintptr_t q, uintptr_t k, uintptr_t q_out, uintptr_t k_out, uintptr_t 
                  rot_dim, dtype, interleaved, backward, as_stream(stream), device);
 }
 
+// bias == 0: none (its dtype is out_dtype); addend == 0: none.
+void int8_quantize(uintptr_t x, int x_dtype, uintptr_t q, uintptr_t stats, uintptr_t flags, int64_t m, int64_t k,
+                   int axis, double threshold, uintptr_t stream, int device) {
+  pfp_cuda::int8_quantize(ptr<const void>(x), x_dtype, ptr<int8_t>(q), ptr<float>(stats), ptr<int>(flags), m, k, axis,
+                          threshold, as_stream(stream), device);
+}
+
+void int8_mm_dequant(uintptr_t c, uintptr_t row_stats, uintptr_t col_stats, uintptr_t bias, uintptr_t addend,
+                     uintptr_t out, int out_dtype, int64_t m, int64_t n, uintptr_t stream, int device) {
+  pfp_cuda::int8_mm_dequant(ptr<const int32_t>(c), ptr<const float>(row_stats), ptr<const float>(col_stats),
+                            ptr<const void>(bias), ptr<const float>(addend), ptr<void>(out), out_dtype, m, n,
+                            as_stream(stream), device);
+}
+
+void int8_gemv(uintptr_t q, uintptr_t row_stats, uintptr_t w, uintptr_t col_stats, uintptr_t bias, uintptr_t addend,
+               uintptr_t out, int out_dtype, int64_t m, int64_t n, int64_t k, uintptr_t stream, int device) {
+  pfp_cuda::int8_gemv(ptr<const int8_t>(q), ptr<const float>(row_stats), ptr<const int8_t>(w),
+                      ptr<const float>(col_stats), ptr<const void>(bias), ptr<const float>(addend), ptr<void>(out),
+                      out_dtype, m, n, k, as_stream(stream), device);
+}
+
+void int8_dequantize_rows(uintptr_t q, uintptr_t stats, uintptr_t out, int out_dtype, int64_t rows, int64_t k,
+                          uintptr_t stream, int device) {
+  pfp_cuda::int8_dequantize_rows(ptr<const int8_t>(q), ptr<const float>(stats), ptr<void>(out), out_dtype, rows, k,
+                                 as_stream(stream), device);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_cuda, m) {
@@ -69,6 +96,10 @@ PYBIND11_MODULE(_cuda, m) {
   m.def("swiglu_forward", &swiglu_forward, release);
   m.def("swiglu_backward", &swiglu_backward, release);
   m.def("rope", &rope, release);
+  m.def("int8_quantize", &int8_quantize, release);
+  m.def("int8_mm_dequant", &int8_mm_dequant, release);
+  m.def("int8_gemv", &int8_gemv, release);
+  m.def("int8_dequantize_rows", &int8_dequantize_rows, release);
 
   m.def("device_count", [] {
     int count = 0;

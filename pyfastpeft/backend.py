@@ -22,11 +22,10 @@ from pyfastpeft import _native
 BACKENDS = ("auto", "reference", "native", "triton")
 
 # Faster backend per op family on CUDA. Until GPU measurements are committed under bench/results/,
-# native CUDA kernels are the default (they launch without Triton's JIT and Python overhead); NF4 and
-# int8 have no GPU kernels yet and run their references (torch's GEMMs around PyTorch (de)quantization);
-# LoRA's GPU kernel is Triton's.
+# native CUDA kernels are the default (they launch without Triton's JIT and Python overhead); NF4 has
+# no GPU kernels yet and runs its reference (dequantize, then torch's GEMM); LoRA's GPU kernel is Triton's.
 CUDA_PREFERENCE = {"rmsnorm": "native", "swiglu": "native", "rope": "native", "nf4": "reference",
-                   "int8": "reference", "lora": "triton"}
+                   "int8": "native", "lora": "triton"}
 
 
 def _default_backend() -> str:

@@ -87,3 +87,27 @@ def test_ops_run_on_the_tensors_device_not_the_current_one():
         y = rms_norm(x, w)
     assert y.device == x.device
     assert_close(y, run("reference", rms_norm, x, w))
+
+
+@pytest.mark.parametrize("backend", GPU_BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows", [1, 5, 8, 40])
+@pytest.mark.parametrize("in_features", [64, 100])
+def test_int8_gpu_matches_reference(backend, dtype, rows, in_features):
+    from pyfastpeft.functional import int8_linear
+    from pyfastpeft.quant import int8_colwise_quant, int8_vectorwise_quant, quantize_int8_weight
+
+    torch.manual_seed(rows)
+    x = torch.randn(rows, in_features, device="cuda")
+    x[:, 3] *= 10
+    x = x.to(dtype)
+    codes, scb = quantize_int8_weight(torch.randn(48, in_features, device="cuda"))
+    bias = torch.randn(48, device="cuda").to(dtype)
+    for quant in (int8_vectorwise_quant, int8_colwise_quant):
+        ours, ref = run(backend, quant, x, 6.0), run("reference", quant, x, 6.0)
+        assert torch.equal(ours[0], ref[0]) and torch.equal(ours[1], ref[1]) and torch.equal(ours[2], ref[2])
+    dy = torch.randn(rows, 48, device="cuda").to(dtype)
+    fn = lambda a, b: int8_linear(a, codes, scb, b, 6.0)  # noqa: E731
+    ours, ref = grads_of(backend, fn, (x, bias), dy), grads_of("reference", fn, (x, bias), dy)
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=2e-2)

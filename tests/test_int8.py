@@ -122,6 +122,14 @@ def test_nonfinite_inputs_code_zero_and_poison_only_their_row(backend):
     assert cols.tolist() == [5] and stats[0].isfinite() and stats[1].isnan()
 
 
+@pytest.mark.parametrize("backend", ["native", "reference"])
+def test_colwise_nonfinite_without_threshold_is_no_outlier(backend):
+    x = torch.randn(4, 6)
+    x[2, 1] = float("inf")
+    q, stats, cols = run(backend, int8_colwise_quant, x)
+    assert cols is None and stats[1] == float("inf") and (q[:, 1] == 0).all()
+
+
 @pytest.mark.parametrize("isa", CPU_ISAS)
 @pytest.mark.parametrize("rows", [1, 3, 8, 9, 40])
 @pytest.mark.parametrize("dtype", DTYPES)

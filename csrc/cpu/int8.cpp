@@ -127,7 +127,8 @@ void quant_rows(const T* x, int8_t* q, float* row_stats, uint8_t* outlier_flags,
 template <typename T>
 void quant_cols(const T* x, int8_t* q, float* col_stats, uint8_t* outlier_flags, int64_t m, int64_t k,
                 float threshold, int nthreads) {
-  const float t = threshold > 0.0f ? threshold : std::numeric_limits<float>::infinity();
+  const bool find_outliers = threshold > 0.0f;
+  const float t = threshold;
   // Pass 1: each thread owns a slice of columns and walks every row over it.
   parallel_for(k, m, nthreads, [&](int64_t begin, int64_t end, int) {
     const int64_t width = end - begin;
@@ -137,7 +138,7 @@ void quant_cols(const T* x, int8_t* q, float* col_stats, uint8_t* outlier_flags,
       const float* row = row_as_float(x + r * k + begin, width, buffer.data());
       for (int64_t c = 0; c < width; ++c) {
         float a = std::fabs(row[c]);
-        bool is_outlier = a >= t;
+        bool is_outlier = find_outliers && a >= t;
         outlier[c] |= uint8_t(is_outlier);
         a = is_outlier ? 0.0f : a;
         best[c] = (a > best[c] || a != a) ? a : best[c];
@@ -156,7 +157,7 @@ void quant_cols(const T* x, int8_t* q, float* col_stats, uint8_t* outlier_flags,
       int8_t* out = q + r * k;
       for (int64_t c = 0; c < k; ++c) {
         int8_t code = to_code((row[c] * 127.0f) / col_stats[c]);
-        out[c] = std::fabs(row[c]) >= t ? int8_t(0) : code;
+        out[c] = (find_outliers && std::fabs(row[c]) >= t) ? int8_t(0) : code;
       }
     }
   });

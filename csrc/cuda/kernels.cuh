@@ -26,5 +26,15 @@ void rope(const void* q, const void* k, void* q_out, void* k_out, const void* co
           const int64_t* k_out_strides, int64_t cos_batch_stride, int64_t cos_seq_stride, int64_t batch, int64_t seq,
           int64_t q_heads, int64_t k_heads, int64_t head_dim, int64_t rot_dim, int dtype, bool interleaved,
           bool backward, cudaStream_t stream, int device);
+void int8_quantize(const void* x, int x_dtype, int8_t* q, float* stats, int* flags, int64_t m, int64_t k, int axis,
+                   double threshold, cudaStream_t stream, int device);
+void int8_mm_dequant(const int32_t* c, const float* row_stats, const float* col_stats, const void* bias,
+                     const float* addend, void* out, int out_dtype, int64_t m, int64_t n, cudaStream_t stream,
+                     int device);
+void int8_gemv(const int8_t* q, const float* row_stats, const int8_t* w, const float* col_stats, const void* bias,
+               const float* addend, void* out, int out_dtype, int64_t m, int64_t n, int64_t k, cudaStream_t stream,
+               int device);
+void int8_dequantize_rows(const int8_t* q, const float* stats, void* out, int out_dtype, int64_t rows, int64_t k,
+                          cudaStream_t stream, int device);
 
 }  // namespace pfp_cuda

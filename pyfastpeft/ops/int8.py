@@ -37,8 +37,26 @@ MAX_IN_FEATURES = 65536
 NATIVE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def _on_cpu(*tensors) -> bool:
-    return all(t.device.type == "cpu" for t in tensors)
+def _native_usable(*tensors) -> bool:
+    """True when every tensor sits on one device that a built native module serves."""
+    device = tensors[0].device
+    if any(t.device != device for t in tensors):
+        return False
+    return (device.type == "cpu" and _native.cpu is not None) or (device.type == "cuda" and _native.cuda is not None)
+
+
+def _module_and_tail(t: torch.Tensor):
+    """(native module, its trailing launch arguments) for t's device: nthreads on CPU, (stream, device) on CUDA."""
+    if t.is_cuda:
+        return _native.cuda, (_native.cuda_stream(t), t.device.index)
+    return _native.cpu, (_native.num_threads(),)
+
+
+def _int_mm(a, b):
+    """a [M, K] @ b [N, K]^T in int32 by torch._int_mm where it accepts the shapes, else exactly in fp64."""
+    if a.is_cuda and not (a.shape[0] > 16 and a.shape[1] % 8 == 0 and b.shape[0] % 8 == 0):
+        return ref.int8_matmul(a, b)
+    return torch._int_mm(a, b.t())
 
 
 def _flags_to_cols(flags: torch.Tensor) -> torch.Tensor:
@@ -48,11 +66,12 @@ def _flags_to_cols(flags: torch.Tensor) -> torch.Tensor:
 # ---- quantization -------------------------------------------------------------------------------------
 
 def quantize_into(x2d, q, stats, axis: int, threshold: float) -> torch.Tensor:
-    """Native: fills q [M, K] and stats ([M] for axis 0, [K] for axis 1); returns the outlier flags uint8 [K]."""
-    flags = torch.empty(x2d.shape[1], dtype=torch.uint8)
-    _native.cpu.int8_quantize(_native.ptr(x2d), _native.dtype_code(x2d), _native.ptr(q), _native.ptr(stats),
-                              _native.ptr(flags), x2d.shape[0], x2d.shape[1], axis, float(threshold),
-                              _native.num_threads())
+    """Native: fills q [M, K] and stats ([M] for axis 0, [K] for axis 1); returns the outlier flags [K]
+    (uint8 on CPU, int32 on CUDA; nonzero = outlier column)."""
+    module, tail = _module_and_tail(x2d)
+    flags = torch.zeros(x2d.shape[1], dtype=torch.int32 if x2d.is_cuda else torch.uint8, device=x2d.device)
+    module.int8_quantize(_native.ptr(x2d), _native.dtype_code(x2d), _native.ptr(q), _native.ptr(stats),
+                         _native.ptr(flags), x2d.shape[0], x2d.shape[1], axis, float(threshold), *tail)
     return flags
 
 
@@ -63,13 +82,13 @@ def _make_quant(axis: int, reference_fn):
         return q.view(x.shape), stats, cols
 
     def native(x, threshold):
-        if not _on_cpu(x) or x.dtype not in NATIVE_DTYPES:
+        if not _native_usable(x) or x.dtype not in NATIVE_DTYPES:
             return reference(x, threshold)
         x2d = x.reshape(-1, x.shape[-1]).contiguous()
-        q = torch.empty(x2d.shape, dtype=torch.int8)
-        stats = torch.empty(x2d.shape[axis], dtype=torch.float32)
+        q = torch.empty(x2d.shape, dtype=torch.int8, device=x.device)
+        stats = torch.empty(x2d.shape[axis], dtype=torch.float32, device=x.device)
         if x2d.numel() == 0:
-            return q.view(x.shape), stats.zero_(), torch.empty(0, dtype=torch.int64)
+            return q.view(x.shape), stats.zero_(), torch.empty(0, dtype=torch.int64, device=x.device)
         flags = quantize_into(x2d, q, stats, axis, threshold)
         return q.view(x.shape), stats, _flags_to_cols(flags)
 
@@ -107,9 +126,9 @@ def _ref_dequant(q, stats, axis):
 
 
 def _native_dequant(q, stats, axis):
-    if not _on_cpu(q, stats) or axis != 0:
+    if not _native_usable(q, stats) or axis != 0:
         return _ref_dequant(q, stats, axis)
-    out = torch.empty(q.shape, dtype=torch.float32)
+    out = torch.empty(q.shape, dtype=torch.float32, device=q.device)
     if q.numel():
         dequantize_rows_into(q.contiguous(), stats.float().contiguous(), out)
     return out
@@ -117,8 +136,9 @@ def _native_dequant(q, stats, axis):
 
 def dequantize_rows_into(q, stats, out) -> None:
     """Native: out [rows, K] (contiguous, fp32/fp16/bf16) = q [rows, K] * stats[r] / 127."""
-    _native.cpu.int8_dequantize_rows(_native.ptr(q), _native.ptr(stats), _native.ptr(out), _native.dtype_code(out),
-                                     q.shape[0], q.shape[1], _native.num_threads())
+    module, tail = _module_and_tail(q)
+    module.int8_dequantize_rows(_native.ptr(q), _native.ptr(stats), _native.ptr(out), _native.dtype_code(out),
+                                q.shape[0], q.shape[1], *tail)
 
 
 def _fake_dequant(q, stats, axis):
@@ -137,9 +157,9 @@ def _ref_matmul(a, b):
 
 
 def _native_matmul(a, b):
-    if not _on_cpu(a, b) or a.numel() == 0 or b.numel() == 0:
+    if not _native_usable(a, b) or a.numel() == 0 or b.numel() == 0:
         return _ref_matmul(a, b)
-    return torch._int_mm(a.contiguous(), b.contiguous().t())
+    return _int_mm(a.contiguous(), b.contiguous())
 
 
 def _triton_matmul(a, b):
@@ -164,10 +184,36 @@ def mm_dequant_into(c, row_stats, col_stats, bias, addend, out) -> None:
     """Native epilogue: out [M, N] = c * (row_stats x col_stats) / 127^2 (+ addend fp32) (+ bias); None/empty = none."""
     has_bias = bias is not None and bias.numel() > 0
     has_addend = addend is not None and addend.numel() > 0
+    addend_ptr = _native.ptr(addend) if has_addend else 0
+    if out.is_cuda:  # the CUDA epilogue reads the bias in the output dtype
+        bias = bias.to(out.dtype).contiguous() if has_bias else None
+        _native.cuda.int8_mm_dequant(_native.ptr(c), _native.ptr(row_stats), _native.ptr(col_stats),
+                                     _native.ptr(bias) if has_bias else 0, addend_ptr, _native.ptr(out),
+                                     _native.dtype_code(out), c.shape[0], c.shape[1], _native.cuda_stream(out),
+                                     out.device.index)
+        return
     _native.cpu.int8_mm_dequant(_native.ptr(c), _native.ptr(row_stats), _native.ptr(col_stats),
                                 _native.ptr(bias) if has_bias else 0, _native.dtype_code(bias) if has_bias else 0,
-                                _native.ptr(addend) if has_addend else 0, _native.ptr(out), _native.dtype_code(out),
-                                c.shape[0], c.shape[1], _native.num_threads())
+                                addend_ptr, _native.ptr(out), _native.dtype_code(out), c.shape[0], c.shape[1],
+                                _native.num_threads())
+
+
+def gemv_into(q, row_stats, weight, weight_stats, bias, addend, out) -> None:
+    """Native fused int8 GEMV + epilogue for q [m <= GEMV_MAX_ROWS, K]; bias / addend None or empty = none."""
+    has_bias = bias is not None and bias.numel() > 0
+    addend_ptr = _native.ptr(addend) if addend is not None and addend.numel() else 0
+    m, k = q.shape
+    if out.is_cuda:
+        bias = bias.to(out.dtype).contiguous() if has_bias else None
+        _native.cuda.int8_gemv(_native.ptr(q), _native.ptr(row_stats), _native.ptr(weight), _native.ptr(weight_stats),
+                               _native.ptr(bias) if has_bias else 0, addend_ptr, _native.ptr(out),
+                               _native.dtype_code(out), m, out.shape[1], k, _native.cuda_stream(out),
+                               out.device.index)
+        return
+    _native.cpu.int8_gemv(_native.ptr(q), _native.ptr(row_stats), _native.ptr(weight), _native.ptr(weight_stats),
+                          _native.ptr(bias) if has_bias else 0, _native.dtype_code(bias) if has_bias else 0,
+                          addend_ptr, _native.ptr(out), _native.dtype_code(out), m, out.shape[1], k,
+                          _native.num_threads())
 
 
 def _ref_mm_dequant(c, row_stats, col_stats, bias, dtype):
@@ -175,7 +221,7 @@ def _ref_mm_dequant(c, row_stats, col_stats, bias, dtype):
 
 
 def _native_mm_dequant(c, row_stats, col_stats, bias, dtype):
-    if not _on_cpu(c, row_stats, col_stats, bias) or dtype not in NATIVE_DTYPES \
+    if not _native_usable(c, row_stats, col_stats) or dtype not in NATIVE_DTYPES \
             or (bias.numel() and bias.dtype not in NATIVE_DTYPES):
         return _ref_mm_dequant(c, row_stats, col_stats, bias, dtype)
     out = _native.empty(c.shape, dtype=dtype, device=c.device)
@@ -202,7 +248,7 @@ def _ref_linear(x, weight, weight_stats, bias, threshold):
 
 
 def _native_linear(x, weight, weight_stats, bias, threshold):
-    if not _on_cpu(x, weight, weight_stats, bias) or x.dtype not in NATIVE_DTYPES \
+    if not _native_usable(x, weight, weight_stats) or x.dtype not in NATIVE_DTYPES \
             or (bias.numel() and bias.dtype not in NATIVE_DTYPES):
         return _ref_linear(x, weight, weight_stats, bias, threshold)
     out_features, in_features = weight.shape
@@ -215,18 +261,14 @@ def _native_linear(x, weight, weight_stats, bias, threshold):
         return out.view(*lead, out_features)
     if in_features == 0:
         return out.copy_(bias.expand(m, out_features) if bias.numel() else torch.zeros(())).view(*lead, out_features)
-    q = torch.empty((m, in_features), dtype=torch.int8)
-    row_stats = torch.empty(m, dtype=torch.float32)
+    q = torch.empty((m, in_features), dtype=torch.int8, device=x.device)
+    row_stats = torch.empty(m, dtype=torch.float32, device=x.device)
     outlier_cols = _flags_to_cols(quantize_into(x2d, q, row_stats, 0, threshold))
     addend = ref.outlier_product(x2d, weight, weight_stats, outlier_cols) if outlier_cols.numel() else None
     if m <= GEMV_MAX_ROWS:
-        has_bias = bias.numel() > 0
-        _native.cpu.int8_gemv(_native.ptr(q), _native.ptr(row_stats), _native.ptr(weight), _native.ptr(weight_stats),
-                              _native.ptr(bias) if has_bias else 0, _native.dtype_code(bias) if has_bias else 0,
-                              _native.ptr(addend) if addend is not None else 0, _native.ptr(out),
-                              _native.dtype_code(out), m, out_features, in_features, _native.num_threads())
+        gemv_into(q, row_stats, weight, weight_stats, bias, addend, out)
     else:
-        mm_dequant_into(torch._int_mm(q, weight.t()), row_stats, weight_stats, bias, addend, out)
+        mm_dequant_into(_int_mm(q, weight), row_stats, weight_stats, bias, addend, out)
     return out.view(*lead, out_features)
 
 
@@ -259,16 +301,16 @@ def _ref_linear_grad_input(dy, weight, weight_stats):
 
 
 def _native_linear_grad_input(dy, weight, weight_stats):
-    if not _on_cpu(dy, weight, weight_stats) or dy.dtype not in NATIVE_DTYPES:
+    if not _native_usable(dy, weight, weight_stats) or dy.dtype not in NATIVE_DTYPES:
         return _ref_linear_grad_input(dy, weight, weight_stats)
     out_features, in_features = weight.shape
     dy2d = dy.reshape(-1, out_features)
     compute = ref.compute_dtype(dy.dtype)
     dyc = dy2d.to(compute)
     weight, weight_stats = weight.contiguous(), weight_stats.float().contiguous()
-    dx = torch.zeros((dy2d.shape[0], in_features), dtype=compute)
+    dx = torch.zeros((dy2d.shape[0], in_features), dtype=compute, device=dy.device)
     if dy2d.shape[0] and in_features:
-        tile_buffer = torch.empty(min(TILE_ROWS, out_features) * in_features, dtype=compute)
+        tile_buffer = torch.empty(min(TILE_ROWS, out_features) * in_features, dtype=compute, device=dy.device)
         for n0 in range(0, out_features, TILE_ROWS):
             n1 = min(n0 + TILE_ROWS, out_features)
             tile = tile_buffer[: (n1 - n0) * in_features].view(n1 - n0, in_features)
