@@ -11,6 +11,9 @@ CPU products: up to GEMV_MAX_ROWS rows of x take the fused dequant-GEMV kernel (
 materialized; each packed byte is read once). More rows take tiles of TILE_ROWS rows of W,
 dequantized into one reused buffer that stays in cache and feeds torch's GEMM; dX = dY @ W the same
 way, so no dequantized copy of W outlives a call.
+
+Triton (pyfastpeft/triton_kernels/nf4.py): the fused GEMV up to GEMV_MAX_ROWS rows, above that a tl.dot GEMM
+(and dX) whose weight tiles are dequantized inside the loop; quantize and dequantize as kernels of their own.
 """
 from __future__ import annotations
 
@@ -18,12 +21,13 @@ import torch
 
 from pyfastpeft import _native
 from pyfastpeft.ops._checks import check_same_device, check_tensor
-from pyfastpeft.ops._library import define_op
+from pyfastpeft.ops._library import define_op, triton_module
 from pyfastpeft.reference import nf4 as ref
 
 GEMV_MAX_ROWS = 8
 TILE_ROWS = 256
 ALL_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # fp64 runs the reference
 
 
 def _native_cpu_usable(*tensors) -> bool:
@@ -46,6 +50,20 @@ def _native_quantize(w, code, blocksize):
     if n:
         _native.cpu.nf4_quantize(_native.ptr(w), _native.dtype_code(w), _native.ptr(packed), _native.ptr(absmax), n,
                                  blocksize, _native.ptr(code.float().contiguous()), _native.num_threads())
+    return packed, absmax
+
+
+def _empty_quantized(w, blocksize):
+    n = w.numel()
+    return (torch.empty(((n + 1) // 2, 1), dtype=torch.uint8, device=w.device),
+            torch.empty(-(-n // blocksize), dtype=torch.float32, device=w.device))
+
+
+def _triton_quantize(w, code, blocksize):
+    w = w.reshape(-1).contiguous()
+    packed, absmax = _empty_quantized(w, blocksize)
+    midpoints, order = ref.search_tables(code.to(w.device))
+    triton_module("nf4").quantize(w, midpoints.contiguous(), order.contiguous(), packed, absmax, blocksize)
     return packed, absmax
 
 
@@ -72,6 +90,13 @@ def _native_dequantize(packed, absmax, code, blocksize, numel, dtype):
     if numel:
         dequantize_into(packed.contiguous(), absmax.float().contiguous(), code.float().contiguous(), out, 0,
                         blocksize)
+    return out
+
+
+def _triton_dequantize(packed, absmax, code, blocksize, numel, dtype):
+    out = torch.empty(numel, dtype=dtype, device=packed.device)
+    triton_module("nf4").dequantize(packed.contiguous(), absmax.float().contiguous(), code.float().contiguous(), out,
+                                    blocksize)
     return out
 
 
@@ -142,6 +167,30 @@ def _native_linear_grad_input(dy, packed, absmax, code, blocksize, out_features,
     return dx.to(dy.dtype).view(*lead, in_features)
 
 
+def _triton_linear(x, packed, absmax, code, bias, blocksize, out_features, in_features):
+    lead = x.shape[:-1]
+    x2d = x.reshape(-1, in_features).contiguous()
+    m = x2d.shape[0]
+    out = torch.empty((m, out_features), dtype=x.dtype, device=x.device)
+    if m and out_features:
+        kernels = triton_module("nf4")
+        launch = kernels.gemv if m <= GEMV_MAX_ROWS else kernels.matmul
+        launch(x2d, packed.contiguous(), absmax.float().contiguous(), code.float().contiguous(),
+               bias.contiguous() if bias.numel() else None, out, blocksize)
+    return out.view(*lead, out_features)
+
+
+def _triton_linear_grad_input(dy, packed, absmax, code, blocksize, out_features, in_features):
+    lead = dy.shape[:-1]
+    dy2d = dy.reshape(-1, out_features).contiguous()
+    m = dy2d.shape[0]
+    dx = torch.empty((m, in_features), dtype=dy.dtype, device=dy.device)
+    if m and in_features:
+        triton_module("nf4").grad_input(dy2d, packed.contiguous(), absmax.float().contiguous(),
+                                        code.float().contiguous(), dx, blocksize)
+    return dx.view(*lead, in_features)
+
+
 def _reference_linear(x, packed, absmax, code, bias, blocksize, out_features, in_features):
     return ref.nf4_linear(x, packed, absmax, code, bias, blocksize, out_features, in_features).contiguous()
 
@@ -161,20 +210,20 @@ def _fake_linear_grad_input(dy, packed, absmax, code, blocksize, out_features, i
 
 nf4_quantize = define_op("nf4_quantize", "(Tensor w, Tensor code, int blocksize) -> (Tensor, Tensor)",
                          family="nf4", fake=_fake_quantize, reference=_reference_quantize,
-                         native=_native_quantize, triton=_reference_quantize, triton_dtypes=())
+                         native=_native_quantize, triton=_triton_quantize, triton_dtypes=TRITON_DTYPES)
 nf4_dequantize = define_op(
     "nf4_dequantize", "(Tensor packed, Tensor absmax, Tensor code, int blocksize, SymInt numel, ScalarType dtype)"
     " -> Tensor", family="nf4", fake=_fake_dequantize, reference=_reference_dequantize,
-    native=_native_dequantize, triton=_reference_dequantize, triton_dtypes=())
+    native=_native_dequantize, triton=_triton_dequantize, triton_dtypes=(torch.uint8,))
 nf4_linear_op = define_op(
     "nf4_linear", "(Tensor x, Tensor packed, Tensor absmax, Tensor code, Tensor bias, int blocksize, "
     "SymInt out_features, SymInt in_features) -> Tensor", family="nf4", fake=_fake_linear,
-    reference=_reference_linear, native=_native_linear, triton=_reference_linear, triton_dtypes=())
+    reference=_reference_linear, native=_native_linear, triton=_triton_linear, triton_dtypes=TRITON_DTYPES)
 nf4_linear_grad_input = define_op(
     "nf4_linear_grad_input", "(Tensor dy, Tensor packed, Tensor absmax, Tensor code, int blocksize, "
     "SymInt out_features, SymInt in_features) -> Tensor", family="nf4", fake=_fake_linear_grad_input,
     reference=_reference_linear_grad_input, native=_native_linear_grad_input,
-    triton=_reference_linear_grad_input, triton_dtypes=())
+    triton=_triton_linear_grad_input, triton_dtypes=TRITON_DTYPES)
 
 
 class NF4LinearFunction(torch.autograd.Function):
