@@ -14,7 +14,8 @@ Kernels:
 tl.dot takes bf16/fp16 operands in their dtype (the W tile rounded to x's dtype, as the reference's
 dequantize-then-matmul does for bf16) and fp32 operands as fp32 (tf32 only where torch allows it for
 matmuls); under the CPU interpreter, which gets bf16 dots wrong, UPCAST feeds it fp32 operands instead.
-All tensors contiguous; absmax fp32; code fp32 [16]; the launchers fill caller-allocated outputs.
+All tensors contiguous; absmax fp32; code fp32 [16]; the launchers fill caller-allocated outputs. BLOCKSIZE is
+a compile-time constant (one compilation per block size in use), so e // BLOCKSIZE is a shift, not a division.
 """
 from __future__ import annotations
 
@@ -34,23 +35,24 @@ TILE_WARPS = 8
 
 
 @triton.jit
-def _weight_at(packed_ptr, absmax_ptr, code_ptr, element, mask, blocksize):
+def _weight_at(packed_ptr, absmax_ptr, code_ptr, element, mask, BLOCKSIZE: tl.constexpr):
     """fp32 w_hat[element] for a tensor of int64 flat indices; 0 where mask is off."""
     byte = tl.load(packed_ptr + (element >> 1), mask=mask, other=0).to(tl.int32)
     nibble = (byte >> (4 - 4 * (element & 1)).to(tl.int32)) & 15
     code = tl.load(code_ptr + nibble, mask=mask, other=0.0)
-    return code * tl.load(absmax_ptr + element // blocksize, mask=mask, other=0.0)
+    return code * tl.load(absmax_ptr + element // BLOCKSIZE, mask=mask, other=0.0)
 
 
 # out: [numel] of any float dtype. Program p decodes bytes [p*BLOCK_BYTES, +BLOCK_BYTES): elements 2j and
 # 2j + 1 of byte j share one block (blocksize is even).
 @triton.jit
-def _dequantize_kernel(packed_ptr, absmax_ptr, code_ptr, out_ptr, numel, blocksize, BLOCK_BYTES: tl.constexpr):
+def _dequantize_kernel(packed_ptr, absmax_ptr, code_ptr, out_ptr, numel, BLOCKSIZE: tl.constexpr,
+                       BLOCK_BYTES: tl.constexpr):
     byte_index = tl.program_id(0).to(tl.int64) * BLOCK_BYTES + tl.arange(0, BLOCK_BYTES)
     even = 2 * byte_index
     mask = even < numel
     byte = tl.load(packed_ptr + byte_index, mask=mask, other=0).to(tl.int32)
-    scale = tl.load(absmax_ptr + even // blocksize, mask=mask, other=0.0)
+    scale = tl.load(absmax_ptr + even // BLOCKSIZE, mask=mask, other=0.0)
     high = tl.load(code_ptr + (byte >> 4), mask=mask, other=0.0) * scale
     low = tl.load(code_ptr + (byte & 15), mask=mask, other=0.0) * scale
     tl.store(out_ptr + even, high.to(out_ptr.dtype.element_ty), mask=mask)
@@ -62,7 +64,7 @@ def _dequantize_kernel(packed_ptr, absmax_ptr, code_ptr, out_ptr, numel, blocksi
 # the pair is one byte (high nibble k, low nibble k + 1, one absmax), read once; with K odd a row starts
 # mid-byte on odd rows and each element is fetched by its own flat index.
 @triton.jit
-def _gemv_kernel(x_ptr, packed_ptr, absmax_ptr, code_ptr, bias_ptr, out_ptr, m, N, K, blocksize,
+def _gemv_kernel(x_ptr, packed_ptr, absmax_ptr, code_ptr, bias_ptr, out_ptr, m, N, K, BLOCKSIZE: tl.constexpr,
                  HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                  BLOCK_PAIRS: tl.constexpr):
     features = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -76,13 +78,13 @@ def _gemv_kernel(x_ptr, packed_ptr, absmax_ptr, code_ptr, bias_ptr, out_ptr, m, 
         w_even_mask = feature_mask[:, None] & even_mask[None, :]
         if EVEN_K:
             byte = tl.load(packed_ptr + (first >> 1), mask=w_even_mask, other=0).to(tl.int32)
-            scale = tl.load(absmax_ptr + first // blocksize, mask=w_even_mask, other=0.0)
+            scale = tl.load(absmax_ptr + first // BLOCKSIZE, mask=w_even_mask, other=0.0)
             w_even = tl.load(code_ptr + (byte >> 4)) * scale
             w_odd = tl.load(code_ptr + (byte & 15)) * scale
         else:
-            w_even = _weight_at(packed_ptr, absmax_ptr, code_ptr, first, w_even_mask, blocksize)
+            w_even = _weight_at(packed_ptr, absmax_ptr, code_ptr, first, w_even_mask, BLOCKSIZE)
             w_odd = _weight_at(packed_ptr, absmax_ptr, code_ptr, first + 1,
-                               feature_mask[:, None] & odd_mask[None, :], blocksize)
+                               feature_mask[:, None] & odd_mask[None, :], BLOCKSIZE)
         x_row = x_ptr + rows[:, None] * K + k_even[None, :]
         x_even = tl.load(x_row, mask=row_mask[:, None] & even_mask[None, :], other=0.0).to(tl.float32)
         x_odd = tl.load(x_row + 1, mask=row_mask[:, None] & odd_mask[None, :], other=0.0).to(tl.float32)
@@ -96,7 +98,7 @@ def _gemv_kernel(x_ptr, packed_ptr, absmax_ptr, code_ptr, bias_ptr, out_ptr, m, 
 # x: [M, K], out: [M, N] (x's dtype), bias as in _gemv_kernel. Program (i, j) owns out tile (i, j); W^T's
 # [BLOCK_K, BLOCK_N] tile is decoded from the packed bytes in every step of the K loop.
 @triton.jit
-def _matmul_kernel(x_ptr, packed_ptr, absmax_ptr, code_ptr, bias_ptr, out_ptr, M, N, K, blocksize,
+def _matmul_kernel(x_ptr, packed_ptr, absmax_ptr, code_ptr, bias_ptr, out_ptr, M, N, K, BLOCKSIZE: tl.constexpr,
                    HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -108,7 +110,7 @@ def _matmul_kernel(x_ptr, packed_ptr, absmax_ptr, code_ptr, bias_ptr, out_ptr, M
         col_mask = cols < K
         x = tl.load(x_ptr + rows[:, None] * K + cols[None, :], mask=row_mask[:, None] & col_mask[None, :], other=0.0)
         w_t = _weight_at(packed_ptr, absmax_ptr, code_ptr, features[None, :] * K + cols[:, None],
-                         col_mask[:, None] & feature_mask[None, :], blocksize)
+                         col_mask[:, None] & feature_mask[None, :], BLOCKSIZE)
         if UPCAST:
             acc = tl.dot(x.to(tl.float32), w_t, acc, input_precision="ieee")
         else:
@@ -122,7 +124,7 @@ def _matmul_kernel(x_ptr, packed_ptr, absmax_ptr, code_ptr, bias_ptr, out_ptr, M
 # dy: [M, N], dx: [M, K] (dy's dtype). Program (i, j) owns dx tile (i, j) and walks N, decoding W's
 # [BLOCK_N, BLOCK_K] tile in every step.
 @triton.jit
-def _grad_input_kernel(dy_ptr, packed_ptr, absmax_ptr, code_ptr, dx_ptr, M, N, K, blocksize,
+def _grad_input_kernel(dy_ptr, packed_ptr, absmax_ptr, code_ptr, dx_ptr, M, N, K, BLOCKSIZE: tl.constexpr,
                        UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
@@ -135,7 +137,7 @@ def _grad_input_kernel(dy_ptr, packed_ptr, absmax_ptr, code_ptr, dx_ptr, M, N, K
         dy = tl.load(dy_ptr + rows[:, None] * N + features[None, :], mask=row_mask[:, None] & feature_mask[None, :],
                      other=0.0)
         w = _weight_at(packed_ptr, absmax_ptr, code_ptr, features[:, None] * K + cols[None, :],
-                       feature_mask[:, None] & col_mask[None, :], blocksize)
+                       feature_mask[:, None] & col_mask[None, :], BLOCKSIZE)
         if UPCAST:
             acc = tl.dot(dy.to(tl.float32), w, acc, input_precision="ieee")
         else:
@@ -206,8 +208,8 @@ def dequantize(packed, absmax, code, out, blocksize: int) -> None:
     if numel == 0:
         return
     grid = (triton.cdiv((numel + 1) // 2, DEQUANTIZE_BLOCK_BYTES),)
-    _dequantize_kernel[grid](packed, absmax, code, out, numel, blocksize, BLOCK_BYTES=DEQUANTIZE_BLOCK_BYTES,
-                             num_warps=4)
+    _dequantize_kernel[grid](packed, absmax, code, out, numel, BLOCKSIZE=blocksize,
+                             BLOCK_BYTES=DEQUANTIZE_BLOCK_BYTES, num_warps=4)
 
 
 def gemv(x, packed, absmax, code, bias, out, blocksize: int) -> None:
@@ -217,7 +219,7 @@ def gemv(x, packed, absmax, code, bias, out, blocksize: int) -> None:
     block_m = triton.next_power_of_2(m)
     has_bias = bias is not None
     _gemv_kernel[(triton.cdiv(n, GEMV_BLOCK_N),)](
-        x, packed, absmax, code, bias if has_bias else out, out, m, n, k, blocksize, HAS_BIAS=has_bias,
+        x, packed, absmax, code, bias if has_bias else out, out, m, n, k, BLOCKSIZE=blocksize, HAS_BIAS=has_bias,
         EVEN_K=k % 2 == 0, BLOCK_M=block_m, BLOCK_N=GEMV_BLOCK_N, BLOCK_PAIRS=64 if block_m <= 2 else 32,
         num_warps=4)
 
@@ -229,7 +231,7 @@ def matmul(x, packed, absmax, code, bias, out, blocksize: int) -> None:
     block_m = _block_m(m)
     has_bias = bias is not None
     grid = (triton.cdiv(m, block_m), triton.cdiv(n, TILE_COLS))
-    _matmul_kernel[grid](x, packed, absmax, code, bias if has_bias else out, out, m, n, k, blocksize,
+    _matmul_kernel[grid](x, packed, absmax, code, bias if has_bias else out, out, m, n, k, BLOCKSIZE=blocksize,
                          HAS_BIAS=has_bias, UPCAST=_interpreted(), DOT_PRECISION=_dot_precision(x.dtype),
                          BLOCK_M=block_m, BLOCK_N=TILE_COLS, BLOCK_K=TILE_REDUCE, num_warps=TILE_WARPS)
 
@@ -240,7 +242,7 @@ def grad_input(dy, packed, absmax, code, dx, blocksize: int) -> None:
     k = dx.shape[1]
     block_m = _block_m(m)
     grid = (triton.cdiv(m, block_m), triton.cdiv(k, TILE_COLS))
-    _grad_input_kernel[grid](dy, packed, absmax, code, dx, m, n, k, blocksize, UPCAST=_interpreted(),
+    _grad_input_kernel[grid](dy, packed, absmax, code, dx, m, n, k, BLOCKSIZE=blocksize, UPCAST=_interpreted(),
                              DOT_PRECISION=_dot_precision(dy.dtype), BLOCK_M=block_m, BLOCK_N=TILE_REDUCE,
                              BLOCK_K=TILE_COLS, num_warps=TILE_WARPS)
 
