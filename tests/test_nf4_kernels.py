@@ -1,13 +1,12 @@
 """NF4 kernels against the PyTorch reference: the CPU kernels (pyfastpeft._C nf4_quantize / nf4_dequantize /
 nf4_gemv) on every instruction set this CPU runs, called directly through the helpers below, below the ops
 layer; and the Triton kernels through the ops on the "triton" backend."""
-import math
 
 import pytest
 import torch
 
 import pyfastpeft
-from helpers import CPU_ISAS, HAS_TRITON, cpu_isa
+from helpers import CPU_ISAS, HAS_TRITON, cpu_isa, random_weight_state, with_planted_ties
 from pyfastpeft import _native
 from pyfastpeft.ops import nf4 as nf4_ops
 from pyfastpeft.reference import nf4 as ref
@@ -40,28 +39,6 @@ def native_gemv(x, packed, absmax, code, bias, n, blocksize):
                          0 if bias is None else bias.data_ptr(), 0 if bias is None else _native.dtype_code(bias),
                          out.data_ptr(), m, n, k, blocksize, torch.get_num_threads())
     return out
-
-
-def random_weight_state(n, k, blocksize, generator):
-    """(packed, absmax) of an [n, k] weight: every byte value, absmax in [0.5, 1.5)."""
-    packed = torch.randint(0, 256, ((n * k + 1) // 2,), dtype=torch.uint8, generator=generator)
-    absmax = torch.rand(-(-n * k // blocksize), generator=generator) + 0.5
-    return packed, absmax
-
-
-def with_planted_ties(shape, blocksize, code, generator):
-    """fp32 weight whose every other block scales exactly onto the code's midpoints and their fp32 neighbours:
-    the block's absmax is a power of two (one element holds it), so x / absmax and x * (1 / absmax) are exact."""
-    midpoints, _ = ref.search_tables(code)
-    candidates = torch.cat([midpoints, torch.nextafter(midpoints, torch.tensor(2.0)),
-                            torch.nextafter(midpoints, torch.tensor(-2.0)), code, torch.tensor([0.0, -0.0])])
-    flat = torch.randn(math.prod(shape), generator=generator)
-    for b in range(0, -(-flat.numel() // blocksize), 2):
-        block = flat[b * blocksize:(b + 1) * blocksize]
-        scale = 2.0 ** torch.randint(-4, 5, (), generator=generator).item()
-        block.copy_(candidates[torch.randint(0, candidates.numel(), (block.numel(),), generator=generator)] * scale)
-        block[0] = scale * (1 if b % 4 == 0 else -1)
-    return flat.view(shape)
 
 
 # ---- quantize ----------------------------------------------------------------------------------------------

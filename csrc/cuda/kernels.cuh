@@ -26,5 +26,12 @@ void rope(const void* q, const void* k, void* q_out, void* k_out, const void* co
           const int64_t* k_out_strides, int64_t cos_batch_stride, int64_t cos_seq_stride, int64_t batch, int64_t seq,
           int64_t q_heads, int64_t k_heads, int64_t head_dim, int64_t rot_dim, int dtype, bool interleaved,
           bool backward, cudaStream_t stream, int device);
+void nf4_quantize(const void* w, int w_dtype, uint8_t* packed, float* absmax, int64_t numel, int64_t blocksize,
+                  const float* midpoints, const int32_t* order, cudaStream_t stream, int device);
+void nf4_dequantize(const uint8_t* packed, const float* absmax, const float* code, void* out, int out_dtype,
+                    int64_t numel, int64_t blocksize, cudaStream_t stream, int device);
+void nf4_gemv(const void* x, int x_dtype, const uint8_t* packed, const float* absmax, const float* code,
+              const void* bias, int bias_dtype, void* out, int64_t m, int64_t n, int64_t k, int64_t blocksize,
+              cudaStream_t stream, int device);
 
 }  // namespace pfp_cuda
