@@ -86,6 +86,26 @@ void int8_dequantize_rows(uintptr_t q, uintptr_t stats, uintptr_t out, int out_d
                                  as_stream(stream), device);
 }
 
+void nf4_quantize(uintptr_t w, int w_dtype, uintptr_t packed, uintptr_t absmax, int64_t numel, int64_t blocksize,
+                  uintptr_t midpoints, uintptr_t order, uintptr_t stream, int device) {
+  pfp_cuda::nf4_quantize(ptr<const void>(w), w_dtype, ptr<uint8_t>(packed), ptr<float>(absmax), numel, blocksize,
+                         ptr<const float>(midpoints), ptr<const int32_t>(order), as_stream(stream), device);
+}
+
+void nf4_dequantize(uintptr_t packed, uintptr_t absmax, uintptr_t code, uintptr_t out, int out_dtype, int64_t numel,
+                    int64_t blocksize, uintptr_t stream, int device) {
+  pfp_cuda::nf4_dequantize(ptr<const uint8_t>(packed), ptr<const float>(absmax), ptr<const float>(code),
+                           ptr<void>(out), out_dtype, numel, blocksize, as_stream(stream), device);
+}
+
+void nf4_gemv(uintptr_t x, int x_dtype, uintptr_t packed, uintptr_t absmax, uintptr_t code, uintptr_t bias,
+              int bias_dtype, uintptr_t out, int64_t m, int64_t n, int64_t k, int64_t blocksize, uintptr_t stream,
+              int device) {
+  pfp_cuda::nf4_gemv(ptr<const void>(x), x_dtype, ptr<const uint8_t>(packed), ptr<const float>(absmax),
+                     ptr<const float>(code), ptr<const void>(bias), bias_dtype, ptr<void>(out), m, n, k, blocksize,
+                     as_stream(stream), device);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_cuda, m) {
@@ -100,6 +120,9 @@ PYBIND11_MODULE(_cuda, m) {
   m.def("int8_mm_dequant", &int8_mm_dequant, release);
   m.def("int8_gemv", &int8_gemv, release);
   m.def("int8_dequantize_rows", &int8_dequantize_rows, release);
+  m.def("nf4_quantize", &nf4_quantize, release);
+  m.def("nf4_dequantize", &nf4_dequantize, release);
+  m.def("nf4_gemv", &nf4_gemv, release);
 
   m.def("device_count", [] {
     int count = 0;

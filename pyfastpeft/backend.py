@@ -22,10 +22,12 @@ from pyfastpeft import _native
 BACKENDS = ("auto", "reference", "native", "triton")
 
 # Faster backend per op family on CUDA. Until GPU measurements are committed under bench/results/,
-# native CUDA kernels are the default (they launch without Triton's JIT and Python overhead); NF4 has
-# no GPU kernels yet and runs its reference (dequantize, then torch's GEMM); LoRA's GPU kernel is Triton's.
-CUDA_PREFERENCE = {"rmsnorm": "native", "swiglu": "native", "rope": "native", "nf4": "reference",
-                   "int8": "native", "lora": "triton"}
+# native CUDA kernels are the default (they launch without Triton's JIT and Python overhead). For NF4 that
+# is the fused dequant-GEMV up to 8 rows and, above, the CUDA dequantize feeding torch's GEMM (Triton's
+# in-loop-dequantized GEMM is the alternative to measure against it); int8 likewise around torch._int_mm.
+# LoRA's GPU kernel is Triton's.
+CUDA_PREFERENCE = {"rmsnorm": "native", "swiglu": "native", "rope": "native", "nf4": "native", "int8": "native",
+                   "lora": "triton"}
 
 
 def _default_backend() -> str:

@@ -1,12 +1,14 @@
-"""Shared test helpers: backends and ISAs to sweep, per-dtype tolerances."""
+"""Shared test helpers: backends and ISAs to sweep, per-dtype tolerances, NF4 test weights."""
 import contextlib
 import importlib.util
+import math
 
 import pytest
 import torch
 
 import pyfastpeft
 from pyfastpeft import _native
+from pyfastpeft.reference import nf4 as nf4_reference
 
 HAS_TRITON = importlib.util.find_spec("triton") is not None
 
@@ -57,3 +59,25 @@ def assert_no_less_accurate(ours, reference, exact, dtype):
     err_ref = (reference.double() - exact).abs().max().item()
     one_ulp = torch.finfo(dtype).eps * max(1.0, exact.abs().max().item())
     assert err_ours <= err_ref + one_ulp, (err_ours, err_ref)
+
+
+def random_weight_state(n, k, blocksize, generator):
+    """(packed, absmax) of an [n, k] weight: every byte value, absmax in [0.5, 1.5)."""
+    packed = torch.randint(0, 256, ((n * k + 1) // 2,), dtype=torch.uint8, generator=generator)
+    absmax = torch.rand(-(-n * k // blocksize), generator=generator) + 0.5
+    return packed, absmax
+
+
+def with_planted_ties(shape, blocksize, code, generator):
+    """fp32 weight whose every other block scales exactly onto the code's midpoints and their fp32 neighbours:
+    the block's absmax is a power of two (one element holds it), so x / absmax and x * (1 / absmax) are exact."""
+    midpoints, _ = nf4_reference.search_tables(code)
+    candidates = torch.cat([midpoints, torch.nextafter(midpoints, torch.tensor(2.0)),
+                            torch.nextafter(midpoints, torch.tensor(-2.0)), code, torch.tensor([0.0, -0.0])])
+    flat = torch.randn(math.prod(shape), generator=generator)
+    for b in range(0, -(-flat.numel() // blocksize), 2):
+        block = flat[b * blocksize:(b + 1) * blocksize]
+        scale = 2.0 ** torch.randint(-4, 5, (), generator=generator).item()
+        block.copy_(candidates[torch.randint(0, candidates.numel(), (block.numel(),), generator=generator)] * scale)
+        block[0] = scale * (1 if b % 4 == 0 else -1)
+    return flat.view(shape)

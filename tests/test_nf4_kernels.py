@@ -1,12 +1,14 @@
-"""NF4 CPU kernels (pyfastpeft._C nf4_quantize / nf4_dequantize / nf4_gemv) against the PyTorch reference, on
-every instruction set this CPU runs. Called directly through the helpers below, below the ops layer."""
-import math
+"""NF4 kernels against the PyTorch reference: the CPU kernels (pyfastpeft._C nf4_quantize / nf4_dequantize /
+nf4_gemv) on every instruction set this CPU runs, called directly through the helpers below, below the ops
+layer; and the Triton kernels through the ops on the "triton" backend."""
 
 import pytest
 import torch
 
-from helpers import CPU_ISAS, cpu_isa
+import pyfastpeft
+from helpers import CPU_ISAS, HAS_TRITON, cpu_isa, random_weight_state, with_planted_ties
 from pyfastpeft import _native
+from pyfastpeft.ops import nf4 as nf4_ops
 from pyfastpeft.reference import nf4 as ref
 
 CODES = ref.QUANT_TABLES  # {"nf4": NF4_CODE, "fp4": FP4_CODE}
@@ -37,28 +39,6 @@ def native_gemv(x, packed, absmax, code, bias, n, blocksize):
                          0 if bias is None else bias.data_ptr(), 0 if bias is None else _native.dtype_code(bias),
                          out.data_ptr(), m, n, k, blocksize, torch.get_num_threads())
     return out
-
-
-def random_weight_state(n, k, blocksize, generator):
-    """(packed, absmax) of an [n, k] weight: every byte value, absmax in [0.5, 1.5)."""
-    packed = torch.randint(0, 256, ((n * k + 1) // 2,), dtype=torch.uint8, generator=generator)
-    absmax = torch.rand(-(-n * k // blocksize), generator=generator) + 0.5
-    return packed, absmax
-
-
-def with_planted_ties(shape, blocksize, code, generator):
-    """fp32 weight whose every other block scales exactly onto the code's midpoints and their fp32 neighbours:
-    the block's absmax is a power of two (one element holds it), so x / absmax and x * (1 / absmax) are exact."""
-    midpoints, _ = ref.search_tables(code)
-    candidates = torch.cat([midpoints, torch.nextafter(midpoints, torch.tensor(2.0)),
-                            torch.nextafter(midpoints, torch.tensor(-2.0)), code, torch.tensor([0.0, -0.0])])
-    flat = torch.randn(math.prod(shape), generator=generator)
-    for b in range(0, -(-flat.numel() // blocksize), 2):
-        block = flat[b * blocksize:(b + 1) * blocksize]
-        scale = 2.0 ** torch.randint(-4, 5, (), generator=generator).item()
-        block.copy_(candidates[torch.randint(0, candidates.numel(), (block.numel(),), generator=generator)] * scale)
-        block[0] = scale * (1 if b % 4 == 0 else -1)
-    return flat.view(shape)
 
 
 # ---- quantize ----------------------------------------------------------------------------------------------
@@ -213,3 +193,125 @@ def test_gemv_rejects_more_than_eight_rows():
     packed, absmax = random_weight_state(4, 64, 64, torch.Generator().manual_seed(0))
     with pytest.raises(ValueError, match="m must be in"):
         native_gemv(torch.randn(9, 64), packed, absmax, CODES["nf4"], None, 4, 64)
+
+
+# ---- Triton (the CPU interpreter here; tests/test_cuda.py runs the same comparisons on a GPU) ------------
+
+triton_only = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
+# Both sides multiply the same dequantized weight and sum in fp32; they differ in summation order only.
+TRITON_PRODUCT_TOLERANCES = {torch.float32: dict(rtol=1e-4, atol=1e-4), torch.float16: dict(rtol=2e-3, atol=2e-3)}
+
+
+def on_triton(op, *args):
+    with pyfastpeft.use_backend("triton"):
+        return op(*args)
+
+
+@triton_only
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64])
+@pytest.mark.parametrize("numel, blocksize", [
+    (96 * 40, 64),     # a [40, 96] weight: blocks straddle rows
+    (33 * 7, 128),     # odd numel, partial last block
+    (200 * 5, 4096),   # one partial block holding every row
+    (1, 64),           # a single high nibble
+])
+def test_triton_dequantize_matches_reference_exactly(dtype, numel, blocksize):
+    code = CODES["nf4"]
+    packed, absmax = random_weight_state(1, numel, blocksize, torch.Generator().manual_seed(numel))
+    out = on_triton(nf4_ops.nf4_dequantize, packed.view(-1, 1), absmax, code, blocksize, numel, dtype)
+    assert torch.equal(out, ref.dequantize_4bit(packed, absmax, code, blocksize, numel, dtype))
+
+
+@triton_only
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("blocksize", [32, 64, 4096])
+@pytest.mark.parametrize("shape", [(7, 33), (40, 96)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_triton_quantize_matches_reference_bytes_with_planted_ties(quant_type, blocksize, shape, dtype):
+    code = CODES[quant_type]
+    w = with_planted_ties(shape, blocksize, code, torch.Generator().manual_seed(shape[0])).to(dtype)
+    packed, absmax = on_triton(nf4_ops.nf4_quantize, w, code, blocksize)
+    expected_packed, expected_absmax = ref.quantize_4bit(w, blocksize, code)
+    assert torch.equal(packed, expected_packed)
+    assert torch.equal(absmax, expected_absmax)
+
+
+@triton_only
+@pytest.mark.filterwarnings("ignore:invalid value encountered:RuntimeWarning")  # the interpreter's inf * 0
+@pytest.mark.parametrize("numel", [4 * 64 + 10, 4 * 64 + 9])
+def test_triton_quantize_zero_nan_inf_blocks_like_reference(numel):
+    code = CODES["nf4"]
+    w = torch.randn(numel)
+    w[:64] = 0
+    w[64 + 5] = float("nan")
+    w[128 + 7] = float("inf")
+    w[192 + 1] = float("-inf")
+    w[256:] = 0
+    packed, absmax = on_triton(nf4_ops.nf4_quantize, w, code, 64)
+    expected_packed, expected_absmax = ref.quantize_4bit(w, 64, code)
+    assert torch.equal(packed, expected_packed)
+    torch.testing.assert_close(absmax, expected_absmax, rtol=0, atol=0, equal_nan=True)
+
+
+@triton_only
+@pytest.mark.parametrize("m", [1, 3, 8, 17])  # fused GEMV up to 8 rows, in-loop-dequantized tl.dot above
+@pytest.mark.parametrize("n, k, blocksize", [
+    (40, 96, 64),      # K not a multiple of the block: blocks straddle rows
+    (33, 33, 32),      # odd K: odd rows start on a low nibble
+    (24, 200, 128),    # several K steps, a partial last block
+    (5, 70, 4096),     # one block for the whole weight
+])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_triton_nf4_linear_matches_dequantized_matmul(m, n, k, blocksize, dtype, with_bias):
+    generator = torch.Generator().manual_seed(n * k + m)
+    packed, absmax = random_weight_state(n, k, blocksize, generator)
+    code = CODES["nf4"]
+    x = torch.randn(m, k, generator=generator).to(dtype)
+    bias = torch.randn(n, generator=generator).to(dtype) if with_bias else x.new_empty(0)
+    out = on_triton(nf4_ops.nf4_linear_op, x, packed.view(-1, 1), absmax, code, bias, blocksize, n, k)
+    weight = ref.dequantize_4bit(packed, absmax, code, blocksize, n * k, torch.float64).view(n, k)
+    exact = x.double() @ weight.T + (bias.double() if with_bias else 0)
+    assert out.dtype == dtype and out.shape == (m, n)
+    torch.testing.assert_close(out.double(), exact, **TRITON_PRODUCT_TOLERANCES[dtype])
+
+
+@triton_only
+@pytest.mark.parametrize("m", [1, 17])
+@pytest.mark.parametrize("n, k, blocksize", [(40, 96, 64), (33, 33, 32), (70, 24, 4096)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_triton_grad_input_is_dy_times_dequantized_weight(m, n, k, blocksize, dtype):
+    generator = torch.Generator().manual_seed(n * k + m)
+    packed, absmax = random_weight_state(n, k, blocksize, generator)
+    code = CODES["nf4"]
+    dy = torch.randn(2, m, n, generator=generator).to(dtype)
+    dx = on_triton(nf4_ops.nf4_linear_grad_input, dy, packed.view(-1, 1), absmax, code, blocksize, n, k)
+    weight = ref.dequantize_4bit(packed, absmax, code, blocksize, n * k, torch.float64).view(n, k)
+    assert dx.dtype == dtype and dx.shape == (2, m, k)
+    torch.testing.assert_close(dx.double(), dy.double() @ weight, **TRITON_PRODUCT_TOLERANCES[dtype])
+
+
+@triton_only
+def test_triton_products_of_empty_inputs_are_empty():
+    packed, absmax = random_weight_state(8, 64, 64, torch.Generator().manual_seed(0))
+    code = CODES["nf4"]
+    assert on_triton(nf4_ops.nf4_linear_op, torch.randn(0, 64), packed, absmax, code, torch.randn(8), 64, 8,
+                     64).shape == (0, 8)
+    assert on_triton(nf4_ops.nf4_linear_grad_input, torch.randn(0, 8), packed, absmax, code, 64, 8, 64).shape == (0, 64)
+    assert on_triton(nf4_ops.nf4_dequantize, packed, absmax, code, 64, 0, torch.float32).shape == (0,)
+
+
+@triton_only
+def test_triton_nf4_ops_opcheck():
+    packed, absmax = random_weight_state(40, 64, 64, torch.Generator().manual_seed(0))
+    code = CODES["nf4"]
+    packed = packed.view(-1, 1)
+    with pyfastpeft.use_backend("triton"):
+        torch.library.opcheck(torch.ops.pyfastpeft.nf4_quantize.default, (torch.randn(40, 64), code, 64))
+        torch.library.opcheck(torch.ops.pyfastpeft.nf4_dequantize.default,
+                              (packed, absmax, code, 64, 40 * 64, torch.float16))
+        for rows in (2, 12):
+            torch.library.opcheck(torch.ops.pyfastpeft.nf4_linear.default,
+                                  (torch.randn(rows, 64), packed, absmax, code, torch.randn(40), 64, 40, 64))
+            torch.library.opcheck(torch.ops.pyfastpeft.nf4_linear_grad_input.default,
+                                  (torch.randn(rows, 40), packed, absmax, code, 64, 40, 64))

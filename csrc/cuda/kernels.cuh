@@ -36,5 +36,12 @@ void int8_gemv(const int8_t* q, const float* row_stats, const int8_t* w, const f
                int device);
 void int8_dequantize_rows(const int8_t* q, const float* stats, void* out, int out_dtype, int64_t rows, int64_t k,
                           cudaStream_t stream, int device);
+void nf4_quantize(const void* w, int w_dtype, uint8_t* packed, float* absmax, int64_t numel, int64_t blocksize,
+                  const float* midpoints, const int32_t* order, cudaStream_t stream, int device);
+void nf4_dequantize(const uint8_t* packed, const float* absmax, const float* code, void* out, int out_dtype,
+                    int64_t numel, int64_t blocksize, cudaStream_t stream, int device);
+void nf4_gemv(const void* x, int x_dtype, const uint8_t* packed, const float* absmax, const float* code,
+              const void* bias, int bias_dtype, void* out, int64_t m, int64_t n, int64_t k, int64_t blocksize,
+              cudaStream_t stream, int device);
 
 }  // namespace pfp_cuda

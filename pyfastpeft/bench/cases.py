@@ -182,26 +182,32 @@ def rope_cases(dtypes: Sequence[torch.dtype], quick: bool) -> list[Case]:
 
 NF4_WEIGHTS = {False: ((HIDDEN, HIDDEN), (INTERMEDIATE, HIDDEN)), True: ((HIDDEN, HIDDEN),)}
 NF4_ROWS = {False: (1, 512), True: (1, 128)}  # decode (fused GEMV) and prefill/training (tiled GEMM)
+NF4_BLOCKSIZE = 64
+
+
+def _nf4_weight(out_features: int, in_features: int, device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(packed, de-nested absmax, code) of a random [out_features, in_features] weight in NF4."""
+    from pyfastpeft.quant import quantize_nf4
+
+    packed, state = quantize_nf4(torch.randn(out_features, in_features, device=device) * 0.02, NF4_BLOCKSIZE, True)
+    return packed, state.dequantized_absmax(), state.code.float()
 
 
 def _nf4_kernel(rows: int, out_features: int, in_features: int, dtype, device, backward: bool) -> KernelCall:
     """forward: the fused dequant-GEMV (rows <= 8) or the tiled GEMM into preallocated out; backward:
     dX = dY @ dequant(W). Reads packed W, absmax and the activation; writes the result."""
-    from pyfastpeft.quant import quantize_nf4
-
-    packed, state = quantize_nf4(torch.randn(out_features, in_features, device=device) * 0.02, 64, True)
-    absmax, code = state.dequantized_absmax(), state.code.float()
+    packed, absmax, code = _nf4_weight(out_features, in_features, device)
     if backward:
         dy = torch.randn(rows, out_features, dtype=dtype, device=device)
-        call = lambda: nf4_ops.nf4_linear_grad_input(dy, packed, absmax, code, 64, out_features,  # noqa: E731
-                                                     in_features)
+        call = lambda: nf4_ops.nf4_linear_grad_input(dy, packed, absmax, code, NF4_BLOCKSIZE,  # noqa: E731
+                                                     out_features, in_features)
         return KernelCall(call, tensor_bytes(packed, absmax, dy) + rows * in_features * dy.element_size())
     x = torch.randn(rows, in_features, dtype=dtype, device=device)
     out = torch.empty(rows, out_features, dtype=dtype, device=device)
     if rows <= nf4_ops.GEMV_MAX_ROWS:
-        call = lambda: nf4_ops.gemv_into(x, packed, absmax, code, None, out, 64)  # noqa: E731
+        call = lambda: nf4_ops.gemv_into(x, packed, absmax, code, None, out, NF4_BLOCKSIZE)  # noqa: E731
     else:
-        call = lambda: nf4_ops.nf4_linear_op(x, packed, absmax, code, x.new_empty(0), 64,  # noqa: E731
+        call = lambda: nf4_ops.nf4_linear_op(x, packed, absmax, code, x.new_empty(0), NF4_BLOCKSIZE,  # noqa: E731
                                               out_features, in_features)
     return KernelCall(call, tensor_bytes(packed, absmax, x, out))
 
@@ -227,8 +233,36 @@ def _nf4_workload(rows: int, out_features: int, in_features: int, dtype: torch.d
                  "backward": functools.partial(_nf4_kernel, rows, out_features, in_features, dtype, device, True)})
 
 
+def _nf4_dequantize_kernel(out_features: int, in_features: int, dtype, device) -> KernelCall:
+    """Reads packed W and absmax; writes W [out_features * in_features] in dtype."""
+    packed, absmax, code = _nf4_weight(out_features, in_features, device)
+    out = torch.empty(out_features * in_features, dtype=dtype, device=device)
+    return KernelCall(lambda: nf4_ops.dequantize_all_into(packed, absmax, code, out, NF4_BLOCKSIZE),
+                      tensor_bytes(packed, absmax, out))
+
+
+def _nf4_dequantize_workload(out_features: int, in_features: int, dtype: torch.dtype,
+                             device: torch.device) -> Workload:
+    """Dequantize alone (what a GEMM above the fused sizes pays first). Ours: the nf4_dequantize op;
+    reference: the PyTorch reference dequantize."""
+    from pyfastpeft.reference import nf4 as nf4_reference
+
+    packed, absmax, code = _nf4_weight(out_features, in_features, device)
+    numel = out_features * in_features
+    return Workload(
+        ours=Implementation(lambda: nf4_ops.nf4_dequantize(packed, absmax, code, NF4_BLOCKSIZE, numel, dtype), ()),
+        reference=Implementation(
+            lambda: nf4_reference.dequantize_4bit(packed, absmax, code, NF4_BLOCKSIZE, numel, dtype), ()),
+        kernels={"forward": functools.partial(_nf4_dequantize_kernel, out_features, in_features, dtype, device)})
+
+
 def nf4_cases(dtypes: Sequence[torch.dtype], quick: bool) -> list[Case]:
     cases = []
+    for out_features, in_features in NF4_WEIGHTS[quick]:
+        cases += [Case("nf4", f"dequantize {out_features}x{in_features}", dtype, "forward",
+                       "PyTorch reference dequantize",
+                       functools.partial(_nf4_dequantize_workload, out_features, in_features, dtype))
+                  for dtype in dtypes]
     for out_features, in_features in NF4_WEIGHTS[quick]:
         for rows in NF4_ROWS[quick]:
             modes = ("forward",) if rows == 1 else MODES  # decode has no backward

@@ -11,6 +11,12 @@ CPU products: up to GEMV_MAX_ROWS rows of x take the fused dequant-GEMV kernel (
 materialized; each packed byte is read once). More rows take tiles of TILE_ROWS rows of W,
 dequantized into one reused buffer that stays in cache and feeds torch's GEMM; dX = dY @ W the same
 way, so no dequantized copy of W outlives a call.
+
+CUDA (csrc/cuda/nf4.cu): quantize, dequantize and the fused GEMV up to GEMV_MAX_ROWS rows; more rows, and dX,
+dequantize W into the activation's dtype and run torch's GEMM (bitsandbytes' CUDA path: cuBLAS is not ours to
+link, and at that size its tensor cores dominate).
+Triton (pyfastpeft/triton_kernels/nf4.py): the fused GEMV up to GEMV_MAX_ROWS rows, above that a tl.dot GEMM
+(and dX) whose weight tiles are dequantized inside the loop; quantize and dequantize as kernels of their own.
 """
 from __future__ import annotations
 
@@ -18,16 +24,31 @@ import torch
 
 from pyfastpeft import _native
 from pyfastpeft.ops._checks import check_same_device, check_tensor
-from pyfastpeft.ops._library import define_op
+from pyfastpeft.ops._library import define_op, triton_module
 from pyfastpeft.reference import nf4 as ref
 
 GEMV_MAX_ROWS = 8
 TILE_ROWS = 256
 ALL_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # fp64 runs the reference
+GPU_GEMV_DTYPES = TRITON_DTYPES  # the CUDA GEMV's x dtypes; fp64 takes dequantize + matmul
 
 
 def _native_cpu_usable(*tensors) -> bool:
     return all(t.device.type == "cpu" for t in tensors)
+
+
+def _native_cuda_usable(blocksize: int, *tensors) -> bool:
+    """The CUDA kernels take tensors on one CUDA device and blocks of a power of two >= 8 elements
+    (every size QuantState allows)."""
+    device = tensors[0].device
+    return (device.type == "cuda" and all(t.device == device for t in tensors)
+            and blocksize >= 8 and blocksize & (blocksize - 1) == 0)
+
+
+def _cuda_launch(t) -> tuple[int, int]:
+    """(stream, device index) of the CUDA kernels' trailing arguments for tensors on t's device."""
+    return _native.cuda_stream(t), t.device.index
 
 
 # ---- quantize / dequantize -------------------------------------------------------------------------
@@ -37,6 +58,15 @@ def _reference_quantize(w, code, blocksize):
 
 
 def _native_quantize(w, code, blocksize):
+    if _native_cuda_usable(blocksize, w, code):
+        w = w.reshape(-1).contiguous()
+        packed, absmax = _empty_quantized(w, blocksize)
+        if w.numel():
+            midpoints, order = ref.search_tables(code)
+            _native.cuda.nf4_quantize(_native.ptr(w), _native.dtype_code(w), _native.ptr(packed), _native.ptr(absmax),
+                                      w.numel(), blocksize, _native.ptr(midpoints.contiguous()),
+                                      _native.ptr(order.contiguous()), *_cuda_launch(w))
+        return packed, absmax
     if not _native_cpu_usable(w):
         return _reference_quantize(w, code, blocksize)
     w = w.reshape(-1).contiguous()
@@ -46,6 +76,20 @@ def _native_quantize(w, code, blocksize):
     if n:
         _native.cpu.nf4_quantize(_native.ptr(w), _native.dtype_code(w), _native.ptr(packed), _native.ptr(absmax), n,
                                  blocksize, _native.ptr(code.float().contiguous()), _native.num_threads())
+    return packed, absmax
+
+
+def _empty_quantized(w, blocksize):
+    n = w.numel()
+    return (torch.empty(((n + 1) // 2, 1), dtype=torch.uint8, device=w.device),
+            torch.empty(-(-n // blocksize), dtype=torch.float32, device=w.device))
+
+
+def _triton_quantize(w, code, blocksize):
+    w = w.reshape(-1).contiguous()
+    packed, absmax = _empty_quantized(w, blocksize)
+    midpoints, order = ref.search_tables(code.to(w.device))
+    triton_module("nf4").quantize(w, midpoints.contiguous(), order.contiguous(), packed, absmax, blocksize)
     return packed, absmax
 
 
@@ -65,13 +109,31 @@ def _reference_dequantize(packed, absmax, code, blocksize, numel, dtype):
     return ref.dequantize_4bit(packed, absmax, code, blocksize, numel, dtype)
 
 
+def dequantize_all_into(packed, absmax, code, out, blocksize: int) -> None:
+    """Native, CPU or CUDA: out (contiguous, any float dtype) = elements [0, out.numel()) of W; every tensor
+    contiguous, absmax fp32 de-nested, code fp32 [16]; on CUDA, blocksize a power of two >= 8."""
+    if not out.numel():
+        return
+    if out.is_cuda:
+        _native.cuda.nf4_dequantize(_native.ptr(packed), _native.ptr(absmax), _native.ptr(code), _native.ptr(out),
+                                    _native.dtype_code(out), out.numel(), blocksize, *_cuda_launch(out))
+    else:
+        dequantize_into(packed, absmax, code, out, 0, blocksize)
+
+
 def _native_dequantize(packed, absmax, code, blocksize, numel, dtype):
-    if not _native_cpu_usable(packed, absmax):
+    cuda = _native_cuda_usable(blocksize, packed, absmax, code)
+    if not cuda and not _native_cpu_usable(packed, absmax):
         return _reference_dequantize(packed, absmax, code, blocksize, numel, dtype)
     out = _native.empty(numel, dtype=dtype, device=packed.device)
-    if numel:
-        dequantize_into(packed.contiguous(), absmax.float().contiguous(), code.float().contiguous(), out, 0,
-                        blocksize)
+    dequantize_all_into(packed.contiguous(), absmax.float().contiguous(), code.float().contiguous(), out, blocksize)
+    return out
+
+
+def _triton_dequantize(packed, absmax, code, blocksize, numel, dtype):
+    out = torch.empty(numel, dtype=dtype, device=packed.device)
+    triton_module("nf4").dequantize(packed.contiguous(), absmax.float().contiguous(), code.float().contiguous(), out,
+                                    blocksize)
     return out
 
 
@@ -93,16 +155,42 @@ def _weight_tiles(packed, absmax, code, blocksize: int, out_features: int, in_fe
 
 def gemv_into(x2d, packed, absmax, code, bias, out, blocksize: int) -> None:
     """Native fused dequant-GEMV: out[m, N] = x2d[m, K] @ W^T (+ bias; None or empty = none), m <= GEMV_MAX_ROWS;
-    every tensor contiguous, absmax fp32 de-nested, code fp32 [16], out in x2d's dtype."""
+    every tensor contiguous, absmax fp32 de-nested, code fp32 [16], out in x2d's dtype. CPU or CUDA (there:
+    x2d fp32/fp16/bf16, blocksize a power of two >= 8)."""
     m, k = x2d.shape
     has_bias = bias is not None and bias.numel() > 0
-    _native.cpu.nf4_gemv(_native.ptr(x2d), _native.dtype_code(x2d), _native.ptr(packed), _native.ptr(absmax),
-                         _native.ptr(code), _native.ptr(bias) if has_bias else 0,
-                         _native.dtype_code(bias) if has_bias else 0, _native.ptr(out), m, out.shape[1], k, blocksize,
-                         _native.num_threads())
+    args = (_native.ptr(x2d), _native.dtype_code(x2d), _native.ptr(packed), _native.ptr(absmax), _native.ptr(code),
+            _native.ptr(bias) if has_bias else 0, _native.dtype_code(bias) if has_bias else 0, _native.ptr(out), m,
+            out.shape[1], k, blocksize)
+    if x2d.is_cuda:
+        _native.cuda.nf4_gemv(*args, *_cuda_launch(x2d))
+    else:
+        _native.cpu.nf4_gemv(*args, _native.num_threads())
+
+
+def _cuda_dequantized_weight(packed, absmax, code, blocksize: int, out_features: int, in_features: int, dtype):
+    weight = torch.empty((out_features, in_features), dtype=dtype, device=packed.device)
+    dequantize_all_into(packed.contiguous(), absmax.float().contiguous(), code.float().contiguous(), weight, blocksize)
+    return weight
+
+
+def _cuda_linear(x, packed, absmax, code, bias, blocksize, out_features, in_features):
+    """Up to GEMV_MAX_ROWS rows the fused GEMV; more rows dequantize W into x's dtype and run torch's GEMM
+    (bitsandbytes' CUDA path), whose tensor cores beat any fusion at that size."""
+    lead = x.shape[:-1]
+    m = x.numel() // in_features if in_features else 0
+    if 1 <= m <= GEMV_MAX_ROWS and out_features and x.dtype in GPU_GEMV_DTYPES:
+        out = torch.empty((m, out_features), dtype=x.dtype, device=x.device)
+        gemv_into(x.reshape(m, in_features).contiguous(), packed.contiguous(), absmax.float().contiguous(),
+                  code.float().contiguous(), bias.contiguous(), out, blocksize)
+        return out.view(*lead, out_features)
+    weight = _cuda_dequantized_weight(packed, absmax, code, blocksize, out_features, in_features, x.dtype)
+    return torch.nn.functional.linear(x, weight, bias.to(x.dtype) if bias.numel() else None).contiguous()
 
 
 def _native_linear(x, packed, absmax, code, bias, blocksize, out_features, in_features):
+    if _native_cuda_usable(blocksize, x, packed, absmax, code, bias):
+        return _cuda_linear(x, packed, absmax, code, bias, blocksize, out_features, in_features)
     if not _native_cpu_usable(x, packed, absmax) or x.dtype not in ALL_DTYPES:
         return _reference_linear(x, packed, absmax, code, bias, blocksize, out_features, in_features)
     lead = x.shape[:-1]
@@ -128,6 +216,9 @@ def _native_linear(x, packed, absmax, code, bias, blocksize, out_features, in_fe
 
 
 def _native_linear_grad_input(dy, packed, absmax, code, blocksize, out_features, in_features):
+    if _native_cuda_usable(blocksize, dy, packed, absmax, code):
+        weight = _cuda_dequantized_weight(packed, absmax, code, blocksize, out_features, in_features, dy.dtype)
+        return torch.matmul(dy, weight)
     if not _native_cpu_usable(dy, packed, absmax) or dy.dtype not in ALL_DTYPES:
         return _reference_linear_grad_input(dy, packed, absmax, code, blocksize, out_features, in_features)
     lead = dy.shape[:-1]
@@ -140,6 +231,30 @@ def _native_linear_grad_input(dy, packed, absmax, code, blocksize, out_features,
         for n0, n1, tile in _weight_tiles(packed, absmax, code, blocksize, out_features, in_features, compute):
             dx.addmm_(dyc[:, n0:n1], tile)
     return dx.to(dy.dtype).view(*lead, in_features)
+
+
+def _triton_linear(x, packed, absmax, code, bias, blocksize, out_features, in_features):
+    lead = x.shape[:-1]
+    x2d = x.reshape(-1, in_features).contiguous()
+    m = x2d.shape[0]
+    out = torch.empty((m, out_features), dtype=x.dtype, device=x.device)
+    if m and out_features:
+        kernels = triton_module("nf4")
+        launch = kernels.gemv if m <= GEMV_MAX_ROWS else kernels.matmul
+        launch(x2d, packed.contiguous(), absmax.float().contiguous(), code.float().contiguous(),
+               bias.contiguous() if bias.numel() else None, out, blocksize)
+    return out.view(*lead, out_features)
+
+
+def _triton_linear_grad_input(dy, packed, absmax, code, blocksize, out_features, in_features):
+    lead = dy.shape[:-1]
+    dy2d = dy.reshape(-1, out_features).contiguous()
+    m = dy2d.shape[0]
+    dx = torch.empty((m, in_features), dtype=dy.dtype, device=dy.device)
+    if m and in_features:
+        triton_module("nf4").grad_input(dy2d, packed.contiguous(), absmax.float().contiguous(),
+                                        code.float().contiguous(), dx, blocksize)
+    return dx.view(*lead, in_features)
 
 
 def _reference_linear(x, packed, absmax, code, bias, blocksize, out_features, in_features):
@@ -161,20 +276,20 @@ def _fake_linear_grad_input(dy, packed, absmax, code, blocksize, out_features, i
 
 nf4_quantize = define_op("nf4_quantize", "(Tensor w, Tensor code, int blocksize) -> (Tensor, Tensor)",
                          family="nf4", fake=_fake_quantize, reference=_reference_quantize,
-                         native=_native_quantize, triton=_reference_quantize, triton_dtypes=())
+                         native=_native_quantize, triton=_triton_quantize, triton_dtypes=TRITON_DTYPES)
 nf4_dequantize = define_op(
     "nf4_dequantize", "(Tensor packed, Tensor absmax, Tensor code, int blocksize, SymInt numel, ScalarType dtype)"
     " -> Tensor", family="nf4", fake=_fake_dequantize, reference=_reference_dequantize,
-    native=_native_dequantize, triton=_reference_dequantize, triton_dtypes=())
+    native=_native_dequantize, triton=_triton_dequantize, triton_dtypes=(torch.uint8,))
 nf4_linear_op = define_op(
     "nf4_linear", "(Tensor x, Tensor packed, Tensor absmax, Tensor code, Tensor bias, int blocksize, "
     "SymInt out_features, SymInt in_features) -> Tensor", family="nf4", fake=_fake_linear,
-    reference=_reference_linear, native=_native_linear, triton=_reference_linear, triton_dtypes=())
+    reference=_reference_linear, native=_native_linear, triton=_triton_linear, triton_dtypes=TRITON_DTYPES)
 nf4_linear_grad_input = define_op(
     "nf4_linear_grad_input", "(Tensor dy, Tensor packed, Tensor absmax, Tensor code, int blocksize, "
     "SymInt out_features, SymInt in_features) -> Tensor", family="nf4", fake=_fake_linear_grad_input,
     reference=_reference_linear_grad_input, native=_native_linear_grad_input,
-    triton=_reference_linear_grad_input, triton_dtypes=())
+    triton=_triton_linear_grad_input, triton_dtypes=TRITON_DTYPES)
 
 
 class NF4LinearFunction(torch.autograd.Function):
