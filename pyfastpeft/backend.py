@@ -23,8 +23,9 @@ BACKENDS = ("auto", "reference", "native", "triton")
 
 # Faster backend per op family on CUDA. Until GPU measurements are committed under bench/results/,
 # native CUDA kernels are the default (they launch without Triton's JIT and Python overhead); NF4 has
-# no GPU kernels yet and runs its reference (dequantize, then torch's GEMM).
-CUDA_PREFERENCE = {"rmsnorm": "native", "swiglu": "native", "rope": "native", "nf4": "reference"}
+# no GPU kernels yet and runs its reference (dequantize, then torch's GEMM); nor has quantize.
+CUDA_PREFERENCE = {"rmsnorm": "native", "swiglu": "native", "rope": "native", "nf4": "reference",
+                   "quantize": "reference"}
 
 
 def _default_backend() -> str:
