@@ -298,8 +298,7 @@ def test_dynamic_fake_quantize_passes_every_finite_gradient():
 def test_fake_quantize_gradcheck_fp64():
     # The straight-through gradient is by design not the derivative of the (piecewise constant) forward, so
     # gradcheck checks the backward map dy -> dx = dy * mask in fp64 against its numerical Jacobian.
-    x = torch.randn(5, 8, dtype=torch.float64, requires_grad=True) * 2
-    x = x.detach().requires_grad_()
+    x = (torch.randn(5, 8, dtype=torch.float64) * 2).requires_grad_()
     scale = torch.full((5,), 1 / 64)
     dy = torch.randn(5, 8, dtype=torch.float64, requires_grad=True)
 

@@ -29,7 +29,9 @@ __all__ = ["QuantizedTensor", "quantize", "dequantize", "fake_quantize", "MinMax
 
 @dataclasses.dataclass(eq=False)
 class QuantizedTensor:
-    """codes:      int8 (absmax) or uint8 (zeropoint), x's shape, one code per element
+    """A quantized tensor: one code per element and the parameters of its groups.
+
+    codes:      int8 (absmax) or uint8 (zeropoint), x's shape, one code per element
     scale:      fp32, 0-dim per tensor, [shape[axis]] per channel, [ceil(numel / blocksize)] per block
     zero_point: int32 of scale's shape (zeropoint), None (absmax)
     bits, scheme, axis (non-negative or None), blocksize (or None), shape and dtype of x."""
@@ -112,7 +114,7 @@ def _static_params(fn: str, x, scale, zero_point, zeropoint: bool, axis: int, bl
             continue
         if not isinstance(value, (torch.Tensor, int, float)) or isinstance(value, bool):
             raise TypeError(f"{fn}: {name} must be a tensor or a number, got {type(value).__name__}")
-        value = torch.as_tensor(value)
+        value = value if isinstance(value, torch.Tensor) else torch.tensor(value, device=x.device)
         if value.device != x.device:
             raise ValueError(f"{fn}: {name} is on {value.device}, x is on {x.device}")
         if tuple(value.shape) != shape:
@@ -157,19 +159,20 @@ class _Observer(abc.ABC):
         self.hi: torch.Tensor | None = None
         self.batches = 0
 
-    def _groups(self, fn: str, x: torch.Tensor) -> tuple[torch.Tensor, int]:
+    def _check_batch(self, fn: str, x: torch.Tensor) -> int:
+        """x's axis as the ops take it, after checking x and its channel count against earlier batches."""
         check_tensor(fn, "x", x)
         axis = _check_axis(fn, self.axis, x.dim())
-        groups = ref.grouped(x.detach(), axis, 0)
-        if self.lo is not None and groups.shape[1] != self.lo.numel():
-            raise ValueError(f"{fn}: x has {groups.shape[1]} channels along axis {self.axis}, the observed batches "
+        channels = 1 if axis < 0 else x.shape[axis]
+        if self.lo is not None and channels != self.lo.numel():
+            raise ValueError(f"{fn}: x has {channels} channels along axis {self.axis}, the observed batches "
                              f"had {self.lo.numel()}")
-        return groups, axis
+        return axis
 
     def observe(self, x: torch.Tensor) -> None:
         """Extends the calibrated ranges with the batch x (same channel count along axis every time)."""
-        groups, _ = self._groups(f"{type(self).__name__}.observe", x)
-        lo, hi = self._batch_range(groups)
+        axis = self._check_batch(f"{type(self).__name__}.observe", x)
+        lo, hi = self._batch_range(ref.grouped(x.detach(), axis, 0))
         self._combine(lo, hi)
         self.batches += 1
 
@@ -185,7 +188,7 @@ class _Observer(abc.ABC):
     def quantize(self, x: torch.Tensor) -> QuantizedTensor:
         """x coded with the frozen parameters (the affine formula); values outside the range are clamped."""
         fn = f"{type(self).__name__}.quantize"
-        _, axis = self._groups(fn, x)
+        axis = self._check_batch(fn, x)
         scale, zero_point = self.quant_params()
         scale = scale.to(x.device)
         zero_point = zero_point.to(x.device) if zero_point is not None else x.new_empty(0, dtype=torch.int32)
