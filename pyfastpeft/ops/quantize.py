@@ -46,15 +46,21 @@ def _reference_quantize(x, bits, zeropoint, axis, blocksize):
     return ref.quantize_affine(x, bits, zeropoint, axis, blocksize)
 
 
+def quantize_into(x, codes, scale, zero_point, bits: int, zeropoint: bool, axis: int, blocksize: int) -> None:
+    """Native dynamic quantization into preallocated outputs: x contiguous CPU (fp32, fp16, bf16, fp64), non-empty;
+    codes int8/uint8 of x's shape, scale fp32 and zero_point int32 (ignored for absmax) of the group count."""
+    _native.cpu.quantize_affine(_native.ptr(x), _native.dtype_code(x), _native.ptr(codes), _native.ptr(scale),
+                                _native.ptr(zero_point) if zeropoint else 0, *_layout_args(x.shape, axis, blocksize),
+                                blocksize, bits, zeropoint, _native.num_threads())
+
+
 def _native_quantize(x, bits, zeropoint, axis, blocksize):
     if not _native_usable(x):
         return _reference_quantize(x, bits, zeropoint, axis, blocksize)
     x = x.contiguous()
     codes = _native.empty(x.shape, dtype=_code_dtype(zeropoint), device=x.device)
     scale, zero_point = _fake_params(x, zeropoint, axis, blocksize)
-    _native.cpu.quantize_affine(_native.ptr(x), _native.dtype_code(x), _native.ptr(codes), _native.ptr(scale),
-                                _native.ptr(zero_point) if zeropoint else 0, *_layout_args(x.shape, axis, blocksize),
-                                blocksize, bits, zeropoint, _native.num_threads())
+    quantize_into(x, codes, scale, zero_point, bits, zeropoint, axis, blocksize)
     return codes, scale, zero_point
 
 
