@@ -269,7 +269,7 @@ def _quantize_workload(rows: int, axis: int, dtype: torch.dtype, device: torch.d
 def quantize_cases(dtypes: Sequence[torch.dtype], quick: bool) -> list[Case]:
     rows = QUANTIZE_ROWS[quick]
     return [Case("quantize", f"{rows}x{HIDDEN} {name}", dtype, "forward", "eager PyTorch reference (same formulas)",
-                 functools.partial(_quantize_workload, rows, axis))
+                 functools.partial(_quantize_workload, rows, axis, dtype))
             for name, axis in QUANTIZE_GRANULARITIES.items() for dtype in dtypes]
 
 
