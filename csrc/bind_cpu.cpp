@@ -118,6 +118,26 @@ void lora_dropout(uintptr_t src, uintptr_t dst, int64_t numel, int dtype, int64_
                alpha, accumulate, nthreads);
 }
 
+// zero_point == 0: absmax (no zero point).
+void quantize_affine(uintptr_t x, int x_dtype, uintptr_t codes, uintptr_t scale, uintptr_t zero_point, int64_t outer,
+                     int64_t channels, int64_t inner, int64_t blocksize, int bits, bool zeropoint, int nthreads) {
+  PFP_CALL_ISA(quantize_affine, ptr<const void>(x), x_dtype, ptr<void>(codes), ptr<float>(scale),
+               ptr<int32_t>(zero_point), outer, channels, inner, blocksize, bits, zeropoint, nthreads);
+}
+
+void quantize_static(uintptr_t x, int x_dtype, uintptr_t scale, uintptr_t zero_point, uintptr_t codes, int64_t outer,
+                     int64_t channels, int64_t inner, int64_t blocksize, int bits, bool zeropoint, int nthreads) {
+  PFP_CALL_ISA(quantize_static, ptr<const void>(x), x_dtype, ptr<const float>(scale), ptr<const int32_t>(zero_point),
+               ptr<void>(codes), outer, channels, inner, blocksize, bits, zeropoint, nthreads);
+}
+
+void dequantize_affine(uintptr_t codes, bool codes_signed, uintptr_t scale, uintptr_t zero_point, uintptr_t out,
+                       int out_dtype, int64_t outer, int64_t channels, int64_t inner, int64_t blocksize,
+                       int nthreads) {
+  PFP_CALL_ISA(dequantize_affine, ptr<const void>(codes), codes_signed, ptr<const float>(scale),
+               ptr<const int32_t>(zero_point), ptr<void>(out), out_dtype, outer, channels, inner, blocksize, nthreads);
+}
+
 // Ask the kernel to back [address, address + nbytes) with 2 MiB pages, before its first touch.
 // Fresh large tensors come straight from mmap, and with 4 KiB pages their first-touch page faults
 // cost several times the kernel that fills them (about 15 ms for 64 MiB, against 3 ms here).
@@ -151,6 +171,9 @@ PYBIND11_MODULE(_C, m) {
   m.def("int8_gemv", &int8_gemv, release);
   m.def("int8_dequantize_rows", &int8_dequantize_rows, release);
   m.def("lora_dropout", &lora_dropout, release);
+  m.def("quantize_affine", &quantize_affine, release);
+  m.def("quantize_static", &quantize_static, release);
+  m.def("dequantize_affine", &dequantize_affine, release);
   m.def("advise_huge_pages", &advise_huge_pages, py::arg("address"), py::arg("nbytes"));
 
   m.def("best_isa", [] { return std::string(pfp::isa_name(pfp::best_isa())); },

@@ -25,9 +25,9 @@ BACKENDS = ("auto", "reference", "native", "triton")
 # native CUDA kernels are the default (they launch without Triton's JIT and Python overhead). For NF4 that
 # is the fused dequant-GEMV up to 8 rows and, above, the CUDA dequantize feeding torch's GEMM (Triton's
 # in-loop-dequantized GEMM is the alternative to measure against it); int8 likewise around torch._int_mm.
-# LoRA's GPU kernel is Triton's.
+# LoRA's GPU kernel is Triton's; the general affine quantize family has no GPU kernel yet.
 CUDA_PREFERENCE = {"rmsnorm": "native", "swiglu": "native", "rope": "native", "nf4": "native", "int8": "native",
-                   "lora": "triton"}
+                   "lora": "triton", "quantize": "reference"}
 
 
 def _default_backend() -> str:

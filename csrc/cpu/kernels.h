@@ -44,6 +44,15 @@
   void lora_dropout(const void* src, void* dst, int64_t numel, int dtype, int64_t seed,              \
                     int64_t offset, float threshold, float keep_scale, double alpha,                 \
                     bool accumulate, int nthreads);                                                  \
+  void quantize_affine(const void* x, int x_dtype, void* codes, float* scale, int32_t* zero_point,   \
+                       int64_t outer, int64_t channels, int64_t inner, int64_t blocksize, int bits,  \
+                       bool zeropoint, int nthreads);                                                \
+  void quantize_static(const void* x, int x_dtype, const float* scale, const int32_t* zero_point,    \
+                       void* codes, int64_t outer, int64_t channels, int64_t inner,                  \
+                       int64_t blocksize, int bits, bool zeropoint, int nthreads);                   \
+  void dequantize_affine(const void* codes, bool codes_signed, const float* scale,                   \
+                         const int32_t* zero_point, void* out, int out_dtype, int64_t outer,         \
+                         int64_t channels, int64_t inner, int64_t blocksize, int nthreads);          \
   }
 
 PFP_DECLARE_CPU_KERNELS(pfp_avx512)
