@@ -5,14 +5,19 @@
     with pyfastpeft.use_backend("reference"):  # force a backend for the ops in the block
         ...
     report = pyfastpeft.patch_model(model)     # swap RMSNorm / SwiGLU MLP / RoPE of an HF model
+    report = pyfastpeft.add_lora(model, target_modules=("q_proj", "v_proj"), r=8)  # LoRA adapters
+    pyfastpeft.save_adapter(model, "out")      # a PEFT adapter directory; load_adapter reads one
 """
 import torch  # noqa: F401  (before the native modules: they reuse torch's OpenMP runtime)
 
 from pyfastpeft import functional, nn, ops, quant  # noqa: F401
 from pyfastpeft.backend import backends, current_backend, use_backend
+from pyfastpeft.integrations.peft import from_peft, load_adapter, save_adapter
 from pyfastpeft.integrations.quantize import QuantizeReport, quantize_model
 from pyfastpeft.integrations.transformers import PatchReport, patch_model, unpatch_model
+from pyfastpeft.nn.lora import LoRAReport, add_lora
 
 __version__ = "0.1.0"
 __all__ = ["backends", "current_backend", "use_backend", "functional", "nn", "quant", "patch_model",
-           "unpatch_model", "PatchReport", "quantize_model", "QuantizeReport"]
+           "unpatch_model", "PatchReport", "quantize_model", "QuantizeReport", "add_lora", "LoRAReport", "save_adapter",
+           "load_adapter", "from_peft"]

@@ -1,1 +1,1 @@
-"""Glue to other libraries' models and formats (HF transformers patching)."""
+"""Glue to other libraries' models and formats (HF transformers patching, quantization, PEFT adapters)."""

@@ -1,7 +1,8 @@
 """nn.Module drop-ins for HF transformers modules; each forward is one call into pyfastpeft.ops."""
 from pyfastpeft.nn.linear4bit import Linear4bit
 from pyfastpeft.nn.linear8bitlt import Linear8bitLt
+from pyfastpeft.nn.lora import LoRALinear
 from pyfastpeft.nn.rmsnorm import RMSNorm
 from pyfastpeft.nn.swiglu import SwiGLUMLP
 
-__all__ = ["Linear4bit", "Linear8bitLt", "RMSNorm", "SwiGLUMLP"]
+__all__ = ["Linear4bit", "Linear8bitLt", "LoRALinear", "RMSNorm", "SwiGLUMLP"]

@@ -1,0 +1,450 @@
+"""LoRALinear (PEFT's lora.Linear over a frozen dense, NF4 or LLM.int8 base, one fused lora_linear call per forward) and
+add_lora, which wraps a model's linear layers in it.
+
+    y = x W^T + b + s * dropout(x) A^T B^T      A [r, in], B [out, r], s = alpha / r (rsLoRA: alpha / sqrt(r))
+
+Names and shapes are PEFT's, so state-dict keys read `...q_proj.base_layer.weight`,
+`...q_proj.lora_A.<adapter>.weight`, `...q_proj.lora_B.<adapter>.weight`.
+"""
+from __future__ import annotations
+
+import dataclasses
+import math
+import numbers
+import re
+import warnings
+from typing import Callable
+
+import torch
+from torch import nn
+
+from pyfastpeft.nn.linear4bit import Linear4bit
+from pyfastpeft.nn.linear8bitlt import Linear8bitLt
+from pyfastpeft.ops.lora import lora_linear
+from pyfastpeft.quant.nf4 import QuantState
+
+
+# ---- base kinds: how each type of frozen base layer computes its product and stores merged weights ---------
+
+@dataclasses.dataclass(frozen=True)
+class _BaseKind:
+    """One row of the table below: a new kind of base is one more row, once lora_linear accepts its weight."""
+
+    # (base, x) -> the dtype x, bias, A and B are cast to before lora_linear; y returns in x's dtype
+    compute_dtype: Callable[[nn.Module, torch.Tensor], torch.dtype]
+    # base -> the `weight` argument of lora_linear: a dense [out, in] tensor, an NF4 (packed, state) pair or an
+    # int8 (codes, SCB, threshold) tuple
+    lora_weight: Callable[[nn.Module], object]
+    # base -> its weight as a dense fp32 [out, in] tensor (merge and unmerge work on it)
+    dense_weight: Callable[[nn.Module], torch.Tensor]
+    # (base, fp32 [out, in]) -> stores it, rounded once to the base's format; a quantized kind returns the
+    # max abs error of what it stored against the fp32 weight, a dense one None
+    store_weight: Callable[[nn.Module, torch.Tensor], float | None]
+    # the dtype new adapters are created in: fp32 over half-precision bases, as PEFT's models keep them
+    adapter_dtype: Callable[[nn.Module], torch.dtype]
+
+
+def _dense_store(base: nn.Linear, weight: torch.Tensor) -> None:
+    with torch.no_grad():
+        base.weight.copy_(weight)
+
+
+def _nf4_lora_weight(base: Linear4bit):
+    """(packed, state) with the layer's cached de-nested fp32 absmax, so a nested (double-quantized) state
+    is not decoded again on every call."""
+    state = base.quant_state
+    flat_state = QuantState(absmax=base._absmax, shape=state.shape, code=state.code, blocksize=state.blocksize,
+                            quant_type=state.quant_type, dtype=state.dtype)
+    return base.weight, flat_state
+
+
+def _nf4_store(base: Linear4bit, weight: torch.Tensor) -> float:
+    base._store(weight.to(base.quant_state.dtype))
+    return (base.dequantize().float() - weight).abs().max().item() if weight.numel() else 0.0
+
+
+def _int8_store(base: Linear8bitLt, weight: torch.Tensor) -> float:
+    base._store(weight)
+    return (base.dequantize().float() - weight).abs().max().item() if weight.numel() else 0.0
+
+
+_BASE_KINDS: dict[type, _BaseKind] = {
+    nn.Linear: _BaseKind(
+        compute_dtype=lambda base, x: x.dtype,  # nn.Linear's rule: x must already be the weight's dtype
+        lora_weight=lambda base: base.weight,
+        dense_weight=lambda base: base.weight.detach().float(),
+        store_weight=_dense_store,
+        adapter_dtype=lambda base: torch.promote_types(base.weight.dtype, torch.float32),
+    ),
+    Linear4bit: _BaseKind(
+        compute_dtype=lambda base, x: base.compute_dtype or x.dtype,  # Linear4bit.forward's rule
+        lora_weight=_nf4_lora_weight,
+        dense_weight=lambda base: base.dequantize().float(),
+        store_weight=_nf4_store,
+        adapter_dtype=lambda base: torch.float32,
+    ),
+    Linear8bitLt: _BaseKind(
+        compute_dtype=lambda base, x: x.dtype,  # Linear8bitLt.forward's rule: the product in x's dtype
+        lora_weight=lambda base: (base.weight, base.SCB, base.threshold),
+        dense_weight=lambda base: base.dequantize(torch.float32),
+        store_weight=_int8_store,
+        adapter_dtype=lambda base: torch.float32,
+    ),
+}
+
+
+def base_kind(module: nn.Module) -> _BaseKind | None:
+    """The table row for module's type (or its nearest listed superclass); None when LoRALinear cannot wrap it."""
+    for cls in type(module).__mro__:
+        if cls in _BASE_KINDS:
+            kind = _BASE_KINDS[cls]
+            if cls is nn.Linear and not module.weight.dtype.is_floating_point:
+                return None  # a quantized nn.Linear subclass (bitsandbytes' layers): its weight is not dense
+            return kind
+    return None
+
+
+def _supported_bases() -> str:
+    return " or ".join(f"{cls.__module__.replace('torch.nn.modules.linear', 'torch.nn')}.{cls.__name__}"
+                       for cls in _BASE_KINDS)
+
+
+# ---- argument checks ---------------------------------------------------------------------------------------
+
+def _check_rank(fn: str, r) -> int:
+    if isinstance(r, bool) or not isinstance(r, numbers.Integral):
+        raise TypeError(f"{fn}: r must be an int, got {type(r).__name__}")
+    if r < 1:
+        raise ValueError(f"{fn}: r must be >= 1, got {r}")
+    return int(r)
+
+
+def _check_alpha(fn: str, lora_alpha) -> numbers.Real:
+    if isinstance(lora_alpha, bool) or not isinstance(lora_alpha, numbers.Real):
+        raise TypeError(f"{fn}: lora_alpha must be a real number, got {type(lora_alpha).__name__}")
+    return lora_alpha
+
+
+def _check_dropout(fn: str, lora_dropout) -> float:
+    if isinstance(lora_dropout, bool) or not isinstance(lora_dropout, numbers.Real):
+        raise TypeError(f"{fn}: lora_dropout must be a real number, got {type(lora_dropout).__name__}")
+    if not 0.0 <= lora_dropout < 1.0:
+        raise ValueError(f"{fn}: lora_dropout must be in [0, 1), got {lora_dropout}")
+    return float(lora_dropout)
+
+
+def _check_bool(fn: str, name: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{fn}: {name} must be a bool, got {type(value).__name__}")
+    return value
+
+
+def _check_adapter_name(fn: str, adapter_name) -> str:
+    if not isinstance(adapter_name, str):
+        raise TypeError(f"{fn}: adapter_name must be a str, got {type(adapter_name).__name__}")
+    if not adapter_name or "." in adapter_name or hasattr(nn.ModuleDict, adapter_name):
+        raise ValueError(f"{fn}: adapter_name must be a non-empty module name without '.' that is not an "
+                         f"nn.ModuleDict attribute, got {adapter_name!r}")
+    return adapter_name
+
+
+# ---- the module ----------------------------------------------------------------------------------------------
+
+class LoRALinear(nn.Module):
+    """A frozen linear layer plus named LoRA adapters, PEFT's peft.tuners.lora.Linear with one fused call.
+
+    base: an nn.Linear, a pyfastpeft.nn.Linear4bit (NF4/FP4) or a pyfastpeft.nn.Linear8bitLt (LLM.int8); its
+    parameters are frozen. One adapter is
+    active at a time and only its A and B train. lora_A[name] = nn.Linear(in, r, bias=False) (A is its
+    weight [r, in]), lora_B[name] = nn.Linear(r, out, bias=False); init_lora_weights=True draws A
+    kaiming-uniform (a = sqrt(5)) and zeroes B, so a new adapter starts as the identity; False leaves
+    nn.Linear's default init in both. Adapters are kept in fp32 over half-precision bases (PEFT's models do
+    the same) and cast to the compute dtype in forward: the base's dtype for nn.Linear, Linear4bit's
+    compute_dtype for NF4 (x is cast to it and y back to x's dtype, as Linear4bit.forward does), x's own for
+    int8.
+    Dropout applies to the LoRA path only, and only in training mode.
+    """
+
+    def __init__(self, base: nn.Module, r: int = 8, lora_alpha: float = 16, lora_dropout: float = 0.0,
+                 use_rslora: bool = False, adapter_name: str = "default", init_lora_weights: bool = True):
+        super().__init__()
+        if isinstance(base, LoRALinear):
+            raise TypeError("LoRALinear: base is already a LoRALinear; add_adapter adds another adapter to it")
+        if not isinstance(base, nn.Module) or base_kind(base) is None:
+            got = type(base).__name__
+            if isinstance(base, nn.Linear):
+                got += f" with a {base.weight.dtype} weight"
+            raise TypeError(f"LoRALinear: base must be a {_supported_bases()} with a floating-point or NF4 weight, "
+                            f"got {got}")
+        self.base_layer = base
+        for parameter in base.parameters():
+            parameter.requires_grad_(False)
+        self.in_features, self.out_features = base.in_features, base.out_features
+        self.r: dict[str, int] = {}
+        self.lora_alpha: dict[str, float] = {}
+        self.scaling: dict[str, float] = {}
+        self.lora_dropout: dict[str, float] = {}
+        self.use_rslora: dict[str, bool] = {}
+        self.lora_A = nn.ModuleDict()
+        self.lora_B = nn.ModuleDict()
+        self.merged_adapters: list[str] = []
+        self._adapters_enabled = True
+        self._active_adapter = adapter_name
+        self.add_adapter(adapter_name, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights)
+        self.set_adapter(adapter_name)
+
+    # -- adapters --
+
+    @property
+    def active_adapter(self) -> str:
+        return self._active_adapter
+
+    @property
+    def adapters_enabled(self) -> bool:
+        return self._adapters_enabled
+
+    @property
+    def merged(self) -> bool:
+        return bool(self.merged_adapters)
+
+    def add_adapter(self, adapter_name: str, r: int = 8, lora_alpha: float = 16, lora_dropout: float = 0.0,
+                    use_rslora: bool = False, init_lora_weights: bool = True) -> None:
+        """Add a named adapter; it is not activated (set_adapter does that) and does not train until it is."""
+        fn = "LoRALinear.add_adapter"
+        adapter_name = _check_adapter_name(fn, adapter_name)
+        if adapter_name in self.lora_A:
+            raise ValueError(f"{fn}: adapter {adapter_name!r} already exists")
+        r = _check_rank(fn, r)
+        lora_alpha = _check_alpha(fn, lora_alpha)
+        lora_dropout = _check_dropout(fn, lora_dropout)
+        _check_bool(fn, "use_rslora", use_rslora)
+        _check_bool(fn, "init_lora_weights", init_lora_weights)
+        kind = base_kind(self.base_layer)
+        factory = dict(device=self.base_layer.weight.device, dtype=kind.adapter_dtype(self.base_layer))
+        lora_A = nn.Linear(self.in_features, r, bias=False, **factory)
+        lora_B = nn.Linear(r, self.out_features, bias=False, **factory)
+        if init_lora_weights:
+            nn.init.kaiming_uniform_(lora_A.weight, a=math.sqrt(5))
+            nn.init.zeros_(lora_B.weight)
+        trains = adapter_name == self._active_adapter
+        lora_A.weight.requires_grad_(trains)
+        lora_B.weight.requires_grad_(trains)
+        self.lora_A[adapter_name], self.lora_B[adapter_name] = lora_A, lora_B
+        self.r[adapter_name], self.lora_alpha[adapter_name] = r, lora_alpha
+        self.scaling[adapter_name] = lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
+        self.lora_dropout[adapter_name], self.use_rslora[adapter_name] = lora_dropout, use_rslora
+
+    def _check_known(self, fn: str, adapter_name) -> None:
+        if adapter_name not in self.lora_A:
+            raise ValueError(f"{fn}: unknown adapter {adapter_name!r}; this layer has {list(self.lora_A)}")
+
+    def set_adapter(self, adapter_name: str) -> None:
+        """Make adapter_name the active adapter: the one forward applies and the only one that trains.
+        A merged layer is unmerged first (with a warning), as PEFT does."""
+        self._check_known("LoRALinear.set_adapter", adapter_name)
+        if self.merged and adapter_name != self._active_adapter:
+            warnings.warn("LoRALinear.set_adapter: the layer is merged; unmerging it first", stacklevel=2)
+            self.unmerge()
+        self._active_adapter = adapter_name
+        for name in self.lora_A:
+            self.lora_A[name].weight.requires_grad_(name == adapter_name)
+            self.lora_B[name].weight.requires_grad_(name == adapter_name)
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        """Remove an adapter; deleting the active one activates the first remaining adapter."""
+        fn = "LoRALinear.delete_adapter"
+        self._check_known(fn, adapter_name)
+        if len(self.lora_A) == 1:
+            raise ValueError(f"{fn}: {adapter_name!r} is the only adapter; use the base_layer instead")
+        if adapter_name in self.merged_adapters:
+            raise ValueError(f"{fn}: adapter {adapter_name!r} is merged into the base; unmerge() first")
+        for table in (self.lora_A, self.lora_B, self.r, self.lora_alpha, self.scaling, self.lora_dropout,
+                      self.use_rslora):
+            del table[adapter_name]
+        if adapter_name == self._active_adapter:
+            self.set_adapter(next(iter(self.lora_A)))
+
+    def disable_adapters(self) -> None:
+        """Forward computes the base alone until enable_adapters(); a merged layer is unmerged first."""
+        if self.merged:
+            self.unmerge()
+        self._adapters_enabled = False
+
+    def enable_adapters(self) -> None:
+        self._adapters_enabled = True
+
+    # -- merging --
+
+    def _delta_weight(self, adapter_name: str) -> torch.Tensor:
+        """s * B A in fp32, [out, in]."""
+        lora_A = self.lora_A[adapter_name].weight.detach().float()
+        lora_B = self.lora_B[adapter_name].weight.detach().float()
+        return (lora_B @ lora_A) * self.scaling[adapter_name]
+
+    def _store_base_weight(self, fn: str, weight: torch.Tensor) -> None:
+        error = base_kind(self.base_layer).store_weight(self.base_layer, weight)
+        if error is not None:
+            warnings.warn(f"{fn}: the {type(self.base_layer).__name__} base was re-quantized; the stored weight "
+                          f"differs from the exact fp32 result by up to {error:.3g} (max abs)", stacklevel=3)
+
+    def merge(self) -> None:
+        """W <- W + s * B A for the active adapter, computed in fp32 and rounded once to the base's format
+        (a quantized base is dequantized, added to and re-quantized, with a warning stating the error)."""
+        if not self._adapters_enabled:
+            raise ValueError("LoRALinear.merge: adapters are disabled; enable_adapters() first")
+        if self._active_adapter in self.merged_adapters:
+            warnings.warn(f"LoRALinear.merge: adapter {self._active_adapter!r} is already merged", stacklevel=2)
+            return
+        kind = base_kind(self.base_layer)
+        merged = kind.dense_weight(self.base_layer) + self._delta_weight(self._active_adapter)
+        self._store_base_weight("LoRALinear.merge", merged)
+        self.merged_adapters.append(self._active_adapter)
+
+    def unmerge(self) -> None:
+        """W <- W - s * B A for every merged adapter, last merged first, in fp32 (see merge)."""
+        if not self.merged:
+            warnings.warn("LoRALinear.unmerge: nothing is merged", stacklevel=2)
+            return
+        kind = base_kind(self.base_layer)
+        weight = kind.dense_weight(self.base_layer)
+        for adapter_name in reversed(self.merged_adapters):
+            weight -= self._delta_weight(adapter_name)
+        self._store_base_weight("LoRALinear.unmerge", weight)
+        self.merged_adapters.clear()
+
+    # -- forward --
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not self._adapters_enabled or self.merged_adapters:
+            return self.base_layer(x)
+        base = self.base_layer
+        kind = base_kind(base)
+        name = self._active_adapter
+        compute = kind.compute_dtype(base, x)
+        bias = None if base.bias is None else base.bias.to(compute)
+        y = lora_linear(x.to(compute), kind.lora_weight(base), bias, self.lora_A[name].weight.to(compute),
+                        self.lora_B[name].weight.to(compute), self.scaling[name], self.lora_dropout[name],
+                        self.training)
+        return y.to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return (f"adapters={list(self.lora_A)}, active_adapter={self._active_adapter!r}, "
+                f"enabled={self._adapters_enabled}, merged_adapters={self.merged_adapters}")
+
+
+# ---- add_lora ------------------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class LoRAReport:
+    """What add_lora wrapped (module paths) and the model's trainable / total parameter counts (stored
+    elements: an NF4 weight counts its packed bytes)."""
+
+    adapter_name: str
+    wrapped: list[str] = dataclasses.field(default_factory=list)
+    trainable_params: int = 0
+    total_params: int = 0
+
+    def __str__(self) -> str:
+        share = 100.0 * self.trainable_params / self.total_params if self.total_params else 0.0
+        return (f"pyfastpeft.add_lora: adapter {self.adapter_name!r} on {len(self.wrapped)} linear layers; "
+                f"trainable params {self.trainable_params:,} of {self.total_params:,} ({share:.4f}%)")
+
+
+def _output_layer(model: nn.Module):
+    get_output = getattr(model, "get_output_embeddings", None)
+    if callable(get_output):
+        try:
+            return get_output()
+        except NotImplementedError:
+            return None
+    return None
+
+
+def linear_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(path, module) of every layer LoRALinear can wrap or already wraps, outside LoRALinear's own children."""
+    found, inside = [], []
+    for path, module in model.named_modules():
+        if any(path.startswith(prefix) for prefix in inside):
+            continue
+        if isinstance(module, LoRALinear):
+            inside.append(path + ".")
+            found.append((path, module))
+        elif base_kind(module) is not None:
+            found.append((path, module))
+    return found
+
+
+def matches_target(path: str, target_modules) -> bool:
+    """PEFT's rule: a str is a regex the whole path must match; a sequence of names matches a path equal to
+    one of them or ending in '.' + one of them (so a bare name matches the path's last component)."""
+    if isinstance(target_modules, str):
+        return re.fullmatch(target_modules, path) is not None
+    return any(path == target or path.endswith("." + target) for target in target_modules)
+
+
+def _check_target_modules(fn: str, target_modules):
+    if isinstance(target_modules, str):
+        if not target_modules:
+            raise ValueError(f"{fn}: target_modules must not be empty")
+        return target_modules
+    if not isinstance(target_modules, (list, tuple, set, frozenset)) or not target_modules or \
+            not all(isinstance(name, str) and name for name in target_modules):
+        raise TypeError(f"{fn}: target_modules must be 'all-linear', a regex str or a non-empty sequence of "
+                        f"module names, got {target_modules!r}")
+    return tuple(target_modules)
+
+
+def _set_submodule(model: nn.Module, path: str, module: nn.Module) -> None:
+    parent_path, _, name = path.rpartition(".")
+    setattr(model.get_submodule(parent_path) if parent_path else model, name, module)
+
+
+def add_lora(model: nn.Module, target_modules=("q_proj", "v_proj"), r: int = 8,
+             lora_alpha: float = 16, lora_dropout: float = 0.0, use_rslora: bool = False,
+             adapter_name: str = "default") -> LoRAReport:
+    """Wrap, in place, the matching nn.Linear / Linear4bit / Linear8bitLt layers of model in LoRALinear with a new adapter,
+    activate it, and freeze every parameter but its A and B matrices.
+
+    target_modules: names matched against the last path components (("q_proj", "v_proj")), or a regex str
+    the whole path must match, or "all-linear": every linear layer but the output layer (lm_head), as PEFT.
+    A layer already wrapped gets the adapter added (and activated). Returns a LoRAReport.
+    """
+    fn = "add_lora"
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"{fn}: model must be a torch.nn.Module, got {type(model).__name__}")
+    target_modules = _check_target_modules(fn, target_modules)
+    # Validate the adapter settings once, before the model is touched.
+    _check_adapter_name(fn, adapter_name)
+    _check_rank(fn, r)
+    _check_alpha(fn, lora_alpha)
+    _check_dropout(fn, lora_dropout)
+    _check_bool(fn, "use_rslora", use_rslora)
+    candidates = linear_modules(model)
+    if target_modules == "all-linear":
+        output_layer = _output_layer(model)
+        chosen = [(path, module) for path, module in candidates
+                  if path.rpartition(".")[2] != "lm_head" and module is not output_layer
+                  and not (isinstance(module, LoRALinear) and module.base_layer is output_layer)]
+    else:
+        chosen = [(path, module) for path, module in candidates if matches_target(path, target_modules)]
+    if not chosen:
+        names = sorted({path.rpartition(".")[2] for path, _ in candidates})
+        raise ValueError(f"{fn}: no linear layer matches target_modules={target_modules!r}; the model's linear "
+                         f"layers are named {names[:12]}{' ...' if len(names) > 12 else ''}")
+    clashes = [path for path, module in chosen if isinstance(module, LoRALinear) and adapter_name in module.lora_A]
+    if clashes:
+        raise ValueError(f"{fn}: adapter {adapter_name!r} already exists in {clashes[:4]}")
+
+    for parameter in model.parameters():
+        parameter.requires_grad_(False)
+    report = LoRAReport(adapter_name=adapter_name)
+    for path, module in chosen:
+        if isinstance(module, LoRALinear):
+            module.add_adapter(adapter_name, r, lora_alpha, lora_dropout, use_rslora)
+            module.set_adapter(adapter_name)
+        else:
+            _set_submodule(model, path, LoRALinear(module, r, lora_alpha, lora_dropout, use_rslora, adapter_name))
+        report.wrapped.append(path)
+    report.trainable_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
+    report.total_params = sum(p.numel() for p in model.parameters())
+    return report
