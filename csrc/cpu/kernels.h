@@ -44,6 +44,10 @@
   void lora_dropout(const void* src, void* dst, int64_t numel, int dtype, int64_t seed,              \
                     int64_t offset, float threshold, float keep_scale, double alpha,                 \
                     bool accumulate, int nthreads);                                                  \
+  void lora_dropout_rows(const void* src, void* dst, const int64_t* row_index, int64_t count,        \
+                         int64_t cols, bool scatter, int dtype, int64_t seed, int64_t offset,        \
+                         float threshold, float keep_scale, double alpha, bool accumulate,           \
+                         int nthreads);                                                              \
   }
 
 PFP_DECLARE_CPU_KERNELS(pfp_avx512)
