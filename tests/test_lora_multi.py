@@ -306,3 +306,19 @@ def test_per_token_ids_for_a_2d_x_and_per_sequence_ids_for_4d_x():
     y4 = lora_linear_multi(x4d, weight, None, adapters, torch.tensor([1, -1]))
     expected = lora_linear_multi(x4d, weight, None, adapters, torch.tensor([1, -1])[:, None, None].expand(2, 3, 2))
     assert torch.equal(y4, expected)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_cuda_matches_cpu_native(dtype):
+    """On CUDA tensors the ops run the reference loop (no segmented GPU kernel): the CPU native path's results
+    (no dropout: CUDA draws its (seed, offset) from its own generator)."""
+    x = torch.randn(4, 5, IN_FEATURES).to(dtype).requires_grad_()
+    weight, adapters = make_base("dense", dtype), make_adapters(dtype)
+    bias = torch.randn(OUT_FEATURES).to(dtype).requires_grad_()
+    adapter_ids = mixed_ids("token")
+    expected = run_multi("native", x, weight, bias, adapters, adapter_ids)
+    on_gpu = [t.detach().cuda().requires_grad_() for t in leaves_of(x, bias, adapters)]
+    cuda_adapters = [(on_gpu[2 + 2 * i], on_gpu[3 + 2 * i], adapters[i][2]) for i in range(len(adapters))]
+    actual = run_multi("auto", on_gpu[0], weight.cuda(), on_gpu[1], cuda_adapters, adapter_ids.cuda())
+    assert_all_close([t.cpu() for t in actual], expected, dtype)
