@@ -138,6 +138,14 @@ void dequantize_affine(uintptr_t codes, bool codes_signed, uintptr_t scale, uint
                ptr<const int32_t>(zero_point), ptr<void>(out), out_dtype, outer, channels, inner, blocksize, nthreads);
 }
 
+// row_index: int64 [count]; scatter: dst rows are row_index, else src rows are (see csrc/cpu/lora.cpp).
+void lora_dropout_rows(uintptr_t src, uintptr_t dst, uintptr_t row_index, int64_t count, int64_t cols, bool scatter,
+                       int dtype, int64_t seed, int64_t offset, float threshold, float keep_scale, double alpha,
+                       bool accumulate, int nthreads) {
+  PFP_CALL_ISA(lora_dropout_rows, ptr<const void>(src), ptr<void>(dst), ptr<const int64_t>(row_index), count, cols,
+               scatter, dtype, seed, offset, threshold, keep_scale, alpha, accumulate, nthreads);
+}
+
 // Ask the kernel to back [address, address + nbytes) with 2 MiB pages, before its first touch.
 // Fresh large tensors come straight from mmap, and with 4 KiB pages their first-touch page faults
 // cost several times the kernel that fills them (about 15 ms for 64 MiB, against 3 ms here).
@@ -174,6 +182,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("quantize_affine", &quantize_affine, release);
   m.def("quantize_static", &quantize_static, release);
   m.def("dequantize_affine", &dequantize_affine, release);
+  m.def("lora_dropout_rows", &lora_dropout_rows, release);
   m.def("advise_huge_pages", &advise_huge_pages, py::arg("address"), py::arg("nbytes"));
 
   m.def("best_isa", [] { return std::string(pfp::isa_name(pfp::best_isa())); },

@@ -53,6 +53,10 @@
   void dequantize_affine(const void* codes, bool codes_signed, const float* scale,                   \
                          const int32_t* zero_point, void* out, int out_dtype, int64_t outer,         \
                          int64_t channels, int64_t inner, int64_t blocksize, int nthreads);          \
+  void lora_dropout_rows(const void* src, void* dst, const int64_t* row_index, int64_t count,        \
+                         int64_t cols, bool scatter, int dtype, int64_t seed, int64_t offset,        \
+                         float threshold, float keep_scale, double alpha, bool accumulate,           \
+                         int nthreads);                                                              \
   }
 
 PFP_DECLARE_CPU_KERNELS(pfp_avx512)

@@ -66,27 +66,70 @@ inline void keep_factors(uint32_t key0, uint32_t key1, uint32_t counter_base, in
   }
 }
 
+// The (seed, offset) pair as Philox key words and counter base, and the fp32/fp64 scale factors.
+template <typename C>
+struct DropoutParams {
+  uint32_t key0, key1, counter_base;
+  float threshold;
+  C keep_scale, alpha;
+  bool accumulate;
+};
+
+// dst[0, count) (+)= alpha * src[0, count) * keep factors of mask elements [mask_first, mask_first + count);
+// count <= kChunk.
+template <typename T, typename C>
+inline void dropout_chunk(const T* __restrict src, T* __restrict dst, int64_t mask_first, int64_t count,
+                          const DropoutParams<C>& params) {
+  C factors[kChunk], values[kChunk], current[kChunk];
+  keep_factors(params.key0, params.key1, params.counter_base, mask_first, count, params.threshold,
+               params.keep_scale, factors);
+  pfp::load_row(src, values, count);
+  if (params.accumulate) {
+    pfp::load_row(dst, current, count);
+    for (int64_t i = 0; i < count; ++i) values[i] = current[i] + params.alpha * (values[i] * factors[i]);
+  } else {
+    for (int64_t i = 0; i < count; ++i) values[i] = params.alpha * (values[i] * factors[i]);
+  }
+  pfp::store_row(values, dst, count);
+}
+
+template <typename C>
+DropoutParams<C> dropout_params(uint64_t seed, uint64_t offset, float threshold, float keep_scale, double alpha,
+                                bool accumulate) {
+  return {uint32_t(seed), uint32_t(seed >> 32), uint32_t(offset), threshold, C(keep_scale), C(alpha), accumulate};
+}
+
 template <typename T>
 void dropout_impl(const T* src, T* dst, int64_t numel, uint64_t seed, uint64_t offset, float threshold,
                   float keep_scale, double alpha, bool accumulate, int nthreads) {
   using C = typename pfp::Compute<T>::type;
-  const uint32_t key0 = uint32_t(seed), key1 = uint32_t(seed >> 32), counter_base = uint32_t(offset);
-  const C scale = C(keep_scale), alpha_c = C(alpha);
+  const auto params = dropout_params<C>(seed, offset, threshold, keep_scale, alpha, accumulate);
   const int64_t chunks = (numel + kChunk - 1) / kChunk;
   pfp::parallel_for(chunks, kChunk * 64, nthreads, [&](int64_t begin, int64_t end, int) {
-    C factors[kChunk], values[kChunk], current[kChunk];
     for (int64_t chunk = begin; chunk < end; ++chunk) {
       const int64_t first = chunk * kChunk;
-      const int64_t count = numel - first < kChunk ? numel - first : kChunk;
-      keep_factors(key0, key1, counter_base, first, count, threshold, scale, factors);
-      pfp::load_row(src + first, values, count);
-      if (accumulate) {
-        pfp::load_row(dst + first, current, count);
-        for (int64_t i = 0; i < count; ++i) values[i] = current[i] + alpha_c * (values[i] * factors[i]);
-      } else {
-        for (int64_t i = 0; i < count; ++i) values[i] = alpha_c * (values[i] * factors[i]);
+      dropout_chunk(src + first, dst + first, first, numel - first < kChunk ? numel - first : kChunk, params);
+    }
+  });
+}
+
+// Rows of the indexed side are row_index[j]; the packed side's row is j. The mask element of (row r, col k)
+// is r * cols + k: the position in the indexed (original) tensor.
+template <typename T>
+void dropout_rows_impl(const T* src, T* dst, const int64_t* row_index, int64_t count, int64_t cols, bool scatter,
+                       uint64_t seed, uint64_t offset, float threshold, float keep_scale, double alpha,
+                       bool accumulate, int nthreads) {
+  using C = typename pfp::Compute<T>::type;
+  const auto params = dropout_params<C>(seed, offset, threshold, keep_scale, alpha, accumulate);
+  pfp::parallel_for(count, cols * 64, nthreads, [&](int64_t begin, int64_t end, int) {
+    for (int64_t j = begin; j < end; ++j) {
+      const int64_t row = row_index[j];
+      const T* src_row = src + (scatter ? j : row) * cols;
+      T* dst_row = dst + (scatter ? row : j) * cols;
+      for (int64_t first = 0; first < cols; first += kChunk) {
+        dropout_chunk(src_row + first, dst_row + first, row * cols + first,
+                      cols - first < kChunk ? cols - first : kChunk, params);
       }
-      pfp::store_row(values, dst + first, count);
     }
   });
 }
@@ -113,6 +156,33 @@ void lora_dropout(const void* src, void* dst, int64_t numel, int dtype, int64_t 
   }
 #undef PFP_LORA_DROPOUT
   throw std::invalid_argument("lora_dropout: unsupported dtype code");
+}
+
+// ---- multi-adapter batches: dropout of gathered / scattered rows ----------------------------------------
+
+// lora_dropout_rows: the lora_dropout above on whole rows picked by row_index, with each element keeping the
+// mask of its position in the indexed [rows, cols] tensor (counter offset + row_index[j] * cols + k), so a row
+// gathered out of x draws the same mask as in x. For j in [0, count), k in [0, cols):
+//   gather  (!scatter): dst[j, k]            (+)= alpha * d(row_index[j], k, src[row_index[j], k])
+//   scatter ( scatter): dst[row_index[j], k] (+)= alpha * d(row_index[j], k, src[j, k])
+//   d(r, k, v) = keep[r * cols + k] ? v * keep_scale : 0, in fp32 (fp64 for fp64 data), rounded once.
+// src, dst: contiguous row-major of `dtype` (any of the four codes), the packed side [count, cols], the
+// indexed side with more rows than any row_index value. row_index: int64 [count], values >= 0, distinct
+// when scatter (each thread owns its rows). seed, offset, threshold, keep_scale: as lora_dropout.
+void lora_dropout_rows(const void* src, void* dst, const int64_t* row_index, int64_t count, int64_t cols,
+                       bool scatter, int dtype, int64_t seed, int64_t offset, float threshold, float keep_scale,
+                       double alpha, bool accumulate, int nthreads) {
+#define PFP_LORA_DROPOUT_ROWS(T)                                                                            \
+  dropout_rows_impl(static_cast<const T*>(src), static_cast<T*>(dst), row_index, count, cols, scatter,   \
+                    uint64_t(seed), uint64_t(offset), threshold, keep_scale, alpha, accumulate, nthreads)
+  switch (dtype) {
+    case pfp::kFloat32: PFP_LORA_DROPOUT_ROWS(float); return;
+    case pfp::kFloat16: PFP_LORA_DROPOUT_ROWS(half); return;
+    case pfp::kBFloat16: PFP_LORA_DROPOUT_ROWS(bf16); return;
+    case pfp::kFloat64: PFP_LORA_DROPOUT_ROWS(double); return;
+  }
+#undef PFP_LORA_DROPOUT_ROWS
+  throw std::invalid_argument("lora_dropout_rows: unsupported dtype code");
 }
 
 }  // namespace PFP_ISA

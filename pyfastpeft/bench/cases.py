@@ -446,7 +446,82 @@ def lora_cases(dtypes: Sequence[torch.dtype], quick: bool) -> list[Case]:
                  "eager PEFT: F.linear + dropout + two linears",
                  functools.partial(_lora_workload, rows, out_features, in_features, rank, dropout_p, dtype))
             for out_features, in_features in LORA_WEIGHTS[quick] for rank in LORA_RANKS[quick]
-            for dropout_p in LORA_DROPOUT[quick] for dtype in dtypes for mode in MODES]
+            for dropout_p in LORA_DROPOUT[quick] for dtype in dtypes for mode in MODES
+            ] + lora_multi_cases(dtypes, quick)
+
+
+# ---- multi-adapter LoRA: 8 adapters in one batch, each on two of the 16 sequences -------------------------
+
+LORA_MULTI_SEQUENCES, LORA_MULTI_ADAPTERS, LORA_MULTI_RANK, LORA_MULTI_DROPOUT = 16, 8, 16, 0.05
+LORA_MULTI_SEQ_LEN = {False: 128, True: 16}  # 2048 tokens (256 quick)
+
+
+def _lora_multi_inputs(seq_len: int, dtype, device):
+    """x [16, seq_len, K] and 8 adapters (A, B) needing grads, frozen W [N, K] (N = K = hidden), and the
+    adapter of each sequence: every adapter on two sequences, in shuffled order."""
+    rows = LORA_MULTI_SEQUENCES * seq_len
+    x, weight, _, _ = _lora_tensors(rows, HIDDEN, HIDDEN, LORA_MULTI_RANK, dtype, device)
+    x = x.view(LORA_MULTI_SEQUENCES, seq_len, HIDDEN).requires_grad_()
+    adapters = [_lora_tensors(1, HIDDEN, HIDDEN, LORA_MULTI_RANK, dtype, device, True)[2:]
+                for _ in range(LORA_MULTI_ADAPTERS)]
+    order = torch.randperm(LORA_MULTI_SEQUENCES, generator=torch.Generator().manual_seed(0))
+    return x, weight, adapters, (order % LORA_MULTI_ADAPTERS).to(device)
+
+
+def _lora_multi_kernel(seq_len: int, dtype, device, backward: bool) -> KernelCall:
+    """The native multi-adapter ops on the packed adapters: forward reads x, W, A_cat, B_cat and writes y, xa;
+    backward reads dY, x, W, A_cat, B_cat, xa and writes dX, dA_cat, dB_cat."""
+    x, weight, adapters, adapter_ids = _lora_multi_inputs(seq_len, dtype, device)
+    x = x.detach()
+    lora_A = torch.cat([lora_A.detach() for lora_A, _ in adapters])
+    lora_B = torch.cat([lora_B.detach() for _, lora_B in adapters], dim=1)
+    rank_offsets = torch.arange(LORA_MULTI_ADAPTERS + 1, device=device) * LORA_MULTI_RANK
+    scalings = torch.full((LORA_MULTI_ADAPTERS,), LORA_ALPHA / LORA_MULTI_RANK, device=device)
+    row_adapter = adapter_ids[:, None].expand(LORA_MULTI_SEQUENCES, seq_len).reshape(-1).contiguous()
+    rng, bias = _lora_rng(LORA_MULTI_DROPOUT, device), x.new_empty(0)
+    forward_op, backward_op = lora_ops.MULTI_BASE_OPS["dense"]
+    forward_args = (x, weight, bias, lora_A, lora_B, rank_offsets, scalings, row_adapter, LORA_MULTI_RANK,
+                    LORA_MULTI_DROPOUT, rng)
+    y, xa, row_order, segment_offsets = forward_op(*forward_args)
+    if backward:
+        dy = torch.randn_like(y)
+        call = lambda: backward_op(dy, x, weight, lora_A, lora_B, rank_offsets, scalings, xa, row_order,  # noqa: E731
+                                   segment_offsets, LORA_MULTI_DROPOUT, rng, True)
+        return KernelCall(call, tensor_bytes(dy, x, weight, lora_A, lora_B, xa) + tensor_bytes(x, lora_A, lora_B))
+    return KernelCall(lambda: forward_op(*forward_args), tensor_bytes(x, weight, lora_A, lora_B, xa, y))
+
+
+def _lora_multi_workload(seq_len: int, dtype: torch.dtype, device: torch.device) -> Workload:
+    """Ours: pyfastpeft.functional.lora_linear_multi. Reference: PEFT's mixed-batch forward (LoraLayer.
+    _mixed_batch_forward): F.linear for the base, then per adapter its sequences through dropout, lora_A and
+    lora_B in eager PyTorch, added into the base output at those sequences."""
+    x, weight, adapters, adapter_ids = _lora_multi_inputs(seq_len, dtype, device)
+    scaling = LORA_ALPHA / LORA_MULTI_RANK
+    sequences = [(adapter_ids == adapter).nonzero().view(-1) for adapter in range(LORA_MULTI_ADAPTERS)]
+
+    def reference():
+        result = F.linear(x, weight)
+        for (lora_A, lora_B), rows in zip(adapters, sequences):
+            dropped = F.dropout(x[rows], LORA_MULTI_DROPOUT, training=True)
+            result[rows] += F.linear(F.linear(dropped, lora_A), lora_B) * scaling
+        return result
+    packed = [(lora_A, lora_B, scaling) for lora_A, lora_B in adapters]
+    leaves = (x, *[t for adapter in adapters for t in adapter])
+    kernel = functools.partial(_lora_multi_kernel, seq_len, dtype, device)
+    return Workload(
+        ours=Implementation(lambda: pyfastpeft.functional.lora_linear_multi(x, weight, None, packed, adapter_ids,
+                                                                            LORA_MULTI_DROPOUT, training=True), leaves),
+        reference=Implementation(reference, leaves),
+        kernels={"forward": functools.partial(kernel, False), "backward": functools.partial(kernel, True)})
+
+
+def lora_multi_cases(dtypes: Sequence[torch.dtype], quick: bool) -> list[Case]:
+    """fwd + bwd only: a multi-adapter batch is a training step here."""
+    seq_len = LORA_MULTI_SEQ_LEN[quick]
+    shape = (f"8 adapters mixed M={LORA_MULTI_SEQUENCES * seq_len} ({LORA_MULTI_SEQUENCES}x{seq_len}) "
+             f"{HIDDEN}x{HIDDEN} r={LORA_MULTI_RANK} p={LORA_MULTI_DROPOUT}")
+    return [Case("lora", shape, dtype, "both", "eager PEFT mixed batch: per adapter, its rows through dropout + "
+                 "two linears", functools.partial(_lora_multi_workload, seq_len, dtype)) for dtype in dtypes]
 
 
 # ---- quantize: absmax int8 codes of x [rows, hidden], one scale per row or per tensor ------------------

@@ -117,3 +117,69 @@ def lora_backward(dy, x, base_grad_input, lora_A, lora_B, xa, scaling: float, dr
         return x.new_empty(0), grad_A, grad_B
     dx = base_grad_input(dy2d) + dropout(grad_xa @ lora_A, dropout_p, rng) * scaling
     return dx.view(x.shape), grad_A, grad_B
+
+
+# ---- multi-adapter batches ---------------------------------------------------------------------------------
+# n adapters packed: A_cat [R, in] and B_cat [out, R] with R = sum r_i, adapter i in rows (columns of B_cat)
+# o_i .. o_{i+1} of rank_offsets int64 [n + 1]; s_i = scalings[i] (fp32 [n]). row_adapter int64 [M]: the
+# adapter of each row of x [M, in], -1 for base-only rows. rows_i = the rows of adapter i in increasing order;
+# row_order = cat(rows_{-1}, rows_0, ..., rows_{n-1}) (the stable argsort of row_adapter), and adapter i's rows
+# sit at positions segment_offsets[i] .. segment_offsets[i + 1] of it (segment_offsets int64 [n + 1], the last M).
+#     x_d = dropout(x) over the whole [M, in] x: a row keeps the mask of its own position, wherever it is gathered
+#     y[rows_i] = x[rows_i] W^T + b + s_i * (x_d[rows_i] A_i^T) B_i^T           (base-only rows: x W^T + b)
+#     xa [M, max_rank] in row_order: xa[segment i, :r_i] = x_d[rows_i] A_i^T, zeros elsewhere
+# Backward, g_i = dY[rows_i] B_i [|rows_i|, r_i]:
+#     dX = dY W,  then dX[rows_i] += s_i * (g_i A_i) * keep * (1 / (1 - p))
+#     dA_i = s_i * g_i^T x_d[rows_i]      dB_i = s_i * dY[rows_i]^T xa_i      (zero for an adapter without rows)
+
+def adapter_groups(row_adapter: torch.Tensor, num_adapters: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(row_order int64 [M], segment_offsets int64 [n + 1]) of row_adapter, one nonzero() per adapter id."""
+    groups = [(row_adapter == adapter).nonzero().view(-1) for adapter in range(-1, num_adapters)]
+    sizes = torch.tensor([group.numel() for group in groups], dtype=torch.int64, device=row_adapter.device)
+    return torch.cat(groups), sizes.cumsum(0)  # cumsum[i] = base-only rows + rows of adapters 0 .. i - 1
+
+
+def lora_multi_forward(x, base_forward, bias, lora_A, lora_B, rank_offsets, scalings, row_adapter, max_rank: int,
+                       dropout_p: float, rng):
+    """(y [..., out], xa [M, max_rank], row_order [M], segment_offsets [n + 1]): a loop over the adapters."""
+    in_features, out_features = lora_A.shape[1], lora_B.shape[0]
+    x2d = x.reshape(-1, in_features)
+    x_dropped = dropout(x2d, dropout_p, rng)
+    row_order, segment_offsets = adapter_groups(row_adapter, scalings.numel())
+    y = base_forward(x2d, bias)
+    xa = x2d.new_zeros(x2d.shape[0], max_rank)
+    for adapter in range(scalings.numel()):
+        low, high = rank_offsets[adapter].item(), rank_offsets[adapter + 1].item()
+        start, end = segment_offsets[adapter].item(), segment_offsets[adapter + 1].item()
+        rows = row_order[start:end]
+        xa_rows = x_dropped[rows] @ lora_A[low:high].t()
+        xa[start:end, :high - low] = xa_rows
+        y[rows] = y[rows] + (xa_rows @ lora_B[:, low:high].t()) * scalings[adapter].item()
+    return y.view(*x.shape[:-1], out_features), xa, row_order, segment_offsets
+
+
+def lora_multi_backward(dy, x, base_grad_input, lora_A, lora_B, rank_offsets, scalings, xa, row_order,
+                        segment_offsets, dropout_p: float, rng, needs_input_grad: bool):
+    """(dx, dA_cat, dB_cat): a loop over the adapters; dx is empty unless needs_input_grad."""
+    in_features, out_features = lora_A.shape[1], lora_B.shape[0]
+    dy2d = dy.reshape(-1, out_features)
+    x2d = x.reshape(-1, in_features)
+    x_dropped = dropout(x2d, dropout_p, rng)
+    grad_A, grad_B = torch.zeros_like(lora_A), torch.zeros_like(lora_B)
+    adapter_grad_input = torch.zeros_like(x2d)  # g_i A_i at rows_i, before the mask and s_i
+    compute = torch.float64 if x.dtype == torch.float64 else torch.float32
+    row_scaling = torch.zeros(x2d.shape[0], 1, dtype=compute, device=x.device)
+    for adapter in range(scalings.numel()):
+        low, high = rank_offsets[adapter].item(), rank_offsets[adapter + 1].item()
+        start, end = segment_offsets[adapter].item(), segment_offsets[adapter + 1].item()
+        rows, scaling = row_order[start:end], scalings[adapter].item()
+        grad_xa = dy2d[rows] @ lora_B[:, low:high]
+        grad_A[low:high] = (grad_xa.t() @ x_dropped[rows]) * scaling
+        grad_B[:, low:high] = (dy2d[rows].t() @ xa[start:end, :high - low]) * scaling
+        adapter_grad_input[rows] = grad_xa @ lora_A[low:high]
+        row_scaling[rows] = scaling
+    if not needs_input_grad:
+        return x.new_empty(0), grad_A, grad_B
+    adapter_part = (dropout(adapter_grad_input, dropout_p, rng) * row_scaling).to(x.dtype)
+    dx = base_grad_input(dy2d) + adapter_part
+    return dx.view(x.shape), grad_A, grad_B
