@@ -81,3 +81,26 @@ def with_planted_ties(shape, blocksize, code, generator):
         block.copy_(candidates[torch.randint(0, candidates.numel(), (block.numel(),), generator=generator)] * scale)
         block[0] = scale * (1 if b % 4 == 0 else -1)
     return flat.view(shape)
+
+
+def special_blocks_weight(numel: int) -> torch.Tensor:
+    """A flat weight of numel (> 256) elements whose 64-element blocks are: all zero, holding a NaN, holding
+    +inf, holding -inf, then zeros (a partial last block when numel is not a multiple of 64)."""
+    w = torch.randn(numel)
+    w[:64] = 0
+    w[64 + 5] = float("nan")
+    w[128 + 7] = float("inf")
+    w[192 + 1] = float("-inf")
+    w[256:] = 0
+    return w
+
+
+def tiny_llama(seed: int = 0, **overrides):
+    """A 2-layer LlamaForCausalLM with random weights (hidden 64, vocab 128), in eval mode."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    settings = dict(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
+                    num_key_value_heads=2, vocab_size=128)
+    settings.update(overrides)
+    return LlamaForCausalLM(LlamaConfig(**settings)).eval()

@@ -1,12 +1,19 @@
 """GPU checks: the CUDA and Triton backends against the reference on CUDA tensors (skipped without a GPU)."""
 import pytest
 import torch
+from helpers import (
+    HAS_TRITON,
+    assert_close,
+    random_weight_state,
+    run,
+    special_blocks_weight,
+    with_planted_ties,
+)
 
 import pyfastpeft
 from pyfastpeft.functional import apply_rotary_pos_emb, rms_norm, swiglu
 from pyfastpeft.ops import nf4 as nf4_ops
 from pyfastpeft.reference import nf4 as nf4_reference
-from helpers import HAS_TRITON, assert_close, random_weight_state, run, with_planted_ties
 
 pytestmark = pytest.mark.cuda
 
@@ -29,7 +36,7 @@ def test_rms_norm_gpu_matches_reference(backend, dtype, mode, offset, shape):
     x = (torch.randn(shape, device="cuda") * 3).to(dtype)
     w = (torch.randn(shape[-1], device="cuda") * 0.5 + 1).to(dtype)
     dy = torch.randn(shape, device="cuda").to(dtype)
-    fn = lambda a, b: rms_norm(a, b, 1e-6, offset, mode)  # noqa: E731
+    fn = lambda a, b: rms_norm(a, b, 1e-6, offset, mode)
     ours, ref = grads_of(backend, fn, (x, w), dy), grads_of("reference", fn, (x, w), dy)
     assert_close(ours[0], ref[0])
     assert_close(ours[1], ref[1])
@@ -56,7 +63,7 @@ def test_rope_gpu_matches_reference(backend, dtype, interleaved, case):
     k = torch.randn(batch, seq, hk, dim, device="cuda").to(dtype).transpose(1, 2)
     cos, sin = torch.randn(batch, seq, rot, device="cuda").to(dtype), torch.randn(batch, seq, rot, device="cuda").to(dtype)
     dy = (torch.randn(q.shape, device="cuda").to(dtype), torch.randn(k.shape, device="cuda").to(dtype))
-    fn = lambda a, b: apply_rotary_pos_emb(a, b, cos, sin, interleaved=interleaved)  # noqa: E731
+    fn = lambda a, b: apply_rotary_pos_emb(a, b, cos, sin, interleaved=interleaved)
     ours, ref = grads_of(backend, fn, (q, k), dy), grads_of("reference", fn, (q, k), dy)
     assert ours[0].stride() == q.stride()
     for a, b in zip(ours, ref):
@@ -97,7 +104,11 @@ def test_ops_run_on_the_tensors_device_not_the_current_one():
 @pytest.mark.parametrize("in_features", [64, 100])
 def test_int8_gpu_matches_reference(backend, dtype, rows, in_features):
     from pyfastpeft.functional import int8_linear
-    from pyfastpeft.quant import int8_colwise_quant, int8_vectorwise_quant, quantize_int8_weight
+    from pyfastpeft.quant import (
+        int8_colwise_quant,
+        int8_vectorwise_quant,
+        quantize_int8_weight,
+    )
 
     torch.manual_seed(rows)
     x = torch.randn(rows, in_features, device="cuda")
@@ -109,7 +120,7 @@ def test_int8_gpu_matches_reference(backend, dtype, rows, in_features):
         ours, ref = run(backend, quant, x, 6.0), run("reference", quant, x, 6.0)
         assert torch.equal(ours[0], ref[0]) and torch.equal(ours[1], ref[1]) and torch.equal(ours[2], ref[2])
     dy = torch.randn(rows, 48, device="cuda").to(dtype)
-    fn = lambda a, b: int8_linear(a, codes, scb, b, 6.0)  # noqa: E731
+    fn = lambda a, b: int8_linear(a, codes, scb, b, 6.0)
     ours, ref = grads_of(backend, fn, (x, bias), dy), grads_of("reference", fn, (x, bias), dy)
     for a, b in zip(ours, ref):
         torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=2e-2)
@@ -149,12 +160,7 @@ def test_nf4_quantize_gpu_matches_reference_bytes(backend, quant_type, blocksize
 @pytest.mark.parametrize("numel", [4 * 64 + 10, 4 * 64 + 9])
 def test_nf4_quantize_gpu_zero_nan_inf_blocks_like_reference(backend, numel):
     code = NF4_CODES["nf4"]
-    w = torch.randn(numel)
-    w[:64] = 0
-    w[64 + 5] = float("nan")
-    w[128 + 7] = float("inf")
-    w[192 + 1] = float("-inf")
-    w[256:] = 0
+    w = special_blocks_weight(numel)
     for case in (w, torch.cat([w[:256], torch.full((numel - 256,), float("nan"))])):
         packed, absmax = run(backend, nf4_ops.nf4_quantize, case.cuda(), code.cuda(), 64)
         expected_packed, expected_absmax = nf4_reference.quantize_4bit(case, 64, code)

@@ -1,9 +1,16 @@
 """LLM.int8 and vector-wise int8 quantization: exact codes, outliers, epilogue, int8_linear, Linear8bitLt."""
 import pytest
 import torch
-from helpers import BACKENDS, CPU_ISAS, HAS_TRITON, cpu_isa, run, skip_unsupported
+from helpers import (
+    BACKENDS,
+    CPU_ISAS,
+    HAS_TRITON,
+    cpu_isa,
+    run,
+    skip_unsupported,
+    tiny_llama,
+)
 from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM
 
 import pyfastpeft
 from pyfastpeft.functional import int8_linear
@@ -374,10 +381,7 @@ def test_linear8bitlt_checkpoints_load_both_ways_with_bitsandbytes():
 
 
 def test_quantize_model_int8_replaces_linears_and_keeps_logits_close():
-    torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=128)
-    model = LlamaForCausalLM(config).eval()
+    model = tiny_llama()
     ids = torch.randint(0, 128, (1, 12))
     with torch.no_grad():
         reference = model(ids).logits

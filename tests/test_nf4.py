@@ -1,11 +1,10 @@
 """NF4 products and modules: nf4_linear (forward, dX), Linear4bit, quantize_model."""
 import pytest
 import torch
+from helpers import run, tiny_llama
 from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM
 
 import pyfastpeft
-from helpers import run
 from pyfastpeft.functional import nf4_linear
 from pyfastpeft.nn import Linear4bit
 from pyfastpeft.quant import dequantize_nf4, quantize_nf4
@@ -160,10 +159,7 @@ def test_linear4bit_checkpoints_load_both_ways_with_bitsandbytes():
 
 
 def test_quantize_model_replaces_linears_but_lm_head_and_saves_memory():
-    torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=128)
-    model = LlamaForCausalLM(config).eval()
+    model = tiny_llama()
     ids = torch.randint(0, 128, (1, 12))
     with torch.no_grad():
         reference = model(ids).logits

@@ -4,9 +4,16 @@ layer; and the Triton kernels through the ops on the "triton" backend."""
 
 import pytest
 import torch
+from helpers import (
+    CPU_ISAS,
+    HAS_TRITON,
+    cpu_isa,
+    random_weight_state,
+    special_blocks_weight,
+    with_planted_ties,
+)
 
 import pyfastpeft
-from helpers import CPU_ISAS, HAS_TRITON, cpu_isa, random_weight_state, with_planted_ties
 from pyfastpeft import _native
 from pyfastpeft.ops import nf4 as nf4_ops
 from pyfastpeft.reference import nf4 as ref
@@ -79,12 +86,7 @@ def test_quantize_zero_nan_inf_blocks_like_reference(isa, quant_type, numel):
     +inf, block 3 one -inf, the partial block all zeros (stored absmax float32(1e-38)); then the partial block
     NaN too."""
     code = CODES[quant_type]
-    w = torch.randn(numel)
-    w[:64] = 0
-    w[64 + 5] = float("nan")
-    w[128 + 7] = float("inf")
-    w[192 + 1] = float("-inf")
-    w[256:] = 0
+    w = special_blocks_weight(numel)
     for case in (w, torch.cat([w[:256], torch.full((numel - 256,), float("nan"))])):
         with cpu_isa(isa):
             packed, absmax = native_quantize(case, 64, code)
@@ -241,12 +243,7 @@ def test_triton_quantize_matches_reference_bytes_with_planted_ties(quant_type, b
 @pytest.mark.parametrize("numel", [4 * 64 + 10, 4 * 64 + 9])
 def test_triton_quantize_zero_nan_inf_blocks_like_reference(numel):
     code = CODES["nf4"]
-    w = torch.randn(numel)
-    w[:64] = 0
-    w[64 + 5] = float("nan")
-    w[128 + 7] = float("inf")
-    w[192 + 1] = float("-inf")
-    w[256:] = 0
+    w = special_blocks_weight(numel)
     packed, absmax = on_triton(nf4_ops.nf4_quantize, w, code, 64)
     expected_packed, expected_absmax = ref.quantize_4bit(w, 64, code)
     assert torch.equal(packed, expected_packed)
