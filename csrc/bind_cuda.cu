@@ -59,6 +59,15 @@ void rope(uintptr_t q, uintptr_t k, uintptr_t q_out, uintptr_t k_out, uintptr_t 
                  rot_dim, dtype, interleaved, backward, as_stream(stream), device);
 }
 
+// grad_weights == 0: no gradient (the logits are left as they are).
+void flce_rows(uintptr_t logits, uintptr_t labels, uintptr_t grad_weights, uintptr_t loss, uintptr_t lse, int64_t rows,
+               int64_t vocab, int dtype, int64_t ignore_index, double label_smoothing, double softcap,
+               uintptr_t stream, int device) {
+  pfp_cuda::flce_rows(ptr<void>(logits), ptr<const int64_t>(labels), ptr<const void>(grad_weights), ptr<void>(loss),
+                      ptr<void>(lse), rows, vocab, dtype, ignore_index, label_smoothing, softcap, as_stream(stream),
+                      device);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_cuda, m) {
@@ -69,6 +78,7 @@ PYBIND11_MODULE(_cuda, m) {
   m.def("swiglu_forward", &swiglu_forward, release);
   m.def("swiglu_backward", &swiglu_backward, release);
   m.def("rope", &rope, release);
+  m.def("flce_rows", &flce_rows, release);
 
   m.def("device_count", [] {
     int count = 0;

@@ -26,5 +26,8 @@ void rope(const void* q, const void* k, void* q_out, void* k_out, const void* co
           const int64_t* k_out_strides, int64_t cos_batch_stride, int64_t cos_seq_stride, int64_t batch, int64_t seq,
           int64_t q_heads, int64_t k_heads, int64_t head_dim, int64_t rot_dim, int dtype, bool interleaved,
           bool backward, cudaStream_t stream, int device);
+void flce_rows(void* logits, const int64_t* labels, const void* grad_weights, void* loss, void* lse, int64_t rows,
+               int64_t vocab, int dtype, int64_t ignore_index, double label_smoothing, double softcap,
+               cudaStream_t stream, int device);
 
 }  // namespace pfp_cuda
