@@ -24,9 +24,10 @@ BACKENDS = ("auto", "reference", "native", "triton")
 # Faster backend per op family on CUDA. Until GPU measurements are committed under bench/results/,
 # native CUDA kernels are the default (they launch without Triton's JIT and Python overhead); NF4 and
 # int8 have no GPU kernels yet and run their references (torch's GEMMs around PyTorch (de)quantization);
-# LoRA's GPU kernel is Triton's.
+# LoRA's GPU kernel is Triton's. Fused linear cross-entropy's row pass runs in Triton (Liger's design)
+# until GPU measurements compare it with the CUDA row kernel.
 CUDA_PREFERENCE = {"rmsnorm": "native", "swiglu": "native", "rope": "native", "nf4": "reference",
-                   "int8": "reference", "lora": "triton"}
+                   "int8": "reference", "lora": "triton", "flce": "triton"}
 
 
 def _default_backend() -> str:
