@@ -146,6 +146,13 @@ void lora_dropout_rows(uintptr_t src, uintptr_t dst, uintptr_t row_index, int64_
                scatter, dtype, seed, offset, threshold, keep_scale, alpha, accumulate, nthreads);
 }
 
+// grad_weight == 0: no gradient (the logits keep the softcapped values).
+void flce_rows(uintptr_t logits, uintptr_t labels, uintptr_t grad_weight, uintptr_t loss, uintptr_t lse, int64_t rows,
+               int64_t vocab, int dtype, int64_t ignore_index, double label_smoothing, double softcap, int nthreads) {
+  PFP_CALL_ISA(flce_rows, ptr<void>(logits), ptr<const int64_t>(labels), ptr<const void>(grad_weight), ptr<void>(loss),
+               ptr<void>(lse), rows, vocab, dtype, ignore_index, label_smoothing, softcap, nthreads);
+}
+
 // Ask the kernel to back [address, address + nbytes) with 2 MiB pages, before its first touch.
 // Fresh large tensors come straight from mmap, and with 4 KiB pages their first-touch page faults
 // cost several times the kernel that fills them (about 15 ms for 64 MiB, against 3 ms here).
@@ -183,6 +190,7 @@ PYBIND11_MODULE(_C, m) {
   m.def("quantize_static", &quantize_static, release);
   m.def("dequantize_affine", &dequantize_affine, release);
   m.def("lora_dropout_rows", &lora_dropout_rows, release);
+  m.def("flce_rows", &flce_rows, release);
   m.def("advise_huge_pages", &advise_huge_pages, py::arg("address"), py::arg("nbytes"));
 
   m.def("best_isa", [] { return std::string(pfp::isa_name(pfp::best_isa())); },

@@ -106,6 +106,15 @@ void nf4_gemv(uintptr_t x, int x_dtype, uintptr_t packed, uintptr_t absmax, uint
                      as_stream(stream), device);
 }
 
+// grad_weights == 0: no gradient (the logits are left as they are).
+void flce_rows(uintptr_t logits, uintptr_t labels, uintptr_t grad_weights, uintptr_t loss, uintptr_t lse, int64_t rows,
+               int64_t vocab, int dtype, int64_t ignore_index, double label_smoothing, double softcap,
+               uintptr_t stream, int device) {
+  pfp_cuda::flce_rows(ptr<void>(logits), ptr<const int64_t>(labels), ptr<const void>(grad_weights), ptr<void>(loss),
+                      ptr<void>(lse), rows, vocab, dtype, ignore_index, label_smoothing, softcap, as_stream(stream),
+                      device);
+}
+
 }  // namespace
 
 PYBIND11_MODULE(_cuda, m) {
@@ -123,6 +132,7 @@ PYBIND11_MODULE(_cuda, m) {
   m.def("nf4_quantize", &nf4_quantize, release);
   m.def("nf4_dequantize", &nf4_dequantize, release);
   m.def("nf4_gemv", &nf4_gemv, release);
+  m.def("flce_rows", &flce_rows, release);
 
   m.def("device_count", [] {
     int count = 0;

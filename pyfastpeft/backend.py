@@ -25,9 +25,11 @@ BACKENDS = ("auto", "reference", "native", "triton")
 # native CUDA kernels are the default (they launch without Triton's JIT and Python overhead). For NF4 that
 # is the fused dequant-GEMV up to 8 rows and, above, the CUDA dequantize feeding torch's GEMM (Triton's
 # in-loop-dequantized GEMM is the alternative to measure against it); int8 likewise around torch._int_mm.
-# LoRA's GPU kernel is Triton's; the general affine quantize family has no GPU kernel yet.
+# LoRA's GPU kernel is Triton's; the general affine quantize family has no GPU kernel yet. Fused linear
+# cross-entropy's row pass runs in Triton (Liger's design) until GPU measurements compare it with the CUDA
+# row kernel.
 CUDA_PREFERENCE = {"rmsnorm": "native", "swiglu": "native", "rope": "native", "nf4": "native", "int8": "native",
-                   "lora": "triton", "quantize": "reference"}
+                   "lora": "triton", "quantize": "reference", "flce": "triton"}
 
 
 def _default_backend() -> str:

@@ -57,6 +57,9 @@
                          int64_t cols, bool scatter, int dtype, int64_t seed, int64_t offset,        \
                          float threshold, float keep_scale, double alpha, bool accumulate,           \
                          int nthreads);                                                              \
+  void flce_rows(void* logits, const int64_t* labels, const void* grad_weight, void* loss,           \
+                 void* lse, int64_t rows, int64_t vocab, int dtype, int64_t ignore_index,            \
+                 double label_smoothing, double softcap, int nthreads);                              \
   }
 
 PFP_DECLARE_CPU_KERNELS(pfp_avx512)

@@ -1,0 +1,117 @@
+// Fused linear cross-entropy on the CPU: the pass over one chunk of logit rows that sits between the
+// chunk's two matmuls (logits = h W^T before it, dh = dz W and dW += dz^T h after it, both torch's;
+// pyfastpeft/ops/flce.py drives the chunks). One row of V logits z, label y, smoothing eps, softcap s
+// (0: none), gradient weight g (d reduced loss / d loss of this row):
+//   c_v  = s * tanh(z_v / s)                       (c = z without softcap)
+//   lse  = m + log(sum_v exp(c_v - m)),  m = max_v c_v
+//   loss = lse - (1 - eps) * c_y - (eps / V) * sum_v c_v                 (0 where y == ignore_index)
+//   dz_v = g * (exp(c_v - lse) - eps / V - (1 - eps) * [v == y]) * (1 - (c_v / s)^2)
+// (the last factor only with a softcap: d/dz s*tanh(z/s) = 1 - tanh^2). Compute in fp32 (fp64 for fp64
+// logits); rows split over threads, each row in three sweeps of its (L2-resident) V values.
+#include "cpu/common.h"
+#include "cpu/kernels.h"
+
+#include <limits>
+#include <stdexcept>
+#include <string>
+
+namespace PFP_ISA {
+namespace {
+
+// tanh(x) = 1 - 2 / (exp(2x) + 1): branch-free so it vectorizes; saturates to +-1 (exp_approx gives
+// +inf above 88 and 0 below -87). Absolute error ~1e-7 near 0, which is what the logits need.
+inline float tanh_c(float x) { return 1.0f - 2.0f / (pfp::exp_approx(2.0f * x) + 1.0f); }
+inline double tanh_c(double x) { return std::tanh(x); }
+
+// Max of x[0, n) in 16 interleaved lanes (vectorizes without -ffast-math, like pfp::lane_sum). NaNs
+// are skipped here; they reach lse through the sum of exponentials.
+template <typename C>
+inline C lane_max(const C* __restrict x, int64_t n) {
+  C acc[16];
+  for (int j = 0; j < 16; ++j) acc[j] = -std::numeric_limits<C>::infinity();
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16)
+    for (int j = 0; j < 16; ++j) acc[j] = x[i + j] > acc[j] ? x[i + j] : acc[j];
+  for (int j = 0; i < n; ++i, ++j) acc[j] = x[i] > acc[j] ? x[i] : acc[j];
+  for (int width = 8; width > 0; width /= 2)
+    for (int j = 0; j < width; ++j) acc[j] = acc[j + width] > acc[j] ? acc[j + width] : acc[j];
+  return acc[0];
+}
+
+// One row in place: z becomes c (softcap applied), then, when grad_weight is given, dz.
+template <typename C>
+inline void row_pass(C* __restrict z, int64_t label, const C* grad_weight, C* loss, C* lse, int64_t vocab,
+                     int64_t ignore_index, C smoothing, C softcap) {
+  if (softcap != C(0)) {
+    const C inverse = C(1) / softcap;
+    for (int64_t v = 0; v < vocab; ++v) z[v] = softcap * tanh_c(z[v] * inverse);
+  }
+  const C row_max = lane_max(z, vocab);
+  const C sum_exp = pfp::lane_sum<C>(vocab, [&](int64_t v) { return pfp::exp_approx(z[v] - row_max); });
+  const C row_lse = row_max + std::log(sum_exp);
+  *lse = row_lse;
+  const bool ignored = label == ignore_index;
+  const bool in_range = label >= 0 && label < vocab;
+  const C nan = std::numeric_limits<C>::quiet_NaN();
+  const C uniform = smoothing / C(vocab);
+  if (ignored) {
+    *loss = C(0);
+  } else if (!in_range) {
+    *loss = nan;
+  } else {
+    const C sum_c = smoothing != C(0) ? pfp::lane_sum<C>(vocab, [&](int64_t v) { return z[v]; }) : C(0);
+    *loss = row_lse - (C(1) - smoothing) * z[label] - uniform * sum_c;
+  }
+  if (!grad_weight) return;
+  const bool has_target = in_range && !ignored;
+  const C g = ignored ? C(0) : (in_range ? *grad_weight : nan);
+  const C g_uniform = g * uniform;
+  const C g_target = g * (C(1) - smoothing);
+  if (softcap != C(0)) {
+    const C inverse = C(1) / softcap;
+    const C t_target = has_target ? z[label] * inverse : C(0);
+    for (int64_t v = 0; v < vocab; ++v) {
+      const C t = z[v] * inverse;
+      z[v] = (g * pfp::exp_approx(z[v] - row_lse) - g_uniform) * (C(1) - t * t);
+    }
+    if (has_target) z[label] -= g_target * (C(1) - t_target * t_target);
+  } else {
+    for (int64_t v = 0; v < vocab; ++v) z[v] = g * pfp::exp_approx(z[v] - row_lse) - g_uniform;
+    if (has_target) z[label] -= g_target;
+  }
+}
+
+template <typename C>
+void rows_impl(C* logits, const int64_t* labels, const C* grad_weight, C* loss, C* lse, int64_t rows, int64_t vocab,
+               int64_t ignore_index, double label_smoothing, double softcap, int nthreads) {
+  pfp::parallel_for(rows, 4 * vocab, nthreads, [&](int64_t begin, int64_t end, int) {
+    for (int64_t row = begin; row < end; ++row)
+      row_pass<C>(logits + row * vocab, labels[row], grad_weight ? grad_weight + row : nullptr, loss + row, lse + row,
+                  vocab, ignore_index, C(label_smoothing), C(softcap));
+  });
+}
+
+}  // namespace
+
+// flce_rows: the row pass above over logits [rows, vocab] (row-major, contiguous), in place.
+// dtype (pfp::DType): kFloat32, or kFloat64 for fp64 inputs; logits, grad_weight, loss, lse all of it.
+// labels: int64 [rows]; a label outside [0, vocab) other than ignore_index gives that row a NaN loss and
+// gradient (nothing is read out of bounds). loss, lse: [rows], written (loss 0 on ignored rows).
+// grad_weight: null (logits end as the softcapped c) or [rows]: logits end as dz, zero on ignored rows.
+// label_smoothing in [0, 1); softcap > 0, or 0 for none; vocab >= 1.
+void flce_rows(void* logits, const int64_t* labels, const void* grad_weight, void* loss, void* lse, int64_t rows,
+               int64_t vocab, int dtype, int64_t ignore_index, double label_smoothing, double softcap, int nthreads) {
+  switch (dtype) {
+    case pfp::kFloat32:
+      return rows_impl(static_cast<float*>(logits), labels, static_cast<const float*>(grad_weight),
+                       static_cast<float*>(loss), static_cast<float*>(lse), rows, vocab, ignore_index,
+                       label_smoothing, softcap, nthreads);
+    case pfp::kFloat64:
+      return rows_impl(static_cast<double*>(logits), labels, static_cast<const double*>(grad_weight),
+                       static_cast<double*>(loss), static_cast<double*>(lse), rows, vocab, ignore_index,
+                       label_smoothing, softcap, nthreads);
+  }
+  throw std::invalid_argument("flce: unsupported logits dtype code " + std::to_string(dtype));
+}
+
+}  // namespace PFP_ISA

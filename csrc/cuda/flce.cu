@@ -1,0 +1,141 @@
+// Fused linear cross-entropy on CUDA: the row pass of csrc/cpu/flce.cpp over one chunk of logits (the
+// matmuls around it are torch's). One row of V logits z, label y, smoothing eps, softcap s (0: none),
+// gradient weight g:
+//   c_v  = s * tanh(z_v / s)                        (c = z without softcap)
+//   lse  = m + log(sum_v exp(c_v - m)),  m = max_v c_v
+//   loss = lse - (1 - eps) * c_y - (eps / V) * sum_v c_v      (0 where y == ignore_index)
+//   dz_v = g * (exp(c_v - lse) - eps / V - (1 - eps) * [v == y]) * (1 - (c_v / s)^2)
+// Mapping: one block per row (grid-stride over rows past gridDim.x), threads strided over the row.
+// Sweep 1: each thread keeps an online (max, sum of exp) pair, sum c and c_y over its columns; block
+// reductions combine them. Sweep 2 (with a gradient) rereads z and overwrites it with dz: every
+// element is read and written by the same thread. Compute in fp32 (fp64 for fp64 logits).
+#include "cuda/common.cuh"
+#include "cuda/kernels.cuh"
+
+#include <math_constants.h>
+
+#include <cmath>
+
+namespace pfp_cuda {
+namespace {
+
+constexpr int kMaxThreads = 1024;
+
+__device__ __forceinline__ float log_c(float v) { return logf(v); }
+__device__ __forceinline__ double log_c(double v) { return log(v); }
+__device__ __forceinline__ float tanh_c(float v) { return tanhf(v); }
+__device__ __forceinline__ double tanh_c(double v) { return tanh(v); }
+template <typename C> __device__ __forceinline__ C negative_infinity();
+template <> __device__ __forceinline__ float negative_infinity<float>() { return -CUDART_INF_F; }
+template <> __device__ __forceinline__ double negative_infinity<double>() { return -CUDART_INF; }
+template <typename C> __device__ __forceinline__ C quiet_nan();
+template <> __device__ __forceinline__ float quiet_nan<float>() { return CUDART_NAN_F; }
+template <> __device__ __forceinline__ double quiet_nan<double>() { return CUDART_NAN; }
+
+template <typename C> __device__ __forceinline__ C warp_max(C v) {
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1) v = fmax(v, __shfl_xor_sync(0xffffffffu, v, offset));
+  return v;
+}
+
+// Max of v over a 1-D block whose size is a multiple of 32, returned to every thread (same contract
+// as block_sum in common.cuh).
+template <typename C> __device__ __forceinline__ C block_max(C v) {
+  __shared__ C warp_maxima[32];
+  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
+  v = warp_max(v);
+  if (lane == 0) warp_maxima[warp] = v;
+  __syncthreads();
+  v = lane < int(blockDim.x / 32) ? warp_maxima[lane] : negative_infinity<C>();
+  v = warp_max(v);
+  __syncthreads();
+  return v;
+}
+
+template <typename C> __device__ __forceinline__ C softcapped(C z, C softcap) {
+  return softcap != C(0) ? softcap * tanh_c(z / softcap) : z;
+}
+
+template <typename C>
+__global__ void __launch_bounds__(kMaxThreads)
+flce_rows_kernel(C* __restrict__ logits, const int64_t* __restrict__ labels, const C* __restrict__ grad_weights,
+                 C* __restrict__ loss, C* __restrict__ lse, int64_t rows, int64_t vocab, int64_t ignore_index,
+                 C smoothing, C softcap) {
+  for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
+    C* z = logits + row * vocab;
+    const int64_t label = labels[row];
+    const bool ignored = label == ignore_index;
+    const bool in_range = label >= 0 && label < vocab;
+    C thread_max = negative_infinity<C>(), thread_sum = C(0), sum_c = C(0), target = C(0);
+    for (int64_t v = threadIdx.x; v < vocab; v += blockDim.x) {
+      const C c = softcapped(z[v], softcap);
+      if (c > thread_max) {
+        thread_sum = thread_sum * exp_c(thread_max - c) + C(1);
+        thread_max = c;
+      } else if (thread_max != negative_infinity<C>()) {  // -inf after only -inf: nothing to add
+        thread_sum += exp_c(c - thread_max);
+      }
+      sum_c += c;
+      if (v == label) target = c;
+    }
+    const C row_max = block_max(thread_max);
+    const C scaled = thread_max == negative_infinity<C>() ? C(0) : thread_sum * exp_c(thread_max - row_max);
+    const C row_lse = row_max + log_c(block_sum(scaled));
+    sum_c = block_sum(sum_c);
+    target = block_sum(target);
+    if (threadIdx.x == 0) {
+      lse[row] = row_lse;
+      const C value = row_lse - (C(1) - smoothing) * target - smoothing / C(vocab) * sum_c;
+      loss[row] = ignored ? C(0) : (in_range ? value : quiet_nan<C>());
+    }
+    if (grad_weights == nullptr) continue;
+    const C g = ignored ? C(0) : (in_range ? grad_weights[row] : quiet_nan<C>());
+    const C g_uniform = g * smoothing / C(vocab), g_target = g * (C(1) - smoothing);
+    for (int64_t v = threadIdx.x; v < vocab; v += blockDim.x) {
+      const C c = softcapped(z[v], softcap);
+      C dz = g * exp_c(c - row_lse) - g_uniform - (v == label ? g_target : C(0));
+      if (softcap != C(0)) {
+        const C t = c / softcap;
+        dz *= C(1) - t * t;
+      }
+      z[v] = dz;
+    }
+  }
+}
+
+template <typename C>
+void launch(void* logits, const int64_t* labels, const void* grad_weights, void* loss, void* lse, int64_t rows,
+            int64_t vocab, int64_t ignore_index, double label_smoothing, double softcap, cudaStream_t stream,
+            int device) {
+  if (rows == 0) return;
+  DeviceGuard guard(device);
+  const int threads = block_threads(vocab, kMaxThreads);
+  flce_rows_kernel<C><<<grid_blocks(rows), threads, 0, stream>>>(
+      static_cast<C*>(logits), labels, static_cast<const C*>(grad_weights), static_cast<C*>(loss),
+      static_cast<C*>(lse), rows, vocab, ignore_index, C(label_smoothing), C(softcap));
+  PFP_CUDA_CHECK(cudaGetLastError());
+}
+
+}  // namespace
+
+// flce_rows: the row pass above over logits [rows, vocab] (row-major, contiguous) on `device`, in place.
+// dtype: kFloat32, or kFloat64 for fp64 inputs; logits, grad_weights, loss, lse all of it.
+// labels: int64 [rows]; a label outside [0, vocab) other than ignore_index gives that row a NaN loss and
+// gradient (nothing is read out of bounds). loss, lse: [rows], written (loss 0 on ignored rows).
+// grad_weights: null (logits left as they are) or [rows]: logits end as dz, zero on ignored rows.
+// label_smoothing in [0, 1); softcap > 0, or 0 for none; vocab >= 1.
+void flce_rows(void* logits, const int64_t* labels, const void* grad_weights, void* loss, void* lse, int64_t rows,
+               int64_t vocab, int dtype, int64_t ignore_index, double label_smoothing, double softcap,
+               cudaStream_t stream, int device) {
+  switch (dtype) {
+    case kFloat32:
+      return launch<float>(logits, labels, grad_weights, loss, lse, rows, vocab, ignore_index, label_smoothing,
+                           softcap, stream, device);
+    case kFloat64:
+      return launch<double>(logits, labels, grad_weights, loss, lse, rows, vocab, ignore_index, label_smoothing,
+                            softcap, stream, device);
+  }
+  throw std::invalid_argument("flce: unsupported logits dtype code " + std::to_string(dtype));
+}
+
+}  // namespace pfp_cuda

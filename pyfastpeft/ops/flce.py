@@ -1,0 +1,307 @@
+"""Fused linear cross-entropy: custom ops, the chunk driver, autograd and the public function.
+
+The loss of logits = hidden W^T (+ bias) without materializing the [tokens, vocab] logits (as
+Liger-Kernel's FusedLinearCrossEntropy): tokens go in chunks; per chunk torch computes the logits
+into one reused fp32 buffer, one row pass (C++ on CPU, CUDA or Triton on GPUs) turns them into the
+losses, the logsumexps and, in place, the logits' gradient, and torch's matmuls fold that into
+dh[chunk] = dz W, dW += dz^T h_chunk (fp32 accumulator, cast once) and db += sum dz.
+
+Ops (hidden [T, H], weight [V, H], labels int64 [T], bias [V] or empty; loss and lse in the compute
+dtype, fp32 or fp64 for fp64 inputs; the math is in pyfastpeft/reference/flce.py):
+  pyfastpeft::flce_forward(hidden, weight, labels, bias, ignore_index, label_smoothing, softcap,
+      reduction, need_grad_hidden, need_grad_weight, need_grad_bias, chunk_size)
+      -> (loss: [T] for none, [] for mean/sum;  lse: [T];  grad_hidden, grad_weight, grad_bias)
+      The gradients are those of the reduced loss (of loss.sum() for none), computed in the forward
+      pass; empty where not asked.
+  pyfastpeft::flce_backward(grad_loss [T], hidden, weight, labels, bias, ignore_index,
+      label_smoothing, softcap, need_grad_hidden, need_grad_weight, need_grad_bias, chunk_size)
+      -> (grad_hidden, grad_weight, grad_bias) for per-token output grads: recomputes the logits
+      chunk by chunk (reduction none, whose output grads are known only in backward).
+softcap 0 means none; reduction 0 none, 1 mean, 2 sum; chunk_size 0 picks chunk_rows' default.
+"""
+from __future__ import annotations
+
+import torch
+
+from pyfastpeft import _native
+from pyfastpeft.ops._checks import check_same_device, check_same_dtype, check_tensor
+from pyfastpeft.ops._library import define_op, triton_module
+from pyfastpeft.reference import flce as ref
+from pyfastpeft.reference.flce import NONE, REDUCTIONS, compute_dtype
+
+# Chunk size: the fp32 logits buffer of one chunk stays within CHUNK_BYTES (plus its copy in the
+# input dtype for the dh matmul), whatever the number of tokens, in a power of two of rows, but
+# at least MIN_CHUNK_ROWS rows so the three matmuls per chunk keep enough rows to run efficiently.
+# Liger sizes chunks as tokens / ceil(V / H), which keeps chunk x V near tokens x H: the buffer then
+# grows with the batch (16k tokens at H 4096, V 32000: 2048 rows, 262 MB); ours does not.
+CHUNK_BYTES = 32 << 20
+MIN_CHUNK_ROWS = 64
+
+
+def chunk_rows(tokens: int, vocab: int, requested: int) -> int:
+    """Rows per chunk: `requested` when > 0, else the largest power of two whose fp32 [rows, vocab]
+    buffer fits CHUNK_BYTES, at least MIN_CHUNK_ROWS; never more than the tokens (at least 1)."""
+    if requested > 0:
+        rows = requested
+    else:
+        fitting = CHUNK_BYTES // (4 * vocab)
+        rows = max(MIN_CHUNK_ROWS, 1 << max(0, fitting.bit_length() - 1))
+    return max(1, min(rows, tokens))
+
+
+def _logits_into(h, weight, out) -> None:
+    """out [n, V] (compute dtype) = h @ weight^T, accumulated in fp32. CUDA torch multiplies fp16/bf16
+    into an fp32 output directly; CPU torch has no such matmul, so there the logits round to h's dtype
+    once (as the output of HF's lm_head does) before the fp32 row pass."""
+    if h.dtype == out.dtype:
+        torch.mm(h, weight.t(), out=out)
+    elif h.is_cuda:
+        torch.mm(h, weight.t(), out_dtype=out.dtype, out=out)
+    else:
+        out.copy_(torch.mm(h, weight.t()))
+
+
+def _accumulate_grad_weight(accumulator, dz, dz_input_dtype, h) -> None:
+    """accumulator [V, H] (compute dtype) += dz^T h: from the fp16/bf16 operands into fp32 on CUDA, in fp32 on CPU."""
+    if h.dtype == accumulator.dtype:
+        accumulator.addmm_(dz.t(), h)
+    elif h.is_cuda:
+        torch.addmm(accumulator, dz_input_dtype.t(), h, out_dtype=accumulator.dtype, out=accumulator)
+    else:
+        accumulator.addmm_(dz.t(), h.to(accumulator.dtype))
+
+
+def _chunked(row_pass, hidden, weight, labels, bias, grad_weights, ignore_index: int, label_smoothing: float,
+             softcap: float, need_grad_hidden: bool, need_grad_weight: bool, need_grad_bias: bool, chunk_size: int):
+    """(loss_t [T], lse [T], grad_hidden, grad_weight, grad_bias) chunk by chunk. grad_weights: None (no
+    gradients) or [T] in the compute dtype, the weight of each token's loss in the gradients.
+    row_pass(logits, labels, grad_weights or None, loss, lse, ignore_index, label_smoothing, softcap)
+    is the backend's row kernel on one chunk (contiguous views)."""
+    tokens, vocab = hidden.shape[0], weight.shape[0]
+    cd, device = compute_dtype(hidden.dtype), hidden.device
+    loss = torch.empty(tokens, dtype=cd, device=device)
+    lse = torch.empty(tokens, dtype=cd, device=device)
+    with_grads = grad_weights is not None
+    grad_hidden = torch.empty(hidden.shape, dtype=hidden.dtype, device=device) if need_grad_hidden else None
+    grad_weight = torch.zeros(weight.shape, dtype=cd, device=device) if need_grad_weight else None
+    grad_bias = torch.zeros(vocab, dtype=cd, device=device) if need_grad_bias else None
+    rows = chunk_rows(tokens, vocab, chunk_size)
+    logits_buffer = torch.empty(rows, vocab, dtype=cd, device=device)
+    bias_c = bias.to(cd) if bias.numel() else None
+    for start in range(0, tokens, rows):
+        stop = min(start + rows, tokens)
+        h, logits = hidden[start:stop], logits_buffer[:stop - start]
+        _logits_into(h, weight, logits)
+        if bias_c is not None:
+            logits.add_(bias_c)
+        row_pass(logits, labels[start:stop], grad_weights[start:stop] if with_grads else None, loss[start:stop],
+                 lse[start:stop], ignore_index, label_smoothing, softcap)
+        if not with_grads:
+            continue
+        dz_input_dtype = logits.to(hidden.dtype)
+        if grad_hidden is not None:
+            torch.mm(dz_input_dtype, weight, out=grad_hidden[start:stop])
+        if grad_weight is not None:
+            _accumulate_grad_weight(grad_weight, logits, dz_input_dtype, h)
+        if grad_bias is not None:
+            grad_bias += logits.sum(0)
+    if grad_hidden is None:
+        grad_hidden = hidden.new_empty(0)
+    return (loss, lse, grad_hidden,
+            weight.new_empty(0) if grad_weight is None else grad_weight.to(weight.dtype),
+            bias.new_empty(0) if grad_bias is None else grad_bias.to(bias.dtype))
+
+
+def _native_rows(logits, labels, grad_weights, loss, lse, ignore_index: int, label_smoothing: float,
+                 softcap: float) -> None:
+    rows, vocab = logits.shape
+    if rows == 0:
+        return
+    args = (_native.ptr(logits), _native.ptr(labels), _native.ptr(grad_weights), _native.ptr(loss),
+            _native.ptr(lse), rows, vocab, _native.dtype_code(logits), ignore_index, label_smoothing, softcap)
+    if logits.is_cuda:
+        _native.cuda.flce_rows(*args, _native.cuda_stream(logits), logits.device.index)
+    else:
+        _native.cpu.flce_rows(*args, _native.num_threads())
+
+
+def _triton_rows(logits, labels, grad_weights, loss, lse, ignore_index: int, label_smoothing: float,
+                 softcap: float) -> None:
+    if logits.shape[0]:
+        triton_module("flce").flce_rows(logits, labels, grad_weights, loss, lse, ignore_index, label_smoothing, softcap)
+
+
+def _forward_with(row_pass):
+    def forward(hidden, weight, labels, bias, ignore_index, label_smoothing, softcap, reduction, need_grad_hidden,
+                need_grad_weight, need_grad_bias, chunk_size):
+        any_grad = need_grad_hidden or need_grad_weight or need_grad_bias
+        labels = labels.contiguous()
+        weights = (ref.reduction_weights(labels, ignore_index, reduction, compute_dtype(hidden.dtype)) if any_grad
+                   else None)
+        loss, lse, grad_hidden, grad_weight, grad_bias = _chunked(
+            row_pass, hidden, weight, labels, bias, weights, ignore_index, label_smoothing, softcap,
+            need_grad_hidden, need_grad_weight, need_grad_bias, chunk_size)
+        return ref.reduce(loss, labels, ignore_index, reduction), lse, grad_hidden, grad_weight, grad_bias
+    return forward
+
+
+def _backward_with(row_pass):
+    def backward(grad_loss, hidden, weight, labels, bias, ignore_index, label_smoothing, softcap, need_grad_hidden,
+                 need_grad_weight, need_grad_bias, chunk_size):
+        weights = grad_loss.to(compute_dtype(hidden.dtype)).contiguous()
+        _, _, grad_hidden, grad_weight, grad_bias = _chunked(
+            row_pass, hidden, weight, labels.contiguous(), bias, weights, ignore_index, label_smoothing, softcap,
+            need_grad_hidden, need_grad_weight, need_grad_bias, chunk_size)
+        return grad_hidden, grad_weight, grad_bias
+    return backward
+
+
+def _fake_grads(hidden, weight, bias, need_grad_hidden, need_grad_weight, need_grad_bias):
+    return (torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device) if need_grad_hidden
+            else hidden.new_empty(0),
+            torch.empty_like(weight, memory_format=torch.contiguous_format) if need_grad_weight else weight.new_empty(0),
+            torch.empty_like(bias) if need_grad_bias else bias.new_empty(0))
+
+
+def _check_shapes(fn, hidden, weight, labels):
+    torch._check(hidden.dim() == 2 and weight.dim() == 2 and weight.shape[1] == hidden.shape[1],
+                 lambda: f"{fn}: hidden must be [T, H] and weight [V, H]")
+    torch._check(labels.dim() == 1 and labels.shape[0] == hidden.shape[0], lambda: f"{fn}: labels must be [T]")
+
+
+def _fake_forward(hidden, weight, labels, bias, ignore_index, label_smoothing, softcap, reduction, need_grad_hidden,
+                  need_grad_weight, need_grad_bias, chunk_size):
+    _check_shapes("flce_forward", hidden, weight, labels)
+    cd = compute_dtype(hidden.dtype)
+    loss = hidden.new_empty((hidden.shape[0],) if reduction == NONE else (), dtype=cd)
+    lse = hidden.new_empty((hidden.shape[0],), dtype=cd)
+    return (loss, lse, *_fake_grads(hidden, weight, bias, need_grad_hidden, need_grad_weight, need_grad_bias))
+
+
+def _fake_backward(grad_loss, hidden, weight, labels, bias, ignore_index, label_smoothing, softcap, need_grad_hidden,
+                   need_grad_weight, need_grad_bias, chunk_size):
+    _check_shapes("flce_backward", hidden, weight, labels)
+    torch._check(grad_loss.shape == labels.shape, lambda: "flce_backward: grad_loss must be [T]")
+    return _fake_grads(hidden, weight, bias, need_grad_hidden, need_grad_weight, need_grad_bias)
+
+
+_SETTINGS = "int ignore_index, float label_smoothing, float softcap"
+_NEEDS = "bool need_grad_hidden, bool need_grad_weight, bool need_grad_bias, int chunk_size"
+flce_forward = define_op(
+    "flce_forward", f"(Tensor hidden, Tensor weight, Tensor labels, Tensor bias, {_SETTINGS}, int reduction, {_NEEDS})"
+    " -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
+    family="flce", fake=_fake_forward, reference=ref.flce_forward, native=_forward_with(_native_rows),
+    triton=_forward_with(_triton_rows))
+flce_backward = define_op(
+    "flce_backward", f"(Tensor grad_loss, Tensor hidden, Tensor weight, Tensor labels, Tensor bias, {_SETTINGS}, {_NEEDS})"
+    " -> (Tensor, Tensor, Tensor)",
+    family="flce", fake=_fake_backward, reference=ref.flce_backward, native=_backward_with(_native_rows),
+    triton=_backward_with(_triton_rows), triton_dtypes=(torch.float32,))
+
+
+class FusedLinearCrossEntropyFunction(torch.autograd.Function):
+    """(loss, lse) of hidden [T, H], weight [V, H], labels [T], bias [V] or empty. mean/sum: the gradients
+    are computed in the forward pass and scaled by the output grad in backward (nothing [T, V] is saved).
+    none: backward recomputes the logits chunk by chunk with the per-token output grads. lse is not
+    differentiable. dW (dbias) is computed only when the weight (bias) requires grad."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, bias, ignore_index: int, label_smoothing: float, softcap: float,
+                reduction: int, chunk_size: int):
+        needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[3] and bias.numel() > 0)
+        settings = (ignore_index, label_smoothing, softcap)
+        ctx.settings, ctx.needs, ctx.reduction, ctx.chunk_size = settings, needs, reduction, chunk_size
+        if reduction == NONE:
+            loss, lse, *_ = flce_forward(hidden, weight, labels, bias, *settings, reduction, False, False, False,
+                                         chunk_size)
+            ctx.save_for_backward(hidden, weight, labels, bias)
+        else:
+            loss, lse, grad_hidden, grad_weight, grad_bias = flce_forward(hidden, weight, labels, bias, *settings,
+                                                                          reduction, *needs, chunk_size)
+            ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
+        ctx.mark_non_differentiable(lse)
+        return loss, lse
+
+    @staticmethod
+    def backward(ctx, grad_loss, grad_lse):
+        if ctx.reduction == NONE:
+            hidden, weight, labels, bias = ctx.saved_tensors
+            grads = flce_backward(grad_loss.contiguous(), hidden, weight, labels, bias, *ctx.settings, *ctx.needs,
+                                  ctx.chunk_size)
+        else:
+            grads = tuple((g * grad_loss).to(g.dtype) for g in ctx.saved_tensors)
+        grad_hidden, grad_weight, grad_bias = (g if need else None for g, need in zip(grads, ctx.needs))
+        return grad_hidden, grad_weight, None, grad_bias, None, None, None, None, None
+
+
+def _check_label_range(fn: str, labels: torch.Tensor, vocab: int, ignore_index: int) -> None:
+    """CPU tensors in eager mode only: elsewhere the check would cost a device sync or break the graph,
+    and the kernels give an out-of-range label a NaN loss instead (never reading out of bounds)."""
+    if labels.device.type != "cpu" or torch.compiler.is_compiling() or labels.numel() == 0:
+        return
+    bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab))
+    if bool(bad.any()):
+        raise ValueError(f"{fn}: labels must be in [0, {vocab}) or ignore_index ({ignore_index}), "
+                         f"got {labels[bad][0].item()}")
+
+
+def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
+                               bias: torch.Tensor | None = None, ignore_index: int = -100,
+                               label_smoothing: float = 0.0, softcap: float | None = None, reduction: str = "mean",
+                               return_lse: bool = False, chunk_size: int | None = None):
+    """F.cross_entropy(hidden @ weight.T + bias, labels) with the logits computed in fp32 (the lm_head and
+    loss of a causal LM), without materializing the [tokens, vocab] logits.
+
+    hidden [..., H], weight [V, H], labels int64 hidden.shape[:-1] (already shifted), bias [V] or None;
+    hidden, weight and bias share one float dtype. softcap: logits -> softcap * tanh(logits / softcap)
+    first (Gemma-2). reduction "mean" (over tokens whose label is not ignore_index; 0 when there are
+    none), "sum" or "none" (labels' shape). Loss and lse are fp32 (fp64 for fp64 inputs); with
+    return_lse, returns (loss, lse), lse = logsumexp of each token's (softcapped) logits, labels' shape,
+    not differentiable. chunk_size: tokens per chunk (default: see chunk_rows).
+    On CPU, fp16/bf16 logits round to the input dtype before the fp32 softmax (CPU torch has no
+    mixed-precision matmul); on CUDA they are accumulated into fp32.
+    """
+    fn = "fused_linear_cross_entropy"
+    check_tensor(fn, "hidden", hidden, min_dim=1)
+    check_tensor(fn, "weight", weight, dim=2)
+    if not isinstance(labels, torch.Tensor):
+        raise TypeError(f"{fn}: labels must be a torch.Tensor, got {type(labels).__name__}")
+    if labels.dtype != torch.int64:
+        raise TypeError(f"{fn}: labels must have dtype int64, got {str(labels.dtype).replace('torch.', '')}")
+    check_same_device(fn, hidden=hidden, weight=weight, labels=labels)
+    check_same_dtype(fn, hidden=hidden, weight=weight)
+    vocab, hidden_size = weight.shape
+    if hidden_size != hidden.shape[-1]:
+        raise ValueError(f"{fn}: weight is [{vocab}, {hidden_size}], hidden's last dim is {hidden.shape[-1]}")
+    if vocab < 1:
+        raise ValueError(f"{fn}: weight must have at least one row (vocab), got shape {tuple(weight.shape)}")
+    if labels.shape != hidden.shape[:-1]:
+        raise ValueError(f"{fn}: labels must have shape {tuple(hidden.shape[:-1])} (hidden's without the last dim), "
+                         f"got {tuple(labels.shape)}")
+    if bias is None:
+        bias = hidden.new_empty(0)
+    else:
+        check_tensor(fn, "bias", bias, dim=1)
+        check_same_device(fn, hidden=hidden, bias=bias)
+        check_same_dtype(fn, hidden=hidden, bias=bias)
+        if bias.shape[0] != vocab:
+            raise ValueError(f"{fn}: bias has {bias.shape[0]} elements, weight has {vocab} rows")
+    if not 0.0 <= label_smoothing < 1.0:
+        raise ValueError(f"{fn}: label_smoothing must be in [0, 1), got {label_smoothing}")
+    if softcap is not None and not 0.0 < softcap < float("inf"):
+        raise ValueError(f"{fn}: softcap must be None or a finite number > 0, got {softcap}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"{fn}: reduction must be one of {tuple(REDUCTIONS)}, got {reduction!r}")
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"{fn}: chunk_size must be None or an int >= 1, got {chunk_size!r}")
+    if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
+        raise TypeError(f"{fn}: ignore_index must be an int, got {type(ignore_index).__name__}")
+    _check_label_range(fn, labels, vocab, ignore_index)
+    code = REDUCTIONS[reduction]
+    loss, lse = FusedLinearCrossEntropyFunction.apply(
+        hidden.reshape(-1, hidden_size), weight, labels.reshape(-1), bias, ignore_index, float(label_smoothing),
+        float(softcap or 0.0), code, chunk_size or 0)
+    lse = lse.view(labels.shape)
+    if code == NONE:
+        loss = loss.view(labels.shape)
+    return (loss, lse) if return_lse else loss

@@ -1,0 +1,272 @@
+"""Fused linear cross-entropy: every backend against F.cross_entropy(h W^T + b) computed in fp32, over dtypes,
+reductions, ignored tokens, label smoothing, softcap and chunk boundaries; gradcheck, opcheck, compile,
+memory, and bad input."""
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import BACKENDS, CPU_ISAS, cpu_isa, run
+
+import pyfastpeft
+from pyfastpeft.bench.harness import peak_cpu_bytes
+from pyfastpeft.functional import fused_linear_cross_entropy
+from pyfastpeft.ops import flce as flce_ops
+
+ALL_BACKENDS = ["reference"] + BACKENDS
+# Max error relative to the largest expected magnitude. fp32: the matmul's summation order. fp16/bf16: on CPU
+# the logits round once to the input dtype (2^-11 / 2^-8 relative) before the fp32 softmax, and dz rounds to
+# it for the dh matmul; the oracle computes the logits in fp32 from the same (rounded) inputs.
+TOLERANCE = {torch.float32: 1e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2, torch.float64: 1e-10}
+# (label_smoothing, softcap)
+SETTINGS = [(0.0, None), (0.1, None), (0.0, 5.0), (0.2, 3.0)]
+TOKENS, HIDDEN, VOCAB, CHUNK = 53, 32, 123, 16  # 53 tokens: 3 full chunks of 16 and a partial one; V % 16 != 0
+
+
+def inputs(tokens=TOKENS, hidden=HIDDEN, vocab=VOCAB, dtype=torch.float32, bias=True, ignored=(3, 17, 40)):
+    h = torch.randn(tokens, hidden).to(dtype).requires_grad_()
+    w = (torch.randn(vocab, hidden) * 2 * hidden**-0.5).to(dtype).requires_grad_()
+    b = (torch.randn(vocab) * 0.5).to(dtype).requires_grad_() if bias else None
+    labels = torch.randint(0, vocab, tokens.shape if isinstance(tokens, torch.Size) else (tokens,))
+    labels.view(-1)[[i for i in ignored if i < labels.numel()]] = -100
+    return h, w, b, labels
+
+
+def oracle(h, w, b, labels, label_smoothing=0.0, softcap=None, reduction="mean", ignore_index=-100, chunk_size=None):
+    """F.cross_entropy on logits computed in fp32 (fp64 for fp64) from the same inputs."""
+    cd = torch.float64 if h.dtype == torch.float64 else torch.float32
+    logits = h.to(cd) @ w.to(cd).t()
+    if b is not None:
+        logits = logits + b.to(cd)
+    if softcap:
+        logits = softcap * torch.tanh(logits / softcap)
+    return F.cross_entropy(logits.reshape(-1, w.shape[0]), labels.reshape(-1), ignore_index=ignore_index,
+                           label_smoothing=label_smoothing, reduction=reduction).reshape(
+                               labels.shape if reduction == "none" else ())
+
+
+def leaves(h, w, b):
+    return [t for t in (h, w, b) if t is not None and t.requires_grad]
+
+
+def assert_close_scaled(actual, expected, tol):
+    assert actual.shape == expected.shape, (actual.shape, expected.shape)
+    error = (actual.double() - expected.double()).abs().max().item() if expected.numel() else 0.0
+    scale = expected.double().abs().max().item() if expected.numel() else 0.0
+    assert error <= tol * max(scale, 1e-30), (error, scale)
+
+
+def check_against_oracle(backend, h, w, b, labels, tol, **kwargs):
+    loss = run(backend, fused_linear_cross_entropy, h, w, labels, b, **kwargs)
+    grad_out = torch.rand(loss.shape, dtype=loss.dtype) + 0.5
+    grads = run(backend, torch.autograd.grad, loss, leaves(h, w, b), grad_out)
+    expected = oracle(h, w, b, labels, **kwargs)
+    expected_grads = torch.autograd.grad(expected, leaves(h, w, b), grad_out.to(expected.dtype))
+    assert loss.dtype == expected.dtype
+    assert_close_scaled(loss, expected, tol)
+    for grad, expected_grad, leaf in zip(grads, expected_grads, leaves(h, w, b)):
+        assert grad.dtype == leaf.dtype
+        assert_close_scaled(grad, expected_grad.to(leaf.dtype), tol)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("label_smoothing,softcap", SETTINGS)
+def test_flce_matches_cross_entropy(backend, dtype, label_smoothing, softcap):
+    h, w, b, labels = inputs(dtype=dtype)
+    check_against_oracle(backend, h, w, b, labels, TOLERANCE[dtype], label_smoothing=label_smoothing,
+                         softcap=softcap, chunk_size=CHUNK)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
+def test_flce_reductions_with_smoothing_and_softcap(backend, reduction):
+    h, w, b, labels = inputs()
+    check_against_oracle(backend, h, w, b, labels, TOLERANCE[torch.float32], label_smoothing=0.1, softcap=4.0,
+                         reduction=reduction, chunk_size=CHUNK)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_flce_3d_hidden_keeps_labels_shape(backend):
+    h = torch.randn(2, 7, HIDDEN, requires_grad=True)
+    _, w, b, _ = inputs()
+    labels = torch.randint(0, VOCAB, (2, 7))
+    labels[1, 3] = -100
+    loss, lse = run(backend, fused_linear_cross_entropy, h, w, labels, b, reduction="none", return_lse=True,
+                    chunk_size=5)
+    assert loss.shape == lse.shape == (2, 7) and loss[1, 3] == 0
+    torch.testing.assert_close(lse, torch.logsumexp(h @ w.t() + b, -1), rtol=1e-5, atol=1e-5)
+    check_against_oracle(backend, h, w, b, labels, TOLERANCE[torch.float32], reduction="none", chunk_size=5)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_flce_all_tokens_ignored_gives_zero_loss_and_grads(backend, reduction):
+    h, w, b, labels = inputs(tokens=9, ignored=range(9))
+    loss = run(backend, fused_linear_cross_entropy, h, w, labels, b, reduction=reduction)
+    grads = run(backend, torch.autograd.grad, loss.sum(), [h, w, b])
+    assert torch.equal(loss, torch.zeros_like(loss))
+    assert all(torch.equal(g, torch.zeros_like(g)) for g in grads)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_flce_ignore_index_inside_vocab(backend):
+    h, w, b, labels = inputs(ignored=())
+    labels[::4] = 0
+    check_against_oracle(backend, h, w, b, labels, TOLERANCE[torch.float32], ignore_index=0, label_smoothing=0.1,
+                         chunk_size=CHUNK)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_flce_huge_logits_do_not_overflow(backend):
+    h, w, _, labels = inputs(bias=False)
+    with torch.no_grad():
+        h.mul_(1e4 / (h @ w.t()).abs().max())  # logits up to 1e4 in magnitude
+    loss = run(backend, fused_linear_cross_entropy, h, w, labels, reduction="none", chunk_size=CHUNK)
+    assert torch.isfinite(loss).all()
+    # an fp32 logit near 1e4 is known to ~1e-3 (its ulp), so exp(c - lse) to ~1e-3 relative
+    check_against_oracle(backend, h, w, None, labels, 2e-3, reduction="sum", chunk_size=CHUNK)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_flce_default_chunk_and_no_bias(backend):
+    h, w, _, labels = inputs(bias=False)
+    check_against_oracle(backend, h, w, None, labels, TOLERANCE[torch.float32])
+
+
+@pytest.mark.parametrize("backend", ["reference", "native"])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_flce_gradcheck_float64(backend, reduction):
+    h, w, b, labels = inputs(tokens=7, hidden=4, vocab=9, dtype=torch.float64, ignored=(2,))
+    with pyfastpeft.use_backend(backend):
+        assert torch.autograd.gradcheck(
+            lambda h, w, b: fused_linear_cross_entropy(h, w, labels, b, label_smoothing=0.15, softcap=2.5,
+                                                       reduction=reduction, chunk_size=3), (h, w, b))
+
+
+@pytest.mark.parametrize("isa", CPU_ISAS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_flce_every_cpu_isa_agrees(isa, dtype):
+    h, w, b, labels = inputs(tokens=37, vocab=1000, dtype=dtype)
+    with cpu_isa(isa):
+        check_against_oracle("native", h, w, b, labels, TOLERANCE[dtype], label_smoothing=0.1, softcap=10.0,
+                             chunk_size=16)
+
+
+@pytest.mark.parametrize("backend", ["reference", "native"])
+def test_flce_opcheck(backend):
+    h, w, b, labels = (t.detach() if t is not None else t for t in inputs())
+    empty = h.new_empty(0)
+    with pyfastpeft.use_backend(backend):
+        for reduction in (0, 1, 2):
+            for bias in (b, empty):
+                torch.library.opcheck(flce_ops.flce_forward,
+                                      (h, w, labels, bias, -100, 0.1, 3.0, reduction, True, True, bias.numel() > 0, 16))
+        torch.library.opcheck(flce_ops.flce_forward, (h, w, labels, b, -100, 0.0, 0.0, 1, False, True, False, 0))
+        grad_loss = torch.rand(TOKENS)
+        torch.library.opcheck(flce_ops.flce_backward, (grad_loss, h, w, labels, b, -100, 0.0, 2.0, True, True, True, 16))
+
+
+def test_flce_compiles_fullgraph():
+    h, w, b, labels = inputs()
+
+    def loss_fn(h, w, b, labels):
+        loss, lse = fused_linear_cross_entropy(h, w, labels, b, label_smoothing=0.1, return_lse=True, chunk_size=16)
+        return loss + 0.0 * lse.sum()
+
+    compiled = torch.compile(loss_fn, fullgraph=True, backend="aot_eager")
+    loss = compiled(h, w, b, labels)
+    grads = torch.autograd.grad(loss, [h, w, b])
+    expected = loss_fn(h, w, b, labels)
+    expected_grads = torch.autograd.grad(expected, [h, w, b])
+    torch.testing.assert_close(loss, expected)
+    for grad, expected_grad in zip(grads, expected_grads):
+        torch.testing.assert_close(grad, expected_grad)
+
+
+def test_flce_frozen_weight_computes_and_saves_no_weight_grad():
+    h, w, _, labels = inputs(bias=False)
+    w.requires_grad_(False)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        loss = fused_linear_cross_entropy(h, w, labels)
+    assert max(t.numel() for t in saved) == h.numel()  # dh only: no [V, H] gradient, no logits
+    loss.backward()
+    assert w.grad is None and h.grad is not None
+
+
+def test_flce_peak_memory_stays_far_below_the_logits():
+    tokens, vocab, hidden, chunk = 1024, 2048, 64, 64
+    h, w, _, labels = inputs(tokens=tokens, hidden=hidden, vocab=vocab, bias=False)
+    logits_bytes = tokens * vocab * 4
+
+    def ours():
+        loss = fused_linear_cross_entropy(h, w, labels, chunk_size=chunk)
+        loss.backward()
+        return loss
+
+    def eager():
+        loss = F.cross_entropy(F.linear(h, w), labels)
+        loss.backward()
+        return loss
+
+    peak = peak_cpu_bytes(ours)
+    h.grad = w.grad = None
+    # the chunk buffer (chunk x V fp32), dW's fp32 accumulator and dh, and small per-token vectors
+    budget = 2 * chunk * vocab * 4 + 2 * (w.numel() + h.numel()) * 4 + 64 * tokens
+    assert peak <= budget < logits_bytes / 2, (peak, budget, logits_bytes)
+    assert peak_cpu_bytes(eager) >= logits_bytes
+
+
+def test_flce_default_chunk_is_bounded_by_bytes_not_tokens():
+    assert flce_ops.chunk_rows(100_000, 32000, 0) == 256  # 256 x 32000 x 4 B = 31 MiB
+    assert flce_ops.chunk_rows(100_000, 152064, 0) == flce_ops.MIN_CHUNK_ROWS
+    assert flce_ops.chunk_rows(10, 32000, 0) == 10
+    assert flce_ops.chunk_rows(100, 32000, 7) == 7
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_flce_empty_input(backend):
+    h, w, b, _ = inputs(tokens=0)
+    labels = torch.empty(0, dtype=torch.int64)
+    loss = run(backend, fused_linear_cross_entropy, h, w, labels, b)
+    assert loss.shape == () and loss.item() == 0.0
+    grads = run(backend, torch.autograd.grad, loss, [h, w, b])
+    assert grads[0].shape == h.shape and not grads[1].any() and not grads[2].any()
+    assert run(backend, fused_linear_cross_entropy, h, w, labels, b, reduction="none").shape == (0,)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_flce_out_of_range_label_is_nan_inside_the_kernels(backend):
+    """The Python edge rejects such labels on CPU; past it (on GPUs, under compile) the row gets NaN, and
+    nothing is read out of bounds."""
+    h, w, b, labels = (t.detach() if t is not None else t for t in inputs(tokens=4, ignored=()))
+    labels[1] = VOCAB
+    loss, lse, *_ = run(backend, flce_ops.flce_forward, h, w, labels, b, -100, 0.0, 0.0, 0, True, True, True, 0)
+    assert loss[1].isnan() and loss[[0, 2, 3]].isfinite().all() and lse.isfinite().all()
+
+
+def test_flce_rejects_bad_input():
+    h, w, b, labels = inputs()
+    with pytest.raises(ValueError, match="labels must have shape"):
+        fused_linear_cross_entropy(h, w, labels[:-1])
+    with pytest.raises(TypeError, match="labels must have dtype int64"):
+        fused_linear_cross_entropy(h, w, labels.int())
+    with pytest.raises(ValueError, match=r"weight is \[123, 31\], hidden's last dim is 32"):
+        fused_linear_cross_entropy(h, w[:, :31], labels)
+    with pytest.raises(ValueError, match="bias has 122 elements"):
+        fused_linear_cross_entropy(h, w, labels, b[:-1])
+    with pytest.raises(TypeError, match="weight has dtype"):
+        fused_linear_cross_entropy(h, w.double(), labels)
+    for smoothing in (-0.1, 1.0):
+        with pytest.raises(ValueError, match="label_smoothing must be in"):
+            fused_linear_cross_entropy(h, w, labels, label_smoothing=smoothing)
+    for softcap in (0.0, -1.0, float("inf")):
+        with pytest.raises(ValueError, match="softcap must be None or a finite number > 0"):
+            fused_linear_cross_entropy(h, w, labels, softcap=softcap)
+    with pytest.raises(ValueError, match="reduction must be one of"):
+        fused_linear_cross_entropy(h, w, labels, reduction="avg")
+    with pytest.raises(ValueError, match="chunk_size must be"):
+        fused_linear_cross_entropy(h, w, labels, chunk_size=0)
+    with pytest.raises(ValueError, match=r"labels must be in \[0, 123\)"):
+        fused_linear_cross_entropy(h, w, torch.full_like(labels, 123))
+    with pytest.raises(TypeError, match="hidden must have dtype"):
+        fused_linear_cross_entropy(h.int(), w, labels)
