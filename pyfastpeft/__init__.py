@@ -1,6 +1,7 @@
 """pyfastpeft: fused CPU, CUDA and Triton kernels for LoRA/QLoRA fine-tuning and quantized inference.
 
     import pyfastpeft
+    report = pyfastpeft.prepare_model(model, quant="nf4", lora=pyfastpeft.LoraSettings(r=16))  # fused QLoRA
     pyfastpeft.backends()                      # what this install can run, and why not
     with pyfastpeft.use_backend("reference"):  # force a backend for the ops in the block
         ...
@@ -13,6 +14,7 @@ import torch  # noqa: F401  (before the native modules: they reuse torch's OpenM
 from pyfastpeft import functional, nn, ops, quant  # noqa: F401
 from pyfastpeft.backend import backends, current_backend, use_backend
 from pyfastpeft.integrations.peft import from_peft, load_adapter, save_adapter
+from pyfastpeft.integrations.prepare import LoraSettings, PrepareReport, prepare_model
 from pyfastpeft.integrations.quantize import QuantizeReport, quantize_model
 from pyfastpeft.integrations.transformers import PatchReport, patch_model, unpatch_model
 from pyfastpeft.nn.lora import LoRAReport, add_lora
@@ -20,4 +22,4 @@ from pyfastpeft.nn.lora import LoRAReport, add_lora
 __version__ = "0.1.0"
 __all__ = ["backends", "current_backend", "use_backend", "functional", "nn", "quant", "patch_model",
            "unpatch_model", "PatchReport", "quantize_model", "QuantizeReport", "add_lora", "LoRAReport", "save_adapter",
-           "load_adapter", "from_peft"]
+           "load_adapter", "from_peft", "prepare_model", "LoraSettings", "PrepareReport"]

@@ -66,7 +66,8 @@ class _PatchState:
 
 
 def _param_device_dtype(module: nn.Module):
-    p = next(module.parameters(), None)
+    """Device and dtype of module's first floating-point parameter (quantized layers also hold int8/uint8 ones)."""
+    p = next((p for p in module.parameters() if p.dtype.is_floating_point), None)
     return (p.device, p.dtype) if p is not None else (torch.device("cpu"), torch.float32)
 
 
@@ -127,9 +128,14 @@ def _swap_mlp(module: nn.Module):
     in_features = getattr(module.gate_proj, "in_features", None)
     if in_features is None:
         return None, "gate_proj has no in_features"
-    with torch.no_grad():
-        x = torch.randn(2, in_features, device=device, dtype=dtype)
-        expected, got = module(x), fused(x)
+    was_training = module.training
+    module.eval()  # LoRA dropout inside the projections would draw different masks for the two calls
+    try:
+        with torch.no_grad():
+            x = torch.randn(2, in_features, device=device, dtype=dtype)
+            expected, got = module(x), fused(x)
+    finally:
+        module.train(was_training)
     if not torch.allclose(got.float(), expected.float(), rtol=2e-2, atol=2e-2 * expected.float().abs().max().item()):
         return None, "its forward is not down_proj(silu(gate_proj(x)) * up_proj(x))"
     return fused, None
