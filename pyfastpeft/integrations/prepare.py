@@ -11,9 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 import types
-from typing import Sequence
+from collections.abc import Sequence
 
-import torch
 from torch import nn
 
 QUANT_METHODS = (None, "nf4", "int8")
