@@ -72,21 +72,74 @@ inline const float* row_as_float(const T* row, int64_t k, float* buffer) {
   }
 }
 
+// max |row[c]| over !(|row[c]| >= t) (every c when !find), NaN-propagating; with find, flags[c] |= 1 where
+// |row[c]| >= t.
+float row_absmax(const float* row, int64_t k, float t, bool find, uint8_t* flags) {
+#if defined(__AVX512F__)
+  const __m512 abs_mask = _mm512_castsi512_ps(_mm512_set1_epi32(0x7FFFFFFF));
+  const __m512 limit = _mm512_set1_ps(t);
+  __m512 best = _mm512_setzero_ps();
+  __mmask16 nan_seen = 0;
+  for (int64_t c = 0; c < k; c += 16) {
+    const __mmask16 m = k - c >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (k - c)) - 1);
+    __m512 a = _mm512_and_ps(_mm512_maskz_loadu_ps(m, row + c), abs_mask);
+    if (find) {
+      const __mmask16 outlier = _mm512_mask_cmp_ps_mask(m, a, limit, _CMP_GE_OQ);
+      if (outlier) {
+        const __m128i old = _mm_maskz_loadu_epi8(m, flags + c);
+        _mm_mask_storeu_epi8(flags + c, m, _mm_mask_mov_epi8(old, outlier, _mm_set1_epi8(1)));
+      }
+      a = _mm512_mask_mov_ps(a, outlier, _mm512_setzero_ps());
+    }
+    nan_seen |= _mm512_cmp_ps_mask(a, a, _CMP_UNORD_Q);
+    best = _mm512_max_ps(best, a);
+  }
+  return nan_seen ? std::numeric_limits<float>::quiet_NaN() : _mm512_reduce_max_ps(best);
+#else
+  if (find)
+    for (int64_t c = 0; c < k; ++c) flags[c] |= uint8_t(std::fabs(row[c]) >= t);
+  return lane_max(k, [&](int64_t c) {
+    float a = std::fabs(row[c]);
+    return (find && a >= t) ? 0.0f : a;
+  });
+#endif
+}
+
+// out[c] = round_half_even(row[c] * scale) as int8 (non-finite -> 0), 0 where flags[c] (flags may be null).
+void row_codes(const float* row, int64_t k, float scale, const uint8_t* flags, int8_t* out) {
+#if defined(__AVX512F__)
+  const __m512 abs_mask = _mm512_castsi512_ps(_mm512_set1_epi32(0x7FFFFFFF));
+  const __m512 vscale = _mm512_set1_ps(scale), inf = _mm512_set1_ps(std::numeric_limits<float>::infinity());
+  const __m512 lo = _mm512_set1_ps(-127.0f), hi = _mm512_set1_ps(127.0f);
+  for (int64_t c = 0; c < k; c += 16) {
+    const __mmask16 m = k - c >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (k - c)) - 1);
+    const __m512 s = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, row + c), vscale);
+    const __mmask16 finite = _mm512_cmp_ps_mask(_mm512_and_ps(s, abs_mask), inf, _CMP_LT_OQ);
+    __m512 r = _mm512_roundscale_ps(_mm512_maskz_mov_ps(finite, s), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    r = _mm512_min_ps(_mm512_max_ps(r, lo), hi);
+    __m128i codes = _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(r));
+    if (flags) codes = _mm_maskz_mov_epi8(~_mm_test_epi8_mask(_mm_maskz_loadu_epi8(m, flags + c),
+                                                               _mm_maskz_loadu_epi8(m, flags + c)), codes);
+    _mm_mask_storeu_epi8(out + c, m, codes);
+  }
+#else
+  for (int64_t c = 0; c < k; ++c) {
+    int8_t code = to_code(row[c] * scale);
+    out[c] = (flags && flags[c]) ? int8_t(0) : code;
+  }
+#endif
+}
+
 template <typename T>
 void quant_rows(const T* x, int8_t* q, float* row_stats, uint8_t* outlier_flags, int64_t m, int64_t k,
                 float threshold, int nthreads) {
-  const float t = threshold > 0.0f ? threshold : std::numeric_limits<float>::infinity();
   const bool find_outliers = threshold > 0.0f;
   std::memset(outlier_flags, 0, size_t(k));
 
   auto code_row = [&](const float* row, int64_t r) {
     const float stat = row_stats[r];
     const float scale = stat == 0.0f ? 0.0f : (1.0f / stat) * 127.0f;  // torch's 127.0 / tensor
-    int8_t* out = q + r * k;
-    for (int64_t c = 0; c < k; ++c) {
-      int8_t code = to_code(row[c] * scale);
-      out[c] = outlier_flags[c] ? int8_t(0) : code;
-    }
+    row_codes(row, k, scale, find_outliers ? outlier_flags : nullptr, q + r * k);
   };
 
   if (!find_outliers) {  // one pass: the row stays in L1/L2 between its max and its codes
@@ -94,7 +147,7 @@ void quant_rows(const T* x, int8_t* q, float* row_stats, uint8_t* outlier_flags,
       std::vector<float> buffer(std::is_same_v<T, float> ? 0 : size_t(k));
       for (int64_t r = begin; r < end; ++r) {
         const float* row = row_as_float(x + r * k, k, buffer.data());
-        row_stats[r] = lane_max(k, [&](int64_t c) { return std::fabs(row[c]); });
+        row_stats[r] = row_absmax(row, k, 0.0f, false, nullptr);
         code_row(row, r);
       }
     });
@@ -107,14 +160,8 @@ void quant_rows(const T* x, int8_t* q, float* row_stats, uint8_t* outlier_flags,
   parallel_for(m, k, nthreads, [&](int64_t begin, int64_t end, int tid) {
     std::vector<float> buffer(std::is_same_v<T, float> ? 0 : size_t(k));
     uint8_t* mine = flags.data() + size_t(tid) * size_t(k);
-    for (int64_t r = begin; r < end; ++r) {
-      const float* row = row_as_float(x + r * k, k, buffer.data());
-      row_stats[r] = lane_max(k, [&](int64_t c) {
-        float a = std::fabs(row[c]);
-        return a >= t ? 0.0f : a;
-      });
-      for (int64_t c = 0; c < k; ++c) mine[c] |= uint8_t(std::fabs(row[c]) >= t);
-    }
+    for (int64_t r = begin; r < end; ++r)
+      row_stats[r] = row_absmax(row_as_float(x + r * k, k, buffer.data()), k, threshold, true, mine);
   });
   for (int i = 0; i < team; ++i)
     for (int64_t c = 0; c < k; ++c) outlier_flags[c] |= flags[size_t(i) * size_t(k) + size_t(c)];

@@ -264,11 +264,25 @@ def _native_linear(x, weight, weight_stats, bias, threshold):
     q = torch.empty((m, in_features), dtype=torch.int8, device=x.device)
     row_stats = torch.empty(m, dtype=torch.float32, device=x.device)
     outlier_cols = _flags_to_cols(quantize_into(x2d, q, row_stats, 0, threshold))
-    addend = ref.outlier_product(x2d, weight, weight_stats, outlier_cols) if outlier_cols.numel() else None
     if m <= GEMV_MAX_ROWS:
+        addend = ref.outlier_product(x2d, weight, weight_stats, outlier_cols) if outlier_cols.numel() else None
         gemv_into(q, row_stats, weight, weight_stats, bias, addend, out)
-    else:
-        mm_dequant_into(_int_mm(q, weight), row_stats, weight_stats, bias, addend, out)
+        return out.view(*lead, out_features)
+    products = _int_mm(q, weight)
+    if x.dtype == torch.float32 and products.is_contiguous():
+        # An fp32 result fits the int32 products' own memory: without outliers the epilogue rewrites them in
+        # place (row by row, each read before it is written); with outliers their fp32 product goes straight
+        # into one output buffer that the epilogue then reads back and overwrites. Either way one [M, N]
+        # buffer fewer to allocate and fault in.
+        if outlier_cols.numel():
+            addend = ref.outlier_product(x2d, weight, weight_stats, outlier_cols, out=out)
+            mm_dequant_into(products, row_stats, weight_stats, bias, addend, out)
+        else:
+            out = products.view(torch.float32)
+            mm_dequant_into(products, row_stats, weight_stats, bias, None, out)
+        return out.view(*lead, out_features)
+    addend = ref.outlier_product(x2d, weight, weight_stats, outlier_cols) if outlier_cols.numel() else None
+    mm_dequant_into(products, row_stats, weight_stats, bias, addend, out)
     return out.view(*lead, out_features)
 
 

@@ -109,11 +109,14 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
 
 
 def outlier_product(x2d: torch.Tensor, weight: torch.Tensor, weight_stats: torch.Tensor,
-                    outlier_cols: torch.Tensor) -> torch.Tensor:
-    """fp32 [M, N]: x[:, outliers] @ (W[:, outliers] * SCB / 127)^T in the compute dtype of x."""
+                    outlier_cols: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """fp32 [M, N]: x[:, outliers] @ (W[:, outliers] * SCB / 127)^T in the compute dtype of x (into `out`, an
+    fp32 [M, N] tensor, when given and the compute dtype is fp32)."""
     compute = compute_dtype(x2d.dtype)
     sub_x = x2d[:, outlier_cols].to(compute)
     sub_w = vectorwise_dequant(weight[:, outlier_cols], weight_stats, 0).to(compute)
+    if out is not None and compute == torch.float32:
+        return torch.mm(sub_x, sub_w.t(), out=out)
     return (sub_x @ sub_w.t()).float()
 
 
