@@ -229,7 +229,13 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
             grads = flce_backward(grad_loss.contiguous(), hidden, weight, labels, bias, *ctx.settings, *ctx.needs,
                                   ctx.chunk_size)
         else:
-            grads = tuple((g * grad_loss).to(g.dtype) for g in ctx.saved_tensors)
+            # loss.backward() passes exactly 1: the saved gradients are the answer, returned without a copy (a
+            # second dW, [V, H] and often the step's largest tensor, would double the peak). Any other scale
+            # multiplies out of place, so the saved gradients serve every backward through this graph.
+            if not torch.compiler.is_compiling() and float(grad_loss) == 1.0:
+                grads = ctx.saved_tensors
+            else:
+                grads = tuple((g * grad_loss).to(g.dtype) for g in ctx.saved_tensors)
         grad_hidden, grad_weight, grad_bias = (g if need else None for g, need in zip(grads, ctx.needs))
         return grad_hidden, grad_weight, None, grad_bias, None, None, None, None, None
 
