@@ -441,14 +441,80 @@ def _lora_workload(rows: int, out_features: int, in_features: int, rank: int, dr
         kernels={"forward": functools.partial(kernel, False), "backward": functools.partial(kernel, True)})
 
 
+class _EagerNF4Linear(torch.autograd.Function):
+    """The eager QLoRA base as bitsandbytes runs it on CPU: dequantize W in PyTorch, matmul; backward
+    dequantizes again for dX (no dW), so no dense W outlives either pass."""
+
+    @staticmethod
+    def forward(ctx, x, packed, absmax, code, blocksize: int, out_features: int, in_features: int):
+        from pyfastpeft.reference import nf4 as nf4_reference
+
+        ctx.save_for_backward(packed, absmax, code)
+        ctx.meta = (blocksize, out_features, in_features)
+        return nf4_reference.nf4_linear(x, packed, absmax, code, x.new_empty(0), blocksize, out_features, in_features)
+
+    @staticmethod
+    def backward(ctx, dy):
+        from pyfastpeft.reference import nf4 as nf4_reference
+
+        packed, absmax, code = ctx.saved_tensors
+        return nf4_reference.nf4_linear_grad_input(dy, packed, absmax, code, *ctx.meta), None, None, None, None, None, \
+            None
+
+
+def _lora_variant_workload(variant: str, rows: int, out_features: int, in_features: int, rank: int, dropout_p: float,
+                           dtype: torch.dtype, device: torch.device) -> Workload:
+    """Comparisons around one LoRA layer (x and the adapter train, W frozen):
+      "base":   ours = lora_linear over dense W; ref = the frozen base layer alone (F.linear): the LoRA overhead
+      "qlora":  ours = lora_linear over NF4 W; ref = eager QLoRA (PyTorch dequantize -> matmul, again in
+                backward, + PEFT's dropout and two linears)
+      "dense":  ours = lora_linear over NF4 W; ref = our lora_linear over the dense W: the cost of the 4-bit base"""
+    from pyfastpeft.quant import quantize_nf4
+
+    x, weight, lora_A, lora_B = _lora_tensors(rows, out_features, in_features, rank, dtype, device, True)
+    scaling = LORA_ALPHA / rank
+    leaves = (x, lora_A, lora_B)
+    packed, state = quantize_nf4(weight, 64, True)
+    base = weight if variant == "base" else (packed, state)
+    ours = functools.partial(pyfastpeft.functional.lora_linear, x, base, None, lora_A, lora_B, scaling, dropout_p,
+                             training=True)
+    if variant == "base":
+        reference = functools.partial(F.linear, x, weight)
+    elif variant == "dense":
+        reference = functools.partial(pyfastpeft.functional.lora_linear, x, weight, None, lora_A, lora_B, scaling,
+                                      dropout_p, training=True)
+    else:
+        absmax, code = state.dequantized_absmax(), state.code.float()
+
+        def reference():
+            dropped = F.dropout(x, dropout_p, training=True) if dropout_p > 0 else x
+            y = _EagerNF4Linear.apply(x, packed, absmax, code, 64, out_features, in_features)
+            return y + F.linear(F.linear(dropped, lora_A), lora_B) * scaling
+    kernel = functools.partial(_lora_kernel, rows, out_features, in_features, rank, dropout_p, dtype, device)
+    return Workload(ours=Implementation(ours, leaves), reference=Implementation(reference, leaves),
+                    kernels={"forward": functools.partial(kernel, False), "backward": functools.partial(kernel, True)})
+
+
+LORA_VARIANTS = (("base", "the frozen base layer alone (F.linear): LoRA's overhead"),
+                 ("qlora", "eager QLoRA: PyTorch dequantize + matmul (again in backward) + PEFT's LoRA branch"),
+                 ("dense", "our LoRA layer over the dense weight: the cost of the NF4 base"))
+
+
 def lora_cases(dtypes: Sequence[torch.dtype], quick: bool) -> list[Case]:
     rows = LORA_ROWS[quick]
-    return [Case("lora", f"M={rows} {out_features}x{in_features} r={rank} p={dropout_p}", dtype, mode,
-                 "eager PEFT: F.linear + dropout + two linears",
-                 functools.partial(_lora_workload, rows, out_features, in_features, rank, dropout_p, dtype))
-            for out_features, in_features in LORA_WEIGHTS[quick] for rank in LORA_RANKS[quick]
-            for dropout_p in LORA_DROPOUT[quick] for dtype in dtypes for mode in MODES
-            ] + lora_multi_cases(dtypes, quick)
+    cases = [Case("lora", f"M={rows} {out_features}x{in_features} r={rank} p={dropout_p}", dtype, mode,
+                  "eager PEFT: F.linear + dropout + two linears",
+                  functools.partial(_lora_workload, rows, out_features, in_features, rank, dropout_p, dtype))
+             for out_features, in_features in LORA_WEIGHTS[quick] for rank in LORA_RANKS[quick]
+             for dropout_p in LORA_DROPOUT[quick] for dtype in dtypes for mode in MODES]
+    for variant, name in LORA_VARIANTS:
+        for variant_rows in ((rows, 1) if variant == "qlora" else (rows,)):  # decode: QLoRA at one row
+            modes = ("forward",) if variant_rows == 1 else ("both",)
+            cases += [Case("lora", f"{variant} M={variant_rows} {HIDDEN}x{HIDDEN} r=16 p=0.05", dtype, mode, name,
+                           functools.partial(_lora_variant_workload, variant, variant_rows, HIDDEN, HIDDEN, 16, 0.05,
+                                             dtype))
+                      for dtype in dtypes for mode in modes]
+    return cases
 
 
 # ---- multi-adapter LoRA: 8 adapters in one batch, each on two of the 16 sequences -------------------------
