@@ -1,11 +1,15 @@
 """The `model` benchmark family on tiny sizes: both sides of every case are the same model on the same batch
 (same loss before training, same number of trained parameters), a step runs on each, and the harness reports
 tokens/s and peak memory for it while the tables of kernel families keep their columns."""
+import dataclasses
+import functools
 import json
 
 import pytest
 import torch
+from transformers.models.llama import modeling_llama
 
+import pyfastpeft
 from pyfastpeft.bench import cases, harness
 
 pytest.importorskip("peft")
@@ -21,9 +25,21 @@ FIRST_LOSS_GAP = {cases.LORA_VS_DENSE: 1e-5, cases.QLORA_VS_BNB: 1e-3, cases.QLO
 
 @pytest.fixture
 def tiny_model_cases(monkeypatch):
+    """The quick model cases on tiny sizes; every case builds through a recorder that unpatches our side's model
+    at teardown (its RoPE patch is module-wide and would outlive the test)."""
     monkeypatch.setattr(cases, "MODEL_SHAPES", {True: TINY_MODEL, False: TINY_MODEL})
     monkeypatch.setattr(cases, "MODEL_7B_LAYER", {True: TINY_7B_LAYER, False: TINY_7B_LAYER})
-    return cases.model_cases([torch.float32, torch.bfloat16], quick=True)
+    our_models, transformers_function = [], cases.TRANSFORMERS_APPLY_ROTARY_POS_EMB
+
+    def recording_build(build, device):
+        workload = build(device)
+        our_models.append(workload.ours.forward.model)
+        return workload
+    yield [dataclasses.replace(case, build=functools.partial(recording_build, case.build))
+           for case in cases.model_cases([torch.float32, torch.bfloat16], quick=True)]
+    for model in our_models:
+        pyfastpeft.unpatch_model(model)
+    assert modeling_llama.apply_rotary_pos_emb is transformers_function
 
 
 def _comparison(case):
@@ -65,6 +81,24 @@ def test_both_sides_start_from_the_same_loss_and_train_the_same_parameters(tiny_
     for step in (ours, reference):
         assert step.optimizer.state  # AdamW's state exists before the bench measures anything
         assert step().isfinite()
+
+
+def test_the_reference_steps_with_transformers_rope_and_ours_with_the_fused_one(tiny_model_cases, monkeypatch):
+    calls, transformers_function = [], cases.TRANSFORMERS_APPLY_ROTARY_POS_EMB
+
+    @functools.wraps(transformers_function)
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return transformers_function(*args, **kwargs)
+    [case] = [case for case in tiny_model_cases if _comparison(case) == cases.LORA_VS_DENSE
+              and case.dtype == torch.float32]
+    workload = case.build(CPU)
+    monkeypatch.setattr(cases, "TRANSFORMERS_APPLY_ROTARY_POS_EMB", counted)
+    workload.reference.forward()
+    assert len(calls) == TINY_MODEL.layers
+    workload.ours.forward()
+    assert len(calls) == TINY_MODEL.layers
+    assert modeling_llama.apply_rotary_pos_emb is not counted  # ours' patch is back after the reference's step
 
 
 def test_the_7b_layer_case_runs_a_step_on_each_side(tiny_model_cases):

@@ -8,6 +8,7 @@ calls (none in the `model` family, whose cases are whole training steps). A new 
 """
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import functools
@@ -626,6 +627,7 @@ def flce_cases(dtypes: Sequence[torch.dtype], quick: bool) -> list[Case]:
 
 @dataclasses.dataclass(frozen=True)
 class ModelShape:
+    """A LlamaForCausalLM's sizes (heads: query / key-value) and the batch of token ids one step trains on."""
     hidden: int
     intermediate: int
     layers: int
@@ -653,6 +655,7 @@ class ModelShape:
 
 @dataclasses.dataclass(frozen=True)
 class ModelComparison:
+    """Which pair a case times; the names are the ones its shape label shows."""
     ours: str  # "QLoRA" or "LoRA": what prepare_model makes
     reference: str  # "bnb QLoRA" (bitsandbytes NF4 base) or "dense LoRA"
 
@@ -676,25 +679,46 @@ MODEL_LORA = LoraSettings(r=16, lora_alpha=32, lora_dropout=0.05, target_modules
 MODEL_LEARNING_RATE = 2e-4
 MODEL_REFERENCE = "transformers LlamaForCausalLM + PEFT LoRA, base dense or bitsandbytes NF4 as the case says"
 MODEL_SEED = 0
+# prepare_model's RoPE patch swaps modeling_llama.apply_rotary_pos_emb module-wide, for every Llama in the
+# process, the reference included: the reference's steps put transformers' own back while they run.
+TRANSFORMERS_APPLY_ROTARY_POS_EMB = modeling_llama.apply_rotary_pos_emb
+
+
+@contextlib.contextmanager
+def transformers_rope():
+    """modeling_llama.apply_rotary_pos_emb is transformers' own inside, whatever patch_model did around it."""
+    original = TRANSFORMERS_APPLY_ROTARY_POS_EMB
+    if original.__module__ != modeling_llama.__name__:
+        raise RuntimeError("pyfastpeft.bench.cases was imported after a Llama model was patched: it cannot tell "
+                           "transformers' apply_rotary_pos_emb from pyfastpeft's")
+    current = modeling_llama.apply_rotary_pos_emb
+    modeling_llama.apply_rotary_pos_emb = original
+    try:
+        yield
+    finally:
+        modeling_llama.apply_rotary_pos_emb = current
 
 
 class TrainingStep:
     """One training step of a causal LM on a fixed batch (labels = the inputs): forward -> loss, backward,
-    AdamW on the parameters that require grad, zero_grad. A call returns the loss, detached; first_loss keeps
-    the loss of the first call (the untrained model's)."""
+    AdamW on the parameters that require grad, zero_grad, all inside `context()`. A call returns the loss,
+    detached; first_loss keeps the loss of the first call (the untrained model's)."""
 
-    def __init__(self, model: torch.nn.Module, input_ids: torch.Tensor):
+    def __init__(self, model: torch.nn.Module, input_ids: torch.Tensor,
+                 context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext):
         self.model = model.train()
         self.input_ids = input_ids
+        self.context = context
         self.parameters = [p for p in model.parameters() if p.requires_grad]
         self.optimizer = torch.optim.AdamW(self.parameters, lr=MODEL_LEARNING_RATE)
         self.first_loss: torch.Tensor | None = None
 
     def __call__(self) -> torch.Tensor:
-        loss = self.model(input_ids=self.input_ids, labels=self.input_ids).loss
-        loss.backward()
-        self.optimizer.step()
-        self.optimizer.zero_grad(set_to_none=True)
+        with self.context():
+            loss = self.model(input_ids=self.input_ids, labels=self.input_ids).loss
+            loss.backward()
+            self.optimizer.step()
+            self.optimizer.zero_grad(set_to_none=True)
         loss = loss.detach()
         if self.first_loss is None:
             self.first_loss = loss
@@ -747,7 +771,8 @@ def model_training_steps(shape: ModelShape, comparison: ModelComparison, dtype: 
                          device: torch.device) -> tuple[TrainingStep, TrainingStep]:
     """(ours, reference): the same random LlamaForCausalLM twice, one through prepare_model, one through PEFT
     (after bitsandbytes 4-bit quantization where the comparison says so), the reference's adapters set to ours'
-    initial values, each with its AdamW over the same token batch. Neither has stepped yet."""
+    initial values, each with its AdamW over the same token batch. Neither has stepped yet. The reference steps
+    with transformers' RoPE (transformers_rope); pyfastpeft.unpatch_model(ours.model) undoes ours' patches."""
     import peft
 
     torch.manual_seed(MODEL_SEED)
@@ -766,7 +791,7 @@ def model_training_steps(shape: ModelShape, comparison: ModelComparison, dtype: 
                 tensor.copy_(our_adapters[name.removeprefix("base_model.model.")])
     generator = torch.Generator().manual_seed(MODEL_SEED)
     input_ids = torch.randint(0, shape.vocab, (shape.batch, shape.seq_len), generator=generator).to(device)
-    return TrainingStep(ours, input_ids), TrainingStep(reference, input_ids)
+    return TrainingStep(ours, input_ids), TrainingStep(reference, input_ids, transformers_rope)
 
 
 def _model_workload(shape: ModelShape, comparison: ModelComparison, dtype: torch.dtype,
@@ -774,8 +799,7 @@ def _model_workload(shape: ModelShape, comparison: ModelComparison, dtype: torch
     """Both sides take one warm-up step here, so AdamW's state exists before anything is timed or measured:
     peak memory is then that of a steady-state step on both sides. No single kernel stands for a step."""
     ours, reference = model_training_steps(shape, comparison, dtype, device)
-    with pyfastpeft.use_backend("native"):
-        ours()
+    ours()
     reference()
     return Workload(ours=Implementation(ours, ours.parameters), reference=Implementation(reference, reference.parameters),
                     kernels={})
