@@ -819,8 +819,8 @@ def model_cases(dtypes: Sequence[torch.dtype], quick: bool) -> list[Case]:
         print(f"model: case {QLORA_VS_BNB.ours} vs PEFT {QLORA_VS_BNB.reference} left out: {unusable}")
         comparisons.remove(QLORA_VS_BNB)
     runs = [(MODEL_SHAPES[quick], comparison, dtype) for comparison in comparisons for dtype in dtypes]
-    # The 7B-shaped layer in bf16 only: in fp32 one step of its NF4 side takes ~8 s on 2 CPU cores at the quick
-    # sequence length, and four times that at the full one, times a dozen steps per side.
+    # The 7B-shaped layer in bf16 only (what QLoRA trains in): its fp32 step measured two to five times slower
+    # than the bf16 one on 2 CPU cores, and a run takes a dozen steps per side (at seq 512 in the full run).
     runs += [(MODEL_7B_LAYER[quick], QLORA_VS_DENSE, dtype) for dtype in dtypes if dtype == torch.bfloat16]
     return [Case("model", f"train step {comparison.ours} vs PEFT {comparison.reference} {shape.label}", dtype,
                  "forward", MODEL_REFERENCE, functools.partial(_model_workload, shape, comparison, dtype),
