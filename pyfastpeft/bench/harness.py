@@ -7,7 +7,8 @@ same inputs, plus a builder of native "into" kernel calls. Per case the harness 
   * peak memory of one run, and the bytes autograd saves for backward in one forward.
   * the native kernel writing into preallocated outputs: bytes it must move, achieved GB/s, and that
     as a fraction of this machine's copy bandwidth, with inputs/outputs rotated through more memory
-    than the last-level cache.
+    than the last-level cache (cases of a whole model step have no single kernel and skip this).
+  * tokens per second of each side, for cases that say how many tokens one run processes.
 Timings are medians (with p20/p80) of many runs after warm-up: perf_counter on CPU (the ops are
 synchronous), CUDA events (triton.testing.do_bench) on GPUs.
 """
@@ -62,7 +63,8 @@ class KernelCall:
 @dataclass
 class Workload:
     """The tensors of one case, built on a device; kernels maps "forward"/"backward" to a builder of
-    one fresh KernelCall (its own input/output set), called as often as the rotation needs."""
+    one fresh KernelCall (its own input/output set), called as often as the rotation needs; empty where
+    no single native kernel stands for the case (a whole training step)."""
     ours: Implementation
     reference: Implementation
     kernels: dict[str, Callable[[], KernelCall]]
@@ -76,6 +78,7 @@ class Case:
     mode: str  # one of MODES
     reference_name: str  # what "ref" is, e.g. "transformers LlamaRMSNorm"
     build: Callable[[torch.device], Workload]
+    tokens: int = 0  # tokens one run processes (batch x sequence of a model step); 0: not a token workload
 
     @property
     def label(self) -> str:
@@ -135,8 +138,9 @@ class CaseResult:
     reference_name: str
     ours: list[SideResult]
     reference: SideResult
-    kernel: KernelResult
+    kernel: KernelResult | None  # None where the workload has no kernel builders
     speedups: dict[str, float]  # backend -> reference median / ours median
+    tokens_per_s: dict[str, float] | None = None  # backend or "reference" -> tokens / median time, where counted
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -383,10 +387,13 @@ def run_case(case: Case, device: torch.device, budget: Budget, copy_gbps: float)
     sides.append(prepare_side(workload.reference, case.mode, "reference"))
     timings = time_all([side.runnable for side in sides], device, budget)
     *ours, reference = [side_result(side, timing, device) for side, timing in zip(sides, timings)]
-    kernel = measure_kernel(workload, case.mode, device, budget, copy_gbps)
+    kernel = measure_kernel(workload, case.mode, device, budget, copy_gbps) if workload.kernels else None
     speedups = {side.backend: reference.timing.median_ms / side.timing.median_ms for side in ours}
+    tokens_per_s = None
+    if case.tokens:
+        tokens_per_s = {side.backend: case.tokens / (side.timing.median_ms * 1e-3) for side in ours + [reference]}
     return CaseResult(case.family, case.shape, dtype_name(case.dtype), case.mode, case.reference_name, ours,
-                      reference, kernel, speedups)
+                      reference, kernel, speedups, tokens_per_s)
 
 
 # ---- reporting -----------------------------------------------------------------------------------
@@ -426,6 +433,7 @@ def run_metadata(device: torch.device, copy_gbps: float, quick: bool) -> dict:
 
 TABLE_HEADER = ("case", "dtype", "mode", "ours", "ours ms", "ref ms", "speedup", "peak MiB ours/ref",
                 "saved MiB ours/ref", "GB/s", "% copy")
+TOKENS_HEADER = "tok/s ours/ref"  # a last column, in the tables of families whose cases count tokens
 
 
 def _mib(nbytes: int) -> str:
@@ -433,24 +441,32 @@ def _mib(nbytes: int) -> str:
     return f"{mib:.0f}" if mib >= 10 or mib == 0 else f"{mib:.1f}"
 
 
-def _table_rows(result: CaseResult) -> list[tuple[str, ...]]:
-    """One row per backend of ours; the saved bytes belong to the forward, so backward rows omit them."""
+def _table_rows(result: CaseResult, with_tokens: bool) -> list[tuple[str, ...]]:
+    """One row per backend of ours; the saved bytes belong to the forward, so backward rows omit them;
+    "-" where a case has no kernel figure (or no token count)."""
     rows = []
     ref = result.reference
+    kernel = result.kernel
     for side in result.ours:
         saved = "-" if result.mode == "backward" else f"{_mib(side.saved_bytes)}/{_mib(ref.saved_bytes)}"
-        rows.append((result.shape, result.dtype, result.mode, side.backend, f"{side.timing.median_ms:.3f}",
-                     f"{ref.timing.median_ms:.3f}", f"{result.speedups[side.backend]:.2f}x",
-                     f"{_mib(side.peak_bytes)}/{_mib(ref.peak_bytes)}", saved, f"{result.kernel.gbps:.1f}",
-                     f"{100 * result.kernel.fraction_of_copy:.0f}%"))
+        row = (result.shape, result.dtype, result.mode, side.backend, f"{side.timing.median_ms:.3f}",
+               f"{ref.timing.median_ms:.3f}", f"{result.speedups[side.backend]:.2f}x",
+               f"{_mib(side.peak_bytes)}/{_mib(ref.peak_bytes)}", saved,
+               f"{kernel.gbps:.1f}" if kernel else "-", f"{100 * kernel.fraction_of_copy:.0f}%" if kernel else "-")
+        if with_tokens:
+            tokens = result.tokens_per_s
+            row += (f"{tokens[side.backend]:.0f}/{tokens['reference']:.0f}" if tokens else "-",)
+        rows.append(row)
     return rows
 
 
 def format_table(family: str, results: Sequence[CaseResult], copy_gbps: float) -> str:
     """A plain-text table of one family's results (ms: medians; GB/s: the native kernel on
-    preallocated outputs, as a % of the measured copy bandwidth)."""
-    rows = [TABLE_HEADER] + [row for result in results for row in _table_rows(result)]
-    widths = [max(len(row[column]) for row in rows) for column in range(len(TABLE_HEADER))]
+    preallocated outputs, as a % of the measured copy bandwidth; tok/s where the cases count tokens)."""
+    with_tokens = any(result.tokens_per_s for result in results)
+    header = TABLE_HEADER + ((TOKENS_HEADER,) if with_tokens else ())
+    rows = [header] + [row for result in results for row in _table_rows(result, with_tokens)]
+    widths = [max(len(row[column]) for row in rows) for column in range(len(header))]
     lines = [" ".join(cell.rjust(width) for cell, width in zip(row, widths)) for row in rows]
     lines.insert(1, "-" * len(lines[0]))
     title = f"{family}  (ref: {results[0].reference_name}; copy bandwidth {copy_gbps:.1f} GB/s)"
@@ -466,7 +482,9 @@ def result_stem(families: Sequence[str], metadata: dict) -> str:
 
 
 def write_json(path: Path, metadata: dict, results: Sequence[CaseResult]) -> None:
-    document = {"run": metadata, "cases": [asdict(result) for result in results]}
+    """Each case's fields; the optional ones (kernel, tokens_per_s) only where the case measured them."""
+    cases = [{key: value for key, value in asdict(result).items() if value is not None} for result in results]
+    document = {"run": metadata, "cases": cases}
     path.write_text(json.dumps(document, indent=2) + "\n")
 
 

@@ -1,0 +1,143 @@
+"""The `model` benchmark family on tiny sizes: both sides of every case are the same model on the same batch
+(same loss before training, same number of trained parameters), a step runs on each, and the harness reports
+tokens/s and peak memory for it while the tables of kernel families keep their columns."""
+import dataclasses
+import functools
+import json
+
+import pytest
+import torch
+from transformers.models.llama import modeling_llama
+
+import pyfastpeft
+from pyfastpeft.bench import cases, harness
+
+pytest.importorskip("peft")
+
+CPU = torch.device("cpu")
+TINY_MODEL = cases.ModelShape(hidden=64, intermediate=160, layers=2, heads=4, kv_heads=2, vocab=128, seq_len=16)
+TINY_7B_LAYER = cases.ModelShape(hidden=128, intermediate=256, layers=1, heads=4, kv_heads=2, vocab=128, seq_len=8)
+TINY_BUDGET = harness.Budget(warmup_runs=1, min_runs=3, max_runs=3, seconds=0.0)
+# Relative gap of the untrained model's loss between the sides: the same dense weights (fp32 rounding
+# apart); the same NF4 bytes (bitsandbytes' and ours are byte-compatible); NF4 against the dense weights.
+FIRST_LOSS_GAP = {cases.LORA_VS_DENSE: 1e-5, cases.QLORA_VS_BNB: 1e-3, cases.QLORA_VS_DENSE: 0.05}
+
+
+@pytest.fixture
+def tiny_model_cases(monkeypatch):
+    """The quick model cases on tiny sizes; every case builds through a recorder that unpatches our side's model
+    at teardown (its RoPE patch is module-wide and would outlive the test)."""
+    monkeypatch.setattr(cases, "MODEL_SHAPES", {True: TINY_MODEL, False: TINY_MODEL})
+    monkeypatch.setattr(cases, "MODEL_7B_LAYER", {True: TINY_7B_LAYER, False: TINY_7B_LAYER})
+    our_models, transformers_function = [], cases.TRANSFORMERS_APPLY_ROTARY_POS_EMB
+
+    def recording_build(build, device):
+        workload = build(device)
+        our_models.append(workload.ours.forward.model)
+        return workload
+    yield [dataclasses.replace(case, build=functools.partial(recording_build, case.build))
+           for case in cases.model_cases([torch.float32, torch.bfloat16], quick=True)]
+    for model in our_models:
+        pyfastpeft.unpatch_model(model)
+    assert modeling_llama.apply_rotary_pos_emb is transformers_function
+
+
+def _comparison(case):
+    return next(comparison for comparison in FIRST_LOSS_GAP
+                if case.shape.startswith(f"train step {comparison.ours} vs PEFT {comparison.reference} "))
+
+
+def test_model_cases_are_the_four_comparisons_with_their_token_counts(tiny_model_cases, capsys):
+    bitsandbytes_unusable = cases.bitsandbytes_4bit_unusable(CPU)
+    labels = [case.label for case in tiny_model_cases]
+    expected = [f"model train step {ours} vs PEFT {reference} {TINY_MODEL.label} {dtype} forward"
+                for ours, reference in (("QLoRA", "bnb QLoRA"), ("QLoRA", "dense LoRA"), ("LoRA", "dense LoRA"))
+                for dtype in ("fp32", "bf16")
+                if not (bitsandbytes_unusable and reference == "bnb QLoRA")]
+    expected.append(f"model train step QLoRA vs PEFT dense LoRA {TINY_7B_LAYER.label} bf16 forward")
+    assert labels == expected
+    assert [case.tokens for case in tiny_model_cases] == [16] * (len(expected) - 1) + [8]
+    if bitsandbytes_unusable:
+        assert "left out" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize("comparison", list(FIRST_LOSS_GAP), ids=lambda c: f"{c.ours} vs {c.reference}")
+def test_both_sides_start_from_the_same_loss_and_train_the_same_parameters(tiny_model_cases, comparison):
+    fp32_cases = [case for case in tiny_model_cases if case.dtype == torch.float32 and _comparison(case) == comparison]
+    if not fp32_cases:
+        pytest.skip(f"bitsandbytes cannot run here: {cases.bitsandbytes_4bit_unusable(CPU)}")
+    [case] = fp32_cases
+    workload = case.build(CPU)  # runs the warm-up step of each side
+    ours, reference = workload.ours.forward, workload.reference.forward
+    assert ours.first_loss.isfinite() and reference.first_loss.isfinite()
+    gap = abs(ours.first_loss.item() - reference.first_loss.item()) / reference.first_loss.item()
+    assert gap <= FIRST_LOSS_GAP[comparison], (ours.first_loss, reference.first_loss)
+    # A [r, in] and B [out, r] on q, k, v, o, gate, up, down of each layer (k, v: out = kv_heads * head_dim)
+    hidden, kv_dim = TINY_MODEL.hidden, TINY_MODEL.kv_heads * TINY_MODEL.hidden // TINY_MODEL.heads
+    per_layer = 2 * (2 * hidden) + 2 * (hidden + kv_dim) + 3 * (hidden + TINY_MODEL.intermediate)
+    for implementation in (workload.ours, workload.reference):
+        assert len(implementation.leaves) == 2 * 7 * TINY_MODEL.layers
+        assert sum(p.numel() for p in implementation.leaves) == cases.MODEL_LORA.r * per_layer * TINY_MODEL.layers
+    for step in (ours, reference):
+        assert step.optimizer.state  # AdamW's state exists before the bench measures anything
+        assert step().isfinite()
+
+
+def test_the_reference_steps_with_transformers_rope_and_ours_with_the_fused_one(tiny_model_cases, monkeypatch):
+    calls, transformers_function = [], cases.TRANSFORMERS_APPLY_ROTARY_POS_EMB
+
+    @functools.wraps(transformers_function)
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return transformers_function(*args, **kwargs)
+    [case] = [case for case in tiny_model_cases if _comparison(case) == cases.LORA_VS_DENSE
+              and case.dtype == torch.float32]
+    workload = case.build(CPU)
+    monkeypatch.setattr(cases, "TRANSFORMERS_APPLY_ROTARY_POS_EMB", counted)
+    workload.reference.forward()
+    assert len(calls) == TINY_MODEL.layers
+    workload.ours.forward()
+    assert len(calls) == TINY_MODEL.layers
+    assert modeling_llama.apply_rotary_pos_emb is not counted  # ours' patch is back after the reference's step
+
+
+def test_the_7b_layer_case_runs_a_step_on_each_side(tiny_model_cases):
+    [case] = [case for case in tiny_model_cases if TINY_7B_LAYER.label in case.shape]
+    workload = case.build(CPU)
+    gap = abs(workload.ours.forward.first_loss.item() - workload.reference.forward.first_loss.item())
+    assert gap <= 0.05 * workload.reference.forward.first_loss.item()
+    assert workload.ours.forward().isfinite() and workload.reference.forward().isfinite()
+
+
+def test_run_case_reports_tokens_per_second_and_peak_memory_without_a_kernel_figure(tiny_model_cases, tmp_path):
+    [case] = [case for case in tiny_model_cases if _comparison(case) == cases.LORA_VS_DENSE
+              and case.dtype == torch.float32]
+    result = harness.run_case(case, CPU, TINY_BUDGET, copy_gbps=10.0)
+    assert result.kernel is None
+    for side in result.ours + [result.reference]:
+        assert side.peak_bytes > 0 and side.saved_bytes > 0
+        expected = case.tokens / (side.timing.median_ms * 1e-3)
+        assert result.tokens_per_s[side.backend] == pytest.approx(expected)
+    table = harness.format_table("model", [result], copy_gbps=10.0)
+    header, _, row = table.splitlines()[1:]
+    assert header.split()[-2:] == ["tok/s", "ours/ref"] and row.split()[-3:-1] == ["-", "-"]
+    path = tmp_path / "model.json"
+    harness.write_json(path, {}, [result])
+    [written] = json.loads(path.read_text())["cases"]
+    assert "kernel" not in written and set(written["tokens_per_s"]) == {"native", "reference"}
+
+
+def test_tables_and_json_of_kernel_families_keep_their_columns(tmp_path):
+    timing = harness.Timing(1.0, 0.9, 1.1, runs=7)
+    side = harness.SideResult("native", timing, peak_bytes=1 << 20, saved_bytes=0)
+    reference = harness.SideResult("reference", timing, peak_bytes=1 << 20, saved_bytes=0)
+    kernel = harness.KernelResult(timing, bytes_moved=1 << 20, rotation_sets=1, gbps=1.0, fraction_of_copy=0.1)
+    result = harness.CaseResult("rmsnorm", "T=4 N=8", "fp32", "forward", "transformers LlamaRMSNorm", [side],
+                                reference, kernel, {"native": 1.0})
+    lines = harness.format_table("rmsnorm", [result], copy_gbps=10.0).splitlines()
+    assert lines[1].split() == [word for column in harness.TABLE_HEADER for word in column.split()]
+    assert lines[3].split()[-2:] == ["1.0", "10%"]
+    path = tmp_path / "rmsnorm.json"
+    harness.write_json(path, {}, [result])
+    [written] = json.loads(path.read_text())["cases"]
+    assert "tokens_per_s" not in written and written["kernel"]["gbps"] == 1.0
