@@ -9,12 +9,29 @@ from torch import nn
 from transformers import GemmaConfig, GemmaForCausalLM, LlamaConfig, LlamaForCausalLM
 
 import pyfastpeft
-from pyfastpeft import LoraSettings, prepare_model
+from pyfastpeft import LoraSettings
 from pyfastpeft.nn import Linear4bit, Linear8bitLt, LoRALinear
 
 peft = pytest.importorskip("peft")
 
 STEPS = 30
+_PREPARED = []
+
+
+def prepare_model(model, *args, **kwargs):
+    """pyfastpeft.prepare_model, remembered so the test's teardown can unpatch the module-level RoPE again."""
+    report = pyfastpeft.prepare_model(model, *args, **kwargs)
+    if kwargs.get("patch", True):
+        _PREPARED.append(model)
+    return report
+
+
+@pytest.fixture(autouse=True)
+def _unpatch_prepared_models():
+    yield
+    while _PREPARED:
+        pyfastpeft.unpatch_model(_PREPARED.pop())
+
 LORA = LoraSettings(r=8, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear")
 
 
