@@ -12,6 +12,10 @@
 
 #include <stdexcept>
 
+#if defined(__AVX512F__)
+#include <immintrin.h>
+#endif
+
 namespace PFP_ISA {
 namespace {
 
@@ -27,6 +31,38 @@ constexpr int kPhiloxRounds = 10;
 constexpr float kUniformScale = 4.6566127342e-10f;
 
 // u[j] for counters first_counter + j (uint32 wrap), j in [0, kLanes).
+#if defined(__AVX512F__)
+// The high and low words of a * b for 16 uint32 lanes: vpmuludq multiplies the even lanes (and, shifted, the
+// odd ones) into 64-bit products; the high words are blended back into lane order.
+inline void mul_hi_lo(__m512i a, __m512i b, __m512i& hi, __m512i& lo) {
+  const __m512i even = _mm512_mul_epu32(a, b);
+  const __m512i odd = _mm512_mul_epu32(_mm512_srli_epi64(a, 32), b);
+  hi = _mm512_mask_blend_epi32(__mmask16(0xAAAA), _mm512_srli_epi64(even, 32), odd);
+  lo = _mm512_mullo_epi32(a, b);
+}
+
+inline void philox_uniform_lanes(uint32_t key0, uint32_t key1, uint32_t first_counter, float* __restrict u) {
+  __m512i c0 = _mm512_add_epi32(_mm512_set1_epi32(int(first_counter)),
+                                _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
+  __m512i c1 = _mm512_setzero_si512(), c2 = _mm512_setzero_si512(), c3 = _mm512_setzero_si512();
+  const __m512i round_a = _mm512_set1_epi32(int(kPhiloxRoundA)), round_b = _mm512_set1_epi32(int(kPhiloxRoundB));
+  uint32_t k0 = key0, k1 = key1;
+  for (int round = 0; round < kPhiloxRounds; ++round) {
+    __m512i hi_b, lo_b, hi_a, lo_a;
+    mul_hi_lo(c2, round_b, hi_b, lo_b);
+    mul_hi_lo(c0, round_a, hi_a, lo_a);
+    c0 = _mm512_xor_si512(_mm512_xor_si512(hi_b, c1), _mm512_set1_epi32(int(k0)));
+    c2 = _mm512_xor_si512(_mm512_xor_si512(hi_a, c3), _mm512_set1_epi32(int(k1)));
+    c1 = lo_b;
+    c3 = lo_a;
+    k0 += kPhiloxKeyA;
+    k1 += kPhiloxKeyB;
+  }
+  // int32 w -> (w < 0 ? ~w : w): xor with the sign spread over the word
+  const __m512i word = _mm512_xor_si512(c0, _mm512_srai_epi32(c0, 31));
+  _mm512_storeu_ps(u, _mm512_mul_ps(_mm512_cvtepi32_ps(word), _mm512_set1_ps(kUniformScale)));
+}
+#else
 inline void philox_uniform_lanes(uint32_t key0, uint32_t key1, uint32_t first_counter, float* __restrict u) {
   uint32_t c0[kLanes], c1[kLanes], c2[kLanes], c3[kLanes];
   for (int j = 0; j < kLanes; ++j) {
@@ -53,6 +89,7 @@ inline void philox_uniform_lanes(uint32_t key0, uint32_t key1, uint32_t first_co
     u[j] = float(word < 0 ? ~word : word) * kUniformScale;
   }
 }
+#endif
 
 // Keep factors of elements [first, first + count): keep_scale where kept, 0 where dropped.
 template <typename C>
