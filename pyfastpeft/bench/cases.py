@@ -365,7 +365,11 @@ def _int8_quant_workload(rows: int, in_features: int, dtype: torch.dtype, device
 
     x, _, _ = _int8_inputs(rows, 1, in_features, 0.001, dtype, device)
     quantize = functools.partial(int8_vectorwise_quant, x, INT8_THRESHOLD)
-    return Workload(ours=Implementation(quantize, ()), reference=Implementation(quantize, ()),
+
+    def reference():
+        with pyfastpeft.use_backend("reference"):  # the harness runs the reference side on the auto backend
+            return quantize()
+    return Workload(ours=Implementation(quantize, ()), reference=Implementation(reference, ()),
                     kernels={"forward": functools.partial(_int8_quant_kernel, rows, in_features, dtype, device)})
 
 
@@ -520,7 +524,7 @@ def lora_cases(dtypes: Sequence[torch.dtype], quick: bool) -> list[Case]:
                            functools.partial(_lora_variant_workload, variant, variant_rows, HIDDEN, HIDDEN, 16, 0.05,
                                              dtype))
                       for dtype in dtypes for mode in modes]
-    return cases
+    return cases + lora_multi_cases(dtypes, quick)
 
 
 # ---- multi-adapter LoRA: 8 adapters in one batch, each on two of the 16 sequences -------------------------

@@ -225,13 +225,15 @@ def make_step(forward: Callable[[], Outputs], mode: str) -> Callable[[], object]
     """One run of `mode`; returns what it produced so the caller frees it after the clock stops.
 
     backward re-runs autograd over one graph built here (retain_graph). The output grads are fixed:
-    contiguous, seeded, so every side of a case gets the same values in the same layout.
+    contiguous, seeded (1 for a scalar loss), so every side of a case gets the same values in the same layout.
     """
     if mode == "forward":
         return forward
     generator = torch.Generator().manual_seed(0)
     outputs = _as_tuple(forward())
-    grads = tuple(torch.randn(o.shape, generator=generator, dtype=o.dtype).to(o.device) for o in outputs)
+    # a scalar output is a loss: its grad is 1, as loss.backward() passes it (fused losses keep that path)
+    grads = tuple(torch.ones_like(o) if o.dim() == 0 else
+                  torch.randn(o.shape, generator=generator, dtype=o.dtype).to(o.device) for o in outputs)
     if mode == "backward":
         return lambda: torch.autograd.backward(outputs, grads, retain_graph=True)
 
