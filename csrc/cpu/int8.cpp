@@ -139,7 +139,7 @@ void quant_rows(const T* x, int8_t* q, float* row_stats, uint8_t* outlier_flags,
   auto code_row = [&](const float* row, int64_t r) {
     const float stat = row_stats[r];
     const float scale = stat == 0.0f ? 0.0f : (1.0f / stat) * 127.0f;  // torch's 127.0 / tensor
-    row_codes(row, k, scale, find_outliers ? outlier_flags : nullptr, q + r * k);
+    row_codes(row, k, scale, nullptr, q + r * k);
   };
 
   if (!find_outliers) {  // one pass: the row stays in L1/L2 between its max and its codes
@@ -154,20 +154,29 @@ void quant_rows(const T* x, int8_t* q, float* row_stats, uint8_t* outlier_flags,
     return;
   }
 
-  // Outlier columns are known only after every row was seen: stats and flags first, codes second.
+  // Outlier columns are known only after every row was seen. A row's stat and the codes of its other columns
+  // do not depend on them, so each row is coded while it is in cache (with its outliers' codes clamped), and
+  // the flagged columns are zeroed in a last sparse pass.
   int team = nthreads < 1 ? 1 : nthreads;
   std::vector<uint8_t> flags(size_t(team) * size_t(k), 0);
   parallel_for(m, k, nthreads, [&](int64_t begin, int64_t end, int tid) {
     std::vector<float> buffer(std::is_same_v<T, float> ? 0 : size_t(k));
     uint8_t* mine = flags.data() + size_t(tid) * size_t(k);
-    for (int64_t r = begin; r < end; ++r)
-      row_stats[r] = row_absmax(row_as_float(x + r * k, k, buffer.data()), k, threshold, true, mine);
+    for (int64_t r = begin; r < end; ++r) {
+      const float* row = row_as_float(x + r * k, k, buffer.data());
+      row_stats[r] = row_absmax(row, k, threshold, true, mine);
+      code_row(row, r);
+    }
   });
-  for (int i = 0; i < team; ++i)
-    for (int64_t c = 0; c < k; ++c) outlier_flags[c] |= flags[size_t(i) * size_t(k) + size_t(c)];
-  parallel_for(m, k, nthreads, [&](int64_t begin, int64_t end, int) {
-    std::vector<float> buffer(std::is_same_v<T, float> ? 0 : size_t(k));
-    for (int64_t r = begin; r < end; ++r) code_row(row_as_float(x + r * k, k, buffer.data()), r);
+  std::vector<int64_t> outlier_columns;
+  for (int64_t c = 0; c < k; ++c) {
+    for (int i = 0; i < team; ++i) outlier_flags[c] |= flags[size_t(i) * size_t(k) + size_t(c)];
+    if (outlier_flags[c]) outlier_columns.push_back(c);
+  }
+  if (outlier_columns.empty()) return;
+  parallel_for(m, int64_t(outlier_columns.size()), nthreads, [&](int64_t begin, int64_t end, int) {
+    for (int64_t r = begin; r < end; ++r)
+      for (int64_t c : outlier_columns) q[r * k + c] = 0;
   });
 }
 

@@ -74,7 +74,7 @@ def main(argv=None) -> int:
         print("\n" + harness.format_table(family, [r for r in results if r.family == family], copy_gbps))
 
     args.out.mkdir(parents=True, exist_ok=True)
-    stem = args.out / harness.result_stem(args.family, metadata)
+    stem = args.out / harness.result_stem(args.family, metadata, list(FAMILIES))
     written = [stem.with_suffix(".json")]
     harness.write_json(written[0], metadata, results)
     if not args.no_plot:

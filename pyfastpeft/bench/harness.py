@@ -475,10 +475,10 @@ def format_table(family: str, results: Sequence[CaseResult], copy_gbps: float) -
     return "\n".join([title] + lines)
 
 
-def result_stem(families: Sequence[str], metadata: dict) -> str:
-    """<family or all>-<device>-<date>[-quick]: the file name of a run's JSON and PNG (a quick run
-    does not overwrite the day's full one)."""
-    scope = families[0] if len(families) == 1 else "all"
+def result_stem(families: Sequence[str], metadata: dict, all_families: Sequence[str] = ()) -> str:
+    """<families joined by "-", or "all">-<device>-<date>[-quick]: the file name of a run's JSON and PNG (a
+    quick run does not overwrite the day's full one, nor a run of some families the day's run of all)."""
+    scope = "all" if all_families and set(families) == set(all_families) else "-".join(families)
     device = re.sub(r"[^a-z0-9]+", "-", metadata["device"].lower()).strip("-")
     return f"{scope}-{device}-{metadata['date'][:10]}" + ("-quick" if metadata["quick"] else "")
 
