@@ -128,24 +128,33 @@ __device__ __forceinline__ void store_vec(T* p, const C (&in)[N]) {
 
 // ---- reductions (fixed order, so results are deterministic) ----------------------------------
 
-template <typename C> __device__ __forceinline__ C warp_sum(C v) {
+// op(v) over the 32 lanes of a warp, returned to every lane; op is a commutative, associative functor.
+template <typename C, typename Op> __device__ __forceinline__ C warp_reduce(C v, Op op) {
 #pragma unroll
-  for (int offset = 16; offset > 0; offset >>= 1) v += __shfl_xor_sync(0xffffffffu, v, offset);
+  for (int offset = 16; offset > 0; offset >>= 1) v = op(v, __shfl_xor_sync(0xffffffffu, v, offset));
   return v;
 }
 
-// Sum of v over a 1-D block whose size is a multiple of 32, returned to every thread. Every thread
-// of the block must call it (it synchronizes); it may be called again right away.
-template <typename C> __device__ __forceinline__ C block_sum(C v) {
-  __shared__ C warp_sums[32];
+// op(v) over a 1-D block whose size is a multiple of 32, returned to every thread (`identity` fills the
+// missing warps). Every thread of the block must call it (it synchronizes); it may be called again right
+// away. Each (C, Op) pair has its own static shared array of 32 partials.
+template <typename C, typename Op> __device__ __forceinline__ C block_reduce(C v, Op op, C identity) {
+  __shared__ C partials[32];
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  v = warp_sum(v);
-  if (lane == 0) warp_sums[warp] = v;
+  v = warp_reduce(v, op);
+  if (lane == 0) partials[warp] = v;
   __syncthreads();
-  v = lane < int(blockDim.x / 32) ? warp_sums[lane] : C(0);
-  v = warp_sum(v);
-  __syncthreads();  // warp_sums is free for the next call
+  v = lane < int(blockDim.x / 32) ? partials[lane] : identity;
+  v = warp_reduce(v, op);
+  __syncthreads();  // partials is free for the next call
   return v;
 }
+
+struct Plus {
+  template <typename C> __device__ __forceinline__ C operator()(C a, C b) const { return a + b; }
+};
+
+template <typename C> __device__ __forceinline__ C warp_sum(C v) { return warp_reduce(v, Plus{}); }
+template <typename C> __device__ __forceinline__ C block_sum(C v) { return block_reduce(v, Plus{}, C(0)); }
 
 }  // namespace pfp_cuda

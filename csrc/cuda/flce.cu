@@ -32,25 +32,9 @@ template <typename C> __device__ __forceinline__ C quiet_nan();
 template <> __device__ __forceinline__ float quiet_nan<float>() { return CUDART_NAN_F; }
 template <> __device__ __forceinline__ double quiet_nan<double>() { return CUDART_NAN; }
 
-template <typename C> __device__ __forceinline__ C warp_max(C v) {
-#pragma unroll
-  for (int offset = 16; offset > 0; offset >>= 1) v = fmax(v, __shfl_xor_sync(0xffffffffu, v, offset));
-  return v;
-}
-
-// Max of v over a 1-D block whose size is a multiple of 32, returned to every thread (same contract
-// as block_sum in common.cuh).
-template <typename C> __device__ __forceinline__ C block_max(C v) {
-  __shared__ C warp_maxima[32];
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-  v = warp_max(v);
-  if (lane == 0) warp_maxima[warp] = v;
-  __syncthreads();
-  v = lane < int(blockDim.x / 32) ? warp_maxima[lane] : negative_infinity<C>();
-  v = warp_max(v);
-  __syncthreads();
-  return v;
-}
+struct FMax {  // fmax: a NaN operand yields the other one
+  template <typename C> __device__ __forceinline__ C operator()(C a, C b) const { return fmax(a, b); }
+};
 
 template <typename C> __device__ __forceinline__ C softcapped(C z, C softcap) {
   return softcap != C(0) ? softcap * tanh_c(z / softcap) : z;
@@ -78,7 +62,7 @@ flce_rows_kernel(C* __restrict__ logits, const int64_t* __restrict__ labels, con
       sum_c += c;
       if (v == label) target = c;
     }
-    const C row_max = block_max(thread_max);
+    const C row_max = block_reduce(thread_max, FMax{}, negative_infinity<C>());
     const C scaled = thread_max == negative_infinity<C>() ? C(0) : thread_sum * exp_c(thread_max - row_max);
     const C row_lse = row_max + log_c(block_sum(scaled));
     sum_c = block_sum(sum_c);

@@ -31,21 +31,11 @@ __device__ __forceinline__ int8_t to_code(float s) {
 }
 
 // max that propagates NaN (fmaxf would drop it).
-__device__ __forceinline__ float nan_max(float a, float b) { return (a != a || b != b) ? NAN : fmaxf(a, b); }
-
-__device__ __forceinline__ float block_nan_max(float v) {
-  __shared__ float warp_best[32];
-  const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
-#pragma unroll
-  for (int offset = 16; offset > 0; offset >>= 1) v = nan_max(v, __shfl_xor_sync(0xffffffffu, v, offset));
-  if (lane == 0) warp_best[warp] = v;
-  __syncthreads();
-  v = lane < int(blockDim.x / 32) ? warp_best[lane] : 0.0f;
-#pragma unroll
-  for (int offset = 16; offset > 0; offset >>= 1) v = nan_max(v, __shfl_xor_sync(0xffffffffu, v, offset));
-  __syncthreads();
-  return v;
-}
+struct NanMax {
+  __device__ __forceinline__ float operator()(float a, float b) const {
+    return (a != a || b != b) ? NAN : fmaxf(a, b);
+  }
+};
 
 // One block per row: the row's stat, and flags[c] = 1 for its outlier elements' columns (flags zeroed by the
 // caller; concurrent writers store the same 1).
@@ -61,10 +51,10 @@ row_stats_kernel(const T* __restrict__ x, float* __restrict__ stats, int* __rest
     if (has_threshold && a >= t) {
       flags[c] = 1;
     } else {
-      best = nan_max(best, a);
+      best = NanMax{}(best, a);
     }
   }
-  best = block_nan_max(best);
+  best = block_reduce(best, NanMax{}, 0.0f);
   if (threadIdx.x == 0) stats[row] = best;
 }
 
@@ -95,7 +85,7 @@ col_stats_kernel(const T* __restrict__ x, float* __restrict__ stats, int* __rest
     if (has_threshold && a >= t) {
       outlier = 1;
     } else {
-      best = nan_max(best, a);
+      best = NanMax{}(best, a);
     }
   }
   stats[c] = best;

@@ -53,21 +53,6 @@ class PrepareReport:
         return "\n".join(lines)
 
 
-def model_bytes(model: nn.Module) -> int:
-    """Bytes of the parameters and buffers, each tensor once, plus the quantization states of NF4 layers."""
-    from pyfastpeft.nn import Linear4bit
-
-    seen, total = set(), 0
-    for tensor in list(model.parameters()) + list(model.buffers()):
-        if id(tensor) not in seen:
-            seen.add(id(tensor))
-            total += tensor.numel() * tensor.element_size()
-    for module in model.modules():
-        if isinstance(module, Linear4bit):
-            total += sum(t.numel() * t.element_size() for t in module.quant_state.as_dict(packed=True).values())
-    return total
-
-
 # ---- the fused causal-LM loss -----------------------------------------------------------------------------------
 
 def _dense_output_layer(model: nn.Module):
@@ -148,7 +133,7 @@ def prepare_model(model: nn.Module, quant: str | None = "nf4", lora: LoraSetting
     with fused_linear_cross_entropy when labels are given. Works with gradient checkpointing
     (model.gradient_checkpointing_enable(...)), model.generate, bf16 and fp32, and torch.compile.
     """
-    from pyfastpeft.integrations.quantize import quantize_model
+    from pyfastpeft.integrations.quantize import model_bytes, quantize_model
     from pyfastpeft.integrations.transformers import patch_model
     from pyfastpeft.nn.lora import add_lora
 

@@ -24,8 +24,9 @@ class QuantizeReport:
                 f"skipped; parameters and buffers {self.bytes_before / mib:.1f} MiB -> {self.bytes_after / mib:.1f} MiB")
 
 
-def _model_bytes(model: nn.Module) -> int:
-    tensors = list(model.parameters()) + list(model.buffers())
+def model_bytes(model: nn.Module) -> int:
+    """Bytes of the parameters and buffers (each tensor once), plus the quantization states of NF4 layers."""
+    tensors = {id(t): t for t in list(model.parameters()) + list(model.buffers())}.values()
     extra = sum(sum(t.numel() * t.element_size() for t in m.quant_state.as_dict(packed=True).values())
                 for m in model.modules() if isinstance(m, Linear4bit))
     return sum(t.numel() * t.element_size() for t in tensors) + extra
@@ -41,7 +42,7 @@ def quantize_model(model: nn.Module, method: str = "nf4", skip=("lm_head",), blo
         raise TypeError(f"quantize_model: model must be a torch.nn.Module, got {type(model).__name__}")
     if method not in METHODS:
         raise ValueError(f"quantize_model: method must be one of {METHODS}, got {method!r}")
-    report = QuantizeReport(bytes_before=_model_bytes(model))
+    report = QuantizeReport(bytes_before=model_bytes(model))
     for path, module in list(model.named_modules()):
         if type(module) is not nn.Linear:
             continue
@@ -55,5 +56,5 @@ def quantize_model(model: nn.Module, method: str = "nf4", skip=("lm_head",), blo
             replacement = Linear4bit.from_linear(module, blocksize, double_quant, compute_dtype, quant_type=method)
         setattr(model.get_submodule(parent_path), name, replacement)
         report.replaced.append(path)
-    report.bytes_after = _model_bytes(model)
+    report.bytes_after = model_bytes(model)
     return report

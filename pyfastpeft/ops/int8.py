@@ -257,16 +257,20 @@ def _native_linear(x, weight, weight_stats, bias, threshold):
     x2d = x.reshape(-1, in_features).contiguous()
     weight, weight_stats, bias = weight.contiguous(), weight_stats.float().contiguous(), bias.contiguous()
     m = x2d.shape[0]
-    out = _native.empty((m, out_features), dtype=x.dtype, device=x.device)
-    if m == 0 or out_features == 0:
+
+    def new_out():
+        return _native.empty((m, out_features), dtype=x.dtype, device=x.device)
+    if m == 0 or out_features == 0 or in_features == 0:
+        out = new_out()
+        if out.numel():  # no inputs: the product is the bias alone
+            out.copy_(bias.expand(m, out_features) if bias.numel() else torch.zeros(()))
         return out.view(*lead, out_features)
-    if in_features == 0:
-        return out.copy_(bias.expand(m, out_features) if bias.numel() else torch.zeros(())).view(*lead, out_features)
     q = torch.empty((m, in_features), dtype=torch.int8, device=x.device)
     row_stats = torch.empty(m, dtype=torch.float32, device=x.device)
     outlier_cols = _flags_to_cols(quantize_into(x2d, q, row_stats, 0, threshold))
     if 1 < m <= GEMV_MAX_ROWS or (m == 1 and x.is_cuda):
         addend = ref.outlier_product(x2d, weight, weight_stats, outlier_cols) if outlier_cols.numel() else None
+        out = new_out()
         gemv_into(q, row_stats, weight, weight_stats, bias, addend, out)
         return out.view(*lead, out_features)
     products = _int_mm(q, weight)
@@ -276,6 +280,7 @@ def _native_linear(x, weight, weight_stats, bias, threshold):
         # into one output buffer that the epilogue then reads back and overwrites. Either way one [M, N]
         # buffer fewer to allocate and fault in.
         if outlier_cols.numel():
+            out = new_out()
             addend = ref.outlier_product(x2d, weight, weight_stats, outlier_cols, out=out)
             mm_dequant_into(products, row_stats, weight_stats, bias, addend, out)
         else:
@@ -283,6 +288,7 @@ def _native_linear(x, weight, weight_stats, bias, threshold):
             mm_dequant_into(products, row_stats, weight_stats, bias, None, out)
         return out.view(*lead, out_features)
     addend = ref.outlier_product(x2d, weight, weight_stats, outlier_cols) if outlier_cols.numel() else None
+    out = new_out()
     mm_dequant_into(products, row_stats, weight_stats, bias, addend, out)
     return out.view(*lead, out_features)
 
