@@ -6,11 +6,18 @@ interpreter, TRITON_INTERPRET=1, which tests use). "auto" (the default) picks na
 measured-faster of native / Triton on CUDA (CUDA_PREFERENCE below, committed from benchmark results),
 falling back to the reference when a backend is unavailable.
 
-`PYFASTPEFT_BACKEND` sets the process default; `use_backend(...)` overrides it for a block.
+`PYFASTPEFT_BACKEND` sets the process default; `use_backend(...)` overrides it for a block, in the
+calling thread (or asyncio task) only: the choice lives in a context variable, so threads whose blocks
+overlap each keep their own backend, and a new thread starts on the process default. An autograd.Function
+decorated with `carry_backend` records the block's backend at forward time and runs its backward under it,
+wherever autograd runs that backward (CPU backward on the thread calling .backward(), CUDA backward on
+autograd's device threads).
 """
 from __future__ import annotations
 
 import contextlib
+import contextvars
+import functools
 import importlib.util
 import os
 import warnings
@@ -40,27 +47,60 @@ def _default_backend() -> str:
     return name
 
 
-# Process-wide rather than per-thread or per-context: autograd runs CUDA backward passes on its own
-# device threads, and the backward ops must see the backend the forward was forced onto.
-_current = _default_backend()
+_process_default = _default_backend()
+
+# The backend of the innermost `use_backend` block of this thread / context; None outside every block.
+_selected: contextvars.ContextVar[str | None] = contextvars.ContextVar("pyfastpeft_backend", default=None)
 
 
 @contextlib.contextmanager
 def use_backend(name: str):
-    """Run the ops inside the block (and the backward of what it builds, when called inside it) on
-    backend `name` ("auto", "reference", "native", "triton"). Process-wide: not for concurrent threads."""
-    global _current
+    """Run the ops called inside the block on backend `name` ("auto", "reference", "native", "triton").
+    Scoped to the calling thread (context): other threads keep their own choice or the process default.
+    The backward of what the block builds runs on `name` too, for autograd.Functions marked
+    `carry_backend`."""
     if name not in BACKENDS:
         raise ValueError(f"use_backend: name must be one of {BACKENDS}, got {name!r}")
-    previous, _current = _current, name
+    token = _selected.set(name)
     try:
         yield
     finally:
-        _current = previous
+        _selected.reset(token)
 
 
 def current_backend() -> str:
-    return _current
+    """The backend ops called here run on: the innermost `use_backend` block, else the process default."""
+    selected = _selected.get()
+    return _process_default if selected is None else selected
+
+
+def carry_backend(function: type[torch.autograd.Function]) -> type[torch.autograd.Function]:
+    """Class decorator for an autograd.Function whose forward and backward call pyfastpeft ops: forward
+    records the `use_backend` block it runs in (none: nothing recorded) and backward runs under it, so the
+    backward of tensors built in a block uses the block's backend even when autograd runs it on another
+    thread or after the block has exited. Under torch.compile nothing is recorded (the ops choose at run
+    time, in the thread that runs the compiled graph)."""
+    forward, backward = function.forward, function.backward
+
+    @functools.wraps(forward)
+    def forward_recording_backend(ctx, *args, **kwargs):
+        if not torch.compiler.is_compiling():
+            ctx.pyfastpeft_backend = _selected.get()
+        return forward(ctx, *args, **kwargs)
+
+    @functools.wraps(backward)
+    def backward_under_forward_backend(ctx, *grads):
+        if torch.compiler.is_compiling():
+            return backward(ctx, *grads)
+        recorded = getattr(ctx, "pyfastpeft_backend", None)
+        if recorded is None:
+            return backward(ctx, *grads)
+        with use_backend(recorded):
+            return backward(ctx, *grads)
+
+    function.forward = staticmethod(forward_recording_backend)
+    function.backward = staticmethod(backward_under_forward_backend)
+    return function
 
 
 def _triton_status() -> tuple[bool, str]:
@@ -93,7 +133,7 @@ def backends() -> dict:
 
 def choose(family: str, device: torch.device) -> str:
     """The backend an op of `family` runs on for tensors on `device`: reference, native or triton."""
-    wanted = _current
+    wanted = current_backend()
     if wanted == "reference":
         return "reference"
     if device.type == "cpu":
