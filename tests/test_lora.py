@@ -79,6 +79,19 @@ def test_native_dropout_accumulates_alpha_times_masked_input(isa):
     torch.testing.assert_close(out, base + 0.5 * ref.dropout(g, 0.25, rng), rtol=1e-15, atol=1e-15)
 
 
+@pytest.mark.parametrize("isa", CPU_ISAS)
+@pytest.mark.parametrize("value", [float("inf"), float("-inf"), float("nan")])
+def test_native_dropout_selects_so_non_finite_dropped_elements_give_zero(isa, value):
+    rng = torch.tensor([11, 12])
+    x = torch.full((3, 1029), value)
+    with cpu_isa(isa):
+        dropped = native_dropout(x, rng, 0.5)
+        accumulated = native_dropout(x, rng, 0.5, alpha=0.5, accumulate_into=torch.ones_like(x))
+    keep = ref.keep_mask(rng, x.shape, 0.5, x.device)
+    torch.testing.assert_close(dropped, ref.dropout(x, 0.5, rng), rtol=0, atol=0, equal_nan=True)
+    assert (dropped[~keep] == 0).all() and (accumulated[~keep] == 1).all()
+
+
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -151,6 +164,26 @@ def test_lora_linear_matches_reference(backend, x_shape, out_features, rank, bia
     scaling = 16 / rank
     expected = forward_backward("reference", inputs, scaling, dropout_p)
     assert_all_close(forward_backward(backend, inputs, scaling, dropout_p), expected, dtype)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("where", ["x", "lora_A"])
+def test_inf_at_a_dropped_position_is_dropped_as_in_the_reference(backend, where):
+    """An inf where the mask drops (in x: forward and dA; in A's column: dX's adapter term) gives the
+    reference's values, not the NaN of inf * 0."""
+    x, weight, bias, lora_A, lora_B = make_inputs((4, 32), 8, 2, torch.float32)
+    weight = weight.abs() + 0.1  # a row of x holding +inf makes a row of +inf in y, not a mix of signs
+    torch.manual_seed(1)
+    keep = ref.keep_mask(torch.randint(0, lora_ops.SEED_HIGH, (2,)), x.shape, 0.5, x.device)
+    row, col = (~keep).nonzero()[0].tolist()
+    with torch.no_grad():
+        (x[row, col] if where == "x" else lora_A[0, col]).fill_(float("inf"))
+    inputs = (x, weight, bias, lora_A, lora_B)
+    expected = forward_backward("reference", inputs, 0.5, 0.5)
+    assert expected[0].isinf().any() and not expected[0].isnan().all()
+    for got, want in zip(forward_backward(backend, inputs, 0.5, 0.5), expected):
+        torch.testing.assert_close(got, want, **TOLERANCES[torch.float32], equal_nan=True)
+
 
 
 @pytest.mark.parametrize("rank, scaling", [(8, 16 / 8), (64, 16 / math.sqrt(64))])  # alpha / r and rsLoRA

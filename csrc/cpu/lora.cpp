@@ -112,8 +112,9 @@ struct DropoutParams {
   bool accumulate;
 };
 
-// dst[0, count) (+)= alpha * src[0, count) * keep factors of mask elements [mask_first, mask_first + count);
-// count <= kChunk.
+// dst[0, count) (+)= alpha * (keep ? src * keep_scale : 0) over mask elements [mask_first, mask_first + count);
+// count <= kChunk. A select, not a product with the 0 factor: an inf or NaN at a dropped element gives 0, as
+// the reference's torch.where does (keep_scale = 1 / (1 - p) >= 1 is never 0).
 template <typename T, typename C>
 inline void dropout_chunk(const T* __restrict src, T* __restrict dst, int64_t mask_first, int64_t count,
                           const DropoutParams<C>& params) {
@@ -123,9 +124,13 @@ inline void dropout_chunk(const T* __restrict src, T* __restrict dst, int64_t ma
   pfp::load_row(src, values, count);
   if (params.accumulate) {
     pfp::load_row(dst, current, count);
-    for (int64_t i = 0; i < count; ++i) values[i] = current[i] + params.alpha * (values[i] * factors[i]);
+    for (int64_t i = 0; i < count; ++i) {
+      values[i] = current[i] + params.alpha * (factors[i] != C(0) ? values[i] * factors[i] : C(0));
+    }
   } else {
-    for (int64_t i = 0; i < count; ++i) values[i] = params.alpha * (values[i] * factors[i]);
+    for (int64_t i = 0; i < count; ++i) {
+      values[i] = params.alpha * (factors[i] != C(0) ? values[i] * factors[i] : C(0));
+    }
   }
   pfp::store_row(values, dst, count);
 }
