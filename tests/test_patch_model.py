@@ -1,11 +1,17 @@
+import contextlib
+import functools
+import pickle
+
 import pytest
 import torch
 from torch import nn
 from transformers import (GemmaConfig, GemmaForCausalLM, LlamaConfig, LlamaForCausalLM, MistralConfig,
-                          MistralForCausalLM, Qwen2Config, Qwen2ForCausalLM)
+                          MistralForCausalLM, Olmo2Config, Olmo2ForCausalLM, Qwen2Config, Qwen2ForCausalLM)
 from transformers.models.llama import modeling_llama
+from transformers.models.olmo2 import modeling_olmo2
 
 import pyfastpeft
+from pyfastpeft.integrations import transformers as integration
 from pyfastpeft.nn import RMSNorm, SwiGLUMLP
 
 SMALL = dict(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
@@ -83,6 +89,24 @@ def test_patched_llama_bf16_logits_close():
     torch.testing.assert_close(ours, ref, rtol=5e-2, atol=5e-2)
 
 
+def tiny_olmo2(dtype=torch.float32):
+    torch.manual_seed(0)
+    config = Olmo2Config(**SMALL, bos_token_id=None, eos_token_id=1, pad_token_id=0)
+    return Olmo2ForCausalLM(config).to(dtype).eval()
+
+
+@contextlib.contextmanager
+def counting_fused_rope(monkeypatch):
+    calls = []
+    fused = integration.fused_apply_rotary_pos_emb
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return fused(*args, **kwargs)
+    monkeypatch.setattr(integration, "fused_apply_rotary_pos_emb", counted)
+    yield calls
+
+
 def test_patch_shares_parameters_and_unpatch_restores_modules():
     model = tiny_llama()
     norm, mlp = model.model.norm, model.model.layers[0].mlp
@@ -93,19 +117,106 @@ def test_patch_shares_parameters_and_unpatch_restores_modules():
     assert model.model.layers[0].mlp.gate_proj is mlp.gate_proj
     pyfastpeft.unpatch_model(model)
     assert model.model.norm is norm and model.model.layers[0].mlp is mlp
-    assert modeling_llama.apply_rotary_pos_emb is not pyfastpeft.functional.apply_rotary_pos_emb
+    assert not isinstance(modeling_llama.apply_rotary_pos_emb, integration.FusedRope)
 
 
-def test_rope_patch_is_reference_counted_across_models():
-    original = modeling_llama.apply_rotary_pos_emb
-    a, b = tiny_llama(), tiny_llama()
+@pytest.mark.parametrize("make_model", [tiny_llama, tiny_olmo2], ids=["llama", "olmo2"])
+def test_fused_rope_runs_in_every_attention_and_stops_after_unpatch(make_model, monkeypatch):
+    """Llama's apply_rotary_pos_emb is wrapped by the hub-kernels decorator on transformers 5.x (a kernels Func
+    module with a (*args, **kwargs) call); OLMo2's is a plain function. Both are recognised and replaced."""
+    model = make_model()
+    ids = torch.randint(0, 128, (1, 12))
+    report = pyfastpeft.patch_model(model)
+    assert report.rope == [type(model).__module__] and not report.not_patched
+    with counting_fused_rope(monkeypatch) as calls:
+        model(ids)
+        assert len(calls) == 2  # one per layer
+        pyfastpeft.unpatch_model(model)
+        model(ids)
+        assert len(calls) == 2
+
+
+def test_kernels_wrapped_rope_is_patched_per_model():
+    """Where each attention holds a private copy of the kernels-wrapped function, only the patched model changes."""
+    patched, other = tiny_llama(), tiny_llama()
+    ids = torch.randint(0, 128, (1, 12))
+    pyfastpeft.patch_model(patched)
+    holders = [m for m in patched.modules() if m.__dict__.get("_kernel_funcs")]
+    if not holders:
+        pyfastpeft.unpatch_model(patched)
+        pytest.skip("this transformers does not wrap apply_rotary_pos_emb in a kernels Func")
+    wrapper = next(iter(holders[0]._kernel_funcs.values()))
+    assert isinstance(wrapper.forward.__func__, integration._RopeForward)
+    assert not any(isinstance(w.__dict__.get("forward"), type(wrapper.forward))
+                   for m in other.modules() for w in (m.__dict__.get("_kernel_funcs") or {}).values())
+    torch.testing.assert_close(patched(ids).logits, other(ids).logits, rtol=1e-5, atol=1e-5)
+    pyfastpeft.unpatch_model(patched)
+    assert "forward" not in wrapper.__dict__
+
+
+def test_functools_wrapped_rope_is_recognised():
+    original = modeling_olmo2.apply_rotary_pos_emb
+
+    @functools.wraps(original)
+    def wrapped(*args, **kwargs):
+        return original(*args, **kwargs)
+    replacement, reason = integration._rope_replacement(wrapped)
+    assert reason is None and replacement == integration.FusedRope(cast_to_input_dtype=True)
+
+
+def test_global_rope_patch_is_reference_counted_across_models():
+    """A plain module-level function (OLMo2's here) is replaced for the whole process while any model uses it."""
+    original = modeling_olmo2.apply_rotary_pos_emb
+    a, b = tiny_olmo2(), tiny_olmo2()
     pyfastpeft.patch_model(a)
     pyfastpeft.patch_model(b)
-    assert modeling_llama.apply_rotary_pos_emb is not original
+    assert isinstance(modeling_olmo2.apply_rotary_pos_emb, integration.FusedRope)
     pyfastpeft.unpatch_model(a)
-    assert modeling_llama.apply_rotary_pos_emb is not original  # b still uses it
+    assert modeling_olmo2.apply_rotary_pos_emb is not original  # b still uses it
     pyfastpeft.unpatch_model(b)
-    assert modeling_llama.apply_rotary_pos_emb is original
+    assert modeling_olmo2.apply_rotary_pos_emb is original
+
+
+def test_olmo2_bf16_rope_returns_hf_dtypes():
+    """OLMo2 rotates bf16 q/k with fp32 cos/sin and casts back to bf16; Llama's keeps the fp32 promotion."""
+    q, k = torch.randn(1, 4, 5, 16, dtype=torch.bfloat16), torch.randn(1, 2, 5, 16, dtype=torch.bfloat16)
+    cos, sin = torch.randn(1, 5, 16), torch.randn(1, 5, 16)
+    for modeling in (modeling_olmo2, modeling_llama):
+        replacement, reason = integration._rope_replacement(modeling.apply_rotary_pos_emb)
+        assert reason is None
+        got, expected = replacement(q, k, cos, sin), modeling.apply_rotary_pos_emb(q, k, cos, sin)
+        assert [t.dtype for t in got] == [t.dtype for t in expected], modeling.__name__
+        for a, b in zip(got, expected):
+            torch.testing.assert_close(a.float(), b.float(), rtol=1.6e-2, atol=1.6e-2)
+
+
+def test_patched_olmo2_bf16_runs_and_matches_and_other_olmo2_models_still_run():
+    model, other = tiny_olmo2(torch.bfloat16), tiny_olmo2(torch.bfloat16)
+    ids = torch.randint(0, 128, (1, 12))
+    with torch.no_grad():
+        reference = model(ids).logits.float()
+        report = pyfastpeft.patch_model(model)
+        assert report.rope == [modeling_olmo2.__name__]
+        logits, other_logits = model(ids).logits, other(ids).logits  # other runs the replaced global unpatched
+    pyfastpeft.unpatch_model(model)
+    assert logits.dtype == other_logits.dtype == torch.bfloat16
+    torch.testing.assert_close(logits.float(), reference, rtol=5e-2, atol=5e-2)
+    torch.testing.assert_close(other_logits.float(), reference, rtol=5e-2, atol=5e-2)
+
+
+@pytest.mark.parametrize("make_model", [tiny_llama, tiny_olmo2], ids=["llama", "olmo2"])
+def test_patched_model_pickles_and_the_copy_stays_patched(make_model, monkeypatch):
+    model = make_model()
+    ids = torch.randint(0, 128, (1, 12))
+    pyfastpeft.patch_model(model)
+    copy = pickle.loads(pickle.dumps(model))
+    pyfastpeft.unpatch_model(model)
+    expected = model(ids).logits
+    with counting_fused_rope(monkeypatch) as calls:
+        torch.testing.assert_close(copy(ids).logits, expected, rtol=1e-5, atol=1e-5)
+        assert len(calls) == 2
+    pyfastpeft.unpatch_model(copy)
+    assert not isinstance(modeling_olmo2.apply_rotary_pos_emb, integration.FusedRope)
 
 
 def test_patch_twice_is_an_error():

@@ -7,16 +7,24 @@ Modules are recognised by what they are and what they compute, not by architectu
 - a gated MLP: `gate_proj`, `up_proj`, `down_proj` and an activation (`act_fn`) that computes SiLU;
   the swap is checked on a probe input before it is kept.
 - RoPE: a module-level `apply_rotary_pos_emb` in the Python module that defines one of the model's
-  classes (HF attention calls it by its global name), probed against our rotate_half and GPT-J
-  interleaved layouts. Replacing a module-level function affects every model using that modeling
-  file, so replacements are reference-counted: the original returns when the last model is unpatched.
+  classes, probed against our rotate_half and GPT-J interleaved layouts and for its output dtype (some
+  cast q/k back to their input dtype, others keep torch's promotion). Where the attention looks it up:
+  * transformers 5.x with the `kernels` package wraps the function in a kernels `Func` module and gives
+    each attention module a private copy (`_kernel_funcs`) that the global one dispatches to while that
+    attention runs. Those private copies get our forward: only this model changes, and it pickles.
+  * otherwise (older transformers, no `kernels`, modeling files without the decorator) the attention
+    calls the global function by name, so the global is replaced. That affects every model using the
+    modeling file, so global replacements are reference-counted: the original returns when the last
+    model is unpatched.
 Whatever looks like one of these but does not match is listed in the report, with the reason.
 """
 from __future__ import annotations
 
 import copy
+import importlib
 import inspect
 import sys
+import types
 import warnings
 from dataclasses import dataclass, field
 
@@ -58,11 +66,70 @@ class PatchReport:
         return "\n".join(lines)
 
 
+@dataclass(frozen=True)
+class FusedRope:
+    """A drop-in for one HF apply_rotary_pos_emb: the fused op with the original's layout (rotate_half or GPT-J
+    interleaved), its argument order (older transformers put position_ids before unsqueeze_dim) and its
+    output dtype (OLMo2's casts q/k back to their input dtype; Llama's keeps the promotion q * cos gives).
+    A module-level class with plain fields, so a model holding one pickles."""
+
+    interleaved: bool = False
+    cast_to_input_dtype: bool = False
+    takes_position_ids: bool = False
+
+    def __call__(self, q, k, cos, sin, *args, **kwargs):
+        if self.takes_position_ids:
+            return self._apply(q, k, cos, sin, *args, **kwargs)
+        return self._apply(q, k, cos, sin, None, *args, **kwargs)
+
+    def _apply(self, q, k, cos, sin, position_ids=None, unsqueeze_dim=1):
+        q_embed, k_embed = fused_apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim, position_ids=position_ids,
+                                                      interleaved=self.interleaved)
+        if self.cast_to_input_dtype:
+            return q_embed.to(q.dtype), k_embed.to(k.dtype)
+        return q_embed, k_embed
+
+
+@dataclass(frozen=True)
+class _RopeForward:
+    """FusedRope as the forward of a kernels `Func` wrapper module, which calls it with the module first."""
+
+    rope: FusedRope
+
+    def __call__(self, module, *args, **kwargs):
+        return self.rope(*args, **kwargs)
+
+
+def _acquire_global_rope(name: str, replacement: FusedRope) -> None:
+    if name in _ROPE_PATCHES:
+        _ROPE_PATCHES[name][1] += 1
+    else:
+        modeling = sys.modules[name]
+        _ROPE_PATCHES[name] = [modeling.apply_rotary_pos_emb, 1]
+        modeling.apply_rotary_pos_emb = replacement
+
+
+def _release_global_rope(name: str) -> None:
+    entry = _ROPE_PATCHES[name]
+    entry[1] -= 1
+    if entry[1] == 0:
+        sys.modules[name].apply_rotary_pos_emb = entry[0]
+        del _ROPE_PATCHES[name]
+
+
 @dataclass
 class _PatchState:
     modules: list = field(default_factory=list)  # (parent, attribute name, original module)
-    rope_modules: list = field(default_factory=list)  # modeling module names
+    global_ropes: list = field(default_factory=list)  # (modeling module name, FusedRope put there)
+    rope_wrappers: list = field(default_factory=list)  # (kernels Func wrapper, its own forward before, or None)
     report: PatchReport = field(default_factory=PatchReport)
+
+    def __setstate__(self, state):
+        # a copy or an unpickled model uses the replaced global functions too: count it as a user
+        self.__dict__.update(state)
+        for name, replacement in self.global_ropes:
+            importlib.import_module(name)
+            _acquire_global_rope(name, replacement)
 
 
 def _param_device_dtype(module: nn.Module):
@@ -141,17 +208,25 @@ def _swap_mlp(module: nn.Module):
     return fused, None
 
 
+def _rope_signature(original) -> list[str]:
+    """Parameter names of an HF apply_rotary_pos_emb, seen through wrappers: functools.wraps (`__wrapped__`) and
+    the kernels `Func` module (an nn.Module whose forward carries the function's signature)."""
+    target = original.forward if isinstance(original, nn.Module) else inspect.unwrap(original)
+    return list(inspect.signature(target).parameters)
+
+
 def _rope_replacement(original):
-    """A drop-in for `original` (an HF apply_rotary_pos_emb) if it matches a layout we fuse; else (None, reason)."""
-    params = list(inspect.signature(original).parameters)
+    """A FusedRope matching `original` (an HF apply_rotary_pos_emb) in layout and output dtypes; else (None, reason)."""
+    params = _rope_signature(original)
     if params[:4] != ["q", "k", "cos", "sin"] or params[4:] not in (["unsqueeze_dim"], ["position_ids", "unsqueeze_dim"]):
         return None, f"unrecognised signature {params}"
-    takes_position_ids = "position_ids" in params
     gen = torch.Generator().manual_seed(0)
     q, k = torch.randn(1, 4, 3, 8, generator=gen), torch.randn(1, 2, 3, 8, generator=gen)
     cos, sin = torch.randn(1, 3, 8, generator=gen), torch.randn(1, 3, 8, generator=gen)
     try:
         expected = original(q, k, cos, sin)
+        # bf16 q/k with fp32 tables (what most rotary embeddings hand over): does it cast back to q's dtype?
+        expected_mixed = original(q.bfloat16(), k.bfloat16(), cos, sin)
     except Exception as exc:
         return None, f"probe call failed ({type(exc).__name__}: {exc})"
     for interleaved in (False, True):
@@ -160,16 +235,19 @@ def _rope_replacement(original):
             break
     else:
         return None, "its rotation matches neither rotate_half nor the GPT-J interleaved layout"
-
-    if takes_position_ids:
-        def replacement(q, k, cos, sin, position_ids=None, unsqueeze_dim=1):
-            return fused_apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim, position_ids=position_ids,
-                                              interleaved=interleaved)
-    elif interleaved:
-        def replacement(q, k, cos, sin, unsqueeze_dim=1):
-            return fused_apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim, interleaved=True)
+    expected_dtypes = [t.dtype for t in expected_mixed]
+    if expected_dtypes == [torch.bfloat16, torch.bfloat16]:
+        cast = True
+    elif expected_dtypes == [torch.float32, torch.float32]:
+        cast = False
     else:
-        replacement = fused_apply_rotary_pos_emb
+        return None, f"bf16 q/k with fp32 cos/sin give {expected_dtypes}, neither the input nor the promoted dtype"
+    replacement = FusedRope(interleaved=interleaved, cast_to_input_dtype=cast,
+                            takes_position_ids="position_ids" in params)
+    got_mixed = replacement(q.bfloat16(), k.bfloat16(), cos, sin)
+    if not all(a.dtype == b.dtype and torch.allclose(a.float(), b.float(), atol=2e-2, rtol=2e-2)
+               for a, b in zip(got_mixed, expected_mixed)):
+        return None, "its result on bf16 q/k with fp32 cos/sin differs from the fused one"
     return replacement, None
 
 
@@ -182,22 +260,37 @@ def _modeling_modules(model: nn.Module) -> list[str]:
     return names
 
 
+def _private_rope_wrappers(model: nn.Module, original) -> list[nn.Module]:
+    """The attention modules' private copies of a kernels-wrapped `original` (transformers 5.x with `kernels`)."""
+    if not isinstance(original, nn.Module):
+        return []
+    return [wrapper for module in model.modules()
+            for wrapper in (module.__dict__.get("_kernel_funcs") or {}).values() if type(wrapper) is type(original)]
+
+
 def _patch_rope(model: nn.Module, state: _PatchState) -> None:
     names = _modeling_modules(model)
     if not names:
         state.report.not_patched.append("rope: no module-level apply_rotary_pos_emb in the model's modeling files")
     for name in names:
         modeling = sys.modules[name]
-        if name in _ROPE_PATCHES:
-            _ROPE_PATCHES[name][1] += 1
+        if name in _ROPE_PATCHES:  # already replaced globally for another model
+            state.global_ropes.append((name, modeling.apply_rotary_pos_emb))
+            _acquire_global_rope(name, modeling.apply_rotary_pos_emb)
+            state.report.rope.append(name)
+            continue
+        replacement, reason = _rope_replacement(modeling.apply_rotary_pos_emb)
+        if replacement is None:
+            state.report.not_patched.append(f"rope ({name}.apply_rotary_pos_emb): {reason}")
+            continue
+        wrappers = _private_rope_wrappers(model, modeling.apply_rotary_pos_emb)
+        if wrappers:
+            for wrapper in wrappers:
+                state.rope_wrappers.append((wrapper, wrapper.__dict__.get("forward")))
+                wrapper.forward = types.MethodType(_RopeForward(replacement), wrapper)
         else:
-            replacement, reason = _rope_replacement(modeling.apply_rotary_pos_emb)
-            if replacement is None:
-                state.report.not_patched.append(f"rope ({name}.apply_rotary_pos_emb): {reason}")
-                continue
-            _ROPE_PATCHES[name] = [modeling.apply_rotary_pos_emb, 1]
-            modeling.apply_rotary_pos_emb = replacement
-        state.rope_modules.append(name)
+            state.global_ropes.append((name, replacement))
+            _acquire_global_rope(name, replacement)
         state.report.rope.append(name)
 
 
@@ -262,10 +355,11 @@ def unpatch_model(model: nn.Module) -> None:
         raise RuntimeError("unpatch_model: this model was not patched by pyfastpeft.patch_model")
     for parent, attr, original in reversed(state.modules):
         setattr(parent, attr, original)
-    for name in state.rope_modules:
-        entry = _ROPE_PATCHES[name]
-        entry[1] -= 1
-        if entry[1] == 0:
-            sys.modules[name].apply_rotary_pos_emb = entry[0]
-            del _ROPE_PATCHES[name]
+    for wrapper, previous_forward in state.rope_wrappers:
+        if previous_forward is None:
+            del wrapper.forward
+        else:
+            wrapper.forward = previous_forward
+    for name, _ in state.global_ropes:
+        _release_global_rope(name)
     object.__delattr__(model, _STATE_ATTR)
