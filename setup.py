@@ -8,6 +8,7 @@ Environment:
   PYFASTPEFT_CUDA_ARCHS      CMake CUDA architectures, default "80-real;90" (sm_80, sm_90 + PTX).
   PYFASTPEFT_BUILD_TYPE      CMake build type, default Release.
   PYFASTPEFT_BUILD_JOBS      parallel compile jobs (default: all cores).
+  PYFASTPEFT_SANITIZE        -fsanitize= checks for _C, e.g. "address,undefined" (.ci/sanitize); default none.
 """
 import os
 import shutil
@@ -72,6 +73,7 @@ class CMakeBuild(build_ext):
             f"-Dpybind11_DIR={pybind11.get_cmake_dir()}",
             f"-DPYFASTPEFT_OUTPUT_DIR={out_dir}",
             f"-DPYFASTPEFT_CUDA={'ON' if build_cuda else 'OFF'}",
+            f"-DPYFASTPEFT_SANITIZE={os.environ.get('PYFASTPEFT_SANITIZE', '')}",
         ]
         try:
             import ninja
