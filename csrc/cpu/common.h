@@ -173,10 +173,13 @@ inline void parallel_for(int64_t total, int64_t work_per_item, int nthreads, F b
 // exp for float compute, branch-free so it vectorizes (std::exp does not without -ffast-math):
 // exp(x) = 2^n * p(r), n = round(x / ln2), r = x - n ln2 (two-part ln2, |r| <= ln2/2), p the
 // Cephes degree-7 polynomial (relative error ~2 ulp). Results below 2^-126 flush to 0 and
-// x > 88 gives +inf: the callers (sigmoid) saturate long before either matters.
+// x > 88 gives +inf: the callers (sigmoid) saturate long before either matters. NaN gives NaN; the clamp
+// maps it to hi first (each comparison is false for NaN: one minps and one maxps, as before), so the
+// float-to-int conversion below never sees a NaN.
 inline float exp_approx(float x) {
   const float hi = 88.0f, lo = -87.0f;
-  float xc = x > hi ? hi : (x < lo ? lo : x);
+  float xc = x < hi ? x : hi;
+  xc = xc > lo ? xc : lo;
   float n = xc * 1.44269504088896341f;
   n = (n + 12582912.0f) - 12582912.0f;            // round to nearest integer
   float r = xc - n * 0.693359375f;                 // ln2 split hi/lo for an exact reduction
