@@ -244,6 +244,54 @@ def test_flce_out_of_range_label_is_nan_inside_the_kernels(backend):
     assert loss[1].isnan() and loss[[0, 2, 3]].isfinite().all() and lse.isfinite().all()
 
 
+def non_finite_rows(device="cpu"):
+    """hidden, weight, labels whose logits (fp32 overflow of 1e30 * 1e30) hold, per row: nothing special, one
+    +inf, one -inf (a masked token), two +inf, all NaN, two -inf; chunks of 2 rows put them in different chunks."""
+    big = 1e30
+    w = torch.zeros(VOCAB, 4)
+    w[5, 0] = w[9, 2] = big
+    w[:, 3] = torch.randn(VOCAB)
+    h = torch.tensor([[0.0, 0, 0, 1], [big, 0, 0, 1], [-big, 0, 0, 1], [big, 0, big, 1], [float("nan"), 0, 0, 1],
+                      [-big, 0, -big, 0.5]])
+    return h.to(device), w.to(device), torch.tensor([1, 2, 3, 4, 9, 7], device=device)
+
+
+def check_non_finite_rows(backend, device="cpu"):
+    h, w, labels = non_finite_rows(device)
+    logits = h @ w.t()
+    for label_smoothing in (0.0, 0.1):
+        args = (-100, label_smoothing, 0.0, 0, True, True, False, 2)
+        expected = run("reference", flce_ops.flce_forward, h, w, labels, h.new_empty(0), *args)
+        got = run(backend, flce_ops.flce_forward, h, w, labels, h.new_empty(0), *args)
+        torch.testing.assert_close(expected[1], torch.logsumexp(logits, -1), equal_nan=True)
+        for name, actual, want in zip(("loss", "lse", "grad_hidden", "grad_weight"), got, expected):
+            torch.testing.assert_close(actual, want, equal_nan=True, rtol=1e-5, atol=1e-5, msg=name)
+        finite_rows = [0, 2, 5]  # torch agrees there; it gives NaN where a +inf logit is not the label, ours +inf
+        torch.testing.assert_close(got[0][finite_rows], F.cross_entropy(
+            logits[finite_rows], labels[finite_rows], label_smoothing=label_smoothing, reduction="none"))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_flce_lse_and_loss_on_infinite_and_nan_logits_match_the_reference(backend):
+    """lse is torch.logsumexp: +inf with a +inf logit, NaN with a NaN, finite with a -inf (as is the loss, also
+    without label smoothing)."""
+    check_non_finite_rows(backend)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", ["native", "triton"])
+def test_flce_cuda_lse_and_loss_on_infinite_and_nan_logits_match_the_reference(backend):
+    check_non_finite_rows(backend, "cuda")
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_flce_row_of_minus_infinity_has_lse_minus_infinity(backend):
+    h, w, b, labels = (t.detach() for t in inputs(tokens=3, ignored=()))
+    b = torch.full_like(b, float("-inf"))
+    loss, lse, *_ = run(backend, flce_ops.flce_forward, h, w, labels, b, -100, 0.0, 0.0, 0, False, False, False, 0)
+    assert (lse == float("-inf")).all() and loss.isnan().all()
+
+
 def test_flce_rejects_bad_input():
     h, w, b, labels = inputs()
     with pytest.raises(ValueError, match="labels must have shape"):

@@ -4,7 +4,10 @@ design; the matmuls around it are torch's, driven by pyfastpeft/ops/flce.py).
 One row of V logits z, label y, smoothing eps, softcap s (0: none), gradient weight g:
   c_v  = s * tanh(z_v / s)                        (c = z without softcap)
   lse  = m + log(sum_v exp(c_v - m)),  m = max_v c_v       (online over BLOCK_V-column blocks)
-  loss = lse - (1 - eps) * c_y - (eps / V) * sum_v c_v      (0 where y == ignore_index)
+         with m replaced by 0 where it is +-inf (torch.logsumexp's shift: a +inf logit gives lse +inf and
+         a row of -inf gives -inf, not the NaN of inf - inf)
+  loss = lse - (1 - eps) * c_y - (eps / V) * sum_v c_v      (0 where y == ignore_index; the last term
+         only when eps > 0, so a -inf logit leaves the loss finite)
   dz_v = g * (exp(c_v - lse) - eps / V - (1 - eps) * [v == y]) * (1 - (c_v / s)^2)
 One program per row, two sweeps: the first reads z for lse, c_y and sum c; the second reads z again
 and overwrites it with dz (each element is read before it is written, by the thread that writes it).
@@ -49,16 +52,19 @@ def _rows_kernel(logits_ptr, labels_ptr, grad_weights_ptr, loss_ptr, lse_ptr, vo
         c = _softcapped(tl.load(z_row + col, mask=mask, other=0.0), softcap, HAS_SOFTCAP)
         c = tl.where(mask, c, float("-inf"))
         new_max = tl.maximum(running_max, c)
-        # a lane that has seen only masked columns stays at max -inf, sum 0 (no exp(-inf - -inf) = NaN)
-        shift = tl.where(new_max == float("-inf"), 0.0, new_max)
+        # running_sum is relative to the lane's shift: its max, or 0 where that is +-inf (a lane that has seen
+        # only masked columns stays at max -inf, sum 0; one that has seen +inf at sum +inf), never inf - inf
+        shift = tl.where(tl.abs(new_max) == float("inf"), 0.0, new_max)
         running_sum = running_sum * tl.exp(running_max - shift) + tl.exp(c - shift)
         running_max = new_max
         sum_c += tl.where(mask, c, 0.0)
         target += tl.where(col == label, c, 0.0)
     row_max = tl.max(running_max, axis=0)
-    row_lse = row_max + tl.log(tl.sum(running_sum * tl.exp(running_max - row_max), axis=0))
+    row_shift = tl.where(tl.abs(row_max) == float("inf"), 0.0, row_max)
+    row_lse = row_shift + tl.log(tl.sum(running_sum * tl.exp(running_max - row_shift), axis=0))
     tl.store(lse_ptr + row, row_lse)
-    loss = row_lse - (1.0 - smoothing) * tl.sum(target, axis=0) - smoothing / vocab * tl.sum(sum_c, axis=0)
+    loss = row_lse - (1.0 - smoothing) * tl.sum(target, axis=0)
+    loss -= tl.where(smoothing != 0.0, smoothing / vocab * tl.sum(sum_c, axis=0), 0.0)
     loss = tl.where(ignored, 0.0, tl.where(in_range, loss, float("nan")))
     tl.store(loss_ptr + row, loss)
     if HAS_GRAD:

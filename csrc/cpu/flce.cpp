@@ -3,7 +3,8 @@
 // pyfastpeft/ops/flce.py drives the chunks). One row of V logits z, label y, smoothing eps, softcap s
 // (0: none), gradient weight g (d reduced loss / d loss of this row):
 //   c_v  = s * tanh(z_v / s)                       (c = z without softcap)
-//   lse  = m + log(sum_v exp(c_v - m)),  m = max_v c_v
+//   lse  = m + log(sum_v exp(c_v - m)),  m = max_v c_v, or 0 where that max is +-inf (torch.logsumexp's
+//          shift: a +inf logit gives lse +inf and a row of -inf gives -inf, not the NaN of inf - inf)
 //   loss = lse - (1 - eps) * c_y - (eps / V) * sum_v c_v                 (0 where y == ignore_index)
 //   dz_v = g * (exp(c_v - lse) - eps / V - (1 - eps) * [v == y]) * (1 - (c_v / s)^2)
 // (the last factor only with a softcap: d/dz s*tanh(z/s) = 1 - tanh^2). Compute in fp32 (fp64 for fp64
@@ -11,6 +12,7 @@
 #include "cpu/common.h"
 #include "cpu/kernels.h"
 
+#include <cmath>
 #include <limits>
 #include <stdexcept>
 #include <string>
@@ -47,8 +49,9 @@ inline void row_pass(C* __restrict z, int64_t label, const C* grad_weight, C* lo
     for (int64_t v = 0; v < vocab; ++v) z[v] = softcap * tanh_c(z[v] * inverse);
   }
   const C row_max = lane_max(z, vocab);
-  const C sum_exp = pfp::lane_sum<C>(vocab, [&](int64_t v) { return pfp::exp_approx(z[v] - row_max); });
-  const C row_lse = row_max + std::log(sum_exp);
+  const C shift = std::isinf(row_max) ? C(0) : row_max;
+  const C sum_exp = pfp::lane_sum<C>(vocab, [&](int64_t v) { return pfp::exp_approx(z[v] - shift); });
+  const C row_lse = shift + std::log(sum_exp);
   *lse = row_lse;
   const bool ignored = label == ignore_index;
   const bool in_range = label >= 0 && label < vocab;

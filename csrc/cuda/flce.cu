@@ -2,13 +2,17 @@
 // matmuls around it are torch's). One row of V logits z, label y, smoothing eps, softcap s (0: none),
 // gradient weight g:
 //   c_v  = s * tanh(z_v / s)                        (c = z without softcap)
-//   lse  = m + log(sum_v exp(c_v - m)),  m = max_v c_v
-//   loss = lse - (1 - eps) * c_y - (eps / V) * sum_v c_v      (0 where y == ignore_index)
+//   lse  = m + log(sum_v exp(c_v - m)),  m = max_v c_v, or 0 where that max is +-inf (torch.logsumexp's
+//          shift: a +inf logit gives lse +inf, a row of -inf gives -inf, a NaN logit gives NaN)
+//   loss = lse - (1 - eps) * c_y - (eps / V) * sum_v c_v      (0 where y == ignore_index; the last term
+//          only when eps > 0, so a -inf logit leaves the loss finite)
 //   dz_v = g * (exp(c_v - lse) - eps / V - (1 - eps) * [v == y]) * (1 - (c_v / s)^2)
 // Mapping: one block per row (grid-stride over rows past gridDim.x), threads strided over the row.
-// Sweep 1: each thread keeps an online (max, sum of exp) pair, sum c and c_y over its columns; block
-// reductions combine them. Sweep 2 (with a gradient) rereads z and overwrites it with dz: every
-// element is read and written by the same thread. Compute in fp32 (fp64 for fp64 logits).
+// Sweep 1: each thread keeps an online (max, sum of exp relative to shift(max)) pair, sum c and c_y over
+// its columns; block reductions combine them. A NaN logit never becomes the max (c > max is false) and
+// turns the sum NaN wherever the thread meets it, first or not. Sweep 2 (with a gradient) rereads z and
+// overwrites it with dz: every element is read and written by the same thread. Compute in fp32 (fp64 for
+// fp64 logits).
 #include "cuda/common.cuh"
 #include "cuda/kernels.cuh"
 
@@ -36,6 +40,9 @@ struct FMax {  // fmax: a NaN operand yields the other one
   template <typename C> __device__ __forceinline__ C operator()(C a, C b) const { return fmax(a, b); }
 };
 
+// The exponent shift of a max: the max itself, or 0 where it is +-inf.
+template <typename C> __device__ __forceinline__ C shift_of(C max) { return isinf(max) ? C(0) : max; }
+
 template <typename C> __device__ __forceinline__ C softcapped(C z, C softcap) {
   return softcap != C(0) ? softcap * tanh_c(z / softcap) : z;
 }
@@ -53,23 +60,26 @@ flce_rows_kernel(C* __restrict__ logits, const int64_t* __restrict__ labels, con
     C thread_max = negative_infinity<C>(), thread_sum = C(0), sum_c = C(0), target = C(0);
     for (int64_t v = threadIdx.x; v < vocab; v += blockDim.x) {
       const C c = softcapped(z[v], softcap);
-      if (c > thread_max) {
-        thread_sum = thread_sum * exp_c(thread_max - c) + C(1);
+      if (c > thread_max) {  // a new max, so not NaN; +inf makes the sum +inf (or keeps a NaN)
+        thread_sum = isinf(c) ? thread_sum + c : thread_sum * exp_c(thread_max - c) + C(1);
         thread_max = c;
-      } else if (thread_max != negative_infinity<C>()) {  // -inf after only -inf: nothing to add
-        thread_sum += exp_c(c - thread_max);
+      } else {  // c <= max (-inf after only -inf adds exp(-inf) = 0), or NaN: the sum becomes NaN
+        thread_sum += exp_c(c - shift_of(thread_max));
       }
       sum_c += c;
       if (v == label) target = c;
     }
     const C row_max = block_reduce(thread_max, FMax{}, negative_infinity<C>());
-    const C scaled = thread_max == negative_infinity<C>() ? C(0) : thread_sum * exp_c(thread_max - row_max);
-    const C row_lse = row_max + log_c(block_sum(scaled));
+    const C row_shift = shift_of(row_max);
+    // thread_max - row_shift: -inf for a thread that saw only -inf (its sum 0, or NaN, times 0 stays that);
+    // +inf only when row_max is, and then the thread's sum is +inf or NaN already.
+    const C row_lse = row_shift + log_c(block_sum(thread_sum * exp_c(thread_max - row_shift)));
     sum_c = block_sum(sum_c);
     target = block_sum(target);
     if (threadIdx.x == 0) {
       lse[row] = row_lse;
-      const C value = row_lse - (C(1) - smoothing) * target - smoothing / C(vocab) * sum_c;
+      const C smoothed = smoothing != C(0) ? smoothing / C(vocab) * sum_c : C(0);
+      const C value = row_lse - (C(1) - smoothing) * target - smoothed;
       loss[row] = ignored ? C(0) : (in_range ? value : quiet_nan<C>());
     }
     if (grad_weights == nullptr) continue;

@@ -4,8 +4,10 @@ For hidden h [T, H], weight W [V, H], bias b [V] (or none), labels y [T], in the
 (fp32; fp64 for fp64 inputs):
   z = h W^T + b                                   logits [T, V]
   c = softcap * tanh(z / softcap)                 (c = z when softcap is 0: none)
-  lse_t = logsumexp_v c_tv
-  loss_t = lse_t - (1 - eps) c_{t,y_t} - (eps / V) sum_v c_tv      (torch's label smoothing eps)
+  lse_t = logsumexp_v c_tv                        (torch.logsumexp: +inf for a row with a +inf logit, -inf
+                                                  for a row of -inf, NaN for a row with a NaN)
+  loss_t = lse_t - (1 - eps) c_{t,y_t} - (eps / V) sum_v c_tv      (torch's label smoothing eps; the last
+         term only when eps > 0, so a -inf logit (a masked token) leaves the loss finite, as in torch)
          = 0 where y_t == ignore_index; NaN where y_t is outside [0, V) and not ignore_index
   reduction: none -> loss_t; sum -> sum_t loss_t; mean -> sum_t loss_t / max(valid tokens, 1)
 Gradients for per-token weights g_t (d reduced loss / d loss_t, times the output grad):
@@ -52,7 +54,9 @@ def token_losses(logits, labels, grad_weights, ignore_index: int, label_smoothin
     lse = torch.logsumexp(capped, dim=-1)
     target_index = labels.clamp(0, vocab - 1)[:, None]
     target = capped.gather(-1, target_index)[:, 0]
-    loss = lse - (1 - label_smoothing) * target - label_smoothing * capped.mean(-1)
+    loss = lse - (1 - label_smoothing) * target
+    if label_smoothing:
+        loss = loss - label_smoothing * capped.mean(-1)
     nan = torch.full_like(loss, float("nan"))
     loss = torch.where(valid, torch.where(in_range, loss, nan), torch.zeros_like(loss))
     if grad_weights is None:
