@@ -35,11 +35,11 @@ void rmsnorm_forward(uintptr_t x, uintptr_t weight, uintptr_t y, uintptr_t rstd,
                x_dtype, weight_dtype, y_dtype, eps, offset, casting_mode, nthreads);
 }
 
-void rmsnorm_backward(uintptr_t dy, uintptr_t x, uintptr_t weight, uintptr_t rstd, uintptr_t dx, uintptr_t dw_partial,
+void rmsnorm_backward(uintptr_t dy, uintptr_t x, uintptr_t weight, uintptr_t rstd, uintptr_t dx, uintptr_t dw,
                       int64_t rows, int64_t n, int x_dtype, int weight_dtype, int dy_dtype, double offset,
                       int casting_mode, int nthreads) {
   PFP_CALL_ISA(rmsnorm_backward, ptr<const void>(dy), ptr<const void>(x), ptr<const void>(weight),
-               ptr<const void>(rstd), ptr<void>(dx), ptr<void>(dw_partial), rows, n, x_dtype, weight_dtype, dy_dtype,
+               ptr<const void>(rstd), ptr<void>(dx), ptr<void>(dw), rows, n, x_dtype, weight_dtype, dy_dtype,
                offset, casting_mode, nthreads);
 }
 

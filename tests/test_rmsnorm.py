@@ -89,6 +89,27 @@ def test_rms_norm_backward_matches_reference(backend, dtype, mode, offset, shape
     torch.testing.assert_close(grads[backend][1].float(), grads["reference"][1].float(), rtol=2e-2, atol=2e-2)
 
 
+@pytest.mark.parametrize("isa", CPU_ISAS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 17, 300, 5000])  # one partial, two, 19, the cap of 256
+def test_rms_norm_weight_grad_is_bitwise_the_same_on_any_thread_count(isa, dtype, rows):
+    x = torch.randn(rows, 96).to(dtype)
+    weight = torch.randn(96).to(dtype).requires_grad_()
+    dy = torch.randn(rows, 96).to(dtype)
+    previous = torch.get_num_threads()
+    grads = []
+    try:
+        for threads in (1, 2, 3, 8):
+            torch.set_num_threads(threads)
+            with cpu_isa(isa):
+                grads.append(torch.autograd.grad(run("native", rms_norm, x, weight), weight, dy)[0])
+    finally:
+        torch.set_num_threads(previous)
+    bits = torch.int32 if dtype == torch.float32 else torch.int16
+    for grad in grads[1:]:
+        assert torch.equal(grad.view(bits), grads[0].view(bits))
+
+
 def test_rms_norm_frozen_weight_gets_no_gradient():
     x, w = inputs((4, 64), torch.float32)
     x.requires_grad_()

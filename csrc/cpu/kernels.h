@@ -11,7 +11,7 @@
                        int64_t n, int x_dtype, int weight_dtype, int y_dtype, double eps,            \
                        double offset, int casting_mode, int nthreads);                               \
   void rmsnorm_backward(const void* dy, const void* x, const void* weight, const void* rstd,         \
-                        void* dx, void* dw_partial, int64_t rows, int64_t n, int x_dtype,            \
+                        void* dx, void* dw, int64_t rows, int64_t n, int x_dtype,                    \
                         int weight_dtype, int dy_dtype, double offset, int casting_mode,             \
                         int nthreads);                                                               \
   void swiglu_forward(const void* gate, const void* up, void* out, int64_t numel, int dtype,         \

@@ -7,10 +7,14 @@
 // where round_x(v) is v stored as x's dtype and read back.
 // backward, one row (the casts treated as identity):  m = dy * w'
 //   dx = r * m - (r^3 / n) * dot(m, x) * x
-//   dw += dy * xn,  xn = round_x(x * r) (llama, none) or x * r (gemma); per-thread partial rows.
+//   dw += dy * xn,  xn = round_x(x * r) (llama, none) or x * r (gemma)
+// dw is summed in an order fixed by rows alone, whatever the thread count (bitwise the same dW on 1 or 64
+// threads): rows split into P = min(ceil(rows / 16), 256) contiguous ranges, one partial row each, the
+// threads taking whole ranges; then every column adds the P partials in index order.
 #include "cpu/common.h"
 #include "cpu/kernels.h"
 
+#include <algorithm>
 #include <stdexcept>
 #include <type_traits>
 #include <vector>
@@ -103,31 +107,64 @@ void forward_impl(const Tx* x, const void* weight, int weight_dtype, Ty* y, void
   });
 }
 
-// dy: [rows, n] of Tdy, x: [rows, n] of Tx, dx: [rows, n] of Tx; dw_partial: [nthreads, n] of the
-// compute type (fp32; fp64 for fp64 x), or null when the weight needs no gradient.
+constexpr int64_t kRowsPerPartial = 16;  // at least, so that small batches do not pay a partial per row
+constexpr int64_t kMaxPartials = 256;    // at most: the threads that can share one backward
+
+// Rows [begin, end) of the backward: dx, and dw (when not null) accumulates; fp16 rows through fp32 buffers.
+template <typename Tx, typename Tdy, typename C>
+inline void backward_rows(const Tdy* dy, const Tx* x, Tx* dx, C* dw, const C* w, const C* rstd, int64_t begin,
+                          int64_t end, int64_t n, int mode) {
+  const int64_t buffered = kBuffered<Tx> ? n : 0;
+  std::vector<C> xs(buffered), gs(buffered), dxs(buffered);
+  for (int64_t row = begin; row < end; ++row) {
+    if constexpr (kBuffered<Tx>) {
+      pfp::load_row(x + row * n, xs.data(), n);
+      pfp::load_row(dy + row * n, gs.data(), n);
+      backward_row<Tx>(gs.data(), xs.data(), dxs.data(), dw, w, rstd[row], n, mode);
+      pfp::store_row(dxs.data(), dx + row * n, n);
+    } else {
+      backward_row<Tx>(dy + row * n, x + row * n, dx + row * n, dw, w, rstd[row], n, mode);
+    }
+  }
+}
+
+// dy: [rows, n] of Tdy, x: [rows, n] of Tx, dx: [rows, n] of Tx; dw_out: [n] of the compute type (fp32;
+// fp64 for fp64 x), or null when the weight needs no gradient.
 template <typename Tx, typename Tdy>
 void backward_impl(const Tdy* dy, const Tx* x, const void* weight, int weight_dtype, const void* rstd_in,
-                   Tx* dx, void* dw_partial, int64_t rows, int64_t n, double offset, int mode, int nthreads) {
+                   Tx* dx, void* dw_out, int64_t rows, int64_t n, double offset, int mode, int nthreads) {
   using C = typename pfp::Compute<Tx>::type;
   std::vector<C> w(n);
   load_weight(weight, weight_dtype, offset, n, w.data());
   const C* wp = w.data();
   const C* rstd = static_cast<const C*>(rstd_in);
-  C* dw_all = static_cast<C*>(dw_partial);
-  if (dw_all) std::memset(dw_all, 0, sizeof(C) * size_t(n) * size_t(nthreads < 1 ? 1 : nthreads));
-  pfp::parallel_for(rows, 5 * n, nthreads, [&](int64_t begin, int64_t end, int tid) {
-    const int64_t buffered = kBuffered<Tx> ? n : 0;
-    std::vector<C> xs(buffered), gs(buffered), dxs(buffered);
-    C* dw = dw_all ? dw_all + int64_t(tid) * n : nullptr;
-    for (int64_t row = begin; row < end; ++row) {
-      if constexpr (kBuffered<Tx>) {
-        pfp::load_row(x + row * n, xs.data(), n);
-        pfp::load_row(dy + row * n, gs.data(), n);
-        backward_row<Tx>(gs.data(), xs.data(), dxs.data(), dw, wp, rstd[row], n, mode);
-        pfp::store_row(dxs.data(), dx + row * n, n);
-      } else {
-        backward_row<Tx>(dy + row * n, x + row * n, dx + row * n, dw, wp, rstd[row], n, mode);
-      }
+  C* dw = static_cast<C*>(dw_out);
+  if (!dw) {
+    pfp::parallel_for(rows, 5 * n, nthreads, [&](int64_t begin, int64_t end, int) {
+      backward_rows<Tx>(dy, x, dx, static_cast<C*>(nullptr), wp, rstd, begin, end, n, mode);
+    });
+    return;
+  }
+  const int64_t wanted = (rows + kRowsPerPartial - 1) / kRowsPerPartial;
+  const int64_t partials = wanted < kMaxPartials ? (wanted > 0 ? wanted : 1) : kMaxPartials;
+  std::vector<C> scratch(partials > 1 ? size_t(partials) * size_t(n) : 0);
+  C* partial_rows = partials > 1 ? scratch.data() : dw;
+  const int64_t work_per_partial = 5 * n * ((rows + partials - 1) / partials);
+  pfp::parallel_for(partials, work_per_partial, nthreads, [&](int64_t first, int64_t last, int) {
+    for (int64_t p = first; p < last; ++p) {
+      C* partial = partial_rows + p * n;
+      std::fill(partial, partial + n, C(0));
+      int64_t begin, end;
+      pfp::split_range(rows, int(p), int(partials), begin, end);
+      backward_rows<Tx>(dy, x, dx, partial, wp, rstd, begin, end, n, mode);
+    }
+  });
+  if (partials == 1) return;
+  pfp::parallel_for(n, partials, nthreads, [&](int64_t begin, int64_t end, int) {
+    std::copy(partial_rows + begin, partial_rows + end, dw + begin);
+    for (int64_t p = 1; p < partials; ++p) {
+      const C* partial = partial_rows + p * n;
+      for (int64_t i = begin; i < end; ++i) dw[i] += partial[i];
     }
   });
 }
@@ -166,14 +203,14 @@ void rmsnorm_forward(const void* x, const void* weight, void* y, void* rstd, int
 }
 
 // rmsnorm_backward: dx[rows, n] (x's dtype) from dy[rows, n] (dy_dtype: the forward's y dtype), x,
-// weight[n], rstd[rows] (compute type) saved by the forward. dw_partial: null, or [nthreads, n] of fp32 (fp64 for
-// fp64 x) that the kernel overwrites with per-thread sums; the caller adds the rows up.
+// weight[n], rstd[rows] (compute type) saved by the forward. dw: null, or [n] of fp32 (fp64 for fp64 x) that the
+// kernel overwrites with dW, the same bits for any nthreads (the order of its sum above).
 void rmsnorm_backward(const void* dy, const void* x, const void* weight, const void* rstd, void* dx,
-                      void* dw_partial, int64_t rows, int64_t n, int x_dtype, int weight_dtype, int dy_dtype,
+                      void* dw, int64_t rows, int64_t n, int x_dtype, int weight_dtype, int dy_dtype,
                       double offset, int casting_mode, int nthreads) {
 #define PFP_RMS_BWD(TX, TDY)                                                                           \
   backward_impl(static_cast<const TDY*>(dy), static_cast<const TX*>(x), weight, weight_dtype, rstd,  \
-                static_cast<TX*>(dx), dw_partial, rows, n, offset, casting_mode, nthreads)
+                static_cast<TX*>(dx), dw, rows, n, offset, casting_mode, nthreads)
   if (x_dtype == dy_dtype) {
     switch (x_dtype) {
       case pfp::kFloat32: PFP_RMS_BWD(float, float); return;

@@ -44,7 +44,7 @@ def backward_into(dy, x, weight, rstd, dx, offset: float, casting_mode: int, wei
     if x.is_cuda:
         partials = max(1, min(rows, 4 * torch.cuda.get_device_properties(x.device).multi_processor_count))
     else:
-        partials = _native.num_threads()
+        partials = 1  # the CPU kernel sums dw itself, in an order independent of the thread count
     dw_partial = torch.empty((partials, n), dtype=rstd.dtype, device=x.device) if weight_grad else None
     args = (_native.ptr(dy), _native.ptr(x), _native.ptr(weight), _native.ptr(rstd), _native.ptr(dx),
             _native.ptr(dw_partial), rows, n, _native.dtype_code(x), _native.dtype_code(weight),
@@ -52,7 +52,7 @@ def backward_into(dy, x, weight, rstd, dx, offset: float, casting_mode: int, wei
     if x.is_cuda:
         _native.cuda.rmsnorm_backward(*args, partials, _native.cuda_stream(x), x.device.index)
     else:
-        _native.cpu.rmsnorm_backward(*args, partials)
+        _native.cpu.rmsnorm_backward(*args, _native.num_threads())
     return None if dw_partial is None else dw_partial.sum(0).to(weight.dtype)
 
 
