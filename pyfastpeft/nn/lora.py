@@ -196,7 +196,8 @@ class LoRALinear(nn.Module):
     # -- adapters --
 
     @property
-    def active_adapter(self) -> str:
+    def active_adapter(self) -> str | None:
+        """The adapter forward applies; None when none is (the layer computes its base alone)."""
         return self._active_adapter
 
     @property
@@ -238,10 +239,12 @@ class LoRALinear(nn.Module):
         if adapter_name not in self.lora_A:
             raise ValueError(f"{fn}: unknown adapter {adapter_name!r}; this layer has {list(self.lora_A)}")
 
-    def set_adapter(self, adapter_name: str) -> None:
+    def set_adapter(self, adapter_name: str | None) -> None:
         """Make adapter_name the active adapter: the one forward applies and the only one that trains.
+        None activates none, as PEFT's layers do when the model's active adapter targets other layers.
         A merged layer is unmerged first (with a warning), as PEFT does."""
-        self._check_known("LoRALinear.set_adapter", adapter_name)
+        if adapter_name is not None:
+            self._check_known("LoRALinear.set_adapter", adapter_name)
         if self.merged and adapter_name != self._active_adapter:
             warnings.warn("LoRALinear.set_adapter: the layer is merged; unmerging it first", stacklevel=2)
             self.unmerge()
@@ -292,6 +295,8 @@ class LoRALinear(nn.Module):
         (a quantized base is dequantized, added to and re-quantized, with a warning stating the error)."""
         if not self._adapters_enabled:
             raise ValueError("LoRALinear.merge: adapters are disabled; enable_adapters() first")
+        if self._active_adapter is None:
+            raise ValueError("LoRALinear.merge: no adapter is active; set_adapter(name) first")
         if self._active_adapter in self.merged_adapters:
             warnings.warn(f"LoRALinear.merge: adapter {self._active_adapter!r} is already merged", stacklevel=2)
             return
@@ -315,7 +320,7 @@ class LoRALinear(nn.Module):
     # -- forward --
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not self._adapters_enabled or self.merged_adapters:
+        if not self._adapters_enabled or self.merged_adapters or self._active_adapter is None:
             return self.base_layer(x)
         base = self.base_layer
         kind = base_kind(base)
