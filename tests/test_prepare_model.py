@@ -1,7 +1,11 @@
 """prepare_model end to end: a tiny Llama trained with and without it (PEFT's LoRA as the unfused baseline),
-per-step losses compared; NF4 and int8 bases; generation, checkpointing, compile, reports and bad input."""
+per-step losses compared; NF4 and int8 bases; generation, checkpointing, compile, pickling, evaluation through
+transformers' Trainer, the default adapter, second calls and PeftModels refused without a change, reports and
+bad input."""
 import copy
+import io
 import math
+import pickle
 
 import pytest
 import torch
@@ -119,7 +123,7 @@ def test_fused_loss_equals_transformers_loss_and_gradients():
     labels = ids.clone()
     labels[0, :5] = -100  # a prompt that does not count
     reference = copy.deepcopy(model)
-    prepare_model(model, quant=None, lora=None, patch=False)
+    prepare_model(model, quant=None, lora=False, patch=False)
     out = model(input_ids=ids, labels=labels)
     expected = reference(input_ids=ids, labels=labels)
     assert out.logits is None
@@ -209,6 +213,11 @@ def test_unsupported_model_gets_a_report_not_an_error():
 @pytest.mark.parametrize("call, error, match", [
     (lambda m: prepare_model(m, quant="int4"), ValueError, "quant must be one of"),
     (lambda m: prepare_model(m, lora={"r": 8}), TypeError, "lora must be a pyfastpeft.LoraSettings"),
+    (lambda m: prepare_model(m, lora=None), TypeError, "lora must be a pyfastpeft.LoraSettings"),
+    (lambda m: prepare_model(m, patch="yes"), TypeError, "patch must be a bool"),
+    (lambda m: LoraSettings(r=0), ValueError, "r must be >= 1"),
+    (lambda m: LoraSettings(lora_dropout=1.0), ValueError, "lora_dropout must be in"),
+    (lambda m: LoraSettings(target_modules=[]), TypeError, "target_modules must be"),
     (lambda m: prepare_model("model"), TypeError, "model must be a torch.nn.Module"),
 ])
 def test_bad_input(call, error, match):
@@ -226,3 +235,122 @@ def test_adapter_round_trips_through_peft_after_training(tmp_path):
     ids = token_stream(batch=1, seq=8)
     with torch.no_grad():
         torch.testing.assert_close(model(input_ids=ids).logits, loaded(input_ids=ids).logits, rtol=1e-4, atol=1e-5)
+
+
+def snapshot(model):
+    """Everything a failed prepare_model must leave as it was: the module tree, the state dict, trainability and
+    the forward."""
+    return ([(name, type(module)) for name, module in model.named_modules()],
+            {key: value.clone() for key, value in model.state_dict().items()},
+            {name: p.requires_grad for name, p in model.named_parameters()}, dict(model.__dict__).get("forward"))
+
+
+def assert_unchanged(model, before):
+    modules, state, trainable, forward = snapshot(model)
+    assert modules == before[0] and trainable == before[2] and forward is before[3]
+    assert state.keys() == before[1].keys()
+    for key, value in state.items():
+        assert torch.equal(value, before[1][key]), key
+
+
+def test_default_adds_peft_default_adapters_and_false_adds_none():
+    model = tiny_llama()
+    report = prepare_model(model, quant=None)
+    layer = model.model.layers[0].self_attn.q_proj
+    assert isinstance(layer, LoRALinear) and report.replaced["lora"] == 2 * 7
+    assert layer.r["default"] == 8 and layer.lora_alpha["default"] == 8 and layer.lora_dropout["default"] == 0.0
+    assert report.trainable_params == sum(p.numel() for n, p in model.named_parameters() if ".lora_" in n) > 0
+    bare = tiny_llama()
+    report = prepare_model(bare, quant=None, lora=False)
+    assert "lora" not in report.replaced and report.trainable_params == 0
+    assert not any(isinstance(m, LoRALinear) for m in bare.modules())
+
+
+@pytest.mark.parametrize("second", [dict(), dict(quant=None, lora=False)], ids=["same", "nothing-new"])
+def test_second_call_raises_and_changes_nothing(second):
+    model = tiny_llama()
+    prepare_model(model)
+    before = snapshot(model)
+    with pytest.raises(ValueError, match="already prepared"):
+        prepare_model(model, **second)
+    assert_unchanged(model, before)
+
+
+def test_peft_model_is_refused_unchanged_and_converts_through_from_peft():
+    peft_model = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    before = snapshot(peft_model)
+    with pytest.raises(ValueError, match="from_peft"):
+        prepare_model(peft_model)
+    assert_unchanged(peft_model, before)
+    with pytest.raises(ValueError, match="from_peft"):
+        prepare_model(peft_model.base_model.model)
+    assert_unchanged(peft_model, before)
+    model = pyfastpeft.from_peft(peft_model)
+    with pytest.raises(ValueError, match="lora=False"):
+        prepare_model(model)
+    report = prepare_model(model, quant="nf4", lora=False)
+    layer = model.model.layers[0].self_attn.q_proj
+    assert isinstance(layer.base_layer, Linear4bit) and type(layer.lora_A["default"]) is nn.Linear
+    assert report.trainable_params == sum(p.numel() for n, p in model.named_parameters() if ".lora_" in n) > 0
+
+
+def test_unmatched_target_modules_raise_before_anything_is_quantized():
+    model = tiny_llama()
+    before = snapshot(model)
+    with pytest.raises(ValueError, match="no linear layer matches lora.target_modules"):
+        prepare_model(model, quant="nf4", lora=LoraSettings(target_modules=["qkv"]))
+    assert_unchanged(model, before)
+
+
+@pytest.mark.parametrize("save", ["pickle", "torch.save"])
+def test_prepared_model_pickles_whole_and_gives_the_same_loss(save):
+    model = tiny_llama()
+    prepare_model(model)  # NF4 base, adapters, patched modules, fused loss
+    train(model, token_stream(), steps=2)
+    if save == "pickle":
+        loaded = pickle.loads(pickle.dumps(model))
+    else:
+        buffer = io.BytesIO()
+        torch.save(model, buffer)
+        buffer.seek(0)
+        loaded = torch.load(buffer, weights_only=False)
+    _PREPARED.append(loaded)
+    ids = token_stream(batch=2, seq=16)
+    expected, got = model(input_ids=ids, labels=ids), loaded(input_ids=ids, labels=ids)
+    assert got.logits is None  # the loaded model still computes the fused loss
+    torch.testing.assert_close(got.loss, expected.loss, rtol=0, atol=0)
+    got.loss.backward()
+    assert all(p.grad is not None for n, p in loaded.named_parameters() if ".lora_" in n)
+
+
+def test_eval_mode_returns_logits_and_the_models_own_loss():
+    model = tiny_llama()
+    reference = copy.deepcopy(model)
+    prepare_model(model, quant=None, lora=False, patch=False)
+    ids = token_stream(batch=2, seq=16)
+    assert model(input_ids=ids, labels=ids).logits is None  # training: the memory win
+    model.eval()
+    out, expected = model(input_ids=ids, labels=ids), reference.eval()(input_ids=ids, labels=ids)
+    torch.testing.assert_close(out.logits, expected.logits)
+    torch.testing.assert_close(out.loss, expected.loss)
+
+
+def test_trainer_evaluate_hands_logits_to_compute_metrics(tmp_path):
+    from transformers import Trainer, TrainingArguments
+
+    model = tiny_llama()
+    reference = copy.deepcopy(model).eval()
+    prepare_model(model, quant=None)
+    ids = token_stream(batch=4, seq=16)
+    dataset = [{"input_ids": row, "labels": row} for row in ids]
+    seen = {}
+
+    def compute_metrics(prediction):
+        seen["shape"] = prediction.predictions.shape
+        return {"accuracy": float((prediction.predictions[:, :-1].argmax(-1) == prediction.label_ids[:, 1:]).mean())}
+    args = TrainingArguments(output_dir=str(tmp_path), per_device_eval_batch_size=4, report_to=[], use_cpu=True)
+    metrics = Trainer(model=model, args=args, eval_dataset=dataset, compute_metrics=compute_metrics).evaluate()
+    assert seen["shape"] == (4, 16, 128) and 0.0 <= metrics["eval_accuracy"] <= 1.0
+    with torch.no_grad():
+        expected = reference(input_ids=ids, labels=ids).loss.item()
+    assert metrics["eval_loss"] == pytest.approx(expected, rel=1e-4)

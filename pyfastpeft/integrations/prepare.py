@@ -4,29 +4,55 @@
 
 In order: freeze every parameter; quantize the linear layers but the output layer (quantize_model: NF4 or
 LLM.int8); wrap the target linears in LoRALinear (add_lora: only the adapters train); swap RMSNorm, the gated
-MLP and RoPE for ours (patch_model); route the causal-LM loss through the fused linear cross-entropy, so the
-[tokens, vocab] logits and their gradient are never materialized when labels are given.
+MLP and RoPE for ours (patch_model); route the causal-LM loss in training through the fused linear cross-entropy,
+so the [tokens, vocab] logits and their gradient are never materialized when labels are given.
 """
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import types
 from collections.abc import Sequence
 
+import torch
 from torch import nn
 
 QUANT_METHODS = (None, "nf4", "int8")
+_PREPARED_ATTR = "_pyfastpeft_prepared"
 
 
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
 class LoraSettings:
-    """The LoRA adapter prepare_model adds, in PEFT's names (LoraConfig)."""
+    """The LoRA adapter prepare_model adds, in PEFT's names (LoraConfig) and with PEFT's defaults: r=8,
+    lora_alpha=8, no dropout, no rsLoRA. target_modules: PEFT's own default picks q_proj/v_proj from a table per
+    architecture; ours is "all-linear" (every linear layer but the output layer, as PEFT's "all-linear" and QLoRA),
+    which works for any architecture. Checked when built: a bad value raises TypeError/ValueError naming the field."""
 
-    r: int = 16
-    lora_alpha: float = 32
+    r: int = 8
+    lora_alpha: float = 8
     lora_dropout: float = 0.0
     target_modules: str | Sequence[str] = "all-linear"
     use_rslora: bool = False
+
+    def __post_init__(self):
+        fn = "LoraSettings"
+        if not isinstance(self.r, int) or isinstance(self.r, bool):
+            raise TypeError(f"{fn}: r must be an int, got {type(self.r).__name__}")
+        if self.r < 1:
+            raise ValueError(f"{fn}: r must be >= 1, got {self.r}")
+        if not isinstance(self.lora_alpha, (int, float)) or isinstance(self.lora_alpha, bool):
+            raise TypeError(f"{fn}: lora_alpha must be a number, got {type(self.lora_alpha).__name__}")
+        if not isinstance(self.lora_dropout, (int, float)) or isinstance(self.lora_dropout, bool):
+            raise TypeError(f"{fn}: lora_dropout must be a number, got {type(self.lora_dropout).__name__}")
+        if not 0.0 <= self.lora_dropout < 1.0:
+            raise ValueError(f"{fn}: lora_dropout must be in [0, 1), got {self.lora_dropout}")
+        targets = self.target_modules
+        if not (isinstance(targets, str) or (isinstance(targets, Sequence) and targets
+                                             and all(isinstance(name, str) for name in targets))):
+            raise TypeError(f"{fn}: target_modules must be a str (a regex, or \"all-linear\") or a non-empty "
+                            f"sequence of module names, got {targets!r}")
+        if not isinstance(self.use_rslora, bool):
+            raise TypeError(f"{fn}: use_rslora must be a bool, got {type(self.use_rslora).__name__}")
 
 
 @dataclasses.dataclass
@@ -63,57 +89,172 @@ def _dense_output_layer(model: nn.Module):
     return layer if type(layer) is nn.Linear else None
 
 
-def _fused_loss_forward(self, input_ids=None, *args, labels=None, num_items_in_batch=None, logits_to_keep=0,
-                        **kwargs):
-    """The model's forward with the causal-LM loss computed by fused_linear_cross_entropy from the decoder's
-    hidden states: the same loss as transformers' ForCausalLMLoss (labels shifted by one, ignore_index -100,
-    mean over the counted tokens or sum / num_items_in_batch), logits left out (None) when labels are given.
-    Without labels (generation, plain inference) the original forward runs unchanged."""
-    from transformers.modeling_outputs import CausalLMOutputWithPast
+def _number(value) -> float | None:
+    return float(value) if isinstance(value, (int, float)) and not isinstance(value, bool) else None
 
-    from pyfastpeft.functional import fused_linear_cross_entropy
 
-    if labels is None or args or kwargs.get("return_dict") is False:
+class FusedLossForward:
+    """model.forward of a model prepared with the fused loss (install_fused_loss puts it there).
+
+    In training mode with labels, the model's own forward runs with labels=None and no logits (logits_to_keep is an
+    empty index), the decoder's last hidden state is taken as it leaves the decoder, and the loss is computed from it
+    by fused_linear_cross_entropy, so the [tokens, vocab] logits and their gradient never exist. The loss is
+    transformers' ForCausalLMLoss (labels shifted by one, ignore_index -100, mean over the counted tokens or
+    sum / num_items_in_batch) of the model's own logits: times `logit_scale` (Cohere's logit_scale, 1 / Granite's
+    logits_scaling), soft-capped by `softcap` (Gemma-2's final_logit_softcapping), plus `aux_loss_coef * aux_loss`
+    where the model returns a router aux loss (Mixtral, Qwen-MoE). The output is the model's own type with that loss
+    and logits None.
+    Otherwise (eval mode, so evaluation and compute_metrics get logits; no labels; positional arguments past
+    input_ids; return_dict=False; logits_to_keep; shift_labels) the model's own forward runs unchanged.
+    A module-level class holding the model, not a bound function, so a prepared model pickles; inspect.signature
+    reports the model's own forward (Trainer reads it to keep dataset columns and pass num_items_in_batch).
+    """
+
+    def __init__(self, model: nn.Module, logit_scale: float = 1.0, softcap: float | None = None,
+                 aux_loss_coef: float = 0.0):
+        self.model = model
+        self.inner = model.__dict__.get("forward")  # a forward set on the instance before us (accelerate's hooks)
+        self.logit_scale = logit_scale
+        self.softcap = softcap
+        self.aux_loss_coef = aux_loss_coef
+
+    def original(self):
+        """The model's forward as it was before install_fused_loss."""
+        return self.inner if self.inner is not None else types.MethodType(type(self.model).forward, self.model)
+
+    @property
+    def __signature__(self) -> inspect.Signature:
+        return inspect.signature(self.original())
+
+    def __call__(self, input_ids=None, *args, **kwargs):
+        logits_to_keep = kwargs.get("logits_to_keep", 0)
+        if (not self.model.training or kwargs.get("labels") is None or args or kwargs.get("return_dict") is False
+                or not (isinstance(logits_to_keep, int) and logits_to_keep == 0)
+                or kwargs.get("shift_labels") is not None):
+            return self.original()(input_ids, *args, **kwargs)
+        kwargs.pop("logits_to_keep", None)
+        return self.fused_forward(input_ids, **kwargs)
+
+    def fused_forward(self, input_ids=None, *, labels, num_items_in_batch=None, **kwargs):
+        """The forward with the fused loss, whatever the training mode (install_fused_loss's probe calls it)."""
+        from pyfastpeft.functional import fused_linear_cross_entropy
+
+        model = self.model
+        head = model.get_output_embeddings()
+        captured = []
+        handle = model.get_decoder().register_forward_hook(lambda module, args, output: captured.append(output))
+        try:
+            no_logits = torch.empty(0, dtype=torch.long, device=head.weight.device)
+            outputs = self.original()(input_ids, labels=None, logits_to_keep=no_logits, **kwargs)
+        finally:
+            handle.remove()
+        decoder_output = captured[-1]
+        hidden = getattr(decoder_output, "last_hidden_state", None)
+        if hidden is None:
+            hidden = decoder_output[0]
+        hidden = hidden.to(head.weight.device)
+        if self.logit_scale != 1.0:  # (h * s) W^T = s * (h W^T): the head has no bias (install_fused_loss checks)
+            hidden = hidden * self.logit_scale
+        weight, bias = head.weight, head.bias
+        if torch.is_autocast_enabled(hidden.device.type):  # lm_head's F.linear would run in the autocast dtype
+            dtype = torch.get_autocast_dtype(hidden.device.type)
+            hidden, weight = hidden.to(dtype), weight.to(dtype)
+            bias = None if bias is None else bias.to(dtype)
+        elif hidden.dtype != weight.dtype:
+            hidden = hidden.to(weight.dtype)
+        shift_labels = nn.functional.pad(labels, (0, 1), value=-100)[..., 1:].to(hidden.device)
+        reduction = "mean" if num_items_in_batch is None else "sum"
+        loss = fused_linear_cross_entropy(hidden, weight, shift_labels, bias=bias, ignore_index=-100,
+                                          softcap=self.softcap, reduction=reduction)
         if num_items_in_batch is not None:
-            kwargs["num_items_in_batch"] = num_items_in_batch
-        return self._pyfastpeft_original_forward(input_ids, *args, labels=labels, logits_to_keep=logits_to_keep,
-                                                 **kwargs)
-    outputs = self.get_decoder()(input_ids=input_ids, **kwargs)
-    hidden = outputs.last_hidden_state
-    head = self.get_output_embeddings()
-    shift_labels = nn.functional.pad(labels, (0, 1), value=-100)[..., 1:].to(hidden.device)
-    softcap = getattr(self.config, "final_logit_softcapping", None)
-    reduction = "mean" if num_items_in_batch is None else "sum"
-    loss = fused_linear_cross_entropy(hidden, head.weight, shift_labels, bias=head.bias, ignore_index=-100,
-                                      softcap=softcap, reduction=reduction)
-    if num_items_in_batch is not None:
-        loss = loss / num_items_in_batch
-    # the cache field is `cache` in recent transformers, `past_key_values` before
-    cache = {name: getattr(outputs, name, None) for name in ("cache", "past_key_values")
-             if name in CausalLMOutputWithPast.__dataclass_fields__}
-    return CausalLMOutputWithPast(loss=loss, logits=None, hidden_states=getattr(outputs, "hidden_states", None),
-                                  attentions=getattr(outputs, "attentions", None), **cache)
+            if torch.is_tensor(num_items_in_batch):
+                num_items_in_batch = num_items_in_batch.to(loss.device)
+            loss = loss / num_items_in_batch
+        aux_loss = getattr(outputs, "aux_loss", None)
+        if aux_loss is not None:
+            loss = loss + self.aux_loss_coef * aux_loss.to(loss.device)
+        return type(outputs)(**{**outputs, "loss": loss, "logits": None})
+
+
+def _loss_probe(forward: FusedLossForward) -> str | None:
+    """None if the fused loss equals the model's own forward loss on a small random batch (in eval mode, without
+    gradients; with the router aux loss on too where the config has output_router_logits); else why not.
+    Tolerance: 1e-4 relative for fp32 heads (a Mixtral aux term is ~4e-4), 2e-2 for 16-bit ones."""
+    model = forward.model
+    embeddings = model.get_input_embeddings()
+    vocab = getattr(embeddings, "num_embeddings", None) or model.get_output_embeddings().out_features
+    device = next(embeddings.parameters()).device
+    generator = torch.Generator().manual_seed(0)
+    input_ids = torch.randint(0, vocab, (2, 12), generator=generator).to(device)
+    labels = input_ids.clone()
+    labels[0, :3] = -100
+    variants = [{}]
+    if getattr(model.config, "output_router_logits", None) is not None:
+        variants.append({"output_router_logits": True})
+    head_dtype = model.get_output_embeddings().weight.dtype
+    rtol = 1e-4 if head_dtype in (torch.float32, torch.float64) else 2e-2
+    modes = [(module, module.training) for module in model.modules()]
+    model.eval()
+    try:
+        with torch.no_grad():
+            for extra in variants:
+                expected = forward.original()(input_ids, labels=labels, use_cache=False, **extra).loss
+                got = forward.fused_forward(input_ids, labels=labels, use_cache=False, **extra).loss
+                if not torch.isclose(got.float(), expected.float().to(got.device), rtol=rtol, atol=1e-6):
+                    setting = f" with {extra}" if extra else ""
+                    return (f"fused loss: on a probe batch{setting} it gives {got.item():.6g} where "
+                            f"{type(model).__name__}'s own forward gives {expected.item():.6g}; the model's own loss "
+                            "is kept")
+    except Exception as exc:  # a forward the probe cannot drive is one we cannot prove equal
+        return f"fused loss: the probe forward failed ({type(exc).__name__}: {exc}); the model's own loss is kept"
+    finally:
+        for module, training in modes:
+            module.training = training
+    return None
 
 
 def install_fused_loss(model: nn.Module) -> str | None:
-    """Route model's causal-LM loss through fused_linear_cross_entropy; returns None, or why it could not."""
-    if getattr(model, "_pyfastpeft_original_forward", None) is not None:
+    """Route model's causal-LM loss in training through fused_linear_cross_entropy (model.forward becomes a
+    FusedLossForward); returns None, or why not (then the model's forward is left as it was).
+
+    The model's logit transform is read from its config (logits_scaling, logit_scale, final_logit_softcapping)
+    and its router aux loss coefficient from the model (router_aux_loss_coef); then a probe compares the fused
+    loss with the model's own forward loss, and a model whose loss differs keeps its own forward."""
+    if isinstance(model.__dict__.get("forward"), FusedLossForward):
         return None
     if not callable(getattr(model, "get_decoder", None)):
         return f"fused loss: {type(model).__name__} has no get_decoder() (not a transformers causal LM)"
-    if _dense_output_layer(model) is None:
+    head = _dense_output_layer(model)
+    if head is None:
         return f"fused loss: {type(model).__name__}'s output layer is not a plain nn.Linear"
-    model._pyfastpeft_original_forward = model.forward
-    model.forward = types.MethodType(_fused_loss_forward, model)
-    return None
+    if "logits_to_keep" not in inspect.signature(type(model).forward).parameters:
+        return f"fused loss: {type(model).__name__}.forward takes no logits_to_keep (transformers < 4.50)"
+    config = getattr(model, "config", None)
+    logit_scale = 1.0
+    if scaling := _number(getattr(config, "logits_scaling", None)):  # Granite: logits / logits_scaling
+        logit_scale /= scaling
+    scale = _number(getattr(model, "logit_scale", getattr(config, "logit_scale", None)))  # Cohere: logits * scale
+    if scale is not None:
+        logit_scale *= scale
+    if logit_scale != 1.0 and head.bias is not None:
+        return f"fused loss: {type(model).__name__} scales the logits of a head with a bias"
+    softcap = _number(getattr(config, "final_logit_softcapping", None)) or None
+    aux_loss_coef = _number(getattr(model, "router_aux_loss_coef", getattr(config, "router_aux_loss_coef", None)))
+    forward = FusedLossForward(model, logit_scale, softcap, aux_loss_coef or 0.0)
+    reason = _loss_probe(forward)
+    if reason is None:
+        model.forward = forward
+    return reason
 
 
 def remove_fused_loss(model: nn.Module) -> None:
     """Undo install_fused_loss."""
-    original = getattr(model, "_pyfastpeft_original_forward", None)
-    if original is not None:
-        model.forward = original
-        del model._pyfastpeft_original_forward
+    forward = model.__dict__.get("forward")
+    if isinstance(forward, FusedLossForward):
+        if forward.inner is None:
+            del model.forward
+        else:
+            model.forward = forward.inner
 
 
 # ---- prepare_model ---------------------------------------------------------------------------------------------
@@ -123,18 +264,84 @@ def _count(model: nn.Module) -> tuple[int, int]:
     return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
 
 
-def prepare_model(model: nn.Module, quant: str | None = "nf4", lora: LoraSettings | None = None, patch: bool = True,
+def _make_output_require_grad(module, args, output):
+    output.requires_grad_(True)
+
+
+def _enable_input_require_grads(model: nn.Module) -> None:
+    """transformers' enable_input_require_grads with a module-level hook (theirs is a local function, which keeps the
+    model from pickling); kept where theirs is, so model.disable_input_require_grads() removes it."""
+    get_input = getattr(model, "get_input_embeddings", None)
+    embeddings = get_input() if callable(get_input) else None
+    if isinstance(embeddings, nn.Module):
+        handle = embeddings.register_forward_hook(_make_output_require_grad)
+        model._require_grads_hooks = [handle]
+        model._require_grads_hook = handle
+
+
+def _check_model_state(fn: str, model: nn.Module, quant, lora, patch: bool, fused_loss: bool) -> None:
+    """Raise, before anything changes, on a model prepare_model cannot take as it is."""
+    from pyfastpeft.integrations.transformers import _STATE_ATTR
+    from pyfastpeft.nn import Linear4bit, Linear8bitLt, LoRALinear
+
+    if getattr(model, _PREPARED_ATTR, False):
+        raise ValueError(f"{fn}: model was already prepared by prepare_model; prepare the original model once (a "
+                         "second call would quantize and adapt it again)")
+    if type(model).__module__.startswith("peft.") or any(
+            type(module).__module__.startswith("peft.tuners") for module in model.modules()):
+        raise ValueError(f"{fn}: model is (or holds) a PEFT model; convert it with "
+                         f"model = pyfastpeft.from_peft(peft_model) and call {fn}(model, lora=False) to keep its "
+                         "adapters")
+    if lora is not False and any(isinstance(module, LoRALinear) for module in model.modules()):
+        raise ValueError(f"{fn}: model already holds LoRA adapters (LoRALinear); pass lora=False to keep them, or "
+                         "prepare a model without adapters")
+    if quant is not None and any(isinstance(module, (Linear4bit, Linear8bitLt)) for module in model.modules()):
+        raise ValueError(f"{fn}: model already holds quantized layers; pass quant=None")
+    if patch and hasattr(model, _STATE_ATTR):
+        raise ValueError(f"{fn}: model is already patched by patch_model; pass patch=False or call "
+                         "pyfastpeft.unpatch_model(model) first")
+    if fused_loss and isinstance(model.__dict__.get("forward"), FusedLossForward):
+        raise ValueError(f"{fn}: model already computes the fused loss; pass fused_loss=False")
+
+
+def _check_lora_targets(fn: str, model: nn.Module, lora: LoraSettings) -> None:
+    """add_lora's target check, run before quantization (which keeps every linear layer's path)."""
+    from pyfastpeft.nn.lora import linear_modules, matches_target
+
+    candidates = linear_modules(model)
+    if lora.target_modules == "all-linear":
+        output_layer = _dense_output_layer(model)
+        chosen = [path for path, module in candidates if path.rpartition(".")[2] != "lm_head" and module is not output_layer]
+    else:
+        chosen = [path for path, _ in candidates if matches_target(path, lora.target_modules)]
+    if not chosen:
+        names = sorted({path.rpartition(".")[2] for path, _ in candidates})
+        raise ValueError(f"{fn}: no linear layer matches lora.target_modules={lora.target_modules!r}; the model's "
+                         f"linear layers are named {names[:12]}{' ...' if len(names) > 12 else ''}")
+
+
+def prepare_model(model: nn.Module, quant: str | None = "nf4", lora: LoraSettings | bool = True, patch: bool = True,
                   fused_loss: bool = True) -> PrepareReport:
     """Make a transformers causal LM ready for fused (Q)LoRA training, in place; returns a PrepareReport.
 
     quant: "nf4" (QLoRA: NF4 with double quantization, compute in the model's dtype), "int8" (LLM.int8) or None
-    (the frozen base stays dense). lora: the adapter (LoraSettings(); None adds none and trains nothing).
-    patch: swap RMSNorm / gated MLP / RoPE for pyfastpeft's. fused_loss: compute the loss from hidden states
-    with fused_linear_cross_entropy when labels are given. Works with gradient checkpointing
-    (model.gradient_checkpointing_enable(...)), model.generate, bf16 and fp32, and torch.compile.
+    (the frozen base stays dense). lora: the adapter to add: True (the default) adds LoraSettings(), PEFT's
+    defaults (r=8, lora_alpha=8, every linear layer but the output layer); a LoraSettings adds that one; False adds
+    none (keeping the adapters a model already holds, e.g. from pyfastpeft.from_peft; the LoRA matrices are never
+    quantized). patch: swap RMSNorm / gated MLP / RoPE for pyfastpeft's. fused_loss: in training mode with labels,
+    compute the loss from hidden states with fused_linear_cross_entropy and return logits=None (the memory win);
+    in eval mode (model.eval(), as Trainer.evaluate sets it) the model's own forward runs and returns logits. A
+    model whose own loss the fused one does not reproduce on a probe batch keeps its own (see install_fused_loss);
+    the report says which. Works with gradient checkpointing (model.gradient_checkpointing_enable(...)),
+    model.generate, bf16 and fp32, torch.compile, and pickle / torch.save of the whole model.
+
+    Everything is checked before the model changes: a bad argument, a model already prepared (a second call raises
+    ValueError and changes nothing), a PeftModel (convert it with from_peft first) or target_modules that match no
+    linear layer raise TypeError/ValueError naming the argument, and leave the model as it was.
     """
     from pyfastpeft.integrations.quantize import model_bytes, quantize_model
     from pyfastpeft.integrations.transformers import patch_model
+    from pyfastpeft.nn import LoRALinear
     from pyfastpeft.nn.lora import add_lora
 
     fn = "prepare_model"
@@ -142,19 +349,37 @@ def prepare_model(model: nn.Module, quant: str | None = "nf4", lora: LoraSetting
         raise TypeError(f"{fn}: model must be a torch.nn.Module, got {type(model).__name__}")
     if quant not in QUANT_METHODS:
         raise ValueError(f"{fn}: quant must be one of {QUANT_METHODS}, got {quant!r}")
-    if lora is not None and not isinstance(lora, LoraSettings):
-        raise TypeError(f"{fn}: lora must be a pyfastpeft.LoraSettings or None, got {type(lora).__name__}")
+    if lora is True:
+        lora = LoraSettings()
+    if lora is not False and not isinstance(lora, LoraSettings):
+        raise TypeError(f"{fn}: lora must be a pyfastpeft.LoraSettings, True (LoraSettings()) or False (no adapters), "
+                        f"got {type(lora).__name__}")
+    for name, value in (("patch", patch), ("fused_loss", fused_loss)):
+        if not isinstance(value, bool):
+            raise TypeError(f"{fn}: {name} must be a bool, got {type(value).__name__}")
+    _check_model_state(fn, model, quant, lora, patch, fused_loss)
+    if lora is not False:
+        _check_lora_targets(fn, model, lora)
+
     report = PrepareReport(bytes_before=model_bytes(model))
     for parameter in model.parameters():
         parameter.requires_grad_(False)
     if quant is not None:
         output_layer = _dense_output_layer(model)
-        skip = ("lm_head",) + tuple(path for path, module in model.named_modules() if module is output_layer)
-        report.replaced[quant] = len(quantize_model(model, quant, skip=skip).replaced)
-    if lora is not None:
+        skip = ["lm_head"] + [path for path, module in model.named_modules() if module is output_layer]
+        # adapters a model already holds (lora=False) stay dense and trainable
+        skip += [sub_path for path, module in model.named_modules() if isinstance(module, LoRALinear)
+                 for sub_path, _ in module.named_modules(prefix=path) if ".lora_A." in sub_path or ".lora_B." in sub_path]
+        report.replaced[quant] = len(quantize_model(model, quant, skip=tuple(skip)).replaced)
+    if lora is not False:
         lora_report = add_lora(model, target_modules=lora.target_modules, r=lora.r, lora_alpha=lora.lora_alpha,
                                lora_dropout=lora.lora_dropout, use_rslora=lora.use_rslora)
         report.replaced["lora"] = len(lora_report.wrapped)
+    else:
+        for module in model.modules():
+            if isinstance(module, LoRALinear) and module.active_adapter is not None:
+                for matrices in (module.lora_A, module.lora_B):
+                    matrices[module.active_adapter].requires_grad_(True)
     if patch:
         patch_report = patch_model(model)
         report.replaced.update({"rmsnorm": len(patch_report.rms_norm), "swiglu": len(patch_report.swiglu),
@@ -166,10 +391,11 @@ def prepare_model(model: nn.Module, quant: str | None = "nf4", lora: LoraSetting
             report.replaced["fused loss"] = 1
         else:
             report.not_patched.append(reason)
-    if lora is not None and callable(getattr(model, "enable_input_require_grads", None)):
+    report.trainable_params, report.total_params = _count(model)
+    if report.trainable_params:
         # the embeddings are frozen: reentrant gradient checkpointing needs its block inputs to require grad
         # to reach the adapters inside (PEFT's prepare_model_for_kbit_training does the same)
-        model.enable_input_require_grads()
-    report.trainable_params, report.total_params = _count(model)
+        _enable_input_require_grads(model)
     report.bytes_after = model_bytes(model)
+    object.__setattr__(model, _PREPARED_ATTR, True)
     return report
