@@ -521,7 +521,7 @@ def test_adapter_files_are_checked_before_the_model_changes(tmp_path):
     config_path = tmp_path / "adapter_config.json"
     config = json.loads(config_path.read_text())
     config_path.write_text(json.dumps({**config, "peft_type": "IA3"}))
-    with pytest.raises(ValueError, match="peft_type 'IA3'"):
+    with pytest.raises(ValueError, match="adapter_config.json: 'peft_type' is 'IA3'"):
         pyfastpeft.load_adapter(model, tmp_path)
     config_path.write_text(json.dumps({**config, "use_dora": True}))
     with pytest.raises(ValueError, match=r"\['use_dora'\]"):
@@ -532,6 +532,6 @@ def test_adapter_files_are_checked_before_the_model_changes(tmp_path):
         pyfastpeft.load_adapter(other, tmp_path)
     assert not any(isinstance(m, LoRALinear) for m in other.modules())
     config_path.write_text(json.dumps({**config, "r": 3}))
-    with pytest.raises(ValueError, match=r"lora_A\.weight is \(4, 64\), the config's r=3"):
+    with pytest.raises(ValueError, match=r"lora_A\.weight' is \(4, 64\), the config's r=3"):
         pyfastpeft.load_adapter(model, tmp_path)
     assert not any(isinstance(m, LoRALinear) for m in model.modules())

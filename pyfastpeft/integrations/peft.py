@@ -1,5 +1,5 @@
 """HF PEFT interoperability for LoRALinear models: save_adapter / load_adapter in PEFT's adapter directory
-format, and from_peft, which converts a live PeftModel's LoRA layers into ours.
+format, and from_peft, which converts a live PeftModel's LoRA layers into ours and keeps the PeftModel working.
 
 PEFT's LoRA adapter directory:
   adapter_config.json          LoraConfig's fields: peft_type "LORA", r, lora_alpha, lora_dropout, use_rslora,
@@ -9,18 +9,30 @@ PEFT's LoRA adapter directory:
                                base_model.model.<module path>.lora_B.weight  [out, r]
                                (no adapter name in the keys; older directories hold adapter_model.bin)
 <module path> is the path in the transformers model, the one PeftModel wraps as base_model.model.
+
+Adapter directories come from the internet: load_adapter checks every file, key, value, shape and dtype before
+it touches the model, matches pattern keys in linear time (safe_regex), and names the file and key in every
+error. save_adapter never leaves a half-written adapter behind.
 """
 from __future__ import annotations
 
 import collections
+import contextlib
+import dataclasses
+import functools
 import json
+import math
+import numbers
 import os
 import re
+import shutil
+import tempfile
 
 import torch
 from torch import nn
 
-from pyfastpeft.nn.lora import LoRALinear, base_kind, linear_modules
+from pyfastpeft.integrations.safe_regex import SafePattern, compile_pattern
+from pyfastpeft.nn.lora import LoRALinear, _check_adapter_name, base_kind, linear_modules
 
 CONFIG_NAME = "adapter_config.json"
 SAFETENSORS_NAME = "adapter_model.safetensors"
@@ -31,19 +43,25 @@ KEY_PREFIX = "base_model.model."
 _TASK_TYPES = {"ForCausalLM": "CAUSAL_LM", "ForSequenceClassification": "SEQ_CLS",
                "ForTokenClassification": "TOKEN_CLS", "ForQuestionAnswering": "QUESTION_ANS"}
 
-# LoraConfig settings that change what the adapter computes or stores beyond plain LoRA: refused when set
-_UNSUPPORTED_SETTINGS = ("use_dora", "lora_bias", "modules_to_save", "trainable_token_indices", "fan_in_fan_out",
-                         "use_qalora", "alora_invocation_tokens", "arrow_config", "layer_replication")
+# LoraConfig settings that change what the adapter computes or stores beyond plain LoRA, refused when on:
+# flags (a bool, on when True) and options (on when neither null nor empty)
+_UNSUPPORTED_FLAGS = ("use_dora", "lora_bias", "fan_in_fan_out", "use_qalora")
+_UNSUPPORTED_OPTIONS = ("modules_to_save", "trainable_token_indices", "alora_invocation_tokens", "arrow_config",
+                        "layer_replication", "target_parameters")
 
 _LORA_KEY = re.compile(r"(?P<path>.+)\.lora_(?P<matrix>[AB])\.weight")
 
 
-def _check_model(fn: str, model) -> None:
+def _check_model(fn: str, model) -> nn.Module:
+    """model itself, or the transformers model inside a PeftModel that from_peft converted."""
     if not isinstance(model, nn.Module):
         raise TypeError(f"{fn}: model must be a torch.nn.Module, got {type(model).__name__}")
+    if isinstance(model, _ConvertedPeftModel):
+        return model.base_model.model
     if type(model).__module__.startswith("peft."):
         raise TypeError(f"{fn}: model is a {type(model).__name__}; convert it with pyfastpeft.from_peft first "
                         "(or use PEFT's own save_pretrained / load_adapter)")
+    return model
 
 
 def _check_path(fn: str, path) -> str:
@@ -52,12 +70,13 @@ def _check_path(fn: str, path) -> str:
     return os.fspath(path)
 
 
-def _pattern_value(patterns: dict, module_path: str, default):
-    """PEFT's rank_pattern / alpha_pattern lookup: the first key whose regex matches the path's end."""
-    for key, value in patterns.items():
-        if re.match(rf"(.*\.)?({key})$", module_path):
-            return value
-    return default
+def _replace_module(model: nn.Module, path: str, module: nn.Module) -> None:
+    parent_path, _, name = path.rpartition(".")
+    setattr(model.get_submodule(parent_path) if parent_path else model, name, module)
+
+
+def _lora_layers(model: nn.Module) -> list[tuple[str, LoRALinear]]:
+    return [(path, module) for path, module in linear_modules(model) if isinstance(module, LoRALinear)]
 
 
 def _most_common(values):
@@ -85,17 +104,26 @@ def save_adapter(model: nn.Module, path, adapter_name: str = "default") -> None:
     which peft.PeftModel.from_pretrained(base_model, path) and load_adapter read.
 
     Ranks or alphas that differ between layers go into rank_pattern / alpha_pattern; dropout and rsLoRA must
-    be the same on every layer (PEFT's config has one value for each).
+    be the same on every layer (PEFT's config has one value for each). The files are written into a temporary
+    sibling directory and renamed into place: an existing adapter at path stays whole if anything fails, and
+    other files there are left alone.
     """
     fn = "save_adapter"
-    _check_model(fn, model)
+    model = _check_model(fn, model)
     path = _check_path(fn, path)
-    layers = [(module_path, module) for module_path, module in linear_modules(model)
-              if isinstance(module, LoRALinear) and adapter_name in module.lora_A]
+    config, tensors = _adapter_files(fn, model, adapter_name)
+    _write_directory(fn, path, config, tensors)
+
+
+def _adapter_files(fn: str, model: nn.Module, adapter_name: str, state_dict: dict | None = None):
+    """(adapter_config.json's dict, the tensors of adapter_model.safetensors). The tensors come from state_dict
+    (keyed as model.state_dict()) when given, else from the layers."""
+    all_layers = _lora_layers(model)
+    layers = [(module_path, module) for module_path, module in all_layers if adapter_name in module.lora_A]
     if not layers:
-        found = sorted({name for _, module in linear_modules(model) if isinstance(module, LoRALinear)
-                        for name in module.lora_A})
-        raise ValueError(f"{fn}: no LoRALinear layer has adapter {adapter_name!r}; the model's adapters are {found}")
+        found = sorted({name for _, module in all_layers for name in module.lora_A})
+        raise ValueError(f"{fn}: no LoRALinear layer has adapter {adapter_name!r}, nothing to save; the model's "
+                         f"adapters are {found}")
     paths = [module_path for module_path, _ in layers]
     ranks = {module_path: module.r[adapter_name] for module_path, module in layers}
     alphas = {module_path: module.lora_alpha[adapter_name] for module_path, module in layers}
@@ -129,65 +157,313 @@ def save_adapter(model: nn.Module, path, adapter_name: str = "default") -> None:
         "lora_bias": False,
         "revision": None,
     }
-    from safetensors.torch import save_file
-
     tensors = {}
     for module_path, module in layers:
         for matrix, table in (("A", module.lora_A), ("B", module.lora_B)):
-            tensors[f"{KEY_PREFIX}{module_path}.lora_{matrix}.weight"] = \
-                table[adapter_name].weight.detach().to("cpu").contiguous()
-    os.makedirs(path, exist_ok=True)
-    with open(os.path.join(path, CONFIG_NAME), "w", encoding="utf-8") as f:
-        json.dump(config, f, indent=2, sort_keys=True)
-    save_file(tensors, os.path.join(path, SAFETENSORS_NAME), metadata={"format": "pt"})
+            tensor = table[adapter_name].weight
+            if state_dict is not None:
+                key = f"{module_path}.lora_{matrix}.{adapter_name}.weight"
+                if key not in state_dict:
+                    raise ValueError(f"{fn}: the state_dict passed lacks {key!r}")
+                tensor = state_dict[key]
+            tensors[f"{KEY_PREFIX}{module_path}.lora_{matrix}.weight"] = tensor.detach().to("cpu").contiguous()
+    return config, tensors
 
 
-# ---- load ----------------------------------------------------------------------------------------------------
+def _fsync(path: str) -> None:
+    with open(path, "rb") as file:
+        os.fsync(file.fileno())
 
-def _read_config(fn: str, path: str) -> dict:
+
+def _write_directory(fn: str, path: str, config: dict, tensors: dict) -> None:
+    """Write config and tensors into a temporary sibling of path, then rename them into place: the whole
+    directory when path does not exist, else each file (see _replace_files). The temporary directory never
+    outlives the call."""
+    from safetensors.torch import save_file
+
+    target = os.path.abspath(path)
+    if os.path.lexists(target) and not os.path.isdir(target):
+        raise NotADirectoryError(f"{fn}: {path!r} exists and is not a directory")
+    parent, name = os.path.split(target)
+    os.makedirs(parent, exist_ok=True)
+    staging = tempfile.mkdtemp(prefix=f".{name}.", suffix=".tmp", dir=parent)
+    try:
+        config_path, weights_path = os.path.join(staging, CONFIG_NAME), os.path.join(staging, SAFETENSORS_NAME)
+        with open(config_path, "w", encoding="utf-8") as file:
+            json.dump(config, file, indent=2, sort_keys=True)
+        save_file(tensors, weights_path, metadata={"format": "pt"})
+        _fsync(config_path)
+        _fsync(weights_path)
+        if os.path.isdir(target):
+            _replace_files(target, staging, (SAFETENSORS_NAME, CONFIG_NAME))
+        else:
+            os.rename(staging, target)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+def _replace_files(target: str, staging: str, names) -> None:
+    """Move each staged file over its namesake in target. The files replaced wait in staging/previous until all
+    new ones are in, and are moved back if any move fails."""
+    previous = os.path.join(staging, "previous")
+    os.mkdir(previous)
+    moved = []  # (name, whether target held a file of that name)
+    try:
+        for name in names:
+            current = os.path.join(target, name)
+            existed = os.path.lexists(current)
+            if existed:
+                os.replace(current, os.path.join(previous, name))
+            moved.append((name, existed))
+            os.replace(os.path.join(staging, name), current)
+    except BaseException:
+        for name, existed in reversed(moved):
+            current = os.path.join(target, name)
+            if existed:
+                os.replace(os.path.join(previous, name), current)
+            elif os.path.lexists(current):
+                os.remove(current)
+        raise
+
+
+# ---- load: read and check the files --------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class _AdapterConfig:
+    """The settings of adapter_config.json that load_adapter uses, checked. A pattern is a list of
+    (key, its compiled PEFT match, value) in the file's order."""
+
+    r: int
+    lora_alpha: float
+    lora_dropout: float
+    use_rslora: bool
+    rank_pattern: list[tuple[str, SafePattern, int]]
+    alpha_pattern: list[tuple[str, SafePattern, float]]
+
+
+def _check_int(where: str, key: str, value) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise TypeError(f"{where}: {key} must be an int, got {type(value).__name__} {value!r}")
+    if value < 1:
+        raise ValueError(f"{where}: {key} must be >= 1, got {value}")
+    return value
+
+
+def _check_real(where: str, key: str, value, upper: float = math.inf) -> float:
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{where}: {key} must be a number, got {type(value).__name__} {value!r}")
+    if not math.isfinite(value) or (upper != math.inf and not 0.0 <= value < upper):
+        bounds = f"in [0, {upper})" if upper != math.inf else "finite"
+        raise ValueError(f"{where}: {key} must be {bounds}, got {value}")
+    return value
+
+
+def _check_flag(where: str, key: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{where}: {key} must be true or false, got {type(value).__name__} {value!r}")
+    return value
+
+
+def _read_patterns(where: str, name: str, patterns, check_value) -> list:
+    if patterns is None:
+        return []
+    if not isinstance(patterns, dict):
+        raise TypeError(f"{where}: {name!r} must be an object of {{regex: value}}, got {type(patterns).__name__}")
+    compiled = []
+    for key, value in patterns.items():
+        try:
+            matcher = compile_pattern(rf"(.*\.)?({key})$")
+        except ValueError as error:
+            raise ValueError(f"{where}: {name} key {key!r} is refused: {error}") from None
+        compiled.append((key, matcher, check_value(where, f"{name}[{key!r}]", value)))
+    return compiled
+
+
+def _read_config(fn: str, path: str) -> tuple[str, _AdapterConfig]:
     config_path = os.path.join(path, CONFIG_NAME)
     if not os.path.isfile(config_path):
         raise FileNotFoundError(f"{fn}: no {CONFIG_NAME} in {path!r}")
-    with open(config_path, encoding="utf-8") as f:
-        config = json.load(f)
+    with open(config_path, "rb") as file:
+        raw = file.read()
+    try:
+        config = json.loads(raw.decode("utf-8"))
+    except UnicodeDecodeError as error:
+        raise ValueError(f"{fn}: {config_path} is not UTF-8 text: {error}") from None
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{fn}: {config_path} is not valid JSON: {error}") from None
+    where = f"{fn}: {config_path}"
+    if not isinstance(config, dict):
+        raise ValueError(f"{where}: the file holds a JSON {type(config).__name__}, not an object")
     if config.get("peft_type") != "LORA":
-        raise ValueError(f"{fn}: {config_path} has peft_type {config.get('peft_type')!r}, only 'LORA' adapters load")
-    unsupported = [name for name in _UNSUPPORTED_SETTINGS if config.get(name)]
+        raise ValueError(f"{where}: 'peft_type' is {config.get('peft_type')!r}, only 'LORA' adapters load")
+    unsupported = [name for name in _UNSUPPORTED_FLAGS
+                   if name in config and config[name] is not None and _check_flag(where, repr(name), config[name])]
+    unsupported += [name for name in _UNSUPPORTED_OPTIONS if config.get(name) not in (None, [], {}, "")]
+    if config.get("bias", "none") != "none":
+        unsupported.append("bias")
     if unsupported:
-        raise ValueError(f"{fn}: {config_path} sets {unsupported}, which LoRALinear does not implement")
+        raise ValueError(f"{where}: sets {unsupported}, which LoRALinear does not implement")
     missing = [name for name in ("r", "lora_alpha") if name not in config]
     if missing:
-        raise ValueError(f"{fn}: {config_path} lacks {missing}")
-    return config
+        raise ValueError(f"{where}: lacks {missing}")
+    return config_path, _AdapterConfig(
+        r=_check_int(where, "'r'", config["r"]),
+        lora_alpha=_check_real(where, "'lora_alpha'", config["lora_alpha"]),
+        lora_dropout=float(_check_real(where, "'lora_dropout'", config.get("lora_dropout", 0.0), upper=1.0)),
+        use_rslora=_check_flag(where, "'use_rslora'", config.get("use_rslora", False)),
+        rank_pattern=_read_patterns(where, "rank_pattern", config.get("rank_pattern"), _check_int),
+        alpha_pattern=_read_patterns(where, "alpha_pattern", config.get("alpha_pattern"), _check_real),
+    )
 
 
-def _read_weights(fn: str, path: str) -> dict:
+def _read_weights(fn: str, path: str) -> tuple[str, dict]:
+    """(the weights file, its {key: tensor}), every tensor a finite floating-point matrix."""
     safetensors_path, bin_path = os.path.join(path, SAFETENSORS_NAME), os.path.join(path, BIN_NAME)
     if os.path.isfile(safetensors_path):
         from safetensors.torch import load_file
 
-        return load_file(safetensors_path)
-    if os.path.isfile(bin_path):
-        return torch.load(bin_path, map_location="cpu", weights_only=True)
-    raise FileNotFoundError(f"{fn}: neither {SAFETENSORS_NAME} nor {BIN_NAME} in {path!r}")
+        weights_path, reader, kind = safetensors_path, load_file, "safetensors"
+    elif os.path.isfile(bin_path):
+        weights_path, kind = bin_path, "torch.save"
+        reader = functools.partial(torch.load, map_location="cpu", weights_only=True)
+    else:
+        raise FileNotFoundError(f"{fn}: neither {SAFETENSORS_NAME} nor {BIN_NAME} in {path!r}")
+    try:
+        state = reader(weights_path)
+    except OSError:
+        raise
+    except Exception as error:  # each reader has its own error types for a corrupt file
+        raise ValueError(f"{fn}: {weights_path} is not a readable {kind} file: {type(error).__name__}: "
+                         f"{error}") from None
+    where = f"{fn}: {weights_path}"
+    if not isinstance(state, dict):
+        raise ValueError(f"{where}: holds a {type(state).__name__}, not a dict of tensors")
+    for key, tensor in state.items():
+        if not isinstance(key, str) or not isinstance(tensor, torch.Tensor):
+            raise ValueError(f"{where}: entry {key!r} is a {type(tensor).__name__}, not a tensor under a str key")
+        if not tensor.is_floating_point():
+            raise TypeError(f"{where}: {key!r} has dtype {tensor.dtype}; LoRA matrices are floating point")
+        if tensor.dim() != 2:
+            raise ValueError(f"{where}: {key!r} has shape {tuple(tensor.shape)}; LoRA matrices are 2-D")
+        if not torch.isfinite(tensor).all():
+            raise ValueError(f"{where}: {key!r} holds non-finite values")
+    return weights_path, state
 
 
-def _group_by_module(fn: str, state: dict) -> dict:
-    """{module path: {"A": tensor, "B": tensor}} from the adapter's keys."""
+def _group_by_module(where: str, state: dict) -> dict:
+    """{module path: {"A": (key, tensor), "B": (key, tensor)}} from the adapter's keys."""
     grouped, unsupported = {}, []
     for key, tensor in state.items():
         match = _LORA_KEY.fullmatch(key.removeprefix(KEY_PREFIX))
         if match is None:
             unsupported.append(key)
             continue
-        grouped.setdefault(match["path"], {})[match["matrix"]] = tensor
+        pair = grouped.setdefault(match["path"], {})
+        if match["matrix"] in pair:
+            raise ValueError(f"{where}: {pair[match['matrix']][0]!r} and {key!r} name the same matrix")
+        pair[match["matrix"]] = (key, tensor)
     if unsupported:
-        raise ValueError(f"{fn}: the adapter holds entries that are not LoRA A/B matrices of linear layers: "
+        raise ValueError(f"{where}: holds entries that are not LoRA A/B matrices of linear layers: "
                          f"{unsupported[:4]}")
     incomplete = [module_path for module_path, pair in grouped.items() if len(pair) != 2]
     if incomplete:
-        raise ValueError(f"{fn}: the adapter lacks lora_A or lora_B for {incomplete[:4]}")
+        raise ValueError(f"{where}: lacks lora_A or lora_B for {incomplete[:4]}")
     return grouped
+
+
+# ---- load: plan, then change the model -----------------------------------------------------------------------
+
+@dataclasses.dataclass
+class _Step:
+    """One layer's part of a load: module is a LoRALinear that gets the adapter, or the base that gets wrapped."""
+
+    module_path: str
+    module: nn.Module
+    r: int
+    lora_alpha: float
+    lora_A: torch.Tensor
+    lora_B: torch.Tensor
+
+
+def _pattern_value(patterns: list, module_path: str, default):
+    """PEFT's rank_pattern / alpha_pattern lookup: the first key whose regex matches the path's end."""
+    return next((value for _, matcher, value in patterns if matcher.match(module_path)), default)
+
+
+def _plan(fn: str, model: nn.Module, adapter_name: str, config: _AdapterConfig, where: str,
+          grouped: dict) -> list[_Step]:
+    """Every check against the model, nothing changed."""
+    known = dict(model.named_modules())
+    wrapped = [path for path, module in known.items() if isinstance(module, LoRALinear)]
+    steps, unmatched = [], []
+    for module_path, pair in grouped.items():
+        key = pair["A"][0]
+        owner = next((path for path in wrapped if module_path.startswith(f"{path}.")), None)
+        if owner is not None:
+            raise ValueError(f"{where}: key {key!r} names {module_path}, a part of the LoRALinear layer {owner}; "
+                             f"an adapter's keys name the layer itself ({KEY_PREFIX}{owner}.lora_A.weight)")
+        if module_path not in known:
+            unmatched.append(module_path)
+            continue
+        module = known[module_path]
+        if not isinstance(module, LoRALinear) and base_kind(module) is None:
+            raise TypeError(f"{where}: key {key!r}: {module_path} is a {type(module).__name__}, LoRALinear wraps "
+                            "nn.Linear, pyfastpeft.nn.Linear4bit and pyfastpeft.nn.Linear8bitLt")
+        if isinstance(module, LoRALinear) and adapter_name in module.lora_A:
+            raise ValueError(f"{fn}: {module_path} already has an adapter named {adapter_name!r}")
+        r = _pattern_value(config.rank_pattern, module_path, config.r)
+        lora_alpha = _pattern_value(config.alpha_pattern, module_path, config.lora_alpha)
+        expected = {"A": (r, module.in_features), "B": (module.out_features, r)}
+        for matrix, shape in expected.items():
+            matrix_key, tensor = pair[matrix]
+            if tuple(tensor.shape) != shape:
+                raise ValueError(f"{where}: {matrix_key!r} is {tuple(tensor.shape)}, the config's r={r} and the "
+                                 f"layer give {shape}")
+        steps.append(_Step(module_path, module, r, lora_alpha, pair["A"][1], pair["B"][1]))
+    if unmatched:
+        linear_names = [module_path for module_path, _ in linear_modules(model)][:6]
+        raise ValueError(f"{where}: adapter keys match no module of the model: {unmatched[:4]} (its linear layers "
+                         f"include {linear_names})")
+    return steps
+
+
+def _restore_requires_grad(flags) -> None:
+    for parameter, flag in flags:
+        parameter.requires_grad_(flag)
+
+
+def _fill(layer: LoRALinear, adapter_name: str, step: _Step) -> None:
+    with torch.no_grad():
+        layer.lora_A[adapter_name].weight.copy_(step.lora_A)
+        layer.lora_B[adapter_name].weight.copy_(step.lora_B)
+
+
+def _apply(model: nn.Module, steps: list[_Step], adapter_name: str, config: _AdapterConfig) -> None:
+    """Build the new LoRALinear layers aside, then add the adapter to wrapped layers and swap the new ones in;
+    if anything fails, every change made so far is undone in reverse order."""
+    settings = dict(lora_dropout=config.lora_dropout, use_rslora=config.use_rslora, init_lora_weights=False)
+    undo = []
+    try:
+        built = []
+        for step in steps:
+            if not isinstance(step.module, LoRALinear):
+                undo.append(functools.partial(_restore_requires_grad,
+                                              [(p, p.requires_grad) for p in step.module.parameters()]))
+                layer = LoRALinear(step.module, step.r, step.lora_alpha, adapter_name=adapter_name, **settings)
+                _fill(layer, adapter_name, step)
+                built.append((step, layer))
+        for step in steps:
+            if isinstance(step.module, LoRALinear):
+                step.module.add_adapter(adapter_name, step.r, step.lora_alpha, **settings)
+                undo.append(functools.partial(step.module.delete_adapter, adapter_name))
+                _fill(step.module, adapter_name, step)
+        for step, layer in built:
+            _replace_module(model, step.module_path, layer)
+            undo.append(functools.partial(_replace_module, model, step.module_path, step.module))
+    except BaseException:
+        for action in reversed(undo):
+            action()
+        raise
 
 
 def load_adapter(model: nn.Module, path, adapter_name: str = "default") -> list[str]:
@@ -196,63 +472,48 @@ def load_adapter(model: nn.Module, path, adapter_name: str = "default") -> list[
 
     Each layer named in the weights is wrapped in LoRALinear (r, lora_alpha, lora_dropout, use_rslora from
     the config, rank_pattern / alpha_pattern per layer), where the adapter is active; a layer already
-    wrapped gets it added, not activated (LoRALinear.set_adapter switches). Nothing changes if any check
-    fails: a missing file, a non-LoRA peft_type, settings beyond plain LoRA, keys that match no module,
-    shapes that disagree with the config.
+    wrapped gets it added, not activated (LoRALinear.set_adapter switches). The model changes only once every
+    check has passed (a missing or corrupt file, a non-LoRA peft_type, settings beyond plain LoRA, a value of the
+    wrong type, a pattern key refused by safe_regex, keys that match no linear layer, shapes that disagree with
+    the config, non-finite weights), and is restored if the change itself fails.
     """
     fn = "load_adapter"
-    _check_model(fn, model)
+    model = _check_model(fn, model)
     path = _check_path(fn, path)
+    _check_adapter_name(fn, adapter_name)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{fn}: {path!r} is not a directory")
-    config = _read_config(fn, path)
-    grouped = _group_by_module(fn, _read_weights(fn, path))
-    rank_pattern, alpha_pattern = config.get("rank_pattern") or {}, config.get("alpha_pattern") or {}
-
-    known = dict(model.named_modules())
-    unmatched = [module_path for module_path in grouped if module_path not in known]
-    if unmatched:
-        linear_names = [module_path for module_path, _ in linear_modules(model)][:6]
-        raise ValueError(f"{fn}: adapter keys match no module of the model: {unmatched[:4]} (its linear layers "
-                         f"include {linear_names})")
-    plan = []
-    for module_path, pair in grouped.items():
-        module = known[module_path]
-        if not isinstance(module, LoRALinear) and base_kind(module) is None:
-            raise TypeError(f"{fn}: {module_path} is a {type(module).__name__}, LoRALinear wraps nn.Linear, "
-                            "pyfastpeft.nn.Linear4bit and pyfastpeft.nn.Linear8bitLt")
-        if isinstance(module, LoRALinear) and adapter_name in module.lora_A:
-            raise ValueError(f"{fn}: {module_path} already has an adapter named {adapter_name!r}")
-        r = _pattern_value(rank_pattern, module_path, config["r"])
-        lora_alpha = _pattern_value(alpha_pattern, module_path, config["lora_alpha"])
-        expected = {"A": (r, module.in_features), "B": (module.out_features, r)}
-        for matrix, shape in expected.items():
-            if tuple(pair[matrix].shape) != shape:
-                raise ValueError(f"{fn}: {module_path}.lora_{matrix}.weight is {tuple(pair[matrix].shape)}, the "
-                                 f"config's r={r} and the layer give {shape}")
-        plan.append((module_path, module, r, lora_alpha, pair))
-
-    settings = dict(lora_dropout=float(config.get("lora_dropout", 0.0)),
-                    use_rslora=bool(config.get("use_rslora", False)), init_lora_weights=False)
-    for module_path, module, r, lora_alpha, pair in plan:
-        if isinstance(module, LoRALinear):
-            module.add_adapter(adapter_name, r, lora_alpha, **settings)
-        else:
-            module = LoRALinear(module, r, lora_alpha, adapter_name=adapter_name, **settings)
-            parent_path, _, name = module_path.rpartition(".")
-            setattr(model.get_submodule(parent_path), name, module)
-        with torch.no_grad():
-            module.lora_A[adapter_name].weight.copy_(pair["A"])
-            module.lora_B[adapter_name].weight.copy_(pair["B"])
-    return [module_path for module_path, *_ in plan]
+    _, config = _read_config(fn, path)
+    weights_path, state = _read_weights(fn, path)
+    where = f"{fn}: {weights_path}"
+    steps = _plan(fn, model, adapter_name, config, where, _group_by_module(where, state))
+    _apply(model, steps, adapter_name, config)
+    return [step.module_path for step in steps]
 
 
 # ---- from a live PeftModel -----------------------------------------------------------------------------------
 
-def _converted(fn: str, module_path: str, layer) -> LoRALinear:
-    """A LoRALinear holding layer's base and its very adapter modules (same parameters, same trainability)."""
+def _check_peft_configs(fn: str, peft_configs: dict) -> None:
+    for adapter_name, config in peft_configs.items():
+        peft_type = getattr(config, "peft_type", None)
+        if peft_type != "LORA":
+            raise ValueError(f"{fn}: adapter {adapter_name!r} is a {peft_type} adapter; only LoRA converts")
+        on = [name for name in _UNSUPPORTED_FLAGS if getattr(config, name, False)]
+        on += [name for name in _UNSUPPORTED_OPTIONS if getattr(config, name, None)]
+        if getattr(config, "bias", "none") != "none":
+            on.append("bias")
+        if on:
+            raise ValueError(f"{fn}: adapter {adapter_name!r} sets {on}, which LoRALinear does not implement "
+                             "(yet); keep this model on PEFT's layers")
+
+
+def _converted(fn: str, module_path: str, layer) -> nn.Module:
+    """A LoRALinear holding layer's base and its very adapter modules (same parameters, same trainability); the
+    base alone when the layer holds no adapter."""
     names = list(layer.lora_A)
-    if layer.lora_variant or any(layer.lora_bias.values()) or layer.fan_in_fan_out:
+    dora = [name for name in names if getattr(layer, "use_dora", {}).get(name)
+            or getattr(layer, "lora_variant", {}).get(name) is not None]
+    if dora or any(getattr(layer, "lora_bias", {}).values()) or getattr(layer, "fan_in_fan_out", False):
         raise ValueError(f"{fn}: {module_path} uses DoRA, lora_bias or fan_in_fan_out, which LoRALinear does not "
                          "implement")
     if len(layer.active_adapters) > 1:
@@ -261,7 +522,9 @@ def _converted(fn: str, module_path: str, layer) -> LoRALinear:
     if base_kind(layer.base_layer) is None:
         raise TypeError(f"{fn}: {module_path}'s base is a {type(layer.base_layer).__name__}, LoRALinear wraps "
                         "nn.Linear, pyfastpeft.nn.Linear4bit and pyfastpeft.nn.Linear8bitLt")
-    active = layer.active_adapters[0] if layer.active_adapters else names[0]
+    if not names:
+        return layer.base_layer
+    active = layer.active_adapters[0] if layer.active_adapters else None
 
     def settings(name):
         dropout = layer.lora_dropout[name]
@@ -275,7 +538,7 @@ def _converted(fn: str, module_path: str, layer) -> LoRALinear:
         parameter.requires_grad_(flag)  # PEFT's choice stands: the base is shared, not ours to retrain
     for name in names[1:]:
         ours.add_adapter(name, **settings(name))
-    ours.set_adapter(active)
+    ours.set_adapter(active if active in names else None)  # PEFT: an adapter this layer lacks applies nothing
     for name in names:  # PEFT's own modules replace the fresh ones, trainability included
         ours.lora_A[name], ours.lora_B[name] = layer.lora_A[name], layer.lora_B[name]
         ours.scaling[name] = layer.scaling[name]  # as PEFT holds it (set_scale may have changed it)
@@ -288,7 +551,14 @@ def _converted(fn: str, module_path: str, layer) -> LoRALinear:
 def from_peft(peft_model) -> nn.Module:
     """Replace, in place, every peft.tuners.lora.Linear of a live PeftModel with a LoRALinear that holds the
     same base layer and the same adapter modules (weights, scaling, active adapter, merged state), and return
-    the underlying transformers model (peft_model.base_model.model)."""
+    the underlying transformers model (peft_model.base_model.model).
+
+    peft_model stays usable: its methods that act on adapter layers (save_pretrained, set_adapter,
+    disable_adapter, merge_and_unload, ...) act on the LoRALinear layers from then on, and those that cannot
+    raise an error naming the alternative (see _ConvertedPeftModel). A second call returns the model again.
+    Refused, with the model unchanged: adapters of other PEFT types, DoRA, lora_bias, bias, modules_to_save,
+    trainable tokens, fan_in_fan_out, and LoRA on anything but linear layers (embeddings, convolutions).
+    """
     fn = "from_peft"
     try:
         from peft import PeftModel
@@ -298,19 +568,241 @@ def from_peft(peft_model) -> nn.Module:
         raise ImportError(f"{fn}: needs the peft package") from error
     if not isinstance(peft_model, PeftModel):
         raise TypeError(f"{fn}: peft_model must be a peft.PeftModel, got {type(peft_model).__name__}")
+    if isinstance(peft_model, _ConvertedPeftModel):
+        return peft_model.base_model.model
+    _check_peft_configs(fn, peft_model.peft_config)
     model = peft_model.base_model.model
     lora_layers, others = [], []
     for module_path, module in model.named_modules():
         if type(module) is PeftLoraLinear:
             lora_layers.append((module_path, module))
         elif isinstance(module, BaseTunerLayer) or type(module).__module__.startswith("peft."):
-            others.append(f"{module_path} ({type(module).__name__})")
+            others.append(f"{module_path} ({type(module).__module__}.{type(module).__name__})")
     if others:
-        raise ValueError(f"{fn}: the model holds PEFT modules other than LoRA linear layers: {others[:4]}")
+        raise ValueError(f"{fn}: LoRALinear converts LoRA on linear layers (peft.tuners.lora.Linear) only; the "
+                         f"model also holds {others[:4]}")
     if not lora_layers:
         raise ValueError(f"{fn}: the model holds no peft.tuners.lora.Linear layer")
     converted = [(module_path, _converted(fn, module_path, layer)) for module_path, layer in lora_layers]
     for module_path, ours in converted:
-        parent_path, _, name = module_path.rpartition(".")
-        setattr(model.get_submodule(parent_path), name, ours)
+        _replace_module(model, module_path, ours)
+    peft_model.base_model.__class__ = _converted_class(_ConvertedLoraModel, type(peft_model.base_model))
+    peft_model.__class__ = _converted_class(_ConvertedPeftModel, type(peft_model))
     return model
+
+
+# ---- the PeftModel after from_peft ---------------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=None)
+def _converted_class(methods: type, peft_class: type) -> type:
+    """peft_class with `methods` first in its MRO, under the same name (isinstance checks keep working)."""
+    return type(peft_class.__name__, (methods, peft_class), {"__doc__": methods.__doc__})
+
+
+def _new_converted(methods: type, peft_class: type):
+    cls = _converted_class(methods, peft_class)
+    return cls.__new__(cls)
+
+
+class _Converted:
+    """Pickles (torch.save, deepcopy) as the importable pair (methods, PEFT class), not as the class made of them."""
+
+    def __reduce_ex__(self, protocol):
+        methods, peft_class = type(self).__bases__
+        return _new_converted, (methods, peft_class), self.__dict__
+
+
+def _unsupported(method: str, alternative: str):
+    return NotImplementedError(f"PeftModel.{method}: this PeftModel's LoRA layers were converted by "
+                               f"pyfastpeft.from_peft; {alternative}")
+
+
+def _one_adapter_name(fn: str, adapter_name) -> str:
+    if isinstance(adapter_name, (list, tuple)) and len(adapter_name) == 1:
+        adapter_name = adapter_name[0]
+    if not isinstance(adapter_name, str):
+        raise ValueError(f"{fn}: LoRALinear applies one adapter at a time; pass one adapter name, got "
+                         f"{adapter_name!r}")
+    return adapter_name
+
+
+class _ConvertedLoraModel(_Converted):
+    """PEFT's LoraModel (PeftModel.base_model) over LoRALinear layers: set_adapter, enable / disable_adapter_layers,
+    merge_adapter, unmerge_adapter, merge_and_unload, unload, delete_adapter and set_requires_grad act on them;
+    add_weighted_adapter, inject_adapter, subtract_mutated_init and mixed-adapter batches raise."""
+
+    def set_adapter(self, adapter_name, inference_mode: bool = False) -> None:
+        fn = "set_adapter"
+        adapter_name = _one_adapter_name(fn, adapter_name)
+        layers = _lora_layers(self.model)
+        if not any(adapter_name in layer.lora_A for _, layer in layers):
+            found = sorted({name for _, layer in layers for name in layer.lora_A})
+            raise ValueError(f"{fn}: no layer has adapter {adapter_name!r}; the model's adapters are {found}")
+        for _, layer in layers:
+            layer.set_adapter(adapter_name if adapter_name in layer.lora_A else None)
+            if inference_mode and adapter_name in layer.lora_A:
+                layer.lora_A[adapter_name].weight.requires_grad_(False)
+                layer.lora_B[adapter_name].weight.requires_grad_(False)
+        self.active_adapter = adapter_name
+
+    def enable_adapter_layers(self) -> None:
+        for _, layer in _lora_layers(self.model):
+            layer.enable_adapters()
+
+    def disable_adapter_layers(self) -> None:
+        for _, layer in _lora_layers(self.model):
+            layer.disable_adapters()
+
+    def merge_adapter(self, adapter_names=None, safe_merge: bool = False) -> None:
+        """Merge the active adapter into every layer that has it (LoRALinear merges the active adapter only)."""
+        fn = "merge_adapter"
+        layers = [layer for _, layer in _lora_layers(self.model)
+                  if layer.active_adapter is not None and not layer.merged]
+        active = sorted({layer.active_adapter for layer in layers})
+        if adapter_names is not None and sorted(set(adapter_names)) != active:
+            raise ValueError(f"{fn}: LoRALinear merges the active adapter {active}, not {list(adapter_names)}; "
+                             "set_adapter(name) first")
+        if any(not layer.adapters_enabled for layer in layers):
+            raise ValueError(f"{fn}: adapters are disabled; enable_adapter_layers() first")
+        if safe_merge:
+            broken = [path for path, layer in _lora_layers(self.model) if layer in layers and not all(
+                torch.isfinite(table[layer.active_adapter].weight).all() for table in (layer.lora_A, layer.lora_B))]
+            if broken:
+                raise ValueError(f"{fn}: non-finite adapter weights in {broken[:4]}; nothing was merged")
+        for layer in layers:
+            layer.merge()
+
+    def unmerge_adapter(self) -> None:
+        for _, layer in _lora_layers(self.model):
+            if layer.merged:
+                layer.unmerge()
+
+    def merge_and_unload(self, progressbar: bool = False, safe_merge: bool = False, adapter_names=None):
+        self.merge_adapter(adapter_names, safe_merge)
+        return self.unload()
+
+    def unload(self):
+        """Put every layer's base back (merged weights stay merged, as in PEFT) and return the model."""
+        for module_path, layer in _lora_layers(self.model):
+            _replace_module(self.model, module_path, layer.base_layer)
+        return self.model
+
+    def delete_adapter(self, adapter_name: str) -> None:
+        fn = "delete_adapter"
+        if adapter_name not in self.peft_config:
+            raise ValueError(f"{fn}: adapter {adapter_name!r} does not exist")
+        holders = [(path, layer) for path, layer in _lora_layers(self.model) if adapter_name in layer.lora_A]
+        merged = [path for path, layer in holders if adapter_name in layer.merged_adapters]
+        if merged:
+            raise ValueError(f"{fn}: adapter {adapter_name!r} is merged into {merged[:4]}; unmerge_adapter() first")
+        del self.peft_config[adapter_name]
+        for path, layer in holders:
+            if len(layer.lora_A) == 1:
+                _replace_module(self.model, path, layer.base_layer)
+            else:
+                layer.delete_adapter(adapter_name)
+        if self.active_adapter == adapter_name or self.active_adapter == [adapter_name]:
+            remaining = [name for name in self.peft_config
+                         if any(name in layer.lora_A for _, layer in _lora_layers(self.model))]
+            if remaining:
+                self.set_adapter(remaining[0])
+            else:
+                self.active_adapter = []
+
+    def set_requires_grad(self, adapter_names, requires_grad: bool = True) -> None:
+        names = [adapter_names] if isinstance(adapter_names, str) else list(adapter_names)
+        for _, layer in _lora_layers(self.model):
+            for name in names:
+                if name in layer.lora_A:
+                    layer.lora_A[name].weight.requires_grad_(requires_grad)
+                    layer.lora_B[name].weight.requires_grad_(requires_grad)
+
+    def add_weighted_adapter(self, *args, **kwargs):
+        raise _unsupported("add_weighted_adapter", "combine adapters with PEFT before converting")
+
+    def inject_adapter(self, *args, **kwargs):
+        raise _unsupported("inject_adapter", "add adapters with pyfastpeft.add_lora or pyfastpeft.load_adapter")
+
+    def subtract_mutated_init(self, *args, **kwargs):
+        raise _unsupported("subtract_mutated_init", "convert PiSSA / OLoRA adapters with PEFT before converting")
+
+    @contextlib.contextmanager
+    def _enable_peft_forward_hooks(self, *args, **kwargs):
+        if kwargs.get("adapter_names") is not None or kwargs.get("alora_offsets") is not None:
+            raise _unsupported("forward", "batches that mix adapters (adapter_names=) or aLoRA offsets are not "
+                                          "supported; call set_adapter(name) between batches")
+        yield
+
+
+class _ConvertedPeftModel(_Converted):
+    """A PeftModel whose LoRA layers pyfastpeft.from_peft converted to LoRALinear. save_pretrained writes each
+    adapter with pyfastpeft.save_adapter, disable_adapter disables the LoRALinear layers, load_adapter reads a
+    local directory with pyfastpeft.load_adapter; set_adapter, delete_adapter, merge_and_unload and the rest act
+    through base_model (_ConvertedLoraModel). add_adapter, get_layer_status and get_model_status raise."""
+
+    def save_pretrained(self, save_directory, safe_serialization: bool = True, selected_adapters=None,
+                        save_embedding_layers="auto", is_main_process: bool = True,
+                        path_initial_model_for_weight_conversion=None, **kwargs) -> None:
+        fn = "PeftModel.save_pretrained"
+        if not safe_serialization:
+            raise _unsupported("save_pretrained", "adapters are written as safetensors only; pass "
+                                                  "safe_serialization=True")
+        if path_initial_model_for_weight_conversion is not None:
+            raise _unsupported("save_pretrained", "PiSSA / OLoRA weight conversion is not supported")
+        save_directory = _check_path(fn, save_directory)
+        names = list(self.peft_config) if selected_adapters is None else list(selected_adapters)
+        unknown = [name for name in names if name not in self.peft_config]
+        if unknown:
+            raise ValueError(f"{fn}: unknown adapters {unknown}; the model's adapters are {list(self.peft_config)}")
+        state_dict = kwargs.get("state_dict")
+        if state_dict is not None:  # keyed as this PeftModel's state_dict, e.g. gathered by a Trainer
+            state_dict = {key.removeprefix(KEY_PREFIX): value for key, value in state_dict.items()}
+        model = self.base_model.model
+        files = [(name, _adapter_files(fn, model, name, state_dict)) for name in names]
+        if not is_main_process:
+            return
+        for name, (config, tensors) in files:
+            directory = save_directory if name == "default" else os.path.join(save_directory, name)
+            _write_directory(fn, directory, config, tensors)
+
+    @contextlib.contextmanager
+    def disable_adapter(self):
+        layers = [layer for _, layer in _lora_layers(self.base_model.model)]
+        enabled = [layer.adapters_enabled for layer in layers]
+        for layer in layers:
+            layer.disable_adapters()
+        self._adapters_disabled = True
+        try:
+            yield
+        finally:
+            for layer, was_enabled in zip(layers, enabled):
+                if was_enabled:
+                    layer.enable_adapters()
+            self._adapters_disabled = False
+
+    def load_adapter(self, model_id, adapter_name: str, is_trainable: bool = False, **kwargs):
+        fn = "PeftModel.load_adapter"
+        if not isinstance(model_id, (str, os.PathLike)) or not os.path.isdir(model_id):
+            raise _unsupported("load_adapter", f"adapters load from a local directory (pyfastpeft.load_adapter), "
+                                               f"and {model_id!r} is not one; download it first "
+                                               "(huggingface_hub.snapshot_download)")
+        if adapter_name in self.peft_config:
+            raise ValueError(f"{fn}: adapter {adapter_name!r} already exists")
+        from peft import PeftConfig
+
+        config = PeftConfig.from_pretrained(os.fspath(model_id))
+        load_adapter(self.base_model.model, model_id, adapter_name)
+        config.inference_mode = not is_trainable
+        self.peft_config[adapter_name] = config
+
+    def add_adapter(self, *args, **kwargs):
+        raise _unsupported("add_adapter", "add one with pyfastpeft.add_lora(model, target_modules=..., "
+                                          "adapter_name=...) on the model from_peft returned")
+
+    def get_layer_status(self, *args, **kwargs):
+        raise _unsupported("get_layer_status", "each LoRALinear layer reports active_adapter, adapters_enabled "
+                                               "and merged_adapters")
+
+    def get_model_status(self, *args, **kwargs):
+        raise _unsupported("get_model_status", "each LoRALinear layer reports active_adapter, adapters_enabled "
+                                               "and merged_adapters")
