@@ -354,3 +354,47 @@ def test_trainer_evaluate_hands_logits_to_compute_metrics(tmp_path):
     with torch.no_grad():
         expected = reference(input_ids=ids, labels=ids).loss.item()
     assert metrics["eval_loss"] == pytest.approx(expected, rel=1e-4)
+
+
+def trainer_for(model, output_dir, **overrides):
+    from transformers import Trainer, TrainingArguments
+
+    rows = token_stream(batch=8, seq=16)
+    dataset = [{"input_ids": row, "labels": row} for row in rows]
+    settings = dict(output_dir=str(output_dir), max_steps=4, per_device_train_batch_size=2, learning_rate=1e-2,
+                    save_strategy="steps", save_steps=2, report_to=[], use_cpu=True, seed=0, data_seed=0)
+    settings.update(overrides)
+    return Trainer(model=model, args=TrainingArguments(**settings), train_dataset=dataset)
+
+
+def adapter_state(model):
+    return {name: p.detach().clone() for name, p in model.named_parameters() if ".lora_" in name}
+
+
+def test_trainer_checkpoints_are_peft_adapters_that_load_and_resume(tmp_path):
+    import os
+
+    base = tiny_llama()
+    model = copy.deepcopy(base)
+    prepare_model(model, quant=None, lora=LORA)
+    trainer_for(model, tmp_path / "run").train()
+    checkpoint = tmp_path / "run" / "checkpoint-2"
+    files = set(os.listdir(checkpoint))
+    assert {"adapter_config.json", "adapter_model.safetensors", "trainer_state.json"} <= files
+    assert "config.json" not in files  # not a whole model
+    trained = adapter_state(model)
+
+    final = tmp_path / "final"
+    trainer_for(model, tmp_path / "run").save_model(str(final))
+    loaded = peft.PeftModel.from_pretrained(copy.deepcopy(base), final).eval()
+    ids = token_stream(batch=1, seq=8)
+    with torch.no_grad():
+        torch.testing.assert_close(model.eval()(input_ids=ids).logits, loaded(input_ids=ids).logits,
+                                   rtol=1e-5, atol=1e-5)
+
+    resumed = copy.deepcopy(base)
+    torch.manual_seed(123)  # other initial adapters: the checkpoint must overwrite them
+    prepare_model(resumed, quant=None, lora=LORA)
+    trainer_for(resumed, tmp_path / "resumed").train(resume_from_checkpoint=str(checkpoint))
+    for name, value in adapter_state(resumed).items():
+        torch.testing.assert_close(value, trained[name], rtol=1e-5, atol=1e-6, msg=name)

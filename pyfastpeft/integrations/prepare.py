@@ -257,6 +257,46 @@ def remove_fused_loss(model: nn.Module) -> None:
             model.forward = forward.inner
 
 
+# ---- saving -----------------------------------------------------------------------------------------------------
+
+RESUME_WEIGHTS_NAME = "model.safetensors"
+
+
+class AdapterSavePretrained:
+    """model.save_pretrained of a model prepared with adapters (Trainer.save_model and every Trainer checkpoint call
+    it): writes what PEFT's PeftModel.save_pretrained writes, a PEFT adapter directory (adapter_config.json and
+    adapter_model.safetensors, through pyfastpeft.save_adapter; peft.PeftModel.from_pretrained(base, directory)
+    reads it), not the frozen base, and no config.json (a bare from_pretrained(directory) then fails rather than
+    load a base with random weights). The "default" adapter goes to the directory, others to a subdirectory each
+    (PEFT's layout). Beside it, model.safetensors holds only the trainable parameters under model.state_dict()'s
+    names: what Trainer's resume_from_checkpoint loads into a model that is not a PeftModel (load_state_dict with
+    strict=False). Only the main process writes. A module-level class holding the model, so the model pickles."""
+
+    def __init__(self, model: nn.Module):
+        self.model = model
+
+    def __call__(self, save_directory, is_main_process: bool = True, state_dict: dict | None = None, **kwargs):
+        import os
+
+        from safetensors.torch import save_file
+
+        from pyfastpeft.integrations.peft import save_adapter
+        from pyfastpeft.nn import LoRALinear
+
+        if not is_main_process:
+            return
+        save_directory = os.fspath(save_directory)
+        os.makedirs(save_directory, exist_ok=True)
+        adapters = {name for module in self.model.modules() if isinstance(module, LoRALinear) for name in module.lora_A}
+        for name in sorted(adapters):
+            save_adapter(self.model, save_directory if name == "default" else os.path.join(save_directory, name),
+                         adapter_name=name)
+        trainable = {key for key, parameter in self.model.named_parameters() if parameter.requires_grad}
+        source = state_dict if state_dict is not None else self.model.state_dict()
+        tensors = {key: value.detach().contiguous() for key, value in source.items() if key in trainable}
+        save_file(tensors, os.path.join(save_directory, RESUME_WEIGHTS_NAME), metadata={"format": "pt"})
+
+
 # ---- prepare_model ---------------------------------------------------------------------------------------------
 
 def _count(model: nn.Module) -> tuple[int, int]:
@@ -335,6 +375,10 @@ def prepare_model(model: nn.Module, quant: str | None = "nf4", lora: LoraSetting
     the report says which. Works with gradient checkpointing (model.gradient_checkpointing_enable(...)),
     model.generate, bf16 and fp32, torch.compile, and pickle / torch.save of the whole model.
 
+    A model with adapters saves like a PeftModel: model.save_pretrained(directory), Trainer.save_model and Trainer
+    checkpoints write a PEFT adapter directory (not the frozen base) plus the trainable parameters Trainer's
+    resume_from_checkpoint reads back (see AdapterSavePretrained).
+
     Everything is checked before the model changes: a bad argument, a model already prepared (a second call raises
     ValueError and changes nothing), a PeftModel (convert it with from_peft first) or target_modules that match no
     linear layer raise TypeError/ValueError naming the argument, and leave the model as it was.
@@ -396,6 +440,8 @@ def prepare_model(model: nn.Module, quant: str | None = "nf4", lora: LoraSetting
         # the embeddings are frozen: reentrant gradient checkpointing needs its block inputs to require grad
         # to reach the adapters inside (PEFT's prepare_model_for_kbit_training does the same)
         _enable_input_require_grads(model)
+    if callable(getattr(model, "save_pretrained", None)) and any(isinstance(m, LoRALinear) for m in model.modules()):
+        model.save_pretrained = AdapterSavePretrained(model)
     report.bytes_after = model_bytes(model)
     object.__setattr__(model, _PREPARED_ATTR, True)
     return report
