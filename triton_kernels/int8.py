@@ -8,8 +8,10 @@ Math (pyfastpeft/reference/int8.py is the oracle; fp32 throughout):
     non-finite scaled values code as 0; a NaN in a row (column) makes its stat NaN
     epilogue     out = float(C) * (row_stats[r] * col_stats[n]) * fp32(1 / 127^2) (+ addend) (+ bias)
     grad_input   dX = dY @ W_hat,  W_hat[n, k] = (float(W[n, k]) * SCB[n]) * fp32(1 / 127)
-Rounding to nearest even is (s + 1.5 * 2^23) - 1.5 * 2^23 (exact for |s| <= 127); the coding kernels are
-launched with enable_fp_fusion=False so no multiply-add is fused and ties round as the reference rounds.
+Rounding to nearest even is (s + 1.5 * 2^23) - 1.5 * 2^23 (exact for |s| <= 127); the coding kernels divide
+correctly rounded (div_rn: `/` lowers to an approximate division on GPUs) and, like the GEMM's epilogue, are
+launched with enable_fp_fusion=False, so no multiply-add is fused and ties round as the reference rounds.
+dX's fp32 tiles multiply in full precision unless torch.backends.cuda.matmul.allow_tf32 allows TF32.
 The int8 product accumulates in int32 through tl.dot; the CPU interpreter, which multiplies in numpy, gets
 fp32 tiles instead (UPCAST): a 32-deep partial sum of products <= 127^2 is exact in fp32 and is added to
 the int32 accumulator. All tensors contiguous; the launchers fill caller-allocated outputs.
@@ -32,6 +34,11 @@ DEQUANT_SCALE = 7.874015718698502e-3
 
 def _interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def _dot_precision(dtype: torch.dtype) -> str:
+    """fp32 dots as torch's fp32 matmul runs them: tf32 only where torch allows it."""
+    return "tf32" if dtype != torch.float32 or torch.backends.cuda.matmul.allow_tf32 else "ieee"
 
 
 @triton.jit
@@ -70,7 +77,7 @@ def _row_stats_kernel(x_ptr, stats_ptr, flags_ptr, k, threshold, HAS_THRESHOLD: 
 def _row_codes_kernel(x_ptr, stats_ptr, flags_ptr, q_ptr, k, HAS_THRESHOLD: tl.constexpr, BLOCK: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     stat = tl.load(stats_ptr + row)
-    scale = tl.where(stat == 0.0, 0.0, (1.0 / stat) * 127.0)
+    scale = tl.where(stat == 0.0, 0.0, tl.math.div_rn(1.0, stat) * 127.0)
     for start in range(0, k, BLOCK):
         cols = start + tl.arange(0, BLOCK)
         mask = cols < k
@@ -115,7 +122,7 @@ def _col_codes_kernel(x_ptr, stats_ptr, q_ptr, m, k, threshold, HAS_THRESHOLD: t
     offsets = rows[:, None] * k + cols[None, :]
     x = tl.load(x_ptr + offsets, mask=mask, other=0.0).to(tl.float32)
     stat = tl.load(stats_ptr + cols, mask=cols < k, other=1.0)
-    code = _to_code((x * 127.0) / stat[None, :])
+    code = _to_code(tl.math.div_rn(x * 127.0, stat[None, :]))
     if HAS_THRESHOLD:
         code = tl.where(tl.abs(x) >= threshold, 0, code).to(tl.int8)
     tl.store(q_ptr + offsets, code, mask=mask)
@@ -156,13 +163,13 @@ def _matmul_kernel(a_ptr, b_ptr, row_stats_ptr, col_stats_ptr, bias_ptr, addend_
 
 # dx[M, K] = dy[M, N] @ W_hat[N, K]; W tiles [BLOCK_N, BLOCK_K] dequantized in the loop.
 @triton.jit
-def _grad_input_kernel(dy_ptr, w_ptr, stats_ptr, dx_ptr, m, n, k, UPCAST: tl.constexpr,
+def _grad_input_kernel(dy_ptr, w_ptr, stats_ptr, dx_ptr, m, n, k, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
                        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1).to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
     acc = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
     for start in range(0, n, BLOCK_N):
-        outs = start + tl.arange(0, BLOCK_N)
+        outs = start + tl.arange(0, BLOCK_N).to(tl.int64)  # outs * k passes 2^31 for a large weight
         dy = tl.load(dy_ptr + rows[:, None] * n + outs[None, :], mask=(rows[:, None] < m) & (outs[None, :] < n),
                      other=0.0)
         w = tl.load(w_ptr + outs[:, None] * k + cols[None, :], mask=(outs[:, None] < n) & (cols[None, :] < k),
@@ -172,7 +179,7 @@ def _grad_input_kernel(dy_ptr, w_ptr, stats_ptr, dx_ptr, m, n, k, UPCAST: tl.con
         if UPCAST:
             acc += tl.dot(dy.to(tl.float32), w)
         else:
-            acc += tl.dot(dy, w.to(dy.dtype))
+            acc += tl.dot(dy, w.to(dy.dtype), input_precision=DOT_PRECISION)
     tl.store(dx_ptr + rows[:, None] * k + cols[None, :], acc.to(dx_ptr.dtype.element_ty),
              mask=(rows[:, None] < m) & (cols[None, :] < k))
 
@@ -206,7 +213,7 @@ def matmul(a, b, out, row_stats=None, col_stats=None, bias=None, addend=None) ->
     _matmul_kernel[grid](a, b, row_stats if not raw else out, col_stats if not raw else out,
                          bias if has_bias else out, addend if has_addend else out, out, m, n, k, MM_DEQUANT_SCALE,
                          RAW=raw, HAS_BIAS=has_bias, HAS_ADDEND=has_addend, UPCAST=_interpreted(),
-                         BLOCK_M=MM_BLOCK_M, BLOCK_N=MM_BLOCK_N, BLOCK_K=MM_BLOCK_K)
+                         BLOCK_M=MM_BLOCK_M, BLOCK_N=MM_BLOCK_N, BLOCK_K=MM_BLOCK_K, enable_fp_fusion=False)
 
 
 def grad_input(dy2d, weight, weight_stats, dx) -> None:
@@ -215,4 +222,5 @@ def grad_input(dy2d, weight, weight_stats, dx) -> None:
     k = weight.shape[1]
     grid = (triton.cdiv(m, MM_BLOCK_M), triton.cdiv(k, MM_BLOCK_N))
     _grad_input_kernel[grid](dy2d, weight, weight_stats, dx, m, n, k, UPCAST=_interpreted(),
-                             BLOCK_M=MM_BLOCK_M, BLOCK_N=MM_BLOCK_K, BLOCK_K=MM_BLOCK_N)
+                             DOT_PRECISION=_dot_precision(dy2d.dtype), BLOCK_M=MM_BLOCK_M, BLOCK_N=MM_BLOCK_K,
+                             BLOCK_K=MM_BLOCK_N)

@@ -14,7 +14,9 @@ nibble first), code[nibble] * absmax[f // blocksize]. Rank tiles are padded with
 max(16, next power of two of R).
 
 DOT_IN_FP32 (set under the CPU interpreter, which gets bf16 arithmetic and bf16 tl.dot wrong) converts every
-loaded tile to fp32; on GPUs the tiles meet tl.dot in x's dtype with fp32 accumulation.
+loaded tile to fp32; on GPUs the tiles meet tl.dot in x's dtype with fp32 accumulation. fp32 tiles multiply in
+full precision (DOT_PRECISION "ieee") unless torch.backends.cuda.matmul.allow_tf32 lets torch's own fp32
+matmul use TF32.
 """
 from __future__ import annotations
 
@@ -32,7 +34,8 @@ ELEMENTWISE_BLOCK = 1024
 def _forward_kernel(x_ptr, w_ptr, packed_ptr, absmax_ptr, code_ptr, bias_ptr, a_ptr, b_ptr, y_ptr, xa_ptr, rng_ptr,
                     M, N, K, R, blocksize, scaling, threshold, keep_scale,
                     BASE_NF4: tl.constexpr, HAS_BIAS: tl.constexpr, DROPOUT: tl.constexpr, DOT_IN_FP32: tl.constexpr,
-                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, BLOCK_R: tl.constexpr):
+                    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                    BLOCK_R: tl.constexpr):
     pid_m, pid_n = tl.program_id(0), tl.program_id(1)
     rows = pid_m.to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = pid_n.to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -61,16 +64,16 @@ def _forward_kernel(x_ptr, w_ptr, packed_ptr, absmax_ptr, code_ptr, bias_ptr, a_
             w = tl.load(w_ptr + w_index, mask=w_mask, other=0.0)
             if DOT_IN_FP32:
                 w = w.to(tl.float32)
-        acc = tl.dot(x, tl.trans(w), acc)
+        acc = tl.dot(x, tl.trans(w), acc, input_precision=DOT_PRECISION)
         a_t = tl.load(a_ptr + ranks[None, :] * K + ks[:, None], mask=k_mask[:, None] & rank_mask[None, :], other=0.0)
         if DOT_IN_FP32:
             a_t = a_t.to(tl.float32)
         if DROPOUT:
             u = tl.rand(seed, (offset + x_index).to(tl.uint32))
             x_dropped = tl.where(u > threshold, x.to(tl.float32) * keep_scale, 0.0).to(x_ptr.dtype.element_ty)
-            acc_a = tl.dot(x_dropped.to(x.dtype), a_t, acc_a)
+            acc_a = tl.dot(x_dropped.to(x.dtype), a_t, acc_a, input_precision=DOT_PRECISION)
         else:
-            acc_a = tl.dot(x, a_t, acc_a)
+            acc_a = tl.dot(x, a_t, acc_a, input_precision=DOT_PRECISION)
     xa = acc_a.to(xa_ptr.dtype.element_ty)
     if pid_n == 0:
         tl.store(xa_ptr + rows[:, None] * R + ranks[None, :], xa, mask=row_mask[:, None] & rank_mask[None, :])
@@ -78,7 +81,7 @@ def _forward_kernel(x_ptr, w_ptr, packed_ptr, absmax_ptr, code_ptr, bias_ptr, a_
     if DOT_IN_FP32:
         xa = xa.to(tl.float32)
         b_t = b_t.to(tl.float32)
-    y = acc + scaling * tl.dot(xa, b_t)
+    y = acc + scaling * tl.dot(xa, b_t, input_precision=DOT_PRECISION)
     if HAS_BIAS:
         y += tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
     tl.store(y_ptr + rows[:, None] * N + cols[None, :], y.to(y_ptr.dtype.element_ty),
@@ -104,6 +107,11 @@ def _dot_in_fp32() -> bool:
     return os.environ.get("TRITON_INTERPRET") == "1"
 
 
+def _dot_precision(dtype: torch.dtype) -> str:
+    """fp32 dots as torch's fp32 matmul runs them: tf32 only where torch allows it."""
+    return "tf32" if dtype != torch.float32 or torch.backends.cuda.matmul.allow_tf32 else "ieee"
+
+
 def _threshold(dropout_p: float) -> float:
     return float(torch.tensor(dropout_p, dtype=torch.float32))
 
@@ -127,7 +135,8 @@ def lora_forward(x2d, base, bias, lora_A, lora_B, y, xa, scaling: float, dropout
         x2d, weight, packed, absmax, code, bias if bias.numel() else x2d, lora_A, lora_B, y, xa,
         rng if dropout else x2d, rows, out_features, in_features, rank, base.blocksize if nf4 else 1, scaling,
         _threshold(dropout_p), keep_scale, BASE_NF4=nf4, HAS_BIAS=bias.numel() > 0, DROPOUT=dropout,
-        DOT_IN_FP32=_dot_in_fp32(), BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
+        DOT_IN_FP32=_dot_in_fp32(), DOT_PRECISION=_dot_precision(x2d.dtype), BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N,
+        BLOCK_K=BLOCK_K,
         BLOCK_R=max(16, triton.next_power_of_2(rank)))
 
 

@@ -132,7 +132,7 @@ def _grad_input_kernel(dy_ptr, packed_ptr, absmax_ptr, code_ptr, dx_ptr, M, N, K
     row_mask, col_mask = rows < M, cols < K
     acc = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
     for n0 in range(0, N, BLOCK_N):
-        features = n0 + tl.arange(0, BLOCK_N)
+        features = n0 + tl.arange(0, BLOCK_N).to(tl.int64)  # features * K passes 2^31 for a large weight
         feature_mask = features < N
         dy = tl.load(dy_ptr + rows[:, None] * N + features[None, :], mask=row_mask[:, None] & feature_mask[None, :],
                      other=0.0)
