@@ -144,3 +144,22 @@ def test_carried_function_compiles_fullgraph():
         loss.backward()
         expected = torch.autograd.grad(rms_norm(x, w).sum(), (x, w))
     torch.testing.assert_close((x.grad, w.grad), expected)
+
+
+@pytest.mark.parametrize("family", ["lora", "nf4", "rmsnorm"])
+def test_every_family_backward_runs_on_its_forward_block_after_the_block_exits(chosen, family):
+    from pyfastpeft.functional import lora_linear, nf4_linear
+    from pyfastpeft.quant import quantize_nf4
+
+    x = torch.randn(3, 64, requires_grad=True)
+    with backend_module.use_backend("reference"):
+        if family == "lora":
+            y = lora_linear(x, torch.randn(8, 64), None, torch.randn(2, 64, requires_grad=True), torch.randn(8, 2),
+                            1.0)
+        elif family == "nf4":
+            y = nf4_linear(x, *quantize_nf4(torch.randn(8, 64)))
+        else:
+            y = rms_norm(x, torch.ones(64, requires_grad=True))
+    chosen.clear()
+    y.sum().backward()
+    assert chosen[threading.current_thread().name] == ["reference"]

@@ -344,5 +344,5 @@ def test_bad_input_raises_naming_the_argument(call, error, match):
 def test_state_with_wrong_absmax_count_is_rejected():
     packed, state = quantize_nf4(torch.randn(8, 64))
     state.absmax = state.absmax[:-1]
-    with pytest.raises(ValueError, match="absmax has 7 blocks"):
+    with pytest.raises(ValueError, match="absmax has 7 elements"):
         dequantize_nf4(packed, state)

@@ -295,7 +295,7 @@ def test_triton_products_of_empty_inputs_are_empty():
     assert on_triton(nf4_ops.nf4_linear_op, torch.randn(0, 64), packed, absmax, code, torch.randn(8), 64, 8,
                      64).shape == (0, 8)
     assert on_triton(nf4_ops.nf4_linear_grad_input, torch.randn(0, 8), packed, absmax, code, 64, 8, 64).shape == (0, 64)
-    assert on_triton(nf4_ops.nf4_dequantize, packed, absmax, code, 64, 0, torch.float32).shape == (0,)
+    assert on_triton(nf4_ops.nf4_dequantize, packed[:0], absmax[:0], code, 64, 0, torch.float32).shape == (0,)
 
 
 @triton_only

@@ -7,6 +7,51 @@ from pyfastpeft.ops.nf4 import NF4LinearFunction
 from pyfastpeft.quant.nf4 import BLOCKSIZES, QUANT_TYPES, QuantState, dequantize_nf4, quantize_nf4
 
 
+def _quant_state_attribute(name: str, getter):
+    def get(self):
+        state = self.__dict__.get("quant_state")
+        value = getter(state) if state is not None else None
+        if value is None:
+            raise AttributeError(f"'{type(self).__name__}' object has no attribute '{name}'")
+        return value
+    return property(get)
+
+
+class Packed4bitParameter(nn.Parameter):
+    """The packed uint8 weight of a Linear4bit, holding its QuantState (`quant_state`, the layer's own object).
+
+    Like bitsandbytes' Params4bit it answers, as attributes, the quant-state keys the layer's state dict writes
+    under "weight." (absmax, quant_map, nested_absmax, ...): FSDP resolves a key such as "weight.absmax" with
+    getattr on the parameter. Deep copies and pickles keep the class and the state."""
+
+    def __new__(cls, data=None, requires_grad=False, quant_state=None):
+        param = super().__new__(cls, data, requires_grad)
+        param.quant_state = quant_state
+        return param
+
+    def __deepcopy__(self, memo):
+        if id(self) not in memo:
+            import copy
+
+            memo[id(self)] = type(self)(self.data.clone(memory_format=torch.preserve_format), self.requires_grad,
+                                        copy.deepcopy(self.quant_state, memo))
+        return memo[id(self)]
+
+    def __reduce_ex__(self, protocol):
+        return type(self), (self.data, self.requires_grad, self.quant_state)
+
+    absmax = _quant_state_attribute("absmax", lambda state: state.absmax)
+    code = _quant_state_attribute("code", lambda state: state.code)
+    quant_map = _quant_state_attribute("quant_map", lambda state: state.code)
+    offset = _quant_state_attribute("offset", lambda state: state.offset)
+    state2 = _quant_state_attribute("state2", lambda state: state.state2)
+    nested_absmax = _quant_state_attribute("nested_absmax", lambda state: state.state2 and state.state2.absmax)
+    nested_blocksize = _quant_state_attribute("nested_blocksize", lambda state: state.state2 and state.state2.blocksize)
+    nested_quant_map = _quant_state_attribute("nested_quant_map", lambda state: state.state2 and state.state2.code)
+    nested_dtype = _quant_state_attribute("nested_dtype", lambda state: state.state2 and state.state2.dtype)
+    nested_offset = _quant_state_attribute("nested_offset", lambda state: state.offset)
+
+
 class Linear4bit(nn.Module):
     """A frozen linear layer stored in NF4 (or FP4), bitsandbytes' Linear4bit drop-in.
 
@@ -37,8 +82,9 @@ class Linear4bit(nn.Module):
             if bias else None
 
     def _store(self, weight: torch.Tensor) -> None:
-        packed, self.quant_state = quantize_nf4(weight.detach(), self.blocksize, self.double_quant, self.quant_type)
-        self.weight = nn.Parameter(packed, requires_grad=False)
+        packed, state = quantize_nf4(weight.detach(), self.blocksize, self.double_quant, self.quant_type)
+        self.weight = Packed4bitParameter(packed, requires_grad=False, quant_state=state)
+        self.quant_state = state
         self._refresh_absmax()
 
     def _refresh_absmax(self) -> None:
@@ -79,8 +125,15 @@ class Linear4bit(nn.Module):
         """The weight as a dense [out_features, in_features] tensor of its original dtype."""
         return dequantize_nf4(self.weight, self.quant_state)
 
+    def __setattr__(self, name, value):
+        super().__setattr__(name, value)
+        if name == "quant_state" and isinstance(self._parameters.get("weight"), Packed4bitParameter):
+            self._parameters["weight"].quant_state = value  # one QuantState object, the layer's
+
     def _apply(self, fn, recurse=True):
         super()._apply(fn, recurse)
+        if not isinstance(self.weight, Packed4bitParameter):  # nn.Module._apply may rebuild a plain Parameter
+            self.weight = Packed4bitParameter(self.weight.data, self.weight.requires_grad, self.quant_state)
         self.quant_state.to(self.weight.device)  # device moves only: absmax stays fp32 under .half()
         self._refresh_absmax()
         return self
@@ -96,11 +149,18 @@ class Linear4bit(nn.Module):
         quant_items = {key[len(quant_prefix):]: value for key, value in state_dict.items()
                        if key.startswith(quant_prefix)}
         if quant_items:
+            # Validated before anything is assigned: a corrupt checkpoint raises and leaves the layer as it was.
             state = QuantState.from_dict(quant_items, device=self.weight.device)
             if tuple(state.shape) != (self.out_features, self.in_features):
                 error_msgs.append(f"Linear4bit: checkpoint weight shape {tuple(state.shape)} does not match "
                                   f"({self.out_features}, {self.in_features})")
                 return
+            packed = state_dict.get(f"{prefix}weight")
+            needed = (self.out_features * self.in_features + 1) // 2
+            if isinstance(packed, torch.Tensor) and (packed.dtype != torch.uint8 or packed.numel() != needed):
+                raise ValueError(f"Linear4bit.load_state_dict: {prefix}weight is {packed.dtype} with {packed.numel()} "
+                                 f"elements, the packed {self.out_features}x{self.in_features} weight needs {needed} "
+                                 "uint8 bytes")
             self.quant_state = state
             self.blocksize, self.quant_type, self.double_quant = state.blocksize, state.quant_type, state.nested
             self._refresh_absmax()

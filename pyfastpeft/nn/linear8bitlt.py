@@ -78,6 +78,12 @@ class Linear8bitLt(nn.Module):
 
     def _save_to_state_dict(self, destination, prefix, keep_vars):
         super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.weight.dtype != torch.int8:
+            # The weight was replaced by a dense parameter (tied, or assigned by hand): SCB and weight_format
+            # describe codes that are gone, and a state dict holding them with a float weight loads nowhere.
+            # Write what the layer now is, a dense weight (and bias), as bitsandbytes does for unquantized weights.
+            destination.pop(f"{prefix}SCB", None)
+            return
         destination[f"{prefix}weight_format"] = torch.tensor(WEIGHT_FORMATS["row"], dtype=torch.uint8)
 
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,

@@ -20,6 +20,7 @@ from torch import nn
 
 from pyfastpeft.nn.linear4bit import Linear4bit
 from pyfastpeft.nn.linear8bitlt import Linear8bitLt
+from pyfastpeft.ops._autocast import autocast_dtype
 from pyfastpeft.ops.lora import lora_linear
 from pyfastpeft.quant.nf4 import QuantState
 
@@ -42,6 +43,8 @@ class _BaseKind:
     store_weight: Callable[[nn.Module, torch.Tensor], float | None]
     # the dtype new adapters are created in: fp32 over half-precision bases, as PEFT's models keep them
     adapter_dtype: Callable[[nn.Module], torch.dtype]
+    # (base, x) -> the dtype the layer returns: the base layer's own output dtype, autocast included
+    output_dtype: Callable[[nn.Module, torch.Tensor], torch.dtype] = lambda base, x: x.dtype
 
 
 def _dense_store(base: nn.Linear, weight: torch.Tensor) -> None:
@@ -70,11 +73,14 @@ def _int8_store(base: Linear8bitLt, weight: torch.Tensor) -> float:
 
 _BASE_KINDS: dict[type, _BaseKind] = {
     nn.Linear: _BaseKind(
-        compute_dtype=lambda base, x: x.dtype,  # nn.Linear's rule: x must already be the weight's dtype
+        # nn.Linear's rule: x must already be the weight's dtype, or autocast casts both (F.linear's entry in
+        # autocast's lists), and so does PEFT's LoRA layer over it, which then returns the autocast dtype
+        compute_dtype=lambda base, x: autocast_dtype(x) or x.dtype,
         lora_weight=lambda base: base.weight,
         dense_weight=lambda base: base.weight.detach().float(),
         store_weight=_dense_store,
         adapter_dtype=lambda base: torch.promote_types(base.weight.dtype, torch.float32),
+        output_dtype=lambda base, x: autocast_dtype(x) or x.dtype,
     ),
     Linear4bit: _BaseKind(
         compute_dtype=lambda base, x: base.compute_dtype or x.dtype,  # Linear4bit.forward's rule
@@ -330,7 +336,7 @@ class LoRALinear(nn.Module):
         y = lora_linear(x.to(compute), kind.lora_weight(base), bias, self.lora_A[name].weight.to(compute),
                         self.lora_B[name].weight.to(compute), self.scaling[name], self.lora_dropout[name],
                         self.training)
-        return y.to(x.dtype)
+        return y.to(kind.output_dtype(base, x))
 
     def extra_repr(self) -> str:
         return (f"adapters={list(self.lora_A)}, active_adapter={self._active_adapter!r}, "

@@ -12,31 +12,89 @@ from typing import Callable
 import torch
 
 from pyfastpeft.backend import choose
+from pyfastpeft.ops._checks import check_op_devices
 
 LIBRARY = torch.library.Library("pyfastpeft", "DEF")
 
 
+def _below_autograd(qualname: str):
+    def kernel(*args):
+        op = getattr(torch.ops.pyfastpeft, qualname.split("::")[1])
+        with torch._C._AutoDispatchBelowAutograd():
+            return op(*args)
+    return kernel
+
+
+def _without_autocast(qualname: str, device_type: str):
+    def kernel(*args):
+        op = getattr(torch.ops.pyfastpeft, qualname.split("::")[1])
+        with torch.autocast(device_type, enabled=False):
+            return op(*args)
+    return kernel
+
+
+def _argument_names(schema: str) -> list[str]:
+    """The argument names of "(Tensor x, float eps, ...) -> ...", in order."""
+    arguments = schema[schema.index("(") + 1: schema.index(") ->")]
+    return [argument.split()[-1].split("=")[0] for argument in arguments.split(",")]
+
+
 def define_op(name: str, schema: str, *, family: str, fake: Callable, reference: Callable,
-              native: Callable, triton: Callable, triton_dtypes=(torch.float32, torch.float16, torch.bfloat16)):
+              native: Callable, triton: Callable, triton_dtypes=(torch.float32, torch.float16, torch.bfloat16),
+              check: Callable | None = None):
     """Define pyfastpeft::<name><schema>; returns the op (torch.ops.pyfastpeft.<name>).
 
     native / triton take the same arguments as the op; the device is that of the first argument.
     Inputs of a dtype outside `triton_dtypes` (fp64: the Triton kernels compute in fp32) run the
     reference when Triton is chosen.
+
+    Every call on real tensors is validated before any backend sees it, whoever calls the op (the public
+    function, a module, torch.compile's graph or a user calling torch.ops.pyfastpeft directly): all tensor
+    arguments on one device, then `check(*args)`, the op's own contract (sizes of every companion tensor
+    against the data, dtypes, ranges of ints), which raises TypeError / ValueError naming the argument.
+    That is what keeps a corrupt checkpoint from reaching a kernel's pointers.
     """
     qualname = f"pyfastpeft::{name}"
     LIBRARY.define(name + schema)
-    torch.library.register_fake(qualname, fake, lib=LIBRARY)
-    torch.library.impl(qualname, "default", reference, lib=LIBRARY)
+    argument_names = _argument_names(schema)
+
+    def checked_fake(*args):  # also the Meta kernel: a CPU/meta mix must not return uninitialized CPU memory
+        check_op_devices(name, argument_names, args)
+        return fake(*args)
+
+    torch.library.register_fake(qualname, checked_fake, lib=LIBRARY)
+
+    def validated(*args):
+        check_op_devices(name, argument_names, args)
+        if check is not None:
+            check(*args)
+
+    def on_default(*args):
+        validated(*args)
+        return reference(*args)
 
     def on_device(*args):
+        validated(*args)
         first = args[0]
         backend = choose(family, first.device)
         if backend == "native":
             return native(*args)
         if backend == "triton" and first.dtype in triton_dtypes:
+            if first.is_cuda:  # Triton launches on the current device: make it the tensors' (cuda:1 under
+                with torch.cuda.device(first.device):  # device_map="auto" while cuda:0 is current)
+                    return triton(*args)
             return triton(*args)
         return reference(*args)
+
+    torch.library.impl(qualname, "default", on_default, lib=LIBRARY)
+    # No op is differentiable by itself: gradients are the business of each family's autograd.Function, whose
+    # forward calls the ops with autograd off. An op called directly on tensors that require grad returns
+    # outputs that do not, on every backend alike (without this the reference's torch ops would record a
+    # graph of their own while the native kernels return a graph that cannot be differentiated).
+    LIBRARY.impl(name, _below_autograd(qualname), "Autograd")
+    # Nothing inside an op is autocast (ops/_autocast.py says what the public functions do instead).
+    for device_type in ("cpu", "cuda"):
+        LIBRARY.impl(name, _without_autocast(qualname, device_type), f"Autocast{device_type.upper()}")
 
     torch.library.impl(qualname, "cpu", on_device, lib=LIBRARY)
     torch.library.impl(qualname, "cuda", on_device, lib=LIBRARY)

@@ -24,7 +24,10 @@ from __future__ import annotations
 import torch
 
 from pyfastpeft import _native
-from pyfastpeft.ops._checks import check_same_device, check_same_dtype, check_tensor
+from pyfastpeft.backend import carry_backend
+from pyfastpeft.ops._autocast import autocast_dtype, cast_like_linear
+from pyfastpeft.ops._checks import (FLOAT_DTYPES, check_dtype, check_features, check_int, check_last_dim, check_numel,
+                                    check_optional, check_real, check_same_device, check_same_dtype, check_tensor)
 from pyfastpeft.ops._library import define_op, triton_module
 from pyfastpeft.reference import flce as ref
 from pyfastpeft.reference.flce import NONE, REDUCTIONS, compute_dtype
@@ -185,20 +188,53 @@ def _fake_backward(grad_loss, hidden, weight, labels, bias, ignore_index, label_
     return _fake_grads(hidden, weight, bias, need_grad_hidden, need_grad_weight, need_grad_bias)
 
 
+def _check_inputs(op, hidden, weight, labels, bias, ignore_index, label_smoothing, softcap, chunk_size):
+    """hidden [T, H] and weight [V, H] of one float dtype, labels int64 [T], bias empty or [V] in that dtype.
+    Labels outside [0, V) are not checked here (a sync per call): the kernels give them a NaN loss and never
+    index by them out of bounds."""
+    check_dtype(op, "hidden", hidden, FLOAT_DTYPES)
+    check_dtype(op, "weight", weight, (hidden.dtype,))
+    if hidden.dim() != 2 or weight.dim() != 2:
+        raise ValueError(f"{op}: hidden and weight must be 2-D, got {tuple(hidden.shape)} and {tuple(weight.shape)}")
+    check_features(op, "hidden", hidden, "hidden size")
+    check_last_dim(op, "hidden", hidden, weight.shape[1], "weight's hidden size")
+    check_dtype(op, "labels", labels, (torch.int64,))
+    check_numel(op, "labels", labels, hidden.shape[0], "one per row of hidden")
+    check_dtype(op, "bias", bias, (hidden.dtype,))
+    check_optional(op, "bias", bias, weight.shape[0], "the vocabulary")
+    check_int(op, "ignore_index", ignore_index)
+    check_real(op, "label_smoothing", label_smoothing, low=0.0, high=1.0, high_open=True)
+    check_real(op, "softcap", softcap, low=0.0)
+    check_int(op, "chunk_size", chunk_size, low=0)
+
+
+def _check_forward(hidden, weight, labels, bias, ignore_index, label_smoothing, softcap, reduction, *needs):
+    _check_inputs("flce_forward", hidden, weight, labels, bias, ignore_index, label_smoothing, softcap, needs[-1])
+    if check_int("flce_forward", "reduction", reduction) not in REDUCTIONS.values():
+        raise ValueError(f"flce_forward: reduction must be one of {sorted(REDUCTIONS.values())}, got {reduction}")
+
+
+def _check_backward(grad_loss, hidden, weight, labels, bias, ignore_index, label_smoothing, softcap, *needs):
+    _check_inputs("flce_backward", hidden, weight, labels, bias, ignore_index, label_smoothing, softcap, needs[-1])
+    check_dtype("flce_backward", "grad_loss", grad_loss, FLOAT_DTYPES)
+    check_numel("flce_backward", "grad_loss", grad_loss, hidden.shape[0], "one per row of hidden")
+
+
 _SETTINGS = "int ignore_index, float label_smoothing, float softcap"
 _NEEDS = "bool need_grad_hidden, bool need_grad_weight, bool need_grad_bias, int chunk_size"
 flce_forward = define_op(
     "flce_forward", f"(Tensor hidden, Tensor weight, Tensor labels, Tensor bias, {_SETTINGS}, int reduction, {_NEEDS})"
     " -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
     family="flce", fake=_fake_forward, reference=ref.flce_forward, native=_forward_with(_native_rows),
-    triton=_forward_with(_triton_rows))
+    triton=_forward_with(_triton_rows), check=_check_forward)
 flce_backward = define_op(
     "flce_backward", f"(Tensor grad_loss, Tensor hidden, Tensor weight, Tensor labels, Tensor bias, {_SETTINGS}, {_NEEDS})"
     " -> (Tensor, Tensor, Tensor)",
     family="flce", fake=_fake_backward, reference=ref.flce_backward, native=_backward_with(_native_rows),
-    triton=_backward_with(_triton_rows), triton_dtypes=(torch.float32,))
+    triton=_backward_with(_triton_rows), triton_dtypes=(torch.float32,), check=_check_backward)
 
 
+@carry_backend
 class FusedLinearCrossEntropyFunction(torch.autograd.Function):
     """(loss, lse) of hidden [T, H], weight [V, H], labels [T], bias [V] or empty. mean/sum: the gradients
     are computed in the forward pass and scaled by the output grad in backward (nothing [T, V] is saved).
@@ -269,6 +305,8 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, label
     """
     fn = "fused_linear_cross_entropy"
     check_tensor(fn, "hidden", hidden, min_dim=1)
+    # the lm_head product follows F.linear's autocast rule (ops/_autocast.py); the loss stays fp32
+    hidden, weight, bias = cast_like_linear(autocast_dtype(hidden), hidden, weight, bias)
     check_tensor(fn, "weight", weight, dim=2)
     if not isinstance(labels, torch.Tensor):
         raise TypeError(f"{fn}: labels must be a torch.Tensor, got {type(labels).__name__}")

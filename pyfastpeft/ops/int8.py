@@ -21,12 +21,13 @@ buffer (no dequantized copy of W outlives a call).
 """
 from __future__ import annotations
 
-import math
-
 import torch
 
 from pyfastpeft import _native
-from pyfastpeft.ops._checks import check_same_device, check_tensor
+from pyfastpeft.backend import carry_backend
+from pyfastpeft.ops._autocast import autocast_dtype, cast_like_linear
+from pyfastpeft.ops._checks import (FLOAT_DTYPES, check_dtype, check_features, check_int, check_last_dim, check_numel,
+                                    check_optional, check_real, check_same_device, check_tensor)
 from pyfastpeft.ops._library import define_op, triton_module
 from pyfastpeft.reference import int8 as ref
 
@@ -114,12 +115,77 @@ def _make_quant(axis: int, reference_fn):
 _ref_rowq, _native_rowq, _triton_rowq, _fake_rowq = _make_quant(0, ref.vectorwise_quant)
 _ref_colq, _native_colq, _triton_colq, _fake_colq = _make_quant(1, ref.colwise_quant)
 
+# ---- the contract every int8 kernel trusts, checked on every op call ---------------------------------------
+
+def _check_quant(op):
+    def check(x, threshold):
+        check_dtype(op, "x", x, FLOAT_DTYPES)
+        check_features(op, "x", x)
+        check_real(op, "threshold", threshold, low=0.0)
+    return check
+
+
+def _check_dequant(q, stats, axis):
+    op = "int8_vectorwise_dequant"
+    check_dtype(op, "q", q, (torch.int8,))
+    if q.dim() != 2:
+        raise ValueError(f"{op}: q must be 2-D [rows, K], got shape {tuple(q.shape)}")
+    check_dtype(op, "stats", stats, FLOAT_DTYPES)
+    check_int(op, "axis", axis, low=0, high=1)
+    check_numel(op, "stats", stats, q.shape[axis], f"one per {'row' if axis == 0 else 'column'} of q")
+
+
+def _check_matmul(a, b):
+    op = "int8_matmul"
+    for name, t in (("a", a), ("b", b)):
+        check_dtype(op, name, t, (torch.int8,))
+        if t.dim() != 2:
+            raise ValueError(f"{op}: {name} must be 2-D, got shape {tuple(t.shape)}")
+    if a.shape[1] != b.shape[1]:
+        raise ValueError(f"{op}: a is {tuple(a.shape)} and b is {tuple(b.shape)}, their dim 1 (K) must match")
+
+
+def _check_mm_dequant(c, row_stats, col_stats, bias, dtype):
+    op = "int8_mm_dequant"
+    check_dtype(op, "c", c, (torch.int32,))
+    if c.dim() != 2:
+        raise ValueError(f"{op}: c must be 2-D, got shape {tuple(c.shape)}")
+    check_dtype(op, "row_stats", row_stats, FLOAT_DTYPES)
+    check_numel(op, "row_stats", row_stats, c.shape[0], "one per row of c")
+    check_dtype(op, "col_stats", col_stats, FLOAT_DTYPES)
+    check_numel(op, "col_stats", col_stats, c.shape[1], "one per column of c")
+    check_dtype(op, "bias", bias, FLOAT_DTYPES)
+    check_optional(op, "bias", bias, c.shape[1], "columns of c")
+    if dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{op}: dtype must be a float dtype, got {dtype}")
+
+
+def _check_linear(x, weight, weight_stats, bias, threshold):
+    op = "int8_linear"
+    check_int8_weight(op, weight, weight_stats)
+    check_dtype(op, "x", x, FLOAT_DTYPES)
+    check_features(op, "x", x, "in_features")
+    check_last_dim(op, "x", x, weight.shape[1], "in_features")
+    check_dtype(op, "bias", bias, FLOAT_DTYPES)
+    check_optional(op, "bias", bias, weight.shape[0], "out_features")
+    check_real(op, "threshold", threshold, low=0.0)
+
+
+def _check_linear_grad_input(dy, weight, weight_stats):
+    op = "int8_linear_grad_input"
+    check_int8_weight(op, weight, weight_stats)
+    check_dtype(op, "dy", dy, FLOAT_DTYPES)
+    check_last_dim(op, "dy", dy, weight.shape[0], "out_features")
+
+
 int8_vectorwise_quant_op = define_op(
     "int8_vectorwise_quant", "(Tensor x, float threshold) -> (Tensor, Tensor, Tensor)", family="int8",
-    fake=_fake_rowq, reference=_ref_rowq, native=_native_rowq, triton=_triton_rowq, triton_dtypes=NATIVE_DTYPES)
+    fake=_fake_rowq, reference=_ref_rowq, native=_native_rowq, triton=_triton_rowq, triton_dtypes=NATIVE_DTYPES,
+    check=_check_quant("int8_vectorwise_quant"))
 int8_colwise_quant_op = define_op(
     "int8_colwise_quant", "(Tensor x, float threshold) -> (Tensor, Tensor, Tensor)", family="int8",
-    fake=_fake_colq, reference=_ref_colq, native=_native_colq, triton=_triton_colq, triton_dtypes=NATIVE_DTYPES)
+    fake=_fake_colq, reference=_ref_colq, native=_native_colq, triton=_triton_colq, triton_dtypes=NATIVE_DTYPES,
+    check=_check_quant("int8_colwise_quant"))
 
 
 def _ref_dequant(q, stats, axis):
@@ -148,7 +214,8 @@ def _fake_dequant(q, stats, axis):
 
 int8_vectorwise_dequant_op = define_op(
     "int8_vectorwise_dequant", "(Tensor q, Tensor stats, int axis) -> Tensor", family="int8",
-    fake=_fake_dequant, reference=_ref_dequant, native=_native_dequant, triton=_ref_dequant, triton_dtypes=())
+    fake=_fake_dequant, reference=_ref_dequant, native=_native_dequant, triton=_ref_dequant, triton_dtypes=(),
+    check=_check_dequant)
 
 
 # ---- int8 matmul and its epilogue ----------------------------------------------------------------------
@@ -178,7 +245,7 @@ def _fake_matmul(a, b):
 
 int8_matmul_op = define_op("int8_matmul", "(Tensor a, Tensor b) -> Tensor", family="int8", fake=_fake_matmul,
                            reference=_ref_matmul, native=_native_matmul, triton=_triton_matmul,
-                           triton_dtypes=(torch.int8,))
+                           triton_dtypes=(torch.int8,), check=_check_matmul)
 
 
 def mm_dequant_into(c, row_stats, col_stats, bias, addend, out) -> None:
@@ -239,7 +306,7 @@ def _fake_mm_dequant(c, row_stats, col_stats, bias, dtype):
 int8_mm_dequant_op = define_op(
     "int8_mm_dequant", "(Tensor c, Tensor row_stats, Tensor col_stats, Tensor bias, ScalarType dtype) -> Tensor",
     family="int8", fake=_fake_mm_dequant, reference=_ref_mm_dequant, native=_native_mm_dequant,
-    triton=_ref_mm_dequant, triton_dtypes=())
+    triton=_ref_mm_dequant, triton_dtypes=(), check=_check_mm_dequant)
 
 
 # ---- LLM.int8 linear -----------------------------------------------------------------------------------
@@ -358,13 +425,14 @@ def _fake_linear_grad_input(dy, weight, weight_stats):
 int8_linear_op = define_op(
     "int8_linear", "(Tensor x, Tensor weight, Tensor weight_stats, Tensor bias, float threshold) -> Tensor",
     family="int8", fake=_fake_linear, reference=_ref_linear, native=_native_linear, triton=_triton_linear,
-    triton_dtypes=NATIVE_DTYPES)
+    triton_dtypes=NATIVE_DTYPES, check=_check_linear)
 int8_linear_grad_input = define_op(
     "int8_linear_grad_input", "(Tensor dy, Tensor weight, Tensor weight_stats) -> Tensor", family="int8",
     fake=_fake_linear_grad_input, reference=_ref_linear_grad_input, native=_native_linear_grad_input,
-    triton=_triton_linear_grad_input, triton_dtypes=NATIVE_DTYPES)
+    triton=_triton_linear_grad_input, triton_dtypes=NATIVE_DTYPES, check=_check_linear_grad_input)
 
 
+@carry_backend
 class Int8LinearFunction(torch.autograd.Function):
     """y = int8_linear(x) over a frozen int8 weight: dX = dY @ (W * SCB / 127) (the straight-through gradient
     of x's quantization), db = sum over rows of dY, no dW. Saves the int8 weight and its stats, not x."""
@@ -407,11 +475,11 @@ def int8_linear(x: torch.Tensor, weight_int8: torch.Tensor, weight_stats: torch.
     """
     fn = "int8_linear"
     check_tensor(fn, "x", x, min_dim=1)
+    x, bias = cast_like_linear(autocast_dtype(x), x, bias)  # F.linear's autocast rule (ops/_autocast.py)
     check_int8_weight(fn, weight_int8, weight_stats)
     if x.shape[-1] != weight_int8.shape[1]:
         raise ValueError(f"{fn}: x's last dim is {x.shape[-1]}, the weight's in_features is {weight_int8.shape[1]}")
-    if not isinstance(threshold, (int, float)) or threshold < 0 or math.isnan(threshold):
-        raise ValueError(f"{fn}: threshold must be a number >= 0, got {threshold!r}")
+    threshold = check_real(fn, "threshold", threshold, low=0.0)
     check_same_device(fn, x=x, weight_int8=weight_int8, weight_stats=weight_stats)
     if bias is None:
         bias = x.new_empty(0)

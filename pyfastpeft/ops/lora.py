@@ -29,9 +29,12 @@ import numbers
 import torch
 
 from pyfastpeft import _native
+from pyfastpeft.backend import carry_backend
 from pyfastpeft.ops import int8 as int8_ops
 from pyfastpeft.ops import nf4 as nf4_ops
-from pyfastpeft.ops._checks import FLOAT_DTYPES, check_same_device, check_same_dtype, check_tensor
+from pyfastpeft.ops._autocast import autocast_dtype, cast_like_linear
+from pyfastpeft.ops._checks import (FLOAT_DTYPES, check_dtype, check_features, check_int, check_last_dim, check_numel,
+                                    check_optional, check_real, check_same_device, check_same_dtype, check_tensor)
 from pyfastpeft.ops._library import define_op, triton_module
 from pyfastpeft.reference import int8 as int8_ref
 from pyfastpeft.reference import lora as ref
@@ -271,21 +274,110 @@ def _nf4_op_impls(impl_forward, impl_backward):
     return forward, backward
 
 
+# ---- the contract every LoRA kernel trusts, checked on every op call ----------------------------------------------
+
+def _check_dense_base(op, x, tensors, scalars):
+    (weight,) = tensors
+    check_dtype(op, "weight", weight, (x.dtype,))
+    if weight.dim() != 2:
+        raise ValueError(f"{op}: weight must be 2-D [out_features, in_features], got shape {tuple(weight.shape)}")
+    return weight.shape[0], weight.shape[1]
+
+
+def _check_nf4_base(op, x, tensors, scalars):
+    packed, absmax, code = tensors
+    blocksize, out_features, in_features = scalars
+    check_int(op, "out_features", out_features, low=0)
+    check_int(op, "in_features", in_features, low=0)
+    nf4_ops.check_nf4_weight(op, packed, absmax, code, blocksize, out_features * in_features)
+    return out_features, in_features
+
+
+def _check_int8_base(op, x, tensors, scalars):
+    weight, weight_stats = tensors
+    int8_ops.check_int8_weight(op, weight, weight_stats)
+    check_real(op, "threshold", scalars[0], low=0.0)
+    return weight.shape[0], weight.shape[1]
+
+
+def check_lora_args(op: str, x, lora_A, lora_B, out_features: int, in_features: int, dropout_p, rng,
+                    bias=None, scaling=None) -> int:
+    """x [..., in] float, lora_A [r, in] and lora_B [out, r] in x's dtype, bias empty or [out], dropout_p in
+    [0, 1), rng int64 empty or [2] (seed, offset), scaling finite; returns x's row count M."""
+    check_dtype(op, "x", x, FLOAT_DTYPES)
+    check_features(op, "x", x, "in_features")
+    check_last_dim(op, "x", x, in_features, "in_features")
+    for name, t in (("lora_A", lora_A), ("lora_B", lora_B)):
+        check_dtype(op, name, t, (x.dtype,))
+        if t.dim() != 2:
+            raise ValueError(f"{op}: {name} must be 2-D, got shape {tuple(t.shape)}")
+    if lora_A.shape[1] != in_features:
+        raise ValueError(f"{op}: lora_A is {tuple(lora_A.shape)}, expected [r, {in_features}] (in_features)")
+    if lora_B.shape[0] != out_features:
+        raise ValueError(f"{op}: lora_B is {tuple(lora_B.shape)}, expected [{out_features}, R] (out_features)")
+    if bias is not None:
+        check_optional(op, "bias", bias, out_features, "out_features")
+    if scaling is not None:
+        check_real(op, "scaling", scaling)
+    check_real(op, "dropout_p", dropout_p, low=0.0, high=1.0, high_open=True)
+    check_dtype(op, "rng", rng, (torch.int64,))
+    if rng.numel() not in (0, 2):
+        raise ValueError(f"{op}: rng must be empty (no dropout) or the int64 pair (seed, offset), got "
+                         f"{rng.numel()} elements")
+    return math.prod(x.shape[:-1])
+
+
+def _check_backward_extras(op, dy, x, lora_A, xa, rows: int, out_features: int, width: int) -> None:
+    """dy [..., out] with x's rows and dtype, xa [M, width] in x's dtype."""
+    check_dtype(op, "dy", dy, (x.dtype,))
+    check_last_dim(op, "dy", dy, out_features, "out_features")
+    if math.prod(dy.shape[:-1]) != rows:
+        raise ValueError(f"{op}: dy has shape {tuple(dy.shape)}, x has {rows} rows")
+    check_dtype(op, "xa", xa, (x.dtype,))
+    if tuple(xa.shape) != (rows, width):
+        raise ValueError(f"{op}: xa has shape {tuple(xa.shape)}, expected [{rows}, {width}]")
+
+
+def _single_checks(name: str, n_tensors: int, check_base):
+    """Checks of the (forward, backward) ops of single-adapter LoRA over a base of n_tensors tensors."""
+    def forward(x, *args):
+        base_tensors, (bias, lora_A, lora_B, *rest) = args[:n_tensors], args[n_tensors:]
+        scaling, dropout_p, rng = rest[-3:]
+        out_features, in_features = check_base(f"{name}_forward", x, base_tensors, tuple(rest[:-3]))
+        check_lora_args(f"{name}_forward", x, lora_A, lora_B, out_features, in_features, dropout_p, rng, bias,
+                        scaling)
+        if lora_B.shape[1] != lora_A.shape[0]:
+            raise ValueError(f"{name}_forward: lora_B is {tuple(lora_B.shape)}, its rank must be lora_A's "
+                             f"{lora_A.shape[0]}")
+
+    def backward(dy, x, *args):
+        op = f"{name}_backward"
+        base_tensors, (lora_A, lora_B, xa, *rest) = args[:n_tensors], args[n_tensors:]
+        scaling, dropout_p, rng, _ = rest[-4:]
+        out_features, in_features = check_base(op, x, base_tensors, tuple(rest[:-4]))
+        rows = check_lora_args(op, x, lora_A, lora_B, out_features, in_features, dropout_p, rng, None, scaling)
+        if lora_B.shape[1] != lora_A.shape[0]:
+            raise ValueError(f"{op}: lora_B is {tuple(lora_B.shape)}, its rank must be lora_A's {lora_A.shape[0]}")
+        _check_backward_extras(op, dy, x, lora_A, xa, rows, out_features, lora_A.shape[0])
+    return forward, backward
+
+
 _IMPLS = {"reference": (_reference_forward, _reference_backward), "native": (_native_forward, _native_backward),
           "triton": (_triton_forward, _triton_backward)}
 
 
-def _define_base_ops(name: str, base_schema: str, base_meta_schema: str, op_impls, fake_forward, fake_backward):
+def _define_base_ops(name: str, base_schema: str, base_meta_schema: str, op_impls, fake_forward, fake_backward,
+                     checks):
     impls = {backend: op_impls(*pair) for backend, pair in _IMPLS.items()}
     forward = define_op(
         f"{name}_forward", f"(Tensor x, {base_schema}, Tensor bias, Tensor lora_A, Tensor lora_B{base_meta_schema}, "
         "float scaling, float dropout_p, Tensor rng) -> (Tensor, Tensor)", family="lora", fake=fake_forward,
-        reference=impls["reference"][0], native=impls["native"][0], triton=impls["triton"][0])
+        reference=impls["reference"][0], native=impls["native"][0], triton=impls["triton"][0], check=checks[0])
     backward = define_op(
         f"{name}_backward", f"(Tensor dy, Tensor x, {base_schema}, Tensor lora_A, Tensor lora_B, Tensor xa"
         f"{base_meta_schema}, float scaling, float dropout_p, Tensor rng, bool needs_input_grad) "
         "-> (Tensor, Tensor, Tensor)", family="lora", fake=fake_backward,
-        reference=impls["reference"][1], native=impls["native"][1], triton=impls["triton"][1])
+        reference=impls["reference"][1], native=impls["native"][1], triton=impls["triton"][1], check=checks[1])
     return forward, backward
 
 
@@ -293,12 +385,13 @@ lora_forward, lora_backward = _define_base_ops(
     "lora", "Tensor weight", "", _dense_op_impls,
     lambda x, weight, bias, lora_A, lora_B, *_: _fake_forward(x, lora_A, lora_B),
     lambda dy, x, weight, lora_A, lora_B, xa, scaling, dropout_p, rng, needs_input_grad:
-        _fake_backward(x, lora_A, lora_B, needs_input_grad))
+        _fake_backward(x, lora_A, lora_B, needs_input_grad), _single_checks("lora", 1, _check_dense_base))
 lora_nf4_forward, lora_nf4_backward = _define_base_ops(
     "lora_nf4", "Tensor packed, Tensor absmax, Tensor code", ", int blocksize, SymInt out_features, "
     "SymInt in_features", _nf4_op_impls,
     lambda x, packed, absmax, code, bias, lora_A, lora_B, *_: _fake_forward(x, lora_A, lora_B),
-    lambda dy, x, packed, absmax, code, lora_A, lora_B, xa, *rest: _fake_backward(x, lora_A, lora_B, rest[-1]))
+    lambda dy, x, packed, absmax, code, lora_A, lora_B, xa, *rest: _fake_backward(x, lora_A, lora_B, rest[-1]),
+    _single_checks("lora_nf4", 3, _check_nf4_base))
 
 
 
@@ -317,13 +410,15 @@ def _int8_op_impls(impl_forward, impl_backward):
 lora_int8_forward, lora_int8_backward = _define_base_ops(
     "lora_int8", "Tensor weight, Tensor weight_stats", ", float threshold", _int8_op_impls,
     lambda x, weight, weight_stats, bias, lora_A, lora_B, *_: _fake_forward(x, lora_A, lora_B),
-    lambda dy, x, weight, weight_stats, lora_A, lora_B, xa, *rest: _fake_backward(x, lora_A, lora_B, rest[-1]))
+    lambda dy, x, weight, weight_stats, lora_A, lora_B, xa, *rest: _fake_backward(x, lora_A, lora_B, rest[-1]),
+    _single_checks("lora_int8", 2, _check_int8_base))
 
 # base kind -> (forward op, backward op): the op arguments are (x, *base tensors, bias, A, B, *base scalars, ...)
 BASE_OPS = {"dense": (lora_forward, lora_backward), "nf4": (lora_nf4_forward, lora_nf4_backward),
             "int8": (lora_int8_forward, lora_int8_backward)}
 
 
+@carry_backend
 class LoRALinearFunction(torch.autograd.Function):
     """y = x W^T + b + s * dropout(x) A^T B^T over a frozen base; gradients for x, bias, A and B (the
     formulas in pyfastpeft/reference/lora.py; db = sum over rows of dY). Saves x, A, B, xa [M, r], rng and
@@ -347,8 +442,12 @@ class LoRALinearFunction(torch.autograd.Function):
         dx, grad_A, grad_B = backward_op(dy, x, *base_tensors, lora_A, lora_B, xa, *base_ints, scaling, dropout_p,
                                          rng, needs[0])
         grad_bias = dy.reshape(-1, dy.shape[-1]).sum(0) if needs[1] else None
+        grad_base = [None] * len(base_tensors)
+        if base_kind == "dense" and needs[9]:
+            # a trainable dense base (full fine-tuning beside the adapter): dW = dY^T x, [out, in]
+            grad_base[0] = dy.reshape(-1, dy.shape[-1]).t() @ x.reshape(-1, x.shape[-1])
         return ((dx if needs[0] else None), grad_bias, (grad_A if needs[2] else None),
-                (grad_B if needs[3] else None), None, None, None, None, None, *([None] * len(base_tensors)))
+                (grad_B if needs[3] else None), None, None, None, None, None, *grad_base)
 
 
 # ---- the public function ---------------------------------------------------------------------------------
@@ -361,9 +460,7 @@ def _check_number(fn: str, name: str, value) -> float:
 
 def _int8_base(fn: str, weight, x):
     codes, stats, *rest = weight
-    threshold = _check_number(fn, "weight's threshold", rest[0]) if rest else 6.0
-    if threshold < 0:
-        raise ValueError(f"{fn}: weight's threshold must be >= 0, got {threshold}")
+    threshold = check_real(fn, "weight's threshold", rest[0], low=0.0) if rest else 6.0
     int8_ops.check_int8_weight(fn, codes, stats)
     check_same_device(fn, x=x, weight_int8=codes, weight_stats=stats)
     return "int8", (threshold,), (codes, stats), codes.shape[0], codes.shape[1]
@@ -444,10 +541,14 @@ def lora_linear(x: torch.Tensor, weight, bias: torch.Tensor | None, lora_A: torc
     """
     fn = "lora_linear"
     check_tensor(fn, "x", x, min_dim=1)
+    dtype = autocast_dtype(x)  # F.linear's autocast rule for every product (ops/_autocast.py)
+    x, lora_A, lora_B, bias = cast_like_linear(dtype, x, lora_A, lora_B, bias)
+    if isinstance(weight, torch.Tensor):
+        (weight,) = cast_like_linear(dtype, weight)
     check_tensor(fn, "lora_A", lora_A, dim=2)
     check_tensor(fn, "lora_B", lora_B, dim=2)
     base_kind, base_ints, base_tensors, out_features, in_features = _base_from_weight(fn, weight, x)
-    scaling = _check_number(fn, "scaling", scaling)
+    scaling = check_real(fn, "scaling", scaling)
     dropout_p = _check_dropout(fn, dropout_p, training)
     if x.shape[-1] != in_features:
         raise ValueError(f"{fn}: x's last dim is {x.shape[-1]}, the weight's in_features is {in_features}")
@@ -594,6 +695,47 @@ _MULTI_IMPLS = {"reference": (_reference_multi_forward, _reference_multi_backwar
                 "triton": (_native_multi_forward, _native_multi_backward)}
 
 
+def _check_offsets(op: str, name: str, offsets, count: int, last: int, starts_at_zero: bool = True) -> list:
+    """offsets int64 [count], non-decreasing from 0 (or from any value >= 0) to `last`; returns them as Python
+    ints (one sync)."""
+    check_dtype(op, name, offsets, (torch.int64,))
+    check_numel(op, name, offsets, count, "one more than the adapter count")
+    values = offsets.tolist()
+    first_ok = values[0] == 0 if starts_at_zero else values[0] >= 0
+    if not first_ok or values[-1] != last or any(b < a for a, b in zip(values, values[1:])):
+        raise ValueError(f"{op}: {name} must rise from {'0' if starts_at_zero else '>= 0'} to {last} without "
+                         f"decreasing, got {values}")
+    return values
+
+
+def _check_index_range(op: str, name: str, t, low: int, high: int) -> None:
+    """int64 t with every value in [low, high) (one sync): these index rows in the kernels."""
+    check_dtype(op, name, t, (torch.int64,))
+    if t.numel():
+        lo, hi = t.min().item(), t.max().item()
+        if lo < low or hi >= high:
+            raise ValueError(f"{op}: {name} must lie in [{low}, {high}), got values in [{lo}, {hi}]")
+
+
+def _check_multi_adapters(op, x, lora_A, lora_B, rank_offsets, scalings, out_features, in_features, dropout_p,
+                          rng, width: int, bias=None) -> int:
+    """The packed adapters (A_cat [R, in], B_cat [out, R], rank_offsets [n + 1], scalings fp32 [n], every rank
+    <= width); returns M."""
+    rows = check_lora_args(op, x, lora_A, lora_B, out_features, in_features, dropout_p, rng, bias)
+    if lora_B.shape[1] != lora_A.shape[0]:
+        raise ValueError(f"{op}: lora_B is {tuple(lora_B.shape)}, its total rank must be lora_A's {lora_A.shape[0]}")
+    check_dtype(op, "scalings", scalings, (torch.float32,))
+    if scalings.dim() != 1:
+        raise ValueError(f"{op}: scalings must be 1-D, got shape {tuple(scalings.shape)}")
+    offsets = _check_offsets(op, "rank_offsets", rank_offsets, scalings.numel() + 1, lora_A.shape[0])
+    ranks = [high - low for low, high in zip(offsets, offsets[1:])]
+    if ranks and max(ranks) > width:
+        raise ValueError(f"{op}: an adapter's rank exceeds max_rank {width}")
+    if not torch.isfinite(scalings).all():
+        raise ValueError(f"{op}: scalings must be finite")
+    return rows
+
+
 def _define_multi_ops(kind: str):
     """The (forward, backward) op pair of multi-adapter LoRA over base `kind`; arguments as in the section note."""
     tensors_schema, scalars_schema, n_tensors, n_scalars, make_base = _MULTI_BASE_LAYOUTS[kind]
@@ -624,16 +766,47 @@ def _define_multi_ops(kind: str):
         lora_A, lora_B = args[n_tensors:n_tensors + 2]
         return _fake_backward(x, lora_A, lora_B, args[-1])
 
+    check_base = {"dense": _check_dense_base, "nf4": _check_nf4_base, "int8": _check_int8_base}[kind]
+
+    def check_forward(x, *args):
+        op = f"{name}_forward"
+        base_tensors, (bias, lora_A, lora_B, rank_offsets, scalings, row_adapter, *rest) = \
+            args[:n_tensors], args[n_tensors:]
+        max_rank, dropout_p, rng = rest[n_scalars:]
+        out_features, in_features = check_base(op, x, base_tensors, tuple(rest[:n_scalars]))
+        check_int(op, "max_rank", max_rank, low=0)
+        rows = _check_multi_adapters(op, x, lora_A, lora_B, rank_offsets, scalings, out_features, in_features,
+                                     dropout_p, rng, max_rank, bias)
+        check_numel(op, "row_adapter", row_adapter, rows, "one adapter id per row of x")
+        _check_index_range(op, "row_adapter", row_adapter, -1, scalings.numel())
+
+    def check_backward(dy, x, *args):
+        op = f"{name}_backward"
+        base_tensors, args = args[:n_tensors], args[n_tensors:]
+        lora_A, lora_B, rank_offsets, scalings, xa, row_order, segment_offsets, *rest = args
+        dropout_p, rng, _ = rest[n_scalars:]
+        out_features, in_features = check_base(op, x, base_tensors, tuple(rest[:n_scalars]))
+        if xa.dim() != 2:
+            raise ValueError(f"{op}: xa must be 2-D [M, max_rank], got shape {tuple(xa.shape)}")
+        rows = _check_multi_adapters(op, x, lora_A, lora_B, rank_offsets, scalings, out_features, in_features,
+                                     dropout_p, rng, xa.shape[1])
+        _check_backward_extras(op, dy, x, lora_A, xa, rows, out_features, xa.shape[1])
+        check_numel(op, "row_order", row_order, rows, "one entry per row of x")
+        _check_index_range(op, "row_order", row_order, 0, rows)
+        # segment_offsets[0] counts the base-only rows (adapter -1), sorted first
+        _check_offsets(op, "segment_offsets", segment_offsets, scalings.numel() + 1, rows, starts_at_zero=False)
+
     forward = define_op(
         f"{name}_forward", f"(Tensor x, {tensors_schema}, Tensor bias, Tensor lora_A, Tensor lora_B, "
         f"Tensor rank_offsets, Tensor scalings, Tensor row_adapter{scalars_schema}, SymInt max_rank, "
         "float dropout_p, Tensor rng) -> (Tensor, Tensor, Tensor, Tensor)", family="lora", fake=fake_forward,
-        **{backend: forward_impl(pair[0]) for backend, pair in _MULTI_IMPLS.items()})
+        check=check_forward, **{backend: forward_impl(pair[0]) for backend, pair in _MULTI_IMPLS.items()})
     backward = define_op(
         f"{name}_backward", f"(Tensor dy, Tensor x, {tensors_schema}, Tensor lora_A, Tensor lora_B, "
         f"Tensor rank_offsets, Tensor scalings, Tensor xa, Tensor row_order, Tensor segment_offsets{scalars_schema}, "
         "float dropout_p, Tensor rng, bool needs_input_grad) -> (Tensor, Tensor, Tensor)", family="lora",
-        fake=fake_backward, **{backend: backward_impl(pair[1]) for backend, pair in _MULTI_IMPLS.items()})
+        fake=fake_backward, check=check_backward,
+        **{backend: backward_impl(pair[1]) for backend, pair in _MULTI_IMPLS.items()})
     return forward, backward
 
 
@@ -641,6 +814,7 @@ def _define_multi_ops(kind: str):
 MULTI_BASE_OPS = {kind: _define_multi_ops(kind) for kind in _MULTI_BASE_LAYOUTS}
 
 
+@carry_backend
 class LoRALinearMultiFunction(torch.autograd.Function):
     """Multi-adapter LoRA over a frozen base; gradients for x, bias and every adapter's A_i, B_i. The adapters
     come in as separate tensors and are packed here (torch.cat: one copy of sum r_i * (in + out) elements per
@@ -729,7 +903,7 @@ def _check_adapters(fn: str, adapters, x, out_features: int, in_features: int):
         check_same_device(fn, x=x, **{f"{name}'s lora_A": lora_A, f"{name}'s lora_B": lora_B})
         lora_As.append(lora_A)
         lora_Bs.append(lora_B)
-        scalings.append(_check_number(fn, f"{name}'s scaling", scaling))
+        scalings.append(check_real(fn, f"{name}'s scaling", scaling))
     return lora_As, lora_Bs, scalings
 
 
@@ -748,7 +922,18 @@ def lora_linear_multi(x: torch.Tensor, weight, bias: torch.Tensor | None, adapte
     """
     fn = "lora_linear_multi"
     check_tensor(fn, "x", x, min_dim=1)
+    dtype = autocast_dtype(x)  # F.linear's autocast rule for every product (ops/_autocast.py)
+    if dtype is not None:
+        x, bias = cast_like_linear(dtype, x, bias)
+        if isinstance(weight, torch.Tensor):
+            (weight,) = cast_like_linear(dtype, weight)
+        if isinstance(adapters, (list, tuple)):
+            adapters = [(*cast_like_linear(dtype, *adapter[:2]), *adapter[2:]) if isinstance(adapter, (list, tuple))
+                        else adapter for adapter in adapters]
     base_kind, base_scalars, base_tensors, out_features, in_features = _base_from_weight(fn, weight, x)
+    if base_kind == "dense" and weight.requires_grad and torch.is_grad_enabled():
+        raise ValueError(f"{fn}: weight requires grad, but lora_linear_multi trains the adapters and bias only; "
+                         "freeze it (weight.requires_grad_(False)) or train it through lora_linear")
     if x.shape[-1] != in_features:
         raise ValueError(f"{fn}: x's last dim is {x.shape[-1]}, the weight's in_features is {in_features}")
     lora_As, lora_Bs, scalings = _check_adapters(fn, adapters, x, out_features, in_features)

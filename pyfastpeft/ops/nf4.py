@@ -23,7 +23,10 @@ from __future__ import annotations
 import torch
 
 from pyfastpeft import _native
-from pyfastpeft.ops._checks import check_same_device, check_tensor
+from pyfastpeft.backend import carry_backend
+from pyfastpeft.ops._autocast import autocast_dtype, cast_like_linear
+from pyfastpeft.ops._checks import (FLOAT_DTYPES, check_dtype, check_int, check_last_dim, check_numel,
+                                    check_optional, check_power_of_two, check_same_device, check_tensor)
 from pyfastpeft.ops._library import define_op, triton_module
 from pyfastpeft.reference import nf4 as ref
 
@@ -49,6 +52,55 @@ def _native_cuda_usable(blocksize: int, *tensors) -> bool:
 def _cuda_launch(t) -> tuple[int, int]:
     """(stream, device index) of the CUDA kernels' trailing arguments for tensors on t's device."""
     return _native.cuda_stream(t), t.device.index
+
+
+# ---- the contract every NF4 kernel trusts -------------------------------------------------------------------
+
+def check_nf4_weight(op: str, packed, absmax, code, blocksize, numel) -> None:
+    """packed uint8 holding numel 4-bit codes (two per byte), absmax float [ceil(numel / blocksize)], code float
+    [16], blocksize a power of two >= 2 (a byte never straddles two blocks). Run on every call before a
+    pointer reaches C++/CUDA/Triton: these are what a corrupt checkpoint supplies."""
+    check_power_of_two(op, "blocksize", blocksize, low=2)
+    check_int(op, "numel", numel, low=0)
+    check_dtype(op, "packed", packed, (torch.uint8,))
+    check_numel(op, "packed", packed, (numel + 1) // 2, f"a weight of {numel} elements (two per byte)")
+    check_dtype(op, "absmax", absmax, FLOAT_DTYPES)
+    check_numel(op, "absmax", absmax, -(-numel // blocksize), f"{numel} elements in blocks of {blocksize}")
+    check_dtype(op, "code", code, FLOAT_DTYPES)
+    check_numel(op, "code", code, 16, "a 4-bit code table")
+
+
+def check_nf4_linear(op: str, x, packed, absmax, code, bias, blocksize, out_features, in_features) -> None:
+    """check_nf4_weight for W [out_features, in_features], x [..., in_features], bias empty or [out_features]."""
+    check_int(op, "out_features", out_features, low=0)
+    check_int(op, "in_features", in_features, low=0)
+    check_nf4_weight(op, packed, absmax, code, blocksize, out_features * in_features)
+    check_last_dim(op, "x", x, in_features, "in_features")
+    if bias is not None:
+        check_optional(op, "bias", bias, out_features, "out_features")
+
+
+def _check_quantize(w, code, blocksize):
+    check_power_of_two("nf4_quantize", "blocksize", blocksize, low=2)
+    check_dtype("nf4_quantize", "code", code, FLOAT_DTYPES)
+    check_numel("nf4_quantize", "code", code, 16, "a 4-bit code table")
+
+
+def _check_dequantize(packed, absmax, code, blocksize, numel, dtype):
+    check_nf4_weight("nf4_dequantize", packed, absmax, code, blocksize, numel)
+    if dtype not in FLOAT_DTYPES:
+        raise TypeError(f"nf4_dequantize: dtype must be a float dtype, got {dtype}")
+
+
+def _check_linear(x, packed, absmax, code, bias, blocksize, out_features, in_features):
+    check_nf4_linear("nf4_linear", x, packed, absmax, code, bias, blocksize, out_features, in_features)
+
+
+def _check_linear_grad_input(dy, packed, absmax, code, blocksize, out_features, in_features):
+    check_int("nf4_linear_grad_input", "out_features", out_features, low=0)
+    check_int("nf4_linear_grad_input", "in_features", in_features, low=0)
+    check_nf4_weight("nf4_linear_grad_input", packed, absmax, code, blocksize, out_features * in_features)
+    check_last_dim("nf4_linear_grad_input", "dy", dy, out_features, "out_features")
 
 
 # ---- quantize / dequantize -------------------------------------------------------------------------
@@ -276,22 +328,25 @@ def _fake_linear_grad_input(dy, packed, absmax, code, blocksize, out_features, i
 
 nf4_quantize = define_op("nf4_quantize", "(Tensor w, Tensor code, int blocksize) -> (Tensor, Tensor)",
                          family="nf4", fake=_fake_quantize, reference=_reference_quantize,
-                         native=_native_quantize, triton=_triton_quantize, triton_dtypes=TRITON_DTYPES)
+                         native=_native_quantize, triton=_triton_quantize, triton_dtypes=TRITON_DTYPES,
+                         check=_check_quantize)
 nf4_dequantize = define_op(
     "nf4_dequantize", "(Tensor packed, Tensor absmax, Tensor code, int blocksize, SymInt numel, ScalarType dtype)"
     " -> Tensor", family="nf4", fake=_fake_dequantize, reference=_reference_dequantize,
-    native=_native_dequantize, triton=_triton_dequantize, triton_dtypes=(torch.uint8,))
+    native=_native_dequantize, triton=_triton_dequantize, triton_dtypes=(torch.uint8,), check=_check_dequantize)
 nf4_linear_op = define_op(
     "nf4_linear", "(Tensor x, Tensor packed, Tensor absmax, Tensor code, Tensor bias, int blocksize, "
     "SymInt out_features, SymInt in_features) -> Tensor", family="nf4", fake=_fake_linear,
-    reference=_reference_linear, native=_native_linear, triton=_triton_linear, triton_dtypes=TRITON_DTYPES)
+    reference=_reference_linear, native=_native_linear, triton=_triton_linear, triton_dtypes=TRITON_DTYPES,
+    check=_check_linear)
 nf4_linear_grad_input = define_op(
     "nf4_linear_grad_input", "(Tensor dy, Tensor packed, Tensor absmax, Tensor code, int blocksize, "
     "SymInt out_features, SymInt in_features) -> Tensor", family="nf4", fake=_fake_linear_grad_input,
     reference=_reference_linear_grad_input, native=_native_linear_grad_input,
-    triton=_triton_linear_grad_input, triton_dtypes=TRITON_DTYPES)
+    triton=_triton_linear_grad_input, triton_dtypes=TRITON_DTYPES, check=_check_linear_grad_input)
 
 
+@carry_backend
 class NF4LinearFunction(torch.autograd.Function):
     """y = x @ dequant(W)^T + b over a frozen NF4 weight: dX = dY @ dequant(W), db = sum over rows of dY,
     no dW. Saves the packed weight, absmax and code (not x, not a dequantized W)."""
@@ -319,9 +374,11 @@ def nf4_linear(x: torch.Tensor, packed: torch.Tensor, state, bias: torch.Tensor 
 
     fn = "nf4_linear"
     check_tensor(fn, "x", x, min_dim=1)
+    x, bias = cast_like_linear(autocast_dtype(x), x, bias)  # F.linear's autocast rule (ops/_autocast.py)
     if not isinstance(state, QuantState):
         raise TypeError(f"{fn}: state must be a pyfastpeft.quant.QuantState, got {type(state).__name__}")
-    if state.shape is None or len(state.shape) != 2:
+    state.validate(f"{fn}: state")
+    if len(state.shape) != 2:
         raise ValueError(f"{fn}: state.shape must be [out_features, in_features], got {state.shape}")
     out_features, in_features = state.shape
     if x.shape[-1] != in_features:

@@ -11,9 +11,13 @@ scale and zero_point are 0-dim per tensor, [x.shape[axis]] per channel, [ceil(nu
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 from pyfastpeft import _native
+from pyfastpeft.backend import carry_backend
+from pyfastpeft.ops._checks import FLOAT_DTYPES, check_dtype, check_int, check_numel
 from pyfastpeft.ops._library import define_op
 from pyfastpeft.reference import quantize as ref
 
@@ -116,21 +120,65 @@ def _fake_dequantize(codes, scale, zero_point, axis, blocksize, dtype):
     return codes.new_empty(codes.shape, dtype=dtype)
 
 
+# ---- the contract every kernel trusts, checked on every op call -------------------------------------------
+
+def _check_granularity(op: str, shape, bits, axis, blocksize) -> int:
+    """bits 4 or 8; axis -1 or a dim of shape; blocksize >= 0; not both. Returns the group count."""
+    if check_int(op, "bits", bits) not in ref.BITS:
+        raise ValueError(f"{op}: bits must be one of {ref.BITS}, got {bits}")
+    check_int(op, "axis", axis, low=-1, high=len(shape) - 1)
+    check_int(op, "blocksize", blocksize, low=0)
+    if axis >= 0 and blocksize > 0:
+        raise ValueError(f"{op}: axis ({axis}) and blocksize ({blocksize}) are mutually exclusive")
+    return math.prod(ref.param_shape(shape, axis, blocksize))
+
+
+def _check_params(op: str, scale, zero_point, groups: int, zeropoint: bool | None) -> None:
+    """scale float [groups]; zero_point int32 [groups] for zeropoint, empty for absmax (None: either)."""
+    check_dtype(op, "scale", scale, FLOAT_DTYPES)
+    check_numel(op, "scale", scale, groups, "the quantization groups")
+    check_dtype(op, "zero_point", zero_point, (torch.int32,))
+    if zeropoint or (zeropoint is None and zero_point.numel()):
+        check_numel(op, "zero_point", zero_point, groups, "the quantization groups")
+    elif zero_point.numel():
+        raise ValueError(f"{op}: zero_point must be empty for the absmax scheme, got {zero_point.numel()} elements")
+
+
+def _check_quantize(x, bits, zeropoint, axis, blocksize):
+    check_dtype("quantize_affine", "x", x, FLOAT_DTYPES)
+    _check_granularity("quantize_affine", x.shape, bits, axis, blocksize)
+
+
+def _check_quantize_static(x, scale, zero_point, bits, zeropoint, axis, blocksize):
+    op = "quantize_static"
+    check_dtype(op, "x", x, FLOAT_DTYPES)
+    _check_params(op, scale, zero_point, _check_granularity(op, x.shape, bits, axis, blocksize), zeropoint)
+
+
+def _check_dequantize(codes, scale, zero_point, axis, blocksize, dtype):
+    op = "dequantize_affine"
+    check_dtype(op, "codes", codes, (torch.int8, torch.uint8))
+    _check_params(op, scale, zero_point, _check_granularity(op, codes.shape, 8, axis, blocksize), None)
+    if dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{op}: dtype must be a float dtype, got {dtype}")
+
+
 quantize_affine = define_op(
     "quantize_affine", "(Tensor x, int bits, bool zeropoint, int axis, int blocksize) -> (Tensor, Tensor, Tensor)",
     family="quantize", fake=_fake_quantize, reference=_reference_quantize, native=_native_quantize,
-    triton=_reference_quantize, triton_dtypes=())
+    triton=_reference_quantize, triton_dtypes=(), check=_check_quantize)
 quantize_static = define_op(
     "quantize_static", "(Tensor x, Tensor scale, Tensor zero_point, int bits, bool zeropoint, int axis, "
     "int blocksize) -> Tensor", family="quantize", fake=_fake_quantize_static,
     reference=_reference_quantize_static, native=_native_quantize_static, triton=_reference_quantize_static,
-    triton_dtypes=())
+    triton_dtypes=(), check=_check_quantize_static)
 dequantize_affine = define_op(
     "dequantize_affine", "(Tensor codes, Tensor scale, Tensor zero_point, int axis, int blocksize, "
     "ScalarType dtype) -> Tensor", family="quantize", fake=_fake_dequantize, reference=_reference_dequantize,
-    native=_native_dequantize, triton=_reference_dequantize, triton_dtypes=())
+    native=_native_dequantize, triton=_reference_dequantize, triton_dtypes=(), check=_check_dequantize)
 
 
+@carry_backend
 class FakeQuantizeFunction(torch.autograd.Function):
     """y = dequantize(quantize(x)) in x's dtype, with x's own parameters (static False; scale and zero_point
     are then ignored) or the given ones. Backward, the straight-through estimator of torch.fake_quantize_per_tensor_affine:

@@ -11,7 +11,9 @@ from __future__ import annotations
 import torch
 
 from pyfastpeft import _native
+from pyfastpeft.backend import carry_backend
 from pyfastpeft.ops._checks import check_same_device, check_tensor
+from pyfastpeft.ops._checks import FLOAT_DTYPES, check_dtype, check_int, check_last_dim, check_numel, check_real
 from pyfastpeft.ops._library import define_op, triton_module
 from pyfastpeft.reference import rmsnorm as ref
 from pyfastpeft.reference.rmsnorm import CASTING_MODES, compute_dtype, output_dtype
@@ -118,18 +120,48 @@ def _reference_backward(dy, x, weight, rstd, offset, casting_mode, weight_grad):
     return dx.contiguous(), dw
 
 
+def _check_common(op, x, weight, casting_mode):
+    check_dtype(op, "x", x, FLOAT_DTYPES)
+    check_dtype(op, "weight", weight, FLOAT_DTYPES)
+    if x.dim() == 0:
+        raise ValueError(f"{op}: x must have at least one dimension")
+    if weight.dim() != 1:
+        raise ValueError(f"{op}: weight must be 1-D, got shape {tuple(weight.shape)}")
+    check_last_dim(op, "x", x, weight.shape[0], "weight's size")
+    if check_int(op, "casting_mode", casting_mode) not in CASTING_MODES.values():
+        raise ValueError(f"{op}: casting_mode must be one of {sorted(CASTING_MODES.values())}, got {casting_mode}")
+
+
+def _check_forward(x, weight, eps, offset, casting_mode):
+    _check_common("rms_norm_forward", x, weight, casting_mode)
+    check_real("rms_norm_forward", "eps", eps, low=0.0)
+    check_real("rms_norm_forward", "offset", offset)
+
+
+def _check_backward(dy, x, weight, rstd, offset, casting_mode, weight_grad):
+    op = "rms_norm_backward"
+    _check_common(op, x, weight, casting_mode)
+    check_dtype(op, "dy", dy, FLOAT_DTYPES)
+    if dy.shape != x.shape:
+        raise ValueError(f"{op}: dy has shape {tuple(dy.shape)}, x has {tuple(x.shape)}")
+    check_dtype(op, "rstd", rstd, (torch.float32, torch.float64))
+    check_numel(op, "rstd", rstd, x.numel() // x.shape[-1] if x.shape[-1] else 0, "one per row of x")
+    check_real(op, "offset", offset)
+
+
 rms_norm_forward = define_op(
     "rms_norm_forward", "(Tensor x, Tensor weight, float eps, float offset, int casting_mode) -> (Tensor, Tensor)",
     family="rmsnorm", fake=_fake_forward, reference=_reference_forward, native=_native_forward,
-    triton=_triton_forward)
+    triton=_triton_forward, check=_check_forward)
 rms_norm_backward = define_op(
     "rms_norm_backward",
     "(Tensor dy, Tensor x, Tensor weight, Tensor rstd, float offset, int casting_mode, bool weight_grad)"
     " -> (Tensor, Tensor)",
     family="rmsnorm", fake=_fake_backward, reference=_reference_backward, native=_native_backward,
-    triton=_triton_backward)
+    triton=_triton_backward, check=_check_backward)
 
 
+@carry_backend
 class RMSNormFunction(torch.autograd.Function):
     """y = rms_norm(x, weight); backward computes dW only when the weight requires grad."""
 

@@ -11,7 +11,9 @@ from __future__ import annotations
 import torch
 
 from pyfastpeft import _native
-from pyfastpeft.ops._checks import check_same_device, check_same_dtype, check_tensor
+from pyfastpeft.backend import carry_backend
+from pyfastpeft.ops._checks import (FLOAT_DTYPES, check_dtype, check_same_device, check_same_dtype,
+                                    check_tensor)
 from pyfastpeft.ops._library import define_op, triton_module
 from pyfastpeft.reference import rope as ref
 
@@ -75,11 +77,31 @@ def _fake_rope(q, k, cos, sin, interleaved, backward):
     return _out_like(q), _out_like(k)
 
 
+def _check_rope(q, k, cos, sin, interleaved, backward):
+    """q [B, Hq, S, D], k [B, Hk, S, D] of one float dtype; cos, sin [Bc, S, R] float, Bc in (1, B), R even <= D."""
+    op = "rope"
+    for name, t in (("q", q), ("k", k), ("cos", cos), ("sin", sin)):
+        check_dtype(op, name, t, FLOAT_DTYPES)
+    check_dtype(op, "k", k, (q.dtype,))
+    if q.dim() != 4 or k.dim() != 4:
+        raise ValueError(f"{op}: q and k must be 4-D [B, H, S, D], got {tuple(q.shape)} and {tuple(k.shape)}")
+    batch, _, seq, head_dim = q.shape
+    if (k.shape[0], k.shape[2], k.shape[3]) != (batch, seq, head_dim):
+        raise ValueError(f"{op}: k has shape {tuple(k.shape)}, incompatible with q's {tuple(q.shape)}")
+    if cos.dim() != 3 or cos.shape != sin.shape:
+        raise ValueError(f"{op}: cos and sin must be [Bc, S, R] of one shape, got {tuple(cos.shape)} and "
+                         f"{tuple(sin.shape)}")
+    if cos.shape[0] not in (1, batch) or cos.shape[1] != seq or cos.shape[2] % 2 or cos.shape[2] > head_dim:
+        raise ValueError(f"{op}: cos has shape {tuple(cos.shape)}, expected [1 or {batch}, {seq}, R] with R even "
+                         f"and <= {head_dim}")
+
+
 rope_op = define_op("rope", "(Tensor q, Tensor k, Tensor cos, Tensor sin, bool interleaved, bool backward)"
                     " -> (Tensor, Tensor)", family="rope", fake=_fake_rope, reference=_reference_rope,
-                    native=_native_rope, triton=_triton_rope)
+                    native=_native_rope, triton=_triton_rope, check=_check_rope)
 
 
+@carry_backend
 class RopeFunction(torch.autograd.Function):
     """(q_out, k_out) = rope(q, k); the gradient is the transposed rotation of (dq_out, dk_out)."""
 
@@ -102,6 +124,15 @@ def _as_table(fn: str, name: str, t, position_ids, batch: int, seq: int, unsquee
         if t.dim() != 2:
             raise ValueError(f"{fn}: with position_ids, {name} must be a [max_positions, R] table, got shape "
                              f"{tuple(t.shape)}")
+        if not isinstance(position_ids, torch.Tensor) or position_ids.is_floating_point() \
+                or position_ids.dtype == torch.bool:
+            raise TypeError(f"{fn}: position_ids must be an integer tensor, got "
+                            f"{getattr(position_ids, 'dtype', type(position_ids).__name__)}")
+        if position_ids.numel() and not torch.compiler.is_compiling():
+            low, high = position_ids.min().item(), position_ids.max().item()
+            if low < 0 or high >= t.shape[0]:
+                raise ValueError(f"{fn}: position_ids must lie in [0, {t.shape[0]}) ({name} has {t.shape[0]} "
+                                 f"positions), got values in [{low}, {high}]")
         t = t[position_ids]
     if t.dim() == 4 and t.shape[unsqueeze_dim] == 1:
         t = t.squeeze(unsqueeze_dim)

@@ -11,7 +11,9 @@ from __future__ import annotations
 import torch
 
 from pyfastpeft import _native
+from pyfastpeft.backend import carry_backend
 from pyfastpeft.ops._checks import check_same_device, check_same_dtype, check_tensor
+from pyfastpeft.ops._checks import FLOAT_DTYPES, check_dtype
 from pyfastpeft.ops._library import define_op, triton_module
 from pyfastpeft.reference import swiglu as ref
 
@@ -86,14 +88,33 @@ def _reference_backward(dy, gate, up):
     return dgate.contiguous(), dup.contiguous()
 
 
+def _check_pair(op, **tensors):
+    """Tensors of one shape and one float dtype."""
+    (first_name, first), *rest = tensors.items()
+    check_dtype(op, first_name, first, FLOAT_DTYPES)
+    for name, t in rest:
+        check_dtype(op, name, t, (first.dtype,))
+        if t.shape != first.shape:
+            raise ValueError(f"{op}: {name} has shape {tuple(t.shape)}, {first_name} has {tuple(first.shape)}")
+
+
+def _check_forward(gate, up):
+    _check_pair("swiglu_forward", gate=gate, up=up)
+
+
+def _check_backward(dy, gate, up):
+    _check_pair("swiglu_backward", gate=gate, up=up, dy=dy)
+
+
 swiglu_forward = define_op("swiglu_forward", "(Tensor gate, Tensor up) -> Tensor", family="swiglu",
                            fake=_fake_forward, reference=_reference_forward, native=_native_forward,
-                           triton=_triton_forward)
+                           triton=_triton_forward, check=_check_forward)
 swiglu_backward = define_op("swiglu_backward", "(Tensor dy, Tensor gate, Tensor up) -> (Tensor, Tensor)",
                             family="swiglu", fake=_fake_backward, reference=_reference_backward,
-                            native=_native_backward, triton=_triton_backward)
+                            native=_native_backward, triton=_triton_backward, check=_check_backward)
 
 
+@carry_backend
 class SwiGLUFunction(torch.autograd.Function):
     """y = silu(gate) * up; saves gate and up only, recomputes silu in backward."""
 

@@ -50,19 +50,63 @@ class QuantState:
     def nested(self) -> bool:
         return self.state2 is not None
 
+    def validate(self, fn: str = "QuantState") -> QuantState:
+        """Checks every field against the others (what a corrupt or hostile checkpoint could get wrong);
+        raises TypeError / ValueError naming the field; returns self. Cheap: sizes, dtypes, devices, no data
+        pass. Every public entry point that hands a state to a kernel calls it."""
+        if not isinstance(self.absmax, torch.Tensor):
+            raise TypeError(f"{fn}: absmax must be a tensor, got {type(self.absmax).__name__}")
+        if self.quant_type not in QUANT_TYPES:
+            raise ValueError(f"{fn}: quant_type must be one of {QUANT_TYPES}, got {self.quant_type!r}")
+        if isinstance(self.blocksize, bool) or not isinstance(self.blocksize, int) or self.blocksize not in BLOCKSIZES:
+            raise ValueError(f"{fn}: blocksize must be one of {BLOCKSIZES}, got {self.blocksize!r}")
+        if not isinstance(self.shape, torch.Size) or any(d < 0 for d in self.shape):
+            raise ValueError(f"{fn}: shape must be a torch.Size of non-negative sizes, got {self.shape!r}")
+        if self.dtype not in FLOAT_DTYPES:
+            raise TypeError(f"{fn}: dtype must be one of {[_dtype_name(d) for d in FLOAT_DTYPES]}, got {self.dtype!r}")
+        _check_table(fn, "code", self.code, 16, self.absmax.device)
+        n = math.prod(self.shape)
+        nblocks = -(-n // self.blocksize)
+        if self.absmax.numel() != nblocks:
+            raise ValueError(f"{fn}: absmax has {self.absmax.numel()} elements, {n} weights in blocks of "
+                             f"{self.blocksize} need {nblocks}")
+        if not self.nested:
+            if self.offset is not None:
+                raise ValueError(f"{fn}: offset is set but there is no nested state (state2)")
+            if not self.absmax.is_floating_point():
+                raise TypeError(f"{fn}: absmax must be a float tensor (not nested), got {self.absmax.dtype}")
+            return self
+        state2 = self.state2
+        if not isinstance(state2, QuantState):
+            raise TypeError(f"{fn}: state2 must be a QuantState, got {type(state2).__name__}")
+        if self.absmax.dtype != torch.uint8:
+            raise TypeError(f"{fn}: nested absmax must be uint8 codes, got {self.absmax.dtype}")
+        if not isinstance(state2.absmax, torch.Tensor) or not state2.absmax.is_floating_point():
+            raise TypeError(f"{fn}: state2.absmax (nested_absmax) must be a float tensor")
+        if isinstance(state2.blocksize, bool) or not isinstance(state2.blocksize, int) or state2.blocksize < 1:
+            raise ValueError(f"{fn}: state2.blocksize (nested_blocksize) must be a positive int, "
+                             f"got {state2.blocksize!r}")
+        _check_table(fn, "state2.code (nested_quant_map)", state2.code, 256, self.absmax.device)
+        expected = -(-self.absmax.numel() // state2.blocksize)
+        if state2.absmax.numel() != expected:
+            raise ValueError(f"{fn}: state2.absmax (nested_absmax) has {state2.absmax.numel()} elements, "
+                             f"{self.absmax.numel()} codes in blocks of {state2.blocksize} need {expected}")
+        if not isinstance(self.offset, torch.Tensor) or self.offset.numel() != 1 \
+                or not self.offset.is_floating_point():
+            raise ValueError(f"{fn}: offset (nested_offset) must be a one-element float tensor, got {self.offset!r}")
+        for name, t in (("state2.absmax", state2.absmax), ("offset", self.offset)):
+            if t.device != self.absmax.device:
+                raise ValueError(f"{fn}: {name} is on {t.device}, absmax is on {self.absmax.device}")
+        return self
+
     def dequantized_absmax(self) -> torch.Tensor:
         """fp32 [nblocks] per-block absmax; when nested  code2[q] * absmax2[i // 256] + offset."""
+        self.validate()
         if not self.nested:
             return self.absmax.float()
         state2 = self.state2
-        if self.absmax.dtype != torch.uint8:
-            raise TypeError(f"QuantState: nested absmax must be uint8 codes, got {self.absmax.dtype}")
-        expected = -(-self.absmax.numel() // state2.blocksize)
-        if state2.absmax.numel() != expected:
-            raise ValueError(f"QuantState: state2.absmax has {state2.absmax.numel()} elements, "
-                             f"{self.absmax.numel()} codes in blocks of {state2.blocksize} need {expected}")
-        values = state2.code[self.absmax.view(-1).int()]
-        return blockwise_scale(values, state2.absmax.float(), state2.blocksize) + self.offset
+        values = state2.code.float()[self.absmax.view(-1).int()]
+        return blockwise_scale(values, state2.absmax.float(), state2.blocksize) + self.offset.float().view(())
 
     def as_dict(self, packed: bool = False) -> dict:
         """bnb's QuantState.as_dict: the state-dict entries of a Linear4bit weight, without "weight.".
@@ -98,17 +142,21 @@ class QuantState:
     @classmethod
     def from_dict(cls, qs_dict: dict, device: torch.device | str = "cpu") -> QuantState:
         """Inverse of as_dict (packed or not). Keys may keep a prefix ("weight.absmax"); the input is
-        not modified."""
+        not modified. A checkpoint is untrusted: every item is type-checked and the result validated, so a
+        corrupt one raises ValueError / TypeError naming the key."""
+        fn = "QuantState.from_dict"
+        if not isinstance(qs_dict, dict):
+            raise TypeError(f"{fn}: expected a dict, got {type(qs_dict).__name__}")
         items = {}
         packed_keys = [k for k, v in qs_dict.items() if "quant_state" in k and isinstance(v, torch.Tensor)]
         if "quant_type" not in {k.split(".")[-1] for k in qs_dict}:
             valid = [f"bitsandbytes__{t}" for t in QUANT_TYPES]
             if len(packed_keys) != 1 or packed_keys[0].split(".")[-1] not in valid:
-                raise ValueError(f"QuantState.from_dict: expected exactly one 'quant_state.<{'|'.join(valid)}>' "
+                raise ValueError(f"{fn}: expected exactly one 'quant_state.<{'|'.join(valid)}>' "
                                  f"tensor or unpacked items, got keys {sorted(qs_dict)}")
         for key, value in qs_dict.items():
             if key in packed_keys:
-                items.update(json.loads(bytes(value.cpu().tolist()).decode("utf-8")))
+                items.update(_read_packed_json(fn, key, value))
             else:
                 items[key.split(".")[-1]] = value
         required = ["quant_type", "absmax", "blocksize", "quant_map", "dtype", "shape"]
@@ -116,25 +164,41 @@ class QuantState:
             required += ["nested_blocksize", "nested_quant_map", "nested_dtype", "nested_offset"]
         missing = [k for k in required if k not in items]
         if missing:
-            raise ValueError(f"QuantState.from_dict: missing {missing}, got keys {sorted(items)}")
+            raise ValueError(f"{fn}: missing {missing}, got keys {sorted(items)}")
         if items["quant_type"] not in QUANT_TYPES:
-            raise ValueError(f"QuantState.from_dict: quant_type must be one of {QUANT_TYPES}, "
-                             f"got {items['quant_type']!r}")
+            raise ValueError(f"{fn}: quant_type must be one of {QUANT_TYPES}, got {items['quant_type']!r}")
+        for key in [k for k in ("absmax", "quant_map", "nested_absmax", "nested_quant_map") if k in items]:
+            if not isinstance(items[key], torch.Tensor):
+                raise TypeError(f"{fn}: {key} must be a tensor, got {type(items[key]).__name__}")
+        for key in [k for k in ("blocksize", "nested_blocksize") if k in items]:
+            if isinstance(items[key], bool) or not isinstance(items[key], int):
+                raise TypeError(f"{fn}: {key} must be an int, got {items[key]!r}")
+        shape = items["shape"]
+        if shape is not None and (not isinstance(shape, (list, tuple)) or
+                                  not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
+            raise ValueError(f"{fn}: shape must be a list of non-negative ints, got {shape!r}")
         offset, state2 = None, None
         if "nested_absmax" in items:
-            offset = torch.tensor(float(items["nested_offset"]), dtype=torch.float32, device=device)
+            nested_offset = items["nested_offset"]
+            if isinstance(nested_offset, torch.Tensor) and nested_offset.numel() == 1:
+                nested_offset = nested_offset.item()
+            if isinstance(nested_offset, bool) or not isinstance(nested_offset, (int, float)):
+                raise TypeError(f"{fn}: nested_offset must be a number, got {nested_offset!r}")
+            offset = torch.tensor(float(nested_offset), dtype=torch.float32, device=device)
             state2 = cls(absmax=items["nested_absmax"].to(device), blocksize=items["nested_blocksize"],
-                         code=items["nested_quant_map"].to(device), dtype=getattr(torch, items["nested_dtype"]))
-        return cls(
+                         code=items["nested_quant_map"].to(device), dtype=_float_dtype(fn, "nested_dtype",
+                                                                                       items["nested_dtype"]))
+        state = cls(
             absmax=items["absmax"].to(device),
-            shape=torch.Size(items["shape"]) if items["shape"] is not None else None,
+            shape=torch.Size(shape) if shape is not None else None,
             code=items["quant_map"].to(device),
             blocksize=items["blocksize"],
             quant_type=items["quant_type"],
-            dtype=getattr(torch, items["dtype"]),
+            dtype=_float_dtype(fn, "dtype", items["dtype"]),
             offset=offset,
             state2=state2,
         )
+        return state.validate(fn)
 
     def to(self, device: torch.device | str) -> QuantState:
         """Moves the tensors in place (as bnb's QuantState.to does) and returns self."""
@@ -145,6 +209,38 @@ class QuantState:
             self.state2.absmax = self.state2.absmax.to(device)
             self.state2.code = self.state2.code.to(device)
         return self
+
+
+def _check_table(fn: str, name: str, table, size: int, device: torch.device) -> None:
+    if not isinstance(table, torch.Tensor) or not table.is_floating_point():
+        got = table.dtype if isinstance(table, torch.Tensor) else type(table).__name__
+        raise TypeError(f"{fn}: {name} must be a float tensor, got {got}")
+    if table.numel() != size:
+        raise ValueError(f"{fn}: {name} must have {size} entries, got {table.numel()}")
+    if table.device != device:
+        raise ValueError(f"{fn}: {name} is on {table.device}, absmax is on {device}")
+
+
+def _float_dtype(fn: str, key: str, name) -> torch.dtype:
+    """The torch dtype a checkpoint names ("bfloat16"); only float dtypes are accepted."""
+    dtype = getattr(torch, name, None) if isinstance(name, str) else None
+    if dtype not in FLOAT_DTYPES:
+        raise ValueError(f"{fn}: {key} must name one of {[_dtype_name(d) for d in FLOAT_DTYPES]}, got {name!r}")
+    return dtype
+
+
+def _read_packed_json(fn: str, key: str, value: torch.Tensor) -> dict:
+    """The items of bitsandbytes' packed quant-state tensor: UTF-8 JSON of a dict, as uint8."""
+    if value.dtype != torch.uint8 or value.dim() > 1:
+        raise ValueError(f"{fn}: {key} must be a 1-D uint8 tensor of UTF-8 JSON, got {value.dtype} "
+                         f"{tuple(value.shape)}")
+    try:
+        items = json.loads(bytes(value.cpu().tolist()).decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{fn}: {key} is not valid UTF-8 JSON ({exc})") from None
+    if not isinstance(items, dict):
+        raise ValueError(f"{fn}: {key} must hold a JSON object, got {type(items).__name__}")
+    return items
 
 
 def _check_blocksize(fn: str, blocksize) -> None:
@@ -196,18 +292,11 @@ def dequantize_nf4(packed: torch.Tensor, state: QuantState) -> torch.Tensor:
     if not isinstance(packed, torch.Tensor) or packed.dtype != torch.uint8:
         got = packed.dtype if isinstance(packed, torch.Tensor) else type(packed).__name__
         raise TypeError(f"dequantize_nf4: packed must be a uint8 tensor, got {got}")
-    _check_blocksize("dequantize_nf4", state.blocksize)
-    _check_quant_type("dequantize_nf4", state.quant_type)
-    if state.shape is None or state.dtype not in FLOAT_DTYPES:
-        raise ValueError(f"dequantize_nf4: state needs a shape and a float dtype, got {state.shape}, {state.dtype}")
+    state.validate("dequantize_nf4: state")
     n = math.prod(state.shape)
     if packed.numel() != (n + 1) // 2:
         raise ValueError(f"dequantize_nf4: packed has {packed.numel()} bytes, state.shape {tuple(state.shape)} "
                          f"({n} elements) needs {(n + 1) // 2}")
-    nblocks = -(-n // state.blocksize)
-    if state.absmax.numel() != nblocks:
-        raise ValueError(f"dequantize_nf4: state.absmax has {state.absmax.numel()} blocks, {n} elements "
-                         f"in blocks of {state.blocksize} need {nblocks}")
     if packed.device != state.absmax.device:
         raise ValueError(f"dequantize_nf4: packed is on {packed.device}, state.absmax on {state.absmax.device}")
 

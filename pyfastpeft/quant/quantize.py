@@ -21,7 +21,7 @@ import math
 import torch
 
 from pyfastpeft.ops import quantize as ops
-from pyfastpeft.ops._checks import check_tensor
+from pyfastpeft.ops._checks import FLOAT_DTYPES, check_same_device, check_tensor
 from pyfastpeft.reference import quantize as ref
 
 __all__ = ["QuantizedTensor", "quantize", "dequantize", "fake_quantize", "MinMaxObserver", "PercentileObserver"]
@@ -91,16 +91,61 @@ def quantize(x: torch.Tensor, bits: int = 8, scheme: str = "absmax", axis: int |
     return _quantized(codes, scale, zero_point, bits, scheme, axis_arg, blocksize_arg, x)
 
 
+def _checked_fields(fn: str, qt: QuantizedTensor) -> tuple[int, int, torch.Tensor]:
+    """(axis or -1, blocksize or 0, zero_point int32 or empty) of qt after checking every field against the
+    others: a QuantizedTensor may come from a file, and its fields are what the kernels index by."""
+    zeropoint = _check_bits_scheme(fn, qt.bits, qt.scheme)
+    if not isinstance(qt.codes, torch.Tensor) or qt.codes.dtype != (torch.uint8 if zeropoint else torch.int8):
+        got = qt.codes.dtype if isinstance(qt.codes, torch.Tensor) else type(qt.codes).__name__
+        raise TypeError(f"{fn}: qt.codes must be {'uint8' if zeropoint else 'int8'} for scheme {qt.scheme!r}, "
+                        f"got {got}")
+    if not isinstance(qt.shape, (torch.Size, tuple)) or tuple(qt.codes.shape) != tuple(qt.shape):
+        raise ValueError(f"{fn}: qt.codes has shape {tuple(qt.codes.shape)}, qt.shape is {qt.shape}")
+    if qt.dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{fn}: qt.dtype must be a float dtype, got {qt.dtype!r}")
+    axis, blocksize = _check_granularity(fn, qt.codes, qt.axis, qt.blocksize)
+    check_tensor(fn, "qt.scale", qt.scale, dtypes=(torch.float32,))
+    expected = ref.param_shape(qt.codes.shape, axis, blocksize)
+    if tuple(qt.scale.shape) != expected:
+        raise ValueError(f"{fn}: qt.scale has shape {tuple(qt.scale.shape)}, axis={qt.axis} and "
+                         f"blocksize={qt.blocksize} over codes of shape {tuple(qt.codes.shape)} need {expected}")
+    if not zeropoint:
+        if qt.zero_point is not None:
+            raise ValueError(f"{fn}: scheme 'absmax' has no zero_point, got one")
+        return axis, blocksize, qt.scale.new_empty(0, dtype=torch.int32)
+    zero_point = qt.zero_point
+    if not isinstance(zero_point, torch.Tensor) or zero_point.is_floating_point() or zero_point.is_complex() \
+            or zero_point.dtype == torch.bool:
+        got = zero_point.dtype if isinstance(zero_point, torch.Tensor) else type(zero_point).__name__
+        raise TypeError(f"{fn}: qt.zero_point must be an integer tensor for scheme 'zeropoint', got {got}")
+    if tuple(zero_point.shape) != expected:
+        raise ValueError(f"{fn}: qt.zero_point has shape {tuple(zero_point.shape)}, expected {expected}")
+    return axis, blocksize, _zero_point_in_range(fn, "qt.zero_point", zero_point, qt.bits)
+
+
+def _zero_point_in_range(fn: str, name: str, zero_point: torch.Tensor, bits: int) -> torch.Tensor:
+    """zero_point as int32 after checking it lies in the code range [0, 2^bits - 1] (torch's rule: one outside
+    it, such as 2**40, would wrap through int32 into another value)."""
+    qmin, qmax = ref.code_range(bits, True)
+    if zero_point.numel():
+        low, high = zero_point.min().item(), zero_point.max().item()
+        if low < qmin or high > qmax:
+            raise ValueError(f"{fn}: {name} must lie in [{qmin}, {qmax}] for {bits} bits, got values in "
+                             f"[{low}, {high}]")
+    return zero_point.to(torch.int32)
+
+
 def dequantize(qt: QuantizedTensor) -> torch.Tensor:
     """(codes - zero_point) * scale, in the dtype of the tensor that was quantized."""
+    fn = "dequantize"
     if not isinstance(qt, QuantizedTensor):
-        raise TypeError(f"dequantize: qt must be a QuantizedTensor, got {type(qt).__name__}")
-    zero_point = qt.zero_point if qt.zero_point is not None else qt.scale.new_empty(0, dtype=torch.int32)
-    return ops.dequantize_affine(qt.codes, qt.scale, zero_point, -1 if qt.axis is None else qt.axis,
-                                 qt.blocksize or 0, qt.dtype)
+        raise TypeError(f"{fn}: qt must be a QuantizedTensor, got {type(qt).__name__}")
+    axis, blocksize, zero_point = _checked_fields(fn, qt)
+    check_same_device(fn, codes=qt.codes, scale=qt.scale, zero_point=zero_point)
+    return ops.dequantize_affine(qt.codes, qt.scale, zero_point, axis, blocksize, qt.dtype)
 
 
-def _static_params(fn: str, x, scale, zero_point, zeropoint: bool, axis: int, blocksize: int):
+def _static_params(fn: str, x, scale, zero_point, zeropoint: bool, bits: int, axis: int, blocksize: int):
     """scale fp32 and zero_point int32 (empty for absmax) of the group shape, on x's device."""
     shape = ref.param_shape(x.shape, axis, blocksize)
     if zeropoint and zero_point is None:
@@ -119,8 +164,11 @@ def _static_params(fn: str, x, scale, zero_point, zeropoint: bool, axis: int, bl
             raise ValueError(f"{fn}: {name} is on {value.device}, x is on {x.device}")
         if tuple(value.shape) != shape:
             raise ValueError(f"{fn}: {name} must have shape {shape} for this granularity, got {tuple(value.shape)}")
-        if name == "zero_point" and value.is_floating_point():
-            raise TypeError(f"{fn}: zero_point must be an integer tensor, got {value.dtype}")
+        if name == "zero_point":
+            if value.is_floating_point() or value.dtype == torch.bool:
+                raise TypeError(f"{fn}: zero_point must be an integer tensor, got {value.dtype}")
+            params.append(_zero_point_in_range(fn, "zero_point", value, bits))
+            continue
         params.append(value.to(dtype))
     return params
 
@@ -141,7 +189,7 @@ def fake_quantize(x: torch.Tensor, bits: int = 8, scheme: str = "absmax", axis: 
         unused_scale, unused_zero_point = x.new_empty(0, dtype=torch.float32), x.new_empty(0, dtype=torch.int32)
         return ops.FakeQuantizeFunction.apply(x, unused_scale, unused_zero_point, False, bits, zeropoint, axis_arg,
                                               blocksize_arg)
-    scale, zero_point = _static_params(fn, x, scale, zero_point, zeropoint, axis_arg, blocksize_arg)
+    scale, zero_point = _static_params(fn, x, scale, zero_point, zeropoint, bits, axis_arg, blocksize_arg)
     return ops.FakeQuantizeFunction.apply(x, scale, zero_point, True, bits, zeropoint, axis_arg, blocksize_arg)
 
 
