@@ -60,14 +60,25 @@ def forward_and_grads(module, x):
     return y.detach(), x.grad, lora_A.grad, lora_B.grad
 
 
+def peft_lora_linear(peft, base, **settings):
+    """peft.tuners.lora.Linear(base, "default", **settings) on every supported PEFT release (newer releases'
+    constructor also takes the LoraConfig the settings come from)."""
+    import inspect
+
+    if "config" in inspect.signature(peft.tuners.lora.Linear.__init__).parameters:
+        config = peft.LoraConfig(**settings)
+        return peft.tuners.lora.Linear(base, "default", config=config, **settings)
+    return peft.tuners.lora.Linear(base, "default", **settings)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("bias, use_rslora, x_shape", [(True, False, (5, 40)), (False, True, (2, 3, 40))])
 def test_forward_and_grads_match_peft_lora_linear(dtype, bias, use_rslora, x_shape):
     peft = peft_module()
     torch.manual_seed(0)
     base = nn.Linear(40, 24, bias=bias).to(dtype)
-    theirs = peft.tuners.lora.Linear(copy.deepcopy(base), "default", r=6, lora_alpha=12, use_rslora=use_rslora,
-                                     init_lora_weights=False)
+    theirs = peft_lora_linear(peft, copy.deepcopy(base), r=6, lora_alpha=12, use_rslora=use_rslora,
+                              init_lora_weights=False)
     ours = LoRALinear(copy.deepcopy(base), r=6, lora_alpha=12, use_rslora=use_rslora, init_lora_weights=False)
     with torch.no_grad():
         for name in ("lora_A", "lora_B"):
@@ -89,7 +100,7 @@ def test_state_dict_keys_and_init_are_peft_s():
     peft = peft_module()
     base = nn.Linear(32, 16)
     ours = LoRALinear(copy.deepcopy(base), r=4)
-    theirs = peft.tuners.lora.Linear(copy.deepcopy(base), "default", r=4, lora_alpha=16)
+    theirs = peft_lora_linear(peft, copy.deepcopy(base), r=4, lora_alpha=16)
     assert list(ours.state_dict()) == list(theirs.state_dict())
     assert isinstance(ours.lora_A["default"], nn.Linear) and ours.lora_A["default"].bias is None
     assert torch.count_nonzero(ours.lora_B["default"].weight) == 0
