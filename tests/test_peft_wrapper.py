@@ -175,6 +175,8 @@ def test_delete_adapter_removes_it_everywhere_as_peft_does(pair):
 
 def test_set_requires_grad_and_trainable_parameter_counts_follow_peft(pair):
     theirs, ours = pair
+    if not hasattr(theirs, "set_requires_grad"):
+        pytest.skip("this PEFT release has no PeftModel.set_requires_grad")
     assert ours.get_nb_trainable_parameters() == theirs.get_nb_trainable_parameters()
     for model in pair:
         model.set_requires_grad("other", requires_grad=True)

@@ -528,9 +528,13 @@ def _converted(fn: str, module_path: str, layer) -> nn.Module:
 
     def settings(name):
         dropout = layer.lora_dropout[name]
-        return dict(r=layer.r[name], lora_alpha=layer.lora_alpha[name],
-                    lora_dropout=dropout.p if isinstance(dropout, nn.Dropout) else 0.0,
-                    use_rslora=layer.use_rslora.get(name, False), init_lora_weights=False)
+        r, lora_alpha = layer.r[name], layer.lora_alpha[name]
+        if hasattr(layer, "use_rslora"):
+            use_rslora = layer.use_rslora.get(name, False)
+        else:  # PEFT before 0.18 keeps only the scaling it chose: alpha / sqrt(r) for rsLoRA, else alpha / r
+            use_rslora = r > 1 and math.isclose(layer.scaling[name], lora_alpha / math.sqrt(r))
+        return dict(r=r, lora_alpha=lora_alpha, lora_dropout=dropout.p if isinstance(dropout, nn.Dropout) else 0.0,
+                    use_rslora=use_rslora, init_lora_weights=False)
 
     requires_grad = [p.requires_grad for p in layer.base_layer.parameters()]
     ours = LoRALinear(layer.base_layer, adapter_name=names[0], **settings(names[0]))
