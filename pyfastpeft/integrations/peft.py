@@ -31,6 +31,8 @@ import tempfile
 import torch
 from torch import nn
 
+from pyfastpeft.integrations.bitsandbytes import (from_bitsandbytes, is_bitsandbytes_linear,
+                                                  peft_bitsandbytes_lora_classes)
 from pyfastpeft.integrations.safe_regex import SafePattern, compile_pattern
 from pyfastpeft.nn.lora import LoRALinear, _check_adapter_name, base_kind, linear_modules
 
@@ -519,11 +521,14 @@ def _converted(fn: str, module_path: str, layer) -> nn.Module:
     if len(layer.active_adapters) > 1:
         raise ValueError(f"{fn}: {module_path} has several active adapters {layer.active_adapters}; LoRALinear "
                          "applies one at a time")
-    if base_kind(layer.base_layer) is None:
-        raise TypeError(f"{fn}: {module_path}'s base is a {type(layer.base_layer).__name__}, LoRALinear wraps "
+    base = layer.base_layer  # a bitsandbytes base (QLoRA) becomes ours over the same bytes
+    if is_bitsandbytes_linear(base):
+        base = from_bitsandbytes(base, f"{module_path}.base_layer")
+    if base_kind(base) is None:
+        raise TypeError(f"{fn}: {module_path}'s base is a {type(base).__name__}, LoRALinear wraps "
                         "nn.Linear, pyfastpeft.nn.Linear4bit and pyfastpeft.nn.Linear8bitLt")
     if not names:
-        return layer.base_layer
+        return base
     active = layer.active_adapters[0] if layer.active_adapters else None
 
     def settings(name):
@@ -536,9 +541,9 @@ def _converted(fn: str, module_path: str, layer) -> nn.Module:
         return dict(r=r, lora_alpha=lora_alpha, lora_dropout=dropout.p if isinstance(dropout, nn.Dropout) else 0.0,
                     use_rslora=use_rslora, init_lora_weights=False)
 
-    requires_grad = [p.requires_grad for p in layer.base_layer.parameters()]
-    ours = LoRALinear(layer.base_layer, adapter_name=names[0], **settings(names[0]))
-    for parameter, flag in zip(layer.base_layer.parameters(), requires_grad):
+    requires_grad = [p.requires_grad for p in base.parameters()]
+    ours = LoRALinear(base, adapter_name=names[0], **settings(names[0]))
+    for parameter, flag in zip(base.parameters(), requires_grad):
         parameter.requires_grad_(flag)  # PEFT's choice stands: the base is shared, not ours to retrain
     for name in names[1:]:
         ours.add_adapter(name, **settings(name))
@@ -577,8 +582,9 @@ def from_peft(peft_model) -> nn.Module:
     _check_peft_configs(fn, peft_model.peft_config)
     model = peft_model.base_model.model
     lora_layers, others = [], []
+    lora_classes = (PeftLoraLinear, *peft_bitsandbytes_lora_classes())  # LoRA over bitsandbytes layers: QLoRA
     for module_path, module in model.named_modules():
-        if type(module) is PeftLoraLinear:
+        if type(module) in lora_classes:
             lora_layers.append((module_path, module))
         elif isinstance(module, BaseTunerLayer) or type(module).__module__.startswith("peft."):
             others.append(f"{module_path} ({type(module).__module__}.{type(module).__name__})")

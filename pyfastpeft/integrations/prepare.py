@@ -346,9 +346,10 @@ def _check_model_state(fn: str, model: nn.Module, quant, lora, patch: bool, fuse
 
 def _check_lora_targets(fn: str, model: nn.Module, lora: LoraSettings) -> None:
     """add_lora's target check, run before quantization (which keeps every linear layer's path)."""
+    from pyfastpeft.integrations.bitsandbytes import bitsandbytes_linears
     from pyfastpeft.nn.lora import linear_modules, matches_target
 
-    candidates = linear_modules(model)
+    candidates = linear_modules(model) + bitsandbytes_linears(model)  # converted before adapters are added
     if lora.target_modules == "all-linear":
         output_layer = _dense_output_layer(model)
         chosen = [path for path, module in candidates if path.rpartition(".")[2] != "lm_head" and module is not output_layer]
@@ -379,10 +380,15 @@ def prepare_model(model: nn.Module, quant: str | None = "nf4", lora: LoraSetting
     checkpoints write a PEFT adapter directory (not the frozen base) plus the trainable parameters Trainer's
     resume_from_checkpoint reads back (see AdapterSavePretrained).
 
+    A model loaded through bitsandbytes (transformers' BitsAndBytesConfig, load_in_4bit / load_in_8bit) has its
+    Linear4bit / Linear8bitLt layers converted to pyfastpeft's over the same bytes, never requantized (see
+    pyfastpeft.integrations.bitsandbytes; report.replaced["bitsandbytes"] counts them), then adapted.
+
     Everything is checked before the model changes: a bad argument, a model already prepared (a second call raises
     ValueError and changes nothing), a PeftModel (convert it with from_peft first) or target_modules that match no
     linear layer raise TypeError/ValueError naming the argument, and leave the model as it was.
     """
+    from pyfastpeft.integrations.bitsandbytes import check_bitsandbytes_modules, convert_bitsandbytes_modules
     from pyfastpeft.integrations.quantize import model_bytes, quantize_model
     from pyfastpeft.integrations.transformers import patch_model
     from pyfastpeft.nn import LoRALinear
@@ -402,12 +408,15 @@ def prepare_model(model: nn.Module, quant: str | None = "nf4", lora: LoraSetting
         if not isinstance(value, bool):
             raise TypeError(f"{fn}: {name} must be a bool, got {type(value).__name__}")
     _check_model_state(fn, model, quant, lora, patch, fused_loss)
+    check_bitsandbytes_modules(model)  # a bitsandbytes layer that cannot convert raises before anything changes
     if lora is not False:
         _check_lora_targets(fn, model, lora)
 
     report = PrepareReport(bytes_before=model_bytes(model))
     for parameter in model.parameters():
         parameter.requires_grad_(False)
+    # layers loaded through bitsandbytes (BitsAndBytesConfig) become ours over the same bytes, never requantized
+    report.replaced["bitsandbytes"] = len(convert_bitsandbytes_modules(model))
     if quant is not None:
         output_layer = _dense_output_layer(model)
         skip = ["lm_head"] + [path for path, module in model.named_modules() if module is output_layer]
