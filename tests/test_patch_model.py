@@ -136,6 +136,27 @@ def test_fused_rope_runs_in_every_attention_and_stops_after_unpatch(make_model, 
         assert len(calls) == 2
 
 
+def test_fused_rope_survives_mode_switches_of_a_from_pretrained_model(tmp_path, monkeypatch):
+    """from_pretrained turns hub kernels on when `kernels` is installed, and each train()/eval() then
+    re-kernelizes the model: patch_model turns them off while patched (and unpatch_model back on), so the
+    fused RoPE still runs after Trainer's model.train()."""
+    tiny_llama().save_pretrained(tmp_path)
+    model = LlamaForCausalLM.from_pretrained(tmp_path)
+    kernels_on = getattr(model, "use_kernels", False)
+    ids = torch.randint(0, 128, (1, 12))
+    expected = model(ids).logits
+    report = pyfastpeft.patch_model(model)
+    model.train()
+    model.eval()
+    with counting_fused_rope(monkeypatch) as calls:
+        torch.testing.assert_close(model(ids).logits, expected)
+        assert len(calls) == 2  # one per layer
+    assert bool(report.notes) == kernels_on
+    pyfastpeft.unpatch_model(model)
+    assert getattr(model, "use_kernels", False) == kernels_on
+    torch.testing.assert_close(model(ids).logits, expected)
+
+
 def test_kernels_wrapped_rope_is_patched_per_model():
     """Where each attention holds a private copy of the kernels-wrapped function, only the patched model changes."""
     patched, other = tiny_llama(), tiny_llama()

@@ -54,6 +54,7 @@ class PatchReport:
     swiglu: list[str] = field(default_factory=list)
     rope: list[str] = field(default_factory=list)
     not_patched: list[str] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)  # what else patch_model changed on the model, and why
 
     @property
     def total(self) -> int:
@@ -63,6 +64,7 @@ class PatchReport:
         lines = [f"pyfastpeft.patch_model: {len(self.rms_norm)} RMSNorm, {len(self.swiglu)} SwiGLU MLP, "
                  f"{len(self.rope)} RoPE function(s) replaced"]
         lines += [f"  not patched: {reason}" for reason in self.not_patched]
+        lines += [f"  note: {note}" for note in self.notes]
         return "\n".join(lines)
 
 
@@ -122,6 +124,7 @@ class _PatchState:
     modules: list = field(default_factory=list)  # (parent, attribute name, original module)
     global_ropes: list = field(default_factory=list)  # (modeling module name, FusedRope put there)
     rope_wrappers: list = field(default_factory=list)  # (kernels Func wrapper, its own forward before, or None)
+    hub_kernels_turned_off: bool = False  # the model's use_kernels, True before patch_model turned it off
     report: PatchReport = field(default_factory=PatchReport)
 
     def __setstate__(self, state):
@@ -336,6 +339,15 @@ def patch_model(model: nn.Module, rms_norm: bool = True, swiglu: bool = True, ro
             setattr(parent, attr, replacement)
             state.modules.append((parent, attr, module))
     if rope:
+        if getattr(model, "use_kernels", False) is True and callable(getattr(model, "set_use_kernels", None)):
+            # With hub kernels on (from_pretrained's default when `kernels` is installed), every train() /
+            # eval() re-kernelizes the model and strips the RoPE forward patched onto its attention modules'
+            # kernel wrappers: the fused RoPE would silently stop running at Trainer's first step. Our kernels
+            # replace the hub's for what we patch; unpatch_model turns them back on.
+            model.set_use_kernels(False)
+            state.hub_kernels_turned_off = True
+            state.report.notes.append("hub kernels (use_kernels) are off while the model is patched: its "
+                                      "train()/eval() would otherwise undo the fused RoPE")
         _patch_rope(model, state)
     # A kind with no candidate at all gets one line; candidates that did not match have their own.
     if rms_norm and not candidates["rms_norm"]:
@@ -363,3 +375,5 @@ def unpatch_model(model: nn.Module) -> None:
     for name, _ in state.global_ropes:
         _release_global_rope(name)
     object.__delattr__(model, _STATE_ATTR)
+    if state.hub_kernels_turned_off:
+        model.set_use_kernels(True)
