@@ -87,3 +87,19 @@ def test_a_model_the_probe_cannot_prove_equal_keeps_its_own_loss_and_says_so():
     assert not isinstance(model.__dict__.get("forward"), FusedLossForward)
     ids = torch.randint(0, 128, (2, 12))
     torch.testing.assert_close(model(input_ids=ids, labels=ids).loss, reference(input_ids=ids, labels=ids).loss)
+
+
+@pytest.mark.parametrize("name", ["mixtral", "qwen2_moe"])
+def test_moe_experts_the_report_does_not_cover_are_named(name):
+    """transformers 5.x keeps a MoE block's experts as 3-D parameters, not nn.Linear modules: prepare_model
+    leaves them dense and frozen and says so per module (older transformers' nn.Linear experts are adapted)."""
+    model = tiny(name)
+    report = pyfastpeft.prepare_model(model, quant="nf4")
+    stacked = {path for path, module in model.named_modules()
+               if any(p.dim() == 3 for p in module.parameters(recurse=False))}
+    named = {line.split(" ")[0] for line in report.not_patched if "expert weights" in line}
+    if int(transformers.__version__.split(".")[0]) >= 5:
+        assert stacked  # fused experts on transformers 5.x
+    assert named == stacked
+    assert all(not p.requires_grad for path, module in model.named_modules() if path in stacked
+               for p in module.parameters(recurse=False))

@@ -361,6 +361,20 @@ def _check_lora_targets(fn: str, model: nn.Module, lora: LoraSettings) -> None:
                          f"linear layers are named {names[:12]}{' ...' if len(names) > 12 else ''}")
 
 
+def _uncovered_expert_weights(model: nn.Module) -> list[str]:
+    """One line per module holding MoE expert weights as 3-D parameters [experts, out, in] (transformers 5.x
+    fuses Mixtral's, Qwen-MoE's, ... experts this way instead of one nn.Linear per expert): they stay dense and
+    frozen, neither quantized nor adapted, and the report says so rather than staying silent."""
+    lines = []
+    for path, module in model.named_modules():
+        stacked = [name for name, p in module.named_parameters(recurse=False) if p.dim() == 3 and p.is_floating_point()]
+        if stacked:
+            lines.append(f"{path} ({type(module).__name__}): expert weights {', '.join(stacked)} are 3-D "
+                         "[experts, out, in] parameters, left dense and frozen (neither quantized nor adapted; "
+                         "nn.Linear experts, as older transformers build them, are covered)")
+    return lines
+
+
 def prepare_model(model: nn.Module, quant: str | None = "nf4", lora: LoraSettings | bool = True, patch: bool = True,
                   fused_loss: bool = True) -> PrepareReport:
     """Make a transformers causal LM ready for fused (Q)LoRA training, in place; returns a PrepareReport.
@@ -444,6 +458,7 @@ def prepare_model(model: nn.Module, quant: str | None = "nf4", lora: LoraSetting
             report.replaced["fused loss"] = 1
         else:
             report.not_patched.append(reason)
+    report.not_patched += _uncovered_expert_weights(model)
     report.trainable_params, report.total_params = _count(model)
     if report.trainable_params:
         # the embeddings are frozen: reentrant gradient checkpointing needs its block inputs to require grad
