@@ -175,7 +175,12 @@ def load(directory, **quantization):
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     config = BitsAndBytesConfig(**quantization)
-    return AutoModelForCausalLM.from_pretrained(directory, quantization_config=config, device_map="cpu")
+    try:
+        return AutoModelForCausalLM.from_pretrained(directory, quantization_config=config, device_map="cpu")
+    except RuntimeError as exc:  # older transformers load bitsandbytes models on accelerators only
+        if "are supported by the bitsandbytes version" in str(exc):
+            pytest.skip(f"this transformers release cannot load a bitsandbytes model on the CPU ({exc})")
+        raise
 
 
 LOAD_IN_4BIT = dict(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
