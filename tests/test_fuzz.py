@@ -148,7 +148,8 @@ def leaf(t: torch.Tensor, requires_grad: bool = True) -> torch.Tensor:
 # ---- rmsnorm, swiglu, rope -----------------------------------------------------------------------------------
 
 @FUZZ
-@given(data=st.data(), dtype=st.sampled_from(FLOATS), lead=st.lists(sizes, max_size=2), n=st.integers(0, 300),
+@given(data=st.data(), dtype=st.sampled_from(FLOATS), lead=st.lists(sizes, max_size=2),
+       n=st.integers(1, 300),  # 0: test_rms_norm_backward_of_no_features
        mode=st.sampled_from([("llama", 0.0), ("gemma", 1.0), ("none", 0.0), ("llama", 0.5)]),
        fp32_weight=st.booleans(), weight_grad=st.booleans(), seed=seeds)
 def test_rms_norm(data, dtype, lead, n, mode, fp32_weight, weight_grad, seed):
@@ -162,7 +163,7 @@ def test_rms_norm(data, dtype, lead, n, mode, fp32_weight, weight_grad, seed):
     if results is None:
         return
     (y, (dx, dw)), (y_ref, (dx_ref, dw_ref)) = results
-    close(y, y_ref)
+    close(y, y_ref, dtype)  # fp32 y of a 16-bit x (fp32 weight) rounds the normalized row to x's dtype first
     close(dx, dx_ref)
     assert (dw is None) == (dw_ref is None)
     if dw is not None:  # a sum over rows
@@ -533,6 +534,18 @@ def test_flce_of_no_hidden_features():
     results = on_both(lambda backend: on(backend, fused_linear_cross_entropy, h, w, labels))
     if results is not None:
         close(*results)
+
+
+@pytest.mark.xfail(strict=True, reason="rms_norm of a hidden size of 0 runs forward, then its backward raises: "
+                   "'rms_norm_backward: rstd has 3 elements, one per row of x needs 0' for x [3, 0] (both backends), "
+                   "torch's reshape RuntimeError for x [0, 0] (reference)")
+@pytest.mark.parametrize("rows", [3, 0])
+def test_rms_norm_backward_of_no_features(rows):
+    for backend in ("reference", "native"):
+        x, w = torch.randn(rows, 0, requires_grad=True), torch.ones(0, requires_grad=True)
+        with pyfastpeft.use_backend(backend):
+            rms_norm(x, w).sum().backward()
+        assert x.grad.shape == (rows, 0) and w.grad.shape == (0,)
 
 
 def no_output_features(base):
