@@ -13,12 +13,16 @@ import os
 import signal
 import subprocess
 import sys
+import tempfile
 from pathlib import Path
 
 _CHILD = """
 import json, re, sys
 sys.path.insert(0, {tests!r})
 import importlib.util
+from pyfastpeft import _native
+if _native.cpu is None:  # the cases are here to reach the native kernels: a child without them proves nothing
+    sys.exit("bad-input child: pyfastpeft._C did not load: " + str(_native.cpu_error))
 spec = importlib.util.spec_from_file_location("bad_input_cases", {path!r})
 module = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(module)
@@ -57,8 +61,10 @@ class Cases:
 
     def _run(self) -> dict:
         code = _CHILD.format(tests=str(Path(__file__).resolve().parent), path=self.path)
+        # Not from the repository root: `python -c` puts the working directory first on sys.path, and the
+        # source tree there (no built modules) would shadow the installed package.
         proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=dict(os.environ),
-                              timeout=600)
+                              timeout=600, cwd=tempfile.gettempdir())
         outcomes, running = {}, None
         for line in proc.stdout.splitlines():
             if not line.startswith("{"):

@@ -265,7 +265,7 @@ def test_nf4_quantize_and_dequantize(data, dtype, out_features, in_features, blo
 @FUZZ
 @given(data=st.data(), dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]),
        lead=st.lists(sizes, min_size=1, max_size=2),
-       out_features=st.integers(1, 40),  # 0: test_backward_of_no_output_features
+       out_features=st.integers(1, 40),  # 0: test_a_layer_of_no_output_features_is_refused_on_every_backend
        in_features=st.integers(1, 150),  # 0: test_nf4_linear_of_no_input_features
        blocksize=st.sampled_from([32, 64, 128]), double_quant=st.booleans(), bias=st.booleans(), seed=seeds)
 def test_nf4_linear(data, dtype, lead, out_features, in_features, blocksize, double_quant, bias, seed):
@@ -286,9 +286,9 @@ def test_nf4_linear(data, dtype, lead, out_features, in_features, blocksize, dou
 
 # ---- int8 ----------------------------------------------------------------------------------------------------
 
-def K_WITHOUT_ONE(largest):  # noqa: N802 (a strategy named like the constant it stands for)
-    """Inner dims 0 and 2..largest; K == 1 is test_int8_matmul_of_one_input_column's (xfail) until it is fixed."""
-    return st.one_of(st.just(0), st.integers(2, largest))
+def inner_dims(largest):
+    """Inner dims 0 and 1..largest (K == 1 once met a torch._int_mm bug: test_int8_matmul_of_one_input_column)."""
+    return st.one_of(st.just(0), st.integers(1, largest))
 
 
 @st.composite
@@ -328,7 +328,7 @@ def test_int8_vectorwise_and_colwise_quant(data, dtype, lead, k, threshold, seed
 
 
 @FUZZ
-@given(data=st.data(), m=st.integers(0, 20), n=st.integers(0, 40), k=K_WITHOUT_ONE(300),
+@given(data=st.data(), m=st.integers(0, 20), n=st.integers(0, 40), k=inner_dims(300),
        dtype=st.sampled_from([torch.float32, torch.bfloat16, torch.float16]), bias=st.booleans(), seed=seeds)
 def test_int8_matmul_and_mm_dequant(data, m, n, k, dtype, bias, seed):
     g = torch.Generator().manual_seed(seed)
@@ -349,8 +349,8 @@ def test_int8_matmul_and_mm_dequant(data, m, n, k, dtype, bias, seed):
 
 @FUZZ
 @given(data=st.data(), dtype=st.sampled_from(FLOATS), lead=st.lists(sizes, min_size=1, max_size=2),
-       out_features=st.integers(1, 40),  # 0: test_backward_of_no_output_features
-       in_features=K_WITHOUT_ONE(200), threshold=st.sampled_from([0.0, 6.0, 1.5]),
+       out_features=st.integers(1, 40),  # 0: test_a_layer_of_no_output_features_is_refused_on_every_backend
+       in_features=inner_dims(200), threshold=st.sampled_from([0.0, 6.0, 1.5]),
        bias=st.booleans(), seed=seeds)
 def test_int8_linear(data, dtype, lead, out_features, in_features, threshold, bias, seed):
     if in_features:
@@ -418,7 +418,7 @@ def test_quantize_dequantize_and_fake_quantize(data, dtype, shape, bits, scheme,
 @FUZZ
 @given(data=st.data(), dtype=st.sampled_from(FLOATS), lead=st.lists(sizes, min_size=1, max_size=2),
        in_features=st.integers(0, 70),
-       out_features=st.integers(1, 40),  # 0: test_backward_of_no_output_features
+       out_features=st.integers(1, 40),  # 0: test_a_layer_of_no_output_features_is_refused_on_every_backend
        rank=st.integers(0, 16),
        base=st.sampled_from(["dense", "nf4", "int8"]), bias=st.sampled_from([None, "grad", "frozen"]),
        dropout_p=st.sampled_from([0.0, 0.25, 0.6]), training=st.booleans(), scaling=st.sampled_from([0.5, 2.0, 16.0]),
@@ -498,19 +498,14 @@ def test_fused_linear_cross_entropy(data, dtype, lead, hidden, vocab, bias, labe
 
 # ---- what the properties above found --------------------------------------------------------------------------
 
-TORCH_INT_MM_K1 = pytest.mark.xfail(
-    strict=True, reason="torch._int_mm on CPU (torch 2.13.0) returns uninitialized int32 when K == 1 and N >= 2; "
-    "pyfastpeft/ops/int8.py sends every CPU int8 product of 1 or more than GEMV_MAX_ROWS rows through it")
-
-
-@TORCH_INT_MM_K1
 def test_int8_matmul_of_one_input_column():
+    """torch._int_mm on the CPU returns uninitialized int32 for K == 1 and N >= 2 (torch 2.13): that size takes
+    the exact product."""
     a = torch.tensor([[67]], dtype=torch.int8)
     b = torch.tensor([[-73], [106]], dtype=torch.int8)
     assert torch.equal(on("native", int8_matmul, a, b), torch.tensor([[-4891, 7102]], dtype=torch.int32))
 
 
-@TORCH_INT_MM_K1
 @pytest.mark.parametrize("rows", [1, 9])
 def test_int8_linear_of_one_input_feature(rows):
     codes, weight_stats = quantize_int8_weight(torch.tensor([[0.5], [-2.0], [1.0]]))
@@ -519,33 +514,25 @@ def test_int8_linear_of_one_input_feature(rows):
                  on("reference", int8_linear, x, codes, weight_stats, None, 0.0), torch.float32)
 
 
-@pytest.mark.xfail(strict=True, reason="native nf4_linear raises torch's RuntimeError 'cannot reshape tensor of 0 "
-                   "elements into shape [-1, 0]' for in_features == 0; the reference returns the bias-free zeros")
-def test_nf4_linear_of_no_input_features():
-    packed, state = quantize_nf4(torch.randn(4, 0))
-    x = torch.randn(3, 0)
-    close(on("native", nf4_linear, x, packed, state), on("reference", nf4_linear, x, packed, state))
-
-
-@pytest.mark.xfail(strict=True, reason="hidden size 0 raises torch's RuntimeError 'cannot reshape tensor of 0 "
-                   "elements' on every backend, not a ValueError naming the argument (or a loss of the bias alone)")
-def test_flce_of_no_hidden_features():
-    h, w, labels = torch.randn(3, 0), torch.randn(5, 0), torch.tensor([1, 2, 3])
-    results = on_both(lambda backend: on(backend, fused_linear_cross_entropy, h, w, labels))
-    if results is not None:
-        close(*results)
-
-
-@pytest.mark.xfail(strict=True, reason="rms_norm of a hidden size of 0 runs forward, then its backward raises: "
-                   "'rms_norm_backward: rstd has 3 elements, one per row of x needs 0' for x [3, 0] (both backends), "
-                   "torch's reshape RuntimeError for x [0, 0] (reference)")
-@pytest.mark.parametrize("rows", [3, 0])
-def test_rms_norm_backward_of_no_features(rows):
+def raises_on_both_backends(call, match):
     for backend in ("reference", "native"):
-        x, w = torch.randn(rows, 0, requires_grad=True), torch.ones(0, requires_grad=True)
-        with pyfastpeft.use_backend(backend):
-            rms_norm(x, w).sum().backward()
-        assert x.grad.shape == (rows, 0) and w.grad.shape == (0,)
+        with pytest.raises(ValueError, match=match):
+            on(backend, call)
+
+
+def test_nf4_linear_of_no_input_features_is_refused_on_every_backend():
+    packed, state = quantize_nf4(torch.randn(4, 0))
+    raises_on_both_backends(lambda: nf4_linear(torch.randn(3, 0), packed, state), "both must be >= 1")
+
+
+def test_flce_of_no_hidden_features_is_refused_on_every_backend():
+    h, w, labels = torch.randn(3, 0), torch.randn(5, 0), torch.tensor([1, 2, 3])
+    raises_on_both_backends(lambda: fused_linear_cross_entropy(h, w, labels), "hidden size")
+
+
+@pytest.mark.parametrize("rows", [3, 0])
+def test_rms_norm_of_no_features_is_refused_on_every_backend(rows):
+    raises_on_both_backends(lambda: rms_norm(torch.randn(rows, 0), torch.ones(0)), "hidden size")
 
 
 def no_output_features(base):
@@ -558,19 +545,10 @@ def no_output_features(base):
     return x, lambda: lora_linear(x, torch.randn(0, 8), None, lora_A, lora_B, 1.0)
 
 
-@pytest.mark.xfail(strict=True, reason="backward of a layer with out_features == 0 raises torch's RuntimeError "
-                   "'cannot reshape tensor of 0 elements into shape [-1, 0]' (dy.reshape(-1, out_features)): nf4_linear "
-                   "native only, int8_linear and lora_linear on both backends")
 @pytest.mark.parametrize("base", ["nf4", "int8", "lora"])
-def test_backward_of_no_output_features(base):
-    x, layer = no_output_features(base)
-    for backend in ("reference", "native"):
-        x.grad = None
-        with pyfastpeft.use_backend(backend):
-            y = layer()
-            assert y.shape == (3, 0)
-            y.sum().backward()
-        assert torch.equal(x.grad, torch.zeros(3, 8))
+def test_a_layer_of_no_output_features_is_refused_on_every_backend(base):
+    _, layer = no_output_features(base)
+    raises_on_both_backends(layer, "both must be >= 1")
 
 
 def test_layouts_cover_views_with_offsets_and_strides():

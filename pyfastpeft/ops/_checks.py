@@ -113,3 +113,12 @@ def check_features(op: str, name: str, t: torch.Tensor, what: str = "features") 
     have no rows to flatten to (x.reshape(-1, 0) is ambiguous), and no layer has them."""
     if t.dim() == 0 or t.shape[-1] < 1:
         raise ValueError(f"{op}: {name} has shape {tuple(t.shape)}, its last dim ({what}) must be >= 1")
+
+
+def check_layer_size(op: str, out_features: int, in_features: int) -> None:
+    """A linear layer has at least one input and one output feature (nn.Linear allows 0, but no model has such a
+    layer, and the flattened [-1, 0] views of its inputs or gradients would be ambiguous): a clear error on every
+    backend alike instead of a torch-internal one on some."""
+    if out_features < 1 or in_features < 1:
+        raise ValueError(f"{op}: the layer is {out_features}x{in_features} (out_features x in_features); both must "
+                         "be >= 1")

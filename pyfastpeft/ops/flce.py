@@ -308,6 +308,7 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, label
     # the lm_head product follows F.linear's autocast rule (ops/_autocast.py); the loss stays fp32
     hidden, weight, bias = cast_like_linear(autocast_dtype(hidden), hidden, weight, bias)
     check_tensor(fn, "weight", weight, dim=2)
+    check_features(fn, "hidden", hidden, "hidden size")
     if not isinstance(labels, torch.Tensor):
         raise TypeError(f"{fn}: labels must be a torch.Tensor, got {type(labels).__name__}")
     if labels.dtype != torch.int64:

@@ -26,8 +26,9 @@ import torch
 from pyfastpeft import _native
 from pyfastpeft.backend import carry_backend
 from pyfastpeft.ops._autocast import autocast_dtype, cast_like_linear
-from pyfastpeft.ops._checks import (FLOAT_DTYPES, check_dtype, check_features, check_int, check_last_dim, check_numel,
-                                    check_optional, check_real, check_same_device, check_tensor)
+from pyfastpeft.ops._checks import (FLOAT_DTYPES, check_dtype, check_features, check_int, check_last_dim,
+                                    check_layer_size, check_numel, check_optional, check_real, check_same_device,
+                                    check_tensor)
 from pyfastpeft.ops._library import define_op, triton_module
 from pyfastpeft.reference import int8 as ref
 
@@ -55,8 +56,11 @@ def _module_and_tail(t: torch.Tensor):
 
 
 def _int_mm(a, b):
-    """a [M, K] @ b [N, K]^T in int32 by torch._int_mm where it accepts the shapes, else exactly in fp64."""
+    """a [M, K] @ b [N, K]^T in int32 by torch._int_mm where it accepts the shapes (and, on the CPU, where it is
+    right: at K == 1 it returns uninitialized int32 for N >= 2, measured on torch 2.13), else exactly in fp64."""
     if a.is_cuda and not (a.shape[0] > 16 and a.shape[1] % 8 == 0 and b.shape[0] % 8 == 0):
+        return ref.int8_matmul(a, b)
+    if a.shape[1] == 1:
         return ref.int8_matmul(a, b)
     return torch._int_mm(a, b.t())
 
@@ -163,8 +167,8 @@ def _check_mm_dequant(c, row_stats, col_stats, bias, dtype):
 def _check_linear(x, weight, weight_stats, bias, threshold):
     op = "int8_linear"
     check_int8_weight(op, weight, weight_stats)
+    check_layer_size(op, weight.shape[0], weight.shape[1])
     check_dtype(op, "x", x, FLOAT_DTYPES)
-    check_features(op, "x", x, "in_features")
     check_last_dim(op, "x", x, weight.shape[1], "in_features")
     check_dtype(op, "bias", bias, FLOAT_DTYPES)
     check_optional(op, "bias", bias, weight.shape[0], "out_features")
@@ -174,6 +178,7 @@ def _check_linear(x, weight, weight_stats, bias, threshold):
 def _check_linear_grad_input(dy, weight, weight_stats):
     op = "int8_linear_grad_input"
     check_int8_weight(op, weight, weight_stats)
+    check_layer_size(op, weight.shape[0], weight.shape[1])
     check_dtype(op, "dy", dy, FLOAT_DTYPES)
     check_last_dim(op, "dy", dy, weight.shape[0], "out_features")
 

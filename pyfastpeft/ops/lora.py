@@ -33,8 +33,9 @@ from pyfastpeft.backend import carry_backend
 from pyfastpeft.ops import int8 as int8_ops
 from pyfastpeft.ops import nf4 as nf4_ops
 from pyfastpeft.ops._autocast import autocast_dtype, cast_like_linear
-from pyfastpeft.ops._checks import (FLOAT_DTYPES, check_dtype, check_features, check_int, check_last_dim, check_numel,
-                                    check_optional, check_real, check_same_device, check_same_dtype, check_tensor)
+from pyfastpeft.ops._checks import (FLOAT_DTYPES, check_dtype, check_int, check_last_dim, check_layer_size,
+                                    check_numel, check_optional, check_real, check_same_device, check_same_dtype,
+                                    check_tensor)
 from pyfastpeft.ops._library import define_op, triton_module
 from pyfastpeft.reference import int8 as int8_ref
 from pyfastpeft.reference import lora as ref
@@ -305,7 +306,7 @@ def check_lora_args(op: str, x, lora_A, lora_B, out_features: int, in_features: 
     """x [..., in] float, lora_A [r, in] and lora_B [out, r] in x's dtype, bias empty or [out], dropout_p in
     [0, 1), rng int64 empty or [2] (seed, offset), scaling finite; returns x's row count M."""
     check_dtype(op, "x", x, FLOAT_DTYPES)
-    check_features(op, "x", x, "in_features")
+    check_layer_size(op, out_features, in_features)
     check_last_dim(op, "x", x, in_features, "in_features")
     for name, t in (("lora_A", lora_A), ("lora_B", lora_B)):
         check_dtype(op, name, t, (x.dtype,))

@@ -25,8 +25,8 @@ import torch
 from pyfastpeft import _native
 from pyfastpeft.backend import carry_backend
 from pyfastpeft.ops._autocast import autocast_dtype, cast_like_linear
-from pyfastpeft.ops._checks import (FLOAT_DTYPES, check_dtype, check_int, check_last_dim, check_numel,
-                                    check_optional, check_power_of_two, check_same_device, check_tensor)
+from pyfastpeft.ops._checks import (FLOAT_DTYPES, check_dtype, check_int, check_last_dim, check_layer_size,
+                                    check_numel, check_optional, check_power_of_two, check_same_device, check_tensor)
 from pyfastpeft.ops._library import define_op, triton_module
 from pyfastpeft.reference import nf4 as ref
 
@@ -74,6 +74,7 @@ def check_nf4_linear(op: str, x, packed, absmax, code, bias, blocksize, out_feat
     """check_nf4_weight for W [out_features, in_features], x [..., in_features], bias empty or [out_features]."""
     check_int(op, "out_features", out_features, low=0)
     check_int(op, "in_features", in_features, low=0)
+    check_layer_size(op, out_features, in_features)
     check_nf4_weight(op, packed, absmax, code, blocksize, out_features * in_features)
     check_last_dim(op, "x", x, in_features, "in_features")
     if bias is not None:
@@ -99,6 +100,7 @@ def _check_linear(x, packed, absmax, code, bias, blocksize, out_features, in_fea
 def _check_linear_grad_input(dy, packed, absmax, code, blocksize, out_features, in_features):
     check_int("nf4_linear_grad_input", "out_features", out_features, low=0)
     check_int("nf4_linear_grad_input", "in_features", in_features, low=0)
+    check_layer_size("nf4_linear_grad_input", out_features, in_features)
     check_nf4_weight("nf4_linear_grad_input", packed, absmax, code, blocksize, out_features * in_features)
     check_last_dim("nf4_linear_grad_input", "dy", dy, out_features, "out_features")
 

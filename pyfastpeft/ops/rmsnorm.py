@@ -12,8 +12,8 @@ import torch
 
 from pyfastpeft import _native
 from pyfastpeft.backend import carry_backend
-from pyfastpeft.ops._checks import check_same_device, check_tensor
-from pyfastpeft.ops._checks import FLOAT_DTYPES, check_dtype, check_int, check_last_dim, check_numel, check_real
+from pyfastpeft.ops._checks import (FLOAT_DTYPES, check_dtype, check_features, check_int, check_last_dim, check_numel,
+                                    check_real, check_same_device, check_tensor)
 from pyfastpeft.ops._library import define_op, triton_module
 from pyfastpeft.reference import rmsnorm as ref
 from pyfastpeft.reference.rmsnorm import CASTING_MODES, compute_dtype, output_dtype
@@ -127,6 +127,7 @@ def _check_common(op, x, weight, casting_mode):
         raise ValueError(f"{op}: x must have at least one dimension")
     if weight.dim() != 1:
         raise ValueError(f"{op}: weight must be 1-D, got shape {tuple(weight.shape)}")
+    check_features(op, "x", x, "hidden size")
     check_last_dim(op, "x", x, weight.shape[0], "weight's size")
     if check_int(op, "casting_mode", casting_mode) not in CASTING_MODES.values():
         raise ValueError(f"{op}: casting_mode must be one of {sorted(CASTING_MODES.values())}, got {casting_mode}")
