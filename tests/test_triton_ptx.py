@@ -34,12 +34,15 @@ SCRIPT = textwrap.dedent("""
     fp32 = lambda *names: {name: "*fp32" for name in names}
     lora_types = {**fp32("x_ptr", "w_ptr", "absmax_ptr", "code_ptr", "bias_ptr", "a_ptr", "b_ptr", "y_ptr", "xa_ptr"),
                   "packed_ptr": "*u8", "rng_ptr": "*i64", "M": "i32", "N": "i32", "K": "i32", "R": "i32",
-                  "blocksize": "i32", "scaling": "fp32", "threshold": "fp32", "keep_scale": "fp32"}
-    lora_constexprs = dict(BASE_NF4=False, HAS_BIAS=True, DROPOUT=True, DOT_IN_FP32=False,
-                           BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, BLOCK_R=16)
+                  "scaling": "fp32", "threshold": "fp32", "keep_scale": "fp32"}
+    lora_constexprs = dict(BASE_NF4=False, BLOCKSIZE=1, HAS_BIAS=True, DOT_IN_FP32=False, BLOCK_M=64, BLOCK_N=64,
+                           BLOCK_K=32, BLOCK_R=16)
+    xa_constexprs = dict(DROPOUT=True, DOT_IN_FP32=False, BLOCK_M=64, BLOCK_R=16, BLOCK_K=32)
     result = {
         "lora_ieee": ptx(lora._forward_kernel, lora_types, {**lora_constexprs, "DOT_PRECISION": "ieee"}),
         "lora_tf32": ptx(lora._forward_kernel, lora_types, {**lora_constexprs, "DOT_PRECISION": "tf32"}),
+        "lora_xa_ieee": ptx(lora._xa_kernel, lora_types, {**xa_constexprs, "DOT_PRECISION": "ieee"}),
+        "lora_xa_tf32": ptx(lora._xa_kernel, lora_types, {**xa_constexprs, "DOT_PRECISION": "tf32"}),
         "int8_row_codes": ptx(int8._row_codes_kernel,
                               {**fp32("x_ptr", "stats_ptr"), "flags_ptr": "*i32", "q_ptr": "*i8", "k": "i32"},
                               dict(HAS_THRESHOLD=True, BLOCK=1024), enable_fp_fusion=False),
@@ -88,9 +91,10 @@ def ptx_counts():
 
 
 def test_fp32_dots_use_full_precision_unless_tf32_is_asked_for(ptx_counts):
-    for kernel in ("lora_ieee", "int8_grad_input", "nf4_grad_input"):
+    for kernel in ("lora_ieee", "lora_xa_ieee", "int8_grad_input", "nf4_grad_input"):
         assert ptx_counts[kernel]["tf32"] == 0, kernel
-    assert ptx_counts["lora_tf32"]["tf32"] > 0  # the flag reaches the dots
+    for kernel in ("lora_tf32", "lora_xa_tf32"):
+        assert ptx_counts[kernel]["tf32"] > 0, kernel  # the flag reaches the dots
 
 
 def test_launchers_ask_for_tf32_only_where_torch_allows_it():
