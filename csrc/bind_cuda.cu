@@ -142,6 +142,16 @@ PYBIND11_MODULE(_cuda, m) {
     }
     return count;
   }, "CUDA devices this module sees; 0 when there is no driver or no device.");
+  m.def("cuda_versions", [] {
+    // (driver, runtime): the CUDA version the installed driver supports (0: no driver) and the one this module's
+    // static runtime was built with, as 1000 * major + 10 * minor. Neither call creates a context or throws.
+    int driver_version = 0;
+    if (cudaDriverGetVersion(&driver_version) != cudaSuccess) {
+      (void)cudaGetLastError();
+      driver_version = 0;
+    }
+    return py::make_tuple(driver_version, int(CUDART_VERSION));
+  }, "(driver CUDA version, runtime CUDA version), 1000 * major + 10 * minor; driver 0 when there is none.");
   m.def("build_info", [] {
     int runtime_version = 0;
     PFP_CUDA_CHECK(cudaRuntimeGetVersion(&runtime_version));

@@ -1,7 +1,8 @@
 """Loading of the native modules and the helpers every op uses to hand tensors to them.
 
 A missing or broken native module never makes `import pyfastpeft` fail: `cpu` / `cuda` are None,
-`cpu_error` / `cuda_error` say why, and the ops fall back to the reference (warning once).
+`cpu_error` / `cuda_error` say why, and the ops fall back to the reference (warning once). A `_cuda` whose
+CUDA runtime is newer than the host's driver supports counts as missing (cuda_unusable), with one warning.
 """
 from __future__ import annotations
 
@@ -24,14 +25,48 @@ except Exception as exc:  # ImportError, or an OSError from a broken build
         cpu_error += (f" -- pyfastpeft was imported from its source tree ({Path(__file__).resolve().parent}), "
                       "which holds no built modules: run from another directory, or pip install -e .")
 
-cuda = None
-cuda_error: str | None = None
-try:
-    cuda = importlib.import_module("pyfastpeft._cuda")
-except ModuleNotFoundError:
-    cuda_error = "built without nvcc"
-except Exception as exc:
-    cuda_error = f"{type(exc).__name__}: {exc}"
+
+def _cuda_version(version: int) -> str:
+    return f"{version // 1000}.{version % 1000 // 10}"
+
+
+def cuda_unusable(module) -> str | None:
+    """Why a loaded pyfastpeft._cuda cannot run on this host's driver, or None.
+
+    The module links the CUDA runtime of the toolkit that built it statically, and a runtime of CUDA major X
+    needs a driver that supports CUDA X (minor-version compatibility holds within a major only): a CUDA 13 build
+    on a CUDA 12 driver would fail every launch with "insufficient driver". No driver at all is not a reason:
+    torch then sees no GPU either, and no CUDA tensor reaches the module.
+    """
+    versions = getattr(module, "cuda_versions", None)
+    if versions is None:  # a build older than the probe
+        return None
+    driver, runtime = versions()
+    if driver and driver // 1000 < runtime // 1000:
+        return (f"built with CUDA {_cuda_version(runtime)}, whose runtime needs a driver for CUDA "
+                f"{runtime // 1000}.x; this host's driver supports CUDA {_cuda_version(driver)}")
+    return None
+
+
+def _load_cuda(import_module=importlib.import_module):
+    """(pyfastpeft._cuda, None), or (None, why) for a module that is missing, fails to load or cannot run here;
+    the last warns once, since a built module is expected to work."""
+    try:
+        module = import_module("pyfastpeft._cuda")
+    except ModuleNotFoundError:
+        return None, "built without nvcc"
+    except Exception as exc:
+        return None, f"{type(exc).__name__}: {exc}"
+    why = cuda_unusable(module)
+    if why is not None:
+        warnings.warn(f"pyfastpeft: the native CUDA kernels (pyfastpeft._cuda) cannot run here ({why}); CUDA ops "
+                      "run the Triton kernels or the PyTorch reference instead. Rebuild pyfastpeft with a CUDA "
+                      "toolkit of the driver's major version to use them.", RuntimeWarning, stacklevel=2)
+        return None, why
+    return module, None
+
+
+cuda, cuda_error = _load_cuda()
 
 _warned: set[str] = set()
 
