@@ -172,11 +172,14 @@ def llama_checkpoint(tmp_path_factory):
 
 
 def load(directory, **quantization):
+    import transformers
     from transformers import AutoModelForCausalLM, BitsAndBytesConfig
 
     config = BitsAndBytesConfig(**quantization)
+    # fp32 for what is not quantized: transformers 4.x loads a bitsandbytes model in fp16 unless told
+    dtype = {"dtype" if int(transformers.__version__.split(".")[0]) >= 5 else "torch_dtype": torch.float32}
     try:
-        return AutoModelForCausalLM.from_pretrained(directory, quantization_config=config, device_map="cpu")
+        return AutoModelForCausalLM.from_pretrained(directory, quantization_config=config, device_map="cpu", **dtype)
     except RuntimeError as exc:  # older transformers load bitsandbytes models on accelerators only
         if "are supported by the bitsandbytes version" in str(exc):
             pytest.skip(f"this transformers release cannot load a bitsandbytes model on the CPU ({exc})")
