@@ -6,6 +6,7 @@ import os
 import random
 import re
 import subprocess
+import tempfile
 import sys
 import textwrap
 
@@ -302,9 +303,10 @@ def test_a_backtracking_pattern_key_loads_in_linear_time(saved):
         loaded = pyfastpeft.load_adapter(tiny_llama(), {str(saved)!r})
         assert len(loaded) == 4, loaded
     """)
-    environment = {**os.environ, "PYTHONPATH": os.pathsep.join([REPO_ROOT, os.path.join(REPO_ROOT, "tests")])}
+    tests_dir = os.path.join(REPO_ROOT, "tests")  # for helpers; the package itself is the installed one
+    environment = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [tests_dir, os.environ.get("PYTHONPATH")]))}
     result = subprocess.run([sys.executable, "-c", script], env=environment, capture_output=True, text=True,
-                            timeout=60)
+                            timeout=60, cwd=tempfile.gettempdir())
     assert result.returncode == 0, result.stderr[-2000:]
 
 

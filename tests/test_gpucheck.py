@@ -11,15 +11,13 @@ import torch
 
 from pyfastpeft import gpucheck
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU the command runs every step")
 def test_without_a_gpu_it_says_so_and_exits_zero_writing_nothing(tmp_path):
-    env = {**os.environ, "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": os.pathsep.join(
-        filter(None, [ROOT, os.environ.get("PYTHONPATH")]))}
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
     done = subprocess.run([sys.executable, "-m", "pyfastpeft.gpucheck", "--out", str(tmp_path / "results")],
-                          env=env, capture_output=True, text=True, timeout=300)
+                          env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)  # the installed package
     assert done.returncode == 0, done.stderr[-2000:]
     assert "needs a CUDA GPU" in done.stdout
     assert not (tmp_path / "results").exists()

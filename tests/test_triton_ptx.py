@@ -5,6 +5,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import textwrap
 
 import pytest
@@ -83,9 +84,10 @@ def ptx_counts():
         pytest.skip("this triton has no CUDA backend to compile with")
     env = {key: value for key, value in os.environ.items() if key != "TRITON_INTERPRET"}
     env["TRITON_DEFAULT_FP_FUSION"] = "1"  # Triton's default today; the kernels that must not fuse say so
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env["PYTHONPATH"] = os.pathsep.join(filter(None, [root, env.get("PYTHONPATH")]))
-    out = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=600)
+    # outside the repository root: `python -c` puts the working directory first on sys.path, and the source
+    # tree there (no pyfastpeft.triton_kernels, no built modules) would shadow the installed package
+    out = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=600,
+                         cwd=tempfile.gettempdir())
     assert out.returncode == 0, out.stderr[-4000:]
     return json.loads(out.stdout)
 
