@@ -17,12 +17,15 @@ from pyfastpeft.ops._checks import check_op_devices
 LIBRARY = torch.library.Library("pyfastpeft", "DEF")
 
 
-def _below_autograd(qualname: str):
-    def kernel(*args):
-        op = getattr(torch.ops.pyfastpeft, qualname.split("::")[1])
-        with torch._C._AutoDispatchBelowAutograd():
-            return op(*args)
-    return kernel
+def _without_graph(kernel: Callable) -> Callable:
+    """An op kernel whose torch ops never record a graph of their own, as when the op is called directly on
+    tensors that require grad (the native kernels' outputs never do; the reference and the fallbacks to it would)."""
+    def run(*args):
+        if torch.is_grad_enabled():
+            with torch.no_grad():
+                return kernel(*args)
+        return kernel(*args)
+    return run
 
 
 def _without_autocast(qualname: str, device_type: str):
@@ -86,18 +89,18 @@ def define_op(name: str, schema: str, *, family: str, fake: Callable, reference:
             return triton(*args)
         return reference(*args)
 
-    torch.library.impl(qualname, "default", on_default, lib=LIBRARY)
+    torch.library.impl(qualname, "default", _without_graph(on_default), lib=LIBRARY)
     # No op is differentiable by itself: gradients are the business of each family's autograd.Function, whose
-    # forward calls the ops with autograd off. An op called directly on tensors that require grad returns
-    # outputs that do not, on every backend alike (without this the reference's torch ops would record a
-    # graph of their own while the native kernels return a graph that cannot be differentiated).
-    LIBRARY.impl(name, _below_autograd(qualname), "Autograd")
+    # forward calls the ops with autograd off. Called directly on tensors that require grad, an op returns outputs
+    # that do not, on every backend alike: autograd falls through (C++, no per-call Python) and the kernels run
+    # without recording a graph.
+    LIBRARY.impl(name, torch.library.fallthrough_kernel, "Autograd")
     # Nothing inside an op is autocast (ops/_autocast.py says what the public functions do instead).
     for device_type in ("cpu", "cuda"):
         LIBRARY.impl(name, _without_autocast(qualname, device_type), f"Autocast{device_type.upper()}")
 
-    torch.library.impl(qualname, "cpu", on_device, lib=LIBRARY)
-    torch.library.impl(qualname, "cuda", on_device, lib=LIBRARY)
+    torch.library.impl(qualname, "cpu", _without_graph(on_device), lib=LIBRARY)
+    torch.library.impl(qualname, "cuda", _without_graph(on_device), lib=LIBRARY)
     return getattr(torch.ops.pyfastpeft, name)
 
 

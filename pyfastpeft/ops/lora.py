@@ -497,7 +497,7 @@ def _base_from_weight(fn: str, weight, x):
         raise ValueError(f"{fn}: weight's packed tensor has {packed.numel()} bytes, a {out_features}x{in_features} "
                          f"weight needs {(out_features * in_features + 1) // 2}")
     check_same_device(fn, x=x, packed=packed, absmax=state.absmax)
-    base_tensors = (packed, state.dequantized_absmax(), state.code.float())
+    base_tensors = (packed, state.dequantized_absmax(f"{fn}: weight's state"), state.code.float())
     return "nf4", (state.blocksize, out_features, in_features), base_tensors, out_features, in_features
 
 

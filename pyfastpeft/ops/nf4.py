@@ -379,7 +379,7 @@ def nf4_linear(x: torch.Tensor, packed: torch.Tensor, state, bias: torch.Tensor 
     x, bias = cast_like_linear(autocast_dtype(x), x, bias)  # F.linear's autocast rule (ops/_autocast.py)
     if not isinstance(state, QuantState):
         raise TypeError(f"{fn}: state must be a pyfastpeft.quant.QuantState, got {type(state).__name__}")
-    state.validate(f"{fn}: state")
+    absmax = state.dequantized_absmax(f"{fn}: state")  # validates the state first
     if len(state.shape) != 2:
         raise ValueError(f"{fn}: state.shape must be [out_features, in_features], got {state.shape}")
     out_features, in_features = state.shape
@@ -397,5 +397,5 @@ def nf4_linear(x: torch.Tensor, packed: torch.Tensor, state, bias: torch.Tensor 
         check_tensor(fn, "bias", bias, dim=1)
         if bias.shape[0] != out_features:
             raise ValueError(f"{fn}: bias has {bias.shape[0]} elements, out_features is {out_features}")
-    return NF4LinearFunction.apply(x, packed, state.dequantized_absmax(), state.code.float(), bias,
+    return NF4LinearFunction.apply(x, packed, absmax, state.code.float(), bias,
                                    state.blocksize, out_features, in_features)

@@ -99,9 +99,10 @@ class QuantState:
                 raise ValueError(f"{fn}: {name} is on {t.device}, absmax is on {self.absmax.device}")
         return self
 
-    def dequantized_absmax(self) -> torch.Tensor:
-        """fp32 [nblocks] per-block absmax; when nested  code2[q] * absmax2[i // 256] + offset."""
-        self.validate()
+    def dequantized_absmax(self, fn: str = "QuantState") -> torch.Tensor:
+        """fp32 [nblocks] per-block absmax; when nested  code2[q] * absmax2[i // 256] + offset. Validates the
+        state first (errors name `fn`)."""
+        self.validate(fn)
         if not self.nested:
             return self.absmax.float()
         state2 = self.state2
@@ -292,7 +293,7 @@ def dequantize_nf4(packed: torch.Tensor, state: QuantState) -> torch.Tensor:
     if not isinstance(packed, torch.Tensor) or packed.dtype != torch.uint8:
         got = packed.dtype if isinstance(packed, torch.Tensor) else type(packed).__name__
         raise TypeError(f"dequantize_nf4: packed must be a uint8 tensor, got {got}")
-    state.validate("dequantize_nf4: state")
+    absmax = state.dequantized_absmax("dequantize_nf4: state")  # validates the state first
     n = math.prod(state.shape)
     if packed.numel() != (n + 1) // 2:
         raise ValueError(f"dequantize_nf4: packed has {packed.numel()} bytes, state.shape {tuple(state.shape)} "
@@ -302,6 +303,5 @@ def dequantize_nf4(packed: torch.Tensor, state: QuantState) -> torch.Tensor:
 
     from pyfastpeft.ops import nf4 as nf4_ops
 
-    flat = nf4_ops.nf4_dequantize(packed.reshape(-1), state.dequantized_absmax(), state.code.float(),
-                                  state.blocksize, n, state.dtype)
+    flat = nf4_ops.nf4_dequantize(packed.reshape(-1), absmax, state.code.float(), state.blocksize, n, state.dtype)
     return flat.view(state.shape)
