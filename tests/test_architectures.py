@@ -89,17 +89,128 @@ def test_a_model_the_probe_cannot_prove_equal_keeps_its_own_loss_and_says_so():
     torch.testing.assert_close(model(input_ids=ids, labels=ids).loss, reference(input_ids=ids, labels=ids).loss)
 
 
-@pytest.mark.parametrize("name", ["mixtral", "qwen2_moe"])
-def test_moe_experts_the_report_does_not_cover_are_named(name):
-    """transformers 5.x keeps a MoE block's experts as 3-D parameters, not nn.Linear modules: prepare_model
-    leaves them dense and frozen and says so per module (older transformers' nn.Linear experts are adapted)."""
-    model = tiny(name)
-    report = pyfastpeft.prepare_model(model, quant="nf4")
-    stacked = {path for path, module in model.named_modules()
-               if any(p.dim() == 3 for p in module.parameters(recurse=False))}
-    named = {line.split(" ")[0] for line in report.not_patched if "expert weights" in line}
+MOE = {
+    "mixtral": ("MixtralConfig", "MixtralForCausalLM", dict(num_local_experts=4, num_experts_per_tok=2)),
+    "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM",
+                  dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=32)),
+    "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM",
+                  dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, head_dim=16)),
+    "olmoe": ("OlmoeConfig", "OlmoeForCausalLM", dict(num_experts=4, num_experts_per_tok=2)),
+}
+
+
+def tiny_moe(name):
+    config_name, model_name, extra = MOE[name]
+    if not hasattr(transformers, model_name):
+        pytest.skip(f"{model_name} is not in this transformers")
+    torch.manual_seed(0)
+    return getattr(transformers, model_name)(getattr(transformers, config_name)(**SMALL, **extra))
+
+
+def stacked_experts(model) -> set[str]:
+    return {path for path, module in model.named_modules()
+            if any(p.dim() == 3 for p in module.parameters(recurse=False))}
+
+
+def with_dequantized_weights(reference, quantized):
+    """reference (a copy of the model before quantization) with every weight quantized holds replaced by its
+    dequantized value: the dense model the quantized one must equal."""
+    from pyfastpeft.nn import Linear4bit, QuantizedExperts
+
+    with torch.no_grad():
+        for path, module in quantized.named_modules():
+            if isinstance(module, QuantizedExperts):
+                dense = reference.get_submodule(path)
+                for name in (module.up_name, "down_proj"):
+                    weights = torch.stack([layer.dequantize() for layer in getattr(module, name)])
+                    getattr(dense, name).copy_(weights.transpose(1, 2) if dense.is_transposed else weights)
+            elif isinstance(module, Linear4bit) and not any(isinstance(m, QuantizedExperts) for m in
+                                                            _ancestors(quantized, path)):
+                reference.get_submodule(path.removesuffix(".base_layer")).weight.copy_(module.dequantize())
+    return reference
+
+
+def _ancestors(model, path):
+    parts = path.split(".")
+    return [model.get_submodule(".".join(parts[:i])) for i in range(1, len(parts))]
+
+
+@pytest.mark.parametrize("name", sorted(MOE))
+def test_nf4_experts_equal_the_dense_model_of_their_dequantized_weights(name):
+    """transformers 5.x keeps a MoE block's experts as 3-D parameters: quantize_model makes each expert's
+    projections NF4 layers (QuantizedExperts), and the model computes what the dense model holding the
+    dequantized weights computes: logits, loss and the gradients of everything that trains (router included)."""
+    from pyfastpeft.nn import QuantizedExperts
+
+    model = tiny_moe(name)
+    stacked = stacked_experts(model)
+    reference = copy.deepcopy(model)
+    report = pyfastpeft.quantize_model(model, "nf4")
+    assert set(report.experts) == stacked and not report.experts_left
+    assert not stacked_experts(model)
     if int(transformers.__version__.split(".")[0]) >= 5:
-        assert stacked  # fused experts on transformers 5.x
+        assert stacked  # older transformers build nn.Linear experts, quantized as any linear layer
+    reference = with_dequantized_weights(reference, model)
+    ids = torch.randint(3, 128, (2, 12), generator=torch.Generator().manual_seed(1))
+    ours, our_grads = loss_and_grads(model, ids, ids)
+    theirs, their_grads = loss_and_grads(reference, ids, ids)
+    torch.testing.assert_close(ours.logits, theirs.logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(ours.loss, theirs.loss, rtol=1e-5, atol=1e-6)
+    for key, grad in our_grads.items():
+        torch.testing.assert_close(grad, their_grads[key], rtol=1e-4, atol=1e-6, msg=key)
+    assert all(not p.requires_grad for m in model.modules() if isinstance(m, QuantizedExperts) for p in m.parameters())
+    from pyfastpeft.integrations.quantize import model_bytes
+
+    for path in stacked:  # fp32 experts -> 4 bits, absmax per 64 and per-layer tables: 4x fewer bytes at this size
+        assert model_bytes(model.get_submodule(path)) < model_bytes(reference.get_submodule(path)) / 3.5
+
+
+def test_int8_experts_run_close_to_the_dense_model():
+    model = tiny_moe("mixtral")
+    reference = copy.deepcopy(model)
+    report = pyfastpeft.quantize_model(model, "int8")
+    assert len(report.experts) == len(stacked_experts(reference))
+    ids = torch.randint(3, 128, (2, 12), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        ours, theirs = model(input_ids=ids).logits, reference(input_ids=ids).logits
+    assert (ours - theirs).abs().max() < 0.05 * theirs.abs().max()
+
+
+@pytest.mark.parametrize("name", ["mixtral", "qwen2_moe"])
+def test_prepared_qlora_moe_equals_peft_on_the_dequantized_model_and_reports_experts(name):
+    """prepare_model(quant="nf4") on a MoE model: experts quantized and frozen, adapters where PEFT's all-linear
+    puts them (the same adapter names), and the loss and adapter gradients of transformers + PEFT over the dense
+    model holding the dequantized weights. The report says, per experts block, what happened to it."""
+    peft = pytest.importorskip("peft")
+    from real_stack_helpers import LORA, load_adapters, peft_lora_config, seed_adapters
+
+    base = tiny_moe(name)
+    stacked = stacked_experts(base)
+    model = copy.deepcopy(base)
+    report = pyfastpeft.prepare_model(model, quant="nf4", lora=LORA)
+    assert report.replaced["nf4 experts"] == len(stacked)
+    lines = [line for line in report.not_patched if "experts quantized" in line]
+    assert {line.split(" ")[0] for line in lines} == stacked
+    reference = peft.get_peft_model(with_dequantized_weights(copy.deepcopy(base), model), peft_lora_config())
+    adapters = seed_adapters(reference)
+    load_adapters(model, adapters)  # asserts the two models hold adapters of the same names
+    model.train(), reference.train()
+    ids = torch.randint(3, 128, (2, 12), generator=torch.Generator().manual_seed(1))
+    labels = ids.clone()
+    torch.manual_seed(2)
+    ours, our_grads = loss_and_grads(model, ids, labels)
+    torch.manual_seed(2)
+    theirs, their_grads = loss_and_grads(reference, ids, labels)
+    torch.testing.assert_close(ours.loss, theirs.loss, rtol=1e-5, atol=1e-5)
+    their_grads = {key.removeprefix("base_model.model."): grad for key, grad in their_grads.items()}
+    assert our_grads.keys() == their_grads.keys()
+    for key, grad in our_grads.items():
+        torch.testing.assert_close(grad, their_grads[key], rtol=1e-4, atol=1e-5, msg=key)
+
+
+def test_dense_experts_are_reported_when_not_quantized():
+    model = tiny_moe("mixtral")
+    stacked = stacked_experts(model)
+    report = pyfastpeft.prepare_model(model, quant=None)
+    named = {line.split(" ")[0] for line in report.not_patched if "left dense (quant=None)" in line}
     assert named == stacked
-    assert all(not p.requires_grad for path, module in model.named_modules() if path in stacked
-               for p in module.parameters(recurse=False))

@@ -361,17 +361,24 @@ def _check_lora_targets(fn: str, model: nn.Module, lora: LoraSettings) -> None:
                          f"linear layers are named {names[:12]}{' ...' if len(names) > 12 else ''}")
 
 
-def _uncovered_expert_weights(model: nn.Module) -> list[str]:
-    """One line per module holding MoE expert weights as 3-D parameters [experts, out, in] (transformers 5.x
-    fuses Mixtral's, Qwen-MoE's, ... experts this way instead of one nn.Linear per expert): they stay dense and
-    frozen, neither quantized nor adapted, and the report says so rather than staying silent."""
+def _expert_lines(model: nn.Module, quant: str | None, left: dict[str, str]) -> list[str]:
+    """One line per MoE experts block transformers 5.x keeps as 3-D parameters [experts, out, in] (Mixtral,
+    Qwen-MoE, ...; older transformers build one nn.Linear per expert, which is covered like any linear): what
+    happened to it. Such experts are never adapted: LoRA on 3-D experts is not built, and PEFT's "all-linear"
+    does not adapt them either. left: path -> why quantize_model left a block dense."""
+    from pyfastpeft.nn.experts import QuantizedExperts
+
     lines = []
     for path, module in model.named_modules():
+        if isinstance(module, QuantizedExperts):
+            lines.append(f"{path} ({module.source_class}): experts quantized ({quant}), frozen and not adapted "
+                         "(LoRA on 3-D experts is not built; PEFT's all-linear does not adapt them either)")
+            continue
         stacked = [name for name, p in module.named_parameters(recurse=False) if p.dim() == 3 and p.is_floating_point()]
         if stacked:
+            why = "quant=None" if quant is None else left.get(path, "skipped")
             lines.append(f"{path} ({type(module).__name__}): expert weights {', '.join(stacked)} are 3-D "
-                         "[experts, out, in] parameters, left dense and frozen (neither quantized nor adapted; "
-                         "nn.Linear experts, as older transformers build them, are covered)")
+                         f"parameters, left dense ({why}), frozen and not adapted")
     return lines
 
 
@@ -437,7 +444,12 @@ def prepare_model(model: nn.Module, quant: str | None = "nf4", lora: LoraSetting
         # adapters a model already holds (lora=False) stay dense and trainable
         skip += [sub_path for path, module in model.named_modules() if isinstance(module, LoRALinear)
                  for sub_path, _ in module.named_modules(prefix=path) if ".lora_A." in sub_path or ".lora_B." in sub_path]
-        report.replaced[quant] = len(quantize_model(model, quant, skip=tuple(skip)).replaced)
+        quant_report = quantize_model(model, quant, skip=tuple(skip))
+        report.replaced[quant] = len(quant_report.replaced)
+        report.replaced[f"{quant} experts"] = len(quant_report.experts)
+        experts_left = {line.partition(" (")[0]: line.partition("): ")[2] for line in quant_report.experts_left}
+    else:
+        experts_left = {}
     if lora is not False:
         lora_report = add_lora(model, target_modules=lora.target_modules, r=lora.r, lora_alpha=lora.lora_alpha,
                                lora_dropout=lora.lora_dropout, use_rslora=lora.use_rslora)
@@ -458,7 +470,7 @@ def prepare_model(model: nn.Module, quant: str | None = "nf4", lora: LoraSetting
             report.replaced["fused loss"] = 1
         else:
             report.not_patched.append(reason)
-    report.not_patched += _uncovered_expert_weights(model)
+    report.not_patched += _expert_lines(model, quant, experts_left)
     report.trainable_params, report.total_params = _count(model)
     if report.trainable_params:
         # the embeddings are frozen: reentrant gradient checkpointing needs its block inputs to require grad

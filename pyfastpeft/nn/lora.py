@@ -18,6 +18,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from pyfastpeft.nn.experts import QuantizedExperts
 from pyfastpeft.nn.linear4bit import Linear4bit
 from pyfastpeft.nn.linear8bitlt import Linear8bitLt
 from pyfastpeft.ops._autocast import autocast_dtype
@@ -372,12 +373,15 @@ def _output_layer(model: nn.Module):
 
 
 def linear_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
-    """(path, module) of every layer LoRALinear can wrap or already wraps, outside LoRALinear's own children."""
+    """(path, module) of every layer LoRALinear can wrap or already wraps, outside LoRALinear's own children and
+    QuantizedExperts' per-expert layers."""
     found, inside = [], []
     for path, module in model.named_modules():
         if any(path.startswith(prefix) for prefix in inside):
             continue
-        if isinstance(module, LoRALinear):
+        if isinstance(module, QuantizedExperts):
+            inside.append(path + ".")  # per-expert layers: no LoRA on experts (PEFT's all-linear skips them too)
+        elif isinstance(module, LoRALinear):
             inside.append(path + ".")
             found.append((path, module))
         elif base_kind(module) is not None:
