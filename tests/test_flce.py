@@ -221,6 +221,11 @@ def test_flce_default_chunk_is_bounded_by_bytes_not_tokens():
     assert flce_ops.chunk_rows(100_000, 152064, 0) == flce_ops.MIN_CHUNK_ROWS
     assert flce_ops.chunk_rows(10, 32000, 0) == 10
     assert flce_ops.chunk_rows(100, 32000, 7) == 7
+    # on a GPU the floor keeps each pass over W compute-bound: 512 rows at a 128k vocabulary, not 64
+    assert flce_ops.chunk_rows(100_000, 128256, 0, "cuda") == flce_ops.MIN_CHUNK_ROWS_CUDA == 512
+    assert flce_ops.chunk_rows(100_000, 32000, 0, "cuda") == 512
+    assert flce_ops.chunk_rows(300, 128256, 0, "cuda") == 300
+    assert flce_ops.chunk_rows(100_000, 128256, 0, "cpu") == 64
 
 
 @pytest.mark.parametrize("backend", ALL_BACKENDS)

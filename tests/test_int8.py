@@ -219,6 +219,20 @@ def test_int8_matmul_is_exact_at_the_int32_bound():
     assert c[0, 0].item() == -127 * 127 * k and c[0, 1].item() == 127 * 127 * k
 
 
+@pytest.mark.parametrize("m,k,n", [(1, 64, 64), (9, 64, 48), (16, 13, 5), (17, 8, 8), (40, 1001, 11)])
+def test_padded_int8_matmul_for_cuda_shapes_is_exact(m, k, n):
+    """CUDA's int8 GEMM takes M > 16 and K, N multiples of 8; other shapes are zero-padded to it (not
+    multiplied in fp64). The padding is device-independent, so it is checked here on the CPU."""
+    from pyfastpeft.ops.int8 import _padded_int_mm
+
+    generator = torch.Generator().manual_seed(m * k * n)
+    a = torch.randint(-127, 128, (m, k), generator=generator, dtype=torch.int8)
+    b = torch.randint(-127, 128, (n, k), generator=generator, dtype=torch.int8)
+    out = _padded_int_mm(a, b)
+    assert out.shape == (m, n) and out.dtype == torch.int32
+    assert torch.equal(out, (a.long() @ b.long().t()).int())
+
+
 @pytest.mark.parametrize("rows", [1, 8, 20])
 def test_int8_linear_has_no_int32_overflow_at_65536_inputs(rows):
     k = 65536

@@ -33,22 +33,29 @@ from pyfastpeft.reference import flce as ref
 from pyfastpeft.reference.flce import NONE, REDUCTIONS, compute_dtype
 
 # Chunk size: the fp32 logits buffer of one chunk stays within CHUNK_BYTES (plus its copy in the
-# input dtype for the dh matmul), whatever the number of tokens, in a power of two of rows, but
-# at least MIN_CHUNK_ROWS rows so the three matmuls per chunk keep enough rows to run efficiently.
+# input dtype for the dh matmul), whatever the number of tokens, in a power of two of rows, but at least
+# a floor of rows so the three matmuls per chunk, each of which streams all of W [V, H], stay compute-bound.
+# Each chunk of n rows does 2n flops per weight element read (n per byte in bf16): a CPU host here runs about
+# 8 flops per byte of DRAM bandwidth, so 64 rows suffice; an H100/H200 runs about 300, so at a 128k vocabulary
+# 32 MiB (64 rows) would leave the GPU memory-bound several times over: its floor is 512 rows (a 262 MB fp32
+# buffer at V = 128256, 525 MB at 256000, next to a lm_head of 1-2 GB).
 # Liger sizes chunks as tokens / ceil(V / H), which keeps chunk x V near tokens x H: the buffer then
 # grows with the batch (16k tokens at H 4096, V 32000: 2048 rows, 262 MB); ours does not.
 CHUNK_BYTES = 32 << 20
 MIN_CHUNK_ROWS = 64
+MIN_CHUNK_ROWS_CUDA = 512
 
 
-def chunk_rows(tokens: int, vocab: int, requested: int) -> int:
+def chunk_rows(tokens: int, vocab: int, requested: int, device_type: str = "cpu") -> int:
     """Rows per chunk: `requested` when > 0, else the largest power of two whose fp32 [rows, vocab]
-    buffer fits CHUNK_BYTES, at least MIN_CHUNK_ROWS; never more than the tokens (at least 1)."""
+    buffer fits CHUNK_BYTES, at least the device's floor (MIN_CHUNK_ROWS, MIN_CHUNK_ROWS_CUDA on "cuda");
+    never more than the tokens (at least 1)."""
     if requested > 0:
         rows = requested
     else:
         fitting = CHUNK_BYTES // (4 * vocab)
-        rows = max(MIN_CHUNK_ROWS, 1 << max(0, fitting.bit_length() - 1))
+        floor = MIN_CHUNK_ROWS_CUDA if device_type == "cuda" else MIN_CHUNK_ROWS
+        rows = max(floor, 1 << max(0, fitting.bit_length() - 1))
     return max(1, min(rows, tokens))
 
 
@@ -88,7 +95,7 @@ def _chunked(row_pass, hidden, weight, labels, bias, grad_weights, ignore_index:
     grad_hidden = torch.empty(hidden.shape, dtype=hidden.dtype, device=device) if need_grad_hidden else None
     grad_weight = torch.zeros(weight.shape, dtype=cd, device=device) if need_grad_weight else None
     grad_bias = torch.zeros(vocab, dtype=cd, device=device) if need_grad_bias else None
-    rows = chunk_rows(tokens, vocab, chunk_size)
+    rows = chunk_rows(tokens, vocab, chunk_size, device.type)
     logits_buffer = torch.empty(rows, vocab, dtype=cd, device=device)
     bias_c = bias.to(cd) if bias.numel() else None
     for start in range(0, tokens, rows):

@@ -55,17 +55,42 @@ def _module_and_tail(t: torch.Tensor):
     return _native.cpu, (_native.num_threads(),)
 
 
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def _padded_int_mm(a, b):
+    """a [M, K] @ b [N, K]^T by torch._int_mm on shapes CUDA's cuBLASLt int8 GEMM accepts (M > 16, K and N
+    multiples of 8): a is zero-padded to at least 17 rows and K to a multiple of 8 (cheap: M x K bytes), b to
+    multiples of 8 only when K or N is not one already (a copy of the weight's bytes, not the fp64 copy of
+    8 bytes per element the exact fallback would make); zero rows and columns add nothing to the products."""
+    m, k = a.shape
+    n = b.shape[0]
+    m_pad, k_pad, n_pad = max(m, 17), _round_up(k, 8), _round_up(n, 8)
+    if (m_pad, k_pad) != (m, k):
+        a = torch.nn.functional.pad(a, (0, k_pad - k, 0, m_pad - m))
+    if (n_pad, k_pad) != (n, k):
+        b = torch.nn.functional.pad(b, (0, k_pad - k, 0, n_pad - n))
+    out = torch._int_mm(a, b.t())
+    return out if (m_pad, n_pad) == (m, n) else out[:m, :n]
+
+
 def _int_mm(a, b):
-    """a [M, K] @ b [N, K]^T in int32 by torch._int_mm where it accepts the shapes (and, on the CPU, where it is
-    right: at K == 1 it returns uninitialized int32 for N >= 2, measured on torch 2.13), else exactly in fp64."""
-    if a.is_cuda and not (a.shape[0] > 16 and a.shape[1] % 8 == 0 and b.shape[0] % 8 == 0):
-        return ref.int8_matmul(a, b)
+    """a [M, K] @ b [N, K]^T in int32, exact. CUDA: torch._int_mm over padded shapes. CPU: torch._int_mm, but at
+    K == 1 (where it returns uninitialized int32 for N >= 2, measured on torch 2.13) exactly in fp64."""
+    if a.is_cuda:
+        return _padded_int_mm(a, b)
     if a.shape[1] == 1:
         return ref.int8_matmul(a, b)
     return torch._int_mm(a, b.t())
 
 
-def _flags_to_cols(flags: torch.Tensor) -> torch.Tensor:
+def _flags_to_cols(flags: torch.Tensor, threshold: float) -> torch.Tensor:
+    """The outlier columns' indices. With no threshold there are none, and no flags.nonzero(): on a GPU that
+    would wait for the kernel (a host sync per call). With one, the sync stays: the outlier product needs
+    the count."""
+    if threshold <= 0:
+        return torch.empty(0, dtype=torch.int64, device=flags.device)
     return flags.nonzero().view(-1)
 
 
@@ -96,7 +121,7 @@ def _make_quant(axis: int, reference_fn):
         if x2d.numel() == 0:
             return q.view(x.shape), stats.zero_(), torch.empty(0, dtype=torch.int64, device=x.device)
         flags = quantize_into(x2d, q, stats, axis, threshold)
-        return q.view(x.shape), stats, _flags_to_cols(flags)
+        return q.view(x.shape), stats, _flags_to_cols(flags, threshold)
 
     def triton(x, threshold):
         x2d = x.reshape(-1, x.shape[-1]).contiguous()
@@ -105,7 +130,7 @@ def _make_quant(axis: int, reference_fn):
         flags = torch.zeros(x2d.shape[1], dtype=torch.int32, device=x.device)
         if x2d.numel():
             triton_module("int8").quantize(x2d, q, stats, flags, axis, threshold)
-        return q.view(x.shape), stats, _flags_to_cols(flags)
+        return q.view(x.shape), stats, _flags_to_cols(flags, threshold)
 
     def fake(x, threshold):
         rows = x.numel() // x.shape[-1] if x.shape[-1] else 0
@@ -339,7 +364,7 @@ def _native_linear(x, weight, weight_stats, bias, threshold):
         return out.view(*lead, out_features)
     q = torch.empty((m, in_features), dtype=torch.int8, device=x.device)
     row_stats = torch.empty(m, dtype=torch.float32, device=x.device)
-    outlier_cols = _flags_to_cols(quantize_into(x2d, q, row_stats, 0, threshold))
+    outlier_cols = _flags_to_cols(quantize_into(x2d, q, row_stats, 0, threshold), threshold)
     if 1 < m <= GEMV_MAX_ROWS or (m == 1 and x.is_cuda):
         addend = ref.outlier_product(x2d, weight, weight_stats, outlier_cols) if outlier_cols.numel() else None
         out = new_out()
@@ -377,7 +402,7 @@ def _triton_linear(x, weight, weight_stats, bias, threshold):
     row_stats = torch.empty(x2d.shape[0], dtype=torch.float32, device=x.device)
     flags = torch.zeros(in_features, dtype=torch.int32, device=x.device)
     kernels.quantize(x2d, q, row_stats, flags, 0, threshold)
-    outlier_cols = _flags_to_cols(flags)
+    outlier_cols = _flags_to_cols(flags, threshold)
     weight, weight_stats = weight.contiguous(), weight_stats.float().contiguous()
     addend = ref.outlier_product(x2d, weight, weight_stats, outlier_cols) if outlier_cols.numel() else None
     kernels.matmul(q, weight, out, row_stats, weight_stats, bias.contiguous(), addend)
@@ -398,17 +423,24 @@ def _native_linear_grad_input(dy, weight, weight_stats):
         return _ref_linear_grad_input(dy, weight, weight_stats)
     out_features, in_features = weight.shape
     dy2d = dy.reshape(-1, out_features)
-    compute = ref.compute_dtype(dy.dtype)
+    # CUDA, fp16/bf16: tensor-core products of dY and the dequantized tile in dY's dtype, summed over the tiles
+    # into an fp32 dX (addmm with out_dtype), one rounding at the end. CPU (where fp16 matmul is slow) and fp32:
+    # operands and dX in the reference's compute dtype.
+    mixed = dy.is_cuda and dy.dtype in (torch.float16, torch.bfloat16)
+    compute = dy.dtype if mixed else ref.compute_dtype(dy.dtype)
     dyc = dy2d.to(compute)
     weight, weight_stats = weight.contiguous(), weight_stats.float().contiguous()
-    dx = torch.zeros((dy2d.shape[0], in_features), dtype=compute, device=dy.device)
+    dx = torch.zeros((dy2d.shape[0], in_features), dtype=torch.float32 if mixed else compute, device=dy.device)
     if dy2d.shape[0] and in_features:
         tile_buffer = torch.empty(min(TILE_ROWS, out_features) * in_features, dtype=compute, device=dy.device)
         for n0 in range(0, out_features, TILE_ROWS):
             n1 = min(n0 + TILE_ROWS, out_features)
             tile = tile_buffer[: (n1 - n0) * in_features].view(n1 - n0, in_features)
             dequantize_rows_into(weight[n0:n1], weight_stats[n0:n1], tile)
-            dx.addmm_(dyc[:, n0:n1], tile)
+            if mixed:
+                torch.addmm(dx, dyc[:, n0:n1], tile, out_dtype=torch.float32, out=dx)
+            else:
+                dx.addmm_(dyc[:, n0:n1], tile)
     return dx.to(dy.dtype).view(*dy.shape[:-1], in_features)
 
 
