@@ -10,7 +10,7 @@ from helpers import (BACKENDS, CPU_ISAS, DTYPES, assert_close, assert_no_less_ac
                            skip_unsupported)
 
 MODES = [("llama", 0.0), ("gemma", 1.0), ("none", 0.0), ("llama", 0.5)]
-SHAPES = [(1, 123), (4097, 64), (3, 5, 4096), (2, 1), (7, 20000)]
+SHAPES = [(1, 123), (4097, 64), (3, 5, 4096), (2, 1), (3, 9000), (7, 20000)]  # 9000: fused forward, looped backward
 
 
 def inputs(shape, dtype, weight_dtype=None):
