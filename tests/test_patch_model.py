@@ -5,8 +5,18 @@ import pickle
 import pytest
 import torch
 from torch import nn
-from transformers import (GemmaConfig, GemmaForCausalLM, LlamaConfig, LlamaForCausalLM, MistralConfig,
-                          MistralForCausalLM, Olmo2Config, Olmo2ForCausalLM, Qwen2Config, Qwen2ForCausalLM)
+from transformers import (
+    GemmaConfig,
+    GemmaForCausalLM,
+    LlamaConfig,
+    LlamaForCausalLM,
+    MistralConfig,
+    MistralForCausalLM,
+    Olmo2Config,
+    Olmo2ForCausalLM,
+    Qwen2Config,
+    Qwen2ForCausalLM,
+)
 from transformers.models.llama import modeling_llama
 from transformers.models.olmo2 import modeling_olmo2
 
@@ -14,8 +24,15 @@ import pyfastpeft
 from pyfastpeft.integrations import transformers as integration
 from pyfastpeft.nn import RMSNorm, SwiGLUMLP
 
-SMALL = dict(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
-             num_key_value_heads=2, vocab_size=128, max_position_embeddings=64)
+SMALL = dict(
+    hidden_size=64,
+    intermediate_size=160,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=128,
+    max_position_embeddings=64,
+)
 
 
 def tiny_llama(dtype=torch.float32):
@@ -103,6 +120,7 @@ def counting_fused_rope(monkeypatch):
     def counted(*args, **kwargs):
         calls.append(1)
         return fused(*args, **kwargs)
+
     monkeypatch.setattr(integration, "fused_apply_rotary_pos_emb", counted)
     yield calls
 
@@ -168,8 +186,11 @@ def test_kernels_wrapped_rope_is_patched_per_model():
         pytest.skip("this transformers does not wrap apply_rotary_pos_emb in a kernels Func")
     wrapper = next(iter(holders[0]._kernel_funcs.values()))
     assert isinstance(wrapper.forward.__func__, integration._RopeForward)
-    assert not any(isinstance(w.__dict__.get("forward"), type(wrapper.forward))
-                   for m in other.modules() for w in (m.__dict__.get("_kernel_funcs") or {}).values())
+    assert not any(
+        isinstance(w.__dict__.get("forward"), type(wrapper.forward))
+        for m in other.modules()
+        for w in (m.__dict__.get("_kernel_funcs") or {}).values()
+    )
     torch.testing.assert_close(patched(ids).logits, other(ids).logits, rtol=1e-5, atol=1e-5)
     pyfastpeft.unpatch_model(patched)
     assert "forward" not in wrapper.__dict__
@@ -181,6 +202,7 @@ def test_functools_wrapped_rope_is_recognised():
     @functools.wraps(original)
     def wrapped(*args, **kwargs):
         return original(*args, **kwargs)
+
     replacement, reason = integration._rope_replacement(wrapped)
     assert reason is None and replacement == integration._rope_replacement(original)[0]
 
@@ -238,6 +260,23 @@ def test_patched_model_pickles_and_the_copy_stays_patched(make_model, monkeypatc
         assert len(calls) == 2
     pyfastpeft.unpatch_model(copy)
     assert not isinstance(modeling_olmo2.apply_rotary_pos_emb, integration.FusedRope)
+
+
+def test_a_deleted_patched_model_stops_holding_the_global_rope():
+    import copy
+    import gc
+
+    original = modeling_olmo2.apply_rotary_pos_emb  # OLMo2's RoPE is replaced module-wide (Llama's per model)
+    model = tiny_olmo2()
+    pyfastpeft.patch_model(model)
+    copied = copy.deepcopy(model)  # a second user of the same replacement
+    assert isinstance(modeling_olmo2.apply_rotary_pos_emb, integration.FusedRope)
+    del model
+    gc.collect()
+    assert isinstance(modeling_olmo2.apply_rotary_pos_emb, integration.FusedRope)
+    del copied
+    gc.collect()
+    assert modeling_olmo2.apply_rotary_pos_emb is original
 
 
 def test_patch_twice_is_an_error():

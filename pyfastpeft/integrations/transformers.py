@@ -18,6 +18,7 @@ Modules are recognised by what they are and what they compute, not by architectu
     model is unpatched.
 Whatever looks like one of these but does not match is listed in the report, with the reason.
 """
+
 from __future__ import annotations
 
 import copy
@@ -26,6 +27,7 @@ import inspect
 import sys
 import types
 import warnings
+import weakref
 from dataclasses import dataclass, field
 
 import torch
@@ -61,8 +63,10 @@ class PatchReport:
         return len(self.rms_norm) + len(self.swiglu) + len(self.rope)
 
     def __str__(self) -> str:
-        lines = [f"pyfastpeft.patch_model: {len(self.rms_norm)} RMSNorm, {len(self.swiglu)} SwiGLU MLP, "
-                 f"{len(self.rope)} RoPE function(s) replaced"]
+        lines = [
+            f"pyfastpeft.patch_model: {len(self.rms_norm)} RMSNorm, {len(self.swiglu)} SwiGLU MLP, "
+            f"{len(self.rope)} RoPE function(s) replaced"
+        ]
         lines += [f"  not patched: {reason}" for reason in self.not_patched]
         lines += [f"  note: {note}" for note in self.notes]
         return "\n".join(lines)
@@ -85,8 +89,9 @@ class FusedRope:
         return self._apply(q, k, cos, sin, None, *args, **kwargs)
 
     def _apply(self, q, k, cos, sin, position_ids=None, unsqueeze_dim=1):
-        q_embed, k_embed = fused_apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim, position_ids=position_ids,
-                                                      interleaved=self.interleaved)
+        q_embed, k_embed = fused_apply_rotary_pos_emb(
+            q, k, cos, sin, unsqueeze_dim, position_ids=position_ids, interleaved=self.interleaved
+        )
         if self.cast_to_input_dtype:
             return q_embed.to(q.dtype), k_embed.to(k.dtype)
         return q_embed, k_embed
@@ -127,12 +132,33 @@ class _PatchState:
     hub_kernels_turned_off: bool = False  # the model's use_kernels, True before patch_model turned it off
     report: PatchReport = field(default_factory=PatchReport)
 
+    # Runs once, when unpatch_model asks or when this state (its model) is garbage-collected: a patched model
+    # deleted without unpatch_model must not leave the modeling modules' RoPE replaced for every later model.
+    releaser: weakref.finalize | None = field(default=None, repr=False, compare=False)
+
+    def hold_global_ropes(self) -> None:
+        if self.releaser is None and self.global_ropes:
+            self.releaser = weakref.finalize(self, _release_global_ropes, [name for name, _ in self.global_ropes])
+
+    def release_global_ropes(self) -> None:
+        if self.releaser is not None:
+            self.releaser()
+
+    def __getstate__(self):
+        return {**self.__dict__, "releaser": None}
+
     def __setstate__(self, state):
         # a copy or an unpickled model uses the replaced global functions too: count it as a user
         self.__dict__.update(state)
         for name, replacement in self.global_ropes:
             importlib.import_module(name)
             _acquire_global_rope(name, replacement)
+        self.hold_global_ropes()
+
+
+def _release_global_ropes(names: list[str]) -> None:
+    for name in names:
+        _release_global_rope(name)
 
 
 def _param_device_dtype(module: nn.Module):
@@ -164,7 +190,7 @@ def _norm_setting(module: nn.Module):
             err = (got.float() - expected.float()).abs().max().item()
             if best is None or err < best[0]:
                 best = (err, mode, offset)
-    tolerance = 2 ** -7 * max(1.0, expected.float().abs().max().item())
+    tolerance = 2**-7 * max(1.0, expected.float().abs().max().item())
     if best is None or not best[0] <= tolerance:
         return None, "its output matches no RMSNorm casting order (llama/gemma, offset 0/1)"
     return (best[1], best[2], eps), None
@@ -172,8 +198,12 @@ def _norm_setting(module: nn.Module):
 
 def _is_norm_like(module: nn.Module) -> bool:
     params = dict(module.named_parameters(recurse=False))
-    return (set(params) == {"weight"} and not list(module.children()) and params["weight"].dim() == 1
-            and any(hasattr(module, n) for n in _EPS_NAMES))
+    return (
+        set(params) == {"weight"}
+        and not list(module.children())
+        and params["weight"].dim() == 1
+        and any(hasattr(module, n) for n in _EPS_NAMES)
+    )
 
 
 def _silu_activation(module: nn.Module):
@@ -221,7 +251,10 @@ def _rope_signature(original) -> list[str]:
 def _rope_replacement(original):
     """A FusedRope matching `original` (an HF apply_rotary_pos_emb) in layout and output dtypes; else (None, reason)."""
     params = _rope_signature(original)
-    if params[:4] != ["q", "k", "cos", "sin"] or params[4:] not in (["unsqueeze_dim"], ["position_ids", "unsqueeze_dim"]):
+    if params[:4] != ["q", "k", "cos", "sin"] or params[4:] not in (
+        ["unsqueeze_dim"],
+        ["position_ids", "unsqueeze_dim"],
+    ):
         return None, f"unrecognised signature {params}"
     gen = torch.Generator().manual_seed(0)
     q, k = torch.randn(1, 4, 3, 8, generator=gen), torch.randn(1, 2, 3, 8, generator=gen)
@@ -245,11 +278,14 @@ def _rope_replacement(original):
         cast = False
     else:
         return None, f"bf16 q/k with fp32 cos/sin give {expected_dtypes}, neither the input nor the promoted dtype"
-    replacement = FusedRope(interleaved=interleaved, cast_to_input_dtype=cast,
-                            takes_position_ids="position_ids" in params)
+    replacement = FusedRope(
+        interleaved=interleaved, cast_to_input_dtype=cast, takes_position_ids="position_ids" in params
+    )
     got_mixed = replacement(q.bfloat16(), k.bfloat16(), cos, sin)
-    if not all(a.dtype == b.dtype and torch.allclose(a.float(), b.float(), atol=2e-2, rtol=2e-2)
-               for a, b in zip(got_mixed, expected_mixed)):
+    if not all(
+        a.dtype == b.dtype and torch.allclose(a.float(), b.float(), atol=2e-2, rtol=2e-2)
+        for a, b in zip(got_mixed, expected_mixed)
+    ):
         return None, "its result on bf16 q/k with fp32 cos/sin differs from the fused one"
     return replacement, None
 
@@ -258,7 +294,11 @@ def _modeling_modules(model: nn.Module) -> list[str]:
     names = []
     for module in model.modules():
         name = type(module).__module__
-        if name not in names and name.startswith("transformers.") and hasattr(sys.modules.get(name), "apply_rotary_pos_emb"):
+        if (
+            name not in names
+            and name.startswith("transformers.")
+            and hasattr(sys.modules.get(name), "apply_rotary_pos_emb")
+        ):
             names.append(name)
     return names
 
@@ -267,8 +307,12 @@ def _private_rope_wrappers(model: nn.Module, original) -> list[nn.Module]:
     """The attention modules' private copies of a kernels-wrapped `original` (transformers 5.x with `kernels`)."""
     if not isinstance(original, nn.Module):
         return []
-    return [wrapper for module in model.modules()
-            for wrapper in (module.__dict__.get("_kernel_funcs") or {}).values() if type(wrapper) is type(original)]
+    return [
+        wrapper
+        for module in model.modules()
+        for wrapper in (module.__dict__.get("_kernel_funcs") or {}).values()
+        if type(wrapper) is type(original)
+    ]
 
 
 def _patch_rope(model: nn.Module, state: _PatchState) -> None:
@@ -323,11 +367,12 @@ def patch_model(model: nn.Module, rms_norm: bool = True, swiglu: bool = True, ro
                 report.not_patched.append(f"{path} ({type(module).__name__}): {reason}")
                 continue
             mode, offset, eps = setting
-            replacement = RMSNorm(module.weight.shape[0], eps=eps, offset=offset, casting_mode=mode,
-                                  device="meta")
+            replacement = RMSNorm(module.weight.shape[0], eps=eps, offset=offset, casting_mode=mode, device="meta")
             replacement.weight = module.weight
             report.rms_norm.append(path)
-        elif swiglu and all(isinstance(getattr(module, n, None), nn.Module) for n in ("gate_proj", "up_proj", "down_proj")):
+        elif swiglu and all(
+            isinstance(getattr(module, n, None), nn.Module) for n in ("gate_proj", "up_proj", "down_proj")
+        ):
             candidates["swiglu"] += 1
             replacement, reason = _swap_mlp(module)
             if replacement is None:
@@ -346,14 +391,17 @@ def patch_model(model: nn.Module, rms_norm: bool = True, swiglu: bool = True, ro
             # replace the hub's for what we patch; unpatch_model turns them back on.
             model.set_use_kernels(False)
             state.hub_kernels_turned_off = True
-            state.report.notes.append("hub kernels (use_kernels) are off while the model is patched: its "
-                                      "train()/eval() would otherwise undo the fused RoPE")
+            state.report.notes.append(
+                "hub kernels (use_kernels) are off while the model is patched: its "
+                "train()/eval() would otherwise undo the fused RoPE"
+            )
         _patch_rope(model, state)
     # A kind with no candidate at all gets one line; candidates that did not match have their own.
     if rms_norm and not candidates["rms_norm"]:
         report.not_patched.append("rms_norm: no RMSNorm-like module found")
     if swiglu and not candidates["swiglu"]:
         report.not_patched.append("swiglu: no gated SiLU MLP (gate_proj/up_proj/down_proj) found")
+    state.hold_global_ropes()
     object.__setattr__(model, _STATE_ATTR, state)
     if report.not_patched:
         warnings.warn(str(report), UserWarning, stacklevel=2)
@@ -361,7 +409,8 @@ def patch_model(model: nn.Module, rms_norm: bool = True, swiglu: bool = True, ro
 
 
 def unpatch_model(model: nn.Module) -> None:
-    """Undo patch_model(model): original modules back in place, RoPE functions restored when unused."""
+    """Undo patch_model(model): original modules back in place, RoPE functions restored when unused. (A patched
+    model that is deleted instead stops using them when it is garbage-collected.)"""
     state = getattr(model, _STATE_ATTR, None)
     if state is None:
         raise RuntimeError("unpatch_model: this model was not patched by pyfastpeft.patch_model")
@@ -372,8 +421,7 @@ def unpatch_model(model: nn.Module) -> None:
             del wrapper.forward
         else:
             wrapper.forward = previous_forward
-    for name, _ in state.global_ropes:
-        _release_global_rope(name)
+    state.release_global_ropes()
     object.__delattr__(model, _STATE_ATTR)
     if state.hub_kernels_turned_off:
         model.set_use_kernels(True)
