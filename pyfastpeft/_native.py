@@ -4,6 +4,7 @@ A missing or broken native module never makes `import pyfastpeft` fail: `cpu` / 
 `cpu_error` / `cuda_error` say why, and the ops fall back to the reference (warning once). A `_cuda` whose
 CUDA runtime is newer than the host's driver supports counts as missing (cuda_unusable), with one warning.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -22,8 +23,10 @@ try:
 except Exception as exc:  # ImportError, or an OSError from a broken build
     cpu_error = f"{type(exc).__name__}: {exc}"
     if (Path(__file__).resolve().parent.parent / "setup.py").exists():
-        cpu_error += (f" -- pyfastpeft was imported from its source tree ({Path(__file__).resolve().parent}), "
-                      "which holds no built modules: run from another directory, or pip install -e .")
+        cpu_error += (
+            f" -- pyfastpeft was imported from its source tree ({Path(__file__).resolve().parent}), "
+            "which holds no built modules: run from another directory, or pip install -e ."
+        )
 
 
 def _cuda_version(version: int) -> str:
@@ -43,8 +46,10 @@ def cuda_unusable(module) -> str | None:
         return None
     driver, runtime = versions()
     if driver and driver // 1000 < runtime // 1000:
-        return (f"built with CUDA {_cuda_version(runtime)}, whose runtime needs a driver for CUDA "
-                f"{runtime // 1000}.x; this host's driver supports CUDA {_cuda_version(driver)}")
+        return (
+            f"built with CUDA {_cuda_version(runtime)}, whose runtime needs a driver for CUDA "
+            f"{runtime // 1000}.x; this host's driver supports CUDA {_cuda_version(driver)}"
+        )
     return None
 
 
@@ -59,9 +64,13 @@ def _load_cuda(import_module=importlib.import_module):
         return None, f"{type(exc).__name__}: {exc}"
     why = cuda_unusable(module)
     if why is not None:
-        warnings.warn(f"pyfastpeft: the native CUDA kernels (pyfastpeft._cuda) cannot run here ({why}); CUDA ops "
-                      "run the Triton kernels or the PyTorch reference instead. Rebuild pyfastpeft with a CUDA "
-                      "toolkit of the driver's major version to use them.", RuntimeWarning, stacklevel=2)
+        warnings.warn(
+            f"pyfastpeft: the native CUDA kernels (pyfastpeft._cuda) cannot run here ({why}); CUDA ops "
+            "run the Triton kernels or the PyTorch reference instead. Rebuild pyfastpeft with a CUDA "
+            "toolkit of the driver's major version to use them.",
+            RuntimeWarning,
+            stacklevel=2,
+        )
         return None, why
     return module, None
 
@@ -76,8 +85,11 @@ def warn_fallback(what: str, reason: str) -> None:
     key = f"{what}: {reason}"
     if key not in _warned:
         _warned.add(key)
-        warnings.warn(f"pyfastpeft: {what} unavailable ({reason}); running the PyTorch reference instead",
-                      RuntimeWarning, stacklevel=3)
+        warnings.warn(
+            f"pyfastpeft: {what} unavailable ({reason}); running the PyTorch reference instead",
+            RuntimeWarning,
+            stacklevel=3,
+        )
 
 
 HUGE_PAGE_MIN_BYTES = 4 << 20
@@ -112,3 +124,27 @@ def num_threads() -> int:
 def cuda_stream(t: torch.Tensor) -> int:
     """torch's current stream on t's device, as the integer the CUDA kernels take."""
     return torch.cuda.current_stream(t.device).cuda_stream
+
+
+def _argument(arg):
+    if isinstance(arg, torch.Tensor):
+        return arg.data_ptr()
+    if arg is None:
+        return 0
+    if isinstance(arg, torch.dtype):
+        return DTYPE_CODES[arg]
+    return arg
+
+
+def launch(name: str, like: torch.Tensor, *args) -> None:
+    """Run native kernel `name` for tensors on like's device: pyfastpeft._cuda's for CUDA tensors, else _C's.
+
+    args are the kernel's parameters in the order of its C++ signature (the same on both modules, but for the
+    trailing launch arguments this adds: nthreads on the CPU, (stream, device index) on CUDA). A tensor is
+    passed as its address, None as 0 (an absent optional tensor), a torch.dtype as its code; anything else as is.
+    """
+    values = [_argument(arg) for arg in args]
+    if like.is_cuda:
+        getattr(cuda, name)(*values, cuda_stream(like), like.device.index)
+    else:
+        getattr(cpu, name)(*values, num_threads())

@@ -7,10 +7,12 @@
 // the build has them.
 #pragma once
 
+#include <omp.h>
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <omp.h>
+
+#include "native_types.h"
 
 #if defined(__F16C__)
 #include <immintrin.h>
@@ -18,14 +20,23 @@
 
 namespace pfp {
 
-// Must match pyfastpeft/_native.py (DTYPE_CODES).
-enum DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2, kFloat64 = 3 };
+struct bf16 {
+  uint16_t bits;
+};
+struct half {
+  uint16_t bits;
+};
 
-struct bf16 { uint16_t bits; };
-struct half { uint16_t bits; };
-
-inline float bits_to_float(uint32_t u) { float f; std::memcpy(&f, &u, 4); return f; }
-inline uint32_t float_to_bits(float f) { uint32_t u; std::memcpy(&u, &f, 4); return u; }
+inline float bits_to_float(uint32_t u) {
+  float f;
+  std::memcpy(&f, &u, 4);
+  return f;
+}
+inline uint32_t float_to_bits(float f) {
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  return u;
+}
 
 inline float to_float(bf16 v) { return bits_to_float(uint32_t(v.bits) << 16); }
 
@@ -60,38 +71,73 @@ inline half to_half(float f) {
   uint32_t sign = u & 0x80000000u;
   u ^= sign;
   uint16_t out;
-  if (u >= 0x47800000u) {                       // overflow to inf, or NaN
+  if (u >= 0x47800000u) {  // overflow to inf, or NaN
     out = u > 0x7F800000u ? 0x7E00u : 0x7C00u;
-  } else if (u < 0x38800000u) {                 // subnormal or zero half
+  } else if (u < 0x38800000u) {                                    // subnormal or zero half
     float denorm = bits_to_float(u) + bits_to_float(0x3F000000u);  // + 0.5
     out = uint16_t(float_to_bits(denorm) - 0x3F000000u);
   } else {
     uint32_t mant_odd = (u >> 13) & 1u;
-    u += 0xC8000FFFu + mant_odd;                // rebias exponent (-112 << 23) and round
+    u += 0xC8000FFFu + mant_odd;  // rebias exponent (-112 << 23) and round
     out = uint16_t(u >> 13);
   }
   return half{uint16_t(out | (sign >> 16))};
 #endif
 }
 
-template <typename T> struct Compute { using type = float; };
-template <> struct Compute<double> { using type = double; };
+template <typename T>
+struct Compute {
+  using type = float;
+};
+template <>
+struct Compute<double> {
+  using type = double;
+};
 
-template <typename C> inline C to_compute(float v) { return C(v); }
-template <typename C> inline C to_compute(double v) { return C(v); }
-template <typename C> inline C to_compute(bf16 v) { return C(to_float(v)); }
-template <typename C> inline C to_compute(half v) { return C(to_float(v)); }
+template <typename C>
+inline C to_compute(float v) {
+  return C(v);
+}
+template <typename C>
+inline C to_compute(double v) {
+  return C(v);
+}
+template <typename C>
+inline C to_compute(bf16 v) {
+  return C(to_float(v));
+}
+template <typename C>
+inline C to_compute(half v) {
+  return C(to_float(v));
+}
 
-template <typename T> inline T from_compute(float v);
-template <> inline float from_compute<float>(float v) { return v; }
-template <> inline bf16 from_compute<bf16>(float v) { return to_bf16(v); }
-template <> inline half from_compute<half>(float v) { return to_half(v); }
-template <typename T> inline T from_compute(double v);
-template <> inline double from_compute<double>(double v) { return v; }
+template <typename T>
+inline T from_compute(float v);
+template <>
+inline float from_compute<float>(float v) {
+  return v;
+}
+template <>
+inline bf16 from_compute<bf16>(float v) {
+  return to_bf16(v);
+}
+template <>
+inline half from_compute<half>(float v) {
+  return to_half(v);
+}
+template <typename T>
+inline T from_compute(double v);
+template <>
+inline double from_compute<double>(double v) {
+  return v;
+}
 
 // The value v takes once stored as T (rounding emulation for the "none" RMSNorm mode and the
 // llama mode's cast of the normalized row).
-template <typename T, typename C> inline C round_to(C v) { return to_compute<C>(from_compute<T>(v)); }
+template <typename T, typename C>
+inline C round_to(C v) {
+  return to_compute<C>(from_compute<T>(v));
+}
 
 // Convert n elements into a compute-type buffer, and back. fp16 uses F16C where the build has it.
 template <typename T, typename C>
@@ -160,7 +206,10 @@ inline void parallel_for(int64_t total, int64_t work_per_item, int nthreads, F b
   int64_t max_useful = (total * work_per_item) / grain + 1;
   int nt = int(nthreads < 1 ? 1 : (max_useful < nthreads ? max_useful : nthreads));
   if (nt > total) nt = int(total > 0 ? total : 1);
-  if (nt <= 1) { body(int64_t(0), total, 0); return; }
+  if (nt <= 1) {
+    body(int64_t(0), total, 0);
+    return;
+  }
 #pragma omp parallel num_threads(nt)
   {
     int tid = omp_get_thread_num(), team = omp_get_num_threads();
@@ -181,8 +230,8 @@ inline float exp_approx(float x) {
   float xc = x < hi ? x : hi;
   xc = xc > lo ? xc : lo;
   float n = xc * 1.44269504088896341f;
-  n = (n + 12582912.0f) - 12582912.0f;            // round to nearest integer
-  float r = xc - n * 0.693359375f;                 // ln2 split hi/lo for an exact reduction
+  n = (n + 12582912.0f) - 12582912.0f;  // round to nearest integer
+  float r = xc - n * 0.693359375f;      // ln2 split hi/lo for an exact reduction
   r = r - n * -2.12194440e-4f;
   float p = 1.9875691500e-4f;
   p = p * r + 1.3981999507e-3f;

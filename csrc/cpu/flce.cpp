@@ -107,8 +107,8 @@ void flce_rows(void* logits, const int64_t* labels, const void* grad_weight, voi
   switch (dtype) {
     case pfp::kFloat32:
       return rows_impl(static_cast<float*>(logits), labels, static_cast<const float*>(grad_weight),
-                       static_cast<float*>(loss), static_cast<float*>(lse), rows, vocab, ignore_index,
-                       label_smoothing, softcap, nthreads);
+                       static_cast<float*>(loss), static_cast<float*>(lse), rows, vocab, ignore_index, label_smoothing,
+                       softcap, nthreads);
     case pfp::kFloat64:
       return rows_impl(static_cast<double*>(logits), labels, static_cast<const double*>(grad_weight),
                        static_cast<double*>(loss), static_cast<double*>(lse), rows, vocab, ignore_index,

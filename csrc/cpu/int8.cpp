@@ -9,7 +9,8 @@
 //                0 at outlier elements
 //   a non-finite scaled value (x / 0, inf * 0, NaN) codes as 0; the stat keeps its inf / NaN.
 //   outlier column c <=> some |x[r, c]| >= t.
-//   epilogue:    out[r, j] = float(C[r, j]) * (row_stats[r] * col_stats[j]) * fp32(1 / 127^2) (+ addend[r, j]) (+ bias[j])
+//   epilogue:    out[r, j] = float(C[r, j]) * (row_stats[r] * col_stats[j]) * fp32(1 / 127^2) (+ addend[r, j]) (+
+//   bias[j])
 // Rounding to nearest even uses (s + 1.5 * 2^23) - 1.5 * 2^23, exact for |s| < 2^22 under the default rounding
 // mode; |s| <= 127 here once non-finite values are zeroed.
 #include "cpu/common.h"
@@ -30,9 +31,9 @@ using pfp::bf16;
 using pfp::half;
 using pfp::parallel_for;
 
-constexpr float kMmDequantScale = 1.0f / 16129.0f;  // 1/127^2 (bitsandbytes' 6.200124e-05 is 1.8e-5 too large)
+constexpr float kMmDequantScale = 1.0f / 16129.0f;      // 1/127^2 (bitsandbytes' 6.200124e-05 is 1.8e-5 too large)
 constexpr float kDequantScale = 7.874015718698502e-3f;  // bitsandbytes' 1/127
-constexpr float kRoundMagic = 12582912.0f;          // 1.5 * 2^23
+constexpr float kRoundMagic = 12582912.0f;              // 1.5 * 2^23
 
 // round_half_even(s) as an int8 code; non-finite s -> 0; |s| > 127 clamps (only reachable through rounding).
 inline int8_t to_code(float s) {
@@ -118,8 +119,9 @@ void row_codes(const float* row, int64_t k, float scale, const uint8_t* flags, i
     __m512 r = _mm512_roundscale_ps(_mm512_maskz_mov_ps(finite, s), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
     r = _mm512_min_ps(_mm512_max_ps(r, lo), hi);
     __m128i codes = _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(r));
-    if (flags) codes = _mm_maskz_mov_epi8(~_mm_test_epi8_mask(_mm_maskz_loadu_epi8(m, flags + c),
-                                                               _mm_maskz_loadu_epi8(m, flags + c)), codes);
+    if (flags)
+      codes = _mm_maskz_mov_epi8(
+          ~_mm_test_epi8_mask(_mm_maskz_loadu_epi8(m, flags + c), _mm_maskz_loadu_epi8(m, flags + c)), codes);
     _mm_mask_storeu_epi8(out + c, m, codes);
   }
 #else
@@ -131,8 +133,8 @@ void row_codes(const float* row, int64_t k, float scale, const uint8_t* flags, i
 }
 
 template <typename T>
-void quant_rows(const T* x, int8_t* q, float* row_stats, uint8_t* outlier_flags, int64_t m, int64_t k,
-                float threshold, int nthreads) {
+void quant_rows(const T* x, int8_t* q, float* row_stats, uint8_t* outlier_flags, int64_t m, int64_t k, float threshold,
+                int nthreads) {
   const bool find_outliers = threshold > 0.0f;
   std::memset(outlier_flags, 0, size_t(k));
 
@@ -181,8 +183,8 @@ void quant_rows(const T* x, int8_t* q, float* row_stats, uint8_t* outlier_flags,
 }
 
 template <typename T>
-void quant_cols(const T* x, int8_t* q, float* col_stats, uint8_t* outlier_flags, int64_t m, int64_t k,
-                float threshold, int nthreads) {
+void quant_cols(const T* x, int8_t* q, float* col_stats, uint8_t* outlier_flags, int64_t m, int64_t k, float threshold,
+                int nthreads) {
   const bool find_outliers = threshold > 0.0f;
   const float t = threshold;
   // Pass 1: each thread owns a slice of columns and walks every row over it.
@@ -284,8 +286,9 @@ void gemv_portable(const int8_t* q, const int8_t* w, int32_t* acc, int64_t m, in
 // and sum_c w[c] comes from one more vpdpbusd against a vector of ones. No int32 overflow for k <= 65536:
 // |sum u w| <= 255 * 128 * 65536 < 2^31. Two weight rows per step share each load of x.
 template <int M>
-__attribute__((target("avx512f,avx512bw,avx512vnni")))
-void gemv_vnni_rows(const uint8_t* xu, const int8_t* w, int32_t* acc, int64_t j0, int64_t j1, int64_t n, int64_t k) {
+__attribute__((target("avx512f,avx512bw,avx512vnni"))) void gemv_vnni_rows(const uint8_t* xu, const int8_t* w,
+                                                                           int32_t* acc, int64_t j0, int64_t j1,
+                                                                           int64_t n, int64_t k) {
   const __m512i ones = _mm512_set1_epi8(1);
   int64_t j = j0;
   for (; j < j1; j += 2) {
@@ -354,9 +357,8 @@ void int8_quantize(const void* x, int x_dtype, int8_t* q, float* stats, uint8_t*
 
 // int8_mm_dequant: out [m, n] (out_dtype) = float(c[m, n] int32) * (row_stats[m] * col_stats[n]) / 127^2
 // (+ addend fp32 [m, n], may be null) (+ bias [n] of bias_dtype, may be null). All row-major, contiguous.
-void int8_mm_dequant(const int32_t* c, const float* row_stats, const float* col_stats, const void* bias,
-                     int bias_dtype, const float* addend, void* out, int out_dtype, int64_t m, int64_t n,
-                     int nthreads) {
+void int8_mm_dequant(const int32_t* c, const float* row_stats, const float* col_stats, const void* bias, int bias_dtype,
+                     const float* addend, void* out, int out_dtype, int64_t m, int64_t n, int nthreads) {
   const std::vector<float> bias_f = bias_as_float(bias, bias_dtype, n);
   const float* bias_p = bias ? bias_f.data() : nullptr;
   with_float_type(out_dtype, [&](auto* tag) {
@@ -385,7 +387,10 @@ void int8_gemv(const int8_t* q, const float* row_stats, const int8_t* w, const f
 #endif
   parallel_for(n, m * k, nthreads, [&](int64_t begin, int64_t end, int) {
 #if defined(__AVX512F__)
-    if (has_vnni()) { gemv_vnni(xu.data(), w, acc.data(), m, begin, end, n, k); return; }
+    if (has_vnni()) {
+      gemv_vnni(xu.data(), w, acc.data(), m, begin, end, n, k);
+      return;
+    }
 #endif
     gemv_portable(q, w, acc.data(), m, begin, end, n, k);
   });

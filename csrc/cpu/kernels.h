@@ -5,61 +5,56 @@
 #pragma once
 #include <cstdint>
 
-#define PFP_DECLARE_CPU_KERNELS(ns)                                                                  \
-  namespace ns {                                                                                     \
-  void rmsnorm_forward(const void* x, const void* weight, void* y, void* rstd, int64_t rows,         \
-                       int64_t n, int x_dtype, int weight_dtype, int y_dtype, double eps,            \
-                       double offset, int casting_mode, int nthreads);                               \
-  void rmsnorm_backward(const void* dy, const void* x, const void* weight, const void* rstd,         \
-                        void* dx, void* dw, int64_t rows, int64_t n, int x_dtype,                    \
-                        int weight_dtype, int dy_dtype, double offset, int casting_mode,             \
-                        int nthreads);                                                               \
-  void swiglu_forward(const void* gate, const void* up, void* out, int64_t numel, int dtype,         \
-                      int nthreads);                                                                 \
-  void swiglu_backward(const void* dy, const void* gate, const void* up, void* dgate, void* dup,     \
-                       int64_t numel, int dtype, int nthreads);                                      \
-  void rope(const void* q, const void* k, void* q_out, void* k_out, const void* cos,                 \
-            const void* sin, const int64_t* q_strides, const int64_t* k_strides,                     \
-            const int64_t* q_out_strides, const int64_t* k_out_strides, int64_t cos_batch_stride,    \
-            int64_t cos_seq_stride, int64_t batch, int64_t seq, int64_t q_heads, int64_t k_heads,    \
-            int64_t head_dim, int64_t rot_dim, int dtype, bool interleaved, bool backward,           \
-            int nthreads);                                                                           \
-  void nf4_quantize(const void* w, int w_dtype, uint8_t* packed, float* absmax, int64_t numel,       \
-                    int64_t blocksize, const float* code, int nthreads);                             \
-  void nf4_dequantize(const uint8_t* packed, const float* absmax, const float* code, void* out,      \
-                      int out_dtype, int64_t start, int64_t count, int64_t blocksize, int nthreads); \
-  void nf4_gemv(const void* x, int x_dtype, const uint8_t* packed, const float* absmax,              \
-                const float* code, const void* bias, int bias_dtype, void* out, int64_t m,           \
-                int64_t n, int64_t k, int64_t blocksize, int nthreads);                              \
-  void int8_quantize(const void* x, int x_dtype, int8_t* q, float* stats, uint8_t* outlier_flags,    \
-                     int64_t m, int64_t k, int axis, double threshold, int nthreads);                \
-  void int8_mm_dequant(const int32_t* c, const float* row_stats, const float* col_stats,             \
-                       const void* bias, int bias_dtype, const float* addend, void* out,             \
-                       int out_dtype, int64_t m, int64_t n, int nthreads);                           \
-  void int8_gemv(const int8_t* q, const float* row_stats, const int8_t* w, const float* col_stats,   \
-                 const void* bias, int bias_dtype, const float* addend, void* out, int out_dtype,    \
-                 int64_t m, int64_t n, int64_t k, int nthreads);                                     \
-  void int8_dequantize_rows(const int8_t* q, const float* stats, void* out, int out_dtype,           \
-                            int64_t rows, int64_t k, int nthreads);                                  \
-  void lora_dropout(const void* src, void* dst, int64_t numel, int dtype, int64_t seed,              \
-                    int64_t offset, float threshold, float keep_scale, double alpha,                 \
-                    bool accumulate, int nthreads);                                                  \
-  void quantize_affine(const void* x, int x_dtype, void* codes, float* scale, int32_t* zero_point,   \
-                       int64_t outer, int64_t channels, int64_t inner, int64_t blocksize, int bits,  \
-                       bool zeropoint, int nthreads);                                                \
-  void quantize_static(const void* x, int x_dtype, const float* scale, const int32_t* zero_point,    \
-                       void* codes, int64_t outer, int64_t channels, int64_t inner,                  \
-                       int64_t blocksize, int bits, bool zeropoint, int nthreads);                   \
-  void dequantize_affine(const void* codes, bool codes_signed, const float* scale,                   \
-                         const int32_t* zero_point, void* out, int out_dtype, int64_t outer,         \
-                         int64_t channels, int64_t inner, int64_t blocksize, int nthreads);          \
-  void lora_dropout_rows(const void* src, void* dst, const int64_t* row_index, int64_t count,        \
-                         int64_t cols, bool scatter, int dtype, int64_t seed, int64_t offset,        \
-                         float threshold, float keep_scale, double alpha, bool accumulate,           \
-                         int nthreads);                                                              \
-  void flce_rows(void* logits, const int64_t* labels, const void* grad_weight, void* loss,           \
-                 void* lse, int64_t rows, int64_t vocab, int dtype, int64_t ignore_index,            \
-                 double label_smoothing, double softcap, int nthreads);                              \
+#include "native_types.h"
+
+#define PFP_DECLARE_CPU_KERNELS(ns)                                                                                    \
+  namespace ns {                                                                                                       \
+  void rmsnorm_forward(const void* x, const void* weight, void* y, void* rstd, int64_t rows, int64_t n, int x_dtype,   \
+                       int weight_dtype, int y_dtype, double eps, double offset, int casting_mode, int nthreads);      \
+  void rmsnorm_backward(const void* dy, const void* x, const void* weight, const void* rstd, void* dx, void* dw,       \
+                        int64_t rows, int64_t n, int x_dtype, int weight_dtype, int dy_dtype, double offset,           \
+                        int casting_mode, int64_t num_partials, int nthreads);                                         \
+  void swiglu_forward(const void* gate, const void* up, void* out, int64_t numel, int dtype, int nthreads);            \
+  void swiglu_backward(const void* dy, const void* gate, const void* up, void* dgate, void* dup, int64_t numel,        \
+                       int dtype, int nthreads);                                                                       \
+  void rope(const void* q, const void* k, void* q_out, void* k_out, const void* cos, const void* sin,                  \
+            pfp::Strides3 q_strides, pfp::Strides3 k_strides, pfp::Strides3 q_out_strides,                             \
+            pfp::Strides3 k_out_strides, int64_t cos_batch_stride, int64_t cos_seq_stride, int64_t batch, int64_t seq, \
+            int64_t q_heads, int64_t k_heads, int64_t head_dim, int64_t rot_dim, int dtype, bool interleaved,          \
+            bool backward, int nthreads);                                                                              \
+  void nf4_quantize(const void* w, int w_dtype, uint8_t* packed, float* absmax, int64_t numel, int64_t blocksize,      \
+                    const float* code, int nthreads);                                                                  \
+  void nf4_dequantize(const uint8_t* packed, const float* absmax, const float* code, void* out, int out_dtype,         \
+                      int64_t start, int64_t count, int64_t blocksize, int nthreads);                                  \
+  void nf4_gemv(const void* x, int x_dtype, const uint8_t* packed, const float* absmax, const float* code,             \
+                const void* bias, int bias_dtype, void* out, int64_t m, int64_t n, int64_t k, int64_t blocksize,       \
+                int nthreads);                                                                                         \
+  void int8_quantize(const void* x, int x_dtype, int8_t* q, float* stats, uint8_t* outlier_flags, int64_t m,           \
+                     int64_t k, int axis, double threshold, int nthreads);                                             \
+  void int8_mm_dequant(const int32_t* c, const float* row_stats, const float* col_stats, const void* bias,             \
+                       int bias_dtype, const float* addend, void* out, int out_dtype, int64_t m, int64_t n,            \
+                       int nthreads);                                                                                  \
+  void int8_gemv(const int8_t* q, const float* row_stats, const int8_t* w, const float* col_stats, const void* bias,   \
+                 int bias_dtype, const float* addend, void* out, int out_dtype, int64_t m, int64_t n, int64_t k,       \
+                 int nthreads);                                                                                        \
+  void int8_dequantize_rows(const int8_t* q, const float* stats, void* out, int out_dtype, int64_t rows, int64_t k,    \
+                            int nthreads);                                                                             \
+  void lora_dropout(const void* src, void* dst, int64_t numel, int dtype, int64_t seed, int64_t offset,                \
+                    float threshold, float keep_scale, double alpha, bool accumulate, int nthreads);                   \
+  void quantize_affine(const void* x, int x_dtype, void* codes, float* scale, int32_t* zero_point, int64_t outer,      \
+                       int64_t channels, int64_t inner, int64_t blocksize, int bits, bool zeropoint, int nthreads);    \
+  void quantize_static(const void* x, int x_dtype, const float* scale, const int32_t* zero_point, void* codes,         \
+                       int64_t outer, int64_t channels, int64_t inner, int64_t blocksize, int bits, bool zeropoint,    \
+                       int nthreads);                                                                                  \
+  void dequantize_affine(const void* codes, bool codes_signed, const float* scale, const int32_t* zero_point,          \
+                         void* out, int out_dtype, int64_t outer, int64_t channels, int64_t inner, int64_t blocksize,  \
+                         int nthreads);                                                                                \
+  void lora_dropout_rows(const void* src, void* dst, const int64_t* row_index, int64_t count, int64_t cols,            \
+                         bool scatter, int dtype, int64_t seed, int64_t offset, float threshold, float keep_scale,     \
+                         double alpha, bool accumulate, int nthreads);                                                 \
+  void flce_rows(void* logits, const int64_t* labels, const void* grad_weight, void* loss, void* lse, int64_t rows,    \
+                 int64_t vocab, int dtype, int64_t ignore_index, double label_smoothing, double softcap,               \
+                 int nthreads);                                                                                        \
   }
 
 PFP_DECLARE_CPU_KERNELS(pfp_avx512)

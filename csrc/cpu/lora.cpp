@@ -119,8 +119,8 @@ template <typename T, typename C>
 inline void dropout_chunk(const T* __restrict src, T* __restrict dst, int64_t mask_first, int64_t count,
                           const DropoutParams<C>& params) {
   C factors[kChunk], values[kChunk], current[kChunk];
-  keep_factors(params.key0, params.key1, params.counter_base, mask_first, count, params.threshold,
-               params.keep_scale, factors);
+  keep_factors(params.key0, params.key1, params.counter_base, mask_first, count, params.threshold, params.keep_scale,
+               factors);
   pfp::load_row(src, values, count);
   if (params.accumulate) {
     pfp::load_row(dst, current, count);
@@ -159,8 +159,8 @@ void dropout_impl(const T* src, T* dst, int64_t numel, uint64_t seed, uint64_t o
 // is r * cols + k: the position in the indexed (original) tensor.
 template <typename T>
 void dropout_rows_impl(const T* src, T* dst, const int64_t* row_index, int64_t count, int64_t cols, bool scatter,
-                       uint64_t seed, uint64_t offset, float threshold, float keep_scale, double alpha,
-                       bool accumulate, int nthreads) {
+                       uint64_t seed, uint64_t offset, float threshold, float keep_scale, double alpha, bool accumulate,
+                       int nthreads) {
   using C = typename pfp::Compute<T>::type;
   const auto params = dropout_params<C>(seed, offset, threshold, keep_scale, alpha, accumulate);
   pfp::parallel_for(count, cols * 64, nthreads, [&](int64_t begin, int64_t end, int) {
@@ -185,11 +185,11 @@ void dropout_rows_impl(const T* src, T* dst, const int64_t* row_index, int64_t c
 // (alpha 1, no accumulate: exactly x * keep_scale where kept) and, in backward, dX += s * g * keep * keep_scale.
 // src, dst: contiguous [numel] of `dtype` (any of the four codes); dst may alias src when !accumulate.
 // seed, offset: the (int64 >= 0) pair of the op's rng tensor; threshold = fp32(p); keep_scale = fp32(1/(1-p)).
-void lora_dropout(const void* src, void* dst, int64_t numel, int dtype, int64_t seed, int64_t offset,
-                  float threshold, float keep_scale, double alpha, bool accumulate, int nthreads) {
-#define PFP_LORA_DROPOUT(T)                                                                                  \
-  dropout_impl(static_cast<const T*>(src), static_cast<T*>(dst), numel, uint64_t(seed), uint64_t(offset), \
-               threshold, keep_scale, alpha, accumulate, nthreads)
+void lora_dropout(const void* src, void* dst, int64_t numel, int dtype, int64_t seed, int64_t offset, float threshold,
+                  float keep_scale, double alpha, bool accumulate, int nthreads) {
+#define PFP_LORA_DROPOUT(T)                                                                                          \
+  dropout_impl(static_cast<const T*>(src), static_cast<T*>(dst), numel, uint64_t(seed), uint64_t(offset), threshold, \
+               keep_scale, alpha, accumulate, nthreads)
   switch (dtype) {
     case pfp::kFloat32: PFP_LORA_DROPOUT(float); return;
     case pfp::kFloat16: PFP_LORA_DROPOUT(half); return;
@@ -211,12 +211,12 @@ void lora_dropout(const void* src, void* dst, int64_t numel, int dtype, int64_t 
 // src, dst: contiguous row-major of `dtype` (any of the four codes), the packed side [count, cols], the
 // indexed side with more rows than any row_index value. row_index: int64 [count], values >= 0, distinct
 // when scatter (each thread owns its rows). seed, offset, threshold, keep_scale: as lora_dropout.
-void lora_dropout_rows(const void* src, void* dst, const int64_t* row_index, int64_t count, int64_t cols,
-                       bool scatter, int dtype, int64_t seed, int64_t offset, float threshold, float keep_scale,
-                       double alpha, bool accumulate, int nthreads) {
-#define PFP_LORA_DROPOUT_ROWS(T)                                                                            \
-  dropout_rows_impl(static_cast<const T*>(src), static_cast<T*>(dst), row_index, count, cols, scatter,   \
-                    uint64_t(seed), uint64_t(offset), threshold, keep_scale, alpha, accumulate, nthreads)
+void lora_dropout_rows(const void* src, void* dst, const int64_t* row_index, int64_t count, int64_t cols, bool scatter,
+                       int dtype, int64_t seed, int64_t offset, float threshold, float keep_scale, double alpha,
+                       bool accumulate, int nthreads) {
+#define PFP_LORA_DROPOUT_ROWS(T)                                                                                       \
+  dropout_rows_impl(static_cast<const T*>(src), static_cast<T*>(dst), row_index, count, cols, scatter, uint64_t(seed), \
+                    uint64_t(offset), threshold, keep_scale, alpha, accumulate, nthreads)
   switch (dtype) {
     case pfp::kFloat32: PFP_LORA_DROPOUT_ROWS(float); return;
     case pfp::kFloat16: PFP_LORA_DROPOUT_ROWS(half); return;

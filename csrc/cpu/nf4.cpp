@@ -157,8 +157,8 @@ inline void decode_bytes(const uint8_t* __restrict bytes, int64_t nbytes, const 
     int32_t four;
     std::memcpy(&four, bytes + j, 4);
     __m128i words = _mm_cvtepu8_epi16(_mm_cvtsi32_si128(four));
-    __m128i nibbles = _mm_and_si128(_mm_or_si128(_mm_srli_epi16(words, 4), _mm_slli_epi16(words, 8)),
-                                    _mm_set1_epi8(15));
+    __m128i nibbles =
+        _mm_and_si128(_mm_or_si128(_mm_srli_epi16(words, 4), _mm_slli_epi16(words, 8)), _mm_set1_epi8(15));
     __m256i index = _mm256_cvtepu8_epi32(nibbles);
     __m256 from_high = _mm256_castsi256_ps(_mm256_slli_epi32(index, 28));
     _mm256_storeu_ps(dst + 2 * j, _mm256_blendv_ps(_mm256_permutevar8x32_ps(low_codes, index),
@@ -189,8 +189,12 @@ void decode_range(const uint8_t* packed, const float* absmax, const float* code,
   }
 }
 
-template <typename T> void store_fp32(const float* src, T* dst, int64_t n) { pfp::store_row(src, dst, n); }
-template <> void store_fp32<double>(const float* src, double* dst, int64_t n) {
+template <typename T>
+void store_fp32(const float* src, T* dst, int64_t n) {
+  pfp::store_row(src, dst, n);
+}
+template <>
+void store_fp32<double>(const float* src, double* dst, int64_t n) {
   for (int64_t i = 0; i < n; ++i) dst[i] = src[i];
 }
 
@@ -276,8 +280,8 @@ constexpr int64_t kPrefetchRows = 8;
 //   sum_i scale[i] * sum_v code[q(8i + (v ^ 1))] * x_split[16v + i],   scale[i] = absmax[block of 8i]
 // with scale gathered from absmax by lane_block[i] = 8i / blocksize.
 template <int M>
-void gemv_rows_fast(const float* x_split, const uint8_t* packed, const float* absmax, const float* code,
-                    int64_t begin, int64_t end, int64_t n, int64_t k, int64_t blocksize, float* dots) {
+void gemv_rows_fast(const float* x_split, const uint8_t* packed, const float* absmax, const float* code, int64_t begin,
+                    int64_t end, int64_t n, int64_t k, int64_t blocksize, float* dots) {
   const __m512 codes = _mm512_loadu_ps(code);
   alignas(64) int32_t lane_block[16];
   for (int i = 0; i < 16; ++i) lane_block[i] = int32_t(8 * i / blocksize);
@@ -350,8 +354,8 @@ void gemv_impl(const T* x, const uint8_t* packed, const float* absmax, const flo
 #if defined(__AVX512F__)
     if constexpr (fp32) {
       if (fast) {
-        gemv_fast_dispatch(std::integer_sequence<int, 1, 2, 3, 4, 5, 6, 7, 8>(), m, x_split->data, packed,
-                           absmax, code, begin, end, n, k, blocksize, dots.data());
+        gemv_fast_dispatch(std::integer_sequence<int, 1, 2, 3, 4, 5, 6, 7, 8>(), m, x_split->data, packed, absmax, code,
+                           begin, end, n, k, blocksize, dots.data());
         return;
       }
     }
@@ -406,7 +410,7 @@ void nf4_gemv(const void* x, int x_dtype, const uint8_t* packed, const float* ab
               const void* bias, int bias_dtype, void* out, int64_t m, int64_t n, int64_t k, int64_t blocksize,
               int nthreads) {
   if (m < 1 || m > kMaxGemvRows) throw std::invalid_argument("nf4_gemv: m must be in [1, 8]");
-#define PFP_NF4_GEMV(T)                                                                                       \
+#define PFP_NF4_GEMV(T)                                                                                      \
   gemv_impl(static_cast<const T*>(x), packed, absmax, code, bias, bias_dtype, static_cast<T*>(out), m, n, k, \
             blocksize, nthreads)
   switch (x_dtype) {

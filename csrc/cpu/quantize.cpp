@@ -87,10 +87,17 @@ void dequantize_values(const CodeT* __restrict codes, int64_t n, const float* __
   }
 }
 
-template <typename T> void load_values(const T* src, float* dst, int64_t n) { pfp::load_row(src, dst, n); }
+template <typename T>
+void load_values(const T* src, float* dst, int64_t n) {
+  pfp::load_row(src, dst, n);
+}
 
-template <typename T> void store_values(const float* src, T* dst, int64_t n) { pfp::store_row(src, dst, n); }
-template <> void store_values<double>(const float* src, double* dst, int64_t n) {
+template <typename T>
+void store_values(const float* src, T* dst, int64_t n) {
+  pfp::store_row(src, dst, n);
+}
+template <>
+void store_values<double>(const float* src, double* dst, int64_t n) {
   for (int64_t i = 0; i < n; ++i) dst[i] = src[i];
 }
 
@@ -194,21 +201,21 @@ void for_each_chunk(int64_t outer, int64_t channels, int64_t inner, int64_t bloc
 template <typename T, typename CodeT>
 void code_all(const T* x, const float* scale, const float* zero_point, const float* multiplier, CodeT* codes,
               int64_t outer, int64_t channels, int64_t inner, int64_t blocksize, const Coder& coder, int nthreads) {
-  for_each_chunk(outer, channels, inner, blocksize, nthreads, [&](int64_t first, int64_t len, int64_t group,
-                                                                  bool per_element) {
-    alignas(64) float values[kChunk];
-    load_values(x + first, values, len);
-    if (per_element)
-      code_values<true>(values, len, scale + group, zero_point + group, multiplier + group, coder, codes + first);
-    else
-      code_values<false>(values, len, scale + group, zero_point + group, multiplier + group, coder, codes + first);
-  });
+  for_each_chunk(
+      outer, channels, inner, blocksize, nthreads, [&](int64_t first, int64_t len, int64_t group, bool per_element) {
+        alignas(64) float values[kChunk];
+        load_values(x + first, values, len);
+        if (per_element)
+          code_values<true>(values, len, scale + group, zero_point + group, multiplier + group, coder, codes + first);
+        else
+          code_values<false>(values, len, scale + group, zero_point + group, multiplier + group, coder, codes + first);
+      });
 }
 
 // Per tensor: the range of all of x (per-thread partial ranges, merged), then parallel coding.
 template <typename T, typename CodeT>
-void quantize_tensor(const T* x, CodeT* codes, float* scale, int32_t* zero_point, int64_t numel,
-                     const Coder& coder, bool zeropoint, int nthreads) {
+void quantize_tensor(const T* x, CodeT* codes, float* scale, int32_t* zero_point, int64_t numel, const Coder& coder,
+                     bool zeropoint, int nthreads) {
   std::vector<Range> partial(nthreads > 1 ? nthreads : 1);
   const int64_t chunks = (numel + kChunk - 1) / kChunk;
   pfp::parallel_for(chunks, kChunk, nthreads, [&](int64_t begin, int64_t end, int tid) {
@@ -256,8 +263,7 @@ void quantize_groups(const T* x, CodeT* codes, float* scale, int32_t* zero_point
           const int64_t n = len - i < kChunk ? len - i : kChunk;
           float* src = buffered ? values.data() + loaded : values.data();
           if (!buffered) load_values(x + offset + i, src, n);
-          code_values<false>(src, n, &params.scale, &params.zero_point, &params.multiplier, coder,
-                             codes + offset + i);
+          code_values<false>(src, n, &params.scale, &params.zero_point, &params.multiplier, coder, codes + offset + i);
           loaded += n;
         }
       }
@@ -305,9 +311,8 @@ void quantize_columns(const T* x, CodeT* codes, float* scale, int32_t* zero_poin
 }
 
 template <typename T, typename CodeT>
-void quantize_dynamic_impl(const T* x, CodeT* codes, float* scale, int32_t* zero_point, int64_t outer,
-                           int64_t channels, int64_t inner, int64_t blocksize, const Coder& coder, bool zeropoint,
-                           int nthreads) {
+void quantize_dynamic_impl(const T* x, CodeT* codes, float* scale, int32_t* zero_point, int64_t outer, int64_t channels,
+                           int64_t inner, int64_t blocksize, const Coder& coder, bool zeropoint, int nthreads) {
   const int64_t numel = outer * channels * inner;
   using Segment = std::pair<int64_t, int64_t>;
   if (blocksize > 0) {
@@ -392,20 +397,19 @@ void quantize_static(const void* x, int x_dtype, const float* scale, const int32
 // dequantize_affine: out [numel] of out_dtype (any of the four) = (code - zero_point) * scale in fp32, rounded once.
 // codes: int8 when codes_signed, else uint8, [numel]; scale fp32 [groups]; zero_point int32 [groups] or null
 // (absmax); layout as quantize_affine.
-void dequantize_affine(const void* codes, bool codes_signed, const float* scale, const int32_t* zero_point,
-                       void* out, int out_dtype, int64_t outer, int64_t channels, int64_t inner, int64_t blocksize,
-                       int nthreads) {
+void dequantize_affine(const void* codes, bool codes_signed, const float* scale, const int32_t* zero_point, void* out,
+                       int out_dtype, int64_t outer, int64_t channels, int64_t inner, int64_t blocksize, int nthreads) {
   const std::vector<float> zero_points = zero_points_fp32(zero_point, group_count(outer, channels, inner, blocksize));
   auto run = [&](auto* typed_codes, auto* typed_out) {
-    for_each_chunk(outer, channels, inner, blocksize, nthreads, [&](int64_t first, int64_t len, int64_t group,
-                                                                    bool per_element) {
-      alignas(64) float values[kChunk];
-      if (per_element)
-        dequantize_values<true>(typed_codes + first, len, scale + group, zero_points.data() + group, values);
-      else
-        dequantize_values<false>(typed_codes + first, len, scale + group, zero_points.data() + group, values);
-      store_values(values, typed_out + first, len);
-    });
+    for_each_chunk(
+        outer, channels, inner, blocksize, nthreads, [&](int64_t first, int64_t len, int64_t group, bool per_element) {
+          alignas(64) float values[kChunk];
+          if (per_element)
+            dequantize_values<true>(typed_codes + first, len, scale + group, zero_points.data() + group, values);
+          else
+            dequantize_values<false>(typed_codes + first, len, scale + group, zero_points.data() + group, values);
+          store_values(values, typed_out + first, len);
+        });
   };
   auto with_codes = [&](auto* typed_out) {
     if (codes_signed)

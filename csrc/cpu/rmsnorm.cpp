@@ -64,8 +64,8 @@ inline C normalize_row(const Tsrc* __restrict x, Tdst* __restrict y, const C* __
 
 // One row of the backward: dx from dy and x; dw (null: none) accumulates dy * xn.
 template <typename Tround, typename C, typename Tsrc, typename Tgrad, typename Tdst>
-inline void backward_row(const Tgrad* __restrict dy, const Tsrc* __restrict x, Tdst* __restrict dx,
-                         C* __restrict dw, const C* __restrict w, C r, int64_t n, int mode) {
+inline void backward_row(const Tgrad* __restrict dy, const Tsrc* __restrict x, Tdst* __restrict dx, C* __restrict dw,
+                         const C* __restrict w, C r, int64_t n, int mode) {
   auto xv = [&](int64_t i) { return pfp::to_compute<C>(x[i]); };
   auto gv = [&](int64_t i) { return pfp::to_compute<C>(dy[i]); };
   const C dot = pfp::lane_sum<C>(n, [&](int64_t i) { return gv(i) * w[i] * xv(i); });
@@ -81,12 +81,13 @@ inline void backward_row(const Tgrad* __restrict dy, const Tsrc* __restrict x, T
 }
 
 // fp16 rows go through fp32 buffers: F16C conversions vectorize in load_row/store_row, not inline.
-template <typename T> constexpr bool kBuffered = std::is_same<T, half>::value;
+template <typename T>
+constexpr bool kBuffered = std::is_same<T, half>::value;
 
 // x: [rows, n] of Tx, y: [rows, n] of Ty, rstd: [rows] of the compute type; all contiguous.
 template <typename Tx, typename Ty>
-void forward_impl(const Tx* x, const void* weight, int weight_dtype, Ty* y, void* rstd_out, int64_t rows,
-                  int64_t n, double eps, double offset, int mode, int nthreads) {
+void forward_impl(const Tx* x, const void* weight, int weight_dtype, Ty* y, void* rstd_out, int64_t rows, int64_t n,
+                  double eps, double offset, int mode, int nthreads) {
   using C = typename pfp::Compute<Tx>::type;
   std::vector<C> w(n);
   load_weight(weight, weight_dtype, offset, n, w.data());
@@ -131,8 +132,8 @@ inline void backward_rows(const Tdy* dy, const Tx* x, Tx* dx, C* dw, const C* w,
 // dy: [rows, n] of Tdy, x: [rows, n] of Tx, dx: [rows, n] of Tx; dw_out: [n] of the compute type (fp32;
 // fp64 for fp64 x), or null when the weight needs no gradient.
 template <typename Tx, typename Tdy>
-void backward_impl(const Tdy* dy, const Tx* x, const void* weight, int weight_dtype, const void* rstd_in,
-                   Tx* dx, void* dw_out, int64_t rows, int64_t n, double offset, int mode, int nthreads) {
+void backward_impl(const Tdy* dy, const Tx* x, const void* weight, int weight_dtype, const void* rstd_in, Tx* dx,
+                   void* dw_out, int64_t rows, int64_t n, double offset, int mode, int nthreads) {
   using C = typename pfp::Compute<Tx>::type;
   std::vector<C> w(n);
   load_weight(weight, weight_dtype, offset, n, w.data());
@@ -180,11 +181,11 @@ void backward_impl(const Tdy* dy, const Tx* x, const void* weight, int weight_dt
 // x, y: contiguous rows. dtypes (pfp::DType): y_dtype == x_dtype, or y fp32 with x fp16/bf16
 // (the llama mode's promotion with an fp32 weight); weight any of the four. casting_mode 0 llama,
 // 1 gemma, 2 none.
-void rmsnorm_forward(const void* x, const void* weight, void* y, void* rstd, int64_t rows, int64_t n,
-                     int x_dtype, int weight_dtype, int y_dtype, double eps, double offset, int casting_mode,
-                     int nthreads) {
-#define PFP_RMS_FWD(TX, TY) \
-  forward_impl(static_cast<const TX*>(x), weight, weight_dtype, static_cast<TY*>(y), rstd, rows, n, eps, offset, casting_mode, nthreads)
+void rmsnorm_forward(const void* x, const void* weight, void* y, void* rstd, int64_t rows, int64_t n, int x_dtype,
+                     int weight_dtype, int y_dtype, double eps, double offset, int casting_mode, int nthreads) {
+#define PFP_RMS_FWD(TX, TY)                                                                                      \
+  forward_impl(static_cast<const TX*>(x), weight, weight_dtype, static_cast<TY*>(y), rstd, rows, n, eps, offset, \
+               casting_mode, nthreads)
   if (x_dtype == y_dtype) {
     switch (x_dtype) {
       case pfp::kFloat32: PFP_RMS_FWD(float, float); return;
@@ -203,13 +204,15 @@ void rmsnorm_forward(const void* x, const void* weight, void* y, void* rstd, int
 }
 
 // rmsnorm_backward: dx[rows, n] (x's dtype) from dy[rows, n] (dy_dtype: the forward's y dtype), x,
-// weight[n], rstd[rows] (compute type) saved by the forward. dw: null, or [n] of fp32 (fp64 for fp64 x) that the
-// kernel overwrites with dW, the same bits for any nthreads (the order of its sum above).
-void rmsnorm_backward(const void* dy, const void* x, const void* weight, const void* rstd, void* dx,
-                      void* dw, int64_t rows, int64_t n, int x_dtype, int weight_dtype, int dy_dtype,
-                      double offset, int casting_mode, int nthreads) {
-#define PFP_RMS_BWD(TX, TDY)                                                                           \
-  backward_impl(static_cast<const TDY*>(dy), static_cast<const TX*>(x), weight, weight_dtype, rstd,  \
+// weight[n], rstd[rows] (compute type) saved by the forward. dw: null, or [num_partials, n] of fp32 (fp64 for fp64
+// x) that the kernel overwrites with dW, the same bits for any nthreads (the order of its sum above): it reduces
+// over its threads itself, so num_partials is 1 (the CUDA kernel's partial rows are what the caller sums).
+void rmsnorm_backward(const void* dy, const void* x, const void* weight, const void* rstd, void* dx, void* dw,
+                      int64_t rows, int64_t n, int x_dtype, int weight_dtype, int dy_dtype, double offset,
+                      int casting_mode, int64_t num_partials, int nthreads) {
+  if (dw != nullptr && num_partials != 1) throw std::invalid_argument("rmsnorm_backward: num_partials must be 1");
+#define PFP_RMS_BWD(TX, TDY)                                                                        \
+  backward_impl(static_cast<const TDY*>(dy), static_cast<const TX*>(x), weight, weight_dtype, rstd, \
                 static_cast<TX*>(dx), dw, rows, n, offset, casting_mode, nthreads)
   if (x_dtype == dy_dtype) {
     switch (x_dtype) {

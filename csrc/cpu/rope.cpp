@@ -51,69 +51,70 @@ inline void rotate_row(const T* __restrict x, T* __restrict y, const C* __restri
 template <typename T>
 void rope_impl(const T* q, const T* k, T* q_out, T* k_out, const T* cos, const T* sin, const int64_t* qs,
                const int64_t* ks, const int64_t* qos, const int64_t* kos, int64_t cos_batch_stride,
-               int64_t cos_seq_stride, int64_t batch, int64_t seq, int64_t q_heads, int64_t k_heads,
-               int64_t head_dim, int64_t rot_dim, bool interleaved, bool backward, int nthreads) {
+               int64_t cos_seq_stride, int64_t batch, int64_t seq, int64_t q_heads, int64_t k_heads, int64_t head_dim,
+               int64_t rot_dim, bool interleaved, bool backward, int nthreads) {
   using C = typename pfp::Compute<T>::type;
   const int64_t half_rot = rot_dim / 2;
   const int64_t per_thread = batch * seq / (4 * int64_t(nthreads < 1 ? 1 : nthreads));
   const int64_t block = std::min(std::max(per_thread, kMinPositionBlock), kMaxPositionBlock);
   const int64_t blocks_per_batch = (seq + block - 1) / block;
   // Work item: `block` positions of one batch entry, all q heads then all k heads.
-  pfp::parallel_for(batch * blocks_per_batch, (q_heads + k_heads) * head_dim * block * 2, nthreads,
-                    [&](int64_t begin, int64_t end, int) {
-    std::vector<C> cbuf(block * rot_dim), pbuf(block * rot_dim), sbuf(rot_dim), xbuf(head_dim), ybuf(head_dim);
-    C* sn = sbuf.data();
-    C* xb = xbuf.data();
-    C* yb = ybuf.data();
-    for (int64_t item = begin; item < end; ++item) {
-      const int64_t b = item / blocks_per_batch, s0 = (item % blocks_per_batch) * block;
-      const int64_t positions = std::min(seq - s0, block);
-      for (int64_t j = 0; j < positions; ++j) {
-        const int64_t cs_off = b * cos_batch_stride + (s0 + j) * cos_seq_stride;
-        C* c = cbuf.data() + j * rot_dim;
-        C* p = pbuf.data() + j * rot_dim;
-        pfp::load_row(cos + cs_off, c, rot_dim);
-        pfp::load_row(sin + cs_off, sn, rot_dim);
-        if (interleaved) {
-          for (int64_t i = 0; i < half_rot; ++i) {
-            p[2 * i] = backward ? sn[2 * i + 1] : -sn[2 * i];
-            p[2 * i + 1] = backward ? -sn[2 * i] : sn[2 * i + 1];
+  pfp::parallel_for(
+      batch * blocks_per_batch, (q_heads + k_heads) * head_dim * block * 2, nthreads,
+      [&](int64_t begin, int64_t end, int) {
+        std::vector<C> cbuf(block * rot_dim), pbuf(block * rot_dim), sbuf(rot_dim), xbuf(head_dim), ybuf(head_dim);
+        C* sn = sbuf.data();
+        C* xb = xbuf.data();
+        C* yb = ybuf.data();
+        for (int64_t item = begin; item < end; ++item) {
+          const int64_t b = item / blocks_per_batch, s0 = (item % blocks_per_batch) * block;
+          const int64_t positions = std::min(seq - s0, block);
+          for (int64_t j = 0; j < positions; ++j) {
+            const int64_t cs_off = b * cos_batch_stride + (s0 + j) * cos_seq_stride;
+            C* c = cbuf.data() + j * rot_dim;
+            C* p = pbuf.data() + j * rot_dim;
+            pfp::load_row(cos + cs_off, c, rot_dim);
+            pfp::load_row(sin + cs_off, sn, rot_dim);
+            if (interleaved) {
+              for (int64_t i = 0; i < half_rot; ++i) {
+                p[2 * i] = backward ? sn[2 * i + 1] : -sn[2 * i];
+                p[2 * i + 1] = backward ? -sn[2 * i] : sn[2 * i + 1];
+              }
+            } else {
+              for (int64_t i = 0; i < half_rot; ++i) {
+                p[i] = backward ? sn[i + half_rot] : -sn[i];
+                p[i + half_rot] = backward ? -sn[i] : sn[i + half_rot];
+              }
+            }
           }
-        } else {
-          for (int64_t i = 0; i < half_rot; ++i) {
-            p[i] = backward ? sn[i + half_rot] : -sn[i];
-            p[i + half_rot] = backward ? -sn[i] : sn[i + half_rot];
-          }
+          // Rows in memory order: positions innermost for [B, H, S, D] layouts, heads innermost for
+          // HF's transposed views of [B, S, H, D].
+          auto rotate_tensor = [&](const T* x, T* out, const int64_t* xs, const int64_t* os, int64_t heads) {
+            auto one = [&](int64_t h, int64_t j) {
+              const T* src = x + b * xs[0] + h * xs[1] + (s0 + j) * xs[2];
+              T* dst = out + b * os[0] + h * os[1] + (s0 + j) * os[2];
+              const C* c = cbuf.data() + j * rot_dim;
+              const C* p = pbuf.data() + j * rot_dim;
+              if constexpr (std::is_same<T, half>::value) {  // F16C conversions vectorize in load/store_row only
+                pfp::load_row(src, xb, head_dim);
+                rotate_row(xb, yb, c, p, head_dim, rot_dim, interleaved);
+                pfp::store_row(yb, dst, head_dim);
+              } else {
+                rotate_row(src, dst, c, p, head_dim, rot_dim, interleaved);
+              }
+            };
+            if (xs[2] < xs[1]) {
+              for (int64_t h = 0; h < heads; ++h)
+                for (int64_t j = 0; j < positions; ++j) one(h, j);
+            } else {
+              for (int64_t j = 0; j < positions; ++j)
+                for (int64_t h = 0; h < heads; ++h) one(h, j);
+            }
+          };
+          rotate_tensor(q, q_out, qs, qos, q_heads);
+          rotate_tensor(k, k_out, ks, kos, k_heads);
         }
-      }
-      // Rows in memory order: positions innermost for [B, H, S, D] layouts, heads innermost for
-      // HF's transposed views of [B, S, H, D].
-      auto rotate_tensor = [&](const T* x, T* out, const int64_t* xs, const int64_t* os, int64_t heads) {
-        auto one = [&](int64_t h, int64_t j) {
-          const T* src = x + b * xs[0] + h * xs[1] + (s0 + j) * xs[2];
-          T* dst = out + b * os[0] + h * os[1] + (s0 + j) * os[2];
-          const C* c = cbuf.data() + j * rot_dim;
-          const C* p = pbuf.data() + j * rot_dim;
-          if constexpr (std::is_same<T, half>::value) {  // F16C conversions vectorize in load/store_row only
-            pfp::load_row(src, xb, head_dim);
-            rotate_row(xb, yb, c, p, head_dim, rot_dim, interleaved);
-            pfp::store_row(yb, dst, head_dim);
-          } else {
-            rotate_row(src, dst, c, p, head_dim, rot_dim, interleaved);
-          }
-        };
-        if (xs[2] < xs[1]) {
-          for (int64_t h = 0; h < heads; ++h)
-            for (int64_t j = 0; j < positions; ++j) one(h, j);
-        } else {
-          for (int64_t j = 0; j < positions; ++j)
-            for (int64_t h = 0; h < heads; ++h) one(h, j);
-        }
-      };
-      rotate_tensor(q, q_out, qs, qos, q_heads);
-      rotate_tensor(k, k_out, ks, kos, k_heads);
-    }
-  });
+      });
 }
 
 }  // namespace
@@ -125,15 +126,15 @@ void rope_impl(const T* q, const T* k, T* q_out, T* k_out, const T* cos, const T
 // b * cos_batch_stride + s * cos_seq_stride (cos_batch_stride 0 broadcasts one table over the batch),
 // last dim contiguous; rot_dim even and <= head_dim. All tensors one dtype (pfp::DType).
 void rope(const void* q, const void* k, void* q_out, void* k_out, const void* cos, const void* sin,
-          const int64_t* q_strides, const int64_t* k_strides, const int64_t* q_out_strides,
-          const int64_t* k_out_strides, int64_t cos_batch_stride, int64_t cos_seq_stride, int64_t batch,
-          int64_t seq, int64_t q_heads, int64_t k_heads, int64_t head_dim, int64_t rot_dim, int dtype,
-          bool interleaved, bool backward, int nthreads) {
-#define PFP_ROPE(T)                                                                                   \
-  return rope_impl(static_cast<const T*>(q), static_cast<const T*>(k), static_cast<T*>(q_out),        \
-                   static_cast<T*>(k_out), static_cast<const T*>(cos), static_cast<const T*>(sin),     \
-                   q_strides, k_strides, q_out_strides, k_out_strides, cos_batch_stride, cos_seq_stride, \
-                   batch, seq, q_heads, k_heads, head_dim, rot_dim, interleaved, backward, nthreads)
+          pfp::Strides3 q_strides, pfp::Strides3 k_strides, pfp::Strides3 q_out_strides, pfp::Strides3 k_out_strides,
+          int64_t cos_batch_stride, int64_t cos_seq_stride, int64_t batch, int64_t seq, int64_t q_heads,
+          int64_t k_heads, int64_t head_dim, int64_t rot_dim, int dtype, bool interleaved, bool backward,
+          int nthreads) {
+#define PFP_ROPE(T)                                                                                                    \
+  return rope_impl(static_cast<const T*>(q), static_cast<const T*>(k), static_cast<T*>(q_out), static_cast<T*>(k_out), \
+                   static_cast<const T*>(cos), static_cast<const T*>(sin), q_strides.data(), k_strides.data(),         \
+                   q_out_strides.data(), k_out_strides.data(), cos_batch_stride, cos_seq_stride, batch, seq, q_heads,  \
+                   k_heads, head_dim, rot_dim, interleaved, backward, nthreads)
   switch (dtype) {
     case pfp::kFloat32: PFP_ROPE(float);
     case pfp::kFloat16: PFP_ROPE(half);

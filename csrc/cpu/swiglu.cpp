@@ -17,7 +17,10 @@ using pfp::half;
 
 constexpr int64_t kChunk = 512;
 
-template <typename C> inline C sigmoid(C g) { return C(1) / (C(1) + pfp::exp_approx(-g)); }
+template <typename C>
+inline C sigmoid(C g) {
+  return C(1) / (C(1) + pfp::exp_approx(-g));
+}
 
 template <typename T>
 void forward_impl(const T* gate, const T* up, T* out, int64_t numel, int nthreads) {
@@ -49,8 +52,8 @@ void backward_impl(const T* dy, const T* gate, const T* up, T* dgate, T* dup, in
       for (int64_t i = 0; i < len; ++i) {
         C s = sigmoid(g[i]);
         C dyu = d[i] * u[i];
-        u[i] = d[i] * g[i] * s;                        // du
-        g[i] = dyu * s * (C(1) + g[i] * (C(1) - s));   // dg
+        u[i] = d[i] * g[i] * s;                       // du
+        g[i] = dyu * s * (C(1) + g[i] * (C(1) - s));  // dg
       }
       pfp::store_row(g, dgate + start, len);
       pfp::store_row(u, dup + start, len);
@@ -63,18 +66,26 @@ void backward_impl(const T* dy, const T* gate, const T* up, T* dgate, T* dup, in
 // swiglu_forward: out[numel] = silu(gate) * up; gate, up, out contiguous, one dtype (pfp::DType).
 void swiglu_forward(const void* gate, const void* up, void* out, int64_t numel, int dtype, int nthreads) {
   switch (dtype) {
-    case pfp::kFloat32: return forward_impl(static_cast<const float*>(gate), static_cast<const float*>(up), static_cast<float*>(out), numel, nthreads);
-    case pfp::kFloat16: return forward_impl(static_cast<const half*>(gate), static_cast<const half*>(up), static_cast<half*>(out), numel, nthreads);
-    case pfp::kBFloat16: return forward_impl(static_cast<const bf16*>(gate), static_cast<const bf16*>(up), static_cast<bf16*>(out), numel, nthreads);
-    case pfp::kFloat64: return forward_impl(static_cast<const double*>(gate), static_cast<const double*>(up), static_cast<double*>(out), numel, nthreads);
+    case pfp::kFloat32:
+      return forward_impl(static_cast<const float*>(gate), static_cast<const float*>(up), static_cast<float*>(out),
+                          numel, nthreads);
+    case pfp::kFloat16:
+      return forward_impl(static_cast<const half*>(gate), static_cast<const half*>(up), static_cast<half*>(out), numel,
+                          nthreads);
+    case pfp::kBFloat16:
+      return forward_impl(static_cast<const bf16*>(gate), static_cast<const bf16*>(up), static_cast<bf16*>(out), numel,
+                          nthreads);
+    case pfp::kFloat64:
+      return forward_impl(static_cast<const double*>(gate), static_cast<const double*>(up), static_cast<double*>(out),
+                          numel, nthreads);
   }
   throw std::invalid_argument("swiglu: unsupported dtype code");
 }
 
 // swiglu_backward: dgate, dup [numel] from dy, gate, up [numel]; all contiguous, one dtype.
-void swiglu_backward(const void* dy, const void* gate, const void* up, void* dgate, void* dup, int64_t numel,
-                     int dtype, int nthreads) {
-#define PFP_SWIGLU_BWD(T)                                                                            \
+void swiglu_backward(const void* dy, const void* gate, const void* up, void* dgate, void* dup, int64_t numel, int dtype,
+                     int nthreads) {
+#define PFP_SWIGLU_BWD(T)                                                                                 \
   return backward_impl(static_cast<const T*>(dy), static_cast<const T*>(gate), static_cast<const T*>(up), \
                        static_cast<T*>(dgate), static_cast<T*>(dup), numel, nthreads)
   switch (dtype) {

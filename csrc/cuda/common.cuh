@@ -12,21 +12,26 @@
 #include <stdexcept>
 #include <string>
 
+#include "native_types.h"
+
 // Throws std::runtime_error naming the failed call (pybind11 raises it as RuntimeError); never exits.
-#define PFP_CUDA_CHECK(expr)                                                                     \
-  do {                                                                                           \
-    const cudaError_t pfp_status_ = (expr);                                                      \
+#define PFP_CUDA_CHECK(expr)                                                                            \
+  do {                                                                                                  \
+    const cudaError_t pfp_status_ = (expr);                                                             \
     if (pfp_status_ != cudaSuccess) pfp_cuda::throw_cuda_error(pfp_status_, #expr, __FILE__, __LINE__); \
   } while (0)
 
 namespace pfp_cuda {
 
-// Must match csrc/cpu/common.h and pyfastpeft/_native.py (DTYPE_CODES).
-enum DType : int { kFloat32 = 0, kFloat16 = 1, kBFloat16 = 2, kFloat64 = 3 };
+using pfp::DType;  // csrc/native_types.h: the dtype codes of both modules
+using pfp::kBFloat16;
+using pfp::kFloat16;
+using pfp::kFloat32;
+using pfp::kFloat64;
 
 [[noreturn]] inline void throw_cuda_error(cudaError_t status, const char* expr, const char* file, int line) {
-  throw std::runtime_error(std::string("pyfastpeft CUDA error: ") + cudaGetErrorString(status) + " (" + expr +
-                           " at " + file + ":" + std::to_string(line) + ")");
+  throw std::runtime_error(std::string("pyfastpeft CUDA error: ") + cudaGetErrorString(status) + " (" + expr + " at " +
+                           file + ":" + std::to_string(line) + ")");
 }
 
 // Makes `device` current for the guard's lifetime, then restores the device that was current before.
@@ -66,36 +71,49 @@ inline bool is_aligned(const void* p, int64_t bytes) { return reinterpret_cast<u
 // ---- storage type <-> compute type (device) ---------------------------------------------------
 
 // Storage type T: its compute type (fp32, fp64 for fp64) and the conversions, round-to-nearest-even.
-template <typename T> struct Scalar;
-template <> struct Scalar<float> {
+template <typename T>
+struct Scalar;
+template <>
+struct Scalar<float> {
   using Compute = float;
   static __device__ __forceinline__ float load(float v) { return v; }
   static __device__ __forceinline__ float store(float v) { return v; }
 };
-template <> struct Scalar<__half> {
+template <>
+struct Scalar<__half> {
   using Compute = float;
   static __device__ __forceinline__ float load(__half v) { return __half2float(v); }
   static __device__ __forceinline__ __half store(float v) { return __float2half_rn(v); }
 };
-template <> struct Scalar<__nv_bfloat16> {
+template <>
+struct Scalar<__nv_bfloat16> {
   using Compute = float;
   static __device__ __forceinline__ float load(__nv_bfloat16 v) { return __bfloat162float(v); }
   static __device__ __forceinline__ __nv_bfloat16 store(float v) { return __float2bfloat16_rn(v); }
 };
-template <> struct Scalar<double> {
+template <>
+struct Scalar<double> {
   using Compute = double;
   static __device__ __forceinline__ double load(double v) { return v; }
   static __device__ __forceinline__ double store(double v) { return v; }
 };
 
-template <typename T> using compute_t = typename Scalar<T>::Compute;
+template <typename T>
+using compute_t = typename Scalar<T>::Compute;
 
 // v in the compute type C (exact, except fp64 -> fp32, which rounds to nearest).
-template <typename C, typename T> __device__ __forceinline__ C to_compute(T v) { return C(Scalar<T>::load(v)); }
+template <typename C, typename T>
+__device__ __forceinline__ C to_compute(T v) {
+  return C(Scalar<T>::load(v));
+}
 // v stored as T.
-template <typename T> __device__ __forceinline__ T from_compute(compute_t<T> v) { return Scalar<T>::store(v); }
+template <typename T>
+__device__ __forceinline__ T from_compute(compute_t<T> v) {
+  return Scalar<T>::store(v);
+}
 // The value v takes once stored as T and read back (emulates a cast to T between two fp32 steps).
-template <typename T> __device__ __forceinline__ compute_t<T> round_to(compute_t<T> v) {
+template <typename T>
+__device__ __forceinline__ compute_t<T> round_to(compute_t<T> v) {
   return Scalar<T>::load(Scalar<T>::store(v));
 }
 
@@ -107,7 +125,10 @@ __device__ __forceinline__ double exp_c(double v) { return exp(v); }
 
 // ---- packs: N consecutive elements moved as one 16- (or 32-) byte access ----------------------
 
-template <typename T, int N> struct alignas(sizeof(T) * N) Pack { T v[N]; };
+template <typename T, int N>
+struct alignas(sizeof(T) * N) Pack {
+  T v[N];
+};
 
 // out[k] = p[k] for k < N, in the compute type; p must be aligned to N * sizeof(T).
 template <typename T, typename C, int N>
@@ -129,7 +150,8 @@ __device__ __forceinline__ void store_vec(T* p, const C (&in)[N]) {
 // ---- reductions (fixed order, so results are deterministic) ----------------------------------
 
 // op(v) over the 32 lanes of a warp, returned to every lane; op is a commutative, associative functor.
-template <typename C, typename Op> __device__ __forceinline__ C warp_reduce(C v, Op op) {
+template <typename C, typename Op>
+__device__ __forceinline__ C warp_reduce(C v, Op op) {
 #pragma unroll
   for (int offset = 16; offset > 0; offset >>= 1) v = op(v, __shfl_xor_sync(0xffffffffu, v, offset));
   return v;
@@ -138,7 +160,8 @@ template <typename C, typename Op> __device__ __forceinline__ C warp_reduce(C v,
 // op(v) over a 1-D block whose size is a multiple of 32, returned to every thread (`identity` fills the
 // missing warps). Every thread of the block must call it (it synchronizes); it may be called again right
 // away. Each (C, Op) pair has its own static shared array of 32 partials.
-template <typename C, typename Op> __device__ __forceinline__ C block_reduce(C v, Op op, C identity) {
+template <typename C, typename Op>
+__device__ __forceinline__ C block_reduce(C v, Op op, C identity) {
   __shared__ C partials[32];
   const int lane = threadIdx.x % 32, warp = threadIdx.x / 32;
   v = warp_reduce(v, op);
@@ -151,10 +174,19 @@ template <typename C, typename Op> __device__ __forceinline__ C block_reduce(C v
 }
 
 struct Plus {
-  template <typename C> __device__ __forceinline__ C operator()(C a, C b) const { return a + b; }
+  template <typename C>
+  __device__ __forceinline__ C operator()(C a, C b) const {
+    return a + b;
+  }
 };
 
-template <typename C> __device__ __forceinline__ C warp_sum(C v) { return warp_reduce(v, Plus{}); }
-template <typename C> __device__ __forceinline__ C block_sum(C v) { return block_reduce(v, Plus{}, C(0)); }
+template <typename C>
+__device__ __forceinline__ C warp_sum(C v) {
+  return warp_reduce(v, Plus{});
+}
+template <typename C>
+__device__ __forceinline__ C block_sum(C v) {
+  return block_reduce(v, Plus{}, C(0));
+}
 
 }  // namespace pfp_cuda

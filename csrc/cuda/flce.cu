@@ -29,29 +29,50 @@ __device__ __forceinline__ float log_c(float v) { return logf(v); }
 __device__ __forceinline__ double log_c(double v) { return log(v); }
 __device__ __forceinline__ float tanh_c(float v) { return tanhf(v); }
 __device__ __forceinline__ double tanh_c(double v) { return tanh(v); }
-template <typename C> __device__ __forceinline__ C negative_infinity();
-template <> __device__ __forceinline__ float negative_infinity<float>() { return -CUDART_INF_F; }
-template <> __device__ __forceinline__ double negative_infinity<double>() { return -CUDART_INF; }
-template <typename C> __device__ __forceinline__ C quiet_nan();
-template <> __device__ __forceinline__ float quiet_nan<float>() { return CUDART_NAN_F; }
-template <> __device__ __forceinline__ double quiet_nan<double>() { return CUDART_NAN; }
+template <typename C>
+__device__ __forceinline__ C negative_infinity();
+template <>
+__device__ __forceinline__ float negative_infinity<float>() {
+  return -CUDART_INF_F;
+}
+template <>
+__device__ __forceinline__ double negative_infinity<double>() {
+  return -CUDART_INF;
+}
+template <typename C>
+__device__ __forceinline__ C quiet_nan();
+template <>
+__device__ __forceinline__ float quiet_nan<float>() {
+  return CUDART_NAN_F;
+}
+template <>
+__device__ __forceinline__ double quiet_nan<double>() {
+  return CUDART_NAN;
+}
 
 struct FMax {  // fmax: a NaN operand yields the other one
-  template <typename C> __device__ __forceinline__ C operator()(C a, C b) const { return fmax(a, b); }
+  template <typename C>
+  __device__ __forceinline__ C operator()(C a, C b) const {
+    return fmax(a, b);
+  }
 };
 
 // The exponent shift of a max: the max itself, or 0 where it is +-inf.
-template <typename C> __device__ __forceinline__ C shift_of(C max) { return isinf(max) ? C(0) : max; }
+template <typename C>
+__device__ __forceinline__ C shift_of(C max) {
+  return isinf(max) ? C(0) : max;
+}
 
-template <typename C> __device__ __forceinline__ C softcapped(C z, C softcap) {
+template <typename C>
+__device__ __forceinline__ C softcapped(C z, C softcap) {
   return softcap != C(0) ? softcap * tanh_c(z / softcap) : z;
 }
 
 template <typename C>
 __global__ void __launch_bounds__(kMaxThreads)
-flce_rows_kernel(C* __restrict__ logits, const int64_t* __restrict__ labels, const C* __restrict__ grad_weights,
-                 C* __restrict__ loss, C* __restrict__ lse, int64_t rows, int64_t vocab, int64_t ignore_index,
-                 C smoothing, C softcap) {
+    flce_rows_kernel(C* __restrict__ logits, const int64_t* __restrict__ labels, const C* __restrict__ grad_weights,
+                     C* __restrict__ loss, C* __restrict__ lse, int64_t rows, int64_t vocab, int64_t ignore_index,
+                     C smoothing, C softcap) {
   for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
     C* z = logits + row * vocab;
     const int64_t label = labels[row];
@@ -105,8 +126,8 @@ void launch(void* logits, const int64_t* labels, const void* grad_weights, void*
   DeviceGuard guard(device);
   const int threads = block_threads(vocab, kMaxThreads);
   flce_rows_kernel<C><<<grid_blocks(rows), threads, 0, stream>>>(
-      static_cast<C*>(logits), labels, static_cast<const C*>(grad_weights), static_cast<C*>(loss),
-      static_cast<C*>(lse), rows, vocab, ignore_index, C(label_smoothing), C(softcap));
+      static_cast<C*>(logits), labels, static_cast<const C*>(grad_weights), static_cast<C*>(loss), static_cast<C*>(lse),
+      rows, vocab, ignore_index, C(label_smoothing), C(softcap));
   PFP_CUDA_CHECK(cudaGetLastError());
 }
 
@@ -123,8 +144,8 @@ void flce_rows(void* logits, const int64_t* labels, const void* grad_weights, vo
                cudaStream_t stream, int device) {
   switch (dtype) {
     case kFloat32:
-      return launch<float>(logits, labels, grad_weights, loss, lse, rows, vocab, ignore_index, label_smoothing,
-                           softcap, stream, device);
+      return launch<float>(logits, labels, grad_weights, loss, lse, rows, vocab, ignore_index, label_smoothing, softcap,
+                           stream, device);
     case kFloat64:
       return launch<double>(logits, labels, grad_weights, loss, lse, rows, vocab, ignore_index, label_smoothing,
                             softcap, stream, device);

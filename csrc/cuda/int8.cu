@@ -32,17 +32,15 @@ __device__ __forceinline__ int8_t to_code(float s) {
 
 // max that propagates NaN (fmaxf would drop it).
 struct NanMax {
-  __device__ __forceinline__ float operator()(float a, float b) const {
-    return (a != a || b != b) ? NAN : fmaxf(a, b);
-  }
+  __device__ __forceinline__ float operator()(float a, float b) const { return (a != a || b != b) ? NAN : fmaxf(a, b); }
 };
 
 // One block per row: the row's stat, and flags[c] = 1 for its outlier elements' columns (flags zeroed by the
 // caller; concurrent writers store the same 1).
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
-row_stats_kernel(const T* __restrict__ x, float* __restrict__ stats, int* __restrict__ flags, int64_t k, float t,
-                 bool has_threshold) {
+    row_stats_kernel(const T* __restrict__ x, float* __restrict__ stats, int* __restrict__ flags, int64_t k, float t,
+                     bool has_threshold) {
   const int64_t row = blockIdx.x;
   const T* src = x + row * k;
   float best = 0.0f;
@@ -60,8 +58,8 @@ row_stats_kernel(const T* __restrict__ x, float* __restrict__ stats, int* __rest
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
-row_codes_kernel(const T* __restrict__ x, const float* __restrict__ stats, const int* __restrict__ flags,
-                 int8_t* __restrict__ q, int64_t k, bool has_flags) {
+    row_codes_kernel(const T* __restrict__ x, const float* __restrict__ stats, const int* __restrict__ flags,
+                     int8_t* __restrict__ q, int64_t k, bool has_flags) {
   const int64_t row = blockIdx.x;
   const float stat = stats[row];
   const float scale = stat == 0.0f ? 0.0f : __fmul_rn(__frcp_rn(stat), 127.0f);
@@ -80,8 +78,8 @@ constexpr int kRowLanes = kThreads / kColTile;
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
-col_stats_kernel(const T* __restrict__ x, float* __restrict__ stats, int* __restrict__ flags, int64_t m, int64_t k,
-                 float t, bool has_threshold) {
+    col_stats_kernel(const T* __restrict__ x, float* __restrict__ stats, int* __restrict__ flags, int64_t m, int64_t k,
+                     float t, bool has_threshold) {
   __shared__ float lane_best[kRowLanes][kColTile];
   __shared__ int lane_outlier[kRowLanes][kColTile];
   const int tx = threadIdx.x % kColTile, ty = threadIdx.x / kColTile;
@@ -114,8 +112,8 @@ col_stats_kernel(const T* __restrict__ x, float* __restrict__ stats, int* __rest
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
-col_codes_kernel(const T* __restrict__ x, const float* __restrict__ stats, int8_t* __restrict__ q, int64_t m,
-                 int64_t k, float t, bool has_threshold) {
+    col_codes_kernel(const T* __restrict__ x, const float* __restrict__ stats, int8_t* __restrict__ q, int64_t m,
+                     int64_t k, float t, bool has_threshold) {
   const int64_t stride = int64_t(gridDim.x) * blockDim.x;
   for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < m * k; i += stride) {
     const float v = Scalar<T>::load(x[i]);
@@ -125,8 +123,8 @@ col_codes_kernel(const T* __restrict__ x, const float* __restrict__ stats, int8_
 }
 
 template <typename T>
-__device__ __forceinline__ T epilogue(int32_t acc, float row_stat, float col_stat, const float* addend,
-                                      const T* bias, int64_t index, int64_t column) {
+__device__ __forceinline__ T epilogue(int32_t acc, float row_stat, float col_stat, const float* addend, const T* bias,
+                                      int64_t index, int64_t column) {
   float v = __fmul_rn(__fmul_rn(float(acc), __fmul_rn(row_stat, col_stat)), kMmDequantScale);
   if (addend) v = __fadd_rn(v, addend[index]);
   if (bias) v = __fadd_rn(v, Scalar<T>::load(bias[column]));
@@ -135,9 +133,9 @@ __device__ __forceinline__ T epilogue(int32_t acc, float row_stat, float col_sta
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
-mm_dequant_kernel(const int32_t* __restrict__ c, const float* __restrict__ row_stats,
-                  const float* __restrict__ col_stats, const T* __restrict__ bias, const float* __restrict__ addend,
-                  T* __restrict__ out, int64_t m, int64_t n) {
+    mm_dequant_kernel(const int32_t* __restrict__ c, const float* __restrict__ row_stats,
+                      const float* __restrict__ col_stats, const T* __restrict__ bias, const float* __restrict__ addend,
+                      T* __restrict__ out, int64_t m, int64_t n) {
   const int64_t stride = int64_t(gridDim.x) * blockDim.x;
   for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < m * n; i += stride) {
     const int64_t r = i / n, j = i % n;
@@ -149,9 +147,9 @@ mm_dequant_kernel(const int32_t* __restrict__ c, const float* __restrict__ row_s
 // dotting its chunk with the m rows of q by __dp4a, then a shuffle reduction; lane 0 writes the epilogue.
 template <typename T, int M, bool VEC>
 __global__ void __launch_bounds__(kThreads)
-gemv_kernel(const int8_t* __restrict__ q, const float* __restrict__ row_stats, const int8_t* __restrict__ w,
-            const float* __restrict__ col_stats, const T* __restrict__ bias, const float* __restrict__ addend,
-            T* __restrict__ out, int64_t n, int64_t k) {
+    gemv_kernel(const int8_t* __restrict__ q, const float* __restrict__ row_stats, const int8_t* __restrict__ w,
+                const float* __restrict__ col_stats, const T* __restrict__ bias, const float* __restrict__ addend,
+                T* __restrict__ out, int64_t n, int64_t k) {
   const int lane = threadIdx.x % 32;
   const int64_t j = int64_t(blockIdx.x) * (blockDim.x / 32) + threadIdx.x / 32;
   if (j >= n) return;
@@ -189,8 +187,8 @@ gemv_kernel(const int8_t* __restrict__ q, const float* __restrict__ row_stats, c
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
-dequantize_rows_kernel(const int8_t* __restrict__ q, const float* __restrict__ stats, T* __restrict__ out,
-                       int64_t rows, int64_t k) {
+    dequantize_rows_kernel(const int8_t* __restrict__ q, const float* __restrict__ stats, T* __restrict__ out,
+                           int64_t rows, int64_t k) {
   const int64_t stride = int64_t(gridDim.x) * blockDim.x;
   for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < rows * k; i += stride)
     out[i] = Scalar<T>::store(__fmul_rn(__fmul_rn(float(q[i]), stats[i / k]), kDequantScale));
@@ -240,20 +238,29 @@ void int8_quantize(const void* x, int x_dtype, int8_t* q, float* stats, int* fla
       PFP_CUDA_CHECK(cudaGetLastError());
       row_codes_kernel<T><<<unsigned(m), kThreads, 0, stream>>>(src, stats, flags, q, k, has_threshold);
     } else {
-      col_stats_kernel<T><<<grid_blocks(div_up(k, kColTile)), kThreads, 0, stream>>>(src, stats, flags, m, k, t,
-                                                                                has_threshold);
+      col_stats_kernel<T>
+          <<<grid_blocks(div_up(k, kColTile)), kThreads, 0, stream>>>(src, stats, flags, m, k, t, has_threshold);
       PFP_CUDA_CHECK(cudaGetLastError());
-      col_codes_kernel<T><<<elementwise_grid(m * k, device), kThreads, 0, stream>>>(src, stats, q, m, k, t, has_threshold);
+      col_codes_kernel<T>
+          <<<elementwise_grid(m * k, device), kThreads, 0, stream>>>(src, stats, q, m, k, t, has_threshold);
     }
     PFP_CUDA_CHECK(cudaGetLastError());
   });
 }
 
-// int8_mm_dequant: out [m, n] (out_dtype) = epilogue of c int32 [m, n]; bias [n] of out_dtype or null; addend
-// fp32 [m, n] or null. Row-major, contiguous.
-void int8_mm_dequant(const int32_t* c, const float* row_stats, const float* col_stats, const void* bias,
+// The CUDA epilogue reads a bias in the output dtype only (the caller casts it); bias_dtype keeps the signature
+// the CPU module's.
+static void check_bias_dtype(const void* bias, int bias_dtype, int out_dtype, const char* what) {
+  if (bias != nullptr && bias_dtype != out_dtype)
+    throw std::invalid_argument(std::string(what) + ": the bias must have the output dtype on CUDA");
+}
+
+// int8_mm_dequant: out [m, n] (out_dtype) = epilogue of c int32 [m, n]; bias [n] of out_dtype (bias_dtype) or
+// null; addend fp32 [m, n] or null. Row-major, contiguous.
+void int8_mm_dequant(const int32_t* c, const float* row_stats, const float* col_stats, const void* bias, int bias_dtype,
                      const float* addend, void* out, int out_dtype, int64_t m, int64_t n, cudaStream_t stream,
                      int device) {
+  check_bias_dtype(bias, bias_dtype, out_dtype, "int8_mm_dequant");
   if (m == 0 || n == 0) return;
   DeviceGuard guard(device);
   with_float_type(out_dtype, "int8_mm_dequant", [&](auto* tag) {
@@ -264,11 +271,12 @@ void int8_mm_dequant(const int32_t* c, const float* row_stats, const float* col_
   });
 }
 
-// int8_gemv: out [m, n] = epilogue(q [m, k] int8 @ w [n, k]^T), 1 <= m <= 8; bias [n] of out_dtype or null,
-// addend fp32 [m, n] or null. Row-major, contiguous.
+// int8_gemv: out [m, n] = epilogue(q [m, k] int8 @ w [n, k]^T), 1 <= m <= 8; bias [n] of out_dtype (bias_dtype)
+// or null, addend fp32 [m, n] or null. Row-major, contiguous.
 void int8_gemv(const int8_t* q, const float* row_stats, const int8_t* w, const float* col_stats, const void* bias,
-               const float* addend, void* out, int out_dtype, int64_t m, int64_t n, int64_t k, cudaStream_t stream,
-               int device) {
+               int bias_dtype, const float* addend, void* out, int out_dtype, int64_t m, int64_t n, int64_t k,
+               cudaStream_t stream, int device) {
+  check_bias_dtype(bias, bias_dtype, out_dtype, "int8_gemv");
   if (m == 0 || n == 0) return;
   if (m > 8) throw std::invalid_argument("int8_gemv: at most 8 rows");
   DeviceGuard guard(device);
@@ -297,8 +305,8 @@ void int8_dequantize_rows(const int8_t* q, const float* stats, void* out, int ou
   DeviceGuard guard(device);
   with_float_type(out_dtype, "int8_dequantize_rows", [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
-    dequantize_rows_kernel<T><<<elementwise_grid(rows * k, device), kThreads, 0, stream>>>(
-        q, stats, static_cast<T*>(out), rows, k);
+    dequantize_rows_kernel<T>
+        <<<elementwise_grid(rows * k, device), kThreads, 0, stream>>>(q, stats, static_cast<T*>(out), rows, k);
     PFP_CUDA_CHECK(cudaGetLastError());
   });
 }

@@ -3,11 +3,18 @@
 // Every entry point makes `device` current for the call, launches on `stream` only (no allocation,
 // no synchronization), throws std::runtime_error on a CUDA error and std::invalid_argument on an
 // unsupported dtype, and returns without launching when there is nothing to compute.
+//
+// Each takes the parameters of the CPU entry point of the same name (csrc/cpu/kernels.h), with (stream, device)
+// in place of nthreads, so one Python call (pyfastpeft/_native.py launch) serves both; except nf4_quantize (the
+// GPU kernel searches the code's sorted midpoints instead of the code) and nf4_dequantize (the whole tensor,
+// where the CPU kernel takes a [start, start + count) range for its tiled callers).
 #pragma once
 
 #include <cuda_runtime.h>
 
 #include <cstdint>
+
+#include "native_types.h"
 
 namespace pfp_cuda {
 
@@ -19,21 +26,21 @@ void rmsnorm_backward(const void* dy, const void* x, const void* weight, const v
                       int casting_mode, int64_t num_partials, cudaStream_t stream, int device);
 void swiglu_forward(const void* gate, const void* up, void* out, int64_t numel, int dtype, cudaStream_t stream,
                     int device);
-void swiglu_backward(const void* dy, const void* gate, const void* up, void* dgate, void* dup, int64_t numel,
-                     int dtype, cudaStream_t stream, int device);
+void swiglu_backward(const void* dy, const void* gate, const void* up, void* dgate, void* dup, int64_t numel, int dtype,
+                     cudaStream_t stream, int device);
 void rope(const void* q, const void* k, void* q_out, void* k_out, const void* cos, const void* sin,
-          const int64_t* q_strides, const int64_t* k_strides, const int64_t* q_out_strides,
-          const int64_t* k_out_strides, int64_t cos_batch_stride, int64_t cos_seq_stride, int64_t batch, int64_t seq,
-          int64_t q_heads, int64_t k_heads, int64_t head_dim, int64_t rot_dim, int dtype, bool interleaved,
-          bool backward, cudaStream_t stream, int device);
+          pfp::Strides3 q_strides, pfp::Strides3 k_strides, pfp::Strides3 q_out_strides, pfp::Strides3 k_out_strides,
+          int64_t cos_batch_stride, int64_t cos_seq_stride, int64_t batch, int64_t seq, int64_t q_heads,
+          int64_t k_heads, int64_t head_dim, int64_t rot_dim, int dtype, bool interleaved, bool backward,
+          cudaStream_t stream, int device);
 void int8_quantize(const void* x, int x_dtype, int8_t* q, float* stats, int* flags, int64_t m, int64_t k, int axis,
                    double threshold, cudaStream_t stream, int device);
-void int8_mm_dequant(const int32_t* c, const float* row_stats, const float* col_stats, const void* bias,
+void int8_mm_dequant(const int32_t* c, const float* row_stats, const float* col_stats, const void* bias, int bias_dtype,
                      const float* addend, void* out, int out_dtype, int64_t m, int64_t n, cudaStream_t stream,
                      int device);
 void int8_gemv(const int8_t* q, const float* row_stats, const int8_t* w, const float* col_stats, const void* bias,
-               const float* addend, void* out, int out_dtype, int64_t m, int64_t n, int64_t k, cudaStream_t stream,
-               int device);
+               int bias_dtype, const float* addend, void* out, int out_dtype, int64_t m, int64_t n, int64_t k,
+               cudaStream_t stream, int device);
 void int8_dequantize_rows(const int8_t* q, const float* stats, void* out, int out_dtype, int64_t rows, int64_t k,
                           cudaStream_t stream, int device);
 void nf4_quantize(const void* w, int w_dtype, uint8_t* packed, float* absmax, int64_t numel, int64_t blocksize,

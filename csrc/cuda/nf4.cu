@@ -77,9 +77,9 @@ __device__ __forceinline__ float load_as_float(const void* p, int dtype, int64_t
 
 template <typename T>
 __global__ void __launch_bounds__(kThreads)
-nf4_quantize_kernel(const T* __restrict__ w, uint8_t* __restrict__ packed, float* __restrict__ absmax,
-                    const float* __restrict__ midpoints_in, const int32_t* __restrict__ order_in, int64_t numel,
-                    int64_t blocksize) {
+    nf4_quantize_kernel(const T* __restrict__ w, uint8_t* __restrict__ packed, float* __restrict__ absmax,
+                        const float* __restrict__ midpoints_in, const int32_t* __restrict__ order_in, int64_t numel,
+                        int64_t blocksize) {
   __shared__ float midpoints[kCodes - 1];
   __shared__ int32_t order[kCodes];
   if (threadIdx.x < kCodes - 1) midpoints[threadIdx.x] = midpoints_in[threadIdx.x];
@@ -125,8 +125,8 @@ nf4_quantize_kernel(const T* __restrict__ w, uint8_t* __restrict__ packed, float
 
 template <typename T, bool kVector>
 __global__ void __launch_bounds__(kThreads)
-nf4_dequantize_kernel(const uint8_t* __restrict__ packed, const float* __restrict__ absmax,
-                      const float* __restrict__ code, T* __restrict__ out, int64_t numel, int blocksize_log2) {
+    nf4_dequantize_kernel(const uint8_t* __restrict__ packed, const float* __restrict__ absmax,
+                          const float* __restrict__ code, T* __restrict__ out, int64_t numel, int blocksize_log2) {
   __shared__ float table[kCodes];
   load_table(code, table);
   const int64_t first = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
@@ -155,9 +155,9 @@ nf4_dequantize_kernel(const uint8_t* __restrict__ packed, const float* __restric
 
 template <typename T, int M, bool kFast>
 __global__ void __launch_bounds__(kThreads)
-nf4_gemv_kernel(const T* __restrict__ x, const uint8_t* __restrict__ packed, const float* __restrict__ absmax,
-                const float* __restrict__ code, const void* __restrict__ bias, int bias_dtype, T* __restrict__ out,
-                int64_t n, int64_t k, int blocksize_log2) {
+    nf4_gemv_kernel(const T* __restrict__ x, const uint8_t* __restrict__ packed, const float* __restrict__ absmax,
+                    const float* __restrict__ code, const void* __restrict__ bias, int bias_dtype, T* __restrict__ out,
+                    int64_t n, int64_t k, int blocksize_log2) {
   __shared__ float table[kCodes];
   load_table(code, table);
   const int lane = threadIdx.x % 32;
@@ -252,7 +252,7 @@ void launch_gemv_rows(const T* x, const uint8_t* packed, const float* absmax, co
   const bool fast = k % 32 == 0 && blocksize >= 32 && is_aligned(packed, 16) && is_aligned(x, 8 * sizeof(T));
   auto kernel = fast ? nf4_gemv_kernel<T, M, true> : nf4_gemv_kernel<T, M, false>;
   kernel<<<grid_for(n, kWarpsPerBlock, device), kThreads, 0, stream>>>(x, packed, absmax, code, bias, bias_dtype, out,
-                                                                        n, k, log2_of(blocksize));
+                                                                       n, k, log2_of(blocksize));
   PFP_CUDA_CHECK(cudaGetLastError());
 }
 
@@ -263,10 +263,10 @@ void launch_gemv(const void* x, const uint8_t* packed, const float* absmax, cons
   DeviceGuard guard(device);
   const T* x_typed = static_cast<const T*>(x);
   T* out_typed = static_cast<T*>(out);
-#define PFP_NF4_GEMV_ROWS(M)                                                                                   \
-  case M:                                                                                                      \
-    return launch_gemv_rows<T, M>(x_typed, packed, absmax, code, bias, bias_dtype, out_typed, n, k, blocksize, \
-                                  stream, device)
+#define PFP_NF4_GEMV_ROWS(M)                                                                                           \
+  case M:                                                                                                              \
+    return launch_gemv_rows<T, M>(x_typed, packed, absmax, code, bias, bias_dtype, out_typed, n, k, blocksize, stream, \
+                                  device)
   switch (m) {
     PFP_NF4_GEMV_ROWS(1);
     PFP_NF4_GEMV_ROWS(2);

@@ -35,8 +35,7 @@ constexpr int64_t kSharedDwBytes = 47 * 1024;
 
 // out[k] = offset + weight[col + k] in the compute type, whatever the weight's dtype.
 template <typename C, int N>
-__device__ __forceinline__ void load_weight(const void* weight, int weight_dtype, int64_t col, C offset,
-                                            C (&out)[N]) {
+__device__ __forceinline__ void load_weight(const void* weight, int weight_dtype, int64_t col, C offset, C (&out)[N]) {
   auto load = [&](auto* w) {
 #pragma unroll
     for (int k = 0; k < N; ++k) out[k] = to_compute<C>(w[col + k]);
@@ -52,8 +51,8 @@ __device__ __forceinline__ void load_weight(const void* weight, int weight_dtype
 }
 
 template <typename Tx>
-__device__ __forceinline__ compute_t<Tx> scale(compute_t<Tx> x, compute_t<Tx> r, compute_t<Tx> r_x,
-                                               compute_t<Tx> w, int mode) {
+__device__ __forceinline__ compute_t<Tx> scale(compute_t<Tx> x, compute_t<Tx> r, compute_t<Tx> r_x, compute_t<Tx> w,
+                                               int mode) {
   if (mode == kLlama) return w * round_to<Tx>(x * r);
   if (mode == kGemma) return x * r * w;
   return round_to<Tx>(round_to<Tx>(x * r_x) * round_to<Tx>(w));
@@ -61,9 +60,9 @@ __device__ __forceinline__ compute_t<Tx> scale(compute_t<Tx> x, compute_t<Tx> r,
 
 template <typename Tx, typename Ty, int V>
 __global__ void __launch_bounds__(kMaxThreads)
-rmsnorm_forward_kernel(const Tx* __restrict__ x, const void* __restrict__ weight, int weight_dtype,
-                       Ty* __restrict__ y, compute_t<Tx>* __restrict__ rstd, int64_t rows, int64_t n,
-                       compute_t<Tx> eps, compute_t<Tx> offset, int mode) {
+    rmsnorm_forward_kernel(const Tx* __restrict__ x, const void* __restrict__ weight, int weight_dtype,
+                           Ty* __restrict__ y, compute_t<Tx>* __restrict__ rstd, int64_t rows, int64_t n,
+                           compute_t<Tx> eps, compute_t<Tx> offset, int mode) {
   using C = compute_t<Tx>;
   const int64_t packs = n / V;
   for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
@@ -92,10 +91,10 @@ rmsnorm_forward_kernel(const Tx* __restrict__ x, const void* __restrict__ weight
 
 template <typename Tx, typename Tdy, int V>
 __global__ void __launch_bounds__(kMaxThreads)
-rmsnorm_backward_kernel(const Tdy* __restrict__ dy, const Tx* __restrict__ x, const void* __restrict__ weight,
-                        int weight_dtype, const compute_t<Tx>* __restrict__ rstd, Tx* __restrict__ dx,
-                        compute_t<Tx>* __restrict__ dw_partial, int64_t rows, int64_t n, compute_t<Tx> offset,
-                        int mode, bool dw_in_shared) {
+    rmsnorm_backward_kernel(const Tdy* __restrict__ dy, const Tx* __restrict__ x, const void* __restrict__ weight,
+                            int weight_dtype, const compute_t<Tx>* __restrict__ rstd, Tx* __restrict__ dx,
+                            compute_t<Tx>* __restrict__ dw_partial, int64_t rows, int64_t n, compute_t<Tx> offset,
+                            int mode, bool dw_in_shared) {
   using C = compute_t<Tx>;
   extern __shared__ __align__(16) unsigned char shared_bytes[];
   const int64_t packs = n / V;
@@ -174,8 +173,7 @@ void launch_backward(const void* dy, const void* x, const void* weight, int weig
   DeviceGuard guard(device);
   using C = compute_t<Tx>;
   constexpr int kVec = 16 / sizeof(Tx);
-  const bool vectorize =
-      n % kVec == 0 && is_aligned(x, 16) && is_aligned(dx, 16) && is_aligned(dy, kVec * sizeof(Tdy));
+  const bool vectorize = n % kVec == 0 && is_aligned(x, 16) && is_aligned(dx, 16) && is_aligned(dy, kVec * sizeof(Tdy));
   const bool dw_in_shared = dw_partial && n * int64_t(sizeof(C)) <= kSharedDwBytes;
   const size_t shared_bytes = dw_in_shared ? size_t(n) * sizeof(C) : 0;
   const unsigned grid = dw_partial ? unsigned(num_partials) : grid_blocks(rows);
@@ -183,8 +181,7 @@ void launch_backward(const void* dy, const void* x, const void* weight, int weig
   auto kernel = vectorize ? rmsnorm_backward_kernel<Tx, Tdy, kVec> : rmsnorm_backward_kernel<Tx, Tdy, 1>;
   kernel<<<grid, threads, shared_bytes, stream>>>(static_cast<const Tdy*>(dy), static_cast<const Tx*>(x), weight,
                                                   weight_dtype, static_cast<const C*>(rstd), static_cast<Tx*>(dx),
-                                                  static_cast<C*>(dw_partial), rows, n, C(offset), mode,
-                                                  dw_in_shared);
+                                                  static_cast<C*>(dw_partial), rows, n, C(offset), mode, dw_in_shared);
   PFP_CUDA_CHECK(cudaGetLastError());
 }
 
@@ -236,7 +233,7 @@ void rmsnorm_backward(const void* dy, const void* x, const void* weight, const v
                       int64_t rows, int64_t n, int x_dtype, int weight_dtype, int dy_dtype, double offset,
                       int casting_mode, int64_t num_partials, cudaStream_t stream, int device) {
   check_weight_dtype(weight_dtype);
-#define PFP_RMS_BWD(TX, TDY)                                                                                     \
+#define PFP_RMS_BWD(TX, TDY)                                                                                 \
   launch_backward<TX, TDY>(dy, x, weight, weight_dtype, rstd, dx, dw_partial, rows, n, offset, casting_mode, \
                            num_partials, stream, device)
   if (x_dtype == dy_dtype) {

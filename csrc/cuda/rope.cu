@@ -25,7 +25,8 @@ struct Strides {  // in elements
   int64_t batch, head, pos;
 };
 
-template <typename T> struct RopeArgs {
+template <typename T>
+struct RopeArgs {
   const T* q;
   const T* k;
   T* q_out;
@@ -67,8 +68,7 @@ __global__ void __launch_bounds__(kThreads) rope_kernel(const RopeArgs<T> a) {
       } else {
         const int64_t i = a.rot_dim + (j - half_rot);
         for (int64_t h = threadIdx.y; h < heads; h += blockDim.y)
-          row(a.q_out, a.k_out, a.q_out_strides, a.k_out_strides, h)[i] =
-              row(a.q, a.k, a.q_strides, a.k_strides, h)[i];
+          row(a.q_out, a.k_out, a.q_out_strides, a.k_out_strides, h)[i] = row(a.q, a.k, a.q_strides, a.k_strides, h)[i];
       }
     }
   }
@@ -85,11 +85,26 @@ void launch(const void* q, const void* k, void* q_out, void* k_out, const void* 
   if (positions == 0 || heads == 0 || per_head == 0) return;
   DeviceGuard guard(device);
   auto strides = [](const int64_t* st) { return Strides{st[0], st[1], st[2]}; };
-  const RopeArgs<T> args{static_cast<const T*>(q), static_cast<const T*>(k), static_cast<T*>(q_out),
-                         static_cast<T*>(k_out), static_cast<const T*>(cos), static_cast<const T*>(sin),
-                         strides(q_strides), strides(k_strides), strides(q_out_strides), strides(k_out_strides),
-                         cos_batch_stride, cos_seq_stride, batch, seq, q_heads, k_heads, head_dim, rot_dim,
-                         interleaved, backward};
+  const RopeArgs<T> args{static_cast<const T*>(q),
+                         static_cast<const T*>(k),
+                         static_cast<T*>(q_out),
+                         static_cast<T*>(k_out),
+                         static_cast<const T*>(cos),
+                         static_cast<const T*>(sin),
+                         strides(q_strides),
+                         strides(k_strides),
+                         strides(q_out_strides),
+                         strides(k_out_strides),
+                         cos_batch_stride,
+                         cos_seq_stride,
+                         batch,
+                         seq,
+                         q_heads,
+                         k_heads,
+                         head_dim,
+                         rot_dim,
+                         interleaved,
+                         backward};
   const int threads_x = block_threads(per_head, kMaxThreadsX);
   const int threads_y = int(std::min<int64_t>(kThreads / threads_x, heads));
   rope_kernel<T><<<grid_blocks(positions), dim3(threads_x, threads_y), 0, stream>>>(args);
@@ -105,14 +120,14 @@ void launch(const void* q, const void* k, void* q_out, void* k_out, const void* 
 // b * cos_batch_stride + s * cos_seq_stride (cos_batch_stride 0 broadcasts one table over the batch),
 // last dim contiguous; rot_dim even and <= head_dim. All tensors one dtype (pfp_cuda::DType), on `device`.
 void rope(const void* q, const void* k, void* q_out, void* k_out, const void* cos, const void* sin,
-          const int64_t* q_strides, const int64_t* k_strides, const int64_t* q_out_strides,
-          const int64_t* k_out_strides, int64_t cos_batch_stride, int64_t cos_seq_stride, int64_t batch, int64_t seq,
-          int64_t q_heads, int64_t k_heads, int64_t head_dim, int64_t rot_dim, int dtype, bool interleaved,
-          bool backward, cudaStream_t stream, int device) {
-#define PFP_ROPE(T)                                                                                              \
-  return launch<T>(q, k, q_out, k_out, cos, sin, q_strides, k_strides, q_out_strides, k_out_strides,          \
-                   cos_batch_stride, cos_seq_stride, batch, seq, q_heads, k_heads, head_dim, rot_dim, interleaved, \
-                   backward, stream, device)
+          pfp::Strides3 q_strides, pfp::Strides3 k_strides, pfp::Strides3 q_out_strides, pfp::Strides3 k_out_strides,
+          int64_t cos_batch_stride, int64_t cos_seq_stride, int64_t batch, int64_t seq, int64_t q_heads,
+          int64_t k_heads, int64_t head_dim, int64_t rot_dim, int dtype, bool interleaved, bool backward,
+          cudaStream_t stream, int device) {
+#define PFP_ROPE(T)                                                                                                \
+  return launch<T>(q, k, q_out, k_out, cos, sin, q_strides.data(), k_strides.data(), q_out_strides.data(),         \
+                   k_out_strides.data(), cos_batch_stride, cos_seq_stride, batch, seq, q_heads, k_heads, head_dim, \
+                   rot_dim, interleaved, backward, stream, device)
   switch (dtype) {
     case kFloat32: PFP_ROPE(float);
     case kFloat16: PFP_ROPE(__half);

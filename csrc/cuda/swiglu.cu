@@ -18,11 +18,14 @@ namespace {
 constexpr int kThreads = 256;
 constexpr int kBlocksPerSm = 8;
 
-template <typename C> __device__ __forceinline__ C sigmoid(C g) { return C(1) / (C(1) + exp_c(-g)); }
+template <typename C>
+__device__ __forceinline__ C sigmoid(C g) {
+  return C(1) / (C(1) + exp_c(-g));
+}
 
 template <int N, typename T>
-__device__ __forceinline__ void forward_pack(const T* __restrict__ gate, const T* __restrict__ up,
-                                             T* __restrict__ out, int64_t i) {
+__device__ __forceinline__ void forward_pack(const T* __restrict__ gate, const T* __restrict__ up, T* __restrict__ out,
+                                             int64_t i) {
   using C = compute_t<T>;
   C g[N], u[N];
   load_vec(gate + i, g);
@@ -45,8 +48,8 @@ __device__ __forceinline__ void backward_pack(const T* __restrict__ dy, const T*
   for (int k = 0; k < N; ++k) {
     const C s = sigmoid(g[k]);
     const C dyu = d[k] * u[k];
-    u[k] = d[k] * g[k] * s;                         // du
-    g[k] = dyu * s * (C(1) + g[k] * (C(1) - s));    // dg
+    u[k] = d[k] * g[k] * s;                       // du
+    g[k] = dyu * s * (C(1) + g[k] * (C(1) - s));  // dg
   }
   store_vec(dgate + i, g);
   store_vec(dup + i, u);
@@ -54,7 +57,7 @@ __device__ __forceinline__ void backward_pack(const T* __restrict__ dy, const T*
 
 template <typename T, int V>
 __global__ void __launch_bounds__(kThreads)
-swiglu_forward_kernel(const T* __restrict__ gate, const T* __restrict__ up, T* __restrict__ out, int64_t numel) {
+    swiglu_forward_kernel(const T* __restrict__ gate, const T* __restrict__ up, T* __restrict__ out, int64_t numel) {
   const int64_t first = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   const int64_t stride = int64_t(gridDim.x) * blockDim.x;
   const int64_t packs = numel / V;
@@ -65,8 +68,8 @@ swiglu_forward_kernel(const T* __restrict__ gate, const T* __restrict__ up, T* _
 
 template <typename T, int V>
 __global__ void __launch_bounds__(kThreads)
-swiglu_backward_kernel(const T* __restrict__ dy, const T* __restrict__ gate, const T* __restrict__ up,
-                       T* __restrict__ dgate, T* __restrict__ dup, int64_t numel) {
+    swiglu_backward_kernel(const T* __restrict__ dy, const T* __restrict__ gate, const T* __restrict__ up,
+                           T* __restrict__ dgate, T* __restrict__ dup, int64_t numel) {
   const int64_t first = int64_t(blockIdx.x) * blockDim.x + threadIdx.x;
   const int64_t stride = int64_t(gridDim.x) * blockDim.x;
   const int64_t packs = numel / V;
@@ -100,8 +103,8 @@ void launch_backward(const void* dy, const void* gate, const void* up, void* dga
   if (numel == 0) return;
   DeviceGuard guard(device);
   constexpr int kVec = 16 / sizeof(T);
-  const bool vectorize = is_aligned(dy, 16) && is_aligned(gate, 16) && is_aligned(up, 16) &&
-                         is_aligned(dgate, 16) && is_aligned(dup, 16);
+  const bool vectorize =
+      is_aligned(dy, 16) && is_aligned(gate, 16) && is_aligned(up, 16) && is_aligned(dgate, 16) && is_aligned(dup, 16);
   auto kernel = vectorize ? swiglu_backward_kernel<T, kVec> : swiglu_backward_kernel<T, 1>;
   kernel<<<grid_for(vectorize ? numel / kVec : numel, device), kThreads, 0, stream>>>(
       static_cast<const T*>(dy), static_cast<const T*>(gate), static_cast<const T*>(up), static_cast<T*>(dgate),
@@ -126,8 +129,8 @@ void swiglu_forward(const void* gate, const void* up, void* out, int64_t numel, 
 
 // swiglu_backward: dgate, dup [numel] from dy, gate, up [numel]; all contiguous on `device`, one
 // dtype; the outputs alias no input.
-void swiglu_backward(const void* dy, const void* gate, const void* up, void* dgate, void* dup, int64_t numel,
-                     int dtype, cudaStream_t stream, int device) {
+void swiglu_backward(const void* dy, const void* gate, const void* up, void* dgate, void* dup, int64_t numel, int dtype,
+                     cudaStream_t stream, int device) {
   switch (dtype) {
     case kFloat32: return launch_backward<float>(dy, gate, up, dgate, dup, numel, stream, device);
     case kFloat16: return launch_backward<__half>(dy, gate, up, dgate, dup, numel, stream, device);

@@ -10,6 +10,7 @@ through the casts:
 - elementwise families (rms_norm, swiglu, rope) take their inputs as they come, as HF's modules do (their
   casting contract is written out per mode and does not change under autocast).
 """
+
 from __future__ import annotations
 
 import torch

@@ -1,4 +1,5 @@
 """Argument checks for the public functions: clear TypeError/ValueError naming the argument."""
+
 from __future__ import annotations
 
 import math
@@ -55,8 +56,9 @@ def _dtype_names(dtypes) -> str:
 
 def check_dtype(op: str, name: str, t: torch.Tensor, dtypes) -> None:
     if t.dtype not in dtypes:
-        raise TypeError(f"{op}: {name} must have dtype in ({_dtype_names(dtypes)}), got "
-                        f"{str(t.dtype).replace('torch.', '')}")
+        raise TypeError(
+            f"{op}: {name} must have dtype in ({_dtype_names(dtypes)}), got {str(t.dtype).replace('torch.', '')}"
+        )
 
 
 def check_numel(op: str, name: str, t: torch.Tensor, expected: int, why: str) -> None:
@@ -93,8 +95,16 @@ def check_power_of_two(op: str, name: str, value, *, low: int = 1) -> int:
     return value
 
 
-def check_real(op: str, name: str, value, *, finite: bool = True, low: float | None = None,
-               high: float | None = None, high_open: bool = False) -> float:
+def check_real(
+    op: str,
+    name: str,
+    value,
+    *,
+    finite: bool = True,
+    low: float | None = None,
+    high: float | None = None,
+    high_open: bool = False,
+) -> float:
     """A real number (not a bool), finite unless finite=False, in [low, high] (or [low, high))."""
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{op}: {name} must be a real number, got {type(value).__name__}")
@@ -120,5 +130,6 @@ def check_layer_size(op: str, out_features: int, in_features: int) -> None:
     layer, and the flattened [-1, 0] views of its inputs or gradients would be ambiguous): a clear error on every
     backend alike instead of a torch-internal one on some."""
     if out_features < 1 or in_features < 1:
-        raise ValueError(f"{op}: the layer is {out_features}x{in_features} (out_features x in_features); both must "
-                         "be >= 1")
+        raise ValueError(
+            f"{op}: the layer is {out_features}x{in_features} (out_features x in_features); both must be >= 1"
+        )

@@ -5,6 +5,7 @@ kernel for every device ("default"), and on CPU and CUDA a kernel that asks pyfa
 implementation to run. So torch.compile traces through the op, opcheck passes, and the backend
 choice happens at run time, outside the graph.
 """
+
 from __future__ import annotations
 
 from typing import Callable
@@ -20,11 +21,13 @@ LIBRARY = torch.library.Library("pyfastpeft", "DEF")
 def _without_graph(kernel: Callable) -> Callable:
     """An op kernel whose torch ops never record a graph of their own, as when the op is called directly on
     tensors that require grad (the native kernels' outputs never do; the reference and the fallbacks to it would)."""
+
     def run(*args):
         if torch.is_grad_enabled():
             with torch.no_grad():
                 return kernel(*args)
         return kernel(*args)
+
     return run
 
 
@@ -33,18 +36,28 @@ def _without_autocast(qualname: str, device_type: str):
         op = getattr(torch.ops.pyfastpeft, qualname.split("::")[1])
         with torch.autocast(device_type, enabled=False):
             return op(*args)
+
     return kernel
 
 
 def _argument_names(schema: str) -> list[str]:
     """The argument names of "(Tensor x, float eps, ...) -> ...", in order."""
-    arguments = schema[schema.index("(") + 1: schema.index(") ->")]
+    arguments = schema[schema.index("(") + 1 : schema.index(") ->")]
     return [argument.split()[-1].split("=")[0] for argument in arguments.split(",")]
 
 
-def define_op(name: str, schema: str, *, family: str, fake: Callable, reference: Callable,
-              native: Callable, triton: Callable, triton_dtypes=(torch.float32, torch.float16, torch.bfloat16),
-              check: Callable | None = None):
+def define_op(
+    name: str,
+    schema: str,
+    *,
+    family: str,
+    fake: Callable,
+    reference: Callable,
+    native: Callable,
+    triton: Callable,
+    triton_dtypes=(torch.float32, torch.float16, torch.bfloat16),
+    check: Callable | None = None,
+):
     """Define pyfastpeft::<name><schema>; returns the op (torch.ops.pyfastpeft.<name>).
 
     native / triton take the same arguments as the op; the device is that of the first argument.

@@ -19,6 +19,7 @@ dtype, fp32 or fp64 for fp64 inputs; the math is in pyfastpeft/reference/flce.py
       chunk by chunk (reduction none, whose output grads are known only in backward).
 softcap 0 means none; reduction 0 none, 1 mean, 2 sum; chunk_size 0 picks chunk_rows' default.
 """
+
 from __future__ import annotations
 
 import torch
@@ -26,8 +27,19 @@ import torch
 from pyfastpeft import _native
 from pyfastpeft.backend import carry_backend
 from pyfastpeft.ops._autocast import autocast_dtype, cast_like_linear
-from pyfastpeft.ops._checks import (FLOAT_DTYPES, check_dtype, check_features, check_int, check_last_dim, check_numel,
-                                    check_optional, check_real, check_same_device, check_same_dtype, check_tensor)
+from pyfastpeft.ops._checks import (
+    FLOAT_DTYPES,
+    check_dtype,
+    check_features,
+    check_int,
+    check_last_dim,
+    check_numel,
+    check_optional,
+    check_real,
+    check_same_device,
+    check_same_dtype,
+    check_tensor,
+)
 from pyfastpeft.ops._library import define_op, triton_module
 from pyfastpeft.reference import flce as ref
 from pyfastpeft.reference.flce import NONE, REDUCTIONS, compute_dtype
@@ -81,8 +93,21 @@ def _accumulate_grad_weight(accumulator, dz, dz_input_dtype, h) -> None:
         accumulator.addmm_(dz.t(), h.to(accumulator.dtype))
 
 
-def _chunked(row_pass, hidden, weight, labels, bias, grad_weights, ignore_index: int, label_smoothing: float,
-             softcap: float, need_grad_hidden: bool, need_grad_weight: bool, need_grad_bias: bool, chunk_size: int):
+def _chunked(
+    row_pass,
+    hidden,
+    weight,
+    labels,
+    bias,
+    grad_weights,
+    ignore_index: int,
+    label_smoothing: float,
+    softcap: float,
+    need_grad_hidden: bool,
+    need_grad_weight: bool,
+    need_grad_bias: bool,
+    chunk_size: int,
+):
     """(loss_t [T], lse [T], grad_hidden, grad_weight, grad_bias) chunk by chunk. grad_weights: None (no
     gradients) or [T] in the compute dtype, the weight of each token's loss in the gradients.
     row_pass(logits, labels, grad_weights or None, loss, lse, ignore_index, label_smoothing, softcap)
@@ -100,12 +125,20 @@ def _chunked(row_pass, hidden, weight, labels, bias, grad_weights, ignore_index:
     bias_c = bias.to(cd) if bias.numel() else None
     for start in range(0, tokens, rows):
         stop = min(start + rows, tokens)
-        h, logits = hidden[start:stop], logits_buffer[:stop - start]
+        h, logits = hidden[start:stop], logits_buffer[: stop - start]
         _logits_into(h, weight, logits)
         if bias_c is not None:
             logits.add_(bias_c)
-        row_pass(logits, labels[start:stop], grad_weights[start:stop] if with_grads else None, loss[start:stop],
-                 lse[start:stop], ignore_index, label_smoothing, softcap)
+        row_pass(
+            logits,
+            labels[start:stop],
+            grad_weights[start:stop] if with_grads else None,
+            loss[start:stop],
+            lse[start:stop],
+            ignore_index,
+            label_smoothing,
+            softcap,
+        )
         if not with_grads:
             continue
         dz_input_dtype = logits.to(hidden.dtype)
@@ -117,70 +150,152 @@ def _chunked(row_pass, hidden, weight, labels, bias, grad_weights, ignore_index:
             grad_bias += logits.sum(0)
     if grad_hidden is None:
         grad_hidden = hidden.new_empty(0)
-    return (loss, lse, grad_hidden,
-            weight.new_empty(0) if grad_weight is None else grad_weight.to(weight.dtype),
-            bias.new_empty(0) if grad_bias is None else grad_bias.to(bias.dtype))
+    return (
+        loss,
+        lse,
+        grad_hidden,
+        weight.new_empty(0) if grad_weight is None else grad_weight.to(weight.dtype),
+        bias.new_empty(0) if grad_bias is None else grad_bias.to(bias.dtype),
+    )
 
 
-def _native_rows(logits, labels, grad_weights, loss, lse, ignore_index: int, label_smoothing: float,
-                 softcap: float) -> None:
+def _native_rows(
+    logits, labels, grad_weights, loss, lse, ignore_index: int, label_smoothing: float, softcap: float
+) -> None:
     rows, vocab = logits.shape
     if rows == 0:
         return
-    args = (_native.ptr(logits), _native.ptr(labels), _native.ptr(grad_weights), _native.ptr(loss),
-            _native.ptr(lse), rows, vocab, _native.dtype_code(logits), ignore_index, label_smoothing, softcap)
-    if logits.is_cuda:
-        _native.cuda.flce_rows(*args, _native.cuda_stream(logits), logits.device.index)
-    else:
-        _native.cpu.flce_rows(*args, _native.num_threads())
+    args = (
+        logits,
+        labels,
+        grad_weights,
+        loss,
+        lse,
+        rows,
+        vocab,
+        logits.dtype,
+        ignore_index,
+        label_smoothing,
+        softcap,
+    )
+    _native.launch("flce_rows", logits, *args)
 
 
-def _triton_rows(logits, labels, grad_weights, loss, lse, ignore_index: int, label_smoothing: float,
-                 softcap: float) -> None:
+def _triton_rows(
+    logits, labels, grad_weights, loss, lse, ignore_index: int, label_smoothing: float, softcap: float
+) -> None:
     if logits.shape[0]:
         triton_module("flce").flce_rows(logits, labels, grad_weights, loss, lse, ignore_index, label_smoothing, softcap)
 
 
 def _forward_with(row_pass):
-    def forward(hidden, weight, labels, bias, ignore_index, label_smoothing, softcap, reduction, need_grad_hidden,
-                need_grad_weight, need_grad_bias, chunk_size):
+    def forward(
+        hidden,
+        weight,
+        labels,
+        bias,
+        ignore_index,
+        label_smoothing,
+        softcap,
+        reduction,
+        need_grad_hidden,
+        need_grad_weight,
+        need_grad_bias,
+        chunk_size,
+    ):
         any_grad = need_grad_hidden or need_grad_weight or need_grad_bias
         labels = labels.contiguous()
-        weights = (ref.reduction_weights(labels, ignore_index, reduction, compute_dtype(hidden.dtype)) if any_grad
-                   else None)
+        weights = (
+            ref.reduction_weights(labels, ignore_index, reduction, compute_dtype(hidden.dtype)) if any_grad else None
+        )
         loss, lse, grad_hidden, grad_weight, grad_bias = _chunked(
-            row_pass, hidden, weight, labels, bias, weights, ignore_index, label_smoothing, softcap,
-            need_grad_hidden, need_grad_weight, need_grad_bias, chunk_size)
+            row_pass,
+            hidden,
+            weight,
+            labels,
+            bias,
+            weights,
+            ignore_index,
+            label_smoothing,
+            softcap,
+            need_grad_hidden,
+            need_grad_weight,
+            need_grad_bias,
+            chunk_size,
+        )
         return ref.reduce(loss, labels, ignore_index, reduction), lse, grad_hidden, grad_weight, grad_bias
+
     return forward
 
 
 def _backward_with(row_pass):
-    def backward(grad_loss, hidden, weight, labels, bias, ignore_index, label_smoothing, softcap, need_grad_hidden,
-                 need_grad_weight, need_grad_bias, chunk_size):
+    def backward(
+        grad_loss,
+        hidden,
+        weight,
+        labels,
+        bias,
+        ignore_index,
+        label_smoothing,
+        softcap,
+        need_grad_hidden,
+        need_grad_weight,
+        need_grad_bias,
+        chunk_size,
+    ):
         weights = grad_loss.to(compute_dtype(hidden.dtype)).contiguous()
         _, _, grad_hidden, grad_weight, grad_bias = _chunked(
-            row_pass, hidden, weight, labels.contiguous(), bias, weights, ignore_index, label_smoothing, softcap,
-            need_grad_hidden, need_grad_weight, need_grad_bias, chunk_size)
+            row_pass,
+            hidden,
+            weight,
+            labels.contiguous(),
+            bias,
+            weights,
+            ignore_index,
+            label_smoothing,
+            softcap,
+            need_grad_hidden,
+            need_grad_weight,
+            need_grad_bias,
+            chunk_size,
+        )
         return grad_hidden, grad_weight, grad_bias
+
     return backward
 
 
 def _fake_grads(hidden, weight, bias, need_grad_hidden, need_grad_weight, need_grad_bias):
-    return (torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device) if need_grad_hidden
-            else hidden.new_empty(0),
-            torch.empty_like(weight, memory_format=torch.contiguous_format) if need_grad_weight else weight.new_empty(0),
-            torch.empty_like(bias) if need_grad_bias else bias.new_empty(0))
+    return (
+        torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device)
+        if need_grad_hidden
+        else hidden.new_empty(0),
+        torch.empty_like(weight, memory_format=torch.contiguous_format) if need_grad_weight else weight.new_empty(0),
+        torch.empty_like(bias) if need_grad_bias else bias.new_empty(0),
+    )
 
 
 def _check_shapes(fn, hidden, weight, labels):
-    torch._check(hidden.dim() == 2 and weight.dim() == 2 and weight.shape[1] == hidden.shape[1],
-                 lambda: f"{fn}: hidden must be [T, H] and weight [V, H]")
+    torch._check(
+        hidden.dim() == 2 and weight.dim() == 2 and weight.shape[1] == hidden.shape[1],
+        lambda: f"{fn}: hidden must be [T, H] and weight [V, H]",
+    )
     torch._check(labels.dim() == 1 and labels.shape[0] == hidden.shape[0], lambda: f"{fn}: labels must be [T]")
 
 
-def _fake_forward(hidden, weight, labels, bias, ignore_index, label_smoothing, softcap, reduction, need_grad_hidden,
-                  need_grad_weight, need_grad_bias, chunk_size):
+def _fake_forward(
+    hidden,
+    weight,
+    labels,
+    bias,
+    ignore_index,
+    label_smoothing,
+    softcap,
+    reduction,
+    need_grad_hidden,
+    need_grad_weight,
+    need_grad_bias,
+    chunk_size,
+):
     _check_shapes("flce_forward", hidden, weight, labels)
     cd = compute_dtype(hidden.dtype)
     loss = hidden.new_empty((hidden.shape[0],) if reduction == NONE else (), dtype=cd)
@@ -188,8 +303,20 @@ def _fake_forward(hidden, weight, labels, bias, ignore_index, label_smoothing, s
     return (loss, lse, *_fake_grads(hidden, weight, bias, need_grad_hidden, need_grad_weight, need_grad_bias))
 
 
-def _fake_backward(grad_loss, hidden, weight, labels, bias, ignore_index, label_smoothing, softcap, need_grad_hidden,
-                   need_grad_weight, need_grad_bias, chunk_size):
+def _fake_backward(
+    grad_loss,
+    hidden,
+    weight,
+    labels,
+    bias,
+    ignore_index,
+    label_smoothing,
+    softcap,
+    need_grad_hidden,
+    need_grad_weight,
+    need_grad_bias,
+    chunk_size,
+):
     _check_shapes("flce_backward", hidden, weight, labels)
     torch._check(grad_loss.shape == labels.shape, lambda: "flce_backward: grad_loss must be [T]")
     return _fake_grads(hidden, weight, bias, need_grad_hidden, need_grad_weight, need_grad_bias)
@@ -230,15 +357,28 @@ def _check_backward(grad_loss, hidden, weight, labels, bias, ignore_index, label
 _SETTINGS = "int ignore_index, float label_smoothing, float softcap"
 _NEEDS = "bool need_grad_hidden, bool need_grad_weight, bool need_grad_bias, int chunk_size"
 flce_forward = define_op(
-    "flce_forward", f"(Tensor hidden, Tensor weight, Tensor labels, Tensor bias, {_SETTINGS}, int reduction, {_NEEDS})"
+    "flce_forward",
+    f"(Tensor hidden, Tensor weight, Tensor labels, Tensor bias, {_SETTINGS}, int reduction, {_NEEDS})"
     " -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
-    family="flce", fake=_fake_forward, reference=ref.flce_forward, native=_forward_with(_native_rows),
-    triton=_forward_with(_triton_rows), check=_check_forward)
+    family="flce",
+    fake=_fake_forward,
+    reference=ref.flce_forward,
+    native=_forward_with(_native_rows),
+    triton=_forward_with(_triton_rows),
+    check=_check_forward,
+)
 flce_backward = define_op(
-    "flce_backward", f"(Tensor grad_loss, Tensor hidden, Tensor weight, Tensor labels, Tensor bias, {_SETTINGS}, {_NEEDS})"
+    "flce_backward",
+    f"(Tensor grad_loss, Tensor hidden, Tensor weight, Tensor labels, Tensor bias, {_SETTINGS}, {_NEEDS})"
     " -> (Tensor, Tensor, Tensor)",
-    family="flce", fake=_fake_backward, reference=ref.flce_backward, native=_backward_with(_native_rows),
-    triton=_backward_with(_triton_rows), triton_dtypes=(torch.float32,), check=_check_backward)
+    family="flce",
+    fake=_fake_backward,
+    reference=ref.flce_backward,
+    native=_backward_with(_native_rows),
+    triton=_backward_with(_triton_rows),
+    triton_dtypes=(torch.float32,),
+    check=_check_backward,
+)
 
 
 @carry_backend
@@ -249,18 +389,30 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
     differentiable. dW (dbias) is computed only when the weight (bias) requires grad."""
 
     @staticmethod
-    def forward(ctx, hidden, weight, labels, bias, ignore_index: int, label_smoothing: float, softcap: float,
-                reduction: int, chunk_size: int):
+    def forward(
+        ctx,
+        hidden,
+        weight,
+        labels,
+        bias,
+        ignore_index: int,
+        label_smoothing: float,
+        softcap: float,
+        reduction: int,
+        chunk_size: int,
+    ):
         needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[3] and bias.numel() > 0)
         settings = (ignore_index, label_smoothing, softcap)
         ctx.settings, ctx.needs, ctx.reduction, ctx.chunk_size = settings, needs, reduction, chunk_size
         if reduction == NONE:
-            loss, lse, *_ = flce_forward(hidden, weight, labels, bias, *settings, reduction, False, False, False,
-                                         chunk_size)
+            loss, lse, *_ = flce_forward(
+                hidden, weight, labels, bias, *settings, reduction, False, False, False, chunk_size
+            )
             ctx.save_for_backward(hidden, weight, labels, bias)
         else:
-            loss, lse, grad_hidden, grad_weight, grad_bias = flce_forward(hidden, weight, labels, bias, *settings,
-                                                                          reduction, *needs, chunk_size)
+            loss, lse, grad_hidden, grad_weight, grad_bias = flce_forward(
+                hidden, weight, labels, bias, *settings, reduction, *needs, chunk_size
+            )
             ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
         ctx.mark_non_differentiable(lse)
         return loss, lse
@@ -269,8 +421,9 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
     def backward(ctx, grad_loss, grad_lse):
         if ctx.reduction == NONE:
             hidden, weight, labels, bias = ctx.saved_tensors
-            grads = flce_backward(grad_loss.contiguous(), hidden, weight, labels, bias, *ctx.settings, *ctx.needs,
-                                  ctx.chunk_size)
+            grads = flce_backward(
+                grad_loss.contiguous(), hidden, weight, labels, bias, *ctx.settings, *ctx.needs, ctx.chunk_size
+            )
         else:
             # loss.backward() passes exactly 1: the saved gradients are the answer, returned without a copy (a
             # second dW, [V, H] and often the step's largest tensor, would double the peak). Any other scale
@@ -290,14 +443,23 @@ def _check_label_range(fn: str, labels: torch.Tensor, vocab: int, ignore_index: 
         return
     bad = (labels != ignore_index) & ((labels < 0) | (labels >= vocab))
     if bool(bad.any()):
-        raise ValueError(f"{fn}: labels must be in [0, {vocab}) or ignore_index ({ignore_index}), "
-                         f"got {labels[bad][0].item()}")
+        raise ValueError(
+            f"{fn}: labels must be in [0, {vocab}) or ignore_index ({ignore_index}), got {labels[bad][0].item()}"
+        )
 
 
-def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor,
-                               bias: torch.Tensor | None = None, ignore_index: int = -100,
-                               label_smoothing: float = 0.0, softcap: float | None = None, reduction: str = "mean",
-                               return_lse: bool = False, chunk_size: int | None = None):
+def fused_linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    labels: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    ignore_index: int = -100,
+    label_smoothing: float = 0.0,
+    softcap: float | None = None,
+    reduction: str = "mean",
+    return_lse: bool = False,
+    chunk_size: int | None = None,
+):
     """F.cross_entropy(hidden @ weight.T + bias, labels) with the logits computed in fp32 (the lm_head and
     loss of a causal LM), without materializing the [tokens, vocab] logits.
 
@@ -328,8 +490,10 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, label
     if vocab < 1:
         raise ValueError(f"{fn}: weight must have at least one row (vocab), got shape {tuple(weight.shape)}")
     if labels.shape != hidden.shape[:-1]:
-        raise ValueError(f"{fn}: labels must have shape {tuple(hidden.shape[:-1])} (hidden's without the last dim), "
-                         f"got {tuple(labels.shape)}")
+        raise ValueError(
+            f"{fn}: labels must have shape {tuple(hidden.shape[:-1])} (hidden's without the last dim), "
+            f"got {tuple(labels.shape)}"
+        )
     if bias is None:
         bias = hidden.new_empty(0)
     else:
@@ -351,8 +515,16 @@ def fused_linear_cross_entropy(hidden: torch.Tensor, weight: torch.Tensor, label
     _check_label_range(fn, labels, vocab, ignore_index)
     code = REDUCTIONS[reduction]
     loss, lse = FusedLinearCrossEntropyFunction.apply(
-        hidden.reshape(-1, hidden_size), weight, labels.reshape(-1), bias, ignore_index, float(label_smoothing),
-        float(softcap or 0.0), code, chunk_size or 0)
+        hidden.reshape(-1, hidden_size),
+        weight,
+        labels.reshape(-1),
+        bias,
+        ignore_index,
+        float(label_smoothing),
+        float(softcap or 0.0),
+        code,
+        chunk_size or 0,
+    )
     lse = lse.view(labels.shape)
     if code == NONE:
         loss = loss.view(labels.shape)

@@ -19,6 +19,7 @@ about 58 GB/s at one row, faster than our GEMV there, but at a fifth of that for
 dX = dY @ dequant(W) dequantizes TILE_ROWS rows of W at a time into one reused
 buffer (no dequantized copy of W outlives a call).
 """
+
 from __future__ import annotations
 
 import torch
@@ -26,9 +27,19 @@ import torch
 from pyfastpeft import _native
 from pyfastpeft.backend import carry_backend
 from pyfastpeft.ops._autocast import autocast_dtype, cast_like_linear
-from pyfastpeft.ops._checks import (FLOAT_DTYPES, check_dtype, check_features, check_int, check_last_dim,
-                                    check_layer_size, check_numel, check_optional, check_real, check_same_device,
-                                    check_tensor)
+from pyfastpeft.ops._checks import (
+    FLOAT_DTYPES,
+    check_dtype,
+    check_features,
+    check_int,
+    check_last_dim,
+    check_layer_size,
+    check_numel,
+    check_optional,
+    check_real,
+    check_same_device,
+    check_tensor,
+)
 from pyfastpeft.ops._library import define_op, triton_module
 from pyfastpeft.reference import int8 as ref
 
@@ -46,13 +57,6 @@ def _native_usable(*tensors) -> bool:
     if any(t.device != device for t in tensors):
         return False
     return (device.type == "cpu" and _native.cpu is not None) or (device.type == "cuda" and _native.cuda is not None)
-
-
-def _module_and_tail(t: torch.Tensor):
-    """(native module, its trailing launch arguments) for t's device: nthreads on CPU, (stream, device) on CUDA."""
-    if t.is_cuda:
-        return _native.cuda, (_native.cuda_stream(t), t.device.index)
-    return _native.cpu, (_native.num_threads(),)
 
 
 def _round_up(n: int, multiple: int) -> int:
@@ -96,13 +100,12 @@ def _flags_to_cols(flags: torch.Tensor, threshold: float) -> torch.Tensor:
 
 # ---- quantization -------------------------------------------------------------------------------------
 
+
 def quantize_into(x2d, q, stats, axis: int, threshold: float) -> torch.Tensor:
     """Native: fills q [M, K] and stats ([M] for axis 0, [K] for axis 1); returns the outlier flags [K]
     (uint8 on CPU, int32 on CUDA; nonzero = outlier column)."""
-    module, tail = _module_and_tail(x2d)
     flags = torch.zeros(x2d.shape[1], dtype=torch.int32 if x2d.is_cuda else torch.uint8, device=x2d.device)
-    module.int8_quantize(_native.ptr(x2d), _native.dtype_code(x2d), _native.ptr(q), _native.ptr(stats),
-                         _native.ptr(flags), x2d.shape[0], x2d.shape[1], axis, float(threshold), *tail)
+    _native.launch("int8_quantize", x2d, x2d, x2d.dtype, q, stats, flags, *x2d.shape, axis, float(threshold))
     return flags
 
 
@@ -146,11 +149,13 @@ _ref_colq, _native_colq, _triton_colq, _fake_colq = _make_quant(1, ref.colwise_q
 
 # ---- the contract every int8 kernel trusts, checked on every op call ---------------------------------------
 
+
 def _check_quant(op):
     def check(x, threshold):
         check_dtype(op, "x", x, FLOAT_DTYPES)
         check_features(op, "x", x)
         check_real(op, "threshold", threshold, low=0.0)
+
     return check
 
 
@@ -209,13 +214,27 @@ def _check_linear_grad_input(dy, weight, weight_stats):
 
 
 int8_vectorwise_quant_op = define_op(
-    "int8_vectorwise_quant", "(Tensor x, float threshold) -> (Tensor, Tensor, Tensor)", family="int8",
-    fake=_fake_rowq, reference=_ref_rowq, native=_native_rowq, triton=_triton_rowq, triton_dtypes=NATIVE_DTYPES,
-    check=_check_quant("int8_vectorwise_quant"))
+    "int8_vectorwise_quant",
+    "(Tensor x, float threshold) -> (Tensor, Tensor, Tensor)",
+    family="int8",
+    fake=_fake_rowq,
+    reference=_ref_rowq,
+    native=_native_rowq,
+    triton=_triton_rowq,
+    triton_dtypes=NATIVE_DTYPES,
+    check=_check_quant("int8_vectorwise_quant"),
+)
 int8_colwise_quant_op = define_op(
-    "int8_colwise_quant", "(Tensor x, float threshold) -> (Tensor, Tensor, Tensor)", family="int8",
-    fake=_fake_colq, reference=_ref_colq, native=_native_colq, triton=_triton_colq, triton_dtypes=NATIVE_DTYPES,
-    check=_check_quant("int8_colwise_quant"))
+    "int8_colwise_quant",
+    "(Tensor x, float threshold) -> (Tensor, Tensor, Tensor)",
+    family="int8",
+    fake=_fake_colq,
+    reference=_ref_colq,
+    native=_native_colq,
+    triton=_triton_colq,
+    triton_dtypes=NATIVE_DTYPES,
+    check=_check_quant("int8_colwise_quant"),
+)
 
 
 def _ref_dequant(q, stats, axis):
@@ -233,9 +252,7 @@ def _native_dequant(q, stats, axis):
 
 def dequantize_rows_into(q, stats, out) -> None:
     """Native: out [rows, K] (contiguous, fp32/fp16/bf16) = q [rows, K] * stats[r] / 127."""
-    module, tail = _module_and_tail(q)
-    module.int8_dequantize_rows(_native.ptr(q), _native.ptr(stats), _native.ptr(out), _native.dtype_code(out),
-                                q.shape[0], q.shape[1], *tail)
+    _native.launch("int8_dequantize_rows", q, q, stats, out, out.dtype, *q.shape)
 
 
 def _fake_dequant(q, stats, axis):
@@ -243,12 +260,20 @@ def _fake_dequant(q, stats, axis):
 
 
 int8_vectorwise_dequant_op = define_op(
-    "int8_vectorwise_dequant", "(Tensor q, Tensor stats, int axis) -> Tensor", family="int8",
-    fake=_fake_dequant, reference=_ref_dequant, native=_native_dequant, triton=_ref_dequant, triton_dtypes=(),
-    check=_check_dequant)
+    "int8_vectorwise_dequant",
+    "(Tensor q, Tensor stats, int axis) -> Tensor",
+    family="int8",
+    fake=_fake_dequant,
+    reference=_ref_dequant,
+    native=_native_dequant,
+    triton=_ref_dequant,
+    triton_dtypes=(),
+    check=_check_dequant,
+)
 
 
 # ---- int8 matmul and its epilogue ----------------------------------------------------------------------
+
 
 def _ref_matmul(a, b):
     return ref.int8_matmul(a, b)
@@ -273,45 +298,68 @@ def _fake_matmul(a, b):
     return a.new_empty((a.shape[0], b.shape[0]), dtype=torch.int32)
 
 
-int8_matmul_op = define_op("int8_matmul", "(Tensor a, Tensor b) -> Tensor", family="int8", fake=_fake_matmul,
-                           reference=_ref_matmul, native=_native_matmul, triton=_triton_matmul,
-                           triton_dtypes=(torch.int8,), check=_check_matmul)
+int8_matmul_op = define_op(
+    "int8_matmul",
+    "(Tensor a, Tensor b) -> Tensor",
+    family="int8",
+    fake=_fake_matmul,
+    reference=_ref_matmul,
+    native=_native_matmul,
+    triton=_triton_matmul,
+    triton_dtypes=(torch.int8,),
+    check=_check_matmul,
+)
+
+
+def _optional(t):
+    """None for an absent (None or empty) optional tensor."""
+    return t if t is not None and t.numel() > 0 else None
+
+
+def _bias_for(bias, out):
+    """bias as the kernel reads it: the CUDA epilogue reads it in the output dtype, the CPU one in its own."""
+    bias = _optional(bias)
+    return bias.to(out.dtype).contiguous() if bias is not None and out.is_cuda else bias
 
 
 def mm_dequant_into(c, row_stats, col_stats, bias, addend, out) -> None:
     """Native epilogue: out [M, N] = c * (row_stats x col_stats) / 127^2 (+ addend fp32) (+ bias); None/empty = none."""
-    has_bias = bias is not None and bias.numel() > 0
-    has_addend = addend is not None and addend.numel() > 0
-    addend_ptr = _native.ptr(addend) if has_addend else 0
-    if out.is_cuda:  # the CUDA epilogue reads the bias in the output dtype
-        bias = bias.to(out.dtype).contiguous() if has_bias else None
-        _native.cuda.int8_mm_dequant(_native.ptr(c), _native.ptr(row_stats), _native.ptr(col_stats),
-                                     _native.ptr(bias) if has_bias else 0, addend_ptr, _native.ptr(out),
-                                     _native.dtype_code(out), c.shape[0], c.shape[1], _native.cuda_stream(out),
-                                     out.device.index)
-        return
-    _native.cpu.int8_mm_dequant(_native.ptr(c), _native.ptr(row_stats), _native.ptr(col_stats),
-                                _native.ptr(bias) if has_bias else 0, _native.dtype_code(bias) if has_bias else 0,
-                                addend_ptr, _native.ptr(out), _native.dtype_code(out), c.shape[0], c.shape[1],
-                                _native.num_threads())
+    bias = _bias_for(bias, out)
+    _native.launch(
+        "int8_mm_dequant",
+        out,
+        c,
+        row_stats,
+        col_stats,
+        bias,
+        bias.dtype if bias is not None else 0,
+        _optional(addend),
+        out,
+        out.dtype,
+        *c.shape,
+    )
 
 
 def gemv_into(q, row_stats, weight, weight_stats, bias, addend, out) -> None:
     """Native fused int8 GEMV + epilogue for q [m <= GEMV_MAX_ROWS, K]; bias / addend None or empty = none."""
-    has_bias = bias is not None and bias.numel() > 0
-    addend_ptr = _native.ptr(addend) if addend is not None and addend.numel() else 0
+    bias = _bias_for(bias, out)
     m, k = q.shape
-    if out.is_cuda:
-        bias = bias.to(out.dtype).contiguous() if has_bias else None
-        _native.cuda.int8_gemv(_native.ptr(q), _native.ptr(row_stats), _native.ptr(weight), _native.ptr(weight_stats),
-                               _native.ptr(bias) if has_bias else 0, addend_ptr, _native.ptr(out),
-                               _native.dtype_code(out), m, out.shape[1], k, _native.cuda_stream(out),
-                               out.device.index)
-        return
-    _native.cpu.int8_gemv(_native.ptr(q), _native.ptr(row_stats), _native.ptr(weight), _native.ptr(weight_stats),
-                          _native.ptr(bias) if has_bias else 0, _native.dtype_code(bias) if has_bias else 0,
-                          addend_ptr, _native.ptr(out), _native.dtype_code(out), m, out.shape[1], k,
-                          _native.num_threads())
+    _native.launch(
+        "int8_gemv",
+        out,
+        q,
+        row_stats,
+        weight,
+        weight_stats,
+        bias,
+        bias.dtype if bias is not None else 0,
+        _optional(addend),
+        out,
+        out.dtype,
+        m,
+        out.shape[1],
+        k,
+    )
 
 
 def _ref_mm_dequant(c, row_stats, col_stats, bias, dtype):
@@ -319,13 +367,17 @@ def _ref_mm_dequant(c, row_stats, col_stats, bias, dtype):
 
 
 def _native_mm_dequant(c, row_stats, col_stats, bias, dtype):
-    if not _native_usable(c, row_stats, col_stats) or dtype not in NATIVE_DTYPES \
-            or (bias.numel() and bias.dtype not in NATIVE_DTYPES):
+    if (
+        not _native_usable(c, row_stats, col_stats)
+        or dtype not in NATIVE_DTYPES
+        or (bias.numel() and bias.dtype not in NATIVE_DTYPES)
+    ):
         return _ref_mm_dequant(c, row_stats, col_stats, bias, dtype)
     out = _native.empty(c.shape, dtype=dtype, device=c.device)
     if c.numel():
-        mm_dequant_into(c.contiguous(), row_stats.float().contiguous(), col_stats.float().contiguous(),
-                        bias.contiguous(), None, out)
+        mm_dequant_into(
+            c.contiguous(), row_stats.float().contiguous(), col_stats.float().contiguous(), bias.contiguous(), None, out
+        )
     return out
 
 
@@ -334,20 +386,31 @@ def _fake_mm_dequant(c, row_stats, col_stats, bias, dtype):
 
 
 int8_mm_dequant_op = define_op(
-    "int8_mm_dequant", "(Tensor c, Tensor row_stats, Tensor col_stats, Tensor bias, ScalarType dtype) -> Tensor",
-    family="int8", fake=_fake_mm_dequant, reference=_ref_mm_dequant, native=_native_mm_dequant,
-    triton=_ref_mm_dequant, triton_dtypes=(), check=_check_mm_dequant)
+    "int8_mm_dequant",
+    "(Tensor c, Tensor row_stats, Tensor col_stats, Tensor bias, ScalarType dtype) -> Tensor",
+    family="int8",
+    fake=_fake_mm_dequant,
+    reference=_ref_mm_dequant,
+    native=_native_mm_dequant,
+    triton=_ref_mm_dequant,
+    triton_dtypes=(),
+    check=_check_mm_dequant,
+)
 
 
 # ---- LLM.int8 linear -----------------------------------------------------------------------------------
+
 
 def _ref_linear(x, weight, weight_stats, bias, threshold):
     return ref.int8_linear(x, weight, weight_stats, bias, threshold).contiguous()
 
 
 def _native_linear(x, weight, weight_stats, bias, threshold):
-    if not _native_usable(x, weight, weight_stats) or x.dtype not in NATIVE_DTYPES \
-            or (bias.numel() and bias.dtype not in NATIVE_DTYPES):
+    if (
+        not _native_usable(x, weight, weight_stats)
+        or x.dtype not in NATIVE_DTYPES
+        or (bias.numel() and bias.dtype not in NATIVE_DTYPES)
+    ):
         return _ref_linear(x, weight, weight_stats, bias, threshold)
     out_features, in_features = weight.shape
     lead = x.shape[:-1]
@@ -357,6 +420,7 @@ def _native_linear(x, weight, weight_stats, bias, threshold):
 
     def new_out():
         return _native.empty((m, out_features), dtype=x.dtype, device=x.device)
+
     if m == 0 or out_features == 0 or in_features == 0:
         out = new_out()
         if out.numel():  # no inputs: the product is the bias alone
@@ -460,13 +524,27 @@ def _fake_linear_grad_input(dy, weight, weight_stats):
 
 
 int8_linear_op = define_op(
-    "int8_linear", "(Tensor x, Tensor weight, Tensor weight_stats, Tensor bias, float threshold) -> Tensor",
-    family="int8", fake=_fake_linear, reference=_ref_linear, native=_native_linear, triton=_triton_linear,
-    triton_dtypes=NATIVE_DTYPES, check=_check_linear)
+    "int8_linear",
+    "(Tensor x, Tensor weight, Tensor weight_stats, Tensor bias, float threshold) -> Tensor",
+    family="int8",
+    fake=_fake_linear,
+    reference=_ref_linear,
+    native=_native_linear,
+    triton=_triton_linear,
+    triton_dtypes=NATIVE_DTYPES,
+    check=_check_linear,
+)
 int8_linear_grad_input = define_op(
-    "int8_linear_grad_input", "(Tensor dy, Tensor weight, Tensor weight_stats) -> Tensor", family="int8",
-    fake=_fake_linear_grad_input, reference=_ref_linear_grad_input, native=_native_linear_grad_input,
-    triton=_triton_linear_grad_input, triton_dtypes=NATIVE_DTYPES, check=_check_linear_grad_input)
+    "int8_linear_grad_input",
+    "(Tensor dy, Tensor weight, Tensor weight_stats) -> Tensor",
+    family="int8",
+    fake=_fake_linear_grad_input,
+    reference=_ref_linear_grad_input,
+    native=_native_linear_grad_input,
+    triton=_triton_linear_grad_input,
+    triton_dtypes=NATIVE_DTYPES,
+    check=_check_linear_grad_input,
+)
 
 
 @carry_backend
@@ -489,20 +567,28 @@ class Int8LinearFunction(torch.autograd.Function):
 
 def check_int8_weight(fn: str, weight, weight_stats) -> None:
     if not isinstance(weight, torch.Tensor) or weight.dtype != torch.int8:
-        raise TypeError(f"{fn}: weight must be an int8 tensor of codes, got "
-                        f"{weight.dtype if isinstance(weight, torch.Tensor) else type(weight).__name__}")
+        raise TypeError(
+            f"{fn}: weight must be an int8 tensor of codes, got "
+            f"{weight.dtype if isinstance(weight, torch.Tensor) else type(weight).__name__}"
+        )
     if weight.dim() != 2:
         raise ValueError(f"{fn}: weight must be 2-D [out_features, in_features], got shape {tuple(weight.shape)}")
     check_tensor(fn, "weight_stats", weight_stats, dtypes=(torch.float32,), dim=1)
     if weight_stats.shape[0] != weight.shape[0]:
         raise ValueError(f"{fn}: weight_stats has {weight_stats.shape[0]} elements, weight has {weight.shape[0]} rows")
     if weight.shape[1] > MAX_IN_FEATURES:
-        raise ValueError(f"{fn}: in_features is {weight.shape[1]}, at most {MAX_IN_FEATURES} keeps the int32 "
-                         "accumulation exact")
+        raise ValueError(
+            f"{fn}: in_features is {weight.shape[1]}, at most {MAX_IN_FEATURES} keeps the int32 accumulation exact"
+        )
 
 
-def int8_linear(x: torch.Tensor, weight_int8: torch.Tensor, weight_stats: torch.Tensor,
-                bias: torch.Tensor | None = None, threshold: float = 6.0) -> torch.Tensor:
+def int8_linear(
+    x: torch.Tensor,
+    weight_int8: torch.Tensor,
+    weight_stats: torch.Tensor,
+    bias: torch.Tensor | None = None,
+    threshold: float = 6.0,
+) -> torch.Tensor:
     """LLM.int8 product: x [..., K] @ (weight_int8 * weight_stats / 127)^T + bias, in x's dtype.
 
     x is quantized row-wise to int8 except its outlier columns (any |x| >= threshold), which meet the matching

@@ -18,6 +18,7 @@ link, and at that size its tensor cores dominate).
 Triton (pyfastpeft/triton_kernels/nf4.py): the fused GEMV up to GEMV_MAX_ROWS rows, above that a tl.dot GEMM
 (and dX) whose weight tiles are dequantized inside the loop; quantize and dequantize as kernels of their own.
 """
+
 from __future__ import annotations
 
 import torch
@@ -25,8 +26,18 @@ import torch
 from pyfastpeft import _native
 from pyfastpeft.backend import carry_backend
 from pyfastpeft.ops._autocast import autocast_dtype, cast_like_linear
-from pyfastpeft.ops._checks import (FLOAT_DTYPES, check_dtype, check_int, check_last_dim, check_layer_size,
-                                    check_numel, check_optional, check_power_of_two, check_same_device, check_tensor)
+from pyfastpeft.ops._checks import (
+    FLOAT_DTYPES,
+    check_dtype,
+    check_int,
+    check_last_dim,
+    check_layer_size,
+    check_numel,
+    check_optional,
+    check_power_of_two,
+    check_same_device,
+    check_tensor,
+)
 from pyfastpeft.ops._library import define_op, triton_module
 from pyfastpeft.reference import nf4 as ref
 
@@ -45,8 +56,12 @@ def _native_cuda_usable(blocksize: int, *tensors) -> bool:
     """The CUDA kernels take tensors on one CUDA device and blocks of a power of two >= 8 elements
     (every size QuantState allows)."""
     device = tensors[0].device
-    return (device.type == "cuda" and all(t.device == device for t in tensors)
-            and blocksize >= 8 and blocksize & (blocksize - 1) == 0)
+    return (
+        device.type == "cuda"
+        and all(t.device == device for t in tensors)
+        and blocksize >= 8
+        and blocksize & (blocksize - 1) == 0
+    )
 
 
 def _cuda_launch(t) -> tuple[int, int]:
@@ -55,6 +70,7 @@ def _cuda_launch(t) -> tuple[int, int]:
 
 
 # ---- the contract every NF4 kernel trusts -------------------------------------------------------------------
+
 
 def check_nf4_weight(op: str, packed, absmax, code, blocksize, numel) -> None:
     """packed uint8 holding numel 4-bit codes (two per byte), absmax float [ceil(numel / blocksize)], code float
@@ -107,6 +123,7 @@ def _check_linear_grad_input(dy, packed, absmax, code, blocksize, out_features, 
 
 # ---- quantize / dequantize -------------------------------------------------------------------------
 
+
 def _reference_quantize(w, code, blocksize):
     return ref.quantize_4bit(w, blocksize, code)
 
@@ -117,9 +134,17 @@ def _native_quantize(w, code, blocksize):
         packed, absmax = _empty_quantized(w, blocksize)
         if w.numel():
             midpoints, order = ref.search_tables(code)
-            _native.cuda.nf4_quantize(_native.ptr(w), _native.dtype_code(w), _native.ptr(packed), _native.ptr(absmax),
-                                      w.numel(), blocksize, _native.ptr(midpoints.contiguous()),
-                                      _native.ptr(order.contiguous()), *_cuda_launch(w))
+            _native.cuda.nf4_quantize(
+                _native.ptr(w),
+                _native.dtype_code(w),
+                _native.ptr(packed),
+                _native.ptr(absmax),
+                w.numel(),
+                blocksize,
+                _native.ptr(midpoints.contiguous()),
+                _native.ptr(order.contiguous()),
+                *_cuda_launch(w),
+            )
         return packed, absmax
     if not _native_cpu_usable(w):
         return _reference_quantize(w, code, blocksize)
@@ -128,15 +153,25 @@ def _native_quantize(w, code, blocksize):
     packed = torch.empty(((n + 1) // 2, 1), dtype=torch.uint8)
     absmax = torch.empty(-(-n // blocksize), dtype=torch.float32)
     if n:
-        _native.cpu.nf4_quantize(_native.ptr(w), _native.dtype_code(w), _native.ptr(packed), _native.ptr(absmax), n,
-                                 blocksize, _native.ptr(code.float().contiguous()), _native.num_threads())
+        _native.cpu.nf4_quantize(
+            _native.ptr(w),
+            _native.dtype_code(w),
+            _native.ptr(packed),
+            _native.ptr(absmax),
+            n,
+            blocksize,
+            _native.ptr(code.float().contiguous()),
+            _native.num_threads(),
+        )
     return packed, absmax
 
 
 def _empty_quantized(w, blocksize):
     n = w.numel()
-    return (torch.empty(((n + 1) // 2, 1), dtype=torch.uint8, device=w.device),
-            torch.empty(-(-n // blocksize), dtype=torch.float32, device=w.device))
+    return (
+        torch.empty(((n + 1) // 2, 1), dtype=torch.uint8, device=w.device),
+        torch.empty(-(-n // blocksize), dtype=torch.float32, device=w.device),
+    )
 
 
 def _triton_quantize(w, code, blocksize):
@@ -149,14 +184,25 @@ def _triton_quantize(w, code, blocksize):
 
 def _fake_quantize(w, code, blocksize):
     n = w.numel()
-    return (w.new_empty(((n + 1) // 2, 1), dtype=torch.uint8),
-            w.new_empty((n + blocksize - 1) // blocksize, dtype=torch.float32))
+    return (
+        w.new_empty(((n + 1) // 2, 1), dtype=torch.uint8),
+        w.new_empty((n + blocksize - 1) // blocksize, dtype=torch.float32),
+    )
 
 
 def dequantize_into(packed, absmax, code, out, start: int, blocksize: int) -> None:
     """Native: out (contiguous, any float dtype) = elements [start, start + out.numel()) of W."""
-    _native.cpu.nf4_dequantize(_native.ptr(packed), _native.ptr(absmax), _native.ptr(code), _native.ptr(out),
-                               _native.dtype_code(out), start, out.numel(), blocksize, _native.num_threads())
+    _native.cpu.nf4_dequantize(
+        _native.ptr(packed),
+        _native.ptr(absmax),
+        _native.ptr(code),
+        _native.ptr(out),
+        _native.dtype_code(out),
+        start,
+        out.numel(),
+        blocksize,
+        _native.num_threads(),
+    )
 
 
 def _reference_dequantize(packed, absmax, code, blocksize, numel, dtype):
@@ -169,8 +215,16 @@ def dequantize_all_into(packed, absmax, code, out, blocksize: int) -> None:
     if not out.numel():
         return
     if out.is_cuda:
-        _native.cuda.nf4_dequantize(_native.ptr(packed), _native.ptr(absmax), _native.ptr(code), _native.ptr(out),
-                                    _native.dtype_code(out), out.numel(), blocksize, *_cuda_launch(out))
+        _native.cuda.nf4_dequantize(
+            _native.ptr(packed),
+            _native.ptr(absmax),
+            _native.ptr(code),
+            _native.ptr(out),
+            _native.dtype_code(out),
+            out.numel(),
+            blocksize,
+            *_cuda_launch(out),
+        )
     else:
         dequantize_into(packed, absmax, code, out, 0, blocksize)
 
@@ -186,8 +240,9 @@ def _native_dequantize(packed, absmax, code, blocksize, numel, dtype):
 
 def _triton_dequantize(packed, absmax, code, blocksize, numel, dtype):
     out = torch.empty(numel, dtype=dtype, device=packed.device)
-    triton_module("nf4").dequantize(packed.contiguous(), absmax.float().contiguous(), code.float().contiguous(), out,
-                                    blocksize)
+    triton_module("nf4").dequantize(
+        packed.contiguous(), absmax.float().contiguous(), code.float().contiguous(), out, blocksize
+    )
     return out
 
 
@@ -196,6 +251,7 @@ def _fake_dequantize(packed, absmax, code, blocksize, numel, dtype):
 
 
 # ---- products ----------------------------------------------------------------------------------------
+
 
 def _weight_tiles(packed, absmax, code, blocksize: int, out_features: int, in_features: int, dtype):
     """Yields (n0, n1, W[n0:n1] as dtype) through one reused [TILE_ROWS, K] buffer."""
@@ -213,13 +269,21 @@ def gemv_into(x2d, packed, absmax, code, bias, out, blocksize: int) -> None:
     x2d fp32/fp16/bf16, blocksize a power of two >= 8)."""
     m, k = x2d.shape
     has_bias = bias is not None and bias.numel() > 0
-    args = (_native.ptr(x2d), _native.dtype_code(x2d), _native.ptr(packed), _native.ptr(absmax), _native.ptr(code),
-            _native.ptr(bias) if has_bias else 0, _native.dtype_code(bias) if has_bias else 0, _native.ptr(out), m,
-            out.shape[1], k, blocksize)
-    if x2d.is_cuda:
-        _native.cuda.nf4_gemv(*args, *_cuda_launch(x2d))
-    else:
-        _native.cpu.nf4_gemv(*args, _native.num_threads())
+    args = (
+        x2d,
+        x2d.dtype,
+        packed,
+        absmax,
+        code,
+        bias if has_bias else None,
+        bias.dtype if has_bias else 0,
+        out,
+        m,
+        out.shape[1],
+        k,
+        blocksize,
+    )
+    _native.launch("nf4_gemv", x2d, *args)
 
 
 def _cuda_dequantized_weight(packed, absmax, code, blocksize: int, out_features: int, in_features: int, dtype):
@@ -235,8 +299,15 @@ def _cuda_linear(x, packed, absmax, code, bias, blocksize, out_features, in_feat
     m = x.numel() // in_features if in_features else 0
     if 1 <= m <= GEMV_MAX_ROWS and out_features and x.dtype in GPU_GEMV_DTYPES:
         out = torch.empty((m, out_features), dtype=x.dtype, device=x.device)
-        gemv_into(x.reshape(m, in_features).contiguous(), packed.contiguous(), absmax.float().contiguous(),
-                  code.float().contiguous(), bias.contiguous(), out, blocksize)
+        gemv_into(
+            x.reshape(m, in_features).contiguous(),
+            packed.contiguous(),
+            absmax.float().contiguous(),
+            code.float().contiguous(),
+            bias.contiguous(),
+            out,
+            blocksize,
+        )
         return out.view(*lead, out_features)
     weight = _cuda_dequantized_weight(packed, absmax, code, blocksize, out_features, in_features, x.dtype)
     return torch.nn.functional.linear(x, weight, bias.to(x.dtype) if bias.numel() else None).contiguous()
@@ -295,8 +366,15 @@ def _triton_linear(x, packed, absmax, code, bias, blocksize, out_features, in_fe
     if m and out_features:
         kernels = triton_module("nf4")
         launch = kernels.gemv if m <= GEMV_MAX_ROWS else kernels.matmul
-        launch(x2d, packed.contiguous(), absmax.float().contiguous(), code.float().contiguous(),
-               bias.contiguous() if bias.numel() else None, out, blocksize)
+        launch(
+            x2d,
+            packed.contiguous(),
+            absmax.float().contiguous(),
+            code.float().contiguous(),
+            bias.contiguous() if bias.numel() else None,
+            out,
+            blocksize,
+        )
     return out.view(*lead, out_features)
 
 
@@ -306,8 +384,9 @@ def _triton_linear_grad_input(dy, packed, absmax, code, blocksize, out_features,
     m = dy2d.shape[0]
     dx = torch.empty((m, in_features), dtype=dy.dtype, device=dy.device)
     if m and in_features:
-        triton_module("nf4").grad_input(dy2d, packed.contiguous(), absmax.float().contiguous(),
-                                        code.float().contiguous(), dx, blocksize)
+        triton_module("nf4").grad_input(
+            dy2d, packed.contiguous(), absmax.float().contiguous(), code.float().contiguous(), dx, blocksize
+        )
     return dx.view(*lead, in_features)
 
 
@@ -328,24 +407,52 @@ def _fake_linear_grad_input(dy, packed, absmax, code, blocksize, out_features, i
     return dy.new_empty((*dy.shape[:-1], in_features))
 
 
-nf4_quantize = define_op("nf4_quantize", "(Tensor w, Tensor code, int blocksize) -> (Tensor, Tensor)",
-                         family="nf4", fake=_fake_quantize, reference=_reference_quantize,
-                         native=_native_quantize, triton=_triton_quantize, triton_dtypes=TRITON_DTYPES,
-                         check=_check_quantize)
+nf4_quantize = define_op(
+    "nf4_quantize",
+    "(Tensor w, Tensor code, int blocksize) -> (Tensor, Tensor)",
+    family="nf4",
+    fake=_fake_quantize,
+    reference=_reference_quantize,
+    native=_native_quantize,
+    triton=_triton_quantize,
+    triton_dtypes=TRITON_DTYPES,
+    check=_check_quantize,
+)
 nf4_dequantize = define_op(
-    "nf4_dequantize", "(Tensor packed, Tensor absmax, Tensor code, int blocksize, SymInt numel, ScalarType dtype)"
-    " -> Tensor", family="nf4", fake=_fake_dequantize, reference=_reference_dequantize,
-    native=_native_dequantize, triton=_triton_dequantize, triton_dtypes=(torch.uint8,), check=_check_dequantize)
+    "nf4_dequantize",
+    "(Tensor packed, Tensor absmax, Tensor code, int blocksize, SymInt numel, ScalarType dtype) -> Tensor",
+    family="nf4",
+    fake=_fake_dequantize,
+    reference=_reference_dequantize,
+    native=_native_dequantize,
+    triton=_triton_dequantize,
+    triton_dtypes=(torch.uint8,),
+    check=_check_dequantize,
+)
 nf4_linear_op = define_op(
-    "nf4_linear", "(Tensor x, Tensor packed, Tensor absmax, Tensor code, Tensor bias, int blocksize, "
-    "SymInt out_features, SymInt in_features) -> Tensor", family="nf4", fake=_fake_linear,
-    reference=_reference_linear, native=_native_linear, triton=_triton_linear, triton_dtypes=TRITON_DTYPES,
-    check=_check_linear)
+    "nf4_linear",
+    "(Tensor x, Tensor packed, Tensor absmax, Tensor code, Tensor bias, int blocksize, "
+    "SymInt out_features, SymInt in_features) -> Tensor",
+    family="nf4",
+    fake=_fake_linear,
+    reference=_reference_linear,
+    native=_native_linear,
+    triton=_triton_linear,
+    triton_dtypes=TRITON_DTYPES,
+    check=_check_linear,
+)
 nf4_linear_grad_input = define_op(
-    "nf4_linear_grad_input", "(Tensor dy, Tensor packed, Tensor absmax, Tensor code, int blocksize, "
-    "SymInt out_features, SymInt in_features) -> Tensor", family="nf4", fake=_fake_linear_grad_input,
-    reference=_reference_linear_grad_input, native=_native_linear_grad_input,
-    triton=_triton_linear_grad_input, triton_dtypes=TRITON_DTYPES, check=_check_linear_grad_input)
+    "nf4_linear_grad_input",
+    "(Tensor dy, Tensor packed, Tensor absmax, Tensor code, int blocksize, "
+    "SymInt out_features, SymInt in_features) -> Tensor",
+    family="nf4",
+    fake=_fake_linear_grad_input,
+    reference=_reference_linear_grad_input,
+    native=_native_linear_grad_input,
+    triton=_triton_linear_grad_input,
+    triton_dtypes=TRITON_DTYPES,
+    check=_check_linear_grad_input,
+)
 
 
 @carry_backend
@@ -388,8 +495,10 @@ def nf4_linear(x: torch.Tensor, packed: torch.Tensor, state, bias: torch.Tensor 
     if not isinstance(packed, torch.Tensor) or packed.dtype != torch.uint8:
         raise TypeError(f"{fn}: packed must be a uint8 tensor")
     if packed.numel() != (out_features * in_features + 1) // 2:
-        raise ValueError(f"{fn}: packed has {packed.numel()} bytes, a {out_features}x{in_features} weight needs "
-                         f"{(out_features * in_features + 1) // 2}")
+        raise ValueError(
+            f"{fn}: packed has {packed.numel()} bytes, a {out_features}x{in_features} weight needs "
+            f"{(out_features * in_features + 1) // 2}"
+        )
     check_same_device(fn, x=x, packed=packed, absmax=state.absmax)
     if bias is None:
         bias = x.new_empty(0)
@@ -397,5 +506,6 @@ def nf4_linear(x: torch.Tensor, packed: torch.Tensor, state, bias: torch.Tensor 
         check_tensor(fn, "bias", bias, dim=1)
         if bias.shape[0] != out_features:
             raise ValueError(f"{fn}: bias has {bias.shape[0]} elements, out_features is {out_features}")
-    return NF4LinearFunction.apply(x, packed, absmax, state.code.float(), bias,
-                                   state.blocksize, out_features, in_features)
+    return NF4LinearFunction.apply(
+        x, packed, absmax, state.code.float(), bias, state.blocksize, out_features, in_features
+    )

@@ -9,6 +9,7 @@ none, blocksize > 0 or 0 for none (never both); zero_point is int32, or empty fo
   pyfastpeft::dequantize_affine(codes, scale, zero_point, axis, blocksize, dtype) -> (code - zero_point) * scale
 scale and zero_point are 0-dim per tensor, [x.shape[axis]] per channel, [ceil(numel / blocksize)] per block.
 """
+
 from __future__ import annotations
 
 import math
@@ -46,6 +47,7 @@ def _fake_params(x, zeropoint: bool, axis: int, blocksize: int):
 
 # ---- quantize_affine: dynamic parameters ---------------------------------------------------------------
 
+
 def _reference_quantize(x, bits, zeropoint, axis, blocksize):
     return ref.quantize_affine(x, bits, zeropoint, axis, blocksize)
 
@@ -53,9 +55,19 @@ def _reference_quantize(x, bits, zeropoint, axis, blocksize):
 def quantize_into(x, codes, scale, zero_point, bits: int, zeropoint: bool, axis: int, blocksize: int) -> None:
     """Native dynamic quantization into preallocated outputs: x contiguous CPU (fp32, fp16, bf16, fp64), non-empty;
     codes int8/uint8 of x's shape, scale fp32 and zero_point int32 (ignored for absmax) of the group count."""
-    _native.cpu.quantize_affine(_native.ptr(x), _native.dtype_code(x), _native.ptr(codes), _native.ptr(scale),
-                                _native.ptr(zero_point) if zeropoint else 0, *_layout_args(x.shape, axis, blocksize),
-                                blocksize, bits, zeropoint, _native.num_threads())
+    _native.launch(
+        "quantize_affine",
+        x,
+        x,
+        x.dtype,
+        codes,
+        scale,
+        zero_point if zeropoint else 0,
+        *_layout_args(x.shape, axis, blocksize),
+        blocksize,
+        bits,
+        zeropoint,
+    )
 
 
 def _native_quantize(x, bits, zeropoint, axis, blocksize):
@@ -74,6 +86,7 @@ def _fake_quantize(x, bits, zeropoint, axis, blocksize):
 
 # ---- quantize_static: given parameters -------------------------------------------------------------------
 
+
 def _reference_quantize_static(x, scale, zero_point, bits, zeropoint, axis, blocksize):
     return ref.quantize_static(x, scale, zero_point, bits, zeropoint, axis, blocksize)
 
@@ -85,10 +98,19 @@ def _native_quantize_static(x, scale, zero_point, bits, zeropoint, axis, blocksi
     scale = scale.float().contiguous()
     zero_point = zero_point.to(torch.int32).contiguous()
     codes = _native.empty(x.shape, dtype=_code_dtype(zeropoint), device=x.device)
-    _native.cpu.quantize_static(_native.ptr(x), _native.dtype_code(x), _native.ptr(scale),
-                                _native.ptr(zero_point) if zero_point.numel() else 0, _native.ptr(codes),
-                                *_layout_args(x.shape, axis, blocksize), blocksize, bits, zeropoint,
-                                _native.num_threads())
+    _native.launch(
+        "quantize_static",
+        x,
+        x,
+        x.dtype,
+        scale,
+        zero_point if zero_point.numel() else 0,
+        codes,
+        *_layout_args(x.shape, axis, blocksize),
+        blocksize,
+        bits,
+        zeropoint,
+    )
     return codes
 
 
@@ -97,6 +119,7 @@ def _fake_quantize_static(x, scale, zero_point, bits, zeropoint, axis, blocksize
 
 
 # ---- dequantize_affine ---------------------------------------------------------------------------------
+
 
 def _reference_dequantize(codes, scale, zero_point, axis, blocksize, dtype):
     return ref.dequantize_affine(codes, scale, zero_point, axis, blocksize, dtype)
@@ -109,10 +132,18 @@ def _native_dequantize(codes, scale, zero_point, axis, blocksize, dtype):
     scale = scale.float().contiguous()
     zero_point = zero_point.to(torch.int32).contiguous()
     out = _native.empty(codes.shape, dtype=dtype, device=codes.device)
-    _native.cpu.dequantize_affine(_native.ptr(codes), codes.dtype == torch.int8, _native.ptr(scale),
-                                  _native.ptr(zero_point) if zero_point.numel() else 0, _native.ptr(out),
-                                  _native.dtype_code(out), *_layout_args(codes.shape, axis, blocksize), blocksize,
-                                  _native.num_threads())
+    _native.launch(
+        "dequantize_affine",
+        codes,
+        codes,
+        codes.dtype == torch.int8,
+        scale,
+        zero_point if zero_point.numel() else 0,
+        out,
+        out.dtype,
+        *_layout_args(codes.shape, axis, blocksize),
+        blocksize,
+    )
     return out
 
 
@@ -121,6 +152,7 @@ def _fake_dequantize(codes, scale, zero_point, axis, blocksize, dtype):
 
 
 # ---- the contract every kernel trusts, checked on every op call -------------------------------------------
+
 
 def _check_granularity(op: str, shape, bits, axis, blocksize) -> int:
     """bits 4 or 8; axis -1 or a dim of shape; blocksize >= 0; not both. Returns the group count."""
@@ -164,24 +196,45 @@ def _check_dequantize(codes, scale, zero_point, axis, blocksize, dtype):
 
 
 quantize_affine = define_op(
-    "quantize_affine", "(Tensor x, int bits, bool zeropoint, int axis, int blocksize) -> (Tensor, Tensor, Tensor)",
-    family="quantize", fake=_fake_quantize, reference=_reference_quantize, native=_native_quantize,
-    triton=_reference_quantize, triton_dtypes=(), check=_check_quantize)
+    "quantize_affine",
+    "(Tensor x, int bits, bool zeropoint, int axis, int blocksize) -> (Tensor, Tensor, Tensor)",
+    family="quantize",
+    fake=_fake_quantize,
+    reference=_reference_quantize,
+    native=_native_quantize,
+    triton=_reference_quantize,
+    triton_dtypes=(),
+    check=_check_quantize,
+)
 quantize_static = define_op(
-    "quantize_static", "(Tensor x, Tensor scale, Tensor zero_point, int bits, bool zeropoint, int axis, "
-    "int blocksize) -> Tensor", family="quantize", fake=_fake_quantize_static,
-    reference=_reference_quantize_static, native=_native_quantize_static, triton=_reference_quantize_static,
-    triton_dtypes=(), check=_check_quantize_static)
+    "quantize_static",
+    "(Tensor x, Tensor scale, Tensor zero_point, int bits, bool zeropoint, int axis, int blocksize) -> Tensor",
+    family="quantize",
+    fake=_fake_quantize_static,
+    reference=_reference_quantize_static,
+    native=_native_quantize_static,
+    triton=_reference_quantize_static,
+    triton_dtypes=(),
+    check=_check_quantize_static,
+)
 dequantize_affine = define_op(
-    "dequantize_affine", "(Tensor codes, Tensor scale, Tensor zero_point, int axis, int blocksize, "
-    "ScalarType dtype) -> Tensor", family="quantize", fake=_fake_dequantize, reference=_reference_dequantize,
-    native=_native_dequantize, triton=_reference_dequantize, triton_dtypes=(), check=_check_dequantize)
+    "dequantize_affine",
+    "(Tensor codes, Tensor scale, Tensor zero_point, int axis, int blocksize, ScalarType dtype) -> Tensor",
+    family="quantize",
+    fake=_fake_dequantize,
+    reference=_reference_dequantize,
+    native=_native_dequantize,
+    triton=_reference_dequantize,
+    triton_dtypes=(),
+    check=_check_dequantize,
+)
 
 
 @carry_backend
 class FakeQuantizeFunction(torch.autograd.Function):
     """y = dequantize(quantize(x)) in x's dtype, with x's own parameters (static False; scale and zero_point
-    are then ignored) or the given ones. Backward, the straight-through estimator of torch.fake_quantize_per_tensor_affine:
+    are then ignored) or the given ones. Backward, the straight-through estimator of
+    torch.fake_quantize_per_tensor_affine:
         dx = dy * mask,  mask = [qmin <= round(x / scale) + zero_point <= qmax]   (0 where x was clamped)
     Saves the bool mask only."""
 

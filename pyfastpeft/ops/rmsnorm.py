@@ -6,21 +6,33 @@ Ops (x: [..., n]; rstd: x.shape[:-1] in the compute dtype, fp32 or fp64 for fp64
 dw is empty when weight_grad is False (frozen norms in LoRA training skip that reduction).
 The math and casting modes are in pyfastpeft/reference/rmsnorm.py and csrc/cpu/rmsnorm.cpp.
 """
+
 from __future__ import annotations
 
 import torch
 
 from pyfastpeft import _native
 from pyfastpeft.backend import carry_backend
-from pyfastpeft.ops._checks import (FLOAT_DTYPES, check_dtype, check_features, check_int, check_last_dim, check_numel,
-                                    check_real, check_same_device, check_tensor)
+from pyfastpeft.ops._checks import (
+    FLOAT_DTYPES,
+    check_dtype,
+    check_features,
+    check_int,
+    check_last_dim,
+    check_numel,
+    check_real,
+    check_same_device,
+    check_tensor,
+)
 from pyfastpeft.ops._library import define_op, triton_module
 from pyfastpeft.reference import rmsnorm as ref
 from pyfastpeft.reference.rmsnorm import CASTING_MODES, compute_dtype, output_dtype
 
 # (x dtype, y dtype) pairs the native kernels take; weight may be any float dtype.
 _NATIVE_PAIRS = {(d, d) for d in (torch.float32, torch.float16, torch.bfloat16, torch.float64)} | {
-    (torch.float16, torch.float32), (torch.bfloat16, torch.float32)}
+    (torch.float16, torch.float32),
+    (torch.bfloat16, torch.float32),
+}
 
 
 def _empty_outputs(x, weight, casting_mode, empty=torch.empty):
@@ -32,12 +44,21 @@ def _empty_outputs(x, weight, casting_mode, empty=torch.empty):
 def forward_into(x, weight, y, rstd, eps: float, offset: float, casting_mode: int) -> None:
     """Native forward into preallocated y and rstd (contiguous; dtypes as the op's outputs)."""
     rows, n = x.numel() // x.shape[-1], x.shape[-1]
-    args = (_native.ptr(x), _native.ptr(weight), _native.ptr(y), _native.ptr(rstd), rows, n,
-            _native.dtype_code(x), _native.dtype_code(weight), _native.dtype_code(y), eps, offset, casting_mode)
-    if x.is_cuda:
-        _native.cuda.rmsnorm_forward(*args, _native.cuda_stream(x), x.device.index)
-    else:
-        _native.cpu.rmsnorm_forward(*args, _native.num_threads())
+    args = (
+        x,
+        weight,
+        y,
+        rstd,
+        rows,
+        n,
+        x.dtype,
+        weight.dtype,
+        y.dtype,
+        eps,
+        offset,
+        casting_mode,
+    )
+    _native.launch("rmsnorm_forward", x, *args)
 
 
 def backward_into(dy, x, weight, rstd, dx, offset: float, casting_mode: int, weight_grad: bool):
@@ -48,13 +69,22 @@ def backward_into(dy, x, weight, rstd, dx, offset: float, casting_mode: int, wei
     else:
         partials = 1  # the CPU kernel sums dw itself, in an order independent of the thread count
     dw_partial = torch.empty((partials, n), dtype=rstd.dtype, device=x.device) if weight_grad else None
-    args = (_native.ptr(dy), _native.ptr(x), _native.ptr(weight), _native.ptr(rstd), _native.ptr(dx),
-            _native.ptr(dw_partial), rows, n, _native.dtype_code(x), _native.dtype_code(weight),
-            _native.dtype_code(dy), offset, casting_mode)
-    if x.is_cuda:
-        _native.cuda.rmsnorm_backward(*args, partials, _native.cuda_stream(x), x.device.index)
-    else:
-        _native.cpu.rmsnorm_backward(*args, _native.num_threads())
+    args = (
+        dy,
+        x,
+        weight,
+        rstd,
+        dx,
+        dw_partial,
+        rows,
+        n,
+        x.dtype,
+        weight.dtype,
+        dy.dtype,
+        offset,
+        casting_mode,
+    )
+    _native.launch("rmsnorm_backward", x, *args, partials)
     return None if dw_partial is None else dw_partial.sum(0).to(weight.dtype)
 
 
@@ -73,8 +103,16 @@ def _native_backward(dy, x, weight, rstd, offset, casting_mode, weight_grad):
     dx = _native.empty(x.shape, dtype=x.dtype, device=x.device)
     dw = None
     if x.numel():
-        dw = backward_into(dy.contiguous(), x.contiguous(), weight.contiguous(), rstd.contiguous(), dx,
-                           offset, casting_mode, weight_grad)
+        dw = backward_into(
+            dy.contiguous(),
+            x.contiguous(),
+            weight.contiguous(),
+            rstd.contiguous(),
+            dx,
+            offset,
+            casting_mode,
+            weight_grad,
+        )
     if dw is None:
         dw = torch.zeros_like(weight) if weight_grad else weight.new_empty(0)
     return dx, dw
@@ -84,8 +122,9 @@ def _triton_forward(x, weight, eps, offset, casting_mode):
     y, rstd = _empty_outputs(x, weight, casting_mode)
     if x.numel():
         n = x.shape[-1]
-        triton_module("rmsnorm").rmsnorm_forward(x.contiguous().view(-1, n), weight.contiguous(), y.view(-1, n),
-                                                 rstd.view(-1), eps, offset, casting_mode)
+        triton_module("rmsnorm").rmsnorm_forward(
+            x.contiguous().view(-1, n), weight.contiguous(), y.view(-1, n), rstd.view(-1), eps, offset, casting_mode
+        )
     return y, rstd
 
 
@@ -94,9 +133,16 @@ def _triton_backward(dy, x, weight, rstd, offset, casting_mode, weight_grad):
     dw = torch.zeros(weight.shape, dtype=torch.float32, device=x.device) if weight_grad else None
     if x.numel():
         n = x.shape[-1]
-        triton_module("rmsnorm").rmsnorm_backward(dy.contiguous().view(-1, n), x.contiguous().view(-1, n),
-                                                  weight.contiguous(), rstd.contiguous().view(-1), dx.view(-1, n),
-                                                  dw, offset, casting_mode)
+        triton_module("rmsnorm").rmsnorm_backward(
+            dy.contiguous().view(-1, n),
+            x.contiguous().view(-1, n),
+            weight.contiguous(),
+            rstd.contiguous().view(-1),
+            dx.view(-1, n),
+            dw,
+            offset,
+            casting_mode,
+        )
     return dx, (dw.to(weight.dtype) if weight_grad else weight.new_empty(0))
 
 
@@ -151,15 +197,26 @@ def _check_backward(dy, x, weight, rstd, offset, casting_mode, weight_grad):
 
 
 rms_norm_forward = define_op(
-    "rms_norm_forward", "(Tensor x, Tensor weight, float eps, float offset, int casting_mode) -> (Tensor, Tensor)",
-    family="rmsnorm", fake=_fake_forward, reference=_reference_forward, native=_native_forward,
-    triton=_triton_forward, check=_check_forward)
+    "rms_norm_forward",
+    "(Tensor x, Tensor weight, float eps, float offset, int casting_mode) -> (Tensor, Tensor)",
+    family="rmsnorm",
+    fake=_fake_forward,
+    reference=_reference_forward,
+    native=_native_forward,
+    triton=_triton_forward,
+    check=_check_forward,
+)
 rms_norm_backward = define_op(
     "rms_norm_backward",
     "(Tensor dy, Tensor x, Tensor weight, Tensor rstd, float offset, int casting_mode, bool weight_grad)"
     " -> (Tensor, Tensor)",
-    family="rmsnorm", fake=_fake_backward, reference=_reference_backward, native=_native_backward,
-    triton=_triton_backward, check=_check_backward)
+    family="rmsnorm",
+    fake=_fake_backward,
+    reference=_reference_backward,
+    native=_native_backward,
+    triton=_triton_backward,
+    check=_check_backward,
+)
 
 
 @carry_backend
@@ -181,8 +238,9 @@ class RMSNormFunction(torch.autograd.Function):
         return dx, (dw if weight_grad else None), None, None, None
 
 
-def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, offset: float = 0.0,
-             casting_mode: str = "llama") -> torch.Tensor:
+def rms_norm(
+    x: torch.Tensor, weight: torch.Tensor, eps: float = 1e-6, offset: float = 0.0, casting_mode: str = "llama"
+) -> torch.Tensor:
     """RMSNorm over the last dim of x, scaled by (offset + weight), in HF's casting order.
 
     casting_mode: "llama" (HF LlamaRMSNorm: normalize in fp32, cast to x's dtype, then multiply by

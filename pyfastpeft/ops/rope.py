@@ -6,14 +6,14 @@ q and k are rotated in one launch; outputs keep the inputs' memory layout (HF ha
 transposed views of the projection output: the kernels take strides, nothing is copied).
 backward=True applies the transposed rotation, which is the gradient. Math in reference/rope.py.
 """
+
 from __future__ import annotations
 
 import torch
 
 from pyfastpeft import _native
 from pyfastpeft.backend import carry_backend
-from pyfastpeft.ops._checks import (FLOAT_DTYPES, check_dtype, check_same_device, check_same_dtype,
-                                    check_tensor)
+from pyfastpeft.ops._checks import FLOAT_DTYPES, check_dtype, check_same_device, check_same_dtype, check_tensor
 from pyfastpeft.ops._library import define_op, triton_module
 from pyfastpeft.reference import rope as ref
 
@@ -22,14 +22,30 @@ def rope_into(q, k, q_out, k_out, cos, sin, interleaved: bool, backward: bool) -
     """Native rotation into preallocated outputs. Every tensor's last dim contiguous, cos and sin
     with the same strides, one dtype."""
     batch, q_heads, seq, head_dim = q.shape
-    args = (_native.ptr(q), _native.ptr(k), _native.ptr(q_out), _native.ptr(k_out), _native.ptr(cos), _native.ptr(sin),
-            list(q.stride()[:3]), list(k.stride()[:3]), list(q_out.stride()[:3]), list(k_out.stride()[:3]),
-            0 if cos.shape[0] == 1 else cos.stride(0), cos.stride(1), batch, seq, q_heads, k.shape[1], head_dim,
-            cos.shape[-1], _native.dtype_code(q), interleaved, backward)
-    if q.is_cuda:
-        _native.cuda.rope(*args, _native.cuda_stream(q), q.device.index)
-    else:
-        _native.cpu.rope(*args, _native.num_threads())
+    args = (
+        q,
+        k,
+        q_out,
+        k_out,
+        cos,
+        sin,
+        list(q.stride()[:3]),
+        list(k.stride()[:3]),
+        list(q_out.stride()[:3]),
+        list(k_out.stride()[:3]),
+        0 if cos.shape[0] == 1 else cos.stride(0),
+        cos.stride(1),
+        batch,
+        seq,
+        q_heads,
+        k.shape[1],
+        head_dim,
+        cos.shape[-1],
+        q.dtype,
+        interleaved,
+        backward,
+    )
+    _native.launch("rope", q, *args)
 
 
 def _out_like(t):
@@ -89,16 +105,25 @@ def _check_rope(q, k, cos, sin, interleaved, backward):
     if (k.shape[0], k.shape[2], k.shape[3]) != (batch, seq, head_dim):
         raise ValueError(f"{op}: k has shape {tuple(k.shape)}, incompatible with q's {tuple(q.shape)}")
     if cos.dim() != 3 or cos.shape != sin.shape:
-        raise ValueError(f"{op}: cos and sin must be [Bc, S, R] of one shape, got {tuple(cos.shape)} and "
-                         f"{tuple(sin.shape)}")
+        raise ValueError(
+            f"{op}: cos and sin must be [Bc, S, R] of one shape, got {tuple(cos.shape)} and {tuple(sin.shape)}"
+        )
     if cos.shape[0] not in (1, batch) or cos.shape[1] != seq or cos.shape[2] % 2 or cos.shape[2] > head_dim:
-        raise ValueError(f"{op}: cos has shape {tuple(cos.shape)}, expected [1 or {batch}, {seq}, R] with R even "
-                         f"and <= {head_dim}")
+        raise ValueError(
+            f"{op}: cos has shape {tuple(cos.shape)}, expected [1 or {batch}, {seq}, R] with R even and <= {head_dim}"
+        )
 
 
-rope_op = define_op("rope", "(Tensor q, Tensor k, Tensor cos, Tensor sin, bool interleaved, bool backward)"
-                    " -> (Tensor, Tensor)", family="rope", fake=_fake_rope, reference=_reference_rope,
-                    native=_native_rope, triton=_triton_rope, check=_check_rope)
+rope_op = define_op(
+    "rope",
+    "(Tensor q, Tensor k, Tensor cos, Tensor sin, bool interleaved, bool backward) -> (Tensor, Tensor)",
+    family="rope",
+    fake=_fake_rope,
+    reference=_reference_rope,
+    native=_native_rope,
+    triton=_triton_rope,
+    check=_check_rope,
+)
 
 
 @carry_backend
@@ -122,17 +147,25 @@ def _as_table(fn: str, name: str, t, position_ids, batch: int, seq: int, unsquee
     """cos or sin as [Bc, S, R] (Bc 1 or batch)."""
     if position_ids is not None:
         if t.dim() != 2:
-            raise ValueError(f"{fn}: with position_ids, {name} must be a [max_positions, R] table, got shape "
-                             f"{tuple(t.shape)}")
-        if not isinstance(position_ids, torch.Tensor) or position_ids.is_floating_point() \
-                or position_ids.dtype == torch.bool:
-            raise TypeError(f"{fn}: position_ids must be an integer tensor, got "
-                            f"{getattr(position_ids, 'dtype', type(position_ids).__name__)}")
+            raise ValueError(
+                f"{fn}: with position_ids, {name} must be a [max_positions, R] table, got shape {tuple(t.shape)}"
+            )
+        if (
+            not isinstance(position_ids, torch.Tensor)
+            or position_ids.is_floating_point()
+            or position_ids.dtype == torch.bool
+        ):
+            raise TypeError(
+                f"{fn}: position_ids must be an integer tensor, got "
+                f"{getattr(position_ids, 'dtype', type(position_ids).__name__)}"
+            )
         if position_ids.numel() and not torch.compiler.is_compiling():
             low, high = position_ids.min().item(), position_ids.max().item()
             if low < 0 or high >= t.shape[0]:
-                raise ValueError(f"{fn}: position_ids must lie in [0, {t.shape[0]}) ({name} has {t.shape[0]} "
-                                 f"positions), got values in [{low}, {high}]")
+                raise ValueError(
+                    f"{fn}: position_ids must lie in [0, {t.shape[0]}) ({name} has {t.shape[0]} "
+                    f"positions), got values in [{low}, {high}]"
+                )
         t = t[position_ids]
     if t.dim() == 4 and t.shape[unsqueeze_dim] == 1:
         t = t.squeeze(unsqueeze_dim)
@@ -141,14 +174,23 @@ def _as_table(fn: str, name: str, t, position_ids, batch: int, seq: int, unsquee
     if t.dim() != 3:
         raise ValueError(f"{fn}: {name} must be [S, R] or [B, S, R], got shape {tuple(t.shape)}")
     if t.shape[1] != seq or t.shape[0] not in (1, batch):
-        raise ValueError(f"{fn}: {name} has shape {tuple(t.shape)}, expected [{batch} or 1, {seq}, R] for q's "
-                         f"batch {batch} and sequence length {seq}")
+        raise ValueError(
+            f"{fn}: {name} has shape {tuple(t.shape)}, expected [{batch} or 1, {seq}, R] for q's "
+            f"batch {batch} and sequence length {seq}"
+        )
     return t
 
 
-def apply_rotary_pos_emb(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
-                         unsqueeze_dim: int = 1, *, position_ids: torch.Tensor | None = None,
-                         interleaved: bool = False):
+def apply_rotary_pos_emb(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    unsqueeze_dim: int = 1,
+    *,
+    position_ids: torch.Tensor | None = None,
+    interleaved: bool = False,
+):
     """transformers' apply_rotary_pos_emb, fused: returns (q_embed, k_embed).
 
     q [B, Hq, S, D] and k [B, Hk, S, D] (unsqueeze_dim=1) or [B, S, H, D] (unsqueeze_dim=2), any
@@ -171,8 +213,10 @@ def apply_rotary_pos_emb(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, si
     qv, kv = (q, k) if dim == 1 else (q.transpose(1, 2), k.transpose(1, 2))
     batch, _, seq, head_dim = qv.shape
     if kv.shape[0] != batch or kv.shape[2] != seq or kv.shape[3] != head_dim:
-        raise ValueError(f"{fn}: k has shape {tuple(k.shape)}, incompatible with q's {tuple(q.shape)} "
-                         "(batch, sequence and head_dim must match)")
+        raise ValueError(
+            f"{fn}: k has shape {tuple(k.shape)}, incompatible with q's {tuple(q.shape)} "
+            "(batch, sequence and head_dim must match)"
+        )
     cos = _as_table(fn, "cos", cos, position_ids, batch, seq, dim)
     sin = _as_table(fn, "sin", sin, position_ids, batch, seq, dim)
     rot = cos.shape[-1]

@@ -6,14 +6,14 @@ Ops (gate, up: same shape and dtype; outputs contiguous, of that shape):
 The backward recomputes silu from gate instead of saving the activation (one [tokens, intermediate]
 tensor less per MLP). Math in pyfastpeft/reference/swiglu.py and csrc/cpu/swiglu.cpp.
 """
+
 from __future__ import annotations
 
 import torch
 
 from pyfastpeft import _native
 from pyfastpeft.backend import carry_backend
-from pyfastpeft.ops._checks import check_same_device, check_same_dtype, check_tensor
-from pyfastpeft.ops._checks import FLOAT_DTYPES, check_dtype
+from pyfastpeft.ops._checks import FLOAT_DTYPES, check_dtype, check_same_device, check_same_dtype, check_tensor
 from pyfastpeft.ops._library import define_op, triton_module
 from pyfastpeft.reference import swiglu as ref
 
@@ -24,21 +24,12 @@ def _contiguous_empty(t, empty=torch.empty):
 
 def forward_into(gate, up, out) -> None:
     """Native forward into preallocated out; all three contiguous, one dtype."""
-    args = (_native.ptr(gate), _native.ptr(up), _native.ptr(out), gate.numel(), _native.dtype_code(gate))
-    if gate.is_cuda:
-        _native.cuda.swiglu_forward(*args, _native.cuda_stream(gate), gate.device.index)
-    else:
-        _native.cpu.swiglu_forward(*args, _native.num_threads())
+    _native.launch("swiglu_forward", gate, gate, up, out, gate.numel(), gate.dtype)
 
 
 def backward_into(dy, gate, up, dgate, dup) -> None:
     """Native backward into preallocated dgate, dup; all contiguous, one dtype."""
-    args = (_native.ptr(dy), _native.ptr(gate), _native.ptr(up), _native.ptr(dgate), _native.ptr(dup), gate.numel(),
-            _native.dtype_code(gate))
-    if gate.is_cuda:
-        _native.cuda.swiglu_backward(*args, _native.cuda_stream(gate), gate.device.index)
-    else:
-        _native.cpu.swiglu_backward(*args, _native.num_threads())
+    _native.launch("swiglu_backward", gate, dy, gate, up, dgate, dup, gate.numel(), gate.dtype)
 
 
 def _native_forward(gate, up):
@@ -65,8 +56,9 @@ def _triton_forward(gate, up):
 def _triton_backward(dy, gate, up):
     dgate, dup = _contiguous_empty(gate), _contiguous_empty(up)
     if gate.numel():
-        triton_module("swiglu").swiglu_backward(dy.to(gate.dtype).contiguous(), gate.contiguous(), up.contiguous(),
-                                                dgate, dup)
+        triton_module("swiglu").swiglu_backward(
+            dy.to(gate.dtype).contiguous(), gate.contiguous(), up.contiguous(), dgate, dup
+        )
     return dgate, dup
 
 
@@ -106,12 +98,26 @@ def _check_backward(dy, gate, up):
     _check_pair("swiglu_backward", gate=gate, up=up, dy=dy)
 
 
-swiglu_forward = define_op("swiglu_forward", "(Tensor gate, Tensor up) -> Tensor", family="swiglu",
-                           fake=_fake_forward, reference=_reference_forward, native=_native_forward,
-                           triton=_triton_forward, check=_check_forward)
-swiglu_backward = define_op("swiglu_backward", "(Tensor dy, Tensor gate, Tensor up) -> (Tensor, Tensor)",
-                            family="swiglu", fake=_fake_backward, reference=_reference_backward,
-                            native=_native_backward, triton=_triton_backward, check=_check_backward)
+swiglu_forward = define_op(
+    "swiglu_forward",
+    "(Tensor gate, Tensor up) -> Tensor",
+    family="swiglu",
+    fake=_fake_forward,
+    reference=_reference_forward,
+    native=_native_forward,
+    triton=_triton_forward,
+    check=_check_forward,
+)
+swiglu_backward = define_op(
+    "swiglu_backward",
+    "(Tensor dy, Tensor gate, Tensor up) -> (Tensor, Tensor)",
+    family="swiglu",
+    fake=_fake_backward,
+    reference=_reference_backward,
+    native=_native_backward,
+    triton=_triton_backward,
+    check=_check_backward,
+)
 
 
 @carry_backend
