@@ -10,6 +10,7 @@ Environment:
   PYFASTPEFT_BUILD_JOBS      parallel compile jobs (default: all cores).
   PYFASTPEFT_SANITIZE        -fsanitize= checks for _C, e.g. "address,undefined" (.ci/sanitize); default none.
 """
+
 import os
 import shutil
 import subprocess
@@ -23,10 +24,12 @@ ROOT = Path(__file__).resolve().parent
 
 
 def find_nvcc():
-    for candidate in (os.environ.get("CUDACXX"),
-                      os.path.join(os.environ.get("CUDA_HOME", ""), "bin", "nvcc") if os.environ.get("CUDA_HOME") else None,
-                      shutil.which("nvcc"),
-                      "/usr/local/cuda/bin/nvcc"):
+    for candidate in (
+        os.environ.get("CUDACXX"),
+        os.path.join(os.environ.get("CUDA_HOME", ""), "bin", "nvcc") if os.environ.get("CUDA_HOME") else None,
+        shutil.which("nvcc"),
+        "/usr/local/cuda/bin/nvcc",
+    ):
         if candidate and os.path.isfile(candidate) and os.access(candidate, os.X_OK):
             return candidate
     return None
@@ -61,13 +64,17 @@ class CMakeBuild(build_ext):
         cmake = shutil.which("cmake")
         try:
             import cmake as cmake_pkg  # the PyPI wheel, present under build isolation
+
             cmake = os.path.join(cmake_pkg.CMAKE_BIN_DIR, "cmake")
         except ImportError:
             pass
         if cmake is None:
             raise RuntimeError("cmake >= 3.24 is required to build pyfastpeft")
         args = [
-            cmake, str(ROOT), "-G", "Ninja",
+            cmake,
+            str(ROOT),
+            "-G",
+            "Ninja",
             f"-DCMAKE_BUILD_TYPE={os.environ.get('PYFASTPEFT_BUILD_TYPE', 'Release')}",
             f"-DPython_EXECUTABLE={sys.executable}",
             f"-Dpybind11_DIR={pybind11.get_cmake_dir()}",
@@ -77,6 +84,7 @@ class CMakeBuild(build_ext):
         ]
         try:
             import ninja
+
             args.append(f"-DCMAKE_MAKE_PROGRAM={os.path.join(ninja.BIN_DIR, 'ninja')}")
         except ImportError:
             pass
@@ -109,9 +117,19 @@ def extensions():
 
 
 setup(
-    packages=["pyfastpeft", "pyfastpeft.ops", "pyfastpeft.reference", "pyfastpeft.nn",
-              "pyfastpeft.integrations", "pyfastpeft.bench", "pyfastpeft.quant", "pyfastpeft.triton_kernels"],
+    packages=[
+        "pyfastpeft",
+        "pyfastpeft.ops",
+        "pyfastpeft.reference",
+        "pyfastpeft.nn",
+        "pyfastpeft.integrations",
+        "pyfastpeft.bench",
+        "pyfastpeft.bench.cases",
+        "pyfastpeft.quant",
+        "pyfastpeft.triton_kernels",
+    ],
     package_dir={"pyfastpeft": "pyfastpeft", "pyfastpeft.triton_kernels": "triton_kernels"},
+    package_data={"pyfastpeft": ["py.typed"]},  # PEP 561: the package's annotations are for type checkers too
     ext_modules=extensions(),
     cmdclass={"build_ext": CMakeBuild},
 )

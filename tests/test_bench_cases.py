@@ -1,6 +1,7 @@
 """The `model` benchmark family on tiny sizes: both sides of every case are the same model on the same batch
 (same loss before training, same number of trained parameters), a step runs on each, and the harness reports
 tokens/s and peak memory for it while the tables of kernel families keep their columns."""
+
 import dataclasses
 import functools
 import json
@@ -27,33 +28,41 @@ FIRST_LOSS_GAP = {cases.LORA_VS_DENSE: 1e-5, cases.QLORA_VS_BNB: 1e-3, cases.QLO
 def tiny_model_cases(monkeypatch):
     """The quick model cases on tiny sizes; every case builds through a recorder that unpatches our side's model
     at teardown (its RoPE patch is module-wide and would outlive the test)."""
-    monkeypatch.setattr(cases, "MODEL_SHAPES", {True: TINY_MODEL, False: TINY_MODEL})
-    monkeypatch.setattr(cases, "MODEL_7B_LAYER", {True: TINY_7B_LAYER, False: TINY_7B_LAYER})
+    monkeypatch.setattr(cases.model, "MODEL_SHAPES", {True: TINY_MODEL, False: TINY_MODEL})
+    monkeypatch.setattr(cases.model, "MODEL_7B_LAYER", {True: TINY_7B_LAYER, False: TINY_7B_LAYER})
     our_models, transformers_function = [], cases.TRANSFORMERS_APPLY_ROTARY_POS_EMB
 
     def recording_build(build, device):
         workload = build(device)
         our_models.append(workload.ours.forward.model)
         return workload
-    yield [dataclasses.replace(case, build=functools.partial(recording_build, case.build))
-           for case in cases.model_cases([torch.float32, torch.bfloat16], quick=True)]
+
+    yield [
+        dataclasses.replace(case, build=functools.partial(recording_build, case.build))
+        for case in cases.model_cases([torch.float32, torch.bfloat16], quick=True)
+    ]
     for model in our_models:
         pyfastpeft.unpatch_model(model)
     assert modeling_llama.apply_rotary_pos_emb is transformers_function
 
 
 def _comparison(case):
-    return next(comparison for comparison in FIRST_LOSS_GAP
-                if case.shape.startswith(f"train step {comparison.ours} vs PEFT {comparison.reference} "))
+    return next(
+        comparison
+        for comparison in FIRST_LOSS_GAP
+        if case.shape.startswith(f"train step {comparison.ours} vs PEFT {comparison.reference} ")
+    )
 
 
 def test_model_cases_are_the_four_comparisons_with_their_token_counts(tiny_model_cases, capsys):
     bitsandbytes_unusable = cases.bitsandbytes_4bit_unusable(CPU)
     labels = [case.label for case in tiny_model_cases]
-    expected = [f"model train step {ours} vs PEFT {reference} {TINY_MODEL.label} {dtype} forward"
-                for ours, reference in (("QLoRA", "bnb QLoRA"), ("QLoRA", "dense LoRA"), ("LoRA", "dense LoRA"))
-                for dtype in ("fp32", "bf16")
-                if not (bitsandbytes_unusable and reference == "bnb QLoRA")]
+    expected = [
+        f"model train step {ours} vs PEFT {reference} {TINY_MODEL.label} {dtype} forward"
+        for ours, reference in (("QLoRA", "bnb QLoRA"), ("QLoRA", "dense LoRA"), ("LoRA", "dense LoRA"))
+        for dtype in ("fp32", "bf16")
+        if not (bitsandbytes_unusable and reference == "bnb QLoRA")
+    ]
     expected.append(f"model train step QLoRA vs PEFT dense LoRA {TINY_7B_LAYER.label} bf16 forward")
     assert labels == expected
     assert [case.tokens for case in tiny_model_cases] == [16] * (len(expected) - 1) + [8]
@@ -90,10 +99,12 @@ def test_the_reference_steps_with_transformers_rope_and_ours_with_the_fused_one(
     def counted(*args, **kwargs):
         calls.append(1)
         return transformers_function(*args, **kwargs)
-    [case] = [case for case in tiny_model_cases if _comparison(case) == cases.LORA_VS_DENSE
-              and case.dtype == torch.float32]
+
+    [case] = [
+        case for case in tiny_model_cases if _comparison(case) == cases.LORA_VS_DENSE and case.dtype == torch.float32
+    ]
     workload = case.build(CPU)
-    monkeypatch.setattr(cases, "TRANSFORMERS_APPLY_ROTARY_POS_EMB", counted)
+    monkeypatch.setattr(cases.model, "TRANSFORMERS_APPLY_ROTARY_POS_EMB", counted)
     workload.reference.forward()
     assert len(calls) == TINY_MODEL.layers
     workload.ours.forward()
@@ -110,8 +121,9 @@ def test_the_7b_layer_case_runs_a_step_on_each_side(tiny_model_cases):
 
 
 def test_run_case_reports_tokens_per_second_and_peak_memory_without_a_kernel_figure(tiny_model_cases, tmp_path):
-    [case] = [case for case in tiny_model_cases if _comparison(case) == cases.LORA_VS_DENSE
-              and case.dtype == torch.float32]
+    [case] = [
+        case for case in tiny_model_cases if _comparison(case) == cases.LORA_VS_DENSE and case.dtype == torch.float32
+    ]
     result = harness.run_case(case, CPU, TINY_BUDGET, copy_gbps=10.0)
     assert result.kernel is None
     for side in result.ours + [result.reference]:
@@ -132,8 +144,9 @@ def test_tables_and_json_of_kernel_families_keep_their_columns(tmp_path):
     side = harness.SideResult("native", timing, peak_bytes=1 << 20, saved_bytes=0)
     reference = harness.SideResult("reference", timing, peak_bytes=1 << 20, saved_bytes=0)
     kernel = harness.KernelResult(timing, bytes_moved=1 << 20, rotation_sets=1, gbps=1.0, fraction_of_copy=0.1)
-    result = harness.CaseResult("rmsnorm", "T=4 N=8", "fp32", "forward", "transformers LlamaRMSNorm", [side],
-                                reference, kernel, {"native": 1.0})
+    result = harness.CaseResult(
+        "rmsnorm", "T=4 N=8", "fp32", "forward", "transformers LlamaRMSNorm", [side], reference, kernel, {"native": 1.0}
+    )
     lines = harness.format_table("rmsnorm", [result], copy_gbps=10.0).splitlines()
     assert lines[1].split() == [word for column in harness.TABLE_HEADER for word in column.split()]
     assert lines[3].split()[-2:] == ["1.0", "10%"]

@@ -4,6 +4,7 @@
 Runs the cases of the chosen families on the GPU when one is visible (else the CPU), prints one table
 per family and writes <out>/<family or all>-<device>-<date>.json (and .png, the speedup chart).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -20,27 +21,42 @@ from pyfastpeft.bench.cases import DTYPES, FAMILIES, select_cases
 
 def _comma_list(choices):
     """An argparse type: a comma-separated subset of `choices`, in the order given."""
+
     def parse(text: str) -> list[str]:
         names = [name.strip() for name in text.split(",") if name.strip()]
         unknown = [name for name in names if name not in choices]
         if unknown or not names:
             raise argparse.ArgumentTypeError(f"expected a comma-separated subset of {','.join(choices)}, got {text!r}")
         return names
+
     return parse
 
 
 def parse_args(argv=None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(prog="python -m pyfastpeft.bench", description=__doc__.split("\n\n")[1])
     parser.add_argument("--quick", action="store_true", help="smaller shapes and fewer runs (under a minute)")
-    parser.add_argument("--family", type=_comma_list(list(FAMILIES)), default=list(FAMILIES),
-                        help=f"op families to run (default {','.join(FAMILIES)})")
-    parser.add_argument("--dtype", type=_comma_list(list(DTYPES)), default=list(DTYPES),
-                        help=f"input dtypes (default {','.join(DTYPES)})")
-    parser.add_argument("--out", type=Path, default=Path("bench/results"),
-                        help="results folder (default bench/results)")
+    parser.add_argument(
+        "--family",
+        type=_comma_list(list(FAMILIES)),
+        default=list(FAMILIES),
+        help=f"op families to run (default {','.join(FAMILIES)})",
+    )
+    parser.add_argument(
+        "--dtype",
+        type=_comma_list(list(DTYPES)),
+        default=list(DTYPES),
+        help=f"input dtypes (default {','.join(DTYPES)})",
+    )
+    parser.add_argument(
+        "--out", type=Path, default=Path("bench/results"), help="results folder (default bench/results)"
+    )
     parser.add_argument("--no-plot", action="store_true", help="skip the PNG chart")
-    parser.add_argument("--threads", type=int, default=0,
-                        help=f"torch threads (default: torch's own default, {torch.get_num_threads()} here)")
+    parser.add_argument(
+        "--threads",
+        type=int,
+        default=0,
+        help=f"torch threads (default: torch's own default, {torch.get_num_threads()} here)",
+    )
     return parser.parse_args(argv)
 
 
@@ -48,8 +64,10 @@ def _warn_if_shared(metadata: dict) -> None:
     """Our own threads count toward the load; beyond them plus one per core, others were running."""
     busiest = max(metadata["load_average_start"], metadata["load_average_end"])
     if metadata["device_type"] == "cpu" and busiest > metadata["cpu_count"] + metadata["threads"]:
-        print(f"warning: 1-min load average reached {busiest:.1f} on {metadata['cpu_count']} cores: other "
-              "processes shared the CPU, so these timings are noisy; rerun on a quiet machine")
+        print(
+            f"warning: 1-min load average reached {busiest:.1f} on {metadata['cpu_count']} cores: other "
+            "processes shared the CPU, so these timings are noisy; rerun on a quiet machine"
+        )
 
 
 def main(argv=None) -> int:
@@ -80,8 +98,10 @@ def main(argv=None) -> int:
     if not args.no_plot:
         written.append(stem.with_suffix(".png"))
         harness.write_speedup_chart(written[1], metadata, results)
-    print(f"\n{metadata['device']}, torch {metadata['torch']}, {metadata['threads']} threads; "
-          f"wrote {', '.join(map(str, written))} in {time.perf_counter() - started:.0f} s")
+    print(
+        f"\n{metadata['device']}, torch {metadata['torch']}, {metadata['threads']} threads; "
+        f"wrote {', '.join(map(str, written))} in {time.perf_counter() - started:.0f} s"
+    )
     _warn_if_shared(metadata)
     return 0
 

@@ -12,6 +12,7 @@ same inputs, plus a builder of native "into" kernel calls. Per case the harness 
 Timings are medians (with p20/p80) of many runs after warm-up: perf_counter on CPU (the ops are
 synchronous), CUDA events (triton.testing.do_bench) on GPUs.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -25,9 +26,10 @@ import re
 import statistics
 import sys
 import time
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Sequence, Union
+from typing import Callable, Union
 
 import torch
 
@@ -49,6 +51,7 @@ Outputs = Union[torch.Tensor, tuple]  # what a forward returns: one tensor or a 
 @dataclass
 class Implementation:
     """One side of a comparison: a forward over fixed inputs, and the leaves whose .grad it fills."""
+
     forward: Callable[[], Outputs]
     leaves: Sequence[torch.Tensor]
 
@@ -56,6 +59,7 @@ class Implementation:
 @dataclass
 class KernelCall:
     """One native "into" launch on its own preallocated tensors."""
+
     run: Callable[[], object]
     bytes_moved: int  # each tensor the launch reads or writes, counted once: sum of their nbytes
 
@@ -65,6 +69,7 @@ class Workload:
     """The tensors of one case, built on a device; kernels maps "forward"/"backward" to a builder of
     one fresh KernelCall (its own input/output set), called as often as the rotation needs; empty where
     no single native kernel stands for the case (a whole training step)."""
+
     ours: Implementation
     reference: Implementation
     kernels: dict[str, Callable[[], KernelCall]]
@@ -88,6 +93,7 @@ class Case:
 @dataclass
 class Budget:
     """How long to measure: runs stop after `seconds` of timed runs, within [min_runs, max_runs]."""
+
     warmup_runs: int
     min_runs: int
     max_runs: int
@@ -149,9 +155,11 @@ def dtype_name(dtype: torch.dtype) -> str:
 
 # ---- timing ------------------------------------------------------------------------------------
 
+
 @dataclass
 class Runnable:
     """What one timed run calls: step(), after the leaves' grads are set to None (off the clock)."""
+
     step: Callable[[], object]
     leaves: Sequence[torch.Tensor] = ()
 
@@ -179,8 +187,9 @@ def time_cpu(runnables: Sequence[Runnable], budget: Budget) -> list[Timing]:
             _timed_run(runnable)
     samples: list[list[float]] = [[] for _ in runnables]
     rounds = 0
-    while rounds < budget.min_runs or (sum(map(sum, samples)) < budget.seconds * len(runnables)
-                                       and rounds < budget.max_runs):
+    while rounds < budget.min_runs or (
+        sum(map(sum, samples)) < budget.seconds * len(runnables) and rounds < budget.max_runs
+    ):
         for runnable, side_samples in zip(runnables, samples):
             side_samples.append(_timed_run(runnable))
         rounds += 1
@@ -197,14 +206,16 @@ def time_cuda(runnable: Runnable, use_graph: bool) -> Timing:
     return Timing(median, p20, p80, runs=0)  # do_bench does not report its run count
 
 
-def time_all(runnables: Sequence[Runnable], device: torch.device, budget: Budget,
-             use_graph: bool = False) -> list[Timing]:
+def time_all(
+    runnables: Sequence[Runnable], device: torch.device, budget: Budget, use_graph: bool = False
+) -> list[Timing]:
     if device.type == "cuda":
         return [time_cuda(runnable, use_graph) for runnable in runnables]
     return time_cpu(runnables, budget)
 
 
 # ---- one side of a comparison --------------------------------------------------------------------
+
 
 def _as_tuple(outputs: Outputs) -> tuple[torch.Tensor, ...]:
     return outputs if isinstance(outputs, tuple) else (outputs,)
@@ -218,6 +229,7 @@ def on_backend(backend: str, fn: Callable[[], object]) -> Callable[[], object]:
     def forced():
         with pyfastpeft.use_backend(backend):
             return fn()
+
     return forced
 
 
@@ -232,8 +244,10 @@ def make_step(forward: Callable[[], Outputs], mode: str) -> Callable[[], object]
     generator = torch.Generator().manual_seed(0)
     outputs = _as_tuple(forward())
     # a scalar output is a loss: its grad is 1, as loss.backward() passes it (fused losses keep that path)
-    grads = tuple(torch.ones_like(o) if o.dim() == 0 else
-                  torch.randn(o.shape, generator=generator, dtype=o.dtype).to(o.device) for o in outputs)
+    grads = tuple(
+        torch.ones_like(o) if o.dim() == 0 else torch.randn(o.shape, generator=generator, dtype=o.dtype).to(o.device)
+        for o in outputs
+    )
     if mode == "backward":
         return lambda: torch.autograd.backward(outputs, grads, retain_graph=True)
 
@@ -241,6 +255,7 @@ def make_step(forward: Callable[[], Outputs], mode: str) -> Callable[[], object]
         fresh = _as_tuple(forward())
         torch.autograd.backward(fresh, grads)
         return fresh
+
     return forward_and_backward
 
 
@@ -297,8 +312,9 @@ def peak_cpu_bytes(step: Callable[[], object]) -> int:
     with _stderr_silenced(), profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
         outputs = step()
     del outputs
-    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
-                    key=lambda e: e.start_ns())
+    events = sorted(
+        (e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"), key=lambda e: e.start_ns()
+    )
     outstanding = peak = 0
     for event in events:
         if event.device_type() == torch.autograd.DeviceType.CPU:
@@ -329,6 +345,7 @@ def side_result(side: PreparedSide, timing: Timing, device: torch.device) -> Sid
 
 # ---- kernel bandwidth ----------------------------------------------------------------------------
 
+
 def _kernel_builder(workload: Workload, mode: str) -> Callable[[], KernelCall]:
     """The kernel call of `mode`; "both" is the forward launch followed by the backward one."""
     if mode != "both":
@@ -337,6 +354,7 @@ def _kernel_builder(workload: Workload, mode: str) -> Callable[[], KernelCall]:
     def build_both() -> KernelCall:
         forward, backward = workload.kernels["forward"](), workload.kernels["backward"]()
         return KernelCall(lambda: (forward.run(), backward.run()), forward.bytes_moved + backward.bytes_moved)
+
     return build_both
 
 
@@ -357,8 +375,9 @@ def kernel_rotation(workload: Workload, mode: str) -> tuple[Callable[[], object]
     return lambda: next(rotation).run(), first, len(calls)
 
 
-def measure_kernel(workload: Workload, mode: str, device: torch.device, budget: Budget,
-                   copy_gbps: float) -> KernelResult:
+def measure_kernel(
+    workload: Workload, mode: str, device: torch.device, budget: Budget, copy_gbps: float
+) -> KernelResult:
     run_next, call, sets = kernel_rotation(workload, mode)
     use_graph = device.type == "cuda" and call.bytes_moved < CUDA_GRAPH_BELOW_BYTES
     [timing] = time_all([Runnable(run_next)], device, budget, use_graph)
@@ -375,6 +394,7 @@ def copy_bandwidth_gbps(device: torch.device) -> float:
 
 
 # ---- one case ------------------------------------------------------------------------------------
+
 
 def our_backends(device: torch.device) -> tuple[str, ...]:
     """CPU: the native kernels. CUDA: native and (when installed) Triton, each forced, both on record."""
@@ -394,11 +414,22 @@ def run_case(case: Case, device: torch.device, budget: Budget, copy_gbps: float)
     tokens_per_s = None
     if case.tokens:
         tokens_per_s = {side.backend: case.tokens / (side.timing.median_ms * 1e-3) for side in ours + [reference]}
-    return CaseResult(case.family, case.shape, dtype_name(case.dtype), case.mode, case.reference_name, ours,
-                      reference, kernel, speedups, tokens_per_s)
+    return CaseResult(
+        case.family,
+        case.shape,
+        dtype_name(case.dtype),
+        case.mode,
+        case.reference_name,
+        ours,
+        reference,
+        kernel,
+        speedups,
+        tokens_per_s,
+    )
 
 
 # ---- reporting -----------------------------------------------------------------------------------
+
 
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
@@ -433,8 +464,19 @@ def run_metadata(device: torch.device, copy_gbps: float, quick: bool) -> dict:
     }
 
 
-TABLE_HEADER = ("case", "dtype", "mode", "ours", "ours ms", "ref ms", "speedup", "peak MiB ours/ref",
-                "saved MiB ours/ref", "GB/s", "% copy")
+TABLE_HEADER = (
+    "case",
+    "dtype",
+    "mode",
+    "ours",
+    "ours ms",
+    "ref ms",
+    "speedup",
+    "peak MiB ours/ref",
+    "saved MiB ours/ref",
+    "GB/s",
+    "% copy",
+)
 TOKENS_HEADER = "tok/s ours/ref"  # a last column, in the tables of families whose cases count tokens
 
 
@@ -451,10 +493,19 @@ def _table_rows(result: CaseResult, with_tokens: bool) -> list[tuple[str, ...]]:
     kernel = result.kernel
     for side in result.ours:
         saved = "-" if result.mode == "backward" else f"{_mib(side.saved_bytes)}/{_mib(ref.saved_bytes)}"
-        row = (result.shape, result.dtype, result.mode, side.backend, f"{side.timing.median_ms:.3f}",
-               f"{ref.timing.median_ms:.3f}", f"{result.speedups[side.backend]:.2f}x",
-               f"{_mib(side.peak_bytes)}/{_mib(ref.peak_bytes)}", saved,
-               f"{kernel.gbps:.1f}" if kernel else "-", f"{100 * kernel.fraction_of_copy:.0f}%" if kernel else "-")
+        row = (
+            result.shape,
+            result.dtype,
+            result.mode,
+            side.backend,
+            f"{side.timing.median_ms:.3f}",
+            f"{ref.timing.median_ms:.3f}",
+            f"{result.speedups[side.backend]:.2f}x",
+            f"{_mib(side.peak_bytes)}/{_mib(ref.peak_bytes)}",
+            saved,
+            f"{kernel.gbps:.1f}" if kernel else "-",
+            f"{100 * kernel.fraction_of_copy:.0f}%" if kernel else "-",
+        )
         if with_tokens:
             tokens = result.tokens_per_s
             row += (f"{tokens[side.backend]:.0f}/{tokens['reference']:.0f}" if tokens else "-",)
@@ -498,9 +549,15 @@ def write_speedup_chart(path: Path, metadata: dict, results: Sequence[CaseResult
     matplotlib.use("Agg")
     from matplotlib import pyplot
 
-    bars = [(f"{result.family} {result.dtype} {result.mode}" + (f" [{backend}]" if len(result.speedups) > 1 else ""),
-             speedup, result.family)
-            for result in results for backend, speedup in result.speedups.items()]
+    bars = [
+        (
+            f"{result.family} {result.dtype} {result.mode}" + (f" [{backend}]" if len(result.speedups) > 1 else ""),
+            speedup,
+            result.family,
+        )
+        for result in results
+        for backend, speedup in result.speedups.items()
+    ]
     families = list(dict.fromkeys(family for _, _, family in bars))
     colors = pyplot.get_cmap("tab10")
     figure, axes = pyplot.subplots(figsize=(8, 1.2 + 0.3 * len(bars)))
@@ -508,16 +565,23 @@ def write_speedup_chart(path: Path, metadata: dict, results: Sequence[CaseResult
     # Log scale, bars drawn from parity: speedups grow right, slowdowns left.
     axes.set_xscale("log", base=2)
     axes.xaxis.set_major_formatter(matplotlib.ticker.FormatStrFormatter("%gx"))
-    axes.barh(positions, [speedup - 1.0 for _, speedup, _ in bars], left=1.0,
-              color=[colors(families.index(family)) for _, _, family in bars])
+    axes.barh(
+        positions,
+        [speedup - 1.0 for _, speedup, _ in bars],
+        left=1.0,
+        color=[colors(families.index(family)) for _, _, family in bars],
+    )
     axes.set_yticks(list(positions), [label for label, _, _ in bars], fontsize=8)
     axes.invert_yaxis()
     axes.axvline(1.0, color="black", linewidth=0.8)
     for position, (_, speedup, _) in zip(positions, bars):
         axes.text(speedup, position, f" {speedup:.2f}x", va="center", fontsize=7)
     axes.set_xlabel("speedup over the reference (reference median / ours median)")
-    axes.set_title(f"pyfastpeft on {metadata['device']}, torch {metadata['torch']}, "
-                   f"{metadata['threads']} threads, {metadata['date'][:10]}", fontsize=9)
+    axes.set_title(
+        f"pyfastpeft on {metadata['device']}, torch {metadata['torch']}, "
+        f"{metadata['threads']} threads, {metadata['date'][:10]}",
+        fontsize=9,
+    )
     figure.tight_layout()
     figure.savefig(path, dpi=120)
     pyplot.close(figure)

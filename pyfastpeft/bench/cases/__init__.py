@@ -1,0 +1,66 @@
+"""Benchmark cases, one function per op family, shapes from Llama-2-7B (hidden 4096, intermediate
+11008, 32 query heads, head_dim 128; 8 KV heads, as in GQA models).
+
+A family function takes the dtypes and whether the run is quick, and returns one Case per
+(dtype, mode). A Case's build(device) makes the inputs, our implementation (the public function or
+module) and the reference (the HF module or eager PyTorch), and builders of native "into" kernel
+calls (none in the `model` family, whose cases are whole training steps). A new family adds one module here (its
+cases function) and one entry in FAMILIES; the harness does not change.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import torch
+
+from pyfastpeft.bench.cases._common import DTYPES, FamilyCases
+from pyfastpeft.bench.cases.flce import flce_cases
+from pyfastpeft.bench.cases.int8 import int8_cases
+from pyfastpeft.bench.cases.lora import lora_cases
+from pyfastpeft.bench.cases.model import (
+    LORA_VS_DENSE,
+    MODEL_LORA,
+    QLORA_VS_BNB,
+    QLORA_VS_DENSE,
+    TRANSFORMERS_APPLY_ROTARY_POS_EMB,
+    ModelShape,
+    bitsandbytes_4bit_unusable,
+    model_cases,
+)
+from pyfastpeft.bench.cases.nf4 import nf4_cases
+from pyfastpeft.bench.cases.quantize import quantize_cases
+from pyfastpeft.bench.cases.rmsnorm import rmsnorm_cases
+from pyfastpeft.bench.cases.rope import rope_cases
+from pyfastpeft.bench.cases.swiglu import swiglu_cases
+from pyfastpeft.bench.harness import Case
+
+FAMILIES: dict[str, FamilyCases] = {
+    "rmsnorm": rmsnorm_cases,
+    "swiglu": swiglu_cases,
+    "rope": rope_cases,
+    "nf4": nf4_cases,
+    "int8": int8_cases,
+    "quantize": quantize_cases,
+    "lora": lora_cases,
+    "flce": flce_cases,
+    "model": model_cases,
+}
+
+
+def select_cases(families: Sequence[str], dtypes: Sequence[torch.dtype], quick: bool) -> list[Case]:
+    return [case for family in families for case in FAMILIES[family](dtypes, quick)]
+
+
+__all__ = [
+    "DTYPES",
+    "FAMILIES",
+    "LORA_VS_DENSE",
+    "MODEL_LORA",
+    "QLORA_VS_BNB",
+    "QLORA_VS_DENSE",
+    "TRANSFORMERS_APPLY_ROTARY_POS_EMB",
+    "ModelShape",
+    "bitsandbytes_4bit_unusable",
+    "select_cases",
+]

@@ -1,0 +1,328 @@
+"""LoRA benchmark cases: y = x W^T + s * dropout(x) A^T B^T over a dense or NF4 base, training; multi-adapter
+batches."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Sequence
+
+import torch
+import torch.nn.functional as F
+
+import pyfastpeft
+from pyfastpeft.bench.cases._common import HIDDEN, INTERMEDIATE, tensor_bytes
+from pyfastpeft.bench.harness import MODES, Case, Implementation, KernelCall, Workload
+from pyfastpeft.ops import lora as lora_ops
+
+LORA_ROWS = {False: 2048, True: 256}
+LORA_WEIGHTS = {False: ((HIDDEN, HIDDEN), (INTERMEDIATE, HIDDEN)), True: ((HIDDEN, HIDDEN),)}
+LORA_RANKS = {False: (16, 64), True: (16,)}
+LORA_DROPOUT = {False: (0.0, 0.05), True: (0.05,)}
+LORA_ALPHA = 16
+
+
+def _lora_tensors(rows: int, out_features: int, in_features: int, rank: int, dtype, device, requires_grad=False):
+    """x [rows, K], frozen W [N, K], A [r, K], B [N, r] at the scales of a trained adapter."""
+    x = torch.randn(rows, in_features, dtype=dtype, device=device, requires_grad=requires_grad)
+    weight = torch.randn(out_features, in_features, dtype=dtype, device=device) * in_features**-0.5
+    lora_A = (torch.randn(rank, in_features, device=device) * in_features**-0.5).to(dtype).requires_grad_(requires_grad)
+    lora_B = (torch.randn(out_features, rank, device=device) * 0.01).to(dtype).requires_grad_(requires_grad)
+    return x, weight, lora_A, lora_B
+
+
+def _lora_rng(dropout_p: float, device) -> torch.Tensor:
+    if dropout_p > 0:
+        return torch.randint(0, lora_ops.SEED_HIGH, (2,), device=device)
+    return torch.empty(0, dtype=torch.int64, device=device)
+
+
+def _lora_kernel(
+    rows: int, out_features: int, in_features: int, rank: int, dropout_p: float, dtype, device, backward: bool
+) -> KernelCall:
+    """The native op: forward reads x, W, A, B and writes y, xa [M, r]; backward reads dY, x, W, A, B, xa and
+    writes dX, dA, dB. The GEMMs are torch's, so this is compute-bound: the bandwidth figure is a floor."""
+    x, weight, lora_A, lora_B = _lora_tensors(rows, out_features, in_features, rank, dtype, device)
+    rng, scaling, bias = _lora_rng(dropout_p, device), LORA_ALPHA / rank, x.new_empty(0)
+    xa = torch.randn(rows, rank, dtype=dtype, device=device)
+    if backward:
+        dy = torch.randn(rows, out_features, dtype=dtype, device=device)
+        call = lambda: lora_ops.lora_backward(
+            dy,
+            x,
+            weight,
+            lora_A,
+            lora_B,
+            xa,
+            scaling,
+            dropout_p,  # noqa: E731
+            rng,
+            True,
+        )
+        return KernelCall(call, tensor_bytes(dy, x, weight, lora_A, lora_B, xa) + tensor_bytes(x, lora_A, lora_B))
+    call = lambda: lora_ops.lora_forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, rng)  # noqa: E731
+    return KernelCall(call, tensor_bytes(x, weight, lora_A, lora_B, xa) + rows * out_features * x.element_size())
+
+
+def _lora_workload(
+    rows: int,
+    out_features: int,
+    in_features: int,
+    rank: int,
+    dropout_p: float,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> Workload:
+    """Ours: pyfastpeft.functional.lora_linear. Reference: PEFT's eager graph, F.linear for the base plus
+    dropout and the two adapter linears."""
+    x, weight, lora_A, lora_B = _lora_tensors(rows, out_features, in_features, rank, dtype, device, True)
+    scaling = LORA_ALPHA / rank
+
+    def reference():
+        dropped = F.dropout(x, dropout_p, training=True) if dropout_p > 0 else x
+        return F.linear(x, weight) + F.linear(F.linear(dropped, lora_A), lora_B) * scaling
+
+    kernel = functools.partial(_lora_kernel, rows, out_features, in_features, rank, dropout_p, dtype, device)
+    leaves = (x, lora_A, lora_B)
+    return Workload(
+        ours=Implementation(
+            lambda: pyfastpeft.functional.lora_linear(
+                x, weight, None, lora_A, lora_B, scaling, dropout_p, training=True
+            ),
+            leaves,
+        ),
+        reference=Implementation(reference, leaves),
+        kernels={"forward": functools.partial(kernel, False), "backward": functools.partial(kernel, True)},
+    )
+
+
+class _EagerNF4Linear(torch.autograd.Function):
+    """The eager QLoRA base as bitsandbytes runs it on CPU: dequantize W in PyTorch, matmul; backward
+    dequantizes again for dX (no dW), so no dense W outlives either pass."""
+
+    @staticmethod
+    def forward(ctx, x, packed, absmax, code, blocksize: int, out_features: int, in_features: int):
+        from pyfastpeft.reference import nf4 as nf4_reference
+
+        ctx.save_for_backward(packed, absmax, code)
+        ctx.meta = (blocksize, out_features, in_features)
+        return nf4_reference.nf4_linear(x, packed, absmax, code, x.new_empty(0), blocksize, out_features, in_features)
+
+    @staticmethod
+    def backward(ctx, dy):
+        from pyfastpeft.reference import nf4 as nf4_reference
+
+        packed, absmax, code = ctx.saved_tensors
+        return (
+            nf4_reference.nf4_linear_grad_input(dy, packed, absmax, code, *ctx.meta),
+            None,
+            None,
+            None,
+            None,
+            None,
+            None,
+        )
+
+
+def _lora_variant_workload(
+    variant: str,
+    rows: int,
+    out_features: int,
+    in_features: int,
+    rank: int,
+    dropout_p: float,
+    dtype: torch.dtype,
+    device: torch.device,
+) -> Workload:
+    """Comparisons around one LoRA layer (x and the adapter train, W frozen):
+    "base":   ours = lora_linear over dense W; ref = the frozen base layer alone (F.linear): the LoRA overhead
+    "qlora":  ours = lora_linear over NF4 W; ref = eager QLoRA (PyTorch dequantize -> matmul, again in
+              backward, + PEFT's dropout and two linears)
+    "dense":  ours = lora_linear over NF4 W; ref = our lora_linear over the dense W: the cost of the 4-bit base"""
+    from pyfastpeft.quant import quantize_nf4
+
+    x, weight, lora_A, lora_B = _lora_tensors(rows, out_features, in_features, rank, dtype, device, True)
+    scaling = LORA_ALPHA / rank
+    leaves = (x, lora_A, lora_B)
+    packed, state = quantize_nf4(weight, 64, True)
+    base = weight if variant == "base" else (packed, state)
+    ours = functools.partial(
+        pyfastpeft.functional.lora_linear, x, base, None, lora_A, lora_B, scaling, dropout_p, training=True
+    )
+    if variant == "base":
+        reference = functools.partial(F.linear, x, weight)
+    elif variant == "dense":
+        reference = functools.partial(
+            pyfastpeft.functional.lora_linear, x, weight, None, lora_A, lora_B, scaling, dropout_p, training=True
+        )
+    else:
+        absmax, code = state.dequantized_absmax(), state.code.float()
+
+        def reference():
+            dropped = F.dropout(x, dropout_p, training=True) if dropout_p > 0 else x
+            y = _EagerNF4Linear.apply(x, packed, absmax, code, 64, out_features, in_features)
+            return y + F.linear(F.linear(dropped, lora_A), lora_B) * scaling
+
+    kernel = functools.partial(_lora_kernel, rows, out_features, in_features, rank, dropout_p, dtype, device)
+    return Workload(
+        ours=Implementation(ours, leaves),
+        reference=Implementation(reference, leaves),
+        kernels={"forward": functools.partial(kernel, False), "backward": functools.partial(kernel, True)},
+    )
+
+
+LORA_VARIANTS = (
+    ("base", "the frozen base layer alone (F.linear): LoRA's overhead"),
+    ("qlora", "eager QLoRA: PyTorch dequantize + matmul (again in backward) + PEFT's LoRA branch"),
+    ("dense", "our LoRA layer over the dense weight: the cost of the NF4 base"),
+)
+
+
+def lora_cases(dtypes: Sequence[torch.dtype], quick: bool) -> list[Case]:
+    rows = LORA_ROWS[quick]
+    cases = [
+        Case(
+            "lora",
+            f"M={rows} {out_features}x{in_features} r={rank} p={dropout_p}",
+            dtype,
+            mode,
+            "eager PEFT: F.linear + dropout + two linears",
+            functools.partial(_lora_workload, rows, out_features, in_features, rank, dropout_p, dtype),
+        )
+        for out_features, in_features in LORA_WEIGHTS[quick]
+        for rank in LORA_RANKS[quick]
+        for dropout_p in LORA_DROPOUT[quick]
+        for dtype in dtypes
+        for mode in MODES
+    ]
+    for variant, name in LORA_VARIANTS:
+        for variant_rows in (rows, 1) if variant == "qlora" else (rows,):  # decode: QLoRA at one row
+            modes = ("forward",) if variant_rows == 1 else ("both",)
+            cases += [
+                Case(
+                    "lora",
+                    f"{variant} M={variant_rows} {HIDDEN}x{HIDDEN} r=16 p=0.05",
+                    dtype,
+                    mode,
+                    name,
+                    functools.partial(_lora_variant_workload, variant, variant_rows, HIDDEN, HIDDEN, 16, 0.05, dtype),
+                )
+                for dtype in dtypes
+                for mode in modes
+            ]
+    return cases + lora_multi_cases(dtypes, quick)
+
+
+# ---- multi-adapter LoRA: 8 adapters in one batch, each on two of the 16 sequences -------------------------
+
+LORA_MULTI_SEQUENCES, LORA_MULTI_ADAPTERS, LORA_MULTI_RANK, LORA_MULTI_DROPOUT = 16, 8, 16, 0.05
+LORA_MULTI_SEQ_LEN = {False: 128, True: 16}  # 2048 tokens (256 quick)
+
+
+def _lora_multi_inputs(seq_len: int, dtype, device):
+    """x [16, seq_len, K] and 8 adapters (A, B) needing grads, frozen W [N, K] (N = K = hidden), and the
+    adapter of each sequence: every adapter on two sequences, in shuffled order."""
+    rows = LORA_MULTI_SEQUENCES * seq_len
+    x, weight, _, _ = _lora_tensors(rows, HIDDEN, HIDDEN, LORA_MULTI_RANK, dtype, device)
+    x = x.view(LORA_MULTI_SEQUENCES, seq_len, HIDDEN).requires_grad_()
+    adapters = [
+        _lora_tensors(1, HIDDEN, HIDDEN, LORA_MULTI_RANK, dtype, device, True)[2:] for _ in range(LORA_MULTI_ADAPTERS)
+    ]
+    order = torch.randperm(LORA_MULTI_SEQUENCES, generator=torch.Generator().manual_seed(0))
+    return x, weight, adapters, (order % LORA_MULTI_ADAPTERS).to(device)
+
+
+def _lora_multi_kernel(seq_len: int, dtype, device, backward: bool) -> KernelCall:
+    """The native multi-adapter ops on the packed adapters: forward reads x, W, A_cat, B_cat and writes y, xa;
+    backward reads dY, x, W, A_cat, B_cat, xa and writes dX, dA_cat, dB_cat."""
+    x, weight, adapters, adapter_ids = _lora_multi_inputs(seq_len, dtype, device)
+    x = x.detach()
+    lora_A = torch.cat([lora_A.detach() for lora_A, _ in adapters])
+    lora_B = torch.cat([lora_B.detach() for _, lora_B in adapters], dim=1)
+    rank_offsets = torch.arange(LORA_MULTI_ADAPTERS + 1, device=device) * LORA_MULTI_RANK
+    scalings = torch.full((LORA_MULTI_ADAPTERS,), LORA_ALPHA / LORA_MULTI_RANK, device=device)
+    row_adapter = adapter_ids[:, None].expand(LORA_MULTI_SEQUENCES, seq_len).reshape(-1).contiguous()
+    rng, bias = _lora_rng(LORA_MULTI_DROPOUT, device), x.new_empty(0)
+    forward_op, backward_op = lora_ops.MULTI_BASE_OPS["dense"]
+    forward_args = (
+        x,
+        weight,
+        bias,
+        lora_A,
+        lora_B,
+        rank_offsets,
+        scalings,
+        row_adapter,
+        LORA_MULTI_RANK,
+        LORA_MULTI_DROPOUT,
+        rng,
+    )
+    y, xa, row_order, segment_offsets = forward_op(*forward_args)
+    if backward:
+        dy = torch.randn_like(y)
+        call = lambda: backward_op(
+            dy,
+            x,
+            weight,
+            lora_A,
+            lora_B,
+            rank_offsets,
+            scalings,
+            xa,
+            row_order,  # noqa: E731
+            segment_offsets,
+            LORA_MULTI_DROPOUT,
+            rng,
+            True,
+        )
+        return KernelCall(call, tensor_bytes(dy, x, weight, lora_A, lora_B, xa) + tensor_bytes(x, lora_A, lora_B))
+    return KernelCall(lambda: forward_op(*forward_args), tensor_bytes(x, weight, lora_A, lora_B, xa, y))
+
+
+def _lora_multi_workload(seq_len: int, dtype: torch.dtype, device: torch.device) -> Workload:
+    """Ours: pyfastpeft.functional.lora_linear_multi. Reference: PEFT's mixed-batch forward (LoraLayer.
+    _mixed_batch_forward): F.linear for the base, then per adapter its sequences through dropout, lora_A and
+    lora_B in eager PyTorch, added into the base output at those sequences."""
+    x, weight, adapters, adapter_ids = _lora_multi_inputs(seq_len, dtype, device)
+    scaling = LORA_ALPHA / LORA_MULTI_RANK
+    sequences = [(adapter_ids == adapter).nonzero().view(-1) for adapter in range(LORA_MULTI_ADAPTERS)]
+
+    def reference():
+        result = F.linear(x, weight)
+        for (lora_A, lora_B), rows in zip(adapters, sequences):
+            dropped = F.dropout(x[rows], LORA_MULTI_DROPOUT, training=True)
+            result[rows] += F.linear(F.linear(dropped, lora_A), lora_B) * scaling
+        return result
+
+    packed = [(lora_A, lora_B, scaling) for lora_A, lora_B in adapters]
+    leaves = (x, *[t for adapter in adapters for t in adapter])
+    kernel = functools.partial(_lora_multi_kernel, seq_len, dtype, device)
+    return Workload(
+        ours=Implementation(
+            lambda: pyfastpeft.functional.lora_linear_multi(
+                x, weight, None, packed, adapter_ids, LORA_MULTI_DROPOUT, training=True
+            ),
+            leaves,
+        ),
+        reference=Implementation(reference, leaves),
+        kernels={"forward": functools.partial(kernel, False), "backward": functools.partial(kernel, True)},
+    )
+
+
+def lora_multi_cases(dtypes: Sequence[torch.dtype], quick: bool) -> list[Case]:
+    """fwd + bwd only: a multi-adapter batch is a training step here."""
+    seq_len = LORA_MULTI_SEQ_LEN[quick]
+    shape = (
+        f"8 adapters mixed M={LORA_MULTI_SEQUENCES * seq_len} ({LORA_MULTI_SEQUENCES}x{seq_len}) "
+        f"{HIDDEN}x{HIDDEN} r={LORA_MULTI_RANK} p={LORA_MULTI_DROPOUT}"
+    )
+    return [
+        Case(
+            "lora",
+            shape,
+            dtype,
+            "both",
+            "eager PEFT mixed batch: per adapter, its rows through dropout + two linears",
+            functools.partial(_lora_multi_workload, seq_len, dtype),
+        )
+        for dtype in dtypes
+    ]
