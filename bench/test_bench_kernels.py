@@ -4,6 +4,7 @@ Each case is timed three ways, grouped so they print side by side: ours (the pub
 module), the reference (HF / eager PyTorch), and the native kernel on preallocated outputs rotated
 through more memory than the last-level cache. Quick shapes unless --bench-full.
 """
+
 import pytest
 import torch
 
@@ -32,6 +33,7 @@ def _synchronized(step):
         outputs = step()
         torch.cuda.synchronize(DEVICE)
         return outputs
+
     return run
 
 
@@ -53,5 +55,9 @@ def test_case(benchmark, case, side):
     else:
         runnable = _side_runnable(workload, case.mode, side)
     benchmark.group = case.label
-    benchmark.pedantic(_synchronized(runnable.step), setup=lambda: harness.clear_grads(runnable.leaves),
-                       rounds=ROUNDS, warmup_rounds=WARMUP_ROUNDS)
+    benchmark.pedantic(
+        _synchronized(runnable.step),
+        setup=lambda: harness.clear_grads(runnable.leaves),
+        rounds=ROUNDS,
+        warmup_rounds=WARMUP_ROUNDS,
+    )

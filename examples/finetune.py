@@ -9,6 +9,7 @@ and the byte tokens with its tokenizer: prepare_model does not care. Prints the 
 mean next-token NLL, from the same fused pass as the loss), tokens/s and peak memory, and writes the adapter
 as a PEFT directory (adapter_config.json + adapter_model.safetensors) that peft.PeftModel.from_pretrained loads.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -49,9 +50,15 @@ def parse_args():
 
 
 def build_model(hidden: int, layers: int, dtype: torch.dtype, device: str) -> LlamaForCausalLM:
-    config = LlamaConfig(hidden_size=hidden, intermediate_size=hidden * 11 // 4, num_hidden_layers=layers,
-                         num_attention_heads=max(hidden // 64, 1) * 2, num_key_value_heads=max(hidden // 64, 1),
-                         vocab_size=256, max_position_embeddings=4096)
+    config = LlamaConfig(
+        hidden_size=hidden,
+        intermediate_size=hidden * 11 // 4,
+        num_hidden_layers=layers,
+        num_attention_heads=max(hidden // 64, 1) * 2,
+        num_key_value_heads=max(hidden // 64, 1),
+        vocab_size=256,
+        max_position_embeddings=4096,
+    )
     return LlamaForCausalLM(config).to(device=device, dtype=dtype)
 
 
@@ -61,7 +68,7 @@ def batches(tokens: torch.Tensor, batch: int, seq: int, generator: torch.Generat
         raise SystemExit(f"the text has {tokens.numel()} bytes; --seq must be smaller")
     while True:
         starts = torch.randint(0, tokens.numel() - seq, (batch,), generator=generator)
-        yield torch.stack([tokens[s:s + seq] for s in starts.tolist()])
+        yield torch.stack([tokens[s : s + seq] for s in starts.tolist()])
 
 
 def peak_memory(step, device: str) -> int:
@@ -71,6 +78,7 @@ def peak_memory(step, device: str) -> int:
         step()
         return torch.cuda.max_memory_allocated()
     from pyfastpeft.bench.harness import peak_cpu_bytes
+
     return peak_cpu_bytes(step)
 
 
@@ -100,15 +108,19 @@ def main() -> None:
         losses.append(step())
         if index == 1 or index % 10 == 0 or index == args.steps:
             elapsed = time.perf_counter() - start
-            print(f"step {index:4d}  loss {losses[-1]:.4f}  perplexity {math.exp(losses[-1]):8.2f}  "
-                  f"{tokens_per_step * index / elapsed:9.0f} tokens/s")
+            print(
+                f"step {index:4d}  loss {losses[-1]:.4f}  perplexity {math.exp(losses[-1]):8.2f}  "
+                f"{tokens_per_step * index / elapsed:9.0f} tokens/s"
+            )
     elapsed = time.perf_counter() - start
     peak = peak_memory(step, args.device)
-    tail = losses[-min(10, len(losses)):]
+    tail = losses[-min(10, len(losses)) :]
     mean_tail = sum(tail) / len(tail)
-    print(f"done: {args.steps} steps, loss {losses[0]:.4f} -> {mean_tail:.4f} (mean of the last {len(tail)}), "
-          f"perplexity {math.exp(mean_tail):.2f}, {tokens_per_step * args.steps / elapsed:.0f} tokens/s, "
-          f"peak memory of a step {peak / 2**20:.1f} MiB")
+    print(
+        f"done: {args.steps} steps, loss {losses[0]:.4f} -> {mean_tail:.4f} (mean of the last {len(tail)}), "
+        f"perplexity {math.exp(mean_tail):.2f}, {tokens_per_step * args.steps / elapsed:.0f} tokens/s, "
+        f"peak memory of a step {peak / 2**20:.1f} MiB"
+    )
     pyfastpeft.save_adapter(model, args.out)
     print(f"adapter saved to {args.out}/ (adapter_config.json, adapter_model.safetensors)")
 

@@ -1,14 +1,15 @@
 """pyfastpeft: fused CPU, CUDA and Triton kernels for LoRA/QLoRA fine-tuning and quantized inference.
 
-    import pyfastpeft
-    report = pyfastpeft.prepare_model(model, quant="nf4", lora=pyfastpeft.LoraSettings(r=16))  # fused QLoRA
-    pyfastpeft.backends()                      # what this install can run, and why not
-    with pyfastpeft.use_backend("reference"):  # force a backend for the ops in the block
-        ...
-    report = pyfastpeft.patch_model(model)     # swap RMSNorm / SwiGLU MLP / RoPE of an HF model
-    report = pyfastpeft.add_lora(model, target_modules=("q_proj", "v_proj"), r=8)  # LoRA adapters
-    pyfastpeft.save_adapter(model, "out")      # a PEFT adapter directory; load_adapter reads one
+import pyfastpeft
+report = pyfastpeft.prepare_model(model, quant="nf4", lora=pyfastpeft.LoraSettings(r=16))  # fused QLoRA
+pyfastpeft.backends()                      # what this install can run, and why not
+with pyfastpeft.use_backend("reference"):  # force a backend for the ops in the block
+    ...
+report = pyfastpeft.patch_model(model)     # swap RMSNorm / SwiGLU MLP / RoPE of an HF model
+report = pyfastpeft.add_lora(model, target_modules=("q_proj", "v_proj"), r=8)  # LoRA adapters
+pyfastpeft.save_adapter(model, "out")      # a PEFT adapter directory; load_adapter reads one
 """
+
 import torch  # noqa: F401  (before the native modules: they reuse torch's OpenMP runtime)
 
 from pyfastpeft import functional, nn, ops, quant  # noqa: F401
@@ -20,6 +21,24 @@ from pyfastpeft.integrations.transformers import PatchReport, patch_model, unpat
 from pyfastpeft.nn.lora import LoRAReport, add_lora
 
 __version__ = "0.1.0"
-__all__ = ["backends", "current_backend", "use_backend", "functional", "nn", "quant", "patch_model",
-           "unpatch_model", "PatchReport", "quantize_model", "QuantizeReport", "add_lora", "LoRAReport", "save_adapter",
-           "load_adapter", "from_peft", "prepare_model", "LoraSettings", "PrepareReport"]
+__all__ = [
+    "backends",
+    "current_backend",
+    "use_backend",
+    "functional",
+    "nn",
+    "quant",
+    "patch_model",
+    "unpatch_model",
+    "PatchReport",
+    "quantize_model",
+    "QuantizeReport",
+    "add_lora",
+    "LoRAReport",
+    "save_adapter",
+    "load_adapter",
+    "from_peft",
+    "prepare_model",
+    "LoraSettings",
+    "PrepareReport",
+]

@@ -13,6 +13,7 @@ decorated with `carry_backend` records the block's backend at forward time and r
 wherever autograd runs that backward (CPU backward on the thread calling .backward(), CUDA backward on
 autograd's device threads).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -35,14 +36,24 @@ BACKENDS = ("auto", "reference", "native", "triton")
 # LoRA's GPU kernel is Triton's; the general affine quantize family has no GPU kernel yet. Fused linear
 # cross-entropy's row pass runs in Triton (Liger's design) until GPU measurements compare it with the CUDA
 # row kernel.
-CUDA_PREFERENCE = {"rmsnorm": "native", "swiglu": "native", "rope": "native", "nf4": "native", "int8": "native",
-                   "lora": "triton", "quantize": "reference", "flce": "triton"}
+CUDA_PREFERENCE = {
+    "rmsnorm": "native",
+    "swiglu": "native",
+    "rope": "native",
+    "nf4": "native",
+    "int8": "native",
+    "lora": "triton",
+    "quantize": "reference",
+    "flce": "triton",
+}
 
 
 def _default_backend() -> str:
     name = os.environ.get("PYFASTPEFT_BACKEND", "auto").strip().lower() or "auto"
     if name not in BACKENDS:  # a typo in the environment must not break `import pyfastpeft`
-        warnings.warn(f"PYFASTPEFT_BACKEND must be one of {BACKENDS}, got {name!r}; using 'auto'", RuntimeWarning)
+        warnings.warn(
+            f"PYFASTPEFT_BACKEND must be one of {BACKENDS}, got {name!r}; using 'auto'", RuntimeWarning, stacklevel=2
+        )
         return "auto"
     return name
 
@@ -121,12 +132,18 @@ def backends() -> dict:
     triton_ok, triton_why = _triton_status()
     return {
         "reference": {"available": True, "detail": "pure PyTorch, every device"},
-        "cpu_native": {"available": cpu_ok,
-                       "detail": f"pyfastpeft._C ({_native.cpu.current_isa()})" if cpu_ok
-                       else f"pyfastpeft._C failed to load: {_native.cpu_error}"},
-        "cuda_native": {"available": cuda_built and gpu,
-                        "detail": ("pyfastpeft._cuda" if cuda_built and gpu
-                                   else _native.cuda_error if not cuda_built else "no GPU visible")},
+        "cpu_native": {
+            "available": cpu_ok,
+            "detail": f"pyfastpeft._C ({_native.cpu.current_isa()})"
+            if cpu_ok
+            else f"pyfastpeft._C failed to load: {_native.cpu_error}",
+        },
+        "cuda_native": {
+            "available": cuda_built and gpu,
+            "detail": (
+                "pyfastpeft._cuda" if cuda_built and gpu else _native.cuda_error if not cuda_built else "no GPU visible"
+            ),
+        },
         "triton": {"available": triton_ok, "detail": triton_why},
     }
 

@@ -1,4 +1,5 @@
 """The public functions, one per op family (the ops, dispatch and autograd live in pyfastpeft.ops)."""
+
 from pyfastpeft.ops.flce import fused_linear_cross_entropy
 from pyfastpeft.ops.int8 import int8_linear
 from pyfastpeft.ops.lora import lora_linear, lora_linear_multi
@@ -7,5 +8,13 @@ from pyfastpeft.ops.rmsnorm import rms_norm
 from pyfastpeft.ops.rope import apply_rotary_pos_emb
 from pyfastpeft.ops.swiglu import swiglu
 
-__all__ = ["rms_norm", "swiglu", "apply_rotary_pos_emb", "nf4_linear", "int8_linear", "lora_linear", "lora_linear_multi",
-           "fused_linear_cross_entropy"]
+__all__ = [
+    "rms_norm",
+    "swiglu",
+    "apply_rotary_pos_emb",
+    "nf4_linear",
+    "int8_linear",
+    "lora_linear",
+    "lora_linear_multi",
+    "fused_linear_cross_entropy",
+]

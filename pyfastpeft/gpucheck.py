@@ -13,6 +13,7 @@ Writes <out>/gpucheck-<device>-<date>.json (default out: bench/results) and prin
 when a step fails, 0 when all pass; without a GPU it says so and exits 0, having run nothing.
     python -m pyfastpeft.gpucheck [--out DIR] [--skip tests,sweep,sanitizer,bench] [--full-bench]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -42,6 +43,7 @@ SWEEP_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
 
 # ---- the sweep: public ops on every backend against the reference -----------------------------------------
 
+
 def _sweep_cases(small: bool, device: str):
     """(name, make(dtype) -> (fn, inputs, differentiable input indices)) for every public op on `device`;
     `small` keeps the sanitizer's run short."""
@@ -55,8 +57,11 @@ def _sweep_cases(small: bool, device: str):
         return (torch.randn(shape, device=device) * scale).to(dtype)
 
     def rmsnorm(dtype, mode="llama", offset=0.0):
-        return (lambda x, w: F.rms_norm(x, w, 1e-6, offset, mode),
-                (randn(rows, hidden + 3, dtype=dtype, scale=3), randn(hidden + 3, dtype=dtype)), (0, 1))
+        return (
+            lambda x, w: F.rms_norm(x, w, 1e-6, offset, mode),
+            (randn(rows, hidden + 3, dtype=dtype, scale=3), randn(hidden + 3, dtype=dtype)),
+            (0, 1),
+        )
 
     def swiglu(dtype):
         width = 2 * hidden + 1
@@ -68,13 +73,21 @@ def _sweep_cases(small: bool, device: str):
         frequencies = 1.0 / 10000 ** (torch.arange(0, rotary, 2, device=device).float() / rotary)
         angles = torch.cat([positions[:, None] * frequencies] * 2, dim=-1)[None]
         q, k = randn(2, 8, seq, 64, dtype=dtype), randn(2, 2, seq, 64, dtype=dtype)
-        return (lambda q, k: F.apply_rotary_pos_emb(q, k, angles.cos().to(dtype), angles.sin().to(dtype),
-                                                    interleaved=interleaved), (q, k), (0, 1))
+        return (
+            lambda q, k: F.apply_rotary_pos_emb(
+                q, k, angles.cos().to(dtype), angles.sin().to(dtype), interleaved=interleaved
+            ),
+            (q, k),
+            (0, 1),
+        )
 
     def nf4(dtype):
         packed, state = quantize_nf4(randn(out_features, hidden, dtype=dtype, scale=0.05), blocksize=64)
-        return (lambda x, b: F.nf4_linear(x, packed, state, b),
-                (randn(rows, hidden, dtype=dtype), randn(out_features, dtype=dtype)), (0, 1))
+        return (
+            lambda x, b: F.nf4_linear(x, packed, state, b),
+            (randn(rows, hidden, dtype=dtype), randn(out_features, dtype=dtype)),
+            (0, 1),
+        )
 
     def nf4_gemv(dtype):
         fn, (x, b), grads = nf4(dtype)
@@ -87,29 +100,45 @@ def _sweep_cases(small: bool, device: str):
         return lambda x, b: F.int8_linear(x, codes, stats, b, 6.0), (x, randn(out_features, dtype=dtype)), (0, 1)
 
     def lora(dtype, base="dense", dropout_p=0.1, lora_rank=rank):
-        dense = randn(out_features, hidden, dtype=dtype, scale=hidden ** -0.5)
+        dense = randn(out_features, hidden, dtype=dtype, scale=hidden**-0.5)
         weight = dense if base == "dense" else quantize_nf4(dense, blocksize=64)
-        inputs = (randn(rows, hidden, dtype=dtype), randn(out_features, dtype=dtype),
-                  randn(lora_rank, hidden, dtype=dtype, scale=hidden ** -0.5),
-                  randn(out_features, lora_rank, dtype=dtype))
+        inputs = (
+            randn(rows, hidden, dtype=dtype),
+            randn(out_features, dtype=dtype),
+            randn(lora_rank, hidden, dtype=dtype, scale=hidden**-0.5),
+            randn(out_features, lora_rank, dtype=dtype),
+        )
 
         def fn(x, b, a, bb):
             torch.manual_seed(5)  # one dropout mask for every backend
             return F.lora_linear(x, weight, b, a, bb, 2.0, dropout_p, training=True)
+
         return fn, inputs, (0, 1, 2, 3)
 
     def flce(dtype, softcap=None):
-        weight = randn(vocab, hidden, dtype=dtype, scale=hidden ** -0.5)
+        weight = randn(vocab, hidden, dtype=dtype, scale=hidden**-0.5)
         labels = torch.randint(0, vocab, (rows,), device=device)
         labels[0] = -100
-        return (lambda h, w: F.fused_linear_cross_entropy(h, w, labels, softcap=softcap),
-                (randn(rows, hidden, dtype=dtype), weight), (0, 1))
+        return (
+            lambda h, w: F.fused_linear_cross_entropy(h, w, labels, softcap=softcap),
+            (randn(rows, hidden, dtype=dtype), weight),
+            (0, 1),
+        )
 
-    cases = [("rms_norm llama", rmsnorm), ("rms_norm gemma", lambda d: rmsnorm(d, "gemma", 1.0)),
-             ("swiglu", swiglu), ("rope half", rope), ("rope gptj partial", lambda d: rope(d, True, 32)),
-             ("nf4_linear", nf4), ("nf4_linear gemv", nf4_gemv), ("int8_linear", int8),
-             ("lora_linear dense", lora), ("lora_linear nf4", lambda d: lora(d, "nf4")),
-             ("flce", flce), ("flce softcap", lambda d: flce(d, 30.0))]
+    cases = [
+        ("rms_norm llama", rmsnorm),
+        ("rms_norm gemma", lambda d: rmsnorm(d, "gemma", 1.0)),
+        ("swiglu", swiglu),
+        ("rope half", rope),
+        ("rope gptj partial", lambda d: rope(d, True, 32)),
+        ("nf4_linear", nf4),
+        ("nf4_linear gemv", nf4_gemv),
+        ("int8_linear", int8),
+        ("lora_linear dense", lora),
+        ("lora_linear nf4", lambda d: lora(d, "nf4")),
+        ("flce", flce),
+        ("flce softcap", lambda d: flce(d, 30.0)),
+    ]
     if not small:
         cases.append(("lora_linear dense r=1024", lambda d: lora(d, lora_rank=1024)))
     return cases
@@ -157,8 +186,15 @@ def run_sweep(small: bool = False, device: str = "cuda", dtypes=None) -> dict:
                 fn, inputs, grad_indices = make(dtype)
                 expected = _outputs_and_grads("reference", fn, inputs, grad_indices)
             except Exception as exc:  # noqa: BLE001 - recorded, the sweep goes on
-                results.append(dict(op=name, dtype=str(dtype)[6:], backend="reference", worst=None,
-                                    error=f"{type(exc).__name__}: {exc}"[:500]))
+                results.append(
+                    dict(
+                        op=name,
+                        dtype=str(dtype)[6:],
+                        backend="reference",
+                        worst=None,
+                        error=f"{type(exc).__name__}: {exc}"[:500],
+                    )
+                )
                 continue
             for backend in ("native", "triton"):
                 entry = dict(op=name, dtype=str(dtype)[6:], backend=backend, worst=None, error=None)
@@ -175,6 +211,7 @@ def run_sweep(small: bool = False, device: str = "cuda", dtypes=None) -> dict:
 
 
 # ---- the steps -------------------------------------------------------------------------------------------
+
 
 def _run(command, limit_s, **kwargs) -> tuple[int | None, str, float]:
     """(returncode or None on timeout, last 6000 characters of output, seconds)."""
@@ -194,8 +231,18 @@ def _step_tests() -> dict:
         return dict(status="skipped", detail="no tests/ beside the package (installed from a wheel)")
     with tempfile.TemporaryDirectory() as scratch:
         report = Path(scratch) / "junit.xml"
-        command = [sys.executable, "-m", "pytest", "-q", "-m", "cuda", "-p", "no:cacheprovider", f"--junitxml={report}",
-                   str(tests)]
+        command = [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-m",
+            "cuda",
+            "-p",
+            "no:cacheprovider",
+            f"--junitxml={report}",
+            str(tests),
+        ]
         returncode, output, seconds = _run(command, TIME_LIMITS_S["tests"], cwd=SOURCE_ROOT)
         failures = []
         counts = {}
@@ -206,11 +253,20 @@ def _step_tests() -> dict:
             for case in suite.iter("testcase"):
                 problem = case.find("failure") if case.find("failure") is not None else case.find("error")
                 if problem is not None:
-                    failures.append(dict(test=f"{case.get('classname')}::{case.get('name')}",
-                                         message=(problem.get("message") or "")[:500]))
+                    failures.append(
+                        dict(
+                            test=f"{case.get('classname')}::{case.get('name')}",
+                            message=(problem.get("message") or "")[:500],
+                        )
+                    )
     status = "timeout" if returncode is None else "passed" if returncode == 0 else "failed"
-    return dict(status=status, seconds=round(seconds, 1), counts=counts, failures=failures[:50],
-                output_tail=output[-3000:] if status != "passed" else output[-300:])
+    return dict(
+        status=status,
+        seconds=round(seconds, 1),
+        counts=counts,
+        failures=failures[:50],
+        output_tail=output[-3000:] if status != "passed" else output[-300:],
+    )
 
 
 def _sweep_in_subprocess(limit_s: int, small: bool, wrapper=(), env=None) -> tuple[dict | None, int | None, str, float]:
@@ -218,8 +274,10 @@ def _sweep_in_subprocess(limit_s: int, small: bool, wrapper=(), env=None) -> tup
     returncode or None on timeout, output tail, seconds)."""
     with tempfile.TemporaryDirectory() as scratch:
         path = Path(scratch) / "sweep.json"
-        code = (f"import json; from pyfastpeft.gpucheck import run_sweep; "
-                f"open({str(path)!r}, 'w').write(json.dumps(run_sweep(small={small})))")
+        code = (
+            f"import json; from pyfastpeft.gpucheck import run_sweep; "
+            f"open({str(path)!r}, 'w').write(json.dumps(run_sweep(small={small})))"
+        )
         returncode, output, seconds = _run([*wrapper, sys.executable, "-c", code], limit_s, env=env)
         result = json.loads(path.read_text()) if path.exists() else None
     return result, returncode, output, seconds
@@ -228,30 +286,45 @@ def _sweep_in_subprocess(limit_s: int, small: bool, wrapper=(), env=None) -> tup
 def _step_sweep() -> dict:
     result, returncode, output, seconds = _sweep_in_subprocess(TIME_LIMITS_S["sweep"], small=False)
     if result is None:
-        return dict(status="timeout" if returncode is None else "error", seconds=round(seconds, 1),
-                    output_tail=output[-3000:])
+        return dict(
+            status="timeout" if returncode is None else "error", seconds=round(seconds, 1), output_tail=output[-3000:]
+        )
     failed = [case for case in result["cases"] if case["error"]]
-    return dict(status="passed" if result["passed"] else "failed", seconds=round(seconds, 1),
-                compared=len(result["cases"]), failed=len(failed), cases=result["cases"])
+    return dict(
+        status="passed" if result["passed"] else "failed",
+        seconds=round(seconds, 1),
+        compared=len(result["cases"]),
+        failed=len(failed),
+        cases=result["cases"],
+    )
 
 
 def _step_sanitizer() -> dict:
     sanitizer = shutil.which("compute-sanitizer") or (
-        "/usr/local/cuda/bin/compute-sanitizer" if os.path.exists("/usr/local/cuda/bin/compute-sanitizer") else None)
+        "/usr/local/cuda/bin/compute-sanitizer" if os.path.exists("/usr/local/cuda/bin/compute-sanitizer") else None
+    )
     if sanitizer is None:
         return dict(status="skipped", detail="compute-sanitizer not found")
     # memcheck: out-of-bounds and misaligned accesses. Without torch's caching allocator every tensor is its own
     # allocation, so a read past a tensor's end is seen rather than landing in a cached neighbour.
     env = {**os.environ, "PYTORCH_NO_CUDA_MEMORY_CACHING": "1"}
     result, returncode, output, seconds = _sweep_in_subprocess(
-        TIME_LIMITS_S["sanitizer"], small=True, env=env,
-        wrapper=(sanitizer, "--tool", "memcheck", "--error-exitcode", "86", "--target-processes", "all"))
+        TIME_LIMITS_S["sanitizer"],
+        small=True,
+        env=env,
+        wrapper=(sanitizer, "--tool", "memcheck", "--error-exitcode", "86", "--target-processes", "all"),
+    )
     errors = re.search(r"ERROR SUMMARY: (\d+) error", output)
     status = "timeout" if returncode is None else "passed" if returncode == 0 else "failed"
-    return dict(status=status, seconds=round(seconds, 1), tool="memcheck",
-                errors=int(errors.group(1)) if errors else None, returncode=returncode,
-                sweep_passed=result["passed"] if result else None,
-                output_tail=output[-3000:] if status != "passed" else output[-500:])
+    return dict(
+        status=status,
+        seconds=round(seconds, 1),
+        tool="memcheck",
+        errors=int(errors.group(1)) if errors else None,
+        returncode=returncode,
+        sweep_passed=result["passed"] if result else None,
+        output_tail=output[-3000:] if status != "passed" else output[-500:],
+    )
 
 
 def _step_bench(out: Path, full: bool) -> dict:
@@ -265,9 +338,14 @@ def _step_bench(out: Path, full: bool) -> dict:
             out.mkdir(parents=True, exist_ok=True)
             shutil.copy(written[-1], out / written[-1].name)
     status = "timeout" if returncode is None else "passed" if returncode == 0 and results else "failed"
-    return dict(status=status, seconds=round(seconds, 1), quick=not full,
-                json=str(out / written[-1].name) if written else None, results=results,
-                output_tail=output[-3000:])
+    return dict(
+        status=status,
+        seconds=round(seconds, 1),
+        quick=not full,
+        json=str(out / written[-1].name) if written else None,
+        results=results,
+        output_tail=output[-3000:],
+    )
 
 
 def _environment() -> dict:
@@ -275,12 +353,19 @@ def _environment() -> dict:
     from pyfastpeft.info import build_info
 
     properties = torch.cuda.get_device_properties(0)
-    env = dict(device=torch.cuda.get_device_name(0), capability=f"{properties.major}.{properties.minor}",
-               memory_gib=round(properties.total_memory / 2**30, 1), device_count=torch.cuda.device_count(),
-               torch=torch.__version__, torch_cuda=torch.version.cuda, python=platform.python_version(),
-               date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"))
+    env = dict(
+        device=torch.cuda.get_device_name(0),
+        capability=f"{properties.major}.{properties.minor}",
+        memory_gib=round(properties.total_memory / 2**30, 1),
+        device_count=torch.cuda.device_count(),
+        torch=torch.__version__,
+        torch_cuda=torch.version.cuda,
+        python=platform.python_version(),
+        date=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    )
     try:
         import triton
+
         env["triton"] = triton.__version__
     except ImportError:
         env["triton"] = None
@@ -299,10 +384,12 @@ def _environment() -> dict:
 
 
 def _summary(name: str, step: dict) -> str:
-    detail = {"tests": lambda s: f"{s.get('counts', {})} {len(s.get('failures', []))} failing",
-              "sweep": lambda s: f"{s.get('compared')} comparisons, {s.get('failed')} failing",
-              "sanitizer": lambda s: f"{s.get('errors')} memcheck errors",
-              "bench": lambda s: f"-> {s.get('json')}"}[name]
+    detail = {
+        "tests": lambda s: f"{s.get('counts', {})} {len(s.get('failures', []))} failing",
+        "sweep": lambda s: f"{s.get('compared')} comparisons, {s.get('failed')} failing",
+        "sanitizer": lambda s: f"{s.get('errors')} memcheck errors",
+        "bench": lambda s: f"-> {s.get('json')}",
+    }[name]
     extra = step.get("detail") or (detail(step) if step["status"] != "skipped" else "")
     return f"  {name:<10} {step['status']:<8} {step.get('seconds', 0):>6.0f} s  {extra}"
 
@@ -322,10 +409,17 @@ def main(argv=None) -> int:
         parser.error(f"unknown steps to skip: {sorted(unknown)}")
     started = time.time()
     report = dict(environment=_environment(), steps={})
-    print(f"gpucheck on {report['environment']['device']} (driver {report['environment'].get('driver')}, "
-          f"torch {torch.__version__}, commit {str(report['environment']['commit'])[:12]})", flush=True)
-    runners = {"tests": _step_tests, "sweep": _step_sweep, "sanitizer": _step_sanitizer,
-               "bench": lambda: _step_bench(args.out, args.full_bench)}
+    print(
+        f"gpucheck on {report['environment']['device']} (driver {report['environment'].get('driver')}, "
+        f"torch {torch.__version__}, commit {str(report['environment']['commit'])[:12]})",
+        flush=True,
+    )
+    runners = {
+        "tests": _step_tests,
+        "sweep": _step_sweep,
+        "sanitizer": _step_sanitizer,
+        "bench": lambda: _step_bench(args.out, args.full_bench),
+    }
     for name in STEPS:
         if name in skip:
             report["steps"][name] = dict(status="skipped", detail="--skip")
@@ -333,8 +427,9 @@ def main(argv=None) -> int:
             try:
                 report["steps"][name] = runners[name]()
             except Exception as exc:  # noqa: BLE001 - one broken step does not lose the others' results
-                report["steps"][name] = dict(status="error", detail=f"{type(exc).__name__}: {exc}",
-                                             traceback=traceback.format_exc()[-3000:])
+                report["steps"][name] = dict(
+                    status="error", detail=f"{type(exc).__name__}: {exc}", traceback=traceback.format_exc()[-3000:]
+                )
         print(_summary(name, report["steps"][name]), flush=True)
     report["seconds"] = round(time.time() - started, 1)
     report["passed"] = all(step["status"] in ("passed", "skipped") for step in report["steps"].values())

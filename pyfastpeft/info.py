@@ -1,5 +1,6 @@
 """`python -m pyfastpeft.info`: what was built (compiler, CPU instruction sets, CUDA version and
 architectures) and what this install can run."""
+
 import json
 import platform
 
@@ -12,8 +13,11 @@ from pyfastpeft.backend import backends
 def build_info() -> dict:
     info = {"torch": torch.__version__, "python": platform.python_version(), "cpu_threads": torch.get_num_threads()}
     if _native.cpu is not None:
-        info["cpu"] = {**_native.cpu.build_info(), "best_isa": _native.cpu.best_isa(),
-                       "isa_in_use": _native.cpu.current_isa()}
+        info["cpu"] = {
+            **_native.cpu.build_info(),
+            "best_isa": _native.cpu.best_isa(),
+            "isa_in_use": _native.cpu.current_isa(),
+        }
     else:
         info["cpu"] = {"error": _native.cpu_error}
     info["cuda"] = _native.cuda.build_info() if _native.cuda is not None else {"error": _native.cuda_error}

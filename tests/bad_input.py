@@ -6,6 +6,7 @@ functions, then `test_...(name)` parametrized over `cases.names()` asserts `case
 outcome asked for runs every case of the module in one child (one import of torch), each printing one JSON
 line as it finishes; a case that kills the child is named in the failure, with the signal.
 """
+
 from __future__ import annotations
 
 import json
@@ -51,6 +52,7 @@ class Cases:
         def register(fn):
             self._cases[fn.__name__] = (fn, error, pattern)
             return fn
+
         return register
 
     def items(self):
@@ -63,8 +65,14 @@ class Cases:
         code = _CHILD.format(tests=str(Path(__file__).resolve().parent), path=self.path)
         # Not from the repository root: `python -c` puts the working directory first on sys.path, and the
         # source tree there (no built modules) would shadow the installed package.
-        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, env=dict(os.environ),
-                              timeout=600, cwd=tempfile.gettempdir())
+        proc = subprocess.run(
+            [sys.executable, "-c", code],
+            capture_output=True,
+            text=True,
+            env=dict(os.environ),
+            timeout=600,
+            cwd=tempfile.gettempdir(),
+        )
         outcomes, running = {}, None
         for line in proc.stdout.splitlines():
             if not line.startswith("{"):
@@ -76,8 +84,11 @@ class Cases:
                 outcomes[record["name"]] = (record["ok"], record["detail"])
                 running = None
         if proc.returncode != 0:
-            how = (f"signal {signal.Signals(-proc.returncode).name}" if proc.returncode < 0
-                   else f"exit code {proc.returncode}")
+            how = (
+                f"signal {signal.Signals(-proc.returncode).name}"
+                if proc.returncode < 0
+                else f"exit code {proc.returncode}"
+            )
             tail = "\n".join(proc.stderr.splitlines()[-25:])
             for name in self._cases:
                 if name not in outcomes:
@@ -94,4 +105,3 @@ class Cases:
 def assert_raises_cleanly(cases: Cases, name: str) -> None:
     ok, detail = cases.outcome(name)
     assert ok, detail
-

@@ -9,6 +9,19 @@ if not torch.cuda.is_available():
 import pytest  # noqa: E402
 
 
+def pytest_configure(config):
+    """Stop at once, with the cause, when the native CPU module did not load: every test would otherwise fail
+    on its own (`python -m pytest` from the repository root imports the unbuilt source tree, for one)."""
+    from pyfastpeft import _native
+
+    if _native.cpu is None:
+        pytest.exit(
+            f"pyfastpeft._C did not load: {_native.cpu_error}. Install the package (pip install .) and run "
+            "`pytest` (not `python -m pytest`, which puts the source tree first on the path).",
+            returncode=4,
+        )
+
+
 def pytest_collection_modifyitems(config, items):
     if torch.cuda.is_available():
         return

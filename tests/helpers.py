@@ -1,4 +1,5 @@
 """Shared test helpers: backends and ISAs to sweep, per-dtype tolerances, NF4 test weights."""
+
 import contextlib
 import importlib.util
 import math
@@ -20,8 +21,11 @@ TOLERANCES = {
     torch.bfloat16: dict(rtol=1.6e-2, atol=1.6e-2),
 }
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
-CPU_ISAS = [isa for isa in ("avx512", "avx2", "scalar")
-            if ("avx512", "avx2", "scalar").index(isa) >= ("avx512", "avx2", "scalar").index(_native.cpu.best_isa())]
+CPU_ISAS = [
+    isa
+    for isa in ("avx512", "avx2", "scalar")
+    if ("avx512", "avx2", "scalar").index(isa) >= ("avx512", "avx2", "scalar").index(_native.cpu.best_isa())
+]
 
 # The backends to compare with the reference on CPU tensors. Triton runs in the interpreter here, on
 # small shapes only, in fp32/fp16 (the interpreter mishandles bf16 arithmetic).
@@ -72,11 +76,18 @@ def with_planted_ties(shape, blocksize, code, generator):
     """fp32 weight whose every other block scales exactly onto the code's midpoints and their fp32 neighbours:
     the block's absmax is a power of two (one element holds it), so x / absmax and x * (1 / absmax) are exact."""
     midpoints, _ = nf4_reference.search_tables(code)
-    candidates = torch.cat([midpoints, torch.nextafter(midpoints, torch.tensor(2.0)),
-                            torch.nextafter(midpoints, torch.tensor(-2.0)), code, torch.tensor([0.0, -0.0])])
+    candidates = torch.cat(
+        [
+            midpoints,
+            torch.nextafter(midpoints, torch.tensor(2.0)),
+            torch.nextafter(midpoints, torch.tensor(-2.0)),
+            code,
+            torch.tensor([0.0, -0.0]),
+        ]
+    )
     flat = torch.randn(math.prod(shape), generator=generator)
     for b in range(0, -(-flat.numel() // blocksize), 2):
-        block = flat[b * blocksize:(b + 1) * blocksize]
+        block = flat[b * blocksize : (b + 1) * blocksize]
         scale = 2.0 ** torch.randint(-4, 5, (), generator=generator).item()
         block.copy_(candidates[torch.randint(0, candidates.numel(), (block.numel(),), generator=generator)] * scale)
         block[0] = scale * (1 if b % 4 == 0 else -1)
@@ -95,12 +106,20 @@ def special_blocks_weight(numel: int) -> torch.Tensor:
     return w
 
 
+# The sizes of the tiny decoders the model tests build from configs (2 layers, hidden 64, GQA 4/2, vocab 128).
+TINY_DECODER = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=128,
+)
+
+
 def tiny_llama(seed: int = 0, **overrides):
     """A 2-layer LlamaForCausalLM with random weights (hidden 64, vocab 128), in eval mode."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(seed)
-    settings = dict(hidden_size=64, intermediate_size=160, num_hidden_layers=2, num_attention_heads=4,
-                    num_key_value_heads=2, vocab_size=128)
-    settings.update(overrides)
-    return LlamaForCausalLM(LlamaConfig(**settings)).eval()
+    return LlamaForCausalLM(LlamaConfig(**{**TINY_DECODER, "intermediate_size": 160, **overrides})).eval()

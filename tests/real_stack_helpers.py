@@ -1,12 +1,13 @@
 """Builders for tests/test_real_stack.py: the LoRA settings on both sides, PEFT's reference model with seeded
 initial adapters, those adapters copied into a prepared model, in-memory datasets, a word-level tokenizer (no
 download) and the per-step records a Trainer logs."""
+
 import copy
 
 import pytest
 import torch
-
 from helpers import tiny_llama
+
 from pyfastpeft import LoraSettings
 
 peft = pytest.importorskip("peft")
@@ -18,8 +19,13 @@ LORA = LoraSettings(r=8, lora_alpha=16, lora_dropout=0.0, target_modules="all-li
 
 def peft_lora_config():
     """LORA in PEFT's LoraConfig (a fresh one each time: TRL edits the config it is given)."""
-    return peft.LoraConfig(r=LORA.r, lora_alpha=LORA.lora_alpha, lora_dropout=LORA.lora_dropout,
-                           target_modules=LORA.target_modules, task_type="CAUSAL_LM")
+    return peft.LoraConfig(
+        r=LORA.r,
+        lora_alpha=LORA.lora_alpha,
+        lora_dropout=LORA.lora_dropout,
+        target_modules=LORA.target_modules,
+        task_type="CAUSAL_LM",
+    )
 
 
 def base_model(dtype=torch.float32):
@@ -29,8 +35,11 @@ def base_model(dtype=torch.float32):
 
 def adapter_state(model) -> dict[str, torch.Tensor]:
     """The LoRA matrices under the unwrapped model's names (PEFT's `base_model.model.` prefix removed), cloned."""
-    return {name.removeprefix("base_model.model."): p.detach().clone()
-            for name, p in model.named_parameters() if ".lora_" in name}
+    return {
+        name.removeprefix("base_model.model."): p.detach().clone()
+        for name, p in model.named_parameters()
+        if ".lora_" in name
+    }
 
 
 def seed_adapters(model, seed=1) -> dict[str, torch.Tensor]:

@@ -1,20 +1,21 @@
 """Adapter directories as untrusted input: save_adapter never leaves a half-written adapter, load_adapter checks
 every file, key, value, shape and dtype before the model changes (and undoes a change that fails), names the file
 and key in every error, and matches rank_pattern / alpha_pattern keys in linear time."""
+
 import json
 import os
 import random
 import re
 import subprocess
-import tempfile
 import sys
+import tempfile
 import textwrap
 
 import pytest
 import torch
+from helpers import tiny_llama
 
 import pyfastpeft
-from helpers import tiny_llama
 from pyfastpeft.integrations.safe_regex import compile_pattern
 from pyfastpeft.nn import LoRALinear
 
@@ -43,9 +44,11 @@ def directory_bytes(path):
 
 def snapshot(model):
     """Everything a failed load must leave as it was: the state dict, module types and trainability."""
-    return ({key: value.clone() for key, value in model.state_dict().items()},
-            [(name, type(module)) for name, module in model.named_modules()],
-            [(name, parameter.requires_grad) for name, parameter in model.named_parameters()])
+    return (
+        {key: value.clone() for key, value in model.state_dict().items()},
+        [(name, type(module)) for name, module in model.named_modules()],
+        [(name, parameter.requires_grad) for name, parameter in model.named_parameters()],
+    )
 
 
 def assert_unchanged(model, before):
@@ -65,10 +68,11 @@ def edit_config(path, **changes):
 
 # ---- save_adapter is atomic ----------------------------------------------------------------------------------
 
+
 def failing_writer(tensors, filename, metadata=None):
     """A weight writer that dies halfway through its file."""
     with open(filename, "wb") as file:
-        file.write(b"\x08\x00\x00\x00\x00\x00\x00\x00{\"a\":")
+        file.write(b'\x08\x00\x00\x00\x00\x00\x00\x00{"a":')
     raise OSError("disk full")
 
 
@@ -137,6 +141,7 @@ def test_a_save_over_an_adapter_replaces_its_files_and_keeps_the_others(tmp_path
 
 # ---- load_adapter is transactional ---------------------------------------------------------------------------
 
+
 @pytest.fixture
 def saved(tmp_path):
     """An adapter directory on q_proj and v_proj of both layers, r=4."""
@@ -148,8 +153,12 @@ def test_a_bad_pattern_value_for_a_later_layer_is_refused_before_the_model_chang
     config_path = edit_config(saved, alpha_pattern={r"layers\.1\.self_attn\.v_proj": "8"})
     model = tiny_llama()
     before = snapshot(model)
-    with pytest.raises(TypeError, match=re.escape(f"{config_path}: alpha_pattern['layers\\\\.1\\\\.self_attn\\\\"
-                                                  ".v_proj'] must be a number, got str '8'")):
+    with pytest.raises(
+        TypeError,
+        match=re.escape(
+            f"{config_path}: alpha_pattern['layers\\\\.1\\\\.self_attn\\\\.v_proj'] must be a number, got str '8'"
+        ),
+    ):
         pyfastpeft.load_adapter(model, saved)
     assert_unchanged(model, before)
 
@@ -183,20 +192,23 @@ def test_a_string_for_a_bool_is_a_type_error_naming_the_file_and_key(saved):
         pyfastpeft.load_adapter(tiny_llama(), saved)
 
 
-@pytest.mark.parametrize("changes, error, message", [
-    (dict(r="4"), TypeError, "'r' must be an int, got str"),
-    (dict(r=True), TypeError, "'r' must be an int, got bool"),
-    (dict(r=0), ValueError, "'r' must be >= 1, got 0"),
-    (dict(lora_alpha=float("nan")), ValueError, "'lora_alpha' must be finite, got nan"),
-    (dict(lora_dropout=1.5), ValueError, r"'lora_dropout' must be in \[0, 1.0\), got 1.5"),
-    (dict(rank_pattern=["q_proj"]), TypeError, "'rank_pattern' must be an object"),
-    (dict(rank_pattern={"q_proj": 2.5}), TypeError, r"rank_pattern\['q_proj'\] must be an int, got float"),
-    (dict(rank_pattern={"q_proj(": 2}), ValueError, r"rank_pattern key 'q_proj\(' is refused: not a valid"),
-    (dict(rank_pattern={r"(q)\3": 2}), ValueError, "is refused: groupref is not supported"),
-    (dict(alpha_pattern={"(a{100}){100}": 2}), ValueError, "is refused: the pattern expands to more than"),
-    (dict(modules_to_save=["lm_head"]), ValueError, r"sets \['modules_to_save'\]"),
-    (dict(bias="all"), ValueError, r"sets \['bias'\]"),
-])
+@pytest.mark.parametrize(
+    "changes, error, message",
+    [
+        (dict(r="4"), TypeError, "'r' must be an int, got str"),
+        (dict(r=True), TypeError, "'r' must be an int, got bool"),
+        (dict(r=0), ValueError, "'r' must be >= 1, got 0"),
+        (dict(lora_alpha=float("nan")), ValueError, "'lora_alpha' must be finite, got nan"),
+        (dict(lora_dropout=1.5), ValueError, r"'lora_dropout' must be in \[0, 1.0\), got 1.5"),
+        (dict(rank_pattern=["q_proj"]), TypeError, "'rank_pattern' must be an object"),
+        (dict(rank_pattern={"q_proj": 2.5}), TypeError, r"rank_pattern\['q_proj'\] must be an int, got float"),
+        (dict(rank_pattern={"q_proj(": 2}), ValueError, r"rank_pattern key 'q_proj\(' is refused: not a valid"),
+        (dict(rank_pattern={r"(q)\3": 2}), ValueError, "is refused: groupref is not supported"),
+        (dict(alpha_pattern={"(a{100}){100}": 2}), ValueError, "is refused: the pattern expands to more than"),
+        (dict(modules_to_save=["lm_head"]), ValueError, r"sets \['modules_to_save'\]"),
+        (dict(bias="all"), ValueError, r"sets \['bias'\]"),
+    ],
+)
 def test_bad_config_values_name_the_file_and_key(saved, changes, error, message):
     config_path = edit_config(saved, **changes)
     model = tiny_llama()
@@ -206,11 +218,14 @@ def test_bad_config_values_name_the_file_and_key(saved, changes, error, message)
     assert_unchanged(model, before)
 
 
-@pytest.mark.parametrize("content, message", [
-    (b"{\"r\": 4,", "is not valid JSON"),
-    (b"\xff\xfe{}", "is not UTF-8 text"),
-    (b"[1, 2]", "holds a JSON list, not an object"),
-])
+@pytest.mark.parametrize(
+    "content, message",
+    [
+        (b'{"r": 4,', "is not valid JSON"),
+        (b"\xff\xfe{}", "is not UTF-8 text"),
+        (b"[1, 2]", "holds a JSON list, not an object"),
+    ],
+)
 def test_a_corrupt_config_is_a_value_error_naming_the_file(saved, content, message):
     (saved / "adapter_config.json").write_bytes(content)
     with pytest.raises(ValueError, match=re.escape(str(saved / "adapter_config.json")) + ".*" + message):
@@ -221,8 +236,14 @@ def test_a_corrupt_config_is_a_value_error_naming_the_file(saved, content, messa
 def test_a_corrupt_safetensors_file_is_a_value_error_naming_the_file(saved, corruption):
     weights = saved / "adapter_model.safetensors"
     data = weights.read_bytes()
-    weights.write_bytes({"truncated": data[:len(data) // 2], "garbage": os.urandom(64), "empty": b"",
-                         "huge header": (2 ** 62).to_bytes(8, "little") + data[8:]}[corruption])
+    weights.write_bytes(
+        {
+            "truncated": data[: len(data) // 2],
+            "garbage": os.urandom(64),
+            "empty": b"",
+            "huge header": (2**62).to_bytes(8, "little") + data[8:],
+        }[corruption]
+    )
     with pytest.raises(ValueError, match=re.escape(str(weights)) + " is not a readable safetensors file"):
         pyfastpeft.load_adapter(tiny_llama(), saved)
 
@@ -247,15 +268,24 @@ def rewrite_weights(path, edit):
 Q_PROJ_A = "base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight"
 
 
-@pytest.mark.parametrize("edit, error, message", [
-    (lambda t: t.__setitem__(Q_PROJ_A, t[Q_PROJ_A].to(torch.int32)), TypeError, "has dtype torch.int32"),
-    (lambda t: t[Q_PROJ_A].__setitem__((0, 0), float("inf")), ValueError, "holds non-finite values"),
-    (lambda t: t.__setitem__(Q_PROJ_A, t[Q_PROJ_A][0]), ValueError, r"has shape \(64,\); LoRA matrices are 2-D"),
-    (lambda t: t.__setitem__(Q_PROJ_A.removeprefix("base_model.model."), t[Q_PROJ_A].clone()), ValueError,
-     "name the same matrix"),
-    (lambda t: t.__setitem__(Q_PROJ_A.replace("q_proj", "q_proj.base_layer"), t[Q_PROJ_A].clone()), ValueError,
-     "lacks lora_A or lora_B"),
-])
+@pytest.mark.parametrize(
+    "edit, error, message",
+    [
+        (lambda t: t.__setitem__(Q_PROJ_A, t[Q_PROJ_A].to(torch.int32)), TypeError, "has dtype torch.int32"),
+        (lambda t: t[Q_PROJ_A].__setitem__((0, 0), float("inf")), ValueError, "holds non-finite values"),
+        (lambda t: t.__setitem__(Q_PROJ_A, t[Q_PROJ_A][0]), ValueError, r"has shape \(64,\); LoRA matrices are 2-D"),
+        (
+            lambda t: t.__setitem__(Q_PROJ_A.removeprefix("base_model.model."), t[Q_PROJ_A].clone()),
+            ValueError,
+            "name the same matrix",
+        ),
+        (
+            lambda t: t.__setitem__(Q_PROJ_A.replace("q_proj", "q_proj.base_layer"), t[Q_PROJ_A].clone()),
+            ValueError,
+            "lacks lora_A or lora_B",
+        ),
+    ],
+)
 def test_bad_tensors_name_the_file_and_key(saved, edit, error, message):
     weights = rewrite_weights(saved, edit)
     model = tiny_llama()
@@ -275,9 +305,12 @@ def test_a_key_inside_a_lora_layer_is_refused_and_the_model_still_works(saved):
     pyfastpeft.add_lora(model, target_modules=("q_proj",), r=2)
     before = snapshot(model)
     expected = model(input_ids()).logits
-    with pytest.raises(ValueError, match=re.escape(str(weights)) + ".*q_proj.base_layer.lora_A.weight' names "
-                                         r"model\.layers\.\d\.self_attn\.q_proj\.base_layer, a part of the "
-                                         "LoRALinear layer"):
+    with pytest.raises(
+        ValueError,
+        match=re.escape(str(weights)) + ".*q_proj.base_layer.lora_A.weight' names "
+        r"model\.layers\.\d\.self_attn\.q_proj\.base_layer, a part of the "
+        "LoRALinear layer",
+    ):
         pyfastpeft.load_adapter(model, saved, adapter_name="second")
     assert_unchanged(model, before)
     torch.testing.assert_close(model(input_ids()).logits, expected)
@@ -293,6 +326,7 @@ def test_a_bad_adapter_name_is_refused_before_the_model_changes(saved):
 
 # ---- pattern keys: PEFT's regex semantics, in linear time ----------------------------------------------------
 
+
 def test_a_backtracking_pattern_key_loads_in_linear_time(saved):
     """re.match(r"(.*\\.)?((.*.*.*)*Z)$", path) runs for hours on a 31-character path. Run in a subprocess, so
     a regression fails on the timeout instead of hanging the suite."""
@@ -305,16 +339,51 @@ def test_a_backtracking_pattern_key_loads_in_linear_time(saved):
     """)
     tests_dir = os.path.join(REPO_ROOT, "tests")  # for helpers; the package itself is the installed one
     environment = {**os.environ, "PYTHONPATH": os.pathsep.join(filter(None, [tests_dir, os.environ.get("PYTHONPATH")]))}
-    result = subprocess.run([sys.executable, "-c", script], env=environment, capture_output=True, text=True,
-                            timeout=60, cwd=tempfile.gettempdir())
+    result = subprocess.run(
+        [sys.executable, "-c", script],
+        env=environment,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=tempfile.gettempdir(),
+    )
     assert result.returncode == 0, result.stderr[-2000:]
 
 
-PATHS = ["model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.v_proj", "model.layers.12.mlp.down_proj",
-         "lm_head", "q_proj", "model.layers.1.self_attn.o_proj", "a\nb", ""]
-KEYS = ["q_proj", r"layers\.1\.self_attn\.v_proj", "layers.1.self_attn.v_proj", r"layers\.[0-3]\..*", "(q|v)_proj",
-        "^model.*q_proj", r"\d+\.mlp\..*", "[^.]*_proj", "a{0,3}", "(o_proj)?", ".*", "x*?", r"\w+\Z", r"\s|\S",
-        "^q_proj", "b$", r"[a-c\d]+", "(?:q|k){1,2}_proj", r"\A.*", "proj{2,}", "(a*)*", "(|a)+"]
+PATHS = [
+    "model.layers.0.self_attn.q_proj",
+    "model.layers.1.self_attn.v_proj",
+    "model.layers.12.mlp.down_proj",
+    "lm_head",
+    "q_proj",
+    "model.layers.1.self_attn.o_proj",
+    "a\nb",
+    "",
+]
+KEYS = [
+    "q_proj",
+    r"layers\.1\.self_attn\.v_proj",
+    "layers.1.self_attn.v_proj",
+    r"layers\.[0-3]\..*",
+    "(q|v)_proj",
+    "^model.*q_proj",
+    r"\d+\.mlp\..*",
+    "[^.]*_proj",
+    "a{0,3}",
+    "(o_proj)?",
+    ".*",
+    "x*?",
+    r"\w+\Z",
+    r"\s|\S",
+    "^q_proj",
+    "b$",
+    r"[a-c\d]+",
+    "(?:q|k){1,2}_proj",
+    r"\A.*",
+    "proj{2,}",
+    "(a*)*",
+    "(|a)+",
+]
 
 
 @pytest.mark.parametrize("key", KEYS)
@@ -331,17 +400,26 @@ def test_safe_patterns_agree_with_re_on_random_patterns():
     generator = random.Random(0)
     texts = ["", "a", "b", "ab", "ba", "a.b", "aab", "1", "a1.b2", "abab.ba"]
     for _ in range(300):
-        pattern = "".join(generator.choice(atoms) + generator.choice(quantifiers)
-                          for _ in range(generator.randint(1, 4)))
+        pattern = "".join(
+            generator.choice(atoms) + generator.choice(quantifiers) for _ in range(generator.randint(1, 4))
+        )
         compiled = compile_pattern(pattern)
         for text in texts:
             assert compiled.match(text) == bool(re.match(pattern, text)), (pattern, text)
 
 
-@pytest.mark.parametrize("pattern, message", [
-    (r"(a)\1", "groupref"), ("(?=a)", "assert"), ("(?i)a", "flags"), ("(?i:a)", "inline flags"),
-    (r"\ba", "word boundaries"), ("a" * 1001, "more than 1000"), ("((a{30}){30}){30}", "expands to more than"),
-])
+@pytest.mark.parametrize(
+    "pattern, message",
+    [
+        (r"(a)\1", "groupref"),
+        ("(?=a)", "assert"),
+        ("(?i)a", "flags"),
+        ("(?i:a)", "inline flags"),
+        (r"\ba", "word boundaries"),
+        ("a" * 1001, "more than 1000"),
+        ("((a{30}){30}){30}", "expands to more than"),
+    ],
+)
 def test_safe_patterns_refuse_what_they_cannot_bound(pattern, message):
     with pytest.raises(ValueError, match=message):
         compile_pattern(pattern)

@@ -5,6 +5,7 @@ loss) against transformers + PEFT with the same adapters, on the decoder familie
 
 A model whose tiny config does not build, or whose own forward fails on it, is skipped with the reason: the
 sweep tests our patching, not transformers' configs."""
+
 import copy
 import resource
 import warnings
@@ -12,17 +13,27 @@ import warnings
 import pytest
 import torch
 import transformers
+from helpers import TINY_DECODER
 from transformers.models.auto.configuration_auto import CONFIG_MAPPING_NAMES
 from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
 import pyfastpeft
 
-SMALL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-             num_key_value_heads=2, vocab_size=128, head_dim=16, max_position_embeddings=256,
-             pad_token_id=0, bos_token_id=1, eos_token_id=2,
-             # MoE configs under their several names: 4 small experts, 2 per token
-             num_experts=4, num_local_experts=4, n_routed_experts=4, num_experts_per_tok=2,
-             moe_intermediate_size=32, shared_expert_intermediate_size=32)
+SMALL = dict(
+    TINY_DECODER,
+    head_dim=16,
+    max_position_embeddings=256,
+    pad_token_id=0,
+    bos_token_id=1,
+    eos_token_id=2,
+    # MoE configs under their several names: 4 small experts, 2 per token
+    num_experts=4,
+    num_local_experts=4,
+    n_routed_experts=4,
+    num_experts_per_tok=2,
+    moe_intermediate_size=32,
+    shared_expert_intermediate_size=32,
+)
 MAX_PARAMETERS = 5_000_000  # configs that ignore SMALL (nested text configs, fixed vocabularies) are skipped
 
 
@@ -72,8 +83,9 @@ def _loss_and_grads(model, ids, **kwargs):
     model.zero_grad(set_to_none=True)
     out = model(input_ids=ids, labels=ids, **kwargs)
     out.loss.backward()
-    grads = {name.removeprefix("base_model.model."): p.grad for name, p in model.named_parameters()
-             if p.grad is not None}
+    grads = {
+        name.removeprefix("base_model.model."): p.grad for name, p in model.named_parameters() if p.grad is not None
+    }
     return out, grads
 
 
@@ -94,6 +106,17 @@ def assert_same_greedy_tokens(model, reference, prompt, new_tokens=6):
         logits = reference(input_ids=ours[:, :step]).logits[0, -1]
     gap = (logits.max() - logits[ours[0, step]]).item()
     assert gap <= 1e-5 * logits.abs().max().item(), f"tokens part at {step} with a logit gap of {gap}"
+
+
+def assert_same_loss_gradients_and_tokens(model, reference, ids, ours, theirs):
+    """The loss to 1e-5, every gradient to 1e-4 of its largest element, and the greedy tokens."""
+    (ours, our_grads), (theirs, their_grads) = ours, theirs
+    torch.testing.assert_close(ours.loss, theirs.loss, rtol=1e-5, atol=1e-6)
+    assert our_grads.keys() == their_grads.keys()
+    for name, grad in their_grads.items():
+        bound = 1e-4 * grad.abs().max().item() + 1e-6
+        torch.testing.assert_close(our_grads[name], grad, rtol=0, atol=bound, msg=name)
+    assert_same_greedy_tokens(model, reference, ids[:1, :6])
 
 
 def _swept_types():
@@ -118,20 +141,30 @@ def test_patched_causal_lm_matches_its_own_forward(model_type):
     ours, our_grads = _loss_and_grads(model, ids)
     scale = theirs.logits.abs().max().item()
     torch.testing.assert_close(ours.logits, theirs.logits, rtol=0, atol=1e-5 * scale + 1e-6)
-    torch.testing.assert_close(ours.loss, theirs.loss, rtol=1e-5, atol=1e-6)
-    assert our_grads.keys() == their_grads.keys()
-    for name, grad in their_grads.items():
-        bound = 1e-4 * grad.abs().max().item() + 1e-6
-        torch.testing.assert_close(our_grads[name], grad, rtol=0, atol=bound, msg=name)
-    assert_same_greedy_tokens(model, reference, ids[:1, :6])
+    assert_same_loss_gradients_and_tokens(model, reference, ids, (ours, our_grads), (theirs, their_grads))
 
 
 # The families users fine-tune (dense, MoE, scaled or soft-capped logits), with what sets each apart.
 FINE_TUNED = {
-    "llama": {}, "mistral": {}, "qwen2": {}, "qwen3": {}, "gemma": {}, "gemma2": {}, "gemma3_text": {},
-    "phi3": {}, "olmo2": {}, "olmo3": {}, "smollm3": {}, "exaone4": {}, "seed_oss": {}, "starcoder2": {},
-    "granite": dict(logits_scaling=8.0), "cohere": dict(logit_scale=0.0625),
-    "mixtral": {}, "qwen2_moe": {}, "qwen3_moe": {},
+    "llama": {},
+    "mistral": {},
+    "qwen2": {},
+    "qwen3": {},
+    "gemma": {},
+    "gemma2": {},
+    "gemma3_text": {},
+    "phi3": {},
+    "olmo2": {},
+    "olmo3": {},
+    "smollm3": {},
+    "exaone4": {},
+    "seed_oss": {},
+    "starcoder2": {},
+    "granite": dict(logits_scaling=8.0),
+    "cohere": dict(logit_scale=0.0625),
+    "mixtral": {},
+    "qwen2_moe": {},
+    "qwen3_moe": {},
 }
 
 
@@ -152,9 +185,4 @@ def test_prepared_model_equals_transformers_and_peft(model_type):
     ids = _inputs()
     ours, our_grads = _loss_and_grads(model, ids)
     theirs, their_grads = _loss_and_grads(reference, ids)
-    torch.testing.assert_close(ours.loss, theirs.loss, rtol=1e-5, atol=1e-6)
-    assert our_grads.keys() == their_grads.keys()
-    for name, grad in their_grads.items():
-        bound = 1e-4 * grad.abs().max().item() + 1e-6
-        torch.testing.assert_close(our_grads[name], grad, rtol=0, atol=bound, msg=name)
-    assert_same_greedy_tokens(model, reference, ids[:1, :6])
+    assert_same_loss_gradients_and_tokens(model, reference, ids, (ours, our_grads), (theirs, their_grads))

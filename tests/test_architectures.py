@@ -1,27 +1,40 @@
 """The fused causal-LM loss on architectures that change their logits or add losses: every model gets the loss
 (and gradients) its own forward gives, or keeps its own forward, reported. Tiny models built from configs."""
+
 import copy
 
 import pytest
 import torch
 import transformers
+from helpers import TINY_DECODER
 
 import pyfastpeft
 from pyfastpeft.integrations.prepare import FusedLossForward, install_fused_loss
 
-SMALL = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-             num_key_value_heads=2, vocab_size=128, bos_token_id=None, eos_token_id=1, pad_token_id=0)
+SMALL = dict(TINY_DECODER, bos_token_id=None, eos_token_id=1, pad_token_id=0)
 
 # (config, model, what sets it apart)
 ARCHITECTURES = {
     "granite": ("GraniteConfig", "GraniteForCausalLM", dict(logits_scaling=8.0)),  # logits / 8
     "cohere": ("CohereConfig", "CohereForCausalLM", dict(logit_scale=0.0625)),  # logits * 0.0625
     "gemma2": ("Gemma2Config", "Gemma2ForCausalLM", dict(head_dim=16, final_logit_softcapping=2.0)),
-    "mixtral": ("MixtralConfig", "MixtralForCausalLM",  # + 0.02 * router aux loss
-                dict(num_local_experts=4, num_experts_per_tok=2, output_router_logits=True, router_aux_loss_coef=0.02)),
-    "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM",
-                  dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32,
-                       shared_expert_intermediate_size=32, output_router_logits=True, router_aux_loss_coef=0.02)),
+    "mixtral": (
+        "MixtralConfig",
+        "MixtralForCausalLM",  # + 0.02 * router aux loss
+        dict(num_local_experts=4, num_experts_per_tok=2, output_router_logits=True, router_aux_loss_coef=0.02),
+    ),
+    "qwen2_moe": (
+        "Qwen2MoeConfig",
+        "Qwen2MoeForCausalLM",
+        dict(
+            num_experts=4,
+            num_experts_per_tok=2,
+            moe_intermediate_size=32,
+            shared_expert_intermediate_size=32,
+            output_router_logits=True,
+            router_aux_loss_coef=0.02,
+        ),
+    ),
 }
 
 
@@ -91,10 +104,16 @@ def test_a_model_the_probe_cannot_prove_equal_keeps_its_own_loss_and_says_so():
 
 MOE = {
     "mixtral": ("MixtralConfig", "MixtralForCausalLM", dict(num_local_experts=4, num_experts_per_tok=2)),
-    "qwen2_moe": ("Qwen2MoeConfig", "Qwen2MoeForCausalLM",
-                  dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=32)),
-    "qwen3_moe": ("Qwen3MoeConfig", "Qwen3MoeForCausalLM",
-                  dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, head_dim=16)),
+    "qwen2_moe": (
+        "Qwen2MoeConfig",
+        "Qwen2MoeForCausalLM",
+        dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, shared_expert_intermediate_size=32),
+    ),
+    "qwen3_moe": (
+        "Qwen3MoeConfig",
+        "Qwen3MoeForCausalLM",
+        dict(num_experts=4, num_experts_per_tok=2, moe_intermediate_size=32, head_dim=16),
+    ),
     "olmoe": ("OlmoeConfig", "OlmoeForCausalLM", dict(num_experts=4, num_experts_per_tok=2)),
 }
 
@@ -108,8 +127,9 @@ def tiny_moe(name):
 
 
 def stacked_experts(model) -> set[str]:
-    return {path for path, module in model.named_modules()
-            if any(p.dim() == 3 for p in module.parameters(recurse=False))}
+    return {
+        path for path, module in model.named_modules() if any(p.dim() == 3 for p in module.parameters(recurse=False))
+    }
 
 
 def with_dequantized_weights(reference, quantized):
@@ -124,8 +144,9 @@ def with_dequantized_weights(reference, quantized):
                 for name in (module.up_name, "down_proj"):
                     weights = torch.stack([layer.dequantize() for layer in getattr(module, name)])
                     getattr(dense, name).copy_(weights.transpose(1, 2) if dense.is_transposed else weights)
-            elif isinstance(module, Linear4bit) and not any(isinstance(m, QuantizedExperts) for m in
-                                                            _ancestors(quantized, path)):
+            elif isinstance(module, Linear4bit) and not any(
+                isinstance(m, QuantizedExperts) for m in _ancestors(quantized, path)
+            ):
                 reference.get_submodule(path.removesuffix(".base_layer")).weight.copy_(module.dequantize())
     return reference
 

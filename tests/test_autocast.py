@@ -1,6 +1,7 @@
 """Under torch.autocast (Trainer's bf16=True over an fp32 model) every op follows the rule of the torch op it
 replaces and returns what the unfused module returns: products follow F.linear (inputs cast to the autocast
 dtype), and nothing crashes on the mixed dtypes autocast produces inside a layer."""
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -54,8 +55,9 @@ def test_lora_module_over_fp32_linear_returns_what_peft_returns_under_autocast()
     x = torch.randn(3, 32)
     with autocast():
         y = model(x)
-        expected = _peft_style_forward(layer.base_layer, layer.lora_A["default"], layer.lora_B["default"],
-                                       layer.scaling["default"], x)
+        expected = _peft_style_forward(
+            layer.base_layer, layer.lora_A["default"], layer.lora_B["default"], layer.scaling["default"], x
+        )
     assert y.dtype == expected.dtype == BF16
     torch.testing.assert_close(y, expected, rtol=2e-2, atol=1e-1)
     y.float().pow(2).mean().backward()

@@ -1,17 +1,18 @@
 """Backend selection under threads: each thread's `use_backend` block is its own, the process default
 never changes, and a `carry_backend` Function's backward runs on the backend its forward ran under."""
+
 import contextlib
 import threading
 
 import pytest
 import torch
+from helpers import HAS_TRITON
 
 import pyfastpeft
 from pyfastpeft import backend as backend_module
 from pyfastpeft.functional import rms_norm
 from pyfastpeft.ops import _library
 from pyfastpeft.ops import rmsnorm as rmsnorm_ops
-from helpers import HAS_TRITON
 
 
 @pytest.fixture
@@ -39,6 +40,7 @@ def _run_threads(targets: dict) -> None:
                 target()
             except BaseException as error:  # re-raised in the main thread below
                 errors.append(error)
+
         return run
 
     threads = [threading.Thread(target=guarded(target), name=name) for name, target in targets.items()]
@@ -70,6 +72,7 @@ def test_overlapping_blocks_in_four_threads_each_keep_their_backend(chosen):
                 assert pyfastpeft.current_backend() == (wanted[name] or "auto")
                 done.wait()
             assert pyfastpeft.current_backend() == "auto"
+
         return run
 
     _run_threads({name: worker(name) for name in wanted})
@@ -154,8 +157,7 @@ def test_every_family_backward_runs_on_its_forward_block_after_the_block_exits(c
     x = torch.randn(3, 64, requires_grad=True)
     with backend_module.use_backend("reference"):
         if family == "lora":
-            y = lora_linear(x, torch.randn(8, 64), None, torch.randn(2, 64, requires_grad=True), torch.randn(8, 2),
-                            1.0)
+            y = lora_linear(x, torch.randn(8, 64), None, torch.randn(2, 64, requires_grad=True), torch.randn(8, 2), 1.0)
         elif family == "nf4":
             y = nf4_linear(x, *quantize_nf4(torch.randn(8, 64)))
         else:

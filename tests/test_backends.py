@@ -59,29 +59,44 @@ def test_import_survives_a_broken_native_module(tmp_path):
         "    warnings.simplefilter('always')\n"
         "    pyfastpeft.functional.rms_norm(torch.randn(2, 4), torch.ones(4))\n"
         "    pyfastpeft.functional.rms_norm(torch.randn(2, 4), torch.ones(4))\n"
-        "assert len(caught) == 1, caught\n")
+        "assert len(caught) == 1, caught\n"
+    )
     subprocess.run([sys.executable, str(stub)], check=True, cwd=tmp_path)
 
 
 # Subprocesses run from tmp_path so that they import the installed package, not the source tree.
 
+
 def test_environment_variable_sets_the_default_backend(tmp_path):
     code = "import pyfastpeft; print(pyfastpeft.current_backend())"
-    out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYFASTPEFT_BACKEND": "reference"},
-                         capture_output=True, text=True, check=True, cwd=tmp_path)
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        env={**os.environ, "PYFASTPEFT_BACKEND": "reference"},
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=tmp_path,
+    )
     assert out.stdout.strip() == "reference"
 
 
 def test_invalid_environment_backend_warns_and_uses_auto(tmp_path):
     code = "import pyfastpeft; print(pyfastpeft.current_backend())"
-    out = subprocess.run([sys.executable, "-c", code], env={**os.environ, "PYFASTPEFT_BACKEND": "cuBLAS"},
-                         capture_output=True, text=True, check=True, cwd=tmp_path)
+    out = subprocess.run(
+        [sys.executable, "-c", code],
+        env={**os.environ, "PYFASTPEFT_BACKEND": "cuBLAS"},
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=tmp_path,
+    )
     assert out.stdout.strip() == "auto" and "PYFASTPEFT_BACKEND must be one of" in out.stderr
 
 
 def test_info_command_prints_build_and_backends(tmp_path):
-    out = subprocess.run([sys.executable, "-m", "pyfastpeft.info"], capture_output=True, text=True, check=True,
-                         cwd=tmp_path)
+    out = subprocess.run(
+        [sys.executable, "-m", "pyfastpeft.info"], capture_output=True, text=True, check=True, cwd=tmp_path
+    )
     assert "cpu_native" in out.stdout and "compiler" in out.stdout
 
 

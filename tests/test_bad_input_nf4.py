@@ -1,17 +1,17 @@
 """Corrupt NF4 states (what a hostile or damaged checkpoint supplies) raise a clear exception at every entry
 point, and a failed load changes nothing. The cases run in a child process (tests/bad_input.py)."""
+
 import copy
 import json
 import pickle
 
 import pytest
 import torch
+from bad_input import Cases, assert_raises_cleanly
 
 from pyfastpeft.functional import lora_linear, nf4_linear
 from pyfastpeft.nn import Linear4bit
 from pyfastpeft.quant import QuantState, dequantize_nf4, quantize_nf4
-
-from bad_input import Cases, assert_raises_cleanly
 
 cases = Cases(__file__)
 OUT, IN = 16, 64
@@ -68,23 +68,35 @@ def op_called_directly_with_short_absmax():
 @cases.add(ValueError, "packed has 100 elements")
 def op_called_directly_with_short_packed():
     packed, state = _weight()
-    torch.ops.pyfastpeft.nf4_linear_grad_input(torch.randn(2, OUT), packed[:100], state.absmax, state.code, 64,
-                                               OUT, IN)
+    torch.ops.pyfastpeft.nf4_linear_grad_input(torch.randn(2, OUT), packed[:100], state.absmax, state.code, 64, OUT, IN)
 
 
 @cases.add(ValueError, "absmax has 15 elements")
 def lora_over_nf4_with_truncated_absmax():
     packed, state = _weight()
-    lora_linear(_x(), (packed, _with(state, absmax=state.absmax[:-1])), None, torch.zeros(4, IN),
-                torch.zeros(OUT, 4), 2.0)
+    lora_linear(
+        _x(), (packed, _with(state, absmax=state.absmax[:-1])), None, torch.zeros(4, IN), torch.zeros(OUT, 4), 2.0
+    )
 
 
 @cases.add(ValueError, "absmax has 8 elements")
 def lora_op_called_directly_with_short_absmax():
     packed, state = _weight()
-    torch.ops.pyfastpeft.lora_nf4_forward(_x(), packed, state.absmax[:8], state.code, torch.empty(0),
-                                          torch.zeros(4, IN), torch.zeros(OUT, 4), 64, OUT, IN, 2.0, 0.0,
-                                          torch.empty(0, dtype=torch.int64))
+    torch.ops.pyfastpeft.lora_nf4_forward(
+        _x(),
+        packed,
+        state.absmax[:8],
+        state.code,
+        torch.empty(0),
+        torch.zeros(4, IN),
+        torch.zeros(OUT, 4),
+        64,
+        OUT,
+        IN,
+        2.0,
+        0.0,
+        torch.empty(0, dtype=torch.int64),
+    )
 
 
 @cases.add(ValueError, r"nested_quant_map\) must have 256 entries, got 10")

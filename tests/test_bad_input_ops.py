@@ -1,19 +1,25 @@
 """Bad arguments to every op family (quantize, int8, LoRA, norms, RoPE, flce) raise a clear exception naming
 the function and the argument; mixed devices never reach a kernel; ops called directly are validated like the
 public functions. Crash-prone cases run in a child process (tests/bad_input.py)."""
+
 import math
 
 import pytest
 import torch
+from bad_input import Cases, assert_raises_cleanly
 
 from pyfastpeft import backend
 from pyfastpeft.functional import apply_rotary_pos_emb, lora_linear, lora_linear_multi, nf4_linear, rms_norm, swiglu
 from pyfastpeft.ops.flce import fused_linear_cross_entropy
 from pyfastpeft.ops.int8 import int8_linear
-from pyfastpeft.quant import QuantizedTensor, dequantize, fake_quantize, quantize, quantize_nf4
-from pyfastpeft.quant import int8_mm_dequant, int8_vectorwise_quant
-
-from bad_input import Cases, assert_raises_cleanly
+from pyfastpeft.quant import (
+    dequantize,
+    fake_quantize,
+    int8_mm_dequant,
+    int8_vectorwise_quant,
+    quantize,
+    quantize_nf4,
+)
 
 cases = Cases(__file__)
 META = torch.device("meta")
@@ -27,6 +33,7 @@ def _qt(**changes):
 
 
 # ---- general quantization: a QuantizedTensor's fields are checked against each other --------------------------
+
 
 @cases.add(ValueError, r"qt.scale has shape \(3,\).*need \(6,\)")
 def dequantize_short_scale():
@@ -71,8 +78,9 @@ def dequantize_op_called_directly_with_short_scale():
 
 @cases.add(ValueError, "axis must be in")
 def quantize_static_op_with_axis_out_of_range():
-    torch.ops.pyfastpeft.quantize_static(torch.randn(4, 4), torch.ones(4), torch.zeros(4, dtype=torch.int32), 8,
-                                         True, 5, 0)
+    torch.ops.pyfastpeft.quantize_static(
+        torch.randn(4, 4), torch.ones(4), torch.zeros(4, dtype=torch.int32), 8, True, 5, 0
+    )
 
 
 @cases.add(ValueError, r"zero_point must lie in \[0, 255\] for 8 bits, got values in \[1099511627776")
@@ -89,6 +97,7 @@ def test_dequantize_accepts_a_negative_axis_as_its_positive_twin():
 
 
 # ---- devices: every tensor argument, not only the first ---------------------------------------------------------
+
 
 @cases.add(ValueError, "nf4_linear: bias is on meta, x is on cpu")
 def nf4_linear_bias_on_meta():
@@ -108,8 +117,9 @@ def int8_mm_dequant_col_stats_on_meta():
 
 @cases.add(ValueError, "scale is on meta")
 def quantize_static_scale_on_meta():
-    torch.ops.pyfastpeft.quantize_static(torch.randn(4), torch.ones((), device=META),
-                                         torch.empty(0, dtype=torch.int32), 8, False, -1, 0)
+    torch.ops.pyfastpeft.quantize_static(
+        torch.randn(4), torch.ones((), device=META), torch.empty(0, dtype=torch.int32), 8, False, -1, 0
+    )
 
 
 @cases.add(ValueError, "lora_B is on meta")
@@ -124,6 +134,7 @@ def rms_norm_op_called_directly_with_weight_on_meta():
 
 # ---- int8 ----------------------------------------------------------------------------------------------------
 
+
 @cases.add(TypeError, "threshold must be a real number, got bool")
 def int8_linear_threshold_true():
     int8_linear(torch.randn(2, 16), torch.ones(4, 16, dtype=torch.int8), torch.ones(4), threshold=True)
@@ -136,14 +147,16 @@ def int8_linear_threshold_nan():
 
 @cases.add(ValueError, "weight_stats has 3 elements")
 def int8_linear_op_called_directly_with_short_stats():
-    torch.ops.pyfastpeft.int8_linear(torch.randn(2, 16), torch.ones(4, 16, dtype=torch.int8), torch.ones(3),
-                                     torch.empty(0), 6.0)
+    torch.ops.pyfastpeft.int8_linear(
+        torch.randn(2, 16), torch.ones(4, 16, dtype=torch.int8), torch.ones(3), torch.empty(0), 6.0
+    )
 
 
 @cases.add(ValueError, "row_stats has 1 elements, one per row of c needs 2")
 def int8_mm_dequant_op_called_directly_with_short_row_stats():
-    torch.ops.pyfastpeft.int8_mm_dequant(torch.ones(2, 3, dtype=torch.int32), torch.ones(1), torch.ones(3),
-                                         torch.empty(0), torch.float32)
+    torch.ops.pyfastpeft.int8_mm_dequant(
+        torch.ones(2, 3, dtype=torch.int32), torch.ones(1), torch.ones(3), torch.empty(0), torch.float32
+    )
 
 
 @cases.add(ValueError, "stats has 5 elements, one per row of q needs 4")
@@ -158,9 +171,15 @@ def int8_matmul_op_called_directly_with_mismatched_k():
 
 # ---- LoRA --------------------------------------------------------------------------------------------------
 
+
 def _lora_args(rank=2, out_features=4, in_features=8):
-    return (torch.randn(3, in_features), torch.randn(out_features, in_features), None,
-            torch.randn(rank, in_features), torch.randn(out_features, rank))
+    return (
+        torch.randn(3, in_features),
+        torch.randn(out_features, in_features),
+        None,
+        torch.randn(rank, in_features),
+        torch.randn(out_features, rank),
+    )
 
 
 @cases.add(ValueError, "scaling must be finite, got nan")
@@ -177,31 +196,64 @@ def lora_over_int8_with_nan_threshold():
 @cases.add(ValueError, "rng must be empty")
 def lora_op_called_directly_with_a_short_rng():
     x, weight, _, lora_A, lora_B = _lora_args()
-    torch.ops.pyfastpeft.lora_forward(x, weight, torch.empty(0), lora_A, lora_B, 1.0, 0.1,
-                                      torch.zeros(1, dtype=torch.int64))
+    torch.ops.pyfastpeft.lora_forward(
+        x, weight, torch.empty(0), lora_A, lora_B, 1.0, 0.1, torch.zeros(1, dtype=torch.int64)
+    )
 
 
 @cases.add(ValueError, r"xa has shape \(2, 2\), expected \[3, 2\]")
 def lora_backward_op_called_directly_with_short_xa():
     x, weight, _, lora_A, lora_B = _lora_args()
-    torch.ops.pyfastpeft.lora_backward(torch.randn(3, 4), x, weight, lora_A, lora_B, torch.randn(2, 2), 1.0, 0.0,
-                                       torch.empty(0, dtype=torch.int64), True)
+    torch.ops.pyfastpeft.lora_backward(
+        torch.randn(3, 4),
+        x,
+        weight,
+        lora_A,
+        lora_B,
+        torch.randn(2, 2),
+        1.0,
+        0.0,
+        torch.empty(0, dtype=torch.int64),
+        True,
+    )
 
 
 @cases.add(ValueError, r"row_adapter must lie in \[-1, 1\)")
 def lora_multi_op_called_directly_with_adapter_out_of_range():
     x, weight, _, lora_A, lora_B = _lora_args()
-    torch.ops.pyfastpeft.lora_multi_forward(x, weight, torch.empty(0), lora_A, lora_B,
-                                            torch.tensor([0, 2]), torch.ones(1), torch.tensor([0, 5, 0]), 2, 0.0,
-                                            torch.empty(0, dtype=torch.int64))
+    torch.ops.pyfastpeft.lora_multi_forward(
+        x,
+        weight,
+        torch.empty(0),
+        lora_A,
+        lora_B,
+        torch.tensor([0, 2]),
+        torch.ones(1),
+        torch.tensor([0, 5, 0]),
+        2,
+        0.0,
+        torch.empty(0, dtype=torch.int64),
+    )
 
 
 @cases.add(ValueError, "row_order must lie in")
 def lora_multi_backward_op_called_directly_with_row_order_out_of_range():
     x, weight, _, lora_A, lora_B = _lora_args()
-    torch.ops.pyfastpeft.lora_multi_backward(torch.randn(3, 4), x, weight, lora_A, lora_B, torch.tensor([0, 2]),
-                                             torch.ones(1), torch.randn(3, 2), torch.tensor([0, 1, 99]),
-                                             torch.tensor([0, 3]), 0.0, torch.empty(0, dtype=torch.int64), True)
+    torch.ops.pyfastpeft.lora_multi_backward(
+        torch.randn(3, 4),
+        x,
+        weight,
+        lora_A,
+        lora_B,
+        torch.tensor([0, 2]),
+        torch.ones(1),
+        torch.randn(3, 2),
+        torch.tensor([0, 1, 99]),
+        torch.tensor([0, 3]),
+        0.0,
+        torch.empty(0, dtype=torch.int64),
+        True,
+    )
 
 
 @cases.add(ValueError, "weight requires grad")
@@ -220,10 +272,12 @@ def test_lora_trainable_dense_base_gets_its_gradient():
 
 # ---- norms, SwiGLU, RoPE, flce ---------------------------------------------------------------------------------
 
+
 @cases.add(ValueError, "rstd has 1 elements, one per row of x needs 2")
 def rms_norm_backward_op_called_directly_with_short_rstd():
-    torch.ops.pyfastpeft.rms_norm_backward(torch.randn(2, 8), torch.randn(2, 8), torch.ones(8), torch.ones(1), 0.0,
-                                           0, True)
+    torch.ops.pyfastpeft.rms_norm_backward(
+        torch.randn(2, 8), torch.randn(2, 8), torch.ones(8), torch.ones(1), 0.0, 0, True
+    )
 
 
 @cases.add(ValueError, r"up has shape \(3, 5\), gate has \(3, 4\)")
@@ -246,8 +300,20 @@ def rope_position_ids_out_of_range():
 
 @cases.add(ValueError, "labels has 2 elements, one per row of hidden needs 3")
 def flce_op_called_directly_with_short_labels():
-    torch.ops.pyfastpeft.flce_forward(torch.randn(3, 8), torch.randn(10, 8), torch.zeros(2, dtype=torch.int64),
-                                      torch.empty(0), -100, 0.0, 0.0, 1, True, True, False, 0)
+    torch.ops.pyfastpeft.flce_forward(
+        torch.randn(3, 8),
+        torch.randn(10, 8),
+        torch.zeros(2, dtype=torch.int64),
+        torch.empty(0),
+        -100,
+        0.0,
+        0.0,
+        1,
+        True,
+        True,
+        False,
+        0,
+    )
 
 
 @cases.add(ValueError, "labels must be in")

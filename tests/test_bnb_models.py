@@ -10,13 +10,17 @@ bitsandbytes' CPU backend is the oracle here. Two of its CPU paths are avoided o
   rounding its absmax to bf16: reference outputs are taken in training mode, where bitsandbytes computes in the
   layer's compute dtype; the repacked case has its own test.
 """
+
 import pytest
 import torch
 from torch import nn
 
 import pyfastpeft
-from pyfastpeft.integrations.bitsandbytes import (check_bitsandbytes_modules, convert_bitsandbytes_modules,
-                                                  from_bitsandbytes)
+from pyfastpeft.integrations.bitsandbytes import (
+    check_bitsandbytes_modules,
+    convert_bitsandbytes_modules,
+    from_bitsandbytes,
+)
 from pyfastpeft.nn import Linear4bit, Linear8bitLt, LoRALinear
 
 bnb = pytest.importorskip("bitsandbytes")
@@ -32,16 +36,24 @@ def _quiet_bitsandbytes(caplog):
 
 def bnb_linear4bit(quant_type, double_quant, dtype=torch.float32, bias=True, out_features=OUT_FEATURES, **kwargs):
     dense = nn.Linear(IN_FEATURES, out_features, bias=bias).to(dtype)
-    layer = bnb.nn.Linear4bit(IN_FEATURES, out_features, bias=bias, compute_dtype=dtype,
-                              compress_statistics=double_quant, quant_type=quant_type, **kwargs)
+    layer = bnb.nn.Linear4bit(
+        IN_FEATURES,
+        out_features,
+        bias=bias,
+        compute_dtype=dtype,
+        compress_statistics=double_quant,
+        quant_type=quant_type,
+        **kwargs,
+    )
     layer.load_state_dict(dense.state_dict())
     return layer.to("cpu").train()  # bitsandbytes quantizes on the move to a device
 
 
 def bnb_linear8bit(threshold, bias=True, has_fp16_weights=False):
     dense = nn.Linear(IN_FEATURES, OUT_FEATURES, bias=bias).half()
-    layer = bnb.nn.Linear8bitLt(IN_FEATURES, OUT_FEATURES, bias=bias, has_fp16_weights=has_fp16_weights,
-                                threshold=threshold)
+    layer = bnb.nn.Linear8bitLt(
+        IN_FEATURES, OUT_FEATURES, bias=bias, has_fp16_weights=has_fp16_weights, threshold=threshold
+    )
     layer.load_state_dict(dense.state_dict())
     return layer.to("cpu")
 
@@ -53,6 +65,7 @@ def assert_same_state_dict(ours, theirs):
 
 
 # ---- one layer ----------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("double_quant", [False, True])
@@ -72,7 +85,7 @@ def test_linear4bit_converts_to_the_same_bytes_and_output(quant_type, double_qua
     assert got.dtype == expected.dtype
     # fp32: the same dequantized weight and one fp32 GEMM each: equal to rounding (1e-6). bf16: bitsandbytes
     # multiplies in bf16 after dequantizing to bf16, ours accumulates in fp32: one bf16 ulp (2^-7 relative).
-    tolerance = dict(rtol=1e-6, atol=1e-6) if dtype == torch.float32 else dict(rtol=2 ** -7, atol=2 ** -7)
+    tolerance = dict(rtol=1e-6, atol=1e-6) if dtype == torch.float32 else dict(rtol=2**-7, atol=2**-7)
     torch.testing.assert_close(got, expected, **tolerance)
 
 
@@ -126,16 +139,20 @@ def test_linear4bit_repacked_for_the_cpu_kernel_converts_as_bitsandbytes_saves_i
     if not double_quant:  # which leaves a plain absmax in its kernel's layout: [in / blocksize, out] bf16
         theirs["weight.absmax"] = theirs["weight.absmax"].t().reshape(-1).float()
     assert_same_state_dict(ours.state_dict(), theirs)
-    state = bnb.functional.QuantState.from_dict({key[len("weight."):]: value for key, value in theirs.items()
-                                                 if key.startswith("weight.")}, device="cpu")
+    state = bnb.functional.QuantState.from_dict(
+        {key[len("weight.") :]: value for key, value in theirs.items() if key.startswith("weight.")}, device="cpu"
+    )
     weight = bnb.functional.dequantize_4bit(theirs["weight"], state)  # what bitsandbytes now holds, dense
     torch.testing.assert_close(ours(x), nn.functional.linear(x, weight, theirs["bias"]), rtol=1e-6, atol=1e-6)
 
 
 def test_unconvertible_layers_raise_naming_the_module_and_why():
     model = nn.Sequential(nn.Linear(IN_FEATURES, IN_FEATURES), bnb_linear4bit("nf4", True))
-    with pytest.raises(ValueError, match=r"1 \(bitsandbytes\.nn\.modules\.Linear4bit\) cannot convert: its "
-                                         r"quant_storage is torch\.bfloat16"):
+    with pytest.raises(
+        ValueError,
+        match=r"1 \(bitsandbytes\.nn\.modules\.Linear4bit\) cannot convert: its "
+        r"quant_storage is torch\.bfloat16",
+    ):
         model[1] = bnb_linear4bit("nf4", True, quant_storage=torch.bfloat16)
         convert_bitsandbytes_modules(model)
     assert type(model[1]) is bnb.nn.Linear4bit  # nothing was replaced
@@ -159,13 +176,21 @@ def test_unconvertible_layers_raise_naming_the_module_and_why():
 
 # ---- models loaded with BitsAndBytesConfig ------------------------------------------------------------------
 
+
 @pytest.fixture(scope="module")
 def llama_checkpoint(tmp_path_factory):
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=128, max_position_embeddings=64)
+    config = LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=128,
+        max_position_embeddings=64,
+    )
     directory = tmp_path_factory.mktemp("tiny_llama")
     LlamaForCausalLM(config).save_pretrained(directory)
     return directory
@@ -186,8 +211,9 @@ def load(directory, **quantization):
         raise
 
 
-LOAD_IN_4BIT = dict(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True,
-                    bnb_4bit_compute_dtype=torch.float32)
+LOAD_IN_4BIT = dict(
+    load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=torch.float32
+)
 
 
 @pytest.fixture
@@ -209,11 +235,15 @@ def test_prepare_model_adapts_a_4bit_loaded_llama_without_requantizing(llama_che
     input_ids, labels = batch()
     # the embeddings require grad, so bitsandbytes computes in its compute dtype, not its bf16 CPU kernel
     expected = model(input_ids, labels=labels).loss.detach()
-    storage = {path: module.weight.data_ptr() for path, module in model.named_modules()
-               if isinstance(module, bnb.nn.Linear4bit)}
+    storage = {
+        path: module.weight.data_ptr()
+        for path, module in model.named_modules()
+        if isinstance(module, bnb.nn.Linear4bit)
+    }
     assert len(storage) == 14  # 7 projections x 2 layers; lm_head stays dense
-    assert not any(getattr(model.get_submodule(path).weight.quant_state, "packing_format_for_cpu", False)
-                   for path in storage)
+    assert not any(
+        getattr(model.get_submodule(path).weight.quant_state, "packing_format_for_cpu", False) for path in storage
+    )
 
     report = pyfastpeft.prepare_model(model, quant="nf4", lora=pyfastpeft.LoraSettings(r=4, lora_alpha=8))
     prepared.append(model)
@@ -248,8 +278,9 @@ def test_prepare_model_adapts_an_8bit_loaded_llama(llama_checkpoint, prepared):
     prepared.append(model)
 
     assert report.replaced["bitsandbytes"] == 14 and report.replaced["int8"] == 0
-    assert all(isinstance(module.base_layer, Linear8bitLt) for module in model.modules()
-               if isinstance(module, LoRALinear))
+    assert all(
+        isinstance(module.base_layer, Linear8bitLt) for module in model.modules() if isinstance(module, LoRALinear)
+    )
     model.eval()
     with torch.no_grad():
         got = model(input_ids, labels=labels).loss
@@ -269,8 +300,9 @@ def test_prepare_model_refuses_an_unconvertible_bnb_model_before_changing_it(lla
 def test_from_peft_converts_a_qlora_model_with_the_same_logits(llama_checkpoint):
     peft = pytest.importorskip("peft")
     model = load(llama_checkpoint, **LOAD_IN_4BIT)
-    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
-                             init_lora_weights=False)  # B != 0, so the adapters count in the logits
+    config = peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False
+    )  # B != 0, so the adapters count in the logits
     peft_model = peft.get_peft_model(model, config)
     peft_model.train()
     input_ids, _ = batch()

@@ -1,4 +1,5 @@
 """GPU checks: the CUDA and Triton backends against the reference on CUDA tensors (skipped without a GPU)."""
+
 import pytest
 import torch
 from helpers import (
@@ -61,7 +62,10 @@ def test_rope_gpu_matches_reference(backend, dtype, interleaved, case):
     batch, hq, hk, seq, dim, rot = case
     q = torch.randn(batch, seq, hq, dim, device="cuda").to(dtype).transpose(1, 2)
     k = torch.randn(batch, seq, hk, dim, device="cuda").to(dtype).transpose(1, 2)
-    cos, sin = torch.randn(batch, seq, rot, device="cuda").to(dtype), torch.randn(batch, seq, rot, device="cuda").to(dtype)
+    cos, sin = (
+        torch.randn(batch, seq, rot, device="cuda").to(dtype),
+        torch.randn(batch, seq, rot, device="cuda").to(dtype),
+    )
     dy = (torch.randn(q.shape, device="cuda").to(dtype), torch.randn(k.shape, device="cuda").to(dtype))
     fn = lambda a, b: apply_rotary_pos_emb(a, b, cos, sin, interleaved=interleaved)
     ours, ref = grads_of(backend, fn, (q, k), dy), grads_of("reference", fn, (q, k), dy)
@@ -130,8 +134,11 @@ def test_int8_gpu_matches_reference(backend, dtype, rows, in_features):
 
 NF4_CODES = nf4_reference.QUANT_TABLES
 # Products of the same dequantized weight, fp32 sums; bf16/fp16 may round the weight to x's dtype first.
-NF4_PRODUCT_TOLERANCES = {torch.float32: dict(rtol=1e-4, atol=1e-4), torch.float16: dict(rtol=2e-3, atol=2e-3),
-                          torch.bfloat16: dict(rtol=2e-2, atol=2e-2)}
+NF4_PRODUCT_TOLERANCES = {
+    torch.float32: dict(rtol=1e-4, atol=1e-4),
+    torch.float16: dict(rtol=2e-3, atol=2e-3),
+    torch.bfloat16: dict(rtol=2e-2, atol=2e-2),
+}
 
 
 def nf4_weight_on_gpu(n, k, blocksize, seed):
@@ -170,12 +177,15 @@ def test_nf4_quantize_gpu_zero_nan_inf_blocks_like_reference(backend, numel):
 
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES + [torch.float64])
-@pytest.mark.parametrize("numel, blocksize, byte_offset", [
-    (96 * 40, 64, 0),          # a [40, 96] weight: blocks straddle rows
-    (33 * 7, 128, 0),          # odd numel, partial last block
-    (11008 * 64 + 5, 4096, 0),  # many vector groups and a scalar tail
-    (2 * 1000, 64, 1),         # packed one byte past an aligned address: the element-wise path
-])
+@pytest.mark.parametrize(
+    "numel, blocksize, byte_offset",
+    [
+        (96 * 40, 64, 0),  # a [40, 96] weight: blocks straddle rows
+        (33 * 7, 128, 0),  # odd numel, partial last block
+        (11008 * 64 + 5, 4096, 0),  # many vector groups and a scalar tail
+        (2 * 1000, 64, 1),  # packed one byte past an aligned address: the element-wise path
+    ],
+)
 def test_nf4_dequantize_gpu_matches_reference_exactly(backend, dtype, numel, blocksize, byte_offset):
     packed, absmax = random_weight_state(1, numel + 2 * byte_offset, blocksize, torch.Generator().manual_seed(numel))
     absmax = absmax[: -(-numel // blocksize)]
@@ -187,13 +197,16 @@ def test_nf4_dequantize_gpu_matches_reference_exactly(backend, dtype, numel, blo
 
 @pytest.mark.parametrize("backend", GPU_BACKENDS)
 @pytest.mark.parametrize("m", [1, 3, 8, 17])  # fused GEMV up to 8 rows
-@pytest.mark.parametrize("n, k, blocksize", [
-    (40, 96, 64),       # 16-byte rows, blocks straddle rows: the uint4 path
-    (512, 4096, 64),    # the uint4 path, several loads per lane
-    (33, 33, 32),       # odd k: odd rows start on a low nibble, the element-wise path
-    (24, 200, 128),     # k % 32 != 0: the element-wise path
-    (5, 70, 4096),      # one block for the whole weight
-])
+@pytest.mark.parametrize(
+    "n, k, blocksize",
+    [
+        (40, 96, 64),  # 16-byte rows, blocks straddle rows: the uint4 path
+        (512, 4096, 64),  # the uint4 path, several loads per lane
+        (33, 33, 32),  # odd k: odd rows start on a low nibble, the element-wise path
+        (24, 200, 128),  # k % 32 != 0: the element-wise path
+        (5, 70, 4096),  # one block for the whole weight
+    ],
+)
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_nf4_linear_gpu_matches_dequantized_matmul(backend, m, n, k, blocksize, dtype, with_bias):

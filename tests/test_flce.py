@@ -1,6 +1,7 @@
 """Fused linear cross-entropy: every backend against F.cross_entropy(h W^T + b) computed in fp32, over dtypes,
 reductions, ignored tokens, label smoothing, softcap and chunk boundaries; gradcheck, opcheck, compile,
 memory, and bad input."""
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -38,9 +39,13 @@ def oracle(h, w, b, labels, label_smoothing=0.0, softcap=None, reduction="mean",
         logits = logits + b.to(cd)
     if softcap:
         logits = softcap * torch.tanh(logits / softcap)
-    return F.cross_entropy(logits.reshape(-1, w.shape[0]), labels.reshape(-1), ignore_index=ignore_index,
-                           label_smoothing=label_smoothing, reduction=reduction).reshape(
-                               labels.shape if reduction == "none" else ())
+    return F.cross_entropy(
+        logits.reshape(-1, w.shape[0]),
+        labels.reshape(-1),
+        ignore_index=ignore_index,
+        label_smoothing=label_smoothing,
+        reduction=reduction,
+    ).reshape(labels.shape if reduction == "none" else ())
 
 
 def leaves(h, w, b):
@@ -72,16 +77,27 @@ def check_against_oracle(backend, h, w, b, labels, tol, **kwargs):
 @pytest.mark.parametrize("label_smoothing,softcap", SETTINGS)
 def test_flce_matches_cross_entropy(backend, dtype, label_smoothing, softcap):
     h, w, b, labels = inputs(dtype=dtype)
-    check_against_oracle(backend, h, w, b, labels, TOLERANCE[dtype], label_smoothing=label_smoothing,
-                         softcap=softcap, chunk_size=CHUNK)
+    check_against_oracle(
+        backend, h, w, b, labels, TOLERANCE[dtype], label_smoothing=label_smoothing, softcap=softcap, chunk_size=CHUNK
+    )
 
 
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
 @pytest.mark.parametrize("reduction", ["none", "sum", "mean"])
 def test_flce_reductions_with_smoothing_and_softcap(backend, reduction):
     h, w, b, labels = inputs()
-    check_against_oracle(backend, h, w, b, labels, TOLERANCE[torch.float32], label_smoothing=0.1, softcap=4.0,
-                         reduction=reduction, chunk_size=CHUNK)
+    check_against_oracle(
+        backend,
+        h,
+        w,
+        b,
+        labels,
+        TOLERANCE[torch.float32],
+        label_smoothing=0.1,
+        softcap=4.0,
+        reduction=reduction,
+        chunk_size=CHUNK,
+    )
 
 
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
@@ -90,8 +106,9 @@ def test_flce_3d_hidden_keeps_labels_shape(backend):
     _, w, b, _ = inputs()
     labels = torch.randint(0, VOCAB, (2, 7))
     labels[1, 3] = -100
-    loss, lse = run(backend, fused_linear_cross_entropy, h, w, labels, b, reduction="none", return_lse=True,
-                    chunk_size=5)
+    loss, lse = run(
+        backend, fused_linear_cross_entropy, h, w, labels, b, reduction="none", return_lse=True, chunk_size=5
+    )
     assert loss.shape == lse.shape == (2, 7) and loss[1, 3] == 0
     torch.testing.assert_close(lse, torch.logsumexp(h @ w.t() + b, -1), rtol=1e-5, atol=1e-5)
     check_against_oracle(backend, h, w, b, labels, TOLERANCE[torch.float32], reduction="none", chunk_size=5)
@@ -111,8 +128,9 @@ def test_flce_all_tokens_ignored_gives_zero_loss_and_grads(backend, reduction):
 def test_flce_ignore_index_inside_vocab(backend):
     h, w, b, labels = inputs(ignored=())
     labels[::4] = 0
-    check_against_oracle(backend, h, w, b, labels, TOLERANCE[torch.float32], ignore_index=0, label_smoothing=0.1,
-                         chunk_size=CHUNK)
+    check_against_oracle(
+        backend, h, w, b, labels, TOLERANCE[torch.float32], ignore_index=0, label_smoothing=0.1, chunk_size=CHUNK
+    )
 
 
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
@@ -138,8 +156,11 @@ def test_flce_gradcheck_float64(backend, reduction):
     h, w, b, labels = inputs(tokens=7, hidden=4, vocab=9, dtype=torch.float64, ignored=(2,))
     with pyfastpeft.use_backend(backend):
         assert torch.autograd.gradcheck(
-            lambda h, w, b: fused_linear_cross_entropy(h, w, labels, b, label_smoothing=0.15, softcap=2.5,
-                                                       reduction=reduction, chunk_size=3), (h, w, b))
+            lambda h, w, b: fused_linear_cross_entropy(
+                h, w, labels, b, label_smoothing=0.15, softcap=2.5, reduction=reduction, chunk_size=3
+            ),
+            (h, w, b),
+        )
 
 
 @pytest.mark.parametrize("isa", CPU_ISAS)
@@ -147,8 +168,9 @@ def test_flce_gradcheck_float64(backend, reduction):
 def test_flce_every_cpu_isa_agrees(isa, dtype):
     h, w, b, labels = inputs(tokens=37, vocab=1000, dtype=dtype)
     with cpu_isa(isa):
-        check_against_oracle("native", h, w, b, labels, TOLERANCE[dtype], label_smoothing=0.1, softcap=10.0,
-                             chunk_size=16)
+        check_against_oracle(
+            "native", h, w, b, labels, TOLERANCE[dtype], label_smoothing=0.1, softcap=10.0, chunk_size=16
+        )
 
 
 @pytest.mark.parametrize("backend", ["reference", "native"])
@@ -158,11 +180,15 @@ def test_flce_opcheck(backend):
     with pyfastpeft.use_backend(backend):
         for reduction in (0, 1, 2):
             for bias in (b, empty):
-                torch.library.opcheck(flce_ops.flce_forward,
-                                      (h, w, labels, bias, -100, 0.1, 3.0, reduction, True, True, bias.numel() > 0, 16))
+                torch.library.opcheck(
+                    flce_ops.flce_forward,
+                    (h, w, labels, bias, -100, 0.1, 3.0, reduction, True, True, bias.numel() > 0, 16),
+                )
         torch.library.opcheck(flce_ops.flce_forward, (h, w, labels, b, -100, 0.0, 0.0, 1, False, True, False, 0))
         grad_loss = torch.rand(TOKENS)
-        torch.library.opcheck(flce_ops.flce_backward, (grad_loss, h, w, labels, b, -100, 0.0, 2.0, True, True, True, 16))
+        torch.library.opcheck(
+            flce_ops.flce_backward, (grad_loss, h, w, labels, b, -100, 0.0, 2.0, True, True, True, 16)
+        )
 
 
 def test_flce_compiles_fullgraph():
@@ -256,8 +282,16 @@ def non_finite_rows(device="cpu"):
     w = torch.zeros(VOCAB, 4)
     w[5, 0] = w[9, 2] = big
     w[:, 3] = torch.randn(VOCAB)
-    h = torch.tensor([[0.0, 0, 0, 1], [big, 0, 0, 1], [-big, 0, 0, 1], [big, 0, big, 1], [float("nan"), 0, 0, 1],
-                      [-big, 0, -big, 0.5]])
+    h = torch.tensor(
+        [
+            [0.0, 0, 0, 1],
+            [big, 0, 0, 1],
+            [-big, 0, 0, 1],
+            [big, 0, big, 1],
+            [float("nan"), 0, 0, 1],
+            [-big, 0, -big, 0.5],
+        ]
+    )
     return h.to(device), w.to(device), torch.tensor([1, 2, 3, 4, 9, 7], device=device)
 
 
@@ -272,8 +306,12 @@ def check_non_finite_rows(backend, device="cpu"):
         for name, actual, want in zip(("loss", "lse", "grad_hidden", "grad_weight"), got, expected):
             torch.testing.assert_close(actual, want, equal_nan=True, rtol=1e-5, atol=1e-5, msg=name)
         finite_rows = [0, 2, 5]  # torch agrees there; it gives NaN where a +inf logit is not the label, ours +inf
-        torch.testing.assert_close(got[0][finite_rows], F.cross_entropy(
-            logits[finite_rows], labels[finite_rows], label_smoothing=label_smoothing, reduction="none"))
+        torch.testing.assert_close(
+            got[0][finite_rows],
+            F.cross_entropy(
+                logits[finite_rows], labels[finite_rows], label_smoothing=label_smoothing, reduction="none"
+            ),
+        )
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -1,6 +1,7 @@
 """`python -m pyfastpeft.gpucheck` validates a GPU machine in one command; without a GPU it says so and exits 0
 having run nothing. Its op sweep (every public op, every backend, against the reference) runs on any device, so
 the CPU checks the sweep itself."""
+
 import math
 import os
 import subprocess
@@ -12,12 +13,17 @@ import torch
 from pyfastpeft import gpucheck
 
 
-
 @pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU the command runs every step")
 def test_without_a_gpu_it_says_so_and_exits_zero_writing_nothing(tmp_path):
     env = {**os.environ, "CUDA_VISIBLE_DEVICES": ""}
-    done = subprocess.run([sys.executable, "-m", "pyfastpeft.gpucheck", "--out", str(tmp_path / "results")],
-                          env=env, capture_output=True, text=True, timeout=300, cwd=tmp_path)  # the installed package
+    done = subprocess.run(
+        [sys.executable, "-m", "pyfastpeft.gpucheck", "--out", str(tmp_path / "results")],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=tmp_path,
+    )  # the installed package
     assert done.returncode == 0, done.stderr[-2000:]
     assert "needs a CUDA GPU" in done.stdout
     assert not (tmp_path / "results").exists()

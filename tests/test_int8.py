@@ -1,4 +1,5 @@
 """LLM.int8 and vector-wise int8 quantization: exact codes, outliers, epilogue, int8_linear, Linear8bitLt."""
+
 import pytest
 import torch
 from helpers import (
@@ -259,16 +260,16 @@ def test_bf16_output_above_fp16_range_does_not_overflow():
 
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_mm_dequant_and_dequant_match_reference(dtype):
-    c = torch.randint(-2**20, 2**20, (9, 33), dtype=torch.int32)
+    c = torch.randint(-(2**20), 2**20, (9, 33), dtype=torch.int32)
     row, col, bias = torch.rand(9) * 3, torch.rand(33) * 3, torch.randn(33).to(dtype)
     ours = int8_mm_dequant(c, row, col, dtype, bias)
     ref = run("reference", int8_mm_dequant, c, row, col, dtype, bias)
     torch.testing.assert_close(ours, ref, rtol=0, atol=0)
     q = torch.randint(-127, 128, (9, 33), dtype=torch.int8)
-    torch.testing.assert_close(int8_vectorwise_dequant(q, row), run("reference", int8_vectorwise_dequant, q, row),
-                               rtol=0, atol=0)
-    torch.testing.assert_close(int8_vectorwise_dequant(q, col, axis=1), q.float() * col * (1 / 127), rtol=1e-6,
-                               atol=0)
+    torch.testing.assert_close(
+        int8_vectorwise_dequant(q, row), run("reference", int8_vectorwise_dequant, q, row), rtol=0, atol=0
+    )
+    torch.testing.assert_close(int8_vectorwise_dequant(q, col, axis=1), q.float() * col * (1 / 127), rtol=1e-6, atol=0)
 
 
 @pytest.mark.parametrize("backend", ["native", "reference"])
@@ -303,9 +304,16 @@ def test_int8_ops_opcheck():
             torch.library.opcheck(ops.int8_colwise_quant.default, (x, 6.0))
             torch.library.opcheck(ops.int8_vectorwise_dequant.default, (codes, scb, 0))
             torch.library.opcheck(ops.int8_matmul.default, (codes[:6], codes))
-            torch.library.opcheck(ops.int8_mm_dequant.default,
-                                  (torch.randint(-999, 999, (6, 24), dtype=torch.int32), torch.rand(6), scb,
-                                   torch.randn(24), torch.bfloat16))
+            torch.library.opcheck(
+                ops.int8_mm_dequant.default,
+                (
+                    torch.randint(-999, 999, (6, 24), dtype=torch.int32),
+                    torch.rand(6),
+                    scb,
+                    torch.randn(24),
+                    torch.bfloat16,
+                ),
+            )
             torch.library.opcheck(ops.int8_linear.default, (x, codes, scb, torch.randn(24), 6.0))
             torch.library.opcheck(ops.int8_linear_grad_input.default, (torch.randn(6, 24), codes, scb))
 
@@ -349,6 +357,7 @@ def test_linear8bitlt_state_dict_round_trip_and_dtype_casts():
 def _bitsandbytes():
     try:
         import bitsandbytes
+
         return bitsandbytes
     except Exception:
         return None
@@ -408,22 +417,25 @@ def test_quantize_model_int8_replaces_linears_and_keeps_logits_close():
     assert similarity > 0.995, similarity
 
 
-@pytest.mark.parametrize("call,error,match", [
-    (lambda w, s: int8_linear(torch.randn(2, 31), w, s), ValueError, "in_features is 32"),
-    (lambda w, s: int8_linear(torch.randn(2, 32), w.float(), s), TypeError, "weight must be an int8"),
-    (lambda w, s: int8_linear(torch.randn(2, 32), w, s[:3]), ValueError, "weight_stats has 3 elements"),
-    (lambda w, s: int8_linear(torch.randn(2, 32), w, s.double()), TypeError, "weight_stats must have dtype"),
-    (lambda w, s: int8_linear(torch.randn(2, 32), w, s, torch.randn(5)), ValueError, "bias has 5 elements"),
-    (lambda w, s: int8_linear(torch.randn(2, 32), w, s, threshold=-1.0), ValueError, "threshold must be"),
-    (lambda w, s: int8_linear(torch.ones(2, 32, dtype=torch.int8), w, s), TypeError, "x must have dtype"),
-    (lambda w, s: int8_vectorwise_quant(torch.randn(3, 4), threshold=float("nan")), ValueError, "threshold"),
-    (lambda w, s: int8_vectorwise_dequant(w, s, axis=2), ValueError, "axis must be 0"),
-    (lambda w, s: int8_vectorwise_dequant(w, s, axis=1), ValueError, "stats has 8 elements, q has 32 columns"),
-    (lambda w, s: int8_matmul(w, w[:, :5]), ValueError, "a has 32 columns, b has 5"),
-    (lambda w, s: int8_mm_dequant(torch.ones(2, 8, dtype=torch.int32), s[:3], s), ValueError, "row_stats has 3"),
-    (lambda w, s: Linear8bitLt(0, 4), ValueError, "in_features and out_features must be >= 1"),
-    (lambda w, s: Linear8bitLt(70000, 4), ValueError, "at most 65536"),
-])
+@pytest.mark.parametrize(
+    "call,error,match",
+    [
+        (lambda w, s: int8_linear(torch.randn(2, 31), w, s), ValueError, "in_features is 32"),
+        (lambda w, s: int8_linear(torch.randn(2, 32), w.float(), s), TypeError, "weight must be an int8"),
+        (lambda w, s: int8_linear(torch.randn(2, 32), w, s[:3]), ValueError, "weight_stats has 3 elements"),
+        (lambda w, s: int8_linear(torch.randn(2, 32), w, s.double()), TypeError, "weight_stats must have dtype"),
+        (lambda w, s: int8_linear(torch.randn(2, 32), w, s, torch.randn(5)), ValueError, "bias has 5 elements"),
+        (lambda w, s: int8_linear(torch.randn(2, 32), w, s, threshold=-1.0), ValueError, "threshold must be"),
+        (lambda w, s: int8_linear(torch.ones(2, 32, dtype=torch.int8), w, s), TypeError, "x must have dtype"),
+        (lambda w, s: int8_vectorwise_quant(torch.randn(3, 4), threshold=float("nan")), ValueError, "threshold"),
+        (lambda w, s: int8_vectorwise_dequant(w, s, axis=2), ValueError, "axis must be 0"),
+        (lambda w, s: int8_vectorwise_dequant(w, s, axis=1), ValueError, "stats has 8 elements, q has 32 columns"),
+        (lambda w, s: int8_matmul(w, w[:, :5]), ValueError, "a has 32 columns, b has 5"),
+        (lambda w, s: int8_mm_dequant(torch.ones(2, 8, dtype=torch.int32), s[:3], s), ValueError, "row_stats has 3"),
+        (lambda w, s: Linear8bitLt(0, 4), ValueError, "in_features and out_features must be >= 1"),
+        (lambda w, s: Linear8bitLt(70000, 4), ValueError, "at most 65536"),
+    ],
+)
 def test_bad_input_raises_clear_errors(call, error, match):
     codes, scb = quantize_int8_weight(torch.randn(8, 32))
     with pytest.raises(error, match=match):

@@ -1,6 +1,7 @@
 """LoRA: the shared Philox dropout mask (reference vs Triton's tl.rand vs the C++ kernel, bit for bit), the
 lora_linear forward and backward on every backend against the reference, autograd, opcheck, compile and
 memory."""
+
 import math
 
 import pytest
@@ -20,13 +21,24 @@ RNG_CASES = [(0, 0), (123456789123, 2**32 - 5), (2**62 - 1, 77), (5, 2**40 + 3)]
 def native_dropout(x, rng, dropout_p, alpha=1.0, accumulate_into=None):
     out = torch.empty_like(x) if accumulate_into is None else accumulate_into.clone()
     seed, offset = rng.tolist()
-    _native.cpu.lora_dropout(x.data_ptr(), out.data_ptr(), x.numel(), _native.dtype_code(x), seed, offset,
-                             float(ref.keep_threshold(dropout_p)), float(torch.tensor(1 / (1 - dropout_p))),
-                             alpha, accumulate_into is not None, torch.get_num_threads())
+    _native.cpu.lora_dropout(
+        x.data_ptr(),
+        out.data_ptr(),
+        x.numel(),
+        _native.dtype_code(x),
+        seed,
+        offset,
+        float(ref.keep_threshold(dropout_p)),
+        float(torch.tensor(1 / (1 - dropout_p))),
+        alpha,
+        accumulate_into is not None,
+        torch.get_num_threads(),
+    )
     return out
 
 
 # ---- the dropout mask ----------------------------------------------------------------------------------
+
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 @pytest.mark.parametrize("seed, offset", RNG_CASES)
@@ -92,7 +104,6 @@ def test_native_dropout_selects_so_non_finite_dropped_elements_give_zero(isa, va
     assert (dropped[~keep] == 0).all() and (accumulated[~keep] == 1).all()
 
 
-
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_triton_dropout_kernel_is_reference_bit_for_bit(dtype):
@@ -112,14 +123,18 @@ def test_triton_dropout_kernel_is_reference_bit_for_bit(dtype):
 
 # ---- lora_linear ------------------------------------------------------------------------------------------
 
+
 def make_inputs(x_shape, out_features, rank, dtype, base="dense", bias="grad"):
     """x, weight (dense, the NF4 pair or the int8 (codes, SCB) pair), bias (None, trained or frozen), A, B:
     outputs of order 1."""
     in_features = x_shape[-1]
     x = torch.randn(x_shape).to(dtype).requires_grad_()
     dense = torch.randn(out_features, in_features) / math.sqrt(in_features)
-    weight = {"dense": lambda: dense.to(dtype), "nf4": lambda: quantize_nf4(dense.to(dtype), blocksize=64),
-              "int8": lambda: quantize_int8_weight(dense)}[base]()
+    weight = {
+        "dense": lambda: dense.to(dtype),
+        "nf4": lambda: quantize_nf4(dense.to(dtype), blocksize=64),
+        "int8": lambda: quantize_int8_weight(dense),
+    }[base]()
     bias_tensor = None if bias is None else torch.randn(out_features).to(dtype).requires_grad_(bias == "grad")
     lora_A = (torch.randn(rank, in_features) / math.sqrt(in_features)).to(dtype).requires_grad_()
     lora_B = (torch.randn(out_features, rank) / math.sqrt(rank)).to(dtype).requires_grad_()
@@ -185,7 +200,6 @@ def test_inf_at_a_dropped_position_is_dropped_as_in_the_reference(backend, where
         torch.testing.assert_close(got, want, **TOLERANCES[torch.float32], equal_nan=True)
 
 
-
 @pytest.mark.parametrize("rank, scaling", [(8, 16 / 8), (64, 16 / math.sqrt(64))])  # alpha / r and rsLoRA
 @pytest.mark.parametrize("bias", [None, "grad"])
 def test_reference_is_peft_eager_dropout_and_two_linears(rank, scaling, bias):
@@ -197,8 +211,9 @@ def test_reference_is_peft_eager_dropout_and_two_linears(rank, scaling, bias):
     keep = ref.keep_mask(rng, x.shape, 0.3, x.device)
     keep_scale = float(torch.tensor(1 / 0.7, dtype=torch.float32))  # every backend scales by fp32(1 / (1 - p))
     x_dropped = x * keep * keep_scale
-    peft_y = (torch.nn.functional.linear(x, weight, bias_tensor)
-              + scaling * torch.nn.functional.linear(torch.nn.functional.linear(x_dropped, lora_A), lora_B))
+    peft_y = torch.nn.functional.linear(x, weight, bias_tensor) + scaling * torch.nn.functional.linear(
+        torch.nn.functional.linear(x_dropped, lora_A), lora_B
+    )
     leaves = [t for t in (x, bias_tensor, lora_A, lora_B) if t is not None]
     dy = torch.randn_like(peft_y)
     expected = [peft_y] + list(torch.autograd.grad(peft_y, leaves, dy))
@@ -221,8 +236,7 @@ def test_same_seed_same_mask_on_every_backend_and_no_draw_without_dropout(backen
     assert not torch.allclose(forward_backward(backend, inputs, 2.0, 0.5, seed=4)[0], with_dropout[0])
     for dropout_p, training in ((0.0, True), (0.5, False)):
         state = torch.get_rng_state()
-        assert_all_close(forward_backward(backend, inputs, 2.0, dropout_p, training, seed=None), without,
-                         torch.float32)
+        assert_all_close(forward_backward(backend, inputs, 2.0, dropout_p, training, seed=None), without, torch.float32)
         assert torch.equal(torch.get_rng_state(), state)
 
 
@@ -237,6 +251,7 @@ def test_gradcheck_float64(backend, base, dropout_p):
     def fn(x, bias, lora_A, lora_B):
         torch.manual_seed(0)
         return lora_linear(x, weight, bias, lora_A, lora_B, 0.75, dropout_p, True)
+
     with pyfastpeft.use_backend(backend):
         assert torch.autograd.gradcheck(fn, (x, bias, lora_A, lora_B))
 
@@ -247,8 +262,11 @@ def op_samples(base):
     rng, no_rng = torch.tensor([9, 10]), torch.empty(0, dtype=torch.int64)
     weight = torch.randn(24, 40)
     packed, state = quantize_nf4(weight)
-    base_args = {"dense": (weight,), "nf4": (packed, state.dequantized_absmax(), state.code),
-                 "int8": quantize_int8_weight(weight)}[base]
+    base_args = {
+        "dense": (weight,),
+        "nf4": (packed, state.dequantized_absmax(), state.code),
+        "int8": quantize_int8_weight(weight),
+    }[base]
     base_ints = {"dense": (), "nf4": (64, 24, 40), "int8": (6.0,)}[base]
     xa = torch.randn(6, 4)
     dy = torch.randn(2, 3, 24)
@@ -298,6 +316,7 @@ def test_activation_checkpointing_recomputes_the_same_mask(backend):
 
     def block(x):
         return lora_linear(x, weight, bias, lora_A, lora_B, 2.0, 0.5, True)
+
     for leaf in (x, bias, lora_A, lora_B):
         leaf.grad = None
     torch.manual_seed(1)
@@ -314,6 +333,7 @@ def saved_bytes(fn):
     def pack(t):
         storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
         return t
+
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         fn()
     return sum(storages.values())
@@ -330,6 +350,7 @@ def test_saves_less_than_peft_eager_graph():
 
     def peft():
         return linear(x, weight) + 2.0 * linear(linear(dropout(x, 0.1, True), lora_A), lora_B)
+
     ours = saved_bytes(lambda: lora_linear(x, weight, None, lora_A, lora_B, 2.0, 0.1, True))
     theirs = saved_bytes(peft)
     assert ours + x.numel() * 1 <= theirs, (ours, theirs)  # at least the bool mask smaller
@@ -342,28 +363,39 @@ def test_empty_rows_give_empty_results():
     assert torch.equal(grad_A, torch.zeros(4, 33)) and torch.equal(grad_B, torch.zeros(17, 4))
 
 
-@pytest.mark.parametrize("change, error, message", [
-    (dict(lora_B=torch.randn(17, 3)), ValueError, "rank"),
-    (dict(lora_A=torch.randn(4, 32)), ValueError, "lora_A"),
-    (dict(x=torch.randn(2, 32)), ValueError, "in_features"),
-    (dict(weight=torch.randn(17, 32)), ValueError, "in_features"),
-    (dict(lora_B=torch.randn(16, 4)), ValueError, "out_features"),
-    (dict(bias=torch.randn(16)), ValueError, "bias"),
-    (dict(dropout_p=1.0), ValueError, "dropout_p"),
-    (dict(dropout_p=-0.1), ValueError, "dropout_p"),
-    (dict(lora_A=torch.randn(4, 33, dtype=torch.float64)), TypeError, "lora_A"),
-    (dict(weight=torch.randn(17, 33).half()), TypeError, "weight"),
-    (dict(bias=torch.randn(17).bfloat16()), TypeError, "bias"),
-    (dict(x=torch.randint(0, 3, (2, 33))), TypeError, "x"),
-    (dict(weight=(torch.zeros(3, dtype=torch.uint8), None)), TypeError, "QuantState"),
-    (dict(weight=[1, 2]), TypeError, "weight"),
-    (dict(scaling="2"), TypeError, "scaling"),
-    (dict(training=1), TypeError, "training"),
-    (dict(lora_A=torch.randn(4, 33, device="meta")), ValueError, "lora_A"),
-])
+@pytest.mark.parametrize(
+    "change, error, message",
+    [
+        (dict(lora_B=torch.randn(17, 3)), ValueError, "rank"),
+        (dict(lora_A=torch.randn(4, 32)), ValueError, "lora_A"),
+        (dict(x=torch.randn(2, 32)), ValueError, "in_features"),
+        (dict(weight=torch.randn(17, 32)), ValueError, "in_features"),
+        (dict(lora_B=torch.randn(16, 4)), ValueError, "out_features"),
+        (dict(bias=torch.randn(16)), ValueError, "bias"),
+        (dict(dropout_p=1.0), ValueError, "dropout_p"),
+        (dict(dropout_p=-0.1), ValueError, "dropout_p"),
+        (dict(lora_A=torch.randn(4, 33, dtype=torch.float64)), TypeError, "lora_A"),
+        (dict(weight=torch.randn(17, 33).half()), TypeError, "weight"),
+        (dict(bias=torch.randn(17).bfloat16()), TypeError, "bias"),
+        (dict(x=torch.randint(0, 3, (2, 33))), TypeError, "x"),
+        (dict(weight=(torch.zeros(3, dtype=torch.uint8), None)), TypeError, "QuantState"),
+        (dict(weight=[1, 2]), TypeError, "weight"),
+        (dict(scaling="2"), TypeError, "scaling"),
+        (dict(training=1), TypeError, "training"),
+        (dict(lora_A=torch.randn(4, 33, device="meta")), ValueError, "lora_A"),
+    ],
+)
 def test_bad_inputs_raise_naming_the_argument(change, error, message):
-    args = dict(x=torch.randn(2, 33), weight=torch.randn(17, 33), bias=torch.randn(17), lora_A=torch.randn(4, 33),
-                lora_B=torch.randn(17, 4), scaling=2.0, dropout_p=0.1, training=True)
+    args = dict(
+        x=torch.randn(2, 33),
+        weight=torch.randn(17, 33),
+        bias=torch.randn(17),
+        lora_A=torch.randn(4, 33),
+        lora_B=torch.randn(17, 4),
+        scaling=2.0,
+        dropout_p=0.1,
+        training=True,
+    )
     args.update(change)
     with pytest.raises(error, match=message):
         lora_linear(**args)
@@ -375,11 +407,14 @@ def test_nf4_weight_with_wrong_packed_size_raises():
         lora_linear(torch.randn(2, 33), (packed[:-1], state), None, torch.randn(4, 33), torch.randn(17, 4), 1.0)
 
 
-@pytest.mark.parametrize("weight, error, message", [
-    ((torch.zeros(17, 33, dtype=torch.int8), torch.ones(16)), ValueError, "weight_stats has 16 elements"),
-    ((torch.zeros(17, 33, dtype=torch.int8), torch.ones(17, dtype=torch.float64)), TypeError, "weight_stats must"),
-    ((torch.zeros(17, 33, dtype=torch.int8), torch.ones(17), -1.0), ValueError, "threshold must be >= 0"),
-])
+@pytest.mark.parametrize(
+    "weight, error, message",
+    [
+        ((torch.zeros(17, 33, dtype=torch.int8), torch.ones(16)), ValueError, "weight_stats has 16 elements"),
+        ((torch.zeros(17, 33, dtype=torch.int8), torch.ones(17, dtype=torch.float64)), TypeError, "weight_stats must"),
+        ((torch.zeros(17, 33, dtype=torch.int8), torch.ones(17), -1.0), ValueError, "threshold must be >= 0"),
+    ],
+)
 def test_int8_base_with_bad_parts_raises(weight, error, message):
     with pytest.raises(error, match=message):
         lora_linear(torch.randn(2, 33), weight, None, torch.randn(4, 33), torch.randn(17, 4), 1.0)

@@ -1,5 +1,6 @@
 """LoRA modules: LoRALinear against PEFT's lora.Linear (forward, grads, adapters, merge), the NF4 base,
 add_lora, and PEFT interoperability (save_adapter, load_adapter, from_peft) on a tiny random Llama."""
+
 import copy
 import json
 import math
@@ -7,15 +8,21 @@ import re
 
 import pytest
 import torch
+from helpers import TOLERANCES, assert_no_less_accurate
 from torch import nn
 from transformers import LlamaConfig, LlamaForCausalLM
 
 import pyfastpeft
-from helpers import TOLERANCES, assert_no_less_accurate
 from pyfastpeft.nn import Linear4bit, Linear8bitLt, LoRALinear
 
-LLAMA_CONFIG = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                    num_key_value_heads=2, vocab_size=128)
+LLAMA_CONFIG = dict(
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    vocab_size=128,
+)
 
 
 def peft_module():
@@ -51,6 +58,7 @@ def adapter_weights(module, name):
 
 # ---- LoRALinear against PEFT's lora.Linear -------------------------------------------------------------------
 
+
 def forward_and_grads(module, x):
     """(y, dx, dA, dB) of module on x for a fixed upstream gradient."""
     x = x.clone().requires_grad_()
@@ -77,8 +85,9 @@ def test_forward_and_grads_match_peft_lora_linear(dtype, bias, use_rslora, x_sha
     peft = peft_module()
     torch.manual_seed(0)
     base = nn.Linear(40, 24, bias=bias).to(dtype)
-    theirs = peft_lora_linear(peft, copy.deepcopy(base), r=6, lora_alpha=12, use_rslora=use_rslora,
-                              init_lora_weights=False)
+    theirs = peft_lora_linear(
+        peft, copy.deepcopy(base), r=6, lora_alpha=12, use_rslora=use_rslora, init_lora_weights=False
+    )
     ours = LoRALinear(copy.deepcopy(base), r=6, lora_alpha=12, use_rslora=use_rslora, init_lora_weights=False)
     with torch.no_grad():
         for name in ("lora_A", "lora_B"):
@@ -163,6 +172,7 @@ def test_dropout_applies_in_training_only_and_follows_the_seed():
 
 # ---- merge / unmerge -----------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_merge_matches_the_adapter_and_unmerge_restores_the_weight(dtype):
     torch.manual_seed(0)
@@ -199,6 +209,7 @@ def test_disabling_a_merged_layer_unmerges_it():
 
 
 # ---- NF4 base ------------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("compute_dtype", [torch.float32, torch.bfloat16])
 def test_nf4_base_forward_and_grads_follow_linear4bit(compute_dtype):
@@ -239,8 +250,9 @@ def test_nf4_merge_warns_with_the_requantization_error_and_unmerge_undoes_it_up_
     merge_error = (base.dequantize().float() - exact).abs().max().item()
     assert warned_error(merge_warning) == pytest.approx(merge_error, rel=1e-2)
     assert 0 < merge_error <= exact.abs().max() / 7  # NF4's steps are at most about 1/7 of a block's absmax
-    torch.testing.assert_close(module(x), x @ exact.t() + base.bias, rtol=0,
-                               atol=merge_error * x.abs().sum(-1).max().item())
+    torch.testing.assert_close(
+        module(x), x @ exact.t() + base.bias, rtol=0, atol=merge_error * x.abs().sum(-1).max().item()
+    )
     with pytest.warns(UserWarning, match="re-quantized") as unmerge_warning:
         module.unmerge()
     # W + d + e1 - d + e2: two re-quantization errors, each within its warning's bound
@@ -249,6 +261,7 @@ def test_nf4_merge_warns_with_the_requantization_error_and_unmerge_undoes_it_up_
 
 
 # ---- LLM.int8 base ---------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_int8_base_forward_and_grads_follow_linear8bitlt(dtype):
@@ -296,6 +309,7 @@ def test_add_lora_wraps_int8_layers():
 
 # ---- add_lora ------------------------------------------------------------------------------------------------
 
+
 def test_add_lora_wraps_targets_freezes_the_rest_and_reports_counts():
     model = tiny_llama()
     report = pyfastpeft.add_lora(model, target_modules=("q_proj", "v_proj"), r=4, lora_alpha=8)
@@ -317,8 +331,9 @@ def test_add_lora_all_linear_skips_lm_head_and_a_second_adapter_joins_wrapped_la
     q_proj = model.model.layers[0].self_attn.q_proj
     assert second.wrapped == ["model.layers.0.self_attn.q_proj", "model.layers.1.self_attn.q_proj"]
     assert list(q_proj.lora_A) == ["default", "second"] and q_proj.active_adapter == "second"
-    assert {n for n, p in model.named_parameters() if p.requires_grad} == \
-        {f"{path}.lora_{m}.second.weight" for path in second.wrapped for m in "AB"}
+    assert {n for n, p in model.named_parameters() if p.requires_grad} == {
+        f"{path}.lora_{m}.second.weight" for path in second.wrapped for m in "AB"
+    }
 
 
 def test_add_lora_with_no_match_names_the_linear_layers():
@@ -338,6 +353,7 @@ def test_add_lora_wraps_nf4_layers():
 
 
 # ---- PEFT interoperability -----------------------------------------------------------------------------------
+
 
 def test_save_adapter_loads_in_peft_with_the_same_logits(tmp_path):
     peft = peft_module()
@@ -374,9 +390,15 @@ def test_save_adapter_writes_per_layer_ranks_as_rank_pattern(tmp_path):
 def test_load_adapter_reads_peft_save_pretrained_with_patterns(tmp_path):
     peft = peft_module()
     base = tiny_llama()
-    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"],
-                             rank_pattern={"layers.1.self_attn.v_proj": 2}, alpha_pattern={"down_proj": 5},
-                             use_rslora=True, task_type="CAUSAL_LM")
+    config = peft.LoraConfig(
+        r=4,
+        lora_alpha=8,
+        target_modules=["q_proj", "v_proj", "down_proj"],
+        rank_pattern={"layers.1.self_attn.v_proj": 2},
+        alpha_pattern={"down_proj": 5},
+        use_rslora=True,
+        task_type="CAUSAL_LM",
+    )
     theirs = peft.get_peft_model(copy.deepcopy(base), config)
     randomize_adapters(theirs)
     theirs.save_pretrained(tmp_path)
@@ -412,10 +434,12 @@ def test_from_peft_converts_in_place_and_keeps_the_active_adapter():
     peft = peft_module()
     with pytest.raises(TypeError, match="peft_model must be a peft.PeftModel, got LlamaForCausalLM"):
         pyfastpeft.from_peft(tiny_llama())
-    theirs = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "o_proj"],
-                                                               task_type="CAUSAL_LM"))
-    theirs.add_adapter("other", peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "o_proj"],
-                                                task_type="CAUSAL_LM"))
+    theirs = peft.get_peft_model(
+        tiny_llama(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "o_proj"], task_type="CAUSAL_LM")
+    )
+    theirs.add_adapter(
+        "other", peft.LoraConfig(r=2, lora_alpha=4, target_modules=["q_proj", "o_proj"], task_type="CAUSAL_LM")
+    )
     randomize_adapters(theirs)
     theirs.set_adapter("other")
     ids = input_ids()
@@ -432,8 +456,9 @@ def test_from_peft_converts_in_place_and_keeps_the_active_adapter():
 def test_a_training_step_gives_peft_s_gradients():
     peft = peft_module()
     base = tiny_llama()
-    theirs = peft.get_peft_model(copy.deepcopy(base), peft.LoraConfig(r=4, lora_alpha=8,
-                                                                      target_modules=["q_proj", "v_proj", "up_proj"]))
+    theirs = peft.get_peft_model(
+        copy.deepcopy(base), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "up_proj"])
+    )
     randomize_adapters(theirs)
     ours = pyfastpeft.from_peft(copy.deepcopy(theirs))
     ids = input_ids()
@@ -442,14 +467,16 @@ def test_a_training_step_gives_peft_s_gradients():
         model.train()
         loss = model(input_ids=ids, labels=ids).loss
         loss.backward()
-        grads.append({name.removeprefix("base_model.model."): p.grad for name, p in model.named_parameters()
-                      if p.requires_grad})
+        grads.append(
+            {name.removeprefix("base_model.model."): p.grad for name, p in model.named_parameters() if p.requires_grad}
+        )
     assert grads[0].keys() == grads[1].keys() and len(grads[0]) == 2 * 3 * 2
     for name, grad in grads[0].items():
         torch.testing.assert_close(grads[1][name], grad, rtol=1e-4, atol=1e-6)
 
 
 # ---- compile -------------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("base", ["dense", "nf4"])
 def test_lora_linear_compiles_fullgraph(base):
@@ -472,6 +499,7 @@ def test_lora_linear_compiles_fullgraph(base):
 
 
 # ---- bad input -----------------------------------------------------------------------------------------------
+
 
 def test_bad_arguments_raise_clear_errors():
     module = LoRALinear(nn.Linear(8, 8), r=2)

@@ -1,6 +1,7 @@
 """Multi-adapter LoRA batches (lora_linear_multi): against a per-row loop of lora_linear on every backend and
 base, the row-indexed dropout kernel against the reference mask, dropout identities with lora_linear, gradcheck,
 opcheck and bad input."""
+
 import math
 
 import pytest
@@ -8,7 +9,6 @@ import torch
 from helpers import BACKENDS, CPU_ISAS, TOLERANCES, cpu_isa
 
 import pyfastpeft
-from pyfastpeft import _native
 from pyfastpeft.functional import lora_linear, lora_linear_multi
 from pyfastpeft.ops import lora as lora_ops
 from pyfastpeft.quant import quantize_int8_weight, quantize_nf4
@@ -21,8 +21,11 @@ IN_FEATURES, OUT_FEATURES = 37, 21
 
 def make_base(base, dtype, out_features=OUT_FEATURES, in_features=IN_FEATURES):
     dense = torch.randn(out_features, in_features) / math.sqrt(in_features)
-    return {"dense": lambda: dense.to(dtype), "nf4": lambda: quantize_nf4(dense.to(dtype), blocksize=64),
-            "int8": lambda: quantize_int8_weight(dense)}[base]()
+    return {
+        "dense": lambda: dense.to(dtype),
+        "nf4": lambda: quantize_nf4(dense.to(dtype), blocksize=64),
+        "int8": lambda: quantize_int8_weight(dense),
+    }[base]()
 
 
 def make_adapters(dtype, ranks=RANKS, out_features=OUT_FEATURES, in_features=IN_FEATURES):
@@ -66,8 +69,8 @@ def per_row_loop(x, weight, bias, adapters, row_ids):
     with pyfastpeft.use_backend("reference"):
         for row, adapter in enumerate(row_ids.tolist()):
             lora_A, lora_B, scaling = adapters[max(adapter, 0)]
-            y_row = lora_linear(x2d[row:row + 1], weight, bias, lora_A, lora_B, scaling if adapter >= 0 else 0.0)
-            y_row.backward(dy[row:row + 1])
+            y_row = lora_linear(x2d[row : row + 1], weight, bias, lora_A, lora_B, scaling if adapter >= 0 else 0.0)
+            y_row.backward(dy[row : row + 1])
             rows.append(y_row.detach())
     return [torch.cat(rows).view(*x.shape[:-1], OUT_FEATURES)] + [leaf.grad for leaf in leaves_of(x, bias, adapters)]
 
@@ -169,6 +172,7 @@ def test_dropout_draws_only_when_training_with_positive_p():
 
 # ---- the row-indexed dropout kernel --------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("isa", CPU_ISAS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
 def test_native_dropout_rows_gather_and_scatter_use_original_positions(isa, dtype):
@@ -192,6 +196,7 @@ def test_native_dropout_rows_gather_and_scatter_use_original_positions(isa, dtyp
 
 # ---- gradcheck, opcheck, empty and bad input ---------------------------------------------------------------
 
+
 @pytest.mark.parametrize("backend", ["reference", "native"])
 @pytest.mark.parametrize("base", ["dense", "nf4", "int8"])
 @pytest.mark.parametrize("dropout_p", [0.0, 0.4])
@@ -207,6 +212,7 @@ def test_gradcheck_float64(backend, base, dropout_p):
         torch.manual_seed(0)
         packed = [(adapter_tensors[2 * i], adapter_tensors[2 * i + 1], adapters[i][2]) for i in range(2)]
         return lora_linear_multi(x, weight, bias, packed, ids, dropout_p, True)
+
     with pyfastpeft.use_backend(backend):
         assert torch.autograd.gradcheck(fn, (x, bias, *[t for a in adapters for t in a[:2]]))
 
@@ -219,17 +225,39 @@ def op_samples(base):
     rng, no_rng = torch.tensor([9, 10]), torch.empty(0, dtype=torch.int64)
     weight = torch.randn(24, 40)
     packed, state = quantize_nf4(weight)
-    base_args = {"dense": (weight,), "nf4": (packed, state.dequantized_absmax(), state.code),
-                 "int8": quantize_int8_weight(weight)}[base]
+    base_args = {
+        "dense": (weight,),
+        "nf4": (packed, state.dequantized_absmax(), state.code),
+        "int8": quantize_int8_weight(weight),
+    }[base]
     base_scalars = {"dense": (), "nf4": (64, 24, 40), "int8": (6.0,)}[base]
     row_order, segment_offsets = ref.adapter_groups(row_adapter, 2)
     xa, dy = torch.randn(6, 8), torch.randn(2, 3, 24)
     for bias, r in ((torch.randn(24), rng), (torch.empty(0), no_rng)):
-        yield "forward", (x, *base_args, bias, lora_A, lora_B, rank_offsets, scalings, row_adapter, *base_scalars, 8,
-                          0.2, r)
+        yield (
+            "forward",
+            (x, *base_args, bias, lora_A, lora_B, rank_offsets, scalings, row_adapter, *base_scalars, 8, 0.2, r),
+        )
         for needs_dx in (True, False):
-            yield "backward", (dy, x, *base_args, lora_A, lora_B, rank_offsets, scalings, xa, row_order,
-                               segment_offsets, *base_scalars, 0.2, r, needs_dx)
+            yield (
+                "backward",
+                (
+                    dy,
+                    x,
+                    *base_args,
+                    lora_A,
+                    lora_B,
+                    rank_offsets,
+                    scalings,
+                    xa,
+                    row_order,
+                    segment_offsets,
+                    *base_scalars,
+                    0.2,
+                    r,
+                    needs_dx,
+                ),
+            )
 
 
 @pytest.mark.parametrize("backend", ["reference", "native"])
@@ -259,39 +287,65 @@ def test_empty_rows_give_empty_results(backend):
 
 
 def bad_call(**change):
-    args = dict(x=torch.randn(2, 5, 33), weight=torch.randn(17, 33), bias=None,
-                adapters=[(torch.randn(4, 33), torch.randn(17, 4), 2.0), (torch.randn(8, 33), torch.randn(17, 8), 1.0)],
-                adapter_ids=torch.tensor([0, 1]), dropout_p=0.1, training=True)
+    args = dict(
+        x=torch.randn(2, 5, 33),
+        weight=torch.randn(17, 33),
+        bias=None,
+        adapters=[(torch.randn(4, 33), torch.randn(17, 4), 2.0), (torch.randn(8, 33), torch.randn(17, 8), 1.0)],
+        adapter_ids=torch.tensor([0, 1]),
+        dropout_p=0.1,
+        training=True,
+    )
     args.update(change)
     return lora_linear_multi(**args)
 
 
-@pytest.mark.parametrize("change, error, message", [
-    (dict(adapter_ids=torch.tensor([0, 2])), ValueError, r"adapter_ids must lie in \[-1, 2\)"),
-    (dict(adapter_ids=torch.tensor([-2, 0])), ValueError, "adapter_ids"),
-    (dict(adapter_ids=torch.tensor([0, 1, 1])), ValueError, r"adapter_ids has shape \(3,\)"),
-    (dict(adapter_ids=torch.zeros(5, 2, dtype=torch.int64)), ValueError, "adapter_ids has shape"),
-    (dict(adapter_ids=torch.tensor([0, 1], dtype=torch.int32)), TypeError, "adapter_ids must have dtype int64"),
-    (dict(adapter_ids=[0, 1]), TypeError, "adapter_ids must be a torch.Tensor"),
-    (dict(adapters=[]), ValueError, "adapters must hold at least one"),
-    (dict(adapters=[(torch.randn(4, 33), torch.randn(17, 3), 2.0)], adapter_ids=torch.tensor([0, 0])), ValueError,
-     r"adapters\[0\]'s lora_B .* rank"),
-    (dict(adapters=[(torch.randn(4, 33), torch.randn(17, 4), 2.0), (torch.randn(4, 32), torch.randn(17, 4), 1.0)]),
-     ValueError, r"adapters\[1\]'s lora_A"),
-    (dict(adapters=[(torch.randn(4, 33), torch.randn(16, 4), 2.0)], adapter_ids=torch.tensor([0, 0])), ValueError,
-     "out_features"),
-    (dict(adapters=[(torch.randn(4, 33), torch.randn(17, 4))]), TypeError, r"adapters\[0\] must be"),
-    (dict(adapters=[(torch.randn(4, 33), torch.randn(17, 4), "2")], adapter_ids=torch.tensor([0, 0])), TypeError,
-     r"adapters\[0\]'s scaling"),
-    (dict(adapters=[(torch.randn(4, 33).double(), torch.randn(17, 4), 2.0)], adapter_ids=torch.tensor([0, 0])),
-     TypeError, r"adapters\[0\]'s lora_A"),
-    (dict(adapters=(torch.randn(4, 33), torch.randn(17, 4), 2.0)), TypeError, r"adapters\[0\] must be"),
-    (dict(adapters={"a": 1}), TypeError, "adapters must be a list or tuple"),
-    (dict(x=torch.randn(2, 5, 32)), ValueError, "in_features"),
-    (dict(bias=torch.randn(16)), ValueError, "bias"),
-    (dict(dropout_p=1.0), ValueError, "dropout_p"),
-    (dict(training=1), TypeError, "training"),
-])
+@pytest.mark.parametrize(
+    "change, error, message",
+    [
+        (dict(adapter_ids=torch.tensor([0, 2])), ValueError, r"adapter_ids must lie in \[-1, 2\)"),
+        (dict(adapter_ids=torch.tensor([-2, 0])), ValueError, "adapter_ids"),
+        (dict(adapter_ids=torch.tensor([0, 1, 1])), ValueError, r"adapter_ids has shape \(3,\)"),
+        (dict(adapter_ids=torch.zeros(5, 2, dtype=torch.int64)), ValueError, "adapter_ids has shape"),
+        (dict(adapter_ids=torch.tensor([0, 1], dtype=torch.int32)), TypeError, "adapter_ids must have dtype int64"),
+        (dict(adapter_ids=[0, 1]), TypeError, "adapter_ids must be a torch.Tensor"),
+        (dict(adapters=[]), ValueError, "adapters must hold at least one"),
+        (
+            dict(adapters=[(torch.randn(4, 33), torch.randn(17, 3), 2.0)], adapter_ids=torch.tensor([0, 0])),
+            ValueError,
+            r"adapters\[0\]'s lora_B .* rank",
+        ),
+        (
+            dict(
+                adapters=[(torch.randn(4, 33), torch.randn(17, 4), 2.0), (torch.randn(4, 32), torch.randn(17, 4), 1.0)]
+            ),
+            ValueError,
+            r"adapters\[1\]'s lora_A",
+        ),
+        (
+            dict(adapters=[(torch.randn(4, 33), torch.randn(16, 4), 2.0)], adapter_ids=torch.tensor([0, 0])),
+            ValueError,
+            "out_features",
+        ),
+        (dict(adapters=[(torch.randn(4, 33), torch.randn(17, 4))]), TypeError, r"adapters\[0\] must be"),
+        (
+            dict(adapters=[(torch.randn(4, 33), torch.randn(17, 4), "2")], adapter_ids=torch.tensor([0, 0])),
+            TypeError,
+            r"adapters\[0\]'s scaling",
+        ),
+        (
+            dict(adapters=[(torch.randn(4, 33).double(), torch.randn(17, 4), 2.0)], adapter_ids=torch.tensor([0, 0])),
+            TypeError,
+            r"adapters\[0\]'s lora_A",
+        ),
+        (dict(adapters=(torch.randn(4, 33), torch.randn(17, 4), 2.0)), TypeError, r"adapters\[0\] must be"),
+        (dict(adapters={"a": 1}), TypeError, "adapters must be a list or tuple"),
+        (dict(x=torch.randn(2, 5, 32)), ValueError, "in_features"),
+        (dict(bias=torch.randn(16)), ValueError, "bias"),
+        (dict(dropout_p=1.0), ValueError, "dropout_p"),
+        (dict(training=1), TypeError, "training"),
+    ],
+)
 def test_bad_inputs_raise_naming_the_argument(change, error, message):
     with pytest.raises(error, match=message):
         bad_call(**change)

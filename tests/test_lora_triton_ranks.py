@@ -2,6 +2,7 @@
 ranks far above the 256 that once sized its tiles by next_pow2(rank) (and overflowed shared memory on GPUs)
 give the reference's results, rank tiles partly filled included. Resources per rank on sm_80/sm_90 are checked
 by .ci/compile_gpu; here the CPU interpreter checks the values."""
+
 import math
 
 import pytest

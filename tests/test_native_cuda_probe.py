@@ -1,5 +1,6 @@
 """pyfastpeft._cuda links its CUDA runtime statically: on a driver of an older CUDA major every launch would
 fail, so such a module counts as missing (one warning) and the ops fall back as they do without it."""
+
 import types
 import warnings
 
@@ -18,6 +19,7 @@ def load(module):
         if isinstance(module, Exception):
             raise module
         return module
+
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         loaded, why = _native._load_cuda(import_module)
@@ -31,8 +33,9 @@ def test_a_cuda_13_build_on_a_cuda_12_driver_is_unavailable_with_one_warning():
     assert len(warned) == 1 and "Triton" in str(warned[0].message)
 
 
-@pytest.mark.parametrize("driver, runtime", [(13000, 13000), (13020, 13000), (13000, 13010), (12080, 12040),
-                                             (0, 13000)])
+@pytest.mark.parametrize(
+    "driver, runtime", [(13000, 13000), (13020, 13000), (13000, 13010), (12080, 12040), (0, 13000)]
+)
 def test_a_driver_of_the_same_or_newer_major_or_none_keeps_the_module(driver, runtime):
     module = fake_cuda(driver, runtime)
     loaded, why, warned = load(module)

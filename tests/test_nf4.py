@@ -1,4 +1,5 @@
 """NF4 products and modules: nf4_linear (forward, dX), Linear4bit, quantize_model."""
+
 import pytest
 import torch
 from helpers import run, tiny_llama
@@ -11,8 +12,11 @@ from pyfastpeft.quant import dequantize_nf4, quantize_nf4
 
 # Both sides multiply the same dequantized weight; they differ only in summation order (fp32 accumulation)
 # and, for bf16, in where the product is rounded.
-PRODUCT_TOLERANCES = {torch.float32: dict(rtol=1e-4, atol=1e-4), torch.bfloat16: dict(rtol=2e-2, atol=2e-2),
-                      torch.float16: dict(rtol=2e-3, atol=2e-3)}
+PRODUCT_TOLERANCES = {
+    torch.float32: dict(rtol=1e-4, atol=1e-4),
+    torch.bfloat16: dict(rtol=2e-2, atol=2e-2),
+    torch.float16: dict(rtol=2e-3, atol=2e-3),
+}
 
 
 def quantized(out_features, in_features, blocksize=64, double_quant=True, quant_type="nf4"):
@@ -76,12 +80,18 @@ def test_nf4_ops_opcheck():
     x = torch.randn(5, 64)
     w = torch.randn(40, 64)
     torch.library.opcheck(torch.ops.pyfastpeft.nf4_quantize.default, (w, code, 64))
-    torch.library.opcheck(torch.ops.pyfastpeft.nf4_dequantize.default, (packed, absmax, code, 64, 40 * 64, torch.bfloat16))
+    torch.library.opcheck(
+        torch.ops.pyfastpeft.nf4_dequantize.default, (packed, absmax, code, 64, 40 * 64, torch.bfloat16)
+    )
     for rows in (2, 12):
         x = torch.randn(rows, 64)
-        torch.library.opcheck(torch.ops.pyfastpeft.nf4_linear.default, (x, packed, absmax, code, torch.randn(40), 64, 40, 64))
-        torch.library.opcheck(torch.ops.pyfastpeft.nf4_linear_grad_input.default,
-                              (torch.randn(rows, 40), packed, absmax, code, 64, 40, 64))
+        torch.library.opcheck(
+            torch.ops.pyfastpeft.nf4_linear.default, (x, packed, absmax, code, torch.randn(40), 64, 40, 64)
+        )
+        torch.library.opcheck(
+            torch.ops.pyfastpeft.nf4_linear_grad_input.default,
+            (torch.randn(rows, 40), packed, absmax, code, 64, 40, 64),
+        )
 
 
 def test_linear4bit_compiles_fullgraph():
@@ -125,6 +135,7 @@ def test_linear4bit_state_dict_round_trip(double_quant):
 def _bitsandbytes_nn():
     try:
         import bitsandbytes
+
         return bitsandbytes.nn
     except Exception:
         return None
@@ -139,8 +150,9 @@ def test_linear4bit_checkpoints_load_both_ways_with_bitsandbytes():
     ours = Linear4bit.from_linear(linear)
     theirs = bnb_nn.Linear4bit(64, 96, compute_dtype=torch.float32, quant_type="nf4", compress_statistics=True)
     with torch.compiler.set_stance("force_eager"):
-        theirs.weight = bnb_nn.Params4bit(linear.weight.data, requires_grad=False, quant_type="nf4",
-                                          compress_statistics=True, blocksize=64)
+        theirs.weight = bnb_nn.Params4bit(
+            linear.weight.data, requires_grad=False, quant_type="nf4", compress_statistics=True, blocksize=64
+        )
         theirs.bias = linear.bias
         theirs = theirs.to("cpu")  # quantizes
         x = torch.randn(5, 64)
@@ -150,10 +162,11 @@ def test_linear4bit_checkpoints_load_both_ways_with_bitsandbytes():
         torch.testing.assert_close(loaded(x), theirs(x), rtol=1e-5, atol=1e-5)
         # ours into theirs, the way transformers loads a prequantized checkpoint
         state = ours.state_dict()
-        stats = {k[len("weight."):]: v for k, v in state.items() if k.startswith("weight.")}
+        stats = {k[len("weight.") :]: v for k, v in state.items() if k.startswith("weight.")}
         back = bnb_nn.Linear4bit(64, 96, compute_dtype=torch.float32, quant_type="nf4")
-        back.weight = bnb_nn.Params4bit.from_prequantized(data=state["weight"], quantized_stats=stats,
-                                                          requires_grad=False, device="cpu")
+        back.weight = bnb_nn.Params4bit.from_prequantized(
+            data=state["weight"], quantized_stats=stats, requires_grad=False, device="cpu"
+        )
         back.bias = nn.Parameter(state["bias"])
         torch.testing.assert_close(back(x), ours(x), rtol=1e-5, atol=1e-5)
 
@@ -179,13 +192,16 @@ def test_quantize_model_rejects_unknown_method():
         pyfastpeft.quantize_model(nn.Linear(4, 4), "int3")
 
 
-@pytest.mark.parametrize("call,error,match", [
-    (lambda p, s: nf4_linear(torch.randn(2, 63), p, s), ValueError, "in_features is 64"),
-    (lambda p, s: nf4_linear(torch.randn(2, 64), p.int(), s), TypeError, "packed must be a uint8"),
-    (lambda p, s: nf4_linear(torch.randn(2, 64), p, "state"), TypeError, "state must be"),
-    (lambda p, s: nf4_linear(torch.randn(2, 64), p, s, torch.randn(3)), ValueError, "bias has 3 elements"),
-    (lambda p, s: nf4_linear(torch.ones(2, 64, dtype=torch.int32), p, s), TypeError, "x must have dtype"),
-])
+@pytest.mark.parametrize(
+    "call,error,match",
+    [
+        (lambda p, s: nf4_linear(torch.randn(2, 63), p, s), ValueError, "in_features is 64"),
+        (lambda p, s: nf4_linear(torch.randn(2, 64), p.int(), s), TypeError, "packed must be a uint8"),
+        (lambda p, s: nf4_linear(torch.randn(2, 64), p, "state"), TypeError, "state must be"),
+        (lambda p, s: nf4_linear(torch.randn(2, 64), p, s, torch.randn(3)), ValueError, "bias has 3 elements"),
+        (lambda p, s: nf4_linear(torch.ones(2, 64, dtype=torch.int32), p, s), TypeError, "x must have dtype"),
+    ],
+)
 def test_nf4_linear_bad_input(call, error, match):
     packed, state, _ = quantized(40, 64)
     with pytest.raises(error, match=match):

@@ -1,10 +1,11 @@
 """NF4/FP4 storage format: byte for byte what bitsandbytes writes, its error bounds, its state dicts."""
+
 import json
 
 import pytest
 import torch
-
 from helpers import DTYPES
+
 from pyfastpeft.quant import DYNAMIC_MAP, FP4_CODE, NF4_CODE, QuantState, dequantize_nf4, quantize_nf4
 from pyfastpeft.quant.nf4 import BLOCKSIZES
 from pyfastpeft.reference.nf4 import nearest_code
@@ -14,6 +15,7 @@ def _bitsandbytes():
     """bitsandbytes.functional, the oracle, when it imports and quantizes 4-bit on CPU; else None."""
     try:
         import bitsandbytes.functional as bnb_functional
+
         bnb_functional.quantize_4bit(torch.ones(64), blocksize=64, quant_type="nf4")
     except Exception:  # any failure of the oracle means: skip the comparisons, not fail them
         return None
@@ -28,10 +30,21 @@ SHAPES = [(1024, 1024), (7, 33), (4096, 11)]  # square; odd numel; 11 columns, s
 
 # dQuantizeNF4 in bitsandbytes' csrc/kernels.cu: its CUDA kernel's `x > t` decision-tree thresholds.
 CUDA_NF4_THRESHOLDS = [
-    -0.8480964004993439, -0.6106329262256622, -0.4599952697753906, -0.33967943489551544,
-    -0.23460740596055984, -0.13791173323988914, -0.045525018125772476, 0.03979014977812767,
-    0.1202552504837513, 0.2035212516784668, 0.2920137718319893, 0.3893125355243683,
-    0.5016634166240692, 0.6427869200706482, 0.8614784181118011,
+    -0.8480964004993439,
+    -0.6106329262256622,
+    -0.4599952697753906,
+    -0.33967943489551544,
+    -0.23460740596055984,
+    -0.13791173323988914,
+    -0.045525018125772476,
+    0.03979014977812767,
+    0.1202552504837513,
+    0.2035212516784668,
+    0.2920137718319893,
+    0.3893125355243683,
+    0.5016634166240692,
+    0.6427869200706482,
+    0.8614784181118011,
 ]
 
 
@@ -133,8 +146,10 @@ def test_error_matches_bitsandbytes_bound_and_grows_with_blocksize(quant_type):
         w_hat = dequantize_nf4(*quantize_nf4(w, blocksize, quant_type=quant_type))
         err = (w - w_hat).abs()
         errors[blocksize] = (err.mean().item(), (err / (w.abs() + 1e-8)).mean().item())
-    print(f"\n{quant_type} mean abs / mean rel error by blocksize:",
-          {bs: (round(e, 6), round(r, 6)) for bs, (e, r) in errors.items()})
+    print(
+        f"\n{quant_type} mean abs / mean rel error by blocksize:",
+        {bs: (round(e, 6), round(r, 6)) for bs, (e, r) in errors.items()},
+    )
     if quant_type == "nf4":
         assert errors[64][0] <= 0.072792 + 1e-3  # bitsandbytes' test_4bit_quant expectation for NF4, blocksize 64
     means = [errors[bs][0] for bs in BLOCKSIZES]
@@ -267,7 +282,11 @@ def test_state_dict_round_trip(quant_type, double_quant, packed_form):
     restored = QuantState.from_dict(entries, device="cpu")
     assert list(entries) == keys_before  # the caller's dict is left alone
     assert (restored.shape, restored.dtype, restored.blocksize, restored.quant_type) == (
-        state.shape, state.dtype, state.blocksize, state.quant_type)
+        state.shape,
+        state.dtype,
+        state.blocksize,
+        state.quant_type,
+    )
     assert torch.equal(restored.absmax, state.absmax) and torch.equal(restored.code, state.code)
     if double_quant:
         assert torch.equal(restored.offset, state.offset)
@@ -308,8 +327,9 @@ def test_state_dict_equals_what_bitsandbytes_writes(quant_type, double_quant, dt
         assert ours[key].dtype == theirs[key].dtype and torch.equal(ours[key], theirs[key]), key
     # each side loads the other's state dict
     assert torch.equal(dequantize_nf4(bnb_packed, QuantState.from_dict(theirs)), bnb_dequantize(bnb_packed, bnb_state))
-    assert torch.equal(bnb_dequantize(packed, bnb.QuantState.from_dict(ours, device="cpu")),
-                       dequantize_nf4(packed, state))
+    assert torch.equal(
+        bnb_dequantize(packed, bnb.QuantState.from_dict(ours, device="cpu")), dequantize_nf4(packed, state)
+    )
 
 
 def test_quant_state_to_moves_every_tensor():
@@ -323,19 +343,29 @@ def _packed_and_state():
     return quantize_nf4(torch.randn(8, 64))
 
 
-@pytest.mark.parametrize("call,error,match", [
-    (lambda: quantize_nf4(torch.ones(64, dtype=torch.int32)), TypeError, "w must be"),
-    (lambda: quantize_nf4([1.0, 2.0]), TypeError, "w must be a torch.Tensor"),
-    (lambda: quantize_nf4(torch.randn(64), blocksize=48), ValueError, "blocksize.*48"),
-    (lambda: quantize_nf4(torch.randn(64), quant_type="int4"), ValueError, "quant_type.*int4"),
-    (lambda: quantize_nf4(torch.randn(64), double_quant=1), TypeError, "double_quant"),
-    (lambda: dequantize_nf4(_packed_and_state()[0].float(), _packed_and_state()[1]), TypeError, "packed must be"),
-    (lambda: dequantize_nf4(_packed_and_state()[0][:-1], _packed_and_state()[1]), ValueError, "packed has 255 bytes"),
-    (lambda: dequantize_nf4(quantize_nf4(torch.randn(8, 64))[0], quantize_nf4(torch.randn(8, 66))[1]),
-     ValueError, "packed has 256 bytes"),
-    (lambda: dequantize_nf4(_packed_and_state()[0], None), TypeError, "state must be"),
-    (lambda: QuantState.from_dict({"absmax": torch.ones(1)}), ValueError, "quant_state"),
-])
+@pytest.mark.parametrize(
+    "call,error,match",
+    [
+        (lambda: quantize_nf4(torch.ones(64, dtype=torch.int32)), TypeError, "w must be"),
+        (lambda: quantize_nf4([1.0, 2.0]), TypeError, "w must be a torch.Tensor"),
+        (lambda: quantize_nf4(torch.randn(64), blocksize=48), ValueError, "blocksize.*48"),
+        (lambda: quantize_nf4(torch.randn(64), quant_type="int4"), ValueError, "quant_type.*int4"),
+        (lambda: quantize_nf4(torch.randn(64), double_quant=1), TypeError, "double_quant"),
+        (lambda: dequantize_nf4(_packed_and_state()[0].float(), _packed_and_state()[1]), TypeError, "packed must be"),
+        (
+            lambda: dequantize_nf4(_packed_and_state()[0][:-1], _packed_and_state()[1]),
+            ValueError,
+            "packed has 255 bytes",
+        ),
+        (
+            lambda: dequantize_nf4(quantize_nf4(torch.randn(8, 64))[0], quantize_nf4(torch.randn(8, 66))[1]),
+            ValueError,
+            "packed has 256 bytes",
+        ),
+        (lambda: dequantize_nf4(_packed_and_state()[0], None), TypeError, "state must be"),
+        (lambda: QuantState.from_dict({"absmax": torch.ones(1)}), ValueError, "quant_state"),
+    ],
+)
 def test_bad_input_raises_naming_the_argument(call, error, match):
     with pytest.raises(error, match=match):
         call()

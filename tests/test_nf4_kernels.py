@@ -27,28 +27,58 @@ def native_quantize(w, blocksize, code):
     n = flat.numel()
     packed = torch.empty((n + 1) // 2, dtype=torch.uint8)
     absmax = torch.empty(-(-n // blocksize), dtype=torch.float32)
-    _native.cpu.nf4_quantize(flat.data_ptr(), _native.dtype_code(flat), packed.data_ptr(), absmax.data_ptr(), n,
-                             blocksize, code.data_ptr(), torch.get_num_threads())
+    _native.cpu.nf4_quantize(
+        flat.data_ptr(),
+        _native.dtype_code(flat),
+        packed.data_ptr(),
+        absmax.data_ptr(),
+        n,
+        blocksize,
+        code.data_ptr(),
+        torch.get_num_threads(),
+    )
     return packed, absmax
 
 
 def native_dequantize(packed, absmax, code, blocksize, start, count, dtype):
     out = torch.empty(count, dtype=dtype)
-    _native.cpu.nf4_dequantize(packed.data_ptr(), absmax.data_ptr(), code.data_ptr(), out.data_ptr(),
-                               _native.dtype_code(out), start, count, blocksize, torch.get_num_threads())
+    _native.cpu.nf4_dequantize(
+        packed.data_ptr(),
+        absmax.data_ptr(),
+        code.data_ptr(),
+        out.data_ptr(),
+        _native.dtype_code(out),
+        start,
+        count,
+        blocksize,
+        torch.get_num_threads(),
+    )
     return out
 
 
 def native_gemv(x, packed, absmax, code, bias, n, blocksize):
     m, k = x.shape
     out = torch.empty(m, n, dtype=x.dtype)
-    _native.cpu.nf4_gemv(x.data_ptr(), _native.dtype_code(x), packed.data_ptr(), absmax.data_ptr(), code.data_ptr(),
-                         0 if bias is None else bias.data_ptr(), 0 if bias is None else _native.dtype_code(bias),
-                         out.data_ptr(), m, n, k, blocksize, torch.get_num_threads())
+    _native.cpu.nf4_gemv(
+        x.data_ptr(),
+        _native.dtype_code(x),
+        packed.data_ptr(),
+        absmax.data_ptr(),
+        code.data_ptr(),
+        0 if bias is None else bias.data_ptr(),
+        0 if bias is None else _native.dtype_code(bias),
+        out.data_ptr(),
+        m,
+        n,
+        k,
+        blocksize,
+        torch.get_num_threads(),
+    )
     return out
 
 
 # ---- quantize ----------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("isa", CPU_ISAS)
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
@@ -98,27 +128,32 @@ def test_quantize_zero_nan_inf_blocks_like_reference(isa, quant_type, numel):
 
 # ---- dequantize --------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("isa", CPU_ISAS)
 @pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
 @pytest.mark.parametrize("dtype", NATIVE_DTYPES + [torch.float64])
-@pytest.mark.parametrize("numel, blocksize, start, count", [
-    (64 * 1024, 64, 0, 64 * 1024),       # everything
-    (64 * 1024 + 33, 128, 0, 64 * 1024 + 33),  # odd numel, partial last block
-    (100 * 96, 64, 5 * 96, 30 * 96),     # a tile of rows [5, 35) of a [100, 96] weight: blocks straddle rows
-    (33 * 33, 32, 7 * 33, 9 * 33),       # odd k: the tile starts on a low nibble
-    (50_001, 32, 12_345, 37_000),        # odd start and count, several decode chunks
-    (4096, 4096, 4001, 1),               # one element, a low nibble
-])
+@pytest.mark.parametrize(
+    "numel, blocksize, start, count",
+    [
+        (64 * 1024, 64, 0, 64 * 1024),  # everything
+        (64 * 1024 + 33, 128, 0, 64 * 1024 + 33),  # odd numel, partial last block
+        (100 * 96, 64, 5 * 96, 30 * 96),  # a tile of rows [5, 35) of a [100, 96] weight: blocks straddle rows
+        (33 * 33, 32, 7 * 33, 9 * 33),  # odd k: the tile starts on a low nibble
+        (50_001, 32, 12_345, 37_000),  # odd start and count, several decode chunks
+        (4096, 4096, 4001, 1),  # one element, a low nibble
+    ],
+)
 def test_dequantize_matches_reference_exactly(isa, quant_type, dtype, numel, blocksize, start, count):
     code = CODES[quant_type]
     packed, absmax = random_weight_state(1, numel, blocksize, torch.Generator().manual_seed(numel))
     with cpu_isa(isa):
         out = native_dequantize(packed, absmax, code, blocksize, start, count, dtype)
-    expected = ref.dequantize_4bit(packed, absmax, code, blocksize, numel, dtype)[start:start + count]
+    expected = ref.dequantize_4bit(packed, absmax, code, blocksize, numel, dtype)[start : start + count]
     assert torch.equal(out, expected)
 
 
 # ---- gemv --------------------------------------------------------------------------------------------------
+
 
 def gemv_error_bound(x, weight, bias, out_dtype, k):
     """Bound on |ours - exact| per output, exact = x @ weight^T + bias in fp64 from the same inputs.
@@ -137,14 +172,17 @@ def gemv_error_bound(x, weight, bias, out_dtype, k):
 
 @pytest.mark.parametrize("isa", CPU_ISAS)
 @pytest.mark.parametrize("m", [1, 3, 8])
-@pytest.mark.parametrize("n, k, blocksize", [
-    (64, 64, 64),       # one block per row
-    (64, 384, 128),     # whole blocks and spans: the AVX-512 fast path
-    (40, 256, 32),      # fast path, four blocks per span
-    (100, 96, 64),      # blocks straddle rows
-    (33, 33, 32),       # odd k: rows start on low nibbles
-    (4096, 4096, 64),
-])
+@pytest.mark.parametrize(
+    "n, k, blocksize",
+    [
+        (64, 64, 64),  # one block per row
+        (64, 384, 128),  # whole blocks and spans: the AVX-512 fast path
+        (40, 256, 32),  # fast path, four blocks per span
+        (100, 96, 64),  # blocks straddle rows
+        (33, 33, 32),  # odd k: rows start on low nibbles
+        (4096, 4096, 64),
+    ],
+)
 @pytest.mark.parametrize("dtype", NATIVE_DTYPES)
 @pytest.mark.parametrize("bias_dtype", [None, torch.bfloat16, torch.float32])
 def test_gemv_matches_dequantized_matmul(isa, m, n, k, blocksize, dtype, bias_dtype):
@@ -211,12 +249,15 @@ def on_triton(op, *args):
 
 @triton_only
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.float64])
-@pytest.mark.parametrize("numel, blocksize", [
-    (96 * 40, 64),     # a [40, 96] weight: blocks straddle rows
-    (33 * 7, 128),     # odd numel, partial last block
-    (200 * 5, 4096),   # one partial block holding every row
-    (1, 64),           # a single high nibble
-])
+@pytest.mark.parametrize(
+    "numel, blocksize",
+    [
+        (96 * 40, 64),  # a [40, 96] weight: blocks straddle rows
+        (33 * 7, 128),  # odd numel, partial last block
+        (200 * 5, 4096),  # one partial block holding every row
+        (1, 64),  # a single high nibble
+    ],
+)
 def test_triton_dequantize_matches_reference_exactly(dtype, numel, blocksize):
     code = CODES["nf4"]
     packed, absmax = random_weight_state(1, numel, blocksize, torch.Generator().manual_seed(numel))
@@ -252,12 +293,15 @@ def test_triton_quantize_zero_nan_inf_blocks_like_reference(numel):
 
 @triton_only
 @pytest.mark.parametrize("m", [1, 3, 8, 17])  # fused GEMV up to 8 rows, in-loop-dequantized tl.dot above
-@pytest.mark.parametrize("n, k, blocksize", [
-    (40, 96, 64),      # K not a multiple of the block: blocks straddle rows
-    (33, 33, 32),      # odd K: odd rows start on a low nibble
-    (24, 200, 128),    # several K steps, a partial last block
-    (5, 70, 4096),     # one block for the whole weight
-])
+@pytest.mark.parametrize(
+    "n, k, blocksize",
+    [
+        (40, 96, 64),  # K not a multiple of the block: blocks straddle rows
+        (33, 33, 32),  # odd K: odd rows start on a low nibble
+        (24, 200, 128),  # several K steps, a partial last block
+        (5, 70, 4096),  # one block for the whole weight
+    ],
+)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("with_bias", [False, True])
 def test_triton_nf4_linear_matches_dequantized_matmul(m, n, k, blocksize, dtype, with_bias):
@@ -292,8 +336,9 @@ def test_triton_grad_input_is_dy_times_dequantized_weight(m, n, k, blocksize, dt
 def test_triton_products_of_empty_inputs_are_empty():
     packed, absmax = random_weight_state(8, 64, 64, torch.Generator().manual_seed(0))
     code = CODES["nf4"]
-    assert on_triton(nf4_ops.nf4_linear_op, torch.randn(0, 64), packed, absmax, code, torch.randn(8), 64, 8,
-                     64).shape == (0, 8)
+    assert on_triton(
+        nf4_ops.nf4_linear_op, torch.randn(0, 64), packed, absmax, code, torch.randn(8), 64, 8, 64
+    ).shape == (0, 8)
     assert on_triton(nf4_ops.nf4_linear_grad_input, torch.randn(0, 8), packed, absmax, code, 64, 8, 64).shape == (0, 64)
     assert on_triton(nf4_ops.nf4_dequantize, packed[:0], absmax[:0], code, 64, 0, torch.float32).shape == (0,)
 
@@ -305,10 +350,15 @@ def test_triton_nf4_ops_opcheck():
     packed = packed.view(-1, 1)
     with pyfastpeft.use_backend("triton"):
         torch.library.opcheck(torch.ops.pyfastpeft.nf4_quantize.default, (torch.randn(40, 64), code, 64))
-        torch.library.opcheck(torch.ops.pyfastpeft.nf4_dequantize.default,
-                              (packed, absmax, code, 64, 40 * 64, torch.float16))
+        torch.library.opcheck(
+            torch.ops.pyfastpeft.nf4_dequantize.default, (packed, absmax, code, 64, 40 * 64, torch.float16)
+        )
         for rows in (2, 12):
-            torch.library.opcheck(torch.ops.pyfastpeft.nf4_linear.default,
-                                  (torch.randn(rows, 64), packed, absmax, code, torch.randn(40), 64, 40, 64))
-            torch.library.opcheck(torch.ops.pyfastpeft.nf4_linear_grad_input.default,
-                                  (torch.randn(rows, 40), packed, absmax, code, 64, 40, 64))
+            torch.library.opcheck(
+                torch.ops.pyfastpeft.nf4_linear.default,
+                (torch.randn(rows, 64), packed, absmax, code, torch.randn(40), 64, 40, 64),
+            )
+            torch.library.opcheck(
+                torch.ops.pyfastpeft.nf4_linear_grad_input.default,
+                (torch.randn(rows, 40), packed, absmax, code, 64, 40, 64),
+            )

@@ -1,5 +1,6 @@
 """Non-finite values through the native kernels: the same NaN / inf pattern as the reference, on every CPU
 instruction set (the sanitizer build checks that no NaN reaches undefined behaviour on the way)."""
+
 import pytest
 import torch
 from helpers import CPU_ISAS, cpu_isa, run
@@ -42,8 +43,9 @@ def test_softcapped_cross_entropy_of_nan_and_inf_logits_matches_the_reference(is
     for backend in ("native", "reference"):
         w = weight.clone().requires_grad_()
         with cpu_isa(isa):
-            loss = run(backend, fused_linear_cross_entropy, hidden, w, labels, softcap=5.0, reduction="none",
-                       chunk_size=4)
+            loss = run(
+                backend, fused_linear_cross_entropy, hidden, w, labels, softcap=5.0, reduction="none", chunk_size=4
+            )
             loss.backward(torch.ones_like(loss))
         results[backend] = (loss.detach(), w.grad)
     assert results["reference"][0].isnan().any() and results["reference"][0].isfinite().any()

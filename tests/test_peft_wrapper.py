@@ -2,16 +2,17 @@
 acts on the LoRALinear layers (compared with the same method on an unconverted copy) or raises naming the
 alternative, nothing saves an empty adapter, and what is not built (DoRA, modules_to_save, lora_bias, embedding
 targets) is refused with the model unchanged."""
+
 import copy
 import json
 import os
 
 import pytest
 import torch
+from helpers import tiny_llama
 from torch import nn
 
 import pyfastpeft
-from helpers import tiny_llama
 from pyfastpeft.nn import LoRALinear
 
 peft = pytest.importorskip("peft")
@@ -29,10 +30,12 @@ def logits(model):
 def two_adapter_peft_model():
     """A PeftModel with adapter 'default' on q_proj, v_proj and 'other' on v_proj, up_proj (different modules),
     random B matrices."""
-    model = peft.get_peft_model(tiny_llama(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"],
-                                                              task_type="CAUSAL_LM"))
-    model.add_adapter("other", peft.LoraConfig(r=2, lora_alpha=6, target_modules=["v_proj", "up_proj"],
-                                               task_type="CAUSAL_LM"))
+    model = peft.get_peft_model(
+        tiny_llama(), peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="CAUSAL_LM")
+    )
+    model.add_adapter(
+        "other", peft.LoraConfig(r=2, lora_alpha=6, target_modules=["v_proj", "up_proj"], task_type="CAUSAL_LM")
+    )
     generator = torch.Generator().manual_seed(2)
     with torch.no_grad():
         for name, parameter in model.named_parameters():
@@ -197,13 +200,16 @@ def test_load_adapter_reads_a_local_directory(pair, tmp_path):
         ours.load_adapter("someone/some-adapter", adapter_name="hub")
 
 
-@pytest.mark.parametrize("call, alternative", [
-    (lambda model: model.add_adapter("new", peft.LoraConfig(target_modules=["k_proj"])), "pyfastpeft.add_lora"),
-    (lambda model: model.add_weighted_adapter(["default", "other"], [0.5, 0.5], "mix"), "with PEFT before"),
-    (lambda model: model.get_layer_status(), "active_adapter, adapters_enabled"),
-    (lambda model: model.get_model_status(), "active_adapter, adapters_enabled"),
-    (lambda model: model(input_ids=input_ids(), adapter_names=["default", "other"]), "set_adapter"),
-])
+@pytest.mark.parametrize(
+    "call, alternative",
+    [
+        (lambda model: model.add_adapter("new", peft.LoraConfig(target_modules=["k_proj"])), "pyfastpeft.add_lora"),
+        (lambda model: model.add_weighted_adapter(["default", "other"], [0.5, 0.5], "mix"), "with PEFT before"),
+        (lambda model: model.get_layer_status(), "active_adapter, adapters_enabled"),
+        (lambda model: model.get_model_status(), "active_adapter, adapters_enabled"),
+        (lambda model: model(input_ids=input_ids(), adapter_names=["default", "other"]), "set_adapter"),
+    ],
+)
 def test_methods_that_cannot_work_name_the_alternative(pair, call, alternative):
     _, ours = pair
     with pytest.raises(NotImplementedError, match=f"converted by pyfastpeft.from_peft; .*{alternative}"):
@@ -234,12 +240,18 @@ def test_the_converted_wrapper_survives_torch_save_whole(pair):
     torch.testing.assert_close(logits(restored), logits(ours))
 
 
-@pytest.mark.parametrize("settings, message", [
-    (dict(use_dora=True), r"sets \['use_dora'\]"),
-    (dict(lora_bias=True), r"sets \['lora_bias'\]"),
-    (dict(modules_to_save=["lm_head"]), r"sets \['modules_to_save'\]"),
-    (dict(target_modules=["q_proj", "embed_tokens"]), r"model\.embed_tokens \(peft\.tuners\.lora\.layer\.Embedding\)"),
-])
+@pytest.mark.parametrize(
+    "settings, message",
+    [
+        (dict(use_dora=True), r"sets \['use_dora'\]"),
+        (dict(lora_bias=True), r"sets \['lora_bias'\]"),
+        (dict(modules_to_save=["lm_head"]), r"sets \['modules_to_save'\]"),
+        (
+            dict(target_modules=["q_proj", "embed_tokens"]),
+            r"model\.embed_tokens \(peft\.tuners\.lora\.layer\.Embedding\)",
+        ),
+    ],
+)
 def test_what_is_not_built_is_refused_and_the_model_is_unchanged(settings, message):
     model = peft.get_peft_model(tiny_llama(), peft.LoraConfig(**{"r": 4, "target_modules": ["q_proj"], **settings}))
     types = [type(module) for module in model.modules()]

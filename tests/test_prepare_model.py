@@ -2,6 +2,7 @@
 per-step losses compared; NF4 and int8 bases; generation, checkpointing, compile, pickling, evaluation through
 transformers' Trainer, the default adapter, second calls and PeftModels refused without a change, reports and
 bad input."""
+
 import copy
 import io
 import math
@@ -36,13 +37,21 @@ def _unpatch_prepared_models():
     while _PREPARED:
         pyfastpeft.unpatch_model(_PREPARED.pop())
 
+
 LORA = LoraSettings(r=8, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear")
 
 
 def tiny_llama(dtype=torch.float32, seed=0):
     torch.manual_seed(seed)
-    config = LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                         num_key_value_heads=2, vocab_size=128, max_position_embeddings=64)
+    config = LlamaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        vocab_size=128,
+        max_position_embeddings=64,
+    )
     return LlamaForCausalLM(config).to(dtype)
 
 
@@ -57,8 +66,9 @@ def token_stream(seed=1, batch=4, seq=32, vocab=128):
 
 def peft_twin(model_before, ours):
     """PEFT's LoRA on a copy of the unprepared model, with our adapters' initial values (same keys)."""
-    config = peft.LoraConfig(r=LORA.r, lora_alpha=LORA.lora_alpha, lora_dropout=LORA.lora_dropout,
-                             target_modules="all-linear")
+    config = peft.LoraConfig(
+        r=LORA.r, lora_alpha=LORA.lora_alpha, lora_dropout=LORA.lora_dropout, target_modules="all-linear"
+    )
     twin = peft.get_peft_model(copy.deepcopy(model_before), config)
     ours_state = {k: v for k, v in ours.state_dict().items() if ".lora_" in k}
     twin_state = {k.removeprefix("base_model.model."): v for k, v in twin.state_dict().items() if ".lora_" in k}
@@ -136,8 +146,9 @@ def test_fused_loss_equals_transformers_loss_and_gradients():
     expected.loss.backward()
     torch.testing.assert_close(out.loss, expected.loss, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(model.lm_head.weight.grad, reference.lm_head.weight.grad, rtol=1e-4, atol=1e-6)
-    torch.testing.assert_close(model.model.embed_tokens.weight.grad, reference.model.embed_tokens.weight.grad,
-                               rtol=1e-4, atol=1e-6)
+    torch.testing.assert_close(
+        model.model.embed_tokens.weight.grad, reference.model.embed_tokens.weight.grad, rtol=1e-4, atol=1e-6
+    )
 
 
 def test_generate_and_logits_without_labels_are_unchanged():
@@ -165,6 +176,7 @@ def test_gradient_checkpointing_gives_the_same_adapter_gradients(use_reentrant):
         grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
         model.zero_grad(set_to_none=True)
         return grads
+
     plain = adapter_grads()
     model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
     checkpointed = adapter_grads()
@@ -186,8 +198,15 @@ def test_compiled_training_step_matches_eager():
 
 def test_gemma_gets_its_norm_offset_and_report_lists_what_was_patched():
     torch.manual_seed(0)
-    config = GemmaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4,
-                         num_key_value_heads=1, head_dim=16, vocab_size=128)
+    config = GemmaConfig(
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=1,
+        num_attention_heads=4,
+        num_key_value_heads=1,
+        head_dim=16,
+        vocab_size=128,
+    )
     model = GemmaForCausalLM(config)
     reference = copy.deepcopy(model)
     report = prepare_model(model, quant=None, lora=LORA)
@@ -196,8 +215,9 @@ def test_gemma_gets_its_norm_offset_and_report_lists_what_was_patched():
     assert any("not SiLU" in reason for reason in report.not_patched)
     ids = token_stream(batch=1, seq=8)
     with torch.no_grad():
-        torch.testing.assert_close(model(input_ids=ids, labels=ids).loss, reference(input_ids=ids, labels=ids).loss,
-                                   rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(
+            model(input_ids=ids, labels=ids).loss, reference(input_ids=ids, labels=ids).loss, rtol=1e-4, atol=1e-5
+        )
     assert "replaced" in str(report) and "trainable params" in str(report)
 
 
@@ -210,16 +230,19 @@ def test_unsupported_model_gets_a_report_not_an_error():
     assert isinstance(model[0], LoRALinear) and report.trainable_params == (2 * 8 + 8 * 2) + (2 * 8 + 4 * 2)
 
 
-@pytest.mark.parametrize("call, error, match", [
-    (lambda m: prepare_model(m, quant="int4"), ValueError, "quant must be one of"),
-    (lambda m: prepare_model(m, lora={"r": 8}), TypeError, "lora must be a pyfastpeft.LoraSettings"),
-    (lambda m: prepare_model(m, lora=None), TypeError, "lora must be a pyfastpeft.LoraSettings"),
-    (lambda m: prepare_model(m, patch="yes"), TypeError, "patch must be a bool"),
-    (lambda m: LoraSettings(r=0), ValueError, "r must be >= 1"),
-    (lambda m: LoraSettings(lora_dropout=1.0), ValueError, "lora_dropout must be in"),
-    (lambda m: LoraSettings(target_modules=[]), TypeError, "target_modules must be"),
-    (lambda m: prepare_model("model"), TypeError, "model must be a torch.nn.Module"),
-])
+@pytest.mark.parametrize(
+    "call, error, match",
+    [
+        (lambda m: prepare_model(m, quant="int4"), ValueError, "quant must be one of"),
+        (lambda m: prepare_model(m, lora={"r": 8}), TypeError, "lora must be a pyfastpeft.LoraSettings"),
+        (lambda m: prepare_model(m, lora=None), TypeError, "lora must be a pyfastpeft.LoraSettings"),
+        (lambda m: prepare_model(m, patch="yes"), TypeError, "patch must be a bool"),
+        (lambda m: LoraSettings(r=0), ValueError, "r must be >= 1"),
+        (lambda m: LoraSettings(lora_dropout=1.0), ValueError, "lora_dropout must be in"),
+        (lambda m: LoraSettings(target_modules=[]), TypeError, "target_modules must be"),
+        (lambda m: prepare_model("model"), TypeError, "model must be a torch.nn.Module"),
+    ],
+)
 def test_bad_input(call, error, match):
     with pytest.raises(error, match=match):
         call(tiny_llama())
@@ -240,9 +263,12 @@ def test_adapter_round_trips_through_peft_after_training(tmp_path):
 def snapshot(model):
     """Everything a failed prepare_model must leave as it was: the module tree, the state dict, trainability and
     the forward."""
-    return ([(name, type(module)) for name, module in model.named_modules()],
-            {key: value.clone() for key, value in model.state_dict().items()},
-            {name: p.requires_grad for name, p in model.named_parameters()}, dict(model.__dict__).get("forward"))
+    return (
+        [(name, type(module)) for name, module in model.named_modules()],
+        {key: value.clone() for key, value in model.state_dict().items()},
+        {name: p.requires_grad for name, p in model.named_parameters()},
+        dict(model.__dict__).get("forward"),
+    )
 
 
 def assert_unchanged(model, before):
@@ -348,6 +374,7 @@ def test_trainer_evaluate_hands_logits_to_compute_metrics(tmp_path):
     def compute_metrics(prediction):
         seen["shape"] = prediction.predictions.shape
         return {"accuracy": float((prediction.predictions[:, :-1].argmax(-1) == prediction.label_ids[:, 1:]).mean())}
+
     args = TrainingArguments(output_dir=str(tmp_path), per_device_eval_batch_size=4, report_to=[], use_cpu=True)
     metrics = Trainer(model=model, args=args, eval_dataset=dataset, compute_metrics=compute_metrics).evaluate()
     assert seen["shape"] == (4, 16, 128) and 0.0 <= metrics["eval_accuracy"] <= 1.0
@@ -361,8 +388,18 @@ def trainer_for(model, output_dir, **overrides):
 
     rows = token_stream(batch=8, seq=16)
     dataset = [{"input_ids": row, "labels": row} for row in rows]
-    settings = dict(output_dir=str(output_dir), max_steps=4, per_device_train_batch_size=2, learning_rate=1e-2,
-                    save_strategy="steps", save_steps=2, report_to=[], use_cpu=True, seed=0, data_seed=0)
+    settings = dict(
+        output_dir=str(output_dir),
+        max_steps=4,
+        per_device_train_batch_size=2,
+        learning_rate=1e-2,
+        save_strategy="steps",
+        save_steps=2,
+        report_to=[],
+        use_cpu=True,
+        seed=0,
+        data_seed=0,
+    )
     settings.update(overrides)
     return Trainer(model=model, args=TrainingArguments(**settings), train_dataset=dataset)
 
@@ -389,8 +426,9 @@ def test_trainer_checkpoints_are_peft_adapters_that_load_and_resume(tmp_path):
     loaded = peft.PeftModel.from_pretrained(copy.deepcopy(base), final).eval()
     ids = token_stream(batch=1, seq=8)
     with torch.no_grad():
-        torch.testing.assert_close(model.eval()(input_ids=ids).logits, loaded(input_ids=ids).logits,
-                                   rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(
+            model.eval()(input_ids=ids).logits, loaded(input_ids=ids).logits, rtol=1e-5, atol=1e-5
+        )
 
     resumed = copy.deepcopy(base)
     torch.manual_seed(123)  # other initial adapters: the checkpoint must overwrite them

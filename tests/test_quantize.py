@@ -1,14 +1,14 @@
 """General affine quantization: codes against the written formulas and torch's quantized tensors, native
 against reference on every instruction set, non-finite inputs, observers, and fake_quantize's gradient."""
+
 import math
 
 import pytest
 import torch
+from helpers import CPU_ISAS, cpu_isa, run
 
 import pyfastpeft
-from helpers import CPU_ISAS, cpu_isa, run
-from pyfastpeft.quant import (MinMaxObserver, PercentileObserver, QuantizedTensor, dequantize, fake_quantize,
-                              quantize)
+from pyfastpeft.quant import MinMaxObserver, PercentileObserver, QuantizedTensor, dequantize, fake_quantize, quantize
 
 GRANULARITIES = [dict(), dict(axis=0), dict(axis=1), dict(axis=-1), dict(blocksize=64), dict(blocksize=7)]
 SCHEMES = ["absmax", "zeropoint"]
@@ -66,6 +66,7 @@ def check_same(a: QuantizedTensor, b: QuantizedTensor):
 
 # ---- the formulas --------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("granularity", GRANULARITIES, ids=str)
 @pytest.mark.parametrize("scheme", SCHEMES)
@@ -105,10 +106,14 @@ def test_absmax_per_tensor_matches_torch_quantize_per_tensor(backend):
 def test_zeropoint_per_channel_matches_torch_quantize_per_channel(backend):
     # Each column spans [-100, 155] * 2^-k, so scale = 2^-k exactly and zero_point = 100.
     k = torch.tensor([2, 3, 5, 1])
-    steps = torch.cat([torch.randint(-100, 156, (200, 4)).float(), (torch.arange(-99, 154) + 0.5)[:200, None].expand(200, 4)])
-    x = torch.cat([steps, torch.tensor([[-100.0] * 4, [155.0] * 4])]) / 2.0 ** k
+    steps = torch.cat(
+        [torch.randint(-100, 156, (200, 4)).float(), (torch.arange(-99, 154) + 0.5)[:200, None].expand(200, 4)]
+    )
+    x = torch.cat([steps, torch.tensor([[-100.0] * 4, [155.0] * 4])]) / 2.0**k
     qt = run(backend, quantize, x, 8, "zeropoint", axis=1)
-    assert torch.equal(qt.scale, 2.0 ** -k.float()) and torch.equal(qt.zero_point, torch.full((4,), 100, dtype=torch.int32))
+    assert torch.equal(qt.scale, 2.0 ** -k.float()) and torch.equal(
+        qt.zero_point, torch.full((4,), 100, dtype=torch.int32)
+    )
     expected = torch.quantize_per_channel(x, qt.scale.double(), qt.zero_point.long(), 1, torch.quint8).int_repr()
     assert torch.equal(qt.codes, expected)
 
@@ -170,8 +175,9 @@ def test_nan_and_inf_poison_only_their_own_group(backend, scheme):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("granularity,shape", [(dict(), (0,)), (dict(axis=1), (0, 5)), (dict(blocksize=4), (3, 0))],
-                         ids=str)
+@pytest.mark.parametrize(
+    "granularity,shape", [(dict(), (0,)), (dict(axis=1), (0, 5)), (dict(blocksize=4), (3, 0))], ids=str
+)
 def test_empty_tensors_give_empty_codes(backend, granularity, shape):
     x = torch.empty(shape)
     qt = run(backend, quantize, x, 8, "zeropoint", **granularity)
@@ -182,10 +188,21 @@ def test_empty_tensors_give_empty_codes(backend, granularity, shape):
 
 # ---- native against the reference ------------------------------------------------------------------------
 
-ODD_CASES = [((37, 53), dict()), ((37, 53), dict(axis=0)), ((37, 53), dict(axis=1)), ((3, 4100), dict(axis=1)),
-             ((5, 3, 4000), dict(axis=1)), ((5, 7, 9), dict(axis=-1)), ((2, 3, 5), dict(axis=0)),
-             ((50001,), dict()), ((1001,), dict(blocksize=64)), ((50001,), dict(blocksize=20000)),
-             ((41, 3), dict(blocksize=5)), ((), dict()), ((7, 1), dict(axis=1))]
+ODD_CASES = [
+    ((37, 53), dict()),
+    ((37, 53), dict(axis=0)),
+    ((37, 53), dict(axis=1)),
+    ((3, 4100), dict(axis=1)),
+    ((5, 3, 4000), dict(axis=1)),
+    ((5, 7, 9), dict(axis=-1)),
+    ((2, 3, 5), dict(axis=0)),
+    ((50001,), dict()),
+    ((1001,), dict(blocksize=64)),
+    ((50001,), dict(blocksize=20000)),
+    ((41, 3), dict(blocksize=5)),
+    ((), dict()),
+    ((7, 1), dict(axis=1)),
+]
 
 
 @pytest.mark.parametrize("isa", CPU_ISAS)
@@ -214,12 +231,12 @@ def test_native_static_quantize_matches_reference(isa, scheme, shape, granularit
     scale.view(-1)[0] = 0.0  # one group that codes everything as its zero point
     with cpu_isa(isa):
         native = run("native", fake_quantize, x, 8, scheme, scale=scale, zero_point=params.zero_point, **granularity)
-    reference = run("reference", fake_quantize, x, 8, scheme, scale=scale, zero_point=params.zero_point,
-                    **granularity)
+    reference = run("reference", fake_quantize, x, 8, scheme, scale=scale, zero_point=params.zero_point, **granularity)
     assert torch.equal(native, reference)
 
 
 # ---- observers -----------------------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("scheme", SCHEMES)
 @pytest.mark.parametrize("axis", [None, 1])
@@ -266,6 +283,7 @@ def test_observer_needs_a_batch_and_matching_channels():
 
 # ---- fake_quantize ------------------------------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("granularity", GRANULARITIES, ids=str)
 @pytest.mark.parametrize("scheme", SCHEMES)
@@ -280,7 +298,7 @@ def test_straight_through_gradient_matches_torch_fake_quantize(backend):
     x = (torch.linspace(-3, 3, 301) + 0.003).requires_grad_()
     y = run(backend, fake_quantize, x, 8, "absmax", scale=torch.tensor(1 / 64))
     y.backward(torch.full_like(x, 2.0))
-    inside = (x.detach().abs() <= 127.5 / 64)
+    inside = x.detach().abs() <= 127.5 / 64
     assert torch.equal(x.grad, 2.0 * inside)
     assert 0 < inside.sum() < x.numel()
     x_torch = x.detach().clone().requires_grad_()
@@ -306,6 +324,7 @@ def test_fake_quantize_gradcheck_fp64():
         y = fake_quantize(x, 8, "absmax", axis=0, scale=scale)
         assert y.dtype == torch.float64
         return torch.autograd.grad(y, x, grad_out, create_graph=True)[0]
+
     assert torch.autograd.gradcheck(backward_map, (dy,))
     assert torch.autograd.gradgradcheck(lambda v: fake_quantize(v, 8, "zeropoint", blocksize=8), (x,))
 
@@ -314,6 +333,7 @@ def test_fake_quantize_compiles_fullgraph():
     class FakeQuantizedLinear(torch.nn.Linear):
         def forward(self, x):
             return torch.nn.functional.linear(x, fake_quantize(self.weight, 8, "absmax", axis=0), self.bias)
+
     layer = FakeQuantizedLinear(32, 16)
     x = torch.randn(4, 32)
     y = torch.compile(layer, fullgraph=True, backend="aot_eager")(x)
@@ -324,6 +344,7 @@ def test_fake_quantize_compiles_fullgraph():
 
 # ---- ops -------------------------------------------------------------------------------------------------------
 
+
 def test_quantize_ops_opcheck():
     ops = torch.ops.pyfastpeft
     x = torch.randn(6, 10)
@@ -332,23 +353,29 @@ def test_quantize_ops_opcheck():
             codes, scale, zero_point = ops.quantize_affine(x, 8, zeropoint, axis, blocksize)
             torch.library.opcheck(ops.quantize_affine.default, (x, 8, zeropoint, axis, blocksize))
             torch.library.opcheck(ops.quantize_static.default, (x, scale, zero_point, 4, zeropoint, axis, blocksize))
-            torch.library.opcheck(ops.dequantize_affine.default,
-                                  (codes, scale, zero_point, axis, blocksize, torch.bfloat16))
+            torch.library.opcheck(
+                ops.dequantize_affine.default, (codes, scale, zero_point, axis, blocksize, torch.bfloat16)
+            )
 
 
 # ---- bad input ---------------------------------------------------------------------------------------------------
 
-@pytest.mark.parametrize("kwargs,error,match", [
-    (dict(bits=6), ValueError, "bits"),
-    (dict(bits=True), ValueError, "bits"),
-    (dict(scheme="minmax"), ValueError, "scheme"),
-    (dict(axis=2), ValueError, "axis"),
-    (dict(axis=-3), ValueError, "axis"),
-    (dict(axis=1.0), TypeError, "axis"),
-    (dict(axis=0, blocksize=4), ValueError, "axis and blocksize"),
-    (dict(blocksize=0), ValueError, "blocksize"),
-    (dict(blocksize=-8), ValueError, "blocksize"),
-], ids=str)
+
+@pytest.mark.parametrize(
+    "kwargs,error,match",
+    [
+        (dict(bits=6), ValueError, "bits"),
+        (dict(bits=True), ValueError, "bits"),
+        (dict(scheme="minmax"), ValueError, "scheme"),
+        (dict(axis=2), ValueError, "axis"),
+        (dict(axis=-3), ValueError, "axis"),
+        (dict(axis=1.0), TypeError, "axis"),
+        (dict(axis=0, blocksize=4), ValueError, "axis and blocksize"),
+        (dict(blocksize=0), ValueError, "blocksize"),
+        (dict(blocksize=-8), ValueError, "blocksize"),
+    ],
+    ids=str,
+)
 def test_bad_arguments_raise_naming_the_argument(kwargs, error, match):
     x = torch.randn(4, 4)
     with pytest.raises(error, match=match):

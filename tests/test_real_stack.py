@@ -19,6 +19,7 @@ seeds 1-3):
 - a resumed run against the uninterrupted one: equal (losses, gradient norms and final adapters bit for bit);
 - logits (evaluate's, and a saved adapter loaded into PEFT): 1e-5 (measured 5e-7 absolute).
 """
+
 import copy
 import importlib.metadata
 import os
@@ -27,10 +28,22 @@ import pytest
 import torch
 import transformers
 from packaging.version import Version
+from real_stack_helpers import (
+    LORA,
+    VOCAB,
+    adapter_state,
+    base_model,
+    lm_dataset,
+    load_adapters,
+    peft_lora_config,
+    peft_reference,
+    seed_adapters,
+    step_logs,
+    text_dataset,
+    word_tokenizer,
+)
 
 import pyfastpeft
-from real_stack_helpers import (LORA, VOCAB, adapter_state, base_model, lm_dataset, load_adapters, peft_lora_config,
-                                peft_reference, seed_adapters, step_logs, text_dataset, word_tokenizer)
 
 peft = pytest.importorskip("peft")
 
@@ -82,11 +95,20 @@ def prepared_copy(base, adapters, quant=None):
 def trainer(model, output_dir, eval_dataset=None, compute_metrics=None, **overrides):
     from transformers import Trainer, TrainingArguments
 
-    settings = dict(max_steps=STEPS, per_device_train_batch_size=2, learning_rate=1e-2, logging_steps=1,
-                    save_strategy="no", report_to="none", use_cpu=True, seed=0)
+    settings = dict(
+        max_steps=STEPS,
+        per_device_train_batch_size=2,
+        learning_rate=1e-2,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        seed=0,
+    )
     args = TrainingArguments(output_dir=str(output_dir), **{**settings, **overrides})
-    return Trainer(model=model, args=args, train_dataset=lm_dataset(), eval_dataset=eval_dataset,
-                   compute_metrics=compute_metrics)
+    return Trainer(
+        model=model, args=args, train_dataset=lm_dataset(), eval_dataset=eval_dataset, compute_metrics=compute_metrics
+    )
 
 
 def assert_same_steps(ours, reference, tolerances):
@@ -98,7 +120,11 @@ def assert_same_steps(ours, reference, tolerances):
         rounding = 1e-4 if key == "loss" and LOSS_LOGGED_TO_4_DECIMALS else 0.0
         for step in expected:
             assert abs(got[step] - expected[step]) <= rtol * abs(expected[step]) + rounding, (
-                key, step, got[step], expected[step])
+                key,
+                step,
+                got[step],
+                expected[step],
+            )
 
 
 def assert_saved_adapter_gives_the_same_logits(trainer_, model, base, directory, rtol=1e-5):
@@ -115,13 +141,16 @@ def assert_saved_adapter_gives_the_same_logits(trainer_, model, base, directory,
     torch.testing.assert_close(got, expected, rtol=rtol, atol=rtol)
 
 
-@pytest.mark.parametrize("dtype, overrides, tolerances", [
-    pytest.param(torch.float32, {}, FP32, id="fp32"),
-    pytest.param(torch.bfloat16, {}, BF16, id="bf16-model"),
-    pytest.param(torch.float32, {"bf16": True}, BF16, id="fp32-model-bf16-autocast"),
-    pytest.param(torch.float32, {"gradient_accumulation_steps": 2}, FP32, id="gradient-accumulation"),
-    pytest.param(torch.float32, {"gradient_checkpointing": True}, FP32, id="gradient-checkpointing"),
-])
+@pytest.mark.parametrize(
+    "dtype, overrides, tolerances",
+    [
+        pytest.param(torch.float32, {}, FP32, id="fp32"),
+        pytest.param(torch.bfloat16, {}, BF16, id="bf16-model"),
+        pytest.param(torch.float32, {"bf16": True}, BF16, id="fp32-model-bf16-autocast"),
+        pytest.param(torch.float32, {"gradient_accumulation_steps": 2}, FP32, id="gradient-accumulation"),
+        pytest.param(torch.float32, {"gradient_checkpointing": True}, FP32, id="gradient-checkpointing"),
+    ],
+)
 def test_trainer_logs_the_losses_of_transformers_and_peft_at_every_step(tmp_path, dtype, overrides, tolerances):
     base = base_model(dtype)
     reference, adapters = peft_reference(base)
@@ -175,18 +204,29 @@ def test_evaluate_hands_compute_metrics_the_logits_peft_gives(tmp_path):
             seen[side] = prediction.predictions
             correct = prediction.predictions[:, :-1].argmax(-1) == prediction.label_ids[:, 1:]
             return {"accuracy": float(correct.mean())}
+
         return compute_metrics
 
     eval_rows = lm_dataset(rows=8, seed=2)
     base = base_model()
     reference, adapters = peft_reference(base)
-    expected = trainer(reference, tmp_path / "peft", eval_dataset=eval_rows, compute_metrics=metrics_for("peft"),
-                       per_device_eval_batch_size=4)
+    expected = trainer(
+        reference,
+        tmp_path / "peft",
+        eval_dataset=eval_rows,
+        compute_metrics=metrics_for("peft"),
+        per_device_eval_batch_size=4,
+    )
     expected.train()
     expected_metrics = expected.evaluate()
     ours = prepared_copy(base, adapters)
-    got = trainer(ours, tmp_path / "ours", eval_dataset=eval_rows, compute_metrics=metrics_for("ours"),
-                  per_device_eval_batch_size=4)
+    got = trainer(
+        ours,
+        tmp_path / "ours",
+        eval_dataset=eval_rows,
+        compute_metrics=metrics_for("ours"),
+        per_device_eval_batch_size=4,
+    )
     got.train()
     metrics = got.evaluate()
     assert seen["ours"].shape == seen["peft"].shape == (8, 16, VOCAB)
@@ -201,27 +241,43 @@ def sft_config(output_dir):
     support bf16/gpu. You need to assign use_cpu ..."); logging_steps=1 (default 10) to compare every step."""
     from trl import SFTConfig
 
-    return SFTConfig(output_dir=str(output_dir), max_steps=STEPS, per_device_train_batch_size=2, logging_steps=1,
-                     report_to="none", use_cpu=True)
+    return SFTConfig(
+        output_dir=str(output_dir),
+        max_steps=STEPS,
+        per_device_train_batch_size=2,
+        logging_steps=1,
+        report_to="none",
+        use_cpu=True,
+    )
 
 
 @pytest.mark.skipif(TRL is None, reason="needs trl")
-@pytest.mark.xfail(TRL is not None and TRL < Version("1.15.0"), strict=True, raises=TypeError,
-                   reason="prepare_model's fused loss returns logits=None in training, and SFTTrainer before TRL 1.15 "
-                          "computes its token accuracy from outputs.logits at every training step: TypeError "
-                          "'NoneType' object is not subscriptable at the first step (TRL 1.15+ runs its own fused "
-                          "LM head, which bypasses ours)")
+@pytest.mark.xfail(
+    TRL is not None and TRL < Version("1.15.0"),
+    strict=True,
+    raises=TypeError,
+    reason="prepare_model's fused loss returns logits=None in training, and SFTTrainer before TRL 1.15 "
+    "computes its token accuracy from outputs.logits at every training step: TypeError "
+    "'NoneType' object is not subscriptable at the first step (TRL 1.15+ runs its own fused "
+    "LM head, which bypasses ours)",
+)
 def test_sft_trainer_default_config_logs_the_losses_of_peft_and_saves_a_peft_adapter(tmp_path):
     from trl import SFTTrainer
 
     base = base_model()
-    expected = SFTTrainer(model=copy.deepcopy(base), args=sft_config(tmp_path / "peft"), train_dataset=text_dataset(),
-                          processing_class=word_tokenizer(), peft_config=peft_lora_config())
+    expected = SFTTrainer(
+        model=copy.deepcopy(base),
+        args=sft_config(tmp_path / "peft"),
+        train_dataset=text_dataset(),
+        processing_class=word_tokenizer(),
+        peft_config=peft_lora_config(),
+    )
     adapters = seed_adapters(expected.model)
     expected.train()
     ours = prepared_copy(base, adapters)
-    got = SFTTrainer(model=ours, args=sft_config(tmp_path / "ours"), train_dataset=text_dataset(),
-                     processing_class=word_tokenizer())
+    got = SFTTrainer(
+        model=ours, args=sft_config(tmp_path / "ours"), train_dataset=text_dataset(), processing_class=word_tokenizer()
+    )
     assert got.args.bf16  # the default autocast ran (and, on newer TRL, the default gradient checkpointing)
     got.train()
     assert_same_steps(got, expected, BF16)

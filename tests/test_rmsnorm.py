@@ -1,13 +1,12 @@
 import pytest
 import torch
+from helpers import BACKENDS, CPU_ISAS, DTYPES, assert_close, assert_no_less_accurate, cpu_isa, run, skip_unsupported
 from transformers.models.gemma.modeling_gemma import GemmaRMSNorm
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
 import pyfastpeft
 from pyfastpeft.functional import rms_norm
 from pyfastpeft.nn import RMSNorm
-from helpers import (BACKENDS, CPU_ISAS, DTYPES, assert_close, assert_no_less_accurate, cpu_isa, run,
-                           skip_unsupported)
 
 MODES = [("llama", 0.0), ("gemma", 1.0), ("none", 0.0), ("llama", 0.5)]
 SHAPES = [(1, 123), (4097, 64), (3, 5, 4096), (2, 1), (3, 9000), (7, 20000)]  # 9000: fused forward, looped backward
@@ -142,8 +141,9 @@ def test_rms_norm_opcheck():
         y, rstd = torch.ops.pyfastpeft.rms_norm_forward(x, w, 1e-6, 0.0, 0)
         torch.library.opcheck(torch.ops.pyfastpeft.rms_norm_forward.default, (x, w, 1e-6, 0.0, 0))
         for weight_grad in (True, False):
-            torch.library.opcheck(torch.ops.pyfastpeft.rms_norm_backward.default,
-                                  (torch.randn_like(y), x, w, rstd, 0.0, 0, weight_grad))
+            torch.library.opcheck(
+                torch.ops.pyfastpeft.rms_norm_backward.default, (torch.randn_like(y), x, w, rstd, 0.0, 0, weight_grad)
+            )
 
 
 def test_rms_norm_module_matches_hf_and_loads_its_state_dict():
@@ -182,6 +182,7 @@ def test_rms_norm_module_compiles_with_inductor():
 
 
 # --- bad input -------------------------------------------------------------------------------------
+
 
 def test_rms_norm_rejects_integer_input():
     with pytest.raises(TypeError, match="x must have dtype"):

@@ -1,11 +1,11 @@
 import pytest
 import torch
+from helpers import BACKENDS, CPU_ISAS, DTYPES, assert_close, cpu_isa, run, skip_unsupported
 from transformers.models.llama import modeling_llama
 
 import pyfastpeft
 from pyfastpeft.functional import apply_rotary_pos_emb
 from pyfastpeft.reference.rope import rotate_every_two
-from helpers import BACKENDS, CPU_ISAS, DTYPES, assert_close, cpu_isa, run, skip_unsupported
 
 
 def hf_tables(batch, seq, rot, dtype, interleaved=False):
@@ -29,8 +29,8 @@ def gptj_rope(x, cos, sin):
 
 CASES = [  # batch, q heads, k heads, seq, head_dim, rotary width
     (1, 4, 4, 5, 16, 16),
-    (2, 8, 2, 7, 64, 64),    # GQA
-    (2, 4, 1, 3, 32, 16),    # partial rotary
+    (2, 8, 2, 7, 64, 64),  # GQA
+    (2, 4, 1, 3, 32, 16),  # partial rotary
     (1, 2, 2, 1, 128, 128),  # one position
 ]
 
@@ -66,8 +66,9 @@ def test_rope_matches_transformers(dtype):
 def test_rope_unsqueeze_dim_2_takes_bshd_layout():
     q, k = torch.randn(2, 6, 4, 32), torch.randn(2, 6, 2, 32)
     cos, sin = hf_tables(2, 6, 32, torch.float32)
-    for ours, theirs in zip(apply_rotary_pos_emb(q, k, cos, sin, 2),
-                            modeling_llama.apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=2)):
+    for ours, theirs in zip(
+        apply_rotary_pos_emb(q, k, cos, sin, 2), modeling_llama.apply_rotary_pos_emb(q, k, cos, sin, unsqueeze_dim=2)
+    ):
         assert_close(ours, theirs)
 
 
@@ -133,14 +134,16 @@ def test_rope_gradcheck_float64(backend, interleaved):
     with pyfastpeft.use_backend(backend):
         assert torch.autograd.gradcheck(
             lambda a, b: apply_rotary_pos_emb(a, b, cos, sin, interleaved=interleaved),
-            (q.detach().requires_grad_(), k.detach().requires_grad_()))
+            (q.detach().requires_grad_(), k.detach().requires_grad_()),
+        )
 
 
 def test_rope_gradient_flows_to_cos_and_sin_when_they_require_it():
     q, k = hf_layout(1, 2, 3, 8, torch.float64), hf_layout(1, 1, 3, 8, torch.float64)
     cos, sin = hf_tables(1, 3, 8, torch.float64)
-    assert torch.autograd.gradcheck(lambda c, s: apply_rotary_pos_emb(q, k, c, s),
-                                    (cos.requires_grad_(), sin.requires_grad_()))
+    assert torch.autograd.gradcheck(
+        lambda c, s: apply_rotary_pos_emb(q, k, c, s), (cos.requires_grad_(), sin.requires_grad_())
+    )
 
 
 def test_rope_opcheck():
@@ -170,6 +173,7 @@ def test_rope_compiles_with_inductor():
 
 
 # --- bad input -------------------------------------------------------------------------------------
+
 
 def test_rope_rejects_cos_wider_than_head_dim():
     q, k = hf_layout(1, 2, 3, 8, torch.float32), hf_layout(1, 2, 3, 8, torch.float32)

@@ -1,14 +1,13 @@
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import BACKENDS, CPU_ISAS, DTYPES, assert_close, assert_no_less_accurate, cpu_isa, run, skip_unsupported
 from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaMLP
 
 import pyfastpeft
 from pyfastpeft.functional import swiglu
 from pyfastpeft.nn import SwiGLUMLP
-from helpers import (BACKENDS, CPU_ISAS, DTYPES, assert_close, assert_no_less_accurate, cpu_isa, run,
-                           skip_unsupported)
 
 SHAPES = [(1,), (1000,), (3, 4097), (2, 5, 123)]
 
@@ -86,8 +85,8 @@ def test_swiglu_mlp_matches_llama_mlp():
     x = torch.randn(2, 7, 48, requires_grad=True)
     y, y_hf = ours(x), hf(x)
     assert_close(y, y_hf)
-    g, = torch.autograd.grad(y.square().sum(), x)
-    g_hf, = torch.autograd.grad(y_hf.square().sum(), x)
+    (g,) = torch.autograd.grad(y.square().sum(), x)
+    (g_hf,) = torch.autograd.grad(y_hf.square().sum(), x)
     assert_close(g, g_hf)
 
 
@@ -107,6 +106,7 @@ def test_swiglu_mlp_compiles_with_inductor():
 
 
 # --- bad input -------------------------------------------------------------------------------------
+
 
 def test_swiglu_rejects_shape_mismatch():
     with pytest.raises(ValueError, match=r"gate has shape \(2, 3\), up has shape \(2, 4\)"):

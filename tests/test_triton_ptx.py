@@ -1,6 +1,7 @@
 """What the Triton kernels compile to on a GPU, checked without one: kernels compiled ahead of time for sm_90
 (Triton ships its own ptxas) and their PTX read. fp32 dots carry no TF32 unless torch allows it, the int8
 coding divisions are correctly rounded, and the int8 GEMM epilogue rounds its product before adding."""
+
 import json
 import os
 import subprocess
@@ -86,8 +87,9 @@ def ptx_counts():
     env["TRITON_DEFAULT_FP_FUSION"] = "1"  # Triton's default today; the kernels that must not fuse say so
     # outside the repository root: `python -c` puts the working directory first on sys.path, and the source
     # tree there (no pyfastpeft.triton_kernels, no built modules) would shadow the installed package
-    out = subprocess.run([sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=600,
-                         cwd=tempfile.gettempdir())
+    out = subprocess.run(
+        [sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=600, cwd=tempfile.gettempdir()
+    )
     assert out.returncode == 0, out.stderr[-4000:]
     return json.loads(out.stdout)
 

@@ -13,6 +13,7 @@ One program per row, two sweeps: the first reads z for lse, c_y and sum c; the s
 and overwrites it with dz (each element is read before it is written, by the thread that writes it).
 The logits are fp32, so the CPU interpreter needs no upcast here.
 """
+
 from __future__ import annotations
 
 import torch
@@ -35,8 +36,20 @@ def _softcapped(z, softcap, HAS_SOFTCAP: tl.constexpr):
 # logits: [rows, V] fp32 contiguous (overwritten with dz when HAS_GRAD); labels: int64 [rows];
 # grad_weights, loss, lse: fp32 [rows]. A label outside [0, V) other than ignore_index gives a NaN row.
 @triton.jit
-def _rows_kernel(logits_ptr, labels_ptr, grad_weights_ptr, loss_ptr, lse_ptr, vocab, ignore_index, smoothing, softcap,
-                 HAS_SOFTCAP: tl.constexpr, HAS_GRAD: tl.constexpr, BLOCK_V: tl.constexpr):
+def _rows_kernel(
+    logits_ptr,
+    labels_ptr,
+    grad_weights_ptr,
+    loss_ptr,
+    lse_ptr,
+    vocab,
+    ignore_index,
+    smoothing,
+    softcap,
+    HAS_SOFTCAP: tl.constexpr,
+    HAS_GRAD: tl.constexpr,
+    BLOCK_V: tl.constexpr,
+):
     row = tl.program_id(0).to(tl.int64)
     z_row = logits_ptr + row * vocab
     label = tl.load(labels_ptr + row)
@@ -82,13 +95,33 @@ def _rows_kernel(logits_ptr, labels_ptr, grad_weights_ptr, loss_ptr, lse_ptr, vo
             tl.store(z_row + col, dz, mask=mask)
 
 
-def flce_rows(logits: torch.Tensor, labels: torch.Tensor, grad_weights: torch.Tensor | None, loss: torch.Tensor,
-              lse: torch.Tensor, ignore_index: int, label_smoothing: float, softcap: float) -> None:
+def flce_rows(
+    logits: torch.Tensor,
+    labels: torch.Tensor,
+    grad_weights: torch.Tensor | None,
+    loss: torch.Tensor,
+    lse: torch.Tensor,
+    ignore_index: int,
+    label_smoothing: float,
+    softcap: float,
+) -> None:
     """The row pass on logits [rows, V] (fp32, contiguous, rows >= 1): fills loss and lse (fp32 [rows]);
     with grad_weights (fp32 [rows]) overwrites logits with dz, else leaves them as they are."""
     rows, vocab = logits.shape
     block_v = min(MAX_BLOCK_V, triton.next_power_of_2(vocab))
     has_grad = grad_weights is not None
-    _rows_kernel[(rows,)](logits, labels, grad_weights if has_grad else loss, loss, lse, vocab, ignore_index,
-                          float(label_smoothing), float(softcap), HAS_SOFTCAP=softcap > 0, HAS_GRAD=has_grad,
-                          BLOCK_V=block_v, num_warps=8 if block_v >= 2048 else 4)
+    _rows_kernel[(rows,)](
+        logits,
+        labels,
+        grad_weights if has_grad else loss,
+        loss,
+        lse,
+        vocab,
+        ignore_index,
+        float(label_smoothing),
+        float(softcap),
+        HAS_SOFTCAP=softcap > 0,
+        HAS_GRAD=has_grad,
+        BLOCK_V=block_v,
+        num_warps=8 if block_v >= 2048 else 4,
+    )

@@ -16,6 +16,7 @@ The int8 product accumulates in int32 through tl.dot; the CPU interpreter, which
 fp32 tiles instead (UPCAST): a 32-deep partial sum of products <= 127^2 is exact in fp32 and is added to
 the int32 accumulator. All tensors contiguous; the launchers fill caller-allocated outputs.
 """
+
 from __future__ import annotations
 
 import os
@@ -91,8 +92,17 @@ def _row_codes_kernel(x_ptr, stats_ptr, flags_ptr, q_ptr, k, HAS_THRESHOLD: tl.c
 
 # Program p owns columns [p*BLOCK_C, +BLOCK_C) and walks every row.
 @triton.jit
-def _col_stats_kernel(x_ptr, stats_ptr, flags_ptr, m, k, threshold, HAS_THRESHOLD: tl.constexpr,
-                      BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+def _col_stats_kernel(
+    x_ptr,
+    stats_ptr,
+    flags_ptr,
+    m,
+    k,
+    threshold,
+    HAS_THRESHOLD: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_C: tl.constexpr,
+):
     cols = tl.program_id(0).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
     col_mask = cols < k
     best = tl.zeros([BLOCK_C], dtype=tl.float32)
@@ -101,8 +111,7 @@ def _col_stats_kernel(x_ptr, stats_ptr, flags_ptr, m, k, threshold, HAS_THRESHOL
     for start in range(0, m, BLOCK_R):
         rows = start + tl.arange(0, BLOCK_R)
         mask = (rows[:, None] < m) & col_mask[None, :]
-        a = tl.abs(tl.load(x_ptr + rows[:, None].to(tl.int64) * k + cols[None, :], mask=mask, other=0.0)
-                   .to(tl.float32))
+        a = tl.abs(tl.load(x_ptr + rows[:, None].to(tl.int64) * k + cols[None, :], mask=mask, other=0.0).to(tl.float32))
         if HAS_THRESHOLD:
             outlier = (a >= threshold) & mask
             outliers = outliers | tl.max(outlier.to(tl.int32), axis=0)
@@ -114,8 +123,9 @@ def _col_stats_kernel(x_ptr, stats_ptr, flags_ptr, m, k, threshold, HAS_THRESHOL
 
 
 @triton.jit
-def _col_codes_kernel(x_ptr, stats_ptr, q_ptr, m, k, threshold, HAS_THRESHOLD: tl.constexpr,
-                      BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr):
+def _col_codes_kernel(
+    x_ptr, stats_ptr, q_ptr, m, k, threshold, HAS_THRESHOLD: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_C: tl.constexpr
+):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     cols = tl.program_id(1).to(tl.int64) * BLOCK_C + tl.arange(0, BLOCK_C)
     mask = (rows[:, None] < m) & (cols[None, :] < k)
@@ -130,18 +140,37 @@ def _col_codes_kernel(x_ptr, stats_ptr, q_ptr, m, k, threshold, HAS_THRESHOLD: t
 
 # out[M, N] = epilogue(a[M, K] @ b[N, K]^T); RAW stores the int32 product itself.
 @triton.jit
-def _matmul_kernel(a_ptr, b_ptr, row_stats_ptr, col_stats_ptr, bias_ptr, addend_ptr, out_ptr, m, n, k, scale,
-                   RAW: tl.constexpr, HAS_BIAS: tl.constexpr, HAS_ADDEND: tl.constexpr, UPCAST: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _matmul_kernel(
+    a_ptr,
+    b_ptr,
+    row_stats_ptr,
+    col_stats_ptr,
+    bias_ptr,
+    addend_ptr,
+    out_ptr,
+    m,
+    n,
+    k,
+    scale,
+    RAW: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    HAS_ADDEND: tl.constexpr,
+    UPCAST: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     acc = tl.zeros([BLOCK_M, BLOCK_N], dtype=tl.int32)
     for start in range(0, k, BLOCK_K):
         depth = start + tl.arange(0, BLOCK_K)
-        a = tl.load(a_ptr + rows[:, None] * k + depth[None, :], mask=(rows[:, None] < m) & (depth[None, :] < k),
-                    other=0)
-        b = tl.load(b_ptr + cols[None, :] * k + depth[:, None], mask=(cols[None, :] < n) & (depth[:, None] < k),
-                    other=0)
+        a = tl.load(
+            a_ptr + rows[:, None] * k + depth[None, :], mask=(rows[:, None] < m) & (depth[None, :] < k), other=0
+        )
+        b = tl.load(
+            b_ptr + cols[None, :] * k + depth[:, None], mask=(cols[None, :] < n) & (depth[:, None] < k), other=0
+        )
         if UPCAST:
             acc += tl.dot(a.to(tl.float32), b.to(tl.float32)).to(tl.int32)
         else:
@@ -163,25 +192,42 @@ def _matmul_kernel(a_ptr, b_ptr, row_stats_ptr, col_stats_ptr, bias_ptr, addend_
 
 # dx[M, K] = dy[M, N] @ W_hat[N, K]; W tiles [BLOCK_N, BLOCK_K] dequantized in the loop.
 @triton.jit
-def _grad_input_kernel(dy_ptr, w_ptr, stats_ptr, dx_ptr, m, n, k, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _grad_input_kernel(
+    dy_ptr,
+    w_ptr,
+    stats_ptr,
+    dx_ptr,
+    m,
+    n,
+    k,
+    UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1).to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
     acc = tl.zeros([BLOCK_M, BLOCK_K], dtype=tl.float32)
     for start in range(0, n, BLOCK_N):
         outs = start + tl.arange(0, BLOCK_N).to(tl.int64)  # outs * k passes 2^31 for a large weight
-        dy = tl.load(dy_ptr + rows[:, None] * n + outs[None, :], mask=(rows[:, None] < m) & (outs[None, :] < n),
-                     other=0.0)
-        w = tl.load(w_ptr + outs[:, None] * k + cols[None, :], mask=(outs[:, None] < n) & (cols[None, :] < k),
-                    other=0).to(tl.float32)
+        dy = tl.load(
+            dy_ptr + rows[:, None] * n + outs[None, :], mask=(rows[:, None] < m) & (outs[None, :] < n), other=0.0
+        )
+        w = tl.load(
+            w_ptr + outs[:, None] * k + cols[None, :], mask=(outs[:, None] < n) & (cols[None, :] < k), other=0
+        ).to(tl.float32)
         scale = tl.load(stats_ptr + outs, mask=outs < n, other=0.0)
         w = (w * scale[:, None]) * 7.874015718698502e-3
         if UPCAST:
             acc += tl.dot(dy.to(tl.float32), w)
         else:
             acc += tl.dot(dy, w.to(dy.dtype), input_precision=DOT_PRECISION)
-    tl.store(dx_ptr + rows[:, None] * k + cols[None, :], acc.to(dx_ptr.dtype.element_ty),
-             mask=(rows[:, None] < m) & (cols[None, :] < k))
+    tl.store(
+        dx_ptr + rows[:, None] * k + cols[None, :],
+        acc.to(dx_ptr.dtype.element_ty),
+        mask=(rows[:, None] < m) & (cols[None, :] < k),
+    )
 
 
 def quantize(x2d, q, stats, flags, axis: int, threshold: float) -> None:
@@ -190,15 +236,34 @@ def quantize(x2d, q, stats, flags, axis: int, threshold: float) -> None:
     has_threshold = threshold > 0
     if axis == 0:
         _row_stats_kernel[(m,)](x2d, stats, flags, k, threshold, HAS_THRESHOLD=has_threshold, BLOCK=ROW_BLOCK)
-        _row_codes_kernel[(m,)](x2d, stats, flags, q, k, HAS_THRESHOLD=has_threshold, BLOCK=ROW_BLOCK,
-                                enable_fp_fusion=False)
+        _row_codes_kernel[(m,)](
+            x2d, stats, flags, q, k, HAS_THRESHOLD=has_threshold, BLOCK=ROW_BLOCK, enable_fp_fusion=False
+        )
     else:
-        _col_stats_kernel[(triton.cdiv(k, COL_BLOCK_COLS),)](x2d, stats, flags, m, k, threshold,
-                                                              HAS_THRESHOLD=has_threshold, BLOCK_R=COL_BLOCK_ROWS,
-                                                              BLOCK_C=COL_BLOCK_COLS)
+        _col_stats_kernel[(triton.cdiv(k, COL_BLOCK_COLS),)](
+            x2d,
+            stats,
+            flags,
+            m,
+            k,
+            threshold,
+            HAS_THRESHOLD=has_threshold,
+            BLOCK_R=COL_BLOCK_ROWS,
+            BLOCK_C=COL_BLOCK_COLS,
+        )
         grid = (triton.cdiv(m, COL_BLOCK_ROWS), triton.cdiv(k, COL_BLOCK_COLS))
-        _col_codes_kernel[grid](x2d, stats, q, m, k, threshold, HAS_THRESHOLD=has_threshold,
-                                BLOCK_R=COL_BLOCK_ROWS, BLOCK_C=COL_BLOCK_COLS, enable_fp_fusion=False)
+        _col_codes_kernel[grid](
+            x2d,
+            stats,
+            q,
+            m,
+            k,
+            threshold,
+            HAS_THRESHOLD=has_threshold,
+            BLOCK_R=COL_BLOCK_ROWS,
+            BLOCK_C=COL_BLOCK_COLS,
+            enable_fp_fusion=False,
+        )
 
 
 def matmul(a, b, out, row_stats=None, col_stats=None, bias=None, addend=None) -> None:
@@ -210,10 +275,27 @@ def matmul(a, b, out, row_stats=None, col_stats=None, bias=None, addend=None) ->
     has_bias = bias is not None and bias.numel() > 0
     has_addend = addend is not None and addend.numel() > 0
     grid = (triton.cdiv(m, MM_BLOCK_M), triton.cdiv(n, MM_BLOCK_N))
-    _matmul_kernel[grid](a, b, row_stats if not raw else out, col_stats if not raw else out,
-                         bias if has_bias else out, addend if has_addend else out, out, m, n, k, MM_DEQUANT_SCALE,
-                         RAW=raw, HAS_BIAS=has_bias, HAS_ADDEND=has_addend, UPCAST=_interpreted(),
-                         BLOCK_M=MM_BLOCK_M, BLOCK_N=MM_BLOCK_N, BLOCK_K=MM_BLOCK_K, enable_fp_fusion=False)
+    _matmul_kernel[grid](
+        a,
+        b,
+        row_stats if not raw else out,
+        col_stats if not raw else out,
+        bias if has_bias else out,
+        addend if has_addend else out,
+        out,
+        m,
+        n,
+        k,
+        MM_DEQUANT_SCALE,
+        RAW=raw,
+        HAS_BIAS=has_bias,
+        HAS_ADDEND=has_addend,
+        UPCAST=_interpreted(),
+        BLOCK_M=MM_BLOCK_M,
+        BLOCK_N=MM_BLOCK_N,
+        BLOCK_K=MM_BLOCK_K,
+        enable_fp_fusion=False,
+    )
 
 
 def grad_input(dy2d, weight, weight_stats, dx) -> None:
@@ -221,6 +303,17 @@ def grad_input(dy2d, weight, weight_stats, dx) -> None:
     m, n = dy2d.shape
     k = weight.shape[1]
     grid = (triton.cdiv(m, MM_BLOCK_M), triton.cdiv(k, MM_BLOCK_N))
-    _grad_input_kernel[grid](dy2d, weight, weight_stats, dx, m, n, k, UPCAST=_interpreted(),
-                             DOT_PRECISION=_dot_precision(dy2d.dtype), BLOCK_M=MM_BLOCK_M, BLOCK_N=MM_BLOCK_K,
-                             BLOCK_K=MM_BLOCK_N)
+    _grad_input_kernel[grid](
+        dy2d,
+        weight,
+        weight_stats,
+        dx,
+        m,
+        n,
+        k,
+        UPCAST=_interpreted(),
+        DOT_PRECISION=_dot_precision(dy2d.dtype),
+        BLOCK_M=MM_BLOCK_M,
+        BLOCK_N=MM_BLOCK_K,
+        BLOCK_K=MM_BLOCK_N,
+    )

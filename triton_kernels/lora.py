@@ -20,6 +20,7 @@ loaded tile to fp32; on GPUs the tiles meet tl.dot in x's dtype with fp32 accumu
 full precision (DOT_PRECISION "ieee") unless torch.backends.cuda.matmul.allow_tf32 lets torch's own fp32
 matmul use TF32.
 """
+
 from __future__ import annotations
 
 import os
@@ -41,9 +42,23 @@ ELEMENTWISE_BLOCK = 1024
 
 # x: [M, K], a: [R, K], xa: [M, R], one dtype, contiguous; rng: int64 [2] (read when DROPOUT).
 @triton.jit
-def _xa_kernel(x_ptr, a_ptr, xa_ptr, rng_ptr, M, K, R, threshold, keep_scale,
-               DROPOUT: tl.constexpr, DOT_IN_FP32: tl.constexpr, DOT_PRECISION: tl.constexpr,
-               BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr):
+def _xa_kernel(
+    x_ptr,
+    a_ptr,
+    xa_ptr,
+    rng_ptr,
+    M,
+    K,
+    R,
+    threshold,
+    keep_scale,
+    DROPOUT: tl.constexpr,
+    DOT_IN_FP32: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     ranks = tl.program_id(1).to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
     row_mask, rank_mask = rows < M, ranks < R
@@ -64,18 +79,41 @@ def _xa_kernel(x_ptr, a_ptr, xa_ptr, rng_ptr, M, K, R, threshold, keep_scale,
             x = x.to(tl.float32)
             a_t = a_t.to(tl.float32)
         acc = tl.dot(x, a_t, acc, input_precision=DOT_PRECISION)
-    tl.store(xa_ptr + rows[:, None] * R + ranks[None, :], acc.to(xa_ptr.dtype.element_ty),
-             mask=row_mask[:, None] & rank_mask[None, :])
+    tl.store(
+        xa_ptr + rows[:, None] * R + ranks[None, :],
+        acc.to(xa_ptr.dtype.element_ty),
+        mask=row_mask[:, None] & rank_mask[None, :],
+    )
 
 
 # x, xa (from _xa_kernel), b, y: x's dtype; w: [N, K] x's dtype, or the NF4 base (packed uint8, absmax fp32
 # de-nested, code fp32 [16]) when BASE_NF4; bias: [N] of any float dtype (read when HAS_BIAS).
 @triton.jit
-def _forward_kernel(x_ptr, w_ptr, packed_ptr, absmax_ptr, code_ptr, bias_ptr, b_ptr, xa_ptr, y_ptr,
-                    M, N, K, R, scaling,
-                    BASE_NF4: tl.constexpr, BLOCKSIZE: tl.constexpr, HAS_BIAS: tl.constexpr, DOT_IN_FP32: tl.constexpr,
-                    DOT_PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                    BLOCK_R: tl.constexpr):
+def _forward_kernel(
+    x_ptr,
+    w_ptr,
+    packed_ptr,
+    absmax_ptr,
+    code_ptr,
+    bias_ptr,
+    b_ptr,
+    xa_ptr,
+    y_ptr,
+    M,
+    N,
+    K,
+    R,
+    scaling,
+    BASE_NF4: tl.constexpr,
+    BLOCKSIZE: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    DOT_IN_FP32: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask, col_mask = rows < M, cols < N
@@ -99,10 +137,12 @@ def _forward_kernel(x_ptr, w_ptr, packed_ptr, absmax_ptr, code_ptr, bias_ptr, b_
     for r0 in range(0, R, BLOCK_R):
         ranks = r0 + tl.arange(0, BLOCK_R)
         rank_mask = ranks < R
-        xa = tl.load(xa_ptr + rows[:, None] * R + ranks[None, :], mask=row_mask[:, None] & rank_mask[None, :],
-                     other=0.0)
-        b_t = tl.load(b_ptr + cols[None, :] * R + ranks[:, None], mask=rank_mask[:, None] & col_mask[None, :],
-                      other=0.0)
+        xa = tl.load(
+            xa_ptr + rows[:, None] * R + ranks[None, :], mask=row_mask[:, None] & rank_mask[None, :], other=0.0
+        )
+        b_t = tl.load(
+            b_ptr + cols[None, :] * R + ranks[:, None], mask=rank_mask[:, None] & col_mask[None, :], other=0.0
+        )
         if DOT_IN_FP32:
             xa = xa.to(tl.float32)
             b_t = b_t.to(tl.float32)
@@ -110,15 +150,19 @@ def _forward_kernel(x_ptr, w_ptr, packed_ptr, absmax_ptr, code_ptr, bias_ptr, b_
     y = acc + scaling * lora
     if HAS_BIAS:
         y += tl.load(bias_ptr + cols, mask=col_mask, other=0.0).to(tl.float32)[None, :]
-    tl.store(y_ptr + rows[:, None] * N + cols[None, :], y.to(y_ptr.dtype.element_ty),
-             mask=row_mask[:, None] & col_mask[None, :])
+    tl.store(
+        y_ptr + rows[:, None] * N + cols[None, :],
+        y.to(y_ptr.dtype.element_ty),
+        mask=row_mask[:, None] & col_mask[None, :],
+    )
 
 
 # src, dst: contiguous [numel] of one dtype; rng: int64 [2] (seed, offset).
 #   dst = (ACCUMULATE ? dst : 0) + alpha * (keep ? src * keep_scale : 0)    in fp32, rounded once
 @triton.jit
-def _dropout_kernel(src_ptr, dst_ptr, rng_ptr, numel, threshold, keep_scale, alpha,
-                    ACCUMULATE: tl.constexpr, BLOCK: tl.constexpr):
+def _dropout_kernel(
+    src_ptr, dst_ptr, rng_ptr, numel, threshold, keep_scale, alpha, ACCUMULATE: tl.constexpr, BLOCK: tl.constexpr
+):
     index = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = index < numel
     src = tl.load(src_ptr + index, mask=mask, other=0.0).to(tl.float32)
@@ -146,8 +190,9 @@ def _rank_step(rank: int, largest: int) -> int:
     return min(largest, max(16, triton.next_power_of_2(rank)))
 
 
-def lora_forward(x2d, base, bias, lora_A, lora_B, y, xa, scaling: float, dropout_p: float, keep_scale: float,
-                 rng) -> None:
+def lora_forward(
+    x2d, base, bias, lora_A, lora_B, y, xa, scaling: float, dropout_p: float, keep_scale: float, rng
+) -> None:
     """Fills y [M, N] and xa [M, R] (x's dtype) from contiguous x2d [M, K], lora_A [R, K], lora_B [N, R], bias
     [N] or empty, and base: pyfastpeft.ops.lora's _DenseBase (weight [N, K] contiguous, x's dtype) or _NF4Base
     (packed uint8, absmax fp32 de-nested, code fp32 [16]). rng: int64 [2] or empty (no dropout)."""
@@ -160,21 +205,56 @@ def lora_forward(x2d, base, bias, lora_A, lora_B, y, xa, scaling: float, dropout
         dropout = rng.numel() > 0
         block_r = _rank_step(rank, XA_MAX_BLOCK_R)
         _xa_kernel[(triton.cdiv(rows, BLOCK_M), triton.cdiv(rank, block_r))](
-            x2d, lora_A, xa, rng if dropout else x2d, rows, in_features, rank, _threshold(dropout_p), keep_scale,
-            DROPOUT=dropout, DOT_IN_FP32=dot_in_fp32, DOT_PRECISION=precision, BLOCK_M=BLOCK_M, BLOCK_R=block_r,
-            BLOCK_K=BLOCK_K)
+            x2d,
+            lora_A,
+            xa,
+            rng if dropout else x2d,
+            rows,
+            in_features,
+            rank,
+            _threshold(dropout_p),
+            keep_scale,
+            DROPOUT=dropout,
+            DOT_IN_FP32=dot_in_fp32,
+            DOT_PRECISION=precision,
+            BLOCK_M=BLOCK_M,
+            BLOCK_R=block_r,
+            BLOCK_K=BLOCK_K,
+        )
     if out_features == 0:
         return
     nf4 = base.kind == "nf4"
     weight = x2d if nf4 else base.weight.contiguous()
-    packed, absmax, code = ((base.packed, base.absmax.float().contiguous(), base.code.float().contiguous()) if nf4
-                            else (x2d, x2d, x2d))
+    packed, absmax, code = (
+        (base.packed, base.absmax.float().contiguous(), base.code.float().contiguous()) if nf4 else (x2d, x2d, x2d)
+    )
     fp32 = x2d.dtype == torch.float32
     _forward_kernel[(triton.cdiv(rows, BLOCK_M), triton.cdiv(out_features, BLOCK_N))](
-        x2d, weight, packed, absmax, code, bias if bias.numel() else x2d, lora_B, xa, y, rows, out_features,
-        in_features, rank, scaling, BASE_NF4=nf4, BLOCKSIZE=base.blocksize if nf4 else 1, HAS_BIAS=bias.numel() > 0,
-        DOT_IN_FP32=dot_in_fp32, DOT_PRECISION=precision, BLOCK_M=BLOCK_M, BLOCK_N=BLOCK_N, BLOCK_K=BLOCK_K,
-        BLOCK_R=_rank_step(rank, FP32_MAX_BLOCK_R if fp32 else MAX_BLOCK_R), num_warps=8 if fp32 else 4)
+        x2d,
+        weight,
+        packed,
+        absmax,
+        code,
+        bias if bias.numel() else x2d,
+        lora_B,
+        xa,
+        y,
+        rows,
+        out_features,
+        in_features,
+        rank,
+        scaling,
+        BASE_NF4=nf4,
+        BLOCKSIZE=base.blocksize if nf4 else 1,
+        HAS_BIAS=bias.numel() > 0,
+        DOT_IN_FP32=dot_in_fp32,
+        DOT_PRECISION=precision,
+        BLOCK_M=BLOCK_M,
+        BLOCK_N=BLOCK_N,
+        BLOCK_K=BLOCK_K,
+        BLOCK_R=_rank_step(rank, FP32_MAX_BLOCK_R if fp32 else MAX_BLOCK_R),
+        num_warps=8 if fp32 else 4,
+    )
 
 
 def dropout_into(src, dst, rng, dropout_p: float, keep_scale: float, alpha: float, accumulate: bool) -> None:
@@ -183,5 +263,5 @@ def dropout_into(src, dst, rng, dropout_p: float, keep_scale: float, alpha: floa
     if numel == 0:
         return
     _dropout_kernel[(triton.cdiv(numel, ELEMENTWISE_BLOCK),)](
-        src, dst, rng, numel, _threshold(dropout_p), keep_scale, alpha, ACCUMULATE=accumulate,
-        BLOCK=ELEMENTWISE_BLOCK)
+        src, dst, rng, numel, _threshold(dropout_p), keep_scale, alpha, ACCUMULATE=accumulate, BLOCK=ELEMENTWISE_BLOCK
+    )

@@ -17,6 +17,7 @@ matmuls); under the CPU interpreter, which gets bf16 dots wrong, UPCAST feeds it
 All tensors contiguous; absmax fp32; code fp32 [16]; the launchers fill caller-allocated outputs. BLOCKSIZE is
 a compile-time constant (one compilation per block size in use), so e // BLOCKSIZE is a shift, not a division.
 """
+
 from __future__ import annotations
 
 import os
@@ -46,8 +47,9 @@ def _weight_at(packed_ptr, absmax_ptr, code_ptr, element, mask, BLOCKSIZE: tl.co
 # out: [numel] of any float dtype. Program p decodes bytes [p*BLOCK_BYTES, +BLOCK_BYTES): elements 2j and
 # 2j + 1 of byte j share one block (blocksize is even).
 @triton.jit
-def _dequantize_kernel(packed_ptr, absmax_ptr, code_ptr, out_ptr, numel, BLOCKSIZE: tl.constexpr,
-                       BLOCK_BYTES: tl.constexpr):
+def _dequantize_kernel(
+    packed_ptr, absmax_ptr, code_ptr, out_ptr, numel, BLOCKSIZE: tl.constexpr, BLOCK_BYTES: tl.constexpr
+):
     byte_index = tl.program_id(0).to(tl.int64) * BLOCK_BYTES + tl.arange(0, BLOCK_BYTES)
     even = 2 * byte_index
     mask = even < numel
@@ -64,9 +66,23 @@ def _dequantize_kernel(packed_ptr, absmax_ptr, code_ptr, out_ptr, numel, BLOCKSI
 # the pair is one byte (high nibble k, low nibble k + 1, one absmax), read once; with K odd a row starts
 # mid-byte on odd rows and each element is fetched by its own flat index.
 @triton.jit
-def _gemv_kernel(x_ptr, packed_ptr, absmax_ptr, code_ptr, bias_ptr, out_ptr, m, N, K, BLOCKSIZE: tl.constexpr,
-                 HAS_BIAS: tl.constexpr, EVEN_K: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                 BLOCK_PAIRS: tl.constexpr):
+def _gemv_kernel(
+    x_ptr,
+    packed_ptr,
+    absmax_ptr,
+    code_ptr,
+    bias_ptr,
+    out_ptr,
+    m,
+    N,
+    K,
+    BLOCKSIZE: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    EVEN_K: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_PAIRS: tl.constexpr,
+):
     features = tl.program_id(0).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     rows = tl.arange(0, BLOCK_M).to(tl.int64)
     feature_mask, row_mask = features < N, rows < m
@@ -83,24 +99,43 @@ def _gemv_kernel(x_ptr, packed_ptr, absmax_ptr, code_ptr, bias_ptr, out_ptr, m, 
             w_odd = tl.load(code_ptr + (byte & 15)) * scale
         else:
             w_even = _weight_at(packed_ptr, absmax_ptr, code_ptr, first, w_even_mask, BLOCKSIZE)
-            w_odd = _weight_at(packed_ptr, absmax_ptr, code_ptr, first + 1,
-                               feature_mask[:, None] & odd_mask[None, :], BLOCKSIZE)
+            w_odd = _weight_at(
+                packed_ptr, absmax_ptr, code_ptr, first + 1, feature_mask[:, None] & odd_mask[None, :], BLOCKSIZE
+            )
         x_row = x_ptr + rows[:, None] * K + k_even[None, :]
         x_even = tl.load(x_row, mask=row_mask[:, None] & even_mask[None, :], other=0.0).to(tl.float32)
         x_odd = tl.load(x_row + 1, mask=row_mask[:, None] & odd_mask[None, :], other=0.0).to(tl.float32)
         acc += tl.sum(x_even[:, None, :] * w_even[None, :, :] + x_odd[:, None, :] * w_odd[None, :, :], axis=2)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + features, mask=feature_mask, other=0.0).to(tl.float32)[None, :]
-    tl.store(out_ptr + rows[:, None] * N + features[None, :], acc.to(out_ptr.dtype.element_ty),
-             mask=row_mask[:, None] & feature_mask[None, :])
+    tl.store(
+        out_ptr + rows[:, None] * N + features[None, :],
+        acc.to(out_ptr.dtype.element_ty),
+        mask=row_mask[:, None] & feature_mask[None, :],
+    )
 
 
 # x: [M, K], out: [M, N] (x's dtype), bias as in _gemv_kernel. Program (i, j) owns out tile (i, j); W^T's
 # [BLOCK_K, BLOCK_N] tile is decoded from the packed bytes in every step of the K loop.
 @triton.jit
-def _matmul_kernel(x_ptr, packed_ptr, absmax_ptr, code_ptr, bias_ptr, out_ptr, M, N, K, BLOCKSIZE: tl.constexpr,
-                   HAS_BIAS: tl.constexpr, UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _matmul_kernel(
+    x_ptr,
+    packed_ptr,
+    absmax_ptr,
+    code_ptr,
+    bias_ptr,
+    out_ptr,
+    M,
+    N,
+    K,
+    BLOCKSIZE: tl.constexpr,
+    HAS_BIAS: tl.constexpr,
+    UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     features = tl.program_id(1).to(tl.int64) * BLOCK_N + tl.arange(0, BLOCK_N)
     row_mask, feature_mask = rows < M, features < N
@@ -109,24 +144,46 @@ def _matmul_kernel(x_ptr, packed_ptr, absmax_ptr, code_ptr, bias_ptr, out_ptr, M
         cols = k0 + tl.arange(0, BLOCK_K)
         col_mask = cols < K
         x = tl.load(x_ptr + rows[:, None] * K + cols[None, :], mask=row_mask[:, None] & col_mask[None, :], other=0.0)
-        w_t = _weight_at(packed_ptr, absmax_ptr, code_ptr, features[None, :] * K + cols[:, None],
-                         col_mask[:, None] & feature_mask[None, :], BLOCKSIZE)
+        w_t = _weight_at(
+            packed_ptr,
+            absmax_ptr,
+            code_ptr,
+            features[None, :] * K + cols[:, None],
+            col_mask[:, None] & feature_mask[None, :],
+            BLOCKSIZE,
+        )
         if UPCAST:
             acc = tl.dot(x.to(tl.float32), w_t, acc, input_precision="ieee")
         else:
             acc = tl.dot(x, w_t.to(x_ptr.dtype.element_ty), acc, input_precision=DOT_PRECISION)
     if HAS_BIAS:
         acc += tl.load(bias_ptr + features, mask=feature_mask, other=0.0).to(tl.float32)[None, :]
-    tl.store(out_ptr + rows[:, None] * N + features[None, :], acc.to(out_ptr.dtype.element_ty),
-             mask=row_mask[:, None] & feature_mask[None, :])
+    tl.store(
+        out_ptr + rows[:, None] * N + features[None, :],
+        acc.to(out_ptr.dtype.element_ty),
+        mask=row_mask[:, None] & feature_mask[None, :],
+    )
 
 
 # dy: [M, N], dx: [M, K] (dy's dtype). Program (i, j) owns dx tile (i, j) and walks N, decoding W's
 # [BLOCK_N, BLOCK_K] tile in every step.
 @triton.jit
-def _grad_input_kernel(dy_ptr, packed_ptr, absmax_ptr, code_ptr, dx_ptr, M, N, K, BLOCKSIZE: tl.constexpr,
-                       UPCAST: tl.constexpr, DOT_PRECISION: tl.constexpr,
-                       BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+def _grad_input_kernel(
+    dy_ptr,
+    packed_ptr,
+    absmax_ptr,
+    code_ptr,
+    dx_ptr,
+    M,
+    N,
+    K,
+    BLOCKSIZE: tl.constexpr,
+    UPCAST: tl.constexpr,
+    DOT_PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    BLOCK_K: tl.constexpr,
+):
     rows = tl.program_id(0).to(tl.int64) * BLOCK_M + tl.arange(0, BLOCK_M)
     cols = tl.program_id(1).to(tl.int64) * BLOCK_K + tl.arange(0, BLOCK_K)
     row_mask, col_mask = rows < M, cols < K
@@ -134,16 +191,26 @@ def _grad_input_kernel(dy_ptr, packed_ptr, absmax_ptr, code_ptr, dx_ptr, M, N, K
     for n0 in range(0, N, BLOCK_N):
         features = n0 + tl.arange(0, BLOCK_N).to(tl.int64)  # features * K passes 2^31 for a large weight
         feature_mask = features < N
-        dy = tl.load(dy_ptr + rows[:, None] * N + features[None, :], mask=row_mask[:, None] & feature_mask[None, :],
-                     other=0.0)
-        w = _weight_at(packed_ptr, absmax_ptr, code_ptr, features[:, None] * K + cols[None, :],
-                       feature_mask[:, None] & col_mask[None, :], BLOCKSIZE)
+        dy = tl.load(
+            dy_ptr + rows[:, None] * N + features[None, :], mask=row_mask[:, None] & feature_mask[None, :], other=0.0
+        )
+        w = _weight_at(
+            packed_ptr,
+            absmax_ptr,
+            code_ptr,
+            features[:, None] * K + cols[None, :],
+            feature_mask[:, None] & col_mask[None, :],
+            BLOCKSIZE,
+        )
         if UPCAST:
             acc = tl.dot(dy.to(tl.float32), w, acc, input_precision="ieee")
         else:
             acc = tl.dot(dy, w.to(dy_ptr.dtype.element_ty), acc, input_precision=DOT_PRECISION)
-    tl.store(dx_ptr + rows[:, None] * K + cols[None, :], acc.to(dx_ptr.dtype.element_ty),
-             mask=row_mask[:, None] & col_mask[None, :])
+    tl.store(
+        dx_ptr + rows[:, None] * K + cols[None, :],
+        acc.to(dx_ptr.dtype.element_ty),
+        mask=row_mask[:, None] & col_mask[None, :],
+    )
 
 
 @triton.jit
@@ -208,8 +275,9 @@ def dequantize(packed, absmax, code, out, blocksize: int) -> None:
     if numel == 0:
         return
     grid = (triton.cdiv((numel + 1) // 2, DEQUANTIZE_BLOCK_BYTES),)
-    _dequantize_kernel[grid](packed, absmax, code, out, numel, BLOCKSIZE=blocksize,
-                             BLOCK_BYTES=DEQUANTIZE_BLOCK_BYTES, num_warps=4)
+    _dequantize_kernel[grid](
+        packed, absmax, code, out, numel, BLOCKSIZE=blocksize, BLOCK_BYTES=DEQUANTIZE_BLOCK_BYTES, num_warps=4
+    )
 
 
 def gemv(x, packed, absmax, code, bias, out, blocksize: int) -> None:
@@ -219,9 +287,23 @@ def gemv(x, packed, absmax, code, bias, out, blocksize: int) -> None:
     block_m = triton.next_power_of_2(m)
     has_bias = bias is not None
     _gemv_kernel[(triton.cdiv(n, GEMV_BLOCK_N),)](
-        x, packed, absmax, code, bias if has_bias else out, out, m, n, k, BLOCKSIZE=blocksize, HAS_BIAS=has_bias,
-        EVEN_K=k % 2 == 0, BLOCK_M=block_m, BLOCK_N=GEMV_BLOCK_N, BLOCK_PAIRS=64 if block_m <= 2 else 32,
-        num_warps=4)
+        x,
+        packed,
+        absmax,
+        code,
+        bias if has_bias else out,
+        out,
+        m,
+        n,
+        k,
+        BLOCKSIZE=blocksize,
+        HAS_BIAS=has_bias,
+        EVEN_K=k % 2 == 0,
+        BLOCK_M=block_m,
+        BLOCK_N=GEMV_BLOCK_N,
+        BLOCK_PAIRS=64 if block_m <= 2 else 32,
+        num_warps=4,
+    )
 
 
 def matmul(x, packed, absmax, code, bias, out, blocksize: int) -> None:
@@ -231,9 +313,25 @@ def matmul(x, packed, absmax, code, bias, out, blocksize: int) -> None:
     block_m = _block_m(m)
     has_bias = bias is not None
     grid = (triton.cdiv(m, block_m), triton.cdiv(n, TILE_COLS))
-    _matmul_kernel[grid](x, packed, absmax, code, bias if has_bias else out, out, m, n, k, BLOCKSIZE=blocksize,
-                         HAS_BIAS=has_bias, UPCAST=_interpreted(), DOT_PRECISION=_dot_precision(x.dtype),
-                         BLOCK_M=block_m, BLOCK_N=TILE_COLS, BLOCK_K=TILE_REDUCE, num_warps=TILE_WARPS)
+    _matmul_kernel[grid](
+        x,
+        packed,
+        absmax,
+        code,
+        bias if has_bias else out,
+        out,
+        m,
+        n,
+        k,
+        BLOCKSIZE=blocksize,
+        HAS_BIAS=has_bias,
+        UPCAST=_interpreted(),
+        DOT_PRECISION=_dot_precision(x.dtype),
+        BLOCK_M=block_m,
+        BLOCK_N=TILE_COLS,
+        BLOCK_K=TILE_REDUCE,
+        num_warps=TILE_WARPS,
+    )
 
 
 def grad_input(dy, packed, absmax, code, dx, blocksize: int) -> None:
@@ -242,9 +340,23 @@ def grad_input(dy, packed, absmax, code, dx, blocksize: int) -> None:
     k = dx.shape[1]
     block_m = _block_m(m)
     grid = (triton.cdiv(m, block_m), triton.cdiv(k, TILE_COLS))
-    _grad_input_kernel[grid](dy, packed, absmax, code, dx, m, n, k, BLOCKSIZE=blocksize, UPCAST=_interpreted(),
-                             DOT_PRECISION=_dot_precision(dy.dtype), BLOCK_M=block_m, BLOCK_N=TILE_REDUCE,
-                             BLOCK_K=TILE_COLS, num_warps=TILE_WARPS)
+    _grad_input_kernel[grid](
+        dy,
+        packed,
+        absmax,
+        code,
+        dx,
+        m,
+        n,
+        k,
+        BLOCKSIZE=blocksize,
+        UPCAST=_interpreted(),
+        DOT_PRECISION=_dot_precision(dy.dtype),
+        BLOCK_M=block_m,
+        BLOCK_N=TILE_REDUCE,
+        BLOCK_K=TILE_COLS,
+        num_warps=TILE_WARPS,
+    )
 
 
 def quantize(w, midpoints, order, packed, absmax, blocksize: int) -> None:
@@ -253,5 +365,6 @@ def quantize(w, midpoints, order, packed, absmax, blocksize: int) -> None:
     numel = w.numel()
     if numel == 0:
         return
-    _quantize_kernel[(triton.cdiv(numel, blocksize),)](w, packed, absmax, midpoints, order, numel, BLOCK=blocksize,
-                                                       num_warps=max(1, min(8, blocksize // 256)))
+    _quantize_kernel[(triton.cdiv(numel, blocksize),)](
+        w, packed, absmax, midpoints, order, numel, BLOCK=blocksize, num_warps=max(1, min(8, blocksize // 256))
+    )

@@ -16,6 +16,7 @@ live) are held in registers (several rows per program when n is small); longer r
 LOOP_BLOCK_N-column blocks and read x again from L2 in the second pass. (A fused 16384-wide backward row at
 32 warps spilled 100-128 B a thread on sm_80/sm_90; the looped one spills nothing.)
 """
+
 from __future__ import annotations
 
 import functools
@@ -60,8 +61,19 @@ def _normalized_for_dw(x, r, x_ptr, CASTING_MODE: tl.constexpr):
 
 # x, y: [rows, n] contiguous; w: [n]; rstd: [rows] fp32. Program p owns rows [p*BLOCK_ROWS, +BLOCK_ROWS).
 @triton.jit
-def _forward_fused_kernel(x_ptr, w_ptr, y_ptr, rstd_ptr, rows, n, eps, offset,
-                          CASTING_MODE: tl.constexpr, BLOCK_ROWS: tl.constexpr, BLOCK_N: tl.constexpr):
+def _forward_fused_kernel(
+    x_ptr,
+    w_ptr,
+    y_ptr,
+    rstd_ptr,
+    rows,
+    n,
+    eps,
+    offset,
+    CASTING_MODE: tl.constexpr,
+    BLOCK_ROWS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
     row = tl.program_id(0).to(tl.int64) * BLOCK_ROWS + tl.arange(0, BLOCK_ROWS)
     col = tl.arange(0, BLOCK_N)
     row_mask, col_mask = row < rows, col < n
@@ -77,8 +89,9 @@ def _forward_fused_kernel(x_ptr, w_ptr, y_ptr, rstd_ptr, rows, n, eps, offset,
 
 # Same contract, one row per program, two passes over BLOCK_N-column blocks.
 @triton.jit
-def _forward_looped_kernel(x_ptr, w_ptr, y_ptr, rstd_ptr, n, eps, offset,
-                           CASTING_MODE: tl.constexpr, BLOCK_N: tl.constexpr):
+def _forward_looped_kernel(
+    x_ptr, w_ptr, y_ptr, rstd_ptr, n, eps, offset, CASTING_MODE: tl.constexpr, BLOCK_N: tl.constexpr
+):
     row = tl.program_id(0).to(tl.int64)
     x_row, y_row = x_ptr + row * n, y_ptr + row * n
     sum_sq = tl.zeros([BLOCK_N], dtype=tl.float32)
@@ -100,9 +113,21 @@ def _forward_looped_kernel(x_ptr, w_ptr, y_ptr, rstd_ptr, n, eps, offset,
 # dy, x, dx: [rows, n] contiguous; rstd: [rows] fp32; dw_partial: [programs, n] fp32 (written when
 # COMPUTE_DW). Program p handles the BLOCK_ROWS-row tiles p, p + programs, p + 2 * programs, ...
 @triton.jit
-def _backward_fused_kernel(dy_ptr, x_ptr, w_ptr, rstd_ptr, dx_ptr, dw_partial_ptr, rows, n, offset,
-                           CASTING_MODE: tl.constexpr, COMPUTE_DW: tl.constexpr,
-                           BLOCK_ROWS: tl.constexpr, BLOCK_N: tl.constexpr):
+def _backward_fused_kernel(
+    dy_ptr,
+    x_ptr,
+    w_ptr,
+    rstd_ptr,
+    dx_ptr,
+    dw_partial_ptr,
+    rows,
+    n,
+    offset,
+    CASTING_MODE: tl.constexpr,
+    COMPUTE_DW: tl.constexpr,
+    BLOCK_ROWS: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
     pid = tl.program_id(0)
     col = tl.arange(0, BLOCK_N)
     col_mask = col < n
@@ -128,9 +153,20 @@ def _backward_fused_kernel(dy_ptr, x_ptr, w_ptr, rstd_ptr, dx_ptr, dw_partial_pt
 # Same contract for long rows: program p handles rows p, p + programs, ..., one at a time, in
 # BLOCK_N-column blocks; dw_partial must be zeroed (each program accumulates into its own row).
 @triton.jit
-def _backward_looped_kernel(dy_ptr, x_ptr, w_ptr, rstd_ptr, dx_ptr, dw_partial_ptr, rows, n, offset,
-                            CASTING_MODE: tl.constexpr, COMPUTE_DW: tl.constexpr,
-                            BLOCK_N: tl.constexpr):
+def _backward_looped_kernel(
+    dy_ptr,
+    x_ptr,
+    w_ptr,
+    rstd_ptr,
+    dx_ptr,
+    dw_partial_ptr,
+    rows,
+    n,
+    offset,
+    CASTING_MODE: tl.constexpr,
+    COMPUTE_DW: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
     pid = tl.program_id(0)
     dw_row = dw_partial_ptr + pid.to(tl.int64) * n
     for row in range(pid.to(tl.int64), rows, tl.num_programs(0)):
@@ -168,7 +204,7 @@ def _fused_blocks(rows: int, n: int) -> tuple[int, int]:
     return min(triton.next_power_of_2(rows), max(1, _TILE_ELEMENTS // block_n)), block_n
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _cuda_sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
@@ -190,12 +226,32 @@ def rmsnorm_forward(x, weight, y, rstd, eps: float, offset: float, casting_mode:
     if n <= MAX_FUSED_N:
         block_rows, block_n = _fused_blocks(rows, n)
         _forward_fused_kernel[(triton.cdiv(rows, block_rows),)](
-            x, weight, y, rstd, rows, n, eps, offset, CASTING_MODE=casting_mode, BLOCK_ROWS=block_rows,
-            BLOCK_N=block_n, num_warps=_num_warps(block_rows * block_n))
+            x,
+            weight,
+            y,
+            rstd,
+            rows,
+            n,
+            eps,
+            offset,
+            CASTING_MODE=casting_mode,
+            BLOCK_ROWS=block_rows,
+            BLOCK_N=block_n,
+            num_warps=_num_warps(block_rows * block_n),
+        )
     else:
         _forward_looped_kernel[(rows,)](
-            x, weight, y, rstd, n, eps, offset, CASTING_MODE=casting_mode, BLOCK_N=LOOP_BLOCK_N,
-            num_warps=_num_warps(LOOP_BLOCK_N))
+            x,
+            weight,
+            y,
+            rstd,
+            n,
+            eps,
+            offset,
+            CASTING_MODE=casting_mode,
+            BLOCK_N=LOOP_BLOCK_N,
+            num_warps=_num_warps(LOOP_BLOCK_N),
+        )
 
 
 def rmsnorm_backward(dy, x, weight, rstd, dx, dw, offset: float, casting_mode: int) -> None:
@@ -214,15 +270,38 @@ def rmsnorm_backward(dy, x, weight, rstd, dx, dw, offset: float, casting_mode: i
         programs = min(tiles, _max_programs(x.device))
         partial = torch.empty((programs, n), dtype=torch.float32, device=x.device) if compute_dw else dx
         _backward_fused_kernel[(programs,)](
-            dy, x, weight, rstd, dx, partial, rows, n, offset,
-            CASTING_MODE=casting_mode, COMPUTE_DW=compute_dw, BLOCK_ROWS=block_rows, BLOCK_N=block_n,
-            num_warps=_num_warps(block_rows * block_n))
+            dy,
+            x,
+            weight,
+            rstd,
+            dx,
+            partial,
+            rows,
+            n,
+            offset,
+            CASTING_MODE=casting_mode,
+            COMPUTE_DW=compute_dw,
+            BLOCK_ROWS=block_rows,
+            BLOCK_N=block_n,
+            num_warps=_num_warps(block_rows * block_n),
+        )
     else:
         programs = min(rows, _max_programs(x.device))
         partial = torch.zeros((programs, n), dtype=torch.float32, device=x.device) if compute_dw else dx
         _backward_looped_kernel[(programs,)](
-            dy, x, weight, rstd, dx, partial, rows, n, offset,
-            CASTING_MODE=casting_mode, COMPUTE_DW=compute_dw, BLOCK_N=LOOP_BLOCK_N,
-            num_warps=_num_warps(LOOP_BLOCK_N))
+            dy,
+            x,
+            weight,
+            rstd,
+            dx,
+            partial,
+            rows,
+            n,
+            offset,
+            CASTING_MODE=casting_mode,
+            COMPUTE_DW=compute_dw,
+            BLOCK_N=LOOP_BLOCK_N,
+            num_warps=_num_warps(LOOP_BLOCK_N),
+        )
     if compute_dw:
         torch.sum(partial, dim=0, out=dw)

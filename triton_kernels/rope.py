@@ -11,6 +11,7 @@ all k heads in [BLOCK_H, R/2] tiles (pair halves loaded as two tiles, so each el
 q [B, Hq, S, D], k [B, Hk, S, D], q_out, k_out: any strides with the last one 1, outputs not aliasing
 inputs; cos, sin [Bc, S, R], Bc in (1, B) (1 broadcasts), same strides, last stride 1; one dtype.
 """
+
 from __future__ import annotations
 
 import triton
@@ -20,9 +21,25 @@ _TILE_ELEMENTS = 2048  # target elements of one [BLOCK_H, BLOCK_HALF] tile
 
 
 @triton.jit
-def _rotate_heads(x_ptr, out_ptr, x_head_stride, out_head_stride, n_heads, first, second, pair_mask,
-                  c_first, c_second, p_first, p_second, rot_dim, head_dim,
-                  BLOCK_H: tl.constexpr, HAS_PASS: tl.constexpr, BLOCK_PASS: tl.constexpr):
+def _rotate_heads(
+    x_ptr,
+    out_ptr,
+    x_head_stride,
+    out_head_stride,
+    n_heads,
+    first,
+    second,
+    pair_mask,
+    c_first,
+    c_second,
+    p_first,
+    p_second,
+    rot_dim,
+    head_dim,
+    BLOCK_H: tl.constexpr,
+    HAS_PASS: tl.constexpr,
+    BLOCK_PASS: tl.constexpr,
+):
     """out[h, a] = x[h, a]*c[a] + x[h, b]*p[a] (and a<->b) for heads [0, n_heads); copies [R, D)."""
     for h_start in range(0, n_heads, BLOCK_H):
         head = (h_start + tl.arange(0, BLOCK_H)).to(tl.int64)
@@ -43,12 +60,39 @@ def _rotate_heads(x_ptr, out_ptr, x_head_stride, out_head_stride, n_heads, first
 
 
 @triton.jit
-def _rope_kernel(q_ptr, k_ptr, q_out_ptr, k_out_ptr, cos_ptr, sin_ptr,
-                 q_stride_b, q_stride_h, q_stride_s, k_stride_b, k_stride_h, k_stride_s,
-                 qo_stride_b, qo_stride_h, qo_stride_s, ko_stride_b, ko_stride_h, ko_stride_s,
-                 cos_stride_b, cos_stride_s, seq, q_heads, k_heads, head_dim, half_rot,
-                 INTERLEAVED: tl.constexpr, BACKWARD: tl.constexpr, BLOCK_H: tl.constexpr,
-                 BLOCK_HALF: tl.constexpr, HAS_PASS: tl.constexpr, BLOCK_PASS: tl.constexpr):
+def _rope_kernel(
+    q_ptr,
+    k_ptr,
+    q_out_ptr,
+    k_out_ptr,
+    cos_ptr,
+    sin_ptr,
+    q_stride_b,
+    q_stride_h,
+    q_stride_s,
+    k_stride_b,
+    k_stride_h,
+    k_stride_s,
+    qo_stride_b,
+    qo_stride_h,
+    qo_stride_s,
+    ko_stride_b,
+    ko_stride_h,
+    ko_stride_s,
+    cos_stride_b,
+    cos_stride_s,
+    seq,
+    q_heads,
+    k_heads,
+    head_dim,
+    half_rot,
+    INTERLEAVED: tl.constexpr,
+    BACKWARD: tl.constexpr,
+    BLOCK_H: tl.constexpr,
+    BLOCK_HALF: tl.constexpr,
+    HAS_PASS: tl.constexpr,
+    BLOCK_PASS: tl.constexpr,
+):
     pid = tl.program_id(0)
     b = (pid // seq).to(tl.int64)
     s = (pid % seq).to(tl.int64)
@@ -69,12 +113,44 @@ def _rope_kernel(q_ptr, k_ptr, q_out_ptr, k_out_ptr, cos_ptr, sin_ptr,
     else:
         p_first, p_second = -s_first, s_second
     rot_dim = 2 * half_rot
-    _rotate_heads(q_ptr + b * q_stride_b + s * q_stride_s, q_out_ptr + b * qo_stride_b + s * qo_stride_s,
-                  q_stride_h, qo_stride_h, q_heads, first, second, pair_mask, c_first, c_second, p_first,
-                  p_second, rot_dim, head_dim, BLOCK_H, HAS_PASS, BLOCK_PASS)
-    _rotate_heads(k_ptr + b * k_stride_b + s * k_stride_s, k_out_ptr + b * ko_stride_b + s * ko_stride_s,
-                  k_stride_h, ko_stride_h, k_heads, first, second, pair_mask, c_first, c_second, p_first,
-                  p_second, rot_dim, head_dim, BLOCK_H, HAS_PASS, BLOCK_PASS)
+    _rotate_heads(
+        q_ptr + b * q_stride_b + s * q_stride_s,
+        q_out_ptr + b * qo_stride_b + s * qo_stride_s,
+        q_stride_h,
+        qo_stride_h,
+        q_heads,
+        first,
+        second,
+        pair_mask,
+        c_first,
+        c_second,
+        p_first,
+        p_second,
+        rot_dim,
+        head_dim,
+        BLOCK_H,
+        HAS_PASS,
+        BLOCK_PASS,
+    )
+    _rotate_heads(
+        k_ptr + b * k_stride_b + s * k_stride_s,
+        k_out_ptr + b * ko_stride_b + s * ko_stride_s,
+        k_stride_h,
+        ko_stride_h,
+        k_heads,
+        first,
+        second,
+        pair_mask,
+        c_first,
+        c_second,
+        p_first,
+        p_second,
+        rot_dim,
+        head_dim,
+        BLOCK_H,
+        HAS_PASS,
+        BLOCK_PASS,
+    )
 
 
 def rope(q, k, q_out, k_out, cos, sin, interleaved: bool, backward: bool) -> None:
@@ -89,9 +165,36 @@ def rope(q, k, q_out, k_out, cos, sin, interleaved: bool, backward: bool) -> Non
     pass_width = head_dim - 2 * half_rot
     cos_stride_b = cos.stride(0) if cos.shape[0] > 1 else 0
     _rope_kernel[(batch * seq,)](
-        q, k, q_out, k_out, cos, sin, q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        q_out.stride(0), q_out.stride(1), q_out.stride(2), k_out.stride(0), k_out.stride(1), k_out.stride(2),
-        cos_stride_b, cos.stride(1), seq, q_heads, k_heads, head_dim, half_rot,
-        INTERLEAVED=interleaved, BACKWARD=backward, BLOCK_H=block_h, BLOCK_HALF=block_half,
-        HAS_PASS=pass_width > 0, BLOCK_PASS=triton.next_power_of_2(max(pass_width, 1)),
-        num_warps=max(1, min(4, block_h * block_half // 256)))
+        q,
+        k,
+        q_out,
+        k_out,
+        cos,
+        sin,
+        q.stride(0),
+        q.stride(1),
+        q.stride(2),
+        k.stride(0),
+        k.stride(1),
+        k.stride(2),
+        q_out.stride(0),
+        q_out.stride(1),
+        q_out.stride(2),
+        k_out.stride(0),
+        k_out.stride(1),
+        k_out.stride(2),
+        cos_stride_b,
+        cos.stride(1),
+        seq,
+        q_heads,
+        k_heads,
+        head_dim,
+        half_rot,
+        INTERLEAVED=interleaved,
+        BACKWARD=backward,
+        BLOCK_H=block_h,
+        BLOCK_HALF=block_half,
+        HAS_PASS=pass_width > 0,
+        BLOCK_PASS=triton.next_power_of_2(max(pass_width, 1)),
+        num_warps=max(1, min(4, block_h * block_half // 256)),
+    )

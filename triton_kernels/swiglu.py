@@ -6,6 +6,7 @@ backward:  dup = dy * g * s,  dgate = dy * u * s * (1 + g * (1 - s))
 gate, up, out, dy, dgate, dup: contiguous, numel elements, one dtype; 1-D grid of BLOCK-element
 programs with int64 offsets.
 """
+
 from __future__ import annotations
 
 import triton

@@ -26,6 +26,7 @@ come back exactly, the absmax as bitsandbytes then holds it (rounded to bf16; re
 PEFT's LoRA layers over bitsandbytes layers (a QLoRA PeftModel) are converted by pyfastpeft.from_peft, which
 converts their base layers here.
 """
+
 from __future__ import annotations
 
 import copy
@@ -66,8 +67,11 @@ def peft_bitsandbytes_lora_classes() -> tuple[type, ...]:
         from peft.tuners.lora import bnb as peft_bnb
     except ImportError:
         return ()
-    return tuple(cls for cls in (getattr(peft_bnb, "Linear4bit", None), getattr(peft_bnb, "Linear8bitLt", None))
-                 if cls is not None)
+    return tuple(
+        cls
+        for cls in (getattr(peft_bnb, "Linear4bit", None), getattr(peft_bnb, "Linear8bitLt", None))
+        if cls is not None
+    )
 
 
 def _refuse(fn: str, path: str, module: nn.Module, why: str) -> ValueError:
@@ -94,29 +98,51 @@ def _convert_4bit(fn: str, path: str, layer: nn.Module) -> Linear4bit:
         state = getattr(layer, "quant_state", None)  # where bitsandbytes keeps it when the parameter lost it (FSDP)
     data = weight.data
     if state is None or not getattr(weight, "bnb_quantized", True):
-        raise _refuse(fn, path, layer, "it is not quantized yet (bitsandbytes quantizes a Linear4bit when it is "
-                                       "moved to a device); load the model with a BitsAndBytesConfig or move it first")
+        raise _refuse(
+            fn,
+            path,
+            layer,
+            "it is not quantized yet (bitsandbytes quantizes a Linear4bit when it is "
+            "moved to a device); load the model with a BitsAndBytesConfig or move it first",
+        )
     if getattr(state, "packing_format_for_cpu", False):
         data, state = _cpu_unpacked(data, state)
     if data.dtype != torch.uint8:
-        raise _refuse(fn, path, layer, f"its quant_storage is {data.dtype}; pyfastpeft's Linear4bit stores uint8 "
-                                       "(load with bnb_4bit_quant_storage=torch.uint8, the default)")
+        raise _refuse(
+            fn,
+            path,
+            layer,
+            f"its quant_storage is {data.dtype}; pyfastpeft's Linear4bit stores uint8 "
+            "(load with bnb_4bit_quant_storage=torch.uint8, the default)",
+        )
     nested = bool(getattr(state, "nested", False))
     state2 = None
     if nested:
         inner = state.state2
         state2 = QuantState(absmax=inner.absmax, code=inner.code, blocksize=inner.blocksize, dtype=inner.dtype)
-    ours = QuantState(absmax=state.absmax, shape=torch.Size(state.shape), code=state.code,
-                      blocksize=state.blocksize, quant_type=state.quant_type, dtype=state.dtype,
-                      offset=state.offset if nested else None, state2=state2)
+    ours = QuantState(
+        absmax=state.absmax,
+        shape=torch.Size(state.shape),
+        code=state.code,
+        blocksize=state.blocksize,
+        quant_type=state.quant_type,
+        dtype=state.dtype,
+        offset=state.offset if nested else None,
+        state2=state2,
+    )
     try:
         ours.validate(f"{fn}: {path}'s quant_state")
     except (TypeError, ValueError) as error:
         raise _refuse(fn, path, layer, str(error)) from None
     expected_shape = (layer.out_features, layer.in_features)
     if tuple(ours.shape) != expected_shape:
-        raise _refuse(fn, path, layer, f"its quant_state's shape is {tuple(ours.shape)}, the layer is "
-                                       f"{expected_shape} (out_features, in_features)")
+        raise _refuse(
+            fn,
+            path,
+            layer,
+            f"its quant_state's shape is {tuple(ours.shape)}, the layer is "
+            f"{expected_shape} (out_features, in_features)",
+        )
     needed = (layer.out_features * layer.in_features + 1) // 2
     if data.numel() != needed:
         raise _refuse(fn, path, layer, f"its packed weight has {data.numel()} bytes, {expected_shape} needs {needed}")
@@ -138,18 +164,31 @@ def _convert_4bit(fn: str, path: str, layer: nn.Module) -> Linear4bit:
 def _convert_8bit(fn: str, path: str, layer: nn.Module) -> Linear8bitLt:
     weight, state = layer.weight, getattr(layer, "state", None)
     if getattr(state, "has_fp16_weights", False) or getattr(weight, "has_fp16_weights", False):
-        raise _refuse(fn, path, layer, "has_fp16_weights=True keeps a dense, trainable 16-bit weight, not int8 codes; "
-                                       "load with load_in_8bit=True (has_fp16_weights=False)")
+        raise _refuse(
+            fn,
+            path,
+            layer,
+            "has_fp16_weights=True keeps a dense, trainable 16-bit weight, not int8 codes; "
+            "load with load_in_8bit=True (has_fp16_weights=False)",
+        )
     expected_shape = (layer.out_features, layer.in_features)
     if weight.dtype != torch.int8 or tuple(weight.shape) != expected_shape:
-        raise _refuse(fn, path, layer, f"its weight is {weight.dtype} {tuple(weight.shape)}, not the row-major int8 "
-                                       f"codes {expected_shape} of a quantized layer (bitsandbytes quantizes when the "
-                                       "layer is moved to a device)")
+        raise _refuse(
+            fn,
+            path,
+            layer,
+            f"its weight is {weight.dtype} {tuple(weight.shape)}, not the row-major int8 "
+            f"codes {expected_shape} of a quantized layer (bitsandbytes quantizes when the "
+            "layer is moved to a device)",
+        )
     row_stats = getattr(weight, "SCB", None)
     if row_stats is None:
         row_stats = getattr(state, "SCB", None)  # moved to the state by bitsandbytes' first forward
-    if not isinstance(row_stats, torch.Tensor) or row_stats.dtype != torch.float32 \
-            or tuple(row_stats.shape) != (layer.out_features,):
+    if (
+        not isinstance(row_stats, torch.Tensor)
+        or row_stats.dtype != torch.float32
+        or tuple(row_stats.shape) != (layer.out_features,)
+    ):
         got = f"{row_stats.dtype} {tuple(row_stats.shape)}" if isinstance(row_stats, torch.Tensor) else "none"
         raise _refuse(fn, path, layer, f"its row statistics SCB are {got}, expected float32 ({layer.out_features},)")
     if row_stats.device != weight.device:
@@ -176,15 +215,25 @@ def from_bitsandbytes(layer: nn.Module, path: str = "layer") -> nn.Module:
     fn = "from_bitsandbytes"
     bnb_nn = _bnb_nn()
     if not is_bitsandbytes_linear(layer):
-        raise TypeError(f"{fn}: {path} must be a bitsandbytes.nn.Linear4bit or Linear8bitLt, got "
-                        f"{type(layer).__module__}.{type(layer).__name__}")
+        raise TypeError(
+            f"{fn}: {path} must be a bitsandbytes.nn.Linear4bit or Linear8bitLt, got "
+            f"{type(layer).__module__}.{type(layer).__name__}"
+        )
     known = [getattr(bnb_nn, name) for name in _LINEAR4BIT_NAMES if hasattr(bnb_nn, name)] + [bnb_nn.Linear8bitLt]
     if type(layer) not in known:
-        raise _refuse(fn, path, layer, "it subclasses a bitsandbytes layer, and its forward may differ from the one "
-                                       "pyfastpeft reproduces")
+        raise _refuse(
+            fn,
+            path,
+            layer,
+            "it subclasses a bitsandbytes layer, and its forward may differ from the one pyfastpeft reproduces",
+        )
     if layer.weight.device.type == "meta":
-        raise _refuse(fn, path, layer, "its weight is on the meta device (offloaded by accelerate); load the model "
-                                       "without offloading")
+        raise _refuse(
+            fn,
+            path,
+            layer,
+            "its weight is on the meta device (offloaded by accelerate); load the model without offloading",
+        )
     if isinstance(layer, bnb_nn.Linear4bit):
         return _convert_4bit(fn, path, layer)
     return _convert_8bit(fn, path, layer)
@@ -209,8 +258,10 @@ def convert_bitsandbytes_modules(model: nn.Module) -> list[str]:
     if not isinstance(model, nn.Module):
         raise TypeError(f"convert_bitsandbytes_modules: model must be a torch.nn.Module, got {type(model).__name__}")
     if is_bitsandbytes_linear(model):
-        raise TypeError("convert_bitsandbytes_modules: model is itself a bitsandbytes layer; convert it with "
-                        "from_bitsandbytes(layer)")
+        raise TypeError(
+            "convert_bitsandbytes_modules: model is itself a bitsandbytes layer; convert it with "
+            "from_bitsandbytes(layer)"
+        )
     converted = [(path, from_bitsandbytes(layer, path)) for path, layer in bitsandbytes_linears(model)]
     for path, ours in converted:
         parent_path, _, name = path.rpartition(".")

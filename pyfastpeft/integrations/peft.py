@@ -14,6 +14,7 @@ Adapter directories come from the internet: load_adapter checks every file, key,
 it touches the model, matches pattern keys in linear time (safe_regex), and names the file and key in every
 error. save_adapter never leaves a half-written adapter behind.
 """
+
 from __future__ import annotations
 
 import collections
@@ -31,8 +32,11 @@ import tempfile
 import torch
 from torch import nn
 
-from pyfastpeft.integrations.bitsandbytes import (from_bitsandbytes, is_bitsandbytes_linear,
-                                                  peft_bitsandbytes_lora_classes)
+from pyfastpeft.integrations.bitsandbytes import (
+    from_bitsandbytes,
+    is_bitsandbytes_linear,
+    peft_bitsandbytes_lora_classes,
+)
 from pyfastpeft.integrations.safe_regex import SafePattern, compile_pattern
 from pyfastpeft.nn.lora import LoRALinear, _check_adapter_name, base_kind, linear_modules
 
@@ -42,14 +46,24 @@ BIN_NAME = "adapter_model.bin"
 KEY_PREFIX = "base_model.model."
 
 # class-name suffix of a transformers model -> PEFT task_type
-_TASK_TYPES = {"ForCausalLM": "CAUSAL_LM", "ForSequenceClassification": "SEQ_CLS",
-               "ForTokenClassification": "TOKEN_CLS", "ForQuestionAnswering": "QUESTION_ANS"}
+_TASK_TYPES = {
+    "ForCausalLM": "CAUSAL_LM",
+    "ForSequenceClassification": "SEQ_CLS",
+    "ForTokenClassification": "TOKEN_CLS",
+    "ForQuestionAnswering": "QUESTION_ANS",
+}
 
 # LoraConfig settings that change what the adapter computes or stores beyond plain LoRA, refused when on:
 # flags (a bool, on when True) and options (on when neither null nor empty)
 _UNSUPPORTED_FLAGS = ("use_dora", "lora_bias", "fan_in_fan_out", "use_qalora")
-_UNSUPPORTED_OPTIONS = ("modules_to_save", "trainable_token_indices", "alora_invocation_tokens", "arrow_config",
-                        "layer_replication", "target_parameters")
+_UNSUPPORTED_OPTIONS = (
+    "modules_to_save",
+    "trainable_token_indices",
+    "alora_invocation_tokens",
+    "arrow_config",
+    "layer_replication",
+    "target_parameters",
+)
 
 _LORA_KEY = re.compile(r"(?P<path>.+)\.lora_(?P<matrix>[AB])\.weight")
 
@@ -61,8 +75,10 @@ def _check_model(fn: str, model) -> nn.Module:
     if isinstance(model, _ConvertedPeftModel):
         return model.base_model.model
     if type(model).__module__.startswith("peft."):
-        raise TypeError(f"{fn}: model is a {type(model).__name__}; convert it with pyfastpeft.from_peft first "
-                        "(or use PEFT's own save_pretrained / load_adapter)")
+        raise TypeError(
+            f"{fn}: model is a {type(model).__name__}; convert it with pyfastpeft.from_peft first "
+            "(or use PEFT's own save_pretrained / load_adapter)"
+        )
     return model
 
 
@@ -94,12 +110,16 @@ def _target_modules(model: nn.Module, paths: list[str]) -> list[str]:
     """The layers' last names when those names pick exactly these layers (PEFT's usual form), else their paths."""
     names = sorted({path.rpartition(".")[2] for path in paths})
     inside_lora = tuple(f"{path}." for path in paths)
-    named = {path for path, _ in model.named_modules()
-             if path.rpartition(".")[2] in names and not path.startswith(inside_lora)}
+    named = {
+        path
+        for path, _ in model.named_modules()
+        if path.rpartition(".")[2] in names and not path.startswith(inside_lora)
+    }
     return names if named == set(paths) else sorted(paths)
 
 
 # ---- save ----------------------------------------------------------------------------------------------------
+
 
 def save_adapter(model: nn.Module, path, adapter_name: str = "default") -> None:
     """Write adapter `adapter_name` of model's LoRALinear layers as a PEFT LoRA adapter directory at path,
@@ -124,16 +144,19 @@ def _adapter_files(fn: str, model: nn.Module, adapter_name: str, state_dict: dic
     layers = [(module_path, module) for module_path, module in all_layers if adapter_name in module.lora_A]
     if not layers:
         found = sorted({name for _, module in all_layers for name in module.lora_A})
-        raise ValueError(f"{fn}: no LoRALinear layer has adapter {adapter_name!r}, nothing to save; the model's "
-                         f"adapters are {found}")
+        raise ValueError(
+            f"{fn}: no LoRALinear layer has adapter {adapter_name!r}, nothing to save; the model's adapters are {found}"
+        )
     paths = [module_path for module_path, _ in layers]
     ranks = {module_path: module.r[adapter_name] for module_path, module in layers}
     alphas = {module_path: module.lora_alpha[adapter_name] for module_path, module in layers}
     for setting in ("lora_dropout", "use_rslora"):
         values = {getattr(module, setting)[adapter_name] for _, module in layers}
         if len(values) > 1:
-            raise ValueError(f"{fn}: adapter {adapter_name!r} has {setting} values {sorted(values)} on different "
-                             "layers; PEFT's config holds one")
+            raise ValueError(
+                f"{fn}: adapter {adapter_name!r} has {setting} values {sorted(values)} on different "
+                "layers; PEFT's config holds one"
+            )
     _, first = layers[0]
     r, lora_alpha = _most_common(ranks.values()), _most_common(alphas.values())
     model_config = getattr(model, "config", None)
@@ -230,6 +253,7 @@ def _replace_files(target: str, staging: str, names) -> None:
 
 # ---- load: read and check the files --------------------------------------------------------------------------
 
+
 @dataclasses.dataclass
 class _AdapterConfig:
     """The settings of adapter_config.json that load_adapter uses, checked. A pattern is a list of
@@ -298,8 +322,11 @@ def _read_config(fn: str, path: str) -> tuple[str, _AdapterConfig]:
         raise ValueError(f"{where}: the file holds a JSON {type(config).__name__}, not an object")
     if config.get("peft_type") != "LORA":
         raise ValueError(f"{where}: 'peft_type' is {config.get('peft_type')!r}, only 'LORA' adapters load")
-    unsupported = [name for name in _UNSUPPORTED_FLAGS
-                   if name in config and config[name] is not None and _check_flag(where, repr(name), config[name])]
+    unsupported = [
+        name
+        for name in _UNSUPPORTED_FLAGS
+        if name in config and config[name] is not None and _check_flag(where, repr(name), config[name])
+    ]
     unsupported += [name for name in _UNSUPPORTED_OPTIONS if config.get(name) not in (None, [], {}, "")]
     if config.get("bias", "none") != "none":
         unsupported.append("bias")
@@ -335,8 +362,9 @@ def _read_weights(fn: str, path: str) -> tuple[str, dict]:
     except OSError:
         raise
     except Exception as error:  # each reader has its own error types for a corrupt file
-        raise ValueError(f"{fn}: {weights_path} is not a readable {kind} file: {type(error).__name__}: "
-                         f"{error}") from None
+        raise ValueError(
+            f"{fn}: {weights_path} is not a readable {kind} file: {type(error).__name__}: {error}"
+        ) from None
     where = f"{fn}: {weights_path}"
     if not isinstance(state, dict):
         raise ValueError(f"{where}: holds a {type(state).__name__}, not a dict of tensors")
@@ -365,8 +393,7 @@ def _group_by_module(where: str, state: dict) -> dict:
             raise ValueError(f"{where}: {pair[match['matrix']][0]!r} and {key!r} name the same matrix")
         pair[match["matrix"]] = (key, tensor)
     if unsupported:
-        raise ValueError(f"{where}: holds entries that are not LoRA A/B matrices of linear layers: "
-                         f"{unsupported[:4]}")
+        raise ValueError(f"{where}: holds entries that are not LoRA A/B matrices of linear layers: {unsupported[:4]}")
     incomplete = [module_path for module_path, pair in grouped.items() if len(pair) != 2]
     if incomplete:
         raise ValueError(f"{where}: lacks lora_A or lora_B for {incomplete[:4]}")
@@ -374,6 +401,7 @@ def _group_by_module(where: str, state: dict) -> dict:
 
 
 # ---- load: plan, then change the model -----------------------------------------------------------------------
+
 
 @dataclasses.dataclass
 class _Step:
@@ -392,8 +420,9 @@ def _pattern_value(patterns: list, module_path: str, default):
     return next((value for _, matcher, value in patterns if matcher.match(module_path)), default)
 
 
-def _plan(fn: str, model: nn.Module, adapter_name: str, config: _AdapterConfig, where: str,
-          grouped: dict) -> list[_Step]:
+def _plan(
+    fn: str, model: nn.Module, adapter_name: str, config: _AdapterConfig, where: str, grouped: dict
+) -> list[_Step]:
     """Every check against the model, nothing changed."""
     known = dict(model.named_modules())
     wrapped = [path for path, module in known.items() if isinstance(module, LoRALinear)]
@@ -402,15 +431,19 @@ def _plan(fn: str, model: nn.Module, adapter_name: str, config: _AdapterConfig, 
         key = pair["A"][0]
         owner = next((path for path in wrapped if module_path.startswith(f"{path}.")), None)
         if owner is not None:
-            raise ValueError(f"{where}: key {key!r} names {module_path}, a part of the LoRALinear layer {owner}; "
-                             f"an adapter's keys name the layer itself ({KEY_PREFIX}{owner}.lora_A.weight)")
+            raise ValueError(
+                f"{where}: key {key!r} names {module_path}, a part of the LoRALinear layer {owner}; "
+                f"an adapter's keys name the layer itself ({KEY_PREFIX}{owner}.lora_A.weight)"
+            )
         if module_path not in known:
             unmatched.append(module_path)
             continue
         module = known[module_path]
         if not isinstance(module, LoRALinear) and base_kind(module) is None:
-            raise TypeError(f"{where}: key {key!r}: {module_path} is a {type(module).__name__}, LoRALinear wraps "
-                            "nn.Linear, pyfastpeft.nn.Linear4bit and pyfastpeft.nn.Linear8bitLt")
+            raise TypeError(
+                f"{where}: key {key!r}: {module_path} is a {type(module).__name__}, LoRALinear wraps "
+                "nn.Linear, pyfastpeft.nn.Linear4bit and pyfastpeft.nn.Linear8bitLt"
+            )
         if isinstance(module, LoRALinear) and adapter_name in module.lora_A:
             raise ValueError(f"{fn}: {module_path} already has an adapter named {adapter_name!r}")
         r = _pattern_value(config.rank_pattern, module_path, config.r)
@@ -419,13 +452,16 @@ def _plan(fn: str, model: nn.Module, adapter_name: str, config: _AdapterConfig, 
         for matrix, shape in expected.items():
             matrix_key, tensor = pair[matrix]
             if tuple(tensor.shape) != shape:
-                raise ValueError(f"{where}: {matrix_key!r} is {tuple(tensor.shape)}, the config's r={r} and the "
-                                 f"layer give {shape}")
+                raise ValueError(
+                    f"{where}: {matrix_key!r} is {tuple(tensor.shape)}, the config's r={r} and the layer give {shape}"
+                )
         steps.append(_Step(module_path, module, r, lora_alpha, pair["A"][1], pair["B"][1]))
     if unmatched:
         linear_names = [module_path for module_path, _ in linear_modules(model)][:6]
-        raise ValueError(f"{where}: adapter keys match no module of the model: {unmatched[:4]} (its linear layers "
-                         f"include {linear_names})")
+        raise ValueError(
+            f"{where}: adapter keys match no module of the model: {unmatched[:4]} (its linear layers "
+            f"include {linear_names})"
+        )
     return steps
 
 
@@ -449,8 +485,9 @@ def _apply(model: nn.Module, steps: list[_Step], adapter_name: str, config: _Ada
         built = []
         for step in steps:
             if not isinstance(step.module, LoRALinear):
-                undo.append(functools.partial(_restore_requires_grad,
-                                              [(p, p.requires_grad) for p in step.module.parameters()]))
+                undo.append(
+                    functools.partial(_restore_requires_grad, [(p, p.requires_grad) for p in step.module.parameters()])
+                )
                 layer = LoRALinear(step.module, step.r, step.lora_alpha, adapter_name=adapter_name, **settings)
                 _fill(layer, adapter_name, step)
                 built.append((step, layer))
@@ -495,6 +532,7 @@ def load_adapter(model: nn.Module, path, adapter_name: str = "default") -> list[
 
 # ---- from a live PeftModel -----------------------------------------------------------------------------------
 
+
 def _check_peft_configs(fn: str, peft_configs: dict) -> None:
     for adapter_name, config in peft_configs.items():
         peft_type = getattr(config, "peft_type", None)
@@ -505,28 +543,37 @@ def _check_peft_configs(fn: str, peft_configs: dict) -> None:
         if getattr(config, "bias", "none") != "none":
             on.append("bias")
         if on:
-            raise ValueError(f"{fn}: adapter {adapter_name!r} sets {on}, which LoRALinear does not implement "
-                             "(yet); keep this model on PEFT's layers")
+            raise ValueError(
+                f"{fn}: adapter {adapter_name!r} sets {on}, which LoRALinear does not implement "
+                "(yet); keep this model on PEFT's layers"
+            )
 
 
 def _converted(fn: str, module_path: str, layer) -> nn.Module:
     """A LoRALinear holding layer's base and its very adapter modules (same parameters, same trainability); the
     base alone when the layer holds no adapter."""
     names = list(layer.lora_A)
-    dora = [name for name in names if getattr(layer, "use_dora", {}).get(name)
-            or getattr(layer, "lora_variant", {}).get(name) is not None]
+    dora = [
+        name
+        for name in names
+        if getattr(layer, "use_dora", {}).get(name) or getattr(layer, "lora_variant", {}).get(name) is not None
+    ]
     if dora or any(getattr(layer, "lora_bias", {}).values()) or getattr(layer, "fan_in_fan_out", False):
-        raise ValueError(f"{fn}: {module_path} uses DoRA, lora_bias or fan_in_fan_out, which LoRALinear does not "
-                         "implement")
+        raise ValueError(
+            f"{fn}: {module_path} uses DoRA, lora_bias or fan_in_fan_out, which LoRALinear does not implement"
+        )
     if len(layer.active_adapters) > 1:
-        raise ValueError(f"{fn}: {module_path} has several active adapters {layer.active_adapters}; LoRALinear "
-                         "applies one at a time")
+        raise ValueError(
+            f"{fn}: {module_path} has several active adapters {layer.active_adapters}; LoRALinear applies one at a time"
+        )
     base = layer.base_layer  # a bitsandbytes base (QLoRA) becomes ours over the same bytes
     if is_bitsandbytes_linear(base):
         base = from_bitsandbytes(base, f"{module_path}.base_layer")
     if base_kind(base) is None:
-        raise TypeError(f"{fn}: {module_path}'s base is a {type(base).__name__}, LoRALinear wraps "
-                        "nn.Linear, pyfastpeft.nn.Linear4bit and pyfastpeft.nn.Linear8bitLt")
+        raise TypeError(
+            f"{fn}: {module_path}'s base is a {type(base).__name__}, LoRALinear wraps "
+            "nn.Linear, pyfastpeft.nn.Linear4bit and pyfastpeft.nn.Linear8bitLt"
+        )
     if not names:
         return base
     active = layer.active_adapters[0] if layer.active_adapters else None
@@ -538,8 +585,13 @@ def _converted(fn: str, module_path: str, layer) -> nn.Module:
             use_rslora = layer.use_rslora.get(name, False)
         else:  # PEFT before 0.18 keeps only the scaling it chose: alpha / sqrt(r) for rsLoRA, else alpha / r
             use_rslora = r > 1 and math.isclose(layer.scaling[name], lora_alpha / math.sqrt(r))
-        return dict(r=r, lora_alpha=lora_alpha, lora_dropout=dropout.p if isinstance(dropout, nn.Dropout) else 0.0,
-                    use_rslora=use_rslora, init_lora_weights=False)
+        return dict(
+            r=r,
+            lora_alpha=lora_alpha,
+            lora_dropout=dropout.p if isinstance(dropout, nn.Dropout) else 0.0,
+            use_rslora=use_rslora,
+            init_lora_weights=False,
+        )
 
     requires_grad = [p.requires_grad for p in base.parameters()]
     ours = LoRALinear(base, adapter_name=names[0], **settings(names[0]))
@@ -589,8 +641,10 @@ def from_peft(peft_model) -> nn.Module:
         elif isinstance(module, BaseTunerLayer) or type(module).__module__.startswith("peft."):
             others.append(f"{module_path} ({type(module).__module__}.{type(module).__name__})")
     if others:
-        raise ValueError(f"{fn}: LoRALinear converts LoRA on linear layers (peft.tuners.lora.Linear) only; the "
-                         f"model also holds {others[:4]}")
+        raise ValueError(
+            f"{fn}: LoRALinear converts LoRA on linear layers (peft.tuners.lora.Linear) only; the "
+            f"model also holds {others[:4]}"
+        )
     if not lora_layers:
         raise ValueError(f"{fn}: the model holds no peft.tuners.lora.Linear layer")
     converted = [(module_path, _converted(fn, module_path, layer)) for module_path, layer in lora_layers]
@@ -603,7 +657,8 @@ def from_peft(peft_model) -> nn.Module:
 
 # ---- the PeftModel after from_peft ---------------------------------------------------------------------------
 
-@functools.lru_cache(maxsize=None)
+
+@functools.cache
 def _converted_class(methods: type, peft_class: type) -> type:
     """peft_class with `methods` first in its MRO, under the same name (isinstance checks keep working)."""
     return type(peft_class.__name__, (methods, peft_class), {"__doc__": methods.__doc__})
@@ -623,16 +678,16 @@ class _Converted:
 
 
 def _unsupported(method: str, alternative: str):
-    return NotImplementedError(f"PeftModel.{method}: this PeftModel's LoRA layers were converted by "
-                               f"pyfastpeft.from_peft; {alternative}")
+    return NotImplementedError(
+        f"PeftModel.{method}: this PeftModel's LoRA layers were converted by pyfastpeft.from_peft; {alternative}"
+    )
 
 
 def _one_adapter_name(fn: str, adapter_name) -> str:
     if isinstance(adapter_name, (list, tuple)) and len(adapter_name) == 1:
         adapter_name = adapter_name[0]
     if not isinstance(adapter_name, str):
-        raise ValueError(f"{fn}: LoRALinear applies one adapter at a time; pass one adapter name, got "
-                         f"{adapter_name!r}")
+        raise ValueError(f"{fn}: LoRALinear applies one adapter at a time; pass one adapter name, got {adapter_name!r}")
     return adapter_name
 
 
@@ -666,17 +721,26 @@ class _ConvertedLoraModel(_Converted):
     def merge_adapter(self, adapter_names=None, safe_merge: bool = False) -> None:
         """Merge the active adapter into every layer that has it (LoRALinear merges the active adapter only)."""
         fn = "merge_adapter"
-        layers = [layer for _, layer in _lora_layers(self.model)
-                  if layer.active_adapter is not None and not layer.merged]
+        layers = [
+            layer for _, layer in _lora_layers(self.model) if layer.active_adapter is not None and not layer.merged
+        ]
         active = sorted({layer.active_adapter for layer in layers})
         if adapter_names is not None and sorted(set(adapter_names)) != active:
-            raise ValueError(f"{fn}: LoRALinear merges the active adapter {active}, not {list(adapter_names)}; "
-                             "set_adapter(name) first")
+            raise ValueError(
+                f"{fn}: LoRALinear merges the active adapter {active}, not {list(adapter_names)}; "
+                "set_adapter(name) first"
+            )
         if any(not layer.adapters_enabled for layer in layers):
             raise ValueError(f"{fn}: adapters are disabled; enable_adapter_layers() first")
         if safe_merge:
-            broken = [path for path, layer in _lora_layers(self.model) if layer in layers and not all(
-                torch.isfinite(table[layer.active_adapter].weight).all() for table in (layer.lora_A, layer.lora_B))]
+            broken = [
+                path
+                for path, layer in _lora_layers(self.model)
+                if layer in layers
+                and not all(
+                    torch.isfinite(table[layer.active_adapter].weight).all() for table in (layer.lora_A, layer.lora_B)
+                )
+            ]
             if broken:
                 raise ValueError(f"{fn}: non-finite adapter weights in {broken[:4]}; nothing was merged")
         for layer in layers:
@@ -712,8 +776,9 @@ class _ConvertedLoraModel(_Converted):
             else:
                 layer.delete_adapter(adapter_name)
         if self.active_adapter == adapter_name or self.active_adapter == [adapter_name]:
-            remaining = [name for name in self.peft_config
-                         if any(name in layer.lora_A for _, layer in _lora_layers(self.model))]
+            remaining = [
+                name for name in self.peft_config if any(name in layer.lora_A for _, layer in _lora_layers(self.model))
+            ]
             if remaining:
                 self.set_adapter(remaining[0])
             else:
@@ -739,8 +804,11 @@ class _ConvertedLoraModel(_Converted):
     @contextlib.contextmanager
     def _enable_peft_forward_hooks(self, *args, **kwargs):
         if kwargs.get("adapter_names") is not None or kwargs.get("alora_offsets") is not None:
-            raise _unsupported("forward", "batches that mix adapters (adapter_names=) or aLoRA offsets are not "
-                                          "supported; call set_adapter(name) between batches")
+            raise _unsupported(
+                "forward",
+                "batches that mix adapters (adapter_names=) or aLoRA offsets are not "
+                "supported; call set_adapter(name) between batches",
+            )
         yield
 
 
@@ -750,13 +818,21 @@ class _ConvertedPeftModel(_Converted):
     local directory with pyfastpeft.load_adapter; set_adapter, delete_adapter, merge_and_unload and the rest act
     through base_model (_ConvertedLoraModel). add_adapter, get_layer_status and get_model_status raise."""
 
-    def save_pretrained(self, save_directory, safe_serialization: bool = True, selected_adapters=None,
-                        save_embedding_layers="auto", is_main_process: bool = True,
-                        path_initial_model_for_weight_conversion=None, **kwargs) -> None:
+    def save_pretrained(
+        self,
+        save_directory,
+        safe_serialization: bool = True,
+        selected_adapters=None,
+        save_embedding_layers="auto",
+        is_main_process: bool = True,
+        path_initial_model_for_weight_conversion=None,
+        **kwargs,
+    ) -> None:
         fn = "PeftModel.save_pretrained"
         if not safe_serialization:
-            raise _unsupported("save_pretrained", "adapters are written as safetensors only; pass "
-                                                  "safe_serialization=True")
+            raise _unsupported(
+                "save_pretrained", "adapters are written as safetensors only; pass safe_serialization=True"
+            )
         if path_initial_model_for_weight_conversion is not None:
             raise _unsupported("save_pretrained", "PiSSA / OLoRA weight conversion is not supported")
         save_directory = _check_path(fn, save_directory)
@@ -793,9 +869,12 @@ class _ConvertedPeftModel(_Converted):
     def load_adapter(self, model_id, adapter_name: str, is_trainable: bool = False, **kwargs):
         fn = "PeftModel.load_adapter"
         if not isinstance(model_id, (str, os.PathLike)) or not os.path.isdir(model_id):
-            raise _unsupported("load_adapter", f"adapters load from a local directory (pyfastpeft.load_adapter), "
-                                               f"and {model_id!r} is not one; download it first "
-                                               "(huggingface_hub.snapshot_download)")
+            raise _unsupported(
+                "load_adapter",
+                f"adapters load from a local directory (pyfastpeft.load_adapter), "
+                f"and {model_id!r} is not one; download it first "
+                "(huggingface_hub.snapshot_download)",
+            )
         if adapter_name in self.peft_config:
             raise ValueError(f"{fn}: adapter {adapter_name!r} already exists")
         from peft import PeftConfig
@@ -806,13 +885,18 @@ class _ConvertedPeftModel(_Converted):
         self.peft_config[adapter_name] = config
 
     def add_adapter(self, *args, **kwargs):
-        raise _unsupported("add_adapter", "add one with pyfastpeft.add_lora(model, target_modules=..., "
-                                          "adapter_name=...) on the model from_peft returned")
+        raise _unsupported(
+            "add_adapter",
+            "add one with pyfastpeft.add_lora(model, target_modules=..., "
+            "adapter_name=...) on the model from_peft returned",
+        )
 
     def get_layer_status(self, *args, **kwargs):
-        raise _unsupported("get_layer_status", "each LoRALinear layer reports active_adapter, adapters_enabled "
-                                               "and merged_adapters")
+        raise _unsupported(
+            "get_layer_status", "each LoRALinear layer reports active_adapter, adapters_enabled and merged_adapters"
+        )
 
     def get_model_status(self, *args, **kwargs):
-        raise _unsupported("get_model_status", "each LoRALinear layer reports active_adapter, adapters_enabled "
-                                               "and merged_adapters")
+        raise _unsupported(
+            "get_model_status", "each LoRALinear layer reports active_adapter, adapters_enabled and merged_adapters"
+        )

@@ -7,6 +7,7 @@ LLM.int8); wrap the target linears in LoRALinear (add_lora: only the adapters tr
 MLP and RoPE for ours (patch_model); route the causal-LM loss in training through the fused linear cross-entropy,
 so the [tokens, vocab] logits and their gradient are never materialized when labels are given.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -47,10 +48,14 @@ class LoraSettings:
         if not 0.0 <= self.lora_dropout < 1.0:
             raise ValueError(f"{fn}: lora_dropout must be in [0, 1), got {self.lora_dropout}")
         targets = self.target_modules
-        if not (isinstance(targets, str) or (isinstance(targets, Sequence) and targets
-                                             and all(isinstance(name, str) for name in targets))):
-            raise TypeError(f"{fn}: target_modules must be a str (a regex, or \"all-linear\") or a non-empty "
-                            f"sequence of module names, got {targets!r}")
+        if not (
+            isinstance(targets, str)
+            or (isinstance(targets, Sequence) and targets and all(isinstance(name, str) for name in targets))
+        ):
+            raise TypeError(
+                f'{fn}: target_modules must be a str (a regex, or "all-linear") or a non-empty '
+                f"sequence of module names, got {targets!r}"
+            )
         if not isinstance(self.use_rslora, bool):
             raise TypeError(f"{fn}: use_rslora must be a bool, got {type(self.use_rslora).__name__}")
 
@@ -72,14 +77,17 @@ class PrepareReport:
         mib = 1 << 20
         kinds = ", ".join(f"{count} {kind}" for kind, count in self.replaced.items() if count) or "nothing"
         share = 100.0 * self.trainable_params / self.total_params if self.total_params else 0.0
-        lines = [f"pyfastpeft.prepare_model: replaced {kinds}",
-                 f"  trainable params {self.trainable_params:,} of {self.total_params:,} ({share:.3f}%)",
-                 f"  parameters and buffers {self.bytes_before / mib:.1f} MiB -> {self.bytes_after / mib:.1f} MiB"]
+        lines = [
+            f"pyfastpeft.prepare_model: replaced {kinds}",
+            f"  trainable params {self.trainable_params:,} of {self.total_params:,} ({share:.3f}%)",
+            f"  parameters and buffers {self.bytes_before / mib:.1f} MiB -> {self.bytes_after / mib:.1f} MiB",
+        ]
         lines += [f"  not patched: {reason}" for reason in self.not_patched]
         return "\n".join(lines)
 
 
 # ---- the fused causal-LM loss -----------------------------------------------------------------------------------
+
 
 def _dense_output_layer(model: nn.Module):
     get_output = getattr(model, "get_output_embeddings", None)
@@ -110,8 +118,9 @@ class FusedLossForward:
     reports the model's own forward (Trainer reads it to keep dataset columns and pass num_items_in_batch).
     """
 
-    def __init__(self, model: nn.Module, logit_scale: float = 1.0, softcap: float | None = None,
-                 aux_loss_coef: float = 0.0):
+    def __init__(
+        self, model: nn.Module, logit_scale: float = 1.0, softcap: float | None = None, aux_loss_coef: float = 0.0
+    ):
         self.model = model
         self.inner = model.__dict__.get("forward")  # a forward set on the instance before us (accelerate's hooks)
         self.logit_scale = logit_scale
@@ -128,9 +137,14 @@ class FusedLossForward:
 
     def __call__(self, input_ids=None, *args, **kwargs):
         logits_to_keep = kwargs.get("logits_to_keep", 0)
-        if (not self.model.training or kwargs.get("labels") is None or args or kwargs.get("return_dict") is False
-                or not (isinstance(logits_to_keep, int) and logits_to_keep == 0)
-                or kwargs.get("shift_labels") is not None):
+        if (
+            not self.model.training
+            or kwargs.get("labels") is None
+            or args
+            or kwargs.get("return_dict") is False
+            or not (isinstance(logits_to_keep, int) and logits_to_keep == 0)
+            or kwargs.get("shift_labels") is not None
+        ):
             return self.original()(input_ids, *args, **kwargs)
         kwargs.pop("logits_to_keep", None)
         return self.fused_forward(input_ids, **kwargs)
@@ -164,8 +178,9 @@ class FusedLossForward:
             hidden = hidden.to(weight.dtype)
         shift_labels = nn.functional.pad(labels, (0, 1), value=-100)[..., 1:].to(hidden.device)
         reduction = "mean" if num_items_in_batch is None else "sum"
-        loss = fused_linear_cross_entropy(hidden, weight, shift_labels, bias=bias, ignore_index=-100,
-                                          softcap=self.softcap, reduction=reduction)
+        loss = fused_linear_cross_entropy(
+            hidden, weight, shift_labels, bias=bias, ignore_index=-100, softcap=self.softcap, reduction=reduction
+        )
         if num_items_in_batch is not None:
             if torch.is_tensor(num_items_in_batch):
                 num_items_in_batch = num_items_in_batch.to(loss.device)
@@ -202,9 +217,11 @@ def _loss_probe(forward: FusedLossForward) -> str | None:
                 got = forward.fused_forward(input_ids, labels=labels, use_cache=False, **extra).loss
                 if not torch.isclose(got.float(), expected.float().to(got.device), rtol=rtol, atol=1e-6):
                     setting = f" with {extra}" if extra else ""
-                    return (f"fused loss: on a probe batch{setting} it gives {got.item():.6g} where "
-                            f"{type(model).__name__}'s own forward gives {expected.item():.6g}; the model's own loss "
-                            "is kept")
+                    return (
+                        f"fused loss: on a probe batch{setting} it gives {got.item():.6g} where "
+                        f"{type(model).__name__}'s own forward gives {expected.item():.6g}; the model's own loss "
+                        "is kept"
+                    )
     except Exception as exc:  # a forward the probe cannot drive is one we cannot prove equal
         return f"fused loss: the probe forward failed ({type(exc).__name__}: {exc}); the model's own loss is kept"
     finally:
@@ -289,8 +306,11 @@ class AdapterSavePretrained:
         os.makedirs(save_directory, exist_ok=True)
         adapters = {name for module in self.model.modules() if isinstance(module, LoRALinear) for name in module.lora_A}
         for name in sorted(adapters):
-            save_adapter(self.model, save_directory if name == "default" else os.path.join(save_directory, name),
-                         adapter_name=name)
+            save_adapter(
+                self.model,
+                save_directory if name == "default" else os.path.join(save_directory, name),
+                adapter_name=name,
+            )
         trainable = {key for key, parameter in self.model.named_parameters() if parameter.requires_grad}
         source = state_dict if state_dict is not None else self.model.state_dict()
         tensors = {key: value.detach().contiguous() for key, value in source.items() if key in trainable}
@@ -298,6 +318,7 @@ class AdapterSavePretrained:
 
 
 # ---- prepare_model ---------------------------------------------------------------------------------------------
+
 
 def _count(model: nn.Module) -> tuple[int, int]:
     params = {id(p): p for p in model.parameters()}.values()
@@ -325,21 +346,30 @@ def _check_model_state(fn: str, model: nn.Module, quant, lora, patch: bool, fuse
     from pyfastpeft.nn import Linear4bit, Linear8bitLt, LoRALinear
 
     if getattr(model, _PREPARED_ATTR, False):
-        raise ValueError(f"{fn}: model was already prepared by prepare_model; prepare the original model once (a "
-                         "second call would quantize and adapt it again)")
+        raise ValueError(
+            f"{fn}: model was already prepared by prepare_model; prepare the original model once (a "
+            "second call would quantize and adapt it again)"
+        )
     if type(model).__module__.startswith("peft.") or any(
-            type(module).__module__.startswith("peft.tuners") for module in model.modules()):
-        raise ValueError(f"{fn}: model is (or holds) a PEFT model; convert it with "
-                         f"model = pyfastpeft.from_peft(peft_model) and call {fn}(model, lora=False) to keep its "
-                         "adapters")
+        type(module).__module__.startswith("peft.tuners") for module in model.modules()
+    ):
+        raise ValueError(
+            f"{fn}: model is (or holds) a PEFT model; convert it with "
+            f"model = pyfastpeft.from_peft(peft_model) and call {fn}(model, lora=False) to keep its "
+            "adapters"
+        )
     if lora is not False and any(isinstance(module, LoRALinear) for module in model.modules()):
-        raise ValueError(f"{fn}: model already holds LoRA adapters (LoRALinear); pass lora=False to keep them, or "
-                         "prepare a model without adapters")
+        raise ValueError(
+            f"{fn}: model already holds LoRA adapters (LoRALinear); pass lora=False to keep them, or "
+            "prepare a model without adapters"
+        )
     if quant is not None and any(isinstance(module, (Linear4bit, Linear8bitLt)) for module in model.modules()):
         raise ValueError(f"{fn}: model already holds quantized layers; pass quant=None")
     if patch and hasattr(model, _STATE_ATTR):
-        raise ValueError(f"{fn}: model is already patched by patch_model; pass patch=False or call "
-                         "pyfastpeft.unpatch_model(model) first")
+        raise ValueError(
+            f"{fn}: model is already patched by patch_model; pass patch=False or call "
+            "pyfastpeft.unpatch_model(model) first"
+        )
     if fused_loss and isinstance(model.__dict__.get("forward"), FusedLossForward):
         raise ValueError(f"{fn}: model already computes the fused loss; pass fused_loss=False")
 
@@ -352,13 +382,17 @@ def _check_lora_targets(fn: str, model: nn.Module, lora: LoraSettings) -> None:
     candidates = linear_modules(model) + bitsandbytes_linears(model)  # converted before adapters are added
     if lora.target_modules == "all-linear":
         output_layer = _dense_output_layer(model)
-        chosen = [path for path, module in candidates if path.rpartition(".")[2] != "lm_head" and module is not output_layer]
+        chosen = [
+            path for path, module in candidates if path.rpartition(".")[2] != "lm_head" and module is not output_layer
+        ]
     else:
         chosen = [path for path, _ in candidates if matches_target(path, lora.target_modules)]
     if not chosen:
         names = sorted({path.rpartition(".")[2] for path, _ in candidates})
-        raise ValueError(f"{fn}: no linear layer matches lora.target_modules={lora.target_modules!r}; the model's "
-                         f"linear layers are named {names[:12]}{' ...' if len(names) > 12 else ''}")
+        raise ValueError(
+            f"{fn}: no linear layer matches lora.target_modules={lora.target_modules!r}; the model's "
+            f"linear layers are named {names[:12]}{' ...' if len(names) > 12 else ''}"
+        )
 
 
 def _expert_lines(model: nn.Module, quant: str | None, left: dict[str, str]) -> list[str]:
@@ -371,19 +405,28 @@ def _expert_lines(model: nn.Module, quant: str | None, left: dict[str, str]) -> 
     lines = []
     for path, module in model.named_modules():
         if isinstance(module, QuantizedExperts):
-            lines.append(f"{path} ({module.source_class}): experts quantized ({quant}), frozen and not adapted "
-                         "(LoRA on 3-D experts is not built; PEFT's all-linear does not adapt them either)")
+            lines.append(
+                f"{path} ({module.source_class}): experts quantized ({quant}), frozen and not adapted "
+                "(LoRA on 3-D experts is not built; PEFT's all-linear does not adapt them either)"
+            )
             continue
         stacked = [name for name, p in module.named_parameters(recurse=False) if p.dim() == 3 and p.is_floating_point()]
         if stacked:
             why = "quant=None" if quant is None else left.get(path, "skipped")
-            lines.append(f"{path} ({type(module).__name__}): expert weights {', '.join(stacked)} are 3-D "
-                         f"parameters, left dense ({why}), frozen and not adapted")
+            lines.append(
+                f"{path} ({type(module).__name__}): expert weights {', '.join(stacked)} are 3-D "
+                f"parameters, left dense ({why}), frozen and not adapted"
+            )
     return lines
 
 
-def prepare_model(model: nn.Module, quant: str | None = "nf4", lora: LoraSettings | bool = True, patch: bool = True,
-                  fused_loss: bool = True) -> PrepareReport:
+def prepare_model(
+    model: nn.Module,
+    quant: str | None = "nf4",
+    lora: LoraSettings | bool = True,
+    patch: bool = True,
+    fused_loss: bool = True,
+) -> PrepareReport:
     """Make a transformers causal LM ready for fused (Q)LoRA training, in place; returns a PrepareReport.
 
     quant: "nf4" (QLoRA: NF4 with double quantization, compute in the model's dtype), "int8" (LLM.int8) or None
@@ -423,8 +466,10 @@ def prepare_model(model: nn.Module, quant: str | None = "nf4", lora: LoraSetting
     if lora is True:
         lora = LoraSettings()
     if lora is not False and not isinstance(lora, LoraSettings):
-        raise TypeError(f"{fn}: lora must be a pyfastpeft.LoraSettings, True (LoraSettings()) or False (no adapters), "
-                        f"got {type(lora).__name__}")
+        raise TypeError(
+            f"{fn}: lora must be a pyfastpeft.LoraSettings, True (LoraSettings()) or False (no adapters), "
+            f"got {type(lora).__name__}"
+        )
     for name, value in (("patch", patch), ("fused_loss", fused_loss)):
         if not isinstance(value, bool):
             raise TypeError(f"{fn}: {name} must be a bool, got {type(value).__name__}")
@@ -442,8 +487,13 @@ def prepare_model(model: nn.Module, quant: str | None = "nf4", lora: LoraSetting
         output_layer = _dense_output_layer(model)
         skip = ["lm_head"] + [path for path, module in model.named_modules() if module is output_layer]
         # adapters a model already holds (lora=False) stay dense and trainable
-        skip += [sub_path for path, module in model.named_modules() if isinstance(module, LoRALinear)
-                 for sub_path, _ in module.named_modules(prefix=path) if ".lora_A." in sub_path or ".lora_B." in sub_path]
+        skip += [
+            sub_path
+            for path, module in model.named_modules()
+            if isinstance(module, LoRALinear)
+            for sub_path, _ in module.named_modules(prefix=path)
+            if ".lora_A." in sub_path or ".lora_B." in sub_path
+        ]
         quant_report = quantize_model(model, quant, skip=tuple(skip))
         report.replaced[quant] = len(quant_report.replaced)
         report.replaced[f"{quant} experts"] = len(quant_report.experts)
@@ -451,8 +501,14 @@ def prepare_model(model: nn.Module, quant: str | None = "nf4", lora: LoraSetting
     else:
         experts_left = {}
     if lora is not False:
-        lora_report = add_lora(model, target_modules=lora.target_modules, r=lora.r, lora_alpha=lora.lora_alpha,
-                               lora_dropout=lora.lora_dropout, use_rslora=lora.use_rslora)
+        lora_report = add_lora(
+            model,
+            target_modules=lora.target_modules,
+            r=lora.r,
+            lora_alpha=lora.lora_alpha,
+            lora_dropout=lora.lora_dropout,
+            use_rslora=lora.use_rslora,
+        )
         report.replaced["lora"] = len(lora_report.wrapped)
     else:
         for module in model.modules():
@@ -461,8 +517,9 @@ def prepare_model(model: nn.Module, quant: str | None = "nf4", lora: LoraSetting
                     matrices[module.active_adapter].requires_grad_(True)
     if patch:
         patch_report = patch_model(model)
-        report.replaced.update({"rmsnorm": len(patch_report.rms_norm), "swiglu": len(patch_report.swiglu),
-                                "rope": len(patch_report.rope)})
+        report.replaced.update(
+            {"rmsnorm": len(patch_report.rms_norm), "swiglu": len(patch_report.swiglu), "rope": len(patch_report.rope)}
+        )
         report.not_patched += patch_report.not_patched
     if fused_loss:
         reason = install_fused_loss(model)

@@ -1,4 +1,5 @@
 """quantize_model: every nn.Linear of a model (but the skipped ones) to a pyfastpeft quantized layer."""
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -23,9 +24,11 @@ class QuantizeReport:
 
     def __str__(self) -> str:
         mib = 1 << 20
-        lines = [f"pyfastpeft.quantize_model: {len(self.replaced)} linear layers and {len(self.experts)} MoE experts "
-                 f"blocks quantized, {len(self.skipped)} skipped; parameters and buffers "
-                 f"{self.bytes_before / mib:.1f} MiB -> {self.bytes_after / mib:.1f} MiB"]
+        lines = [
+            f"pyfastpeft.quantize_model: {len(self.replaced)} linear layers and {len(self.experts)} MoE experts "
+            f"blocks quantized, {len(self.skipped)} skipped; parameters and buffers "
+            f"{self.bytes_before / mib:.1f} MiB -> {self.bytes_after / mib:.1f} MiB"
+        ]
         lines += [f"  experts left dense: {line}" for line in self.experts_left]
         return "\n".join(lines)
 
@@ -33,14 +36,23 @@ class QuantizeReport:
 def model_bytes(model: nn.Module) -> int:
     """Bytes of the parameters and buffers (each tensor once), plus the quantization states of NF4 layers."""
     tensors = {id(t): t for t in list(model.parameters()) + list(model.buffers())}.values()
-    extra = sum(sum(t.numel() * t.element_size() for t in m.quant_state.as_dict(packed=True).values())
-                for m in model.modules() if isinstance(m, Linear4bit))
+    extra = sum(
+        sum(t.numel() * t.element_size() for t in m.quant_state.as_dict(packed=True).values())
+        for m in model.modules()
+        if isinstance(m, Linear4bit)
+    )
     return sum(t.numel() * t.element_size() for t in tensors) + extra
 
 
-def quantize_model(model: nn.Module, method: str = "nf4", skip=("lm_head",), blocksize: int = 64,
-                   double_quant: bool = True, compute_dtype: torch.dtype | None = None,
-                   threshold: float = 6.0) -> QuantizeReport:
+def quantize_model(
+    model: nn.Module,
+    method: str = "nf4",
+    skip=("lm_head",),
+    blocksize: int = 64,
+    double_quant: bool = True,
+    compute_dtype: torch.dtype | None = None,
+    threshold: float = 6.0,
+) -> QuantizeReport:
     """Replace, in place, every nn.Linear whose name (last path component or full path) is not in `skip`
     with a Linear4bit of `method` "nf4" or "fp4" (blocksize, double_quant, compute_dtype apply) or a
     Linear8bitLt for "int8" (threshold applies); returns what was replaced and the memory before/after.

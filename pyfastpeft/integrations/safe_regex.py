@@ -9,12 +9,14 @@ for the regular subset: literals, classes and escapes (\\d \\w \\s), `.`, groups
 atomic groups, word boundaries and flags raise ValueError, as does a pattern that expands past `max_states`
 states (`(a{1000}){1000}`).
 """
+
 from __future__ import annotations
 
 import re
 
 try:
-    from re import _constants as sre, _parser as sre_parse  # Python >= 3.11
+    from re import _constants as sre  # Python >= 3.11
+    from re import _parser as sre_parse
 except ImportError:  # Python < 3.11
     import sre_constants as sre
     import sre_parse
@@ -74,8 +76,11 @@ class SafePattern:
         for position, char in enumerate(text):
             if any(self._nodes[index][0] == MATCH for index in current):
                 return True
-            advanced = {self._nodes[index][2] for index in current
-                        if self._nodes[index][0] == CHAR and self._nodes[index][1](char)}
+            advanced = {
+                self._nodes[index][2]
+                for index in current
+                if self._nodes[index][0] == CHAR and self._nodes[index][1](char)
+            }
             if not advanced:
                 return False
             current = self._closure(advanced, text, position + 1)

@@ -1,4 +1,5 @@
 """nn.Module drop-ins for HF transformers modules; each forward is one call into pyfastpeft.ops."""
+
 from pyfastpeft.nn.experts import QuantizedExperts
 from pyfastpeft.nn.linear4bit import Linear4bit
 from pyfastpeft.nn.linear8bitlt import Linear8bitLt

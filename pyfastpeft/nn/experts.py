@@ -9,6 +9,7 @@ top_k_index [T, K], top_k_weights [T, K]) -> [T, H], where for each token t and 
 is_transposed. Ids >= num_experts are expert-parallel sentinels and add nothing. The sum over k runs in the
 product's dtype and the result is cast to hidden_states' dtype, as transformers' batched implementation does.
 """
+
 from __future__ import annotations
 
 from typing import Callable
@@ -44,7 +45,10 @@ def experts_layout_problem(module: nn.Module) -> str | None:
             return f"{name} is not a 3-D floating-point parameter"
         if module.has_bias:
             bias = getattr(module, name + "_bias", None)
-            if not isinstance(bias, torch.Tensor) or bias.shape != (weight.shape[0], weight.shape[2 if module.is_transposed else 1]):
+            if not isinstance(bias, torch.Tensor) or bias.shape != (
+                weight.shape[0],
+                weight.shape[2 if module.is_transposed else 1],
+            ):
                 return f"{name}_bias does not match {name}"
     experts = getattr(module, up_name).shape[0]
     if getattr(module, "num_experts", experts) != experts or module.down_proj.shape[0] != experts:
@@ -77,8 +81,9 @@ class QuantizedExperts(nn.Module):
             layers = []
             for e in range(self.num_experts):
                 weight = weights[e].t() if experts.is_transposed else weights[e]
-                linear = nn.Linear(weight.shape[1], weight.shape[0], bias=biases is not None,
-                                   device="meta", dtype=weight.dtype)
+                linear = nn.Linear(
+                    weight.shape[1], weight.shape[0], bias=biases is not None, device="meta", dtype=weight.dtype
+                )
                 linear.weight = nn.Parameter(weight.detach(), requires_grad=False)
                 if biases is not None:
                     linear.bias = nn.Parameter(biases[e].detach(), requires_grad=False)
@@ -89,11 +94,17 @@ class QuantizedExperts(nn.Module):
         return getattr(self, self.up_name)[e]
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
-        if hidden_states.dim() != 2 or top_k_index.shape != top_k_weights.shape or top_k_index.dim() != 2 \
-                or top_k_index.shape[0] != hidden_states.shape[0]:
-            raise ValueError(f"QuantizedExperts: expected hidden_states [T, H], top_k_index and top_k_weights [T, K]; "
-                             f"got {tuple(hidden_states.shape)}, {tuple(top_k_index.shape)}, "
-                             f"{tuple(top_k_weights.shape)}")
+        if (
+            hidden_states.dim() != 2
+            or top_k_index.shape != top_k_weights.shape
+            or top_k_index.dim() != 2
+            or top_k_index.shape[0] != hidden_states.shape[0]
+        ):
+            raise ValueError(
+                f"QuantizedExperts: expected hidden_states [T, H], top_k_index and top_k_weights [T, K]; "
+                f"got {tuple(hidden_states.shape)}, {tuple(top_k_index.shape)}, "
+                f"{tuple(top_k_weights.shape)}"
+            )
         tokens, top_k = top_k_index.shape
         expert_ids = top_k_index.reshape(-1)
         order = torch.argsort(expert_ids, stable=True)  # pairs grouped by expert, sentinels last
@@ -102,7 +113,7 @@ class QuantizedExperts(nn.Module):
         pieces, start = [], 0
         for e, count in enumerate(counts):
             if count:
-                h = self._up(e)(rows[start:start + count])
+                h = self._up(e)(rows[start : start + count])
                 if self.has_gate:
                     gate, up = h.chunk(2, dim=-1)
                     h = self.act_fn(gate) * up

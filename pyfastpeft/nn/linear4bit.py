@@ -14,6 +14,7 @@ def _quant_state_attribute(name: str, getter):
         if value is None:
             raise AttributeError(f"'{type(self).__name__}' object has no attribute '{name}'")
         return value
+
     return property(get)
 
 
@@ -33,8 +34,11 @@ class Packed4bitParameter(nn.Parameter):
         if id(self) not in memo:
             import copy
 
-            memo[id(self)] = type(self)(self.data.clone(memory_format=torch.preserve_format), self.requires_grad,
-                                        copy.deepcopy(self.quant_state, memo))
+            memo[id(self)] = type(self)(
+                self.data.clone(memory_format=torch.preserve_format),
+                self.requires_grad,
+                copy.deepcopy(self.quant_state, memo),
+            )
         return memo[id(self)]
 
     def __reduce_ex__(self, protocol):
@@ -62,12 +66,22 @@ class Linear4bit(nn.Module):
     compute_dtype (None: x's own), multiplies, and returns x's dtype, as bitsandbytes does.
     """
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, blocksize: int = 64,
-                 double_quant: bool = True, compute_dtype: torch.dtype | None = torch.bfloat16,
-                 quant_type: str = "nf4", device=None):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        blocksize: int = 64,
+        double_quant: bool = True,
+        compute_dtype: torch.dtype | None = torch.bfloat16,
+        quant_type: str = "nf4",
+        device=None,
+    ):
         super().__init__()
         if in_features < 1 or out_features < 1:
-            raise ValueError(f"Linear4bit: in_features and out_features must be >= 1, got {in_features}, {out_features}")
+            raise ValueError(
+                f"Linear4bit: in_features and out_features must be >= 1, got {in_features}, {out_features}"
+            )
         if blocksize not in BLOCKSIZES:
             raise ValueError(f"Linear4bit: blocksize must be one of {BLOCKSIZES}, got {blocksize!r}")
         if quant_type not in QUANT_TYPES:
@@ -78,8 +92,11 @@ class Linear4bit(nn.Module):
         weight = torch.empty(out_features, in_features, device=device)
         nn.init.kaiming_uniform_(weight, a=math.sqrt(5))  # nn.Linear's initialisation
         self._store(weight)
-        self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=compute_dtype or torch.float32)) \
-            if bias else None
+        self.bias = (
+            nn.Parameter(torch.zeros(out_features, device=device, dtype=compute_dtype or torch.float32))
+            if bias
+            else None
+        )
 
     def _store(self, weight: torch.Tensor) -> None:
         packed, state = quantize_nf4(weight.detach(), self.blocksize, self.double_quant, self.quant_type)
@@ -93,8 +110,14 @@ class Linear4bit(nn.Module):
         self.register_buffer("_absmax", self.quant_state.dequantized_absmax(), persistent=False)
 
     @classmethod
-    def from_linear(cls, linear: nn.Linear, blocksize: int = 64, double_quant: bool = True,
-                    compute_dtype: torch.dtype | None = None, quant_type: str = "nf4") -> "Linear4bit":
+    def from_linear(
+        cls,
+        linear: nn.Linear,
+        blocksize: int = 64,
+        double_quant: bool = True,
+        compute_dtype: torch.dtype | None = None,
+        quant_type: str = "nf4",
+    ) -> "Linear4bit":
         """Quantize an nn.Linear; compute_dtype None keeps the layer's own dtype."""
         if not isinstance(linear, nn.Linear):
             raise TypeError(f"Linear4bit.from_linear: linear must be an nn.Linear, got {type(linear).__name__}")
@@ -108,8 +131,11 @@ class Linear4bit(nn.Module):
         module.blocksize, module.double_quant, module.quant_type = blocksize, double_quant, quant_type
         module.compute_dtype = compute_dtype if compute_dtype is not None else linear.weight.dtype
         module._store(linear.weight)
-        module.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(),
-                                                                    requires_grad=linear.bias.requires_grad)
+        module.bias = (
+            None
+            if linear.bias is None
+            else nn.Parameter(linear.bias.detach().clone(), requires_grad=linear.bias.requires_grad)
+        )
         return module
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -118,8 +144,16 @@ class Linear4bit(nn.Module):
         compute = self.compute_dtype or x.dtype
         xc = x.to(compute)
         bias = xc.new_empty(0) if self.bias is None else self.bias.to(compute)
-        return NF4LinearFunction.apply(xc, self.weight, self._absmax, self.quant_state.code, bias, self.blocksize,
-                                       self.out_features, self.in_features).to(x.dtype)
+        return NF4LinearFunction.apply(
+            xc,
+            self.weight,
+            self._absmax,
+            self.quant_state.code,
+            bias,
+            self.blocksize,
+            self.out_features,
+            self.in_features,
+        ).to(x.dtype)
 
     def dequantize(self) -> torch.Tensor:
         """The weight as a dense [out_features, in_features] tensor of its original dtype."""
@@ -143,24 +177,30 @@ class Linear4bit(nn.Module):
         for key, value in self.quant_state.as_dict(packed=True).items():
             destination[f"{prefix}weight.{key}"] = value if keep_vars else value.detach()
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                              error_msgs):
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
         quant_prefix = f"{prefix}weight."
-        quant_items = {key[len(quant_prefix):]: value for key, value in state_dict.items()
-                       if key.startswith(quant_prefix)}
+        quant_items = {
+            key[len(quant_prefix) :]: value for key, value in state_dict.items() if key.startswith(quant_prefix)
+        }
         if quant_items:
             # Validated before anything is assigned: a corrupt checkpoint raises and leaves the layer as it was.
             state = QuantState.from_dict(quant_items, device=self.weight.device)
             if tuple(state.shape) != (self.out_features, self.in_features):
-                error_msgs.append(f"Linear4bit: checkpoint weight shape {tuple(state.shape)} does not match "
-                                  f"({self.out_features}, {self.in_features})")
+                error_msgs.append(
+                    f"Linear4bit: checkpoint weight shape {tuple(state.shape)} does not match "
+                    f"({self.out_features}, {self.in_features})"
+                )
                 return
             packed = state_dict.get(f"{prefix}weight")
             needed = (self.out_features * self.in_features + 1) // 2
             if isinstance(packed, torch.Tensor) and (packed.dtype != torch.uint8 or packed.numel() != needed):
-                raise ValueError(f"Linear4bit.load_state_dict: {prefix}weight is {packed.dtype} with {packed.numel()} "
-                                 f"elements, the packed {self.out_features}x{self.in_features} weight needs {needed} "
-                                 "uint8 bytes")
+                raise ValueError(
+                    f"Linear4bit.load_state_dict: {prefix}weight is {packed.dtype} with {packed.numel()} "
+                    f"elements, the packed {self.out_features}x{self.in_features} weight needs {needed} "
+                    "uint8 bytes"
+                )
             self.quant_state = state
             self.blocksize, self.quant_type, self.double_quant = state.blocksize, state.quant_type, state.nested
             self._refresh_absmax()
@@ -171,6 +211,8 @@ class Linear4bit(nn.Module):
         super()._load_from_state_dict(own, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-                f"quant_type={self.quant_type}, blocksize={self.blocksize}, double_quant={self.double_quant}, "
-                f"compute_dtype={self.compute_dtype}")
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+            f"quant_type={self.quant_type}, blocksize={self.blocksize}, double_quant={self.double_quant}, "
+            f"compute_dtype={self.compute_dtype}"
+        )

@@ -21,16 +21,24 @@ class Linear8bitLt(nn.Module):
     holding any |x| >= threshold in 16-bit, the rest in int8 (threshold 0: everything in int8).
     """
 
-    def __init__(self, in_features: int, out_features: int, bias: bool = True, threshold: float = 6.0,
-                 device=None, dtype: torch.dtype | None = None):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        threshold: float = 6.0,
+        device=None,
+        dtype: torch.dtype | None = None,
+    ):
         super().__init__()
         self._check_sizes("Linear8bitLt", in_features, out_features, threshold)
         self.in_features, self.out_features, self.threshold = in_features, out_features, float(threshold)
         weight = torch.empty(out_features, in_features, device=device)
         nn.init.kaiming_uniform_(weight, a=math.sqrt(5))  # nn.Linear's initialisation
         self._store(weight)
-        self.bias = nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype or torch.float32)) \
-            if bias else None
+        self.bias = (
+            nn.Parameter(torch.zeros(out_features, device=device, dtype=dtype or torch.float32)) if bias else None
+        )
 
     @staticmethod
     def _check_sizes(fn: str, in_features: int, out_features: int, threshold: float) -> None:
@@ -57,8 +65,11 @@ class Linear8bitLt(nn.Module):
         module.in_features, module.out_features = linear.in_features, linear.out_features
         module.threshold = float(threshold)
         module._store(linear.weight)
-        module.bias = None if linear.bias is None else nn.Parameter(linear.bias.detach().clone(),
-                                                                    requires_grad=linear.bias.requires_grad)
+        module.bias = (
+            None
+            if linear.bias is None
+            else nn.Parameter(linear.bias.detach().clone(), requires_grad=linear.bias.requires_grad)
+        )
         return module
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -86,8 +97,9 @@ class Linear8bitLt(nn.Module):
             return
         destination[f"{prefix}weight_format"] = torch.tensor(WEIGHT_FORMATS["row"], dtype=torch.uint8)
 
-    def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
-                              error_msgs):
+    def _load_from_state_dict(
+        self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs
+    ):
         key = f"{prefix}weight_format"
         weight_format = state_dict.get(key, WEIGHT_FORMATS["row"])
         if isinstance(weight_format, torch.Tensor):
@@ -98,11 +110,15 @@ class Linear8bitLt(nn.Module):
         own = {k: v for k, v in state_dict.items() if k != key}
         weight = own.get(f"{prefix}weight")
         if weight is not None and weight.dtype != torch.int8:
-            error_msgs.append(f"Linear8bitLt: checkpoint weight must hold int8 codes, got {weight.dtype} "
-                              "(quantize a dense layer with Linear8bitLt.from_linear)")
+            error_msgs.append(
+                f"Linear8bitLt: checkpoint weight must hold int8 codes, got {weight.dtype} "
+                "(quantize a dense layer with Linear8bitLt.from_linear)"
+            )
             return
         super()._load_from_state_dict(own, prefix, local_metadata, strict, missing_keys, unexpected_keys, error_msgs)
 
     def extra_repr(self) -> str:
-        return (f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
-                f"threshold={self.threshold}")
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}, "
+            f"threshold={self.threshold}"
+        )

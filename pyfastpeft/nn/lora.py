@@ -6,6 +6,7 @@ add_lora, which wraps a model's linear layers in it.
 Names and shapes are PEFT's, so state-dict keys read `...q_proj.base_layer.weight`,
 `...q_proj.lora_A.<adapter>.weight`, `...q_proj.lora_B.<adapter>.weight`.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -25,8 +26,8 @@ from pyfastpeft.ops._autocast import autocast_dtype
 from pyfastpeft.ops.lora import lora_linear
 from pyfastpeft.quant.nf4 import QuantState
 
-
 # ---- base kinds: how each type of frozen base layer computes its product and stores merged weights ---------
+
 
 @dataclasses.dataclass(frozen=True)
 class _BaseKind:
@@ -57,8 +58,14 @@ def _nf4_lora_weight(base: Linear4bit):
     """(packed, state) with the layer's cached de-nested fp32 absmax, so a nested (double-quantized) state
     is not decoded again on every call."""
     state = base.quant_state
-    flat_state = QuantState(absmax=base._absmax, shape=state.shape, code=state.code, blocksize=state.blocksize,
-                            quant_type=state.quant_type, dtype=state.dtype)
+    flat_state = QuantState(
+        absmax=base._absmax,
+        shape=state.shape,
+        code=state.code,
+        blocksize=state.blocksize,
+        quant_type=state.quant_type,
+        dtype=state.dtype,
+    )
     return base.weight, flat_state
 
 
@@ -112,11 +119,13 @@ def base_kind(module: nn.Module) -> _BaseKind | None:
 
 
 def _supported_bases() -> str:
-    return " or ".join(f"{cls.__module__.replace('torch.nn.modules.linear', 'torch.nn')}.{cls.__name__}"
-                       for cls in _BASE_KINDS)
+    return " or ".join(
+        f"{cls.__module__.replace('torch.nn.modules.linear', 'torch.nn')}.{cls.__name__}" for cls in _BASE_KINDS
+    )
 
 
 # ---- argument checks ---------------------------------------------------------------------------------------
+
 
 def _check_rank(fn: str, r) -> int:
     if isinstance(r, bool) or not isinstance(r, numbers.Integral):
@@ -150,12 +159,15 @@ def _check_adapter_name(fn: str, adapter_name) -> str:
     if not isinstance(adapter_name, str):
         raise TypeError(f"{fn}: adapter_name must be a str, got {type(adapter_name).__name__}")
     if not adapter_name or "." in adapter_name or hasattr(nn.ModuleDict, adapter_name):
-        raise ValueError(f"{fn}: adapter_name must be a non-empty module name without '.' that is not an "
-                         f"nn.ModuleDict attribute, got {adapter_name!r}")
+        raise ValueError(
+            f"{fn}: adapter_name must be a non-empty module name without '.' that is not an "
+            f"nn.ModuleDict attribute, got {adapter_name!r}"
+        )
     return adapter_name
 
 
 # ---- the module ----------------------------------------------------------------------------------------------
+
 
 class LoRALinear(nn.Module):
     """A frozen linear layer plus named LoRA adapters, PEFT's peft.tuners.lora.Linear with one fused call.
@@ -172,8 +184,16 @@ class LoRALinear(nn.Module):
     Dropout applies to the LoRA path only, and only in training mode.
     """
 
-    def __init__(self, base: nn.Module, r: int = 8, lora_alpha: float = 16, lora_dropout: float = 0.0,
-                 use_rslora: bool = False, adapter_name: str = "default", init_lora_weights: bool = True):
+    def __init__(
+        self,
+        base: nn.Module,
+        r: int = 8,
+        lora_alpha: float = 16,
+        lora_dropout: float = 0.0,
+        use_rslora: bool = False,
+        adapter_name: str = "default",
+        init_lora_weights: bool = True,
+    ):
         super().__init__()
         if isinstance(base, LoRALinear):
             raise TypeError("LoRALinear: base is already a LoRALinear; add_adapter adds another adapter to it")
@@ -181,8 +201,9 @@ class LoRALinear(nn.Module):
             got = type(base).__name__
             if isinstance(base, nn.Linear):
                 got += f" with a {base.weight.dtype} weight"
-            raise TypeError(f"LoRALinear: base must be a {_supported_bases()} with a floating-point or NF4 weight, "
-                            f"got {got}")
+            raise TypeError(
+                f"LoRALinear: base must be a {_supported_bases()} with a floating-point or NF4 weight, got {got}"
+            )
         self.base_layer = base
         for parameter in base.parameters():
             parameter.requires_grad_(False)
@@ -215,8 +236,15 @@ class LoRALinear(nn.Module):
     def merged(self) -> bool:
         return bool(self.merged_adapters)
 
-    def add_adapter(self, adapter_name: str, r: int = 8, lora_alpha: float = 16, lora_dropout: float = 0.0,
-                    use_rslora: bool = False, init_lora_weights: bool = True) -> None:
+    def add_adapter(
+        self,
+        adapter_name: str,
+        r: int = 8,
+        lora_alpha: float = 16,
+        lora_dropout: float = 0.0,
+        use_rslora: bool = False,
+        init_lora_weights: bool = True,
+    ) -> None:
         """Add a named adapter; it is not activated (set_adapter does that) and does not train until it is."""
         fn = "LoRALinear.add_adapter"
         adapter_name = _check_adapter_name(fn, adapter_name)
@@ -268,8 +296,15 @@ class LoRALinear(nn.Module):
             raise ValueError(f"{fn}: {adapter_name!r} is the only adapter; use the base_layer instead")
         if adapter_name in self.merged_adapters:
             raise ValueError(f"{fn}: adapter {adapter_name!r} is merged into the base; unmerge() first")
-        for table in (self.lora_A, self.lora_B, self.r, self.lora_alpha, self.scaling, self.lora_dropout,
-                      self.use_rslora):
+        for table in (
+            self.lora_A,
+            self.lora_B,
+            self.r,
+            self.lora_alpha,
+            self.scaling,
+            self.lora_dropout,
+            self.use_rslora,
+        ):
             del table[adapter_name]
         if adapter_name == self._active_adapter:
             self.set_adapter(next(iter(self.lora_A)))
@@ -294,8 +329,11 @@ class LoRALinear(nn.Module):
     def _store_base_weight(self, fn: str, weight: torch.Tensor) -> None:
         error = base_kind(self.base_layer).store_weight(self.base_layer, weight)
         if error is not None:
-            warnings.warn(f"{fn}: the {type(self.base_layer).__name__} base was re-quantized; the stored weight "
-                          f"differs from the exact fp32 result by up to {error:.3g} (max abs)", stacklevel=3)
+            warnings.warn(
+                f"{fn}: the {type(self.base_layer).__name__} base was re-quantized; the stored weight "
+                f"differs from the exact fp32 result by up to {error:.3g} (max abs)",
+                stacklevel=3,
+            )
 
     def merge(self) -> None:
         """W <- W + s * B A for the active adapter, computed in fp32 and rounded once to the base's format
@@ -334,17 +372,27 @@ class LoRALinear(nn.Module):
         name = self._active_adapter
         compute = kind.compute_dtype(base, x)
         bias = None if base.bias is None else base.bias.to(compute)
-        y = lora_linear(x.to(compute), kind.lora_weight(base), bias, self.lora_A[name].weight.to(compute),
-                        self.lora_B[name].weight.to(compute), self.scaling[name], self.lora_dropout[name],
-                        self.training)
+        y = lora_linear(
+            x.to(compute),
+            kind.lora_weight(base),
+            bias,
+            self.lora_A[name].weight.to(compute),
+            self.lora_B[name].weight.to(compute),
+            self.scaling[name],
+            self.lora_dropout[name],
+            self.training,
+        )
         return y.to(kind.output_dtype(base, x))
 
     def extra_repr(self) -> str:
-        return (f"adapters={list(self.lora_A)}, active_adapter={self._active_adapter!r}, "
-                f"enabled={self._adapters_enabled}, merged_adapters={self.merged_adapters}")
+        return (
+            f"adapters={list(self.lora_A)}, active_adapter={self._active_adapter!r}, "
+            f"enabled={self._adapters_enabled}, merged_adapters={self.merged_adapters}"
+        )
 
 
 # ---- add_lora ------------------------------------------------------------------------------------------------
+
 
 @dataclasses.dataclass
 class LoRAReport:
@@ -358,8 +406,10 @@ class LoRAReport:
 
     def __str__(self) -> str:
         share = 100.0 * self.trainable_params / self.total_params if self.total_params else 0.0
-        return (f"pyfastpeft.add_lora: adapter {self.adapter_name!r} on {len(self.wrapped)} linear layers; "
-                f"trainable params {self.trainable_params:,} of {self.total_params:,} ({share:.4f}%)")
+        return (
+            f"pyfastpeft.add_lora: adapter {self.adapter_name!r} on {len(self.wrapped)} linear layers; "
+            f"trainable params {self.trainable_params:,} of {self.total_params:,} ({share:.4f}%)"
+        )
 
 
 def _output_layer(model: nn.Module):
@@ -402,10 +452,15 @@ def _check_target_modules(fn: str, target_modules):
         if not target_modules:
             raise ValueError(f"{fn}: target_modules must not be empty")
         return target_modules
-    if not isinstance(target_modules, (list, tuple, set, frozenset)) or not target_modules or \
-            not all(isinstance(name, str) and name for name in target_modules):
-        raise TypeError(f"{fn}: target_modules must be 'all-linear', a regex str or a non-empty sequence of "
-                        f"module names, got {target_modules!r}")
+    if (
+        not isinstance(target_modules, (list, tuple, set, frozenset))
+        or not target_modules
+        or not all(isinstance(name, str) and name for name in target_modules)
+    ):
+        raise TypeError(
+            f"{fn}: target_modules must be 'all-linear', a regex str or a non-empty sequence of "
+            f"module names, got {target_modules!r}"
+        )
     return tuple(target_modules)
 
 
@@ -414,11 +469,17 @@ def _set_submodule(model: nn.Module, path: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent_path) if parent_path else model, name, module)
 
 
-def add_lora(model: nn.Module, target_modules=("q_proj", "v_proj"), r: int = 8,
-             lora_alpha: float = 16, lora_dropout: float = 0.0, use_rslora: bool = False,
-             adapter_name: str = "default") -> LoRAReport:
-    """Wrap, in place, the matching nn.Linear / Linear4bit / Linear8bitLt layers of model in LoRALinear with a new adapter,
-    activate it, and freeze every parameter but its A and B matrices.
+def add_lora(
+    model: nn.Module,
+    target_modules=("q_proj", "v_proj"),
+    r: int = 8,
+    lora_alpha: float = 16,
+    lora_dropout: float = 0.0,
+    use_rslora: bool = False,
+    adapter_name: str = "default",
+) -> LoRAReport:
+    """Wrap, in place, the matching nn.Linear / Linear4bit / Linear8bitLt layers of model in LoRALinear with a new
+    adapter, activate it, and freeze every parameter but its A and B matrices.
 
     target_modules: names matched against the last path components (("q_proj", "v_proj")), or a regex str
     the whole path must match, or "all-linear": every linear layer but the output layer (lm_head), as PEFT.
@@ -437,15 +498,21 @@ def add_lora(model: nn.Module, target_modules=("q_proj", "v_proj"), r: int = 8,
     candidates = linear_modules(model)
     if target_modules == "all-linear":
         output_layer = _output_layer(model)
-        chosen = [(path, module) for path, module in candidates
-                  if path.rpartition(".")[2] != "lm_head" and module is not output_layer
-                  and not (isinstance(module, LoRALinear) and module.base_layer is output_layer)]
+        chosen = [
+            (path, module)
+            for path, module in candidates
+            if path.rpartition(".")[2] != "lm_head"
+            and module is not output_layer
+            and not (isinstance(module, LoRALinear) and module.base_layer is output_layer)
+        ]
     else:
         chosen = [(path, module) for path, module in candidates if matches_target(path, target_modules)]
     if not chosen:
         names = sorted({path.rpartition(".")[2] for path, _ in candidates})
-        raise ValueError(f"{fn}: no linear layer matches target_modules={target_modules!r}; the model's linear "
-                         f"layers are named {names[:12]}{' ...' if len(names) > 12 else ''}")
+        raise ValueError(
+            f"{fn}: no linear layer matches target_modules={target_modules!r}; the model's linear "
+            f"layers are named {names[:12]}{' ...' if len(names) > 12 else ''}"
+        )
     clashes = [path for path, module in chosen if isinstance(module, LoRALinear) and adapter_name in module.lora_A]
     if clashes:
         raise ValueError(f"{fn}: adapter {adapter_name!r} already exists in {clashes[:4]}")

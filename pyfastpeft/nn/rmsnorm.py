@@ -13,8 +13,15 @@ class RMSNorm(nn.Module):
     1 - offset, so a fresh module scales by one.
     """
 
-    def __init__(self, hidden_size: int, eps: float = 1e-6, offset: float = 0.0, casting_mode: str = "llama",
-                 device=None, dtype=None):
+    def __init__(
+        self,
+        hidden_size: int,
+        eps: float = 1e-6,
+        offset: float = 0.0,
+        casting_mode: str = "llama",
+        device=None,
+        dtype=None,
+    ):
         super().__init__()
         if casting_mode not in CASTING_MODES:
             raise ValueError(f"RMSNorm: casting_mode must be one of {tuple(CASTING_MODES)}, got {casting_mode!r}")
@@ -26,9 +33,16 @@ class RMSNorm(nn.Module):
         self.casting_mode = casting_mode
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        return RMSNormFunction.apply(hidden_states, self.weight, float(self.variance_epsilon), float(self.offset),
-                                     CASTING_MODES[self.casting_mode])
+        return RMSNormFunction.apply(
+            hidden_states,
+            self.weight,
+            float(self.variance_epsilon),
+            float(self.offset),
+            CASTING_MODES[self.casting_mode],
+        )
 
     def extra_repr(self) -> str:
-        return (f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}, offset={self.offset}, "
-                f"casting_mode={self.casting_mode!r}")
+        return (
+            f"{tuple(self.weight.shape)}, eps={self.variance_epsilon}, offset={self.offset}, "
+            f"casting_mode={self.casting_mode!r}"
+        )

@@ -4,6 +4,7 @@ Same codes and stats as bitsandbytes' functions of the same names; the formulas 
 pyfastpeft/reference/int8.py. Where bitsandbytes returns NaN codes (a row of zeros) ours are 0, and the
 epilogue writes bf16 without passing through fp16.
 """
+
 from __future__ import annotations
 
 import math
@@ -17,8 +18,7 @@ _FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
 def _check_threshold(fn: str, threshold) -> float:
-    if not isinstance(threshold, (int, float)) or isinstance(threshold, bool) or math.isnan(threshold) \
-            or threshold < 0:
+    if not isinstance(threshold, (int, float)) or isinstance(threshold, bool) or math.isnan(threshold) or threshold < 0:
         raise ValueError(f"{fn}: threshold must be a number >= 0, got {threshold!r}")
     return float(threshold)
 
@@ -69,8 +69,9 @@ def int8_vectorwise_dequant(q: torch.Tensor, stats: torch.Tensor, axis: int = 0)
     q2d = q.reshape(-1, q.shape[-1])
     expected = q2d.shape[axis]
     if stats.shape[0] != expected:
-        raise ValueError(f"{fn}: stats has {stats.shape[0]} elements, q has {expected} "
-                         f"{'rows' if axis == 0 else 'columns'}")
+        raise ValueError(
+            f"{fn}: stats has {stats.shape[0]} elements, q has {expected} {'rows' if axis == 0 else 'columns'}"
+        )
     return ops.int8_vectorwise_dequant_op(q2d, stats, axis).view(q.shape)
 
 
@@ -88,8 +89,13 @@ def int8_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return ops.int8_matmul_op(a, b)
 
 
-def int8_mm_dequant(c: torch.Tensor, row_stats: torch.Tensor, col_stats: torch.Tensor,
-                    dtype: torch.dtype = torch.float32, bias: torch.Tensor | None = None) -> torch.Tensor:
+def int8_mm_dequant(
+    c: torch.Tensor,
+    row_stats: torch.Tensor,
+    col_stats: torch.Tensor,
+    dtype: torch.dtype = torch.float32,
+    bias: torch.Tensor | None = None,
+) -> torch.Tensor:
     """c int32 [M, N] * (row_stats [M] x col_stats [N]) / 127^2 + bias, computed in fp32 and written once in dtype."""
     fn = "int8_mm_dequant"
     check_tensor(fn, "c", c, dtypes=(torch.int32,), dim=2)
@@ -98,8 +104,10 @@ def int8_mm_dequant(c: torch.Tensor, row_stats: torch.Tensor, col_stats: torch.T
     if dtype not in _FLOATS:
         raise TypeError(f"{fn}: dtype must be a floating dtype, got {dtype}")
     if row_stats.shape[0] != c.shape[0] or col_stats.shape[0] != c.shape[1]:
-        raise ValueError(f"{fn}: c is {tuple(c.shape)}, row_stats has {row_stats.shape[0]} and col_stats "
-                         f"{col_stats.shape[0]} elements")
+        raise ValueError(
+            f"{fn}: c is {tuple(c.shape)}, row_stats has {row_stats.shape[0]} and col_stats "
+            f"{col_stats.shape[0]} elements"
+        )
     if bias is None:
         bias = c.new_empty(0, dtype=dtype)
     else:

@@ -2,6 +2,7 @@
 and the public quantize_nf4 / dequantize_nf4. The format and bitsandbytes' rounding rules are written
 out in pyfastpeft/reference/nf4.py; the kernels run through the pyfastpeft::nf4_* ops.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -10,8 +11,15 @@ import math
 
 import torch
 
-from pyfastpeft.reference.nf4 import (DYNAMIC_MAP, FP4_CODE, NESTED_BLOCKSIZE, NF4_CODE, QUANT_TABLES,
-                                      blockwise_scale, quantize_blockwise_8bit)
+from pyfastpeft.reference.nf4 import (
+    DYNAMIC_MAP,
+    FP4_CODE,
+    NESTED_BLOCKSIZE,
+    NF4_CODE,
+    QUANT_TABLES,
+    blockwise_scale,
+    quantize_blockwise_8bit,
+)
 
 __all__ = ["QuantState", "quantize_nf4", "dequantize_nf4", "NF4_CODE", "FP4_CODE", "DYNAMIC_MAP", "BLOCKSIZES"]
 
@@ -37,6 +45,7 @@ class QuantState:
     offset:     fp32 0-dim tensor added back to the dequantized absmax (nested only)
     state2:     nested only: QuantState(absmax=absmax2 fp32, code=DYNAMIC_MAP, blocksize=256, dtype=fp32)
     """
+
     absmax: torch.Tensor
     shape: torch.Size | None = None
     code: torch.Tensor | None = None
@@ -68,8 +77,10 @@ class QuantState:
         n = math.prod(self.shape)
         nblocks = -(-n // self.blocksize)
         if self.absmax.numel() != nblocks:
-            raise ValueError(f"{fn}: absmax has {self.absmax.numel()} elements, {n} weights in blocks of "
-                             f"{self.blocksize} need {nblocks}")
+            raise ValueError(
+                f"{fn}: absmax has {self.absmax.numel()} elements, {n} weights in blocks of "
+                f"{self.blocksize} need {nblocks}"
+            )
         if not self.nested:
             if self.offset is not None:
                 raise ValueError(f"{fn}: offset is set but there is no nested state (state2)")
@@ -84,15 +95,17 @@ class QuantState:
         if not isinstance(state2.absmax, torch.Tensor) or not state2.absmax.is_floating_point():
             raise TypeError(f"{fn}: state2.absmax (nested_absmax) must be a float tensor")
         if isinstance(state2.blocksize, bool) or not isinstance(state2.blocksize, int) or state2.blocksize < 1:
-            raise ValueError(f"{fn}: state2.blocksize (nested_blocksize) must be a positive int, "
-                             f"got {state2.blocksize!r}")
+            raise ValueError(
+                f"{fn}: state2.blocksize (nested_blocksize) must be a positive int, got {state2.blocksize!r}"
+            )
         _check_table(fn, "state2.code (nested_quant_map)", state2.code, 256, self.absmax.device)
         expected = -(-self.absmax.numel() // state2.blocksize)
         if state2.absmax.numel() != expected:
-            raise ValueError(f"{fn}: state2.absmax (nested_absmax) has {state2.absmax.numel()} elements, "
-                             f"{self.absmax.numel()} codes in blocks of {state2.blocksize} need {expected}")
-        if not isinstance(self.offset, torch.Tensor) or self.offset.numel() != 1 \
-                or not self.offset.is_floating_point():
+            raise ValueError(
+                f"{fn}: state2.absmax (nested_absmax) has {state2.absmax.numel()} elements, "
+                f"{self.absmax.numel()} codes in blocks of {state2.blocksize} need {expected}"
+            )
+        if not isinstance(self.offset, torch.Tensor) or self.offset.numel() != 1 or not self.offset.is_floating_point():
             raise ValueError(f"{fn}: offset (nested_offset) must be a one-element float tensor, got {self.offset!r}")
         for name, t in (("state2.absmax", state2.absmax), ("offset", self.offset)):
             if t.device != self.absmax.device:
@@ -125,13 +138,15 @@ class QuantState:
             "shape": tuple(self.shape) if self.shape is not None else None,
         }
         if self.nested:
-            items.update({
-                "nested_absmax": self.state2.absmax,
-                "nested_blocksize": self.state2.blocksize,
-                "nested_quant_map": self.state2.code.clone(),
-                "nested_dtype": _dtype_name(self.state2.dtype),
-                "nested_offset": self.offset.item(),
-            })
+            items.update(
+                {
+                    "nested_absmax": self.state2.absmax,
+                    "nested_blocksize": self.state2.blocksize,
+                    "nested_quant_map": self.state2.code.clone(),
+                    "nested_dtype": _dtype_name(self.state2.dtype),
+                    "nested_offset": self.offset.item(),
+                }
+            )
         if not packed:
             return items
         tensors = {k: v for k, v in items.items() if isinstance(v, torch.Tensor)}
@@ -153,8 +168,10 @@ class QuantState:
         if "quant_type" not in {k.split(".")[-1] for k in qs_dict}:
             valid = [f"bitsandbytes__{t}" for t in QUANT_TYPES]
             if len(packed_keys) != 1 or packed_keys[0].split(".")[-1] not in valid:
-                raise ValueError(f"{fn}: expected exactly one 'quant_state.<{'|'.join(valid)}>' "
-                                 f"tensor or unpacked items, got keys {sorted(qs_dict)}")
+                raise ValueError(
+                    f"{fn}: expected exactly one 'quant_state.<{'|'.join(valid)}>' "
+                    f"tensor or unpacked items, got keys {sorted(qs_dict)}"
+                )
         for key, value in qs_dict.items():
             if key in packed_keys:
                 items.update(_read_packed_json(fn, key, value))
@@ -175,8 +192,10 @@ class QuantState:
             if isinstance(items[key], bool) or not isinstance(items[key], int):
                 raise TypeError(f"{fn}: {key} must be an int, got {items[key]!r}")
         shape = items["shape"]
-        if shape is not None and (not isinstance(shape, (list, tuple)) or
-                                  not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)):
+        if shape is not None and (
+            not isinstance(shape, (list, tuple))
+            or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape)
+        ):
             raise ValueError(f"{fn}: shape must be a list of non-negative ints, got {shape!r}")
         offset, state2 = None, None
         if "nested_absmax" in items:
@@ -186,9 +205,12 @@ class QuantState:
             if isinstance(nested_offset, bool) or not isinstance(nested_offset, (int, float)):
                 raise TypeError(f"{fn}: nested_offset must be a number, got {nested_offset!r}")
             offset = torch.tensor(float(nested_offset), dtype=torch.float32, device=device)
-            state2 = cls(absmax=items["nested_absmax"].to(device), blocksize=items["nested_blocksize"],
-                         code=items["nested_quant_map"].to(device), dtype=_float_dtype(fn, "nested_dtype",
-                                                                                       items["nested_dtype"]))
+            state2 = cls(
+                absmax=items["nested_absmax"].to(device),
+                blocksize=items["nested_blocksize"],
+                code=items["nested_quant_map"].to(device),
+                dtype=_float_dtype(fn, "nested_dtype", items["nested_dtype"]),
+            )
         state = cls(
             absmax=items["absmax"].to(device),
             shape=torch.Size(shape) if shape is not None else None,
@@ -233,8 +255,9 @@ def _float_dtype(fn: str, key: str, name) -> torch.dtype:
 def _read_packed_json(fn: str, key: str, value: torch.Tensor) -> dict:
     """The items of bitsandbytes' packed quant-state tensor: UTF-8 JSON of a dict, as uint8."""
     if value.dtype != torch.uint8 or value.dim() > 1:
-        raise ValueError(f"{fn}: {key} must be a 1-D uint8 tensor of UTF-8 JSON, got {value.dtype} "
-                         f"{tuple(value.shape)}")
+        raise ValueError(
+            f"{fn}: {key} must be a 1-D uint8 tensor of UTF-8 JSON, got {value.dtype} {tuple(value.shape)}"
+        )
     try:
         items = json.loads(bytes(value.cpu().tolist()).decode("utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError) as exc:
@@ -254,8 +277,9 @@ def _check_quant_type(fn: str, quant_type) -> None:
         raise ValueError(f"{fn}: quant_type must be one of {QUANT_TYPES}, got {quant_type!r}")
 
 
-def quantize_nf4(w: torch.Tensor, blocksize: int = 64, double_quant: bool = False,
-                 quant_type: str = "nf4") -> tuple[torch.Tensor, QuantState]:
+def quantize_nf4(
+    w: torch.Tensor, blocksize: int = 64, double_quant: bool = False, quant_type: str = "nf4"
+) -> tuple[torch.Tensor, QuantState]:
     """(packed uint8 [(n + 1) // 2, 1], QuantState) of w, byte for byte what bitsandbytes'
     quantize_4bit(w, blocksize, compress_statistics=double_quant, quant_type) returns.
 
@@ -275,15 +299,25 @@ def quantize_nf4(w: torch.Tensor, blocksize: int = 64, double_quant: bool = Fals
     code = QUANT_TABLES[quant_type].to(w.device, copy=True)
     packed, absmax = nf4_ops.nf4_quantize(w.reshape(-1), code, blocksize)
     if not double_quant:
-        return packed, QuantState(absmax=absmax, shape=w.shape, code=code, blocksize=blocksize,
-                                  quant_type=quant_type, dtype=w.dtype)
+        return packed, QuantState(
+            absmax=absmax, shape=w.shape, code=code, blocksize=blocksize, quant_type=quant_type, dtype=w.dtype
+        )
     # An empty weight has no absmax to average; 0 keeps the state finite (bnb would store NaN).
     offset = absmax.mean() if absmax.numel() else absmax.new_zeros(())
     codes, absmax2 = quantize_blockwise_8bit(absmax - offset, NESTED_BLOCKSIZE)
-    state2 = QuantState(absmax=absmax2, code=DYNAMIC_MAP.to(w.device, copy=True),
-                        blocksize=NESTED_BLOCKSIZE, dtype=torch.float32)
-    return packed, QuantState(absmax=codes, shape=w.shape, code=code, blocksize=blocksize,
-                              quant_type=quant_type, dtype=w.dtype, offset=offset, state2=state2)
+    state2 = QuantState(
+        absmax=absmax2, code=DYNAMIC_MAP.to(w.device, copy=True), blocksize=NESTED_BLOCKSIZE, dtype=torch.float32
+    )
+    return packed, QuantState(
+        absmax=codes,
+        shape=w.shape,
+        code=code,
+        blocksize=blocksize,
+        quant_type=quant_type,
+        dtype=w.dtype,
+        offset=offset,
+        state2=state2,
+    )
 
 
 def dequantize_nf4(packed: torch.Tensor, state: QuantState) -> torch.Tensor:
@@ -296,8 +330,10 @@ def dequantize_nf4(packed: torch.Tensor, state: QuantState) -> torch.Tensor:
     absmax = state.dequantized_absmax("dequantize_nf4: state")  # validates the state first
     n = math.prod(state.shape)
     if packed.numel() != (n + 1) // 2:
-        raise ValueError(f"dequantize_nf4: packed has {packed.numel()} bytes, state.shape {tuple(state.shape)} "
-                         f"({n} elements) needs {(n + 1) // 2}")
+        raise ValueError(
+            f"dequantize_nf4: packed has {packed.numel()} bytes, state.shape {tuple(state.shape)} "
+            f"({n} elements) needs {(n + 1) // 2}"
+        )
     if packed.device != state.absmax.device:
         raise ValueError(f"dequantize_nf4: packed is on {packed.device}, state.absmax on {state.absmax.device}")
 

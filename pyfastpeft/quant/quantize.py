@@ -12,6 +12,7 @@ uint8 codes in [0, 2^bits - 1]); bits 4 or 8, one code per byte. Granularity: on
 (default), per index along `axis`, or per `blocksize` consecutive elements of the flattened tensor.
 The formulas, and what NaN and inf do, are written out in pyfastpeft/reference/quantize.py.
 """
+
 from __future__ import annotations
 
 import abc
@@ -35,6 +36,7 @@ class QuantizedTensor:
     scale:      fp32, 0-dim per tensor, [shape[axis]] per channel, [ceil(numel / blocksize)] per block
     zero_point: int32 of scale's shape (zeropoint), None (absmax)
     bits, scheme, axis (non-negative or None), blocksize (or None), shape and dtype of x."""
+
     codes: torch.Tensor
     scale: torch.Tensor
     zero_point: torch.Tensor | None
@@ -76,12 +78,22 @@ def _check_granularity(fn: str, x: torch.Tensor, axis, blocksize) -> tuple[int, 
 
 
 def _quantized(codes, scale, zero_point, bits, scheme, axis: int, blocksize: int, x) -> QuantizedTensor:
-    return QuantizedTensor(codes, scale, zero_point if scheme == "zeropoint" else None, bits, scheme,
-                           None if axis < 0 else axis, blocksize or None, x.shape, x.dtype)
+    return QuantizedTensor(
+        codes,
+        scale,
+        zero_point if scheme == "zeropoint" else None,
+        bits,
+        scheme,
+        None if axis < 0 else axis,
+        blocksize or None,
+        x.shape,
+        x.dtype,
+    )
 
 
-def quantize(x: torch.Tensor, bits: int = 8, scheme: str = "absmax", axis: int | None = None,
-             blocksize: int | None = None) -> QuantizedTensor:
+def quantize(
+    x: torch.Tensor, bits: int = 8, scheme: str = "absmax", axis: int | None = None, blocksize: int | None = None
+) -> QuantizedTensor:
     """Dynamic quantization of x (fp32, fp16, bf16, fp64) with parameters from x itself."""
     fn = "quantize"
     check_tensor(fn, "x", x)
@@ -97,8 +109,9 @@ def _checked_fields(fn: str, qt: QuantizedTensor) -> tuple[int, int, torch.Tenso
     zeropoint = _check_bits_scheme(fn, qt.bits, qt.scheme)
     if not isinstance(qt.codes, torch.Tensor) or qt.codes.dtype != (torch.uint8 if zeropoint else torch.int8):
         got = qt.codes.dtype if isinstance(qt.codes, torch.Tensor) else type(qt.codes).__name__
-        raise TypeError(f"{fn}: qt.codes must be {'uint8' if zeropoint else 'int8'} for scheme {qt.scheme!r}, "
-                        f"got {got}")
+        raise TypeError(
+            f"{fn}: qt.codes must be {'uint8' if zeropoint else 'int8'} for scheme {qt.scheme!r}, got {got}"
+        )
     if not isinstance(qt.shape, (torch.Size, tuple)) or tuple(qt.codes.shape) != tuple(qt.shape):
         raise ValueError(f"{fn}: qt.codes has shape {tuple(qt.codes.shape)}, qt.shape is {qt.shape}")
     if qt.dtype not in FLOAT_DTYPES:
@@ -107,15 +120,21 @@ def _checked_fields(fn: str, qt: QuantizedTensor) -> tuple[int, int, torch.Tenso
     check_tensor(fn, "qt.scale", qt.scale, dtypes=(torch.float32,))
     expected = ref.param_shape(qt.codes.shape, axis, blocksize)
     if tuple(qt.scale.shape) != expected:
-        raise ValueError(f"{fn}: qt.scale has shape {tuple(qt.scale.shape)}, axis={qt.axis} and "
-                         f"blocksize={qt.blocksize} over codes of shape {tuple(qt.codes.shape)} need {expected}")
+        raise ValueError(
+            f"{fn}: qt.scale has shape {tuple(qt.scale.shape)}, axis={qt.axis} and "
+            f"blocksize={qt.blocksize} over codes of shape {tuple(qt.codes.shape)} need {expected}"
+        )
     if not zeropoint:
         if qt.zero_point is not None:
             raise ValueError(f"{fn}: scheme 'absmax' has no zero_point, got one")
         return axis, blocksize, qt.scale.new_empty(0, dtype=torch.int32)
     zero_point = qt.zero_point
-    if not isinstance(zero_point, torch.Tensor) or zero_point.is_floating_point() or zero_point.is_complex() \
-            or zero_point.dtype == torch.bool:
+    if (
+        not isinstance(zero_point, torch.Tensor)
+        or zero_point.is_floating_point()
+        or zero_point.is_complex()
+        or zero_point.dtype == torch.bool
+    ):
         got = zero_point.dtype if isinstance(zero_point, torch.Tensor) else type(zero_point).__name__
         raise TypeError(f"{fn}: qt.zero_point must be an integer tensor for scheme 'zeropoint', got {got}")
     if tuple(zero_point.shape) != expected:
@@ -130,8 +149,9 @@ def _zero_point_in_range(fn: str, name: str, zero_point: torch.Tensor, bits: int
     if zero_point.numel():
         low, high = zero_point.min().item(), zero_point.max().item()
         if low < qmin or high > qmax:
-            raise ValueError(f"{fn}: {name} must lie in [{qmin}, {qmax}] for {bits} bits, got values in "
-                             f"[{low}, {high}]")
+            raise ValueError(
+                f"{fn}: {name} must lie in [{qmin}, {qmax}] for {bits} bits, got values in [{low}, {high}]"
+            )
     return zero_point.to(torch.int32)
 
 
@@ -173,8 +193,15 @@ def _static_params(fn: str, x, scale, zero_point, zeropoint: bool, bits: int, ax
     return params
 
 
-def fake_quantize(x: torch.Tensor, bits: int = 8, scheme: str = "absmax", axis: int | None = None,
-                  blocksize: int | None = None, scale=None, zero_point=None) -> torch.Tensor:
+def fake_quantize(
+    x: torch.Tensor,
+    bits: int = 8,
+    scheme: str = "absmax",
+    axis: int | None = None,
+    blocksize: int | None = None,
+    scale=None,
+    zero_point=None,
+) -> torch.Tensor:
     """dequantize(quantize(x)) in x's dtype, or with the given static scale (and zero_point for "zeropoint";
     their shape is that of QuantizedTensor.scale for the granularity). Differentiable w.r.t. x by the
     straight-through estimator: the gradient passes where round(x / scale) + zero_point fell inside
@@ -187,8 +214,9 @@ def fake_quantize(x: torch.Tensor, bits: int = 8, scheme: str = "absmax", axis: 
         if zero_point is not None:
             raise ValueError(f"{fn}: zero_point was given without scale")
         unused_scale, unused_zero_point = x.new_empty(0, dtype=torch.float32), x.new_empty(0, dtype=torch.int32)
-        return ops.FakeQuantizeFunction.apply(x, unused_scale, unused_zero_point, False, bits, zeropoint, axis_arg,
-                                              blocksize_arg)
+        return ops.FakeQuantizeFunction.apply(
+            x, unused_scale, unused_zero_point, False, bits, zeropoint, axis_arg, blocksize_arg
+        )
     scale, zero_point = _static_params(fn, x, scale, zero_point, zeropoint, bits, axis_arg, blocksize_arg)
     return ops.FakeQuantizeFunction.apply(x, scale, zero_point, True, bits, zeropoint, axis_arg, blocksize_arg)
 
@@ -213,8 +241,9 @@ class _Observer(abc.ABC):
         axis = _check_axis(fn, self.axis, x.dim())
         channels = 1 if axis < 0 else x.shape[axis]
         if self.lo is not None and channels != self.lo.numel():
-            raise ValueError(f"{fn}: x has {channels} channels along axis {self.axis}, the observed batches "
-                             f"had {self.lo.numel()}")
+            raise ValueError(
+                f"{fn}: x has {channels} channels along axis {self.axis}, the observed batches had {self.lo.numel()}"
+            )
         return axis
 
     def observe(self, x: torch.Tensor) -> None:

@@ -15,6 +15,7 @@ Gradients for per-token weights g_t (d reduced loss / d loss_t, times the output
   (the last factor only with a softcap; zero rows where y_t == ignore_index)
   dh = dz W,   dW = dz^T h,   db = sum_t dz_t
 """
+
 from __future__ import annotations
 
 import torch
@@ -85,9 +86,20 @@ def _parameter_grads(dz, hidden, weight, bias, need_grad_hidden: bool, need_grad
     return grad_hidden, grad_weight, grad_bias
 
 
-def flce_forward(hidden, weight, labels, bias, ignore_index: int, label_smoothing: float, softcap: float,
-                 reduction: int, need_grad_hidden: bool, need_grad_weight: bool, need_grad_bias: bool,
-                 chunk_size: int):
+def flce_forward(
+    hidden,
+    weight,
+    labels,
+    bias,
+    ignore_index: int,
+    label_smoothing: float,
+    softcap: float,
+    reduction: int,
+    need_grad_hidden: bool,
+    need_grad_weight: bool,
+    need_grad_bias: bool,
+    chunk_size: int,
+):
     """(loss, lse, grad_hidden, grad_weight, grad_bias) for hidden [T, H]; grads of the reduced loss (of
     loss.sum() for reduction none), empty where not asked. chunk_size is ignored: this is the unchunked oracle."""
     logits = _logits(hidden, weight, bias)
@@ -100,8 +112,20 @@ def flce_forward(hidden, weight, labels, bias, ignore_index: int, label_smoothin
     return (loss, lse, *_parameter_grads(dz, hidden, weight, bias, need_grad_hidden, need_grad_weight, need_grad_bias))
 
 
-def flce_backward(grad_loss, hidden, weight, labels, bias, ignore_index: int, label_smoothing: float, softcap: float,
-                  need_grad_hidden: bool, need_grad_weight: bool, need_grad_bias: bool, chunk_size: int):
+def flce_backward(
+    grad_loss,
+    hidden,
+    weight,
+    labels,
+    bias,
+    ignore_index: int,
+    label_smoothing: float,
+    softcap: float,
+    need_grad_hidden: bool,
+    need_grad_weight: bool,
+    need_grad_bias: bool,
+    chunk_size: int,
+):
     """(grad_hidden, grad_weight, grad_bias) for per-token output grads grad_loss [T] (reduction none)."""
     logits = _logits(hidden, weight, bias)
     _, _, dz = token_losses(logits, labels, grad_loss, ignore_index, label_smoothing, softcap)

@@ -25,6 +25,7 @@ LLM.int8 linear, x [M, K], weight codes W [N, K] with stats SCB [N] (the weight 
     out = epilogue(q(x) @ W^T)  +  x[:, outliers] @ (W[:, outliers] * SCB / 127)^T
 and its input gradient dX = dY @ (W * SCB[:, None] / 127).
 """
+
 from __future__ import annotations
 
 import torch
@@ -108,8 +109,13 @@ def compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return dtype if dtype in (torch.float32, torch.bfloat16, torch.float64) else torch.float32
 
 
-def outlier_product(x2d: torch.Tensor, weight: torch.Tensor, weight_stats: torch.Tensor,
-                    outlier_cols: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+def outlier_product(
+    x2d: torch.Tensor,
+    weight: torch.Tensor,
+    weight_stats: torch.Tensor,
+    outlier_cols: torch.Tensor,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
     """fp32 [M, N]: x[:, outliers] @ (W[:, outliers] * SCB / 127)^T in the compute dtype of x (into `out`, an
     fp32 [M, N] tensor, when given and the compute dtype is fp32)."""
     compute = compute_dtype(x2d.dtype)

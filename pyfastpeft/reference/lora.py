@@ -20,6 +20,7 @@ generator of x's device (see pyfastpeft.ops.lora); an empty `rng` means no dropo
 
 The products below run in x's dtype, as PEFT's eager modules do (each step rounds to x's dtype).
 """
+
 from __future__ import annotations
 
 import torch
@@ -104,8 +105,9 @@ def lora_forward(x, base_forward, bias, lora_A, lora_B, scaling: float, dropout_
     return y.view(*x.shape[:-1], lora_B.shape[0]), xa
 
 
-def lora_backward(dy, x, base_grad_input, lora_A, lora_B, xa, scaling: float, dropout_p: float, rng,
-                  needs_input_grad: bool):
+def lora_backward(
+    dy, x, base_grad_input, lora_A, lora_B, xa, scaling: float, dropout_p: float, rng, needs_input_grad: bool
+):
     """(dx, dA, dB) with base_grad_input(dy2d) = dY W; dx is empty unless needs_input_grad."""
     in_features, out_features = lora_A.shape[1], lora_B.shape[0]
     dy2d = dy.reshape(-1, out_features)
@@ -132,6 +134,7 @@ def lora_backward(dy, x, base_grad_input, lora_A, lora_B, xa, scaling: float, dr
 #     dX = dY W,  then dX[rows_i] += s_i * (g_i A_i) * keep * (1 / (1 - p))
 #     dA_i = s_i * g_i^T x_d[rows_i]      dB_i = s_i * dY[rows_i]^T xa_i      (zero for an adapter without rows)
 
+
 def adapter_groups(row_adapter: torch.Tensor, num_adapters: int) -> tuple[torch.Tensor, torch.Tensor]:
     """(row_order int64 [M], segment_offsets int64 [n + 1]) of row_adapter, one nonzero() per adapter id."""
     groups = [(row_adapter == adapter).nonzero().view(-1) for adapter in range(-1, num_adapters)]
@@ -139,8 +142,9 @@ def adapter_groups(row_adapter: torch.Tensor, num_adapters: int) -> tuple[torch.
     return torch.cat(groups), sizes.cumsum(0)  # cumsum[i] = base-only rows + rows of adapters 0 .. i - 1
 
 
-def lora_multi_forward(x, base_forward, bias, lora_A, lora_B, rank_offsets, scalings, row_adapter, max_rank: int,
-                       dropout_p: float, rng):
+def lora_multi_forward(
+    x, base_forward, bias, lora_A, lora_B, rank_offsets, scalings, row_adapter, max_rank: int, dropout_p: float, rng
+):
     """(y [..., out], xa [M, max_rank], row_order [M], segment_offsets [n + 1]): a loop over the adapters."""
     in_features, out_features = lora_A.shape[1], lora_B.shape[0]
     x2d = x.reshape(-1, in_features)
@@ -153,13 +157,26 @@ def lora_multi_forward(x, base_forward, bias, lora_A, lora_B, rank_offsets, scal
         start, end = segment_offsets[adapter].item(), segment_offsets[adapter + 1].item()
         rows = row_order[start:end]
         xa_rows = x_dropped[rows] @ lora_A[low:high].t()
-        xa[start:end, :high - low] = xa_rows
+        xa[start:end, : high - low] = xa_rows
         y[rows] = y[rows] + (xa_rows @ lora_B[:, low:high].t()) * scalings[adapter].item()
     return y.view(*x.shape[:-1], out_features), xa, row_order, segment_offsets
 
 
-def lora_multi_backward(dy, x, base_grad_input, lora_A, lora_B, rank_offsets, scalings, xa, row_order,
-                        segment_offsets, dropout_p: float, rng, needs_input_grad: bool):
+def lora_multi_backward(
+    dy,
+    x,
+    base_grad_input,
+    lora_A,
+    lora_B,
+    rank_offsets,
+    scalings,
+    xa,
+    row_order,
+    segment_offsets,
+    dropout_p: float,
+    rng,
+    needs_input_grad: bool,
+):
     """(dx, dA_cat, dB_cat): a loop over the adapters; dx is empty unless needs_input_grad."""
     in_features, out_features = lora_A.shape[1], lora_B.shape[0]
     dy2d = dy.reshape(-1, out_features)
@@ -175,7 +192,7 @@ def lora_multi_backward(dy, x, base_grad_input, lora_A, lora_B, rank_offsets, sc
         rows, scaling = row_order[start:end], scalings[adapter].item()
         grad_xa = dy2d[rows] @ lora_B[:, low:high]
         grad_A[low:high] = (grad_xa.t() @ x_dropped[rows]) * scaling
-        grad_B[:, low:high] = (dy2d[rows].t() @ xa[start:end, :high - low]) * scaling
+        grad_B[:, low:high] = (dy2d[rows].t() @ xa[start:end, : high - low]) * scaling
         adapter_grad_input[rows] = grad_xa @ lora_A[low:high]
         row_scaling[rows] = scaling
     if not needs_input_grad:

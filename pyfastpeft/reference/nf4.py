@@ -30,6 +30,7 @@ bitsandbytes/backends/default/ops.py; its CPU backend registers no 4-bit quantiz
     Rejecting them would cost a device-to-host sync per weight on GPU and break byte equality.
 
 """
+
 from __future__ import annotations
 
 import torch
@@ -37,17 +38,37 @@ import torch
 NESTED_BLOCKSIZE = 256
 
 # bitsandbytes' get_4bit_type("nf4"): quantiles of N(0, 1) scaled to [-1, 1], sorted.
-NF4_CODE = torch.tensor([
-    -1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453,
-    -0.28444138169288635, -0.18477343022823334, -0.09105003625154495, 0.0,
-    0.07958029955625534, 0.16093020141124725, 0.24611230194568634, 0.33791524171829224,
-    0.44070982933044434, 0.5626170039176941, 0.7229568362236023, 1.0,
-], dtype=torch.float32)
+NF4_CODE = torch.tensor(
+    [
+        -1.0,
+        -0.6961928009986877,
+        -0.5250730514526367,
+        -0.39491748809814453,
+        -0.28444138169288635,
+        -0.18477343022823334,
+        -0.09105003625154495,
+        0.0,
+        0.07958029955625534,
+        0.16093020141124725,
+        0.24611230194568634,
+        0.33791524171829224,
+        0.44070982933044434,
+        0.5626170039176941,
+        0.7229568362236023,
+        1.0,
+    ],
+    dtype=torch.float32,
+)
 
 # bitsandbytes' get_4bit_type("fp4"): 1 sign, 2 exponent, 1 mantissa bit, in bit-pattern order, / 12.
 # Index 8 is the "negative zero" pattern, stored as +0.0 as bnb does (its table writes the int -0).
-FP4_CODE = torch.tensor([0.0, 0.0625, 8.0, 12.0, 4.0, 6.0, 2.0, 3.0,
-                         0.0, -0.0625, -8.0, -12.0, -4.0, -6.0, -2.0, -3.0], dtype=torch.float32) / 12.0
+FP4_CODE = (
+    torch.tensor(
+        [0.0, 0.0625, 8.0, 12.0, 4.0, 6.0, 2.0, 3.0, 0.0, -0.0625, -8.0, -12.0, -4.0, -6.0, -2.0, -3.0],
+        dtype=torch.float32,
+    )
+    / 12.0
+)
 
 
 def _signed_dynamic_map() -> torch.Tensor:
@@ -126,8 +147,9 @@ def quantize_blockwise_8bit(x: torch.Tensor, blocksize: int = NESTED_BLOCKSIZE) 
     return nearest_code(scaled, DYNAMIC_MAP).to(torch.uint8), absmax2
 
 
-def dequantize_4bit(packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int, numel: int,
-                    dtype: torch.dtype) -> torch.Tensor:
+def dequantize_4bit(
+    packed: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int, numel: int, dtype: torch.dtype
+) -> torch.Tensor:
     """Flat [numel] of dtype: code[nibble] * absmax[block] in fp32 (absmax: fp32, already de-nested)."""
     flat = packed.reshape(-1)
     nibbles = torch.stack([flat >> 4, flat & 0xF], dim=1).view(-1)[:numel]
@@ -144,8 +166,9 @@ def nf4_linear(x, packed, absmax, code, bias, blocksize: int, out_features: int,
     """x [..., K] @ dequant(W)[N, K]^T (+ bias) in x's dtype (bitsandbytes' dequantize-then-matmul)."""
     compute = matmul_dtype(x.dtype)
     weight = dequantize_4bit(packed, absmax, code, blocksize, out_features * in_features, compute)
-    out = torch.nn.functional.linear(x.to(compute), weight.view(out_features, in_features),
-                                     bias.to(compute) if bias.numel() else None)
+    out = torch.nn.functional.linear(
+        x.to(compute), weight.view(out_features, in_features), bias.to(compute) if bias.numel() else None
+    )
     return out.to(x.dtype)
 
 

@@ -35,6 +35,7 @@ most), and x_hat = (code - zero_point) * scale is NaN for the whole group; other
 A finite group whose range exceeds fp32's largest value (hi - lo > 3.4e38) overflows to scale = inf
 the same way.
 """
+
 from __future__ import annotations
 
 import math
@@ -63,7 +64,7 @@ def layout(shape, axis: int, blocksize: int) -> tuple[int, int, int]:
     if blocksize > 0:
         return 1, -(-numel // blocksize), blocksize
     if axis >= 0:
-        return math.prod(shape[:axis]), shape[axis], math.prod(shape[axis + 1:])
+        return math.prod(shape[:axis]), shape[axis], math.prod(shape[axis + 1 :])
     return 1, 1, numel
 
 
@@ -132,8 +133,7 @@ def quantize_affine(x: torch.Tensor, bits: int, zeropoint: bool, axis: int, bloc
         codes = static_codes(groups, scale, zero_point, qmin, qmax).to(torch.uint8)
         zero_point = zero_point.to(torch.int32)
     else:
-        codes = _round_and_clamp(torch.round(groups * multiplier.view(1, -1, 1)), groups.new_zeros(()), qmin,
-                                 qmax)
+        codes = _round_and_clamp(torch.round(groups * multiplier.view(1, -1, 1)), groups.new_zeros(()), qmin, qmax)
         codes = codes.to(torch.int8)
         zero_point = scale.new_empty(0, dtype=torch.int32)
     shape = param_shape(x.shape, axis, blocksize)

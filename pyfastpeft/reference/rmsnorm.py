@@ -6,6 +6,7 @@ casting_mode (int codes shared with the kernels):
   NONE  (2): y = (x * r.to(x.dtype)) * (offset + w).to(x.dtype)   -- every step in x's dtype
 with r = rsqrt(mean(x^2) + eps) computed in fp32 (fp64 for fp64 x).
 """
+
 from __future__ import annotations
 
 import torch

@@ -5,6 +5,7 @@ R even and <= D; channels [R, D) pass through. rotate is HF's rotate_half ([-x2,
 interleaved, GPT-J's rotate_every_two (pairs (2j, 2j+1) -> (-x[2j+1], x[2j])).
 The backward is the transpose of that linear map: dx = dy * cos - rotate(dy * sin).
 """
+
 from __future__ import annotations
 
 import torch

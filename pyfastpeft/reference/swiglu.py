@@ -1,4 +1,5 @@
 """SwiGLU reference: HF LlamaMLP's `act_fn(gate) * up` with SiLU, in the input dtype."""
+
 from __future__ import annotations
 
 import torch
