@@ -17,15 +17,24 @@ PAD, BOS, EOS = 0, 1, 2
 LORA = LoraSettings(r=8, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear")
 
 
-def peft_lora_config():
-    """LORA in PEFT's LoraConfig (a fresh one each time: TRL edits the config it is given)."""
+def peft_lora_config(target_modules=None):
+    """LORA in PEFT's LoraConfig (a fresh one each time: TRL edits the config it is given); target_modules, when
+    given, in place of LORA's."""
     return peft.LoraConfig(
         r=LORA.r,
         lora_alpha=LORA.lora_alpha,
         lora_dropout=LORA.lora_dropout,
-        target_modules=LORA.target_modules,
+        target_modules=LORA.target_modules if target_modules is None else target_modules,
         task_type="CAUSAL_LM",
     )
+
+
+def adapted_names(model) -> list[str]:
+    """The last path components of the layers a prepared model holds adapters on: PEFT's target_modules for the
+    same layers (on MoE models, PEFT's all-linear also adapts the 3-D experts and the router, which we do not)."""
+    from pyfastpeft.nn import LoRALinear
+
+    return sorted({path.rpartition(".")[2] for path, m in model.named_modules() if isinstance(m, LoRALinear)})
 
 
 def base_model(dtype=torch.float32):
@@ -62,11 +71,11 @@ def load_adapters(model, adapters: dict[str, torch.Tensor]) -> None:
             p.copy_(adapters[name])
 
 
-def peft_reference(base, seed=1):
+def peft_reference(base, seed=1, target_modules=None):
     """transformers + PEFT: LORA on a copy of base with seeded adapters; returns (model, its initial adapters).
     Input embeddings require grad, as PEFT users set for gradient checkpointing (Trainer before transformers 5.0
     does not, and reentrant checkpointing then reaches no adapter); it changes no number."""
-    model = peft.get_peft_model(copy.deepcopy(base), peft_lora_config())
+    model = peft.get_peft_model(copy.deepcopy(base), peft_lora_config(target_modules))
     model.enable_input_require_grads()
     return model, seed_adapters(model, seed)
 

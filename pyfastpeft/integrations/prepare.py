@@ -395,28 +395,46 @@ def _check_lora_targets(fn: str, model: nn.Module, lora: LoraSettings) -> None:
         )
 
 
+NOT_ADAPTED = (
+    "frozen and not adapted (LoRA on bare 2-D/3-D parameters is not built; PEFT's all-linear adapts them through "
+    "target_parameters in newer releases, 0.21 among them, and from_peft refuses such adapters)"
+)
+
+
 def _expert_lines(model: nn.Module, quant: str | None, left: dict[str, str]) -> list[str]:
     """One line per MoE experts block transformers 5.x keeps as 3-D parameters [experts, out, in] (Mixtral,
-    Qwen-MoE, ...; older transformers build one nn.Linear per expert, which is covered like any linear): what
-    happened to it. Such experts are never adapted: LoRA on 3-D experts is not built, and PEFT's "all-linear"
-    does not adapt them either. left: path -> why quantize_model left a block dense."""
+    Qwen-MoE, ...; older transformers build one nn.Linear per expert, which is covered like any linear), and per
+    router beside it that is a bare weight rather than an nn.Linear: what happened to it. Neither is adapted.
+    left: path -> why quantize_model left a block dense."""
     from pyfastpeft.nn.experts import QuantizedExperts
 
-    lines = []
+    lines, blocks = [], []
     for path, module in model.named_modules():
         if isinstance(module, QuantizedExperts):
-            lines.append(
-                f"{path} ({module.source_class}): experts quantized ({quant}), frozen and not adapted "
-                "(LoRA on 3-D experts is not built; PEFT's all-linear does not adapt them either)"
-            )
+            lines.append(f"{path} ({module.source_class}): experts quantized ({quant}), {NOT_ADAPTED}")
+            blocks.append(path)
             continue
         stacked = [name for name, p in module.named_parameters(recurse=False) if p.dim() == 3 and p.is_floating_point()]
         if stacked:
             why = "quant=None" if quant is None else left.get(path, "skipped")
             lines.append(
                 f"{path} ({type(module).__name__}): expert weights {', '.join(stacked)} are 3-D "
-                f"parameters, left dense ({why}), frozen and not adapted"
+                f"parameters, left dense ({why}), {NOT_ADAPTED}"
             )
+            blocks.append(path)
+    for path in blocks:
+        parent_path, _, name = path.rpartition(".")
+        for sibling_name, sibling in model.get_submodule(parent_path).named_children():
+            weight = sibling._parameters.get("weight")
+            if (
+                sibling_name != name
+                and isinstance(weight, torch.Tensor)
+                and weight.dim() == 2
+                and weight.is_floating_point()
+                and not isinstance(sibling, nn.Linear)
+            ):
+                router_path = f"{parent_path}.{sibling_name}" if parent_path else sibling_name
+                lines.append(f"{router_path} ({type(sibling).__name__}): router weight, {NOT_ADAPTED}")
     return lines
 
 
