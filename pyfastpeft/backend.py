@@ -148,6 +148,11 @@ def backends() -> dict:
     }
 
 
+# Families with no native CUDA kernel: their native implementation is CPU-only, so forcing "native" on CUDA
+# tensors runs the reference, with the fallback warning (LoRA's GPU kernel is Triton's).
+NO_CUDA_NATIVE = frozenset({"lora", "quantize"})
+
+
 def choose(family: str, device: torch.device) -> str:
     """The backend an op of `family` runs on for tensors on `device`: reference, native or triton."""
     wanted = current_backend()
@@ -170,6 +175,9 @@ def choose(family: str, device: torch.device) -> str:
         if wanted == "native":
             if _native.cuda is None:
                 _native.warn_fallback("pyfastpeft._cuda", _native.cuda_error or "not built")
+                return "reference"
+            if family in NO_CUDA_NATIVE:
+                _native.warn_fallback(f"a native CUDA kernel for {family}", "none is built; use_backend('triton')")
                 return "reference"
             return "native"
         return "triton" if _triton_usable(family) else "reference"

@@ -43,6 +43,18 @@ def test_missing_native_module_falls_back_to_reference_with_one_warning(monkeypa
     assert not pyfastpeft.backends()["cpu_native"]["available"]
 
 
+@pytest.mark.parametrize("family", sorted(pyfastpeft.backend.NO_CUDA_NATIVE))
+def test_native_forced_for_a_family_without_a_cuda_kernel_warns_before_the_reference_runs(monkeypatch, family):
+    """Device dispatch is decided in one place: forcing "native" for a family whose native kernels are CPU-only
+    runs the reference on CUDA tensors, and says so once (it used to fall through in silence)."""
+    monkeypatch.setattr(_native, "cuda", object())  # a _cuda module as if built and loadable
+    monkeypatch.setattr(_native, "_warned", set())
+    with pyfastpeft.use_backend("native"):
+        with pytest.warns(RuntimeWarning, match=f"native CUDA kernel for {family}"):
+            assert pyfastpeft.backend.choose(family, torch.device("cuda")) == "reference"
+        assert pyfastpeft.backend.choose("rmsnorm", torch.device("cuda")) == "native"
+
+
 def test_import_survives_a_broken_native_module(tmp_path):
     """A _C that fails to load (here: a stub raising ImportError) leaves `import pyfastpeft` working."""
     stub = tmp_path / "stub.py"
