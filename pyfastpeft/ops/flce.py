@@ -42,7 +42,8 @@ from pyfastpeft.ops._checks import (
 )
 from pyfastpeft.ops._library import define_op, triton_module
 from pyfastpeft.reference import flce as ref
-from pyfastpeft.reference.flce import NONE, REDUCTIONS, compute_dtype
+from pyfastpeft.reference._common import accumulate_dtype
+from pyfastpeft.reference.flce import NONE, REDUCTIONS
 
 # Chunk size: the fp32 logits buffer of one chunk stays within CHUNK_BYTES (plus its copy in the
 # input dtype for the dh matmul), whatever the number of tokens, in a power of two of rows, but at least
@@ -113,7 +114,7 @@ def _chunked(
     row_pass(logits, labels, grad_weights or None, loss, lse, ignore_index, label_smoothing, softcap)
     is the backend's row kernel on one chunk (contiguous views)."""
     tokens, vocab = hidden.shape[0], weight.shape[0]
-    cd, device = compute_dtype(hidden.dtype), hidden.device
+    cd, device = accumulate_dtype(hidden.dtype), hidden.device
     loss = torch.empty(tokens, dtype=cd, device=device)
     lse = torch.empty(tokens, dtype=cd, device=device)
     with_grads = grad_weights is not None
@@ -206,7 +207,7 @@ def _forward_with(row_pass):
         any_grad = need_grad_hidden or need_grad_weight or need_grad_bias
         labels = labels.contiguous()
         weights = (
-            ref.reduction_weights(labels, ignore_index, reduction, compute_dtype(hidden.dtype)) if any_grad else None
+            ref.reduction_weights(labels, ignore_index, reduction, accumulate_dtype(hidden.dtype)) if any_grad else None
         )
         loss, lse, grad_hidden, grad_weight, grad_bias = _chunked(
             row_pass,
@@ -243,7 +244,7 @@ def _backward_with(row_pass):
         need_grad_bias,
         chunk_size,
     ):
-        weights = grad_loss.to(compute_dtype(hidden.dtype)).contiguous()
+        weights = grad_loss.to(accumulate_dtype(hidden.dtype)).contiguous()
         _, _, grad_hidden, grad_weight, grad_bias = _chunked(
             row_pass,
             hidden,
@@ -297,7 +298,7 @@ def _fake_forward(
     chunk_size,
 ):
     _check_shapes("flce_forward", hidden, weight, labels)
-    cd = compute_dtype(hidden.dtype)
+    cd = accumulate_dtype(hidden.dtype)
     loss = hidden.new_empty((hidden.shape[0],) if reduction == NONE else (), dtype=cd)
     lse = hidden.new_empty((hidden.shape[0],), dtype=cd)
     return (loss, lse, *_fake_grads(hidden, weight, bias, need_grad_hidden, need_grad_weight, need_grad_bias))

@@ -144,8 +144,8 @@ def _make_quant(axis: int, reference_fn):
     return reference, native, triton, fake
 
 
-_ref_rowq, _native_rowq, _triton_rowq, _fake_rowq = _make_quant(0, ref.vectorwise_quant)
-_ref_colq, _native_colq, _triton_colq, _fake_colq = _make_quant(1, ref.colwise_quant)
+_reference_rowq, _native_rowq, _triton_rowq, _fake_rowq = _make_quant(0, ref.vectorwise_quant)
+_reference_colq, _native_colq, _triton_colq, _fake_colq = _make_quant(1, ref.colwise_quant)
 
 # ---- the contract every int8 kernel trusts, checked on every op call ---------------------------------------
 
@@ -218,7 +218,7 @@ int8_vectorwise_quant_op = define_op(
     "(Tensor x, float threshold) -> (Tensor, Tensor, Tensor)",
     family="int8",
     fake=_fake_rowq,
-    reference=_ref_rowq,
+    reference=_reference_rowq,
     native=_native_rowq,
     triton=_triton_rowq,
     triton_dtypes=NATIVE_DTYPES,
@@ -229,7 +229,7 @@ int8_colwise_quant_op = define_op(
     "(Tensor x, float threshold) -> (Tensor, Tensor, Tensor)",
     family="int8",
     fake=_fake_colq,
-    reference=_ref_colq,
+    reference=_reference_colq,
     native=_native_colq,
     triton=_triton_colq,
     triton_dtypes=NATIVE_DTYPES,
@@ -237,13 +237,13 @@ int8_colwise_quant_op = define_op(
 )
 
 
-def _ref_dequant(q, stats, axis):
+def _reference_dequant(q, stats, axis):
     return ref.vectorwise_dequant(q, stats, axis)
 
 
 def _native_dequant(q, stats, axis):
     if not _native_usable(q, stats) or axis != 0:
-        return _ref_dequant(q, stats, axis)
+        return _reference_dequant(q, stats, axis)
     out = torch.empty(q.shape, dtype=torch.float32, device=q.device)
     if q.numel():
         dequantize_rows_into(q.contiguous(), stats.float().contiguous(), out)
@@ -264,9 +264,9 @@ int8_vectorwise_dequant_op = define_op(
     "(Tensor q, Tensor stats, int axis) -> Tensor",
     family="int8",
     fake=_fake_dequant,
-    reference=_ref_dequant,
+    reference=_reference_dequant,
     native=_native_dequant,
-    triton=_ref_dequant,
+    triton=_reference_dequant,
     triton_dtypes=(),
     check=_check_dequant,
 )
@@ -275,13 +275,13 @@ int8_vectorwise_dequant_op = define_op(
 # ---- int8 matmul and its epilogue ----------------------------------------------------------------------
 
 
-def _ref_matmul(a, b):
+def _reference_matmul(a, b):
     return ref.int8_matmul(a, b)
 
 
 def _native_matmul(a, b):
     if not _native_usable(a, b) or a.numel() == 0 or b.numel() == 0:
-        return _ref_matmul(a, b)
+        return _reference_matmul(a, b)
     return _int_mm(a.contiguous(), b.contiguous())
 
 
@@ -303,7 +303,7 @@ int8_matmul_op = define_op(
     "(Tensor a, Tensor b) -> Tensor",
     family="int8",
     fake=_fake_matmul,
-    reference=_ref_matmul,
+    reference=_reference_matmul,
     native=_native_matmul,
     triton=_triton_matmul,
     triton_dtypes=(torch.int8,),
@@ -362,7 +362,7 @@ def gemv_into(q, row_stats, weight, weight_stats, bias, addend, out) -> None:
     )
 
 
-def _ref_mm_dequant(c, row_stats, col_stats, bias, dtype):
+def _reference_mm_dequant(c, row_stats, col_stats, bias, dtype):
     return ref.mm_dequant(c, row_stats, col_stats, bias, c.new_empty(0, dtype=torch.float32), dtype)
 
 
@@ -372,7 +372,7 @@ def _native_mm_dequant(c, row_stats, col_stats, bias, dtype):
         or dtype not in NATIVE_DTYPES
         or (bias.numel() and bias.dtype not in NATIVE_DTYPES)
     ):
-        return _ref_mm_dequant(c, row_stats, col_stats, bias, dtype)
+        return _reference_mm_dequant(c, row_stats, col_stats, bias, dtype)
     out = _native.empty(c.shape, dtype=dtype, device=c.device)
     if c.numel():
         mm_dequant_into(
@@ -390,9 +390,9 @@ int8_mm_dequant_op = define_op(
     "(Tensor c, Tensor row_stats, Tensor col_stats, Tensor bias, ScalarType dtype) -> Tensor",
     family="int8",
     fake=_fake_mm_dequant,
-    reference=_ref_mm_dequant,
+    reference=_reference_mm_dequant,
     native=_native_mm_dequant,
-    triton=_ref_mm_dequant,
+    triton=_reference_mm_dequant,
     triton_dtypes=(),
     check=_check_mm_dequant,
 )
@@ -401,7 +401,7 @@ int8_mm_dequant_op = define_op(
 # ---- LLM.int8 linear -----------------------------------------------------------------------------------
 
 
-def _ref_linear(x, weight, weight_stats, bias, threshold):
+def _reference_linear(x, weight, weight_stats, bias, threshold):
     return ref.int8_linear(x, weight, weight_stats, bias, threshold).contiguous()
 
 
@@ -411,7 +411,7 @@ def _native_linear(x, weight, weight_stats, bias, threshold):
         or x.dtype not in NATIVE_DTYPES
         or (bias.numel() and bias.dtype not in NATIVE_DTYPES)
     ):
-        return _ref_linear(x, weight, weight_stats, bias, threshold)
+        return _reference_linear(x, weight, weight_stats, bias, threshold)
     out_features, in_features = weight.shape
     lead = x.shape[:-1]
     x2d = x.reshape(-1, in_features).contiguous()
@@ -460,7 +460,7 @@ def _triton_linear(x, weight, weight_stats, bias, threshold):
     x2d = x.reshape(-1, in_features).contiguous()
     out = torch.empty((x2d.shape[0], out_features), dtype=x.dtype, device=x.device)
     if out.numel() == 0 or in_features == 0:
-        return _ref_linear(x, weight, weight_stats, bias, threshold)
+        return _reference_linear(x, weight, weight_stats, bias, threshold)
     kernels = triton_module("int8")
     q = torch.empty(x2d.shape, dtype=torch.int8, device=x.device)
     row_stats = torch.empty(x2d.shape[0], dtype=torch.float32, device=x.device)
@@ -478,20 +478,20 @@ def _fake_linear(x, weight, weight_stats, bias, threshold):
     return x.new_empty((*x.shape[:-1], weight.shape[0]))
 
 
-def _ref_linear_grad_input(dy, weight, weight_stats):
+def _reference_linear_grad_input(dy, weight, weight_stats):
     return ref.int8_linear_grad_input(dy, weight, weight_stats).contiguous()
 
 
 def _native_linear_grad_input(dy, weight, weight_stats):
     if not _native_usable(dy, weight, weight_stats) or dy.dtype not in NATIVE_DTYPES:
-        return _ref_linear_grad_input(dy, weight, weight_stats)
+        return _reference_linear_grad_input(dy, weight, weight_stats)
     out_features, in_features = weight.shape
     dy2d = dy.reshape(-1, out_features)
     # CUDA, fp16/bf16: tensor-core products of dY and the dequantized tile in dY's dtype, summed over the tiles
     # into an fp32 dX (addmm with out_dtype), one rounding at the end. CPU (where fp16 matmul is slow) and fp32:
     # operands and dX in the reference's compute dtype.
     mixed = dy.is_cuda and dy.dtype in (torch.float16, torch.bfloat16)
-    compute = dy.dtype if mixed else ref.compute_dtype(dy.dtype)
+    compute = dy.dtype if mixed else ref.matmul_dtype(dy.dtype)
     dyc = dy2d.to(compute)
     weight, weight_stats = weight.contiguous(), weight_stats.float().contiguous()
     dx = torch.zeros((dy2d.shape[0], in_features), dtype=torch.float32 if mixed else compute, device=dy.device)
@@ -528,7 +528,7 @@ int8_linear_op = define_op(
     "(Tensor x, Tensor weight, Tensor weight_stats, Tensor bias, float threshold) -> Tensor",
     family="int8",
     fake=_fake_linear,
-    reference=_ref_linear,
+    reference=_reference_linear,
     native=_native_linear,
     triton=_triton_linear,
     triton_dtypes=NATIVE_DTYPES,
@@ -539,7 +539,7 @@ int8_linear_grad_input = define_op(
     "(Tensor dy, Tensor weight, Tensor weight_stats) -> Tensor",
     family="int8",
     fake=_fake_linear_grad_input,
-    reference=_ref_linear_grad_input,
+    reference=_reference_linear_grad_input,
     native=_native_linear_grad_input,
     triton=_triton_linear_grad_input,
     triton_dtypes=NATIVE_DTYPES,

@@ -26,7 +26,8 @@ from pyfastpeft.ops._checks import (
 )
 from pyfastpeft.ops._library import define_op, triton_module
 from pyfastpeft.reference import rmsnorm as ref
-from pyfastpeft.reference.rmsnorm import CASTING_MODES, compute_dtype, output_dtype
+from pyfastpeft.reference._common import accumulate_dtype
+from pyfastpeft.reference.rmsnorm import CASTING_MODES, output_dtype
 
 # (x dtype, y dtype) pairs the native kernels take; weight may be any float dtype.
 _NATIVE_PAIRS = {(d, d) for d in (torch.float32, torch.float16, torch.bfloat16, torch.float64)} | {
@@ -37,7 +38,7 @@ _NATIVE_PAIRS = {(d, d) for d in (torch.float32, torch.float16, torch.bfloat16, 
 
 def _empty_outputs(x, weight, casting_mode, empty=torch.empty):
     y = empty(x.shape, dtype=output_dtype(x.dtype, weight.dtype, casting_mode), device=x.device)
-    rstd = torch.empty(x.shape[:-1], dtype=compute_dtype(x.dtype), device=x.device)
+    rstd = torch.empty(x.shape[:-1], dtype=accumulate_dtype(x.dtype), device=x.device)
     return y, rstd
 
 
@@ -98,7 +99,7 @@ def _native_forward(x, weight, eps, offset, casting_mode):
 
 
 def _native_backward(dy, x, weight, rstd, offset, casting_mode, weight_grad):
-    if (x.dtype, dy.dtype) not in _NATIVE_PAIRS or rstd.dtype != compute_dtype(x.dtype):
+    if (x.dtype, dy.dtype) not in _NATIVE_PAIRS or rstd.dtype != accumulate_dtype(x.dtype):
         return ref.rms_norm_backward(dy, x, weight, rstd, offset, casting_mode, weight_grad)
     dx = _native.empty(x.shape, dtype=x.dtype, device=x.device)
     dw = None

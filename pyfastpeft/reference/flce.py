@@ -20,12 +20,10 @@ from __future__ import annotations
 
 import torch
 
+from pyfastpeft.reference._common import accumulate_dtype
+
 NONE, MEAN, SUM = 0, 1, 2
 REDUCTIONS = {"none": NONE, "mean": MEAN, "sum": SUM}
-
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def reduction_weights(labels: torch.Tensor, ignore_index: int, reduction: int, dtype: torch.dtype) -> torch.Tensor:
@@ -73,7 +71,7 @@ def token_losses(logits, labels, grad_weights, ignore_index: int, label_smoothin
 
 
 def _logits(hidden, weight, bias):
-    cd = compute_dtype(hidden.dtype)
+    cd = accumulate_dtype(hidden.dtype)
     logits = hidden.to(cd) @ weight.to(cd).t()
     return logits + bias.to(cd) if bias.numel() else logits
 

@@ -104,7 +104,7 @@ def int8_matmul(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return (a.double() @ b.double().t()).to(torch.int32)
 
 
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+def matmul_dtype(dtype: torch.dtype) -> torch.dtype:
     """The dtype the outlier columns are multiplied in: x's own; fp16 runs in fp32 (slow fp16 GEMMs on CPU)."""
     return dtype if dtype in (torch.float32, torch.bfloat16, torch.float64) else torch.float32
 
@@ -118,7 +118,7 @@ def outlier_product(
 ) -> torch.Tensor:
     """fp32 [M, N]: x[:, outliers] @ (W[:, outliers] * SCB / 127)^T in the compute dtype of x (into `out`, an
     fp32 [M, N] tensor, when given and the compute dtype is fp32)."""
-    compute = compute_dtype(x2d.dtype)
+    compute = matmul_dtype(x2d.dtype)
     sub_x = x2d[:, outlier_cols].to(compute)
     sub_w = vectorwise_dequant(weight[:, outlier_cols], weight_stats, 0).to(compute)
     if out is not None and compute == torch.float32:
@@ -150,6 +150,6 @@ def dequantize_weight(weight: torch.Tensor, weight_stats: torch.Tensor, dtype: t
 
 def int8_linear_grad_input(dy, weight, weight_stats):
     """dX [..., K] = dY [..., N] @ (W * SCB / 127) in dY's compute dtype (no dW: the int8 weight is frozen)."""
-    compute = compute_dtype(dy.dtype)
+    compute = matmul_dtype(dy.dtype)
     dx = dy.reshape(-1, weight.shape[0]).to(compute) @ dequantize_weight(weight, weight_stats, compute)
     return dx.to(dy.dtype).view(*dy.shape[:-1], weight.shape[1])

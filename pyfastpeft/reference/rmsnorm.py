@@ -11,12 +11,10 @@ from __future__ import annotations
 
 import torch
 
+from pyfastpeft.reference._common import accumulate_dtype
+
 LLAMA, GEMMA, NONE = 0, 1, 2
 CASTING_MODES = {"llama": LLAMA, "gemma": GEMMA, "none": NONE}
-
-
-def compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def output_dtype(x_dtype: torch.dtype, weight_dtype: torch.dtype, casting_mode: int) -> torch.dtype:
@@ -25,7 +23,7 @@ def output_dtype(x_dtype: torch.dtype, weight_dtype: torch.dtype, casting_mode: 
 
 def rms_norm_forward(x, weight, eps: float, offset: float, casting_mode: int):
     """(y, rstd): y like x (dtype per casting_mode), rstd = x.shape[:-1] in the compute dtype."""
-    cd = compute_dtype(x.dtype)
+    cd = accumulate_dtype(x.dtype)
     xc = x.to(cd)
     rstd = torch.rsqrt(xc.pow(2).mean(-1, keepdim=True) + eps)
     scale = offset + weight.to(cd)
@@ -45,7 +43,7 @@ def rms_norm_backward(dy, x, weight, rstd, offset: float, casting_mode: int, wei
         dx = r * m - (r^3 / N) * dot(m, x) * x
         dw = sum over rows of dy * xn,  xn = (x * r).to(x.dtype) (llama, none) or x * r (gemma)
     """
-    cd = compute_dtype(x.dtype)
+    cd = accumulate_dtype(x.dtype)
     xc, dyc, r = x.to(cd), dy.to(cd), rstd.to(cd).unsqueeze(-1)
     m = dyc * (offset + weight.to(cd))
     n = x.shape[-1]
