@@ -27,6 +27,12 @@ struct half {
   uint16_t bits;
 };
 
+// dispatch_dtype over the CPU kernels' storage types (csrc/native_types.h).
+template <typename Body>
+void dispatch_float(int dtype, const char* what, Body&& body) {
+  dispatch_dtype<half, bf16>(dtype, what, static_cast<Body&&>(body));
+}
+
 inline float bits_to_float(uint32_t u) {
   float f;
   std::memcpy(&f, &u, 4);

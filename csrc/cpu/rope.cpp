@@ -130,19 +130,13 @@ void rope(const void* q, const void* k, void* q_out, void* k_out, const void* co
           int64_t cos_batch_stride, int64_t cos_seq_stride, int64_t batch, int64_t seq, int64_t q_heads,
           int64_t k_heads, int64_t head_dim, int64_t rot_dim, int dtype, bool interleaved, bool backward,
           int nthreads) {
-#define PFP_ROPE(T)                                                                                                    \
-  return rope_impl(static_cast<const T*>(q), static_cast<const T*>(k), static_cast<T*>(q_out), static_cast<T*>(k_out), \
-                   static_cast<const T*>(cos), static_cast<const T*>(sin), q_strides.data(), k_strides.data(),         \
-                   q_out_strides.data(), k_out_strides.data(), cos_batch_stride, cos_seq_stride, batch, seq, q_heads,  \
-                   k_heads, head_dim, rot_dim, interleaved, backward, nthreads)
-  switch (dtype) {
-    case pfp::kFloat32: PFP_ROPE(float);
-    case pfp::kFloat16: PFP_ROPE(half);
-    case pfp::kBFloat16: PFP_ROPE(bf16);
-    case pfp::kFloat64: PFP_ROPE(double);
-  }
-#undef PFP_ROPE
-  throw std::invalid_argument("rope: unsupported dtype code");
+  pfp::dispatch_float(dtype, "rope", [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    rope_impl(static_cast<const T*>(q), static_cast<const T*>(k), static_cast<T*>(q_out), static_cast<T*>(k_out),
+              static_cast<const T*>(cos), static_cast<const T*>(sin), q_strides.data(), k_strides.data(),
+              q_out_strides.data(), k_out_strides.data(), cos_batch_stride, cos_seq_stride, batch, seq, q_heads,
+              k_heads, head_dim, rot_dim, interleaved, backward, nthreads);
+  });
 }
 
 }  // namespace PFP_ISA

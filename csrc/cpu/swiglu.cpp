@@ -8,6 +8,7 @@
 #include "cpu/kernels.h"
 
 #include <stdexcept>
+#include <type_traits>
 
 namespace PFP_ISA {
 namespace {
@@ -65,37 +66,20 @@ void backward_impl(const T* dy, const T* gate, const T* up, T* dgate, T* dup, in
 
 // swiglu_forward: out[numel] = silu(gate) * up; gate, up, out contiguous, one dtype (pfp::DType).
 void swiglu_forward(const void* gate, const void* up, void* out, int64_t numel, int dtype, int nthreads) {
-  switch (dtype) {
-    case pfp::kFloat32:
-      return forward_impl(static_cast<const float*>(gate), static_cast<const float*>(up), static_cast<float*>(out),
-                          numel, nthreads);
-    case pfp::kFloat16:
-      return forward_impl(static_cast<const half*>(gate), static_cast<const half*>(up), static_cast<half*>(out), numel,
-                          nthreads);
-    case pfp::kBFloat16:
-      return forward_impl(static_cast<const bf16*>(gate), static_cast<const bf16*>(up), static_cast<bf16*>(out), numel,
-                          nthreads);
-    case pfp::kFloat64:
-      return forward_impl(static_cast<const double*>(gate), static_cast<const double*>(up), static_cast<double*>(out),
-                          numel, nthreads);
-  }
-  throw std::invalid_argument("swiglu: unsupported dtype code");
+  pfp::dispatch_float(dtype, "swiglu_forward", [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    forward_impl(static_cast<const T*>(gate), static_cast<const T*>(up), static_cast<T*>(out), numel, nthreads);
+  });
 }
 
 // swiglu_backward: dgate, dup [numel] from dy, gate, up [numel]; all contiguous, one dtype.
 void swiglu_backward(const void* dy, const void* gate, const void* up, void* dgate, void* dup, int64_t numel, int dtype,
                      int nthreads) {
-#define PFP_SWIGLU_BWD(T)                                                                                 \
-  return backward_impl(static_cast<const T*>(dy), static_cast<const T*>(gate), static_cast<const T*>(up), \
-                       static_cast<T*>(dgate), static_cast<T*>(dup), numel, nthreads)
-  switch (dtype) {
-    case pfp::kFloat32: PFP_SWIGLU_BWD(float);
-    case pfp::kFloat16: PFP_SWIGLU_BWD(half);
-    case pfp::kBFloat16: PFP_SWIGLU_BWD(bf16);
-    case pfp::kFloat64: PFP_SWIGLU_BWD(double);
-  }
-#undef PFP_SWIGLU_BWD
-  throw std::invalid_argument("swiglu: unsupported dtype code");
+  pfp::dispatch_float(dtype, "swiglu_backward", [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    backward_impl(static_cast<const T*>(dy), static_cast<const T*>(gate), static_cast<const T*>(up),
+                  static_cast<T*>(dgate), static_cast<T*>(dup), numel, nthreads);
+  });
 }
 
 }  // namespace PFP_ISA

@@ -189,4 +189,10 @@ __device__ __forceinline__ C block_sum(C v) {
   return block_reduce(v, Plus{}, C(0));
 }
 
+// dispatch_dtype over the CUDA kernels' storage types (csrc/native_types.h).
+template <typename Body>
+void dispatch_float(int dtype, const char* what, Body&& body) {
+  pfp::dispatch_dtype<__half, __nv_bfloat16>(dtype, what, static_cast<Body&&>(body));
+}
+
 }  // namespace pfp_cuda

@@ -15,6 +15,8 @@
 #include "cuda/common.cuh"
 #include "cuda/kernels.cuh"
 
+#include <type_traits>
+
 namespace pfp_cuda {
 namespace {
 
@@ -124,18 +126,12 @@ void rope(const void* q, const void* k, void* q_out, void* k_out, const void* co
           int64_t cos_batch_stride, int64_t cos_seq_stride, int64_t batch, int64_t seq, int64_t q_heads,
           int64_t k_heads, int64_t head_dim, int64_t rot_dim, int dtype, bool interleaved, bool backward,
           cudaStream_t stream, int device) {
-#define PFP_ROPE(T)                                                                                                \
-  return launch<T>(q, k, q_out, k_out, cos, sin, q_strides.data(), k_strides.data(), q_out_strides.data(),         \
-                   k_out_strides.data(), cos_batch_stride, cos_seq_stride, batch, seq, q_heads, k_heads, head_dim, \
-                   rot_dim, interleaved, backward, stream, device)
-  switch (dtype) {
-    case kFloat32: PFP_ROPE(float);
-    case kFloat16: PFP_ROPE(__half);
-    case kBFloat16: PFP_ROPE(__nv_bfloat16);
-    case kFloat64: PFP_ROPE(double);
-  }
-#undef PFP_ROPE
-  throw std::invalid_argument("rope: unsupported dtype code " + std::to_string(dtype));
+  dispatch_float(dtype, "rope", [&](auto* tag) {
+    launch<std::remove_pointer_t<decltype(tag)>>(q, k, q_out, k_out, cos, sin, q_strides.data(), k_strides.data(),
+                                                 q_out_strides.data(), k_out_strides.data(), cos_batch_stride,
+                                                 cos_seq_stride, batch, seq, q_heads, k_heads, head_dim, rot_dim,
+                                                 interleaved, backward, stream, device);
+  });
 }
 
 }  // namespace pfp_cuda

@@ -12,6 +12,8 @@
 #include "cuda/common.cuh"
 #include "cuda/kernels.cuh"
 
+#include <type_traits>
+
 namespace pfp_cuda {
 namespace {
 
@@ -118,26 +120,18 @@ void launch_backward(const void* dy, const void* gate, const void* up, void* dga
 // (pfp_cuda::DType); out aliases neither input.
 void swiglu_forward(const void* gate, const void* up, void* out, int64_t numel, int dtype, cudaStream_t stream,
                     int device) {
-  switch (dtype) {
-    case kFloat32: return launch_forward<float>(gate, up, out, numel, stream, device);
-    case kFloat16: return launch_forward<__half>(gate, up, out, numel, stream, device);
-    case kBFloat16: return launch_forward<__nv_bfloat16>(gate, up, out, numel, stream, device);
-    case kFloat64: return launch_forward<double>(gate, up, out, numel, stream, device);
-  }
-  throw std::invalid_argument("swiglu: unsupported dtype code " + std::to_string(dtype));
+  dispatch_float(dtype, "swiglu_forward", [&](auto* tag) {
+    launch_forward<std::remove_pointer_t<decltype(tag)>>(gate, up, out, numel, stream, device);
+  });
 }
 
 // swiglu_backward: dgate, dup [numel] from dy, gate, up [numel]; all contiguous on `device`, one
 // dtype; the outputs alias no input.
 void swiglu_backward(const void* dy, const void* gate, const void* up, void* dgate, void* dup, int64_t numel, int dtype,
                      cudaStream_t stream, int device) {
-  switch (dtype) {
-    case kFloat32: return launch_backward<float>(dy, gate, up, dgate, dup, numel, stream, device);
-    case kFloat16: return launch_backward<__half>(dy, gate, up, dgate, dup, numel, stream, device);
-    case kBFloat16: return launch_backward<__nv_bfloat16>(dy, gate, up, dgate, dup, numel, stream, device);
-    case kFloat64: return launch_backward<double>(dy, gate, up, dgate, dup, numel, stream, device);
-  }
-  throw std::invalid_argument("swiglu: unsupported dtype code " + std::to_string(dtype));
+  dispatch_float(dtype, "swiglu_backward", [&](auto* tag) {
+    launch_backward<std::remove_pointer_t<decltype(tag)>>(dy, gate, up, dgate, dup, numel, stream, device);
+  });
 }
 
 }  // namespace pfp_cuda
