@@ -262,3 +262,40 @@ def test_dense_experts_are_reported_when_not_quantized():
     report = pyfastpeft.prepare_model(model, quant=None)
     named = {line.split(" ")[0] for line in report.not_patched if "left dense (quant=None)" in line}
     assert named == stacked
+
+
+@pytest.mark.parametrize("transposed_with_bias", [False, True], ids=["mixtral-layout", "transposed-with-bias"])
+def test_quantized_experts_keep_transformers_experts_contract(transposed_with_bias):
+    """With each expert kept dense (an identity `quantize`), QuantizedExperts computes what transformers' own
+    batched experts implementation computes, for [E, out, in] and transposed [E, in, out] weights with biases,
+    and expert-parallel sentinel ids (== num_experts) add nothing."""
+    moe = pytest.importorskip("transformers.integrations.moe", reason="transformers < 5 has no 3-D experts")
+    from pyfastpeft.nn import QuantizedExperts
+
+    experts_count, hidden, inner = 4, 16, 24
+
+    @moe.use_experts_implementation(is_transposed=transposed_with_bias, has_bias=transposed_with_bias)
+    class Experts(torch.nn.Module):
+        def __init__(self, config):
+            super().__init__()
+            self.num_experts = experts_count
+            shapes = [(2 * inner, hidden), (hidden, inner)]
+            if transposed_with_bias:
+                shapes = [(b, a) for a, b in shapes]
+            self.gate_up_proj = torch.nn.Parameter(torch.randn(experts_count, *shapes[0]) * 0.2)
+            self.down_proj = torch.nn.Parameter(torch.randn(experts_count, *shapes[1]) * 0.2)
+            if transposed_with_bias:
+                self.gate_up_proj_bias = torch.nn.Parameter(torch.randn(experts_count, 2 * inner))
+                self.down_proj_bias = torch.nn.Parameter(torch.randn(experts_count, hidden))
+            self.act_fn = torch.nn.SiLU()
+
+    torch.manual_seed(0)
+    experts = Experts(transformers.PretrainedConfig())
+    experts._is_expert_parallel = True  # the batched reference then masks the sentinel pairs
+    ours = QuantizedExperts(experts, quantize=lambda linear: linear)
+    x = torch.randn(7, hidden, requires_grad=True)
+    index = torch.randint(0, experts_count, (7, 2))
+    index[2, 1] = experts_count  # a sentinel
+    weights = torch.rand(7, 2)
+    expected = moe.batched_mm_experts_forward(experts, x, index, weights)
+    torch.testing.assert_close(ours(x, index, weights), expected, rtol=1e-5, atol=1e-5)

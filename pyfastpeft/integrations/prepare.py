@@ -515,7 +515,7 @@ def prepare_model(
         quant_report = quantize_model(model, quant, skip=tuple(skip))
         report.replaced[quant] = len(quant_report.replaced)
         report.replaced[f"{quant} experts"] = len(quant_report.experts)
-        experts_left = {line.partition(" (")[0]: line.partition("): ")[2] for line in quant_report.experts_left}
+        experts_left = quant_report.experts_left
     else:
         experts_left = {}
     if lora is not False:

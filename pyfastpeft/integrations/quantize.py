@@ -18,7 +18,7 @@ class QuantizeReport:
     replaced: list[str] = field(default_factory=list)
     skipped: list[str] = field(default_factory=list)
     experts: list[str] = field(default_factory=list)  # MoE experts blocks made QuantizedExperts
-    experts_left: list[str] = field(default_factory=list)  # "path (class): why", left dense
+    experts_left: dict[str, str] = field(default_factory=dict)  # path -> "class: why" it stayed dense
     bytes_before: int = 0
     bytes_after: int = 0
 
@@ -29,7 +29,7 @@ class QuantizeReport:
             f"blocks quantized, {len(self.skipped)} skipped; parameters and buffers "
             f"{self.bytes_before / mib:.1f} MiB -> {self.bytes_after / mib:.1f} MiB"
         ]
-        lines += [f"  experts left dense: {line}" for line in self.experts_left]
+        lines += [f"  experts left dense: {path} ({why})" for path, why in self.experts_left.items()]
         return "\n".join(lines)
 
 
@@ -79,7 +79,7 @@ def quantize_model(
             continue
         problem = experts_layout_problem(module)
         if problem is not None:
-            report.experts_left.append(f"{path} ({type(module).__name__}): {problem}")
+            report.experts_left[path] = f"{type(module).__name__}: {problem}"
             continue
         parent_path, _, name = path.rpartition(".")
         setattr(model.get_submodule(parent_path), name, QuantizedExperts(module, quantize))

@@ -107,26 +107,27 @@ class QuantizedExperts(nn.Module):
             )
         tokens, top_k = top_k_index.shape
         expert_ids = top_k_index.reshape(-1)
-        order = torch.argsort(expert_ids, stable=True)  # pairs grouped by expert, sentinels last
+        order = torch.argsort(expert_ids, stable=True)  # (token, slot) pairs grouped by expert, sentinels last
         counts = torch.bincount(expert_ids, minlength=self.num_experts)[: self.num_experts].tolist()
-        rows = hidden_states[order // top_k]
-        pieces, start = [], 0
+        # each expert's output lands at its pairs' places; sentinel pairs (expert parallelism) stay zero
+        out = None
+        start = 0
         for e, count in enumerate(counts):
             if count:
-                h = self._up(e)(rows[start : start + count])
+                pairs = order[start : start + count]
+                h = self._up(e)(hidden_states[pairs // top_k])
                 if self.has_gate:
                     gate, up = h.chunk(2, dim=-1)
                     h = self.act_fn(gate) * up
                 else:
                     h = self.act_fn(h)
-                pieces.append(self.down_proj[e](h))
+                y = self.down_proj[e](h)
+                out = y.new_zeros(tokens * top_k, y.shape[-1]) if out is None else out
+                out.index_copy_(0, pairs, y)
             start += count
-        used = start
-        hidden = hidden_states.shape[-1]
-        sorted_out = torch.cat(pieces) if pieces else hidden_states.new_zeros(0, hidden)
-        if used < order.numel():  # sentinel pairs (expert parallelism) contribute zero
-            sorted_out = torch.cat([sorted_out, sorted_out.new_zeros(order.numel() - used, hidden)])
-        out = torch.empty_like(sorted_out).index_copy(0, order, sorted_out)
+        if out is None:
+            out = hidden_states.new_zeros(tokens * top_k, hidden_states.shape[-1])
+        hidden = out.shape[-1]
         weighted = out * top_k_weights.reshape(-1, 1)
         return weighted.view(tokens, top_k, hidden).sum(dim=1).to(hidden_states.dtype)
 
