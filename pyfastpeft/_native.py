@@ -127,10 +127,8 @@ def cuda_stream(t: torch.Tensor) -> int:
 
 
 def _argument(arg):
-    if isinstance(arg, torch.Tensor):
-        return arg.data_ptr()
-    if arg is None:
-        return 0
+    if arg is None or isinstance(arg, torch.Tensor):
+        return ptr(arg)
     if isinstance(arg, torch.dtype):
         return DTYPE_CODES[arg]
     return arg
