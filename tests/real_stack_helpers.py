@@ -30,8 +30,8 @@ def peft_lora_config(target_modules=None):
 
 
 def adapted_names(model) -> list[str]:
-    """The last path components of the layers a prepared model holds adapters on: PEFT's target_modules for the
-    same layers (on MoE models, PEFT's all-linear also adapts the 3-D experts and the router, which we do not)."""
+    """The last path components of the linear layers a prepared model holds adapters on: PEFT's target_modules for
+    the same layers."""
     from pyfastpeft.nn import LoRALinear
 
     return sorted({path.rpartition(".")[2] for path, m in model.named_modules() if isinstance(m, LoRALinear)})
@@ -62,9 +62,43 @@ def seed_adapters(model, seed=1) -> dict[str, torch.Tensor]:
     return adapter_state(model)
 
 
+def peft_names(model) -> dict[str, str]:
+    """Our name -> PEFT's for the LoRA matrices on MoE experts and routers (LoRAExperts / LoRAParameter: PEFT's
+    nested ParamWrappers, target_parameters); the names of LoRALinear's are PEFT's already."""
+    from pyfastpeft.integrations.peft import _moe_entries
+
+    names = {}
+    for entry in _moe_entries(model, "default"):
+        for matrix, (key, _) in (("A", entry.lora_A), ("B", entry.lora_B)):
+            names[key] = f"{entry.key_path}.lora_{matrix}.default.weight"
+    return names
+
+
+def in_peft_names(model, tensors: dict) -> dict:
+    """tensors keyed by model's parameter names, keyed by PEFT's (peft_names)."""
+    names = peft_names(model)
+    return {names.get(key, key): value for key, value in tensors.items()}
+
+
+def peft_twin(base, model, seed=1):
+    """transformers + PEFT holding adapters on exactly the parts prepared `model` adapts (its adapter saved with
+    pyfastpeft.save_adapter and read by PeftModel.from_pretrained: linear layers, and on MoE models the experts and
+    routers through target_parameters), seeded; returns (reference, its initial adapters) as peft_reference."""
+    import tempfile
+
+    from pyfastpeft import save_adapter
+
+    with tempfile.TemporaryDirectory() as directory:
+        save_adapter(model, directory)
+        reference = peft.PeftModel.from_pretrained(copy.deepcopy(base), directory, is_trainable=True)
+    reference.enable_input_require_grads()
+    return reference, seed_adapters(reference, seed)
+
+
 def load_adapters(model, adapters: dict[str, torch.Tensor]) -> None:
     """Copy adapters (adapter_state's names) into model, prepared or PEFT; the two sets of names must be equal."""
-    params = {name.removeprefix("base_model.model."): p for name, p in model.named_parameters() if ".lora_" in name}
+    named = in_peft_names(model, dict(model.named_parameters()))
+    params = {name.removeprefix("base_model.model."): p for name, p in named.items() if ".lora_" in name}
     assert params.keys() == adapters.keys()
     with torch.no_grad():
         for name, p in params.items():

@@ -175,21 +175,22 @@ FINE_TUNED = {
 @pytest.mark.parametrize("model_type", sorted(FINE_TUNED))
 def test_prepared_model_equals_transformers_and_peft(model_type):
     pytest.importorskip("peft")
-    from real_stack_helpers import LORA, adapted_names, load_adapters, peft_reference
+    from real_stack_helpers import LORA, in_peft_names, load_adapters, peft_reference, peft_twin
 
     if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
         pytest.skip(f"{model_type} is not in this transformers")
     base = _build(model_type, FINE_TUNED[model_type])
     model = copy.deepcopy(base)
     report = pyfastpeft.prepare_model(model, quant=None, lora=LORA)
-    # PEFT's all-linear on the same layers: on a transformers 5.x MoE model newer PEFT also adapts the 3-D experts
-    # and the router (test_architectures.py checks the report names those)
+    # PEFT's all-linear; on a transformers 5.x MoE model, PEFT holding what we adapt (linear layers, 3-D experts and
+    # routers: PEFT's all-linear adapts those on some MoE models only, test_architectures.py compares the two)
     moe = any(p.dim() == 3 for p in base.parameters())
-    reference, adapters = peft_reference(base, target_modules=adapted_names(model) if moe else None)
+    reference, adapters = peft_twin(base, model) if moe else peft_reference(base)
     load_adapters(model, adapters)
     assert report.replaced["lora"] > 0 and report.replaced["fused loss"] == 1
     model.eval(), reference.eval()
     ids = _inputs()
     ours, our_grads = _loss_and_grads(model, ids)
     theirs, their_grads = _loss_and_grads(reference, ids)
+    our_grads = in_peft_names(model, our_grads)
     assert_same_loss_gradients_and_tokens(model, reference, ids, (ours, our_grads), (theirs, their_grads))

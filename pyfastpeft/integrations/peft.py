@@ -38,6 +38,7 @@ from pyfastpeft.integrations.bitsandbytes import (
     peft_bitsandbytes_lora_classes,
 )
 from pyfastpeft.integrations.safe_regex import SafePattern, compile_pattern
+from pyfastpeft.nn.experts import LoRAExperts, LoRAParameter, experts_layout_problem
 from pyfastpeft.nn.lora import LoRALinear, _check_adapter_name, base_kind, linear_modules
 
 CONFIG_NAME = "adapter_config.json"
@@ -97,6 +98,28 @@ def _lora_layers(model: nn.Module) -> list[tuple[str, LoRALinear]]:
     return [(path, module) for path, module in linear_modules(model) if isinstance(module, LoRALinear)]
 
 
+def _moe_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """LoRA on bare parameters: LoRAExperts and LoRAParameter (one adapter each)."""
+    return [
+        (path, module) for path, module in model.named_modules() if isinstance(module, (LoRAExperts, LoRAParameter))
+    ]
+
+
+def _refuse_moe(fn: str, model: nn.Module, adapter_name=None) -> None:
+    """Merging into MoE experts or routers, or switching them to an adapter they lack, is not built: raise."""
+    held = [
+        path
+        for path, module in _moe_layers(model)
+        if adapter_name is None or (module.adapter_name != adapter_name and module.adapters_enabled)
+    ]
+    if held:
+        raise _unsupported(
+            fn,
+            f"{held[:3]} hold LoRA on MoE experts or routers (LoRAExperts / LoRAParameter), one adapter each, "
+            "which cannot merge or switch to another adapter; do this on the PeftModel before from_peft",
+        )
+
+
 def _most_common(values):
     return collections.Counter(values).most_common(1)[0][0]
 
@@ -142,6 +165,7 @@ def _adapter_files(fn: str, model: nn.Module, adapter_name: str, state_dict: dic
     (keyed as model.state_dict()) when given, else from the layers."""
     all_layers = _lora_layers(model)
     layers = [(module_path, module) for module_path, module in all_layers if adapter_name in module.lora_A]
+    parameters = _moe_entries(model, adapter_name)
     if not layers:
         found = sorted({name for _, module in all_layers for name in module.lora_A})
         raise ValueError(
@@ -150,8 +174,17 @@ def _adapter_files(fn: str, model: nn.Module, adapter_name: str, state_dict: dic
     paths = [module_path for module_path, _ in layers]
     ranks = {module_path: module.r[adapter_name] for module_path, module in layers}
     alphas = {module_path: module.lora_alpha[adapter_name] for module_path, module in layers}
+    for entry in parameters:
+        ranks[entry.parameter_path], alphas[entry.parameter_path] = entry.r, entry.lora_alpha
     for setting in ("lora_dropout", "use_rslora"):
         values = {getattr(module, setting)[adapter_name] for _, module in layers}
+        if setting == "use_rslora":
+            values |= {entry.use_rslora for entry in parameters}
+        elif parameters and values != {0.0}:
+            raise ValueError(
+                f"{fn}: adapter {adapter_name!r} adapts MoE experts or routers (PEFT's target_parameters), which "
+                f"PEFT reads only without dropout, and its linear layers have lora_dropout {sorted(values)}"
+            )
         if len(values) > 1:
             raise ValueError(
                 f"{fn}: adapter {adapter_name!r} has {setting} values {sorted(values)} on different "
@@ -169,6 +202,7 @@ def _adapter_files(fn: str, model: nn.Module, adapter_name: str, state_dict: dic
         "lora_dropout": first.lora_dropout[adapter_name],
         "use_rslora": first.use_rslora[adapter_name],
         "target_modules": _target_modules(model, paths),
+        "target_parameters": sorted(entry.parameter_path for entry in parameters) or None,
         "rank_pattern": {re.escape(p): value for p, value in ranks.items() if value != r},
         "alpha_pattern": {re.escape(p): value for p, value in alphas.items() if value != lora_alpha},
         "bias": "none",
@@ -192,7 +226,62 @@ def _adapter_files(fn: str, model: nn.Module, adapter_name: str, state_dict: dic
                     raise ValueError(f"{fn}: the state_dict passed lacks {key!r}")
                 tensor = state_dict[key]
             tensors[f"{KEY_PREFIX}{module_path}.lora_{matrix}.weight"] = tensor.detach().to("cpu").contiguous()
+    for entry in parameters:
+        for matrix, (state_key, tensor) in (("A", entry.lora_A), ("B", entry.lora_B)):
+            if state_dict is not None:
+                if state_key not in state_dict:
+                    raise ValueError(f"{fn}: the state_dict passed lacks {state_key!r}")
+                tensor = state_dict[state_key]
+            tensors[f"{KEY_PREFIX}{entry.key_path}.lora_{matrix}.weight"] = tensor.detach().to("cpu").contiguous()
     return config, tensors
+
+
+@dataclasses.dataclass
+class _ParameterEntry:
+    """One adapted bare parameter as PEFT's target_parameters writes it: parameter_path (the targeted parameter,
+    e.g. model.layers.0.mlp.experts.gate_up_proj), key_path (where its ParamWrapper sits: PEFT nests the wrappers
+    of one module's parameters in their registration order, the first innermost, so each earlier one is one
+    `.base_layer` deeper), and lora_A / lora_B as (our state-dict key, tensor)."""
+
+    parameter_path: str
+    key_path: str
+    r: int
+    lora_alpha: float
+    use_rslora: bool
+    lora_A: tuple[str, torch.Tensor]
+    lora_B: tuple[str, torch.Tensor]
+
+
+def _moe_entries(model: nn.Module, adapter_name: str) -> list[_ParameterEntry]:
+    entries = []
+    for path, module in model.named_modules():
+        if isinstance(module, LoRAExperts) and module.adapter_name == adapter_name:
+            order = module.parameter_order
+            for depth, name in enumerate(reversed(order)):
+                entries.append(
+                    _ParameterEntry(
+                        f"{path}.{name}",
+                        path + ".base_layer" * depth,
+                        module.r[name],
+                        module.lora_alpha[name],
+                        module.use_rslora,
+                        (f"{path}.lora_A.{name}", module.lora_A[name]),
+                        (f"{path}.lora_B.{name}", module.lora_B[name]),
+                    )
+                )
+        elif isinstance(module, LoRAParameter) and module.adapter_name == adapter_name:
+            entries.append(
+                _ParameterEntry(
+                    f"{path}.{module.parameter_name}",
+                    path,
+                    module.r,
+                    module.lora_alpha,
+                    module.use_rslora,
+                    (f"{path}.lora_A", module.lora_A),
+                    (f"{path}.lora_B", module.lora_B),
+                )
+            )
+    return entries
 
 
 def _fsync(path: str) -> None:
@@ -330,6 +419,11 @@ def _read_config(fn: str, path: str) -> tuple[str, _AdapterConfig]:
     unsupported += [name for name in _UNSUPPORTED_OPTIONS if config.get(name) not in (None, [], {}, "")]
     if config.get("bias", "none") != "none":
         unsupported.append("bias")
+    if unsupported == ["target_parameters"]:
+        raise ValueError(
+            f"{where}: sets target_parameters (LoRA on MoE experts or routers), which load_adapter does not read "
+            "yet; load it with peft.PeftModel.from_pretrained and convert that with pyfastpeft.from_peft"
+        )
     if unsupported:
         raise ValueError(f"{where}: sets {unsupported}, which LoRALinear does not implement")
     missing = [name for name in ("r", "lora_alpha") if name not in config]
@@ -539,7 +633,7 @@ def _check_peft_configs(fn: str, peft_configs: dict) -> None:
         if peft_type != "LORA":
             raise ValueError(f"{fn}: adapter {adapter_name!r} is a {peft_type} adapter; only LoRA converts")
         on = [name for name in _UNSUPPORTED_FLAGS if getattr(config, name, False)]
-        on += [name for name in _UNSUPPORTED_OPTIONS if getattr(config, name, None)]
+        on += [name for name in _UNSUPPORTED_OPTIONS if getattr(config, name, None) and name != "target_parameters"]
         if getattr(config, "bias", "none") != "none":
             on.append("bias")
         if on:
@@ -609,6 +703,68 @@ def _converted(fn: str, module_path: str, layer) -> nn.Module:
     return ours
 
 
+def _param_wrappers(fn: str, module_path: str, outer) -> nn.Module:
+    """A LoRAExperts or LoRAParameter holding the adapter of a chain of PEFT ParamWrappers (target_parameters: one
+    wrapper per parameter, nested, the base innermost), sharing PEFT's very matrices and scaling."""
+    chain, base = [], outer
+    while type(base).__name__ == "ParamWrapper" and type(base).__module__.startswith("peft."):
+        chain.append(base)
+        base = base.base_layer
+    names = {name for wrapper in chain for name in wrapper.lora_A}
+    if len(names) != 1 or any(len(wrapper.active_adapters) != 1 for wrapper in chain):
+        raise ValueError(
+            f"{fn}: {module_path} holds adapters {sorted(names)} on bare parameters (target_parameters); "
+            "LoRAExperts and LoRAParameter hold one, active"
+        )
+    (adapter_name,) = names
+    if any(wrapper.merged for wrapper in chain):
+        raise ValueError(f"{fn}: {module_path}'s target_parameters adapter is merged; unmerge it first")
+    settings = {
+        wrapper.parameter_name: (
+            wrapper.r[adapter_name],
+            wrapper.lora_alpha[adapter_name],
+            wrapper.scaling[adapter_name],
+            wrapper.lora_A[adapter_name].weight,
+            wrapper.lora_B[adapter_name].weight,
+        )
+        for wrapper in chain
+    }
+    use_rslora = any(getattr(wrapper, "use_rslora", {}).get(adapter_name, False) for wrapper in chain)
+    if experts_layout_problem(base) is None:
+        up_name = "gate_up_proj" if base.has_gate else "up_proj"
+        if set(settings) != {up_name, "down_proj"}:
+            raise ValueError(
+                f"{fn}: {module_path} adapts {sorted(settings)} of a MoE experts block; LoRAExperts adapts "
+                f"{up_name} and down_proj together (PEFT's all-linear does)"
+            )
+        ours = LoRAExperts(
+            base,
+            {name: value[0] for name, value in settings.items()},
+            {name: value[1] for name, value in settings.items()},
+            use_rslora,
+            adapter_name,
+        )
+        for name, (_, _, scaling, lora_A, lora_B) in settings.items():
+            ours.lora_A[name], ours.lora_B[name], ours.scaling[name] = lora_A, lora_B, scaling
+    elif len(settings) == 1:
+        ((parameter_name, (r, lora_alpha, scaling, lora_A, lora_B)),) = settings.items()
+        weight = base._parameters.get(parameter_name)
+        if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
+            raise ValueError(
+                f"{fn}: {module_path} adapts {parameter_name!r} of a {type(base).__name__}, neither the experts of "
+                "a MoE block nor a 2-D weight"
+            )
+        ours = LoRAParameter(base, parameter_name, r, lora_alpha, use_rslora, adapter_name)
+        ours.lora_A, ours.lora_B, ours.scaling = lora_A, lora_B, scaling
+    else:
+        raise ValueError(
+            f"{fn}: {module_path} adapts {sorted(settings)} of a {type(base).__name__}, which is not a MoE "
+            f"experts block LoRAExperts covers ({experts_layout_problem(base)})"
+        )
+    ours.adapters_enabled = not chain[0].disable_adapters
+    return ours
+
+
 def from_peft(peft_model) -> nn.Module:
     """Replace, in place, every peft.tuners.lora.Linear of a live PeftModel with a LoRALinear that holds the
     same base layer and the same adapter modules (weights, scaling, active adapter, merged state), and return
@@ -617,8 +773,12 @@ def from_peft(peft_model) -> nn.Module:
     peft_model stays usable: its methods that act on adapter layers (save_pretrained, set_adapter,
     disable_adapter, merge_and_unload, ...) act on the LoRALinear layers from then on, and those that cannot
     raise an error naming the alternative (see _ConvertedPeftModel). A second call returns the model again.
+    LoRA on bare parameters (target_parameters, PEFT's nested ParamWrappers: what its all-linear puts on the MoE
+    experts and routers of transformers 5.x) becomes LoRAExperts / LoRAParameter over the same matrices; those hold
+    one adapter, so set_adapter to another adapter and merging raise for them.
     Refused, with the model unchanged: adapters of other PEFT types, DoRA, lora_bias, bias, modules_to_save,
-    trainable tokens, fan_in_fan_out, and LoRA on anything but linear layers (embeddings, convolutions).
+    trainable tokens, fan_in_fan_out, and LoRA on anything but linear layers and bare parameters (embeddings,
+    convolutions).
     """
     fn = "from_peft"
     try:
@@ -633,11 +793,17 @@ def from_peft(peft_model) -> nn.Module:
         return peft_model.base_model.model
     _check_peft_configs(fn, peft_model.peft_config)
     model = peft_model.base_model.model
-    lora_layers, others = [], []
+    lora_layers, wrappers, others = [], [], []
     lora_classes = (PeftLoraLinear, *peft_bitsandbytes_lora_classes())  # LoRA over bitsandbytes layers: QLoRA
+    inside = ()
     for module_path, module in model.named_modules():
+        if module_path.startswith(inside):
+            continue
         if type(module) in lora_classes:
             lora_layers.append((module_path, module))
+        elif type(module).__name__ == "ParamWrapper" and type(module).__module__.startswith("peft."):
+            wrappers.append((module_path, module))  # the outermost of a chain; the rest are inside it
+            inside += (module_path + ".",)
         elif isinstance(module, BaseTunerLayer) or type(module).__module__.startswith("peft."):
             others.append(f"{module_path} ({type(module).__module__}.{type(module).__name__})")
     if others:
@@ -645,9 +811,10 @@ def from_peft(peft_model) -> nn.Module:
             f"{fn}: LoRALinear converts LoRA on linear layers (peft.tuners.lora.Linear) only; the "
             f"model also holds {others[:4]}"
         )
-    if not lora_layers:
+    if not lora_layers and not wrappers:
         raise ValueError(f"{fn}: the model holds no peft.tuners.lora.Linear layer")
     converted = [(module_path, _converted(fn, module_path, layer)) for module_path, layer in lora_layers]
+    converted += [(module_path, _param_wrappers(fn, module_path, outer)) for module_path, outer in wrappers]
     for module_path, ours in converted:
         _replace_module(model, module_path, ours)
     peft_model.base_model.__class__ = _converted_class(_ConvertedLoraModel, type(peft_model.base_model))
@@ -703,6 +870,7 @@ class _ConvertedLoraModel(_Converted):
         if not any(adapter_name in layer.lora_A for _, layer in layers):
             found = sorted({name for _, layer in layers for name in layer.lora_A})
             raise ValueError(f"{fn}: no layer has adapter {adapter_name!r}; the model's adapters are {found}")
+        _refuse_moe(fn, self.model, adapter_name)
         for _, layer in layers:
             layer.set_adapter(adapter_name if adapter_name in layer.lora_A else None)
             if inference_mode and adapter_name in layer.lora_A:
@@ -713,14 +881,19 @@ class _ConvertedLoraModel(_Converted):
     def enable_adapter_layers(self) -> None:
         for _, layer in _lora_layers(self.model):
             layer.enable_adapters()
+        for _, layer in _moe_layers(self.model):
+            layer.adapters_enabled = True
 
     def disable_adapter_layers(self) -> None:
         for _, layer in _lora_layers(self.model):
             layer.disable_adapters()
+        for _, layer in _moe_layers(self.model):
+            layer.adapters_enabled = False
 
     def merge_adapter(self, adapter_names=None, safe_merge: bool = False) -> None:
         """Merge the active adapter into every layer that has it (LoRALinear merges the active adapter only)."""
         fn = "merge_adapter"
+        _refuse_moe(fn, self.model)
         layers = [
             layer for _, layer in _lora_layers(self.model) if layer.active_adapter is not None and not layer.merged
         ]
@@ -757,6 +930,7 @@ class _ConvertedLoraModel(_Converted):
 
     def unload(self):
         """Put every layer's base back (merged weights stay merged, as in PEFT) and return the model."""
+        _refuse_moe("unload", self.model)
         for module_path, layer in _lora_layers(self.model):
             _replace_module(self.model, module_path, layer.base_layer)
         return self.model
@@ -766,6 +940,8 @@ class _ConvertedLoraModel(_Converted):
         if adapter_name not in self.peft_config:
             raise ValueError(f"{fn}: adapter {adapter_name!r} does not exist")
         holders = [(path, layer) for path, layer in _lora_layers(self.model) if adapter_name in layer.lora_A]
+        if any(module.adapter_name == adapter_name for _, module in _moe_layers(self.model)):
+            raise _unsupported(fn, f"adapter {adapter_name!r} is on MoE experts or routers; delete it before from_peft")
         merged = [path for path, layer in holders if adapter_name in layer.merged_adapters]
         if merged:
             raise ValueError(f"{fn}: adapter {adapter_name!r} is merged into {merged[:4]}; unmerge_adapter() first")
@@ -791,6 +967,10 @@ class _ConvertedLoraModel(_Converted):
                 if name in layer.lora_A:
                     layer.lora_A[name].weight.requires_grad_(requires_grad)
                     layer.lora_B[name].weight.requires_grad_(requires_grad)
+        for _, layer in _moe_layers(self.model):
+            if layer.adapter_name in names:
+                for matrices in (layer.lora_A, layer.lora_B):
+                    matrices.requires_grad_(requires_grad)
 
     def add_weighted_adapter(self, *args, **kwargs):
         raise _unsupported("add_weighted_adapter", "combine adapters with PEFT before converting")
@@ -854,9 +1034,12 @@ class _ConvertedPeftModel(_Converted):
     @contextlib.contextmanager
     def disable_adapter(self):
         layers = [layer for _, layer in _lora_layers(self.base_model.model)]
-        enabled = [layer.adapters_enabled for layer in layers]
+        moe = [layer for _, layer in _moe_layers(self.base_model.model)]
+        enabled = [layer.adapters_enabled for layer in layers + moe]
         for layer in layers:
             layer.disable_adapters()
+        for layer in moe:
+            layer.adapters_enabled = False
         self._adapters_disabled = True
         try:
             yield
@@ -864,6 +1047,8 @@ class _ConvertedPeftModel(_Converted):
             for layer, was_enabled in zip(layers, enabled):
                 if was_enabled:
                     layer.enable_adapters()
+            for layer, was_enabled in zip(moe, enabled[len(layers) :]):
+                layer.adapters_enabled = was_enabled
             self._adapters_disabled = False
 
     def load_adapter(self, model_id, adapter_name: str, is_trainable: bool = False, **kwargs):

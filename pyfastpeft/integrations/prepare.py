@@ -395,46 +395,27 @@ def _check_lora_targets(fn: str, model: nn.Module, lora: LoraSettings) -> None:
         )
 
 
-NOT_ADAPTED = (
-    "frozen and not adapted (LoRA on bare 2-D/3-D parameters is not built; PEFT's all-linear adapts them through "
-    "target_parameters in newer releases, 0.21 among them, and from_peft refuses such adapters)"
-)
+def _expert_lines(model: nn.Module, quant: str | None, lora_report) -> list[str]:
+    """One line per MoE part LoRA left frozen: an experts block transformers 5.x keeps as 3-D parameters [experts,
+    out, in] (Mixtral, Qwen-MoE, ...; older transformers build one nn.Linear per expert, covered like any linear)
+    or a bare router weight beside one, with why. lora_report: add_lora's report, None when no adapter was added."""
+    from pyfastpeft.nn.experts import LoRAExperts, LoRAParameter
+    from pyfastpeft.nn.lora import moe_targets
 
-
-def _expert_lines(model: nn.Module, quant: str | None, left: dict[str, str]) -> list[str]:
-    """One line per MoE experts block transformers 5.x keeps as 3-D parameters [experts, out, in] (Mixtral,
-    Qwen-MoE, ...; older transformers build one nn.Linear per expert, which is covered like any linear), and per
-    router beside it that is a bare weight rather than an nn.Linear: what happened to it. Neither is adapted.
-    left: path -> why quantize_model left a block dense."""
-    from pyfastpeft.nn.experts import QuantizedExperts
-
-    lines, blocks = [], []
-    for path, module in model.named_modules():
-        if isinstance(module, QuantizedExperts):
-            lines.append(f"{path} ({module.source_class}): experts quantized ({quant}), {NOT_ADAPTED}")
-            blocks.append(path)
-            continue
-        stacked = [name for name, p in module.named_parameters(recurse=False) if p.dim() == 3 and p.is_floating_point()]
-        if stacked:
-            why = "quant=None" if quant is None else left.get(path, "skipped")
-            lines.append(
-                f"{path} ({type(module).__name__}): expert weights {', '.join(stacked)} are 3-D "
-                f"parameters, left dense ({why}), {NOT_ADAPTED}"
-            )
-            blocks.append(path)
-    for path in blocks:
-        parent_path, _, name = path.rpartition(".")
-        for sibling_name, sibling in model.get_submodule(parent_path).named_children():
-            weight = sibling._parameters.get("weight")
-            if (
-                sibling_name != name
-                and isinstance(weight, torch.Tensor)
-                and weight.dim() == 2
-                and weight.is_floating_point()
-                and not isinstance(sibling, nn.Linear)
-            ):
-                router_path = f"{parent_path}.{sibling_name}" if parent_path else sibling_name
-                lines.append(f"{router_path} ({type(sibling).__name__}): router weight, {NOT_ADAPTED}")
+    blocks, routers, layout_left = moe_targets(model)
+    if lora_report is None:
+        default = "lora=False"
+    else:
+        default = "target_modules names linear layers; 'all-linear' adapts experts and routers"
+    why = dict(lora_report.not_adapted) if lora_report is not None else {}
+    lines = []
+    for path, module in blocks + routers:
+        if not isinstance(module, (LoRAExperts, LoRAParameter)):
+            kind = "router weight" if (path, module) in routers else "experts"
+            lines.append(f"{path} ({type(module).__name__}): {kind} frozen, not adapted ({why.get(path, default)})")
+    for path, problem in layout_left.items():
+        dense = "" if quant is None else "left dense and "
+        lines.append(f"{path} ({problem}): expert weights {dense}not adapted")
     return lines
 
 
@@ -449,7 +430,8 @@ def prepare_model(
 
     quant: "nf4" (QLoRA: NF4 with double quantization, compute in the model's dtype), "int8" (LLM.int8) or None
     (the frozen base stays dense). lora: the adapter to add: True (the default) adds LoraSettings(), PEFT's
-    defaults (r=8, lora_alpha=8, every linear layer but the output layer); a LoraSettings adds that one; False adds
+    defaults (r=8, lora_alpha=8, every linear layer but the output layer, and, as PEFT's all-linear on
+    transformers 5.x, MoE experts and routers: see add_lora); a LoraSettings adds that one; False adds
     none (keeping the adapters a model already holds, e.g. from pyfastpeft.from_peft; the LoRA matrices are never
     quantized). patch: swap RMSNorm / gated MLP / RoPE for pyfastpeft's. fused_loss: in training mode with labels,
     compute the loss from hidden states with fused_linear_cross_entropy and return logits=None (the memory win);
@@ -474,6 +456,7 @@ def prepare_model(
     from pyfastpeft.integrations.quantize import model_bytes, quantize_model
     from pyfastpeft.integrations.transformers import patch_model
     from pyfastpeft.nn import LoRALinear
+    from pyfastpeft.nn.experts import LoRAExperts, LoRAParameter
     from pyfastpeft.nn.lora import add_lora
 
     fn = "prepare_model"
@@ -515,9 +498,7 @@ def prepare_model(
         quant_report = quantize_model(model, quant, skip=tuple(skip))
         report.replaced[quant] = len(quant_report.replaced)
         report.replaced[f"{quant} experts"] = len(quant_report.experts)
-        experts_left = quant_report.experts_left
-    else:
-        experts_left = {}
+    lora_report = None
     if lora is not False:
         lora_report = add_lora(
             model,
@@ -528,11 +509,16 @@ def prepare_model(
             use_rslora=lora.use_rslora,
         )
         report.replaced["lora"] = len(lora_report.wrapped)
+        report.replaced["lora experts"] = len(lora_report.experts)
+        report.replaced["lora routers"] = len(lora_report.routers)
     else:
         for module in model.modules():
             if isinstance(module, LoRALinear) and module.active_adapter is not None:
                 for matrices in (module.lora_A, module.lora_B):
                     matrices[module.active_adapter].requires_grad_(True)
+            elif isinstance(module, (LoRAExperts, LoRAParameter)):
+                for matrices in (module.lora_A, module.lora_B):
+                    matrices.requires_grad_(True)
     if patch:
         patch_report = patch_model(model)
         report.replaced.update(
@@ -545,7 +531,7 @@ def prepare_model(
             report.replaced["fused loss"] = 1
         else:
             report.not_patched.append(reason)
-    report.not_patched += _expert_lines(model, quant, experts_left)
+    report.not_patched += _expert_lines(model, quant, lora_report)
     report.trainable_params, report.total_params = _count(model)
     if report.trainable_params:
         # the embeddings are frozen: reentrant gradient checkpointing needs its block inputs to require grad

@@ -1,10 +1,19 @@
 """nn.Module drop-ins for HF transformers modules; each forward is one call into pyfastpeft.ops."""
 
-from pyfastpeft.nn.experts import QuantizedExperts
+from pyfastpeft.nn.experts import LoRAExperts, LoRAParameter, QuantizedExperts
 from pyfastpeft.nn.linear4bit import Linear4bit
 from pyfastpeft.nn.linear8bitlt import Linear8bitLt
 from pyfastpeft.nn.lora import LoRALinear
 from pyfastpeft.nn.rmsnorm import RMSNorm
 from pyfastpeft.nn.swiglu import SwiGLUMLP
 
-__all__ = ["Linear4bit", "Linear8bitLt", "LoRALinear", "QuantizedExperts", "RMSNorm", "SwiGLUMLP"]
+__all__ = [
+    "Linear4bit",
+    "Linear8bitLt",
+    "LoRAExperts",
+    "LoRALinear",
+    "LoRAParameter",
+    "QuantizedExperts",
+    "RMSNorm",
+    "SwiGLUMLP",
+]

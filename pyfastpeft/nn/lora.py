@@ -19,7 +19,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from pyfastpeft.nn.experts import QuantizedExperts
+from pyfastpeft.nn.experts import LoRAExperts, LoRAParameter, QuantizedExperts, experts_layout_problem
 from pyfastpeft.nn.linear4bit import Linear4bit
 from pyfastpeft.nn.linear8bitlt import Linear8bitLt
 from pyfastpeft.ops._autocast import autocast_dtype
@@ -400,16 +400,21 @@ class LoRAReport:
     elements: an NF4 weight counts its packed bytes)."""
 
     adapter_name: str
-    wrapped: list[str] = dataclasses.field(default_factory=list)
+    wrapped: list[str] = dataclasses.field(default_factory=list)  # linear layers
+    experts: list[str] = dataclasses.field(default_factory=list)  # MoE experts blocks (LoRAExperts)
+    routers: list[str] = dataclasses.field(default_factory=list)  # bare router weights (LoRAParameter)
+    not_adapted: dict[str, str] = dataclasses.field(default_factory=dict)  # MoE path -> why all-linear left it
     trainable_params: int = 0
     total_params: int = 0
 
     def __str__(self) -> str:
         share = 100.0 * self.trainable_params / self.total_params if self.total_params else 0.0
-        return (
-            f"pyfastpeft.add_lora: adapter {self.adapter_name!r} on {len(self.wrapped)} linear layers; "
+        lines = [
+            f"pyfastpeft.add_lora: adapter {self.adapter_name!r} on {len(self.wrapped)} linear layers, "
+            f"{len(self.experts)} MoE experts blocks and {len(self.routers)} routers; "
             f"trainable params {self.trainable_params:,} of {self.total_params:,} ({share:.4f}%)"
-        )
+        ]
+        return "\n".join(lines + [f"  not adapted: {path} ({why})" for path, why in self.not_adapted.items()])
 
 
 def _output_layer(model: nn.Module):
@@ -429,14 +434,52 @@ def linear_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
     for path, module in model.named_modules():
         if any(path.startswith(prefix) for prefix in inside):
             continue
-        if isinstance(module, QuantizedExperts):
-            inside.append(path + ".")  # per-expert layers: no LoRA on experts (PEFT's all-linear skips them too)
+        if isinstance(module, (QuantizedExperts, LoRAExperts, LoRAParameter)):
+            inside.append(path + ".")  # per-expert layers: experts take LoRA as a block (moe_targets)
         elif isinstance(module, LoRALinear):
             inside.append(path + ".")
             found.append((path, module))
         elif base_kind(module) is not None:
             found.append((path, module))
     return found
+
+
+def _stacked_parameters(module: nn.Module) -> list[str]:
+    return [name for name, p in module.named_parameters(recurse=False) if p.dim() == 3 and p.is_floating_point()]
+
+
+def moe_targets(model: nn.Module) -> tuple[list[tuple[str, nn.Module]], list[tuple[str, nn.Module]], dict[str, str]]:
+    """The MoE parts PEFT's "all-linear" adapts through target_parameters: (experts blocks, routers, left), where an
+    experts block is a transformers 5.x block of 3-D expert weights whose layout LoRAExperts reproduces (dense, a
+    QuantizedExperts, or one already adapted), a router is a module beside such a block whose 2-D `weight` is used
+    bare rather than through nn.Linear, and left maps each block of 3-D weights that is not covered to why."""
+    blocks, left, inside = [], {}, ()
+    for path, module in model.named_modules():
+        if path.startswith(inside):
+            continue
+        if isinstance(module, (QuantizedExperts, LoRAExperts)):
+            blocks.append((path, module))
+            inside += (path + ".",)
+        elif _stacked_parameters(module):
+            problem = experts_layout_problem(module)
+            if problem is None:
+                blocks.append((path, module))
+            else:
+                left[path] = f"{type(module).__name__}: {problem}"
+    routers = []
+    for path, _ in blocks:
+        parent_path, _, name = path.rpartition(".")
+        for sibling_name, sibling in model.get_submodule(parent_path).named_children():
+            weight = sibling._parameters.get("weight")
+            if isinstance(sibling, LoRAParameter) or (
+                sibling_name != name
+                and isinstance(weight, torch.Tensor)
+                and weight.dim() == 2
+                and weight.is_floating_point()
+                and not isinstance(sibling, nn.Linear)
+            ):
+                routers.append((f"{parent_path}.{sibling_name}" if parent_path else sibling_name, sibling))
+    return blocks, routers, left
 
 
 def matches_target(path: str, target_modules) -> bool:
@@ -464,6 +507,10 @@ def _check_target_modules(fn: str, target_modules):
     return tuple(target_modules)
 
 
+def _up_name(experts: nn.Module) -> str:
+    return "gate_up_proj" if experts.has_gate else "up_proj"
+
+
 def _set_submodule(model: nn.Module, path: str, module: nn.Module) -> None:
     parent_path, _, name = path.rpartition(".")
     setattr(model.get_submodule(parent_path) if parent_path else model, name, module)
@@ -482,8 +529,13 @@ def add_lora(
     adapter, activate it, and freeze every parameter but its A and B matrices.
 
     target_modules: names matched against the last path components (("q_proj", "v_proj")), or a regex str
-    the whole path must match, or "all-linear": every linear layer but the output layer (lm_head), as PEFT.
-    A layer already wrapped gets the adapter added (and activated). Returns a LoRAReport.
+    the whole path must match, or "all-linear": every linear layer but the output layer (lm_head), as PEFT, and,
+    as PEFT's all-linear does through target_parameters on transformers 5.x, each MoE experts block of 3-D weights
+    (LoRAExperts: gate_up_proj at rank 2r and alpha 2 * lora_alpha, standing for PEFT's gate_proj and up_proj;
+    up_proj and down_proj at r) and the bare router weight beside it (LoRAParameter); report.not_adapted says which
+    MoE parts stayed frozen and why (an unsupported layout; lora_dropout > 0, which PEFT's ParamWrapper refuses).
+    A layer already wrapped gets the adapter added (and activated); an experts block or router holds one adapter.
+    Returns a LoRAReport.
     """
     fn = "add_lora"
     if not isinstance(model, nn.Module):
@@ -516,6 +568,19 @@ def add_lora(
     clashes = [path for path, module in chosen if isinstance(module, LoRALinear) and adapter_name in module.lora_A]
     if clashes:
         raise ValueError(f"{fn}: adapter {adapter_name!r} already exists in {clashes[:4]}")
+    blocks, routers, left = moe_targets(model) if target_modules == "all-linear" else ([], [], {})
+    not_adapted = dict(left)
+    if lora_dropout and (blocks or routers):
+        # PEFT's ParamWrapper has no dropout: an adapter with both could not be read back by PEFT
+        why = "lora_dropout > 0: PEFT adapts experts and routers (target_parameters) only without dropout"
+        not_adapted.update({path: why for path, _ in blocks + routers})
+        blocks, routers = [], []
+    held = [path for path, module in blocks + routers if isinstance(module, (LoRAExperts, LoRAParameter))]
+    if held:
+        raise ValueError(
+            f"{fn}: {held[:4]} already hold an adapter and an experts block or router holds one (as PEFT's "
+            "target_parameters); name the linear layers in target_modules to add another adapter to those"
+        )
 
     for parameter in model.parameters():
         parameter.requires_grad_(False)
@@ -527,6 +592,18 @@ def add_lora(
         else:
             _set_submodule(model, path, LoRALinear(module, r, lora_alpha, lora_dropout, use_rslora, adapter_name))
         report.wrapped.append(path)
+    for path, module in blocks:
+        # the gated block's gate_up_proj stands for PEFT's gate_proj and up_proj adapters: twice the rank and alpha,
+        # the rule PEFT's all-linear applies to fused expert weights (same scaling, same capacity)
+        times = {_up_name(module): 2 if module.has_gate else 1, "down_proj": 1}
+        ranks = {name: r * k for name, k in times.items()}
+        alphas = {name: lora_alpha * k for name, k in times.items()}
+        _set_submodule(model, path, LoRAExperts(module, ranks, alphas, use_rslora, adapter_name))
+        report.experts.append(path)
+    for path, module in routers:
+        _set_submodule(model, path, LoRAParameter(module, "weight", r, lora_alpha, use_rslora, adapter_name))
+        report.routers.append(path)
+    report.not_adapted = not_adapted
     report.trainable_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     report.total_params = sum(p.numel() for p in model.parameters())
     return report
