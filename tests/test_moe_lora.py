@@ -142,8 +142,69 @@ def test_from_peft_converts_target_parameters_and_the_peft_model_keeps_working(t
         assert all(m.adapters_enabled for m in experts)
     with pytest.raises(NotImplementedError, match="before from_peft"):
         peft_model.merge_and_unload()
-    with pytest.raises(ValueError, match="target_parameters"):
-        pyfastpeft.load_adapter(copy.deepcopy(base), tmp_path)
+
+
+@pytest.mark.parametrize("quant", [None, "nf4"])
+def test_load_adapter_reads_target_parameters_written_by_peft_and_by_us(tmp_path, quant):
+    """An adapter directory with target_parameters (PEFT's all-linear on a MoE model, or our save) loads into a
+    model without adapters: experts become LoRAExperts (over NF4 experts too), routers LoRAParameter, and the model
+    computes what PEFT does with the same directory (over the dequantized weights when quantized)."""
+    from real_stack_helpers import peft_lora_config, seed_adapters
+
+    base = tiny_moe("qwen3_moe")
+    peft_model = peft.get_peft_model(copy.deepcopy(base), peft_lora_config())
+    seed_adapters(peft_model)
+    peft_model.save_pretrained(tmp_path / "peft")
+    model = copy.deepcopy(base)
+    pyfastpeft.prepare_model(model, quant=quant, lora=False, fused_loss=False)
+    loaded = pyfastpeft.load_adapter(model, tmp_path / "peft")
+    assert sum(isinstance(m, LoRAExperts) for m in model.modules()) == len(stacked_experts(base))
+    assert any(path.endswith(".gate") for path in loaded)
+    if quant is not None:  # PEFT over the dense model holding the NF4 weights' dequantized values
+        peft_model = peft.PeftModel.from_pretrained(
+            with_dequantized_weights(copy.deepcopy(base), model), tmp_path / "peft"
+        )
+    model.eval(), peft_model.eval()
+    with torch.no_grad():
+        expected = peft_model(input_ids=IDS).logits
+        got = model(input_ids=IDS).logits
+        torch.testing.assert_close(got, expected, rtol=0, atol=1e-5)
+        pyfastpeft.save_adapter(model, tmp_path / "ours")
+        again = copy.deepcopy(base)
+        pyfastpeft.load_adapter(again, tmp_path / "ours")
+        if quant is None:
+            torch.testing.assert_close(again(input_ids=IDS).logits, got, rtol=0, atol=1e-6)
+
+
+def test_load_adapter_refuses_bad_target_parameters_and_changes_nothing(tmp_path):
+    import json
+
+    from real_stack_helpers import LORA
+    from safetensors.torch import load_file, save_file
+
+    base = tiny_moe("mixtral")
+    model = copy.deepcopy(base)
+    pyfastpeft.prepare_model(model, quant=None, lora=LORA, fused_loss=False)
+    pyfastpeft.save_adapter(model, tmp_path)
+    config_path, weights_path = tmp_path / "adapter_config.json", tmp_path / "adapter_model.safetensors"
+    config, weights = json.loads(config_path.read_text()), load_file(weights_path)
+
+    def refused(match, **changes):
+        target = copy.deepcopy(base)
+        before = {key: value.clone() for key, value in target.state_dict().items()}
+        config_path.write_text(json.dumps({**config, **changes.get("config", {})}))
+        save_file(changes.get("weights", weights), weights_path)
+        with pytest.raises(ValueError, match=match):
+            pyfastpeft.load_adapter(target, tmp_path)
+        assert target.state_dict().keys() == before.keys()
+        assert not any(isinstance(m, (LoRAExperts, LoRAParameter)) for m in target.modules())
+
+    refused("must be a list", config={"target_parameters": "gate_up_proj"})
+    refused("2 nesting levels and 1 parameters", config={"target_parameters": ["down_proj", "gate.weight"]})
+    refused("lora_dropout", config={"lora_dropout": 0.1})
+    key = next(key for key in weights if key.endswith("experts.lora_A.weight"))
+    refused(r"r=8 and .* give", weights={**weights, key: weights[key][:-1]})
+    refused("r=3 and", config={"rank_pattern": {**config["rank_pattern"], r".*\.down_proj": 3}})
 
 
 @pytest.mark.parametrize("quantized", [False, True], ids=["dense", "quantized-identity"])

@@ -4,10 +4,15 @@ format, and from_peft, which converts a live PeftModel's LoRA layers into ours a
 PEFT's LoRA adapter directory:
   adapter_config.json          LoraConfig's fields: peft_type "LORA", r, lora_alpha, lora_dropout, use_rslora,
                                target_modules, rank_pattern / alpha_pattern ({regex: value}, matched against
-                               a module path as re.match(rf"(.*\\.)?({key})$", path)), task_type ...
+                               a module path as re.match(rf"(.*\\.)?({key})$", path)), task_type, and
+                               target_parameters (bare parameters: MoE experts' 3-D weights, router weights;
+                               the patterns match <module path>.<parameter name>) ...
   adapter_model.safetensors    base_model.model.<module path>.lora_A.weight  [r, in]
                                base_model.model.<module path>.lora_B.weight  [out, r]
                                (no adapter name in the keys; older directories hold adapter_model.bin)
+                               a targeted parameter's matrices: <module path>(.base_layer)*d.lora_A.weight
+                               [r * experts, in] and ...lora_B.weight [out, r * experts], one nesting level d
+                               per parameter of the module, in registration order, the first deepest
 <module path> is the path in the transformers model, the one PeftModel wraps as base_model.model.
 
 Adapter directories come from the internet: load_adapter checks every file, key, value, shape and dtype before
@@ -28,6 +33,7 @@ import os
 import re
 import shutil
 import tempfile
+from typing import Callable
 
 import torch
 from torch import nn
@@ -38,7 +44,14 @@ from pyfastpeft.integrations.bitsandbytes import (
     peft_bitsandbytes_lora_classes,
 )
 from pyfastpeft.integrations.safe_regex import SafePattern, compile_pattern
-from pyfastpeft.nn.experts import LoRAExperts, LoRAParameter, experts_layout_problem
+from pyfastpeft.nn.experts import (
+    LoRAExperts,
+    LoRAParameter,
+    QuantizedExperts,
+    expert_count,
+    expert_features,
+    experts_layout_problem,
+)
 from pyfastpeft.nn.lora import LoRALinear, _check_adapter_name, base_kind, linear_modules
 
 CONFIG_NAME = "adapter_config.json"
@@ -354,6 +367,7 @@ class _AdapterConfig:
     use_rslora: bool
     rank_pattern: list[tuple[str, SafePattern, int]]
     alpha_pattern: list[tuple[str, SafePattern, float]]
+    target_parameters: tuple[str, ...] = ()  # PEFT's: names or paths of bare parameters (MoE experts, routers)
 
 
 def _check_int(where: str, key: str, value) -> int:
@@ -416,14 +430,13 @@ def _read_config(fn: str, path: str) -> tuple[str, _AdapterConfig]:
         for name in _UNSUPPORTED_FLAGS
         if name in config and config[name] is not None and _check_flag(where, repr(name), config[name])
     ]
-    unsupported += [name for name in _UNSUPPORTED_OPTIONS if config.get(name) not in (None, [], {}, "")]
+    unsupported += [
+        name
+        for name in _UNSUPPORTED_OPTIONS
+        if name != "target_parameters" and config.get(name) not in (None, [], {}, "")
+    ]
     if config.get("bias", "none") != "none":
         unsupported.append("bias")
-    if unsupported == ["target_parameters"]:
-        raise ValueError(
-            f"{where}: sets target_parameters (LoRA on MoE experts or routers), which load_adapter does not read "
-            "yet; load it with peft.PeftModel.from_pretrained and convert that with pyfastpeft.from_peft"
-        )
     if unsupported:
         raise ValueError(f"{where}: sets {unsupported}, which LoRALinear does not implement")
     missing = [name for name in ("r", "lora_alpha") if name not in config]
@@ -436,7 +449,16 @@ def _read_config(fn: str, path: str) -> tuple[str, _AdapterConfig]:
         use_rslora=_check_flag(where, "'use_rslora'", config.get("use_rslora", False)),
         rank_pattern=_read_patterns(where, "rank_pattern", config.get("rank_pattern"), _check_int),
         alpha_pattern=_read_patterns(where, "alpha_pattern", config.get("alpha_pattern"), _check_real),
+        target_parameters=_read_target_parameters(where, config.get("target_parameters")),
     )
+
+
+def _read_target_parameters(where: str, value) -> tuple[str, ...]:
+    if value in (None, [], ""):
+        return ()
+    if not isinstance(value, list) or not all(isinstance(name, str) and name for name in value):
+        raise ValueError(f"{where}: 'target_parameters' must be a list of parameter names, got {value!r}"[:400])
+    return tuple(value)
 
 
 def _read_weights(fn: str, path: str) -> tuple[str, dict]:
@@ -570,7 +592,7 @@ def _fill(layer: LoRALinear, adapter_name: str, step: _Step) -> None:
         layer.lora_B[adapter_name].weight.copy_(step.lora_B)
 
 
-def _apply(model: nn.Module, steps: list[_Step], adapter_name: str, config: _AdapterConfig) -> None:
+def _apply(model: nn.Module, steps: list[_Step], adapter_name: str, config: _AdapterConfig, parameter_steps=()) -> None:
     """Build the new LoRALinear layers aside, then add the adapter to wrapped layers and swap the new ones in;
     if anything fails, every change made so far is undone in reverse order."""
     settings = dict(lora_dropout=config.lora_dropout, use_rslora=config.use_rslora, init_lora_weights=False)
@@ -590,6 +612,10 @@ def _apply(model: nn.Module, steps: list[_Step], adapter_name: str, config: _Ada
                 step.module.add_adapter(adapter_name, step.r, step.lora_alpha, **settings)
                 undo.append(functools.partial(step.module.delete_adapter, adapter_name))
                 _fill(step.module, adapter_name, step)
+        for module_path, build in parameter_steps:
+            module = model.get_submodule(module_path)
+            undo.append(functools.partial(_restore_requires_grad, [(p, p.requires_grad) for p in module.parameters()]))
+            built.append((_Step(module_path, module, 0, 0.0, None, None), build()))
         for step, layer in built:
             _replace_module(model, step.module_path, layer)
             undo.append(functools.partial(_replace_module, model, step.module_path, step.module))
@@ -605,10 +631,12 @@ def load_adapter(model: nn.Module, path, adapter_name: str = "default") -> list[
 
     Each layer named in the weights is wrapped in LoRALinear (r, lora_alpha, lora_dropout, use_rslora from
     the config, rank_pattern / alpha_pattern per layer), where the adapter is active; a layer already
-    wrapped gets it added, not activated (LoRALinear.set_adapter switches). The model changes only once every
-    check has passed (a missing or corrupt file, a non-LoRA peft_type, settings beyond plain LoRA, a value of the
-    wrong type, a pattern key refused by safe_regex, keys that match no linear layer, shapes that disagree with
-    the config, non-finite weights), and is restored if the change itself fails.
+    wrapped gets it added, not activated (LoRALinear.set_adapter switches). Bare parameters the config names in
+    target_parameters (PEFT's LoRA on MoE experts and routers) get LoRAExperts / LoRAParameter, one adapter each.
+    The model changes only once every check has passed (a missing or corrupt file, a non-LoRA peft_type, settings
+    beyond plain LoRA, a value of the wrong type, a pattern key refused by safe_regex, keys that match no linear
+    layer or targeted parameter, shapes that disagree with the config, non-finite weights), and is restored if the
+    change itself fails.
     """
     fn = "load_adapter"
     model = _check_model(fn, model)
@@ -619,9 +647,124 @@ def load_adapter(model: nn.Module, path, adapter_name: str = "default") -> list[
     _, config = _read_config(fn, path)
     weights_path, state = _read_weights(fn, path)
     where = f"{fn}: {weights_path}"
-    steps = _plan(fn, model, adapter_name, config, where, _group_by_module(where, state))
-    _apply(model, steps, adapter_name, config)
-    return [step.module_path for step in steps]
+    grouped = _group_by_module(where, state)
+    parameter_steps = _plan_parameters(fn, model, adapter_name, config, where, grouped)  # takes its paths out
+    steps = _plan(fn, model, adapter_name, config, where, grouped)
+    _apply(model, steps, adapter_name, config, parameter_steps)
+    return [step.module_path for step in steps] + [path for path, _ in parameter_steps]
+
+
+def _plan_parameters(
+    fn: str, model: nn.Module, adapter_name: str, config: _AdapterConfig, where: str, grouped: dict
+) -> list[tuple[str, Callable[[], nn.Module]]]:
+    """The target_parameters part of a load, checked and nothing changed: [(module path, build its LoRAExperts or
+    LoRAParameter)]; the keys it takes are removed from grouped. PEFT's keys for a module's targeted parameters
+    are <path>(.base_layer)*d.lora_A.weight, one nesting level per parameter in registration order, the first
+    deepest (see _moe_entries)."""
+    if not config.target_parameters:
+        return []
+    if config.lora_dropout:
+        raise ValueError(f"{where}: target_parameters with lora_dropout > 0; PEFT's ParamWrapper refuses that too")
+    targets = config.target_parameters
+    nests: dict[str, dict[int, str]] = {}
+    for key_path in list(grouped):
+        module_path, depth = key_path, 0
+        while module_path.endswith(".base_layer"):
+            module_path, depth = module_path[: -len(".base_layer")], depth + 1
+        try:
+            module = model.get_submodule(module_path)
+        except AttributeError:
+            continue  # left to _plan, which names it
+        if isinstance(module, (LoRAExperts, LoRAParameter)):
+            raise ValueError(f"{fn}: {module_path} already holds adapter {module.adapter_name!r}; it holds one")
+        if isinstance(module, LoRALinear) or base_kind(module) is not None:
+            continue  # a linear layer
+        nests.setdefault(module_path, {})[depth] = key_path
+    steps = []
+    for module_path, keys in nests.items():
+        module = model.get_submodule(module_path)
+        # PEFT's match: the parameter's path equals a target or ends in "." + a target (QuantizedExperts: the
+        # 3-D weights it was made from)
+        candidates = (
+            module.parameter_order
+            if isinstance(module, QuantizedExperts)
+            else [name for name, _ in module.named_parameters(recurse=False)]
+        )
+        names = [
+            name
+            for name in candidates
+            if any(f"{module_path}.{name}" == t or f"{module_path}.{name}".endswith(f".{t}") for t in targets)
+        ]
+        if sorted(keys) != list(range(len(names))):
+            raise ValueError(
+                f"{where}: {module_path} ({type(module).__name__}) has keys at {len(keys)} nesting levels and "
+                f"{len(names)} parameters named in target_parameters ({names})"
+            )
+        # the parameter at depth d is the (len - 1 - d)-th in registration order
+        pairs = {names[len(names) - 1 - depth]: grouped.pop(key_path) for depth, key_path in keys.items()}
+        settings = {}
+        for name, pair in pairs.items():
+            parameter_path = f"{module_path}.{name}"
+            r = _pattern_value(config.rank_pattern, parameter_path, config.r)
+            alpha = _pattern_value(config.alpha_pattern, parameter_path, config.lora_alpha)
+            settings[name] = (r, alpha, pair["A"], pair["B"])
+        steps.append((module_path, _parameter_builder(where, module_path, module, settings, config, adapter_name)))
+    return steps
+
+
+def _parameter_builder(where: str, module_path: str, module: nn.Module, settings: dict, config, adapter_name: str):
+    """Check the shapes of one module's target_parameters matrices; return what builds its wrapper."""
+
+    def check(name, r, experts, in_features, out_features):
+        _, _, (a_key, lora_A), (b_key, lora_B) = settings[name]
+        for key, tensor, shape in (
+            (a_key, lora_A, (r * experts, in_features)),
+            (b_key, lora_B, (out_features, r * experts)),
+        ):
+            if tuple(tensor.shape) != shape:
+                raise ValueError(
+                    f"{where}: {key!r} is {tuple(tensor.shape)}; r={r} and {module_path}.{name} give {shape}"
+                )
+
+    if isinstance(module, QuantizedExperts) or experts_layout_problem(module) is None:
+        up_name = "gate_up_proj" if module.has_gate else "up_proj"
+        if set(settings) != {up_name, "down_proj"}:
+            raise ValueError(
+                f"{where}: {module_path} adapts {sorted(settings)}; LoRAExperts adapts {up_name} and down_proj together"
+            )
+        ranks = {name: value[0] for name, value in settings.items()}
+        alphas = {name: value[1] for name, value in settings.items()}
+        for name in settings:
+            out_features, in_features = expert_features(module, name)
+            check(name, ranks[name], expert_count(module), in_features, out_features)
+
+        def build():
+            layer = LoRAExperts(module, ranks, alphas, config.use_rslora, adapter_name)
+            with torch.no_grad():
+                for name, (_, _, (_, lora_A), (_, lora_B)) in settings.items():
+                    layer.lora_A[name].copy_(lora_A)
+                    layer.lora_B[name].copy_(lora_B)
+            return layer
+
+        return build
+    weights = {name: module._parameters.get(name) for name in settings}
+    if len(settings) != 1 or not all(isinstance(w, torch.Tensor) and w.dim() == 2 for w in weights.values()):
+        raise ValueError(
+            f"{where}: {module_path} ({type(module).__name__}) adapts {sorted(settings)}: neither a MoE experts "
+            f"block LoRAExperts covers ({experts_layout_problem(module)}) nor one 2-D weight"
+        )
+    ((name, (r, alpha, _, _)),) = settings.items()
+    weight = weights[name]
+    check(name, r, 1, weight.shape[1], weight.shape[0])
+
+    def build():
+        layer = LoRAParameter(module, name, r, alpha, config.use_rslora, adapter_name)
+        with torch.no_grad():
+            layer.lora_A.copy_(settings[name][2][1])
+            layer.lora_B.copy_(settings[name][3][1])
+        return layer
+
+    return build
 
 
 # ---- from a live PeftModel -----------------------------------------------------------------------------------

@@ -174,6 +174,19 @@ def _lora_pair(experts: int, r: int, in_features: int, out_features: int, like: 
     return nn.Parameter(lora_A), nn.Parameter(lora_B)
 
 
+def expert_features(block: nn.Module, name: str) -> tuple[int, int]:
+    """(out, in) of each expert's projection `name` of a QuantizedExperts or a transformers experts block."""
+    if isinstance(block, QuantizedExperts):
+        layer = getattr(block, name)[0]
+        return layer.out_features, layer.in_features
+    shape = getattr(block, name).shape[1:]
+    return (shape[1], shape[0]) if block.is_transposed else (shape[0], shape[1])
+
+
+def expert_count(block: nn.Module) -> int:
+    return block.num_experts if isinstance(block, QuantizedExperts) else block.down_proj.shape[0]
+
+
 class _ForwardsAttributes:
     """Attributes the wrapper lacks are read from base_layer, as the model's code reads them from the block it
     built (router.top_k, experts.num_experts, ...)."""
@@ -227,7 +240,7 @@ class LoRAExperts(_ForwardsAttributes, nn.Module):
             raise ValueError(f"LoRAExperts: r and lora_alpha must give a value for each of {self.projections}")
         self.r, self.lora_alpha, self.scaling = dict(r), dict(lora_alpha), {}
         self.lora_A, self.lora_B = nn.ParameterDict(), nn.ParameterDict()
-        experts = base.num_experts if isinstance(base, QuantizedExperts) else base.down_proj.shape[0]
+        experts = expert_count(base)
         for name in self.projections:
             out_features, in_features = self.features(name)
             rank = self.r[name]
@@ -259,12 +272,7 @@ class LoRAExperts(_ForwardsAttributes, nn.Module):
 
     def features(self, name: str) -> tuple[int, int]:
         """(out, in) of each expert's projection `name`."""
-        base = self.base_layer
-        if isinstance(base, QuantizedExperts):
-            layer = getattr(base, name)[0]
-            return layer.out_features, layer.in_features
-        shape = getattr(base, name).shape[1:]
-        return (shape[1], shape[0]) if base.is_transposed else (shape[0], shape[1])
+        return expert_features(self.base_layer, name)
 
     def _base_project(self, name: str, e: int, x: torch.Tensor) -> torch.Tensor:
         base = self.base_layer
