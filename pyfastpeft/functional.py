@@ -2,7 +2,8 @@
 
 from pyfastpeft.ops.flce import fused_linear_cross_entropy
 from pyfastpeft.ops.int8 import int8_linear
-from pyfastpeft.ops.lora import lora_linear, lora_linear_multi
+from pyfastpeft.ops.lora import lora_linear
+from pyfastpeft.ops.lora_multi import lora_linear_multi
 from pyfastpeft.ops.nf4 import nf4_linear
 from pyfastpeft.ops.rmsnorm import rms_norm
 from pyfastpeft.ops.rope import apply_rotary_pos_emb

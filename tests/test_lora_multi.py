@@ -10,7 +10,7 @@ from helpers import BACKENDS, CPU_ISAS, TOLERANCES, cpu_isa
 
 import pyfastpeft
 from pyfastpeft.functional import lora_linear, lora_linear_multi
-from pyfastpeft.ops import lora as lora_ops
+from pyfastpeft.ops import lora_multi as lora_multi_ops
 from pyfastpeft.quant import quantize_int8_weight, quantize_nf4
 from pyfastpeft.reference import lora as ref
 
@@ -182,12 +182,12 @@ def test_native_dropout_rows_gather_and_scatter_use_original_positions(isa, dtyp
     x_dropped = ref.dropout(x, dropout_p, rng)
     gathered = torch.empty(4, 1100, dtype=dtype)
     with cpu_isa(isa):
-        lora_ops._dropout_rows(x, gathered, rows, rng, dropout_p, scatter=False)
+        lora_multi_ops._dropout_rows(x, gathered, rows, rng, dropout_p, scatter=False)
     assert torch.equal(gathered, x_dropped[rows])
     g, base = torch.randn(4, 1100, dtype=torch.float64), torch.randn(9, 1100, dtype=torch.float64)
     scattered = base.clone()
     with cpu_isa(isa):
-        lora_ops._dropout_rows(g, scattered, rows, rng, dropout_p, scatter=True, alpha=0.5, accumulate=True)
+        lora_multi_ops._dropout_rows(g, scattered, rows, rng, dropout_p, scatter=True, alpha=0.5, accumulate=True)
     full = torch.zeros_like(base)
     full[rows] = g
     expected = base + 0.5 * ref.dropout(full, dropout_p, rng)
@@ -263,7 +263,7 @@ def op_samples(base):
 @pytest.mark.parametrize("backend", ["reference", "native"])
 @pytest.mark.parametrize("base", ["dense", "nf4", "int8"])
 def test_opcheck(backend, base):
-    forward_op, backward_op = lora_ops.MULTI_BASE_OPS[base]
+    forward_op, backward_op = lora_multi_ops.MULTI_BASE_OPS[base]
     with pyfastpeft.use_backend(backend):
         for which, args in op_samples(base):
             torch.library.opcheck(forward_op if which == "forward" else backward_op, args)
@@ -271,7 +271,7 @@ def test_opcheck(backend, base):
 
 def test_native_groups_rows_as_the_reference_does():
     row_adapter = torch.tensor([2, -1, 0, 2, 1, -1, 0, 0, 2])
-    native = lora_ops._native_adapter_groups(row_adapter, 4)
+    native = lora_multi_ops._native_adapter_groups(row_adapter, 4)
     for got, want in zip(native, ref.adapter_groups(row_adapter, 4)):
         assert torch.equal(got, want)
 

@@ -194,7 +194,7 @@ def lora_forward(
     x2d, base, bias, lora_A, lora_B, y, xa, scaling: float, dropout_p: float, keep_scale: float, rng
 ) -> None:
     """Fills y [M, N] and xa [M, R] (x's dtype) from contiguous x2d [M, K], lora_A [R, K], lora_B [N, R], bias
-    [N] or empty, and base: pyfastpeft.ops.lora's _DenseBase (weight [N, K] contiguous, x's dtype) or _NF4Base
+    [N] or empty, and base: pyfastpeft.ops.lora_base's DenseBase (weight [N, K] contiguous, x's dtype) or NF4Base
     (packed uint8, absmax fp32 de-nested, code fp32 [16]). rng: int64 [2] or empty (no dropout)."""
     rows, in_features = x2d.shape
     out_features, rank = lora_B.shape

@@ -79,39 +79,49 @@ def _int8_store(base: Linear8bitLt, weight: torch.Tensor) -> float:
     return (base.dequantize().float() - weight).abs().max().item() if weight.numel() else 0.0
 
 
-_BASE_KINDS: dict[type, _BaseKind] = {
-    nn.Linear: _BaseKind(
-        # nn.Linear's rule: x must already be the weight's dtype, or autocast casts both (F.linear's entry in
-        # autocast's lists), and so does PEFT's LoRA layer over it, which then returns the autocast dtype
-        compute_dtype=lambda base, x: autocast_dtype(x) or x.dtype,
-        lora_weight=lambda base: base.weight,
-        dense_weight=lambda base: base.weight.detach().float(),
-        store_weight=_dense_store,
-        adapter_dtype=lambda base: torch.promote_types(base.weight.dtype, torch.float32),
-        output_dtype=lambda base, x: autocast_dtype(x) or x.dtype,
+# (module type, its row), first match wins, the default (nn.Linear) last; lora_weight's value is the `weight`
+# argument of lora_linear, which pyfastpeft.ops.lora_base dispatches to the base kind of the ops the same way.
+_BASE_KINDS: tuple[tuple[type, _BaseKind], ...] = (
+    (
+        Linear4bit,
+        _BaseKind(
+            compute_dtype=lambda base, x: base.compute_dtype or x.dtype,  # Linear4bit.forward's rule
+            lora_weight=_nf4_lora_weight,
+            dense_weight=lambda base: base.dequantize().float(),
+            store_weight=_nf4_store,
+            adapter_dtype=lambda base: torch.float32,
+        ),
     ),
-    Linear4bit: _BaseKind(
-        compute_dtype=lambda base, x: base.compute_dtype or x.dtype,  # Linear4bit.forward's rule
-        lora_weight=_nf4_lora_weight,
-        dense_weight=lambda base: base.dequantize().float(),
-        store_weight=_nf4_store,
-        adapter_dtype=lambda base: torch.float32,
+    (
+        Linear8bitLt,
+        _BaseKind(
+            compute_dtype=lambda base, x: x.dtype,  # Linear8bitLt.forward's rule: the product in x's dtype
+            lora_weight=lambda base: (base.weight, base.SCB, base.threshold),
+            dense_weight=lambda base: base.dequantize(torch.float32),
+            store_weight=_int8_store,
+            adapter_dtype=lambda base: torch.float32,
+        ),
     ),
-    Linear8bitLt: _BaseKind(
-        compute_dtype=lambda base, x: x.dtype,  # Linear8bitLt.forward's rule: the product in x's dtype
-        lora_weight=lambda base: (base.weight, base.SCB, base.threshold),
-        dense_weight=lambda base: base.dequantize(torch.float32),
-        store_weight=_int8_store,
-        adapter_dtype=lambda base: torch.float32,
+    (
+        nn.Linear,
+        _BaseKind(
+            # nn.Linear's rule: x must already be the weight's dtype, or autocast casts both (F.linear's entry in
+            # autocast's lists), and so does PEFT's LoRA layer over it, which then returns the autocast dtype
+            compute_dtype=lambda base, x: autocast_dtype(x) or x.dtype,
+            lora_weight=lambda base: base.weight,
+            dense_weight=lambda base: base.weight.detach().float(),
+            store_weight=_dense_store,
+            adapter_dtype=lambda base: torch.promote_types(base.weight.dtype, torch.float32),
+            output_dtype=lambda base, x: autocast_dtype(x) or x.dtype,
+        ),
     ),
-}
+)
 
 
 def base_kind(module: nn.Module) -> _BaseKind | None:
-    """The table row for module's type (or its nearest listed superclass); None when LoRALinear cannot wrap it."""
-    for cls in type(module).__mro__:
-        if cls in _BASE_KINDS:
-            kind = _BASE_KINDS[cls]
+    """The row of the first listed type module is an instance of; None when LoRALinear cannot wrap it."""
+    for cls, kind in _BASE_KINDS:
+        if isinstance(module, cls):
             if cls is nn.Linear and not module.weight.dtype.is_floating_point:
                 return None  # a quantized nn.Linear subclass (bitsandbytes' layers): its weight is not dense
             return kind
@@ -120,7 +130,8 @@ def base_kind(module: nn.Module) -> _BaseKind | None:
 
 def _supported_bases() -> str:
     return " or ".join(
-        f"{cls.__module__.replace('torch.nn.modules.linear', 'torch.nn')}.{cls.__name__}" for cls in _BASE_KINDS
+        f"{cls.__module__.replace('torch.nn.modules.linear', 'torch.nn')}.{cls.__name__}"
+        for cls, _ in reversed(_BASE_KINDS)
     )
 
 

@@ -60,7 +60,10 @@ def define_op(
 ):
     """Define pyfastpeft::<name><schema>; returns the op (torch.ops.pyfastpeft.<name>).
 
-    native / triton take the same arguments as the op; the device is that of the first argument.
+    native / triton take the same arguments as the op; the device is that of the first argument. An
+    implementation runs only where it can: every tensor argument is on that one device (check_op_devices), and
+    native runs only on a device whose built native module serves the family (pyfastpeft.backend.choose, which
+    warns and picks the reference otherwise), so implementations test only their own limits (dtypes, sizes).
     Inputs of a dtype outside `triton_dtypes` (fp64: the Triton kernels compute in fp32) run the
     reference when Triton is chosen.
 

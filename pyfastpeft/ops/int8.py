@@ -51,14 +51,6 @@ MAX_IN_FEATURES = 65536
 NATIVE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
-def _native_usable(*tensors) -> bool:
-    """True when every tensor sits on one device that a built native module serves."""
-    device = tensors[0].device
-    if any(t.device != device for t in tensors):
-        return False
-    return (device.type == "cpu" and _native.cpu is not None) or (device.type == "cuda" and _native.cuda is not None)
-
-
 def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
 
@@ -116,7 +108,7 @@ def _make_quant(axis: int, reference_fn):
         return q.view(x.shape), stats, cols
 
     def native(x, threshold):
-        if not _native_usable(x) or x.dtype not in NATIVE_DTYPES:
+        if x.dtype not in NATIVE_DTYPES:
             return reference(x, threshold)
         x2d = x.reshape(-1, x.shape[-1]).contiguous()
         q = torch.empty(x2d.shape, dtype=torch.int8, device=x.device)
@@ -242,7 +234,7 @@ def _reference_dequant(q, stats, axis):
 
 
 def _native_dequant(q, stats, axis):
-    if not _native_usable(q, stats) or axis != 0:
+    if axis != 0:
         return _reference_dequant(q, stats, axis)
     out = torch.empty(q.shape, dtype=torch.float32, device=q.device)
     if q.numel():
@@ -280,7 +272,7 @@ def _reference_matmul(a, b):
 
 
 def _native_matmul(a, b):
-    if not _native_usable(a, b) or a.numel() == 0 or b.numel() == 0:
+    if a.numel() == 0 or b.numel() == 0:
         return _reference_matmul(a, b)
     return _int_mm(a.contiguous(), b.contiguous())
 
@@ -367,11 +359,7 @@ def _reference_mm_dequant(c, row_stats, col_stats, bias, dtype):
 
 
 def _native_mm_dequant(c, row_stats, col_stats, bias, dtype):
-    if (
-        not _native_usable(c, row_stats, col_stats)
-        or dtype not in NATIVE_DTYPES
-        or (bias.numel() and bias.dtype not in NATIVE_DTYPES)
-    ):
+    if dtype not in NATIVE_DTYPES or (bias.numel() and bias.dtype not in NATIVE_DTYPES):
         return _reference_mm_dequant(c, row_stats, col_stats, bias, dtype)
     out = _native.empty(c.shape, dtype=dtype, device=c.device)
     if c.numel():
@@ -406,11 +394,7 @@ def _reference_linear(x, weight, weight_stats, bias, threshold):
 
 
 def _native_linear(x, weight, weight_stats, bias, threshold):
-    if (
-        not _native_usable(x, weight, weight_stats)
-        or x.dtype not in NATIVE_DTYPES
-        or (bias.numel() and bias.dtype not in NATIVE_DTYPES)
-    ):
+    if x.dtype not in NATIVE_DTYPES or (bias.numel() and bias.dtype not in NATIVE_DTYPES):
         return _reference_linear(x, weight, weight_stats, bias, threshold)
     out_features, in_features = weight.shape
     lead = x.shape[:-1]
@@ -483,7 +467,7 @@ def _reference_linear_grad_input(dy, weight, weight_stats):
 
 
 def _native_linear_grad_input(dy, weight, weight_stats):
-    if not _native_usable(dy, weight, weight_stats) or dy.dtype not in NATIVE_DTYPES:
+    if dy.dtype not in NATIVE_DTYPES:
         return _reference_linear_grad_input(dy, weight, weight_stats)
     out_features, in_features = weight.shape
     dy2d = dy.reshape(-1, out_features)

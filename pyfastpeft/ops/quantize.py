@@ -27,10 +27,6 @@ def _code_dtype(zeropoint: bool) -> torch.dtype:
     return torch.uint8 if zeropoint else torch.int8
 
 
-def _native_usable(*tensors) -> bool:
-    return all(t.device.type == "cpu" and t.numel() > 0 for t in tensors)
-
-
 def _layout_args(shape, axis: int, blocksize: int) -> tuple[int, int, int]:
     """(outer, channels, inner) as the kernels take them: per block the flat tensor is (1, 1, numel)."""
     if blocksize > 0:
@@ -71,7 +67,7 @@ def quantize_into(x, codes, scale, zero_point, bits: int, zeropoint: bool, axis:
 
 
 def _native_quantize(x, bits, zeropoint, axis, blocksize):
-    if not _native_usable(x):
+    if x.numel() == 0:
         return _reference_quantize(x, bits, zeropoint, axis, blocksize)
     x = x.contiguous()
     codes = _native.empty(x.shape, dtype=_code_dtype(zeropoint), device=x.device)
@@ -92,7 +88,7 @@ def _reference_quantize_static(x, scale, zero_point, bits, zeropoint, axis, bloc
 
 
 def _native_quantize_static(x, scale, zero_point, bits, zeropoint, axis, blocksize):
-    if not _native_usable(x, scale):
+    if x.numel() == 0:
         return _reference_quantize_static(x, scale, zero_point, bits, zeropoint, axis, blocksize)
     x = x.contiguous()
     scale = scale.float().contiguous()
@@ -126,7 +122,7 @@ def _reference_dequantize(codes, scale, zero_point, axis, blocksize, dtype):
 
 
 def _native_dequantize(codes, scale, zero_point, axis, blocksize, dtype):
-    if not _native_usable(codes, scale) or dtype not in _native.DTYPE_CODES:
+    if codes.numel() == 0 or dtype not in _native.DTYPE_CODES:
         return _reference_dequantize(codes, scale, zero_point, axis, blocksize, dtype)
     codes = codes.contiguous()
     scale = scale.float().contiguous()

@@ -13,6 +13,7 @@ import pyfastpeft
 from pyfastpeft.bench.cases._common import HIDDEN, INTERMEDIATE, tensor_bytes
 from pyfastpeft.bench.harness import MODES, Case, Implementation, KernelCall, Workload
 from pyfastpeft.ops import lora as lora_ops
+from pyfastpeft.ops import lora_multi as lora_multi_ops
 
 LORA_ROWS = {False: 2048, True: 256}
 LORA_WEIGHTS = {False: ((HIDDEN, HIDDEN), (INTERMEDIATE, HIDDEN)), True: ((HIDDEN, HIDDEN),)}
@@ -242,7 +243,7 @@ def _lora_multi_kernel(seq_len: int, dtype, device, backward: bool) -> KernelCal
     scalings = torch.full((LORA_MULTI_ADAPTERS,), LORA_ALPHA / LORA_MULTI_RANK, device=device)
     row_adapter = adapter_ids[:, None].expand(LORA_MULTI_SEQUENCES, seq_len).reshape(-1).contiguous()
     rng, bias = _lora_rng(LORA_MULTI_DROPOUT, device), x.new_empty(0)
-    forward_op, backward_op = lora_ops.MULTI_BASE_OPS["dense"]
+    forward_op, backward_op = lora_multi_ops.MULTI_BASE_OPS["dense"]
     forward_args = (
         x,
         weight,
