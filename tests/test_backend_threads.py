@@ -105,7 +105,7 @@ class CarriedRMSNorm(rmsnorm_ops.RMSNormFunction):
 
 
 def _carried_loss(x, w):
-    return CarriedRMSNorm.apply(x, w, 1e-6, 0.0, 0).sum()
+    return CarriedRMSNorm.apply(x, w, 1e-6, 0.0, "llama").sum()
 
 
 def test_backward_runs_on_the_forward_backend_from_another_thread(chosen):

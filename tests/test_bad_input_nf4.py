@@ -62,7 +62,7 @@ def op_called_directly_with_blocksize_zero():
 @cases.add(ValueError, "absmax has 4 elements, 1024 elements in blocks of 64 needs 16")
 def op_called_directly_with_short_absmax():
     packed, state = _weight()
-    torch.ops.pyfastpeft.nf4_linear(_x(), packed, state.absmax[:4], state.code, torch.empty(0), 64, OUT, IN)
+    torch.ops.pyfastpeft.nf4_linear(_x(), packed, state.absmax[:4], state.code, None, 64, OUT, IN)
 
 
 @cases.add(ValueError, "packed has 100 elements")
@@ -87,7 +87,7 @@ def lora_op_called_directly_with_short_absmax():
         packed,
         state.absmax[:8],
         state.code,
-        torch.empty(0),
+        None,
         torch.zeros(4, IN),
         torch.zeros(OUT, 4),
         64,
@@ -95,7 +95,7 @@ def lora_op_called_directly_with_short_absmax():
         IN,
         2.0,
         0.0,
-        torch.empty(0, dtype=torch.int64),
+        None,
     )
 
 

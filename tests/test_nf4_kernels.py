@@ -312,7 +312,7 @@ def test_triton_nf4_linear_matches_dequantized_matmul(m, n, k, blocksize, dtype,
     packed, absmax = random_weight_state(n, k, blocksize, generator)
     code = CODES["nf4"]
     x = torch.randn(m, k, generator=generator).to(dtype)
-    bias = torch.randn(n, generator=generator).to(dtype) if with_bias else x.new_empty(0)
+    bias = torch.randn(n, generator=generator).to(dtype) if with_bias else None
     out = on_triton(nf4_ops.nf4_linear_op, x, packed.view(-1, 1), absmax, code, bias, blocksize, n, k)
     weight = ref.dequantize_4bit(packed, absmax, code, blocksize, n * k, torch.float64).view(n, k)
     exact = x.double() @ weight.T + (bias.double() if with_bias else 0)

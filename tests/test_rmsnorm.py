@@ -138,11 +138,12 @@ def test_rms_norm_gradcheck_float64(backend, mode, offset):
 def test_rms_norm_opcheck():
     for dtype in (torch.float32, torch.bfloat16):
         x, w = inputs((6, 40), dtype)
-        y, rstd = torch.ops.pyfastpeft.rms_norm_forward(x, w, 1e-6, 0.0, 0)
-        torch.library.opcheck(torch.ops.pyfastpeft.rms_norm_forward.default, (x, w, 1e-6, 0.0, 0))
+        y, rstd = torch.ops.pyfastpeft.rms_norm_forward(x, w, 1e-6, 0.0, "llama")
+        torch.library.opcheck(torch.ops.pyfastpeft.rms_norm_forward.default, (x, w, 1e-6, 0.0, "llama"))
         for weight_grad in (True, False):
             torch.library.opcheck(
-                torch.ops.pyfastpeft.rms_norm_backward.default, (torch.randn_like(y), x, w, rstd, 0.0, 0, weight_grad)
+                torch.ops.pyfastpeft.rms_norm_backward.default,
+                (torch.randn_like(y), x, w, rstd, 0.0, "llama", weight_grad),
             )
 
 

@@ -272,7 +272,7 @@ def matmul(a, b, out, row_stats=None, col_stats=None, bias=None, addend=None) ->
     m, k = a.shape
     n = b.shape[0]
     raw = out.dtype == torch.int32
-    has_bias = bias is not None and bias.numel() > 0
+    has_bias = bias is not None
     has_addend = addend is not None and addend.numel() > 0
     grid = (triton.cdiv(m, MM_BLOCK_M), triton.cdiv(n, MM_BLOCK_N))
     _matmul_kernel[grid](

@@ -195,14 +195,14 @@ def lora_forward(
 ) -> None:
     """Fills y [M, N] and xa [M, R] (x's dtype) from contiguous x2d [M, K], lora_A [R, K], lora_B [N, R], bias
     [N] or empty, and base: pyfastpeft.ops.lora_base's DenseBase (weight [N, K] contiguous, x's dtype) or NF4Base
-    (packed uint8, absmax fp32 de-nested, code fp32 [16]). rng: int64 [2] or empty (no dropout)."""
+    (packed uint8, absmax fp32 de-nested, code fp32 [16]). rng: int64 [2] or None (no dropout)."""
     rows, in_features = x2d.shape
     out_features, rank = lora_B.shape
     if rows == 0:
         return
     dot_in_fp32, precision = _dot_in_fp32(), _dot_precision(x2d.dtype)
     if rank > 0:
-        dropout = rng.numel() > 0
+        dropout = rng is not None
         block_r = _rank_step(rank, XA_MAX_BLOCK_R)
         _xa_kernel[(triton.cdiv(rows, BLOCK_M), triton.cdiv(rank, block_r))](
             x2d,
@@ -235,7 +235,7 @@ def lora_forward(
         packed,
         absmax,
         code,
-        bias if bias.numel() else x2d,
+        x2d if bias is None else bias,
         lora_B,
         xa,
         y,
@@ -246,7 +246,7 @@ def lora_forward(
         scaling,
         BASE_NF4=nf4,
         BLOCKSIZE=base.blocksize if nf4 else 1,
-        HAS_BIAS=bias.numel() > 0,
+        HAS_BIAS=bias is not None,
         DOT_IN_FP32=dot_in_fp32,
         DOT_PRECISION=precision,
         BLOCK_M=BLOCK_M,

@@ -143,7 +143,7 @@ class Linear4bit(nn.Module):
             raise ValueError(f"Linear4bit: x's last dim is {x.shape[-1]}, in_features is {self.in_features}")
         compute = self.compute_dtype or x.dtype
         xc = x.to(compute)
-        bias = xc.new_empty(0) if self.bias is None else self.bias.to(compute)
+        bias = None if self.bias is None else self.bias.to(compute)
         return NF4LinearFunction.apply(
             xc,
             self.weight,

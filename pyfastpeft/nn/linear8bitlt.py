@@ -75,7 +75,7 @@ class Linear8bitLt(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if x.shape[-1] != self.in_features:
             raise ValueError(f"Linear8bitLt: x's last dim is {x.shape[-1]}, in_features is {self.in_features}")
-        bias = x.new_empty(0) if self.bias is None else self.bias.to(x.dtype)
+        bias = None if self.bias is None else self.bias.to(x.dtype)
         return Int8LinearFunction.apply(x, self.weight, self.SCB, bias, self.threshold)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:

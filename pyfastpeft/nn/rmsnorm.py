@@ -38,7 +38,7 @@ class RMSNorm(nn.Module):
             self.weight,
             float(self.variance_epsilon),
             float(self.offset),
-            CASTING_MODES[self.casting_mode],
+            self.casting_mode,
         )
 
     def extra_repr(self) -> str:

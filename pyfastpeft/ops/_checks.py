@@ -67,10 +67,10 @@ def check_numel(op: str, name: str, t: torch.Tensor, expected: int, why: str) ->
         raise ValueError(f"{op}: {name} has {t.numel()} elements, {why} needs {expected}")
 
 
-def check_optional(op: str, name: str, t: torch.Tensor, expected: int, why: str) -> None:
-    """An optional tensor argument: empty (absent) or exactly `expected` elements."""
-    if t.numel() and t.numel() != expected:
-        raise ValueError(f"{op}: {name} has {t.numel()} elements, expected 0 (none) or {expected} ({why})")
+def check_optional(op: str, name: str, t: torch.Tensor | None, expected: int, why: str) -> None:
+    """An optional tensor argument (a `Tensor?` in the schema): None (absent) or exactly `expected` elements."""
+    if t is not None and t.numel() != expected:
+        raise ValueError(f"{op}: {name} has {t.numel()} elements, expected None or {expected} ({why})")
 
 
 def check_last_dim(op: str, name: str, t: torch.Tensor, expected: int, why: str) -> None:

@@ -6,7 +6,7 @@ into one reused fp32 buffer, one row pass (C++ on CPU, CUDA or Triton on GPUs) t
 losses, the logsumexps and, in place, the logits' gradient, and torch's matmuls fold that into
 dh[chunk] = dz W, dW += dz^T h_chunk (fp32 accumulator, cast once) and db += sum dz.
 
-Ops (hidden [T, H], weight [V, H], labels int64 [T], bias [V] or empty; loss and lse in the compute
+Ops (hidden [T, H], weight [V, H], labels int64 [T], bias [V] or None; loss and lse in the compute
 dtype, fp32 or fp64 for fp64 inputs; the math is in pyfastpeft/reference/flce.py):
   pyfastpeft::flce_forward(hidden, weight, labels, bias, ignore_index, label_smoothing, softcap,
       reduction, need_grad_hidden, need_grad_weight, need_grad_bias, chunk_size)
@@ -17,7 +17,8 @@ dtype, fp32 or fp64 for fp64 inputs; the math is in pyfastpeft/reference/flce.py
       label_smoothing, softcap, need_grad_hidden, need_grad_weight, need_grad_bias, chunk_size)
       -> (grad_hidden, grad_weight, grad_bias) for per-token output grads: recomputes the logits
       chunk by chunk (reduction none, whose output grads are known only in backward).
-softcap 0 means none; reduction 0 none, 1 mean, 2 sum; chunk_size 0 picks chunk_rows' default.
+softcap 0 means none; reduction "none", "mean" or "sum"; chunk_size 0 picks chunk_rows' default. An output grad
+that is not asked for is an empty tensor.
 """
 
 from __future__ import annotations
@@ -123,7 +124,7 @@ def _chunked(
     grad_bias = torch.zeros(vocab, dtype=cd, device=device) if need_grad_bias else None
     rows = chunk_rows(tokens, vocab, chunk_size, device.type)
     logits_buffer = torch.empty(rows, vocab, dtype=cd, device=device)
-    bias_c = bias.to(cd) if bias.numel() else None
+    bias_c = None if bias is None else bias.to(cd)
     for start in range(0, tokens, rows):
         stop = min(start + rows, tokens)
         h, logits = hidden[start:stop], logits_buffer[: stop - start]
@@ -156,7 +157,7 @@ def _chunked(
         lse,
         grad_hidden,
         weight.new_empty(0) if grad_weight is None else grad_weight.to(weight.dtype),
-        bias.new_empty(0) if grad_bias is None else grad_bias.to(bias.dtype),
+        hidden.new_empty(0) if grad_bias is None else grad_bias.to(bias.dtype),
     )
 
 
@@ -271,7 +272,7 @@ def _fake_grads(hidden, weight, bias, need_grad_hidden, need_grad_weight, need_g
         if need_grad_hidden
         else hidden.new_empty(0),
         torch.empty_like(weight, memory_format=torch.contiguous_format) if need_grad_weight else weight.new_empty(0),
-        torch.empty_like(bias) if need_grad_bias else bias.new_empty(0),
+        torch.empty_like(bias) if need_grad_bias else hidden.new_empty(0),
     )
 
 
@@ -324,7 +325,7 @@ def _fake_backward(
 
 
 def _check_inputs(op, hidden, weight, labels, bias, ignore_index, label_smoothing, softcap, chunk_size):
-    """hidden [T, H] and weight [V, H] of one float dtype, labels int64 [T], bias empty or [V] in that dtype.
+    """hidden [T, H] and weight [V, H] of one float dtype, labels int64 [T], bias None or [V] in that dtype.
     Labels outside [0, V) are not checked here (a sync per call): the kernels give them a NaN loss and never
     index by them out of bounds."""
     check_dtype(op, "hidden", hidden, FLOAT_DTYPES)
@@ -335,7 +336,8 @@ def _check_inputs(op, hidden, weight, labels, bias, ignore_index, label_smoothin
     check_last_dim(op, "hidden", hidden, weight.shape[1], "weight's hidden size")
     check_dtype(op, "labels", labels, (torch.int64,))
     check_numel(op, "labels", labels, hidden.shape[0], "one per row of hidden")
-    check_dtype(op, "bias", bias, (hidden.dtype,))
+    if bias is not None:
+        check_dtype(op, "bias", bias, (hidden.dtype,))
     check_optional(op, "bias", bias, weight.shape[0], "the vocabulary")
     check_int(op, "ignore_index", ignore_index)
     check_real(op, "label_smoothing", label_smoothing, low=0.0, high=1.0, high_open=True)
@@ -345,8 +347,8 @@ def _check_inputs(op, hidden, weight, labels, bias, ignore_index, label_smoothin
 
 def _check_forward(hidden, weight, labels, bias, ignore_index, label_smoothing, softcap, reduction, *needs):
     _check_inputs("flce_forward", hidden, weight, labels, bias, ignore_index, label_smoothing, softcap, needs[-1])
-    if check_int("flce_forward", "reduction", reduction) not in REDUCTIONS.values():
-        raise ValueError(f"flce_forward: reduction must be one of {sorted(REDUCTIONS.values())}, got {reduction}")
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"flce_forward: reduction must be one of {REDUCTIONS}, got {reduction!r}")
 
 
 def _check_backward(grad_loss, hidden, weight, labels, bias, ignore_index, label_smoothing, softcap, *needs):
@@ -359,7 +361,7 @@ _SETTINGS = "int ignore_index, float label_smoothing, float softcap"
 _NEEDS = "bool need_grad_hidden, bool need_grad_weight, bool need_grad_bias, int chunk_size"
 flce_forward = define_op(
     "flce_forward",
-    f"(Tensor hidden, Tensor weight, Tensor labels, Tensor bias, {_SETTINGS}, int reduction, {_NEEDS})"
+    f"(Tensor hidden, Tensor weight, Tensor labels, Tensor? bias, {_SETTINGS}, str reduction, {_NEEDS})"
     " -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
     family="flce",
     fake=_fake_forward,
@@ -370,7 +372,7 @@ flce_forward = define_op(
 )
 flce_backward = define_op(
     "flce_backward",
-    f"(Tensor grad_loss, Tensor hidden, Tensor weight, Tensor labels, Tensor bias, {_SETTINGS}, {_NEEDS})"
+    f"(Tensor grad_loss, Tensor hidden, Tensor weight, Tensor labels, Tensor? bias, {_SETTINGS}, {_NEEDS})"
     " -> (Tensor, Tensor, Tensor)",
     family="flce",
     fake=_fake_backward,
@@ -399,10 +401,10 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
         ignore_index: int,
         label_smoothing: float,
         softcap: float,
-        reduction: int,
+        reduction: str,
         chunk_size: int,
     ):
-        needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[3] and bias.numel() > 0)
+        needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[3])
         settings = (ignore_index, label_smoothing, softcap)
         ctx.settings, ctx.needs, ctx.reduction, ctx.chunk_size = settings, needs, reduction, chunk_size
         if reduction == NONE:
@@ -495,9 +497,7 @@ def fused_linear_cross_entropy(
             f"{fn}: labels must have shape {tuple(hidden.shape[:-1])} (hidden's without the last dim), "
             f"got {tuple(labels.shape)}"
         )
-    if bias is None:
-        bias = hidden.new_empty(0)
-    else:
+    if bias is not None:
         check_tensor(fn, "bias", bias, dim=1)
         check_same_device(fn, hidden=hidden, bias=bias)
         check_same_dtype(fn, hidden=hidden, bias=bias)
@@ -514,7 +514,6 @@ def fused_linear_cross_entropy(
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"{fn}: ignore_index must be an int, got {type(ignore_index).__name__}")
     _check_label_range(fn, labels, vocab, ignore_index)
-    code = REDUCTIONS[reduction]
     loss, lse = FusedLinearCrossEntropyFunction.apply(
         hidden.reshape(-1, hidden_size),
         weight,
@@ -523,10 +522,10 @@ def fused_linear_cross_entropy(
         ignore_index,
         float(label_smoothing),
         float(softcap or 0.0),
-        code,
+        reduction,
         chunk_size or 0,
     )
     lse = lse.view(labels.shape)
-    if code == NONE:
+    if reduction == NONE:
         loss = loss.view(labels.shape)
     return (loss, lse) if return_lse else loss

@@ -8,7 +8,7 @@ Ops (the math is in pyfastpeft/reference/int8.py; x is flattened to [M, K] over 
   pyfastpeft::int8_mm_dequant(c, row_stats, col_stats, bias, dtype) -> dtype [M, N]
   pyfastpeft::int8_linear(x, weight, weight_stats, bias, threshold) -> [..., N] in x's dtype
   pyfastpeft::int8_linear_grad_input(dy, weight, weight_stats) -> [..., K] = dY @ dequant(W)
-An absent bias is an empty tensor; "no outlier" is an empty outlier_cols.
+An absent bias is None (`Tensor?`); "no outlier" is an empty outlier_cols.
 
 CPU products: the int8 x int8 -> int32 product of more than GEMV_MAX_ROWS rows runs torch._int_mm (oneDNN's
 VNNI GEMM; it measured faster here than a hand-written VNNI kernel would have to be to matter), and our
@@ -180,7 +180,8 @@ def _check_mm_dequant(c, row_stats, col_stats, bias, dtype):
     check_numel(op, "row_stats", row_stats, c.shape[0], "one per row of c")
     check_dtype(op, "col_stats", col_stats, FLOAT_DTYPES)
     check_numel(op, "col_stats", col_stats, c.shape[1], "one per column of c")
-    check_dtype(op, "bias", bias, FLOAT_DTYPES)
+    if bias is not None:
+        check_dtype(op, "bias", bias, FLOAT_DTYPES)
     check_optional(op, "bias", bias, c.shape[1], "columns of c")
     if dtype not in FLOAT_DTYPES:
         raise TypeError(f"{op}: dtype must be a float dtype, got {dtype}")
@@ -192,7 +193,8 @@ def _check_linear(x, weight, weight_stats, bias, threshold):
     check_layer_size(op, weight.shape[0], weight.shape[1])
     check_dtype(op, "x", x, FLOAT_DTYPES)
     check_last_dim(op, "x", x, weight.shape[1], "in_features")
-    check_dtype(op, "bias", bias, FLOAT_DTYPES)
+    if bias is not None:
+        check_dtype(op, "bias", bias, FLOAT_DTYPES)
     check_optional(op, "bias", bias, weight.shape[0], "out_features")
     check_real(op, "threshold", threshold, low=0.0)
 
@@ -303,19 +305,13 @@ int8_matmul_op = define_op(
 )
 
 
-def _optional(t):
-    """None for an absent (None or empty) optional tensor."""
-    return t if t is not None and t.numel() > 0 else None
-
-
 def _bias_for(bias, out):
     """bias as the kernel reads it: the CUDA epilogue reads it in the output dtype, the CPU one in its own."""
-    bias = _optional(bias)
     return bias.to(out.dtype).contiguous() if bias is not None and out.is_cuda else bias
 
 
 def mm_dequant_into(c, row_stats, col_stats, bias, addend, out) -> None:
-    """Native epilogue: out [M, N] = c * (row_stats x col_stats) / 127^2 (+ addend fp32) (+ bias); None/empty = none."""
+    """Native epilogue: out [M, N] = c * (row_stats x col_stats) / 127^2 (+ addend fp32) (+ bias); None = none."""
     bias = _bias_for(bias, out)
     _native.launch(
         "int8_mm_dequant",
@@ -325,7 +321,7 @@ def mm_dequant_into(c, row_stats, col_stats, bias, addend, out) -> None:
         col_stats,
         bias,
         bias.dtype if bias is not None else 0,
-        _optional(addend),
+        addend,
         out,
         out.dtype,
         *c.shape,
@@ -333,7 +329,7 @@ def mm_dequant_into(c, row_stats, col_stats, bias, addend, out) -> None:
 
 
 def gemv_into(q, row_stats, weight, weight_stats, bias, addend, out) -> None:
-    """Native fused int8 GEMV + epilogue for q [m <= GEMV_MAX_ROWS, K]; bias / addend None or empty = none."""
+    """Native fused int8 GEMV + epilogue for q [m <= GEMV_MAX_ROWS, K]; bias / addend None = none."""
     bias = _bias_for(bias, out)
     m, k = q.shape
     _native.launch(
@@ -345,7 +341,7 @@ def gemv_into(q, row_stats, weight, weight_stats, bias, addend, out) -> None:
         weight_stats,
         bias,
         bias.dtype if bias is not None else 0,
-        _optional(addend),
+        addend,
         out,
         out.dtype,
         m,
@@ -355,16 +351,21 @@ def gemv_into(q, row_stats, weight, weight_stats, bias, addend, out) -> None:
 
 
 def _reference_mm_dequant(c, row_stats, col_stats, bias, dtype):
-    return ref.mm_dequant(c, row_stats, col_stats, bias, c.new_empty(0, dtype=torch.float32), dtype)
+    return ref.mm_dequant(c, row_stats, col_stats, bias, None, dtype)
 
 
 def _native_mm_dequant(c, row_stats, col_stats, bias, dtype):
-    if dtype not in NATIVE_DTYPES or (bias.numel() and bias.dtype not in NATIVE_DTYPES):
+    if dtype not in NATIVE_DTYPES or (bias is not None and bias.dtype not in NATIVE_DTYPES):
         return _reference_mm_dequant(c, row_stats, col_stats, bias, dtype)
     out = _native.empty(c.shape, dtype=dtype, device=c.device)
     if c.numel():
         mm_dequant_into(
-            c.contiguous(), row_stats.float().contiguous(), col_stats.float().contiguous(), bias.contiguous(), None, out
+            c.contiguous(),
+            row_stats.float().contiguous(),
+            col_stats.float().contiguous(),
+            None if bias is None else bias.contiguous(),
+            None,
+            out,
         )
     return out
 
@@ -375,7 +376,7 @@ def _fake_mm_dequant(c, row_stats, col_stats, bias, dtype):
 
 int8_mm_dequant_op = define_op(
     "int8_mm_dequant",
-    "(Tensor c, Tensor row_stats, Tensor col_stats, Tensor bias, ScalarType dtype) -> Tensor",
+    "(Tensor c, Tensor row_stats, Tensor col_stats, Tensor? bias, ScalarType dtype) -> Tensor",
     family="int8",
     fake=_fake_mm_dequant,
     reference=_reference_mm_dequant,
@@ -394,12 +395,13 @@ def _reference_linear(x, weight, weight_stats, bias, threshold):
 
 
 def _native_linear(x, weight, weight_stats, bias, threshold):
-    if x.dtype not in NATIVE_DTYPES or (bias.numel() and bias.dtype not in NATIVE_DTYPES):
+    if x.dtype not in NATIVE_DTYPES or (bias is not None and bias.dtype not in NATIVE_DTYPES):
         return _reference_linear(x, weight, weight_stats, bias, threshold)
     out_features, in_features = weight.shape
     lead = x.shape[:-1]
     x2d = x.reshape(-1, in_features).contiguous()
-    weight, weight_stats, bias = weight.contiguous(), weight_stats.float().contiguous(), bias.contiguous()
+    weight, weight_stats = weight.contiguous(), weight_stats.float().contiguous()
+    bias = None if bias is None else bias.contiguous()
     m = x2d.shape[0]
 
     def new_out():
@@ -408,7 +410,7 @@ def _native_linear(x, weight, weight_stats, bias, threshold):
     if m == 0 or out_features == 0 or in_features == 0:
         out = new_out()
         if out.numel():  # no inputs: the product is the bias alone
-            out.copy_(bias.expand(m, out_features) if bias.numel() else torch.zeros(()))
+            out.copy_(torch.zeros(()) if bias is None else bias.expand(m, out_features))
         return out.view(*lead, out_features)
     q = torch.empty((m, in_features), dtype=torch.int8, device=x.device)
     row_stats = torch.empty(m, dtype=torch.float32, device=x.device)
@@ -453,7 +455,7 @@ def _triton_linear(x, weight, weight_stats, bias, threshold):
     outlier_cols = _flags_to_cols(flags, threshold)
     weight, weight_stats = weight.contiguous(), weight_stats.float().contiguous()
     addend = ref.outlier_product(x2d, weight, weight_stats, outlier_cols) if outlier_cols.numel() else None
-    kernels.matmul(q, weight, out, row_stats, weight_stats, bias.contiguous(), addend)
+    kernels.matmul(q, weight, out, row_stats, weight_stats, None if bias is None else bias.contiguous(), addend)
     return out.view(*lead, out_features)
 
 
@@ -509,7 +511,7 @@ def _fake_linear_grad_input(dy, weight, weight_stats):
 
 int8_linear_op = define_op(
     "int8_linear",
-    "(Tensor x, Tensor weight, Tensor weight_stats, Tensor bias, float threshold) -> Tensor",
+    "(Tensor x, Tensor weight, Tensor weight_stats, Tensor? bias, float threshold) -> Tensor",
     family="int8",
     fake=_fake_linear,
     reference=_reference_linear,
@@ -588,9 +590,7 @@ def int8_linear(
         raise ValueError(f"{fn}: x's last dim is {x.shape[-1]}, the weight's in_features is {weight_int8.shape[1]}")
     threshold = check_real(fn, "threshold", threshold, low=0.0)
     check_same_device(fn, x=x, weight_int8=weight_int8, weight_stats=weight_stats)
-    if bias is None:
-        bias = x.new_empty(0)
-    else:
+    if bias is not None:
         check_tensor(fn, "bias", bias, dim=1)
         if bias.shape[0] != weight_int8.shape[0]:
             raise ValueError(f"{fn}: bias has {bias.shape[0]} elements, out_features is {weight_int8.shape[0]}")

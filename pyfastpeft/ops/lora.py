@@ -11,8 +11,8 @@ whose tensors and scalars describe the base:
   pyfastpeft::lora_nf4_forward / lora_nf4_backward: the same with the NF4 base (packed, absmax, code) in
       place of weight and (blocksize, out_features, in_features) after lora_B / xa; lora_int8_*: (weight,
       weight_stats) and threshold. Multi-adapter batches: ops/lora_multi.py.
-bias: empty = none. rng: int64 [2] = (seed, offset), empty = no dropout. xa = x_d A^T [M, r] in x's dtype;
-dx is empty when needs_input_grad is False.
+bias: None = none, rng: int64 [2] = (seed, offset) or None = no dropout (both `Tensor?` in the schemas).
+xa = x_d A^T [M, r] in x's dtype; dx is empty when needs_input_grad is False.
 
 Backends: reference (PyTorch, PEFT's order of operations); native CPU (torch GEMMs into the outputs, the
 C++ kernel for the dropout: x_d into a temporary freed after use, and dX += s * (dY B A) * keep / (1 - p)
@@ -93,7 +93,7 @@ def _native_forward(base, x, bias, lora_A, lora_B, scaling, dropout_p, rng):
     in_features, out_features = lora_A.shape[1], lora_B.shape[0]
     x2d = x.reshape(-1, in_features).contiguous()
     y = base.forward(x2d, bias)
-    if rng.numel() and x2d.numel():
+    if rng is not None and x2d.numel():
         x_dropped = torch.empty_like(x2d)  # freed on return: backward regenerates it from rng
         dropout_into(x2d, x_dropped, rng, dropout_p)
         xa = x_dropped @ lora_A.t()
@@ -107,7 +107,7 @@ def _native_backward(base, dy, x, lora_A, lora_B, xa, scaling, dropout_p, rng, n
     in_features, out_features = lora_A.shape[1], lora_B.shape[0]
     dy2d = dy.reshape(-1, out_features).contiguous()
     x2d = x.reshape(-1, in_features).contiguous()
-    dropout = bool(rng.numel()) and x2d.numel() > 0
+    dropout = rng is not None and x2d.numel() > 0
     grad_xa = dy2d @ lora_B
     if dropout:
         x_dropped = torch.empty_like(x2d)
@@ -137,7 +137,7 @@ def _triton_forward(base, x, bias, lora_A, lora_B, scaling, dropout_p, rng):
     triton_module("lora").lora_forward(
         x2d,
         base,
-        bias.contiguous(),
+        None if bias is None else bias.contiguous(),
         lora_A.contiguous(),
         lora_B.contiguous(),
         y,
@@ -155,7 +155,7 @@ def _triton_backward(base, dy, x, lora_A, lora_B, xa, scaling, dropout_p, rng, n
     kernels = triton_module("lora")
     dy2d = dy.reshape(-1, out_features).contiguous()
     x2d = x.reshape(-1, in_features).contiguous()
-    dropout = bool(rng.numel()) and x2d.numel() > 0
+    dropout = rng is not None and x2d.numel() > 0
     keep_scale = _keep_scale(dropout_p)
     grad_xa = dy2d @ lora_B
     x_dropped = x2d
@@ -180,7 +180,7 @@ def _unfused_forward(base, x, bias, lora_A, lora_B, scaling, dropout_p, rng):
     x2d = x.reshape(-1, in_features).contiguous()
     y = base.forward(x2d, bias)
     x_dropped = x2d
-    if rng.numel() and x2d.numel():
+    if rng is not None and x2d.numel():
         x_dropped = ref.dropout(x2d, dropout_p, rng)
     xa = x_dropped @ lora_A.t()
     y.add_((xa @ lora_B.t()).to(y.dtype), alpha=scaling)
@@ -224,8 +224,8 @@ def _op_impls(kind: BaseKind, impl_forward, impl_backward):
 def check_lora_args(
     op: str, x, lora_A, lora_B, out_features: int, in_features: int, dropout_p, rng, bias=None, scaling=None
 ) -> int:
-    """x [..., in] float, lora_A [r, in] and lora_B [out, r] in x's dtype, bias empty or [out], dropout_p in
-    [0, 1), rng int64 empty or [2] (seed, offset), scaling finite; returns x's row count M."""
+    """x [..., in] float, lora_A [r, in] and lora_B [out, r] in x's dtype, bias None or [out], dropout_p in
+    [0, 1), rng None or int64 [2] (seed, offset), scaling finite; returns x's row count M."""
     check_dtype(op, "x", x, FLOAT_DTYPES)
     check_layer_size(op, out_features, in_features)
     check_last_dim(op, "x", x, in_features, "in_features")
@@ -242,11 +242,12 @@ def check_lora_args(
     if scaling is not None:
         check_real(op, "scaling", scaling)
     check_real(op, "dropout_p", dropout_p, low=0.0, high=1.0, high_open=True)
-    check_dtype(op, "rng", rng, (torch.int64,))
-    if rng.numel() not in (0, 2):
-        raise ValueError(
-            f"{op}: rng must be empty (no dropout) or the int64 pair (seed, offset), got {rng.numel()} elements"
-        )
+    if rng is not None:
+        check_dtype(op, "rng", rng, (torch.int64,))
+        if rng.numel() != 2:
+            raise ValueError(
+                f"{op}: rng must be None (no dropout) or the int64 pair (seed, offset), got {rng.numel()} elements"
+            )
     return math.prod(x.shape[:-1])
 
 
@@ -302,8 +303,8 @@ def _define_base_ops(kind: BaseKind):
     checks = _single_checks(name, kind)
     forward = define_op(
         f"{name}_forward",
-        f"(Tensor x, {kind.tensors_schema}, Tensor bias, Tensor lora_A, Tensor lora_B{kind.scalars_schema}, "
-        "float scaling, float dropout_p, Tensor rng) -> (Tensor, Tensor)",
+        f"(Tensor x, {kind.tensors_schema}, Tensor? bias, Tensor lora_A, Tensor lora_B{kind.scalars_schema}, "
+        "float scaling, float dropout_p, Tensor? rng) -> (Tensor, Tensor)",
         family="lora",
         fake=lambda x, *args: _fake_forward(x, *args[n_tensors + 1 : n_tensors + 3]),
         reference=impls["reference"][0],
@@ -314,7 +315,7 @@ def _define_base_ops(kind: BaseKind):
     backward = define_op(
         f"{name}_backward",
         f"(Tensor dy, Tensor x, {kind.tensors_schema}, Tensor lora_A, Tensor lora_B, Tensor xa"
-        f"{kind.scalars_schema}, float scaling, float dropout_p, Tensor rng, bool needs_input_grad) "
+        f"{kind.scalars_schema}, float scaling, float dropout_p, Tensor? rng, bool needs_input_grad) "
         "-> (Tensor, Tensor, Tensor)",
         family="lora",
         fake=lambda dy, x, *args: _fake_backward(x, *args[n_tensors : n_tensors + 2], args[-1]),
@@ -405,10 +406,10 @@ def _check_dropout(fn: str, dropout_p, training) -> float:
     return dropout_p
 
 
-def _checked_bias(fn: str, bias, x, out_features: int) -> torch.Tensor:
-    """bias as the ops take it: checked, or an empty tensor for None."""
+def _checked_bias(fn: str, bias, x, out_features: int) -> torch.Tensor | None:
+    """bias checked (None: none)."""
     if bias is None:
-        return x.new_empty(0)
+        return None
     check_tensor(fn, "bias", bias, dim=1, dtypes=FLOAT_DTYPES)
     if bias.shape[0] != out_features:
         raise ValueError(f"{fn}: bias has {bias.shape[0]} elements, out_features is {out_features}")
@@ -417,11 +418,11 @@ def _checked_bias(fn: str, bias, x, out_features: int) -> torch.Tensor:
     return bias
 
 
-def _draw_rng(x, dropout_p: float, training: bool) -> torch.Tensor:
-    """(seed, offset) from the default generator of x's device when dropout applies, else empty (no draw)."""
+def _draw_rng(x, dropout_p: float, training: bool) -> torch.Tensor | None:
+    """(seed, offset) from the default generator of x's device when dropout applies, else None (no draw)."""
     if training and dropout_p > 0.0:
         return torch.randint(0, SEED_HIGH, (2,), dtype=torch.int64, device=x.device)
-    return torch.empty(0, dtype=torch.int64, device=x.device)
+    return None
 
 
 def lora_linear(

@@ -42,7 +42,7 @@ class DenseBase:
 
     def forward(self, x2d, bias):
         """A fresh contiguous [M, out] tensor: addmm(b, x, W^T)."""
-        if bias.numel():
+        if bias is not None:
             return torch.addmm(bias, x2d, self.weight.t())
         return x2d @ self.weight.t()
 

@@ -91,7 +91,7 @@ def _dropout_rows(
 
 def _gather_dropped(x2d, rows, rng, dropout_p: float):
     """dropout(x)[rows] [len(rows), in] without forming dropout(x)."""
-    if not rng.numel():
+    if rng is None:
         return x2d.index_select(0, rows)
     gathered = x2d.new_empty((rows.numel(), x2d.shape[1]))
     _dropout_rows(x2d, gathered, rows, rng, dropout_p, scatter=False)
@@ -184,7 +184,7 @@ def _native_multi_backward(
         grad_B[:, low:high] = (dy_rows.t() @ xa[start:end, : high - low]).mul_(scaling)
         if not needs_input_grad:
             continue
-        if rng.numel():
+        if rng is not None:
             _dropout_rows(
                 grad_xa @ lora_A[low:high], dx, rows, rng, dropout_p, scatter=True, alpha=scaling, accumulate=True
             )
@@ -335,9 +335,9 @@ def _define_multi_ops(kind: BaseKind):
 
     forward = define_op(
         f"{name}_forward",
-        f"(Tensor x, {tensors_schema}, Tensor bias, Tensor lora_A, Tensor lora_B, "
+        f"(Tensor x, {tensors_schema}, Tensor? bias, Tensor lora_A, Tensor lora_B, "
         f"Tensor rank_offsets, Tensor scalings, Tensor row_adapter{scalars_schema}, SymInt max_rank, "
-        "float dropout_p, Tensor rng) -> (Tensor, Tensor, Tensor, Tensor)",
+        "float dropout_p, Tensor? rng) -> (Tensor, Tensor, Tensor, Tensor)",
         family="lora",
         fake=fake_forward,
         check=check_forward,
@@ -347,7 +347,7 @@ def _define_multi_ops(kind: BaseKind):
         f"{name}_backward",
         f"(Tensor dy, Tensor x, {tensors_schema}, Tensor lora_A, Tensor lora_B, "
         f"Tensor rank_offsets, Tensor scalings, Tensor xa, Tensor row_order, Tensor segment_offsets{scalars_schema}, "
-        "float dropout_p, Tensor rng, bool needs_input_grad) -> (Tensor, Tensor, Tensor)",
+        "float dropout_p, Tensor? rng, bool needs_input_grad) -> (Tensor, Tensor, Tensor)",
         family="lora",
         fake=fake_backward,
         check=check_backward,

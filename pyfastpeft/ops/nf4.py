@@ -3,7 +3,7 @@
 Ops (a QuantState crosses as tensors and ints: packed uint8, absmax fp32 already de-nested, code fp32 [16]):
   pyfastpeft::nf4_quantize(w, code, blocksize) -> (packed [(n+1)//2, 1] uint8, absmax fp32 [nblocks])
   pyfastpeft::nf4_dequantize(packed, absmax, code, blocksize, numel, dtype) -> flat [numel] of dtype
-  pyfastpeft::nf4_linear(x, packed, absmax, code, bias, blocksize, N, K) -> x @ W^T + bias   (bias: empty = none)
+  pyfastpeft::nf4_linear(x, packed, absmax, code, bias, blocksize, N, K) -> x @ W^T + bias   (bias: None = none)
   pyfastpeft::nf4_linear_grad_input(dy, packed, absmax, code, blocksize, N, K) -> dy @ W
 W is [N, K] (out_features, in_features), blocks run over its flattened row-major elements.
 
@@ -48,20 +48,10 @@ TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # fp64 runs the 
 GPU_GEMV_DTYPES = TRITON_DTYPES  # the CUDA GEMV's x dtypes; fp64 takes dequantize + matmul
 
 
-def _native_cpu_usable(*tensors) -> bool:
-    return all(t.device.type == "cpu" for t in tensors)
-
-
-def _native_cuda_usable(blocksize: int, *tensors) -> bool:
-    """The CUDA kernels take tensors on one CUDA device and blocks of a power of two >= 8 elements
-    (every size QuantState allows)."""
-    device = tensors[0].device
-    return (
-        device.type == "cuda"
-        and all(t.device == device for t in tensors)
-        and blocksize >= 8
-        and blocksize & (blocksize - 1) == 0
-    )
+def _native_cuda_usable(blocksize: int, x) -> bool:
+    """The CUDA kernels take blocks of a power of two >= 8 elements (every size QuantState allows); the op has
+    checked that every tensor is on x's device."""
+    return x.device.type == "cuda" and blocksize >= 8 and blocksize & (blocksize - 1) == 0
 
 
 def _cuda_launch(t) -> tuple[int, int]:
@@ -87,7 +77,7 @@ def check_nf4_weight(op: str, packed, absmax, code, blocksize, numel) -> None:
 
 
 def check_nf4_linear(op: str, x, packed, absmax, code, bias, blocksize, out_features, in_features) -> None:
-    """check_nf4_weight for W [out_features, in_features], x [..., in_features], bias empty or [out_features]."""
+    """check_nf4_weight for W [out_features, in_features], x [..., in_features], bias None or [out_features]."""
     check_int(op, "out_features", out_features, low=0)
     check_int(op, "in_features", in_features, low=0)
     check_layer_size(op, out_features, in_features)
@@ -129,7 +119,7 @@ def _reference_quantize(w, code, blocksize):
 
 
 def _native_quantize(w, code, blocksize):
-    if _native_cuda_usable(blocksize, w, code):
+    if _native_cuda_usable(blocksize, w):
         w = w.reshape(-1).contiguous()
         packed, absmax = _empty_quantized(w, blocksize)
         if w.numel():
@@ -146,7 +136,7 @@ def _native_quantize(w, code, blocksize):
                 *_cuda_launch(w),
             )
         return packed, absmax
-    if not _native_cpu_usable(w):
+    if w.device.type != "cpu":
         return _reference_quantize(w, code, blocksize)
     w = w.reshape(-1).contiguous()
     n = w.numel()
@@ -230,8 +220,8 @@ def dequantize_all_into(packed, absmax, code, out, blocksize: int) -> None:
 
 
 def _native_dequantize(packed, absmax, code, blocksize, numel, dtype):
-    cuda = _native_cuda_usable(blocksize, packed, absmax, code)
-    if not cuda and not _native_cpu_usable(packed, absmax):
+    cuda = _native_cuda_usable(blocksize, packed)
+    if not cuda and packed.device.type != "cpu":
         return _reference_dequantize(packed, absmax, code, blocksize, numel, dtype)
     out = _native.empty(numel, dtype=dtype, device=packed.device)
     dequantize_all_into(packed.contiguous(), absmax.float().contiguous(), code.float().contiguous(), out, blocksize)
@@ -264,11 +254,11 @@ def _weight_tiles(packed, absmax, code, blocksize: int, out_features: int, in_fe
 
 
 def gemv_into(x2d, packed, absmax, code, bias, out, blocksize: int) -> None:
-    """Native fused dequant-GEMV: out[m, N] = x2d[m, K] @ W^T (+ bias; None or empty = none), m <= GEMV_MAX_ROWS;
+    """Native fused dequant-GEMV: out[m, N] = x2d[m, K] @ W^T (+ bias; None = none), m <= GEMV_MAX_ROWS;
     every tensor contiguous, absmax fp32 de-nested, code fp32 [16], out in x2d's dtype. CPU or CUDA (there:
     x2d fp32/fp16/bf16, blocksize a power of two >= 8)."""
     m, k = x2d.shape
-    has_bias = bias is not None and bias.numel() > 0
+    has_bias = bias is not None
     args = (
         x2d,
         x2d.dtype,
@@ -304,19 +294,19 @@ def _cuda_linear(x, packed, absmax, code, bias, blocksize, out_features, in_feat
             packed.contiguous(),
             absmax.float().contiguous(),
             code.float().contiguous(),
-            bias.contiguous(),
+            None if bias is None else bias.contiguous(),
             out,
             blocksize,
         )
         return out.view(*lead, out_features)
     weight = _cuda_dequantized_weight(packed, absmax, code, blocksize, out_features, in_features, x.dtype)
-    return torch.nn.functional.linear(x, weight, bias.to(x.dtype) if bias.numel() else None).contiguous()
+    return torch.nn.functional.linear(x, weight, None if bias is None else bias.to(x.dtype)).contiguous()
 
 
 def _native_linear(x, packed, absmax, code, bias, blocksize, out_features, in_features):
-    if _native_cuda_usable(blocksize, x, packed, absmax, code, bias):
+    if _native_cuda_usable(blocksize, x):
         return _cuda_linear(x, packed, absmax, code, bias, blocksize, out_features, in_features)
-    if not _native_cpu_usable(x, packed, absmax) or x.dtype not in ALL_DTYPES:
+    if x.device.type != "cpu" or x.dtype not in ALL_DTYPES:
         return _reference_linear(x, packed, absmax, code, bias, blocksize, out_features, in_features)
     lead = x.shape[:-1]
     x2d = x.reshape(-1, in_features).contiguous()
@@ -326,14 +316,14 @@ def _native_linear(x, packed, absmax, code, bias, blocksize, out_features, in_fe
     if m == 0 or out_features == 0:
         return out.view(*lead, out_features)
     if m <= GEMV_MAX_ROWS:
-        gemv_into(x2d, packed, absmax, code, bias.contiguous(), out, blocksize)
+        gemv_into(x2d, packed, absmax, code, None if bias is None else bias.contiguous(), out, blocksize)
         return out.view(*lead, out_features)
     compute = ref.matmul_dtype(x.dtype)
     xc = x2d.to(compute)
     result = out if compute == x.dtype else torch.empty((m, out_features), dtype=compute)
     for n0, n1, tile in _weight_tiles(packed, absmax, code, blocksize, out_features, in_features, compute):
         result[:, n0:n1] = xc @ tile.t()
-    if bias.numel():
+    if bias is not None:
         result += bias.to(compute)
     if result is not out:
         out.copy_(result)
@@ -341,10 +331,10 @@ def _native_linear(x, packed, absmax, code, bias, blocksize, out_features, in_fe
 
 
 def _native_linear_grad_input(dy, packed, absmax, code, blocksize, out_features, in_features):
-    if _native_cuda_usable(blocksize, dy, packed, absmax, code):
+    if _native_cuda_usable(blocksize, dy):
         weight = _cuda_dequantized_weight(packed, absmax, code, blocksize, out_features, in_features, dy.dtype)
         return torch.matmul(dy, weight)
-    if not _native_cpu_usable(dy, packed, absmax) or dy.dtype not in ALL_DTYPES:
+    if dy.device.type != "cpu" or dy.dtype not in ALL_DTYPES:
         return _reference_linear_grad_input(dy, packed, absmax, code, blocksize, out_features, in_features)
     lead = dy.shape[:-1]
     dy2d = dy.reshape(-1, out_features)
@@ -371,7 +361,7 @@ def _triton_linear(x, packed, absmax, code, bias, blocksize, out_features, in_fe
             packed.contiguous(),
             absmax.float().contiguous(),
             code.float().contiguous(),
-            bias.contiguous() if bias.numel() else None,
+            None if bias is None else bias.contiguous(),
             out,
             blocksize,
         )
@@ -431,7 +421,7 @@ nf4_dequantize = define_op(
 )
 nf4_linear_op = define_op(
     "nf4_linear",
-    "(Tensor x, Tensor packed, Tensor absmax, Tensor code, Tensor bias, int blocksize, "
+    "(Tensor x, Tensor packed, Tensor absmax, Tensor code, Tensor? bias, int blocksize, "
     "SymInt out_features, SymInt in_features) -> Tensor",
     family="nf4",
     fake=_fake_linear,
@@ -500,9 +490,7 @@ def nf4_linear(x: torch.Tensor, packed: torch.Tensor, state, bias: torch.Tensor 
             f"{(out_features * in_features + 1) // 2}"
         )
     check_same_device(fn, x=x, packed=packed, absmax=state.absmax)
-    if bias is None:
-        bias = x.new_empty(0)
-    else:
+    if bias is not None:
         check_tensor(fn, "bias", bias, dim=1)
         if bias.shape[0] != out_features:
             raise ValueError(f"{fn}: bias has {bias.shape[0]} elements, out_features is {out_features}")

@@ -17,7 +17,6 @@ from pyfastpeft.ops._checks import (
     FLOAT_DTYPES,
     check_dtype,
     check_features,
-    check_int,
     check_last_dim,
     check_numel,
     check_real,
@@ -27,7 +26,7 @@ from pyfastpeft.ops._checks import (
 from pyfastpeft.ops._library import define_op, triton_module
 from pyfastpeft.reference import rmsnorm as ref
 from pyfastpeft.reference._common import accumulate_dtype
-from pyfastpeft.reference.rmsnorm import CASTING_MODES, output_dtype
+from pyfastpeft.reference.rmsnorm import CASTING_CODES, CASTING_MODES, output_dtype
 
 # (x dtype, y dtype) pairs the native kernels take; weight may be any float dtype.
 _NATIVE_PAIRS = {(d, d) for d in (torch.float32, torch.float16, torch.bfloat16, torch.float64)} | {
@@ -42,7 +41,7 @@ def _empty_outputs(x, weight, casting_mode, empty=torch.empty):
     return y, rstd
 
 
-def forward_into(x, weight, y, rstd, eps: float, offset: float, casting_mode: int) -> None:
+def forward_into(x, weight, y, rstd, eps: float, offset: float, casting_mode: str) -> None:
     """Native forward into preallocated y and rstd (contiguous; dtypes as the op's outputs)."""
     rows, n = x.numel() // x.shape[-1], x.shape[-1]
     args = (
@@ -57,12 +56,12 @@ def forward_into(x, weight, y, rstd, eps: float, offset: float, casting_mode: in
         y.dtype,
         eps,
         offset,
-        casting_mode,
+        CASTING_CODES[casting_mode],
     )
     _native.launch("rmsnorm_forward", x, *args)
 
 
-def backward_into(dy, x, weight, rstd, dx, offset: float, casting_mode: int, weight_grad: bool):
+def backward_into(dy, x, weight, rstd, dx, offset: float, casting_mode: str, weight_grad: bool):
     """Native backward into preallocated dx; returns dw (fp32/fp64 partial sums reduced) or None."""
     rows, n = x.numel() // x.shape[-1], x.shape[-1]
     if x.is_cuda:
@@ -83,7 +82,7 @@ def backward_into(dy, x, weight, rstd, dx, offset: float, casting_mode: int, wei
         weight.dtype,
         dy.dtype,
         offset,
-        casting_mode,
+        CASTING_CODES[casting_mode],
     )
     _native.launch("rmsnorm_backward", x, *args, partials)
     return None if dw_partial is None else dw_partial.sum(0).to(weight.dtype)
@@ -124,7 +123,13 @@ def _triton_forward(x, weight, eps, offset, casting_mode):
     if x.numel():
         n = x.shape[-1]
         triton_module("rmsnorm").rmsnorm_forward(
-            x.contiguous().view(-1, n), weight.contiguous(), y.view(-1, n), rstd.view(-1), eps, offset, casting_mode
+            x.contiguous().view(-1, n),
+            weight.contiguous(),
+            y.view(-1, n),
+            rstd.view(-1),
+            eps,
+            offset,
+            CASTING_CODES[casting_mode],
         )
     return y, rstd
 
@@ -142,7 +147,7 @@ def _triton_backward(dy, x, weight, rstd, offset, casting_mode, weight_grad):
             dx.view(-1, n),
             dw,
             offset,
-            casting_mode,
+            CASTING_CODES[casting_mode],
         )
     return dx, (dw.to(weight.dtype) if weight_grad else weight.new_empty(0))
 
@@ -176,8 +181,8 @@ def _check_common(op, x, weight, casting_mode):
         raise ValueError(f"{op}: weight must be 1-D, got shape {tuple(weight.shape)}")
     check_features(op, "x", x, "hidden size")
     check_last_dim(op, "x", x, weight.shape[0], "weight's size")
-    if check_int(op, "casting_mode", casting_mode) not in CASTING_MODES.values():
-        raise ValueError(f"{op}: casting_mode must be one of {sorted(CASTING_MODES.values())}, got {casting_mode}")
+    if casting_mode not in CASTING_MODES:
+        raise ValueError(f"{op}: casting_mode must be one of {CASTING_MODES}, got {casting_mode!r}")
 
 
 def _check_forward(x, weight, eps, offset, casting_mode):
@@ -199,7 +204,7 @@ def _check_backward(dy, x, weight, rstd, offset, casting_mode, weight_grad):
 
 rms_norm_forward = define_op(
     "rms_norm_forward",
-    "(Tensor x, Tensor weight, float eps, float offset, int casting_mode) -> (Tensor, Tensor)",
+    "(Tensor x, Tensor weight, float eps, float offset, str casting_mode) -> (Tensor, Tensor)",
     family="rmsnorm",
     fake=_fake_forward,
     reference=_reference_forward,
@@ -209,7 +214,7 @@ rms_norm_forward = define_op(
 )
 rms_norm_backward = define_op(
     "rms_norm_backward",
-    "(Tensor dy, Tensor x, Tensor weight, Tensor rstd, float offset, int casting_mode, bool weight_grad)"
+    "(Tensor dy, Tensor x, Tensor weight, Tensor rstd, float offset, str casting_mode, bool weight_grad)"
     " -> (Tensor, Tensor)",
     family="rmsnorm",
     fake=_fake_backward,
@@ -225,7 +230,7 @@ class RMSNormFunction(torch.autograd.Function):
     """y = rms_norm(x, weight); backward computes dW only when the weight requires grad."""
 
     @staticmethod
-    def forward(ctx, x, weight, eps: float, offset: float, casting_mode: int):
+    def forward(ctx, x, weight, eps: float, offset: float, casting_mode: str):
         y, rstd = rms_norm_forward(x, weight, eps, offset, casting_mode)
         ctx.save_for_backward(x, weight, rstd)
         ctx.offset, ctx.casting_mode = offset, casting_mode
@@ -258,4 +263,4 @@ def rms_norm(
         raise ValueError(f"{fn}: casting_mode must be one of {tuple(CASTING_MODES)}, got {casting_mode!r}")
     if not eps >= 0:
         raise ValueError(f"{fn}: eps must be >= 0, got {eps}")
-    return RMSNormFunction.apply(x, weight, float(eps), float(offset), CASTING_MODES[casting_mode])
+    return RMSNormFunction.apply(x, weight, float(eps), float(offset), casting_mode)

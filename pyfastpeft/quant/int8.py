@@ -108,9 +108,7 @@ def int8_mm_dequant(
             f"{fn}: c is {tuple(c.shape)}, row_stats has {row_stats.shape[0]} and col_stats "
             f"{col_stats.shape[0]} elements"
         )
-    if bias is None:
-        bias = c.new_empty(0, dtype=dtype)
-    else:
+    if bias is not None:
         check_tensor(fn, "bias", bias, dim=1)
         if bias.shape[0] != c.shape[1]:
             raise ValueError(f"{fn}: bias has {bias.shape[0]} elements, c has {c.shape[1]} columns")

@@ -22,11 +22,11 @@ import torch
 
 from pyfastpeft.reference._common import accumulate_dtype
 
-NONE, MEAN, SUM = 0, 1, 2
-REDUCTIONS = {"none": NONE, "mean": MEAN, "sum": SUM}
+NONE, MEAN, SUM = "none", "mean", "sum"
+REDUCTIONS = (NONE, MEAN, SUM)
 
 
-def reduction_weights(labels: torch.Tensor, ignore_index: int, reduction: int, dtype: torch.dtype) -> torch.Tensor:
+def reduction_weights(labels: torch.Tensor, ignore_index: int, reduction: str, dtype: torch.dtype) -> torch.Tensor:
     """d reduced loss / d loss_t, [T] of `dtype`: mean 1 / max(valid, 1) on valid tokens, sum and none 1
     on valid tokens (for none, the weights of loss.sum()); 0 on ignored tokens."""
     valid = (labels != ignore_index).to(dtype)
@@ -35,7 +35,7 @@ def reduction_weights(labels: torch.Tensor, ignore_index: int, reduction: int, d
     return valid
 
 
-def reduce(loss_per_token: torch.Tensor, labels: torch.Tensor, ignore_index: int, reduction: int) -> torch.Tensor:
+def reduce(loss_per_token: torch.Tensor, labels: torch.Tensor, ignore_index: int, reduction: str) -> torch.Tensor:
     if reduction == NONE:
         return loss_per_token
     total = loss_per_token.sum()
@@ -73,14 +73,14 @@ def token_losses(logits, labels, grad_weights, ignore_index: int, label_smoothin
 def _logits(hidden, weight, bias):
     cd = accumulate_dtype(hidden.dtype)
     logits = hidden.to(cd) @ weight.to(cd).t()
-    return logits + bias.to(cd) if bias.numel() else logits
+    return logits if bias is None else logits + bias.to(cd)
 
 
 def _parameter_grads(dz, hidden, weight, bias, need_grad_hidden: bool, need_grad_weight: bool, need_grad_bias: bool):
     cd = dz.dtype
     grad_hidden = (dz @ weight.to(cd)).to(hidden.dtype) if need_grad_hidden else hidden.new_empty(0)
     grad_weight = (dz.t() @ hidden.to(cd)).to(weight.dtype) if need_grad_weight else weight.new_empty(0)
-    grad_bias = dz.sum(0).to(bias.dtype) if need_grad_bias else bias.new_empty(0)
+    grad_bias = dz.sum(0).to(bias.dtype) if need_grad_bias else hidden.new_empty(0)
     return grad_hidden, grad_weight, grad_bias
 
 
@@ -92,7 +92,7 @@ def flce_forward(
     ignore_index: int,
     label_smoothing: float,
     softcap: float,
-    reduction: int,
+    reduction: str,
     need_grad_hidden: bool,
     need_grad_weight: bool,
     need_grad_bias: bool,
@@ -106,7 +106,7 @@ def flce_forward(
     loss, lse, dz = token_losses(logits, labels, weights, ignore_index, label_smoothing, softcap)
     loss = reduce(loss, labels, ignore_index, reduction)
     if dz is None:
-        return (loss, lse, hidden.new_empty(0), weight.new_empty(0), bias.new_empty(0))
+        return (loss, lse, hidden.new_empty(0), weight.new_empty(0), hidden.new_empty(0))
     return (loss, lse, *_parameter_grads(dz, hidden, weight, bias, need_grad_hidden, need_grad_weight, need_grad_bias))
 
 

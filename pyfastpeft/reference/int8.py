@@ -89,11 +89,11 @@ def vectorwise_dequant(q: torch.Tensor, stats: torch.Tensor, axis: int) -> torch
 
 
 def mm_dequant(c: torch.Tensor, row_stats, col_stats, bias, addend, dtype: torch.dtype) -> torch.Tensor:
-    """The int8 matmul epilogue above: c int32 [M, N]; bias [N] and addend fp32 [M, N] may be empty."""
+    """The int8 matmul epilogue above: c int32 [M, N]; bias [N] and addend fp32 [M, N] may be None."""
     out = c.float() * (row_stats.float()[:, None] * col_stats.float()[None, :]) * MM_DEQUANT_SCALE
-    if addend.numel():
+    if addend is not None:
         out = out + addend.float()
-    if bias.numel():
+    if bias is not None:
         out = out + bias.float()
     return out.to(dtype)
 
@@ -127,16 +127,16 @@ def outlier_product(
 
 
 def int8_linear(x, weight, weight_stats, bias, threshold: float):
-    """LLM.int8 product of x [..., K] with int8 weight codes [N, K] and their row stats [N]; bias may be empty."""
+    """LLM.int8 product of x [..., K] with int8 weight codes [N, K] and their row stats [N]; bias may be None."""
     lead = x.shape[:-1]
     x2d = x.reshape(-1, x.shape[-1])
     if x.dtype == torch.float64:  # the gradcheck path: the same product without rounding x to int8
         out = x2d @ dequantize_weight(weight, weight_stats, torch.float64).t()
-        if bias.numel():
+        if bias is not None:
             out = out + bias
         return out.view(*lead, weight.shape[0])
     q, row_stats, outlier_cols = vectorwise_quant(x2d, threshold)
-    addend = outlier_product(x2d, weight, weight_stats, outlier_cols) if outlier_cols.numel() else x2d.new_empty(0)
+    addend = outlier_product(x2d, weight, weight_stats, outlier_cols) if outlier_cols.numel() else None
     out = mm_dequant(int8_matmul(q, weight), row_stats, weight_stats, bias, addend, x.dtype)
     return out.view(*lead, weight.shape[0])
 

@@ -16,7 +16,7 @@ Dropout uniforms (Triton's tl.rand(seed, counter), bit for bit): one Philox-4x32
   word    = the first output word c0, read as int32 w;  u = fp32(w < 0 ? ~w : w) * fp32(4.6566127342e-10)
 so u lies in [0, 1). An element is kept when u > fp32(p): strictly greater, so p = 0 keeps everything.
 The (seed, offset) pair travels as an int64 tensor `rng` of 2 elements, drawn from torch's default
-generator of x's device (see pyfastpeft.ops.lora); an empty `rng` means no dropout.
+generator of x's device (see pyfastpeft.ops.lora); rng None means no dropout.
 
 The products below run in x's dtype, as PEFT's eager modules do (each step rounds to x's dtype).
 """
@@ -77,8 +77,8 @@ def keep_mask(rng: torch.Tensor, shape, dropout_p: float, device: torch.device) 
 
 def dropout(x: torch.Tensor, dropout_p: float, rng: torch.Tensor) -> torch.Tensor:
     """x * keep * fp32(1 / (1 - p)), computed in fp32 and rounded once to x's dtype (fp64 stays fp64);
-    x itself when rng is empty (no dropout)."""
-    if rng.numel() == 0:
+    x itself when rng is None (no dropout)."""
+    if rng is None:
         return x
     compute = torch.float64 if x.dtype == torch.float64 else torch.float32
     scale = torch.tensor(1.0 / (1.0 - dropout_p), dtype=torch.float32).to(device=x.device, dtype=compute)
@@ -86,9 +86,9 @@ def dropout(x: torch.Tensor, dropout_p: float, rng: torch.Tensor) -> torch.Tenso
     return torch.where(keep, x.to(compute) * scale, torch.zeros((), dtype=compute, device=x.device)).to(x.dtype)
 
 
-def dense_forward(x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
-    """x W^T + b (bias: empty = none)."""
-    return torch.nn.functional.linear(x2d, weight, bias if bias.numel() else None)
+def dense_forward(x2d: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+    """x W^T + b (bias None: none)."""
+    return torch.nn.functional.linear(x2d, weight, bias)
 
 
 def dense_grad_input(dy2d: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:

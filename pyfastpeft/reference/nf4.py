@@ -167,7 +167,7 @@ def nf4_linear(x, packed, absmax, code, bias, blocksize: int, out_features: int,
     compute = matmul_dtype(x.dtype)
     weight = dequantize_4bit(packed, absmax, code, blocksize, out_features * in_features, compute)
     out = torch.nn.functional.linear(
-        x.to(compute), weight.view(out_features, in_features), bias.to(compute) if bias.numel() else None
+        x.to(compute), weight.view(out_features, in_features), None if bias is None else bias.to(compute)
     )
     return out.to(x.dtype)
 

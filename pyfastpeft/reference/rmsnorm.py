@@ -1,6 +1,6 @@
 """RMSNorm reference, in HF's casting orders.
 
-casting_mode (int codes shared with the kernels):
+casting_mode (the names the ops take; CASTING_CODES are the ints the kernels take):
   LLAMA (0): y = (offset + w) * (x * r).to(x.dtype)      -- HF LlamaRMSNorm; y in promote(x, w) dtype
   GEMMA (1): y = (x * r * (offset + w)).to(x.dtype)      -- HF GemmaRMSNorm (offset 1), all fp32
   NONE  (2): y = (x * r.to(x.dtype)) * (offset + w).to(x.dtype)   -- every step in x's dtype
@@ -13,15 +13,16 @@ import torch
 
 from pyfastpeft.reference._common import accumulate_dtype
 
-LLAMA, GEMMA, NONE = 0, 1, 2
-CASTING_MODES = {"llama": LLAMA, "gemma": GEMMA, "none": NONE}
+LLAMA, GEMMA, NONE = "llama", "gemma", "none"
+CASTING_MODES = (LLAMA, GEMMA, NONE)
+CASTING_CODES = {LLAMA: 0, GEMMA: 1, NONE: 2}
 
 
-def output_dtype(x_dtype: torch.dtype, weight_dtype: torch.dtype, casting_mode: int) -> torch.dtype:
+def output_dtype(x_dtype: torch.dtype, weight_dtype: torch.dtype, casting_mode: str) -> torch.dtype:
     return torch.promote_types(x_dtype, weight_dtype) if casting_mode == LLAMA else x_dtype
 
 
-def rms_norm_forward(x, weight, eps: float, offset: float, casting_mode: int):
+def rms_norm_forward(x, weight, eps: float, offset: float, casting_mode: str):
     """(y, rstd): y like x (dtype per casting_mode), rstd = x.shape[:-1] in the compute dtype."""
     cd = accumulate_dtype(x.dtype)
     xc = x.to(cd)
@@ -36,7 +37,7 @@ def rms_norm_forward(x, weight, eps: float, offset: float, casting_mode: int):
     return y, rstd.squeeze(-1)
 
 
-def rms_norm_backward(dy, x, weight, rstd, offset: float, casting_mode: int, weight_grad: bool):
+def rms_norm_backward(dy, x, weight, rstd, offset: float, casting_mode: str, weight_grad: bool):
     """(dx, dw) with the casts treated as identity; dw is empty when weight_grad is False.
 
     One row of N, r = rstd, m = dy * (offset + w):

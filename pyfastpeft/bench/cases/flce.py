@@ -30,7 +30,7 @@ def _flce_kernel(tokens: int, dtype, device, train_weight: bool, backward: bool)
     """forward: the fused op (logits chunk by chunk, row pass, dh and dW matmuls) reads h, W, labels and writes
     dh (and dW); backward scales them by the loss grad. Compute-bound (three GEMMs): the GB/s are a floor."""
     hidden, weight, labels = (t.detach() for t in _flce_tensors(tokens, dtype, device, train_weight))
-    bias = hidden.new_empty(0)
+    bias = None
     if backward:
         grad_hidden = torch.randn_like(hidden)
         grad_weight = torch.randn_like(weight) if train_weight else weight.new_empty(0)
@@ -46,7 +46,7 @@ def _flce_kernel(tokens: int, dtype, device, train_weight: bool, backward: bool)
         -100,
         0.0,
         0.0,
-        1,
+        "mean",
         True,  # noqa: E731
         train_weight,
         False,

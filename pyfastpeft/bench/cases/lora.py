@@ -31,10 +31,10 @@ def _lora_tensors(rows: int, out_features: int, in_features: int, rank: int, dty
     return x, weight, lora_A, lora_B
 
 
-def _lora_rng(dropout_p: float, device) -> torch.Tensor:
+def _lora_rng(dropout_p: float, device) -> torch.Tensor | None:
     if dropout_p > 0:
         return torch.randint(0, lora_ops.SEED_HIGH, (2,), device=device)
-    return torch.empty(0, dtype=torch.int64, device=device)
+    return None
 
 
 def _lora_kernel(
@@ -43,7 +43,7 @@ def _lora_kernel(
     """The native op: forward reads x, W, A, B and writes y, xa [M, r]; backward reads dY, x, W, A, B, xa and
     writes dX, dA, dB. The GEMMs are torch's, so this is compute-bound: the bandwidth figure is a floor."""
     x, weight, lora_A, lora_B = _lora_tensors(rows, out_features, in_features, rank, dtype, device)
-    rng, scaling, bias = _lora_rng(dropout_p, device), LORA_ALPHA / rank, x.new_empty(0)
+    rng, scaling, bias = _lora_rng(dropout_p, device), LORA_ALPHA / rank, None
     xa = torch.randn(rows, rank, dtype=dtype, device=device)
     if backward:
         dy = torch.randn(rows, out_features, dtype=dtype, device=device)
@@ -106,7 +106,7 @@ class _EagerNF4Linear(torch.autograd.Function):
 
         ctx.save_for_backward(packed, absmax, code)
         ctx.meta = (blocksize, out_features, in_features)
-        return nf4_reference.nf4_linear(x, packed, absmax, code, x.new_empty(0), blocksize, out_features, in_features)
+        return nf4_reference.nf4_linear(x, packed, absmax, code, None, blocksize, out_features, in_features)
 
     @staticmethod
     def backward(ctx, dy):
@@ -242,7 +242,7 @@ def _lora_multi_kernel(seq_len: int, dtype, device, backward: bool) -> KernelCal
     rank_offsets = torch.arange(LORA_MULTI_ADAPTERS + 1, device=device) * LORA_MULTI_RANK
     scalings = torch.full((LORA_MULTI_ADAPTERS,), LORA_ALPHA / LORA_MULTI_RANK, device=device)
     row_adapter = adapter_ids[:, None].expand(LORA_MULTI_SEQUENCES, seq_len).reshape(-1).contiguous()
-    rng, bias = _lora_rng(LORA_MULTI_DROPOUT, device), x.new_empty(0)
+    rng, bias = _lora_rng(LORA_MULTI_DROPOUT, device), None
     forward_op, backward_op = lora_multi_ops.MULTI_BASE_OPS["dense"]
     forward_args = (
         x,
