@@ -191,6 +191,16 @@ def lora_over_int8_with_nan_threshold():
     lora_linear(x, (torch.ones(4, 8, dtype=torch.int8), torch.ones(4), math.nan), None, lora_A, lora_B, 1.0)
 
 
+@cases.add(ValueError, "dropout_p must be < 1.0, got 1.0")
+def lora_dropout_of_one():
+    lora_linear(*_lora_args(), 1.0, dropout_p=1.0, training=True)
+
+
+@cases.add(TypeError, "training must be a bool")
+def lora_training_not_a_bool():
+    lora_linear(*_lora_args(), 1.0, dropout_p=0.1, training="yes")
+
+
 @cases.add(ValueError, "rng must be None")
 def lora_op_called_directly_with_a_short_rng():
     x, weight, _, lora_A, lora_B = _lora_args()

@@ -88,6 +88,12 @@ def check_int(op: str, name: str, value, *, low: int | None = None, high: int | 
     return value
 
 
+def check_bool(op: str, name: str, value) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"{op}: {name} must be a bool, got {type(value).__name__}")
+    return value
+
+
 def check_power_of_two(op: str, name: str, value, *, low: int = 1) -> int:
     check_int(op, name, value)
     if value < low or value & (value - 1):

@@ -25,7 +25,6 @@ Autograd saves x (not x_d: backward regenerates the mask from rng), A, B, xa [M,
 from __future__ import annotations
 
 import math
-import numbers
 
 import torch
 
@@ -34,6 +33,7 @@ from pyfastpeft.backend import carry_backend
 from pyfastpeft.ops._autocast import autocast_dtype, cast_like_linear
 from pyfastpeft.ops._checks import (
     FLOAT_DTYPES,
+    check_bool,
     check_dtype,
     check_last_dim,
     check_layer_size,
@@ -391,18 +391,9 @@ class LoRALinearFunction(torch.autograd.Function):
 # ---- the public function ---------------------------------------------------------------------------------
 
 
-def _check_number(fn: str, name: str, value) -> float:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{fn}: {name} must be a real number, got {type(value).__name__}")
-    return float(value)
-
-
 def _check_dropout(fn: str, dropout_p, training) -> float:
-    dropout_p = _check_number(fn, "dropout_p", dropout_p)
-    if not 0.0 <= dropout_p < 1.0:
-        raise ValueError(f"{fn}: dropout_p must be in [0, 1), got {dropout_p}")
-    if not isinstance(training, bool):
-        raise TypeError(f"{fn}: training must be a bool, got {type(training).__name__}")
+    dropout_p = check_real(fn, "dropout_p", dropout_p, low=0.0, high=1.0, high_open=True)
+    check_bool(fn, "training", training)
     return dropout_p
 
 
