@@ -32,6 +32,28 @@ CPU_ISAS = [
 BACKENDS = ["native"] + (["triton"] if HAS_TRITON else [])
 
 
+# The devices every device-parametric test runs on: the CPU always, a CUDA GPU where one is visible (the `cuda`
+# mark skips it elsewhere, see conftest.py); bitsandbytes' tests take the device as a parameter the same way.
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.cuda)]
+
+
+def on_device_unsupported(device, backend, dtype, numel, interpreter_limit=50_000):
+    """skip_unsupported where Triton runs in the CPU interpreter (CPU tensors: bf16, and more than
+    interpreter_limit elements); on a GPU every case runs."""
+    if device == "cpu":
+        skip_unsupported(backend, dtype, 0)
+        if backend == "triton" and numel > interpreter_limit:
+            pytest.skip("too large for the Triton CPU interpreter")
+
+
+def grads_of(backend, fn, inputs, dy):
+    """(outputs..., gradient of each input) of fn on `backend`, inputs as fresh leaves, dy the output grads."""
+    leaves = [t.detach().clone().requires_grad_() for t in inputs]
+    out = run(backend, fn, *leaves)
+    torch.autograd.backward(out, dy)
+    return (out if isinstance(out, tuple) else (out,)) + tuple(t.grad for t in leaves)
+
+
 def assert_close(actual, expected, dtype=None):
     torch.testing.assert_close(actual, expected, **TOLERANCES[dtype or expected.dtype], equal_nan=True)
 

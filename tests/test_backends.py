@@ -4,6 +4,7 @@ import sys
 
 import pytest
 import torch
+from helpers import BACKENDS, assert_close, random_weight_state, run
 
 import pyfastpeft
 from pyfastpeft import _native
@@ -115,3 +116,59 @@ def test_info_command_prints_build_and_backends(tmp_path):
 @pytest.mark.cuda
 def test_cuda_native_module_is_available_with_a_gpu():
     assert pyfastpeft.backends()["cuda_native"]["available"]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_ops_capture_in_cuda_graphs_on_the_current_stream(backend):
+    from pyfastpeft.functional import swiglu
+
+    x, w = torch.randn(64, 4096, device="cuda"), torch.randn(4096, device="cuda")
+    gate, up = torch.randn(64, 11008, device="cuda"), torch.randn(64, 11008, device="cuda")
+    with pyfastpeft.use_backend(backend):
+        rms_norm(x, w), swiglu(gate, up)  # warm-up (Triton compiles outside the capture)
+        stream = torch.cuda.Stream()
+        with torch.cuda.stream(stream):
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, stream=stream):
+                y, h = rms_norm(x, w), swiglu(gate, up)
+        x.copy_(torch.randn_like(x))
+        graph.replay()
+        torch.cuda.synchronize()
+    assert_close(y, run("reference", rms_norm, x, w))
+    assert_close(h, run("reference", swiglu, gate, up))
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_nf4_gemv_captures_in_cuda_graphs_on_the_current_stream(backend):
+    from pyfastpeft.ops import nf4 as nf4_ops
+    from pyfastpeft.reference import nf4 as nf4_reference
+
+    packed, absmax = random_weight_state(256, 512, 64, torch.Generator().manual_seed(0))
+    code = nf4_reference.QUANT_TABLES["nf4"]
+    weight = nf4_reference.dequantize_4bit(packed, absmax, code, 64, 256 * 512, torch.float64).view(256, 512).cuda()
+    packed, absmax, code = packed.view(-1, 1).cuda(), absmax.cuda(), code.cuda()
+    x, bias = torch.randn(2, 512, device="cuda"), torch.randn(256, device="cuda")
+    with pyfastpeft.use_backend(backend):
+        nf4_ops.nf4_linear_op(x, packed, absmax, code, bias, 64, 256, 512)  # warm-up (Triton compiles here)
+        stream = torch.cuda.Stream()
+        with torch.cuda.stream(stream):
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph, stream=stream):
+                y = nf4_ops.nf4_linear_op(x, packed, absmax, code, bias, 64, 256, 512)
+        x.copy_(torch.randn_like(x))
+        graph.replay()
+        torch.cuda.synchronize()
+    torch.testing.assert_close(y.double(), x.double() @ weight.T + bias.double(), rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.cuda
+def test_ops_run_on_the_tensors_device_not_the_current_one():
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two GPUs")
+    x, w = torch.randn(8, 64, device="cuda:1"), torch.randn(64, device="cuda:1")
+    with torch.cuda.device(0):
+        y = rms_norm(x, w)
+    assert y.device == x.device
+    assert_close(y, run("reference", rms_norm, x, w))

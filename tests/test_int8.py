@@ -5,8 +5,11 @@ import torch
 from helpers import (
     BACKENDS,
     CPU_ISAS,
+    DEVICES,
     HAS_TRITON,
     cpu_isa,
+    grads_of,
+    on_device_unsupported,
     run,
     skip_unsupported,
     tiny_llama,
@@ -447,3 +450,28 @@ def test_empty_inputs_give_empty_results():
     assert int8_linear(torch.randn(0, 32), codes, scb).shape == (0, 8)
     q, stats, cols = int8_vectorwise_quant(torch.randn(0, 32), 6.0)
     assert q.shape == (0, 32) and stats.shape == (0,) and cols.numel() == 0
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("rows", [1, 5, 8, 40])
+@pytest.mark.parametrize("in_features", [64, 100])
+def test_int8_on_each_device_matches_reference(device, backend, dtype, rows, in_features):
+    """Row- and column-wise quantization bit for bit, and int8_linear's output and gradients (GEMV and GEMM row
+    counts, an outlier column), against the reference on the same device."""
+    on_device_unsupported(device, backend, dtype, rows * in_features)
+    torch.manual_seed(rows)
+    x = torch.randn(rows, in_features, device=device)
+    x[:, 3] *= 10
+    x = x.to(dtype)
+    codes, scb = quantize_int8_weight(torch.randn(48, in_features, device=device))
+    bias = torch.randn(48, device=device).to(dtype)
+    for quant in (int8_vectorwise_quant, int8_colwise_quant):
+        ours, ref = run(backend, quant, x, 6.0), run("reference", quant, x, 6.0)
+        assert torch.equal(ours[0], ref[0]) and torch.equal(ours[1], ref[1]) and torch.equal(ours[2], ref[2])
+    dy = torch.randn(rows, 48, device=device).to(dtype)
+    fn = lambda a, b: int8_linear(a, codes, scb, b, 6.0)  # noqa: E731
+    ours, ref = grads_of(backend, fn, (x, bias), dy), grads_of("reference", fn, (x, bias), dy)
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=2e-2)

@@ -5,10 +5,14 @@ layer; and the Triton kernels through the ops on the "triton" backend."""
 import pytest
 import torch
 from helpers import (
+    BACKENDS,
     CPU_ISAS,
+    DEVICES,
     HAS_TRITON,
     cpu_isa,
+    on_device_unsupported,
     random_weight_state,
+    run,
     special_blocks_weight,
     with_planted_ties,
 )
@@ -238,7 +242,7 @@ def test_gemv_rejects_more_than_eight_rows():
         native_gemv(torch.randn(9, 64), packed, absmax, CODES["nf4"], None, 4, 64)
 
 
-# ---- Triton (the CPU interpreter here; tests/test_cuda.py runs the same comparisons on a GPU) ------------
+# ---- Triton (the CPU interpreter here; the device-parametric tests below run every backend on a GPU too) ---
 
 triton_only = pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 # Both sides multiply the same dequantized weight and sum in fp32; they differ in summation order only.
@@ -365,3 +369,122 @@ def test_triton_nf4_ops_opcheck():
                 torch.ops.pyfastpeft.nf4_linear_grad_input.default,
                 (torch.randn(rows, 40), packed, absmax, code, 64, 40, 64),
             )
+
+
+# ---- every backend on every device, through the ops ---------------------------------------------------------
+
+DEVICE_DTYPES = [torch.float32, torch.bfloat16, torch.float16]
+
+
+def assert_product_close(out, a, b, exact, dtype):
+    """out = a @ b (fp64 `exact`) within what its roundings allow: fp32 to 1e-4; in bf16/fp16 the weight may be
+    rounded to x's dtype before the product (bitsandbytes' GPU path, and the CPU path above 8 rows) and the result
+    is rounded once, so the error is bounded by 2 eps (|a| @ |b|) elementwise, not by a fixed tolerance (products
+    that cancel to near zero from large terms keep an error the size of those terms)."""
+    if dtype == torch.float32:
+        torch.testing.assert_close(out.double(), exact, rtol=1e-4, atol=1e-4)
+        return
+    bound = 2 * torch.finfo(dtype).eps * (a.double().abs() @ b.abs()) + 1e-6
+    excess = ((out.double() - exact).abs() - bound).max().item()
+    assert excess <= 0, f"error exceeds 2 eps (|a| @ |b|) by {excess}"
+
+
+def nf4_weight_on(device, n, k, blocksize, seed):
+    """(packed [(n*k + 1) // 2, 1], absmax, code) on device, and the weight dequantized in fp64 [n, k]."""
+    packed, absmax = random_weight_state(n, k, blocksize, torch.Generator().manual_seed(seed))
+    code = CODES["nf4"]
+    weight = ref.dequantize_4bit(packed, absmax, code, blocksize, n * k, torch.float64).view(n, k)
+    return packed.view(-1, 1).to(device), absmax.to(device), code.to(device), weight.to(device)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("quant_type", ["nf4", "fp4"])
+@pytest.mark.parametrize("blocksize", [32, 64, 4096])
+@pytest.mark.parametrize("shape", [(7, 33), (40, 96), (1024, 1024)])
+@pytest.mark.parametrize("dtype", DEVICE_DTYPES + [torch.float64])
+def test_nf4_quantize_on_each_device_gives_the_reference_bytes(device, backend, quant_type, blocksize, shape, dtype):
+    on_device_unsupported(device, backend, dtype, shape[0] * shape[1])
+    code = CODES[quant_type]
+    w = with_planted_ties(shape, blocksize, code, torch.Generator().manual_seed(shape[0])).to(dtype)
+    packed, absmax = run(backend, nf4_ops.nf4_quantize, w.to(device), code.to(device), blocksize)
+    expected_packed, expected_absmax = ref.quantize_4bit(w, blocksize, code)
+    assert torch.equal(packed.cpu(), expected_packed)
+    assert torch.equal(absmax.cpu(), expected_absmax)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("numel", [4 * 64 + 10, 4 * 64 + 9])
+def test_nf4_quantize_on_each_device_zero_nan_inf_blocks_like_reference(device, backend, numel):
+    code = CODES["nf4"]
+    w = special_blocks_weight(numel)
+    for case in (w, torch.cat([w[:256], torch.full((numel - 256,), float("nan"))])):
+        packed, absmax = run(backend, nf4_ops.nf4_quantize, case.to(device), code.to(device), 64)
+        expected_packed, expected_absmax = ref.quantize_4bit(case, 64, code)
+        assert torch.equal(packed.cpu(), expected_packed)
+        torch.testing.assert_close(absmax.cpu(), expected_absmax, rtol=0, atol=0, equal_nan=True)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DEVICE_DTYPES + [torch.float64])
+@pytest.mark.parametrize(
+    "numel, blocksize, byte_offset",
+    [
+        (96 * 40, 64, 0),  # a [40, 96] weight: blocks straddle rows
+        (33 * 7, 128, 0),  # odd numel, partial last block
+        (11008 * 64 + 5, 4096, 0),  # many vector groups and a scalar tail
+        (2 * 1000, 64, 1),  # packed one byte past an aligned address: the element-wise path
+    ],
+)
+def test_nf4_dequantize_on_each_device_matches_reference_exactly(device, backend, dtype, numel, blocksize, byte_offset):
+    on_device_unsupported(device, backend, dtype, numel)
+    packed, absmax = random_weight_state(1, numel + 2 * byte_offset, blocksize, torch.Generator().manual_seed(numel))
+    absmax = absmax[: -(-numel // blocksize)]
+    packed = packed[byte_offset:]
+    code = CODES["nf4"]
+    out = run(
+        backend, nf4_ops.nf4_dequantize, packed.to(device), absmax.to(device), code.to(device), blocksize, numel, dtype
+    )
+    assert torch.equal(out.cpu(), ref.dequantize_4bit(packed, absmax, code, blocksize, numel, dtype))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("m", [1, 3, 8, 17])  # fused GEMV up to 8 rows
+@pytest.mark.parametrize(
+    "n, k, blocksize",
+    [
+        (40, 96, 64),  # 16-byte rows, blocks straddle rows: the uint4 path
+        (512, 4096, 64),  # the uint4 path, several loads per lane
+        (33, 33, 32),  # odd k: odd rows start on a low nibble, the element-wise path
+        (24, 200, 128),  # k % 32 != 0: the element-wise path
+        (5, 70, 4096),  # one block for the whole weight
+    ],
+)
+@pytest.mark.parametrize("dtype", DEVICE_DTYPES)
+@pytest.mark.parametrize("with_bias", [False, True])
+def test_nf4_linear_on_each_device_matches_dequantized_matmul(device, backend, m, n, k, blocksize, dtype, with_bias):
+    on_device_unsupported(device, backend, dtype, n * k)
+    packed, absmax, code, weight = nf4_weight_on(device, n, k, blocksize, n * k + m)
+    x = torch.randn(m, k, device=device).to(dtype)
+    bias = torch.randn(n, device=device).to(dtype) if with_bias else None
+    out = run(backend, nf4_ops.nf4_linear_op, x, packed, absmax, code, bias, blocksize, n, k)
+    exact = x.double() @ weight.T + (bias.double() if with_bias else 0)
+    assert out.dtype == dtype and out.shape == (m, n)
+    assert_product_close(out, x, weight.T, exact, dtype)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("m", [1, 17])
+@pytest.mark.parametrize("n, k, blocksize", [(40, 96, 64), (33, 33, 32), (300, 4096, 64)])
+@pytest.mark.parametrize("dtype", DEVICE_DTYPES)
+def test_nf4_grad_input_on_each_device_is_dy_times_dequantized_weight(device, backend, m, n, k, blocksize, dtype):
+    on_device_unsupported(device, backend, dtype, n * k)
+    packed, absmax, code, weight = nf4_weight_on(device, n, k, blocksize, n * k + m)
+    dy = torch.randn(2, m, n, device=device).to(dtype)
+    dx = run(backend, nf4_ops.nf4_linear_grad_input, dy, packed, absmax, code, blocksize, n, k)
+    assert dx.dtype == dtype and dx.shape == (2, m, k)
+    assert_product_close(dx, dy, weight, dy.double() @ weight, dtype)

@@ -1,6 +1,18 @@
 import pytest
 import torch
-from helpers import BACKENDS, CPU_ISAS, DTYPES, assert_close, assert_no_less_accurate, cpu_isa, run, skip_unsupported
+from helpers import (
+    BACKENDS,
+    CPU_ISAS,
+    DEVICES,
+    DTYPES,
+    assert_close,
+    assert_no_less_accurate,
+    cpu_isa,
+    grads_of,
+    on_device_unsupported,
+    run,
+    skip_unsupported,
+)
 from transformers.models.gemma.modeling_gemma import GemmaRMSNorm
 from transformers.models.llama.modeling_llama import LlamaRMSNorm
 
@@ -227,3 +239,21 @@ def test_rms_norm_propagates_nan_and_inf_like_reference():
     y, y_ref = rms_norm(x, w), run("reference", rms_norm, x, w)
     assert torch.equal(y.isnan(), y_ref.isnan())
     assert_close(y[[0, 3]], y_ref[[0, 3]])
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("mode,offset", MODES)
+@pytest.mark.parametrize("shape", [(1, 123), (4097, 64), (3, 4096), (2, 11008), (5, 20000)])
+def test_rms_norm_on_each_device_matches_reference(device, backend, dtype, mode, offset, shape):
+    """Forward and both gradients against the reference on the same device, model-sized rows included."""
+    on_device_unsupported(device, backend, dtype, shape[0] * shape[1])
+    x = (torch.randn(shape, device=device) * 3).to(dtype)
+    w = (torch.randn(shape[-1], device=device) * 0.5 + 1).to(dtype)
+    dy = torch.randn(shape, device=device).to(dtype)
+    fn = lambda a, b: rms_norm(a, b, 1e-6, offset, mode)  # noqa: E731
+    ours, ref = grads_of(backend, fn, (x, w), dy), grads_of("reference", fn, (x, w), dy)
+    assert_close(ours[0], ref[0])
+    assert_close(ours[1], ref[1])
+    torch.testing.assert_close(ours[2].float(), ref[2].float(), rtol=2e-2, atol=2e-2 * shape[0] ** 0.5)

@@ -1,7 +1,19 @@
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import BACKENDS, CPU_ISAS, DTYPES, assert_close, assert_no_less_accurate, cpu_isa, run, skip_unsupported
+from helpers import (
+    BACKENDS,
+    CPU_ISAS,
+    DEVICES,
+    DTYPES,
+    assert_close,
+    assert_no_less_accurate,
+    cpu_isa,
+    grads_of,
+    on_device_unsupported,
+    run,
+    skip_unsupported,
+)
 from transformers import LlamaConfig
 from transformers.models.llama.modeling_llama import LlamaMLP
 
@@ -144,3 +156,15 @@ def test_swiglu_propagates_nan_and_inf_like_reference():
     gate = torch.tensor([float("nan"), 1.0, float("inf"), -float("inf"), 2.0])
     up = torch.tensor([1.0, float("nan"), 1.0, 1.0, float("inf")])
     assert_close(swiglu(gate, up), F.silu(gate) * up)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("shape", [(1,), (7, 1001), (4096, 11008)])
+def test_swiglu_on_each_device_matches_reference(device, backend, dtype, shape):
+    on_device_unsupported(device, backend, dtype, torch.Size(shape).numel())
+    gate = (torch.randn(shape, device=device) * 4).to(dtype)
+    up, dy = torch.randn(shape, device=device).to(dtype), torch.randn(shape, device=device).to(dtype)
+    for ours, ref in zip(grads_of(backend, swiglu, (gate, up), dy), grads_of("reference", swiglu, (gate, up), dy)):
+        assert_close(ours, ref)
