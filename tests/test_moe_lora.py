@@ -269,3 +269,32 @@ def test_prepared_moe_with_lora_pickles_and_deepcopies():
         copied.eval()
         with torch.no_grad():
             torch.testing.assert_close(copied(input_ids=IDS).logits, model(input_ids=IDS).logits)
+
+
+def test_saving_adapters_on_dense_layers_peft_would_remap_warns(tmp_path):
+    """PEFT's transformers 5 loader rewrites target_modules named like transformers 4's expert layers (Qwen3-MoE:
+    gate_proj, up_proj, down_proj) to the fused experts' parameters, so on a Qwen3-MoE with dense MLP layers
+    (mlp_only_layers) it would drop those layers' adapters: saving warns, and our own loader reads them back."""
+    from test_architectures import MOE, SMALL
+
+    from pyfastpeft.integrations.peft import _peft_remapped_names
+
+    torch.manual_seed(0)
+    base = transformers.Qwen3MoeForCausalLM(
+        transformers.Qwen3MoeConfig(**SMALL, **MOE["qwen3_moe"][2], mlp_only_layers=[0])
+    )
+    if "down_proj" not in _peft_remapped_names(base):
+        pytest.skip("this PEFT does not remap Qwen3-MoE's layer names")
+    model = copy.deepcopy(base)
+    pyfastpeft.prepare_model(model, quant=None, lora=pyfastpeft.LoraSettings(), fused_loss=False)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if ".lora_B" in name:
+                p.normal_(std=0.05)
+    with pytest.warns(UserWarning, match="leave these layers without their adapter"):
+        model.save_pretrained(tmp_path)
+    again = copy.deepcopy(base)
+    pyfastpeft.load_adapter(again, tmp_path)
+    model.eval(), again.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(again(input_ids=IDS).logits, model(input_ids=IDS).logits, rtol=0, atol=1e-6)

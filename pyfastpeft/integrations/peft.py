@@ -229,6 +229,7 @@ def _adapter_files(fn: str, model: nn.Module, adapter_name: str, state_dict: dic
         "lora_bias": False,
         "revision": None,
     }
+    _warn_peft_remaps(fn, model, config["target_modules"])
     tensors = {}
     for module_path, module in layers:
         for matrix, table in (("A", module.lora_A), ("B", module.lora_B)):
@@ -247,6 +248,43 @@ def _adapter_files(fn: str, model: nn.Module, adapter_name: str, state_dict: dic
                 tensor = state_dict[state_key]
             tensors[f"{KEY_PREFIX}{entry.key_path}.lora_{matrix}.weight"] = tensor.detach().to("cpu").contiguous()
     return config, tensors
+
+
+def _peft_remapped_names(model: nn.Module) -> dict[str, str]:
+    """The layer names PEFT (0.19 and newer, over transformers 5) rewrites in a loaded adapter's target_modules for
+    this architecture, as it converts adapters trained on transformers 4's per-expert MoE layers: {old: new}. Read
+    from PEFT's own tables; empty where PEFT has none (or is older, or absent)."""
+    import transformers
+
+    if int(transformers.__version__.split(".")[0]) < 5:
+        return {}
+    try:
+        from peft.utils import transformers_weight_conversion as conversion
+    except ImportError:
+        return {}
+    model_type = getattr(getattr(model, "config", None), "model_type", None)
+    base = getattr(conversion, "_MODEL_TO_CONVERSION_PATTERN", {}).get(model_type)
+    if base is None or not getattr(conversion, "_MOE_FUSED_TARGETS", {}).get(base):
+        return {}
+    return dict(getattr(conversion, "_MOE_TARGET_MODULE_MAPPING", {}).get(base) or {})
+
+
+def _warn_peft_remaps(fn: str, model: nn.Module, target_modules) -> None:
+    """Warn when PEFT would load this adapter onto other layers than it was saved from: its transformers 5
+    conversion turns target_modules named like transformers 4's expert layers (Qwen3-MoE's gate_proj / up_proj /
+    down_proj, Mixtral's w1 / w2 / w3) into the fused experts' parameters, so dense layers of those names (e.g. a
+    MoE model's dense MLP layers) are left without their adapter. pyfastpeft.load_adapter reads it as saved."""
+    remapped = _peft_remapped_names(model)
+    hit = sorted({name for name in target_modules if name.rpartition(".")[2] in remapped})
+    if hit:
+        import warnings
+
+        warnings.warn(
+            f"{fn}: linear layers named {hit} are adapted; PEFT's loader for this architecture on transformers 5 "
+            "rewrites those names to the MoE experts' fused parameters, so peft.PeftModel.from_pretrained would "
+            "leave these layers without their adapter. pyfastpeft.load_adapter reads the directory as saved.",
+            stacklevel=3,
+        )
 
 
 @dataclasses.dataclass
