@@ -197,15 +197,11 @@ def test_int8_experts_run_close_to_the_dense_model():
     assert (ours - theirs).abs().max() < 0.05 * theirs.abs().max()
 
 
-@pytest.mark.parametrize("transposed_with_bias", [False, True], ids=["mixtral-layout", "transposed-with-bias"])
-def test_quantized_experts_keep_transformers_experts_contract(transposed_with_bias):
-    """With each expert kept dense (an identity `quantize`), QuantizedExperts computes what transformers' own
-    batched experts implementation computes, for [E, out, in] and transposed [E, in, out] weights with biases,
-    and expert-parallel sentinel ids (== num_experts) add nothing."""
+def synthetic_experts(transposed_with_bias: bool, experts_count: int = 4, hidden: int = 16, inner: int = 24):
+    """(a transformers experts block built by its use_experts_implementation decorator, seeded, with
+    expert-parallel sentinels on, (experts, hidden, inner)): [E, out, in] weights, or transposed [E, in, out] ones
+    with biases."""
     moe = pytest.importorskip("transformers.integrations.moe", reason="transformers < 5 has no 3-D experts")
-    from pyfastpeft.nn import QuantizedExperts
-
-    experts_count, hidden, inner = 4, 16, 24
 
     @moe.use_experts_implementation(is_transposed=transposed_with_bias, has_bias=transposed_with_bias)
     class Experts(torch.nn.Module):
@@ -225,6 +221,18 @@ def test_quantized_experts_keep_transformers_experts_contract(transposed_with_bi
     torch.manual_seed(0)
     experts = Experts(transformers.PretrainedConfig())
     experts._is_expert_parallel = True  # the batched reference then masks the sentinel pairs
+    return experts, (experts_count, hidden, inner)
+
+
+@pytest.mark.parametrize("transposed_with_bias", [False, True], ids=["mixtral-layout", "transposed-with-bias"])
+def test_quantized_experts_keep_transformers_experts_contract(transposed_with_bias):
+    """With each expert kept dense (an identity `quantize`), QuantizedExperts computes what transformers' own
+    batched experts implementation computes, for [E, out, in] and transposed [E, in, out] weights with biases,
+    and expert-parallel sentinel ids (== num_experts) add nothing."""
+    moe = pytest.importorskip("transformers.integrations.moe", reason="transformers < 5 has no 3-D experts")
+    from pyfastpeft.nn import QuantizedExperts
+
+    experts, (experts_count, hidden, _) = synthetic_experts(transposed_with_bias)
     ours = QuantizedExperts(experts, quantize=lambda linear: linear)
     x = torch.randn(7, hidden, requires_grad=True)
     index = torch.randint(0, experts_count, (7, 2))

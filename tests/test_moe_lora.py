@@ -8,7 +8,7 @@ import pickle
 import pytest
 import torch
 import transformers
-from test_architectures import loss_and_grads, stacked_experts, tiny_moe, with_dequantized_weights
+from test_architectures import loss_and_grads, stacked_experts, synthetic_experts, tiny_moe, with_dequantized_weights
 
 import pyfastpeft
 from pyfastpeft.nn.experts import LoRAExperts, LoRAParameter
@@ -215,26 +215,8 @@ def test_lora_experts_equal_transformers_experts_over_peft_merged_weights(transp
     expert-parallel sentinel ids included, over a dense block or a QuantizedExperts one; gradients reach A and B."""
     from pyfastpeft.nn import QuantizedExperts
 
-    experts_count, hidden, inner, r = 4, 16, 24, 3
-
-    @moe.use_experts_implementation(is_transposed=transposed_with_bias, has_bias=transposed_with_bias)
-    class Experts(torch.nn.Module):
-        def __init__(self, config):
-            super().__init__()
-            self.num_experts = experts_count
-            shapes = [(2 * inner, hidden), (hidden, inner)]
-            if transposed_with_bias:
-                shapes = [(b, a) for a, b in shapes]
-            self.gate_up_proj = torch.nn.Parameter(torch.randn(experts_count, *shapes[0]) * 0.2)
-            self.down_proj = torch.nn.Parameter(torch.randn(experts_count, *shapes[1]) * 0.2)
-            if transposed_with_bias:
-                self.gate_up_proj_bias = torch.nn.Parameter(torch.randn(experts_count, 2 * inner))
-                self.down_proj_bias = torch.nn.Parameter(torch.randn(experts_count, hidden))
-            self.act_fn = torch.nn.SiLU()
-
-    torch.manual_seed(0)
-    experts = Experts(transformers.PretrainedConfig())
-    experts._is_expert_parallel = True
+    experts, (experts_count, hidden, _) = synthetic_experts(transposed_with_bias)
+    r = 3
     merged = copy.deepcopy(experts)
     block = QuantizedExperts(experts, quantize=lambda linear: linear) if quantized else experts
     ours = LoRAExperts(block, {"gate_up_proj": 2 * r, "down_proj": r}, {"gate_up_proj": 5.0, "down_proj": 2.0})
