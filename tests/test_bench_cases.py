@@ -154,3 +154,24 @@ def test_tables_and_json_of_kernel_families_keep_their_columns(tmp_path):
     harness.write_json(path, {}, [result])
     [written] = json.loads(path.read_text())["cases"]
     assert "tokens_per_s" not in written and written["kernel"]["gbps"] == 1.0
+
+
+def test_the_experts_case_compares_equal_computations():
+    """Both sides of the LoRA-on-experts case compute the same outputs and gradients (fp32, small shapes)."""
+    from pyfastpeft.bench.cases.lora import _experts_block, _lora_experts_workload
+
+    if _experts_block(8, 8, torch.float32, CPU) is None:
+        pytest.skip("transformers < 5 has no 3-D experts")
+
+    workload = _lora_experts_workload(16, 32, 48, torch.float32, CPU)
+    results = []
+    for side in (workload.ours, workload.reference):
+        for leaf in side.leaves:
+            leaf.grad = None
+        out = side.forward()
+        out.square().sum().backward()
+        results.append((out.detach(), [leaf.grad.clone() for leaf in side.leaves]))
+    (ours, our_grads), (theirs, their_grads) = results
+    torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
+    for ours_grad, their_grad in zip(our_grads, their_grads):
+        torch.testing.assert_close(ours_grad, their_grad, rtol=1e-4, atol=1e-6)

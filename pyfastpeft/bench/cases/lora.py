@@ -210,7 +210,7 @@ def lora_cases(dtypes: Sequence[torch.dtype], quick: bool) -> list[Case]:
                 for dtype in dtypes
                 for mode in modes
             ]
-    return cases + lora_multi_cases(dtypes, quick)
+    return cases + lora_multi_cases(dtypes, quick) + lora_experts_cases(dtypes, quick)
 
 
 # ---- multi-adapter LoRA: 8 adapters in one batch, each on two of the 16 sequences -------------------------
@@ -324,6 +324,92 @@ def lora_multi_cases(dtypes: Sequence[torch.dtype], quick: bool) -> list[Case]:
             "both",
             "eager PEFT mixed batch: per adapter, its rows through dropout + two linears",
             functools.partial(_lora_multi_workload, seq_len, dtype),
+        )
+        for dtype in dtypes
+    ]
+
+
+# ---- LoRA on MoE experts (transformers 5.x 3-D expert weights, PEFT's target_parameters) ---------------------------
+
+EXPERTS = 8
+EXPERTS_TOP_K = 2
+EXPERTS_HIDDEN = {False: 1024, True: 512}  # Mixtral's shape scaled down (4096 / 14336 per expert) to fit a CPU run
+EXPERTS_INNER = {False: 3584, True: 1792}
+EXPERTS_TOKENS = {False: 512, True: 128}
+EXPERTS_RANK = 16
+
+
+def _experts_block(hidden: int, inner: int, dtype, device):
+    """A transformers 5.x experts block (use_experts_implementation, Mixtral's layout [E, out, in]); None where
+    transformers has no such blocks."""
+    try:
+        from transformers import PretrainedConfig
+        from transformers.integrations.moe import batched_mm_experts_forward, use_experts_implementation
+    except ImportError:
+        return None
+
+    @use_experts_implementation
+    class Experts(torch.nn.Module):
+        def __init__(self, config):
+            super().__init__()
+            self.num_experts = EXPERTS
+            self.gate_up_proj = torch.nn.Parameter(torch.randn(EXPERTS, 2 * inner, hidden) * hidden**-0.5)
+            self.down_proj = torch.nn.Parameter(torch.randn(EXPERTS, hidden, inner) * inner**-0.5)
+            self.act_fn = torch.nn.SiLU()
+
+        def forward(self, hidden_states, top_k_index, top_k_weights):  # the eager path the decorator falls back to
+            return batched_mm_experts_forward(self, hidden_states, top_k_index, top_k_weights)
+
+    return Experts(PretrainedConfig()).to(device=device, dtype=dtype).requires_grad_(False)
+
+
+def _lora_experts_workload(tokens: int, hidden: int, inner: int, dtype, device) -> Workload:
+    """Ours: pyfastpeft.nn.LoRAExperts (each expert's low-rank path on its routed tokens). Reference: what PEFT's
+    ParamWrapper computes for the same adapters: W_e + s B_e A_e folded into every expert's weight each forward
+    (one batched product per projection, as PEFT's _LoraFactorsProxy), then the block's own transformers
+    forward."""
+    from pyfastpeft.nn.experts import LoRAExperts
+
+    block = _experts_block(hidden, inner, dtype, device)
+    ranks = {"gate_up_proj": 2 * EXPERTS_RANK, "down_proj": EXPERTS_RANK}
+    ours = LoRAExperts(block, ranks, {name: 2.0 * rank for name, rank in ranks.items()})
+    with torch.no_grad():
+        for name in ours.projections:
+            ours.lora_B[name].normal_(std=0.01)
+    x = torch.randn(tokens, hidden, dtype=dtype, device=device, requires_grad=True)
+    router = torch.randn(tokens, EXPERTS, device=device)
+    top_k_weights, top_k_index = torch.topk(router.softmax(-1), EXPERTS_TOP_K, dim=-1)
+    top_k_weights = top_k_weights.to(dtype)
+    leaves = (x, *[ours.lora_A[name] for name in ours.projections], *[ours.lora_B[name] for name in ours.projections])
+
+    def reference():
+        merged = {}
+        for name in ours.projections:
+            lora_A = ours.lora_A[name].view(EXPERTS, ours.r[name], -1).to(dtype)  # (E, r, in)
+            lora_B = ours.lora_B[name].view(-1, ours.r[name], EXPERTS).permute(2, 0, 1).to(dtype)  # (E, out, r)
+            merged[name] = torch.baddbmm(getattr(block, name), lora_B, lora_A, alpha=ours.scaling[name])
+        return torch.func.functional_call(block, merged, (x, top_k_index, top_k_weights))
+
+    return Workload(
+        ours=Implementation(lambda: ours(x, top_k_index, top_k_weights), leaves),
+        reference=Implementation(reference, leaves),
+        kernels={},
+    )
+
+
+def lora_experts_cases(dtypes: Sequence[torch.dtype], quick: bool) -> list[Case]:
+    """A training step (fwd + bwd) of one MoE experts block with LoRA on gate_up_proj and down_proj."""
+    if _experts_block(8, 8, torch.float32, "cpu") is None:
+        return []
+    tokens, hidden, inner = EXPERTS_TOKENS[quick], EXPERTS_HIDDEN[quick], EXPERTS_INNER[quick]
+    return [
+        Case(
+            "lora",
+            f"experts E={EXPERTS} top{EXPERTS_TOP_K} T={tokens} {hidden}x{inner} r={EXPERTS_RANK}",
+            dtype,
+            "both",
+            "PEFT ParamWrapper's math: W + s B A for every expert each forward, then the transformers block",
+            functools.partial(_lora_experts_workload, tokens, hidden, inner, dtype),
         )
         for dtype in dtypes
     ]
