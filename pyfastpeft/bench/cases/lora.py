@@ -344,7 +344,7 @@ def _experts_block(hidden: int, inner: int, dtype, device):
     transformers has no such blocks."""
     try:
         from transformers import PretrainedConfig
-        from transformers.integrations.moe import batched_mm_experts_forward, use_experts_implementation
+        from transformers.integrations.moe import grouped_mm_experts_forward, use_experts_implementation
     except ImportError:
         return None
 
@@ -357,8 +357,8 @@ def _experts_block(hidden: int, inner: int, dtype, device):
             self.down_proj = torch.nn.Parameter(torch.randn(EXPERTS, hidden, inner) * inner**-0.5)
             self.act_fn = torch.nn.SiLU()
 
-        def forward(self, hidden_states, top_k_index, top_k_weights):  # the eager path the decorator falls back to
-            return batched_mm_experts_forward(self, hidden_states, top_k_index, top_k_weights)
+        def forward(self, hidden_states, top_k_index, top_k_weights):  # transformers 5.x default: grouped_mm
+            return grouped_mm_experts_forward(self, hidden_states, top_k_index, top_k_weights)
 
     return Experts(PretrainedConfig()).to(device=device, dtype=dtype).requires_grad_(False)
 
