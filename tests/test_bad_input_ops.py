@@ -315,6 +315,7 @@ def flce_op_called_directly_with_short_labels():
         0.0,
         0.0,
         "mean",
+        False,
         True,
         True,
         False,

@@ -181,9 +181,11 @@ def test_flce_opcheck(backend):
             for bias in (b, None):
                 torch.library.opcheck(
                     flce_ops.flce_forward,
-                    (h, w, labels, bias, -100, 0.1, 3.0, reduction, True, True, bias is not None, 16),
+                    (h, w, labels, bias, -100, 0.1, 3.0, reduction, True, True, True, bias is not None, 16),
                 )
-        torch.library.opcheck(flce_ops.flce_forward, (h, w, labels, b, -100, 0.0, 0.0, "mean", False, True, False, 0))
+        torch.library.opcheck(
+            flce_ops.flce_forward, (h, w, labels, b, -100, 0.0, 0.0, "mean", False, False, True, False, 0)
+        )
         grad_loss = torch.rand(TOKENS)
         torch.library.opcheck(
             flce_ops.flce_backward, (grad_loss, h, w, labels, b, -100, 0.0, 2.0, True, True, True, 16)
@@ -270,7 +272,9 @@ def test_flce_out_of_range_label_is_nan_inside_the_kernels(backend):
     nothing is read out of bounds."""
     h, w, b, labels = (t.detach() if t is not None else t for t in inputs(tokens=4, ignored=()))
     labels[1] = VOCAB
-    loss, lse, *_ = run(backend, flce_ops.flce_forward, h, w, labels, b, -100, 0.0, 0.0, "none", True, True, True, 0)
+    loss, lse, *_ = run(
+        backend, flce_ops.flce_forward, h, w, labels, b, -100, 0.0, 0.0, "none", False, True, True, True, 0
+    )
     assert loss[1].isnan() and loss[[0, 2, 3]].isfinite().all() and lse.isfinite().all()
 
 
@@ -298,7 +302,7 @@ def check_non_finite_rows(backend, device="cpu"):
     h, w, labels = non_finite_rows(device)
     logits = h @ w.t()
     for label_smoothing in (0.0, 0.1):
-        args = (-100, label_smoothing, 0.0, "none", True, True, False, 2)
+        args = (-100, label_smoothing, 0.0, "none", False, True, True, False, 2)
         expected = run("reference", flce_ops.flce_forward, h, w, labels, None, *args)
         got = run(backend, flce_ops.flce_forward, h, w, labels, None, *args)
         torch.testing.assert_close(expected[1], torch.logsumexp(logits, -1), equal_nan=True)
@@ -330,7 +334,9 @@ def test_flce_cuda_lse_and_loss_on_infinite_and_nan_logits_match_the_reference(b
 def test_flce_row_of_minus_infinity_has_lse_minus_infinity(backend):
     h, w, b, labels = (t.detach() for t in inputs(tokens=3, ignored=()))
     b = torch.full_like(b, float("-inf"))
-    loss, lse, *_ = run(backend, flce_ops.flce_forward, h, w, labels, b, -100, 0.0, 0.0, "none", False, False, False, 0)
+    loss, lse, *_ = run(
+        backend, flce_ops.flce_forward, h, w, labels, b, -100, 0.0, 0.0, "none", False, False, False, False, 0
+    )
     assert (lse == float("-inf")).all() and loss.isnan().all()
 
 
@@ -360,3 +366,42 @@ def test_flce_rejects_bad_input():
         fused_linear_cross_entropy(h, w, torch.full_like(labels, 123))
     with pytest.raises(TypeError, match="hidden must have dtype"):
         fused_linear_cross_entropy(h.int(), w, labels)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+@pytest.mark.parametrize("softcap", [None, 2.0])
+def test_token_accuracy_is_the_argmax_hit_rate_over_counted_tokens(backend, reduction, softcap):
+    """return_token_accuracy: the share of tokens (ignore_index left out) whose label is their logits' argmax,
+    computed chunk by chunk (chunks that split the tokens) without changing loss, lse or gradients."""
+    h, w, b, labels = inputs()
+    logits = (h @ w.t() + b).detach()
+    labels = labels.clone()
+    labels[::4] = logits.argmax(-1)[::4]  # some hits whatever the random draw
+    counted = labels != -100
+    expected = (logits.argmax(-1) == labels)[counted].float().mean()
+    kwargs = dict(reduction=reduction, softcap=softcap, chunk_size=CHUNK)
+    loss, lse, accuracy = run(
+        backend, fused_linear_cross_entropy, h, w, labels, b, return_lse=True, return_token_accuracy=True, **kwargs
+    )
+    assert accuracy.dtype == torch.float32 and accuracy.dim() == 0 and not accuracy.requires_grad
+    torch.testing.assert_close(accuracy, expected)
+    loss.sum().backward()
+    grads = [t.grad.clone() for t in (h, w, b)]
+    for t in (h, w, b):
+        t.grad = None
+    plain_loss, plain_lse = run(backend, fused_linear_cross_entropy, h, w, labels, b, return_lse=True, **kwargs)
+    plain_loss.sum().backward()
+    torch.testing.assert_close(loss, plain_loss, rtol=0, atol=0)
+    torch.testing.assert_close(lse, plain_lse, rtol=0, atol=0)
+    for got, want in zip(grads, [t.grad for t in (h, w, b)]):
+        torch.testing.assert_close(got, want, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_token_accuracy_of_all_ignored_tokens_is_zero_and_alone_with_the_loss(backend):
+    h, w, b, labels = inputs(tokens=4, ignored=())
+    loss, accuracy = run(
+        backend, fused_linear_cross_entropy, h, w, torch.full_like(labels, -100), b, return_token_accuracy=True
+    )
+    assert accuracy.item() == 0.0 and loss.item() == 0.0

@@ -9,8 +9,9 @@ dh[chunk] = dz W, dW += dz^T h_chunk (fp32 accumulator, cast once) and db += sum
 Ops (hidden [T, H], weight [V, H], labels int64 [T], bias [V] or None; loss and lse in the compute
 dtype, fp32 or fp64 for fp64 inputs; the math is in pyfastpeft/reference/flce.py):
   pyfastpeft::flce_forward(hidden, weight, labels, bias, ignore_index, label_smoothing, softcap,
-      reduction, need_grad_hidden, need_grad_weight, need_grad_bias, chunk_size)
-      -> (loss: [T] for none, [] for mean/sum;  lse: [T];  grad_hidden, grad_weight, grad_bias)
+      reduction, need_predictions, need_grad_hidden, need_grad_weight, need_grad_bias, chunk_size)
+      -> (loss: [T] for none, [] for mean/sum;  lse: [T];  grad_hidden, grad_weight, grad_bias;
+          predictions: int64 [T], each token's argmax of its logits, empty unless need_predictions)
       The gradients are those of the reduced loss (of loss.sum() for none), computed in the forward
       pass; empty where not asked.
   pyfastpeft::flce_backward(grad_loss [T], hidden, weight, labels, bias, ignore_index,
@@ -30,6 +31,7 @@ from pyfastpeft.backend import carry_backend
 from pyfastpeft.ops._autocast import autocast_dtype, cast_like_linear
 from pyfastpeft.ops._checks import (
     FLOAT_DTYPES,
+    check_bool,
     check_dtype,
     check_features,
     check_int,
@@ -109,6 +111,7 @@ def _chunked(
     need_grad_weight: bool,
     need_grad_bias: bool,
     chunk_size: int,
+    predictions=None,
 ):
     """(loss_t [T], lse [T], grad_hidden, grad_weight, grad_bias) chunk by chunk. grad_weights: None (no
     gradients) or [T] in the compute dtype, the weight of each token's loss in the gradients.
@@ -131,6 +134,8 @@ def _chunked(
         _logits_into(h, weight, logits)
         if bias_c is not None:
             logits.add_(bias_c)
+        if predictions is not None:  # before the row pass overwrites the logits with their gradient
+            torch.argmax(logits, dim=-1, out=predictions[start:stop])
         row_pass(
             logits,
             labels[start:stop],
@@ -200,6 +205,7 @@ def _forward_with(row_pass):
         label_smoothing,
         softcap,
         reduction,
+        need_predictions,
         need_grad_hidden,
         need_grad_weight,
         need_grad_bias,
@@ -207,6 +213,7 @@ def _forward_with(row_pass):
     ):
         any_grad = need_grad_hidden or need_grad_weight or need_grad_bias
         labels = labels.contiguous()
+        predictions = torch.empty(labels.shape[0] if need_predictions else 0, dtype=torch.int64, device=labels.device)
         weights = (
             ref.reduction_weights(labels, ignore_index, reduction, accumulate_dtype(hidden.dtype)) if any_grad else None
         )
@@ -224,8 +231,10 @@ def _forward_with(row_pass):
             need_grad_weight,
             need_grad_bias,
             chunk_size,
+            predictions if need_predictions else None,
         )
-        return ref.reduce(loss, labels, ignore_index, reduction), lse, grad_hidden, grad_weight, grad_bias
+        loss = ref.reduce(loss, labels, ignore_index, reduction)
+        return loss, lse, grad_hidden, grad_weight, grad_bias, predictions
 
     return forward
 
@@ -293,6 +302,7 @@ def _fake_forward(
     label_smoothing,
     softcap,
     reduction,
+    need_predictions,
     need_grad_hidden,
     need_grad_weight,
     need_grad_bias,
@@ -302,7 +312,9 @@ def _fake_forward(
     cd = accumulate_dtype(hidden.dtype)
     loss = hidden.new_empty((hidden.shape[0],) if reduction == NONE else (), dtype=cd)
     lse = hidden.new_empty((hidden.shape[0],), dtype=cd)
-    return (loss, lse, *_fake_grads(hidden, weight, bias, need_grad_hidden, need_grad_weight, need_grad_bias))
+    predictions = labels.new_empty((labels.shape[0] if need_predictions else 0,))
+    grads = _fake_grads(hidden, weight, bias, need_grad_hidden, need_grad_weight, need_grad_bias)
+    return (loss, lse, *grads, predictions)
 
 
 def _fake_backward(
@@ -346,6 +358,7 @@ def _check_inputs(op, hidden, weight, labels, bias, ignore_index, label_smoothin
 
 
 def _check_forward(hidden, weight, labels, bias, ignore_index, label_smoothing, softcap, reduction, *needs):
+    check_bool("flce_forward", "need_predictions", needs[0])
     _check_inputs("flce_forward", hidden, weight, labels, bias, ignore_index, label_smoothing, softcap, needs[-1])
     if reduction not in REDUCTIONS:
         raise ValueError(f"flce_forward: reduction must be one of {REDUCTIONS}, got {reduction!r}")
@@ -361,8 +374,8 @@ _SETTINGS = "int ignore_index, float label_smoothing, float softcap"
 _NEEDS = "bool need_grad_hidden, bool need_grad_weight, bool need_grad_bias, int chunk_size"
 flce_forward = define_op(
     "flce_forward",
-    f"(Tensor hidden, Tensor weight, Tensor labels, Tensor? bias, {_SETTINGS}, str reduction, {_NEEDS})"
-    " -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
+    f"(Tensor hidden, Tensor weight, Tensor labels, Tensor? bias, {_SETTINGS}, str reduction, "
+    f"bool need_predictions, {_NEEDS}) -> (Tensor, Tensor, Tensor, Tensor, Tensor, Tensor)",
     family="flce",
     fake=_fake_forward,
     reference=ref.flce_forward,
@@ -402,26 +415,27 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
         label_smoothing: float,
         softcap: float,
         reduction: str,
+        need_predictions: bool,
         chunk_size: int,
     ):
         needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[3])
         settings = (ignore_index, label_smoothing, softcap)
         ctx.settings, ctx.needs, ctx.reduction, ctx.chunk_size = settings, needs, reduction, chunk_size
         if reduction == NONE:
-            loss, lse, *_ = flce_forward(
-                hidden, weight, labels, bias, *settings, reduction, False, False, False, chunk_size
+            loss, lse, *_, predictions = flce_forward(
+                hidden, weight, labels, bias, *settings, reduction, need_predictions, False, False, False, chunk_size
             )
             ctx.save_for_backward(hidden, weight, labels, bias)
         else:
-            loss, lse, grad_hidden, grad_weight, grad_bias = flce_forward(
-                hidden, weight, labels, bias, *settings, reduction, *needs, chunk_size
+            loss, lse, grad_hidden, grad_weight, grad_bias, predictions = flce_forward(
+                hidden, weight, labels, bias, *settings, reduction, need_predictions, *needs, chunk_size
             )
             ctx.save_for_backward(grad_hidden, grad_weight, grad_bias)
-        ctx.mark_non_differentiable(lse)
-        return loss, lse
+        ctx.mark_non_differentiable(lse, predictions)
+        return loss, lse, predictions
 
     @staticmethod
-    def backward(ctx, grad_loss, grad_lse):
+    def backward(ctx, grad_loss, grad_lse, grad_predictions):
         if ctx.reduction == NONE:
             hidden, weight, labels, bias = ctx.saved_tensors
             grads = flce_backward(
@@ -436,7 +450,7 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
             else:
                 grads = tuple((g * grad_loss).to(g.dtype) for g in ctx.saved_tensors)
         grad_hidden, grad_weight, grad_bias = (g if need else None for g, need in zip(grads, ctx.needs))
-        return grad_hidden, grad_weight, None, grad_bias, None, None, None, None, None
+        return grad_hidden, grad_weight, None, grad_bias, None, None, None, None, None, None
 
 
 def _check_label_range(fn: str, labels: torch.Tensor, vocab: int, ignore_index: int) -> None:
@@ -462,6 +476,7 @@ def fused_linear_cross_entropy(
     reduction: str = "mean",
     return_lse: bool = False,
     chunk_size: int | None = None,
+    return_token_accuracy: bool = False,
 ):
     """F.cross_entropy(hidden @ weight.T + bias, labels) with the logits computed in fp32 (the lm_head and
     loss of a causal LM), without materializing the [tokens, vocab] logits.
@@ -471,7 +486,11 @@ def fused_linear_cross_entropy(
     first (Gemma-2). reduction "mean" (over tokens whose label is not ignore_index; 0 when there are
     none), "sum" or "none" (labels' shape). Loss and lse are fp32 (fp64 for fp64 inputs); with
     return_lse, returns (loss, lse), lse = logsumexp of each token's (softcapped) logits, labels' shape,
-    not differentiable. chunk_size: tokens per chunk (default: see chunk_rows).
+    not differentiable. chunk_size: tokens per chunk (default: see chunk_rows). return_token_accuracy: also
+    return the share of tokens (not ignore_index) whose label is the argmax of their logits, an fp32 scalar (0
+    when no token counts), not differentiable, as TRL's SFTTrainer logs it (mean_token_accuracy); it costs one
+    argmax per chunk of logits, which are never materialized whole. The return value is loss, or a tuple
+    (loss[, lse][, token_accuracy]) in that order.
     On CPU, fp16/bf16 logits round to the input dtype before the fp32 softmax (CPU torch has no
     mixed-precision matmul); on CUDA they are accumulated into fp32.
     """
@@ -513,8 +532,10 @@ def fused_linear_cross_entropy(
         raise ValueError(f"{fn}: chunk_size must be None or an int >= 1, got {chunk_size!r}")
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"{fn}: ignore_index must be an int, got {type(ignore_index).__name__}")
+    if not isinstance(return_token_accuracy, bool):
+        raise TypeError(f"{fn}: return_token_accuracy must be a bool, got {type(return_token_accuracy).__name__}")
     _check_label_range(fn, labels, vocab, ignore_index)
-    loss, lse = FusedLinearCrossEntropyFunction.apply(
+    loss, lse, predictions = FusedLinearCrossEntropyFunction.apply(
         hidden.reshape(-1, hidden_size),
         weight,
         labels.reshape(-1),
@@ -523,9 +544,16 @@ def fused_linear_cross_entropy(
         float(label_smoothing),
         float(softcap or 0.0),
         reduction,
+        return_token_accuracy,
         chunk_size or 0,
     )
     lse = lse.view(labels.shape)
     if reduction == NONE:
         loss = loss.view(labels.shape)
-    return (loss, lse) if return_lse else loss
+    results = (loss,) + ((lse,) if return_lse else ())
+    if return_token_accuracy:
+        flat = labels.reshape(-1)
+        counted = flat != ignore_index
+        correct = (predictions == flat) & counted
+        results += (correct.sum().float() / counted.sum().clamp(min=1).float(),)
+    return results if len(results) > 1 else loss

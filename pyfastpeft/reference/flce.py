@@ -93,21 +93,26 @@ def flce_forward(
     label_smoothing: float,
     softcap: float,
     reduction: str,
+    need_predictions: bool,
     need_grad_hidden: bool,
     need_grad_weight: bool,
     need_grad_bias: bool,
     chunk_size: int,
 ):
-    """(loss, lse, grad_hidden, grad_weight, grad_bias) for hidden [T, H]; grads of the reduced loss (of
-    loss.sum() for reduction none), empty where not asked. chunk_size is ignored: this is the unchunked oracle."""
+    """(loss, lse, grad_hidden, grad_weight, grad_bias, predictions) for hidden [T, H]; grads of the reduced loss
+    (of loss.sum() for reduction none), empty where not asked; predictions: int64 [T], each token's argmax of
+    hidden W^T + b (softcap keeps the order), empty unless need_predictions. chunk_size is ignored: this is the
+    unchunked oracle."""
     logits = _logits(hidden, weight, bias)
+    predictions = logits.argmax(-1) if need_predictions else labels.new_empty(0)
     any_grad = need_grad_hidden or need_grad_weight or need_grad_bias
     weights = reduction_weights(labels, ignore_index, reduction, logits.dtype) if any_grad else None
     loss, lse, dz = token_losses(logits, labels, weights, ignore_index, label_smoothing, softcap)
     loss = reduce(loss, labels, ignore_index, reduction)
     if dz is None:
-        return (loss, lse, hidden.new_empty(0), weight.new_empty(0), hidden.new_empty(0))
-    return (loss, lse, *_parameter_grads(dz, hidden, weight, bias, need_grad_hidden, need_grad_weight, need_grad_bias))
+        return (loss, lse, hidden.new_empty(0), weight.new_empty(0), hidden.new_empty(0), predictions)
+    grads = _parameter_grads(dz, hidden, weight, bias, need_grad_hidden, need_grad_weight, need_grad_bias)
+    return (loss, lse, *grads, predictions)
 
 
 def flce_backward(

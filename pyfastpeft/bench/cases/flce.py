@@ -47,6 +47,7 @@ def _flce_kernel(tokens: int, dtype, device, train_weight: bool, backward: bool)
         0.0,
         0.0,
         "mean",
+        False,
         True,  # noqa: E731
         train_weight,
         False,
