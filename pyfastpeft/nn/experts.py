@@ -24,6 +24,11 @@ from torch import nn
 _LAYOUT_FLAGS = ("has_gate", "has_bias", "is_transposed", "is_concatenated", "has_post_expert_norm")
 
 
+def up_name(block: nn.Module) -> str:
+    """The name of an experts block's first projection: gate_up_proj (gate and up fused) or up_proj (no gate)."""
+    return "gate_up_proj" if block.has_gate else "up_proj"
+
+
 def experts_layout_problem(module: nn.Module) -> str | None:
     """None if module is a transformers experts block QuantizedExperts reproduces, else why not."""
     if not all(hasattr(module, flag) for flag in _LAYOUT_FLAGS):
@@ -41,8 +46,7 @@ def experts_layout_problem(module: nn.Module) -> str | None:
             return f"a custom expert gate ({type(module).__name__}._apply_gate) is not supported"
     if not isinstance(getattr(module, "act_fn", None), nn.Module):
         return "no act_fn module"
-    up_name = "gate_up_proj" if module.has_gate else "up_proj"
-    for name in (up_name, "down_proj"):
+    for name in (up_name(module), "down_proj"):
         weight = getattr(module, name, None)
         if not isinstance(weight, nn.Parameter) or weight.dim() != 3 or not weight.is_floating_point():
             return f"{name} is not a 3-D floating-point parameter"
@@ -53,7 +57,7 @@ def experts_layout_problem(module: nn.Module) -> str | None:
                 weight.shape[2 if module.is_transposed else 1],
             ):
                 return f"{name}_bias does not match {name}"
-    experts = getattr(module, up_name).shape[0]
+    experts = getattr(module, up_name(module)).shape[0]
     if getattr(module, "num_experts", experts) != experts or module.down_proj.shape[0] != experts:
         return "num_experts does not match the weights"
     return None
@@ -127,13 +131,12 @@ class QuantizedExperts(nn.Module):
         self.has_gate = bool(experts.has_gate)
         self.act_fn = experts.act_fn
         self.source_class = type(experts).__name__
-        up_name = "gate_up_proj" if self.has_gate else "up_proj"
-        self.up_name = up_name
+        self.up_name = up_name(experts)
         # the source's registration order of its two weights: PEFT nests its target_parameters wrappers in it
         self.parameter_order = [
-            name for name, _ in experts.named_parameters(recurse=False) if name in (up_name, "down_proj")
+            name for name, _ in experts.named_parameters(recurse=False) if name in (self.up_name, "down_proj")
         ]
-        for name in (up_name, "down_proj"):
+        for name in (self.up_name, "down_proj"):
             weights = getattr(experts, name)
             biases = getattr(experts, name + "_bias") if experts.has_bias else None
             layers = []
@@ -234,7 +237,7 @@ class LoRAExperts(_ForwardsAttributes, nn.Module):
             parameter.requires_grad_(False)
         self.adapter_name = adapter_name
         self.use_rslora = bool(use_rslora)
-        self.up_name = "gate_up_proj" if base.has_gate else "up_proj"
+        self.up_name = up_name(base)
         self.projections = (self.up_name, "down_proj")
         if set(r) != set(self.projections) or set(lora_alpha) != set(self.projections):
             raise ValueError(f"LoRAExperts: r and lora_alpha must give a value for each of {self.projections}")
@@ -296,11 +299,11 @@ class LoRAExperts(_ForwardsAttributes, nn.Module):
         }
 
         def project(name: str, e: int, x: torch.Tensor) -> torch.Tensor:
-            y = self._base_project(name, e, x)
+            y = self._base_project(name, e, x)  # [n, out], in the base's (or autocast's) dtype
             lora_A, lora_B = factors[name][0][e], factors[name][1][e]
             dtype = y.dtype
-            low_rank = nn.functional.linear(nn.functional.linear(x.to(dtype), lora_A.to(dtype)), lora_B.to(dtype))
-            return y + low_rank * self.scaling[name]
+            xa = nn.functional.linear(x.to(dtype), lora_A.to(dtype))
+            return torch.addmm(y, xa, lora_B.to(dtype).t(), alpha=self.scaling[name])  # y + s * xa B^T, one pass
 
         return route_experts(self, project, hidden_states, top_k_index, top_k_weights)
 

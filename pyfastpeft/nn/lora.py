@@ -19,7 +19,7 @@ from typing import Callable
 import torch
 from torch import nn
 
-from pyfastpeft.nn.experts import LoRAExperts, LoRAParameter, QuantizedExperts, experts_layout_problem
+from pyfastpeft.nn.experts import LoRAExperts, LoRAParameter, QuantizedExperts, experts_layout_problem, up_name
 from pyfastpeft.nn.linear4bit import Linear4bit
 from pyfastpeft.nn.linear8bitlt import Linear8bitLt
 from pyfastpeft.ops._autocast import autocast_dtype
@@ -518,10 +518,6 @@ def _check_target_modules(fn: str, target_modules):
     return tuple(target_modules)
 
 
-def _up_name(experts: nn.Module) -> str:
-    return "gate_up_proj" if experts.has_gate else "up_proj"
-
-
 def _set_submodule(model: nn.Module, path: str, module: nn.Module) -> None:
     parent_path, _, name = path.rpartition(".")
     setattr(model.get_submodule(parent_path) if parent_path else model, name, module)
@@ -606,7 +602,7 @@ def add_lora(
     for path, module in blocks:
         # the gated block's gate_up_proj stands for PEFT's gate_proj and up_proj adapters: twice the rank and alpha,
         # the rule PEFT's all-linear applies to fused expert weights (same scaling, same capacity)
-        times = {_up_name(module): 2 if module.has_gate else 1, "down_proj": 1}
+        times = {up_name(module): 2 if module.has_gate else 1, "down_proj": 1}
         ranks = {name: r * k for name, k in times.items()}
         alphas = {name: lora_alpha * k for name, k in times.items()}
         _set_submodule(model, path, LoRAExperts(module, ranks, alphas, use_rslora, adapter_name))
