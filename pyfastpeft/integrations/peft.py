@@ -51,6 +51,7 @@ from pyfastpeft.nn.experts import (
     expert_count,
     expert_features,
     experts_layout_problem,
+    up_name,
 )
 from pyfastpeft.nn.lora import LoRALinear, _check_adapter_name, base_kind, linear_modules
 
@@ -750,56 +751,78 @@ def _plan_parameters(
     return steps
 
 
-def _parameter_builder(where: str, module_path: str, module: nn.Module, settings: dict, config, adapter_name: str):
-    """Check the shapes of one module's target_parameters matrices; return what builds its wrapper."""
+def _bare_parameter_wrapper(where: str, module_path: str, base: nn.Module, settings: dict, use_rslora, adapter_name):
+    """The LoRAExperts or LoRAParameter for LoRA on base's bare parameters, settings {parameter name: (r,
+    lora_alpha, lora_A, lora_B)} (PEFT's target_parameters, read from an adapter directory or a live ParamWrapper
+    chain), once the matrices' shapes match base; ValueError naming the module otherwise. Its matrices are fresh:
+    the caller fills them in."""
 
-    def check(name, r, experts, in_features, out_features):
-        _, _, (a_key, lora_A), (b_key, lora_B) = settings[name]
-        for key, tensor, shape in (
-            (a_key, lora_A, (r * experts, in_features)),
-            (b_key, lora_B, (out_features, r * experts)),
+    def check(name, experts, out_features, in_features):
+        r, _, lora_A, lora_B = settings[name]
+        for matrix, tensor, shape in (
+            ("lora_A", lora_A, (r * experts, in_features)),
+            ("lora_B", lora_B, (out_features, r * experts)),
         ):
             if tuple(tensor.shape) != shape:
                 raise ValueError(
-                    f"{where}: {key!r} is {tuple(tensor.shape)}; r={r} and {module_path}.{name} give {shape}"
+                    f"{where}: {module_path}.{name}'s {matrix} is {tuple(tensor.shape)}; r={r} and the "
+                    f"{type(base).__name__} give {shape}"
                 )
 
-    if isinstance(module, QuantizedExperts) or experts_layout_problem(module) is None:
-        up_name = "gate_up_proj" if module.has_gate else "up_proj"
-        if set(settings) != {up_name, "down_proj"}:
+    if isinstance(base, QuantizedExperts) or experts_layout_problem(base) is None:
+        projections = {up_name(base), "down_proj"}
+        if set(settings) != projections:
             raise ValueError(
-                f"{where}: {module_path} adapts {sorted(settings)}; LoRAExperts adapts {up_name} and down_proj together"
+                f"{where}: {module_path} adapts {sorted(settings)}; LoRAExperts adapts {sorted(projections)} "
+                "together (as PEFT's all-linear does)"
             )
+        for name in settings:
+            check(name, expert_count(base), *expert_features(base, name))
         ranks = {name: value[0] for name, value in settings.items()}
         alphas = {name: value[1] for name, value in settings.items()}
-        for name in settings:
-            out_features, in_features = expert_features(module, name)
-            check(name, ranks[name], expert_count(module), in_features, out_features)
-
-        def build():
-            layer = LoRAExperts(module, ranks, alphas, config.use_rslora, adapter_name)
-            with torch.no_grad():
-                for name, (_, _, (_, lora_A), (_, lora_B)) in settings.items():
-                    layer.lora_A[name].copy_(lora_A)
-                    layer.lora_B[name].copy_(lora_B)
-            return layer
-
-        return build
-    weights = {name: module._parameters.get(name) for name in settings}
-    if len(settings) != 1 or not all(isinstance(w, torch.Tensor) and w.dim() == 2 for w in weights.values()):
+        return LoRAExperts(base, ranks, alphas, use_rslora, adapter_name)
+    name = next(iter(settings)) if len(settings) == 1 else None
+    weight = base._parameters.get(name) if name is not None else None
+    if not isinstance(weight, torch.Tensor) or weight.dim() != 2 or not weight.is_floating_point():
         raise ValueError(
-            f"{where}: {module_path} ({type(module).__name__}) adapts {sorted(settings)}: neither a MoE experts "
-            f"block LoRAExperts covers ({experts_layout_problem(module)}) nor one 2-D weight"
+            f"{where}: {module_path} ({type(base).__name__}) adapts {sorted(settings)}: neither a MoE experts block "
+            f"LoRAExperts covers ({experts_layout_problem(base)}) nor one 2-D floating-point weight"
         )
-    ((name, (r, alpha, _, _)),) = settings.items()
-    weight = weights[name]
-    check(name, r, 1, weight.shape[1], weight.shape[0])
+    check(name, 1, *weight.shape)
+    r, alpha, _, _ = settings[name]
+    return LoRAParameter(base, name, r, alpha, use_rslora, adapter_name)
+
+
+def _set_matrices(layer: nn.Module, name: str, lora_A: torch.Tensor, lora_B: torch.Tensor, scaling=None) -> None:
+    """Put PEFT's own Parameters (their values and training state: from_peft) into a LoRAExperts projection
+    `name` or a LoRAParameter."""
+    if isinstance(layer, LoRAExperts):
+        layer.lora_A[name], layer.lora_B[name] = lora_A, lora_B
+        if scaling is not None:
+            layer.scaling[name] = scaling
+    else:
+        layer.lora_A, layer.lora_B = lora_A, lora_B
+        if scaling is not None:
+            layer.scaling = scaling
+
+
+def _parameter_builder(where: str, module_path: str, module: nn.Module, settings: dict, config, adapter_name: str):
+    """Check one module's target_parameters matrices read from an adapter directory; return what builds its
+    wrapper holding copies of them."""
+    matrices = {name: (r, alpha, pair_A[1], pair_B[1]) for name, (r, alpha, pair_A, pair_B) in settings.items()}
+    _bare_parameter_wrapper(where, module_path, module, matrices, config.use_rslora, adapter_name)  # the checks
 
     def build():
-        layer = LoRAParameter(module, name, r, alpha, config.use_rslora, adapter_name)
-        with torch.no_grad():
-            layer.lora_A.copy_(settings[name][2][1])
-            layer.lora_B.copy_(settings[name][3][1])
+        layer = _bare_parameter_wrapper(where, module_path, module, matrices, config.use_rslora, adapter_name)
+        for name, (_, _, lora_A, lora_B) in matrices.items():
+            fresh = layer.lora_A[name] if isinstance(layer, LoRAExperts) else layer.lora_A
+            dtype, device = fresh.dtype, fresh.device
+            _set_matrices(
+                layer,
+                name,
+                nn.Parameter(lora_A.to(device=device, dtype=dtype).clone()),
+                nn.Parameter(lora_B.to(device=device, dtype=dtype).clone()),
+            )
         return layer
 
     return build
@@ -911,37 +934,10 @@ def _param_wrappers(fn: str, module_path: str, outer) -> nn.Module:
         for wrapper in chain
     }
     use_rslora = any(getattr(wrapper, "use_rslora", {}).get(adapter_name, False) for wrapper in chain)
-    if experts_layout_problem(base) is None:
-        up_name = "gate_up_proj" if base.has_gate else "up_proj"
-        if set(settings) != {up_name, "down_proj"}:
-            raise ValueError(
-                f"{fn}: {module_path} adapts {sorted(settings)} of a MoE experts block; LoRAExperts adapts "
-                f"{up_name} and down_proj together (PEFT's all-linear does)"
-            )
-        ours = LoRAExperts(
-            base,
-            {name: value[0] for name, value in settings.items()},
-            {name: value[1] for name, value in settings.items()},
-            use_rslora,
-            adapter_name,
-        )
-        for name, (_, _, scaling, lora_A, lora_B) in settings.items():
-            ours.lora_A[name], ours.lora_B[name], ours.scaling[name] = lora_A, lora_B, scaling
-    elif len(settings) == 1:
-        ((parameter_name, (r, lora_alpha, scaling, lora_A, lora_B)),) = settings.items()
-        weight = base._parameters.get(parameter_name)
-        if not isinstance(weight, torch.Tensor) or weight.dim() != 2:
-            raise ValueError(
-                f"{fn}: {module_path} adapts {parameter_name!r} of a {type(base).__name__}, neither the experts of "
-                "a MoE block nor a 2-D weight"
-            )
-        ours = LoRAParameter(base, parameter_name, r, lora_alpha, use_rslora, adapter_name)
-        ours.lora_A, ours.lora_B, ours.scaling = lora_A, lora_B, scaling
-    else:
-        raise ValueError(
-            f"{fn}: {module_path} adapts {sorted(settings)} of a {type(base).__name__}, which is not a MoE "
-            f"experts block LoRAExperts covers ({experts_layout_problem(base)})"
-        )
+    matrices = {name: (r, alpha, lora_A, lora_B) for name, (r, alpha, _, lora_A, lora_B) in settings.items()}
+    ours = _bare_parameter_wrapper(fn, module_path, base, matrices, use_rslora, adapter_name)
+    for name, (_, _, scaling, lora_A, lora_B) in settings.items():  # PEFT's scaling: set_scale may have changed it
+        _set_matrices(ours, name, lora_A, lora_B, scaling)
     ours.adapters_enabled = not chain[0].disable_adapters
     return ours
 
