@@ -280,3 +280,32 @@ def test_saving_adapters_on_dense_layers_peft_would_remap_warns(tmp_path):
     model.eval(), again.eval()
     with torch.no_grad():
         torch.testing.assert_close(again(input_ids=IDS).logits, model(input_ids=IDS).logits, rtol=0, atol=1e-6)
+
+
+def test_prepared_moe_under_bf16_autocast_matches_peft_within_bf16_rounding():
+    """TrainingArguments(bf16=True) autocasts an fp32 model: the experts' and router's LoRA follow it (the low-rank
+    products in bf16 as F.linear's autocast rule says) and the loss and adapter gradients stay those of
+    transformers + PEFT under the same autocast, up to bf16 rounding (both sides round differently: PEFT folds
+    s B A into the fp32 weight first)."""
+    from real_stack_helpers import LORA, in_peft_names, load_adapters, peft_twin
+
+    base = tiny_moe("mixtral")
+    model = copy.deepcopy(base)
+    pyfastpeft.prepare_model(model, quant=None, lora=LORA)
+    reference, adapters = peft_twin(base, model)
+    load_adapters(model, adapters)
+    model.train(), reference.train()
+    results = []
+    for side in (model, reference):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out, grads = loss_and_grads(side, IDS, IDS)
+        results.append((out.loss, {key.removeprefix("base_model.model."): g for key, g in grads.items()}))
+    (ours, our_grads), (theirs, their_grads) = results
+    our_grads = in_peft_names(model, our_grads)
+    assert ours.dtype == theirs.dtype == torch.float32
+    torch.testing.assert_close(ours, theirs, rtol=2e-2, atol=0)
+    assert our_grads.keys() == their_grads.keys()
+    for key in our_grads:
+        if ".experts." in key or ".gate." in key:
+            scale = their_grads[key].abs().max().item()
+            torch.testing.assert_close(our_grads[key], their_grads[key], rtol=0, atol=0.05 * scale + 1e-6, msg=key)
