@@ -323,6 +323,25 @@ def flce_op_called_directly_with_short_labels():
     )
 
 
+@cases.add(ValueError, "need_grad_bias is True but bias is None")
+def flce_op_called_directly_asking_the_gradient_of_no_bias():
+    torch.ops.pyfastpeft.flce_forward(
+        torch.randn(3, 8),
+        torch.randn(10, 8),
+        torch.zeros(3, dtype=torch.int64),
+        None,
+        -100,
+        0.0,
+        0.0,
+        "mean",
+        False,
+        True,
+        True,
+        True,
+        0,
+    )
+
+
 @cases.add(ValueError, "labels must be in")
 def flce_label_out_of_vocabulary():
     fused_linear_cross_entropy(torch.randn(3, 8), torch.randn(10, 8), torch.tensor([1, 10, 2]))

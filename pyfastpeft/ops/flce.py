@@ -336,6 +336,11 @@ def _fake_backward(
     return _fake_grads(hidden, weight, bias, need_grad_hidden, need_grad_weight, need_grad_bias)
 
 
+def _check_bias_grad(op, bias, need_grad_bias) -> None:
+    if bias is None and need_grad_bias:
+        raise ValueError(f"{op}: need_grad_bias is True but bias is None")
+
+
 def _check_inputs(op, hidden, weight, labels, bias, ignore_index, label_smoothing, softcap, chunk_size):
     """hidden [T, H] and weight [V, H] of one float dtype, labels int64 [T], bias None or [V] in that dtype.
     Labels outside [0, V) are not checked here (a sync per call): the kernels give them a NaN loss and never
@@ -362,12 +367,14 @@ def _check_forward(hidden, weight, labels, bias, ignore_index, label_smoothing, 
     _check_inputs("flce_forward", hidden, weight, labels, bias, ignore_index, label_smoothing, softcap, needs[-1])
     if reduction not in REDUCTIONS:
         raise ValueError(f"flce_forward: reduction must be one of {REDUCTIONS}, got {reduction!r}")
+    _check_bias_grad("flce_forward", bias, needs[-2])
 
 
 def _check_backward(grad_loss, hidden, weight, labels, bias, ignore_index, label_smoothing, softcap, *needs):
     _check_inputs("flce_backward", hidden, weight, labels, bias, ignore_index, label_smoothing, softcap, needs[-1])
     check_dtype("flce_backward", "grad_loss", grad_loss, FLOAT_DTYPES)
     check_numel("flce_backward", "grad_loss", grad_loss, hidden.shape[0], "one per row of hidden")
+    _check_bias_grad("flce_backward", bias, needs[-2])
 
 
 _SETTINGS = "int ignore_index, float label_smoothing, float softcap"
