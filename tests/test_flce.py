@@ -31,21 +31,41 @@ def inputs(tokens=TOKENS, hidden=HIDDEN, vocab=VOCAB, dtype=torch.float32, bias=
     return h, w, b, labels
 
 
-def oracle(h, w, b, labels, label_smoothing=0.0, softcap=None, reduction="mean", ignore_index=-100, chunk_size=None):
-    """F.cross_entropy on logits computed in fp32 (fp64 for fp64) from the same inputs."""
+def oracle(
+    h,
+    w,
+    b,
+    labels,
+    label_smoothing=0.0,
+    softcap=None,
+    reduction="mean",
+    ignore_index=-100,
+    chunk_size=None,
+    class_weight=None,
+    lse_square_scale=0.0,
+):
+    """F.cross_entropy on logits computed in fp32 (fp64 for fp64) from the same inputs, plus the z-loss
+    s * lse^2 of the counted tokens (summed, or averaged over them, as Liger's)."""
     cd = torch.float64 if h.dtype == torch.float64 else torch.float32
     logits = h.to(cd) @ w.to(cd).t()
     if b is not None:
         logits = logits + b.to(cd)
     if softcap:
         logits = softcap * torch.tanh(logits / softcap)
-    return F.cross_entropy(
-        logits.reshape(-1, w.shape[0]),
-        labels.reshape(-1),
+    logits, flat = logits.reshape(-1, w.shape[0]), labels.reshape(-1)
+    loss = F.cross_entropy(
+        logits,
+        flat,
+        weight=None if class_weight is None else class_weight.to(cd),
         ignore_index=ignore_index,
         label_smoothing=label_smoothing,
         reduction=reduction,
-    ).reshape(labels.shape if reduction == "none" else ())
+    )
+    if lse_square_scale:
+        counted = flat != ignore_index
+        z = torch.where(counted, lse_square_scale * torch.logsumexp(logits, -1) ** 2, 0)
+        loss = loss + {"none": z, "sum": z.sum(), "mean": z.sum() / counted.sum().clamp(min=1)}[reduction]
+    return loss.reshape(labels.shape if reduction == "none" else ())
 
 
 def leaves(h, w, b):
@@ -181,14 +201,14 @@ def test_flce_opcheck(backend):
             for bias in (b, None):
                 torch.library.opcheck(
                     flce_ops.flce_forward,
-                    (h, w, labels, bias, -100, 0.1, 3.0, reduction, True, True, True, bias is not None, 16),
+                    (h, w, labels, bias, None, -100, 0.1, 3.0, 0.0, reduction, True, True, True, bias is not None, 16),
                 )
         torch.library.opcheck(
-            flce_ops.flce_forward, (h, w, labels, b, -100, 0.0, 0.0, "mean", False, False, True, False, 0)
+            flce_ops.flce_forward, (h, w, labels, b, None, -100, 0.0, 0.0, 0.0, "mean", False, False, True, False, 0)
         )
         grad_loss = torch.rand(TOKENS)
         torch.library.opcheck(
-            flce_ops.flce_backward, (grad_loss, h, w, labels, b, -100, 0.0, 2.0, True, True, True, 16)
+            flce_ops.flce_backward, (grad_loss, h, w, labels, b, None, -100, 0.0, 2.0, 0.0, True, True, True, 16)
         )
 
 
@@ -273,7 +293,7 @@ def test_flce_out_of_range_label_is_nan_inside_the_kernels(backend):
     h, w, b, labels = (t.detach() if t is not None else t for t in inputs(tokens=4, ignored=()))
     labels[1] = VOCAB
     loss, lse, *_ = run(
-        backend, flce_ops.flce_forward, h, w, labels, b, -100, 0.0, 0.0, "none", False, True, True, True, 0
+        backend, flce_ops.flce_forward, h, w, labels, b, None, -100, 0.0, 0.0, 0.0, "none", False, True, True, True, 0
     )
     assert loss[1].isnan() and loss[[0, 2, 3]].isfinite().all() and lse.isfinite().all()
 
@@ -302,7 +322,7 @@ def check_non_finite_rows(backend, device="cpu"):
     h, w, labels = non_finite_rows(device)
     logits = h @ w.t()
     for label_smoothing in (0.0, 0.1):
-        args = (-100, label_smoothing, 0.0, "none", False, True, True, False, 2)
+        args = (None, -100, label_smoothing, 0.0, 0.0, "none", False, True, True, False, 2)
         expected = run("reference", flce_ops.flce_forward, h, w, labels, None, *args)
         got = run(backend, flce_ops.flce_forward, h, w, labels, None, *args)
         torch.testing.assert_close(expected[1], torch.logsumexp(logits, -1), equal_nan=True)
@@ -335,7 +355,23 @@ def test_flce_row_of_minus_infinity_has_lse_minus_infinity(backend):
     h, w, b, labels = (t.detach() for t in inputs(tokens=3, ignored=()))
     b = torch.full_like(b, float("-inf"))
     loss, lse, *_ = run(
-        backend, flce_ops.flce_forward, h, w, labels, b, -100, 0.0, 0.0, "none", False, False, False, False, 0
+        backend,
+        flce_ops.flce_forward,
+        h,
+        w,
+        labels,
+        b,
+        None,
+        -100,
+        0.0,
+        0.0,
+        0.0,
+        "none",
+        False,
+        False,
+        False,
+        False,
+        0,
     )
     assert (lse == float("-inf")).all() and loss.isnan().all()
 
@@ -405,3 +441,159 @@ def test_token_accuracy_of_all_ignored_tokens_is_zero_and_alone_with_the_loss(ba
         backend, fused_linear_cross_entropy, h, w, torch.full_like(labels, -100), b, return_token_accuracy=True
     )
     assert accuracy.item() == 0.0 and loss.item() == 0.0
+
+
+def class_weights(vocab=VOCAB, dtype=torch.float32):
+    """Positive weights with some exact zeros (a class left out of the loss)."""
+    weights = torch.rand(vocab, dtype=dtype) * 2 + 0.1
+    weights[::7] = 0
+    return weights
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+@pytest.mark.parametrize("label_smoothing,softcap", SETTINGS)
+def test_flce_class_weights_and_z_loss_match_torch_and_liger_formulas(
+    backend, dtype, reduction, label_smoothing, softcap
+):
+    """F.cross_entropy(weight=class_weight) plus lse_square_scale * lse^2 over counted tokens, on chunks
+    that split the tokens: loss and every gradient, also each term alone."""
+    h, w, b, labels = inputs(dtype=dtype)
+    common = dict(label_smoothing=label_smoothing, softcap=softcap, reduction=reduction, chunk_size=CHUNK)
+    for extra in (
+        dict(class_weight=class_weights()),
+        dict(lse_square_scale=1e-3),
+        dict(class_weight=class_weights(), lse_square_scale=0.05),
+    ):
+        check_against_oracle(backend, h, w, b, labels, TOLERANCE[dtype], **common, **extra)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_flce_z_loss_returned_alone_is_the_scaled_square_of_lse(backend, reduction):
+    h, w, b, labels = inputs()
+    scale = 1e-2
+    loss, lse, z_loss = run(
+        backend,
+        fused_linear_cross_entropy,
+        h,
+        w,
+        labels,
+        b,
+        reduction=reduction,
+        lse_square_scale=scale,
+        return_lse=True,
+        return_z_loss=True,
+        chunk_size=CHUNK,
+    )
+    counted = labels != -100
+    per_token = torch.where(counted, scale * lse**2, 0)
+    expected = per_token if reduction == "none" else per_token.sum() / counted.sum()
+    assert not z_loss.requires_grad and z_loss.dtype == torch.float32
+    torch.testing.assert_close(z_loss, expected)
+    plain = run(backend, fused_linear_cross_entropy, h, w, labels, b, reduction=reduction, chunk_size=CHUNK)
+    torch.testing.assert_close(loss, plain + expected)
+    # no z-loss asked: the term is zero, and the loss is the plain one bit for bit
+    got, zero = run(backend, fused_linear_cross_entropy, h, w, labels, b, reduction=reduction, return_z_loss=True)
+    assert not zero.any() and torch.equal(
+        got, run(backend, fused_linear_cross_entropy, h, w, labels, b, reduction=reduction)
+    )
+
+
+@pytest.mark.parametrize("backend", ["reference", "native"])
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_flce_class_weights_and_z_loss_gradcheck_float64(backend, reduction):
+    h, w, b, labels = inputs(tokens=7, hidden=4, vocab=9, dtype=torch.float64, ignored=(2,))
+    weights = class_weights(9, torch.float64)
+    with pyfastpeft.use_backend(backend):
+        assert torch.autograd.gradcheck(
+            lambda h, w, b: fused_linear_cross_entropy(
+                h,
+                w,
+                labels,
+                b,
+                label_smoothing=0.15,
+                softcap=2.5,
+                reduction=reduction,
+                chunk_size=3,
+                class_weight=weights,
+                lse_square_scale=0.1,
+            ),
+            (h, w, b),
+        )
+
+
+@pytest.mark.parametrize("backend", ["reference", "native"])
+def test_flce_opcheck_with_class_weights_and_z_loss(backend):
+    h, w, b, labels = (t.detach() for t in inputs())
+    weights = class_weights()
+    with pyfastpeft.use_backend(backend):
+        for reduction in ("none", "mean"):
+            torch.library.opcheck(
+                flce_ops.flce_forward,
+                (h, w, labels, b, weights, -100, 0.1, 3.0, 1e-3, reduction, False, True, True, True, 16),
+            )
+        torch.library.opcheck(
+            flce_ops.flce_backward,
+            (torch.rand(TOKENS), h, w, labels, b, weights, -100, 0.1, 0.0, 1e-3, True, True, True, 16),
+        )
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_flce_class_weights_of_zero_on_every_counted_label_give_zero_mean(backend):
+    """torch divides 0 by 0 there (NaN); ours, as its unweighted mean of no tokens, gives 0 and zero gradients."""
+    h, w, b, labels = inputs(tokens=6, ignored=(1,))
+    weights = torch.ones(VOCAB)
+    weights[labels[labels != -100]] = 0
+    loss = run(backend, fused_linear_cross_entropy, h, w, labels, b, class_weight=weights)
+    grads = run(backend, torch.autograd.grad, loss, [h, w, b])
+    assert loss.item() == 0.0 and all(not g.any() for g in grads)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_flce_loss_dtype_casts_the_returned_loss_only(backend):
+    h, w, b, labels = inputs(dtype=torch.bfloat16)
+    loss, z_loss = run(
+        backend,
+        fused_linear_cross_entropy,
+        h,
+        w,
+        labels,
+        b,
+        lse_square_scale=1e-3,
+        return_z_loss=True,
+        loss_dtype=torch.bfloat16,
+    )
+    reference = run(backend, fused_linear_cross_entropy, h, w, labels, b, lse_square_scale=1e-3)
+    assert loss.dtype == z_loss.dtype == torch.bfloat16 and reference.dtype == torch.float32
+    assert torch.equal(loss, reference.to(torch.bfloat16))
+    grads = run(backend, torch.autograd.grad, loss, [h, w, b])
+    expected = run(backend, torch.autograd.grad, reference, [h, w, b])
+    for got, want in zip(grads, expected):
+        torch.testing.assert_close(got, want)
+
+
+def test_flce_rejects_bad_class_weights_and_z_loss_settings():
+    h, w, b, labels = inputs()
+    with pytest.raises(ValueError, match="class_weight has 122 elements, weight has 123 rows"):
+        fused_linear_cross_entropy(h, w, labels, class_weight=torch.ones(VOCAB - 1))
+    with pytest.raises(ValueError, match="class_weight must not require grad"):
+        fused_linear_cross_entropy(h, w, labels, class_weight=torch.ones(VOCAB, requires_grad=True))
+    with pytest.raises(TypeError, match="class_weight must have dtype"):
+        fused_linear_cross_entropy(h, w, labels, class_weight=torch.ones(VOCAB, dtype=torch.int64))
+    with pytest.raises(ValueError, match="class_weight must be 1-D"):
+        fused_linear_cross_entropy(h, w, labels, class_weight=torch.ones(1, VOCAB))
+    for scale in (-1e-4, float("nan"), float("inf")):
+        with pytest.raises(ValueError, match="lse_square_scale must be a finite number >= 0"):
+            fused_linear_cross_entropy(h, w, labels, lse_square_scale=scale)
+    with pytest.raises(TypeError, match="lse_square_scale must be a real number"):
+        fused_linear_cross_entropy(h, w, labels, lse_square_scale=True)
+    with pytest.raises(TypeError, match="return_z_loss must be a bool"):
+        fused_linear_cross_entropy(h, w, labels, return_z_loss=1)
+    with pytest.raises(ValueError, match="loss_dtype must be None or a float dtype"):
+        fused_linear_cross_entropy(h, w, labels, loss_dtype=torch.int32)
+    with pytest.raises(TypeError, match=r"class_weight must have dtype in \(float32\)"):
+        wrong = torch.ones(VOCAB, dtype=torch.float64)
+        settings = (-100, 0.0, 0.0, 0.0, "mean", False, True, True, False, 0)
+        torch.ops.pyfastpeft.flce_forward(h.detach(), w.detach(), labels, None, wrong, *settings)

@@ -1,12 +1,17 @@
 // Fused linear cross-entropy on the CPU: the pass over one chunk of logit rows that sits between the
 // chunk's two matmuls (logits = h W^T before it, dh = dz W and dW += dz^T h after it, both torch's;
 // pyfastpeft/ops/flce.py drives the chunks). One row of V logits z, label y, smoothing eps, softcap s
-// (0: none), gradient weight g (d reduced loss / d loss of this row):
+// (0: none), class weights w (optional; all 1 without), gradient weight g (d reduced loss / d loss of this
+// row) and z-loss gradient weight q (optional, 0 without: 2 * lse_square_scale * d reduced loss / d z-loss):
 //   c_v  = s * tanh(z_v / s)                       (c = z without softcap)
 //   lse  = m + log(sum_v exp(c_v - m)),  m = max_v c_v, or 0 where that max is +-inf (torch.logsumexp's
 //          shift: a +inf logit gives lse +inf and a row of -inf gives -inf, not the NaN of inf - inf)
-//   loss = lse - (1 - eps) * c_y - (eps / V) * sum_v c_v                 (0 where y == ignore_index)
-//   dz_v = g * (exp(c_v - lse) - eps / V - (1 - eps) * [v == y]) * (1 - (c_v / s)^2)
+//   loss = lse - (1 - eps) * c_y - (eps / V) * sum_v c_v                      (without class weights)
+//        = (1 - eps) * w_y * (lse - c_y) + (eps / V) * (W * lse - sum_v w_v c_v),  W = sum_v w_v  (with)
+//          (0 where y == ignore_index; the eps term only when eps > 0; the z-loss is not in it: the caller
+//          adds it from lse)
+//   dz_v = (P * exp(c_v - lse) - g * (eps / V) * w_v - g * (1 - eps) * w_y * [v == y]) * (1 - (c_v / s)^2)
+//   P    = g * ((1 - eps) * w_y + (eps / V) * W) + q * lse        (g + q * lse without class weights)
 // (the last factor only with a softcap: d/dz s*tanh(z/s) = 1 - tanh^2). Compute in fp32 (fp64 for fp64
 // logits); rows split over threads, each row in three sweeps of its (L2-resident) V values.
 #include "cpu/common.h"
@@ -40,9 +45,11 @@ inline C lane_max(const C* __restrict x, int64_t n) {
   return acc[0];
 }
 
-// One row in place: z becomes c (softcap applied), then, when grad_weight is given, dz.
+// One row in place: z becomes c (softcap applied), then, when grad_weight is given, dz. class_weight: null or
+// [vocab], weight_sum its sum W; z_grad_weight: null or this row's q.
 template <typename C>
-inline void row_pass(C* __restrict z, int64_t label, const C* grad_weight, C* loss, C* lse, int64_t vocab,
+inline void row_pass(C* __restrict z, int64_t label, const C* grad_weight, const C* z_grad_weight,
+                     const C* __restrict class_weight, C weight_sum, C* loss, C* lse, int64_t vocab,
                      int64_t ignore_index, C smoothing, C softcap) {
   if (softcap != C(0)) {
     const C inverse = C(1) / softcap;
@@ -55,62 +62,86 @@ inline void row_pass(C* __restrict z, int64_t label, const C* grad_weight, C* lo
   *lse = row_lse;
   const bool ignored = label == ignore_index;
   const bool in_range = label >= 0 && label < vocab;
+  const bool has_target = in_range && !ignored;
   const C nan = std::numeric_limits<C>::quiet_NaN();
   const C uniform = smoothing / C(vocab);
+  const C label_weight = class_weight && has_target ? class_weight[label] : C(1);  // w_y (1 without weights)
   if (ignored) {
     *loss = C(0);
   } else if (!in_range) {
     *loss = nan;
-  } else {
+  } else if (!class_weight) {
     const C sum_c = smoothing != C(0) ? pfp::lane_sum<C>(vocab, [&](int64_t v) { return z[v]; }) : C(0);
     *loss = row_lse - (C(1) - smoothing) * z[label] - uniform * sum_c;
+  } else {
+    C value = (C(1) - smoothing) * label_weight * (row_lse - z[label]);
+    if (smoothing != C(0))
+      value +=
+          uniform * (weight_sum * row_lse - pfp::lane_sum<C>(vocab, [&](int64_t v) { return class_weight[v] * z[v]; }));
+    *loss = value;
   }
   if (!grad_weight) return;
-  const bool has_target = in_range && !ignored;
   const C g = ignored ? C(0) : (in_range ? *grad_weight : nan);
   const C g_uniform = g * uniform;
-  const C g_target = g * (C(1) - smoothing);
-  if (softcap != C(0)) {
-    const C inverse = C(1) / softcap;
-    const C t_target = has_target ? z[label] * inverse : C(0);
-    for (int64_t v = 0; v < vocab; ++v) {
-      const C t = z[v] * inverse;
-      z[v] = (g * pfp::exp_approx(z[v] - row_lse) - g_uniform) * (C(1) - t * t);
+  const C g_target = g * (C(1) - smoothing) * label_weight;
+  C p_scale = class_weight ? g * ((C(1) - smoothing) * label_weight + uniform * weight_sum) : g;
+  if (z_grad_weight && !ignored) p_scale += *z_grad_weight * row_lse;
+  // dz_v = (p_scale * p_v - smooth(v)) * softcap factor, smooth(v) = g * eps / V (times w_v with class weights);
+  // one instantiation per form of smooth, so the unweighted sweep stays a plain vector loop
+  const auto sweep = [&](auto smooth) {
+    if (softcap != C(0)) {
+      const C inverse = C(1) / softcap;
+      const C t_target = has_target ? z[label] * inverse : C(0);
+      for (int64_t v = 0; v < vocab; ++v) {
+        const C t = z[v] * inverse;
+        z[v] = (p_scale * pfp::exp_approx(z[v] - row_lse) - smooth(v)) * (C(1) - t * t);
+      }
+      if (has_target) z[label] -= g_target * (C(1) - t_target * t_target);
+    } else {
+      for (int64_t v = 0; v < vocab; ++v) z[v] = p_scale * pfp::exp_approx(z[v] - row_lse) - smooth(v);
+      if (has_target) z[label] -= g_target;
     }
-    if (has_target) z[label] -= g_target * (C(1) - t_target * t_target);
-  } else {
-    for (int64_t v = 0; v < vocab; ++v) z[v] = g * pfp::exp_approx(z[v] - row_lse) - g_uniform;
-    if (has_target) z[label] -= g_target;
-  }
+  };
+  if (class_weight)
+    sweep([&](int64_t v) { return g_uniform * class_weight[v]; });
+  else
+    sweep([&](int64_t) { return g_uniform; });
 }
 
 template <typename C>
-void rows_impl(C* logits, const int64_t* labels, const C* grad_weight, C* loss, C* lse, int64_t rows, int64_t vocab,
-               int64_t ignore_index, double label_smoothing, double softcap, int nthreads) {
+void rows_impl(C* logits, const int64_t* labels, const C* grad_weight, const C* z_grad_weight, const C* class_weight,
+               C* loss, C* lse, int64_t rows, int64_t vocab, int64_t ignore_index, double label_smoothing,
+               double softcap, int nthreads) {
+  const C weight_sum = class_weight ? pfp::lane_sum<C>(vocab, [&](int64_t v) { return class_weight[v]; }) : C(vocab);
   pfp::parallel_for(rows, 4 * vocab, nthreads, [&](int64_t begin, int64_t end, int) {
     for (int64_t row = begin; row < end; ++row)
-      row_pass<C>(logits + row * vocab, labels[row], grad_weight ? grad_weight + row : nullptr, loss + row, lse + row,
-                  vocab, ignore_index, C(label_smoothing), C(softcap));
+      row_pass<C>(logits + row * vocab, labels[row], grad_weight ? grad_weight + row : nullptr,
+                  grad_weight && z_grad_weight ? z_grad_weight + row : nullptr, class_weight, weight_sum, loss + row,
+                  lse + row, vocab, ignore_index, C(label_smoothing), C(softcap));
   });
 }
 
 }  // namespace
 
 // flce_rows: the row pass above over logits [rows, vocab] (row-major, contiguous), in place.
-// dtype (pfp::DType): kFloat32, or kFloat64 for fp64 inputs; logits, grad_weight, loss, lse all of it.
-// labels: int64 [rows]; a label outside [0, vocab) other than ignore_index gives that row a NaN loss and
-// gradient (nothing is read out of bounds). loss, lse: [rows], written (loss 0 on ignored rows).
+// dtype (pfp::DType): kFloat32, or kFloat64 for fp64 inputs; logits, grad_weight, z_grad_weight, class_weight,
+// loss, lse all of it. labels: int64 [rows]; a label outside [0, vocab) other than ignore_index gives that row a
+// NaN loss and gradient (nothing is read out of bounds). loss, lse: [rows], written (loss 0 on ignored rows).
 // grad_weight: null (logits end as the softcapped c) or [rows]: logits end as dz, zero on ignored rows.
+// z_grad_weight: null (no z-loss) or [rows], read only with grad_weight. class_weight: null or [vocab].
 // label_smoothing in [0, 1); softcap > 0, or 0 for none; vocab >= 1.
-void flce_rows(void* logits, const int64_t* labels, const void* grad_weight, void* loss, void* lse, int64_t rows,
-               int64_t vocab, int dtype, int64_t ignore_index, double label_smoothing, double softcap, int nthreads) {
+void flce_rows(void* logits, const int64_t* labels, const void* grad_weight, const void* z_grad_weight,
+               const void* class_weight, void* loss, void* lse, int64_t rows, int64_t vocab, int dtype,
+               int64_t ignore_index, double label_smoothing, double softcap, int nthreads) {
   switch (dtype) {
     case pfp::kFloat32:
       return rows_impl(static_cast<float*>(logits), labels, static_cast<const float*>(grad_weight),
+                       static_cast<const float*>(z_grad_weight), static_cast<const float*>(class_weight),
                        static_cast<float*>(loss), static_cast<float*>(lse), rows, vocab, ignore_index, label_smoothing,
                        softcap, nthreads);
     case pfp::kFloat64:
       return rows_impl(static_cast<double*>(logits), labels, static_cast<const double*>(grad_weight),
+                       static_cast<const double*>(z_grad_weight), static_cast<const double*>(class_weight),
                        static_cast<double*>(loss), static_cast<double*>(lse), rows, vocab, ignore_index,
                        label_smoothing, softcap, nthreads);
   }

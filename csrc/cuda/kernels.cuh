@@ -50,8 +50,8 @@ void nf4_dequantize(const uint8_t* packed, const float* absmax, const float* cod
 void nf4_gemv(const void* x, int x_dtype, const uint8_t* packed, const float* absmax, const float* code,
               const void* bias, int bias_dtype, void* out, int64_t m, int64_t n, int64_t k, int64_t blocksize,
               cudaStream_t stream, int device);
-void flce_rows(void* logits, const int64_t* labels, const void* grad_weights, void* loss, void* lse, int64_t rows,
-               int64_t vocab, int dtype, int64_t ignore_index, double label_smoothing, double softcap,
-               cudaStream_t stream, int device);
+void flce_rows(void* logits, const int64_t* labels, const void* grad_weights, const void* z_grad_weights,
+               const void* class_weight, void* loss, void* lse, int64_t rows, int64_t vocab, int dtype,
+               int64_t ignore_index, double label_smoothing, double softcap, cudaStream_t stream, int device);
 
 }  // namespace pfp_cuda

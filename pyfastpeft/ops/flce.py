@@ -6,20 +6,24 @@ into one reused fp32 buffer, one row pass (C++ on CPU, CUDA or Triton on GPUs) t
 losses, the logsumexps and, in place, the logits' gradient, and torch's matmuls fold that into
 dh[chunk] = dz W, dW += dz^T h_chunk (fp32 accumulator, cast once) and db += sum dz.
 
-Ops (hidden [T, H], weight [V, H], labels int64 [T], bias [V] or None; loss and lse in the compute
-dtype, fp32 or fp64 for fp64 inputs; the math is in pyfastpeft/reference/flce.py):
-  pyfastpeft::flce_forward(hidden, weight, labels, bias, ignore_index, label_smoothing, softcap,
-      reduction, need_predictions, need_grad_hidden, need_grad_weight, need_grad_bias, chunk_size)
-      -> (loss: [T] for none, [] for mean/sum;  lse: [T];  grad_hidden, grad_weight, grad_bias;
+Ops (hidden [T, H], weight [V, H], labels int64 [T], bias [V] or None, class_weight [V] in the compute
+dtype or None; loss and lse in the compute dtype, fp32 or fp64 for fp64 inputs; the math, z-loss included,
+is in pyfastpeft/reference/flce.py):
+  pyfastpeft::flce_forward(hidden, weight, labels, bias, class_weight, ignore_index, label_smoothing,
+      softcap, lse_square_scale, reduction, need_predictions, need_grad_hidden, need_grad_weight,
+      need_grad_bias, chunk_size)
+      -> (loss: [T] for none, [] for mean/sum (cross-entropy plus z-loss);  lse: [T];
+          grad_hidden, grad_weight, grad_bias;
           predictions: int64 [T], each token's argmax of its logits, empty unless need_predictions)
       The gradients are those of the reduced loss (of loss.sum() for none), computed in the forward
       pass; empty where not asked.
-  pyfastpeft::flce_backward(grad_loss [T], hidden, weight, labels, bias, ignore_index,
-      label_smoothing, softcap, need_grad_hidden, need_grad_weight, need_grad_bias, chunk_size)
+  pyfastpeft::flce_backward(grad_loss [T], hidden, weight, labels, bias, class_weight, ignore_index,
+      label_smoothing, softcap, lse_square_scale, need_grad_hidden, need_grad_weight, need_grad_bias,
+      chunk_size)
       -> (grad_hidden, grad_weight, grad_bias) for per-token output grads: recomputes the logits
       chunk by chunk (reduction none, whose output grads are known only in backward).
-softcap 0 means none; reduction "none", "mean" or "sum"; chunk_size 0 picks chunk_rows' default. An output grad
-that is not asked for is an empty tensor.
+softcap 0 means none; lse_square_scale 0 means no z-loss; reduction "none", "mean" or "sum"; chunk_size 0 picks
+chunk_rows' default. An output grad that is not asked for is an empty tensor.
 """
 
 from __future__ import annotations
@@ -75,7 +79,7 @@ def chunk_rows(tokens: int, vocab: int, requested: int, device_type: str = "cpu"
     return max(1, min(rows, tokens))
 
 
-def _logits_into(h, weight, out) -> None:
+def logits_into(h, weight, out) -> None:
     """out [n, V] (compute dtype) = h @ weight^T, accumulated in fp32. CUDA torch multiplies fp16/bf16
     into an fp32 output directly; CPU torch has no such matmul, so there the logits round to h's dtype
     once (as the output of HF's lm_head does) before the fp32 row pass."""
@@ -87,7 +91,7 @@ def _logits_into(h, weight, out) -> None:
         out.copy_(torch.mm(h, weight.t()))
 
 
-def _accumulate_grad_weight(accumulator, dz, dz_input_dtype, h) -> None:
+def accumulate_grad_weight(accumulator, dz, dz_input_dtype, h) -> None:
     """accumulator [V, H] (compute dtype) += dz^T h: from the fp16/bf16 operands into fp32 on CUDA, in fp32 on CPU."""
     if h.dtype == accumulator.dtype:
         accumulator.addmm_(dz.t(), h)
@@ -103,7 +107,9 @@ def _chunked(
     weight,
     labels,
     bias,
+    class_weight,
     grad_weights,
+    z_grad_weights,
     ignore_index: int,
     label_smoothing: float,
     softcap: float,
@@ -113,15 +119,17 @@ def _chunked(
     chunk_size: int,
     predictions=None,
 ):
-    """(loss_t [T], lse [T], grad_hidden, grad_weight, grad_bias) chunk by chunk. grad_weights: None (no
-    gradients) or [T] in the compute dtype, the weight of each token's loss in the gradients.
-    row_pass(logits, labels, grad_weights or None, loss, lse, ignore_index, label_smoothing, softcap)
-    is the backend's row kernel on one chunk (contiguous views)."""
+    """(ce_t [T], lse [T], grad_hidden, grad_weight, grad_bias) chunk by chunk. grad_weights: None (no
+    gradients) or [T] in the compute dtype, the weight of each token's cross-entropy in the gradients (g_t);
+    z_grad_weights: None (no z-loss) or [T], q_t (see the reference). row_pass(logits, labels, grad_weights,
+    z_grad_weights, class_weight, loss, lse, ignore_index, label_smoothing, softcap) is the backend's row kernel
+    on one chunk (contiguous views; the optional ones None)."""
     tokens, vocab = hidden.shape[0], weight.shape[0]
     cd, device = accumulate_dtype(hidden.dtype), hidden.device
     loss = torch.empty(tokens, dtype=cd, device=device)
     lse = torch.empty(tokens, dtype=cd, device=device)
     with_grads = grad_weights is not None
+    with_z = with_grads and z_grad_weights is not None
     grad_hidden = torch.empty(hidden.shape, dtype=hidden.dtype, device=device) if need_grad_hidden else None
     grad_weight = torch.zeros(weight.shape, dtype=cd, device=device) if need_grad_weight else None
     grad_bias = torch.zeros(vocab, dtype=cd, device=device) if need_grad_bias else None
@@ -131,7 +139,7 @@ def _chunked(
     for start in range(0, tokens, rows):
         stop = min(start + rows, tokens)
         h, logits = hidden[start:stop], logits_buffer[: stop - start]
-        _logits_into(h, weight, logits)
+        logits_into(h, weight, logits)
         if bias_c is not None:
             logits.add_(bias_c)
         if predictions is not None:  # before the row pass overwrites the logits with their gradient
@@ -140,6 +148,8 @@ def _chunked(
             logits,
             labels[start:stop],
             grad_weights[start:stop] if with_grads else None,
+            z_grad_weights[start:stop] if with_z else None,
+            class_weight,
             loss[start:stop],
             lse[start:stop],
             ignore_index,
@@ -152,7 +162,7 @@ def _chunked(
         if grad_hidden is not None:
             torch.mm(dz_input_dtype, weight, out=grad_hidden[start:stop])
         if grad_weight is not None:
-            _accumulate_grad_weight(grad_weight, logits, dz_input_dtype, h)
+            accumulate_grad_weight(grad_weight, logits, dz_input_dtype, h)
         if grad_bias is not None:
             grad_bias += logits.sum(0)
     if grad_hidden is None:
@@ -167,7 +177,16 @@ def _chunked(
 
 
 def _native_rows(
-    logits, labels, grad_weights, loss, lse, ignore_index: int, label_smoothing: float, softcap: float
+    logits,
+    labels,
+    grad_weights,
+    z_grad_weights,
+    class_weight,
+    loss,
+    lse,
+    ignore_index: int,
+    label_smoothing: float,
+    softcap: float,
 ) -> None:
     rows, vocab = logits.shape
     if rows == 0:
@@ -176,6 +195,8 @@ def _native_rows(
         logits,
         labels,
         grad_weights,
+        z_grad_weights,
+        class_weight,
         loss,
         lse,
         rows,
@@ -189,10 +210,30 @@ def _native_rows(
 
 
 def _triton_rows(
-    logits, labels, grad_weights, loss, lse, ignore_index: int, label_smoothing: float, softcap: float
+    logits,
+    labels,
+    grad_weights,
+    z_grad_weights,
+    class_weight,
+    loss,
+    lse,
+    ignore_index: int,
+    label_smoothing: float,
+    softcap: float,
 ) -> None:
     if logits.shape[0]:
-        triton_module("flce").flce_rows(logits, labels, grad_weights, loss, lse, ignore_index, label_smoothing, softcap)
+        triton_module("flce").flce_rows(
+            logits,
+            labels,
+            grad_weights,
+            z_grad_weights,
+            class_weight,
+            loss,
+            lse,
+            ignore_index,
+            label_smoothing,
+            softcap,
+        )
 
 
 def _forward_with(row_pass):
@@ -201,9 +242,11 @@ def _forward_with(row_pass):
         weight,
         labels,
         bias,
+        class_weight,
         ignore_index,
         label_smoothing,
         softcap,
+        lse_square_scale,
         reduction,
         need_predictions,
         need_grad_hidden,
@@ -213,17 +256,23 @@ def _forward_with(row_pass):
     ):
         any_grad = need_grad_hidden or need_grad_weight or need_grad_bias
         labels = labels.contiguous()
+        cd = accumulate_dtype(hidden.dtype)
+        class_weight = None if class_weight is None else class_weight.contiguous()
         predictions = torch.empty(labels.shape[0] if need_predictions else 0, dtype=torch.int64, device=labels.device)
-        weights = (
-            ref.reduction_weights(labels, ignore_index, reduction, accumulate_dtype(hidden.dtype)) if any_grad else None
-        )
+        weights = z_weights = None
+        if any_grad:
+            weights = ref.reduction_weights(labels, ignore_index, reduction, cd, class_weight)
+            if lse_square_scale:
+                z_weights = (2 * lse_square_scale) * ref.reduction_weights(labels, ignore_index, reduction, cd)
         loss, lse, grad_hidden, grad_weight, grad_bias = _chunked(
             row_pass,
             hidden,
             weight,
             labels,
             bias,
+            class_weight,
             weights,
+            z_weights,
             ignore_index,
             label_smoothing,
             softcap,
@@ -233,7 +282,10 @@ def _forward_with(row_pass):
             chunk_size,
             predictions if need_predictions else None,
         )
-        loss = ref.reduce(loss, labels, ignore_index, reduction)
+        loss = ref.reduce(loss, labels, ignore_index, reduction, class_weight)
+        if lse_square_scale:
+            z_loss = ref.z_losses(lse, labels, ignore_index, lse_square_scale)
+            loss = loss + ref.reduce(z_loss, labels, ignore_index, reduction)
         return loss, lse, grad_hidden, grad_weight, grad_bias, predictions
 
     return forward
@@ -246,9 +298,11 @@ def _backward_with(row_pass):
         weight,
         labels,
         bias,
+        class_weight,
         ignore_index,
         label_smoothing,
         softcap,
+        lse_square_scale,
         need_grad_hidden,
         need_grad_weight,
         need_grad_bias,
@@ -261,7 +315,9 @@ def _backward_with(row_pass):
             weight,
             labels.contiguous(),
             bias,
+            None if class_weight is None else class_weight.contiguous(),
             weights,
+            (2 * lse_square_scale) * weights if lse_square_scale else None,
             ignore_index,
             label_smoothing,
             softcap,
@@ -298,9 +354,11 @@ def _fake_forward(
     weight,
     labels,
     bias,
+    class_weight,
     ignore_index,
     label_smoothing,
     softcap,
+    lse_square_scale,
     reduction,
     need_predictions,
     need_grad_hidden,
@@ -323,9 +381,11 @@ def _fake_backward(
     weight,
     labels,
     bias,
+    class_weight,
     ignore_index,
     label_smoothing,
     softcap,
+    lse_square_scale,
     need_grad_hidden,
     need_grad_weight,
     need_grad_bias,
@@ -341,10 +401,12 @@ def _check_bias_grad(op, bias, need_grad_bias) -> None:
         raise ValueError(f"{op}: need_grad_bias is True but bias is None")
 
 
-def _check_inputs(op, hidden, weight, labels, bias, ignore_index, label_smoothing, softcap, chunk_size):
-    """hidden [T, H] and weight [V, H] of one float dtype, labels int64 [T], bias None or [V] in that dtype.
-    Labels outside [0, V) are not checked here (a sync per call): the kernels give them a NaN loss and never
-    index by them out of bounds."""
+def _check_inputs(op, hidden, weight, labels, bias, class_weight, settings, chunk_size):
+    """hidden [T, H] and weight [V, H] of one float dtype, labels int64 [T], bias None or [V] in that dtype,
+    class_weight None or [V] in the compute dtype; settings (ignore_index, label_smoothing, softcap,
+    lse_square_scale). Labels outside [0, V) are not checked here (a sync per call): the kernels give them a
+    NaN loss and never index by them out of bounds."""
+    ignore_index, label_smoothing, softcap, lse_square_scale = settings
     check_dtype(op, "hidden", hidden, FLOAT_DTYPES)
     check_dtype(op, "weight", weight, (hidden.dtype,))
     if hidden.dim() != 2 or weight.dim() != 2:
@@ -356,28 +418,34 @@ def _check_inputs(op, hidden, weight, labels, bias, ignore_index, label_smoothin
     if bias is not None:
         check_dtype(op, "bias", bias, (hidden.dtype,))
     check_optional(op, "bias", bias, weight.shape[0], "the vocabulary")
+    if class_weight is not None:
+        check_dtype(op, "class_weight", class_weight, (accumulate_dtype(hidden.dtype),))
+    check_optional(op, "class_weight", class_weight, weight.shape[0], "the vocabulary")
     check_int(op, "ignore_index", ignore_index)
     check_real(op, "label_smoothing", label_smoothing, low=0.0, high=1.0, high_open=True)
     check_real(op, "softcap", softcap, low=0.0)
+    check_real(op, "lse_square_scale", lse_square_scale, low=0.0)
     check_int(op, "chunk_size", chunk_size, low=0)
 
 
-def _check_forward(hidden, weight, labels, bias, ignore_index, label_smoothing, softcap, reduction, *needs):
-    check_bool("flce_forward", "need_predictions", needs[0])
-    _check_inputs("flce_forward", hidden, weight, labels, bias, ignore_index, label_smoothing, softcap, needs[-1])
+def _check_forward(hidden, weight, labels, bias, class_weight, *rest):
+    settings, reduction, need_predictions, *needs = rest[:4], rest[4], rest[5], *rest[6:]
+    check_bool("flce_forward", "need_predictions", need_predictions)
+    _check_inputs("flce_forward", hidden, weight, labels, bias, class_weight, settings, needs[-1])
     if reduction not in REDUCTIONS:
         raise ValueError(f"flce_forward: reduction must be one of {REDUCTIONS}, got {reduction!r}")
     _check_bias_grad("flce_forward", bias, needs[-2])
 
 
-def _check_backward(grad_loss, hidden, weight, labels, bias, ignore_index, label_smoothing, softcap, *needs):
-    _check_inputs("flce_backward", hidden, weight, labels, bias, ignore_index, label_smoothing, softcap, needs[-1])
+def _check_backward(grad_loss, hidden, weight, labels, bias, class_weight, *rest):
+    settings, needs = rest[:4], rest[4:]
+    _check_inputs("flce_backward", hidden, weight, labels, bias, class_weight, settings, needs[-1])
     check_dtype("flce_backward", "grad_loss", grad_loss, FLOAT_DTYPES)
     check_numel("flce_backward", "grad_loss", grad_loss, hidden.shape[0], "one per row of hidden")
     _check_bias_grad("flce_backward", bias, needs[-2])
 
 
-_SETTINGS = "int ignore_index, float label_smoothing, float softcap"
+_SETTINGS = "Tensor? class_weight, int ignore_index, float label_smoothing, float softcap, float lse_square_scale"
 _NEEDS = "bool need_grad_hidden, bool need_grad_weight, bool need_grad_bias, int chunk_size"
 flce_forward = define_op(
     "flce_forward",
@@ -406,7 +474,8 @@ flce_backward = define_op(
 
 @carry_backend
 class FusedLinearCrossEntropyFunction(torch.autograd.Function):
-    """(loss, lse) of hidden [T, H], weight [V, H], labels [T], bias [V] or empty. mean/sum: the gradients
+    """(loss, lse, predictions) of hidden [T, H], weight [V, H], labels [T], bias [V] or None, class_weight
+    [V] (compute dtype) or None. mean/sum: the gradients
     are computed in the forward pass and scaled by the output grad in backward (nothing [T, V] is saved).
     none: backward recomputes the logits chunk by chunk with the per-token output grads. lse is not
     differentiable. dW (dbias) is computed only when the weight (bias) requires grad."""
@@ -418,21 +487,23 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
         weight,
         labels,
         bias,
+        class_weight,
         ignore_index: int,
         label_smoothing: float,
         softcap: float,
+        lse_square_scale: float,
         reduction: str,
         need_predictions: bool,
         chunk_size: int,
     ):
         needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[3])
-        settings = (ignore_index, label_smoothing, softcap)
-        ctx.settings, ctx.needs, ctx.reduction, ctx.chunk_size = settings, needs, reduction, chunk_size
+        settings = (class_weight, ignore_index, label_smoothing, softcap, lse_square_scale)
+        ctx.settings, ctx.needs, ctx.reduction, ctx.chunk_size = settings[1:], needs, reduction, chunk_size
         if reduction == NONE:
             loss, lse, *_, predictions = flce_forward(
                 hidden, weight, labels, bias, *settings, reduction, need_predictions, False, False, False, chunk_size
             )
-            ctx.save_for_backward(hidden, weight, labels, bias)
+            ctx.save_for_backward(hidden, weight, labels, bias, class_weight)
         else:
             loss, lse, grad_hidden, grad_weight, grad_bias, predictions = flce_forward(
                 hidden, weight, labels, bias, *settings, reduction, need_predictions, *needs, chunk_size
@@ -444,9 +515,17 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss, grad_lse, grad_predictions):
         if ctx.reduction == NONE:
-            hidden, weight, labels, bias = ctx.saved_tensors
+            hidden, weight, labels, bias, class_weight = ctx.saved_tensors
             grads = flce_backward(
-                grad_loss.contiguous(), hidden, weight, labels, bias, *ctx.settings, *ctx.needs, ctx.chunk_size
+                grad_loss.contiguous(),
+                hidden,
+                weight,
+                labels,
+                bias,
+                class_weight,
+                *ctx.settings,
+                *ctx.needs,
+                ctx.chunk_size,
             )
         else:
             # loss.backward() passes exactly 1: the saved gradients are the answer, returned without a copy (a
@@ -457,10 +536,10 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
             else:
                 grads = tuple((g * grad_loss).to(g.dtype) for g in ctx.saved_tensors)
         grad_hidden, grad_weight, grad_bias = (g if need else None for g, need in zip(grads, ctx.needs))
-        return grad_hidden, grad_weight, None, grad_bias, None, None, None, None, None, None
+        return grad_hidden, grad_weight, None, grad_bias, None, None, None, None, None, None, None, None
 
 
-def _check_label_range(fn: str, labels: torch.Tensor, vocab: int, ignore_index: int) -> None:
+def check_label_range(fn: str, labels: torch.Tensor, vocab: int, ignore_index: int) -> None:
     """CPU tensors in eager mode only: elsewhere the check would cost a device sync or break the graph,
     and the kernels give an out-of-range label a NaN loss instead (never reading out of bounds)."""
     if labels.device.type != "cpu" or torch.compiler.is_compiling() or labels.numel() == 0:
@@ -484,6 +563,10 @@ def fused_linear_cross_entropy(
     return_lse: bool = False,
     chunk_size: int | None = None,
     return_token_accuracy: bool = False,
+    class_weight: torch.Tensor | None = None,
+    lse_square_scale: float = 0.0,
+    return_z_loss: bool = False,
+    loss_dtype: torch.dtype | None = None,
 ):
     """F.cross_entropy(hidden @ weight.T + bias, labels) with the logits computed in fp32 (the lm_head and
     loss of a causal LM), without materializing the [tokens, vocab] logits.
@@ -496,8 +579,16 @@ def fused_linear_cross_entropy(
     not differentiable. chunk_size: tokens per chunk (default: see chunk_rows). return_token_accuracy: also
     return the share of tokens (not ignore_index) whose label is the argmax of their logits, an fp32 scalar (0
     when no token counts), not differentiable, as TRL's SFTTrainer logs it (mean_token_accuracy); it costs one
-    argmax per chunk of logits, which are never materialized whole. The return value is loss, or a tuple
-    (loss[, lse][, token_accuracy]) in that order.
+    argmax per chunk of logits, which are never materialized whole.
+    class_weight: [V] float tensor (Liger's ce_weight), F.cross_entropy's weight: each token's loss is scaled
+    by its label's weight (with label smoothing, the smoothing term weights each class by its own), and the
+    mean divides by the sum of the counted tokens' label weights (0 when that sum is 0); not differentiable.
+    lse_square_scale: the z-loss (PaLM; Liger's lse_square_scale), s * lse^2 per counted token, added to the
+    loss (unweighted by class_weight; the mean divides it by the number of counted tokens). return_z_loss:
+    also return that z-loss term alone, reduced as the loss, not differentiable (for logging; its gradient is
+    in the loss's). loss_dtype: the dtype of the returned loss and z-loss (default fp32, fp64 for fp64
+    inputs; e.g. hidden.dtype for the loss in the input dtype); the softmax is fp32 whatever it is.
+    The return value is loss, or a tuple (loss[, lse][, z_loss][, token_accuracy]) in that order.
     On CPU, fp16/bf16 logits round to the input dtype before the fp32 softmax (CPU torch has no
     mixed-precision matmul); on CUDA they are accumulated into fp32.
     """
@@ -539,25 +630,52 @@ def fused_linear_cross_entropy(
         raise ValueError(f"{fn}: chunk_size must be None or an int >= 1, got {chunk_size!r}")
     if isinstance(ignore_index, bool) or not isinstance(ignore_index, int):
         raise TypeError(f"{fn}: ignore_index must be an int, got {type(ignore_index).__name__}")
-    if not isinstance(return_token_accuracy, bool):
-        raise TypeError(f"{fn}: return_token_accuracy must be a bool, got {type(return_token_accuracy).__name__}")
-    _check_label_range(fn, labels, vocab, ignore_index)
+    for name, flag in (("return_token_accuracy", return_token_accuracy), ("return_z_loss", return_z_loss)):
+        if not isinstance(flag, bool):
+            raise TypeError(f"{fn}: {name} must be a bool, got {type(flag).__name__}")
+    if isinstance(lse_square_scale, bool) or not isinstance(lse_square_scale, (int, float)):
+        raise TypeError(f"{fn}: lse_square_scale must be a real number, got {type(lse_square_scale).__name__}")
+    if not 0.0 <= lse_square_scale < float("inf"):
+        raise ValueError(f"{fn}: lse_square_scale must be a finite number >= 0, got {lse_square_scale}")
+    if loss_dtype is not None and loss_dtype not in FLOAT_DTYPES:
+        raise ValueError(f"{fn}: loss_dtype must be None or a float dtype, got {loss_dtype!r}")
+    cd = accumulate_dtype(hidden.dtype)
+    if class_weight is not None:
+        check_tensor(fn, "class_weight", class_weight, dim=1)
+        check_dtype(fn, "class_weight", class_weight, FLOAT_DTYPES)
+        check_same_device(fn, hidden=hidden, class_weight=class_weight)
+        if class_weight.shape[0] != vocab:
+            raise ValueError(f"{fn}: class_weight has {class_weight.shape[0]} elements, weight has {vocab} rows")
+        if class_weight.requires_grad:
+            raise ValueError(f"{fn}: class_weight must not require grad (the loss is not differentiable in it)")
+        class_weight = class_weight.to(cd)
+    check_label_range(fn, labels, vocab, ignore_index)
     loss, lse, predictions = FusedLinearCrossEntropyFunction.apply(
         hidden.reshape(-1, hidden_size),
         weight,
         labels.reshape(-1),
         bias,
+        class_weight,
         ignore_index,
         float(label_smoothing),
         float(softcap or 0.0),
+        float(lse_square_scale),
         reduction,
         return_token_accuracy,
         chunk_size or 0,
     )
-    lse = lse.view(labels.shape)
     if reduction == NONE:
         loss = loss.view(labels.shape)
-    results = (loss,) + ((lse,) if return_lse else ())
+    if loss_dtype is not None:
+        loss = loss.to(loss_dtype)
+    results = (loss,) + ((lse.view(labels.shape),) if return_lse else ())
+    if return_z_loss:
+        flat = labels.reshape(-1)
+        z_loss = ref.reduce(
+            ref.z_losses(lse, flat, ignore_index, float(lse_square_scale)), flat, ignore_index, reduction
+        )
+        z_loss = z_loss.view(labels.shape) if reduction == NONE else z_loss
+        results += (z_loss.to(loss_dtype or cd),)
     if return_token_accuracy:
         flat = labels.reshape(-1)
         counted = flat != ignore_index
