@@ -62,6 +62,7 @@ PYBIND11_MODULE(_C, m) {
   PFP_DEF(dequantize_affine);
   PFP_DEF(lora_dropout_rows);
   PFP_DEF(flce_rows);
+  PFP_DEF(distill_rows);
 #undef PFP_DEF
   m.def("advise_huge_pages", &advise_huge_pages, py::arg("address"), py::arg("nbytes"));
 

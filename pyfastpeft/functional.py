@@ -1,5 +1,6 @@
 """The public functions, one per op family (the ops, dispatch and autograd live in pyfastpeft.ops)."""
 
+from pyfastpeft.ops.distill import fused_linear_distillation
 from pyfastpeft.ops.flce import fused_linear_cross_entropy
 from pyfastpeft.ops.int8 import int8_linear
 from pyfastpeft.ops.lora import lora_linear
@@ -18,4 +19,5 @@ __all__ = [
     "lora_linear",
     "lora_linear_multi",
     "fused_linear_cross_entropy",
+    "fused_linear_distillation",
 ]

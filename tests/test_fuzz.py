@@ -18,6 +18,7 @@ import pyfastpeft
 from pyfastpeft.functional import (
     apply_rotary_pos_emb,
     fused_linear_cross_entropy,
+    fused_linear_distillation,
     int8_linear,
     lora_linear,
     nf4_linear,
@@ -143,9 +144,10 @@ def close(actual, expected, dtype=None, **tolerance):
     torch.testing.assert_close(actual, expected, **(tolerance or TOLERANCES[dtype or expected.dtype]), equal_nan=True)
 
 
-def close_scaled(actual, expected, dtype, floor=1e-30):
+def close_scaled(actual, expected, dtype, floor=1e-30, tolerance_dtype=None):
     """max |actual - expected| <= tol * max(max |expected|, floor): sums whose error grows with their terms'
-    magnitude; floor is the magnitude of the terms where they can cancel to 0."""
+    magnitude; floor is the magnitude of the terms where they can cancel to 0. tol is dtype's, or
+    tolerance_dtype's where another input's precision bounds the result."""
     assert actual.shape == expected.shape and actual.dtype == expected.dtype, (
         actual.shape,
         expected.shape,
@@ -155,7 +157,7 @@ def close_scaled(actual, expected, dtype, floor=1e-30):
     if expected.numel():
         error = (actual.double() - expected.double()).abs().max().item()
         scale = expected.double().abs().max().item()
-        assert error <= SCALED_TOLERANCE[dtype] * max(scale, floor), (error, scale)
+        assert error <= SCALED_TOLERANCE[tolerance_dtype or dtype] * max(scale, floor), (error, scale)
 
 
 def grads(backend, fn, leaves, seed=None):
@@ -581,10 +583,25 @@ def test_lora_linear(
     reduction=st.sampled_from(["mean", "sum", "none"]),
     chunk_size=st.sampled_from([None, 1, 5, 16]),
     ignored=st.floats(0.0, 1.0),
+    class_weighted=st.booleans(),
+    lse_square_scale=st.sampled_from([0.0, 1e-3]),
     seed=seeds,
 )
 def test_fused_linear_cross_entropy(
-    data, dtype, lead, hidden, vocab, bias, label_smoothing, softcap, reduction, chunk_size, ignored, seed
+    data,
+    dtype,
+    lead,
+    hidden,
+    vocab,
+    bias,
+    label_smoothing,
+    softcap,
+    reduction,
+    chunk_size,
+    ignored,
+    class_weighted,
+    lse_square_scale,
+    seed,
 ):
     h = leaf(data.draw(laid_out(randn((*lead, hidden), dtype, seed))))
     w = leaf(data.draw(laid_out(randn((vocab, hidden), dtype, seed + 1, 2 * hidden**-0.5))))
@@ -593,6 +610,7 @@ def test_fused_linear_cross_entropy(
     labels = torch.randint(0, vocab, tuple(lead), generator=g)
     labels[torch.rand(tuple(lead), generator=g) < ignored] = -100
     labels = data.draw(laid_out(labels))
+    class_weight = data.draw(laid_out(torch.rand(vocab, generator=g) + 0.5)) if class_weighted else None
     leaves = [t for t in (h, w, b) if t is not None]
     unchanged = Unchanged(h, w, b, labels)
 
@@ -610,6 +628,8 @@ def test_fused_linear_cross_entropy(
                 reduction=reduction,
                 return_lse=True,
                 chunk_size=chunk_size,
+                class_weight=class_weight,
+                lse_square_scale=lse_square_scale,
             )
             loss.backward(torch.rand(loss.shape, dtype=loss.dtype, generator=torch.Generator().manual_seed(1)) + 0.5)
         return [loss.detach(), lse] + [t.grad for t in leaves]
@@ -622,6 +642,88 @@ def test_fused_linear_cross_entropy(
         # a loss of one class (or of logits all equal) is lse - logit, exactly 0 in the reference and a rounding
         # of the logits' size here
         close_scaled(ours, ref, dtype, floor=0.1)
+
+
+# ---- fused linear distillation --------------------------------------------------------------------------------
+
+
+@FUZZ
+@given(
+    data=st.data(),
+    dtype=st.sampled_from(FLOATS),
+    lead=st.lists(st.integers(0, 12), min_size=1, max_size=2),
+    student_hidden=st.integers(1, 40),
+    teacher_hidden=st.integers(1, 40),
+    vocab=st.integers(1, 150),
+    bias=st.booleans(),
+    loss=st.sampled_from(["kl", "reverse_kl", "jsd"]),
+    beta=st.sampled_from([0.0, 0.3, 1.0]),
+    temperature=st.sampled_from([1.0, 2.5]),
+    hard_label_weight=st.sampled_from([0.0, 0.4]),
+    reduction=st.sampled_from(["mean", "sum", "none"]),
+    chunk_size=st.sampled_from([None, 1, 5, 16]),
+    ignored=st.floats(0.0, 1.0),
+    seed=seeds,
+)
+def test_fused_linear_distillation(
+    data,
+    dtype,
+    lead,
+    student_hidden,
+    teacher_hidden,
+    vocab,
+    bias,
+    loss,
+    beta,
+    temperature,
+    hard_label_weight,
+    reduction,
+    chunk_size,
+    ignored,
+    seed,
+):
+    h = leaf(data.draw(laid_out(randn((*lead, student_hidden), dtype, seed))))
+    w = leaf(data.draw(laid_out(randn((vocab, student_hidden), dtype, seed + 1, 2 * student_hidden**-0.5))))
+    b = leaf(data.draw(laid_out(randn((vocab,), dtype, seed + 2, 0.5)))) if bias else None
+    t_dtype = data.draw(st.sampled_from(FLOATS))  # the teacher's dtype is its own
+    g_t = data.draw(laid_out(randn((*lead, teacher_hidden), t_dtype, seed + 3)))
+    u = data.draw(laid_out(randn((vocab, teacher_hidden), t_dtype, seed + 4, 2 * teacher_hidden**-0.5)))
+    gen = torch.Generator().manual_seed(seed)
+    labels = torch.randint(0, vocab, tuple(lead), generator=gen)
+    labels[torch.rand(tuple(lead), generator=gen) < ignored] = -100
+    labels = data.draw(laid_out(labels))
+    leaves = [t for t in (h, w, b) if t is not None]
+    unchanged = Unchanged(h, w, b, g_t, u, labels)
+
+    def forward_backward(backend):
+        for t in leaves:
+            t.grad = None
+        with pyfastpeft.use_backend(backend):
+            value = fused_linear_distillation(
+                h,
+                w,
+                g_t,
+                u,
+                labels,
+                loss=loss,
+                beta=beta,
+                temperature=temperature,
+                hard_label_weight=hard_label_weight,
+                student_bias=b,
+                reduction=reduction,
+                chunk_size=chunk_size,
+            )
+            value.backward(torch.rand(value.shape, dtype=value.dtype, generator=torch.Generator().manual_seed(1)) + 0.5)
+        return [value.detach()] + [t.grad for t in leaves]
+
+    results = on_both(forward_backward)
+    unchanged.check()
+    if results is None:
+        return
+    # on the CPU a half-precision teacher's logits round to its dtype (as its lm_head's output would)
+    coarser = max(dtype, t_dtype, key=lambda d: torch.finfo(d).eps)
+    for ours, ref in zip(*results):
+        close_scaled(ours, ref, dtype, floor=0.1, tolerance_dtype=coarser)
 
 
 # ---- what the properties above found --------------------------------------------------------------------------

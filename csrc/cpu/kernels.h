@@ -52,9 +52,12 @@
   void lora_dropout_rows(const void* src, void* dst, const int64_t* row_index, int64_t count, int64_t cols,            \
                          bool scatter, int dtype, int64_t seed, int64_t offset, float threshold, float keep_scale,     \
                          double alpha, bool accumulate, int nthreads);                                                 \
-  void flce_rows(void* logits, const int64_t* labels, const void* grad_weight, const void* z_grad_weight,            \
+  void flce_rows(void* logits, const int64_t* labels, const void* grad_weight, const void* z_grad_weight,              \
                  const void* class_weight, void* loss, void* lse, int64_t rows, int64_t vocab, int dtype,              \
                  int64_t ignore_index, double label_smoothing, double softcap, int nthreads);                          \
+  void distill_rows(void* student, void* teacher, const int64_t* labels, const void* grad_weight, void* loss,          \
+                    int64_t rows, int64_t vocab, int dtype, int64_t ignore_index, double beta, double temperature,     \
+                    double hard_label_weight, int nthreads);                                                           \
   }
 
 PFP_DECLARE_CPU_KERNELS(pfp_avx512)

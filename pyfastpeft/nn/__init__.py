@@ -4,10 +4,13 @@ from pyfastpeft.nn.experts import LoRAExperts, LoRAParameter, QuantizedExperts
 from pyfastpeft.nn.linear4bit import Linear4bit
 from pyfastpeft.nn.linear8bitlt import Linear8bitLt
 from pyfastpeft.nn.lora import LoRALinear
+from pyfastpeft.nn.losses import FusedLinearCrossEntropyLoss, FusedLinearDistillationLoss
 from pyfastpeft.nn.rmsnorm import RMSNorm
 from pyfastpeft.nn.swiglu import SwiGLUMLP
 
 __all__ = [
+    "FusedLinearCrossEntropyLoss",
+    "FusedLinearDistillationLoss",
     "Linear4bit",
     "Linear8bitLt",
     "LoRAExperts",

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 import torch
 
 from pyfastpeft.bench.cases._common import DTYPES, FamilyCases
+from pyfastpeft.bench.cases.distill import distill_cases
 from pyfastpeft.bench.cases.flce import flce_cases
 from pyfastpeft.bench.cases.int8 import int8_cases
 from pyfastpeft.bench.cases.lora import lora_cases
@@ -44,6 +45,7 @@ FAMILIES: dict[str, FamilyCases] = {
     "quantize": quantize_cases,
     "lora": lora_cases,
     "flce": flce_cases,
+    "distill": distill_cases,
     "model": model_cases,
 }
 
