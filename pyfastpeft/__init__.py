@@ -15,6 +15,7 @@ import torch  # noqa: F401  (before the native modules: they reuse torch's OpenM
 from pyfastpeft import functional, nn, ops, quant  # noqa: F401
 from pyfastpeft.backend import backends, current_backend, use_backend
 from pyfastpeft.integrations.peft import from_peft, load_adapter, save_adapter
+from pyfastpeft.integrations.perplexity import perplexity
 from pyfastpeft.integrations.prepare import LoraSettings, PrepareReport, prepare_model
 from pyfastpeft.integrations.quantize import QuantizeReport, quantize_model
 from pyfastpeft.integrations.transformers import PatchReport, patch_model, unpatch_model
@@ -41,4 +42,5 @@ __all__ = [
     "prepare_model",
     "LoraSettings",
     "PrepareReport",
+    "perplexity",
 ]

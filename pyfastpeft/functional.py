@@ -6,6 +6,7 @@ from pyfastpeft.ops.int8 import int8_linear
 from pyfastpeft.ops.lora import lora_linear
 from pyfastpeft.ops.lora_multi import lora_linear_multi
 from pyfastpeft.ops.nf4 import nf4_linear
+from pyfastpeft.ops.preference import fused_linear_preference
 from pyfastpeft.ops.rmsnorm import rms_norm
 from pyfastpeft.ops.rope import apply_rotary_pos_emb
 from pyfastpeft.ops.swiglu import swiglu
@@ -20,4 +21,5 @@ __all__ = [
     "lora_linear_multi",
     "fused_linear_cross_entropy",
     "fused_linear_distillation",
+    "fused_linear_preference",
 ]

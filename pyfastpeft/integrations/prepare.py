@@ -239,13 +239,24 @@ def install_fused_loss(model: nn.Module) -> str | None:
     loss with the model's own forward loss, and a model whose loss differs keeps its own forward."""
     if isinstance(model.__dict__.get("forward"), FusedLossForward):
         return None
+    forward, reason = fused_loss_forward(model)
+    if forward is not None:
+        reason = _loss_probe(forward)
+    if reason is None:
+        model.forward = forward
+    return reason
+
+
+def fused_loss_forward(model: nn.Module) -> tuple[FusedLossForward | None, str | None]:
+    """(a FusedLossForward for model, not installed, None) with its logit transform read from the config, or
+    (None, why not)."""
     if not callable(getattr(model, "get_decoder", None)):
-        return f"fused loss: {type(model).__name__} has no get_decoder() (not a transformers causal LM)"
+        return None, f"fused loss: {type(model).__name__} has no get_decoder() (not a transformers causal LM)"
     head = _dense_output_layer(model)
     if head is None:
-        return f"fused loss: {type(model).__name__}'s output layer is not a plain nn.Linear"
+        return None, f"fused loss: {type(model).__name__}'s output layer is not a plain nn.Linear"
     if "logits_to_keep" not in inspect.signature(type(model).forward).parameters:
-        return f"fused loss: {type(model).__name__}.forward takes no logits_to_keep (transformers < 4.50)"
+        return None, f"fused loss: {type(model).__name__}.forward takes no logits_to_keep (transformers < 4.50)"
     config = getattr(model, "config", None)
     logit_scale = 1.0
     if scaling := _number(getattr(config, "logits_scaling", None)):  # Granite: logits / logits_scaling
@@ -254,14 +265,10 @@ def install_fused_loss(model: nn.Module) -> str | None:
     if scale is not None:
         logit_scale *= scale
     if logit_scale != 1.0 and head.bias is not None:
-        return f"fused loss: {type(model).__name__} scales the logits of a head with a bias"
+        return None, f"fused loss: {type(model).__name__} scales the logits of a head with a bias"
     softcap = _number(getattr(config, "final_logit_softcapping", None)) or None
     aux_loss_coef = _number(getattr(model, "router_aux_loss_coef", getattr(config, "router_aux_loss_coef", None)))
-    forward = FusedLossForward(model, logit_scale, softcap, aux_loss_coef or 0.0)
-    reason = _loss_probe(forward)
-    if reason is None:
-        model.forward = forward
-    return reason
+    return FusedLossForward(model, logit_scale, softcap, aux_loss_coef or 0.0), None
 
 
 def remove_fused_loss(model: nn.Module) -> None:

@@ -4,13 +4,14 @@ from pyfastpeft.nn.experts import LoRAExperts, LoRAParameter, QuantizedExperts
 from pyfastpeft.nn.linear4bit import Linear4bit
 from pyfastpeft.nn.linear8bitlt import Linear8bitLt
 from pyfastpeft.nn.lora import LoRALinear
-from pyfastpeft.nn.losses import FusedLinearCrossEntropyLoss, FusedLinearDistillationLoss
+from pyfastpeft.nn.losses import FusedLinearCrossEntropyLoss, FusedLinearDistillationLoss, FusedLinearPreferenceLoss
 from pyfastpeft.nn.rmsnorm import RMSNorm
 from pyfastpeft.nn.swiglu import SwiGLUMLP
 
 __all__ = [
     "FusedLinearCrossEntropyLoss",
     "FusedLinearDistillationLoss",
+    "FusedLinearPreferenceLoss",
     "Linear4bit",
     "Linear8bitLt",
     "LoRAExperts",

@@ -8,6 +8,7 @@ from torch import nn
 
 from pyfastpeft.ops.distill import fused_linear_distillation
 from pyfastpeft.ops.flce import fused_linear_cross_entropy
+from pyfastpeft.ops.preference import fused_linear_preference
 
 
 class FusedLinearCrossEntropyLoss(nn.Module):
@@ -57,6 +58,24 @@ class FusedLinearDistillationLoss(nn.Module):
             teacher_bias=teacher_bias,
             **self.settings,
         )
+
+    def extra_repr(self) -> str:
+        return ", ".join([f"loss={self.loss!r}"] + [f"{k}={v!r}" for k, v in self.settings.items()])
+
+
+class FusedLinearPreferenceLoss(nn.Module):
+    """forward(weight, hidden [2B, S, H], labels [2B, S], bias=None, **reference) -> PreferenceOutput:
+    fused_linear_preference with this module's settings (loss, beta, label_smoothing, simpo_gamma, nll_weight,
+    ignore_index, softcap, chunk_size); reference: ref_chosen_logps and ref_rejected_logps, or ref_hidden,
+    ref_weight and ref_bias, for dpo and ipo."""
+
+    def __init__(self, loss: str = "dpo", **settings):
+        super().__init__()
+        self.loss = loss
+        self.settings = settings
+
+    def forward(self, weight: torch.Tensor, hidden: torch.Tensor, labels: torch.Tensor, bias=None, **reference):
+        return fused_linear_preference(hidden, weight, labels, bias, loss=self.loss, **self.settings, **reference)
 
     def extra_repr(self) -> str:
         return ", ".join([f"loss={self.loss!r}"] + [f"{k}={v!r}" for k, v in self.settings.items()])

@@ -30,6 +30,7 @@ from pyfastpeft.bench.cases.model import (
     model_cases,
 )
 from pyfastpeft.bench.cases.nf4 import nf4_cases
+from pyfastpeft.bench.cases.preference import preference_cases
 from pyfastpeft.bench.cases.quantize import quantize_cases
 from pyfastpeft.bench.cases.rmsnorm import rmsnorm_cases
 from pyfastpeft.bench.cases.rope import rope_cases
@@ -46,6 +47,7 @@ FAMILIES: dict[str, FamilyCases] = {
     "lora": lora_cases,
     "flce": flce_cases,
     "distill": distill_cases,
+    "preference": preference_cases,
     "model": model_cases,
 }
 

@@ -1,0 +1,166 @@
+"""Preference losses (DPO, IPO, SimPO, ORPO) over a chunked lm_head: every backend against TRL's own loss code
+(CPO's simpo, ORPO's odds ratio) or its formulas (DPO's sigmoid with conservative label smoothing, IPO) on
+logits computed whole in fp32; the reference log-probabilities precomputed or from the reference model's
+lm_head; rewards; a training run that widens the margin; bad input."""
+
+from types import SimpleNamespace
+
+import pytest
+import torch
+import torch.nn.functional as F
+from helpers import BACKENDS, run
+
+from pyfastpeft.functional import fused_linear_preference
+from pyfastpeft.nn import FusedLinearCrossEntropyLoss, FusedLinearPreferenceLoss
+
+cpo = pytest.importorskip("trl.experimental.cpo.cpo_trainer")
+orpo = pytest.importorskip("trl.experimental.orpo.orpo_trainer")
+
+ALL_BACKENDS = ["reference"] + BACKENDS
+PAIRS, SEQ, HIDDEN, VOCAB, CHUNK = 3, 7, 16, 53, 5  # chunks of 5 tokens split the sequences
+
+
+def inputs(seed=0):
+    torch.manual_seed(seed)
+    h = torch.randn(2 * PAIRS, SEQ, HIDDEN, requires_grad=True)
+    w = (torch.randn(VOCAB, HIDDEN) * 2 * HIDDEN**-0.5).requires_grad_()
+    labels = torch.randint(0, VOCAB, (2 * PAIRS, SEQ))
+    labels[:, :2] = -100  # the prompt
+    labels[1, -3:] = -100  # padding: the sequences' lengths differ
+    labels[PAIRS + 2, -1] = -100
+    ref_h = torch.randn(2 * PAIRS, SEQ, HIDDEN)
+    ref_w = torch.randn(VOCAB, HIDDEN) * 2 * HIDDEN**-0.5
+    return h, w, labels, ref_h, ref_w
+
+
+def logps(h, w, labels):
+    """Summed and averaged log-probabilities of the labels from the whole fp32 logits (TRL's get_batch_logps on
+    already-shifted labels)."""
+    logits = h.float() @ w.float().t()
+    mask = labels != -100
+    per_token = torch.log_softmax(logits, -1).gather(-1, labels.clamp(min=0)[..., None])[..., 0]
+    total = (per_token * mask).sum(-1)
+    return total, total / mask.sum(-1), -(per_token * mask)[:PAIRS].sum() / mask[:PAIRS].sum()
+
+
+def oracle(loss, h, w, labels, ref_h, ref_w, beta, label_smoothing, gamma):
+    total, average, nll = logps(h, w, labels)
+    ref_total, _, _ = logps(ref_h, ref_w, labels)
+    counts = (labels != -100).sum(-1)
+    if loss == "dpo":
+        d = (total[:PAIRS] - ref_total[:PAIRS]) - (total[PAIRS:] - ref_total[PAIRS:])
+        per_pair = -(1 - label_smoothing) * F.logsigmoid(beta * d) - label_smoothing * F.logsigmoid(-beta * d)
+        return per_pair.mean(), beta * (total[:PAIRS] - ref_total[:PAIRS])
+    if loss == "ipo":
+        ratios = (total - ref_total) / counts
+        per_pair = (ratios[:PAIRS] - ratios[PAIRS:] - 1 / (2 * beta)) ** 2
+        return per_pair.mean(), beta * (total[:PAIRS] - ref_total[:PAIRS])
+    device = SimpleNamespace(device="cpu")
+    if loss == "simpo":
+        trainer = SimpleNamespace(
+            alpha=0.0, beta=beta, simpo_gamma=gamma, label_smoothing=label_smoothing, loss_type="simpo",
+            accelerator=device,
+        )  # fmt: skip
+        losses, chosen_rewards, _ = cpo.CPOTrainer.cpo_loss(trainer, average[:PAIRS], average[PAIRS:])
+        return losses.mean(), chosen_rewards
+    trainer = SimpleNamespace(beta=beta, accelerator=device)
+    losses, chosen_rewards, *_ = orpo.ORPOTrainer.odds_ratio_loss(trainer, average[:PAIRS], average[PAIRS:])
+    return nll - losses.mean(), chosen_rewards
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+@pytest.mark.parametrize(
+    "loss,label_smoothing", [("dpo", 0.0), ("dpo", 0.2), ("ipo", 0.0), ("simpo", 0.0), ("simpo", 0.2), ("orpo", 0.0)]
+)
+def test_preference_loss_and_gradients_match_trl(backend, loss, label_smoothing):
+    h, w, labels, ref_h, ref_w = inputs()
+    beta, gamma = 0.3, 0.4
+    reference = dict(ref_hidden=ref_h, ref_weight=ref_w) if loss in ("dpo", "ipo") else {}
+    out = run(
+        backend, fused_linear_preference, h, w, labels, loss=loss, beta=beta, label_smoothing=label_smoothing,
+        simpo_gamma=gamma, chunk_size=CHUNK, **reference,
+    )  # fmt: skip
+    grads = run(backend, torch.autograd.grad, out.loss, [h, w])
+    expected, expected_rewards = oracle(loss, h, w, labels, ref_h, ref_w, beta, label_smoothing, gamma)
+    expected_grads = torch.autograd.grad(expected, [h, w])
+    torch.testing.assert_close(out.loss, expected, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(out.chosen_rewards, expected_rewards.detach(), rtol=1e-5, atol=1e-6)
+    for grad, want in zip(grads, expected_grads):
+        torch.testing.assert_close(grad, want, rtol=1e-4, atol=1e-6)
+    assert out.reward_margins.shape == (PAIRS,) and 0 <= out.reward_accuracy <= 1
+    torch.testing.assert_close(out.reward_margins, out.chosen_rewards - out.rejected_rewards)
+
+
+@pytest.mark.parametrize("backend", ALL_BACKENDS)
+def test_dpo_with_precomputed_reference_logps_equals_the_in_pass_reference(backend):
+    h, w, labels, ref_h, ref_w = inputs()
+    ref_total, _, _ = logps(ref_h, ref_w, labels)
+    in_pass = run(backend, fused_linear_preference, h, w, labels, ref_hidden=ref_h, ref_weight=ref_w)
+    given = run(
+        backend, fused_linear_preference, h, w, labels, ref_chosen_logps=ref_total[:PAIRS],
+        ref_rejected_logps=ref_total[PAIRS:],
+    )  # fmt: skip
+    torch.testing.assert_close(in_pass.loss, given.loss)
+    torch.testing.assert_close(in_pass.reward_margins, given.reward_margins)
+
+
+def test_dpo_training_widens_the_chosen_rejected_margin():
+    """A tiny policy (embedding + lm_head) trained with DPO against its frozen starting copy: the reward margin
+    rises from 0 and the pairs come to prefer the chosen completion."""
+    torch.manual_seed(0)
+    embedding = torch.nn.Embedding(VOCAB, HIDDEN)
+    head = torch.nn.Parameter(torch.randn(VOCAB, HIDDEN) * 0.1)
+    ids = torch.randint(0, VOCAB, (2 * PAIRS, SEQ))
+    labels = torch.randint(0, VOCAB, (2 * PAIRS, SEQ))
+    labels[:, :2] = -100
+    with torch.no_grad():
+        ref_h, ref_w = embedding(ids).clone(), head.clone()
+    optimizer = torch.optim.Adam([*embedding.parameters(), head], lr=1e-2)
+    first = None
+    for _ in range(60):
+        optimizer.zero_grad()
+        out = fused_linear_preference(embedding(ids), head, labels, beta=0.1, ref_hidden=ref_h, ref_weight=ref_w)
+        out.loss.backward()
+        optimizer.step()
+        first = out.reward_margins.mean().item() if first is None else first
+    assert abs(first) < 1e-5 and out.reward_margins.mean() > 1.0 and out.reward_accuracy == 1.0
+
+
+def test_preference_rejects_bad_input():
+    h, w, labels, ref_h, ref_w = inputs()
+    with pytest.raises(ValueError, match="loss must be one of"):
+        fused_linear_preference(h, w, labels, loss="kto")
+    with pytest.raises(ValueError, match="needs the reference model"):
+        fused_linear_preference(h, w, labels, loss="dpo")
+    with pytest.raises(ValueError, match="reference-free"):
+        fused_linear_preference(h, w, labels, loss="simpo", ref_hidden=ref_h, ref_weight=ref_w)
+    with pytest.raises(ValueError, match=r"first dim must be 2B > 0"):
+        fused_linear_preference(h[:-1], w, labels[:-1], loss="orpo")
+    with pytest.raises(ValueError, match="label_smoothing must be in"):
+        fused_linear_preference(h, w, labels, loss="simpo", label_smoothing=0.5)
+    with pytest.raises(ValueError, match="beta must be > 0"):
+        fused_linear_preference(h, w, labels, loss="orpo", beta=0.0)
+    with pytest.raises(ValueError, match=r"ref_chosen_logps must be a float tensor of shape \(3,\)"):
+        fused_linear_preference(h, w, labels, ref_chosen_logps=torch.zeros(2), ref_rejected_logps=torch.zeros(3))
+    with pytest.raises(ValueError, match="pass both ref_chosen_logps and ref_rejected_logps"):
+        fused_linear_preference(h, w, labels, ref_chosen_logps=torch.zeros(3))
+
+
+def test_loss_modules_match_their_functions():
+    h, w, labels, ref_h, ref_w = inputs()
+    module = FusedLinearPreferenceLoss("simpo", beta=0.5, simpo_gamma=0.2)
+    expected = fused_linear_preference(h, w, labels, loss="simpo", beta=0.5, simpo_gamma=0.2)
+    torch.testing.assert_close(module(w, h, labels).loss, expected.loss)
+    dpo = FusedLinearPreferenceLoss(beta=0.2)(w, h, labels, ref_hidden=ref_h, ref_weight=ref_w)
+    torch.testing.assert_close(
+        dpo.loss, fused_linear_preference(h, w, labels, beta=0.2, ref_hidden=ref_h, ref_weight=ref_w).loss
+    )
+    weights = torch.rand(VOCAB)
+    ce = FusedLinearCrossEntropyLoss(class_weight=weights, lse_square_scale=1e-3)
+    flat_h, flat_labels = h.reshape(-1, HIDDEN), labels.reshape(-1)
+    expected_ce = (
+        F.cross_entropy(flat_h @ w.t(), flat_labels, weight=weights)
+        + 1e-3 * (torch.logsumexp(flat_h @ w.t(), -1)[flat_labels != -100] ** 2).mean()
+    )
+    torch.testing.assert_close(ce(w, flat_h, flat_labels), expected_ce)
+    assert "loss='simpo'" in repr(module)
