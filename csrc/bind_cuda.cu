@@ -31,6 +31,7 @@ PYBIND11_MODULE(_cuda, m) {
   PFP_DEF(nf4_dequantize);
   PFP_DEF(nf4_gemv);
   PFP_DEF(flce_rows);
+  PFP_DEF(distill_rows);
 #undef PFP_DEF
 
   m.def(

@@ -35,7 +35,7 @@ BACKENDS = ("auto", "reference", "native", "triton")
 # in-loop-dequantized GEMM is the alternative to measure against it); int8 likewise around torch._int_mm.
 # LoRA's GPU kernel is Triton's; the general affine quantize family has no GPU kernel yet. Fused linear
 # cross-entropy's row pass runs in Triton (Liger's design) until GPU measurements compare it with the CUDA
-# row kernel; distillation's row pass has only a Triton kernel on GPUs.
+# row kernel, and distillation's likewise.
 CUDA_PREFERENCE = {
     "rmsnorm": "native",
     "swiglu": "native",
@@ -151,7 +151,7 @@ def backends() -> dict:
 
 # Families with no native CUDA kernel: their native implementation is CPU-only, so forcing "native" on CUDA
 # tensors runs the reference, with the fallback warning (LoRA's GPU kernel is Triton's).
-NO_CUDA_NATIVE = frozenset({"lora", "quantize", "distill"})
+NO_CUDA_NATIVE = frozenset({"lora", "quantize"})
 
 
 def choose(family: str, device: torch.device) -> str:

@@ -125,6 +125,19 @@ def _sweep_cases(small: bool, device: str):
             (0, 1),
         )
 
+    def distill(dtype, loss="jsd", hard=0.0):
+        teacher_hidden = randn(rows, 2 * hidden, dtype=dtype)
+        teacher_weight = randn(vocab, 2 * hidden, dtype=dtype, scale=(2 * hidden) ** -0.5)
+        labels = torch.randint(0, vocab, (rows,), device=device)
+        labels[0] = -100
+        return (
+            lambda h, w: F.fused_linear_distillation(
+                h, w, teacher_hidden, teacher_weight, labels, loss, 0.5, 2.0, hard_label_weight=hard
+            ),
+            (randn(rows, hidden, dtype=dtype), randn(vocab, hidden, dtype=dtype, scale=hidden**-0.5)),
+            (0, 1),
+        )
+
     cases = [
         ("rms_norm llama", rmsnorm),
         ("rms_norm gemma", lambda d: rmsnorm(d, "gemma", 1.0)),
@@ -138,6 +151,8 @@ def _sweep_cases(small: bool, device: str):
         ("lora_linear nf4", lambda d: lora(d, "nf4")),
         ("flce", flce),
         ("flce softcap", lambda d: flce(d, 30.0)),
+        ("distill jsd", distill),
+        ("distill kl hard", lambda d: distill(d, "kl", 0.3)),
     ]
     if not small:
         cases.append(("lora_linear dense r=1024", lambda d: lora(d, lora_rank=1024)))

@@ -184,6 +184,24 @@ def test_distillation_of_a_student_equal_to_its_teacher_is_zero(backend):
         assert all(grad.abs().max() < 1e-5 for grad in grads)
 
 
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", ["native", "triton"])
+@pytest.mark.parametrize("loss,beta,hard", [("kl", 0.5, 0.0), ("jsd", 0.4, 0.3), ("reverse_kl", 0.5, 0.2)])
+def test_distillation_on_cuda_matches_the_reference(backend, loss, beta, hard):
+    student, teacher, labels = inputs()
+    settings = dict(loss=loss, beta=beta, temperature=1.5, hard_label_weight=hard, reduction="none")
+    expected = ours("reference", student, teacher, labels, **settings)
+    grad_out = torch.rand(TOKENS) + 0.5
+    expected_grads = torch.autograd.grad(expected, leaves(student), grad_out)
+    cuda_student = [t.detach().cuda().requires_grad_() for t in student]
+    cuda_teacher = [t.cuda() for t in teacher]
+    got = ours(backend, cuda_student, cuda_teacher, labels.cuda(), chunk_size=CHUNK, **settings)
+    grads = run(backend, torch.autograd.grad, got, cuda_student, grad_out.cuda())
+    assert_close_scaled(got.cpu(), expected, 1e-4)
+    for grad, expected_grad in zip(grads, expected_grads):
+        assert_close_scaled(grad.cpu(), expected_grad, 1e-4)
+
+
 def test_distillation_teacher_gets_no_gradient_and_the_module_matches_the_function():
     (h, w, b), (g, u, c), labels = inputs()
     g.requires_grad_()

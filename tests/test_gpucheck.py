@@ -34,7 +34,16 @@ def test_the_op_sweep_compares_every_backend_with_the_reference_on_the_cpu():
     backends = {case["backend"] for case in result["cases"]}
     ops = {case["op"] for case in result["cases"]}
     assert backends == {"native", "triton"}
-    assert {"rms_norm llama", "swiglu", "rope half", "nf4_linear", "int8_linear", "lora_linear nf4", "flce"} <= ops
+    assert {
+        "rms_norm llama",
+        "swiglu",
+        "rope half",
+        "nf4_linear",
+        "int8_linear",
+        "lora_linear nf4",
+        "flce",
+        "distill jsd",
+    } <= ops
     assert result["passed"], [case for case in result["cases"] if case["error"]]
 
 
