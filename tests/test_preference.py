@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from helpers import BACKENDS, run
 
+import pyfastpeft
 from pyfastpeft.functional import fused_linear_preference
 from pyfastpeft.nn import FusedLinearCrossEntropyLoss, FusedLinearPreferenceLoss
 
@@ -164,3 +165,61 @@ def test_loss_modules_match_their_functions():
     )
     torch.testing.assert_close(ce(w, flat_h, flat_labels), expected_ce)
     assert "loss='simpo'" in repr(module)
+
+
+@pytest.mark.parametrize("backend", ["reference", "native"])
+@pytest.mark.parametrize("loss", ["dpo", "orpo"])
+def test_preference_gradcheck_float64_with_bias_and_softcap(backend, loss):
+    h, w, labels, ref_h, ref_w = inputs()
+    h, w = h.detach().double().requires_grad_(), w.detach().double().requires_grad_()
+    b = torch.randn(VOCAB, dtype=torch.float64, requires_grad=True)
+    refs = dict(
+        ref_chosen_logps=torch.randn(PAIRS, dtype=torch.float64) - 20,
+        ref_rejected_logps=torch.randn(PAIRS, dtype=torch.float64) - 20,
+    )
+    extra = refs if loss == "dpo" else {}
+    with pyfastpeft.use_backend(backend):
+        assert torch.autograd.gradcheck(
+            lambda h, w, b: (
+                fused_linear_preference(
+                    h, w, labels, b, loss=loss, beta=0.5, softcap=4.0, chunk_size=CHUNK, **extra
+                ).loss
+            ),
+            (h, w, b),
+        )
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_preference_chunked_backends_match_the_unchunked_reference(backend, dtype):
+    """Chunks of one pair, two pairs and all of them, with a bias and a softcap, against the reference backend."""
+    h, w, labels, ref_h, ref_w = inputs()
+    h, w = h.detach().to(dtype).requires_grad_(), w.detach().to(dtype).requires_grad_()
+    b = torch.randn(VOCAB).to(dtype).requires_grad_()
+    settings = dict(loss="simpo", beta=0.7, label_smoothing=0.1, softcap=3.0)
+    expected = run("reference", fused_linear_preference, h, w, labels, b, **settings)
+    expected_grads = torch.autograd.grad(expected.loss, [h, w, b])
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=3e-2, atol=3e-3)
+    for chunk in (1, 2 * SEQ * 2, None):
+        got = run(backend, fused_linear_preference, h, w, labels, b, chunk_size=chunk, **settings)
+        torch.testing.assert_close(got.loss, expected.loss, **tol)
+        torch.testing.assert_close(got.chosen_logps, expected.chosen_logps, **tol)
+        for grad, want in zip(run(backend, torch.autograd.grad, got.loss, [h, w, b]), expected_grads):
+            assert grad.dtype == dtype
+            torch.testing.assert_close(grad.float(), want.float(), **tol)
+
+
+@pytest.mark.parametrize("backend", ["reference", "native"])
+def test_preference_opcheck(backend):
+    h, w, labels, _, _ = inputs()
+    h, w = h.detach(), w.detach()
+    refs = (torch.randn(PAIRS), torch.randn(PAIRS))
+    with pyfastpeft.use_backend(backend):
+        torch.library.opcheck(
+            torch.ops.pyfastpeft.preference_forward,
+            (h, w, labels, None, *refs, "dpo", 0.1, 0.1, 0.0, 0.0, -100, 0.0, True, True, False, CHUNK),
+        )
+        torch.library.opcheck(
+            torch.ops.pyfastpeft.preference_forward,
+            (h, w, labels, None, None, None, "orpo", 0.1, 0.0, 0.0, 1.0, -100, 2.0, True, False, False, 0),
+        )

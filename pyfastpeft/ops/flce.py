@@ -176,7 +176,7 @@ def _chunked(
     )
 
 
-def _native_rows(
+def native_rows(
     logits,
     labels,
     grad_weights,
@@ -209,7 +209,7 @@ def _native_rows(
     _native.launch("flce_rows", logits, *args)
 
 
-def _triton_rows(
+def triton_rows(
     logits,
     labels,
     grad_weights,
@@ -454,8 +454,8 @@ flce_forward = define_op(
     family="flce",
     fake=_fake_forward,
     reference=ref.flce_forward,
-    native=_forward_with(_native_rows),
-    triton=_forward_with(_triton_rows),
+    native=_forward_with(native_rows),
+    triton=_forward_with(triton_rows),
     check=_check_forward,
 )
 flce_backward = define_op(
@@ -465,8 +465,8 @@ flce_backward = define_op(
     family="flce",
     fake=_fake_backward,
     reference=ref.flce_backward,
-    native=_backward_with(_native_rows),
-    triton=_backward_with(_triton_rows),
+    native=_backward_with(native_rows),
+    triton=_backward_with(triton_rows),
     triton_dtypes=(torch.float32,),
     check=_check_backward,
 )

@@ -1,9 +1,12 @@
 """Preference-alignment losses over an lm_head (DPO, IPO, ORPO, SimPO) without materializing the logits.
 
-The per-token log-probabilities of the labels come from fused_linear_cross_entropy with reduction "none"
-(log p_t = -ce_t, chunked over tokens; its backward recomputes the logits chunk by chunk with the per-token
-output grads), so neither the policy's nor the reference model's [tokens, vocab] logits exist whole. The
-sequence sums, the pairwise loss and the rewards are [batch]-sized eager torch on top.
+The policy's pass is the op pyfastpeft::preference_forward: chunks of whole pairs (a chosen row and its
+rejected row together), per chunk the logits in one reused fp32 buffer, flce's row kernel with unit gradient
+weights (per token ce_t = -log p_t and dz_t = d ce_t / d logits, in place), the chunk's pair losses on [pairs]
+vectors (eager torch, with autograd for d loss / d ce_t), the rows of dz scaled by those, then dh and dW from
+them: one logits matmul per token, the gradients computed in the forward, as fused_linear_cross_entropy does.
+The reference model's log-probabilities come from fused_linear_cross_entropy (reduction "none", no gradient).
+Neither model's [tokens, vocab] logits exist whole.
 
 Batch layout (TRL's concatenated forward): hidden [2B, S, H], labels [2B, S] already shifted; rows 0..B-1 are
 the chosen completions, rows B..2B-1 the rejected ones of the same prompts, in the same order. Tokens whose
@@ -30,7 +33,29 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from pyfastpeft.ops.flce import fused_linear_cross_entropy
+from pyfastpeft.backend import carry_backend
+from pyfastpeft.ops import flce as flce_ops
+from pyfastpeft.ops._autocast import autocast_dtype, cast_like_linear
+from pyfastpeft.ops._checks import (
+    FLOAT_DTYPES,
+    check_dtype,
+    check_features,
+    check_int,
+    check_last_dim,
+    check_numel,
+    check_optional,
+    check_real,
+)
+from pyfastpeft.ops._library import define_op
+from pyfastpeft.ops.flce import (
+    accumulate_grad_weight,
+    check_label_range,
+    chunk_rows,
+    fused_linear_cross_entropy,
+    logits_into,
+)
+from pyfastpeft.reference import flce as flce_ref
+from pyfastpeft.reference._common import accumulate_dtype
 
 LOSSES = ("dpo", "ipo", "simpo", "orpo")
 NEEDS_REFERENCE = ("dpo", "ipo")
@@ -93,12 +118,216 @@ def _pair_losses(loss, beta, label_smoothing, gamma, pi_c, pi_r, n_c, n_r, rho_c
         d = (pi_c - rho_c) / n_c.clamp(min=1) - (pi_r - rho_r) / n_r.clamp(min=1)
         return (d - 1 / (2 * beta)) ** 2, beta * (pi_c - rho_c), beta * (pi_r - rho_r)
 
-    # orpo: log(1 - exp(x)) for x < 0, stable on both sides of -log 2
-    def log1mexp(x):
-        return torch.where(x > -0.6931471805599453, torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
-
-    log_odds = (avg_c - avg_r) - (log1mexp(avg_c) - log1mexp(avg_r))
+    log_odds = (avg_c - avg_r) - (_log1mexp(avg_c) - _log1mexp(avg_r))
     return -beta * F.logsigmoid(log_odds), beta * avg_c, beta * avg_r
+
+
+def _log1mexp(x):
+    """log(1 - exp(x)) for x < 0, stable on both sides of -log 2."""
+    return torch.where(x > -0.6931471805599453, torch.log(-torch.expm1(x)), torch.log1p(-torch.exp(x)))
+
+
+def _pair_part(loss, settings, ce_c, ce_r, n_c, n_r, rho_c, rho_r, pairs: int, chosen_tokens):
+    """(these pairs' share of the loss: sum of their losses / pairs, plus nll_weight * their chosen tokens' ce /
+    chosen_tokens; its gradient in the chosen and rejected ce sums [k] each). The derivatives are written out
+    (autograd is off inside an op): with pi = -ce and the pair's margin d as in the module docstring,
+      dpo, simpo:  dL/dd = beta (eps sigmoid(beta d) - (1 - eps) sigmoid(-beta d))
+      ipo:         dL/dd = 2 (d - 1 / (2 beta))
+      orpo:        dL/d log_odds = -beta sigmoid(-log_odds);  d log_odds / d avg_c = 1 / (1 - exp(avg_c)), and
+                   -1 / (1 - exp(avg_r)) for avg_r
+    and dd / dpi_c = 1 (dpo) or 1 / n_c (ipo, simpo, orpo's avg), the negatives for the rejected side."""
+    beta, eps, gamma, nll_weight = settings
+    pi_c, pi_r = -ce_c, -ce_r
+    per_pair = _pair_losses(loss, beta, eps, gamma, pi_c, pi_r, n_c, n_r, rho_c, rho_r)[0]
+    inv_c, inv_r = 1 / n_c.clamp(min=1), 1 / n_r.clamp(min=1)
+    if loss in ("dpo", "simpo"):
+        d = (pi_c - rho_c) - (pi_r - rho_r) if loss == "dpo" else pi_c * inv_c - pi_r * inv_r - gamma / beta
+        slope = beta * (eps * torch.sigmoid(beta * d) - (1 - eps) * torch.sigmoid(-beta * d))
+        grad_pi_c, grad_pi_r = (slope, -slope) if loss == "dpo" else (slope * inv_c, -slope * inv_r)
+    elif loss == "ipo":
+        d = (pi_c - rho_c) * inv_c - (pi_r - rho_r) * inv_r
+        slope = 2 * (d - 1 / (2 * beta))
+        grad_pi_c, grad_pi_r = slope * inv_c, -slope * inv_r
+    else:
+        avg_c, avg_r = pi_c * inv_c, pi_r * inv_r
+        log_odds = (avg_c - avg_r) - (_log1mexp(avg_c) - _log1mexp(avg_r))
+        slope = -beta * torch.sigmoid(-log_odds)
+        grad_pi_c = slope * inv_c / -torch.expm1(avg_c)
+        grad_pi_r = -slope * inv_r / -torch.expm1(avg_r)
+    part = per_pair.sum() / pairs
+    grad_c, grad_r = -grad_pi_c / pairs, -grad_pi_r / pairs
+    if nll_weight:
+        part = part + nll_weight * ce_c.sum() / chosen_tokens
+        grad_c = grad_c + nll_weight / chosen_tokens
+    return part, grad_c, grad_r
+
+
+def _reference_rows(logits, labels, grad_weights, z_grad_weights, class_weight, loss, lse, ignore_index, eps, softcap):
+    """flce's row pass by its eager formula (the reference backend's), in place like the kernels."""
+    values, lses, dz = flce_ref.token_losses(logits, labels, grad_weights, ignore_index, eps, softcap)
+    loss.copy_(values)
+    lse.copy_(lses)
+    if dz is not None:
+        logits.copy_(dz)
+
+
+def _forward_with(row_pass, chunked: bool = True):
+    def forward(hidden, weight, labels, bias, ref_c, ref_r, loss, beta, eps, gamma, nll_weight, ignore_index, softcap,
+                need_grad_hidden, need_grad_weight, need_grad_bias, chunk_size):  # fmt: skip
+        """(loss, logps [2B], grad_hidden, grad_weight, grad_bias), chunk by chunk of whole pairs."""
+        sequences, seq_len, hidden_size = hidden.shape
+        pairs, vocab, device = sequences // 2, weight.shape[0], hidden.device
+        cd = accumulate_dtype(hidden.dtype)
+        labels = labels.contiguous()
+        counts = (labels != ignore_index).sum(-1).to(cd)
+        chosen_tokens = counts[:pairs].sum().clamp(min=1)
+        settings = (beta, eps, gamma, nll_weight)
+        with_grads = need_grad_hidden or need_grad_weight or need_grad_bias
+        tokens = sequences * seq_len
+        rows = chunk_rows(tokens, vocab, chunk_size, device.type) if chunked else tokens
+        pairs_per_chunk = max(1, rows // (2 * seq_len))
+        buffer = torch.empty(min(pairs_per_chunk, pairs) * 2 * seq_len, vocab, dtype=cd, device=device)
+        unit = torch.ones(buffer.shape[0], dtype=cd, device=device)  # the row pass zeroes ignored rows itself
+        token_loss, token_lse = torch.empty_like(unit), torch.empty_like(unit)
+        logps = torch.empty(sequences, dtype=cd, device=device)
+        total = torch.zeros((), dtype=cd, device=device)
+        grad_hidden = torch.empty(hidden.shape, dtype=hidden.dtype, device=device) if need_grad_hidden else None
+        grad_weight = torch.zeros(weight.shape, dtype=cd, device=device) if need_grad_weight else None
+        grad_bias = torch.zeros(vocab, dtype=cd, device=device) if need_grad_bias else None
+        bias_c = None if bias is None else bias.to(cd)
+        for start in range(0, pairs, pairs_per_chunk):
+            stop = min(start + pairs_per_chunk, pairs)
+            k, n = stop - start, 2 * (stop - start) * seq_len
+            chosen, rejected = slice(start, stop), slice(pairs + start, pairs + stop)
+            h = torch.cat([hidden[chosen], hidden[rejected]]).reshape(n, hidden_size)
+            y = torch.cat([labels[chosen], labels[rejected]]).reshape(n)
+            logits = buffer[:n]
+            logits_into(h, weight, logits)
+            if bias_c is not None:
+                logits.add_(bias_c)
+            row_pass(logits, y, unit[:n] if with_grads else None, None, None, token_loss[:n], token_lse[:n],
+                     ignore_index, 0.0, softcap)  # fmt: skip
+            ce = token_loss[:n].view(2 * k, seq_len).sum(-1)
+            logps[chosen], logps[rejected] = -ce[:k], -ce[k:]
+            refs = (None, None) if ref_c is None else (ref_c[chosen], ref_r[chosen])
+            part, grad_c, grad_r = _pair_part(
+                loss, settings, ce[:k], ce[k:], counts[chosen], counts[rejected], *refs, pairs, chosen_tokens
+            )
+            total += part
+            if not with_grads:
+                continue
+            logits.mul_(torch.cat([grad_c, grad_r]).repeat_interleave(seq_len)[:, None])  # dz = d loss / d ce_t dce_t
+            dz_input_dtype = logits.to(hidden.dtype)
+            if grad_hidden is not None:
+                dh = (dz_input_dtype @ weight).view(2 * k, seq_len, hidden_size)
+                grad_hidden[chosen], grad_hidden[rejected] = dh[:k], dh[k:]
+            if grad_weight is not None:
+                accumulate_grad_weight(grad_weight, logits, dz_input_dtype, h)
+            if grad_bias is not None:
+                grad_bias += logits.sum(0)
+        return (
+            total,
+            logps,
+            hidden.new_empty(0) if grad_hidden is None else grad_hidden,
+            weight.new_empty(0) if grad_weight is None else grad_weight.to(weight.dtype),
+            hidden.new_empty(0) if grad_bias is None else grad_bias.to(bias.dtype),
+        )
+
+    return forward
+
+
+def _fake_forward(hidden, weight, labels, bias, *rest):
+    need_grad_hidden, need_grad_weight, need_grad_bias = rest[-4:-1]
+    cd = accumulate_dtype(hidden.dtype)
+    return (
+        hidden.new_empty((), dtype=cd),
+        hidden.new_empty((hidden.shape[0],), dtype=cd),
+        torch.empty(hidden.shape, dtype=hidden.dtype, device=hidden.device)
+        if need_grad_hidden
+        else hidden.new_empty(0),
+        torch.empty_like(weight, memory_format=torch.contiguous_format) if need_grad_weight else weight.new_empty(0),
+        torch.empty_like(bias) if need_grad_bias else hidden.new_empty(0),
+    )
+
+
+def _check_forward(hidden, weight, labels, bias, ref_c, ref_r, loss, beta, eps, gamma, nll_weight, ignore_index,
+                   softcap, need_grad_hidden, need_grad_weight, need_grad_bias, chunk_size):  # fmt: skip
+    op = "preference_forward"
+    check_dtype(op, "hidden", hidden, FLOAT_DTYPES)
+    check_dtype(op, "weight", weight, (hidden.dtype,))
+    if hidden.dim() != 3 or hidden.shape[0] % 2 or weight.dim() != 2:
+        raise ValueError(f"{op}: hidden must be [2B, S, H] and weight [V, H], got {tuple(hidden.shape)} and "
+                         f"{tuple(weight.shape)}")  # fmt: skip
+    check_features(op, "hidden", hidden, "hidden size")
+    check_last_dim(op, "hidden", hidden, weight.shape[1], "weight's hidden size")
+    check_dtype(op, "labels", labels, (torch.int64,))
+    if labels.shape != hidden.shape[:2]:
+        raise ValueError(f"{op}: labels must be {tuple(hidden.shape[:2])}, got {tuple(labels.shape)}")
+    if bias is not None:
+        check_dtype(op, "bias", bias, (hidden.dtype,))
+    check_optional(op, "bias", bias, weight.shape[0], "the vocabulary")
+    if loss not in LOSSES:
+        raise ValueError(f"{op}: loss must be one of {LOSSES}, got {loss!r}")
+    if (ref_c is None) != (ref_r is None) or (ref_c is None) == (loss in NEEDS_REFERENCE):
+        raise ValueError(
+            f"{op}: {loss} takes {'both' if loss in NEEDS_REFERENCE else 'no'} reference log-probabilities"
+        )
+    for name, t in (("ref_chosen_logps", ref_c), ("ref_rejected_logps", ref_r)):
+        if t is not None:
+            check_dtype(op, name, t, (accumulate_dtype(hidden.dtype),))
+            check_numel(op, name, t, hidden.shape[0] // 2, "one per pair")
+    check_real(op, "beta", beta, low=0.0)
+    if beta <= 0:
+        raise ValueError(f"{op}: beta must be > 0, got {beta}")
+    check_real(op, "label_smoothing", eps, low=0.0, high=0.5, high_open=True)
+    check_real(op, "simpo_gamma", gamma)
+    check_real(op, "nll_weight", nll_weight, low=0.0)
+    check_int(op, "ignore_index", ignore_index)
+    check_real(op, "softcap", softcap, low=0.0)
+    if need_grad_bias and bias is None:
+        raise ValueError(f"{op}: need_grad_bias is True but bias is None")
+    check_int(op, "chunk_size", chunk_size, low=0)
+
+
+preference_forward = define_op(
+    "preference_forward",
+    "(Tensor hidden, Tensor weight, Tensor labels, Tensor? bias, Tensor? ref_chosen_logps, "
+    "Tensor? ref_rejected_logps, str loss, float beta, float label_smoothing, float simpo_gamma, float nll_weight, "
+    "int ignore_index, float softcap, bool need_grad_hidden, bool need_grad_weight, bool need_grad_bias, "
+    "int chunk_size) -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
+    family="flce",
+    fake=_fake_forward,
+    reference=_forward_with(_reference_rows, chunked=False),
+    native=_forward_with(flce_ops.native_rows),
+    triton=_forward_with(flce_ops.triton_rows),
+    check=_check_forward,
+)
+
+
+@carry_backend
+class FusedLinearPreferenceFunction(torch.autograd.Function):
+    """(loss, logps [2B]) of the policy; the gradients are computed in the forward and scaled by the loss's
+    output grad in backward (nothing [T, V] is saved). logps is not differentiable."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, bias, ref_c, ref_r, settings, chunk_size: int):
+        needs = (ctx.needs_input_grad[0], ctx.needs_input_grad[1], ctx.needs_input_grad[3])
+        ctx.needs = needs
+        total, logps, *grads = preference_forward(
+            hidden, weight, labels, bias, ref_c, ref_r, *settings, *needs, chunk_size
+        )
+        ctx.save_for_backward(*grads)
+        ctx.mark_non_differentiable(logps)
+        return total, logps
+
+    @staticmethod
+    def backward(ctx, grad_loss, grad_logps):
+        if not torch.compiler.is_compiling() and float(grad_loss) == 1.0:
+            grads = ctx.saved_tensors
+        else:
+            grads = tuple((g * grad_loss).to(g.dtype) for g in ctx.saved_tensors)
+        grad_hidden, grad_weight, grad_bias = (g if need else None for g, need in zip(grads, ctx.needs))
+        return grad_hidden, grad_weight, None, grad_bias, None, None, None, None
 
 
 def fused_linear_preference(
@@ -157,9 +386,6 @@ def fused_linear_preference(
     if not isinstance(labels, torch.Tensor) or labels.shape != hidden.shape[:2]:
         raise ValueError(f"{fn}: labels must have shape {tuple(hidden.shape[:2])}")
     pairs = hidden.shape[0] // 2
-    policy_logps, counts = sequence_logps(hidden, weight, labels, bias, ignore_index, softcap, chunk_size)
-    pi_c, pi_r = policy_logps[:pairs], policy_logps[pairs:]
-    n_c, n_r = counts[:pairs], counts[pairs:]
     rho_c = rho_r = None
     if loss in NEEDS_REFERENCE:
         rho_c, rho_r = _reference_logps(
@@ -168,24 +394,45 @@ def fused_linear_preference(
         )  # fmt: skip
     elif any(t is not None for t in (ref_chosen_logps, ref_rejected_logps, ref_hidden, ref_weight)):
         raise ValueError(f"{fn}: {loss} is reference-free; pass no reference log-probabilities or inputs")
-    per_pair, chosen_rewards, rejected_rewards = _pair_losses(
+    if chunk_size is not None and (isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1):
+        raise ValueError(f"{fn}: chunk_size must be None or an int >= 1, got {chunk_size!r}")
+    if softcap is not None and not 0.0 < softcap < float("inf"):
+        raise ValueError(f"{fn}: softcap must be None or a finite number > 0, got {softcap}")
+    # the lm_head product follows F.linear's autocast rule (ops/_autocast.py); the loss stays fp32
+    hidden, weight, bias = cast_like_linear(autocast_dtype(hidden), hidden, weight, bias)
+    if labels.dtype != torch.int64:
+        raise TypeError(f"{fn}: labels must have dtype int64, got {str(labels.dtype).replace('torch.', '')}")
+    if weight.dim() == 2:
+        check_label_range(fn, labels, weight.shape[0], ignore_index)
+    cd = accumulate_dtype(hidden.dtype)
+    settings = (loss, float(beta), float(label_smoothing), float(simpo_gamma), float(nll_weight), ignore_index,
+                float(softcap or 0.0))  # fmt: skip
+    total, logps = FusedLinearPreferenceFunction.apply(
+        hidden,
+        weight,
+        labels,
+        bias,
+        None if rho_c is None else rho_c.to(cd),
+        None if rho_r is None else rho_r.to(cd),
+        settings,
+        chunk_size or 0,
+    )
+    pi_c, pi_r = logps[:pairs], logps[pairs:]
+    counts = (labels != ignore_index).sum(-1)
+    n_c, n_r = counts[:pairs], counts[pairs:]
+    _, chosen_rewards, rejected_rewards = _pair_losses(
         loss, float(beta), float(label_smoothing), float(simpo_gamma), pi_c, pi_r, n_c, n_r, rho_c, rho_r
     )
-    total = per_pair.mean()
-    nll = -pi_c.sum() / n_c.sum().clamp(min=1)
-    if nll_weight:
-        total = total + nll_weight * nll
-    chosen_rewards, rejected_rewards = chosen_rewards.detach(), rejected_rewards.detach()
     margins = chosen_rewards - rejected_rewards
     return PreferenceOutput(
         loss=total,
-        chosen_logps=pi_c.detach(),
-        rejected_logps=pi_r.detach(),
+        chosen_logps=pi_c,
+        rejected_logps=pi_r,
         chosen_rewards=chosen_rewards,
         rejected_rewards=rejected_rewards,
         reward_margins=margins,
         reward_accuracy=(margins > 0).float().mean(),
-        nll_loss=nll.detach(),
+        nll_loss=-pi_c.sum() / n_c.sum().clamp(min=1),
     )
 
 
