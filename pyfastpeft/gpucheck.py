@@ -138,6 +138,18 @@ def _sweep_cases(small: bool, device: str):
             (0, 1),
         )
 
+    def preference(dtype, loss="dpo"):
+        pairs = max(1, rows // 16)
+        labels = torch.randint(0, vocab, (2 * pairs, 8), device=device)
+        labels[:, :2] = -100
+        refs = (randn(pairs, dtype=torch.float32) - 30, randn(pairs, dtype=torch.float32) - 30) if loss == "dpo" else ()
+        keywords = dict(zip(("ref_chosen_logps", "ref_rejected_logps"), refs))
+        return (
+            lambda h, w: F.fused_linear_preference(h, w, labels, loss=loss, beta=0.5, **keywords).loss,
+            (randn(2 * pairs, 8, hidden, dtype=dtype), randn(vocab, hidden, dtype=dtype, scale=hidden**-0.5)),
+            (0, 1),
+        )
+
     cases = [
         ("rms_norm llama", rmsnorm),
         ("rms_norm gemma", lambda d: rmsnorm(d, "gemma", 1.0)),
@@ -153,6 +165,8 @@ def _sweep_cases(small: bool, device: str):
         ("flce softcap", lambda d: flce(d, 30.0)),
         ("distill jsd", distill),
         ("distill kl hard", lambda d: distill(d, "kl", 0.3)),
+        ("preference dpo", preference),
+        ("preference orpo", lambda d: preference(d, "orpo")),
     ]
     if not small:
         cases.append(("lora_linear dense r=1024", lambda d: lora(d, lora_rank=1024)))

@@ -43,6 +43,7 @@ def test_the_op_sweep_compares_every_backend_with_the_reference_on_the_cpu():
         "lora_linear nf4",
         "flce",
         "distill jsd",
+        "preference dpo",
     } <= ops
     assert result["passed"], [case for case in result["cases"] if case["error"]]
 
