@@ -361,6 +361,29 @@ def lora_layer_without_input_features():
     lora_linear(torch.randn(3, 0), torch.randn(4, 0), None, torch.randn(2, 0), torch.randn(4, 2), 1.0)
 
 
+@cases.add(ValueError, "weight must have at least one row")
+def flce_op_called_directly_with_no_vocabulary():
+    settings = (None, -100, 0.0, 0.0, 0.0, "mean", False, True, False, False, 0)
+    torch.ops.pyfastpeft.flce_forward(
+        torch.randn(3, 8), torch.randn(0, 8), torch.zeros(3, dtype=torch.int64), None, *settings
+    )
+
+
+@cases.add(ValueError, "student_weight must have at least one row")
+def distill_op_called_directly_with_no_vocabulary():
+    h, w, labels = torch.randn(3, 8), torch.randn(0, 8), torch.zeros(3, dtype=torch.int64)
+    torch.ops.pyfastpeft.distill_forward(
+        h, w, h, w, labels, None, None, -100, 0.5, 1.0, 0.0, "mean", True, False, False, 0
+    )
+
+
+@cases.add(ValueError, "weight must have at least one row")
+def preference_op_called_directly_with_no_vocabulary():
+    h, labels = torch.randn(2, 4, 8), torch.zeros(2, 4, dtype=torch.int64)
+    settings = ("orpo", 0.1, 0.0, 0.0, 1.0, -100, 0.0, True, False, False, 0)
+    torch.ops.pyfastpeft.preference_forward(h, torch.randn(0, 8), labels, None, None, None, *settings)
+
+
 @pytest.mark.parametrize("name", cases.names())
 def test_bad_argument_raises_cleanly(name):
     assert_raises_cleanly(cases, name)

@@ -137,6 +137,8 @@ def test_preference_rejects_bad_input():
         fused_linear_preference(h, w, labels, loss="simpo", ref_hidden=ref_h, ref_weight=ref_w)
     with pytest.raises(ValueError, match=r"first dim must be 2B > 0"):
         fused_linear_preference(h[:-1], w, labels[:-1], loss="orpo")
+    with pytest.raises(ValueError, match="at least one token per sequence"):
+        fused_linear_preference(h[:, :0], w, labels[:, :0], loss="orpo")
     with pytest.raises(ValueError, match="label_smoothing must be in"):
         fused_linear_preference(h, w, labels, loss="simpo", label_smoothing=0.5)
     with pytest.raises(ValueError, match="beta must be > 0"):
@@ -223,3 +225,25 @@ def test_preference_opcheck(backend):
             torch.ops.pyfastpeft.preference_forward,
             (h, w, labels, None, None, None, "orpo", 0.1, 0.0, 0.0, 1.0, -100, 2.0, True, False, False, 0),
         )
+
+
+def test_preference_peak_memory_stays_far_below_the_logits_even_when_a_pair_outgrows_a_chunk():
+    """2 pairs of 512 tokens at chunks of 64 rows: each pair goes in sub-chunks, so the buffer is 64 x V whatever
+    the sequence length."""
+    from pyfastpeft.bench.harness import peak_cpu_bytes
+
+    pairs, seq, hidden, vocab, chunk = 2, 512, 32, 2048, 64
+    h = torch.randn(2 * pairs, seq, hidden, requires_grad=True)
+    w = torch.randn(vocab, hidden) * hidden**-0.5
+    labels = torch.randint(0, vocab, (2 * pairs, seq))
+    refs = dict(ref_chosen_logps=torch.randn(pairs) - 4000, ref_rejected_logps=torch.randn(pairs) - 4000)
+    logits_bytes = 2 * pairs * seq * vocab * 4
+
+    def fused():
+        out = fused_linear_preference(h, w, labels, chunk_size=chunk, **refs)
+        out.loss.backward()
+        return out.loss
+
+    peak = peak_cpu_bytes(fused)
+    budget = 2 * chunk * vocab * 4 + 4 * h.numel() * 4 + 64 * labels.numel()
+    assert peak <= budget < logits_bytes / 4, (peak, budget, logits_bytes)

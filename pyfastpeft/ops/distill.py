@@ -204,6 +204,8 @@ def _check_inputs(op, sh, sw, th, tw, labels, sb, tb, settings, needs):
         if bias is not None:
             check_dtype(op, f"{side}_bias", bias, (hidden.dtype,))
         check_optional(op, f"{side}_bias", bias, sw.shape[0], "the vocabulary")
+    if sw.shape[0] < 1:
+        raise ValueError(f"{op}: student_weight must have at least one row (the vocabulary), got {tuple(sw.shape)}")
     if tw.shape[0] != sw.shape[0]:
         raise ValueError(
             f"{op}: teacher_weight has {tw.shape[0]} rows, student_weight {sw.shape[0]}: the vocabularies differ"

@@ -413,6 +413,8 @@ def _check_inputs(op, hidden, weight, labels, bias, class_weight, settings, chun
         raise ValueError(f"{op}: hidden and weight must be 2-D, got {tuple(hidden.shape)} and {tuple(weight.shape)}")
     check_features(op, "hidden", hidden, "hidden size")
     check_last_dim(op, "hidden", hidden, weight.shape[1], "weight's hidden size")
+    if weight.shape[0] < 1:
+        raise ValueError(f"{op}: weight must have at least one row (the vocabulary), got {tuple(weight.shape)}")
     check_dtype(op, "labels", labels, (torch.int64,))
     check_numel(op, "labels", labels, hidden.shape[0], "one per row of hidden")
     if bias is not None:

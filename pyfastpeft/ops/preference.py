@@ -3,8 +3,12 @@
 The policy's pass is the op pyfastpeft::preference_forward: chunks of whole pairs (a chosen row and its
 rejected row together), per chunk the logits in one reused fp32 buffer, flce's row kernel with unit gradient
 weights (per token ce_t = -log p_t and dz_t = d ce_t / d logits, in place), the chunk's pair losses on [pairs]
-vectors (eager torch, with autograd for d loss / d ce_t), the rows of dz scaled by those, then dh and dW from
+vectors (eager torch, d loss / d ce_t written out), the rows of dz scaled by those, then dh and dW from
 them: one logits matmul per token, the gradients computed in the forward, as fused_linear_cross_entropy does.
+A pair longer than SINGLE_PASS_CHUNKS default chunks (or than an explicit chunk_size) goes alone in
+sub-chunks, twice: the ce of its tokens first, then the logits again with the row pass weighted by d loss /
+d ce_t, so the buffer stays within the chunk budget whatever the sequence length (two logits matmuls per token
+there).
 The reference model's log-probabilities come from fused_linear_cross_entropy (reduction "none", no gradient).
 Neither model's [tokens, vocab] logits exist whole.
 
@@ -58,6 +62,10 @@ from pyfastpeft.reference import flce as flce_ref
 from pyfastpeft.reference._common import accumulate_dtype
 
 LOSSES = ("dpo", "ipo", "simpo", "orpo")
+# A pair of up to this many default chunks (4 x 32 MiB of fp32 logits) takes one logits matmul per token, the
+# buffer grown to fit it; a longer one takes two, in chunk-sized sub-chunks, so the buffer never outgrows this
+# many chunks whatever the sequence length.
+SINGLE_PASS_CHUNKS = 4
 NEEDS_REFERENCE = ("dpo", "ipo")
 
 
@@ -184,30 +192,59 @@ def _forward_with(row_pass, chunked: bool = True):
         settings = (beta, eps, gamma, nll_weight)
         with_grads = need_grad_hidden or need_grad_weight or need_grad_bias
         tokens = sequences * seq_len
-        rows = chunk_rows(tokens, vocab, chunk_size, device.type) if chunked else tokens
-        pairs_per_chunk = max(1, rows // (2 * seq_len))
-        buffer = torch.empty(min(pairs_per_chunk, pairs) * 2 * seq_len, vocab, dtype=cd, device=device)
-        unit = torch.ones(buffer.shape[0], dtype=cd, device=device)  # the row pass zeroes ignored rows itself
-        token_loss, token_lse = torch.empty_like(unit), torch.empty_like(unit)
+        capacity = chunk_rows(tokens, vocab, chunk_size, device.type) if chunked else tokens
+        # Whole pairs per chunk while a pair fits the chunk. A pair up to SINGLE_PASS_CHUNKS chunks long (the
+        # default chunk only) goes alone in one pass, the buffer grown to it; a longer one goes alone in
+        # sub-chunks, twice.
+        pair_rows = 2 * seq_len
+        pairs_per_chunk = max(1, capacity // pair_rows)
+        if pair_rows <= capacity * (1 if chunk_size else SINGLE_PASS_CHUNKS):
+            capacity = pairs_per_chunk * pair_rows
+        buffer = torch.empty(capacity, vocab, dtype=cd, device=device)
+        unit = torch.ones(capacity, dtype=cd, device=device)  # the row pass zeroes ignored rows itself
+        token_lse = torch.empty_like(unit)
         logps = torch.empty(sequences, dtype=cd, device=device)
         total = torch.zeros((), dtype=cd, device=device)
         grad_hidden = torch.empty(hidden.shape, dtype=hidden.dtype, device=device) if need_grad_hidden else None
         grad_weight = torch.zeros(weight.shape, dtype=cd, device=device) if need_grad_weight else None
         grad_bias = torch.zeros(vocab, dtype=cd, device=device) if need_grad_bias else None
         bias_c = None if bias is None else bias.to(cd)
+
+        def logits_of(h, rows):
+            logits = buffer[:rows]
+            logits_into(h, weight, logits)
+            if bias_c is not None:
+                logits.add_(bias_c)
+            return logits
+
+        def fold(dz, h, dh_rows):
+            """dh_rows (or None) = dz W in the input dtype; dW += dz^T h; db += sum dz."""
+            dz_input_dtype = dz.to(hidden.dtype)
+            if dh_rows is not None:
+                torch.mm(dz_input_dtype, weight, out=dh_rows)
+            if grad_weight is not None:
+                accumulate_grad_weight(grad_weight, dz, dz_input_dtype, h)
+            if grad_bias is not None:
+                grad_bias.add_(dz.sum(0))
+
         for start in range(0, pairs, pairs_per_chunk):
             stop = min(start + pairs_per_chunk, pairs)
             k, n = stop - start, 2 * (stop - start) * seq_len
             chosen, rejected = slice(start, stop), slice(pairs + start, pairs + stop)
             h = torch.cat([hidden[chosen], hidden[rejected]]).reshape(n, hidden_size)
             y = torch.cat([labels[chosen], labels[rejected]]).reshape(n)
-            logits = buffer[:n]
-            logits_into(h, weight, logits)
-            if bias_c is not None:
-                logits.add_(bias_c)
-            row_pass(logits, y, unit[:n] if with_grads else None, None, None, token_loss[:n], token_lse[:n],
-                     ignore_index, 0.0, softcap)  # fmt: skip
-            ce = token_loss[:n].view(2 * k, seq_len).sum(-1)
+            token_loss = torch.empty(n, dtype=cd, device=device)
+            dh = torch.empty(n, hidden_size, dtype=hidden.dtype, device=device) if need_grad_hidden else None
+            single = n <= capacity
+            # pass 1: the tokens' ce (and, when the group fits one chunk, their unit gradients, kept in the buffer)
+            for sub in range(0, n, capacity):
+                rows = slice(sub, min(sub + capacity, n))
+                m = rows.stop - rows.start
+                logits = logits_of(h[rows], m)
+                unit_weights = unit[:m] if with_grads and single else None
+                row_pass(logits, y[rows], unit_weights, None, None, token_loss[rows], token_lse[:m], ignore_index, 0.0,
+                         softcap)  # fmt: skip
+            ce = token_loss.view(2 * k, seq_len).sum(-1)
             logps[chosen], logps[rejected] = -ce[:k], -ce[k:]
             refs = (None, None) if ref_c is None else (ref_c[chosen], ref_r[chosen])
             part, grad_c, grad_r = _pair_part(
@@ -216,15 +253,21 @@ def _forward_with(row_pass, chunked: bool = True):
             total += part
             if not with_grads:
                 continue
-            logits.mul_(torch.cat([grad_c, grad_r]).repeat_interleave(seq_len)[:, None])  # dz = d loss / d ce_t dce_t
-            dz_input_dtype = logits.to(hidden.dtype)
-            if grad_hidden is not None:
-                dh = (dz_input_dtype @ weight).view(2 * k, seq_len, hidden_size)
+            token_weights = torch.cat([grad_c, grad_r]).repeat_interleave(seq_len)  # d loss / d ce_t
+            if single:  # dz = d loss / d ce_t * d ce_t / d logits, from the unit gradients in the buffer
+                logits.mul_(token_weights[:, None])
+                fold(logits, h, dh)
+            else:  # pass 2: the logits again, the row pass with the tokens' weights
+                for sub in range(0, n, capacity):
+                    rows = slice(sub, min(sub + capacity, n))
+                    m = rows.stop - rows.start
+                    logits = logits_of(h[rows], m)
+                    row_pass(logits, y[rows], token_weights[rows], None, None, token_loss[rows], token_lse[:m],
+                             ignore_index, 0.0, softcap)  # fmt: skip
+                    fold(logits, h[rows], None if dh is None else dh[rows])
+            if dh is not None:
+                dh = dh.view(2 * k, seq_len, hidden_size)
                 grad_hidden[chosen], grad_hidden[rejected] = dh[:k], dh[k:]
-            if grad_weight is not None:
-                accumulate_grad_weight(grad_weight, logits, dz_input_dtype, h)
-            if grad_bias is not None:
-                grad_bias += logits.sum(0)
         return (
             total,
             logps,
@@ -259,7 +302,11 @@ def _check_forward(hidden, weight, labels, bias, ref_c, ref_r, loss, beta, eps, 
         raise ValueError(f"{op}: hidden must be [2B, S, H] and weight [V, H], got {tuple(hidden.shape)} and "
                          f"{tuple(weight.shape)}")  # fmt: skip
     check_features(op, "hidden", hidden, "hidden size")
+    if hidden.shape[1] < 1:
+        raise ValueError(f"{op}: hidden must hold at least one token per sequence, got {tuple(hidden.shape)}")
     check_last_dim(op, "hidden", hidden, weight.shape[1], "weight's hidden size")
+    if weight.shape[0] < 1:
+        raise ValueError(f"{op}: weight must have at least one row (the vocabulary), got {tuple(weight.shape)}")
     check_dtype(op, "labels", labels, (torch.int64,))
     if labels.shape != hidden.shape[:2]:
         raise ValueError(f"{op}: labels must be {tuple(hidden.shape[:2])}, got {tuple(labels.shape)}")
