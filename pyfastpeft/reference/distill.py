@@ -28,8 +28,7 @@ import math
 
 import torch
 
-from pyfastpeft.reference._common import accumulate_dtype
-from pyfastpeft.reference.flce import REDUCTIONS, reduce, reduction_weights
+from pyfastpeft.reference.flce import REDUCTIONS, linear_logits, parameter_grads, reduce, reduction_weights
 
 __all__ = ["REDUCTIONS", "distill_backward", "distill_forward", "token_losses"]
 
@@ -76,20 +75,6 @@ def token_losses(student, teacher, labels, grad_weights, ignore_index: int, beta
     return loss, torch.where(counted[:, None], dz * scale[:, None], torch.zeros_like(dz))
 
 
-def _logits(hidden, weight, bias):
-    cd = accumulate_dtype(hidden.dtype)
-    logits = hidden.to(cd) @ weight.to(cd).t()
-    return logits if bias is None else logits + bias.to(cd)
-
-
-def _student_grads(dz, hidden, weight, bias, need_grad_hidden: bool, need_grad_weight: bool, need_grad_bias: bool):
-    cd = dz.dtype
-    grad_hidden = (dz @ weight.to(cd)).to(hidden.dtype) if need_grad_hidden else hidden.new_empty(0)
-    grad_weight = (dz.t() @ hidden.to(cd)).to(weight.dtype) if need_grad_weight else weight.new_empty(0)
-    grad_bias = dz.sum(0).to(bias.dtype) if need_grad_bias else hidden.new_empty(0)
-    return grad_hidden, grad_weight, grad_bias
-
-
 def distill_forward(
     student_hidden,
     student_weight,
@@ -110,15 +95,17 @@ def distill_forward(
 ):
     """(loss, grad_hidden, grad_weight, grad_bias) of the student; grads of the reduced loss (of loss.sum() for
     reduction none), empty where not asked. chunk_size is ignored: this is the unchunked oracle."""
-    student = _logits(student_hidden, student_weight, student_bias)
-    teacher = _logits(teacher_hidden, teacher_weight, teacher_bias).to(student.dtype)  # the student's compute dtype
+    student = linear_logits(student_hidden, student_weight, student_bias)
+    teacher = linear_logits(teacher_hidden, teacher_weight, teacher_bias).to(
+        student.dtype
+    )  # the student's compute dtype
     any_grad = need_grad_hidden or need_grad_weight or need_grad_bias
     weights = reduction_weights(labels, ignore_index, reduction, student.dtype) if any_grad else None
     loss, dz = token_losses(student, teacher, labels, weights, ignore_index, beta, temperature, hard_label_weight)
     loss = reduce(loss, labels, ignore_index, reduction)
     if dz is None:
         return loss, student_hidden.new_empty(0), student_weight.new_empty(0), student_hidden.new_empty(0)
-    grads = _student_grads(
+    grads = parameter_grads(
         dz, student_hidden, student_weight, student_bias, need_grad_hidden, need_grad_weight, need_grad_bias
     )
     return (loss, *grads)
@@ -144,9 +131,11 @@ def distill_backward(
 ):
     """(grad_hidden, grad_weight, grad_bias) of the student for per-token output grads grad_loss [T]
     (reduction none)."""
-    student = _logits(student_hidden, student_weight, student_bias)
-    teacher = _logits(teacher_hidden, teacher_weight, teacher_bias).to(student.dtype)  # the student's compute dtype
+    student = linear_logits(student_hidden, student_weight, student_bias)
+    teacher = linear_logits(teacher_hidden, teacher_weight, teacher_bias).to(
+        student.dtype
+    )  # the student's compute dtype
     _, dz = token_losses(student, teacher, labels, grad_loss, ignore_index, beta, temperature, hard_label_weight)
-    return _student_grads(
+    return parameter_grads(
         dz, student_hidden, student_weight, student_bias, need_grad_hidden, need_grad_weight, need_grad_bias
     )

@@ -121,13 +121,13 @@ def token_losses(
     return loss, lse, dz
 
 
-def _logits(hidden, weight, bias):
+def linear_logits(hidden, weight, bias):
     cd = accumulate_dtype(hidden.dtype)
     logits = hidden.to(cd) @ weight.to(cd).t()
     return logits if bias is None else logits + bias.to(cd)
 
 
-def _parameter_grads(dz, hidden, weight, bias, need_grad_hidden: bool, need_grad_weight: bool, need_grad_bias: bool):
+def parameter_grads(dz, hidden, weight, bias, need_grad_hidden: bool, need_grad_weight: bool, need_grad_bias: bool):
     cd = dz.dtype
     grad_hidden = (dz @ weight.to(cd)).to(hidden.dtype) if need_grad_hidden else hidden.new_empty(0)
     grad_weight = (dz.t() @ hidden.to(cd)).to(weight.dtype) if need_grad_weight else weight.new_empty(0)
@@ -156,7 +156,7 @@ def flce_forward(
     ce + zl (per token for none), grads of the reduced loss (of loss.sum() for reduction none), empty where not
     asked; predictions: int64 [T], each token's argmax of hidden W^T + b (softcap keeps the order), empty unless
     need_predictions. chunk_size is ignored: this is the unchunked oracle."""
-    logits = _logits(hidden, weight, bias)
+    logits = linear_logits(hidden, weight, bias)
     cd = logits.dtype
     predictions = logits.argmax(-1) if need_predictions else labels.new_empty(0)
     any_grad = need_grad_hidden or need_grad_weight or need_grad_bias
@@ -172,7 +172,7 @@ def flce_forward(
         loss = loss + reduce(z_losses(lse, labels, ignore_index, lse_square_scale), labels, ignore_index, reduction)
     if dz is None:
         return (loss, lse, hidden.new_empty(0), weight.new_empty(0), hidden.new_empty(0), predictions)
-    grads = _parameter_grads(dz, hidden, weight, bias, need_grad_hidden, need_grad_weight, need_grad_bias)
+    grads = parameter_grads(dz, hidden, weight, bias, need_grad_hidden, need_grad_weight, need_grad_bias)
     return (loss, lse, *grads, predictions)
 
 
@@ -193,7 +193,7 @@ def flce_backward(
     chunk_size: int,
 ):
     """(grad_hidden, grad_weight, grad_bias) for per-token output grads grad_loss [T] (reduction none)."""
-    logits = _logits(hidden, weight, bias)
+    logits = linear_logits(hidden, weight, bias)
     z_weights = 2 * lse_square_scale * grad_loss if lse_square_scale else None
     _, _, dz = token_losses(logits, labels, grad_loss, ignore_index, label_smoothing, softcap, class_weight, z_weights)
-    return _parameter_grads(dz, hidden, weight, bias, need_grad_hidden, need_grad_weight, need_grad_bias)
+    return parameter_grads(dz, hidden, weight, bias, need_grad_hidden, need_grad_weight, need_grad_bias)
