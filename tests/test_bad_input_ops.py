@@ -304,45 +304,25 @@ def rope_position_ids_out_of_range():
     apply_rotary_pos_emb(q, q, table, table, position_ids=torch.tensor([[0, 1, 2, 16]]))
 
 
+def flce_settings(bias_grad: bool = False):
+    """flce_forward's arguments after bias: no class weight, ignore_index -100, no smoothing, softcap or z-loss,
+    mean, no predictions, dh and dW asked, dbias as given, the default chunk."""
+    return (None, -100, 0.0, 0.0, 0.0, "mean", False, True, True, bias_grad, 0)
+
+
 @cases.add(ValueError, "labels has 2 elements, one per row of hidden needs 3")
 def flce_op_called_directly_with_short_labels():
+    labels = torch.zeros(2, dtype=torch.int64)
     torch.ops.pyfastpeft.flce_forward(
-        torch.randn(3, 8),
-        torch.randn(10, 8),
-        torch.zeros(2, dtype=torch.int64),
-        None,
-        None,
-        -100,
-        0.0,
-        0.0,
-        0.0,
-        "mean",
-        False,
-        True,
-        True,
-        False,
-        0,
+        torch.randn(3, 8), torch.randn(10, 8), labels, None, *flce_settings(bias_grad=False)
     )
 
 
 @cases.add(ValueError, "need_grad_bias is True but bias is None")
 def flce_op_called_directly_asking_the_gradient_of_no_bias():
+    labels = torch.zeros(3, dtype=torch.int64)
     torch.ops.pyfastpeft.flce_forward(
-        torch.randn(3, 8),
-        torch.randn(10, 8),
-        torch.zeros(3, dtype=torch.int64),
-        None,
-        None,
-        -100,
-        0.0,
-        0.0,
-        0.0,
-        "mean",
-        False,
-        True,
-        True,
-        True,
-        0,
+        torch.randn(3, 8), torch.randn(10, 8), labels, None, *flce_settings(bias_grad=True)
     )
 
 
@@ -363,10 +343,8 @@ def lora_layer_without_input_features():
 
 @cases.add(ValueError, "weight must have at least one row")
 def flce_op_called_directly_with_no_vocabulary():
-    settings = (None, -100, 0.0, 0.0, 0.0, "mean", False, True, False, False, 0)
-    torch.ops.pyfastpeft.flce_forward(
-        torch.randn(3, 8), torch.randn(0, 8), torch.zeros(3, dtype=torch.int64), None, *settings
-    )
+    labels = torch.zeros(3, dtype=torch.int64)
+    torch.ops.pyfastpeft.flce_forward(torch.randn(3, 8), torch.randn(0, 8), labels, None, *flce_settings())
 
 
 @cases.add(ValueError, "student_weight must have at least one row")

@@ -75,6 +75,12 @@ def token_losses(student, teacher, labels, grad_weights, ignore_index: int, beta
     return loss, torch.where(counted[:, None], dz * scale[:, None], torch.zeros_like(dz))
 
 
+def _both_logits(student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias):
+    """The student's and the teacher's logits [T, V], both in the student's compute dtype."""
+    student = linear_logits(student_hidden, student_weight, student_bias)
+    return student, linear_logits(teacher_hidden, teacher_weight, teacher_bias).to(student.dtype)
+
+
 def distill_forward(
     student_hidden,
     student_weight,
@@ -95,10 +101,9 @@ def distill_forward(
 ):
     """(loss, grad_hidden, grad_weight, grad_bias) of the student; grads of the reduced loss (of loss.sum() for
     reduction none), empty where not asked. chunk_size is ignored: this is the unchunked oracle."""
-    student = linear_logits(student_hidden, student_weight, student_bias)
-    teacher = linear_logits(teacher_hidden, teacher_weight, teacher_bias).to(
-        student.dtype
-    )  # the student's compute dtype
+    student, teacher = _both_logits(
+        student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias
+    )
     any_grad = need_grad_hidden or need_grad_weight or need_grad_bias
     weights = reduction_weights(labels, ignore_index, reduction, student.dtype) if any_grad else None
     loss, dz = token_losses(student, teacher, labels, weights, ignore_index, beta, temperature, hard_label_weight)
@@ -131,10 +136,9 @@ def distill_backward(
 ):
     """(grad_hidden, grad_weight, grad_bias) of the student for per-token output grads grad_loss [T]
     (reduction none)."""
-    student = linear_logits(student_hidden, student_weight, student_bias)
-    teacher = linear_logits(teacher_hidden, teacher_weight, teacher_bias).to(
-        student.dtype
-    )  # the student's compute dtype
+    student, teacher = _both_logits(
+        student_hidden, student_weight, student_bias, teacher_hidden, teacher_weight, teacher_bias
+    )
     _, dz = token_losses(student, teacher, labels, grad_loss, ignore_index, beta, temperature, hard_label_weight)
     return parameter_grads(
         dz, student_hidden, student_weight, student_bias, need_grad_hidden, need_grad_weight, need_grad_bias
