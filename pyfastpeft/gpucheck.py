@@ -115,12 +115,19 @@ def _sweep_cases(small: bool, device: str):
 
         return fn, inputs, (0, 1, 2, 3)
 
-    def flce(dtype, softcap=None):
+    def flce(dtype, softcap=None, extras=False):
         weight = randn(vocab, hidden, dtype=dtype, scale=hidden**-0.5)
         labels = torch.randint(0, vocab, (rows,), device=device)
         labels[0] = -100
+        # class weights (some zero), the z-loss and label smoothing: every term of the row kernels at once
+        more = (
+            dict(class_weight=torch.rand(vocab, device=device) + (torch.arange(vocab, device=device) % 7 > 0),
+                 lse_square_scale=1e-3, label_smoothing=0.1)
+            if extras
+            else {}
+        )  # fmt: skip
         return (
-            lambda h, w: F.fused_linear_cross_entropy(h, w, labels, softcap=softcap),
+            lambda h, w: F.fused_linear_cross_entropy(h, w, labels, softcap=softcap, **more),
             (randn(rows, hidden, dtype=dtype), weight),
             (0, 1),
         )
@@ -163,8 +170,10 @@ def _sweep_cases(small: bool, device: str):
         ("lora_linear nf4", lambda d: lora(d, "nf4")),
         ("flce", flce),
         ("flce softcap", lambda d: flce(d, 30.0)),
+        ("flce class_weight z-loss smoothing", lambda d: flce(d, extras=True)),
         ("distill jsd", distill),
         ("distill kl hard", lambda d: distill(d, "kl", 0.3)),
+        ("distill reverse_kl", lambda d: distill(d, "reverse_kl")),
         ("preference dpo", preference),
         ("preference orpo", lambda d: preference(d, "orpo")),
     ]

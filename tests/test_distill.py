@@ -13,8 +13,6 @@ from pyfastpeft.functional import fused_linear_distillation
 from pyfastpeft.nn import FusedLinearDistillationLoss
 from pyfastpeft.ops import distill as distill_ops
 
-gkd = pytest.importorskip("trl.experimental.gkd.gkd_trainer")
-
 ALL_BACKENDS = ["reference"] + BACKENDS
 TOLERANCE = {torch.float32: 2e-5, torch.bfloat16: 3e-2, torch.float64: 1e-10}
 TOKENS, STUDENT_HIDDEN, TEACHER_HIDDEN, VOCAB, CHUNK = 37, 24, 40, 123, 8  # 4 full chunks and a partial one
@@ -42,12 +40,18 @@ def logits(hidden, weight, bias):
     return z if bias is None else z + bias.to(cd)
 
 
+def trl_gkd():
+    """TRL's GKD trainer module, imported by the tests that compare with it alone: the CUDA and bad-input tests
+    need no TRL."""
+    return pytest.importorskip("trl.experimental.gkd.gkd_trainer")
+
+
 def oracle(student, teacher, labels, loss, beta, temperature, hard, reduction):
     """a * F.cross_entropy + (1 - a) * TRL's generalized_jsd_loss (batchmean: over counted tokens)."""
     zs, zt = logits(*student), logits(*teacher)
     beta = BETA.get(loss, beta)
     trl_reduction = {"mean": "batchmean", "sum": "sum"}[reduction]
-    kd = gkd.GKDTrainer.generalized_jsd_loss(zs, zt, labels, beta, temperature, trl_reduction)
+    kd = trl_gkd().GKDTrainer.generalized_jsd_loss(zs, zt, labels, beta, temperature, trl_reduction)
     if not hard:
         return kd
     return hard * F.cross_entropy(zs, labels, reduction=reduction) + (1 - hard) * kd
@@ -231,6 +235,7 @@ def test_distillation_peak_memory_stays_far_below_the_logits():
     w = (torch.randn(vocab, hidden) * hidden**-0.5).requires_grad_()
     g, u = torch.randn(tokens, hidden), torch.randn(vocab, hidden) * hidden**-0.5
     logits_bytes = tokens * vocab * 4
+    gkd = trl_gkd()
 
     def fused():
         value = fused_linear_distillation(h, w, g, u, loss="jsd", chunk_size=chunk)

@@ -350,6 +350,40 @@ def test_flce_cuda_lse_and_loss_on_infinite_and_nan_logits_match_the_reference(b
     check_non_finite_rows(backend, "cuda")
 
 
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", ["native", "triton"])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize(
+    "settings",
+    [
+        dict(),
+        dict(label_smoothing=0.2, softcap=3.0, reduction="none"),
+        dict(class_weight=True, lse_square_scale=0.05, label_smoothing=0.1),
+        dict(class_weight=True, reduction="sum", softcap=5.0),
+    ],
+    ids=["plain", "smoothing-softcap-none", "class-weight-z-loss", "class-weight-sum"],
+)
+def test_flce_on_cuda_matches_cross_entropy(backend, dtype, settings):
+    """The CUDA row kernels over chunks that split the tokens, every term on: loss and every gradient against
+    the fp32 oracle on the CPU. bf16 inputs are the same rounded values on both sides."""
+    h, w, b, labels = inputs(dtype=dtype)
+    settings = dict(settings)
+    if settings.pop("class_weight", False):
+        settings["class_weight"] = class_weights()
+    cuda = [t.detach().cuda().requires_grad_() for t in (h, w, b)]
+    cuda_settings = {k: v.cuda() if isinstance(v, torch.Tensor) else v for k, v in settings.items()}
+    loss = run(backend, fused_linear_cross_entropy, cuda[0], cuda[1], labels.cuda(), cuda[2], chunk_size=CHUNK,
+               **cuda_settings)  # fmt: skip
+    grad_out = torch.rand(loss.shape) + 0.5
+    grads = run(backend, torch.autograd.grad, loss, cuda, grad_out.to(loss.dtype).cuda())
+    expected = oracle(h, w, b, labels, **settings)
+    expected_grads = torch.autograd.grad(expected, [h, w, b], grad_out.to(expected.dtype))
+    assert_close_scaled(loss.cpu(), expected, TOLERANCE[dtype])
+    for grad, want, leaf in zip(grads, expected_grads, cuda):
+        assert grad.dtype == leaf.dtype and grad.is_cuda
+        assert_close_scaled(grad.cpu(), want.to(leaf.dtype), TOLERANCE[dtype])
+
+
 @pytest.mark.parametrize("backend", ALL_BACKENDS)
 def test_flce_row_of_minus_infinity_has_lse_minus_infinity(backend):
     h, w, b, labels = (t.detach() for t in inputs(tokens=3, ignored=()))

@@ -14,9 +14,6 @@ import pyfastpeft
 from pyfastpeft.functional import fused_linear_preference
 from pyfastpeft.nn import FusedLinearCrossEntropyLoss, FusedLinearPreferenceLoss
 
-cpo = pytest.importorskip("trl.experimental.cpo.cpo_trainer")
-orpo = pytest.importorskip("trl.experimental.orpo.orpo_trainer")
-
 ALL_BACKENDS = ["reference"] + BACKENDS
 PAIRS, SEQ, HIDDEN, VOCAB, CHUNK = 3, 7, 16, 53, 5  # chunks of 5 tokens split the sequences
 
@@ -56,6 +53,9 @@ def oracle(loss, h, w, labels, ref_h, ref_w, beta, label_smoothing, gamma):
         ratios = (total - ref_total) / counts
         per_pair = (ratios[:PAIRS] - ratios[PAIRS:] - 1 / (2 * beta)) ** 2
         return per_pair.mean(), beta * (total[:PAIRS] - ref_total[:PAIRS])
+    # TRL's own simpo and odds-ratio code, imported here alone: DPO, IPO and the CUDA tests need no TRL
+    cpo = pytest.importorskip("trl.experimental.cpo.cpo_trainer")
+    orpo = pytest.importorskip("trl.experimental.orpo.orpo_trainer")
     device = SimpleNamespace(device="cpu")
     if loss == "simpo":
         trainer = SimpleNamespace(
@@ -209,6 +209,30 @@ def test_preference_chunked_backends_match_the_unchunked_reference(backend, dtyp
         for grad, want in zip(run(backend, torch.autograd.grad, got.loss, [h, w, b]), expected_grads):
             assert grad.dtype == dtype
             torch.testing.assert_close(grad.float(), want.float(), **tol)
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend", ["native", "triton"])
+@pytest.mark.parametrize("loss", ["dpo", "simpo", "orpo"])
+def test_preference_on_cuda_matches_the_reference(backend, loss):
+    """CUDA inputs, a bias, the DPO reference model's lm_head in the pass; chunks shorter than a sequence (the
+    two-pass path) and the default: every output and gradient against the reference backend on the CPU."""
+    h, w, labels, ref_h, ref_w = inputs()
+    b = torch.randn(VOCAB, requires_grad=True)
+    settings = dict(loss=loss, beta=0.4, label_smoothing=0.1 if loss != "orpo" else 0.0, softcap=4.0)
+    reference = dict(ref_hidden=ref_h, ref_weight=ref_w) if loss == "dpo" else {}
+    expected = run("reference", fused_linear_preference, h, w, labels, b, **settings, **reference)
+    expected_grads = torch.autograd.grad(expected.loss, [h, w, b])
+    cuda = [t.detach().cuda().requires_grad_() for t in (h, w, b)]
+    cuda_reference = {k: v.cuda() for k, v in reference.items()}
+    for chunk in (CHUNK, None):
+        got = run(backend, fused_linear_preference, *cuda[:2], labels.cuda(), cuda[2], chunk_size=chunk,
+                  **settings, **cuda_reference)  # fmt: skip
+        for name in ("loss", "chosen_logps", "rejected_logps", "chosen_rewards", "rejected_rewards"):
+            torch.testing.assert_close(getattr(got, name).cpu(), getattr(expected, name), rtol=1e-5, atol=1e-5)
+        for grad, want in zip(run(backend, torch.autograd.grad, got.loss, cuda), expected_grads):
+            assert grad.is_cuda
+            torch.testing.assert_close(grad.cpu(), want, rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.parametrize("backend", ["reference", "native"])
