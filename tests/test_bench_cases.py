@@ -175,3 +175,35 @@ def test_the_experts_case_compares_equal_computations():
     torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-6)
     for ours_grad, their_grad in zip(our_grads, their_grads):
         torch.testing.assert_close(ours_grad, their_grad, rtol=1e-4, atol=1e-6)
+
+
+def test_a_broken_case_and_a_skipped_one_are_recorded_and_the_rest_still_timed(tmp_path, monkeypatch, capsys):
+    """One case raising (a kernel error, say) or skipping (a library version that lacks what it needs) costs that
+    case alone: the run goes on, the JSON names them with their reasons, and a failure makes the exit status 1."""
+    from pyfastpeft.bench import __main__ as bench_main
+
+    [good, *_] = cases.select_cases(["rmsnorm"], [torch.float32], quick=True)
+
+    def broken(device):
+        raise RuntimeError("kernel exploded")
+
+    def skipped(device):
+        raise harness.CaseSkipped("needs a newer library")
+
+    chosen = [
+        dataclasses.replace(good, shape="broken", build=broken),
+        dataclasses.replace(good, shape="skipped", build=skipped),
+        good,
+    ]
+    monkeypatch.setattr(bench_main, "select_cases", lambda *args: chosen)
+    monkeypatch.setattr(harness, "QUICK_BUDGET", TINY_BUDGET)
+    status = bench_main.main(["--quick", "--family", "rmsnorm", "--dtype", "fp32", "--no-plot", "--out", str(tmp_path)])
+    assert status == 1
+    [written] = tmp_path.glob("*.json")
+    document = json.loads(written.read_text())
+    assert [case["shape"] for case in document["cases"]] == [good.shape]
+    assert [(entry["status"], entry["reason"]) for entry in document["not_run"]] == [
+        ("failed", "RuntimeError: kernel exploded"),
+        ("skipped", "needs a newer library"),
+    ]
+    assert "failed: rmsnorm broken fp32" in capsys.readouterr().out

@@ -455,23 +455,27 @@ def test_empty_inputs_give_empty_results():
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", DTYPES)
-@pytest.mark.parametrize("rows", [1, 5, 8, 40])
-@pytest.mark.parametrize("in_features", [64, 100])
-def test_int8_on_each_device_matches_reference(device, backend, dtype, rows, in_features):
+@pytest.mark.parametrize("rows", [1, 5, 8, 12, 40])
+@pytest.mark.parametrize("in_features,out_features", [(64, 48), (100, 48), (100, 45)])
+def test_int8_on_each_device_matches_reference(device, backend, dtype, rows, in_features, out_features):
     """Row- and column-wise quantization bit for bit, and int8_linear's output and gradients (GEMV and GEMM row
-    counts, an outlier column), against the reference on the same device."""
+    counts, an outlier column), against the reference on the same device. On CUDA 12 rows, 100 inputs and 45
+    outputs pad the int8 GEMM's M, K and N (cuBLASLt takes M > 16 and multiples of 8)."""
     on_device_unsupported(device, backend, dtype, rows * in_features)
     torch.manual_seed(rows)
     x = torch.randn(rows, in_features, device=device)
     x[:, 3] *= 10
     x = x.to(dtype)
-    codes, scb = quantize_int8_weight(torch.randn(48, in_features, device=device))
-    bias = torch.randn(48, device=device).to(dtype)
+    codes, scb = quantize_int8_weight(torch.randn(out_features, in_features, device=device))
+    bias = torch.randn(out_features, device=device).to(dtype)
     for quant in (int8_vectorwise_quant, int8_colwise_quant):
         ours, ref = run(backend, quant, x, 6.0), run("reference", quant, x, 6.0)
         assert torch.equal(ours[0], ref[0]) and torch.equal(ours[1], ref[1]) and torch.equal(ours[2], ref[2])
-    dy = torch.randn(rows, 48, device=device).to(dtype)
+    dy = torch.randn(rows, out_features, device=device).to(dtype)
     fn = lambda a, b: int8_linear(a, codes, scb, b, 6.0)  # noqa: E731
     ours, ref = grads_of(backend, fn, (x, bias), dy), grads_of("reference", fn, (x, bias), dy)
     for a, b in zip(ours, ref):
-        torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=2e-2)
+        # normwise: dx sums out_features terms of size ~1, so a half-precision element near 0 carries the terms'
+        # rounding (2^-8 each in bf16), not its own
+        scale = max(1.0, b.float().abs().max().item())
+        torch.testing.assert_close(a.float(), b.float(), rtol=2e-2, atol=2e-2 * scale)

@@ -153,7 +153,7 @@ def forward_backward(backend, inputs, scaling, dropout_p, training=True, seed=1)
         torch.manual_seed(seed)
     with pyfastpeft.use_backend(backend):
         y = lora_linear(x, weight, bias, lora_A, lora_B, scaling, dropout_p, training)
-        y.backward(torch.linspace(-1, 1, y.numel()).view(y.shape).to(y.dtype))
+        y.backward(torch.linspace(-1, 1, y.numel(), device=y.device).view(y.shape).to(y.dtype))
     return [y.detach()] + [None if leaf is None or leaf.grad is None else leaf.grad.clone() for leaf in leaves]
 
 

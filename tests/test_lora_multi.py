@@ -51,7 +51,7 @@ def run_multi(backend, x, weight, bias, adapters, adapter_ids, dropout_p=0.0, se
     torch.manual_seed(seed)
     with pyfastpeft.use_backend(backend):
         y = lora_linear_multi(x, weight, bias, adapters, adapter_ids, dropout_p, training=True)
-        y.backward(torch.linspace(-1, 1, y.numel()).view(y.shape).to(y.dtype))
+        y.backward(torch.linspace(-1, 1, y.numel(), device=y.device).view(y.shape).to(y.dtype))
     return [y.detach()] + [leaf.grad for leaf in leaves]
 
 
@@ -132,7 +132,7 @@ def test_one_adapter_for_every_row_is_lora_linear_with_the_same_seed(backend, ba
     torch.manual_seed(1)
     with pyfastpeft.use_backend(backend):
         y = lora_linear(x, weight, bias, lora_A, lora_B, scaling, 0.3, True)
-        y.backward(torch.linspace(-1, 1, y.numel()).view(y.shape).to(y.dtype))
+        y.backward(torch.linspace(-1, 1, y.numel(), device=y.device).view(y.shape).to(y.dtype))
     single = [y.detach(), x.grad, bias.grad, lora_A.grad, lora_B.grad]
     if backend == "triton":  # lora_linear runs its fused Triton kernel, lora_linear_multi the native path
         assert_all_close(multi, single, dtype)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import sys
 import time
+import traceback
 from pathlib import Path
 
 import torch
@@ -81,20 +82,30 @@ def main(argv=None) -> int:
 
     copy_gbps = harness.copy_bandwidth_gbps(device)
     metadata = harness.run_metadata(device, copy_gbps, args.quick)
-    results = []
+    results, not_run = [], []
     progress = tqdm(cases, unit="case", desc=f"benchmarking on {device.type}")
     for case in progress:
         progress.set_postfix_str(case.label)
-        results.append(harness.run_case(case, device, budget, copy_gbps))
+        try:
+            results.append(harness.run_case(case, device, budget, copy_gbps))
+        except harness.CaseSkipped as why:
+            not_run.append(dict(case=case.label, status="skipped", reason=str(why)))
+        except Exception as exc:  # noqa: BLE001 - one broken case must not lose the others' timings
+            not_run.append(dict(case=case.label, status="failed", reason=f"{type(exc).__name__}: {exc}"[:1000]))
+            traceback.print_exc()
+            if device.type == "cuda":  # a failed launch can leave an error pending on the stream
+                torch.cuda.synchronize()
     metadata["load_average_end"] = harness.load_average()
 
     for family in args.family:
         print("\n" + harness.format_table(family, [r for r in results if r.family == family], copy_gbps))
+    for entry in not_run:
+        print(f"{entry['status']}: {entry['case']}: {entry['reason']}")
 
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / harness.result_stem(args.family, metadata, list(FAMILIES))
     written = [stem.with_suffix(".json")]
-    harness.write_json(written[0], metadata, results)
+    harness.write_json(written[0], metadata, results, not_run)
     if not args.no_plot:
         written.append(stem.with_suffix(".png"))
         harness.write_speedup_chart(written[1], metadata, results)
@@ -103,7 +114,7 @@ def main(argv=None) -> int:
         f"wrote {', '.join(map(str, written))} in {time.perf_counter() - started:.0f} s"
     )
     _warn_if_shared(metadata)
-    return 0
+    return 1 if any(entry["status"] == "failed" for entry in not_run) else 0
 
 
 if __name__ == "__main__":

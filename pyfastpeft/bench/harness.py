@@ -34,6 +34,7 @@ from typing import Callable, Union
 import torch
 
 import pyfastpeft
+from pyfastpeft.backend import NO_CUDA_NATIVE
 
 MODES = ("forward", "backward", "both")
 MIB = 1 << 20
@@ -46,6 +47,11 @@ COPY_BUFFER_BYTES = 256 * MIB
 CUDA_GRAPH_BELOW_BYTES = 64 * MIB
 
 Outputs = Union[torch.Tensor, tuple]  # what a forward returns: one tensor or a tuple of them
+
+
+class CaseSkipped(Exception):
+    """Raised by a case's build when this environment cannot run it (a library version without the layout the
+    case needs, say): the run records the reason and goes on."""
 
 
 @dataclass
@@ -396,16 +402,17 @@ def copy_bandwidth_gbps(device: torch.device) -> float:
 # ---- one case ------------------------------------------------------------------------------------
 
 
-def our_backends(device: torch.device) -> tuple[str, ...]:
-    """CPU: the native kernels. CUDA: native and (when installed) Triton, each forced, both on record."""
+def our_backends(device: torch.device, family: str = "") -> tuple[str, ...]:
+    """CPU: the native kernels. CUDA: native and (when installed) Triton, each forced, both on record; Triton
+    alone for a family with no native CUDA kernel (forced native would time the PyTorch reference)."""
     if device.type == "cuda" and pyfastpeft.backends()["triton"]["available"]:
-        return ("native", "triton")
+        return ("triton",) if family in NO_CUDA_NATIVE else ("native", "triton")
     return ("native",)
 
 
 def run_case(case: Case, device: torch.device, budget: Budget, copy_gbps: float) -> CaseResult:
     workload = case.build(device)
-    sides = [prepare_side(workload.ours, case.mode, backend) for backend in our_backends(device)]
+    sides = [prepare_side(workload.ours, case.mode, backend) for backend in our_backends(device, case.family)]
     sides.append(prepare_side(workload.reference, case.mode, "reference"))
     timings = time_all([side.runnable for side in sides], device, budget)
     *ours, reference = [side_result(side, timing, device) for side, timing in zip(sides, timings)]
@@ -534,10 +541,13 @@ def result_stem(families: Sequence[str], metadata: dict, all_families: Sequence[
     return f"{scope}-{device}-{metadata['date'][:10]}" + ("-quick" if metadata["quick"] else "")
 
 
-def write_json(path: Path, metadata: dict, results: Sequence[CaseResult]) -> None:
-    """Each case's fields; the optional ones (kernel, tokens_per_s) only where the case measured them."""
+def write_json(path: Path, metadata: dict, results: Sequence[CaseResult], not_run: Sequence[dict] = ()) -> None:
+    """Each case's fields; the optional ones (kernel, tokens_per_s) only where the case measured them; not_run:
+    {case, status ("skipped" or "failed"), reason} for each case that gave no timing."""
     cases = [{key: value for key, value in asdict(result).items() if value is not None} for result in results]
     document = {"run": metadata, "cases": cases}
+    if not_run:
+        document["not_run"] = list(not_run)
     path.write_text(json.dumps(document, indent=2) + "\n")
 
 

@@ -68,7 +68,9 @@ def _padded_int_mm(a, b):
     if (n_pad, k_pad) != (n, k):
         b = torch.nn.functional.pad(b, (0, k_pad - k, 0, n_pad - n))
     out = torch._int_mm(a, b.t())
-    return out if (m_pad, n_pad) == (m, n) else out[:m, :n]
+    if n_pad != n:  # the epilogue kernels read [M, N] row-major: drop the padded columns, not just view past them
+        return out[:m, :n].contiguous()
+    return out[:m]
 
 
 def _int_mm(a, b):
@@ -311,7 +313,10 @@ def _bias_for(bias, out):
 
 
 def mm_dequant_into(c, row_stats, col_stats, bias, addend, out) -> None:
-    """Native epilogue: out [M, N] = c * (row_stats x col_stats) / 127^2 (+ addend fp32) (+ bias); None = none."""
+    """Native epilogue: out [M, N] = c * (row_stats x col_stats) / 127^2 (+ addend fp32) (+ bias); None = none.
+    The kernels index c, addend and out as dense row-major [M, N]: a strided view would be read as garbage."""
+    if not (c.is_contiguous() and out.is_contiguous() and (addend is None or addend.is_contiguous())):
+        raise RuntimeError("int8 mm_dequant: c, addend and out must be contiguous [M, N]")
     bias = _bias_for(bias, out)
     _native.launch(
         "int8_mm_dequant",

@@ -42,7 +42,11 @@ def eager_int8_linear(x, codes, scb, threshold: float):
     row_stats = xf.abs().masked_fill(outliers, 0).amax(1)
     q = torch.round(xf * (127.0 / row_stats)[:, None])
     q[:, columns] = 0
-    out = torch._int_mm(q.to(torch.int8), codes.t()).float() * (row_stats[:, None] * scb[None, :]) * (1 / 16129)
+    q = q.to(torch.int8)
+    if q.is_cuda and q.shape[0] <= 16:  # cuBLASLt's int8 GEMM takes M > 16: decode pads its rows
+        q = torch.nn.functional.pad(q, (0, 0, 0, 17 - q.shape[0]))
+    products = torch._int_mm(q, codes.t())[: x.shape[0]]
+    out = products.float() * (row_stats[:, None] * scb[None, :]) * (1 / 16129)
     if columns.numel():
         weight = (codes[:, columns].float() * scb[:, None] / 127).to(x.dtype)
         out += (x[:, columns] @ weight.t()).float()

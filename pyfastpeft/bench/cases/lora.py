@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 import pyfastpeft
 from pyfastpeft.bench.cases._common import HIDDEN, INTERMEDIATE, tensor_bytes
-from pyfastpeft.bench.harness import MODES, Case, Implementation, KernelCall, Workload
+from pyfastpeft.bench.harness import MODES, Case, CaseSkipped, Implementation, KernelCall, Workload
 from pyfastpeft.ops import lora as lora_ops
 from pyfastpeft.ops import lora_multi as lora_multi_ops
 
@@ -368,9 +368,14 @@ def _lora_experts_workload(tokens: int, hidden: int, inner: int, dtype, device) 
     ParamWrapper computes for the same adapters: W_e + s B_e A_e folded into every expert's weight each forward
     (one batched product per projection, as PEFT's _LoraFactorsProxy), then the block's own transformers
     forward."""
-    from pyfastpeft.nn.experts import LoRAExperts
+    import transformers
+
+    from pyfastpeft.nn.experts import LoRAExperts, experts_layout_problem
 
     block = _experts_block(hidden, inner, dtype, device)
+    problem = experts_layout_problem(block)
+    if problem is not None:  # a transformers 5.x before the layout flags: LoRAExperts refuses its block
+        raise CaseSkipped(f"transformers {transformers.__version__}: {problem}")
     ranks = {"gate_up_proj": 2 * EXPERTS_RANK, "down_proj": EXPERTS_RANK}
     ours = LoRAExperts(block, ranks, {name: 2.0 * rank for name, rank in ranks.items()})
     with torch.no_grad():
