@@ -68,6 +68,9 @@ class KernelCall:
 
     run: Callable[[], object]
     bytes_moved: int  # each tensor the launch reads or writes, counted once: sum of their nbytes
+    # False where the call waits on the GPU (a nonzero() sizing an output, say): CUDA graph capture forbids that,
+    # and a failed capture leaves the stream unusable for the cases after it
+    graphable: bool = True
 
 
 @dataclass
@@ -385,7 +388,7 @@ def measure_kernel(
     workload: Workload, mode: str, device: torch.device, budget: Budget, copy_gbps: float
 ) -> KernelResult:
     run_next, call, sets = kernel_rotation(workload, mode)
-    use_graph = device.type == "cuda" and call.bytes_moved < CUDA_GRAPH_BELOW_BYTES
+    use_graph = device.type == "cuda" and call.bytes_moved < CUDA_GRAPH_BELOW_BYTES and call.graphable
     [timing] = time_all([Runnable(run_next)], device, budget, use_graph)
     gbps = call.bytes_moved / (timing.median_ms * 1e-3) / GB
     return KernelResult(timing, call.bytes_moved, sets, gbps, gbps / copy_gbps)

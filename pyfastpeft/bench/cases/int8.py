@@ -65,6 +65,7 @@ def _int8_kernel(
     return KernelCall(
         lambda: int8_ops.int8_linear_op(x, codes, scb, bias, INT8_THRESHOLD),
         tensor_bytes(x, codes, scb) + rows * out_features * x.element_size(),
+        graphable=INT8_THRESHOLD <= 0,  # with a threshold, the outlier columns' count is read on the host
     )
 
 
