@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import importlib.util
 import json
 import math
 import os
@@ -281,6 +282,8 @@ def _step_tests() -> dict:
             f"--junitxml={report}",
             str(tests),
         ]
+        if importlib.util.find_spec("xdist") is not None:  # 765 tests: 67 s on 8 workers (H200 host, 16 cores)
+            command[3:3] = ["-n", str(max(1, min(8, os.cpu_count() or 1)))]
         returncode, output, seconds = _run(command, TIME_LIMITS_S["tests"], cwd=SOURCE_ROOT)
         failures = []
         counts = {}
