@@ -207,3 +207,15 @@ def test_a_broken_case_and_a_skipped_one_are_recorded_and_the_rest_still_timed(t
         ("skipped", "needs a newer library"),
     ]
     assert "failed: rmsnorm broken fp32" in capsys.readouterr().out
+
+
+def test_the_backends_timed_are_those_a_user_of_each_device_gets(monkeypatch):
+    """CPU: native. CUDA: native and Triton forced in turn; Triton alone where no native CUDA kernel exists
+    (forced native would time the reference); auto for a whole model, whose layers span families."""
+    available = {name: {"available": True, "detail": ""} for name in ("reference", "cpu_native", "cuda_native")}
+    monkeypatch.setattr(pyfastpeft, "backends", lambda: {**available, "triton": {"available": True, "detail": ""}})
+    cuda = torch.device("cuda")
+    assert harness.our_backends(CPU, "model") == harness.our_backends(CPU, "lora") == ("native",)
+    assert harness.our_backends(cuda, "swiglu") == ("native", "triton")
+    assert harness.our_backends(cuda, "lora") == harness.our_backends(cuda, "quantize") == ("triton",)
+    assert harness.our_backends(cuda, "model") == ("auto",)

@@ -407,7 +407,10 @@ def copy_bandwidth_gbps(device: torch.device) -> float:
 
 def our_backends(device: torch.device, family: str = "") -> tuple[str, ...]:
     """CPU: the native kernels. CUDA: native and (when installed) Triton, each forced, both on record; Triton
-    alone for a family with no native CUDA kernel (forced native would time the PyTorch reference)."""
+    alone for a family with no native CUDA kernel (forced native would time the PyTorch reference); "auto" for a
+    whole model, whose layers span families: each runs the backend CUDA_PREFERENCE gives it, as a user's would."""
+    if device.type == "cuda" and family == "model":
+        return ("auto",)
     if device.type == "cuda" and pyfastpeft.backends()["triton"]["available"]:
         return ("triton",) if family in NO_CUDA_NATIVE else ("native", "triton")
     return ("native",)
