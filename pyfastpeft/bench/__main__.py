@@ -93,8 +93,6 @@ def main(argv=None) -> int:
         except Exception as exc:  # noqa: BLE001 - one broken case must not lose the others' timings
             not_run.append(dict(case=case.label, status="failed", reason=f"{type(exc).__name__}: {exc}"[:1000]))
             traceback.print_exc()
-            if device.type == "cuda":  # a failed launch can leave an error pending on the stream
-                torch.cuda.synchronize()
     metadata["load_average_end"] = harness.load_average()
 
     for family in args.family:

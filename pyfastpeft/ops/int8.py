@@ -426,7 +426,7 @@ def _native_linear(x, weight, weight_stats, bias, threshold):
         gemv_into(q, row_stats, weight, weight_stats, bias, addend, out)
         return out.view(*lead, out_features)
     products = _int_mm(q, weight)
-    if x.dtype == torch.float32 and products.is_contiguous():
+    if x.dtype == torch.float32:
         # An fp32 result fits the int32 products' own memory: without outliers the epilogue rewrites them in
         # place (row by row, each read before it is written); with outliers their fp32 product goes straight
         # into one output buffer that the epilogue then reads back and overwrites. Either way one [M, N]

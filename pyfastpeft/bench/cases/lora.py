@@ -368,13 +368,13 @@ def _lora_experts_workload(tokens: int, hidden: int, inner: int, dtype, device) 
     ParamWrapper computes for the same adapters: W_e + s B_e A_e folded into every expert's weight each forward
     (one batched product per projection, as PEFT's _LoraFactorsProxy), then the block's own transformers
     forward."""
-    import transformers
-
     from pyfastpeft.nn.experts import LoRAExperts, experts_layout_problem
 
     block = _experts_block(hidden, inner, dtype, device)
     problem = experts_layout_problem(block)
     if problem is not None:  # a transformers 5.x before the layout flags: LoRAExperts refuses its block
+        import transformers
+
         raise CaseSkipped(f"transformers {transformers.__version__}: {problem}")
     ranks = {"gate_up_proj": 2 * EXPERTS_RANK, "down_proj": EXPERTS_RANK}
     ours = LoRAExperts(block, ranks, {name: 2.0 * rank for name, rank in ranks.items()})
