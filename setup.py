@@ -129,7 +129,8 @@ setup(
         "pyfastpeft.triton_kernels",
     ],
     package_dir={"pyfastpeft": "pyfastpeft", "pyfastpeft.triton_kernels": "triton_kernels"},
-    package_data={"pyfastpeft": ["py.typed"]},  # PEP 561: the package's annotations are for type checkers too
+    # py.typed (PEP 561): the annotations are for type checkers too; the benchmark ETA reads its recorded case times
+    package_data={"pyfastpeft": ["py.typed", "bench/case_seconds.json"]},
     ext_modules=extensions(),
     cmdclass={"build_ext": CMakeBuild},
 )

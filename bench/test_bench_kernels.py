@@ -19,8 +19,8 @@ DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 def pytest_generate_tests(metafunc):
     if "case" in metafunc.fixturenames:
-        quick = not metafunc.config.getoption("--bench-full")
-        cases = select_cases(list(FAMILIES), list(DTYPES.values()), quick)
+        scope = "full" if metafunc.config.getoption("--bench-full") else "quick"
+        cases = select_cases(list(FAMILIES), list(DTYPES.values()), scope)
         metafunc.parametrize("case", cases, ids=[case.label.replace(" ", "-") for case in cases])
 
 

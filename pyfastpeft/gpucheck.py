@@ -368,7 +368,7 @@ def _step_sanitizer() -> dict:
 def _step_bench(out: Path, full: bool) -> dict:
     with tempfile.TemporaryDirectory() as scratch:
         command = [sys.executable, "-m", "pyfastpeft.bench", "--no-plot", "--out", scratch]
-        command += [] if full else ["--quick"]
+        command += ["--full"] if full else ["--quick"]
         returncode, output, seconds = _run(command, TIME_LIMITS_S["bench"] * (3 if full else 1))
         written = sorted(Path(scratch).glob("*.json"))
         results = json.loads(written[-1].read_text()) if written else None

@@ -5,6 +5,7 @@ tokens/s and peak memory for it while the tables of kernel families keep their c
 import dataclasses
 import functools
 import json
+import sys
 
 import pytest
 import torch
@@ -132,7 +133,9 @@ def test_run_case_reports_tokens_per_second_and_peak_memory_without_a_kernel_fig
         assert result.tokens_per_s[side.backend] == pytest.approx(expected)
     table = harness.format_table("model", [result], copy_gbps=10.0)
     header, _, row = table.splitlines()[1:]
-    assert header.split()[-2:] == ["tok/s", "ours/ref"] and row.split()[-3:-1] == ["-", "-"]
+    goal = harness.goal_cells(result, result.ours[0].backend)
+    assert header.split()[-3:] == ["tok/s", "ours/ref", "goal"] and row.endswith(goal)
+    assert row.removesuffix(goal).split()[-3:-1] == ["-", "-"]  # no GB/s, no % copy
     path = tmp_path / "model.json"
     harness.write_json(path, {}, [result])
     [written] = json.loads(path.read_text())["cases"]
@@ -148,8 +151,9 @@ def test_tables_and_json_of_kernel_families_keep_their_columns(tmp_path):
         "rmsnorm", "T=4 N=8", "fp32", "forward", "transformers LlamaRMSNorm", [side], reference, kernel, {"native": 1.0}
     )
     lines = harness.format_table("rmsnorm", [result], copy_gbps=10.0).splitlines()
-    assert lines[1].split() == [word for column in harness.TABLE_HEADER for word in column.split()]
-    assert lines[3].split()[-2:] == ["1.0", "10%"]
+    columns = harness.TABLE_HEADER + (harness.GOAL_HEADER,)
+    assert lines[1].split() == [word for column in columns for word in column.split()]
+    assert lines[3].split()[-3:] == ["1.0", "10%", "-"]  # GB/s, % copy, no goal
     path = tmp_path / "rmsnorm.json"
     harness.write_json(path, {}, [result])
     [written] = json.loads(path.read_text())["cases"]
@@ -182,7 +186,7 @@ def test_a_broken_case_and_a_skipped_one_are_recorded_and_the_rest_still_timed(t
     case alone: the run goes on, the JSON names them with their reasons, and a failure makes the exit status 1."""
     from pyfastpeft.bench import __main__ as bench_main
 
-    [good, *_] = cases.select_cases(["rmsnorm"], [torch.float32], quick=True)
+    [good, *_] = cases.select_cases(["rmsnorm"], [torch.float32], "quick")
 
     def broken(device):
         raise RuntimeError("kernel exploded")
@@ -219,3 +223,129 @@ def test_the_backends_timed_are_those_a_user_of_each_device_gets(monkeypatch):
     assert harness.our_backends(cuda, "swiglu") == ("native", "triton")
     assert harness.our_backends(cuda, "lora") == harness.our_backends(cuda, "quantize") == ("triton",)
     assert harness.our_backends(cuda, "model") == ("auto",)
+
+
+def _result(speedup: float, peak_ratio: float, copy_fraction: float | None, backend: str = "native"):
+    """A CaseResult with one backend of ours: `speedup` x the reference, `peak_ratio` of its peak memory and a
+    kernel at `copy_fraction` of copy bandwidth (None: no kernel figure)."""
+    reference = harness.SideResult("reference", harness.Timing(speedup, speedup, speedup, 7), 1000, 0)
+    ours = harness.SideResult(backend, harness.Timing(1.0, 1.0, 1.0, 7), round(1000 * peak_ratio), 0)
+    kernel = None
+    if copy_fraction is not None:
+        kernel = harness.KernelResult(ours.timing, 1, 1, copy_fraction * 10, copy_fraction)
+    return harness.CaseResult("nf4", "M=1", "bf16", "forward", "dense", [ours], reference, kernel, {backend: speedup})
+
+
+@pytest.mark.parametrize(
+    "goal, met_by, missed_by",
+    [
+        (harness.Goal("speedup", 2.5), _result(2.6, 1.0, None), _result(2.4, 1.0, None)),
+        (harness.Goal("time", 1.2), _result(1 / 1.15, 1.0, None), _result(1 / 1.25, 1.0, None)),
+        (harness.Goal("peak", 0.25), _result(1.0, 0.24, None), _result(1.0, 0.26, None)),
+        (harness.Goal("copy", 0.7), _result(1.0, 1.0, 0.71), _result(1.0, 1.0, 0.69)),
+    ],
+)
+def test_a_goal_is_met_on_its_side_of_the_bound_and_missed_on_the_other(goal, met_by, missed_by):
+    for result, met in ((met_by, True), (missed_by, False)):
+        [entry] = harness.judge_goals([goal], result, CPU)
+        assert entry["met"] is met and entry["backend"] == "native" and entry["goal"] == goal.text
+        result.goals = [entry]
+        assert harness.goal_cells(result, "native") == f"{goal.text} {'ok' if met else 'MISS'}"
+    summary = harness.goal_summary([met_by, missed_by]).splitlines()
+    assert summary[0] == "goals: 1 of 2 met, missed:" and len(summary) == 2
+    assert summary[1].startswith("  MISS nf4 M=1 bf16 forward [native]: ") and summary[1].endswith("(ref: dense)")
+
+
+def test_goals_are_cpu_targets_left_unjudged_on_a_gpu_and_where_a_case_has_no_figure():
+    judged = harness.judge_goals([harness.Goal("speedup", 2.0)], _result(3.0, 1.0, None), torch.device("cuda"))
+    assert [entry["met"] for entry in judged] == [None]
+    [no_kernel] = harness.judge_goals([harness.Goal("copy", 0.6)], _result(3.0, 1.0, None), CPU)
+    assert no_kernel["value"] is None and no_kernel["met"] is None
+    result = _result(3.0, 1.0, None)
+    result.goals = judged + [no_kernel]
+    assert harness.goal_cells(result, "native") == ">=2x -, >=60% copy -"
+    assert harness.goal_summary([result]) == ""
+    with pytest.raises(ValueError, match="metric"):
+        harness.Goal("throughput", 1.0)
+
+
+def test_the_default_run_is_each_familys_headline_cases_and_full_is_the_whole_grid():
+    dtypes = list(cases.DTYPES.values())
+    families = list(cases.FAMILIES)
+    quick, headline, full = (cases.select_cases(families, dtypes, scope) for scope in cases.SCOPES)
+    labels = {scope: [case.label for case in chosen] for scope, chosen in zip(cases.SCOPES, (quick, headline, full))}
+    for scope, chosen in labels.items():
+        assert len(chosen) == len(set(chosen)), f"{scope}: two cases share a label (their results would mix)"
+    assert set(labels["headline"]) <= set(labels["quick"]) | set(labels["full"])
+    assert {case.family for case in headline} == set(families)
+    assert all(case.headline for case in headline) and len(headline) < len(full) / 2
+    # the headline run's recorded seconds (2-core host) keep it near ten minutes
+    estimate = sum(harness.estimated_seconds(case, "headline") for case in headline)
+    assert estimate < 12 * 60, f"the default run is estimated at {estimate / 60:.1f} min"
+    with pytest.raises(ValueError, match="scope"):
+        cases.select_cases(families, dtypes, "everything")
+
+
+def test_the_eta_starts_from_the_recorded_seconds_and_scales_by_the_cases_run_so_far():
+    eta = harness.Eta([10.0, 20.0, 30.0])
+    assert eta.remaining() == 60.0
+    eta.done(0, 20.0)  # twice as slow as recorded
+    assert eta.remaining() == 100.0
+    eta.done(2, 30.0)  # 50 s for 40 recorded
+    assert eta.remaining() == 25.0
+
+
+def test_a_run_without_matplotlib_writes_its_json_and_says_the_chart_was_skipped(tmp_path, monkeypatch, capsys):
+    from pyfastpeft.bench import __main__ as bench_main
+
+    [good, *_] = cases.select_cases(["rmsnorm"], [torch.float32], "quick")
+    monkeypatch.setattr(bench_main, "select_cases", lambda *args: [good])
+    monkeypatch.setattr(harness, "QUICK_BUDGET", TINY_BUDGET)
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib raises ImportError
+    status = bench_main.main(["--quick", "--family", "rmsnorm", "--dtype", "fp32", "--out", str(tmp_path)])
+    assert status == 0
+    assert [path.suffix for path in tmp_path.iterdir()] == [".json"]
+    out = capsys.readouterr().out
+    assert "matplotlib is not installed: the speedup chart was skipped" in out
+    assert "1 quick cases on" in out and "estimated" in out
+    run = json.loads(next(tmp_path.iterdir()).read_text())["run"]
+    assert run["scope"] == "quick" and run["host_kind"] in ("amx", "avx512", "avx2", "other")
+    assert isinstance(run["cpu_isa_flags"], list) and run["cpu"]
+
+
+@pytest.mark.parametrize(
+    "variant, op_name", [("base", "lora_forward"), ("qlora", "lora_nf4_forward"), ("dense", "lora_nf4_forward")]
+)
+def test_the_kernel_figure_of_a_lora_variant_is_our_side_of_it(variant, op_name, monkeypatch):
+    """The bandwidth column belongs to ours: over the NF4 base for QLoRA (decode reads the packed weight), over the
+    dense one for the LoRA-overhead case."""
+    from pyfastpeft.bench.cases import lora as lora_cases
+    from pyfastpeft.ops import lora as lora_ops
+
+    called = []
+    for name in ("lora_forward", "lora_nf4_forward"):
+        op = getattr(lora_ops, name)
+        monkeypatch.setattr(lora_ops, name, lambda *args, op=op, name=name: called.append(name) or op(*args))
+    workload = lora_cases._lora_variant_workload(variant, 1, 64, 128, 4, 0.05, torch.float32, CPU)
+    call = workload.kernels["forward"]()
+    y, xa = call.run()
+    assert called == [op_name] and y.shape == (1, 64) and xa.shape == (1, 4)
+    packed_bytes = 64 * 128 // 2
+    assert (call.bytes_moved < 64 * 128 * 4) == (variant != "base")  # the 4-bit weight, not fp32's
+    assert call.bytes_moved > packed_bytes
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_dense_bf16_baselines_compute_the_layer_they_stand_for(dtype):
+    """NF4 and int8 against a dense bf16 layer: the same weight (up to its quantization), bf16 activations."""
+    from pyfastpeft.bench.cases.int8 import _int8_workload
+    from pyfastpeft.bench.cases.nf4 import _nf4_dense_workload
+
+    for workload, tolerance in (
+        (_nf4_dense_workload(4, 64, 128, dtype, CPU), 0.15),  # NF4's error on a Gaussian weight: ~0.1 normwise
+        (_int8_workload(4, 64, 128, 0.01, "dense bf16", dtype, CPU), 0.03),
+    ):
+        ours, reference = workload.ours.forward(), workload.reference.forward()
+        assert ours.dtype == dtype and reference.dtype == torch.bfloat16
+        error = (ours.float() - reference.float()).norm() / reference.float().norm()
+        assert error < tolerance

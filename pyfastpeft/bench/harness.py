@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import functools
 import itertools
 import json
 import math
@@ -27,7 +28,7 @@ import statistics
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Union
 
@@ -85,6 +86,46 @@ class Workload:
 
 
 @dataclass(frozen=True)
+class Goal:
+    """A target a case's result is held to; the table, the JSON and the run's summary say whether it is met.
+
+    metric "speedup": reference time / ours >= bound; "time": ours / reference time <= bound (a target stated as
+    "at most 1.2x the dense time"); "peak": ours / reference peak memory <= bound; "copy": the native kernel's
+    bandwidth as a fraction of the run's copy bandwidth >= bound. CPU targets: on a GPU they are not judged.
+    """
+
+    metric: str
+    bound: float
+
+    def __post_init__(self):
+        if self.metric not in GOAL_METRICS:
+            raise ValueError(f"Goal.metric must be one of {', '.join(GOAL_METRICS)}, got {self.metric!r}")
+
+    @property
+    def text(self) -> str:
+        if self.metric == "copy":
+            return f">={100 * self.bound:.0f}% copy"
+        return {"speedup": ">=", "time": "time <=", "peak": "peak <="}[self.metric] + f"{self.bound:g}x"
+
+    def value(self, result: CaseResult, backend: str) -> float | None:
+        """The measured figure the bound applies to; None where the case has none (no kernel figure)."""
+        ours = next(side for side in result.ours if side.backend == backend)
+        if self.metric == "speedup":
+            return result.speedups[backend]
+        if self.metric == "time":
+            return 1.0 / result.speedups[backend]
+        if self.metric == "peak":
+            return ours.peak_bytes / max(result.reference.peak_bytes, 1)
+        return result.kernel.fraction_of_copy if result.kernel else None
+
+    def met(self, value: float) -> bool:
+        return value <= self.bound if self.metric in ("time", "peak") else value >= self.bound
+
+
+GOAL_METRICS = ("speedup", "time", "peak", "copy")
+
+
+@dataclass(frozen=True)
 class Case:
     family: str  # op family: rmsnorm, swiglu, rope ...
     shape: str  # the inputs' sizes, e.g. "T=4096 N=4096" (tokens, hidden)
@@ -93,6 +134,10 @@ class Case:
     reference_name: str  # what "ref" is, e.g. "transformers LlamaRMSNorm"
     build: Callable[[torch.device], Workload]
     tokens: int = 0  # tokens one run processes (batch x sequence of a model step); 0: not a token workload
+    goals: tuple[Goal, ...] = ()  # the targets this case is held to (CPU targets)
+    # part of the default run (python -m pyfastpeft.bench without --quick / --full): a family's few cases that stand
+    # for it, together within ~10 minutes on 2 cores; a quick-size case can be one where the full size takes minutes
+    headline: bool = False
 
     @property
     def label(self) -> str:
@@ -101,16 +146,20 @@ class Case:
 
 @dataclass
 class Budget:
-    """How long to measure: runs stop after `seconds` of timed runs, within [min_runs, max_runs]."""
+    """How long to measure: runs stop after `seconds` of timed runs per side, within [min_runs, max_runs]; a case
+    whose runs are slow stops at `floor_runs` once its sides spent `cap_seconds` each (five runs of a 2-second
+    step tell its median as well as ten), and warms up once where one run takes longer than `cap_seconds` / 4."""
 
     warmup_runs: int
     min_runs: int
     max_runs: int
     seconds: float
+    floor_runs: int = 5
+    cap_seconds: float = math.inf
 
 
-FULL_BUDGET = Budget(warmup_runs=3, min_runs=10, max_runs=200, seconds=1.0)
-QUICK_BUDGET = Budget(warmup_runs=2, min_runs=7, max_runs=100, seconds=0.25)
+FULL_BUDGET = Budget(warmup_runs=3, min_runs=10, max_runs=200, seconds=1.0, cap_seconds=5.0)
+QUICK_BUDGET = Budget(warmup_runs=2, min_runs=7, max_runs=100, seconds=0.25, cap_seconds=2.0)
 COPY_BUDGET = Budget(warmup_runs=2, min_runs=20, max_runs=40, seconds=0.5)  # ~15-30 ms per copy here
 
 
@@ -156,6 +205,10 @@ class CaseResult:
     kernel: KernelResult | None  # None where the workload has no kernel builders
     speedups: dict[str, float]  # backend -> reference median / ours median
     tokens_per_s: dict[str, float] | None = None  # backend or "reference" -> tokens / median time, where counted
+    seconds: float = 0.0  # wall time of the whole case (build, warm-up, timing, profiling, kernel): the ETA's data
+    # per goal and backend: {goal, metric, bound, backend, value, met}; value and met None where not judged (a CPU
+    # target on a GPU, or a kernel figure the case has none of)
+    goals: list[dict] = field(default_factory=list)
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -188,17 +241,25 @@ def _timed_run(runnable: Runnable) -> float:
     return elapsed
 
 
+def _enough_rounds(rounds: int, spent: float, sides: int, budget: Budget) -> bool:
+    """spent: seconds of timed runs over all sides so far."""
+    if rounds >= budget.max_runs:
+        return True
+    if rounds < budget.min_runs:
+        return rounds >= budget.floor_runs and spent >= budget.cap_seconds * sides
+    return spent >= budget.seconds * sides
+
+
 def time_cpu(runnables: Sequence[Runnable], budget: Budget) -> list[Timing]:
     """Runs the steps in turn (A B A B ...), so the slow phases of a shared machine hit every side
-    alike; rounds stop after budget.seconds per side, within [min_runs, max_runs]."""
+    alike; rounds stop as the budget says (_enough_rounds)."""
     for _ in range(budget.warmup_runs):
-        for runnable in runnables:
-            _timed_run(runnable)
+        slowest = max(_timed_run(runnable) for runnable in runnables)
+        if slowest > budget.cap_seconds / 4:
+            break
     samples: list[list[float]] = [[] for _ in runnables]
     rounds = 0
-    while rounds < budget.min_runs or (
-        sum(map(sum, samples)) < budget.seconds * len(runnables) and rounds < budget.max_runs
-    ):
+    while not _enough_rounds(rounds, sum(map(sum, samples)), len(runnables), budget):
         for runnable, side_samples in zip(runnables, samples):
             side_samples.append(_timed_run(runnable))
         rounds += 1
@@ -394,12 +455,19 @@ def measure_kernel(
     return KernelResult(timing, call.bytes_moved, sets, gbps, gbps / copy_gbps)
 
 
-def copy_bandwidth_gbps(device: torch.device) -> float:
-    """dst.copy_(src) on COPY_BUFFER_BYTES buffers; counts the bytes read plus the bytes written."""
+def copy_bandwidth_gbps(device: torch.device, trials: int = 3) -> float:
+    """dst.copy_(src) on COPY_BUFFER_BYTES buffers; counts the bytes read plus the bytes written. The best median of
+    `trials` measurements a second apart: what the machine can do (one measurement on a shared host read 43 GB/s
+    where the next gave 79, which made every kernel look faster than a copy)."""
     src = torch.randn(COPY_BUFFER_BYTES // 4, device=device)
     dst = torch.empty_like(src)
-    [timing] = time_all([Runnable(lambda: dst.copy_(src))], device, COPY_BUDGET)
-    return 2 * COPY_BUFFER_BYTES / (timing.median_ms * 1e-3) / GB
+    best_ms = math.inf
+    for trial in range(trials):
+        if trial:
+            time.sleep(1.0)
+        [timing] = time_all([Runnable(lambda: dst.copy_(src))], device, COPY_BUDGET)
+        best_ms = min(best_ms, timing.median_ms)
+    return 2 * COPY_BUFFER_BYTES / (best_ms * 1e-3) / GB
 
 
 # ---- one case ------------------------------------------------------------------------------------
@@ -417,6 +485,7 @@ def our_backends(device: torch.device, family: str = "") -> tuple[str, ...]:
 
 
 def run_case(case: Case, device: torch.device, budget: Budget, copy_gbps: float) -> CaseResult:
+    started = time.perf_counter()
     workload = case.build(device)
     sides = [prepare_side(workload.ours, case.mode, backend) for backend in our_backends(device, case.family)]
     sides.append(prepare_side(workload.reference, case.mode, "reference"))
@@ -427,7 +496,7 @@ def run_case(case: Case, device: torch.device, budget: Budget, copy_gbps: float)
     tokens_per_s = None
     if case.tokens:
         tokens_per_s = {side.backend: case.tokens / (side.timing.median_ms * 1e-3) for side in ours + [reference]}
-    return CaseResult(
+    result = CaseResult(
         case.family,
         case.shape,
         dtype_name(case.dtype),
@@ -439,6 +508,94 @@ def run_case(case: Case, device: torch.device, budget: Budget, copy_gbps: float)
         speedups,
         tokens_per_s,
     )
+    result.goals = judge_goals(case.goals, result, device)
+    result.seconds = time.perf_counter() - started
+    return result
+
+
+def judge_goals(goals: Sequence[Goal], result: CaseResult, device: torch.device) -> list[dict]:
+    """Each goal against each of our backends; the targets are CPU targets, so a GPU run records them unjudged."""
+    judged = []
+    for goal in goals:
+        for side in result.ours:
+            value = goal.value(result, side.backend) if device.type == "cpu" else None
+            met = None if value is None else goal.met(value)
+            judged.append(
+                dict(goal=goal.text, metric=goal.metric, bound=goal.bound, backend=side.backend, value=value, met=met)
+            )
+    return judged
+
+
+def goal_cells(result: CaseResult, backend: str) -> str:
+    """The table's goal column: each goal of the row's backend with "ok", "MISS" or "-" (not judged)."""
+    cells = [
+        f"{entry['goal']} {'-' if entry['met'] is None else 'ok' if entry['met'] else 'MISS'}"
+        for entry in result.goals
+        if entry["backend"] == backend
+    ]
+    return ", ".join(cells) or "-"
+
+
+def goal_summary(results: Sequence[CaseResult]) -> str:
+    """One line counting the judged goals, then one line per miss; "" where no case had a judged goal."""
+    judged = [(result, entry) for result in results for entry in result.goals if entry["met"] is not None]
+    if not judged:
+        return ""
+    missed = [(result, entry) for result, entry in judged if not entry["met"]]
+    lines = [f"goals: {len(judged) - len(missed)} of {len(judged)} met" + (", missed:" if missed else "")]
+    for result, entry in missed:
+        measured = (
+            f"{100 * entry['value']:.0f}% copy"
+            if entry["metric"] == "copy"
+            else f"{entry['metric']} {entry['value']:.2f}x"
+        )
+        lines.append(
+            f"  MISS {result.family} {result.shape} {result.dtype} {result.mode} [{entry['backend']}]: "
+            f"{measured}, goal {entry['goal']} (ref: {result.reference_name})"
+        )
+    return "\n".join(lines)
+
+
+# ---- how long a run takes ---------------------------------------------------------------------------
+
+# Seconds each case took in recorded runs on a 2-core x86 host (AMD EPYC), keyed "<budget>|<label>" (budget "quick"
+# or "full": the quick budget's runs are shorter). bench/record_case_seconds.py writes it from result JSON files.
+CASE_SECONDS_PATH = Path(__file__).with_name("case_seconds.json")
+UNRECORDED_CASE_SECONDS = 15.0  # a case no recorded run has timed (a new one): a typical kernel case here
+
+
+@functools.cache
+def recorded_case_seconds() -> dict[str, float]:
+    with contextlib.suppress(OSError, ValueError):
+        return json.loads(CASE_SECONDS_PATH.read_text())
+    return {}
+
+
+def case_seconds_key(label: str, scope: str) -> str:
+    return f"{'quick' if scope == 'quick' else 'full'}|{label}"
+
+
+def estimated_seconds(case: Case, scope: str) -> float:
+    return recorded_case_seconds().get(case_seconds_key(case.label, scope), UNRECORDED_CASE_SECONDS)
+
+
+class Eta:
+    """The remaining time of a run: the cases' recorded seconds still to run, scaled by how long the cases run so
+    far took against their records (a slower host, a busy one or a GPU corrects the estimate as the run goes)."""
+
+    def __init__(self, estimates: Sequence[float]):
+        self.estimates = list(estimates)
+        self.pending = set(range(len(self.estimates)))
+        self.estimated_done = self.actual_done = 0.0
+
+    def done(self, index: int, seconds: float) -> None:
+        self.pending.discard(index)
+        self.estimated_done += self.estimates[index]
+        self.actual_done += seconds
+
+    def remaining(self) -> float:
+        scale = self.actual_done / self.estimated_done if self.estimated_done > 0 else 1.0
+        return scale * sum(self.estimates[index] for index in self.pending)
 
 
 # ---- reporting -----------------------------------------------------------------------------------
@@ -454,17 +611,47 @@ def device_name(device: torch.device) -> str:
     return platform.processor() or platform.machine()
 
 
+# The instruction sets the CPU kernels and torch's GEMMs choose between, as /proc/cpuinfo names them.
+ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8")
+
+
+def cpu_isa_flags() -> list[str]:
+    """Those of ISA_FLAGS this host's CPU has (empty where /proc/cpuinfo is unreadable)."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("flags"):
+                present = set(line.split(":", 1)[1].split())
+                return [flag for flag in ISA_FLAGS if flag in present]
+    return []
+
+
+def host_kind(flags: Sequence[str]) -> str:
+    """The kind of x86 host a CPU table belongs to: "amx" (bf16/int8 tiles: torch's bf16 GEMM is several times
+    faster), "avx512" (with VNNI/BF16 where listed), "avx2", or "other"."""
+    if "amx_bf16" in flags:
+        return "amx"
+    if "avx512f" in flags:
+        return "avx512"
+    return "avx2" if "avx2" in flags else "other"
+
+
 def load_average() -> float:
     """1-minute load average (0 where the OS has none); above the core count, other processes
     shared the CPU while we measured."""
     return os.getloadavg()[0] if hasattr(os, "getloadavg") else 0.0
 
 
-def run_metadata(device: torch.device, copy_gbps: float, quick: bool) -> dict:
-    """What a run's numbers depend on; the caller adds "load_average_end" when the run is over."""
+def run_metadata(device: torch.device, copy_gbps: float, scope: str) -> dict:
+    """What a run's numbers depend on; the caller adds "load_average_end" when the run is over. The host CPU is
+    recorded on GPU runs too (it runs the Python around every kernel)."""
+    flags = cpu_isa_flags()
     return {
         "device": device_name(device),
         "device_type": device.type,
+        "cpu": device_name(torch.device("cpu")),
+        "cpu_isa_flags": flags,
+        "host_kind": host_kind(flags),
+        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "torch": torch.__version__,
         "pyfastpeft": pyfastpeft.__version__,
         "backends": {name: info["detail"] for name, info in pyfastpeft.backends().items() if info["available"]},
@@ -472,7 +659,8 @@ def run_metadata(device: torch.device, copy_gbps: float, quick: bool) -> dict:
         "cpu_count": os.cpu_count(),
         "date": datetime.datetime.now().astimezone().isoformat(timespec="seconds"),
         "copy_bandwidth_gbps": copy_gbps,
-        "quick": quick,
+        "scope": scope,
+        "quick": scope == "quick",
         "load_average_start": load_average(),
     }
 
@@ -490,7 +678,8 @@ TABLE_HEADER = (
     "GB/s",
     "% copy",
 )
-TOKENS_HEADER = "tok/s ours/ref"  # a last column, in the tables of families whose cases count tokens
+TOKENS_HEADER = "tok/s ours/ref"  # a column after those, in the tables of families whose cases count tokens
+GOAL_HEADER = "goal"  # the last column: each goal with ok / MISS ("-" where not judged)
 
 
 def _mib(nbytes: int) -> str:
@@ -522,7 +711,7 @@ def _table_rows(result: CaseResult, with_tokens: bool) -> list[tuple[str, ...]]:
         if with_tokens:
             tokens = result.tokens_per_s
             row += (f"{tokens[side.backend]:.0f}/{tokens['reference']:.0f}" if tokens else "-",)
-        rows.append(row)
+        rows.append(row + (goal_cells(result, side.backend),))
     return rows
 
 
@@ -530,7 +719,7 @@ def format_table(family: str, results: Sequence[CaseResult], copy_gbps: float) -
     """A plain-text table of one family's results (ms: medians; GB/s: the native kernel on
     preallocated outputs, as a % of the measured copy bandwidth; tok/s where the cases count tokens)."""
     with_tokens = any(result.tokens_per_s for result in results)
-    header = TABLE_HEADER + ((TOKENS_HEADER,) if with_tokens else ())
+    header = TABLE_HEADER + ((TOKENS_HEADER,) if with_tokens else ()) + (GOAL_HEADER,)
     rows = [header] + [row for result in results for row in _table_rows(result, with_tokens)]
     widths = [max(len(row[column]) for row in rows) for column in range(len(header))]
     lines = [" ".join(cell.rjust(width) for cell, width in zip(row, widths)) for row in rows]
@@ -540,11 +729,13 @@ def format_table(family: str, results: Sequence[CaseResult], copy_gbps: float) -
 
 
 def result_stem(families: Sequence[str], metadata: dict, all_families: Sequence[str] = ()) -> str:
-    """<families joined by "-", or "all">-<device>-<date>[-quick]: the file name of a run's JSON and PNG (a
-    quick run does not overwrite the day's full one, nor a run of some families the day's run of all)."""
+    """<families joined by "-", or "all">-<device>-<date>[-quick|-full]: the file name of a run's JSON and PNG (the
+    default headline run, a quick one and a full one do not overwrite each other, nor a run of some families the
+    day's run of all)."""
     scope = "all" if all_families and set(families) == set(all_families) else "-".join(families)
     device = re.sub(r"[^a-z0-9]+", "-", metadata["device"].lower()).strip("-")
-    return f"{scope}-{device}-{metadata['date'][:10]}" + ("-quick" if metadata["quick"] else "")
+    suffix = {"quick": "-quick", "full": "-full"}.get(metadata.get("scope", "quick" if metadata["quick"] else ""), "")
+    return f"{scope}-{device}-{metadata['date'][:10]}{suffix}"
 
 
 def write_json(path: Path, metadata: dict, results: Sequence[CaseResult], not_run: Sequence[dict] = ()) -> None:

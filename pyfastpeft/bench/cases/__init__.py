@@ -52,8 +52,23 @@ FAMILIES: dict[str, FamilyCases] = {
 }
 
 
-def select_cases(families: Sequence[str], dtypes: Sequence[torch.dtype], quick: bool) -> list[Case]:
-    return [case for family in families for case in FAMILIES[family](dtypes, quick)]
+SCOPES = ("quick", "headline", "full")
+
+
+def select_cases(families: Sequence[str], dtypes: Sequence[torch.dtype], scope: str) -> list[Case]:
+    """quick: every case at the small shapes; full: every case at the full shapes; headline (the default run): the
+    cases marked headline at either size, each family's full-size ones first."""
+    if scope not in SCOPES:
+        raise ValueError(f"scope must be one of {', '.join(SCOPES)}, got {scope!r}")
+    if scope != "headline":
+        return [case for family in families for case in FAMILIES[family](dtypes, scope == "quick")]
+    return [
+        case
+        for family in families
+        for quick in (False, True)
+        for case in FAMILIES[family](dtypes, quick)
+        if case.headline
+    ]
 
 
 __all__ = [
@@ -63,6 +78,7 @@ __all__ = [
     "MODEL_LORA",
     "QLORA_VS_BNB",
     "QLORA_VS_DENSE",
+    "SCOPES",
     "TRANSFORMERS_APPLY_ROTARY_POS_EMB",
     "ModelShape",
     "bitsandbytes_4bit_unusable",

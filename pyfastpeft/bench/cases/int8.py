@@ -10,7 +10,7 @@ import torch.nn.functional as F
 
 import pyfastpeft
 from pyfastpeft.bench.cases._common import HIDDEN, INTERMEDIATE, tensor_bytes
-from pyfastpeft.bench.harness import Case, Implementation, KernelCall, Workload
+from pyfastpeft.bench.harness import Case, Goal, Implementation, KernelCall, Workload
 from pyfastpeft.ops import int8 as int8_ops
 
 INT8_WEIGHTS = {False: ((HIDDEN, HIDDEN), (INTERMEDIATE, HIDDEN)), True: ((HIDDEN, HIDDEN),)}
@@ -78,18 +78,21 @@ def _int8_workload(
     dtype: torch.dtype,
     device: torch.device,
 ) -> Workload:
-    """Ours: pyfastpeft's int8_linear. Reference "eager": eager_int8_linear above; "dense": F.linear with the
-    dequantized weight in x's dtype (what the int8 layer replaces)."""
+    """Ours: pyfastpeft's int8_linear. Reference "eager": eager_int8_linear above; "dense bf16" / "dense fp32":
+    F.linear with the dequantized weight and the activations in that dtype (the dense layer int8 replaces)."""
     x, codes, scb = _int8_inputs(rows, out_features, in_features, outlier_fraction, dtype, device)
     x.requires_grad_(True)
     if reference == "eager":
+        reference_x = x
         reference_fn = functools.partial(eager_int8_linear, x, codes, scb, INT8_THRESHOLD)
     else:
-        dense = (codes.float() * scb[:, None] / 127).to(dtype)
-        reference_fn = functools.partial(F.linear, x, dense)
+        dense_dtype = {"dense bf16": torch.bfloat16, "dense fp32": torch.float32}[reference]
+        reference_x = x.detach().to(dense_dtype).requires_grad_(True)
+        dense = (codes.float() * scb[:, None] / 127).to(dense_dtype)
+        reference_fn = functools.partial(F.linear, reference_x, dense)
     return Workload(
         ours=Implementation(lambda: pyfastpeft.functional.int8_linear(x, codes, scb, threshold=INT8_THRESHOLD), (x,)),
-        reference=Implementation(reference_fn, (x,)),
+        reference=Implementation(reference_fn, (reference_x,)),
         kernels={
             "forward": functools.partial(
                 _int8_kernel, rows, out_features, in_features, outlier_fraction, dtype, device, False
@@ -127,30 +130,41 @@ def _int8_quant_workload(rows: int, in_features: int, dtype: torch.dtype, device
     )
 
 
+INT8_REFERENCES = {
+    "eager": ("", "eager LLM.int8 around torch._int_mm", 1.2),
+    "dense bf16": (" vs dense bf16", "dense bf16 F.linear (bf16 activations and weight)", 1.2),
+    "dense fp32": (" vs dense fp32", "dense fp32 F.linear", 1.5),
+}  # reference -> (shape suffix, name, the speedup goal at M > 1 with outliers on this CPU)
+
+
 def int8_cases(dtypes: Sequence[torch.dtype], quick: bool) -> list[Case]:
+    """Against eager LLM.int8, a dense bf16 layer (both activation dtypes) and a dense fp32 one (fp32 activations);
+    the quantization kernel at >= 60% of copy bandwidth. Headline: M=512 and M=1 at 4096^2 with 0.1% outliers."""
     cases = []
     for out_features, in_features in INT8_WEIGHTS[quick]:
         for rows in INT8_ROWS[quick]:
             for fraction in INT8_OUTLIERS[quick]:
                 shape = f"M={rows} {out_features}x{in_features} outliers={fraction:.1%}"
-                for reference, name in (
-                    ("eager", "eager LLM.int8 around torch._int_mm"),
-                    ("dense", "dense F.linear, same dtype"),
-                ):
-                    modes = ("forward", "both") if reference == "dense" and rows > 1 and fraction else ("forward",)
+                for reference, (suffix, name, speedup) in INT8_REFERENCES.items():
+                    modes = ("forward", "both") if reference != "eager" and rows > 1 and fraction else ("forward",)
+                    goals = (Goal("speedup", speedup),) if rows > 1 and fraction else ()
+                    headline = not quick and out_features == in_features and fraction == 0.001
                     cases += [
                         Case(
                             "int8",
-                            shape,
+                            shape + suffix,
                             dtype,
                             mode,
                             name,
                             functools.partial(
                                 _int8_workload, rows, out_features, in_features, fraction, reference, dtype
                             ),
+                            goals=goals,
+                            headline=headline and mode == "forward" and (reference == "eager" or rows > 1),
                         )
                         for dtype in dtypes
                         for mode in modes
+                        if reference != "dense fp32" or dtype == torch.float32
                     ]
     rows = INT8_ROWS[quick][-1] * (2 if quick else 8)
     cases += [
@@ -161,6 +175,8 @@ def int8_cases(dtypes: Sequence[torch.dtype], quick: bool) -> list[Case]:
             "forward",
             "PyTorch formula (bitsandbytes' default)",
             functools.partial(_int8_quant_workload, rows, HIDDEN, dtype),
+            goals=(Goal("copy", 0.6),),
+            headline=not quick,
         )
         for dtype in dtypes
     ]

@@ -18,7 +18,7 @@ from transformers.models.llama import modeling_llama
 from pyfastpeft import LoraSettings, prepare_model
 from pyfastpeft.bench.cases._common import HIDDEN, INTERMEDIATE, KV_HEADS, Q_HEADS, RMSNORM_EPS
 from pyfastpeft.bench.cases.flce import VOCAB
-from pyfastpeft.bench.harness import Case, Implementation, Workload
+from pyfastpeft.bench.harness import Case, Goal, Implementation, Workload
 
 # A step is: forward with labels -> loss, backward, AdamW on the trainable (adapter) parameters, zero_grad. Both
 # sides start from the same random weights and adapters and train on the same token batch. Ours is
@@ -271,6 +271,16 @@ def model_cases(dtypes: Sequence[torch.dtype], quick: bool) -> list[Case]:
             MODEL_REFERENCE,
             functools.partial(_model_workload, shape, comparison, dtype),
             tokens=shape.tokens,
+            goals=MODEL_GOALS.get(comparison, ()) if dtype == torch.bfloat16 and shape is MODEL_SHAPES[quick] else (),
+            headline=shape is MODEL_SHAPES[quick] and quick,
         )
         for shape, comparison, dtype in runs
     ]
+
+
+# The targets of a QLoRA training step on this CPU, in bf16 (what QLoRA trains in): tokens/s over the transformers +
+# PEFT stacks (the step's time ratio) and peak memory against theirs.
+MODEL_GOALS = {
+    QLORA_VS_BNB: (Goal("speedup", 1.5), Goal("peak", 0.7)),
+    QLORA_VS_DENSE: (Goal("speedup", 1.1), Goal("peak", 0.8)),
+}

@@ -9,7 +9,7 @@ import torch
 
 import pyfastpeft
 from pyfastpeft.bench.cases._common import HIDDEN, INTERMEDIATE, tensor_bytes
-from pyfastpeft.bench.harness import MODES, Case, Implementation, KernelCall, Workload
+from pyfastpeft.bench.harness import MODES, Case, Goal, Implementation, KernelCall, Workload
 from pyfastpeft.ops import nf4 as nf4_ops
 
 NF4_WEIGHTS = {False: ((HIDDEN, HIDDEN), (INTERMEDIATE, HIDDEN)), True: ((HIDDEN, HIDDEN),)}
@@ -110,7 +110,26 @@ def _nf4_dequantize_workload(out_features: int, in_features: int, dtype: torch.d
     )
 
 
+def _nf4_dense_workload(rows: int, out_features: int, in_features: int, dtype: torch.dtype, device) -> Workload:
+    """Ours: Linear4bit computing in `dtype` (forward). Reference: the dense bf16 layer the NF4 one replaces,
+    F.linear on bf16 activations and the bf16 weight, the baseline a user weighs quantization against."""
+    linear = torch.nn.Linear(in_features, out_features, bias=False, device=device)
+    layer = pyfastpeft.nn.Linear4bit.from_linear(linear, compute_dtype=dtype)
+    dense = linear.weight.detach().to(torch.bfloat16)
+    x = torch.randn(rows, in_features, dtype=dtype, device=device)
+    x_dense = x.to(torch.bfloat16)
+    return Workload(
+        ours=Implementation(lambda: layer(x), ()),
+        reference=Implementation(lambda: torch.nn.functional.linear(x_dense, dense), ()),
+        kernels={"forward": functools.partial(_nf4_kernel, rows, out_features, in_features, dtype, device, False)},
+    )
+
+
 def nf4_cases(dtypes: Sequence[torch.dtype], quick: bool) -> list[Case]:
+    """Dequantize alone; the linear against the dequantize + matmul reference; the linear forward against a dense
+    bf16 layer. Goals (this CPU): dequantize at >= 60% of copy bandwidth; the GEMV (M=1) at >= 70% of copy and
+    >= 2.5x a dense bf16 layer (fp32 or bf16 activations); M=512 with bf16 activations within 1.2x the dense time."""
+    headline_weight = (HIDDEN, HIDDEN)
     cases = []
     for out_features, in_features in NF4_WEIGHTS[quick]:
         cases += [
@@ -121,6 +140,8 @@ def nf4_cases(dtypes: Sequence[torch.dtype], quick: bool) -> list[Case]:
                 "forward",
                 "PyTorch reference dequantize",
                 functools.partial(_nf4_dequantize_workload, out_features, in_features, dtype),
+                goals=(Goal("copy", 0.6),),
+                headline=not quick and (out_features, in_features) == headline_weight,
             )
             for dtype in dtypes
         ]
@@ -135,8 +156,29 @@ def nf4_cases(dtypes: Sequence[torch.dtype], quick: bool) -> list[Case]:
                     mode,
                     "dequantize + torch matmul (bitsandbytes' CPU path)",
                     functools.partial(_nf4_workload, rows, out_features, in_features, dtype),
+                    goals=(Goal("copy", 0.7),) if rows == 1 else (),
+                    # headline: decode at 4096^2 and the README's 11008x4096 training row
+                    headline=not quick
+                    and (rows == 1 if (out_features, in_features) == headline_weight else mode == "both")
+                    and (rows == 1 or dtype == torch.bfloat16),
                 )
                 for dtype in dtypes
                 for mode in modes
+            ]
+    for out_features, in_features in NF4_WEIGHTS[quick]:
+        for rows in NF4_ROWS[quick]:
+            cases += [
+                Case(
+                    "nf4",
+                    f"M={rows} {out_features}x{in_features} vs dense bf16",
+                    dtype,
+                    "forward",
+                    "dense bf16 F.linear (bf16 activations and weight)",
+                    functools.partial(_nf4_dense_workload, rows, out_features, in_features, dtype),
+                    goals=(Goal("speedup", 2.5), Goal("copy", 0.7)) if rows == 1 else (Goal("time", 1.2),),
+                    headline=not quick and (out_features, in_features) == headline_weight,
+                )
+                for dtype in dtypes
+                if rows == 1 or dtype == torch.bfloat16
             ]
     return cases

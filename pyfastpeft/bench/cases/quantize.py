@@ -8,7 +8,7 @@ from collections.abc import Sequence
 import torch
 
 from pyfastpeft.bench.cases._common import HIDDEN, tensor_bytes
-from pyfastpeft.bench.harness import Case, Implementation, KernelCall, Workload
+from pyfastpeft.bench.harness import Case, Goal, Implementation, KernelCall, Workload
 from pyfastpeft.ops import quantize as quantize_ops
 
 QUANTIZE_ROWS = {False: 4096, True: 1024}
@@ -52,6 +52,8 @@ def quantize_cases(dtypes: Sequence[torch.dtype], quick: bool) -> list[Case]:
             "forward",
             "eager PyTorch reference (same formulas)",
             functools.partial(_quantize_workload, rows, axis, dtype),
+            goals=(Goal("copy", 0.6),),
+            headline=not quick,
         )
         for name, axis in QUANTIZE_GRANULARITIES.items()
         for dtype in dtypes

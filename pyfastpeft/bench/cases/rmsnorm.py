@@ -9,7 +9,14 @@ import torch
 from transformers.models.llama import modeling_llama
 
 import pyfastpeft
-from pyfastpeft.bench.cases._common import HIDDEN, RMSNORM_EPS, TOKENS, _one_case_per_mode, tensor_bytes
+from pyfastpeft.bench.cases._common import (
+    HIDDEN,
+    RMSNORM_EPS,
+    TOKENS,
+    _one_case_per_mode,
+    foundation_goals,
+    tensor_bytes,
+)
 from pyfastpeft.bench.harness import Case, Implementation, KernelCall, Workload
 from pyfastpeft.ops import rmsnorm as rmsnorm_ops
 from pyfastpeft.reference.rmsnorm import LLAMA
@@ -62,4 +69,6 @@ def rmsnorm_cases(dtypes: Sequence[torch.dtype], quick: bool) -> list[Case]:
         "transformers LlamaRMSNorm",
         dtypes,
         functools.partial(_rmsnorm_workload, tokens),
+        quick,
+        foundation_goals(5.0),
     )

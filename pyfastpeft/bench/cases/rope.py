@@ -16,6 +16,7 @@ from pyfastpeft.bench.cases._common import (
     ROPE_THETA,
     SEQ_LEN,
     _one_case_per_mode,
+    foundation_goals,
     tensor_bytes,
 )
 from pyfastpeft.bench.harness import Case, Implementation, KernelCall, Workload
@@ -84,4 +85,6 @@ def rope_cases(dtypes: Sequence[torch.dtype], quick: bool) -> list[Case]:
         "transformers apply_rotary_pos_emb",
         dtypes,
         functools.partial(_rope_workload, seq_len),
+        quick,
+        foundation_goals(4.0),
     )

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import pyfastpeft
-from pyfastpeft.bench.cases._common import INTERMEDIATE, TOKENS, _one_case_per_mode, tensor_bytes
+from pyfastpeft.bench.cases._common import INTERMEDIATE, TOKENS, _one_case_per_mode, foundation_goals, tensor_bytes
 from pyfastpeft.bench.harness import Case, Implementation, KernelCall, Workload
 from pyfastpeft.ops import swiglu as swiglu_ops
 
@@ -52,4 +52,6 @@ def swiglu_cases(dtypes: Sequence[torch.dtype], quick: bool) -> list[Case]:
         "eager F.silu(gate) * up",
         dtypes,
         functools.partial(_swiglu_workload, tokens),
+        quick,
+        foundation_goals(2.0),
     )
