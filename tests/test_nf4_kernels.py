@@ -156,6 +156,26 @@ def test_dequantize_matches_reference_exactly(isa, quant_type, dtype, numel, blo
     assert torch.equal(out, expected)
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+def test_dequantize_of_special_absmax_is_the_same_on_every_isa_and_the_reference(dtype):
+    """16-bit outputs come from a per-block table of rounded codes on AVX-512 and from fp32 values rounded one by
+    one elsewhere: the same bits for NaN, infinite, zero, negative, subnormal and overflowing absmax (an untrusted
+    checkpoint's), and the reference's values (NaN where it has NaN)."""
+    blocksize = 64
+    absmax = torch.tensor([float("nan"), float("inf"), 0.0, -1.5, 1e-40, 3e38, 7e4, 0.02] * 4)
+    packed = torch.randint(0, 256, (absmax.numel() * blocksize // 2, 1), dtype=torch.uint8)
+    code = CODES["nf4"]
+    outputs = []
+    for isa in CPU_ISAS:
+        with cpu_isa(isa):
+            outputs.append(native_dequantize(packed, absmax, code, blocksize, 3, absmax.numel() * blocksize - 5, dtype))
+    for out in outputs[1:]:
+        assert torch.equal(out.view(torch.int16), outputs[0].view(torch.int16))
+    expected = ref.dequantize_4bit(packed, absmax, code, blocksize, absmax.numel() * blocksize, dtype)[3:-2]
+    assert torch.equal(outputs[0].isnan(), expected.isnan())
+    assert torch.equal(outputs[0].nan_to_num(0.0, 1e38), expected.nan_to_num(0.0, 1e38))
+
+
 # ---- gemv --------------------------------------------------------------------------------------------------
 
 
