@@ -26,7 +26,7 @@ def main(paths: list[str]) -> int:
         scope = run.get("scope", "quick" if run.get("quick") else "full")
         for case in document["cases"]:
             if case.get("seconds"):
-                label = f"{case['family']} {case['shape']} {case['dtype']} {case['mode']}"
+                label = harness.case_label(case["family"], case["shape"], case["dtype"], case["mode"])
                 table[harness.case_seconds_key(label, scope)] = round(case["seconds"], 1)
     harness.CASE_SECONDS_PATH.write_text(json.dumps(dict(sorted(table.items())), indent=1) + "\n")
     print(f"{harness.CASE_SECONDS_PATH}: {len(table)} cases")

@@ -171,80 +171,86 @@ inline void decode_bytes(const uint8_t* __restrict bytes, int64_t nbytes, const 
   }
 }
 
-// dst[0 .. count) = w_hat[first .. first + count) in fp32.
-void decode_range(const uint8_t* packed, const float* absmax, const float* code, int64_t first, int64_t count,
-                  int64_t blocksize, float* dst) {
+// dst[0 .. count) = the outputs of w_hat[first .. first + count), block by block: per block, Table(block's
+// absmax) holds the block's 16 outputs; a leading low nibble and a trailing high nibble go through table[index],
+// the whole bytes between through table.decode(bytes, nbytes, dst) (two outputs a byte, high nibble first).
+template <typename Table, typename Out>
+void decode_blocks(const uint8_t* packed, const float* absmax, const float* code, int64_t first, int64_t count,
+                   int64_t blocksize, Out* dst) {
   const int64_t end = first + count;
   for (int64_t e = first; e < end;) {
     const int64_t block = e / blocksize;
     const int64_t stop = (block + 1) * blocksize < end ? (block + 1) * blocksize : end;
-    alignas(64) float table[kCodes];
-    for (int c = 0; c < kCodes; ++c) table[c] = code[c] * absmax[block];
+    const Table table(code, absmax[block]);
     if (e & 1) *dst++ = table[packed[e++ / 2] & 15];
     const int64_t pairs = (stop - e) / 2;
-    decode_bytes(packed + e / 2, pairs, table, dst);
+    table.decode(packed + e / 2, pairs, dst);
     dst += 2 * pairs;
     e += 2 * pairs;
     if (e < stop) *dst++ = table[packed[e++ / 2] >> 4];
   }
 }
 
-#if defined(__AVX512BW__)
-// The 16 codes of one block as 16-bit outputs: out16[c] = T(code[c] * absmax), the value the fp32 path rounds
-// once to T, so both paths give the same bits: bf16 by to_bf16's integer rounding (NaN kept quiet), fp16 by
-// F16C's round-to-nearest-even conversion, the instruction to_half uses in this build.
-template <typename T>
-inline __m512i block_table_16(const float* code, float absmax) {
-  const __m512 values = _mm512_mul_ps(_mm512_loadu_ps(code), _mm512_set1_ps(absmax));
-  if constexpr (std::is_same<T, bf16>::value) {
-    const __m512i u = _mm512_castps_si512(values);
-    const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-    const __m512i rounded =
-        _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7FFF)), odd), 16);
-    const __m512i quiet_nan = _mm512_or_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40));
-    const __mmask16 is_nan =
-        _mm512_cmpgt_epu32_mask(_mm512_and_si512(u, _mm512_set1_epi32(0x7FFFFFFF)), _mm512_set1_epi32(0x7F800000));
-    return _mm512_castsi256_si512(_mm512_cvtepi32_epi16(_mm512_mask_blend_epi32(is_nan, rounded, quiet_nan)));
-  } else {
-    return _mm512_castsi256_si512(_mm512_cvtps_ph(values, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+// fp32 outputs: code * absmax.
+struct Fp32Table {
+  alignas(64) float values[kCodes];
+  Fp32Table(const float* code, float absmax) {
+    for (int c = 0; c < kCodes; ++c) values[c] = code[c] * absmax;
   }
+  float operator[](int index) const { return values[index]; }
+  void decode(const uint8_t* bytes, int64_t nbytes, float* dst) const { decode_bytes(bytes, nbytes, values, dst); }
+};
+
+void decode_range(const uint8_t* packed, const float* absmax, const float* code, int64_t first, int64_t count,
+                  int64_t blocksize, float* dst) {
+  decode_blocks<Fp32Table>(packed, absmax, code, first, count, blocksize, dst);
 }
 
-// dst[0 .. count) = T(w_hat[first .. first + count)), T a 16-bit type, without an fp32 pass: per block, one
-// 16-entry table of outputs, then 32 nibbles become 32 outputs by one word permute (twice the fp32 path's
-// elements per instruction and no conversion per element).
+#if defined(__AVX512BW__)
+// 16-bit outputs (bf16, fp16) straight from the nibbles: the 16 values T(code * absmax), the value the fp32 path
+// rounds once to T, so both paths give the same bits: bf16 by to_bf16's integer rounding (NaN kept quiet), fp16
+// by F16C's round-to-nearest-even conversion, the instruction to_half uses in this build. One word permute then
+// turns 32 nibbles into 32 outputs (twice the fp32 path's elements per instruction, no conversion per element).
 template <typename T>
-void decode_range_16(const uint8_t* packed, const float* absmax, const float* code, int64_t first, int64_t count,
-                     int64_t blocksize, T* out) {
-  uint16_t* dst = reinterpret_cast<uint16_t*>(out);
-  const int64_t end = first + count;
-  for (int64_t e = first; e < end;) {
-    const int64_t block = e / blocksize;
-    const int64_t stop = (block + 1) * blocksize < end ? (block + 1) * blocksize : end;
-    const __m512i table = block_table_16<T>(code, absmax[block]);
-    alignas(64) uint16_t scalar_table[32];
-    _mm512_store_si512(scalar_table, table);
-    if (e & 1) *dst++ = scalar_table[packed[e++ / 2] & 15];
-    const uint8_t* bytes = packed + e / 2;
-    const int64_t pairs = (stop - e) / 2;
+struct Table16 {
+  __m512i words;                    // the 16 outputs' bits in the low 16 words
+  alignas(64) uint16_t values[32];  // the same, for the odd nibbles at a block's ends
+
+  Table16(const float* code, float absmax) {
+    const __m512 v = _mm512_mul_ps(_mm512_loadu_ps(code), _mm512_set1_ps(absmax));
+    if constexpr (std::is_same<T, bf16>::value) {
+      const __m512i u = _mm512_castps_si512(v);
+      const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+      const __m512i rounded =
+          _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7FFF)), odd), 16);
+      const __m512i quiet_nan = _mm512_or_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40));
+      const __mmask16 is_nan =
+          _mm512_cmpgt_epu32_mask(_mm512_and_si512(u, _mm512_set1_epi32(0x7FFFFFFF)), _mm512_set1_epi32(0x7F800000));
+      words = _mm512_castsi256_si512(_mm512_cvtepi32_epi16(_mm512_mask_blend_epi32(is_nan, rounded, quiet_nan)));
+    } else {
+      words = _mm512_castsi256_si512(_mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+    }
+    _mm512_store_si512(values, words);
+  }
+  T operator[](int index) const { return T{values[index]}; }
+
+  void decode(const uint8_t* bytes, int64_t nbytes, T* out) const {
+    uint16_t* dst = reinterpret_cast<uint16_t*>(out);
     int64_t j = 0;
     // Each byte b zero-extended to a dword, then (b >> 4) | (b & 15) << 16: its low word indexes the high
     // nibble's code (the even element), its high word the low nibble's (the odd one), in memory order.
-    for (; j + 16 <= pairs; j += 16) {
+    for (; j + 16 <= nbytes; j += 16) {
       const __m512i b = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes + j)));
       const __m512i index =
           _mm512_or_si512(_mm512_srli_epi32(b, 4), _mm512_slli_epi32(_mm512_and_si512(b, _mm512_set1_epi32(15)), 16));
-      _mm512_storeu_si512(dst + 2 * j, _mm512_permutexvar_epi16(index, table));
+      _mm512_storeu_si512(dst + 2 * j, _mm512_permutexvar_epi16(index, words));
     }
-    for (; j < pairs; ++j) {
-      dst[2 * j] = scalar_table[bytes[j] >> 4];
-      dst[2 * j + 1] = scalar_table[bytes[j] & 15];
+    for (; j < nbytes; ++j) {
+      dst[2 * j] = values[bytes[j] >> 4];
+      dst[2 * j + 1] = values[bytes[j] & 15];
     }
-    dst += 2 * pairs;
-    e += 2 * pairs;
-    if (e < stop) *dst++ = scalar_table[packed[e++ / 2] >> 4];
   }
-}
+};
 #endif
 
 template <typename T>
@@ -270,7 +276,7 @@ void dequantize_impl(const uint8_t* packed, const float* absmax, const float* co
         decode_range(packed, absmax, code, start + offset, len, blocksize, out + offset);
 #if defined(__AVX512BW__)
       } else if constexpr (std::is_same<T, bf16>::value || std::is_same<T, half>::value) {
-        decode_range_16(packed, absmax, code, start + offset, len, blocksize, out + offset);
+        decode_blocks<Table16<T>>(packed, absmax, code, start + offset, len, blocksize, out + offset);
 #endif
       } else {
         decode_range(packed, absmax, code, start + offset, len, blocksize, values);

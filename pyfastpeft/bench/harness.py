@@ -141,7 +141,12 @@ class Case:
 
     @property
     def label(self) -> str:
-        return f"{self.family} {self.shape} {dtype_name(self.dtype)} {self.mode}"
+        return case_label(self.family, self.shape, dtype_name(self.dtype), self.mode)
+
+
+def case_label(family: str, shape: str, dtype: str, mode: str) -> str:
+    """A case's name in tables, progress and the ETA's record: also built from a result JSON's fields."""
+    return f"{family} {shape} {dtype} {mode}"
 
 
 @dataclass
@@ -601,14 +606,19 @@ class Eta:
 # ---- reporting -----------------------------------------------------------------------------------
 
 
+def _cpuinfo_field(name: str) -> str | None:
+    """The first /proc/cpuinfo line's value for `name` ("model name", "flags"); None where there is none."""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith(name):
+                return line.split(":", 1)[1].strip()
+    return None
+
+
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()
+    return _cpuinfo_field("model name") or platform.processor() or platform.machine()
 
 
 # The instruction sets the CPU kernels and torch's GEMMs choose between, as /proc/cpuinfo names them.
@@ -617,12 +627,8 @@ ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16",
 
 def cpu_isa_flags() -> list[str]:
     """Those of ISA_FLAGS this host's CPU has (empty where /proc/cpuinfo is unreadable)."""
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("flags"):
-                present = set(line.split(":", 1)[1].split())
-                return [flag for flag in ISA_FLAGS if flag in present]
-    return []
+    present = set((_cpuinfo_field("flags") or "").split())
+    return [flag for flag in ISA_FLAGS if flag in present]
 
 
 def host_kind(flags: Sequence[str]) -> str:
