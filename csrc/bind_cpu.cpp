@@ -63,6 +63,11 @@ PYBIND11_MODULE(_C, m) {
   PFP_DEF(lora_dropout_rows);
   PFP_DEF(flce_rows);
   PFP_DEF(distill_rows);
+  PFP_DEF(blockwise_quantize);
+  PFP_DEF(blockwise_dequantize);
+  PFP_DEF(adam8bit_step);
+  PFP_DEF(lion8bit_step);
+  PFP_DEF(blockwise_table_exact);
 #undef PFP_DEF
   m.def("advise_huge_pages", &advise_huge_pages, py::arg("address"), py::arg("nbytes"));
 

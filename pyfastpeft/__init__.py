@@ -12,7 +12,7 @@ pyfastpeft.save_adapter(model, "out")      # a PEFT adapter directory; load_adap
 
 import torch  # noqa: F401  (before the native modules: they reuse torch's OpenMP runtime)
 
-from pyfastpeft import functional, nn, ops, quant  # noqa: F401
+from pyfastpeft import functional, nn, ops, optim, quant  # noqa: F401
 from pyfastpeft.backend import backends, current_backend, use_backend
 from pyfastpeft.integrations.peft import from_peft, load_adapter, save_adapter
 from pyfastpeft.integrations.perplexity import perplexity
@@ -29,6 +29,7 @@ __all__ = [
     "functional",
     "nn",
     "quant",
+    "optim",
     "patch_model",
     "unpatch_model",
     "PatchReport",

@@ -46,6 +46,7 @@ CUDA_PREFERENCE = {
     "quantize": "reference",
     "flce": "triton",
     "distill": "triton",
+    "blockwise": "reference",
 }
 
 

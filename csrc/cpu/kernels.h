@@ -58,6 +58,18 @@
   void distill_rows(void* student, void* teacher, const int64_t* labels, const void* grad_weight, void* loss,          \
                     int64_t rows, int64_t vocab, int dtype, int64_t ignore_index, double beta, double temperature,     \
                     double hard_label_weight, int nthreads);                                                           \
+  void blockwise_quantize(const void* x, int x_dtype, const float* code, uint8_t* codes, float* absmax, int64_t numel, \
+                          int64_t blocksize, int nthreads);                                                            \
+  void blockwise_dequantize(const uint8_t* codes, const float* absmax, const float* code, void* out, int out_dtype,    \
+                            int64_t numel, int64_t blocksize, int nthreads);                                           \
+  void adam8bit_step(void* p, const void* g, int dtype, uint8_t* state1, uint8_t* state2, float* absmax1,              \
+                     float* absmax2, const float* code1, const float* code2, int64_t numel, double step_size,          \
+                     double correction2_eps, double beta1, double beta2, double decay, bool apply_decay,               \
+                     int nthreads);                                                                                    \
+  void lion8bit_step(void* p, const void* g, int dtype, uint8_t* state1, float* absmax1, const float* code1,           \
+                     int64_t numel, double lr, double beta1, double beta2, double decay, bool apply_decay,             \
+                     int nthreads);                                                                                    \
+  void blockwise_table_exact(const float* code, int32_t* exact);                                                       \
   }
 
 PFP_DECLARE_CPU_KERNELS(pfp_avx512)

@@ -1,6 +1,8 @@
-"""Storage formats: NF4/FP4 QuantState (bitsandbytes-compatible), vector-wise int8 (LLM.int8) and general
-affine quantization (QuantizedTensor, observers, fake_quantize)."""
+"""Storage formats: NF4/FP4 QuantState (bitsandbytes-compatible), vector-wise int8 (LLM.int8), 8-bit blockwise
+dynamic quantization (bitsandbytes-compatible) and general affine quantization (QuantizedTensor, observers,
+fake_quantize)."""
 
+from pyfastpeft.quant.blockwise import BlockwiseState, create_dynamic_map, dequantize_blockwise, quantize_blockwise
 from pyfastpeft.quant.int8 import (
     int8_colwise_quant,
     int8_double_quant,
@@ -40,4 +42,8 @@ __all__ = [
     "fake_quantize",
     "MinMaxObserver",
     "PercentileObserver",
+    "BlockwiseState",
+    "quantize_blockwise",
+    "dequantize_blockwise",
+    "create_dynamic_map",
 ]

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 import torch
 
 from pyfastpeft.bench.cases._common import DTYPES, FamilyCases
+from pyfastpeft.bench.cases.blockwise import blockwise_cases
 from pyfastpeft.bench.cases.distill import distill_cases
 from pyfastpeft.bench.cases.flce import flce_cases
 from pyfastpeft.bench.cases.int8 import int8_cases
@@ -48,6 +49,7 @@ FAMILIES: dict[str, FamilyCases] = {
     "flce": flce_cases,
     "distill": distill_cases,
     "preference": preference_cases,
+    "blockwise": blockwise_cases,
     "model": model_cases,
 }
 

@@ -1,0 +1,499 @@
+// 8-bit blockwise dynamic quantization and the fused 8-bit Adam / Lion steps on the CPU. The formulas, rounding and
+// NaN rules are written out in pyfastpeft/reference/blockwise.py; this file reproduces them bit for bit (it is built
+// with -ffp-contract=off so that no multiply-add is fused where the reference rounds twice).
+//
+// Nearest code: the answer for a scaled value s in [-1, 1] is the number of the code's 255 fp32 midpoints strictly
+// below s. Instead of a binary search (8 dependent loads per value), a table indexed by s's sign, exponent and top
+// 8 mantissa bits gives the answer at the bucket's lowest value; one comparison with the next midpoint finishes it,
+// exact as long as no bucket holds two midpoints (true of both dynamic maps: a bucket spans at most 0.4% of its
+// value, the closest midpoints are 0.7% apart). A code for which that fails is served by the binary search.
+#include "cpu/common.h"
+#include "cpu/kernels.h"
+
+#include <cmath>
+#include <cstring>
+#include <memory>
+#include <mutex>
+#include <type_traits>
+#include <vector>
+
+namespace PFP_ISA {
+namespace {
+
+constexpr int kMantissaBits = 8;
+constexpr int kShift = 23 - kMantissaBits;
+// Every |s| below 2^-26 shares the first bucket (no dynamic-map midpoint is that small): the table then spans 26
+// binades, 13 KB for both signs, and stays in L1.
+constexpr uint32_t kKeyBase = uint32_t(127 - 26) << kMantissaBits;
+constexpr uint32_t kBuckets = (0x3F800000u >> kShift) - kKeyBase + 1;  // keys of |s| <= 1.0
+constexpr float kTiny = 1e-38f;                                        // bnb's floor under a block's absmax
+constexpr int64_t kStateBlock = 256;                                   // the optimizers' state blocksize
+
+// The search structures of one 256-value code.
+struct Coder {
+  float code[256];
+  float mid[256];  // the 255 midpoints, then +inf: mid[answer] < s is false for answer 255
+  bool table_exact = true;
+  std::vector<uint8_t> table;  // [2 * kBuckets + 4]: positive s by key, then negative s; +4 for 32-bit gathers
+  // The same answers packed for one 32-bit gather per value: bits 0-7 the bucket's lowest answer, bit 8 whether a
+  // midpoint lies in the bucket, bits 9-23 that midpoint's low 15 bits (its higher bits are the bucket's key).
+  std::vector<uint32_t> packed;  // [2 * kBuckets]
+  int negative_codes = 0;        // codes 0 .. negative_codes - 1 have the sign bit set, the rest not
+  bool signs_sorted = true;
+};
+
+// Number of midpoints strictly below s; NaN counts as above all of them (as torch.bucketize has it).
+inline int count_below(const float* mid, float s) {
+  int idx = 0;
+  for (int step = 128; step >= 1; step >>= 1)
+    if (!(s <= mid[idx + step - 1])) idx += step;
+  return idx;
+}
+
+std::shared_ptr<const Coder> build_coder(const float* code) {
+  auto coder = std::make_shared<Coder>();
+  std::memcpy(coder->code, code, sizeof(coder->code));
+  for (int k = 0; k < 255; ++k) coder->mid[k] = (code[k] + code[k + 1]) / 2.0f;
+  coder->mid[255] = INFINITY;
+  coder->table.assign(2 * kBuckets + 4, 0);
+  coder->packed.assign(2 * kBuckets, 0);
+  for (uint32_t key = 0; key < kBuckets; ++key) {
+    float lo = key == 0 ? 0.0f : pfp::bits_to_float((key + kKeyBase) << kShift);
+    float hi = std::fmin(pfp::bits_to_float(((key + kKeyBase) << kShift) | ((1u << kShift) - 1)), 1.0f);
+    int pos_lo = count_below(coder->mid, lo), pos_hi = count_below(coder->mid, hi);
+    int neg_lo = count_below(coder->mid, -hi), neg_hi = count_below(coder->mid, -lo);
+    if (pos_hi - pos_lo > 1 || neg_hi - neg_lo > 1) coder->table_exact = false;
+    coder->table[key] = uint8_t(pos_lo);
+    coder->table[kBuckets + key] = uint8_t(neg_lo);
+    // the midpoint inside, as a magnitude: mid[pos_lo] for positive s, -mid[neg_lo] for negative s
+    auto pack = [&](int lo_answer, int hi_answer, float magnitude) {
+      uint32_t entry = uint32_t(lo_answer);
+      if (hi_answer > lo_answer && key != 0) entry |= (1u << 8) | ((pfp::float_to_bits(magnitude) & 0x7FFFu) << 9);
+      if (hi_answer > lo_answer && key == 0) coder->table_exact = false;  // the shared tiny bucket holds a midpoint
+      return entry;
+    };
+    coder->packed[key] = pack(pos_lo, pos_hi, pos_hi > pos_lo ? coder->mid[pos_lo] : 0.0f);
+    coder->packed[kBuckets + key] = pack(neg_lo, neg_hi, neg_hi > neg_lo ? -coder->mid[neg_lo] : 0.0f);
+  }
+  while (coder->negative_codes < 256 && std::signbit(code[coder->negative_codes])) ++coder->negative_codes;
+  for (int k = coder->negative_codes; k < 256; ++k) coder->signs_sorted &= !std::signbit(code[k]);
+  return coder;
+}
+
+// The coder of `code`, built once and kept for the next calls (a training run quantizes every state with the same
+// two maps); a few maps are kept, compared by value, so a changed map is never served a stale table.
+std::shared_ptr<const Coder> coder_for(const float* code) {
+  static std::mutex mutex;
+  static std::shared_ptr<const Coder> cache[4];
+  static int next = 0;
+  std::lock_guard<std::mutex> lock(mutex);
+  for (auto& entry : cache)
+    if (entry && std::memcmp(entry->code, code, sizeof(entry->code)) == 0) return entry;
+  auto coder = build_coder(code);
+  cache[next] = coder;
+  next = (next + 1) % 4;
+  return coder;
+}
+
+inline int nearest_one(const Coder& c, float s) {
+  if (s != s) return 255;
+  if (!c.table_exact) return count_below(c.mid, s);
+  uint32_t bits = pfp::float_to_bits(s);
+  uint32_t key = (bits & 0x7FFFFFFFu) >> kShift;
+  key = key > kKeyBase ? key - kKeyBase : 0;
+  int base = c.table[key + ((bits >> 31) ? kBuckets : 0)];
+  return base + (c.mid[base] < s ? 1 : 0);
+}
+
+// codes[i] = nearest code of scaled[i] (each in [-1, 1] or NaN), for n values.
+void nearest_codes(const Coder& c, const float* scaled, uint8_t* codes, int64_t n) {
+  int64_t i = 0;
+#if defined(__AVX512F__) && defined(__AVX512DQ__)
+  if (c.table_exact) {
+    const __m512i magnitude = _mm512_set1_epi32(0x7FFFFFFF), byte = _mm512_set1_epi32(0xFF);
+    const __m512i negative_offset = _mm512_set1_epi32(int(kBuckets)), one = _mm512_set1_epi32(1);
+    const __m512i last = _mm512_set1_epi32(255), key_base = _mm512_set1_epi32(int(kKeyBase));
+    const __m512i low15 = _mm512_set1_epi32(0x7FFF), has_mid = _mm512_set1_epi32(1 << 8);
+    for (; i + 16 <= n; i += 16) {
+      __m512 s = _mm512_loadu_ps(scaled + i);
+      __m512i bits = _mm512_castps_si512(s);
+      __mmask16 nan = _mm512_cmp_ps_mask(s, s, _CMP_UNORD_Q);
+      __mmask16 neg = _mm512_movepi32_mask(bits);
+      __m512i mag = _mm512_and_si512(bits, magnitude);
+      __m512i full_key = _mm512_srli_epi32(mag, kShift);
+      __m512i key = _mm512_sub_epi32(_mm512_max_epu32(full_key, key_base), key_base);
+      key = _mm512_mask_add_epi32(key, neg, key, negative_offset);
+      key = _mm512_mask_mov_epi32(key, nan, _mm512_setzero_si512());  // a NaN's key would read past the table
+      __m512i entry = _mm512_i32gather_epi32(key, c.packed.data(), 4);
+      __m512i base = _mm512_and_si512(entry, byte);
+      // the midpoint's magnitude bits: the bucket's key above, the stored low 15 bits below
+      __m512i mid =
+          _mm512_or_si512(_mm512_slli_epi32(full_key, kShift), _mm512_and_si512(_mm512_srli_epi32(entry, 9), low15));
+      __mmask16 inside = _mm512_test_epi32_mask(entry, has_mid);
+      // s above the midpoint: |s| > |mid| for positive s, |s| < |mid| for negative s
+      __mmask16 up = (_mm512_cmpgt_epu32_mask(mag, mid) & ~neg) | (_mm512_cmplt_epu32_mask(mag, mid) & neg);
+      __m512i idx = _mm512_mask_add_epi32(base, up & inside, base, one);
+      idx = _mm512_mask_mov_epi32(idx, nan, last);
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(codes + i), _mm512_cvtepi32_epi8(idx));
+    }
+  }
+#endif
+  for (; i < n; ++i) codes[i] = uint8_t(nearest_one(c, scaled[i]));
+}
+
+inline float to_f32(float v) { return v; }
+inline float to_f32(double v) { return float(v); }
+inline float to_f32(pfp::bf16 v) { return pfp::to_float(v); }
+inline float to_f32(pfp::half v) { return pfp::to_float(v); }
+template <typename T>
+inline T from_f32(float v) {
+  if constexpr (std::is_same_v<T, double>) {
+    return double(v);
+  } else {
+    return pfp::from_compute<T>(v);
+  }
+}
+
+// max |v| over n values; a NaN anywhere gives NaN (torch's amax).
+inline float abs_max(const float* v, int64_t n) {
+  float m = 0.0f;
+  bool nan = false;
+  for (int64_t i = 0; i < n; ++i) {
+    float a = std::fabs(v[i]);
+    nan |= a != a;
+    m = a > m ? a : m;
+  }
+  return nan ? NAN : m;
+}
+
+// v clamped to [-1, 1], NaN kept (torch's clamp; fmin / fmax would drop it).
+inline float clamp_unit(float v) { return v < -1.0f ? -1.0f : (v > 1.0f ? 1.0f : v); }
+
+// Scales v[0, n) of one block in place to [-1, 1] (the full-block or partial-block rule) and returns the absmax
+// to store for it.
+inline float scale_block(float* v, int64_t n, bool full) {
+  float absmax = abs_max(v, n);
+  float floor = absmax > kTiny ? absmax : kTiny;  // NaN stays NaN below
+  if (absmax != absmax) floor = absmax;
+  if (full) {
+    float inv = 1.0f / floor;
+    for (int64_t i = 0; i < n; ++i) v[i] = clamp_unit(v[i] * inv);
+    return absmax;
+  }
+  for (int64_t i = 0; i < n; ++i) v[i] = clamp_unit(v[i] / floor);
+  return floor;
+}
+
+template <typename T>
+void quantize_impl(const T* x, uint8_t* codes, float* absmax, int64_t numel, int64_t blocksize, const Coder& coder,
+                   int nthreads) {
+  const int64_t blocks = (numel + blocksize - 1) / blocksize;
+  pfp::parallel_for(blocks, blocksize * 4, nthreads, [&](int64_t begin, int64_t end, int) {
+    std::vector<float> values;
+    values.resize(size_t(blocksize));
+    for (int64_t b = begin; b < end; ++b) {
+      int64_t start = b * blocksize, len = numel - start < blocksize ? numel - start : blocksize;
+      for (int64_t i = 0; i < len; ++i) values[i] = to_f32(x[start + i]);
+      absmax[b] = scale_block(values.data(), len, len == blocksize);
+      nearest_codes(coder, values.data(), codes + start, len);
+    }
+  });
+}
+
+template <typename T>
+void dequantize_impl(const uint8_t* codes, const float* absmax, const float* code, T* out, int64_t numel,
+                     int64_t blocksize, int nthreads) {
+  const int64_t blocks = (numel + blocksize - 1) / blocksize;
+  pfp::parallel_for(blocks, blocksize, nthreads, [&](int64_t begin, int64_t end, int) {
+    for (int64_t b = begin; b < end; ++b) {
+      int64_t start = b * blocksize, len = numel - start < blocksize ? numel - start : blocksize;
+      const float a = absmax[b];
+      for (int64_t i = 0; i < len; ++i) out[start + i] = from_f32<T>(code[codes[start + i]] * a);
+    }
+  });
+}
+
+// Writes the quantized state v[0, n) of one optimizer block: codes and absmax, with bnb's sign rule when signed.
+inline void store_state(float* v, float* scratch, int64_t n, const Coder& coder, bool signed_state, uint8_t* codes,
+                        float* absmax) {
+  std::memcpy(scratch, v, size_t(n) * sizeof(float));
+  *absmax = scale_block(scratch, n, n == kStateBlock);
+  nearest_codes(coder, scratch, codes, n);
+  if (!signed_state) return;
+  for (int64_t i = 0; i < n; ++i) {
+    int c = codes[i];
+    if (std::signbit(coder.code[c]) != std::signbit(v[i])) {
+      c += v[i] > 0.0f ? 1 : -1;
+      codes[i] = uint8_t(c < 0 ? 0 : (c > 255 ? 255 : c));
+    }
+  }
+}
+
+#if defined(__AVX512F__) && defined(__AVX512DQ__)
+// Full 256-element blocks of the optimizers run these AVX-512 versions (the partial last block and the other
+// instruction sets run the scalar loops): the same operations in the same order, so the same bits.
+
+inline __m512 gather_code(const uint8_t* codes, const float* table) {
+  __m512i idx = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes)));
+  return _mm512_i32gather_ps(idx, table, 4);
+}
+
+// Lanes whose value is NaN or +-inf.
+inline __mmask16 not_finite(__m512 v) { return _mm512_fpclass_ps_mask(v, 0x01 | 0x08 | 0x10 | 0x80); }
+
+// Running max |v| of a block, with a flag for any NaN (abs_max's result once folded).
+struct AbsMax {
+  __m512 max = _mm512_setzero_ps();
+  __mmask16 nan = 0;
+  void add(__m512 v) {
+    max = _mm512_max_ps(max, _mm512_abs_ps(v));
+    nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+  }
+  float value() const { return nan ? NAN : _mm512_reduce_max_ps(max); }
+};
+
+// store_state for a full block whose absmax is known: scale, nearest code, sign rule; absmax stored.
+inline void store_full_state(const float* v, float absmax, const Coder& coder, bool signed_state, uint8_t* codes,
+                             float* absmax_out) {
+  *absmax_out = absmax;
+  const float floor = absmax != absmax ? absmax : (absmax > kTiny ? absmax : kTiny);
+  const __m512 inv = _mm512_set1_ps(1.0f / floor), lo = _mm512_set1_ps(-1.0f), hi = _mm512_set1_ps(1.0f);
+  alignas(64) float scaled[kStateBlock];
+  for (int64_t i = 0; i < kStateBlock; i += 16)  // max/min return their second operand for a NaN: kept
+    _mm512_store_ps(scaled + i, _mm512_min_ps(hi, _mm512_max_ps(lo, _mm512_mul_ps(_mm512_load_ps(v + i), inv))));
+  nearest_codes(coder, scaled, codes, kStateBlock);
+  if (!signed_state) return;
+  const __m512i one = _mm512_set1_epi32(1), minus_one = _mm512_set1_epi32(-1), zero = _mm512_setzero_si512();
+  const __m512i last = _mm512_set1_epi32(255);
+  for (int64_t i = 0; i < kStateBlock; i += 16) {
+    __m512i idx = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + i)));
+    __m512 value = _mm512_load_ps(v + i);
+    __mmask16 code_negative = coder.signs_sorted
+                                  ? _mm512_cmplt_epi32_mask(idx, _mm512_set1_epi32(coder.negative_codes))
+                                  : _mm512_movepi32_mask(_mm512_castps_si512(_mm512_i32gather_ps(idx, coder.code, 4)));
+    __mmask16 flipped = code_negative ^ _mm512_movepi32_mask(_mm512_castps_si512(value));
+    __mmask16 positive = _mm512_cmp_ps_mask(value, _mm512_setzero_ps(), _CMP_GT_OQ);
+    __m512i step = _mm512_mask_mov_epi32(minus_one, positive, one);
+    idx = _mm512_mask_add_epi32(idx, flipped, idx, step);
+    idx = _mm512_min_epi32(_mm512_max_epi32(idx, zero), last);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(codes + i), _mm512_cvtepi32_epi8(idx));
+  }
+}
+#endif
+
+struct AdamConstants {
+  float step_size, correction2_eps, beta1, beta2, one_minus_beta1, one_minus_beta2, decay;
+  bool apply_decay;
+};
+
+#if defined(__AVX512F__) && defined(__AVX512DQ__)
+// One full block of adam_impl: param updated in place; the new codes and absmax written.
+inline void adam_block_avx512(const float* grad, float* param, float* m, float* v, uint8_t* state1, uint8_t* state2,
+                              float a1, float a2, const Coder& coder1, const Coder& coder2, const AdamConstants& k,
+                              float* absmax1, float* absmax2) {
+  const __m512 beta1 = _mm512_set1_ps(k.beta1), beta2 = _mm512_set1_ps(k.beta2);
+  const __m512 omb1 = _mm512_set1_ps(k.one_minus_beta1), omb2 = _mm512_set1_ps(k.one_minus_beta2);
+  const __m512 step_size = _mm512_set1_ps(k.step_size), c2eps = _mm512_set1_ps(k.correction2_eps);
+  const __m512 decay = _mm512_set1_ps(k.decay), va1 = _mm512_set1_ps(a1), va2 = _mm512_set1_ps(a2);
+  AbsMax max1, max2;
+  for (int64_t i = 0; i < kStateBlock; i += 16) {
+    const __m512 gr = _mm512_load_ps(grad + i), pr = _mm512_load_ps(param + i);
+    const __mmask16 ok = __mmask16(~not_finite(gr));
+    const __m512 gv = _mm512_maskz_mov_ps(ok, gr);
+    const __m512 m_old = _mm512_mul_ps(gather_code(state1 + i, coder1.code), va1);
+    const __m512 v_old = _mm512_mul_ps(gather_code(state2 + i, coder2.code), va2);
+    const __m512 vi = _mm512_add_ps(_mm512_mul_ps(v_old, beta2), _mm512_mul_ps(_mm512_mul_ps(omb2, gv), gv));
+    const __m512 mi = _mm512_add_ps(_mm512_mul_ps(m_old, beta1), _mm512_mul_ps(omb1, gv));
+    __m512 updated = _mm512_div_ps(mi, _mm512_add_ps(_mm512_sqrt_ps(vi), c2eps));
+    updated = _mm512_add_ps(pr, _mm512_mul_ps(step_size, updated));
+    if (k.apply_decay) updated = _mm512_mul_ps(updated, decay);
+    const __m512 m_new = _mm512_maskz_mov_ps(ok, mi), v_new = _mm512_maskz_mov_ps(ok, vi);
+    _mm512_store_ps(param + i, _mm512_mask_mov_ps(pr, ok, updated));
+    _mm512_store_ps(m + i, m_new);
+    _mm512_store_ps(v + i, v_new);
+    max1.add(m_new);
+    max2.add(v_new);
+  }
+  store_full_state(m, max1.value(), coder1, true, state1, absmax1);
+  store_full_state(v, max2.value(), coder2, false, state2, absmax2);
+}
+#endif
+
+template <typename T>
+void adam_impl(T* p, const T* g, uint8_t* state1, uint8_t* state2, float* absmax1, float* absmax2, int64_t numel,
+               const Coder& coder1, const Coder& coder2, const AdamConstants& k, int nthreads) {
+  const int64_t blocks = (numel + kStateBlock - 1) / kStateBlock;
+  pfp::parallel_for(blocks, kStateBlock * 16, nthreads, [&](int64_t begin, int64_t end, int) {
+    alignas(64) float grad[kStateBlock], param[kStateBlock], m[kStateBlock], v[kStateBlock], scratch[kStateBlock];
+    for (int64_t b = begin; b < end; ++b) {
+      const int64_t start = b * kStateBlock, len = numel - start < kStateBlock ? numel - start : kStateBlock;
+      pfp::load_row(g + start, grad, len);
+      pfp::load_row(p + start, param, len);
+      const float a1 = absmax1[b], a2 = absmax2[b];
+#if defined(__AVX512F__) && defined(__AVX512DQ__)
+      if (len == kStateBlock) {
+        adam_block_avx512(grad, param, m, v, state1 + start, state2 + start, a1, a2, coder1, coder2, k, absmax1 + b,
+                          absmax2 + b);
+        pfp::store_row(param, p + start, len);
+        continue;
+      }
+#endif
+      for (int64_t i = 0; i < len; ++i) {
+        m[i] = coder1.code[state1[start + i]] * a1;
+        v[i] = coder2.code[state2[start + i]] * a2;
+      }
+      for (int64_t i = 0; i < len; ++i) {
+        const bool ok = std::isfinite(grad[i]);
+        const float gv = ok ? grad[i] : 0.0f;
+        const float vi = v[i] * k.beta2 + k.one_minus_beta2 * gv * gv;
+        const float mi = m[i] * k.beta1 + k.one_minus_beta1 * gv;
+        float updated = param[i] + k.step_size * (mi / (std::sqrt(vi) + k.correction2_eps));
+        if (k.apply_decay) updated = updated * k.decay;
+        v[i] = ok ? vi : 0.0f;
+        m[i] = ok ? mi : 0.0f;
+        param[i] = ok ? updated : param[i];
+      }
+      pfp::store_row(param, p + start, len);
+      store_state(m, scratch, len, coder1, true, state1 + start, absmax1 + b);
+      store_state(v, scratch, len, coder2, false, state2 + start, absmax2 + b);
+    }
+  });
+}
+
+struct LionConstants {
+  float lr, beta1, beta2, one_minus_beta1, one_minus_beta2, decay;
+  bool apply_decay;
+};
+
+#if defined(__AVX512F__) && defined(__AVX512DQ__)
+// One full block of lion_impl.
+inline void lion_block_avx512(const float* grad, float* param, float* m, uint8_t* state1, float a1, const Coder& coder,
+                              const LionConstants& k, float* absmax1) {
+  const __m512 beta1 = _mm512_set1_ps(k.beta1), beta2 = _mm512_set1_ps(k.beta2);
+  const __m512 omb1 = _mm512_set1_ps(k.one_minus_beta1), omb2 = _mm512_set1_ps(k.one_minus_beta2);
+  const __m512 lr = _mm512_set1_ps(k.lr), decay = _mm512_set1_ps(k.decay), va1 = _mm512_set1_ps(a1);
+  const __m512 zero = _mm512_setzero_ps(), one = _mm512_set1_ps(1.0f), minus_one = _mm512_set1_ps(-1.0f);
+  AbsMax max1;
+  for (int64_t i = 0; i < kStateBlock; i += 16) {
+    const __m512 gr = _mm512_load_ps(grad + i), pr = _mm512_load_ps(param + i);
+    const __mmask16 ok = __mmask16(~not_finite(gr));
+    const __m512 gv = _mm512_maskz_mov_ps(ok, gr);
+    const __m512 mi = _mm512_mul_ps(gather_code(state1 + i, coder.code), va1);
+    const __m512 blend = _mm512_add_ps(_mm512_mul_ps(mi, beta1), _mm512_mul_ps(omb1, gv));
+    // sign(blend): +1, -1, 0 for +-0, NaN for NaN
+    __m512 sign = _mm512_mask_mov_ps(zero, _mm512_cmp_ps_mask(blend, zero, _CMP_GT_OQ), one);
+    sign = _mm512_mask_mov_ps(sign, _mm512_cmp_ps_mask(blend, zero, _CMP_LT_OQ), minus_one);
+    sign = _mm512_mask_mov_ps(sign, _mm512_cmp_ps_mask(blend, blend, _CMP_UNORD_Q), blend);
+    __m512 updated = k.apply_decay ? _mm512_mul_ps(pr, decay) : pr;
+    updated = _mm512_sub_ps(updated, _mm512_mul_ps(lr, sign));
+    const __m512 m_new = _mm512_maskz_mov_ps(ok, _mm512_add_ps(_mm512_mul_ps(mi, beta2), _mm512_mul_ps(omb2, gv)));
+    _mm512_store_ps(param + i, _mm512_mask_mov_ps(pr, ok, updated));
+    _mm512_store_ps(m + i, m_new);
+    max1.add(m_new);
+  }
+  store_full_state(m, max1.value(), coder, true, state1, absmax1);
+}
+#endif
+
+template <typename T>
+void lion_impl(T* p, const T* g, uint8_t* state1, float* absmax1, int64_t numel, const Coder& coder,
+               const LionConstants& k, int nthreads) {
+  const int64_t blocks = (numel + kStateBlock - 1) / kStateBlock;
+  pfp::parallel_for(blocks, kStateBlock * 12, nthreads, [&](int64_t begin, int64_t end, int) {
+    alignas(64) float grad[kStateBlock], param[kStateBlock], m[kStateBlock], scratch[kStateBlock];
+    for (int64_t b = begin; b < end; ++b) {
+      const int64_t start = b * kStateBlock, len = numel - start < kStateBlock ? numel - start : kStateBlock;
+      pfp::load_row(g + start, grad, len);
+      pfp::load_row(p + start, param, len);
+      const float a1 = absmax1[b];
+#if defined(__AVX512F__) && defined(__AVX512DQ__)
+      if (len == kStateBlock) {
+        lion_block_avx512(grad, param, m, state1 + start, a1, coder, k, absmax1 + b);
+        pfp::store_row(param, p + start, len);
+        continue;
+      }
+#endif
+      for (int64_t i = 0; i < len; ++i) {
+        const bool ok = std::isfinite(grad[i]);
+        const float gv = ok ? grad[i] : 0.0f;
+        const float mi = coder.code[state1[start + i]] * a1;
+        const float blend = mi * k.beta1 + k.one_minus_beta1 * gv;
+        const float sign = blend > 0.0f ? 1.0f : (blend < 0.0f ? -1.0f : (blend != blend ? blend : 0.0f));
+        float updated = k.apply_decay ? param[i] * k.decay : param[i];
+        updated = updated - k.lr * sign;
+        m[i] = ok ? mi * k.beta2 + k.one_minus_beta2 * gv : 0.0f;
+        param[i] = ok ? updated : param[i];
+      }
+      pfp::store_row(param, p + start, len);
+      store_state(m, scratch, len, coder, true, state1 + start, absmax1 + b);
+    }
+  });
+}
+
+}  // namespace
+
+// blockwise_quantize: codes[numel] uint8 and absmax[ceil(numel / blocksize)] fp32 of x[numel] (fp32, fp16, bf16 or
+// fp64, through its fp32 rounding), nearest of code[256] (fp32, sorted ascending), blocksize >= 1. All contiguous.
+void blockwise_quantize(const void* x, int x_dtype, const float* code, uint8_t* codes, float* absmax, int64_t numel,
+                        int64_t blocksize, int nthreads) {
+  auto coder = coder_for(code);
+  pfp::dispatch_float(x_dtype, "blockwise_quantize", [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    quantize_impl(static_cast<const T*>(x), codes, absmax, numel, blocksize, *coder, nthreads);
+  });
+}
+
+// blockwise_dequantize: out[numel] (out_dtype) = code[codes[i]] * absmax[i / blocksize] in fp32, rounded once;
+// codes uint8 [numel], absmax fp32 [ceil(numel / blocksize)], code fp32 [256]. All contiguous.
+void blockwise_dequantize(const uint8_t* codes, const float* absmax, const float* code, void* out, int out_dtype,
+                          int64_t numel, int64_t blocksize, int nthreads) {
+  pfp::dispatch_float(out_dtype, "blockwise_dequantize", [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    dequantize_impl(codes, absmax, code, static_cast<T*>(out), numel, blocksize, nthreads);
+  });
+}
+
+// adam8bit_step: one 8-bit Adam step in place. p and g [numel] of one dtype (fp32, fp16, bf16); state1, state2 uint8
+// [numel]; absmax1, absmax2 fp32 [ceil(numel / 256)]; code1 (signed) and code2 fp32 [256], sorted. step_size,
+// correction2_eps, decay: this step's constants (see the reference); decay applies only when apply_decay. All
+// contiguous, no two overlapping.
+void adam8bit_step(void* p, const void* g, int dtype, uint8_t* state1, uint8_t* state2, float* absmax1, float* absmax2,
+                   const float* code1, const float* code2, int64_t numel, double step_size, double correction2_eps,
+                   double beta1, double beta2, double decay, bool apply_decay, int nthreads) {
+  auto coder1 = coder_for(code1);
+  auto coder2 = coder_for(code2);
+  const AdamConstants k{float(step_size),   float(correction2_eps), float(beta1), float(beta2),
+                        float(1.0 - beta1), float(1.0 - beta2),     float(decay), apply_decay};
+  pfp::dispatch_float(dtype, "adam8bit_step", [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    if constexpr (std::is_same_v<T, double>) {
+      throw std::invalid_argument("adam8bit_step: fp64 parameters are not supported");
+    } else {
+      adam_impl(static_cast<T*>(p), static_cast<const T*>(g), state1, state2, absmax1, absmax2, numel, *coder1, *coder2,
+                k, nthreads);
+    }
+  });
+}
+
+// lion8bit_step: one 8-bit Lion step in place. p and g [numel] of one dtype (fp32, fp16, bf16); state1 uint8 [numel];
+// absmax1 fp32 [ceil(numel / 256)]; code1 fp32 [256], sorted. All contiguous, no two overlapping.
+void lion8bit_step(void* p, const void* g, int dtype, uint8_t* state1, float* absmax1, const float* code1,
+                   int64_t numel, double lr, double beta1, double beta2, double decay, bool apply_decay, int nthreads) {
+  auto coder = coder_for(code1);
+  const LionConstants k{float(lr),          float(beta1), float(beta2), float(1.0 - beta1),
+                        float(1.0 - beta2), float(decay), apply_decay};
+  pfp::dispatch_float(dtype, "lion8bit_step", [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    if constexpr (std::is_same_v<T, double>) {
+      throw std::invalid_argument("lion8bit_step: fp64 parameters are not supported");
+    } else {
+      lion_impl(static_cast<T*>(p), static_cast<const T*>(g), state1, absmax1, numel, *coder, k, nthreads);
+    }
+  });
+}
+
+// blockwise_table_exact: exact[0] = 1 when code's bucket table answers every value, 0 when the binary search serves
+// it (code fp32 [256], sorted).
+void blockwise_table_exact(const float* code, int32_t* exact) { exact[0] = coder_for(code)->table_exact ? 1 : 0; }
+
+}  // namespace PFP_ISA

@@ -1,0 +1,264 @@
+"""8-bit blockwise dynamic quantization and the fused 8-bit optimizer steps: custom ops and backend table.
+
+Ops (formulas, rounding and NaN rules in pyfastpeft/reference/blockwise.py):
+  pyfastpeft::blockwise_quantize(x, code, blocksize) -> (codes uint8 of x's shape, absmax fp32 [nblocks])
+  pyfastpeft::blockwise_dequantize(codes, absmax, code, blocksize, dtype) -> x_hat of codes' shape
+  pyfastpeft::adam8bit_step(p!, g, state1!, state2!, absmax1!, absmax2!, code1, code2, step_size, correction2_eps,
+                            beta1, beta2, decay) -> ()
+  pyfastpeft::lion8bit_step(p!, g, state1!, absmax1!, code1, lr, beta1, beta2, decay) -> ()
+The step ops update their `!` arguments in place (declared in the schema) and run outside autograd: they are what
+pyfastpeft.optim's optimizers call under torch.no_grad. code is a sorted fp32 table of 256 values; states hold one
+code per parameter element, absmax one fp32 per block of 256. A parameter must be contiguous (it is written in place);
+the rest is made contiguous where it is not. Native kernel: csrc/cpu/blockwise.cpp (CPU); CUDA runs the reference.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from pyfastpeft import _native
+from pyfastpeft.ops._checks import FLOAT_DTYPES, check_dtype, check_int
+from pyfastpeft.ops._library import define_op
+from pyfastpeft.reference import blockwise as ref
+
+STEP_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+MAX_BLOCKSIZE = 1 << 20
+
+
+def _nblocks(numel: int, blocksize: int) -> int:
+    return -(-numel // blocksize)
+
+
+# ---- blockwise_quantize / blockwise_dequantize ------------------------------------------------------------------
+
+
+def _native_quantize(x, code, blocksize):
+    codes = _native.empty(x.shape, dtype=torch.uint8, device=x.device)
+    absmax = torch.empty(_nblocks(x.numel(), blocksize), dtype=torch.float32, device=x.device)
+    if x.numel():
+        _native.launch(
+            "blockwise_quantize", x, x.contiguous(), x.dtype, code.contiguous(), codes, absmax, x.numel(), blocksize
+        )
+    return codes, absmax
+
+
+def _fake_quantize(x, code, blocksize):
+    nblocks = _nblocks(x.numel(), blocksize)
+    return torch.empty(x.shape, dtype=torch.uint8, device=x.device), x.new_empty(nblocks, dtype=torch.float32)
+
+
+def _reference_quantize(x, code, blocksize):
+    codes, absmax = ref.quantize(x, code, blocksize)
+    return codes.contiguous(), absmax
+
+
+def _check_code(op: str, name: str, code) -> None:
+    check_dtype(op, name, code, (torch.float32,))
+    if code.numel() != 256:
+        raise ValueError(f"{op}: {name} must hold 256 values (an 8-bit code), got {code.numel()}")
+
+
+def _check_quantize(x, code, blocksize):
+    check_dtype("blockwise_quantize", "x", x, FLOAT_DTYPES)
+    _check_code("blockwise_quantize", "code", code)
+    check_int("blockwise_quantize", "blocksize", blocksize, low=1, high=MAX_BLOCKSIZE)
+
+
+def _native_dequantize(codes, absmax, code, blocksize, dtype):
+    out = _native.empty(codes.shape, dtype=dtype, device=codes.device)
+    if codes.numel():
+        _native.launch(
+            "blockwise_dequantize",
+            codes,
+            codes.contiguous(),
+            absmax.contiguous(),
+            code.contiguous(),
+            out,
+            dtype,
+            codes.numel(),
+            blocksize,
+        )
+    return out
+
+
+def _fake_dequantize(codes, absmax, code, blocksize, dtype):
+    return torch.empty(codes.shape, dtype=dtype, device=codes.device)
+
+
+def _reference_dequantize(codes, absmax, code, blocksize, dtype):
+    return ref.dequantize(codes, absmax, code, blocksize, dtype).contiguous()
+
+
+def _check_dequantize(codes, absmax, code, blocksize, dtype):
+    op = "blockwise_dequantize"
+    check_dtype(op, "codes", codes, (torch.uint8,))
+    check_dtype(op, "absmax", absmax, (torch.float32,))
+    _check_code(op, "code", code)
+    check_int(op, "blocksize", blocksize, low=1, high=MAX_BLOCKSIZE)
+    if dtype not in FLOAT_DTYPES:
+        raise TypeError(f"{op}: dtype must be one of float32, float16, bfloat16, float64, got {dtype}")
+    expected = _nblocks(codes.numel(), blocksize)
+    if absmax.numel() != expected:
+        raise ValueError(
+            f"{op}: absmax has {absmax.numel()} elements, {codes.numel()} codes in blocks of {blocksize} "
+            f"need {expected}"
+        )
+
+
+blockwise_quantize = define_op(
+    "blockwise_quantize",
+    "(Tensor x, Tensor code, int blocksize) -> (Tensor, Tensor)",
+    family="blockwise",
+    fake=_fake_quantize,
+    reference=_reference_quantize,
+    native=_native_quantize,
+    triton=_reference_quantize,
+    check=_check_quantize,
+)
+blockwise_dequantize = define_op(
+    "blockwise_dequantize",
+    "(Tensor codes, Tensor absmax, Tensor code, int blocksize, ScalarType dtype) -> Tensor",
+    family="blockwise",
+    fake=_fake_dequantize,
+    reference=_reference_dequantize,
+    native=_native_dequantize,
+    triton=_reference_dequantize,
+    check=_check_dequantize,
+)
+
+
+# ---- the 8-bit optimizer steps ----------------------------------------------------------------------------------
+
+
+def _check_state(op: str, p, g, states: dict, absmaxes: dict, codes: dict) -> None:
+    """p floating (fp32, fp16, bf16) and contiguous; g of p's dtype and size; each state uint8 of p's size and
+    contiguous; each absmax fp32 of ceil(numel / 256) elements, contiguous; each code an fp32 [256]."""
+    check_dtype(op, "p", p, STEP_DTYPES)
+    if not p.is_contiguous():
+        raise ValueError(f"{op}: p must be contiguous (it is updated in place)")
+    check_dtype(op, "g", g, (p.dtype,))
+    n = p.numel()
+    if g.numel() != n:
+        raise ValueError(f"{op}: g has {g.numel()} elements, p has {n}")
+    for name, state in states.items():
+        check_dtype(op, name, state, (torch.uint8,))
+        if state.numel() != n:
+            raise ValueError(f"{op}: {name} has {state.numel()} elements, p has {n}")
+        if not state.is_contiguous():
+            raise ValueError(f"{op}: {name} must be contiguous (it is updated in place)")
+    nblocks = _nblocks(n, ref.OPTIMIZER_BLOCKSIZE)
+    for name, absmax in absmaxes.items():
+        check_dtype(op, name, absmax, (torch.float32,))
+        if absmax.numel() != nblocks:
+            raise ValueError(
+                f"{op}: {name} has {absmax.numel()} elements, {n} parameters in blocks of "
+                f"{ref.OPTIMIZER_BLOCKSIZE} need {nblocks}"
+            )
+        if not absmax.is_contiguous():
+            raise ValueError(f"{op}: {name} must be contiguous (it is updated in place)")
+    for name, code in codes.items():
+        _check_code(op, name, code)
+
+
+def _check_adam(p, g, state1, state2, absmax1, absmax2, code1, code2, *constants):
+    _check_state(
+        "adam8bit_step",
+        p,
+        g,
+        {"state1": state1, "state2": state2},
+        {"absmax1": absmax1, "absmax2": absmax2},
+        {"code1": code1, "code2": code2},
+    )
+
+
+def _native_adam(p, g, state1, state2, absmax1, absmax2, code1, code2, step_size, correction2_eps, beta1, beta2, decay):
+    if p.numel():
+        _native.launch(
+            "adam8bit_step",
+            p,
+            p,
+            g.contiguous(),
+            p.dtype,
+            state1,
+            state2,
+            absmax1,
+            absmax2,
+            code1.contiguous(),
+            code2.contiguous(),
+            p.numel(),
+            step_size,
+            correction2_eps,
+            beta1,
+            beta2,
+            decay,
+            decay != 1.0,
+        )
+
+
+def _reference_adam(p, g, state1, state2, absmax1, absmax2, code1, code2, *constants):
+    if p.numel():
+        ref.adam8bit_step(p, g, state1, state2, absmax1, absmax2, code1, code2, *constants)
+
+
+def _fake_step(*args):
+    return None
+
+
+def _check_lion(p, g, state1, absmax1, code1, *constants):
+    _check_state("lion8bit_step", p, g, {"state1": state1}, {"absmax1": absmax1}, {"code1": code1})
+
+
+def _native_lion(p, g, state1, absmax1, code1, lr, beta1, beta2, decay):
+    if p.numel():
+        _native.launch(
+            "lion8bit_step",
+            p,
+            p,
+            g.contiguous(),
+            p.dtype,
+            state1,
+            absmax1,
+            code1.contiguous(),
+            p.numel(),
+            lr,
+            beta1,
+            beta2,
+            decay,
+            decay != 1.0,
+        )
+
+
+def _reference_lion(p, g, state1, absmax1, code1, *constants):
+    if p.numel():
+        ref.lion8bit_step(p, g, state1, absmax1, code1, *constants)
+
+
+adam8bit_step = define_op(
+    "adam8bit_step",
+    "(Tensor(a!) p, Tensor g, Tensor(b!) state1, Tensor(c!) state2, Tensor(d!) absmax1, Tensor(e!) absmax2, "
+    "Tensor code1, Tensor code2, float step_size, float correction2_eps, float beta1, float beta2, float decay) -> ()",
+    family="blockwise",
+    fake=_fake_step,
+    reference=_reference_adam,
+    native=_native_adam,
+    triton=_reference_adam,
+    check=_check_adam,
+)
+lion8bit_step = define_op(
+    "lion8bit_step",
+    "(Tensor(a!) p, Tensor g, Tensor(b!) state1, Tensor(c!) absmax1, Tensor code1, float lr, float beta1, "
+    "float beta2, float decay) -> ()",
+    family="blockwise",
+    fake=_fake_step,
+    reference=_reference_lion,
+    native=_native_lion,
+    triton=_reference_lion,
+    check=_check_lion,
+)
+
+
+def table_exact(code: torch.Tensor) -> bool:
+    """Whether the native kernel answers `code` from its bucket table (else by binary search): both dynamic maps do."""
+    out = torch.zeros(1, dtype=torch.int32)
+    _native.cpu.blockwise_table_exact(code.float().contiguous().data_ptr(), out.data_ptr())
+    return bool(out.item())

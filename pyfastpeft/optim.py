@@ -1,0 +1,283 @@
+"""8-bit optimizers: Adam / AdamW / Lion whose states are stored blockwise in 8 bits, one fused kernel per parameter.
+
+    optimizer = pyfastpeft.optim.AdamW8bit(model.parameters(), lr=2e-4)
+    trainer = Trainer(model, args, ..., optimizers=(optimizer, None))
+
+Drop-ins for bitsandbytes' AdamW8bit / Adam8bit / Lion8bit, with their math (pyfastpeft/reference/blockwise.py has
+the formulas) and their state: per parameter "step", "state1"/"state2" (uint8 codes of the parameter's shape),
+"qmap1"/"qmap2" (the signed and unsigned dynamic maps), "absmax1"/"absmax2" (fp32, one per block of 256). A
+parameter of fewer than `min_8bit_size` elements keeps fp32 states instead, as bitsandbytes does. So a state_dict
+saved by either library loads into the other (load_state_dict also unwraps the nested form newer bitsandbytes
+versions save). As in bitsandbytes, Adam8bit's weight decay is decoupled (p *= 1 - lr * weight_decay, after the
+update), not torch.optim.Adam's L2 term.
+
+The state memory is 2 bytes per element (Adam; 1 for Lion) plus 8 (4) bytes per 256 elements, against 8 (4) for
+fp32 states. Each parameter's step is one pass over it: dequantize, update, requantize in registers.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable
+
+import torch
+
+from pyfastpeft.ops import blockwise as ops
+from pyfastpeft.reference import blockwise as ref
+
+__all__ = ["AdamW8bit", "Adam8bit", "Lion8bit"]
+
+# The key under which bitsandbytes >= 0.50 nests its quantization state in a saved state_dict (to hide it from FSDP).
+BNB_WRAPPED_STATE_KEY = "__bnb_optimizer_quant_state__"
+PARAM_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+
+
+def _check_unit_interval(name: str, value, *, closed_low: bool = True) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise ValueError(f"{name} must be a finite number, got {value!r}")
+    if not (0.0 <= value < 1.0):
+        raise ValueError(f"{name} must be in [0, 1), got {value!r}")
+    return float(value)
+
+
+def _check_non_negative(name: str, value) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    return float(value)
+
+
+class _Optimizer8bit(torch.optim.Optimizer):
+    """The state handling both optimizers share: bitsandbytes' keys, fp32 states for small parameters, loading of
+    either library's state_dict without the dtype casts torch.optim applies to floating-point state."""
+
+    two_states: bool
+
+    def __init__(self, params: Iterable, defaults: dict, min_8bit_size: int):
+        if isinstance(min_8bit_size, bool) or not isinstance(min_8bit_size, int) or min_8bit_size < 0:
+            raise ValueError(f"min_8bit_size must be an int >= 0, got {min_8bit_size!r}")
+        self.min_8bit_size = min_8bit_size
+        super().__init__(params, defaults)
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        """Loads a state_dict of ours or of bitsandbytes' 8-bit optimizers (also the nested form bitsandbytes >= 0.50
+        saves). Unlike torch.optim, no state tensor is cast to its parameter's dtype: uint8 codes, fp32 absmax and
+        maps, and the fp32 states of small parameters keep their dtype; they only move to the parameter's device."""
+        if not isinstance(state_dict, dict) or "state" not in state_dict or "param_groups" not in state_dict:
+            raise ValueError(f"{type(self).__name__}.load_state_dict: expected a dict with 'state' and 'param_groups'")
+        saved_ids = [i for group in state_dict["param_groups"] for i in group["params"]]
+        params = [p for group in self.param_groups for p in group["params"]]
+        tensors, skeleton = {}, {}
+        for key, param_state in state_dict["state"].items():
+            param_state = dict(param_state)
+            param_state.update(param_state.pop(BNB_WRAPPED_STATE_KEY, {}))
+            tensors[key] = {k: v for k, v in param_state.items() if isinstance(v, torch.Tensor) and k != "step"}
+            skeleton[key] = {k: v for k, v in param_state.items() if k not in tensors[key]}
+        super().load_state_dict({**state_dict, "state": skeleton})
+        for key, saved in tensors.items():
+            if key not in saved_ids:
+                continue
+            p = params[saved_ids.index(key)]
+            self.state[p].update({k: v.to(device=p.device, copy=True) for k, v in saved.items()})
+            self._check_state(p, self.state[p])
+
+    def _check_state(self, p: torch.Tensor, state: dict) -> None:
+        """A loaded state must fit its parameter before any kernel reads it (a corrupt or foreign checkpoint is
+        a ValueError naming the key, never a crash)."""
+        names = ("state1", "state2") if self.two_states else ("state1",)
+        where = f"{type(self).__name__}.load_state_dict: parameter of shape {tuple(p.shape)}"
+        step = state.get("step")
+        if isinstance(step, torch.Tensor):
+            step = int(step.item())
+            state["step"] = step
+        if isinstance(step, bool) or not isinstance(step, int) or step < 0:
+            raise ValueError(f"{where}: step must be an int >= 0, got {state.get('step')!r}")
+        for name in names:
+            value = state.get(name)
+            if not isinstance(value, torch.Tensor):
+                raise ValueError(f"{where}: {name} is missing or not a tensor")
+            if value.numel() != p.numel():
+                raise ValueError(f"{where}: {name} has {value.numel()} elements, the parameter {p.numel()}")
+            if value.dtype not in (torch.uint8, torch.float32):
+                raise ValueError(f"{where}: {name} must be uint8 (8-bit) or float32, got {value.dtype}")
+        quantized = state["state1"].dtype == torch.uint8
+        if any((state[name].dtype == torch.uint8) != quantized for name in names):
+            raise ValueError(f"{where}: the states mix uint8 and float32")
+        if not quantized:
+            return
+        nblocks = -(-p.numel() // ref.OPTIMIZER_BLOCKSIZE)
+        for index, name in enumerate(names, start=1):
+            qmap, absmax = state.get(f"qmap{index}"), state.get(f"absmax{index}")
+            if not isinstance(qmap, torch.Tensor) or qmap.dtype != torch.float32 or qmap.numel() != 256:
+                raise ValueError(f"{where}: qmap{index} must be a float32 tensor of 256 values")
+            if not bool(torch.isfinite(qmap).all()) or not bool((qmap[1:] >= qmap[:-1]).all()):
+                raise ValueError(f"{where}: qmap{index} must be finite and sorted ascending")
+            if not isinstance(absmax, torch.Tensor) or absmax.dtype != torch.float32 or absmax.numel() != nblocks:
+                raise ValueError(f"{where}: absmax{index} must be a float32 tensor of {nblocks} values")
+            state[f"qmap{index}"], state[f"absmax{index}"] = qmap.contiguous(), absmax.contiguous()
+            state[name] = state[name].reshape(p.shape).contiguous()
+
+    def _init_state(self, p: torch.Tensor) -> dict:
+        state = self.state[p]
+        state["step"] = 0
+        names = ("state1", "state2") if self.two_states else ("state1",)
+        if p.numel() < self.min_8bit_size:
+            for name in names:
+                state[name] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.contiguous_format)
+            return state
+        nblocks = -(-p.numel() // ref.OPTIMIZER_BLOCKSIZE)
+        maps = (ref.SIGNED_MAP, ref.UNSIGNED_MAP)
+        for index, name in enumerate(names, start=1):
+            state[name] = torch.zeros_like(p, dtype=torch.uint8, memory_format=torch.contiguous_format)
+            state[f"qmap{index}"] = maps[index - 1].to(p.device, copy=True)
+            state[f"absmax{index}"] = torch.zeros(nblocks, dtype=torch.float32, device=p.device)
+        return state
+
+    def _parameters_with_grad(self):
+        for group in self.param_groups:
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                if p.grad.is_sparse:
+                    raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+                if p.dtype not in PARAM_DTYPES:
+                    raise TypeError(
+                        f"{type(self).__name__}: parameters must be float32, float16 or bfloat16, got {p.dtype}"
+                    )
+                if not p.is_contiguous():  # the kernels update p in place
+                    p.data = p.data.contiguous()
+                state = self.state[p] if self.state[p] else self._init_state(p)
+                state["step"] += 1
+                yield group, p, p.grad.to(p.dtype), state
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+        for group, p, grad, state in self._parameters_with_grad():
+            self._update(group, p, grad, state)
+        return loss
+
+
+class Adam8bit(_Optimizer8bit):
+    """Adam with 8-bit blockwise states (bitsandbytes' Adam8bit). weight_decay is decoupled, applied after the
+    update: p *= 1 - lr * weight_decay (bitsandbytes' kernel does the same)."""
+
+    two_states = True
+
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 0.0,
+        min_8bit_size: int = 4096,
+    ):
+        lr = _check_non_negative("lr", lr)
+        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+            raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
+        betas = (_check_unit_interval("betas[0]", betas[0]), _check_unit_interval("betas[1]", betas[1]))
+        eps = _check_non_negative("eps", eps)
+        weight_decay = _check_non_negative("weight_decay", weight_decay)
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
+        super().__init__(params, defaults, min_8bit_size)
+
+    def _update(self, group: dict, p: torch.Tensor, grad: torch.Tensor, state: dict) -> None:
+        beta1, beta2 = group["betas"]
+        lr, step = group["lr"], state["step"]
+        correction1 = 1.0 - beta1**step
+        correction2 = math.sqrt(1.0 - beta2**step)
+        step_size = -lr * correction2 / correction1
+        decay = 1.0 - lr * group["weight_decay"]
+        constants = (step_size, correction2 * group["eps"], beta1, beta2, decay)
+        if state["state1"].dtype == torch.uint8:
+            ops.adam8bit_step(
+                p,
+                grad,
+                state["state1"],
+                state["state2"],
+                state["absmax1"],
+                state["absmax2"],
+                state["qmap1"],
+                state["qmap2"],
+                *constants,
+            )
+        else:
+            _adam_fp32(p, grad, state["state1"], state["state2"], *constants)
+
+
+class AdamW8bit(Adam8bit):
+    """AdamW with 8-bit blockwise states (bitsandbytes' AdamW8bit): Adam8bit with weight_decay 0.01 by default."""
+
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        min_8bit_size: int = 4096,
+    ):
+        super().__init__(params, lr, betas, eps, weight_decay, min_8bit_size)
+
+
+class Lion8bit(_Optimizer8bit):
+    """Lion (Chen et al. 2023) with an 8-bit blockwise momentum (bitsandbytes' Lion8bit): p *= 1 - lr * wd;
+    p -= lr * sign(beta1 * m + (1 - beta1) * g); m = beta2 * m + (1 - beta2) * g."""
+
+    two_states = False
+
+    def __init__(
+        self,
+        params: Iterable,
+        lr: float = 1e-4,
+        betas: tuple[float, float] = (0.9, 0.99),
+        weight_decay: float = 0.0,
+        min_8bit_size: int = 4096,
+    ):
+        lr = _check_non_negative("lr", lr)
+        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+            raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
+        betas = (_check_unit_interval("betas[0]", betas[0]), _check_unit_interval("betas[1]", betas[1]))
+        weight_decay = _check_non_negative("weight_decay", weight_decay)
+        # eps is unused by Lion; bitsandbytes' loader reads it from every saved parameter group.
+        super().__init__(params, dict(lr=lr, betas=betas, eps=1e-8, weight_decay=weight_decay), min_8bit_size)
+
+    def _update(self, group: dict, p: torch.Tensor, grad: torch.Tensor, state: dict) -> None:
+        beta1, beta2 = group["betas"]
+        lr = group["lr"]
+        decay = 1.0 - lr * group["weight_decay"]
+        if state["state1"].dtype == torch.uint8:
+            ops.lion8bit_step(p, grad, state["state1"], state["absmax1"], state["qmap1"], lr, beta1, beta2, decay)
+        else:
+            _lion_fp32(p, grad, state["state1"], lr, beta1, beta2, decay)
+
+
+# The fp32-state updates of small parameters: the formulas of the 8-bit kernels without the quantization.
+
+
+def _adam_fp32(p, g, m, v, step_size, correction2_eps, beta1, beta2, decay) -> None:
+    grad = g.reshape(p.shape).float()
+    finite = torch.isfinite(grad)
+    grad = torch.where(finite, grad, 0.0)
+    v_new = v * beta2 + (1.0 - beta2) * grad * grad
+    m_new = m * beta1 + (1.0 - beta1) * grad
+    param = p.float()
+    updated = param + step_size * (m_new / (v_new.double().sqrt().float() + correction2_eps))
+    if decay != 1.0:
+        updated = updated * decay
+    v.copy_(torch.where(finite, v_new, 0.0))
+    m.copy_(torch.where(finite, m_new, 0.0))
+    p.copy_(torch.where(finite, updated, param))
+
+
+def _lion_fp32(p, g, m, lr, beta1, beta2, decay) -> None:
+    grad = g.reshape(p.shape).float()
+    finite = torch.isfinite(grad)
+    grad = torch.where(finite, grad, 0.0)
+    param = p.float()
+    updated = (param * decay if decay != 1.0 else param) - lr * torch.sign(m * beta1 + (1.0 - beta1) * grad)
+    m.copy_(torch.where(finite, m * beta2 + (1.0 - beta2) * grad, 0.0))
+    p.copy_(torch.where(finite, updated, param))

@@ -1,0 +1,104 @@
+"""Bad arguments to the blockwise ops and the public quantize_blockwise / dequantize_blockwise raise a clear exception
+naming the argument; run in a child process (tests/bad_input.py), so a regression that crashes fails its own test."""
+
+import pytest
+import torch
+from bad_input import Cases, assert_raises_cleanly
+
+from pyfastpeft.ops import blockwise as ops
+from pyfastpeft.quant import BlockwiseState, dequantize_blockwise, quantize_blockwise
+from pyfastpeft.reference.blockwise import SIGNED_MAP, UNSIGNED_MAP
+
+cases = Cases(__file__)
+
+
+def _adam(**changes):
+    n = 1000
+    args = dict(
+        p=torch.randn(n),
+        g=torch.randn(n),
+        state1=torch.zeros(n, dtype=torch.uint8),
+        state2=torch.zeros(n, dtype=torch.uint8),
+        absmax1=torch.zeros(4),
+        absmax2=torch.zeros(4),
+        code1=SIGNED_MAP,
+        code2=UNSIGNED_MAP,
+    )
+    args.update(changes)
+    ops.adam8bit_step(*args.values(), -1e-3, 1e-8, 0.9, 0.999, 1.0)
+
+
+@cases.add(ValueError, "absmax1 has 3 elements, 1000 parameters in blocks of 256 need 4")
+def adam_short_absmax():
+    _adam(absmax1=torch.zeros(3))
+
+
+@cases.add(ValueError, "state2 has 999 elements, p has 1000")
+def adam_short_state():
+    _adam(state2=torch.zeros(999, dtype=torch.uint8))
+
+
+@cases.add(TypeError, "state1 must have dtype in \\(uint8\\)")
+def adam_float_state():
+    _adam(state1=torch.zeros(1000))
+
+
+@cases.add(ValueError, "code2 must hold 256 values")
+def adam_short_code():
+    _adam(code2=UNSIGNED_MAP[:100])
+
+
+@cases.add(TypeError, "g must have dtype in \\(bfloat16\\)")
+def adam_grad_dtype():
+    _adam(p=torch.randn(1000, dtype=torch.bfloat16))
+
+
+@cases.add(ValueError, "p must be contiguous")
+def adam_strided_param():
+    _adam(p=torch.randn(2000)[::2])
+
+
+@cases.add(ValueError, "lion8bit_step: absmax1 has 0 elements")
+def lion_empty_absmax():
+    ops.lion8bit_step(
+        torch.randn(10),
+        torch.randn(10),
+        torch.zeros(10, dtype=torch.uint8),
+        torch.zeros(0),
+        SIGNED_MAP,
+        1e-4,
+        0.9,
+        0.99,
+        1.0,
+    )
+
+
+@cases.add(ValueError, "blocksize must be")
+def quantize_zero_blocksize():
+    quantize_blockwise(torch.randn(10), blocksize=0)
+
+
+@cases.add(ValueError, "absmax has 1 elements, 5000 codes in blocks of 64 need 79")
+def dequantize_short_absmax():
+    dequantize_blockwise(
+        torch.zeros(5000, dtype=torch.uint8), BlockwiseState(torch.zeros(1), SIGNED_MAP, 64, torch.float32)
+    )
+
+
+@cases.add(ValueError, "code must hold 256 values")
+def dequantize_short_code():
+    dequantize_blockwise(
+        torch.zeros(64, dtype=torch.uint8), BlockwiseState(torch.zeros(1), SIGNED_MAP[:16], 64, torch.float32)
+    )
+
+
+@cases.add(TypeError, "a nested state.absmax must be uint8 codes")
+def dequantize_nested_float_absmax():
+    codes, state = quantize_blockwise(torch.randn(5000), blocksize=64, nested=True)
+    state.absmax = state.absmax.float()
+    dequantize_blockwise(codes, state)
+
+
+@pytest.mark.parametrize("name", cases.names())
+def test_bad_input_raises_cleanly(name):
+    assert_raises_cleanly(cases, name)
