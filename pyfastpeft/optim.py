@@ -46,6 +46,18 @@ def _check_non_negative(name: str, value) -> float:
     return float(value)
 
 
+def _checked_defaults(lr, betas, eps, weight_decay) -> dict:
+    """The parameter-group defaults, each checked: ValueError naming the argument."""
+    if not isinstance(betas, (tuple, list)) or len(betas) != 2:
+        raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
+    return dict(
+        lr=_check_non_negative("lr", lr),
+        betas=(_check_unit_interval("betas[0]", betas[0]), _check_unit_interval("betas[1]", betas[1])),
+        eps=_check_non_negative("eps", eps),
+        weight_decay=_check_non_negative("weight_decay", weight_decay),
+    )
+
+
 class _Optimizer8bit(torch.optim.Optimizer):
     """The state handling both optimizers share: bitsandbytes' keys, fp32 states for small parameters, loading of
     either library's state_dict without the dtype casts torch.optim applies to floating-point state."""
@@ -175,14 +187,7 @@ class Adam8bit(_Optimizer8bit):
         weight_decay: float = 0.0,
         min_8bit_size: int = 4096,
     ):
-        lr = _check_non_negative("lr", lr)
-        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
-            raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
-        betas = (_check_unit_interval("betas[0]", betas[0]), _check_unit_interval("betas[1]", betas[1]))
-        eps = _check_non_negative("eps", eps)
-        weight_decay = _check_non_negative("weight_decay", weight_decay)
-        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay)
-        super().__init__(params, defaults, min_8bit_size)
+        super().__init__(params, _checked_defaults(lr, betas, eps, weight_decay), min_8bit_size)
 
     def _update(self, group: dict, p: torch.Tensor, grad: torch.Tensor, state: dict) -> None:
         beta1, beta2 = group["betas"]
@@ -237,13 +242,8 @@ class Lion8bit(_Optimizer8bit):
         weight_decay: float = 0.0,
         min_8bit_size: int = 4096,
     ):
-        lr = _check_non_negative("lr", lr)
-        if not isinstance(betas, (tuple, list)) or len(betas) != 2:
-            raise ValueError(f"betas must be a pair (beta1, beta2), got {betas!r}")
-        betas = (_check_unit_interval("betas[0]", betas[0]), _check_unit_interval("betas[1]", betas[1]))
-        weight_decay = _check_non_negative("weight_decay", weight_decay)
         # eps is unused by Lion; bitsandbytes' loader reads it from every saved parameter group.
-        super().__init__(params, dict(lr=lr, betas=betas, eps=1e-8, weight_decay=weight_decay), min_8bit_size)
+        super().__init__(params, _checked_defaults(lr, betas, 1e-8, weight_decay), min_8bit_size)
 
     def _update(self, group: dict, p: torch.Tensor, grad: torch.Tensor, state: dict) -> None:
         beta1, beta2 = group["betas"]

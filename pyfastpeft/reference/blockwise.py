@@ -35,8 +35,9 @@ from __future__ import annotations
 
 import torch
 
+from pyfastpeft.reference.nf4 import blockwise_normalize, blockwise_scale
+
 OPTIMIZER_BLOCKSIZE = 256
-TINY = 1e-38
 
 
 def dynamic_map(signed: bool = True) -> torch.Tensor:
@@ -66,19 +67,8 @@ def midpoints(code: torch.Tensor) -> torch.Tensor:
     return (code[:-1] + code[1:]) / 2
 
 
-def normalize(flat: torch.Tensor, blocksize: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(scaled, absmax) of fp32 flat [n], with the full-block and partial-block rules above."""
-    n = flat.numel()
-    full = n - n % blocksize
-    blocks = flat[:full].view(-1, blocksize)
-    absmax = blocks.abs().amax(dim=1)
-    scaled = (blocks * (1.0 / absmax.clamp(min=TINY)).unsqueeze(1)).clamp_(-1, 1).view(-1)
-    if full < n:
-        tail = flat[full:]
-        tail_absmax = tail.abs().amax().clamp(min=TINY)
-        absmax = torch.cat([absmax, tail_absmax.view(1)])
-        scaled = torch.cat([scaled, (tail / tail_absmax).clamp_(-1, 1)])
-    return scaled, absmax
+# The blockwise scaling is NF4's (its nested absmax is this very quantization): the same rules, one copy.
+normalize = blockwise_normalize
 
 
 def nearest(scaled: torch.Tensor, code: torch.Tensor) -> torch.Tensor:
@@ -92,14 +82,7 @@ def quantize(x: torch.Tensor, code: torch.Tensor, blocksize: int) -> tuple[torch
     return nearest(scaled, code).view(x.shape), absmax
 
 
-def scale(values: torch.Tensor, absmax: torch.Tensor, blocksize: int) -> torch.Tensor:
-    """values[i] * absmax[i // blocksize] for fp32 values [n]."""
-    n = values.numel()
-    full = n - n % blocksize
-    head = (values[:full].view(-1, blocksize) * absmax[: full // blocksize].unsqueeze(1)).view(-1)
-    if full == n:
-        return head
-    return torch.cat([head, values[full:] * absmax[full // blocksize]])
+scale = blockwise_scale
 
 
 def dequantize(codes: torch.Tensor, absmax: torch.Tensor, code: torch.Tensor, blocksize: int, dtype: torch.dtype):
