@@ -125,8 +125,19 @@ class _Optimizer8bit(torch.optim.Optimizer):
                 raise ValueError(f"{where}: qmap{index} must be finite and sorted ascending")
             if not isinstance(absmax, torch.Tensor) or absmax.dtype != torch.float32 or absmax.numel() != nblocks:
                 raise ValueError(f"{where}: absmax{index} must be a float32 tensor of {nblocks} values")
-            state[f"qmap{index}"], state[f"absmax{index}"] = qmap.contiguous(), absmax.contiguous()
+            shared = self._shared_map(index, p.device)
+            state[f"qmap{index}"] = shared if torch.equal(qmap, shared) else qmap.contiguous()
+            state[f"absmax{index}"] = absmax.contiguous()
             state[name] = state[name].reshape(p.shape).contiguous()
+
+    def _shared_map(self, index: int, device: torch.device) -> torch.Tensor:
+        """The dynamic map of state `index` (1: signed, 2: unsigned) on device, one tensor for all parameters: the
+        step batches parameters by the identity of their maps."""
+        maps = self.__dict__.setdefault("_maps", {})
+        key = (index, torch.device(device))
+        if key not in maps:
+            maps[key] = (ref.SIGNED_MAP if index == 1 else ref.UNSIGNED_MAP).to(device, copy=True)
+        return maps[key]
 
     def _init_state(self, p: torch.Tensor) -> dict:
         state = self.state[p]
@@ -137,29 +148,27 @@ class _Optimizer8bit(torch.optim.Optimizer):
                 state[name] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.contiguous_format)
             return state
         nblocks = -(-p.numel() // ref.OPTIMIZER_BLOCKSIZE)
-        maps = (ref.SIGNED_MAP, ref.UNSIGNED_MAP)
         for index, name in enumerate(names, start=1):
             state[name] = torch.zeros_like(p, dtype=torch.uint8, memory_format=torch.contiguous_format)
-            state[f"qmap{index}"] = maps[index - 1].to(p.device, copy=True)
+            state[f"qmap{index}"] = self._shared_map(index, p.device)
             state[f"absmax{index}"] = torch.zeros(nblocks, dtype=torch.float32, device=p.device)
         return state
 
-    def _parameters_with_grad(self):
-        for group in self.param_groups:
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if p.grad.is_sparse:
-                    raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
-                if p.dtype not in PARAM_DTYPES:
-                    raise TypeError(
-                        f"{type(self).__name__}: parameters must be float32, float16 or bfloat16, got {p.dtype}"
-                    )
-                if not p.is_contiguous():  # the kernels update p in place
-                    p.data = p.data.contiguous()
-                state = self.state[p] if self.state[p] else self._init_state(p)
-                state["step"] += 1
-                yield group, p, p.grad.to(p.dtype), state
+    def _parameters_with_grad(self, group: dict):
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            if p.grad.is_sparse:
+                raise RuntimeError(f"{type(self).__name__} does not support sparse gradients")
+            if p.dtype not in PARAM_DTYPES:
+                raise TypeError(
+                    f"{type(self).__name__}: parameters must be float32, float16 or bfloat16, got {p.dtype}"
+                )
+            if not p.is_contiguous():  # the kernels update p in place
+                p.data = p.data.contiguous()
+            state = self.state[p] if self.state[p] else self._init_state(p)
+            state["step"] += 1
+            yield p, p.grad.to(p.dtype), state
 
     @torch.no_grad()
     def step(self, closure=None):
@@ -167,8 +176,17 @@ class _Optimizer8bit(torch.optim.Optimizer):
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        for group, p, grad, state in self._parameters_with_grad():
-            self._update(group, p, grad, state)
+        for group in self.param_groups:
+            # 8-bit states: one kernel call per (dtype, step) over all of them; fp32 states (small parameters): one each
+            batches: dict[tuple, list] = {}
+            for p, grad, state in self._parameters_with_grad(group):
+                if state["state1"].dtype == torch.uint8:
+                    maps = (id(state["qmap1"]), id(state.get("qmap2")))
+                    batches.setdefault((p.dtype, state["step"], maps), []).append((p, grad, state))
+                else:
+                    self._update_fp32(group, p, grad, state)
+            for (_, step, _), batch in batches.items():
+                self._update_8bit(group, step, batch)
         return loss
 
 
@@ -189,28 +207,26 @@ class Adam8bit(_Optimizer8bit):
     ):
         super().__init__(params, _checked_defaults(lr, betas, eps, weight_decay), min_8bit_size)
 
-    def _update(self, group: dict, p: torch.Tensor, grad: torch.Tensor, state: dict) -> None:
+    @staticmethod
+    def _constants(group: dict, step: int) -> tuple:
         beta1, beta2 = group["betas"]
-        lr, step = group["lr"], state["step"]
         correction1 = 1.0 - beta1**step
         correction2 = math.sqrt(1.0 - beta2**step)
-        step_size = -lr * correction2 / correction1
-        decay = 1.0 - lr * group["weight_decay"]
-        constants = (step_size, correction2 * group["eps"], beta1, beta2, decay)
-        if state["state1"].dtype == torch.uint8:
-            ops.adam8bit_step(
-                p,
-                grad,
-                state["state1"],
-                state["state2"],
-                state["absmax1"],
-                state["absmax2"],
-                state["qmap1"],
-                state["qmap2"],
-                *constants,
-            )
-        else:
-            _adam_fp32(p, grad, state["state1"], state["state2"], *constants)
+        step_size = -group["lr"] * correction2 / correction1
+        return (step_size, correction2 * group["eps"], beta1, beta2, 1.0 - group["lr"] * group["weight_decay"])
+
+    def _update_8bit(self, group: dict, step: int, batch: list) -> None:
+        ops.adam8bit_step_multi(
+            [p for p, _, _ in batch],
+            [grad for _, grad, _ in batch],
+            *([state[key] for _, _, state in batch] for key in ("state1", "state2", "absmax1", "absmax2")),
+            batch[0][2]["qmap1"],
+            batch[0][2]["qmap2"],
+            *self._constants(group, step),
+        )
+
+    def _update_fp32(self, group: dict, p: torch.Tensor, grad: torch.Tensor, state: dict) -> None:
+        _adam_fp32(p, grad, state["state1"], state["state2"], *self._constants(group, state["step"]))
 
 
 class AdamW8bit(Adam8bit):
@@ -245,14 +261,23 @@ class Lion8bit(_Optimizer8bit):
         # eps is unused by Lion; bitsandbytes' loader reads it from every saved parameter group.
         super().__init__(params, _checked_defaults(lr, betas, 1e-8, weight_decay), min_8bit_size)
 
-    def _update(self, group: dict, p: torch.Tensor, grad: torch.Tensor, state: dict) -> None:
+    @staticmethod
+    def _constants(group: dict) -> tuple:
         beta1, beta2 = group["betas"]
-        lr = group["lr"]
-        decay = 1.0 - lr * group["weight_decay"]
-        if state["state1"].dtype == torch.uint8:
-            ops.lion8bit_step(p, grad, state["state1"], state["absmax1"], state["qmap1"], lr, beta1, beta2, decay)
-        else:
-            _lion_fp32(p, grad, state["state1"], lr, beta1, beta2, decay)
+        return (group["lr"], beta1, beta2, 1.0 - group["lr"] * group["weight_decay"])
+
+    def _update_8bit(self, group: dict, step: int, batch: list) -> None:
+        ops.lion8bit_step_multi(
+            [p for p, _, _ in batch],
+            [grad for _, grad, _ in batch],
+            [state["state1"] for _, _, state in batch],
+            [state["absmax1"] for _, _, state in batch],
+            batch[0][2]["qmap1"],
+            *self._constants(group),
+        )
+
+    def _update_fp32(self, group: dict, p: torch.Tensor, grad: torch.Tensor, state: dict) -> None:
+        _lion_fp32(p, grad, state["state1"], *self._constants(group))
 
 
 # The fp32-state updates of small parameters: the formulas of the 8-bit kernels without the quantization.

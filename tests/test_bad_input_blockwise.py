@@ -73,6 +73,26 @@ def lion_empty_absmax():
     )
 
 
+@cases.add(ValueError, "adam8bit_step_multi: state2 has 1 tensors, p has 2")
+def adam_multi_short_list():
+    p, s, a = [torch.randn(300)] * 2, [torch.zeros(300, dtype=torch.uint8)] * 2, [torch.zeros(2)] * 2
+    ops.adam8bit_step_multi(p, p, s, s[:1], a, a, SIGNED_MAP, UNSIGNED_MAP, -1e-3, 1e-8, 0.9, 0.999, 1.0)
+
+
+@cases.add(ValueError, "adam8bit_step_multi: tensor 1: absmax1 has 1 elements, 300 parameters")
+def adam_multi_short_absmax():
+    p, s = [torch.randn(300)] * 2, [torch.zeros(300, dtype=torch.uint8)] * 2
+    a = [torch.zeros(2), torch.zeros(1)]
+    ops.adam8bit_step_multi(p, p, s, s, a, [torch.zeros(2)] * 2, SIGNED_MAP, UNSIGNED_MAP, -1e-3, 1e-8, 0.9, 0.999, 1.0)
+
+
+@cases.add(TypeError, "p\\[1\\] has dtype torch.bfloat16, p\\[0\\] has torch.float32")
+def lion_multi_mixed_dtypes():
+    p = [torch.randn(300), torch.randn(300, dtype=torch.bfloat16)]
+    s, a = [torch.zeros(300, dtype=torch.uint8)] * 2, [torch.zeros(2)] * 2
+    ops.lion8bit_step_multi(p, p, s, a, SIGNED_MAP, 1e-4, 0.9, 0.99, 1.0)
+
+
 @cases.add(ValueError, "blocksize must be")
 def quantize_zero_blocksize():
     quantize_blockwise(torch.randn(10), blocksize=0)

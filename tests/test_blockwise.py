@@ -227,3 +227,66 @@ def test_state_round_trips_through_bitsandbytes_state_fields():
     out = dequantize_blockwise(codes, state)
     assert out.dtype == torch.bfloat16 and out.shape == x.shape
     assert ((out.float() - x.float()).abs() <= x.float().abs().amax() * 0.02).all()
+
+
+@pytest.mark.parametrize("isa", CPU_ISAS)
+def test_adam_step_on_an_unaligned_parameter(isa):
+    """fp32 parameters are updated where they are: a view one element into its storage works the same."""
+    n = 256 * 5
+    storage, g = torch.randn(n + 1), torch.randn(n) * 0.01
+    p, p_ref, first = storage[1:], storage[1:].clone(), storage[0].item()
+    ours, theirs = fresh_states(n), fresh_states(n)
+    with cpu_isa(isa), pyfastpeft.use_backend("native"):
+        ops.adam8bit_step(
+            p, g, ours[0], ours[2], ours[1], ours[3], ref.SIGNED_MAP, ref.UNSIGNED_MAP, *adam_constants(1)
+        )
+    with pyfastpeft.use_backend("reference"):
+        ops.adam8bit_step(
+            p_ref, g, theirs[0], theirs[2], theirs[1], theirs[3], ref.SIGNED_MAP, ref.UNSIGNED_MAP, *adam_constants(1)
+        )
+    assert torch.equal(p, p_ref) and all(torch.equal(a, b) for a, b in zip(ours, theirs))
+    assert storage[0].item() == first  # the element before the view is untouched
+
+
+@pytest.mark.parametrize("isa", CPU_ISAS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_multi_tensor_steps_equal_one_call_per_tensor_of_the_reference(isa, dtype):
+    """The blocks of all the tensors of one call in one parallel loop: tensors of 0, 1, 300 and 4096 * 2 + 5
+    elements, each updated as the reference updates it alone."""
+    sizes = [300, 0, 4096 * 2 + 5, 1, 256]
+    gen = torch.Generator().manual_seed(5)
+    params = [torch.randn(n, generator=gen).to(dtype) for n in sizes]
+    grads = [(torch.randn(n, generator=gen) * 0.01).to(dtype) for n in sizes]
+    for two_states in (True, False):
+        ours = [[p.clone(), *fresh_states(p.numel(), two_states)] for p in params]
+        theirs = [[p.clone(), *fresh_states(p.numel(), two_states)] for p in params]
+        for step in (1, 2):
+            with cpu_isa(isa), pyfastpeft.use_backend("native"):
+                if two_states:
+                    p, s1, a1, s2, a2 = (list(column) for column in zip(*ours))
+                    ops.adam8bit_step_multi(
+                        p, grads, s1, s2, a1, a2, ref.SIGNED_MAP, ref.UNSIGNED_MAP, *adam_constants(step)
+                    )
+                else:
+                    p, s1, a1 = (list(column) for column in zip(*ours))
+                    ops.lion8bit_step_multi(p, grads, s1, a1, ref.SIGNED_MAP, 1e-4, 0.9, 0.99, 1.0 - 1e-5)
+            with pyfastpeft.use_backend("reference"):
+                for (p, s1, a1, *rest), g in zip(theirs, grads):
+                    if two_states:
+                        s2, a2 = rest
+                        ops.adam8bit_step(p, g, s1, s2, a1, a2, ref.SIGNED_MAP, ref.UNSIGNED_MAP, *adam_constants(step))
+                    else:
+                        ops.lion8bit_step(p, g, s1, a1, ref.SIGNED_MAP, 1e-4, 0.9, 0.99, 1.0 - 1e-5)
+            for i, (a, b) in enumerate(zip(ours, theirs)):
+                assert all(torch.equal(x, y) for x, y in zip(a, b)), f"tensor {i} ({sizes[i]} elements) differs"
+
+
+def test_opcheck_multi():
+    params = [torch.randn(700), torch.randn(300)]
+    grads = [torch.randn(700) * 0.01, torch.randn(300) * 0.01]
+    s1, a1, s2, a2 = (list(column) for column in zip(*(fresh_states(p.numel()) for p in params)))
+    torch.library.opcheck(
+        ops.adam8bit_step_multi,
+        (params, grads, s1, s2, a1, a2, ref.SIGNED_MAP, ref.UNSIGNED_MAP, *adam_constants(1)),
+    )
+    torch.library.opcheck(ops.lion8bit_step_multi, (params, grads, s1, a1, ref.SIGNED_MAP, 1e-4, 0.9, 0.99, 1.0))

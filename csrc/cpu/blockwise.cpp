@@ -10,6 +10,7 @@
 #include "cpu/common.h"
 #include "cpu/kernels.h"
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <memory>
@@ -105,38 +106,55 @@ inline int nearest_one(const Coder& c, float s) {
   return base + (c.mid[base] < s ? 1 : 0);
 }
 
+#if defined(__AVX512F__) && defined(__AVX512DQ__)
+// nearest_one for 16 values at once, from the packed table (the coder's table must be exact).
+inline __m512i nearest16(const Coder& c, __m512 s) {
+  const __m512i magnitude = _mm512_set1_epi32(0x7FFFFFFF), byte = _mm512_set1_epi32(0xFF);
+  const __m512i negative_offset = _mm512_set1_epi32(int(kBuckets)), one = _mm512_set1_epi32(1);
+  const __m512i last = _mm512_set1_epi32(255), key_base = _mm512_set1_epi32(int(kKeyBase));
+  const __m512i low15 = _mm512_set1_epi32(0x7FFF), has_mid = _mm512_set1_epi32(1 << 8);
+  __m512i bits = _mm512_castps_si512(s);
+  __mmask16 nan = _mm512_cmp_ps_mask(s, s, _CMP_UNORD_Q);
+  __mmask16 neg = _mm512_movepi32_mask(bits);
+  __m512i mag = _mm512_and_si512(bits, magnitude);
+  __m512i full_key = _mm512_srli_epi32(mag, kShift);
+  __m512i key = _mm512_sub_epi32(_mm512_max_epu32(full_key, key_base), key_base);
+  key = _mm512_mask_add_epi32(key, neg, key, negative_offset);
+  key = _mm512_mask_mov_epi32(key, nan, _mm512_setzero_si512());  // a NaN's key would read past the table
+  __m512i entry = _mm512_i32gather_epi32(key, c.packed.data(), 4);
+  __m512i base = _mm512_and_si512(entry, byte);
+  // the midpoint's magnitude bits: the bucket's key above, the stored low 15 bits below
+  __m512i mid =
+      _mm512_or_si512(_mm512_slli_epi32(full_key, kShift), _mm512_and_si512(_mm512_srli_epi32(entry, 9), low15));
+  __mmask16 inside = _mm512_test_epi32_mask(entry, has_mid);
+  // s above the midpoint: |s| > |mid| for positive s, |s| < |mid| for negative s
+  __mmask16 up = (_mm512_cmpgt_epu32_mask(mag, mid) & ~neg) | (_mm512_cmplt_epu32_mask(mag, mid) & neg);
+  __m512i idx = _mm512_mask_add_epi32(base, up & inside, base, one);
+  return _mm512_mask_mov_epi32(idx, nan, last);
+}
+
+// Running max |v| of a block, with a flag for any NaN (abs_max's result once folded).
+struct AbsMax {
+  __m512 max = _mm512_setzero_ps();
+  __mmask16 nan = 0;
+  void add(__m512 v) {
+    max = _mm512_max_ps(max, _mm512_abs_ps(v));
+    nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+  }
+  float value() const { return nan ? NAN : _mm512_reduce_max_ps(max); }
+};
+
+inline void store_codes16(uint8_t* codes, __m512i idx) {
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(codes), _mm512_cvtepi32_epi8(idx));
+}
+#endif
+
 // codes[i] = nearest code of scaled[i] (each in [-1, 1] or NaN), for n values.
 void nearest_codes(const Coder& c, const float* scaled, uint8_t* codes, int64_t n) {
   int64_t i = 0;
 #if defined(__AVX512F__) && defined(__AVX512DQ__)
-  if (c.table_exact) {
-    const __m512i magnitude = _mm512_set1_epi32(0x7FFFFFFF), byte = _mm512_set1_epi32(0xFF);
-    const __m512i negative_offset = _mm512_set1_epi32(int(kBuckets)), one = _mm512_set1_epi32(1);
-    const __m512i last = _mm512_set1_epi32(255), key_base = _mm512_set1_epi32(int(kKeyBase));
-    const __m512i low15 = _mm512_set1_epi32(0x7FFF), has_mid = _mm512_set1_epi32(1 << 8);
-    for (; i + 16 <= n; i += 16) {
-      __m512 s = _mm512_loadu_ps(scaled + i);
-      __m512i bits = _mm512_castps_si512(s);
-      __mmask16 nan = _mm512_cmp_ps_mask(s, s, _CMP_UNORD_Q);
-      __mmask16 neg = _mm512_movepi32_mask(bits);
-      __m512i mag = _mm512_and_si512(bits, magnitude);
-      __m512i full_key = _mm512_srli_epi32(mag, kShift);
-      __m512i key = _mm512_sub_epi32(_mm512_max_epu32(full_key, key_base), key_base);
-      key = _mm512_mask_add_epi32(key, neg, key, negative_offset);
-      key = _mm512_mask_mov_epi32(key, nan, _mm512_setzero_si512());  // a NaN's key would read past the table
-      __m512i entry = _mm512_i32gather_epi32(key, c.packed.data(), 4);
-      __m512i base = _mm512_and_si512(entry, byte);
-      // the midpoint's magnitude bits: the bucket's key above, the stored low 15 bits below
-      __m512i mid =
-          _mm512_or_si512(_mm512_slli_epi32(full_key, kShift), _mm512_and_si512(_mm512_srli_epi32(entry, 9), low15));
-      __mmask16 inside = _mm512_test_epi32_mask(entry, has_mid);
-      // s above the midpoint: |s| > |mid| for positive s, |s| < |mid| for negative s
-      __mmask16 up = (_mm512_cmpgt_epu32_mask(mag, mid) & ~neg) | (_mm512_cmplt_epu32_mask(mag, mid) & neg);
-      __m512i idx = _mm512_mask_add_epi32(base, up & inside, base, one);
-      idx = _mm512_mask_mov_epi32(idx, nan, last);
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(codes + i), _mm512_cvtepi32_epi8(idx));
-    }
-  }
+  if (c.table_exact)
+    for (; i + 16 <= n; i += 16) store_codes16(codes + i, nearest16(c, _mm512_loadu_ps(scaled + i)));
 #endif
   for (; i < n; ++i) codes[i] = uint8_t(nearest_one(c, scaled[i]));
 }
@@ -194,6 +212,21 @@ void quantize_impl(const T* x, uint8_t* codes, float* absmax, int64_t numel, int
     for (int64_t b = begin; b < end; ++b) {
       int64_t start = b * blocksize, len = numel - start < blocksize ? numel - start : blocksize;
       for (int64_t i = 0; i < len; ++i) values[i] = to_f32(x[start + i]);
+#if defined(__AVX512F__) && defined(__AVX512DQ__)
+      if (len == blocksize && blocksize % 16 == 0 && coder.table_exact) {  // a full block: the scalar loops' math
+        AbsMax block_max;
+        for (int64_t i = 0; i < len; i += 16) block_max.add(_mm512_loadu_ps(values.data() + i));
+        const float amax = block_max.value();
+        const float floor = amax != amax ? amax : (amax > kTiny ? amax : kTiny);
+        const __m512 inv = _mm512_set1_ps(1.0f / floor), lo = _mm512_set1_ps(-1.0f), hi = _mm512_set1_ps(1.0f);
+        for (int64_t i = 0; i < len; i += 16) {
+          const __m512 s = _mm512_min_ps(hi, _mm512_max_ps(lo, _mm512_mul_ps(_mm512_loadu_ps(values.data() + i), inv)));
+          store_codes16(codes + start + i, nearest16(coder, s));
+        }
+        absmax[b] = amax;
+        continue;
+      }
+#endif
       absmax[b] = scale_block(values.data(), len, len == blocksize);
       nearest_codes(coder, values.data(), codes + start, len);
     }
@@ -233,24 +266,8 @@ inline void store_state(float* v, float* scratch, int64_t n, const Coder& coder,
 // Full 256-element blocks of the optimizers run these AVX-512 versions (the partial last block and the other
 // instruction sets run the scalar loops): the same operations in the same order, so the same bits.
 
-inline __m512 gather_code(const uint8_t* codes, const float* table) {
-  __m512i idx = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes)));
-  return _mm512_i32gather_ps(idx, table, 4);
-}
-
 // Lanes whose value is NaN or +-inf.
 inline __mmask16 not_finite(__m512 v) { return _mm512_fpclass_ps_mask(v, 0x01 | 0x08 | 0x10 | 0x80); }
-
-// Running max |v| of a block, with a flag for any NaN (abs_max's result once folded).
-struct AbsMax {
-  __m512 max = _mm512_setzero_ps();
-  __mmask16 nan = 0;
-  void add(__m512 v) {
-    max = _mm512_max_ps(max, _mm512_abs_ps(v));
-    nan |= _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
-  }
-  float value() const { return nan ? NAN : _mm512_reduce_max_ps(max); }
-};
 
 // store_state for a full block whose absmax is known: scale, nearest code, sign rule; absmax stored.
 inline void store_full_state(const float* v, float absmax, const Coder& coder, bool signed_state, uint8_t* codes,
@@ -258,28 +275,83 @@ inline void store_full_state(const float* v, float absmax, const Coder& coder, b
   *absmax_out = absmax;
   const float floor = absmax != absmax ? absmax : (absmax > kTiny ? absmax : kTiny);
   const __m512 inv = _mm512_set1_ps(1.0f / floor), lo = _mm512_set1_ps(-1.0f), hi = _mm512_set1_ps(1.0f);
+  const __m512i one = _mm512_set1_epi32(1), minus_one = _mm512_set1_epi32(-1), zero = _mm512_setzero_si512();
+  const __m512i last = _mm512_set1_epi32(255), negative_codes = _mm512_set1_epi32(coder.negative_codes);
   alignas(64) float scaled[kStateBlock];
-  for (int64_t i = 0; i < kStateBlock; i += 16)  // max/min return their second operand for a NaN: kept
-    _mm512_store_ps(scaled + i, _mm512_min_ps(hi, _mm512_max_ps(lo, _mm512_mul_ps(_mm512_load_ps(v + i), inv))));
+  for (int64_t i = 0; i < kStateBlock; i += 16) {
+    const __m512 value = _mm512_load_ps(v + i);
+    // max/min return their second operand for a NaN: kept, as torch's clamp keeps it
+    const __m512 s = _mm512_min_ps(hi, _mm512_max_ps(lo, _mm512_mul_ps(value, inv)));
+    if (!coder.table_exact) {
+      _mm512_store_ps(scaled + i, s);
+      continue;
+    }
+    __m512i idx = nearest16(coder, s);
+    if (signed_state) {
+      __mmask16 code_negative =
+          coder.signs_sorted ? _mm512_cmplt_epi32_mask(idx, negative_codes)
+                             : _mm512_movepi32_mask(_mm512_castps_si512(_mm512_i32gather_ps(idx, coder.code, 4)));
+      __mmask16 flipped = code_negative ^ _mm512_movepi32_mask(_mm512_castps_si512(value));
+      __mmask16 positive = _mm512_cmp_ps_mask(value, _mm512_setzero_ps(), _CMP_GT_OQ);
+      __m512i step = _mm512_mask_mov_epi32(minus_one, positive, one);
+      idx = _mm512_mask_add_epi32(idx, flipped, idx, step);
+      idx = _mm512_min_epi32(_mm512_max_epi32(idx, zero), last);
+    }
+    store_codes16(codes + i, idx);
+  }
+  if (coder.table_exact) return;
   nearest_codes(coder, scaled, codes, kStateBlock);
   if (!signed_state) return;
-  const __m512i one = _mm512_set1_epi32(1), minus_one = _mm512_set1_epi32(-1), zero = _mm512_setzero_si512();
-  const __m512i last = _mm512_set1_epi32(255);
-  for (int64_t i = 0; i < kStateBlock; i += 16) {
-    __m512i idx = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes + i)));
-    __m512 value = _mm512_load_ps(v + i);
-    __mmask16 code_negative = coder.signs_sorted
-                                  ? _mm512_cmplt_epi32_mask(idx, _mm512_set1_epi32(coder.negative_codes))
-                                  : _mm512_movepi32_mask(_mm512_castps_si512(_mm512_i32gather_ps(idx, coder.code, 4)));
-    __mmask16 flipped = code_negative ^ _mm512_movepi32_mask(_mm512_castps_si512(value));
-    __mmask16 positive = _mm512_cmp_ps_mask(value, _mm512_setzero_ps(), _CMP_GT_OQ);
-    __m512i step = _mm512_mask_mov_epi32(minus_one, positive, one);
-    idx = _mm512_mask_add_epi32(idx, flipped, idx, step);
-    idx = _mm512_min_epi32(_mm512_max_epi32(idx, zero), last);
-    _mm_storeu_si128(reinterpret_cast<__m128i*>(codes + i), _mm512_cvtepi32_epi8(idx));
+  for (int64_t i = 0; i < kStateBlock; ++i) {
+    int c = codes[i];
+    if (std::signbit(coder.code[c]) != std::signbit(v[i])) {
+      c += v[i] > 0.0f ? 1 : -1;
+      codes[i] = uint8_t(c < 0 ? 0 : (c > 255 ? 255 : c));
+    }
   }
 }
+
+// A 256-float map in registers: lookup(idx) = map[idx] for idx in [0, 255], by permutes (no gather).
+struct Map256 {
+  __m512 r[16];
+  explicit Map256(const float* map) {
+    for (int k = 0; k < 16; ++k) r[k] = _mm512_loadu_ps(map + 16 * k);
+  }
+  __m512 lookup(__m512i idx) const {
+    const __mmask16 b5 = _mm512_test_epi32_mask(idx, _mm512_set1_epi32(32));
+    const __mmask16 b6 = _mm512_test_epi32_mask(idx, _mm512_set1_epi32(64));
+    const __mmask16 b7 = _mm512_test_epi32_mask(idx, _mm512_set1_epi32(128));
+    __m512 q[8];
+    for (int k = 0; k < 8; ++k) q[k] = _mm512_permutex2var_ps(r[2 * k], idx, r[2 * k + 1]);  // idx bits 0-4
+    __m512 a0 = _mm512_mask_blend_ps(b5, q[0], q[1]), a1 = _mm512_mask_blend_ps(b5, q[2], q[3]);
+    __m512 a2 = _mm512_mask_blend_ps(b5, q[4], q[5]), a3 = _mm512_mask_blend_ps(b5, q[6], q[7]);
+    return _mm512_mask_blend_ps(b7, _mm512_mask_blend_ps(b6, a0, a1), _mm512_mask_blend_ps(b6, a2, a3));
+  }
+};
+
+inline __m512i load_codes16(const uint8_t* codes) {
+  return _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes)));
+}
 #endif
+
+// The blocks of one optimizer call's tensors, numbered globally so that one parallel loop spreads all of them
+// over the threads (a LoRA model's hundreds of small adapters would otherwise each pay for a parallel region).
+struct BlockMap {
+  std::vector<int64_t> first;  // first[t]: global number of tensor t's block 0; first[count]: the total
+  BlockMap(const int64_t* numels, int64_t count) : first(size_t(count) + 1, 0) {
+    for (int64_t t = 0; t < count; ++t) first[t + 1] = first[t] + (numels[t] + kStateBlock - 1) / kStateBlock;
+  }
+  int64_t total() const { return first.back(); }
+  // the tensor holding global block gb
+  int64_t tensor_of(int64_t gb) const {
+    return int64_t(std::upper_bound(first.begin(), first.end(), gb) - first.begin()) - 1;
+  }
+};
+
+template <typename T>
+inline T* pointer(const int64_t* addresses, int64_t t) {
+  return reinterpret_cast<T*>(static_cast<uintptr_t>(addresses[t]));
+}
 
 struct AdamConstants {
   float step_size, correction2_eps, beta1, beta2, one_minus_beta1, one_minus_beta2, decay;
@@ -295,20 +367,21 @@ inline void adam_block_avx512(const float* grad, float* param, float* m, float* 
   const __m512 omb1 = _mm512_set1_ps(k.one_minus_beta1), omb2 = _mm512_set1_ps(k.one_minus_beta2);
   const __m512 step_size = _mm512_set1_ps(k.step_size), c2eps = _mm512_set1_ps(k.correction2_eps);
   const __m512 decay = _mm512_set1_ps(k.decay), va1 = _mm512_set1_ps(a1), va2 = _mm512_set1_ps(a2);
+  const Map256 map1(coder1.code), map2(coder2.code);
   AbsMax max1, max2;
   for (int64_t i = 0; i < kStateBlock; i += 16) {
-    const __m512 gr = _mm512_load_ps(grad + i), pr = _mm512_load_ps(param + i);
+    const __m512 gr = _mm512_loadu_ps(grad + i), pr = _mm512_loadu_ps(param + i);
     const __mmask16 ok = __mmask16(~not_finite(gr));
     const __m512 gv = _mm512_maskz_mov_ps(ok, gr);
-    const __m512 m_old = _mm512_mul_ps(gather_code(state1 + i, coder1.code), va1);
-    const __m512 v_old = _mm512_mul_ps(gather_code(state2 + i, coder2.code), va2);
+    const __m512 m_old = _mm512_mul_ps(map1.lookup(load_codes16(state1 + i)), va1);
+    const __m512 v_old = _mm512_mul_ps(map2.lookup(load_codes16(state2 + i)), va2);
     const __m512 vi = _mm512_add_ps(_mm512_mul_ps(v_old, beta2), _mm512_mul_ps(_mm512_mul_ps(omb2, gv), gv));
     const __m512 mi = _mm512_add_ps(_mm512_mul_ps(m_old, beta1), _mm512_mul_ps(omb1, gv));
     __m512 updated = _mm512_div_ps(mi, _mm512_add_ps(_mm512_sqrt_ps(vi), c2eps));
     updated = _mm512_add_ps(pr, _mm512_mul_ps(step_size, updated));
     if (k.apply_decay) updated = _mm512_mul_ps(updated, decay);
     const __m512 m_new = _mm512_maskz_mov_ps(ok, mi), v_new = _mm512_maskz_mov_ps(ok, vi);
-    _mm512_store_ps(param + i, _mm512_mask_mov_ps(pr, ok, updated));
+    _mm512_storeu_ps(param + i, _mm512_mask_mov_ps(pr, ok, updated));
     _mm512_store_ps(m + i, m_new);
     _mm512_store_ps(v + i, v_new);
     max1.add(m_new);
@@ -320,24 +393,39 @@ inline void adam_block_avx512(const float* grad, float* param, float* m, float* 
 #endif
 
 template <typename T>
-void adam_impl(T* p, const T* g, uint8_t* state1, uint8_t* state2, float* absmax1, float* absmax2, int64_t numel,
+void adam_impl(const int64_t* ps, const int64_t* gs, const int64_t* state1s, const int64_t* state2s,
+               const int64_t* absmax1s, const int64_t* absmax2s, const int64_t* numels, int64_t count,
                const Coder& coder1, const Coder& coder2, const AdamConstants& k, int nthreads) {
-  const int64_t blocks = (numel + kStateBlock - 1) / kStateBlock;
-  pfp::parallel_for(blocks, kStateBlock * 16, nthreads, [&](int64_t begin, int64_t end, int) {
+  const BlockMap blocks(numels, count);
+  pfp::parallel_for(blocks.total(), kStateBlock * 16, nthreads, [&](int64_t begin, int64_t end, int) {
     alignas(64) float grad[kStateBlock], param[kStateBlock], m[kStateBlock], v[kStateBlock], scratch[kStateBlock];
-    for (int64_t b = begin; b < end; ++b) {
+    int64_t t = begin < end ? blocks.tensor_of(begin) : 0;
+    for (int64_t gb = begin; gb < end; ++gb) {
+      while (gb >= blocks.first[t + 1]) ++t;
+      T* p = pointer<T>(ps, t);
+      const T* g = pointer<const T>(gs, t);
+      uint8_t *state1 = pointer<uint8_t>(state1s, t), *state2 = pointer<uint8_t>(state2s, t);
+      float *absmax1 = pointer<float>(absmax1s, t), *absmax2 = pointer<float>(absmax2s, t);
+      const int64_t numel = numels[t], b = gb - blocks.first[t];
       const int64_t start = b * kStateBlock, len = numel - start < kStateBlock ? numel - start : kStateBlock;
-      pfp::load_row(g + start, grad, len);
-      pfp::load_row(p + start, param, len);
       const float a1 = absmax1[b], a2 = absmax2[b];
 #if defined(__AVX512F__) && defined(__AVX512DQ__)
       if (len == kStateBlock) {
-        adam_block_avx512(grad, param, m, v, state1 + start, state2 + start, a1, a2, coder1, coder2, k, absmax1 + b,
-                          absmax2 + b);
-        pfp::store_row(param, p + start, len);
+        if constexpr (std::is_same_v<T, float>) {  // fp32 parameters are read and written where they are
+          adam_block_avx512(g + start, p + start, m, v, state1 + start, state2 + start, a1, a2, coder1, coder2, k,
+                            absmax1 + b, absmax2 + b);
+        } else {
+          pfp::load_row(g + start, grad, len);
+          pfp::load_row(p + start, param, len);
+          adam_block_avx512(grad, param, m, v, state1 + start, state2 + start, a1, a2, coder1, coder2, k, absmax1 + b,
+                            absmax2 + b);
+          pfp::store_row(param, p + start, len);
+        }
         continue;
       }
 #endif
+      pfp::load_row(g + start, grad, len);
+      pfp::load_row(p + start, param, len);
       for (int64_t i = 0; i < len; ++i) {
         m[i] = coder1.code[state1[start + i]] * a1;
         v[i] = coder2.code[state2[start + i]] * a2;
@@ -373,12 +461,13 @@ inline void lion_block_avx512(const float* grad, float* param, float* m, uint8_t
   const __m512 omb1 = _mm512_set1_ps(k.one_minus_beta1), omb2 = _mm512_set1_ps(k.one_minus_beta2);
   const __m512 lr = _mm512_set1_ps(k.lr), decay = _mm512_set1_ps(k.decay), va1 = _mm512_set1_ps(a1);
   const __m512 zero = _mm512_setzero_ps(), one = _mm512_set1_ps(1.0f), minus_one = _mm512_set1_ps(-1.0f);
+  const Map256 map1(coder.code);
   AbsMax max1;
   for (int64_t i = 0; i < kStateBlock; i += 16) {
-    const __m512 gr = _mm512_load_ps(grad + i), pr = _mm512_load_ps(param + i);
+    const __m512 gr = _mm512_loadu_ps(grad + i), pr = _mm512_loadu_ps(param + i);
     const __mmask16 ok = __mmask16(~not_finite(gr));
     const __m512 gv = _mm512_maskz_mov_ps(ok, gr);
-    const __m512 mi = _mm512_mul_ps(gather_code(state1 + i, coder.code), va1);
+    const __m512 mi = _mm512_mul_ps(map1.lookup(load_codes16(state1 + i)), va1);
     const __m512 blend = _mm512_add_ps(_mm512_mul_ps(mi, beta1), _mm512_mul_ps(omb1, gv));
     // sign(blend): +1, -1, 0 for +-0, NaN for NaN
     __m512 sign = _mm512_mask_mov_ps(zero, _mm512_cmp_ps_mask(blend, zero, _CMP_GT_OQ), one);
@@ -387,7 +476,7 @@ inline void lion_block_avx512(const float* grad, float* param, float* m, uint8_t
     __m512 updated = k.apply_decay ? _mm512_mul_ps(pr, decay) : pr;
     updated = _mm512_sub_ps(updated, _mm512_mul_ps(lr, sign));
     const __m512 m_new = _mm512_maskz_mov_ps(ok, _mm512_add_ps(_mm512_mul_ps(mi, beta2), _mm512_mul_ps(omb2, gv)));
-    _mm512_store_ps(param + i, _mm512_mask_mov_ps(pr, ok, updated));
+    _mm512_storeu_ps(param + i, _mm512_mask_mov_ps(pr, ok, updated));
     _mm512_store_ps(m + i, m_new);
     max1.add(m_new);
   }
@@ -396,23 +485,36 @@ inline void lion_block_avx512(const float* grad, float* param, float* m, uint8_t
 #endif
 
 template <typename T>
-void lion_impl(T* p, const T* g, uint8_t* state1, float* absmax1, int64_t numel, const Coder& coder,
-               const LionConstants& k, int nthreads) {
-  const int64_t blocks = (numel + kStateBlock - 1) / kStateBlock;
-  pfp::parallel_for(blocks, kStateBlock * 12, nthreads, [&](int64_t begin, int64_t end, int) {
+void lion_impl(const int64_t* ps, const int64_t* gs, const int64_t* state1s, const int64_t* absmax1s,
+               const int64_t* numels, int64_t count, const Coder& coder, const LionConstants& k, int nthreads) {
+  const BlockMap blocks(numels, count);
+  pfp::parallel_for(blocks.total(), kStateBlock * 12, nthreads, [&](int64_t begin, int64_t end, int) {
     alignas(64) float grad[kStateBlock], param[kStateBlock], m[kStateBlock], scratch[kStateBlock];
-    for (int64_t b = begin; b < end; ++b) {
+    int64_t t = begin < end ? blocks.tensor_of(begin) : 0;
+    for (int64_t gb = begin; gb < end; ++gb) {
+      while (gb >= blocks.first[t + 1]) ++t;
+      T* p = pointer<T>(ps, t);
+      const T* g = pointer<const T>(gs, t);
+      uint8_t* state1 = pointer<uint8_t>(state1s, t);
+      float* absmax1 = pointer<float>(absmax1s, t);
+      const int64_t numel = numels[t], b = gb - blocks.first[t];
       const int64_t start = b * kStateBlock, len = numel - start < kStateBlock ? numel - start : kStateBlock;
-      pfp::load_row(g + start, grad, len);
-      pfp::load_row(p + start, param, len);
       const float a1 = absmax1[b];
 #if defined(__AVX512F__) && defined(__AVX512DQ__)
       if (len == kStateBlock) {
-        lion_block_avx512(grad, param, m, state1 + start, a1, coder, k, absmax1 + b);
-        pfp::store_row(param, p + start, len);
+        if constexpr (std::is_same_v<T, float>) {
+          lion_block_avx512(g + start, p + start, m, state1 + start, a1, coder, k, absmax1 + b);
+        } else {
+          pfp::load_row(g + start, grad, len);
+          pfp::load_row(p + start, param, len);
+          lion_block_avx512(grad, param, m, state1 + start, a1, coder, k, absmax1 + b);
+          pfp::store_row(param, p + start, len);
+        }
         continue;
       }
 #endif
+      pfp::load_row(g + start, grad, len);
+      pfp::load_row(p + start, param, len);
       for (int64_t i = 0; i < len; ++i) {
         const bool ok = std::isfinite(grad[i]);
         const float gv = ok ? grad[i] : 0.0f;
@@ -453,13 +555,15 @@ void blockwise_dequantize(const uint8_t* codes, const float* absmax, const float
   });
 }
 
-// adam8bit_step: one 8-bit Adam step in place. p and g [numel] of one dtype (fp32, fp16, bf16); state1, state2 uint8
-// [numel]; absmax1, absmax2 fp32 [ceil(numel / 256)]; code1 (signed) and code2 fp32 [256], sorted. step_size,
-// correction2_eps, decay: this step's constants (see the reference); decay applies only when apply_decay. All
-// contiguous, no two overlapping.
-void adam8bit_step(void* p, const void* g, int dtype, uint8_t* state1, uint8_t* state2, float* absmax1, float* absmax2,
-                   const float* code1, const float* code2, int64_t numel, double step_size, double correction2_eps,
-                   double beta1, double beta2, double decay, bool apply_decay, int nthreads) {
+// adam8bit_step: one 8-bit Adam step in place over `count` tensors, each given by the addresses in the arrays (one
+// entry per tensor): p and g [numels[t]] of one dtype (fp32, fp16, bf16); state1, state2 uint8 [numels[t]]; absmax1,
+// absmax2 fp32 [ceil(numels[t] / 256)]. code1 (signed) and code2 fp32 [256], sorted. step_size, correction2_eps,
+// decay: this step's constants (see the reference), shared by all the tensors; decay applies only when apply_decay.
+// All contiguous, no two overlapping.
+void adam8bit_step(const int64_t* p, const int64_t* g, const int64_t* state1, const int64_t* state2,
+                   const int64_t* absmax1, const int64_t* absmax2, const int64_t* numels, int64_t count, int dtype,
+                   const float* code1, const float* code2, double step_size, double correction2_eps, double beta1,
+                   double beta2, double decay, bool apply_decay, int nthreads) {
   auto coder1 = coder_for(code1);
   auto coder2 = coder_for(code2);
   const AdamConstants k{float(step_size),   float(correction2_eps), float(beta1), float(beta2),
@@ -469,16 +573,17 @@ void adam8bit_step(void* p, const void* g, int dtype, uint8_t* state1, uint8_t* 
     if constexpr (std::is_same_v<T, double>) {
       throw std::invalid_argument("adam8bit_step: fp64 parameters are not supported");
     } else {
-      adam_impl(static_cast<T*>(p), static_cast<const T*>(g), state1, state2, absmax1, absmax2, numel, *coder1, *coder2,
-                k, nthreads);
+      adam_impl<T>(p, g, state1, state2, absmax1, absmax2, numels, count, *coder1, *coder2, k, nthreads);
     }
   });
 }
 
-// lion8bit_step: one 8-bit Lion step in place. p and g [numel] of one dtype (fp32, fp16, bf16); state1 uint8 [numel];
-// absmax1 fp32 [ceil(numel / 256)]; code1 fp32 [256], sorted. All contiguous, no two overlapping.
-void lion8bit_step(void* p, const void* g, int dtype, uint8_t* state1, float* absmax1, const float* code1,
-                   int64_t numel, double lr, double beta1, double beta2, double decay, bool apply_decay, int nthreads) {
+// lion8bit_step: one 8-bit Lion step in place over `count` tensors given by address arrays as adam8bit_step's: p and
+// g [numels[t]] of one dtype (fp32, fp16, bf16); state1 uint8 [numels[t]]; absmax1 fp32 [ceil(numels[t] / 256)];
+// code1 fp32 [256], sorted. All contiguous, no two overlapping.
+void lion8bit_step(const int64_t* p, const int64_t* g, const int64_t* state1, const int64_t* absmax1,
+                   const int64_t* numels, int64_t count, int dtype, const float* code1, double lr, double beta1,
+                   double beta2, double decay, bool apply_decay, int nthreads) {
   auto coder = coder_for(code1);
   const LionConstants k{float(lr),          float(beta1), float(beta2), float(1.0 - beta1),
                         float(1.0 - beta2), float(decay), apply_decay};
@@ -487,7 +592,7 @@ void lion8bit_step(void* p, const void* g, int dtype, uint8_t* state1, float* ab
     if constexpr (std::is_same_v<T, double>) {
       throw std::invalid_argument("lion8bit_step: fp64 parameters are not supported");
     } else {
-      lion_impl(static_cast<T*>(p), static_cast<const T*>(g), state1, absmax1, numel, *coder, k, nthreads);
+      lion_impl<T>(p, g, state1, absmax1, numels, count, *coder, k, nthreads);
     }
   });
 }

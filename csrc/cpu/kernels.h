@@ -62,13 +62,13 @@
                           int64_t blocksize, int nthreads);                                                            \
   void blockwise_dequantize(const uint8_t* codes, const float* absmax, const float* code, void* out, int out_dtype,    \
                             int64_t numel, int64_t blocksize, int nthreads);                                           \
-  void adam8bit_step(void* p, const void* g, int dtype, uint8_t* state1, uint8_t* state2, float* absmax1,              \
-                     float* absmax2, const float* code1, const float* code2, int64_t numel, double step_size,          \
-                     double correction2_eps, double beta1, double beta2, double decay, bool apply_decay,               \
-                     int nthreads);                                                                                    \
-  void lion8bit_step(void* p, const void* g, int dtype, uint8_t* state1, float* absmax1, const float* code1,           \
-                     int64_t numel, double lr, double beta1, double beta2, double decay, bool apply_decay,             \
-                     int nthreads);                                                                                    \
+  void adam8bit_step(const int64_t* p, const int64_t* g, const int64_t* state1, const int64_t* state2,                 \
+                     const int64_t* absmax1, const int64_t* absmax2, const int64_t* numels, int64_t count, int dtype,  \
+                     const float* code1, const float* code2, double step_size, double correction2_eps, double beta1,   \
+                     double beta2, double decay, bool apply_decay, int nthreads);                                      \
+  void lion8bit_step(const int64_t* p, const int64_t* g, const int64_t* state1, const int64_t* absmax1,                \
+                     const int64_t* numels, int64_t count, int dtype, const float* code1, double lr, double beta1,     \
+                     double beta2, double decay, bool apply_decay, int nthreads);                                      \
   void blockwise_table_exact(const float* code, int32_t* exact);                                                       \
   }
 

@@ -94,7 +94,7 @@ def define_op(
 
     def on_device(*args):
         validated(*args)
-        first = args[0]
+        first = args[0] if isinstance(args[0], torch.Tensor) else args[0][0]  # a Tensor[] first: its first tensor
         backend = choose(family, first.device)
         if backend == "native":
             return native(*args)

@@ -6,6 +6,8 @@ Ops (formulas, rounding and NaN rules in pyfastpeft/reference/blockwise.py):
   pyfastpeft::adam8bit_step(p!, g, state1!, state2!, absmax1!, absmax2!, code1, code2, step_size, correction2_eps,
                             beta1, beta2, decay) -> ()
   pyfastpeft::lion8bit_step(p!, g, state1!, absmax1!, code1, lr, beta1, beta2, decay) -> ()
+  pyfastpeft::adam8bit_step_multi / lion8bit_step_multi: the same over lists of tensors (one dtype, one set of
+                            constants) in one call
 The step ops update their `!` arguments in place (declared in the schema) and run outside autograd: they are what
 pyfastpeft.optim's optimizers call under torch.no_grad. code is a sorted fp32 table of 256 values; states hold one
 code per parameter element, absmax one fp32 per block of 256. A parameter must be contiguous (it is written in place);
@@ -160,6 +162,21 @@ def _check_state(op: str, p, g, states: dict, absmaxes: dict, codes: dict) -> No
         _check_code(op, name, code)
 
 
+def _check_lists(op: str, p, named_lists: dict) -> None:
+    """Tensor lists of one length, every tensor on p[0]'s device, the parameters of one dtype."""
+    if len(p) == 0:
+        raise ValueError(f"{op}: p is an empty list")
+    for name, values in named_lists.items():
+        if len(values) != len(p):
+            raise ValueError(f"{op}: {name} has {len(values)} tensors, p has {len(p)}")
+        for i, t in enumerate(values):
+            if t.device != p[0].device:
+                raise ValueError(f"{op}: {name}[{i}] is on {t.device}, p[0] is on {p[0].device}")
+    for i, t in enumerate(p):
+        if t.dtype != p[0].dtype:
+            raise TypeError(f"{op}: p[{i}] has dtype {t.dtype}, p[0] has {p[0].dtype}: one call takes one dtype")
+
+
 def _check_adam(p, g, state1, state2, absmax1, absmax2, code1, code2, *constants):
     _check_state(
         "adam8bit_step",
@@ -171,33 +188,67 @@ def _check_adam(p, g, state1, state2, absmax1, absmax2, code1, code2, *constants
     )
 
 
-def _native_adam(p, g, state1, state2, absmax1, absmax2, code1, code2, step_size, correction2_eps, beta1, beta2, decay):
-    if p.numel():
-        _native.launch(
-            "adam8bit_step",
-            p,
-            p,
-            g.contiguous(),
-            p.dtype,
-            state1,
-            state2,
-            absmax1,
-            absmax2,
-            code1.contiguous(),
-            code2.contiguous(),
-            p.numel(),
-            step_size,
-            correction2_eps,
-            beta1,
-            beta2,
-            decay,
-            decay != 1.0,
+def _check_adam_multi(p, g, state1, state2, absmax1, absmax2, code1, code2, *constants):
+    op = "adam8bit_step_multi"
+    lists = dict(g=g, state1=state1, state2=state2, absmax1=absmax1, absmax2=absmax2)
+    _check_lists(op, p, lists)
+    for i in range(len(p)):
+        _check_state(
+            f"{op}: tensor {i}",
+            p[i],
+            g[i],
+            {"state1": state1[i], "state2": state2[i]},
+            {"absmax1": absmax1[i], "absmax2": absmax2[i]},
+            {"code1": code1, "code2": code2},
         )
+
+
+def _addresses(tensors) -> torch.Tensor:
+    return torch.tensor([t.data_ptr() for t in tensors], dtype=torch.int64)
+
+
+def _native_adam_multi(
+    p, g, state1, state2, absmax1, absmax2, code1, code2, step_size, correction2_eps, beta1, beta2, decay
+):
+    keep = [i for i in range(len(p)) if p[i].numel()]
+    if not keep:
+        return
+    grads = [g[i].contiguous() for i in keep]  # alive until the kernel returns
+    _native.launch(
+        "adam8bit_step",
+        p[keep[0]],
+        _addresses([p[i] for i in keep]),
+        _addresses(grads),
+        _addresses([state1[i] for i in keep]),
+        _addresses([state2[i] for i in keep]),
+        _addresses([absmax1[i] for i in keep]),
+        _addresses([absmax2[i] for i in keep]),
+        torch.tensor([p[i].numel() for i in keep], dtype=torch.int64),
+        len(keep),
+        p[keep[0]].dtype,
+        code1.contiguous(),
+        code2.contiguous(),
+        step_size,
+        correction2_eps,
+        beta1,
+        beta2,
+        decay,
+        decay != 1.0,
+    )
+
+
+def _native_adam(p, g, state1, state2, absmax1, absmax2, code1, code2, *constants):
+    _native_adam_multi([p], [g], [state1], [state2], [absmax1], [absmax2], code1, code2, *constants)
 
 
 def _reference_adam(p, g, state1, state2, absmax1, absmax2, code1, code2, *constants):
     if p.numel():
         ref.adam8bit_step(p, g, state1, state2, absmax1, absmax2, code1, code2, *constants)
+
+
+def _reference_adam_multi(p, g, state1, state2, absmax1, absmax2, code1, code2, *constants):
+    for tensors in zip(p, g, state1, state2, absmax1, absmax2):
+        _reference_adam(*tensors, code1, code2, *constants)
 
 
 def _fake_step(*args):
@@ -208,24 +259,39 @@ def _check_lion(p, g, state1, absmax1, code1, *constants):
     _check_state("lion8bit_step", p, g, {"state1": state1}, {"absmax1": absmax1}, {"code1": code1})
 
 
-def _native_lion(p, g, state1, absmax1, code1, lr, beta1, beta2, decay):
-    if p.numel():
-        _native.launch(
-            "lion8bit_step",
-            p,
-            p,
-            g.contiguous(),
-            p.dtype,
-            state1,
-            absmax1,
-            code1.contiguous(),
-            p.numel(),
-            lr,
-            beta1,
-            beta2,
-            decay,
-            decay != 1.0,
-        )
+def _check_lion_multi(p, g, state1, absmax1, code1, *constants):
+    op = "lion8bit_step_multi"
+    _check_lists(op, p, dict(g=g, state1=state1, absmax1=absmax1))
+    for i in range(len(p)):
+        _check_state(f"{op}: tensor {i}", p[i], g[i], {"state1": state1[i]}, {"absmax1": absmax1[i]}, {"code1": code1})
+
+
+def _native_lion_multi(p, g, state1, absmax1, code1, lr, beta1, beta2, decay):
+    keep = [i for i in range(len(p)) if p[i].numel()]
+    if not keep:
+        return
+    grads = [g[i].contiguous() for i in keep]
+    _native.launch(
+        "lion8bit_step",
+        p[keep[0]],
+        _addresses([p[i] for i in keep]),
+        _addresses(grads),
+        _addresses([state1[i] for i in keep]),
+        _addresses([absmax1[i] for i in keep]),
+        torch.tensor([p[i].numel() for i in keep], dtype=torch.int64),
+        len(keep),
+        p[keep[0]].dtype,
+        code1.contiguous(),
+        lr,
+        beta1,
+        beta2,
+        decay,
+        decay != 1.0,
+    )
+
+
+def _native_lion(p, g, state1, absmax1, code1, *constants):
+    _native_lion_multi([p], [g], [state1], [absmax1], code1, *constants)
 
 
 def _reference_lion(p, g, state1, absmax1, code1, *constants):
@@ -233,10 +299,17 @@ def _reference_lion(p, g, state1, absmax1, code1, *constants):
         ref.lion8bit_step(p, g, state1, absmax1, code1, *constants)
 
 
+def _reference_lion_multi(p, g, state1, absmax1, code1, *constants):
+    for tensors in zip(p, g, state1, absmax1):
+        _reference_lion(*tensors, code1, *constants)
+
+
+ADAM_CONSTANTS = "float step_size, float correction2_eps, float beta1, float beta2, float decay) -> ()"
+LION_CONSTANTS = "float lr, float beta1, float beta2, float decay) -> ()"
 adam8bit_step = define_op(
     "adam8bit_step",
     "(Tensor(a!) p, Tensor g, Tensor(b!) state1, Tensor(c!) state2, Tensor(d!) absmax1, Tensor(e!) absmax2, "
-    "Tensor code1, Tensor code2, float step_size, float correction2_eps, float beta1, float beta2, float decay) -> ()",
+    "Tensor code1, Tensor code2, " + ADAM_CONSTANTS,
     family="blockwise",
     fake=_fake_step,
     reference=_reference_adam,
@@ -244,16 +317,38 @@ adam8bit_step = define_op(
     triton=_reference_adam,
     check=_check_adam,
 )
+# One call over many tensors of one dtype with the same constants (an optimizer's parameter group): one parallel
+# loop over all their blocks, where per-tensor calls would each pay for one.
+adam8bit_step_multi = define_op(
+    "adam8bit_step_multi",
+    "(Tensor(a!)[] p, Tensor[] g, Tensor(b!)[] state1, Tensor(c!)[] state2, Tensor(d!)[] absmax1, "
+    "Tensor(e!)[] absmax2, Tensor code1, Tensor code2, " + ADAM_CONSTANTS,
+    family="blockwise",
+    fake=_fake_step,
+    reference=_reference_adam_multi,
+    native=_native_adam_multi,
+    triton=_reference_adam_multi,
+    check=_check_adam_multi,
+)
 lion8bit_step = define_op(
     "lion8bit_step",
-    "(Tensor(a!) p, Tensor g, Tensor(b!) state1, Tensor(c!) absmax1, Tensor code1, float lr, float beta1, "
-    "float beta2, float decay) -> ()",
+    "(Tensor(a!) p, Tensor g, Tensor(b!) state1, Tensor(c!) absmax1, Tensor code1, " + LION_CONSTANTS,
     family="blockwise",
     fake=_fake_step,
     reference=_reference_lion,
     native=_native_lion,
     triton=_reference_lion,
     check=_check_lion,
+)
+lion8bit_step_multi = define_op(
+    "lion8bit_step_multi",
+    "(Tensor(a!)[] p, Tensor[] g, Tensor(b!)[] state1, Tensor(c!)[] absmax1, Tensor code1, " + LION_CONSTANTS,
+    family="blockwise",
+    fake=_fake_step,
+    reference=_reference_lion_multi,
+    native=_native_lion_multi,
+    triton=_reference_lion_multi,
+    check=_check_lion_multi,
 )
 
 
