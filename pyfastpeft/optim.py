@@ -46,6 +46,15 @@ def _check_non_negative(name: str, value) -> float:
     return float(value)
 
 
+def _is_dtensor(t: torch.Tensor) -> bool:
+    return type(t).__name__ == "DTensor" or (isinstance(t, torch.nn.Parameter) and type(t.data).__name__ == "DTensor")
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """t itself, or a DTensor's local shard (a view: writing it writes the DTensor)."""
+    return t.to_local() if _is_dtensor(t) else t
+
+
 def _checked_defaults(lr, betas, eps, weight_decay) -> dict:
     """The parameter-group defaults, each checked: ValueError naming the argument."""
     if not isinstance(betas, (tuple, list)) or len(betas) != 2:
@@ -89,13 +98,14 @@ class _Optimizer8bit(torch.optim.Optimizer):
             if key not in saved_ids:
                 continue
             p = params[saved_ids.index(key)]
-            self.state[p].update({k: v.to(device=p.device, copy=True) for k, v in saved.items()})
+            self.state[p].update({k: v.to(device=_local(p).device, copy=True) for k, v in saved.items()})
             self._check_state(p, self.state[p])
 
-    def _check_state(self, p: torch.Tensor, state: dict) -> None:
+    def _check_state(self, parameter: torch.Tensor, state: dict) -> None:
         """A loaded state must fit its parameter before any kernel reads it (a corrupt or foreign checkpoint is
         a ValueError naming the key, never a crash)."""
         names = ("state1", "state2") if self.two_states else ("state1",)
+        p = _local(parameter)
         where = f"{type(self).__name__}.load_state_dict: parameter of shape {tuple(p.shape)}"
         step = state.get("step")
         if isinstance(step, torch.Tensor):
@@ -139,8 +149,8 @@ class _Optimizer8bit(torch.optim.Optimizer):
             maps[key] = (ref.SIGNED_MAP if index == 1 else ref.UNSIGNED_MAP).to(device, copy=True)
         return maps[key]
 
-    def _init_state(self, p: torch.Tensor) -> dict:
-        state = self.state[p]
+    def _init_state(self, parameter: torch.Tensor) -> dict:
+        state, p = self.state[parameter], _local(parameter)
         state["step"] = 0
         names = ("state1", "state2") if self.two_states else ("state1",)
         if p.numel() < self.min_8bit_size:
@@ -155,6 +165,8 @@ class _Optimizer8bit(torch.optim.Optimizer):
         return state
 
     def _parameters_with_grad(self, group: dict):
+        """(the tensor to update, its gradient, its state) of each parameter with a gradient. A DTensor parameter
+        (FSDP2's shards) is updated through its local shard, with states of the shard's size."""
         for p in group["params"]:
             if p.grad is None:
                 continue
@@ -164,11 +176,14 @@ class _Optimizer8bit(torch.optim.Optimizer):
                 raise TypeError(
                     f"{type(self).__name__}: parameters must be float32, float16 or bfloat16, got {p.dtype}"
                 )
-            if not p.is_contiguous():  # the kernels update p in place
+            if not _is_dtensor(p) and not p.is_contiguous():  # the kernels update p in place
                 p.data = p.data.contiguous()
+            local = _local(p)
+            if not local.is_contiguous():
+                raise ValueError(f"{type(self).__name__}: the local shard of a DTensor parameter must be contiguous")
             state = self.state[p] if self.state[p] else self._init_state(p)
             state["step"] += 1
-            yield p, p.grad.to(p.dtype), state
+            yield local, _local(p.grad).to(local.dtype), state
 
     @torch.no_grad()
     def step(self, closure=None):
