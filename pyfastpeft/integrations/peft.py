@@ -166,12 +166,35 @@ def save_adapter(model: nn.Module, path, adapter_name: str = "default") -> None:
     be the same on every layer (PEFT's config has one value for each). The files are written into a temporary
     sibling directory and renamed into place: an existing adapter at path stays whole if anything fails, and
     other files there are left alone.
+
+    A model sharded by FSDP2 (adapter weights that are DTensors) is saved whole: every rank calls save_adapter, the
+    shards are gathered, rank 0 writes the directory and the others wait for it.
     """
     fn = "save_adapter"
     model = _check_model(fn, model)
     path = _check_path(fn, path)
     config, tensors = _adapter_files(fn, model, adapter_name)
-    _write_directory(fn, path, config, tensors)
+    sharded = any(getattr(t, "_gathered_from_shards", False) for t in tensors.values())
+    if not sharded:
+        _write_directory(fn, path, config, tensors)
+        return
+    import torch.distributed as dist
+
+    try:
+        if dist.get_rank() == 0:
+            _write_directory(fn, path, config, tensors)
+    finally:
+        dist.barrier()
+
+
+def _whole(tensor: torch.Tensor) -> torch.Tensor:
+    """tensor on the CPU, contiguous; a DTensor (an FSDP2 shard) gathered whole first, a collective every rank of
+    its mesh must reach. The result of a gather is marked so that save_adapter writes on rank 0 only."""
+    if hasattr(tensor, "full_tensor"):
+        whole = tensor.detach().full_tensor().to("cpu").contiguous()
+        whole._gathered_from_shards = True
+        return whole
+    return tensor.detach().to("cpu").contiguous()
 
 
 def _adapter_files(fn: str, model: nn.Module, adapter_name: str, state_dict: dict | None = None):
@@ -240,14 +263,14 @@ def _adapter_files(fn: str, model: nn.Module, adapter_name: str, state_dict: dic
                 if key not in state_dict:
                     raise ValueError(f"{fn}: the state_dict passed lacks {key!r}")
                 tensor = state_dict[key]
-            tensors[f"{KEY_PREFIX}{module_path}.lora_{matrix}.weight"] = tensor.detach().to("cpu").contiguous()
+            tensors[f"{KEY_PREFIX}{module_path}.lora_{matrix}.weight"] = _whole(tensor)
     for entry in parameters:
         for matrix, (state_key, tensor) in (("A", entry.lora_A), ("B", entry.lora_B)):
             if state_dict is not None:
                 if state_key not in state_dict:
                     raise ValueError(f"{fn}: the state_dict passed lacks {state_key!r}")
                 tensor = state_dict[state_key]
-            tensors[f"{KEY_PREFIX}{entry.key_path}.lora_{matrix}.weight"] = tensor.detach().to("cpu").contiguous()
+            tensors[f"{KEY_PREFIX}{entry.key_path}.lora_{matrix}.weight"] = _whole(tensor)
     return config, tensors
 
 

@@ -13,6 +13,7 @@ import torch
 
 from pyfastpeft import _native
 from pyfastpeft.backend import carry_backend
+from pyfastpeft.ops import _dtensor
 from pyfastpeft.ops._checks import (
     FLOAT_DTYPES,
     check_dtype,
@@ -254,6 +255,8 @@ def rms_norm(
     to x's dtype; use offset=1.0 for Gemma's (1 + w)), "none" (every step in x's dtype).
     """
     fn = "rms_norm"
+    if _dtensor.is_dtensor(x) or _dtensor.is_dtensor(weight):  # tensor/sequence parallel: each rank's rows
+        return _dtensor.rms_norm(rms_norm, x, weight, eps, offset, casting_mode)
     check_tensor(fn, "x", x, min_dim=1)
     check_tensor(fn, "weight", weight, dim=1)
     check_same_device(fn, x=x, weight=weight)

@@ -13,6 +13,7 @@ import torch
 
 from pyfastpeft import _native
 from pyfastpeft.backend import carry_backend
+from pyfastpeft.ops import _dtensor
 from pyfastpeft.ops._checks import FLOAT_DTYPES, check_dtype, check_same_device, check_same_dtype, check_tensor
 from pyfastpeft.ops._library import define_op, triton_module
 from pyfastpeft.reference import rope as ref
@@ -199,6 +200,10 @@ def apply_rotary_pos_emb(
     interleaved=True uses the GPT-J layout (pairs (2j, 2j+1)) instead of rotate_half.
     """
     fn = "apply_rotary_pos_emb"
+    if _dtensor.is_dtensor(q) or _dtensor.is_dtensor(k):  # tensor parallel: each rank's heads
+        return _dtensor.rope(
+            apply_rotary_pos_emb, q, k, cos, sin, unsqueeze_dim, position_ids=position_ids, interleaved=interleaved
+        )
     for name, t in (("q", q), ("k", k)):
         check_tensor(fn, name, t, dim=4)
     check_tensor(fn, "cos", cos)

@@ -13,6 +13,7 @@ import torch
 
 from pyfastpeft import _native
 from pyfastpeft.backend import carry_backend
+from pyfastpeft.ops import _dtensor
 from pyfastpeft.ops._checks import FLOAT_DTYPES, check_dtype, check_same_device, check_same_dtype, check_tensor
 from pyfastpeft.ops._library import define_op, triton_module
 from pyfastpeft.reference import swiglu as ref
@@ -138,6 +139,8 @@ class SwiGLUFunction(torch.autograd.Function):
 def swiglu(gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
     """silu(gate) * up, fused forward and backward (HF LlamaMLP's act_fn(gate_proj(x)) * up_proj(x))."""
     fn = "swiglu"
+    if _dtensor.is_dtensor(gate) or _dtensor.is_dtensor(up):  # tensor parallel: elementwise on each rank's shard
+        return _dtensor.swiglu(swiglu, gate, up)
     check_tensor(fn, "gate", gate)
     check_tensor(fn, "up", up)
     check_same_device(fn, gate=gate, up=up)
