@@ -147,15 +147,13 @@ def test_linear4bit_repacked_for_the_cpu_kernel_converts_as_bitsandbytes_saves_i
 
 
 def test_unconvertible_layers_raise_naming_the_module_and_why():
-    model = nn.Sequential(nn.Linear(IN_FEATURES, IN_FEATURES), bnb_linear4bit("nf4", True))
+    model = nn.Sequential(bnb_linear4bit("nf4", True), nn.Linear(IN_FEATURES, IN_FEATURES))
+    model.append(bnb.nn.Linear4bit(IN_FEATURES, OUT_FEATURES, quant_type="nf4"))  # never moved: not quantized
     with pytest.raises(
-        ValueError,
-        match=r"1 \(bitsandbytes\.nn\.modules\.Linear4bit\) cannot convert: its "
-        r"quant_storage is torch\.bfloat16",
+        ValueError, match=r"2 \(bitsandbytes\.nn\.modules\.Linear4bit\) cannot convert: .*not quantized"
     ):
-        model[1] = bnb_linear4bit("nf4", True, quant_storage=torch.bfloat16)
         convert_bitsandbytes_modules(model)
-    assert type(model[1]) is bnb.nn.Linear4bit  # nothing was replaced
+    assert type(model[0]) is bnb.nn.Linear4bit  # nothing was replaced, the convertible layer neither
 
     fp16_weights = nn.ModuleDict({"down": bnb_linear8bit(6.0, has_fp16_weights=True)})
     with pytest.raises(ValueError, match="down .* has_fp16_weights=True"):
@@ -289,12 +287,28 @@ def test_prepare_model_adapts_an_8bit_loaded_llama(llama_checkpoint, prepared):
 
 
 def test_prepare_model_refuses_an_unconvertible_bnb_model_before_changing_it(llama_checkpoint):
-    model = load(llama_checkpoint, load_in_4bit=True, bnb_4bit_quant_storage=torch.bfloat16)
+    model = load(llama_checkpoint, load_in_4bit=True)
+    q_proj = model.model.layers[0].self_attn.q_proj
+    model.model.layers[1].self_attn.q_proj = bnb.nn.Linear4bit(q_proj.in_features, q_proj.out_features)  # unquantized
     flags = [p.requires_grad for p in model.parameters()]
-    with pytest.raises(ValueError, match=r"model\.layers\.0\.self_attn\.q_proj .* quant_storage is torch\.bfloat16"):
+    with pytest.raises(ValueError, match=r"model\.layers\.1\.self_attn\.q_proj .* not quantized"):
         pyfastpeft.prepare_model(model)
     assert [p.requires_grad for p in model.parameters()] == flags
-    assert isinstance(model.model.layers[0].self_attn.q_proj, bnb.nn.Linear4bit)
+    assert model.model.layers[0].self_attn.q_proj is q_proj
+
+
+def test_a_model_loaded_with_a_quant_storage_prepares_to_the_same_logits(llama_checkpoint):
+    """bnb_4bit_quant_storage=torch.bfloat16 (FSDP1's QLoRA recipe) stores the same bytes as uint8: prepared, both
+    give the same logits."""
+    input_ids = torch.randint(0, 128, (2, 16), generator=torch.Generator().manual_seed(0))
+    logits = []
+    for storage in (torch.uint8, torch.bfloat16):
+        model = load(llama_checkpoint, load_in_4bit=True, bnb_4bit_quant_storage=storage)
+        pyfastpeft.prepare_model(model, lora=False)
+        with torch.no_grad():
+            logits.append(model(input_ids).logits)
+        pyfastpeft.unpatch_model(model)
+    assert torch.equal(logits[0], logits[1])
 
 
 def test_from_peft_converts_a_qlora_model_with_the_same_logits(llama_checkpoint):
@@ -324,3 +338,20 @@ def test_from_peft_converts_a_qlora_model_with_the_same_logits(llama_checkpoint)
     assert not any(isinstance(module, bnb.nn.Linear4bit) for module in converted.modules())
     with torch.no_grad():
         torch.testing.assert_close(converted(input_ids).logits, expected, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("quant_storage", [torch.bfloat16, torch.float16, torch.float32])
+def test_linear4bit_with_a_quant_storage_converts_and_loads(quant_storage):
+    """bitsandbytes' quant_storage packs the same bytes under another dtype (FSDP1's QLoRA recipe): the layer converts
+    over those very bytes, and its state dict loads into ours."""
+    layer = bnb_linear4bit("nf4", True, quant_storage=quant_storage)
+    assert layer.weight.dtype == quant_storage
+    ours = from_bitsandbytes(layer, "proj")
+    assert ours.weight.dtype == torch.uint8 and ours.weight.data_ptr() == layer.weight.data_ptr()
+    x = torch.randn(3, IN_FEATURES)
+    expected = layer(x)
+    torch.testing.assert_close(ours(x), expected, rtol=1e-6, atol=1e-6)
+
+    loaded = Linear4bit(IN_FEATURES, OUT_FEATURES, bias=True, compute_dtype=torch.float32, quant_type="nf4")
+    loaded.load_state_dict(layer.state_dict())
+    torch.testing.assert_close(loaded(x), expected, rtol=1e-6, atol=1e-6)

@@ -15,9 +15,11 @@ conversion moves tensors, it never requantizes:
       weight.SCB (or state.SCB) fp32 [out]                 ->  SCB buffer, the same tensor
       state.threshold, bias                                ->  threshold, the same bias Parameter
 
-so the converted layer's state_dict() equals bitsandbytes' key for key and byte for byte. What cannot convert is
-refused with a ValueError naming the module path and the reason: a quant_storage other than uint8, a layer not
-quantized yet, has_fp16_weights=True, a weight on the meta device (offloaded), a subclass with its own forward.
+so the converted layer's state_dict() equals bitsandbytes' key for key and byte for byte. A weight packed into another
+quant_storage (bnb_4bit_quant_storage=torch.bfloat16, FSDP1's QLoRA recipe) converts over the same bytes, viewed as
+uint8 (so the converted layer's state_dict() holds the weight as uint8). What cannot convert is refused with a
+ValueError naming the module path and the reason: a layer not quantized yet, has_fp16_weights=True, a weight on the
+meta device (offloaded), a subclass with its own forward.
 
 A 4-bit layer that bitsandbytes repacked for its CPU bf16 kernel (it does so on an inference call on a CPU with
 AVX512-BF16: eval mode, no gradients) is unpacked first, as bitsandbytes' own state_dict() does: the weight bytes
@@ -36,7 +38,7 @@ import torch
 from torch import nn
 
 from pyfastpeft.nn import Linear4bit, Linear8bitLt
-from pyfastpeft.nn.linear4bit import Packed4bitParameter
+from pyfastpeft.nn.linear4bit import Packed4bitParameter, packed_bytes
 from pyfastpeft.quant.nf4 import QuantState
 
 # bitsandbytes' 4-bit classes that differ from Linear4bit by their constructor defaults only
@@ -107,14 +109,9 @@ def _convert_4bit(fn: str, path: str, layer: nn.Module) -> Linear4bit:
         )
     if getattr(state, "packing_format_for_cpu", False):
         data, state = _cpu_unpacked(data, state)
+    data = packed_bytes(data)  # bnb_4bit_quant_storage=bf16 and the like: the same bytes under another dtype
     if data.dtype != torch.uint8:
-        raise _refuse(
-            fn,
-            path,
-            layer,
-            f"its quant_storage is {data.dtype}; pyfastpeft's Linear4bit stores uint8 "
-            "(load with bnb_4bit_quant_storage=torch.uint8, the default)",
-        )
+        raise _refuse(fn, path, layer, f"its packed weight is {data.dtype}, not a quant_storage bitsandbytes writes")
     nested = bool(getattr(state, "nested", False))
     state2 = None
     if nested:

@@ -18,6 +18,17 @@ def _quant_state_attribute(name: str, getter):
     return property(get)
 
 
+QUANT_STORAGE_DTYPES = (torch.uint8, torch.int8, torch.bfloat16, torch.float16, torch.float32)
+
+
+def packed_bytes(packed: torch.Tensor) -> torch.Tensor:
+    """A packed 4-bit weight as uint8 [bytes, 1], the same memory. bitsandbytes' quant_storage (the dtype FSDP1 needed
+    to flatten the weight with the rest) keeps the same bytes under another dtype: bf16, fp16, fp32 or int8."""
+    if packed.dtype == torch.uint8 or packed.dtype not in QUANT_STORAGE_DTYPES:
+        return packed
+    return packed.contiguous().view(torch.uint8).reshape(-1, 1)
+
+
 class Packed4bitParameter(nn.Parameter):
     """The packed uint8 weight of a Linear4bit, holding its QuantState (`quant_state`, the layer's own object).
 
@@ -194,6 +205,9 @@ class Linear4bit(nn.Module):
                 )
                 return
             packed = state_dict.get(f"{prefix}weight")
+            if isinstance(packed, torch.Tensor) and packed.dtype != torch.uint8:  # bitsandbytes' quant_storage
+                packed = packed_bytes(packed)
+                state_dict = {**state_dict, f"{prefix}weight": packed}
             needed = (self.out_features * self.in_features + 1) // 2
             if isinstance(packed, torch.Tensor) and (packed.dtype != torch.uint8 or packed.numel() != needed):
                 raise ValueError(
