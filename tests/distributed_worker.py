@@ -39,6 +39,9 @@ def train(quant, wrapper: str, optimizer: str, rank: int = 0, world_size: int = 
     import pyfastpeft
 
     model = prepared(quant)
+    wrapper, *extras = wrapper.split("+")  # "fsdp2+checkpointing", "fsdp2+compile"
+    if "checkpointing" in extras:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if wrapper == "ddp":
         model = torch.nn.parallel.DistributedDataParallel(model)
     elif wrapper == "fsdp2":
@@ -49,6 +52,8 @@ def train(quant, wrapper: str, optimizer: str, rank: int = 0, world_size: int = 
         for layer in model.model.layers:
             fully_shard(layer, mesh=mesh)
         fully_shard(model, mesh=mesh)
+    if "compile" in extras:
+        model.compile()
     trainable = [p for p in model.parameters() if p.requires_grad]
     if optimizer == "adamw8bit":
         opt = pyfastpeft.optim.AdamW8bit(trainable, lr=1e-2, min_8bit_size=0)
