@@ -120,7 +120,8 @@ def test_training_stays_within_a_band_of_fp32_adamw(dtype):
 
 @needs_bnb
 def test_trainer_with_our_optimizer_follows_adamw_bnb_8bit(tmp_path):
-    """Trainer(optimizers=(AdamW8bit(...), None)) against Trainer(optim="adamw_bnb_8bit") on the tiny model."""
+    """Trainer(optimizers=(AdamW8bit(...), None)) and Trainer(optimizer_cls_and_kwargs=(AdamW8bit, {...})) against
+    Trainer(optim="adamw_bnb_8bit") on the tiny model."""
     from real_stack_helpers import lm_dataset, step_logs
     from transformers import Trainer, TrainingArguments
 
@@ -136,12 +137,16 @@ def test_trainer_with_our_optimizer_follows_adamw_bnb_8bit(tmp_path):
     )
     base = tiny_llama().train()
     runs = {}
-    for name in ("ours", "bnb"):
+    for name in ("ours", "ours by class", "bnb"):
         model = copy.deepcopy(base)
         if name == "ours":
             args = TrainingArguments(output_dir=str(tmp_path / name), **settings)
             optimizer = AdamW8bit(model.parameters(), lr=1e-3, weight_decay=0.0, min_8bit_size=1024)
             trainer = Trainer(model=model, args=args, train_dataset=lm_dataset(), optimizers=(optimizer, None))
+        elif name == "ours by class":  # Trainer builds it, over its own parameter groups
+            args = TrainingArguments(output_dir=str(tmp_path / "class"), **settings)
+            optimizer = (AdamW8bit, dict(lr=1e-3, weight_decay=0.0, min_8bit_size=1024))
+            trainer = Trainer(model=model, args=args, train_dataset=lm_dataset(), optimizer_cls_and_kwargs=optimizer)
         else:
             args = TrainingArguments(output_dir=str(tmp_path / name), optim="adamw_bnb_8bit", **settings)
             trainer = Trainer(model=model, args=args, train_dataset=lm_dataset())
@@ -152,6 +157,7 @@ def test_trainer_with_our_optimizer_follows_adamw_bnb_8bit(tmp_path):
         trainer.train()
         runs[name] = step_logs(trainer)
     assert runs["ours"].keys() == runs["bnb"].keys() == {1, 2, 3, 4}
+    assert runs["ours by class"] == runs["ours"]
     for step, loss in runs["bnb"].items():
         assert runs["ours"][step] == pytest.approx(loss, rel=1e-3)
 
