@@ -152,7 +152,7 @@ def backends() -> dict:
 
 # Families with no native CUDA kernel: their native implementation is CPU-only, so forcing "native" on CUDA
 # tensors runs the reference, with the fallback warning (LoRA's GPU kernel is Triton's).
-NO_CUDA_NATIVE = frozenset({"lora", "quantize"})
+NO_CUDA_NATIVE = frozenset({"lora", "quantize", "blockwise"})
 
 
 def choose(family: str, device: torch.device) -> str:

@@ -11,7 +11,9 @@ Ops (formulas, rounding and NaN rules in pyfastpeft/reference/blockwise.py):
 The step ops update their `!` arguments in place (declared in the schema) and run outside autograd: they are what
 pyfastpeft.optim's optimizers call under torch.no_grad. code is a sorted fp32 table of 256 values; states hold one
 code per parameter element, absmax one fp32 per block of 256. A parameter must be contiguous (it is written in place);
-the rest is made contiguous where it is not. Native kernel: csrc/cpu/blockwise.cpp (CPU); CUDA runs the reference.
+the rest is made contiguous where it is not. Native kernel: csrc/cpu/blockwise.cpp (CPU). Triton kernels for the steps:
+triton_kernels/blockwise.py (compiled for sm_80/sm_90 in CI, checked against the reference in the interpreter, not yet
+run on a GPU: CUDA tensors take the reference unless use_backend("triton") asks for them).
 """
 
 from __future__ import annotations
@@ -20,7 +22,7 @@ import torch
 
 from pyfastpeft import _native
 from pyfastpeft.ops._checks import FLOAT_DTYPES, check_dtype, check_int
-from pyfastpeft.ops._library import define_op
+from pyfastpeft.ops._library import define_op, triton_module
 from pyfastpeft.reference import blockwise as ref
 
 STEP_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
@@ -255,6 +257,28 @@ def _fake_step(*args):
     return None
 
 
+def _triton_adam(p, g, state1, state2, absmax1, absmax2, code1, code2, *constants):
+    if p.numel():
+        triton_module("blockwise").adam8bit_step(
+            p, g.contiguous(), state1, state2, absmax1, absmax2, code1.contiguous(), code2.contiguous(), *constants
+        )
+
+
+def _triton_adam_multi(p, g, state1, state2, absmax1, absmax2, code1, code2, *constants):
+    for tensors in zip(p, g, state1, state2, absmax1, absmax2):
+        _triton_adam(*tensors, code1, code2, *constants)
+
+
+def _triton_lion(p, g, state1, absmax1, code1, *constants):
+    if p.numel():
+        triton_module("blockwise").lion8bit_step(p, g.contiguous(), state1, absmax1, code1.contiguous(), *constants)
+
+
+def _triton_lion_multi(p, g, state1, absmax1, code1, *constants):
+    for tensors in zip(p, g, state1, absmax1):
+        _triton_lion(*tensors, code1, *constants)
+
+
 def _check_lion(p, g, state1, absmax1, code1, *constants):
     _check_state("lion8bit_step", p, g, {"state1": state1}, {"absmax1": absmax1}, {"code1": code1})
 
@@ -314,7 +338,7 @@ adam8bit_step = define_op(
     fake=_fake_step,
     reference=_reference_adam,
     native=_native_adam,
-    triton=_reference_adam,
+    triton=_triton_adam,
     check=_check_adam,
 )
 # One call over many tensors of one dtype with the same constants (an optimizer's parameter group): one parallel
@@ -327,7 +351,7 @@ adam8bit_step_multi = define_op(
     fake=_fake_step,
     reference=_reference_adam_multi,
     native=_native_adam_multi,
-    triton=_reference_adam_multi,
+    triton=_triton_adam_multi,
     check=_check_adam_multi,
 )
 lion8bit_step = define_op(
@@ -337,7 +361,7 @@ lion8bit_step = define_op(
     fake=_fake_step,
     reference=_reference_lion,
     native=_native_lion,
-    triton=_reference_lion,
+    triton=_triton_lion,
     check=_check_lion,
 )
 lion8bit_step_multi = define_op(
@@ -347,7 +371,7 @@ lion8bit_step_multi = define_op(
     fake=_fake_step,
     reference=_reference_lion_multi,
     native=_native_lion_multi,
-    triton=_reference_lion_multi,
+    triton=_triton_lion_multi,
     check=_check_lion_multi,
 )
 
