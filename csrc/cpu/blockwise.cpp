@@ -392,59 +392,76 @@ inline void adam_block_avx512(const float* grad, float* param, float* m, float* 
 }
 #endif
 
+// Runs body(t, b, start, len) for every 256-element block b of every tensor t (len < 256 for a tensor's partial last
+// block), all the tensors' blocks spread over the threads in one parallel loop.
+template <typename F>
+void for_each_block(const int64_t* numels, int64_t count, int64_t work_per_block, int nthreads, F&& body) {
+  const BlockMap blocks(numels, count);
+  pfp::parallel_for(blocks.total(), work_per_block, nthreads, [&](int64_t begin, int64_t end, int) {
+    int64_t t = begin < end ? blocks.tensor_of(begin) : 0;
+    for (int64_t gb = begin; gb < end; ++gb) {
+      while (gb >= blocks.first[t + 1]) ++t;
+      const int64_t b = gb - blocks.first[t], start = b * kStateBlock;
+      body(t, b, start, numels[t] - start < kStateBlock ? numels[t] - start : kStateBlock);
+    }
+  });
+}
+
+#if defined(__AVX512F__) && defined(__AVX512DQ__)
+// block(grad, param) over one full block of p and g: fp32 parameters where they are, 16-bit ones through fp32
+// staging buffers (param written back after).
+template <typename T, typename F>
+inline void on_full_block(T* p, const T* g, float* grad, float* param, F&& block) {
+  if constexpr (std::is_same_v<T, float>) {
+    block(g, p);
+  } else {
+    pfp::load_row(g, grad, kStateBlock);
+    pfp::load_row(p, param, kStateBlock);
+    block(grad, param);
+    pfp::store_row(param, p, kStateBlock);
+  }
+}
+#endif
+
 template <typename T>
 void adam_impl(const int64_t* ps, const int64_t* gs, const int64_t* state1s, const int64_t* state2s,
                const int64_t* absmax1s, const int64_t* absmax2s, const int64_t* numels, int64_t count,
                const Coder& coder1, const Coder& coder2, const AdamConstants& k, int nthreads) {
-  const BlockMap blocks(numels, count);
-  pfp::parallel_for(blocks.total(), kStateBlock * 16, nthreads, [&](int64_t begin, int64_t end, int) {
+  for_each_block(numels, count, kStateBlock * 16, nthreads, [&](int64_t t, int64_t b, int64_t start, int64_t len) {
     alignas(64) float grad[kStateBlock], param[kStateBlock], m[kStateBlock], v[kStateBlock], scratch[kStateBlock];
-    int64_t t = begin < end ? blocks.tensor_of(begin) : 0;
-    for (int64_t gb = begin; gb < end; ++gb) {
-      while (gb >= blocks.first[t + 1]) ++t;
-      T* p = pointer<T>(ps, t);
-      const T* g = pointer<const T>(gs, t);
-      uint8_t *state1 = pointer<uint8_t>(state1s, t), *state2 = pointer<uint8_t>(state2s, t);
-      float *absmax1 = pointer<float>(absmax1s, t), *absmax2 = pointer<float>(absmax2s, t);
-      const int64_t numel = numels[t], b = gb - blocks.first[t];
-      const int64_t start = b * kStateBlock, len = numel - start < kStateBlock ? numel - start : kStateBlock;
-      const float a1 = absmax1[b], a2 = absmax2[b];
+    T* p = pointer<T>(ps, t) + start;
+    const T* g = pointer<const T>(gs, t) + start;
+    uint8_t *state1 = pointer<uint8_t>(state1s, t) + start, *state2 = pointer<uint8_t>(state2s, t) + start;
+    float *absmax1 = pointer<float>(absmax1s, t) + b, *absmax2 = pointer<float>(absmax2s, t) + b;
+    const float a1 = *absmax1, a2 = *absmax2;
 #if defined(__AVX512F__) && defined(__AVX512DQ__)
-      if (len == kStateBlock) {
-        if constexpr (std::is_same_v<T, float>) {  // fp32 parameters are read and written where they are
-          adam_block_avx512(g + start, p + start, m, v, state1 + start, state2 + start, a1, a2, coder1, coder2, k,
-                            absmax1 + b, absmax2 + b);
-        } else {
-          pfp::load_row(g + start, grad, len);
-          pfp::load_row(p + start, param, len);
-          adam_block_avx512(grad, param, m, v, state1 + start, state2 + start, a1, a2, coder1, coder2, k, absmax1 + b,
-                            absmax2 + b);
-          pfp::store_row(param, p + start, len);
-        }
-        continue;
-      }
-#endif
-      pfp::load_row(g + start, grad, len);
-      pfp::load_row(p + start, param, len);
-      for (int64_t i = 0; i < len; ++i) {
-        m[i] = coder1.code[state1[start + i]] * a1;
-        v[i] = coder2.code[state2[start + i]] * a2;
-      }
-      for (int64_t i = 0; i < len; ++i) {
-        const bool ok = std::isfinite(grad[i]);
-        const float gv = ok ? grad[i] : 0.0f;
-        const float vi = v[i] * k.beta2 + k.one_minus_beta2 * gv * gv;
-        const float mi = m[i] * k.beta1 + k.one_minus_beta1 * gv;
-        float updated = param[i] + k.step_size * (mi / (std::sqrt(vi) + k.correction2_eps));
-        if (k.apply_decay) updated = updated * k.decay;
-        v[i] = ok ? vi : 0.0f;
-        m[i] = ok ? mi : 0.0f;
-        param[i] = ok ? updated : param[i];
-      }
-      pfp::store_row(param, p + start, len);
-      store_state(m, scratch, len, coder1, true, state1 + start, absmax1 + b);
-      store_state(v, scratch, len, coder2, false, state2 + start, absmax2 + b);
+    if (len == kStateBlock) {
+      on_full_block(p, g, grad, param, [&](const float* gr, float* pr) {
+        adam_block_avx512(gr, pr, m, v, state1, state2, a1, a2, coder1, coder2, k, absmax1, absmax2);
+      });
+      return;
     }
+#endif
+    pfp::load_row(g, grad, len);
+    pfp::load_row(p, param, len);
+    for (int64_t i = 0; i < len; ++i) {
+      m[i] = coder1.code[state1[i]] * a1;
+      v[i] = coder2.code[state2[i]] * a2;
+    }
+    for (int64_t i = 0; i < len; ++i) {
+      const bool ok = std::isfinite(grad[i]);
+      const float gv = ok ? grad[i] : 0.0f;
+      const float vi = v[i] * k.beta2 + k.one_minus_beta2 * gv * gv;
+      const float mi = m[i] * k.beta1 + k.one_minus_beta1 * gv;
+      float updated = param[i] + k.step_size * (mi / (std::sqrt(vi) + k.correction2_eps));
+      if (k.apply_decay) updated = updated * k.decay;
+      v[i] = ok ? vi : 0.0f;
+      m[i] = ok ? mi : 0.0f;
+      param[i] = ok ? updated : param[i];
+    }
+    pfp::store_row(param, p, len);
+    store_state(m, scratch, len, coder1, true, state1, absmax1);
+    store_state(v, scratch, len, coder2, false, state2, absmax2);
   });
 }
 
@@ -487,48 +504,35 @@ inline void lion_block_avx512(const float* grad, float* param, float* m, uint8_t
 template <typename T>
 void lion_impl(const int64_t* ps, const int64_t* gs, const int64_t* state1s, const int64_t* absmax1s,
                const int64_t* numels, int64_t count, const Coder& coder, const LionConstants& k, int nthreads) {
-  const BlockMap blocks(numels, count);
-  pfp::parallel_for(blocks.total(), kStateBlock * 12, nthreads, [&](int64_t begin, int64_t end, int) {
+  for_each_block(numels, count, kStateBlock * 12, nthreads, [&](int64_t t, int64_t b, int64_t start, int64_t len) {
     alignas(64) float grad[kStateBlock], param[kStateBlock], m[kStateBlock], scratch[kStateBlock];
-    int64_t t = begin < end ? blocks.tensor_of(begin) : 0;
-    for (int64_t gb = begin; gb < end; ++gb) {
-      while (gb >= blocks.first[t + 1]) ++t;
-      T* p = pointer<T>(ps, t);
-      const T* g = pointer<const T>(gs, t);
-      uint8_t* state1 = pointer<uint8_t>(state1s, t);
-      float* absmax1 = pointer<float>(absmax1s, t);
-      const int64_t numel = numels[t], b = gb - blocks.first[t];
-      const int64_t start = b * kStateBlock, len = numel - start < kStateBlock ? numel - start : kStateBlock;
-      const float a1 = absmax1[b];
+    T* p = pointer<T>(ps, t) + start;
+    const T* g = pointer<const T>(gs, t) + start;
+    uint8_t* state1 = pointer<uint8_t>(state1s, t) + start;
+    float* absmax1 = pointer<float>(absmax1s, t) + b;
+    const float a1 = *absmax1;
 #if defined(__AVX512F__) && defined(__AVX512DQ__)
-      if (len == kStateBlock) {
-        if constexpr (std::is_same_v<T, float>) {
-          lion_block_avx512(g + start, p + start, m, state1 + start, a1, coder, k, absmax1 + b);
-        } else {
-          pfp::load_row(g + start, grad, len);
-          pfp::load_row(p + start, param, len);
-          lion_block_avx512(grad, param, m, state1 + start, a1, coder, k, absmax1 + b);
-          pfp::store_row(param, p + start, len);
-        }
-        continue;
-      }
-#endif
-      pfp::load_row(g + start, grad, len);
-      pfp::load_row(p + start, param, len);
-      for (int64_t i = 0; i < len; ++i) {
-        const bool ok = std::isfinite(grad[i]);
-        const float gv = ok ? grad[i] : 0.0f;
-        const float mi = coder.code[state1[start + i]] * a1;
-        const float blend = mi * k.beta1 + k.one_minus_beta1 * gv;
-        const float sign = blend > 0.0f ? 1.0f : (blend < 0.0f ? -1.0f : (blend != blend ? blend : 0.0f));
-        float updated = k.apply_decay ? param[i] * k.decay : param[i];
-        updated = updated - k.lr * sign;
-        m[i] = ok ? mi * k.beta2 + k.one_minus_beta2 * gv : 0.0f;
-        param[i] = ok ? updated : param[i];
-      }
-      pfp::store_row(param, p + start, len);
-      store_state(m, scratch, len, coder, true, state1 + start, absmax1 + b);
+    if (len == kStateBlock) {
+      on_full_block(p, g, grad, param,
+                    [&](const float* gr, float* pr) { lion_block_avx512(gr, pr, m, state1, a1, coder, k, absmax1); });
+      return;
     }
+#endif
+    pfp::load_row(g, grad, len);
+    pfp::load_row(p, param, len);
+    for (int64_t i = 0; i < len; ++i) {
+      const bool ok = std::isfinite(grad[i]);
+      const float gv = ok ? grad[i] : 0.0f;
+      const float mi = coder.code[state1[i]] * a1;
+      const float blend = mi * k.beta1 + k.one_minus_beta1 * gv;
+      const float sign = blend > 0.0f ? 1.0f : (blend < 0.0f ? -1.0f : (blend != blend ? blend : 0.0f));
+      float updated = k.apply_decay ? param[i] * k.decay : param[i];
+      updated = updated - k.lr * sign;
+      m[i] = ok ? mi * k.beta2 + k.one_minus_beta2 * gv : 0.0f;
+      param[i] = ok ? updated : param[i];
+    }
+    pfp::store_row(param, p, len);
+    store_state(m, scratch, len, coder, true, state1, absmax1);
   });
 }
 

@@ -209,34 +209,30 @@ def _addresses(tensors) -> torch.Tensor:
     return torch.tensor([t.data_ptr() for t in tensors], dtype=torch.int64)
 
 
-def _native_adam_multi(
-    p, g, state1, state2, absmax1, absmax2, code1, code2, step_size, correction2_eps, beta1, beta2, decay
-):
+def _launch_multi(kernel: str, p, g, in_place: list, codes: tuple, constants: tuple) -> None:
+    """One native call over the non-empty tensors of the lists: each list's addresses and the sizes as int64 arrays
+    (the kernel's pointer arrays), the count and dtype, the codes, the step's constants, and whether decay
+    (the last constant) applies."""
     keep = [i for i in range(len(p)) if p[i].numel()]
     if not keep:
         return
     grads = [g[i].contiguous() for i in keep]  # alive until the kernel returns
+    lists = [[p[i] for i in keep], grads] + [[t[i] for i in keep] for t in in_place]
     _native.launch(
-        "adam8bit_step",
+        kernel,
         p[keep[0]],
-        _addresses([p[i] for i in keep]),
-        _addresses(grads),
-        _addresses([state1[i] for i in keep]),
-        _addresses([state2[i] for i in keep]),
-        _addresses([absmax1[i] for i in keep]),
-        _addresses([absmax2[i] for i in keep]),
+        *(_addresses(tensors) for tensors in lists),
         torch.tensor([p[i].numel() for i in keep], dtype=torch.int64),
         len(keep),
         p[keep[0]].dtype,
-        code1.contiguous(),
-        code2.contiguous(),
-        step_size,
-        correction2_eps,
-        beta1,
-        beta2,
-        decay,
-        decay != 1.0,
+        *(code.contiguous() for code in codes),
+        *constants,
+        constants[-1] != 1.0,
     )
+
+
+def _native_adam_multi(p, g, state1, state2, absmax1, absmax2, code1, code2, *constants):
+    _launch_multi("adam8bit_step", p, g, [state1, state2, absmax1, absmax2], (code1, code2), constants)
 
 
 def _native_adam(p, g, state1, state2, absmax1, absmax2, code1, code2, *constants):
@@ -290,28 +286,8 @@ def _check_lion_multi(p, g, state1, absmax1, code1, *constants):
         _check_state(f"{op}: tensor {i}", p[i], g[i], {"state1": state1[i]}, {"absmax1": absmax1[i]}, {"code1": code1})
 
 
-def _native_lion_multi(p, g, state1, absmax1, code1, lr, beta1, beta2, decay):
-    keep = [i for i in range(len(p)) if p[i].numel()]
-    if not keep:
-        return
-    grads = [g[i].contiguous() for i in keep]
-    _native.launch(
-        "lion8bit_step",
-        p[keep[0]],
-        _addresses([p[i] for i in keep]),
-        _addresses(grads),
-        _addresses([state1[i] for i in keep]),
-        _addresses([absmax1[i] for i in keep]),
-        torch.tensor([p[i].numel() for i in keep], dtype=torch.int64),
-        len(keep),
-        p[keep[0]].dtype,
-        code1.contiguous(),
-        lr,
-        beta1,
-        beta2,
-        decay,
-        decay != 1.0,
-    )
+def _native_lion_multi(p, g, state1, absmax1, code1, *constants):
+    _launch_multi("lion8bit_step", p, g, [state1, absmax1], (code1,), constants)
 
 
 def _native_lion(p, g, state1, absmax1, code1, *constants):
