@@ -194,6 +194,8 @@ def _check_adam_multi(p, g, state1, state2, absmax1, absmax2, code1, code2, *con
     op = "adam8bit_step_multi"
     lists = dict(g=g, state1=state1, state2=state2, absmax1=absmax1, absmax2=absmax2)
     _check_lists(op, p, lists)
+    _check_code(op, "code1", code1)
+    _check_code(op, "code2", code2)
     for i in range(len(p)):
         _check_state(
             f"{op}: tensor {i}",
@@ -201,7 +203,7 @@ def _check_adam_multi(p, g, state1, state2, absmax1, absmax2, code1, code2, *con
             g[i],
             {"state1": state1[i], "state2": state2[i]},
             {"absmax1": absmax1[i], "absmax2": absmax2[i]},
-            {"code1": code1, "code2": code2},
+            {},
         )
 
 
@@ -282,8 +284,9 @@ def _check_lion(p, g, state1, absmax1, code1, *constants):
 def _check_lion_multi(p, g, state1, absmax1, code1, *constants):
     op = "lion8bit_step_multi"
     _check_lists(op, p, dict(g=g, state1=state1, absmax1=absmax1))
+    _check_code(op, "code1", code1)
     for i in range(len(p)):
-        _check_state(f"{op}: tensor {i}", p[i], g[i], {"state1": state1[i]}, {"absmax1": absmax1[i]}, {"code1": code1})
+        _check_state(f"{op}: tensor {i}", p[i], g[i], {"state1": state1[i]}, {"absmax1": absmax1[i]}, {})
 
 
 def _native_lion_multi(p, g, state1, absmax1, code1, *constants):
