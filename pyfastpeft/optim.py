@@ -23,6 +23,7 @@ from collections.abc import Iterable
 import torch
 
 from pyfastpeft.ops import blockwise as ops
+from pyfastpeft.ops._dtensor import is_dtensor, local
 from pyfastpeft.reference import blockwise as ref
 
 __all__ = ["AdamW8bit", "Adam8bit", "Lion8bit"]
@@ -44,17 +45,6 @@ def _check_non_negative(name: str, value) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
         raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
     return float(value)
-
-
-def _is_dtensor(t: torch.Tensor) -> bool:
-    # by type name: no import of torch.distributed, and no attribute lookup on every parameter of every step
-    # (an FSDP2 parameter is a Parameter whose type is DTensor)
-    return type(t).__name__ == "DTensor"
-
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    """t itself, or a DTensor's local shard (a view: writing it writes the DTensor)."""
-    return t.to_local() if _is_dtensor(t) else t
 
 
 def _checked_defaults(lr, betas, eps, weight_decay) -> dict:
@@ -100,14 +90,14 @@ class _Optimizer8bit(torch.optim.Optimizer):
             if key not in saved_ids:
                 continue
             p = params[saved_ids.index(key)]
-            self.state[p].update({k: v.to(device=_local(p).device, copy=True) for k, v in saved.items()})
+            self.state[p].update({k: v.to(device=local(p).device, copy=True) for k, v in saved.items()})
             self._check_state(p, self.state[p])
 
     def _check_state(self, parameter: torch.Tensor, state: dict) -> None:
         """A loaded state must fit its parameter before any kernel reads it (a corrupt or foreign checkpoint is
         a ValueError naming the key, never a crash)."""
         names = ("state1", "state2") if self.two_states else ("state1",)
-        p = _local(parameter)
+        p = local(parameter)
         where = f"{type(self).__name__}.load_state_dict: parameter of shape {tuple(p.shape)}"
         step = state.get("step")
         if isinstance(step, torch.Tensor):
@@ -152,7 +142,7 @@ class _Optimizer8bit(torch.optim.Optimizer):
         return maps[key]
 
     def _init_state(self, parameter: torch.Tensor) -> dict:
-        state, p = self.state[parameter], _local(parameter)
+        state, p = self.state[parameter], local(parameter)
         state["step"] = 0
         names = ("state1", "state2") if self.two_states else ("state1",)
         if p.numel() < self.min_8bit_size:
@@ -178,14 +168,14 @@ class _Optimizer8bit(torch.optim.Optimizer):
                 raise TypeError(
                     f"{type(self).__name__}: parameters must be float32, float16 or bfloat16, got {p.dtype}"
                 )
-            if not _is_dtensor(p) and not p.is_contiguous():  # the kernels update p in place
+            if not is_dtensor(p) and not p.is_contiguous():  # the kernels update p in place
                 p.data = p.data.contiguous()
-            local = _local(p)
-            if not local.is_contiguous():
+            shard = local(p)
+            if not shard.is_contiguous():
                 raise ValueError(f"{type(self).__name__}: the local shard of a DTensor parameter must be contiguous")
             state = self.state[p] if self.state[p] else self._init_state(p)
             state["step"] += 1
-            yield local, _local(p.grad).to(local.dtype), state
+            yield shard, local(p.grad).to(shard.dtype), state
 
     @torch.no_grad()
     def step(self, closure=None):

@@ -54,6 +54,7 @@ from pyfastpeft.nn.experts import (
     up_name,
 )
 from pyfastpeft.nn.lora import LoRALinear, _check_adapter_name, base_kind, linear_modules
+from pyfastpeft.ops._dtensor import is_dtensor
 
 CONFIG_NAME = "adapter_config.json"
 SAFETENSORS_NAME = "adapter_model.safetensors"
@@ -174,8 +175,7 @@ def save_adapter(model: nn.Module, path, adapter_name: str = "default") -> None:
     model = _check_model(fn, model)
     path = _check_path(fn, path)
     config, tensors = _adapter_files(fn, model, adapter_name)
-    sharded = any(getattr(t, "_gathered_from_shards", False) for t in tensors.values())
-    if not sharded:
+    if not any(is_dtensor(p) for p in model.parameters()):
         _write_directory(fn, path, config, tensors)
         return
     import torch.distributed as dist
@@ -189,11 +189,9 @@ def save_adapter(model: nn.Module, path, adapter_name: str = "default") -> None:
 
 def _whole(tensor: torch.Tensor) -> torch.Tensor:
     """tensor on the CPU, contiguous; a DTensor (an FSDP2 shard) gathered whole first, a collective every rank of
-    its mesh must reach. The result of a gather is marked so that save_adapter writes on rank 0 only."""
-    if hasattr(tensor, "full_tensor"):
-        whole = tensor.detach().full_tensor().to("cpu").contiguous()
-        whole._gathered_from_shards = True
-        return whole
+    its mesh must reach."""
+    if is_dtensor(tensor):
+        tensor = tensor.detach().full_tensor()
     return tensor.detach().to("cpu").contiguous()
 
 

@@ -43,11 +43,14 @@ def check_op_devices(op: str, names, args) -> None:
     hand a kernel a pointer it cannot read)."""
     first_name, first_device = None, None
     for name, value in zip(names, args):
-        if isinstance(value, torch.Tensor):
+        items = [(name, value)] if isinstance(value, torch.Tensor) else []
+        if isinstance(value, (list, tuple)):  # a Tensor[] argument: each of its tensors
+            items = [(f"{name}[{i}]", t) for i, t in enumerate(value) if isinstance(t, torch.Tensor)]
+        for item_name, tensor in items:
             if first_device is None:
-                first_name, first_device = name, value.device
-            elif value.device != first_device:
-                raise ValueError(f"{op}: {name} is on {value.device}, {first_name} is on {first_device}")
+                first_name, first_device = item_name, tensor.device
+            elif tensor.device != first_device:
+                raise ValueError(f"{op}: {item_name} is on {tensor.device}, {first_name} is on {first_device}")
 
 
 def _dtype_names(dtypes) -> str:

@@ -165,15 +165,12 @@ def _check_state(op: str, p, g, states: dict, absmaxes: dict, codes: dict) -> No
 
 
 def _check_lists(op: str, p, named_lists: dict) -> None:
-    """Tensor lists of one length, every tensor on p[0]'s device, the parameters of one dtype."""
+    """Tensor lists of one length, the parameters of one dtype (one device: define_op's check_op_devices)."""
     if len(p) == 0:
         raise ValueError(f"{op}: p is an empty list")
     for name, values in named_lists.items():
         if len(values) != len(p):
             raise ValueError(f"{op}: {name} has {len(values)} tensors, p has {len(p)}")
-        for i, t in enumerate(values):
-            if t.device != p[0].device:
-                raise ValueError(f"{op}: {name}[{i}] is on {t.device}, p[0] is on {p[0].device}")
     for i, t in enumerate(p):
         if t.dtype != p[0].dtype:
             raise TypeError(f"{op}: p[{i}] has dtype {t.dtype}, p[0] has {p[0].dtype}: one call takes one dtype")
