@@ -68,6 +68,9 @@ PYBIND11_MODULE(_C, m) {
   PFP_DEF(adam8bit_step);
   PFP_DEF(lion8bit_step);
   PFP_DEF(blockwise_table_exact);
+  PFP_DEF(dora_scale);
+  PFP_DEF(dora_grad);
+  PFP_DEF(dora_norm);
 #undef PFP_DEF
   m.def("advise_huge_pages", &advise_huge_pages, py::arg("address"), py::arg("nbytes"));
 

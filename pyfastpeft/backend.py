@@ -47,6 +47,7 @@ CUDA_PREFERENCE = {
     "flce": "triton",
     "distill": "triton",
     "blockwise": "reference",
+    "dora": "reference",
 }
 
 
@@ -152,7 +153,7 @@ def backends() -> dict:
 
 # Families with no native CUDA kernel: their native implementation is CPU-only, so forcing "native" on CUDA
 # tensors runs the reference, with the fallback warning (LoRA's GPU kernel is Triton's).
-NO_CUDA_NATIVE = frozenset({"lora", "quantize", "blockwise"})
+NO_CUDA_NATIVE = frozenset({"lora", "quantize", "blockwise", "dora"})
 
 
 def choose(family: str, device: torch.device) -> str:

@@ -1,6 +1,7 @@
 """The public functions, one per op family (the ops, dispatch and autograd live in pyfastpeft.ops)."""
 
 from pyfastpeft.ops.distill import fused_linear_distillation
+from pyfastpeft.ops.dora import dora_linear, dora_weight_norm
 from pyfastpeft.ops.flce import fused_linear_cross_entropy
 from pyfastpeft.ops.int8 import int8_linear
 from pyfastpeft.ops.lora import lora_linear
@@ -19,6 +20,8 @@ __all__ = [
     "int8_linear",
     "lora_linear",
     "lora_linear_multi",
+    "dora_linear",
+    "dora_weight_norm",
     "fused_linear_cross_entropy",
     "fused_linear_distillation",
     "fused_linear_preference",

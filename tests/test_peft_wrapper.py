@@ -1,6 +1,6 @@
 """from_peft and the PeftModel the user keeps: named adapters on different modules convert, every PeftModel method
 acts on the LoRALinear layers (compared with the same method on an unconverted copy) or raises naming the
-alternative, nothing saves an empty adapter, and what is not built (DoRA, modules_to_save, lora_bias, embedding
+alternative, nothing saves an empty adapter, and what is not built (modules_to_save, lora_bias, embedding
 targets) is refused with the model unchanged."""
 
 import copy
@@ -243,7 +243,6 @@ def test_the_converted_wrapper_survives_torch_save_whole(pair):
 @pytest.mark.parametrize(
     "settings, message",
     [
-        (dict(use_dora=True), r"sets \['use_dora'\]"),
         (dict(lora_bias=True), r"sets \['lora_bias'\]"),
         (dict(modules_to_save=["lm_head"]), r"sets \['modules_to_save'\]"),
         (

@@ -70,6 +70,12 @@
                      const int64_t* numels, int64_t count, int dtype, const float* code1, double lr, double beta1,     \
                      double beta2, double decay, bool apply_decay, int nthreads);                                      \
   void blockwise_table_exact(const float* code, int32_t* exact);                                                       \
+  void dora_scale(const void* z, const void* scale, const void* addend, int addend_kind, void* y, int64_t rows,        \
+                  int64_t cols, int dtype, int nthreads);                                                              \
+  void dora_norm(const void* w, int w_dtype, const void* lora_A, const void* lora_B, int compute_dtype,                \
+                 double scaling, void* norm, int64_t rows, int64_t in_features, int64_t rank, int nthreads);           \
+  void dora_grad(const void* dy, const void* z, const void* scale, void* dy_scaled, void* column_sum, int64_t rows,    \
+                 int64_t cols, int dtype, int nthreads);                                                               \
   }
 
 PFP_DECLARE_CPU_KERNELS(pfp_avx512)

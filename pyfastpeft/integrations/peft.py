@@ -71,7 +71,7 @@ _TASK_TYPES = {
 
 # LoraConfig settings that change what the adapter computes or stores beyond plain LoRA, refused when on:
 # flags (a bool, on when True) and options (on when neither null nor empty)
-_UNSUPPORTED_FLAGS = ("use_dora", "lora_bias", "fan_in_fan_out", "use_qalora")
+_UNSUPPORTED_FLAGS = ("lora_bias", "fan_in_fan_out", "use_qalora")
 _UNSUPPORTED_OPTIONS = (
     "modules_to_save",
     "trainable_token_indices",
@@ -81,7 +81,8 @@ _UNSUPPORTED_OPTIONS = (
     "target_parameters",
 )
 
-_LORA_KEY = re.compile(r"(?P<path>.+)\.lora_(?P<matrix>[AB])\.weight")
+# an adapter file's keys: the A and B matrices, and DoRA's magnitude [out] (PEFT writes it without ".weight")
+_LORA_KEY = re.compile(r"(?P<path>.+)\.(?:lora_(?P<matrix>[AB])\.weight|lora_(?P<magnitude>magnitude)_vector)")
 
 
 def _check_model(fn: str, model) -> nn.Module:
@@ -211,10 +212,12 @@ def _adapter_files(fn: str, model: nn.Module, adapter_name: str, state_dict: dic
     alphas = {module_path: module.lora_alpha[adapter_name] for module_path, module in layers}
     for entry in parameters:
         ranks[entry.parameter_path], alphas[entry.parameter_path] = entry.r, entry.lora_alpha
-    for setting in ("lora_dropout", "use_rslora"):
+    for setting in ("lora_dropout", "use_rslora", "use_dora"):
         values = {getattr(module, setting)[adapter_name] for _, module in layers}
         if setting == "use_rslora":
             values |= {entry.use_rslora for entry in parameters}
+        elif setting == "use_dora" and parameters:
+            values.add(False)  # PEFT's target_parameters have no DoRA
         elif parameters and values != {0.0}:
             raise ValueError(
                 f"{fn}: adapter {adapter_name!r} adapts MoE experts or routers (PEFT's target_parameters), which "
@@ -247,7 +250,7 @@ def _adapter_files(fn: str, model: nn.Module, adapter_name: str, state_dict: dic
         "modules_to_save": None,
         "layers_to_transform": None,
         "layers_pattern": None,
-        "use_dora": False,
+        "use_dora": first.use_dora[adapter_name],
         "lora_bias": False,
         "revision": None,
     }
@@ -262,6 +265,14 @@ def _adapter_files(fn: str, model: nn.Module, adapter_name: str, state_dict: dic
                     raise ValueError(f"{fn}: the state_dict passed lacks {key!r}")
                 tensor = state_dict[key]
             tensors[f"{KEY_PREFIX}{module_path}.lora_{matrix}.weight"] = _whole(tensor)
+        if module.use_dora[adapter_name]:
+            tensor = module.lora_magnitude_vector[adapter_name].weight
+            if state_dict is not None:
+                key = f"{module_path}.lora_magnitude_vector.{adapter_name}.weight"
+                if key not in state_dict:
+                    raise ValueError(f"{fn}: the state_dict passed lacks {key!r}")
+                tensor = state_dict[key]
+            tensors[f"{KEY_PREFIX}{module_path}.lora_magnitude_vector"] = _whole(tensor)
     for entry in parameters:
         for matrix, (state_key, tensor) in (("A", entry.lora_A), ("B", entry.lora_B)):
             if state_dict is not None:
@@ -428,6 +439,7 @@ class _AdapterConfig:
     rank_pattern: list[tuple[str, SafePattern, int]]
     alpha_pattern: list[tuple[str, SafePattern, float]]
     target_parameters: tuple[str, ...] = ()  # PEFT's: names or paths of bare parameters (MoE experts, routers)
+    use_dora: bool = False
 
 
 def _check_int(where: str, key: str, value) -> int:
@@ -510,6 +522,7 @@ def _read_config(fn: str, path: str) -> tuple[str, _AdapterConfig]:
         rank_pattern=_read_patterns(where, "rank_pattern", config.get("rank_pattern"), _check_int),
         alpha_pattern=_read_patterns(where, "alpha_pattern", config.get("alpha_pattern"), _check_real),
         target_parameters=_read_target_parameters(where, config.get("target_parameters")),
+        use_dora=_check_flag(where, "'use_dora'", config.get("use_dora") or False),
     )
 
 
@@ -549,30 +562,44 @@ def _read_weights(fn: str, path: str) -> tuple[str, dict]:
             raise ValueError(f"{where}: entry {key!r} is a {type(tensor).__name__}, not a tensor under a str key")
         if not tensor.is_floating_point():
             raise TypeError(f"{where}: {key!r} has dtype {tensor.dtype}; LoRA matrices are floating point")
-        if tensor.dim() != 2:
+        if key.endswith("lora_magnitude_vector"):
+            if tensor.dim() != 1:
+                raise ValueError(f"{where}: {key!r} has shape {tuple(tensor.shape)}; a DoRA magnitude is 1-D")
+        elif tensor.dim() != 2:
             raise ValueError(f"{where}: {key!r} has shape {tuple(tensor.shape)}; LoRA matrices are 2-D")
         if not torch.isfinite(tensor).all():
             raise ValueError(f"{where}: {key!r} holds non-finite values")
     return weights_path, state
 
 
-def _group_by_module(where: str, state: dict) -> dict:
-    """{module path: {"A": (key, tensor), "B": (key, tensor)}} from the adapter's keys."""
+def _group_by_module(where: str, state: dict, use_dora: bool = False) -> dict:
+    """{module path: {"A": (key, tensor), "B": (key, tensor)[, "magnitude": (key, tensor)]}} from the adapter's keys;
+    a DoRA adapter (use_dora) has a magnitude for every module, any other none."""
     grouped, unsupported = {}, []
     for key, tensor in state.items():
         match = _LORA_KEY.fullmatch(key.removeprefix(KEY_PREFIX))
         if match is None:
             unsupported.append(key)
             continue
+        part = match["matrix"] or match["magnitude"]
         pair = grouped.setdefault(match["path"], {})
-        if match["matrix"] in pair:
-            raise ValueError(f"{where}: {pair[match['matrix']][0]!r} and {key!r} name the same matrix")
-        pair[match["matrix"]] = (key, tensor)
+        if part in pair:
+            raise ValueError(f"{where}: {pair[part][0]!r} and {key!r} name the same matrix")
+        pair[part] = (key, tensor)
     if unsupported:
         raise ValueError(f"{where}: holds entries that are not LoRA A/B matrices of linear layers: {unsupported[:4]}")
-    incomplete = [module_path for module_path, pair in grouped.items() if len(pair) != 2]
+    incomplete = [module_path for module_path, pair in grouped.items() if "A" not in pair or "B" not in pair]
     if incomplete:
         raise ValueError(f"{where}: lacks lora_A or lora_B for {incomplete[:4]}")
+    with_magnitude = [module_path for module_path, pair in grouped.items() if "magnitude" in pair]
+    if use_dora and len(with_magnitude) != len(grouped):
+        lacking = [module_path for module_path in grouped if module_path not in with_magnitude]
+        raise ValueError(f"{where}: the config sets use_dora, and {lacking[:4]} lack lora_magnitude_vector")
+    if not use_dora and with_magnitude:
+        raise ValueError(
+            f"{where}: holds DoRA magnitudes (lora_magnitude_vector) for {with_magnitude[:4]}, and the config does "
+            "not set use_dora"
+        )
     return grouped
 
 
@@ -589,6 +616,7 @@ class _Step:
     lora_alpha: float
     lora_A: torch.Tensor
     lora_B: torch.Tensor
+    magnitude: torch.Tensor | None = None  # DoRA's [out], None for plain LoRA
 
 
 def _pattern_value(patterns: list, module_path: str, default):
@@ -631,7 +659,13 @@ def _plan(
                 raise ValueError(
                     f"{where}: {matrix_key!r} is {tuple(tensor.shape)}, the config's r={r} and the layer give {shape}"
                 )
-        steps.append(_Step(module_path, module, r, lora_alpha, pair["A"][1], pair["B"][1]))
+        magnitude = pair.get("magnitude", (None, None))[1]
+        if magnitude is not None and tuple(magnitude.shape) != (module.out_features,):
+            raise ValueError(
+                f"{where}: {pair['magnitude'][0]!r} is {tuple(magnitude.shape)}, the layer has "
+                f"{module.out_features} output features"
+            )
+        steps.append(_Step(module_path, module, r, lora_alpha, pair["A"][1], pair["B"][1], magnitude))
     if unmatched:
         linear_names = [module_path for module_path, _ in linear_modules(model)][:6]
         raise ValueError(
@@ -650,12 +684,19 @@ def _fill(layer: LoRALinear, adapter_name: str, step: _Step) -> None:
     with torch.no_grad():
         layer.lora_A[adapter_name].weight.copy_(step.lora_A)
         layer.lora_B[adapter_name].weight.copy_(step.lora_B)
+        if step.magnitude is not None:
+            layer.lora_magnitude_vector[adapter_name].weight.copy_(step.magnitude)
 
 
 def _apply(model: nn.Module, steps: list[_Step], adapter_name: str, config: _AdapterConfig, parameter_steps=()) -> None:
     """Build the new LoRALinear layers aside, then add the adapter to wrapped layers and swap the new ones in;
     if anything fails, every change made so far is undone in reverse order."""
-    settings = dict(lora_dropout=config.lora_dropout, use_rslora=config.use_rslora, init_lora_weights=False)
+    settings = dict(
+        lora_dropout=config.lora_dropout,
+        use_rslora=config.use_rslora,
+        init_lora_weights=False,
+        use_dora=config.use_dora,
+    )
     undo = []
     try:
         built = []
@@ -707,7 +748,7 @@ def load_adapter(model: nn.Module, path, adapter_name: str = "default") -> list[
     _, config = _read_config(fn, path)
     weights_path, state = _read_weights(fn, path)
     where = f"{fn}: {weights_path}"
-    grouped = _group_by_module(where, state)
+    grouped = _group_by_module(where, state, config.use_dora)
     parameter_steps = _plan_parameters(fn, model, adapter_name, config, where, grouped)  # takes its paths out
     steps = _plan(fn, model, adapter_name, config, where, grouped)
     _apply(model, steps, adapter_name, config, parameter_steps)
@@ -872,15 +913,18 @@ def _converted(fn: str, module_path: str, layer) -> nn.Module:
     """A LoRALinear holding layer's base and its very adapter modules (same parameters, same trainability); the
     base alone when the layer holds no adapter."""
     names = list(layer.lora_A)
-    dora = [
-        name
-        for name in names
-        if getattr(layer, "use_dora", {}).get(name) or getattr(layer, "lora_variant", {}).get(name) is not None
+    dora = {name for name in names if getattr(layer, "use_dora", {}).get(name)}
+    variants = [
+        type(variant).__name__
+        for name, variant in getattr(layer, "lora_variant", {}).items()
+        if variant is not None and not (name in dora and type(variant).__name__ == "DoraLinearVariant")
     ]
-    if dora or any(getattr(layer, "lora_bias", {}).values()) or getattr(layer, "fan_in_fan_out", False):
+    if variants or any(getattr(layer, "lora_bias", {}).values()) or getattr(layer, "fan_in_fan_out", False):
         raise ValueError(
-            f"{fn}: {module_path} uses DoRA, lora_bias or fan_in_fan_out, which LoRALinear does not implement"
+            f"{fn}: {module_path} uses {variants or 'lora_bias or fan_in_fan_out'}, which LoRALinear does not implement"
         )
+    if dora & set(layer.merged_adapters):
+        raise ValueError(f"{fn}: {module_path} has DoRA adapters merged {sorted(dora)}; unmerge them first")
     if len(layer.active_adapters) > 1:
         raise ValueError(
             f"{fn}: {module_path} has several active adapters {layer.active_adapters}; LoRALinear applies one at a time"
@@ -910,6 +954,7 @@ def _converted(fn: str, module_path: str, layer) -> nn.Module:
             lora_dropout=dropout.p if isinstance(dropout, nn.Dropout) else 0.0,
             use_rslora=use_rslora,
             init_lora_weights=False,
+            use_dora=name in dora,
         )
 
     requires_grad = [p.requires_grad for p in base.parameters()]
@@ -921,6 +966,8 @@ def _converted(fn: str, module_path: str, layer) -> nn.Module:
     ours.set_adapter(active if active in names else None)  # PEFT: an adapter this layer lacks applies nothing
     for name in names:  # PEFT's own modules replace the fresh ones, trainability included
         ours.lora_A[name], ours.lora_B[name] = layer.lora_A[name], layer.lora_B[name]
+        if name in dora:  # PEFT's DoraLinearLayer holds the magnitude as `weight`, as DoRAMagnitude does
+            ours.lora_magnitude_vector[name] = layer.lora_magnitude_vector[name]
         ours.scaling[name] = layer.scaling[name]  # as PEFT holds it (set_scale may have changed it)
     ours.merged_adapters = list(layer.merged_adapters)
     if layer.disable_adapters:
@@ -974,7 +1021,8 @@ def from_peft(peft_model) -> nn.Module:
     LoRA on bare parameters (target_parameters, PEFT's nested ParamWrappers: what its all-linear puts on the MoE
     experts and routers of transformers 5.x) becomes LoRAExperts / LoRAParameter over the same matrices; those hold
     one adapter, so set_adapter to another adapter and merging raise for them.
-    Refused, with the model unchanged: adapters of other PEFT types, DoRA, lora_bias, bias, modules_to_save,
+    DoRA adapters convert too (their magnitudes are PEFT's very parameters); merged ones must be unmerged first.
+    Refused, with the model unchanged: adapters of other PEFT types, lora_bias, bias, modules_to_save,
     trainable tokens, fan_in_fan_out, and LoRA on anything but linear layers and bare parameters (embeddings,
     convolutions).
     """
@@ -999,6 +1047,7 @@ def from_peft(peft_model) -> nn.Module:
             continue
         if type(module) in lora_classes:
             lora_layers.append((module_path, module))
+            inside += (module_path + ".",)  # its own parts: base layer, A, B, DoRA's magnitudes
         elif type(module).__name__ == "ParamWrapper" and type(module).__module__.startswith("peft."):
             wrappers.append((module_path, module))  # the outermost of a chain; the rest are inside it
             inside += (module_path + ".",)

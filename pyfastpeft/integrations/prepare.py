@@ -34,6 +34,7 @@ class LoraSettings:
     lora_dropout: float = 0.0
     target_modules: str | Sequence[str] = "all-linear"
     use_rslora: bool = False
+    use_dora: bool = False  # DoRA (PEFT's use_dora): each adapted layer also trains a magnitude per output row
 
     def __post_init__(self):
         fn = "LoraSettings"
@@ -58,6 +59,8 @@ class LoraSettings:
             )
         if not isinstance(self.use_rslora, bool):
             raise TypeError(f"{fn}: use_rslora must be a bool, got {type(self.use_rslora).__name__}")
+        if not isinstance(self.use_dora, bool):
+            raise TypeError(f"{fn}: use_dora must be a bool, got {type(self.use_dora).__name__}")
 
 
 @dataclasses.dataclass
@@ -514,6 +517,7 @@ def prepare_model(
             lora_alpha=lora.lora_alpha,
             lora_dropout=lora.lora_dropout,
             use_rslora=lora.use_rslora,
+            use_dora=lora.use_dora,
         )
         report.replaced["lora"] = len(lora_report.wrapped)
         report.replaced["lora experts"] = len(lora_report.experts)

@@ -2,9 +2,12 @@
 add_lora, which wraps a model's linear layers in it.
 
     y = x W^T + b + s * dropout(x) A^T B^T      A [r, in], B [out, r], s = alpha / r (rsLoRA: alpha / sqrt(r))
+and, for an adapter with use_dora=True (DoRA, pyfastpeft.functional.dora_linear), the same product rescaled per
+output row by a trained magnitude m over the detached norm ||W + s B A||_row.
 
 Names and shapes are PEFT's, so state-dict keys read `...q_proj.base_layer.weight`,
-`...q_proj.lora_A.<adapter>.weight`, `...q_proj.lora_B.<adapter>.weight`.
+`...q_proj.lora_A.<adapter>.weight`, `...q_proj.lora_B.<adapter>.weight` and, for DoRA,
+`...q_proj.lora_magnitude_vector.<adapter>.weight`.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from pyfastpeft.nn.experts import LoRAExperts, LoRAParameter, QuantizedExperts, 
 from pyfastpeft.nn.linear4bit import Linear4bit
 from pyfastpeft.nn.linear8bitlt import Linear8bitLt
 from pyfastpeft.ops._autocast import autocast_dtype
+from pyfastpeft.ops.dora import dora_linear, dora_weight_norm
 from pyfastpeft.ops.lora import lora_linear
 from pyfastpeft.quant.nf4 import QuantState
 
@@ -180,6 +184,15 @@ def _check_adapter_name(fn: str, adapter_name) -> str:
 # ---- the module ----------------------------------------------------------------------------------------------
 
 
+class DoRAMagnitude(nn.Module):
+    """DoRA's trained magnitude m [out] of one adapter, as `weight` (PEFT's DoraLinearLayer holds it the same way, so
+    the state-dict key reads `lora_magnitude_vector.<adapter>.weight`)."""
+
+    def __init__(self, magnitude: torch.Tensor):
+        super().__init__()
+        self.weight = nn.Parameter(magnitude)
+
+
 class LoRALinear(nn.Module):
     """A frozen linear layer plus named LoRA adapters, PEFT's peft.tuners.lora.Linear with one fused call.
 
@@ -204,6 +217,7 @@ class LoRALinear(nn.Module):
         use_rslora: bool = False,
         adapter_name: str = "default",
         init_lora_weights: bool = True,
+        use_dora: bool = False,
     ):
         super().__init__()
         if isinstance(base, LoRALinear):
@@ -224,12 +238,15 @@ class LoRALinear(nn.Module):
         self.scaling: dict[str, float] = {}
         self.lora_dropout: dict[str, float] = {}
         self.use_rslora: dict[str, bool] = {}
+        self.use_dora: dict[str, bool] = {}
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
+        self.lora_magnitude_vector = nn.ModuleDict()  # DoRA adapters only: name -> DoRAMagnitude
+        self._merged_norms: dict[str, torch.Tensor] = {}  # DoRA adapters merged: the norm unmerge divides back by
         self.merged_adapters: list[str] = []
         self._adapters_enabled = True
         self._active_adapter = adapter_name
-        self.add_adapter(adapter_name, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights)
+        self.add_adapter(adapter_name, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights, use_dora)
         self.set_adapter(adapter_name)
 
     # -- adapters --
@@ -255,8 +272,11 @@ class LoRALinear(nn.Module):
         lora_dropout: float = 0.0,
         use_rslora: bool = False,
         init_lora_weights: bool = True,
+        use_dora: bool = False,
     ) -> None:
-        """Add a named adapter; it is not activated (set_adapter does that) and does not train until it is."""
+        """Add a named adapter; it is not activated (set_adapter does that) and does not train until it is.
+        use_dora: a DoRA adapter, whose magnitude starts at ||W + s B A||_row (||W|| when B starts at zero), so the
+        new adapter leaves the layer's output as it was, as PEFT's does."""
         fn = "LoRALinear.add_adapter"
         adapter_name = _check_adapter_name(fn, adapter_name)
         if adapter_name in self.lora_A:
@@ -266,6 +286,7 @@ class LoRALinear(nn.Module):
         lora_dropout = _check_dropout(fn, lora_dropout)
         _check_bool(fn, "use_rslora", use_rslora)
         _check_bool(fn, "init_lora_weights", init_lora_weights)
+        _check_bool(fn, "use_dora", use_dora)
         kind = base_kind(self.base_layer)
         factory = dict(device=self.base_layer.weight.device, dtype=kind.adapter_dtype(self.base_layer))
         lora_A = nn.Linear(self.in_features, r, bias=False, **factory)
@@ -280,6 +301,14 @@ class LoRALinear(nn.Module):
         self.r[adapter_name], self.lora_alpha[adapter_name] = r, lora_alpha
         self.scaling[adapter_name] = lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
         self.lora_dropout[adapter_name], self.use_rslora[adapter_name] = lora_dropout, use_rslora
+        self.use_dora[adapter_name] = use_dora
+        if use_dora:
+            norm = dora_weight_norm(
+                kind.lora_weight(self.base_layer), lora_A.weight, lora_B.weight, self.scaling[adapter_name]
+            )
+            magnitude = DoRAMagnitude(norm.to(factory["dtype"]))
+            magnitude.weight.requires_grad_(trains)
+            self.lora_magnitude_vector[adapter_name] = magnitude
 
     def _check_known(self, fn: str, adapter_name) -> None:
         if adapter_name not in self.lora_A:
@@ -298,6 +327,8 @@ class LoRALinear(nn.Module):
         for name in self.lora_A:
             self.lora_A[name].weight.requires_grad_(name == adapter_name)
             self.lora_B[name].weight.requires_grad_(name == adapter_name)
+        for name, magnitude in self.lora_magnitude_vector.items():
+            magnitude.weight.requires_grad_(name == adapter_name)
 
     def delete_adapter(self, adapter_name: str) -> None:
         """Remove an adapter; deleting the active one activates the first remaining adapter."""
@@ -315,8 +346,11 @@ class LoRALinear(nn.Module):
             self.scaling,
             self.lora_dropout,
             self.use_rslora,
+            self.use_dora,
         ):
             del table[adapter_name]
+        if adapter_name in self.lora_magnitude_vector:
+            del self.lora_magnitude_vector[adapter_name]
         if adapter_name == self._active_adapter:
             self.set_adapter(next(iter(self.lora_A)))
 
@@ -357,9 +391,16 @@ class LoRALinear(nn.Module):
             warnings.warn(f"LoRALinear.merge: adapter {self._active_adapter!r} is already merged", stacklevel=2)
             return
         kind = base_kind(self.base_layer)
-        merged = kind.dense_weight(self.base_layer) + self._delta_weight(self._active_adapter)
+        name = self._active_adapter
+        weight = kind.dense_weight(self.base_layer)
+        merged = weight + self._delta_weight(name)
+        if self.use_dora[name]:
+            # PEFT's DoRA merge: W <- (m / n) (W + s B A), n = ||W + s B A||_row of the unmerged W, kept for unmerge
+            norm = torch.linalg.vector_norm(merged, dim=1)
+            self._merged_norms[name] = norm
+            merged = merged * (self.lora_magnitude_vector[name].weight.detach().float() / norm).unsqueeze(1)
         self._store_base_weight("LoRALinear.merge", merged)
-        self.merged_adapters.append(self._active_adapter)
+        self.merged_adapters.append(name)
 
     def unmerge(self) -> None:
         """W <- W - s * B A for every merged adapter, last merged first, in fp32 (see merge)."""
@@ -369,6 +410,9 @@ class LoRALinear(nn.Module):
         kind = base_kind(self.base_layer)
         weight = kind.dense_weight(self.base_layer)
         for adapter_name in reversed(self.merged_adapters):
+            if adapter_name in self._merged_norms:  # DoRA: W = W' / (m / n) - s B A
+                scale = self.lora_magnitude_vector[adapter_name].weight.detach().float()
+                weight = weight / (scale / self._merged_norms.pop(adapter_name)).unsqueeze(1)
             weight -= self._delta_weight(adapter_name)
         self._store_base_weight("LoRALinear.unmerge", weight)
         self.merged_adapters.clear()
@@ -383,6 +427,8 @@ class LoRALinear(nn.Module):
         name = self._active_adapter
         compute = kind.compute_dtype(base, x)
         bias = None if base.bias is None else base.bias.to(compute)
+        if self.use_dora[name]:
+            return self._dora_forward(x, kind, compute, bias).to(kind.output_dtype(base, x))
         y = lora_linear(
             x.to(compute),
             kind.lora_weight(base),
@@ -394,6 +440,26 @@ class LoRALinear(nn.Module):
             self.training,
         )
         return y.to(kind.output_dtype(base, x))
+
+    def _dora_forward(self, x, kind: _BaseKind, compute: torch.dtype, bias):
+        """The active DoRA adapter: the norm from A and B as stored (fp32 over half-precision bases, as PEFT computes
+        it), the products in the compute dtype."""
+        name, base = self._active_adapter, self.base_layer
+        lora_A, lora_B = self.lora_A[name].weight, self.lora_B[name].weight
+        weight = kind.lora_weight(base)
+        norm = dora_weight_norm(weight, lora_A, lora_B, self.scaling[name])
+        return dora_linear(
+            x.to(compute),
+            weight,
+            bias,
+            lora_A.to(compute),
+            lora_B.to(compute),
+            self.lora_magnitude_vector[name].weight,
+            self.scaling[name],
+            self.lora_dropout[name],
+            self.training,
+            weight_norm=norm,
+        )
 
     def extra_repr(self) -> str:
         return (
@@ -531,6 +597,7 @@ def add_lora(
     lora_dropout: float = 0.0,
     use_rslora: bool = False,
     adapter_name: str = "default",
+    use_dora: bool = False,
 ) -> LoRAReport:
     """Wrap, in place, the matching nn.Linear / Linear4bit / Linear8bitLt layers of model in LoRALinear with a new
     adapter, activate it, and freeze every parameter but its A and B matrices.
@@ -542,7 +609,8 @@ def add_lora(
     up_proj and down_proj at r) and the bare router weight beside it (LoRAParameter); report.not_adapted says which
     MoE parts stayed frozen and why (an unsupported layout; lora_dropout > 0, which PEFT's ParamWrapper refuses).
     A layer already wrapped gets the adapter added (and activated); an experts block or router holds one adapter.
-    Returns a LoRAReport.
+    use_dora: DoRA adapters on the linear layers (PEFT's use_dora; MoE experts and routers are then left out, as
+    PEFT's ParamWrapper has no DoRA, and report.not_adapted says so). Returns a LoRAReport.
     """
     fn = "add_lora"
     if not isinstance(model, nn.Module):
@@ -554,6 +622,7 @@ def add_lora(
     _check_alpha(fn, lora_alpha)
     _check_dropout(fn, lora_dropout)
     _check_bool(fn, "use_rslora", use_rslora)
+    _check_bool(fn, "use_dora", use_dora)
     candidates = linear_modules(model)
     if target_modules == "all-linear":
         output_layer = _output_layer(model)
@@ -582,6 +651,10 @@ def add_lora(
         why = "lora_dropout > 0: PEFT adapts experts and routers (target_parameters) only without dropout"
         not_adapted.update({path: why for path, _ in blocks + routers})
         blocks, routers = [], []
+    if use_dora and (blocks or routers):
+        why = "use_dora: PEFT adapts experts and routers (target_parameters) without DoRA"
+        not_adapted.update({path: why for path, _ in blocks + routers})
+        blocks, routers = [], []
     held = [path for path, module in blocks + routers if isinstance(module, (LoRAExperts, LoRAParameter))]
     if held:
         raise ValueError(
@@ -594,10 +667,11 @@ def add_lora(
     report = LoRAReport(adapter_name=adapter_name)
     for path, module in chosen:
         if isinstance(module, LoRALinear):
-            module.add_adapter(adapter_name, r, lora_alpha, lora_dropout, use_rslora)
+            module.add_adapter(adapter_name, r, lora_alpha, lora_dropout, use_rslora, use_dora=use_dora)
             module.set_adapter(adapter_name)
         else:
-            _set_submodule(model, path, LoRALinear(module, r, lora_alpha, lora_dropout, use_rslora, adapter_name))
+            layer = LoRALinear(module, r, lora_alpha, lora_dropout, use_rslora, adapter_name, use_dora=use_dora)
+            _set_submodule(model, path, layer)
         report.wrapped.append(path)
     for path, module in blocks:
         # the gated block's gate_up_proj stands for PEFT's gate_proj and up_proj adapters: twice the rank and alpha,

@@ -20,6 +20,7 @@ from pyfastpeft.bench.cases.distill import distill_cases
 from pyfastpeft.bench.cases.flce import flce_cases
 from pyfastpeft.bench.cases.int8 import int8_cases
 from pyfastpeft.bench.cases.lora import lora_cases
+from pyfastpeft.bench.cases.methods import methods_cases
 from pyfastpeft.bench.cases.model import (
     LORA_VS_DENSE,
     MODEL_LORA,
@@ -50,6 +51,7 @@ FAMILIES: dict[str, FamilyCases] = {
     "distill": distill_cases,
     "preference": preference_cases,
     "blockwise": blockwise_cases,
+    "methods": methods_cases,
     "model": model_cases,
 }
 

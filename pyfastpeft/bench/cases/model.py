@@ -198,7 +198,11 @@ def _bitsandbytes_4bit(model: torch.nn.Module, dtype: torch.dtype) -> None:
 
 
 def model_training_steps(
-    shape: ModelShape, comparison: ModelComparison, dtype: torch.dtype, device: torch.device
+    shape: ModelShape,
+    comparison: ModelComparison,
+    dtype: torch.dtype,
+    device: torch.device,
+    lora: LoraSettings = MODEL_LORA,
 ) -> tuple[TrainingStep, TrainingStep]:
     """(ours, reference): the same random LlamaForCausalLM twice, one through prepare_model, one through PEFT
     (after bitsandbytes 4-bit quantization where the comparison says so), the reference's adapters set to ours'
@@ -209,15 +213,16 @@ def model_training_steps(
     torch.manual_seed(MODEL_SEED)
     ours = modeling_llama.LlamaForCausalLM(shape.config()).to(device=device, dtype=dtype)
     reference = copy.deepcopy(ours)
-    prepare_model(ours, quant=comparison.quant, lora=MODEL_LORA)
+    prepare_model(ours, quant=comparison.quant, lora=lora)
     if comparison.reference_quantized:
         _bitsandbytes_4bit(reference, dtype)
     config = peft.LoraConfig(
-        r=MODEL_LORA.r,
-        lora_alpha=MODEL_LORA.lora_alpha,
-        lora_dropout=MODEL_LORA.lora_dropout,
-        target_modules=MODEL_LORA.target_modules,
-        use_rslora=MODEL_LORA.use_rslora,
+        r=lora.r,
+        lora_alpha=lora.lora_alpha,
+        lora_dropout=lora.lora_dropout,
+        target_modules=lora.target_modules,
+        use_rslora=lora.use_rslora,
+        use_dora=lora.use_dora,
     )
     reference = peft.get_peft_model(reference, config)
     our_adapters = {name: tensor for name, tensor in ours.state_dict().items() if ".lora_" in name}

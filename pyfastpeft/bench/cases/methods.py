@@ -1,0 +1,156 @@
+"""Benchmark cases of the fine-tuning methods beside plain LoRA, training: DoRA's layer against PEFT's DoRA layer,
+and one training step of a Llama-shaped model per method against transformers + PEFT with the same method.
+
+The layer's reference is PEFT's own peft.tuners.lora.Linear with use_dora=True, as get_peft_model builds it over a
+frozen base: adapters and magnitude in fp32 over a bf16 base (PEFT's autocast_adapter_dtype), in the base's dtype
+over an fp32 one. Ours is pyfastpeft.nn.LoRALinear(use_dora=True) holding the same weights.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import importlib.util
+from collections.abc import Sequence
+
+import torch
+from torch import nn
+
+from pyfastpeft.bench.cases._common import HIDDEN
+from pyfastpeft.bench.cases.model import (
+    LORA_VS_DENSE,
+    MODEL_LORA,
+    MODEL_SHAPES,
+    model_training_steps,
+)
+from pyfastpeft.bench.harness import MODES, Case, CaseSkipped, Goal, Implementation, KernelCall, Workload
+
+DORA_ROWS = {False: 2048, True: 256}
+DORA_RANK, DORA_ALPHA = 16, 32
+
+
+def _layers(rows: int, features: int, dropout_p: float, dtype: torch.dtype, device: torch.device):
+    """(x needing grad, PEFT's DoRA layer, ours with the same weights), B and the magnitude away from their start."""
+    try:
+        from peft import LoraConfig
+        from peft.tuners.lora import Linear as PeftLinear
+    except ImportError as error:
+        raise CaseSkipped(f"needs peft: {error}") from None
+    from pyfastpeft.nn import LoRALinear
+
+    base = nn.Linear(features, features, bias=False, dtype=dtype, device=device).requires_grad_(False)
+    nn.init.normal_(base.weight, std=features**-0.5)
+    settings = dict(r=DORA_RANK, lora_alpha=DORA_ALPHA, lora_dropout=dropout_p, use_dora=True)
+    theirs = PeftLinear(base, "default", config=LoraConfig(**settings), **settings)
+    adapter_dtype = torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
+    theirs.to(adapter_dtype).base_layer.to(dtype)  # get_peft_model's autocast_adapter_dtype: fp32 adapters
+    with torch.no_grad():
+        theirs.lora_B["default"].weight.normal_(std=0.01)
+        theirs.lora_magnitude_vector["default"].weight.mul_(1.01)
+    ours = LoRALinear(base, r=DORA_RANK, lora_alpha=DORA_ALPHA, lora_dropout=dropout_p, use_dora=True)
+    with torch.no_grad():
+        for name in ("lora_A", "lora_B", "lora_magnitude_vector"):
+            getattr(ours, name)["default"].weight.copy_(getattr(theirs, name)["default"].weight)
+    theirs.train(), ours.train()
+    x = torch.randn(rows, features, dtype=dtype, device=device, requires_grad=True)
+    return x, theirs, ours
+
+
+def _trained(layer) -> list[torch.Tensor]:
+    return [
+        layer.lora_A["default"].weight,
+        layer.lora_B["default"].weight,
+        layer.lora_magnitude_vector["default"].weight,
+    ]
+
+
+def _dora_kernel(rows: int, features: int, dtype, device, backward: bool) -> KernelCall:
+    """DoRA's own native passes around the GEMMs: forward the norm (reads W, A, B) and the scaling (reads z, writes y);
+    backward the fused gradient pass (reads dY, z, writes g dY and the column sums)."""
+    from pyfastpeft.ops import dora as dora_ops
+
+    z = torch.randn(rows, features, dtype=dtype, device=device)
+    scale = torch.rand(features, device=device)
+    if backward:
+        dy = torch.randn_like(z)
+        return KernelCall(lambda: dora_ops.dora_grad(dy, z, scale), 3 * z.nbytes + 2 * scale.nbytes)
+    weight = torch.randn(features, features, dtype=dtype, device=device)
+    lora_A = torch.randn(DORA_RANK, features, device=device)
+    lora_B = torch.randn(features, DORA_RANK, device=device)
+
+    def call():
+        dora_ops.NORM_OPS["dense"](weight, lora_A, lora_B, 2.0)
+        dora_ops.dora_scale(z, scale, None)
+
+    return KernelCall(call, weight.nbytes + lora_A.nbytes + lora_B.nbytes + 2 * z.nbytes)
+
+
+def _dora_workload(rows: int, features: int, dropout_p: float, dtype: torch.dtype, device: torch.device) -> Workload:
+    x, theirs, ours = _layers(rows, features, dropout_p, dtype, device)
+    kernel = functools.partial(_dora_kernel, rows, features, dtype, device)
+    return Workload(
+        ours=Implementation(lambda: ours(x), (x, *_trained(ours))),
+        reference=Implementation(lambda: theirs(x), (x, *_trained(theirs))),
+        kernels={"forward": functools.partial(kernel, False), "backward": functools.partial(kernel, True)},
+    )
+
+
+def _dora_goals(rows: int, dropout_p: float, dtype: torch.dtype, mode: str) -> tuple[Goal, ...]:
+    """The issue's target on this CPU: the bf16 layer's forward + backward >= 2x PEFT's at M=2048, peak memory
+    <= 0.6x. With dropout both sides run the base product twice (on x and on dropout(x)), so it is measured only."""
+    if (rows, dropout_p, dtype, mode) == (DORA_ROWS[False], 0.0, torch.bfloat16, "both"):
+        return (Goal("speedup", 2.0), Goal("peak", 0.6))
+    return ()
+
+
+# The methods a training step is timed with, as LoraSettings on top of the model family's adapter (all-linear, r=16)
+METHOD_SETTINGS = {"DoRA": dataclasses.replace(MODEL_LORA, use_dora=True)}
+
+
+def _step_workload(method: str, dtype: torch.dtype, quick: bool, device: torch.device) -> Workload:
+    """One AdamW step of the model family's Llama-shaped model, ours through prepare_model (dense base) and the
+    reference through get_peft_model, both with `method`; one warm-up step each, as the model family does."""
+    if importlib.util.find_spec("peft") is None:
+        raise CaseSkipped("needs peft (the reference)")
+    ours, reference = model_training_steps(MODEL_SHAPES[quick], LORA_VS_DENSE, dtype, device, METHOD_SETTINGS[method])
+    ours()
+    reference()
+    return Workload(
+        ours=Implementation(ours, ours.parameters),
+        reference=Implementation(reference, reference.parameters),
+        kernels={},
+    )
+
+
+def methods_cases(dtypes: Sequence[torch.dtype], quick: bool) -> list[Case]:
+    rows = DORA_ROWS[quick]
+    shape = MODEL_SHAPES[quick]
+    steps = [
+        Case(
+            "methods",
+            f"train step {method} vs PEFT {method} {shape.label}",
+            dtype,
+            "forward",
+            f"transformers LlamaForCausalLM + PEFT {method} (dense base)",
+            functools.partial(_step_workload, method, dtype, quick),
+            tokens=shape.tokens,
+            headline=quick and dtype == torch.bfloat16,
+        )
+        for method in METHOD_SETTINGS
+        for dtype in dtypes
+    ]
+    return steps + [
+        Case(
+            "methods",
+            f"dora M={rows} {HIDDEN}x{HIDDEN} r={DORA_RANK} p={dropout_p}",
+            dtype,
+            mode,
+            "PEFT's DoRA layer (lora.Linear, use_dora=True)",
+            functools.partial(_dora_workload, rows, HIDDEN, dropout_p, dtype),
+            goals=_dora_goals(rows, dropout_p, dtype, mode),
+            headline=not quick and dtype == torch.bfloat16 and mode == "both",
+        )
+        for dropout_p in (0.0, 0.05)
+        for dtype in dtypes
+        for mode in MODES
+    ]
