@@ -205,7 +205,8 @@ def test_a_string_for_a_bool_is_a_type_error_naming_the_file_and_key(saved):
         (dict(rank_pattern={"q_proj(": 2}), ValueError, r"rank_pattern key 'q_proj\(' is refused: not a valid"),
         (dict(rank_pattern={r"(q)\3": 2}), ValueError, "is refused: groupref is not supported"),
         (dict(alpha_pattern={"(a{100}){100}": 2}), ValueError, "is refused: the pattern expands to more than"),
-        (dict(modules_to_save=["lm_head"]), ValueError, r"sets \['modules_to_save'\]"),
+        (dict(modules_to_save="lm_head"), ValueError, "'modules_to_save' must be a list of module names"),
+        (dict(trainable_token_indices=[3]), ValueError, r"sets \['trainable_token_indices'\]"),
         (dict(bias="all"), ValueError, r"sets \['bias'\]"),
     ],
 )

@@ -340,6 +340,39 @@ def test_from_peft_converts_a_qlora_model_with_the_same_logits(llama_checkpoint)
         torch.testing.assert_close(converted(input_ids).logits, expected, rtol=1e-5, atol=1e-5)
 
 
+def test_from_peft_converts_a_qlora_dora_model_with_the_same_logits_and_gradients(llama_checkpoint):
+    """QLoRA + DoRA (use_dora over load_in_4bit): PEFT dequantizes the 4-bit weight for its norm every forward;
+    ours reads the same NF4 bytes a tile of rows at a time."""
+    peft = pytest.importorskip("peft")
+    model = load(llama_checkpoint, **LOAD_IN_4BIT)
+    config = peft.LoraConfig(
+        r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False, use_dora=True
+    )
+    peft_model = peft.get_peft_model(model, config)
+    with torch.no_grad():
+        for name, parameter in peft_model.named_parameters():
+            if "lora_magnitude_vector" in name:
+                parameter.mul_(torch.linspace(0.5, 1.5, parameter.numel()))
+    peft_model.train()
+    input_ids, labels = batch()
+    results = []
+    for convert in (False, True):
+        if convert:
+            pyfastpeft.from_peft(peft_model)
+        peft_model.zero_grad()
+        out = peft_model(input_ids=input_ids, labels=labels)
+        out.loss.backward()
+        grads = {n: p.grad.clone() for n, p in peft_model.named_parameters() if p.requires_grad}
+        results.append((out.logits.detach(), grads))
+    layers = [module for module in peft_model.modules() if isinstance(module, LoRALinear)]
+    assert len(layers) == 6 and all(isinstance(layer.base_layer, Linear4bit) for layer in layers)
+    assert all(layer.use_dora["default"] for layer in layers)
+    torch.testing.assert_close(results[1][0], results[0][0], rtol=1e-5, atol=1e-5)
+    assert sorted(results[1][1]) == sorted(results[0][1])
+    for name, want in results[0][1].items():
+        torch.testing.assert_close(results[1][1][name], want, rtol=1e-4, atol=1e-6)
+
+
 @pytest.mark.parametrize("quant_storage", [torch.bfloat16, torch.float16, torch.float32])
 def test_linear4bit_with_a_quant_storage_converts_and_loads(quant_storage):
     """bitsandbytes' quant_storage packs the same bytes under another dtype (FSDP1's QLoRA recipe): the layer converts

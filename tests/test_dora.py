@@ -540,7 +540,7 @@ def saved_dora_adapter(path):
         (
             lambda state: state.update({next(k for k in state if "magnitude" in k): torch.ones(2, 64)}),
             ValueError,
-            "a DoRA magnitude is 1-D",
+            "a DoRA magnitude or B.s bias is 1-D",
         ),
         (
             lambda state: state.update({next(k for k in state if "magnitude" in k): torch.full((64,), float("nan"))}),

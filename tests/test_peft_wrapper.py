@@ -1,7 +1,7 @@
 """from_peft and the PeftModel the user keeps: named adapters on different modules convert, every PeftModel method
 acts on the LoRALinear layers (compared with the same method on an unconverted copy) or raises naming the
-alternative, nothing saves an empty adapter, and what is not built (modules_to_save, lora_bias, embedding
-targets) is refused with the model unchanged."""
+alternative, nothing saves an empty adapter, and what is not built (trainable tokens, DoRA on embeddings) is refused
+with the model unchanged."""
 
 import copy
 import json
@@ -243,12 +243,8 @@ def test_the_converted_wrapper_survives_torch_save_whole(pair):
 @pytest.mark.parametrize(
     "settings, message",
     [
-        (dict(lora_bias=True), r"sets \['lora_bias'\]"),
-        (dict(modules_to_save=["lm_head"]), r"sets \['modules_to_save'\]"),
-        (
-            dict(target_modules=["q_proj", "embed_tokens"]),
-            r"model\.embed_tokens \(peft\.tuners\.lora\.layer\.Embedding\)",
-        ),
+        (dict(trainable_token_indices=[1, 2]), r"sets \['trainable_token_indices'\]"),
+        (dict(target_modules=["q_proj", "embed_tokens"], use_dora=True), r"uses DoRA on an embedding"),
     ],
 )
 def test_what_is_not_built_is_refused_and_the_model_is_unchanged(settings, message):

@@ -53,7 +53,9 @@ from pyfastpeft.nn.experts import (
     experts_layout_problem,
     up_name,
 )
-from pyfastpeft.nn.lora import LoRALinear, _check_adapter_name, base_kind, linear_modules
+from pyfastpeft.nn.lora import LoRALinear, _check_adapter_name, base_kind, embedding_modules, linear_modules
+from pyfastpeft.nn.lora_embedding import LoRAEmbedding
+from pyfastpeft.nn.modules_to_save import ModulesToSave, modules_to_save_targets, trainable_copies
 from pyfastpeft.ops._dtensor import is_dtensor
 
 CONFIG_NAME = "adapter_config.json"
@@ -71,9 +73,8 @@ _TASK_TYPES = {
 
 # LoraConfig settings that change what the adapter computes or stores beyond plain LoRA, refused when on:
 # flags (a bool, on when True) and options (on when neither null nor empty)
-_UNSUPPORTED_FLAGS = ("lora_bias", "fan_in_fan_out", "use_qalora")
+_UNSUPPORTED_FLAGS = ("fan_in_fan_out", "use_qalora")
 _UNSUPPORTED_OPTIONS = (
-    "modules_to_save",
     "trainable_token_indices",
     "alora_invocation_tokens",
     "arrow_config",
@@ -81,8 +82,14 @@ _UNSUPPORTED_OPTIONS = (
     "target_parameters",
 )
 
-# an adapter file's keys: the A and B matrices, and DoRA's magnitude [out] (PEFT writes it without ".weight")
-_LORA_KEY = re.compile(r"(?P<path>.+)\.(?:lora_(?P<matrix>[AB])\.weight|lora_(?P<magnitude>magnitude)_vector)")
+# an adapter file's keys: the A and B matrices, DoRA's magnitude [out] (PEFT writes it without ".weight") and
+# lora_bias' bias of B [out]
+_LORA_KEY = re.compile(
+    r"(?P<path>.+)\.(?:lora_(?P<matrix>[AB])\.weight|lora_(?P<magnitude>magnitude)_vector|lora_B\.(?P<bias>bias)"
+    r"|lora_embedding_(?P<embedding>[AB]))"
+)
+# the 1-D entries among them
+_VECTOR_KEYS = ("lora_magnitude_vector", "lora_B.bias")
 
 
 def _check_model(fn: str, model) -> nn.Module:
@@ -112,6 +119,14 @@ def _replace_module(model: nn.Module, path: str, module: nn.Module) -> None:
 
 def _lora_layers(model: nn.Module) -> list[tuple[str, LoRALinear]]:
     return [(path, module) for path, module in linear_modules(model) if isinstance(module, LoRALinear)]
+
+
+def _embedding_layers(model: nn.Module) -> list[tuple[str, LoRAEmbedding]]:
+    return [(path, module) for path, module in embedding_modules(model) if isinstance(module, LoRAEmbedding)]
+
+
+def _saved_modules(model: nn.Module) -> list[tuple[str, ModulesToSave]]:
+    return [(path, module) for path, module in model.named_modules() if isinstance(module, ModulesToSave)]
 
 
 def _moe_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
@@ -202,22 +217,29 @@ def _adapter_files(fn: str, model: nn.Module, adapter_name: str, state_dict: dic
     all_layers = _lora_layers(model)
     layers = [(module_path, module) for module_path, module in all_layers if adapter_name in module.lora_A]
     parameters = _moe_entries(model, adapter_name)
+    embedding_tensors = {}
     if not layers:
         found = sorted({name for _, module in all_layers for name in module.lora_A})
         raise ValueError(
             f"{fn}: no LoRALinear layer has adapter {adapter_name!r}, nothing to save; the model's adapters are {found}"
         )
-    paths = [module_path for module_path, _ in layers]
-    ranks = {module_path: module.r[adapter_name] for module_path, module in layers}
-    alphas = {module_path: module.lora_alpha[adapter_name] for module_path, module in layers}
+    embeddings = [
+        (module_path, module)
+        for module_path, module in embedding_modules(model)
+        if isinstance(module, LoRAEmbedding) and adapter_name in module.lora_embedding_A
+    ]
+    paths = [module_path for module_path, _ in layers + embeddings]
+    ranks = {module_path: module.r[adapter_name] for module_path, module in layers + embeddings}
+    alphas = {module_path: module.lora_alpha[adapter_name] for module_path, module in layers + embeddings}
     for entry in parameters:
         ranks[entry.parameter_path], alphas[entry.parameter_path] = entry.r, entry.lora_alpha
-    for setting in ("lora_dropout", "use_rslora", "use_dora"):
+    for setting in ("lora_dropout", "use_rslora", "use_dora", "lora_bias"):
         values = {getattr(module, setting)[adapter_name] for _, module in layers}
         if setting == "use_rslora":
             values |= {entry.use_rslora for entry in parameters}
-        elif setting == "use_dora" and parameters:
-            values.add(False)  # PEFT's target_parameters have no DoRA
+            values |= {module.use_rslora[adapter_name] for _, module in embeddings}
+        elif setting in ("use_dora", "lora_bias") and parameters:
+            values.add(False)  # PEFT's target_parameters are plain LoRA
         elif parameters and values != {0.0}:
             raise ValueError(
                 f"{fn}: adapter {adapter_name!r} adapts MoE experts or routers (PEFT's target_parameters), which "
@@ -247,15 +269,33 @@ def _adapter_files(fn: str, model: nn.Module, adapter_name: str, state_dict: dic
         "fan_in_fan_out": False,
         "init_lora_weights": True,
         "inference_mode": True,
-        "modules_to_save": None,
         "layers_to_transform": None,
         "layers_pattern": None,
         "use_dora": first.use_dora[adapter_name],
-        "lora_bias": False,
+        "lora_bias": first.lora_bias[adapter_name],
         "revision": None,
     }
+    for module_path, module in embeddings:  # PEFT's file keys for them: lora_embedding_A / _B, bare parameters
+        for matrix, table in (("A", module.lora_embedding_A), ("B", module.lora_embedding_B)):
+            tensor = table[adapter_name]
+            if state_dict is not None:
+                key = f"{module_path}.lora_embedding_{matrix}.{adapter_name}"
+                if key not in state_dict:
+                    raise ValueError(f"{fn}: the state_dict passed lacks {key!r}")
+                tensor = state_dict[key]
+            embedding_tensors[f"{KEY_PREFIX}{module_path}.lora_embedding_{matrix}"] = _whole(tensor)
+    copies = trainable_copies(model, adapter_name)
+    config["modules_to_save"] = sorted(path for path, _ in copies) or None  # whole paths: PEFT matches their ends
     _warn_peft_remaps(fn, model, config["target_modules"])
-    tensors = {}
+    tensors = dict(embedding_tensors)
+    for module_path, module in copies:  # the trained copy's tensors under the module's own path, as PEFT writes them
+        for name, tensor in module.state_dict().items():
+            if state_dict is not None:
+                key = f"{module_path}.modules_to_save.{adapter_name}.{name}"
+                if key not in state_dict:
+                    raise ValueError(f"{fn}: the state_dict passed lacks {key!r}")
+                tensor = state_dict[key]
+            tensors[f"{KEY_PREFIX}{module_path}.{name}"] = _whole(tensor)
     for module_path, module in layers:
         for matrix, table in (("A", module.lora_A), ("B", module.lora_B)):
             tensor = table[adapter_name].weight
@@ -273,6 +313,14 @@ def _adapter_files(fn: str, model: nn.Module, adapter_name: str, state_dict: dic
                     raise ValueError(f"{fn}: the state_dict passed lacks {key!r}")
                 tensor = state_dict[key]
             tensors[f"{KEY_PREFIX}{module_path}.lora_magnitude_vector"] = _whole(tensor)
+        if module.lora_bias[adapter_name]:
+            tensor = module.lora_B[adapter_name].bias
+            if state_dict is not None:
+                key = f"{module_path}.lora_B.{adapter_name}.bias"
+                if key not in state_dict:
+                    raise ValueError(f"{fn}: the state_dict passed lacks {key!r}")
+                tensor = state_dict[key]
+            tensors[f"{KEY_PREFIX}{module_path}.lora_B.bias"] = _whole(tensor)
     for entry in parameters:
         for matrix, (state_key, tensor) in (("A", entry.lora_A), ("B", entry.lora_B)):
             if state_dict is not None:
@@ -440,6 +488,8 @@ class _AdapterConfig:
     alpha_pattern: list[tuple[str, SafePattern, float]]
     target_parameters: tuple[str, ...] = ()  # PEFT's: names or paths of bare parameters (MoE experts, routers)
     use_dora: bool = False
+    lora_bias: bool = False
+    modules_to_save: tuple[str, ...] = ()
 
 
 def _check_int(where: str, key: str, value) -> int:
@@ -523,7 +573,17 @@ def _read_config(fn: str, path: str) -> tuple[str, _AdapterConfig]:
         alpha_pattern=_read_patterns(where, "alpha_pattern", config.get("alpha_pattern"), _check_real),
         target_parameters=_read_target_parameters(where, config.get("target_parameters")),
         use_dora=_check_flag(where, "'use_dora'", config.get("use_dora") or False),
+        lora_bias=_check_flag(where, "'lora_bias'", config.get("lora_bias") or False),
+        modules_to_save=_read_names(where, "modules_to_save", config.get("modules_to_save")),
     )
+
+
+def _read_names(where: str, key: str, value) -> tuple[str, ...]:
+    if value in (None, [], ""):
+        return ()
+    if not isinstance(value, list) or not all(isinstance(name, str) and name for name in value):
+        raise ValueError(f"{where}: {key!r} must be a list of module names, got {value!r}"[:400])
+    return tuple(value)
 
 
 def _read_target_parameters(where: str, value) -> tuple[str, ...]:
@@ -562,9 +622,13 @@ def _read_weights(fn: str, path: str) -> tuple[str, dict]:
             raise ValueError(f"{where}: entry {key!r} is a {type(tensor).__name__}, not a tensor under a str key")
         if not tensor.is_floating_point():
             raise TypeError(f"{where}: {key!r} has dtype {tensor.dtype}; LoRA matrices are floating point")
-        if key.endswith("lora_magnitude_vector"):
+        if _LORA_KEY.fullmatch(key.removeprefix(KEY_PREFIX)) is None:
+            continue  # a module trained whole (modules_to_save): checked against the module it loads into
+        if key.endswith(_VECTOR_KEYS):
             if tensor.dim() != 1:
-                raise ValueError(f"{where}: {key!r} has shape {tuple(tensor.shape)}; a DoRA magnitude is 1-D")
+                raise ValueError(
+                    f"{where}: {key!r} has shape {tuple(tensor.shape)}; a DoRA magnitude or B's bias is 1-D"
+                )
         elif tensor.dim() != 2:
             raise ValueError(f"{where}: {key!r} has shape {tuple(tensor.shape)}; LoRA matrices are 2-D")
         if not torch.isfinite(tensor).all():
@@ -572,16 +636,16 @@ def _read_weights(fn: str, path: str) -> tuple[str, dict]:
     return weights_path, state
 
 
-def _group_by_module(where: str, state: dict, use_dora: bool = False) -> dict:
-    """{module path: {"A": (key, tensor), "B": (key, tensor)[, "magnitude": (key, tensor)]}} from the adapter's keys;
-    a DoRA adapter (use_dora) has a magnitude for every module, any other none."""
+def _group_by_module(where: str, state: dict, use_dora: bool = False, lora_bias: bool = False) -> dict:
+    """{module path: {"A": (key, tensor), "B": (key, tensor)[, "magnitude": ..., "bias": ...]}} from the adapter's
+    keys; a DoRA adapter (use_dora) has a magnitude for every module, any other none; likewise B's bias (lora_bias)."""
     grouped, unsupported = {}, []
     for key, tensor in state.items():
         match = _LORA_KEY.fullmatch(key.removeprefix(KEY_PREFIX))
         if match is None:
             unsupported.append(key)
             continue
-        part = match["matrix"] or match["magnitude"]
+        part = match["matrix"] or match["embedding"] or match["magnitude"] or match["bias"]
         pair = grouped.setdefault(match["path"], {})
         if part in pair:
             raise ValueError(f"{where}: {pair[part][0]!r} and {key!r} name the same matrix")
@@ -591,15 +655,16 @@ def _group_by_module(where: str, state: dict, use_dora: bool = False) -> dict:
     incomplete = [module_path for module_path, pair in grouped.items() if "A" not in pair or "B" not in pair]
     if incomplete:
         raise ValueError(f"{where}: lacks lora_A or lora_B for {incomplete[:4]}")
-    with_magnitude = [module_path for module_path, pair in grouped.items() if "magnitude" in pair]
-    if use_dora and len(with_magnitude) != len(grouped):
-        lacking = [module_path for module_path in grouped if module_path not in with_magnitude]
-        raise ValueError(f"{where}: the config sets use_dora, and {lacking[:4]} lack lora_magnitude_vector")
-    if not use_dora and with_magnitude:
-        raise ValueError(
-            f"{where}: holds DoRA magnitudes (lora_magnitude_vector) for {with_magnitude[:4]}, and the config does "
-            "not set use_dora"
-        )
+    for part, flag, name, key in (
+        ("magnitude", use_dora, "use_dora", "lora_magnitude_vector"),
+        ("bias", lora_bias, "lora_bias", "lora_B.bias"),
+    ):
+        holding = [module_path for module_path, pair in grouped.items() if part in pair]
+        if flag and len(holding) != len(grouped):
+            lacking = [module_path for module_path in grouped if module_path not in holding]
+            raise ValueError(f"{where}: the config sets {name}, and {lacking[:4]} lack {key}")
+        if not flag and holding:
+            raise ValueError(f"{where}: holds {key} for {holding[:4]}, and the config does not set {name}")
     return grouped
 
 
@@ -617,6 +682,7 @@ class _Step:
     lora_A: torch.Tensor
     lora_B: torch.Tensor
     magnitude: torch.Tensor | None = None  # DoRA's [out], None for plain LoRA
+    lora_bias: torch.Tensor | None = None  # B's bias [out] (lora_bias), None without
 
 
 def _pattern_value(patterns: list, module_path: str, default):
@@ -643,7 +709,19 @@ def _plan(
             unmatched.append(module_path)
             continue
         module = known[module_path]
-        if not isinstance(module, LoRALinear) and base_kind(module) is None:
+        embedding = isinstance(module, (nn.Embedding, LoRAEmbedding))
+        if ".lora_embedding_" in key and not embedding:
+            raise TypeError(f"{where}: key {key!r} is LoRA of an embedding, {module_path} is a {type(module).__name__}")
+        if embedding:
+            if ".lora_embedding_" not in key:
+                raise TypeError(f"{where}: key {key!r} is LoRA of a linear layer, {module_path} is an embedding")
+            if config.use_dora or config.lora_bias:
+                raise ValueError(
+                    f"{where}: LoRA on the embedding {module_path} is built without use_dora and lora_bias"
+                )
+            if isinstance(module, LoRAEmbedding) and adapter_name in module.lora_embedding_A:
+                raise ValueError(f"{fn}: {module_path} already has an adapter named {adapter_name!r}")
+        elif not isinstance(module, LoRALinear) and base_kind(module) is None:
             raise TypeError(
                 f"{where}: key {key!r}: {module_path} is a {type(module).__name__}, LoRALinear wraps "
                 "nn.Linear, pyfastpeft.nn.Linear4bit and pyfastpeft.nn.Linear8bitLt"
@@ -652,20 +730,24 @@ def _plan(
             raise ValueError(f"{fn}: {module_path} already has an adapter named {adapter_name!r}")
         r = _pattern_value(config.rank_pattern, module_path, config.r)
         lora_alpha = _pattern_value(config.alpha_pattern, module_path, config.lora_alpha)
-        expected = {"A": (r, module.in_features), "B": (module.out_features, r)}
+        if embedding:
+            expected = {"A": (r, module.num_embeddings), "B": (module.embedding_dim, r)}
+        else:
+            expected = {"A": (r, module.in_features), "B": (module.out_features, r)}
         for matrix, shape in expected.items():
             matrix_key, tensor = pair[matrix]
             if tuple(tensor.shape) != shape:
                 raise ValueError(
                     f"{where}: {matrix_key!r} is {tuple(tensor.shape)}, the config's r={r} and the layer give {shape}"
                 )
-        magnitude = pair.get("magnitude", (None, None))[1]
-        if magnitude is not None and tuple(magnitude.shape) != (module.out_features,):
-            raise ValueError(
-                f"{where}: {pair['magnitude'][0]!r} is {tuple(magnitude.shape)}, the layer has "
-                f"{module.out_features} output features"
-            )
-        steps.append(_Step(module_path, module, r, lora_alpha, pair["A"][1], pair["B"][1], magnitude))
+        for part in ("magnitude", "bias"):
+            if part in pair and tuple(pair[part][1].shape) != (module.out_features,):
+                raise ValueError(
+                    f"{where}: {pair[part][0]!r} is {tuple(pair[part][1].shape)}, the layer has "
+                    f"{module.out_features} output features"
+                )
+        vectors = (pair.get("magnitude", (None, None))[1], pair.get("bias", (None, None))[1])
+        steps.append(_Step(module_path, module, r, lora_alpha, pair["A"][1], pair["B"][1], *vectors))
     if unmatched:
         linear_names = [module_path for module_path, _ in linear_modules(model)][:6]
         raise ValueError(
@@ -682,10 +764,16 @@ def _restore_requires_grad(flags) -> None:
 
 def _fill(layer: LoRALinear, adapter_name: str, step: _Step) -> None:
     with torch.no_grad():
+        if isinstance(layer, LoRAEmbedding):
+            layer.lora_embedding_A[adapter_name].copy_(step.lora_A)
+            layer.lora_embedding_B[adapter_name].copy_(step.lora_B)
+            return
         layer.lora_A[adapter_name].weight.copy_(step.lora_A)
         layer.lora_B[adapter_name].weight.copy_(step.lora_B)
         if step.magnitude is not None:
             layer.lora_magnitude_vector[adapter_name].weight.copy_(step.magnitude)
+        if step.lora_bias is not None:
+            layer.lora_B[adapter_name].bias.copy_(step.lora_bias)
 
 
 def _apply(model: nn.Module, steps: list[_Step], adapter_name: str, config: _AdapterConfig, parameter_steps=()) -> None:
@@ -696,21 +784,29 @@ def _apply(model: nn.Module, steps: list[_Step], adapter_name: str, config: _Ada
         use_rslora=config.use_rslora,
         init_lora_weights=False,
         use_dora=config.use_dora,
+        lora_bias=config.lora_bias,
     )
     undo = []
     try:
         built = []
+        embedding_settings = dict(use_rslora=config.use_rslora, init_lora_weights=False)
         for step in steps:
-            if not isinstance(step.module, LoRALinear):
+            if not isinstance(step.module, (LoRALinear, LoRAEmbedding)):
                 undo.append(
                     functools.partial(_restore_requires_grad, [(p, p.requires_grad) for p in step.module.parameters()])
                 )
-                layer = LoRALinear(step.module, step.r, step.lora_alpha, adapter_name=adapter_name, **settings)
+                if isinstance(step.module, nn.Embedding):
+                    layer = LoRAEmbedding(
+                        step.module, step.r, step.lora_alpha, adapter_name=adapter_name, **embedding_settings
+                    )
+                else:
+                    layer = LoRALinear(step.module, step.r, step.lora_alpha, adapter_name=adapter_name, **settings)
                 _fill(layer, adapter_name, step)
                 built.append((step, layer))
         for step in steps:
-            if isinstance(step.module, LoRALinear):
-                step.module.add_adapter(adapter_name, step.r, step.lora_alpha, **settings)
+            if isinstance(step.module, (LoRALinear, LoRAEmbedding)):
+                chosen = embedding_settings if isinstance(step.module, LoRAEmbedding) else settings
+                step.module.add_adapter(adapter_name, step.r, step.lora_alpha, **chosen)
                 undo.append(functools.partial(step.module.delete_adapter, adapter_name))
                 _fill(step.module, adapter_name, step)
         for module_path, build in parameter_steps:
@@ -748,11 +844,77 @@ def load_adapter(model: nn.Module, path, adapter_name: str = "default") -> list[
     _, config = _read_config(fn, path)
     weights_path, state = _read_weights(fn, path)
     where = f"{fn}: {weights_path}"
-    grouped = _group_by_module(where, state, config.use_dora)
+    saved_steps = _plan_modules_to_save(fn, model, adapter_name, config, where, state)  # takes its keys out
+    _check_saved_embeddings(where, model, state)  # takes its keys out
+    grouped = _group_by_module(where, state, config.use_dora, config.lora_bias)
     parameter_steps = _plan_parameters(fn, model, adapter_name, config, where, grouped)  # takes its paths out
     steps = _plan(fn, model, adapter_name, config, where, grouped)
-    _apply(model, steps, adapter_name, config, parameter_steps)
-    return [step.module_path for step in steps] + [path for path, _ in parameter_steps]
+    _apply(model, steps, adapter_name, config, parameter_steps + saved_steps)
+    return [step.module_path for step in steps] + [path for path, _ in parameter_steps + saved_steps]
+
+
+def _check_saved_embeddings(where: str, model: nn.Module, state: dict) -> None:
+    """PEFT writes the base weight of an embedding it adapts beside the adapter (save_embedding_layers="auto", for a
+    resized vocabulary): such an entry must equal the model's own weight, which load_adapter does not replace."""
+    embeddings = dict(embedding_modules(model))
+    for key in [key for key in state if key.endswith(".base_layer.weight")]:
+        module_path = key.removeprefix(KEY_PREFIX).removesuffix(".base_layer.weight")
+        if module_path not in embeddings:
+            continue
+        weight = embeddings[module_path].weight
+        saved = state.pop(key)
+        if saved.shape != weight.shape or not torch.equal(saved.to(weight.dtype), weight.detach().cpu()):
+            raise ValueError(
+                f"{where}: {key!r} holds {module_path}'s weight ({tuple(saved.shape)}) and it differs from the model's "
+                f"({tuple(weight.shape)}): the adapter was trained over another embedding (a resized vocabulary?); "
+                "give the model that embedding first"
+            )
+
+
+def _plan_modules_to_save(
+    fn: str, model: nn.Module, adapter_name: str, config: _AdapterConfig, where: str, state: dict
+) -> list[tuple[str, Callable[[], nn.Module]]]:
+    """The modules_to_save part of a load, checked and nothing changed: [(module path, build its ModulesToSave)]. Each
+    module the config names (PEFT's rule: its path ends with a name) needs its every tensor in the file, of its
+    shape; those keys leave `state`."""
+    if not config.modules_to_save:
+        return []
+    plans = []
+    for module_path, module in modules_to_save_targets(model, config.modules_to_save):
+        if isinstance(module, ModulesToSave):
+            raise ValueError(
+                f"{fn}: {module_path} already holds modules_to_save copies {list(module.modules_to_save)}; load an "
+                "adapter with modules_to_save into a model whose modules are not wrapped yet"
+            )
+        values = {}
+        for name, tensor in module.state_dict().items():
+            key = f"{KEY_PREFIX}{module_path}.{name}"
+            if key not in state:
+                raise ValueError(f"{where}: the config names {module_path} in modules_to_save, and {key!r} is missing")
+            loaded = state.pop(key)
+            if loaded.shape != tensor.shape:
+                raise ValueError(
+                    f"{where}: {key!r} is {tuple(loaded.shape)}, {module_path}.{name} is {tuple(tensor.shape)}"
+                )
+            values[name] = loaded
+        left = [
+            key
+            for key in state
+            if key.startswith(f"{KEY_PREFIX}{module_path}.") and not _LORA_KEY.fullmatch(key.removeprefix(KEY_PREFIX))
+        ]
+        if left:
+            raise ValueError(f"{where}: {left[:4]} name no tensor of {module_path} ({type(module).__name__})")
+
+        def build(module=module, values=values):
+            wrapper = ModulesToSave(module, adapter_name)
+            with torch.no_grad():
+                wrapper.modules_to_save[adapter_name].load_state_dict(values)
+            return wrapper
+
+        plans.append((module_path, build))
+    if not plans:
+        raise ValueError(f"{where}: modules_to_save {list(config.modules_to_save)} match no module of the model")
+    return plans
 
 
 def _plan_parameters(
@@ -919,9 +1081,9 @@ def _converted(fn: str, module_path: str, layer) -> nn.Module:
         for name, variant in getattr(layer, "lora_variant", {}).items()
         if variant is not None and not (name in dora and type(variant).__name__ == "DoraLinearVariant")
     ]
-    if variants or any(getattr(layer, "lora_bias", {}).values()) or getattr(layer, "fan_in_fan_out", False):
+    if variants or getattr(layer, "fan_in_fan_out", False):
         raise ValueError(
-            f"{fn}: {module_path} uses {variants or 'lora_bias or fan_in_fan_out'}, which LoRALinear does not implement"
+            f"{fn}: {module_path} uses {variants or 'fan_in_fan_out'}, which LoRALinear does not implement"
         )
     if dora & set(layer.merged_adapters):
         raise ValueError(f"{fn}: {module_path} has DoRA adapters merged {sorted(dora)}; unmerge them first")
@@ -955,6 +1117,7 @@ def _converted(fn: str, module_path: str, layer) -> nn.Module:
             use_rslora=use_rslora,
             init_lora_weights=False,
             use_dora=name in dora,
+            lora_bias=bool(getattr(layer, "lora_bias", {}).get(name)),
         )
 
     requires_grad = [p.requires_grad for p in base.parameters()]
@@ -1010,6 +1173,49 @@ def _param_wrappers(fn: str, module_path: str, outer) -> nn.Module:
     return ours
 
 
+def _converted_embedding(fn: str, module_path: str, layer) -> nn.Module:
+    """A LoRAEmbedding over PEFT's lora.Embedding's base and very adapter parameters (scaling, active adapter, merged
+    state as PEFT holds them)."""
+    names = list(layer.lora_embedding_A)
+    variants = [name for name, variant in getattr(layer, "lora_variant", {}).items() if variant is not None]
+    if variants:
+        raise ValueError(f"{fn}: {module_path} uses DoRA on an embedding ({variants}), which is not built")
+    if len(layer.active_adapters) > 1:
+        raise ValueError(f"{fn}: {module_path} has several active adapters {layer.active_adapters}")
+    base = layer.base_layer
+    if not isinstance(base, nn.Embedding):
+        raise TypeError(f"{fn}: {module_path}'s base is a {type(base).__name__}, LoRAEmbedding wraps nn.Embedding")
+    if not names:
+        return base
+    requires_grad = [p.requires_grad for p in base.parameters()]
+    settings = [
+        dict(r=layer.r[name], lora_alpha=layer.lora_alpha[name], use_rslora=layer.use_rslora.get(name, False))
+        for name in names
+    ]
+    ours = LoRAEmbedding(base, adapter_name=names[0], init_lora_weights=False, **settings[0])
+    for parameter, flag in zip(base.parameters(), requires_grad):
+        parameter.requires_grad_(flag)
+    for name, setting in zip(names[1:], settings[1:]):
+        ours.add_adapter(name, init_lora_weights=False, **setting)
+    active = layer.active_adapters[0] if layer.active_adapters else None
+    ours.set_adapter(active if active in names else None)
+    ours.lora_embedding_A, ours.lora_embedding_B = layer.lora_embedding_A, layer.lora_embedding_B  # PEFT's very ones
+    for name in names:
+        ours.scaling[name] = layer.scaling[name]
+    ours.merged_adapters = list(layer.merged_adapters)
+    if layer.disable_adapters:
+        ours.disable_adapters()
+    return ours
+
+
+def _modules_to_save(wrapper) -> ModulesToSave:
+    """A ModulesToSave over PEFT's ModulesToSaveWrapper's very modules (original and per-adapter copies)."""
+    active = wrapper.active_adapters[0] if wrapper.active_adapters else None
+    return ModulesToSave.sharing(
+        wrapper.original_module, wrapper.modules_to_save, active, not getattr(wrapper, "disable_adapters", False)
+    )
+
+
 def from_peft(peft_model) -> nn.Module:
     """Replace, in place, every peft.tuners.lora.Linear of a live PeftModel with a LoRALinear that holds the
     same base layer and the same adapter modules (weights, scaling, active adapter, merged state), and return
@@ -1022,13 +1228,15 @@ def from_peft(peft_model) -> nn.Module:
     experts and routers of transformers 5.x) becomes LoRAExperts / LoRAParameter over the same matrices; those hold
     one adapter, so set_adapter to another adapter and merging raise for them.
     DoRA adapters convert too (their magnitudes are PEFT's very parameters); merged ones must be unmerged first.
-    Refused, with the model unchanged: adapters of other PEFT types, lora_bias, bias, modules_to_save,
-    trainable tokens, fan_in_fan_out, and LoRA on anything but linear layers and bare parameters (embeddings,
-    convolutions).
+    PEFT's modules_to_save wrappers become ModulesToSave over the same original and copies, its LoRA embeddings
+    LoRAEmbedding over the same parameters.
+    Refused, with the model unchanged: adapters of other PEFT types, bias, trainable tokens, fan_in_fan_out, DoRA on
+    embeddings, and LoRA on anything but linear layers, embeddings and bare parameters (convolutions).
     """
     fn = "from_peft"
     try:
         from peft import PeftModel
+        from peft.tuners.lora import Embedding as PeftLoraEmbedding
         from peft.tuners.lora import Linear as PeftLoraLinear
         from peft.tuners.tuners_utils import BaseTunerLayer
     except ImportError as error:
@@ -1039,7 +1247,7 @@ def from_peft(peft_model) -> nn.Module:
         return peft_model.base_model.model
     _check_peft_configs(fn, peft_model.peft_config)
     model = peft_model.base_model.model
-    lora_layers, wrappers, others = [], [], []
+    lora_layers, embedding_layers, wrappers, saved, others = [], [], [], [], []
     lora_classes = (PeftLoraLinear, *peft_bitsandbytes_lora_classes())  # LoRA over bitsandbytes layers: QLoRA
     inside = ()
     for module_path, module in model.named_modules():
@@ -1048,6 +1256,12 @@ def from_peft(peft_model) -> nn.Module:
         if type(module) in lora_classes:
             lora_layers.append((module_path, module))
             inside += (module_path + ".",)  # its own parts: base layer, A, B, DoRA's magnitudes
+        elif type(module) is PeftLoraEmbedding:
+            embedding_layers.append((module_path, module))
+            inside += (module_path + ".",)
+        elif type(module).__name__ == "ModulesToSaveWrapper" and type(module).__module__.startswith("peft."):
+            saved.append((module_path, module))
+            inside += (module_path + ".",)
         elif type(module).__name__ == "ParamWrapper" and type(module).__module__.startswith("peft."):
             wrappers.append((module_path, module))  # the outermost of a chain; the rest are inside it
             inside += (module_path + ".",)
@@ -1062,6 +1276,10 @@ def from_peft(peft_model) -> nn.Module:
         raise ValueError(f"{fn}: the model holds no peft.tuners.lora.Linear layer")
     converted = [(module_path, _converted(fn, module_path, layer)) for module_path, layer in lora_layers]
     converted += [(module_path, _param_wrappers(fn, module_path, outer)) for module_path, outer in wrappers]
+    converted += [(module_path, _modules_to_save(module)) for module_path, module in saved]
+    converted += [
+        (module_path, _converted_embedding(fn, module_path, layer)) for module_path, layer in embedding_layers
+    ]
     for module_path, ours in converted:
         _replace_module(model, module_path, ours)
     peft_model.base_model.__class__ = _converted_class(_ConvertedLoraModel, type(peft_model.base_model))
@@ -1123,16 +1341,25 @@ class _ConvertedLoraModel(_Converted):
             if inference_mode and adapter_name in layer.lora_A:
                 layer.lora_A[adapter_name].weight.requires_grad_(False)
                 layer.lora_B[adapter_name].weight.requires_grad_(False)
+        for _, layer in _embedding_layers(self.model):
+            layer.set_adapter(adapter_name if adapter_name in layer.lora_embedding_A else None)
+            if inference_mode and adapter_name in layer.lora_embedding_A:
+                layer.lora_embedding_A[adapter_name].requires_grad_(False)
+                layer.lora_embedding_B[adapter_name].requires_grad_(False)
+        for _, module in _saved_modules(self.model):
+            module.set_adapter(adapter_name if adapter_name in module.modules_to_save else None)
+            if inference_mode and adapter_name in module.modules_to_save:
+                module.modules_to_save[adapter_name].requires_grad_(False)
         self.active_adapter = adapter_name
 
     def enable_adapter_layers(self) -> None:
-        for _, layer in _lora_layers(self.model):
+        for _, layer in _lora_layers(self.model) + _embedding_layers(self.model) + _saved_modules(self.model):
             layer.enable_adapters()
         for _, layer in _moe_layers(self.model):
             layer.adapters_enabled = True
 
     def disable_adapter_layers(self) -> None:
-        for _, layer in _lora_layers(self.model):
+        for _, layer in _lora_layers(self.model) + _embedding_layers(self.model) + _saved_modules(self.model):
             layer.disable_adapters()
         for _, layer in _moe_layers(self.model):
             layer.adapters_enabled = False
@@ -1165,9 +1392,12 @@ class _ConvertedLoraModel(_Converted):
                 raise ValueError(f"{fn}: non-finite adapter weights in {broken[:4]}; nothing was merged")
         for layer in layers:
             layer.merge()
+        for _, layer in _embedding_layers(self.model):
+            if layer.active_adapter is not None and layer.adapters_enabled and not layer.merged:
+                layer.merge()
 
     def unmerge_adapter(self) -> None:
-        for _, layer in _lora_layers(self.model):
+        for _, layer in _lora_layers(self.model) + _embedding_layers(self.model):
             if layer.merged:
                 layer.unmerge()
 
@@ -1180,6 +1410,10 @@ class _ConvertedLoraModel(_Converted):
         _refuse_moe("unload", self.model)
         for module_path, layer in _lora_layers(self.model):
             _replace_module(self.model, module_path, layer.base_layer)
+        for module_path, layer in _embedding_layers(self.model):
+            _replace_module(self.model, module_path, layer.base_layer)
+        for module_path, module in _saved_modules(self.model):  # PEFT keeps the trained copy in use
+            _replace_module(self.model, module_path, module.module_in_use())
         return self.model
 
     def delete_adapter(self, adapter_name: str) -> None:
@@ -1198,6 +1432,18 @@ class _ConvertedLoraModel(_Converted):
                 _replace_module(self.model, path, layer.base_layer)
             else:
                 layer.delete_adapter(adapter_name)
+        for path, layer in _embedding_layers(self.model):
+            if adapter_name in layer.lora_embedding_A:
+                if len(layer.lora_embedding_A) == 1:
+                    _replace_module(self.model, path, layer.base_layer)
+                else:
+                    layer.delete_adapter(adapter_name)
+        for path, module in _saved_modules(self.model):
+            if adapter_name in module.modules_to_save:
+                if len(module.modules_to_save) == 1:
+                    _replace_module(self.model, path, module.original_module)
+                else:
+                    module.delete_adapter(adapter_name)
         if self.active_adapter == adapter_name or self.active_adapter == [adapter_name]:
             remaining = [
                 name for name in self.peft_config if any(name in layer.lora_A for _, layer in _lora_layers(self.model))

@@ -35,6 +35,10 @@ class LoraSettings:
     target_modules: str | Sequence[str] = "all-linear"
     use_rslora: bool = False
     use_dora: bool = False  # DoRA (PEFT's use_dora): each adapted layer also trains a magnitude per output row
+    lora_bias: bool = False  # PEFT's lora_bias: a trained bias on each B (not with use_dora)
+    # PEFT's modules_to_save: modules trained whole beside the adapters (a classification head, say), matched as PEFT
+    # does (the module's path ends with the name); never quantized, never adapted
+    modules_to_save: Sequence[str] | None = None
 
     def __post_init__(self):
         fn = "LoraSettings"
@@ -59,8 +63,15 @@ class LoraSettings:
             )
         if not isinstance(self.use_rslora, bool):
             raise TypeError(f"{fn}: use_rslora must be a bool, got {type(self.use_rslora).__name__}")
-        if not isinstance(self.use_dora, bool):
-            raise TypeError(f"{fn}: use_dora must be a bool, got {type(self.use_dora).__name__}")
+        for flag in ("use_dora", "lora_bias"):
+            if not isinstance(getattr(self, flag), bool):
+                raise TypeError(f"{fn}: {flag} must be a bool, got {type(getattr(self, flag)).__name__}")
+        if self.modules_to_save is not None:
+            from pyfastpeft.nn.modules_to_save import check_module_names
+
+            object.__setattr__(self, "modules_to_save", check_module_names(fn, self.modules_to_save))
+        if self.use_dora and self.lora_bias:
+            raise ValueError(f"{fn}: lora_bias is not supported with use_dora (PEFT refuses the pair too)")
 
 
 @dataclasses.dataclass
@@ -505,6 +516,14 @@ def prepare_model(
             for sub_path, _ in module.named_modules(prefix=path)
             if ".lora_A." in sub_path or ".lora_B." in sub_path
         ]
+        if lora is not False and lora.modules_to_save is not None:  # trained whole: they stay dense
+            from pyfastpeft.nn.modules_to_save import modules_to_save_targets
+
+            skip += [
+                sub_path
+                for path, module in modules_to_save_targets(model, lora.modules_to_save)
+                for sub_path, _ in module.named_modules(prefix=path)
+            ]
         quant_report = quantize_model(model, quant, skip=tuple(skip))
         report.replaced[quant] = len(quant_report.replaced)
         report.replaced[f"{quant} experts"] = len(quant_report.experts)
@@ -518,6 +537,8 @@ def prepare_model(
             lora_dropout=lora.lora_dropout,
             use_rslora=lora.use_rslora,
             use_dora=lora.use_dora,
+            lora_bias=lora.lora_bias,
+            modules_to_save=lora.modules_to_save,
         )
         report.replaced["lora"] = len(lora_report.wrapped)
         report.replaced["lora experts"] = len(lora_report.experts)

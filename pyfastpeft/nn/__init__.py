@@ -5,6 +5,7 @@ from pyfastpeft.nn.linear4bit import Linear4bit
 from pyfastpeft.nn.linear8bitlt import Linear8bitLt
 from pyfastpeft.nn.lora import LoRALinear
 from pyfastpeft.nn.losses import FusedLinearCrossEntropyLoss, FusedLinearDistillationLoss, FusedLinearPreferenceLoss
+from pyfastpeft.nn.modules_to_save import ModulesToSave, add_modules_to_save
 from pyfastpeft.nn.rmsnorm import RMSNorm
 from pyfastpeft.nn.swiglu import SwiGLUMLP
 
@@ -17,6 +18,8 @@ __all__ = [
     "LoRAExperts",
     "LoRALinear",
     "LoRAParameter",
+    "ModulesToSave",
+    "add_modules_to_save",
     "QuantizedExperts",
     "RMSNorm",
     "SwiGLUMLP",

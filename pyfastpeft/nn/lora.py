@@ -25,6 +25,13 @@ from torch import nn
 from pyfastpeft.nn.experts import LoRAExperts, LoRAParameter, QuantizedExperts, experts_layout_problem, up_name
 from pyfastpeft.nn.linear4bit import Linear4bit
 from pyfastpeft.nn.linear8bitlt import Linear8bitLt
+from pyfastpeft.nn.lora_embedding import LoRAEmbedding
+from pyfastpeft.nn.modules_to_save import (
+    ModulesToSave,
+    add_modules_to_save,
+    check_module_names,
+    modules_to_save_targets,
+)
 from pyfastpeft.ops._autocast import autocast_dtype
 from pyfastpeft.ops.dora import dora_linear, dora_weight_norm
 from pyfastpeft.ops.lora import lora_linear
@@ -218,6 +225,7 @@ class LoRALinear(nn.Module):
         adapter_name: str = "default",
         init_lora_weights: bool = True,
         use_dora: bool = False,
+        lora_bias: bool = False,
     ):
         super().__init__()
         if isinstance(base, LoRALinear):
@@ -239,6 +247,7 @@ class LoRALinear(nn.Module):
         self.lora_dropout: dict[str, float] = {}
         self.use_rslora: dict[str, bool] = {}
         self.use_dora: dict[str, bool] = {}
+        self.lora_bias: dict[str, bool] = {}
         self.lora_A = nn.ModuleDict()
         self.lora_B = nn.ModuleDict()
         self.lora_magnitude_vector = nn.ModuleDict()  # DoRA adapters only: name -> DoRAMagnitude
@@ -246,7 +255,7 @@ class LoRALinear(nn.Module):
         self.merged_adapters: list[str] = []
         self._adapters_enabled = True
         self._active_adapter = adapter_name
-        self.add_adapter(adapter_name, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights, use_dora)
+        self.add_adapter(adapter_name, r, lora_alpha, lora_dropout, use_rslora, init_lora_weights, use_dora, lora_bias)
         self.set_adapter(adapter_name)
 
     # -- adapters --
@@ -273,10 +282,12 @@ class LoRALinear(nn.Module):
         use_rslora: bool = False,
         init_lora_weights: bool = True,
         use_dora: bool = False,
+        lora_bias: bool = False,
     ) -> None:
         """Add a named adapter; it is not activated (set_adapter does that) and does not train until it is.
         use_dora: a DoRA adapter, whose magnitude starts at ||W + s B A||_row (||W|| when B starts at zero), so the
-        new adapter leaves the layer's output as it was, as PEFT's does."""
+        new adapter leaves the layer's output as it was, as PEFT's does. lora_bias: PEFT's option of a trained bias on
+        B (lora_B[name].bias [out], zero at the start), which adds s * b_B to the output."""
         fn = "LoRALinear.add_adapter"
         adapter_name = _check_adapter_name(fn, adapter_name)
         if adapter_name in self.lora_A:
@@ -287,21 +298,26 @@ class LoRALinear(nn.Module):
         _check_bool(fn, "use_rslora", use_rslora)
         _check_bool(fn, "init_lora_weights", init_lora_weights)
         _check_bool(fn, "use_dora", use_dora)
+        _check_bool(fn, "lora_bias", lora_bias)
+        if use_dora and lora_bias:
+            raise ValueError(f"{fn}: lora_bias is not supported with use_dora (PEFT refuses the pair too)")
         kind = base_kind(self.base_layer)
         factory = dict(device=self.base_layer.weight.device, dtype=kind.adapter_dtype(self.base_layer))
         lora_A = nn.Linear(self.in_features, r, bias=False, **factory)
-        lora_B = nn.Linear(r, self.out_features, bias=False, **factory)
+        lora_B = nn.Linear(r, self.out_features, bias=lora_bias, **factory)
         if init_lora_weights:
             nn.init.kaiming_uniform_(lora_A.weight, a=math.sqrt(5))
             nn.init.zeros_(lora_B.weight)
+            if lora_bias:
+                nn.init.zeros_(lora_B.bias)
         trains = adapter_name == self._active_adapter
-        lora_A.weight.requires_grad_(trains)
-        lora_B.weight.requires_grad_(trains)
+        lora_A.requires_grad_(trains)
+        lora_B.requires_grad_(trains)
         self.lora_A[adapter_name], self.lora_B[adapter_name] = lora_A, lora_B
         self.r[adapter_name], self.lora_alpha[adapter_name] = r, lora_alpha
         self.scaling[adapter_name] = lora_alpha / math.sqrt(r) if use_rslora else lora_alpha / r
         self.lora_dropout[adapter_name], self.use_rslora[adapter_name] = lora_dropout, use_rslora
-        self.use_dora[adapter_name] = use_dora
+        self.use_dora[adapter_name], self.lora_bias[adapter_name] = use_dora, lora_bias
         if use_dora:
             norm = dora_weight_norm(
                 kind.lora_weight(self.base_layer), lora_A.weight, lora_B.weight, self.scaling[adapter_name]
@@ -325,8 +341,8 @@ class LoRALinear(nn.Module):
             self.unmerge()
         self._active_adapter = adapter_name
         for name in self.lora_A:
-            self.lora_A[name].weight.requires_grad_(name == adapter_name)
-            self.lora_B[name].weight.requires_grad_(name == adapter_name)
+            self.lora_A[name].requires_grad_(name == adapter_name)
+            self.lora_B[name].requires_grad_(name == adapter_name)
         for name, magnitude in self.lora_magnitude_vector.items():
             magnitude.weight.requires_grad_(name == adapter_name)
 
@@ -347,6 +363,7 @@ class LoRALinear(nn.Module):
             self.lora_dropout,
             self.use_rslora,
             self.use_dora,
+            self.lora_bias,
         ):
             del table[adapter_name]
         if adapter_name in self.lora_magnitude_vector:
@@ -380,6 +397,13 @@ class LoRALinear(nn.Module):
                 stacklevel=3,
             )
 
+    def _add_lora_bias(self, adapter_name: str, sign: float) -> None:
+        """base bias += sign * s * b_B for an adapter with lora_bias (PEFT's merge of it)."""
+        if self.lora_bias[adapter_name]:
+            with torch.no_grad():
+                lora_bias = self.lora_B[adapter_name].bias.detach().float() * self.scaling[adapter_name]
+                self.base_layer.bias.copy_(self.base_layer.bias.float() + sign * lora_bias)
+
     def merge(self) -> None:
         """W <- W + s * B A for the active adapter, computed in fp32 and rounded once to the base's format
         (a quantized base is dequantized, added to and re-quantized, with a warning stating the error)."""
@@ -392,6 +416,10 @@ class LoRALinear(nn.Module):
             return
         kind = base_kind(self.base_layer)
         name = self._active_adapter
+        if self.lora_bias[name] and self.base_layer.bias is None:
+            raise ValueError(
+                f"LoRALinear.merge: adapter {name!r} has lora_bias and the base layer has no bias to merge it into"
+            )
         weight = kind.dense_weight(self.base_layer)
         merged = weight + self._delta_weight(name)
         if self.use_dora[name]:
@@ -400,6 +428,7 @@ class LoRALinear(nn.Module):
             self._merged_norms[name] = norm
             merged = merged * (self.lora_magnitude_vector[name].weight.detach().float() / norm).unsqueeze(1)
         self._store_base_weight("LoRALinear.merge", merged)
+        self._add_lora_bias(name, 1.0)
         self.merged_adapters.append(name)
 
     def unmerge(self) -> None:
@@ -414,6 +443,7 @@ class LoRALinear(nn.Module):
                 scale = self.lora_magnitude_vector[adapter_name].weight.detach().float()
                 weight = weight / (scale / self._merged_norms.pop(adapter_name)).unsqueeze(1)
             weight -= self._delta_weight(adapter_name)
+            self._add_lora_bias(adapter_name, -1.0)
         self._store_base_weight("LoRALinear.unmerge", weight)
         self.merged_adapters.clear()
 
@@ -427,6 +457,9 @@ class LoRALinear(nn.Module):
         name = self._active_adapter
         compute = kind.compute_dtype(base, x)
         bias = None if base.bias is None else base.bias.to(compute)
+        if self.lora_bias[name]:  # (xa B^T + b_B) * s: s * b_B joins the base's bias, and autograd splits its gradient
+            lora_bias = self.lora_B[name].bias.to(compute) * self.scaling[name]
+            bias = lora_bias if bias is None else bias + lora_bias
         if self.use_dora[name]:
             return self._dora_forward(x, kind, compute, bias).to(kind.output_dtype(base, x))
         y = lora_linear(
@@ -480,6 +513,8 @@ class LoRAReport:
     wrapped: list[str] = dataclasses.field(default_factory=list)  # linear layers
     experts: list[str] = dataclasses.field(default_factory=list)  # MoE experts blocks (LoRAExperts)
     routers: list[str] = dataclasses.field(default_factory=list)  # bare router weights (LoRAParameter)
+    modules_to_save: list[str] = dataclasses.field(default_factory=list)  # modules trained whole (ModulesToSave)
+    embeddings: list[str] = dataclasses.field(default_factory=list)  # input embeddings (LoRAEmbedding)
     not_adapted: dict[str, str] = dataclasses.field(default_factory=dict)  # MoE path -> why all-linear left it
     trainable_params: int = 0
     total_params: int = 0
@@ -488,7 +523,10 @@ class LoRAReport:
         share = 100.0 * self.trainable_params / self.total_params if self.total_params else 0.0
         lines = [
             f"pyfastpeft.add_lora: adapter {self.adapter_name!r} on {len(self.wrapped)} linear layers, "
-            f"{len(self.experts)} MoE experts blocks and {len(self.routers)} routers; "
+            + (f"{len(self.embeddings)} embeddings, " if self.embeddings else "")
+            + f"{len(self.experts)} MoE experts blocks and {len(self.routers)} routers"
+            + (f", {len(self.modules_to_save)} modules trained whole" if self.modules_to_save else "")
+            + "; "
             f"trainable params {self.trainable_params:,} of {self.total_params:,} ({share:.4f}%)"
         ]
         return "\n".join(lines + [f"  not adapted: {path} ({why})" for path, why in self.not_adapted.items()])
@@ -513,10 +551,28 @@ def linear_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
             continue
         if isinstance(module, (QuantizedExperts, LoRAExperts, LoRAParameter)):
             inside.append(path + ".")  # per-expert layers: experts take LoRA as a block (moe_targets)
+        elif isinstance(module, ModulesToSave):
+            inside.append(path + ".")  # trained whole, never adapted
         elif isinstance(module, LoRALinear):
             inside.append(path + ".")
             found.append((path, module))
         elif base_kind(module) is not None:
+            found.append((path, module))
+    return found
+
+
+def embedding_modules(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(path, module) of every floating-point nn.Embedding LoRAEmbedding can wrap or already wraps, outside the
+    adapter layers' and ModulesToSave's own children."""
+    found, inside = [], ()
+    for path, module in model.named_modules():
+        if path.startswith(inside):
+            continue
+        if isinstance(module, (LoRALinear, ModulesToSave, LoRAEmbedding)):
+            inside += (path + ".",)
+            if isinstance(module, LoRAEmbedding):
+                found.append((path, module))
+        elif isinstance(module, nn.Embedding) and module.weight.dtype.is_floating_point:
             found.append((path, module))
     return found
 
@@ -598,6 +654,8 @@ def add_lora(
     use_rslora: bool = False,
     adapter_name: str = "default",
     use_dora: bool = False,
+    lora_bias: bool = False,
+    modules_to_save=None,
 ) -> LoRAReport:
     """Wrap, in place, the matching nn.Linear / Linear4bit / Linear8bitLt layers of model in LoRALinear with a new
     adapter, activate it, and freeze every parameter but its A and B matrices.
@@ -610,7 +668,11 @@ def add_lora(
     MoE parts stayed frozen and why (an unsupported layout; lora_dropout > 0, which PEFT's ParamWrapper refuses).
     A layer already wrapped gets the adapter added (and activated); an experts block or router holds one adapter.
     use_dora: DoRA adapters on the linear layers (PEFT's use_dora; MoE experts and routers are then left out, as
-    PEFT's ParamWrapper has no DoRA, and report.not_adapted says so). Returns a LoRAReport.
+    PEFT's ParamWrapper has no DoRA, and report.not_adapted says so); lora_bias: PEFT's trained bias on each B (not
+    with use_dora, and not on experts or routers either). modules_to_save: PEFT's option of that name, names of modules
+    trained whole beside the adapters (a classification head, say; PEFT's rule: the module's path ends with the
+    name), each wrapped in ModulesToSave with a trainable copy for this adapter and left out of LoRA.
+    Returns a LoRAReport.
     """
     fn = "add_lora"
     if not isinstance(model, nn.Module):
@@ -623,7 +685,21 @@ def add_lora(
     _check_dropout(fn, lora_dropout)
     _check_bool(fn, "use_rslora", use_rslora)
     _check_bool(fn, "use_dora", use_dora)
-    candidates = linear_modules(model)
+    _check_bool(fn, "lora_bias", lora_bias)
+    if use_dora and lora_bias:
+        raise ValueError(f"{fn}: lora_bias is not supported with use_dora (PEFT refuses the pair too)")
+    saved_paths = ()
+    if modules_to_save is not None:
+        modules_to_save = check_module_names(fn, modules_to_save)
+        targets = modules_to_save_targets(model, modules_to_save)
+        if not targets:
+            raise ValueError(f"{fn}: no module of the model matches modules_to_save={list(modules_to_save)}")
+        saved_paths = tuple(path for path, _ in targets)
+    candidates = [
+        (path, module)
+        for path, module in linear_modules(model)
+        if not any(path == saved or path.startswith(saved + ".") for saved in saved_paths)
+    ]
     if target_modules == "all-linear":
         output_layer = _output_layer(model)
         chosen = [
@@ -633,15 +709,32 @@ def add_lora(
             and module is not output_layer
             and not (isinstance(module, LoRALinear) and module.base_layer is output_layer)
         ]
+        embeddings = []
     else:
         chosen = [(path, module) for path, module in candidates if matches_target(path, target_modules)]
-    if not chosen:
+        embeddings = [
+            (path, module)
+            for path, module in embedding_modules(model)
+            if matches_target(path, target_modules)
+            and not any(path == saved or path.startswith(saved + ".") for saved in saved_paths)
+        ]
+    if embeddings and (use_dora or lora_bias):
+        raise ValueError(
+            f"{fn}: target_modules names the embeddings {[path for path, _ in embeddings][:4]}, and LoRA on "
+            "embeddings is built without use_dora and lora_bias (PEFT refuses lora_bias there too)"
+        )
+    if not chosen and not embeddings:
         names = sorted({path.rpartition(".")[2] for path, _ in candidates})
         raise ValueError(
             f"{fn}: no linear layer matches target_modules={target_modules!r}; the model's linear "
             f"layers are named {names[:12]}{' ...' if len(names) > 12 else ''}"
         )
     clashes = [path for path, module in chosen if isinstance(module, LoRALinear) and adapter_name in module.lora_A]
+    clashes += [
+        path
+        for path, module in embeddings
+        if isinstance(module, LoRAEmbedding) and adapter_name in module.lora_embedding_A
+    ]
     if clashes:
         raise ValueError(f"{fn}: adapter {adapter_name!r} already exists in {clashes[:4]}")
     blocks, routers, left = moe_targets(model) if target_modules == "all-linear" else ([], [], {})
@@ -651,8 +744,8 @@ def add_lora(
         why = "lora_dropout > 0: PEFT adapts experts and routers (target_parameters) only without dropout"
         not_adapted.update({path: why for path, _ in blocks + routers})
         blocks, routers = [], []
-    if use_dora and (blocks or routers):
-        why = "use_dora: PEFT adapts experts and routers (target_parameters) without DoRA"
+    if (use_dora or lora_bias) and (blocks or routers):
+        why = "use_dora / lora_bias: PEFT adapts experts and routers (target_parameters) with plain LoRA only"
         not_adapted.update({path: why for path, _ in blocks + routers})
         blocks, routers = [], []
     held = [path for path, module in blocks + routers if isinstance(module, (LoRAExperts, LoRAParameter))]
@@ -667,12 +760,23 @@ def add_lora(
     report = LoRAReport(adapter_name=adapter_name)
     for path, module in chosen:
         if isinstance(module, LoRALinear):
-            module.add_adapter(adapter_name, r, lora_alpha, lora_dropout, use_rslora, use_dora=use_dora)
+            module.add_adapter(
+                adapter_name, r, lora_alpha, lora_dropout, use_rslora, use_dora=use_dora, lora_bias=lora_bias
+            )
             module.set_adapter(adapter_name)
         else:
-            layer = LoRALinear(module, r, lora_alpha, lora_dropout, use_rslora, adapter_name, use_dora=use_dora)
+            layer = LoRALinear(
+                module, r, lora_alpha, lora_dropout, use_rslora, adapter_name, use_dora=use_dora, lora_bias=lora_bias
+            )
             _set_submodule(model, path, layer)
         report.wrapped.append(path)
+    for path, module in embeddings:  # no dropout on token ids, as PEFT
+        if isinstance(module, LoRAEmbedding):
+            module.add_adapter(adapter_name, r, lora_alpha, use_rslora)
+            module.set_adapter(adapter_name)
+        else:
+            _set_submodule(model, path, LoRAEmbedding(module, r, lora_alpha, use_rslora, adapter_name))
+        report.embeddings.append(path)
     for path, module in blocks:
         # the gated block's gate_up_proj stands for PEFT's gate_proj and up_proj adapters: twice the rank and alpha,
         # the rule PEFT's all-linear applies to fused expert weights (same scaling, same capacity)
@@ -684,6 +788,8 @@ def add_lora(
     for path, module in routers:
         _set_submodule(model, path, LoRAParameter(module, "weight", r, lora_alpha, use_rslora, adapter_name))
         report.routers.append(path)
+    if modules_to_save is not None:
+        report.modules_to_save = add_modules_to_save(model, modules_to_save, adapter_name)
     report.not_adapted = not_adapted
     report.trainable_params = sum(p.numel() for p in model.parameters() if p.requires_grad)
     report.total_params = sum(p.numel() for p in model.parameters())

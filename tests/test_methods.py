@@ -1,0 +1,325 @@
+"""The PEFT options users combine with LoRA, against PEFT itself: lora_bias (a trained bias on B), modules_to_save
+(modules trained whole, e.g. a classification head) and LoRA on input embeddings: outputs, gradients, merging,
+checkpoints both ways (PEFT's save_pretrained -> load_adapter, save_adapter -> PeftModel.from_pretrained), on tiny
+Llama and Gemma models, and bad checkpoints refused before the model changes."""
+
+import copy
+import json
+
+import pytest
+import torch
+from helpers import tiny_llama
+from torch import nn
+
+import pyfastpeft
+from pyfastpeft.nn import LoRALinear
+
+peft = pytest.importorskip("peft")
+
+
+def input_ids():
+    return torch.randint(0, 128, (2, 9), generator=torch.Generator().manual_seed(1))
+
+
+def randomize(model, seed=1):
+    """Every adapter tensor of a PEFT model away from its start (B and its bias are zero there)."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, parameter in model.named_parameters():
+            if "lora_" in name:
+                parameter.copy_(torch.randn(parameter.shape, generator=generator) * 0.1)
+
+
+def logits_and_grads(model):
+    model.train()
+    model.zero_grad()
+    out = model(input_ids=input_ids(), labels=input_ids())
+    out.loss.backward()
+    return out.logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def assert_same_training(ours, theirs):
+    (got, got_grads), (want, want_grads) = logits_and_grads(ours), logits_and_grads(theirs)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert sorted(got_grads) == sorted(want_grads)
+    for name, grad in want_grads.items():
+        torch.testing.assert_close(got_grads[name], grad, rtol=1e-4, atol=1e-6)
+
+
+# ---- lora_bias ---------------------------------------------------------------------------------------------------
+
+
+def lora_bias_model():
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "o_proj"], lora_bias=True)
+    model = peft.get_peft_model(tiny_llama(attention_bias=True), config)
+    randomize(model)
+    return model
+
+
+def test_lora_bias_converts_with_the_same_outputs_and_gradients():
+    theirs = lora_bias_model()
+    ours = copy.deepcopy(theirs)
+    pyfastpeft.from_peft(ours)
+    layer = ours.base_model.model.model.layers[0].self_attn.q_proj
+    assert isinstance(layer, LoRALinear) and layer.lora_bias["default"]
+    assert_same_training(ours, theirs)
+
+
+def test_lora_bias_adapters_round_trip_and_merge(tmp_path):
+    theirs = lora_bias_model().eval()
+    with torch.no_grad():
+        want = theirs(input_ids=input_ids()).logits
+    theirs.save_pretrained(tmp_path / "peft")
+    model = tiny_llama(attention_bias=True)
+    pyfastpeft.load_adapter(model, tmp_path / "peft")
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=input_ids()).logits, want, rtol=1e-5, atol=1e-5)
+    pyfastpeft.save_adapter(model, tmp_path / "ours")
+    assert json.loads((tmp_path / "ours" / "adapter_config.json").read_text())["lora_bias"] is True
+    back = peft.PeftModel.from_pretrained(tiny_llama(attention_bias=True), tmp_path / "ours").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(back(input_ids=input_ids()).logits, want, rtol=1e-5, atol=1e-5)
+    layer = model.model.layers[1].self_attn.v_proj
+    bias = layer.base_layer.bias.detach().clone()
+    layer.merge()
+    expected_bias = bias + layer.scaling["default"] * layer.lora_B["default"].bias.detach()
+    torch.testing.assert_close(layer.base_layer.bias.detach(), expected_bias)
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=input_ids()).logits, want, rtol=1e-5, atol=1e-5)
+    layer.unmerge()
+    torch.testing.assert_close(layer.base_layer.bias.detach(), bias, rtol=1e-6, atol=1e-7)
+
+
+def test_lora_bias_without_a_base_bias_trains_and_refuses_to_merge():
+    layer = LoRALinear(nn.Linear(8, 6, bias=False), r=2, lora_bias=True)
+    assert layer.lora_B["default"].bias.requires_grad
+    x = torch.randn(3, 8)
+    layer(x).sum().backward()
+    torch.testing.assert_close(layer.lora_B["default"].bias.grad, torch.full((6,), 3.0 * layer.scaling["default"]))
+    with pytest.raises(ValueError, match="has no bias to merge it into"):
+        layer.merge()
+    with pytest.raises(ValueError, match="not supported with use_dora"):
+        LoRALinear(nn.Linear(8, 6), use_dora=True, lora_bias=True)
+
+
+# ---- modules_to_save ---------------------------------------------------------------------------------------------
+
+
+def sequence_classifier(seed=0):
+    from helpers import TINY_DECODER
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(**TINY_DECODER, num_labels=3, pad_token_id=0)
+    return LlamaForSequenceClassification(config).eval()
+
+
+def classifier_peft_model():
+    """PEFT's SEQ_CLS task adds the classification head ("score") to modules_to_save by itself."""
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="SEQ_CLS")
+    model = peft.get_peft_model(sequence_classifier(), config)
+    randomize(model)
+    assert "score" in model.peft_config["default"].modules_to_save
+    return model
+
+
+def classifier_outputs(model):
+    labels = torch.tensor([0, 2])
+    model.train()
+    model.zero_grad()
+    ids = torch.randint(1, 128, (2, 9), generator=torch.Generator().manual_seed(1))
+    out = model(input_ids=ids, labels=labels)
+    out.loss.backward()
+    return out.logits.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.requires_grad}
+
+
+def test_a_classifier_with_modules_to_save_converts_with_the_same_outputs_and_gradients():
+    from pyfastpeft.nn import ModulesToSave
+
+    theirs = classifier_peft_model()
+    ours = copy.deepcopy(theirs)
+    pyfastpeft.from_peft(ours)
+    assert isinstance(ours.base_model.model.score, ModulesToSave)
+    (got, got_grads), (want, want_grads) = classifier_outputs(ours), classifier_outputs(theirs)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    assert sorted(got_grads) == sorted(want_grads)
+    assert any("modules_to_save.default" in name for name in got_grads)
+    for name, grad in want_grads.items():
+        torch.testing.assert_close(got_grads[name], grad, rtol=1e-4, atol=1e-6)
+    ours.disable_adapter_layers()
+    theirs.disable_adapter_layers()
+    ids = torch.randint(1, 128, (2, 5), generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(input_ids=ids).logits, theirs(input_ids=ids).logits)
+
+
+def test_modules_to_save_round_trip_between_peft_and_pyfastpeft(tmp_path):
+    theirs = classifier_peft_model().eval()
+    with torch.no_grad():
+        theirs.base_model.model.score.modules_to_save["default"].weight.mul_(3.0)
+    ids = torch.randint(1, 128, (2, 9), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        want = theirs(input_ids=ids).logits
+    theirs.save_pretrained(tmp_path / "peft")
+    model = sequence_classifier()
+    loaded = pyfastpeft.load_adapter(model, tmp_path / "peft")
+    assert "score" in loaded
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, want, rtol=1e-5, atol=1e-5)
+    assert model.score.weight.requires_grad and not model.score.original_module.weight.requires_grad
+    pyfastpeft.save_adapter(model, tmp_path / "ours")
+    config = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
+    assert config["modules_to_save"] == ["score"]
+    back = peft.PeftModel.from_pretrained(sequence_classifier(), tmp_path / "ours").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(back(input_ids=ids).logits, want, rtol=1e-5, atol=1e-5)
+
+
+def test_prepare_model_trains_modules_to_save_dense_beside_qlora():
+    from pyfastpeft.nn import Linear4bit, ModulesToSave
+
+    model = tiny_llama()
+    settings = pyfastpeft.LoraSettings(r=4, modules_to_save=["lm_head", "model.norm"])
+    report = pyfastpeft.prepare_model(model, quant="nf4", lora=settings)
+    assert isinstance(model.lm_head, ModulesToSave) and isinstance(model.model.norm, ModulesToSave)
+    assert not isinstance(model.lm_head.original_module, Linear4bit)
+    assert model.get_output_embeddings().weight.requires_grad  # the fused loss trains the copy
+    trainable = {name for name, p in model.named_parameters() if p.requires_grad}
+    assert (
+        "lm_head.modules_to_save.default.weight" in trainable
+        and "model.norm.modules_to_save.default.weight" in trainable
+    )
+    assert "lm_head.original_module.weight" not in trainable
+    before = model.lm_head.original_module.weight.detach().clone()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model.train()
+    ids = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(0))
+    losses = []
+    for _ in range(8):
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.1, (losses, report)
+    torch.testing.assert_close(model.lm_head.original_module.weight, before)
+    assert not torch.equal(model.lm_head.modules_to_save["default"].weight, before)
+    pyfastpeft.unpatch_model(model)
+
+
+def test_bad_modules_to_save_are_refused(tmp_path):
+    with pytest.raises(ValueError, match="no module of the model matches modules_to_save"):
+        pyfastpeft.add_lora(tiny_llama(), modules_to_save=["missing_head"])
+    with pytest.raises(TypeError, match="modules_to_save must be a list"):
+        pyfastpeft.LoraSettings(modules_to_save="lm_head")
+    theirs = classifier_peft_model()
+    theirs.save_pretrained(tmp_path)
+    from safetensors.torch import load_file, save_file
+
+    weights = tmp_path / "adapter_model.safetensors"
+    state = load_file(weights)
+    state["base_model.model.score.weight"] = torch.ones(3, 32)
+    save_file(state, weights)
+    model = sequence_classifier()
+    with pytest.raises(ValueError, match=r"score\.weight' is \(3, 32\), score\.weight is \(3, 64\)"):
+        pyfastpeft.load_adapter(model, tmp_path)
+    assert not any(isinstance(m, LoRALinear) for m in model.modules())
+    del state["base_model.model.score.weight"]
+    save_file(state, weights)
+    with pytest.raises(ValueError, match="names score in modules_to_save, and .* is missing"):
+        pyfastpeft.load_adapter(model, tmp_path)
+
+
+# ---- LoRA on input embeddings ------------------------------------------------------------------------------------
+
+
+def gemma_tiny(seed=0):
+    from helpers import TINY_DECODER
+    from transformers import GemmaConfig, GemmaForCausalLM
+
+    torch.manual_seed(seed)
+    return GemmaForCausalLM(GemmaConfig(**TINY_DECODER, head_dim=16)).eval()
+
+
+MODELS = {"llama": tiny_llama, "gemma": gemma_tiny}
+
+
+def embedding_peft_model(name):
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "embed_tokens"])
+    model = peft.get_peft_model(MODELS[name](), config)
+    randomize(model)
+    return model
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_lora_on_embeddings_converts_with_the_same_outputs_and_gradients(name):
+    from pyfastpeft.nn.lora_embedding import LoRAEmbedding
+
+    theirs = embedding_peft_model(name)
+    ours = copy.deepcopy(theirs)
+    model = pyfastpeft.from_peft(ours)
+    assert isinstance(model.model.embed_tokens, LoRAEmbedding)
+    assert_same_training(ours, theirs)
+
+
+@pytest.mark.parametrize("name", sorted(MODELS))
+def test_lora_on_embeddings_round_trips_between_peft_and_pyfastpeft(name, tmp_path):
+    theirs = embedding_peft_model(name).eval()
+    with torch.no_grad():
+        want = theirs(input_ids=input_ids()).logits
+    theirs.save_pretrained(tmp_path / "peft")  # holds embed_tokens.base_layer.weight too (save_embedding_layers)
+    model = MODELS[name]()
+    assert "model.embed_tokens" in pyfastpeft.load_adapter(model, tmp_path / "peft")
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=input_ids()).logits, want, rtol=1e-5, atol=1e-5)
+    pyfastpeft.save_adapter(model, tmp_path / "ours")
+    config = json.loads((tmp_path / "ours" / "adapter_config.json").read_text())
+    assert "embed_tokens" in config["target_modules"]
+    back = peft.PeftModel.from_pretrained(MODELS[name](), tmp_path / "ours").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(back(input_ids=input_ids()).logits, want, rtol=1e-5, atol=1e-5)
+
+
+def test_an_adapter_trained_over_another_embedding_is_refused(tmp_path):
+    theirs = embedding_peft_model("llama")
+    with torch.no_grad():
+        theirs.base_model.model.model.embed_tokens.base_layer.weight.add_(1.0)  # as if the vocabulary were resized
+    theirs.save_pretrained(tmp_path)
+    model = tiny_llama()
+    with pytest.raises(ValueError, match="differs from the model's"):
+        pyfastpeft.load_adapter(model, tmp_path)
+    assert not any(isinstance(m, LoRALinear) for m in model.modules())
+
+
+def test_add_lora_on_embeddings_starts_as_the_identity_trains_and_merges():
+    from pyfastpeft.nn.lora_embedding import LoRAEmbedding
+
+    model = tiny_llama()
+    with torch.no_grad():
+        before = model(input_ids=input_ids()).logits
+    report = pyfastpeft.add_lora(model, target_modules=["q_proj", "embed_tokens"], r=4)
+    assert report.embeddings == ["model.embed_tokens"]
+    layer = model.model.embed_tokens
+    assert isinstance(layer, LoRAEmbedding) and layer.lora_embedding_A["default"].requires_grad
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=input_ids()).logits, before)  # A starts at zero
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+    model.train()
+    losses = []
+    for _ in range(8):
+        loss = model(input_ids=input_ids(), labels=input_ids()).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.05, losses
+    model.eval()
+    weight = layer.base_layer.weight.detach().clone()
+    with torch.no_grad():
+        adapted = model(input_ids=input_ids()).logits
+        layer.merge()
+        torch.testing.assert_close(model(input_ids=input_ids()).logits, adapted, rtol=1e-5, atol=1e-5)
+        layer.unmerge()
+    torch.testing.assert_close(layer.base_layer.weight, weight, rtol=1e-6, atol=1e-6)
+    with pytest.raises(ValueError, match="built without use_dora and lora_bias"):
+        pyfastpeft.add_lora(tiny_llama(), target_modules=["q_proj", "embed_tokens"], use_dora=True)
