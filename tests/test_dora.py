@@ -522,6 +522,34 @@ def test_bad_arguments_name_themselves():
         torch.ops.pyfastpeft.dora_dropout(z, torch.ones(3, dtype=torch.int64), 0.1)
 
 
+def test_corrupt_quantized_bases_never_reach_the_norm_kernel():
+    """What a corrupt checkpoint hands the norm ops: short absmax or statistics, a wrong code table, a packed weight
+    too small for the shape. Each is an exception naming the argument, on every backend."""
+    from pyfastpeft.quant import quantize_nf4
+
+    weight = torch.randn(40, 48)
+    lora_A, lora_B = torch.randn(4, 48), torch.randn(40, 4)
+    packed, state = quantize_nf4(weight, blocksize=64)
+    absmax, code = state.dequantized_absmax(), state.code.float()
+    codes = torch.randint(-127, 128, (40, 48), dtype=torch.int8)
+    stats = torch.rand(40) + 0.1
+    nf4_op, int8_op = torch.ops.pyfastpeft.dora_norm_nf4, torch.ops.pyfastpeft.dora_norm_int8
+    for backend in ("native", "reference"):
+        with use_backend(backend):
+            with pytest.raises(ValueError, match="absmax"):
+                nf4_op(packed, absmax[:-1], code, lora_A, lora_B, 64, 40, 48, 1.0)
+            with pytest.raises(ValueError, match="code"):
+                nf4_op(packed, absmax, code[:8], lora_A, lora_B, 64, 40, 48, 1.0)
+            with pytest.raises(ValueError, match="packed"):
+                nf4_op(packed[:-4], absmax, code, lora_A, lora_B, 64, 40, 48, 1.0)
+            with pytest.raises(ValueError, match="lora_B"):
+                nf4_op(packed, absmax, code, lora_A, lora_B[:, :3], 64, 40, 48, 1.0)
+            with pytest.raises(ValueError, match="weight_stats"):
+                int8_op(codes, stats[:-1], lora_A, lora_B, 0.0, 1.0)
+            with pytest.raises(ValueError, match="lora_A"):
+                int8_op(codes, stats, lora_A[:, :47], lora_B, 0.0, 1.0)
+
+
 def saved_dora_adapter(path):
     model = peft_dora_model("llama")
     model.save_pretrained(path)

@@ -1188,10 +1188,14 @@ def _converted_embedding(fn: str, module_path: str, layer) -> nn.Module:
     if not names:
         return base
     requires_grad = [p.requires_grad for p in base.parameters()]
-    settings = [
-        dict(r=layer.r[name], lora_alpha=layer.lora_alpha[name], use_rslora=layer.use_rslora.get(name, False))
-        for name in names
-    ]
+
+    def use_rslora(name):
+        if hasattr(layer, "use_rslora"):
+            return layer.use_rslora.get(name, False)
+        r = layer.r[name]  # PEFT before 0.18 keeps only the scaling it chose
+        return r > 1 and math.isclose(layer.scaling[name], layer.lora_alpha[name] / math.sqrt(r))
+
+    settings = [dict(r=layer.r[name], lora_alpha=layer.lora_alpha[name], use_rslora=use_rslora(name)) for name in names]
     ours = LoRAEmbedding(base, adapter_name=names[0], init_lora_weights=False, **settings[0])
     for parameter, flag in zip(base.parameters(), requires_grad):
         parameter.requires_grad_(flag)
