@@ -19,7 +19,9 @@ from pyfastpeft.integrations.perplexity import perplexity
 from pyfastpeft.integrations.prepare import LoraSettings, PrepareReport, prepare_model
 from pyfastpeft.integrations.quantize import QuantizeReport, quantize_model
 from pyfastpeft.integrations.transformers import PatchReport, patch_model, unpatch_model
+from pyfastpeft.nn.bitfit import BitFitReport, add_bitfit
 from pyfastpeft.nn.lora import LoRAReport, add_lora
+from pyfastpeft.nn.modules_to_save import add_modules_to_save
 
 __version__ = "0.1.0"
 __all__ = [
@@ -37,6 +39,9 @@ __all__ = [
     "QuantizeReport",
     "add_lora",
     "LoRAReport",
+    "add_bitfit",
+    "BitFitReport",
+    "add_modules_to_save",
     "save_adapter",
     "load_adapter",
     "from_peft",

@@ -207,7 +207,7 @@ def test_a_string_for_a_bool_is_a_type_error_naming_the_file_and_key(saved):
         (dict(alpha_pattern={"(a{100}){100}": 2}), ValueError, "is refused: the pattern expands to more than"),
         (dict(modules_to_save="lm_head"), ValueError, "'modules_to_save' must be a list of module names"),
         (dict(trainable_token_indices=[3]), ValueError, r"sets \['trainable_token_indices'\]"),
-        (dict(bias="all"), ValueError, r"sets \['bias'\]"),
+        (dict(bias="everything"), ValueError, r"'bias' must be 'none', 'all' or 'lora_only', got 'everything'"),
     ],
 )
 def test_bad_config_values_name_the_file_and_key(saved, changes, error, message):

@@ -323,3 +323,137 @@ def test_add_lora_on_embeddings_starts_as_the_identity_trains_and_merges():
     torch.testing.assert_close(layer.base_layer.weight, weight, rtol=1e-6, atol=1e-6)
     with pytest.raises(ValueError, match="built without use_dora and lora_bias"):
         pyfastpeft.add_lora(tiny_llama(), target_modules=["q_proj", "embed_tokens"], use_dora=True)
+
+
+# ---- BitFit ------------------------------------------------------------------------------------------------------
+
+
+def bias_grads(model, ids):
+    model.train()
+    model.zero_grad()
+    model(input_ids=ids, labels=ids).loss.backward()
+    return {name: p.grad.clone() for name, p in model.named_parameters() if p.requires_grad}
+
+
+def without_wrappers(name: str) -> str:
+    return name.replace(".base_layer", "")
+
+
+@pytest.mark.parametrize("quant", [None, "nf4", "int8"])
+def test_bitfit_bias_gradients_of_the_fused_layers_equal_plain_torch(quant):
+    """Zero biases added to a bias-free Llama: the fused model's bias gradients (through the NF4 / int8 / dense
+    layers, norms, MLP and RoPE patched) equal those of plain torch layers holding the same (dequantized) weights."""
+    from pyfastpeft.nn import Linear4bit, Linear8bitLt
+
+    ours = tiny_llama()
+    pyfastpeft.prepare_model(ours, quant=quant, lora=False, fused_loss=True)
+    report = pyfastpeft.add_bitfit(ours, add_missing_biases=True)
+    assert len(report.added) == 14 and "lm_head" not in report.added
+    reference = tiny_llama()
+    with torch.no_grad():  # the same weights the fused model computes with
+        for path, module in ours.named_modules():
+            if isinstance(module, Linear4bit):
+                reference.get_submodule(path).weight.copy_(module.dequantize().float())
+            elif isinstance(module, Linear8bitLt):
+                reference.get_submodule(path).weight.copy_(module.dequantize(torch.float32))
+    pyfastpeft.add_bitfit(reference, add_missing_biases=True)
+    ids = torch.randint(0, 128, (2, 12), generator=torch.Generator().manual_seed(0))
+    if quant == "int8":  # LLM.int8 quantizes x too: compare ours against ours on the reference backend instead
+        with pyfastpeft.use_backend("reference"):
+            want = {without_wrappers(n): g for n, g in bias_grads(ours, ids).items()}
+    else:
+        want = bias_grads(reference, ids)
+    got = {without_wrappers(n): g for n, g in bias_grads(ours, ids).items()}
+    assert sorted(got) == sorted(want) and all(name.endswith(".bias") for name in got)
+    for name, grad in want.items():
+        torch.testing.assert_close(got[name], grad, rtol=1e-4, atol=1e-6)
+    pyfastpeft.unpatch_model(ours)
+
+
+def test_bitfit_alone_trains_only_biases_and_lowers_the_loss():
+    model = tiny_llama(attention_bias=True, mlp_bias=True)
+    weights = {name: p.detach().clone() for name, p in model.named_parameters() if not name.endswith(".bias")}
+    report = pyfastpeft.add_bitfit(model)
+    assert report.added == [] and len(report.trained) == 14
+    assert {name for name, p in model.named_parameters() if p.requires_grad} == set(report.trained)
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-2)
+    ids = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(0))
+    model.train()
+    losses = []
+    for _ in range(10):
+        loss = model(input_ids=ids, labels=ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.1, losses
+    for name, p in model.named_parameters():
+        if name in weights:
+            torch.testing.assert_close(p, weights[name])
+    subset = pyfastpeft.add_bitfit(tiny_llama(attention_bias=True), target_modules=["q_proj", "v_proj"])
+    assert sorted(subset.trained) == sorted(
+        f"model.layers.{i}.self_attn.{name}.bias" for i in range(2) for name in ("q_proj", "v_proj")
+    )
+
+
+def test_lora_with_trained_biases_round_trips_as_peft_bias_all(tmp_path):
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], bias="all")
+    theirs = peft.get_peft_model(tiny_llama(attention_bias=True), config)
+    randomize(theirs)
+    with torch.no_grad():
+        theirs.base_model.model.model.layers[0].self_attn.o_proj.bias.add_(0.5)
+        theirs.base_model.model.model.layers[1].self_attn.q_proj.base_layer.bias.add_(0.25)
+    ours = copy.deepcopy(theirs)
+    pyfastpeft.from_peft(ours)
+    assert_same_training(ours, theirs)
+    theirs.eval()
+    with torch.no_grad():
+        want = theirs(input_ids=input_ids()).logits
+    theirs.save_pretrained(tmp_path / "peft")
+    model = tiny_llama(attention_bias=True)
+    pyfastpeft.load_adapter(model, tmp_path / "peft")
+    assert model.model.layers[0].self_attn.o_proj.bias.requires_grad
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=input_ids()).logits, want, rtol=1e-5, atol=1e-5)
+    pyfastpeft.save_adapter(model, tmp_path / "ours")
+    assert json.loads((tmp_path / "ours" / "adapter_config.json").read_text())["bias"] == "all"
+    back = peft.PeftModel.from_pretrained(tiny_llama(attention_bias=True), tmp_path / "ours").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(back(input_ids=input_ids()).logits, want, rtol=1e-5, atol=1e-5)
+    added = tiny_llama()
+    pyfastpeft.add_lora(added, r=4)
+    pyfastpeft.add_bitfit(added, add_missing_biases=True, freeze_others=False)
+    with pytest.raises(ValueError, match="are biases add_bitfit added"):
+        pyfastpeft.save_adapter(added, tmp_path / "refused")
+    with pytest.raises(ValueError, match="no matched layer has a bias"):
+        pyfastpeft.add_bitfit(tiny_llama())
+
+
+def test_prepare_model_combines_the_methods_and_reports_each_ones_trainable_count():
+    model = tiny_llama(attention_bias=True)
+    settings = pyfastpeft.LoraSettings(
+        r=4,
+        target_modules=["q_proj", "v_proj", "embed_tokens"],
+        use_dora=False,
+        modules_to_save=["lm_head"],
+        bias="all",
+    )
+    report = pyfastpeft.prepare_model(model, quant="nf4", lora=settings)
+    methods = report.trainable_by_method
+    assert set(methods) == {"lora", "embeddings", "modules_to_save", "bitfit"}, methods
+    assert methods["bitfit"] == 2 * (64 + 32 + 32 + 64)  # q, k, v, o biases of both layers
+    assert methods["modules_to_save"] == 128 * 64
+    assert sum(methods.values()) == report.trainable_params
+    assert "bitfit" in str(report)
+    pyfastpeft.unpatch_model(model)
+
+    alone = tiny_llama()
+    report = pyfastpeft.prepare_model(alone, quant="nf4", lora=False, bitfit=True)
+    assert report.replaced["bitfit biases added"] == 14 and set(report.trainable_by_method) == {"bitfit"}
+    pyfastpeft.unpatch_model(alone)
+    dora = tiny_llama()
+    report = pyfastpeft.prepare_model(dora, quant="nf4", lora=pyfastpeft.LoraSettings(r=4, use_dora=True))
+    assert set(report.trainable_by_method) == {"lora", "dora"}
+    pyfastpeft.unpatch_model(dora)
+    with pytest.raises(ValueError, match="bias must be 'none', 'all' or 'lora_only'"):
+        pyfastpeft.LoraSettings(bias="some")

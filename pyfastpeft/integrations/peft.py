@@ -252,6 +252,7 @@ def _adapter_files(fn: str, model: nn.Module, adapter_name: str, state_dict: dic
             )
     _, first = layers[0]
     r, lora_alpha = _most_common(ranks.values()), _most_common(alphas.values())
+    bias_tensors = _trained_biases(fn, model, state_dict)
     model_config = getattr(model, "config", None)
     config = {
         "peft_type": "LORA",
@@ -265,7 +266,7 @@ def _adapter_files(fn: str, model: nn.Module, adapter_name: str, state_dict: dic
         "target_parameters": sorted(entry.parameter_path for entry in parameters) or None,
         "rank_pattern": {re.escape(p): value for p, value in ranks.items() if value != r},
         "alpha_pattern": {re.escape(p): value for p, value in alphas.items() if value != lora_alpha},
-        "bias": "none",
+        "bias": "all" if bias_tensors else "none",
         "fan_in_fan_out": False,
         "init_lora_weights": True,
         "inference_mode": True,
@@ -288,6 +289,7 @@ def _adapter_files(fn: str, model: nn.Module, adapter_name: str, state_dict: dic
     config["modules_to_save"] = sorted(path for path, _ in copies) or None  # whole paths: PEFT matches their ends
     _warn_peft_remaps(fn, model, config["target_modules"])
     tensors = dict(embedding_tensors)
+    tensors.update(bias_tensors)
     for module_path, module in copies:  # the trained copy's tensors under the module's own path, as PEFT writes them
         for name, tensor in module.state_dict().items():
             if state_dict is not None:
@@ -329,6 +331,69 @@ def _adapter_files(fn: str, model: nn.Module, adapter_name: str, state_dict: dic
                 tensor = state_dict[state_key]
             tensors[f"{KEY_PREFIX}{entry.key_path}.lora_{matrix}.weight"] = _whole(tensor)
     return config, tensors
+
+
+def _model_biases(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
+    """(name, parameter) of the model's own biases (PEFT's bias="all" set): not adapter parameters (lora_B's bias) nor
+    the insides of ModulesToSave, which save as themselves."""
+    inside = tuple(f"{path}." for path, _ in _saved_modules(model))
+    return [
+        (name, parameter)
+        for name, parameter in model.named_parameters()
+        if name.endswith(".bias") and ".lora_" not in name and not name.startswith(inside)
+    ]
+
+
+def _trained_biases(fn: str, model: nn.Module, state_dict: dict | None) -> dict:
+    """The adapter file's bias entries: every bias of the model, as PEFT's LoRA bias="all" writes them, when any of
+    them trains (BitFit beside the adapter); none otherwise. A bias add_bitfit added is not PEFT's to hold."""
+    from pyfastpeft.nn.bitfit import ADDED_BIAS_ATTR
+
+    biases = _model_biases(model)
+    if not any(parameter.requires_grad for _, parameter in biases):
+        return {}
+    added = [name for name, parameter in biases if getattr(parameter, ADDED_BIAS_ATTR, False)]
+    if added:
+        raise ValueError(
+            f"{fn}: {added[:4]} are biases add_bitfit added; a PEFT adapter directory holds only biases the base "
+            "model has. Save the trained parameters with model.state_dict() instead"
+        )
+    tensors = {}
+    for name, parameter in biases:
+        tensor = parameter
+        if state_dict is not None:
+            if name not in state_dict:
+                raise ValueError(f"{fn}: the state_dict passed lacks {name!r}")
+            tensor = state_dict[name]
+        tensors[f"{KEY_PREFIX}{name}"] = _whole(tensor)
+    return tensors
+
+
+def _plan_biases(
+    where: str, model: nn.Module, config: _AdapterConfig, state: dict
+) -> list[tuple[nn.Parameter, torch.Tensor]]:
+    """PEFT's bias="all" / "lora_only" entries: [(the model's bias, its value)], every key naming a bias of the model
+    (PEFT's names of a wrapped layer's bias, `...q_proj.base_layer.bias`, name the bare layer's before the load)
+    with its shape; those keys leave `state`."""
+    if config.bias == "none":
+        return []
+    parameters = dict(model.named_parameters())
+    plans = []
+    for key in [
+        key for key in state if key.endswith(".bias") and _LORA_KEY.fullmatch(key.removeprefix(KEY_PREFIX)) is None
+    ]:
+        name = key.removeprefix(KEY_PREFIX)
+        if ".original_module." in name:  # the frozen original of a modules_to_save module: the model's own
+            state.pop(key)
+            continue
+        parameter = parameters.get(name, parameters.get(name.replace(".base_layer.", ".")))
+        if parameter is None:
+            raise ValueError(f"{where}: {key!r} names no bias of the model (the config sets bias={config.bias!r})")
+        value = state.pop(key)
+        if value.shape != parameter.shape:
+            raise ValueError(f"{where}: {key!r} is {tuple(value.shape)}, the model's bias is {tuple(parameter.shape)}")
+        plans.append((parameter, value))
+    return plans
 
 
 def _peft_remapped_names(model: nn.Module) -> dict[str, str]:
@@ -490,6 +555,7 @@ class _AdapterConfig:
     use_dora: bool = False
     lora_bias: bool = False
     modules_to_save: tuple[str, ...] = ()
+    bias: str = "none"  # PEFT's: which of the model's own biases the adapter trains and saves
 
 
 def _check_int(where: str, key: str, value) -> int:
@@ -557,8 +623,8 @@ def _read_config(fn: str, path: str) -> tuple[str, _AdapterConfig]:
         for name in _UNSUPPORTED_OPTIONS
         if name != "target_parameters" and config.get(name) not in (None, [], {}, "")
     ]
-    if config.get("bias", "none") != "none":
-        unsupported.append("bias")
+    if config.get("bias", "none") not in ("none", "all", "lora_only"):
+        raise ValueError(f"{where}: 'bias' must be 'none', 'all' or 'lora_only', got {config.get('bias')!r}"[:400])
     if unsupported:
         raise ValueError(f"{where}: sets {unsupported}, which LoRALinear does not implement")
     missing = [name for name in ("r", "lora_alpha") if name not in config]
@@ -575,6 +641,7 @@ def _read_config(fn: str, path: str) -> tuple[str, _AdapterConfig]:
         use_dora=_check_flag(where, "'use_dora'", config.get("use_dora") or False),
         lora_bias=_check_flag(where, "'lora_bias'", config.get("lora_bias") or False),
         modules_to_save=_read_names(where, "modules_to_save", config.get("modules_to_save")),
+        bias=config.get("bias") or "none",
     )
 
 
@@ -757,6 +824,12 @@ def _plan(
     return steps
 
 
+def _restore_bias(parameter: nn.Parameter, value: torch.Tensor, requires_grad: bool) -> None:
+    with torch.no_grad():
+        parameter.copy_(value)
+    parameter.requires_grad_(requires_grad)
+
+
 def _restore_requires_grad(flags) -> None:
     for parameter, flag in flags:
         parameter.requires_grad_(flag)
@@ -776,7 +849,9 @@ def _fill(layer: LoRALinear, adapter_name: str, step: _Step) -> None:
             layer.lora_B[adapter_name].bias.copy_(step.lora_bias)
 
 
-def _apply(model: nn.Module, steps: list[_Step], adapter_name: str, config: _AdapterConfig, parameter_steps=()) -> None:
+def _apply(
+    model: nn.Module, steps: list[_Step], adapter_name: str, config: _AdapterConfig, parameter_steps=(), biases=()
+) -> None:
     """Build the new LoRALinear layers aside, then add the adapter to wrapped layers and swap the new ones in;
     if anything fails, every change made so far is undone in reverse order."""
     settings = dict(
@@ -816,6 +891,13 @@ def _apply(model: nn.Module, steps: list[_Step], adapter_name: str, config: _Ada
         for step, layer in built:
             _replace_module(model, step.module_path, layer)
             undo.append(functools.partial(_replace_module, model, step.module_path, step.module))
+        for parameter, value in biases:  # PEFT's bias="all": the model's own biases, trained beside the adapter
+            undo.append(
+                functools.partial(_restore_bias, parameter, parameter.detach().clone(), parameter.requires_grad)
+            )
+            with torch.no_grad():
+                parameter.copy_(value)
+            parameter.requires_grad_(True)
     except BaseException:
         for action in reversed(undo):
             action()
@@ -846,10 +928,11 @@ def load_adapter(model: nn.Module, path, adapter_name: str = "default") -> list[
     where = f"{fn}: {weights_path}"
     saved_steps = _plan_modules_to_save(fn, model, adapter_name, config, where, state)  # takes its keys out
     _check_saved_embeddings(where, model, state)  # takes its keys out
+    bias_values = _plan_biases(where, model, config, state)  # takes its keys out
     grouped = _group_by_module(where, state, config.use_dora, config.lora_bias)
     parameter_steps = _plan_parameters(fn, model, adapter_name, config, where, grouped)  # takes its paths out
     steps = _plan(fn, model, adapter_name, config, where, grouped)
-    _apply(model, steps, adapter_name, config, parameter_steps + saved_steps)
+    _apply(model, steps, adapter_name, config, parameter_steps + saved_steps, bias_values)
     return [step.module_path for step in steps] + [path for path, _ in parameter_steps + saved_steps]
 
 
@@ -1062,7 +1145,7 @@ def _check_peft_configs(fn: str, peft_configs: dict) -> None:
             raise ValueError(f"{fn}: adapter {adapter_name!r} is a {peft_type} adapter; only LoRA converts")
         on = [name for name in _UNSUPPORTED_FLAGS if getattr(config, name, False)]
         on += [name for name in _UNSUPPORTED_OPTIONS if getattr(config, name, None) and name != "target_parameters"]
-        if getattr(config, "bias", "none") != "none":
+        if getattr(config, "bias", "none") not in ("none", "all", "lora_only"):
             on.append("bias")
         if on:
             raise ValueError(

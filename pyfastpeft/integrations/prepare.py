@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import re
 import types
 from collections.abc import Sequence
 
@@ -39,6 +40,9 @@ class LoraSettings:
     # PEFT's modules_to_save: modules trained whole beside the adapters (a classification head, say), matched as PEFT
     # does (the module's path ends with the name); never quantized, never adapted
     modules_to_save: Sequence[str] | None = None
+    # PEFT's bias: "none"; "all" trains every bias the model has beside the adapter (BitFit + LoRA); "lora_only"
+    # the biases of the adapted layers
+    bias: str = "none"
 
     def __post_init__(self):
         fn = "LoraSettings"
@@ -66,6 +70,8 @@ class LoraSettings:
         for flag in ("use_dora", "lora_bias"):
             if not isinstance(getattr(self, flag), bool):
                 raise TypeError(f"{fn}: {flag} must be a bool, got {type(getattr(self, flag)).__name__}")
+        if self.bias not in ("none", "all", "lora_only"):
+            raise ValueError(f"{fn}: bias must be 'none', 'all' or 'lora_only', got {self.bias!r}")
         if self.modules_to_save is not None:
             from pyfastpeft.nn.modules_to_save import check_module_names
 
@@ -84,6 +90,9 @@ class PrepareReport:
     not_patched: list[str] = dataclasses.field(default_factory=list)
     trainable_params: int = 0
     total_params: int = 0
+    # trainable elements per method: "lora" (A, B, B's bias), "dora" (magnitudes), "embeddings" (LoRA on them),
+    # "modules_to_save" (copies trained whole), "bitfit" (the model's biases), "other"
+    trainable_by_method: dict[str, int] = dataclasses.field(default_factory=dict)
     bytes_before: int = 0
     bytes_after: int = 0
 
@@ -93,7 +102,12 @@ class PrepareReport:
         share = 100.0 * self.trainable_params / self.total_params if self.total_params else 0.0
         lines = [
             f"pyfastpeft.prepare_model: replaced {kinds}",
-            f"  trainable params {self.trainable_params:,} of {self.total_params:,} ({share:.3f}%)",
+            f"  trainable params {self.trainable_params:,} of {self.total_params:,} ({share:.3f}%)"
+            + (
+                " = " + " + ".join(f"{count:,} {method}" for method, count in self.trainable_by_method.items() if count)
+                if self.trainable_by_method
+                else ""
+            ),
             f"  parameters and buffers {self.bytes_before / mib:.1f} MiB -> {self.bytes_after / mib:.1f} MiB",
         ]
         lines += [f"  not patched: {reason}" for reason in self.not_patched]
@@ -341,6 +355,28 @@ class AdapterSavePretrained:
 # ---- prepare_model ---------------------------------------------------------------------------------------------
 
 
+def _method_of(name: str) -> str:
+    """The method a trainable parameter belongs to, from its state-dict name."""
+    if ".lora_magnitude_vector." in name:
+        return "dora"
+    if ".lora_embedding_" in name:
+        return "embeddings"
+    if ".lora_A." in name or ".lora_B." in name:
+        return "lora"
+    if ".modules_to_save." in name:
+        return "modules_to_save"
+    return "bitfit" if name.endswith(".bias") else "other"
+
+
+def _trainable_by_method(model: nn.Module) -> dict[str, int]:
+    counts: dict[str, int] = {}
+    for name, parameter in model.named_parameters():
+        if parameter.requires_grad:
+            method = _method_of(name)
+            counts[method] = counts.get(method, 0) + parameter.numel()
+    return counts
+
+
 def _count(model: nn.Module) -> tuple[int, int]:
     params = {id(p): p for p in model.parameters()}.values()
     return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
@@ -446,6 +482,7 @@ def prepare_model(
     lora: LoraSettings | bool = True,
     patch: bool = True,
     fused_loss: bool = True,
+    bitfit: bool = False,
 ) -> PrepareReport:
     """Make a transformers causal LM ready for fused (Q)LoRA training, in place; returns a PrepareReport.
 
@@ -460,6 +497,10 @@ def prepare_model(
     model whose own loss the fused one does not reproduce on a probe batch keeps its own (see install_fused_loss);
     the report says which. Works with gradient checkpointing (model.gradient_checkpointing_enable(...)),
     model.generate, bf16 and fp32, torch.compile, and pickle / torch.save of the whole model.
+
+    bitfit: BitFit, alone (lora=False) or beside the adapter: every linear layer but the output layer trains a bias,
+    a zero one where it had none (pyfastpeft.add_bitfit; the report lists them). lora.bias="all" / "lora_only" instead
+    trains only the biases the model has (PEFT's bias option). report.trainable_by_method splits the trainable count.
 
     A model with adapters saves like a PeftModel: model.save_pretrained(directory), Trainer.save_model and Trainer
     checkpoints write a PEFT adapter directory (not the frozen base) plus the trainable parameters Trainer's
@@ -492,7 +533,7 @@ def prepare_model(
             f"{fn}: lora must be a pyfastpeft.LoraSettings, True (LoraSettings()) or False (no adapters), "
             f"got {type(lora).__name__}"
         )
-    for name, value in (("patch", patch), ("fused_loss", fused_loss)):
+    for name, value in (("patch", patch), ("fused_loss", fused_loss), ("bitfit", bitfit)):
         if not isinstance(value, bool):
             raise TypeError(f"{fn}: {name} must be a bool, got {type(value).__name__}")
     _check_model_state(fn, model, quant, lora, patch, fused_loss)
@@ -551,6 +592,19 @@ def prepare_model(
             elif isinstance(module, (LoRAExperts, LoRAParameter)):
                 for matrices in (module.lora_A, module.lora_B):
                     matrices.requires_grad_(True)
+    if lora is not False and lora.bias != "none":  # PEFT's bias option: the model's own biases train beside it
+        from pyfastpeft.nn.bitfit import add_bitfit
+
+        targets = "all" if lora.bias == "all" else [f"^{re.escape(path)}$" for path in lora_report.wrapped]
+        try:
+            add_bitfit(model, "all" if targets == "all" else "|".join(targets), freeze_others=False)
+        except ValueError as error:
+            report.not_patched.append(f"lora.bias={lora.bias!r}: {error}")
+    if bitfit:
+        from pyfastpeft.nn.bitfit import add_bitfit
+
+        bitfit_report = add_bitfit(model, add_missing_biases=True, freeze_others=False)  # all else froze above
+        report.replaced["bitfit biases added"] = len(bitfit_report.added)
     if patch:
         patch_report = patch_model(model)
         report.replaced.update(
@@ -565,6 +619,7 @@ def prepare_model(
             report.not_patched.append(reason)
     report.not_patched += _expert_lines(model, quant, lora_report)
     report.trainable_params, report.total_params = _count(model)
+    report.trainable_by_method = _trainable_by_method(model)
     if report.trainable_params:
         # the embeddings are frozen: reentrant gradient checkpointing needs its block inputs to require grad
         # to reach the adapters inside (PEFT's prepare_model_for_kbit_training does the same)
