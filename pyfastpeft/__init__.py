@@ -16,10 +16,11 @@ from pyfastpeft import functional, nn, ops, optim, quant  # noqa: F401
 from pyfastpeft.backend import backends, current_backend, use_backend
 from pyfastpeft.integrations.peft import from_peft, load_adapter, save_adapter
 from pyfastpeft.integrations.perplexity import perplexity
-from pyfastpeft.integrations.prepare import LoraSettings, PrepareReport, prepare_model
+from pyfastpeft.integrations.prepare import AdapterSettings, LoraSettings, PrepareReport, prepare_model
 from pyfastpeft.integrations.quantize import QuantizeReport, quantize_model
 from pyfastpeft.integrations.transformers import PatchReport, patch_model, unpatch_model
 from pyfastpeft.nn.bitfit import BitFitReport, add_bitfit
+from pyfastpeft.nn.bottleneck import AdapterReport, add_adapters
 from pyfastpeft.nn.lora import LoRAReport, add_lora
 from pyfastpeft.nn.modules_to_save import add_modules_to_save
 
@@ -40,6 +41,8 @@ __all__ = [
     "add_lora",
     "LoRAReport",
     "add_bitfit",
+    "add_adapters",
+    "AdapterReport",
     "BitFitReport",
     "add_modules_to_save",
     "save_adapter",
@@ -47,6 +50,7 @@ __all__ = [
     "from_peft",
     "prepare_model",
     "LoraSettings",
+    "AdapterSettings",
     "PrepareReport",
     "perplexity",
 ]

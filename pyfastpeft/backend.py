@@ -48,6 +48,7 @@ CUDA_PREFERENCE = {
     "distill": "triton",
     "blockwise": "reference",
     "dora": "reference",
+    "bottleneck": "reference",
 }
 
 
@@ -153,7 +154,7 @@ def backends() -> dict:
 
 # Families with no native CUDA kernel: their native implementation is CPU-only, so forcing "native" on CUDA
 # tensors runs the reference, with the fallback warning (LoRA's GPU kernel is Triton's).
-NO_CUDA_NATIVE = frozenset({"lora", "quantize", "blockwise", "dora"})
+NO_CUDA_NATIVE = frozenset({"lora", "quantize", "blockwise", "dora", "bottleneck"})
 
 
 def choose(family: str, device: torch.device) -> str:

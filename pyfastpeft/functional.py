@@ -1,5 +1,6 @@
 """The public functions, one per op family (the ops, dispatch and autograd live in pyfastpeft.ops)."""
 
+from pyfastpeft.ops.bottleneck import bottleneck_adapter
 from pyfastpeft.ops.distill import fused_linear_distillation
 from pyfastpeft.ops.dora import dora_linear, dora_weight_norm
 from pyfastpeft.ops.flce import fused_linear_cross_entropy
@@ -22,6 +23,7 @@ __all__ = [
     "lora_linear_multi",
     "dora_linear",
     "dora_weight_norm",
+    "bottleneck_adapter",
     "fused_linear_cross_entropy",
     "fused_linear_distillation",
     "fused_linear_preference",

@@ -83,6 +83,15 @@ def losses(quant, wrapper: str, optimizer: str, rank: int = 0, world_size: int =
     return result
 
 
+def teardown() -> None:
+    """Leave the process group together: a barrier first, so no rank closes its gloo connections while a peer is still
+    inside a collective (gloo's reader thread would then see the socket close and abort that peer's process)."""
+    try:
+        dist.barrier()
+    finally:
+        dist.destroy_process_group()
+
+
 def worker(rank: int, world_size: int, init_file: str, runs: list, out: str) -> None:
     """Entry point of each spawned process: every (quant, wrapper, optimizer) run; rank 0 writes the losses."""
     torch.set_num_threads(1)
@@ -96,7 +105,7 @@ def worker(rank: int, world_size: int, init_file: str, runs: list, out: str) -> 
             except Exception as error:  # noqa: BLE001 - reported to the test, which decides
                 results[key] = f"{type(error).__name__}: {error}"
     finally:
-        dist.destroy_process_group()
+        teardown()
     if rank == 0:
         with open(out, "w") as f:
             json.dump(results, f)
@@ -123,7 +132,7 @@ def save_worker(rank: int, world_size: int, init_file: str, directory: str) -> N
         if rank == 0:
             torch.save(whole, f"{directory}/expected.pt")
     finally:
-        dist.destroy_process_group()
+        teardown()
 
 
 def dtensor_worker(rank: int, world_size: int, init_file: str, out: str) -> None:
@@ -196,7 +205,7 @@ def dtensor_worker(rank: int, world_size: int, init_file: str, out: str) -> None
     except Exception as error:  # noqa: BLE001 - reported to the test
         results["error"] = f"{type(error).__name__}: {error}"
     finally:
-        dist.destroy_process_group()
+        teardown()
     if rank == 0:
         with open(out, "w") as f:
             json.dump(results, f)

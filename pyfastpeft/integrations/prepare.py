@@ -80,6 +80,19 @@ class LoraSettings:
             raise ValueError(f"{fn}: lora_bias is not supported with use_dora (PEFT refuses the pair too)")
 
 
+@dataclasses.dataclass(frozen=True)
+class AdapterSettings:
+    """The bottleneck adapters prepare_model adds (pyfastpeft.add_adapters): rank = hidden // reduction_factor,
+    after the MLP outputs ("pfeiffer") or after the attention and MLP outputs ("houlsby"), optionally with trained
+    norms. Checked by prepare_model before the model changes."""
+
+    reduction_factor: int = 16
+    placement: str | Sequence[str] = "pfeiffer"
+    activation: str = "relu"
+    scaling: float = 1.0
+    train_norms: bool = False
+
+
 @dataclasses.dataclass
 class PrepareReport:
     """What prepare_model did: modules replaced per kind, what it could not patch and why, the trainable and
@@ -365,6 +378,10 @@ def _method_of(name: str) -> str:
         return "lora"
     if ".modules_to_save." in name:
         return "modules_to_save"
+    if ".adapters." in name:
+        return "bottleneck adapters"
+    if "norm" in name.rpartition(".")[0].rpartition(".")[2]:
+        return "norms"
     return "bitfit" if name.endswith(".bias") else "other"
 
 
@@ -483,6 +500,7 @@ def prepare_model(
     patch: bool = True,
     fused_loss: bool = True,
     bitfit: bool = False,
+    adapters: AdapterSettings | bool = False,
 ) -> PrepareReport:
     """Make a transformers causal LM ready for fused (Q)LoRA training, in place; returns a PrepareReport.
 
@@ -500,7 +518,9 @@ def prepare_model(
 
     bitfit: BitFit, alone (lora=False) or beside the adapter: every linear layer but the output layer trains a bias,
     a zero one where it had none (pyfastpeft.add_bitfit; the report lists them). lora.bias="all" / "lora_only" instead
-    trains only the biases the model has (PEFT's bias option). report.trainable_by_method splits the trainable count.
+    trains only the biases the model has (PEFT's bias option). adapters: bottleneck adapters (True: AdapterSettings(),
+    Pfeiffer's placement at reduction factor 16), beside LoRA or alone. report.trainable_by_method splits the
+    trainable count per method.
 
     A model with adapters saves like a PeftModel: model.save_pretrained(directory), Trainer.save_model and Trainer
     checkpoints write a PEFT adapter directory (not the frozen base) plus the trainable parameters Trainer's
@@ -533,10 +553,22 @@ def prepare_model(
             f"{fn}: lora must be a pyfastpeft.LoraSettings, True (LoraSettings()) or False (no adapters), "
             f"got {type(lora).__name__}"
         )
+    if adapters is True:
+        adapters = AdapterSettings()
+    if adapters is not False and not isinstance(adapters, AdapterSettings):
+        raise TypeError(
+            f"{fn}: adapters must be a pyfastpeft.AdapterSettings, True (AdapterSettings()) or False (none), "
+            f"got {type(adapters).__name__}"
+        )
     for name, value in (("patch", patch), ("fused_loss", fused_loss), ("bitfit", bitfit)):
         if not isinstance(value, bool):
             raise TypeError(f"{fn}: {name} must be a bool, got {type(value).__name__}")
     _check_model_state(fn, model, quant, lora, patch, fused_loss)
+    if adapters is not False:
+        from pyfastpeft.nn.bottleneck import plan_adapters
+
+        adapter_args = (adapters.reduction_factor, adapters.placement, adapters.activation, adapters.scaling)
+        plan_adapters(fn, model, *adapter_args, "default", adapters.train_norms)
     check_bitsandbytes_modules(model)  # a bitsandbytes layer that cannot convert raises before anything changes
     if lora is not False:
         _check_lora_targets(fn, model, lora)
@@ -600,6 +632,12 @@ def prepare_model(
             add_bitfit(model, "all" if targets == "all" else "|".join(targets), freeze_others=False)
         except ValueError as error:
             report.not_patched.append(f"lora.bias={lora.bias!r}: {error}")
+    if adapters is not False:
+        from pyfastpeft.nn.bottleneck import add_adapters
+
+        # everything but the adapters froze above
+        adapter_report = add_adapters(model, *adapter_args, train_norms=adapters.train_norms, freeze_others=False)
+        report.replaced["bottleneck adapters"] = len(adapter_report.wrapped)
     if bitfit:
         from pyfastpeft.nn.bitfit import add_bitfit
 

@@ -1,5 +1,6 @@
 """nn.Module drop-ins for HF transformers modules; each forward is one call into pyfastpeft.ops."""
 
+from pyfastpeft.nn.bottleneck import AdapterLayer, BottleneckAdapter
 from pyfastpeft.nn.experts import LoRAExperts, LoRAParameter, QuantizedExperts
 from pyfastpeft.nn.linear4bit import Linear4bit
 from pyfastpeft.nn.linear8bitlt import Linear8bitLt
@@ -10,6 +11,8 @@ from pyfastpeft.nn.rmsnorm import RMSNorm
 from pyfastpeft.nn.swiglu import SwiGLUMLP
 
 __all__ = [
+    "AdapterLayer",
+    "BottleneckAdapter",
     "FusedLinearCrossEntropyLoss",
     "FusedLinearDistillationLoss",
     "FusedLinearPreferenceLoss",

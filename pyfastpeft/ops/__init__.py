@@ -1,4 +1,19 @@
 """Custom ops, backend dispatch and autograd, one file per op family (rmsnorm, swiglu, rope, nf4, int8, lora,
-quantize, flce, distill, blockwise, dora)."""
+quantize, flce, distill, blockwise, dora, bottleneck)."""
 
-from pyfastpeft.ops import blockwise, distill, dora, flce, int8, lora, lora_multi, nf4, quantize, rmsnorm, rope, swiglu  # noqa: F401  (defines the ops)
+# importing the family modules defines the ops
+from pyfastpeft.ops import (  # noqa: F401
+    blockwise,
+    bottleneck,
+    distill,
+    dora,
+    flce,
+    int8,
+    lora,
+    lora_multi,
+    nf4,
+    quantize,
+    rmsnorm,
+    rope,
+    swiglu,
+)

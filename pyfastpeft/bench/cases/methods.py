@@ -1,5 +1,6 @@
 """Benchmark cases of the fine-tuning methods beside plain LoRA, training: DoRA's layer against PEFT's DoRA layer,
-and one training step of a Llama-shaped model per method against transformers + PEFT with the same method.
+one training step of a Llama-shaped model per method against transformers + PEFT with the same method, and the
+bottleneck adapter against the eager adapter (two nn.Linear, the activation, the scale and the residual add).
 
 The layer's reference is PEFT's own peft.tuners.lora.Linear with use_dora=True, as get_peft_model builds it over a
 frozen base: adapters and magnitude in fp32 over a bf16 base (PEFT's autocast_adapter_dtype), in the base's dtype
@@ -122,6 +123,56 @@ def _step_workload(method: str, dtype: torch.dtype, quick: bool, device: torch.d
     )
 
 
+ADAPTER_REDUCTION = 16
+
+
+class _EagerAdapter(nn.Module):
+    """The adapter as the papers' code writes it: x + s * up(act(down(x)))."""
+
+    def __init__(self, features: int, rank: int, dtype, device):
+        super().__init__()
+        self.down = nn.Linear(features, rank, dtype=dtype, device=device)
+        self.up = nn.Linear(rank, features, dtype=dtype, device=device)
+
+    def forward(self, x):
+        return x + self.up(torch.relu(self.down(x))) * 1.0
+
+
+def _adapter_workload(rows: int, features: int, dtype: torch.dtype, device: torch.device) -> Workload:
+    from pyfastpeft.nn import BottleneckAdapter
+
+    rank = features // ADAPTER_REDUCTION
+    theirs = _EagerAdapter(features, rank, dtype, device)
+    ours = BottleneckAdapter(features, rank, "relu", 1.0, dtype, device)
+    with torch.no_grad():
+        theirs.up.weight.normal_(std=0.01)
+        ours.adapter_down[0].weight.copy_(theirs.down.weight)
+        ours.adapter_down[0].bias.copy_(theirs.down.bias)
+        ours.adapter_up.weight.copy_(theirs.up.weight)
+        ours.adapter_up.bias.copy_(theirs.up.bias)
+    x = torch.randn(rows, features, dtype=dtype, device=device, requires_grad=True)
+
+    def kernel(backward: bool) -> KernelCall:
+        from pyfastpeft.ops import bottleneck as ops
+
+        params = [p.detach() for p in (ours.adapter_down[0].weight, ours.adapter_down[0].bias)]
+        params += [p.detach() for p in (ours.adapter_up.weight, ours.adapter_up.bias)]
+        inputs = x.detach().clone()
+        y, h = ops.bottleneck_forward(inputs, *params, 1.0, 0)
+        if backward:
+            dy = torch.randn_like(y)
+            call = lambda: ops.bottleneck_backward(dy, inputs, params[0], params[2], h, 1.0, 0, True)  # noqa: E731
+            return KernelCall(call, 3 * inputs.nbytes + 2 * sum(p.nbytes for p in params) + 2 * h.nbytes)
+        call = lambda: ops.bottleneck_forward(inputs, *params, 1.0, 0)  # noqa: E731
+        return KernelCall(call, 2 * inputs.nbytes + sum(p.nbytes for p in params) + h.nbytes)
+
+    return Workload(
+        ours=Implementation(lambda: ours(x), (x, *ours.parameters())),
+        reference=Implementation(lambda: theirs(x), (x, *theirs.parameters())),
+        kernels={"forward": functools.partial(kernel, False), "backward": functools.partial(kernel, True)},
+    )
+
+
 def methods_cases(dtypes: Sequence[torch.dtype], quick: bool) -> list[Case]:
     rows = DORA_ROWS[quick]
     shape = MODEL_SHAPES[quick]
@@ -139,18 +190,35 @@ def methods_cases(dtypes: Sequence[torch.dtype], quick: bool) -> list[Case]:
         for method in METHOD_SETTINGS
         for dtype in dtypes
     ]
-    return steps + [
+    adapters = [
         Case(
             "methods",
-            f"dora M={rows} {HIDDEN}x{HIDDEN} r={DORA_RANK} p={dropout_p}",
+            f"adapter M={rows} d={HIDDEN} r={HIDDEN // ADAPTER_REDUCTION} relu",
             dtype,
             mode,
-            "PEFT's DoRA layer (lora.Linear, use_dora=True)",
-            functools.partial(_dora_workload, rows, HIDDEN, dropout_p, dtype),
-            goals=_dora_goals(rows, dropout_p, dtype, mode),
+            "eager bottleneck adapter (two nn.Linear, activation, scale, residual add)",
+            functools.partial(_adapter_workload, rows, HIDDEN, dtype),
             headline=not quick and dtype == torch.bfloat16 and mode == "both",
         )
-        for dropout_p in (0.0, 0.05)
         for dtype in dtypes
         for mode in MODES
     ]
+    return (
+        steps
+        + adapters
+        + [
+            Case(
+                "methods",
+                f"dora M={rows} {HIDDEN}x{HIDDEN} r={DORA_RANK} p={dropout_p}",
+                dtype,
+                mode,
+                "PEFT's DoRA layer (lora.Linear, use_dora=True)",
+                functools.partial(_dora_workload, rows, HIDDEN, dropout_p, dtype),
+                goals=_dora_goals(rows, dropout_p, dtype, mode),
+                headline=not quick and dtype == torch.bfloat16 and mode == "both",
+            )
+            for dropout_p in (0.0, 0.05)
+            for dtype in dtypes
+            for mode in MODES
+        ]
+    )
