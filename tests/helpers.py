@@ -145,3 +145,18 @@ def tiny_llama(seed: int = 0, **overrides):
 
     torch.manual_seed(seed)
     return LlamaForCausalLM(LlamaConfig(**{**TINY_DECODER, "intermediate_size": 160, **overrides})).eval()
+
+
+def train_steps(model, input_ids, steps: int, lr: float = 1e-2) -> list[float]:
+    """`steps` AdamW steps of a causal LM on one batch (labels = the inputs) over the parameters that require grad,
+    in training mode; the losses, one per step."""
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr)
+    model.train()
+    losses = []
+    for _ in range(steps):
+        loss = model(input_ids=input_ids, labels=input_ids).loss
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        losses.append(loss.item())
+    return losses

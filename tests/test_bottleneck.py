@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import TINY_DECODER, tiny_llama
+from helpers import TINY_DECODER, tiny_llama, train_steps
 
 import pyfastpeft
 from pyfastpeft.backend import use_backend
@@ -135,15 +135,7 @@ def test_adapters_start_as_the_identity_train_and_reload_from_their_keys(name, p
     assert all(".adapters.default.adapter_" in n or "norm" in n for n in trainable)
     key = "model.layers.0.mlp.down_proj.adapters.default.adapter_down.0.weight"
     assert model.state_dict()[key].shape == (64 // 8, 64)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    model.train()
-    losses = []
-    for _ in range(10):
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
+    losses = train_steps(model, ids, 10, lr=1e-2)
     assert losses[-1] < losses[0] - 0.1, losses
     model.eval()
     saved = {n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad}

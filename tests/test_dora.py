@@ -9,7 +9,7 @@ import math
 
 import pytest
 import torch
-from helpers import CPU_ISAS, TINY_DECODER, cpu_isa, tiny_llama
+from helpers import CPU_ISAS, TINY_DECODER, cpu_isa, tiny_llama, train_steps
 from torch import nn
 
 import pyfastpeft
@@ -478,16 +478,8 @@ def test_a_dora_training_run_lowers_the_loss(use_nf4):
     report = pyfastpeft.prepare_model(model, quant="nf4" if use_nf4 else None, lora=settings)
     trainable = [name for name, p in model.named_parameters() if p.requires_grad]
     assert any("lora_magnitude_vector" in name for name in trainable), report
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
     ids = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(0))
-    model.train()
-    losses = []
-    for _ in range(12):
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
+    losses = train_steps(model, ids, 12, lr=1e-2)
     assert math.isfinite(losses[-1]) and losses[-1] < losses[0] - 0.1, losses
 
 

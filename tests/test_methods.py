@@ -8,7 +8,7 @@ import json
 
 import pytest
 import torch
-from helpers import tiny_llama
+from helpers import tiny_llama, train_steps
 from torch import nn
 
 import pyfastpeft
@@ -191,16 +191,8 @@ def test_prepare_model_trains_modules_to_save_dense_beside_qlora():
     )
     assert "lm_head.original_module.weight" not in trainable
     before = model.lm_head.original_module.weight.detach().clone()
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    model.train()
     ids = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(0))
-    losses = []
-    for _ in range(8):
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
+    losses = train_steps(model, ids, 8, lr=1e-2)
     assert losses[-1] < losses[0] - 0.1, (losses, report)
     torch.testing.assert_close(model.lm_head.original_module.weight, before)
     assert not torch.equal(model.lm_head.modules_to_save["default"].weight, before)
@@ -303,15 +295,7 @@ def test_add_lora_on_embeddings_starts_as_the_identity_trains_and_merges():
     assert isinstance(layer, LoRAEmbedding) and layer.lora_embedding_A["default"].requires_grad
     with torch.no_grad():
         torch.testing.assert_close(model(input_ids=input_ids()).logits, before)  # A starts at zero
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-    model.train()
-    losses = []
-    for _ in range(8):
-        loss = model(input_ids=input_ids(), labels=input_ids()).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
+    losses = train_steps(model, input_ids(), 8, lr=1e-2)
     assert losses[-1] < losses[0] - 0.05, losses
     model.eval()
     weight = layer.base_layer.weight.detach().clone()
@@ -376,16 +360,8 @@ def test_bitfit_alone_trains_only_biases_and_lowers_the_loss():
     report = pyfastpeft.add_bitfit(model)
     assert report.added == [] and len(report.trained) == 14
     assert {name for name, p in model.named_parameters() if p.requires_grad} == set(report.trained)
-    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=5e-2)
     ids = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(0))
-    model.train()
-    losses = []
-    for _ in range(10):
-        loss = model(input_ids=ids, labels=ids).loss
-        loss.backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        losses.append(loss.item())
+    losses = train_steps(model, ids, 10, lr=5e-2)
     assert losses[-1] < losses[0] - 0.1, losses
     for name, p in model.named_parameters():
         if name in weights:
@@ -457,3 +433,62 @@ def test_prepare_model_combines_the_methods_and_reports_each_ones_trainable_coun
     pyfastpeft.unpatch_model(dora)
     with pytest.raises(ValueError, match="bias must be 'none', 'all' or 'lora_only'"):
         pyfastpeft.LoraSettings(bias="some")
+
+
+# ---- the same on Gemma -------------------------------------------------------------------------------------------
+
+
+def gemma_biased():
+    from helpers import TINY_DECODER
+    from transformers import GemmaConfig, GemmaForCausalLM
+
+    torch.manual_seed(0)
+    return GemmaForCausalLM(GemmaConfig(**TINY_DECODER, head_dim=16, attention_bias=True)).eval()
+
+
+def test_lora_bias_on_gemma_converts_round_trips_and_trains(tmp_path):
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "o_proj"], lora_bias=True)
+    theirs = peft.get_peft_model(gemma_biased(), config)
+    randomize(theirs)
+    ours = copy.deepcopy(theirs)
+    pyfastpeft.from_peft(ours)
+    assert_same_training(ours, theirs)
+    theirs.eval()
+    with torch.no_grad():
+        want = theirs(input_ids=input_ids()).logits
+    theirs.save_pretrained(tmp_path)
+    model = gemma_biased()
+    pyfastpeft.load_adapter(model, tmp_path)
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=input_ids()).logits, want, rtol=1e-5, atol=1e-5)
+    trained = gemma_biased()
+    pyfastpeft.add_lora(trained, target_modules=["q_proj", "v_proj"], r=4, lora_bias=True)
+    losses = train_steps(trained, input_ids(), 8, lr=1e-2)
+    assert losses[-1] < losses[0] - 0.05, losses
+    assert trained.model.layers[0].self_attn.q_proj.lora_B["default"].bias.abs().sum() > 0
+
+
+def test_a_gemma_classifier_with_modules_to_save_converts_and_round_trips(tmp_path):
+    from helpers import TINY_DECODER
+    from transformers import GemmaConfig, GemmaForSequenceClassification
+
+    def classifier():
+        torch.manual_seed(0)
+        return GemmaForSequenceClassification(GemmaConfig(**TINY_DECODER, head_dim=16, num_labels=3, pad_token_id=0))
+
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], task_type="SEQ_CLS")
+    theirs = peft.get_peft_model(classifier(), config)
+    randomize(theirs)
+    ours = copy.deepcopy(theirs)
+    pyfastpeft.from_peft(ours)
+    (got, got_grads), (want, want_grads) = classifier_outputs(ours), classifier_outputs(theirs)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    for name, grad in want_grads.items():
+        torch.testing.assert_close(got_grads[name], grad, rtol=1e-4, atol=1e-6)
+    theirs.save_pretrained(tmp_path)
+    model = classifier()
+    pyfastpeft.load_adapter(model, tmp_path)
+    ids = torch.randint(1, 128, (2, 9), generator=torch.Generator().manual_seed(1))
+    theirs.eval(), model.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=ids).logits, theirs(input_ids=ids).logits, rtol=1e-5, atol=1e-5)

@@ -217,7 +217,6 @@ def _adapter_files(fn: str, model: nn.Module, adapter_name: str, state_dict: dic
     all_layers = _lora_layers(model)
     layers = [(module_path, module) for module_path, module in all_layers if adapter_name in module.lora_A]
     parameters = _moe_entries(model, adapter_name)
-    embedding_tensors = {}
     if not layers:
         found = sorted({name for _, module in all_layers for name in module.lora_A})
         raise ValueError(
@@ -252,7 +251,7 @@ def _adapter_files(fn: str, model: nn.Module, adapter_name: str, state_dict: dic
             )
     _, first = layers[0]
     r, lora_alpha = _most_common(ranks.values()), _most_common(alphas.values())
-    bias_tensors = _trained_biases(fn, model, state_dict)
+    bias_entries = _trained_biases(fn, model)
     model_config = getattr(model, "config", None)
     config = {
         "peft_type": "LORA",
@@ -266,7 +265,7 @@ def _adapter_files(fn: str, model: nn.Module, adapter_name: str, state_dict: dic
         "target_parameters": sorted(entry.parameter_path for entry in parameters) or None,
         "rank_pattern": {re.escape(p): value for p, value in ranks.items() if value != r},
         "alpha_pattern": {re.escape(p): value for p, value in alphas.items() if value != lora_alpha},
-        "bias": "all" if bias_tensors else "none",
+        "bias": "all" if bias_entries else "none",
         "fan_in_fan_out": False,
         "init_lora_weights": True,
         "inference_mode": True,
@@ -276,60 +275,38 @@ def _adapter_files(fn: str, model: nn.Module, adapter_name: str, state_dict: dic
         "lora_bias": first.lora_bias[adapter_name],
         "revision": None,
     }
-    for module_path, module in embeddings:  # PEFT's file keys for them: lora_embedding_A / _B, bare parameters
-        for matrix, table in (("A", module.lora_embedding_A), ("B", module.lora_embedding_B)):
-            tensor = table[adapter_name]
-            if state_dict is not None:
-                key = f"{module_path}.lora_embedding_{matrix}.{adapter_name}"
-                if key not in state_dict:
-                    raise ValueError(f"{fn}: the state_dict passed lacks {key!r}")
-                tensor = state_dict[key]
-            embedding_tensors[f"{KEY_PREFIX}{module_path}.lora_embedding_{matrix}"] = _whole(tensor)
     copies = trainable_copies(model, adapter_name)
     config["modules_to_save"] = sorted(path for path, _ in copies) or None  # whole paths: PEFT matches their ends
     _warn_peft_remaps(fn, model, config["target_modules"])
-    tensors = dict(embedding_tensors)
-    tensors.update(bias_tensors)
-    for module_path, module in copies:  # the trained copy's tensors under the module's own path, as PEFT writes them
+    # (the model's state-dict key, the file's key, the tensor) of everything the file holds, in PEFT's names
+    entries = list(bias_entries)
+    for module_path, module in copies:  # the trained copy's tensors under the module's own path
         for name, tensor in module.state_dict().items():
-            if state_dict is not None:
-                key = f"{module_path}.modules_to_save.{adapter_name}.{name}"
-                if key not in state_dict:
-                    raise ValueError(f"{fn}: the state_dict passed lacks {key!r}")
-                tensor = state_dict[key]
-            tensors[f"{KEY_PREFIX}{module_path}.{name}"] = _whole(tensor)
+            entries.append((f"{module_path}.modules_to_save.{adapter_name}.{name}", f"{module_path}.{name}", tensor))
+    for module_path, module in embeddings:  # LoRA on embeddings: bare parameters lora_embedding_A / _B
+        for matrix, table in (("A", module.lora_embedding_A), ("B", module.lora_embedding_B)):
+            key = f"{module_path}.lora_embedding_{matrix}"
+            entries.append((f"{key}.{adapter_name}", key, table[adapter_name]))
     for module_path, module in layers:
         for matrix, table in (("A", module.lora_A), ("B", module.lora_B)):
-            tensor = table[adapter_name].weight
-            if state_dict is not None:
-                key = f"{module_path}.lora_{matrix}.{adapter_name}.weight"
-                if key not in state_dict:
-                    raise ValueError(f"{fn}: the state_dict passed lacks {key!r}")
-                tensor = state_dict[key]
-            tensors[f"{KEY_PREFIX}{module_path}.lora_{matrix}.weight"] = _whole(tensor)
-        if module.use_dora[adapter_name]:
-            tensor = module.lora_magnitude_vector[adapter_name].weight
-            if state_dict is not None:
-                key = f"{module_path}.lora_magnitude_vector.{adapter_name}.weight"
-                if key not in state_dict:
-                    raise ValueError(f"{fn}: the state_dict passed lacks {key!r}")
-                tensor = state_dict[key]
-            tensors[f"{KEY_PREFIX}{module_path}.lora_magnitude_vector"] = _whole(tensor)
+            key = f"{module_path}.lora_{matrix}"
+            entries.append((f"{key}.{adapter_name}.weight", f"{key}.weight", table[adapter_name].weight))
+        if module.use_dora[adapter_name]:  # PEFT writes the magnitude without its ".weight"
+            key = f"{module_path}.lora_magnitude_vector"
+            entries.append((f"{key}.{adapter_name}.weight", key, module.lora_magnitude_vector[adapter_name].weight))
         if module.lora_bias[adapter_name]:
-            tensor = module.lora_B[adapter_name].bias
-            if state_dict is not None:
-                key = f"{module_path}.lora_B.{adapter_name}.bias"
-                if key not in state_dict:
-                    raise ValueError(f"{fn}: the state_dict passed lacks {key!r}")
-                tensor = state_dict[key]
-            tensors[f"{KEY_PREFIX}{module_path}.lora_B.bias"] = _whole(tensor)
+            key = f"{module_path}.lora_B"
+            entries.append((f"{key}.{adapter_name}.bias", f"{key}.bias", module.lora_B[adapter_name].bias))
     for entry in parameters:
         for matrix, (state_key, tensor) in (("A", entry.lora_A), ("B", entry.lora_B)):
-            if state_dict is not None:
-                if state_key not in state_dict:
-                    raise ValueError(f"{fn}: the state_dict passed lacks {state_key!r}")
-                tensor = state_dict[state_key]
-            tensors[f"{KEY_PREFIX}{entry.key_path}.lora_{matrix}.weight"] = _whole(tensor)
+            entries.append((state_key, f"{entry.key_path}.lora_{matrix}.weight", tensor))
+    tensors = {}
+    for model_key, file_key, tensor in entries:
+        if state_dict is not None:
+            if model_key not in state_dict:
+                raise ValueError(f"{fn}: the state_dict passed lacks {model_key!r}")
+            tensor = state_dict[model_key]
+        tensors[f"{KEY_PREFIX}{file_key}"] = _whole(tensor)
     return config, tensors
 
 
@@ -344,29 +321,22 @@ def _model_biases(model: nn.Module) -> list[tuple[str, nn.Parameter]]:
     ]
 
 
-def _trained_biases(fn: str, model: nn.Module, state_dict: dict | None) -> dict:
-    """The adapter file's bias entries: every bias of the model, as PEFT's LoRA bias="all" writes them, when any of
-    them trains (BitFit beside the adapter); none otherwise. A bias add_bitfit added is not PEFT's to hold."""
+def _trained_biases(fn: str, model: nn.Module) -> list[tuple[str, str, torch.Tensor]]:
+    """The adapter file's bias entries (model key, file key, tensor): every bias of the model, as PEFT's LoRA
+    bias="all" writes them, when any of them trains (BitFit beside the adapter); none otherwise. A bias add_bitfit
+    added is not PEFT's to hold."""
     from pyfastpeft.nn.bitfit import ADDED_BIAS_ATTR
 
     biases = _model_biases(model)
     if not any(parameter.requires_grad for _, parameter in biases):
-        return {}
+        return []
     added = [name for name, parameter in biases if getattr(parameter, ADDED_BIAS_ATTR, False)]
     if added:
         raise ValueError(
             f"{fn}: {added[:4]} are biases add_bitfit added; a PEFT adapter directory holds only biases the base "
             "model has. Save the trained parameters with model.state_dict() instead"
         )
-    tensors = {}
-    for name, parameter in biases:
-        tensor = parameter
-        if state_dict is not None:
-            if name not in state_dict:
-                raise ValueError(f"{fn}: the state_dict passed lacks {name!r}")
-            tensor = state_dict[name]
-        tensors[f"{KEY_PREFIX}{name}"] = _whole(tensor)
-    return tensors
+    return [(name, name, parameter) for name, parameter in biases]
 
 
 def _plan_biases(

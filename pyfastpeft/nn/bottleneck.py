@@ -21,6 +21,7 @@ import dataclasses
 import torch
 from torch import nn
 
+from pyfastpeft.nn._adapters import NamedAdapters
 from pyfastpeft.ops._checks import check_real
 from pyfastpeft.ops.bottleneck import ACTIVATION_CODES, bottleneck_adapter
 
@@ -75,7 +76,7 @@ class BottleneckAdapter(nn.Module):
         return f"activation={self.activation!r}, scaling={self.scaling}"
 
 
-class AdapterLayer(nn.Module):
+class AdapterLayer(NamedAdapters, nn.Module):
     """A sublayer followed by named bottleneck adapters, one active: y = adapter(base_layer(x)). Attributes the layer
     lacks are the base layer's (in_features, weight, ...), so code that inspects the sublayer keeps working."""
 
@@ -86,10 +87,6 @@ class AdapterLayer(nn.Module):
         self._active_adapter: str | None = adapter_name
         self._adapters_enabled = True
 
-    @property
-    def active_adapter(self) -> str | None:
-        return self._active_adapter
-
     def set_adapter(self, adapter_name: str | None) -> None:
         if adapter_name is not None and adapter_name not in self.adapters:
             raise ValueError(f"AdapterLayer.set_adapter: unknown adapter {adapter_name!r}; have {list(self.adapters)}")
@@ -99,9 +96,6 @@ class AdapterLayer(nn.Module):
 
     def disable_adapters(self) -> None:
         self._adapters_enabled = False
-
-    def enable_adapters(self) -> None:
-        self._adapters_enabled = True
 
     def forward(self, *args, **kwargs):
         y = self.base_layer(*args, **kwargs)

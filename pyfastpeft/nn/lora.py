@@ -22,6 +22,7 @@ from typing import Callable
 import torch
 from torch import nn
 
+from pyfastpeft.nn._adapters import NamedAdapters
 from pyfastpeft.nn.experts import LoRAExperts, LoRAParameter, QuantizedExperts, experts_layout_problem, up_name
 from pyfastpeft.nn.linear4bit import Linear4bit
 from pyfastpeft.nn.linear8bitlt import Linear8bitLt
@@ -200,7 +201,7 @@ class DoRAMagnitude(nn.Module):
         self.weight = nn.Parameter(magnitude)
 
 
-class LoRALinear(nn.Module):
+class LoRALinear(NamedAdapters, nn.Module):
     """A frozen linear layer plus named LoRA adapters, PEFT's peft.tuners.lora.Linear with one fused call.
 
     base: an nn.Linear, a pyfastpeft.nn.Linear4bit (NF4/FP4) or a pyfastpeft.nn.Linear8bitLt (LLM.int8); its
@@ -259,19 +260,6 @@ class LoRALinear(nn.Module):
         self.set_adapter(adapter_name)
 
     # -- adapters --
-
-    @property
-    def active_adapter(self) -> str | None:
-        """The adapter forward applies; None when none is (the layer computes its base alone)."""
-        return self._active_adapter
-
-    @property
-    def adapters_enabled(self) -> bool:
-        return self._adapters_enabled
-
-    @property
-    def merged(self) -> bool:
-        return bool(self.merged_adapters)
 
     def add_adapter(
         self,
@@ -376,9 +364,6 @@ class LoRALinear(nn.Module):
         if self.merged:
             self.unmerge()
         self._adapters_enabled = False
-
-    def enable_adapters(self) -> None:
-        self._adapters_enabled = True
 
     # -- merging --
 

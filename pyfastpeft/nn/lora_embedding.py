@@ -19,8 +19,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from pyfastpeft.nn._adapters import NamedAdapters
 
-class LoRAEmbedding(nn.Module):
+
+class LoRAEmbedding(NamedAdapters, nn.Module):
     """A frozen nn.Embedding plus named LoRA adapters (one active); only the active adapter's A and B train."""
 
     def __init__(
@@ -63,18 +65,6 @@ class LoRAEmbedding(nn.Module):
     def weight(self) -> torch.Tensor:
         """The base embedding's weight (transformers ties and resizes through it)."""
         return self.base_layer.weight
-
-    @property
-    def active_adapter(self) -> str | None:
-        return self._active_adapter
-
-    @property
-    def adapters_enabled(self) -> bool:
-        return self._adapters_enabled
-
-    @property
-    def merged(self) -> bool:
-        return bool(self.merged_adapters)
 
     def add_adapter(
         self,
@@ -141,9 +131,6 @@ class LoRAEmbedding(nn.Module):
         if self.merged:
             self.unmerge()
         self._adapters_enabled = False
-
-    def enable_adapters(self) -> None:
-        self._adapters_enabled = True
 
     def _delta_weight(self, adapter_name: str) -> torch.Tensor:
         """s * (B A)^T in fp32, [num_embeddings, embedding_dim]."""

@@ -15,8 +15,10 @@ import copy
 
 from torch import nn
 
+from pyfastpeft.nn._adapters import NamedAdapters
 
-class ModulesToSave(nn.Module):
+
+class ModulesToSave(NamedAdapters, nn.Module):
     """A module trained whole (PEFT's ModulesToSaveWrapper): one trainable copy per adapter, the original frozen."""
 
     def __init__(self, module: nn.Module, adapter_name: str = "default"):
@@ -43,14 +45,6 @@ class ModulesToSave(nn.Module):
         module._active_adapter = active if active in copies else None
         module._adapters_enabled = enabled
         return module
-
-    @property
-    def active_adapter(self) -> str | None:
-        return self._active_adapter
-
-    @property
-    def adapters_enabled(self) -> bool:
-        return self._adapters_enabled
 
     def add_adapter(self, adapter_name: str) -> None:
         """A fresh trainable copy of the original for adapter_name (not activated)."""
@@ -83,9 +77,6 @@ class ModulesToSave(nn.Module):
 
     def disable_adapters(self) -> None:
         self._adapters_enabled = False
-
-    def enable_adapters(self) -> None:
-        self._adapters_enabled = True
 
     def module_in_use(self) -> nn.Module:
         if not self._adapters_enabled or self._active_adapter is None:
