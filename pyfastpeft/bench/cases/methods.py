@@ -105,7 +105,13 @@ def _dora_goals(rows: int, dropout_p: float, dtype: torch.dtype, mode: str) -> t
 
 
 # The methods a training step is timed with, as LoraSettings on top of the model family's adapter (all-linear, r=16)
-METHOD_SETTINGS = {"DoRA": dataclasses.replace(MODEL_LORA, use_dora=True)}
+_LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+METHOD_SETTINGS = {
+    "DoRA": dataclasses.replace(MODEL_LORA, use_dora=True),
+    "LoRA+lora_bias": dataclasses.replace(MODEL_LORA, lora_bias=True),
+    "LoRA+embeddings": dataclasses.replace(MODEL_LORA, target_modules=(*_LINEAR_NAMES, "embed_tokens")),
+    "LoRA+lm_head trained": dataclasses.replace(MODEL_LORA, modules_to_save=("lm_head",)),
+}
 
 
 def _step_workload(method: str, dtype: torch.dtype, quick: bool, device: torch.device) -> Workload:

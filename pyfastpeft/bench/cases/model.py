@@ -223,6 +223,8 @@ def model_training_steps(
         target_modules=lora.target_modules,
         use_rslora=lora.use_rslora,
         use_dora=lora.use_dora,
+        lora_bias=lora.lora_bias,
+        modules_to_save=list(lora.modules_to_save) if lora.modules_to_save else None,
     )
     reference = peft.get_peft_model(reference, config)
     our_adapters = {name: tensor for name, tensor in ours.state_dict().items() if ".lora_" in name}
