@@ -21,7 +21,7 @@ import dataclasses
 import torch
 from torch import nn
 
-from pyfastpeft.nn._adapters import NamedAdapters
+from pyfastpeft.nn._adapters import ForwardsAttributes, NamedAdapters
 from pyfastpeft.ops._checks import check_real
 from pyfastpeft.ops.bottleneck import ACTIVATION_CODES, bottleneck_adapter
 
@@ -76,9 +76,11 @@ class BottleneckAdapter(nn.Module):
         return f"activation={self.activation!r}, scaling={self.scaling}"
 
 
-class AdapterLayer(NamedAdapters, nn.Module):
+class AdapterLayer(NamedAdapters, ForwardsAttributes, nn.Module):
     """A sublayer followed by named bottleneck adapters, one active: y = adapter(base_layer(x)). Attributes the layer
     lacks are the base layer's (in_features, weight, ...), so code that inspects the sublayer keeps working."""
+
+    _OWNER = "base_layer"
 
     def __init__(self, base: nn.Module, adapter: BottleneckAdapter, adapter_name: str = "default"):
         super().__init__()
@@ -102,16 +104,6 @@ class AdapterLayer(NamedAdapters, nn.Module):
         if not self._adapters_enabled or self._active_adapter is None:
             return y
         return self.adapters[self._active_adapter](y)
-
-    def __getattr__(self, name: str):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            pass
-        modules = self.__dict__.get("_modules", {})
-        if "base_layer" not in modules:
-            raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
-        return getattr(modules["base_layer"], name)
 
 
 @dataclasses.dataclass

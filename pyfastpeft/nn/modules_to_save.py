@@ -15,11 +15,13 @@ import copy
 
 from torch import nn
 
-from pyfastpeft.nn._adapters import NamedAdapters
+from pyfastpeft.nn._adapters import ForwardsAttributes, NamedAdapters
 
 
-class ModulesToSave(NamedAdapters, nn.Module):
+class ModulesToSave(NamedAdapters, ForwardsAttributes, nn.Module):
     """A module trained whole (PEFT's ModulesToSaveWrapper): one trainable copy per adapter, the original frozen."""
+
+    _OWNER = "original_module"
 
     def __init__(self, module: nn.Module, adapter_name: str = "default"):
         super().__init__()
@@ -86,15 +88,8 @@ class ModulesToSave(NamedAdapters, nn.Module):
     def forward(self, *args, **kwargs):
         return self.module_in_use()(*args, **kwargs)
 
-    def __getattr__(self, name: str):
-        try:
-            return super().__getattr__(name)
-        except AttributeError:
-            pass
-        modules = self.__dict__.get("_modules", {})
-        if "original_module" not in modules:  # still being built
-            raise AttributeError(f"{type(self).__name__} has no attribute {name!r}")
-        return getattr(self.module_in_use(), name)
+    def _attribute_owner(self) -> nn.Module:
+        return self.module_in_use()
 
     def extra_repr(self) -> str:
         return f"adapters={list(self.modules_to_save)}, active_adapter={self._active_adapter!r}"

@@ -22,7 +22,7 @@ from pyfastpeft.bench.cases.model import (
     LORA_VS_DENSE,
     MODEL_LORA,
     MODEL_SHAPES,
-    model_training_steps,
+    model_workload,
 )
 from pyfastpeft.bench.harness import MODES, Case, CaseSkipped, Goal, Implementation, KernelCall, Workload
 
@@ -119,14 +119,7 @@ def _step_workload(method: str, dtype: torch.dtype, quick: bool, device: torch.d
     reference through get_peft_model, both with `method`; one warm-up step each, as the model family does."""
     if importlib.util.find_spec("peft") is None:
         raise CaseSkipped("needs peft (the reference)")
-    ours, reference = model_training_steps(MODEL_SHAPES[quick], LORA_VS_DENSE, dtype, device, METHOD_SETTINGS[method])
-    ours()
-    reference()
-    return Workload(
-        ours=Implementation(ours, ours.parameters),
-        reference=Implementation(reference, reference.parameters),
-        kernels={},
-    )
+    return model_workload(MODEL_SHAPES[quick], LORA_VS_DENSE, dtype, device, METHOD_SETTINGS[method])
 
 
 ADAPTER_REDUCTION = 16

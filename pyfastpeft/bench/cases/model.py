@@ -237,12 +237,16 @@ def model_training_steps(
     return TrainingStep(ours, input_ids), TrainingStep(reference, input_ids, transformers_rope)
 
 
-def _model_workload(
-    shape: ModelShape, comparison: ModelComparison, dtype: torch.dtype, device: torch.device
+def model_workload(
+    shape: ModelShape,
+    comparison: ModelComparison,
+    dtype: torch.dtype,
+    device: torch.device,
+    lora: LoraSettings = MODEL_LORA,
 ) -> Workload:
     """Both sides take one warm-up step here, so AdamW's state exists before anything is timed or measured:
     peak memory is then that of a steady-state step on both sides. No single kernel stands for a step."""
-    ours, reference = model_training_steps(shape, comparison, dtype, device)
+    ours, reference = model_training_steps(shape, comparison, dtype, device, lora)
     ours()
     reference()
     return Workload(
@@ -276,7 +280,7 @@ def model_cases(dtypes: Sequence[torch.dtype], quick: bool) -> list[Case]:
             dtype,
             "forward",
             MODEL_REFERENCE,
-            functools.partial(_model_workload, shape, comparison, dtype),
+            functools.partial(model_workload, shape, comparison, dtype),
             tokens=shape.tokens,
             goals=MODEL_GOALS.get(comparison, ()) if dtype == torch.bfloat16 and shape is MODEL_SHAPES[quick] else (),
             headline=shape is MODEL_SHAPES[quick] and quick,
