@@ -232,6 +232,23 @@ def test_native_kernels_on_every_instruction_set(isa, dtype):
             torch.testing.assert_close(native, reference, **tol)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("shape", [(37, 83), (64, 256), (1, 5)])
+def test_triton_passes_under_the_interpreter_equal_the_reference(dtype, shape):
+    generator = torch.Generator().manual_seed(0)
+    z, dy, full = (torch.randn(*shape, generator=generator).to(dtype) for _ in range(3))
+    scale, row = torch.rand(shape[1], generator=generator), torch.randn(shape[1], generator=generator).to(dtype)
+    results = {}
+    for backend in ("triton", "reference"):
+        with use_backend(backend):
+            results[backend] = (
+                *(torch.ops.pyfastpeft.dora_scale(z, scale, addend) for addend in (None, row, full)),
+                *torch.ops.pyfastpeft.dora_grad(dy, z, scale),
+            )
+    for got, want in zip(results["triton"], results["reference"]):
+        torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+
+
 def test_opcheck_every_dora_op():
     z = torch.randn(5, 7)
     scale = torch.rand(7)

@@ -13,7 +13,9 @@ LLM.int8), so every base and backend LoRA has, DoRA has; this file adds what DoR
   pyfastpeft::dora_grad(dy, z, scale) -> (scale * dy, sum over rows of dy * z): one read of dY and z gives the
       gradient fed to LoRA's backward and the magnitude's.
   pyfastpeft::dora_dropout(x, rng, dropout_p) -> x_d: LoRA's counter-based mask (pyfastpeft/reference/lora.py).
-scale and the sums are fp32 (fp64 for fp64 data), [out].
+scale and the sums are fp32 (fp64 for fp64 data), [out]. dora_scale and dora_grad have Triton kernels
+(triton_kernels/dora.py; compiled for sm_80/sm_90 in CI, not yet run on a GPU), which CUDA tensors use under
+use_backend("triton"); until GPU measurements are committed, CUDA's default for this family is the reference.
 
 Autograd saves x (never x_d: the mask is regenerated from rng), A, B, xa [M, r], z [M, out] (the pre-scale output,
 which the magnitude's gradient needs), the magnitude, n, rng and the base. Without dropout the forward is one fused
@@ -31,7 +33,7 @@ from pyfastpeft.ops import lora as lora_ops
 from pyfastpeft.ops import nf4 as nf4_ops
 from pyfastpeft.ops._autocast import autocast_dtype, cast_like_linear
 from pyfastpeft.ops._checks import FLOAT_DTYPES, check_dtype, check_real, check_same_device, check_tensor
-from pyfastpeft.ops._library import define_op
+from pyfastpeft.ops._library import define_op, triton_module
 from pyfastpeft.ops.lora_base import BASE_KINDS, KINDS, BaseKind, dispatch_base
 from pyfastpeft.reference import dora as ref
 from pyfastpeft.reference import int8 as int8_ref
@@ -120,6 +122,25 @@ def _native_grad(dy, z, scale):
     return dy_scaled, column_sum
 
 
+def _triton_scale(z, scale, addend):
+    if scale.dtype != torch.float32:  # fp64 data: the kernels compute in fp32
+        return _reference_scale(z, scale, addend)
+    y = torch.empty(z.shape, dtype=z.dtype, device=z.device)
+    triton_module("dora").dora_scale(
+        z.contiguous(), scale.contiguous(), None if addend is None else addend.contiguous(), y
+    )
+    return y
+
+
+def _triton_grad(dy, z, scale):
+    if scale.dtype != torch.float32:
+        return _reference_grad(dy, z, scale)
+    g = torch.empty(dy.shape, dtype=dy.dtype, device=dy.device)
+    column_sum = torch.zeros(z.shape[1], dtype=torch.float32, device=z.device)
+    triton_module("dora").dora_grad(dy.contiguous(), z.contiguous(), scale.contiguous(), g, column_sum)
+    return g, column_sum
+
+
 dora_scale = define_op(
     "dora_scale",
     "(Tensor z, Tensor scale, Tensor? addend) -> Tensor",
@@ -127,7 +148,7 @@ dora_scale = define_op(
     fake=lambda z, scale, addend: z.new_empty(z.shape),
     reference=_reference_scale,
     native=_native_scale,
-    triton=_reference_scale,  # no Triton kernel yet: CUDA runs the reference (CUDA_PREFERENCE)
+    triton=_triton_scale,
     check=_check_dora_scale,
 )
 dora_grad = define_op(
@@ -137,7 +158,7 @@ dora_grad = define_op(
     fake=lambda dy, z, scale: (dy.new_empty(dy.shape), scale.new_empty(scale.shape)),
     reference=_reference_grad,
     native=_native_grad,
-    triton=_reference_grad,
+    triton=_triton_grad,
     check=_check_dora_grad,
 )
 
@@ -162,8 +183,6 @@ def _native_dropout(x, rng, dropout_p):
 
 
 def _triton_dropout(x, rng, dropout_p):
-    from pyfastpeft.ops._library import triton_module
-
     out = torch.empty(x.shape, dtype=x.dtype, device=x.device)
     if x.numel():
         keep_scale = float(torch.tensor(1.0 / (1.0 - dropout_p), dtype=torch.float32))
