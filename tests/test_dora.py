@@ -605,3 +605,24 @@ def test_magnitudes_without_use_dora_are_refused(tmp_path):
     config_path.write_text(json.dumps({**json.loads(config_path.read_text()), "use_dora": False}))
     with pytest.raises(ValueError, match="does not set use_dora"):
         pyfastpeft.load_adapter(tiny_llama(), tmp_path)
+
+
+def test_a_converted_dora_model_under_bf16_autocast_keeps_peft_loss_and_gradients():
+    """What Trainer(bf16=True) runs: the forward under torch.autocast(bf16); the loss equals PEFT's to bf16
+    rounding and the adapters' gradients agree to a few bf16 ulps of their largest element."""
+    theirs = peft_dora_model("llama")
+    ours = copy.deepcopy(theirs)
+    pyfastpeft.from_peft(ours)
+    results = []
+    for peft_model in (theirs, ours):
+        peft_model.train()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            out = peft_model(input_ids=input_ids(), labels=input_ids())
+        out.loss.backward()
+        results.append((out.loss.item(), {n: p.grad for n, p in peft_model.named_parameters() if p.requires_grad}))
+    (loss, grads), (want_loss, want_grads) = results[1], results[0]
+    assert abs(loss - want_loss) <= 1e-3 * abs(want_loss)
+    assert sorted(grads) == sorted(want_grads)
+    for name, want in want_grads.items():
+        scale = want.abs().max().item() + 1e-12
+        torch.testing.assert_close(grads[name] / scale, want / scale, rtol=0, atol=5e-2)
