@@ -92,6 +92,18 @@ def teardown() -> None:
         dist.destroy_process_group()
 
 
+def finish() -> None:
+    """End a worker whose work is done and written: skip the interpreter's teardown, where a gloo thread left behind
+    by DTensor's mesh has twice aborted the process ("terminate called without an active exception") after every
+    result was in. A failure before this point still ends the process with an error."""
+    import os
+    import sys
+
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 def worker(rank: int, world_size: int, init_file: str, runs: list, out: str) -> None:
     """Entry point of each spawned process: every (quant, wrapper, optimizer) run; rank 0 writes the losses."""
     torch.set_num_threads(1)
@@ -209,3 +221,4 @@ def dtensor_worker(rank: int, world_size: int, init_file: str, out: str) -> None
     if rank == 0:
         with open(out, "w") as f:
             json.dump(results, f)
+    finish()
