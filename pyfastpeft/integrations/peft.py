@@ -56,6 +56,7 @@ from pyfastpeft.nn.experts import (
 from pyfastpeft.nn.lora import LoRALinear, _check_adapter_name, base_kind, embedding_modules, linear_modules
 from pyfastpeft.nn.lora_embedding import LoRAEmbedding
 from pyfastpeft.nn.modules_to_save import ModulesToSave, modules_to_save_targets, trainable_copies
+from pyfastpeft.nn.prompt_learning import prompt_learning_module
 from pyfastpeft.ops._dtensor import is_dtensor
 
 CONFIG_NAME = "adapter_config.json"
@@ -186,6 +187,9 @@ def save_adapter(model: nn.Module, path, adapter_name: str = "default") -> None:
 
     A model sharded by FSDP2 (adapter weights that are DTensors) is saved whole: every rank calls save_adapter, the
     shards are gathered, rank 0 writes the directory and the others wait for it.
+
+    A model with prompt or prefix tuning (add_prompt_tuning / add_prefix_tuning) is written as PEFT's PROMPT_TUNING /
+    PREFIX_TUNING directory (pyfastpeft.integrations.prompt_learning), which holds that method alone.
     """
     fn = "save_adapter"
     model = _check_model(fn, model)
@@ -213,7 +217,20 @@ def _whole(tensor: torch.Tensor) -> torch.Tensor:
 
 def _adapter_files(fn: str, model: nn.Module, adapter_name: str, state_dict: dict | None = None):
     """(adapter_config.json's dict, the tensors of adapter_model.safetensors). The tensors come from state_dict
-    (keyed as model.state_dict()) when given, else from the layers."""
+    (keyed as model.state_dict()) when given, else from the layers. A model with prompt or prefix tuning
+    (model.prompt_encoder) writes PEFT's PROMPT_TUNING / PREFIX_TUNING directory instead."""
+    if prompt_learning_module(model) is not None:
+        from pyfastpeft.integrations import prompt_learning
+
+        others = [path for path, _ in _lora_layers(model) + _moe_layers(model) + _saved_modules(model)]
+        if others:
+            raise ValueError(
+                f"{fn}: the model holds prompt learning (model.prompt_encoder) and LoRA layers ({others[:3]}); a PEFT "
+                "adapter directory holds one method"
+            )
+        if adapter_name != "default":
+            raise ValueError(f"{fn}: prompt learning holds one adapter, 'default'; got adapter_name={adapter_name!r}")
+        return prompt_learning.files(fn, model)
     all_layers = _lora_layers(model)
     layers = [(module_path, module) for module_path, module in all_layers if adapter_name in module.lora_A]
     parameters = _moe_entries(model, adapter_name)
@@ -566,7 +583,8 @@ def _read_patterns(where: str, name: str, patterns, check_value) -> list:
     return compiled
 
 
-def _read_config(fn: str, path: str) -> tuple[str, _AdapterConfig]:
+def _read_json(fn: str, path: str) -> tuple[str, dict]:
+    """(adapter_config.json's path, its object), read as untrusted text."""
     config_path = os.path.join(path, CONFIG_NAME)
     if not os.path.isfile(config_path):
         raise FileNotFoundError(f"{fn}: no {CONFIG_NAME} in {path!r}")
@@ -581,8 +599,18 @@ def _read_config(fn: str, path: str) -> tuple[str, _AdapterConfig]:
     where = f"{fn}: {config_path}"
     if not isinstance(config, dict):
         raise ValueError(f"{where}: the file holds a JSON {type(config).__name__}, not an object")
+    return config_path, config
+
+
+def _read_config(fn: str, path: str, read: tuple[str, dict] | None = None) -> tuple[str, _AdapterConfig]:
+    config_path, config = read if read is not None else _read_json(fn, path)
+    where = f"{fn}: {config_path}"
     if config.get("peft_type") != "LORA":
-        raise ValueError(f"{where}: 'peft_type' is {config.get('peft_type')!r}, only 'LORA' adapters load")
+        raise ValueError(
+            f"{where}: 'peft_type' is {config.get('peft_type')!r}; LORA, PROMPT_TUNING and PREFIX_TUNING adapters load"[
+                :400
+            ]
+        )
     unsupported = [
         name
         for name in _UNSUPPORTED_FLAGS
@@ -886,6 +914,10 @@ def load_adapter(model: nn.Module, path, adapter_name: str = "default") -> list[
     beyond plain LoRA, a value of the wrong type, a pattern key refused by safe_regex, keys that match no linear
     layer or targeted parameter, shapes that disagree with the config, non-finite weights), and is restored if the
     change itself fails.
+
+    A PROMPT_TUNING / PREFIX_TUNING directory installs a PromptTuning / PrefixTuning as model.prompt_encoder once its
+    settings and its one tensor are checked against the model (pyfastpeft.integrations.prompt_learning); returns
+    ["prompt_encoder"].
     """
     fn = "load_adapter"
     model = _check_model(fn, model)
@@ -893,7 +925,15 @@ def load_adapter(model: nn.Module, path, adapter_name: str = "default") -> list[
     _check_adapter_name(fn, adapter_name)
     if not os.path.isdir(path):
         raise FileNotFoundError(f"{fn}: {path!r} is not a directory")
-    _, config = _read_config(fn, path)
+    config_path, raw = _read_json(fn, path)
+    if raw.get("peft_type") in ("PROMPT_TUNING", "PREFIX_TUNING"):
+        from pyfastpeft.integrations import prompt_learning
+
+        if adapter_name != "default":
+            raise ValueError(f"{fn}: prompt learning holds one adapter, 'default'; got adapter_name={adapter_name!r}")
+        weights_path, state = _read_weights(fn, path)
+        return prompt_learning.load(fn, model, config_path, raw, weights_path, state)
+    _, config = _read_config(fn, path, (config_path, raw))
     weights_path, state = _read_weights(fn, path)
     where = f"{fn}: {weights_path}"
     saved_steps = _plan_modules_to_save(fn, model, adapter_name, config, where, state)  # takes its keys out
@@ -1289,6 +1329,10 @@ def from_peft(peft_model) -> nn.Module:
     LoRAEmbedding over the same parameters.
     Refused, with the model unchanged: adapters of other PEFT types, bias, trainable tokens, fan_in_fan_out, DoRA on
     embeddings, and LoRA on anything but linear layers, embeddings and bare parameters (convolutions).
+
+    A prompt-learning PeftModel (PROMPT_TUNING, PREFIX_TUNING, one adapter) converts too: the transformers model
+    (peft_model.base_model) gets a PromptTuning / PrefixTuning over PEFT's very parameters, and is returned;
+    peft_model's forward, generate and save_pretrained call it from then on.
     """
     fn = "from_peft"
     try:
@@ -1300,8 +1344,16 @@ def from_peft(peft_model) -> nn.Module:
         raise ImportError(f"{fn}: needs the peft package") from error
     if not isinstance(peft_model, PeftModel):
         raise TypeError(f"{fn}: peft_model must be a peft.PeftModel, got {type(peft_model).__name__}")
+    if isinstance(peft_model, _ConvertedPromptModel):
+        return peft_model.base_model
     if isinstance(peft_model, _ConvertedPeftModel):
         return peft_model.base_model.model
+    if getattr(peft_model.active_peft_config, "is_prompt_learning", False):
+        from pyfastpeft.integrations import prompt_learning
+
+        model = prompt_learning.from_peft(fn, peft_model)
+        peft_model.__class__ = _converted_class(_ConvertedPromptModel, type(peft_model))
+        return model
     _check_peft_configs(fn, peft_model.peft_config)
     model = peft_model.base_model.model
     lora_layers, embedding_layers, wrappers, saved, others = [], [], [], [], []
@@ -1635,3 +1687,32 @@ class _ConvertedPeftModel(_Converted):
         raise _unsupported(
             "get_model_status", "each LoRALinear layer reports active_adapter, adapters_enabled and merged_adapters"
         )
+
+
+class _ConvertedPromptModel(_Converted):
+    """A prompt-learning PeftModel that pyfastpeft.from_peft converted: the prompt or prefix now lives on the
+    transformers model (model.prompt_encoder, over PEFT's own parameters), so forward and generate call that model
+    as is, and save_pretrained writes it with pyfastpeft.save_adapter."""
+
+    def forward(self, *args, **kwargs):
+        kwargs.pop("task_ids", None)
+        return self.base_model(*args, **kwargs)
+
+    def generate(self, *args, **kwargs):
+        kwargs.pop("task_ids", None)
+        return self.base_model.generate(*args, **kwargs)
+
+    def save_pretrained(self, save_directory, safe_serialization: bool = True, is_main_process: bool = True, **kwargs):
+        fn = "PeftModel.save_pretrained"
+        if not safe_serialization:
+            raise NotImplementedError(f"{fn}: adapters are written as safetensors only; pass safe_serialization=True")
+        save_directory = _check_path(fn, save_directory)
+        config, tensors = _adapter_files(fn, self.base_model, "default")
+        if is_main_process:
+            _write_directory(fn, save_directory, config, tensors)
+
+    def add_adapter(self, *args, **kwargs):
+        raise NotImplementedError("PeftModel.add_adapter: converted by pyfastpeft.from_peft, it holds one adapter")
+
+    def load_adapter(self, *args, **kwargs):
+        raise NotImplementedError("PeftModel.load_adapter: converted by pyfastpeft.from_peft, it holds one adapter")

@@ -93,6 +93,19 @@ class AdapterSettings:
     train_norms: bool = False
 
 
+@dataclasses.dataclass(frozen=True)
+class PromptSettings:
+    """The prompt-learning method prepare_model adds: "prompt_tuning" (pyfastpeft.add_prompt_tuning: init is
+    "random", "sample_vocab" or token ids) or "prefix_tuning" (pyfastpeft.add_prefix_tuning: init is "random" or
+    "zero", with prefix_projection's MLP of encoder_hidden_size). Checked by prepare_model before the model changes."""
+
+    method: str = "prompt_tuning"
+    num_virtual_tokens: int = 20
+    init: str | Sequence[int] = "random"
+    prefix_projection: bool = False
+    encoder_hidden_size: int | None = None
+
+
 @dataclasses.dataclass
 class PrepareReport:
     """What prepare_model did: modules replaced per kind, what it could not patch and why, the trainable and
@@ -104,7 +117,8 @@ class PrepareReport:
     trainable_params: int = 0
     total_params: int = 0
     # trainable elements per method: "lora" (A, B, B's bias), "dora" (magnitudes), "embeddings" (LoRA on them),
-    # "modules_to_save" (copies trained whole), "bitfit" (the model's biases), "other"
+    # "modules_to_save" (copies trained whole), "bitfit" (the model's biases), "prompt" (prompt or prefix tuning),
+    # "bottleneck adapters", "norms", "other"
     trainable_by_method: dict[str, int] = dataclasses.field(default_factory=dict)
     bytes_before: int = 0
     bytes_after: int = 0
@@ -347,12 +361,15 @@ class AdapterSavePretrained:
 
         from pyfastpeft.integrations.peft import save_adapter
         from pyfastpeft.nn import LoRALinear
+        from pyfastpeft.nn.prompt_learning import prompt_learning_module
 
         if not is_main_process:
             return
         save_directory = os.fspath(save_directory)
         os.makedirs(save_directory, exist_ok=True)
         adapters = {name for module in self.model.modules() if isinstance(module, LoRALinear) for name in module.lora_A}
+        if prompt_learning_module(self.model) is not None:  # PEFT's prompt-learning directory: one adapter
+            adapters = {"default"}
         for name in sorted(adapters):
             save_adapter(
                 self.model,
@@ -368,6 +385,44 @@ class AdapterSavePretrained:
 # ---- prepare_model ---------------------------------------------------------------------------------------------
 
 
+def _add_prompt(model: nn.Module, prompt: PromptSettings, freeze_others: bool = False):
+    from pyfastpeft.nn.prompt_learning import add_prefix_tuning, add_prompt_tuning
+
+    if prompt.method == "prompt_tuning":
+        if prompt.prefix_projection or prompt.encoder_hidden_size is not None:
+            raise ValueError("prepare_model: prompt.prefix_projection / encoder_hidden_size are prefix tuning's")
+        return add_prompt_tuning(model, prompt.num_virtual_tokens, prompt.init, freeze_others=freeze_others)
+    return add_prefix_tuning(
+        model,
+        prompt.num_virtual_tokens,
+        prompt.prefix_projection,
+        prompt.encoder_hidden_size,
+        prompt.init,
+        freeze_others=freeze_others,
+    )
+
+
+def _check_prompt(fn: str, model: nn.Module, prompt: PromptSettings) -> None:
+    """Every check of _add_prompt, run on a skeleton that shares model's config and input embeddings (the model itself
+    does not change)."""
+    from pyfastpeft.nn.prompt_learning import check_model
+
+    check_model(fn, model)
+
+    class _Skeleton(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.config = model.config
+
+        def get_input_embeddings(self):
+            return model.get_input_embeddings()
+
+        def forward(self, input_ids=None, **kwargs):  # pragma: no cover - never called
+            raise AssertionError
+
+    _add_prompt(_Skeleton(), prompt)
+
+
 def _method_of(name: str) -> str:
     """The method a trainable parameter belongs to, from its state-dict name."""
     if ".lora_magnitude_vector." in name:
@@ -380,6 +435,8 @@ def _method_of(name: str) -> str:
         return "modules_to_save"
     if ".adapters." in name:
         return "bottleneck adapters"
+    if name.startswith("prompt_encoder."):
+        return "prompt"
     if "norm" in name.rpartition(".")[0].rpartition(".")[2]:
         return "norms"
     return "bitfit" if name.endswith(".bias") else "other"
@@ -501,6 +558,7 @@ def prepare_model(
     fused_loss: bool = True,
     bitfit: bool = False,
     adapters: AdapterSettings | bool = False,
+    prompt: PromptSettings | bool = False,
 ) -> PrepareReport:
     """Make a transformers causal LM ready for fused (Q)LoRA training, in place; returns a PrepareReport.
 
@@ -519,7 +577,9 @@ def prepare_model(
     bitfit: BitFit, alone (lora=False) or beside the adapter: every linear layer but the output layer trains a bias,
     a zero one where it had none (pyfastpeft.add_bitfit; the report lists them). lora.bias="all" / "lora_only" instead
     trains only the biases the model has (PEFT's bias option). adapters: bottleneck adapters (True: AdapterSettings(),
-    Pfeiffer's placement at reduction factor 16), beside LoRA or alone. report.trainable_by_method splits the
+    Pfeiffer's placement at reduction factor 16), beside LoRA or alone. prompt: prompt or prefix tuning (True:
+    PromptSettings(), 20 virtual tokens of prompt tuning), alone (lora=False: save_pretrained then writes PEFT's
+    PROMPT_TUNING / PREFIX_TUNING directory, which holds that method alone). report.trainable_by_method splits the
     trainable count per method.
 
     A model with adapters saves like a PeftModel: model.save_pretrained(directory), Trainer.save_model and Trainer
@@ -560,6 +620,20 @@ def prepare_model(
             f"{fn}: adapters must be a pyfastpeft.AdapterSettings, True (AdapterSettings()) or False (none), "
             f"got {type(adapters).__name__}"
         )
+    if prompt is True:
+        prompt = PromptSettings()
+    if prompt is not False and not isinstance(prompt, PromptSettings):
+        raise TypeError(
+            f"{fn}: prompt must be a pyfastpeft.PromptSettings, True (PromptSettings()) or False (none), "
+            f"got {type(prompt).__name__}"
+        )
+    if prompt is not False and prompt.method not in ("prompt_tuning", "prefix_tuning"):
+        raise ValueError(f"{fn}: prompt.method must be 'prompt_tuning' or 'prefix_tuning', got {prompt.method!r}")
+    if prompt is not False and (lora is not False or adapters is not False or bitfit):
+        raise ValueError(
+            f"{fn}: prompt learning saves as PEFT's PROMPT_TUNING / PREFIX_TUNING directory, which holds that method "
+            "alone; pass lora=False (and no adapters or bitfit) with prompt"
+        )
     for name, value in (("patch", patch), ("fused_loss", fused_loss), ("bitfit", bitfit)):
         if not isinstance(value, bool):
             raise TypeError(f"{fn}: {name} must be a bool, got {type(value).__name__}")
@@ -569,6 +643,8 @@ def prepare_model(
 
         adapter_args = (adapters.reduction_factor, adapters.placement, adapters.activation, adapters.scaling)
         plan_adapters(fn, model, *adapter_args, "default", adapters.train_norms)
+    if prompt is not False:  # the checks of add_prompt_tuning / add_prefix_tuning, on a throwaway twin of the method
+        _check_prompt(fn, model, prompt)
     check_bitsandbytes_modules(model)  # a bitsandbytes layer that cannot convert raises before anything changes
     if lora is not False:
         _check_lora_targets(fn, model, lora)
@@ -643,6 +719,9 @@ def prepare_model(
 
         bitfit_report = add_bitfit(model, add_missing_biases=True, freeze_others=False)  # all else froze above
         report.replaced["bitfit biases added"] = len(bitfit_report.added)
+    if prompt is not False:
+        _add_prompt(model, prompt)
+        report.replaced[prompt.method] = 1
     if patch:
         patch_report = patch_model(model)
         report.replaced.update(
@@ -662,7 +741,9 @@ def prepare_model(
         # the embeddings are frozen: reentrant gradient checkpointing needs its block inputs to require grad
         # to reach the adapters inside (PEFT's prepare_model_for_kbit_training does the same)
         _enable_input_require_grads(model)
-    if callable(getattr(model, "save_pretrained", None)) and any(isinstance(m, LoRALinear) for m in model.modules()):
+    if callable(getattr(model, "save_pretrained", None)) and (
+        prompt is not False or any(isinstance(m, LoRALinear) for m in model.modules())
+    ):
         model.save_pretrained = AdapterSavePretrained(model)
     report.bytes_after = model_bytes(model)
     object.__setattr__(model, _PREPARED_ATTR, True)

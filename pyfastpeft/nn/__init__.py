@@ -7,6 +7,7 @@ from pyfastpeft.nn.linear8bitlt import Linear8bitLt
 from pyfastpeft.nn.lora import LoRALinear
 from pyfastpeft.nn.losses import FusedLinearCrossEntropyLoss, FusedLinearDistillationLoss, FusedLinearPreferenceLoss
 from pyfastpeft.nn.modules_to_save import ModulesToSave, add_modules_to_save
+from pyfastpeft.nn.prompt_learning import PrefixTuning, PromptTuning
 from pyfastpeft.nn.rmsnorm import RMSNorm
 from pyfastpeft.nn.swiglu import SwiGLUMLP
 
@@ -23,6 +24,8 @@ __all__ = [
     "LoRAParameter",
     "ModulesToSave",
     "add_modules_to_save",
+    "PrefixTuning",
+    "PromptTuning",
     "QuantizedExperts",
     "RMSNorm",
     "SwiGLUMLP",

@@ -1,5 +1,6 @@
 """Benchmark cases of the fine-tuning methods beside plain LoRA, training: DoRA's layer against PEFT's DoRA layer,
-one training step of a Llama-shaped model per method against transformers + PEFT with the same method, and the
+one training step of a Llama-shaped model per method (prompt and prefix tuning included) against transformers +
+PEFT with the same method, and the
 bottleneck adapter against the eager adapter (two nn.Linear, the activation, the scale and the residual add).
 
 The layer's reference is PEFT's own peft.tuners.lora.Linear with use_dora=True, as get_peft_model builds it over a
@@ -9,6 +10,7 @@ over an fp32 one. Ours is pyfastpeft.nn.LoRALinear(use_dora=True) holding the sa
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import functools
 import importlib.util
@@ -21,8 +23,11 @@ from pyfastpeft.bench.cases._common import HIDDEN
 from pyfastpeft.bench.cases.model import (
     LORA_VS_DENSE,
     MODEL_LORA,
+    MODEL_SEED,
     MODEL_SHAPES,
+    TrainingStep,
     model_workload,
+    transformers_rope,
 )
 from pyfastpeft.bench.harness import MODES, Case, CaseSkipped, Goal, Implementation, KernelCall, Workload
 
@@ -122,6 +127,43 @@ def _step_workload(method: str, dtype: torch.dtype, quick: bool, device: torch.d
     return model_workload(MODEL_SHAPES[quick], LORA_VS_DENSE, dtype, device, METHOD_SETTINGS[method])
 
 
+PROMPT_METHODS = {"prompt tuning": "prompt_tuning", "prefix tuning": "prefix_tuning"}
+VIRTUAL_TOKENS = 20  # PEFT's examples' count
+
+
+def _prompt_workload(method: str, dtype: torch.dtype, quick: bool, device: torch.device) -> Workload:
+    """One AdamW step of the model family's Llama-shaped model with VIRTUAL_TOKENS of prompt or prefix tuning and
+    nothing else trained: ours through prepare_model(lora=False, prompt=...) (dense base, the fused layers and loss),
+    the reference through get_peft_model with PEFT's config of the method, starting from our prompt's values. The
+    whole frozen network runs backward on both sides: the gradient reaches the prompt through every layer."""
+    if importlib.util.find_spec("peft") is None:
+        raise CaseSkipped("needs peft (the reference)")
+    import peft
+    from transformers.models.llama import modeling_llama
+
+    from pyfastpeft import PromptSettings, prepare_model
+
+    shape = MODEL_SHAPES[quick]
+    torch.manual_seed(MODEL_SEED)
+    ours = modeling_llama.LlamaForCausalLM(shape.config()).to(device=device, dtype=dtype)
+    reference = copy.deepcopy(ours)
+    settings = PromptSettings(method=PROMPT_METHODS[method], num_virtual_tokens=VIRTUAL_TOKENS)
+    prepare_model(ours, quant=None, lora=False, prompt=settings)
+    config_class = peft.PromptTuningConfig if settings.method == "prompt_tuning" else peft.PrefixTuningConfig
+    reference = peft.get_peft_model(reference, config_class(task_type="CAUSAL_LM", num_virtual_tokens=VIRTUAL_TOKENS))
+    reference.prompt_encoder["default"].load_state_dict(ours.prompt_encoder.state_dict())
+    generator = torch.Generator().manual_seed(MODEL_SEED)
+    input_ids = torch.randint(0, shape.vocab, (shape.batch, shape.seq_len), generator=generator).to(device)
+    ours_step, reference_step = TrainingStep(ours, input_ids), TrainingStep(reference, input_ids, transformers_rope)
+    ours_step()  # one warm-up step each: AdamW's state exists before anything is measured
+    reference_step()
+    return Workload(
+        ours=Implementation(ours_step, ours_step.parameters),
+        reference=Implementation(reference_step, reference_step.parameters),
+        kernels={},
+    )
+
+
 ADAPTER_REDUCTION = 16
 
 
@@ -187,6 +229,20 @@ def methods_cases(dtypes: Sequence[torch.dtype], quick: bool) -> list[Case]:
             headline=quick and dtype == torch.bfloat16,
         )
         for method in METHOD_SETTINGS
+        for dtype in dtypes
+    ]
+    steps += [
+        Case(
+            "methods",
+            f"train step {method} vs PEFT {method} {shape.label} n={VIRTUAL_TOKENS}",
+            dtype,
+            "forward",
+            f"transformers LlamaForCausalLM + PEFT {method} (dense base)",
+            functools.partial(_prompt_workload, method, dtype, quick),
+            tokens=shape.tokens,
+            headline=quick and dtype == torch.bfloat16,
+        )
+        for method in PROMPT_METHODS
         for dtype in dtypes
     ]
     adapters = [
