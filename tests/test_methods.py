@@ -236,27 +236,35 @@ def gemma_tiny(seed=0):
 MODELS = {"llama": tiny_llama, "gemma": gemma_tiny}
 
 
-def embedding_peft_model(name):
-    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "embed_tokens"])
+def embedding_peft_model(name, use_dora=False):
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "embed_tokens"], use_dora=use_dora)
     model = peft.get_peft_model(MODELS[name](), config)
     randomize(model)
+    if use_dora:  # magnitudes near the weight norms they start at, each its own
+        with torch.no_grad():
+            for key, parameter in model.named_parameters():
+                if "lora_magnitude_vector" in key:
+                    parameter.copy_(1.0 + torch.rand(parameter.shape, generator=torch.Generator().manual_seed(3)))
     return model
 
 
+@pytest.mark.parametrize("use_dora", [False, True], ids=["lora", "dora"])
 @pytest.mark.parametrize("name", sorted(MODELS))
-def test_lora_on_embeddings_converts_with_the_same_outputs_and_gradients(name):
+def test_lora_on_embeddings_converts_with_the_same_outputs_and_gradients(name, use_dora):
     from pyfastpeft.nn.lora_embedding import LoRAEmbedding
 
-    theirs = embedding_peft_model(name)
+    theirs = embedding_peft_model(name, use_dora)
     ours = copy.deepcopy(theirs)
     model = pyfastpeft.from_peft(ours)
     assert isinstance(model.model.embed_tokens, LoRAEmbedding)
+    assert model.model.embed_tokens.use_dora["default"] is use_dora
     assert_same_training(ours, theirs)
 
 
+@pytest.mark.parametrize("use_dora", [False, True], ids=["lora", "dora"])
 @pytest.mark.parametrize("name", sorted(MODELS))
-def test_lora_on_embeddings_round_trips_between_peft_and_pyfastpeft(name, tmp_path):
-    theirs = embedding_peft_model(name).eval()
+def test_lora_on_embeddings_round_trips_between_peft_and_pyfastpeft(name, use_dora, tmp_path):
+    theirs = embedding_peft_model(name, use_dora).eval()
     with torch.no_grad():
         want = theirs(input_ids=input_ids()).logits
     theirs.save_pretrained(tmp_path / "peft")  # holds embed_tokens.base_layer.weight too (save_embedding_layers)
@@ -305,8 +313,39 @@ def test_add_lora_on_embeddings_starts_as_the_identity_trains_and_merges():
         torch.testing.assert_close(model(input_ids=input_ids()).logits, adapted, rtol=1e-5, atol=1e-5)
         layer.unmerge()
     torch.testing.assert_close(layer.base_layer.weight, weight, rtol=1e-6, atol=1e-6)
-    with pytest.raises(ValueError, match="built without use_dora and lora_bias"):
-        pyfastpeft.add_lora(tiny_llama(), target_modules=["q_proj", "embed_tokens"], use_dora=True)
+    with pytest.raises(ValueError, match="no lora_bias"):
+        pyfastpeft.add_lora(tiny_llama(), target_modules=["q_proj", "embed_tokens"], lora_bias=True)
+
+
+def test_dora_on_embeddings_starts_as_lora_trains_merges_and_keeps_its_norm_blockwise(monkeypatch):
+    from pyfastpeft.nn import lora_embedding
+    from pyfastpeft.nn.lora_embedding import dora_embedding_norm
+
+    model = tiny_llama()
+    with torch.no_grad():
+        before = model(input_ids=input_ids()).logits
+    pyfastpeft.add_lora(model, target_modules=["q_proj", "embed_tokens"], r=4, use_dora=True)
+    layer = model.model.embed_tokens
+    magnitude = layer.lora_magnitude_vector["default"].weight
+    assert magnitude.requires_grad and magnitude.shape == (64,)
+    torch.testing.assert_close(magnitude, layer.base_layer.weight.norm(dim=0))  # m starts at ||E||_col: g = 1
+    with torch.no_grad():
+        torch.testing.assert_close(model(input_ids=input_ids()).logits, before)
+    losses = train_steps(model, input_ids(), 8, lr=1e-2)
+    assert losses[-1] < losses[0] - 0.05, losses
+    assert not torch.equal(magnitude, layer.base_layer.weight.norm(dim=0))  # m trained
+    A, B, s = layer.lora_embedding_A["default"], layer.lora_embedding_B["default"], layer.scaling["default"]
+    dense = (layer.base_layer.weight.double() + s * (B.double() @ A.double()).t()).norm(dim=0)
+    monkeypatch.setattr(lora_embedding, "_NORM_ROWS", 48)  # blocks that split the vocabulary of 128 unevenly
+    torch.testing.assert_close(dora_embedding_norm(layer.base_layer.weight, A, B, s).double(), dense)
+    model.eval()
+    weight = layer.base_layer.weight.detach().clone()
+    with torch.no_grad():
+        adapted = model(input_ids=input_ids()).logits
+        layer.merge()
+        torch.testing.assert_close(model(input_ids=input_ids()).logits, adapted, rtol=1e-5, atol=1e-5)
+        layer.unmerge()
+    torch.testing.assert_close(layer.base_layer.weight, weight, rtol=1e-5, atol=1e-6)
 
 
 # ---- BitFit ------------------------------------------------------------------------------------------------------

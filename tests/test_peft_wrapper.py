@@ -240,11 +240,21 @@ def test_the_converted_wrapper_survives_torch_save_whole(pair):
     torch.testing.assert_close(logits(restored), logits(ours))
 
 
+def test_a_merged_dora_embedding_is_refused_and_the_model_is_unchanged():
+    """PEFT keeps the norm a merged DoRA adapter was merged with in its own cache, which a conversion would lose."""
+    config = peft.LoraConfig(r=4, target_modules=["q_proj", "embed_tokens"], use_dora=True)
+    model = peft.get_peft_model(tiny_llama(), config)
+    model.base_model.model.model.embed_tokens.merge()
+    types = [type(module) for module in model.modules()]
+    with pytest.raises(ValueError, match="embed_tokens has a merged DoRA adapter"):
+        pyfastpeft.from_peft(model)
+    assert [type(module) for module in model.modules()] == types
+
+
 @pytest.mark.parametrize(
     "settings, message",
     [
         (dict(trainable_token_indices=[1, 2]), r"sets \['trainable_token_indices'\]"),
-        (dict(target_modules=["q_proj", "embed_tokens"], use_dora=True), r"uses DoRA on an embedding"),
     ],
 )
 def test_what_is_not_built_is_refused_and_the_model_is_unchanged(settings, message):

@@ -251,9 +251,10 @@ def _adapter_files(fn: str, model: nn.Module, adapter_name: str, state_dict: dic
         ranks[entry.parameter_path], alphas[entry.parameter_path] = entry.r, entry.lora_alpha
     for setting in ("lora_dropout", "use_rslora", "use_dora", "lora_bias"):
         values = {getattr(module, setting)[adapter_name] for _, module in layers}
+        if setting in ("use_rslora", "use_dora"):  # PEFT's use_dora puts DoRA on embeddings too
+            values |= {getattr(module, setting)[adapter_name] for _, module in embeddings}
         if setting == "use_rslora":
             values |= {entry.use_rslora for entry in parameters}
-            values |= {module.use_rslora[adapter_name] for _, module in embeddings}
         elif setting in ("use_dora", "lora_bias") and parameters:
             values.add(False)  # PEFT's target_parameters are plain LoRA
         elif parameters and values != {0.0}:
@@ -304,6 +305,9 @@ def _adapter_files(fn: str, model: nn.Module, adapter_name: str, state_dict: dic
         for matrix, table in (("A", module.lora_embedding_A), ("B", module.lora_embedding_B)):
             key = f"{module_path}.lora_embedding_{matrix}"
             entries.append((f"{key}.{adapter_name}", key, table[adapter_name]))
+        if module.use_dora[adapter_name]:
+            key = f"{module_path}.lora_magnitude_vector"
+            entries.append((f"{key}.{adapter_name}.weight", key, module.lora_magnitude_vector[adapter_name].weight))
     for module_path, module in layers:
         for matrix, table in (("A", module.lora_A), ("B", module.lora_B)):
             key = f"{module_path}.lora_{matrix}"
@@ -780,10 +784,8 @@ def _plan(
         if embedding:
             if ".lora_embedding_" not in key:
                 raise TypeError(f"{where}: key {key!r} is LoRA of a linear layer, {module_path} is an embedding")
-            if config.use_dora or config.lora_bias:
-                raise ValueError(
-                    f"{where}: LoRA on the embedding {module_path} is built without use_dora and lora_bias"
-                )
+            if config.lora_bias:
+                raise ValueError(f"{where}: LoRA on the embedding {module_path} has no lora_bias (nor has PEFT's)")
             if isinstance(module, LoRAEmbedding) and adapter_name in module.lora_embedding_A:
                 raise ValueError(f"{fn}: {module_path} already has an adapter named {adapter_name!r}")
         elif not isinstance(module, LoRALinear) and base_kind(module) is None:
@@ -805,11 +807,11 @@ def _plan(
                 raise ValueError(
                     f"{where}: {matrix_key!r} is {tuple(tensor.shape)}, the config's r={r} and the layer give {shape}"
                 )
+        width = module.embedding_dim if embedding else module.out_features
         for part in ("magnitude", "bias"):
-            if part in pair and tuple(pair[part][1].shape) != (module.out_features,):
+            if part in pair and tuple(pair[part][1].shape) != (width,):
                 raise ValueError(
-                    f"{where}: {pair[part][0]!r} is {tuple(pair[part][1].shape)}, the layer has "
-                    f"{module.out_features} output features"
+                    f"{where}: {pair[part][0]!r} is {tuple(pair[part][1].shape)}, the layer has {width} output features"
                 )
         vectors = (pair.get("magnitude", (None, None))[1], pair.get("bias", (None, None))[1])
         steps.append(_Step(module_path, module, r, lora_alpha, pair["A"][1], pair["B"][1], *vectors))
@@ -838,6 +840,8 @@ def _fill(layer: LoRALinear, adapter_name: str, step: _Step) -> None:
         if isinstance(layer, LoRAEmbedding):
             layer.lora_embedding_A[adapter_name].copy_(step.lora_A)
             layer.lora_embedding_B[adapter_name].copy_(step.lora_B)
+            if step.magnitude is not None:
+                layer.lora_magnitude_vector[adapter_name].weight.copy_(step.magnitude)
             return
         layer.lora_A[adapter_name].weight.copy_(step.lora_A)
         layer.lora_B[adapter_name].weight.copy_(step.lora_B)
@@ -862,7 +866,7 @@ def _apply(
     undo = []
     try:
         built = []
-        embedding_settings = dict(use_rslora=config.use_rslora, init_lora_weights=False)
+        embedding_settings = dict(use_rslora=config.use_rslora, init_lora_weights=False, use_dora=config.use_dora)
         for step in steps:
             if not isinstance(step.module, (LoRALinear, LoRAEmbedding)):
                 undo.append(
@@ -1270,9 +1274,9 @@ def _converted_embedding(fn: str, module_path: str, layer) -> nn.Module:
     """A LoRAEmbedding over PEFT's lora.Embedding's base and very adapter parameters (scaling, active adapter, merged
     state as PEFT holds them)."""
     names = list(layer.lora_embedding_A)
-    variants = [name for name, variant in getattr(layer, "lora_variant", {}).items() if variant is not None]
-    if variants:
-        raise ValueError(f"{fn}: {module_path} uses DoRA on an embedding ({variants}), which is not built")
+    use_dora = {name: bool(getattr(layer, "use_dora", {}).get(name, False)) for name in names}
+    if any(use_dora[name] for name in layer.merged_adapters):
+        raise ValueError(f"{fn}: {module_path} has a merged DoRA adapter; unmerge it on the PeftModel first")
     if len(layer.active_adapters) > 1:
         raise ValueError(f"{fn}: {module_path} has several active adapters {layer.active_adapters}")
     base = layer.base_layer
@@ -1288,7 +1292,10 @@ def _converted_embedding(fn: str, module_path: str, layer) -> nn.Module:
         r = layer.r[name]  # PEFT before 0.18 keeps only the scaling it chose
         return r > 1 and math.isclose(layer.scaling[name], layer.lora_alpha[name] / math.sqrt(r))
 
-    settings = [dict(r=layer.r[name], lora_alpha=layer.lora_alpha[name], use_rslora=use_rslora(name)) for name in names]
+    settings = [
+        dict(r=layer.r[name], lora_alpha=layer.lora_alpha[name], use_rslora=use_rslora(name), use_dora=use_dora[name])
+        for name in names
+    ]
     ours = LoRAEmbedding(base, adapter_name=names[0], init_lora_weights=False, **settings[0])
     for parameter, flag in zip(base.parameters(), requires_grad):
         parameter.requires_grad_(flag)
@@ -1297,6 +1304,8 @@ def _converted_embedding(fn: str, module_path: str, layer) -> nn.Module:
     active = layer.active_adapters[0] if layer.active_adapters else None
     ours.set_adapter(active if active in names else None)
     ours.lora_embedding_A, ours.lora_embedding_B = layer.lora_embedding_A, layer.lora_embedding_B  # PEFT's very ones
+    if any(use_dora.values()):  # PEFT's DoraEmbeddingLayer modules: each holds m as .weight, as DoRAMagnitude does
+        ours.lora_magnitude_vector = layer.lora_magnitude_vector
     for name in names:
         ours.scaling[name] = layer.scaling[name]
     ours.merged_adapters = list(layer.merged_adapters)
@@ -1327,8 +1336,8 @@ def from_peft(peft_model) -> nn.Module:
     DoRA adapters convert too (their magnitudes are PEFT's very parameters); merged ones must be unmerged first.
     PEFT's modules_to_save wrappers become ModulesToSave over the same original and copies, its LoRA embeddings
     LoRAEmbedding over the same parameters.
-    Refused, with the model unchanged: adapters of other PEFT types, bias, trainable tokens, fan_in_fan_out, DoRA on
-    embeddings, and LoRA on anything but linear layers, embeddings and bare parameters (convolutions).
+    Refused, with the model unchanged: adapters of other PEFT types, bias, trainable tokens, fan_in_fan_out, merged
+    DoRA adapters, and LoRA on anything but linear layers, embeddings and bare parameters (convolutions).
 
     A prompt-learning PeftModel (PROMPT_TUNING, PREFIX_TUNING, one adapter) converts too: the transformers model
     (peft_model.base_model) gets a PromptTuning / PrefixTuning over PEFT's very parameters, and is returned;

@@ -703,10 +703,10 @@ def add_lora(
             if matches_target(path, target_modules)
             and not any(path == saved or path.startswith(saved + ".") for saved in saved_paths)
         ]
-    if embeddings and (use_dora or lora_bias):
+    if embeddings and lora_bias:
         raise ValueError(
             f"{fn}: target_modules names the embeddings {[path for path, _ in embeddings][:4]}, and LoRA on "
-            "embeddings is built without use_dora and lora_bias (PEFT refuses lora_bias there too)"
+            "embeddings has no lora_bias (PEFT refuses it there too)"
         )
     if not chosen and not embeddings:
         names = sorted({path.rpartition(".")[2] for path, _ in candidates})
@@ -757,10 +757,11 @@ def add_lora(
         report.wrapped.append(path)
     for path, module in embeddings:  # no dropout on token ids, as PEFT
         if isinstance(module, LoRAEmbedding):
-            module.add_adapter(adapter_name, r, lora_alpha, use_rslora)
+            module.add_adapter(adapter_name, r, lora_alpha, use_rslora, use_dora=use_dora)
             module.set_adapter(adapter_name)
         else:
-            _set_submodule(model, path, LoRAEmbedding(module, r, lora_alpha, use_rslora, adapter_name))
+            layer = LoRAEmbedding(module, r, lora_alpha, use_rslora, adapter_name, use_dora=use_dora)
+            _set_submodule(model, path, layer)
         report.embeddings.append(path)
     for path, module in blocks:
         # the gated block's gate_up_proj stands for PEFT's gate_proj and up_proj adapters: twice the rank and alpha,
