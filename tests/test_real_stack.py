@@ -164,6 +164,34 @@ def test_trainer_logs_the_losses_of_transformers_and_peft_at_every_step(tmp_path
     assert losses[STEPS] < losses[1]  # it learns
 
 
+@pytest.mark.parametrize(
+    "overrides, tolerances", [({}, FP32), ({"bf16": True}, BF16)], ids=["fp32", "fp32-model-bf16-autocast"]
+)
+def test_trainer_trains_dora_as_peft_does_and_saves_a_peft_adapter(tmp_path, overrides, tolerances):
+    """DoRA on every linear layer (LoraSettings(use_dora=True) against PEFT's use_dora=True): the same loss and
+    gradient norm at every Trainer step, and the saved adapter gives PEFT the trained model's logits."""
+    import dataclasses
+
+    base = base_model()
+    config = peft_lora_config()
+    config.use_dora = True
+    reference = peft.get_peft_model(copy.deepcopy(base), config)
+    reference.enable_input_require_grads()
+    adapters = seed_adapters(reference)
+    assert any(".lora_magnitude_vector." in name for name in adapters)
+    expected = trainer(reference, tmp_path / "peft", **overrides)
+    expected.train()
+    ours = copy.deepcopy(base)
+    pyfastpeft.prepare_model(ours, quant=None, lora=dataclasses.replace(LORA, use_dora=True))
+    _PREPARED.append(ours)
+    load_adapters(ours, adapters)
+    got = trainer(ours, tmp_path / "ours", **overrides)
+    got.train()
+    assert_same_steps(got, expected, tolerances)
+    assert step_logs(got)[STEPS] < step_logs(got)[1]
+    assert_saved_adapter_gives_the_same_logits(got, ours, base, tmp_path / "adapter")
+
+
 def test_trainer_saved_adapter_loads_into_peft_with_the_same_logits(tmp_path):
     base = base_model()
     ours = prepare(copy.deepcopy(base))
