@@ -291,6 +291,18 @@ def test_an_adapter_trained_over_another_embedding_is_refused(tmp_path):
     assert not any(isinstance(m, LoRALinear) for m in model.modules())
 
 
+def assert_merge_round_trips(model, layer, rtol=1e-6):
+    """Merging the embedding's adapter keeps the logits; unmerging gives back its weight."""
+    model.eval()
+    weight = layer.base_layer.weight.detach().clone()
+    with torch.no_grad():
+        adapted = model(input_ids=input_ids()).logits
+        layer.merge()
+        torch.testing.assert_close(model(input_ids=input_ids()).logits, adapted, rtol=1e-5, atol=1e-5)
+        layer.unmerge()
+    torch.testing.assert_close(layer.base_layer.weight, weight, rtol=rtol, atol=1e-6)
+
+
 def test_add_lora_on_embeddings_starts_as_the_identity_trains_and_merges():
     from pyfastpeft.nn.lora_embedding import LoRAEmbedding
 
@@ -305,14 +317,7 @@ def test_add_lora_on_embeddings_starts_as_the_identity_trains_and_merges():
         torch.testing.assert_close(model(input_ids=input_ids()).logits, before)  # A starts at zero
     losses = train_steps(model, input_ids(), 8, lr=1e-2)
     assert losses[-1] < losses[0] - 0.05, losses
-    model.eval()
-    weight = layer.base_layer.weight.detach().clone()
-    with torch.no_grad():
-        adapted = model(input_ids=input_ids()).logits
-        layer.merge()
-        torch.testing.assert_close(model(input_ids=input_ids()).logits, adapted, rtol=1e-5, atol=1e-5)
-        layer.unmerge()
-    torch.testing.assert_close(layer.base_layer.weight, weight, rtol=1e-6, atol=1e-6)
+    assert_merge_round_trips(model, layer)
     with pytest.raises(ValueError, match="no lora_bias"):
         pyfastpeft.add_lora(tiny_llama(), target_modules=["q_proj", "embed_tokens"], lora_bias=True)
 
@@ -338,14 +343,7 @@ def test_dora_on_embeddings_starts_as_lora_trains_merges_and_keeps_its_norm_bloc
     dense = (layer.base_layer.weight.double() + s * (B.double() @ A.double()).t()).norm(dim=0)
     monkeypatch.setattr(lora_embedding, "_NORM_ROWS", 48)  # blocks that split the vocabulary of 128 unevenly
     torch.testing.assert_close(dora_embedding_norm(layer.base_layer.weight, A, B, s).double(), dense)
-    model.eval()
-    weight = layer.base_layer.weight.detach().clone()
-    with torch.no_grad():
-        adapted = model(input_ids=input_ids()).logits
-        layer.merge()
-        torch.testing.assert_close(model(input_ids=input_ids()).logits, adapted, rtol=1e-5, atol=1e-5)
-        layer.unmerge()
-    torch.testing.assert_close(layer.base_layer.weight, weight, rtol=1e-5, atol=1e-6)
+    assert_merge_round_trips(model, layer, rtol=1e-5)
 
 
 # ---- BitFit ------------------------------------------------------------------------------------------------------

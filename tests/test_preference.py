@@ -211,6 +211,31 @@ def test_preference_chunked_backends_match_the_unchunked_reference(backend, dtyp
             torch.testing.assert_close(grad.float(), want.float(), **tol)
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("loss", ["dpo", "orpo"])
+def test_pairs_longer_than_a_chunk_fold_as_they_go_with_a_frozen_lm_head(backend, dtype, loss):
+    """W frozen: a pair in sub-chunks takes one logits matmul per token (its unit gradients folded into u W and the
+    per-sequence bias sums at once, scaled when the pair's weights are known); the loss and the gradients of the
+    hidden states and the bias equal the unchunked reference."""
+    h, w, labels, ref_h, ref_w = inputs()
+    h, w = h.detach().to(dtype).requires_grad_(), w.detach().to(dtype)
+    b = torch.randn(VOCAB).to(dtype).requires_grad_()
+    settings = dict(loss=loss, beta=0.3, softcap=3.0, nll_weight=0.5 if loss == "orpo" else 0.0)
+    if loss == "dpo":
+        settings.update(ref_hidden=ref_h.to(dtype), ref_weight=ref_w.to(dtype))
+    expected = run("reference", fused_linear_preference, h, w, labels, b, **settings)
+    expected_grads = torch.autograd.grad(expected.loss, [h, b])
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype == torch.float32 else dict(rtol=3e-2, atol=3e-3)
+    for chunk in (1, 3, SEQ + 1):  # sub-chunks within a sequence, across the chosen/rejected boundary
+        got = run(backend, fused_linear_preference, h, w, labels, b, chunk_size=chunk, **settings)
+        torch.testing.assert_close(got.loss, expected.loss, **tol)
+        torch.testing.assert_close(got.rejected_logps, expected.rejected_logps, **tol)
+        for grad, want in zip(run(backend, torch.autograd.grad, got.loss, [h, b]), expected_grads):
+            assert grad.dtype == dtype
+            torch.testing.assert_close(grad.float(), want.float(), **tol)
+
+
 @pytest.mark.cuda
 @pytest.mark.parametrize("backend", ["native", "triton"])
 @pytest.mark.parametrize("loss", ["dpo", "simpo", "orpo"])

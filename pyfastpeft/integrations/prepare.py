@@ -385,6 +385,18 @@ class AdapterSavePretrained:
 # ---- prepare_model ---------------------------------------------------------------------------------------------
 
 
+def _settings(fn: str, name: str, value, settings_class: type):
+    """A method argument of prepare_model: True means settings_class()'s defaults, False none, else an instance."""
+    if value is True:
+        return settings_class()
+    if value is not False and not isinstance(value, settings_class):
+        raise TypeError(
+            f"{fn}: {name} must be a pyfastpeft.{settings_class.__name__}, True ({settings_class.__name__}()) or "
+            f"False (none), got {type(value).__name__}"
+        )
+    return value
+
+
 def _add_prompt(model: nn.Module, prompt: PromptSettings, freeze_others: bool = False):
     from pyfastpeft.nn.prompt_learning import add_prefix_tuning, add_prompt_tuning
 
@@ -606,27 +618,9 @@ def prepare_model(
         raise TypeError(f"{fn}: model must be a torch.nn.Module, got {type(model).__name__}")
     if quant not in QUANT_METHODS:
         raise ValueError(f"{fn}: quant must be one of {QUANT_METHODS}, got {quant!r}")
-    if lora is True:
-        lora = LoraSettings()
-    if lora is not False and not isinstance(lora, LoraSettings):
-        raise TypeError(
-            f"{fn}: lora must be a pyfastpeft.LoraSettings, True (LoraSettings()) or False (no adapters), "
-            f"got {type(lora).__name__}"
-        )
-    if adapters is True:
-        adapters = AdapterSettings()
-    if adapters is not False and not isinstance(adapters, AdapterSettings):
-        raise TypeError(
-            f"{fn}: adapters must be a pyfastpeft.AdapterSettings, True (AdapterSettings()) or False (none), "
-            f"got {type(adapters).__name__}"
-        )
-    if prompt is True:
-        prompt = PromptSettings()
-    if prompt is not False and not isinstance(prompt, PromptSettings):
-        raise TypeError(
-            f"{fn}: prompt must be a pyfastpeft.PromptSettings, True (PromptSettings()) or False (none), "
-            f"got {type(prompt).__name__}"
-        )
+    lora = _settings(fn, "lora", lora, LoraSettings)
+    adapters = _settings(fn, "adapters", adapters, AdapterSettings)
+    prompt = _settings(fn, "prompt", prompt, PromptSettings)
     if prompt is not False and prompt.method not in ("prompt_tuning", "prefix_tuning"):
         raise ValueError(f"{fn}: prompt.method must be 'prompt_tuning' or 'prefix_tuning', got {prompt.method!r}")
     if prompt is not False and (lora is not False or adapters is not False or bitfit):

@@ -217,32 +217,21 @@ def _adapter_workload(rows: int, features: int, dtype: torch.dtype, device: torc
 def methods_cases(dtypes: Sequence[torch.dtype], quick: bool) -> list[Case]:
     rows = DORA_ROWS[quick]
     shape = MODEL_SHAPES[quick]
+    # (method, its workload, what its label adds): the LoRA options, then the prompt-learning methods
+    kinds = [(method, _step_workload, "") for method in METHOD_SETTINGS]
+    kinds += [(method, _prompt_workload, f" n={VIRTUAL_TOKENS}") for method in PROMPT_METHODS]
     steps = [
         Case(
             "methods",
-            f"train step {method} vs PEFT {method} {shape.label}",
+            f"train step {method} vs PEFT {method} {shape.label}{suffix}",
             dtype,
             "forward",
             f"transformers LlamaForCausalLM + PEFT {method} (dense base)",
-            functools.partial(_step_workload, method, dtype, quick),
+            functools.partial(workload, method, dtype, quick),
             tokens=shape.tokens,
             headline=quick and dtype == torch.bfloat16,
         )
-        for method in METHOD_SETTINGS
-        for dtype in dtypes
-    ]
-    steps += [
-        Case(
-            "methods",
-            f"train step {method} vs PEFT {method} {shape.label} n={VIRTUAL_TOKENS}",
-            dtype,
-            "forward",
-            f"transformers LlamaForCausalLM + PEFT {method} (dense base)",
-            functools.partial(_prompt_workload, method, dtype, quick),
-            tokens=shape.tokens,
-            headline=quick and dtype == torch.bfloat16,
-        )
-        for method in PROMPT_METHODS
+        for method, workload, suffix in kinds
         for dtype in dtypes
     ]
     adapters = [
