@@ -34,3 +34,15 @@ def pytest_collection_modifyitems(config, items):
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _accelerate_environment():
+    """Put back the ACCELERATE_* environment variables after each test: TrainingArguments before transformers 5.0
+    exports ACCELERATE_MIXED_PRECISION=bf16 for bf16=True and never takes it back, so every later Trainer in the
+    process would run under bf16 autocast."""
+    environment = {key: value for key, value in os.environ.items() if key.startswith("ACCELERATE_")}
+    yield
+    for key in [key for key in os.environ if key.startswith("ACCELERATE_") and key not in environment]:
+        del os.environ[key]
+    os.environ.update(environment)

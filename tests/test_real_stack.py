@@ -22,7 +22,6 @@ seeds 1-3):
 
 import copy
 import importlib.metadata
-import os
 
 import pytest
 import torch
@@ -73,16 +72,10 @@ def prepare(model, quant=None):
 
 @pytest.fixture(autouse=True)
 def _fresh_state_per_test():
-    """Unpatch what the test prepared, and put back the ACCELERATE_* environment variables: TrainingArguments before
-    transformers 5.0 exports ACCELERATE_MIXED_PRECISION=bf16 for bf16=True and never takes it back, so every later
-    Trainer in the process would run under bf16 autocast."""
-    environment = {key: value for key, value in os.environ.items() if key.startswith("ACCELERATE_")}
+    """Unpatch what the test prepared (conftest puts back the ACCELERATE_* environment)."""
     yield
     while _PREPARED:
         pyfastpeft.unpatch_model(_PREPARED.pop())
-    for key in [key for key in os.environ if key.startswith("ACCELERATE_") and key not in environment]:
-        del os.environ[key]
-    os.environ.update(environment)
 
 
 def prepared_copy(base, adapters, quant=None):
