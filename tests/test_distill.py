@@ -309,3 +309,17 @@ def test_distillation_rejects_bad_input():
         torch.ops.pyfastpeft.distill_forward(
             h.detach(), w.detach(), g, u, labels, None, None, -100, 0.0, 0.0, 0.0, "mean", True, True, False, 0
         )
+
+
+def test_ignored_tokens_skip_both_lm_heads(monkeypatch):
+    # reduction none: the forward computes both models' logits of the counted tokens alone, and so does the backward
+    # that recomputes them; the ignored tokens' losses and gradients are 0
+    student, teacher, labels = inputs(ignored=range(0, TOKENS, 2))
+    rows = []
+    real = distill_ops.logits_into
+    monkeypatch.setattr(distill_ops, "logits_into", lambda x, weight, out: rows.append(len(x)) or real(x, weight, out))
+    got = ours("native", student, teacher, labels, loss="jsd", reduction="none", chunk_size=CHUNK)
+    grads = torch.autograd.grad(got.sum(), leaves(student))
+    counted = labels != -100
+    assert sum(rows) == 4 * int(counted.sum()) < 4 * TOKENS
+    assert bool((got[~counted] == 0).all()) and bool((grads[0][~counted] == 0).all())

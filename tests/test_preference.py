@@ -13,6 +13,8 @@ from helpers import BACKENDS, run
 import pyfastpeft
 from pyfastpeft.functional import fused_linear_preference
 from pyfastpeft.nn import FusedLinearCrossEntropyLoss, FusedLinearPreferenceLoss
+from pyfastpeft.ops import flce as flce_ops
+from pyfastpeft.ops import preference as preference_ops
 
 ALL_BACKENDS = ["reference"] + BACKENDS
 PAIRS, SEQ, HIDDEN, VOCAB, CHUNK = 3, 7, 16, 53, 5  # chunks of 5 tokens split the sequences
@@ -296,3 +298,27 @@ def test_preference_peak_memory_stays_far_below_the_logits_even_when_a_pair_outg
     peak = peak_cpu_bytes(fused)
     budget = 2 * chunk * vocab * 4 + 4 * h.numel() * 4 + 64 * labels.numel()
     assert peak <= budget < logits_bytes / 4, (peak, budget, logits_bytes)
+
+
+@pytest.mark.parametrize("chunk", [None, 3])
+def test_only_counted_tokens_reach_the_lm_head_matmuls(monkeypatch, chunk):
+    """The prompt, the padding and a wholly ignored pair take no part in either model's matmuls; the loss and the
+    gradients stay the reference's (whose eager row pass sees every row)."""
+    h, w, labels, ref_h, ref_w = inputs()
+    labels[[0, PAIRS]] = -100  # the first pair counts nowhere
+    expected = run("reference", fused_linear_preference, h, w, labels, ref_hidden=ref_h, ref_weight=ref_w)
+    expected_grads = torch.autograd.grad(expected.loss, [h, w])
+    rows = []
+    for module in (preference_ops, flce_ops):
+        real = module.logits_into
+        monkeypatch.setattr(
+            module, "logits_into", lambda x, weight, out, real=real: rows.append(len(x)) or real(x, weight, out)
+        )
+    got = run("native", fused_linear_preference, h, w, labels, ref_hidden=ref_h, ref_weight=ref_w, chunk_size=chunk)
+    counted = int((labels != -100).sum())
+    passes = 2 if chunk else 1  # a pair in sub-chunks with W trained goes twice
+    assert sum(rows) == counted * (1 + passes)  # the reference model's pass, then the policy's
+    torch.testing.assert_close(got.loss, expected.loss, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(got.chosen_logps[0], torch.tensor(0.0))
+    for grad, want in zip(torch.autograd.grad(got.loss, [h, w]), expected_grads):
+        torch.testing.assert_close(grad, want, rtol=1e-4, atol=1e-6)

@@ -44,7 +44,14 @@ from pyfastpeft.ops._checks import (
     check_tensor,
 )
 from pyfastpeft.ops._library import define_op, triton_module
-from pyfastpeft.ops.flce import accumulate_grad_weight, check_label_range, chunk_rows, logits_into
+from pyfastpeft.ops.flce import (
+    accumulate_grad_weight,
+    check_label_range,
+    chunk_rows,
+    counted_rows,
+    logits_into,
+    scatter_rows,
+)
 from pyfastpeft.reference import distill as ref
 from pyfastpeft.reference._common import accumulate_dtype
 from pyfastpeft.reference.flce import NONE, REDUCTIONS, reduce, reduction_weights
@@ -344,7 +351,8 @@ def fused_linear_distillation(
     vocabulary; labels int64 hidden.shape[:-1] (already shifted) or None. loss: "kl" (forward KL(teacher ||
     student), Hinton's), "reverse_kl" (KL(student || teacher)) or "jsd" (the generalized Jensen-Shannon
     divergence of GKD with `beta`, TRL's generalized_jsd_loss: beta 0 and 1 are its forward and reverse KL).
-    Tokens whose label is ignore_index count nowhere; without labels every token counts. hard_label_weight a:
+    Tokens whose label is ignore_index count nowhere (and skip both lm_heads' matmuls); without labels every token
+    counts. hard_label_weight a:
     the loss is a * cross_entropy(student logits, labels) + (1 - a) * divergence (needs labels; the
     cross-entropy at temperature 1). reduction "mean" (over counted tokens; 0 when none), "sum" or "none"
     (labels' shape). The divergence is not multiplied by temperature^2 (as TRL's). The loss is fp32 (fp64 for
@@ -390,7 +398,8 @@ def fused_linear_distillation(
             f"{tuple(student_hidden.shape[:-1])}: they must match"
         )
     token_shape = student_hidden.shape[:-1]
-    if labels is None:
+    labelled = labels is not None
+    if not labelled:
         if hard_label_weight:
             raise ValueError(f"{fn}: hard_label_weight > 0 needs labels")
         labels = torch.zeros(token_shape, dtype=torch.int64, device=student_hidden.device)
@@ -410,16 +419,23 @@ def fused_linear_distillation(
             check_label_range(fn, labels, vocab, ignore_index)
     beta = LOSSES[loss] if LOSSES[loss] is not None else float(beta)
     settings = (ignore_index, beta, float(temperature), float(hard_label_weight))
+    student_rows = student_hidden.reshape(-1, student_hidden.shape[-1])
+    teacher_rows = teacher_hidden.reshape(-1, teacher_hidden.shape[-1])
+    flat = labels.reshape(-1)
+    rows = counted_rows(flat, ignore_index) if labelled else None  # ignored tokens skip both lm_heads
+    if rows is not None:
+        student_rows, teacher_rows = student_rows.index_select(0, rows), teacher_rows.index_select(0, rows)
+        flat = flat.index_select(0, rows)
     out = FusedLinearDistillationFunction.apply(
-        student_hidden.reshape(-1, student_hidden.shape[-1]),
+        student_rows,
         student_weight,
-        teacher_hidden.reshape(-1, teacher_hidden.shape[-1]),
+        teacher_rows,
         teacher_weight,
-        labels.reshape(-1),
+        flat,
         student_bias,
         teacher_bias,
         settings,
         reduction,
         chunk_size or 0,
     )
-    return out.view(token_shape) if reduction == NONE else out
+    return scatter_rows(out, rows, labels.numel()).view(token_shape) if reduction == NONE else out

@@ -220,6 +220,12 @@ def _forward_with(row_pass, chunked: bool = True):
         pairs_per_chunk = max(1, capacity // pair_rows)
         if pair_rows <= capacity * (1 if chunk_size else SINGLE_PASS_CHUNKS):
             capacity = pairs_per_chunk * pair_rows
+        # Only counted tokens go through the matmuls (flce_ops.counted_rows): the buffer needs no more rows than
+        # the most any group of pairs counts.
+        if not (torch.compiler.is_compiling() or (device.type == "cuda" and torch.cuda.is_current_stream_capturing())):
+            groups = -(-pairs // pairs_per_chunk)
+            per_pair = F.pad(counts.view(2, pairs).sum(0), (0, groups * pairs_per_chunk - pairs))
+            capacity = max(1, min(capacity, int(per_pair.view(groups, pairs_per_chunk).sum(1).max())))
         buffer = torch.empty(capacity, vocab, dtype=cd, device=device)
         unit = torch.ones(capacity, dtype=cd, device=device)  # the row pass zeroes ignored rows itself
         token_lse = torch.empty_like(unit)
@@ -253,17 +259,23 @@ def _forward_with(row_pass, chunked: bool = True):
             chosen, rejected = slice(start, stop), slice(pairs + start, pairs + stop)
             h = torch.cat([hidden[chosen], hidden[rejected]]).reshape(n, hidden_size)
             y = torch.cat([labels[chosen], labels[rejected]]).reshape(n)
-            token_loss = torch.empty(n, dtype=cd, device=device)
-            dh = torch.empty(n, hidden_size, dtype=hidden.dtype, device=device) if need_grad_hidden else None
-            single = n <= capacity
+            kept = flce_ops.counted_rows(y, ignore_index)  # None: every row
+            if kept is not None:
+                h, y = h.index_select(0, kept), y.index_select(0, kept)
+            sequence = torch.arange(n, device=device) // seq_len
+            sequence = sequence if kept is None else sequence.index_select(0, kept)  # each row's, in 0..2k-1
+            n_kept = y.shape[0]
+            token_loss = torch.empty(n_kept, dtype=cd, device=device)
+            dh = torch.empty(n_kept, hidden_size, dtype=hidden.dtype, device=device) if need_grad_hidden else None
+            single = n_kept <= capacity
             # sub-chunks fold their unit gradients as they go (dh and db are linear in each sequence's weight)
             folding = with_grads and not single and not need_grad_weight
             if folding:
-                unit_dh = torch.empty(n, hidden_size, dtype=hidden.dtype, device=device) if need_grad_hidden else None
+                unit_dh = torch.empty_like(dh) if need_grad_hidden else None
                 unit_db = torch.zeros(2 * k, vocab, dtype=cd, device=device) if need_grad_bias else None
             # pass 1: the tokens' ce (and, when the group fits one chunk, their unit gradients, kept in the buffer)
-            for sub in range(0, n, capacity):
-                rows = slice(sub, min(sub + capacity, n))
+            for sub in range(0, n_kept, capacity):
+                rows = slice(sub, min(sub + capacity, n_kept))
                 m = rows.stop - rows.start
                 logits = logits_of(h[rows], m)
                 unit_weights = unit[:m] if with_grads and (single or folding) else None
@@ -273,9 +285,8 @@ def _forward_with(row_pass, chunked: bool = True):
                     if unit_dh is not None:
                         torch.mm(logits.to(hidden.dtype), weight, out=unit_dh[rows])
                     if unit_db is not None:
-                        sequence = torch.arange(rows.start, rows.stop, device=device) // seq_len
-                        unit_db.index_add_(0, sequence, logits)
-            ce = token_loss.view(2 * k, seq_len).sum(-1)
+                        unit_db.index_add_(0, sequence[rows], logits)
+            ce = torch.zeros(2 * k, dtype=cd, device=device).index_add_(0, sequence, token_loss)
             logps[chosen], logps[rejected] = -ce[:k], -ce[k:]
             refs = (None, None) if ref_c is None else (ref_c[chosen], ref_r[chosen])
             part, grad_c, grad_r = _pair_part(
@@ -284,24 +295,27 @@ def _forward_with(row_pass, chunked: bool = True):
             total += part
             if not with_grads:
                 continue
-            token_weights = torch.cat([grad_c, grad_r]).repeat_interleave(seq_len)  # d loss / d ce_t
+            token_weights = torch.cat([grad_c, grad_r]).index_select(0, sequence)  # d loss / d ce_t
             if single:  # dz = d loss / d ce_t * d ce_t / d logits, from the unit gradients in the buffer
-                logits.mul_(token_weights[:, None])
-                fold(logits, h, dh)
+                if n_kept:
+                    logits.mul_(token_weights[:, None])
+                    fold(logits, h, dh)
             elif folding:  # dh_t = w_seq (u_t W), db = sum over sequences of w_seq sum_t u_t
                 if dh is not None:
                     dh.copy_(unit_dh.to(cd) * token_weights[:, None])
                 if unit_db is not None:
                     grad_bias.add_(torch.cat([grad_c, grad_r]) @ unit_db)
             else:  # pass 2: the logits again, the row pass with the tokens' weights
-                for sub in range(0, n, capacity):
-                    rows = slice(sub, min(sub + capacity, n))
+                for sub in range(0, n_kept, capacity):
+                    rows = slice(sub, min(sub + capacity, n_kept))
                     m = rows.stop - rows.start
                     logits = logits_of(h[rows], m)
                     row_pass(logits, y[rows], token_weights[rows], None, None, token_loss[rows], token_lse[:m],
                              ignore_index, 0.0, softcap)  # fmt: skip
                     fold(logits, h[rows], None if dh is None else dh[rows])
             if dh is not None:
+                if kept is not None:  # ignored rows get no gradient
+                    dh = dh.new_zeros(n, hidden_size).index_copy_(0, kept, dh)
                 dh = dh.view(2 * k, seq_len, hidden_size)
                 grad_hidden[chosen], grad_hidden[rejected] = dh[:k], dh[k:]
         return (
