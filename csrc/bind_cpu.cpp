@@ -57,6 +57,8 @@ PYBIND11_MODULE(_C, m) {
   PFP_DEF(int8_gemv);
   PFP_DEF(int8_dequantize_rows);
   PFP_DEF(lora_dropout);
+  PFP_DEF(lora_down);
+  PFP_DEF(lora_nf4_gemv);
   PFP_DEF(quantize_affine);
   PFP_DEF(quantize_static);
   PFP_DEF(dequantize_affine);

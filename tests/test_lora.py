@@ -121,6 +121,30 @@ def test_triton_dropout_kernel_is_reference_bit_for_bit(dtype):
     torch.testing.assert_close(accumulated, expected, **TOLERANCES[dtype])
 
 
+@pytest.mark.parametrize("isa", CPU_ISAS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+@pytest.mark.parametrize("rows, in_features", [(1, 256), (8, 128), (3, 72)])  # the AVX-512 GEMV path, and not
+@pytest.mark.parametrize("dropout_p", [0.0, 0.3])
+def test_nf4_decode_fuses_the_lora_branch_into_the_gemv(monkeypatch, isa, dtype, rows, in_features, dropout_p):
+    """Up to 8 rows over an NF4 base, the native forward is two kernels (the down-projection with its dropout, the
+    GEMV adding the up-projection before its one rounding): y and xa equal the unfused torch path's."""
+    x, (packed, state), bias, lora_A, lora_B = make_inputs((rows, in_features), 40, 16, dtype, "nf4")
+    rng = torch.tensor([7, 1 << 33]) if dropout_p else None
+    args = (x.detach(), packed, state.dequantized_absmax(), state.code, bias.detach(), lora_A.detach(),
+            lora_B.detach(), 64, 40, in_features, 2.0, dropout_p, rng)  # fmt: skip
+    fused = []
+    real = lora_ops._native_decode
+    monkeypatch.setattr(lora_ops, "_native_decode", lambda *a: fused.append(1) or real(*a))
+    with pyfastpeft.use_backend("native"), cpu_isa(isa):
+        y, xa = lora_ops.lora_nf4_forward(*args)
+        monkeypatch.setattr(lora_ops, "_decodes_fused", lambda *a: False)
+        expected_y, expected_xa = lora_ops.lora_nf4_forward(*args)
+    assert len(fused) == 1
+    tolerance = TOLERANCES[dtype] if dtype != torch.float64 else dict(rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(xa, expected_xa, **tolerance)
+    torch.testing.assert_close(y, expected_y, **tolerance)
+
+
 # ---- lora_linear ------------------------------------------------------------------------------------------
 
 
@@ -164,8 +188,15 @@ def assert_all_close(actual, expected, dtype):
             torch.testing.assert_close(got, want, **TOLERANCES[dtype])
 
 
-# (x shape, out_features, rank, bias): M = 1, a 3-D x, in/out features not multiples of 16, r = 1, 16, 64
-SHAPES = [((1, 33), 17, 1, None), ((2, 5, 40), 24, 16, "grad"), ((7, 19), 21, 64, "frozen")]
+# (x shape, out_features, rank, bias): M = 1, a 3-D x, in/out features not multiples of 16, r = 1, 16, 64; over an
+# NF4 base, up to 8 rows take the fused decode kernels (the last two: its AVX-512 path, in_features % 128 == 0)
+SHAPES = [
+    ((1, 33), 17, 1, None),
+    ((2, 5, 40), 24, 16, "grad"),
+    ((7, 19), 21, 64, "frozen"),
+    ((3, 256), 40, 16, "grad"),
+    ((2, 1, 128), 33, 32, None),
+]
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

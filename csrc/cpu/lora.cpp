@@ -11,6 +11,7 @@
 #include "cpu/kernels.h"
 
 #include <stdexcept>
+#include <vector>
 
 #if defined(__AVX512F__)
 #include <immintrin.h>
@@ -176,7 +177,52 @@ void dropout_rows_impl(const T* src, T* dst, const int64_t* row_index, int64_t c
   });
 }
 
+// xa[i, q] = sum_c x_d[i, c] * a[q, c], fp32 (fp64) sums rounded once; x_d = dropout(x) rounded to T as
+// lora_dropout writes it when dropout, else x. One task per (i, q).
+template <typename T>
+void down_impl(const T* x, const T* a, T* xa, int64_t m, int64_t k, int64_t rank, bool dropout, uint64_t seed,
+               uint64_t offset, float threshold, float keep_scale, int nthreads) {
+  using C = typename pfp::Compute<T>::type;
+  std::vector<T> dropped;
+  if (dropout) {
+    dropped.resize(m * k);
+    dropout_impl(x, dropped.data(), m * k, seed, offset, threshold, keep_scale, 1.0, false, nthreads);
+    x = dropped.data();
+  }
+  std::vector<C> xs(m * k);
+  pfp::load_row(x, xs.data(), m * k);
+  // a decode step's product (16 x 4096) is a few microseconds of work, less than waking a second thread
+  const int threads = m * rank * k >= (int64_t(1) << 20) ? nthreads : 1;
+  pfp::parallel_for(m * rank, k, threads, [&](int64_t begin, int64_t end, int) {
+    std::vector<C> a_row(k);
+    for (int64_t task = begin; task < end; ++task) {
+      const int64_t i = task / rank, q = task % rank;
+      pfp::load_row(a + q * k, a_row.data(), k);
+      const C* xi = xs.data() + i * k;
+      xa[task] = pfp::from_compute<T>(pfp::lane_sum<C>(k, [&](int64_t c) { return xi[c] * a_row[c]; }));
+    }
+  });
+}
+
 }  // namespace
+
+// lora_down: LoRA's down-projection of a few rows (decode), xa[m, rank] = dropout(x)[m, k] @ a[rank, k]^T, the
+// dropped x exactly as lora_dropout makes it (alpha 1; rounded to the dtype) when dropout, the sums in fp32 (fp64
+// for fp64) rounded once. x, a, xa: contiguous, of `dtype`. seed, offset, threshold, keep_scale: as lora_dropout.
+void lora_down(const void* x, const void* a, void* xa, int64_t m, int64_t k, int64_t rank, int dtype, bool dropout,
+               int64_t seed, int64_t offset, float threshold, float keep_scale, int nthreads) {
+#define PFP_LORA_DOWN(T)                                                                                  \
+  down_impl(static_cast<const T*>(x), static_cast<const T*>(a), static_cast<T*>(xa), m, k, rank, dropout, \
+            uint64_t(seed), uint64_t(offset), threshold, keep_scale, nthreads)
+  switch (dtype) {
+    case pfp::kFloat32: PFP_LORA_DOWN(float); return;
+    case pfp::kFloat16: PFP_LORA_DOWN(half); return;
+    case pfp::kBFloat16: PFP_LORA_DOWN(bf16); return;
+    case pfp::kFloat64: PFP_LORA_DOWN(double); return;
+  }
+#undef PFP_LORA_DOWN
+  throw std::invalid_argument("lora_down: unsupported dtype code");
+}
 
 // lora_dropout: for i in [0, numel), with keep[i] from (seed, offset, i) as above,
 //   d[i] = keep[i] ? src[i] * keep_scale : 0

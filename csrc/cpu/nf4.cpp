@@ -347,9 +347,11 @@ constexpr int64_t kPrefetchRows = 8;
 // of W row j with x row r. Each lane's 8 weights lie in one block (blocksize >= 32), so a span is
 //   sum_i scale[i] * sum_v code[q(8i + (v ^ 1))] * x_split[16v + i],   scale[i] = absmax[block of 8i]
 // with scale gathered from absmax by lane_block[i] = 8i / blocksize.
-template <int M>
+// group_done(group, group_end) runs as each group of rows is complete, while the prefetched bytes of the next
+// stream in: the caller's epilogue then costs little more than the memory-bound loop alone.
+template <int M, typename F>
 void gemv_rows_fast(const float* x_split, const uint8_t* packed, const float* absmax, const float* code, int64_t begin,
-                    int64_t end, int64_t n, int64_t k, int64_t blocksize, float* dots) {
+                    int64_t end, int64_t n, int64_t k, int64_t blocksize, float* dots, F&& group_done) {
   const __m512 codes = _mm512_loadu_ps(code);
   alignas(64) int32_t lane_block[16];
   for (int i = 0; i < 16; ++i) lane_block[i] = int32_t(8 * i / blocksize);
@@ -389,27 +391,62 @@ void gemv_rows_fast(const float* x_split, const uint8_t* packed, const float* ab
         for (int r = 0; r < M; ++r) dots[r * n + j] += _mm512_reduce_add_ps(acc[r]);
       }
     }
+    group_done(group, group_end);
   }
 }
 
-template <int... Ms>
+template <int... Ms, typename F>
 void gemv_fast_dispatch(std::integer_sequence<int, Ms...>, int64_t m, const float* x_split, const uint8_t* packed,
                         const float* absmax, const float* code, int64_t begin, int64_t end, int64_t n, int64_t k,
-                        int64_t blocksize, float* dots) {
-  ((m == Ms ? gemv_rows_fast<Ms>(x_split, packed, absmax, code, begin, end, n, k, blocksize, dots) : void()), ...);
+                        int64_t blocksize, float* dots, F&& group_done) {
+  ((m == Ms ? gemv_rows_fast<Ms>(x_split, packed, absmax, code, begin, end, n, k, blocksize, dots, group_done)
+            : void()),
+   ...);
 }
 #endif
 
 constexpr int64_t kMaxGemvRows = 8;
 
-// x: [m, k] of T; out: [m, n] of T; bias: [n] of bias_dtype or null.
+// An optional rank-r term of the output: out[i, j] += scaling * sum_q xa[i, q] * b[j, q] (LoRA's up-projection).
+template <typename T>
+struct LowRank {
+  const T* b = nullptr;   // [n, rank]
+  const T* xa = nullptr;  // [m, rank]
+  int64_t rank = 0;
+  double scaling = 0.0;
+};
+
+// x: [m, k] of T; out: [m, n] of T; bias: [n] of bias_dtype or null. Each thread finishes its own output columns:
+// the dots, the bias, the low-rank term, one rounding.
 template <typename T>
 void gemv_impl(const T* x, const uint8_t* packed, const float* absmax, const float* code, const void* bias,
-               int bias_dtype, T* out, int64_t m, int64_t n, int64_t k, int64_t blocksize, int nthreads) {
+               int bias_dtype, T* out, int64_t m, int64_t n, int64_t k, int64_t blocksize, int nthreads,
+               const LowRank<T>& low_rank = {}) {
   using C = typename pfp::Compute<T>::type;
   std::vector<C> xs(m * k), dots(m * n);
   pfp::load_row(x, xs.data(), m * k);
   const std::vector<C> bias_values = bias ? load_vector<C>(bias, bias_dtype, n) : std::vector<C>(n, C(0));
+  const int64_t rank = low_rank.b ? low_rank.rank : 0;
+  std::vector<C> xa(m * rank);
+  if (rank) pfp::load_row(low_rank.xa, xa.data(), m * rank);
+  const C scaling = C(low_rank.scaling);
+  auto finish = [&](int64_t begin, int64_t end) {
+    C b_stack[256];  // these rows of b, converted at once (on the stack for a group of 16 rows of rank <= 16)
+    std::vector<C> b_heap((end - begin) * rank > 256 ? (end - begin) * rank : 0);
+    C* b_rows = b_heap.empty() ? b_stack : b_heap.data();
+    if (rank) pfp::load_row(low_rank.b + begin * rank, b_rows, (end - begin) * rank);
+    for (int64_t j = begin; j < end; ++j) {
+      const C* b_j = b_rows + (j - begin) * rank;
+      for (int64_t r = 0; r < m; ++r) {
+        C value = dots[r * n + j] + bias_values[j];
+        if (rank) {  // lane_sum: independent partial sums, which vectorize (a running sum would not)
+          const C* xa_r = xa.data() + r * rank;
+          value += scaling * pfp::lane_sum<C>(rank, [&](int64_t q) { return xa_r[q] * b_j[q]; });
+        }
+        out[r * n + j] = pfp::from_compute<T>(value);
+      }
+    }
+  };
 #if defined(__AVX512F__)
   constexpr bool fp32 = std::is_same<C, float>::value;
   const bool fast = fp32 && k % blocksize == 0 && k % kSpan == 0 && blocksize % 32 == 0;
@@ -423,15 +460,14 @@ void gemv_impl(const T* x, const uint8_t* packed, const float* absmax, const flo
     if constexpr (fp32) {
       if (fast) {
         gemv_fast_dispatch(std::integer_sequence<int, 1, 2, 3, 4, 5, 6, 7, 8>(), m, x_split->data, packed, absmax, code,
-                           begin, end, n, k, blocksize, dots.data());
+                           begin, end, n, k, blocksize, dots.data(), finish);
         return;
       }
     }
 #endif
     gemv_rows_decoded(xs.data(), packed, absmax, code, begin, end, m, n, k, blocksize, dots.data());
+    finish(begin, end);
   });
-  for (int64_t r = 0; r < m; ++r)
-    for (int64_t j = 0; j < n; ++j) out[r * n + j] = pfp::from_compute<T>(dots[r * n + j] + bias_values[j]);
 }
 
 }  // namespace
@@ -489,6 +525,26 @@ void nf4_gemv(const void* x, int x_dtype, const uint8_t* packed, const float* ab
   }
 #undef PFP_NF4_GEMV
   throw std::invalid_argument("nf4_gemv: unsupported x dtype code");
+}
+
+// lora_nf4_gemv: nf4_gemv's out plus LoRA's up-projection, in the same fp32 (fp64) sums and one rounding:
+//   out[i, j] = x[i] . w_hat[j] (+ bias[j]) + scaling * sum_q xa[i, q] * lora_b[j, q]
+// x, xa [m, rank], lora_b [n, rank], out: contiguous, dtype x_dtype; the rest as nf4_gemv; 1 <= m <= 8.
+void lora_nf4_gemv(const void* x, int x_dtype, const uint8_t* packed, const float* absmax, const float* code,
+                   const void* bias, int bias_dtype, const void* lora_b, const void* xa, double scaling, void* out,
+                   int64_t m, int64_t n, int64_t k, int64_t rank, int64_t blocksize, int nthreads) {
+  if (m < 1 || m > kMaxGemvRows) throw std::invalid_argument("lora_nf4_gemv: m must be in [1, 8]");
+#define PFP_LORA_NF4_GEMV(T)                                                                                 \
+  gemv_impl(static_cast<const T*>(x), packed, absmax, code, bias, bias_dtype, static_cast<T*>(out), m, n, k, \
+            blocksize, nthreads, LowRank<T>{static_cast<const T*>(lora_b), static_cast<const T*>(xa), rank, scaling})
+  switch (x_dtype) {
+    case pfp::kFloat32: PFP_LORA_NF4_GEMV(float); return;
+    case pfp::kFloat16: PFP_LORA_NF4_GEMV(half); return;
+    case pfp::kBFloat16: PFP_LORA_NF4_GEMV(bf16); return;
+    case pfp::kFloat64: PFP_LORA_NF4_GEMV(double); return;
+  }
+#undef PFP_LORA_NF4_GEMV
+  throw std::invalid_argument("lora_nf4_gemv: unsupported x dtype code");
 }
 
 }  // namespace PFP_ISA

@@ -42,15 +42,19 @@ def check_op_devices(op: str, names, args) -> None:
     """Every tensor argument of op on the first tensor argument's device (a CPU/meta or CPU/CUDA mix would
     hand a kernel a pointer it cannot read)."""
     first_name, first_device = None, None
-    for name, value in zip(names, args):
-        items = [(name, value)] if isinstance(value, torch.Tensor) else []
-        if isinstance(value, (list, tuple)):  # a Tensor[] argument: each of its tensors
-            items = [(f"{name}[{i}]", t) for i, t in enumerate(value) if isinstance(t, torch.Tensor)]
-        for item_name, tensor in items:
+    for name, value in zip(names, args):  # every op call runs this: no list per argument
+        if isinstance(value, torch.Tensor):
+            tensors = ((name, value),)
+        elif isinstance(value, (list, tuple)):  # a Tensor[] argument: each of its tensors
+            tensors = ((f"{name}[{i}]", t) for i, t in enumerate(value) if isinstance(t, torch.Tensor))
+        else:
+            continue
+        for item_name, tensor in tensors:
+            device = tensor.device
             if first_device is None:
-                first_name, first_device = item_name, tensor.device
-            elif tensor.device != first_device:
-                raise ValueError(f"{op}: {item_name} is on {tensor.device}, {first_name} is on {first_device}")
+                first_name, first_device = item_name, device
+            elif device != first_device:
+                raise ValueError(f"{op}: {item_name} is on {device}, {first_name} is on {first_device}")
 
 
 def _dtype_names(dtypes) -> str:

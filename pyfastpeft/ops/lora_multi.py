@@ -42,6 +42,7 @@ from pyfastpeft.ops.lora import (
     _draw_rng,
     _fake_backward,
     _keep_scale,
+    _keep_threshold,
     check_lora_args,
 )
 from pyfastpeft.ops.lora_base import BASE_KINDS, BaseKind, dispatch_base
@@ -82,7 +83,7 @@ def _dropout_rows(
         src.dtype,
         seed,
         offset,
-        float(ref.keep_threshold(dropout_p)),
+        _keep_threshold(dropout_p),
         _keep_scale(dropout_p),
         alpha,
         accumulate,
