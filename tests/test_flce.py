@@ -235,7 +235,8 @@ def test_flce_frozen_weight_computes_and_saves_no_weight_grad():
     saved = []
     with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
         loss = fused_linear_cross_entropy(h, w, labels)
-    assert max(t.numel() for t in saved) <= h.numel()  # dh (of the counted rows) only: no [V, H] gradient, no logits
+    counted = int((labels != -100).sum())  # ignored tokens skip the op: dh of the counted rows, no [V, H], no logits
+    assert max(t.numel() for t in saved) == counted * h.shape[1] < h.numel()
     loss.backward()
     assert w.grad is None and h.grad is not None
 
@@ -673,4 +674,4 @@ def test_cpu_half_logits_in_column_blocks_equal_one_matmul(vocab):
     w = (torch.randn(vocab, 64) / 8).bfloat16()
     out = torch.empty(24, vocab)
     flce_ops.logits_into(h, w, out)
-    torch.testing.assert_close(out, torch.mm(h, w.t()).float(), rtol=1e-2, atol=1e-2)
+    torch.testing.assert_close(out, torch.mm(h, w.t()).float(), rtol=2**-7, atol=1e-3)  # a bf16 ulp

@@ -562,13 +562,19 @@ class FusedLinearCrossEntropyFunction(torch.autograd.Function):
         return grad_hidden, grad_weight, None, grad_bias, None, None, None, None, None, None, None, None
 
 
+def host_may_read(t: torch.Tensor) -> bool:
+    """Whether a value of t may be read back on the host: not while torch.compile traces, nor while a CUDA graph
+    captures (where the read would sync)."""
+    return not (torch.compiler.is_compiling() or (t.is_cuda and torch.cuda.is_current_stream_capturing()))
+
+
 def counted_rows(labels: torch.Tensor, ignore_index: int) -> torch.Tensor | None:
     """The indices (int64 [n], n < T, maybe 0) of the entries of labels [T] that count (not ignore_index) when not
     all do; else None. The chunked passes then run over these rows alone: an ignored row (a prompt token, padding,
     a prompt-tuning virtual token, the last position of each sequence) adds nothing to a loss or a gradient, yet
     would cost its full share of the lm_head matmuls. Finding them puts their count on the host, which
     torch.compile tracing and CUDA graph capture forbid: there it gives None and every row is computed."""
-    if torch.compiler.is_compiling() or (labels.is_cuda and torch.cuda.is_current_stream_capturing()):
+    if not host_may_read(labels):
         return None
     rows = (labels != ignore_index).nonzero().squeeze(1)
     return rows if rows.numel() < labels.numel() else None

@@ -222,7 +222,7 @@ def _forward_with(row_pass, chunked: bool = True):
             capacity = pairs_per_chunk * pair_rows
         # Only counted tokens go through the matmuls (flce_ops.counted_rows): the buffer needs no more rows than
         # the most any group of pairs counts.
-        if not (torch.compiler.is_compiling() or (device.type == "cuda" and torch.cuda.is_current_stream_capturing())):
+        if flce_ops.host_may_read(labels):
             groups = -(-pairs // pairs_per_chunk)
             per_pair = F.pad(counts.view(2, pairs).sum(0), (0, groups * pairs_per_chunk - pairs))
             capacity = max(1, min(capacity, int(per_pair.view(groups, pairs_per_chunk).sum(1).max())))
@@ -231,7 +231,9 @@ def _forward_with(row_pass, chunked: bool = True):
         token_lse = torch.empty_like(unit)
         logps = torch.empty(sequences, dtype=cd, device=device)
         total = torch.zeros((), dtype=cd, device=device)
-        grad_hidden = torch.empty(hidden.shape, dtype=hidden.dtype, device=device) if need_grad_hidden else None
+        # ignored rows keep these zeros; the group's counted rows are copied in
+        grad_hidden = torch.zeros(hidden.shape, dtype=hidden.dtype, device=device) if need_grad_hidden else None
+        flat_hidden, flat_labels = hidden.reshape(tokens, hidden_size), labels.view(tokens)
         grad_weight = torch.zeros(weight.shape, dtype=cd, device=device) if need_grad_weight else None
         grad_bias = torch.zeros(vocab, dtype=cd, device=device) if need_grad_bias else None
         bias_c = None if bias is None else bias.to(cd)
@@ -257,13 +259,15 @@ def _forward_with(row_pass, chunked: bool = True):
             stop = min(start + pairs_per_chunk, pairs)
             k, n = stop - start, 2 * (stop - start) * seq_len
             chosen, rejected = slice(start, stop), slice(pairs + start, pairs + stop)
-            h = torch.cat([hidden[chosen], hidden[rejected]]).reshape(n, hidden_size)
-            y = torch.cat([labels[chosen], labels[rejected]]).reshape(n)
-            kept = flce_ops.counted_rows(y, ignore_index)  # None: every row
+            # the group's rows of the flattened batch, its chosen sequences then its rejected ones; then those that
+            # count, each gathered once
+            chosen_rows = torch.arange(start * seq_len, stop * seq_len, device=device)
+            source = torch.cat([chosen_rows, chosen_rows + pairs * seq_len])
+            sequence = torch.arange(n, device=device) // seq_len  # each row's, in 0..2k-1
+            kept = flce_ops.counted_rows(flat_labels.index_select(0, source), ignore_index)  # None: every row
             if kept is not None:
-                h, y = h.index_select(0, kept), y.index_select(0, kept)
-            sequence = torch.arange(n, device=device) // seq_len
-            sequence = sequence if kept is None else sequence.index_select(0, kept)  # each row's, in 0..2k-1
+                source, sequence = source.index_select(0, kept), sequence.index_select(0, kept)
+            h, y = flat_hidden.index_select(0, source), flat_labels.index_select(0, source)
             n_kept = y.shape[0]
             token_loss = torch.empty(n_kept, dtype=cd, device=device)
             dh = torch.empty(n_kept, hidden_size, dtype=hidden.dtype, device=device) if need_grad_hidden else None
@@ -314,10 +318,7 @@ def _forward_with(row_pass, chunked: bool = True):
                              ignore_index, 0.0, softcap)  # fmt: skip
                     fold(logits, h[rows], None if dh is None else dh[rows])
             if dh is not None:
-                if kept is not None:  # ignored rows get no gradient
-                    dh = dh.new_zeros(n, hidden_size).index_copy_(0, kept, dh)
-                dh = dh.view(2 * k, seq_len, hidden_size)
-                grad_hidden[chosen], grad_hidden[rejected] = dh[:k], dh[k:]
+                grad_hidden.view(tokens, hidden_size).index_copy_(0, source, dh)
         return (
             total,
             logps,
