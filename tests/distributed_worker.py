@@ -17,20 +17,35 @@ def batch() -> torch.Tensor:
     return torch.randint(0, 128, (BATCH, SEQ), generator=torch.Generator().manual_seed(1))
 
 
-def prepared(quant, lora: bool = True):
+def prepared(quant, lora: bool = True, mesh=None):
     """The tiny Llama prepared with LoRA r=8 on all linear layers (or none), its adapters drawn nonzero (PEFT's B
-    starts at zero; this way every adapter matters from the first step)."""
+    starts at zero; this way every adapter matters from the first step). With a mesh, each decoder layer is made
+    tensor parallel first (torch's parallelize_module, Megatron's plan: q, k, v, gate and up column parallel, o and
+    down row parallel), and the adapters shard with their bases."""
     from helpers import tiny_llama
 
     import pyfastpeft
 
     model = tiny_llama().train()
+    if mesh is not None:
+        from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+        plan = {f"self_attn.{name}": ColwiseParallel() for name in ("q_proj", "k_proj", "v_proj")}
+        plan |= {"mlp.gate_proj": ColwiseParallel(), "mlp.up_proj": ColwiseParallel()}
+        plan |= {"self_attn.o_proj": RowwiseParallel(), "mlp.down_proj": RowwiseParallel()}
+        for layer in model.model.layers:
+            parallelize_module(layer, mesh, plan)
     settings = pyfastpeft.LoraSettings(r=8, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear")
     pyfastpeft.prepare_model(model, quant=quant, lora=settings if lora else False)
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.requires_grad:
-                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name))) * 0.02)
+                value = torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name))) * 0.02
+                if type(p).__name__ == "DTensor":
+                    from torch.distributed.tensor import distribute_tensor
+
+                    value = distribute_tensor(value, p.device_mesh, p.placements)
+                p.copy_(value)
     return model
 
 
@@ -38,8 +53,13 @@ def train(quant, wrapper: str, optimizer: str, rank: int = 0, world_size: int = 
     """(the model, per-step losses averaged over the ranks: each the mean over its sequences, all of one length)."""
     import pyfastpeft
 
-    model = prepared(quant)
     wrapper, *extras = wrapper.split("+")  # "fsdp2+checkpointing", "fsdp2+compile"
+    if wrapper == "tp":  # every rank the whole batch, each layer's weights sharded over the ranks
+        from torch.distributed.device_mesh import init_device_mesh
+
+        model = prepared(quant, mesh=init_device_mesh("cpu", (world_size,)))
+    else:
+        model = prepared(quant)
     if "checkpointing" in extras:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
     if wrapper == "ddp":
@@ -59,8 +79,8 @@ def train(quant, wrapper: str, optimizer: str, rank: int = 0, world_size: int = 
         opt = pyfastpeft.optim.AdamW8bit(trainable, lr=1e-2, min_8bit_size=0)
     else:
         opt = torch.optim.AdamW(trainable, lr=1e-2)
-    share = BATCH // world_size
-    ids = batch()[rank * share : (rank + 1) * share]
+    share = BATCH if wrapper == "tp" else BATCH // world_size
+    ids = batch()[rank * share : (rank + 1) * share] if share < BATCH else batch()
     result = []
     for _ in range(steps):
         loss = model(input_ids=ids, labels=ids).loss
@@ -147,6 +167,29 @@ def save_worker(rank: int, world_size: int, init_file: str, directory: str) -> N
         teardown()
 
 
+def tp_save_worker(rank: int, world_size: int, init_file: str, directory: str) -> None:
+    """A dense base trained tensor parallel, save_adapter (rank 0 writes the gathered adapters), then load_adapter
+    into a fresh tensor-parallel model, whose shards must hold the saved adapters; rank 0 writes both."""
+    from torch.distributed.device_mesh import init_device_mesh
+
+    import pyfastpeft
+
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    try:
+        model, _ = train(None, "tp", "adamw", rank, world_size)
+        pyfastpeft.save_adapter(model, f"{directory}/adapter")
+        trained = {n: p.detach().full_tensor() for n, p in model.named_parameters() if p.requires_grad}
+        fresh = prepared(None, lora=False, mesh=init_device_mesh("cpu", (world_size,)))
+        pyfastpeft.load_adapter(fresh, f"{directory}/adapter")
+        loaded = {n: p.detach().full_tensor() for n, p in fresh.named_parameters() if "lora_" in n}
+        if rank == 0:
+            torch.save({"trained": trained, "loaded": loaded}, f"{directory}/tp.pt")
+    finally:
+        teardown()
+    finish()
+
+
 def dtensor_worker(rank: int, world_size: int, init_file: str, out: str) -> None:
     """rms_norm, swiglu and apply_rotary_pos_emb on DTensors of a 2-rank mesh, sharded the ways tensor and sequence
     parallelism shard them (and one way that needs a redistribution), against the same calls on whole tensors:
@@ -160,18 +203,19 @@ def dtensor_worker(rank: int, world_size: int, init_file: str, out: str) -> None
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
     mesh = init_device_mesh("cpu", (world_size,))
     gen = torch.Generator().manual_seed(0)
-    results = {}
+    results, refused = {}, {}
 
-    def compare(name, fn, inputs: dict, placements: dict, dy):
-        """fn on whole leaves and on DTensor leaves; the outputs and every leaf's gradient compared."""
-        whole = {k: v.clone().requires_grad_(v.is_floating_point() and k != "table") for k, v in inputs.items()}
-        expected = fn(**whole)
+    def compare(name, fn, inputs: dict, placements: dict, dy, expected_fn=None, frozen=("table",)):
+        """fn on whole leaves (or expected_fn, the same math written out) and on DTensor leaves; the outputs and every
+        leaf's gradient compared (not those of the frozen leaves)."""
+        whole = {k: v.clone().requires_grad_(v.is_floating_point() and k not in frozen) for k, v in inputs.items()}
+        expected = (expected_fn or fn)(**whole)
         expected = expected if isinstance(expected, tuple) else (expected,)
         torch.autograd.backward(expected, dy)
         shards = {}
         for k, v in inputs.items():
             shards[k] = distribute_tensor(v, mesh, placements[k]) if k in placements else v
-            if k in placements and k != "table":
+            if k in placements and k not in frozen:
                 shards[k].requires_grad_(True)
         got = fn(**shards)
         got = got if isinstance(got, tuple) else (got,)
@@ -214,11 +258,82 @@ def dtensor_worker(rank: int, world_size: int, init_file: str, out: str) -> None
             {"q": [Shard(1)], "k": [Shard(1)]},
             (torch.randn(2, 4, 8, 16, generator=gen), torch.randn(2, 2, 8, 16, generator=gen)),
         )
+        lora_cases(compare, refused, world_size)
     except Exception as error:  # noqa: BLE001 - reported to the test
         results["error"] = f"{type(error).__name__}: {error}"
     finally:
         teardown()
     if rank == 0:
         with open(out, "w") as f:
-            json.dump(results, f)
+            json.dump({"errors": results, "refused": refused}, f)
     finish()
+
+
+def lora_cases(compare, refused: dict, world_size: int) -> None:
+    """lora_linear tensor parallel the two ways (column: W, B and bias Shard(0); row: x, W and A sharded on in),
+    sequence parallel over a whole NF4 base, and with dropout: column parallel on ranks seeded alike draws the one
+    process's mask; row parallel draws each rank's mask for its shard (same seed, the shard's shape), which
+    expected_fn rebuilds to check that the mask is applied consistently forward and backward."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard
+
+    from pyfastpeft.functional import lora_linear
+    from pyfastpeft.quant import quantize_nf4
+    from pyfastpeft.reference.lora import keep_mask
+
+    gen = torch.Generator().manual_seed(1)
+    out_f, in_f, r, s, p = 48, 32, 4, 2.0, 0.25
+    x = torch.randn(2, 8, in_f, generator=gen)
+    w, bias = torch.randn(out_f, in_f, generator=gen) / 8, torch.randn(out_f, generator=gen)
+    a, b = torch.randn(r, in_f, generator=gen) / 4, torch.randn(out_f, r, generator=gen) / 4
+    dy = (torch.randn(2, 8, out_f, generator=gen),)
+    inputs = {"x": x, "w": w, "bias": bias, "a": a, "b": b}
+    column = {"x": [Replicate()], "w": [Shard(0)], "bias": [Shard(0)], "a": [Replicate()], "b": [Shard(0)]}
+    row = {"x": [Shard(2)], "w": [Shard(1)], "bias": [Replicate()], "a": [Shard(1)], "b": [Replicate()]}
+
+    def seeded(dropout_p):
+        def fn(x, w, bias, a, b):
+            torch.manual_seed(7)  # every rank, and the whole call: the same (seed, offset) drawn
+            return lora_linear(x, w, bias, a, b, s, dropout_p, training=True)
+
+        return fn
+
+    for label, placements in (("column", column), ("row", row)):
+        compare(f"lora_linear {label} parallel", seeded(0.0), inputs, placements, dy, frozen=("w",))
+    compare("lora_linear column parallel, dropout", seeded(p), inputs, column, dy, frozen=("w",))
+
+    def row_masks(x, w, bias, a, b):
+        """The row-parallel dropout written out: each rank's mask from the same draw over its [.., in / n] shard."""
+        torch.manual_seed(7)
+        rng = torch.randint(0, 2**62, (2,), dtype=torch.int64)
+        shard = (*x.shape[:-1], x.shape[-1] // world_size)
+        keep = torch.cat([keep_mask(rng, shard, p, x.device)] * world_size, dim=-1)
+        return x @ w.T + bias + s * ((x * keep / (1 - p)) @ a.T) @ b.T
+
+    compare("lora_linear row parallel, dropout", seeded(p), inputs, row, dy, expected_fn=row_masks, frozen=("w",))
+
+    packed, state = quantize_nf4(w)
+
+    def nf4(x, bias, a, b):
+        return lora_linear(x, (packed, state), bias, a, b, s)
+
+    sequence = {"x": [Shard(1)], "bias": [Replicate()], "a": [Replicate()], "b": [Replicate()]}
+    compare("lora_linear nf4 sequence parallel", nf4, {k: inputs[k] for k in sequence}, sequence, dy)
+
+    from torch.distributed.tensor import distribute_tensor
+
+    mesh = init_device_mesh("cpu", (world_size,))
+    x_rows, w_column = distribute_tensor(x, mesh, [Shard(1)]), distribute_tensor(w, mesh, [Shard(0)])
+    refusals = {  # each must raise ValueError naming what to change
+        "lora_A": lambda: lora_linear(x_rows, w, None, a.clone().requires_grad_(), b, s),
+        "x is not": lambda: lora_linear(x, w_column, None, a, b, s),
+        "quantized base": lambda: lora_linear(
+            x_rows, (distribute_tensor(packed, mesh, [Shard(0)]), state), None, a, b, s
+        ),
+    }
+    for expected, call in refusals.items():
+        try:
+            call()
+            refused[expected] = "no error"
+        except ValueError as error:
+            refused[expected] = str(error)

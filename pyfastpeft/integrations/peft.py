@@ -57,7 +57,7 @@ from pyfastpeft.nn.lora import LoRALinear, _check_adapter_name, base_kind, embed
 from pyfastpeft.nn.lora_embedding import LoRAEmbedding
 from pyfastpeft.nn.modules_to_save import ModulesToSave, modules_to_save_targets, trainable_copies
 from pyfastpeft.nn.prompt_learning import prompt_learning_module
-from pyfastpeft.ops._dtensor import is_dtensor
+from pyfastpeft.ops._dtensor import copy_whole, is_dtensor
 
 CONFIG_NAME = "adapter_config.json"
 SAFETENSORS_NAME = "adapter_model.safetensors"
@@ -843,8 +843,8 @@ def _fill(layer: LoRALinear, adapter_name: str, step: _Step) -> None:
             if step.magnitude is not None:
                 layer.lora_magnitude_vector[adapter_name].weight.copy_(step.magnitude)
             return
-        layer.lora_A[adapter_name].weight.copy_(step.lora_A)
-        layer.lora_B[adapter_name].weight.copy_(step.lora_B)
+        copy_whole(layer.lora_A[adapter_name].weight, step.lora_A)  # a tensor-parallel layer's A or B: its shard
+        copy_whole(layer.lora_B[adapter_name].weight, step.lora_B)
         if step.magnitude is not None:
             layer.lora_magnitude_vector[adapter_name].weight.copy_(step.magnitude)
         if step.lora_bias is not None:

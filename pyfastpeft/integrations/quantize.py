@@ -9,6 +9,7 @@ from torch import nn
 
 from pyfastpeft.nn import Linear4bit, Linear8bitLt
 from pyfastpeft.nn.experts import QuantizedExperts, experts_layout_problem
+from pyfastpeft.ops._dtensor import is_dtensor
 
 METHODS = ("nf4", "fp4", "int8")
 
@@ -64,6 +65,12 @@ def quantize_model(
         raise TypeError(f"quantize_model: model must be a torch.nn.Module, got {type(model).__name__}")
     if method not in METHODS:
         raise ValueError(f"quantize_model: method must be one of {METHODS}, got {method!r}")
+    sharded = [path for path, m in model.named_modules() if type(m) is nn.Linear and is_dtensor(m.weight)]
+    if sharded:  # before any replacement: the model is left as it was
+        raise ValueError(
+            f"quantize_model: {sharded[0]} is tensor parallel (its weight is a DTensor); tensor parallelism shards "
+            f"dense bases only (a quantized layer runs whole on each rank: leave it out of the parallelize plan)"
+        )
     report = QuantizeReport(bytes_before=model_bytes(model))
 
     def quantize(linear: nn.Linear) -> nn.Module:

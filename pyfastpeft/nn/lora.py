@@ -33,7 +33,9 @@ from pyfastpeft.nn.modules_to_save import (
     check_module_names,
     modules_to_save_targets,
 )
+from pyfastpeft.ops import _dtensor
 from pyfastpeft.ops._autocast import autocast_dtype
+from pyfastpeft.ops._dtensor import is_dtensor
 from pyfastpeft.ops.dora import dora_linear, dora_weight_norm
 from pyfastpeft.ops.lora import lora_linear
 from pyfastpeft.quant.nf4 import QuantState
@@ -298,6 +300,8 @@ class LoRALinear(NamedAdapters, nn.Module):
             nn.init.zeros_(lora_B.weight)
             if lora_bias:
                 nn.init.zeros_(lora_B.bias)
+        if is_dtensor(self.base_layer.weight):
+            self._shard_adapter(fn, lora_A, lora_B, use_dora or lora_bias)
         trains = adapter_name == self._active_adapter
         lora_A.requires_grad_(trains)
         lora_B.requires_grad_(trains)
@@ -313,6 +317,17 @@ class LoRALinear(NamedAdapters, nn.Module):
             magnitude = DoRAMagnitude(norm.to(factory["dtype"]))
             magnitude.weight.requires_grad_(trains)
             self.lora_magnitude_vector[adapter_name] = magnitude
+
+    def _shard_adapter(self, fn: str, lora_A: nn.Linear, lora_B: nn.Linear, refused: bool) -> None:
+        """A tensor-parallel base (its weight a DTensor sharded on out or in, as torch's parallelize_module leaves
+        an nn.Linear): the adapter's A and B become DTensors sharded with it, rank 0's values on every rank."""
+        from torch.distributed.tensor import distribute_tensor
+
+        if refused:
+            raise ValueError(f"{fn}: use_dora and lora_bias are not supported over a tensor-parallel base")
+        weight = self.base_layer.weight
+        for linear, placements in zip((lora_A, lora_B), _dtensor.adapter_placements(weight)):
+            linear.weight = nn.Parameter(distribute_tensor(linear.weight.detach(), weight.device_mesh, placements))
 
     def _check_known(self, fn: str, adapter_name) -> None:
         if adapter_name not in self.lora_A:
@@ -447,9 +462,11 @@ class LoRALinear(NamedAdapters, nn.Module):
             bias = lora_bias if bias is None else bias + lora_bias
         if self.use_dora[name]:
             return self._dora_forward(x, kind, compute, bias).to(kind.output_dtype(base, x))
+        weight = kind.lora_weight(base)
+        local_io = is_dtensor(weight) and not is_dtensor(x)  # a tensor-parallel base between plain layers
         y = lora_linear(
-            x.to(compute),
-            kind.lora_weight(base),
+            (_dtensor.module_input(x, weight) if local_io else x).to(compute),
+            weight,
             bias,
             self.lora_A[name].weight.to(compute),
             self.lora_B[name].weight.to(compute),
@@ -457,7 +474,7 @@ class LoRALinear(NamedAdapters, nn.Module):
             self.lora_dropout[name],
             self.training,
         )
-        return y.to(kind.output_dtype(base, x))
+        return (_dtensor.module_output(y) if local_io else y).to(kind.output_dtype(base, x))
 
     def _dora_forward(self, x, kind: _BaseKind, compute: torch.dtype, bias):
         """The active DoRA adapter: the norm from A and B as stored (fp32 over half-precision bases, as PEFT computes

@@ -31,6 +31,7 @@ import torch
 
 from pyfastpeft import _native
 from pyfastpeft.backend import carry_backend
+from pyfastpeft.ops import _dtensor
 from pyfastpeft.ops import nf4 as nf4_ops
 from pyfastpeft.ops._autocast import autocast_dtype, cast_like_linear
 from pyfastpeft.ops._checks import (
@@ -480,8 +481,14 @@ def lora_linear(
     Dropout (probability dropout_p in [0, 1)) applies only when training and dropout_p > 0: then a (seed,
     offset) pair is drawn from torch's default generator for x's device, so torch.manual_seed reproduces
     the mask and activation checkpointing recomputes it; otherwise nothing is drawn.
+
+    DTensor inputs (tensor parallel: a dense weight sharded on out_features (column) or in_features (row), lora_B
+    or lora_A sharded with it, as PEFT shards them; data or sequence parallel: x sharded on a dim but its last) run
+    on each rank's shards and return a DTensor (ops/_dtensor.py has the layouts and the gradients' placements).
     """
     fn = "lora_linear"
+    if _dtensor.any_dtensor(x, weight, bias, lora_A, lora_B):
+        return _dtensor.lora_linear(lora_linear, x, weight, bias, lora_A, lora_B, scaling, dropout_p, training)
     check_tensor(fn, "x", x, min_dim=1)
     dtype = autocast_dtype(x)  # F.linear's autocast rule for every product (ops/_autocast.py)
     x, lora_A, lora_B, bias = cast_like_linear(dtype, x, lora_A, lora_B, bias)
