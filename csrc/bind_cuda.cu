@@ -15,6 +15,46 @@
 
 namespace py = pybind11;
 
+// Unified (managed) memory for paged optimizer states, in the interface of torch.cuda.memory.CUDAPluggableAllocator
+// (pyfastpeft/optim.py routes the states' allocations to a torch.cuda.MemPool of it). Managed pages live where they
+// were last touched: under memory pressure the driver evicts them to host memory instead of failing, and the next
+// kernel to touch them faults them back (or a prefetch moves them ahead of it). Exported by name for ctypes (the
+// module is built with hidden visibility). A failed allocation returns nullptr, which torch reports as out of memory.
+extern "C" {
+__attribute__((visibility("default"))) void* pfp_managed_alloc(size_t size, int /*device*/, cudaStream_t /*s*/) {
+  void* ptr = nullptr;
+  if (cudaMallocManaged(&ptr, size, cudaMemAttachGlobal) != cudaSuccess) {
+    (void)cudaGetLastError();
+    return nullptr;
+  }
+  return ptr;
+}
+
+__attribute__((visibility("default"))) void pfp_managed_free(void* ptr, size_t /*size*/, int /*device*/,
+                                                             cudaStream_t /*stream*/) {
+  if (cudaFree(ptr) != cudaSuccess) (void)cudaGetLastError();  // a free cannot report; never leave an error behind
+}
+}
+
+namespace {
+
+// Moves the managed pages [ptr, ptr + nbytes) to a device (device >= 0) or to host memory (device < 0), ordered on
+// the stream: a step's kernels then find its states resident instead of faulting them in page by page.
+void prefetch_managed(uintptr_t ptr, size_t nbytes, int device, uintptr_t stream) {
+  const void* begin = reinterpret_cast<const void*>(ptr);
+  cudaStream_t on = reinterpret_cast<cudaStream_t>(stream);
+#if CUDART_VERSION >= 13000
+  cudaMemLocation location{};
+  location.type = device < 0 ? cudaMemLocationTypeHost : cudaMemLocationTypeDevice;
+  location.id = device < 0 ? 0 : device;
+  PFP_CUDA_CHECK(cudaMemPrefetchAsync(begin, nbytes, location, 0, on));
+#else
+  PFP_CUDA_CHECK(cudaMemPrefetchAsync(begin, nbytes, device < 0 ? cudaCpuDeviceId : device, on));
+#endif
+}
+
+}  // namespace
+
 PYBIND11_MODULE(_cuda, m) {
   m.doc() = "pyfastpeft CUDA kernels (torch-free, pointer-based)";
 #define PFP_DEF(name) m.def(#name, pfp_bind::python_call(&pfp_cuda::name), pfp_bind::release_gil())
@@ -58,6 +98,19 @@ PYBIND11_MODULE(_cuda, m) {
         return py::make_tuple(driver_version, int(CUDART_VERSION));
       },
       "(driver CUDA version, runtime CUDA version), 1000 * major + 10 * minor; driver 0 when there is none.");
+  m.def("prefetch", &prefetch_managed, pfp_bind::release_gil(),
+        "Prefetch managed memory to a device (>= 0) or to the host (< 0), ordered on a stream.");
+  m.def(
+      "is_managed",
+      [](uintptr_t ptr) {
+        cudaPointerAttributes attributes{};
+        if (cudaPointerGetAttributes(&attributes, reinterpret_cast<const void*>(ptr)) != cudaSuccess) {
+          (void)cudaGetLastError();
+          return false;
+        }
+        return attributes.type == cudaMemoryTypeManaged;
+      },
+      "Whether ptr points into managed (unified) memory.");
   m.def("build_info", [] {
     int runtime_version = 0;
     PFP_CUDA_CHECK(cudaRuntimeGetVersion(&runtime_version));

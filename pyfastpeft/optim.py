@@ -13,11 +13,19 @@ update), not torch.optim.Adam's L2 term.
 
 The state memory is 2 bytes per element (Adam; 1 for Lion) plus 8 (4) bytes per 256 elements, against 8 (4) for
 fp32 states. Each parameter's step is one pass over it: dequantize, update, requantize in registers.
+
+Paged states (`is_paged=True`, or PagedAdamW8bit / PagedAdam8bit / PagedLion8bit, bitsandbytes' paged optimizers):
+the states of CUDA parameters of at least PAGED_MIN_SIZE elements live in unified (managed) memory, which the
+driver evicts to host memory when the GPU runs short instead of failing the step, and which each step prefetches
+back to the device ahead of its kernels. The memory comes from a torch.cuda.MemPool over pyfastpeft._cuda's
+cudaMallocManaged allocator. Same math, same states and state_dict as the unpaged optimizers; on the CPU (or
+without pyfastpeft._cuda, with a warning) the states are ordinary tensors.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Iterable
 
 import torch
@@ -26,11 +34,36 @@ from pyfastpeft.ops import blockwise as ops
 from pyfastpeft.ops._dtensor import is_dtensor, local
 from pyfastpeft.reference import blockwise as ref
 
-__all__ = ["AdamW8bit", "Adam8bit", "Lion8bit"]
+__all__ = ["AdamW8bit", "Adam8bit", "Lion8bit", "PagedAdamW8bit", "PagedAdam8bit", "PagedLion8bit"]
 
 # The key under which bitsandbytes >= 0.50 nests its quantization state in a saved state_dict (to hide it from FSDP).
 BNB_WRAPPED_STATE_KEY = "__bnb_optimizer_quant_state__"
 PARAM_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
+PAGED_MIN_SIZE = 100_000  # bitsandbytes pages the states of parameters of at least this many elements
+_PAGED_POOLS: dict = {}  # CUDA device index -> torch.cuda.MemPool of managed memory (None: warned of none)
+
+
+def _paged_pool(device: torch.device):
+    """The MemPool of managed memory on a CUDA device (made on first use), or None without pyfastpeft._cuda."""
+    from pyfastpeft import _native
+
+    if _native.cuda is None:
+        if None not in _PAGED_POOLS:  # once
+            _PAGED_POOLS[None] = None
+            warnings.warn(
+                f"pyfastpeft: paged optimizer states need pyfastpeft._cuda ({_native.cuda_error}); the states stay in "
+                f"device memory",
+                RuntimeWarning,
+                stacklevel=4,
+            )
+        return None
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    if index not in _PAGED_POOLS:
+        allocator = torch.cuda.memory.CUDAPluggableAllocator(
+            _native.cuda.__file__, "pfp_managed_alloc", "pfp_managed_free"
+        )
+        _PAGED_POOLS[index] = torch.cuda.MemPool(allocator.allocator())
+    return _PAGED_POOLS[index]
 
 
 def _check_unit_interval(name: str, value, *, closed_low: bool = True) -> float:
@@ -65,11 +98,38 @@ class _Optimizer8bit(torch.optim.Optimizer):
 
     two_states: bool
 
-    def __init__(self, params: Iterable, defaults: dict, min_8bit_size: int):
+    def __init__(self, params: Iterable, defaults: dict, min_8bit_size: int, is_paged: bool = False):
         if isinstance(min_8bit_size, bool) or not isinstance(min_8bit_size, int) or min_8bit_size < 0:
             raise ValueError(f"min_8bit_size must be an int >= 0, got {min_8bit_size!r}")
-        self.min_8bit_size = min_8bit_size
+        if not isinstance(is_paged, bool):
+            raise ValueError(f"is_paged must be a bool, got {is_paged!r}")
+        self.min_8bit_size, self.is_paged = min_8bit_size, is_paged
         super().__init__(params, defaults)
+
+    def _pages(self, p: torch.Tensor) -> bool:
+        return self.is_paged and p.is_cuda and p.numel() >= PAGED_MIN_SIZE
+
+    def _state_zeros(self, p: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """A zeroed state of p's shape: in managed memory where p's states are paged."""
+        pool = _paged_pool(p.device) if self._pages(p) else None
+        if pool is None:
+            return torch.zeros_like(p, dtype=dtype, memory_format=torch.contiguous_format)
+        with torch.cuda.use_mem_pool(pool, device=p.device):
+            return torch.zeros(p.shape, dtype=dtype, device=p.device)
+
+    def _prefetch(self, batch: list) -> None:
+        """Ahead of the step's kernels, on the current stream: the paged states of batch's parameters to their
+        device (pages the driver evicted under memory pressure come back in one transfer, not a fault per page)."""
+        from pyfastpeft import _native
+
+        if not self.is_paged or _native.cuda is None:
+            return
+        for p, _, state in batch:
+            if self._pages(p):
+                for name in ("state1", "state2"):
+                    if name in state:
+                        t = state[name]
+                        _native.cuda.prefetch(t.data_ptr(), t.nbytes, t.device.index, _native.cuda_stream(t))
 
     def load_state_dict(self, state_dict: dict) -> None:
         """Loads a state_dict of ours or of bitsandbytes' 8-bit optimizers (also the nested form bitsandbytes >= 0.50
@@ -92,6 +152,10 @@ class _Optimizer8bit(torch.optim.Optimizer):
             p = params[saved_ids.index(key)]
             self.state[p].update({k: v.to(device=local(p).device, copy=True) for k, v in saved.items()})
             self._check_state(p, self.state[p])
+            if self._pages(local(p)):  # into managed memory, as the step would have made them
+                for name in ("state1", "state2") if self.two_states else ("state1",):
+                    value = self.state[p][name]
+                    self.state[p][name] = self._state_zeros(local(p), value.dtype).copy_(value)
 
     def _check_state(self, parameter: torch.Tensor, state: dict) -> None:
         """A loaded state must fit its parameter before any kernel reads it (a corrupt or foreign checkpoint is
@@ -147,11 +211,11 @@ class _Optimizer8bit(torch.optim.Optimizer):
         names = ("state1", "state2") if self.two_states else ("state1",)
         if p.numel() < self.min_8bit_size:
             for name in names:
-                state[name] = torch.zeros_like(p, dtype=torch.float32, memory_format=torch.contiguous_format)
+                state[name] = self._state_zeros(p, torch.float32)
             return state
         nblocks = -(-p.numel() // ref.OPTIMIZER_BLOCKSIZE)
         for index, name in enumerate(names, start=1):
-            state[name] = torch.zeros_like(p, dtype=torch.uint8, memory_format=torch.contiguous_format)
+            state[name] = self._state_zeros(p, torch.uint8)
             state[f"qmap{index}"] = self._shared_map(index, p.device)
             state[f"absmax{index}"] = torch.zeros(nblocks, dtype=torch.float32, device=p.device)
         return state
@@ -191,8 +255,10 @@ class _Optimizer8bit(torch.optim.Optimizer):
                     maps = (id(state["qmap1"]), id(state.get("qmap2")))
                     batches.setdefault((p.dtype, state["step"], maps), []).append((p, grad, state))
                 else:
+                    self._prefetch([(p, grad, state)])
                     self._update_fp32(group, p, grad, state)
             for (_, step, _), batch in batches.items():
+                self._prefetch(batch)
                 self._update_8bit(group, step, batch)
         return loss
 
@@ -211,8 +277,9 @@ class Adam8bit(_Optimizer8bit):
         eps: float = 1e-8,
         weight_decay: float = 0.0,
         min_8bit_size: int = 4096,
+        is_paged: bool = False,
     ):
-        super().__init__(params, _checked_defaults(lr, betas, eps, weight_decay), min_8bit_size)
+        super().__init__(params, _checked_defaults(lr, betas, eps, weight_decay), min_8bit_size, is_paged)
 
     @staticmethod
     def _constants(group: dict, step: int) -> tuple:
@@ -247,8 +314,9 @@ class AdamW8bit(Adam8bit):
         eps: float = 1e-8,
         weight_decay: float = 1e-2,
         min_8bit_size: int = 4096,
+        is_paged: bool = False,
     ):
-        super().__init__(params, lr, betas, eps, weight_decay, min_8bit_size)
+        super().__init__(params, lr, betas, eps, weight_decay, min_8bit_size, is_paged)
 
 
 class Lion8bit(_Optimizer8bit):
@@ -264,9 +332,10 @@ class Lion8bit(_Optimizer8bit):
         betas: tuple[float, float] = (0.9, 0.99),
         weight_decay: float = 0.0,
         min_8bit_size: int = 4096,
+        is_paged: bool = False,
     ):
         # eps is unused by Lion; bitsandbytes' loader reads it from every saved parameter group.
-        super().__init__(params, _checked_defaults(lr, betas, 1e-8, weight_decay), min_8bit_size)
+        super().__init__(params, _checked_defaults(lr, betas, 1e-8, weight_decay), min_8bit_size, is_paged)
 
     @staticmethod
     def _constants(group: dict) -> tuple:
@@ -285,6 +354,27 @@ class Lion8bit(_Optimizer8bit):
 
     def _update_fp32(self, group: dict, p: torch.Tensor, grad: torch.Tensor, state: dict) -> None:
         _lion_fp32(p, grad, state["state1"], *self._constants(group))
+
+
+class PagedAdam8bit(Adam8bit):
+    """Adam8bit with paged states (bitsandbytes' PagedAdam8bit): see the module's docstring."""
+
+    def __init__(self, params: Iterable, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=0.0, min_8bit_size=4096):
+        super().__init__(params, lr, betas, eps, weight_decay, min_8bit_size, is_paged=True)
+
+
+class PagedAdamW8bit(AdamW8bit):
+    """AdamW8bit with paged states (bitsandbytes' PagedAdamW8bit, Trainer's optim="paged_adamw_8bit")."""
+
+    def __init__(self, params: Iterable, lr=1e-3, betas=(0.9, 0.999), eps=1e-8, weight_decay=1e-2, min_8bit_size=4096):
+        super().__init__(params, lr, betas, eps, weight_decay, min_8bit_size, is_paged=True)
+
+
+class PagedLion8bit(Lion8bit):
+    """Lion8bit with a paged momentum (bitsandbytes' PagedLion8bit)."""
+
+    def __init__(self, params: Iterable, lr=1e-4, betas=(0.9, 0.99), weight_decay=0.0, min_8bit_size=4096):
+        super().__init__(params, lr, betas, weight_decay, min_8bit_size, is_paged=True)
 
 
 # The fp32-state updates of small parameters: the formulas of the 8-bit kernels without the quantization.

@@ -8,7 +8,7 @@ import torch
 from helpers import tiny_llama
 
 import pyfastpeft
-from pyfastpeft.optim import Adam8bit, AdamW8bit, Lion8bit
+from pyfastpeft.optim import Adam8bit, AdamW8bit, Lion8bit, PagedAdam8bit, PagedAdamW8bit, PagedLion8bit
 
 
 def _bitsandbytes():
@@ -190,6 +190,80 @@ def test_float64_parameters_are_refused():
     p.grad = torch.randn_like(p)
     with pytest.raises(TypeError, match="float32, float16 or bfloat16"):
         AdamW8bit([p]).step()
+
+
+PAGED = {"AdamW8bit": PagedAdamW8bit, "Adam8bit": PagedAdam8bit, "Lion8bit": PagedLion8bit}
+
+
+@pytest.mark.parametrize("name", PAGED)
+def test_paged_optimizers_keep_the_unpaged_math_and_state(name):
+    """Paging changes where a CUDA state lives, nothing else: on the CPU the paged optimizer is the unpaged one bit
+    for bit, its state_dict has the same keys and loads into either; bitsandbytes' paged optimizer reads it."""
+    ours, their_class, kwargs = PAIRS[name]
+    paged, paged_optimizer = trajectory(PAGED[name], kwargs, steps=4)
+    plain, plain_optimizer = trajectory(ours, kwargs, steps=4)
+    assert paged_optimizer.is_paged and not plain_optimizer.is_paged
+    for a, b in zip(paged, plain):
+        assert torch.equal(a, b)
+    saved = paged_optimizer.state_dict()
+    assert saved["state"][0].keys() == plain_optimizer.state_dict()["state"][0].keys()
+    resumed, _ = trajectory(ours, kwargs, steps=2, seed=1, state_dict=saved, start=paged)
+    resumed_paged, _ = trajectory(PAGED[name], kwargs, steps=2, seed=1, state_dict=saved, start=paged)
+    for a, b in zip(resumed, resumed_paged):
+        assert torch.equal(a, b)
+    with pytest.raises(ValueError, match="is_paged"):
+        ours([torch.nn.Parameter(torch.zeros(4))], is_paged=1)
+    if bnb is not None:  # its paged CPU states: parameters under its paging threshold
+        # bitsandbytes keys per-parameter overrides by id(); Trainer registers some (32-bit embeddings) and a
+        # reused id would carry one over to this test's parameters
+        bnb.optim.GlobalOptimManager.get_instance().initialize()
+        theirs = getattr(bnb.optim, f"Paged{name}")
+        small = ((120, 100), (64,))
+        for saver, loader in ((PAGED[name], theirs), (theirs, PAGED[name])):
+            _, saved_by = trajectory(saver, kwargs, steps=2, shapes=small)
+            params, loaded = trajectory(loader, kwargs, steps=2, shapes=small, state_dict=saved_by.state_dict())
+            state = loaded.state[params[0]]
+            assert state["state1"].dtype == torch.uint8 and int(state["step"]) == 4
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("name", PAGED)
+def test_paged_states_are_managed_memory_on_cuda(name):
+    """On a GPU: the states of a parameter of at least PAGED_MIN_SIZE elements are in managed memory (those of a
+    small one are not), the steps equal the unpaged optimizer's bit for bit, also after the states were evicted to
+    host memory, and a loaded state_dict lands in managed memory again."""
+    from pyfastpeft import _native
+    from pyfastpeft.optim import PAGED_MIN_SIZE
+
+    if _native.cuda is None:
+        pytest.skip(f"pyfastpeft._cuda is not loaded: {_native.cuda_error}")
+    ours, _, kwargs = PAIRS[name]
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    shapes = ((512, 512), (64,))
+    assert 512 * 512 >= PAGED_MIN_SIZE > 64
+    start = [torch.randn(shape, device="cuda", generator=gen) * 0.02 for shape in shapes]
+    grads = [[torch.randn(shape, device="cuda", generator=gen) * 0.01 for shape in shapes] for _ in range(4)]
+    runs = {}
+    for cls in (PAGED[name], ours):
+        params = [torch.nn.Parameter(t.clone()) for t in start]
+        optimizer = cls(params, **kwargs, min_8bit_size=16)
+        for step, step_grads in enumerate(grads):
+            for p, g in zip(params, step_grads):
+                p.grad = g.clone()
+            optimizer.step()
+            if step == 1 and cls is PAGED[name]:  # evict: the next step must fetch the states back
+                for t in (optimizer.state[params[0]]["state1"],):
+                    _native.cuda.prefetch(t.data_ptr(), t.nbytes, -1, _native.cuda_stream(t))
+        runs[cls] = (params, optimizer)
+    (paged, paged_optimizer), (plain, _) = runs[PAGED[name]], runs[ours]
+    for a, b in zip(paged, plain):
+        assert torch.equal(a, b)
+    big, small = (paged_optimizer.state[p] for p in paged)
+    assert _native.cuda.is_managed(big["state1"].data_ptr())
+    assert not _native.cuda.is_managed(small["state1"].data_ptr())
+    reloaded = PAGED[name](paged, **kwargs, min_8bit_size=16)
+    reloaded.load_state_dict(paged_optimizer.state_dict())
+    assert _native.cuda.is_managed(reloaded.state[paged[0]]["state1"].data_ptr())
 
 
 def test_exported():
