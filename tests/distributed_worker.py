@@ -169,7 +169,8 @@ def save_worker(rank: int, world_size: int, init_file: str, directory: str) -> N
 
 def tp_save_worker(rank: int, world_size: int, init_file: str, directory: str) -> None:
     """A dense base trained tensor parallel, save_adapter (rank 0 writes the gathered adapters), then load_adapter
-    into a fresh tensor-parallel model, whose shards must hold the saved adapters; rank 0 writes both."""
+    into a fresh tensor-parallel model, whose shards must hold the saved adapters, and which merges and unmerges its
+    adapters without changing its logits; rank 0 writes what the test checks."""
     from torch.distributed.device_mesh import init_device_mesh
 
     import pyfastpeft
@@ -183,8 +184,24 @@ def tp_save_worker(rank: int, world_size: int, init_file: str, directory: str) -
         fresh = prepared(None, lora=False, mesh=init_device_mesh("cpu", (world_size,)))
         pyfastpeft.load_adapter(fresh, f"{directory}/adapter")
         loaded = {n: p.detach().full_tensor() for n, p in fresh.named_parameters() if "lora_" in n}
+        layers = [m for m in fresh.modules() if isinstance(m, pyfastpeft.nn.LoRALinear)]
+        with torch.no_grad():  # merging into the sharded weights (s B A is a DTensor sharded like W) and back
+            before = fresh.eval()(input_ids=batch()).logits
+            for layer in layers:
+                layer.merge()
+            merged = fresh(input_ids=batch()).logits
+            for layer in layers:
+                layer.unmerge()
+            unmerged = fresh(input_ids=batch()).logits
+        merge_error = max((merged - before).abs().max().item(), (unmerged - before).abs().max().item())
+        try:
+            layers[0].add_adapter("dora", use_dora=True)
+            dora = "no error"
+        except ValueError as error:
+            dora = str(error)
         if rank == 0:
-            torch.save({"trained": trained, "loaded": loaded}, f"{directory}/tp.pt")
+            result = {"trained": trained, "loaded": loaded, "merge_error": merge_error, "dora": dora}
+            torch.save(result, f"{directory}/tp.pt")
     finally:
         teardown()
     finish()

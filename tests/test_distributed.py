@@ -112,7 +112,8 @@ def test_sharded_adapter_saves_whole_and_loads_on_one_process(tmp_path):
 
 def test_tensor_parallel_adapter_saves_whole_and_loads_sharded(tmp_path):
     """Adapters trained tensor parallel: save_adapter writes them whole (those of the one-process run up to fp32
-    reduction order), load_adapter gives a fresh tensor-parallel model exactly those shards, and PEFT reads them."""
+    reduction order), load_adapter gives a fresh tensor-parallel model exactly those shards, merge and unmerge keep
+    its logits, and PEFT reads the directory."""
     import pyfastpeft
 
     mp.start_processes(
@@ -122,6 +123,8 @@ def test_tensor_parallel_adapter_saves_whole_and_loads_sharded(tmp_path):
     reference, _ = train(None, "none", "adamw")
     one_process = trainable(reference)
     pyfastpeft.unpatch_model(reference)
+    assert got["merge_error"] < 1e-5
+    assert "not supported over a tensor-parallel base" in got["dora"], got["dora"]
     assert got["trained"].keys() == got["loaded"].keys() == one_process.keys()
     for name, value in got["trained"].items():
         assert torch.equal(got["loaded"][name], value), name
