@@ -37,16 +37,18 @@ def prepared(quant, lora: bool = True, mesh=None):
             parallelize_module(layer, mesh, plan)
     settings = pyfastpeft.LoraSettings(r=8, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear")
     pyfastpeft.prepare_model(model, quant=quant, lora=settings if lora else False)
+    draw_adapters(model)
+    return model
+
+
+def draw_adapters(model) -> None:
+    """Every trainable parameter drawn from a generator seeded by its name's length (a DTensor gets its shard)."""
+    from pyfastpeft.ops._dtensor import copy_whole
+
     with torch.no_grad():
         for name, p in model.named_parameters():
             if p.requires_grad:
-                value = torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name))) * 0.02
-                if type(p).__name__ == "DTensor":
-                    from torch.distributed.tensor import distribute_tensor
-
-                    value = distribute_tensor(value, p.device_mesh, p.placements)
-                p.copy_(value)
-    return model
+                copy_whole(p, torch.randn(p.shape, generator=torch.Generator().manual_seed(len(name))) * 0.02)
 
 
 def train(quant, wrapper: str, optimizer: str, rank: int = 0, world_size: int = 1, steps: int = STEPS):
@@ -204,6 +206,44 @@ def tp_save_worker(rank: int, world_size: int, init_file: str, directory: str) -
             torch.save(result, f"{directory}/tp.pt")
     finally:
         teardown()
+    finish()
+
+
+def hf_tp_worker(rank: int, world_size: int, init_file: str, directory: str, out: str) -> None:
+    """The saved tiny Llama loaded by transformers with its own tensor-parallel plan (tp_plan="auto": q, k, v, gate
+    and up column parallel, o and down row parallel, DTensor weights), prepared over the dense base, its adapters
+    drawn as prepared() draws them, trained STEPS steps on the whole batch: rank 0 writes the losses."""
+    import os
+
+    from torch.distributed.device_mesh import init_device_mesh
+    from transformers import AutoModelForCausalLM
+
+    import pyfastpeft
+
+    os.environ.update(RANK=str(rank), LOCAL_RANK=str(rank), WORLD_SIZE=str(world_size))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world_size)
+    try:
+        mesh = init_device_mesh("cpu", (world_size,))
+        model = AutoModelForCausalLM.from_pretrained(directory, tp_plan="auto", device_mesh=mesh)
+        placements = {name: str(p.placements) for name, p in model.named_parameters() if hasattr(p, "placements")}
+        settings = pyfastpeft.LoraSettings(r=8, lora_alpha=16, lora_dropout=0.0, target_modules="all-linear")
+        pyfastpeft.prepare_model(model, quant=None, lora=settings)
+        draw_adapters(model)
+        optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
+        model.train()
+        result = []
+        for _ in range(STEPS):
+            loss = model(input_ids=batch(), labels=batch()).loss
+            loss.backward()
+            optimizer.step()
+            optimizer.zero_grad()
+            result.append(loss.item())
+    finally:
+        teardown()
+    if rank == 0:
+        with open(out, "w") as f:
+            json.dump({"losses": result, "placements": placements}, f)
     finish()
 
 

@@ -7,13 +7,23 @@ Under FSDP2 the NF4 and int8 weights are sharded with the rest (uint8 / int8 DTe
 shard with states of the shard's size, so its blocks of 256 follow the shard and its losses agree to the
 quantization's noise instead of to fp32 rounding."""
 
+import importlib.util
 import json
 
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from distributed_worker import dtensor_worker, losses, prepared, save_worker, tp_save_worker, train, worker
+from distributed_worker import (
+    dtensor_worker,
+    hf_tp_worker,
+    losses,
+    prepared,
+    save_worker,
+    tp_save_worker,
+    train,
+    worker,
+)
 
 pytestmark = pytest.mark.skipif(not dist.is_available() or not dist.is_gloo_available(), reason="needs gloo")
 
@@ -108,6 +118,31 @@ def test_sharded_adapter_saves_whole_and_loads_on_one_process(tmp_path):
     assert peft_weights.keys() == expected.keys()
     for name, value in expected.items():
         assert torch.equal(peft_weights[name].detach(), value), name
+
+
+@pytest.mark.skipif(
+    importlib.util.find_spec("transformers.distributed.tensor_parallel") is None,
+    reason="transformers before its DTensor tensor-parallel loader (transformers.distributed.tensor_parallel) "
+    "shards onto GPUs only",
+)
+def test_transformers_tensor_parallel_plan_trains_like_one_process(tmp_path):
+    """A model loaded by transformers with tp_plan="auto" (its own colwise / rowwise plan, DTensor weights), then
+    prepare_model'd over the dense base: the adapters shard with it and the losses are one process's."""
+    from helpers import tiny_llama
+
+    tiny_llama().save_pretrained(tmp_path / "model")
+    out = tmp_path / "hf_tp.json"
+    mp.start_processes(
+        hf_tp_worker,
+        args=(2, str(tmp_path / "init"), str(tmp_path / "model"), str(out)),
+        nprocs=2,
+        join=True,
+        start_method="spawn",
+    )
+    got = json.loads(out.read_text())
+    assert "Shard(dim=0)" in got["placements"]["model.layers.0.self_attn.q_proj.weight"]
+    assert "Shard(dim=1)" in got["placements"]["model.layers.0.mlp.down_proj.weight"]
+    assert got["losses"] == pytest.approx(losses(None, "none", "adamw"), rel=1e-6)
 
 
 def test_tensor_parallel_adapter_saves_whole_and_loads_sharded(tmp_path):

@@ -69,7 +69,8 @@ def quantize_model(
     if sharded:  # before any replacement: the model is left as it was
         raise ValueError(
             f"quantize_model: {sharded[0]} is tensor parallel (its weight is a DTensor); tensor parallelism shards "
-            f"dense bases only (a quantized layer runs whole on each rank: leave it out of the parallelize plan)"
+            f"dense bases only: keep them dense (prepare_model(..., quant=None)) or leave the layers to quantize "
+            f"out of the tensor-parallel plan (a quantized layer runs whole on each rank)"
         )
     report = QuantizeReport(bytes_before=model_bytes(model))
 
