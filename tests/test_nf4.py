@@ -56,6 +56,25 @@ def test_nf4_linear_grad_input_is_dy_times_dequantized_weight(rows, dtype):
     torch.testing.assert_close(bias.grad.double(), dy.double().sum((0, 1)), **PRODUCT_TOLERANCES[dtype])
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("shape,blocksize", [((300, 200), 64), ((97, 131), 32)])
+def test_nf4_tiles_cover_the_weight(monkeypatch, dtype, shape, blocksize):
+    """Forward by tiles of W's rows, dX by tiles of its columns: with tiny tiles many of each, columns of odd
+    widths starting mid-byte (an odd in_features), the last tile short; products equal the dense ones."""
+    from pyfastpeft.ops import nf4 as nf4_ops
+
+    monkeypatch.setattr(nf4_ops, "TILE_ROWS", 16)
+    monkeypatch.setattr(nf4_ops, "TILE_ELEMENTS", 3000)
+    packed, state, weight = quantized(*shape, blocksize=blocksize)
+    x = torch.randn(24, shape[1]).to(dtype).requires_grad_()
+    dy = torch.randn(24, shape[0]).to(dtype)
+    with pyfastpeft.use_backend("native"):
+        y = nf4_linear(x, packed, state)
+        y.backward(dy)
+    torch.testing.assert_close(y.double(), exact_product(x.detach(), weight), **PRODUCT_TOLERANCES[dtype])
+    torch.testing.assert_close(x.grad.double(), dy.double() @ weight.double(), **PRODUCT_TOLERANCES[dtype])
+
+
 @pytest.mark.parametrize("backend", ["native", "reference"])
 def test_nf4_linear_gradcheck(backend):
     packed, state, _ = quantized(12, 32, blocksize=32)

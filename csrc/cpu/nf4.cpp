@@ -506,6 +506,30 @@ void nf4_dequantize(const uint8_t* packed, const float* absmax, const float* cod
   throw std::invalid_argument("nf4_dequantize: unsupported out dtype code");
 }
 
+// nf4_dequantize_cols: out[r, j] = W[r, col_start + j] for r in [0, rows), j in [0, cols): a tile of columns of the
+// [rows, k] weight (dX = dY W by column tiles: each tile's GEMM sums over all of N at once). Each out row is
+// nf4_dequantize's range [r * k + col_start, + cols), so the same bits; out: [rows, cols] row-major, contiguous;
+// col_start + cols <= k; the rest as nf4_dequantize.
+void nf4_dequantize_cols(const uint8_t* packed, const float* absmax, const float* code, void* out, int out_dtype,
+                         int64_t rows, int64_t k, int64_t col_start, int64_t cols, int64_t blocksize, int nthreads) {
+  if (col_start < 0 || cols < 0 || col_start + cols > k)
+    throw std::invalid_argument("nf4_dequantize_cols: columns outside the weight");
+  // one row's range per task, decoded in the caller's thread (the rows are the parallel loop)
+#define PFP_NF4_DEQUANTIZE_COLS(T)                                                                                   \
+  pfp::parallel_for(rows, cols, nthreads, [&](int64_t begin, int64_t end, int) {                                     \
+    for (int64_t r = begin; r < end; ++r)                                                                            \
+      dequantize_impl(packed, absmax, code, static_cast<T*>(out) + r * cols, r * k + col_start, cols, blocksize, 1); \
+  })
+  switch (out_dtype) {
+    case pfp::kFloat32: PFP_NF4_DEQUANTIZE_COLS(float); return;
+    case pfp::kFloat16: PFP_NF4_DEQUANTIZE_COLS(half); return;
+    case pfp::kBFloat16: PFP_NF4_DEQUANTIZE_COLS(bf16); return;
+    case pfp::kFloat64: PFP_NF4_DEQUANTIZE_COLS(double); return;
+  }
+#undef PFP_NF4_DEQUANTIZE_COLS
+  throw std::invalid_argument("nf4_dequantize_cols: unsupported out dtype code");
+}
+
 // nf4_gemv: out[m, n] = x[m, k] @ w_hat[n, k]^T (+ bias[n]), W never materialized; 1 <= m <= 8.
 // x, out: row-major, dtype x_dtype (fp32, fp16, bf16: fp32 sums; fp64: fp64 sums); bias: null or [n] of
 // bias_dtype (any of the four); packed: [(n*k + 1) / 2] (a row may start on a low nibble when k is odd);

@@ -8,9 +8,10 @@ Ops (a QuantState crosses as tensors and ints: packed uint8, absmax fp32 already
 W is [N, K] (out_features, in_features), blocks run over its flattened row-major elements.
 
 CPU products: up to GEMV_MAX_ROWS rows of x take the fused dequant-GEMV kernel (W is never
-materialized; each packed byte is read once). More rows take tiles of TILE_ROWS rows of W,
-dequantized into one reused buffer that stays in cache and feeds torch's GEMM; dX = dY @ W the same
-way, so no dequantized copy of W outlives a call.
+materialized; each packed byte is read once). More rows take tiles of W's rows (about TILE_ELEMENTS elements,
+TILE_ROWS rows at least), dequantized into one reused buffer that stays in cache and feeds torch's GEMM, which
+writes its columns of the output in place; dX = dY @ W by tiles of W's columns (nf4_dequantize_cols), so each
+element of dX is one GEMM's sum over all of N, rounded once. No dequantized copy of W outlives a call.
 
 CUDA (csrc/cuda/nf4.cu): quantize, dequantize and the fused GEMV up to GEMV_MAX_ROWS rows; more rows, and dX,
 dequantize W into the activation's dtype and run torch's GEMM (bitsandbytes' CUDA path: cuBLAS is not ours to
@@ -43,6 +44,7 @@ from pyfastpeft.reference import nf4 as ref
 
 GEMV_MAX_ROWS = 8
 TILE_ROWS = 256
+TILE_ELEMENTS = 1 << 20  # dX: a column tile of W holds about this many elements
 ALL_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # fp64 runs the reference
 GPU_GEMV_DTYPES = TRITON_DTYPES  # the CUDA GEMV's x dtypes; fp64 takes dequantize + matmul
@@ -195,6 +197,23 @@ def dequantize_into(packed, absmax, code, out, start: int, blocksize: int) -> No
     )
 
 
+def dequantize_cols_into(packed, absmax, code, out, in_features: int, col_start: int, blocksize: int) -> None:
+    """Native: out [N, cols] (contiguous, any float dtype) = W[:, col_start : col_start + cols] of W [N, in]."""
+    _native.cpu.nf4_dequantize_cols(
+        _native.ptr(packed),
+        _native.ptr(absmax),
+        _native.ptr(code),
+        _native.ptr(out),
+        _native.dtype_code(out),
+        out.shape[0],
+        in_features,
+        col_start,
+        out.shape[1],
+        blocksize,
+        _native.num_threads(),
+    )
+
+
 def _reference_dequantize(packed, absmax, code, blocksize, numel, dtype):
     return ref.dequantize_4bit(packed, absmax, code, blocksize, numel, dtype)
 
@@ -244,10 +263,11 @@ def _fake_dequantize(packed, absmax, code, blocksize, numel, dtype):
 
 
 def _weight_tiles(packed, absmax, code, blocksize: int, out_features: int, in_features: int, dtype):
-    """Yields (n0, n1, W[n0:n1] as dtype) through one reused [TILE_ROWS, K] buffer."""
-    buffer = torch.empty(min(TILE_ROWS, out_features) * in_features, dtype=dtype)
-    for n0 in range(0, out_features, TILE_ROWS):
-        n1 = min(n0 + TILE_ROWS, out_features)
+    """Yields (n0, n1, W[n0:n1] as dtype) through one reused buffer of about TILE_ELEMENTS (TILE_ROWS rows at least)."""
+    rows = min(out_features, max(TILE_ROWS, TILE_ELEMENTS // max(in_features, 1)))
+    buffer = torch.empty(rows * in_features, dtype=dtype)
+    for n0 in range(0, out_features, rows):
+        n1 = min(n0 + rows, out_features)
         tile = buffer[: (n1 - n0) * in_features]
         dequantize_into(packed, absmax, code, tile, n0 * in_features, blocksize)
         yield n0, n1, tile.view(n1 - n0, in_features)
@@ -314,7 +334,7 @@ def _native_linear(x, packed, absmax, code, bias, blocksize, out_features, in_fe
     xc = x2d.to(compute)
     result = out if compute == x.dtype else torch.empty((m, out_features), dtype=compute)
     for n0, n1, tile in _weight_tiles(packed, absmax, code, blocksize, out_features, in_features, compute):
-        result[:, n0:n1] = xc @ tile.t()
+        torch.mm(xc, tile.t(), out=result[:, n0:n1])
     if bias is not None:
         result += bias.to(compute)
     if result is not out:
@@ -334,9 +354,17 @@ def _native_linear_grad_input(dy, packed, absmax, code, blocksize, out_features,
     compute = ref.matmul_dtype(dy.dtype)
     dyc = dy2d.to(compute)
     dx = torch.zeros((dy2d.shape[0], in_features), dtype=compute)
-    if dy2d.shape[0]:
-        for n0, n1, tile in _weight_tiles(packed, absmax, code, blocksize, out_features, in_features, compute):
-            dx.addmm_(dyc[:, n0:n1], tile)
+    if dy2d.shape[0] and out_features:
+        # by tiles of W's columns (about TILE_ROWS rows' worth of elements, whole blocks of 64 where the width
+        # allows): each tile's GEMM sums over all of N in one call and writes its columns of dX once, where tiles of
+        # rows would add N / TILE_ROWS partial products into dX, rounding it to the compute dtype each time
+        width = min(in_features, max(64, TILE_ELEMENTS // out_features // 64 * 64))
+        buffer = torch.empty(out_features * width, dtype=compute)
+        for k0 in range(0, in_features, width):
+            k1 = min(k0 + width, in_features)
+            tile = buffer[: out_features * (k1 - k0)].view(out_features, k1 - k0)
+            dequantize_cols_into(packed, absmax, code, tile, in_features, k0, blocksize)
+            torch.mm(dyc, tile, out=dx[:, k0:k1])
     return dx.to(dy.dtype).view(*lead, in_features)
 
 
