@@ -83,6 +83,11 @@ def train(quant, wrapper: str, optimizer: str, rank: int = 0, world_size: int = 
         opt = torch.optim.AdamW(trainable, lr=1e-2)
     share = BATCH if wrapper == "tp" else BATCH // world_size
     ids = batch()[rank * share : (rank + 1) * share] if share < BATCH else batch()
+    return model, run_steps(model, opt, ids, steps, world_size)
+
+
+def run_steps(model, opt, ids: torch.Tensor, steps: int, world_size: int) -> list[float]:
+    """`steps` training steps on ids (labels = ids); each step's loss averaged over the ranks."""
     result = []
     for _ in range(steps):
         loss = model(input_ids=ids, labels=ids).loss
@@ -94,7 +99,14 @@ def train(quant, wrapper: str, optimizer: str, rank: int = 0, world_size: int = 
             dist.all_reduce(value)
             value /= world_size
         result.append(value.item())
-    return model, result
+    return result
+
+
+def write_json(rank: int, out: str, payload) -> None:
+    """Rank 0 writes what the test reads."""
+    if rank == 0:
+        with open(out, "w") as f:
+            json.dump(payload, f)
 
 
 def losses(quant, wrapper: str, optimizer: str, rank: int = 0, world_size: int = 1) -> list[float]:
@@ -140,9 +152,7 @@ def worker(rank: int, world_size: int, init_file: str, runs: list, out: str) -> 
                 results[key] = f"{type(error).__name__}: {error}"
     finally:
         teardown()
-    if rank == 0:
-        with open(out, "w") as f:
-            json.dump(results, f)
+    write_json(rank, out, results)
 
 
 def save_worker(rank: int, world_size: int, init_file: str, directory: str) -> None:
@@ -231,19 +241,10 @@ def hf_tp_worker(rank: int, world_size: int, init_file: str, directory: str, out
         pyfastpeft.prepare_model(model, quant=None, lora=settings)
         draw_adapters(model)
         optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=1e-2)
-        model.train()
-        result = []
-        for _ in range(STEPS):
-            loss = model(input_ids=batch(), labels=batch()).loss
-            loss.backward()
-            optimizer.step()
-            optimizer.zero_grad()
-            result.append(loss.item())
+        result = run_steps(model.train(), optimizer, batch(), STEPS, world_size)
     finally:
         teardown()
-    if rank == 0:
-        with open(out, "w") as f:
-            json.dump({"losses": result, "placements": placements}, f)
+    write_json(rank, out, {"losses": result, "placements": placements})
     finish()
 
 
@@ -320,9 +321,7 @@ def dtensor_worker(rank: int, world_size: int, init_file: str, out: str) -> None
         results["error"] = f"{type(error).__name__}: {error}"
     finally:
         teardown()
-    if rank == 0:
-        with open(out, "w") as f:
-            json.dump({"errors": results, "refused": refused}, f)
+    write_json(rank, out, {"errors": results, "refused": refused})
     finish()
 
 
