@@ -11,6 +11,7 @@
 #include "cpu/kernels.h"
 
 #include <stdexcept>
+#include <type_traits>
 #include <vector>
 
 #if defined(__AVX512F__)
@@ -211,17 +212,11 @@ void down_impl(const T* x, const T* a, T* xa, int64_t m, int64_t k, int64_t rank
 // for fp64) rounded once. x, a, xa: contiguous, of `dtype`. seed, offset, threshold, keep_scale: as lora_dropout.
 void lora_down(const void* x, const void* a, void* xa, int64_t m, int64_t k, int64_t rank, int dtype, bool dropout,
                int64_t seed, int64_t offset, float threshold, float keep_scale, int nthreads) {
-#define PFP_LORA_DOWN(T)                                                                                  \
-  down_impl(static_cast<const T*>(x), static_cast<const T*>(a), static_cast<T*>(xa), m, k, rank, dropout, \
-            uint64_t(seed), uint64_t(offset), threshold, keep_scale, nthreads)
-  switch (dtype) {
-    case pfp::kFloat32: PFP_LORA_DOWN(float); return;
-    case pfp::kFloat16: PFP_LORA_DOWN(half); return;
-    case pfp::kBFloat16: PFP_LORA_DOWN(bf16); return;
-    case pfp::kFloat64: PFP_LORA_DOWN(double); return;
-  }
-#undef PFP_LORA_DOWN
-  throw std::invalid_argument("lora_down: unsupported dtype code");
+  pfp::dispatch_float(dtype, "lora_down", [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    down_impl(static_cast<const T*>(x), static_cast<const T*>(a), static_cast<T*>(xa), m, k, rank, dropout,
+              uint64_t(seed), uint64_t(offset), threshold, keep_scale, nthreads);
+  });
 }
 
 // lora_dropout: for i in [0, numel), with keep[i] from (seed, offset, i) as above,

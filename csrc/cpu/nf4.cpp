@@ -514,20 +514,14 @@ void nf4_dequantize_cols(const uint8_t* packed, const float* absmax, const float
                          int64_t rows, int64_t k, int64_t col_start, int64_t cols, int64_t blocksize, int nthreads) {
   if (col_start < 0 || cols < 0 || col_start + cols > k)
     throw std::invalid_argument("nf4_dequantize_cols: columns outside the weight");
-  // one row's range per task, decoded in the caller's thread (the rows are the parallel loop)
-#define PFP_NF4_DEQUANTIZE_COLS(T)                                                                                   \
-  pfp::parallel_for(rows, cols, nthreads, [&](int64_t begin, int64_t end, int) {                                     \
-    for (int64_t r = begin; r < end; ++r)                                                                            \
-      dequantize_impl(packed, absmax, code, static_cast<T*>(out) + r * cols, r * k + col_start, cols, blocksize, 1); \
-  })
-  switch (out_dtype) {
-    case pfp::kFloat32: PFP_NF4_DEQUANTIZE_COLS(float); return;
-    case pfp::kFloat16: PFP_NF4_DEQUANTIZE_COLS(half); return;
-    case pfp::kBFloat16: PFP_NF4_DEQUANTIZE_COLS(bf16); return;
-    case pfp::kFloat64: PFP_NF4_DEQUANTIZE_COLS(double); return;
-  }
-#undef PFP_NF4_DEQUANTIZE_COLS
-  throw std::invalid_argument("nf4_dequantize_cols: unsupported out dtype code");
+  pfp::dispatch_float(out_dtype, "nf4_dequantize_cols", [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    // one row's range per task, decoded in the caller's thread (the rows are the parallel loop)
+    pfp::parallel_for(rows, cols, nthreads, [&](int64_t begin, int64_t end, int) {
+      for (int64_t r = begin; r < end; ++r)
+        dequantize_impl(packed, absmax, code, static_cast<T*>(out) + r * cols, r * k + col_start, cols, blocksize, 1);
+    });
+  });
 }
 
 // nf4_gemv: out[m, n] = x[m, k] @ w_hat[n, k]^T (+ bias[n]), W never materialized; 1 <= m <= 8.
@@ -558,17 +552,11 @@ void lora_nf4_gemv(const void* x, int x_dtype, const uint8_t* packed, const floa
                    const void* bias, int bias_dtype, const void* lora_b, const void* xa, double scaling, void* out,
                    int64_t m, int64_t n, int64_t k, int64_t rank, int64_t blocksize, int nthreads) {
   if (m < 1 || m > kMaxGemvRows) throw std::invalid_argument("lora_nf4_gemv: m must be in [1, 8]");
-#define PFP_LORA_NF4_GEMV(T)                                                                                 \
-  gemv_impl(static_cast<const T*>(x), packed, absmax, code, bias, bias_dtype, static_cast<T*>(out), m, n, k, \
-            blocksize, nthreads, LowRank<T>{static_cast<const T*>(lora_b), static_cast<const T*>(xa), rank, scaling})
-  switch (x_dtype) {
-    case pfp::kFloat32: PFP_LORA_NF4_GEMV(float); return;
-    case pfp::kFloat16: PFP_LORA_NF4_GEMV(half); return;
-    case pfp::kBFloat16: PFP_LORA_NF4_GEMV(bf16); return;
-    case pfp::kFloat64: PFP_LORA_NF4_GEMV(double); return;
-  }
-#undef PFP_LORA_NF4_GEMV
-  throw std::invalid_argument("lora_nf4_gemv: unsupported x dtype code");
+  pfp::dispatch_float(x_dtype, "lora_nf4_gemv", [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    gemv_impl(static_cast<const T*>(x), packed, absmax, code, bias, bias_dtype, static_cast<T*>(out), m, n, k,
+              blocksize, nthreads, LowRank<T>{static_cast<const T*>(lora_b), static_cast<const T*>(xa), rank, scaling});
+  });
 }
 
 }  // namespace PFP_ISA
