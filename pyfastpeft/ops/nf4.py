@@ -44,7 +44,7 @@ from pyfastpeft.reference import nf4 as ref
 
 GEMV_MAX_ROWS = 8
 TILE_ROWS = 256
-TILE_ELEMENTS = 1 << 20  # dX: a column tile of W holds about this many elements
+TILE_ELEMENTS = 1 << 20  # a dequantized tile of W (rows for the forward, columns for dX) holds about this many
 ALL_DTYPES = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 TRITON_DTYPES = (torch.float32, torch.float16, torch.bfloat16)  # fp64 runs the reference
 GPU_GEMV_DTYPES = TRITON_DTYPES  # the CUDA GEMV's x dtypes; fp64 takes dequantize + matmul
@@ -349,15 +349,17 @@ def _native_linear_grad_input(dy, packed, absmax, code, blocksize, out_features,
     if dy.device.type != "cpu" or dy.dtype not in ALL_DTYPES:
         return _reference_linear_grad_input(dy, packed, absmax, code, blocksize, out_features, in_features)
     lead = dy.shape[:-1]
+    if not out_features:  # an empty sum
+        return torch.zeros((*lead, in_features), dtype=dy.dtype)
     dy2d = dy.reshape(-1, out_features)
     packed, absmax, code = packed.contiguous(), absmax.float().contiguous(), code.float().contiguous()
     compute = ref.matmul_dtype(dy.dtype)
     dyc = dy2d.to(compute)
-    dx = torch.zeros((dy2d.shape[0], in_features), dtype=compute)
-    if dy2d.shape[0] and out_features:
-        # by tiles of W's columns (about TILE_ROWS rows' worth of elements, whole blocks of 64 where the width
-        # allows): each tile's GEMM sums over all of N in one call and writes its columns of dX once, where tiles of
-        # rows would add N / TILE_ROWS partial products into dX, rounding it to the compute dtype each time
+    dx = torch.empty((dy2d.shape[0], in_features), dtype=compute)
+    if dy2d.shape[0] and in_features:
+        # by tiles of W's columns (about TILE_ELEMENTS elements, whole blocks of 64 where the width allows): each
+        # tile's GEMM sums over all of N in one call and writes its columns of dX once, where tiles of rows would add
+        # N / TILE_ROWS partial products into dX, rounding it to the compute dtype each time
         width = min(in_features, max(64, TILE_ELEMENTS // out_features // 64 * 64))
         buffer = torch.empty(out_features * width, dtype=compute)
         for k0 in range(0, in_features, width):
