@@ -198,7 +198,7 @@ PAGED = {"AdamW8bit": PagedAdamW8bit, "Adam8bit": PagedAdam8bit, "Lion8bit": Pag
 @pytest.mark.parametrize("name", PAGED)
 def test_paged_optimizers_keep_the_unpaged_math_and_state(name):
     """Paging changes where a CUDA state lives, nothing else: on the CPU the paged optimizer is the unpaged one bit
-    for bit, its state_dict has the same keys and loads into either; bitsandbytes' paged optimizer reads it."""
+    for bit, and its state_dict has the same keys and loads into either."""
     ours, their_class, kwargs = PAIRS[name]
     paged, paged_optimizer = trajectory(PAGED[name], kwargs, steps=4)
     plain, plain_optimizer = trajectory(ours, kwargs, steps=4)
@@ -213,17 +213,24 @@ def test_paged_optimizers_keep_the_unpaged_math_and_state(name):
         assert torch.equal(a, b)
     with pytest.raises(ValueError, match="is_paged"):
         ours([torch.nn.Parameter(torch.zeros(4))], is_paged=1)
-    if bnb is not None:  # its paged CPU states: parameters under its paging threshold
-        # bitsandbytes keys per-parameter overrides by id(); Trainer registers some (32-bit embeddings) and a
-        # reused id would carry one over to this test's parameters
-        bnb.optim.GlobalOptimManager.get_instance().initialize()
-        theirs = getattr(bnb.optim, f"Paged{name}")
-        small = ((120, 100), (64,))
-        for saver, loader in ((PAGED[name], theirs), (theirs, PAGED[name])):
-            _, saved_by = trajectory(saver, kwargs, steps=2, shapes=small)
-            params, loaded = trajectory(loader, kwargs, steps=2, shapes=small, state_dict=saved_by.state_dict())
-            state = loaded.state[params[0]]
-            assert state["state1"].dtype == torch.uint8 and int(state["step"]) == 4
+
+
+@needs_bnb
+@pytest.mark.parametrize("name", PAGED)
+def test_paged_state_dicts_load_both_ways_with_bitsandbytes(name):
+    """Ours and bitsandbytes' paged optimizers read each other's state_dicts (on the CPU: parameters under its
+    paging threshold, whose states it keeps in ordinary memory there)."""
+    _, _, kwargs = PAIRS[name]
+    # bitsandbytes keys per-parameter overrides by id(); Trainer registers some (32-bit embeddings) and a reused id
+    # would carry one over to this test's parameters
+    bnb.optim.GlobalOptimManager.get_instance().initialize()
+    theirs = getattr(bnb.optim, f"Paged{name}")
+    small = ((120, 100), (64,))
+    for saver, loader in ((PAGED[name], theirs), (theirs, PAGED[name])):
+        _, saved_by = trajectory(saver, kwargs, steps=2, shapes=small)
+        params, loaded = trajectory(loader, kwargs, steps=2, shapes=small, state_dict=saved_by.state_dict())
+        state = loaded.state[params[0]]
+        assert state["state1"].dtype == torch.uint8 and int(state["step"]) == 4
 
 
 @pytest.mark.cuda
