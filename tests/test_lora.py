@@ -1,4 +1,4 @@
-"""LoRA: the shared Philox dropout mask (reference vs Triton's tl.rand vs the C++ kernel, bit for bit), the
+"""LoRA: the shared Philox dropout mask (reference vs Triton's tl.randint4x vs the C++ kernel, bit for bit), the
 lora_linear forward and backward on every backend against the reference, autograd, opcheck, compile and
 memory."""
 
@@ -15,7 +15,8 @@ from pyfastpeft.ops import lora as lora_ops
 from pyfastpeft.quant import quantize_int8_weight, quantize_nf4
 from pyfastpeft.reference import lora as ref
 
-RNG_CASES = [(0, 0), (123456789123, 2**32 - 5), (2**62 - 1, 77), (5, 2**40 + 3)]
+# the last: the 64-bit block counter carries into its high word inside one 16-block step
+RNG_CASES = [(0, 0), (123456789123, 2**32 - 5), (2**62 - 1, 77), (5, 2**40 + 3), (9, 2**34 - 37)]
 
 
 def native_dropout(x, rng, dropout_p, alpha=1.0, accumulate_into=None):
@@ -42,15 +43,19 @@ def native_dropout(x, rng, dropout_p, alpha=1.0, accumulate_into=None):
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 @pytest.mark.parametrize("seed, offset", RNG_CASES)
-def test_reference_uniforms_are_triton_tl_rand_bit_for_bit(seed, offset):
+def test_reference_uniforms_are_triton_randint4x_bit_for_bit(seed, offset):
+    """Position s = offset + i takes word s % 4 of Triton's own randint4x(seed, s >> 2) (int64 counter)."""
     import triton
     import triton.language as tl
 
     @triton.jit
     def uniforms_kernel(rng_ptr, out_ptr, numel, BLOCK: tl.constexpr):
         index = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
-        counter = (tl.load(rng_ptr + 1) + index).to(tl.uint32)
-        tl.store(out_ptr + index, tl.rand(tl.load(rng_ptr), counter), mask=index < numel)
+        position = tl.load(rng_ptr + 1) + index
+        w0, w1, w2, w3 = tl.randint4x(tl.load(rng_ptr), position >> 2)
+        word = position % 4
+        w = tl.where(word == 0, w0, tl.where(word == 1, w1, tl.where(word == 2, w2, w3)))
+        tl.store(out_ptr + index, tl.random.uint_to_uniform_float(w), mask=index < numel)
 
     rng = torch.tensor([seed, offset])
     numel = 3000
@@ -63,17 +68,25 @@ def test_uniforms_cover_zero_to_one_and_offsets_shift_the_stream():
     u = ref.philox_uniform(torch.tensor([7, 100]), 20000)
     assert 0.0 <= u.min() < 0.001 and 0.999 < u.max() < 1.0
     assert abs(u.mean().item() - 0.5) < 0.01
-    assert torch.equal(ref.philox_uniform(torch.tensor([7, 110]), 100), u[10:110])
+    for shift in (1, 2, 3, 10):  # any shift, not only whole Philox blocks
+        assert torch.equal(ref.philox_uniform(torch.tensor([7, 100 + shift]), 100), u[shift : shift + 100])
+    # the four words of a block are not copies of one another
+    assert len(set(u[:4].tolist())) == 4
 
 
-def test_counter_wraps_modulo_two_to_the_32():
-    wrapped = ref.philox_uniform(torch.tensor([3, 2**32 - 2]), 4)
-    assert torch.equal(wrapped[2:], ref.philox_uniform(torch.tensor([3, 0]), 2))
+def test_counter_carries_past_two_to_the_32_blocks():
+    """The block counter is 64-bit: the stream does not repeat after 2^32 blocks (2^34 elements)."""
+    start = 2**34 - 6
+    across = ref.philox_uniform(torch.tensor([3, start]), 12)
+    assert not torch.equal(across[6:], ref.philox_uniform(torch.tensor([3, 0]), 6))
+    assert torch.equal(across[6:], ref.philox_uniform(torch.tensor([3, 2**34]), 6))
 
 
 @pytest.mark.parametrize("isa", CPU_ISAS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
-@pytest.mark.parametrize("seed, offset, dropout_p", [(s, o, p) for (s, o), p in zip(RNG_CASES, (0.05, 0.5, 0.3, 0.9))])
+@pytest.mark.parametrize(
+    "seed, offset, dropout_p", [(s, o, p) for (s, o), p in zip(RNG_CASES, (0.05, 0.5, 0.3, 0.9, 0.2), strict=True)]
+)
 def test_native_dropout_is_reference_bit_for_bit(isa, dtype, seed, offset, dropout_p):
     rng = torch.tensor([seed, offset])
     x = torch.randn(5, 1029).to(dtype)  # not a multiple of the 16-lane blocks or the 1024-element chunks

@@ -6,8 +6,8 @@ forward, x [M, K], W [N, K] frozen, A [R, K], B [N, R], s = scaling (pyfastpeft/
                                                     [BLOCK_M, BLOCK_R] tile
     _forward_kernel  y  = x W^T + b + s * xa B^T    one program per [BLOCK_M, BLOCK_N] tile: the K loop for
                                                     x W^T, then a loop over the rank in BLOCK_R steps
-where x_d = x * keep * keep_scale (rounded to x's dtype), keep = tl.rand(seed, uint32(offset + m * K + k)) >
-threshold: the shared Philox mask, applied on the A branch only. Every rank takes the same path: the rank is
+where x_d = x * keep * keep_scale (rounded to x's dtype), keep = _uniform(seed, offset + m * K + k) > threshold:
+the shared Philox mask, applied on the A branch only. Every rank takes the same path: the rank is
 a loop, never a tile dimension, so shared memory and registers stop growing at rank 64 (rank 1024 fp32 needs
 what rank 64 needs), and each x element's mask is drawn once per rank tile (ceil(R / BLOCK_R) times), not once
 per output-column block. xa is written once and read back by every N block (M * R elements, small next to W).
@@ -38,6 +38,17 @@ BLOCK_M, BLOCK_N, BLOCK_K = 64, 64, 32
 XA_MAX_BLOCK_R = 64
 MAX_BLOCK_R, FP32_MAX_BLOCK_R = 64, 16
 ELEMENTWISE_BLOCK = 1024
+
+
+# The dropout uniform at int64 stream position(s) `position` (offset + element index): word position % 4 of the
+# Philox block position >> 2, as pyfastpeft/reference/lora.py defines it. Each element runs its block's rounds
+# and keeps one word (the CPU kernel shares a block between four elements; on a GPU the rounds are cheap).
+@triton.jit
+def _uniform(seed, position):
+    w0, w1, w2, w3 = tl.randint4x(seed, position >> 2)
+    word = position & 3
+    w = tl.where(word < 2, tl.where(word == 0, w0, w1), tl.where(word == 2, w2, w3))
+    return tl.random.uint_to_uniform_float(w)
 
 
 # x: [M, K], a: [R, K], xa: [M, R], one dtype, contiguous; rng: int64 [2] (read when DROPOUT).
@@ -72,7 +83,7 @@ def _xa_kernel(
         x_index = rows[:, None] * K + ks[None, :]
         x = tl.load(x_ptr + x_index, mask=row_mask[:, None] & k_mask[None, :], other=0.0)
         if DROPOUT:
-            u = tl.rand(seed, (offset + x_index).to(tl.uint32))
+            u = _uniform(seed, offset + x_index)
             x = tl.where(u > threshold, x.to(tl.float32) * keep_scale, 0.0).to(x_ptr.dtype.element_ty)
         a_t = tl.load(a_ptr + ranks[None, :] * K + ks[:, None], mask=k_mask[:, None] & rank_mask[None, :], other=0.0)
         if DOT_IN_FP32:
@@ -166,7 +177,7 @@ def _dropout_kernel(
     index = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
     mask = index < numel
     src = tl.load(src_ptr + index, mask=mask, other=0.0).to(tl.float32)
-    u = tl.rand(tl.load(rng_ptr), (tl.load(rng_ptr + 1) + index).to(tl.uint32))
+    u = _uniform(tl.load(rng_ptr), tl.load(rng_ptr + 1) + index)
     dropped = alpha * tl.where(u > threshold, src * keep_scale, 0.0)
     if ACCUMULATE:
         dropped += tl.load(dst_ptr + index, mask=mask, other=0.0).to(tl.float32)

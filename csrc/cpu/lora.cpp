@@ -1,12 +1,14 @@
-// LoRA dropout on the CPU: the counter-based mask (Philox-4x32-10, Triton's tl.rand bit for bit) applied
+// LoRA dropout on the CPU: the counter-based mask (Philox-4x32-10, Triton's tl.randint4x bit for bit) applied
 // elementwise; the LoRA GEMMs themselves run in torch (pyfastpeft/ops/lora.py).
 //
-// Uniforms (pyfastpeft/reference/lora.py is the oracle): element i of a row-major [M, in] tensor gets
-//   key = (seed mod 2^32, seed >> 32 mod 2^32), counter = (uint32(offset + i), 0, 0, 0), ten Philox rounds,
-//   w = first output word as int32,  u = float(w < 0 ? ~w : w) * 4.6566127342e-10f   in [0, 1)
+// Uniforms (pyfastpeft/reference/lora.py is the oracle): element i of a row-major [M, in] tensor sits at stream
+// position s = offset + i; four positions share a Philox block and take one output word each:
+//   key = (seed mod 2^32, seed >> 32 mod 2^32), counter = (n mod 2^32, n >> 32, 0, 0) with n = s >> 2,
+//   w = output word s mod 4 as int32,  u = float(w < 0 ? ~w : w) * 4.6566127342e-10f   in [0, 1)
 //   keep = u > threshold   (threshold = fp32(p), strictly greater: p = 0 keeps every element)
-// Counters are computed 16 at a time in uint32 lanes (the high product word through a uint64 multiply),
-// plain loops the AVX-512 / AVX2 builds vectorize; the scalar build runs the same loops.
+// A step draws 64 blocks (256 positions) in uint32 lanes (the high product word through a uint64 multiply): on
+// AVX-512 four 16-lane vectors side by side (one alone waits on its multiplies' latency) and, for float and bf16
+// data, the mask as bits applied by masked multiplies; elsewhere plain loops the AVX2 and scalar builds compile.
 #include "cpu/common.h"
 #include "cpu/kernels.h"
 
@@ -24,15 +26,20 @@ namespace {
 using pfp::bf16;
 using pfp::half;
 
-constexpr int kLanes = 16;
-constexpr int64_t kChunk = 1024;  // elements per step of a thread (three stack buffers); a multiple of kLanes
+constexpr int kLanes = 16;                 // Philox blocks per vector
+constexpr int kGroups = 4;                 // vectors of blocks run side by side: hides the multiplies' latency
+constexpr int kBlocks = kLanes * kGroups;  // Philox blocks per step
+constexpr int kWords = 4;                  // uniforms per block
+constexpr int kStep = kBlocks * kWords;    // stream positions per step
+constexpr int64_t kChunk = 1024;           // elements per piece of work (stack buffers); a multiple of kStep
 
 constexpr uint32_t kPhiloxKeyA = 0x9E3779B9u, kPhiloxKeyB = 0xBB67AE85u;
 constexpr uint32_t kPhiloxRoundA = 0xD2511F53u, kPhiloxRoundB = 0xCD9E8D57u;
 constexpr int kPhiloxRounds = 10;
 constexpr float kUniformScale = 4.6566127342e-10f;
 
-// u[j] for counters first_counter + j (uint32 wrap), j in [0, kLanes).
+// u[4 j + w] = the uniform of word w of block first_block + j, j in [0, kBlocks): the kStep stream positions from
+// 4 * first_block, in order.
 #if defined(__AVX512F__)
 // The high and low words of a * b for 16 uint32 lanes: vpmuludq multiplies the even lanes (and, shifted, the
 // odd ones) into 64-bit products; the high words are blended back into lane order.
@@ -43,37 +50,127 @@ inline void mul_hi_lo(__m512i a, __m512i b, __m512i& hi, __m512i& lo) {
   lo = _mm512_mullo_epi32(a, b);
 }
 
-inline void philox_uniform_lanes(uint32_t key0, uint32_t key1, uint32_t first_counter, float* __restrict u) {
-  __m512i c0 = _mm512_add_epi32(_mm512_set1_epi32(int(first_counter)),
-                                _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15));
-  __m512i c1 = _mm512_setzero_si512(), c2 = _mm512_setzero_si512(), c3 = _mm512_setzero_si512();
+inline __m512 uniform_of(__m512i word) {  // int32 w -> (w < 0 ? ~w : w) * scale: xor with the spread sign
+  return _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_xor_si512(word, _mm512_srai_epi32(word, 31))),
+                       _mm512_set1_ps(kUniformScale));
+}
+
+// The uniforms of the kStep positions from 4 * first_block as kStep / 16 vectors, in position order.
+inline void philox_uniform_vectors(uint32_t key0, uint32_t key1, uint64_t first_block, __m512* __restrict u) {
+  __m512i c0[kGroups], c1[kGroups], c2[kGroups], c3[kGroups];
+  const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
+  for (int g = 0; g < kGroups; ++g) {
+    const uint64_t block = first_block + uint64_t(g * kLanes);
+    const __m512i low = _mm512_set1_epi32(int(uint32_t(block)));
+    c0[g] = _mm512_add_epi32(low, lane);
+    // counter word 1 is n >> 32, plus one in the lanes whose low word wrapped past 2^32
+    const __m512i high = _mm512_set1_epi32(int(uint32_t(block >> 32)));
+    c1[g] = _mm512_mask_add_epi32(high, _mm512_cmplt_epu32_mask(c0[g], low), high, _mm512_set1_epi32(1));
+    c2[g] = c3[g] = _mm512_setzero_si512();
+  }
   const __m512i round_a = _mm512_set1_epi32(int(kPhiloxRoundA)), round_b = _mm512_set1_epi32(int(kPhiloxRoundB));
   uint32_t k0 = key0, k1 = key1;
   for (int round = 0; round < kPhiloxRounds; ++round) {
-    __m512i hi_b, lo_b, hi_a, lo_a;
-    mul_hi_lo(c2, round_b, hi_b, lo_b);
-    mul_hi_lo(c0, round_a, hi_a, lo_a);
-    c0 = _mm512_xor_si512(_mm512_xor_si512(hi_b, c1), _mm512_set1_epi32(int(k0)));
-    c2 = _mm512_xor_si512(_mm512_xor_si512(hi_a, c3), _mm512_set1_epi32(int(k1)));
-    c1 = lo_b;
-    c3 = lo_a;
+    const __m512i key_a = _mm512_set1_epi32(int(k0)), key_b = _mm512_set1_epi32(int(k1));
+    for (int g = 0; g < kGroups; ++g) {
+      __m512i hi_b, lo_b, hi_a, lo_a;
+      mul_hi_lo(c2[g], round_b, hi_b, lo_b);
+      mul_hi_lo(c0[g], round_a, hi_a, lo_a);
+      c0[g] = _mm512_xor_si512(_mm512_xor_si512(hi_b, c1[g]), key_a);
+      c2[g] = _mm512_xor_si512(_mm512_xor_si512(hi_a, c3[g]), key_b);
+      c1[g] = lo_b;
+      c3[g] = lo_a;
+    }
     k0 += kPhiloxKeyA;
     k1 += kPhiloxKeyB;
   }
-  // int32 w -> (w < 0 ? ~w : w): xor with the sign spread over the word
-  const __m512i word = _mm512_xor_si512(c0, _mm512_srai_epi32(c0, 31));
-  _mm512_storeu_ps(u, _mm512_mul_ps(_mm512_cvtepi32_ps(word), _mm512_set1_ps(kUniformScale)));
+  // Position order: (u0[j], u1[j]) pairs, then pairs of pairs: [u0[j], u1[j], u2[j], u3[j]] for j = 0, 1, ...
+  const __m512i pair_low = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
+  const __m512i pair_high = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
+  const __m512i quad_low = _mm512_setr_epi64(0, 8, 1, 9, 2, 10, 3, 11);
+  const __m512i quad_high = _mm512_setr_epi64(4, 12, 5, 13, 6, 14, 7, 15);
+  for (int g = 0; g < kGroups; ++g) {
+    const __m512 u0 = uniform_of(c0[g]), u1 = uniform_of(c1[g]), u2 = uniform_of(c2[g]), u3 = uniform_of(c3[g]);
+    const __m512d u01_low = _mm512_castps_pd(_mm512_permutex2var_ps(u0, pair_low, u1));
+    const __m512d u01_high = _mm512_castps_pd(_mm512_permutex2var_ps(u0, pair_high, u1));
+    const __m512d u23_low = _mm512_castps_pd(_mm512_permutex2var_ps(u2, pair_low, u3));
+    const __m512d u23_high = _mm512_castps_pd(_mm512_permutex2var_ps(u2, pair_high, u3));
+    __m512d* out = reinterpret_cast<__m512d*>(u + g * kWords);
+    out[0] = _mm512_permutex2var_pd(u01_low, quad_low, u23_low);
+    out[1] = _mm512_permutex2var_pd(u01_low, quad_high, u23_low);
+    out[2] = _mm512_permutex2var_pd(u01_high, quad_low, u23_high);
+    out[3] = _mm512_permutex2var_pd(u01_high, quad_high, u23_high);
+  }
+}
+
+inline void philox_uniform_blocks(uint32_t key0, uint32_t key1, uint64_t first_block, float* __restrict u) {
+  __m512 vectors[kStep / 16];
+  philox_uniform_vectors(key0, key1, first_block, vectors);
+  for (int v = 0; v < kStep / 16; ++v) _mm512_storeu_ps(u + 16 * v, vectors[v]);
+}
+
+// Keep bits of stream positions [position, position + count), count <= kChunk: bit e of bits (word e / 64) is
+// u(position + e) > threshold, for e < count; bits has kChunk / 64 + 1 words, the bits past count are padding.
+inline void keep_bits(uint32_t key0, uint32_t key1, uint64_t position, int64_t count, float threshold,
+                      uint64_t* __restrict bits) {
+  // step bits from position's block start: stream bit b of the steps is element bit b - skip
+  constexpr int kStepWords = kStep / 64;
+  uint64_t steps[kChunk / 64 + kStepWords + 1] = {};
+  const int skip = int(position & 3);
+  const int64_t words = (skip + count + 63) / 64;
+  const __m512 limit = _mm512_set1_ps(threshold);
+  for (int64_t word = 0; word < words; word += kStepWords) {
+    __m512 u[kStep / 16];
+    philox_uniform_vectors(key0, key1, (position >> 2) + uint64_t(word * 16), u);
+    for (int w = 0; w < kStepWords; ++w) {
+      uint64_t packed = 0;
+      for (int v = 0; v < 4; ++v) {
+        packed |= uint64_t(_mm512_cmp_ps_mask(u[4 * w + v], limit, _CMP_GT_OQ)) << (16 * v);
+      }
+      steps[word + w] = packed;
+    }
+  }
+  for (int64_t w = 0; w <= (count + 63) / 64; ++w) {
+    bits[w] = skip == 0 ? steps[w] : (steps[w] >> skip) | (steps[w + 1] << (64 - skip));
+  }
+}
+
+// The 16 bits of bits from bit `first` on.
+inline __mmask16 bits16(const uint64_t* bits, int64_t first) {
+  const int64_t word = first >> 6;
+  const int shift = int(first & 63);
+  uint64_t value = bits[word] >> shift;
+  if (shift > 48) value |= bits[word + 1] << (64 - shift);
+  return __mmask16(value & 0xFFFFu);
+}
+
+inline __m512 load16(const float* src, __mmask16 valid) { return _mm512_maskz_loadu_ps(valid, src); }
+inline __m512 load16(const bf16* src, __mmask16 valid) {
+  const __m256i raw = _mm256_maskz_loadu_epi16(valid, src);
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+}
+inline void store16(float* dst, __mmask16 valid, __m512 v) { _mm512_mask_storeu_ps(dst, valid, v); }
+inline void store16(bf16* dst, __mmask16 valid, __m512 v) {  // pfp::to_bf16 in lanes: nearest even, NaN quiet
+  const __m512i u = _mm512_castps_si512(v);
+  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  const __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7FFF)), odd), 16);
+  const __mmask16 nan =
+      _mm512_cmpgt_epu32_mask(_mm512_and_si512(u, _mm512_set1_epi32(0x7FFFFFFF)), _mm512_set1_epi32(0x7F800000));
+  const __m512i quiet = _mm512_or_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40));
+  _mm256_mask_storeu_epi16(dst, valid, _mm512_cvtepi32_epi16(_mm512_mask_blend_epi32(nan, rounded, quiet)));
 }
 #else
-inline void philox_uniform_lanes(uint32_t key0, uint32_t key1, uint32_t first_counter, float* __restrict u) {
-  uint32_t c0[kLanes], c1[kLanes], c2[kLanes], c3[kLanes];
-  for (int j = 0; j < kLanes; ++j) {
-    c0[j] = first_counter + uint32_t(j);
-    c1[j] = c2[j] = c3[j] = 0;
+inline void philox_uniform_blocks(uint32_t key0, uint32_t key1, uint64_t first_block, float* __restrict u) {
+  uint32_t c0[kBlocks], c1[kBlocks], c2[kBlocks], c3[kBlocks];
+  for (int j = 0; j < kBlocks; ++j) {
+    const uint64_t block = first_block + uint64_t(j);
+    c0[j] = uint32_t(block);
+    c1[j] = uint32_t(block >> 32);
+    c2[j] = c3[j] = 0;
   }
   uint32_t k0 = key0, k1 = key1;
   for (int round = 0; round < kPhiloxRounds; ++round) {
-    for (int j = 0; j < kLanes; ++j) {
+    for (int j = 0; j < kBlocks; ++j) {
       const uint64_t product_b = uint64_t(kPhiloxRoundB) * c2[j];
       const uint64_t product_a = uint64_t(kPhiloxRoundA) * c0[j];
       const uint32_t next_c0 = uint32_t(product_b >> 32) ^ c1[j] ^ k0;
@@ -86,33 +183,57 @@ inline void philox_uniform_lanes(uint32_t key0, uint32_t key1, uint32_t first_co
     k0 += kPhiloxKeyA;
     k1 += kPhiloxKeyB;
   }
-  for (int j = 0; j < kLanes; ++j) {
-    const int32_t word = int32_t(c0[j]);
-    u[j] = float(word < 0 ? ~word : word) * kUniformScale;
+  const uint32_t* words[kWords] = {c0, c1, c2, c3};
+  for (int j = 0; j < kBlocks; ++j) {
+    for (int w = 0; w < kWords; ++w) {
+      const int32_t word = int32_t(words[w][j]);
+      u[j * kWords + w] = float(word < 0 ? ~word : word) * kUniformScale;
+    }
   }
 }
 #endif
 
-// Keep factors of elements [first, first + count): keep_scale where kept, 0 where dropped.
+// Keep factors of stream positions [position, position + count): keep_scale where kept, 0 where dropped. The first
+// step starts at position's block and skips the words before it; every later step starts on a block boundary.
 template <typename C>
-inline void keep_factors(uint32_t key0, uint32_t key1, uint32_t counter_base, int64_t first, int64_t count,
-                         float threshold, C keep_scale, C* __restrict factors) {
-  float u[kLanes];
-  for (int64_t start = 0; start < count; start += kLanes) {
-    philox_uniform_lanes(key0, key1, counter_base + uint32_t(first + start), u);
-    const int64_t lanes = count - start < kLanes ? count - start : kLanes;
-    for (int64_t j = 0; j < lanes; ++j) factors[start + j] = u[j] > threshold ? keep_scale : C(0);
+inline void keep_factors(uint32_t key0, uint32_t key1, uint64_t position, int64_t count, float threshold, C keep_scale,
+                         C* __restrict factors) {
+  alignas(64) float u[kStep];
+  for (int64_t done = 0; done < count;) {
+    const int skip = int(position & 3);
+    philox_uniform_blocks(key0, key1, position >> 2, u);
+    const int64_t take = count - done < kStep - skip ? count - done : kStep - skip;
+    for (int64_t j = 0; j < take; ++j) factors[done + j] = u[skip + j] > threshold ? keep_scale : C(0);
+    done += take;
+    position += uint64_t(take);
   }
 }
 
-// The (seed, offset) pair as Philox key words and counter base, and the fp32/fp64 scale factors.
+// body(first, count) over the elements [0, total) whose stream positions start at `position`, in pieces of at most
+// kChunk that end on kChunk boundaries of the stream: every piece but the first starts on a Philox step.
+template <typename F>
+inline void for_stream_pieces(uint64_t position, int64_t total, F&& body) {
+  int64_t piece = kChunk - int64_t(position % uint64_t(kChunk));
+  for (int64_t first = 0; first < total; first += piece, piece = kChunk) {
+    body(first, total - first < piece ? total - first : piece);
+  }
+}
+
+// The (seed, offset) pair as Philox key words and stream offset, and the fp32/fp64 scale factors.
 template <typename C>
 struct DropoutParams {
-  uint32_t key0, key1, counter_base;
+  uint32_t key0, key1;
+  uint64_t offset;
   float threshold;
   C keep_scale, alpha;
   bool accumulate;
 };
+
+template <typename C>
+DropoutParams<C> dropout_params(uint64_t seed, uint64_t offset, float threshold, float keep_scale, double alpha,
+                                bool accumulate) {
+  return {uint32_t(seed), uint32_t(seed >> 32), offset, threshold, C(keep_scale), C(alpha), accumulate};
+}
 
 // dst[0, count) (+)= alpha * (keep ? src * keep_scale : 0) over mask elements [mask_first, mask_first + count);
 // count <= kChunk. A select, not a product with the 0 factor: an inf or NaN at a dropped element gives 0, as
@@ -121,8 +242,8 @@ template <typename T, typename C>
 inline void dropout_chunk(const T* __restrict src, T* __restrict dst, int64_t mask_first, int64_t count,
                           const DropoutParams<C>& params) {
   C factors[kChunk], values[kChunk], current[kChunk];
-  keep_factors(params.key0, params.key1, params.counter_base, mask_first, count, params.threshold, params.keep_scale,
-               factors);
+  keep_factors(params.key0, params.key1, params.offset + uint64_t(mask_first), count, params.threshold,
+               params.keep_scale, factors);
   pfp::load_row(src, values, count);
   if (params.accumulate) {
     pfp::load_row(dst, current, count);
@@ -137,22 +258,48 @@ inline void dropout_chunk(const T* __restrict src, T* __restrict dst, int64_t ma
   pfp::store_row(values, dst, count);
 }
 
-template <typename C>
-DropoutParams<C> dropout_params(uint64_t seed, uint64_t offset, float threshold, float keep_scale, double alpha,
-                                bool accumulate) {
-  return {uint32_t(seed), uint32_t(seed >> 32), uint32_t(offset), threshold, C(keep_scale), C(alpha), accumulate};
+#if defined(__AVX512F__)
+// The same for float and bf16 data in registers: the mask as bits, dropped lanes zeroed by a masked multiply (a
+// select: inf or NaN there gives 0), the products and sums as the generic loop's (alpha * (x * keep_scale), and
+// current + alpha * that fused as the compiler fuses it there).
+template <typename T>
+inline void dropout_chunk_avx512(const T* __restrict src, T* __restrict dst, int64_t mask_first, int64_t count,
+                                 const DropoutParams<float>& params) {
+  uint64_t bits[kChunk / 64 + 1];
+  keep_bits(params.key0, params.key1, params.offset + uint64_t(mask_first), count, params.threshold, bits);
+  const __m512 keep_scale = _mm512_set1_ps(params.keep_scale), alpha = _mm512_set1_ps(params.alpha);
+  for (int64_t e = 0; e < count; e += 16) {
+    const __mmask16 valid = count - e >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (count - e)) - 1u);
+    const __m512 dropped = _mm512_maskz_mul_ps(bits16(bits, e) & valid, load16(src + e, valid), keep_scale);
+    const __m512 out =
+        params.accumulate ? _mm512_fmadd_ps(alpha, dropped, load16(dst + e, valid)) : _mm512_mul_ps(alpha, dropped);
+    store16(dst + e, valid, out);
+  }
 }
+
+inline void dropout_chunk(const float* __restrict src, float* __restrict dst, int64_t mask_first, int64_t count,
+                          const DropoutParams<float>& params) {
+  dropout_chunk_avx512(src, dst, mask_first, count, params);
+}
+inline void dropout_chunk(const bf16* __restrict src, bf16* __restrict dst, int64_t mask_first, int64_t count,
+                          const DropoutParams<float>& params) {
+  dropout_chunk_avx512(src, dst, mask_first, count, params);
+}
+#endif
 
 template <typename T>
 void dropout_impl(const T* src, T* dst, int64_t numel, uint64_t seed, uint64_t offset, float threshold,
                   float keep_scale, double alpha, bool accumulate, int nthreads) {
   using C = typename pfp::Compute<T>::type;
   const auto params = dropout_params<C>(seed, offset, threshold, keep_scale, alpha, accumulate);
-  const int64_t chunks = (numel + kChunk - 1) / kChunk;
+  // chunk c: the elements whose stream positions fall in the c-th kChunk-aligned window from offset's
+  const int64_t lead = int64_t(offset % uint64_t(kChunk));
+  const int64_t chunks = (lead + numel + kChunk - 1) / kChunk;
   pfp::parallel_for(chunks, kChunk * 64, nthreads, [&](int64_t begin, int64_t end, int) {
     for (int64_t chunk = begin; chunk < end; ++chunk) {
-      const int64_t first = chunk * kChunk;
-      dropout_chunk(src + first, dst + first, first, numel - first < kChunk ? numel - first : kChunk, params);
+      const int64_t first = chunk == 0 ? 0 : chunk * kChunk - lead;
+      const int64_t last = (chunk + 1) * kChunk - lead < numel ? (chunk + 1) * kChunk - lead : numel;
+      dropout_chunk(src + first, dst + first, first, last - first, params);
     }
   });
 }
@@ -170,10 +317,9 @@ void dropout_rows_impl(const T* src, T* dst, const int64_t* row_index, int64_t c
       const int64_t row = row_index[j];
       const T* src_row = src + (scatter ? j : row) * cols;
       T* dst_row = dst + (scatter ? row : j) * cols;
-      for (int64_t first = 0; first < cols; first += kChunk) {
-        dropout_chunk(src_row + first, dst_row + first, row * cols + first,
-                      cols - first < kChunk ? cols - first : kChunk, params);
-      }
+      for_stream_pieces(offset + uint64_t(row * cols), cols, [&](int64_t first, int64_t piece) {
+        dropout_chunk(src_row + first, dst_row + first, row * cols + first, piece, params);
+      });
     }
   });
 }

@@ -8,12 +8,12 @@ Backward (no dW: W is frozen), g_B = dY B [M, r]:
     dX = dY W + s * (g_B A) * keep * (1 / (1 - p))
     dA = s * g_B^T x_d      dB = s * dY^T xa      (db = sum of dY over rows, in the autograd Function)
 
-Dropout uniforms (Triton's tl.rand(seed, counter), bit for bit): one Philox-4x32-10 block per element,
+Dropout uniforms (Triton's tl.randint4x(seed, position >> 2) with an int64 position, bit for bit): element i
+(row-major index into x [M, in]) sits at stream position s = offset + i, and four consecutive positions share one
+Philox-4x32-10 block, each taking one of its four output words:
   key     = (seed mod 2^32, seed >> 32 mod 2^32)         seed: int64 >= 0
-  counter = (uint32(offset + i), 0, 0, 0)                i = row-major index into x [M, in]; the sum wraps
-                                                         modulo 2^32 (x beyond 2^32 elements reuses
-                                                         uniforms; offset is any int64 >= 0)
-  word    = the first output word c0, read as int32 w;  u = fp32(w < 0 ? ~w : w) * fp32(4.6566127342e-10)
+  counter = (n mod 2^32, n >> 32, 0, 0)                  n = s >> 2 (offset < 2^62, so s never wraps)
+  word    = output word s mod 4 (c0, c1, c2, c3), read as int32 w;  u = fp32(w < 0 ? ~w : w) * fp32(4.6566127342e-10)
 so u lies in [0, 1). An element is kept when u > fp32(p): strictly greater, so p = 0 keeps everything.
 The (seed, offset) pair travels as an int64 tensor `rng` of 2 elements, drawn from torch's default
 generator of x's device (see pyfastpeft.ops.lora); rng None means no dropout.
@@ -48,8 +48,9 @@ def philox_uniform(rng: torch.Tensor, numel: int, device: torch.device | None = 
     rng = rng.to(device=device if device is not None else rng.device, dtype=torch.int64)
     seed, offset = rng[0], rng[1]
     key0, key1 = seed & MASK32, (seed >> 32) & MASK32
-    c0 = (offset + torch.arange(numel, dtype=torch.int64, device=rng.device)) & MASK32
-    c1 = torch.zeros_like(c0)
+    position = offset + torch.arange(numel, dtype=torch.int64, device=rng.device)
+    n = position >> 2  # each element runs its own block's rounds and keeps its word: simple, no host sync
+    c0, c1 = n & MASK32, n >> 32
     c2 = torch.zeros_like(c0)
     c3 = torch.zeros_like(c0)
     for _ in range(PHILOX_ROUNDS):
@@ -58,7 +59,8 @@ def philox_uniform(rng: torch.Tensor, numel: int, device: torch.device | None = 
         c0, c1, c2, c3 = hi_b ^ c1 ^ key0, lo_b, hi_a ^ c3 ^ key1, lo_a
         key0 = (key0 + PHILOX_KEY_A) & MASK32
         key1 = (key1 + PHILOX_KEY_B) & MASK32
-    nonnegative = torch.where(c0 >= 1 << 31, c0 ^ MASK32, c0)  # ~w of the int32 reading, for w < 0
+    words = torch.stack((c0, c1, c2, c3), dim=1).gather(1, (position & 3).unsqueeze(1)).squeeze(1)
+    nonnegative = torch.where(words >= 1 << 31, words ^ MASK32, words)  # ~w of the int32 reading, for w < 0
     return nonnegative.to(torch.float32) * torch.tensor(UNIFORM_SCALE, dtype=torch.float32, device=rng.device)
 
 
