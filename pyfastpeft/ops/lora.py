@@ -15,9 +15,9 @@ bias: None = none, rng: int64 [2] = (seed, offset) or None = no dropout (both `T
 xa = x_d A^T [M, r] in x's dtype; dx is empty when needs_input_grad is False.
 
 Backends: reference (PyTorch, PEFT's order of operations); native CPU (torch GEMMs into the outputs, the
-C++ kernel for the dropout: x_d into a temporary freed after use, and dX += s * (dY B A) * keep / (1 - p)
-fused); Triton (one kernel reads each x tile once for x W^T and x_d A^T, dequantizing NF4 tiles in its K
-loop; backward in torch GEMMs plus a Triton masked-accumulate kernel).
+C++ kernel for the dropout: x_d a tile of rows at a time for xa and whole for dA, and dX += s * (dY B A) * keep /
+(1 - p) fused, a tile of rows of the product at a time); Triton (one kernel reads each x tile once for x W^T and
+x_d A^T, dequantizing NF4 tiles in its K loop; backward in torch GEMMs plus a Triton masked-accumulate kernel).
 
 Autograd saves x (not x_d: backward regenerates the mask from rng), A, B, xa [M, r], rng and the base.
 """
@@ -68,8 +68,9 @@ def _reference_backward(base, dy, x, lora_A, lora_B, xa, scaling, dropout_p, rng
     return dx.contiguous(), grad_A.contiguous(), grad_B.contiguous()
 
 
-def dropout_into(src, dst, rng, dropout_p: float, alpha: float = 1.0, accumulate: bool = False) -> None:
-    """Native: dst (+)= alpha * src * keep * fp32(1 / (1 - p)), src and dst contiguous CPU tensors of one dtype."""
+def dropout_into(src, dst, rng, dropout_p: float, alpha: float = 1.0, accumulate: bool = False, first: int = 0) -> None:
+    """Native: dst (+)= alpha * src * keep * fp32(1 / (1 - p)), src and dst contiguous CPU tensors of one dtype.
+    first: the mask element of src's first element (rows r0.. of an [M, in] tensor: r0 * in)."""
     seed, offset = rng.tolist()
     _native.launch(
         "lora_dropout",
@@ -79,12 +80,22 @@ def dropout_into(src, dst, rng, dropout_p: float, alpha: float = 1.0, accumulate
         src.numel(),
         src.dtype,
         seed,
-        offset,
+        offset + first,
         _keep_threshold(dropout_p),
         _keep_scale(dropout_p),
         alpha,
         accumulate,
     )
+
+
+# Rows of x_d (forward) and of dY B A (dX) are made a tile of about this many elements at a time, into one reused
+# buffer, so the GEMM beside each dropout pass reads or writes it in cache instead of an [M, in] temporary in memory.
+TILE_ELEMENTS = 1 << 20
+
+
+def _row_tiles(rows: int, in_features: int) -> list[tuple[int, int]]:
+    step = max(1, TILE_ELEMENTS // max(in_features, 1))
+    return [(r0, min(rows, r0 + step)) for r0 in range(0, rows, step)]
 
 
 def _fp32(value: float) -> float:
@@ -141,9 +152,14 @@ def _native_forward(base, x, bias, lora_A, lora_B, scaling, dropout_p, rng):
         return y.view(*x.shape[:-1], out_features), xa
     y = base.forward(x2d, bias)
     if rng is not None and x2d.numel():
-        x_dropped = torch.empty_like(x2d)  # freed on return: backward regenerates it from rng
-        dropout_into(x2d, x_dropped, rng, dropout_p)
-        xa = x_dropped @ lora_A.t()
+        # xa = x_d A^T a tile of rows at a time; the buffer is freed on return: backward regenerates x_d from rng
+        xa = x2d.new_empty((x2d.shape[0], lora_A.shape[0]))
+        tiles = _row_tiles(*x2d.shape)
+        buffer = x2d.new_empty((tiles[0][1], in_features))
+        for r0, r1 in tiles:
+            x_dropped = buffer[: r1 - r0]
+            dropout_into(x2d[r0:r1], x_dropped, rng, dropout_p, first=r0 * in_features)
+            torch.mm(x_dropped, lora_A.t(), out=xa[r0:r1])
     else:
         xa = x2d @ lora_A.t()
     y.addmm_(xa, lora_B.t(), alpha=scaling)
@@ -167,8 +183,12 @@ def _native_backward(base, dy, x, lora_A, lora_B, xa, scaling, dropout_p, rng, n
     if not needs_input_grad:
         return x.new_empty(0), grad_A, grad_B
     dx = base.grad_input(dy2d)
-    if dropout:
-        dropout_into(grad_xa @ lora_A, dx, rng, dropout_p, alpha=scaling, accumulate=True)
+    if dropout:  # dX += s * (dY B A) * keep / (1 - p), a tile of rows of the product at a time
+        tiles = _row_tiles(*x2d.shape)
+        buffer = x2d.new_empty((tiles[0][1], in_features))
+        for r0, r1 in tiles:
+            product = torch.mm(grad_xa[r0:r1], lora_A, out=buffer[: r1 - r0])
+            dropout_into(product, dx[r0:r1], rng, dropout_p, alpha=scaling, accumulate=True, first=r0 * in_features)
     else:
         dx.addmm_(grad_xa, lora_A, alpha=scaling)
     return dx.view(x.shape), grad_A, grad_B
