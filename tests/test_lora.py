@@ -96,6 +96,18 @@ def test_native_dropout_is_reference_bit_for_bit(isa, dtype, seed, offset, dropo
 
 
 @pytest.mark.parametrize("isa", CPU_ISAS)
+@pytest.mark.parametrize("dropout_p", [0.0, 1e-10, 0.25, 1 - 2**-24])
+def test_native_dropout_keeps_the_reference_elements_at_edge_probabilities(isa, dropout_p):
+    """The AVX-512 kernel tests an integer bound derived from fp32(p) instead of each uniform: the same elements at
+    p = 0 (all but u == 0), below the smallest uniform step, and at the largest fp32 below 1."""
+    rng = torch.tensor([77, 3])
+    x = torch.randn(3, 4099)
+    with cpu_isa(isa):
+        out = native_dropout(x, rng, dropout_p)
+    assert torch.equal(out, ref.dropout(x, dropout_p, rng))
+
+
+@pytest.mark.parametrize("isa", CPU_ISAS)
 def test_native_dropout_accumulates_alpha_times_masked_input(isa):
     rng = torch.tensor([11, 12])
     g, base = torch.randn(5, 300, dtype=torch.float64), torch.randn(5, 300, dtype=torch.float64)

@@ -55,8 +55,8 @@ inline __m512 uniform_of(__m512i word) {  // int32 w -> (w < 0 ? ~w : w) * scale
                        _mm512_set1_ps(kUniformScale));
 }
 
-// The uniforms of the kStep positions from 4 * first_block as kStep / 16 vectors, in position order.
-inline void philox_uniform_vectors(uint32_t key0, uint32_t key1, uint64_t first_block, __m512* __restrict u) {
+// The four output words of blocks first_block + 16 g + lane, g in [0, kGroups): words[g][w] is word w's vector.
+inline void philox_words(uint32_t key0, uint32_t key1, uint64_t first_block, __m512i (*__restrict words)[kWords]) {
   __m512i c0[kGroups], c1[kGroups], c2[kGroups], c3[kGroups];
   const __m512i lane = _mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15);
   for (int g = 0; g < kGroups; ++g) {
@@ -84,50 +84,86 @@ inline void philox_uniform_vectors(uint32_t key0, uint32_t key1, uint64_t first_
     k0 += kPhiloxKeyA;
     k1 += kPhiloxKeyB;
   }
+  for (int g = 0; g < kGroups; ++g) {
+    words[g][0] = c0[g];
+    words[g][1] = c1[g];
+    words[g][2] = c2[g];
+    words[g][3] = c3[g];
+  }
+}
+
+inline void philox_uniform_blocks(uint32_t key0, uint32_t key1, uint64_t first_block, float* __restrict u) {
+  __m512i words[kGroups][kWords];
+  philox_words(key0, key1, first_block, words);
   // Position order: (u0[j], u1[j]) pairs, then pairs of pairs: [u0[j], u1[j], u2[j], u3[j]] for j = 0, 1, ...
   const __m512i pair_low = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
   const __m512i pair_high = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
   const __m512i quad_low = _mm512_setr_epi64(0, 8, 1, 9, 2, 10, 3, 11);
   const __m512i quad_high = _mm512_setr_epi64(4, 12, 5, 13, 6, 14, 7, 15);
   for (int g = 0; g < kGroups; ++g) {
-    const __m512 u0 = uniform_of(c0[g]), u1 = uniform_of(c1[g]), u2 = uniform_of(c2[g]), u3 = uniform_of(c3[g]);
+    const __m512 u0 = uniform_of(words[g][0]), u1 = uniform_of(words[g][1]);
+    const __m512 u2 = uniform_of(words[g][2]), u3 = uniform_of(words[g][3]);
     const __m512d u01_low = _mm512_castps_pd(_mm512_permutex2var_ps(u0, pair_low, u1));
     const __m512d u01_high = _mm512_castps_pd(_mm512_permutex2var_ps(u0, pair_high, u1));
     const __m512d u23_low = _mm512_castps_pd(_mm512_permutex2var_ps(u2, pair_low, u3));
     const __m512d u23_high = _mm512_castps_pd(_mm512_permutex2var_ps(u2, pair_high, u3));
-    __m512d* out = reinterpret_cast<__m512d*>(u + g * kWords);
-    out[0] = _mm512_permutex2var_pd(u01_low, quad_low, u23_low);
-    out[1] = _mm512_permutex2var_pd(u01_low, quad_high, u23_low);
-    out[2] = _mm512_permutex2var_pd(u01_high, quad_low, u23_high);
-    out[3] = _mm512_permutex2var_pd(u01_high, quad_high, u23_high);
+    double* out = reinterpret_cast<double*>(u + g * kLanes * kWords);
+    _mm512_storeu_pd(out, _mm512_permutex2var_pd(u01_low, quad_low, u23_low));
+    _mm512_storeu_pd(out + 8, _mm512_permutex2var_pd(u01_low, quad_high, u23_low));
+    _mm512_storeu_pd(out + 16, _mm512_permutex2var_pd(u01_high, quad_low, u23_high));
+    _mm512_storeu_pd(out + 24, _mm512_permutex2var_pd(u01_high, quad_high, u23_high));
   }
 }
 
-inline void philox_uniform_blocks(uint32_t key0, uint32_t key1, uint64_t first_block, float* __restrict u) {
-  __m512 vectors[kStep / 16];
-  philox_uniform_vectors(key0, key1, first_block, vectors);
-  for (int v = 0; v < kStep / 16; ++v) _mm512_storeu_ps(u + 16 * v, vectors[v]);
+// The uniform test as an integer one: u = fp32(w') * scale with w' = (w < 0 ? ~w : w) in [0, 2^31) is
+// non-decreasing in w', so u > threshold exactly when w' > the largest w' whose u is <= threshold (-1: none).
+inline int32_t keep_limit(float threshold) {
+  int64_t low = -1, high = (int64_t(1) << 31) - 1;
+  while (low < high) {
+    const int64_t mid = low + (high - low + 1) / 2;
+    if (float(int32_t(mid)) * kUniformScale <= threshold) {
+      low = mid;
+    } else {
+      high = mid - 1;
+    }
+  }
+  return int32_t(low);
 }
 
+// spread_nibbles[b]: bit i of byte b moved to bit 4 i, so four word masks interleave into position order.
+struct SpreadTable {
+  uint32_t value[256];
+  constexpr SpreadTable() : value() {
+    for (int b = 0; b < 256; ++b) {
+      uint32_t spread = 0;
+      for (int i = 0; i < 8; ++i) spread |= uint32_t((b >> i) & 1) << (4 * i);
+      value[b] = spread;
+    }
+  }
+};
+constexpr SpreadTable kSpread{};
+
 // Keep bits of stream positions [position, position + count), count <= kChunk: bit e of bits (word e / 64) is
-// u(position + e) > threshold, for e < count; bits has kChunk / 64 + 1 words, the bits past count are padding.
-inline void keep_bits(uint32_t key0, uint32_t key1, uint64_t position, int64_t count, float threshold,
+// u(position + e) > threshold (w' > limit, keep_limit's), for e < count; bits has kChunk / 64 + 1 words, the
+// bits past count are padding. Each 16-block vector gives one 64-bit word: word w of block j is bit 4 j + w.
+inline void keep_bits(uint32_t key0, uint32_t key1, uint64_t position, int64_t count, int32_t limit,
                       uint64_t* __restrict bits) {
   // step bits from position's block start: stream bit b of the steps is element bit b - skip
-  constexpr int kStepWords = kStep / 64;
-  uint64_t steps[kChunk / 64 + kStepWords + 1] = {};
+  uint64_t steps[kChunk / 64 + kGroups + 1] = {};
   const int skip = int(position & 3);
   const int64_t words = (skip + count + 63) / 64;
-  const __m512 limit = _mm512_set1_ps(threshold);
-  for (int64_t word = 0; word < words; word += kStepWords) {
-    __m512 u[kStep / 16];
-    philox_uniform_vectors(key0, key1, (position >> 2) + uint64_t(word * 16), u);
-    for (int w = 0; w < kStepWords; ++w) {
+  const __m512i limit_v = _mm512_set1_epi32(limit);
+  for (int64_t word = 0; word < words; word += kGroups) {
+    __m512i raw[kGroups][kWords];
+    philox_words(key0, key1, (position >> 2) + uint64_t(word * kLanes), raw);
+    for (int g = 0; g < kGroups; ++g) {
       uint64_t packed = 0;
-      for (int v = 0; v < 4; ++v) {
-        packed |= uint64_t(_mm512_cmp_ps_mask(u[4 * w + v], limit, _CMP_GT_OQ)) << (16 * v);
+      for (int w = 0; w < kWords; ++w) {
+        const __m512i nonnegative = _mm512_xor_si512(raw[g][w], _mm512_srai_epi32(raw[g][w], 31));
+        const uint32_t mask = _mm512_cmpgt_epi32_mask(nonnegative, limit_v);
+        packed |= (uint64_t(kSpread.value[mask & 0xFF]) | uint64_t(kSpread.value[mask >> 8]) << 32) << w;
       }
-      steps[word + w] = packed;
+      steps[word + g] = packed;
     }
   }
   for (int64_t w = 0; w <= (count + 63) / 64; ++w) {
@@ -225,6 +261,7 @@ struct DropoutParams {
   uint32_t key0, key1;
   uint64_t offset;
   float threshold;
+  int32_t limit;  // keep_limit(threshold), for the AVX-512 bits
   C keep_scale, alpha;
   bool accumulate;
 };
@@ -232,7 +269,12 @@ struct DropoutParams {
 template <typename C>
 DropoutParams<C> dropout_params(uint64_t seed, uint64_t offset, float threshold, float keep_scale, double alpha,
                                 bool accumulate) {
-  return {uint32_t(seed), uint32_t(seed >> 32), offset, threshold, C(keep_scale), C(alpha), accumulate};
+#if defined(__AVX512F__)
+  const int32_t limit = keep_limit(threshold);
+#else
+  const int32_t limit = 0;
+#endif
+  return {uint32_t(seed), uint32_t(seed >> 32), offset, threshold, limit, C(keep_scale), C(alpha), accumulate};
 }
 
 // dst[0, count) (+)= alpha * (keep ? src * keep_scale : 0) over mask elements [mask_first, mask_first + count);
@@ -266,7 +308,7 @@ template <typename T>
 inline void dropout_chunk_avx512(const T* __restrict src, T* __restrict dst, int64_t mask_first, int64_t count,
                                  const DropoutParams<float>& params) {
   uint64_t bits[kChunk / 64 + 1];
-  keep_bits(params.key0, params.key1, params.offset + uint64_t(mask_first), count, params.threshold, bits);
+  keep_bits(params.key0, params.key1, params.offset + uint64_t(mask_first), count, params.limit, bits);
   const __m512 keep_scale = _mm512_set1_ps(params.keep_scale), alpha = _mm512_set1_ps(params.alpha);
   for (int64_t e = 0; e < count; e += 16) {
     const __mmask16 valid = count - e >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (count - e)) - 1u);
