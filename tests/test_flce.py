@@ -675,3 +675,38 @@ def test_cpu_half_logits_in_column_blocks_equal_one_matmul(vocab):
     out = torch.empty(24, vocab)
     flce_ops.logits_into(h, w, out)
     torch.testing.assert_close(out, torch.mm(h, w.t()).float(), rtol=2**-7, atol=1e-3)  # a bf16 ulp
+
+
+@pytest.mark.parametrize("isa", CPU_ISAS)
+@pytest.mark.parametrize("label_smoothing,softcap", SETTINGS)
+@pytest.mark.parametrize("extra", [{}, {"class_weight": "weights", "lse_square_scale": 0.05}])
+def test_cpu_bf16_logits_stay_bf16_through_the_row_pass(monkeypatch, isa, label_smoothing, softcap, extra):
+    """Without a bias, native CPU bf16 logits are the chunk's buffer, widened row by row inside the row pass and
+    left as dz rounded to bf16: the loss and every gradient equal the fp32-buffer path's bit for bit."""
+    h, w, _, labels = inputs(dtype=torch.bfloat16, bias=False)
+    kwargs = dict(label_smoothing=label_smoothing, softcap=softcap, reduction="sum", chunk_size=CHUNK)
+    if extra:
+        kwargs.update(class_weight=class_weights(), lse_square_scale=extra["lse_square_scale"])
+    seen = []
+    launch = flce_ops._native.launch
+
+    def spy(name, like, *args):
+        if name == "flce_rows":
+            seen.append(like.dtype)
+        return launch(name, like, *args)
+
+    monkeypatch.setattr(flce_ops._native, "launch", spy)
+
+    def loss_and_grads():
+        with pyfastpeft.use_backend("native"), cpu_isa(isa):
+            loss = fused_linear_cross_entropy(h, w, labels, **kwargs)
+            return (loss, *torch.autograd.grad(loss, (h, w)))
+
+    stored = loss_and_grads()
+    assert set(seen) == {torch.bfloat16}
+    monkeypatch.setattr(flce_ops, "_stores_bf16", lambda *args: False)
+    seen.clear()
+    widened = loss_and_grads()
+    assert set(seen) == {torch.float32}
+    for a, b in zip(stored, widened, strict=True):
+        assert torch.equal(a, b)

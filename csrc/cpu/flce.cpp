@@ -21,6 +21,7 @@
 #include <limits>
 #include <stdexcept>
 #include <string>
+#include <vector>
 
 namespace PFP_ISA {
 namespace {
@@ -121,18 +122,53 @@ void rows_impl(C* logits, const int64_t* labels, const C* grad_weight, const C* 
   });
 }
 
+// The same over 16-bit logits S (bf16 / fp16) with fp32 everything else: each row is widened into a thread's fp32
+// row (L2-resident), passed, and stored back rounded to S once (dz in the dtype the next matmuls take).
+template <typename S>
+void rows_stored_impl(S* logits, const int64_t* labels, const float* grad_weight, const float* z_grad_weight,
+                      const float* class_weight, float* loss, float* lse, int64_t rows, int64_t vocab,
+                      int64_t ignore_index, double label_smoothing, double softcap, int nthreads) {
+  const float weight_sum =
+      class_weight ? pfp::lane_sum<float>(vocab, [&](int64_t v) { return class_weight[v]; }) : float(vocab);
+  pfp::parallel_for(rows, 4 * vocab, nthreads, [&](int64_t begin, int64_t end, int) {
+    std::vector<float> values(vocab);
+    for (int64_t row = begin; row < end; ++row) {
+      S* stored = logits + row * vocab;
+      pfp::load_row(stored, values.data(), vocab);
+      row_pass<float>(values.data(), labels[row], grad_weight ? grad_weight + row : nullptr,
+                      grad_weight && z_grad_weight ? z_grad_weight + row : nullptr, class_weight, weight_sum,
+                      loss + row, lse + row, vocab, ignore_index, float(label_smoothing), float(softcap));
+      pfp::store_row(values.data(), stored, vocab);
+    }
+  });
+}
+
 }  // namespace
 
 // flce_rows: the row pass above over logits [rows, vocab] (row-major, contiguous), in place.
-// dtype (pfp::DType): kFloat32, or kFloat64 for fp64 inputs; logits, grad_weight, z_grad_weight, class_weight,
-// loss, lse all of it. labels: int64 [rows]; a label outside [0, vocab) other than ignore_index gives that row a
-// NaN loss and gradient (nothing is read out of bounds). loss, lse: [rows], written (loss 0 on ignored rows).
-// grad_weight: null (logits end as the softcapped c) or [rows]: logits end as dz, zero on ignored rows.
-// z_grad_weight: null (no z-loss) or [rows], read only with grad_weight. class_weight: null or [vocab].
-// label_smoothing in [0, 1); softcap > 0, or 0 for none; vocab >= 1.
+// dtype (pfp::DType): kFloat32, or kFloat64 for fp64 inputs; grad_weight, z_grad_weight, class_weight, loss, lse
+// all of it. logits_dtype: dtype (the row pass in place), or kBFloat16 / kFloat16 with dtype kFloat32 (each row
+// computed in fp32 and stored back rounded once). labels: int64 [rows]; a label outside [0, vocab) other than
+// ignore_index gives that row a NaN loss and gradient (nothing is read out of bounds). loss, lse: [rows], written
+// (loss 0 on ignored rows). grad_weight: null (logits end as the softcapped c) or [rows]: logits end as dz, zero on
+// ignored rows. z_grad_weight: null (no z-loss) or [rows], read only with grad_weight. class_weight: null or
+// [vocab]. label_smoothing in [0, 1); softcap > 0, or 0 for none; vocab >= 1.
 void flce_rows(void* logits, const int64_t* labels, const void* grad_weight, const void* z_grad_weight,
                const void* class_weight, void* loss, void* lse, int64_t rows, int64_t vocab, int dtype,
-               int64_t ignore_index, double label_smoothing, double softcap, int nthreads) {
+               int logits_dtype, int64_t ignore_index, double label_smoothing, double softcap, int nthreads) {
+  if (logits_dtype != dtype) {
+    if (dtype != pfp::kFloat32 || (logits_dtype != pfp::kBFloat16 && logits_dtype != pfp::kFloat16)) {
+      throw std::invalid_argument("flce: 16-bit logits go with fp32 statistics, got logits dtype code " +
+                                  std::to_string(logits_dtype) + " and dtype code " + std::to_string(dtype));
+    }
+    const auto run = [&](auto* stored) {
+      rows_stored_impl(stored, labels, static_cast<const float*>(grad_weight), static_cast<const float*>(z_grad_weight),
+                       static_cast<const float*>(class_weight), static_cast<float*>(loss), static_cast<float*>(lse),
+                       rows, vocab, ignore_index, label_smoothing, softcap, nthreads);
+    };
+    if (logits_dtype == pfp::kBFloat16) return run(static_cast<pfp::bf16*>(logits));
+    return run(static_cast<pfp::half*>(logits));
+  }
   switch (dtype) {
     case pfp::kFloat32:
       return rows_impl(static_cast<float*>(logits), labels, static_cast<const float*>(grad_weight),

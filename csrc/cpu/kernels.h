@@ -61,7 +61,7 @@
                          double alpha, bool accumulate, int nthreads);                                                 \
   void flce_rows(void* logits, const int64_t* labels, const void* grad_weight, const void* z_grad_weight,              \
                  const void* class_weight, void* loss, void* lse, int64_t rows, int64_t vocab, int dtype,              \
-                 int64_t ignore_index, double label_smoothing, double softcap, int nthreads);                          \
+                 int logits_dtype, int64_t ignore_index, double label_smoothing, double softcap, int nthreads);        \
   void distill_rows(void* student, void* teacher, const int64_t* labels, const void* grad_weight, void* loss,          \
                     int64_t rows, int64_t vocab, int dtype, int64_t ignore_index, double beta, double temperature,     \
                     double hard_label_weight, int nthreads);                                                           \

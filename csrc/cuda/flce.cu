@@ -154,7 +154,8 @@ void launch(void* logits, const int64_t* labels, const void* grad_weights, const
 }  // namespace
 
 // flce_rows: the row pass above over logits [rows, vocab] (row-major, contiguous) on `device`, in place.
-// dtype: kFloat32, or kFloat64 for fp64 inputs; logits, grad_weights, loss, lse all of it.
+// dtype: kFloat32, or kFloat64 for fp64 inputs; logits, grad_weights, loss, lse all of it (logits_dtype: the same;
+// the CPU's 16-bit logits storage has no CUDA path: CUDA GEMMs write fp32 logits from 16-bit operands).
 // labels: int64 [rows]; a label outside [0, vocab) other than ignore_index gives that row a NaN loss and
 // gradient (nothing is read out of bounds). loss, lse: [rows], written (loss 0 on ignored rows).
 // grad_weights: null (logits left as they are) or [rows]: logits end as dz, zero on ignored rows.
@@ -162,7 +163,12 @@ void launch(void* logits, const int64_t* labels, const void* grad_weights, const
 // label_smoothing in [0, 1); softcap > 0, or 0 for none; vocab >= 1.
 void flce_rows(void* logits, const int64_t* labels, const void* grad_weights, const void* z_grad_weights,
                const void* class_weight, void* loss, void* lse, int64_t rows, int64_t vocab, int dtype,
-               int64_t ignore_index, double label_smoothing, double softcap, cudaStream_t stream, int device) {
+               int logits_dtype, int64_t ignore_index, double label_smoothing, double softcap, cudaStream_t stream,
+               int device) {
+  if (logits_dtype != dtype) {
+    throw std::invalid_argument("flce: CUDA logits must be of dtype code " + std::to_string(dtype) + ", got " +
+                                std::to_string(logits_dtype));
+  }
   switch (dtype) {
     case kFloat32:
       return launch<float>(logits, labels, grad_weights, z_grad_weights, class_weight, loss, lse, rows, vocab,

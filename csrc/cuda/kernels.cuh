@@ -52,7 +52,8 @@ void nf4_gemv(const void* x, int x_dtype, const uint8_t* packed, const float* ab
               cudaStream_t stream, int device);
 void flce_rows(void* logits, const int64_t* labels, const void* grad_weights, const void* z_grad_weights,
                const void* class_weight, void* loss, void* lse, int64_t rows, int64_t vocab, int dtype,
-               int64_t ignore_index, double label_smoothing, double softcap, cudaStream_t stream, int device);
+               int logits_dtype, int64_t ignore_index, double label_smoothing, double softcap, cudaStream_t stream,
+               int device);
 void distill_rows(void* student, void* teacher, const int64_t* labels, const void* grad_weights, void* loss,
                   int64_t rows, int64_t vocab, int dtype, int64_t ignore_index, double beta, double temperature,
                   double hard_label_weight, cudaStream_t stream, int device);

@@ -122,6 +122,15 @@ def accumulate_grad_weight(accumulator, dz, dz_input_dtype, h) -> None:
         accumulator.addmm_(dz.t(), h.to(accumulator.dtype))
 
 
+def _stores_bf16(hidden, compute_dtype, bias) -> bool:
+    return (
+        hidden.device.type == "cpu"
+        and hidden.dtype == torch.bfloat16
+        and compute_dtype == torch.float32
+        and bias is None
+    )
+
+
 def _chunked(
     row_pass,
     hidden,
@@ -155,7 +164,11 @@ def _chunked(
     grad_weight = torch.zeros(weight.shape, dtype=cd, device=device) if need_grad_weight else None
     grad_bias = torch.zeros(vocab, dtype=cd, device=device) if need_grad_bias else None
     rows = chunk_rows(tokens, vocab, chunk_size, device.type)
-    logits_buffer = torch.empty(rows, vocab, dtype=cd, device=device)
+    # The native CPU row pass over bf16 logits (no bias) reads and writes them in place, in fp32 inside: the bf16
+    # product is the chunk's buffer and the row pass leaves dz rounded to bf16 for the matmuls after it, with no
+    # fp32 copy of either (the same values: the logits round to bf16 once in either path, and so does dz)
+    stored = cd if not (row_pass is native_rows and _stores_bf16(hidden, cd, bias)) else hidden.dtype
+    logits_buffer = torch.empty(rows, vocab, dtype=stored, device=device)
     bias_c = None if bias is None else bias.to(cd)
     for start in range(0, tokens, rows):
         stop = min(start + rows, tokens)
@@ -222,6 +235,7 @@ def native_rows(
         lse,
         rows,
         vocab,
+        loss.dtype,
         logits.dtype,
         ignore_index,
         label_smoothing,
