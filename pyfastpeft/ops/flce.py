@@ -167,7 +167,7 @@ def _chunked(
     # The native CPU row pass over bf16 logits (no bias) reads and writes them in place, in fp32 inside: the bf16
     # product is the chunk's buffer and the row pass leaves dz rounded to bf16 for the matmuls after it, with no
     # fp32 copy of either (the same values: the logits round to bf16 once in either path, and so does dz)
-    stored = cd if not (row_pass is native_rows and _stores_bf16(hidden, cd, bias)) else hidden.dtype
+    stored = hidden.dtype if row_pass is native_rows and _stores_bf16(hidden, cd, bias) else cd
     logits_buffer = torch.empty(rows, vocab, dtype=stored, device=device)
     bias_c = None if bias is None else bias.to(cd)
     for start in range(0, tokens, rows):
