@@ -6,9 +6,10 @@
 //   key = (seed mod 2^32, seed >> 32 mod 2^32), counter = (n mod 2^32, n >> 32, 0, 0) with n = s >> 2,
 //   w = output word s mod 4 as int32,  u = float(w < 0 ? ~w : w) * 4.6566127342e-10f   in [0, 1)
 //   keep = u > threshold   (threshold = fp32(p), strictly greater: p = 0 keeps every element)
-// A step draws 64 blocks (256 positions) in uint32 lanes (the high product word through a uint64 multiply): on
-// AVX-512 four 16-lane vectors side by side (one alone waits on its multiplies' latency) and, for float and bf16
-// data, the mask as bits applied by masked multiplies; elsewhere plain loops the AVX2 and scalar builds compile.
+// A step draws 64 blocks (256 positions) in uint32 lanes (the high product word through a uint64 multiply). On
+// AVX-512: four 16-lane vectors side by side (one alone waits on its multiplies' latency), each word tested against
+// an integer bound into mask bits, applied to float and bf16 data by masked multiplies (to fp16 and fp64 data as
+// factors). Elsewhere: plain loops the AVX2 and scalar builds compile, through the float uniforms.
 #include "cpu/common.h"
 #include "cpu/kernels.h"
 
@@ -38,8 +39,6 @@ constexpr uint32_t kPhiloxRoundA = 0xD2511F53u, kPhiloxRoundB = 0xCD9E8D57u;
 constexpr int kPhiloxRounds = 10;
 constexpr float kUniformScale = 4.6566127342e-10f;
 
-// u[4 j + w] = the uniform of word w of block first_block + j, j in [0, kBlocks): the kStep stream positions from
-// 4 * first_block, in order.
 #if defined(__AVX512F__)
 // The high and low words of a * b for 16 uint32 lanes: vpmuludq multiplies the even lanes (and, shifted, the
 // odd ones) into 64-bit products; the high words are blended back into lane order.
@@ -48,11 +47,6 @@ inline void mul_hi_lo(__m512i a, __m512i b, __m512i& hi, __m512i& lo) {
   const __m512i odd = _mm512_mul_epu32(_mm512_srli_epi64(a, 32), b);
   hi = _mm512_mask_blend_epi32(__mmask16(0xAAAA), _mm512_srli_epi64(even, 32), odd);
   lo = _mm512_mullo_epi32(a, b);
-}
-
-inline __m512 uniform_of(__m512i word) {  // int32 w -> (w < 0 ? ~w : w) * scale: xor with the spread sign
-  return _mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_xor_si512(word, _mm512_srai_epi32(word, 31))),
-                       _mm512_set1_ps(kUniformScale));
 }
 
 // The four output words of blocks first_block + 16 g + lane, g in [0, kGroups): words[g][w] is word w's vector.
@@ -89,29 +83,6 @@ inline void philox_words(uint32_t key0, uint32_t key1, uint64_t first_block, __m
     words[g][1] = c1[g];
     words[g][2] = c2[g];
     words[g][3] = c3[g];
-  }
-}
-
-inline void philox_uniform_blocks(uint32_t key0, uint32_t key1, uint64_t first_block, float* __restrict u) {
-  __m512i words[kGroups][kWords];
-  philox_words(key0, key1, first_block, words);
-  // Position order: (u0[j], u1[j]) pairs, then pairs of pairs: [u0[j], u1[j], u2[j], u3[j]] for j = 0, 1, ...
-  const __m512i pair_low = _mm512_setr_epi32(0, 16, 1, 17, 2, 18, 3, 19, 4, 20, 5, 21, 6, 22, 7, 23);
-  const __m512i pair_high = _mm512_setr_epi32(8, 24, 9, 25, 10, 26, 11, 27, 12, 28, 13, 29, 14, 30, 15, 31);
-  const __m512i quad_low = _mm512_setr_epi64(0, 8, 1, 9, 2, 10, 3, 11);
-  const __m512i quad_high = _mm512_setr_epi64(4, 12, 5, 13, 6, 14, 7, 15);
-  for (int g = 0; g < kGroups; ++g) {
-    const __m512 u0 = uniform_of(words[g][0]), u1 = uniform_of(words[g][1]);
-    const __m512 u2 = uniform_of(words[g][2]), u3 = uniform_of(words[g][3]);
-    const __m512d u01_low = _mm512_castps_pd(_mm512_permutex2var_ps(u0, pair_low, u1));
-    const __m512d u01_high = _mm512_castps_pd(_mm512_permutex2var_ps(u0, pair_high, u1));
-    const __m512d u23_low = _mm512_castps_pd(_mm512_permutex2var_ps(u2, pair_low, u3));
-    const __m512d u23_high = _mm512_castps_pd(_mm512_permutex2var_ps(u2, pair_high, u3));
-    double* out = reinterpret_cast<double*>(u + g * kLanes * kWords);
-    _mm512_storeu_pd(out, _mm512_permutex2var_pd(u01_low, quad_low, u23_low));
-    _mm512_storeu_pd(out + 8, _mm512_permutex2var_pd(u01_low, quad_high, u23_low));
-    _mm512_storeu_pd(out + 16, _mm512_permutex2var_pd(u01_high, quad_low, u23_high));
-    _mm512_storeu_pd(out + 24, _mm512_permutex2var_pd(u01_high, quad_high, u23_high));
   }
 }
 
@@ -196,6 +167,8 @@ inline void store16(bf16* dst, __mmask16 valid, __m512 v) {  // pfp::to_bf16 in 
   _mm256_mask_storeu_epi16(dst, valid, _mm512_cvtepi32_epi16(_mm512_mask_blend_epi32(nan, rounded, quiet)));
 }
 #else
+// u[4 j + w] = the uniform of word w of block first_block + j, j in [0, kBlocks): the kStep stream positions from
+// 4 * first_block, in order.
 inline void philox_uniform_blocks(uint32_t key0, uint32_t key1, uint64_t first_block, float* __restrict u) {
   uint32_t c0[kBlocks], c1[kBlocks], c2[kBlocks], c3[kBlocks];
   for (int j = 0; j < kBlocks; ++j) {
@@ -229,32 +202,6 @@ inline void philox_uniform_blocks(uint32_t key0, uint32_t key1, uint64_t first_b
 }
 #endif
 
-// Keep factors of stream positions [position, position + count): keep_scale where kept, 0 where dropped. The first
-// step starts at position's block and skips the words before it; every later step starts on a block boundary.
-template <typename C>
-inline void keep_factors(uint32_t key0, uint32_t key1, uint64_t position, int64_t count, float threshold, C keep_scale,
-                         C* __restrict factors) {
-  alignas(64) float u[kStep];
-  for (int64_t done = 0; done < count;) {
-    const int skip = int(position & 3);
-    philox_uniform_blocks(key0, key1, position >> 2, u);
-    const int64_t take = count - done < kStep - skip ? count - done : kStep - skip;
-    for (int64_t j = 0; j < take; ++j) factors[done + j] = u[skip + j] > threshold ? keep_scale : C(0);
-    done += take;
-    position += uint64_t(take);
-  }
-}
-
-// body(first, count) over the elements [0, total) whose stream positions start at `position`, in pieces of at most
-// kChunk that end on kChunk boundaries of the stream: every piece but the first starts on a Philox step.
-template <typename F>
-inline void for_stream_pieces(uint64_t position, int64_t total, F&& body) {
-  int64_t piece = kChunk - int64_t(position % uint64_t(kChunk));
-  for (int64_t first = 0; first < total; first += piece, piece = kChunk) {
-    body(first, total - first < piece ? total - first : piece);
-  }
-}
-
 // The (seed, offset) pair as Philox key words and stream offset, and the fp32/fp64 scale factors.
 template <typename C>
 struct DropoutParams {
@@ -277,6 +224,38 @@ DropoutParams<C> dropout_params(uint64_t seed, uint64_t offset, float threshold,
   return {uint32_t(seed), uint32_t(seed >> 32), offset, threshold, limit, C(keep_scale), C(alpha), accumulate};
 }
 
+// Keep factors of stream positions [position, position + count), count <= kChunk: keep_scale where kept, 0 where
+// dropped. AVX-512: from keep_bits (the one mask derivation of that build). Elsewhere: the first step starts at
+// position's block and skips the words before it; every later step starts on a block boundary.
+template <typename C>
+inline void keep_factors(const DropoutParams<C>& params, uint64_t position, int64_t count, C* __restrict factors) {
+#if defined(__AVX512F__)
+  uint64_t bits[kChunk / 64 + 1];
+  keep_bits(params.key0, params.key1, position, count, params.limit, bits);
+  for (int64_t j = 0; j < count; ++j) factors[j] = (bits[j >> 6] >> (j & 63)) & 1u ? params.keep_scale : C(0);
+#else
+  alignas(64) float u[kStep];
+  for (int64_t done = 0; done < count;) {
+    const int skip = int(position & 3);
+    philox_uniform_blocks(params.key0, params.key1, position >> 2, u);
+    const int64_t take = count - done < kStep - skip ? count - done : kStep - skip;
+    for (int64_t j = 0; j < take; ++j) factors[done + j] = u[skip + j] > params.threshold ? params.keep_scale : C(0);
+    done += take;
+    position += uint64_t(take);
+  }
+#endif
+}
+
+// body(first, count) over the elements [0, total) whose stream positions start at `position`, in pieces of at most
+// kChunk that end on kChunk boundaries of the stream: every piece but the first starts on a Philox step.
+template <typename F>
+inline void for_stream_pieces(uint64_t position, int64_t total, F&& body) {
+  int64_t piece = kChunk - int64_t(position % uint64_t(kChunk));
+  for (int64_t first = 0; first < total; first += piece, piece = kChunk) {
+    body(first, total - first < piece ? total - first : piece);
+  }
+}
+
 // dst[0, count) (+)= alpha * (keep ? src * keep_scale : 0) over mask elements [mask_first, mask_first + count);
 // count <= kChunk. A select, not a product with the 0 factor: an inf or NaN at a dropped element gives 0, as
 // the reference's torch.where does (keep_scale = 1 / (1 - p) >= 1 is never 0).
@@ -284,8 +263,7 @@ template <typename T, typename C>
 inline void dropout_chunk(const T* __restrict src, T* __restrict dst, int64_t mask_first, int64_t count,
                           const DropoutParams<C>& params) {
   C factors[kChunk], values[kChunk], current[kChunk];
-  keep_factors(params.key0, params.key1, params.offset + uint64_t(mask_first), count, params.threshold,
-               params.keep_scale, factors);
+  keep_factors(params, params.offset + uint64_t(mask_first), count, factors);
   pfp::load_row(src, values, count);
   if (params.accumulate) {
     pfp::load_row(dst, current, count);
@@ -416,17 +394,11 @@ void lora_down(const void* x, const void* a, void* xa, int64_t m, int64_t k, int
 // seed, offset: the (int64 >= 0) pair of the op's rng tensor; threshold = fp32(p); keep_scale = fp32(1/(1-p)).
 void lora_dropout(const void* src, void* dst, int64_t numel, int dtype, int64_t seed, int64_t offset, float threshold,
                   float keep_scale, double alpha, bool accumulate, int nthreads) {
-#define PFP_LORA_DROPOUT(T)                                                                                          \
-  dropout_impl(static_cast<const T*>(src), static_cast<T*>(dst), numel, uint64_t(seed), uint64_t(offset), threshold, \
-               keep_scale, alpha, accumulate, nthreads)
-  switch (dtype) {
-    case pfp::kFloat32: PFP_LORA_DROPOUT(float); return;
-    case pfp::kFloat16: PFP_LORA_DROPOUT(half); return;
-    case pfp::kBFloat16: PFP_LORA_DROPOUT(bf16); return;
-    case pfp::kFloat64: PFP_LORA_DROPOUT(double); return;
-  }
-#undef PFP_LORA_DROPOUT
-  throw std::invalid_argument("lora_dropout: unsupported dtype code");
+  pfp::dispatch_float(dtype, "lora_dropout", [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    dropout_impl(static_cast<const T*>(src), static_cast<T*>(dst), numel, uint64_t(seed), uint64_t(offset), threshold,
+                 keep_scale, alpha, accumulate, nthreads);
+  });
 }
 
 // ---- multi-adapter batches: dropout of gathered / scattered rows ----------------------------------------
@@ -443,17 +415,11 @@ void lora_dropout(const void* src, void* dst, int64_t numel, int dtype, int64_t 
 void lora_dropout_rows(const void* src, void* dst, const int64_t* row_index, int64_t count, int64_t cols, bool scatter,
                        int dtype, int64_t seed, int64_t offset, float threshold, float keep_scale, double alpha,
                        bool accumulate, int nthreads) {
-#define PFP_LORA_DROPOUT_ROWS(T)                                                                                       \
-  dropout_rows_impl(static_cast<const T*>(src), static_cast<T*>(dst), row_index, count, cols, scatter, uint64_t(seed), \
-                    uint64_t(offset), threshold, keep_scale, alpha, accumulate, nthreads)
-  switch (dtype) {
-    case pfp::kFloat32: PFP_LORA_DROPOUT_ROWS(float); return;
-    case pfp::kFloat16: PFP_LORA_DROPOUT_ROWS(half); return;
-    case pfp::kBFloat16: PFP_LORA_DROPOUT_ROWS(bf16); return;
-    case pfp::kFloat64: PFP_LORA_DROPOUT_ROWS(double); return;
-  }
-#undef PFP_LORA_DROPOUT_ROWS
-  throw std::invalid_argument("lora_dropout_rows: unsupported dtype code");
+  pfp::dispatch_float(dtype, "lora_dropout_rows", [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    dropout_rows_impl(static_cast<const T*>(src), static_cast<T*>(dst), row_index, count, cols, scatter, uint64_t(seed),
+                      uint64_t(offset), threshold, keep_scale, alpha, accumulate, nthreads);
+  });
 }
 
 }  // namespace PFP_ISA
