@@ -21,6 +21,7 @@
 #include <limits>
 #include <stdexcept>
 #include <string>
+#include <type_traits>
 #include <vector>
 
 namespace PFP_ISA {
@@ -109,36 +110,30 @@ inline void row_pass(C* __restrict z, int64_t label, const C* grad_weight, const
     sweep([&](int64_t) { return g_uniform; });
 }
 
-template <typename C>
-void rows_impl(C* logits, const int64_t* labels, const C* grad_weight, const C* z_grad_weight, const C* class_weight,
+// Rows of logits stored as S, everything else and the pass in C: in place where S is C; otherwise (16-bit logits,
+// fp32 C) each row is widened into a thread's C row (L2-resident), passed, and stored back rounded to S once (dz in
+// the dtype the next matmuls take).
+template <typename S, typename C>
+void rows_impl(S* logits, const int64_t* labels, const C* grad_weight, const C* z_grad_weight, const C* class_weight,
                C* loss, C* lse, int64_t rows, int64_t vocab, int64_t ignore_index, double label_smoothing,
                double softcap, int nthreads) {
+  constexpr bool in_place = std::is_same<S, C>::value;
   const C weight_sum = class_weight ? pfp::lane_sum<C>(vocab, [&](int64_t v) { return class_weight[v]; }) : C(vocab);
   pfp::parallel_for(rows, 4 * vocab, nthreads, [&](int64_t begin, int64_t end, int) {
-    for (int64_t row = begin; row < end; ++row)
-      row_pass<C>(logits + row * vocab, labels[row], grad_weight ? grad_weight + row : nullptr,
-                  grad_weight && z_grad_weight ? z_grad_weight + row : nullptr, class_weight, weight_sum, loss + row,
-                  lse + row, vocab, ignore_index, C(label_smoothing), C(softcap));
-  });
-}
-
-// The same over 16-bit logits S (bf16 / fp16) with fp32 everything else: each row is widened into a thread's fp32
-// row (L2-resident), passed, and stored back rounded to S once (dz in the dtype the next matmuls take).
-template <typename S>
-void rows_stored_impl(S* logits, const int64_t* labels, const float* grad_weight, const float* z_grad_weight,
-                      const float* class_weight, float* loss, float* lse, int64_t rows, int64_t vocab,
-                      int64_t ignore_index, double label_smoothing, double softcap, int nthreads) {
-  const float weight_sum =
-      class_weight ? pfp::lane_sum<float>(vocab, [&](int64_t v) { return class_weight[v]; }) : float(vocab);
-  pfp::parallel_for(rows, 4 * vocab, nthreads, [&](int64_t begin, int64_t end, int) {
-    std::vector<float> values(vocab);
+    std::vector<C> widened(in_place ? 0 : vocab);
     for (int64_t row = begin; row < end; ++row) {
       S* stored = logits + row * vocab;
-      pfp::load_row(stored, values.data(), vocab);
-      row_pass<float>(values.data(), labels[row], grad_weight ? grad_weight + row : nullptr,
-                      grad_weight && z_grad_weight ? z_grad_weight + row : nullptr, class_weight, weight_sum,
-                      loss + row, lse + row, vocab, ignore_index, float(label_smoothing), float(softcap));
-      pfp::store_row(values.data(), stored, vocab);
+      C* z;
+      if constexpr (in_place) {
+        z = stored;
+      } else {
+        pfp::load_row(stored, widened.data(), vocab);
+        z = widened.data();
+      }
+      row_pass<C>(z, labels[row], grad_weight ? grad_weight + row : nullptr,
+                  grad_weight && z_grad_weight ? z_grad_weight + row : nullptr, class_weight, weight_sum, loss + row,
+                  lse + row, vocab, ignore_index, C(label_smoothing), C(softcap));
+      if constexpr (!in_place) pfp::store_row(z, stored, vocab);
     }
   });
 }
@@ -162,9 +157,9 @@ void flce_rows(void* logits, const int64_t* labels, const void* grad_weight, con
                                   std::to_string(logits_dtype) + " and dtype code " + std::to_string(dtype));
     }
     const auto run = [&](auto* stored) {
-      rows_stored_impl(stored, labels, static_cast<const float*>(grad_weight), static_cast<const float*>(z_grad_weight),
-                       static_cast<const float*>(class_weight), static_cast<float*>(loss), static_cast<float*>(lse),
-                       rows, vocab, ignore_index, label_smoothing, softcap, nthreads);
+      rows_impl(stored, labels, static_cast<const float*>(grad_weight), static_cast<const float*>(z_grad_weight),
+                static_cast<const float*>(class_weight), static_cast<float*>(loss), static_cast<float*>(lse), rows,
+                vocab, ignore_index, label_smoothing, softcap, nthreads);
     };
     if (logits_dtype == pfp::kBFloat16) return run(static_cast<pfp::bf16*>(logits));
     return run(static_cast<pfp::half*>(logits));
