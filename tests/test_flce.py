@@ -710,3 +710,13 @@ def test_cpu_bf16_logits_stay_bf16_through_the_row_pass(monkeypatch, isa, label_
     assert set(seen) == {torch.float32}
     for a, b in zip(stored, widened, strict=True):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("logits_dtype", [torch.float16, torch.float64])
+def test_cpu_row_kernel_refuses_logits_of_another_kind_than_bf16_over_fp32(logits_dtype):
+    """The row kernel widens bf16 logits only; any other pairing with fp32 statistics is refused, not misread."""
+    logits = torch.randn(3, 11).to(logits_dtype)
+    labels = torch.tensor([0, 5, 10])
+    loss, lse = torch.empty(3), torch.empty(3)
+    with pytest.raises(ValueError, match="bf16 logits go with fp32 statistics"):
+        flce_ops.native_rows(logits, labels, None, None, None, loss, lse, -100, 0.0, 0.0)

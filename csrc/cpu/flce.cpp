@@ -110,7 +110,7 @@ inline void row_pass(C* __restrict z, int64_t label, const C* grad_weight, const
     sweep([&](int64_t) { return g_uniform; });
 }
 
-// Rows of logits stored as S, everything else and the pass in C: in place where S is C; otherwise (16-bit logits,
+// Rows of logits stored as S, everything else and the pass in C: in place where S is C; otherwise (bf16 logits,
 // fp32 C) each row is widened into a thread's C row (L2-resident), passed, and stored back rounded to S once (dz in
 // the dtype the next matmuls take).
 template <typename S, typename C>
@@ -142,7 +142,7 @@ void rows_impl(S* logits, const int64_t* labels, const C* grad_weight, const C* 
 
 // flce_rows: the row pass above over logits [rows, vocab] (row-major, contiguous), in place.
 // dtype (pfp::DType): kFloat32, or kFloat64 for fp64 inputs; grad_weight, z_grad_weight, class_weight, loss, lse
-// all of it. logits_dtype: dtype (the row pass in place), or kBFloat16 / kFloat16 with dtype kFloat32 (each row
+// all of it. logits_dtype: dtype (the row pass in place), or kBFloat16 with dtype kFloat32 (each row
 // computed in fp32 and stored back rounded once). labels: int64 [rows]; a label outside [0, vocab) other than
 // ignore_index gives that row a NaN loss and gradient (nothing is read out of bounds). loss, lse: [rows], written
 // (loss 0 on ignored rows). grad_weight: null (logits end as the softcapped c) or [rows]: logits end as dz, zero on
@@ -152,17 +152,14 @@ void flce_rows(void* logits, const int64_t* labels, const void* grad_weight, con
                const void* class_weight, void* loss, void* lse, int64_t rows, int64_t vocab, int dtype,
                int logits_dtype, int64_t ignore_index, double label_smoothing, double softcap, int nthreads) {
   if (logits_dtype != dtype) {
-    if (dtype != pfp::kFloat32 || (logits_dtype != pfp::kBFloat16 && logits_dtype != pfp::kFloat16)) {
-      throw std::invalid_argument("flce: 16-bit logits go with fp32 statistics, got logits dtype code " +
+    if (dtype != pfp::kFloat32 || logits_dtype != pfp::kBFloat16) {
+      throw std::invalid_argument("flce: bf16 logits go with fp32 statistics, got logits dtype code " +
                                   std::to_string(logits_dtype) + " and dtype code " + std::to_string(dtype));
     }
-    const auto run = [&](auto* stored) {
-      rows_impl(stored, labels, static_cast<const float*>(grad_weight), static_cast<const float*>(z_grad_weight),
-                static_cast<const float*>(class_weight), static_cast<float*>(loss), static_cast<float*>(lse), rows,
-                vocab, ignore_index, label_smoothing, softcap, nthreads);
-    };
-    if (logits_dtype == pfp::kBFloat16) return run(static_cast<pfp::bf16*>(logits));
-    return run(static_cast<pfp::half*>(logits));
+    return rows_impl(static_cast<pfp::bf16*>(logits), labels, static_cast<const float*>(grad_weight),
+                     static_cast<const float*>(z_grad_weight), static_cast<const float*>(class_weight),
+                     static_cast<float*>(loss), static_cast<float*>(lse), rows, vocab, ignore_index, label_smoothing,
+                     softcap, nthreads);
   }
   switch (dtype) {
     case pfp::kFloat32:
