@@ -133,6 +133,38 @@ def test_nonfinite_inputs_code_zero_and_poison_only_their_row(backend):
     assert cols.tolist() == [5] and stats[0].isfinite() and stats[1].isnan()
 
 
+def edge_rows(k: int) -> torch.Tensor:
+    """Rows whose stat or scale is not an ordinary number (the native row kernel's slow path) beside rows whose
+    is: zeros, subnormals (127 / stat overflows), a tiny normal stat, inf, NaN, -inf with an outlier, values near
+    the fp32 maximum, signed zeros, and a plain row."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(9, k, generator=g)
+    x[0] = 0.0
+    x[1] = torch.randn(k, generator=g) * 1e-40
+    x[2] = torch.randn(k, generator=g) * 1e-38
+    x[3, k // 2] = float("inf")
+    x[4, k - 1] = float("nan")
+    x[5, 0], x[5, k - 2] = float("-inf"), 100.0
+    x[6] = torch.randn(k, generator=g) * 1e37
+    x[7] = -0.0
+    x[7, 1] = 0.5
+    return x
+
+
+@pytest.mark.parametrize("isa", CPU_ISAS)
+@pytest.mark.parametrize("threshold", [0.0, 6.0])
+@pytest.mark.parametrize("k", [70, 129])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_vectorwise_quant_edge_rows_match_the_reference_on_every_isa(dtype, k, threshold, isa):
+    x = edge_rows(k).to(dtype)
+    expected = run("reference", int8_vectorwise_quant, x, threshold)
+    with cpu_isa(isa):
+        ours = run("native", int8_vectorwise_quant, x, threshold)
+    assert torch.equal(ours[0], expected[0])
+    torch.testing.assert_close(ours[1], expected[1], rtol=0, atol=0, equal_nan=True)
+    assert (ours[2] is None and expected[2] is None) or torch.equal(ours[2], expected[2])
+
+
 @pytest.mark.parametrize("backend", ["native", "reference"])
 def test_colwise_nonfinite_without_threshold_is_no_outlier(backend):
     x = torch.randn(4, 6)

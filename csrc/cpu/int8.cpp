@@ -73,30 +73,50 @@ inline const float* row_as_float(const T* row, int64_t k, float* buffer) {
   }
 }
 
-// max |row[c]| over !(|row[c]| >= t) (every c when !find), NaN-propagating; with find, flags[c] |= 1 where
-// |row[c]| >= t.
-float row_absmax(const float* row, int64_t k, float t, bool find, uint8_t* flags) {
+// The row the row-wise passes read: x's own row where they load its storage type (AVX-512), else row_as_float
+// (`buffer` holds k floats where kPassNeedsBuffer).
+template <typename T>
+inline auto pass_row(const T* row, int64_t k, float* buffer) {
 #if defined(__AVX512F__)
-  const __m512 abs_mask = _mm512_castsi512_ps(_mm512_set1_epi32(0x7FFFFFFF));
+  (void)k, (void)buffer;
+  return row;
+#else
+  return row_as_float(row, k, buffer);
+#endif
+}
+
+template <typename T>
+constexpr bool kPassNeedsBuffer =
+#if defined(__AVX512F__)
+    false;
+#else
+    !std::is_same_v<T, float>;
+#endif
+
+// max |row[c]| over !(|row[c]| >= t) (every c when !find), NaN-propagating; with find, flags[c] |= 1 where
+// |row[c]| >= t. R: float, or (AVX-512) bf16 / fp16, widened exactly.
+template <typename R>
+float row_absmax(const R* row, int64_t k, float t, bool find, uint8_t* flags) {
+#if defined(__AVX512F__)
   const __m512 limit = _mm512_set1_ps(t);
-  __m512 best = _mm512_setzero_ps();
-  __mmask16 nan_seen = 0;
+  __m512i best = _mm512_setzero_si512();  // magnitude bits of the counted lanes (pfp::magnitude_bits)
   for (int64_t c = 0; c < k; c += 16) {
-    const __mmask16 m = k - c >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (k - c)) - 1);
-    __m512 a = _mm512_and_ps(_mm512_maskz_loadu_ps(m, row + c), abs_mask);
+    const __mmask16 m = pfp::lanes16(k - c);
+    const __m512i a = pfp::magnitude_bits(pfp::load16(row + c, m));
+    __mmask16 counted = 0xFFFF;  // lanes past k read as 0
     if (find) {
-      const __mmask16 outlier = _mm512_mask_cmp_ps_mask(m, a, limit, _CMP_GE_OQ);
+      const __mmask16 outlier = _mm512_mask_cmp_ps_mask(m, _mm512_castsi512_ps(a), limit, _CMP_GE_OQ);
       if (outlier) {
         const __m128i old = _mm_maskz_loadu_epi8(m, flags + c);
         _mm_mask_storeu_epi8(flags + c, m, _mm_mask_mov_epi8(old, outlier, _mm_set1_epi8(1)));
       }
-      a = _mm512_mask_mov_ps(a, outlier, _mm512_setzero_ps());
+      counted = __mmask16(~outlier);
     }
-    nan_seen |= _mm512_cmp_ps_mask(a, a, _CMP_UNORD_Q);
-    best = _mm512_max_ps(best, a);
+    best = _mm512_mask_max_epu32(best, counted, best, a);
   }
-  return nan_seen ? std::numeric_limits<float>::quiet_NaN() : _mm512_reduce_max_ps(best);
+  return pfp::magnitude_max(best);
 #else
+  static_assert(std::is_same_v<R, float>, "rows reach the portable passes as fp32");
   if (find)
     for (int64_t c = 0; c < k; ++c) flags[c] |= uint8_t(std::fabs(row[c]) >= t);
   return lane_max(k, [&](int64_t c) {
@@ -106,29 +126,37 @@ float row_absmax(const float* row, int64_t k, float t, bool find, uint8_t* flags
 #endif
 }
 
-// out[c] = round_half_even(row[c] * scale) as int8 (non-finite -> 0), 0 where flags[c] (flags may be null).
-void row_codes(const float* row, int64_t k, float scale, const uint8_t* flags, int8_t* out) {
+// out[c] = round_half_even(row[c] * scale) as int8 (non-finite -> 0, clamped to [-127, 127]), for a row whose
+// stat (max |row| over its counted elements) gave scale. R as for row_absmax. In columns of outliers (|row[c]| >= t,
+// not counted in stat) the code is left unspecified: quant_rows zeroes those columns after.
+template <typename R>
+void row_codes(const R* row, int64_t k, float stat, float scale, int8_t* out) {
 #if defined(__AVX512F__)
-  const __m512 abs_mask = _mm512_castsi512_ps(_mm512_set1_epi32(0x7FFFFFFF));
-  const __m512 vscale = _mm512_set1_ps(scale), inf = _mm512_set1_ps(std::numeric_limits<float>::infinity());
+  const __m512 vscale = _mm512_set1_ps(scale);
+  // With stat and scale finite, every counted |row[c] * scale| <= 127 (1 + 2^-22): finite, and it rounds into
+  // [-127, 127], so the conversion alone (nearest even under the default rounding mode) is to_code.
+  const bool finite = std::isfinite(stat) && std::isfinite(scale);
   const __m512 lo = _mm512_set1_ps(-127.0f), hi = _mm512_set1_ps(127.0f);
-  for (int64_t c = 0; c < k; c += 16) {
-    const __mmask16 m = k - c >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (k - c)) - 1);
-    const __m512 s = _mm512_mul_ps(_mm512_maskz_loadu_ps(m, row + c), vscale);
-    const __mmask16 finite = _mm512_cmp_ps_mask(_mm512_and_ps(s, abs_mask), inf, _CMP_LT_OQ);
-    __m512 r = _mm512_roundscale_ps(_mm512_maskz_mov_ps(finite, s), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-    r = _mm512_min_ps(_mm512_max_ps(r, lo), hi);
-    __m128i codes = _mm512_cvtepi32_epi8(_mm512_cvtps_epi32(r));
-    if (flags)
-      codes = _mm_maskz_mov_epi8(
-          ~_mm_test_epi8_mask(_mm_maskz_loadu_epi8(m, flags + c), _mm_maskz_loadu_epi8(m, flags + c)), codes);
-    _mm_mask_storeu_epi8(out + c, m, codes);
+  const __m512 inf = _mm512_set1_ps(std::numeric_limits<float>::infinity());
+  for (int64_t c = 0; c < k; c += 64) {
+    __m512i v[4];
+    for (int j = 0; j < 4; ++j) {
+      const __m512 s = _mm512_mul_ps(pfp::load16(row + c + 16 * j, pfp::lanes16(k - c - 16 * j)), vscale);
+      if (finite) {
+        v[j] = _mm512_cvtps_epi32(s);
+      } else {  // to_code in lanes
+        const __mmask16 ok = _mm512_cmp_ps_mask(_mm512_abs_ps(s), inf, _CMP_LT_OQ);
+        const __m512 r =
+            _mm512_roundscale_ps(_mm512_maskz_mov_ps(ok, s), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        v[j] = _mm512_cvtps_epi32(_mm512_min_ps(_mm512_max_ps(r, lo), hi));
+      }
+    }
+    pfp::store_codes64(out + c, pfp::lanes64(k - c), v[0], v[1], v[2], v[3]);
   }
 #else
-  for (int64_t c = 0; c < k; ++c) {
-    int8_t code = to_code(row[c] * scale);
-    out[c] = (flags && flags[c]) ? int8_t(0) : code;
-  }
+  static_assert(std::is_same_v<R, float>, "rows reach the portable passes as fp32");
+  (void)stat;
+  for (int64_t c = 0; c < k; ++c) out[c] = to_code(row[c] * scale);
 #endif
 }
 
@@ -138,17 +166,17 @@ void quant_rows(const T* x, int8_t* q, float* row_stats, uint8_t* outlier_flags,
   const bool find_outliers = threshold > 0.0f;
   std::memset(outlier_flags, 0, size_t(k));
 
-  auto code_row = [&](const float* row, int64_t r) {
+  auto code_row = [&](const auto* row, int64_t r) {
     const float stat = row_stats[r];
     const float scale = stat == 0.0f ? 0.0f : (1.0f / stat) * 127.0f;  // torch's 127.0 / tensor
-    row_codes(row, k, scale, nullptr, q + r * k);
+    row_codes(row, k, stat, scale, q + r * k);
   };
 
   if (!find_outliers) {  // one pass: the row stays in L1/L2 between its max and its codes
     parallel_for(m, k, nthreads, [&](int64_t begin, int64_t end, int) {
-      std::vector<float> buffer(std::is_same_v<T, float> ? 0 : size_t(k));
+      std::vector<float> buffer(kPassNeedsBuffer<T> ? size_t(k) : 0);
       for (int64_t r = begin; r < end; ++r) {
-        const float* row = row_as_float(x + r * k, k, buffer.data());
+        const auto* row = pass_row(x + r * k, k, buffer.data());
         row_stats[r] = row_absmax(row, k, 0.0f, false, nullptr);
         code_row(row, r);
       }
@@ -157,15 +185,15 @@ void quant_rows(const T* x, int8_t* q, float* row_stats, uint8_t* outlier_flags,
   }
 
   // Outlier columns are known only after every row was seen. A row's stat and the codes of its other columns
-  // do not depend on them, so each row is coded while it is in cache (with its outliers' codes clamped), and
+  // do not depend on them, so each row is coded while it is in cache (its outliers' codes are unspecified), and
   // the flagged columns are zeroed in a last sparse pass.
   int team = nthreads < 1 ? 1 : nthreads;
   std::vector<uint8_t> flags(size_t(team) * size_t(k), 0);
   parallel_for(m, k, nthreads, [&](int64_t begin, int64_t end, int tid) {
-    std::vector<float> buffer(std::is_same_v<T, float> ? 0 : size_t(k));
+    std::vector<float> buffer(kPassNeedsBuffer<T> ? size_t(k) : 0);
     uint8_t* mine = flags.data() + size_t(tid) * size_t(k);
     for (int64_t r = begin; r < end; ++r) {
-      const float* row = row_as_float(x + r * k, k, buffer.data());
+      const auto* row = pass_row(x + r * k, k, buffer.data());
       row_stats[r] = row_absmax(row, k, threshold, true, mine);
       code_row(row, r);
     }

@@ -26,6 +26,10 @@ namespace {
 
 using pfp::bf16;
 using pfp::half;
+#if defined(__AVX512F__)
+using pfp::load16;
+using pfp::store16;
+#endif
 
 constexpr int kLanes = 16;                 // Philox blocks per vector
 constexpr int kGroups = 4;                 // vectors of blocks run side by side: hides the multiplies' latency
@@ -151,21 +155,6 @@ inline __mmask16 bits16(const uint64_t* bits, int64_t first) {
   return __mmask16(value & 0xFFFFu);
 }
 
-inline __m512 load16(const float* src, __mmask16 valid) { return _mm512_maskz_loadu_ps(valid, src); }
-inline __m512 load16(const bf16* src, __mmask16 valid) {
-  const __m256i raw = _mm256_maskz_loadu_epi16(valid, src);
-  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
-}
-inline void store16(float* dst, __mmask16 valid, __m512 v) { _mm512_mask_storeu_ps(dst, valid, v); }
-inline void store16(bf16* dst, __mmask16 valid, __m512 v) {  // pfp::to_bf16 in lanes: nearest even, NaN quiet
-  const __m512i u = _mm512_castps_si512(v);
-  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-  const __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7FFF)), odd), 16);
-  const __mmask16 nan =
-      _mm512_cmpgt_epu32_mask(_mm512_and_si512(u, _mm512_set1_epi32(0x7FFFFFFF)), _mm512_set1_epi32(0x7F800000));
-  const __m512i quiet = _mm512_or_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40));
-  _mm256_mask_storeu_epi16(dst, valid, _mm512_cvtepi32_epi16(_mm512_mask_blend_epi32(nan, rounded, quiet)));
-}
 #else
 // u[4 j + w] = the uniform of word w of block first_block + j, j in [0, kBlocks): the kStep stream positions from
 // 4 * first_block, in order.

@@ -13,7 +13,8 @@
 // channels = 1); when blocksize > 0 it is flat, numel = outer * channels * inner, in blocks of blocksize
 // consecutive elements, the last one short. Parameters are fp32 scale [groups], int32 zero_point [groups].
 // Threads: per tensor, a parallel reduction, then parallel coding; per block / per channel with inner > 1, one
-// group per task (its range, then its codes, one load while it fits kGroupBuffer); per column (inner == 1),
+// group per task (its range, then its codes, one load while it fits kGroupBuffer; the AVX-512 build codes absmax
+// groups of fp32 / bf16 / fp16 into int8 straight from x, see kDirect); per column (inner == 1),
 // each thread owns a range of columns: a pass over the rows for their ranges, then one for their codes.
 // Static coding and dequantization walk the tensor in chunks of kChunk elements that share one group
 // (or, per column, a chunk of a row whose element j belongs to column group + j).
@@ -22,6 +23,7 @@
 
 #include <algorithm>
 #include <stdexcept>
+#include <type_traits>
 #include <utility>
 #include <vector>
 
@@ -111,6 +113,55 @@ struct Range {
     nan |= other.nan;
   }
 };
+
+#if defined(__AVX512F__)
+// Absmax coding of fp32, bf16 or fp16 x into int8 reads x in place, 16 lanes at a time: the range by magnitude bits
+// (pfp::magnitude_bits) and the codes by one conversion, instead of an fp32 copy and the portable loops.
+template <typename T, typename CodeT>
+constexpr bool kDirect = std::is_same_v<CodeT, int8_t> && !std::is_same_v<T, double>;
+
+// best = max(best, magnitude bits of x[0, n)).
+template <typename T>
+inline __m512i extend_magnitude(const T* x, int64_t n, __m512i best) {
+  for (int64_t i = 0; i < n; i += 16)
+    best = _mm512_max_epu32(best, pfp::magnitude_bits(pfp::load16(x + i, pfp::lanes16(n - i))));
+  return best;
+}
+
+// The range the absmax scheme reads (max(-lo, hi) = max |x|, or NaN) from magnitude bits.
+inline Range magnitude_range(__m512i best) {
+  const float a = pfp::magnitude_max(best);
+  return a != a ? Range{0.0f, 0.0f, 1} : Range{-a, a, 0};
+}
+
+// codes[i] = code_by_multiplier(x[i], multiplier, qmax), i in [0, n), where scale and multiplier are the dynamic
+// absmax parameters of a group that holds x[0, n) (so |x[i]| <= absmax).
+template <typename T>
+void code_direct(const T* x, int64_t n, float scale, float multiplier, float qmax, int8_t* codes) {
+  // scale (= absmax / qmax) and multiplier (= qmax / absmax, or 0) finite: every |x * multiplier| <= qmax (1 + 2^-22),
+  // finite, and it rounds into [-qmax, qmax], so the conversion alone (nearest even under the default rounding
+  // mode, as nearbyint) is the code.
+  const bool plain = std::isfinite(scale) && std::isfinite(multiplier);
+  const __m512 m = _mm512_set1_ps(multiplier), hi = _mm512_set1_ps(qmax), lo = _mm512_set1_ps(-qmax);
+  for (int64_t i = 0; i < n; i += 64) {
+    __m512i v[4];
+    for (int j = 0; j < 4; ++j) {
+      const __m512 s = _mm512_mul_ps(pfp::load16(x + i + 16 * j, pfp::lanes16(n - i - 16 * j)), m);
+      if (plain) {
+        v[j] = _mm512_cvtps_epi32(s);
+      } else {  // code_by_multiplier in lanes: NaN -> 0, +-inf -> +-qmax
+        const __m512 r = _mm512_roundscale_ps(s, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+        const __m512 number = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(r, r, _CMP_ORD_Q), r);
+        v[j] = _mm512_cvtps_epi32(_mm512_min_ps(_mm512_max_ps(number, lo), hi));
+      }
+    }
+    pfp::store_codes64(codes + i, pfp::lanes64(n - i), v[0], v[1], v[2], v[3]);
+  }
+}
+#else
+template <typename T, typename CodeT>
+constexpr bool kDirect = false;
+#endif
 
 // Extends range over v[0, n). min/max are exact, so any order of the comparisons gives the same range; the
 // vector paths keep the NaN test apart (vminps/vmaxps return their second operand, the running value, for NaN).
@@ -203,6 +254,14 @@ void code_all(const T* x, const float* scale, const float* zero_point, const flo
               int64_t outer, int64_t channels, int64_t inner, int64_t blocksize, const Coder& coder, int nthreads) {
   for_each_chunk(
       outer, channels, inner, blocksize, nthreads, [&](int64_t first, int64_t len, int64_t group, bool per_element) {
+#if defined(__AVX512F__)
+        if constexpr (kDirect<T, CodeT>) {
+          if (coder.multiply && !per_element) {
+            code_direct(x + first, len, scale[group], multiplier[group], coder.qmax, codes + first);
+            return;
+          }
+        }
+#endif
         alignas(64) float values[kChunk];
         load_values(x + first, values, len);
         if (per_element)
@@ -219,6 +278,15 @@ void quantize_tensor(const T* x, CodeT* codes, float* scale, int32_t* zero_point
   std::vector<Range> partial(nthreads > 1 ? nthreads : 1);
   const int64_t chunks = (numel + kChunk - 1) / kChunk;
   pfp::parallel_for(chunks, kChunk, nthreads, [&](int64_t begin, int64_t end, int tid) {
+#if defined(__AVX512F__)
+    if constexpr (kDirect<T, CodeT>) {
+      if (!zeropoint) {
+        const int64_t first = begin * kChunk, last = end * kChunk < numel ? end * kChunk : numel;
+        partial[tid] = magnitude_range(extend_magnitude(x + first, last - first, _mm512_setzero_si512()));
+        return;
+      }
+    }
+#endif
     alignas(64) float values[kChunk];
     for (int64_t c = begin; c < end; ++c) {
       const int64_t len = numel - c * kChunk < kChunk ? numel - c * kChunk : kChunk;
@@ -238,6 +306,29 @@ void quantize_tensor(const T* x, CodeT* codes, float* scale, int32_t* zero_point
 template <typename T, typename CodeT, typename Segment>
 void quantize_groups(const T* x, CodeT* codes, float* scale, int32_t* zero_point, int64_t groups, int64_t segments,
                      int64_t group_size, Segment segment, const Coder& coder, bool zeropoint, int nthreads) {
+#if defined(__AVX512F__)
+  if constexpr (kDirect<T, CodeT>) {
+    if (!zeropoint) {  // each group's range, then its codes, both read from x (the second read from cache for
+                       // groups that fit it, as the per-row groups of a 4096-wide tensor do)
+      pfp::parallel_for(groups, group_size, nthreads, [&](int64_t begin, int64_t end, int) {
+        for (int64_t g = begin; g < end; ++g) {
+          __m512i best = _mm512_setzero_si512();
+          for (int64_t s = 0; s < segments; ++s) {
+            const auto [offset, len] = segment(g, s);
+            best = extend_magnitude(x + offset, len, best);
+          }
+          const Params params = dynamic_params(magnitude_range(best), coder, zeropoint);
+          store_params(params, g, scale, zero_point);
+          for (int64_t s = 0; s < segments; ++s) {
+            const auto [offset, len] = segment(g, s);
+            code_direct(x + offset, len, params.scale, params.multiplier, coder.qmax, codes + offset);
+          }
+        }
+      });
+      return;
+    }
+  }
+#endif
   pfp::parallel_for(groups, group_size, nthreads, [&](int64_t begin, int64_t end, int) {
     const bool buffered = group_size <= kGroupBuffer;
     std::vector<float> values(buffered ? group_size : kChunk);
