@@ -202,9 +202,13 @@ inline void store16(bf16* dst, __mmask16 valid, __m512 v) {
   _mm256_mask_storeu_epi16(dst, valid, _mm512_cvtepi32_epi16(_mm512_mask_blend_epi32(nan, rounded, quiet)));
 }
 
-// The lanes of the first n of 16 (n may exceed 16), and of 64.
-inline __mmask16 lanes16(int64_t n) { return n >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1u); }
-inline __mmask64 lanes64(int64_t n) { return n >= 64 ? ~__mmask64(0) : (__mmask64(1) << n) - 1u; }
+// The lanes of the first n of 16, and of 64: none for n <= 0, all for n past the width.
+inline __mmask16 lanes16(int64_t n) {
+  return n <= 0 ? __mmask16(0) : n >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << n) - 1u);
+}
+inline __mmask64 lanes64(int64_t n) {
+  return n <= 0 ? __mmask64(0) : n >= 64 ? ~__mmask64(0) : (__mmask64(1) << n) - 1u;
+}
 
 // max |v| as the bits of |v| (the sign cleared): for those, unsigned integer order is the float order with
 // every NaN above +inf, so one integer max both finds the largest magnitude and keeps a NaN.
