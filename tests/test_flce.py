@@ -708,8 +708,38 @@ def test_cpu_bf16_logits_stay_bf16_through_the_row_pass(monkeypatch, isa, label_
     seen.clear()
     widened = loss_and_grads()
     assert set(seen) == {torch.float32}
-    for a, b in zip(stored, widened, strict=True):
+    # dW alone differs, by its roundings: one bf16 GEMM over every token's dz when stored (the test below) against
+    # the chunks' bf16 products summed in fp32 when widened
+    for a, b in zip(stored[:2], widened[:2], strict=True):
         assert torch.equal(a, b)
+    torch.testing.assert_close(stored[2], widened[2], rtol=1.6e-2, atol=2e-2 * widened[2].abs().max().item())
+
+
+@pytest.mark.parametrize("hidden", [HIDDEN, 16])
+def test_cpu_bf16_trained_lm_head_dw_is_one_gemm_over_every_tokens_dz(monkeypatch, hidden):
+    """CPU bf16 without a bias: while T <= 2 H, every token's dz (the row pass's bf16 output) stays in one [T, V]
+    buffer and dW is one bf16 GEMM over all tokens, rounded once as eager's, with no fp32 [V, H] accumulator.
+    Past that (53 tokens over H = 16) the chunks' products are summed in fp32: the same dW to bf16 rounding."""
+    h, w, _, labels = inputs(hidden=hidden, dtype=torch.bfloat16, bias=False)
+    dz = []
+    launch = flce_ops._native.launch
+
+    def spy(name, like, *args):
+        out = launch(name, like, *args)
+        if name == "flce_rows":
+            dz.append(like.clone())
+        return out
+
+    monkeypatch.setattr(flce_ops._native, "launch", spy)
+    with pyfastpeft.use_backend("native"):
+        loss = fused_linear_cross_entropy(h, w, labels, reduction="sum", chunk_size=CHUNK)
+        dw = torch.autograd.grad(loss, w)[0]
+    one_gemm = torch.mm(torch.cat(dz).t(), h.detach()[labels != -100])
+    assert len(dz) > 1 and all(d.dtype == torch.bfloat16 for d in dz)
+    if TOKENS <= 2 * hidden:
+        assert torch.equal(dw, one_gemm)
+    else:
+        torch.testing.assert_close(dw, one_gemm, rtol=1.6e-2, atol=2e-2 * one_gemm.abs().max().item())
 
 
 @pytest.mark.parametrize("logits_dtype", [torch.float16, torch.float64])

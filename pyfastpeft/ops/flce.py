@@ -4,7 +4,9 @@ The loss of logits = hidden W^T (+ bias) without materializing the [tokens, voca
 Liger-Kernel's FusedLinearCrossEntropy): tokens go in chunks; per chunk torch computes the logits
 into one reused fp32 buffer, one row pass (C++ on CPU, CUDA or Triton on GPUs) turns them into the
 losses, the logsumexps and, in place, the logits' gradient, and torch's matmuls fold that into
-dh[chunk] = dz W, dW += dz^T h_chunk (fp32 accumulator, cast once) and db += sum dz.
+dh[chunk] = dz W, dW += dz^T h_chunk (fp32 accumulator, cast once) and db += sum dz. On the CPU, bf16
+without a bias and with T <= 2 H, the chunks' bf16 dz instead stay side by side in one [T, V] buffer, no
+larger than that accumulator, and dW is one bf16 GEMM over all of them (see _chunked).
 
 Ops (hidden [T, H], weight [V, H], labels int64 [T], bias [V] or None, class_weight [V] in the compute
 dtype or None; loss and lse in the compute dtype, fp32 or fp64 for fp64 inputs; the math, z-loss included,
@@ -161,18 +163,24 @@ def _chunked(
     with_grads = grad_weights is not None
     with_z = with_grads and z_grad_weights is not None
     grad_hidden = torch.empty(hidden.shape, dtype=hidden.dtype, device=device) if need_grad_hidden else None
-    grad_weight = torch.zeros(weight.shape, dtype=cd, device=device) if need_grad_weight else None
     grad_bias = torch.zeros(vocab, dtype=cd, device=device) if need_grad_bias else None
     rows = chunk_rows(tokens, vocab, chunk_size, device.type)
     # The native CPU row pass over bf16 logits (no bias) reads and writes them in place, in fp32 inside: the bf16
     # product is the chunk's buffer and the row pass leaves dz rounded to bf16 for the matmuls after it, with no
     # fp32 copy of either (the same values: the logits round to bf16 once in either path, and so does dz)
     stored = hidden.dtype if row_pass is native_rows and _stores_bf16(hidden, cd, bias) else cd
-    logits_buffer = torch.empty(rows, vocab, dtype=stored, device=device)
+    # There, with a trained lm_head, every token's dz stays in its chunk's rows of one [T, V] buffer while that is
+    # no larger than the fp32 [V, H] dW accumulator it replaces (T <= 2 H): dW is then one bf16 GEMM over all
+    # tokens, rounded once as eager's is, with neither the accumulator nor its final copy.
+    whole_dz = with_grads and need_grad_weight and stored != cd and tokens <= 2 * hidden.shape[1]
+    grad_weight = None
+    if need_grad_weight and not whole_dz:
+        grad_weight = torch.zeros(weight.shape, dtype=cd, device=device)
+    logits_buffer = torch.empty(tokens if whole_dz else rows, vocab, dtype=stored, device=device)
     bias_c = None if bias is None else bias.to(cd)
     for start in range(0, tokens, rows):
         stop = min(start + rows, tokens)
-        h, logits = hidden[start:stop], logits_buffer[: stop - start]
+        h, logits = hidden[start:stop], logits_buffer[start:stop] if whole_dz else logits_buffer[: stop - start]
         logits_into(h, weight, logits)
         if bias_c is not None:
             logits.add_(bias_c)
@@ -199,6 +207,8 @@ def _chunked(
             accumulate_grad_weight(grad_weight, logits, dz_input_dtype, h)
         if grad_bias is not None:
             grad_bias += logits.sum(0)
+    if whole_dz:
+        grad_weight = torch.mm(logits_buffer.t(), hidden)
     if grad_hidden is None:
         grad_hidden = hidden.new_empty(0)
     return (
