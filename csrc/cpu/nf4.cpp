@@ -431,6 +431,24 @@ void gemv_impl(const T* x, const uint8_t* packed, const float* absmax, const flo
   if (rank) pfp::load_row(low_rank.xa, xa.data(), m * rank);
   const C scaling = C(low_rank.scaling);
   auto finish = [&](int64_t begin, int64_t end) {
+#if defined(__AVX512F__)
+    if constexpr (std::is_same_v<C, float>) {
+      if (rank > 0 && rank <= 16) {  // each row of b in one vector: its dot with xa is lane_sum's tree, vectorized
+        const __mmask16 lanes = pfp::lanes16(rank);
+        __m512 xa_v[kMaxGemvRows];
+        for (int64_t r = 0; r < m; ++r) xa_v[r] = _mm512_maskz_loadu_ps(lanes, xa.data() + r * rank);
+        for (int64_t j = begin; j < end; ++j) {
+          const __m512 b_j = pfp::load16(low_rank.b + j * rank, lanes);
+          for (int64_t r = 0; r < m; ++r) {
+            const C value =
+                dots[r * n + j] + bias_values[j] + scaling * _mm512_reduce_add_ps(_mm512_mul_ps(b_j, xa_v[r]));
+            out[r * n + j] = pfp::from_compute<T>(value);
+          }
+        }
+        return;
+      }
+    }
+#endif
     C b_stack[256];  // these rows of b, converted at once (on the stack for a group of 16 rows of rank <= 16)
     std::vector<C> b_heap((end - begin) * rank > 256 ? (end - begin) * rank : 0);
     C* b_rows = b_heap.empty() ? b_stack : b_heap.data();
