@@ -57,6 +57,7 @@ PYBIND11_MODULE(_C, m) {
   PFP_DEF(int8_mm_dequant);
   PFP_DEF(int8_gemv);
   PFP_DEF(int8_dequantize_rows);
+  PFP_DEF(int8_dequantize_cols);
   PFP_DEF(lora_dropout);
   PFP_DEF(lora_down);
   PFP_DEF(lora_nf4_gemv);

@@ -19,6 +19,7 @@ from torch import nn
 import pyfastpeft
 from pyfastpeft.functional import int8_linear
 from pyfastpeft.nn import Linear8bitLt
+from pyfastpeft.ops import int8 as int8_ops
 from pyfastpeft.quant import (
     int8_colwise_quant,
     int8_double_quant,
@@ -28,6 +29,7 @@ from pyfastpeft.quant import (
     int8_vectorwise_quant,
     quantize_int8_weight,
 )
+from pyfastpeft.reference import int8 as int8_ref
 
 DTYPES = [torch.float32, torch.bfloat16, torch.float16]
 SHAPES = [(1, 7), (5, 37), (64, 300), (9, 1024), (3, 2, 65)]
@@ -163,6 +165,29 @@ def test_vectorwise_quant_edge_rows_match_the_reference_on_every_isa(dtype, k, t
     assert torch.equal(ours[0], expected[0])
     torch.testing.assert_close(ours[1], expected[1], rtol=0, atol=0, equal_nan=True)
     assert (ours[2] is None and expected[2] is None) or torch.equal(ours[2], expected[2])
+
+
+@pytest.mark.parametrize("isa", CPU_ISAS)
+@pytest.mark.parametrize("rows", [1, 5, 40])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_native_outlier_product_equals_the_reference(dtype, rows, isa):
+    """The CPU outlier product gathers W's outlier columns with a native kernel: the same bits as
+    ref.outlier_product (W[:, cols] dequantized, then x's compute dtype), columns at both edges included."""
+    codes, scb = quantize_int8_weight(torch.randn(37, 129))
+    x = torch.randn(rows, 129).to(dtype)
+    cols = torch.tensor([0, 5, 64, 127, 128])
+    with cpu_isa(isa):
+        ours = int8_ops.outlier_product(x, codes, scb, cols)
+        into = int8_ops.outlier_product(x, codes, scb, cols, out=torch.empty(rows, 37))
+    expected = int8_ref.outlier_product(x, codes, scb, cols)
+    assert ours.dtype == torch.float32 and torch.equal(ours, expected) and torch.equal(into, expected)
+
+
+@pytest.mark.parametrize("column", [-1, 129])
+def test_outlier_columns_outside_the_weight_are_refused(column):
+    codes, scb = quantize_int8_weight(torch.randn(7, 129))
+    with pytest.raises(ValueError, match="outside the weight"):
+        int8_ops.outlier_product(torch.randn(2, 129), codes, scb, torch.tensor([3, column]))
 
 
 @pytest.mark.parametrize("backend", ["native", "reference"])

@@ -17,6 +17,7 @@
 #include "cpu/kernels.h"
 
 #include <limits>
+#include <stdexcept>
 #include <type_traits>
 #include <vector>
 
@@ -423,6 +424,30 @@ void int8_gemv(const int8_t* q, const float* row_stats, const int8_t* w, const f
     gemv_portable(q, w, acc.data(), m, begin, end, n, k);
   });
   int8_mm_dequant(acc.data(), row_stats, col_stats, bias, bias_dtype, addend, out, out_dtype, m, n, 1);
+}
+
+// int8_dequantize_cols: out [n, count] (out_dtype) = float(w[j, cols[i]]) * stats[j] * (1/127), rounded once: the
+// outlier columns of the weight w [n, k], as vectorwise_dequant(w[:, cols], stats) gives them. Each row holds
+// `count` scattered bytes, a cache line apiece that the hardware prefetcher does not predict, so the lines of
+// row j + kColsAhead are prefetched while row j is read. Throws if a column lies outside [0, k).
+void int8_dequantize_cols(const int8_t* w, const float* stats, const int64_t* cols, void* out, int out_dtype, int64_t n,
+                          int64_t k, int64_t count, int nthreads) {
+  constexpr int64_t kColsAhead = 16;
+  for (int64_t i = 0; i < count; ++i)
+    if (cols[i] < 0 || cols[i] >= k)
+      throw std::invalid_argument("int8_dequantize_cols: a column lies outside the weight");
+  with_float_type(out_dtype, [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    parallel_for(n, count * 64, nthreads, [&](int64_t begin, int64_t end, int) {
+      std::vector<float> buffer(static_cast<size_t>(count));
+      for (int64_t j = begin; j < end; ++j) {
+        if (j + kColsAhead < end)
+          for (int64_t i = 0; i < count; ++i) __builtin_prefetch(w + (j + kColsAhead) * k + cols[i]);
+        for (int64_t i = 0; i < count; ++i) buffer[size_t(i)] = float(w[j * k + cols[i]]) * stats[j] * kDequantScale;
+        pfp::store_row<T, float>(buffer.data(), static_cast<T*>(out) + j * count, count);
+      }
+    });
+  });
 }
 
 // int8_dequantize_rows: out [rows, k] (out_dtype) = float(q [rows, k]) * stats[r] * (1/127), bitsandbytes'

@@ -41,6 +41,8 @@
                  int nthreads);                                                                                        \
   void int8_dequantize_rows(const int8_t* q, const float* stats, void* out, int out_dtype, int64_t rows, int64_t k,    \
                             int nthreads);                                                                             \
+  void int8_dequantize_cols(const int8_t* w, const float* stats, const int64_t* cols, void* out, int out_dtype,        \
+                            int64_t n, int64_t k, int64_t count, int nthreads);                                        \
   void lora_dropout(const void* src, void* dst, int64_t numel, int dtype, int64_t seed, int64_t offset,                \
                     float threshold, float keep_scale, double alpha, bool accumulate, int nthreads);                   \
   void lora_down(const void* x, const void* a, void* xa, int64_t m, int64_t k, int64_t rank, int dtype, bool dropout,  \

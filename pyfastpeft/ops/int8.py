@@ -251,6 +251,25 @@ def dequantize_rows_into(q, stats, out) -> None:
     _native.launch("int8_dequantize_rows", q, q, stats, out, out.dtype, *q.shape)
 
 
+def outlier_product(x2d, weight, weight_stats, outlier_cols, out=None) -> torch.Tensor:
+    """ref.outlier_product (x's outlier columns times W's, in x's compute dtype, as fp32 [M, N]) with, on the
+    CPU, W's columns gathered and dequantized by a native kernel that prefetches them: torch's W[:, cols] reads
+    one scattered cache line per row and column, and took longer than the GEMV itself on a cold 4096 x 4096 W.
+    weight int8 [N, K] and weight_stats fp32 [N] contiguous; outlier_cols int64, non-empty."""
+    if weight.is_cuda:
+        return ref.outlier_product(x2d, weight, weight_stats, outlier_cols, out=out)
+    compute = ref.matmul_dtype(x2d.dtype)
+    cols = outlier_cols.contiguous()
+    sub_w = torch.empty((weight.shape[0], cols.numel()), dtype=compute)
+    _native.launch(
+        "int8_dequantize_cols", weight, weight, weight_stats, cols, sub_w, compute, *weight.shape, cols.numel()
+    )
+    sub_x = x2d[:, cols].to(compute)
+    if out is not None and compute == torch.float32:
+        return torch.mm(sub_x, sub_w.t(), out=out)
+    return (sub_x @ sub_w.t()).float()
+
+
 def _fake_dequant(q, stats, axis):
     return q.new_empty(q.shape, dtype=torch.float32)
 
@@ -421,7 +440,7 @@ def _native_linear(x, weight, weight_stats, bias, threshold):
     row_stats = torch.empty(m, dtype=torch.float32, device=x.device)
     outlier_cols = _flags_to_cols(quantize_into(x2d, q, row_stats, 0, threshold), threshold)
     if 1 < m <= GEMV_MAX_ROWS or (m == 1 and x.is_cuda):
-        addend = ref.outlier_product(x2d, weight, weight_stats, outlier_cols) if outlier_cols.numel() else None
+        addend = outlier_product(x2d, weight, weight_stats, outlier_cols) if outlier_cols.numel() else None
         out = new_out()
         gemv_into(q, row_stats, weight, weight_stats, bias, addend, out)
         return out.view(*lead, out_features)
@@ -433,13 +452,13 @@ def _native_linear(x, weight, weight_stats, bias, threshold):
         # buffer fewer to allocate and fault in.
         if outlier_cols.numel():
             out = new_out()
-            addend = ref.outlier_product(x2d, weight, weight_stats, outlier_cols, out=out)
+            addend = outlier_product(x2d, weight, weight_stats, outlier_cols, out=out)
             mm_dequant_into(products, row_stats, weight_stats, bias, addend, out)
         else:
             out = products.view(torch.float32)
             mm_dequant_into(products, row_stats, weight_stats, bias, None, out)
         return out.view(*lead, out_features)
-    addend = ref.outlier_product(x2d, weight, weight_stats, outlier_cols) if outlier_cols.numel() else None
+    addend = outlier_product(x2d, weight, weight_stats, outlier_cols) if outlier_cols.numel() else None
     out = new_out()
     mm_dequant_into(products, row_stats, weight_stats, bias, addend, out)
     return out.view(*lead, out_features)
