@@ -254,7 +254,7 @@ def dequantize_rows_into(q, stats, out) -> None:
 def outlier_product(x2d, weight, weight_stats, outlier_cols, out=None) -> torch.Tensor:
     """ref.outlier_product (x's outlier columns times W's, in x's compute dtype, as fp32 [M, N]) with, on the
     CPU, W's columns gathered and dequantized by a native kernel that prefetches them: torch's W[:, cols] reads
-    one scattered cache line per row and column, and took longer than the GEMV itself on a cold 4096 x 4096 W.
+    one scattered cache line per row and column, and took about as long as the GEMV itself on a cold 4096 x 4096 W.
     weight int8 [N, K] and weight_stats fp32 [N] contiguous; outlier_cols int64, non-empty."""
     if weight.is_cuda:
         return ref.outlier_product(x2d, weight, weight_stats, outlier_cols, out=out)
