@@ -139,6 +139,24 @@ TINY_DECODER = dict(
 )
 
 
+def edge_rows(k: int) -> torch.Tensor:
+    """9 fp32 rows of k >= 3 values for quantizers: rows whose range (and so scale) is not an ordinary number,
+    beside one whose is: zeros, subnormals (qmax / absmax overflows), a tiny normal range, inf, NaN, -inf with a
+    100 (an outlier at 6.0), values near the fp32 maximum, signed zeros with one 0.5, and a plain row."""
+    g = torch.Generator().manual_seed(3)
+    x = torch.randn(9, k, generator=g)
+    x[0] = 0.0
+    x[1] = torch.randn(k, generator=g) * 1e-40
+    x[2] = torch.randn(k, generator=g) * 1e-38
+    x[3, k // 2] = float("inf")
+    x[4, k - 1] = float("nan")
+    x[5, 0], x[5, k - 2] = float("-inf"), 100.0
+    x[6] = torch.randn(k, generator=g) * 1e37
+    x[7] = -0.0
+    x[7, 1] = 0.5
+    return x
+
+
 def tiny_llama(seed: int = 0, **overrides):
     """A 2-layer LlamaForCausalLM with random weights (hidden 64, vocab 128), in eval mode."""
     from transformers import LlamaConfig, LlamaForCausalLM

@@ -8,6 +8,7 @@ from helpers import (
     DEVICES,
     HAS_TRITON,
     cpu_isa,
+    edge_rows,
     grads_of,
     on_device_unsupported,
     run,
@@ -133,24 +134,6 @@ def test_nonfinite_inputs_code_zero_and_poison_only_their_row(backend):
     # with the decomposition on, inf is an outlier (>= threshold), NaN is not
     q, stats, cols = run(backend, int8_vectorwise_quant, x, 6.0)
     assert cols.tolist() == [5] and stats[0].isfinite() and stats[1].isnan()
-
-
-def edge_rows(k: int) -> torch.Tensor:
-    """Rows whose stat or scale is not an ordinary number (the native row kernel's slow path) beside rows whose
-    is: zeros, subnormals (127 / stat overflows), a tiny normal stat, inf, NaN, -inf with an outlier, values near
-    the fp32 maximum, signed zeros, and a plain row."""
-    g = torch.Generator().manual_seed(3)
-    x = torch.randn(9, k, generator=g)
-    x[0] = 0.0
-    x[1] = torch.randn(k, generator=g) * 1e-40
-    x[2] = torch.randn(k, generator=g) * 1e-38
-    x[3, k // 2] = float("inf")
-    x[4, k - 1] = float("nan")
-    x[5, 0], x[5, k - 2] = float("-inf"), 100.0
-    x[6] = torch.randn(k, generator=g) * 1e37
-    x[7] = -0.0
-    x[7, 1] = 0.5
-    return x
 
 
 @pytest.mark.parametrize("isa", CPU_ISAS)

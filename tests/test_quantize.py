@@ -5,7 +5,7 @@ import math
 
 import pytest
 import torch
-from helpers import CPU_ISAS, cpu_isa, run
+from helpers import CPU_ISAS, cpu_isa, edge_rows, run
 
 import pyfastpeft
 from pyfastpeft.quant import MinMaxObserver, PercentileObserver, QuantizedTensor, dequantize, fake_quantize, quantize
@@ -221,29 +221,12 @@ def test_native_matches_reference_exactly(isa, dtype, scheme, shape, granularity
     torch.testing.assert_close(native_hat, run("reference", dequantize, reference), rtol=0, atol=0, equal_nan=True)
 
 
-def edge_groups(k: int) -> torch.Tensor:
-    """Rows whose range is not an ordinary number beside rows whose is: zeros, subnormals (qmax / absmax
-    overflows), a tiny normal range, inf, -inf, NaN, values near the fp32 maximum, signed zeros, a plain row."""
-    g = torch.Generator().manual_seed(5)
-    x = torch.randn(9, k, generator=g)
-    x[0] = 0.0
-    x[1] = torch.randn(k, generator=g) * 1e-40
-    x[2] = torch.randn(k, generator=g) * 1e-38
-    x[3, k // 2] = float("inf")
-    x[4, 0] = float("-inf")
-    x[5, k - 1] = float("nan")
-    x[6] = torch.randn(k, generator=g) * 1e37
-    x[7] = -0.0
-    x[7, 1] = 0.5
-    return x
-
-
 @pytest.mark.parametrize("isa", CPU_ISAS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("bits", [4, 8])
 @pytest.mark.parametrize("granularity", [dict(axis=0), dict(blocksize=70), dict()], ids=str)
-def test_native_absmax_matches_reference_on_edge_groups(isa, dtype, bits, granularity):
-    x = edge_groups(70 if granularity else 129).to(dtype)
+def test_native_absmax_matches_reference_on_edge_rows(isa, dtype, bits, granularity):
+    x = edge_rows(70 if granularity else 129).to(dtype)
     if not granularity:  # per tensor: one group, so each edge row in turn beside plain rows
         cases = [torch.cat([x[8:], x[i : i + 1]]) for i in range(8)]
     else:

@@ -229,6 +229,17 @@ inline void store_codes64(int8_t* dst, __mmask64 valid, __m512i a, __m512i b, __
   const __m512i order = _mm512_setr_epi32(0, 4, 8, 12, 1, 5, 9, 13, 2, 6, 10, 14, 3, 7, 11, 15);
   _mm512_mask_storeu_epi8(dst, valid, _mm512_permutexvar_epi32(order, bytes));
 }
+
+// dst[i] = code16(src[i]) as int8 for i in [0, n), 64 at a time: code16 maps 16 lanes of src, widened to fp32
+// (lanes past n read as 0 and are not stored), to int32 codes, saturated to [-128, 127] by store_codes64.
+template <typename T, typename Code16>
+inline void store_codes(const T* src, int64_t n, int8_t* dst, Code16&& code16) {
+  for (int64_t i = 0; i < n; i += 64) {
+    __m512i v[4];
+    for (int j = 0; j < 4; ++j) v[j] = code16(load16(src + i + 16 * j, lanes16(n - i - 16 * j)));
+    store_codes64(dst + i, lanes64(n - i), v[0], v[1], v[2], v[3]);
+  }
+}
 #endif
 
 // Sum of term(i) over [0, n) in 16 interleaved partial sums (lane j takes the i with i % 16 == j),

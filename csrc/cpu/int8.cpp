@@ -136,24 +136,18 @@ void row_codes(const R* row, int64_t k, float stat, float scale, int8_t* out) {
   const __m512 vscale = _mm512_set1_ps(scale);
   // With stat and scale finite, every counted |row[c] * scale| <= 127 (1 + 2^-22): finite, and it rounds into
   // [-127, 127], so the conversion alone (nearest even under the default rounding mode) is to_code.
-  const bool finite = std::isfinite(stat) && std::isfinite(scale);
-  const __m512 lo = _mm512_set1_ps(-127.0f), hi = _mm512_set1_ps(127.0f);
-  const __m512 inf = _mm512_set1_ps(std::numeric_limits<float>::infinity());
-  for (int64_t c = 0; c < k; c += 64) {
-    __m512i v[4];
-    for (int j = 0; j < 4; ++j) {
-      const __m512 s = _mm512_mul_ps(pfp::load16(row + c + 16 * j, pfp::lanes16(k - c - 16 * j)), vscale);
-      if (finite) {
-        v[j] = _mm512_cvtps_epi32(s);
-      } else {  // to_code in lanes
-        const __mmask16 ok = _mm512_cmp_ps_mask(_mm512_abs_ps(s), inf, _CMP_LT_OQ);
-        const __m512 r =
-            _mm512_roundscale_ps(_mm512_maskz_mov_ps(ok, s), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-        v[j] = _mm512_cvtps_epi32(_mm512_min_ps(_mm512_max_ps(r, lo), hi));
-      }
-    }
-    pfp::store_codes64(out + c, pfp::lanes64(k - c), v[0], v[1], v[2], v[3]);
+  if (std::isfinite(stat) && std::isfinite(scale)) {
+    pfp::store_codes(row, k, out, [&](__m512 v) { return _mm512_cvtps_epi32(_mm512_mul_ps(v, vscale)); });
+    return;
   }
+  pfp::store_codes(row, k, out, [&](__m512 v) {  // to_code in lanes
+    const __m512 s = _mm512_mul_ps(v, vscale);
+    const __mmask16 finite =
+        _mm512_cmp_ps_mask(_mm512_abs_ps(s), _mm512_set1_ps(std::numeric_limits<float>::infinity()), _CMP_LT_OQ);
+    const __m512 r =
+        _mm512_roundscale_ps(_mm512_maskz_mov_ps(finite, s), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    return _mm512_cvtps_epi32(_mm512_min_ps(_mm512_max_ps(r, _mm512_set1_ps(-127.0f)), _mm512_set1_ps(127.0f)));
+  });
 #else
   static_assert(std::is_same_v<R, float>, "rows reach the portable passes as fp32");
   (void)stat;

@@ -141,22 +141,16 @@ void code_direct(const T* x, int64_t n, float scale, float multiplier, float qma
   // scale (= absmax / qmax) and multiplier (= qmax / absmax, or 0) finite: every |x * multiplier| <= qmax (1 + 2^-22),
   // finite, and it rounds into [-qmax, qmax], so the conversion alone (nearest even under the default rounding
   // mode, as nearbyint) is the code.
-  const bool plain = std::isfinite(scale) && std::isfinite(multiplier);
-  const __m512 m = _mm512_set1_ps(multiplier), hi = _mm512_set1_ps(qmax), lo = _mm512_set1_ps(-qmax);
-  for (int64_t i = 0; i < n; i += 64) {
-    __m512i v[4];
-    for (int j = 0; j < 4; ++j) {
-      const __m512 s = _mm512_mul_ps(pfp::load16(x + i + 16 * j, pfp::lanes16(n - i - 16 * j)), m);
-      if (plain) {
-        v[j] = _mm512_cvtps_epi32(s);
-      } else {  // code_by_multiplier in lanes: NaN -> 0, +-inf -> +-qmax
-        const __m512 r = _mm512_roundscale_ps(s, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-        const __m512 number = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(r, r, _CMP_ORD_Q), r);
-        v[j] = _mm512_cvtps_epi32(_mm512_min_ps(_mm512_max_ps(number, lo), hi));
-      }
-    }
-    pfp::store_codes64(codes + i, pfp::lanes64(n - i), v[0], v[1], v[2], v[3]);
+  const __m512 m = _mm512_set1_ps(multiplier);
+  if (std::isfinite(scale) && std::isfinite(multiplier)) {
+    pfp::store_codes(x, n, codes, [&](__m512 v) { return _mm512_cvtps_epi32(_mm512_mul_ps(v, m)); });
+    return;
   }
+  pfp::store_codes(x, n, codes, [&](__m512 v) {  // code_by_multiplier in lanes: NaN -> 0, +-inf -> +-qmax
+    const __m512 r = _mm512_roundscale_ps(_mm512_mul_ps(v, m), _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    const __m512 number = _mm512_maskz_mov_ps(_mm512_cmp_ps_mask(r, r, _CMP_ORD_Q), r);
+    return _mm512_cvtps_epi32(_mm512_min_ps(_mm512_max_ps(number, _mm512_set1_ps(-qmax)), _mm512_set1_ps(qmax)));
+  });
 }
 #else
 template <typename T, typename CodeT>
