@@ -1,5 +1,6 @@
 // Shared pieces of the CPU kernels: dtype codes, scalar conversions, row load/store into a
-// compute buffer, and the thread split. Torch-free: kernels see raw pointers and sizes only.
+// compute buffer, the thread split, and (AVX-512 builds) 16-lane loads and stores of every storage type,
+// lane masks and the int8 code store. Torch-free: kernels see raw pointers and sizes only.
 //
 // Every kernel source is compiled three times (see CMakeLists.txt) with PFP_ISA naming the
 // namespace (pfp_avx512, pfp_avx2, pfp_scalar) and the matching -m flags, so the plain loops

@@ -322,7 +322,7 @@ __attribute__((target("avx512f,avx512bw,avx512vnni"))) void gemv_vnni_rows(const
     __m512i wsum0 = _mm512_setzero_si512(), wsum1 = _mm512_setzero_si512();
     for (int r = 0; r < M; ++r) sum0[r] = sum1[r] = _mm512_setzero_si512();
     for (int64_t c = 0; c < k; c += 64) {
-      const __mmask64 mask = k - c >= 64 ? ~__mmask64(0) : (__mmask64(1) << (k - c)) - 1;
+      const __mmask64 mask = pfp::lanes64(k - c);
       const __m512i a = _mm512_maskz_loadu_epi8(mask, w0 + c);
       const __m512i b = _mm512_maskz_loadu_epi8(mask, w1 + c);
       wsum0 = _mm512_dpbusd_epi32(wsum0, ones, a);

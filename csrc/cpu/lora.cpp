@@ -278,7 +278,7 @@ inline void dropout_chunk_avx512(const T* __restrict src, T* __restrict dst, int
   keep_bits(params.key0, params.key1, params.offset + uint64_t(mask_first), count, params.limit, bits);
   const __m512 keep_scale = _mm512_set1_ps(params.keep_scale), alpha = _mm512_set1_ps(params.alpha);
   for (int64_t e = 0; e < count; e += 16) {
-    const __mmask16 valid = count - e >= 16 ? __mmask16(0xFFFF) : __mmask16((1u << (count - e)) - 1u);
+    const __mmask16 valid = pfp::lanes16(count - e);
     const __m512 dropped = _mm512_maskz_mul_ps(bits16(bits, e) & valid, load16(src + e, valid), keep_scale);
     const __m512 out =
         params.accumulate ? _mm512_fmadd_ps(alpha, dropped, load16(dst + e, valid)) : _mm512_mul_ps(alpha, dropped);
