@@ -175,6 +175,36 @@ def test_modules_to_save_round_trip_between_peft_and_pyfastpeft(tmp_path):
         torch.testing.assert_close(back(input_ids=ids).logits, want, rtol=1e-5, atol=1e-5)
 
 
+def test_bf16_trained_lm_head_matches_peft_through_the_fused_loss():
+    """A bf16 model in training whose lm_head is unfrozen: the fused loss trains it (on the CPU dW is one bf16 GEMM
+    over every token's dz). The loss and the lm_head's gradient match PEFT's eager step to bf16 rounding."""
+    model = tiny_llama().to(torch.bfloat16).train()
+    reference = copy.deepcopy(model)
+    settings = pyfastpeft.LoraSettings(r=4, lora_dropout=0.0)
+    pyfastpeft.prepare_model(model, quant=None, lora=settings)
+    config = peft.LoraConfig(r=4, lora_alpha=settings.lora_alpha, lora_dropout=0.0, target_modules="all-linear")
+    reference = peft.get_peft_model(reference, config)
+    ours = {name: tensor for name, tensor in model.state_dict().items() if ".lora_" in name}
+    with torch.no_grad():
+        for name, tensor in reference.state_dict().items():
+            if ".lora_" in name:
+                tensor.copy_(ours[name.removeprefix("base_model.model.")])
+    head, reference_head = model.lm_head.weight, reference.base_model.model.lm_head.weight
+    head.requires_grad_(True)
+    reference_head.requires_grad_(True)
+    ids = torch.randint(0, 128, (4, 16), generator=torch.Generator().manual_seed(0))
+    outputs = model(input_ids=ids, labels=ids)
+    assert outputs.logits is None  # the fused loss ran
+    outputs.loss.backward()
+    expected = reference(input_ids=ids, labels=ids).loss
+    expected.backward()
+    torch.testing.assert_close(outputs.loss, expected, rtol=1e-4, atol=0)
+    # bf16 keeps 8 bits: each side rounds dz and dW once, so the two differ by about 2^-8 of the largest entry
+    scale = reference_head.grad.float().abs().max().item()
+    torch.testing.assert_close(head.grad.float(), reference_head.grad.float(), rtol=0, atol=2**-7 * scale)
+    pyfastpeft.unpatch_model(model)
+
+
 def test_prepare_model_trains_modules_to_save_dense_beside_qlora():
     from pyfastpeft.nn import Linear4bit, ModulesToSave
 
