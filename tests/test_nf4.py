@@ -1,5 +1,7 @@
 """NF4 products and modules: nf4_linear (forward, dX), Linear4bit, quantize_model."""
 
+import os
+
 import pytest
 import torch
 from helpers import run, tiny_llama
@@ -247,3 +249,31 @@ def test_linear4bit_dtype_casts_leave_the_quantized_weight_alone():
 def test_linear4bit_rejects_wrong_input_width():
     with pytest.raises(ValueError, match="in_features is 64"):
         Linear4bit(64, 32)(torch.randn(2, 65))
+
+
+def _huge_page_advised(address: int) -> bool:
+    """Whether the mapping holding address carries MADV_HUGEPAGE (VmFlags "hg" in /proc/self/smaps)."""
+    inside = False
+    with open("/proc/self/smaps") as smaps:
+        for line in smaps:
+            head = line.split()[0]
+            if "-" in head and not head.endswith(":"):
+                begin, end = (int(part, 16) for part in head.split("-"))
+                inside = begin <= address < end
+            elif inside and head == "VmFlags:":
+                return "hg" in line.split()[1:]
+    return False
+
+
+@pytest.mark.skipif(
+    not os.path.exists("/sys/kernel/mm/transparent_hugepage"), reason="Linux with transparent huge pages"
+)
+def test_large_packed_weights_are_advised_onto_huge_pages():
+    """Decode reads the packed weight once per token: a large one is quantized into memory advised onto 2 MiB pages
+    (its 2 MiB-aligned interior)."""
+    with pyfastpeft.use_backend("native"):
+        packed, _ = quantize_nf4(torch.randn(4096, 4096), 64, True)
+    huge = 1 << 21
+    interior = (packed.data_ptr() + huge - 1) // huge * huge
+    assert interior + huge <= packed.data_ptr() + packed.numel()
+    assert _huge_page_advised(interior)
