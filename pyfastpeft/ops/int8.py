@@ -113,7 +113,8 @@ def _make_quant(axis: int, reference_fn):
         if x.dtype not in NATIVE_DTYPES:
             return reference(x, threshold)
         x2d = x.reshape(-1, x.shape[-1]).contiguous()
-        q = _native.empty(x2d.shape, dtype=torch.int8, device=x.device)  # a weight's codes: on 2 MiB pages (nf4.py)
+        # on 2 MiB pages where large: a weight's codes, which decode streams once per token (as nf4.py's packed bytes)
+        q = _native.empty(x2d.shape, dtype=torch.int8, device=x.device)
         stats = torch.empty(x2d.shape[axis], dtype=torch.float32, device=x.device)
         if x2d.numel() == 0:
             return q.view(x.shape), stats.zero_(), torch.empty(0, dtype=torch.int64, device=x.device)
