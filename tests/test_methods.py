@@ -178,17 +178,16 @@ def test_modules_to_save_round_trip_between_peft_and_pyfastpeft(tmp_path):
 def test_bf16_trained_lm_head_matches_peft_through_the_fused_loss():
     """A bf16 model in training whose lm_head is unfrozen: the fused loss trains it (on the CPU dW is one bf16 GEMM
     over every token's dz). The loss and the lm_head's gradient match PEFT's eager step to bf16 rounding."""
+    from real_stack_helpers import adapter_state, load_adapters
+
     model = tiny_llama().to(torch.bfloat16).train()
     reference = copy.deepcopy(model)
     settings = pyfastpeft.LoraSettings(r=4, lora_dropout=0.0)
     pyfastpeft.prepare_model(model, quant=None, lora=settings)
     config = peft.LoraConfig(r=4, lora_alpha=settings.lora_alpha, lora_dropout=0.0, target_modules="all-linear")
     reference = peft.get_peft_model(reference, config)
-    ours = {name: tensor for name, tensor in model.state_dict().items() if ".lora_" in name}
-    with torch.no_grad():
-        for name, tensor in reference.state_dict().items():
-            if ".lora_" in name:
-                tensor.copy_(ours[name.removeprefix("base_model.model.")])
+    # the adapters as initialized (B = 0): both sides' hidden states are then the same, and dW is the lm_head's alone
+    load_adapters(reference, adapter_state(model))
     head, reference_head = model.lm_head.weight, reference.base_model.model.lm_head.weight
     head.requires_grad_(True)
     reference_head.requires_grad_(True)
