@@ -54,6 +54,7 @@ PYBIND11_MODULE(_C, m) {
   PFP_DEF(nf4_dequantize_cols);
   PFP_DEF(nf4_gemv);
   PFP_DEF(int8_quantize);
+  PFP_DEF(int8_matmul);
   PFP_DEF(int8_mm_dequant);
   PFP_DEF(int8_gemv);
   PFP_DEF(int8_dequantize_rows);
@@ -88,6 +89,10 @@ PYBIND11_MODULE(_C, m) {
       "set_isa",
       [](const std::string& name) { return std::string(pfp::isa_name(pfp::set_isa(pfp::isa_from_name(name)))); },
       py::arg("name"), "Use the kernels built for `name`; returns the previous choice.");
+  m.def("amx_supported", &pfp::amx_supported,
+        "Whether this CPU has AMX tiles (int8, bf16) and the OS granted them to this process.");
+  m.def("amx_in_use", &pfp::amx_in_use, "Whether the kernels with an AMX path take it now.");
+  m.def("set_amx", &pfp::set_amx, py::arg("enabled"), "Allow or forbid the AMX paths; returns the previous setting.");
   m.def("build_info", [] {
     py::dict info;
     info["compiler"] = PFP_CXX_COMPILER;

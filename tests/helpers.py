@@ -74,6 +74,19 @@ def cpu_isa(name):
         _native.cpu.set_isa(previous)
 
 
+# Where the CPU has AMX tiles, the kernels with an AMX path run with it (True) and without it (False).
+CPU_AMX = [True, False] if _native.cpu.amx_supported() else [False]
+
+
+@contextlib.contextmanager
+def cpu_amx(enabled):
+    previous = _native.cpu.set_amx(enabled)
+    try:
+        yield
+    finally:
+        _native.cpu.set_amx(previous)
+
+
 def run(backend, fn, *args, **kwargs):
     with pyfastpeft.use_backend(backend):
         return fn(*args, **kwargs)

@@ -4,9 +4,11 @@ import pytest
 import torch
 from helpers import (
     BACKENDS,
+    CPU_AMX,
     CPU_ISAS,
     DEVICES,
     HAS_TRITON,
+    cpu_amx,
     cpu_isa,
     edge_rows,
     grads_of,
@@ -18,6 +20,7 @@ from helpers import (
 from torch import nn
 
 import pyfastpeft
+from pyfastpeft import _native
 from pyfastpeft.functional import int8_linear
 from pyfastpeft.nn import Linear8bitLt
 from pyfastpeft.ops import int8 as int8_ops
@@ -261,6 +264,34 @@ def test_int8_matmul_is_exact_at_the_int32_bound():
     c = int8_matmul(a, b)
     assert c.dtype == torch.int32
     assert c[0, 0].item() == -127 * 127 * k and c[0, 1].item() == 127 * 127 * k
+
+
+@pytest.mark.parametrize("amx", CPU_AMX)
+@pytest.mark.parametrize(
+    "m,n,k",
+    [(32, 32, 64), (33, 31, 127), (64, 8, 128), (40, 70, 1000), (513, 33, 192), (96, 300, 4096), (1, 17, 65)],
+)
+def test_native_int8_matmul_is_exact_on_every_path(m, n, k, amx):
+    """The native GEMM (AMX tiles where the CPU has them, a portable loop otherwise) against exact integer sums,
+    over edges of every tile dimension (rows of 32, columns of 32, reduction steps of 64) and the full int8 range."""
+    generator = torch.Generator().manual_seed(m * n + k)
+    a = torch.randint(-128, 128, (m, k), generator=generator, dtype=torch.int8)
+    b = torch.randint(-128, 128, (n, k), generator=generator, dtype=torch.int8)
+    out = torch.full((m, n), -1, dtype=torch.int32)
+    with cpu_amx(amx):
+        _native.launch("int8_matmul", a, a, b, out, m, n, k)
+    assert torch.equal(out, (a.long() @ b.long().t()).int())
+
+
+@pytest.mark.parametrize("amx", CPU_AMX)
+def test_int8_matmul_from_amx_rows_is_exact_at_the_int32_bound(amx):
+    k = 65536
+    a = torch.full((40, k), -128, dtype=torch.int8)
+    b = torch.full((33, k), -128, dtype=torch.int8)
+    b[1] = 127
+    with cpu_amx(amx):
+        c = int8_matmul(a, b)
+    assert c[0, 0].item() == 128 * 128 * k and c[39, 1].item() == -128 * 127 * k and c[5, 32].item() == 128 * 128 * k
 
 
 @pytest.mark.parametrize("m,k,n", [(1, 64, 64), (9, 64, 48), (16, 13, 5), (17, 8, 8), (40, 1001, 11)])

@@ -3,6 +3,12 @@
 #include <atomic>
 #include <stdexcept>
 
+#if defined(__x86_64__) && defined(__linux__)
+#include <cpuid.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+#endif
+
 namespace pfp {
 
 Isa best_isa() {
@@ -32,6 +38,37 @@ Isa set_isa(Isa isa) {
   Isa previous = current_isa();
   g_isa.store(int(isa), std::memory_order_relaxed);
   return previous;
+}
+
+bool amx_supported() {
+  static const bool supported = [] {
+#if defined(__x86_64__) && defined(__linux__)
+    unsigned eax, ebx, ecx, edx;
+    if (best_isa() != Isa::kAvx512 || !__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx)) return false;
+    const bool tile = edx >> 24 & 1, int8 = edx >> 25 & 1, bf16 = edx >> 22 & 1;
+    if (!(tile && int8 && bf16)) return false;
+    // Linux hands the 8 KiB tile data state to a process only on request (arch_prctl ARCH_REQ_XCOMP_PERM for
+    // XFEATURE_XTILEDATA, 18); a tile instruction without it is a fatal signal.
+    constexpr int kReqXcompPerm = 0x1023, kGetXcompPerm = 0x1022, kXtileData = 18;
+    if (syscall(SYS_arch_prctl, kReqXcompPerm, kXtileData) != 0) return false;
+    unsigned long granted = 0;
+    return syscall(SYS_arch_prctl, kGetXcompPerm, &granted) == 0 && (granted >> kXtileData & 1);
+#else
+    return false;
+#endif
+  }();
+  return supported;
+}
+
+static std::atomic<bool> g_amx_enabled{true};
+
+bool amx_in_use() {
+  return g_amx_enabled.load(std::memory_order_relaxed) && current_isa() == Isa::kAvx512 && amx_supported();
+}
+
+bool set_amx(bool enabled) {
+  if (enabled && !amx_supported()) throw std::invalid_argument("this CPU (or its kernel) does not provide AMX");
+  return g_amx_enabled.exchange(enabled, std::memory_order_relaxed);
 }
 
 const char* isa_name(Isa isa) {

@@ -15,4 +15,13 @@ Isa set_isa(Isa isa);
 const char* isa_name(Isa isa);
 Isa isa_from_name(const std::string& name);
 
+// AMX (Intel's tile instructions, int8 and bf16): kernels with an AMX path take it when amx_in_use(), i.e. the
+// CPU has AMX-TILE/INT8/BF16, Linux granted this process the tile data state, set_amx() has not switched it off
+// and current_isa() is avx512 (so set_isa("avx2") also leaves AMX).
+bool amx_supported();
+bool amx_in_use();
+// Allow (true) or forbid (false) the AMX paths; throws std::invalid_argument for true without AMX. Returns the
+// previous setting.
+bool set_amx(bool enabled);
+
 }  // namespace pfp

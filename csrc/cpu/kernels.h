@@ -33,6 +33,7 @@
                 int nthreads);                                                                                         \
   void int8_quantize(const void* x, int x_dtype, int8_t* q, float* stats, uint8_t* outlier_flags, int64_t m,           \
                      int64_t k, int axis, double threshold, int nthreads);                                             \
+  void int8_matmul(const int8_t* a, const int8_t* b, int32_t* c, int64_t m, int64_t n, int64_t k, int nthreads);       \
   void int8_mm_dequant(const int32_t* c, const float* row_stats, const float* col_stats, const void* bias,             \
                        int bias_dtype, const float* addend, void* out, int out_dtype, int64_t m, int64_t n,            \
                        int nthreads);                                                                                  \

@@ -35,6 +35,7 @@ from typing import Callable, Union
 import torch
 
 import pyfastpeft
+from pyfastpeft import _native
 from pyfastpeft.backend import NO_CUDA_NATIVE
 
 MODES = ("forward", "backward", "both")
@@ -658,6 +659,7 @@ def run_metadata(device: torch.device, copy_gbps: float, scope: str) -> dict:
         "cpu_isa_flags": flags,
         "host_kind": host_kind(flags),
         "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "amx_in_use": bool(_native.cpu is not None and _native.cpu.amx_in_use()),
         "torch": torch.__version__,
         "pyfastpeft": pyfastpeft.__version__,
         "backends": {name: info["detail"] for name, info in pyfastpeft.backends().items() if info["available"]},

@@ -11,11 +11,13 @@ Ops (the math is in pyfastpeft/reference/int8.py; x is flattened to [M, K] over 
 An absent bias is None (`Tensor?`); "no outlier" is an empty outlier_cols.
 
 CPU products: the int8 x int8 -> int32 product of more than GEMV_MAX_ROWS rows runs torch._int_mm (oneDNN's
-VNNI GEMM; it measured faster here than a hand-written VNNI kernel would have to be to matter), and our
-kernel turns its int32 result into the output dtype in one pass (the dequant epilogue, with the outlier
-columns' 16-bit product and the bias added in fp32 before the single rounding). 2 to GEMV_MAX_ROWS rows run
-our fused int8 GEMV (VNNI, every weight byte read once, epilogue fused): torch._int_mm reads the weight at
-about 58 GB/s at one row, faster than our GEMV there, but at a fifth of that for 2 to 8 rows.
+VNNI GEMM; it measured faster here than a hand-written VNNI kernel would have to be to matter), or, on a CPU with
+AMX tiles and from AMX_MIN_ROWS rows, our tile GEMM (torch's CPU build does not use AMX for it: ours took 0.5-0.7x
+its time at 512-2048 x 4096 x 4096); our kernel then turns the int32 result into the output dtype in one pass (the
+dequant epilogue, with the outlier columns' 16-bit product and the bias added in fp32 before the single rounding).
+2 to GEMV_MAX_ROWS rows run our fused int8 GEMV (VNNI, every weight byte read once, epilogue fused):
+torch._int_mm reads the weight at about 58 GB/s at one row, faster than our GEMV there, but at a fifth of that
+for 2 to 8 rows.
 dX = dY @ dequant(W) dequantizes TILE_ROWS rows of W at a time into one reused
 buffer (no dequantized copy of W outlives a call).
 """
@@ -48,6 +50,9 @@ TILE_ROWS = 256
 # int32 accumulation stays exact up to this reduction length (127 * 255 * 65536 < 2^31 with the VNNI
 # unsigned-offset trick; 127 * 127 * 65536 for a plain int8 product).
 MAX_IN_FEATURES = 65536
+# From this many rows our AMX tile GEMM beats torch._int_mm (oneDNN's VNNI kernel on this CPU): it packs all of the
+# weight into tiles once per call, which below about 32 rows costs more than the product (4096 x 4096, AMX host).
+AMX_MIN_ROWS = 32
 NATIVE_DTYPES = (torch.float32, torch.float16, torch.bfloat16)
 
 
@@ -74,10 +79,15 @@ def _padded_int_mm(a, b):
 
 
 def _int_mm(a, b):
-    """a [M, K] @ b [N, K]^T in int32, exact. CUDA: torch._int_mm over padded shapes. CPU: torch._int_mm, but at
-    K == 1 (where it returns uninitialized int32 for N >= 2, measured on torch 2.13) exactly in fp64."""
+    """a [M, K] @ b [N, K]^T in int32, exact (both contiguous, K <= MAX_IN_FEATURES). CUDA: torch._int_mm over
+    padded shapes. CPU with AMX, from AMX_MIN_ROWS rows: our tile kernel. Other CPUs: torch._int_mm, but at K == 1
+    (where it returns uninitialized int32 for N >= 2, measured on torch 2.13) exactly in fp64."""
     if a.is_cuda:
         return _padded_int_mm(a, b)
+    if a.shape[0] >= AMX_MIN_ROWS and _native.cpu.amx_in_use():
+        out = _native.empty((a.shape[0], b.shape[0]), dtype=torch.int32, device=a.device)
+        _native.launch("int8_matmul", a, a, b, out, a.shape[0], b.shape[0], a.shape[1])
+        return out
     if a.shape[1] == 1:
         return ref.int8_matmul(a, b)
     return torch._int_mm(a, b.t())
