@@ -9,6 +9,7 @@ from helpers import (
     CPU_ISAS,
     DEVICES,
     HAS_TRITON,
+    cpu_amx,
     cpu_isa,
     on_device_unsupported,
     random_weight_state,
@@ -254,6 +255,73 @@ def test_gemv_identity_weight_reproduces_x(isa):
     x = torch.randn(5, k)
     with cpu_isa(isa):
         assert torch.equal(native_gemv(x, packed, absmax, code, None, k, 64), x)
+
+
+# ---- bf16 GEMM on AMX tiles ---------------------------------------------------------------------------------
+
+AMX = pytest.mark.skipif(not _native.cpu.amx_supported(), reason="this CPU has no AMX tiles")
+
+
+def native_matmul(x, packed, absmax, code, n, blocksize):
+    out = torch.full((x.shape[0], n), float("nan"), dtype=torch.bfloat16)
+    _native.launch("nf4_matmul", x, x, packed, absmax, code, out, x.shape[0], n, x.shape[1], blocksize)
+    return out
+
+
+@AMX
+@pytest.mark.parametrize(
+    "m,n,k,blocksize",
+    [
+        (9, 32, 64, 64),
+        (33, 70, 96, 32),  # a step of 32 elements per block, k not a multiple of 64
+        (100, 96, 64, 128),  # blocks straddle rows
+        (513, 33, 256, 256),  # row and column edges of every tile
+        (40, 300, 4096, 64),
+    ],
+)
+def test_amx_matmul_matches_the_bf16_dequantized_product(m, n, k, blocksize):
+    """fp32 sums of exact bf16 products (the weight as nf4_dequantize gives it in bf16), one rounding to bf16."""
+    generator = torch.Generator().manual_seed(m * n + k)
+    packed, absmax = random_weight_state(n, k, blocksize, generator)
+    code = CODES["nf4"]
+    x = torch.randn(m, k, generator=generator).bfloat16()
+    out = native_matmul(x, packed, absmax, code, n, blocksize)
+    weight = ref.dequantize_4bit(packed, absmax, code, blocksize, n * k, torch.bfloat16).view(n, k).double()
+    exact = x.double() @ weight.T
+    u, u_out = torch.finfo(torch.float32).eps / 2, torch.finfo(torch.bfloat16).eps / 2
+    bound = k * u * (x.double().abs() @ weight.abs().T) * (1 + u_out) + u_out * exact.abs()
+    assert bool(((out.double() - exact).abs() <= bound).all())
+
+
+@AMX
+def test_amx_matmul_identity_weight_reproduces_x():
+    k = 128
+    nibbles = torch.full((k, k), 7, dtype=torch.uint8)  # NF4_CODE[7] == 0.0, NF4_CODE[15] == 1.0
+    nibbles.fill_diagonal_(15)
+    flat = nibbles.view(-1)
+    x = torch.randn(40, k).bfloat16()
+    out = native_matmul(x, (flat[0::2] << 4) | flat[1::2], torch.ones(k * k // 64), CODES["nf4"], k, 64)
+    assert torch.equal(out, x)
+
+
+@AMX
+def test_nf4_linear_takes_the_amx_product_for_bf16_rows():
+    """The op's CPU path above GEMV_MAX_ROWS rows: AMX tiles and the dequantized-tile GEMM agree to bf16 rounding,
+    bias included; with AMX switched off the native kernel refuses rather than compute without tiles."""
+    generator = torch.Generator().manual_seed(0)
+    packed, absmax = random_weight_state(96, 256, 64, generator)
+    code = CODES["nf4"]
+    x = torch.randn(3, 20, 256, generator=generator).bfloat16()
+    bias = torch.randn(96, generator=generator).bfloat16()
+    args = (packed, absmax, code, bias, 64, 96, 256)
+    with cpu_amx(True):
+        tiles = nf4_ops._native_linear(x, *args)
+    with cpu_amx(False):
+        dequantized = nf4_ops._native_linear(x, *args)
+        with pytest.raises(ValueError, match="needs AMX tiles"):
+            native_matmul(x.view(60, 256), packed, absmax, code, 96, 64)
+    assert tiles.shape == (3, 20, 96) and tiles.dtype == torch.bfloat16
+    torch.testing.assert_close(tiles, dequantized, rtol=1.6e-2, atol=1.6e-2)
 
 
 def test_gemv_rejects_more_than_eight_rows():

@@ -13,11 +13,13 @@
 //   bias[j])
 // Rounding to nearest even uses (s + 1.5 * 2^23) - 1.5 * 2^23, exact for |s| < 2^22 under the default rounding
 // mode; |s| <= 127 here once non-finite values are zeroed.
+#include "cpu/amx.h"
 #include "cpu/common.h"
 #include "cpu/dispatch.h"
 #include "cpu/kernels.h"
 
 #include <algorithm>
+#include <cstring>
 #include <limits>
 #include <stdexcept>
 #include <type_traits>
@@ -364,182 +366,30 @@ bool has_vnni() {
 }
 #endif
 
-// ---- GEMM on AMX tiles: C[m, n] = sum_c a[m, c] * b[n, c], int8 x int8 -> int32 ------------------------------
+// ---- GEMM on AMX tiles (cpu/amx.h): C[m, n] = sum_c a[m, c] * b[n, c], int8 x int8 -> int32 ------------------
 //
-// One TDPBSSD multiplies a 16 x 64 int8 tile of a (16 rows, 64 reduction steps) by a 64 x 16 tile of b^T and adds
-// into 16 x 16 int32. b^T's tile is "VNNI" packed: its row r holds, for each of 16 columns j, the 4 bytes
-// b[j, 4r .. 4r + 3], i.e. the transpose of a 16 x 16 matrix of b's dwords. So b is packed once per call into
-// panels of such tiles (pack_b_tiles), which every 32-row block of a then reuses from L2; a is read in place
-// (stride k) when its rows hold whole 64-byte steps, else through a zero-padded copy. Zero padding adds nothing
-// to a sum, so edges (m, n, k not multiples of the tile) are exact. Accumulation is int32: exact for k <= 65536
-// (128 * 128 * 65536 = 2^30).
-#if defined(__AVX512F__) && defined(__x86_64__)
-namespace amx {
-
-constexpr int64_t kTileBytes = 1024;  // 16 rows x 64 bytes
-constexpr int64_t kPrefetchSteps = 2;
-
-struct alignas(64) TileConfig {
-  uint8_t palette = 1, start_row = 0, reserved[14] = {};
-  uint16_t colsb[16] = {};
-  uint8_t rows[16] = {};
-};
-
-// dst[r][j] = src[j][r] for a 16 x 16 matrix of dwords: rows in, rows out, 64 bytes apart.
-inline void transpose_dwords(const __m512i (&src)[16], int8_t* dst) {
-  __m512i lo[16], u[16];
-  for (int i = 0; i < 8; ++i) {
-    lo[2 * i] = _mm512_unpacklo_epi32(src[2 * i], src[2 * i + 1]);
-    lo[2 * i + 1] = _mm512_unpackhi_epi32(src[2 * i], src[2 * i + 1]);
-  }
-  // u[4g + q], 128-bit lane L: column 4L + q of rows 4g .. 4g + 3
-  for (int g = 0; g < 4; ++g) {
-    u[4 * g] = _mm512_unpacklo_epi64(lo[4 * g], lo[4 * g + 2]);
-    u[4 * g + 1] = _mm512_unpackhi_epi64(lo[4 * g], lo[4 * g + 2]);
-    u[4 * g + 2] = _mm512_unpacklo_epi64(lo[4 * g + 1], lo[4 * g + 3]);
-    u[4 * g + 3] = _mm512_unpackhi_epi64(lo[4 * g + 1], lo[4 * g + 3]);
-  }
-  // row 4L + q of the result: lane L of u[q], u[4 + q], u[8 + q], u[12 + q] (a 4 x 4 transpose of lanes)
-  for (int q = 0; q < 4; ++q) {
-    const __m512i y0 = _mm512_shuffle_i32x4(u[q], u[4 + q], 0x44), y1 = _mm512_shuffle_i32x4(u[q], u[4 + q], 0xEE);
-    const __m512i y2 = _mm512_shuffle_i32x4(u[8 + q], u[12 + q], 0x44);
-    const __m512i y3 = _mm512_shuffle_i32x4(u[8 + q], u[12 + q], 0xEE);
-    _mm512_storeu_si512(dst + (0 + q) * 64, _mm512_shuffle_i32x4(y0, y2, 0x88));
-    _mm512_storeu_si512(dst + (4 + q) * 64, _mm512_shuffle_i32x4(y0, y2, 0xDD));
-    _mm512_storeu_si512(dst + (8 + q) * 64, _mm512_shuffle_i32x4(y1, y3, 0x88));
-    _mm512_storeu_si512(dst + (12 + q) * 64, _mm512_shuffle_i32x4(y1, y3, 0xDD));
-  }
-}
-
-// Bytes [c0, c0 + 64) of row `row` of x [rows, k]: zeros past k or past the last row (masked loads read nothing
-// outside the mask).
-inline __m512i load_step(const int8_t* x, int64_t rows, int64_t k, int64_t row, int64_t c0) {
-  if (row >= rows || c0 >= k) return _mm512_setzero_si512();
-  const int64_t valid = k - c0;
-  const __mmask64 mask = valid >= 64 ? ~__mmask64(0) : (__mmask64(1) << valid) - 1;
-  return _mm512_maskz_loadu_epi8(mask, x + row * k + c0);
-}
-
-// panel[(g * steps + s) * 1024 ..] = the VNNI tile of b rows [n0 + 16 g, + 16) and columns [64 s, + 64), for
-// groups g in [0, groups) and steps s in [0, steps); rows past n and columns past k are zero.
-void pack_b_tiles(const int8_t* b, int64_t n, int64_t k, int64_t n0, int64_t groups, int64_t steps, int8_t* panel) {
-  __m512i rows[16];
-  for (int64_t g = 0; g < groups; ++g)
-    for (int64_t s = 0; s < steps; ++s) {
-      for (int j = 0; j < 16; ++j) rows[j] = load_step(b, n, k, n0 + 16 * g + j, 64 * s);
-      transpose_dwords(rows, panel + (g * steps + s) * kTileBytes);
-    }
-}
-
-// out[32, 32] (ldc in int32 elements) = a's row block (pack_a_tiles: step s's two tiles at a + 2048 s) @ a panel of
-// 32 columns (pack_b_tiles: groups 0 and 1, steps tiles each). Tiles: 0..3 accumulators, 4..5 a, 6..7 b.
-// Tile registers are not renamed: the next step's loads wait for this step's products, so the step after next is
-// prefetched into L1 (both operands stream from L2 otherwise, at about the rate the products need them).
-__attribute__((target("amx-tile,amx-int8"))) inline void block_32x32(const int8_t* a, const int8_t* b, int64_t steps,
-                                                                     int32_t* out, int64_t ldc) {
-  const int8_t* b1 = b + steps * kTileBytes;
-  _tile_zero(0);
-  _tile_zero(1);
-  _tile_zero(2);
-  _tile_zero(3);
-  for (int64_t s = 0; s < steps; ++s) {
-    if (s + kPrefetchSteps < steps) {
-      const char* a_next = reinterpret_cast<const char*>(a + 2 * (s + kPrefetchSteps) * kTileBytes);
-      const char* b_next = reinterpret_cast<const char*>(b + (s + kPrefetchSteps) * kTileBytes);
-      const char* b1_next = reinterpret_cast<const char*>(b1 + (s + kPrefetchSteps) * kTileBytes);
-      for (int line = 0; line < 32; ++line) _mm_prefetch(a_next + 64 * line, _MM_HINT_T0);
-      for (int line = 0; line < 16; ++line) {
-        _mm_prefetch(b_next + 64 * line, _MM_HINT_T0);
-        _mm_prefetch(b1_next + 64 * line, _MM_HINT_T0);
+// One TDPBSSD multiplies a 16 x 64 int8 tile of a by the "VNNI" tile of b^T whose row r holds, for each of 16
+// columns j, the 4 bytes b[j, 4r .. 4r + 3]: the transpose of a 16 x 16 matrix of b's dwords. Zero padding adds
+// nothing to a sum, so edges are exact. Accumulation is int32: exact for k <= 65536 (128 * 128 * 65536 = 2^30).
+#if PFP_HAS_AMX
+void amx_matmul(const int8_t* a, const int8_t* b, int32_t* c, int64_t m, int64_t n, int64_t k, int nthreads) {
+  const int64_t steps = (k + 63) / 64;
+  const amx::PackedA a_tiles(a, m, k, steps, nthreads);
+  auto pack_b = [&](int64_t n0, int64_t groups, int8_t* panel) {
+    __m512i rows[16];
+    for (int64_t g = 0; g < groups; ++g)
+      for (int64_t s = 0; s < steps; ++s) {
+        for (int j = 0; j < 16; ++j) rows[j] = amx::load_step(b, n, k, n0 + 16 * g + j, 64 * s);
+        amx::transpose_dwords(rows, panel + (g * steps + s) * amx::kTileBytes);
       }
-    }
-    _tile_loadd(4, a + 2 * s * kTileBytes, 64);
-    _tile_loadd(5, a + (2 * s + 1) * kTileBytes, 64);
-    _tile_loadd(6, b + s * kTileBytes, 64);
-    _tile_loadd(7, b1 + s * kTileBytes, 64);
-    _tile_dpbssd(0, 4, 6);
-    _tile_dpbssd(1, 4, 7);
-    _tile_dpbssd(2, 5, 6);
-    _tile_dpbssd(3, 5, 7);
-  }
-  const int64_t stride = ldc * int64_t(sizeof(int32_t));
-  _tile_stored(0, out, stride);
-  _tile_stored(1, out + 16, stride);
-  _tile_stored(2, out + 16 * ldc, stride);
-  _tile_stored(3, out + 16 * ldc + 16, stride);
+  };
+  auto edge = [&](int64_t row, int64_t col, const int32_t* block) {
+    const int64_t cols = std::min<int64_t>(32, n - col);
+    for (int64_t i = 0; i < 32 && row + i < m; ++i)
+      std::memcpy(c + (row + i) * n + col, block + 32 * i, size_t(cols) * sizeof(int32_t));
+  };
+  amx::gemm<false>(a_tiles, m, n, nthreads, pack_b, c, n, edge);
 }
-
-__attribute__((target("amx-tile"))) inline void configure() {
-  TileConfig config;
-  for (int t = 0; t < 8; ++t) {
-    config.rows[t] = 16;
-    config.colsb[t] = 64;
-  }
-  // GCC's _tile_loadconfig tells the compiler it reads only the config's first 8 bytes, which lets it drop the
-  // stores above as dead: this barrier makes all 64 bytes visible first.
-  __asm__ __volatile__("" : : "r"(&config) : "memory");
-  _tile_loadconfig(&config);
-}
-
-__attribute__((target("amx-tile"))) inline void release() { _tile_release(); }
-
-// a_tiles[((rb * steps + s) * 2 + h) * 1024 ..] = the 16 x 64 tile of a rows [32 rb + 16 h, + 16) and columns
-// [64 s, + 64), for row blocks rb in [r0, r1); rows past m and columns past k are zero.
-void pack_a_tiles(const int8_t* a, int64_t m, int64_t k, int64_t r0, int64_t r1, int64_t steps, int8_t* a_tiles) {
-  for (int64_t rb = r0; rb < r1; ++rb)
-    for (int64_t s = 0; s < steps; ++s)
-      for (int i = 0; i < 32; ++i)
-        _mm512_store_si512(a_tiles + ((rb * steps + s) * 2 + i / 16) * kTileBytes + (i % 16) * 64,
-                           load_step(a, m, k, 32 * rb + i, 64 * s));
-}
-
-// Both operands are first packed into tiles laid out in the order the loop reads them (a once per call, shared by
-// the threads; b by chunks of column panels of 32, per thread). Column panels are split between threads (row
-// blocks of 32, when there are fewer panels than threads); a chunk of panels (at most kChunkBytes) stays in L2
-// while every row block uses it.
-void matmul(const int8_t* a, const int8_t* b, int32_t* c, int64_t m, int64_t n, int64_t k, int nthreads) {
-  constexpr int64_t kChunkBytes = int64_t(1) << 20;
-  const int64_t steps = (k + 63) / 64, panels = (n + 31) / 32, row_blocks = (m + 31) / 32;
-  const int64_t panel_bytes = 2 * steps * kTileBytes, block_bytes = 2 * steps * kTileBytes;
-  const int64_t chunk = std::max<int64_t>(1, std::min<int64_t>(8, kChunkBytes / panel_bytes));
-  const bool split_columns = panels >= nthreads || panels >= row_blocks;
-  std::vector<int8_t> a_store(size_t(row_blocks * block_bytes) + 64);
-  int8_t* a_tiles = reinterpret_cast<int8_t*>((uintptr_t(a_store.data()) + 63) & ~uintptr_t(63));
-  parallel_for(row_blocks, 32 * k, nthreads,
-               [&](int64_t begin, int64_t end, int) { pack_a_tiles(a, m, k, begin, end, steps, a_tiles); });
-  parallel_for(split_columns ? panels : row_blocks, 32 * k * (split_columns ? m : n), nthreads,
-               [&](int64_t begin, int64_t end, int) {
-                 const int64_t p0 = split_columns ? begin : 0, p1 = split_columns ? end : panels;
-                 const int64_t r0 = split_columns ? 0 : begin, r1 = split_columns ? row_blocks : end;
-                 std::vector<int8_t> panel_store(size_t(chunk * panel_bytes) + 64);
-                 std::vector<int32_t> c_store(32 * 32);
-                 int8_t* panel = reinterpret_cast<int8_t*>((uintptr_t(panel_store.data()) + 63) & ~uintptr_t(63));
-                 configure();
-                 for (int64_t pc = p0; pc < p1; pc += chunk) {
-                   const int64_t pcount = std::min(chunk, p1 - pc);
-                   pack_b_tiles(b, n, k, 32 * pc, 2 * pcount, steps, panel);
-                   for (int64_t rb = r0; rb < r1; ++rb) {
-                     const int64_t row = 32 * rb;
-                     const int8_t* a_block = a_tiles + rb * block_bytes;
-                     for (int64_t p = pc; p < pc + pcount; ++p) {
-                       const int8_t* b_panel = panel + (p - pc) * panel_bytes;
-                       const int64_t col = 32 * p;
-                       if (row + 32 <= m && col + 32 <= n) {
-                         block_32x32(a_block, b_panel, steps, c + row * n + col, n);
-                       } else {  // an edge block: through a buffer, then its part inside c
-                         block_32x32(a_block, b_panel, steps, c_store.data(), 32);
-                         for (int64_t i = 0; i < 32 && row + i < m; ++i)
-                           for (int64_t j = 0; j < 32 && col + j < n; ++j)
-                             c[(row + i) * n + col + j] = c_store[size_t(i * 32 + j)];
-                       }
-                     }
-                   }
-                 }
-                 release();
-               });
-}
-
-}  // namespace amx
 #endif
 
 }  // namespace
@@ -562,9 +412,9 @@ void int8_quantize(const void* x, int x_dtype, int8_t* q, float* stats, uint8_t*
 // hosts (pfp::amx_in_use()) by tiles; elsewhere a portable loop, for tests: the op runs torch._int_mm there.
 void int8_matmul(const int8_t* a, const int8_t* b, int32_t* c, int64_t m, int64_t n, int64_t k, int nthreads) {
   if (m == 0 || n == 0) return;
-#if defined(__AVX512F__) && defined(__x86_64__)
+#if PFP_HAS_AMX
   if (pfp::amx_in_use()) {
-    amx::matmul(a, b, c, m, n, k, nthreads);
+    amx_matmul(a, b, c, m, n, k, nthreads);
     return;
   }
 #endif

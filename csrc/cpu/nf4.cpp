@@ -17,9 +17,12 @@
 // AVX-512 fast path (every row holds whole blocks and 128-weight spans): 16 nibbles become 16 codes by
 // one permute of the code table, and a span sums code * x per lane before scaling by the lane's absmax,
 // (code * x) * absmax instead of (code * absmax) * x: the same sum up to one rounding per term.
+#include "cpu/amx.h"
 #include "cpu/common.h"
+#include "cpu/dispatch.h"
 #include "cpu/kernels.h"
 
+#include <algorithm>
 #include <memory>
 #include <stdexcept>
 #include <type_traits>
@@ -488,6 +491,41 @@ void gemv_impl(const T* x, const uint8_t* packed, const float* absmax, const flo
   });
 }
 
+// ---- bf16 GEMM on AMX tiles (cpu/amx.h), W decoded straight into B's tiles -----------------------------------------
+// A step is 32 elements of a row of W: 16 packed bytes in one block (k % 32 == 0, blocksize % 32 == 0). Byte i holds
+// the pair (W[j, 2i], W[j, 2i + 1]), so the 32 decoded bf16 of row j are the 16 dwords of that row of B's dword
+// matrix, and one dword transpose per 16 rows gives the VNNI tile: no dequantized W is written outside the panel
+// the thread keeps in L2. Each value is bf16(code * absmax) rounded to nearest even, as nf4_dequantize to bf16
+// (a subnormal product becomes 0 here, which the tile product does to a subnormal input anyway).
+#if PFP_HAS_AMX
+__attribute__((target("avx512bf16"))) void decode_b_tiles(const uint8_t* packed, const float* absmax, const float* code,
+                                                          int64_t n, int64_t k, int64_t blocksize, int64_t n0,
+                                                          int64_t groups, int64_t steps, int8_t* panel) {
+  const __m512 codes = _mm512_loadu_ps(code);
+  const __m512i low_nibble = _mm512_set1_epi32(15);
+  __m512i rows[16];
+  for (int64_t g = 0; g < groups; ++g)
+    for (int64_t s = 0; s < steps; ++s) {
+      for (int c = 0; c < 16; ++c) {
+        const int64_t j = n0 + 16 * g + c;
+        if (j >= n) {
+          rows[c] = _mm512_setzero_si512();
+          continue;
+        }
+        const int64_t first = j * k + 32 * s;
+        const __m256bh table = _mm512_cvtneps_pbh(_mm512_mul_ps(codes, _mm512_set1_ps(absmax[first / blocksize])));
+        const __m512i bytes =
+            _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(packed + first / 2)));
+        // low word: the high nibble (the even element), high word: the low nibble
+        const __m512i index =
+            _mm512_or_si512(_mm512_srli_epi32(bytes, 4), _mm512_slli_epi32(_mm512_and_si512(bytes, low_nibble), 16));
+        rows[c] = _mm512_permutexvar_epi16(index, _mm512_castsi256_si512(reinterpret_cast<const __m256i&>(table)));
+      }
+      amx::transpose_dwords(rows, panel + (g * steps + s) * amx::kTileBytes);
+    }
+}
+#endif
+
 }  // namespace
 
 // nf4_quantize: packed[(numel + 1) / 2] and absmax[ceil(numel / blocksize)] of w[numel] (w_dtype any of the
@@ -540,6 +578,33 @@ void nf4_dequantize_cols(const uint8_t* packed, const float* absmax, const float
         dequantize_impl(packed, absmax, code, static_cast<T*>(out) + r * cols, r * k + col_start, cols, blocksize, 1);
     });
   });
+}
+
+// nf4_matmul: out [m, n] bf16 = x [m, k] bf16 @ w_hat [n, k]^T with fp32 sums of the bf16 products, on AMX tiles
+// (w_hat's values as nf4_dequantize gives them in bf16). Only where pfp::amx_in_use(), k % 32 == 0 and
+// blocksize % 32 == 0; throws std::invalid_argument otherwise. packed, absmax, code as nf4_gemv; all contiguous.
+void nf4_matmul(const void* x, const uint8_t* packed, const float* absmax, const float* code, void* out, int64_t m,
+                int64_t n, int64_t k, int64_t blocksize, int nthreads) {
+#if PFP_HAS_AMX
+  if (pfp::amx_in_use() && k % 32 == 0 && blocksize % 32 == 0 && blocksize > 0) {
+    if (m == 0 || n == 0) return;
+    const amx::PackedA a_tiles(x, m, 2 * k, k / 32, nthreads);
+    auto decode = [&](int64_t n0, int64_t groups, int8_t* panel) {
+      decode_b_tiles(packed, absmax, code, n, k, blocksize, n0, groups, k / 32, panel);
+    };
+    auto emit = [&](int64_t row, int64_t col, const float* block) {
+      const int64_t cols = std::min<int64_t>(32, n - col);
+      for (int64_t i = 0; i < 32 && row + i < m; ++i)
+        pfp::store_row<bf16, float>(block + 32 * i, static_cast<bf16*>(out) + (row + i) * n + col, cols);
+    };
+    amx::gemm<true, float>(a_tiles, m, n, nthreads, decode, nullptr, 0, emit);
+    return;
+  }
+#else
+  (void)x, (void)packed, (void)absmax, (void)code, (void)out, (void)m, (void)n, (void)k, (void)blocksize,
+      (void)nthreads;
+#endif
+  throw std::invalid_argument("nf4_matmul: needs AMX tiles, k % 32 == 0 and blocksize % 32 == 0");
 }
 
 // nf4_gemv: out[m, n] = x[m, k] @ w_hat[n, k]^T (+ bias[n]), W never materialized; 1 <= m <= 8.

@@ -1,0 +1,202 @@
+// GEMM on AMX tiles (Intel's tile instructions), shared by the int8 and NF4 products: only the AVX-512 build has
+// it (PFP_HAS_AMX), and a kernel takes it only when pfp::amx_in_use() (the CPU has AMX-TILE/INT8/BF16 and Linux
+// granted the tile state).
+//
+// C[m, n] = sum_c A[m, c] * B[n, c] in steps of 64 bytes of c (64 int8, or 32 bf16): one tile product multiplies a
+// 16 x 64-byte tile of A (16 rows) by a tile of B^T "VNNI" packed: its row r holds, for each of 16 columns j, the
+// dword at bytes [4r, 4r + 4) of B's row j for that step, i.e. the transpose of a 16 x 16 matrix of B's dwords.
+// A is packed once per call into tiles laid out in the order the loop reads them (PackedA); B by each thread, in
+// chunks of column panels of 32 (the caller's pack_b: the int8 path transposes B's bytes, the NF4 path decodes
+// nibbles first), each chunk staying in L2 while every 32-row block of A uses it. Edges are zero-padded in both
+// operands, which adds nothing to a sum.
+#pragma once
+
+#if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__x86_64__)
+#define PFP_HAS_AMX 1
+#include <immintrin.h>
+
+#include <algorithm>
+#include <cstdint>
+#include <vector>
+
+#include "cpu/common.h"
+
+namespace PFP_ISA {
+namespace amx {
+
+constexpr int64_t kTileBytes = 1024;  // 16 rows x 64 bytes
+constexpr int64_t kPrefetchSteps = 2;
+constexpr int64_t kChunkBytes = int64_t(1) << 20;  // B panels decoded at a time, per thread
+
+struct alignas(64) TileConfig {
+  uint8_t palette = 1, start_row = 0, reserved[14] = {};
+  uint16_t colsb[16] = {};
+  uint8_t rows[16] = {};
+};
+
+// Every tile 16 rows x 64 bytes (tiles 0..3 accumulate, 4..5 hold A, 6..7 B). Per thread, before its first tile op.
+__attribute__((target("amx-tile"))) inline void configure() {
+  TileConfig config;
+  for (int t = 0; t < 8; ++t) {
+    config.rows[t] = 16;
+    config.colsb[t] = 64;
+  }
+  // GCC's _tile_loadconfig tells the compiler it reads only the config's first 8 bytes, which lets it drop the
+  // stores above as dead: this barrier makes all 64 bytes visible first.
+  __asm__ __volatile__("" : : "r"(&config) : "memory");
+  _tile_loadconfig(&config);
+}
+
+__attribute__((target("amx-tile"))) inline void release() { _tile_release(); }
+
+// dst[r][j] = src[j][r] for a 16 x 16 matrix of dwords: rows in, rows out, 64 bytes apart.
+inline void transpose_dwords(const __m512i (&src)[16], int8_t* dst) {
+  __m512i lo[16], u[16];
+  for (int i = 0; i < 8; ++i) {
+    lo[2 * i] = _mm512_unpacklo_epi32(src[2 * i], src[2 * i + 1]);
+    lo[2 * i + 1] = _mm512_unpackhi_epi32(src[2 * i], src[2 * i + 1]);
+  }
+  // u[4g + q], 128-bit lane L: column 4L + q of rows 4g .. 4g + 3
+  for (int g = 0; g < 4; ++g) {
+    u[4 * g] = _mm512_unpacklo_epi64(lo[4 * g], lo[4 * g + 2]);
+    u[4 * g + 1] = _mm512_unpackhi_epi64(lo[4 * g], lo[4 * g + 2]);
+    u[4 * g + 2] = _mm512_unpacklo_epi64(lo[4 * g + 1], lo[4 * g + 3]);
+    u[4 * g + 3] = _mm512_unpackhi_epi64(lo[4 * g + 1], lo[4 * g + 3]);
+  }
+  // row 4L + q of the result: lane L of u[q], u[4 + q], u[8 + q], u[12 + q] (a 4 x 4 transpose of lanes)
+  for (int q = 0; q < 4; ++q) {
+    const __m512i y0 = _mm512_shuffle_i32x4(u[q], u[4 + q], 0x44), y1 = _mm512_shuffle_i32x4(u[q], u[4 + q], 0xEE);
+    const __m512i y2 = _mm512_shuffle_i32x4(u[8 + q], u[12 + q], 0x44);
+    const __m512i y3 = _mm512_shuffle_i32x4(u[8 + q], u[12 + q], 0xEE);
+    _mm512_storeu_si512(dst + (0 + q) * 64, _mm512_shuffle_i32x4(y0, y2, 0x88));
+    _mm512_storeu_si512(dst + (4 + q) * 64, _mm512_shuffle_i32x4(y0, y2, 0xDD));
+    _mm512_storeu_si512(dst + (8 + q) * 64, _mm512_shuffle_i32x4(y1, y3, 0x88));
+    _mm512_storeu_si512(dst + (12 + q) * 64, _mm512_shuffle_i32x4(y1, y3, 0xDD));
+  }
+}
+
+// Bytes [c0, c0 + 64) of row `row` of x [rows, row_bytes]: zeros past the row's end or past the last row (masked
+// loads read nothing outside the mask).
+inline __m512i load_step(const void* x, int64_t rows, int64_t row_bytes, int64_t row, int64_t c0) {
+  if (row >= rows || c0 >= row_bytes) return _mm512_setzero_si512();
+  const int64_t valid = row_bytes - c0;
+  const __mmask64 mask = valid >= 64 ? ~__mmask64(0) : (__mmask64(1) << valid) - 1;
+  return _mm512_maskz_loadu_epi8(mask, static_cast<const int8_t*>(x) + row * row_bytes + c0);
+}
+
+// 64-byte aligned scratch.
+struct Aligned {
+  std::vector<int8_t> storage;
+  int8_t* data;
+  explicit Aligned(int64_t bytes) : storage(size_t(bytes) + 64) {
+    data = reinterpret_cast<int8_t*>((reinterpret_cast<uintptr_t>(storage.data()) + 63) & ~uintptr_t(63));
+  }
+};
+
+// A [m, row_bytes] as tiles: block(rb) + (2 s + h) * 1024 is the tile of rows [32 rb + 16 h, + 16) and bytes
+// [64 s, + 64).
+struct PackedA {
+  int64_t steps;
+  Aligned tiles;
+  PackedA(const void* a, int64_t m, int64_t row_bytes, int64_t steps_, int nthreads)
+      : steps(steps_), tiles((m + 31) / 32 * 2 * steps_ * kTileBytes) {
+    pfp::parallel_for((m + 31) / 32, 32 * row_bytes, nthreads, [&](int64_t begin, int64_t end, int) {
+      for (int64_t rb = begin; rb < end; ++rb)
+        for (int64_t s = 0; s < steps; ++s)
+          for (int i = 0; i < 32; ++i)
+            _mm512_store_si512(block(rb) + (2 * s + i / 16) * kTileBytes + (i % 16) * 64,
+                               load_step(a, m, row_bytes, 32 * rb + i, 64 * s));
+    });
+  }
+  const int8_t* block(int64_t rb) const { return tiles.data + rb * 2 * steps * kTileBytes; }
+  int8_t* block(int64_t rb) { return tiles.data + rb * 2 * steps * kTileBytes; }
+};
+
+// out[32, 32] (row stride ldc elements) = a's row block @ a panel of 32 columns of B (tiles of group 0 at b, of group 1
+// at b + steps * 1024). kBf16: TDPBF16PS (bf16 pairs, fp32 sums), else TDPBSSD (int8 quads, int32 sums). Tile registers
+// are not renamed: the next step's loads wait for this step's products, so the step after next is prefetched into L1
+// (both operands stream from L2 otherwise, at about the rate the products need them).
+template <bool kBf16, typename T>
+__attribute__((target("amx-tile,amx-int8,amx-bf16"))) inline void block_32x32(const int8_t* a, const int8_t* b,
+                                                                              int64_t steps, T* out, int64_t ldc) {
+  const int8_t* b1 = b + steps * kTileBytes;
+  _tile_zero(0);
+  _tile_zero(1);
+  _tile_zero(2);
+  _tile_zero(3);
+  for (int64_t s = 0; s < steps; ++s) {
+    if (s + kPrefetchSteps < steps) {
+      const char* a_next = reinterpret_cast<const char*>(a + 2 * (s + kPrefetchSteps) * kTileBytes);
+      const char* b_next = reinterpret_cast<const char*>(b + (s + kPrefetchSteps) * kTileBytes);
+      const char* b1_next = reinterpret_cast<const char*>(b1 + (s + kPrefetchSteps) * kTileBytes);
+      for (int line = 0; line < 32; ++line) _mm_prefetch(a_next + 64 * line, _MM_HINT_T0);
+      for (int line = 0; line < 16; ++line) {
+        _mm_prefetch(b_next + 64 * line, _MM_HINT_T0);
+        _mm_prefetch(b1_next + 64 * line, _MM_HINT_T0);
+      }
+    }
+    _tile_loadd(4, a + 2 * s * kTileBytes, 64);
+    _tile_loadd(5, a + (2 * s + 1) * kTileBytes, 64);
+    _tile_loadd(6, b + s * kTileBytes, 64);
+    _tile_loadd(7, b1 + s * kTileBytes, 64);
+    if constexpr (kBf16) {
+      _tile_dpbf16ps(0, 4, 6);
+      _tile_dpbf16ps(1, 4, 7);
+      _tile_dpbf16ps(2, 5, 6);
+      _tile_dpbf16ps(3, 5, 7);
+    } else {
+      _tile_dpbssd(0, 4, 6);
+      _tile_dpbssd(1, 4, 7);
+      _tile_dpbssd(2, 5, 6);
+      _tile_dpbssd(3, 5, 7);
+    }
+  }
+  const int64_t stride = ldc * int64_t(sizeof(T));
+  _tile_stored(0, out, stride);
+  _tile_stored(1, out + 16, stride);
+  _tile_stored(2, out + 16 * ldc, stride);
+  _tile_stored(3, out + 16 * ldc + 16, stride);
+}
+
+// Every 32 x 32 block of C = A @ B^T: pack_b(n0, groups, panel) fills panel with groups x steps tiles of B's rows
+// [n0, n0 + 16 groups) (group g's tiles at panel + g * steps * 1024, rows past n zero). With c (row stride ldc), a
+// block inside [m, n] is stored there directly; every other block (all of them without c) goes to
+// emit(row, col, block) as 32 x 32 of T, row stride 32, whose part inside C the caller keeps. Column panels are
+// split between threads (row blocks, when there are fewer panels than threads).
+template <bool kBf16, typename T, typename PackB, typename Emit>
+void gemm(const PackedA& a, int64_t m, int64_t n, int nthreads, PackB&& pack_b, T* c, int64_t ldc, Emit&& emit) {
+  const int64_t steps = a.steps, panels = (n + 31) / 32, row_blocks = (m + 31) / 32;
+  const int64_t panel_bytes = 2 * steps * kTileBytes;
+  const int64_t chunk = std::max<int64_t>(1, std::min<int64_t>(8, kChunkBytes / panel_bytes));
+  const bool split_columns = panels >= nthreads || panels >= row_blocks;
+  const int64_t work = 32 * steps * 64 * (split_columns ? m : n);
+  pfp::parallel_for(split_columns ? panels : row_blocks, work, nthreads, [&](int64_t begin, int64_t end, int) {
+    const int64_t p0 = split_columns ? begin : 0, p1 = split_columns ? end : panels;
+    const int64_t r0 = split_columns ? 0 : begin, r1 = split_columns ? row_blocks : end;
+    Aligned panel(chunk * panel_bytes);
+    alignas(64) T block[32 * 32];
+    configure();
+    for (int64_t pc = p0; pc < p1; pc += chunk) {
+      const int64_t count = std::min(chunk, p1 - pc);
+      pack_b(32 * pc, 2 * count, panel.data);
+      for (int64_t rb = r0; rb < r1; ++rb)
+        for (int64_t p = pc; p < pc + count; ++p) {
+          const int8_t* b = panel.data + (p - pc) * panel_bytes;
+          const int64_t row = 32 * rb, col = 32 * p;
+          if (c && row + 32 <= m && col + 32 <= n) {
+            block_32x32<kBf16>(a.block(rb), b, steps, c + row * ldc + col, ldc);
+          } else {
+            block_32x32<kBf16>(a.block(rb), b, steps, block, 32);
+            emit(row, col, static_cast<const T*>(block));
+          }
+        }
+    }
+    release();
+  });
+}
+
+}  // namespace amx
+}  // namespace PFP_ISA
+#else
+#define PFP_HAS_AMX 0
+#endif
