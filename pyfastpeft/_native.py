@@ -98,8 +98,11 @@ HUGE_PAGE_MIN_BYTES = 4 << 20
 def on_huge_pages(out: torch.Tensor) -> torch.Tensor:
     """Advise a freshly allocated, untouched large CPU tensor onto 2 MiB pages; returns it.
     (advise_huge_pages in csrc/bind_cpu.cpp: it cuts the first-touch page-fault cost ~5x.)"""
+    # the size from the shape first: a small tensor (a decode step's output) skips the storage object's cost
+    if out.numel() * out.element_size() < HUGE_PAGE_MIN_BYTES or out.device.type != "cpu" or cpu is None:
+        return out
     storage = out.untyped_storage()
-    if out.device.type == "cpu" and cpu is not None and storage.nbytes() >= HUGE_PAGE_MIN_BYTES:
+    if storage.nbytes() >= HUGE_PAGE_MIN_BYTES:
         cpu.advise_huge_pages(storage.data_ptr(), storage.nbytes())
     return out
 

@@ -132,6 +132,26 @@ def test_linear4bit_from_linear_matches_the_dequantized_layer():
     assert (layer.dequantize() - linear.weight).abs().mean() < 0.08 * linear.weight.abs().max()
 
 
+@pytest.mark.parametrize("rows", [1, 40])
+def test_linear4bit_gives_the_same_values_with_and_without_autograd(rows):
+    """Without anything to differentiate the layer calls its op directly; with x or the bias requiring grad it goes
+    through the autograd.Function. Same bits either way, and gradients where they are asked for."""
+    layer = Linear4bit.from_linear(nn.Linear(128, 72), compute_dtype=torch.bfloat16)
+    x = torch.randn(rows, 128)
+    with torch.no_grad():
+        plain = layer(x)
+    frozen = layer.requires_grad_(False)(x)  # grad mode on, nothing requires grad
+    assert not plain.requires_grad and not frozen.requires_grad
+    x_leaf = x.clone().requires_grad_()
+    traced = layer(x_leaf)
+    assert torch.equal(plain, frozen) and torch.equal(plain, traced.detach())
+    traced.sum().backward()
+    assert x_leaf.grad is not None and x_leaf.grad.shape == x.shape
+    layer.bias.requires_grad_(True)
+    layer(x).sum().backward()
+    assert layer.bias.grad is not None
+
+
 def test_linear4bit_casts_to_compute_dtype_and_back():
     layer = Linear4bit(64, 32, compute_dtype=torch.bfloat16)
     x = torch.randn(4, 64)

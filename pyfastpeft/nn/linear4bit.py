@@ -3,7 +3,7 @@ import math
 import torch
 from torch import nn
 
-from pyfastpeft.ops.nf4 import NF4LinearFunction
+from pyfastpeft.ops.nf4 import NF4LinearFunction, nf4_linear_op
 from pyfastpeft.quant.nf4 import BLOCKSIZES, QUANT_TYPES, QuantState, dequantize_nf4, quantize_nf4
 
 
@@ -155,6 +155,11 @@ class Linear4bit(nn.Module):
         compute = self.compute_dtype or x.dtype
         xc = x.to(compute)
         bias = None if self.bias is None else self.bias.to(compute)
+        args = (xc, self.weight, self._absmax, self.quant_state.code, bias, self.blocksize, self.out_features)
+        if not (torch.is_grad_enabled() and (xc.requires_grad or (bias is not None and bias.requires_grad))):
+            # nothing to differentiate (inference, a decode step): the op itself, without the autograd.Function's
+            # per-call cost (about a third of a 4096 x 4096 layer's time at one token)
+            return nf4_linear_op(*args, self.in_features).to(x.dtype)
         return NF4LinearFunction.apply(
             xc,
             self.weight,
