@@ -66,25 +66,25 @@ def skip_unsupported(backend, dtype, numel):
 
 
 @contextlib.contextmanager
-def cpu_isa(name):
-    previous = _native.cpu.set_isa(name)
+def _native_setting(setter, value):
+    """setter(value) (one of _C's switches, which return the previous setting) for the block, then back."""
+    previous = setter(value)
     try:
         yield
     finally:
-        _native.cpu.set_isa(previous)
+        setter(previous)
+
+
+def cpu_isa(name):
+    return _native_setting(_native.cpu.set_isa, name)
 
 
 # Where the CPU has AMX tiles, the kernels with an AMX path run with it (True) and without it (False).
 CPU_AMX = [True, False] if _native.cpu.amx_supported() else [False]
 
 
-@contextlib.contextmanager
 def cpu_amx(enabled):
-    previous = _native.cpu.set_amx(enabled)
-    try:
-        yield
-    finally:
-        _native.cpu.set_amx(previous)
+    return _native_setting(_native.cpu.set_amx, enabled)
 
 
 def run(backend, fn, *args, **kwargs):
