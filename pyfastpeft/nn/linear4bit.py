@@ -158,7 +158,7 @@ class Linear4bit(nn.Module):
         args = (xc, self.weight, self._absmax, self.quant_state.code, bias, self.blocksize, self.out_features)
         if not (torch.is_grad_enabled() and (xc.requires_grad or (bias is not None and bias.requires_grad))):
             # nothing to differentiate (inference, a decode step): the op itself, without the autograd.Function's
-            # per-call cost (about a third of a 4096 x 4096 layer's time at one token)
+            # per-call cost (about 15 us, 3-6% of a 4096 x 4096 layer's time at one token on a 2-core host)
             return nf4_linear_op(*args, self.in_features).to(x.dtype)
         return NF4LinearFunction.apply(
             xc,
