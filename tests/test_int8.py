@@ -294,6 +294,12 @@ def test_int8_matmul_from_amx_rows_is_exact_at_the_int32_bound(amx):
     assert c[0, 0].item() == 128 * 128 * k and c[39, 1].item() == -128 * 127 * k and c[5, 32].item() == 128 * 128 * k
 
 
+def test_int8_matmul_refuses_a_reduction_past_the_int32_bound():
+    a = torch.ones((2, 65537), dtype=torch.int8)
+    with pytest.raises(ValueError, match="int8_matmul: K is 65537"):
+        int8_matmul(a, a)
+
+
 @pytest.mark.parametrize("m,k,n", [(1, 64, 64), (9, 64, 48), (16, 13, 5), (17, 8, 8), (40, 1001, 11)])
 def test_padded_int8_matmul_for_cuda_shapes_is_exact(m, k, n):
     """CUDA's int8 GEMM takes M > 16 and K, N multiples of 8; other shapes are zero-padded to it (not

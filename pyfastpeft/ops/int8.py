@@ -182,6 +182,8 @@ def _check_matmul(a, b):
             raise ValueError(f"{op}: {name} must be 2-D, got shape {tuple(t.shape)}")
     if a.shape[1] != b.shape[1]:
         raise ValueError(f"{op}: a is {tuple(a.shape)} and b is {tuple(b.shape)}, their dim 1 (K) must match")
+    if a.shape[1] > MAX_IN_FEATURES:  # past it an int32 sum can wrap: refused rather than silently wrong
+        raise ValueError(f"{op}: K is {a.shape[1]}, at most {MAX_IN_FEATURES} keeps the int32 accumulation exact")
 
 
 def _check_mm_dequant(c, row_stats, col_stats, bias, dtype):
