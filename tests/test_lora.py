@@ -129,6 +129,90 @@ def test_native_dropout_selects_so_non_finite_dropped_elements_give_zero(isa, va
     assert (dropped[~keep] == 0).all() and (accumulated[~keep] == 1).all()
 
 
+def native_branch_grads(x, grad_xa, lora_A, dx, rng, dropout_p, scaling):
+    """lora_branch_grads: (dA, dX + its branch term) of x [M, k], grad_xa [M, r], lora_A [r, k]; dx None: dA alone."""
+    grad_A = torch.empty_like(lora_A)
+    out = None if dx is None else dx.clone()
+    seed, offset = rng.tolist() if rng is not None else (0, 0)
+    _native.cpu.lora_branch_grads(
+        x.data_ptr(),
+        grad_xa.data_ptr(),
+        lora_A.data_ptr(),
+        0 if out is None else out.data_ptr(),
+        grad_A.data_ptr(),
+        x.shape[0],
+        x.shape[1],
+        lora_A.shape[0],
+        _native.dtype_code(x),
+        rng is not None,
+        seed,
+        offset,
+        float(ref.keep_threshold(dropout_p)),
+        float(torch.tensor(1 / (1 - dropout_p))),
+        scaling,
+        torch.get_num_threads(),
+    )
+    return grad_A, out
+
+
+# (rows, k, rank): a row step of 8 and a tail; k past one 240-column block, not a multiple of 16, and short; r = 1
+BRANCH_SHAPES = [(19, 517, 16), (8, 37, 3), (3, 250, 1), (1, 16, 64)]
+
+
+@pytest.mark.parametrize("isa", CPU_ISAS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("rows, k, rank", BRANCH_SHAPES)
+@pytest.mark.parametrize("dropout", [True, False])
+def test_native_branch_grads_are_the_exact_sums_rounded_once(isa, dtype, rows, k, rank, dropout):
+    """dA = s g^T x_d and dX + s ((g A) * keep / (1 - p)), x_d exactly as lora_dropout makes it: against the fp64
+    sums of the same (dtype) operands, within one rounding of the output plus fp32 summation error."""
+    torch.manual_seed(rows * k + rank)
+    x, dx = torch.randn(rows, k).to(dtype), torch.randn(rows, k).to(dtype)
+    grad_xa, lora_A = torch.randn(rows, rank).to(dtype), torch.randn(rank, k).to(dtype)
+    rng, dropout_p, scaling = (torch.tensor([2**40 + 9, 2**33 + 3]), 0.3, 1.5) if dropout else (None, 0.0, 1.5)
+    with cpu_isa(isa):
+        grad_A, dx_out = native_branch_grads(x, grad_xa, lora_A, dx, rng, dropout_p, scaling)
+        grad_A_alone, nothing = native_branch_grads(x, grad_xa, lora_A, None, rng, dropout_p, scaling)
+    keep = ref.keep_mask(rng, x.shape, dropout_p, x.device) if dropout else torch.ones_like(x, dtype=torch.bool)
+    x_d = native_dropout(x, rng, dropout_p).double() if dropout else x.double()
+    keep_scale = float(torch.tensor(1 / (1 - dropout_p)))
+    want_A = scaling * grad_xa.double().t() @ x_d
+    want_dx = dx.double() + scaling * torch.where(keep, (grad_xa.double() @ lora_A.double()) * keep_scale, 0.0)
+    eps = {torch.float64: 2**-52, torch.float32: 2**-23, torch.bfloat16: 2**-8, torch.float16: 2**-11}[dtype]
+    sum_eps = 2**-52 if dtype == torch.float64 else 2**-23
+    for got, want, terms, magnitude in (
+        (grad_A, want_A, rows, scaling * grad_xa.double().abs().t() @ x_d.abs()),
+        (
+            dx_out,
+            want_dx,
+            rank,
+            dx.double().abs() + scaling * keep_scale * grad_xa.double().abs() @ lora_A.double().abs(),
+        ),
+    ):
+        bound = eps * want.abs() + (terms + 2) * sum_eps * magnitude + 1e-300
+        assert ((got.double() - want).abs() <= bound).all()
+    assert nothing is None and torch.equal(grad_A_alone, grad_A)
+
+
+@pytest.mark.parametrize("isa", CPU_ISAS)
+@pytest.mark.parametrize("where", ["x", "lora_A"])
+def test_native_branch_grads_drop_non_finite_values_at_dropped_positions(isa, where):
+    """inf in x at a dropped element adds nothing to dA; inf in a column of A reaches dX only where kept."""
+    rng, rows, k = torch.tensor([3, 5]), 9, 40
+    keep = ref.keep_mask(rng, (rows, k), 0.5, "cpu")
+    x, grad_xa, lora_A = torch.randn(rows, k), torch.randn(rows, 2), torch.randn(2, k)
+    if where == "x":
+        x = torch.where(keep, x, float("inf"))
+    else:
+        lora_A[0, 7] = float("inf")
+    with cpu_isa(isa):
+        grad_A, dx = native_branch_grads(x, grad_xa, lora_A, torch.zeros(rows, k), rng, 0.5, 1.0)
+    if where == "x":
+        assert torch.isfinite(grad_A).all() and torch.isfinite(dx).all()
+    else:
+        assert (dx[~keep] == 0).all() and torch.isinf(dx[:, 7][keep[:, 7]]).all()
+
+
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_triton_dropout_kernel_is_reference_bit_for_bit(dtype):

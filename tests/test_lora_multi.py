@@ -134,11 +134,13 @@ def test_one_adapter_for_every_row_is_lora_linear_with_the_same_seed(backend, ba
         y = lora_linear(x, weight, bias, lora_A, lora_B, scaling, 0.3, True)
         y.backward(torch.linspace(-1, 1, y.numel(), device=y.device).view(y.shape).to(y.dtype))
     single = [y.detach(), x.grad, bias.grad, lora_A.grad, lora_B.grad]
+    assert_all_close(multi, single, dtype)
     if backend == "triton":  # lora_linear runs its fused Triton kernel, lora_linear_multi the native path
-        assert_all_close(multi, single, dtype)
         return
-    for got, want in zip(multi, single):
-        assert torch.equal(got, want)
+    # natively, y and the gradients that do not see the mask are the same bits; lora_linear's dX and dA come from one
+    # fused pass that rounds dY B A once where the multi-adapter path rounds it to the dtype first
+    for name, got, want in zip(("y", "dx", "dbias", "dA", "dB"), multi, single):
+        assert name in ("dx", "dA") or torch.equal(got, want), name
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

@@ -13,6 +13,8 @@
 #include "cpu/common.h"
 #include "cpu/kernels.h"
 
+#include <algorithm>
+#include <iterator>
 #include <stdexcept>
 #include <type_traits>
 #include <vector>
@@ -361,6 +363,159 @@ void down_impl(const T* x, const T* a, T* xa, int64_t m, int64_t k, int64_t rank
   });
 }
 
+// ---- the LoRA branch's backward with dropout, fused ----------------------------------------------------
+// One pass over x and dX for dA and dX's branch term, each mask element drawn once: columns are split over the
+// threads (each owns its columns of dA and dX), and a thread walks a block of columns down every row, its dA and
+// A columns in fp32 in L1/L2. kBlockCols = 15 vectors: with offset's block alignment (position mod 4 <= 3), a
+// row's piece of a block spans at most 4 Philox vectors, one philox_words call.
+constexpr int64_t kBlockCols = 240;
+constexpr int64_t kSplitCols = 32;  // a thread's columns start on a multiple of this: no cache line of dX is shared
+constexpr int kRowGroup = 8;        // rows a step: each A and dA load serves this many FMAs
+
+#if defined(__AVX512F__)
+// v as it reads back once stored as T (bf16 rounded to nearest even as store16 rounds it; float unchanged).
+template <typename T>
+inline __m512 as_stored(__m512 v) {
+  if constexpr (std::is_same_v<T, float>) {
+    return v;
+  } else {
+    alignas(64) T stored[16];
+    store16(stored, __mmask16(0xFFFF), v);
+    return load16(stored, __mmask16(0xFFFF));
+  }
+}
+
+// R rows of one column block: x, dx at (row i0, column c0) with row stride k (dx null: no dX); g = grad_xa rows
+// i0.. in fp32 [R, rank]; a_block, grad_block [rank, kBlockCols] fp32; bits[r] the keep bits of row r's piece.
+template <typename T, int R>
+inline void branch_rows(const T* x, T* dx, const float* g, const float* a_block, float* grad_block, int64_t k,
+                        int64_t rank, int64_t width, const uint64_t (*bits)[kChunk / 64 + 1], __m512 keep_scale,
+                        __m512 scaling) {
+  for (int64_t e = 0; e < width; e += 16) {
+    const __mmask16 valid = pfp::lanes16(width - e);
+    __m512 dropped[R], product[R];
+    __mmask16 keep[R];
+    for (int r = 0; r < R; ++r) {
+      keep[r] = bits16(bits[r], e) & valid;
+      dropped[r] = as_stored<T>(_mm512_maskz_mul_ps(keep[r], load16(x + r * k + e, valid), keep_scale));
+      product[r] = _mm512_setzero_ps();
+    }
+    for (int64_t q = 0; q < rank; ++q) {
+      const __m512 a = _mm512_loadu_ps(a_block + q * kBlockCols + e);
+      __m512 grad = _mm512_loadu_ps(grad_block + q * kBlockCols + e);
+      for (int r = 0; r < R; ++r) {
+        const __m512 gq = _mm512_set1_ps(g[r * rank + q]);
+        grad = _mm512_fmadd_ps(dropped[r], gq, grad);
+        product[r] = _mm512_fmadd_ps(a, gq, product[r]);
+      }
+      _mm512_storeu_ps(grad_block + q * kBlockCols + e, grad);
+    }
+    if (dx != nullptr) {
+      for (int r = 0; r < R; ++r) {
+        const __m512 term = _mm512_maskz_mul_ps(keep[r], product[r], keep_scale);
+        store16(dx + r * k + e, valid, _mm512_fmadd_ps(scaling, term, load16(dx + r * k + e, valid)));
+      }
+    }
+  }
+}
+
+template <typename T>
+void branch_grads_avx512(const T* x, const T* grad_xa, const T* a, T* dx, T* grad_a, int64_t m, int64_t k, int64_t rank,
+                         bool dropout, const DropoutParams<float>& params, float scaling, int nthreads) {
+  std::vector<float> g(size_t(m * rank));
+  pfp::load_row(grad_xa, g.data(), m * rank);
+  const __m512 keep_scale = _mm512_set1_ps(dropout ? params.keep_scale : 1.0f), scale = _mm512_set1_ps(scaling);
+  const int64_t splits = (k + kSplitCols - 1) / kSplitCols;
+  pfp::parallel_for(splits, m * rank * kSplitCols, nthreads, [&](int64_t begin, int64_t end, int) {
+    std::vector<float> a_block(size_t(rank * kBlockCols)), grad_block(size_t(rank * kBlockCols));
+    uint64_t bits[kRowGroup][kChunk / 64 + 1];
+    const int64_t last = end * kSplitCols < k ? end * kSplitCols : k;
+    for (int64_t c0 = begin * kSplitCols; c0 < last; c0 += kBlockCols) {
+      const int64_t width = last - c0 < kBlockCols ? last - c0 : kBlockCols;
+      std::fill(a_block.begin(), a_block.end(), 0.0f);
+      std::fill(grad_block.begin(), grad_block.end(), 0.0f);
+      for (int64_t q = 0; q < rank; ++q) pfp::load_row(a + q * k + c0, a_block.data() + q * kBlockCols, width);
+      auto rows = [&](int64_t i, auto count) {
+        constexpr int R = decltype(count)::value;
+        for (int r = 0; r < R; ++r) {
+          if (dropout) {
+            keep_bits(params.key0, params.key1, params.offset + uint64_t((i + r) * k + c0), width, params.limit,
+                      bits[r]);
+          } else {
+            std::fill(std::begin(bits[r]), std::end(bits[r]), ~uint64_t(0));
+          }
+        }
+        branch_rows<T, R>(x + i * k + c0, dx == nullptr ? nullptr : dx + i * k + c0, g.data() + i * rank,
+                          a_block.data(), grad_block.data(), k, rank, width, bits, keep_scale, scale);
+      };
+      int64_t i = 0;
+      for (; i + kRowGroup <= m; i += kRowGroup) rows(i, std::integral_constant<int, kRowGroup>{});
+      for (; i < m; ++i) rows(i, std::integral_constant<int, 1>{});
+      for (int64_t q = 0; q < rank; ++q) {
+        for (int64_t e = 0; e < width; e += 16) {
+          const __m512 sum = _mm512_loadu_ps(grad_block.data() + q * kBlockCols + e);
+          store16(grad_a + q * k + c0 + e, pfp::lanes16(width - e), _mm512_mul_ps(scale, sum));
+        }
+      }
+    }
+  });
+}
+#endif
+
+// The same in plain loops (the AVX2 and scalar builds, fp16 and fp64 data), the mask as keep factors.
+template <typename T>
+void branch_grads_loops(const T* x, const T* grad_xa, const T* a, T* dx, T* grad_a, int64_t m, int64_t k, int64_t rank,
+                        bool dropout, const DropoutParams<typename pfp::Compute<T>::type>& params, int nthreads) {
+  using C = typename pfp::Compute<T>::type;
+  std::vector<C> g(size_t(m * rank));
+  pfp::load_row(grad_xa, g.data(), m * rank);
+  const C one = C(1);
+  const int64_t splits = (k + kSplitCols - 1) / kSplitCols;
+  pfp::parallel_for(splits, m * rank * kSplitCols, nthreads, [&](int64_t begin, int64_t end, int) {
+    std::vector<C> a_block(size_t(rank * kBlockCols)), grad_block(size_t(rank * kBlockCols));
+    C factors[kBlockCols], dropped[kBlockCols], product[kBlockCols], current[kBlockCols];
+    const int64_t last = end * kSplitCols < k ? end * kSplitCols : k;
+    for (int64_t c0 = begin * kSplitCols; c0 < last; c0 += kBlockCols) {
+      const int64_t width = last - c0 < kBlockCols ? last - c0 : kBlockCols;
+      std::fill(grad_block.begin(), grad_block.end(), C(0));
+      for (int64_t q = 0; q < rank; ++q) pfp::load_row(a + q * k + c0, a_block.data() + q * kBlockCols, width);
+      for (int64_t i = 0; i < m; ++i) {
+        if (dropout) {
+          keep_factors(params, params.offset + uint64_t(i * k + c0), width, factors);
+        } else {
+          std::fill(factors, factors + width, one);
+        }
+        pfp::load_row(x + i * k + c0, dropped, width);
+        for (int64_t c = 0; c < width; ++c) {
+          dropped[c] = factors[c] != C(0) ? pfp::round_to<T>(dropped[c] * factors[c]) : C(0);
+          product[c] = C(0);
+        }
+        for (int64_t q = 0; q < rank; ++q) {
+          const C gq = g[i * rank + q];
+          C* grad = grad_block.data() + q * kBlockCols;
+          const C* a_row = a_block.data() + q * kBlockCols;
+          for (int64_t c = 0; c < width; ++c) {
+            grad[c] += dropped[c] * gq;
+            product[c] += a_row[c] * gq;
+          }
+        }
+        if (dx != nullptr) {
+          pfp::load_row(dx + i * k + c0, current, width);
+          for (int64_t c = 0; c < width; ++c) {
+            current[c] += params.alpha * (factors[c] != C(0) ? product[c] * factors[c] : C(0));
+          }
+          pfp::store_row(current, dx + i * k + c0, width);
+        }
+      }
+      for (int64_t q = 0; q < rank; ++q) {
+        C* grad = grad_block.data() + q * kBlockCols;
+        for (int64_t c = 0; c < width; ++c) grad[c] *= params.alpha;
+        pfp::store_row(grad, grad_a + q * k + c0, width);
+      }
+    }
+  });
+}
+
 }  // namespace
 
 // lora_down: LoRA's down-projection of a few rows (decode), xa[m, rank] = dropout(x)[m, k] @ a[rank, k]^T, the
@@ -409,6 +564,36 @@ void lora_dropout_rows(const void* src, void* dst, const int64_t* row_index, int
     using T = std::remove_pointer_t<decltype(tag)>;
     dropout_rows_impl(static_cast<const T*>(src), static_cast<T*>(dst), row_index, count, cols, scatter, uint64_t(seed),
                       uint64_t(offset), threshold, keep_scale, alpha, accumulate, nthreads);
+  });
+}
+
+// lora_branch_grads: the LoRA branch's part of backward in one pass, with s = scaling, x_d = dropout(x) exactly as
+// lora_dropout writes it (alpha 1, rounded to the dtype; x itself without dropout) and keep / keep_scale its mask:
+//   grad_a[q, c] = s * sum_i grad_xa[i, q] * x_d[i, c]                                (dA, [rank, k])
+//   dx[i, c]    += s * (keep[i, c] ? keep_scale * sum_q grad_xa[i, q] * a[q, c] : 0)   (dX's branch term)
+// in fp32 (fp64 for fp64 data), each output rounded once to the dtype; dx null: dA alone. x, dx [m, k], grad_xa
+// [m, rank] (= dY B), a [rank, k], grad_a [rank, k]: contiguous, of `dtype`. seed, offset, threshold, keep_scale:
+// as lora_dropout (ignored without dropout). The mask element of (i, c) is i * k + c, as lora_dropout's.
+void lora_branch_grads(const void* x, const void* grad_xa, const void* a, void* dx, void* grad_a, int64_t m, int64_t k,
+                       int64_t rank, int dtype, bool dropout, int64_t seed, int64_t offset, float threshold,
+                       float keep_scale, double scaling, int nthreads) {
+  pfp::dispatch_float(dtype, "lora_branch_grads", [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    using C = typename pfp::Compute<T>::type;
+    const auto params =
+        dropout_params<C>(uint64_t(seed), uint64_t(offset), threshold, dropout ? keep_scale : 1.0f, scaling, false);
+    const T* x_t = static_cast<const T*>(x);
+    const T* g_t = static_cast<const T*>(grad_xa);
+    const T* a_t = static_cast<const T*>(a);
+    T* dx_t = static_cast<T*>(dx);
+    T* grad_t = static_cast<T*>(grad_a);
+#if defined(__AVX512F__)
+    if constexpr (std::is_same_v<T, float> || std::is_same_v<T, bf16>) {
+      branch_grads_avx512(x_t, g_t, a_t, dx_t, grad_t, m, k, rank, dropout, params, float(scaling), nthreads);
+      return;
+    }
+#endif
+    branch_grads_loops(x_t, g_t, a_t, dx_t, grad_t, m, k, rank, dropout, params, nthreads);
   });
 }
 

@@ -15,9 +15,10 @@ bias: None = none, rng: int64 [2] = (seed, offset) or None = no dropout (both `T
 xa = x_d A^T [M, r] in x's dtype; dx is empty when needs_input_grad is False.
 
 Backends: reference (PyTorch, PEFT's order of operations); native CPU (torch GEMMs into the outputs, the
-C++ kernel for the dropout: x_d a tile of rows at a time for xa and whole for dA, and dX += s * (dY B A) * keep /
-(1 - p) fused, a tile of rows of the product at a time); Triton (one kernel reads each x tile once for x W^T and
-x_d A^T, dequantizing NF4 tiles in its K loop; backward in torch GEMMs plus a Triton masked-accumulate kernel).
+C++ kernels for the dropout: forward makes x_d a tile of rows at a time for xa; backward makes dA and dX's
+branch term s * (dY B A) * keep / (1 - p) in one pass over x and dX, drawing each mask element once); Triton
+(one kernel reads each x tile once for x W^T and x_d A^T, dequantizing NF4 tiles in its K loop; backward in
+torch GEMMs plus a Triton masked-accumulate kernel).
 
 Autograd saves x (not x_d: backward regenerates the mask from rng), A, B, xa [M, r], rng and the base.
 """
@@ -170,27 +171,21 @@ def _native_backward(base, dy, x, lora_A, lora_B, xa, scaling, dropout_p, rng, n
     in_features, out_features = lora_A.shape[1], lora_B.shape[0]
     dy2d = dy.reshape(-1, out_features).contiguous()
     x2d = x.reshape(-1, in_features).contiguous()
-    dropout = rng is not None and x2d.numel() > 0
     grad_xa = dy2d @ lora_B
-    if dropout:
-        x_dropped = torch.empty_like(x2d)
-        dropout_into(x2d, x_dropped, rng, dropout_p)
-        grad_A = (grad_xa.t() @ x_dropped).mul_(scaling)
-        del x_dropped
-    else:
-        grad_A = (grad_xa.t() @ x2d).mul_(scaling)
     grad_B = (dy2d.t() @ xa).mul_(scaling)
-    if not needs_input_grad:
+    dx = base.grad_input(dy2d) if needs_input_grad else None
+    if rng is None:  # torch's GEMMs: dA = s (dY B)^T x, dX += s (dY B) A
+        grad_A = (grad_xa.t() @ x2d).mul_(scaling)
+        if dx is not None:
+            dx.addmm_(grad_xa, lora_A, alpha=scaling)
+    else:  # dA and dX's branch term in one native pass, each mask element drawn once (no x_d or dY B A in memory)
+        grad_A = torch.empty_like(lora_A, memory_format=torch.contiguous_format)
+        seed, offset = rng.tolist()
+        _native.launch("lora_branch_grads", x2d, x2d, grad_xa, lora_A.contiguous(), dx, grad_A, x2d.shape[0],
+                       in_features, lora_A.shape[0], x2d.dtype, True, seed, offset, _keep_threshold(dropout_p),
+                       _keep_scale(dropout_p), scaling)  # fmt: skip
+    if dx is None:
         return x.new_empty(0), grad_A, grad_B
-    dx = base.grad_input(dy2d)
-    if dropout:  # dX += s * (dY B A) * keep / (1 - p), a tile of rows of the product at a time
-        tiles = _row_tiles(*x2d.shape)
-        buffer = x2d.new_empty((tiles[0][1], in_features))
-        for r0, r1 in tiles:
-            product = torch.mm(grad_xa[r0:r1], lora_A, out=buffer[: r1 - r0])
-            dropout_into(product, dx[r0:r1], rng, dropout_p, alpha=scaling, accumulate=True, first=r0 * in_features)
-    else:
-        dx.addmm_(grad_xa, lora_A, alpha=scaling)
     return dx.view(x.shape), grad_A, grad_B
 
 
