@@ -152,6 +152,30 @@ def test_linear4bit_gives_the_same_values_with_and_without_autograd(rows):
     assert layer.bias.grad is not None
 
 
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_linear4bit_decode_steps_skip_the_op_only_where_the_op_would_run_the_same_gemv(monkeypatch, x_dtype):
+    """At inference a few contiguous CPU rows run the GEMV without the op's dispatch: the op's bits. A
+    non-contiguous x, the reference backend or a corrupted weight go through the op (which checks and raises)."""
+    from pyfastpeft.ops import nf4 as nf4_ops
+
+    layer = Linear4bit.from_linear(nn.Linear(256, 40), compute_dtype=x_dtype).requires_grad_(False)
+    x = torch.randn(2, 3, 256).to(x_dtype)
+    want = nf4_ops.nf4_linear_op(x, layer.weight, layer._absmax, layer.quant_state.code, layer.bias.to(x_dtype),
+                                 layer.blocksize, 40, 256)  # fmt: skip
+    calls = []
+    op = nf4_ops.nf4_linear_op
+    monkeypatch.setattr(nf4_ops, "nf4_linear_op", lambda *args: calls.append(args) or op(*args))
+    assert torch.equal(layer(x), want) and not calls  # 6 rows: direct
+    layer(x.transpose(0, 1))  # not contiguous
+    with pyfastpeft.use_backend("reference"):
+        layer(x)
+    layer(torch.randn(9, 256).to(x_dtype))  # past GEMV_MAX_ROWS: the op's tiled path
+    assert len(calls) == 3
+    layer.weight.data = layer.weight.data[:-1]  # a truncated checkpoint
+    with pytest.raises(ValueError, match="packed"):
+        layer(x)
+
+
 def test_linear4bit_casts_to_compute_dtype_and_back():
     layer = Linear4bit(64, 32, compute_dtype=torch.bfloat16)
     x = torch.randn(4, 64)

@@ -3,7 +3,7 @@ import math
 import torch
 from torch import nn
 
-from pyfastpeft.ops.nf4 import NF4LinearFunction, nf4_linear_op
+from pyfastpeft.ops.nf4 import PLAIN_TENSOR_TYPES, NF4LinearFunction, nf4_linear_no_grad
 from pyfastpeft.quant.nf4 import BLOCKSIZES, QUANT_TYPES, QuantState, dequantize_nf4, quantize_nf4
 
 
@@ -65,6 +65,9 @@ class Packed4bitParameter(nn.Parameter):
     nested_quant_map = _quant_state_attribute("nested_quant_map", lambda state: state.state2 and state.state2.code)
     nested_dtype = _quant_state_attribute("nested_dtype", lambda state: state.state2 and state.state2.dtype)
     nested_offset = _quant_state_attribute("nested_offset", lambda state: state.offset)
+
+
+PLAIN_TENSOR_TYPES.add(Packed4bitParameter)  # a Parameter over a plain tensor: a decode step may pass its storage
 
 
 class Linear4bit(nn.Module):
@@ -153,13 +156,14 @@ class Linear4bit(nn.Module):
         if x.shape[-1] != self.in_features:
             raise ValueError(f"Linear4bit: x's last dim is {x.shape[-1]}, in_features is {self.in_features}")
         compute = self.compute_dtype or x.dtype
-        xc = x.to(compute)
-        bias = None if self.bias is None else self.bias.to(compute)
+        xc = x if x.dtype == compute else x.to(compute)
+        bias = self.bias if self.bias is None or self.bias.dtype == compute else self.bias.to(compute)
         args = (xc, self.weight, self._absmax, self.quant_state.code, bias, self.blocksize, self.out_features)
         if not (torch.is_grad_enabled() and (xc.requires_grad or (bias is not None and bias.requires_grad))):
-            # nothing to differentiate (inference, a decode step): the op itself, without the autograd.Function's
-            # per-call cost (about 15 us, 3-6% of a 4096 x 4096 layer's time at one token on a 2-core host)
-            return nf4_linear_op(*args, self.in_features).to(x.dtype)
+            # nothing to differentiate (inference, a decode step): no autograd.Function (about 15 us a call), and
+            # a decode step's GEMV without the op's dispatch (ops/nf4.py says when)
+            y = nf4_linear_no_grad(*args, self.in_features)
+            return y if y.dtype == x.dtype else y.to(x.dtype)
         return NF4LinearFunction.apply(
             xc,
             self.weight,
