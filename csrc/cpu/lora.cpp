@@ -445,6 +445,14 @@ void branch_grads_avx512(const T* x, const T* grad_xa, const T* a, T* dx, T* gra
             std::fill(std::begin(bits[r]), std::end(bits[r]), ~uint64_t(0));
           }
         }
+        // the next step's rows of x and dX, whose block pieces are too short (a row apart) for the hardware
+        // prefetcher to follow
+        for (int64_t row = i + R; row < i + 2 * R && row < m; ++row) {
+          for (int64_t byte = 0; byte < width * int64_t(sizeof(T)); byte += 64) {
+            _mm_prefetch(reinterpret_cast<const char*>(x + row * k + c0) + byte, _MM_HINT_T0);
+            if (dx != nullptr) _mm_prefetch(reinterpret_cast<const char*>(dx + row * k + c0) + byte, _MM_HINT_T0);
+          }
+        }
         branch_rows<T, R>(x + i * k + c0, dx == nullptr ? nullptr : dx + i * k + c0, g.data() + i * rank,
                           a_block.data(), grad_block.data(), k, rank, width, bits, keep_scale, scale);
       };
