@@ -300,8 +300,9 @@ def assert_all_close(actual, expected, dtype):
 @pytest.mark.parametrize("base", ["dense", "nf4"])
 @pytest.mark.parametrize("tile_elements", [1, 100, 10**9])  # a row a tile; 2 rows (the last tile short); one tile
 def test_native_dropout_tiles_draw_each_rows_mask(monkeypatch, base, tile_elements):
-    """The native path makes x_d (forward) and dY B A (dX) a tile of rows at a time: every tile draws its rows' own
-    mask elements (in_features = 37 puts tile starts mid-block), so the result is the reference's."""
+    """The native forward makes x_d a tile of rows at a time: every tile draws its rows' own mask elements
+    (in_features = 37 puts tile starts mid-block), so the result, and backward's from the same rng, are the
+    reference's."""
     monkeypatch.setattr(lora_ops, "TILE_ELEMENTS", tile_elements)
     inputs = make_inputs((2, 5, 37), 23, 8, torch.float64 if base == "dense" else torch.float32, base=base)
     expected = forward_backward("reference", inputs, 0.5, 0.4)

@@ -89,8 +89,8 @@ def dropout_into(src, dst, rng, dropout_p: float, alpha: float = 1.0, accumulate
     )
 
 
-# Rows of x_d (forward) and of dY B A (dX) are made a tile of about this many elements at a time, into one reused
-# buffer, so the GEMM beside each dropout pass reads or writes it in cache instead of an [M, in] temporary in memory.
+# Rows of x_d (forward) are made a tile of about this many elements at a time, into one reused buffer, so the GEMM
+# beside each dropout pass reads it in cache instead of an [M, in] temporary in memory.
 TILE_ELEMENTS = 1 << 20
 
 
