@@ -335,6 +335,26 @@ def test_lora_linear_matches_reference(backend, x_shape, out_features, rank, bia
     assert_all_close(forward_backward(backend, inputs, scaling, dropout_p), expected, dtype)
 
 
+@pytest.mark.parametrize("base", ["dense", "nf4", "int8"])
+@pytest.mark.parametrize("rows", [1, 12])  # a decode step (NF4: the fused GEMV) and a prefill
+def test_without_anything_to_differentiate_the_op_runs_alone_with_the_same_bits(monkeypatch, base, rows):
+    """Nothing requires grad (or grad mode is off): lora_linear calls its forward op without the autograd.Function,
+    drawing the same mask from the same seed; with a leaf that requires grad it goes through the Function."""
+    applied = []
+    apply = lora_ops.LoRALinearFunction.apply
+    monkeypatch.setattr(lora_ops.LoRALinearFunction, "apply", lambda *args: applied.append(1) or apply(*args))
+    x, weight, bias, lora_A, lora_B = make_inputs((rows, 64), 24, 4, torch.float32, base)
+    frozen = [t.detach() for t in (x, bias, lora_A, lora_B)]
+    results = []
+    for args, grad_mode in ((frozen, True), ((x, bias, lora_A, lora_B), False), ((x, bias, lora_A, lora_B), True)):
+        torch.manual_seed(3)
+        with torch.set_grad_enabled(grad_mode):
+            results.append(lora_linear(args[0], weight, args[1], args[2], args[3], 2.0, 0.3, training=True))
+    assert not results[0].requires_grad and not results[1].requires_grad and results[2].requires_grad
+    assert torch.equal(results[0], results[1]) and torch.equal(results[0], results[2].detach())
+    assert len(applied) == 1
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("where", ["x", "lora_A"])
 def test_inf_at_a_dropped_position_is_dropped_as_in_the_reference(backend, where):

@@ -464,8 +464,9 @@ class LoRALinear(NamedAdapters, nn.Module):
             return self._dora_forward(x, kind, compute, bias).to(kind.output_dtype(base, x))
         weight = kind.lora_weight(base)
         local_io = is_dtensor(weight) and not is_dtensor(x)  # a tensor-parallel base between plain layers
+        x_in = _dtensor.module_input(x, weight) if local_io else x
         y = lora_linear(
-            (_dtensor.module_input(x, weight) if local_io else x).to(compute),
+            x_in if x_in.dtype == compute else x_in.to(compute),
             weight,
             bias,
             self.lora_A[name].weight.to(compute),
@@ -474,7 +475,9 @@ class LoRALinear(NamedAdapters, nn.Module):
             self.lora_dropout[name],
             self.training,
         )
-        return (_dtensor.module_output(y) if local_io else y).to(kind.output_dtype(base, x))
+        y = _dtensor.module_output(y) if local_io else y
+        output_dtype = kind.output_dtype(base, x)
+        return y if y.dtype == output_dtype else y.to(output_dtype)  # a no-op .to costs microseconds at decode
 
     def _dora_forward(self, x, kind: _BaseKind, compute: torch.dtype, bias):
         """The active DoRA adapter: the norm from A and B as stored (fp32 over half-precision bases, as PEFT computes

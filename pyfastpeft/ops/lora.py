@@ -527,6 +527,12 @@ def lora_linear(
     check_same_dtype(fn, x=x, lora_A=lora_A, lora_B=lora_B)
     check_same_device(fn, x=x, lora_A=lora_A, lora_B=lora_B)
     bias = _checked_bias(fn, bias, x, out_features)
+    rng = _draw_rng(x, dropout_p, training)
+    if not torch.is_grad_enabled() or not any(
+        t is not None and t.requires_grad for t in (x, bias, lora_A, lora_B, *base_tensors)
+    ):  # nothing to differentiate (inference, a decode step): the op alone, without the autograd.Function's cost
+        forward_op, _ = BASE_OPS[kind.name]
+        return forward_op(x, *base_tensors, bias, lora_A, lora_B, *base_ints, scaling, dropout_p, rng)[0]
     return LoRALinearFunction.apply(
         x,
         bias,
@@ -534,7 +540,7 @@ def lora_linear(
         lora_B,
         scaling,
         dropout_p,
-        _draw_rng(x, dropout_p, training),
+        rng,
         kind.name,
         base_ints,
         *base_tensors,
