@@ -373,18 +373,6 @@ constexpr int64_t kSplitCols = 32;  // a thread's columns start on a multiple of
 constexpr int kRowGroup = 8;        // rows a step: each A and dA load serves this many FMAs
 
 #if defined(__AVX512F__)
-// v as it reads back once stored as T (bf16 rounded to nearest even as store16 rounds it; float unchanged).
-template <typename T>
-inline __m512 as_stored(__m512 v) {
-  if constexpr (std::is_same_v<T, float>) {
-    return v;
-  } else {
-    alignas(64) T stored[16];
-    store16(stored, __mmask16(0xFFFF), v);
-    return load16(stored, __mmask16(0xFFFF));
-  }
-}
-
 // R rows of one column block: x, dx at (row i0, column c0) with row stride k (dx null: no dX); g = grad_xa rows
 // i0.. in fp32 [R, rank]; a_block, grad_block [rank, kBlockCols] fp32; bits[r] the keep bits of row r's piece.
 template <typename T, int R>
@@ -397,7 +385,7 @@ inline void branch_rows(const T* x, T* dx, const float* g, const float* a_block,
     __mmask16 keep[R];
     for (int r = 0; r < R; ++r) {
       keep[r] = bits16(bits[r], e) & valid;
-      dropped[r] = as_stored<T>(_mm512_maskz_mul_ps(keep[r], load16(x + r * k + e, valid), keep_scale));
+      dropped[r] = pfp::round16<T>(_mm512_maskz_mul_ps(keep[r], load16(x + r * k + e, valid), keep_scale));
       product[r] = _mm512_setzero_ps();
     }
     for (int64_t q = 0; q < rank; ++q) {
