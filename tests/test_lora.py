@@ -96,6 +96,22 @@ def test_native_dropout_is_reference_bit_for_bit(isa, dtype, seed, offset, dropo
 
 
 @pytest.mark.parametrize("isa", CPU_ISAS)
+def test_native_bf16_dropout_rounds_every_kind_of_value_as_torch(isa):
+    """Random bf16 bit patterns (subnormals, infinities, NaNs, the largest finite values) times the keep scale
+    fp32(1 / (1 - p)) = 1 + 2^-8 at p = 1/257: a power of two times it lies exactly halfway between two bf16 values
+    and a significand of all ones carries into the exponent, so the kernels' in-register rounding (nearest even,
+    NaN kept NaN, overflow to inf) is checked on ties, carries and every class of value against torch's bits."""
+    x = torch.randint(-(2**15), 2**15, (7, 1029), dtype=torch.int32, generator=torch.Generator().manual_seed(3))
+    x = x.to(torch.int16).view(torch.bfloat16)
+    rng = torch.tensor([5, 7])
+    with cpu_isa(isa):
+        out = native_dropout(x, rng, 1 / 257)
+    want = ref.dropout(x, 1 / 257, rng)
+    assert torch.equal(out.isnan(), want.isnan())
+    assert torch.equal(out.view(torch.int16)[~want.isnan()], want.view(torch.int16)[~want.isnan()])
+
+
+@pytest.mark.parametrize("isa", CPU_ISAS)
 @pytest.mark.parametrize("dropout_p", [0.0, 1e-10, 0.25, 1 - 2**-24])
 def test_native_dropout_keeps_the_reference_elements_at_edge_probabilities(isa, dropout_p):
     """The AVX-512 kernel tests an integer bound derived from fp32(p) instead of each uniform: the same elements at

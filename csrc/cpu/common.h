@@ -194,25 +194,26 @@ inline __m512 load16(const bf16* src, __mmask16 valid) {
 }
 inline __m512 load16(const half* src, __mmask16 valid) { return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(valid, src)); }
 inline void store16(float* dst, __mmask16 valid, __m512 v) { _mm512_mask_storeu_ps(dst, valid, v); }
-// The bf16 bits of 16 fp32 lanes (in the low half of each 32-bit lane): to_bf16's nearest even, NaN kept quiet.
-inline __m512i bf16_bits16(__m512 v) {
+// 16 fp32 lanes rounded to bf16 as to_bf16 rounds (nearest even, NaN kept quiet), the bf16 bits in the high half
+// of each lane and zeros below: read as fp32, the value stored and read back. Seven operations: a NaN lane takes
+// u | 0x400000 before the mask, where the rounding add could carry into the exponent.
+inline __m512i bf16_high16(__m512 v) {
   const __m512i u = _mm512_castps_si512(v);
   const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-  const __m512i rounded = _mm512_srli_epi32(_mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7FFF)), odd), 16);
-  const __mmask16 nan =
-      _mm512_cmpgt_epu32_mask(_mm512_and_si512(u, _mm512_set1_epi32(0x7FFFFFFF)), _mm512_set1_epi32(0x7F800000));
-  const __m512i quiet = _mm512_or_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(0x40));
-  return _mm512_mask_blend_epi32(nan, rounded, quiet);
+  const __m512i sum = _mm512_add_epi32(_mm512_add_epi32(u, _mm512_set1_epi32(0x7FFF)), odd);
+  const __mmask16 nan = _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q);
+  const __m512i picked = _mm512_mask_or_epi32(sum, nan, u, _mm512_set1_epi32(0x400000));
+  return _mm512_and_si512(picked, _mm512_set1_epi32(int(0xFFFF0000u)));
 }
 inline void store16(bf16* dst, __mmask16 valid, __m512 v) {
-  _mm256_mask_storeu_epi16(dst, valid, _mm512_cvtepi32_epi16(bf16_bits16(v)));
+  _mm256_mask_storeu_epi16(dst, valid, _mm512_cvtepi32_epi16(_mm512_srli_epi32(bf16_high16(v), 16)));
 }
 
 // round_to<T> of 16 lanes in registers: v as it reads back once stored as T (float: v itself).
 template <typename T>
 inline __m512 round16(__m512 v) {
   if constexpr (std::is_same_v<T, bf16>) {
-    return _mm512_castsi512_ps(_mm512_slli_epi32(bf16_bits16(v), 16));
+    return _mm512_castsi512_ps(bf16_high16(v));
   } else if constexpr (std::is_same_v<T, half>) {
     return _mm512_cvtph_ps(_mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
   } else {
