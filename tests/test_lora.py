@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from helpers import BACKENDS, CPU_ISAS, HAS_TRITON, TOLERANCES, cpu_isa, skip_unsupported
+from helpers import BACKENDS, CPU_AMX, CPU_ISAS, HAS_TRITON, TOLERANCES, cpu_amx, cpu_isa, skip_unsupported
 
 import pyfastpeft
 from pyfastpeft import _native
@@ -171,22 +171,27 @@ def native_branch_grads(x, grad_xa, lora_A, dx, rng, dropout_p, scaling):
     return grad_A, out
 
 
-# (rows, k, rank): a row step of 8 and a tail; k past one 240-column block, not a multiple of 16, and short; r = 1
-BRANCH_SHAPES = [(19, 517, 16), (8, 37, 3), (3, 250, 1), (1, 16, 64)]
+# (rows, k, rank): a row step of 8 and a tail, and past one AMX step of 32 rows; k past one 240-column block, not a
+# multiple of 16, and short; r = 1, 3, 16, two AMX rank tiles (17, 32), and past them (64: the AVX-512 path)
+BRANCH_SHAPES = [(19, 517, 16), (8, 37, 3), (3, 250, 1), (1, 16, 64), (45, 300, 17), (33, 40, 32)]
 
 
 @pytest.mark.parametrize("isa", CPU_ISAS)
+@pytest.mark.parametrize("amx", CPU_AMX)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
 @pytest.mark.parametrize("rows, k, rank", BRANCH_SHAPES)
 @pytest.mark.parametrize("dropout", [True, False])
-def test_native_branch_grads_are_the_exact_sums_rounded_once(isa, dtype, rows, k, rank, dropout):
+def test_native_branch_grads_are_the_exact_sums_rounded_once(isa, amx, dtype, rows, k, rank, dropout):
     """dA = s g^T x_d and dX + s ((g A) * keep / (1 - p)), x_d exactly as lora_dropout makes it: against the fp64
-    sums of the same (dtype) operands, within one rounding of the output plus fp32 summation error."""
+    sums of the same (dtype) operands, within one rounding of the output plus fp32 summation error (bf16 up to rank
+    32 on AMX tiles where amx)."""
+    if amx and isa != "avx512":
+        pytest.skip("AMX tiles are used from the AVX-512 build only")
     torch.manual_seed(rows * k + rank)
     x, dx = torch.randn(rows, k).to(dtype), torch.randn(rows, k).to(dtype)
     grad_xa, lora_A = torch.randn(rows, rank).to(dtype), torch.randn(rank, k).to(dtype)
     rng, dropout_p, scaling = (torch.tensor([2**40 + 9, 2**33 + 3]), 0.3, 1.5) if dropout else (None, 0.0, 1.5)
-    with cpu_isa(isa):
+    with cpu_isa(isa), cpu_amx(amx):
         grad_A, dx_out = native_branch_grads(x, grad_xa, lora_A, dx, rng, dropout_p, scaling)
         grad_A_alone, nothing = native_branch_grads(x, grad_xa, lora_A, None, rng, dropout_p, scaling)
     keep = ref.keep_mask(rng, x.shape, dropout_p, x.device) if dropout else torch.ones_like(x, dtype=torch.bool)
@@ -211,9 +216,14 @@ def test_native_branch_grads_are_the_exact_sums_rounded_once(isa, dtype, rows, k
 
 
 @pytest.mark.parametrize("isa", CPU_ISAS)
+@pytest.mark.parametrize("amx", CPU_AMX)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("where", ["x", "lora_A"])
-def test_native_branch_grads_drop_non_finite_values_at_dropped_positions(isa, where):
-    """inf in x at a dropped element adds nothing to dA; inf in a column of A reaches dX only where kept."""
+def test_native_branch_grads_drop_non_finite_values_at_dropped_positions(isa, amx, dtype, where):
+    """inf in x at a dropped element adds nothing to dA; inf in a column of A reaches dX only where kept (on AMX
+    tiles too, where the zero-padded ranks and rows meet it)."""
+    if amx and isa != "avx512":
+        pytest.skip("AMX tiles are used from the AVX-512 build only")
     rng, rows, k = torch.tensor([3, 5]), 9, 40
     keep = ref.keep_mask(rng, (rows, k), 0.5, "cpu")
     x, grad_xa, lora_A = torch.randn(rows, k), torch.randn(rows, 2), torch.randn(2, k)
@@ -221,8 +231,9 @@ def test_native_branch_grads_drop_non_finite_values_at_dropped_positions(isa, wh
         x = torch.where(keep, x, float("inf"))
     else:
         lora_A[0, 7] = float("inf")
-    with cpu_isa(isa):
-        grad_A, dx = native_branch_grads(x, grad_xa, lora_A, torch.zeros(rows, k), rng, 0.5, 1.0)
+    x, grad_xa, lora_A = x.to(dtype), grad_xa.to(dtype), lora_A.to(dtype)
+    with cpu_isa(isa), cpu_amx(amx):
+        grad_A, dx = native_branch_grads(x, grad_xa, lora_A, torch.zeros(rows, k, dtype=dtype), rng, 0.5, 1.0)
     if where == "x":
         assert torch.isfinite(grad_A).all() and torch.isfinite(dx).all()
     else:

@@ -10,7 +10,9 @@
 // AVX-512: four 16-lane vectors side by side (one alone waits on its multiplies' latency), each word tested against
 // an integer bound into mask bits, applied to float and bf16 data by masked multiplies (to fp16 and fp64 data as
 // factors). Elsewhere: plain loops the AVX2 and scalar builds compile, through the float uniforms.
+#include "cpu/amx.h"
 #include "cpu/common.h"
+#include "cpu/dispatch.h"
 #include "cpu/kernels.h"
 
 #include <algorithm>
@@ -458,6 +460,148 @@ void branch_grads_avx512(const T* x, const T* grad_xa, const T* a, T* dx, T* gra
 }
 #endif
 
+#if PFP_HAS_AMX
+// ---- the same for bf16 on AMX tiles (cpu/amx.h), rank <= 32 ----------------------------------------------------
+// The AVX-512 path above spends most of its time on the 2 * rank multiply-adds an element; here the tiles do them.
+// A thread walks its 240-column blocks as above, 32 rows a step:
+//   x_d's 32 rows, made exactly as above, go pairwise into one B tile per 16 columns (VNNI: dword j of tile row p
+//   holds x_d[2p][j] low, x_d[2p + 1][j] high), and dA[16 ranks, 16 columns] += gT[16 ranks, 32 rows] . that tile;
+//   P[16 rows, 16 columns] = g[16 rows, 32 ranks] . A's B tile (rank pairs), then dX += s * keep * keep_scale * P
+//   in AVX-512 as above.
+// Ranks past `rank` and rows past m are zeros in g, gT, A's tiles and x_d's; the products they make land in dA rows
+// and P rows that are never stored (0 * inf there is NaN, and harmless). The sums are fp32 of exact bf16 products in
+// the tiles' order (the tiles treat subnormal inputs as zero).
+constexpr int64_t kTileRows = 32;                // rows of x a step: one tile's K of bf16 pairs
+constexpr int kColTiles = int(kBlockCols / 16);  // 16-column tiles in a block
+constexpr int64_t kMaxAmxRank = 32;              // one tile's K of ranks
+
+struct alignas(64) BranchTiles {           // one thread's tiles, ~90 KiB
+  int8_t x_d[kColTiles][amx::kTileBytes];  // B tiles: this step's x_d rows, pairwise
+  int8_t a[kColTiles][amx::kTileBytes];    // B tiles: the block's A, rank pairs
+  float grad[2][kColTiles][256];           // dA sums, ranks [0, 16) and [16, 32): 16 x 16 fp32 a tile
+  float product[kColTiles][2][256];        // P, rows [0, 16) and [16, 32) of the step
+};
+
+// dword j of a B tile row: a's lane j (bf16) low, b's lane j high.
+inline __m512i pair_rows(__m512 a, __m512 b) {
+  return _mm512_or_si512(_mm512_srli_epi32(pfp::bf16_high16(a), 16), pfp::bf16_high16(b));
+}
+
+// The step's tile products: g_t = gT [32 ranks, rows_padded] at the step's first row (row stride gt_stride bytes),
+// g = the step's 32 rows of g [rows, 32 ranks] (64 bytes a row). dA's tiles take one or two rank tiles.
+__attribute__((target("amx-tile,amx-bf16"))) inline void branch_step_tiles(const bf16* g_t, int64_t gt_stride,
+                                                                           const bf16* g, bool two_rank_tiles,
+                                                                           bool with_dx, BranchTiles& t) {
+  _tile_loadd(4, g_t, gt_stride);
+  if (two_rank_tiles) _tile_loadd(5, g_t + 16 * gt_stride / 2, gt_stride);
+  if (with_dx) {
+    _tile_loadd(6, g, 64);
+    _tile_loadd(7, g + 16 * 32, 64);
+  }
+  for (int c = 0; c < kColTiles; ++c) {
+    _tile_loadd(1, t.x_d[c], 64);
+    _tile_loadd(0, t.grad[0][c], 64);
+    _tile_dpbf16ps(0, 4, 1);
+    _tile_stored(0, t.grad[0][c], 64);
+    if (two_rank_tiles) {
+      _tile_loadd(0, t.grad[1][c], 64);
+      _tile_dpbf16ps(0, 5, 1);
+      _tile_stored(0, t.grad[1][c], 64);
+    }
+    if (with_dx) {
+      _tile_loadd(1, t.a[c], 64);
+      _tile_zero(2);
+      _tile_zero(3);
+      _tile_dpbf16ps(2, 6, 1);
+      _tile_dpbf16ps(3, 7, 1);
+      _tile_stored(2, t.product[c][0], 64);
+      _tile_stored(3, t.product[c][1], 64);
+    }
+  }
+}
+
+void branch_grads_amx(const bf16* x, const bf16* grad_xa, const bf16* a, bf16* dx, bf16* grad_a, int64_t m, int64_t k,
+                      int64_t rank, bool dropout, const DropoutParams<float>& params, float scaling, int nthreads) {
+  const int64_t rows_padded = (m + kTileRows - 1) / kTileRows * kTileRows;
+  // g [rows_padded, 32] and gT [32, rows_padded], zero-padded: both read straight into A tiles
+  std::vector<bf16> g(size_t(rows_padded * kMaxAmxRank), bf16{0}), g_t(size_t(kMaxAmxRank * rows_padded), bf16{0});
+  for (int64_t i = 0; i < m; ++i)
+    for (int64_t q = 0; q < rank; ++q) {
+      g[size_t(i * kMaxAmxRank + q)] = grad_xa[i * rank + q];
+      g_t[size_t(q * rows_padded + i)] = grad_xa[i * rank + q];
+    }
+  const bool two_rank_tiles = rank > 16;
+  const __m512 keep_scale = _mm512_set1_ps(dropout ? params.keep_scale : 1.0f), scale = _mm512_set1_ps(scaling);
+  const int64_t splits = (k + kSplitCols - 1) / kSplitCols;
+  pfp::parallel_for(splits, m * rank * kSplitCols, nthreads, [&](int64_t begin, int64_t end, int) {
+    amx::Aligned scratch(int64_t(sizeof(BranchTiles)));
+    BranchTiles& t = *reinterpret_cast<BranchTiles*>(scratch.data);
+    uint64_t bits[kTileRows][kChunk / 64 + 1];
+    amx::configure();
+    const int64_t last = end * kSplitCols < k ? end * kSplitCols : k;
+    for (int64_t c0 = begin * kSplitCols; c0 < last; c0 += kBlockCols) {
+      const int64_t width = last - c0 < kBlockCols ? last - c0 : kBlockCols;
+      std::fill_n(&t.grad[0][0][0], 2 * kColTiles * 256, 0.0f);
+      for (int c = 0; c < kColTiles; ++c) {
+        const __mmask16 valid = pfp::lanes16(width - 16 * c);
+        for (int64_t p = 0; p < kMaxAmxRank / 2; ++p) {
+          const __m512 even = 2 * p < rank ? load16(a + 2 * p * k + c0 + 16 * c, valid) : _mm512_setzero_ps();
+          const __m512 odd = 2 * p + 1 < rank ? load16(a + (2 * p + 1) * k + c0 + 16 * c, valid) : _mm512_setzero_ps();
+          _mm512_store_si512(t.a[c] + 64 * p, pair_rows(even, odd));
+        }
+      }
+      for (int64_t i0 = 0; i0 < m; i0 += kTileRows) {
+        const int64_t rows = m - i0 < kTileRows ? m - i0 : kTileRows;
+        for (int64_t r = 0; r < rows; ++r) {
+          if (dropout) {
+            keep_bits(params.key0, params.key1, params.offset + uint64_t((i0 + r) * k + c0), width, params.limit,
+                      bits[r]);
+          } else {
+            std::fill(std::begin(bits[r]), std::end(bits[r]), ~uint64_t(0));
+          }
+        }
+        // the next step's rows: a row's piece is too short for the hardware prefetcher to follow
+        for (int64_t row = i0 + kTileRows; row < i0 + 2 * kTileRows && row < m; ++row) {
+          for (int64_t byte = 0; byte < width * 2; byte += 64) {
+            _mm_prefetch(reinterpret_cast<const char*>(x + row * k + c0) + byte, _MM_HINT_T0);
+            if (dx != nullptr) _mm_prefetch(reinterpret_cast<const char*>(dx + row * k + c0) + byte, _MM_HINT_T0);
+          }
+        }
+        auto dropped = [&](int64_t r, int c, __mmask16 valid) {
+          if (r >= rows) return _mm512_setzero_ps();
+          const __mmask16 keep = bits16(bits[r], 16 * c) & valid;
+          return _mm512_maskz_mul_ps(keep, load16(x + (i0 + r) * k + c0 + 16 * c, valid), keep_scale);
+        };
+        for (int c = 0; c < kColTiles; ++c) {
+          const __mmask16 valid = pfp::lanes16(width - 16 * c);
+          for (int64_t p = 0; p < kTileRows / 2; ++p)
+            _mm512_store_si512(t.x_d[c] + 64 * p, pair_rows(dropped(2 * p, c, valid), dropped(2 * p + 1, c, valid)));
+        }
+        branch_step_tiles(g_t.data() + i0, rows_padded * 2, g.data() + i0 * kMaxAmxRank, two_rank_tiles, dx != nullptr,
+                          t);
+        if (dx != nullptr) {
+          for (int64_t r = 0; r < rows; ++r) {
+            bf16* out = dx + (i0 + r) * k + c0;
+            for (int c = 0; c < kColTiles && 16 * c < width; ++c) {
+              const __mmask16 valid = pfp::lanes16(width - 16 * c);
+              const __mmask16 keep = bits16(bits[r], 16 * c) & valid;
+              const __m512 product = _mm512_load_ps(t.product[c][r / 16] + 16 * (r % 16));
+              const __m512 term = _mm512_maskz_mul_ps(keep, product, keep_scale);
+              store16(out + 16 * c, valid, _mm512_fmadd_ps(scale, term, load16(out + 16 * c, valid)));
+            }
+          }
+        }
+      }
+      for (int64_t q = 0; q < rank; ++q)
+        for (int c = 0; c < kColTiles && 16 * c < width; ++c)
+          store16(grad_a + q * k + c0 + 16 * c, pfp::lanes16(width - 16 * c),
+                  _mm512_mul_ps(scale, _mm512_load_ps(t.grad[q / 16][c] + 16 * (q % 16))));
+    }
+    amx::release();
+  });
+}
+#endif
+
 // The same in plain loops (the AVX2 and scalar builds, fp16 and fp64 data), the mask as keep factors.
 template <typename T>
 void branch_grads_loops(const T* x, const T* grad_xa, const T* a, T* dx, T* grad_a, int64_t m, int64_t k, int64_t rank,
@@ -583,6 +727,14 @@ void lora_branch_grads(const void* x, const void* grad_xa, const void* a, void* 
     const T* a_t = static_cast<const T*>(a);
     T* dx_t = static_cast<T*>(dx);
     T* grad_t = static_cast<T*>(grad_a);
+#if PFP_HAS_AMX
+    if constexpr (std::is_same_v<T, bf16>) {
+      if (pfp::amx_in_use() && rank <= kMaxAmxRank) {
+        branch_grads_amx(x_t, g_t, a_t, dx_t, grad_t, m, k, rank, dropout, params, float(scaling), nthreads);
+        return;
+      }
+    }
+#endif
 #if defined(__AVX512F__)
     if constexpr (std::is_same_v<T, float> || std::is_same_v<T, bf16>) {
       branch_grads_avx512(x_t, g_t, a_t, dx_t, grad_t, m, k, rank, dropout, params, float(scaling), nthreads);
