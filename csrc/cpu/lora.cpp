@@ -375,6 +375,28 @@ constexpr int64_t kSplitCols = 32;  // a thread's columns start on a multiple of
 constexpr int kRowGroup = 8;        // rows a step: each A and dA load serves this many FMAs
 
 #if defined(__AVX512F__)
+// A step of rows [i, i + count) in the column block [c0, c0 + width): bits[r] = row i + r's keep bits there (all
+// ones without dropout), and the next `count` rows of x and dX prefetched, whose block pieces are too short (a row
+// apart) for the hardware prefetcher to follow.
+template <typename T>
+inline void step_rows(const T* x, const T* dx, int64_t m, int64_t k, int64_t c0, int64_t width, int64_t i,
+                      int64_t count, bool dropout, const DropoutParams<float>& params,
+                      uint64_t (*bits)[kChunk / 64 + 1]) {
+  for (int64_t r = 0; r < count; ++r) {
+    if (dropout) {
+      keep_bits(params.key0, params.key1, params.offset + uint64_t((i + r) * k + c0), width, params.limit, bits[r]);
+    } else {
+      std::fill(bits[r], bits[r] + kChunk / 64 + 1, ~uint64_t(0));
+    }
+  }
+  for (int64_t row = i + count; row < i + 2 * count && row < m; ++row) {
+    for (int64_t byte = 0; byte < width * int64_t(sizeof(T)); byte += 64) {
+      _mm_prefetch(reinterpret_cast<const char*>(x + row * k + c0) + byte, _MM_HINT_T0);
+      if (dx != nullptr) _mm_prefetch(reinterpret_cast<const char*>(dx + row * k + c0) + byte, _MM_HINT_T0);
+    }
+  }
+}
+
 // R rows of one column block: x, dx at (row i0, column c0) with row stride k (dx null: no dX); g = grad_xa rows
 // i0.. in fp32 [R, rank]; a_block, grad_block [rank, kBlockCols] fp32; bits[r] the keep bits of row r's piece.
 template <typename T, int R>
@@ -427,22 +449,7 @@ void branch_grads_avx512(const T* x, const T* grad_xa, const T* a, T* dx, T* gra
       for (int64_t q = 0; q < rank; ++q) pfp::load_row(a + q * k + c0, a_block.data() + q * kBlockCols, width);
       auto rows = [&](int64_t i, auto count) {
         constexpr int R = decltype(count)::value;
-        for (int r = 0; r < R; ++r) {
-          if (dropout) {
-            keep_bits(params.key0, params.key1, params.offset + uint64_t((i + r) * k + c0), width, params.limit,
-                      bits[r]);
-          } else {
-            std::fill(std::begin(bits[r]), std::end(bits[r]), ~uint64_t(0));
-          }
-        }
-        // the next step's rows of x and dX, whose block pieces are too short (a row apart) for the hardware
-        // prefetcher to follow
-        for (int64_t row = i + R; row < i + 2 * R && row < m; ++row) {
-          for (int64_t byte = 0; byte < width * int64_t(sizeof(T)); byte += 64) {
-            _mm_prefetch(reinterpret_cast<const char*>(x + row * k + c0) + byte, _MM_HINT_T0);
-            if (dx != nullptr) _mm_prefetch(reinterpret_cast<const char*>(dx + row * k + c0) + byte, _MM_HINT_T0);
-          }
-        }
+        step_rows(x, dx, m, k, c0, width, i, R, dropout, params, bits);
         branch_rows<T, R>(x + i * k + c0, dx == nullptr ? nullptr : dx + i * k + c0, g.data() + i * rank,
                           a_block.data(), grad_block.data(), k, rank, width, bits, keep_scale, scale);
       };
@@ -552,21 +559,7 @@ void branch_grads_amx(const bf16* x, const bf16* grad_xa, const bf16* a, bf16* d
       }
       for (int64_t i0 = 0; i0 < m; i0 += kTileRows) {
         const int64_t rows = m - i0 < kTileRows ? m - i0 : kTileRows;
-        for (int64_t r = 0; r < rows; ++r) {
-          if (dropout) {
-            keep_bits(params.key0, params.key1, params.offset + uint64_t((i0 + r) * k + c0), width, params.limit,
-                      bits[r]);
-          } else {
-            std::fill(std::begin(bits[r]), std::end(bits[r]), ~uint64_t(0));
-          }
-        }
-        // the next step's rows: a row's piece is too short for the hardware prefetcher to follow
-        for (int64_t row = i0 + kTileRows; row < i0 + 2 * kTileRows && row < m; ++row) {
-          for (int64_t byte = 0; byte < width * 2; byte += 64) {
-            _mm_prefetch(reinterpret_cast<const char*>(x + row * k + c0) + byte, _MM_HINT_T0);
-            if (dx != nullptr) _mm_prefetch(reinterpret_cast<const char*>(dx + row * k + c0) + byte, _MM_HINT_T0);
-          }
-        }
+        step_rows(x, dx, m, k, c0, width, i0, rows, dropout, params, bits);
         auto dropped = [&](int64_t r, int c, __mmask16 valid) {
           if (r >= rows) return _mm512_setzero_ps();
           const __mmask16 keep = bits16(bits[r], 16 * c) & valid;
