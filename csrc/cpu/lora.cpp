@@ -707,6 +707,8 @@ void lora_dropout_rows(const void* src, void* dst, const int64_t* row_index, int
 // in fp32 (fp64 for fp64 data), each output rounded once to the dtype; dx null: dA alone. x, dx [m, k], grad_xa
 // [m, rank] (= dY B), a [rank, k], grad_a [rank, k]: contiguous, of `dtype`. seed, offset, threshold, keep_scale:
 // as lora_dropout (ignored without dropout). The mask element of (i, c) is i * k + c, as lora_dropout's.
+// bf16 at rank <= 32 runs on AMX tiles where pfp::amx_in_use(): the sums in the tiles' order, and a subnormal
+// x_d, grad_xa or a element counts as zero in them (as in nf4_matmul).
 void lora_branch_grads(const void* x, const void* grad_xa, const void* a, void* dx, void* grad_a, int64_t m, int64_t k,
                        int64_t rank, int dtype, bool dropout, int64_t seed, int64_t offset, float threshold,
                        float keep_scale, double scaling, int nthreads) {
