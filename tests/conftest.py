@@ -30,9 +30,11 @@ def _reference_backend_only(item) -> bool:
 
 def pytest_collection_modifyitems(config, items):
     if os.environ.get("PFP_SANITIZED_C"):  # .ci/sanitize: only tests that run native code are worth its time
-        kept = [item for item in items if not _reference_backend_only(item)]
-        if len(kept) < len(items):
-            config.hook.pytest_deselected(items=[item for item in items if _reference_backend_only(item)])
+        kept, dropped = [], []
+        for item in items:
+            (dropped if _reference_backend_only(item) else kept).append(item)
+        if dropped:
+            config.hook.pytest_deselected(items=dropped)
             items[:] = kept
     if torch.cuda.is_available():
         return

@@ -495,17 +495,18 @@ inline __m512i pair_rows(__m512 a, __m512 b) {
 }
 
 // The step's tile products: g_t = gT [32 ranks, rows_padded] at the step's first row (row stride gt_stride bytes),
-// g = the step's 32 rows of g [rows, 32 ranks] (64 bytes a row). dA's tiles take one or two rank tiles.
+// g = the step's 32 rows of g [rows, 32 ranks] (64 bytes a row). dA's tiles take one or two rank tiles; the
+// block's first `tiles` column tiles are used (a thread's last block may be narrower than kBlockCols).
 __attribute__((target("amx-tile,amx-bf16"))) inline void branch_step_tiles(const bf16* g_t, int64_t gt_stride,
                                                                            const bf16* g, bool two_rank_tiles,
-                                                                           bool with_dx, BranchTiles& t) {
+                                                                           bool with_dx, int tiles, BranchTiles& t) {
   _tile_loadd(4, g_t, gt_stride);
   if (two_rank_tiles) _tile_loadd(5, g_t + 16 * gt_stride / 2, gt_stride);
   if (with_dx) {
     _tile_loadd(6, g, 64);
     _tile_loadd(7, g + 16 * 32, 64);
   }
-  for (int c = 0; c < kColTiles; ++c) {
+  for (int c = 0; c < tiles; ++c) {
     _tile_loadd(1, t.x_d[c], 64);
     _tile_loadd(0, t.grad[0][c], 64);
     _tile_dpbf16ps(0, 4, 1);
@@ -548,8 +549,9 @@ void branch_grads_amx(const bf16* x, const bf16* grad_xa, const bf16* a, bf16* d
     const int64_t last = end * kSplitCols < k ? end * kSplitCols : k;
     for (int64_t c0 = begin * kSplitCols; c0 < last; c0 += kBlockCols) {
       const int64_t width = last - c0 < kBlockCols ? last - c0 : kBlockCols;
+      const int tiles = int((width + 15) / 16);
       std::fill_n(&t.grad[0][0][0], 2 * kColTiles * 256, 0.0f);
-      for (int c = 0; c < kColTiles; ++c) {
+      for (int c = 0; c < tiles; ++c) {
         const __mmask16 valid = pfp::lanes16(width - 16 * c);
         for (int64_t p = 0; p < kMaxAmxRank / 2; ++p) {
           const __m512 even = 2 * p < rank ? load16(a + 2 * p * k + c0 + 16 * c, valid) : _mm512_setzero_ps();
@@ -565,17 +567,17 @@ void branch_grads_amx(const bf16* x, const bf16* grad_xa, const bf16* a, bf16* d
           const __mmask16 keep = bits16(bits[r], 16 * c) & valid;
           return _mm512_maskz_mul_ps(keep, load16(x + (i0 + r) * k + c0 + 16 * c, valid), keep_scale);
         };
-        for (int c = 0; c < kColTiles; ++c) {
+        for (int c = 0; c < tiles; ++c) {
           const __mmask16 valid = pfp::lanes16(width - 16 * c);
           for (int64_t p = 0; p < kTileRows / 2; ++p)
             _mm512_store_si512(t.x_d[c] + 64 * p, pair_rows(dropped(2 * p, c, valid), dropped(2 * p + 1, c, valid)));
         }
         branch_step_tiles(g_t.data() + i0, rows_padded * 2, g.data() + i0 * kMaxAmxRank, two_rank_tiles, dx != nullptr,
-                          t);
+                          tiles, t);
         if (dx != nullptr) {
           for (int64_t r = 0; r < rows; ++r) {
             bf16* out = dx + (i0 + r) * k + c0;
-            for (int c = 0; c < kColTiles && 16 * c < width; ++c) {
+            for (int c = 0; c < tiles; ++c) {
               const __mmask16 valid = pfp::lanes16(width - 16 * c);
               const __mmask16 keep = bits16(bits[r], 16 * c) & valid;
               const __m512 product = _mm512_load_ps(t.product[c][r / 16] + 16 * (r % 16));
@@ -586,7 +588,7 @@ void branch_grads_amx(const bf16* x, const bf16* grad_xa, const bf16* a, bf16* d
         }
       }
       for (int64_t q = 0; q < rank; ++q)
-        for (int c = 0; c < kColTiles && 16 * c < width; ++c)
+        for (int c = 0; c < tiles; ++c)
           store16(grad_a + q * k + c0 + 16 * c, pfp::lanes16(width - 16 * c),
                   _mm512_mul_ps(scale, _mm512_load_ps(t.grad[q / 16][c] + 16 * (q % 16))));
     }
