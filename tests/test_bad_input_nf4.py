@@ -99,6 +99,53 @@ def lora_op_called_directly_with_short_absmax():
     )
 
 
+def _decode_step(packed, absmax, code, bias=None, lora_A=None, lora_B=None):
+    """A decode step's forward without gradients: one row, the kernel called without the op's dispatch once the
+    op's own check has passed (ops/lora.py: lora_nf4_no_grad)."""
+    from pyfastpeft.ops import lora as lora_ops
+
+    lora_A = torch.zeros(4, IN) if lora_A is None else lora_A
+    lora_B = torch.zeros(OUT, 4) if lora_B is None else lora_B
+    args = (torch.randn(1, IN), packed, absmax, code, bias, lora_A, lora_B, 64, OUT, IN, 2.0, 0.1, torch.tensor([1, 2]))
+    return lora_ops.lora_nf4_no_grad(*args)
+
+
+@cases.add(ValueError, "packed has 100 elements")
+def lora_decode_step_with_short_packed():
+    packed, state = _weight()
+    _decode_step(packed[:100], state.absmax.float(), state.code.float())
+
+
+@cases.add(ValueError, "absmax has 15 elements")
+def lora_decode_step_with_short_absmax():
+    packed, state = _weight()
+    _decode_step(packed, state.absmax.float()[:-1], state.code.float())
+
+
+@cases.add(ValueError, r"lora_B is \(8, 4\), expected \[16, R\]")
+def lora_decode_step_with_short_lora_B():
+    packed, state = _weight()
+    _decode_step(packed, state.absmax.float(), state.code.float(), lora_B=torch.zeros(8, 4))
+
+
+@cases.add(ValueError, r"lora_A is \(4, 32\)")
+def lora_decode_step_with_narrow_lora_A():
+    packed, state = _weight()
+    _decode_step(packed, state.absmax.float(), state.code.float(), lora_A=torch.zeros(4, 32))
+
+
+@cases.add(TypeError, r"bias must have dtype in \(float32, float16, bfloat16, float64\), got int64")
+def lora_decode_step_with_integer_bias():
+    packed, state = _weight()
+    _decode_step(packed, state.absmax.float(), state.code.float(), bias=torch.zeros(OUT, dtype=torch.int64))
+
+
+@cases.add(ValueError, "bias has 3 elements")
+def lora_decode_step_with_short_bias():
+    packed, state = _weight()
+    _decode_step(packed, state.absmax.float(), state.code.float(), bias=torch.zeros(3))
+
+
 @cases.add(ValueError, r"nested_quant_map\) must have 256 entries, got 10")
 def nested_code_table_too_short():
     packed, state = _weight(double_quant=True)

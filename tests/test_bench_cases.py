@@ -314,22 +314,33 @@ def test_a_run_without_matplotlib_writes_its_json_and_says_the_chart_was_skipped
 
 
 @pytest.mark.parametrize(
-    "variant, op_name", [("base", "lora_forward"), ("qlora", "lora_nf4_forward"), ("dense", "lora_nf4_forward")]
+    "variant, rows, op_name",
+    [
+        ("base", 1, "lora_forward"),
+        ("qlora", 1, "lora_nf4_no_grad"),
+        ("qlora", 9, "lora_nf4_forward"),
+        ("dense", 1, "lora_nf4_no_grad"),
+    ],
 )
-def test_the_kernel_figure_of_a_lora_variant_is_our_side_of_it(variant, op_name, monkeypatch):
+def test_the_kernel_figure_of_a_lora_variant_is_our_side_of_it(variant, rows, op_name, monkeypatch):
     """The bandwidth column belongs to ours: over the NF4 base for QLoRA (decode reads the packed weight), over the
-    dense one for the LoRA-overhead case."""
+    dense one for the LoRA-overhead case. A decode step's forward (up to 8 rows) is what the layer runs without
+    gradients: lora_nf4_no_grad, which keeps no xa."""
     from pyfastpeft.bench.cases import lora as lora_cases
     from pyfastpeft.ops import lora as lora_ops
 
     called = []
-    for name in ("lora_forward", "lora_nf4_forward"):
+    for name in ("lora_forward", "lora_nf4_forward", "lora_nf4_no_grad"):
         op = getattr(lora_ops, name)
         monkeypatch.setattr(lora_ops, name, lambda *args, op=op, name=name: called.append(name) or op(*args))
-    workload = lora_cases._lora_variant_workload(variant, 1, 64, 128, 4, 0.05, torch.float32, CPU)
+    workload = lora_cases._lora_variant_workload(variant, rows, 64, 128, 4, 0.05, torch.float32, CPU)
     call = workload.kernels["forward"]()
-    y, xa = call.run()
-    assert called == [op_name] and y.shape == (1, 64) and xa.shape == (1, 4)
+    outputs = call.run()
+    assert called == [op_name]
+    y = outputs if op_name == "lora_nf4_no_grad" else outputs[0]
+    assert y.shape == (rows, 64)
+    if op_name != "lora_nf4_no_grad":
+        assert outputs[1].shape == (rows, 4)
     packed_bytes = 64 * 128 // 2
     assert (call.bytes_moved < 64 * 128 * 4) == (variant != "base")  # the 4-bit weight, not fp32's
     assert call.bytes_moved > packed_bytes

@@ -567,6 +567,43 @@ def test_lora_linear(
             close_scaled(ours, ref, dtype)
 
 
+@FUZZ
+@given(
+    data=st.data(),
+    dtype=st.sampled_from(FLOATS),
+    lead=st.lists(st.integers(0, 4), min_size=1, max_size=2),  # 0 to 16 rows: both sides of the GEMV's 8
+    in_features=st.integers(0, 70),
+    out_features=st.integers(1, 40),
+    rank=st.integers(0, 16),
+    bias=st.booleans(),
+    dropout_p=st.sampled_from([0.0, 0.25]),
+    training=st.booleans(),
+    seed=seeds,
+)
+def test_lora_linear_over_nf4_without_grad(data, dtype, lead, in_features, out_features, rank, bias, dropout_p,
+                                           training, seed):  # fmt: skip
+    """The decode step of a LoRA layer over NF4 at inference: nothing to differentiate, so a few contiguous rows
+    run the kernel without the op's dispatch (ops/lora.py: lora_nf4_no_grad); any other layout takes the op."""
+    scaling = 2.0
+    dense = randn((out_features, in_features), torch.float32, seed, max(in_features, 1) ** -0.5)
+    weight = quantize_nf4(dense.to(dtype), blocksize=64)
+    x = data.draw(laid_out(randn((*lead, in_features), dtype, seed + 1)))
+    lora_A = data.draw(laid_out(randn((rank, in_features), dtype, seed + 2, max(in_features, 1) ** -0.5)))
+    lora_B = data.draw(laid_out(randn((out_features, rank), dtype, seed + 3, max(rank, 1) ** -0.5 / scaling)))
+    b = data.draw(laid_out(randn((out_features,), dtype, seed + 4))) if bias else None
+    unchanged = Unchanged(x, b, lora_A, lora_B, weight[0])
+
+    def decode(backend):
+        torch.manual_seed(seed)
+        with torch.no_grad():
+            return on(backend, lora_linear, x, weight, b, lora_A, lora_B, scaling, dropout_p, training)
+
+    results = on_both(decode)
+    unchanged.check()
+    if results is not None:
+        close_scaled(*results, dtype)
+
+
 # ---- fused linear cross-entropy -------------------------------------------------------------------------------
 
 

@@ -262,8 +262,8 @@ def test_triton_dropout_kernel_is_reference_bit_for_bit(dtype):
 @pytest.mark.parametrize("rows, in_features", [(1, 256), (8, 128), (3, 72)])  # the AVX-512 GEMV path, and not
 @pytest.mark.parametrize("dropout_p", [0.0, 0.3])
 def test_nf4_decode_fuses_the_lora_branch_into_the_gemv(monkeypatch, isa, dtype, rows, in_features, dropout_p):
-    """Up to 8 rows over an NF4 base, the native forward is two kernels (the down-projection with its dropout, the
-    GEMV adding the up-projection before its one rounding): y and xa equal the unfused torch path's."""
+    """Up to 8 rows over an NF4 base, the native forward is one kernel (the down-projection with its dropout, then
+    the GEMV adding the up-projection before its one rounding): y and xa equal the unfused torch path's."""
     x, (packed, state), bias, lora_A, lora_B = make_inputs((rows, in_features), 40, 16, dtype, "nf4")
     rng = torch.tensor([7, 1 << 33]) if dropout_p else None
     args = (x.detach(), packed, state.dequantized_absmax(), state.code, bias.detach(), lora_A.detach(),
@@ -279,6 +279,41 @@ def test_nf4_decode_fuses_the_lora_branch_into_the_gemv(monkeypatch, isa, dtype,
     tolerance = TOLERANCES[dtype] if dtype != torch.float64 else dict(rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(xa, expected_xa, **tolerance)
     torch.testing.assert_close(y, expected_y, **tolerance)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("dropout", [False, True])
+def test_decode_steps_without_grad_skip_the_op_only_where_it_would_run_the_same_kernel(monkeypatch, dtype, dropout):
+    """lora_linear with nothing to differentiate over an NF4 base runs a decode step's kernel without the op's
+    dispatch: the op's y, bit for bit. Past 8 rows, a non-contiguous x, the reference backend or a corrupted weight
+    go through the op (which checks and raises); xa is not kept."""
+    (x, (packed, state), bias, lora_A, lora_B) = make_inputs((2, 3, 128), 40, 8, dtype, "nf4")
+    x, bias, lora_A, lora_B = (t.detach() for t in (x, bias, lora_A, lora_B))
+    rng = torch.tensor([11, 1 << 35]) if dropout else None
+    p = 0.25 if dropout else 0.0
+    op_args = (x, packed, state.dequantized_absmax(), state.code.float(), bias, lora_A, lora_B, 64, 40, 128, 0.5, p,
+               rng)  # fmt: skip
+    want = lora_ops.lora_nf4_forward(*op_args)[0]
+    calls = []
+    op = lora_ops.lora_nf4_forward
+    monkeypatch.setattr(lora_ops, "lora_nf4_forward", lambda *args: calls.append(args) or op(*args))
+    with pyfastpeft.use_backend("native"):
+        assert torch.equal(lora_ops.lora_nf4_no_grad(*op_args), want) and not calls  # 6 rows: direct
+        with torch.no_grad():
+            torch.manual_seed(3)
+            through_lora_linear = lora_linear(x, (packed, state), bias, lora_A, lora_B, 0.5, p, training=dropout)
+        assert not calls
+        torch.manual_seed(3)
+        expected = lora_linear(x.requires_grad_(), (packed, state), bias, lora_A, lora_B, 0.5, p, training=dropout)
+        x.requires_grad_(False)
+        assert torch.equal(through_lora_linear, expected.detach())
+        lora_ops.lora_nf4_no_grad(x.transpose(0, 1), *op_args[1:])  # not contiguous
+        lora_ops.lora_nf4_no_grad(torch.zeros(9, 128, dtype=dtype), *op_args[1:])  # past the GEMV's 8 rows
+    with pyfastpeft.use_backend("reference"):
+        lora_ops.lora_nf4_no_grad(*op_args)
+    assert len(calls) == 3
+    with pytest.raises(ValueError, match="packed"):
+        lora_ops.lora_nf4_no_grad(x, packed[:-1], *op_args[2:])  # a truncated checkpoint
 
 
 # ---- lora_linear ------------------------------------------------------------------------------------------

@@ -21,6 +21,7 @@ seeds 1-3):
 """
 
 import copy
+import dataclasses
 import importlib.metadata
 
 import pytest
@@ -62,10 +63,10 @@ STEPS = 4
 _PREPARED = []
 
 
-def prepare(model, quant=None):
+def prepare(model, quant=None, lora=LORA):
     """pyfastpeft.prepare_model with LORA, remembered so teardown unpatches it (a global RoPE patch, where the
     modeling file has no kernels wrapper, would otherwise reach the next test's reference model)."""
-    pyfastpeft.prepare_model(model, quant=quant, lora=LORA)
+    pyfastpeft.prepare_model(model, quant=quant, lora=lora)
     _PREPARED.append(model)
     return model
 
@@ -155,6 +156,31 @@ def test_trainer_logs_the_losses_of_transformers_and_peft_at_every_step(tmp_path
     assert_same_steps(got, expected, tolerances)
     losses = step_logs(got)
     assert losses[STEPS] < losses[1]  # it learns
+
+
+@pytest.mark.parametrize(
+    "overrides, tolerances",
+    [({}, FP32), ({"bf16": True}, BF16), ({"gradient_checkpointing": True}, FP32)],
+    ids=["fp32", "fp32-model-bf16-autocast", "gradient-checkpointing"],
+)
+def test_trainer_with_lora_dropout_logs_the_losses_of_the_reference_backend(tmp_path, overrides, tolerances):
+    """lora_dropout = 0.1, where PEFT's nn.Dropout would draw other masks: our native kernels (the dropout forward
+    and the fused dA / dX backward, on AMX tiles where the host has them and the run is bf16) against our reference
+    backend (PyTorch in PEFT's order of operations), both drawing the same Philox masks from Trainer's seed, from the
+    same initial adapters. Gradient checkpointing recomputes each mask from the restored generator."""
+    base = base_model()
+    lora = dataclasses.replace(LORA, lora_dropout=0.1)
+    adapters = seed_adapters(prepare(copy.deepcopy(base), lora=lora))
+    runs = {}
+    for backend in ("reference", "native"):
+        model = prepare(copy.deepcopy(base), lora=lora)
+        load_adapters(model, adapters)
+        runs[backend] = trainer(model, tmp_path / backend, **overrides)
+        with pyfastpeft.use_backend(backend):
+            runs[backend].train()
+    assert_same_steps(runs["native"], runs["reference"], tolerances)
+    losses = step_logs(runs["native"])
+    assert losses[STEPS] < losses[1]
 
 
 @pytest.mark.parametrize(

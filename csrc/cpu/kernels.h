@@ -54,8 +54,9 @@
   void lora_down(const void* x, const void* a, void* xa, int64_t m, int64_t k, int64_t rank, int dtype, bool dropout,  \
                  int64_t seed, int64_t offset, float threshold, float keep_scale, int nthreads);                       \
   void lora_nf4_gemv(const void* x, int x_dtype, const uint8_t* packed, const float* absmax, const float* code,        \
-                     const void* bias, int bias_dtype, const void* lora_b, const void* xa, double scaling, void* out,  \
-                     int64_t m, int64_t n, int64_t k, int64_t rank, int64_t blocksize, int nthreads);                  \
+                     const void* bias, int bias_dtype, const void* lora_a, const void* lora_b, void* xa,               \
+                     double scaling, bool dropout, int64_t seed, int64_t offset, float threshold, float keep_scale,    \
+                     void* out, int64_t m, int64_t n, int64_t k, int64_t rank, int64_t blocksize, int nthreads);       \
   void quantize_affine(const void* x, int x_dtype, void* codes, float* scale, int32_t* zero_point, int64_t outer,      \
                        int64_t channels, int64_t inner, int64_t blocksize, int bits, bool zeropoint, int nthreads);    \
   void quantize_static(const void* x, int x_dtype, const float* scale, const int32_t* zero_point, void* codes,         \

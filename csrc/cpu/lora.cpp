@@ -344,15 +344,17 @@ template <typename T>
 void down_impl(const T* x, const T* a, T* xa, int64_t m, int64_t k, int64_t rank, bool dropout, uint64_t seed,
                uint64_t offset, float threshold, float keep_scale, int nthreads) {
   using C = typename pfp::Compute<T>::type;
+  // a decode step's mask (4096 draws) and product (16 x 4096) are a few microseconds of work each, less than a
+  // parallel region costs (measured: 16 us for the mask of one 4096-wide row on two threads, against about 3)
   std::vector<T> dropped;
   if (dropout) {
     dropped.resize(m * k);
-    dropout_impl(x, dropped.data(), m * k, seed, offset, threshold, keep_scale, 1.0, false, nthreads);
+    const int mask_threads = m * k >= (int64_t(1) << 15) ? nthreads : 1;
+    dropout_impl(x, dropped.data(), m * k, seed, offset, threshold, keep_scale, 1.0, false, mask_threads);
     x = dropped.data();
   }
   std::vector<C> xs(m * k);
   pfp::load_row(x, xs.data(), m * k);
-  // a decode step's product (16 x 4096) is a few microseconds of work, less than waking a second thread
   const int threads = m * rank * k >= (int64_t(1) << 20) ? nthreads : 1;
   pfp::parallel_for(m * rank, k, threads, [&](int64_t begin, int64_t end, int) {
     std::vector<C> a_row(k);
@@ -656,6 +658,7 @@ void branch_grads_loops(const T* x, const T* grad_xa, const T* a, T* dx, T* grad
 // lora_down: LoRA's down-projection of a few rows (decode), xa[m, rank] = dropout(x)[m, k] @ a[rank, k]^T, the
 // dropped x exactly as lora_dropout makes it (alpha 1; rounded to the dtype) when dropout, the sums in fp32 (fp64
 // for fp64) rounded once. x, a, xa: contiguous, of `dtype`. seed, offset, threshold, keep_scale: as lora_dropout.
+// Not bound to Python: lora_nf4_gemv (nf4.cpp) runs it before its GEMV, so a decode step is one call.
 void lora_down(const void* x, const void* a, void* xa, int64_t m, int64_t k, int64_t rank, int dtype, bool dropout,
                int64_t seed, int64_t offset, float threshold, float keep_scale, int nthreads) {
   pfp::dispatch_float(dtype, "lora_down", [&](auto* tag) {

@@ -628,17 +628,24 @@ void nf4_gemv(const void* x, int x_dtype, const uint8_t* packed, const float* ab
   throw std::invalid_argument("nf4_gemv: unsupported x dtype code");
 }
 
-// lora_nf4_gemv: nf4_gemv's out plus LoRA's up-projection, in the same fp32 (fp64) sums and one rounding:
+// lora_nf4_gemv: a decode step of LoRA over an NF4 base in one call, the down-projection then the GEMV:
+//   xa[i, q]  = lora_down's (dropout(x) @ lora_a^T)[i, q], rounded to the dtype
 //   out[i, j] = x[i] . w_hat[j] (+ bias[j]) + scaling * sum_q xa[i, q] * lora_b[j, q]
-// x, xa [m, rank], lora_b [n, rank], out: contiguous, dtype x_dtype; the rest as nf4_gemv; 1 <= m <= 8.
+// the second in nf4_gemv's fp32 (fp64) sums plus the up-projection's, rounded once. lora_a [rank, k], lora_b
+// [n, rank], out [m, n]: contiguous, dtype x_dtype; xa: [m, rank] of x_dtype, or null when the caller does not keep
+// it; dropout, seed, offset, threshold, keep_scale: as lora_down; the rest as nf4_gemv; 1 <= m <= 8.
 void lora_nf4_gemv(const void* x, int x_dtype, const uint8_t* packed, const float* absmax, const float* code,
-                   const void* bias, int bias_dtype, const void* lora_b, const void* xa, double scaling, void* out,
-                   int64_t m, int64_t n, int64_t k, int64_t rank, int64_t blocksize, int nthreads) {
+                   const void* bias, int bias_dtype, const void* lora_a, const void* lora_b, void* xa, double scaling,
+                   bool dropout, int64_t seed, int64_t offset, float threshold, float keep_scale, void* out, int64_t m,
+                   int64_t n, int64_t k, int64_t rank, int64_t blocksize, int nthreads) {
   if (m < 1 || m > kMaxGemvRows) throw std::invalid_argument("lora_nf4_gemv: m must be in [1, 8]");
   pfp::dispatch_float(x_dtype, "lora_nf4_gemv", [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
+    std::vector<T> own_xa(xa == nullptr ? size_t(m * rank) : 0);
+    T* down = xa == nullptr ? own_xa.data() : static_cast<T*>(xa);
+    lora_down(x, lora_a, down, m, k, rank, x_dtype, dropout, seed, offset, threshold, keep_scale, nthreads);
     gemv_impl(static_cast<const T*>(x), packed, absmax, code, bias, bias_dtype, static_cast<T*>(out), m, n, k,
-              blocksize, nthreads, LowRank<T>{static_cast<const T*>(lora_b), static_cast<const T*>(xa), rank, scaling});
+              blocksize, nthreads, LowRank<T>{static_cast<const T*>(lora_b), down, rank, scaling});
   });
 }
 

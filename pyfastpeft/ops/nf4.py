@@ -280,19 +280,15 @@ def _weight_tiles(packed, absmax, code, blocksize: int, out_features: int, in_fe
         yield n0, n1, tile.view(n1 - n0, in_features)
 
 
-def gemv_into(x2d, packed, absmax, code, bias, out, blocksize: int, lora_B=None, xa=None, scaling: float = 0.0):
+def gemv_into(x2d, packed, absmax, code, bias, out, blocksize: int):
     """Native fused dequant-GEMV: out[m, N] = x2d[m, K] @ W^T (+ bias; None = none), m <= GEMV_MAX_ROWS;
     every tensor contiguous, absmax fp32 de-nested, code fp32 [16], out in x2d's dtype. CPU or CUDA (there:
-    x2d fp32/fp16/bf16, blocksize a power of two >= 8). On the CPU, lora_B [N, r] and xa [m, r] (x2d's dtype)
-    add LoRA's up-projection scaling * xa @ lora_B^T before the output's one rounding."""
+    x2d fp32/fp16/bf16, blocksize a power of two >= 8). LoRA's decode step adds its branch in the same kernel
+    (ops/lora.py: _launch_decode)."""
     m, k = x2d.shape
     has_bias = bias is not None
     args = (x2d, x2d.dtype, packed, absmax, code, bias if has_bias else None, bias.dtype if has_bias else 0)
-    shape = (m, out.shape[1], k)
-    if lora_B is None:
-        _native.launch("nf4_gemv", x2d, *args, out, *shape, blocksize)
-    else:
-        _native.launch("lora_nf4_gemv", x2d, *args, lora_B, xa, scaling, out, *shape, lora_B.shape[1], blocksize)
+    _native.launch("nf4_gemv", x2d, *args, out, m, out.shape[1], k, blocksize)
 
 
 def _cuda_dequantized_weight(packed, absmax, code, blocksize: int, out_features: int, in_features: int, dtype):

@@ -14,6 +14,7 @@ from pyfastpeft.bench.cases._common import HIDDEN, INTERMEDIATE, tensor_bytes
 from pyfastpeft.bench.harness import MODES, Case, CaseSkipped, Goal, Implementation, KernelCall, Workload
 from pyfastpeft.ops import lora as lora_ops
 from pyfastpeft.ops import lora_multi as lora_multi_ops
+from pyfastpeft.ops import nf4 as nf4_ops
 
 LORA_ROWS = {False: 2048, True: 256}
 LORA_WEIGHTS = {False: ((HIDDEN, HIDDEN), (INTERMEDIATE, HIDDEN)), True: ((HIDDEN, HIDDEN),)}
@@ -176,8 +177,9 @@ def _qlora_kernel(
     rows: int, out_features: int, in_features: int, rank: int, dropout_p: float, dtype, device, backward: bool
 ) -> KernelCall:
     """The native op over an NF4 base (blocksize 64): forward reads x, the packed W and its absmax, A, B and writes
-    y, xa; backward reads dY, x, packed W, absmax, A, B, xa and writes dX, dA, dB. At one row the forward is the
-    decode path: the fused dequant-GEMV plus the rank-r branch, bound by the packed weight's bytes."""
+    y, xa; backward reads dY, x, packed W, absmax, A, B, xa and writes dX, dA, dB. A forward of a few rows is a
+    decode step as the LoRA layer runs it without gradients (lora_nf4_no_grad: the op's check, then the one
+    kernel of the fused dequant-GEMV and the rank-r branch, no xa kept), bound by the packed weight's bytes."""
     from pyfastpeft.quant import quantize_nf4
 
     x, weight, lora_A, lora_B = _lora_tensors(rows, out_features, in_features, rank, dtype, device)
@@ -194,6 +196,9 @@ def _qlora_kernel(
         written = tensor_bytes(x, lora_A, lora_B)
         return KernelCall(call, tensor_bytes(dy, x, *nf4_base, lora_A, lora_B, xa) + written)
     args = (x, *nf4_base, bias, lora_A, lora_B, *shape_args, scaling, dropout_p, rng)
+    if rows <= nf4_ops.GEMV_MAX_ROWS:
+        call = lambda: lora_ops.lora_nf4_no_grad(*args)  # noqa: E731
+        return KernelCall(call, tensor_bytes(x, *nf4_base, lora_A, lora_B) + rows * out_features * x.element_size())
     call = lambda: lora_ops.lora_nf4_forward(*args)  # noqa: E731
     return KernelCall(call, tensor_bytes(x, *nf4_base, lora_A, lora_B, xa) + rows * out_features * x.element_size())
 
