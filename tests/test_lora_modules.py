@@ -231,6 +231,39 @@ def test_nf4_base_forward_and_grads_follow_linear4bit(compute_dtype):
         torch.testing.assert_close(got, want, **TOLERANCES[compute_dtype])
 
 
+@pytest.mark.parametrize("compute_dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("rows", [1, 5, 12])  # the decode GEMV's rows, and past its 8
+def test_nf4_base_at_inference_gives_lora_linear_s_output_bit_for_bit(monkeypatch, compute_dtype, rows):
+    """With gradients off and nothing to draw, a LoRA layer over Linear4bit runs the decode kernel without
+    re-describing its base each call (as Linear4bit does): lora_linear's output, bit for bit, and the op's check
+    still refuses a truncated weight. Training with dropout, autocast and gradients take lora_linear."""
+    from pyfastpeft.nn import lora as lora_nn
+
+    torch.manual_seed(0)
+    base = Linear4bit.from_linear(nn.Linear(256, 48), compute_dtype=compute_dtype).requires_grad_(False)
+    module = LoRALinear(base, r=4, lora_alpha=8, lora_dropout=0.1)
+    randomize_adapters(module)
+    x = torch.randn(rows, 1, 256)
+    through = []
+    direct = lora_nn.lora_nf4_no_grad
+    monkeypatch.setattr(lora_nn, "lora_nf4_no_grad", lambda *args: through.append(1) or direct(*args))
+    with torch.no_grad():
+        fast = module.eval()(x)
+        assert len(through) == 1
+        with monkeypatch.context() as patch:
+            patch.setattr(LoRALinear, "_infers_over_nf4", lambda *args: False)
+            expected = module(x)
+        torch.manual_seed(3)
+        module.train()(x)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            module.eval()(x)
+    assert torch.equal(fast, expected) and fast.dtype == x.dtype
+    assert len(through) == 1  # dropout in training and autocast went through lora_linear
+    base.weight.data = base.weight.data[:-1]  # a truncated checkpoint
+    with torch.no_grad(), pytest.raises(ValueError, match="packed"):
+        module(x)
+
+
 def warned_error(record) -> float:
     """The max abs re-quantization error a merge / unmerge warning states."""
     return float(re.search(r"up to ([0-9.e+-]+) \(max abs\)", str(record[0].message)).group(1))

@@ -37,7 +37,7 @@ from pyfastpeft.ops import _dtensor
 from pyfastpeft.ops._autocast import autocast_dtype
 from pyfastpeft.ops._dtensor import is_dtensor
 from pyfastpeft.ops.dora import dora_linear, dora_weight_norm
-from pyfastpeft.ops.lora import lora_linear
+from pyfastpeft.ops.lora import lora_linear, lora_nf4_no_grad
 from pyfastpeft.quant.nf4 import QuantState
 
 # ---- base kinds: how each type of frozen base layer computes its product and stores merged weights ---------
@@ -462,6 +462,25 @@ class LoRALinear(NamedAdapters, nn.Module):
             bias = lora_bias if bias is None else bias + lora_bias
         if self.use_dora[name]:
             return self._dora_forward(x, kind, compute, bias).to(kind.output_dtype(base, x))
+        if isinstance(base, Linear4bit) and self._infers_over_nf4(x, name):
+            # inference (a decode step): lora_linear's op without re-describing the base on every call, as
+            # Linear4bit.forward runs its own; the op's check of every tensor still runs (lora_nf4_no_grad)
+            y = lora_nf4_no_grad(
+                x if x.dtype == compute else x.to(compute),
+                base.weight,
+                base._absmax,
+                base.quant_state.code.float(),
+                bias,
+                self.lora_A[name].weight.to(compute),
+                self.lora_B[name].weight.to(compute),
+                base.blocksize,
+                base.out_features,
+                base.in_features,
+                self.scaling[name],
+                0.0,
+                None,
+            )
+            return y if y.dtype == x.dtype else y.to(x.dtype)  # Linear4bit's output dtype: x's
         weight = kind.lora_weight(base)
         local_io = is_dtensor(weight) and not is_dtensor(x)  # a tensor-parallel base between plain layers
         x_in = _dtensor.module_input(x, weight) if local_io else x
@@ -478,6 +497,18 @@ class LoRALinear(NamedAdapters, nn.Module):
         y = _dtensor.module_output(y) if local_io else y
         output_dtype = kind.output_dtype(base, x)
         return y if y.dtype == output_dtype else y.to(output_dtype)  # a no-op .to costs microseconds at decode
+
+    def _infers_over_nf4(self, x, name: str) -> bool:
+        """Whether forward over a Linear4bit base is lora_linear's no-grad path with nothing lora_linear would add:
+        gradients off, no dropout mask to draw, no autocast, no DTensor."""
+        return (
+            not torch.is_grad_enabled()
+            and (not self.training or self.lora_dropout[name] == 0.0)
+            and isinstance(x, torch.Tensor)
+            and autocast_dtype(x) is None
+            and not is_dtensor(x)
+            and not is_dtensor(self.base_layer.weight)
+        )
 
     def _dora_forward(self, x, kind: _BaseKind, compute: torch.dtype, bias):
         """The active DoRA adapter: the norm from A and B as stored (fp32 over half-precision bases, as PEFT computes

@@ -442,8 +442,8 @@ def lora_nf4_no_grad(
     contiguous CPU tensors in eager mode on the native backend run the decode kernel straight from here, after the
     op's own check; anything else is the op. The op's dispatch around that kernel (torch's dispatcher, the backend
     choice, the base object, the checks' wrappers) cost about a tenth of a LoRA layer's call over a 4096 x 4096 NF4
-    base at one token on a 2-core host (0.71-0.76 ms against 0.81-0.84): Python that runs with the caches the
-    weight stream has just emptied."""
+    base at one token on a 2-core host (0.6-0.8 ms in all): Python that runs with the caches the weight stream has
+    just emptied."""
     args = (x, packed, absmax, code, bias, lora_A, lora_B, blocksize, out_features, in_features, scaling, dropout_p,
             rng)  # fmt: skip
     if not (

@@ -221,6 +221,31 @@ def _lora_variant_goals(variant: str, rows: int, dtype: torch.dtype) -> tuple[Go
     return (Goal("time", 1.10),) if dtype == torch.bfloat16 else ()
 
 
+def _qlora_inference_workload(
+    rows: int, out_features: int, in_features: int, rank: int, dtype: torch.dtype, device: torch.device
+) -> Workload:
+    """Ours: pyfastpeft.nn.LoRALinear over Linear4bit at inference (eval, gradients off): a decode step. Reference:
+    its Linear4bit base alone, the same way: the ratio is what an adapter left unmerged costs at decode."""
+    from pyfastpeft.nn import Linear4bit, LoRALinear
+
+    linear = torch.nn.Linear(in_features, out_features, bias=False, device=device)
+    base = Linear4bit.from_linear(linear, compute_dtype=dtype).requires_grad_(False)
+    layer = LoRALinear(base, r=rank, lora_alpha=LORA_ALPHA, lora_dropout=0.05).eval()
+    with torch.no_grad():  # a trained adapter: B is not the zeros PEFT initializes it to
+        layer.lora_B["default"].weight.normal_(0.0, 0.01)
+    x = torch.randn(rows, in_features, dtype=dtype, device=device)
+
+    def inferred(module):
+        with torch.no_grad():
+            return module(x)
+
+    return Workload(
+        ours=Implementation(functools.partial(inferred, layer), ()),
+        reference=Implementation(functools.partial(inferred, base), ()),
+        kernels={},
+    )
+
+
 def lora_cases(dtypes: Sequence[torch.dtype], quick: bool) -> list[Case]:
     rows = LORA_ROWS[quick]
     cases = [
@@ -258,6 +283,18 @@ def lora_cases(dtypes: Sequence[torch.dtype], quick: bool) -> list[Case]:
                 for dtype in dtypes
                 for mode in modes
             ]
+    cases += [
+        Case(
+            "lora",
+            f"qlora layer inference M=1 {HIDDEN}x{HIDDEN} r=16",
+            dtype,
+            "forward",
+            "the Linear4bit base alone: what an unmerged adapter costs at decode",
+            functools.partial(_qlora_inference_workload, 1, HIDDEN, HIDDEN, 16, dtype),
+            headline=not quick,
+        )
+        for dtype in dtypes
+    ]
     return cases + lora_multi_cases(dtypes, quick) + lora_experts_cases(dtypes, quick)
 
 
