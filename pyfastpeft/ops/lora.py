@@ -412,25 +412,16 @@ _NF4_FORWARD_CHECK = _single_checks("lora_nf4", KINDS["nf4"])[0]
 
 
 def _decodes_directly(x, packed, absmax, code, bias, lora_A, lora_B, rng, in_features) -> bool:
-    """Whether lora_nf4_no_grad may run the decode kernel itself once the op's own check has passed: a few rows,
-    contiguous plain CPU tensors, fp32 absmax and code, a rank and an output, eager mode, the native backend.
-    False sends the call to the op."""
+    """Whether lora_nf4_no_grad may run the decode kernel itself once the op's own check has passed: the base and x
+    as nf4_linear_no_grad runs them (ops/nf4.py), A, B (and rng) plain contiguous CPU tensors, a rank and an output,
+    the native backend for LoRA too. False sends the call to the op."""
     plain = nf4_ops.PLAIN_TENSOR_TYPES
-    tensors = (x, packed, absmax, code, lora_A, lora_B) if bias is None else (x, packed, absmax, code, lora_A, lora_B,
-                                                                               bias)  # fmt: skip
     return (
-        all(type(t) in plain and t.is_cpu and t.is_contiguous() for t in tensors)
-        and (rng is None or (type(rng) in plain and rng.is_cpu))
-        and 1 <= x.numel() // in_features <= nf4_ops.GEMV_MAX_ROWS
-        and x.dtype in nf4_ops.ALL_DTYPES
-        and absmax.dtype == torch.float32
-        and code.dtype == torch.float32
-        and (bias is None or bias.dtype in nf4_ops.ALL_DTYPES)
-        and lora_A.dim() == 2
+        nf4_ops.decodes_directly(x, packed, absmax, code, bias, in_features)
+        and all(type(t) in plain and t.is_cpu and t.is_contiguous() and t.dim() == 2 for t in (lora_A, lora_B))
         and lora_A.shape[0] > 0
-        and lora_B.dim() == 2
         and lora_B.shape[0] > 0
-        and not torch.compiler.is_compiling()
+        and (rng is None or (type(rng) in plain and rng.is_cpu))
         and choose("lora", x.device) == "native"
     )
 

@@ -488,14 +488,14 @@ nf4_linear_grad_input = define_op(
 PLAIN_TENSOR_TYPES = {torch.Tensor, torch.nn.Parameter}
 
 
-def _decodes_directly(x, packed, absmax, code, bias, in_features) -> bool:
+def decodes_directly(x, packed, absmax, code, bias, in_features) -> bool:
     """Whether nf4_linear_no_grad may run the GEMV itself once the op's own check has passed: a few rows, contiguous
     plain CPU tensors of the dtypes the GEMV reads (fp32 absmax and code), eager mode, the native backend. False
-    sends the call to the op."""
+    sends the call to the op. lora_nf4_no_grad (ops/lora.py) asks the same of its base and x."""
     plain = PLAIN_TENSOR_TYPES
     tensors = (x, packed, absmax, code) if bias is None else (x, packed, absmax, code, bias)
     return (
-        all(type(t) in plain and t.device.type == "cpu" and t.is_contiguous() for t in tensors)
+        all(type(t) in plain and t.is_cpu and t.is_contiguous() for t in tensors)
         and 1 <= x.numel() // in_features <= GEMV_MAX_ROWS
         and x.dtype in ALL_DTYPES
         and absmax.dtype == torch.float32
@@ -516,7 +516,7 @@ def nf4_linear_no_grad(x, packed, absmax, code, bias, blocksize: int, out_featur
         isinstance(x, torch.Tensor)
         and type(in_features) is int
         and in_features >= 1
-        and _decodes_directly(x, packed, absmax, code, bias, in_features)
+        and decodes_directly(x, packed, absmax, code, bias, in_features)
     ):
         return nf4_linear_op(x, packed, absmax, code, bias, blocksize, out_features, in_features)
     # the op's own contract check, the one a corrupt checkpoint meets on every path (raises naming the argument)
