@@ -297,6 +297,18 @@ def rope_op_called_directly_with_short_cos():
     torch.ops.pyfastpeft.rope(q, q, torch.randn(1, 3, 8), torch.randn(1, 3, 8), False, False)
 
 
+@cases.add(ValueError, r"q_out_strides \[32, 8, 8, 1\] is not a dense layout")
+def rope_op_called_directly_with_overlapping_output_strides():
+    q = torch.randn(1, 2, 4, 8)
+    torch.ops.pyfastpeft.rope(q, q, torch.randn(1, 4, 8), torch.randn(1, 4, 8), False, True, [32, 8, 8, 1], None)
+
+
+@cases.add(ValueError, "k_out_strides must keep the last dim contiguous")
+def rope_op_called_directly_with_strided_last_dim_out():
+    q = torch.randn(1, 2, 4, 8)
+    torch.ops.pyfastpeft.rope(q, q, torch.randn(1, 4, 8), torch.randn(1, 4, 8), False, True, None, [128, 64, 16, 2])
+
+
 @cases.add(ValueError, "position_ids")
 def rope_position_ids_out_of_range():
     q = torch.randn(1, 2, 4, 8)

@@ -164,6 +164,47 @@ def test_rope_opcheck():
         cos, sin = hf_tables(2, 3, 12, dtype)
         for backward in (False, True):
             torch.library.opcheck(torch.ops.pyfastpeft.rope.default, (q, k, cos, sin, False, backward))
+        contiguous = (list(q.contiguous().stride()), list(k.contiguous().stride()))
+        torch.library.opcheck(torch.ops.pyfastpeft.rope.default, (q, k, cos, sin, False, True, *contiguous))
+
+
+@pytest.mark.parametrize("backend", ["reference", *BACKENDS])
+@pytest.mark.parametrize("grad_layout", ["contiguous", "transposed"])
+def test_rope_gradients_leave_in_the_forward_inputs_layout(backend, grad_layout):
+    """Eager attention's dq is contiguous [B, H, S, D], SDPA's is q's transposed layout: either way the gradient
+    reaching the projections is laid out as they are, so autograd copies nothing before q_proj's backward."""
+    skip_unsupported(backend, torch.float32, 1)
+    q_proj = torch.randn(2, 5, 4, 16, requires_grad=True)  # [B, S, H, D]
+    k_proj = torch.randn(2, 5, 2, 16, requires_grad=True)
+    cos, sin = hf_tables(2, 5, 16, torch.float32)
+    with pyfastpeft.use_backend(backend):
+        q_out, k_out = apply_rotary_pos_emb(q_proj.transpose(1, 2), k_proj.transpose(1, 2), cos, sin)
+    assert q_out.stride() == q_proj.transpose(1, 2).stride()
+    grads = [torch.randn(t.shape) for t in (q_out, k_out)]
+    if grad_layout == "transposed":
+        grads = [g.transpose(1, 2).contiguous().transpose(1, 2) for g in grads]
+    with pyfastpeft.use_backend(backend):
+        dq, dk = torch.autograd.grad((q_out, k_out), (q_proj, k_proj), grads)
+    assert dq.stride() == q_proj.stride() and dk.stride() == k_proj.stride()
+    q_ref, k_ref = modeling_llama.apply_rotary_pos_emb(q_proj.transpose(1, 2), k_proj.transpose(1, 2), cos, sin)
+    dq_ref, dk_ref = torch.autograd.grad((q_ref, k_ref), (q_proj, k_proj), grads)
+    assert_close(dq, dq_ref)
+    assert_close(dk, dk_ref)
+
+
+@pytest.mark.parametrize("backend", ["reference", *BACKENDS])
+def test_rope_op_writes_the_output_strides_it_is_given(backend):
+    skip_unsupported(backend, torch.float32, 1)
+    q, k = (torch.randn(2, h, 3, 8) for h in (4, 2))  # contiguous [B, H, S, D]
+    cos, sin = hf_tables(2, 3, 8, torch.float32)
+    q_strides = list(torch.empty(2, 3, 4, 8).transpose(1, 2).stride())
+    k_strides = list(torch.empty(2, 2, 3, 8).permute(0, 2, 1, 3).contiguous().permute(0, 2, 1, 3).stride())
+    with pyfastpeft.use_backend(backend):
+        q_out, k_out = torch.ops.pyfastpeft.rope(q, k, cos, sin, False, True, q_strides, k_strides)
+        q_plain, k_plain = torch.ops.pyfastpeft.rope(q, k, cos, sin, False, True)
+    assert list(q_out.stride()) == q_strides and list(k_out.stride()) == k_strides
+    assert q_plain.is_contiguous() and k_plain.is_contiguous()
+    assert torch.equal(q_out, q_plain) and torch.equal(k_out, k_plain)
 
 
 def test_rope_compiles_fullgraph():

@@ -5,6 +5,10 @@ Op (q [B, Hq, S, D], k [B, Hk, S, D] with any strides; cos, sin [Bc, S, R], Bc i
 q and k are rotated in one launch; outputs keep the inputs' memory layout (HF hands q and k as
 transposed views of the projection output: the kernels take strides, nothing is copied).
 backward=True applies the transposed rotation, which is the gradient. Math in reference/rope.py.
+q_out_strides / k_out_strides (optional): the outputs' strides instead, any dense layout of q's / k's shape
+with its last dim contiguous. The backward asks for the forward inputs' layout: a gradient that arrives
+contiguous (eager attention's) then leaves in the projections' layout, and the copy into it that autograd
+would make before q_proj's backward (a pass over q and k, into fresh memory) is not needed.
 """
 
 from __future__ import annotations
@@ -65,37 +69,69 @@ def _kernel_inputs(q, k, cos, sin):
     return q, k, cos, sin
 
 
-def _native_rope(q, k, cos, sin, interleaved, backward):
-    q_out, k_out = _native.on_huge_pages(_out_like(q)), _native.on_huge_pages(_out_like(k))
+def _outputs(q, k, q_out_strides, k_out_strides):
+    """(q_out, k_out): the strides asked for (checked by _check_rope), else _out_like's layout. Every backend and
+    the fake impl make their outputs here, so they agree on the layout."""
+
+    def one(t, strides):
+        if strides is None:
+            return _out_like(t)
+        return torch.empty_strided(t.shape, strides, dtype=t.dtype, device=t.device)
+
+    return one(q, q_out_strides), one(k, k_out_strides)
+
+
+def _native_rope(q, k, cos, sin, interleaved, backward, q_out_strides=None, k_out_strides=None):
     if q.shape[0] * q.shape[2] and q.dtype == k.dtype:
+        q_out, k_out = (_native.on_huge_pages(t) for t in _outputs(q, k, q_out_strides, k_out_strides))
         qc, kc, cc, sc = _kernel_inputs(q, k, cos, sin)
         rope_into(qc, kc, q_out, k_out, cc, sc, interleaved, backward)
         return q_out, k_out
-    return _reference_rope(q, k, cos, sin, interleaved, backward)
+    return _reference_rope(q, k, cos, sin, interleaved, backward, q_out_strides, k_out_strides)
 
 
-def _triton_rope(q, k, cos, sin, interleaved, backward):
-    q_out, k_out = _out_like(q), _out_like(k)
+def _triton_rope(q, k, cos, sin, interleaved, backward, q_out_strides=None, k_out_strides=None):
     if q.shape[0] * q.shape[2] and q.dtype == k.dtype:
+        q_out, k_out = _outputs(q, k, q_out_strides, k_out_strides)
         qc, kc, cc, sc = _kernel_inputs(q, k, cos, sin)
         triton_module("rope").rope(qc, kc, q_out, k_out, cc, sc, interleaved, backward)
         return q_out, k_out
-    return _reference_rope(q, k, cos, sin, interleaved, backward)
+    return _reference_rope(q, k, cos, sin, interleaved, backward, q_out_strides, k_out_strides)
 
 
-def _reference_rope(q, k, cos, sin, interleaved, backward):
+def _reference_rope(q, k, cos, sin, interleaved, backward, q_out_strides=None, k_out_strides=None):
     q_ref, k_ref = ref.rope(q, k, cos.to(q.dtype), sin.to(q.dtype), interleaved, backward)
-    return _out_like(q).copy_(q_ref), _out_like(k).copy_(k_ref)
+    q_out, k_out = _outputs(q, k, q_out_strides, k_out_strides)
+    return q_out.copy_(q_ref), k_out.copy_(k_ref)
 
 
-def _fake_rope(q, k, cos, sin, interleaved, backward):
+def _fake_rope(q, k, cos, sin, interleaved, backward, q_out_strides=None, k_out_strides=None):
     torch._check(q.dim() == 4 and k.dim() == 4, lambda: "rope: q and k must be 4-D")
     torch._check(cos.dim() == 3 and cos.shape == sin.shape, lambda: "rope: cos and sin must be [Bc, S, R]")
-    return _out_like(q), _out_like(k)
+    return _outputs(q, k, q_out_strides, k_out_strides)
 
 
-def _check_rope(q, k, cos, sin, interleaved, backward):
-    """q [B, Hq, S, D], k [B, Hk, S, D] of one float dtype; cos, sin [Bc, S, R] float, Bc in (1, B), R even <= D."""
+def _check_out_strides(op: str, name: str, shape, strides) -> None:
+    """strides: four non-negative ints laying out `shape` densely without overlap, the last dim contiguous (the
+    kernels write every element once through them, in parallel)."""
+    if not isinstance(strides, (list, tuple)) or len(strides) != 4 or any(type(s) is not int for s in strides):
+        raise TypeError(f"{op}: {name} must be None or four ints, got {strides!r}")
+    if any(s < 0 for s in strides):
+        raise ValueError(f"{op}: {name} must be non-negative, got {list(strides)}")
+    if shape[-1] > 1 and strides[-1] != 1:
+        raise ValueError(f"{op}: {name} must keep the last dim contiguous (stride 1), got {list(strides)}")
+    expected = 1
+    for stride, size in sorted((s, n) for s, n in zip(strides, shape) if n > 1):
+        if stride != expected:
+            raise ValueError(
+                f"{op}: {name} {list(strides)} is not a dense layout of shape {tuple(shape)} without overlap"
+            )
+        expected *= size
+
+
+def _check_rope(q, k, cos, sin, interleaved, backward, q_out_strides=None, k_out_strides=None):
+    """q [B, Hq, S, D], k [B, Hk, S, D] of one float dtype; cos, sin [Bc, S, R] float, Bc in (1, B), R even <= D;
+    output strides None or a dense layout of q's / k's shape."""
     op = "rope"
     for name, t in (("q", q), ("k", k), ("cos", cos), ("sin", sin)):
         check_dtype(op, name, t, FLOAT_DTYPES)
@@ -113,11 +149,15 @@ def _check_rope(q, k, cos, sin, interleaved, backward):
         raise ValueError(
             f"{op}: cos has shape {tuple(cos.shape)}, expected [1 or {batch}, {seq}, R] with R even and <= {head_dim}"
         )
+    for name, t, strides in (("q_out_strides", q, q_out_strides), ("k_out_strides", k, k_out_strides)):
+        if strides is not None:
+            _check_out_strides(op, name, t.shape, strides)
 
 
 rope_op = define_op(
     "rope",
-    "(Tensor q, Tensor k, Tensor cos, Tensor sin, bool interleaved, bool backward) -> (Tensor, Tensor)",
+    "(Tensor q, Tensor k, Tensor cos, Tensor sin, bool interleaved, bool backward, SymInt[]? q_out_strides=None, "
+    "SymInt[]? k_out_strides=None) -> (Tensor, Tensor)",
     family="rope",
     fake=_fake_rope,
     reference=_reference_rope,
@@ -129,18 +169,21 @@ rope_op = define_op(
 
 @carry_backend
 class RopeFunction(torch.autograd.Function):
-    """(q_out, k_out) = rope(q, k); the gradient is the transposed rotation of (dq_out, dk_out)."""
+    """(q_out, k_out) = rope(q, k); the gradient is the transposed rotation of (dq_out, dk_out), made in the
+    layout of the forward's outputs, which is q's and k's own (HF's transposed views of the projections)."""
 
     @staticmethod
     def forward(ctx, q, k, cos, sin, interleaved: bool):
         ctx.save_for_backward(cos, sin)
         ctx.interleaved = interleaved
-        return rope_op(q, k, cos, sin, interleaved, False)
+        q_out, k_out = rope_op(q, k, cos, sin, interleaved, False)
+        ctx.out_strides = (list(q_out.stride()), list(k_out.stride()))
+        return q_out, k_out
 
     @staticmethod
     def backward(ctx, dq, dk):
         cos, sin = ctx.saved_tensors
-        dq_in, dk_in = rope_op(dq, dk, cos, sin, ctx.interleaved, True)
+        dq_in, dk_in = rope_op(dq, dk, cos, sin, ctx.interleaved, True, *ctx.out_strides)
         return dq_in, dk_in, None, None, None
 
 

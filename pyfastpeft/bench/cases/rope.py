@@ -23,9 +23,10 @@ from pyfastpeft.bench.harness import Case, Implementation, KernelCall, Workload
 from pyfastpeft.ops import rope as rope_ops
 
 # The forward sees q and k as transposed views of the [1, S, H, D] projection outputs. The grads that
-# come back are contiguous [1, H, S, D], as attention's backward makes them: the backward kernels
-# see that layout, and both sides pay the strided copy into the projections' layout (in a model, the
-# reshape before q_proj/k_proj's backward pays it).
+# come back are contiguous [1, H, S, D], as eager attention's backward makes them (torch's SDPA returns
+# q's transposed layout instead). Ours makes the gradient in the projections' layout; HF's elementwise
+# backward keeps the grads' layout, and autograd copies it into the projections' (in a model, the
+# reshape before q_proj/k_proj's backward pays that copy).
 
 
 def _rope_tables(seq_len: int, dtype, device) -> tuple[torch.Tensor, torch.Tensor]:
