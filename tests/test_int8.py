@@ -154,6 +154,27 @@ def test_vectorwise_quant_edge_rows_match_the_reference_on_every_isa(dtype, k, t
 
 
 @pytest.mark.parametrize("isa", CPU_ISAS)
+@pytest.mark.parametrize("threshold", [6.0, 6.01, 1e-40, 3.4e38])
+def test_bf16_values_straddling_the_threshold_give_the_reference_outliers(threshold, isa):
+    """bf16 rows meet the threshold as 16-bit magnitudes (AVX-512): the bf16 values just below, at and above it (it
+    need not be a bf16 itself), both signs, inf, NaN and subnormals give the reference's stats, codes and columns."""
+    generator = torch.Generator().manual_seed(3)
+    x = torch.randn(5, 97, generator=generator).to(torch.bfloat16)
+    nearest = torch.tensor(threshold).to(torch.bfloat16).view(torch.int16).item()
+    around = torch.tensor([nearest + d for d in range(-2, 3) if 0 <= nearest + d <= 0x7F80], dtype=torch.int16)
+    special = torch.tensor([float("inf"), float("nan"), 1e-40, 0.0], dtype=torch.bfloat16)
+    values = torch.cat((around.view(torch.bfloat16), special))
+    for i, value in enumerate(values):
+        x[i % 5, (7 * i + 3) % 97] = value if i % 2 else -value
+    expected = run("reference", int8_vectorwise_quant, x, threshold)
+    with cpu_isa(isa):
+        ours = run("native", int8_vectorwise_quant, x, threshold)
+    assert torch.equal(ours[0], expected[0])
+    torch.testing.assert_close(ours[1], expected[1], rtol=0, atol=0, equal_nan=True)
+    assert torch.equal(ours[2], expected[2])
+
+
+@pytest.mark.parametrize("isa", CPU_ISAS)
 @pytest.mark.parametrize("rows", [1, 5, 40])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_native_outlier_product_equals_the_reference(dtype, rows, isa):

@@ -240,6 +240,30 @@ inline float magnitude_max(__m512i best_bits) {  // NaN if any lane held one
   return top > 0x7F800000u ? bits_to_float(0x7FC00000u) : bits_to_float(top);
 }
 
+// The same order for bf16 without widening: 32 lanes of 16-bit magnitudes (bf16 bits, sign cleared; every NaN
+// above +inf = 0x7F80), loaded n < 32 at the end (lanes past n read as 0).
+inline __mmask32 lanes32(int64_t n) {
+  return n <= 0 ? __mmask32(0) : n >= 32 ? __mmask32(0xFFFFFFFFu) : __mmask32((1u << n) - 1u);
+}
+inline __m512i magnitude_bits32(const bf16* src, __mmask32 valid) {
+  return _mm512_and_si512(_mm512_maskz_loadu_epi16(valid, src), _mm512_set1_epi16(0x7FFF));
+}
+// best (fp32 magnitude bits, as magnitude_bits gives them) extended by 16-bit bf16 magnitudes: a bf16 widens to
+// the fp32 bits b << 16, which keeps the order.
+inline __m512i widen_magnitudes(__m512i best, __m512i best16) {
+  const __m512i low = _mm512_and_si512(best16, _mm512_set1_epi32(0xFFFF)), high = _mm512_srli_epi32(best16, 16);
+  return _mm512_max_epu32(best, _mm512_slli_epi32(_mm512_max_epu32(low, high), 16));
+}
+// For t > 0: the least bf16 magnitude bits whose value is >= t, so that for a bf16 x that is not NaN,
+// |x| >= t <=> its 16-bit magnitude >= the result (positive floats order as their bits; +inf when t passes the
+// largest finite bf16).
+inline uint16_t bf16_magnitude_at_least(float t) {
+  const uint32_t u = float_to_bits(t);
+  uint32_t b = u >> 16;
+  if ((b << 16) < u) ++b;
+  return uint16_t(b > 0x7F80u ? 0x7F80u : b);
+}
+
 // Stores the valid bytes of 64 int8 codes: elements 0-15 in a, 16-31 in b, 32-47 in c, 48-63 in d, as int32
 // lanes saturated to [-128, 127]. Two saturating packs and one permute, then one 64-byte store: a masked
 // vpmovdb store per 16 codes is several times slower on Zen 4.

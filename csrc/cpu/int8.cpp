@@ -103,6 +103,23 @@ constexpr bool kPassNeedsBuffer =
 template <typename R>
 float row_absmax(const R* row, int64_t k, float t, bool find, uint8_t* flags) {
 #if defined(__AVX512F__)
+  if constexpr (std::is_same_v<R, pfp::bf16>) {  // 32 lanes of 16-bit magnitudes, no widening
+    const __m512i limit = _mm512_set1_epi16(int16_t(find ? pfp::bf16_magnitude_at_least(t) : 0));
+    const __m512i infinity = _mm512_set1_epi16(0x7F80);
+    __m512i best = _mm512_setzero_si512();
+    for (int64_t c = 0; c < k; c += 32) {
+      const __mmask32 m = pfp::lanes32(k - c);
+      const __m512i a = pfp::magnitude_bits32(row + c, m);
+      __mmask32 counted = 0xFFFFFFFFu;  // lanes past k read as 0
+      if (find) {                       // a >= limit and not NaN
+        const __mmask32 outlier = _mm512_mask_cmple_epu16_mask(_mm512_mask_cmpge_epu16_mask(m, a, limit), a, infinity);
+        if (outlier) _mm256_mask_storeu_epi8(flags + c, outlier, _mm256_set1_epi8(1));
+        counted = __mmask32(~outlier);
+      }
+      best = _mm512_mask_max_epu16(best, counted, best, a);
+    }
+    return pfp::magnitude_max(pfp::widen_magnitudes(_mm512_setzero_si512(), best));
+  }
   const __m512 limit = _mm512_set1_ps(t);
   __m512i best = _mm512_setzero_si512();  // magnitude bits of the counted lanes (pfp::magnitude_bits)
   for (int64_t c = 0; c < k; c += 16) {

@@ -120,12 +120,20 @@ struct Range {
 template <typename T, typename CodeT>
 constexpr bool kDirect = std::is_same_v<CodeT, int8_t> && !std::is_same_v<T, double>;
 
-// best = max(best, magnitude bits of x[0, n)).
+// best = max(best, magnitude bits of x[0, n)); bf16 32 lanes at a time in its own 16 bits (a widening load per 16
+// made this pass compute-bound).
 template <typename T>
 inline __m512i extend_magnitude(const T* x, int64_t n, __m512i best) {
-  for (int64_t i = 0; i < n; i += 16)
-    best = _mm512_max_epu32(best, pfp::magnitude_bits(pfp::load16(x + i, pfp::lanes16(n - i))));
-  return best;
+  if constexpr (std::is_same_v<T, pfp::bf16>) {
+    __m512i best16 = _mm512_setzero_si512();
+    for (int64_t i = 0; i < n; i += 32)
+      best16 = _mm512_max_epu16(best16, pfp::magnitude_bits32(x + i, pfp::lanes32(n - i)));
+    return pfp::widen_magnitudes(best, best16);
+  } else {
+    for (int64_t i = 0; i < n; i += 16)
+      best = _mm512_max_epu32(best, pfp::magnitude_bits(pfp::load16(x + i, pfp::lanes16(n - i))));
+    return best;
+  }
 }
 
 // The range the absmax scheme reads (max(-lo, hi) = max |x|, or NaN) from magnitude bits.

@@ -42,10 +42,12 @@ def _codes(scaled: torch.Tensor) -> torch.Tensor:
 
 
 def outlier_mask(x2d: torch.Tensor, threshold: float) -> torch.Tensor:
-    """bool [M, K]: |x| >= threshold (all False when threshold <= 0)."""
+    """bool [M, K]: |x| >= threshold in fp32 (all False when threshold <= 0), as the kernels and bitsandbytes' CUDA
+    kernel compare. In x's own dtype a bf16 or fp16 x would meet the threshold rounded to that dtype (6.01 is 6.0 in
+    bf16) and count 6.0 as an outlier where they do not."""
     if threshold <= 0:
         return torch.zeros(x2d.shape, dtype=torch.bool, device=x2d.device)
-    return x2d.abs() >= threshold
+    return x2d.float().abs() >= threshold
 
 
 def _masked_abs(x2d: torch.Tensor, outliers: torch.Tensor) -> torch.Tensor:
