@@ -480,21 +480,21 @@ class LoRALinear(NamedAdapters, nn.Module):
                 0.0,
                 None,
             )
-            return y if y.dtype == x.dtype else y.to(x.dtype)  # Linear4bit's output dtype: x's
-        weight = kind.lora_weight(base)
-        local_io = is_dtensor(weight) and not is_dtensor(x)  # a tensor-parallel base between plain layers
-        x_in = _dtensor.module_input(x, weight) if local_io else x
-        y = lora_linear(
-            x_in if x_in.dtype == compute else x_in.to(compute),
-            weight,
-            bias,
-            self.lora_A[name].weight.to(compute),
-            self.lora_B[name].weight.to(compute),
-            self.scaling[name],
-            self.lora_dropout[name],
-            self.training,
-        )
-        y = _dtensor.module_output(y) if local_io else y
+        else:
+            weight = kind.lora_weight(base)
+            local_io = is_dtensor(weight) and not is_dtensor(x)  # a tensor-parallel base between plain layers
+            x_in = _dtensor.module_input(x, weight) if local_io else x
+            y = lora_linear(
+                x_in if x_in.dtype == compute else x_in.to(compute),
+                weight,
+                bias,
+                self.lora_A[name].weight.to(compute),
+                self.lora_B[name].weight.to(compute),
+                self.scaling[name],
+                self.lora_dropout[name],
+                self.training,
+            )
+            y = _dtensor.module_output(y) if local_io else y
         output_dtype = kind.output_dtype(base, x)
         return y if y.dtype == output_dtype else y.to(output_dtype)  # a no-op .to costs microseconds at decode
 
