@@ -207,6 +207,12 @@ def lora_op_called_directly_with_a_short_rng():
     torch.ops.pyfastpeft.lora_forward(x, weight, None, lora_A, lora_B, 1.0, 0.1, torch.zeros(1, dtype=torch.int64))
 
 
+@cases.add(ValueError, r"rng must be None \(no dropout\) or the int64 pair \(seed, offset\) of shape \[2\]")
+def lora_op_called_directly_with_a_two_dimensional_rng():
+    x, weight, _, lora_A, lora_B = _lora_args()
+    torch.ops.pyfastpeft.lora_forward(x, weight, None, lora_A, lora_B, 1.0, 0.1, torch.tensor([[1, 2]]))
+
+
 @cases.add(ValueError, r"xa has shape \(2, 2\), expected \[3, 2\]")
 def lora_backward_op_called_directly_with_short_xa():
     x, weight, _, lora_A, lora_B = _lora_args()

@@ -6,7 +6,7 @@ import math
 
 import pytest
 import torch
-from helpers import BACKENDS, CPU_AMX, CPU_ISAS, HAS_TRITON, TOLERANCES, cpu_amx, cpu_isa, skip_unsupported
+from helpers import BACKENDS, CPU_AMX, CPU_ISAS, HAS_TRITON, TOLERANCES, cpu_amx, cpu_isa, run, skip_unsupported
 
 import pyfastpeft
 from pyfastpeft import _native
@@ -314,6 +314,23 @@ def test_decode_steps_without_grad_skip_the_op_only_where_it_would_run_the_same_
     assert len(calls) == 3
     with pytest.raises(ValueError, match="packed"):
         lora_ops.lora_nf4_no_grad(x, packed[:-1], *op_args[2:])  # a truncated checkpoint
+
+
+@pytest.mark.parametrize("backend", ["reference", *BACKENDS])
+def test_an_rng_view_draws_the_mask_of_its_two_values(backend):
+    """rng is read as its two values wherever they lie: a strided view of (seed, offset) draws the mask of the
+    contiguous pair on every backend (the Triton kernels read rng_ptr and rng_ptr + 1)."""
+    x, weight, _, lora_A, lora_B = (t.detach() for t in make_inputs((5, 64), 24, 4, torch.float32))
+    dy = torch.randn(5, 24)
+
+    def forward_and_backward(rng):
+        y, xa = lora_ops.lora_forward(x, weight, None, lora_A, lora_B, 0.5, 0.25, rng)
+        return (y, xa, *lora_ops.lora_backward(dy, x, weight, lora_A, lora_B, xa, 0.5, 0.25, rng, True))
+
+    view = torch.tensor([11, -1, 1 << 35, -1])[::2]
+    expected = run(backend, forward_and_backward, view.contiguous())
+    for got, want in zip(run(backend, forward_and_backward, view), expected):
+        assert torch.equal(got, want)
 
 
 # ---- lora_linear ------------------------------------------------------------------------------------------

@@ -219,7 +219,7 @@ def lora_forward(
             x2d,
             lora_A,
             xa,
-            rng if dropout else x2d,
+            rng.contiguous() if dropout else x2d,  # the kernel reads (seed, offset) at rng_ptr, rng_ptr + 1
             rows,
             in_features,
             rank,
@@ -274,5 +274,13 @@ def dropout_into(src, dst, rng, dropout_p: float, keep_scale: float, alpha: floa
     if numel == 0:
         return
     _dropout_kernel[(triton.cdiv(numel, ELEMENTWISE_BLOCK),)](
-        src, dst, rng, numel, _threshold(dropout_p), keep_scale, alpha, ACCUMULATE=accumulate, BLOCK=ELEMENTWISE_BLOCK
+        src,
+        dst,
+        rng.contiguous(),  # the kernel reads (seed, offset) at rng_ptr, rng_ptr + 1
+        numel,
+        _threshold(dropout_p),
+        keep_scale,
+        alpha,
+        ACCUMULATE=accumulate,
+        BLOCK=ELEMENTWISE_BLOCK,
     )

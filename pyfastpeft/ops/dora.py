@@ -171,8 +171,8 @@ def _check_dropout(x, rng, dropout_p):
     check_dtype(op, "x", x, FLOAT_DTYPES)
     check_real(op, "dropout_p", dropout_p, low=0.0, high=1.0, high_open=True)
     check_dtype(op, "rng", rng, (torch.int64,))
-    if rng.numel() != 2:
-        raise ValueError(f"{op}: rng must be the int64 pair (seed, offset), got {rng.numel()} elements")
+    if rng.shape != (2,):
+        raise ValueError(f"{op}: rng must be the int64 pair (seed, offset) of shape [2], got shape {tuple(rng.shape)}")
 
 
 def _native_dropout(x, rng, dropout_p):

@@ -320,9 +320,10 @@ def check_lora_args(
     check_real(op, "dropout_p", dropout_p, low=0.0, high=1.0, high_open=True)
     if rng is not None:
         check_dtype(op, "rng", rng, (torch.int64,))
-        if rng.numel() != 2:
+        if rng.shape != (2,):
             raise ValueError(
-                f"{op}: rng must be None (no dropout) or the int64 pair (seed, offset), got {rng.numel()} elements"
+                f"{op}: rng must be None (no dropout) or the int64 pair (seed, offset) of shape [2], got shape "
+                f"{tuple(rng.shape)}"
             )
     return math.prod(x.shape[:-1])
 
