@@ -191,3 +191,63 @@ def train_steps(model, input_ids, steps: int, lr: float = 1e-2) -> list[float]:
         optimizer.zero_grad()
         losses.append(loss.item())
     return losses
+
+
+# ---- the decode steps' own argument tests (ops/nf4.py: gemv_takes; ops/lora.py: _decode_takes) ---------------
+# Each corruption maps valid keyword arguments (in the op's order) to altered ones; some leave them valid (another
+# dtype, a view of another rank), so both sides of the implication below are exercised.
+
+
+def _strided(t):
+    """t's values in a non-contiguous view of the same shape (every other element of a doubled last dim)."""
+    return t.repeat_interleave(2, dim=-1)[..., ::2] if t.dim() else t
+
+
+DECODE_BASE_CORRUPTIONS = {
+    "x not contiguous": lambda a: {**a, "x": _strided(a["x"])},
+    "x of 9 rows": lambda a: {**a, "x": a["x"].new_ones(9, a["in_features"])},
+    "x of no dims": lambda a: {**a, "x": a["x"].new_ones(())},
+    "x narrow": lambda a: {**a, "x": a["x"][..., 1:].contiguous()},
+    "x of ints": lambda a: {**a, "x": a["x"].to(torch.int32)},
+    "x in fp16": lambda a: {**a, "x": a["x"].half()},
+    "x of three dims": lambda a: {**a, "x": a["x"].unsqueeze(0)},
+    "x on meta": lambda a: {**a, "x": a["x"].to("meta")},
+    "packed short": lambda a: {**a, "packed": a["packed"][:-1]},
+    "packed int8": lambda a: {**a, "packed": a["packed"].view(torch.int8)},
+    "packed not contiguous": lambda a: {**a, "packed": _strided(a["packed"].view(-1, 1))},
+    "packed flat": lambda a: {**a, "packed": a["packed"].view(-1)},
+    "absmax short": lambda a: {**a, "absmax": a["absmax"][:-1]},
+    "absmax in fp16": lambda a: {**a, "absmax": a["absmax"].half()},
+    "absmax not contiguous": lambda a: {**a, "absmax": _strided(a["absmax"])},
+    "code short": lambda a: {**a, "code": a["code"][:15]},
+    "code in fp64": lambda a: {**a, "code": a["code"].double()},
+    "bias short": lambda a: {**a, "bias": a["x"].new_ones(a["out_features"] - 1)},
+    "bias of ints": lambda a: {**a, "bias": torch.ones(a["out_features"], dtype=torch.int64)},
+    "bias in fp64": lambda a: {**a, "bias": torch.ones(a["out_features"], dtype=torch.float64)},
+    "bias not contiguous": lambda a: {**a, "bias": _strided(a["x"].new_ones(a["out_features"]))},
+    "no bias": lambda a: {**a, "bias": None},
+    "blocksize 32": lambda a: {**a, "blocksize": 32},
+    "blocksize 3": lambda a: {**a, "blocksize": 3},
+    "blocksize a bool": lambda a: {**a, "blocksize": True},
+    "blocksize a float": lambda a: {**a, "blocksize": 64.0},
+    "out_features one short": lambda a: {**a, "out_features": a["out_features"] - 1},
+    "out_features 0": lambda a: {**a, "out_features": 0},
+    "in_features one short": lambda a: {**a, "in_features": a["in_features"] - 1},
+    "in_features -1": lambda a: {**a, "in_features": -1},
+}
+
+
+def assert_decode_path_agrees(takes, check, direct, op, args: dict, label: str) -> None:
+    """A decode path's own test `takes` accepts only arguments the op's `check` accepts, and there `direct` (the path
+    itself) returns the op's output bit for bit; arguments the check refuses raise through the path (which then is
+    the op: its check's error, or torch's own where the schema refuses or converts a Python type first)."""
+    values = tuple(args.values())
+    try:
+        check(*values)
+    except (TypeError, ValueError) as error:
+        assert not takes(*values), f"{label}: the decode path takes arguments the op's check refuses: {error}"
+        with pytest.raises((TypeError, ValueError, RuntimeError)):
+            direct(*values)
+        return
+    if takes(*values):
+        assert torch.equal(direct(*values), op(*values)), label

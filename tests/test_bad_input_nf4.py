@@ -99,14 +99,15 @@ def lora_op_called_directly_with_short_absmax():
     )
 
 
-def _decode_step(packed, absmax, code, bias=None, lora_A=None, lora_B=None):
-    """A decode step's forward without gradients: one row, the kernel called without the op's dispatch once the
-    op's own check has passed (ops/lora.py: lora_nf4_no_grad)."""
+def _decode_step(packed, absmax, code, bias=None, lora_A=None, lora_B=None, rng=None):
+    """A decode step's forward without gradients: one row, the kernel called without the op's dispatch where the
+    arguments are what it takes, else the op, which checks them (ops/lora.py: lora_nf4_no_grad)."""
     from pyfastpeft.ops import lora as lora_ops
 
     lora_A = torch.zeros(4, IN) if lora_A is None else lora_A
     lora_B = torch.zeros(OUT, 4) if lora_B is None else lora_B
-    args = (torch.randn(1, IN), packed, absmax, code, bias, lora_A, lora_B, 64, OUT, IN, 2.0, 0.1, torch.tensor([1, 2]))
+    rng = torch.tensor([1, 2]) if rng is None else rng
+    args = (torch.randn(1, IN), packed, absmax, code, bias, lora_A, lora_B, 64, OUT, IN, 2.0, 0.1, rng)
     return lora_ops.lora_nf4_no_grad(*args)
 
 
@@ -144,6 +145,12 @@ def lora_decode_step_with_integer_bias():
 def lora_decode_step_with_short_bias():
     packed, state = _weight()
     _decode_step(packed, state.absmax.float(), state.code.float(), bias=torch.zeros(3))
+
+
+@cases.add(ValueError, r"rng must be None .* of shape \[2\], got shape \(1, 2\)")
+def lora_decode_step_with_a_two_dimensional_rng():
+    packed, state = _weight()
+    _decode_step(packed, state.absmax.float(), state.code.float(), rng=torch.tensor([[1, 2]]))
 
 
 @cases.add(ValueError, r"nested_quant_map\) must have 256 entries, got 10")

@@ -6,12 +6,25 @@ import math
 
 import pytest
 import torch
-from helpers import BACKENDS, CPU_AMX, CPU_ISAS, HAS_TRITON, TOLERANCES, cpu_amx, cpu_isa, run, skip_unsupported
+from helpers import (
+    BACKENDS,
+    CPU_AMX,
+    CPU_ISAS,
+    DECODE_BASE_CORRUPTIONS,
+    HAS_TRITON,
+    TOLERANCES,
+    assert_decode_path_agrees,
+    cpu_amx,
+    cpu_isa,
+    run,
+    skip_unsupported,
+)
 
 import pyfastpeft
 from pyfastpeft import _native
 from pyfastpeft.functional import lora_linear
 from pyfastpeft.ops import lora as lora_ops
+from pyfastpeft.ops.lora_base import KINDS
 from pyfastpeft.quant import quantize_int8_weight, quantize_nf4
 from pyfastpeft.reference import lora as ref
 
@@ -314,6 +327,63 @@ def test_decode_steps_without_grad_skip_the_op_only_where_it_would_run_the_same_
     assert len(calls) == 3
     with pytest.raises(ValueError, match="packed"):
         lora_ops.lora_nf4_no_grad(x, packed[:-1], *op_args[2:])  # a truncated checkpoint
+
+
+def _with_rank(args: dict, rank: int) -> dict:
+    return {**args, "lora_A": args["lora_A"][:rank].contiguous(), "lora_B": args["lora_B"][:, :rank].contiguous()}
+
+
+LORA_DECODE_CORRUPTIONS = {
+    **DECODE_BASE_CORRUPTIONS,
+    "lora_A in another dtype": lambda a: {**a, "lora_A": a["lora_A"].double()},
+    "lora_A not contiguous": lambda a: {**a, "lora_A": a["lora_A"].t().contiguous().t()},
+    "lora_A narrow": lambda a: {**a, "lora_A": a["lora_A"][:, 1:].contiguous()},
+    "lora_A of three dims": lambda a: {**a, "lora_A": a["lora_A"].unsqueeze(0)},
+    "lora_B short": lambda a: {**a, "lora_B": a["lora_B"][1:].contiguous()},
+    "lora_B of another rank": lambda a: {**a, "lora_B": a["lora_B"][:, 1:].contiguous()},
+    "lora_B not contiguous": lambda a: {**a, "lora_B": a["lora_B"].t().contiguous().t()},
+    "rank 0": lambda a: _with_rank(a, 0),
+    "rank 1": lambda a: _with_rank(a, 1),
+    "scaling NaN": lambda a: {**a, "scaling": math.nan},
+    "scaling an int": lambda a: {**a, "scaling": 2},
+    "scaling a string": lambda a: {**a, "scaling": "2"},
+    "dropout_p 1": lambda a: {**a, "dropout_p": 1.0},
+    "dropout_p negative": lambda a: {**a, "dropout_p": -0.25},
+    "dropout_p a bool": lambda a: {**a, "dropout_p": True},
+    "rng of two dims": lambda a: {**a, "rng": a["rng"].view(1, 2)},
+    "rng of three elements": lambda a: {**a, "rng": torch.tensor([1, 2, 3])},
+    "rng int32": lambda a: {**a, "rng": a["rng"].int()},
+    "rng not contiguous": lambda a: {**a, "rng": torch.tensor([11, 0, 1 << 35, 0])[::2]},
+    "no rng": lambda a: {**a, "rng": None, "dropout_p": 0.0},
+}
+
+
+@pytest.mark.parametrize("corruption", [None, *LORA_DECODE_CORRUPTIONS])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_decode_kernel_takes_only_what_the_ops_check_accepts(corruption, dtype):
+    """lora_nf4_no_grad runs the decode kernel itself where _decode_takes says so, without the op's check: it must
+    refuse whatever that check refuses, and where it accepts, the output is the op's y, bit for bit."""
+    x, (packed, state), bias, lora_A, lora_B = (
+        t.detach() if isinstance(t, torch.Tensor) else t for t in make_inputs((3, 128), 48, 8, dtype, "nf4")
+    )
+    args = dict(x=x, packed=packed, absmax=state.dequantized_absmax(), code=state.code.float(), bias=bias,
+                lora_A=lora_A, lora_B=lora_B, blocksize=64, out_features=48, in_features=128, scaling=0.5,
+                dropout_p=0.25, rng=torch.tensor([11, 1 << 35]))  # fmt: skip
+    if corruption is None:
+        assert lora_ops._decode_takes(*args.values())
+    else:
+        args = LORA_DECODE_CORRUPTIONS[corruption](args)
+    with pyfastpeft.use_backend("native"):
+        assert_decode_path_agrees(
+            lora_ops._decode_takes,
+            lora_ops._single_checks("lora_nf4", KINDS["nf4"])[0],
+            lora_ops.lora_nf4_no_grad,
+            lambda *values: lora_ops.lora_nf4_forward(*values)[0],
+            args,
+            str(corruption),
+        )
+    with pyfastpeft.use_backend("reference"):
+        assert not lora_ops._decode_takes(*args.values())
 
 
 @pytest.mark.parametrize("backend", ["reference", *BACKENDS])

@@ -235,8 +235,8 @@ def test_nf4_base_forward_and_grads_follow_linear4bit(compute_dtype):
 @pytest.mark.parametrize("rows", [1, 5, 12])  # the decode GEMV's rows, and past its 8
 def test_nf4_base_at_inference_gives_lora_linear_s_output_bit_for_bit(monkeypatch, compute_dtype, rows):
     """With gradients off and nothing to draw, a LoRA layer over Linear4bit runs the decode kernel without
-    re-describing its base each call (as Linear4bit does): lora_linear's output, bit for bit, and the op's check
-    still refuses a truncated weight. Training with dropout, autocast and gradients take lora_linear."""
+    re-describing its base each call (as Linear4bit does): lora_linear's output, bit for bit, and a truncated
+    weight is still refused. Training with dropout, autocast and gradients take lora_linear."""
     from pyfastpeft.nn import lora as lora_nn
 
     torch.manual_seed(0)

@@ -4,7 +4,7 @@ import os
 
 import pytest
 import torch
-from helpers import run, tiny_llama
+from helpers import DECODE_BASE_CORRUPTIONS, assert_decode_path_agrees, run, tiny_llama
 from torch import nn
 
 import pyfastpeft
@@ -321,3 +321,39 @@ def test_large_packed_weights_are_advised_onto_huge_pages():
     interior = (packed.data_ptr() + huge - 1) // huge * huge
     assert interior + huge <= packed.data_ptr() + packed.numel()
     assert _huge_page_advised(interior)
+
+
+# ---- the decode step's own argument test ---------------------------------------------------------------------
+
+
+def _gemv_arguments(rows: int, dtype: torch.dtype) -> dict:
+    packed, state, _ = quantized(48, 128)
+    return dict(x=torch.randn(rows, 128).to(dtype), packed=packed, absmax=state.dequantized_absmax(),
+                code=state.code.float(), bias=torch.randn(48).to(dtype), blocksize=64, out_features=48,
+                in_features=128)  # fmt: skip
+
+
+@pytest.mark.parametrize("corruption", [None, *DECODE_BASE_CORRUPTIONS])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_the_gemv_takes_only_what_the_ops_check_accepts(corruption, dtype):
+    """nf4_linear_no_grad runs the GEMV itself where gemv_takes says so, without the op's check: gemv_takes must
+    refuse whatever that check refuses (a corrupt checkpoint, a caller's mistake), and where it accepts, the
+    output is the op's."""
+    from pyfastpeft.ops import nf4 as nf4_ops
+
+    args = _gemv_arguments(3, dtype)
+    if corruption is None:
+        assert nf4_ops.gemv_takes(*args.values())
+    else:
+        args = DECODE_BASE_CORRUPTIONS[corruption](args)
+    with pyfastpeft.use_backend("native"):
+        assert_decode_path_agrees(
+            nf4_ops.gemv_takes,
+            lambda *values: nf4_ops.check_nf4_linear("nf4_linear", *values),
+            nf4_ops.nf4_linear_no_grad,
+            nf4_ops.nf4_linear_op,
+            args,
+            str(corruption),
+        )
+    with pyfastpeft.use_backend("reference"):
+        assert not nf4_ops.gemv_takes(*args.values())

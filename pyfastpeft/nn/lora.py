@@ -464,7 +464,7 @@ class LoRALinear(NamedAdapters, nn.Module):
             return self._dora_forward(x, kind, compute, bias).to(kind.output_dtype(base, x))
         if isinstance(base, Linear4bit) and self._infers_over_nf4(x, name):
             # inference (a decode step): lora_linear's op without re-describing the base on every call, as
-            # Linear4bit.forward runs its own; the op's check of every tensor still runs (lora_nf4_no_grad)
+            # Linear4bit.forward runs its own; every tensor is still tested against the op's contract (lora_nf4_no_grad)
             y = lora_nf4_no_grad(
                 x if x.dtype == compute else x.to(compute),
                 base.weight,

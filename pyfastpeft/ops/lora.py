@@ -51,6 +51,8 @@ from pyfastpeft.ops._library import define_op, triton_module
 from pyfastpeft.ops.lora_base import BASE_KINDS, KINDS, BaseKind, dispatch_base
 from pyfastpeft.reference import lora as ref
 
+_CPU = torch.device("cpu")
+
 SEED_HIGH = 2**62  # seed and offset are drawn uniformly from [0, SEED_HIGH)
 
 
@@ -409,46 +411,53 @@ BASE_OPS = {kind.name: _define_base_ops(kind) for kind in BASE_KINDS}
 lora_forward, lora_backward = BASE_OPS["dense"]
 lora_nf4_forward, lora_nf4_backward = BASE_OPS["nf4"]
 lora_int8_forward, lora_int8_backward = BASE_OPS["int8"]
-_NF4_FORWARD_CHECK = _single_checks("lora_nf4", KINDS["nf4"])[0]
+_REALS = frozenset({float, int})
 
 
-def _decodes_directly(x, packed, absmax, code, bias, lora_A, lora_B, rng, in_features) -> bool:
-    """Whether lora_nf4_no_grad may run the decode kernel itself once the op's own check has passed: the base and x
-    as nf4_linear_no_grad runs them (ops/nf4.py), A, B (and rng) plain contiguous CPU tensors, a rank and an output,
-    the native backend for LoRA too. False sends the call to the op."""
+def _decode_takes(x, packed, absmax, code, bias, lora_A, lora_B, blocksize, out_features, in_features, scaling,
+                  dropout_p, rng) -> bool:  # fmt: skip
+    """Whether lora_nf4_no_grad may hand its arguments to the decode kernel as they are: the base, x and bias as the
+    NF4 GEMV takes them (nf4_ops.gemv_takes), lora_A [r, in] and lora_B [out, r] plain contiguous CPU tensors in x's
+    dtype with r >= 1, scaling finite, dropout_p in [0, 1), rng None or the int64 pair (seed, offset) on the CPU, and
+    the native backend for LoRA too. True implies every condition of the op's check (tests/test_lora.py holds the
+    two together on corrupted arguments); False sends the call to the op, whose check names the bad argument."""
     plain = nf4_ops.PLAIN_TENSOR_TYPES
     return (
-        nf4_ops.decodes_directly(x, packed, absmax, code, bias, in_features)
-        and all(type(t) in plain and t.is_cpu and t.is_contiguous() and t.dim() == 2 for t in (lora_A, lora_B))
-        and lora_A.shape[0] > 0
-        and lora_B.shape[0] > 0
-        and (rng is None or (type(rng) in plain and rng.is_cpu))
-        and choose("lora", x.device) == "native"
+        nf4_ops.gemv_takes(x, packed, absmax, code, bias, blocksize, out_features, in_features)
+        and type(lora_A) in plain
+        and type(lora_B) in plain
+        and lora_A.dtype == x.dtype
+        and lora_B.dtype == x.dtype
+        and lora_A.is_cpu
+        and lora_B.is_cpu
+        and lora_A.is_contiguous()
+        and lora_B.is_contiguous()
+        and lora_A.dim() == 2
+        and lora_B.dim() == 2
+        and lora_A.shape[1] == in_features
+        and lora_B.shape[0] == out_features
+        and 1 <= lora_A.shape[0] == lora_B.shape[1]
+        and type(scaling) in _REALS
+        and math.isfinite(scaling)
+        and type(dropout_p) in _REALS
+        and 0.0 <= dropout_p < 1.0
+        and (rng is None or (type(rng) in plain and rng.dtype == torch.int64 and rng.is_cpu and rng.shape == (2,)))
+        and choose("lora", _CPU) == "native"
     )
 
 
 def lora_nf4_no_grad(
     x, packed, absmax, code, bias, lora_A, lora_B, blocksize, out_features, in_features, scaling, dropout_p, rng
 ):
-    """lora_nf4_forward's y for a caller with nothing to differentiate (a decode step, inference). A few rows of
-    contiguous CPU tensors in eager mode on the native backend run the decode kernel straight from here, after the
-    op's own check; anything else is the op. The op's dispatch around that kernel (torch's dispatcher, the backend
-    choice, the base object, the checks' wrappers) cost about a tenth of a LoRA layer's call over a 4096 x 4096 NF4
-    base at one token on a 2-core host (0.6-0.8 ms in all): Python that runs with the caches the weight stream has
-    just emptied."""
-    args = (x, packed, absmax, code, bias, lora_A, lora_B, blocksize, out_features, in_features, scaling, dropout_p,
-            rng)  # fmt: skip
-    if not (
-        isinstance(x, torch.Tensor)
-        and type(in_features) is int
-        and in_features >= 1
-        and isinstance(lora_A, torch.Tensor)
-        and isinstance(lora_B, torch.Tensor)
-        and _decodes_directly(x, packed, absmax, code, bias, lora_A, lora_B, rng, in_features)
-    ):
-        return lora_nf4_forward(*args)[0]
-    # the op's own contract check, the one a corrupt checkpoint meets on every path (raises naming the argument)
-    _NF4_FORWARD_CHECK(*args)
+    """lora_nf4_forward's y for a caller with nothing to differentiate (a decode step, inference). Arguments the
+    decode kernel takes as they are (_decode_takes) run it straight from here; anything else is the op, which checks
+    them. The op's dispatch around that kernel (torch's dispatcher, the backend choice, the base object, the checks'
+    wrappers) cost about a tenth of a LoRA layer's call over a 4096 x 4096 NF4 base at one token on a 2-core host
+    (0.6-0.8 ms in all): Python that runs with the caches the weight stream has just emptied."""
+    if not _decode_takes(x, packed, absmax, code, bias, lora_A, lora_B, blocksize, out_features, in_features, scaling,
+                         dropout_p, rng):  # fmt: skip
+        return lora_nf4_forward(x, packed, absmax, code, bias, lora_A, lora_B, blocksize, out_features, in_features,
+                                scaling, dropout_p, rng)[0]  # fmt: skip
     y = torch.empty((*x.shape[:-1], out_features), dtype=x.dtype)
     _launch_decode(x.view(-1, in_features), packed, absmax, code, bias, lora_A, lora_B, blocksize, scaling, dropout_p,
                    rng, y, None)  # fmt: skip

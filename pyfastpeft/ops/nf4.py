@@ -488,45 +488,83 @@ nf4_linear_grad_input = define_op(
 PLAIN_TENSOR_TYPES = {torch.Tensor, torch.nn.Parameter}
 
 
-def decodes_directly(x, packed, absmax, code, bias, in_features) -> bool:
-    """Whether nf4_linear_no_grad may run the GEMV itself once the op's own check has passed: a few rows, contiguous
-    plain CPU tensors of the dtypes the GEMV reads (fp32 absmax and code), eager mode, the native backend. False
-    sends the call to the op. lora_nf4_no_grad (ops/lora.py) asks the same of its base and x."""
+_CPU = torch.device("cpu")
+_GEMV_DTYPES = frozenset(ALL_DTYPES)
+
+
+def gemv_takes(x, packed, absmax, code, bias, blocksize, out_features, in_features) -> bool:
+    """Whether nf4_linear_no_grad may hand its arguments to the fused GEMV as they are: W [out, in] as the GEMV reads
+    it (uint8 packed, fp32 absmax and code, the sizes the op's contract gives them), x a few rows of [..., in], bias
+    None or [out], all of them plain contiguous CPU tensors; eager mode and the native backend. True implies every
+    condition of check_nf4_linear (tests/test_nf4.py holds the two together on corrupted arguments); False sends
+    the call to the op, whose check names the bad argument. One expression that reads each attribute once: it runs
+    at every layer and token with the caches the weight stream has just emptied, where the op's check and a
+    separate eligibility test took about 45 us of LoRA's 0.5 ms decode step over a 4096 x 4096 NF4 base (2-core
+    host)."""
     plain = PLAIN_TENSOR_TYPES
-    tensors = (x, packed, absmax, code) if bias is None else (x, packed, absmax, code, bias)
+    if not (
+        type(x) in plain
+        and type(packed) in plain
+        and type(absmax) in plain
+        and type(code) in plain
+        and type(blocksize) is int
+        and type(out_features) is int
+        and type(in_features) is int
+        and out_features >= 1
+        and in_features >= 1
+        and blocksize >= 2
+        and blocksize & (blocksize - 1) == 0
+    ):
+        return False
+    numel = out_features * in_features
     return (
-        all(type(t) in plain and t.is_cpu and t.is_contiguous() for t in tensors)
+        x.dtype in _GEMV_DTYPES
+        and x.is_cpu
+        and x.is_contiguous()
+        and x.dim() >= 1
+        and x.shape[-1] == in_features
         and 1 <= x.numel() // in_features <= GEMV_MAX_ROWS
-        and x.dtype in ALL_DTYPES
+        and packed.dtype == torch.uint8
+        and packed.is_cpu
+        and packed.is_contiguous()
+        and packed.numel() == (numel + 1) // 2
         and absmax.dtype == torch.float32
+        and absmax.is_cpu
+        and absmax.is_contiguous()
+        and absmax.numel() == -(-numel // blocksize)
         and code.dtype == torch.float32
-        and (bias is None or bias.dtype in ALL_DTYPES)
+        and code.is_cpu
+        and code.is_contiguous()
+        and code.numel() == 16
+        and (
+            bias is None
+            or (
+                type(bias) in plain
+                and bias.dtype in _GEMV_DTYPES
+                and bias.is_cpu
+                and bias.is_contiguous()
+                and bias.numel() == out_features
+            )
+        )
         and not torch.compiler.is_compiling()
-        and choose("nf4", x.device) == "native"
+        and choose("nf4", _CPU) == "native"
     )
 
 
 def nf4_linear_no_grad(x, packed, absmax, code, bias, blocksize: int, out_features: int, in_features: int):
-    """nf4_linear_op for a caller with nothing to differentiate (Linear4bit at inference, a decode step). A few
-    rows of contiguous CPU activations in eager mode on the native backend run the fused GEMV straight from here,
-    after the op's own check_nf4_linear; anything else is the op. The op's dispatch around that kernel cost a
-    quarter of a 4096 x 4096 layer's time at one token on a 2-core host: Python that runs with the caches the
-    weight stream has just emptied, where each call into torch costs several microseconds."""
-    if not (
-        isinstance(x, torch.Tensor)
-        and type(in_features) is int
-        and in_features >= 1
-        and decodes_directly(x, packed, absmax, code, bias, in_features)
-    ):
+    """nf4_linear_op for a caller with nothing to differentiate (Linear4bit at inference, a decode step). Arguments
+    the GEMV takes as they are (gemv_takes) run it straight from here; anything else is the op, which checks them.
+    The op's dispatch around that kernel cost a quarter of a 4096 x 4096 layer's time at one token on a 2-core
+    host: Python that runs with the caches the weight stream has just emptied, where each call into torch costs
+    several microseconds."""
+    if not gemv_takes(x, packed, absmax, code, bias, blocksize, out_features, in_features):
         return nf4_linear_op(x, packed, absmax, code, bias, blocksize, out_features, in_features)
-    # the op's own contract check, the one a corrupt checkpoint meets on every path (raises naming the argument)
-    check_nf4_linear("nf4_linear", x, packed, absmax, code, bias, blocksize, out_features, in_features)
-    m = x.numel() // in_features
     out = torch.empty((*x.shape[:-1], out_features), dtype=x.dtype)
     codes = _native.DTYPE_CODES
     _native.cpu.nf4_gemv(x.data_ptr(), codes[x.dtype], packed.data_ptr(), absmax.data_ptr(), code.data_ptr(),
                          0 if bias is None else bias.data_ptr(), 0 if bias is None else codes[bias.dtype],
-                         out.data_ptr(), m, out_features, in_features, blocksize, torch.get_num_threads())  # fmt: skip
+                         out.data_ptr(), x.numel() // in_features, out_features, in_features, blocksize,
+                         torch.get_num_threads())  # fmt: skip
     return out
 
 

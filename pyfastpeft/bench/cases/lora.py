@@ -178,8 +178,8 @@ def _qlora_kernel(
 ) -> KernelCall:
     """The native op over an NF4 base (blocksize 64): forward reads x, the packed W and its absmax, A, B and writes
     y, xa; backward reads dY, x, packed W, absmax, A, B, xa and writes dX, dA, dB. A forward of a few rows is a
-    decode step as the LoRA layer runs it without gradients (lora_nf4_no_grad: the op's check, then the one
-    kernel of the fused dequant-GEMV and the rank-r branch, no xa kept), bound by the packed weight's bytes."""
+    decode step as the LoRA layer runs it without gradients (lora_nf4_no_grad: its test of the arguments, then
+    the one kernel of the fused dequant-GEMV and the rank-r branch, no xa kept), bound by the packed weight's bytes."""
     from pyfastpeft.quant import quantize_nf4
 
     x, weight, lora_A, lora_B = _lora_tensors(rows, out_features, in_features, rank, dtype, device)
