@@ -117,17 +117,19 @@ def _keep_scale(dropout_p: float) -> float:
     return _fp32(1.0 / (1.0 - dropout_p))
 
 
-def _launch_decode(x2d, packed, absmax, code, bias, lora_A, lora_B, blocksize: int, scaling, dropout_p, rng, y, xa):
+def _launch_decode(x, m: int, packed, absmax, code, bias, lora_A, lora_B, blocksize: int, scaling, dropout_p, rng, y,
+                   xa):  # fmt: skip
     """A decode step over an NF4 base in one native call (lora_nf4_gemv): xa = dropout(x) A^T, then
-    y = x W^T + b + s * xa B^T with one rounding of y. Every tensor contiguous on the CPU, absmax and code fp32,
-    y [m, out] and xa [m, r] (None: not kept) in x's dtype. Pointers go to the kernel directly: the generic
-    launcher's per-argument Python costs microseconds at every layer and token."""
-    (m, in_features), rank, out_features = x2d.shape, lora_A.shape[0], lora_B.shape[0]
+    y = x W^T + b + s * xa B^T with one rounding of y, for x's m rows (any leading shape). Every tensor contiguous on
+    the CPU, absmax and code fp32, y [..., out] and xa [m, r] (None: not kept) in x's dtype. Pointers go to the
+    kernel directly: the generic launcher's per-argument Python costs microseconds at every layer and token, and
+    so would a view of x as [m, in]."""
+    (rank, in_features), out_features = lora_A.shape, lora_B.shape[0]
     dropout = rng is not None
     seed, offset = rng.tolist() if dropout else (0, 0)
     threshold, keep_scale = (_keep_threshold(dropout_p), _keep_scale(dropout_p)) if dropout else (0.0, 1.0)
     codes = _native.DTYPE_CODES
-    _native.cpu.lora_nf4_gemv(x2d.data_ptr(), codes[x2d.dtype], packed.data_ptr(), absmax.data_ptr(),
+    _native.cpu.lora_nf4_gemv(x.data_ptr(), codes[x.dtype], packed.data_ptr(), absmax.data_ptr(),
                               code.data_ptr(), 0 if bias is None else bias.data_ptr(),
                               0 if bias is None else codes[bias.dtype], lora_A.data_ptr(), lora_B.data_ptr(),
                               0 if xa is None else xa.data_ptr(), scaling, dropout, seed, offset, threshold,
@@ -143,7 +145,7 @@ def _native_decode(base, x2d, bias, lora_A, lora_B, scaling, dropout_p, rng):
     xa = torch.empty((m, rank), dtype=x2d.dtype)
     y = torch.empty((m, out_features), dtype=x2d.dtype)
     packed, absmax, code = base.packed.contiguous(), base.absmax.float().contiguous(), base.code.float().contiguous()
-    _launch_decode(x2d, packed, absmax, code, None if bias is None else bias.contiguous(), lora_A.contiguous(),
+    _launch_decode(x2d, m, packed, absmax, code, None if bias is None else bias.contiguous(), lora_A.contiguous(),
                    lora_B.contiguous(), base.blocksize, scaling, dropout_p, rng, y, xa)  # fmt: skip
     return y, xa
 
@@ -459,8 +461,8 @@ def lora_nf4_no_grad(
         return lora_nf4_forward(x, packed, absmax, code, bias, lora_A, lora_B, blocksize, out_features, in_features,
                                 scaling, dropout_p, rng)[0]  # fmt: skip
     y = torch.empty((*x.shape[:-1], out_features), dtype=x.dtype)
-    _launch_decode(x.view(-1, in_features), packed, absmax, code, bias, lora_A, lora_B, blocksize, scaling, dropout_p,
-                   rng, y, None)  # fmt: skip
+    _launch_decode(x, x.numel() // in_features, packed, absmax, code, bias, lora_A, lora_B, blocksize, scaling,
+                   dropout_p, rng, y, None)  # fmt: skip
     return y
 
 
