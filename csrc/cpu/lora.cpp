@@ -344,8 +344,11 @@ template <typename T>
 void down_impl(const T* x, const T* a, T* xa, int64_t m, int64_t k, int64_t rank, bool dropout, uint64_t seed,
                uint64_t offset, float threshold, float keep_scale, int nthreads) {
   using C = typename pfp::Compute<T>::type;
-  // a decode step's mask (4096 draws) and product (16 x 4096) are a few microseconds of work each, less than a
-  // parallel region costs (measured: 16 us for the mask of one 4096-wide row on two threads, against about 3)
+  // a decode step's mask (4096 draws) is a few microseconds of work, less than a parallel region costs (measured:
+  // 16 us for the mask of one 4096-wide row on two threads, against about 3); its product is too where a is in
+  // cache, but a decode step finds a's 128-256 KiB (16 x 4096) back in DRAM after the other layers' weights: the
+  // threads split a's rows once it has 64 KiB (qlora M=1 in python -m pyfastpeft.bench --family lora, 2-core AMX
+  // host: 17.6-18.1 -> 17.7-18.6 GB/s in fp32, 17.0-19.4 -> 18.3-19.4 GB/s in bf16, three runs each)
   std::vector<T> dropped;
   if (dropout) {
     dropped.resize(m * k);
@@ -355,7 +358,8 @@ void down_impl(const T* x, const T* a, T* xa, int64_t m, int64_t k, int64_t rank
   }
   std::vector<C> xs(m * k);
   pfp::load_row(x, xs.data(), m * k);
-  const int threads = m * rank * k >= (int64_t(1) << 20) ? nthreads : 1;
+  const bool split = m * rank * k >= (int64_t(1) << 20) || rank * k * int64_t(sizeof(T)) >= (int64_t(1) << 16);
+  const int threads = split ? nthreads : 1;
   pfp::parallel_for(m * rank, k, threads, [&](int64_t begin, int64_t end, int) {
     std::vector<C> a_row(k);
     for (int64_t task = begin; task < end; ++task) {
