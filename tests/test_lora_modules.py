@@ -264,6 +264,42 @@ def test_nf4_base_at_inference_gives_lora_linear_s_output_bit_for_bit(monkeypatc
         module(x)
 
 
+def test_nf4_inference_casts_the_adapter_once_and_follows_its_updates():
+    """Over a bf16 Linear4bit the fp32 adapter is cast to bf16 once for the no-grad path, and the cast follows every
+    way its weight can change: an in-place update, a `.data` swap, a new Parameter, another adapter, its
+    deletion. Each output equals lora_linear's over the weights of the moment, bit for bit."""
+    torch.manual_seed(0)
+    base = Linear4bit.from_linear(nn.Linear(128, 32), compute_dtype=torch.bfloat16).requires_grad_(False)
+    module = LoRALinear(base, r=4, lora_alpha=8).eval()
+    module.add_adapter("other", r=2, lora_alpha=4)
+    randomize_adapters(module)
+    x = torch.randn(2, 128, dtype=torch.bfloat16)
+
+    def check():
+        with torch.no_grad():
+            fast = module(x)
+            with pytest.MonkeyPatch.context() as patch:
+                patch.setattr(LoRALinear, "_infers_over_nf4", lambda *args: False)
+                expected = module(x)
+        assert torch.equal(fast, expected)
+
+    check()
+    cast = module._inference_weight(module.lora_A, "default", torch.bfloat16)
+    assert cast.dtype == torch.bfloat16 and module._inference_weight(module.lora_A, "default", torch.bfloat16) is cast
+    with torch.no_grad():
+        module.lora_A["default"].weight.mul_(2.0)  # an optimizer step
+    check()
+    module.lora_B["default"].weight.data = torch.randn(32, 4)  # a .data swap keeps the version
+    check()
+    module.lora_B["default"].weight = nn.Parameter(torch.randn(32, 4))
+    check()
+    module.set_adapter("other")
+    check()
+    module.delete_adapter("other")
+    assert all(name == "default" for name, _ in module._inference_casts)
+    check()
+
+
 def warned_error(record) -> float:
     """The max abs re-quantization error a merge / unmerge warning states."""
     return float(re.search(r"up to ([0-9.e+-]+) \(max abs\)", str(record[0].message)).group(1))
