@@ -237,17 +237,26 @@ DECODE_BASE_CORRUPTIONS = {
 }
 
 
-def assert_decode_path_agrees(takes, check, direct, op, args: dict, label: str) -> None:
-    """A decode path's own test `takes` accepts only arguments the op's `check` accepts, and there `direct` (the path
-    itself) returns the op's output bit for bit; arguments the check refuses raise through the path (which then is
-    the op: its check's error, or torch's own where the schema refuses or converts a Python type first)."""
-    values = tuple(args.values())
-    try:
-        check(*values)
-    except (TypeError, ValueError) as error:
-        assert not takes(*values), f"{label}: the decode path takes arguments the op's check refuses: {error}"
-        with pytest.raises((TypeError, ValueError, RuntimeError)):
-            direct(*values)
-        return
-    if takes(*values):
-        assert torch.equal(direct(*values), op(*values)), label
+def assert_decode_path_agrees(takes, check, direct, op, args: dict, corruptions: dict, corruption: str | None):
+    """A decode path's own test `takes` accepts the valid `args` on the native backend, and accepts them altered by
+    corruptions[corruption] only where the op's `check` does; there `direct` (the path itself) returns the op's
+    output bit for bit, and arguments the check refuses raise through the path (which then is the op: its check's
+    error, or torch's own where the schema refuses or converts a Python type first). On the reference backend it
+    takes nothing."""
+    with pyfastpeft.use_backend("native"):
+        if corruption is None:
+            assert takes(*args.values())
+        else:
+            args = corruptions[corruption](args)
+        values = tuple(args.values())
+        try:
+            check(*values)
+        except (TypeError, ValueError) as error:
+            assert not takes(*values), f"{corruption}: the decode path takes arguments the op's check refuses: {error}"
+            with pytest.raises((TypeError, ValueError, RuntimeError)):
+                direct(*values)
+        else:
+            if takes(*values):
+                assert torch.equal(direct(*values), op(*values)), corruption
+    with pyfastpeft.use_backend("reference"):
+        assert not takes(*values)

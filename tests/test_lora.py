@@ -369,21 +369,15 @@ def test_the_decode_kernel_takes_only_what_the_ops_check_accepts(corruption, dty
     args = dict(x=x, packed=packed, absmax=state.dequantized_absmax(), code=state.code.float(), bias=bias,
                 lora_A=lora_A, lora_B=lora_B, blocksize=64, out_features=48, in_features=128, scaling=0.5,
                 dropout_p=0.25, rng=torch.tensor([11, 1 << 35]))  # fmt: skip
-    if corruption is None:
-        assert lora_ops._decode_takes(*args.values())
-    else:
-        args = LORA_DECODE_CORRUPTIONS[corruption](args)
-    with pyfastpeft.use_backend("native"):
-        assert_decode_path_agrees(
-            lora_ops._decode_takes,
-            lora_ops._single_checks("lora_nf4", KINDS["nf4"])[0],
-            lora_ops.lora_nf4_no_grad,
-            lambda *values: lora_ops.lora_nf4_forward(*values)[0],
-            args,
-            str(corruption),
-        )
-    with pyfastpeft.use_backend("reference"):
-        assert not lora_ops._decode_takes(*args.values())
+    assert_decode_path_agrees(
+        lora_ops._decode_takes,
+        lora_ops._single_checks("lora_nf4", KINDS["nf4"])[0],
+        lora_ops.lora_nf4_no_grad,
+        lambda *values: lora_ops.lora_nf4_forward(*values)[0],
+        args,
+        LORA_DECODE_CORRUPTIONS,
+        corruption,
+    )
 
 
 @pytest.mark.parametrize("backend", ["reference", *BACKENDS])

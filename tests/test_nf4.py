@@ -341,19 +341,12 @@ def test_the_gemv_takes_only_what_the_ops_check_accepts(corruption, dtype):
     output is the op's."""
     from pyfastpeft.ops import nf4 as nf4_ops
 
-    args = _gemv_arguments(3, dtype)
-    if corruption is None:
-        assert nf4_ops.gemv_takes(*args.values())
-    else:
-        args = DECODE_BASE_CORRUPTIONS[corruption](args)
-    with pyfastpeft.use_backend("native"):
-        assert_decode_path_agrees(
-            nf4_ops.gemv_takes,
-            lambda *values: nf4_ops.check_nf4_linear("nf4_linear", *values),
-            nf4_ops.nf4_linear_no_grad,
-            nf4_ops.nf4_linear_op,
-            args,
-            str(corruption),
-        )
-    with pyfastpeft.use_backend("reference"):
-        assert not nf4_ops.gemv_takes(*args.values())
+    assert_decode_path_agrees(
+        nf4_ops.gemv_takes,
+        lambda *values: nf4_ops.check_nf4_linear("nf4_linear", *values),
+        nf4_ops.nf4_linear_no_grad,
+        nf4_ops.nf4_linear_op,
+        _gemv_arguments(3, dtype),
+        DECODE_BASE_CORRUPTIONS,
+        corruption,
+    )
