@@ -63,6 +63,8 @@ PYBIND11_MODULE(_C, m) {
   PFP_DEF(int8_dequantize_cols);
   PFP_DEF(lora_dropout);
   PFP_DEF(lora_branch_grads);
+  PFP_DEF(lora_up_grads);
+  PFP_DEF(lora_down);
   PFP_DEF(lora_nf4_gemv);
   PFP_DEF(quantize_affine);
   PFP_DEF(quantize_static);

@@ -253,6 +253,121 @@ def test_native_branch_grads_drop_non_finite_values_at_dropped_positions(isa, am
         assert (dx[~keep] == 0).all() and torch.isinf(dx[:, 7][keep[:, 7]]).all()
 
 
+def native_up_grads(dy, lora_B, xa, scaling):
+    """lora_up_grads: (dY B, s dY^T xa) of dy [M, n], lora_B [n, r], xa [M, r]."""
+    grad_xa, grad_B = xa.new_empty(xa.shape), torch.empty_like(lora_B)
+    _native.cpu.lora_up_grads(dy.data_ptr(), lora_B.data_ptr(), xa.data_ptr(), grad_xa.data_ptr(), grad_B.data_ptr(),
+                              dy.shape[0], dy.shape[1], lora_B.shape[1], _native.dtype_code(dy), scaling,
+                              torch.get_num_threads())  # fmt: skip
+    return grad_xa, grad_B
+
+
+# (rows, n, rank): one AMX block of 32 x 32, read in place; rows and columns crossing a block (n not a multiple of
+# 16, and past one 16-column tile by one); r = 1, 3, 16, two rank tiles (17, 32) and past them (64: the loops);
+# no rows, no columns
+UP_SHAPES = [(64, 64, 16), (19, 517, 16), (8, 37, 3), (3, 250, 1), (45, 300, 17), (33, 17, 32), (1, 16, 64),
+             (0, 40, 4), (5, 0, 4)]  # fmt: skip
+
+
+@pytest.mark.parametrize("isa", CPU_ISAS)
+@pytest.mark.parametrize("amx", CPU_AMX)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("rows, n, rank", UP_SHAPES)
+def test_native_up_grads_are_the_exact_sums_rounded_once(isa, amx, dtype, rows, n, rank):
+    """grad_xa = dY B and grad_B = s dY^T xa: against the fp64 sums of the same (dtype) operands, within one rounding
+    of the output plus fp32 summation error (bf16 up to rank 32 on AMX tiles where amx)."""
+    if amx and isa != "avx512":
+        pytest.skip("AMX tiles are used from the AVX-512 build only")
+    torch.manual_seed(rows * n + rank)
+    dy, lora_B, xa = torch.randn(rows, n).to(dtype), torch.randn(n, rank).to(dtype), torch.randn(rows, rank).to(dtype)
+    scaling = 1.5
+    with cpu_isa(isa), cpu_amx(amx):
+        grad_xa, grad_B = native_up_grads(dy, lora_B, xa, scaling)
+    eps = {torch.float64: 2**-52, torch.float32: 2**-23, torch.bfloat16: 2**-8, torch.float16: 2**-11}[dtype]
+    sum_eps = 2**-52 if dtype == torch.float64 else 2**-23
+    d, b, a = dy.double(), lora_B.double(), xa.double()
+    for got, want, terms, magnitude in (
+        (grad_xa, d @ b, n, d.abs() @ b.abs()),
+        (grad_B, scaling * d.t() @ a, rows, scaling * d.abs().t() @ a.abs()),
+    ):
+        bound = eps * want.abs() + (terms + 2) * sum_eps * magnitude + 1e-300
+        assert ((got.double() - want).abs() <= bound).all()
+
+
+@pytest.mark.parametrize("isa", CPU_ISAS)
+@pytest.mark.parametrize("amx", CPU_AMX)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_native_up_grads_keep_a_non_finite_value_to_its_row_and_column(isa, amx, dtype):
+    """inf in dY[i, j] reaches grad_xa's row i and grad_B's row j only, with the blocks' zero padding around it (a
+    partial block of rows and of columns, and ranks past r in a tile)."""
+    if amx and isa != "avx512":
+        pytest.skip("AMX tiles are used from the AVX-512 build only")
+    rows, n, rank = 35, 50, 3
+    dy, lora_B, xa = torch.randn(rows, n).to(dtype), torch.randn(n, rank).to(dtype), torch.randn(rows, rank).to(dtype)
+    dy[33, 47] = float("inf")
+    with cpu_isa(isa), cpu_amx(amx):
+        grad_xa, grad_B = native_up_grads(dy, lora_B, xa, 1.0)
+    hit_xa, hit_B = torch.zeros(rows, rank, dtype=torch.bool), torch.zeros(n, rank, dtype=torch.bool)
+    hit_xa[33], hit_B[47] = True, True
+    assert torch.isfinite(grad_xa[~hit_xa]).all() and torch.isfinite(grad_B[~hit_B]).all()
+    assert not torch.isfinite(grad_xa[hit_xa]).any() and not torch.isfinite(grad_B[hit_B]).any()
+
+
+def native_down(x, lora_A, rng, dropout_p):
+    """lora_down: dropout(x) A^T of x [M, k], lora_A [r, k] (rng None: no dropout)."""
+    xa = x.new_empty((x.shape[0], lora_A.shape[0]))
+    seed, offset = rng.tolist() if rng is not None else (0, 0)
+    _native.cpu.lora_down(x.data_ptr(), lora_A.data_ptr(), xa.data_ptr(), x.shape[0], x.shape[1], lora_A.shape[0],
+                          _native.dtype_code(x), rng is not None, seed, offset, float(ref.keep_threshold(dropout_p)),
+                          float(torch.tensor(1 / (1 - dropout_p))), torch.get_num_threads())  # fmt: skip
+    return xa
+
+
+# (rows, k, rank): whole AMX blocks of 32 x 32 (read in place without dropout), rows and columns crossing a block
+# (k not a multiple of 32, or of 16), two rank tiles (17, 32), past them (64), and the few rows of a decode step
+DOWN_SHAPES = [(64, 64, 16), (45, 517, 3), (33, 40, 32), (32, 300, 17), (40, 16, 1), (35, 64, 64), (5, 130, 16)]
+
+
+@pytest.mark.parametrize("isa", CPU_ISAS)
+@pytest.mark.parametrize("amx", CPU_AMX)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
+@pytest.mark.parametrize("rows, k, rank", DOWN_SHAPES)
+@pytest.mark.parametrize("dropout", [True, False])
+def test_native_down_is_the_exact_sums_over_lora_dropouts_x(isa, amx, dtype, rows, k, rank, dropout):
+    """xa = x_d A^T, x_d exactly as lora_dropout makes it: against the fp64 sums of the same operands, within one
+    rounding of the output plus fp32 summation error (bf16 up to rank 32 from 32 rows on AMX tiles where amx)."""
+    if amx and isa != "avx512":
+        pytest.skip("AMX tiles are used from the AVX-512 build only")
+    torch.manual_seed(rows * k + rank)
+    x, lora_A = torch.randn(rows, k).to(dtype), torch.randn(rank, k).to(dtype)
+    rng, dropout_p = (torch.tensor([2**40 + 9, 2**33 + 3]), 0.3) if dropout else (None, 0.0)
+    with cpu_isa(isa), cpu_amx(amx):
+        xa = native_down(x, lora_A, rng, dropout_p)
+        x_d = native_dropout(x, rng, dropout_p).double() if dropout else x.double()
+    eps = {torch.float64: 2**-52, torch.float32: 2**-23, torch.bfloat16: 2**-8, torch.float16: 2**-11}[dtype]
+    sum_eps = 2**-52 if dtype == torch.float64 else 2**-23
+    want = x_d @ lora_A.double().t()
+    bound = eps * want.abs() + (k + 2) * sum_eps * (x_d.abs() @ lora_A.double().abs().t()) + 1e-300
+    assert ((xa.double() - want).abs() <= bound).all()
+
+
+@pytest.mark.parametrize("base", ["dense", "nf4"])
+@pytest.mark.parametrize("rank", [16, 32, 40])  # one and two rank tiles; past them, torch's products either way
+@pytest.mark.parametrize("dropout_p", [0.0, 0.25])
+def test_native_bf16_layer_agrees_with_and_without_amx_products(base, rank, dropout_p):
+    """Where the CPU has AMX tiles, the native bf16 forward and backward run lora_down and lora_up_grads in place of
+    torch's small GEMMs (70 rows: two whole blocks of 32 and a partial one): y and every grad agree with the same
+    backend without them, the mask included."""
+    if not _native.cpu.amx_supported():
+        pytest.skip("the CPU has no AMX tiles")
+    inputs = make_inputs((2, 35, 96), 80, rank, torch.bfloat16, base)
+    with cpu_amx(True):
+        with_amx = forward_backward("native", inputs, 2.0, dropout_p)
+    with cpu_amx(False):
+        without = forward_backward("native", inputs, 2.0, dropout_p)
+    assert_all_close(with_amx, without, torch.bfloat16)
+
+
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 def test_triton_dropout_kernel_is_reference_bit_for_bit(dtype):

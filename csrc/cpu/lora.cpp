@@ -601,6 +601,231 @@ void branch_grads_amx(const bf16* x, const bf16* grad_xa, const bf16* a, bf16* d
     amx::release();
   });
 }
+// ---- the down-projection of many rows on AMX tiles (bf16, rank <= 32) ------------------------------------------
+// xa = x_d A^T a block of 32 rows at a time: the block's x_d rows, made exactly as lora_dropout makes them, go into
+// the thread's scratch (zero past k and m), read as A tiles 32 columns a step; A^T is packed once as B tiles (dword
+// q of row p holds a[q][2p] low, a[q][2p + 1] high; zero past k and rank). Without dropout a whole block is read
+// from x in place. Sums are fp32 of exact bf16 products in the tiles' order; the tiles take subnormal inputs as zero.
+constexpr int64_t kDownAmxMinRows = 32;  // fewer rows (a decode step) take down_impl
+
+__attribute__((target("amx-tile,amx-bf16"))) inline void down_block_tiles(const bf16* rows, int64_t ld,
+                                                                          const int8_t* a_tiles, int64_t steps,
+                                                                          bool two_rank_tiles, float (*sums)[256]) {
+  _tile_zero(0);
+  _tile_zero(1);
+  _tile_zero(2);
+  _tile_zero(3);
+  for (int64_t s = 0; s < steps; ++s) {
+    _tile_loadd(4, rows + 32 * s, ld * 2);
+    _tile_loadd(5, rows + 16 * ld + 32 * s, ld * 2);
+    _tile_loadd(6, a_tiles + 2 * s * amx::kTileBytes, 64);
+    _tile_dpbf16ps(0, 4, 6);
+    _tile_dpbf16ps(2, 5, 6);
+    if (two_rank_tiles) {
+      _tile_loadd(7, a_tiles + (2 * s + 1) * amx::kTileBytes, 64);
+      _tile_dpbf16ps(1, 4, 7);
+      _tile_dpbf16ps(3, 5, 7);
+    }
+  }
+  _tile_stored(0, sums[0], 64);
+  _tile_stored(1, sums[1], 64);
+  _tile_stored(2, sums[2], 64);
+  _tile_stored(3, sums[3], 64);
+}
+
+void down_amx(const bf16* x, const bf16* a, bf16* xa, int64_t m, int64_t k, int64_t rank, bool dropout,
+              const DropoutParams<float>& params, int nthreads) {
+  const int64_t steps = (k + 31) / 32, k_padded = 32 * steps, row_blocks = (m + 31) / 32;
+  const bool two_rank_tiles = rank > 16;
+  // A^T's B tiles, step s and rank tile r at (2 s + r) * 1024
+  amx::Aligned a_tiles(steps * 2 * amx::kTileBytes);
+  for (int64_t s = 0; s < steps; ++s)
+    for (int r = 0; r < 2; ++r) {
+      uint32_t* tile = reinterpret_cast<uint32_t*>(a_tiles.data + (2 * s + r) * amx::kTileBytes);
+      for (int64_t p = 0; p < 16; ++p)
+        for (int64_t q = 0; q < 16; ++q) {
+          const int64_t c = 32 * s + 2 * p, rq = 16 * r + q;
+          const uint32_t even = c < k && rq < rank ? a[rq * k + c].bits : 0;
+          const uint32_t odd = c + 1 < k && rq < rank ? a[rq * k + c + 1].bits : 0;
+          tile[p * 16 + q] = even | odd << 16;
+        }
+    }
+  pfp::parallel_for(row_blocks, 32 * k * (dropout ? 64 : 1), nthreads, [&](int64_t begin, int64_t end, int) {
+    amx::Aligned scratch(32 * k_padded * int64_t(sizeof(bf16)));
+    bf16* block = reinterpret_cast<bf16*>(scratch.data);
+    alignas(64) float sums[4][256];
+    amx::configure();
+    for (int64_t rb = begin; rb < end; ++rb) {
+      const int64_t i0 = 32 * rb, rows = m - i0 < 32 ? m - i0 : 32;
+      const bf16* src = x + i0 * k;
+      int64_t ld = k;
+      if (dropout || rows < 32 || k != k_padded) {
+        for (int64_t r = 0; r < 32; ++r) {
+          bf16* out = block + r * k_padded;
+          int64_t made = 0;
+          if (r < rows && dropout) {
+            const int64_t row_first = (i0 + r) * k;
+            for_stream_pieces(params.offset + uint64_t(row_first), k, [&](int64_t first, int64_t count) {
+              dropout_chunk(x + row_first + first, out + first, row_first + first, count, params);
+            });
+            made = k;
+          } else if (r < rows) {
+            std::copy_n(x + (i0 + r) * k, k, out);
+            made = k;
+          }
+          std::fill(out + made, out + k_padded, bf16{0});
+        }
+        src = block;
+        ld = k_padded;
+      }
+      down_block_tiles(src, ld, a_tiles.data, steps, two_rank_tiles, sums);
+      for (int64_t r = 0; r < rows; ++r)
+        for (int64_t q = 0; q < rank; ++q)
+          xa[(i0 + r) * rank + q] = pfp::to_bf16(sums[2 * (r / 16) + q / 16][(r % 16) * 16 + q % 16]);
+    }
+    amx::release();
+  });
+}
+
+// ---- the up-projection's grads on AMX tiles (bf16, rank <= 32) -------------------------------------------------
+// grad_xa = dY B and grad_b = s dY^T xa both read all of dY; here one pass does both. A thread walks its blocks of
+// 32 rows of dY, 32 columns a step:
+//   g[32 rows, 32 ranks] += dY block (two A tiles: rows [0, 16) and [16, 32), 32 columns) . B's tile of those
+//   columns (B tile: dword q of row p holds b[2p][q] low, b[2p + 1][q] high), the sums kept in tiles 0..3 across the
+//   row's steps;
+//   dB^T[16 ranks, 16 columns] += xa^T's tile [16 ranks, the block's 32 rows] . the block's rows pairwise (B tile:
+//   dword j of row p holds dY[2p][j] low, dY[2p + 1][j] high), into the thread's fp32 sums of every column.
+// The threads' dB sums are added at the end. A block that crosses m or n is first copied, zero-padded, into the
+// thread's scratch; b and xa are zero past n, m and rank, so padding adds nothing (0 * inf there is NaN in a sum no
+// output reads). Sums are fp32 of exact bf16 products in the tiles' order; the tiles take subnormal inputs as zero.
+struct alignas(64) UpTiles {         // one thread's scratch, 8 KiB
+  int8_t block[2][amx::kTileBytes];  // a dY block crossing m or n, zero-padded: 32 rows x 32 columns
+  int8_t pairs[2][amx::kTileBytes];  // B tiles: the block's rows pairwise, columns [0, 16) and [16, 32)
+  int8_t xa_t[2][amx::kTileBytes];   // A tiles: xa^T of the block's rows, ranks [0, 16) and [16, 32)
+  float g[4][256];                   // the g tiles, stored: tile 2 h + t = rows [16 h, + 16), ranks [16 t, + 16)
+};
+
+// The step's tile products (tile registers: 0..3 the g sums, 4..7 operands). dy: the block's first element, rows
+// `ld` elements apart; b_tiles: the step's B tiles (one per rank tile); dbt: the thread's dB^T sums of the step's
+// first 16-column tile, rank tile t at dbt + t * tile_stride floats.
+__attribute__((target("amx-tile,amx-bf16"))) inline void up_step_tiles(const bf16* dy, int64_t ld,
+                                                                       const int8_t* b_tiles, bool two_rank_tiles,
+                                                                       int columns, float* dbt, int64_t tile_stride,
+                                                                       UpTiles& t) {
+  _tile_loadd(4, dy, ld * 2);
+  _tile_loadd(5, dy + 16 * ld, ld * 2);
+  _tile_loadd(6, b_tiles, 64);
+  _tile_dpbf16ps(0, 4, 6);
+  _tile_dpbf16ps(2, 5, 6);
+  if (two_rank_tiles) {
+    _tile_loadd(7, b_tiles + amx::kTileBytes, 64);
+    _tile_dpbf16ps(1, 4, 7);
+    _tile_dpbf16ps(3, 5, 7);
+  }
+  for (int c = 0; c < 2; ++c) {  // rows pairwise, 16 columns a B tile
+    for (int p = 0; p < 16; ++p) {
+      const __m512i even =
+          _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(dy + 2 * p * ld + 16 * c)));
+      const __m512i odd =
+          _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(dy + (2 * p + 1) * ld + 16 * c)));
+      _mm512_store_si512(t.pairs[c] + 64 * p, _mm512_or_si512(even, _mm512_slli_epi32(odd, 16)));
+    }
+  }
+  for (int c = 0; c < columns; ++c) {
+    _tile_loadd(4, t.pairs[c], 64);
+    for (int r = 0; r < (two_rank_tiles ? 2 : 1); ++r) {
+      float* sums = dbt + r * tile_stride + c * 256;
+      _tile_loadd(5, t.xa_t[r], 64);
+      _tile_loadd(6, sums, 64);
+      _tile_dpbf16ps(6, 5, 4);
+      _tile_stored(6, sums, 64);
+    }
+  }
+}
+
+__attribute__((target("amx-tile"))) inline void up_zero_sums() {
+  _tile_zero(0);
+  _tile_zero(1);
+  _tile_zero(2);
+  _tile_zero(3);
+}
+
+__attribute__((target("amx-tile"))) inline void up_store_sums(UpTiles& t) {
+  _tile_stored(0, t.g[0], 64);
+  _tile_stored(1, t.g[1], 64);
+  _tile_stored(2, t.g[2], 64);
+  _tile_stored(3, t.g[3], 64);
+}
+
+void up_grads_amx(const bf16* dy, const bf16* b, const bf16* xa, bf16* grad_xa, bf16* grad_b, int64_t m, int64_t n,
+                  int64_t rank, float scaling, int nthreads) {
+  const int64_t steps = (n + 31) / 32, col_tiles = 2 * steps, row_blocks = (m + 31) / 32;
+  const bool two_rank_tiles = rank > 16;
+  const int rank_tiles = two_rank_tiles ? 2 : 1;
+  // B tiles, step s and rank tile r at (s * 2 + r) * 1024: zero past n and rank
+  amx::Aligned b_tiles(steps * 2 * amx::kTileBytes);
+  for (int64_t s = 0; s < steps; ++s)
+    for (int r = 0; r < 2; ++r) {
+      uint32_t* tile = reinterpret_cast<uint32_t*>(b_tiles.data + (s * 2 + r) * amx::kTileBytes);
+      for (int64_t p = 0; p < 16; ++p)
+        for (int64_t q = 0; q < 16; ++q) {
+          const int64_t j = 32 * s + 2 * p, rq = 16 * r + q;
+          const uint32_t even = j < n && rq < rank ? b[j * rank + rq].bits : 0;
+          const uint32_t odd = j + 1 < n && rq < rank ? b[(j + 1) * rank + rq].bits : 0;
+          tile[p * 16 + q] = even | odd << 16;
+        }
+    }
+  // each thread's dB^T sums: rank tile r, column tile c at (r * col_tiles + c) * 256, a 16 x 16 fp32 tile
+  const int64_t sums_size = rank_tiles * col_tiles * 256;
+  std::vector<std::vector<float>> dbt(size_t(nthreads > 0 ? nthreads : 1));
+  pfp::parallel_for(row_blocks, 32 * n * rank, nthreads, [&](int64_t begin, int64_t end, int tid) {
+    std::vector<float>& sums = dbt[size_t(tid)];
+    sums.assign(size_t(sums_size), 0.0f);
+    amx::Aligned scratch(int64_t(sizeof(UpTiles)));
+    UpTiles& t = *reinterpret_cast<UpTiles*>(scratch.data);
+    amx::configure();
+    for (int64_t rb = begin; rb < end; ++rb) {
+      const int64_t i0 = 32 * rb, rows = m - i0 < 32 ? m - i0 : 32;
+      for (int r = 0; r < 2; ++r) {
+        bf16* tile = reinterpret_cast<bf16*>(t.xa_t[r]);
+        for (int64_t q = 0; q < 16; ++q)
+          for (int64_t i = 0; i < 32; ++i)
+            tile[q * 32 + i] = i < rows && 16 * r + q < rank ? xa[(i0 + i) * rank + 16 * r + q] : bf16{0};
+      }
+      up_zero_sums();
+      for (int64_t s = 0; s < steps; ++s) {
+        const int64_t j0 = 32 * s, cols = n - j0 < 32 ? n - j0 : 32;
+        const bf16* src = dy + i0 * n + j0;
+        int64_t ld = n;
+        if (rows < 32 || cols < 32) {
+          bf16* block = reinterpret_cast<bf16*>(t.block[0]);
+          for (int64_t i = 0; i < 32; ++i)
+            for (int64_t j = 0; j < 32; ++j) block[i * 32 + j] = i < rows && j < cols ? src[i * n + j] : bf16{0};
+          src = block;
+          ld = 32;
+        }
+        up_step_tiles(src, ld, b_tiles.data + s * 2 * amx::kTileBytes, two_rank_tiles, cols > 16 ? 2 : 1,
+                      sums.data() + 2 * s * 256, col_tiles * 256, t);
+      }
+      up_store_sums(t);
+      for (int64_t i = 0; i < rows; ++i)
+        for (int64_t q = 0; q < rank; ++q)
+          grad_xa[(i0 + i) * rank + q] = pfp::to_bf16(t.g[2 * (i / 16) + q / 16][(i % 16) * 16 + q % 16]);
+    }
+    amx::release();
+  });
+  // grad_b[j, q] = s * (the threads' dB^T sums at rank q, column j), rounded once
+  pfp::parallel_for(col_tiles, 16 * rank * nthreads, nthreads, [&](int64_t begin, int64_t end, int) {
+    for (int64_t c = begin; c < end; ++c)
+      for (int64_t jj = 0; jj < 16 && 16 * c + jj < n; ++jj)
+        for (int64_t q = 0; q < rank; ++q) {
+          float sum = 0.0f;
+          for (const std::vector<float>& sums : dbt)
+            if (!sums.empty()) sum += sums[size_t(((q / 16) * col_tiles + c) * 256 + (q % 16) * 16 + jj)];
+          grad_b[(16 * c + jj) * rank + q] = pfp::to_bf16(scaling * sum);
+        }
+  });
+}
 #endif
 
 // The same in plain loops (the AVX2 and scalar builds, fp16 and fp64 data), the mask as keep factors.
@@ -657,16 +882,58 @@ void branch_grads_loops(const T* x, const T* grad_xa, const T* a, T* dx, T* grad
   });
 }
 
+// The up-projection's grads in plain loops (every build and dtype but bf16 on AMX): sums in the compute type.
+template <typename T>
+void up_grads_loops(const T* dy, const T* b, const T* xa, T* grad_xa, T* grad_b, int64_t m, int64_t n, int64_t rank,
+                    double scaling, int nthreads) {
+  using C = typename pfp::Compute<T>::type;
+  std::vector<C> b_c(size_t(n * rank)), xa_c(size_t(m * rank));
+  pfp::load_row(b, b_c.data(), n * rank);
+  pfp::load_row(xa, xa_c.data(), m * rank);
+  pfp::parallel_for(m, n * rank, nthreads, [&](int64_t begin, int64_t end, int) {  // grad_xa, a row at a time
+    std::vector<C> row(static_cast<size_t>(n)), sums(static_cast<size_t>(rank));
+    for (int64_t i = begin; i < end; ++i) {
+      pfp::load_row(dy + i * n, row.data(), n);
+      std::fill(sums.begin(), sums.end(), C(0));
+      for (int64_t j = 0; j < n; ++j)
+        for (int64_t q = 0; q < rank; ++q) sums[size_t(q)] += row[size_t(j)] * b_c[size_t(j * rank + q)];
+      pfp::store_row(sums.data(), grad_xa + i * rank, rank);
+    }
+  });
+  pfp::parallel_for(n, m * rank, nthreads, [&](int64_t begin, int64_t end, int) {  // grad_b, a range of columns
+    std::vector<C> row(size_t(end - begin)), sums(size_t((end - begin) * rank), C(0));
+    for (int64_t i = 0; i < m; ++i) {
+      pfp::load_row(dy + i * n + begin, row.data(), end - begin);
+      for (int64_t j = 0; j < end - begin; ++j)
+        for (int64_t q = 0; q < rank; ++q) sums[size_t(j * rank + q)] += row[size_t(j)] * xa_c[size_t(i * rank + q)];
+    }
+    for (C& v : sums) v *= C(scaling);
+    pfp::store_row(sums.data(), grad_b + begin * rank, (end - begin) * rank);
+  });
+}
+
 }  // namespace
 
-// lora_down: LoRA's down-projection of a few rows (decode), xa[m, rank] = dropout(x)[m, k] @ a[rank, k]^T, the
-// dropped x exactly as lora_dropout makes it (alpha 1; rounded to the dtype) when dropout, the sums in fp32 (fp64
-// for fp64) rounded once. x, a, xa: contiguous, of `dtype`. seed, offset, threshold, keep_scale: as lora_dropout.
-// Not bound to Python: lora_nf4_gemv (nf4.cpp) runs it before its GEMV, so a decode step is one call.
+// lora_down: LoRA's down-projection, xa[m, rank] = dropout(x)[m, k] @ a[rank, k]^T, the dropped x exactly as
+// lora_dropout makes it (alpha 1; rounded to the dtype) when dropout, the sums in fp32 (fp64 for fp64) rounded
+// once. x, a, xa: contiguous, of `dtype`; m, k >= 0, rank >= 1. seed, offset, threshold, keep_scale: as lora_dropout.
+// bf16 at rank <= 32 and m >= 32 runs on AMX tiles where pfp::amx_in_use() (the training forward's, from Python):
+// the sums in the tiles' order, a subnormal x_d or a element counting as zero. Otherwise down_impl, which is built
+// for the few rows of a decode step (lora_nf4_gemv in nf4.cpp runs it before its GEMV, so the step is one call).
 void lora_down(const void* x, const void* a, void* xa, int64_t m, int64_t k, int64_t rank, int dtype, bool dropout,
                int64_t seed, int64_t offset, float threshold, float keep_scale, int nthreads) {
   pfp::dispatch_float(dtype, "lora_down", [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
+#if PFP_HAS_AMX
+    if constexpr (std::is_same_v<T, bf16>) {
+      if (pfp::amx_in_use() && rank <= kMaxAmxRank && m >= kDownAmxMinRows) {
+        const auto params = dropout_params<float>(uint64_t(seed), uint64_t(offset), threshold, keep_scale, 1.0, false);
+        down_amx(static_cast<const bf16*>(x), static_cast<const bf16*>(a), static_cast<bf16*>(xa), m, k, rank, dropout,
+                 params, nthreads);
+        return;
+      }
+    }
+#endif
     down_impl(static_cast<const T*>(x), static_cast<const T*>(a), static_cast<T*>(xa), m, k, rank, dropout,
               uint64_t(seed), uint64_t(offset), threshold, keep_scale, nthreads);
   });
@@ -746,6 +1013,34 @@ void lora_branch_grads(const void* x, const void* grad_xa, const void* a, void* 
     }
 #endif
     branch_grads_loops(x_t, g_t, a_t, dx_t, grad_t, m, k, rank, dropout, params, nthreads);
+  });
+}
+
+// lora_up_grads: the up-projection's grads of y = s xa b^T in one read of dY:
+//   grad_xa[i, q] = sum_j dy[i, j] * b[j, q]            ([m, rank], dY B)
+//   grad_b[j, q]  = s * sum_i dy[i, j] * xa[i, q]       ([n, rank], s dY^T xa)
+// in fp32 (fp64 for fp64 data), each output rounded once to the dtype. dy [m, n], b [n, rank], xa [m, rank],
+// grad_xa [m, rank], grad_b [n, rank]: contiguous, of `dtype`, none aliasing another; m, n >= 0, rank >= 1.
+// bf16 at rank <= 32 runs on AMX tiles where pfp::amx_in_use(): the sums in the tiles' order, and a subnormal dy, b
+// or xa element counts as zero in them.
+void lora_up_grads(const void* dy, const void* b, const void* xa, void* grad_xa, void* grad_b, int64_t m, int64_t n,
+                   int64_t rank, int dtype, double scaling, int nthreads) {
+  pfp::dispatch_float(dtype, "lora_up_grads", [&](auto* tag) {
+    using T = std::remove_pointer_t<decltype(tag)>;
+    const T* dy_t = static_cast<const T*>(dy);
+    const T* b_t = static_cast<const T*>(b);
+    const T* xa_t = static_cast<const T*>(xa);
+    T* grad_xa_t = static_cast<T*>(grad_xa);
+    T* grad_b_t = static_cast<T*>(grad_b);
+#if PFP_HAS_AMX
+    if constexpr (std::is_same_v<T, bf16>) {
+      if (pfp::amx_in_use() && rank <= kMaxAmxRank) {
+        up_grads_amx(dy_t, b_t, xa_t, grad_xa_t, grad_b_t, m, n, rank, float(scaling), nthreads);
+        return;
+      }
+    }
+#endif
+    up_grads_loops(dy_t, b_t, xa_t, grad_xa_t, grad_b_t, m, n, rank, scaling, nthreads);
   });
 }
 

@@ -95,6 +95,10 @@ def dropout_into(src, dst, rng, dropout_p: float, alpha: float = 1.0, accumulate
 # beside each dropout pass reads it in cache instead of an [M, in] temporary in memory.
 TILE_ELEMENTS = 1 << 20
 
+# The largest rank one AMX tile's K holds, and the fewest rows lora_down takes on AMX tiles (csrc/cpu/lora.cpp)
+AMX_MAX_RANK = 32
+AMX_MIN_ROWS = 32
+
 
 def _row_tiles(rows: int, in_features: int) -> list[tuple[int, int]]:
     step = max(1, TILE_ELEMENTS // max(in_features, 1))
@@ -169,7 +173,13 @@ def _native_forward(base, x, bias, lora_A, lora_B, scaling, dropout_p, rng):
         y, xa = _native_decode(base, x2d, bias, lora_A, lora_B, scaling, dropout_p, rng)
         return y.view(*x.shape[:-1], out_features), xa
     y = base.forward(x2d, bias)
-    if rng is not None and x2d.numel():
+    if rng is not None and x2d.numel() and _amx_products(x2d, lora_A.shape[0], AMX_MIN_ROWS):
+        # xa = x_d A^T in one kernel (x_d made a block of rows at a time in cache, the products on AMX tiles)
+        xa = x2d.new_empty((x2d.shape[0], lora_A.shape[0]))
+        seed, offset = rng.tolist()
+        _native.launch("lora_down", x2d, x2d, lora_A.contiguous(), xa, x2d.shape[0], in_features, lora_A.shape[0],
+                       x2d.dtype, True, seed, offset, _keep_threshold(dropout_p), _keep_scale(dropout_p))  # fmt: skip
+    elif rng is not None and x2d.numel():
         # xa = x_d A^T a tile of rows at a time; the buffer is freed on return: backward regenerates x_d from rng
         xa = x2d.new_empty((x2d.shape[0], lora_A.shape[0]))
         tiles = _row_tiles(*x2d.shape)
@@ -184,12 +194,30 @@ def _native_forward(base, x, bias, lora_A, lora_B, scaling, dropout_p, rng):
     return y.view(*x.shape[:-1], out_features), xa
 
 
+def _amx_products(t, rank: int, min_rows: int = 0) -> bool:
+    """Whether the native kernels take this bf16 LoRA branch's products on AMX tiles (a CPU with them, rank <=
+    AMX_MAX_RANK, and at least min_rows rows): there they run lora_down and lora_up_grads in place of torch's small
+    GEMMs, which read x and dY at about half the bandwidth, and dY twice."""
+    return t.dtype == torch.bfloat16 and rank <= AMX_MAX_RANK and t.shape[0] >= min_rows and _native.cpu.amx_in_use()
+
+
+def _up_grads(dy2d, lora_B, xa, scaling):
+    """(dY B, s dY^T xa): lora_up_grads, one read of dY for both, where _amx_products; elsewhere torch's GEMMs."""
+    if _amx_products(dy2d, lora_B.shape[1]):
+        grad_xa = dy2d.new_empty((dy2d.shape[0], lora_B.shape[1]))
+        grad_B = torch.empty_like(lora_B, memory_format=torch.contiguous_format)
+        _native.launch("lora_up_grads", dy2d, dy2d, lora_B.contiguous(), xa.contiguous(), grad_xa, grad_B,
+                       dy2d.shape[0], dy2d.shape[1], lora_B.shape[1], dy2d.dtype, scaling)  # fmt: skip
+        return grad_xa, grad_B
+    grad_B = (xa.t() @ dy2d).mul_(scaling).t().contiguous()  # torch runs dY^T xa a fifth slower than (xa^T dY)^T
+    return dy2d @ lora_B, grad_B
+
+
 def _native_backward(base, dy, x, lora_A, lora_B, xa, scaling, dropout_p, rng, needs_input_grad):
     in_features, out_features = lora_A.shape[1], lora_B.shape[0]
     dy2d = dy.reshape(-1, out_features).contiguous()
     x2d = x.reshape(-1, in_features).contiguous()
-    grad_xa = dy2d @ lora_B
-    grad_B = (xa.t() @ dy2d).mul_(scaling).t().contiguous()  # torch runs dY^T xa a fifth slower than (xa^T dY)^T
+    grad_xa, grad_B = _up_grads(dy2d, lora_B, xa, scaling)
     dx = base.grad_input(dy2d) if needs_input_grad else None
     if rng is None:  # torch's GEMMs: dA = s (dY B)^T x, dX += s (dY B) A
         grad_A = (grad_xa.t() @ x2d).mul_(scaling)
