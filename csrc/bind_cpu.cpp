@@ -1,8 +1,7 @@
-// pybind11 bindings of the CPU kernels (pyfastpeft._C): one line per entry point of csrc/cpu/kernels.h (but lora_down,
-// which only lora_nf4_gemv calls), the Python function taking the kernel's parameters in its order (pointers as
-// integers, see csrc/bind_common.h) and calling the build for the instruction set in use. pyfastpeft/ops/<family>.py
-// has validated every argument against the contract written above each kernel. The GIL is released around every kernel
-// call.
+// pybind11 bindings of the CPU kernels (pyfastpeft._C): one line per entry point of csrc/cpu/kernels.h, the Python
+// function taking the kernel's parameters in its order (pointers as integers, see csrc/bind_common.h) and calling the
+// build for the instruction set in use. pyfastpeft/ops/<family>.py has validated every argument against the contract
+// written above each kernel. The GIL is released around every kernel call.
 #include <pybind11/pybind11.h>
 #include <pybind11/stl.h>
 

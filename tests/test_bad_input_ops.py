@@ -213,6 +213,38 @@ def lora_op_called_directly_with_a_two_dimensional_rng():
     torch.ops.pyfastpeft.lora_forward(x, weight, None, lora_A, lora_B, 1.0, 0.1, torch.tensor([[1, 2]]))
 
 
+@cases.add(ValueError, r"keep must be a contiguous int64 \[3, 1\]")
+def lora_op_called_directly_with_a_short_keep():
+    x, weight, _, lora_A, lora_B = _lora_args()
+    keep = torch.zeros(2, 1, dtype=torch.int64)
+    torch.ops.pyfastpeft.lora_forward(x, weight, None, lora_A, lora_B, 1.0, 0.1, torch.tensor([1, 2]), keep)
+
+
+@cases.add(TypeError, "keep")
+def lora_backward_op_called_directly_with_an_int32_keep():
+    x, weight, _, lora_A, lora_B = _lora_args()
+    keep = torch.zeros(3, 1, dtype=torch.int32)
+    rng = torch.tensor([1, 2])
+    torch.ops.pyfastpeft.lora_backward(torch.randn(3, 4), x, weight, lora_A, lora_B, torch.randn(3, 2), 1.0, 0.1, rng,
+                                       True, keep)  # fmt: skip
+
+
+@cases.add(ValueError, r"keep must be a contiguous int64 \[3, 1\]")
+def lora_backward_op_called_directly_with_a_strided_keep():
+    x, weight, _, lora_A, lora_B = _lora_args()
+    keep = torch.zeros(3, 2, dtype=torch.int64)[:, :1]
+    rng = torch.tensor([1, 2])
+    torch.ops.pyfastpeft.lora_backward(torch.randn(3, 4), x, weight, lora_A, lora_B, torch.randn(3, 2), 1.0, 0.1, rng,
+                                       True, keep)  # fmt: skip
+
+
+@cases.add(ValueError, "without dropout")
+def lora_op_called_directly_with_keep_but_no_rng():
+    x, weight, _, lora_A, lora_B = _lora_args()
+    keep = torch.zeros(3, 1, dtype=torch.int64)
+    torch.ops.pyfastpeft.lora_forward(x, weight, None, lora_A, lora_B, 1.0, 0.0, None, keep)
+
+
 @cases.add(ValueError, r"xa has shape \(2, 2\), expected \[3, 2\]")
 def lora_backward_op_called_directly_with_short_xa():
     x, weight, _, lora_A, lora_B = _lora_args()

@@ -158,8 +158,9 @@ def test_native_dropout_selects_so_non_finite_dropped_elements_give_zero(isa, va
     assert (dropped[~keep] == 0).all() and (accumulated[~keep] == 1).all()
 
 
-def native_branch_grads(x, grad_xa, lora_A, dx, rng, dropout_p, scaling):
-    """lora_branch_grads: (dA, dX + its branch term) of x [M, k], grad_xa [M, r], lora_A [r, k]; dx None: dA alone."""
+def native_branch_grads(x, grad_xa, lora_A, dx, rng, dropout_p, scaling, keep=None):
+    """lora_branch_grads: (dA, dX + its branch term) of x [M, k], grad_xa [M, r], lora_A [r, k]; dx None: dA alone;
+    keep: the mask's bit words, read in place of drawing it."""
     grad_A = torch.empty_like(lora_A)
     out = None if dx is None else dx.clone()
     seed, offset = rng.tolist() if rng is not None else (0, 0)
@@ -169,6 +170,7 @@ def native_branch_grads(x, grad_xa, lora_A, dx, rng, dropout_p, scaling):
         lora_A.data_ptr(),
         0 if out is None else out.data_ptr(),
         grad_A.data_ptr(),
+        0 if keep is None else keep.data_ptr(),
         x.shape[0],
         x.shape[1],
         lora_A.shape[0],
@@ -207,6 +209,11 @@ def test_native_branch_grads_are_the_exact_sums_rounded_once(isa, amx, dtype, ro
     with cpu_isa(isa), cpu_amx(amx):
         grad_A, dx_out = native_branch_grads(x, grad_xa, lora_A, dx, rng, dropout_p, scaling)
         grad_A_alone, nothing = native_branch_grads(x, grad_xa, lora_A, None, rng, dropout_p, scaling)
+        if dropout:  # the forward's bits read in place of the drawn mask: the same outputs, bit for bit
+            keep = torch.empty((rows, lora_ops.keep_words(k)), dtype=torch.int64)
+            lora_ops.fill_keep(keep, rng, dropout_p, k)
+            kept_A, kept_dx = native_branch_grads(x, grad_xa, lora_A, dx, rng, dropout_p, scaling, keep)
+            assert torch.equal(kept_A, grad_A) and torch.equal(kept_dx, dx_out)
     keep = ref.keep_mask(rng, x.shape, dropout_p, x.device) if dropout else torch.ones_like(x, dtype=torch.bool)
     x_d = native_dropout(x, rng, dropout_p).double() if dropout else x.double()
     keep_scale = float(torch.tensor(1 / (1 - dropout_p)))
@@ -313,13 +320,15 @@ def test_native_up_grads_keep_a_non_finite_value_to_its_row_and_column(isa, amx,
     assert not torch.isfinite(grad_xa[hit_xa]).any() and not torch.isfinite(grad_B[hit_B]).any()
 
 
-def native_down(x, lora_A, rng, dropout_p):
-    """lora_down: dropout(x) A^T of x [M, k], lora_A [r, k] (rng None: no dropout)."""
+def native_down(x, lora_A, rng, dropout_p, keep=None):
+    """lora_down: dropout(x) A^T of x [M, k], lora_A [r, k] (rng None: no dropout); keep: receives the mask's bits."""
     xa = x.new_empty((x.shape[0], lora_A.shape[0]))
     seed, offset = rng.tolist() if rng is not None else (0, 0)
-    _native.cpu.lora_down(x.data_ptr(), lora_A.data_ptr(), xa.data_ptr(), x.shape[0], x.shape[1], lora_A.shape[0],
-                          _native.dtype_code(x), rng is not None, seed, offset, float(ref.keep_threshold(dropout_p)),
-                          float(torch.tensor(1 / (1 - dropout_p))), torch.get_num_threads())  # fmt: skip
+    keep_ptr = 0 if keep is None else keep.data_ptr()
+    _native.cpu.lora_down(x.data_ptr(), lora_A.data_ptr(), xa.data_ptr(), keep_ptr, x.shape[0], x.shape[1],
+                          lora_A.shape[0], _native.dtype_code(x), rng is not None, seed, offset,
+                          float(ref.keep_threshold(dropout_p)), float(torch.tensor(1 / (1 - dropout_p))),
+                          torch.get_num_threads())  # fmt: skip
     return xa
 
 
@@ -335,15 +344,21 @@ DOWN_SHAPES = [(64, 64, 16), (45, 517, 3), (33, 40, 32), (32, 300, 17), (40, 16,
 @pytest.mark.parametrize("dropout", [True, False])
 def test_native_down_is_the_exact_sums_over_lora_dropouts_x(isa, amx, dtype, rows, k, rank, dropout):
     """xa = x_d A^T, x_d exactly as lora_dropout makes it: against the fp64 sums of the same operands, within one
-    rounding of the output plus fp32 summation error (bf16 up to rank 32 from 32 rows on AMX tiles where amx)."""
+    rounding of the output plus fp32 summation error (bf16 up to rank 32 from 32 rows on AMX tiles where amx). Asked
+    for the mask's bits, it writes them over whatever keep held, and xa is the same."""
     if amx and isa != "avx512":
         pytest.skip("AMX tiles are used from the AVX-512 build only")
     torch.manual_seed(rows * k + rank)
     x, lora_A = torch.randn(rows, k).to(dtype), torch.randn(rank, k).to(dtype)
     rng, dropout_p = (torch.tensor([2**40 + 9, 2**33 + 3]), 0.3) if dropout else (None, 0.0)
+    keep = torch.full((rows, lora_ops.keep_words(k)), -1, dtype=torch.int64) if dropout else None
     with cpu_isa(isa), cpu_amx(amx):
         xa = native_down(x, lora_A, rng, dropout_p)
+        assert torch.equal(native_down(x, lora_A, rng, dropout_p, keep), xa)
         x_d = native_dropout(x, rng, dropout_p).double() if dropout else x.double()
+    if dropout:  # the mask's bits, written as x_d was made
+        kept, padding = unpack_keep(keep, k)
+        assert torch.equal(kept, ref.keep_mask(rng, (rows, k), dropout_p, "cpu")) and not padding.any()
     eps = {torch.float64: 2**-52, torch.float32: 2**-23, torch.bfloat16: 2**-8, torch.float16: 2**-11}[dtype]
     sum_eps = 2**-52 if dtype == torch.float64 else 2**-23
     want = x_d @ lora_A.double().t()
@@ -351,16 +366,83 @@ def test_native_down_is_the_exact_sums_over_lora_dropouts_x(isa, amx, dtype, row
     assert ((xa.double() - want).abs() <= bound).all()
 
 
+def unpack_keep(keep, k):
+    """(the mask [M, k] as bools, the padding bits past k) of the int64 words keep [M, ceil(k / 64)]."""
+    bits = ((keep.unsqueeze(-1) >> torch.arange(64)) & 1).reshape(keep.shape[0], keep.shape[1] * 64)
+    return bits[:, :k].bool(), bits[:, k:]
+
+
+@pytest.mark.parametrize("rows, k", [(3, 64), (5, 70), (2, 1), (0, 9)])
+def test_fill_keep_packs_the_reference_mask_into_words(rows, k):
+    """Element c of row i is bit c % 64 of word c // 64, the bits past k are 0: the layout the kernels share."""
+    rng = torch.tensor([3, 2**40 + 1])
+    keep = torch.full((rows, lora_ops.keep_words(k)), -1, dtype=torch.int64)
+    lora_ops.fill_keep(keep, rng, 0.4, k)
+    kept, padding = unpack_keep(keep, k)
+    assert torch.equal(kept, ref.keep_mask(rng, (rows, k), 0.4, "cpu")) and not padding.any()
+
+
+@pytest.mark.parametrize("isa", CPU_ISAS)
+@pytest.mark.parametrize("amx", CPU_AMX)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
+def test_native_branch_grads_take_the_mask_from_keep(isa, amx, dtype):
+    """Given keep, the branch pass applies those bits, not the rng's: random bits against the fp64 formula with that
+    mask (two AMX row steps and a partial one; a column block boundary mid-word)."""
+    if amx and isa != "avx512":
+        pytest.skip("AMX tiles are used from the AVX-512 build only")
+    rows, k, rank, dropout_p, scaling = 70, 301, 16, 0.3, 1.5
+    x, dx = torch.randn(rows, k).to(dtype), torch.randn(rows, k).to(dtype)
+    grad_xa, lora_A = torch.randn(rows, rank).to(dtype), torch.randn(rank, k).to(dtype)
+    mask = torch.rand(rows, k) < 0.6
+    keep = torch.zeros((rows, lora_ops.keep_words(k)), dtype=torch.int64)
+    padded = torch.zeros(rows, keep.shape[1] * 64, dtype=torch.int64)
+    padded[:, :k] = mask
+    keep = (padded.view(rows, -1, 64) << torch.arange(64)).sum(-1)
+    with cpu_isa(isa), cpu_amx(amx):
+        grad_A, dx_out = native_branch_grads(x, grad_xa, lora_A, dx, torch.tensor([1, 2]), dropout_p, scaling, keep)
+    keep_scale = float(torch.tensor(1 / (1 - dropout_p)))
+    x_d = torch.where(mask, (x.double() * keep_scale).to(dtype).double(), 0.0)
+    want_A = scaling * grad_xa.double().t() @ x_d
+    want_dx = dx.double() + scaling * torch.where(mask, (grad_xa.double() @ lora_A.double()) * keep_scale, 0.0)
+    torch.testing.assert_close(grad_A.double(), want_A, **TOLERANCES[dtype])
+    torch.testing.assert_close(dx_out.double(), want_dx, **TOLERANCES[dtype])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype, rows", [(torch.bfloat16, 70), (torch.float32, 5)])  # native: lora_down's bits; not
+def test_every_backends_forward_fills_keep_and_backward_reads_the_same_mask(backend, dtype, rows):
+    """The forward op given keep fills it with the rng's mask on every backend; the backward op given those bits
+    returns what it returns drawing the mask."""
+    skip_unsupported(backend, dtype, 0)
+    x, weight, _, lora_A, lora_B = (
+        t.detach() if t is not None else None for t in make_inputs((rows, 80), 24, 16, dtype)
+    )
+    rng, keep = torch.tensor([7, 2**33]), torch.full((rows, 2), -1, dtype=torch.int64)
+    with pyfastpeft.use_backend(backend):
+        y, xa = lora_ops.lora_forward(x, weight, None, lora_A, lora_B, 2.0, 0.3, rng, keep)
+        dy = torch.randn_like(y)
+        drawn = lora_ops.lora_backward(dy, x, weight, lora_A, lora_B, xa, 2.0, 0.3, rng, True)
+        read = lora_ops.lora_backward(dy, x, weight, lora_A, lora_B, xa, 2.0, 0.3, rng, True, keep)
+    kept, padding = unpack_keep(keep, 80)
+    assert torch.equal(kept, ref.keep_mask(rng, (rows, 80), 0.3, "cpu")) and not padding.any()
+    for a, b in zip(drawn, read):
+        assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("base", ["dense", "nf4"])
 @pytest.mark.parametrize("rank", [16, 32, 40])  # one and two rank tiles; past them, torch's products either way
 @pytest.mark.parametrize("dropout_p", [0.0, 0.25])
 def test_native_bf16_layer_agrees_with_and_without_amx_products(base, rank, dropout_p):
     """Where the CPU has AMX tiles, the native bf16 forward and backward run lora_down and lora_up_grads in place of
-    torch's small GEMMs (70 rows: two whole blocks of 32 and a partial one): y and every grad agree with the same
-    backend without them, the mask included."""
+    torch's small GEMMs (70 rows: two whole blocks of 32 and a partial one), and with dropout the forward keeps the
+    mask's bits for backward: y and every grad agree with the same backend without them."""
     if not _native.cpu.amx_supported():
         pytest.skip("the CPU has no AMX tiles")
     inputs = make_inputs((2, 35, 96), 80, rank, torch.bfloat16, base)
+    with cpu_amx(True), pyfastpeft.use_backend("native"):  # the mask's bits kept for backward where lora_down draws it
+        y = lora_linear(inputs[0], inputs[1], inputs[2], inputs[3], inputs[4], 2.0, dropout_p, True)
+        saved = [t for t in y.grad_fn.saved_tensors if t is not None and t.dtype == torch.int64 and t.dim() == 2]
+        assert [tuple(t.shape) for t in saved] == ([(70, 2)] if dropout_p and rank <= 32 else [])
     with cpu_amx(True):
         with_amx = forward_backward("native", inputs, 2.0, dropout_p)
     with cpu_amx(False):

@@ -48,13 +48,13 @@
                             int64_t n, int64_t k, int64_t count, int nthreads);                                        \
   void lora_dropout(const void* src, void* dst, int64_t numel, int dtype, int64_t seed, int64_t offset,                \
                     float threshold, float keep_scale, double alpha, bool accumulate, int nthreads);                   \
-  void lora_branch_grads(const void* x, const void* grad_xa, const void* a, void* dx, void* grad_a, int64_t m,         \
-                         int64_t k, int64_t rank, int dtype, bool dropout, int64_t seed, int64_t offset,               \
+  void lora_branch_grads(const void* x, const void* grad_xa, const void* a, void* dx, void* grad_a, const void* keep,  \
+                         int64_t m, int64_t k, int64_t rank, int dtype, bool dropout, int64_t seed, int64_t offset,    \
                          float threshold, float keep_scale, double scaling, int nthreads);                             \
   void lora_up_grads(const void* dy, const void* b, const void* xa, void* grad_xa, void* grad_b, int64_t m, int64_t n, \
                      int64_t rank, int dtype, double scaling, int nthreads);                                           \
-  void lora_down(const void* x, const void* a, void* xa, int64_t m, int64_t k, int64_t rank, int dtype, bool dropout,  \
-                 int64_t seed, int64_t offset, float threshold, float keep_scale, int nthreads);                       \
+  void lora_down(const void* x, const void* a, void* xa, void* keep, int64_t m, int64_t k, int64_t rank, int dtype,    \
+                 bool dropout, int64_t seed, int64_t offset, float threshold, float keep_scale, int nthreads);         \
   void lora_nf4_gemv(const void* x, int x_dtype, const uint8_t* packed, const float* absmax, const float* code,        \
                      const void* bias, int bias_dtype, const void* lora_a, const void* lora_b, void* xa,               \
                      double scaling, bool dropout, int64_t seed, int64_t offset, float threshold, float keep_scale,    \

@@ -250,6 +250,49 @@ inline void for_stream_pieces(uint64_t position, int64_t total, F&& body) {
   }
 }
 
+// ---- the mask kept as bits from forward to backward -----------------------------------------------------------
+// keep [m, keep_words(k)]: bit c % 64 of word c / 64 of row i is 1 where mask element i * k + c is kept; the bits
+// past k are 0. lora_down writes it as it makes x_d; lora_branch_grads reads it instead of drawing the mask again.
+inline int64_t keep_words(int64_t k) { return (k + 63) / 64; }
+
+// ORs bits [0, count) of `bits` into a zeroed keep row (of `words` words) from column `first` on.
+inline void deposit_bits(const uint64_t* bits, int64_t count, uint64_t* row, int64_t words, int64_t first) {
+  const int shift = int(first & 63);
+  for (int64_t w = 0; w < (count + 63) / 64; ++w) {
+    uint64_t value = bits[w];
+    if (64 * (w + 1) > count) value &= (uint64_t(1) << (count - 64 * w)) - 1;  // the bits past count are padding
+    const int64_t at = (first >> 6) + w;
+    row[at] |= value << shift;
+    if (shift != 0 && at + 1 < words) row[at + 1] |= value >> (64 - shift);
+  }
+}
+
+// Bits [c0, c0 + width) of a keep row into bits[0 .. (width + 63) / 64], as keep_bits lays them out.
+inline void row_bits(const uint64_t* row, int64_t words, int64_t c0, int64_t width, uint64_t* bits) {
+  const int shift = int(c0 & 63);
+  for (int64_t w = 0; w <= (width + 63) / 64; ++w) {
+    const int64_t at = (c0 >> 6) + w;
+    const uint64_t low = at < words ? row[at] : 0, high = at + 1 < words ? row[at + 1] : 0;
+    bits[w] = shift == 0 ? low : (low >> shift) | (high << (64 - shift));
+  }
+}
+
+// keep for every row from the mask drawn afresh: the paths that do not make x_d and the bits in one pass.
+template <typename C>
+void write_keep_rows(const DropoutParams<C>& params, int64_t m, int64_t k, uint64_t* keep) {
+  const int64_t words = keep_words(k);
+  std::fill(keep, keep + m * words, uint64_t(0));
+  C factors[kChunk];
+  for (int64_t i = 0; i < m; ++i) {
+    uint64_t* row = keep + i * words;
+    for_stream_pieces(params.offset + uint64_t(i * k), k, [&](int64_t first, int64_t count) {
+      keep_factors(params, params.offset + uint64_t(i * k + first), count, factors);
+      for (int64_t j = 0; j < count; ++j)
+        if (factors[j] != C(0)) row[(first + j) >> 6] |= uint64_t(1) << ((first + j) & 63);
+    });
+  }
+}
+
 // dst[0, count) (+)= alpha * (keep ? src * keep_scale : 0) over mask elements [mask_first, mask_first + count);
 // count <= kChunk. A select, not a product with the 0 factor: an inf or NaN at a dropped element gives 0, as
 // the reference's torch.where does (keep_scale = 1 / (1 - p) >= 1 is never 0).
@@ -341,9 +384,11 @@ void dropout_rows_impl(const T* src, T* dst, const int64_t* row_index, int64_t c
 // xa[i, q] = sum_c x_d[i, c] * a[q, c], fp32 (fp64) sums rounded once; x_d = dropout(x) rounded to T as
 // lora_dropout writes it when dropout, else x. One task per (i, q).
 template <typename T>
-void down_impl(const T* x, const T* a, T* xa, int64_t m, int64_t k, int64_t rank, bool dropout, uint64_t seed,
-               uint64_t offset, float threshold, float keep_scale, int nthreads) {
+void down_impl(const T* x, const T* a, T* xa, uint64_t* keep, int64_t m, int64_t k, int64_t rank, bool dropout,
+               uint64_t seed, uint64_t offset, float threshold, float keep_scale, int nthreads) {
   using C = typename pfp::Compute<T>::type;
+  if (dropout && keep != nullptr)
+    write_keep_rows(dropout_params<C>(seed, offset, threshold, keep_scale, 1.0, false), m, k, keep);
   // a decode step's mask (4096 draws) is a few microseconds of work, less than a parallel region costs (measured:
   // 16 us for the mask of one 4096-wide row on two threads, against about 3); its product is too where a is in
   // cache, but a decode step finds a's 128-256 KiB (16 x 4096) back in DRAM after the other layers' weights: the
@@ -381,15 +426,17 @@ constexpr int64_t kSplitCols = 32;  // a thread's columns start on a multiple of
 constexpr int kRowGroup = 8;        // rows a step: each A and dA load serves this many FMAs
 
 #if defined(__AVX512F__)
-// A step of rows [i, i + count) in the column block [c0, c0 + width): bits[r] = row i + r's keep bits there (all
-// ones without dropout), and the next `count` rows of x and dX prefetched, whose block pieces are too short (a row
-// apart) for the hardware prefetcher to follow.
+// A step of rows [i, i + count) in the column block [c0, c0 + width): bits[r] = row i + r's keep bits there (read
+// from keep where given, else drawn; all ones without dropout), and the next `count` rows of x and dX prefetched, whose
+// block pieces are too short (a row apart) for the hardware prefetcher to follow.
 template <typename T>
 inline void step_rows(const T* x, const T* dx, int64_t m, int64_t k, int64_t c0, int64_t width, int64_t i,
-                      int64_t count, bool dropout, const DropoutParams<float>& params,
+                      int64_t count, bool dropout, const DropoutParams<float>& params, const uint64_t* keep,
                       uint64_t (*bits)[kChunk / 64 + 1]) {
   for (int64_t r = 0; r < count; ++r) {
-    if (dropout) {
+    if (dropout && keep != nullptr) {
+      row_bits(keep + (i + r) * keep_words(k), keep_words(k), c0, width, bits[r]);
+    } else if (dropout) {
       keep_bits(params.key0, params.key1, params.offset + uint64_t((i + r) * k + c0), width, params.limit, bits[r]);
     } else {
       std::fill(bits[r], bits[r] + kChunk / 64 + 1, ~uint64_t(0));
@@ -438,8 +485,9 @@ inline void branch_rows(const T* x, T* dx, const float* g, const float* a_block,
 }
 
 template <typename T>
-void branch_grads_avx512(const T* x, const T* grad_xa, const T* a, T* dx, T* grad_a, int64_t m, int64_t k, int64_t rank,
-                         bool dropout, const DropoutParams<float>& params, float scaling, int nthreads) {
+void branch_grads_avx512(const T* x, const T* grad_xa, const T* a, T* dx, T* grad_a, const uint64_t* keep, int64_t m,
+                         int64_t k, int64_t rank, bool dropout, const DropoutParams<float>& params, float scaling,
+                         int nthreads) {
   std::vector<float> g(size_t(m * rank));
   pfp::load_row(grad_xa, g.data(), m * rank);
   const __m512 keep_scale = _mm512_set1_ps(dropout ? params.keep_scale : 1.0f), scale = _mm512_set1_ps(scaling);
@@ -455,7 +503,7 @@ void branch_grads_avx512(const T* x, const T* grad_xa, const T* a, T* dx, T* gra
       for (int64_t q = 0; q < rank; ++q) pfp::load_row(a + q * k + c0, a_block.data() + q * kBlockCols, width);
       auto rows = [&](int64_t i, auto count) {
         constexpr int R = decltype(count)::value;
-        step_rows(x, dx, m, k, c0, width, i, R, dropout, params, bits);
+        step_rows(x, dx, m, k, c0, width, i, R, dropout, params, keep, bits);
         branch_rows<T, R>(x + i * k + c0, dx == nullptr ? nullptr : dx + i * k + c0, g.data() + i * rank,
                           a_block.data(), grad_block.data(), k, rank, width, bits, keep_scale, scale);
       };
@@ -534,8 +582,9 @@ __attribute__((target("amx-tile,amx-bf16"))) inline void branch_step_tiles(const
   }
 }
 
-void branch_grads_amx(const bf16* x, const bf16* grad_xa, const bf16* a, bf16* dx, bf16* grad_a, int64_t m, int64_t k,
-                      int64_t rank, bool dropout, const DropoutParams<float>& params, float scaling, int nthreads) {
+void branch_grads_amx(const bf16* x, const bf16* grad_xa, const bf16* a, bf16* dx, bf16* grad_a, const uint64_t* keep,
+                      int64_t m, int64_t k, int64_t rank, bool dropout, const DropoutParams<float>& params,
+                      float scaling, int nthreads) {
   const int64_t rows_padded = (m + kTileRows - 1) / kTileRows * kTileRows;
   // g [rows_padded, 32] and gT [32, rows_padded], zero-padded: both read straight into A tiles
   std::vector<bf16> g(size_t(rows_padded * kMaxAmxRank), bf16{0}), g_t(size_t(kMaxAmxRank * rows_padded), bf16{0});
@@ -567,7 +616,7 @@ void branch_grads_amx(const bf16* x, const bf16* grad_xa, const bf16* a, bf16* d
       }
       for (int64_t i0 = 0; i0 < m; i0 += kTileRows) {
         const int64_t rows = m - i0 < kTileRows ? m - i0 : kTileRows;
-        step_rows(x, dx, m, k, c0, width, i0, rows, dropout, params, bits);
+        step_rows(x, dx, m, k, c0, width, i0, rows, dropout, params, keep, bits);
         auto dropped = [&](int64_t r, int c, __mmask16 valid) {
           if (r >= rows) return _mm512_setzero_ps();
           const __mmask16 keep = bits16(bits[r], 16 * c) & valid;
@@ -633,8 +682,10 @@ __attribute__((target("amx-tile,amx-bf16"))) inline void down_block_tiles(const 
   _tile_stored(3, sums[3], 64);
 }
 
-void down_amx(const bf16* x, const bf16* a, bf16* xa, int64_t m, int64_t k, int64_t rank, bool dropout,
+void down_amx(const bf16* x, const bf16* a, bf16* xa, uint64_t* keep, int64_t m, int64_t k, int64_t rank, bool dropout,
               const DropoutParams<float>& params, int nthreads) {
+  const int64_t words = keep_words(k);
+  const __m512 keep_scale = _mm512_set1_ps(params.keep_scale);
   const int64_t steps = (k + 31) / 32, k_padded = 32 * steps, row_blocks = (m + 31) / 32;
   const bool two_rank_tiles = rank > 16;
   // A^T's B tiles, step s and rank tile r at (2 s + r) * 1024
@@ -663,10 +714,20 @@ void down_amx(const bf16* x, const bf16* a, bf16* xa, int64_t m, int64_t k, int6
         for (int64_t r = 0; r < 32; ++r) {
           bf16* out = block + r * k_padded;
           int64_t made = 0;
-          if (r < rows && dropout) {
+          if (r < rows && dropout) {  // x_d as dropout_chunk makes it (alpha 1), its bits kept where asked
             const int64_t row_first = (i0 + r) * k;
+            uint64_t* keep_row = keep == nullptr ? nullptr : keep + (i0 + r) * words;
+            if (keep_row != nullptr) std::fill(keep_row, keep_row + words, uint64_t(0));
             for_stream_pieces(params.offset + uint64_t(row_first), k, [&](int64_t first, int64_t count) {
-              dropout_chunk(x + row_first + first, out + first, row_first + first, count, params);
+              uint64_t bits[kChunk / 64 + 1];
+              keep_bits(params.key0, params.key1, params.offset + uint64_t(row_first + first), count, params.limit,
+                        bits);
+              for (int64_t e = 0; e < count; e += 16) {
+                const __mmask16 valid = pfp::lanes16(count - e);
+                const __m512 kept = load16(x + row_first + first + e, valid);
+                store16(out + first + e, valid, _mm512_maskz_mul_ps(bits16(bits, e) & valid, kept, keep_scale));
+              }
+              if (keep_row != nullptr) deposit_bits(bits, count, keep_row, words, first);
             });
             made = k;
           } else if (r < rows) {
@@ -830,8 +891,9 @@ void up_grads_amx(const bf16* dy, const bf16* b, const bf16* xa, bf16* grad_xa, 
 
 // The same in plain loops (the AVX2 and scalar builds, fp16 and fp64 data), the mask as keep factors.
 template <typename T>
-void branch_grads_loops(const T* x, const T* grad_xa, const T* a, T* dx, T* grad_a, int64_t m, int64_t k, int64_t rank,
-                        bool dropout, const DropoutParams<typename pfp::Compute<T>::type>& params, int nthreads) {
+void branch_grads_loops(const T* x, const T* grad_xa, const T* a, T* dx, T* grad_a, const uint64_t* keep, int64_t m,
+                        int64_t k, int64_t rank, bool dropout,
+                        const DropoutParams<typename pfp::Compute<T>::type>& params, int nthreads) {
   using C = typename pfp::Compute<T>::type;
   std::vector<C> g(size_t(m * rank));
   pfp::load_row(grad_xa, g.data(), m * rank);
@@ -846,7 +908,11 @@ void branch_grads_loops(const T* x, const T* grad_xa, const T* a, T* dx, T* grad
       std::fill(grad_block.begin(), grad_block.end(), C(0));
       for (int64_t q = 0; q < rank; ++q) pfp::load_row(a + q * k + c0, a_block.data() + q * kBlockCols, width);
       for (int64_t i = 0; i < m; ++i) {
-        if (dropout) {
+        if (dropout && keep != nullptr) {
+          const uint64_t* row = keep + i * keep_words(k);
+          for (int64_t c = 0; c < width; ++c)
+            factors[c] = (row[(c0 + c) >> 6] >> ((c0 + c) & 63)) & 1u ? params.keep_scale : C(0);
+        } else if (dropout) {
           keep_factors(params, params.offset + uint64_t(i * k + c0), width, factors);
         } else {
           std::fill(factors, factors + width, one);
@@ -917,25 +983,27 @@ void up_grads_loops(const T* dy, const T* b, const T* xa, T* grad_xa, T* grad_b,
 // lora_down: LoRA's down-projection, xa[m, rank] = dropout(x)[m, k] @ a[rank, k]^T, the dropped x exactly as
 // lora_dropout makes it (alpha 1; rounded to the dtype) when dropout, the sums in fp32 (fp64 for fp64) rounded
 // once. x, a, xa: contiguous, of `dtype`; m, k >= 0, rank >= 1. seed, offset, threshold, keep_scale: as lora_dropout.
+// keep: null, or (with dropout) int64 [m, ceil(k / 64)] that receives the mask's bits for lora_branch_grads (bit c % 64
+// of word c / 64 of row i: element i * k + c kept; bits past k zero), drawn with x_d on the AMX path.
 // bf16 at rank <= 32 and m >= 32 runs on AMX tiles where pfp::amx_in_use() (the training forward's, from Python):
 // the sums in the tiles' order, a subnormal x_d or a element counting as zero. Otherwise down_impl, which is built
 // for the few rows of a decode step (lora_nf4_gemv in nf4.cpp runs it before its GEMV, so the step is one call).
-void lora_down(const void* x, const void* a, void* xa, int64_t m, int64_t k, int64_t rank, int dtype, bool dropout,
-               int64_t seed, int64_t offset, float threshold, float keep_scale, int nthreads) {
+void lora_down(const void* x, const void* a, void* xa, void* keep, int64_t m, int64_t k, int64_t rank, int dtype,
+               bool dropout, int64_t seed, int64_t offset, float threshold, float keep_scale, int nthreads) {
   pfp::dispatch_float(dtype, "lora_down", [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
 #if PFP_HAS_AMX
     if constexpr (std::is_same_v<T, bf16>) {
       if (pfp::amx_in_use() && rank <= kMaxAmxRank && m >= kDownAmxMinRows) {
         const auto params = dropout_params<float>(uint64_t(seed), uint64_t(offset), threshold, keep_scale, 1.0, false);
-        down_amx(static_cast<const bf16*>(x), static_cast<const bf16*>(a), static_cast<bf16*>(xa), m, k, rank, dropout,
-                 params, nthreads);
+        down_amx(static_cast<const bf16*>(x), static_cast<const bf16*>(a), static_cast<bf16*>(xa),
+                 static_cast<uint64_t*>(keep), m, k, rank, dropout, params, nthreads);
         return;
       }
     }
 #endif
-    down_impl(static_cast<const T*>(x), static_cast<const T*>(a), static_cast<T*>(xa), m, k, rank, dropout,
-              uint64_t(seed), uint64_t(offset), threshold, keep_scale, nthreads);
+    down_impl(static_cast<const T*>(x), static_cast<const T*>(a), static_cast<T*>(xa), static_cast<uint64_t*>(keep), m,
+              k, rank, dropout, uint64_t(seed), uint64_t(offset), threshold, keep_scale, nthreads);
   });
 }
 
@@ -982,12 +1050,13 @@ void lora_dropout_rows(const void* src, void* dst, const int64_t* row_index, int
 //   dx[i, c]    += s * (keep[i, c] ? keep_scale * sum_q grad_xa[i, q] * a[q, c] : 0)   (dX's branch term)
 // in fp32 (fp64 for fp64 data), each output rounded once to the dtype; dx null: dA alone. x, dx [m, k], grad_xa
 // [m, rank] (= dY B), a [rank, k], grad_a [rank, k]: contiguous, of `dtype`. seed, offset, threshold, keep_scale:
-// as lora_dropout (ignored without dropout). The mask element of (i, c) is i * k + c, as lora_dropout's.
+// as lora_dropout (ignored without dropout). The mask element of (i, c) is i * k + c, as lora_dropout's. keep: null
+// (the mask is drawn), or the int64 [m, ceil(k / 64)] bits lora_down wrote for this x and rng, read instead.
 // bf16 at rank <= 32 runs on AMX tiles where pfp::amx_in_use(): the sums in the tiles' order, and a subnormal
 // x_d, grad_xa or a element counts as zero in them (as in nf4_matmul).
-void lora_branch_grads(const void* x, const void* grad_xa, const void* a, void* dx, void* grad_a, int64_t m, int64_t k,
-                       int64_t rank, int dtype, bool dropout, int64_t seed, int64_t offset, float threshold,
-                       float keep_scale, double scaling, int nthreads) {
+void lora_branch_grads(const void* x, const void* grad_xa, const void* a, void* dx, void* grad_a, const void* keep,
+                       int64_t m, int64_t k, int64_t rank, int dtype, bool dropout, int64_t seed, int64_t offset,
+                       float threshold, float keep_scale, double scaling, int nthreads) {
   pfp::dispatch_float(dtype, "lora_branch_grads", [&](auto* tag) {
     using T = std::remove_pointer_t<decltype(tag)>;
     using C = typename pfp::Compute<T>::type;
@@ -998,21 +1067,22 @@ void lora_branch_grads(const void* x, const void* grad_xa, const void* a, void* 
     const T* a_t = static_cast<const T*>(a);
     T* dx_t = static_cast<T*>(dx);
     T* grad_t = static_cast<T*>(grad_a);
+    const uint64_t* keep_t = static_cast<const uint64_t*>(keep);
 #if PFP_HAS_AMX
     if constexpr (std::is_same_v<T, bf16>) {
       if (pfp::amx_in_use() && rank <= kMaxAmxRank) {
-        branch_grads_amx(x_t, g_t, a_t, dx_t, grad_t, m, k, rank, dropout, params, float(scaling), nthreads);
+        branch_grads_amx(x_t, g_t, a_t, dx_t, grad_t, keep_t, m, k, rank, dropout, params, float(scaling), nthreads);
         return;
       }
     }
 #endif
 #if defined(__AVX512F__)
     if constexpr (std::is_same_v<T, float> || std::is_same_v<T, bf16>) {
-      branch_grads_avx512(x_t, g_t, a_t, dx_t, grad_t, m, k, rank, dropout, params, float(scaling), nthreads);
+      branch_grads_avx512(x_t, g_t, a_t, dx_t, grad_t, keep_t, m, k, rank, dropout, params, float(scaling), nthreads);
       return;
     }
 #endif
-    branch_grads_loops(x_t, g_t, a_t, dx_t, grad_t, m, k, rank, dropout, params, nthreads);
+    branch_grads_loops(x_t, g_t, a_t, dx_t, grad_t, keep_t, m, k, rank, dropout, params, nthreads);
   });
 }
 

@@ -648,7 +648,7 @@ void lora_nf4_gemv(const void* x, int x_dtype, const uint8_t* packed, const floa
     using T = std::remove_pointer_t<decltype(tag)>;
     std::vector<T> own_xa(xa == nullptr ? size_t(m * rank) : 0);
     T* down = xa == nullptr ? own_xa.data() : static_cast<T*>(xa);
-    lora_down(x, lora_a, down, m, k, rank, x_dtype, dropout, seed, offset, threshold, keep_scale, nthreads);
+    lora_down(x, lora_a, down, nullptr, m, k, rank, x_dtype, dropout, seed, offset, threshold, keep_scale, nthreads);
     gemv_impl(static_cast<const T*>(x), packed, absmax, code, bias, bias_dtype, static_cast<T*>(out), m, n, k,
               blocksize, nthreads, LowRank<T>{static_cast<const T*>(lora_b), down, rank, scaling});
   });

@@ -5,22 +5,26 @@ The math of forward and backward, and the Philox dropout mask every backend shar
 pyfastpeft/reference/lora.py. The base product is a swappable piece (ops/lora_base.py: a base object with its
 forward x W^T + b and its grad_input dY W, one BaseKind per storage); each base kind has its own pair of ops,
 whose tensors and scalars describe the base:
-  pyfastpeft::lora_forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, rng) -> (y, xa)
-  pyfastpeft::lora_backward(dy, x, weight, lora_A, lora_B, xa, scaling, dropout_p, rng, needs_input_grad)
-      -> (dx, dA, dB)
+  pyfastpeft::lora_forward(x, weight, bias, lora_A, lora_B, scaling, dropout_p, rng, keep=None) -> (y, xa)
+  pyfastpeft::lora_backward(dy, x, weight, lora_A, lora_B, xa, scaling, dropout_p, rng, needs_input_grad,
+      keep=None) -> (dx, dA, dB)
   pyfastpeft::lora_nf4_forward / lora_nf4_backward: the same with the NF4 base (packed, absmax, code) in
       place of weight and (blocksize, out_features, in_features) after lora_B / xa; lora_int8_*: (weight,
       weight_stats) and threshold. Multi-adapter batches: ops/lora_multi.py.
 bias: None = none, rng: int64 [2] = (seed, offset) or None = no dropout (both `Tensor?` in the schemas).
-xa = x_d A^T [M, r] in x's dtype; dx is empty when needs_input_grad is False.
+xa = x_d A^T [M, r] in x's dtype; dx is empty when needs_input_grad is False. keep: None, or (with dropout) int64
+[M, ceil(in / 64)], the mask as bits (element c of row i: bit c % 64 of word c // 64): the forward writes it (on
+every backend; `Tensor(a!)?`), the native backward reads it instead of drawing the mask again.
 
 Backends: reference (PyTorch, PEFT's order of operations); native CPU (torch GEMMs into the outputs, the
 C++ kernels for the dropout: forward makes x_d a tile of rows at a time for xa; backward makes dA and dX's
-branch term s * (dY B A) * keep / (1 - p) in one pass over x and dX, drawing each mask element once); Triton
+branch term s * (dY B A) * keep / (1 - p) in one pass over x and dX, drawing each mask element once; on a CPU with
+AMX tiles, bf16 at rank <= 32 also runs xa = x_d A^T and backward's dY B and dY^T xa on tiles); Triton
 (one kernel reads each x tile once for x W^T and x_d A^T, dequantizing NF4 tiles in its K loop; backward in
 torch GEMMs plus a Triton masked-accumulate kernel).
 
-Autograd saves x (not x_d: backward regenerates the mask from rng), A, B, xa [M, r], rng and the base.
+Autograd saves x (not x_d: backward makes it again from rng), A, B, xa [M, r], rng and the base; and where the
+native forward draws the mask on AMX tiles, its bits (keep: a sixteenth of x in bf16), so backward draws it once.
 """
 
 from __future__ import annotations
@@ -166,19 +170,24 @@ def _decodes_fused(base, x2d, lora_A) -> bool:
     )
 
 
-def _native_forward(base, x, bias, lora_A, lora_B, scaling, dropout_p, rng):
+def _native_forward(base, x, bias, lora_A, lora_B, scaling, dropout_p, rng, keep=None):
     in_features, out_features = lora_A.shape[1], lora_B.shape[0]
     x2d = x.reshape(-1, in_features).contiguous()
     if _decodes_fused(base, x2d, lora_A):
         y, xa = _native_decode(base, x2d, bias, lora_A, lora_B, scaling, dropout_p, rng)
+        if keep is not None:
+            fill_keep(keep, rng, dropout_p, in_features)
         return y.view(*x.shape[:-1], out_features), xa
     y = base.forward(x2d, bias)
-    if rng is not None and x2d.numel() and _amx_products(x2d, lora_A.shape[0], AMX_MIN_ROWS):
-        # xa = x_d A^T in one kernel (x_d made a block of rows at a time in cache, the products on AMX tiles)
+    if rng is not None and x2d.numel() and _amx_products(x2d.dtype, lora_A.shape[0], x2d.shape[0], AMX_MIN_ROWS):
+        # xa = x_d A^T in one kernel (x_d made a block of rows at a time in cache, the products on AMX tiles), the
+        # mask's bits into keep as they are drawn
         xa = x2d.new_empty((x2d.shape[0], lora_A.shape[0]))
         seed, offset = rng.tolist()
-        _native.launch("lora_down", x2d, x2d, lora_A.contiguous(), xa, x2d.shape[0], in_features, lora_A.shape[0],
-                       x2d.dtype, True, seed, offset, _keep_threshold(dropout_p), _keep_scale(dropout_p))  # fmt: skip
+        _native.launch("lora_down", x2d, x2d, lora_A.contiguous(), xa, keep, x2d.shape[0], in_features,
+                       lora_A.shape[0], x2d.dtype, True, seed, offset, _keep_threshold(dropout_p),
+                       _keep_scale(dropout_p))  # fmt: skip
+        keep = None
     elif rng is not None and x2d.numel():
         # xa = x_d A^T a tile of rows at a time; the buffer is freed on return: backward regenerates x_d from rng
         xa = x2d.new_empty((x2d.shape[0], lora_A.shape[0]))
@@ -191,19 +200,21 @@ def _native_forward(base, x, bias, lora_A, lora_B, scaling, dropout_p, rng):
     else:
         xa = x2d @ lora_A.t()
     y.addmm_(xa, lora_B.t(), alpha=scaling)
+    if keep is not None:
+        fill_keep(keep, rng, dropout_p, in_features)
     return y.view(*x.shape[:-1], out_features), xa
 
 
-def _amx_products(t, rank: int, min_rows: int = 0) -> bool:
-    """Whether the native kernels take this bf16 LoRA branch's products on AMX tiles (a CPU with them, rank <=
+def _amx_products(dtype, rank: int, rows: int, min_rows: int = 0) -> bool:
+    """Whether the native kernels take a bf16 LoRA branch's products on AMX tiles (a CPU with them, rank <=
     AMX_MAX_RANK, and at least min_rows rows): there they run lora_down and lora_up_grads in place of torch's small
     GEMMs, which read x and dY at about half the bandwidth, and dY twice."""
-    return t.dtype == torch.bfloat16 and rank <= AMX_MAX_RANK and t.shape[0] >= min_rows and _native.cpu.amx_in_use()
+    return dtype == torch.bfloat16 and rank <= AMX_MAX_RANK and rows >= min_rows and _native.cpu.amx_in_use()
 
 
 def _up_grads(dy2d, lora_B, xa, scaling):
     """(dY B, s dY^T xa): lora_up_grads, one read of dY for both, where _amx_products; elsewhere torch's GEMMs."""
-    if _amx_products(dy2d, lora_B.shape[1]):
+    if _amx_products(dy2d.dtype, lora_B.shape[1], dy2d.shape[0]):
         grad_xa = dy2d.new_empty((dy2d.shape[0], lora_B.shape[1]))
         grad_B = torch.empty_like(lora_B, memory_format=torch.contiguous_format)
         _native.launch("lora_up_grads", dy2d, dy2d, lora_B.contiguous(), xa.contiguous(), grad_xa, grad_B,
@@ -213,7 +224,7 @@ def _up_grads(dy2d, lora_B, xa, scaling):
     return dy2d @ lora_B, grad_B
 
 
-def _native_backward(base, dy, x, lora_A, lora_B, xa, scaling, dropout_p, rng, needs_input_grad):
+def _native_backward(base, dy, x, lora_A, lora_B, xa, scaling, dropout_p, rng, needs_input_grad, keep=None):
     in_features, out_features = lora_A.shape[1], lora_B.shape[0]
     dy2d = dy.reshape(-1, out_features).contiguous()
     x2d = x.reshape(-1, in_features).contiguous()
@@ -223,10 +234,11 @@ def _native_backward(base, dy, x, lora_A, lora_B, xa, scaling, dropout_p, rng, n
         grad_A = (grad_xa.t() @ x2d).mul_(scaling)
         if dx is not None:
             dx.addmm_(grad_xa, lora_A, alpha=scaling)
-    else:  # dA and dX's branch term in one native pass, each mask element drawn once (no x_d or dY B A in memory)
+    else:  # dA and dX's branch term in one native pass, each mask element drawn once (no x_d or dY B A in memory),
+        # or read from keep, the forward's bits
         grad_A = torch.empty_like(lora_A, memory_format=torch.contiguous_format)
         seed, offset = rng.tolist()
-        _native.launch("lora_branch_grads", x2d, x2d, grad_xa, lora_A.contiguous(), dx, grad_A, x2d.shape[0],
+        _native.launch("lora_branch_grads", x2d, x2d, grad_xa, lora_A.contiguous(), dx, grad_A, keep, x2d.shape[0],
                        in_features, lora_A.shape[0], x2d.dtype, True, seed, offset, _keep_threshold(dropout_p),
                        _keep_scale(dropout_p), scaling)  # fmt: skip
     if dx is None:
@@ -307,22 +319,56 @@ def _fake_backward(x, lora_A, lora_B, needs_input_grad):
     return dx, lora_A.new_empty(lora_A.shape), lora_B.new_empty(lora_B.shape)
 
 
-def _op_impls(kind: BaseKind, impl_forward, impl_backward):
+def _op_impls(kind: BaseKind, impl_forward, impl_backward, takes_keep: bool):
     """The op kernels of one backend over base `kind`: they split the op's arguments (x, *base tensors, bias, A, B,
-    *base scalars, scaling, dropout_p, rng) and hand the implementation the base object."""
+    *base scalars, scaling, dropout_p, rng, keep) and hand the implementation the base object. keep goes to an
+    implementation that takes_keep (the native one); for the others the forward fills it from the reference mask,
+    and the backward draws the mask again."""
     n_tensors, n_scalars = kind.n_tensors, kind.n_scalars
 
     def forward(x, *args):
         base_tensors, (bias, lora_A, lora_B, *rest) = args[:n_tensors], args[n_tensors:]
         base = kind.make(base_tensors, rest[:n_scalars])
-        return impl_forward(base, x, bias, lora_A, lora_B, *rest[n_scalars:])
+        *settings, keep = _with_keep(rest[n_scalars:], 3)
+        if takes_keep:
+            return impl_forward(base, x, bias, lora_A, lora_B, *settings, keep)
+        y, xa = impl_forward(base, x, bias, lora_A, lora_B, *settings)
+        if keep is not None:
+            fill_keep(keep, settings[2], settings[1], x.shape[-1])
+        return y, xa
 
     def backward(dy, x, *args):
         base_tensors, (lora_A, lora_B, xa, *rest) = args[:n_tensors], args[n_tensors:]
         base = kind.make(base_tensors, rest[:n_scalars])
-        return impl_backward(base, dy, x, lora_A, lora_B, xa, *rest[n_scalars:])
+        *settings, keep = _with_keep(rest[n_scalars:], 4)
+        if takes_keep:
+            return impl_backward(base, dy, x, lora_A, lora_B, xa, *settings, keep)
+        return impl_backward(base, dy, x, lora_A, lora_B, xa, *settings)
 
     return forward, backward
+
+
+def _with_keep(settings, count: int):
+    """The op's trailing arguments with keep last (None where the caller left the default out: the dispatcher
+    passes only the arguments given)."""
+    return (*settings, None) if len(settings) == count else tuple(settings)
+
+
+def keep_words(in_features: int) -> int:
+    """int64 words a row of the kept mask takes: bit c % 64 of word c // 64 is element c (csrc/cpu/lora.cpp)."""
+    return (in_features + 63) // 64
+
+
+def fill_keep(keep, rng, dropout_p: float, in_features: int) -> None:
+    """keep [M, keep_words(in)] = the mask of rng as int64 bit words (element c of row i: bit c % 64 of word c // 64,
+    bits past in_features 0), from the reference's mask: what the native forward writes as it draws the mask."""
+    rows, words = keep.shape
+    kept = torch.zeros((rows, words * 64), dtype=torch.int64, device=keep.device)
+    kept[:, :in_features] = ref.keep_mask(rng, (rows, in_features), dropout_p, keep.device)
+    bits = torch.bitwise_left_shift(
+        torch.ones(64, dtype=torch.int64, device=keep.device), torch.arange(64, device=keep.device)
+    )
+    keep.copy_((kept.view(rows, words, 64) * bits).sum(-1))  # distinct bits: the sum is their or (wrapping at bit 63)
 
 
 # ---- the contract every LoRA kernel trusts, checked on every op call ----------------------------------------------
@@ -371,6 +417,20 @@ def _check_backward_extras(op, dy, x, lora_A, xa, rows: int, out_features: int, 
         raise ValueError(f"{op}: xa has shape {tuple(xa.shape)}, expected [{rows}, {width}]")
 
 
+def _check_keep(op, keep, rng, rows: int, in_features: int) -> None:
+    """keep None, or (with dropout) the int64 [M, keep_words(in)] contiguous words of the mask."""
+    if keep is None:
+        return
+    if rng is None:
+        raise ValueError(f"{op}: keep holds a dropout mask's bits; without dropout (rng None) it must be None")
+    check_dtype(op, "keep", keep, (torch.int64,))
+    if tuple(keep.shape) != (rows, keep_words(in_features)) or not keep.is_contiguous():
+        raise ValueError(
+            f"{op}: keep must be a contiguous int64 [{rows}, {keep_words(in_features)}] (x's rows, in_features / 64 "
+            f"rounded up), got shape {tuple(keep.shape)}"
+        )
+
+
 def _single_checks(name: str, kind: BaseKind):
     """Checks of the (forward, backward) ops of single-adapter LoRA over base `kind`."""
     n_tensors, n_scalars = kind.n_tensors, kind.n_scalars
@@ -378,42 +438,44 @@ def _single_checks(name: str, kind: BaseKind):
     def forward(x, *args):
         op = f"{name}_forward"
         base_tensors, (bias, lora_A, lora_B, *rest) = args[:n_tensors], args[n_tensors:]
-        scaling, dropout_p, rng = rest[n_scalars:]
+        scaling, dropout_p, rng, keep = _with_keep(rest[n_scalars:], 3)
         out_features, in_features = kind.check(op, x, base_tensors, tuple(rest[:n_scalars]))
-        check_lora_args(op, x, lora_A, lora_B, out_features, in_features, dropout_p, rng, bias, scaling)
+        rows = check_lora_args(op, x, lora_A, lora_B, out_features, in_features, dropout_p, rng, bias, scaling)
         if lora_B.shape[1] != lora_A.shape[0]:
             raise ValueError(f"{op}: lora_B is {tuple(lora_B.shape)}, its rank must be lora_A's {lora_A.shape[0]}")
+        _check_keep(op, keep, rng, rows, in_features)
 
     def backward(dy, x, *args):
         op = f"{name}_backward"
         base_tensors, (lora_A, lora_B, xa, *rest) = args[:n_tensors], args[n_tensors:]
-        scaling, dropout_p, rng, _ = rest[n_scalars:]
+        scaling, dropout_p, rng, _, keep = _with_keep(rest[n_scalars:], 4)
         out_features, in_features = kind.check(op, x, base_tensors, tuple(rest[:n_scalars]))
         rows = check_lora_args(op, x, lora_A, lora_B, out_features, in_features, dropout_p, rng, None, scaling)
         if lora_B.shape[1] != lora_A.shape[0]:
             raise ValueError(f"{op}: lora_B is {tuple(lora_B.shape)}, its rank must be lora_A's {lora_A.shape[0]}")
         _check_backward_extras(op, dy, x, lora_A, xa, rows, out_features, lora_A.shape[0])
+        _check_keep(op, keep, rng, rows, in_features)
 
     return forward, backward
 
 
 _IMPLS = {
-    "reference": (_reference_forward, _reference_backward),
-    "native": (_native_forward, _native_backward),
-    "triton": (_triton_forward, _triton_backward),
+    "reference": (_reference_forward, _reference_backward, False),
+    "native": (_native_forward, _native_backward, True),
+    "triton": (_triton_forward, _triton_backward, False),
 }
 
 
 def _define_base_ops(kind: BaseKind):
     """pyfastpeft::lora{_kind}_forward / _backward over base `kind` (the module docstring gives the arguments)."""
     name = kind.op_name("lora")
-    n_tensors = kind.n_tensors
-    impls = {backend: _op_impls(kind, *pair) for backend, pair in _IMPLS.items()}
+    n_tensors, n_scalars = kind.n_tensors, kind.n_scalars
+    impls = {backend: _op_impls(kind, *entry) for backend, entry in _IMPLS.items()}
     checks = _single_checks(name, kind)
     forward = define_op(
         f"{name}_forward",
         f"(Tensor x, {kind.tensors_schema}, Tensor? bias, Tensor lora_A, Tensor lora_B{kind.scalars_schema}, "
-        "float scaling, float dropout_p, Tensor? rng) -> (Tensor, Tensor)",
+        "float scaling, float dropout_p, Tensor? rng, Tensor(a!)? keep=None) -> (Tensor, Tensor)",
         family="lora",
         fake=lambda x, *args: _fake_forward(x, *args[n_tensors + 1 : n_tensors + 3]),
         reference=impls["reference"][0],
@@ -424,10 +486,10 @@ def _define_base_ops(kind: BaseKind):
     backward = define_op(
         f"{name}_backward",
         f"(Tensor dy, Tensor x, {kind.tensors_schema}, Tensor lora_A, Tensor lora_B, Tensor xa"
-        f"{kind.scalars_schema}, float scaling, float dropout_p, Tensor? rng, bool needs_input_grad) "
-        "-> (Tensor, Tensor, Tensor)",
+        f"{kind.scalars_schema}, float scaling, float dropout_p, Tensor? rng, bool needs_input_grad, "
+        "Tensor? keep=None) -> (Tensor, Tensor, Tensor)",
         family="lora",
-        fake=lambda dy, x, *args: _fake_backward(x, *args[n_tensors : n_tensors + 2], args[-1]),
+        fake=lambda dy, x, *args: _fake_backward(x, *args[n_tensors : n_tensors + 2], args[n_tensors + n_scalars + 6]),
         reference=impls["reference"][1],
         native=impls["native"][1],
         triton=impls["triton"][1],
@@ -494,11 +556,22 @@ def lora_nf4_no_grad(
     return y
 
 
+def _keeps_mask_bits(x, rank: int, rng) -> bool:
+    """Whether the forward keeps the dropout mask's bits for backward (M x in / 8 bytes, x_d's sixteenth in bf16),
+    so backward reads them instead of drawing the mask again: where the native forward draws it in lora_down (a CPU
+    with AMX tiles, bf16, rank <= AMX_MAX_RANK, AMX_MIN_ROWS rows on), in eager mode. Elsewhere, and under
+    torch.compile, backward draws it again."""
+    if rng is None or x.device.type != "cpu" or torch.compiler.is_compiling() or x.shape[-1] == 0:
+        return False
+    rows = x.numel() // x.shape[-1]
+    return _amx_products(x.dtype, rank, rows, AMX_MIN_ROWS) and choose("lora", x.device) == "native"
+
+
 @carry_backend
 class LoRALinearFunction(torch.autograd.Function):
     """y = x W^T + b + s * dropout(x) A^T B^T over a frozen base; gradients for x, bias, A and B (the
     formulas in pyfastpeft/reference/lora.py; db = sum over rows of dY). Saves x, A, B, xa [M, r], rng and
-    the base's tensors: never x_d or the mask, which backward regenerates from rng."""
+    the base's tensors: never x_d, which backward makes again from rng; the mask's bits where _keeps_mask_bits."""
 
     @staticmethod
     def forward(
@@ -515,19 +588,22 @@ class LoRALinearFunction(torch.autograd.Function):
         *base_tensors,
     ):
         forward_op, _ = BASE_OPS[base_kind]
-        y, xa = forward_op(x, *base_tensors, bias, lora_A, lora_B, *base_ints, scaling, dropout_p, rng)
-        ctx.save_for_backward(x, lora_A, lora_B, xa, rng, *base_tensors)
+        keep = None
+        if _keeps_mask_bits(x, lora_A.shape[0], rng):
+            keep = torch.empty((x.numel() // x.shape[-1], keep_words(x.shape[-1])), dtype=torch.int64)
+        y, xa = forward_op(x, *base_tensors, bias, lora_A, lora_B, *base_ints, scaling, dropout_p, rng, keep)
+        ctx.save_for_backward(x, lora_A, lora_B, xa, rng, keep, *base_tensors)
         ctx.settings = (base_kind, base_ints, scaling, dropout_p)
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        x, lora_A, lora_B, xa, rng, *base_tensors = ctx.saved_tensors
+        x, lora_A, lora_B, xa, rng, keep, *base_tensors = ctx.saved_tensors
         base_kind, base_ints, scaling, dropout_p = ctx.settings
         _, backward_op = BASE_OPS[base_kind]
         needs = ctx.needs_input_grad
         dx, grad_A, grad_B = backward_op(
-            dy, x, *base_tensors, lora_A, lora_B, xa, *base_ints, scaling, dropout_p, rng, needs[0]
+            dy, x, *base_tensors, lora_A, lora_B, xa, *base_ints, scaling, dropout_p, rng, needs[0], keep
         )
         grad_bias = dy.reshape(-1, dy.shape[-1]).sum(0) if needs[1] else None
         grad_base = [None] * len(base_tensors)
