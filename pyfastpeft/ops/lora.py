@@ -564,7 +564,7 @@ def _keeps_mask_bits(x, rank: int, rng) -> bool:
     if rng is None or x.device.type != "cpu" or torch.compiler.is_compiling() or x.shape[-1] == 0:
         return False
     rows = x.numel() // x.shape[-1]
-    return _amx_products(x.dtype, rank, rows, AMX_MIN_ROWS) and choose("lora", x.device) == "native"
+    return choose("lora", x.device) == "native" and _amx_products(x.dtype, rank, rows, AMX_MIN_ROWS)
 
 
 @carry_backend
