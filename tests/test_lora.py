@@ -158,6 +158,19 @@ def test_native_dropout_selects_so_non_finite_dropped_elements_give_zero(isa, va
     assert (dropped[~keep] == 0).all() and (accumulated[~keep] == 1).all()
 
 
+# Each CPU build this machine runs, and the AVX-512 build with and without AMX tiles where the CPU has them.
+ISA_AMX = [(isa, amx) for isa in CPU_ISAS for amx in CPU_AMX if isa == "avx512" or not amx]
+
+
+def assert_sums_rounded_once(got, want, terms: int, magnitude):
+    """got is want (fp64) within one rounding to got's dtype plus the fp32 (fp64 for fp64) error of a sum of
+    `terms` products whose magnitudes sum to `magnitude`."""
+    eps = {torch.float64: 2**-52, torch.float32: 2**-23, torch.bfloat16: 2**-8, torch.float16: 2**-11}[got.dtype]
+    sum_eps = 2**-52 if got.dtype == torch.float64 else 2**-23
+    bound = eps * want.abs() + (terms + 2) * sum_eps * magnitude + 1e-300
+    assert ((got.double() - want).abs() <= bound).all()
+
+
 def native_branch_grads(x, grad_xa, lora_A, dx, rng, dropout_p, scaling, keep=None):
     """lora_branch_grads: (dA, dX + its branch term) of x [M, k], grad_xa [M, r], lora_A [r, k]; dx None: dA alone;
     keep: the mask's bit words, read in place of drawing it."""
@@ -191,8 +204,7 @@ def native_branch_grads(x, grad_xa, lora_A, dx, rng, dropout_p, scaling, keep=No
 BRANCH_SHAPES = [(19, 517, 16), (8, 37, 3), (3, 250, 1), (1, 16, 64), (45, 300, 17), (33, 40, 32)]
 
 
-@pytest.mark.parametrize("isa", CPU_ISAS)
-@pytest.mark.parametrize("amx", CPU_AMX)
+@pytest.mark.parametrize("isa, amx", ISA_AMX)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
 @pytest.mark.parametrize("rows, k, rank", BRANCH_SHAPES)
 @pytest.mark.parametrize("dropout", [True, False])
@@ -200,8 +212,6 @@ def test_native_branch_grads_are_the_exact_sums_rounded_once(isa, amx, dtype, ro
     """dA = s g^T x_d and dX + s ((g A) * keep / (1 - p)), x_d exactly as lora_dropout makes it: against the fp64
     sums of the same (dtype) operands, within one rounding of the output plus fp32 summation error (bf16 up to rank
     32 on AMX tiles where amx)."""
-    if amx and isa != "avx512":
-        pytest.skip("AMX tiles are used from the AVX-512 build only")
     torch.manual_seed(rows * k + rank)
     x, dx = torch.randn(rows, k).to(dtype), torch.randn(rows, k).to(dtype)
     grad_xa, lora_A = torch.randn(rows, rank).to(dtype), torch.randn(rank, k).to(dtype)
@@ -219,31 +229,18 @@ def test_native_branch_grads_are_the_exact_sums_rounded_once(isa, amx, dtype, ro
     keep_scale = float(torch.tensor(1 / (1 - dropout_p)))
     want_A = scaling * grad_xa.double().t() @ x_d
     want_dx = dx.double() + scaling * torch.where(keep, (grad_xa.double() @ lora_A.double()) * keep_scale, 0.0)
-    eps = {torch.float64: 2**-52, torch.float32: 2**-23, torch.bfloat16: 2**-8, torch.float16: 2**-11}[dtype]
-    sum_eps = 2**-52 if dtype == torch.float64 else 2**-23
-    for got, want, terms, magnitude in (
-        (grad_A, want_A, rows, scaling * grad_xa.double().abs().t() @ x_d.abs()),
-        (
-            dx_out,
-            want_dx,
-            rank,
-            dx.double().abs() + scaling * keep_scale * grad_xa.double().abs() @ lora_A.double().abs(),
-        ),
-    ):
-        bound = eps * want.abs() + (terms + 2) * sum_eps * magnitude + 1e-300
-        assert ((got.double() - want).abs() <= bound).all()
+    assert_sums_rounded_once(grad_A, want_A, rows, scaling * grad_xa.double().abs().t() @ x_d.abs())
+    magnitude = dx.double().abs() + scaling * keep_scale * grad_xa.double().abs() @ lora_A.double().abs()
+    assert_sums_rounded_once(dx_out, want_dx, rank, magnitude)
     assert nothing is None and torch.equal(grad_A_alone, grad_A)
 
 
-@pytest.mark.parametrize("isa", CPU_ISAS)
-@pytest.mark.parametrize("amx", CPU_AMX)
+@pytest.mark.parametrize("isa, amx", ISA_AMX)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("where", ["x", "lora_A"])
 def test_native_branch_grads_drop_non_finite_values_at_dropped_positions(isa, amx, dtype, where):
     """inf in x at a dropped element adds nothing to dA; inf in a column of A reaches dX only where kept (on AMX
     tiles too, where the zero-padded ranks and rows meet it)."""
-    if amx and isa != "avx512":
-        pytest.skip("AMX tiles are used from the AVX-512 build only")
     rng, rows, k = torch.tensor([3, 5]), 9, 40
     keep = ref.keep_mask(rng, (rows, k), 0.5, "cpu")
     x, grad_xa, lora_A = torch.randn(rows, k), torch.randn(rows, 2), torch.randn(2, k)
@@ -276,39 +273,27 @@ UP_SHAPES = [(64, 64, 16), (19, 517, 16), (8, 37, 3), (3, 250, 1), (45, 300, 17)
              (0, 40, 4), (5, 0, 4)]  # fmt: skip
 
 
-@pytest.mark.parametrize("isa", CPU_ISAS)
-@pytest.mark.parametrize("amx", CPU_AMX)
+@pytest.mark.parametrize("isa, amx", ISA_AMX)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
 @pytest.mark.parametrize("rows, n, rank", UP_SHAPES)
 def test_native_up_grads_are_the_exact_sums_rounded_once(isa, amx, dtype, rows, n, rank):
     """grad_xa = dY B and grad_B = s dY^T xa: against the fp64 sums of the same (dtype) operands, within one rounding
     of the output plus fp32 summation error (bf16 up to rank 32 on AMX tiles where amx)."""
-    if amx and isa != "avx512":
-        pytest.skip("AMX tiles are used from the AVX-512 build only")
     torch.manual_seed(rows * n + rank)
     dy, lora_B, xa = torch.randn(rows, n).to(dtype), torch.randn(n, rank).to(dtype), torch.randn(rows, rank).to(dtype)
     scaling = 1.5
     with cpu_isa(isa), cpu_amx(amx):
         grad_xa, grad_B = native_up_grads(dy, lora_B, xa, scaling)
-    eps = {torch.float64: 2**-52, torch.float32: 2**-23, torch.bfloat16: 2**-8, torch.float16: 2**-11}[dtype]
-    sum_eps = 2**-52 if dtype == torch.float64 else 2**-23
     d, b, a = dy.double(), lora_B.double(), xa.double()
-    for got, want, terms, magnitude in (
-        (grad_xa, d @ b, n, d.abs() @ b.abs()),
-        (grad_B, scaling * d.t() @ a, rows, scaling * d.abs().t() @ a.abs()),
-    ):
-        bound = eps * want.abs() + (terms + 2) * sum_eps * magnitude + 1e-300
-        assert ((got.double() - want).abs() <= bound).all()
+    assert_sums_rounded_once(grad_xa, d @ b, n, d.abs() @ b.abs())
+    assert_sums_rounded_once(grad_B, scaling * d.t() @ a, rows, scaling * d.abs().t() @ a.abs())
 
 
-@pytest.mark.parametrize("isa", CPU_ISAS)
-@pytest.mark.parametrize("amx", CPU_AMX)
+@pytest.mark.parametrize("isa, amx", ISA_AMX)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_native_up_grads_keep_a_non_finite_value_to_its_row_and_column(isa, amx, dtype):
     """inf in dY[i, j] reaches grad_xa's row i and grad_B's row j only, with the blocks' zero padding around it (a
     partial block of rows and of columns, and ranks past r in a tile)."""
-    if amx and isa != "avx512":
-        pytest.skip("AMX tiles are used from the AVX-512 build only")
     rows, n, rank = 35, 50, 3
     dy, lora_B, xa = torch.randn(rows, n).to(dtype), torch.randn(n, rank).to(dtype), torch.randn(rows, rank).to(dtype)
     dy[33, 47] = float("inf")
@@ -337,8 +322,7 @@ def native_down(x, lora_A, rng, dropout_p, keep=None):
 DOWN_SHAPES = [(64, 64, 16), (45, 517, 3), (33, 40, 32), (32, 300, 17), (40, 16, 1), (35, 64, 64), (5, 130, 16)]
 
 
-@pytest.mark.parametrize("isa", CPU_ISAS)
-@pytest.mark.parametrize("amx", CPU_AMX)
+@pytest.mark.parametrize("isa, amx", ISA_AMX)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
 @pytest.mark.parametrize("rows, k, rank", DOWN_SHAPES)
 @pytest.mark.parametrize("dropout", [True, False])
@@ -346,8 +330,6 @@ def test_native_down_is_the_exact_sums_over_lora_dropouts_x(isa, amx, dtype, row
     """xa = x_d A^T, x_d exactly as lora_dropout makes it: against the fp64 sums of the same operands, within one
     rounding of the output plus fp32 summation error (bf16 up to rank 32 from 32 rows on AMX tiles where amx). Asked
     for the mask's bits, it writes them over whatever keep held, and xa is the same."""
-    if amx and isa != "avx512":
-        pytest.skip("AMX tiles are used from the AVX-512 build only")
     torch.manual_seed(rows * k + rank)
     x, lora_A = torch.randn(rows, k).to(dtype), torch.randn(rank, k).to(dtype)
     rng, dropout_p = (torch.tensor([2**40 + 9, 2**33 + 3]), 0.3) if dropout else (None, 0.0)
@@ -359,11 +341,7 @@ def test_native_down_is_the_exact_sums_over_lora_dropouts_x(isa, amx, dtype, row
     if dropout:  # the mask's bits, written as x_d was made
         kept, padding = unpack_keep(keep, k)
         assert torch.equal(kept, ref.keep_mask(rng, (rows, k), dropout_p, "cpu")) and not padding.any()
-    eps = {torch.float64: 2**-52, torch.float32: 2**-23, torch.bfloat16: 2**-8, torch.float16: 2**-11}[dtype]
-    sum_eps = 2**-52 if dtype == torch.float64 else 2**-23
-    want = x_d @ lora_A.double().t()
-    bound = eps * want.abs() + (k + 2) * sum_eps * (x_d.abs() @ lora_A.double().abs().t()) + 1e-300
-    assert ((xa.double() - want).abs() <= bound).all()
+    assert_sums_rounded_once(xa, x_d @ lora_A.double().t(), k, x_d.abs() @ lora_A.double().abs().t())
 
 
 def unpack_keep(keep, k):
@@ -382,14 +360,11 @@ def test_fill_keep_packs_the_reference_mask_into_words(rows, k):
     assert torch.equal(kept, ref.keep_mask(rng, (rows, k), 0.4, "cpu")) and not padding.any()
 
 
-@pytest.mark.parametrize("isa", CPU_ISAS)
-@pytest.mark.parametrize("amx", CPU_AMX)
+@pytest.mark.parametrize("isa, amx", ISA_AMX)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64])
 def test_native_branch_grads_take_the_mask_from_keep(isa, amx, dtype):
     """Given keep, the branch pass applies those bits, not the rng's: random bits against the fp64 formula with that
     mask (two AMX row steps and a partial one; a column block boundary mid-word)."""
-    if amx and isa != "avx512":
-        pytest.skip("AMX tiles are used from the AVX-512 build only")
     rows, k, rank, dropout_p, scaling = 70, 301, 16, 0.3, 1.5
     x, dx = torch.randn(rows, k).to(dtype), torch.randn(rows, k).to(dtype)
     grad_xa, lora_A = torch.randn(rows, rank).to(dtype), torch.randn(rank, k).to(dtype)
