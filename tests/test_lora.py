@@ -764,6 +764,9 @@ def op_samples(base):
         for needs_dx in (True, False):
             yield "forward", forward
             yield "backward", (dy, x, *base_args, lora_A, lora_B, xa, *base_ints, 0.5, 0.2, r, needs_dx)
+    keep = torch.empty(6, 1, dtype=torch.int64)  # the mask's bits: x's 6 rows, a word each (40 columns)
+    yield "forward", (x, *base_args, None, lora_A, lora_B, *base_ints, 0.5, 0.2, rng, keep)
+    yield "backward", (dy, x, *base_args, lora_A, lora_B, xa, *base_ints, 0.5, 0.2, rng, True, keep)
 
 
 @pytest.mark.parametrize("backend", ["reference", "native"])

@@ -650,6 +650,7 @@ void branch_grads_amx(const bf16* x, const bf16* grad_xa, const bf16* a, bf16* d
     amx::release();
   });
 }
+
 // ---- the down-projection of many rows on AMX tiles (bf16, rank <= 32) ------------------------------------------
 // xa = x_d A^T a block of 32 rows at a time: the block's x_d rows, made exactly as lora_dropout makes them, go into
 // the thread's scratch (zero past k and m), read as A tiles 32 columns a step; A^T is packed once as B tiles (dword
@@ -759,7 +760,7 @@ void down_amx(const bf16* x, const bf16* a, bf16* xa, uint64_t* keep, int64_t m,
 // The threads' dB sums are added at the end. A block that crosses m or n is first copied, zero-padded, into the
 // thread's scratch; b and xa are zero past n, m and rank, so padding adds nothing (0 * inf there is NaN in a sum no
 // output reads). Sums are fp32 of exact bf16 products in the tiles' order; the tiles take subnormal inputs as zero.
-struct alignas(64) UpTiles {         // one thread's scratch, 8 KiB
+struct alignas(64) UpTiles {         // one thread's scratch, 10 KiB
   int8_t block[2][amx::kTileBytes];  // a dY block crossing m or n, zero-padded: 32 rows x 32 columns
   int8_t pairs[2][amx::kTileBytes];  // B tiles: the block's rows pairwise, columns [0, 16) and [16, 32)
   int8_t xa_t[2][amx::kTileBytes];   // A tiles: xa^T of the block's rows, ranks [0, 16) and [16, 32)
