@@ -651,6 +651,46 @@ void branch_grads_amx(const bf16* x, const bf16* grad_xa, const bf16* a, bf16* d
   });
 }
 
+// ---- pieces the AMX down-projection and up-projection grads share ----------------------------------------------
+// B tiles of a matrix M [rows, cols <= 32], element (i, j) at m[i * row_stride + j * col_stride], for products over
+// its rows, 32 rows a step: tile (s, t) at tiles + (2 s + t) * 1024 has in dword q of row p M[32 s + 2 p][16 t + q]
+// low and M[32 s + 2 p + 1][16 t + q] high; zero past rows and cols.
+inline void pack_pair_tiles(const bf16* m, int64_t rows, int64_t cols, int64_t row_stride, int64_t col_stride,
+                            int8_t* tiles) {
+  for (int64_t s = 0; s < (rows + 31) / 32; ++s)
+    for (int64_t t = 0; t < 2; ++t) {
+      uint32_t* tile = reinterpret_cast<uint32_t*>(tiles + (2 * s + t) * amx::kTileBytes);
+      for (int64_t p = 0; p < 16; ++p)
+        for (int64_t q = 0; q < 16; ++q) {
+          const int64_t i = 32 * s + 2 * p, j = 16 * t + q;
+          const uint32_t even = i < rows && j < cols ? m[i * row_stride + j * col_stride].bits : 0;
+          const uint32_t odd = i + 1 < rows && j < cols ? m[(i + 1) * row_stride + j * col_stride].bits : 0;
+          tile[p * 16 + q] = even | odd << 16;
+        }
+    }
+}
+
+// Tiles 0..3 hold a step's fp32 sums for 32 rows and 32 columns: tile 2 h + t is rows [16 h, + 16), columns
+// [16 t, + 16).
+__attribute__((target("amx-tile"))) inline void zero_sum_tiles() {
+  _tile_zero(0);
+  _tile_zero(1);
+  _tile_zero(2);
+  _tile_zero(3);
+}
+
+// The sum tiles rounded to bf16 into out's first `rows` rows and `cols` columns (row stride cols).
+__attribute__((target("amx-tile"))) inline void store_sum_tiles(int64_t rows, int64_t cols, bf16* out) {
+  alignas(64) float sums[4][256];
+  _tile_stored(0, sums[0], 64);
+  _tile_stored(1, sums[1], 64);
+  _tile_stored(2, sums[2], 64);
+  _tile_stored(3, sums[3], 64);
+  for (int64_t i = 0; i < rows; ++i)
+    for (int64_t j = 0; j < cols; ++j)
+      out[i * cols + j] = pfp::to_bf16(sums[2 * (i / 16) + j / 16][(i % 16) * 16 + j % 16]);
+}
+
 // ---- the down-projection of many rows on AMX tiles (bf16, rank <= 32) ------------------------------------------
 // xa = x_d A^T a block of 32 rows at a time: the block's x_d rows, made exactly as lora_dropout makes them, go into
 // the thread's scratch (zero past k and m), read as A tiles 32 columns a step; A^T is packed once as B tiles (dword
@@ -658,13 +698,11 @@ void branch_grads_amx(const bf16* x, const bf16* grad_xa, const bf16* a, bf16* d
 // from x in place. Sums are fp32 of exact bf16 products in the tiles' order; the tiles take subnormal inputs as zero.
 constexpr int64_t kDownAmxMinRows = 32;  // fewer rows (a decode step) take down_impl
 
+// The block's sums into tiles 0..3 (zero_sum_tiles' layout).
 __attribute__((target("amx-tile,amx-bf16"))) inline void down_block_tiles(const bf16* rows, int64_t ld,
                                                                           const int8_t* a_tiles, int64_t steps,
-                                                                          bool two_rank_tiles, float (*sums)[256]) {
-  _tile_zero(0);
-  _tile_zero(1);
-  _tile_zero(2);
-  _tile_zero(3);
+                                                                          bool two_rank_tiles) {
+  zero_sum_tiles();
   for (int64_t s = 0; s < steps; ++s) {
     _tile_loadd(4, rows + 32 * s, ld * 2);
     _tile_loadd(5, rows + 16 * ld + 32 * s, ld * 2);
@@ -677,10 +715,6 @@ __attribute__((target("amx-tile,amx-bf16"))) inline void down_block_tiles(const 
       _tile_dpbf16ps(3, 5, 7);
     }
   }
-  _tile_stored(0, sums[0], 64);
-  _tile_stored(1, sums[1], 64);
-  _tile_stored(2, sums[2], 64);
-  _tile_stored(3, sums[3], 64);
 }
 
 void down_amx(const bf16* x, const bf16* a, bf16* xa, uint64_t* keep, int64_t m, int64_t k, int64_t rank, bool dropout,
@@ -689,23 +723,11 @@ void down_amx(const bf16* x, const bf16* a, bf16* xa, uint64_t* keep, int64_t m,
   const __m512 keep_scale = _mm512_set1_ps(params.keep_scale);
   const int64_t steps = (k + 31) / 32, k_padded = 32 * steps, row_blocks = (m + 31) / 32;
   const bool two_rank_tiles = rank > 16;
-  // A^T's B tiles, step s and rank tile r at (2 s + r) * 1024
-  amx::Aligned a_tiles(steps * 2 * amx::kTileBytes);
-  for (int64_t s = 0; s < steps; ++s)
-    for (int r = 0; r < 2; ++r) {
-      uint32_t* tile = reinterpret_cast<uint32_t*>(a_tiles.data + (2 * s + r) * amx::kTileBytes);
-      for (int64_t p = 0; p < 16; ++p)
-        for (int64_t q = 0; q < 16; ++q) {
-          const int64_t c = 32 * s + 2 * p, rq = 16 * r + q;
-          const uint32_t even = c < k && rq < rank ? a[rq * k + c].bits : 0;
-          const uint32_t odd = c + 1 < k && rq < rank ? a[rq * k + c + 1].bits : 0;
-          tile[p * 16 + q] = even | odd << 16;
-        }
-    }
+  amx::Aligned a_tiles(steps * 2 * amx::kTileBytes);  // A^T [k, rank]'s B tiles
+  pack_pair_tiles(a, k, rank, 1, k, a_tiles.data);
   pfp::parallel_for(row_blocks, 32 * k * (dropout ? 64 : 1), nthreads, [&](int64_t begin, int64_t end, int) {
     amx::Aligned scratch(32 * k_padded * int64_t(sizeof(bf16)));
     bf16* block = reinterpret_cast<bf16*>(scratch.data);
-    alignas(64) float sums[4][256];
     amx::configure();
     for (int64_t rb = begin; rb < end; ++rb) {
       const int64_t i0 = 32 * rb, rows = m - i0 < 32 ? m - i0 : 32;
@@ -740,10 +762,8 @@ void down_amx(const bf16* x, const bf16* a, bf16* xa, uint64_t* keep, int64_t m,
         src = block;
         ld = k_padded;
       }
-      down_block_tiles(src, ld, a_tiles.data, steps, two_rank_tiles, sums);
-      for (int64_t r = 0; r < rows; ++r)
-        for (int64_t q = 0; q < rank; ++q)
-          xa[(i0 + r) * rank + q] = pfp::to_bf16(sums[2 * (r / 16) + q / 16][(r % 16) * 16 + q % 16]);
+      down_block_tiles(src, ld, a_tiles.data, steps, two_rank_tiles);
+      store_sum_tiles(rows, rank, xa + i0 * rank);
     }
     amx::release();
   });
@@ -760,11 +780,10 @@ void down_amx(const bf16* x, const bf16* a, bf16* xa, uint64_t* keep, int64_t m,
 // The threads' dB sums are added at the end. A block that crosses m or n is first copied, zero-padded, into the
 // thread's scratch; b and xa are zero past n, m and rank, so padding adds nothing (0 * inf there is NaN in a sum no
 // output reads). Sums are fp32 of exact bf16 products in the tiles' order; the tiles take subnormal inputs as zero.
-struct alignas(64) UpTiles {         // one thread's scratch, 10 KiB
+struct alignas(64) UpTiles {         // one thread's scratch, 6 KiB
   int8_t block[2][amx::kTileBytes];  // a dY block crossing m or n, zero-padded: 32 rows x 32 columns
   int8_t pairs[2][amx::kTileBytes];  // B tiles: the block's rows pairwise, columns [0, 16) and [16, 32)
   int8_t xa_t[2][amx::kTileBytes];   // A tiles: xa^T of the block's rows, ranks [0, 16) and [16, 32)
-  float g[4][256];                   // the g tiles, stored: tile 2 h + t = rows [16 h, + 16), ranks [16 t, + 16)
 };
 
 // The step's tile products (tile registers: 0..3 the g sums, 4..7 operands). dy: the block's first element, rows
@@ -805,38 +824,13 @@ __attribute__((target("amx-tile,amx-bf16"))) inline void up_step_tiles(const bf1
   }
 }
 
-__attribute__((target("amx-tile"))) inline void up_zero_sums() {
-  _tile_zero(0);
-  _tile_zero(1);
-  _tile_zero(2);
-  _tile_zero(3);
-}
-
-__attribute__((target("amx-tile"))) inline void up_store_sums(UpTiles& t) {
-  _tile_stored(0, t.g[0], 64);
-  _tile_stored(1, t.g[1], 64);
-  _tile_stored(2, t.g[2], 64);
-  _tile_stored(3, t.g[3], 64);
-}
-
 void up_grads_amx(const bf16* dy, const bf16* b, const bf16* xa, bf16* grad_xa, bf16* grad_b, int64_t m, int64_t n,
                   int64_t rank, float scaling, int nthreads) {
   const int64_t steps = (n + 31) / 32, col_tiles = 2 * steps, row_blocks = (m + 31) / 32;
   const bool two_rank_tiles = rank > 16;
   const int rank_tiles = two_rank_tiles ? 2 : 1;
-  // B tiles, step s and rank tile r at (s * 2 + r) * 1024: zero past n and rank
-  amx::Aligned b_tiles(steps * 2 * amx::kTileBytes);
-  for (int64_t s = 0; s < steps; ++s)
-    for (int r = 0; r < 2; ++r) {
-      uint32_t* tile = reinterpret_cast<uint32_t*>(b_tiles.data + (s * 2 + r) * amx::kTileBytes);
-      for (int64_t p = 0; p < 16; ++p)
-        for (int64_t q = 0; q < 16; ++q) {
-          const int64_t j = 32 * s + 2 * p, rq = 16 * r + q;
-          const uint32_t even = j < n && rq < rank ? b[j * rank + rq].bits : 0;
-          const uint32_t odd = j + 1 < n && rq < rank ? b[(j + 1) * rank + rq].bits : 0;
-          tile[p * 16 + q] = even | odd << 16;
-        }
-    }
+  amx::Aligned b_tiles(steps * 2 * amx::kTileBytes);  // B [n, rank]'s B tiles
+  pack_pair_tiles(b, n, rank, rank, 1, b_tiles.data);
   // each thread's dB^T sums: rank tile r, column tile c at (r * col_tiles + c) * 256, a 16 x 16 fp32 tile
   const int64_t sums_size = rank_tiles * col_tiles * 256;
   std::vector<std::vector<float>> dbt(size_t(nthreads > 0 ? nthreads : 1));
@@ -854,7 +848,7 @@ void up_grads_amx(const bf16* dy, const bf16* b, const bf16* xa, bf16* grad_xa, 
           for (int64_t i = 0; i < 32; ++i)
             tile[q * 32 + i] = i < rows && 16 * r + q < rank ? xa[(i0 + i) * rank + 16 * r + q] : bf16{0};
       }
-      up_zero_sums();
+      zero_sum_tiles();
       for (int64_t s = 0; s < steps; ++s) {
         const int64_t j0 = 32 * s, cols = n - j0 < 32 ? n - j0 : 32;
         const bf16* src = dy + i0 * n + j0;
@@ -869,10 +863,7 @@ void up_grads_amx(const bf16* dy, const bf16* b, const bf16* xa, bf16* grad_xa, 
         up_step_tiles(src, ld, b_tiles.data + s * 2 * amx::kTileBytes, two_rank_tiles, cols > 16 ? 2 : 1,
                       sums.data() + 2 * s * 256, col_tiles * 256, t);
       }
-      up_store_sums(t);
-      for (int64_t i = 0; i < rows; ++i)
-        for (int64_t q = 0; q < rank; ++q)
-          grad_xa[(i0 + i) * rank + q] = pfp::to_bf16(t.g[2 * (i / 16) + q / 16][(i % 16) * 16 + q % 16]);
+      store_sum_tiles(rows, rank, grad_xa + i0 * rank);
     }
     amx::release();
   });
