@@ -369,10 +369,7 @@ def test_native_branch_grads_take_the_mask_from_keep(isa, amx, dtype):
     x, dx = torch.randn(rows, k).to(dtype), torch.randn(rows, k).to(dtype)
     grad_xa, lora_A = torch.randn(rows, rank).to(dtype), torch.randn(rank, k).to(dtype)
     mask = torch.rand(rows, k) < 0.6
-    keep = torch.zeros((rows, lora_ops.keep_words(k)), dtype=torch.int64)
-    padded = torch.zeros(rows, keep.shape[1] * 64, dtype=torch.int64)
-    padded[:, :k] = mask
-    keep = (padded.view(rows, -1, 64) << torch.arange(64)).sum(-1)
+    keep = lora_ops.pack_keep(mask)
     with cpu_isa(isa), cpu_amx(amx):
         grad_A, dx_out = native_branch_grads(x, grad_xa, lora_A, dx, torch.tensor([1, 2]), dropout_p, scaling, keep)
     keep_scale = float(torch.tensor(1 / (1 - dropout_p)))

@@ -359,16 +359,22 @@ def keep_words(in_features: int) -> int:
     return (in_features + 63) // 64
 
 
-def fill_keep(keep, rng, dropout_p: float, in_features: int) -> None:
-    """keep [M, keep_words(in)] = the mask of rng as int64 bit words (element c of row i: bit c % 64 of word c // 64,
-    bits past in_features 0), from the reference's mask: what the native forward writes as it draws the mask."""
-    rows, words = keep.shape
-    kept = torch.zeros((rows, words * 64), dtype=torch.int64, device=keep.device)
-    kept[:, :in_features] = ref.keep_mask(rng, (rows, in_features), dropout_p, keep.device)
+def pack_keep(mask) -> torch.Tensor:
+    """A bool mask [M, in] as int64 bit words [M, keep_words(in)]: element c of row i is bit c % 64 of word c // 64,
+    the bits past in 0."""
+    rows, in_features = mask.shape
+    words = keep_words(in_features)
+    kept = torch.zeros((rows, words * 64), dtype=torch.int64, device=mask.device)
+    kept[:, :in_features] = mask
     bits = torch.bitwise_left_shift(
-        torch.ones(64, dtype=torch.int64, device=keep.device), torch.arange(64, device=keep.device)
+        torch.ones(64, dtype=torch.int64, device=mask.device), torch.arange(64, device=mask.device)
     )
-    keep.copy_((kept.view(rows, words, 64) * bits).sum(-1))  # distinct bits: the sum is their or (wrapping at bit 63)
+    return (kept.view(rows, words, 64) * bits).sum(-1)  # distinct bits: the sum is their or (wrapping at bit 63)
+
+
+def fill_keep(keep, rng, dropout_p: float, in_features: int) -> None:
+    """keep = the reference's mask of rng packed (pack_keep): what the native forward writes as it draws the mask."""
+    keep.copy_(pack_keep(ref.keep_mask(rng, (keep.shape[0], in_features), dropout_p, keep.device)))
 
 
 # ---- the contract every LoRA kernel trusts, checked on every op call ----------------------------------------------
