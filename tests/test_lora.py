@@ -257,6 +257,26 @@ def test_native_branch_grads_drop_non_finite_values_at_dropped_positions(isa, am
         assert (dx[~keep] == 0).all() and torch.isinf(dx[:, 7][keep[:, 7]]).all()
 
 
+@pytest.mark.parametrize("isa, amx", ISA_AMX)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("dropout", [True, False])
+def test_native_branch_grads_keep_subnormal_dx_values(isa, amx, dtype, dropout):
+    """dX + 0 is dX bit for bit where dX holds subnormals (|v| < 2^-126), among normal values in the same 32 columns
+    and in columns of normal values alone: the AMX path's one-instruction bf16 rounding would make them zero."""
+    rows, k, rank = 40, 300, 16
+    torch.manual_seed(5)
+    x, grad_xa, lora_A = torch.randn(rows, k).to(dtype), torch.zeros(rows, rank, dtype=dtype), torch.randn(rank, k)
+    dx = torch.randn(rows, k)
+    tiny = torch.rand(rows, k) < 0.1
+    tiny[:, 64:128] = False  # two 32-column groups of normal values only
+    dx = torch.where(tiny, dx.sign() * (1 + torch.rand(rows, k)) * 2.0**-129, dx).to(dtype)
+    assert (dx.abs() < 2.0**-126).any() and (dx != 0).all()
+    rng, dropout_p = (torch.tensor([7, 8]), 0.3) if dropout else (None, 0.0)
+    with cpu_isa(isa), cpu_amx(amx):
+        _, dx_out = native_branch_grads(x, grad_xa, lora_A.to(dtype), dx, rng, dropout_p, 2.0)
+    assert torch.equal(dx_out, dx)
+
+
 def native_up_grads(dy, lora_B, xa, scaling):
     """lora_up_grads: (dY B, s dY^T xa) of dy [M, n], lora_B [n, r], xa [M, r]."""
     grad_xa, grad_B = xa.new_empty(xa.shape), torch.empty_like(lora_B)

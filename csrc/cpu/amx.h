@@ -75,6 +75,26 @@ inline void transpose_dwords(const __m512i (&src)[16], int8_t* dst) {
   }
 }
 
+// ---- bf16 rounding on AMX hosts, in one instruction ------------------------------------------------------------
+// Every CPU with AMX has AVX512-BF16 (pfp::amx_supported checks), whose vcvtne2ps2bf16 rounds 32 fp32 lanes to bf16
+// as to_bf16 does (nearest even, a NaN kept quiet), but for a subnormal input, which it takes as zero. The functions
+// that call these carry the target themselves: GCC inlines a target function only into one with that target.
+
+// 32 lanes, a's 16 first: for operands of tile products only, which take a subnormal bf16 as zero anyway.
+__attribute__((target("avx512bf16"))) inline __m512i tile_bf16(__m512 a, __m512 b) {
+  return _mm512_castps_si512(reinterpret_cast<__m512>(_mm512_cvtne2ps_pbh(b, a)));
+}
+
+// 32 lanes, a's 16 first, exactly as to_bf16 rounds them: a pair of vectors that holds a subnormal (|v| < 2^-126,
+// rare) takes bf16_high16's seven operations a vector.
+__attribute__((target("avx512bf16"))) inline __m512i round32_bf16(__m512 a, __m512 b) {
+  constexpr int kSubnormal = 0x20;  // vfpclassps: denormal, either sign
+  if ((_mm512_fpclass_ps_mask(a, kSubnormal) | _mm512_fpclass_ps_mask(b, kSubnormal)) == 0) return tile_bf16(a, b);
+  const __m256i low = _mm512_cvtepi32_epi16(_mm512_srli_epi32(pfp::bf16_high16(a), 16));
+  const __m256i high = _mm512_cvtepi32_epi16(_mm512_srli_epi32(pfp::bf16_high16(b), 16));
+  return _mm512_inserti64x4(_mm512_castsi256_si512(low), high, 1);
+}
+
 // Bytes [c0, c0 + 64) of row `row` of x [rows, row_bytes]: zeros past the row's end or past the last row (masked
 // loads read nothing outside the mask).
 inline __m512i load_step(const void* x, int64_t rows, int64_t row_bytes, int64_t row, int64_t c0) {

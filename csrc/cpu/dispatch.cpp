@@ -47,6 +47,8 @@ bool amx_supported() {
     if (best_isa() != Isa::kAvx512 || !__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx)) return false;
     const bool tile = edx >> 24 & 1, int8 = edx >> 25 & 1, bf16 = edx >> 22 & 1;
     if (!(tile && int8 && bf16)) return false;
+    // The AMX paths also round with AVX512-BF16 (leaf 7.1 eax bit 5), which every CPU with AMX has so far.
+    if (!__get_cpuid_count(7, 1, &eax, &ebx, &ecx, &edx) || !(eax >> 5 & 1)) return false;
     // Linux hands the 8 KiB tile data state to a process only on request (arch_prctl ARCH_REQ_XCOMP_PERM for
     // XFEATURE_XTILEDATA, 18); a tile instruction without it is a fatal signal.
     constexpr int kReqXcompPerm = 0x1023, kGetXcompPerm = 0x1022, kXtileData = 18;

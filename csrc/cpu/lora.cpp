@@ -525,10 +525,10 @@ void branch_grads_avx512(const T* x, const T* grad_xa, const T* a, T* dx, T* gra
 // ---- the same for bf16 on AMX tiles (cpu/amx.h), rank <= 32 ----------------------------------------------------
 // The AVX-512 path above spends most of its time on the 2 * rank multiply-adds an element; here the tiles do them.
 // A thread walks its 240-column blocks as above, 32 rows a step:
-//   x_d's 32 rows, made exactly as above, go pairwise into one B tile per 16 columns (VNNI: dword j of tile row p
-//   holds x_d[2p][j] low, x_d[2p + 1][j] high), and dA[16 ranks, 16 columns] += gT[16 ranks, 32 rows] . that tile;
-//   P[16 rows, 16 columns] = g[16 rows, 32 ranks] . A's B tile (rank pairs), then dX += s * keep * keep_scale * P
-//   in AVX-512 as above.
+//   x_d's 32 rows, made as above (a subnormal as zero, as the tiles take it), go pairwise into one B tile per 16
+//   columns (VNNI: dword j of tile row p holds x_d[2p][j] low, x_d[2p + 1][j] high), and dA[16 ranks, 16 columns] +=
+//   gT[16 ranks, 32 rows] . that tile; P[16 rows, 16 columns] = g[16 rows, 32 ranks] . A's B tile (rank pairs), then dX
+//   += s * keep * keep_scale * P in AVX-512 as above.
 // Ranks past `rank` and rows past m are zeros in g, gT, A's tiles and x_d's; the products they make land in dA rows
 // and P rows that are never stored (0 * inf there is NaN, and harmless). The sums are fp32 of exact bf16 products in
 // the tiles' order (the tiles treat subnormal inputs as zero).
@@ -544,8 +544,10 @@ struct alignas(64) BranchTiles {           // one thread's tiles, ~90 KiB
 };
 
 // dword j of a B tile row: a's lane j (bf16) low, b's lane j high.
-inline __m512i pair_rows(__m512 a, __m512 b) {
-  return _mm512_or_si512(_mm512_srli_epi32(pfp::bf16_high16(a), 16), pfp::bf16_high16(b));
+__attribute__((target("avx512bf16"))) inline __m512i pair_rows(__m512 a, __m512 b) {
+  const __m512i interleave = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8, 23, 7, 22,
+                                              6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+  return _mm512_permutexvar_epi16(interleave, amx::tile_bf16(a, b));
 }
 
 // The step's tile products: g_t = gT [32 ranks, rows_padded] at the step's first row (row stride gt_stride bytes),
@@ -582,6 +584,55 @@ __attribute__((target("amx-tile,amx-bf16"))) inline void branch_step_tiles(const
   }
 }
 
+// The block's A [rank, width] at column c0 into t.a's B tiles, ranks pairwise (zero past rank and width).
+__attribute__((target("avx512bf16"))) void pack_a_tiles(const bf16* a, int64_t k, int64_t rank, int64_t c0,
+                                                        int64_t width, BranchTiles& t) {
+  for (int c = 0; 16 * c < width; ++c) {
+    const __mmask16 valid = pfp::lanes16(width - 16 * c);
+    for (int64_t p = 0; p < kMaxAmxRank / 2; ++p) {
+      const __m512 even = 2 * p < rank ? load16(a + 2 * p * k + c0 + 16 * c, valid) : _mm512_setzero_ps();
+      const __m512 odd = 2 * p + 1 < rank ? load16(a + (2 * p + 1) * k + c0 + 16 * c, valid) : _mm512_setzero_ps();
+      _mm512_store_si512(t.a[c] + 64 * p, pair_rows(even, odd));
+    }
+  }
+}
+
+// The step's x_d rows into t.x_d's B tiles, rows pairwise: x at the step's first row and the block's first column,
+// row stride k; `rows` rows (zero past them and past width); bits[r] row r's keep bits from the block's first column.
+__attribute__((target("avx512bf16"))) void pack_x_d_tiles(const bf16* x, int64_t k, int64_t rows, int64_t width,
+                                                          const uint64_t (*bits)[kChunk / 64 + 1], __m512 keep_scale,
+                                                          BranchTiles& t) {
+  for (int c = 0; 16 * c < width; ++c) {
+    const __mmask16 valid = pfp::lanes16(width - 16 * c);
+    auto dropped = [&](int64_t r) {
+      if (r >= rows) return _mm512_setzero_ps();
+      return _mm512_maskz_mul_ps(bits16(bits[r], 16 * c) & valid, load16(x + r * k + 16 * c, valid), keep_scale);
+    };
+    for (int64_t p = 0; p < kTileRows / 2; ++p)
+      _mm512_store_si512(t.x_d[c] + 64 * p, pair_rows(dropped(2 * p), dropped(2 * p + 1)));
+  }
+}
+
+// dX += s * keep * keep_scale * P over the step's rows, 32 columns at a time: dx at the step's first row and the
+// block's first column, row stride k; P in t.product; bits as pack_x_d_tiles.
+__attribute__((target("avx512bf16"))) void add_dx_terms(bf16* dx, int64_t k, int64_t rows, int64_t width,
+                                                        const uint64_t (*bits)[kChunk / 64 + 1], __m512 keep_scale,
+                                                        __m512 scale, const BranchTiles& t) {
+  for (int64_t r = 0; r < rows; ++r) {
+    bf16* out = dx + r * k;
+    auto sum = [&](int c) {
+      const __mmask16 valid = pfp::lanes16(width - 16 * c);
+      const __mmask16 keep = bits16(bits[r], 16 * c) & valid;
+      const __m512 term = _mm512_maskz_mul_ps(keep, _mm512_load_ps(t.product[c][r / 16] + 16 * (r % 16)), keep_scale);
+      return _mm512_fmadd_ps(scale, term, load16(out + 16 * c, valid));
+    };
+    for (int c = 0; 16 * c < width; c += 2) {
+      const __m512 high = 16 * (c + 1) < width ? sum(c + 1) : _mm512_setzero_ps();
+      _mm512_mask_storeu_epi16(out + 16 * c, __mmask32(pfp::lanes64(width - 16 * c)), amx::round32_bf16(sum(c), high));
+    }
+  }
+}
+
 void branch_grads_amx(const bf16* x, const bf16* grad_xa, const bf16* a, bf16* dx, bf16* grad_a, const uint64_t* keep,
                       int64_t m, int64_t k, int64_t rank, bool dropout, const DropoutParams<float>& params,
                       float scaling, int nthreads) {
@@ -606,41 +657,14 @@ void branch_grads_amx(const bf16* x, const bf16* grad_xa, const bf16* a, bf16* d
       const int64_t width = last - c0 < kBlockCols ? last - c0 : kBlockCols;
       const int tiles = int((width + 15) / 16);
       std::fill_n(&t.grad[0][0][0], 2 * kColTiles * 256, 0.0f);
-      for (int c = 0; c < tiles; ++c) {
-        const __mmask16 valid = pfp::lanes16(width - 16 * c);
-        for (int64_t p = 0; p < kMaxAmxRank / 2; ++p) {
-          const __m512 even = 2 * p < rank ? load16(a + 2 * p * k + c0 + 16 * c, valid) : _mm512_setzero_ps();
-          const __m512 odd = 2 * p + 1 < rank ? load16(a + (2 * p + 1) * k + c0 + 16 * c, valid) : _mm512_setzero_ps();
-          _mm512_store_si512(t.a[c] + 64 * p, pair_rows(even, odd));
-        }
-      }
+      pack_a_tiles(a, k, rank, c0, width, t);
       for (int64_t i0 = 0; i0 < m; i0 += kTileRows) {
         const int64_t rows = m - i0 < kTileRows ? m - i0 : kTileRows;
         step_rows(x, dx, m, k, c0, width, i0, rows, dropout, params, keep, bits);
-        auto dropped = [&](int64_t r, int c, __mmask16 valid) {
-          if (r >= rows) return _mm512_setzero_ps();
-          const __mmask16 keep = bits16(bits[r], 16 * c) & valid;
-          return _mm512_maskz_mul_ps(keep, load16(x + (i0 + r) * k + c0 + 16 * c, valid), keep_scale);
-        };
-        for (int c = 0; c < tiles; ++c) {
-          const __mmask16 valid = pfp::lanes16(width - 16 * c);
-          for (int64_t p = 0; p < kTileRows / 2; ++p)
-            _mm512_store_si512(t.x_d[c] + 64 * p, pair_rows(dropped(2 * p, c, valid), dropped(2 * p + 1, c, valid)));
-        }
+        pack_x_d_tiles(x + i0 * k + c0, k, rows, width, bits, keep_scale, t);
         branch_step_tiles(g_t.data() + i0, rows_padded * 2, g.data() + i0 * kMaxAmxRank, two_rank_tiles, dx != nullptr,
                           tiles, t);
-        if (dx != nullptr) {
-          for (int64_t r = 0; r < rows; ++r) {
-            bf16* out = dx + (i0 + r) * k + c0;
-            for (int c = 0; c < tiles; ++c) {
-              const __mmask16 valid = pfp::lanes16(width - 16 * c);
-              const __mmask16 keep = bits16(bits[r], 16 * c) & valid;
-              const __m512 product = _mm512_load_ps(t.product[c][r / 16] + 16 * (r % 16));
-              const __m512 term = _mm512_maskz_mul_ps(keep, product, keep_scale);
-              store16(out + 16 * c, valid, _mm512_fmadd_ps(scale, term, load16(out + 16 * c, valid)));
-            }
-          }
-        }
+        if (dx != nullptr) add_dx_terms(dx + i0 * k + c0, k, rows, width, bits, keep_scale, scale, t);
       }
       for (int64_t q = 0; q < rank; ++q)
         for (int c = 0; c < tiles; ++c)
@@ -692,8 +716,9 @@ __attribute__((target("amx-tile"))) inline void store_sum_tiles(int64_t rows, in
 }
 
 // ---- the down-projection of many rows on AMX tiles (bf16, rank <= 32) ------------------------------------------
-// xa = x_d A^T a block of 32 rows at a time: the block's x_d rows, made exactly as lora_dropout makes them, go into
-// the thread's scratch (zero past k and m), read as A tiles 32 columns a step; A^T is packed once as B tiles (dword
+// xa = x_d A^T a block of 32 rows at a time: the block's x_d rows, made as lora_dropout makes them (but for a
+// subnormal value, which make_x_d leaves zero and the tiles would take as zero), go into the thread's scratch (zero
+// past k and m), read as A tiles 32 columns a step; A^T is packed once as B tiles (dword
 // q of row p holds a[q][2p] low, a[q][2p + 1] high; zero past k and rank). Without dropout a whole block is read
 // from x in place. Sums are fp32 of exact bf16 products in the tiles' order; the tiles take subnormal inputs as zero.
 constexpr int64_t kDownAmxMinRows = 32;  // fewer rows (a decode step) take down_impl
@@ -714,6 +739,17 @@ __attribute__((target("amx-tile,amx-bf16"))) inline void down_block_tiles(const 
       _tile_dpbf16ps(1, 4, 7);
       _tile_dpbf16ps(3, 5, 7);
     }
+  }
+}
+
+// x_d[0, count) = keep ? x * keep_scale : 0, rounded to bf16 for the tiles: bit e of bits keeps element e.
+__attribute__((target("avx512bf16"))) void make_x_d(const bf16* x, bf16* x_d, int64_t count, const uint64_t* bits,
+                                                    __m512 keep_scale) {
+  for (int64_t e = 0; e < count; e += 32) {
+    const __mmask16 low = pfp::lanes16(count - e), high = pfp::lanes16(count - e - 16);
+    const __m512 a = _mm512_maskz_mul_ps(bits16(bits, e) & low, load16(x + e, low), keep_scale);
+    const __m512 b = _mm512_maskz_mul_ps(bits16(bits, e + 16) & high, load16(x + e + 16, high), keep_scale);
+    _mm512_mask_storeu_epi16(x_d + e, __mmask32(pfp::lanes64(count - e)), amx::tile_bf16(a, b));
   }
 }
 
@@ -745,11 +781,7 @@ void down_amx(const bf16* x, const bf16* a, bf16* xa, uint64_t* keep, int64_t m,
               uint64_t bits[kChunk / 64 + 1];
               keep_bits(params.key0, params.key1, params.offset + uint64_t(row_first + first), count, params.limit,
                         bits);
-              for (int64_t e = 0; e < count; e += 16) {
-                const __mmask16 valid = pfp::lanes16(count - e);
-                const __m512 kept = load16(x + row_first + first + e, valid);
-                store16(out + first + e, valid, _mm512_maskz_mul_ps(bits16(bits, e) & valid, kept, keep_scale));
-              }
+              make_x_d(x + row_first + first, out + first, count, bits, keep_scale);
               if (keep_row != nullptr) deposit_bits(bits, count, keep_row, words, first);
             });
             made = k;
