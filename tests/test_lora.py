@@ -424,12 +424,15 @@ def test_every_backends_forward_fills_keep_and_backward_reads_the_same_mask(back
 @pytest.mark.parametrize("base", ["dense", "nf4"])
 @pytest.mark.parametrize("rank", [16, 32, 40])  # one and two rank tiles; past them, torch's products either way
 @pytest.mark.parametrize("dropout_p", [0.0, 0.25])
-def test_native_bf16_layer_agrees_with_and_without_amx_products(base, rank, dropout_p):
+def test_native_bf16_layer_agrees_with_and_without_amx_products(monkeypatch, base, rank, dropout_p):
     """Where the CPU has AMX tiles, the native bf16 forward and backward run lora_down and lora_up_grads in place of
-    torch's small GEMMs (70 rows: two whole blocks of 32 and a partial one), and with dropout the forward keeps the
-    mask's bits for backward: y and every grad agree with the same backend without them."""
+    torch's small GEMMs (70 rows: two whole blocks of 32 and a partial one), over an NF4 base the up-projection in
+    the base product's epilogue (lora_nf4_matmul), and with dropout the forward keeps the mask's bits for backward:
+    y and every grad agree with the same backend without them (bias included)."""
     if not _native.cpu.amx_supported():
         pytest.skip("the CPU has no AMX tiles")
+    launched, launch = [], _native.launch
+    monkeypatch.setattr(_native, "launch", lambda name, *args: (launched.append(name), launch(name, *args))[1])
     inputs = make_inputs((2, 35, 96), 80, rank, torch.bfloat16, base)
     with cpu_amx(True), pyfastpeft.use_backend("native"):  # the mask's bits kept for backward where lora_down draws it
         y = lora_linear(inputs[0], inputs[1], inputs[2], inputs[3], inputs[4], 2.0, dropout_p, True)
@@ -437,9 +440,21 @@ def test_native_bf16_layer_agrees_with_and_without_amx_products(base, rank, drop
         assert [tuple(t.shape) for t in saved] == ([(70, 2)] if dropout_p and rank <= 32 else [])
     with cpu_amx(True):
         with_amx = forward_backward("native", inputs, 2.0, dropout_p)
+    assert ("lora_nf4_matmul" in launched) == (base == "nf4" and rank <= 32)
     with cpu_amx(False):
         without = forward_backward("native", inputs, 2.0, dropout_p)
     assert_all_close(with_amx, without, torch.bfloat16)
+
+
+@pytest.mark.parametrize("amx", CPU_AMX)
+def test_native_nf4_bf16_layer_with_a_rank_zero_adapter_is_its_base(amx):
+    """r = 0 over an NF4 base, more rows than a GEMV's: the fused up-projection (rank 1 to 32) is not taken and the
+    output is the base product alone."""
+    x, (packed, state), bias, lora_A, lora_B = make_inputs((40, 64), 32, 0, torch.bfloat16, "nf4")
+    with cpu_amx(amx), pyfastpeft.use_backend("native"), torch.no_grad():
+        y = lora_linear(x, (packed, state), bias, lora_A, lora_B, 2.0, 0.0, True)
+        base = pyfastpeft.functional.nf4_linear(x, packed, state, bias)
+    assert torch.equal(y, base)
 
 
 @pytest.mark.skipif(not HAS_TRITON, reason="triton is not installed")

@@ -324,6 +324,55 @@ def test_nf4_linear_takes_the_amx_product_for_bf16_rows():
     torch.testing.assert_close(tiles, dequantized, rtol=1.6e-2, atol=1.6e-2)
 
 
+def native_lora_matmul(x, packed, absmax, code, xa, lora_b, scaling, n, blocksize):
+    out = torch.full((x.shape[0], n), float("nan"), dtype=torch.bfloat16)
+    _native.launch("lora_nf4_matmul", x, x, packed, absmax, code, xa, lora_b, scaling, out, x.shape[0], n, x.shape[1],
+                   xa.shape[1], blocksize)  # fmt: skip
+    return out
+
+
+@AMX
+@pytest.mark.parametrize(
+    "m,n,k,rank",
+    [
+        (9, 32, 64, 16),
+        (45, 70, 96, 1),  # row and column edges of the blocks, one rank
+        (100, 33, 256, 17),  # two rank pairs' tiles, a column past one block
+        (64, 64, 128, 32),  # whole blocks, the largest rank
+    ],
+)
+def test_amx_lora_matmul_adds_the_up_projection_before_its_one_rounding(m, n, k, rank):
+    """x W_hat^T + s xa B^T: the fp32 sums of both products' exact bf16 terms, added and rounded once to bf16."""
+    generator = torch.Generator().manual_seed(m * n + k + rank)
+    packed, absmax = random_weight_state(n, k, 64, generator)
+    code, scaling = CODES["nf4"], 1.75
+    x = torch.randn(m, k, generator=generator).bfloat16()
+    xa, lora_b = (
+        torch.randn(m, rank, generator=generator).bfloat16(),
+        torch.randn(n, rank, generator=generator).bfloat16(),
+    )
+    out = native_lora_matmul(x, packed, absmax, code, xa, lora_b, scaling, n, 64)
+    weight = ref.dequantize_4bit(packed, absmax, code, 64, n * k, torch.bfloat16).view(n, k).double()
+    exact = x.double() @ weight.T + scaling * xa.double() @ lora_b.double().T
+    magnitude = x.double().abs() @ weight.abs().T + scaling * xa.double().abs() @ lora_b.double().abs().T
+    u, u_out = torch.finfo(torch.float32).eps / 2, torch.finfo(torch.bfloat16).eps / 2
+    bound = (k + rank + 2) * u * magnitude * (1 + u_out) + u_out * exact.abs()
+    assert bool(((out.double() - exact).abs() <= bound).all())
+
+
+@AMX
+def test_amx_lora_matmul_refuses_past_one_rank_tile_or_without_tiles():
+    generator = torch.Generator().manual_seed(1)
+    packed, absmax = random_weight_state(32, 64, 64, generator)
+    x = torch.randn(16, 64).bfloat16()
+    with pytest.raises(ValueError, match="rank <= 32"):
+        native_lora_matmul(x, packed, absmax, CODES["nf4"], torch.zeros(16, 33).bfloat16(),
+                           torch.zeros(32, 33).bfloat16(), 1.0, 32, 64)  # fmt: skip
+    with cpu_amx(False), pytest.raises(ValueError, match="needs AMX tiles"):
+        native_lora_matmul(x, packed, absmax, CODES["nf4"], torch.zeros(16, 8).bfloat16(),
+                           torch.zeros(32, 8).bfloat16(), 1.0, 32, 64)  # fmt: skip
+
+
 def test_gemv_rejects_more_than_eight_rows():
     packed, absmax = random_weight_state(4, 64, 64, torch.Generator().manual_seed(0))
     with pytest.raises(ValueError, match="m must be in"):

@@ -529,6 +529,73 @@ __attribute__((target("avx512bf16"))) void decode_b_tiles(const uint8_t* packed,
       amx::transpose_dwords(rows, panel + (g * steps + s) * amx::kTileBytes);
     }
 }
+
+// x [m, k] @ w_hat^T on the tiles, each 32 x 32 block of fp32 sums handed to emit(row, col, block) (row stride 32).
+template <typename Emit>
+void matmul_tiles(const void* x, const uint8_t* packed, const float* absmax, const float* code, int64_t m, int64_t n,
+                  int64_t k, int64_t blocksize, int nthreads, Emit&& emit) {
+  const amx::PackedA a_tiles(x, m, 2 * k, k / 32, nthreads);
+  auto decode = [&](int64_t n0, int64_t groups, int8_t* panel) {
+    decode_b_tiles(packed, absmax, code, n, k, blocksize, n0, groups, k / 32, panel);
+  };
+  amx::gemm<true, float>(a_tiles, m, n, nthreads, decode, nullptr, 0, emit);
+}
+
+// LoRA's up-projection s xa B^T as one more tile product in each block's epilogue (rank <= 32: one step of K).
+// xa's rows are padded to 32 ranks (64 bytes a row, zero past rank and past m, to a whole block of 32 rows) and read
+// as A tiles; B [n, rank] is packed once as B tiles, one per 16 columns (dword j of row p holds b[16 t + j][2 p] low
+// and b[16 t + j][2 p + 1] high; zero past n and rank).
+struct UpProjection {
+  float scaling;
+  amx::Aligned xa, b;
+  UpProjection(const bf16* xa_rows, const bf16* b_rows, int64_t m, int64_t n, int64_t rank, double scaling_)
+      : scaling(float(scaling_)), xa((m + 31) / 32 * 32 * 64), b((n + 31) / 32 * 2 * amx::kTileBytes) {
+    bf16* padded = reinterpret_cast<bf16*>(xa.data);
+    for (int64_t i = 0; i < (m + 31) / 32 * 32; ++i)
+      for (int64_t q = 0; q < 32; ++q) padded[i * 32 + q] = i < m && q < rank ? xa_rows[i * rank + q] : bf16{0};
+    uint32_t* tiles = reinterpret_cast<uint32_t*>(b.data);
+    for (int64_t t = 0; t < (n + 31) / 32 * 2; ++t)
+      for (int64_t p = 0; p < 16; ++p)
+        for (int64_t j = 0; j < 16; ++j) {
+          const int64_t col = 16 * t + j;
+          const uint32_t even = col < n && 2 * p < rank ? b_rows[col * rank + 2 * p].bits : 0;
+          const uint32_t odd = col < n && 2 * p + 1 < rank ? b_rows[col * rank + 2 * p + 1].bits : 0;
+          tiles[(t * 16 + p) * 16 + j] = even | odd << 16;
+        }
+  }
+};
+
+// out's block at (row, col), inside [m, n]: bf16(block + s * (xa B^T)'s block), in fp32 (one fused multiply-add)
+// and rounded once. Tiles 0..7 are free between gemm's blocks.
+__attribute__((target("amx-tile,amx-bf16,avx512bf16"))) void emit_with_up(const float* block, const UpProjection& up,
+                                                                          int64_t row, int64_t col, int64_t m,
+                                                                          int64_t n, bf16* out) {
+  alignas(64) float sums[32 * 32];
+  _tile_zero(0);
+  _tile_zero(1);
+  _tile_zero(2);
+  _tile_zero(3);
+  _tile_loadd(4, up.xa.data + row * 64, 64);
+  _tile_loadd(5, up.xa.data + (row + 16) * 64, 64);
+  _tile_loadd(6, up.b.data + (col / 16) * amx::kTileBytes, 64);
+  _tile_loadd(7, up.b.data + (col / 16 + 1) * amx::kTileBytes, 64);
+  _tile_dpbf16ps(0, 4, 6);
+  _tile_dpbf16ps(1, 4, 7);
+  _tile_dpbf16ps(2, 5, 6);
+  _tile_dpbf16ps(3, 5, 7);
+  _tile_stored(0, sums, 128);
+  _tile_stored(1, sums + 16, 128);
+  _tile_stored(2, sums + 16 * 32, 128);
+  _tile_stored(3, sums + 16 * 32 + 16, 128);
+  const __m512 scaling = _mm512_set1_ps(up.scaling);
+  const __mmask32 valid = __mmask32(pfp::lanes64(n - col));
+  for (int64_t i = 0; i < 32 && row + i < m; ++i) {
+    const __m512 low = _mm512_fmadd_ps(scaling, _mm512_load_ps(sums + 32 * i), _mm512_load_ps(block + 32 * i));
+    const __m512 high =
+        _mm512_fmadd_ps(scaling, _mm512_load_ps(sums + 32 * i + 16), _mm512_load_ps(block + 32 * i + 16));
+    _mm512_mask_storeu_epi16(out + (row + i) * n + col, valid, amx::round32_bf16(low, high));
+  }
+}
 #endif
 
 }  // namespace
@@ -593,16 +660,12 @@ void nf4_matmul(const void* x, const uint8_t* packed, const float* absmax, const
 #if PFP_HAS_AMX
   if (pfp::amx_in_use() && k % 32 == 0 && blocksize % 32 == 0 && blocksize > 0) {
     if (m == 0 || n == 0) return;
-    const amx::PackedA a_tiles(x, m, 2 * k, k / 32, nthreads);
-    auto decode = [&](int64_t n0, int64_t groups, int8_t* panel) {
-      decode_b_tiles(packed, absmax, code, n, k, blocksize, n0, groups, k / 32, panel);
-    };
-    auto emit = [&](int64_t row, int64_t col, const float* block) {
-      const int64_t cols = std::min<int64_t>(32, n - col);
-      for (int64_t i = 0; i < 32 && row + i < m; ++i)
-        pfp::store_row<bf16, float>(block + 32 * i, static_cast<bf16*>(out) + (row + i) * n + col, cols);
-    };
-    amx::gemm<true, float>(a_tiles, m, n, nthreads, decode, nullptr, 0, emit);
+    matmul_tiles(x, packed, absmax, code, m, n, k, blocksize, nthreads,
+                 [&](int64_t row, int64_t col, const float* block) {
+                   const int64_t cols = std::min<int64_t>(32, n - col);
+                   for (int64_t i = 0; i < 32 && row + i < m; ++i)
+                     pfp::store_row<bf16, float>(block + 32 * i, static_cast<bf16*>(out) + (row + i) * n + col, cols);
+                 });
     return;
   }
 #else
@@ -610,6 +673,31 @@ void nf4_matmul(const void* x, const uint8_t* packed, const float* absmax, const
       (void)nthreads;
 #endif
   throw std::invalid_argument("nf4_matmul: needs AMX tiles, k % 32 == 0 and blocksize % 32 == 0");
+}
+
+// lora_nf4_matmul: nf4_matmul with LoRA's up-projection in its epilogue, the training forward's QLoRA product:
+//   out[i, j] = bf16(sum_c x[i, c] w_hat[j, c] + scaling * sum_q xa[i, q] lora_b[j, q])
+// both sums fp32 of the bf16 products on tiles (a subnormal input counting as zero), added in fp32 and rounded once.
+// xa: bf16 [m, rank] (lora_down's), lora_b: bf16 [n, rank], 1 <= rank <= 32; the rest as nf4_matmul, whose
+// conditions it shares (throws std::invalid_argument where they or the rank do not hold).
+void lora_nf4_matmul(const void* x, const uint8_t* packed, const float* absmax, const float* code, const void* xa,
+                     const void* lora_b, double scaling, void* out, int64_t m, int64_t n, int64_t k, int64_t rank,
+                     int64_t blocksize, int nthreads) {
+#if PFP_HAS_AMX
+  if (pfp::amx_in_use() && k % 32 == 0 && blocksize % 32 == 0 && blocksize > 0 && rank >= 1 && rank <= 32) {
+    if (m == 0 || n == 0) return;
+    const UpProjection up(static_cast<const bf16*>(xa), static_cast<const bf16*>(lora_b), m, n, rank, scaling);
+    matmul_tiles(x, packed, absmax, code, m, n, k, blocksize, nthreads,
+                 [&](int64_t row, int64_t col, const float* block) {
+                   emit_with_up(block, up, row, col, m, n, static_cast<bf16*>(out));
+                 });
+    return;
+  }
+#else
+  (void)x, (void)packed, (void)absmax, (void)code, (void)xa, (void)lora_b, (void)scaling, (void)out, (void)m, (void)n,
+      (void)k, (void)rank, (void)blocksize, (void)nthreads;
+#endif
+  throw std::invalid_argument("lora_nf4_matmul: needs AMX tiles, k % 32 == 0, blocksize % 32 == 0 and rank <= 32");
 }
 
 // nf4_gemv: out[m, n] = x[m, k] @ w_hat[n, k]^T (+ bias[n]), W never materialized; 1 <= m <= 8.

@@ -178,7 +178,6 @@ def _native_forward(base, x, bias, lora_A, lora_B, scaling, dropout_p, rng, keep
         if keep is not None:
             fill_keep(keep, rng, dropout_p, in_features)
         return y.view(*x.shape[:-1], out_features), xa
-    y = base.forward(x2d, bias)
     if rng is not None and x2d.numel() and _amx_products(x2d.dtype, lora_A.shape[0], x2d.shape[0], AMX_MIN_ROWS):
         # xa = x_d A^T in one kernel (x_d made a block of rows at a time in cache, the products on AMX tiles), the
         # mask's bits into keep as they are drawn
@@ -199,10 +198,38 @@ def _native_forward(base, x, bias, lora_A, lora_B, scaling, dropout_p, rng, keep
             torch.mm(x_dropped, lora_A.t(), out=xa[r0:r1])
     else:
         xa = x2d @ lora_A.t()
-    y.addmm_(xa, lora_B.t(), alpha=scaling)
+    y = _nf4_forward_with_up(base, x2d, bias, xa, lora_B, scaling)
+    if y is None:
+        y = base.forward(x2d, bias)
+        y.addmm_(xa, lora_B.t(), alpha=scaling)
     if keep is not None:
         fill_keep(keep, rng, dropout_p, in_features)
     return y.view(*x.shape[:-1], out_features), xa
+
+
+def _nf4_forward_with_up(base, x2d, bias, xa, lora_B, scaling):
+    """y = x W^T (+ b) + s xa B^T over an NF4 base in one kernel where nf4_matmul runs (bf16 above a GEMV's rows on a
+    CPU with AMX tiles) and rank <= AMX_MAX_RANK: lora_nf4_matmul, the up-projection one more tile product in each
+    output block's epilogue, added to the base's fp32 sums and rounded once (a bias after, as nf4_matmul's). Else
+    None: the base's product, then y += s xa B^T in torch (another pass over y, rounded twice). The op's check has
+    made lora_B [out, rank] in x's dtype."""
+    m, rank = x2d.shape[0], xa.shape[1]
+    if not (
+        base.kind == "nf4"
+        and x2d.device.type == "cpu"
+        and m > nf4_ops.GEMV_MAX_ROWS
+        and 1 <= rank <= AMX_MAX_RANK
+        and base.out_features > 0
+        and nf4_ops.amx_usable(x2d.dtype, base.in_features, base.blocksize)
+    ):
+        return None
+    y = x2d.new_empty((m, base.out_features))
+    _native.launch("lora_nf4_matmul", x2d, x2d, base.packed.contiguous(), base.absmax.float().contiguous(),
+                   base.code.float().contiguous(), xa.contiguous(), lora_B.contiguous(), scaling, y, m,
+                   base.out_features, base.in_features, rank, base.blocksize)  # fmt: skip
+    if bias is not None:
+        y += bias.to(y.dtype)
+    return y
 
 
 def _amx_products(dtype, rank: int, rows: int, min_rows: int = 0) -> bool:

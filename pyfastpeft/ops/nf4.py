@@ -9,7 +9,8 @@ W is [N, K] (out_features, in_features), blocks run over its flattened row-major
 
 CPU products: up to GEMV_MAX_ROWS rows of x take the fused dequant-GEMV kernel (W is never
 materialized; each packed byte is read once). More rows of bf16 x, on a CPU with AMX tiles, take nf4_matmul (W
-decoded straight into the tile GEMM's operand panels). Otherwise more rows take tiles of W's rows (about
+decoded straight into the tile GEMM's operand panels; the LoRA layer's forward calls its lora_nf4_matmul twin,
+which adds the up-projection in the same epilogue). Otherwise more rows take tiles of W's rows (about
 TILE_ELEMENTS elements, TILE_ROWS rows at least), dequantized into one reused buffer that stays in the last-level
 cache and feeds torch's GEMM, which writes its columns of the output in place; dX = dY @ W by tiles of W's columns
 (nf4_dequantize_cols), so each element of dX is one GEMM's sum over all of N, rounded once. No dequantized copy
@@ -318,7 +319,7 @@ def _cuda_linear(x, packed, absmax, code, bias, blocksize, out_features, in_feat
     return torch.nn.functional.linear(x, weight, None if bias is None else bias.to(x.dtype)).contiguous()
 
 
-def _amx_usable(dtype, in_features: int, blocksize: int) -> bool:
+def amx_usable(dtype, in_features: int, blocksize: int) -> bool:
     """bf16 products above GEMV_MAX_ROWS rows run nf4_matmul on CPUs with AMX tiles: W decoded into the tiles of a
     panel each thread keeps in L2, one GEMM over all of K, no dequantized tile in memory. It took 0.85x the time of
     the tile-dequantize-then-GEMM path at 512 x 4096 x 4096, level with dense bf16 F.linear, on an AMX host. (dX
@@ -341,7 +342,7 @@ def _native_linear(x, packed, absmax, code, bias, blocksize, out_features, in_fe
     if m <= GEMV_MAX_ROWS:
         gemv_into(x2d, packed, absmax, code, None if bias is None else bias.contiguous(), out, blocksize)
         return out.view(*lead, out_features)
-    if _amx_usable(x.dtype, in_features, blocksize):
+    if amx_usable(x.dtype, in_features, blocksize):
         _native.launch("nf4_matmul", x2d, x2d, packed, absmax, code, out, m, out_features, in_features, blocksize)
         if bias is not None:
             out += bias.to(x.dtype)
