@@ -19,7 +19,8 @@ every backend; `Tensor(a!)?`), the native backward reads it instead of drawing t
 Backends: reference (PyTorch, PEFT's order of operations); native CPU (torch GEMMs into the outputs, the
 C++ kernels for the dropout: forward makes x_d a tile of rows at a time for xa; backward makes dA and dX's
 branch term s * (dY B A) * keep / (1 - p) in one pass over x and dX, drawing each mask element once; on a CPU with
-AMX tiles, bf16 at rank <= 32 also runs xa = x_d A^T and backward's dY B and dY^T xa on tiles); Triton
+AMX tiles, bf16 at rank <= 32 also runs xa = x_d A^T and backward's dY B and dY^T xa on tiles, and over an NF4
+base adds s xa B^T inside the NF4 tile GEMM's epilogue, y rounded once); Triton
 (one kernel reads each x tile once for x W^T and x_d A^T, dequantizing NF4 tiles in its K loop; backward in
 torch GEMMs plus a Triton masked-accumulate kernel).
 
