@@ -44,6 +44,7 @@ from real_stack_helpers import (
 )
 
 import pyfastpeft
+from pyfastpeft import _native
 
 peft = pytest.importorskip("peft")
 
@@ -185,6 +186,28 @@ def test_trainer_with_lora_dropout_logs_the_losses_of_the_reference_backend(tmp_
         with pyfastpeft.use_backend(backend):
             runs[backend].train()
     assert_same_steps(runs["native"], runs["reference"], tolerances)
+    losses = step_logs(runs["native"])
+    assert losses[STEPS] < losses[1]
+
+
+def test_trainer_qlora_with_bf16_autocast_logs_the_losses_of_the_reference_backend(tmp_path, monkeypatch):
+    """QLoRA (an NF4 base) with lora_dropout = 0.1 and bf16=True: the native kernels against our reference backend
+    (PyTorch dequantize and matmul, PEFT's order of operations), the same Philox masks. On an AMX host each LoRA
+    layer's forward is one NF4 tile GEMM with the up-projection in its epilogue (lora_nf4_matmul: 32 rows a step)."""
+    base = base_model()
+    lora = dataclasses.replace(LORA, lora_dropout=0.1)
+    adapters = seed_adapters(prepare(copy.deepcopy(base), "nf4", lora=lora))
+    launched, launch = [], _native.launch
+    monkeypatch.setattr(_native, "launch", lambda name, *args: (launched.append(name), launch(name, *args))[1])
+    runs = {}
+    for backend in ("reference", "native"):
+        model = prepare(copy.deepcopy(base), "nf4", lora=lora)
+        load_adapters(model, adapters)
+        runs[backend] = trainer(model, tmp_path / backend, bf16=True)
+        with pyfastpeft.use_backend(backend):
+            runs[backend].train()
+    assert ("lora_nf4_matmul" in launched) == _native.cpu.amx_in_use()
+    assert_same_steps(runs["native"], runs["reference"], BF16)
     losses = step_logs(runs["native"])
     assert losses[STEPS] < losses[1]
 
