@@ -75,6 +75,24 @@ inline void transpose_dwords(const __m512i (&src)[16], int8_t* dst) {
   }
 }
 
+// B tiles of a matrix M [rows, cols <= 32], element (i, j) at m[i * row_stride + j * col_stride], for products over
+// its rows, 32 rows a step: tile (s, t) at tiles + (2 s + t) * 1024 has in dword q of row p M[32 s + 2 p][16 t + q]
+// low and M[32 s + 2 p + 1][16 t + q] high; zero past rows and cols.
+inline void pack_pair_tiles(const pfp::bf16* m, int64_t rows, int64_t cols, int64_t row_stride, int64_t col_stride,
+                            int8_t* tiles) {
+  for (int64_t s = 0; s < (rows + 31) / 32; ++s)
+    for (int64_t t = 0; t < 2; ++t) {
+      uint32_t* tile = reinterpret_cast<uint32_t*>(tiles + (2 * s + t) * kTileBytes);
+      for (int64_t p = 0; p < 16; ++p)
+        for (int64_t q = 0; q < 16; ++q) {
+          const int64_t i = 32 * s + 2 * p, j = 16 * t + q;
+          const uint32_t even = i < rows && j < cols ? m[i * row_stride + j * col_stride].bits : 0;
+          const uint32_t odd = i + 1 < rows && j < cols ? m[(i + 1) * row_stride + j * col_stride].bits : 0;
+          tile[p * 16 + q] = even | odd << 16;
+        }
+    }
+}
+
 // ---- bf16 rounding on AMX hosts, in one instruction ------------------------------------------------------------
 // Every CPU with AMX has AVX512-BF16 (pfp::amx_supported checks), whose vcvtne2ps2bf16 rounds 32 fp32 lanes to bf16
 // as to_bf16 does (nearest even, a NaN kept quiet), but for a subnormal input, which it takes as zero. The functions

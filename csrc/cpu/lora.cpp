@@ -676,24 +676,6 @@ void branch_grads_amx(const bf16* x, const bf16* grad_xa, const bf16* a, bf16* d
 }
 
 // ---- pieces the AMX down-projection and up-projection grads share ----------------------------------------------
-// B tiles of a matrix M [rows, cols <= 32], element (i, j) at m[i * row_stride + j * col_stride], for products over
-// its rows, 32 rows a step: tile (s, t) at tiles + (2 s + t) * 1024 has in dword q of row p M[32 s + 2 p][16 t + q]
-// low and M[32 s + 2 p + 1][16 t + q] high; zero past rows and cols.
-inline void pack_pair_tiles(const bf16* m, int64_t rows, int64_t cols, int64_t row_stride, int64_t col_stride,
-                            int8_t* tiles) {
-  for (int64_t s = 0; s < (rows + 31) / 32; ++s)
-    for (int64_t t = 0; t < 2; ++t) {
-      uint32_t* tile = reinterpret_cast<uint32_t*>(tiles + (2 * s + t) * amx::kTileBytes);
-      for (int64_t p = 0; p < 16; ++p)
-        for (int64_t q = 0; q < 16; ++q) {
-          const int64_t i = 32 * s + 2 * p, j = 16 * t + q;
-          const uint32_t even = i < rows && j < cols ? m[i * row_stride + j * col_stride].bits : 0;
-          const uint32_t odd = i + 1 < rows && j < cols ? m[(i + 1) * row_stride + j * col_stride].bits : 0;
-          tile[p * 16 + q] = even | odd << 16;
-        }
-    }
-}
-
 // Tiles 0..3 hold a step's fp32 sums for 32 rows and 32 columns: tile 2 h + t is rows [16 h, + 16), columns
 // [16 t, + 16).
 __attribute__((target("amx-tile"))) inline void zero_sum_tiles() {
@@ -760,7 +742,7 @@ void down_amx(const bf16* x, const bf16* a, bf16* xa, uint64_t* keep, int64_t m,
   const int64_t steps = (k + 31) / 32, k_padded = 32 * steps, row_blocks = (m + 31) / 32;
   const bool two_rank_tiles = rank > 16;
   amx::Aligned a_tiles(steps * 2 * amx::kTileBytes);  // A^T [k, rank]'s B tiles
-  pack_pair_tiles(a, k, rank, 1, k, a_tiles.data);
+  amx::pack_pair_tiles(a, k, rank, 1, k, a_tiles.data);
   pfp::parallel_for(row_blocks, 32 * k * (dropout ? 64 : 1), nthreads, [&](int64_t begin, int64_t end, int) {
     amx::Aligned scratch(32 * k_padded * int64_t(sizeof(bf16)));
     bf16* block = reinterpret_cast<bf16*>(scratch.data);
@@ -862,7 +844,7 @@ void up_grads_amx(const bf16* dy, const bf16* b, const bf16* xa, bf16* grad_xa, 
   const bool two_rank_tiles = rank > 16;
   const int rank_tiles = two_rank_tiles ? 2 : 1;
   amx::Aligned b_tiles(steps * 2 * amx::kTileBytes);  // B [n, rank]'s B tiles
-  pack_pair_tiles(b, n, rank, rank, 1, b_tiles.data);
+  amx::pack_pair_tiles(b, n, rank, rank, 1, b_tiles.data);
   // each thread's dB^T sums: rank tile r, column tile c at (r * col_tiles + c) * 256, a 16 x 16 fp32 tile
   const int64_t sums_size = rank_tiles * col_tiles * 256;
   std::vector<std::vector<float>> dbt(size_t(nthreads > 0 ? nthreads : 1));

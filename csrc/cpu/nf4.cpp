@@ -543,8 +543,8 @@ void matmul_tiles(const void* x, const uint8_t* packed, const float* absmax, con
 
 // LoRA's up-projection s xa B^T as one more tile product in each block's epilogue (rank <= 32: one step of K).
 // xa's rows are padded to 32 ranks (64 bytes a row, zero past rank and past m, to a whole block of 32 rows) and read
-// as A tiles; B [n, rank] is packed once as B tiles, one per 16 columns (dword j of row p holds b[16 t + j][2 p] low
-// and b[16 t + j][2 p + 1] high; zero past n and rank).
+// as A tiles; B^T [rank, n] is packed once as B tiles, two per 32 columns (amx::pack_pair_tiles: tile t holds
+// columns [16 t, + 16), dword j of row p b[16 t + j][2 p] low and b[16 t + j][2 p + 1] high; zero past n and rank).
 struct UpProjection {
   float scaling;
   amx::Aligned xa, b;
@@ -553,15 +553,9 @@ struct UpProjection {
     bf16* padded = reinterpret_cast<bf16*>(xa.data);
     for (int64_t i = 0; i < (m + 31) / 32 * 32; ++i)
       for (int64_t q = 0; q < 32; ++q) padded[i * 32 + q] = i < m && q < rank ? xa_rows[i * rank + q] : bf16{0};
-    uint32_t* tiles = reinterpret_cast<uint32_t*>(b.data);
-    for (int64_t t = 0; t < (n + 31) / 32 * 2; ++t)
-      for (int64_t p = 0; p < 16; ++p)
-        for (int64_t j = 0; j < 16; ++j) {
-          const int64_t col = 16 * t + j;
-          const uint32_t even = col < n && 2 * p < rank ? b_rows[col * rank + 2 * p].bits : 0;
-          const uint32_t odd = col < n && 2 * p + 1 < rank ? b_rows[col * rank + 2 * p + 1].bits : 0;
-          tiles[(t * 16 + p) * 16 + j] = even | odd << 16;
-        }
+    for (int64_t c = 0; c < n; c += 32)
+      amx::pack_pair_tiles(b_rows + c * rank, rank, std::min<int64_t>(32, n - c), 1, rank,
+                           b.data + c / 16 * amx::kTileBytes);
   }
 };
 

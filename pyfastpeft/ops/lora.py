@@ -153,7 +153,7 @@ def _native_decode(base, x2d, bias, lora_A, lora_B, scaling, dropout_p, rng):
     m, rank, out_features = x2d.shape[0], lora_A.shape[0], lora_B.shape[0]
     xa = torch.empty((m, rank), dtype=x2d.dtype)
     y = torch.empty((m, out_features), dtype=x2d.dtype)
-    packed, absmax, code = base.packed.contiguous(), base.absmax.float().contiguous(), base.code.float().contiguous()
+    packed, absmax, code = base.native_tensors()
     _launch_decode(x2d, m, packed, absmax, code, None if bias is None else bias.contiguous(), lora_A.contiguous(),
                    lora_B.contiguous(), base.blocksize, scaling, dropout_p, rng, y, xa)  # fmt: skip
     return y, xa
@@ -225,9 +225,8 @@ def _nf4_forward_with_up(base, x2d, bias, xa, lora_B, scaling):
     ):
         return None
     y = x2d.new_empty((m, base.out_features))
-    _native.launch("lora_nf4_matmul", x2d, x2d, base.packed.contiguous(), base.absmax.float().contiguous(),
-                   base.code.float().contiguous(), xa.contiguous(), lora_B.contiguous(), scaling, y, m,
-                   base.out_features, base.in_features, rank, base.blocksize)  # fmt: skip
+    _native.launch("lora_nf4_matmul", x2d, x2d, *base.native_tensors(), xa.contiguous(), lora_B.contiguous(), scaling,
+                   y, m, base.out_features, base.in_features, rank, base.blocksize)  # fmt: skip
     if bias is not None:
         y += bias.to(y.dtype)
     return y

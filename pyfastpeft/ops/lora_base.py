@@ -64,6 +64,10 @@ class NF4Base:
     def _args(self):
         return self.packed, self.absmax, self.code
 
+    def native_tensors(self):
+        """(packed, absmax, code) as the native CPU kernels take them: contiguous, absmax and code in fp32."""
+        return self.packed.contiguous(), self.absmax.float().contiguous(), self.code.float().contiguous()
+
     def reference_forward(self, x2d, bias):
         return nf4_ref.nf4_linear(x2d, *self._args(), bias, self.blocksize, self.out_features, self.in_features)
 
