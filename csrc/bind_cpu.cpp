@@ -93,6 +93,11 @@ PYBIND11_MODULE(_C, m) {
       "set_isa",
       [](const std::string& name) { return std::string(pfp::isa_name(pfp::set_isa(pfp::isa_from_name(name)))); },
       py::arg("name"), "Use the kernels built for `name`; returns the previous choice.");
+  m.def("avx512_bf16_supported", &pfp::avx512_bf16_supported,
+        "Whether this CPU has AVX512-BF16 (fp32 to bf16 in one instruction).");
+  m.def("avx512_bf16_in_use", &pfp::avx512_bf16_in_use, "Whether the kernels' bf16 stores take AVX512-BF16 now.");
+  m.def("set_avx512_bf16", &pfp::set_avx512_bf16, py::arg("enabled"),
+        "Allow or forbid the AVX512-BF16 stores; returns the previous setting.");
   m.def("amx_supported", &pfp::amx_supported,
         "Whether this CPU has AMX tiles (int8, bf16) and the OS granted them to this process.");
   m.def("amx_in_use", &pfp::amx_in_use, "Whether the kernels with an AMX path take it now.");

@@ -79,6 +79,14 @@ def cpu_isa(name):
     return _native_setting(_native.cpu.set_isa, name)
 
 
+# Where the CPU has AVX512-BF16, the kernels with a bf16 store by it run with it (True) and without it (False).
+CPU_BF16 = [True, False] if _native.cpu.avx512_bf16_supported() else [False]
+
+
+def cpu_avx512_bf16(enabled):
+    return _native_setting(_native.cpu.set_avx512_bf16, enabled)
+
+
 # Where the CPU has AMX tiles, the kernels with an AMX path run with it (True) and without it (False).
 CPU_AMX = [True, False] if _native.cpu.amx_supported() else [False]
 

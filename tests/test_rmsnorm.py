@@ -2,11 +2,13 @@ import pytest
 import torch
 from helpers import (
     BACKENDS,
+    CPU_BF16,
     CPU_ISAS,
     DEVICES,
     DTYPES,
     assert_close,
     assert_no_less_accurate,
+    cpu_avx512_bf16,
     cpu_isa,
     grads_of,
     on_device_unsupported,
@@ -79,6 +81,29 @@ def test_rms_norm_every_cpu_isa_agrees(isa, dtype):
     assert_close(y, y_ref)
     assert_close(xg.grad, xr.grad)
     assert_close(wg.grad, wr.grad, dtype=torch.float32 if dtype == torch.float64 else dtype)
+
+
+def bits(t):
+    return t.view(torch.int16) if t.dtype == torch.bfloat16 else t.view(torch.int32)
+
+
+@pytest.mark.skipif(CPU_BF16 == [False], reason="this CPU has no AVX512-BF16")
+@pytest.mark.parametrize("mode,offset", MODES)
+@pytest.mark.parametrize("scale", [1.0, 1e-39])
+def test_rms_norm_bf16_stores_are_bitwise_the_integer_roundings(mode, offset, scale):
+    # Both round to nearest even: y, dx (and dw, from xn's rounding) agree bit for bit. A weight and dy of scale
+    # 1e-39 make y and dx subnormal, which the instruction would read as zero.
+    x = torch.randn(7, 517).to(torch.bfloat16)
+    w = (torch.randn(517) * scale).to(torch.bfloat16)
+    dy = (torch.randn(7, 517) * scale).to(torch.bfloat16)
+    results = []
+    for bf16_stores in (True, False):
+        with cpu_avx512_bf16(bf16_stores):
+            results.append(grads_of("native", lambda a, b: rms_norm(a, b, 1e-6, offset, mode), (x, w), dy))
+    for a, b in zip(*results):
+        assert torch.equal(bits(a), bits(b))
+    if scale < 1 and mode == "llama" and offset == 0:
+        assert (results[0][0] != 0).any() and (results[0][0].abs() < 2**-126).all()
 
 
 @pytest.mark.parametrize("backend", BACKENDS)

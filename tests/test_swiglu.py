@@ -3,11 +3,13 @@ import torch
 import torch.nn.functional as F
 from helpers import (
     BACKENDS,
+    CPU_BF16,
     CPU_ISAS,
     DEVICES,
     DTYPES,
     assert_close,
     assert_no_less_accurate,
+    cpu_avx512_bf16,
     cpu_isa,
     grads_of,
     on_device_unsupported,
@@ -52,19 +54,64 @@ def test_swiglu_no_less_accurate_than_eager(dtype):
     assert_no_less_accurate(swiglu(gate, up), run("reference", swiglu, gate, up), exact, dtype)
 
 
+@pytest.mark.parametrize("bf16_stores", CPU_BF16)
 @pytest.mark.parametrize("isa", CPU_ISAS)
 @pytest.mark.parametrize("dtype", DTYPES + [torch.float64])
-def test_swiglu_every_cpu_isa_agrees(isa, dtype):
+def test_swiglu_every_cpu_isa_agrees(isa, bf16_stores, dtype):
     gate, up = inputs((3, 1031), dtype)
-    with cpu_isa(isa):
-        y = swiglu(gate, up)
-    assert_close(y, run("reference", swiglu, gate, up))
+    dy = torch.randn(gate.shape).to(dtype)
+    with cpu_isa(isa), cpu_avx512_bf16(bf16_stores):
+        ours = grads_of("native", swiglu, (gate, up), dy)
+    for a, b in zip(ours, grads_of("reference", swiglu, (gate, up), dy)):
+        assert_close(a, b)
 
 
-def test_swiglu_saturates_without_overflow():
-    gate = torch.tensor([-1e4, -100.0, -88.5, -20.0, 0.0, 20.0, 88.5, 100.0, 1e4])
+def repeat_to(values, n):
+    """values repeated to n elements: the kernels' 32-lane loop and their 16-lane tail both see every value."""
+    return torch.tensor(values).repeat(n // len(values) + 1)[:n]
+
+
+@pytest.mark.parametrize("bf16_stores", CPU_BF16)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_swiglu_saturates_without_overflow(dtype, bf16_stores):
+    gate = repeat_to([-1e4, -100.0, -88.5, -20.0, 0.0, 20.0, 88.5, 100.0, 1e4], 75).to(dtype)
     up = torch.ones_like(gate)
-    assert_close(swiglu(gate, up), F.silu(gate))
+    with cpu_avx512_bf16(bf16_stores):
+        y = swiglu(gate, up)
+    assert_close(y, F.silu(gate.float()).to(dtype))
+
+
+@pytest.mark.parametrize("bf16_stores", CPU_BF16)
+@pytest.mark.parametrize("tiny", ["up", "dy"])
+def test_swiglu_bf16_keeps_subnormal_results(bf16_stores, tiny):
+    # Results below 2^-126 (y and dg from a tiny up, du and dg from a tiny dy): bf16 holds them, its exponent range
+    # being fp32's. vcvtne2ps2bf16 would read them as zero; the kernel rounds such a vector the exact way.
+    n = 75
+    gate = torch.linspace(0.5, 3.0, n).to(torch.bfloat16)
+    up = torch.full((n,), 3e-39 if tiny == "up" else 1.5).to(torch.bfloat16)
+    dy = torch.full((n,), 2e-39 if tiny == "dy" else 1.25).to(torch.bfloat16)
+    with cpu_avx512_bf16(bf16_stores):
+        ours = dict(zip(("y", "dgate", "dup"), grads_of("native", swiglu, (gate, up), dy)))
+    g, u, d = gate.double(), up.double(), dy.double()
+    s = torch.sigmoid(g)
+    exact = dict(y=g * s * u, dgate=d * u * s * (1 + g * (1 - s)), dup=d * g * s)
+    for name in ("y", "dgate") if tiny == "up" else ("dup", "dgate"):
+        assert (exact[name].abs() < 2**-126).all()
+        want = exact[name].to(torch.bfloat16)
+        assert (want != 0).all()
+        torch.testing.assert_close(ours[name], want, rtol=0, atol=0, msg=name)
+
+
+@pytest.mark.skipif(CPU_BF16 == [False], reason="this CPU has no AVX512-BF16")
+def test_swiglu_bf16_stores_are_bitwise_the_integer_roundings():
+    gate, up = inputs((5, 1031), torch.bfloat16)
+    dy = torch.randn(gate.shape).to(torch.bfloat16)
+    results = []
+    for bf16_stores in (True, False):
+        with cpu_avx512_bf16(bf16_stores):
+            results.append(grads_of("native", swiglu, (gate, up), dy))
+    for a, b in zip(*results):
+        assert torch.equal(a.view(torch.int16), b.view(torch.int16))
 
 
 @pytest.mark.parametrize("backend", ["native", "reference"])
@@ -152,10 +199,15 @@ def test_swiglu_zero_size():
     assert y.shape == (0, 8) and gate.grad.shape == (0, 8)
 
 
-def test_swiglu_propagates_nan_and_inf_like_reference():
-    gate = torch.tensor([float("nan"), 1.0, float("inf"), -float("inf"), 2.0])
-    up = torch.tensor([1.0, float("nan"), 1.0, 1.0, float("inf")])
-    assert_close(swiglu(gate, up), F.silu(gate) * up)
+@pytest.mark.parametrize("bf16_stores", CPU_BF16)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_swiglu_propagates_nan_and_inf_like_reference(dtype, bf16_stores):
+    inf, nan = float("inf"), float("nan")
+    gate = repeat_to([nan, 1.0, inf, -inf, 2.0], 75).to(dtype)
+    up = repeat_to([1.0, nan, 1.0, 1.0, inf], 75).to(dtype)
+    with cpu_avx512_bf16(bf16_stores):
+        y = swiglu(gate, up)
+    assert_close(y, (F.silu(gate.float()) * up.float()).to(dtype))
 
 
 @pytest.mark.parametrize("device", DEVICES)

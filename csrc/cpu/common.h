@@ -208,6 +208,67 @@ inline __m512i bf16_high16(__m512 v) {
 inline void store16(bf16* dst, __mmask16 valid, __m512 v) {
   _mm256_mask_storeu_epi16(dst, valid, _mm512_cvtepi32_epi16(_mm512_srli_epi32(bf16_high16(v), 16)));
 }
+inline void store16(half* dst, __mmask16 valid, __m512 v) {
+  _mm256_mask_storeu_epi16(dst, valid, _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
+
+// 32 consecutive elements as two vectors of 16 fp32 lanes in an order of their own, and back: for elementwise
+// kernels, whose inputs and outputs all take the same order. bf16 widens by interleaving zeros below each value
+// (vpunpck{l,h}wd: lo holds elements 0-3, 8-11, 16-19, 24-27, hi the rest) and narrows by vpackusdw, which puts them
+// back in place: one operation a vector each way, against two and three for load16/store16 (Zen 4 splits the
+// lane-crossing vpmovzxwd and vpmovdw).
+inline void load32(const float* src, __m512& lo, __m512& hi) {
+  lo = _mm512_loadu_ps(src);
+  hi = _mm512_loadu_ps(src + 16);
+}
+inline void store32(float* dst, __m512 lo, __m512 hi) {
+  _mm512_storeu_ps(dst, lo);
+  _mm512_storeu_ps(dst + 16, hi);
+}
+inline void load32(const half* src, __m512& lo, __m512& hi) {
+  lo = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src)));
+  hi = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + 16)));
+}
+inline void store32(half* dst, __m512 lo, __m512 hi) {
+  constexpr int kRound = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), _mm512_cvtps_ph(lo, kRound));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + 16), _mm512_cvtps_ph(hi, kRound));
+}
+inline void load32(const bf16* src, __m512& lo, __m512& hi) {
+  const __m512i raw = _mm512_loadu_si512(src), zero = _mm512_setzero_si512();
+  lo = _mm512_castsi512_ps(_mm512_unpacklo_epi16(zero, raw));
+  hi = _mm512_castsi512_ps(_mm512_unpackhi_epi16(zero, raw));
+}
+inline void store32(bf16* dst, __m512 lo, __m512 hi) {
+  _mm512_storeu_si512(
+      dst, _mm512_packus_epi32(_mm512_srli_epi32(bf16_high16(lo), 16), _mm512_srli_epi32(bf16_high16(hi), 16)));
+}
+
+// store32 for bf16 in one vcvtne2ps2bf16 (nearest even, NaN kept quiet, as store32) and one vpermq that puts the
+// 4-element groups of load32's order back in place. For callers with this target that checked
+// pfp::avx512_bf16_in_use(). The instruction reads a subnormal as zero: a pair that holds one (rare) takes store32.
+__attribute__((target("avx512bf16"))) inline void store32_bf16ins(bf16* dst, __m512 lo, __m512 hi) {
+  constexpr int kSubnormal = 0x20;  // vfpclassps: denormal, either sign
+  if ((_mm512_fpclass_ps_mask(lo, kSubnormal) | _mm512_fpclass_ps_mask(hi, kSubnormal)) != 0) {
+    store32(dst, lo, hi);
+    return;
+  }
+  // words 0-15: lo's lanes, 16-31: hi's; as 4-word groups: lo holds elements 0-3, 8-11, ..., hi 4-7, 12-15, ...
+  const __m512i packed = _mm512_castps_si512(reinterpret_cast<__m512>(_mm512_cvtne2ps_pbh(hi, lo)));
+  _mm512_storeu_si512(dst, _mm512_permutexvar_epi64(_mm512_setr_epi64(0, 4, 1, 5, 2, 6, 3, 7), packed));
+}
+
+// store16 and round16<bf16> by vcvtneps2bf16, under the same contract as store32_bf16ins; a vector that holds a
+// subnormal takes the integer rounding.
+__attribute__((target("avx512bf16"))) inline void store16_bf16ins(bf16* dst, __mmask16 valid, __m512 v) {
+  if (_mm512_fpclass_ps_mask(v, 0x20) != 0) return store16(dst, valid, v);
+  _mm256_mask_storeu_epi16(dst, valid, reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v)));
+}
+__attribute__((target("avx512bf16"))) inline __m512 round16_bf16ins(__m512 v) {
+  if (_mm512_fpclass_ps_mask(v, 0x20) != 0) return _mm512_castsi512_ps(bf16_high16(v));
+  const __m256i bits = reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
+}
 
 // round_to<T> of 16 lanes in registers: v as it reads back once stored as T (float: v itself).
 template <typename T>
@@ -358,5 +419,27 @@ inline float exp_approx(float x) {
   return x != x ? x : result;
 }
 inline double exp_approx(double x) { return std::exp(x); }
+
+#if defined(__AVX512F__)
+// exp_approx of 16 lanes, with the same reduction and polynomial, 2^n applied by vscalefps: results past fp32's
+// range are +inf, below it the nearest subnormal or 0, with no compare or blend. x is clamped to [-104, 104] first
+// (beyond it exp is inf or 0 in fp32 already) so that r stays small; max/min keep a NaN (their second operand), and
+// a NaN gives NaN.
+inline __m512 exp16(__m512 x) {
+  x = _mm512_min_ps(_mm512_set1_ps(104.0f), _mm512_max_ps(_mm512_set1_ps(-104.0f), x));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(_mm512_mul_ps(p, r), r, _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+  return _mm512_scalef_ps(p, n);
+}
+#endif
 
 }  // namespace pfp

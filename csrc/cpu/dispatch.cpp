@@ -40,6 +40,31 @@ Isa set_isa(Isa isa) {
   return previous;
 }
 
+bool avx512_bf16_supported() {
+  static const bool supported = [] {
+#if defined(__x86_64__)
+    unsigned eax, ebx, ecx, edx;
+    // leaf 7, subleaf 1, eax bit 5
+    return best_isa() == Isa::kAvx512 && __get_cpuid_count(7, 1, &eax, &ebx, &ecx, &edx) && (eax >> 5 & 1);
+#else
+    return false;
+#endif
+  }();
+  return supported;
+}
+
+static std::atomic<bool> g_avx512_bf16_enabled{true};
+
+bool avx512_bf16_in_use() {
+  return g_avx512_bf16_enabled.load(std::memory_order_relaxed) && current_isa() == Isa::kAvx512 &&
+         avx512_bf16_supported();
+}
+
+bool set_avx512_bf16(bool enabled) {
+  if (enabled && !avx512_bf16_supported()) throw std::invalid_argument("this CPU does not provide AVX512-BF16");
+  return g_avx512_bf16_enabled.exchange(enabled, std::memory_order_relaxed);
+}
+
 bool amx_supported() {
   static const bool supported = [] {
 #if defined(__x86_64__) && defined(__linux__)
@@ -47,8 +72,8 @@ bool amx_supported() {
     if (best_isa() != Isa::kAvx512 || !__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx)) return false;
     const bool tile = edx >> 24 & 1, int8 = edx >> 25 & 1, bf16 = edx >> 22 & 1;
     if (!(tile && int8 && bf16)) return false;
-    // The AMX paths also round with AVX512-BF16 (leaf 7.1 eax bit 5), which every CPU with AMX has so far.
-    if (!__get_cpuid_count(7, 1, &eax, &ebx, &ecx, &edx) || !(eax >> 5 & 1)) return false;
+    // The AMX paths also round with AVX512-BF16, which every CPU with AMX has so far.
+    if (!avx512_bf16_supported()) return false;
     // Linux hands the 8 KiB tile data state to a process only on request (arch_prctl ARCH_REQ_XCOMP_PERM for
     // XFEATURE_XTILEDATA, 18); a tile instruction without it is a fatal signal.
     constexpr int kReqXcompPerm = 0x1023, kGetXcompPerm = 0x1022, kXtileData = 18;

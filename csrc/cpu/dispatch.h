@@ -15,6 +15,16 @@ Isa set_isa(Isa isa);
 const char* isa_name(Isa isa);
 Isa isa_from_name(const std::string& name);
 
+// AVX512-BF16 (vcvtne2ps2bf16: fp32 to bf16, nearest even, in one instruction; AMD Zen 4, Intel Cooper Lake and
+// later): the elementwise kernels' bf16 stores take it when avx512_bf16_in_use(), i.e. the CPU has it,
+// set_avx512_bf16() has not switched it off and current_isa() is avx512. The AMX paths use it whatever this says
+// (every CPU with AMX has it).
+bool avx512_bf16_supported();
+bool avx512_bf16_in_use();
+// Allow (true) or forbid (false) it; throws std::invalid_argument for true where the CPU lacks it. Returns the
+// previous setting.
+bool set_avx512_bf16(bool enabled);
+
 // AMX (Intel's tile instructions, int8 and bf16): kernels with an AMX path take it when amx_in_use(), i.e. the
 // CPU has AMX-TILE/INT8/BF16, Linux granted this process the tile data state, set_amx() has not switched it off
 // and current_isa() is avx512 (so set_isa("avx2") also leaves AMX).

@@ -12,6 +12,7 @@
 // threads): rows split into P = min(ceil(rows / 16), 256) contiguous ranges, one partial row each, the
 // threads taking whole ranges; then every column adds the P partials in index order.
 #include "cpu/common.h"
+#include "cpu/dispatch.h"
 #include "cpu/kernels.h"
 
 #include <algorithm>
@@ -69,7 +70,25 @@ inline float row_sum16(int64_t n, Term&& term) {
   return fold16(acc);
 }
 
-template <typename Tround, typename Tsrc, typename Tdst>
+// round16<T> and store16, by AVX512-BF16 where kBf16Ins (bf16 values, in a function with that target: the rows
+// below run under it through forward_rows_bf16ins / backward_rows_bf16ins). On Zen 4 the integer rounding's seven
+// operations a vector, twice per element in the llama mode, held bf16 rows to about half the copy rate.
+template <bool kBf16Ins, typename T>
+inline __m512 round16(__m512 v) {
+  if constexpr (kBf16Ins && std::is_same_v<T, bf16>)
+    return pfp::round16_bf16ins(v);
+  else
+    return pfp::round16<T>(v);
+}
+template <bool kBf16Ins, typename T>
+inline void store16(T* dst, __mmask16 valid, __m512 v) {
+  if constexpr (kBf16Ins && std::is_same_v<T, bf16>)
+    pfp::store16_bf16ins(dst, valid, v);
+  else
+    pfp::store16(dst, valid, v);
+}
+
+template <typename Tround, bool kBf16Ins, typename Tsrc, typename Tdst>
 inline float normalize_row16(const Tsrc* __restrict x, Tdst* __restrict y, const float* __restrict w, int64_t n,
                              double eps, int mode) {
   const float sum_sq = row_sum16(n, [&](__m512 acc, int64_t i, __mmask16 valid) {
@@ -83,18 +102,19 @@ inline float normalize_row16(const Tsrc* __restrict x, Tdst* __restrict y, const
     const __m512 xv = pfp::load16(x + i, valid), wv = _mm512_maskz_loadu_ps(valid, w + i);
     __m512 out;
     if (mode == kLlama) {
-      out = _mm512_mul_ps(wv, pfp::round16<Tround>(_mm512_mul_ps(xv, rv)));
+      out = _mm512_mul_ps(wv, round16<kBf16Ins, Tround>(_mm512_mul_ps(xv, rv)));
     } else if (mode == kGemma) {
       out = _mm512_mul_ps(_mm512_mul_ps(xv, rv), wv);
     } else {
-      out = pfp::round16<Tround>(_mm512_mul_ps(pfp::round16<Tround>(_mm512_mul_ps(xv, rv)), pfp::round16<Tround>(wv)));
+      out = round16<kBf16Ins, Tround>(
+          _mm512_mul_ps(round16<kBf16Ins, Tround>(_mm512_mul_ps(xv, rv)), round16<kBf16Ins, Tround>(wv)));
     }
-    pfp::store16(y + i, valid, out);
+    store16<kBf16Ins>(y + i, valid, out);
   }
   return r;
 }
 
-template <typename Tround, typename Tsrc, typename Tgrad, typename Tdst>
+template <typename Tround, bool kBf16Ins, typename Tsrc, typename Tgrad, typename Tdst>
 inline void backward_row16(const Tgrad* __restrict dy, const Tsrc* __restrict x, Tdst* __restrict dx,
                            float* __restrict dw, const float* __restrict w, float r, int64_t n, int mode) {
   const float dot = row_sum16(n, [&](__m512 acc, int64_t i, __mmask16 valid) {
@@ -107,23 +127,23 @@ inline void backward_row16(const Tgrad* __restrict dy, const Tsrc* __restrict x,
     const __m512 g = pfp::load16(dy + i, valid), xv = pfp::load16(x + i, valid);
     if (dw) {
       const __m512 xr = _mm512_mul_ps(xv, rv);
-      const __m512 xn = mode == kGemma ? xr : pfp::round16<Tround>(xr);
+      const __m512 xn = mode == kGemma ? xr : round16<kBf16Ins, Tround>(xr);
       _mm512_mask_storeu_ps(dw + i, valid, _mm512_fmadd_ps(g, xn, _mm512_maskz_loadu_ps(valid, dw + i)));
     }
     const __m512 wv = _mm512_maskz_loadu_ps(valid, w + i);
-    pfp::store16(dx + i, valid, _mm512_fnmadd_ps(coef, xv, _mm512_mul_ps(_mm512_mul_ps(rv, g), wv)));
+    store16<kBf16Ins>(dx + i, valid, _mm512_fnmadd_ps(coef, xv, _mm512_mul_ps(_mm512_mul_ps(rv, g), wv)));
   }
 }
 #endif
 
 // One row: rstd and y from x; Tround is x's storage type (the casting modes round to it). The
 // pointers are either the tensors themselves or, for fp16, fp32 row buffers (below).
-template <typename Tround, typename C, typename Tsrc, typename Tdst>
+template <typename Tround, bool kBf16Ins = false, typename C, typename Tsrc, typename Tdst>
 inline C normalize_row(const Tsrc* __restrict x, Tdst* __restrict y, const C* __restrict w, int64_t n, double eps,
                        int mode) {
 #if defined(__AVX512F__)
   if constexpr (std::is_same_v<C, float> && kVector16<Tsrc> && kVector16<Tdst>)
-    return normalize_row16<Tround>(x, y, w, n, eps, mode);
+    return normalize_row16<Tround, kBf16Ins>(x, y, w, n, eps, mode);
 #endif
   auto xv = [&](int64_t i) { return pfp::to_compute<C>(x[i]); };
   const C sum_sq = pfp::lane_sum<C>(n, [&](int64_t i) { return xv(i) * xv(i); });
@@ -142,12 +162,12 @@ inline C normalize_row(const Tsrc* __restrict x, Tdst* __restrict y, const C* __
 }
 
 // One row of the backward: dx from dy and x; dw (null: none) accumulates dy * xn.
-template <typename Tround, typename C, typename Tsrc, typename Tgrad, typename Tdst>
+template <typename Tround, bool kBf16Ins = false, typename C, typename Tsrc, typename Tgrad, typename Tdst>
 inline void backward_row(const Tgrad* __restrict dy, const Tsrc* __restrict x, Tdst* __restrict dx, C* __restrict dw,
                          const C* __restrict w, C r, int64_t n, int mode) {
 #if defined(__AVX512F__)
   if constexpr (std::is_same_v<C, float> && kVector16<Tsrc> && kVector16<Tgrad> && kVector16<Tdst>) {
-    backward_row16<Tround>(dy, x, dx, dw, w, r, n, mode);
+    backward_row16<Tround, kBf16Ins>(dy, x, dx, dw, w, r, n, mode);
     return;
   }
 #endif
@@ -169,6 +189,25 @@ inline void backward_row(const Tgrad* __restrict dy, const Tsrc* __restrict x, T
 template <typename T>
 constexpr bool kBuffered = std::is_same<T, half>::value;
 
+// Rows [begin, end) of the forward, unbuffered types.
+template <bool kBf16Ins, typename Tx, typename Ty, typename C>
+inline void forward_rows(const Tx* x, Ty* y, const C* w, C* rstd, int64_t begin, int64_t end, int64_t n, double eps,
+                         int mode) {
+  for (int64_t row = begin; row < end; ++row)
+    rstd[row] = normalize_row<Tx, kBf16Ins>(x + row * n, y + row * n, w, n, eps, mode);
+}
+
+#if defined(__AVX512F__)
+// forward_rows and backward_rows of bf16 x with AVX512-BF16 roundings: flatten inlines the rows, and the roundings
+// into them, under this target. Only where pfp::avx512_bf16_in_use().
+template <typename Ty>
+__attribute__((target("avx512bf16"), flatten)) void forward_rows_bf16ins(const bf16* x, Ty* y, const float* w,
+                                                                         float* rstd, int64_t begin, int64_t end,
+                                                                         int64_t n, double eps, int mode) {
+  forward_rows<true>(x, y, w, rstd, begin, end, n, eps, mode);
+}
+#endif
+
 // x: [rows, n] of Tx, y: [rows, n] of Ty, rstd: [rows] of the compute type; all contiguous.
 template <typename Tx, typename Ty>
 void forward_impl(const Tx* x, const void* weight, int weight_dtype, Ty* y, void* rstd_out, int64_t rows, int64_t n,
@@ -178,6 +217,16 @@ void forward_impl(const Tx* x, const void* weight, int weight_dtype, Ty* y, void
   load_weight(weight, weight_dtype, offset, n, w.data());
   const C* wp = w.data();
   C* rstd = static_cast<C*>(rstd_out);
+#if defined(__AVX512F__)
+  if constexpr (std::is_same_v<Tx, bf16>) {
+    if (pfp::avx512_bf16_in_use()) {
+      pfp::parallel_for(rows, 3 * n, nthreads, [&](int64_t begin, int64_t end, int) {
+        forward_rows_bf16ins(x, y, wp, rstd, begin, end, n, eps, mode);
+      });
+      return;
+    }
+  }
+#endif
   pfp::parallel_for(rows, 3 * n, nthreads, [&](int64_t begin, int64_t end, int) {
     const int64_t buffered = kBuffered<Tx> ? n : 0;
     std::vector<C> xs(buffered), ys(buffered);
@@ -187,7 +236,7 @@ void forward_impl(const Tx* x, const void* weight, int weight_dtype, Ty* y, void
         rstd[row] = normalize_row<Tx>(xs.data(), ys.data(), wp, n, eps, mode);
         pfp::store_row(ys.data(), y + row * n, n);
       } else {
-        rstd[row] = normalize_row<Tx>(x + row * n, y + row * n, wp, n, eps, mode);
+        forward_rows<false>(x, y, wp, rstd, row, row + 1, n, eps, mode);
       }
     }
   });
@@ -197,7 +246,7 @@ constexpr int64_t kRowsPerPartial = 16;  // at least, so that small batches do n
 constexpr int64_t kMaxPartials = 256;    // at most: the threads that can share one backward
 
 // Rows [begin, end) of the backward: dx, and dw (when not null) accumulates; fp16 rows through fp32 buffers.
-template <typename Tx, typename Tdy, typename C>
+template <typename Tx, bool kBf16Ins = false, typename Tdy, typename C>
 inline void backward_rows(const Tdy* dy, const Tx* x, Tx* dx, C* dw, const C* w, const C* rstd, int64_t begin,
                           int64_t end, int64_t n, int mode) {
   const int64_t buffered = kBuffered<Tx> ? n : 0;
@@ -209,9 +258,31 @@ inline void backward_rows(const Tdy* dy, const Tx* x, Tx* dx, C* dw, const C* w,
       backward_row<Tx>(gs.data(), xs.data(), dxs.data(), dw, w, rstd[row], n, mode);
       pfp::store_row(dxs.data(), dx + row * n, n);
     } else {
-      backward_row<Tx>(dy + row * n, x + row * n, dx + row * n, dw, w, rstd[row], n, mode);
+      backward_row<Tx, kBf16Ins>(dy + row * n, x + row * n, dx + row * n, dw, w, rstd[row], n, mode);
     }
   }
+}
+
+#if defined(__AVX512F__)
+template <typename Tdy>
+__attribute__((target("avx512bf16"), flatten)) void backward_rows_bf16ins(const Tdy* dy, const bf16* x, bf16* dx,
+                                                                          float* dw, const float* w, const float* rstd,
+                                                                          int64_t begin, int64_t end, int64_t n,
+                                                                          int mode) {
+  backward_rows<bf16, true>(dy, x, dx, dw, w, rstd, begin, end, n, mode);
+}
+#endif
+
+// backward_rows, by backward_rows_bf16ins where that applies.
+template <typename Tx, typename Tdy, typename C>
+inline void backward_rows_any(const Tdy* dy, const Tx* x, Tx* dx, C* dw, const C* w, const C* rstd, int64_t begin,
+                              int64_t end, int64_t n, int mode, bool bf16ins) {
+#if defined(__AVX512F__)
+  if constexpr (std::is_same_v<Tx, bf16>) {
+    if (bf16ins) return backward_rows_bf16ins(dy, x, dx, dw, w, rstd, begin, end, n, mode);
+  }
+#endif
+  backward_rows<Tx>(dy, x, dx, dw, w, rstd, begin, end, n, mode);
 }
 
 // dy: [rows, n] of Tdy, x: [rows, n] of Tx, dx: [rows, n] of Tx; dw_out: [n] of the compute type (fp32;
@@ -225,9 +296,10 @@ void backward_impl(const Tdy* dy, const Tx* x, const void* weight, int weight_dt
   const C* wp = w.data();
   const C* rstd = static_cast<const C*>(rstd_in);
   C* dw = static_cast<C*>(dw_out);
+  const bool bf16ins = pfp::avx512_bf16_in_use();
   if (!dw) {
     pfp::parallel_for(rows, 5 * n, nthreads, [&](int64_t begin, int64_t end, int) {
-      backward_rows<Tx>(dy, x, dx, static_cast<C*>(nullptr), wp, rstd, begin, end, n, mode);
+      backward_rows_any<Tx>(dy, x, dx, static_cast<C*>(nullptr), wp, rstd, begin, end, n, mode, bf16ins);
     });
     return;
   }
@@ -243,7 +315,7 @@ void backward_impl(const Tdy* dy, const Tx* x, const void* weight, int weight_dt
       std::fill(partial, partial + n, C(0));
       int64_t begin, end;
       pfp::split_range(rows, int(p), int(partials), begin, end);
-      backward_rows<Tx>(dy, x, dx, partial, wp, rstd, begin, end, n, mode);
+      backward_rows_any<Tx>(dy, x, dx, partial, wp, rstd, begin, end, n, mode, bf16ins);
     }
   });
   if (partials == 1) return;
