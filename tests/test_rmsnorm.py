@@ -83,6 +83,25 @@ def test_rms_norm_every_cpu_isa_agrees(isa, dtype):
     assert_close(wg.grad, wr.grad, dtype=torch.float32 if dtype == torch.float64 else dtype)
 
 
+@pytest.mark.skipif("avx512" not in CPU_ISAS, reason="this CPU has no AVX-512")
+@pytest.mark.parametrize("mode,offset", MODES)
+def test_rms_norm_bf16_avx512_is_bitwise_the_avx2_build(mode, offset):
+    # The AVX-512 backward takes rows two at a time (one load of w and of dW's partial row for both, row order kept);
+    # the AVX2 build takes one, adding each row into dW with the same multiply-add (the scalar build contracts
+    # none): dW is the same bits. An odd row count runs pairs and a last single row.
+    x = torch.randn(37, 517).mul_(3).to(torch.bfloat16)
+    w = torch.randn(517)
+    dy = torch.randn(37, 517)
+    results = []
+    for isa in ("avx512", "avx2"):
+        with cpu_isa(isa):
+            results.append(grads_of("native", lambda a, b: rms_norm(a, b, 1e-6, offset, mode), (x, w), dy))
+    (y, dx, dw), (y2, dx2, dw2) = results
+    assert torch.equal(bits(dw), bits(dw2))
+    assert_close(y, y2)
+    assert_close(dx, dx2)
+
+
 def bits(t):
     return t.view(torch.int16) if t.dtype == torch.bfloat16 else t.view(torch.int32)
 
