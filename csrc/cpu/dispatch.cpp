@@ -62,7 +62,8 @@ bool avx512_bf16_in_use() {
 
 bool set_avx512_bf16(bool enabled) {
   if (enabled && !avx512_bf16_supported()) throw std::invalid_argument("this CPU does not provide AVX512-BF16");
-  return g_avx512_bf16_enabled.exchange(enabled, std::memory_order_relaxed);
+  // the previous setting as it took effect: a CPU without it reports false, so that restoring it never throws
+  return g_avx512_bf16_enabled.exchange(enabled, std::memory_order_relaxed) && avx512_bf16_supported();
 }
 
 bool amx_supported() {
@@ -95,7 +96,8 @@ bool amx_in_use() {
 
 bool set_amx(bool enabled) {
   if (enabled && !amx_supported()) throw std::invalid_argument("this CPU (or its kernel) does not provide AMX");
-  return g_amx_enabled.exchange(enabled, std::memory_order_relaxed);
+  // the previous setting as it took effect: a CPU without AMX reports false, so that restoring it never throws
+  return g_amx_enabled.exchange(enabled, std::memory_order_relaxed) && amx_supported();
 }
 
 const char* isa_name(Isa isa) {

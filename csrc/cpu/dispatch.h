@@ -22,7 +22,7 @@ Isa isa_from_name(const std::string& name);
 bool avx512_bf16_supported();
 bool avx512_bf16_in_use();
 // Allow (true) or forbid (false) it; throws std::invalid_argument for true where the CPU lacks it. Returns the
-// previous setting.
+// previous setting as it took effect (false where the CPU lacks it), which can always be set again.
 bool set_avx512_bf16(bool enabled);
 
 // AMX (Intel's tile instructions, int8 and bf16): kernels with an AMX path take it when amx_in_use(), i.e. the
@@ -31,7 +31,7 @@ bool set_avx512_bf16(bool enabled);
 bool amx_supported();
 bool amx_in_use();
 // Allow (true) or forbid (false) the AMX paths; throws std::invalid_argument for true without AMX. Returns the
-// previous setting.
+// previous setting as it took effect (false without AMX), which can always be set again.
 bool set_amx(bool enabled);
 
 }  // namespace pfp
