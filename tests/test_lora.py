@@ -9,12 +9,14 @@ import torch
 from helpers import (
     BACKENDS,
     CPU_AMX,
+    CPU_BF16,
     CPU_ISAS,
     DECODE_BASE_CORRUPTIONS,
     HAS_TRITON,
     TOLERANCES,
     assert_decode_path_agrees,
     cpu_amx,
+    cpu_avx512_bf16,
     cpu_isa,
     run,
     skip_unsupported,
@@ -160,6 +162,10 @@ def test_native_dropout_selects_so_non_finite_dropped_elements_give_zero(isa, va
 
 # Each CPU build this machine runs, and the AVX-512 build with and without AMX tiles where the CPU has them.
 ISA_AMX = [(isa, amx) for isa in CPU_ISAS for amx in CPU_AMX if isa == "avx512" or not amx]
+# The same, and the AVX-512 build without tiles with and without AVX512-BF16's products where the CPU has them.
+ISA_AMX_BF16 = [
+    (isa, amx, bf16) for isa, amx in ISA_AMX for bf16 in CPU_BF16 if not bf16 or (isa == "avx512" and not amx)
+]
 
 
 def assert_sums_rounded_once(got, want, terms: int, magnitude):
@@ -293,31 +299,32 @@ UP_SHAPES = [(64, 64, 16), (19, 517, 16), (8, 37, 3), (3, 250, 1), (45, 300, 17)
              (0, 40, 4), (5, 0, 4)]  # fmt: skip
 
 
-@pytest.mark.parametrize("isa, amx", ISA_AMX)
+@pytest.mark.parametrize("isa, amx, bf16", ISA_AMX_BF16)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
 @pytest.mark.parametrize("rows, n, rank", UP_SHAPES)
-def test_native_up_grads_are_the_exact_sums_rounded_once(isa, amx, dtype, rows, n, rank):
+def test_native_up_grads_are_the_exact_sums_rounded_once(isa, amx, bf16, dtype, rows, n, rank):
     """grad_xa = dY B and grad_B = s dY^T xa: against the fp64 sums of the same (dtype) operands, within one rounding
-    of the output plus fp32 summation error (bf16 up to rank 32 on AMX tiles where amx)."""
+    of the output plus fp32 summation error (bf16 up to rank 32 on AMX tiles where amx, else by AVX512-BF16's dot
+    products where bf16)."""
     torch.manual_seed(rows * n + rank)
     dy, lora_B, xa = torch.randn(rows, n).to(dtype), torch.randn(n, rank).to(dtype), torch.randn(rows, rank).to(dtype)
     scaling = 1.5
-    with cpu_isa(isa), cpu_amx(amx):
+    with cpu_isa(isa), cpu_amx(amx), cpu_avx512_bf16(bf16):
         grad_xa, grad_B = native_up_grads(dy, lora_B, xa, scaling)
     d, b, a = dy.double(), lora_B.double(), xa.double()
     assert_sums_rounded_once(grad_xa, d @ b, n, d.abs() @ b.abs())
     assert_sums_rounded_once(grad_B, scaling * d.t() @ a, rows, scaling * d.abs().t() @ a.abs())
 
 
-@pytest.mark.parametrize("isa, amx", ISA_AMX)
+@pytest.mark.parametrize("isa, amx, bf16", ISA_AMX_BF16)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_native_up_grads_keep_a_non_finite_value_to_its_row_and_column(isa, amx, dtype):
+def test_native_up_grads_keep_a_non_finite_value_to_its_row_and_column(isa, amx, bf16, dtype):
     """inf in dY[i, j] reaches grad_xa's row i and grad_B's row j only, with the blocks' zero padding around it (a
     partial block of rows and of columns, and ranks past r in a tile)."""
     rows, n, rank = 35, 50, 3
     dy, lora_B, xa = torch.randn(rows, n).to(dtype), torch.randn(n, rank).to(dtype), torch.randn(rows, rank).to(dtype)
     dy[33, 47] = float("inf")
-    with cpu_isa(isa), cpu_amx(amx):
+    with cpu_isa(isa), cpu_amx(amx), cpu_avx512_bf16(bf16):
         grad_xa, grad_B = native_up_grads(dy, lora_B, xa, 1.0)
     hit_xa, hit_B = torch.zeros(rows, rank, dtype=torch.bool), torch.zeros(n, rank, dtype=torch.bool)
     hit_xa[33], hit_B[47] = True, True
@@ -342,19 +349,20 @@ def native_down(x, lora_A, rng, dropout_p, keep=None):
 DOWN_SHAPES = [(64, 64, 16), (45, 517, 3), (33, 40, 32), (32, 300, 17), (40, 16, 1), (35, 64, 64), (5, 130, 16)]
 
 
-@pytest.mark.parametrize("isa, amx", ISA_AMX)
+@pytest.mark.parametrize("isa, amx, bf16", ISA_AMX_BF16)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.float64])
 @pytest.mark.parametrize("rows, k, rank", DOWN_SHAPES)
 @pytest.mark.parametrize("dropout", [True, False])
-def test_native_down_is_the_exact_sums_over_lora_dropouts_x(isa, amx, dtype, rows, k, rank, dropout):
+def test_native_down_is_the_exact_sums_over_lora_dropouts_x(isa, amx, bf16, dtype, rows, k, rank, dropout):
     """xa = x_d A^T, x_d exactly as lora_dropout makes it: against the fp64 sums of the same operands, within one
-    rounding of the output plus fp32 summation error (bf16 up to rank 32 from 32 rows on AMX tiles where amx). Asked
-    for the mask's bits, it writes them over whatever keep held, and xa is the same."""
+    rounding of the output plus fp32 summation error (bf16 up to rank 32 from 32 rows on AMX tiles where amx, else
+    by AVX512-BF16 dot products where bf16). Asked for the mask's bits, it writes them over whatever keep held, and xa
+    is the same."""
     torch.manual_seed(rows * k + rank)
     x, lora_A = torch.randn(rows, k).to(dtype), torch.randn(rank, k).to(dtype)
     rng, dropout_p = (torch.tensor([2**40 + 9, 2**33 + 3]), 0.3) if dropout else (None, 0.0)
     keep = torch.full((rows, lora_ops.keep_words(k)), -1, dtype=torch.int64) if dropout else None
-    with cpu_isa(isa), cpu_amx(amx):
+    with cpu_isa(isa), cpu_amx(amx), cpu_avx512_bf16(bf16):
         xa = native_down(x, lora_A, rng, dropout_p)
         assert torch.equal(native_down(x, lora_A, rng, dropout_p, keep), xa)
         x_d = native_dropout(x, rng, dropout_p).double() if dropout else x.double()
@@ -444,6 +452,28 @@ def test_native_bf16_layer_agrees_with_and_without_amx_products(monkeypatch, bas
     with cpu_amx(False):
         without = forward_backward("native", inputs, 2.0, dropout_p)
     assert_all_close(with_amx, without, torch.bfloat16)
+
+
+@pytest.mark.skipif(CPU_BF16 == [False], reason="the CPU has no AVX512-BF16")
+@pytest.mark.parametrize("rank", [16, 32, 40])
+@pytest.mark.parametrize("dropout_p", [0.0, 0.25])
+def test_native_bf16_layer_agrees_with_and_without_avx512_bf16_down(monkeypatch, rank, dropout_p):
+    """Without AMX, on a CPU with AVX512-BF16, the native bf16 forward makes xa in lora_down (up to rank 32, from 32
+    rows) and with dropout keeps the mask's bits for backward, and the backward runs lora_up_grads: y and every grad
+    agree with the same backend without them, which drops x and runs torch's GEMMs."""
+    launched, launch = [], _native.launch
+    monkeypatch.setattr(_native, "launch", lambda name, *args: (launched.append(name), launch(name, *args))[1])
+    inputs = make_inputs((2, 35, 96), 80, rank, torch.bfloat16, "dense")
+    with cpu_amx(False), cpu_avx512_bf16(True), pyfastpeft.use_backend("native"):
+        y = lora_linear(inputs[0], inputs[1], inputs[2], inputs[3], inputs[4], 2.0, dropout_p, True)
+        saved = [t for t in y.grad_fn.saved_tensors if t is not None and t.dtype == torch.int64 and t.dim() == 2]
+        assert [tuple(t.shape) for t in saved] == ([(70, 2)] if dropout_p and rank <= 32 else [])
+        with_down = forward_backward("native", inputs, 2.0, dropout_p)
+    assert ("lora_down" in launched) == bool(dropout_p and rank <= 32)
+    assert ("lora_up_grads" in launched) == (rank <= 32)
+    with cpu_amx(False), cpu_avx512_bf16(False):
+        without = forward_backward("native", inputs, 2.0, dropout_p)
+    assert_all_close(with_down, without, torch.bfloat16)
 
 
 @pytest.mark.parametrize("amx", CPU_AMX)

@@ -16,6 +16,7 @@
 #include "cpu/kernels.h"
 
 #include <algorithm>
+#include <cstring>
 #include <iterator>
 #include <stdexcept>
 #include <type_traits>
@@ -697,12 +698,14 @@ __attribute__((target("amx-tile"))) inline void store_sum_tiles(int64_t rows, in
       out[i * cols + j] = pfp::to_bf16(sums[2 * (i / 16) + j / 16][(i % 16) * 16 + j % 16]);
 }
 
-// ---- the down-projection of many rows on AMX tiles (bf16, rank <= 32) ------------------------------------------
+// ---- the down-projection of many rows on AMX tiles or by AVX512-BF16 (bf16, rank <= 32) -----------------------
 // xa = x_d A^T a block of 32 rows at a time: the block's x_d rows, made as lora_dropout makes them (but for a
 // subnormal value, which make_x_d leaves zero and the tiles would take as zero), go into the thread's scratch (zero
 // past k and m), read as A tiles 32 columns a step; A^T is packed once as B tiles (dword
 // q of row p holds a[q][2p] low, a[q][2p + 1] high; zero past k and rank). Without dropout a whole block is read
 // from x in place. Sums are fp32 of exact bf16 products in the tiles' order; the tiles take subnormal inputs as zero.
+// A CPU with AVX512-BF16 but no AMX (AMD Zen 4) makes the same blocks and multiplies them with vdpbf16ps
+// (down_block_vectors), where the dropout pass and torch's skinny GEMM this replaces read x at 5-7 GB/s.
 constexpr int64_t kDownAmxMinRows = 32;  // fewer rows (a decode step) take down_impl
 
 // The block's sums into tiles 0..3 (zero_sum_tiles' layout).
@@ -724,6 +727,40 @@ __attribute__((target("amx-tile,amx-bf16"))) inline void down_block_tiles(const 
   }
 }
 
+// The same sums without tiles, on a CPU with AVX512-BF16 but no AMX (AMD Zen 4): xa rows [0, rows) of the block
+// (row stride ld, zero past k) times the packed A^T, eight rows a pass, one vdpbf16ps a row per pair of columns
+// with the pair broadcast against A's 16 ranks of it; fp32 sums of exact products in column-pair order (the
+// instruction, like the tiles, takes a subnormal input as zero), rounded once into xa [rows, rank].
+__attribute__((target("avx512bf16"))) void down_block_vectors(const bf16* block, int64_t ld, const int8_t* a_tiles,
+                                                              int64_t steps, int64_t rows, int64_t rank, bf16* xa) {
+  constexpr int kRows = 8;
+  for (int64_t t = 0; 16 * t < rank; ++t) {
+    const int64_t ranks = rank - 16 * t < 16 ? rank - 16 * t : 16;
+    for (int64_t r0 = 0; r0 < rows; r0 += kRows) {
+      __m512 acc[kRows];
+      for (int r = 0; r < kRows; ++r) acc[r] = _mm512_setzero_ps();
+      for (int64_t s = 0; s < steps; ++s) {
+        const int8_t* tile = a_tiles + (2 * s + t) * amx::kTileBytes;
+        for (int64_t p = 0; p < 16; ++p) {
+          const __m512bh a_pairs = reinterpret_cast<__m512bh>(_mm512_load_si512(tile + 64 * p));
+          const int64_t column_pair = 16 * s + p;
+          for (int r = 0; r < kRows; ++r) {
+            int32_t pair;  // x rows may start on any bf16 (a view's offset): no int32 access
+            std::memcpy(&pair, block + (r0 + r) * ld + 2 * column_pair, sizeof(pair));
+            const __m512i x_pair = _mm512_set1_epi32(pair);
+            acc[r] = _mm512_dpbf16_ps(acc[r], reinterpret_cast<__m512bh>(x_pair), a_pairs);
+          }
+        }
+      }
+      for (int r = 0; r < kRows && r0 + r < rows; ++r) {
+        alignas(64) float sums[16];
+        _mm512_store_ps(sums, acc[r]);
+        for (int64_t q = 0; q < ranks; ++q) xa[(r0 + r) * rank + 16 * t + q] = pfp::to_bf16(sums[q]);
+      }
+    }
+  }
+}
+
 // x_d[0, count) = keep ? x * keep_scale : 0, rounded to bf16 for the tiles: bit e of bits keeps element e.
 __attribute__((target("avx512bf16"))) void make_x_d(const bf16* x, bf16* x_d, int64_t count, const uint64_t* bits,
                                                     __m512 keep_scale) {
@@ -735,8 +772,9 @@ __attribute__((target("avx512bf16"))) void make_x_d(const bf16* x, bf16* x_d, in
   }
 }
 
-void down_amx(const bf16* x, const bf16* a, bf16* xa, uint64_t* keep, int64_t m, int64_t k, int64_t rank, bool dropout,
-              const DropoutParams<float>& params, int nthreads) {
+// tiles: AMX; else down_block_vectors (AVX512-BF16 only).
+void down_bf16_blocks(const bf16* x, const bf16* a, bf16* xa, uint64_t* keep, int64_t m, int64_t k, int64_t rank,
+                      bool dropout, const DropoutParams<float>& params, bool tiles, int nthreads) {
   const int64_t words = keep_words(k);
   const __m512 keep_scale = _mm512_set1_ps(params.keep_scale);
   const int64_t steps = (k + 31) / 32, k_padded = 32 * steps, row_blocks = (m + 31) / 32;
@@ -746,7 +784,7 @@ void down_amx(const bf16* x, const bf16* a, bf16* xa, uint64_t* keep, int64_t m,
   pfp::parallel_for(row_blocks, 32 * k * (dropout ? 64 : 1), nthreads, [&](int64_t begin, int64_t end, int) {
     amx::Aligned scratch(32 * k_padded * int64_t(sizeof(bf16)));
     bf16* block = reinterpret_cast<bf16*>(scratch.data);
-    amx::configure();
+    if (tiles) amx::configure();
     for (int64_t rb = begin; rb < end; ++rb) {
       const int64_t i0 = 32 * rb, rows = m - i0 < 32 ? m - i0 : 32;
       const bf16* src = x + i0 * k;
@@ -776,14 +814,18 @@ void down_amx(const bf16* x, const bf16* a, bf16* xa, uint64_t* keep, int64_t m,
         src = block;
         ld = k_padded;
       }
-      down_block_tiles(src, ld, a_tiles.data, steps, two_rank_tiles);
-      store_sum_tiles(rows, rank, xa + i0 * rank);
+      if (tiles) {
+        down_block_tiles(src, ld, a_tiles.data, steps, two_rank_tiles);
+        store_sum_tiles(rows, rank, xa + i0 * rank);
+      } else {
+        down_block_vectors(src, ld, a_tiles.data, steps, rows, rank, xa + i0 * rank);
+      }
     }
-    amx::release();
+    if (tiles) amx::release();
   });
 }
 
-// ---- the up-projection's grads on AMX tiles (bf16, rank <= 32) -------------------------------------------------
+// ---- the up-projection's grads on AMX tiles or by AVX512-BF16 (bf16, rank <= 32) ------------------------------
 // grad_xa = dY B and grad_b = s dY^T xa both read all of dY; here one pass does both. A thread walks its blocks of
 // 32 rows of dY, 32 columns a step:
 //   g[32 rows, 32 ranks] += dY block (two A tiles: rows [0, 16) and [16, 32), 32 columns) . B's tile of those
@@ -794,6 +836,7 @@ void down_amx(const bf16* x, const bf16* a, bf16* xa, uint64_t* keep, int64_t m,
 // The threads' dB sums are added at the end. A block that crosses m or n is first copied, zero-padded, into the
 // thread's scratch; b and xa are zero past n, m and rank, so padding adds nothing (0 * inf there is NaN in a sum no
 // output reads). Sums are fp32 of exact bf16 products in the tiles' order; the tiles take subnormal inputs as zero.
+// A CPU with AVX512-BF16 but no AMX takes the same steps with vdpbf16ps (up_step_vectors).
 struct alignas(64) UpTiles {         // one thread's scratch, 6 KiB
   int8_t block[2][amx::kTileBytes];  // a dY block crossing m or n, zero-padded: 32 rows x 32 columns
   int8_t pairs[2][amx::kTileBytes];  // B tiles: the block's rows pairwise, columns [0, 16) and [16, 32)
@@ -838,8 +881,58 @@ __attribute__((target("amx-tile,amx-bf16"))) inline void up_step_tiles(const bf1
   }
 }
 
-void up_grads_amx(const bf16* dy, const bf16* b, const bf16* xa, bf16* grad_xa, bf16* grad_b, int64_t m, int64_t n,
-                  int64_t rank, float scaling, int nthreads) {
+// up_step_tiles without tiles, on a CPU with AVX512-BF16 but no AMX (AMD Zen 4): the same sums by vdpbf16ps, each
+// a broadcast pair against 16 lanes. g: the block's 32 rows x 32 ranks of fp32 sums (row i at g + 32 i), across the
+// row's steps; dbt as up_step_tiles'. dY's rows pairwise go into t.pairs first, as there.
+__attribute__((target("avx512bf16"))) void up_step_vectors(const bf16* dy, int64_t ld, const int8_t* b_tiles,
+                                                           int rank_tiles, int columns, float* g, float* dbt,
+                                                           int64_t tile_stride, UpTiles& t) {
+  // g[i][16 u + q] += sum over the step's column pairs P of dY[i][2P..2P+1] . B[2P..2P+1][16 u + q]
+  for (int64_t i0 = 0; i0 < 32; i0 += 8) {
+    for (int u = 0; u < rank_tiles; ++u) {
+      __m512 acc[8];
+      for (int r = 0; r < 8; ++r) acc[r] = _mm512_load_ps(g + (i0 + r) * 32 + 16 * u);
+      for (int p = 0; p < 16; ++p) {
+        const __m512bh b_pairs = reinterpret_cast<__m512bh>(_mm512_load_si512(b_tiles + u * amx::kTileBytes + 64 * p));
+        for (int r = 0; r < 8; ++r) {
+          int32_t pair;  // dY rows may start on any bf16: no int32 access
+          std::memcpy(&pair, dy + (i0 + r) * ld + 2 * p, sizeof(pair));
+          acc[r] = _mm512_dpbf16_ps(acc[r], reinterpret_cast<__m512bh>(_mm512_set1_epi32(pair)), b_pairs);
+        }
+      }
+      for (int r = 0; r < 8; ++r) _mm512_store_ps(g + (i0 + r) * 32 + 16 * u, acc[r]);
+    }
+  }
+  for (int c = 0; c < columns; ++c) {  // rows pairwise, 16 columns a vector (as up_step_tiles)
+    for (int p = 0; p < 16; ++p) {
+      const __m512i even =
+          _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(dy + 2 * p * ld + 16 * c)));
+      const __m512i odd =
+          _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(dy + (2 * p + 1) * ld + 16 * c)));
+      _mm512_store_si512(t.pairs[c] + 64 * p, _mm512_or_si512(even, _mm512_slli_epi32(odd, 16)));
+    }
+    // dB^T[q][j] += sum over the block's row pairs p of xa[2p..2p+1][q] . dY[2p..2p+1][j]: the 16 ranks' sums side
+    // by side (one chain of dependent vdpbf16ps a rank waited on their latency)
+    for (int u = 0; u < rank_tiles; ++u) {
+      float* sums = dbt + u * tile_stride + c * 256;
+      const uint32_t* xa_pairs = reinterpret_cast<const uint32_t*>(t.xa_t[u]);  // row q: 16 dwords of row pairs
+      __m512 acc[16];
+      for (int q = 0; q < 16; ++q) acc[q] = _mm512_loadu_ps(sums + 16 * q);  // a vector's storage: 16-byte aligned
+      for (int p = 0; p < 16; ++p) {
+        const __m512bh dy_pairs = reinterpret_cast<__m512bh>(_mm512_load_si512(t.pairs[c] + 64 * p));
+        for (int q = 0; q < 16; ++q) {
+          const __m512i pair = _mm512_set1_epi32(int32_t(xa_pairs[16 * q + p]));
+          acc[q] = _mm512_dpbf16_ps(acc[q], reinterpret_cast<__m512bh>(pair), dy_pairs);
+        }
+      }
+      for (int q = 0; q < 16; ++q) _mm512_storeu_ps(sums + 16 * q, acc[q]);
+    }
+  }
+}
+
+// tiles: AMX; else up_step_vectors (AVX512-BF16 only).
+void up_grads_bf16_blocks(const bf16* dy, const bf16* b, const bf16* xa, bf16* grad_xa, bf16* grad_b, int64_t m,
+                          int64_t n, int64_t rank, float scaling, bool tiles, int nthreads) {
   const int64_t steps = (n + 31) / 32, col_tiles = 2 * steps, row_blocks = (m + 31) / 32;
   const bool two_rank_tiles = rank > 16;
   const int rank_tiles = two_rank_tiles ? 2 : 1;
@@ -851,9 +944,10 @@ void up_grads_amx(const bf16* dy, const bf16* b, const bf16* xa, bf16* grad_xa, 
   pfp::parallel_for(row_blocks, 32 * n * rank, nthreads, [&](int64_t begin, int64_t end, int tid) {
     std::vector<float>& sums = dbt[size_t(tid)];
     sums.assign(size_t(sums_size), 0.0f);
-    amx::Aligned scratch(int64_t(sizeof(UpTiles)));
+    amx::Aligned scratch(int64_t(sizeof(UpTiles)) + 32 * 32 * int64_t(sizeof(float)));
     UpTiles& t = *reinterpret_cast<UpTiles*>(scratch.data);
-    amx::configure();
+    float* g = reinterpret_cast<float*>(scratch.data + sizeof(UpTiles));  // the vectors' grad_xa sums of a block
+    if (tiles) amx::configure();
     for (int64_t rb = begin; rb < end; ++rb) {
       const int64_t i0 = 32 * rb, rows = m - i0 < 32 ? m - i0 : 32;
       for (int r = 0; r < 2; ++r) {
@@ -862,7 +956,10 @@ void up_grads_amx(const bf16* dy, const bf16* b, const bf16* xa, bf16* grad_xa, 
           for (int64_t i = 0; i < 32; ++i)
             tile[q * 32 + i] = i < rows && 16 * r + q < rank ? xa[(i0 + i) * rank + 16 * r + q] : bf16{0};
       }
-      zero_sum_tiles();
+      if (tiles)
+        zero_sum_tiles();
+      else
+        std::fill(g, g + 32 * 32, 0.0f);
       for (int64_t s = 0; s < steps; ++s) {
         const int64_t j0 = 32 * s, cols = n - j0 < 32 ? n - j0 : 32;
         const bf16* src = dy + i0 * n + j0;
@@ -874,12 +971,21 @@ void up_grads_amx(const bf16* dy, const bf16* b, const bf16* xa, bf16* grad_xa, 
           src = block;
           ld = 32;
         }
-        up_step_tiles(src, ld, b_tiles.data + s * 2 * amx::kTileBytes, two_rank_tiles, cols > 16 ? 2 : 1,
-                      sums.data() + 2 * s * 256, col_tiles * 256, t);
+        if (tiles)
+          up_step_tiles(src, ld, b_tiles.data + s * 2 * amx::kTileBytes, two_rank_tiles, cols > 16 ? 2 : 1,
+                        sums.data() + 2 * s * 256, col_tiles * 256, t);
+        else
+          up_step_vectors(src, ld, b_tiles.data + s * 2 * amx::kTileBytes, rank_tiles, cols > 16 ? 2 : 1, g,
+                          sums.data() + 2 * s * 256, col_tiles * 256, t);
       }
-      store_sum_tiles(rows, rank, grad_xa + i0 * rank);
+      if (tiles) {
+        store_sum_tiles(rows, rank, grad_xa + i0 * rank);
+      } else {
+        for (int64_t i = 0; i < rows; ++i)
+          for (int64_t q = 0; q < rank; ++q) grad_xa[(i0 + i) * rank + q] = pfp::to_bf16(g[i * 32 + q]);
+      }
     }
-    amx::release();
+    if (tiles) amx::release();
   });
   // grad_b[j, q] = s * (the threads' dB^T sums at rank q, column j), rounded once
   pfp::parallel_for(col_tiles, 16 * rank * nthreads, nthreads, [&](int64_t begin, int64_t end, int) {
@@ -990,9 +1096,10 @@ void up_grads_loops(const T* dy, const T* b, const T* xa, T* grad_xa, T* grad_b,
 // lora_dropout makes it (alpha 1; rounded to the dtype) when dropout, the sums in fp32 (fp64 for fp64) rounded
 // once. x, a, xa: contiguous, of `dtype`; m, k >= 0, rank >= 1. seed, offset, threshold, keep_scale: as lora_dropout.
 // keep: null, or (with dropout) int64 [m, ceil(k / 64)] that receives the mask's bits for lora_branch_grads (bit c % 64
-// of word c / 64 of row i: element i * k + c kept; bits past k zero), drawn with x_d on the AMX path.
-// bf16 at rank <= 32 and m >= 32 runs on AMX tiles where pfp::amx_in_use() (the training forward's, from Python):
-// the sums in the tiles' order, a subnormal x_d or a element counting as zero. Otherwise down_impl, which is built
+// of word c / 64 of row i: element i * k + c kept; bits past k zero), drawn with x_d in down_bf16_blocks.
+// bf16 at rank <= 32 and m >= 32 runs on AMX tiles where pfp::amx_in_use() (the training forward's, from Python), or
+// with AVX512-BF16 dot products where pfp::avx512_bf16_in_use() and no AMX: the sums in the tiles' order or in
+// column-pair order, a subnormal x_d or a element counting as zero. Otherwise down_impl, which is built
 // for the few rows of a decode step (lora_nf4_gemv in nf4.cpp runs it before its GEMV, so the step is one call).
 void lora_down(const void* x, const void* a, void* xa, void* keep, int64_t m, int64_t k, int64_t rank, int dtype,
                bool dropout, int64_t seed, int64_t offset, float threshold, float keep_scale, int nthreads) {
@@ -1000,10 +1107,11 @@ void lora_down(const void* x, const void* a, void* xa, void* keep, int64_t m, in
     using T = std::remove_pointer_t<decltype(tag)>;
 #if PFP_HAS_AMX
     if constexpr (std::is_same_v<T, bf16>) {
-      if (pfp::amx_in_use() && rank <= kMaxAmxRank && m >= kDownAmxMinRows) {
+      const bool tiles = pfp::amx_in_use();
+      if ((tiles || pfp::avx512_bf16_in_use()) && rank <= kMaxAmxRank && m >= kDownAmxMinRows) {
         const auto params = dropout_params<float>(uint64_t(seed), uint64_t(offset), threshold, keep_scale, 1.0, false);
-        down_amx(static_cast<const bf16*>(x), static_cast<const bf16*>(a), static_cast<bf16*>(xa),
-                 static_cast<uint64_t*>(keep), m, k, rank, dropout, params, nthreads);
+        down_bf16_blocks(static_cast<const bf16*>(x), static_cast<const bf16*>(a), static_cast<bf16*>(xa),
+                         static_cast<uint64_t*>(keep), m, k, rank, dropout, params, tiles, nthreads);
         return;
       }
     }
@@ -1097,8 +1205,9 @@ void lora_branch_grads(const void* x, const void* grad_xa, const void* a, void* 
 //   grad_b[j, q]  = s * sum_i dy[i, j] * xa[i, q]       ([n, rank], s dY^T xa)
 // in fp32 (fp64 for fp64 data), each output rounded once to the dtype. dy [m, n], b [n, rank], xa [m, rank],
 // grad_xa [m, rank], grad_b [n, rank]: contiguous, of `dtype`, none aliasing another; m, n >= 0, rank >= 1.
-// bf16 at rank <= 32 runs on AMX tiles where pfp::amx_in_use(): the sums in the tiles' order, and a subnormal dy, b
-// or xa element counts as zero in them.
+// bf16 at rank <= 32 runs on AMX tiles where pfp::amx_in_use(), or with AVX512-BF16's dot products where
+// pfp::avx512_bf16_in_use() and no AMX: the sums in the tiles' order (or the pairs' order), and a subnormal dy, b or
+// xa element counts as zero in them.
 void lora_up_grads(const void* dy, const void* b, const void* xa, void* grad_xa, void* grad_b, int64_t m, int64_t n,
                    int64_t rank, int dtype, double scaling, int nthreads) {
   pfp::dispatch_float(dtype, "lora_up_grads", [&](auto* tag) {
@@ -1110,8 +1219,9 @@ void lora_up_grads(const void* dy, const void* b, const void* xa, void* grad_xa,
     T* grad_b_t = static_cast<T*>(grad_b);
 #if PFP_HAS_AMX
     if constexpr (std::is_same_v<T, bf16>) {
-      if (pfp::amx_in_use() && rank <= kMaxAmxRank) {
-        up_grads_amx(dy_t, b_t, xa_t, grad_xa_t, grad_b_t, m, n, rank, float(scaling), nthreads);
+      const bool tiles = pfp::amx_in_use();
+      if ((tiles || pfp::avx512_bf16_in_use()) && rank <= kMaxAmxRank) {
+        up_grads_bf16_blocks(dy_t, b_t, xa_t, grad_xa_t, grad_b_t, m, n, rank, float(scaling), tiles, nthreads);
         return;
       }
     }

@@ -179,9 +179,9 @@ def _native_forward(base, x, bias, lora_A, lora_B, scaling, dropout_p, rng, keep
         if keep is not None:
             fill_keep(keep, rng, dropout_p, in_features)
         return y.view(*x.shape[:-1], out_features), xa
-    if rng is not None and x2d.numel() and _amx_products(x2d.dtype, lora_A.shape[0], x2d.shape[0], AMX_MIN_ROWS):
-        # xa = x_d A^T in one kernel (x_d made a block of rows at a time in cache, the products on AMX tiles), the
-        # mask's bits into keep as they are drawn
+    if rng is not None and x2d.numel() and _native_products(x2d.dtype, lora_A.shape[0], x2d.shape[0], AMX_MIN_ROWS):
+        # xa = x_d A^T in one kernel (x_d made a block of rows at a time in cache, the products on AMX tiles or by
+        # AVX512-BF16's dot products), the mask's bits into keep as they are drawn
         xa = x2d.new_empty((x2d.shape[0], lora_A.shape[0]))
         seed, offset = rng.tolist()
         _native.launch("lora_down", x2d, x2d, lora_A.contiguous(), xa, keep, x2d.shape[0], in_features,
@@ -232,16 +232,19 @@ def _nf4_forward_with_up(base, x2d, bias, xa, lora_B, scaling):
     return y
 
 
-def _amx_products(dtype, rank: int, rows: int, min_rows: int = 0) -> bool:
-    """Whether the native kernels take a bf16 LoRA branch's products on AMX tiles (a CPU with them, rank <=
-    AMX_MAX_RANK, and at least min_rows rows): there they run lora_down and lora_up_grads in place of torch's small
-    GEMMs, which read x and dY at about half the bandwidth, and dY twice."""
-    return dtype == torch.bfloat16 and rank <= AMX_MAX_RANK and rows >= min_rows and _native.cpu.amx_in_use()
+def _native_products(dtype, rank: int, rows: int, min_rows: int = 0) -> bool:
+    """Whether the native kernels take a bf16 LoRA branch's products (rank <= AMX_MAX_RANK, at least min_rows rows)
+    on AMX tiles, or on a CPU without them but with AVX512-BF16 (AMD Zen 4) by its dot products: there lora_down and
+    lora_up_grads run in place of torch's small GEMMs, which read x and dY at about half the bandwidth on AMX hosts
+    and at a fifth of it on Zen 4, and dY twice."""
+    if dtype != torch.bfloat16 or rank > AMX_MAX_RANK or rows < min_rows:
+        return False
+    return _native.cpu.amx_in_use() or _native.cpu.avx512_bf16_in_use()
 
 
 def _up_grads(dy2d, lora_B, xa, scaling):
-    """(dY B, s dY^T xa): lora_up_grads, one read of dY for both, where _amx_products; elsewhere torch's GEMMs."""
-    if _amx_products(dy2d.dtype, lora_B.shape[1], dy2d.shape[0]):
+    """(dY B, s dY^T xa): lora_up_grads, one read of dY for both, where _native_products; elsewhere torch's GEMMs."""
+    if _native_products(dy2d.dtype, lora_B.shape[1], dy2d.shape[0]):
         grad_xa = dy2d.new_empty((dy2d.shape[0], lora_B.shape[1]))
         grad_B = torch.empty_like(lora_B, memory_format=torch.contiguous_format)
         _native.launch("lora_up_grads", dy2d, dy2d, lora_B.contiguous(), xa.contiguous(), grad_xa, grad_B,
@@ -591,13 +594,13 @@ def lora_nf4_no_grad(
 
 def _keeps_mask_bits(x, rank: int, rng) -> bool:
     """Whether the forward keeps the dropout mask's bits for backward (M x in / 8 bytes, x_d's sixteenth in bf16),
-    so backward reads them instead of drawing the mask again: where the native forward draws it in lora_down (a CPU
-    with AMX tiles, bf16, rank <= AMX_MAX_RANK, AMX_MIN_ROWS rows on), in eager mode. Elsewhere, and under
-    torch.compile, backward draws it again."""
+    so backward reads them instead of drawing the mask again: where the native forward draws it in lora_down
+    (_native_products from AMX_MIN_ROWS rows), in eager mode. Elsewhere, and under torch.compile, backward draws it
+    again."""
     if rng is None or x.device.type != "cpu" or torch.compiler.is_compiling() or x.shape[-1] == 0:
         return False
     rows = x.numel() // x.shape[-1]
-    return choose("lora", x.device) == "native" and _amx_products(x.dtype, rank, rows, AMX_MIN_ROWS)
+    return choose("lora", x.device) == "native" and _native_products(x.dtype, rank, rows, AMX_MIN_ROWS)
 
 
 @carry_backend

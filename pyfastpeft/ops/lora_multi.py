@@ -43,6 +43,7 @@ from pyfastpeft.ops.lora import (
     _fake_backward,
     _keep_scale,
     _keep_threshold,
+    _up_grads,
     check_lora_args,
 )
 from pyfastpeft.ops.lora_base import BASE_KINDS, BaseKind, dispatch_base
@@ -180,9 +181,9 @@ def _native_multi_backward(
     for low, high, start, end, scaling in _adapter_segments(rank_offsets, scalings, segment_offsets):
         rows = row_order[start:end]
         dy_rows = dy2d.index_select(0, rows)
-        grad_xa = dy_rows @ lora_B[:, low:high]
+        # dY B and s dY^T xa as lora_linear's backward makes them (its kernel where it takes one): the same bits
+        grad_xa, grad_B[:, low:high] = _up_grads(dy_rows, lora_B[:, low:high], xa[start:end, : high - low], scaling)
         torch.mm(grad_xa.t(), _gather_dropped(x2d, rows, rng, dropout_p), out=grad_A[low:high]).mul_(scaling)
-        grad_B[:, low:high] = (dy_rows.t() @ xa[start:end, : high - low]).mul_(scaling)
         if not needs_input_grad:
             continue
         if rng is not None:
