@@ -843,6 +843,18 @@ struct alignas(64) UpTiles {         // one thread's scratch, 6 KiB
   int8_t xa_t[2][amx::kTileBytes];   // A tiles: xa^T of the block's rows, ranks [0, 16) and [16, 32)
 };
 
+// The block's 32 rows pairwise, columns [16 c, 16 c + 16): dword j of row p holds dY[2p][16 c + j] low and
+// dY[2p + 1][16 c + j] high (a B tile, and the vectors' operand).
+inline void pair_rows_of_block(const bf16* dy, int64_t ld, int c, int8_t* pairs) {
+  for (int p = 0; p < 16; ++p) {
+    const __m512i even =
+        _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(dy + 2 * p * ld + 16 * c)));
+    const __m512i odd =
+        _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(dy + (2 * p + 1) * ld + 16 * c)));
+    _mm512_store_si512(pairs + 64 * p, _mm512_or_si512(even, _mm512_slli_epi32(odd, 16)));
+  }
+}
+
 // The step's tile products (tile registers: 0..3 the g sums, 4..7 operands). dy: the block's first element, rows
 // `ld` elements apart; b_tiles: the step's B tiles (one per rank tile); dbt: the thread's dB^T sums of the step's
 // first 16-column tile, rank tile t at dbt + t * tile_stride floats.
@@ -860,15 +872,7 @@ __attribute__((target("amx-tile,amx-bf16"))) inline void up_step_tiles(const bf1
     _tile_dpbf16ps(1, 4, 7);
     _tile_dpbf16ps(3, 5, 7);
   }
-  for (int c = 0; c < 2; ++c) {  // rows pairwise, 16 columns a B tile
-    for (int p = 0; p < 16; ++p) {
-      const __m512i even =
-          _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(dy + 2 * p * ld + 16 * c)));
-      const __m512i odd =
-          _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(dy + (2 * p + 1) * ld + 16 * c)));
-      _mm512_store_si512(t.pairs[c] + 64 * p, _mm512_or_si512(even, _mm512_slli_epi32(odd, 16)));
-    }
-  }
+  for (int c = 0; c < 2; ++c) pair_rows_of_block(dy, ld, c, t.pairs[c]);
   for (int c = 0; c < columns; ++c) {
     _tile_loadd(4, t.pairs[c], 64);
     for (int r = 0; r < (two_rank_tiles ? 2 : 1); ++r) {
@@ -903,14 +907,8 @@ __attribute__((target("avx512bf16"))) void up_step_vectors(const bf16* dy, int64
       for (int r = 0; r < 8; ++r) _mm512_store_ps(g + (i0 + r) * 32 + 16 * u, acc[r]);
     }
   }
-  for (int c = 0; c < columns; ++c) {  // rows pairwise, 16 columns a vector (as up_step_tiles)
-    for (int p = 0; p < 16; ++p) {
-      const __m512i even =
-          _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(dy + 2 * p * ld + 16 * c)));
-      const __m512i odd =
-          _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(dy + (2 * p + 1) * ld + 16 * c)));
-      _mm512_store_si512(t.pairs[c] + 64 * p, _mm512_or_si512(even, _mm512_slli_epi32(odd, 16)));
-    }
+  for (int c = 0; c < columns; ++c) {
+    pair_rows_of_block(dy, ld, c, t.pairs[c]);
     // dB^T[q][j] += sum over the block's row pairs p of xa[2p..2p+1][q] . dY[2p..2p+1][j]: the 16 ranks' sums side
     // by side (one chain of dependent vdpbf16ps a rank waited on their latency)
     for (int u = 0; u < rank_tiles; ++u) {

@@ -105,6 +105,16 @@ __attribute__((target("avx512bf16"), flatten)) void backward_range_bf16ins(const
 
 template <typename T>
 constexpr bool kVector16 = !std::is_same_v<T, double>;
+
+// body(start, len) over [0, numel) in ranges of whole kChunk pieces, one a thread.
+template <typename F>
+void over_ranges(int64_t numel, int64_t work_per_chunk, int nthreads, F&& body) {
+  const int64_t chunks = (numel + kChunk - 1) / kChunk;
+  pfp::parallel_for(chunks, work_per_chunk, nthreads, [&](int64_t begin, int64_t end, int) {
+    const int64_t start = begin * kChunk, stop = end * kChunk < numel ? end * kChunk : numel;
+    body(start, stop - start);
+  });
+}
 #else
 template <typename T>
 constexpr bool kVector16 = false;
@@ -116,13 +126,11 @@ void forward_impl(const T* gate, const T* up, T* out, int64_t numel, int nthread
 #if defined(__AVX512F__)
   if constexpr (kVector16<T>) {
     const bool bf16ins = pfp::avx512_bf16_in_use();
-    int64_t chunks = (numel + kChunk - 1) / kChunk;
-    pfp::parallel_for(chunks, kChunk * 8, nthreads, [&](int64_t begin, int64_t end, int) {
-      const int64_t start = begin * kChunk, stop = end * kChunk < numel ? end * kChunk : numel;
+    over_ranges(numel, kChunk * 8, nthreads, [&](int64_t start, int64_t len) {
       if constexpr (std::is_same_v<T, bf16>) {
-        if (bf16ins) return forward_range_bf16ins(gate, up, out, start, stop - start);
+        if (bf16ins) return forward_range_bf16ins(gate, up, out, start, len);
       }
-      forward_range<false>(gate, up, out, start, stop - start);
+      forward_range<false>(gate, up, out, start, len);
     });
     return;
   }
@@ -146,13 +154,11 @@ void backward_impl(const T* dy, const T* gate, const T* up, T* dgate, T* dup, in
 #if defined(__AVX512F__)
   if constexpr (kVector16<T>) {
     const bool bf16ins = pfp::avx512_bf16_in_use();
-    int64_t chunks = (numel + kChunk - 1) / kChunk;
-    pfp::parallel_for(chunks, kChunk * 12, nthreads, [&](int64_t begin, int64_t end, int) {
-      const int64_t start = begin * kChunk, stop = end * kChunk < numel ? end * kChunk : numel;
+    over_ranges(numel, kChunk * 12, nthreads, [&](int64_t start, int64_t len) {
       if constexpr (std::is_same_v<T, bf16>) {
-        if (bf16ins) return backward_range_bf16ins(dy, gate, up, dgate, dup, start, stop - start);
+        if (bf16ins) return backward_range_bf16ins(dy, gate, up, dgate, dup, start, len);
       }
-      backward_range<false>(dy, gate, up, dgate, dup, start, stop - start);
+      backward_range<false>(dy, gate, up, dgate, dup, start, len);
     });
     return;
   }
