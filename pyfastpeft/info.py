@@ -18,6 +18,7 @@ def build_info() -> dict:
             "best_isa": _native.cpu.best_isa(),
             "isa_in_use": _native.cpu.current_isa(),
             "amx_in_use": _native.cpu.amx_in_use(),
+            "avx512_bf16_in_use": _native.cpu.avx512_bf16_in_use(),
         }
     else:
         info["cpu"] = {"error": _native.cpu_error}

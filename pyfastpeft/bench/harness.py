@@ -660,6 +660,7 @@ def run_metadata(device: torch.device, copy_gbps: float, scope: str) -> dict:
         "host_kind": host_kind(flags),
         "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "amx_in_use": bool(_native.cpu is not None and _native.cpu.amx_in_use()),
+        "avx512_bf16_in_use": bool(_native.cpu is not None and _native.cpu.avx512_bf16_in_use()),
         "torch": torch.__version__,
         "pyfastpeft": pyfastpeft.__version__,
         "backends": {name: info["detail"] for name, info in pyfastpeft.backends().items() if info["available"]},
