@@ -247,16 +247,15 @@ void forward_impl(const Tx* x, const void* weight, int weight_dtype, Ty* y, void
   }
 #endif
   pfp::parallel_for(rows, 3 * n, nthreads, [&](int64_t begin, int64_t end, int) {
-    const int64_t buffered = kBuffered<Tx> ? n : 0;
-    std::vector<C> xs(buffered), ys(buffered);
-    for (int64_t row = begin; row < end; ++row) {
-      if constexpr (kBuffered<Tx>) {
+    if constexpr (kBuffered<Tx>) {
+      std::vector<C> xs(n), ys(n);
+      for (int64_t row = begin; row < end; ++row) {
         pfp::load_row(x + row * n, xs.data(), n);
         rstd[row] = normalize_row<Tx>(xs.data(), ys.data(), wp, n, eps, mode);
         pfp::store_row(ys.data(), y + row * n, n);
-      } else {
-        forward_rows<false>(x, y, wp, rstd, row, row + 1, n, eps, mode);
       }
+    } else {
+      forward_rows<false>(x, y, wp, rstd, begin, end, n, eps, mode);
     }
   });
 }
