@@ -193,7 +193,8 @@ def test_trainer_with_lora_dropout_logs_the_losses_of_the_reference_backend(tmp_
 def test_trainer_qlora_with_bf16_autocast_logs_the_losses_of_the_reference_backend(tmp_path, monkeypatch):
     """QLoRA (an NF4 base) with lora_dropout = 0.1 and bf16=True: the native kernels against our reference backend
     (PyTorch dequantize and matmul, PEFT's order of operations), the same Philox masks. On an AMX host each LoRA
-    layer's forward is one NF4 tile GEMM with the up-projection in its epilogue (lora_nf4_matmul: 32 rows a step)."""
+    layer's forward is one NF4 tile GEMM with the up-projection in its epilogue (lora_nf4_matmul: 32 rows a step); with
+    AMX or AVX512-BF16 the branch's x_d A^T and up-projection grads run in lora_down and lora_up_grads."""
     base = base_model()
     lora = dataclasses.replace(LORA, lora_dropout=0.1)
     adapters = seed_adapters(prepare(copy.deepcopy(base), "nf4", lora=lora))
@@ -207,6 +208,9 @@ def test_trainer_qlora_with_bf16_autocast_logs_the_losses_of_the_reference_backe
         with pyfastpeft.use_backend(backend):
             runs[backend].train()
     assert ("lora_nf4_matmul" in launched) == _native.cpu.amx_in_use()
+    # the branch's bf16 kernels: on AMX tiles, or by AVX512-BF16's dot products on a CPU without them
+    in_kernels = _native.cpu.amx_in_use() or _native.cpu.avx512_bf16_in_use()
+    assert ("lora_down" in launched) == in_kernels and ("lora_up_grads" in launched) == in_kernels
     assert_same_steps(runs["native"], runs["reference"], BF16)
     losses = step_logs(runs["native"])
     assert losses[STEPS] < losses[1]
