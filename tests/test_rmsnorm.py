@@ -102,6 +102,37 @@ def test_rms_norm_bf16_avx512_is_bitwise_the_avx2_build(mode, offset):
     assert_close(dx, dx2)
 
 
+@pytest.mark.parametrize("isa", CPU_ISAS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("mode,offset", MODES)
+@pytest.mark.parametrize("threads", [1, 2])
+def test_rms_norm_forward_of_many_rows_is_bitwise_each_row_alone(isa, dtype, mode, offset, threads):
+    # Each row's sum of squares accumulates inside the previous row's normalize pass (AVX-512): y and rstd must be
+    # the bits of the same row normalized on its own, on any thread count (a thread's first row is summed alone).
+    # 517 columns: full vectors and a masked tail.
+    from pyfastpeft.ops import rmsnorm as rmsnorm_ops
+
+    x, w = inputs((37, 517), dtype)
+    x[5].mul_(1e-3)
+    x[6].zero_()
+
+    def forward(rows):
+        y, rstd = torch.empty_like(rows), torch.empty(rows.shape[0])
+        rmsnorm_ops.forward_into(rows, w, y, rstd, 1e-6, offset, mode)
+        return y, rstd
+
+    previous = torch.get_num_threads()
+    try:
+        torch.set_num_threads(threads)
+        with cpu_isa(isa):
+            y, rstd = forward(x)
+            alone = [forward(x[i : i + 1].clone()) for i in range(x.shape[0])]
+    finally:
+        torch.set_num_threads(previous)
+    assert torch.equal(bits(y), bits(torch.cat([a[0] for a in alone])))
+    assert torch.equal(bits(rstd), bits(torch.cat([a[1] for a in alone])))
+
+
 def bits(t):
     return t.view(torch.int16) if t.dtype == torch.bfloat16 else t.view(torch.int32)
 
