@@ -98,6 +98,12 @@ PYBIND11_MODULE(_C, m) {
   m.def("avx512_bf16_in_use", &pfp::avx512_bf16_in_use, "Whether the kernels' bf16 stores take AVX512-BF16 now.");
   m.def("set_avx512_bf16", &pfp::set_avx512_bf16, py::arg("enabled"),
         "Allow or forbid the AVX512-BF16 stores; returns the previous setting.");
+  m.def("avx512_vbmi_supported", &pfp::avx512_vbmi_supported,
+        "Whether this CPU has AVX512-VBMI (byte permutes over 64- and 128-entry tables).");
+  m.def("avx512_vbmi_in_use", &pfp::avx512_vbmi_in_use,
+        "Whether the 8-bit optimizers decode their states by AVX512-VBMI byte lookups now.");
+  m.def("set_avx512_vbmi", &pfp::set_avx512_vbmi, py::arg("enabled"),
+        "Allow or forbid the AVX512-VBMI lookups; returns the previous setting.");
   m.def("amx_supported", &pfp::amx_supported,
         "Whether this CPU has AMX tiles (int8, bf16) and the OS granted them to this process.");
   m.def("amx_in_use", &pfp::amx_in_use, "Whether the kernels with an AMX path take it now.");

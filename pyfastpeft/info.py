@@ -19,6 +19,7 @@ def build_info() -> dict:
             "isa_in_use": _native.cpu.current_isa(),
             "amx_in_use": _native.cpu.amx_in_use(),
             "avx512_bf16_in_use": _native.cpu.avx512_bf16_in_use(),
+            "avx512_vbmi_in_use": _native.cpu.avx512_vbmi_in_use(),
         }
     else:
         info["cpu"] = {"error": _native.cpu_error}

@@ -87,6 +87,15 @@ def cpu_avx512_bf16(enabled):
     return _native_setting(_native.cpu.set_avx512_bf16, enabled)
 
 
+# Where the CPU has AVX512-VBMI, the 8-bit optimizers decode their states by byte lookups (True) and by float
+# permutes (False).
+CPU_VBMI = [True, False] if _native.cpu.avx512_vbmi_supported() else [False]
+
+
+def cpu_avx512_vbmi(enabled):
+    return _native_setting(_native.cpu.set_avx512_vbmi, enabled)
+
+
 # Where the CPU has AMX tiles, the kernels with an AMX path run with it (True) and without it (False).
 CPU_AMX = [True, False] if _native.cpu.amx_supported() else [False]
 

@@ -5,7 +5,7 @@ import math
 
 import pytest
 import torch
-from helpers import CPU_ISAS, HAS_TRITON, cpu_isa
+from helpers import CPU_ISAS, CPU_VBMI, HAS_TRITON, cpu_avx512_vbmi, cpu_isa
 
 import pyfastpeft
 from pyfastpeft.ops import blockwise as ops
@@ -146,10 +146,11 @@ def fresh_states(n, two=True):
 
 
 @pytest.mark.parametrize("isa", CPU_ISAS)
+@pytest.mark.parametrize("vbmi", CPU_VBMI)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("n", [300, 4096 * 3 + 17])
 @pytest.mark.parametrize("weight_decay", [0.0, 0.1])
-def test_adam_step_equals_reference_bit_for_bit(isa, dtype, n, weight_decay):
+def test_adam_step_equals_reference_bit_for_bit(isa, vbmi, dtype, n, weight_decay):
     gen = torch.Generator().manual_seed(n)
     p0 = torch.randn(n, generator=gen).to(dtype)
     ours = [p0.clone(), *fresh_states(n)]
@@ -162,7 +163,7 @@ def test_adam_step_equals_reference_bit_for_bit(isa, dtype, n, weight_decay):
         before = ours[0][[7, 100, 299]].clone()
         for tensors, backend in ((ours, "native"), (theirs, "reference")):
             p, s1, a1, s2, a2 = tensors
-            with cpu_isa(isa), pyfastpeft.use_backend(backend):
+            with cpu_isa(isa), cpu_avx512_vbmi(vbmi), pyfastpeft.use_backend(backend):
                 ops.adam8bit_step(p, g, s1, s2, a1, a2, ref.SIGNED_MAP, ref.UNSIGNED_MAP, *constants)
         for name, a, b in zip(("p", "state1", "absmax1", "state2", "absmax2"), ours, theirs):
             assert torch.equal(a, b), f"step {step}: {name} differs in {(a != b).sum().item()} places"
@@ -171,8 +172,9 @@ def test_adam_step_equals_reference_bit_for_bit(isa, dtype, n, weight_decay):
 
 
 @pytest.mark.parametrize("isa", CPU_ISAS)
+@pytest.mark.parametrize("vbmi", CPU_VBMI)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_lion_step_equals_reference_bit_for_bit(isa, dtype):
+def test_lion_step_equals_reference_bit_for_bit(isa, vbmi, dtype):
     n = 4096 + 300
     gen = torch.Generator().manual_seed(1)
     p0 = torch.randn(n, generator=gen).to(dtype)
@@ -182,10 +184,35 @@ def test_lion_step_equals_reference_bit_for_bit(isa, dtype):
         g[3] = float("nan") if step == 1 else g[3]
         for tensors, backend in ((ours, "native"), (theirs, "reference")):
             p, s1, a1 = tensors
-            with cpu_isa(isa), pyfastpeft.use_backend(backend):
+            with cpu_isa(isa), cpu_avx512_vbmi(vbmi), pyfastpeft.use_backend(backend):
                 ops.lion8bit_step(p, g, s1, a1, ref.SIGNED_MAP, 1e-4, 0.9, 0.99, 1 - 1e-4 * 0.1)
         for name, a, b in zip(("p", "state1", "absmax1"), ours, theirs):
             assert torch.equal(a, b), f"step {step}: {name} differs"
+
+
+@pytest.mark.parametrize("vbmi", CPU_VBMI)
+@pytest.mark.parametrize("optimizer", ["adam", "lion"])
+def test_every_state_code_decodes_as_the_reference(vbmi, optimizer):
+    # States that hold each of the 256 codes (in a shuffled order, every block) under random absmax: one step reads
+    # every entry of both maps, through the byte lookups (vbmi) or the float permutes, and must be the reference's
+    # bits. A zero gradient keeps the states' decoded values at the centre of the update.
+    n = 256 * 8
+    gen = torch.Generator().manual_seed(3)
+    codes = torch.cat([torch.randperm(256, generator=gen) for _ in range(n // 256)]).to(torch.uint8)
+    absmax = torch.rand(n // 256, generator=gen) + 0.5
+    p0, g = torch.randn(n, generator=gen), torch.randn(n, generator=gen) * 1e-3
+    g[::3] = 0.0
+    results = []
+    for backend in ("native", "reference"):
+        p, s1, a1, s2, a2 = p0.clone(), codes.clone(), absmax.clone(), codes.flip(0).clone(), absmax.flip(0).clone()
+        with cpu_avx512_vbmi(vbmi), pyfastpeft.use_backend(backend):
+            if optimizer == "adam":
+                ops.adam8bit_step(p, g, s1, s2, a1, a2, ref.SIGNED_MAP, ref.UNSIGNED_MAP, *adam_constants(3))
+            else:
+                ops.lion8bit_step(p, g, s1, a1, ref.SIGNED_MAP, 1e-4, 0.9, 0.99, 1.0)
+        results.append((p, s1, a1, s2, a2))
+    for a, b in zip(*results):
+        assert torch.equal(a.view(torch.uint8), b.view(torch.uint8))
 
 
 def test_signed_state_keeps_its_sign():

@@ -8,6 +8,7 @@
 // exact as long as no bucket holds two midpoints (true of both dynamic maps: a bucket spans at most 0.4% of its
 // value, the closest midpoints are 0.7% apart). A code for which that fails is served by the binary search.
 #include "cpu/common.h"
+#include "cpu/dispatch.h"
 #include "cpu/kernels.h"
 
 #include <algorithm>
@@ -39,6 +40,7 @@ struct Coder {
   // The same answers packed for one 32-bit gather per value: bits 0-7 the bucket's lowest answer, bit 8 whether a
   // midpoint lies in the bucket, bits 9-23 that midpoint's low 15 bits (its higher bits are the bucket's key).
   std::vector<uint32_t> packed;  // [2 * kBuckets]
+  uint8_t planes[4][256];        // planes[p][k]: byte p (least significant first) of code[k]'s bits
   int negative_codes = 0;        // codes 0 .. negative_codes - 1 have the sign bit set, the rest not
   bool signs_sorted = true;
 };
@@ -54,6 +56,8 @@ inline int count_below(const float* mid, float s) {
 std::shared_ptr<const Coder> build_coder(const float* code) {
   auto coder = std::make_shared<Coder>();
   std::memcpy(coder->code, code, sizeof(coder->code));
+  for (int k = 0; k < 256; ++k)
+    for (int p = 0; p < 4; ++p) coder->planes[p][k] = uint8_t(pfp::float_to_bits(code[k]) >> (8 * p));
   for (int k = 0; k < 255; ++k) coder->mid[k] = (code[k] + code[k + 1]) / 2.0f;
   coder->mid[255] = INFINITY;
   coder->table.assign(2 * kBuckets + 4, 0);
@@ -332,6 +336,41 @@ struct Map256 {
 inline __m512i load_codes16(const uint8_t* codes) {
   return _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes)));
 }
+
+// out[i] = code[codes[i]] * scale over one full block, Map256's lookup and the same multiply, by byte lookups: each
+// byte of the 64 code values of a step comes from its plane (256 entries: two vpermi2b over 128, picked by the
+// index's bit 7), then the four planes interleave into floats. About three times fewer operations than Map256's
+// permutes and blends on Zen 4 (a standalone loop: 0.08 against 0.24 ns a value). The interleave works within
+// 128-bit lanes, so the 64 indexes are first reordered: float j of lane L of output r is value 16 r + 4 L + j, and
+// it is built from index byte 16 L + 4 r + j.
+__attribute__((target("avx512vbmi"))) inline void decode_block_vbmi(const uint8_t (*planes)[256], const uint8_t* codes,
+                                                                    float scale, float* out) {
+  alignas(64) static constexpr uint8_t kInterleave[64] = {
+      0,  1,  2,  3,  16, 17, 18, 19, 32, 33, 34, 35, 48, 49, 50, 51, 4,  5,  6,  7,  20, 21,
+      22, 23, 36, 37, 38, 39, 52, 53, 54, 55, 8,  9,  10, 11, 24, 25, 26, 27, 40, 41, 42, 43,
+      56, 57, 58, 59, 12, 13, 14, 15, 28, 29, 30, 31, 44, 45, 46, 47, 60, 61, 62, 63};
+  const __m512i order = _mm512_load_si512(kInterleave);
+  const __m512 scale_v = _mm512_set1_ps(scale);
+  for (int64_t i = 0; i < kStateBlock; i += 64) {
+    const __m512i index = _mm512_permutexvar_epi8(order, _mm512_loadu_si512(codes + i));
+    const __mmask64 high = _mm512_movepi8_mask(index);
+    __m512i plane[4];
+    for (int p = 0; p < 4; ++p) {
+      const uint8_t* table = planes[p];
+      const __m512i low_half =
+          _mm512_permutex2var_epi8(_mm512_loadu_si512(table), index, _mm512_loadu_si512(table + 64));
+      const __m512i high_half =
+          _mm512_permutex2var_epi8(_mm512_loadu_si512(table + 128), index, _mm512_loadu_si512(table + 192));
+      plane[p] = _mm512_mask_blend_epi8(high, low_half, high_half);
+    }
+    const __m512i low01 = _mm512_unpacklo_epi8(plane[0], plane[1]), high01 = _mm512_unpackhi_epi8(plane[0], plane[1]);
+    const __m512i low23 = _mm512_unpacklo_epi8(plane[2], plane[3]), high23 = _mm512_unpackhi_epi8(plane[2], plane[3]);
+    const __m512i value[4] = {_mm512_unpacklo_epi16(low01, low23), _mm512_unpackhi_epi16(low01, low23),
+                              _mm512_unpacklo_epi16(high01, high23), _mm512_unpackhi_epi16(high01, high23)};
+    for (int r = 0; r < 4; ++r)
+      _mm512_store_ps(out + i + 16 * r, _mm512_mul_ps(_mm512_castsi512_ps(value[r]), scale_v));
+  }
+}
 #endif
 
 // The blocks of one optimizer call's tensors, numbered globally so that one parallel loop spreads all of them
@@ -359,7 +398,9 @@ struct AdamConstants {
 };
 
 #if defined(__AVX512F__) && defined(__AVX512DQ__)
-// One full block of adam_impl: param updated in place; the new codes and absmax written.
+// One full block of adam_impl: param updated in place; the new codes and absmax written. kVbmi: the old states
+// are decoded into m and v first, by decode_block_vbmi (the caller runs it under that target: adam_block_vbmi).
+template <bool kVbmi>
 inline void adam_block_avx512(const float* grad, float* param, float* m, float* v, uint8_t* state1, uint8_t* state2,
                               float a1, float a2, const Coder& coder1, const Coder& coder2, const AdamConstants& k,
                               float* absmax1, float* absmax2) {
@@ -367,14 +408,18 @@ inline void adam_block_avx512(const float* grad, float* param, float* m, float* 
   const __m512 omb1 = _mm512_set1_ps(k.one_minus_beta1), omb2 = _mm512_set1_ps(k.one_minus_beta2);
   const __m512 step_size = _mm512_set1_ps(k.step_size), c2eps = _mm512_set1_ps(k.correction2_eps);
   const __m512 decay = _mm512_set1_ps(k.decay), va1 = _mm512_set1_ps(a1), va2 = _mm512_set1_ps(a2);
+  if constexpr (kVbmi) {
+    decode_block_vbmi(coder1.planes, state1, a1, m);
+    decode_block_vbmi(coder2.planes, state2, a2, v);
+  }
   const Map256 map1(coder1.code), map2(coder2.code);
   AbsMax max1, max2;
   for (int64_t i = 0; i < kStateBlock; i += 16) {
     const __m512 gr = _mm512_loadu_ps(grad + i), pr = _mm512_loadu_ps(param + i);
     const __mmask16 ok = __mmask16(~not_finite(gr));
     const __m512 gv = _mm512_maskz_mov_ps(ok, gr);
-    const __m512 m_old = _mm512_mul_ps(map1.lookup(load_codes16(state1 + i)), va1);
-    const __m512 v_old = _mm512_mul_ps(map2.lookup(load_codes16(state2 + i)), va2);
+    const __m512 m_old = kVbmi ? _mm512_load_ps(m + i) : _mm512_mul_ps(map1.lookup(load_codes16(state1 + i)), va1);
+    const __m512 v_old = kVbmi ? _mm512_load_ps(v + i) : _mm512_mul_ps(map2.lookup(load_codes16(state2 + i)), va2);
     const __m512 vi = _mm512_add_ps(_mm512_mul_ps(v_old, beta2), _mm512_mul_ps(_mm512_mul_ps(omb2, gv), gv));
     const __m512 mi = _mm512_add_ps(_mm512_mul_ps(m_old, beta1), _mm512_mul_ps(omb1, gv));
     __m512 updated = _mm512_div_ps(mi, _mm512_add_ps(_mm512_sqrt_ps(vi), c2eps));
@@ -389,6 +434,14 @@ inline void adam_block_avx512(const float* grad, float* param, float* m, float* 
   }
   store_full_state(m, max1.value(), coder1, true, state1, absmax1);
   store_full_state(v, max2.value(), coder2, false, state2, absmax2);
+}
+
+__attribute__((target("avx512vbmi"), flatten)) void adam_block_vbmi(const float* grad, float* param, float* m, float* v,
+                                                                    uint8_t* state1, uint8_t* state2, float a1,
+                                                                    float a2, const Coder& coder1, const Coder& coder2,
+                                                                    const AdamConstants& k, float* absmax1,
+                                                                    float* absmax2) {
+  adam_block_avx512<true>(grad, param, m, v, state1, state2, a1, a2, coder1, coder2, k, absmax1, absmax2);
 }
 #endif
 
@@ -427,6 +480,7 @@ template <typename T>
 void adam_impl(const int64_t* ps, const int64_t* gs, const int64_t* state1s, const int64_t* state2s,
                const int64_t* absmax1s, const int64_t* absmax2s, const int64_t* numels, int64_t count,
                const Coder& coder1, const Coder& coder2, const AdamConstants& k, int nthreads) {
+  [[maybe_unused]] const bool vbmi = pfp::avx512_vbmi_in_use();
   for_each_block(numels, count, kStateBlock * 16, nthreads, [&](int64_t t, int64_t b, int64_t start, int64_t len) {
     alignas(64) float grad[kStateBlock], param[kStateBlock], m[kStateBlock], v[kStateBlock], scratch[kStateBlock];
     T* p = pointer<T>(ps, t) + start;
@@ -437,7 +491,10 @@ void adam_impl(const int64_t* ps, const int64_t* gs, const int64_t* state1s, con
 #if defined(__AVX512F__) && defined(__AVX512DQ__)
     if (len == kStateBlock) {
       on_full_block(p, g, grad, param, [&](const float* gr, float* pr) {
-        adam_block_avx512(gr, pr, m, v, state1, state2, a1, a2, coder1, coder2, k, absmax1, absmax2);
+        if (vbmi)
+          adam_block_vbmi(gr, pr, m, v, state1, state2, a1, a2, coder1, coder2, k, absmax1, absmax2);
+        else
+          adam_block_avx512<false>(gr, pr, m, v, state1, state2, a1, a2, coder1, coder2, k, absmax1, absmax2);
       });
       return;
     }
@@ -471,20 +528,22 @@ struct LionConstants {
 };
 
 #if defined(__AVX512F__) && defined(__AVX512DQ__)
-// One full block of lion_impl.
+// One full block of lion_impl; kVbmi as adam_block_avx512's.
+template <bool kVbmi>
 inline void lion_block_avx512(const float* grad, float* param, float* m, uint8_t* state1, float a1, const Coder& coder,
                               const LionConstants& k, float* absmax1) {
   const __m512 beta1 = _mm512_set1_ps(k.beta1), beta2 = _mm512_set1_ps(k.beta2);
   const __m512 omb1 = _mm512_set1_ps(k.one_minus_beta1), omb2 = _mm512_set1_ps(k.one_minus_beta2);
   const __m512 lr = _mm512_set1_ps(k.lr), decay = _mm512_set1_ps(k.decay), va1 = _mm512_set1_ps(a1);
   const __m512 zero = _mm512_setzero_ps(), one = _mm512_set1_ps(1.0f), minus_one = _mm512_set1_ps(-1.0f);
+  if constexpr (kVbmi) decode_block_vbmi(coder.planes, state1, a1, m);
   const Map256 map1(coder.code);
   AbsMax max1;
   for (int64_t i = 0; i < kStateBlock; i += 16) {
     const __m512 gr = _mm512_loadu_ps(grad + i), pr = _mm512_loadu_ps(param + i);
     const __mmask16 ok = __mmask16(~not_finite(gr));
     const __m512 gv = _mm512_maskz_mov_ps(ok, gr);
-    const __m512 mi = _mm512_mul_ps(map1.lookup(load_codes16(state1 + i)), va1);
+    const __m512 mi = kVbmi ? _mm512_load_ps(m + i) : _mm512_mul_ps(map1.lookup(load_codes16(state1 + i)), va1);
     const __m512 blend = _mm512_add_ps(_mm512_mul_ps(mi, beta1), _mm512_mul_ps(omb1, gv));
     // sign(blend): +1, -1, 0 for +-0, NaN for NaN
     __m512 sign = _mm512_mask_mov_ps(zero, _mm512_cmp_ps_mask(blend, zero, _CMP_GT_OQ), one);
@@ -499,11 +558,18 @@ inline void lion_block_avx512(const float* grad, float* param, float* m, uint8_t
   }
   store_full_state(m, max1.value(), coder, true, state1, absmax1);
 }
+
+__attribute__((target("avx512vbmi"), flatten)) void lion_block_vbmi(const float* grad, float* param, float* m,
+                                                                    uint8_t* state1, float a1, const Coder& coder,
+                                                                    const LionConstants& k, float* absmax1) {
+  lion_block_avx512<true>(grad, param, m, state1, a1, coder, k, absmax1);
+}
 #endif
 
 template <typename T>
 void lion_impl(const int64_t* ps, const int64_t* gs, const int64_t* state1s, const int64_t* absmax1s,
                const int64_t* numels, int64_t count, const Coder& coder, const LionConstants& k, int nthreads) {
+  [[maybe_unused]] const bool vbmi = pfp::avx512_vbmi_in_use();
   for_each_block(numels, count, kStateBlock * 12, nthreads, [&](int64_t t, int64_t b, int64_t start, int64_t len) {
     alignas(64) float grad[kStateBlock], param[kStateBlock], m[kStateBlock], scratch[kStateBlock];
     T* p = pointer<T>(ps, t) + start;
@@ -513,8 +579,12 @@ void lion_impl(const int64_t* ps, const int64_t* gs, const int64_t* state1s, con
     const float a1 = *absmax1;
 #if defined(__AVX512F__) && defined(__AVX512DQ__)
     if (len == kStateBlock) {
-      on_full_block(p, g, grad, param,
-                    [&](const float* gr, float* pr) { lion_block_avx512(gr, pr, m, state1, a1, coder, k, absmax1); });
+      on_full_block(p, g, grad, param, [&](const float* gr, float* pr) {
+        if (vbmi)
+          lion_block_vbmi(gr, pr, m, state1, a1, coder, k, absmax1);
+        else
+          lion_block_avx512<false>(gr, pr, m, state1, a1, coder, k, absmax1);
+      });
       return;
     }
 #endif

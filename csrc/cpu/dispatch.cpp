@@ -66,6 +66,31 @@ bool set_avx512_bf16(bool enabled) {
   return g_avx512_bf16_enabled.exchange(enabled, std::memory_order_relaxed) && avx512_bf16_supported();
 }
 
+bool avx512_vbmi_supported() {
+  static const bool supported = [] {
+#if defined(__x86_64__)
+    unsigned eax, ebx, ecx, edx;
+    // leaf 7, subleaf 0, ecx bit 1
+    return best_isa() == Isa::kAvx512 && __get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx) && (ecx >> 1 & 1);
+#else
+    return false;
+#endif
+  }();
+  return supported;
+}
+
+static std::atomic<bool> g_avx512_vbmi_enabled{true};
+
+bool avx512_vbmi_in_use() {
+  return g_avx512_vbmi_enabled.load(std::memory_order_relaxed) && current_isa() == Isa::kAvx512 &&
+         avx512_vbmi_supported();
+}
+
+bool set_avx512_vbmi(bool enabled) {
+  if (enabled && !avx512_vbmi_supported()) throw std::invalid_argument("this CPU does not provide AVX512-VBMI");
+  return g_avx512_vbmi_enabled.exchange(enabled, std::memory_order_relaxed) && avx512_vbmi_supported();
+}
+
 bool amx_supported() {
   static const bool supported = [] {
 #if defined(__x86_64__) && defined(__linux__)

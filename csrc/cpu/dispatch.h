@@ -25,6 +25,15 @@ bool avx512_bf16_in_use();
 // previous setting as it took effect (false where the CPU lacks it), which can always be set again.
 bool set_avx512_bf16(bool enabled);
 
+// AVX512-VBMI (vpermi2b: a 128-entry byte table in two registers; AMD Zen 4, Intel Ice Lake and later): the 8-bit
+// optimizers decode their states' codes by byte lookups when avx512_vbmi_in_use(), i.e. the CPU has it,
+// set_avx512_vbmi() has not switched it off and current_isa() is avx512.
+bool avx512_vbmi_supported();
+bool avx512_vbmi_in_use();
+// Allow (true) or forbid (false) it; throws std::invalid_argument for true where the CPU lacks it. Returns the
+// previous setting as it took effect (false where the CPU lacks it), which can always be set again.
+bool set_avx512_vbmi(bool enabled);
+
 // AMX (Intel's tile instructions, int8 and bf16): kernels with an AMX path take it when amx_in_use(), i.e. the
 // CPU has AMX-TILE/INT8/BF16, Linux granted this process the tile data state, set_amx() has not switched it off
 // and current_isa() is avx512 (so set_isa("avx2") also leaves AMX).

@@ -623,7 +623,18 @@ def device_name(device: torch.device) -> str:
 
 
 # The instruction sets the CPU kernels and torch's GEMMs choose between, as /proc/cpuinfo names them.
-ISA_FLAGS = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_bf16", "amx_int8")
+ISA_FLAGS = (
+    "avx2",
+    "fma",
+    "avx512f",
+    "avx512bw",
+    "avx512vbmi",
+    "avx512_vnni",
+    "avx512_bf16",
+    "amx_tile",
+    "amx_bf16",
+    "amx_int8",
+)
 
 
 def cpu_isa_flags() -> list[str]:
@@ -661,6 +672,7 @@ def run_metadata(device: torch.device, copy_gbps: float, scope: str) -> dict:
         "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "amx_in_use": bool(_native.cpu is not None and _native.cpu.amx_in_use()),
         "avx512_bf16_in_use": bool(_native.cpu is not None and _native.cpu.avx512_bf16_in_use()),
+        "avx512_vbmi_in_use": bool(_native.cpu is not None and _native.cpu.avx512_vbmi_in_use()),
         "torch": torch.__version__,
         "pyfastpeft": pyfastpeft.__version__,
         "backends": {name: info["detail"] for name, info in pyfastpeft.backends().items() if info["available"]},
