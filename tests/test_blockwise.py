@@ -195,15 +195,17 @@ def test_lion_step_equals_reference_bit_for_bit(isa, vbmi, dtype):
 def test_every_state_code_decodes_as_the_reference(vbmi, optimizer):
     # States that hold each of the 256 codes (in a shuffled order, every block) under random absmax: one step reads
     # every entry of both maps, through the byte lookups (vbmi) or the float permutes, and must be the reference's
-    # bits. A zero gradient keeps the states' decoded values at the centre of the update.
+    # bits. A zero gradient keeps the states' decoded values at the centre of the update. A NaN absmax (a corrupt
+    # state) makes its block's momentum NaN: Lion's torch.sign of it is 0, so the parameter stays.
     n = 256 * 8
     gen = torch.Generator().manual_seed(3)
     codes = torch.cat([torch.randperm(256, generator=gen) for _ in range(n // 256)]).to(torch.uint8)
     absmax = torch.rand(n // 256, generator=gen) + 0.5
+    absmax[5], absmax[6] = float("nan"), -float("nan")  # corrupt blocks: NaN states take code 255 (254 if negative)
     p0, g = torch.randn(n, generator=gen), torch.randn(n, generator=gen) * 1e-3
     g[::3] = 0.0
     results = []
-    for backend in ("native", "reference"):
+    for backend in ("reference", "native"):
         p, s1, a1, s2, a2 = p0.clone(), codes.clone(), absmax.clone(), codes.flip(0).clone(), absmax.flip(0).clone()
         with cpu_avx512_vbmi(vbmi), pyfastpeft.use_backend(backend):
             if optimizer == "adam":
@@ -211,8 +213,33 @@ def test_every_state_code_decodes_as_the_reference(vbmi, optimizer):
             else:
                 ops.lion8bit_step(p, g, s1, a1, ref.SIGNED_MAP, 1e-4, 0.9, 0.99, 1.0)
         results.append((p, s1, a1, s2, a2))
+    for ours in results[1:]:
+        for a, b in zip(ours, results[0]):
+            assert torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+
+
+@pytest.mark.parametrize("vbmi", CPU_VBMI)
+@pytest.mark.parametrize("optimizer", ["adam", "lion"])
+def test_tiny_momentum_keeps_its_sign_on_every_path(vbmi, optimizer):
+    # Momentum far below its block's absmax rounds to the zero code; the sign rule then moves a negative one to the
+    # smallest negative code. Both directions of the native search and rule against the reference, bit for bit.
+    n = 256 * 4
+    g = torch.full((n,), -1e-9)
+    g[1::2] = 1e-9
+    g[::256] = 1.0
+    results = []
+    for backend in ("native", "reference"):
+        p, (s1, a1, s2, a2) = torch.zeros(n), fresh_states(n)
+        with cpu_avx512_vbmi(vbmi), pyfastpeft.use_backend(backend):
+            if optimizer == "adam":
+                ops.adam8bit_step(p, g, s1, s2, a1, a2, ref.SIGNED_MAP, ref.UNSIGNED_MAP, *adam_constants(1))
+            else:
+                ops.lion8bit_step(p, g, s1, a1, ref.SIGNED_MAP, 1e-4, 0.9, 0.99, 1.0)
+        results.append((p, s1, a1, s2, a2))
     for a, b in zip(*results):
         assert torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+    signs = ref.SIGNED_MAP[results[0][1].long()]
+    assert (signs[g < 0] < 0).all() and (signs[g > 0] >= 0).all()
 
 
 def test_signed_state_keeps_its_sign():

@@ -41,7 +41,14 @@ struct Coder {
   // midpoint lies in the bucket, bits 9-23 that midpoint's low 15 bits (its higher bits are the bucket's key).
   std::vector<uint32_t> packed;  // [2 * kBuckets]
   uint8_t planes[4][256];        // planes[p][k]: byte p (least significant first) of code[k]'s bits
-  int negative_codes = 0;        // codes 0 .. negative_codes - 1 have the sign bit set, the rest not
+  // The search without a gather (nearest64_vbmi), where build_byte_search finds that it fits: level 1 by the sign and
+  // binade of s (index binade + 32 * sign, binade = max(exponent - 101, 0): |s| < 2^-25 shares binade 0), level 2
+  // by the binade's top `bits` mantissa bits, few enough that no sub-bucket holds two midpoints.
+  bool byte_search = false;
+  uint8_t level1[4][64];       // [0] 8 - bits, [1] (1 << bits) - 1, [2] sub-table offset % 128, [3] offset / 128
+  uint8_t level2[512];         // the answer at each sub-bucket's lowest s; sub-tables never straddle 128 entries
+  uint8_t mid_planes[4][256];  // mid as planes: the bits of mid[k] are mid_planes[p][k] << 8p
+  int negative_codes = 0;      // codes 0 .. negative_codes - 1 have the sign bit set, the rest not
   bool signs_sorted = true;
 };
 
@@ -51,6 +58,57 @@ inline int count_below(const float* mid, float s) {
   for (int step = 128; step >= 1; step >>= 1)
     if (!(s <= mid[idx + step - 1])) idx += step;
   return idx;
+}
+
+// Fills the byte search's tables where the code allows it: an exact bucket table, negative codes first (the sign
+// rule compares indexes), each binade's answers resolved by at most its top 7 mantissa bits, binade 0 (and all
+// below it) by none, and all sub-tables within 512 entries.
+void build_byte_search(Coder& c) {
+  if (!c.table_exact || !c.signs_sorted || c.negative_codes > 255) return;
+  struct Sub {
+    int level1_index, bits;
+    uint8_t answers[128];
+  };
+  std::vector<Sub> subs;
+  for (int side = 0; side < 2; ++side) {
+    for (int binade = 0; binade <= 26; ++binade) {
+      const uint32_t exponent = 101u + uint32_t(binade);
+      Sub sub{binade + 32 * side, -1, {}};
+      for (int bits = 0; bits <= (binade == 0 ? 0 : 7) && sub.bits < 0; ++bits) {
+        bool fits = true;
+        for (uint32_t j = 0; j < (1u << bits) && fits; ++j) {
+          const uint32_t width = 1u << (23 - bits);
+          float lo = pfp::bits_to_float((exponent << 23) | j * width);
+          const float hi = pfp::bits_to_float((exponent << 23) | ((j + 1) * width - 1));
+          if (binade == 0) lo = 0.0f;  // and every |s| below 2^-26
+          const int a = side == 0 ? count_below(c.mid, lo) : count_below(c.mid, -hi);
+          const int b = side == 0 ? count_below(c.mid, hi) : count_below(c.mid, -lo);
+          fits = b - a <= 1;
+          sub.answers[j] = uint8_t(a);
+        }
+        if (fits) sub.bits = bits;
+      }
+      if (sub.bits < 0) return;
+      subs.push_back(sub);
+    }
+  }
+  // largest first: power-of-two sizes laid end to end then never straddle a 128-entry block
+  std::stable_sort(subs.begin(), subs.end(), [](const Sub& x, const Sub& y) { return x.bits > y.bits; });
+  std::memset(c.level1, 0, sizeof(c.level1));
+  std::memset(c.level2, 0, sizeof(c.level2));
+  int offset = 0;
+  for (const Sub& sub : subs) {
+    if (offset + (1 << sub.bits) > 512) return;
+    c.level1[0][sub.level1_index] = uint8_t(8 - sub.bits);
+    c.level1[1][sub.level1_index] = uint8_t((1 << sub.bits) - 1);
+    c.level1[2][sub.level1_index] = uint8_t(offset % 128);
+    c.level1[3][sub.level1_index] = uint8_t(offset / 128);
+    std::memcpy(c.level2 + offset, sub.answers, size_t(1) << sub.bits);
+    offset += 1 << sub.bits;
+  }
+  for (int k = 0; k < 256; ++k)
+    for (int p = 0; p < 4; ++p) c.mid_planes[p][k] = uint8_t(pfp::float_to_bits(c.mid[k]) >> (8 * p));
+  c.byte_search = true;
 }
 
 std::shared_ptr<const Coder> build_coder(const float* code) {
@@ -82,6 +140,7 @@ std::shared_ptr<const Coder> build_coder(const float* code) {
   }
   while (coder->negative_codes < 256 && std::signbit(code[coder->negative_codes])) ++coder->negative_codes;
   for (int k = coder->negative_codes; k < 256; ++k) coder->signs_sorted &= !std::signbit(code[k]);
+  build_byte_search(*coder);
   return coder;
 }
 
@@ -273,7 +332,110 @@ inline void store_state(float* v, float* scratch, int64_t n, const Coder& coder,
 // Lanes whose value is NaN or +-inf.
 inline __mmask16 not_finite(__m512 v) { return _mm512_fpclass_ps_mask(v, 0x01 | 0x08 | 0x10 | 0x80); }
 
-// store_state for a full block whose absmax is known: scale, nearest code, sign rule; absmax stored.
+// out[r] lane j = the float whose bytes are planes[p][index byte 16 r + j], p = 0..3: each byte from its 256-entry
+// plane (two vpermi2b over 128, picked by the index's bit 7), then the planes interleave into floats. The interleave
+// works within 128-bit lanes, so the index is first reordered: float j of lane L of out[r] comes from index byte
+// 16 L + 4 r + j.
+__attribute__((target("avx512vbmi"))) inline void lookup64(const uint8_t (*planes)[256], __m512i index, __m512 out[4]) {
+  alignas(64) static constexpr uint8_t kInterleave[64] = {
+      0,  1,  2,  3,  16, 17, 18, 19, 32, 33, 34, 35, 48, 49, 50, 51, 4,  5,  6,  7,  20, 21,
+      22, 23, 36, 37, 38, 39, 52, 53, 54, 55, 8,  9,  10, 11, 24, 25, 26, 27, 40, 41, 42, 43,
+      56, 57, 58, 59, 12, 13, 14, 15, 28, 29, 30, 31, 44, 45, 46, 47, 60, 61, 62, 63};
+  index = _mm512_permutexvar_epi8(_mm512_load_si512(kInterleave), index);
+  const __mmask64 high = _mm512_movepi8_mask(index);
+  __m512i plane[4];
+  for (int p = 0; p < 4; ++p) {
+    const uint8_t* table = planes[p];
+    const __m512i low_half = _mm512_permutex2var_epi8(_mm512_loadu_si512(table), index, _mm512_loadu_si512(table + 64));
+    const __m512i high_half =
+        _mm512_permutex2var_epi8(_mm512_loadu_si512(table + 128), index, _mm512_loadu_si512(table + 192));
+    plane[p] = _mm512_mask_blend_epi8(high, low_half, high_half);
+  }
+  const __m512i low01 = _mm512_unpacklo_epi8(plane[0], plane[1]), high01 = _mm512_unpackhi_epi8(plane[0], plane[1]);
+  const __m512i low23 = _mm512_unpacklo_epi8(plane[2], plane[3]), high23 = _mm512_unpackhi_epi8(plane[2], plane[3]);
+  out[0] = _mm512_castsi512_ps(_mm512_unpacklo_epi16(low01, low23));
+  out[1] = _mm512_castsi512_ps(_mm512_unpackhi_epi16(low01, low23));
+  out[2] = _mm512_castsi512_ps(_mm512_unpacklo_epi16(high01, high23));
+  out[3] = _mm512_castsi512_ps(_mm512_unpackhi_epi16(high01, high23));
+}
+
+// Byte c of each dword of v[0..3], in lane order: 64 bytes.
+__attribute__((target("avx512vbmi"))) inline __m512i dword_bytes(const __m512i v[4], int c) {
+  alignas(64) uint8_t order[64];
+  for (int d = 0; d < 64; ++d) order[d] = uint8_t(4 * (d % 16) + c + 64 * ((d / 16) % 2));
+  const __m512i index = _mm512_load_si512(order);
+  return _mm512_mask_blend_epi8(__mmask64(0xFFFFFFFF00000000ull), _mm512_permutex2var_epi8(v[0], index, v[1]),
+                                _mm512_permutex2var_epi8(v[2], index, v[3]));
+}
+
+inline __mmask64 join_masks(const __mmask16 m[4]) {
+  return __mmask64(m[0]) | __mmask64(m[1]) << 16 | __mmask64(m[2]) << 32 | __mmask64(m[3]) << 48;
+}
+
+// nearest16 and store_full_state's sign rule for 64 values, in bytes and without a gather (c.byte_search):
+// codes[i] = the nearest code of scaled[i] (in [-1, 1] or NaN), then, for a signed state, moved one step towards
+// value[i]'s sign where the code's sign differs. The answer at s's sub-bucket start comes from the two levels of
+// byte tables, and one comparison with the next midpoint (looked up by lookup64) finishes it, as nearest_one does.
+// On Zen 4, where a gather costs about as much as 16 loads, this took the gathers' place in the AdamW8bit step.
+__attribute__((target("avx512vbmi"))) inline void nearest64_vbmi(const Coder& c, const float* scaled,
+                                                                 const float* value, bool signed_state,
+                                                                 uint8_t* codes) {
+  __m512 s[4];
+  __m512i shifted[4];
+  for (int r = 0; r < 4; ++r) {
+    s[r] = _mm512_load_ps(scaled + 16 * r);
+    shifted[r] = _mm512_srli_epi32(_mm512_castps_si512(s[r]), 15);  // byte 0: top 8 mantissa bits, 1: exponent
+  }
+  const __m512i mantissa = dword_bytes(shifted, 0), exponent = dword_bytes(shifted, 1);
+  const __mmask64 negative = _mm512_test_epi8_mask(dword_bytes(shifted, 2), _mm512_set1_epi8(1));
+  const __mmask64 nan = _mm512_cmpeq_epi8_mask(exponent, _mm512_set1_epi8(char(0xFF)));  // no inf after the clamp
+  __m512i level1 = _mm512_subs_epu8(exponent, _mm512_set1_epi8(101));
+  level1 = _mm512_mask_add_epi8(level1, negative, level1, _mm512_set1_epi8(32));
+  // the top `bits` mantissa bits: vpmultishiftqb takes 8 bits of the qword from byte j's bit 8 - bits on
+  alignas(64) static constexpr uint8_t kByteBase[64] = {0, 8, 16, 24, 32, 40, 48, 56, 0, 8, 16, 24, 32, 40, 48, 56,
+                                                        0, 8, 16, 24, 32, 40, 48, 56, 0, 8, 16, 24, 32, 40, 48, 56,
+                                                        0, 8, 16, 24, 32, 40, 48, 56, 0, 8, 16, 24, 32, 40, 48, 56,
+                                                        0, 8, 16, 24, 32, 40, 48, 56, 0, 8, 16, 24, 32, 40, 48, 56};
+  const __m512i control =
+      _mm512_add_epi8(_mm512_permutexvar_epi8(level1, _mm512_loadu_si512(c.level1[0])), _mm512_load_si512(kByteBase));
+  const __m512i top = _mm512_and_si512(_mm512_multishift_epi64_epi8(control, mantissa),
+                                       _mm512_permutexvar_epi8(level1, _mm512_loadu_si512(c.level1[1])));
+  const __m512i index = _mm512_add_epi8(_mm512_permutexvar_epi8(level1, _mm512_loadu_si512(c.level1[2])), top),
+                block = _mm512_permutexvar_epi8(level1, _mm512_loadu_si512(c.level1[3]));
+  __m512i part[4];
+  for (int q = 0; q < 4; ++q)
+    part[q] = _mm512_permutex2var_epi8(_mm512_loadu_si512(c.level2 + 128 * q), index,
+                                       _mm512_loadu_si512(c.level2 + 128 * q + 64));
+  const __mmask64 odd = _mm512_test_epi8_mask(block, _mm512_set1_epi8(1));
+  const __mmask64 upper = _mm512_test_epi8_mask(block, _mm512_set1_epi8(2));
+  const __m512i base = _mm512_mask_blend_epi8(upper, _mm512_mask_blend_epi8(odd, part[0], part[1]),
+                                              _mm512_mask_blend_epi8(odd, part[2], part[3]));
+  __m512 mid[4];
+  lookup64(c.mid_planes, base, mid);
+  __mmask16 up[4];
+  for (int r = 0; r < 4; ++r) up[r] = _mm512_cmp_ps_mask(mid[r], s[r], _CMP_LT_OQ);
+  __m512i idx = _mm512_mask_add_epi8(base, join_masks(up), base, _mm512_set1_epi8(1));
+  idx = _mm512_mask_mov_epi8(idx, nan, _mm512_set1_epi8(char(0xFF)));
+  if (signed_state) {
+    __m512i bits[4];
+    __mmask16 positive[4];
+    for (int r = 0; r < 4; ++r) {
+      const __m512 v = _mm512_load_ps(value + 16 * r);
+      bits[r] = _mm512_castps_si512(v);
+      positive[r] = _mm512_cmp_ps_mask(v, _mm512_setzero_ps(), _CMP_GT_OQ);
+    }
+    const __mmask64 value_negative = _mm512_movepi8_mask(dword_bytes(bits, 3));
+    const __mmask64 code_negative = _mm512_cmplt_epu8_mask(idx, _mm512_set1_epi8(char(c.negative_codes)));
+    const __mmask64 flipped = code_negative ^ value_negative, up_step = join_masks(positive);
+    idx = _mm512_mask_adds_epu8(idx, flipped & up_step, idx, _mm512_set1_epi8(1));
+    idx = _mm512_mask_subs_epu8(idx, flipped & ~up_step, idx, _mm512_set1_epi8(1));
+  }
+  _mm512_storeu_si512(codes, idx);
+}
+
+// store_state for a full block whose absmax is known: scale, nearest code, sign rule; absmax stored. kVbmi: the
+// search is nearest64_vbmi's where the coder allows it (the caller runs under that target).
+template <bool kVbmi = false>
 inline void store_full_state(const float* v, float absmax, const Coder& coder, bool signed_state, uint8_t* codes,
                              float* absmax_out) {
   *absmax_out = absmax;
@@ -282,6 +444,14 @@ inline void store_full_state(const float* v, float absmax, const Coder& coder, b
   const __m512i one = _mm512_set1_epi32(1), minus_one = _mm512_set1_epi32(-1), zero = _mm512_setzero_si512();
   const __m512i last = _mm512_set1_epi32(255), negative_codes = _mm512_set1_epi32(coder.negative_codes);
   alignas(64) float scaled[kStateBlock];
+  if constexpr (kVbmi) {
+    if (coder.byte_search) {
+      for (int64_t i = 0; i < kStateBlock; i += 16)
+        _mm512_store_ps(scaled + i, _mm512_min_ps(hi, _mm512_max_ps(lo, _mm512_mul_ps(_mm512_load_ps(v + i), inv))));
+      for (int64_t i = 0; i < kStateBlock; i += 64) nearest64_vbmi(coder, scaled + i, v + i, signed_state, codes + i);
+      return;
+    }
+  }
   for (int64_t i = 0; i < kStateBlock; i += 16) {
     const __m512 value = _mm512_load_ps(v + i);
     // max/min return their second operand for a NaN: kept, as torch's clamp keeps it
@@ -337,38 +507,16 @@ inline __m512i load_codes16(const uint8_t* codes) {
   return _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(codes)));
 }
 
-// out[i] = code[codes[i]] * scale over one full block, Map256's lookup and the same multiply, by byte lookups: each
-// byte of the 64 code values of a step comes from its plane (256 entries: two vpermi2b over 128, picked by the
-// index's bit 7), then the four planes interleave into floats. About three times fewer operations than Map256's
-// permutes and blends on Zen 4 (a standalone loop: 0.08 against 0.24 ns a value). The interleave works within
-// 128-bit lanes, so the 64 indexes are first reordered: float j of lane L of output r is value 16 r + 4 L + j, and
-// it is built from index byte 16 L + 4 r + j.
+// out[i] = code[codes[i]] * scale over one full block, Map256's lookup and the same multiply, by lookup64: about
+// three times fewer operations than Map256's permutes and blends on Zen 4 (a standalone loop: 0.08 against 0.24 ns a
+// value).
 __attribute__((target("avx512vbmi"))) inline void decode_block_vbmi(const uint8_t (*planes)[256], const uint8_t* codes,
                                                                     float scale, float* out) {
-  alignas(64) static constexpr uint8_t kInterleave[64] = {
-      0,  1,  2,  3,  16, 17, 18, 19, 32, 33, 34, 35, 48, 49, 50, 51, 4,  5,  6,  7,  20, 21,
-      22, 23, 36, 37, 38, 39, 52, 53, 54, 55, 8,  9,  10, 11, 24, 25, 26, 27, 40, 41, 42, 43,
-      56, 57, 58, 59, 12, 13, 14, 15, 28, 29, 30, 31, 44, 45, 46, 47, 60, 61, 62, 63};
-  const __m512i order = _mm512_load_si512(kInterleave);
   const __m512 scale_v = _mm512_set1_ps(scale);
   for (int64_t i = 0; i < kStateBlock; i += 64) {
-    const __m512i index = _mm512_permutexvar_epi8(order, _mm512_loadu_si512(codes + i));
-    const __mmask64 high = _mm512_movepi8_mask(index);
-    __m512i plane[4];
-    for (int p = 0; p < 4; ++p) {
-      const uint8_t* table = planes[p];
-      const __m512i low_half =
-          _mm512_permutex2var_epi8(_mm512_loadu_si512(table), index, _mm512_loadu_si512(table + 64));
-      const __m512i high_half =
-          _mm512_permutex2var_epi8(_mm512_loadu_si512(table + 128), index, _mm512_loadu_si512(table + 192));
-      plane[p] = _mm512_mask_blend_epi8(high, low_half, high_half);
-    }
-    const __m512i low01 = _mm512_unpacklo_epi8(plane[0], plane[1]), high01 = _mm512_unpackhi_epi8(plane[0], plane[1]);
-    const __m512i low23 = _mm512_unpacklo_epi8(plane[2], plane[3]), high23 = _mm512_unpackhi_epi8(plane[2], plane[3]);
-    const __m512i value[4] = {_mm512_unpacklo_epi16(low01, low23), _mm512_unpackhi_epi16(low01, low23),
-                              _mm512_unpacklo_epi16(high01, high23), _mm512_unpackhi_epi16(high01, high23)};
-    for (int r = 0; r < 4; ++r)
-      _mm512_store_ps(out + i + 16 * r, _mm512_mul_ps(_mm512_castsi512_ps(value[r]), scale_v));
+    __m512 value[4];
+    lookup64(planes, _mm512_loadu_si512(codes + i), value);
+    for (int r = 0; r < 4; ++r) _mm512_store_ps(out + i + 16 * r, _mm512_mul_ps(value[r], scale_v));
   }
 }
 #endif
@@ -432,8 +580,8 @@ inline void adam_block_avx512(const float* grad, float* param, float* m, float* 
     max1.add(m_new);
     max2.add(v_new);
   }
-  store_full_state(m, max1.value(), coder1, true, state1, absmax1);
-  store_full_state(v, max2.value(), coder2, false, state2, absmax2);
+  store_full_state<kVbmi>(m, max1.value(), coder1, true, state1, absmax1);
+  store_full_state<kVbmi>(v, max2.value(), coder2, false, state2, absmax2);
 }
 
 __attribute__((target("avx512vbmi"), flatten)) void adam_block_vbmi(const float* grad, float* param, float* m, float* v,
@@ -545,10 +693,9 @@ inline void lion_block_avx512(const float* grad, float* param, float* m, uint8_t
     const __m512 gv = _mm512_maskz_mov_ps(ok, gr);
     const __m512 mi = kVbmi ? _mm512_load_ps(m + i) : _mm512_mul_ps(map1.lookup(load_codes16(state1 + i)), va1);
     const __m512 blend = _mm512_add_ps(_mm512_mul_ps(mi, beta1), _mm512_mul_ps(omb1, gv));
-    // sign(blend): +1, -1, 0 for +-0, NaN for NaN
+    // torch.sign(blend): +1, -1, and +0 for +-0 and NaN (a NaN momentum leaves the parameter as it is)
     __m512 sign = _mm512_mask_mov_ps(zero, _mm512_cmp_ps_mask(blend, zero, _CMP_GT_OQ), one);
     sign = _mm512_mask_mov_ps(sign, _mm512_cmp_ps_mask(blend, zero, _CMP_LT_OQ), minus_one);
-    sign = _mm512_mask_mov_ps(sign, _mm512_cmp_ps_mask(blend, blend, _CMP_UNORD_Q), blend);
     __m512 updated = k.apply_decay ? _mm512_mul_ps(pr, decay) : pr;
     updated = _mm512_sub_ps(updated, _mm512_mul_ps(lr, sign));
     const __m512 m_new = _mm512_maskz_mov_ps(ok, _mm512_add_ps(_mm512_mul_ps(mi, beta2), _mm512_mul_ps(omb2, gv)));
@@ -556,7 +703,7 @@ inline void lion_block_avx512(const float* grad, float* param, float* m, uint8_t
     _mm512_store_ps(m + i, m_new);
     max1.add(m_new);
   }
-  store_full_state(m, max1.value(), coder, true, state1, absmax1);
+  store_full_state<kVbmi>(m, max1.value(), coder, true, state1, absmax1);
 }
 
 __attribute__((target("avx512vbmi"), flatten)) void lion_block_vbmi(const float* grad, float* param, float* m,
@@ -595,7 +742,7 @@ void lion_impl(const int64_t* ps, const int64_t* gs, const int64_t* state1s, con
       const float gv = ok ? grad[i] : 0.0f;
       const float mi = coder.code[state1[i]] * a1;
       const float blend = mi * k.beta1 + k.one_minus_beta1 * gv;
-      const float sign = blend > 0.0f ? 1.0f : (blend < 0.0f ? -1.0f : (blend != blend ? blend : 0.0f));
+      const float sign = blend > 0.0f ? 1.0f : (blend < 0.0f ? -1.0f : 0.0f);  // torch.sign: +0 for +-0 and NaN
       float updated = k.apply_decay ? param[i] * k.decay : param[i];
       updated = updated - k.lr * sign;
       m[i] = ok ? mi * k.beta2 + k.one_minus_beta2 * gv : 0.0f;

@@ -22,7 +22,8 @@ as uint8 codes into a dynamic map with one fp32 absmax per block of 256 elements
                                                                    sqrt(1 - beta2^t); the decay after the update
     Lion (1 state, the signed map):
         p = p * (1 - lr * weight_decay)
-        p = p - lr * sign(code1[c1] * absmax1[b] * beta1 + (1 - beta1) * g)
+        p = p - lr * sign(code1[c1] * absmax1[b] * beta1 + (1 - beta1) * g)    sign as torch.sign: +0 for
+                                                                                  +-0 and NaN
         m = code1[c1] * absmax1[b] * beta2 + (1 - beta2) * g
 A gradient element that is NaN or inf leaves its parameter as it is and resets its states to 0 (bnb's Adam kernel
 does this; its Lion kernel lets the NaN spread to the whole block, which we do not copy). The new states are
