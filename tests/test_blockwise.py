@@ -190,6 +190,21 @@ def test_lion_step_equals_reference_bit_for_bit(isa, vbmi, dtype):
             assert torch.equal(a, b), f"step {step}: {name} differs"
 
 
+def native_and_reference_steps(optimizer, vbmi, g, states, step=1):
+    """One step of `optimizer` ("adam" or "lion") on copies of states = (p, s1, a1, s2, a2) by the native backend
+    (with the VBMI lookups on or off) and by the reference; their results, as raw bytes."""
+    results = []
+    for backend in ("native", "reference"):
+        p, s1, a1, s2, a2 = (t.clone() for t in states)
+        with cpu_avx512_vbmi(vbmi), pyfastpeft.use_backend(backend):
+            if optimizer == "adam":
+                ops.adam8bit_step(p, g, s1, s2, a1, a2, ref.SIGNED_MAP, ref.UNSIGNED_MAP, *adam_constants(step))
+            else:
+                ops.lion8bit_step(p, g, s1, a1, ref.SIGNED_MAP, 1e-4, 0.9, 0.99, 1.0)
+        results.append([t.view(torch.uint8) for t in (p, s1, a1, s2, a2)])
+    return results
+
+
 @pytest.mark.parametrize("vbmi", CPU_VBMI)
 @pytest.mark.parametrize("optimizer", ["adam", "lion"])
 def test_every_state_code_decodes_as_the_reference(vbmi, optimizer):
@@ -204,18 +219,9 @@ def test_every_state_code_decodes_as_the_reference(vbmi, optimizer):
     absmax[5], absmax[6] = float("nan"), -float("nan")  # corrupt blocks: NaN states take code 255 (254 if negative)
     p0, g = torch.randn(n, generator=gen), torch.randn(n, generator=gen) * 1e-3
     g[::3] = 0.0
-    results = []
-    for backend in ("reference", "native"):
-        p, s1, a1, s2, a2 = p0.clone(), codes.clone(), absmax.clone(), codes.flip(0).clone(), absmax.flip(0).clone()
-        with cpu_avx512_vbmi(vbmi), pyfastpeft.use_backend(backend):
-            if optimizer == "adam":
-                ops.adam8bit_step(p, g, s1, s2, a1, a2, ref.SIGNED_MAP, ref.UNSIGNED_MAP, *adam_constants(3))
-            else:
-                ops.lion8bit_step(p, g, s1, a1, ref.SIGNED_MAP, 1e-4, 0.9, 0.99, 1.0)
-        results.append((p, s1, a1, s2, a2))
-    for ours in results[1:]:
-        for a, b in zip(ours, results[0]):
-            assert torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+    ours, theirs = native_and_reference_steps(optimizer, vbmi, g, (p0, codes, absmax, codes.flip(0), absmax.flip(0)), 3)
+    for a, b in zip(ours, theirs):
+        assert torch.equal(a, b)
 
 
 @pytest.mark.parametrize("vbmi", CPU_VBMI)
@@ -227,18 +233,10 @@ def test_tiny_momentum_keeps_its_sign_on_every_path(vbmi, optimizer):
     g = torch.full((n,), -1e-9)
     g[1::2] = 1e-9
     g[::256] = 1.0
-    results = []
-    for backend in ("native", "reference"):
-        p, (s1, a1, s2, a2) = torch.zeros(n), fresh_states(n)
-        with cpu_avx512_vbmi(vbmi), pyfastpeft.use_backend(backend):
-            if optimizer == "adam":
-                ops.adam8bit_step(p, g, s1, s2, a1, a2, ref.SIGNED_MAP, ref.UNSIGNED_MAP, *adam_constants(1))
-            else:
-                ops.lion8bit_step(p, g, s1, a1, ref.SIGNED_MAP, 1e-4, 0.9, 0.99, 1.0)
-        results.append((p, s1, a1, s2, a2))
-    for a, b in zip(*results):
-        assert torch.equal(a.view(torch.uint8), b.view(torch.uint8))
-    signs = ref.SIGNED_MAP[results[0][1].long()]
+    ours, theirs = native_and_reference_steps(optimizer, vbmi, g, (torch.zeros(n), *fresh_states(n)))
+    for a, b in zip(ours, theirs):
+        assert torch.equal(a, b)
+    signs = ref.SIGNED_MAP[ours[1].long()]
     assert (signs[g < 0] < 0).all() and (signs[g > 0] >= 0).all()
 
 

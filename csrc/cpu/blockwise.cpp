@@ -332,10 +332,10 @@ inline void store_state(float* v, float* scratch, int64_t n, const Coder& coder,
 // Lanes whose value is NaN or +-inf.
 inline __mmask16 not_finite(__m512 v) { return _mm512_fpclass_ps_mask(v, 0x01 | 0x08 | 0x10 | 0x80); }
 
-// out[r] lane j = the float whose bytes are planes[p][index byte 16 r + j], p = 0..3: each byte from its 256-entry
-// plane (two vpermi2b over 128, picked by the index's bit 7), then the planes interleave into floats. The interleave
-// works within 128-bit lanes, so the index is first reordered: float j of lane L of out[r] comes from index byte
-// 16 L + 4 r + j.
+// out[r] lane j = the float whose byte p is planes[p][index byte 16 r + j], p = 0..3: each byte from its 256-entry
+// plane (two vpermi2b over 128, picked by the index's bit 7), then the planes interleave into floats. The unpacks
+// work within 128-bit lanes (float j of lane L of out[r] is built from byte 16 L + 4 r + j of what they are given),
+// so the index is first reordered to put its byte 16 r + 4 L + j there.
 __attribute__((target("avx512vbmi"))) inline void lookup64(const uint8_t (*planes)[256], __m512i index, __m512 out[4]) {
   alignas(64) static constexpr uint8_t kInterleave[64] = {
       0,  1,  2,  3,  16, 17, 18, 19, 32, 33, 34, 35, 48, 49, 50, 51, 4,  5,  6,  7,  20, 21,
@@ -359,11 +359,14 @@ __attribute__((target("avx512vbmi"))) inline void lookup64(const uint8_t (*plane
   out[3] = _mm512_castsi512_ps(_mm512_unpackhi_epi16(high01, high23));
 }
 
-// Byte c of each dword of v[0..3], in lane order: 64 bytes.
+// Byte c of each dword of v[0..3], in lane order: 64 bytes. Two vpermt2b pick them from v[0], v[1] (bytes 0-31)
+// and v[2], v[3] (bytes 32-63): byte d takes byte 4 (d % 16) + c of the pair's first (d % 32 < 16) or second.
 __attribute__((target("avx512vbmi"))) inline __m512i dword_bytes(const __m512i v[4], int c) {
-  alignas(64) uint8_t order[64];
-  for (int d = 0; d < 64; ++d) order[d] = uint8_t(4 * (d % 16) + c + 64 * ((d / 16) % 2));
-  const __m512i index = _mm512_load_si512(order);
+  alignas(64) static constexpr uint8_t kFirstBytes[64] = {
+      0,  4,  8,  12,  16,  20,  24,  28,  32,  36,  40, 44, 48, 52,  56,  60,  64,  68,  72,  76, 80, 84,
+      88, 92, 96, 100, 104, 108, 112, 116, 120, 124, 0,  4,  8,  12,  16,  20,  24,  28,  32,  36, 40, 44,
+      48, 52, 56, 60,  64,  68,  72,  76,  80,  84,  88, 92, 96, 100, 104, 108, 112, 116, 120, 124};
+  const __m512i index = _mm512_add_epi8(_mm512_load_si512(kFirstBytes), _mm512_set1_epi8(char(c)));
   return _mm512_mask_blend_epi8(__mmask64(0xFFFFFFFF00000000ull), _mm512_permutex2var_epi8(v[0], index, v[1]),
                                 _mm512_permutex2var_epi8(v[2], index, v[3]));
 }
