@@ -7,6 +7,8 @@
 // 8 mantissa bits gives the answer at the bucket's lowest value; one comparison with the next midpoint finishes it,
 // exact as long as no bucket holds two midpoints (true of both dynamic maps: a bucket spans at most 0.4% of its
 // value, the closest midpoints are 0.7% apart). A code for which that fails is served by the binary search.
+// Where the CPU has AVX512-VBMI, the optimizers' full blocks instead decode and search 64 values at a time in bytes
+// (lookup64, nearest64_vbmi: register tables, no gather), with the same answers.
 #include "cpu/common.h"
 #include "cpu/dispatch.h"
 #include "cpu/kernels.h"
