@@ -2,11 +2,13 @@ import pytest
 import torch
 from helpers import (
     BACKENDS,
+    CPU_BF16,
     CPU_ISAS,
     DEVICES,
     DTYPES,
     assert_close,
     assert_no_less_accurate,
+    cpu_avx512_bf16,
     cpu_isa,
     grads_of,
     on_device_unsupported,
@@ -75,6 +77,24 @@ def test_rope_matches_transformers(dtype):
         assert_close(ours, theirs)
 
 
+@pytest.mark.parametrize("isa", CPU_ISAS)
+def test_rope_fp32_is_bitwise_transformers(isa):
+    # Both take each product, then the sum, in fp32 with one rounding each (no fused multiply-add): the same bits,
+    # forward and backward (autograd's two gradient terms are the kernel's two products).
+    q, k = hf_layout(2, 8, 19, 80, torch.float32), hf_layout(2, 2, 19, 80, torch.float32)
+    cos, sin = hf_tables(2, 19, 80, torch.float32)
+    dq, dk = torch.randn(q.shape), torch.randn(k.shape)
+    results = []
+    for fn in (apply_rotary_pos_emb, modeling_llama.apply_rotary_pos_emb):
+        with cpu_isa(isa):
+            qg, kg = q.detach().requires_grad_(), k.detach().requires_grad_()
+            q_out, k_out = fn(qg, kg, cos, sin)
+            torch.autograd.backward((q_out, k_out), (dq, dk))
+        results.append((q_out, k_out, qg.grad, kg.grad))
+    for ours, theirs in zip(*results):
+        assert torch.equal(ours, theirs)
+
+
 def test_rope_unsqueeze_dim_2_takes_bshd_layout():
     q, k = torch.randn(2, 6, 4, 32), torch.randn(2, 6, 2, 32)
     cos, sin = hf_tables(2, 6, 32, torch.float32)
@@ -136,6 +156,52 @@ def test_rope_every_cpu_isa_agrees(isa, dtype):
         ours = apply_rotary_pos_emb(q, k, cos, sin)
     for a, b in zip(ours, run("reference", apply_rotary_pos_emb, q, k, cos, sin)):
         assert_close(a, b)
+
+
+def with_specials(x):
+    """x with NaN, infinities, zeros of both signs and subnormal-sized values (whose products are subnormal in fp32
+    and bf16) spread over it, so the vector loops, their masked tails and their rounding see each."""
+    specials = torch.tensor([float("nan"), float("inf"), -float("inf"), 0.0, -0.0, 3e-39, -2e-39, 1e-40, 65000.0])
+    flat = x.detach().clone().reshape(-1)
+    flat[:: max(1, flat.numel() // 40)] = specials.repeat(flat.numel() // len(specials) + 1)[
+        : len(flat[:: max(1, flat.numel() // 40)])
+    ].to(x.dtype)
+    return flat.reshape(x.shape)
+
+
+ISA_CASES = [  # batch, q heads, k heads, seq, head_dim, rotary width: whole vectors, masked tails, partial rotary
+    (2, 3, 1, 19, 48, 32),
+    (1, 2, 2, 21, 80, 80),
+    (1, 4, 2, 9, 128, 128),
+    (1, 2, 1, 17, 40, 38),
+]
+
+
+@pytest.mark.parametrize("bf16_stores", CPU_BF16)
+@pytest.mark.parametrize("isa", CPU_ISAS)
+@pytest.mark.parametrize("dtype", DTYPES)
+@pytest.mark.parametrize("interleaved", [False, True])
+@pytest.mark.parametrize("case", ISA_CASES)
+def test_rope_every_cpu_isa_gives_the_same_bits(isa, bf16_stores, dtype, interleaved, case):
+    # The AVX-512 rows take the scalar loop's products and sum in its order, and its rounding; the backward's
+    # contiguous grads into HF's transposed layout take the tiled order (more than one tile of positions here).
+    batch, hq, hk, seq, dim, rot = case
+    q = with_specials(hf_layout(batch, hq, seq, dim, dtype))
+    k = with_specials(hf_layout(batch, hk, seq, dim, dtype))
+    cos, sin = hf_tables(batch, seq, rot, dtype, interleaved)
+    dq, dk = with_specials(torch.randn(q.shape).to(dtype)), with_specials(torch.randn(k.shape).to(dtype))
+    results = []
+    for setting in ((isa, bf16_stores), ("scalar", False)):
+        with cpu_isa(setting[0]), cpu_avx512_bf16(setting[1]):
+            qg, kg = q.detach().requires_grad_(), k.detach().requires_grad_()
+            q_out, k_out = apply_rotary_pos_emb(qg, kg, cos, sin, interleaved=interleaved)
+            torch.autograd.backward((q_out, k_out), (dq, dk))
+            results.append((q_out, k_out, qg.grad, kg.grad))
+    bits = torch.int32 if dtype == torch.float32 else torch.int16
+    for ours, scalar in zip(*results):
+        assert ours.stride() == scalar.stride()
+        same = ours.contiguous().view(bits) == scalar.contiguous().view(bits)
+        assert (same | (ours.isnan() & scalar.isnan())).all()
 
 
 @pytest.mark.parametrize("backend", ["native", "reference"])

@@ -8,9 +8,11 @@
 // (2j, 2j+1) the same way. Both are written as y[i] = x[i]*c[i] + x[partner(i)]*p[i] with p built
 // once per (batch, position) from s and the direction.
 #include "cpu/common.h"
+#include "cpu/dispatch.h"
 #include "cpu/kernels.h"
 
 #include <algorithm>
+#include <cstring>
 #include <stdexcept>
 #include <type_traits>
 #include <vector>
@@ -25,6 +27,7 @@ using pfp::half;
 // head, and in a [B, H, S, D] layout each head's rows for the item are one contiguous run, while
 // enough items remain to share among the threads.
 constexpr int64_t kMinPositionBlock = 16, kMaxPositionBlock = 256;
+constexpr int64_t kTransposeTile = 8;
 
 // y = x*c + x[partner]*p over one head row of storage type T (p built per position from sin and the
 // direction); channels [rot_dim, head_dim) copied. Loads, math and stores in one vectorized pass.
@@ -48,6 +51,85 @@ inline void rotate_row(const T* __restrict x, T* __restrict y, const C* __restri
   for (int64_t i = rot_dim; i < head_dim; ++i) y[i] = x[i];
 }
 
+#if defined(__AVX512F__)
+// rotate_row in 16-lane vectors for fp32, bf16 and fp16 rows with fp32 compute: the same products and sum, in the
+// same order, as the scalar loop (no fused multiply-add), so the same bits; bf16 stores by vcvtneps2bf16 where
+// kBf16Ins, one instruction in place of bf16_high16's seven.
+template <bool kBf16Ins, typename T>
+inline void store16(T* dst, __m512 v) {
+  if constexpr (kBf16Ins)
+    pfp::store16_bf16ins(dst, v);
+  else
+    pfp::store16(dst, v);
+}
+template <bool kBf16Ins, typename T>
+inline void store16(T* dst, __mmask16 valid, __m512 v) {
+  if constexpr (kBf16Ins)
+    pfp::store16_bf16ins(dst, valid, v);
+  else
+    pfp::store16(dst, valid, v);
+}
+
+// x*c + partner*p for 16 lanes: two products, then their sum, each rounded (as the scalar loop).
+inline __m512 rotate16(__m512 x, __m512 c, __m512 partner, __m512 p) {
+  return _mm512_add_ps(_mm512_mul_ps(x, c), _mm512_mul_ps(partner, p));
+}
+
+// Whole vectors unmasked, then one masked tail (every masked lane reads 0 and is not stored).
+template <bool kBf16Ins, typename T>
+inline void rotate_row16(const T* __restrict x, T* __restrict y, const float* __restrict c, const float* __restrict p,
+                         int64_t head_dim, int64_t rot_dim, bool interleaved) {
+  if (interleaved) {
+    // The partner of lane 2j is 2j+1 and back: one in-lane swap of each pair (rot_dim is even, so the tail never
+    // splits a pair).
+    int64_t i = 0;
+    for (; i + 16 <= rot_dim; i += 16) {
+      const __m512 x0 = pfp::load16(x + i);
+      store16<kBf16Ins>(y + i,
+                        rotate16(x0, _mm512_loadu_ps(c + i), _mm512_permute_ps(x0, 0xB1), _mm512_loadu_ps(p + i)));
+    }
+    if (i < rot_dim) {
+      const __mmask16 valid = pfp::lanes16(rot_dim - i);
+      const __m512 x0 = pfp::load16(x + i, valid);
+      store16<kBf16Ins>(y + i, valid,
+                        rotate16(x0, _mm512_maskz_loadu_ps(valid, c + i), _mm512_permute_ps(x0, 0xB1),
+                                 _mm512_maskz_loadu_ps(valid, p + i)));
+    }
+  } else {
+    const int64_t half_rot = rot_dim / 2;
+    int64_t i = 0;
+    for (; i + 16 <= half_rot; i += 16) {
+      const __m512 x0 = pfp::load16(x + i), x1 = pfp::load16(x + i + half_rot);
+      store16<kBf16Ins>(y + i, rotate16(x0, _mm512_loadu_ps(c + i), x1, _mm512_loadu_ps(p + i)));
+      store16<kBf16Ins>(y + i + half_rot,
+                        rotate16(x1, _mm512_loadu_ps(c + i + half_rot), x0, _mm512_loadu_ps(p + i + half_rot)));
+    }
+    if (i < half_rot) {
+      const __mmask16 valid = pfp::lanes16(half_rot - i);
+      const __m512 x0 = pfp::load16(x + i, valid), x1 = pfp::load16(x + i + half_rot, valid);
+      store16<kBf16Ins>(y + i, valid,
+                        rotate16(x0, _mm512_maskz_loadu_ps(valid, c + i), x1, _mm512_maskz_loadu_ps(valid, p + i)));
+      store16<kBf16Ins>(y + i + half_rot, valid,
+                        rotate16(x1, _mm512_maskz_loadu_ps(valid, c + i + half_rot), x0,
+                                 _mm512_maskz_loadu_ps(valid, p + i + half_rot)));
+    }
+  }
+  if (head_dim > rot_dim) std::memcpy(y + rot_dim, x + rot_dim, size_t(head_dim - rot_dim) * sizeof(T));
+}
+
+__attribute__((target("avx512bf16"), flatten)) void rotate_row16_bf16ins(const bf16* x, bf16* y, const float* c,
+                                                                         const float* p, int64_t head_dim,
+                                                                         int64_t rot_dim, bool interleaved) {
+  rotate_row16<true>(x, y, c, p, head_dim, rot_dim, interleaved);
+}
+
+template <typename T>
+constexpr bool kVector16 = !std::is_same_v<T, double>;
+#else
+template <typename T>
+constexpr bool kVector16 = false;
+#endif
+
 template <typename T>
 void rope_impl(const T* q, const T* k, T* q_out, T* k_out, const T* cos, const T* sin, const int64_t* qs,
                const int64_t* ks, const int64_t* qos, const int64_t* kos, int64_t cos_batch_stride,
@@ -58,6 +140,7 @@ void rope_impl(const T* q, const T* k, T* q_out, T* k_out, const T* cos, const T
   const int64_t per_thread = batch * seq / (4 * int64_t(nthreads < 1 ? 1 : nthreads));
   const int64_t block = std::min(std::max(per_thread, kMinPositionBlock), kMaxPositionBlock);
   const int64_t blocks_per_batch = (seq + block - 1) / block;
+  [[maybe_unused]] const bool bf16ins = pfp::avx512_bf16_in_use();
   // Work item: `block` positions of one batch entry, all q heads then all k heads.
   pfp::parallel_for(
       batch * blocks_per_batch, (q_heads + k_heads) * head_dim * block * 2, nthreads,
@@ -88,13 +171,25 @@ void rope_impl(const T* q, const T* k, T* q_out, T* k_out, const T* cos, const T
             }
           }
           // Rows in memory order: positions innermost for [B, H, S, D] layouts, heads innermost for
-          // HF's transposed views of [B, S, H, D].
+          // HF's transposed views of [B, S, H, D]. Where the input and the output disagree (the backward
+          // of HF's views: contiguous grads in, the projections' layout out), tiles of kTransposeTile
+          // positions, all heads for each: either plain order makes one side step a whole row of heads
+          // (8 KiB in bf16 for 32 heads) per row for up to 256 positions before the next head, which cost
+          // bf16's backward about 15% of its time on Zen 4.
           auto rotate_tensor = [&](const T* x, T* out, const int64_t* xs, const int64_t* os, int64_t heads) {
             auto one = [&](int64_t h, int64_t j) {
               const T* src = x + b * xs[0] + h * xs[1] + (s0 + j) * xs[2];
               T* dst = out + b * os[0] + h * os[1] + (s0 + j) * os[2];
               const C* c = cbuf.data() + j * rot_dim;
               const C* p = pbuf.data() + j * rot_dim;
+#if defined(__AVX512F__)
+              if constexpr (kVector16<T>) {
+                if constexpr (std::is_same_v<T, bf16>) {
+                  if (bf16ins) return rotate_row16_bf16ins(src, dst, c, p, head_dim, rot_dim, interleaved);
+                }
+                return rotate_row16<false>(src, dst, c, p, head_dim, rot_dim, interleaved);
+              }
+#endif
               if constexpr (std::is_same<T, half>::value) {  // F16C conversions vectorize in load/store_row only
                 pfp::load_row(src, xb, head_dim);
                 rotate_row(xb, yb, c, p, head_dim, rot_dim, interleaved);
@@ -103,7 +198,12 @@ void rope_impl(const T* q, const T* k, T* q_out, T* k_out, const T* cos, const T
                 rotate_row(src, dst, c, p, head_dim, rot_dim, interleaved);
               }
             };
-            if (xs[2] < xs[1]) {
+            const bool x_heads_outer = xs[2] < xs[1], out_heads_outer = os[2] < os[1];
+            if (x_heads_outer != out_heads_outer) {
+              for (int64_t j0 = 0; j0 < positions; j0 += kTransposeTile)
+                for (int64_t h = 0; h < heads; ++h)
+                  for (int64_t j = j0; j < std::min(positions, j0 + kTransposeTile); ++j) one(h, j);
+            } else if (x_heads_outer) {
               for (int64_t h = 0; h < heads; ++h)
                 for (int64_t j = 0; j < positions; ++j) one(h, j);
             } else {
