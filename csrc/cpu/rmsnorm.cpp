@@ -63,7 +63,9 @@ inline float fold16(__m512 acc) {
 template <typename Term>
 inline float row_sum16(int64_t n, Term&& term) {
   __m512 acc = _mm512_setzero_ps();
-  for (int64_t i = 0; i < n; i += 16) {
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) acc = term(acc, i, __mmask16(0xFFFF));
+  if (i < n) {
     const __mmask16 valid = pfp::lanes16(n - i);
     acc = _mm512_mask_mov_ps(acc, valid, term(acc, i, valid));
   }
@@ -97,8 +99,7 @@ inline float normalize_row16(const Tsrc* __restrict x, Tdst* __restrict y, const
   });
   const float r = 1.0f / std::sqrt(sum_sq / float(n) + float(eps));
   const __m512 rv = _mm512_set1_ps(mode == kNone ? pfp::round_to<Tround>(r) : r);
-  for (int64_t i = 0; i < n; i += 16) {
-    const __mmask16 valid = pfp::lanes16(n - i);
+  auto step = [&](int64_t i, __mmask16 valid) __attribute__((always_inline)) {
     const __m512 xv = pfp::load16(x + i, valid), wv = _mm512_maskz_loadu_ps(valid, w + i);
     __m512 out;
     if (mode == kLlama) {
@@ -110,7 +111,10 @@ inline float normalize_row16(const Tsrc* __restrict x, Tdst* __restrict y, const
           _mm512_mul_ps(round16<kBf16Ins, Tround>(_mm512_mul_ps(xv, rv)), round16<kBf16Ins, Tround>(wv)));
     }
     store16<kBf16Ins>(y + i, valid, out);
-  }
+  };
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) step(i, __mmask16(0xFFFF));
+  if (i < n) step(i, pfp::lanes16(n - i));
   return r;
 }
 
@@ -169,23 +173,26 @@ inline void normalize_rows16(const Tsrc* x, Tdst* y, const float* w, float* rstd
 template <typename Tround, bool kBf16Ins, int R, typename Tsrc, typename Tgrad, typename Tdst>
 inline void backward_rows16(const Tgrad* __restrict dy, const Tsrc* __restrict x, Tdst* __restrict dx,
                             float* __restrict dw, const float* __restrict w, const float* r, int64_t n, int mode) {
+  // Both passes: full vectors with a constant all-lanes mask (the compiler drops it: plain loads and stores, no
+  // blend), then the masked tail.
   __m512 acc[R];
   for (int k = 0; k < R; ++k) acc[k] = _mm512_setzero_ps();
-  for (int64_t i = 0; i < n; i += 16) {  // row_sum16's order, per row
-    const __mmask16 valid = pfp::lanes16(n - i);
+  auto dot_step = [&](int64_t i, __mmask16 valid) __attribute__((always_inline)) {  // row_sum16's order, per row
     const __m512 wv = _mm512_maskz_loadu_ps(valid, w + i);
     for (int k = 0; k < R; ++k) {
       const __m512 g = pfp::load16(dy + k * n + i, valid), xv = pfp::load16(x + k * n + i, valid);
       acc[k] = _mm512_mask_mov_ps(acc[k], valid, _mm512_fmadd_ps(_mm512_mul_ps(g, wv), xv, acc[k]));
     }
-  }
+  };
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) dot_step(i, __mmask16(0xFFFF));
+  if (i < n) dot_step(i, pfp::lanes16(n - i));
   __m512 rv[R], coef[R];
   for (int k = 0; k < R; ++k) {
     rv[k] = _mm512_set1_ps(r[k]);
     coef[k] = _mm512_set1_ps(r[k] * r[k] * r[k] * fold16(acc[k]) / float(n));
   }
-  for (int64_t i = 0; i < n; i += 16) {
-    const __mmask16 valid = pfp::lanes16(n - i);
+  auto dx_step = [&](int64_t i, __mmask16 valid) __attribute__((always_inline)) {
     const __m512 wv = _mm512_maskz_loadu_ps(valid, w + i);
     __m512 dw_v = dw ? _mm512_maskz_loadu_ps(valid, dw + i) : _mm512_setzero_ps();
     for (int k = 0; k < R; ++k) {
@@ -199,7 +206,9 @@ inline void backward_rows16(const Tgrad* __restrict dy, const Tsrc* __restrict x
                         _mm512_fnmadd_ps(coef[k], xv, _mm512_mul_ps(_mm512_mul_ps(rv[k], g), wv)));
     }
     if (dw) _mm512_mask_storeu_ps(dw + i, valid, dw_v);
-  }
+  };
+  for (i = 0; i + 16 <= n; i += 16) dx_step(i, __mmask16(0xFFFF));
+  if (i < n) dx_step(i, pfp::lanes16(n - i));
 }
 #endif
 
