@@ -92,7 +92,7 @@ inline void store16(T* dst, __mmask16 valid, __m512 v) {
 
 template <typename Tround, bool kBf16Ins, typename Tsrc, typename Tdst>
 inline float normalize_row16(const Tsrc* __restrict x, Tdst* __restrict y, const float* __restrict w, int64_t n,
-                             double eps, int mode) {
+                             double eps, int mode, const Tsrc* x_ahead = nullptr) {
   const float sum_sq = row_sum16(n, [&](__m512 acc, int64_t i, __mmask16 valid) {
     const __m512 v = pfp::load16(x + i, valid);
     return _mm512_fmadd_ps(v, v, acc);
@@ -100,6 +100,8 @@ inline float normalize_row16(const Tsrc* __restrict x, Tdst* __restrict y, const
   const float r = 1.0f / std::sqrt(sum_sq / float(n) + float(eps));
   const __m512 rv = _mm512_set1_ps(mode == kNone ? pfp::round_to<Tround>(r) : r);
   auto step = [&](int64_t i, __mmask16 valid) __attribute__((always_inline)) {
+    if (x_ahead != nullptr && (i * int64_t(sizeof(Tsrc))) % 64 == 0)
+      _mm_prefetch(reinterpret_cast<const char*>(x_ahead + i), _MM_HINT_T1);
     const __m512 xv = pfp::load16(x + i, valid), wv = _mm512_maskz_loadu_ps(valid, w + i);
     __m512 out;
     if (mode == kLlama) {
@@ -120,13 +122,18 @@ inline float normalize_row16(const Tsrc* __restrict x, Tdst* __restrict y, const
 
 // One row's normalize pass (y from x and r), modes as normalize_row16, while the sum of squares of the row at
 // x_next accumulates into next_acc in lane_sum's order: its chain of dependent multiply-adds (one per 16 elements)
-// then runs under this pass's work instead of alone before it. Full vectors unmasked, the tail masked.
+// then runs under this pass's work instead of alone before it. Full vectors unmasked, the tail masked. x_ahead (null:
+// none), the row after x_next, is prefetched into L2 line by line, as normalize_row16 does for its next row: without
+// it the memory sat idle while a row computed (4096 x 4096 on Zen 4, two threads: bf16 2.7-2.9 ms without,
+// 2.4-2.6 ms with; fp32 5.2-6.0 ms and 4.8-5.3 ms).
 template <int kMode, typename Tround, bool kBf16Ins, typename Tsrc, typename Tdst>
 inline __m512 normalize_pass16(const Tsrc* __restrict x, Tdst* __restrict y, const float* __restrict w, float r,
-                               int64_t n, const Tsrc* __restrict x_next) {
+                               int64_t n, const Tsrc* __restrict x_next, const Tsrc* x_ahead) {
   const __m512 rv = _mm512_set1_ps(kMode == kNone ? pfp::round_to<Tround>(r) : r);
   __m512 next_acc = _mm512_setzero_ps();
   auto step = [&](int64_t i, __mmask16 valid) __attribute__((always_inline)) {
+    if (x_ahead != nullptr && (i * int64_t(sizeof(Tsrc))) % 64 == 0)
+      _mm_prefetch(reinterpret_cast<const char*>(x_ahead + i), _MM_HINT_T1);
     const __m512 xn = pfp::load16(x_next + i, valid);
     next_acc = _mm512_mask_mov_ps(next_acc, valid, _mm512_fmadd_ps(xn, xn, next_acc));
     const __m512 xv = pfp::load16(x + i, valid), wv = _mm512_maskz_loadu_ps(valid, w + i);
@@ -161,7 +168,8 @@ inline void normalize_rows16(const Tsrc* x, Tdst* y, const float* w, float* rstd
   for (int64_t row = 0; row < rows; ++row) {
     const float r = 1.0f / std::sqrt(sum_sq / float(n) + float(eps));
     const Tsrc* x_next = x + (row + 1 < rows ? row + 1 : row) * n;
-    sum_sq = fold16(normalize_pass16<kMode, Tround, kBf16Ins>(x + row * n, y + row * n, w, r, n, x_next));
+    const Tsrc* x_ahead = row + 2 < rows ? x + (row + 2) * n : nullptr;
+    sum_sq = fold16(normalize_pass16<kMode, Tround, kBf16Ins>(x + row * n, y + row * n, w, r, n, x_next, x_ahead));
     rstd[row] = r;
   }
 }
@@ -169,10 +177,14 @@ inline void normalize_rows16(const Tsrc* x, Tdst* y, const float* w, float* rstd
 // R consecutive rows (1 or 2) of the backward, each row's arithmetic exactly backward_row's: R rows share each load
 // of w and of the dw partial (added to row by row, in row order), and R dot chains run side by side. One row at a
 // time was bound by the dot's chain of dependent multiply-adds and by w and dw streaming from L2 (x, dy, w and dw
-// rows of 4096 overflow L1): a bf16 [4096, 4096] backward read 18 GB/s on the Zen 4 host.
+// rows of 4096 overflow L1): a bf16 [4096, 4096] backward read 18 GB/s on the Zen 4 host. The second pass, which
+// reads its rows from cache, prefetches the next ahead_rows rows of dy and x into L2: without it each pair of rows
+// waited for memory in its first pass, then computed with the memory idle (bf16 4096 x 4096 on Zen 4, two threads:
+// 5.3-5.4 ms without, 4.4-4.7 ms with; fp32 8.1 ms and 7.4-7.7 ms; into L1 fp32 lost, its rows overflowing it).
 template <typename Tround, bool kBf16Ins, int R, typename Tsrc, typename Tgrad, typename Tdst>
 inline void backward_rows16(const Tgrad* __restrict dy, const Tsrc* __restrict x, Tdst* __restrict dx,
-                            float* __restrict dw, const float* __restrict w, const float* r, int64_t n, int mode) {
+                            float* __restrict dw, const float* __restrict w, const float* r, int64_t n, int mode,
+                            int64_t ahead_rows) {
   // Both passes: full vectors with a constant all-lanes mask (the compiler drops it: plain loads and stores, no
   // blend), then the masked tail.
   __m512 acc[R];
@@ -193,6 +205,12 @@ inline void backward_rows16(const Tgrad* __restrict dy, const Tsrc* __restrict x
     coef[k] = _mm512_set1_ps(r[k] * r[k] * r[k] * fold16(acc[k]) / float(n));
   }
   auto dx_step = [&](int64_t i, __mmask16 valid) __attribute__((always_inline)) {
+    for (int64_t k = 0; k < ahead_rows; ++k) {  // each 64-byte line once
+      if ((i * int64_t(sizeof(Tgrad))) % 64 == 0)
+        _mm_prefetch(reinterpret_cast<const char*>(dy + (R + k) * n + i), _MM_HINT_T1);
+      if ((i * int64_t(sizeof(Tsrc))) % 64 == 0)
+        _mm_prefetch(reinterpret_cast<const char*>(x + (R + k) * n + i), _MM_HINT_T1);
+    }
     const __m512 wv = _mm512_maskz_loadu_ps(valid, w + i);
     __m512 dw_v = dw ? _mm512_maskz_loadu_ps(valid, dw + i) : _mm512_setzero_ps();
     for (int k = 0; k < R; ++k) {
@@ -216,10 +234,10 @@ inline void backward_rows16(const Tgrad* __restrict dy, const Tsrc* __restrict x
 // pointers are either the tensors themselves or, for fp16, fp32 row buffers (below).
 template <typename Tround, bool kBf16Ins = false, typename C, typename Tsrc, typename Tdst>
 inline C normalize_row(const Tsrc* __restrict x, Tdst* __restrict y, const C* __restrict w, int64_t n, double eps,
-                       int mode) {
+                       int mode, const Tsrc* x_ahead = nullptr) {
 #if defined(__AVX512F__)
   if constexpr (std::is_same_v<C, float> && kVector16<Tsrc> && kVector16<Tdst>)
-    return normalize_row16<Tround, kBf16Ins>(x, y, w, n, eps, mode);
+    return normalize_row16<Tround, kBf16Ins>(x, y, w, n, eps, mode, x_ahead);
 #endif
   auto xv = [&](int64_t i) { return pfp::to_compute<C>(x[i]); };
   const C sum_sq = pfp::lane_sum<C>(n, [&](int64_t i) { return xv(i) * xv(i); });
@@ -243,7 +261,7 @@ inline void backward_row(const Tgrad* __restrict dy, const Tsrc* __restrict x, T
                          const C* __restrict w, C r, int64_t n, int mode) {
 #if defined(__AVX512F__)
   if constexpr (std::is_same_v<C, float> && kVector16<Tsrc> && kVector16<Tgrad> && kVector16<Tdst>) {
-    backward_rows16<Tround, kBf16Ins, 1>(dy, x, dx, dw, w, &r, n, mode);
+    backward_rows16<Tround, kBf16Ins, 1>(dy, x, dx, dw, w, &r, n, mode, 0);
     return;
   }
 #endif
@@ -278,7 +296,8 @@ inline void forward_rows(const Tx* x, Ty* y, const C* w, C* rstd, int64_t begin,
   }
 #endif
   for (int64_t row = begin; row < end; ++row)
-    rstd[row] = normalize_row<Tx, kBf16Ins>(x + row * n, y + row * n, w, n, eps, mode);
+    rstd[row] = normalize_row<Tx, kBf16Ins>(x + row * n, y + row * n, w, n, eps, mode,
+                                            row + 1 < end ? x + (row + 1) * n : nullptr);
 }
 
 #if defined(__AVX512F__)
@@ -336,9 +355,10 @@ inline void backward_rows(const Tdy* dy, const Tx* x, Tx* dx, C* dw, const C* w,
   if constexpr (std::is_same_v<C, float> && kVector16<Tx> && kVector16<Tdy>) {
     int64_t row = begin;
     for (; row + 2 <= end; row += 2)
-      backward_rows16<Tx, kBf16Ins, 2>(dy + row * n, x + row * n, dx + row * n, dw, w, rstd + row, n, mode);
+      backward_rows16<Tx, kBf16Ins, 2>(dy + row * n, x + row * n, dx + row * n, dw, w, rstd + row, n, mode,
+                                       std::min<int64_t>(2, end - row - 2));
     if (row < end)
-      backward_rows16<Tx, kBf16Ins, 1>(dy + row * n, x + row * n, dx + row * n, dw, w, rstd + row, n, mode);
+      backward_rows16<Tx, kBf16Ins, 1>(dy + row * n, x + row * n, dx + row * n, dw, w, rstd + row, n, mode, 0);
     return;
   }
 #endif
