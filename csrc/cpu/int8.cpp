@@ -99,15 +99,17 @@ constexpr bool kPassNeedsBuffer =
 #endif
 
 // max |row[c]| over !(|row[c]| >= t) (every c when !find), NaN-propagating; with find, flags[c] |= 1 where
-// |row[c]| >= t. R: float, or (AVX-512) bf16 / fp16, widened exactly.
+// |row[c]| >= t. R: float, or (AVX-512) bf16 / fp16, widened exactly. ahead (null: none): a row of R as long as
+// this one, prefetched into L2 (AVX-512 only).
 template <typename R>
-float row_absmax(const R* row, int64_t k, float t, bool find, uint8_t* flags) {
+float row_absmax(const R* row, int64_t k, float t, bool find, uint8_t* flags, const void* ahead = nullptr) {
 #if defined(__AVX512F__)
   if constexpr (std::is_same_v<R, pfp::bf16>) {  // 32 lanes of 16-bit magnitudes, no widening
     const __m512i limit = _mm512_set1_epi16(int16_t(find ? pfp::bf16_magnitude_at_least(t) : 0));
     const __m512i infinity = _mm512_set1_epi16(0x7F80);
     __m512i best = _mm512_setzero_si512();
     for (int64_t c = 0; c < k; c += 32) {
+      if (ahead != nullptr) _mm_prefetch(static_cast<const char*>(ahead) + c * 2, _MM_HINT_T1);
       const __mmask32 m = pfp::lanes32(k - c);
       const __m512i a = pfp::magnitude_bits32(row + c, m);
       __mmask32 counted = 0xFFFFFFFFu;  // lanes past k read as 0
@@ -123,6 +125,8 @@ float row_absmax(const R* row, int64_t k, float t, bool find, uint8_t* flags) {
   const __m512 limit = _mm512_set1_ps(t);
   __m512i best = _mm512_setzero_si512();  // magnitude bits of the counted lanes (pfp::magnitude_bits)
   for (int64_t c = 0; c < k; c += 16) {
+    if (ahead != nullptr && (c * int64_t(sizeof(R))) % 64 == 0)
+      _mm_prefetch(static_cast<const char*>(ahead) + c * int64_t(sizeof(R)), _MM_HINT_T1);
     const __mmask16 m = pfp::lanes16(k - c);
     const __m512i a = pfp::magnitude_bits(pfp::load16(row + c, m));
     __mmask16 counted = 0xFFFF;  // lanes past k read as 0
@@ -176,6 +180,16 @@ void row_codes(const R* row, int64_t k, float stat, float scale, int8_t* out) {
 #endif
 }
 
+// The row after r (of rows [.., end)) for row_absmax to prefetch into L2 line by line, where the row-wise passes
+// read x itself: each row is read twice (its max, then its codes from cache), and without it the memory sat idle
+// during the codes (4096 x 4096, outliers at 6.0, two threads on Zen 4, a script's medians: fp32 3.9-4.5 to
+// 3.3-3.8 ms, bf16 2.4-2.9 to 2.0-2.5 ms).
+template <typename T>
+inline const T* ahead_row(const T* x, int64_t r, int64_t end, int64_t k) {
+  if (kPassNeedsBuffer<T> || r + 1 >= end) return nullptr;
+  return x + (r + 1) * k;
+}
+
 template <typename T>
 void quant_rows(const T* x, int8_t* q, float* row_stats, uint8_t* outlier_flags, int64_t m, int64_t k, float threshold,
                 int nthreads) {
@@ -193,7 +207,7 @@ void quant_rows(const T* x, int8_t* q, float* row_stats, uint8_t* outlier_flags,
       std::vector<float> buffer(kPassNeedsBuffer<T> ? size_t(k) : 0);
       for (int64_t r = begin; r < end; ++r) {
         const auto* row = pass_row(x + r * k, k, buffer.data());
-        row_stats[r] = row_absmax(row, k, 0.0f, false, nullptr);
+        row_stats[r] = row_absmax(row, k, 0.0f, false, nullptr, ahead_row(x, r, end, k));
         code_row(row, r);
       }
     });
@@ -210,7 +224,7 @@ void quant_rows(const T* x, int8_t* q, float* row_stats, uint8_t* outlier_flags,
     uint8_t* mine = flags.data() + size_t(tid) * size_t(k);
     for (int64_t r = begin; r < end; ++r) {
       const auto* row = pass_row(x + r * k, k, buffer.data());
-      row_stats[r] = row_absmax(row, k, threshold, true, mine);
+      row_stats[r] = row_absmax(row, k, threshold, true, mine, ahead_row(x, r, end, k));
       code_row(row, r);
     }
   });
