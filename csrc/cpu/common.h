@@ -292,6 +292,33 @@ __attribute__((target("avx512bf16"))) inline __m512 round16_bf16ins(__m512 v) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
 }
 
+// store16, store32 and round16 of T by the AVX512-BF16 instructions where kBf16Ins and T is bf16 (the caller is
+// a function with that target, run only where pfp::avx512_bf16_in_use()), else by the integer rounding: the same
+// bits either way. Kernels template their rows on kBf16Ins and call these (on Zen 4 the integer rounding's seven
+// operations a vector held the bf16 rows of RMSNorm and SwiGLU to about half the copy rate). always_inline: under
+// the callers' flatten alone GCC left some RMSNorm stores as calls, one per 16 elements.
+template <bool kBf16Ins, typename T>
+__attribute__((always_inline)) inline void store16_if(T* dst, __mmask16 valid, __m512 v) {
+  if constexpr (kBf16Ins && std::is_same_v<T, bf16>)
+    store16_bf16ins(dst, valid, v);
+  else
+    store16(dst, valid, v);
+}
+template <bool kBf16Ins, typename T>
+__attribute__((always_inline)) inline void store16_if(T* dst, __m512 v) {
+  if constexpr (kBf16Ins && std::is_same_v<T, bf16>)
+    store16_bf16ins(dst, v);
+  else
+    store16(dst, v);
+}
+template <bool kBf16Ins, typename T>
+__attribute__((always_inline)) inline void store32_if(T* dst, __m512 lo, __m512 hi) {
+  if constexpr (kBf16Ins && std::is_same_v<T, bf16>)
+    store32_bf16ins(dst, lo, hi);
+  else
+    store32(dst, lo, hi);
+}
+
 // round_to<T> of 16 lanes in registers: v as it reads back once stored as T (float: v itself).
 template <typename T>
 inline __m512 round16(__m512 v) {
@@ -303,6 +330,13 @@ inline __m512 round16(__m512 v) {
     static_assert(std::is_same_v<T, float>, "round16: float, bf16 or half");
     return v;
   }
+}
+template <bool kBf16Ins, typename T>
+__attribute__((always_inline)) inline __m512 round16_if(__m512 v) {
+  if constexpr (kBf16Ins && std::is_same_v<T, bf16>)
+    return round16_bf16ins(v);
+  else
+    return round16<T>(v);
 }
 
 // The lanes of the first n of 16, and of 64: none for n <= 0, all for n past the width.

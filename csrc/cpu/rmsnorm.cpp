@@ -72,22 +72,13 @@ inline float row_sum16(int64_t n, Term&& term) {
   return fold16(acc);
 }
 
-// round16<T> and store16, by AVX512-BF16 where kBf16Ins (bf16 values, in a function with that target: the rows
-// below run under it through forward_rows_bf16ins / backward_rows_bf16ins). On Zen 4 the integer rounding's seven
-// operations a vector, twice per element in the llama mode, held bf16 rows to about half the copy rate.
-template <bool kBf16Ins, typename T>
-inline __m512 round16(__m512 v) {
-  if constexpr (kBf16Ins && std::is_same_v<T, bf16>)
-    return pfp::round16_bf16ins(v);
-  else
-    return pfp::round16<T>(v);
-}
-template <bool kBf16Ins, typename T>
-inline void store16(T* dst, __mmask16 valid, __m512 v) {
-  if constexpr (kBf16Ins && std::is_same_v<T, bf16>)
-    pfp::store16_bf16ins(dst, valid, v);
-  else
-    pfp::store16(dst, valid, v);
+// 16 lanes of y from x, w' and rv = r (kNone: r rounded to Tround), in the casting mode (normalize_row's formulas).
+template <typename Tround, bool kBf16Ins>
+__attribute__((always_inline)) inline __m512 normalized16(__m512 xv, __m512 wv, __m512 rv, int mode) {
+  if (mode == kLlama) return _mm512_mul_ps(wv, pfp::round16_if<kBf16Ins, Tround>(_mm512_mul_ps(xv, rv)));
+  if (mode == kGemma) return _mm512_mul_ps(_mm512_mul_ps(xv, rv), wv);
+  return pfp::round16_if<kBf16Ins, Tround>(
+      _mm512_mul_ps(pfp::round16_if<kBf16Ins, Tround>(_mm512_mul_ps(xv, rv)), pfp::round16_if<kBf16Ins, Tround>(wv)));
 }
 
 template <typename Tround, bool kBf16Ins, typename Tsrc, typename Tdst>
@@ -103,16 +94,7 @@ inline float normalize_row16(const Tsrc* __restrict x, Tdst* __restrict y, const
     if (x_ahead != nullptr && (i * int64_t(sizeof(Tsrc))) % 64 == 0)
       _mm_prefetch(reinterpret_cast<const char*>(x_ahead + i), _MM_HINT_T1);
     const __m512 xv = pfp::load16(x + i, valid), wv = _mm512_maskz_loadu_ps(valid, w + i);
-    __m512 out;
-    if (mode == kLlama) {
-      out = _mm512_mul_ps(wv, round16<kBf16Ins, Tround>(_mm512_mul_ps(xv, rv)));
-    } else if (mode == kGemma) {
-      out = _mm512_mul_ps(_mm512_mul_ps(xv, rv), wv);
-    } else {
-      out = round16<kBf16Ins, Tround>(
-          _mm512_mul_ps(round16<kBf16Ins, Tround>(_mm512_mul_ps(xv, rv)), round16<kBf16Ins, Tround>(wv)));
-    }
-    store16<kBf16Ins>(y + i, valid, out);
+    pfp::store16_if<kBf16Ins>(y + i, valid, normalized16<Tround, kBf16Ins>(xv, wv, rv, mode));
   };
   int64_t i = 0;
   for (; i + 16 <= n; i += 16) step(i, __mmask16(0xFFFF));
@@ -137,16 +119,7 @@ inline __m512 normalize_pass16(const Tsrc* __restrict x, Tdst* __restrict y, con
     const __m512 xn = pfp::load16(x_next + i, valid);
     next_acc = _mm512_mask_mov_ps(next_acc, valid, _mm512_fmadd_ps(xn, xn, next_acc));
     const __m512 xv = pfp::load16(x + i, valid), wv = _mm512_maskz_loadu_ps(valid, w + i);
-    __m512 out;
-    if constexpr (kMode == kLlama) {
-      out = _mm512_mul_ps(wv, round16<kBf16Ins, Tround>(_mm512_mul_ps(xv, rv)));
-    } else if constexpr (kMode == kGemma) {
-      out = _mm512_mul_ps(_mm512_mul_ps(xv, rv), wv);
-    } else {
-      out = round16<kBf16Ins, Tround>(
-          _mm512_mul_ps(round16<kBf16Ins, Tround>(_mm512_mul_ps(xv, rv)), round16<kBf16Ins, Tround>(wv)));
-    }
-    store16<kBf16Ins>(y + i, valid, out);
+    pfp::store16_if<kBf16Ins>(y + i, valid, normalized16<Tround, kBf16Ins>(xv, wv, rv, kMode));
   };
   int64_t i = 0;
   for (; i + 16 <= n; i += 16) step(i, __mmask16(0xFFFF));
@@ -217,11 +190,11 @@ inline void backward_rows16(const Tgrad* __restrict dy, const Tsrc* __restrict x
       const __m512 g = pfp::load16(dy + k * n + i, valid), xv = pfp::load16(x + k * n + i, valid);
       if (dw) {
         const __m512 xr = _mm512_mul_ps(xv, rv[k]);
-        const __m512 xn = mode == kGemma ? xr : round16<kBf16Ins, Tround>(xr);
+        const __m512 xn = mode == kGemma ? xr : pfp::round16_if<kBf16Ins, Tround>(xr);
         dw_v = _mm512_fmadd_ps(g, xn, dw_v);
       }
-      store16<kBf16Ins>(dx + k * n + i, valid,
-                        _mm512_fnmadd_ps(coef[k], xv, _mm512_mul_ps(_mm512_mul_ps(rv[k], g), wv)));
+      pfp::store16_if<kBf16Ins>(dx + k * n + i, valid,
+                                _mm512_fnmadd_ps(coef[k], xv, _mm512_mul_ps(_mm512_mul_ps(rv[k], g), wv)));
     }
     if (dw) _mm512_mask_storeu_ps(dw + i, valid, dw_v);
   };

@@ -55,21 +55,6 @@ inline void rotate_row(const T* __restrict x, T* __restrict y, const C* __restri
 // rotate_row in 16-lane vectors for fp32, bf16 and fp16 rows with fp32 compute: the same products and sum, in the
 // same order, as the scalar loop (no fused multiply-add), so the same bits; bf16 stores by vcvtneps2bf16 where
 // kBf16Ins, one instruction in place of bf16_high16's seven.
-template <bool kBf16Ins, typename T>
-inline void store16(T* dst, __m512 v) {
-  if constexpr (kBf16Ins)
-    pfp::store16_bf16ins(dst, v);
-  else
-    pfp::store16(dst, v);
-}
-template <bool kBf16Ins, typename T>
-inline void store16(T* dst, __mmask16 valid, __m512 v) {
-  if constexpr (kBf16Ins)
-    pfp::store16_bf16ins(dst, valid, v);
-  else
-    pfp::store16(dst, valid, v);
-}
-
 // x*c + partner*p for 16 lanes: two products, then their sum, each rounded (as the scalar loop).
 inline __m512 rotate16(__m512 x, __m512 c, __m512 partner, __m512 p) {
   return _mm512_add_ps(_mm512_mul_ps(x, c), _mm512_mul_ps(partner, p));
@@ -85,33 +70,33 @@ inline void rotate_row16(const T* __restrict x, T* __restrict y, const float* __
     int64_t i = 0;
     for (; i + 16 <= rot_dim; i += 16) {
       const __m512 x0 = pfp::load16(x + i);
-      store16<kBf16Ins>(y + i,
-                        rotate16(x0, _mm512_loadu_ps(c + i), _mm512_permute_ps(x0, 0xB1), _mm512_loadu_ps(p + i)));
+      pfp::store16_if<kBf16Ins>(
+          y + i, rotate16(x0, _mm512_loadu_ps(c + i), _mm512_permute_ps(x0, 0xB1), _mm512_loadu_ps(p + i)));
     }
     if (i < rot_dim) {
       const __mmask16 valid = pfp::lanes16(rot_dim - i);
       const __m512 x0 = pfp::load16(x + i, valid);
-      store16<kBf16Ins>(y + i, valid,
-                        rotate16(x0, _mm512_maskz_loadu_ps(valid, c + i), _mm512_permute_ps(x0, 0xB1),
-                                 _mm512_maskz_loadu_ps(valid, p + i)));
+      pfp::store16_if<kBf16Ins>(y + i, valid,
+                                rotate16(x0, _mm512_maskz_loadu_ps(valid, c + i), _mm512_permute_ps(x0, 0xB1),
+                                         _mm512_maskz_loadu_ps(valid, p + i)));
     }
   } else {
     const int64_t half_rot = rot_dim / 2;
     int64_t i = 0;
     for (; i + 16 <= half_rot; i += 16) {
       const __m512 x0 = pfp::load16(x + i), x1 = pfp::load16(x + i + half_rot);
-      store16<kBf16Ins>(y + i, rotate16(x0, _mm512_loadu_ps(c + i), x1, _mm512_loadu_ps(p + i)));
-      store16<kBf16Ins>(y + i + half_rot,
-                        rotate16(x1, _mm512_loadu_ps(c + i + half_rot), x0, _mm512_loadu_ps(p + i + half_rot)));
+      pfp::store16_if<kBf16Ins>(y + i, rotate16(x0, _mm512_loadu_ps(c + i), x1, _mm512_loadu_ps(p + i)));
+      pfp::store16_if<kBf16Ins>(y + i + half_rot,
+                                rotate16(x1, _mm512_loadu_ps(c + i + half_rot), x0, _mm512_loadu_ps(p + i + half_rot)));
     }
     if (i < half_rot) {
       const __mmask16 valid = pfp::lanes16(half_rot - i);
       const __m512 x0 = pfp::load16(x + i, valid), x1 = pfp::load16(x + i + half_rot, valid);
-      store16<kBf16Ins>(y + i, valid,
-                        rotate16(x0, _mm512_maskz_loadu_ps(valid, c + i), x1, _mm512_maskz_loadu_ps(valid, p + i)));
-      store16<kBf16Ins>(y + i + half_rot, valid,
-                        rotate16(x1, _mm512_maskz_loadu_ps(valid, c + i + half_rot), x0,
-                                 _mm512_maskz_loadu_ps(valid, p + i + half_rot)));
+      pfp::store16_if<kBf16Ins>(
+          y + i, valid, rotate16(x0, _mm512_maskz_loadu_ps(valid, c + i), x1, _mm512_maskz_loadu_ps(valid, p + i)));
+      pfp::store16_if<kBf16Ins>(y + i + half_rot, valid,
+                                rotate16(x1, _mm512_maskz_loadu_ps(valid, c + i + half_rot), x0,
+                                         _mm512_maskz_loadu_ps(valid, p + i + half_rot)));
     }
   }
   if (head_dim > rot_dim) std::memcpy(y + rot_dim, x + rot_dim, size_t(head_dim - rot_dim) * sizeof(T));

@@ -43,15 +43,6 @@ inline void swiglu_grads16(__m512 d, __m512 g, __m512 u, __m512& dg, __m512& du)
   dg = _mm512_fmadd_ps(dyus, _mm512_fnmadd_ps(g, s, g), dyus);
 }
 
-// store32, by vcvtne2ps2bf16 where kBf16Ins (bf16 only, in a function with that target).
-template <bool kBf16Ins, typename T>
-inline void store32(T* dst, __m512 lo, __m512 hi) {
-  if constexpr (kBf16Ins)
-    pfp::store32_bf16ins(dst, lo, hi);
-  else
-    pfp::store32(dst, lo, hi);
-}
-
 // Elements [start, start + len) of the flat buffers.
 template <bool kBf16Ins, typename T>
 inline void forward_range(const T* gate, const T* up, T* out, int64_t start, int64_t len) {
@@ -60,7 +51,7 @@ inline void forward_range(const T* gate, const T* up, T* out, int64_t start, int
     __m512 g0, g1, u0, u1;
     pfp::load32(gate + start + i, g0, g1);
     pfp::load32(up + start + i, u0, u1);
-    store32<kBf16Ins>(out + start + i, swiglu16(g0, u0), swiglu16(g1, u1));
+    pfp::store32_if<kBf16Ins>(out + start + i, swiglu16(g0, u0), swiglu16(g1, u1));
   }
   for (; i < len; i += 16) {
     const __mmask16 valid = pfp::lanes16(len - i);
@@ -79,8 +70,8 @@ inline void backward_range(const T* dy, const T* gate, const T* up, T* dgate, T*
     pfp::load32(up + start + i, u0, u1);
     swiglu_grads16(d0, g0, u0, dg0, du0);
     swiglu_grads16(d1, g1, u1, dg1, du1);
-    store32<kBf16Ins>(dgate + start + i, dg0, dg1);
-    store32<kBf16Ins>(dup + start + i, du0, du1);
+    pfp::store32_if<kBf16Ins>(dgate + start + i, dg0, dg1);
+    pfp::store32_if<kBf16Ins>(dup + start + i, du0, du1);
   }
   for (; i < len; i += 16) {
     const __mmask16 valid = pfp::lanes16(len - i);
