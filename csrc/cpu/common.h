@@ -211,8 +211,7 @@ inline void store16(bf16* dst, __mmask16 valid, __m512 v) {
 inline void store16(half* dst, __mmask16 valid, __m512 v) {
   _mm256_mask_storeu_epi16(dst, valid, _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
 }
-// All 16 lanes, unmasked: on Zen 4 a masked store to rows spread over many pages (RoPE's transposed layouts) ran
-// at two thirds the rate of a plain one.
+// All 16 lanes, unmasked: for loops that take whole vectors plainly and leave one masked tail.
 inline __m512 load16(const float* src) { return _mm512_loadu_ps(src); }
 inline __m512 load16(const bf16* src) {
   const __m256i raw = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(src));

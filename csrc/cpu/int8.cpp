@@ -109,7 +109,7 @@ float row_absmax(const R* row, int64_t k, float t, bool find, uint8_t* flags, co
     const __m512i infinity = _mm512_set1_epi16(0x7F80);
     __m512i best = _mm512_setzero_si512();
     for (int64_t c = 0; c < k; c += 32) {
-      if (ahead != nullptr) _mm_prefetch(static_cast<const char*>(ahead) + c * 2, _MM_HINT_T1);
+      if (ahead != nullptr) _mm_prefetch(static_cast<const char*>(ahead) + c * int64_t(sizeof(R)), _MM_HINT_T1);
       const __mmask32 m = pfp::lanes32(k - c);
       const __m512i a = pfp::magnitude_bits32(row + c, m);
       __mmask32 counted = 0xFFFFFFFFu;  // lanes past k read as 0
