@@ -190,11 +190,11 @@ def test_lion_step_equals_reference_bit_for_bit(isa, vbmi, dtype):
             assert torch.equal(a, b), f"step {step}: {name} differs"
 
 
-def native_and_reference_steps(optimizer, vbmi, g, states, step=1):
-    """One step of `optimizer` ("adam" or "lion") on copies of states = (p, s1, a1, s2, a2) by the native backend
-    (with the VBMI lookups on or off) and by the reference; their results, as raw bytes."""
+def native_and_reference_steps(optimizer, vbmi, g, states, step=1, ours="native"):
+    """One step of `optimizer` ("adam" or "lion") on copies of states = (p, s1, a1, s2, a2) by our backend (native:
+    with the VBMI lookups on or off) and by the reference; their results, as raw bytes."""
     results = []
-    for backend in ("native", "reference"):
+    for backend in (ours, "reference"):
         p, s1, a1, s2, a2 = (t.clone() for t in states)
         with cpu_avx512_vbmi(vbmi), pyfastpeft.use_backend(backend):
             if optimizer == "adam":
@@ -222,6 +222,30 @@ def test_every_state_code_decodes_as_the_reference(vbmi, optimizer):
     ours, theirs = native_and_reference_steps(optimizer, vbmi, g, (p0, codes, absmax, codes.flip(0), absmax.flip(0)), 3)
     for a, b in zip(ours, theirs):
         assert torch.equal(a, b)
+
+
+@pytest.mark.skipif(not HAS_TRITON, reason="needs triton")
+@pytest.mark.parametrize("optimizer", ["adam", "lion"])
+def test_triton_steps_take_corrupt_states_and_signed_zeros_as_the_reference(optimizer):
+    # Every code under random absmax, NaN absmax of either sign (a full and the partial last block), and a block
+    # with a negative absmax, whose zero code decodes to -0: with a -0 gradient, Lion's blend there is -0, whose
+    # torch.sign is +0, so a -0 parameter stays -0. NaN states give a NaN absmax and code 255 (254 if negative), and
+    # Lion's sign of a NaN blend is 0. The kernels write these with comparisons, not min/max, which a GPU's
+    # instructions would resolve to the other operand; the interpreter runs the same expressions.
+    n = 256 * 8 + 40
+    gen = torch.Generator().manual_seed(4)
+    codes = torch.cat([torch.randperm(256, generator=gen) for _ in range(n // 256 + 1)])[:n].to(torch.uint8)
+    absmax = torch.rand(n // 256 + 1, generator=gen) + 0.5
+    absmax[5], absmax[6], absmax[8] = float("nan"), -float("nan"), float("nan")
+    absmax[2] = -0.75
+    p0, g = torch.randn(n, generator=gen), torch.randn(n, generator=gen) * 1e-3
+    zero_code = 512 + int((ref.SIGNED_MAP[codes[512:768].long()] == 0).nonzero()[0])
+    p0[zero_code], g[zero_code] = -0.0, -0.0
+    g[::3] = 0.0
+    states = (p0, codes, absmax, codes.flip(0), absmax.flip(0))
+    ours, theirs = native_and_reference_steps(optimizer, False, g, states, 3, ours="triton")
+    for name, a, b in zip(("p", "state1", "absmax1", "state2", "absmax2"), ours, theirs):
+        assert torch.equal(a, b), f"{name} differs in {(a != b).sum().item()} bytes"
 
 
 @pytest.mark.parametrize("vbmi", CPU_VBMI)

@@ -12,6 +12,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+from .nf4 import _max_keeping_nan
+
 BLOCK = 256  # the states' blocksize: one absmax per program
 
 
@@ -28,11 +30,13 @@ def _nearest(scaled, mid_ptr):
 
 @triton.jit
 def _requantize(state, mask, full, code_ptr, mid_ptr, out_ptr, absmax_ptr, offs, block, SIGNED: tl.constexpr):
-    """quantize_blockwise(state, code, 256) of one block into out and absmax; the sign rule when SIGNED."""
-    amax = tl.max(tl.where(mask, tl.abs(state), 0.0), axis=0)
-    floor = tl.maximum(amax, 1e-38)
+    """quantize_blockwise(state, code, 256) of one block into out and absmax; the sign rule when SIGNED.
+    A NaN state makes the absmax NaN and takes code 255 (254 with its sign bit set), as torch's amax, clamp and
+    bucketize give in the reference: the max, floor and clamp keep NaN by comparisons (a GPU's min/max drop it)."""
+    amax = tl.reduce(tl.where(mask, tl.abs(state), 0.0), 0, _max_keeping_nan)
+    floor = tl.where(amax < 1e-38, 1e-38, amax)
     scaled = tl.where(full, state * tl.math.div_rn(1.0, floor), tl.math.div_rn(state, floor))
-    scaled = tl.minimum(tl.maximum(scaled, -1.0), 1.0)
+    scaled = tl.where(scaled < -1.0, -1.0, tl.where(scaled > 1.0, 1.0, scaled))
     idx = _nearest(scaled, mid_ptr)
     if SIGNED:
         code_negative = tl.load(code_ptr + idx).to(tl.int32, bitcast=True) < 0
@@ -86,7 +90,7 @@ def _lion_kernel(
     c1 = tl.load(s1_ptr + offs, mask=mask, other=0).to(tl.int32)
     m = tl.load(code1_ptr + c1) * tl.load(a1_ptr + block)
     blend = m * beta1 + one_minus_beta1 * g
-    sign = tl.where(blend > 0.0, 1.0, tl.where(blend < 0.0, -1.0, blend * 0.0))
+    sign = tl.where(blend > 0.0, 1.0, tl.where(blend < 0.0, -1.0, 0.0))  # torch.sign: +0 for +-0 and NaN
     updated = p * decay if APPLY_DECAY else p
     updated = updated - lr * sign
     tl.store(p_ptr + offs, tl.where(ok, updated, p).to(p_ptr.dtype.element_ty), mask=mask)
