@@ -4,7 +4,8 @@ pyfastpeft/reference/blockwise.py (dequantize, update, requantize to the nearest
 p, g: [numel] of one dtype; state1, state2 uint8 [numel]; absmax1, absmax2 fp32 [ceil(numel / 256)]; code fp32 [256]
 and its 255 fp32 midpoints (computed by the launcher, on the device). All contiguous; int64 offsets. The nearest
 code is a branch-free binary search over the midpoints (8 gathers); square roots and divisions are correctly rounded
-(sqrt_rn, div_rn) as the CPU kernels' are.
+(sqrt_rn, div_rn) as the CPU kernels' are, and the launchers turn off fp fusion: a GPU build would otherwise fuse
+m * beta1 + (1 - beta1) * g and its kin into multiply-adds, which round once where the reference rounds twice.
 """
 
 from __future__ import annotations
@@ -120,7 +121,7 @@ def adam8bit_step(
     _adam_kernel[grid](
         p, g, state1, state2, absmax1, absmax2, code1, code2, _midpoints(code1), _midpoints(code2), numel,
         _f32(step_size), _f32(correction2_eps), _f32(beta1), _f32(beta2), _f32(1.0 - beta1), _f32(1.0 - beta2),
-        _f32(decay), APPLY_DECAY=decay != 1.0, BLOCK_SIZE=BLOCK, num_warps=2,
+        _f32(decay), APPLY_DECAY=decay != 1.0, BLOCK_SIZE=BLOCK, num_warps=2, enable_fp_fusion=False,
     )  # fmt: skip
 
 
@@ -132,4 +133,5 @@ def lion8bit_step(p, g, state1, absmax1, code1, lr, beta1, beta2, decay):
     _lion_kernel[grid](
         p, g, state1, absmax1, code1, _midpoints(code1), numel, _f32(lr), _f32(beta1), _f32(beta2),
         _f32(1.0 - beta1), _f32(1.0 - beta2), _f32(decay), APPLY_DECAY=decay != 1.0, BLOCK_SIZE=BLOCK, num_warps=2,
+        enable_fp_fusion=False,
     )  # fmt: skip
