@@ -1,3 +1,5 @@
+import contextlib
+
 import pytest
 import torch
 from helpers import (
@@ -77,8 +79,13 @@ def test_rope_matches_transformers(dtype):
         assert_close(ours, theirs)
 
 
-@pytest.mark.parametrize("isa", CPU_ISAS)
-def test_rope_fp32_is_bitwise_transformers(isa):
+# (backend, CPU ISA): the native kernels on each ISA, and the Triton kernel (the interpreter here; on a GPU its launch
+# turns fp fusion off, which .ci/compile_gpu holds it to)
+BITWISE_RUNS = [("native", isa) for isa in CPU_ISAS] + [("triton", None) for backend in BACKENDS if backend == "triton"]
+
+
+@pytest.mark.parametrize("backend, isa", BITWISE_RUNS)
+def test_rope_fp32_is_bitwise_transformers(backend, isa):
     # Both take each product, then the sum, in fp32 with one rounding each (no fused multiply-add): the same bits,
     # forward and backward (autograd's two gradient terms are the kernel's two products).
     q, k = hf_layout(2, 8, 19, 80, torch.float32), hf_layout(2, 2, 19, 80, torch.float32)
@@ -86,7 +93,7 @@ def test_rope_fp32_is_bitwise_transformers(isa):
     dq, dk = torch.randn(q.shape), torch.randn(k.shape)
     results = []
     for fn in (apply_rotary_pos_emb, modeling_llama.apply_rotary_pos_emb):
-        with cpu_isa(isa):
+        with cpu_isa(isa) if isa else contextlib.nullcontext(), pyfastpeft.use_backend(backend):
             qg, kg = q.detach().requires_grad_(), k.detach().requires_grad_()
             q_out, k_out = fn(qg, kg, cos, sin)
             torch.autograd.backward((q_out, k_out), (dq, dk))
@@ -376,9 +383,9 @@ def test_rope_on_each_device_matches_reference(device, backend, dtype, interleav
     fn = lambda a, b: apply_rotary_pos_emb(a, b, cos, sin, interleaved=interleaved)  # noqa: E731
     ours, ref = grads_of(backend, fn, (q, k), dy), grads_of("reference", fn, (q, k), dy)
     assert ours[0].stride() == q.stride()
-    if dtype == torch.float32:
+    if dtype == torch.float32:  # each product and the sum rounded once on every backend and device: the same bits
         for a, b in zip(ours, ref):
-            assert_close(a, b)
+            assert torch.equal(a, b)
         return
     # half precision: ours rounds once from fp32, the eager reference after each product, which loses more where
     # q cos and rotate(q) sin cancel; so no less accurate than it against the fp64 result

@@ -5,7 +5,9 @@ One head row x[0:D] with cos/sin rows c, s of width R (R even, <= D): channels [
 (2j, 2j + 1) in GPT-J's interleaved layout:
   forward : y[a] = x[a]*c[a] - x[b]*s[a]     y[b] = x[b]*c[b] + x[a]*s[b]
   backward: y[a] = x[a]*c[a] + x[b]*s[b]     y[b] = x[b]*c[b] - x[a]*s[a]
-(the backward is the transpose of the forward's 2x2 rotations).
+(the backward is the transpose of the forward's 2x2 rotations). Each product and the sum round once, as in
+transformers' q * cos + rotate_half(q) * sin and in autograd's two gradient terms: fp32 gives its bits, forward
+and backward, so the launch turns off fp fusion (a GPU build would fuse a product into the sum).
 Grid: one program per (batch, position); it reads that cos/sin row once, then rotates all q heads and
 all k heads in [BLOCK_H, R/2] tiles (pair halves loaded as two tiles, so each element is read once).
 q [B, Hq, S, D], k [B, Hk, S, D], q_out, k_out: any strides with the last one 1, outputs not aliasing
@@ -197,4 +199,5 @@ def rope(q, k, q_out, k_out, cos, sin, interleaved: bool, backward: bool) -> Non
         HAS_PASS=pass_width > 0,
         BLOCK_PASS=triton.next_power_of_2(max(pass_width, 1)),
         num_warps=max(1, min(4, block_h * block_half // 256)),
+        enable_fp_fusion=False,
     )

@@ -123,6 +123,15 @@ __device__ __forceinline__ double sqrt_c(double v) { return sqrt(v); }
 __device__ __forceinline__ float exp_c(float v) { return expf(v); }
 __device__ __forceinline__ double exp_c(double v) { return exp(v); }
 
+// a * b + c * d with each product and the sum rounded once, as torch's eager ops round them: the _rn intrinsics are
+// never contracted into a fused multiply-add, which nvcc does to plain expressions by default (-fmad=true).
+__device__ __forceinline__ float products_sum(float a, float b, float c, float d) {
+  return __fadd_rn(__fmul_rn(a, b), __fmul_rn(c, d));
+}
+__device__ __forceinline__ double products_sum(double a, double b, double c, double d) {
+  return __dadd_rn(__dmul_rn(a, b), __dmul_rn(c, d));
+}
+
 // ---- packs: N consecutive elements moved as one 16- (or 32-) byte access ----------------------
 
 template <typename T, int N>

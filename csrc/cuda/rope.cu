@@ -6,7 +6,9 @@
 //   forward : y[lo] = x[lo]*c[lo] - x[hi]*s[lo]      y[hi] = x[hi]*c[hi] + x[lo]*s[hi]
 //   backward: y[lo] = x[lo]*c[lo] + x[hi]*s[hi]      y[hi] = x[hi]*c[hi] - x[lo]*s[lo]
 // (backward is the transpose of the forward's 2x2 rotations), written as
-// y[lo] = x[lo]*c[lo] + x[hi]*p_lo, y[hi] = x[hi]*c[hi] + x[lo]*p_hi with p from s and the direction.
+// y[lo] = x[lo]*c[lo] + x[hi]*p_lo, y[hi] = x[hi]*c[hi] + x[lo]*p_hi with p from s and the direction, each
+// product and the sum rounded once (products_sum, no fused multiply-add): transformers' q * cos + rotate_half(q) * sin
+// and autograd's two gradient terms round so, and fp32 then gives their bits, as the CPU kernels do.
 //
 // Mapping: one block per (batch, position) pair (grid-stride); threadIdx.x walks the work of one
 // head row (R/2 pairs, then the D - R pass-through channels), threadIdx.y the q_heads + k_heads
@@ -64,8 +66,8 @@ __global__ void __launch_bounds__(kThreads) rope_kernel(const RopeArgs<T> a) {
           const T* src = row(a.q, a.k, a.q_strides, a.k_strides, h);
           T* dst = row(a.q_out, a.k_out, a.q_out_strides, a.k_out_strides, h);
           const C x_lo = to_compute<C>(src[lo]), x_hi = to_compute<C>(src[hi]);
-          dst[lo] = from_compute<T>(x_lo * c_lo + x_hi * p_lo);
-          dst[hi] = from_compute<T>(x_hi * c_hi + x_lo * p_hi);
+          dst[lo] = from_compute<T>(products_sum(x_lo, c_lo, x_hi, p_lo));
+          dst[hi] = from_compute<T>(products_sum(x_hi, c_hi, x_lo, p_hi));
         }
       } else {
         const int64_t i = a.rot_dim + (j - half_rot);
