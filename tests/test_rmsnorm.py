@@ -156,6 +156,32 @@ def test_rms_norm_bf16_stores_are_bitwise_the_integer_roundings(mode, offset, sc
         assert (results[0][0] != 0).any() and (results[0][0].abs() < 2**-126).all()
 
 
+@pytest.mark.parametrize("isa", CPU_ISAS)
+@pytest.mark.parametrize("bf16_stores", CPU_BF16)
+@pytest.mark.parametrize("mode,offset", MODES)
+def test_rms_norm_bf16_forward_rounds_each_element_as_its_formula(isa, bf16_stores, mode, offset):
+    # Given the kernel's own rstd, each y element is its mode's formula with its roundings to bf16, whatever lane
+    # order the rows run in (the AVX-512 rows take 32 elements a step in a lane order of their own, then 16, then a
+    # masked tail: 517 columns hold all three). Weights of 1e-39 give subnormal products.
+    x = torch.randn(9, 517).mul_(3).to(torch.bfloat16)
+    w = torch.randn(517).to(torch.bfloat16)
+    w[100:140] = 1e-39
+    with cpu_isa(isa), cpu_avx512_bf16(bf16_stores):
+        y, rstd = torch.ops.pyfastpeft.rms_norm_forward(x, w, 1e-6, offset, mode)
+    xf, r, wf = x.float(), rstd[:, None], w.float() + offset
+
+    def rounded(v):
+        return v.bfloat16().float()
+
+    if mode == "llama":
+        expected = wf * rounded(xf * r)
+    elif mode == "gemma":
+        expected = xf * r * wf
+    else:
+        expected = rounded(rounded(xf * rounded(r)) * rounded(wf))
+    assert torch.equal(bits(y), bits(expected.bfloat16()))
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("mode,offset", MODES)
