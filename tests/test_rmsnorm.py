@@ -182,6 +182,29 @@ def test_rms_norm_bf16_forward_rounds_each_element_as_its_formula(isa, bf16_stor
     assert torch.equal(bits(y), bits(expected.bfloat16()))
 
 
+@pytest.mark.parametrize("isa", CPU_ISAS)
+@pytest.mark.parametrize("dtype, rows", [(torch.bfloat16, 2050), (torch.float32, 1025)])
+@pytest.mark.parametrize("columns", [4096, 4100])
+def test_rms_norm_large_outputs_are_bitwise_the_small_ones(isa, dtype, rows, columns):
+    # From 16 MiB of output a call, y and dx go out by streaming stores where a vector's address is aligned (4100
+    # columns misalign most rows): the same bits as the row chunks' plain stores, which stay below that size.
+    x = torch.randn(rows, columns).mul_(3).to(dtype)
+    w = torch.randn(columns).to(dtype)
+    dy = torch.randn(rows, columns).to(dtype)
+    with cpu_isa(isa):
+        y, rstd = torch.ops.pyfastpeft.rms_norm_forward(x, w, 1e-6, 0.0, "llama")
+        dx, _ = torch.ops.pyfastpeft.rms_norm_backward(dy, x, w, rstd, 0.0, "llama", True)
+        chunks = [torch.ops.pyfastpeft.rms_norm_forward(part, w, 1e-6, 0.0, "llama") for part in x.split(256)]
+        dx_chunks = [
+            torch.ops.pyfastpeft.rms_norm_backward(g, part, w, r, 0.0, "llama", False)[0]
+            for g, part, (_, r) in zip(dy.split(256), x.split(256), chunks)
+        ]
+    assert y.nbytes >= 16 << 20
+    assert torch.equal(bits(y), bits(torch.cat([c[0] for c in chunks])))
+    assert torch.equal(bits(rstd), bits(torch.cat([c[1] for c in chunks])))
+    assert torch.equal(bits(dx), bits(torch.cat(dx_chunks)))
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 @pytest.mark.parametrize("mode,offset", MODES)

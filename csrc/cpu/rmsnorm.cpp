@@ -83,7 +83,7 @@ __attribute__((always_inline)) inline __m512 normalized16(__m512 xv, __m512 wv, 
 
 template <typename Tround, bool kBf16Ins, typename Tsrc, typename Tdst>
 inline float normalize_row16(const Tsrc* __restrict x, Tdst* __restrict y, const float* __restrict w, int64_t n,
-                             double eps, int mode, const Tsrc* x_ahead = nullptr) {
+                             double eps, int mode, const Tsrc* x_ahead = nullptr, bool stream = false) {
   const float sum_sq = row_sum16(n, [&](__m512 acc, int64_t i, __mmask16 valid) {
     const __m512 v = pfp::load16(x + i, valid);
     return _mm512_fmadd_ps(v, v, acc);
@@ -94,7 +94,11 @@ inline float normalize_row16(const Tsrc* __restrict x, Tdst* __restrict y, const
     if (x_ahead != nullptr && (i * int64_t(sizeof(Tsrc))) % 64 == 0)
       _mm_prefetch(reinterpret_cast<const char*>(x_ahead + i), _MM_HINT_T1);
     const __m512 xv = pfp::load16(x + i, valid), wv = _mm512_maskz_loadu_ps(valid, w + i);
-    pfp::store16_if<kBf16Ins>(y + i, valid, normalized16<Tround, kBf16Ins>(xv, wv, rv, mode));
+    const __m512 yv = normalized16<Tround, kBf16Ins>(xv, wv, rv, mode);
+    if (valid == __mmask16(0xFFFF))
+      pfp::put16_if<kBf16Ins>(y + i, yv, stream);
+    else
+      pfp::store16_if<kBf16Ins>(y + i, valid, yv);
   };
   int64_t i = 0;
   for (; i + 16 <= n; i += 16) step(i, __mmask16(0xFFFF));
@@ -132,7 +136,7 @@ inline void pair_order(float* w, int64_t n) {
 
 template <int kMode, typename Tround, bool kBf16Ins, typename Tsrc, typename Tdst>
 inline __m512 normalize_pass16(const Tsrc* __restrict x, Tdst* __restrict y, const float* __restrict w, float r,
-                               int64_t n, const Tsrc* __restrict x_next, const Tsrc* x_ahead) {
+                               int64_t n, const Tsrc* __restrict x_next, const Tsrc* x_ahead, bool stream) {
   const __m512 rv = _mm512_set1_ps(kMode == kNone ? pfp::round_to<Tround>(r) : r);
   __m512 next_acc = _mm512_setzero_ps();
   auto step = [&](int64_t i, __mmask16 valid) __attribute__((always_inline)) {
@@ -141,7 +145,11 @@ inline __m512 normalize_pass16(const Tsrc* __restrict x, Tdst* __restrict y, con
     const __m512 xn = pfp::load16(x_next + i, valid);
     next_acc = _mm512_mask_mov_ps(next_acc, valid, _mm512_fmadd_ps(xn, xn, next_acc));
     const __m512 xv = pfp::load16(x + i, valid), wv = _mm512_maskz_loadu_ps(valid, w + i);
-    pfp::store16_if<kBf16Ins>(y + i, valid, normalized16<Tround, kBf16Ins>(xv, wv, rv, kMode));
+    const __m512 yv = normalized16<Tround, kBf16Ins>(xv, wv, rv, kMode);
+    if (valid == __mmask16(0xFFFF))
+      pfp::put16_if<kBf16Ins>(y + i, yv, stream);
+    else
+      pfp::store16_if<kBf16Ins>(y + i, valid, yv);
   };
   int64_t i = 0;
   if constexpr (kPaired<Tsrc, Tdst>) {
@@ -153,7 +161,7 @@ inline __m512 normalize_pass16(const Tsrc* __restrict x, Tdst* __restrict y, con
       pfp::load32(x + i, lo, hi);
       const __m512 y_lo = normalized16<Tround, kBf16Ins>(lo, _mm512_loadu_ps(w + i), rv, kMode);
       const __m512 y_hi = normalized16<Tround, kBf16Ins>(hi, _mm512_loadu_ps(w + i + 16), rv, kMode);
-      pfp::store32_if<kBf16Ins>(y + i, y_lo, y_hi);
+      pfp::put32_if<kBf16Ins>(y + i, y_lo, y_hi, stream);
     }
   }
   for (; i + 16 <= n; i += 16) step(i, __mmask16(0xFFFF));
@@ -166,7 +174,8 @@ inline __m512 normalize_pass16(const Tsrc* __restrict x, Tdst* __restrict y, con
 // bf16 x only: one pass after the other was bound by that sum's chain there (64 bf16 rows of 4096 in L2 on one
 // Zen 4 host thread: 78 us, 60 us overlapped), while fp32 rows, twice the bytes, gained nothing (48 us, 49 us).
 template <int kMode, typename Tround, bool kBf16Ins, typename Tsrc, typename Tdst>
-inline void normalize_rows16(const Tsrc* x, Tdst* y, const float* w, float* rstd, int64_t rows, int64_t n, double eps) {
+inline void normalize_rows16(const Tsrc* x, Tdst* y, const float* w, float* rstd, int64_t rows, int64_t n, double eps,
+                             bool stream) {
   if (rows <= 0) return;
   float sum_sq = row_sum16(n, [&](__m512 acc, int64_t i, __mmask16 valid) {
     const __m512 v = pfp::load16(x + i, valid);
@@ -176,7 +185,8 @@ inline void normalize_rows16(const Tsrc* x, Tdst* y, const float* w, float* rstd
     const float r = 1.0f / std::sqrt(sum_sq / float(n) + float(eps));
     const Tsrc* x_next = x + (row + 1 < rows ? row + 1 : row) * n;
     const Tsrc* x_ahead = row + 2 < rows ? x + (row + 2) * n : nullptr;
-    sum_sq = fold16(normalize_pass16<kMode, Tround, kBf16Ins>(x + row * n, y + row * n, w, r, n, x_next, x_ahead));
+    sum_sq =
+        fold16(normalize_pass16<kMode, Tround, kBf16Ins>(x + row * n, y + row * n, w, r, n, x_next, x_ahead, stream));
     rstd[row] = r;
   }
 }
@@ -191,7 +201,7 @@ inline void normalize_rows16(const Tsrc* x, Tdst* y, const float* w, float* rstd
 template <typename Tround, bool kBf16Ins, int R, typename Tsrc, typename Tgrad, typename Tdst>
 inline void backward_rows16(const Tgrad* __restrict dy, const Tsrc* __restrict x, Tdst* __restrict dx,
                             float* __restrict dw, const float* __restrict w, const float* r, int64_t n, int mode,
-                            int64_t ahead_rows) {
+                            int64_t ahead_rows, bool stream = false) {
   // Both passes: full vectors with a constant all-lanes mask (the compiler drops it: plain loads and stores, no
   // blend), then the masked tail.
   __m512 acc[R];
@@ -211,7 +221,8 @@ inline void backward_rows16(const Tgrad* __restrict dy, const Tsrc* __restrict x
     rv[k] = _mm512_set1_ps(r[k]);
     coef[k] = _mm512_set1_ps(r[k] * r[k] * r[k] * fold16(acc[k]) / float(n));
   }
-  auto dx_step = [&](int64_t i, __mmask16 valid) __attribute__((always_inline)) {
+  // dx of rows [0, R) at [i, i + 16) into out (the next rows' lines prefetched, dw's columns there accumulated)
+  auto dx_values = [&](int64_t i, __mmask16 valid, __m512* out) __attribute__((always_inline)) {
     for (int64_t k = 0; k < ahead_rows; ++k) {  // each 64-byte line once
       if ((i * int64_t(sizeof(Tgrad))) % 64 == 0)
         _mm_prefetch(reinterpret_cast<const char*>(dy + (R + k) * n + i), _MM_HINT_T1);
@@ -227,12 +238,30 @@ inline void backward_rows16(const Tgrad* __restrict dy, const Tsrc* __restrict x
         const __m512 xn = mode == kGemma ? xr : pfp::round16_if<kBf16Ins, Tround>(xr);
         dw_v = _mm512_fmadd_ps(g, xn, dw_v);
       }
-      pfp::store16_if<kBf16Ins>(dx + k * n + i, valid,
-                                _mm512_fnmadd_ps(coef[k], xv, _mm512_mul_ps(_mm512_mul_ps(rv[k], g), wv)));
+      out[k] = _mm512_fnmadd_ps(coef[k], xv, _mm512_mul_ps(_mm512_mul_ps(rv[k], g), wv));
     }
     if (dw) _mm512_mask_storeu_ps(dw + i, valid, dw_v);
   };
-  for (i = 0; i + 16 <= n; i += 16) dx_step(i, __mmask16(0xFFFF));
+  auto dx_step = [&](int64_t i, __mmask16 valid) __attribute__((always_inline)) {
+    __m512 out[R];
+    dx_values(i, valid, out);
+    for (int k = 0; k < R; ++k) {
+      if (valid == __mmask16(0xFFFF))
+        pfp::put16_if<kBf16Ins>(dx + k * n + i, out[k], stream);
+      else
+        pfp::store16_if<kBf16Ins>(dx + k * n + i, valid, out[k]);
+    }
+  };
+  i = 0;
+  if constexpr (std::is_same_v<Tdst, bf16>) {  // 64-byte stores of bf16 dx, whole lines to stream
+    for (; i + 32 <= n; i += 32) {
+      __m512 first[R], second[R];
+      dx_values(i, __mmask16(0xFFFF), first);
+      dx_values(i + 16, __mmask16(0xFFFF), second);
+      for (int k = 0; k < R; ++k) pfp::put16x2_if<kBf16Ins>(dx + k * n + i, first[k], second[k], stream);
+    }
+  }
+  for (; i + 16 <= n; i += 16) dx_step(i, __mmask16(0xFFFF));
   if (i < n) dx_step(i, pfp::lanes16(n - i));
 }
 #endif
@@ -241,10 +270,10 @@ inline void backward_rows16(const Tgrad* __restrict dy, const Tsrc* __restrict x
 // pointers are either the tensors themselves or, for fp16, fp32 row buffers (below).
 template <typename Tround, bool kBf16Ins = false, typename C, typename Tsrc, typename Tdst>
 inline C normalize_row(const Tsrc* __restrict x, Tdst* __restrict y, const C* __restrict w, int64_t n, double eps,
-                       int mode, const Tsrc* x_ahead = nullptr) {
+                       int mode, const Tsrc* x_ahead = nullptr, bool stream = false) {
 #if defined(__AVX512F__)
   if constexpr (std::is_same_v<C, float> && kVector16<Tsrc> && kVector16<Tdst>)
-    return normalize_row16<Tround, kBf16Ins>(x, y, w, n, eps, mode, x_ahead);
+    return normalize_row16<Tround, kBf16Ins>(x, y, w, n, eps, mode, x_ahead, stream);
 #endif
   auto xv = [&](int64_t i) { return pfp::to_compute<C>(x[i]); };
   const C sum_sq = pfp::lane_sum<C>(n, [&](int64_t i) { return xv(i) * xv(i); });
@@ -293,18 +322,18 @@ constexpr bool kBuffered = std::is_same<T, half>::value;
 // Rows [begin, end) of the forward, unbuffered types.
 template <bool kBf16Ins, typename Tx, typename Ty, typename C>
 inline void forward_rows(const Tx* x, Ty* y, const C* w, C* rstd, int64_t begin, int64_t end, int64_t n, double eps,
-                         int mode) {
+                         int mode, bool stream) {
 #if defined(__AVX512F__)
   if constexpr (std::is_same_v<C, float> && std::is_same_v<Tx, bf16> && kVector16<Ty>) {
     x += begin * n, y += begin * n, rstd += begin;
-    if (mode == kLlama) return normalize_rows16<kLlama, Tx, kBf16Ins>(x, y, w, rstd, end - begin, n, eps);
-    if (mode == kGemma) return normalize_rows16<kGemma, Tx, kBf16Ins>(x, y, w, rstd, end - begin, n, eps);
-    return normalize_rows16<kNone, Tx, kBf16Ins>(x, y, w, rstd, end - begin, n, eps);
+    if (mode == kLlama) return normalize_rows16<kLlama, Tx, kBf16Ins>(x, y, w, rstd, end - begin, n, eps, stream);
+    if (mode == kGemma) return normalize_rows16<kGemma, Tx, kBf16Ins>(x, y, w, rstd, end - begin, n, eps, stream);
+    return normalize_rows16<kNone, Tx, kBf16Ins>(x, y, w, rstd, end - begin, n, eps, stream);
   }
 #endif
   for (int64_t row = begin; row < end; ++row)
     rstd[row] = normalize_row<Tx, kBf16Ins>(x + row * n, y + row * n, w, n, eps, mode,
-                                            row + 1 < end ? x + (row + 1) * n : nullptr);
+                                            row + 1 < end ? x + (row + 1) * n : nullptr, stream);
 }
 
 #if defined(__AVX512F__)
@@ -313,8 +342,8 @@ inline void forward_rows(const Tx* x, Ty* y, const C* w, C* rstd, int64_t begin,
 template <typename Ty>
 __attribute__((target("avx512bf16"), flatten)) void forward_rows_bf16ins(const bf16* x, Ty* y, const float* w,
                                                                          float* rstd, int64_t begin, int64_t end,
-                                                                         int64_t n, double eps, int mode) {
-  forward_rows<true>(x, y, w, rstd, begin, end, n, eps, mode);
+                                                                         int64_t n, double eps, int mode, bool stream) {
+  forward_rows<true>(x, y, w, rstd, begin, end, n, eps, mode, stream);
 }
 #endif
 
@@ -331,14 +360,18 @@ void forward_impl(const Tx* x, const void* weight, int weight_dtype, Ty* y, void
   if constexpr (kPaired<Tx, Ty>) {
     pair_order(w.data(), n);
   }
+  const bool stream = pfp::streams(rows * n * int64_t(sizeof(Ty)));
   if constexpr (std::is_same_v<Tx, bf16>) {
     if (pfp::avx512_bf16_in_use()) {
       pfp::parallel_for(rows, 3 * n, nthreads, [&](int64_t begin, int64_t end, int) {
-        forward_rows_bf16ins(x, y, wp, rstd, begin, end, n, eps, mode);
+        forward_rows_bf16ins(x, y, wp, rstd, begin, end, n, eps, mode, stream);
+        if (stream) pfp::stream_fence();
       });
       return;
     }
   }
+#else
+  const bool stream = false;
 #endif
   pfp::parallel_for(rows, 3 * n, nthreads, [&](int64_t begin, int64_t end, int) {
     if constexpr (kBuffered<Tx>) {
@@ -349,7 +382,10 @@ void forward_impl(const Tx* x, const void* weight, int weight_dtype, Ty* y, void
         pfp::store_row(ys.data(), y + row * n, n);
       }
     } else {
-      forward_rows<false>(x, y, wp, rstd, begin, end, n, eps, mode);
+      forward_rows<false>(x, y, wp, rstd, begin, end, n, eps, mode, stream);
+#if defined(__AVX512F__)
+      if (stream) pfp::stream_fence();
+#endif
     }
   });
 }
@@ -360,15 +396,16 @@ constexpr int64_t kMaxPartials = 256;    // at most: the threads that can share 
 // Rows [begin, end) of the backward: dx, and dw (when not null) accumulates; fp16 rows through fp32 buffers.
 template <typename Tx, bool kBf16Ins = false, typename Tdy, typename C>
 inline void backward_rows(const Tdy* dy, const Tx* x, Tx* dx, C* dw, const C* w, const C* rstd, int64_t begin,
-                          int64_t end, int64_t n, int mode) {
+                          int64_t end, int64_t n, int mode, bool stream = false) {
 #if defined(__AVX512F__)
   if constexpr (std::is_same_v<C, float> && kVector16<Tx> && kVector16<Tdy>) {
     int64_t row = begin;
     for (; row + 2 <= end; row += 2)
       backward_rows16<Tx, kBf16Ins, 2>(dy + row * n, x + row * n, dx + row * n, dw, w, rstd + row, n, mode,
-                                       std::min<int64_t>(2, end - row - 2));
+                                       std::min<int64_t>(2, end - row - 2), stream);
     if (row < end)
-      backward_rows16<Tx, kBf16Ins, 1>(dy + row * n, x + row * n, dx + row * n, dw, w, rstd + row, n, mode, 0);
+      backward_rows16<Tx, kBf16Ins, 1>(dy + row * n, x + row * n, dx + row * n, dw, w, rstd + row, n, mode, 0, stream);
+    if (stream) pfp::stream_fence();
     return;
   }
 #endif
@@ -391,21 +428,21 @@ template <typename Tdy>
 __attribute__((target("avx512bf16"), flatten)) void backward_rows_bf16ins(const Tdy* dy, const bf16* x, bf16* dx,
                                                                           float* dw, const float* w, const float* rstd,
                                                                           int64_t begin, int64_t end, int64_t n,
-                                                                          int mode) {
-  backward_rows<bf16, true>(dy, x, dx, dw, w, rstd, begin, end, n, mode);
+                                                                          int mode, bool stream) {
+  backward_rows<bf16, true>(dy, x, dx, dw, w, rstd, begin, end, n, mode, stream);
 }
 #endif
 
 // backward_rows, by backward_rows_bf16ins where that applies.
 template <typename Tx, typename Tdy, typename C>
 inline void backward_rows_any(const Tdy* dy, const Tx* x, Tx* dx, C* dw, const C* w, const C* rstd, int64_t begin,
-                              int64_t end, int64_t n, int mode, bool bf16ins) {
+                              int64_t end, int64_t n, int mode, bool bf16ins, bool stream) {
 #if defined(__AVX512F__)
   if constexpr (std::is_same_v<Tx, bf16>) {
-    if (bf16ins) return backward_rows_bf16ins(dy, x, dx, dw, w, rstd, begin, end, n, mode);
+    if (bf16ins) return backward_rows_bf16ins(dy, x, dx, dw, w, rstd, begin, end, n, mode, stream);
   }
 #endif
-  backward_rows<Tx>(dy, x, dx, dw, w, rstd, begin, end, n, mode);
+  backward_rows<Tx>(dy, x, dx, dw, w, rstd, begin, end, n, mode, stream);
 }
 
 // dy: [rows, n] of Tdy, x: [rows, n] of Tx, dx: [rows, n] of Tx; dw_out: [n] of the compute type (fp32;
@@ -420,9 +457,14 @@ void backward_impl(const Tdy* dy, const Tx* x, const void* weight, int weight_dt
   const C* rstd = static_cast<const C*>(rstd_in);
   C* dw = static_cast<C*>(dw_out);
   const bool bf16ins = pfp::avx512_bf16_in_use();
+#if defined(__AVX512F__)
+  const bool stream = pfp::streams(rows * n * int64_t(sizeof(Tx)));  // dx streams past the caches (common.h)
+#else
+  const bool stream = false;
+#endif
   if (!dw) {
     pfp::parallel_for(rows, 5 * n, nthreads, [&](int64_t begin, int64_t end, int) {
-      backward_rows_any<Tx>(dy, x, dx, static_cast<C*>(nullptr), wp, rstd, begin, end, n, mode, bf16ins);
+      backward_rows_any<Tx>(dy, x, dx, static_cast<C*>(nullptr), wp, rstd, begin, end, n, mode, bf16ins, stream);
     });
     return;
   }
@@ -438,7 +480,7 @@ void backward_impl(const Tdy* dy, const Tx* x, const void* weight, int weight_dt
       std::fill(partial, partial + n, C(0));
       int64_t begin, end;
       pfp::split_range(rows, int(p), int(partials), begin, end);
-      backward_rows_any<Tx>(dy, x, dx, partial, wp, rstd, begin, end, n, mode, bf16ins);
+      backward_rows_any<Tx>(dy, x, dx, partial, wp, rstd, begin, end, n, mode, bf16ins, stream);
     }
   });
   if (partials == 1) return;
