@@ -220,3 +220,22 @@ def test_swiglu_on_each_device_matches_reference(device, backend, dtype, shape):
     up, dy = torch.randn(shape, device=device).to(dtype), torch.randn(shape, device=device).to(dtype)
     for ours, ref in zip(grads_of(backend, swiglu, (gate, up), dy), grads_of("reference", swiglu, (gate, up), dy)):
         assert_close(ours, ref)
+
+
+@pytest.mark.parametrize("isa", CPU_ISAS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32, torch.float16])
+def test_swiglu_large_outputs_are_bitwise_the_small_ones(isa, dtype):
+    # From 16 MiB of output a call, the AVX-512 kernels write by streaming stores (fp16 excepted): the same bits as
+    # the same rows in small calls, which stay below that size and store plainly.
+    rows, columns = (1025 if dtype == torch.float32 else 2049), 4100
+    gate, up, dy = (torch.randn(rows, columns).mul_(3).to(dtype) for _ in range(3))
+    with cpu_isa(isa):
+        y = torch.ops.pyfastpeft.swiglu_forward(gate, up)
+        dgate, dup = torch.ops.pyfastpeft.swiglu_backward(dy, gate, up)
+        parts = list(zip(dy.split(128), gate.split(128), up.split(128)))
+        y_parts = [torch.ops.pyfastpeft.swiglu_forward(g, u) for _, g, u in parts]
+        grad_parts = [torch.ops.pyfastpeft.swiglu_backward(d, g, u) for d, g, u in parts]
+    assert y.nbytes >= 16 << 20
+    assert torch.equal(y, torch.cat(y_parts))
+    assert torch.equal(dgate, torch.cat([p[0] for p in grad_parts]))
+    assert torch.equal(dup, torch.cat([p[1] for p in grad_parts]))

@@ -369,16 +369,24 @@ __attribute__((always_inline)) inline void put16x2_if(bf16* dst, __m512 first, _
   if (stream && aligned_to(dst, 64)) return _mm512_stream_si512(reinterpret_cast<__m512i*>(dst), packed);
   _mm512_storeu_si512(dst, packed);
 }
-// 32 bf16 from lo, hi in load32's lane order into dst[0, 32), as store32_if rounds, streamed where `stream` allows.
-template <bool kBf16Ins>
-__attribute__((always_inline)) inline void put32_if(bf16* dst, __m512 lo, __m512 hi, bool stream) {
-  __m512i packed;
-  if constexpr (kBf16Ins)
-    packed = pack32_bf16ins(lo, hi);
-  else
-    packed = pack32(lo, hi);
-  if (stream && aligned_to(dst, 64)) return _mm512_stream_si512(reinterpret_cast<__m512i*>(dst), packed);
-  _mm512_storeu_si512(dst, packed);
+// 32 elements from lo, hi in load32's lane order into dst[0, 32), as store32_if stores them, streamed where `stream`
+// allows (fp16: plain stores).
+template <bool kBf16Ins, typename T>
+__attribute__((always_inline)) inline void put32_if(T* dst, __m512 lo, __m512 hi, bool stream) {
+  if constexpr (std::is_same_v<T, bf16>) {
+    __m512i packed;
+    if constexpr (kBf16Ins)
+      packed = pack32_bf16ins(lo, hi);
+    else
+      packed = pack32(lo, hi);
+    if (stream && aligned_to(dst, 64)) return _mm512_stream_si512(reinterpret_cast<__m512i*>(dst), packed);
+    _mm512_storeu_si512(dst, packed);
+  } else if constexpr (std::is_same_v<T, float>) {
+    put16_if<false>(dst, lo, stream);
+    put16_if<false>(dst + 16, hi, stream);
+  } else {
+    store32(dst, lo, hi);
+  }
 }
 
 // round_to<T> of 16 lanes in registers: v as it reads back once stored as T (float: v itself).

@@ -45,13 +45,13 @@ inline void swiglu_grads16(__m512 d, __m512 g, __m512 u, __m512& dg, __m512& du)
 
 // Elements [start, start + len) of the flat buffers.
 template <bool kBf16Ins, typename T>
-inline void forward_range(const T* gate, const T* up, T* out, int64_t start, int64_t len) {
+inline void forward_range(const T* gate, const T* up, T* out, int64_t start, int64_t len, bool stream) {
   int64_t i = 0;
   for (; i + 32 <= len; i += 32) {
     __m512 g0, g1, u0, u1;
     pfp::load32(gate + start + i, g0, g1);
     pfp::load32(up + start + i, u0, u1);
-    pfp::store32_if<kBf16Ins>(out + start + i, swiglu16(g0, u0), swiglu16(g1, u1));
+    pfp::put32_if<kBf16Ins>(out + start + i, swiglu16(g0, u0), swiglu16(g1, u1), stream);
   }
   for (; i < len; i += 16) {
     const __mmask16 valid = pfp::lanes16(len - i);
@@ -61,7 +61,8 @@ inline void forward_range(const T* gate, const T* up, T* out, int64_t start, int
 }
 
 template <bool kBf16Ins, typename T>
-inline void backward_range(const T* dy, const T* gate, const T* up, T* dgate, T* dup, int64_t start, int64_t len) {
+inline void backward_range(const T* dy, const T* gate, const T* up, T* dgate, T* dup, int64_t start, int64_t len,
+                           bool stream) {
   int64_t i = 0;
   for (; i + 32 <= len; i += 32) {
     __m512 d0, d1, g0, g1, u0, u1, dg0, dg1, du0, du1;
@@ -70,8 +71,8 @@ inline void backward_range(const T* dy, const T* gate, const T* up, T* dgate, T*
     pfp::load32(up + start + i, u0, u1);
     swiglu_grads16(d0, g0, u0, dg0, du0);
     swiglu_grads16(d1, g1, u1, dg1, du1);
-    pfp::store32_if<kBf16Ins>(dgate + start + i, dg0, dg1);
-    pfp::store32_if<kBf16Ins>(dup + start + i, du0, du1);
+    pfp::put32_if<kBf16Ins>(dgate + start + i, dg0, dg1, stream);
+    pfp::put32_if<kBf16Ins>(dup + start + i, du0, du1, stream);
   }
   for (; i < len; i += 16) {
     const __mmask16 valid = pfp::lanes16(len - i);
@@ -85,13 +86,13 @@ inline void backward_range(const T* dy, const T* gate, const T* up, T* dgate, T*
 
 // The bf16 ranges with AVX512-BF16 stores: flatten inlines the loops, and the store into them, under this target.
 __attribute__((target("avx512bf16"), flatten)) void forward_range_bf16ins(const bf16* gate, const bf16* up, bf16* out,
-                                                                          int64_t start, int64_t len) {
-  forward_range<true>(gate, up, out, start, len);
+                                                                          int64_t start, int64_t len, bool stream) {
+  forward_range<true>(gate, up, out, start, len, stream);
 }
 __attribute__((target("avx512bf16"), flatten)) void backward_range_bf16ins(const bf16* dy, const bf16* gate,
                                                                            const bf16* up, bf16* dgate, bf16* dup,
-                                                                           int64_t start, int64_t len) {
-  backward_range<true>(dy, gate, up, dgate, dup, start, len);
+                                                                           int64_t start, int64_t len, bool stream) {
+  backward_range<true>(dy, gate, up, dgate, dup, start, len, stream);
 }
 
 template <typename T>
@@ -117,11 +118,13 @@ void forward_impl(const T* gate, const T* up, T* out, int64_t numel, int nthread
 #if defined(__AVX512F__)
   if constexpr (kVector16<T>) {
     const bool bf16ins = pfp::avx512_bf16_in_use();
+    const bool stream = pfp::streams(numel * int64_t(sizeof(T)));  // out past the caches (common.h)
     over_ranges(numel, kChunk * 8, nthreads, [&](int64_t start, int64_t len) {
       if constexpr (std::is_same_v<T, bf16>) {
-        if (bf16ins) return forward_range_bf16ins(gate, up, out, start, len);
+        if (bf16ins) forward_range_bf16ins(gate, up, out, start, len, stream);
       }
-      forward_range<false>(gate, up, out, start, len);
+      if (!(std::is_same_v<T, bf16> && bf16ins)) forward_range<false>(gate, up, out, start, len, stream);
+      if (stream) pfp::stream_fence();
     });
     return;
   }
@@ -145,11 +148,13 @@ void backward_impl(const T* dy, const T* gate, const T* up, T* dgate, T* dup, in
 #if defined(__AVX512F__)
   if constexpr (kVector16<T>) {
     const bool bf16ins = pfp::avx512_bf16_in_use();
+    const bool stream = pfp::streams(2 * numel * int64_t(sizeof(T)));  // dgate and dup past the caches
     over_ranges(numel, kChunk * 12, nthreads, [&](int64_t start, int64_t len) {
       if constexpr (std::is_same_v<T, bf16>) {
-        if (bf16ins) return backward_range_bf16ins(dy, gate, up, dgate, dup, start, len);
+        if (bf16ins) backward_range_bf16ins(dy, gate, up, dgate, dup, start, len, stream);
       }
-      backward_range<false>(dy, gate, up, dgate, dup, start, len);
+      if (!(std::is_same_v<T, bf16> && bf16ins)) backward_range<false>(dy, gate, up, dgate, dup, start, len, stream);
+      if (stream) pfp::stream_fence();
     });
     return;
   }
