@@ -333,13 +333,15 @@ __attribute__((always_inline)) inline void store32_if(T* dst, __m512 lo, __m512 
 // to the store's width, the plain store elsewhere (the same bits either way); a thread that streamed calls
 // stream_fence() (sfence) before its results may be read by another. RMSNorm 4096 x 4096 on Zen 4, two threads,
 // streaming and plain stores alternating in one process: the forward took 0.63-0.75x the time, fp32's backward
-// 0.84-0.86x, bf16's the same (64-byte stores of dx, below).
+// 0.84-0.86x, bf16's the same (its dx in 64-byte stores, put16x2_if).
 constexpr int64_t kStreamBytes = int64_t(16) << 20;
 inline bool streams(int64_t output_bytes) { return output_bytes >= kStreamBytes; }
 inline void stream_fence() { _mm_sfence(); }
 inline bool aligned_to(const void* p, uintptr_t bytes) { return (reinterpret_cast<uintptr_t>(p) & (bytes - 1)) == 0; }
 
-// 16 lanes of v into dst[0, 16) (float, or bf16 rounded as store16_if rounds), streamed where `stream` allows.
+// 16 lanes of v into dst[0, 16): fp32 streamed where `stream` allows, bf16 (rounded as store16_if rounds) always
+// plainly, since 32 bytes are half a line: a bf16 RMSNorm backward whose dx went out by 32-byte streaming stores left
+// half-written lines behind and took 1.18x the time. Whole lines of bf16: put16x2_if, put32_if.
 template <bool kBf16Ins, typename T>
 __attribute__((always_inline)) inline void put16_if(T* dst, __m512 v, bool stream) {
   if constexpr (std::is_same_v<T, float>) {
@@ -347,18 +349,11 @@ __attribute__((always_inline)) inline void put16_if(T* dst, __m512 v, bool strea
     _mm512_storeu_ps(dst, v);
   } else {
     static_assert(std::is_same_v<T, bf16>, "put16_if: float or bf16");
-    __m256i packed;
-    if constexpr (kBf16Ins)
-      packed = pack16_bf16ins(v);
-    else
-      packed = pack16(v);
-    if (stream && aligned_to(dst, 32)) return _mm256_stream_si256(reinterpret_cast<__m256i*>(dst), packed);
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), packed);
+    store16_if<kBf16Ins>(dst, v);
   }
 }
 // 32 bf16 from two vectors in element order (first: elements 0-15) into dst[0, 32), each rounded as store16_if
-// rounds it: one 64-byte store, whole lines for a streaming one (a row of 32-byte streaming stores left half-written
-// lines behind, which cost a bf16 RMSNorm backward more than the reads it saved).
+// rounds it, in one 64-byte store: a whole line, streamed where `stream` allows.
 template <bool kBf16Ins>
 __attribute__((always_inline)) inline void put16x2_if(bf16* dst, __m512 first, __m512 second, bool stream) {
   __m512i packed;
