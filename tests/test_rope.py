@@ -395,3 +395,25 @@ def test_rope_on_each_device_matches_reference(device, backend, dtype, interleav
     exact = grads_of("reference", exact_fn, (q.double(), k.double()), tuple(t.double() for t in dy))
     for a, b, e in zip(ours, ref, exact):
         assert_no_less_accurate(a, b, e, dtype)
+
+
+@pytest.mark.parametrize("isa", CPU_ISAS)
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("interleaved", [False, True])
+@pytest.mark.parametrize("dim, rot", [(128, 128), (96, 80)])
+def test_rope_large_outputs_are_bitwise_the_small_ones(isa, dtype, interleaved, dim, rot):
+    # From 16 MiB of output a call (q and k), the AVX-512 rows write by streaming stores where aligned: the same bits
+    # as the same positions in small calls, which store plainly. 80 of 96 channels rotate (a 16-step and a tail).
+    seq = (1024 if dtype == torch.float32 else 2048) * 128 // dim
+    q, k = hf_layout(1, 32, seq, dim, dtype), hf_layout(1, 8, seq, dim, dtype)
+    cos, sin = hf_tables(1, seq, rot, dtype, interleaved)
+    with cpu_isa(isa):
+        q_out, k_out = apply_rotary_pos_emb(q, k, cos, sin, interleaved=interleaved)
+        parts = [
+            apply_rotary_pos_emb(q[:, :, s : s + 128], k[:, :, s : s + 128], cos[:, s : s + 128], sin[:, s : s + 128],
+                                 interleaved=interleaved)
+            for s in range(0, seq, 128)
+        ]  # fmt: skip
+    assert q_out.nbytes + k_out.nbytes >= 16 << 20
+    assert torch.equal(q_out, torch.cat([p[0] for p in parts], dim=2))
+    assert torch.equal(k_out, torch.cat([p[1] for p in parts], dim=2))

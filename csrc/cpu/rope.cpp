@@ -60,19 +60,40 @@ inline __m512 rotate16(__m512 x, __m512 c, __m512 partner, __m512 p) {
   return _mm512_add_ps(_mm512_mul_ps(x, c), _mm512_mul_ps(partner, p));
 }
 
-// Whole vectors unmasked, then one masked tail (every masked lane reads 0 and is not stored).
+// 16 lanes into y, streamed where `stream` and the row is fp32 (whole lines); 32 elements from two vectors in element
+// order, one 64-byte store for bf16 (streamed where `stream`). fp16 rows store plainly.
+template <bool kBf16Ins, typename T>
+__attribute__((always_inline)) inline void put16(T* y, __m512 v, bool stream) {
+  if constexpr (std::is_same_v<T, half>)
+    pfp::store16_if<kBf16Ins>(y, v);
+  else
+    pfp::put16_if<kBf16Ins>(y, v, stream);
+}
+template <bool kBf16Ins, typename T>
+__attribute__((always_inline)) inline void put32(T* y, __m512 first, __m512 second, bool stream) {
+  if constexpr (std::is_same_v<T, bf16>) {
+    pfp::put16x2_if<kBf16Ins>(y, first, second, stream);
+  } else {
+    put16<kBf16Ins>(y, first, stream);
+    put16<kBf16Ins>(y + 16, second, stream);
+  }
+}
+
+// Whole vectors unmasked, 32 elements a step while a half (or, interleaved, the row) holds them, then one masked
+// tail (every masked lane reads 0 and is not stored). stream: outputs past the caches (common.h's streaming stores).
 template <bool kBf16Ins, typename T>
 inline void rotate_row16(const T* __restrict x, T* __restrict y, const float* __restrict c, const float* __restrict p,
-                         int64_t head_dim, int64_t rot_dim, bool interleaved) {
+                         int64_t head_dim, int64_t rot_dim, bool interleaved, bool stream) {
   if (interleaved) {
     // The partner of lane 2j is 2j+1 and back: one in-lane swap of each pair (rot_dim is even, so the tail never
     // splits a pair).
+    auto rotated = [&](int64_t i, __m512 x0) __attribute__((always_inline)) {
+      return rotate16(x0, _mm512_loadu_ps(c + i), _mm512_permute_ps(x0, 0xB1), _mm512_loadu_ps(p + i));
+    };
     int64_t i = 0;
-    for (; i + 16 <= rot_dim; i += 16) {
-      const __m512 x0 = pfp::load16(x + i);
-      pfp::store16_if<kBf16Ins>(
-          y + i, rotate16(x0, _mm512_loadu_ps(c + i), _mm512_permute_ps(x0, 0xB1), _mm512_loadu_ps(p + i)));
-    }
+    for (; i + 32 <= rot_dim; i += 32)
+      put32<kBf16Ins>(y + i, rotated(i, pfp::load16(x + i)), rotated(i + 16, pfp::load16(x + i + 16)), stream);
+    for (; i + 16 <= rot_dim; i += 16) put16<kBf16Ins>(y + i, rotated(i, pfp::load16(x + i)), stream);
     if (i < rot_dim) {
       const __mmask16 valid = pfp::lanes16(rot_dim - i);
       const __m512 x0 = pfp::load16(x + i, valid);
@@ -82,12 +103,24 @@ inline void rotate_row16(const T* __restrict x, T* __restrict y, const float* __
     }
   } else {
     const int64_t half_rot = rot_dim / 2;
+    // y[i] from x[i] and its partner x[i + half_rot], and y[i + half_rot] from the same two (16 lanes each)
+    auto first = [&](int64_t i, __m512 x0, __m512 x1) __attribute__((always_inline)) {
+      return rotate16(x0, _mm512_loadu_ps(c + i), x1, _mm512_loadu_ps(p + i));
+    };
+    auto second = [&](int64_t i, __m512 x0, __m512 x1) __attribute__((always_inline)) {
+      return rotate16(x1, _mm512_loadu_ps(c + i + half_rot), x0, _mm512_loadu_ps(p + i + half_rot));
+    };
     int64_t i = 0;
+    for (; i + 32 <= half_rot; i += 32) {
+      const __m512 x0 = pfp::load16(x + i), x1 = pfp::load16(x + i + half_rot);
+      const __m512 x0n = pfp::load16(x + i + 16), x1n = pfp::load16(x + i + 16 + half_rot);
+      put32<kBf16Ins>(y + i, first(i, x0, x1), first(i + 16, x0n, x1n), stream);
+      put32<kBf16Ins>(y + i + half_rot, second(i, x0, x1), second(i + 16, x0n, x1n), stream);
+    }
     for (; i + 16 <= half_rot; i += 16) {
       const __m512 x0 = pfp::load16(x + i), x1 = pfp::load16(x + i + half_rot);
-      pfp::store16_if<kBf16Ins>(y + i, rotate16(x0, _mm512_loadu_ps(c + i), x1, _mm512_loadu_ps(p + i)));
-      pfp::store16_if<kBf16Ins>(y + i + half_rot,
-                                rotate16(x1, _mm512_loadu_ps(c + i + half_rot), x0, _mm512_loadu_ps(p + i + half_rot)));
+      put16<kBf16Ins>(y + i, first(i, x0, x1), stream);
+      put16<kBf16Ins>(y + i + half_rot, second(i, x0, x1), stream);
     }
     if (i < half_rot) {
       const __mmask16 valid = pfp::lanes16(half_rot - i);
@@ -104,8 +137,9 @@ inline void rotate_row16(const T* __restrict x, T* __restrict y, const float* __
 
 __attribute__((target("avx512bf16"), flatten)) void rotate_row16_bf16ins(const bf16* x, bf16* y, const float* c,
                                                                          const float* p, int64_t head_dim,
-                                                                         int64_t rot_dim, bool interleaved) {
-  rotate_row16<true>(x, y, c, p, head_dim, rot_dim, interleaved);
+                                                                         int64_t rot_dim, bool interleaved,
+                                                                         bool stream) {
+  rotate_row16<true>(x, y, c, p, head_dim, rot_dim, interleaved, stream);
 }
 
 template <typename T>
@@ -126,6 +160,9 @@ void rope_impl(const T* q, const T* k, T* q_out, T* k_out, const T* cos, const T
   const int64_t block = std::min(std::max(per_thread, kMinPositionBlock), kMaxPositionBlock);
   const int64_t blocks_per_batch = (seq + block - 1) / block;
   [[maybe_unused]] const bool bf16ins = pfp::avx512_bf16_in_use();
+#if defined(__AVX512F__)
+  const bool stream = pfp::streams(batch * seq * (q_heads + k_heads) * head_dim * int64_t(sizeof(T)));
+#endif
   // Work item: `block` positions of one batch entry, all q heads then all k heads.
   pfp::parallel_for(
       batch * blocks_per_batch, (q_heads + k_heads) * head_dim * block * 2, nthreads,
@@ -170,9 +207,9 @@ void rope_impl(const T* q, const T* k, T* q_out, T* k_out, const T* cos, const T
 #if defined(__AVX512F__)
               if constexpr (kVector16<T>) {
                 if constexpr (std::is_same_v<T, bf16>) {
-                  if (bf16ins) return rotate_row16_bf16ins(src, dst, c, p, head_dim, rot_dim, interleaved);
+                  if (bf16ins) return rotate_row16_bf16ins(src, dst, c, p, head_dim, rot_dim, interleaved, stream);
                 }
-                return rotate_row16<false>(src, dst, c, p, head_dim, rot_dim, interleaved);
+                return rotate_row16<false>(src, dst, c, p, head_dim, rot_dim, interleaved, stream);
               }
 #endif
               if constexpr (std::is_same<T, half>::value) {  // F16C conversions vectorize in load/store_row only
@@ -199,6 +236,9 @@ void rope_impl(const T* q, const T* k, T* q_out, T* k_out, const T* cos, const T
           rotate_tensor(q, q_out, qs, qos, q_heads);
           rotate_tensor(k, k_out, ks, kos, k_heads);
         }
+#if defined(__AVX512F__)
+        if (stream) pfp::stream_fence();
+#endif
       });
 }
 
