@@ -227,27 +227,18 @@ inline void store16(half* dst, __m512 v) {
                       _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
 }
 
-// 32 consecutive elements as two vectors of 16 fp32 lanes in an order of their own, and back: for elementwise
-// kernels, whose inputs and outputs all take the same order. bf16 widens by interleaving zeros below each value
-// (vpunpck{l,h}wd: lo holds elements 0-3, 8-11, 16-19, 24-27, hi the rest) and narrows by vpackusdw, which puts them
-// back in place: one operation a vector each way, against two and three for load16/store16 (Zen 4 splits the
-// lane-crossing vpmovzxwd and vpmovdw).
+// 32 consecutive elements as two vectors of 16 fp32 lanes in an order of their own (put32_if stores them back): for
+// elementwise kernels, whose inputs and outputs all take the same order. bf16 widens by interleaving zeros below each
+// value (vpunpck{l,h}wd: lo holds elements 0-3, 8-11, 16-19, 24-27, hi the rest) and narrows by vpackusdw, which puts
+// them back in place: one operation a vector each way, against two and three for load16/store16 (Zen 4 splits the
+// lane-crossing vpmovzxwd and vpmovdw). fp32 and fp16: lo is elements 0-15, hi 16-31.
 inline void load32(const float* src, __m512& lo, __m512& hi) {
   lo = _mm512_loadu_ps(src);
   hi = _mm512_loadu_ps(src + 16);
 }
-inline void store32(float* dst, __m512 lo, __m512 hi) {
-  _mm512_storeu_ps(dst, lo);
-  _mm512_storeu_ps(dst + 16, hi);
-}
 inline void load32(const half* src, __m512& lo, __m512& hi) {
   lo = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src)));
   hi = _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(src + 16)));
-}
-inline void store32(half* dst, __m512 lo, __m512 hi) {
-  constexpr int kRound = _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC;
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), _mm512_cvtps_ph(lo, kRound));
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst + 16), _mm512_cvtps_ph(hi, kRound));
 }
 inline void load32(const bf16* src, __m512& lo, __m512& hi) {
   const __m512i raw = _mm512_loadu_si512(src), zero = _mm512_setzero_si512();
@@ -258,11 +249,10 @@ inline void load32(const bf16* src, __m512& lo, __m512& hi) {
 inline __m512i pack32(__m512 lo, __m512 hi) {
   return _mm512_packus_epi32(_mm512_srli_epi32(bf16_high16(lo), 16), _mm512_srli_epi32(bf16_high16(hi), 16));
 }
-inline void store32(bf16* dst, __m512 lo, __m512 hi) { _mm512_storeu_si512(dst, pack32(lo, hi)); }
 
-// store32 for bf16 in one vcvtne2ps2bf16 (nearest even, NaN kept quiet, as store32) and one vpermq that puts the
-// 4-element groups of load32's order back in place. For callers with this target that checked
-// pfp::avx512_bf16_in_use(). The instruction reads a subnormal as zero: a pair that holds one (rare) takes store32.
+// pack32 in one vcvtne2ps2bf16 (nearest even, NaN kept quiet, as pack32) and one vpermq that puts the 4-element
+// groups of load32's order back in place. For callers with this target that checked pfp::avx512_bf16_in_use(). The
+// instruction reads a subnormal as zero: a pair that holds one (rare) takes pack32.
 constexpr int kSubnormal = 0x20;  // vfpclassps: denormal, either sign
 __attribute__((target("avx512bf16"))) inline __m512i pack32_bf16ins(__m512 lo, __m512 hi) {
   if ((_mm512_fpclass_ps_mask(lo, kSubnormal) | _mm512_fpclass_ps_mask(hi, kSubnormal)) != 0) return pack32(lo, hi);
@@ -270,12 +260,9 @@ __attribute__((target("avx512bf16"))) inline __m512i pack32_bf16ins(__m512 lo, _
   const __m512i packed = _mm512_castps_si512(reinterpret_cast<__m512>(_mm512_cvtne2ps_pbh(hi, lo)));
   return _mm512_permutexvar_epi64(_mm512_setr_epi64(0, 4, 1, 5, 2, 6, 3, 7), packed);
 }
-__attribute__((target("avx512bf16"))) inline void store32_bf16ins(bf16* dst, __m512 lo, __m512 hi) {
-  _mm512_storeu_si512(dst, pack32_bf16ins(lo, hi));
-}
 
-// store16 and round16<bf16> by vcvtneps2bf16, under the same contract as store32_bf16ins; a vector that holds a
-// subnormal takes the integer rounding.
+// store16, pack16 (one vector, or two in element order) and round16<bf16> by vcvtneps2bf16 / vcvtne2ps2bf16, under
+// the same contract as pack32_bf16ins; a vector that holds a subnormal takes the integer rounding.
 __attribute__((target("avx512bf16"))) inline void store16_bf16ins(bf16* dst, __mmask16 valid, __m512 v) {
   if (_mm512_fpclass_ps_mask(v, kSubnormal) != 0) return store16(dst, valid, v);
   _mm256_mask_storeu_epi16(dst, valid, reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v)));
@@ -298,7 +285,7 @@ __attribute__((target("avx512bf16"))) inline __m512 round16_bf16ins(__m512 v) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(bits), 16));
 }
 
-// store16, store32 and round16 of T by the AVX512-BF16 instructions where kBf16Ins and T is bf16 (the caller is
+// store16 and round16 of T by the AVX512-BF16 instructions where kBf16Ins and T is bf16 (the caller is
 // a function with that target, run only where pfp::avx512_bf16_in_use()), else by the integer rounding: the same
 // bits either way. Kernels template their rows on kBf16Ins and call these (on Zen 4 the integer rounding's seven
 // operations a vector held the bf16 rows of RMSNorm and SwiGLU to about half the copy rate). always_inline: under
@@ -317,19 +304,12 @@ __attribute__((always_inline)) inline void store16_if(T* dst, __m512 v) {
   else
     store16(dst, v);
 }
-template <bool kBf16Ins, typename T>
-__attribute__((always_inline)) inline void store32_if(T* dst, __m512 lo, __m512 hi) {
-  if constexpr (kBf16Ins && std::is_same_v<T, bf16>)
-    store32_bf16ins(dst, lo, hi);
-  else
-    store32(dst, lo, hi);
-}
 
 // ---- streaming stores ----------------------------------------------------------------------------------------
 // A plain store first reads its line into the cache (read for ownership): a pass that reads one tensor and writes
 // one moves three bytes for every two it counts. A streaming store writes whole lines without reading them, past
 // the caches, so it pays only for an output the next operation would not find in cache anyway: from kStreamBytes of
-// output a call (the last-level cache here is 32 MiB). put16_if / put32_if take it where `stream` and dst is aligned
+// output a call (the last-level cache here is 32 MiB). The put*_if stores take it where `stream` and dst is aligned
 // to the store's width, the plain store elsewhere (the same bits either way); a thread that streamed calls
 // stream_fence() (sfence) before its results may be read by another. RMSNorm 4096 x 4096 on Zen 4, two threads,
 // streaming and plain stores alternating in one process: the forward took 0.63-0.75x the time, fp32's backward
@@ -339,33 +319,44 @@ inline bool streams(int64_t output_bytes) { return output_bytes >= kStreamBytes;
 inline void stream_fence() { _mm_sfence(); }
 inline bool aligned_to(const void* p, uintptr_t bytes) { return (reinterpret_cast<uintptr_t>(p) & (bytes - 1)) == 0; }
 
-// 16 lanes of v into dst[0, 16): fp32 streamed where `stream` allows, bf16 (rounded as store16_if rounds) always
-// plainly, since 32 bytes are half a line: a bf16 RMSNorm backward whose dx went out by 32-byte streaming stores left
-// half-written lines behind and took 1.18x the time. Whole lines of bf16: put16x2_if, put32_if.
+// 16 lanes of v into dst[0, 16), rounded as store16_if rounds: fp32 streamed where `stream` allows, bf16 and fp16
+// always plainly, since 32 bytes are half a line: a bf16 RMSNorm backward whose dx went out by 32-byte streaming
+// stores left half-written lines behind and took 1.18x the time (whole lines of bf16: put16x2_if, put32_if).
 template <bool kBf16Ins, typename T>
 __attribute__((always_inline)) inline void put16_if(T* dst, __m512 v, bool stream) {
   if constexpr (std::is_same_v<T, float>) {
     if (stream && aligned_to(dst, 64)) return _mm512_stream_ps(dst, v);
-    _mm512_storeu_ps(dst, v);
-  } else {
-    static_assert(std::is_same_v<T, bf16>, "put16_if: float or bf16");
-    store16_if<kBf16Ins>(dst, v);
   }
+  store16_if<kBf16Ins>(dst, v);
 }
-// 32 bf16 from two vectors in element order (first: elements 0-15) into dst[0, 32), each rounded as store16_if
-// rounds it, in one 64-byte store: a whole line, streamed where `stream` allows.
-template <bool kBf16Ins>
-__attribute__((always_inline)) inline void put16x2_if(bf16* dst, __m512 first, __m512 second, bool stream) {
-  __m512i packed;
-  if constexpr (kBf16Ins)
-    packed = pack16x2_bf16ins(first, second);
-  else
-    packed = _mm512_inserti64x4(_mm512_castsi256_si512(pack16(first)), pack16(second), 1);
+// The `valid` lanes: all of them as put16_if, fewer by a masked plain store (a row's tail).
+template <bool kBf16Ins, typename T>
+__attribute__((always_inline)) inline void put16_if(T* dst, __mmask16 valid, __m512 v, bool stream) {
+  if (valid == __mmask16(0xFFFF)) return put16_if<kBf16Ins>(dst, v, stream);
+  store16_if<kBf16Ins>(dst, valid, v);
+}
+// 64 bytes of packed bits into dst, streamed where `stream` allows and dst is aligned, plainly elsewhere.
+inline void put_line(void* dst, __m512i packed, bool stream) {
   if (stream && aligned_to(dst, 64)) return _mm512_stream_si512(reinterpret_cast<__m512i*>(dst), packed);
   _mm512_storeu_si512(dst, packed);
 }
-// 32 elements from lo, hi in load32's lane order into dst[0, 32), as store32_if stores them, streamed where `stream`
-// allows (fp16: plain stores).
+// 32 elements from two vectors in element order (first: elements 0-15) into dst[0, 32): bf16 in one 64-byte store,
+// a whole line, streamed where `stream` allows; fp32 and fp16 as two put16_if.
+template <bool kBf16Ins, typename T>
+__attribute__((always_inline)) inline void put16x2_if(T* dst, __m512 first, __m512 second, bool stream) {
+  if constexpr (std::is_same_v<T, bf16>) {
+    __m512i packed;
+    if constexpr (kBf16Ins)
+      packed = pack16x2_bf16ins(first, second);
+    else
+      packed = _mm512_inserti64x4(_mm512_castsi256_si512(pack16(first)), pack16(second), 1);
+    put_line(dst, packed, stream);
+  } else {
+    put16_if<kBf16Ins>(dst, first, stream);
+    put16_if<kBf16Ins>(dst + 16, second, stream);
+  }
+}
+// 32 elements from lo, hi in load32's lane order into dst[0, 32), as put16x2_if stores them.
 template <bool kBf16Ins, typename T>
 __attribute__((always_inline)) inline void put32_if(T* dst, __m512 lo, __m512 hi, bool stream) {
   if constexpr (std::is_same_v<T, bf16>) {
@@ -374,13 +365,9 @@ __attribute__((always_inline)) inline void put32_if(T* dst, __m512 lo, __m512 hi
       packed = pack32_bf16ins(lo, hi);
     else
       packed = pack32(lo, hi);
-    if (stream && aligned_to(dst, 64)) return _mm512_stream_si512(reinterpret_cast<__m512i*>(dst), packed);
-    _mm512_storeu_si512(dst, packed);
-  } else if constexpr (std::is_same_v<T, float>) {
-    put16_if<false>(dst, lo, stream);
-    put16_if<false>(dst + 16, hi, stream);
+    put_line(dst, packed, stream);
   } else {
-    store32(dst, lo, hi);
+    put16x2_if<kBf16Ins>(dst, lo, hi, stream);  // load32's order is element order for fp32 and fp16
   }
 }
 

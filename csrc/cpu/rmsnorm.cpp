@@ -95,10 +95,7 @@ inline float normalize_row16(const Tsrc* __restrict x, Tdst* __restrict y, const
       _mm_prefetch(reinterpret_cast<const char*>(x_ahead + i), _MM_HINT_T1);
     const __m512 xv = pfp::load16(x + i, valid), wv = _mm512_maskz_loadu_ps(valid, w + i);
     const __m512 yv = normalized16<Tround, kBf16Ins>(xv, wv, rv, mode);
-    if (valid == __mmask16(0xFFFF))
-      pfp::put16_if<kBf16Ins>(y + i, yv, stream);
-    else
-      pfp::store16_if<kBf16Ins>(y + i, valid, yv);
+    pfp::put16_if<kBf16Ins>(y + i, valid, yv, stream);
   };
   int64_t i = 0;
   for (; i + 16 <= n; i += 16) step(i, __mmask16(0xFFFF));
@@ -146,10 +143,7 @@ inline __m512 normalize_pass16(const Tsrc* __restrict x, Tdst* __restrict y, con
     next_acc = _mm512_mask_mov_ps(next_acc, valid, _mm512_fmadd_ps(xn, xn, next_acc));
     const __m512 xv = pfp::load16(x + i, valid), wv = _mm512_maskz_loadu_ps(valid, w + i);
     const __m512 yv = normalized16<Tround, kBf16Ins>(xv, wv, rv, kMode);
-    if (valid == __mmask16(0xFFFF))
-      pfp::put16_if<kBf16Ins>(y + i, yv, stream);
-    else
-      pfp::store16_if<kBf16Ins>(y + i, valid, yv);
+    pfp::put16_if<kBf16Ins>(y + i, valid, yv, stream);
   };
   int64_t i = 0;
   if constexpr (kPaired<Tsrc, Tdst>) {
@@ -246,10 +240,7 @@ inline void backward_rows16(const Tgrad* __restrict dy, const Tsrc* __restrict x
     __m512 out[R];
     dx_values(i, valid, out);
     for (int k = 0; k < R; ++k) {
-      if (valid == __mmask16(0xFFFF))
-        pfp::put16_if<kBf16Ins>(dx + k * n + i, out[k], stream);
-      else
-        pfp::store16_if<kBf16Ins>(dx + k * n + i, valid, out[k]);
+      pfp::put16_if<kBf16Ins>(dx + k * n + i, valid, out[k], stream);
     }
   };
   i = 0;
@@ -405,7 +396,6 @@ inline void backward_rows(const Tdy* dy, const Tx* x, Tx* dx, C* dw, const C* w,
                                        std::min<int64_t>(2, end - row - 2), stream);
     if (row < end)
       backward_rows16<Tx, kBf16Ins, 1>(dy + row * n, x + row * n, dx + row * n, dw, w, rstd + row, n, mode, 0, stream);
-    if (stream) pfp::stream_fence();
     return;
   }
 #endif
@@ -465,6 +455,9 @@ void backward_impl(const Tdy* dy, const Tx* x, const void* weight, int weight_dt
   if (!dw) {
     pfp::parallel_for(rows, 5 * n, nthreads, [&](int64_t begin, int64_t end, int) {
       backward_rows_any<Tx>(dy, x, dx, static_cast<C*>(nullptr), wp, rstd, begin, end, n, mode, bf16ins, stream);
+#if defined(__AVX512F__)
+      if (stream) pfp::stream_fence();
+#endif
     });
     return;
   }
@@ -482,6 +475,9 @@ void backward_impl(const Tdy* dy, const Tx* x, const void* weight, int weight_dt
       pfp::split_range(rows, int(p), int(partials), begin, end);
       backward_rows_any<Tx>(dy, x, dx, partial, wp, rstd, begin, end, n, mode, bf16ins, stream);
     }
+#if defined(__AVX512F__)
+    if (stream) pfp::stream_fence();
+#endif
   });
   if (partials == 1) return;
   pfp::parallel_for(n, partials, nthreads, [&](int64_t begin, int64_t end, int) {

@@ -60,25 +60,6 @@ inline __m512 rotate16(__m512 x, __m512 c, __m512 partner, __m512 p) {
   return _mm512_add_ps(_mm512_mul_ps(x, c), _mm512_mul_ps(partner, p));
 }
 
-// 16 lanes into y, streamed where `stream` and the row is fp32 (whole lines); 32 elements from two vectors in element
-// order, one 64-byte store for bf16 (streamed where `stream`). fp16 rows store plainly.
-template <bool kBf16Ins, typename T>
-__attribute__((always_inline)) inline void put16(T* y, __m512 v, bool stream) {
-  if constexpr (std::is_same_v<T, half>)
-    pfp::store16_if<kBf16Ins>(y, v);
-  else
-    pfp::put16_if<kBf16Ins>(y, v, stream);
-}
-template <bool kBf16Ins, typename T>
-__attribute__((always_inline)) inline void put32(T* y, __m512 first, __m512 second, bool stream) {
-  if constexpr (std::is_same_v<T, bf16>) {
-    pfp::put16x2_if<kBf16Ins>(y, first, second, stream);
-  } else {
-    put16<kBf16Ins>(y, first, stream);
-    put16<kBf16Ins>(y + 16, second, stream);
-  }
-}
-
 // Whole vectors unmasked, 32 elements a step while a half (or, interleaved, the row) holds them, then one masked
 // tail (every masked lane reads 0 and is not stored). stream: outputs past the caches (common.h's streaming stores).
 template <bool kBf16Ins, typename T>
@@ -92,8 +73,9 @@ inline void rotate_row16(const T* __restrict x, T* __restrict y, const float* __
     };
     int64_t i = 0;
     for (; i + 32 <= rot_dim; i += 32)
-      put32<kBf16Ins>(y + i, rotated(i, pfp::load16(x + i)), rotated(i + 16, pfp::load16(x + i + 16)), stream);
-    for (; i + 16 <= rot_dim; i += 16) put16<kBf16Ins>(y + i, rotated(i, pfp::load16(x + i)), stream);
+      pfp::put16x2_if<kBf16Ins>(y + i, rotated(i, pfp::load16(x + i)), rotated(i + 16, pfp::load16(x + i + 16)),
+                                stream);
+    for (; i + 16 <= rot_dim; i += 16) pfp::put16_if<kBf16Ins>(y + i, rotated(i, pfp::load16(x + i)), stream);
     if (i < rot_dim) {
       const __mmask16 valid = pfp::lanes16(rot_dim - i);
       const __m512 x0 = pfp::load16(x + i, valid);
@@ -114,13 +96,13 @@ inline void rotate_row16(const T* __restrict x, T* __restrict y, const float* __
     for (; i + 32 <= half_rot; i += 32) {
       const __m512 x0 = pfp::load16(x + i), x1 = pfp::load16(x + i + half_rot);
       const __m512 x0n = pfp::load16(x + i + 16), x1n = pfp::load16(x + i + 16 + half_rot);
-      put32<kBf16Ins>(y + i, first(i, x0, x1), first(i + 16, x0n, x1n), stream);
-      put32<kBf16Ins>(y + i + half_rot, second(i, x0, x1), second(i + 16, x0n, x1n), stream);
+      pfp::put16x2_if<kBf16Ins>(y + i, first(i, x0, x1), first(i + 16, x0n, x1n), stream);
+      pfp::put16x2_if<kBf16Ins>(y + i + half_rot, second(i, x0, x1), second(i + 16, x0n, x1n), stream);
     }
     for (; i + 16 <= half_rot; i += 16) {
       const __m512 x0 = pfp::load16(x + i), x1 = pfp::load16(x + i + half_rot);
-      put16<kBf16Ins>(y + i, first(i, x0, x1), stream);
-      put16<kBf16Ins>(y + i + half_rot, second(i, x0, x1), stream);
+      pfp::put16_if<kBf16Ins>(y + i, first(i, x0, x1), stream);
+      pfp::put16_if<kBf16Ins>(y + i + half_rot, second(i, x0, x1), stream);
     }
     if (i < half_rot) {
       const __mmask16 valid = pfp::lanes16(half_rot - i);
