@@ -360,3 +360,64 @@ def test_the_dense_bf16_baselines_compute_the_layer_they_stand_for(dtype):
         assert ours.dtype == dtype and reference.dtype == torch.bfloat16
         error = (ours.float() - reference.float()).norm() / reference.float().norm()
         assert error < tolerance
+
+
+def test_a_speedup_goal_with_a_floor_records_its_ceiling_and_the_summary_says_what_the_floor_is():
+    result = _result(1.5, 0.5, None)  # the reference took 1.5 ms
+    result.floor = harness.FloorResult("the GEMMs", harness.Timing(1.2, 1.2, 1.2, 7))
+    speedup, peak = harness.judge_goals([harness.Goal("speedup", 2.0), harness.Goal("peak", 0.6)], result, CPU)
+    assert speedup["met"] is False and speedup["ceiling"] == pytest.approx(1.5 / 1.2)
+    assert peak["met"] is True and "ceiling" not in peak
+    result.goals = [speedup, peak]
+    assert harness.goal_cells(result, "native") == ">=2x MISS (ceiling 1.25x), peak <=0.6x ok"
+    summary = harness.goal_summary([result]).splitlines()
+    assert summary[1].endswith("goal >=2x (ceiling 1.25x) (ref: dense)")
+    assert summary[2] == "    ceiling: the reference's time / that of the GEMMs, timed in turn with both"
+    unjudged = harness.judge_goals([harness.Goal("speedup", 2.0)], result, torch.device("cuda"))
+    result.goals = unjudged
+    assert harness.goal_cells(result, "native") == ">=2x -"
+
+
+def test_run_case_times_a_workloads_floor_in_turn_with_the_sides_and_writes_it(tmp_path):
+    x = torch.randn(64, 32, requires_grad=True)
+    weight = torch.randn(48, 32)
+    floor_calls = []
+
+    def floor():
+        floor_calls.append(1)
+        return torch.nn.functional.linear(x, weight)
+
+    workload = harness.Workload(
+        ours=harness.Implementation(lambda: torch.nn.functional.linear(x, weight) * 2, (x,)),
+        reference=harness.Implementation(lambda: torch.nn.functional.linear(x, weight).mul(2).add(0), (x,)),
+        kernels={},
+        floor=harness.Implementation(floor, (x,)),
+        floor_name="one GEMM",
+    )
+    case = harness.Case("toy", "M=64", torch.float32, "both", "eager", lambda device: workload,
+                        goals=(harness.Goal("speedup", 100.0),))  # fmt: skip
+    result = harness.run_case(case, CPU, TINY_BUDGET, copy_gbps=10.0)
+    assert result.floor.name == "one GEMM" and result.floor.timing.runs == 3 and len(floor_calls) >= 4
+    [entry] = result.goals
+    assert entry["ceiling"] == pytest.approx(result.reference.timing.median_ms / result.floor.timing.median_ms)
+    path = tmp_path / "toy.json"
+    harness.write_json(path, {}, [result])
+    [written] = json.loads(path.read_text())["cases"]
+    assert written["floor"]["name"] == "one GEMM" and written["goals"][0]["ceiling"] == entry["ceiling"]
+
+
+def test_step_gemms_are_the_frozen_products_of_a_step(monkeypatch):
+    shapes = []
+    monkeypatch.setattr(torch, "mm", lambda a, b, out: shapes.append((tuple(a.shape), tuple(b.shape), out.dtype)))
+    cases.model.step_gemms(TINY_MODEL, torch.bfloat16, CPU)()
+    t, h, i, v = TINY_MODEL.tokens, TINY_MODEL.hidden, TINY_MODEL.intermediate, TINY_MODEL.vocab
+    kv = TINY_MODEL.kv_heads * h // TINY_MODEL.heads
+    per_layer = [(h, h), (kv, h), (kv, h), (h, h), (i, h), (i, h), (h, i)]  # (out, in) of q, k, v, o, gate, up, down
+    expected = []
+    for layer in range(TINY_MODEL.layers):
+        for index, (n, k) in enumerate(per_layer):
+            expected.append(((t, k), (k, n), torch.bfloat16))  # forward
+            if layer > 0 or index >= 3:  # dX, but for the first layer's q, k and v
+                expected.append(((t, n), (n, k), torch.bfloat16))
+    expected += [((t, h), (h, v), torch.bfloat16), ((t, v), (v, h), torch.bfloat16)]
+    assert shapes == expected

@@ -84,6 +84,11 @@ class Workload:
     ours: Implementation
     reference: Implementation
     kernels: dict[str, Callable[[], KernelCall]]
+    # Where a case's time is mostly torch's own GEMMs, which the reference runs too: those GEMMs alone, timed in turn
+    # with the sides, and what they are (floor_name). Reference time / floor time is then the most any
+    # implementation built on torch's GEMMs can reach: a speedup goal's ceiling in this run.
+    floor: Implementation | None = None
+    floor_name: str = ""
 
 
 @dataclass(frozen=True)
@@ -191,6 +196,12 @@ class SideResult:
 
 
 @dataclass
+class FloorResult:
+    name: str  # what the floor runs (Workload.floor_name)
+    timing: Timing
+
+
+@dataclass
 class KernelResult:
     timing: Timing
     bytes_moved: int  # per launch (forward + backward launches for mode "both")
@@ -215,6 +226,7 @@ class CaseResult:
     # per goal and backend: {goal, metric, bound, backend, value, met}; value and met None where not judged (a CPU
     # target on a GPU, or a kernel figure the case has none of)
     goals: list[dict] = field(default_factory=list)
+    floor: FloorResult | None = None  # where the workload has a floor
 
 
 def dtype_name(dtype: torch.dtype) -> str:
@@ -495,7 +507,9 @@ def run_case(case: Case, device: torch.device, budget: Budget, copy_gbps: float)
     workload = case.build(device)
     sides = [prepare_side(workload.ours, case.mode, backend) for backend in our_backends(device, case.family)]
     sides.append(prepare_side(workload.reference, case.mode, "reference"))
-    timings = time_all([side.runnable for side in sides], device, budget)
+    floor = prepare_side(workload.floor, case.mode, "reference") if workload.floor else None
+    timings = time_all([side.runnable for side in sides] + ([floor.runnable] if floor else []), device, budget)
+    floor_timing = timings.pop() if floor else None
     *ours, reference = [side_result(side, timing, device) for side, timing in zip(sides, timings)]
     kernel = measure_kernel(workload, case.mode, device, budget, copy_gbps) if workload.kernels else None
     speedups = {side.backend: reference.timing.median_ms / side.timing.median_ms for side in ours}
@@ -513,6 +527,7 @@ def run_case(case: Case, device: torch.device, budget: Budget, copy_gbps: float)
         kernel,
         speedups,
         tokens_per_s,
+        floor=FloorResult(workload.floor_name, floor_timing) if floor else None,
     )
     result.goals = judge_goals(case.goals, result, device)
     result.seconds = time.perf_counter() - started
@@ -520,22 +535,31 @@ def run_case(case: Case, device: torch.device, budget: Budget, copy_gbps: float)
 
 
 def judge_goals(goals: Sequence[Goal], result: CaseResult, device: torch.device) -> list[dict]:
-    """Each goal against each of our backends; the targets are CPU targets, so a GPU run records them unjudged."""
+    """Each goal against each of our backends; the targets are CPU targets, so a GPU run records them unjudged. A
+    speedup goal of a case with a floor also records its ceiling: the reference's time over the floor's."""
     judged = []
     for goal in goals:
         for side in result.ours:
             value = goal.value(result, side.backend) if device.type == "cpu" else None
             met = None if value is None else goal.met(value)
-            judged.append(
-                dict(goal=goal.text, metric=goal.metric, bound=goal.bound, backend=side.backend, value=value, met=met)
+            entry = dict(
+                goal=goal.text, metric=goal.metric, bound=goal.bound, backend=side.backend, value=value, met=met
             )
+            if result.floor is not None and goal.metric == "speedup":
+                entry["ceiling"] = result.reference.timing.median_ms / result.floor.timing.median_ms
+            judged.append(entry)
     return judged
+
+
+def _ceiling_text(entry: dict) -> str:
+    return f" (ceiling {entry['ceiling']:.2f}x)" if "ceiling" in entry else ""
 
 
 def goal_cells(result: CaseResult, backend: str) -> str:
     """The table's goal column: each goal of the row's backend with "ok", "MISS" or "-" (not judged)."""
     cells = [
         f"{entry['goal']} {'-' if entry['met'] is None else 'ok' if entry['met'] else 'MISS'}"
+        + ("" if entry["met"] is None else _ceiling_text(entry))
         for entry in result.goals
         if entry["backend"] == backend
     ]
@@ -557,8 +581,10 @@ def goal_summary(results: Sequence[CaseResult]) -> str:
         )
         lines.append(
             f"  MISS {result.family} {result.shape} {result.dtype} {result.mode} [{entry['backend']}]: "
-            f"{measured}, goal {entry['goal']} (ref: {result.reference_name})"
+            f"{measured}, goal {entry['goal']}{_ceiling_text(entry)} (ref: {result.reference_name})"
         )
+        if "ceiling" in entry:
+            lines.append(f"    ceiling: the reference's time / that of {result.floor.name}, timed in turn with both")
     return "\n".join(lines)
 
 

@@ -91,13 +91,20 @@ def _dora_kernel(rows: int, features: int, dtype, device, backward: bool) -> Ker
     return KernelCall(call, weight.nbytes + lora_A.nbytes + lora_B.nbytes + 2 * z.nbytes)
 
 
-def _dora_workload(rows: int, features: int, dropout_p: float, dtype: torch.dtype, device: torch.device) -> Workload:
+def _dora_workload(
+    rows: int, features: int, dropout_p: float, dtype: torch.dtype, device: torch.device, floor: bool = False
+) -> Workload:
+    """floor: time the frozen base layer alone too (x W^T and dX = dY W, torch's two GEMMs, which any DoRA layer
+    runs), the ceiling of the speedup goal."""
     x, theirs, ours = _layers(rows, features, dropout_p, dtype, device)
     kernel = functools.partial(_dora_kernel, rows, features, dtype, device)
+    weight = theirs.base_layer.weight
     return Workload(
         ours=Implementation(lambda: ours(x), (x, *_trained(ours))),
         reference=Implementation(lambda: theirs(x), (x, *_trained(theirs))),
         kernels={"forward": functools.partial(kernel, False), "backward": functools.partial(kernel, True)},
+        floor=Implementation(lambda: torch.nn.functional.linear(x, weight), (x,)) if floor else None,
+        floor_name="the base layer's two GEMMs (F.linear forward and dX)",
     )
 
 
@@ -257,7 +264,14 @@ def methods_cases(dtypes: Sequence[torch.dtype], quick: bool) -> list[Case]:
                 dtype,
                 mode,
                 "PEFT's DoRA layer (lora.Linear, use_dora=True)",
-                functools.partial(_dora_workload, rows, HIDDEN, dropout_p, dtype),
+                functools.partial(
+                    _dora_workload,
+                    rows,
+                    HIDDEN,
+                    dropout_p,
+                    dtype,
+                    floor=bool(_dora_goals(rows, dropout_p, dtype, mode)),
+                ),
                 goals=_dora_goals(rows, dropout_p, dtype, mode),
                 headline=not quick and dtype == torch.bfloat16 and mode == "both",
             )

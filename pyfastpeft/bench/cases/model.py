@@ -237,15 +237,55 @@ def model_training_steps(
     return TrainingStep(ours, input_ids), TrainingStep(reference, input_ids, transformers_rope)
 
 
+def step_gemms(shape: ModelShape, dtype: torch.dtype, device: torch.device) -> Callable[[], None]:
+    """The frozen products every training step of this model runs, whoever runs them, as torch.mm in dtype on
+    operands of the step's shapes (a weight of its own for each layer): each layer's seven projections forward and
+    their dX (but the first layer's q, k and v: their input, the frozen embeddings normed, needs no gradient), and
+    the output layer's forward and dX. The adapters' products, attention and the rest are left out."""
+    generator = torch.Generator().manual_seed(MODEL_SEED)
+    tokens, kv = shape.tokens, shape.kv_heads * (shape.hidden // shape.heads)
+    h, i = shape.hidden, shape.intermediate
+    # (out, in, dX needed in the first layer) of q, k, v, o, gate, up, down
+    projections = [
+        (h, h, False),
+        (kv, h, False),
+        (kv, h, False),
+        (h, h, True),
+        (i, h, True),
+        (i, h, True),
+        (h, i, True),
+    ]
+
+    def operand(*size):
+        return torch.randn(size, generator=generator).to(device=device, dtype=dtype)
+
+    products = []  # (a, b, out): out = a @ b
+    for layer in range(shape.layers + 1):
+        last = layer == shape.layers  # the output layer
+        for out_features, in_features, first_layer_dx in [(shape.vocab, h, True)] if last else projections:
+            weight = operand(out_features, in_features)
+            products.append((operand(tokens, in_features), weight.t(), operand(tokens, out_features)))
+            if layer > 0 or first_layer_dx:
+                products.append((operand(tokens, out_features), weight, operand(tokens, in_features)))
+
+    def run() -> None:
+        for a, b, out in products:
+            torch.mm(a, b, out=out)
+
+    return run
+
+
 def model_workload(
     shape: ModelShape,
     comparison: ModelComparison,
     dtype: torch.dtype,
     device: torch.device,
     lora: LoraSettings = MODEL_LORA,
+    floor: bool = False,
 ) -> Workload:
     """Both sides take one warm-up step here, so AdamW's state exists before anything is timed or measured:
-    peak memory is then that of a steady-state step on both sides. No single kernel stands for a step."""
+    peak memory is then that of a steady-state step on both sides. No single kernel stands for a step. floor:
+    time step_gemms too, the ceiling of the speedup goals."""
     ours, reference = model_training_steps(shape, comparison, dtype, device, lora)
     ours()
     reference()
@@ -253,6 +293,8 @@ def model_workload(
         ours=Implementation(ours, ours.parameters),
         reference=Implementation(reference, reference.parameters),
         kernels={},
+        floor=Implementation(step_gemms(shape, dtype, device), ()) if floor else None,
+        floor_name="the step's frozen GEMMs (each projection and the output layer, forward and dX)",
     )
 
 
@@ -273,6 +315,10 @@ def model_cases(dtypes: Sequence[torch.dtype], quick: bool) -> list[Case]:
     # The 7B-shaped layer in bf16 only (what QLoRA trains in): its fp32 step measured two to five times slower
     # than the bf16 one on 2 CPU cores, and a run takes a dozen steps per side (at seq 512 in the full run).
     runs += [(MODEL_7B_LAYER[quick], QLORA_VS_DENSE, dtype) for dtype in dtypes if dtype == torch.bfloat16]
+
+    def goals(shape, comparison, dtype):
+        return MODEL_GOALS.get(comparison, ()) if dtype == torch.bfloat16 and shape is MODEL_SHAPES[quick] else ()
+
     return [
         Case(
             "model",
@@ -280,9 +326,9 @@ def model_cases(dtypes: Sequence[torch.dtype], quick: bool) -> list[Case]:
             dtype,
             "forward",
             MODEL_REFERENCE,
-            functools.partial(model_workload, shape, comparison, dtype),
+            functools.partial(model_workload, shape, comparison, dtype, floor=bool(goals(shape, comparison, dtype))),
             tokens=shape.tokens,
-            goals=MODEL_GOALS.get(comparison, ()) if dtype == torch.bfloat16 and shape is MODEL_SHAPES[quick] else (),
+            goals=goals(shape, comparison, dtype),
             headline=shape is MODEL_SHAPES[quick] and quick,
         )
         for shape, comparison, dtype in runs
