@@ -9,7 +9,7 @@ import math
 
 import pytest
 import torch
-from helpers import CPU_ISAS, TINY_DECODER, cpu_isa, tiny_llama, train_steps
+from helpers import CPU_BF16, CPU_ISAS, TINY_DECODER, cpu_avx512_bf16, cpu_isa, tiny_llama, train_steps
 from torch import nn
 
 import pyfastpeft
@@ -230,6 +230,48 @@ def test_native_kernels_on_every_instruction_set(isa, dtype):
             torch.testing.assert_close(native, reference, rtol=0, atol=0)
         else:
             torch.testing.assert_close(native, reference, **tol)
+
+
+def _elementwise_passes(z, dy, scale, row, threads):
+    torch.set_num_threads(threads)
+    with use_backend("native"):
+        return (
+            torch.ops.pyfastpeft.dora_scale(z, scale, None),
+            torch.ops.pyfastpeft.dora_scale(z, scale, row),
+            torch.ops.pyfastpeft.dora_scale(z, scale, dy),
+            *torch.ops.pyfastpeft.dora_grad(dy, z, scale),
+        )
+
+
+@pytest.mark.parametrize("bf16_stores", CPU_BF16)
+@pytest.mark.parametrize(
+    "dtype, shape",
+    # 16 MiB of output and more go out by streaming stores (on AVX-512): 4096 columns keep each row's stores aligned,
+    # 4100 misalign most of them; the small shape has a short tail in every row
+    [
+        (torch.bfloat16, (2048, 4096)),
+        (torch.bfloat16, (2048, 4100)),
+        (torch.float32, (1024, 4100)),
+        (torch.float16, (33, 77)),
+    ],
+)
+def test_elementwise_passes_are_the_same_bits_on_every_isa_and_thread_count(dtype, shape, bf16_stores):
+    """dora_scale and dora_grad, column sums included, whatever the instruction set, the bf16 stores and the thread
+    count: each column's sum runs in row order on one thread."""
+    generator = torch.Generator().manual_seed(0)
+    z, dy = (torch.randn(shape, generator=generator).to(dtype) for _ in range(2))
+    scale, row = torch.rand(shape[1], generator=generator), torch.randn(shape[1], generator=generator).to(dtype)
+    threads = torch.get_num_threads()
+    try:
+        with cpu_isa("scalar"):
+            want = _elementwise_passes(z, dy, scale, row, 1)
+        for isa in CPU_ISAS:
+            with cpu_isa(isa), cpu_avx512_bf16(bf16_stores):
+                for count in (1, 2):
+                    for got, expected in zip(_elementwise_passes(z, dy, scale, row, count), want):
+                        assert torch.equal(got, expected), (isa, count)
+    finally:
+        torch.set_num_threads(threads)
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
