@@ -373,6 +373,9 @@ def test_a_speedup_goal_with_a_floor_records_its_ceiling_and_the_summary_says_wh
     summary = harness.goal_summary([result]).splitlines()
     assert summary[1].endswith("goal >=2x (ceiling 1.25x) (ref: dense)")
     assert summary[2] == "    ceiling: the reference's time / that of the GEMMs, timed in turn with both"
+    edge = _result(1.996, 0.5, None)
+    edge.goals = harness.judge_goals([harness.Goal("speedup", 2.0)], edge, CPU)
+    assert ": speedup 1.996x, goal >=2x (ref: dense)" in harness.goal_summary([edge])
     unjudged = harness.judge_goals([harness.Goal("speedup", 2.0)], result, torch.device("cuda"))
     result.goals = unjudged
     assert harness.goal_cells(result, "native") == ">=2x -"

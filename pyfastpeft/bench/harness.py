@@ -551,6 +551,12 @@ def judge_goals(goals: Sequence[Goal], result: CaseResult, device: torch.device)
     return judged
 
 
+def _ratio_text(value: float, bound: float) -> str:
+    """value as "1.23x", with a third decimal where two would print a miss as its bound (1.996x against 2x)."""
+    text = f"{value:.2f}x"
+    return f"{value:.3f}x" if float(text[:-1]) == bound else text
+
+
 def _ceiling_text(entry: dict) -> str:
     return f" (ceiling {entry['ceiling']:.2f}x)" if "ceiling" in entry else ""
 
@@ -577,7 +583,7 @@ def goal_summary(results: Sequence[CaseResult]) -> str:
         measured = (
             f"{100 * entry['value']:.0f}% copy"
             if entry["metric"] == "copy"
-            else f"{entry['metric']} {entry['value']:.2f}x"
+            else f"{entry['metric']} {_ratio_text(entry['value'], entry['bound'])}"
         )
         lines.append(
             f"  MISS {result.family} {result.shape} {result.dtype} {result.mode} [{entry['backend']}]: "
