@@ -273,7 +273,8 @@ def methods_cases(dtypes: Sequence[torch.dtype], quick: bool) -> list[Case]:
                     floor=bool(_dora_goals(rows, dropout_p, dtype, mode)),
                 ),
                 goals=_dora_goals(rows, dropout_p, dtype, mode),
-                headline=not quick and dtype == torch.bfloat16 and mode == "both",
+                # headline: the goals' case (with dropout, the default run's 10 minutes would not hold it too)
+                headline=not quick and dtype == torch.bfloat16 and mode == "both" and dropout_p == 0.0,
             )
             for dropout_p in (0.0, 0.05)
             for dtype in dtypes
