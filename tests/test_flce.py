@@ -715,6 +715,33 @@ def test_cpu_bf16_logits_stay_bf16_through_the_row_pass(monkeypatch, isa, label_
     torch.testing.assert_close(stored[2], widened[2], rtol=1.6e-2, atol=2e-2 * widened[2].abs().max().item())
 
 
+@pytest.mark.parametrize("isa", CPU_ISAS)
+@pytest.mark.parametrize("softcap", [0.0, 5.0])
+@pytest.mark.parametrize("with_grad", [False, True])
+def test_cpu_row_pass_on_bf16_logits_is_the_fp32_pass_rounded(isa, softcap, with_grad):
+    """The native row pass straight on a chunk (V % 16 != 0, a label out of range, an ignored row): over bf16 logits
+    it leaves what it leaves over the same values in fp32, rounded to bf16 (the softcapped logits without a gradient,
+    dz with one), with the same loss and lse; without a gradient the logits end softcapped."""
+    generator = torch.Generator().manual_seed(7)
+    logits = (torch.randn(6, VOCAB, generator=generator) * 4).to(torch.bfloat16)
+    labels = torch.tensor([0, 5, VOCAB - 1, -100, VOCAB, 17])
+    grad_weights = torch.rand(6, generator=generator) + 0.5 if with_grad else None
+    results = []
+    with cpu_isa(isa):
+        for buffer in (logits.float(), logits.clone()):
+            loss, lse = torch.empty(6), torch.empty(6)
+            flce_ops.native_rows(buffer, labels, grad_weights, None, None, loss, lse, -100, 0.1, softcap)
+            results.append((buffer, loss, lse))
+    (wide, wide_loss, wide_lse), (stored, loss, lse) = results
+    # the out-of-range label's row is NaN (its loss too)
+    torch.testing.assert_close(stored, wide.to(torch.bfloat16), rtol=0, atol=0, equal_nan=True)
+    torch.testing.assert_close(loss, wide_loss, rtol=0, atol=0, equal_nan=True)
+    assert torch.equal(lse, wide_lse)
+    if not with_grad:
+        capped = softcap * torch.tanh(logits.float() / softcap) if softcap else logits.float()
+        torch.testing.assert_close(wide, capped, rtol=2e-6, atol=2e-6)
+
+
 @pytest.mark.parametrize("hidden", [HIDDEN, 16])
 def test_cpu_bf16_trained_lm_head_dw_is_one_gemm_over_every_tokens_dz(monkeypatch, hidden):
     """CPU bf16 without a bias: while T <= 2 H, every token's dz (the row pass's bf16 output) stays in one [T, V]

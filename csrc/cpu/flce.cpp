@@ -112,29 +112,51 @@ inline void row_pass(C* __restrict z, int64_t label, const C* grad_weight, const
 }
 
 #if defined(__AVX512F__)
-// row_pass without softcap or class weights, 16 lanes a step over the row as stored (S: fp32, or bf16 widened as it
-// is read and dz rounded once as it is written back, in place, with no fp32 copy of the row). Lane j of each sweep
-// takes elements j, j + 16, ... and the tail's elements go to lanes 0.., and the lanes fold as lane_max and lane_sum
-// fold theirs. With a gradient, the sweep that sums e_v = exp(c_v - shift) keeps them in `e` (the row itself for fp32
-// logits, a thread's fp32 row in L2 for bf16 ones) and dz_v = (P / sum_v e_v) e_v - g eps / V, one exponential an
-// element where row_pass takes two. So fp32 logits and bf16 ones give the same fp32 values (the bf16 path's dz is
-// the fp32 path's rounded to bf16), whichever AVX-512 host runs it. The scalar loops above vectorized only in part
-// and took 6.5 ms for a bf16 row pass of 255 x 32000 on Zen 4 (two threads).
-template <bool kBf16Ins, typename S>
-void row_pass16(S* __restrict z, float* __restrict e, int64_t label, const float* grad_weight,
-                const float* z_grad_weight, float* loss, float* lse, int64_t vocab, int64_t ignore_index,
-                float smoothing) {
+// s tanh(z / s) of 16 lanes as tanh_c computes it: 1 - 2 / (exp(2 z / s) + 1), exp16's exponential.
+inline __m512 softcap16(__m512 z, __m512 softcap, __m512 inverse) {
+  const __m512 one = _mm512_set1_ps(1.0f);
+  const __m512 e = pfp::exp16(_mm512_mul_ps(_mm512_set1_ps(2.0f), _mm512_mul_ps(z, inverse)));
+  return _mm512_mul_ps(softcap, _mm512_sub_ps(one, _mm512_div_ps(_mm512_set1_ps(2.0f), _mm512_add_ps(e, one))));
+}
+
+// row_pass without class weights, 16 lanes a step over the row as stored (S: fp32, or bf16 widened as it is read and
+// its results rounded once as they are written back, in place). Lane j of each sweep takes elements j, j + 16, ...
+// and the tail's elements go to lanes 0.., and the lanes fold as lane_max and lane_sum fold theirs. With a softcap
+// (kCap) the first sweep writes c to `c_row` (the row itself for fp32 logits, a thread's fp32 row for bf16 ones, which
+// take it back rounded when there is no gradient); the later sweeps read c there. With a gradient, the sweep that
+// sums e_v = exp(c_v - shift) keeps them in `e` (the row itself for fp32 logits without a softcap, else a thread's
+// fp32 row), and dz_v = ((P / sum_v e_v) e_v - g eps / V) (1 - (c_v / s)^2 with a softcap): one exponential an
+// element where row_pass takes two. So fp32 logits and bf16 ones give the same fp32 values (the bf16 path's results
+// are the fp32 path's rounded to bf16), whichever AVX-512 host runs it. The scalar loops above vectorized only in
+// part and took 6.5 ms for a bf16 row pass of 255 x 32000 on Zen 4 (two threads).
+template <bool kBf16Ins, bool kCap, typename S>
+void row_pass16(S* z, float* c_row, float* e, int64_t label, const float* grad_weight, const float* z_grad_weight,
+                float* loss, float* lse, int64_t vocab, int64_t ignore_index, float smoothing, float softcap) {
   const int64_t whole = vocab / 16 * 16;
   const __mmask16 tail = pfp::lanes16(vocab - whole);
+  const __m512 cap = _mm512_set1_ps(softcap), inverse = _mm512_set1_ps(kCap ? 1.0f / softcap : 0.0f);
+  // c's 16 lanes at v (all of them, or the tail's): as stored without a softcap, else from c_row
+  const auto value = [&](int64_t v, __mmask16 lanes) {
+    if constexpr (kCap) return _mm512_maskz_loadu_ps(lanes, c_row + v);
+    return pfp::load16(z + v, lanes);
+  };
   __m512 max_v = _mm512_set1_ps(-std::numeric_limits<float>::infinity()), sum_c = _mm512_setzero_ps();
   // max_ps(v, m) is m where v is NaN: NaNs are skipped, as lane_max skips them
   for (int64_t v = 0; v < whole; v += 16) {
-    const __m512 c = pfp::load16(z + v);
+    __m512 c = pfp::load16(z + v);
+    if constexpr (kCap) {
+      c = softcap16(c, cap, inverse);
+      _mm512_storeu_ps(c_row + v, c);
+    }
     max_v = _mm512_max_ps(c, max_v);
     sum_c = _mm512_add_ps(sum_c, c);
   }
   if (tail) {
-    const __m512 c = pfp::load16(z + whole, tail);
+    __m512 c = pfp::load16(z + whole, tail);
+    if constexpr (kCap) {
+      c = softcap16(c, cap, inverse);
+      _mm512_mask_storeu_ps(c_row + whole, tail, c);
+    }
     max_v = _mm512_mask_max_ps(max_v, tail, c, max_v);
     sum_c = _mm512_mask_add_ps(sum_c, tail, sum_c, c);
   }
@@ -142,15 +164,16 @@ void row_pass16(S* __restrict z, float* __restrict e, int64_t label, const float
   const __m512 shift = _mm512_set1_ps(std::isinf(row_max) ? 0.0f : row_max);
   const bool ignored = label == ignore_index;
   const bool in_range = label >= 0 && label < vocab;
-  const float c_label = in_range ? pfp::to_compute<float>(z[label]) : 0.0f;  // before e may overwrite it
+  float c_label = 0.0f;  // before e may overwrite it
+  if (in_range) c_label = kCap ? c_row[label] : pfp::to_compute<float>(z[label]);
   __m512 sum_exp = _mm512_setzero_ps();
   for (int64_t v = 0; v < whole; v += 16) {
-    const __m512 ev = pfp::exp16(_mm512_sub_ps(pfp::load16(z + v), shift));
+    const __m512 ev = pfp::exp16(_mm512_sub_ps(value(v, __mmask16(0xFFFF)), shift));
     if (grad_weight) _mm512_storeu_ps(e + v, ev);
     sum_exp = _mm512_add_ps(sum_exp, ev);
   }
   if (tail) {
-    const __m512 ev = pfp::exp16(_mm512_sub_ps(pfp::load16(z + whole, tail), shift));
+    const __m512 ev = pfp::exp16(_mm512_sub_ps(value(whole, tail), shift));
     if (grad_weight) _mm512_mask_storeu_ps(e + whole, tail, ev);
     sum_exp = _mm512_mask_add_ps(sum_exp, tail, sum_exp, ev);
   }
@@ -164,50 +187,81 @@ void row_pass16(S* __restrict z, float* __restrict e, int64_t label, const float
     *loss = std::numeric_limits<float>::quiet_NaN();
   else
     *loss = row_lse - (1.0f - smoothing) * c_label - uniform * (smoothing != 0.0f ? _mm512_reduce_add_ps(sum_c) : 0.0f);
-  if (!grad_weight) return;
+  if (!grad_weight) {
+    if constexpr (kCap && !std::is_same_v<S, float>) {  // the logits end as c
+      for (int64_t v = 0; v < whole; v += 16) pfp::store16_if<kBf16Ins>(z + v, _mm512_loadu_ps(c_row + v));
+      if (tail) pfp::store16_if<kBf16Ins>(z + whole, tail, _mm512_maskz_loadu_ps(tail, c_row + whole));
+    }
+    return;
+  }
   const float g = ignored ? 0.0f : (in_range ? *grad_weight : std::numeric_limits<float>::quiet_NaN());
   float p_scale = g;
   if (z_grad_weight && !ignored) p_scale += *z_grad_weight * row_lse;
   const float g_uniform = g * uniform, g_target = g * (1.0f - smoothing);
-  // P exp(c_v - lse) = (P / sum) e_v: a row of -inf (sum 0) or with a +inf (sum inf) makes every dz NaN, as exp(c_v -
-  // lse) does there
-  const __m512 p = _mm512_set1_ps(p_scale / total), smooth = _mm512_set1_ps(g_uniform);
+  // P exp(c_v - lse) = (P / sum) e_v, with the same NaNs where the sum is 0 (a row of -inf: every dz) or inf (a +inf
+  // logit: its own dz; the others' P / sum is 0, as their exp(c_v - lse))
+  const __m512 p = _mm512_set1_ps(p_scale / total), smooth = _mm512_set1_ps(g_uniform), one = _mm512_set1_ps(1.0f);
   const bool target = in_range && !ignored;
   const float e_label = target ? e[label] : 0.0f;  // before the sweep overwrites it (fp32 in place)
-  for (int64_t v = 0; v < whole; v += 16)
-    pfp::store16_if<kBf16Ins>(z + v, _mm512_fmsub_ps(p, _mm512_loadu_ps(e + v), smooth));
-  if (tail)
-    pfp::store16_if<kBf16Ins>(z + whole, tail, _mm512_fmsub_ps(p, _mm512_maskz_loadu_ps(tail, e + whole), smooth));
-  if (target) {  // the target's dz with its term, from the same e, rounded once
-    const float dz = _mm512_cvtss_f32(_mm512_fmsub_ps(p, _mm512_set1_ps(e_label), smooth)) - g_target;
-    pfp::store16_if<kBf16Ins>(z + label, __mmask16(1), _mm512_set1_ps(dz));
+  // dz's 16 lanes at v, and 1 - (c / s)^2 with a softcap
+  const auto dz = [&](int64_t v, __mmask16 lanes) {
+    const __m512 d = _mm512_fmsub_ps(p, _mm512_maskz_loadu_ps(lanes, e + v), smooth);
+    if constexpr (!kCap) return d;
+    const __m512 t = _mm512_mul_ps(value(v, lanes), inverse);
+    return _mm512_mul_ps(d, _mm512_fnmadd_ps(t, t, one));
+  };
+  for (int64_t v = 0; v < whole; v += 16) pfp::store16_if<kBf16Ins>(z + v, dz(v, __mmask16(0xFFFF)));
+  if (tail) pfp::store16_if<kBf16Ins>(z + whole, tail, dz(whole, tail));
+  if (target) {  // the target's dz with its term, from the same e and c, rounded once
+    const __m512 d = _mm512_fmsub_ps(p, _mm512_set1_ps(e_label), smooth);
+    float value_y = _mm512_cvtss_f32(d) - g_target;
+    if constexpr (kCap) {
+      const float t = c_label * (1.0f / softcap), factor = 1.0f - t * t;
+      value_y = _mm512_cvtss_f32(d) * factor - g_target * factor;
+    }
+    pfp::store16_if<kBf16Ins>(z + label, __mmask16(1), _mm512_set1_ps(value_y));
   }
 }
 
-// rows [begin, end): e is the row itself for fp32 logits, a thread's fp32 row for bf16 ones
-template <bool kBf16Ins, typename S>
+// rows [begin, end). c: the row itself for fp32 logits, a thread's fp32 row for bf16 ones; e: the row itself for
+// fp32 logits without a softcap, else a thread's fp32 row.
+template <bool kBf16Ins, bool kCap, typename S>
 void rows16(S* logits, const int64_t* labels, const float* grad_weight, const float* z_grad_weight, float* loss,
-            float* lse, int64_t begin, int64_t end, int64_t vocab, int64_t ignore_index, float smoothing) {
-  std::vector<float> own(std::is_same_v<S, float> || !grad_weight ? 0 : size_t(vocab));
+            float* lse, int64_t begin, int64_t end, int64_t vocab, int64_t ignore_index, float smoothing,
+            float softcap) {
+  constexpr bool fp32 = std::is_same_v<S, float>;
+  std::vector<float> own_c(kCap && !fp32 ? size_t(vocab) : 0);
+  std::vector<float> own_e(grad_weight && (kCap || !fp32) ? size_t(vocab) : 0);
   for (int64_t row = begin; row < end; ++row) {
     S* z = logits + row * vocab;
-    float* e;
-    if constexpr (std::is_same_v<S, float>)
-      e = z;
-    else
-      e = own.data();
-    row_pass16<kBf16Ins>(z, e, labels[row], grad_weight ? grad_weight + row : nullptr,
-                         grad_weight && z_grad_weight ? z_grad_weight + row : nullptr, loss + row, lse + row, vocab,
-                         ignore_index, smoothing);
+    float* row_fp32 = nullptr;
+    if constexpr (fp32) row_fp32 = z;
+    float* c = fp32 ? row_fp32 : own_c.data();
+    float* e = fp32 && !kCap ? row_fp32 : own_e.data();
+    row_pass16<kBf16Ins, kCap>(z, c, e, labels[row], grad_weight ? grad_weight + row : nullptr,
+                               grad_weight && z_grad_weight ? z_grad_weight + row : nullptr, loss + row, lse + row,
+                               vocab, ignore_index, smoothing, softcap);
   }
+}
+template <bool kBf16Ins, typename S>
+void rows16_any(S* logits, const int64_t* labels, const float* grad_weight, const float* z_grad_weight, float* loss,
+                float* lse, int64_t begin, int64_t end, int64_t vocab, int64_t ignore_index, float smoothing,
+                float softcap) {
+  if (softcap != 0.0f)
+    rows16<kBf16Ins, true>(logits, labels, grad_weight, z_grad_weight, loss, lse, begin, end, vocab, ignore_index,
+                           smoothing, softcap);
+  else
+    rows16<kBf16Ins, false>(logits, labels, grad_weight, z_grad_weight, loss, lse, begin, end, vocab, ignore_index,
+                            smoothing, softcap);
 }
 // bf16 rows with AVX512-BF16 stores (the same bits as the integer rounding; flatten inlines them under this target)
 __attribute__((target("avx512bf16"), flatten)) void rows16_bf16ins(pfp::bf16* logits, const int64_t* labels,
                                                                    const float* grad_weight, const float* z_grad_weight,
                                                                    float* loss, float* lse, int64_t begin, int64_t end,
-                                                                   int64_t vocab, int64_t ignore_index,
-                                                                   float smoothing) {
-  rows16<true>(logits, labels, grad_weight, z_grad_weight, loss, lse, begin, end, vocab, ignore_index, smoothing);
+                                                                   int64_t vocab, int64_t ignore_index, float smoothing,
+                                                                   float softcap) {
+  rows16_any<true>(logits, labels, grad_weight, z_grad_weight, loss, lse, begin, end, vocab, ignore_index, smoothing,
+                   softcap);
 }
 #endif
 
@@ -221,16 +275,16 @@ void rows_impl(S* logits, const int64_t* labels, const C* grad_weight, const C* 
   constexpr bool in_place = std::is_same<S, C>::value;
 #if defined(__AVX512F__)
   if constexpr (std::is_same_v<C, float>) {
-    if (softcap == 0.0 && !class_weight) {
+    if (!class_weight) {
       const bool bf16ins = std::is_same_v<S, pfp::bf16> && pfp::avx512_bf16_in_use();
       pfp::parallel_for(rows, 4 * vocab, nthreads, [&](int64_t begin, int64_t end, int) {
         if constexpr (std::is_same_v<S, pfp::bf16>) {
           if (bf16ins)
             return rows16_bf16ins(logits, labels, grad_weight, z_grad_weight, loss, lse, begin, end, vocab,
-                                  ignore_index, float(label_smoothing));
+                                  ignore_index, float(label_smoothing), float(softcap));
         }
-        rows16<false>(logits, labels, grad_weight, z_grad_weight, loss, lse, begin, end, vocab, ignore_index,
-                      float(label_smoothing));
+        rows16_any<false>(logits, labels, grad_weight, z_grad_weight, loss, lse, begin, end, vocab, ignore_index,
+                          float(label_smoothing), float(softcap));
       });
       return;
     }
