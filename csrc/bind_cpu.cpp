@@ -80,6 +80,8 @@ PYBIND11_MODULE(_C, m) {
   PFP_DEF(dora_scale);
   PFP_DEF(dora_grad);
   PFP_DEF(dora_norm);
+  PFP_DEF(attention_forward);
+  PFP_DEF(attention_backward);
 #undef PFP_DEF
   m.def("advise_huge_pages", &advise_huge_pages, py::arg("address"), py::arg("nbytes"));
 

@@ -35,7 +35,8 @@ BACKENDS = ("auto", "reference", "native", "triton")
 # in-loop-dequantized GEMM is the alternative to measure against it); int8 likewise around torch._int_mm.
 # LoRA's GPU kernel is Triton's; the general affine quantize family has no GPU kernel yet. Fused linear
 # cross-entropy's row pass runs in Triton (Liger's design) until GPU measurements compare it with the CUDA
-# row kernel, and distillation's likewise.
+# row kernel, and distillation's likewise. Attention has no CUDA kernel of ours: on CUDA torch's own flash SDPA is
+# what runs.
 CUDA_PREFERENCE = {
     "rmsnorm": "native",
     "swiglu": "native",
@@ -49,6 +50,7 @@ CUDA_PREFERENCE = {
     "blockwise": "reference",
     "dora": "reference",
     "bottleneck": "reference",
+    "attention": "reference",
 }
 
 
@@ -153,8 +155,9 @@ def backends() -> dict:
 
 
 # Families with no native CUDA kernel: their native implementation is CPU-only, so forcing "native" on CUDA
-# tensors runs the reference, with the fallback warning (LoRA's GPU kernel is Triton's).
-NO_CUDA_NATIVE = frozenset({"lora", "quantize", "blockwise", "dora", "bottleneck"})
+# tensors runs the reference, with the fallback warning (LoRA's GPU kernel is Triton's; attention's GPU path is torch's
+# own flash SDPA).
+NO_CUDA_NATIVE = frozenset({"lora", "quantize", "blockwise", "dora", "bottleneck", "attention"})
 
 
 def choose(family: str, device: torch.device) -> str:

@@ -1,5 +1,6 @@
 """The public functions, one per op family (the ops, dispatch and autograd live in pyfastpeft.ops)."""
 
+from pyfastpeft.ops.attention import scaled_dot_product_attention
 from pyfastpeft.ops.bottleneck import bottleneck_adapter
 from pyfastpeft.ops.distill import fused_linear_distillation
 from pyfastpeft.ops.dora import dora_linear, dora_weight_norm
@@ -17,6 +18,7 @@ __all__ = [
     "rms_norm",
     "swiglu",
     "apply_rotary_pos_emb",
+    "scaled_dot_product_attention",
     "nf4_linear",
     "int8_linear",
     "lora_linear",

@@ -1,4 +1,4 @@
-"""Bad arguments to every op family (quantize, int8, LoRA, norms, RoPE, flce) raise a clear exception naming
+"""Bad arguments to every op family (quantize, int8, LoRA, norms, RoPE, attention, flce) raise a clear exception naming
 the function and the argument; mixed devices never reach a kernel; ops called directly are validated like the
 public functions. Crash-prone cases run in a child process (tests/bad_input.py)."""
 
@@ -9,7 +9,15 @@ import torch
 from bad_input import Cases, assert_raises_cleanly
 
 from pyfastpeft import backend
-from pyfastpeft.functional import apply_rotary_pos_emb, lora_linear, lora_linear_multi, nf4_linear, rms_norm, swiglu
+from pyfastpeft.functional import (
+    apply_rotary_pos_emb,
+    lora_linear,
+    lora_linear_multi,
+    nf4_linear,
+    rms_norm,
+    scaled_dot_product_attention,
+    swiglu,
+)
 from pyfastpeft.ops.flce import fused_linear_cross_entropy
 from pyfastpeft.ops.int8 import int8_linear
 from pyfastpeft.quant import (
@@ -352,6 +360,34 @@ def rope_position_ids_out_of_range():
     q = torch.randn(1, 2, 4, 8)
     table = torch.randn(16, 8)
     apply_rotary_pos_emb(q, q, table, table, position_ids=torch.tensor([[0, 1, 2, 16]]))
+
+
+# ---- attention: every size a kernel indexes by (heads, lengths, head_dim, lse's rows) is checked against the data --
+
+
+@cases.add(ValueError, "attention_forward: q has 4 heads, not a multiple of k's 3")
+def attention_op_called_directly_with_heads_not_a_multiple_of_kv_heads():
+    kv = torch.randn(1, 3, 5, 8)
+    torch.ops.pyfastpeft.attention_forward(torch.randn(1, 4, 5, 8), kv, kv, 0.5, True)
+
+
+@cases.add(ValueError, r"attention_forward: v has shape \(1, 2, 4, 8\), k has \(1, 2, 5, 8\)")
+def attention_op_called_directly_with_short_v():
+    torch.ops.pyfastpeft.attention_forward(
+        torch.randn(1, 4, 5, 8), torch.randn(1, 2, 5, 8), torch.randn(1, 2, 4, 8), 0.5, False
+    )
+
+
+@cases.add(ValueError, r"attention_backward: lse has shape \(1, 4, 3\), expected \[B, H, Sq\] = \(1, 4, 5\)")
+def attention_backward_op_called_directly_with_short_lse():
+    q, kv = torch.randn(1, 4, 5, 8), torch.randn(1, 2, 5, 8)
+    torch.ops.pyfastpeft.attention_backward(q, q, kv, kv, q, torch.randn(1, 4, 3), 0.5, True)
+
+
+@cases.add(ValueError, r"scaled_dot_product_attention: key has shape \(1, 2, 5, 16\), incompatible with query's")
+def attention_with_key_of_another_head_dim():
+    kv = torch.randn(1, 2, 5, 16)
+    scaled_dot_product_attention(torch.randn(1, 4, 5, 8), kv, kv)
 
 
 def flce_settings(bias_grad: bool = False):

@@ -23,6 +23,7 @@ from pyfastpeft.functional import (
     lora_linear,
     nf4_linear,
     rms_norm,
+    scaled_dot_product_attention,
     swiglu,
 )
 from pyfastpeft.quant import (
@@ -279,6 +280,41 @@ def test_rope(data, dtype, batch, kv_heads, group, seq, half_dim, interleaved, p
         return
     for got, want in zip(*results):
         close(got, want)
+
+
+@FUZZ
+@given(
+    data=st.data(),
+    dtype=st.sampled_from(FLOATS),
+    batch=st.integers(0, 2),
+    kv_heads=st.integers(1, 3),
+    group=st.integers(1, 3),
+    q_len=st.integers(0, 70),
+    kv_len=st.integers(0, 70),
+    dim=st.integers(1, 40),
+    causal=st.booleans(),
+    seed=seeds,
+)
+def test_attention(data, dtype, batch, kv_heads, group, q_len, kv_len, dim, causal, seed):
+    """Sequences across the kernel's 64-wide blocks, causal masks with q_len != kv_len, HF's transposed views."""
+    q = leaf(data.draw(hf_layout(randn((batch, kv_heads * group, q_len, dim), dtype, seed))))
+    k = leaf(data.draw(hf_layout(randn((batch, kv_heads, kv_len, dim), dtype, seed + 1))))
+    v = leaf(data.draw(hf_layout(randn((batch, kv_heads, kv_len, dim), dtype, seed + 2))))
+    unchanged = Unchanged(q, k, v)
+
+    def forward_backward(backend):
+        q.grad = k.grad = v.grad = None
+        with pyfastpeft.use_backend(backend):
+            out = scaled_dot_product_attention(q, k, v, is_causal=causal)
+            out.backward(randn(out.shape, dtype, 7))
+        return out.detach(), q.grad, k.grad, v.grad
+
+    results = on_both(forward_backward)
+    unchanged.check()
+    if results is None:
+        return
+    for got, want in zip(*results):
+        close_scaled(got, want, dtype, floor=1.0)
 
 
 # ---- nf4 -----------------------------------------------------------------------------------------------------

@@ -97,6 +97,16 @@
                  double scaling, void* norm, int64_t rows, int64_t in_features, int64_t rank, int nthreads);           \
   void dora_grad(const void* dy, const void* z, const void* scale, void* dy_scaled, void* column_sum, int64_t rows,    \
                  int64_t cols, int dtype, int nthreads);                                                               \
+  void attention_forward(const void* q, const void* k, const void* v, void* out, void* lse, pfp::Strides3 q_strides,   \
+                         pfp::Strides3 k_strides, pfp::Strides3 v_strides, pfp::Strides3 out_strides, int64_t batch,   \
+                         int64_t heads, int64_t kv_heads, int64_t q_len, int64_t kv_len, int64_t head_dim, int dtype,  \
+                         double scale, bool causal, int nthreads);                                                     \
+  void attention_backward(const void* dout, const void* q, const void* k, const void* v, const void* out,              \
+                          const void* lse, void* dq, void* dk, void* dv, pfp::Strides3 dout_strides,                   \
+                          pfp::Strides3 q_strides, pfp::Strides3 k_strides, pfp::Strides3 v_strides,                   \
+                          pfp::Strides3 out_strides, pfp::Strides3 dq_strides, pfp::Strides3 dk_strides,               \
+                          pfp::Strides3 dv_strides, int64_t batch, int64_t heads, int64_t kv_heads, int64_t q_len,     \
+                          int64_t kv_len, int64_t head_dim, int dtype, double scale, bool causal, int nthreads);       \
   }
 
 PFP_DECLARE_CPU_KERNELS(pfp_avx512)

@@ -7,6 +7,8 @@ through the casts:
 - linear-like products (lora_linear, nf4_linear, int8_linear, fused_linear_cross_entropy) follow F.linear:
   their float inputs are cast to the autocast dtype, and they return it (PEFT's LoRA layer under autocast
   returns bf16 over an fp32 model for the same reason);
+- attention (scaled_dot_product_attention) follows torch's SDPA, which autocast lists as lower-precision: its
+  fp32/fp16/bf16 inputs are cast to the autocast dtype (fp64 ones are left alone, as autocast leaves them);
 - elementwise families (rms_norm, swiglu, rope) take their inputs as they come, as HF's modules do (their
   casting contract is written out per mode and does not change under autocast).
 """
