@@ -1,4 +1,5 @@
 import contextlib
+import copy
 import functools
 import pickle
 
@@ -330,3 +331,107 @@ def test_unknown_architecture_is_reported_not_silently_skipped():
 def test_patch_model_rejects_non_module():
     with pytest.raises(TypeError, match="model must be a torch.nn.Module"):
         pyfastpeft.patch_model("llama")
+
+
+# ---- attention ---------------------------------------------------------------------------------------------------
+
+
+@contextlib.contextmanager
+def counting_attention(monkeypatch):
+    calls = []
+    fused = integration.scaled_dot_product_attention
+
+    def counted(*args, **kwargs):
+        calls.append(kwargs.get("is_causal"))
+        return fused(*args, **kwargs)
+
+    monkeypatch.setattr(integration, "scaled_dot_product_attention", counted)
+    yield calls
+
+
+def test_attention_runs_where_sdpa_would_and_unpatch_gives_sdpa_back(monkeypatch):
+    model = tiny_llama()
+    assert model.config._attn_implementation == "sdpa"
+    ids = torch.randint(0, 128, (2, 24))
+    logits, loss, grads = forward_backward(model, ids)
+    report = pyfastpeft.patch_model(model, rms_norm=False, swiglu=False, rope=False)
+    assert report.attention == ["LlamaConfig"] and model.config._attn_implementation == integration.ATTENTION_NAME
+    with counting_attention(monkeypatch) as calls:
+        p_logits, p_loss, p_grads = forward_backward(model, ids)
+        assert calls == [True, True]  # one causal call per layer
+    torch.testing.assert_close(p_logits, logits, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(p_loss, loss, rtol=1e-6, atol=1e-6)
+    for name in grads:
+        torch.testing.assert_close(p_grads[name], grads[name], rtol=1e-4, atol=1e-5, msg=name)
+    pyfastpeft.unpatch_model(model)
+    assert model.config._attn_implementation == "sdpa"
+    with counting_attention(monkeypatch) as calls:
+        model(ids)
+        assert calls == []
+
+
+def test_attention_leaves_padding_masks_dropout_and_decoding_steps_to_what_sdpa_computes(monkeypatch):
+    """A padded batch has a mask: sdpa runs it. Attention dropout in training: sdpa. generate's one-token steps over
+    the cache: ours without the causal mask (sdpa's is_causal is off for one query); the tokens are the same."""
+    model = tiny_llama().eval()
+    reference = copy.deepcopy(model)
+    ids = torch.randint(2, 128, (2, 16))
+    mask = torch.ones_like(ids)
+    mask[0, :5] = 0
+    pyfastpeft.patch_model(model, rms_norm=False, swiglu=False, rope=False)
+    with counting_attention(monkeypatch) as calls:
+        torch.testing.assert_close(
+            model(ids, attention_mask=mask).logits, reference(ids, attention_mask=mask).logits, rtol=0, atol=0
+        )
+        assert calls == []
+        generated = model.generate(ids[1:], max_new_tokens=4, do_sample=False)
+        assert calls == [True, True] + [False, False] * 3
+        torch.testing.assert_close(generated, reference.generate(ids[1:], max_new_tokens=4, do_sample=False))
+    model.config.attention_dropout = reference.config.attention_dropout = 0.5
+    for layer in model.model.layers:
+        layer.self_attn.attention_dropout = 0.5
+    model.train()
+    with counting_attention(monkeypatch) as calls:
+        model(ids).logits.sum().backward()
+        assert calls == []
+    pyfastpeft.unpatch_model(model)
+
+
+def test_attention_is_not_switched_from_an_implementation_the_user_chose(monkeypatch):
+    model = LlamaForCausalLM(LlamaConfig(**SMALL, attn_implementation="eager"))
+    with pytest.warns(UserWarning, match=r"attention: no config asks for sdpa \(found \['eager'\]\)"):
+        report = pyfastpeft.patch_model(model)
+    assert report.attention == [] and model.config._attn_implementation == "eager"
+    with counting_attention(monkeypatch) as calls:
+        model(torch.randint(0, 128, (1, 8)))
+        assert calls == []
+    pyfastpeft.unpatch_model(model)
+
+
+def test_attention_under_bf16_autocast_matches_sdpa_over_an_fp32_model():
+    model = tiny_llama()
+    reference = copy.deepcopy(model)
+    ids = torch.randint(0, 128, (2, 24))
+    pyfastpeft.patch_model(model, rms_norm=False, swiglu=False, rope=False)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        ours, theirs = model(ids, labels=ids), reference(ids, labels=ids)
+    ours.loss.backward()
+    theirs.loss.backward()
+    torch.testing.assert_close(ours.loss, theirs.loss, rtol=5e-3, atol=5e-3)
+    for (name, p), q in zip(model.named_parameters(), reference.parameters()):
+        scale = q.grad.abs().max().item()
+        torch.testing.assert_close(p.grad, q.grad, rtol=0, atol=3e-2 * scale, msg=name)
+    pyfastpeft.unpatch_model(model)
+
+
+def test_patched_attention_pickles(monkeypatch):
+    model = tiny_llama()
+    ids = torch.randint(0, 128, (1, 12))
+    pyfastpeft.patch_model(model, rms_norm=False, swiglu=False, rope=False)
+    clone = pickle.loads(pickle.dumps(model))
+    with counting_attention(monkeypatch) as calls:
+        torch.testing.assert_close(clone(ids).logits, model(ids).logits, rtol=0, atol=0)
+        assert len(calls) == 4
+    pyfastpeft.unpatch_model(clone)
+    assert clone.config._attn_implementation == "sdpa" and model.config._attn_implementation != "sdpa"
+    pyfastpeft.unpatch_model(model)

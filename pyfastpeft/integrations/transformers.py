@@ -16,6 +16,11 @@ Modules are recognised by what they are and what they compute, not by architectu
     calls the global function by name, so the global is replaced. That affects every model using the
     modeling file, so global replacements are reference-counted: the original returns when the last
     model is unpatched.
+- attention: where the model's config asks for transformers' "sdpa", it asks for "pyfastpeft" instead, an attention
+  function registered with transformers' AttentionInterface (and sdpa's mask function under the same name, so the
+  masks are sdpa's). It runs our attention op where that computes what sdpa would: CPU tensors, no mask (sdpa's
+  mask function leaves none for a batch without padding), no dropout, no softcap, sliding window or sinks, one head
+  dim. Anything else goes to sdpa itself, on the same arguments.
 Whatever looks like one of these but does not match is listed in the report, with the reason.
 """
 
@@ -35,6 +40,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from pyfastpeft.nn import RMSNorm, SwiGLUMLP
+from pyfastpeft.ops.attention import scaled_dot_product_attention
 from pyfastpeft.ops.rmsnorm import rms_norm
 from pyfastpeft.ops.rope import apply_rotary_pos_emb as fused_apply_rotary_pos_emb
 
@@ -55,17 +61,18 @@ class PatchReport:
     rms_norm: list[str] = field(default_factory=list)
     swiglu: list[str] = field(default_factory=list)
     rope: list[str] = field(default_factory=list)
+    attention: list[str] = field(default_factory=list)  # the configs (class names) switched from sdpa to ours
     not_patched: list[str] = field(default_factory=list)
     notes: list[str] = field(default_factory=list)  # what else patch_model changed on the model, and why
 
     @property
     def total(self) -> int:
-        return len(self.rms_norm) + len(self.swiglu) + len(self.rope)
+        return len(self.rms_norm) + len(self.swiglu) + len(self.rope) + len(self.attention)
 
     def __str__(self) -> str:
         lines = [
             f"pyfastpeft.patch_model: {len(self.rms_norm)} RMSNorm, {len(self.swiglu)} SwiGLU MLP, "
-            f"{len(self.rope)} RoPE function(s) replaced"
+            f"{len(self.rope)} RoPE function(s) replaced, attention in {len(self.attention)} config(s)"
         ]
         lines += [f"  not patched: {reason}" for reason in self.not_patched]
         lines += [f"  note: {note}" for note in self.notes]
@@ -130,6 +137,7 @@ class _PatchState:
     global_ropes: list = field(default_factory=list)  # (modeling module name, FusedRope put there)
     rope_wrappers: list = field(default_factory=list)  # (kernels Func wrapper, its own forward before, or None)
     hub_kernels_turned_off: bool = False  # the model's use_kernels, True before patch_model turned it off
+    attention_configs: list = field(default_factory=list)  # configs whose "sdpa" patch_model made ours
     report: PatchReport = field(default_factory=PatchReport)
 
     # Runs once, when unpatch_model asks or when this state (its model) is garbage-collected: a patched model
@@ -150,6 +158,8 @@ class _PatchState:
     def __setstate__(self, state):
         # a copy or an unpickled model uses the replaced global functions too: count it as a user
         self.__dict__.update(state)
+        if self.attention_configs:
+            register_attention()
         for name, replacement in self.global_ropes:
             importlib.import_module(name)
             _acquire_global_rope(name, replacement)
@@ -341,8 +351,98 @@ def _patch_rope(model: nn.Module, state: _PatchState) -> None:
         state.report.rope.append(name)
 
 
-def patch_model(model: nn.Module, rms_norm: bool = True, swiglu: bool = True, rope: bool = True) -> PatchReport:
-    """Swap pyfastpeft's RMSNorm, SwiGLU MLP and RoPE into `model` in place; returns a PatchReport.
+# ---- attention ------------------------------------------------------------------------------------------------
+ATTENTION_NAME = "pyfastpeft"
+
+
+def _attention_fallback_reason(query, key, value, attention_mask, dropout, kwargs) -> str | None:
+    """Why our attention op would not compute what transformers' sdpa_attention_forward computes here, or None."""
+    if query.device.type != "cpu":
+        return "not on the CPU (torch's SDPA is flash attention there)"
+    if attention_mask is not None:
+        return "a mask (padding, or a pattern sdpa's mask function did not reduce to is_causal)"
+    if dropout:
+        return "attention dropout"
+    for name in ("softcap", "sliding_window", "position_bias", "s_aux", "sinks"):
+        if kwargs.get(name) is not None:
+            return name
+    if kwargs.get("output_attentions"):
+        return "output_attentions"
+    if not (query.dim() == key.dim() == value.dim() == 4):
+        return "not [B, H, S, D]"
+    if not (query.shape[-1] == key.shape[-1] == value.shape[-1]) or key.shape != value.shape:
+        return "head dims differ"
+    if key.shape[1] == 0 or query.shape[1] % key.shape[1]:
+        return "query heads not a multiple of key/value heads"
+    if not (query.dtype == key.dtype == value.dtype) and not torch.is_autocast_enabled(query.device.type):
+        return "q, k, v of different dtypes"
+    return None
+
+
+def attention_forward(module, query, key, value, attention_mask, dropout=0.0, scaling=None, is_causal=None, **kwargs):
+    """transformers' attention interface (sdpa_attention_forward's signature and result: attn_output [B, S, H, D],
+    None): pyfastpeft's attention op where it computes what sdpa would (see _attention_fallback_reason), sdpa's
+    own function on the same arguments elsewhere. is_causal as sdpa takes it: the argument, else the module's
+    is_causal, and only for more than one query."""
+    if _attention_fallback_reason(query, key, value, attention_mask, dropout, kwargs) is not None:
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+        sdpa = ALL_ATTENTION_FUNCTIONS["sdpa"]
+        return sdpa(
+            module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, is_causal=is_causal, **kwargs
+        )
+    causal = is_causal if is_causal is not None else getattr(module, "is_causal", True)
+    out = scaled_dot_product_attention(query, key, value, is_causal=bool(query.shape[2] > 1 and causal), scale=scaling)
+    return out.transpose(1, 2).contiguous(), None  # no copy when out took query's [B, S, H, D] layout
+
+
+def register_attention() -> bool:
+    """Register ATTENTION_NAME with transformers' attention and mask interfaces (the masks sdpa's); False where
+    this transformers has neither."""
+    try:
+        from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, AttentionMaskInterface, sdpa_mask
+        from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, AttentionInterface
+    except ImportError:
+        return False
+    if ATTENTION_NAME not in ALL_ATTENTION_FUNCTIONS._global_mapping:
+        AttentionInterface.register(ATTENTION_NAME, attention_forward)
+    if ATTENTION_NAME not in ALL_MASK_ATTENTION_FUNCTIONS._global_mapping:
+        AttentionMaskInterface.register(ATTENTION_NAME, sdpa_mask)
+    return True
+
+
+def _set_attn_implementation(config, value: str) -> None:
+    """config's attention implementation, and not its sub-configs' (the public setter sets theirs too)."""
+    if hasattr(config, "_attn_implementation_internal"):
+        config._attn_implementation_internal = value
+    else:
+        config._attn_implementation = value
+
+
+def _patch_attention(model: nn.Module, state: _PatchState) -> None:
+    configs = {}
+    for module in model.modules():
+        config = getattr(module, "config", None)
+        if getattr(config, "_attn_implementation", None) is not None:
+            configs[id(config)] = config
+    sdpa = [config for config in configs.values() if config._attn_implementation == "sdpa"]
+    if not sdpa:
+        found = sorted({str(config._attn_implementation) for config in configs.values()})
+        state.report.not_patched.append(f"attention: no config asks for sdpa (found {found or 'none'})")
+        return
+    if not register_attention():
+        state.report.not_patched.append("attention: this transformers has no AttentionInterface")
+        return
+    for config in sdpa:
+        _set_attn_implementation(config, ATTENTION_NAME)
+        state.attention_configs.append(config)
+        state.report.attention.append(type(config).__name__)
+
+
+def patch_model(
+    model: nn.Module, rms_norm: bool = True, swiglu: bool = True, rope: bool = True, attention: bool = True
+) -> PatchReport:
+    """Swap pyfastpeft's RMSNorm, SwiGLU MLP, RoPE and attention into `model` in place; returns a PatchReport.
 
     Parameters are shared, not copied (optimizers and tied weights keep working). What could not be
     patched is listed in the report and warned about; `unpatch_model(model)` restores the originals.
@@ -396,6 +496,8 @@ def patch_model(model: nn.Module, rms_norm: bool = True, swiglu: bool = True, ro
                 "train()/eval() would otherwise undo the fused RoPE"
             )
         _patch_rope(model, state)
+    if attention:
+        _patch_attention(model, state)
     # A kind with no candidate at all gets one line; candidates that did not match have their own.
     if rms_norm and not candidates["rms_norm"]:
         report.not_patched.append("rms_norm: no RMSNorm-like module found")
@@ -422,6 +524,9 @@ def unpatch_model(model: nn.Module) -> None:
         else:
             wrapper.forward = previous_forward
     state.release_global_ropes()
+    for config in state.attention_configs:
+        if config._attn_implementation == ATTENTION_NAME:  # unless someone chose another since
+            _set_attn_implementation(config, "sdpa")
     object.__delattr__(model, _STATE_ATTR)
     if state.hub_kernels_turned_off:
         model.set_use_kernels(True)
