@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 import torch.nn.functional as F
-from helpers import CPU_ISAS, DTYPES, cpu_isa
+from helpers import CPU_BF16, CPU_ISAS, DTYPES, cpu_avx512_bf16, cpu_isa
 
 import pyfastpeft
 from pyfastpeft import _native
@@ -179,6 +179,18 @@ def test_attention_every_cpu_isa_agrees(isa, dtype):
     for case, causal in (((2, 4, 2, 33, 33, 80), True), ((1, 3, 1, 19, 70, 24), False), ((1, 2, 2, 70, 9, 64), True)):
         q, k, v, dout = make_inputs(case, dtype)
         with cpu_isa(isa):
+            ours = results_on("native", q, k, v, dout, case[-1] ** -0.5, causal)
+        assert_matches_reference(ours, q, k, v, dout, case[-1] ** -0.5, causal)
+
+
+@needs_kernel
+@pytest.mark.parametrize("pairs", CPU_BF16)
+def test_attention_bf16_products_with_and_without_avx512_bf16_pairs(pairs):
+    """bf16 q k^T and dout v^T go by vdpbf16ps where the CPU has it (head dims odd and even, partial key blocks),
+    and by fp32 FMAs otherwise: both within the bf16 tolerance of the reference."""
+    for case, causal in (((1, 4, 2, 70, 70, 33), True), ((2, 2, 1, 9, 130, 64), False), ((1, 2, 2, 65, 65, 7), True)):
+        q, k, v, dout = make_inputs(case, torch.bfloat16)
+        with cpu_avx512_bf16(pairs):
             ours = results_on("native", q, k, v, dout, case[-1] ** -0.5, causal)
         assert_matches_reference(ours, q, k, v, dout, case[-1] ** -0.5, causal)
 

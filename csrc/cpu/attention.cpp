@@ -14,6 +14,7 @@
 // store. Products are block GEMMs: the AVX-512 build runs them on fp32 in tiles of 6 rows by up to 64 columns held
 // in registers; plain loops elsewhere (the scalar and AVX2 builds, and fp64).
 #include "cpu/common.h"
+#include "cpu/dispatch.h"
 #include "cpu/kernels.h"
 
 #include <algorithm>
@@ -269,6 +270,132 @@ void widen_kv(const T* k, const T* v, const pfp::Strides3& ks, const pfp::Stride
   }
 }
 
+// ---- bf16 pairs --------------------------------------------------------------------------------------------------
+// q k^T and the backward's dout v^T multiply two stored tensors: for bf16 data they take vdpbf16ps (AVX512-BF16), which
+// multiplies bf16 pairs exactly and adds both products into fp32 lanes, twice the multiply-adds of an fp32 FMA per
+// instruction, where pfp::avx512_bf16_in_use(). The sums are those of fp32 FMAs over the same values in another order,
+// but for a subnormal bf16 input or result, which the instruction reads and writes as 0. (The products with P and dS,
+// computed values, stay fp32: rounding them to bf16 would change what the op computes.) Operands are packed as pairs
+// along the head dim (a uint32 holds elements 2p and 2p + 1, the second 0 past an odd head_dim): a block of queries or
+// douts as [rows][pairs], keys and values as [key block][pairs][kBlock] (transposed_pairs_at).
+inline int64_t pair_count(int64_t head_dim) { return (head_dim + 1) / 2; }
+inline int64_t transposed_pairs_at(int64_t j, int64_t p, int64_t pairs) {
+  return (j / kBlock) * pairs * kBlock + p * kBlock + j % kBlock;
+}
+inline size_t transposed_pairs_size(int64_t kv_len, int64_t head_dim) {
+  return static_cast<size_t>((kv_len + kBlock - 1) / kBlock * kBlock * pair_count(head_dim));
+}
+// Row of head_dim bf16 as pairs (pair p = elements 2p, 2p + 1; a 0 after an odd head_dim).
+inline void pack_pairs(const bf16* row, int64_t head_dim, uint32_t* pairs) {
+  for (int64_t p = 0; 2 * p < head_dim; ++p) {
+    const uint32_t hi = 2 * p + 1 < head_dim ? row[2 * p + 1].bits : 0u;
+    pairs[p] = uint32_t(row[2 * p].bits) | hi << 16;
+  }
+}
+
+#if defined(__AVX512F__)
+template <int R, int V>
+__attribute__((target("avx512bf16"), always_inline)) inline void pair_tile(int64_t pairs, const uint32_t* A,
+                                                                           int64_t lda, const uint32_t* B, float* out,
+                                                                           int64_t ldc, __mmask16 last) {
+  __m512 acc[R][V];
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+    for (int v = 0; v < V; ++v) acc[r][v] = _mm512_setzero_ps();
+  for (int64_t p = 0; p < pairs; ++p) {
+    __m512i b[V];
+#pragma GCC unroll 4
+    for (int v = 0; v < V; ++v)
+      b[v] = _mm512_maskz_loadu_epi32(v == V - 1 ? last : __mmask16(0xFFFF), B + p * kBlock + 16 * v);
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      const __m512i a = _mm512_set1_epi32(int(A[r * lda + p]));
+#pragma GCC unroll 4
+      for (int v = 0; v < V; ++v)
+        acc[r][v] = _mm512_dpbf16_ps(acc[r][v], reinterpret_cast<__m512bh>(a), reinterpret_cast<__m512bh>(b[v]));
+    }
+  }
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r)
+#pragma GCC unroll 4
+    for (int v = 0; v < V; ++v)
+      _mm512_mask_storeu_ps(out + r * ldc + 16 * v, v == V - 1 ? last : __mmask16(0xFFFF), acc[r][v]);
+}
+
+template <int R>
+__attribute__((target("avx512bf16"), always_inline)) inline void pair_tile_row(int64_t width, int64_t pairs,
+                                                                               const uint32_t* A, int64_t lda,
+                                                                               const uint32_t* B, float* out,
+                                                                               int64_t ldc) {
+  const int64_t vectors = (width + 15) / 16;
+  const __mmask16 last = pfp::lanes16(width - 16 * (vectors - 1));
+  switch (vectors) {
+    case 4: pair_tile<R, 4>(pairs, A, lda, B, out, ldc, last); break;
+    case 3: pair_tile<R, 3>(pairs, A, lda, B, out, ldc, last); break;
+    case 2: pair_tile<R, 2>(pairs, A, lda, B, out, ldc, last); break;
+    default: pair_tile<R, 1>(pairs, A, lda, B, out, ldc, last); break;
+  }
+}
+
+// out[m][n] = sum_p A[m][p] . B[p][n] (pair dot products) for m < M, n < width <= kBlock: B one key block's pairs.
+__attribute__((target("avx512bf16"))) void pair_gemm(int64_t M, int64_t width, int64_t pairs, const uint32_t* A,
+                                                     const uint32_t* B, float* out, int64_t ldc) {
+  int64_t m = 0;
+  for (; m + 6 <= M; m += 6) pair_tile_row<6>(width, pairs, A + m * pairs, pairs, B, out + m * ldc, ldc);
+  const uint32_t* a = A + m * pairs;
+  float* o = out + m * ldc;
+  switch (M - m) {
+    case 5: pair_tile_row<5>(width, pairs, a, pairs, B, o, ldc); break;
+    case 4: pair_tile_row<4>(width, pairs, a, pairs, B, o, ldc); break;
+    case 3: pair_tile_row<3>(width, pairs, a, pairs, B, o, ldc); break;
+    case 2: pair_tile_row<2>(width, pairs, a, pairs, B, o, ldc); break;
+    case 1: pair_tile_row<1>(width, pairs, a, pairs, B, o, ldc); break;
+    default: break;
+  }
+}
+#endif
+
+// Whether q k^T and dout v^T of data T take the pairs (bf16 data, an AVX-512 build, AVX512-BF16 in use).
+template <typename T>
+bool use_pairs() {
+#if defined(__AVX512F__)
+  if constexpr (std::is_same_v<T, bf16>) return pfp::avx512_bf16_in_use();
+#endif
+  return false;
+}
+
+// Key/value head (b, g) as transposed pairs (see above); only for bf16 data.
+template <typename T>
+void pack_kv_pairs(const T* k, const T* v, const pfp::Strides3& ks, const pfp::Strides3& vs, int64_t b, int64_t g,
+                   int64_t kv_len, int64_t head_dim, uint32_t* kp, uint32_t* vp, uint32_t* row) {
+  if constexpr (std::is_same_v<T, bf16>) {
+    const int64_t pairs = pair_count(head_dim);
+    for (int64_t j = 0; j < kv_len; ++j) {
+      pack_pairs(head_of(k, ks, b, g) + j * ks[2], head_dim, row);
+      for (int64_t p = 0; p < pairs; ++p) kp[transposed_pairs_at(j, p, pairs)] = row[p];
+      if (vp != nullptr) {
+        pack_pairs(head_of(v, vs, b, g) + j * vs[2], head_dim, row);
+        for (int64_t p = 0; p < pairs; ++p) vp[transposed_pairs_at(j, p, pairs)] = row[p];
+      }
+    }
+  }
+}
+
+// out[m][n] = A rows . key block's columns for m < rows, n < width: q k^T (or dout v^T) of one block pair, by pairs
+// (ap, bp: the packed operands) or by block_gemm over the fp32 ones (a [rows][D], bt the transposed key block).
+template <typename C>
+void scores(bool pairs, int64_t rows, int64_t width, int64_t head_dim, const uint32_t* ap, const uint32_t* bp,
+            const C* a, const C* bt, C* out) {
+#if defined(__AVX512F__)
+  if constexpr (std::is_same_v<C, float>) {
+    if (pairs) return pair_gemm(rows, width, pair_count(head_dim), ap, bp, out, kBlock);
+  }
+#endif
+  (void)pairs, (void)ap, (void)bp;
+  block_gemm(rows, width, head_dim, a, head_dim, 1, bt, kBlock, out, kBlock, true);
+}
+
 struct Shape {
   int64_t batch, heads, kv_heads, q_len, kv_len, head_dim;
   int64_t group() const { return heads / kv_heads; }
@@ -290,7 +417,12 @@ void forward_impl(const T* q, const T* k, const T* v, T* out, C* lse, const pfp:
   parallel_by_cost(
       tasks, nthreads, [&](int64_t t) { return 1 + sh.k_blocks(causal, t % qblocks); },
       [&](int64_t begin, int64_t end, int) {
-        std::vector<C> kt(transposed_size(Sk, D)), vr(static_cast<size_t>(Sk * D)), row(static_cast<size_t>(D));
+        const bool pairs = use_pairs<T>();
+        const int64_t P = pair_count(D);
+        std::vector<C> kt(pairs ? size_t(0) : transposed_size(Sk, D)), vr(static_cast<size_t>(Sk * D)),
+            row(static_cast<size_t>(D));
+        std::vector<uint32_t> kp(pairs ? transposed_pairs_size(Sk, D) : size_t(0)),
+            qp(pairs ? static_cast<size_t>(kBlock * P) : size_t(0)), pair_row(static_cast<size_t>(P));
         std::vector<C> qb(static_cast<size_t>(kBlock * D)), acc(static_cast<size_t>(kBlock * D)),
             s(static_cast<size_t>(kBlock * kBlock));
         C m[kBlock], l[kBlock];
@@ -299,12 +431,19 @@ void forward_impl(const T* q, const T* k, const T* v, T* out, C* lse, const pfp:
           const int64_t block = t % qblocks, bh = t / qblocks, b = bh / sh.heads, h = bh % sh.heads;
           const int64_t g = h / sh.group();
           if (b * sh.kv_heads + g != widened) {
-            widen_kv<T, C>(k, v, ks, vs, b, g, Sk, D, kt.data(), nullptr, nullptr, vr.data(), row.data());
+            widen_kv<T, C>(k, v, ks, vs, b, g, Sk, D, pairs ? nullptr : kt.data(), nullptr, nullptr, vr.data(),
+                           row.data());
+            if (pairs) pack_kv_pairs(k, v, ks, vs, b, g, Sk, D, kp.data(), nullptr, pair_row.data());
             widened = b * sh.kv_heads + g;
           }
           const int64_t i0 = block * kBlock, rows = std::min(kBlock, sh.q_len - i0);
           const T* qh = head_of(q, qs, b, h);
-          for (int64_t r = 0; r < rows; ++r) pfp::load_row(qh + (i0 + r) * qs[2], qb.data() + r * D, D);
+          for (int64_t r = 0; r < rows; ++r) {
+            if (pairs)
+              pack_pairs(reinterpret_cast<const bf16*>(qh + (i0 + r) * qs[2]), D, qp.data() + r * P);
+            else
+              pfp::load_row(qh + (i0 + r) * qs[2], qb.data() + r * D, D);
+          }
           std::fill(acc.begin(), acc.begin() + rows * D, C(0));
           for (int64_t r = 0; r < rows; ++r) {
             m[r] = -std::numeric_limits<C>::infinity();
@@ -313,7 +452,8 @@ void forward_impl(const T* q, const T* k, const T* v, T* out, C* lse, const pfp:
           const int64_t keys = key_end(causal, i0 + rows, Sk);
           for (int64_t j0 = 0; j0 < keys; j0 += kBlock) {
             const int64_t width = std::min(kBlock, keys - j0);
-            block_gemm(rows, width, D, qb.data(), D, 1, transposed_block(kt, j0, D), kBlock, s.data(), kBlock, true);
+            scores(pairs, rows, width, D, qp.data(), kp.data() + (j0 / kBlock) * P * kBlock, qb.data(),
+                   pairs ? nullptr : transposed_block(kt, j0, D), s.data());
             for (int64_t r = 0; r < rows; ++r) {
               const int64_t seen = seen_keys(causal, i0 + r, j0, width);
               C* srow = s.data() + r * kBlock;
@@ -355,8 +495,14 @@ void backward_impl(const T* dout, const T* q, const T* k, const T* v, const T* o
   parallel_by_cost(
       sh.batch * sh.heads, nthreads, [&](int64_t) { return per_head; },
       [&](int64_t begin, int64_t end, int) {
-        std::vector<C> kt(transposed_size(Sk, D)), kr(static_cast<size_t>(Sk * D)), vt(transposed_size(Sk, D)),
-            row(static_cast<size_t>(D));
+        const bool pairs = use_pairs<T>();
+        const int64_t P = pair_count(D);
+        std::vector<C> kt(pairs ? size_t(0) : transposed_size(Sk, D)), kr(static_cast<size_t>(Sk * D)),
+            vt(pairs ? size_t(0) : transposed_size(Sk, D)), row(static_cast<size_t>(D));
+        std::vector<uint32_t> kp(pairs ? transposed_pairs_size(Sk, D) : size_t(0)),
+            vp(pairs ? transposed_pairs_size(Sk, D) : size_t(0)),
+            qp(pairs ? static_cast<size_t>(kBlock * P) : size_t(0)),
+            dop(pairs ? static_cast<size_t>(kBlock * P) : size_t(0)), pair_row(static_cast<size_t>(P));
         std::vector<C> own(group > 1 ? size_t(0) : size_t(2 * Sk * D));
         std::vector<C> qb(static_cast<size_t>(kBlock * D)), dob(static_cast<size_t>(kBlock * D)),
             dqb(static_cast<size_t>(kBlock * D));
@@ -366,7 +512,9 @@ void backward_impl(const T* dout, const T* q, const T* k, const T* v, const T* o
         for (int64_t bh = begin; bh < end; ++bh) {
           const int64_t b = bh / sh.heads, h = bh % sh.heads, g = h / group;
           if (b * sh.kv_heads + g != widened) {
-            widen_kv<T, C>(k, v, ks, vs, b, g, Sk, D, kt.data(), kr.data(), vt.data(), nullptr, row.data());
+            widen_kv<T, C>(k, v, ks, vs, b, g, Sk, D, pairs ? nullptr : kt.data(), kr.data(),
+                           pairs ? nullptr : vt.data(), nullptr, row.data());
+            if (pairs) pack_kv_pairs(k, v, ks, vs, b, g, Sk, D, kp.data(), vp.data(), pair_row.data());
             widened = b * sh.kv_heads + g;
           }
           C* dk_acc = group > 1 ? partial.data() + 2 * bh * Sk * D : own.data();
@@ -386,14 +534,20 @@ void backward_impl(const T* dout, const T* q, const T* k, const T* v, const T* o
               C sum = C(0);
               for (int64_t d = 0; d < D; ++d) sum += dorow[d] * row[d];
               delta[r] = sum;
+              if (pairs) {
+                pack_pairs(reinterpret_cast<const bf16*>(qh + (i0 + r) * qs[2]), D, qp.data() + r * P);
+                pack_pairs(reinterpret_cast<const bf16*>(doh + (i0 + r) * dos[2]), D, dop.data() + r * P);
+              }
             }
             std::fill(dqb.begin(), dqb.begin() + rows * D, C(0));
             const int64_t keys = key_end(causal, i0 + rows, Sk);
             for (int64_t j0 = 0; j0 < keys; j0 += kBlock) {
               const int64_t width = std::min(kBlock, keys - j0);
-              block_gemm(rows, width, D, qb.data(), D, 1, transposed_block(kt, j0, D), kBlock, s.data(), kBlock, true);
-              block_gemm(rows, width, D, dob.data(), D, 1, transposed_block(vt, j0, D), kBlock, dp.data(), kBlock,
-                         true);
+              const int64_t at = (j0 / kBlock) * P * kBlock;
+              scores(pairs, rows, width, D, qp.data(), kp.data() + at, qb.data(),
+                     pairs ? nullptr : transposed_block(kt, j0, D), s.data());
+              scores(pairs, rows, width, D, dop.data(), vp.data() + at, dob.data(),
+                     pairs ? nullptr : transposed_block(vt, j0, D), dp.data());
               for (int64_t r = 0; r < rows; ++r)
                 gradient_row(s.data() + r * kBlock, dp.data() + r * kBlock, seen_keys(causal, i0 + r, j0, width), width,
                              scale, lh[i0 + r], delta[r]);
