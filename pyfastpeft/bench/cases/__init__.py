@@ -15,6 +15,7 @@ from collections.abc import Sequence
 import torch
 
 from pyfastpeft.bench.cases._common import DTYPES, FamilyCases
+from pyfastpeft.bench.cases.attention import attention_cases
 from pyfastpeft.bench.cases.blockwise import blockwise_cases
 from pyfastpeft.bench.cases.distill import distill_cases
 from pyfastpeft.bench.cases.flce import flce_cases
@@ -43,6 +44,7 @@ FAMILIES: dict[str, FamilyCases] = {
     "rmsnorm": rmsnorm_cases,
     "swiglu": swiglu_cases,
     "rope": rope_cases,
+    "attention": attention_cases,
     "nf4": nf4_cases,
     "int8": int8_cases,
     "quantize": quantize_cases,
