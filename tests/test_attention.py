@@ -184,6 +184,25 @@ def test_attention_every_cpu_isa_agrees(isa, dtype):
 
 
 @needs_kernel
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_attention_bits_do_not_depend_on_the_thread_count(dtype):
+    """Each query block (forward) and query head (backward) is one thread's, and dk, dv sum their group's heads in
+    head order: 1, 3 and 8 threads give the same bits, also with more threads than heads."""
+    inputs = [make_inputs(case, dtype) for case in ((1, 2, 1, 130, 130, 24), (2, 8, 2, 70, 70, 64))]
+    previous = torch.get_num_threads()
+    try:
+        results = {}
+        for threads in (1, 3, 8):
+            torch.set_num_threads(threads)
+            results[threads] = [results_on("native", *tensors, 0.125, True) for tensors in inputs]
+    finally:
+        torch.set_num_threads(previous)
+    for threads in (3, 8):
+        for ours, first in zip(results[threads], results[1]):
+            assert all(torch.equal(got, want) for got, want in zip(ours, first)), threads
+
+
+@needs_kernel
 @pytest.mark.parametrize("pairs", CPU_BF16)
 def test_attention_bf16_products_with_and_without_avx512_bf16_pairs(pairs):
     """bf16 q k^T and dout v^T go by vdpbf16ps where the CPU has it (head dims odd and even, partial key blocks),

@@ -198,14 +198,19 @@ inline int64_t seen_keys(bool causal, int64_t i, int64_t j0, int64_t width) {
 // The keys a block of queries ending before i_end sees: [0, kv_len), or [0, min(kv_len, i_end)) with the mask.
 inline int64_t key_end(bool causal, int64_t i_end, int64_t kv_len) { return causal ? std::min(kv_len, i_end) : kv_len; }
 
-// Runs body(begin, end, scratch_tid) over contiguous ranges of tasks [0, n) of about equal total cost(t) (a causal
+// Runs body(begin, end, tid) over contiguous ranges of tasks [0, n) of about equal total cost(t) (a causal
 // query block's cost grows with its position), one range per thread.
+// The threads parallel_by_cost runs n tasks on: body's tid is below this.
+inline int team_size(int64_t n, int nthreads) {
+  return int(std::max<int64_t>(1, std::min<int64_t>(nthreads < 1 ? 1 : nthreads, n)));
+}
+
 template <typename Cost, typename Body>
 void parallel_by_cost(int64_t n, int nthreads, Cost cost, Body body) {
   std::vector<int64_t> before(size_t(n) + 1, 0);  // before[t]: the cost of tasks [0, t)
   for (int64_t t = 0; t < n; ++t) before[size_t(t) + 1] = before[size_t(t)] + cost(t);
   const int64_t total = before[size_t(n)];
-  int team = int(std::min<int64_t>(nthreads < 1 ? 1 : nthreads, n));
+  const int team = team_size(n, nthreads);
   if (team <= 1 || total == 0) {
     body(int64_t(0), n, 0);
     return;
@@ -396,6 +401,14 @@ void scores(bool pairs, int64_t rows, int64_t width, int64_t head_dim, const uin
   block_gemm(rows, width, head_dim, a, head_dim, 1, bt, kBlock, out, kBlock, true);
 }
 
+// One thread's buffers (those of the forward, or of the backward), made before the threads start: a failed
+// allocation then reaches Python as a MemoryError rather than ending the process inside the parallel region.
+template <typename C>
+struct Buffers {
+  std::vector<C> kt, kr, vt, vr, row, own, qb, dob, dqb, acc, s, dp;
+  std::vector<uint32_t> kp, vp, qp, dop, pair_row;
+};
+
 struct Shape {
   int64_t batch, heads, kv_heads, q_len, kv_len, head_dim;
   int64_t group() const { return heads / kv_heads; }
@@ -414,17 +427,26 @@ void forward_impl(const T* q, const T* k, const T* v, T* out, C* lse, const pfp:
   // Tasks (b, h, query block), h within its key/value head's group, in the order (b, g, h, block): a thread meets
   // each key/value head in one run of tasks and widens it once.
   const int64_t tasks = sh.batch * sh.heads * qblocks;
+  const bool pairs = use_pairs<T>();
+  const int64_t P = pair_count(D);
+  std::vector<Buffers<C>> buffers(static_cast<size_t>(team_size(tasks, nthreads)));
+  for (Buffers<C>& buf : buffers) {
+    buf.kt.resize(pairs ? size_t(0) : transposed_size(Sk, D));
+    buf.vr.resize(static_cast<size_t>(Sk * D));
+    buf.row.resize(static_cast<size_t>(D));
+    buf.kp.resize(pairs ? transposed_pairs_size(Sk, D) : size_t(0));
+    buf.qp.resize(pairs ? static_cast<size_t>(kBlock * P) : size_t(0));
+    buf.pair_row.resize(static_cast<size_t>(P));
+    buf.qb.resize(static_cast<size_t>(kBlock * D));
+    buf.acc.resize(static_cast<size_t>(kBlock * D));
+    buf.s.resize(static_cast<size_t>(kBlock * kBlock));
+  }
   parallel_by_cost(
       tasks, nthreads, [&](int64_t t) { return 1 + sh.k_blocks(causal, t % qblocks); },
-      [&](int64_t begin, int64_t end, int) {
-        const bool pairs = use_pairs<T>();
-        const int64_t P = pair_count(D);
-        std::vector<C> kt(pairs ? size_t(0) : transposed_size(Sk, D)), vr(static_cast<size_t>(Sk * D)),
-            row(static_cast<size_t>(D));
-        std::vector<uint32_t> kp(pairs ? transposed_pairs_size(Sk, D) : size_t(0)),
-            qp(pairs ? static_cast<size_t>(kBlock * P) : size_t(0)), pair_row(static_cast<size_t>(P));
-        std::vector<C> qb(static_cast<size_t>(kBlock * D)), acc(static_cast<size_t>(kBlock * D)),
-            s(static_cast<size_t>(kBlock * kBlock));
+      [&](int64_t begin, int64_t end, int tid) {
+        Buffers<C>& buf = buffers[static_cast<size_t>(tid)];
+        std::vector<C>&kt = buf.kt, &vr = buf.vr, &row = buf.row, &qb = buf.qb, &acc = buf.acc, &s = buf.s;
+        std::vector<uint32_t>&kp = buf.kp, &qp = buf.qp, &pair_row = buf.pair_row;
         C m[kBlock], l[kBlock];
         int64_t widened = -1;  // the (b, g) in kt and vr
         for (int64_t t = begin; t < end; ++t) {
@@ -492,21 +514,33 @@ void backward_impl(const T* dout, const T* q, const T* k, const T* v, const T* o
   int64_t per_head = 0;
   for (int64_t qb = 0; qb < qblocks; ++qb) per_head += 1 + sh.k_blocks(causal, qb);
   // Tasks: whole query heads (b, h) in the order (b, g, h), each walking its query blocks and their key blocks.
+  const bool pairs = use_pairs<T>();
+  const int64_t P = pair_count(D);
+  std::vector<Buffers<C>> buffers(static_cast<size_t>(team_size(sh.batch * sh.heads, nthreads)));
+  for (Buffers<C>& buf : buffers) {
+    buf.kt.resize(pairs ? size_t(0) : transposed_size(Sk, D));
+    buf.kr.resize(static_cast<size_t>(Sk * D));
+    buf.vt.resize(pairs ? size_t(0) : transposed_size(Sk, D));
+    buf.row.resize(static_cast<size_t>(D));
+    buf.kp.resize(pairs ? transposed_pairs_size(Sk, D) : size_t(0));
+    buf.vp.resize(pairs ? transposed_pairs_size(Sk, D) : size_t(0));
+    buf.qp.resize(pairs ? static_cast<size_t>(kBlock * P) : size_t(0));
+    buf.dop.resize(pairs ? static_cast<size_t>(kBlock * P) : size_t(0));
+    buf.pair_row.resize(static_cast<size_t>(P));
+    buf.own.resize(group > 1 ? size_t(0) : size_t(2 * Sk * D));
+    buf.qb.resize(static_cast<size_t>(kBlock * D));
+    buf.dob.resize(static_cast<size_t>(kBlock * D));
+    buf.dqb.resize(static_cast<size_t>(kBlock * D));
+    buf.s.resize(static_cast<size_t>(kBlock * kBlock));
+    buf.dp.resize(static_cast<size_t>(kBlock * kBlock));
+  }
   parallel_by_cost(
       sh.batch * sh.heads, nthreads, [&](int64_t) { return per_head; },
-      [&](int64_t begin, int64_t end, int) {
-        const bool pairs = use_pairs<T>();
-        const int64_t P = pair_count(D);
-        std::vector<C> kt(pairs ? size_t(0) : transposed_size(Sk, D)), kr(static_cast<size_t>(Sk * D)),
-            vt(pairs ? size_t(0) : transposed_size(Sk, D)), row(static_cast<size_t>(D));
-        std::vector<uint32_t> kp(pairs ? transposed_pairs_size(Sk, D) : size_t(0)),
-            vp(pairs ? transposed_pairs_size(Sk, D) : size_t(0)),
-            qp(pairs ? static_cast<size_t>(kBlock * P) : size_t(0)),
-            dop(pairs ? static_cast<size_t>(kBlock * P) : size_t(0)), pair_row(static_cast<size_t>(P));
-        std::vector<C> own(group > 1 ? size_t(0) : size_t(2 * Sk * D));
-        std::vector<C> qb(static_cast<size_t>(kBlock * D)), dob(static_cast<size_t>(kBlock * D)),
-            dqb(static_cast<size_t>(kBlock * D));
-        std::vector<C> s(static_cast<size_t>(kBlock * kBlock)), dp(static_cast<size_t>(kBlock * kBlock));
+      [&](int64_t begin, int64_t end, int tid) {
+        Buffers<C>& buf = buffers[static_cast<size_t>(tid)];
+        std::vector<C>&kt = buf.kt, &kr = buf.kr, &vt = buf.vt, &row = buf.row, &own = buf.own, &qb = buf.qb,
+        &dob = buf.dob, &dqb = buf.dqb, &s = buf.s, &dp = buf.dp;
+        std::vector<uint32_t>&kp = buf.kp, &vp = buf.vp, &qp = buf.qp, &dop = buf.dop, &pair_row = buf.pair_row;
         C delta[kBlock];
         int64_t widened = -1;
         for (int64_t bh = begin; bh < end; ++bh) {
@@ -570,22 +604,23 @@ void backward_impl(const T* dout, const T* q, const T* k, const T* v, const T* o
       });
   if (group == 1) return;
   // dk, dv of key/value head (b, g), position j: the sum of its group's partials, in head order.
-  pfp::parallel_for(sh.batch * sh.kv_heads * Sk, group * D * 4, nthreads, [&](int64_t begin, int64_t end, int) {
-    std::vector<C> sum_k(static_cast<size_t>(D)), sum_v(static_cast<size_t>(D));
+  std::vector<C> sums(static_cast<size_t>(std::max(nthreads, 1) * 2 * D));  // a thread's sums of one position
+  pfp::parallel_for(sh.batch * sh.kv_heads * Sk, group * D * 4, nthreads, [&](int64_t begin, int64_t end, int tid) {
+    C* sum_k = sums.data() + tid * 2 * D;
+    C* sum_v = sum_k + D;
     for (int64_t t = begin; t < end; ++t) {
       const int64_t j = t % Sk, bg = t / Sk, b = bg / sh.kv_heads, g = bg % sh.kv_heads;
-      std::fill(sum_k.begin(), sum_k.end(), C(0));
-      std::fill(sum_v.begin(), sum_v.end(), C(0));
+      std::fill(sum_k, sum_k + 2 * D, C(0));
       for (int64_t i = 0; i < group; ++i) {
         const C* pk = partial.data() + 2 * (b * sh.heads + g * group + i) * Sk * D + j * D;
         const C* pv = pk + Sk * D;
         for (int64_t d = 0; d < D; ++d) {
-          sum_k[size_t(d)] += pk[d];
-          sum_v[size_t(d)] += pv[d];
+          sum_k[d] += pk[d];
+          sum_v[d] += pv[d];
         }
       }
-      pfp::store_row(sum_k.data(), dk + b * dks[0] + g * dks[1] + j * dks[2], D);
-      pfp::store_row(sum_v.data(), dv + b * dvs[0] + g * dvs[1] + j * dvs[2], D);
+      pfp::store_row(sum_k, dk + b * dks[0] + g * dks[1] + j * dks[2], D);
+      pfp::store_row(sum_v, dv + b * dvs[0] + g * dvs[1] + j * dvs[2], D);
     }
   });
 }
