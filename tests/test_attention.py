@@ -11,14 +11,11 @@ import torch.nn.functional as F
 from helpers import CPU_BF16, CPU_ISAS, DTYPES, cpu_avx512_bf16, cpu_isa
 
 import pyfastpeft
-from pyfastpeft import _native
 from pyfastpeft.functional import scaled_dot_product_attention
 from pyfastpeft.ops.attention import AttentionFunction
 from pyfastpeft.reference import attention as ref
 
-HAS_KERNEL = hasattr(_native.cpu, "attention_forward")
-needs_kernel = pytest.mark.skipif(not HAS_KERNEL, reason="pyfastpeft._C has no attention kernel in this build")
-NATIVE = pytest.param("native", marks=needs_kernel)
+NATIVE = "native"
 
 # out, dq, dk and dv are sums over keys or queries (lse a log of one): the error bound is relative to the largest
 # magnitude of the tensor, the dtype's rounding of the output and of the kernel's intermediates included, and to 1 at
@@ -87,7 +84,6 @@ def assert_matches_reference(ours, q, k, v, dout, scale, causal):
         assert_close_scaled(got, want, q.dtype)
 
 
-@needs_kernel
 @pytest.mark.parametrize("dtype", DTYPES)
 @pytest.mark.parametrize("causal", [False, True])
 @pytest.mark.parametrize("case", GRID)
@@ -172,7 +168,6 @@ def test_attention_reads_only_its_views(backend):
         assert torch.equal(t.isnan(), saved.isnan()) and torch.equal(t.nan_to_num(), saved.nan_to_num())
 
 
-@needs_kernel
 @pytest.mark.parametrize("isa", CPU_ISAS)
 @pytest.mark.parametrize("dtype", DTYPES + [torch.float64])
 def test_attention_every_cpu_isa_agrees(isa, dtype):
@@ -183,7 +178,6 @@ def test_attention_every_cpu_isa_agrees(isa, dtype):
         assert_matches_reference(ours, q, k, v, dout, case[-1] ** -0.5, causal)
 
 
-@needs_kernel
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_attention_bits_do_not_depend_on_the_thread_count(dtype):
     """Each query block (forward) and query head (backward) is one thread's, and dk, dv sum their group's heads in
@@ -202,7 +196,6 @@ def test_attention_bits_do_not_depend_on_the_thread_count(dtype):
             assert all(torch.equal(got, want) for got, want in zip(ours, first)), threads
 
 
-@needs_kernel
 @pytest.mark.parametrize("pairs", CPU_BF16)
 def test_attention_bf16_products_with_and_without_avx512_bf16_pairs(pairs):
     """bf16 q k^T and dout v^T go by vdpbf16ps where the CPU has it (head dims odd and even, partial key blocks),

@@ -290,11 +290,15 @@ inline int64_t transposed_pairs_at(int64_t j, int64_t p, int64_t pairs) {
 inline size_t transposed_pairs_size(int64_t kv_len, int64_t head_dim) {
   return static_cast<size_t>((kv_len + kBlock - 1) / kBlock * kBlock * pair_count(head_dim));
 }
-// Row of head_dim bf16 as pairs (pair p = elements 2p, 2p + 1; a 0 after an odd head_dim).
-inline void pack_pairs(const bf16* row, int64_t head_dim, uint32_t* pairs) {
-  for (int64_t p = 0; 2 * p < head_dim; ++p) {
-    const uint32_t hi = 2 * p + 1 < head_dim ? row[2 * p + 1].bits : 0u;
-    pairs[p] = uint32_t(row[2 * p].bits) | hi << 16;
+// Row of head_dim bf16 as pairs (pair p = elements 2p, 2p + 1; a 0 after an odd head_dim). Only bf16 data takes the
+// pairs (use_pairs): for other types this is never called, and compiles to nothing.
+template <typename T>
+void pack_pairs(const T* row, int64_t head_dim, uint32_t* pairs) {
+  if constexpr (std::is_same_v<T, bf16>) {
+    for (int64_t p = 0; 2 * p < head_dim; ++p) {
+      const uint32_t hi = 2 * p + 1 < head_dim ? row[2 * p + 1].bits : 0u;
+      pairs[p] = uint32_t(row[2 * p].bits) | hi << 16;
+    }
   }
 }
 
@@ -374,15 +378,13 @@ bool use_pairs() {
 template <typename T>
 void pack_kv_pairs(const T* k, const T* v, const pfp::Strides3& ks, const pfp::Strides3& vs, int64_t b, int64_t g,
                    int64_t kv_len, int64_t head_dim, uint32_t* kp, uint32_t* vp, uint32_t* row) {
-  if constexpr (std::is_same_v<T, bf16>) {
-    const int64_t pairs = pair_count(head_dim);
-    for (int64_t j = 0; j < kv_len; ++j) {
-      pack_pairs(head_of(k, ks, b, g) + j * ks[2], head_dim, row);
-      for (int64_t p = 0; p < pairs; ++p) kp[transposed_pairs_at(j, p, pairs)] = row[p];
-      if (vp != nullptr) {
-        pack_pairs(head_of(v, vs, b, g) + j * vs[2], head_dim, row);
-        for (int64_t p = 0; p < pairs; ++p) vp[transposed_pairs_at(j, p, pairs)] = row[p];
-      }
+  const int64_t pairs = pair_count(head_dim);
+  for (int64_t j = 0; j < kv_len; ++j) {
+    pack_pairs(head_of(k, ks, b, g) + j * ks[2], head_dim, row);
+    for (int64_t p = 0; p < pairs; ++p) kp[transposed_pairs_at(j, p, pairs)] = row[p];
+    if (vp != nullptr) {
+      pack_pairs(head_of(v, vs, b, g) + j * vs[2], head_dim, row);
+      for (int64_t p = 0; p < pairs; ++p) vp[transposed_pairs_at(j, p, pairs)] = row[p];
     }
   }
 }
@@ -462,7 +464,7 @@ void forward_impl(const T* q, const T* k, const T* v, T* out, C* lse, const pfp:
           const T* qh = head_of(q, qs, b, h);
           for (int64_t r = 0; r < rows; ++r) {
             if (pairs)
-              pack_pairs(reinterpret_cast<const bf16*>(qh + (i0 + r) * qs[2]), D, qp.data() + r * P);
+              pack_pairs(qh + (i0 + r) * qs[2], D, qp.data() + r * P);
             else
               pfp::load_row(qh + (i0 + r) * qs[2], qb.data() + r * D, D);
           }
@@ -476,14 +478,11 @@ void forward_impl(const T* q, const T* k, const T* v, T* out, C* lse, const pfp:
             const int64_t width = std::min(kBlock, keys - j0);
             scores(pairs, rows, width, D, qp.data(), kp.data() + (j0 / kBlock) * P * kBlock, qb.data(),
                    pairs ? nullptr : transposed_block(kt, j0, D), s.data());
+            // Every row sees one key of each block it visits at least (blocks start at multiples of kBlock, so
+            // j0 <= i0 for a block below key_end): m is finite from the first block on.
             for (int64_t r = 0; r < rows; ++r) {
-              const int64_t seen = seen_keys(causal, i0 + r, j0, width);
               C* srow = s.data() + r * kBlock;
-              if (seen == 0) {
-                std::fill(srow, srow + width, C(0));
-                continue;
-              }
-              const C alpha = softmax_update(srow, seen, width, scale, m[r], l[r]);
+              const C alpha = softmax_update(srow, seen_keys(causal, i0 + r, j0, width), width, scale, m[r], l[r]);
               C* arow = acc.data() + r * D;
               for (int64_t d = 0; d < D; ++d) arow[d] *= alpha;
             }
@@ -569,8 +568,8 @@ void backward_impl(const T* dout, const T* q, const T* k, const T* v, const T* o
               for (int64_t d = 0; d < D; ++d) sum += dorow[d] * row[d];
               delta[r] = sum;
               if (pairs) {
-                pack_pairs(reinterpret_cast<const bf16*>(qh + (i0 + r) * qs[2]), D, qp.data() + r * P);
-                pack_pairs(reinterpret_cast<const bf16*>(doh + (i0 + r) * dos[2]), D, dop.data() + r * P);
+                pack_pairs(qh + (i0 + r) * qs[2], D, qp.data() + r * P);
+                pack_pairs(doh + (i0 + r) * dos[2], D, dop.data() + r * P);
               }
             }
             std::fill(dqb.begin(), dqb.begin() + rows * D, C(0));

@@ -37,23 +37,11 @@ from pyfastpeft.reference import attention as ref
 from pyfastpeft.reference._common import accumulate_dtype
 
 
-def _dense(t: torch.Tensor) -> bool:
-    """t's elements tile a span of memory without gaps or overlap, its dims in some order (torch's
-    is_non_overlapping_and_dense, which empty_like keeps the strides of)."""
-    expected = 1
-    for stride, size in sorted((s, n) for s, n in zip(t.stride(), t.shape) if n > 1):
-        if stride != expected:
-            return False
-        expected *= size
-    return True
-
-
 def _like(t: torch.Tensor) -> torch.Tensor:
-    """An output of t's shape and dtype: t's strides when its last dim is contiguous and t is dense without overlap
-    (HF's transposed views stay transposed), else contiguous. The fake impls and every backend agree on this."""
-    if t.stride(-1) == 1 and _dense(t):
-        return torch.empty_strided(t.shape, t.stride(), dtype=t.dtype, device=t.device)
-    return torch.empty(t.shape, dtype=t.dtype, device=t.device)
+    """An output of t's shape and dtype, as rope's outputs are made: empty_like keeps t's strides where t is dense
+    without overlap (HF's transposed views stay transposed) and is contiguous elsewhere; a last dim that is not
+    contiguous gives a contiguous output. The fake impls and every backend agree on this."""
+    return torch.empty_like(t) if t.stride(-1) == 1 else torch.empty(t.shape, dtype=t.dtype, device=t.device)
 
 
 def _forward_outputs(q):
