@@ -985,17 +985,32 @@ void up_grads_bf16_blocks(const bf16* dy, const bf16* b, const bf16* xa, bf16* g
     }
     if (tiles) amx::release();
   });
-  // grad_b[j, q] = s * (the threads' dB^T sums at rank q, column j), rounded once
-  pfp::parallel_for(col_tiles, 16 * rank * nthreads, nthreads, [&](int64_t begin, int64_t end, int) {
-    for (int64_t c = begin; c < end; ++c)
-      for (int64_t jj = 0; jj < 16 && 16 * c + jj < n; ++jj)
-        for (int64_t q = 0; q < rank; ++q) {
-          float sum = 0.0f;
-          for (const std::vector<float>& sums : dbt)
-            if (!sums.empty()) sum += sums[size_t(((q / 16) * col_tiles + c) * 256 + (q % 16) * 16 + jj)];
-          grad_b[(16 * c + jj) * rank + q] = pfp::to_bf16(scaling * sum);
-        }
-  });
+  // grad_b[j, q] = s * (the threads' dB^T sums at rank q, column j), rounded once: a 16 x 16 tile at a time, its
+  // threads' sums added in thread order (0 + first + second ...) as vectors over j, then read back by columns
+  // (transposed) and stored as 16 ranks of a row of grad_b. (Scalar, this pass took most of a call below a few
+  // hundred rows: 0.14 of 0.2 ms at 32 x 2816, rank 16.)
+  std::vector<const float*> partials;
+  for (const std::vector<float>& sums : dbt)
+    if (!sums.empty()) partials.push_back(sums.data());
+  const __m512i columns_of = _mm512_mullo_epi32(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
+                                                _mm512_set1_epi32(16));  // lane q: tile element (q, 0)
+  for (int64_t u = 0; u < rank_tiles; ++u) {
+    const int64_t ranks = rank - 16 * u < 16 ? rank - 16 * u : 16;
+    const __mmask16 valid = __mmask16((1u << ranks) - 1u);
+    for (int64_t c = 0; c < col_tiles; ++c) {
+      alignas(64) float tile[256];  // tile[q * 16 + jj]: dB^T[16 u + q][16 c + jj]
+      const int64_t at = (u * col_tiles + c) * 256;
+      for (int64_t q = 0; q < 16; ++q) {
+        __m512 sum = _mm512_setzero_ps();
+        for (const float* sums : partials) sum = _mm512_add_ps(sum, _mm512_loadu_ps(sums + at + 16 * q));
+        _mm512_store_ps(tile + 16 * q, sum);
+      }
+      for (int64_t jj = 0; jj < 16 && 16 * c + jj < n; ++jj) {
+        const __m512 column = _mm512_i32gather_ps(_mm512_add_epi32(columns_of, _mm512_set1_epi32(int(jj))), tile, 4);
+        pfp::store16(grad_b + (16 * c + jj) * rank + 16 * u, valid, _mm512_mul_ps(_mm512_set1_ps(scaling), column));
+      }
+    }
+  }
 }
 #endif
 
