@@ -130,7 +130,8 @@ class TrainingStep:
         self.input_ids = input_ids
         self.context = context
         self.parameters = [p for p in model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(self.parameters, lr=MODEL_LEARNING_RATE)
+        # fused: what transformers' Trainer builds by default (optim="adamw_torch_fused" from torch 2.8)
+        self.optimizer = torch.optim.AdamW(self.parameters, lr=MODEL_LEARNING_RATE, fused=True)
         self.first_loss: torch.Tensor | None = None
 
     def __call__(self) -> torch.Tensor:
