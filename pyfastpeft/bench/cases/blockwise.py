@@ -1,6 +1,6 @@
-"""8-bit blockwise benchmark cases: one optimizer step of pyfastpeft.optim.AdamW8bit against torch's fp32 AdamW
-(foreach) and bitsandbytes' AdamW8bit, over a 4096x4096 weight and over the LoRA adapters of Llama-2-7B; and the
-blockwise quantizer against its eager formula."""
+"""8-bit blockwise benchmark cases: one optimizer step of pyfastpeft.optim.AdamW8bit against torch's AdamW (fused,
+as transformers' Trainer builds it) and bitsandbytes' AdamW8bit, over a 4096x4096 weight and over the LoRA adapters of
+Llama-2-7B; and the blockwise quantizer against its eager formula."""
 
 from __future__ import annotations
 
@@ -17,9 +17,12 @@ from pyfastpeft.reference import blockwise as blockwise_reference
 LORA_RANK = 16
 LORA_LAYERS = {False: 32, True: 2}  # quick -> decoder layers whose adapters one step updates
 FULL_WEIGHT = {False: (HIDDEN, HIDDEN), True: (1024, HIDDEN)}
-# The target: >= 2x torch's fp32 AdamW (foreach) on this CPU. On bf16 parameters torch keeps bf16 states (half the
-# bytes of fp32 ones): those cases are measured, not held to it.
-OPTIMIZER_GOALS = {torch.float32: (Goal("speedup", 2.0),)}
+# The reference is the AdamW a Trainer user steps with by default (optim="adamw_torch_fused" from torch 2.8): one fused
+# pass, fp32 states. The target: no slower than it on fp32 parameters (the 8-bit step moves 16 bytes an element against
+# its 28, so a step bound by memory would be 1.75x faster). On bf16 parameters torch keeps bf16 states (half the bytes
+# of fp32 ones): those cases are measured, not held to it.
+OPTIMIZER_GOALS = {torch.float32: (Goal("speedup", 1.0),)}
+TORCH_ADAMW = "torch.optim.AdamW (fused, as Trainer's default; states in the parameter dtype)"
 
 
 def lora_shapes(layers: int) -> list[tuple[int, int]]:
@@ -65,15 +68,16 @@ def _step_kernel(n: int, dtype, device) -> KernelCall:
 
 
 def _optimizer_workload(shapes, reference: str, dtype, device) -> Workload:
-    """Ours: AdamW8bit.step() over parameters whose .grad is set. Reference: torch.optim.AdamW(foreach=True) with
-    fp32 states, or bitsandbytes' AdamW8bit, over their own copies of the same parameters and gradients."""
+    """Ours: AdamW8bit.step() over parameters whose .grad is set. Reference: torch.optim.AdamW(fused=True) with
+    states in the parameters' dtype, or bitsandbytes' AdamW8bit, over their own copies of the same parameters and
+    gradients."""
     from pyfastpeft.optim import AdamW8bit
 
     ours_params = _parameters(shapes, dtype, device)
     reference_params = _parameters(shapes, dtype, device)
     ours = AdamW8bit(ours_params, lr=1e-4, min_8bit_size=0)
     if reference == "torch":
-        theirs = torch.optim.AdamW(reference_params, lr=1e-4, foreach=True)
+        theirs = torch.optim.AdamW(reference_params, lr=1e-4, fused=True)
     else:
         theirs = _bitsandbytes_adamw8bit(device)(reference_params, lr=1e-4, min_8bit_size=0)
     largest = max(shapes, key=lambda shape: shape[0] * shape[1])
@@ -121,7 +125,7 @@ def blockwise_cases(dtypes: Sequence[torch.dtype], quick: bool) -> list[Case]:
                 f"AdamW8bit step {rows}x{cols}",
                 dtype,
                 "forward",
-                "torch.optim.AdamW (foreach, states in the parameter dtype)",
+                TORCH_ADAMW,
                 functools.partial(_optimizer_workload, [(rows, cols)], "torch", dtype),
                 goals=OPTIMIZER_GOALS.get(dtype, ()),
                 headline=not quick,
@@ -131,7 +135,7 @@ def blockwise_cases(dtypes: Sequence[torch.dtype], quick: bool) -> list[Case]:
                 f"AdamW8bit step LoRA r={LORA_RANK} {layers} layers ({len(adapters)} tensors)",
                 dtype,
                 "forward",
-                "torch.optim.AdamW (foreach, states in the parameter dtype)",
+                TORCH_ADAMW,
                 functools.partial(_optimizer_workload, adapters, "torch", dtype),
                 goals=OPTIMIZER_GOALS.get(dtype, ()),
                 headline=not quick,
