@@ -125,7 +125,7 @@ def test_run_case_reports_tokens_per_second_and_peak_memory_without_a_kernel_fig
     [case] = [
         case for case in tiny_model_cases if _comparison(case) == cases.LORA_VS_DENSE and case.dtype == torch.float32
     ]
-    result = harness.run_case(case, CPU, TINY_BUDGET, copy_gbps=10.0)
+    result = harness.run_case(case, CPU, TINY_BUDGET)
     assert result.kernel is None
     for side in result.ours + [result.reference]:
         assert side.peak_bytes > 0 and side.saved_bytes > 0
@@ -140,6 +140,31 @@ def test_run_case_reports_tokens_per_second_and_peak_memory_without_a_kernel_fig
     harness.write_json(path, {}, [result])
     [written] = json.loads(path.read_text())["cases"]
     assert "kernel" not in written and set(written["tokens_per_s"]) == {"native", "reference"}
+
+
+def test_a_kernel_is_judged_against_a_copy_of_its_bytes_timed_in_turn_with_it(monkeypatch):
+    monkeypatch.setattr(harness, "COPY_BUFFER_BYTES", 4 * harness.MIB)
+    monkeypatch.setattr(harness, "ROTATION_BYTES", harness.MIB)
+    src = torch.randn(1 << 16)
+    dst = torch.empty_like(src)
+    call = harness.KernelCall(lambda: dst.copy_(src), 2 * src.nbytes)
+    workload = harness.Workload(ours=None, reference=None, kernels={"forward": lambda: call})
+    timed = []
+
+    def time_all(runnables, device, budget, use_graph=False):
+        timed.append(len(runnables))
+        for runnable in runnables:
+            runnable.step()
+        return [harness.Timing(2.0, 2.0, 2.0, runs=1), harness.Timing(1.0, 1.0, 1.0, runs=1)]
+
+    monkeypatch.setattr(harness, "time_all", time_all)
+    kernel = harness.measure_kernel(workload, "forward", CPU, TINY_BUDGET)
+    assert timed == [2]  # the kernel and the copy in one call: in turn
+    assert kernel.gbps == pytest.approx(call.bytes_moved / 2e-3 / 1e9)
+    assert kernel.copy_gbps == pytest.approx(call.bytes_moved / 1e-3 / 1e9)  # the same bytes in half the time
+    assert kernel.fraction_of_copy == pytest.approx(0.5)
+    copy, copy_bytes = harness.copy_beside(3 << 20, CPU)
+    assert copy_bytes == 3 << 20
 
 
 def test_tables_and_json_of_kernel_families_keep_their_columns(tmp_path):
@@ -399,7 +424,7 @@ def test_run_case_times_a_workloads_floor_in_turn_with_the_sides_and_writes_it(t
     )
     case = harness.Case("toy", "M=64", torch.float32, "both", "eager", lambda device: workload,
                         goals=(harness.Goal("speedup", 100.0),))  # fmt: skip
-    result = harness.run_case(case, CPU, TINY_BUDGET, copy_gbps=10.0)
+    result = harness.run_case(case, CPU, TINY_BUDGET)
     assert result.floor.name == "one GEMM" and result.floor.timing.runs == 3 and len(floor_calls) >= 4
     [entry] = result.goals
     assert entry["ceiling"] == pytest.approx(result.reference.timing.median_ms / result.floor.timing.median_ms)

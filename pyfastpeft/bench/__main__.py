@@ -111,7 +111,7 @@ def main(argv=None) -> int:
         progress.set_postfix_str(f"ETA {_minutes(eta.remaining())}, {case.label}")
         case_started = time.perf_counter()
         try:
-            results.append(harness.run_case(case, device, budget, copy_gbps))
+            results.append(harness.run_case(case, device, budget))
         except harness.CaseSkipped as why:
             not_run.append(dict(case=case.label, status="skipped", reason=str(why)))
         except Exception as exc:  # noqa: BLE001 - one broken case must not lose the others' timings

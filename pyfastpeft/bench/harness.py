@@ -6,8 +6,9 @@ same inputs, plus a builder of native "into" kernel calls. Per case the harness 
     autograd with a fixed output grad; leaf grads set to None before each run, outside the clock.
   * peak memory of one run, and the bytes autograd saves for backward in one forward.
   * the native kernel writing into preallocated outputs: bytes it must move, achieved GB/s, and that
-    as a fraction of this machine's copy bandwidth, with inputs/outputs rotated through more memory
-    than the last-level cache (cases of a whole model step have no single kernel and skip this).
+    as a fraction of the GB/s of a copy of the same bytes timed in turn with it, with inputs/outputs rotated
+    through more memory than the last-level cache (cases of a whole model step have no single kernel and skip
+    this).
   * tokens per second of each side, for cases that say how many tokens one run processes.
 Timings are medians (with p20/p80) of many runs after warm-up: perf_counter on CPU (the ops are
 synchronous), CUDA events (triton.testing.do_bench) on GPUs.
@@ -97,7 +98,8 @@ class Goal:
 
     metric "speedup": reference time / ours >= bound; "time": ours / reference time <= bound (a target stated as
     "at most 1.2x the dense time"); "peak": ours / reference peak memory <= bound; "copy": the native kernel's
-    bandwidth as a fraction of the run's copy bandwidth >= bound. CPU targets: on a GPU they are not judged.
+    bandwidth as a fraction of a copy's of the same bytes, timed in turn with it (measure_kernel), >= bound. CPU
+    targets: on a GPU they are not judged.
     """
 
     metric: str
@@ -207,7 +209,9 @@ class KernelResult:
     bytes_moved: int  # per launch (forward + backward launches for mode "both")
     rotation_sets: int  # preallocated input/output sets the runs cycle through
     gbps: float  # bytes_moved / median time, decimal GB/s
-    fraction_of_copy: float  # gbps / the run's copy bandwidth
+    fraction_of_copy: float  # gbps / copy_gbps
+    # a copy of the same bytes timed in turn with the kernel (copy_beside); the run's copy bandwidth where None
+    copy_gbps: float | None = None
 
 
 @dataclass
@@ -463,20 +467,50 @@ def kernel_rotation(workload: Workload, mode: str) -> tuple[Callable[[], object]
     return lambda: next(rotation).run(), first, len(calls)
 
 
-def measure_kernel(
-    workload: Workload, mode: str, device: torch.device, budget: Budget, copy_gbps: float
-) -> KernelResult:
+def copy_beside(bytes_moved: int, device: torch.device) -> tuple[Runnable, int]:
+    """(a run, the bytes it moves): dst.copy_(src) over windows of about bytes_moved / 2 bytes each way (64 KiB at
+    least), each run the next window of two COPY_BUFFER_BYTES buffers, so that, as the kernel's rotated sets do,
+    every run streams from and to DRAM."""
+    numel = COPY_BUFFER_BYTES // 4
+    src = torch.ones(numel, device=device)  # both written once here, so no run pays for first touch
+    dst = torch.zeros_like(src)
+    window = min(numel, max(16 * 1024, bytes_moved // 8))  # fp32 elements: 4 bytes read and 4 written each
+    pairs = [
+        (dst[start : start + window], src[start : start + window]) for start in range(0, numel - window + 1, window)
+    ]
+    rotation = itertools.cycle(pairs)
+
+    def run() -> None:
+        out, source = next(rotation)
+        out.copy_(source)
+
+    return Runnable(run), 8 * window
+
+
+def measure_kernel(workload: Workload, mode: str, device: torch.device, budget: Budget) -> KernelResult:
+    """The kernel on its rotated sets, timed in turn with a copy of the same bytes (copy_beside): fraction_of_copy
+    is the kernel's GB/s over that copy's, both measured in the same minutes. The run's copy bandwidth, measured once
+    at its start, served before: on a shared host whose bandwidth moves by a third within minutes, it judged a kernel
+    timed in a slow minute against the best copy of the run's first seconds."""
     run_next, call, sets = kernel_rotation(workload, mode)
     use_graph = device.type == "cuda" and call.bytes_moved < CUDA_GRAPH_BELOW_BYTES and call.graphable
-    [timing] = time_all([Runnable(run_next)], device, budget, use_graph)
+    copy, copy_bytes = copy_beside(call.bytes_moved, device)
+    if device.type == "cuda":  # each timed alone there; the copy walks its windows, which a graph would not replay
+        [timing], [copy_timing] = (
+            time_all([Runnable(run_next)], device, budget, use_graph),
+            time_all([copy], device, budget),
+        )
+    else:
+        timing, copy_timing = time_all([Runnable(run_next), copy], device, budget)
     gbps = call.bytes_moved / (timing.median_ms * 1e-3) / GB
-    return KernelResult(timing, call.bytes_moved, sets, gbps, gbps / copy_gbps)
+    beside = copy_bytes / (copy_timing.median_ms * 1e-3) / GB
+    return KernelResult(timing, call.bytes_moved, sets, gbps, gbps / beside, beside)
 
 
 def copy_bandwidth_gbps(device: torch.device, trials: int = 3) -> float:
     """dst.copy_(src) on COPY_BUFFER_BYTES buffers; counts the bytes read plus the bytes written. The best median of
     `trials` measurements a second apart: what the machine can do (one measurement on a shared host read 43 GB/s
-    where the next gave 79, which made every kernel look faster than a copy)."""
+    where the next gave 79). The run records it; each kernel is judged against the copy timed beside it."""
     src = torch.randn(COPY_BUFFER_BYTES // 4, device=device)
     dst = torch.empty_like(src)
     best_ms = math.inf
@@ -502,7 +536,7 @@ def our_backends(device: torch.device, family: str = "") -> tuple[str, ...]:
     return ("native",)
 
 
-def run_case(case: Case, device: torch.device, budget: Budget, copy_gbps: float) -> CaseResult:
+def run_case(case: Case, device: torch.device, budget: Budget) -> CaseResult:
     started = time.perf_counter()
     workload = case.build(device)
     sides = [prepare_side(workload.ours, case.mode, backend) for backend in our_backends(device, case.family)]
@@ -511,7 +545,7 @@ def run_case(case: Case, device: torch.device, budget: Budget, copy_gbps: float)
     timings = time_all([side.runnable for side in sides] + ([floor.runnable] if floor else []), device, budget)
     floor_timing = timings.pop() if floor else None
     *ours, reference = [side_result(side, timing, device) for side, timing in zip(sides, timings)]
-    kernel = measure_kernel(workload, case.mode, device, budget, copy_gbps) if workload.kernels else None
+    kernel = measure_kernel(workload, case.mode, device, budget) if workload.kernels else None
     speedups = {side.backend: reference.timing.median_ms / side.timing.median_ms for side in ours}
     tokens_per_s = None
     if case.tokens:
@@ -769,15 +803,19 @@ def _table_rows(result: CaseResult, with_tokens: bool) -> list[tuple[str, ...]]:
 
 
 def format_table(family: str, results: Sequence[CaseResult], copy_gbps: float) -> str:
-    """A plain-text table of one family's results (ms: medians; GB/s: the native kernel on
-    preallocated outputs, as a % of the measured copy bandwidth; tok/s where the cases count tokens)."""
+    """A plain-text table of one family's results (ms: medians; GB/s: the native kernel on preallocated outputs, as
+    a % of a copy's timed beside it; tok/s where the cases count tokens). copy_gbps: the run's copy bandwidth, for
+    the title."""
     with_tokens = any(result.tokens_per_s for result in results)
     header = TABLE_HEADER + ((TOKENS_HEADER,) if with_tokens else ()) + (GOAL_HEADER,)
     rows = [header] + [row for result in results for row in _table_rows(result, with_tokens)]
     widths = [max(len(row[column]) for row in rows) for column in range(len(header))]
     lines = [" ".join(cell.rjust(width) for cell, width in zip(row, widths)) for row in rows]
     lines.insert(1, "-" * len(lines[0]))
-    title = f"{family}  (ref: {results[0].reference_name}; copy bandwidth {copy_gbps:.1f} GB/s)"
+    title = (
+        f"{family}  (ref: {results[0].reference_name}; run's copy bandwidth {copy_gbps:.1f} GB/s; "
+        "% copy: against a copy of the same bytes timed beside each kernel)"
+    )
     return "\n".join([title] + lines)
 
 
