@@ -167,6 +167,37 @@ def test_a_kernel_is_judged_against_a_copy_of_its_bytes_timed_in_turn_with_it(mo
     assert copy_bytes == 3 << 20
 
 
+@pytest.mark.skipif(harness.resource is None, reason="getrusage is POSIX")
+def test_cpu_timings_count_each_side_s_page_faults():
+    import mmap
+
+    pages = 1024
+
+    def fresh_pages():  # every run maps new anonymous memory and touches each page once
+        with mmap.mmap(-1, pages * mmap.PAGESIZE) as memory:
+            for page in range(pages):
+                memory[page * mmap.PAGESIZE] = 1
+
+    faulting, quiet = harness.time_cpu([harness.Runnable(fresh_pages), harness.Runnable(lambda: None)], TINY_BUDGET)
+    assert faulting.minor_faults >= pages and quiet.minor_faults < pages / 10
+    assert faulting.system_ms >= 0.0 and quiet.system_ms >= 0.0
+
+
+def test_a_side_that_spends_its_runs_in_the_kernel_is_named_after_the_run():
+    quiet = harness.Timing(100.0, 99.0, 101.0, runs=7, minor_faults=2.0, system_ms=1.0)
+    faulting = harness.Timing(200.0, 190.0, 210.0, runs=7, minor_faults=50000.0, system_ms=80.0)
+
+    def result(reference_timing):
+        ours = harness.SideResult("native", quiet, peak_bytes=1, saved_bytes=0)
+        reference = harness.SideResult("reference", reference_timing, peak_bytes=1, saved_bytes=0)
+        return harness.CaseResult("dora", "M=8", "bf16", "both", "PEFT", [ours], reference, None, {"native": 2.0})
+
+    notes = harness.kernel_time_notes([result(quiet), result(faulting)]).splitlines()
+    assert len(notes) == 2  # the title, then only the case whose reference faulted
+    assert notes[1] == "  dora M=8 bf16 both: native 1% (2 faults), reference 40% (50000 faults)"
+    assert harness.kernel_time_notes([result(quiet)]) == ""
+
+
 def test_tables_and_json_of_kernel_families_keep_their_columns(tmp_path):
     timing = harness.Timing(1.0, 0.9, 1.1, runs=7)
     side = harness.SideResult("native", timing, peak_bytes=1 << 20, saved_bytes=0)

@@ -131,6 +131,9 @@ def main(argv=None) -> int:
     summary = harness.goal_summary(results)
     if summary:
         print("\n" + summary)
+    notes = harness.kernel_time_notes(results)
+    if notes:
+        print("\n" + notes)
 
     args.out.mkdir(parents=True, exist_ok=True)
     stem = args.out / harness.result_stem(args.family, metadata, list(FAMILIES))

@@ -17,6 +17,7 @@ synchronous), CUDA events (triton.testing.do_bench) on GPUs.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime
 import functools
 import itertools
@@ -38,6 +39,11 @@ import torch
 import pyfastpeft
 from pyfastpeft import _native
 from pyfastpeft.backend import NO_CUDA_NATIVE
+
+try:
+    import resource  # POSIX: page faults and system time per run
+except ImportError:  # pragma: no cover - Windows
+    resource = None
 
 MODES = ("forward", "backward", "both")
 MIB = 1 << 20
@@ -182,11 +188,22 @@ class Timing:
     p20_ms: float
     p80_ms: float
     runs: int
+    # CPU: the process's minor page faults and kernel (system) time per timed run, means over the runs. A side
+    # whose freed buffers glibc hands back to the kernel pays for fresh pages on every run: its time then depends
+    # on the allocator's state (malloc's thresholds, the process's history) as much as on its code.
+    minor_faults: float | None = None
+    system_ms: float | None = None
 
     @classmethod
-    def from_seconds(cls, samples: Sequence[float]) -> Timing:
+    def from_seconds(
+        cls, samples: Sequence[float], faults: Sequence[float] = (), system: Sequence[float] = ()
+    ) -> Timing:
         deciles = statistics.quantiles(samples, n=10, method="inclusive")
-        return cls(statistics.median(samples) * 1e3, deciles[1] * 1e3, deciles[7] * 1e3, len(samples))
+        timing = cls(statistics.median(samples) * 1e3, deciles[1] * 1e3, deciles[7] * 1e3, len(samples))
+        if faults:
+            timing.minor_faults = statistics.fmean(faults)
+            timing.system_ms = statistics.fmean(system) * 1e3
+        return timing
 
 
 @dataclass
@@ -280,12 +297,19 @@ def time_cpu(runnables: Sequence[Runnable], budget: Budget) -> list[Timing]:
         if slowest > budget.cap_seconds / 4:
             break
     samples: list[list[float]] = [[] for _ in runnables]
+    faults: list[list[float]] = [[] for _ in runnables]
+    system: list[list[float]] = [[] for _ in runnables]
     rounds = 0
     while not _enough_rounds(rounds, sum(map(sum, samples)), len(runnables), budget):
-        for runnable, side_samples in zip(runnables, samples):
-            side_samples.append(_timed_run(runnable))
+        for index, runnable in enumerate(runnables):
+            before = resource.getrusage(resource.RUSAGE_SELF) if resource else None
+            samples[index].append(_timed_run(runnable))
+            if before is not None:
+                after = resource.getrusage(resource.RUSAGE_SELF)
+                faults[index].append(after.ru_minflt - before.ru_minflt)
+                system[index].append(after.ru_stime - before.ru_stime)
         rounds += 1
-    return [Timing.from_seconds(side_samples) for side_samples in samples]
+    return [Timing.from_seconds(*side) for side in zip(samples, faults, system)]
 
 
 def time_cuda(runnable: Runnable, use_graph: bool) -> Timing:
@@ -500,8 +524,9 @@ def measure_kernel(workload: Workload, mode: str, device: torch.device, budget: 
             time_all([Runnable(run_next)], device, budget, use_graph),
             time_all([copy], device, budget),
         )
-    else:
-        timing, copy_timing = time_all([Runnable(run_next), copy], device, budget)
+    else:  # the pair shares one side's time: a run's minutes stay what they were with the kernel alone
+        pair_budget = dataclasses.replace(budget, seconds=budget.seconds / 2, cap_seconds=budget.cap_seconds / 2)
+        timing, copy_timing = time_all([Runnable(run_next), copy], device, pair_budget)
     gbps = call.bytes_moved / (timing.median_ms * 1e-3) / GB
     beside = copy_bytes / (copy_timing.median_ms * 1e-3) / GB
     return KernelResult(timing, call.bytes_moved, sets, gbps, gbps / beside, beside)
@@ -626,6 +651,30 @@ def goal_summary(results: Sequence[CaseResult]) -> str:
         if "ceiling" in entry:
             lines.append(f"    ceiling: the reference's time / that of {result.floor.name}, timed in turn with both")
     return "\n".join(lines)
+
+
+# A side that spends at least this share of its median run in the kernel (page faults, mostly) is named after the run.
+KERNEL_TIME_NOTE = 0.2
+
+
+def kernel_time_notes(results: Sequence[CaseResult]) -> str:
+    """One line per case where a side spent KERNEL_TIME_NOTE of its run or more in the kernel, with every side's share
+    and page faults a run: such a side's time, and each ratio against it, depends on what malloc hands back to the
+    kernel in this process (thresholds that move with the run's earlier allocations) as much as on its code; "" where
+    no side did."""
+    lines = []
+    for result in results:
+        sides = [(side.backend, side.timing) for side in result.ours + [result.reference]]
+        measured = [(name, timing) for name, timing in sides if timing.system_ms is not None]
+        if any(timing.system_ms >= KERNEL_TIME_NOTE * timing.median_ms for _, timing in measured):
+            shares = ", ".join(
+                f"{name} {100 * timing.system_ms / timing.median_ms:.0f}% ({timing.minor_faults:.0f} faults)"
+                for name, timing in measured
+            )
+            lines.append(f"  {result.family} {result.shape} {result.dtype} {result.mode}: {shares}")
+    if not lines:
+        return ""
+    return "\n".join(["share of a run spent in the kernel (page faults a run), where one side's is large:"] + lines)
 
 
 # ---- how long a run takes ---------------------------------------------------------------------------
