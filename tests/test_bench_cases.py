@@ -187,14 +187,20 @@ def test_a_side_that_spends_its_runs_in_the_kernel_is_named_after_the_run():
     quiet = harness.Timing(100.0, 99.0, 101.0, runs=7, minor_faults=2.0, system_ms=1.0)
     faulting = harness.Timing(200.0, 190.0, 210.0, runs=7, minor_faults=50000.0, system_ms=80.0)
 
-    def result(reference_timing):
+    goal = [dict(goal=">=2x", metric="speedup", bound=2.0, backend="native", value=2.0, met=True)]
+
+    def result(reference_timing, goals=goal):
         ours = harness.SideResult("native", quiet, peak_bytes=1, saved_bytes=0)
         reference = harness.SideResult("reference", reference_timing, peak_bytes=1, saved_bytes=0)
-        return harness.CaseResult("dora", "M=8", "bf16", "both", "PEFT", [ours], reference, None, {"native": 2.0})
+        return harness.CaseResult(
+            "dora", "M=8", "bf16", "both", "PEFT", [ours], reference, None, {"native": 2.0}, goals=goals
+        )
 
-    notes = harness.kernel_time_notes([result(quiet), result(faulting)]).splitlines()
-    assert len(notes) == 2  # the title, then only the case whose reference faulted
-    assert notes[1] == "  dora M=8 bf16 both: native 1% (2 faults), reference 40% (50000 faults)"
+    notes = harness.kernel_time_notes([result(quiet), result(faulting), result(faulting, goals=[])]).splitlines()
+    assert len(notes) == 2  # the title, then only the case with goals whose reference faulted
+    assert (
+        notes[1] == "  dora M=8 bf16 both: native 1.0 ms (2 faults) of 100.0, reference 80.0 ms (50000 faults) of 200.0"
+    )
     assert harness.kernel_time_notes([result(quiet)]) == ""
 
 

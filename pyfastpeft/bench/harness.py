@@ -188,9 +188,9 @@ class Timing:
     p20_ms: float
     p80_ms: float
     runs: int
-    # CPU: the process's minor page faults and kernel (system) time per timed run, means over the runs. A side
-    # whose freed buffers glibc hands back to the kernel pays for fresh pages on every run: its time then depends
-    # on the allocator's state (malloc's thresholds, the process's history) as much as on its code.
+    # CPU: the process's minor page faults and kernel (system) time, all threads, over each timed step, means over
+    # the runs. A side whose freed buffers glibc hands back to the kernel pays for fresh pages on every run: its time
+    # then depends on the allocator's state (malloc's thresholds, the process's history) as much as on its code.
     minor_faults: float | None = None
     system_ms: float | None = None
 
@@ -270,12 +270,25 @@ def clear_grads(leaves: Sequence[torch.Tensor]) -> None:
         leaf.grad = None
 
 
-def _timed_run(runnable: Runnable) -> float:
-    """Seconds of one step; its outputs are freed after the clock stops."""
+def _usage() -> tuple[int, float]:
+    """(minor page faults, system seconds) of the process so far, all threads; (0, 0.0) without getrusage."""
+    if resource is None:
+        return 0, 0.0
+    usage = resource.getrusage(resource.RUSAGE_SELF)
+    return usage.ru_minflt, usage.ru_stime
+
+
+def _timed_run(runnable: Runnable, usage: list | None = None) -> float:
+    """Seconds of one step; its outputs are freed after the clock stops. usage: appended (faults, system seconds)
+    over the step alone, all threads."""
     clear_grads(runnable.leaves)
+    before = _usage() if usage is not None else None
     start = time.perf_counter()
     outputs = runnable.step()
     elapsed = time.perf_counter() - start
+    if before is not None:
+        after = _usage()
+        usage.append((after[0] - before[0], after[1] - before[1]))
     del outputs
     return elapsed
 
@@ -297,19 +310,16 @@ def time_cpu(runnables: Sequence[Runnable], budget: Budget) -> list[Timing]:
         if slowest > budget.cap_seconds / 4:
             break
     samples: list[list[float]] = [[] for _ in runnables]
-    faults: list[list[float]] = [[] for _ in runnables]
-    system: list[list[float]] = [[] for _ in runnables]
+    usage: list[list[tuple[int, float]]] = [[] for _ in runnables]
     rounds = 0
     while not _enough_rounds(rounds, sum(map(sum, samples)), len(runnables), budget):
-        for index, runnable in enumerate(runnables):
-            before = resource.getrusage(resource.RUSAGE_SELF) if resource else None
-            samples[index].append(_timed_run(runnable))
-            if before is not None:
-                after = resource.getrusage(resource.RUSAGE_SELF)
-                faults[index].append(after.ru_minflt - before.ru_minflt)
-                system[index].append(after.ru_stime - before.ru_stime)
+        for runnable, side_samples, side_usage in zip(runnables, samples, usage):
+            side_samples.append(_timed_run(runnable, side_usage if resource else None))
         rounds += 1
-    return [Timing.from_seconds(*side) for side in zip(samples, faults, system)]
+    return [
+        Timing.from_seconds(side_samples, [u[0] for u in side_usage], [u[1] for u in side_usage])
+        for side_samples, side_usage in zip(samples, usage)
+    ]
 
 
 def time_cuda(runnable: Runnable, use_graph: bool) -> Timing:
@@ -653,28 +663,29 @@ def goal_summary(results: Sequence[CaseResult]) -> str:
     return "\n".join(lines)
 
 
-# A side that spends at least this share of its median run in the kernel (page faults, mostly) is named after the run.
+# A side whose kernel time (all threads) is at least this share of its median run is named after the run.
 KERNEL_TIME_NOTE = 0.2
 
 
 def kernel_time_notes(results: Sequence[CaseResult]) -> str:
-    """One line per case where a side spent KERNEL_TIME_NOTE of its run or more in the kernel, with every side's share
-    and page faults a run: such a side's time, and each ratio against it, depends on what malloc hands back to the
-    kernel in this process (thresholds that move with the run's earlier allocations) as much as on its code; "" where
-    no side did."""
+    """One line per case with goals where a side's kernel time a run is KERNEL_TIME_NOTE of its median or more, with
+    every side's kernel time, page faults and median: such a side's time, and each ratio against it, depends on what
+    malloc hands back to the kernel in this process (thresholds that move with the run's earlier allocations) as
+    much as on its code; "" where no such case. The JSON has the figures of every case."""
     lines = []
     for result in results:
         sides = [(side.backend, side.timing) for side in result.ours + [result.reference]]
         measured = [(name, timing) for name, timing in sides if timing.system_ms is not None]
-        if any(timing.system_ms >= KERNEL_TIME_NOTE * timing.median_ms for _, timing in measured):
-            shares = ", ".join(
-                f"{name} {100 * timing.system_ms / timing.median_ms:.0f}% ({timing.minor_faults:.0f} faults)"
+        if result.goals and any(timing.system_ms >= KERNEL_TIME_NOTE * timing.median_ms for _, timing in measured):
+            figures = ", ".join(
+                f"{name} {timing.system_ms:.1f} ms ({timing.minor_faults:.0f} faults) of {timing.median_ms:.1f}"
                 for name, timing in measured
             )
-            lines.append(f"  {result.family} {result.shape} {result.dtype} {result.mode}: {shares}")
+            lines.append(f"  {result.family} {result.shape} {result.dtype} {result.mode}: {figures}")
     if not lines:
         return ""
-    return "\n".join(["share of a run spent in the kernel (page faults a run), where one side's is large:"] + lines)
+    title = "kernel time a run (all threads; page faults a run) of the median, where a side's is large:"
+    return "\n".join([title] + lines)
 
 
 # ---- how long a run takes ---------------------------------------------------------------------------
