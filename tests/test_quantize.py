@@ -226,7 +226,7 @@ def test_native_matches_reference_exactly(isa, dtype, scheme, shape, granularity
 @pytest.mark.parametrize("threads", [1, 2, 3])
 def test_native_per_tensor_codes_every_chunk_of_a_large_tensor_once(isa, scheme, threads):
     # Per tensor, the coding pass takes each thread's chunks of 4096 elements backwards in runs of 64: enough chunks
-    # for several runs a thread, a short first run and a short last chunk.
+    # for several runs a thread, a short run at each thread's end (taken first) and a short last chunk.
     x = torch.randn(4096 * (64 * 5 + 37) + 123) * 3
     x[-1] = 40.0  # the range's end in the short last chunk
     previous = torch.get_num_threads()

@@ -227,7 +227,7 @@ class KernelResult:
     rotation_sets: int  # preallocated input/output sets the runs cycle through
     gbps: float  # bytes_moved / median time, decimal GB/s
     fraction_of_copy: float  # gbps / copy_gbps
-    # a copy of the same bytes timed in turn with the kernel (copy_beside); the run's copy bandwidth where None
+    # the GB/s of a copy of the same bytes timed in turn with the kernel (copy_beside); None: not measured
     copy_gbps: float | None = None
 
 
