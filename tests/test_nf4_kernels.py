@@ -203,6 +203,7 @@ def gemv_error_bound(x, weight, bias, out_dtype, k):
         (64, 64, 64),  # one block per row
         (64, 384, 128),  # whole blocks and spans: the AVX-512 fast path
         (40, 256, 32),  # fast path, four blocks per span
+        (16, 384, 96),  # an even blocksize, not a power of two (the C++ contract): spans would cross blocks
         (100, 96, 64),  # blocks straddle rows
         (33, 33, 32),  # odd k: rows start on low nibbles
         (4096, 4096, 64),

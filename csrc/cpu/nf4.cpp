@@ -350,7 +350,8 @@ constexpr int64_t kRowGroup = 16;
 constexpr int64_t kPrefetchRows = 8;
 constexpr int64_t kFarPrefetchRows = 64;
 
-// k % 128 == 0 and k % blocksize == 0 (a row holds whole spans and whole blocks); dots[r * n + j] += the dot
+// blocksize a power of two >= 32, k % 128 == 0 and k % blocksize == 0 (a row holds whole spans and whole blocks,
+// and a span from column c meets blocks c / blocksize + 8i / blocksize); dots[r * n + j] += the dot
 // of W row j with x row r. Each lane's 8 weights lie in one block (blocksize >= 32), so a span is
 //   sum_i scale[i] * sum_v code[q(8i + (v ^ 1))] * x_split[16v + i],   scale[i] = absmax[block of 8i]
 // with scale gathered from absmax by lane_block[i] = 8i / blocksize.
@@ -360,6 +361,8 @@ template <int M, typename F>
 void gemv_rows_fast(const float* x_split, const uint8_t* packed, const float* absmax, const float* code, int64_t begin,
                     int64_t end, int64_t n, int64_t k, int64_t blocksize, float* dots, F&& group_done) {
   const __m512 codes = _mm512_loadu_ps(code);
+  const int block_shift = __builtin_ctzll(uint64_t(blocksize));  // c / blocksize without a divide per span
+  const int64_t row_blocks = k >> block_shift;
   alignas(64) int32_t lane_block[16];
   for (int i = 0; i < 16; ++i) lane_block[i] = int32_t(8 * i / blocksize);
   const __m512i lane_block_v = _mm512_load_si512(lane_block);
@@ -373,17 +376,17 @@ void gemv_rows_fast(const float* x_split, const uint8_t* packed, const float* ab
       const int64_t tile_end = tile_begin + tile < k ? tile_begin + tile : k;
       for (int64_t j = group; j < group_end; ++j) {
         const uint8_t* bytes = packed + j * (k / 2);
-        const float* scales = absmax + j * (k / blocksize);
+        const float* scales = absmax + j * row_blocks;
         __m512 acc[M];
         for (int r = 0; r < M; ++r) acc[r] = _mm512_setzero_ps();
         for (int64_t c = tile_begin; c < tile_end; c += kSpan) {
           _mm_prefetch(reinterpret_cast<const char*>(bytes + kPrefetchRows * (k / 2) + c / 2), _MM_HINT_T0);
           _mm_prefetch(reinterpret_cast<const char*>(bytes + kFarPrefetchRows * (k / 2) + c / 2), _MM_HINT_T1);
-          _mm_prefetch(reinterpret_cast<const char*>(scales + kPrefetchRows * (k / blocksize) + c / blocksize),
+          _mm_prefetch(reinterpret_cast<const char*>(scales + kPrefetchRows * row_blocks + (c >> block_shift)),
                        _MM_HINT_T0);
           const __m512i raw = _mm512_loadu_si512(bytes + c / 2);
           const __m512 scale =
-              _mm512_permutexvar_ps(lane_block_v, _mm512_maskz_loadu_ps(span_blocks, scales + c / blocksize));
+              _mm512_permutexvar_ps(lane_block_v, _mm512_maskz_loadu_ps(span_blocks, scales + (c >> block_shift)));
           __m512 span_sum[M];
 #pragma GCC unroll 8
           for (int v = 0; v < 8; ++v) {
@@ -475,7 +478,8 @@ void gemv_impl(const T* x, const uint8_t* packed, const float* absmax, const flo
   };
 #if defined(__AVX512F__)
   constexpr bool fp32 = std::is_same<C, float>::value;
-  const bool fast = fp32 && k % blocksize == 0 && k % kSpan == 0 && blocksize % 32 == 0;
+  const bool power_of_two = (blocksize & (blocksize - 1)) == 0;
+  const bool fast = fp32 && power_of_two && k % blocksize == 0 && k % kSpan == 0 && blocksize % 32 == 0;
   std::unique_ptr<SplitX> x_split;
   if constexpr (fp32) {
     if (fast) x_split = std::make_unique<SplitX>(xs.data(), m, k);
