@@ -239,7 +239,8 @@ class _Optimizer8bit(torch.optim.Optimizer):
                 raise ValueError(f"{type(self).__name__}: the local shard of a DTensor parameter must be contiguous")
             state = self.state[p] if self.state[p] else self._init_state(p)
             state["step"] += 1
-            yield shard, local(p.grad).to(shard.dtype), state
+            grad = local(p.grad)
+            yield shard, grad if grad.dtype == shard.dtype else grad.to(shard.dtype), state
 
     @torch.no_grad()
     def step(self, closure=None):

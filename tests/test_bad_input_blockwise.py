@@ -86,6 +86,59 @@ def adam_multi_short_absmax():
     ops.adam8bit_step_multi(p, p, s, s, a, [torch.zeros(2)] * 2, SIGNED_MAP, UNSIGNED_MAP, -1e-3, 1e-8, 0.9, 0.999, 1.0)
 
 
+# One bad tensor among the last of three, each way a state can be corrupt: the multi-tensor check passes the
+# lists in one pass (_all_fit) and only then names the culprit, so that pass must refuse every one of them.
+_N, _BLOCKS = 600, 3
+_MULTI_CORRUPTIONS = {
+    "p_strided": ("p", torch.randn(2 * _N)[::2], ValueError, "p must be contiguous"),
+    "g_bf16": ("g", torch.randn(_N, dtype=torch.bfloat16), TypeError, "g must have dtype in \\(float32\\)"),
+    "g_short": ("g", torch.randn(_N - 1), ValueError, "g has 599 elements, p has 600"),
+    "state1_int8": ("state1", torch.zeros(_N, dtype=torch.int8), TypeError, "state1 must have dtype in \\(uint8\\)"),
+    "state1_short": ("state1", torch.zeros(_N - 1, dtype=torch.uint8), ValueError, "state1 has 599 elements"),
+    "state2_strided": ("state2", torch.zeros(2 * _N, dtype=torch.uint8)[::2], ValueError, "state2 must be contiguous"),
+    "absmax1_fp64": ("absmax1", torch.zeros(_BLOCKS, dtype=torch.float64), TypeError, "absmax1 must have dtype"),
+    "absmax2_short": ("absmax2", torch.zeros(_BLOCKS - 1), ValueError, "absmax2 has 2 elements, 600 parameters"),
+    "absmax1_strided": ("absmax1", torch.zeros(2 * _BLOCKS)[::2], ValueError, "absmax1 must be contiguous"),
+}
+
+
+def _multi_lists(name: str, bad: torch.Tensor) -> dict:
+    lists = dict(
+        p=[torch.randn(_N) for _ in range(3)],
+        g=[torch.randn(_N) for _ in range(3)],
+        state1=[torch.zeros(_N, dtype=torch.uint8) for _ in range(3)],
+        state2=[torch.zeros(_N, dtype=torch.uint8) for _ in range(3)],
+        absmax1=[torch.zeros(_BLOCKS) for _ in range(3)],
+        absmax2=[torch.zeros(_BLOCKS) for _ in range(3)],
+    )
+    lists[name][2] = bad
+    return lists
+
+
+def _register_multi_corruption(kind: str, name: str, bad: torch.Tensor, error, pattern: str) -> None:
+    def adam():
+        lists = _multi_lists(name, bad)
+        ops.adam8bit_step_multi(*lists.values(), SIGNED_MAP, UNSIGNED_MAP, -1e-3, 1e-8, 0.9, 0.999, 1.0)
+
+    adam.__name__ = f"adam_multi_third_{kind}"
+    cases.add(error, f"adam8bit_step_multi: tensor 2: {pattern}")(adam)
+    if name in ("state2", "absmax2"):  # Lion has one state
+        return
+
+    def lion():
+        lists = _multi_lists(name, bad)
+        ops.lion8bit_step_multi(
+            lists["p"], lists["g"], lists["state1"], lists["absmax1"], SIGNED_MAP, 1e-4, 0.9, 0.99, 1.0
+        )
+
+    lion.__name__ = f"lion_multi_third_{kind}"
+    cases.add(error, f"lion8bit_step_multi: tensor 2: {pattern}")(lion)
+
+
+for _kind, (_name, _bad, _error, _pattern) in _MULTI_CORRUPTIONS.items():
+    _register_multi_corruption(_kind, _name, _bad, _error, _pattern)
+
+
 @cases.add(TypeError, "p\\[1\\] has dtype torch.bfloat16, p\\[0\\] has torch.float32")
 def lion_multi_mixed_dtypes():
     p = [torch.randn(300), torch.randn(300, dtype=torch.bfloat16)]

@@ -42,19 +42,22 @@ def check_op_devices(op: str, names, args) -> None:
     """Every tensor argument of op on the first tensor argument's device (a CPU/meta or CPU/CUDA mix would
     hand a kernel a pointer it cannot read)."""
     first_name, first_device = None, None
-    for name, value in zip(names, args):  # every op call runs this: no list per argument
+    for name, value in zip(names, args):  # every op call runs this: no list per argument, no name per tensor
         if isinstance(value, torch.Tensor):
-            tensors = ((name, value),)
-        elif isinstance(value, (list, tuple)):  # a Tensor[] argument: each of its tensors
-            tensors = ((f"{name}[{i}]", t) for i, t in enumerate(value) if isinstance(t, torch.Tensor))
-        else:
-            continue
-        for item_name, tensor in tensors:
-            device = tensor.device
+            device = value.device
             if first_device is None:
-                first_name, first_device = item_name, device
+                first_name, first_device = name, device
             elif device != first_device:
-                raise ValueError(f"{op}: {item_name} is on {device}, {first_name} is on {first_device}")
+                raise ValueError(f"{op}: {name} is on {device}, {first_name} is on {first_device}")
+        elif isinstance(value, (list, tuple)):  # a Tensor[] argument: each of its tensors (an optimizer's hundreds)
+            for i, tensor in enumerate(value):
+                if not isinstance(tensor, torch.Tensor):
+                    continue
+                device = tensor.device
+                if first_device is None:
+                    first_name, first_device = f"{name}[{i}]", device
+                elif device != first_device:
+                    raise ValueError(f"{op}: {name}[{i}] is on {device}, {first_name} is on {first_device}")
 
 
 def _dtype_names(dtypes) -> str:

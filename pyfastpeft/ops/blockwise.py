@@ -176,6 +176,31 @@ def _check_lists(op: str, p, named_lists: dict) -> None:
             raise TypeError(f"{op}: p[{i}] has dtype {t.dtype}, p[0] has {p[0].dtype}: one call takes one dtype")
 
 
+def _all_fit(p, g, states: tuple, absmaxes: tuple) -> bool:
+    """Whether every tensor of the lists meets _check_state (p[0]'s dtype being every p's, as _check_lists
+    checks): the same conditions in one pass with no message, as a step validates hundreds of tensors a call. A
+    False sends the caller through _check_state, tensor by tensor, for the error that names the argument."""
+    dtype = p[0].dtype
+    if dtype not in STEP_DTYPES:
+        return False
+    uint8, fp32, blocksize = torch.uint8, torch.float32, ref.OPTIMIZER_BLOCKSIZE
+    for i, param in enumerate(p):
+        n = param.numel()
+        grad = g[i]
+        if not param.is_contiguous() or grad.dtype != dtype or grad.numel() != n:
+            return False
+        for state in states:
+            t = state[i]
+            if t.dtype != uint8 or t.numel() != n or not t.is_contiguous():
+                return False
+        nblocks = _nblocks(n, blocksize)
+        for absmax in absmaxes:
+            t = absmax[i]
+            if t.dtype != fp32 or t.numel() != nblocks or not t.is_contiguous():
+                return False
+    return True
+
+
 def _check_adam(p, g, state1, state2, absmax1, absmax2, code1, code2, *constants):
     _check_state(
         "adam8bit_step",
@@ -193,6 +218,8 @@ def _check_adam_multi(p, g, state1, state2, absmax1, absmax2, code1, code2, *con
     _check_lists(op, p, lists)
     _check_code(op, "code1", code1)
     _check_code(op, "code2", code2)
+    if _all_fit(p, g, (state1, state2), (absmax1, absmax2)):
+        return
     for i in range(len(p)):
         _check_state(
             f"{op}: tensor {i}",
@@ -215,7 +242,7 @@ def _launch_multi(kernel: str, p, g, in_place: list, codes: tuple, constants: tu
     keep = [i for i in range(len(p)) if p[i].numel()]
     if not keep:
         return
-    grads = [g[i].contiguous() for i in keep]  # alive until the kernel returns
+    grads = [g[i] if g[i].is_contiguous() else g[i].contiguous() for i in keep]  # alive until the kernel returns
     lists = [[p[i] for i in keep], grads] + [[t[i] for i in keep] for t in in_place]
     _native.launch(
         kernel,
@@ -282,6 +309,8 @@ def _check_lion_multi(p, g, state1, absmax1, code1, *constants):
     op = "lion8bit_step_multi"
     _check_lists(op, p, dict(g=g, state1=state1, absmax1=absmax1))
     _check_code(op, "code1", code1)
+    if _all_fit(p, g, (state1,), (absmax1,)):
+        return
     for i in range(len(p)):
         _check_state(f"{op}: tensor {i}", p[i], g[i], {"state1": state1[i]}, {"absmax1": absmax1[i]}, {})
 
