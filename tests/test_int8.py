@@ -206,6 +206,35 @@ def test_colwise_nonfinite_without_threshold_is_no_outlier(backend):
 
 
 @pytest.mark.parametrize("isa", CPU_ISAS)
+@pytest.mark.parametrize("threads", [1, 2])
+@pytest.mark.parametrize("k", [1, 63, 64, 65, 200, 4109])
+@pytest.mark.parametrize("rows", [1, 2, 5, 8])
+def test_native_gemv_products_are_exact(rows, k, threads, isa):
+    """The fused GEMV's int32 products equal torch's exact ones at every row count, with whole 64-byte steps and
+    tails, an odd weight row count (the last row without its pair) and the extreme codes -128 and 127 (the
+    correction by 128 * sum(q) must not overflow): its epilogue then gives the bits int8_mm_dequant gives."""
+    generator = torch.Generator().manual_seed(rows * 10000 + k)
+    q = torch.randint(-128, 128, (rows, k), generator=generator, dtype=torch.int8)
+    codes = torch.randint(-128, 128, (37, k), generator=generator, dtype=torch.int8)
+    q[0, : min(k, 40)], codes[0, : min(k, 40)] = -128, -128  # the extremes, where the correction is largest
+    codes[1, : min(k, 40)] = 127
+    row_stats = torch.rand(rows, generator=generator) * 10
+    col_stats = torch.rand(37, generator=generator) * 10
+    exact = (q.long() @ codes.long().t()).to(torch.int32)
+    expected = torch.empty(rows, 37)
+    int8_ops.mm_dequant_into(exact, row_stats, col_stats, None, None, expected)
+    out = torch.empty(rows, 37)
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        with cpu_isa(isa):
+            int8_ops.gemv_into(q, row_stats, codes, col_stats, None, None, out)
+    finally:
+        torch.set_num_threads(previous)
+    assert torch.equal(out, expected)
+
+
+@pytest.mark.parametrize("isa", CPU_ISAS)
 @pytest.mark.parametrize("rows", [1, 3, 8, 9, 40])
 @pytest.mark.parametrize("dtype", DTYPES)
 def test_int8_linear_matches_reference(dtype, rows, isa):
