@@ -190,6 +190,45 @@ def test_native_outlier_product_equals_the_reference(dtype, rows, isa):
     assert ours.dtype == torch.float32 and torch.equal(ours, expected) and torch.equal(into, expected)
 
 
+@pytest.mark.parametrize("isa", CPU_ISAS)
+@pytest.mark.parametrize("rows", [1, 2, 8])
+@pytest.mark.parametrize("dtype", DTYPES)
+def test_gemv_fuses_the_outlier_product(dtype, rows, isa):
+    """The CPU GEMV reads W's outlier columns as it streams W (a band of rows at a time, here three bands and a
+    part): its output is the one the reference's outlier product gives as an addend, up to the order of the
+    outlier sums (fp32 there; rounded to bf16 after them for bf16 x, as torch's bf16 matmul does)."""
+    torch.manual_seed(rows)
+    codes, scb = quantize_int8_weight(torch.randn(201, 129))
+    x2d = torch.randn(rows, 129)
+    x2d[0, [0, 5, 64, 128]] = torch.tensor([9.0, -12.0, 7.5, 30.0])  # beyond the threshold 6.0 in one row
+    x2d = x2d.to(dtype)
+    q = torch.empty(x2d.shape, dtype=torch.int8)
+    row_stats = torch.empty(rows)
+    cols = int8_ops._flags_to_cols(int8_ops.quantize_into(x2d, q, row_stats, 0, 6.0), 6.0)
+    assert cols.tolist() == [0, 5, 64, 128]
+    bias = torch.randn(201).to(dtype)
+    fused, expected = torch.empty(rows, 201, dtype=dtype), torch.empty(rows, 201, dtype=dtype)
+    with cpu_isa(isa):
+        int8_ops.gemv_into(q, row_stats, codes, scb, bias, None, fused, int8_ops.gemv_outliers(x2d, cols))
+        addend = int8_ref.outlier_product(x2d, codes, scb, cols)
+        int8_ops.gemv_into(q, row_stats, codes, scb, bias, addend, expected)
+    # fp32: a few ulps of the largest outlier term (30 * |w| <= about 9); else one ulp of the rounded output
+    tolerance = dict(rtol=1e-6, atol=1e-5) if dtype == torch.float32 else dict(rtol=2**-7, atol=2**-7)
+    torch.testing.assert_close(fused.float(), expected.float(), **tolerance)
+
+
+def test_gemv_refuses_outlier_columns_outside_the_weight_or_beside_an_addend():
+    codes, scb = quantize_int8_weight(torch.randn(7, 129))
+    q, row_stats, out = torch.zeros(2, 129, dtype=torch.int8), torch.ones(2), torch.empty(2, 7)
+    for column in (-1, 129):
+        outliers = (torch.tensor([3, column]), torch.ones(2, 2), False)
+        with pytest.raises(ValueError, match="outlier column lies outside the weight"):
+            int8_ops.gemv_into(q, row_stats, codes, scb, None, None, out, outliers)
+    outliers = (torch.tensor([3]), torch.ones(2, 1), False)
+    with pytest.raises(ValueError, match="an addend or outlier columns, not both"):
+        int8_ops.gemv_into(q, row_stats, codes, scb, None, torch.zeros(2, 7), out, outliers)
+
+
 @pytest.mark.parametrize("column", [-1, 129])
 def test_outlier_columns_outside_the_weight_are_refused(column):
     codes, scb = quantize_int8_weight(torch.randn(7, 129))

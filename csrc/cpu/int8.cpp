@@ -502,25 +502,57 @@ void int8_mm_dequant(const int32_t* c, const float* row_stats, const float* col_
 }
 
 // int8_gemv: out [m, n] = epilogue(q [m, k] int8 @ w [n, k]^T int8) as in int8_mm_dequant, for 1 <= m <= 8 and
-// k <= 65536 (int32 accumulation bound); each weight byte is read once. Row-major, contiguous.
+// k <= 65536 (int32 accumulation bound); each weight byte is read once. Row-major, contiguous. The epilogue's fp32
+// addend [m, n] is `addend`, or, given outlier_count columns (outlier_cols int64 [outlier_count], each in [0, k);
+// outlier_x fp32 [m, outlier_count]: x's values in those columns as the compute dtype holds them), the outlier
+// product ref.outlier_product gives, up to the order of its sums:
+//   addend[r, j] = c(sum_i outlier_x[r, i] * c(float(w[j, cols[i]]) * col_stats[j] * (1/127))),   fp32 sums,
+// c() rounding to bf16 where outlier_bf16, else to fp32 (no change). Those bytes are read as each band of W's rows
+// has just streamed through the cache for the GEMV: gathered in a pass of their own, they cost one line from DRAM
+// per row and column (a 4096 x 4096 W with four outlier columns: a quarter of the GEMV's time). Throws if a column
+// lies outside [0, k) or both an addend and outlier columns are given.
 void int8_gemv(const int8_t* q, const float* row_stats, const int8_t* w, const float* col_stats, const void* bias,
                int bias_dtype, const float* addend, void* out, int out_dtype, int64_t m, int64_t n, int64_t k,
+               const int64_t* outlier_cols, int64_t outlier_count, const float* outlier_x, bool outlier_bf16,
                int nthreads) {
+  constexpr int64_t kBand = 64;  // W rows whose outlier bytes are read after their GEMV: 64 rows of 4096, 256 KB
+  for (int64_t i = 0; i < outlier_count; ++i)
+    if (outlier_cols[i] < 0 || outlier_cols[i] >= k)
+      throw std::invalid_argument("int8_gemv: an outlier column lies outside the weight");
+  if (addend && outlier_count > 0) throw std::invalid_argument("int8_gemv: an addend or outlier columns, not both");
   std::vector<int32_t> acc(size_t(m * n));
+  std::vector<float> outliers(size_t(outlier_count > 0 ? m * n : 0));
+  auto c = [&](float v) { return outlier_bf16 ? pfp::to_float(pfp::to_bf16(v)) : v; };
+  auto outlier_rows = [&](int64_t j0, int64_t j1) {
+    std::vector<float> column(static_cast<size_t>(outlier_count));
+    for (int64_t j = j0; j < j1; ++j) {
+      for (int64_t i = 0; i < outlier_count; ++i)
+        column[size_t(i)] = c(float(w[j * k + outlier_cols[i]]) * col_stats[j] * kDequantScale);
+      for (int64_t r = 0; r < m; ++r) {
+        float sum = 0.0f;
+        for (int64_t i = 0; i < outlier_count; ++i) sum += outlier_x[r * outlier_count + i] * column[size_t(i)];
+        outliers[size_t(r * n + j)] = c(sum);
+      }
+    }
+  };
 #if defined(__AVX512F__)
   std::vector<int32_t> q_sums(size_t(m), 0);
   if (has_vnni()) row_sums_vnni(q, m, k, q_sums.data());
 #endif
   parallel_for(n, m * k, nthreads, [&](int64_t begin, int64_t end, int) {
+    for (int64_t j0 = begin; j0 < end; j0 += kBand) {
+      const int64_t j1 = j0 + kBand < end ? j0 + kBand : end;
 #if defined(__AVX512F__)
-    if (has_vnni()) {
-      gemv_vnni(q, q_sums.data(), w, acc.data(), m, begin, end, n, k);
-      return;
-    }
+      if (has_vnni())
+        gemv_vnni(q, q_sums.data(), w, acc.data(), m, j0, j1, n, k);
+      else
 #endif
-    gemv_portable(q, w, acc.data(), m, begin, end, n, k);
+        gemv_portable(q, w, acc.data(), m, j0, j1, n, k);
+      if (outlier_count > 0) outlier_rows(j0, j1);
+    }
   });
-  int8_mm_dequant(acc.data(), row_stats, col_stats, bias, bias_dtype, addend, out, out_dtype, m, n, 1);
+  int8_mm_dequant(acc.data(), row_stats, col_stats, bias, bias_dtype, outlier_count > 0 ? outliers.data() : addend, out,
+                  out_dtype, m, n, 1);
 }
 
 // int8_dequantize_cols: out [n, count] (out_dtype) = float(w[j, cols[i]]) * stats[j] * (1/127), rounded once: the

@@ -44,6 +44,7 @@
                        int nthreads);                                                                                  \
   void int8_gemv(const int8_t* q, const float* row_stats, const int8_t* w, const float* col_stats, const void* bias,   \
                  int bias_dtype, const float* addend, void* out, int out_dtype, int64_t m, int64_t n, int64_t k,       \
+                 const int64_t* outlier_cols, int64_t outlier_count, const float* outlier_x, bool outlier_bf16,        \
                  int nthreads);                                                                                        \
   void int8_dequantize_rows(const int8_t* q, const float* stats, void* out, int out_dtype, int64_t rows, int64_t k,    \
                             int nthreads);                                                                             \

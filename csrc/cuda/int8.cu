@@ -272,11 +272,16 @@ void int8_mm_dequant(const int32_t* c, const float* row_stats, const float* col_
 }
 
 // int8_gemv: out [m, n] = epilogue(q [m, k] int8 @ w [n, k]^T), 1 <= m <= 8; bias [n] of out_dtype (bias_dtype)
-// or null, addend fp32 [m, n] or null. Row-major, contiguous.
+// or null, addend fp32 [m, n] or null. Row-major, contiguous. outlier_count must be 0 (the CPU kernel's fused
+// outlier columns; here the caller passes their product as the addend).
 void int8_gemv(const int8_t* q, const float* row_stats, const int8_t* w, const float* col_stats, const void* bias,
                int bias_dtype, const float* addend, void* out, int out_dtype, int64_t m, int64_t n, int64_t k,
+               const int64_t* outlier_cols, int64_t outlier_count, const float* outlier_x, bool outlier_bf16,
                cudaStream_t stream, int device) {
   check_bias_dtype(bias, bias_dtype, out_dtype, "int8_gemv");
+  // The CPU kernel's signature; on the GPU the outlier product comes as the addend, computed before.
+  (void)outlier_cols, (void)outlier_x, (void)outlier_bf16;
+  if (outlier_count != 0) throw std::invalid_argument("int8_gemv: outlier columns go in the addend on CUDA");
   if (m == 0 || n == 0) return;
   if (m > 8) throw std::invalid_argument("int8_gemv: at most 8 rows");
   DeviceGuard guard(device);

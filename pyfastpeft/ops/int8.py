@@ -365,10 +365,12 @@ def mm_dequant_into(c, row_stats, col_stats, bias, addend, out) -> None:
     )
 
 
-def gemv_into(q, row_stats, weight, weight_stats, bias, addend, out) -> None:
-    """Native fused int8 GEMV + epilogue for q [m <= GEMV_MAX_ROWS, K]; bias / addend None = none."""
+def gemv_into(q, row_stats, weight, weight_stats, bias, addend, out, outliers=None) -> None:
+    """Native fused int8 GEMV + epilogue for q [m <= GEMV_MAX_ROWS, K]; bias / addend None = none. outliers (CPU
+    only, instead of an addend): gemv_outliers' triple, whose product the kernel adds as it streams W."""
     bias = _bias_for(bias, out)
     m, k = q.shape
+    cols, x_cols, bf16 = outliers if outliers is not None else (None, None, False)
     _native.launch(
         "int8_gemv",
         out,
@@ -384,7 +386,21 @@ def gemv_into(q, row_stats, weight, weight_stats, bias, addend, out) -> None:
         m,
         out.shape[1],
         k,
+        cols,
+        0 if cols is None else cols.numel(),
+        x_cols,
+        bf16,
     )
+
+
+def gemv_outliers(x2d, outlier_cols) -> tuple | None:
+    """For gemv_into on the CPU: (the columns, x's values in them as ref.outlier_product's compute dtype holds them,
+    as fp32 [M, count], whether that dtype is bf16), or None without outlier columns."""
+    if not outlier_cols.numel():
+        return None
+    compute = ref.matmul_dtype(x2d.dtype)
+    cols = outlier_cols.contiguous()
+    return cols, x2d[:, cols].to(compute).float().contiguous(), compute == torch.bfloat16
 
 
 def _reference_mm_dequant(c, row_stats, col_stats, bias, dtype):
@@ -452,10 +468,13 @@ def _native_linear(x, weight, weight_stats, bias, threshold):
     q = torch.empty((m, in_features), dtype=torch.int8, device=x.device)
     row_stats = torch.empty(m, dtype=torch.float32, device=x.device)
     outlier_cols = _flags_to_cols(quantize_into(x2d, q, row_stats, 0, threshold), threshold)
-    if 1 < m <= GEMV_MAX_ROWS or (m == 1 and x.is_cuda):
-        addend = outlier_product(x2d, weight, weight_stats, outlier_cols) if outlier_cols.numel() else None
+    if m <= GEMV_MAX_ROWS:  # a decode step: W streamed once, the outlier columns read on the way on the CPU
         out = new_out()
-        gemv_into(q, row_stats, weight, weight_stats, bias, addend, out)
+        if x.is_cuda:
+            addend = outlier_product(x2d, weight, weight_stats, outlier_cols) if outlier_cols.numel() else None
+            gemv_into(q, row_stats, weight, weight_stats, bias, addend, out)
+        else:
+            gemv_into(q, row_stats, weight, weight_stats, bias, None, out, gemv_outliers(x2d, outlier_cols))
         return out.view(*lead, out_features)
     products = _int_mm(q, weight)
     if x.dtype == torch.float32:
