@@ -343,8 +343,8 @@ void gemv_portable(const int8_t* q, const int8_t* w, int32_t* acc, int64_t m, in
 //   sum_c q[c] w[c] = sum_c u[c] q[c] - 128 * sum_c q[c],
 // where sum_c q[c] is one number per row of x (q_sums, the caller's), not per row of W. No int32 overflow for
 // k <= 65536: |sum u q| <= 255 * 128 * 65536 < 2^31. Two weight rows per step share each load of x. Whole 64-byte
-// steps load without a mask: on Zen 4 a masked load took 2.3 times a plain one's slot, and with every load masked
-// the GEMV ran at a third of its multiply-adds' rate with W in L2 (M = 8: 10 GB/s on one thread).
+// steps load without a mask (a masked zmm load took 2.3 times a plain one's issue slot on Zen 4, in a standalone
+// loop); only the tail is masked.
 constexpr int64_t kGemvPrefetchRows = 8, kGemvFarPrefetchRows = 64;  // rows ahead into L1, into L2
 
 // One step of 64 columns from c: a, b the two W rows' bytes as u, x the same columns of q's rows (a full mask
