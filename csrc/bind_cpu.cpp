@@ -100,6 +100,8 @@ PYBIND11_MODULE(_C, m) {
   m.def("avx512_bf16_in_use", &pfp::avx512_bf16_in_use, "Whether the kernels' bf16 stores take AVX512-BF16 now.");
   m.def("set_avx512_bf16", &pfp::set_avx512_bf16, py::arg("enabled"),
         "Allow or forbid the AVX512-BF16 stores; returns the previous setting.");
+  m.def("avx512_vnni_in_use", &pfp::avx512_vnni_in_use,
+        "Whether the int8 GEMV multiplies with AVX512-VNNI now (the CPU has it and the ISA is avx512).");
   m.def("avx512_vbmi_supported", &pfp::avx512_vbmi_supported,
         "Whether this CPU has AVX512-VBMI (byte permutes over 64- and 128-entry tables).");
   m.def("avx512_vbmi_in_use", &pfp::avx512_vbmi_in_use,

@@ -217,6 +217,22 @@ def test_gemv_fuses_the_outlier_product(dtype, rows, isa):
     torch.testing.assert_close(fused.float(), expected.float(), **tolerance)
 
 
+@pytest.mark.parametrize("isa", CPU_ISAS)
+@pytest.mark.parametrize("rows", [1, 8])
+def test_decode_rows_take_the_gemv_only_with_vnni(monkeypatch, rows, isa):
+    """Without VNNI the GEMV's portable loop is slower than torch._int_mm: the layer's few rows go there instead."""
+    calls = []
+    gemv_into = int8_ops.gemv_into
+    monkeypatch.setattr(int8_ops, "gemv_into", lambda *args: calls.append(1) or gemv_into(*args))
+    x = with_outliers((rows, 200), torch.float32, columns=(3, 150))
+    codes, scb = quantize_int8_weight(torch.randn(70, 200))
+    with cpu_isa(isa):
+        vnni = _native.cpu.avx512_vnni_in_use()
+        out = run("native", int8_linear, x, codes, scb, None, 6.0)
+    assert bool(calls) == vnni
+    torch.testing.assert_close(out, run("reference", int8_linear, x, codes, scb, None, 6.0), rtol=1e-5, atol=1e-4)
+
+
 def test_gemv_refuses_outlier_columns_outside_the_weight_or_beside_an_addend():
     codes, scb = quantize_int8_weight(torch.randn(7, 129))
     q, row_stats, out = torch.zeros(2, 129, dtype=torch.int8), torch.ones(2), torch.empty(2, 7)

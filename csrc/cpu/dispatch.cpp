@@ -79,6 +79,19 @@ bool avx512_vbmi_supported() {
   return supported;
 }
 
+bool avx512_vnni_in_use() {
+  static const bool supported = [] {
+#if defined(__x86_64__)
+    unsigned eax, ebx, ecx, edx;
+    // leaf 7, subleaf 0, ecx bit 11
+    return best_isa() == Isa::kAvx512 && __get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx) && (ecx >> 11 & 1);
+#else
+    return false;
+#endif
+  }();
+  return supported && current_isa() == Isa::kAvx512;
+}
+
 static std::atomic<bool> g_avx512_vbmi_enabled{true};
 
 bool avx512_vbmi_in_use() {

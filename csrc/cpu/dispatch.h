@@ -34,6 +34,11 @@ bool avx512_vbmi_in_use();
 // previous setting as it took effect (false where the CPU lacks it), which can always be set again.
 bool set_avx512_vbmi(bool enabled);
 
+// AVX512-VNNI (vpdpbusd: 64 int8 products summed into 16 int32 lanes): the int8 GEMV multiplies by it when
+// avx512_vnni_in_use(), i.e. the CPU has it and current_isa() is avx512; elsewhere its portable loop is a fraction of
+// torch._int_mm's speed, and the int8 linear layer leaves its rows to torch._int_mm.
+bool avx512_vnni_in_use();
+
 // AMX (Intel's tile instructions, int8 and bf16): kernels with an AMX path take it when amx_in_use(), i.e. the
 // CPU has AMX-TILE/INT8/BF16, Linux granted this process the tile data state, set_amx() has not switched it off
 // and current_isa() is avx512 (so set_isa("avx2") also leaves AMX).
