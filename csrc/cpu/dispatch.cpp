@@ -40,16 +40,21 @@ Isa set_isa(Isa isa) {
   return previous;
 }
 
-bool avx512_bf16_supported() {
-  static const bool supported = [] {
+// Bit `bit` of register `reg` (0 eax, 1 ebx, 2 ecx, 3 edx) of CPUID leaf 7, subleaf `subleaf`, on an AVX-512 host:
+// the AVX-512 extensions the kernels use beyond the base set.
+static bool avx512_feature(unsigned subleaf, int reg, int bit) {
 #if defined(__x86_64__)
-    unsigned eax, ebx, ecx, edx;
-    // leaf 7, subleaf 1, eax bit 5
-    return best_isa() == Isa::kAvx512 && __get_cpuid_count(7, 1, &eax, &ebx, &ecx, &edx) && (eax >> 5 & 1);
+  unsigned regs[4] = {};
+  return best_isa() == Isa::kAvx512 && __get_cpuid_count(7, subleaf, &regs[0], &regs[1], &regs[2], &regs[3]) &&
+         (regs[reg] >> bit & 1);
 #else
-    return false;
+  (void)subleaf, (void)reg, (void)bit;
+  return false;
 #endif
-  }();
+}
+
+bool avx512_bf16_supported() {
+  static const bool supported = avx512_feature(1, 0, 5);  // subleaf 1, eax bit 5
   return supported;
 }
 
@@ -67,28 +72,12 @@ bool set_avx512_bf16(bool enabled) {
 }
 
 bool avx512_vbmi_supported() {
-  static const bool supported = [] {
-#if defined(__x86_64__)
-    unsigned eax, ebx, ecx, edx;
-    // leaf 7, subleaf 0, ecx bit 1
-    return best_isa() == Isa::kAvx512 && __get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx) && (ecx >> 1 & 1);
-#else
-    return false;
-#endif
-  }();
+  static const bool supported = avx512_feature(0, 2, 1);  // subleaf 0, ecx bit 1
   return supported;
 }
 
 bool avx512_vnni_in_use() {
-  static const bool supported = [] {
-#if defined(__x86_64__)
-    unsigned eax, ebx, ecx, edx;
-    // leaf 7, subleaf 0, ecx bit 11
-    return best_isa() == Isa::kAvx512 && __get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx) && (ecx >> 11 & 1);
-#else
-    return false;
-#endif
-  }();
+  static const bool supported = avx512_feature(0, 2, 11);  // subleaf 0, ecx bit 11
   return supported && current_isa() == Isa::kAvx512;
 }
 

@@ -420,10 +420,6 @@ void gemv_vnni(const int8_t* q, const int32_t* q_sums, const int8_t* w, int32_t*
   }
 }
 
-bool has_vnni() {
-  static const bool supported = __builtin_cpu_supports("avx512vnni");
-  return supported;
-}
 #endif
 
 // ---- GEMM on AMX tiles (cpu/amx.h): C[m, n] = sum_c a[m, c] * b[n, c], int8 x int8 -> int32 ------------------
@@ -523,8 +519,7 @@ void int8_gemv(const int8_t* q, const float* row_stats, const int8_t* w, const f
   std::vector<int32_t> acc(size_t(m * n));
   std::vector<float> outliers(size_t(outlier_count > 0 ? m * n : 0));
   auto c = [&](float v) { return outlier_bf16 ? pfp::to_float(pfp::to_bf16(v)) : v; };
-  auto outlier_rows = [&](int64_t j0, int64_t j1) {
-    std::vector<float> column(static_cast<size_t>(outlier_count));
+  auto outlier_rows = [&](int64_t j0, int64_t j1, std::vector<float>& column) {  // column: [outlier_count]
     for (int64_t j = j0; j < j1; ++j) {
       for (int64_t i = 0; i < outlier_count; ++i)
         column[size_t(i)] = c(float(w[j * k + outlier_cols[i]]) * col_stats[j] * kDequantScale);
@@ -537,18 +532,19 @@ void int8_gemv(const int8_t* q, const float* row_stats, const int8_t* w, const f
   };
 #if defined(__AVX512F__)
   std::vector<int32_t> q_sums(size_t(m), 0);
-  if (has_vnni()) row_sums_vnni(q, m, k, q_sums.data());
+  if (pfp::avx512_vnni_in_use()) row_sums_vnni(q, m, k, q_sums.data());
 #endif
   parallel_for(n, m * k, nthreads, [&](int64_t begin, int64_t end, int) {
+    std::vector<float> column(static_cast<size_t>(outlier_count));
     for (int64_t j0 = begin; j0 < end; j0 += kBand) {
       const int64_t j1 = j0 + kBand < end ? j0 + kBand : end;
 #if defined(__AVX512F__)
-      if (has_vnni())
+      if (pfp::avx512_vnni_in_use())
         gemv_vnni(q, q_sums.data(), w, acc.data(), m, j0, j1, n, k);
       else
 #endif
         gemv_portable(q, w, acc.data(), m, j0, j1, n, k);
-      if (outlier_count > 0) outlier_rows(j0, j1);
+      if (outlier_count > 0) outlier_rows(j0, j1, column);
     }
   });
   int8_mm_dequant(acc.data(), row_stats, col_stats, bias, bias_dtype, outlier_count > 0 ? outliers.data() : addend, out,
