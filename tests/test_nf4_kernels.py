@@ -230,6 +230,14 @@ def test_gemv_matches_dequantized_matmul(isa, m, n, k, blocksize, dtype):
     assert bool((error <= accumulation + u_out * exact.abs()).all()), error.max()
 
 
+@pytest.mark.parametrize("blocksize", [0, -64, 63])
+def test_gemv_refuses_a_blocksize_outside_its_contract(blocksize):
+    """The ops refuse these first; the kernel itself must not divide by zero or misread blocks either."""
+    packed, absmax = random_weight_state(4, 128, 64, torch.Generator().manual_seed(0))
+    with pytest.raises(ValueError, match="blocksize must be even and >= 2"):
+        native_gemv(torch.randn(1, 128), packed, absmax, CODES["nf4"], None, 4, blocksize)
+
+
 @pytest.mark.parametrize("isa", CPU_ISAS)
 def test_gemv_float64_sums_in_float64(isa):
     generator = torch.Generator().manual_seed(0)

@@ -433,6 +433,8 @@ template <typename T>
 void gemv_impl(const T* x, const uint8_t* packed, const float* absmax, const float* code, const void* bias,
                int bias_dtype, T* out, int64_t m, int64_t n, int64_t k, int64_t blocksize, int nthreads,
                const LowRank<T>& low_rank = {}) {
+  // the contract's blocksize, even and >= 2 (the ops check it first; the k % blocksize below must not divide by 0)
+  if (blocksize < 2 || blocksize % 2 != 0) throw std::invalid_argument("nf4 GEMV: blocksize must be even and >= 2");
   using C = typename pfp::Compute<T>::type;
   std::vector<C> xs(m * k), dots(m * n);
   pfp::load_row(x, xs.data(), m * k);
