@@ -163,8 +163,25 @@ def test_generate_and_logits_without_labels_are_unchanged():
     assert torch.equal(ours, theirs)
 
 
+def _checkpoint(model, use_reentrant: bool, route: str) -> None:
+    """Turn on gradient checkpointing: through transformers' public call (from 5.0 it also makes the embeddings'
+    output require grad itself), or by the layers' flags alone (what it did before 5.0, where only our hook makes
+    reentrant checkpointing reach the adapters)."""
+    import functools
+
+    from torch.utils.checkpoint import checkpoint
+
+    if route == "api":
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
+    else:
+        model._set_gradient_checkpointing(
+            enable=True, gradient_checkpointing_func=functools.partial(checkpoint, use_reentrant=use_reentrant)
+        )
+
+
+@pytest.mark.parametrize("route", ["api", "flags"])
 @pytest.mark.parametrize("use_reentrant", [True, False])
-def test_gradient_checkpointing_gives_the_same_adapter_gradients(use_reentrant):
+def test_gradient_checkpointing_gives_the_same_adapter_gradients(use_reentrant, route):
     model = tiny_llama()
     prepare_model(model, quant="nf4", lora=LoraSettings(r=4, lora_dropout=0.1))
     ids = token_stream(batch=2, seq=16)
@@ -178,11 +195,40 @@ def test_gradient_checkpointing_gives_the_same_adapter_gradients(use_reentrant):
         return grads
 
     plain = adapter_grads()
-    model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
+    _checkpoint(model, use_reentrant, route)
     checkpointed = adapter_grads()
     assert plain.keys() == checkpointed.keys() and len(plain) == 2 * 2 * 7
     for name in plain:
         torch.testing.assert_close(checkpointed[name], plain[name], rtol=1e-5, atol=1e-7)
+
+
+def test_the_first_layer_input_requires_grad_only_while_checkpointing():
+    """Without checkpointing nothing trains on the first layer's input, so its gradient (the first layer's q, k and v
+    dX products) is not computed; with reentrant checkpointing turned on by the flags alone, the input requires grad,
+    and the hook still lets the model pickle."""
+    model = tiny_llama()
+    prepare_model(model, quant="nf4", lora=LoraSettings(r=4, lora_dropout=0.1))
+    ids = token_stream(batch=2, seq=16)
+    seen = []
+
+    def first_layer_input(module, args, kwargs):
+        hidden = args[0] if args else kwargs["hidden_states"]
+        seen.append(hidden.requires_grad)
+
+    handle = model.model.layers[0].register_forward_pre_hook(first_layer_input, with_kwargs=True)
+    model.train()
+    phases = []
+    for checkpointing in (False, True, False):
+        if checkpointing:
+            _checkpoint(model, True, "flags")
+        else:
+            model.gradient_checkpointing_disable()
+        seen.clear()
+        model(input_ids=ids, labels=ids).loss.backward()
+        phases.append(set(seen))
+    assert phases == [{False}, {True}, {False}]
+    handle.remove()
+    pickle.loads(pickle.dumps(model))
 
 
 def test_compiled_training_step_matches_eager():

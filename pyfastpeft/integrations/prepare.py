@@ -468,17 +468,30 @@ def _count(model: nn.Module) -> tuple[int, int]:
     return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
 
 
-def _make_output_require_grad(module, args, output):
-    output.requires_grad_(True)
+class _InputsRequireGradWhileCheckpointing:
+    """Forward hook on the input embeddings: their output requires grad while gradient checkpointing is on in the
+    model, where reentrant checkpointing needs its block inputs to require grad to reach the adapters inside (the
+    embeddings are frozen). Without checkpointing it leaves the output alone: autograd then skips the first layer's
+    input gradient (its q, k and v dX products and the norm's backward), which nothing trains on.
+    flagged: the modules with a `gradient_checkpointing` attribute at prepare time (transformers' decoder layers and
+    models set it in gradient_checkpointing_enable); where the model has none, whoever checkpoints it cannot be
+    seen, and the output always requires grad. A module-level class, so the model still pickles."""
+
+    def __init__(self, model: nn.Module):
+        self.flagged = [m for m in model.modules() if isinstance(getattr(m, "gradient_checkpointing", None), bool)]
+
+    def __call__(self, module, args, output):
+        if not self.flagged or any(m.gradient_checkpointing for m in self.flagged):
+            output.requires_grad_(True)
 
 
 def _enable_input_require_grads(model: nn.Module) -> None:
-    """transformers' enable_input_require_grads with a module-level hook (theirs is a local function, which keeps the
-    model from pickling); kept where theirs is, so model.disable_input_require_grads() removes it."""
+    """transformers' enable_input_require_grads while gradient checkpointing is on (see
+    _InputsRequireGradWhileCheckpointing); kept where theirs is, so model.disable_input_require_grads() removes it."""
     get_input = getattr(model, "get_input_embeddings", None)
     embeddings = get_input() if callable(get_input) else None
     if isinstance(embeddings, nn.Module):
-        handle = embeddings.register_forward_hook(_make_output_require_grad)
+        handle = embeddings.register_forward_hook(_InputsRequireGradWhileCheckpointing(model))
         model._require_grads_hooks = [handle]
         model._require_grads_hook = handle
 
@@ -733,7 +746,7 @@ def prepare_model(
     report.trainable_by_method = _trainable_by_method(model)
     if report.trainable_params:
         # the embeddings are frozen: reentrant gradient checkpointing needs its block inputs to require grad
-        # to reach the adapters inside (PEFT's prepare_model_for_kbit_training does the same)
+        # to reach the adapters inside (PEFT does the same when the model checkpoints)
         _enable_input_require_grads(model)
     if callable(getattr(model, "save_pretrained", None)) and (
         prompt is not False or any(isinstance(m, LoRALinear) for m in model.modules())
