@@ -53,6 +53,7 @@ PYBIND11_MODULE(_C, m) {
   PFP_DEF(nf4_dequantize);
   PFP_DEF(nf4_dequantize_cols);
   PFP_DEF(nf4_matmul);
+  PFP_DEF(nf4_matmul_grad_input);
   PFP_DEF(lora_nf4_matmul);
   PFP_DEF(nf4_gemv);
   PFP_DEF(int8_quantize);

@@ -2,6 +2,8 @@
 nf4_gemv) on every instruction set this CPU runs, called directly through the helpers below, below the ops
 layer; and the Triton kernels through the ops on the "triton" backend."""
 
+import contextlib
+
 import pytest
 import torch
 from helpers import (
@@ -10,6 +12,7 @@ from helpers import (
     DEVICES,
     HAS_TRITON,
     cpu_amx,
+    cpu_avx512_bf16,
     cpu_isa,
     on_device_unsupported,
     random_weight_state,
@@ -266,9 +269,21 @@ def test_gemv_identity_weight_reproduces_x(isa):
         assert torch.equal(native_gemv(x, packed, absmax, code, None, k, 64), x)
 
 
-# ---- bf16 GEMM on AMX tiles ---------------------------------------------------------------------------------
+# ---- bf16 GEMM on AMX tiles, or by AVX512-BF16's dot products ----------------------------------------------------
 
 AMX = pytest.mark.skipif(not _native.cpu.amx_supported(), reason="this CPU has no AMX tiles")
+# nf4_matmul's engines this CPU has: AMX tiles, and AVX512-BF16's dot products (with AMX switched off)
+MATMUL_ENGINES = (["amx"] if _native.cpu.amx_supported() else []) + (
+    ["dots"] if _native.cpu.avx512_bf16_supported() else []
+)
+MATMUL = pytest.mark.skipif(not MATMUL_ENGINES, reason="this CPU has neither AMX tiles nor AVX512-BF16")
+
+
+@contextlib.contextmanager
+def matmul_engine(engine):
+    """The CPU's switches set so that nf4_matmul runs on `engine` ("amx", "dots") or refuses (None)."""
+    with cpu_amx(engine == "amx"), cpu_avx512_bf16(engine is not None and _native.cpu.avx512_bf16_supported()):
+        yield
 
 
 def native_matmul(x, packed, absmax, code, n, blocksize):
@@ -277,7 +292,8 @@ def native_matmul(x, packed, absmax, code, n, blocksize):
     return out
 
 
-@AMX
+@MATMUL
+@pytest.mark.parametrize("engine", MATMUL_ENGINES)
 @pytest.mark.parametrize(
     "m,n,k,blocksize",
     [
@@ -286,15 +302,17 @@ def native_matmul(x, packed, absmax, code, n, blocksize):
         (100, 96, 64, 128),  # blocks straddle rows
         (513, 33, 256, 256),  # row and column edges of every tile
         (40, 300, 4096, 64),
+        (70, 200, 1088, 64),  # the dot products' passes of 16 steps and a partial one; 7 panels: pairs and one alone
     ],
 )
-def test_amx_matmul_matches_the_bf16_dequantized_product(m, n, k, blocksize):
+def test_matmul_matches_the_bf16_dequantized_product(engine, m, n, k, blocksize):
     """fp32 sums of exact bf16 products (the weight as nf4_dequantize gives it in bf16), one rounding to bf16."""
     generator = torch.Generator().manual_seed(m * n + k)
     packed, absmax = random_weight_state(n, k, blocksize, generator)
     code = CODES["nf4"]
     x = torch.randn(m, k, generator=generator).bfloat16()
-    out = native_matmul(x, packed, absmax, code, n, blocksize)
+    with matmul_engine(engine):
+        out = native_matmul(x, packed, absmax, code, n, blocksize)
     weight = ref.dequantize_4bit(packed, absmax, code, blocksize, n * k, torch.bfloat16).view(n, k).double()
     exact = x.double() @ weight.T
     u, u_out = torch.finfo(torch.float32).eps / 2, torch.finfo(torch.bfloat16).eps / 2
@@ -302,35 +320,115 @@ def test_amx_matmul_matches_the_bf16_dequantized_product(m, n, k, blocksize):
     assert bool(((out.double() - exact).abs() <= bound).all())
 
 
-@AMX
-def test_amx_matmul_identity_weight_reproduces_x():
+@MATMUL
+@pytest.mark.parametrize("engine", MATMUL_ENGINES)
+def test_matmul_identity_weight_reproduces_x(engine):
     k = 128
     nibbles = torch.full((k, k), 7, dtype=torch.uint8)  # NF4_CODE[7] == 0.0, NF4_CODE[15] == 1.0
     nibbles.fill_diagonal_(15)
     flat = nibbles.view(-1)
     x = torch.randn(40, k).bfloat16()
-    out = native_matmul(x, (flat[0::2] << 4) | flat[1::2], torch.ones(k * k // 64), CODES["nf4"], k, 64)
+    with matmul_engine(engine):
+        out = native_matmul(x, (flat[0::2] << 4) | flat[1::2], torch.ones(k * k // 64), CODES["nf4"], k, 64)
     assert torch.equal(out, x)
 
 
-@AMX
-def test_nf4_linear_takes_the_amx_product_for_bf16_rows():
-    """The op's CPU path above GEMV_MAX_ROWS rows: AMX tiles and the dequantized-tile GEMM agree to bf16 rounding,
-    bias included; with AMX switched off the native kernel refuses rather than compute without tiles."""
+@MATMUL
+@pytest.mark.parametrize("engine", MATMUL_ENGINES)
+def test_nf4_linear_takes_the_matmul_for_bf16_rows(monkeypatch, engine):
+    """The op's CPU path above GEMV_MAX_ROWS rows: nf4_matmul (AMX tiles, or the dot products) and the
+    dequantized-tile GEMM agree to bf16 rounding, bias included; with neither engine the layer takes the tiles and
+    the native kernel refuses rather than compute without them."""
     generator = torch.Generator().manual_seed(0)
     packed, absmax = random_weight_state(96, 256, 64, generator)
     code = CODES["nf4"]
     x = torch.randn(3, 20, 256, generator=generator).bfloat16()
     bias = torch.randn(96, generator=generator).bfloat16()
     args = (packed, absmax, code, bias, 64, 96, 256)
-    with cpu_amx(True):
-        tiles = nf4_ops._native_linear(x, *args)
-    with cpu_amx(False):
+    launched, launch = [], _native.launch
+    monkeypatch.setattr(_native, "launch", lambda name, *a: (launched.append(name), launch(name, *a))[1])
+    with matmul_engine(engine):
+        fused = nf4_ops._native_linear(x, *args)
+    assert launched == ["nf4_matmul"]
+    with matmul_engine(None):
         dequantized = nf4_ops._native_linear(x, *args)
-        with pytest.raises(ValueError, match="needs AMX tiles"):
+        with pytest.raises(ValueError, match="needs AMX tiles or AVX512-BF16"):
             native_matmul(x.view(60, 256), packed, absmax, code, 96, 64)
-    assert tiles.shape == (3, 20, 96) and tiles.dtype == torch.bfloat16
-    torch.testing.assert_close(tiles, dequantized, rtol=1.6e-2, atol=1.6e-2)
+    assert launched == ["nf4_matmul"] * 2
+    assert fused.shape == (3, 20, 96) and fused.dtype == torch.bfloat16
+    torch.testing.assert_close(fused, dequantized, rtol=1.6e-2, atol=1.6e-2)
+
+
+def native_matmul_grad_input(dy, packed, absmax, code, k, blocksize):
+    dx = torch.full((dy.shape[0], k), float("nan"), dtype=torch.bfloat16)
+    _native.launch("nf4_matmul_grad_input", dy, dy, packed, absmax, code, dx, dy.shape[0], dy.shape[1], k, blocksize)
+    return dx
+
+
+@MATMUL
+@pytest.mark.parametrize("engine", MATMUL_ENGINES)
+@pytest.mark.parametrize(
+    "m,n,k,blocksize",
+    [
+        (9, 32, 64, 64),
+        (33, 70, 96, 32),  # W's rows past a step of 32 (zero), dX's columns in three groups of 16
+        (100, 96, 64, 128),  # blocks straddle W's rows
+        (513, 33, 256, 256),  # row edges of every tile, one W row past a step
+        (40, 1100, 320, 64),  # the dot products' passes of 16 steps and a partial one; 5 panels: pairs and one alone
+        (3, 5, 32, 32),  # one row block, one panel
+    ],
+)
+def test_matmul_grad_input_matches_the_bf16_dequantized_product(engine, m, n, k, blocksize):
+    """dX = dY W_hat: fp32 sums over all of W's rows of exact bf16 products, one rounding to bf16."""
+    generator = torch.Generator().manual_seed(m * n + k + 1)
+    packed, absmax = random_weight_state(n, k, blocksize, generator)
+    code = CODES["nf4"]
+    dy = torch.randn(m, n, generator=generator).bfloat16()
+    with matmul_engine(engine):
+        dx = native_matmul_grad_input(dy, packed, absmax, code, k, blocksize)
+    weight = ref.dequantize_4bit(packed, absmax, code, blocksize, n * k, torch.bfloat16).view(n, k).double()
+    exact = dy.double() @ weight
+    u, u_out = torch.finfo(torch.float32).eps / 2, torch.finfo(torch.bfloat16).eps / 2
+    bound = n * u * (dy.double().abs() @ weight.abs()) * (1 + u_out) + u_out * exact.abs()
+    assert bool(((dx.double() - exact).abs() <= bound).all())
+
+
+@MATMUL
+@pytest.mark.parametrize("engine", MATMUL_ENGINES)
+def test_matmul_grad_input_of_an_empty_weight_is_zero_and_refuses_without_an_engine(engine):
+    code = CODES["nf4"]
+    empty = torch.empty(0, dtype=torch.uint8)
+    with matmul_engine(engine):
+        dx = native_matmul_grad_input(torch.empty(4, 0).bfloat16(), empty, torch.empty(0), code, 64, 64)
+    assert torch.equal(dx, torch.zeros(4, 64, dtype=torch.bfloat16))
+    packed, absmax = random_weight_state(8, 64, 64, torch.Generator().manual_seed(0))
+    with matmul_engine(None), pytest.raises(ValueError, match="needs AMX tiles or AVX512-BF16"):
+        native_matmul_grad_input(torch.ones(2, 8).bfloat16(), packed, absmax, code, 64, 64)
+
+
+@pytest.mark.skipif("dots" not in MATMUL_ENGINES, reason="this CPU has no AVX512-BF16")
+def test_nf4_linear_grad_input_takes_the_dot_product_matmul_without_amx(monkeypatch):
+    """On a CPU without AMX (or with it switched off) but with AVX512-BF16, dX of bf16 rows runs
+    nf4_matmul_grad_input; it agrees with the dequantized-column-tile GEMM to bf16 rounding. AMX hosts keep the tiles
+    for dX."""
+    generator = torch.Generator().manual_seed(1)
+    packed, absmax = random_weight_state(96, 256, 64, generator)
+    code = CODES["nf4"]
+    dy = torch.randn(3, 20, 96, generator=generator).bfloat16()
+    args = (packed, absmax, code, 64, 96, 256)
+    launched, launch = [], _native.launch
+    monkeypatch.setattr(_native, "launch", lambda name, *a: (launched.append(name), launch(name, *a))[1])
+    with matmul_engine("dots"):
+        fused = nf4_ops._native_linear_grad_input(dy, *args)
+    assert launched == ["nf4_matmul_grad_input"]
+    with matmul_engine(None):
+        tiles = nf4_ops._native_linear_grad_input(dy, *args)
+    if "amx" in MATMUL_ENGINES:
+        with matmul_engine("amx"):
+            nf4_ops._native_linear_grad_input(dy, *args)
+    assert launched == ["nf4_matmul_grad_input"]
+    assert fused.shape == (3, 20, 256) and fused.dtype == torch.bfloat16
+    torch.testing.assert_close(fused, tiles, rtol=1.6e-2, atol=1.6e-2)
 
 
 def native_lora_matmul(x, packed, absmax, code, xa, lora_b, scaling, n, blocksize):

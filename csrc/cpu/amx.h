@@ -8,7 +8,8 @@
 // A is packed once per call into tiles laid out in the order the loop reads them (PackedA); B by each thread, in
 // chunks of column panels of 32 (the caller's pack_b: the int8 path transposes B's bytes, the NF4 path decodes
 // nibbles first), each chunk staying in L2 while every 32-row block of A uses it. Edges are zero-padded in both
-// operands, which adds nothing to a sum.
+// operands, which adds nothing to a sum. On a CPU with AVX512-BF16 but no AMX (AMD Zen 4), the bf16 products run on
+// the same packed operands by vdpbf16ps (blocks_dots), the chunks larger and each block's K in passes.
 #pragma once
 
 #if defined(__AVX512F__) && defined(__AVX512BW__) && defined(__x86_64__)
@@ -17,7 +18,9 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstring>
 #include <memory>
+#include <type_traits>
 
 #include "cpu/common.h"
 
@@ -27,6 +30,10 @@ namespace amx {
 constexpr int64_t kTileBytes = 1024;  // 16 rows x 64 bytes
 constexpr int64_t kPrefetchSteps = 2;
 constexpr int64_t kChunkBytes = int64_t(1) << 20;  // B panels decoded at a time, per thread
+// The dot-product blocks' chunk: every row block re-reads A once per chunk, and their passes by kDotSteps need only
+// a slice of the panels in L2, so the chunk may fill a share of L3 instead.
+constexpr int64_t kDotChunkBytes = int64_t(4) << 20;
+constexpr int64_t kDotSteps = 16;  // steps of K per pass of blocks_dots' row groups
 
 struct alignas(64) TileConfig {
   uint8_t palette = 1, start_row = 0, reserved[14] = {};
@@ -197,40 +204,107 @@ __attribute__((target("amx-tile,amx-int8,amx-bf16"))) inline void block_32x32(co
   _tile_stored(3, out + 16 * ldc + 16, stride);
 }
 
+// Rows [r0, r0 + R) of a 32-row block by the columns of kPanels (1 or 2) 32-column B panels, panel_bytes apart (2
+// panels R <= 6: 4 R accumulators), over steps [s0, s1): the sums of panel q's columns to out[q] (row stride 32),
+// added to what out holds unless s0 is 0.
+template <int R, int kPanels>
+__attribute__((target("avx512bf16"))) inline void rows_dots(const int8_t* a, const int8_t* b, int64_t steps, int64_t s0,
+                                                            int64_t s1, int64_t panel_bytes, int r0,
+                                                            float* const* out) {
+  constexpr int V = 2 * kPanels;
+  __m512 acc[R][V];
+  for (int i = 0; i < R; ++i)
+    for (int v = 0; v < V; ++v)
+      acc[i][v] = s0 == 0 ? _mm512_setzero_ps() : _mm512_loadu_ps(out[v / 2] + (r0 + i) * 32 + 16 * (v % 2));
+  for (int64_t s = s0; s < s1; ++s) {
+    const int8_t* a_step = a + 2 * s * kTileBytes;
+    const int8_t* b_tiles[V];
+    for (int v = 0; v < V; ++v) b_tiles[v] = b + (v / 2) * panel_bytes + ((v % 2) * steps + s) * kTileBytes;
+    for (int p = 0; p < 16; ++p) {
+      __m512bh columns[V];
+      for (int v = 0; v < V; ++v) columns[v] = reinterpret_cast<__m512bh>(_mm512_load_si512(b_tiles[v] + 64 * p));
+      for (int i = 0; i < R; ++i) {
+        // row r0 + i: tile half (r0 + i) / 16 of the step, its row (r0 + i) % 16
+        const int row = r0 + i;
+        int32_t pair;
+        std::memcpy(&pair, a_step + (row / 16) * kTileBytes + (row % 16) * 64 + 4 * p, 4);
+        const __m512bh x = reinterpret_cast<__m512bh>(_mm512_set1_epi32(pair));
+        for (int v = 0; v < V; ++v) acc[i][v] = _mm512_dpbf16_ps(acc[i][v], x, columns[v]);
+      }
+    }
+  }
+  for (int i = 0; i < R; ++i)
+    for (int v = 0; v < V; ++v) _mm512_storeu_ps(out[v / 2] + (r0 + i) * 32 + 16 * (v % 2), acc[i][v]);
+}
+
+// block_32x32<true, float>'s blocks by AVX512-BF16's dot products, for hosts without AMX (AMD Zen 4), on the same
+// packed operands, for `panels` (1 or 2) adjacent B panels: dword p of a B tile's row holds one column's bf16 pair
+// (2p, 2p + 1) of the step, so row p of tile t is that pair for 16 columns, and dword p of an A tile's row i is row
+// i's pair: vdpbf16ps of the broadcast A dword with the B row adds both products to each column's fp32 sum (a
+// subnormal input counting as zero, as on the tiles). Two panels take rows 6 at a time (4 vectors of columns per
+// broadcast), one panel 12 at a time.
+__attribute__((target("avx512bf16"))) inline void blocks_dots(const int8_t* a, const int8_t* b, int64_t steps,
+                                                              int64_t panel_bytes, int panels, float* const* out) {
+  // by kDotSteps steps of K at a time, so the part of the panels the row groups share stays in L2 between them
+  for (int64_t s0 = 0; s0 < steps; s0 += kDotSteps) {
+    const int64_t s1 = std::min(steps, s0 + kDotSteps);
+    if (panels == 2) {
+      for (int r0 = 0; r0 < 24; r0 += 6) rows_dots<6, 2>(a, b, steps, s0, s1, panel_bytes, r0, out);
+      rows_dots<4, 2>(a, b, steps, s0, s1, panel_bytes, 24, out);
+      rows_dots<4, 2>(a, b, steps, s0, s1, panel_bytes, 28, out);
+    } else {
+      rows_dots<12, 1>(a, b, steps, s0, s1, panel_bytes, 0, out);
+      rows_dots<12, 1>(a, b, steps, s0, s1, panel_bytes, 12, out);
+      rows_dots<8, 1>(a, b, steps, s0, s1, panel_bytes, 24, out);
+    }
+  }
+}
+
 // Every 32 x 32 block of C = A @ B^T: pack_b(n0, groups, panel) fills panel with groups x steps tiles of B's rows
 // [n0, n0 + 16 groups) (group g's tiles at panel + g * steps * 1024, rows past n zero). With c (row stride ldc), a
 // block inside [m, n] is stored there directly; every other block (all of them without c) goes to
 // emit(row, col, block) as 32 x 32 of T, row stride 32, whose part inside C the caller keeps. Column panels are
-// split between threads (row blocks, when there are fewer panels than threads).
-template <bool kBf16, typename T, typename PackB, typename Emit>
+// split between threads (row blocks, when there are fewer panels than threads). kTiles false: bf16 only, the blocks
+// of two panels at a time by blocks_dots (no tile state), for hosts without AMX.
+template <bool kBf16, typename T, bool kTiles = true, typename PackB, typename Emit>
 void gemm(const PackedA& a, int64_t m, int64_t n, int nthreads, PackB&& pack_b, T* c, int64_t ldc, Emit&& emit) {
   const int64_t steps = a.steps, panels = (n + 31) / 32, row_blocks = (m + 31) / 32;
   const int64_t panel_bytes = 2 * steps * kTileBytes;
-  const int64_t chunk = std::max<int64_t>(1, std::min<int64_t>(8, kChunkBytes / panel_bytes));
+  const int64_t chunk = kTiles ? std::max<int64_t>(1, std::min<int64_t>(8, kChunkBytes / panel_bytes))
+                               : std::max<int64_t>(2, std::min<int64_t>(32, kDotChunkBytes / panel_bytes));
   const bool split_columns = panels >= nthreads || panels >= row_blocks;
   const int64_t work = 32 * steps * 64 * (split_columns ? m : n);
   pfp::parallel_for(split_columns ? panels : row_blocks, work, nthreads, [&](int64_t begin, int64_t end, int) {
     const int64_t p0 = split_columns ? begin : 0, p1 = split_columns ? end : panels;
     const int64_t r0 = split_columns ? 0 : begin, r1 = split_columns ? row_blocks : end;
     Aligned panel(chunk * panel_bytes);
-    alignas(64) T block[32 * 32];
-    configure();
+    alignas(64) T block[2][32 * 32];
+    if constexpr (kTiles) configure();
     for (int64_t pc = p0; pc < p1; pc += chunk) {
       const int64_t count = std::min(chunk, p1 - pc);
       pack_b(32 * pc, 2 * count, panel.data);
-      for (int64_t rb = r0; rb < r1; ++rb)
-        for (int64_t p = pc; p < pc + count; ++p) {
-          const int8_t* b = panel.data + (p - pc) * panel_bytes;
-          const int64_t row = 32 * rb, col = 32 * p;
-          if (c && row + 32 <= m && col + 32 <= n) {
-            block_32x32<kBf16>(a.block(rb), b, steps, c + row * ldc + col, ldc);
-          } else {
-            block_32x32<kBf16>(a.block(rb), b, steps, block, 32);
-            emit(row, col, static_cast<const T*>(block));
+      for (int64_t rb = r0; rb < r1; ++rb) {
+        const int64_t row = 32 * rb;
+        if constexpr (kTiles) {
+          for (int64_t p = pc; p < pc + count; ++p) {
+            const int64_t col = 32 * p;
+            const bool inside = c && row + 32 <= m && col + 32 <= n;
+            block_32x32<kBf16>(a.block(rb), panel.data + (p - pc) * panel_bytes, steps,
+                               inside ? c + row * ldc + col : block[0], inside ? ldc : 32);
+            if (!inside) emit(row, col, static_cast<const T*>(block[0]));
+          }
+        } else {  // two panels at a time, every block through emit
+          static_assert(kBf16 && std::is_same_v<T, float>, "the dot-product blocks are bf16 with fp32 sums");
+          for (int64_t p = pc; p < pc + count; p += 2) {
+            const int pair = p + 1 < pc + count ? 2 : 1;
+            float* const out[2] = {block[0], block[1]};
+            blocks_dots(a.block(rb), panel.data + (p - pc) * panel_bytes, steps, panel_bytes, pair, out);
+            for (int q = 0; q < pair; ++q) emit(row, 32 * (p + q), static_cast<const T*>(block[q]));
           }
         }
+      }
     }
-    release();
+    if constexpr (kTiles) release();
   });
 }
 

@@ -30,6 +30,8 @@
                            int64_t rows, int64_t k, int64_t col_start, int64_t cols, int64_t blocksize, int nthreads); \
   void nf4_matmul(const void* x, const uint8_t* packed, const float* absmax, const float* code, void* out, int64_t m,  \
                   int64_t n, int64_t k, int64_t blocksize, int nthreads);                                              \
+  void nf4_matmul_grad_input(const void* dy, const uint8_t* packed, const float* absmax, const float* code, void* dx,  \
+                             int64_t m, int64_t n, int64_t k, int64_t blocksize, int nthreads);                        \
   void lora_nf4_matmul(const void* x, const uint8_t* packed, const float* absmax, const float* code, const void* xa,   \
                        const void* lora_b, double scaling, void* out, int64_t m, int64_t n, int64_t k, int64_t rank,   \
                        int64_t blocksize, int nthreads);                                                               \

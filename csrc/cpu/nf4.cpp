@@ -536,15 +536,73 @@ __attribute__((target("avx512bf16"))) void decode_b_tiles(const uint8_t* packed,
     }
 }
 
+// dX = dY @ w_hat's operand: B = w_hat^T [k, n], a tile row pairing two rows of W. Tile (g, s) of the panel (16 of
+// dX's columns from k0 + 16 g, 32 rows of W from 32 s) holds in dword j of its row p the pair
+// (w_hat[32 s + 2 p, k0 + 16 g + j], w_hat[32 s + 2 p + 1, k0 + 16 g + j]); rows of W past n are zero. Each W row's
+// 32 columns of a group pair are 16 packed bytes in one block (k % 32 == 0, blocksize % 32 == 0), decoded as
+// decode_b_tiles decodes them; two rows' values then interleave into the tile rows (one permute each).
+__attribute__((target("avx512bf16"))) void decode_bt_tiles(const uint8_t* packed, const float* absmax,
+                                                           const float* code, int64_t n, int64_t k, int64_t blocksize,
+                                                           int64_t k0, int64_t groups, int64_t steps, int8_t* panel) {
+  const __m512 codes = _mm512_loadu_ps(code);
+  const __m512i low_nibble = _mm512_set1_epi32(15);
+  // word 2j of tile 0's row: element j of the even row, word 2j + 1: element j of the odd row; tile 1 from j + 16
+  alignas(64) uint16_t interleave[2][32];
+  for (int t = 0; t < 2; ++t)
+    for (int j = 0; j < 16; ++j) {
+      interleave[t][2 * j] = uint16_t(16 * t + j);
+      interleave[t][2 * j + 1] = uint16_t(32 + 16 * t + j);
+    }
+  const __m512i pick[2] = {_mm512_load_si512(interleave[0]), _mm512_load_si512(interleave[1])};
+  for (int64_t g = 0; g < groups; g += 2)
+    for (int64_t s = 0; s < steps; ++s) {
+      __m512i rows[32];
+      for (int c = 0; c < 32; ++c) {
+        const int64_t r = 32 * s + c;
+        if (r >= n) {
+          rows[c] = _mm512_setzero_si512();
+          continue;
+        }
+        const int64_t first = r * k + k0 + 16 * g;
+        const __m256bh table = _mm512_cvtneps_pbh(_mm512_mul_ps(codes, _mm512_set1_ps(absmax[first / blocksize])));
+        const __m512i bytes =
+            _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(packed + first / 2)));
+        const __m512i index =
+            _mm512_or_si512(_mm512_srli_epi32(bytes, 4), _mm512_slli_epi32(_mm512_and_si512(bytes, low_nibble), 16));
+        rows[c] = _mm512_permutexvar_epi16(index, _mm512_castsi256_si512(reinterpret_cast<const __m256i&>(table)));
+      }
+      for (int t = 0; t < 2 && g + t < groups; ++t) {
+        int8_t* tile = panel + ((g + t) * steps + s) * amx::kTileBytes;
+        for (int p = 0; p < 16; ++p)
+          _mm512_store_si512(tile + 64 * p, _mm512_permutex2var_epi16(rows[2 * p], pick[t], rows[2 * p + 1]));
+      }
+    }
+}
+
+// dy [m, n] @ w_hat [n, k] (k % 32 == 0) on the tiles, or by the dot products (kTiles false), each 32 x 32 block of
+// fp32 sums handed to emit(row, col, block) (row stride 32).
+template <bool kTiles, typename Emit>
+void matmul_grad_input_tiles(const void* dy, const uint8_t* packed, const float* absmax, const float* code, int64_t m,
+                             int64_t n, int64_t k, int64_t blocksize, int nthreads, Emit&& emit) {
+  const int64_t steps = (n + 31) / 32;
+  const amx::PackedA a_tiles(dy, m, 2 * n, steps, nthreads);
+  auto decode = [&](int64_t k0, int64_t groups, int8_t* panel) {
+    decode_bt_tiles(packed, absmax, code, n, k, blocksize, k0, groups, steps, panel);
+  };
+  amx::gemm<true, float, kTiles>(a_tiles, m, k, nthreads, decode, nullptr, 0, emit);
+}
+
 // x [m, k] @ w_hat^T on the tiles, each 32 x 32 block of fp32 sums handed to emit(row, col, block) (row stride 32).
-template <typename Emit>
+// kTiles false: the same operands and blocks by AVX512-BF16's dot products (amx::block_32x32_dots), where the CPU
+// has those but no AMX.
+template <bool kTiles = true, typename Emit>
 void matmul_tiles(const void* x, const uint8_t* packed, const float* absmax, const float* code, int64_t m, int64_t n,
                   int64_t k, int64_t blocksize, int nthreads, Emit&& emit) {
   const amx::PackedA a_tiles(x, m, 2 * k, k / 32, nthreads);
   auto decode = [&](int64_t n0, int64_t groups, int8_t* panel) {
     decode_b_tiles(packed, absmax, code, n, k, blocksize, n0, groups, k / 32, panel);
   };
-  amx::gemm<true, float>(a_tiles, m, n, nthreads, decode, nullptr, 0, emit);
+  amx::gemm<true, float, kTiles>(a_tiles, m, n, nthreads, decode, nullptr, 0, emit);
 }
 
 // LoRA's up-projection s xa B^T as one more tile product in each block's epilogue (rank <= 32: one step of K).
@@ -652,27 +710,65 @@ void nf4_dequantize_cols(const uint8_t* packed, const float* absmax, const float
   });
 }
 
-// nf4_matmul: out [m, n] bf16 = x [m, k] bf16 @ w_hat [n, k]^T with fp32 sums of the bf16 products, on AMX tiles
-// (w_hat's values as nf4_dequantize gives them in bf16). Only where pfp::amx_in_use(), k % 32 == 0 and
+// nf4_matmul: out [m, n] bf16 = x [m, k] bf16 @ w_hat [n, k]^T with fp32 sums of the bf16 products, on AMX tiles,
+// or where the CPU has no AMX but AVX512-BF16, by its dot products on the same packed operands (w_hat's values as
+// nf4_dequantize gives them in bf16). Only where pfp::amx_in_use() or pfp::avx512_bf16_in_use(), k % 32 == 0 and
 // blocksize % 32 == 0; throws std::invalid_argument otherwise. packed, absmax, code as nf4_gemv; all contiguous.
 void nf4_matmul(const void* x, const uint8_t* packed, const float* absmax, const float* code, void* out, int64_t m,
                 int64_t n, int64_t k, int64_t blocksize, int nthreads) {
 #if PFP_HAS_AMX
-  if (pfp::amx_in_use() && k % 32 == 0 && blocksize % 32 == 0 && blocksize > 0) {
+  const bool tiles = pfp::amx_in_use();
+  if ((tiles || pfp::avx512_bf16_in_use()) && k % 32 == 0 && blocksize % 32 == 0 && blocksize > 0) {
     if (m == 0 || n == 0) return;
-    matmul_tiles(x, packed, absmax, code, m, n, k, blocksize, nthreads,
-                 [&](int64_t row, int64_t col, const float* block) {
-                   const int64_t cols = std::min<int64_t>(32, n - col);
-                   for (int64_t i = 0; i < 32 && row + i < m; ++i)
-                     pfp::store_row<bf16, float>(block + 32 * i, static_cast<bf16*>(out) + (row + i) * n + col, cols);
-                 });
+    auto emit = [&](int64_t row, int64_t col, const float* block) {
+      const int64_t cols = std::min<int64_t>(32, n - col);
+      for (int64_t i = 0; i < 32 && row + i < m; ++i)
+        pfp::store_row<bf16, float>(block + 32 * i, static_cast<bf16*>(out) + (row + i) * n + col, cols);
+    };
+    if (tiles) {
+      matmul_tiles<true>(x, packed, absmax, code, m, n, k, blocksize, nthreads, emit);
+    } else {
+      matmul_tiles<false>(x, packed, absmax, code, m, n, k, blocksize, nthreads, emit);
+    }
     return;
   }
 #else
   (void)x, (void)packed, (void)absmax, (void)code, (void)out, (void)m, (void)n, (void)k, (void)blocksize,
       (void)nthreads;
 #endif
-  throw std::invalid_argument("nf4_matmul: needs AMX tiles, k % 32 == 0 and blocksize % 32 == 0");
+  throw std::invalid_argument("nf4_matmul: needs AMX tiles or AVX512-BF16, k % 32 == 0 and blocksize % 32 == 0");
+}
+
+// nf4_matmul_grad_input: dx [m, k] bf16 = dy [m, n] bf16 @ w_hat [n, k], fp32 sums over all of n of the bf16
+// products, rounded once; on AMX tiles or by AVX512-BF16's dot products as nf4_matmul, whose conditions it shares
+// (k % 32 == 0 and blocksize % 32 == 0; n any). Throws std::invalid_argument where they do not hold.
+void nf4_matmul_grad_input(const void* dy, const uint8_t* packed, const float* absmax, const float* code, void* dx,
+                           int64_t m, int64_t n, int64_t k, int64_t blocksize, int nthreads) {
+#if PFP_HAS_AMX
+  const bool tiles = pfp::amx_in_use();
+  if ((tiles || pfp::avx512_bf16_in_use()) && k % 32 == 0 && blocksize % 32 == 0 && blocksize > 0) {
+    if (m == 0 || k == 0) return;
+    if (n == 0) {  // an empty sum
+      std::fill_n(static_cast<bf16*>(dx), m * k, bf16{});
+      return;
+    }
+    auto emit = [&](int64_t row, int64_t col, const float* block) {
+      for (int64_t i = 0; i < 32 && row + i < m; ++i)
+        pfp::store_row<bf16, float>(block + 32 * i, static_cast<bf16*>(dx) + (row + i) * k + col, 32);
+    };
+    if (tiles) {
+      matmul_grad_input_tiles<true>(dy, packed, absmax, code, m, n, k, blocksize, nthreads, emit);
+    } else {
+      matmul_grad_input_tiles<false>(dy, packed, absmax, code, m, n, k, blocksize, nthreads, emit);
+    }
+    return;
+  }
+#else
+  (void)dy, (void)packed, (void)absmax, (void)code, (void)dx, (void)m, (void)n, (void)k, (void)blocksize,
+      (void)nthreads;
+#endif
+  throw std::invalid_argument(
+      "nf4_matmul_grad_input: needs AMX tiles or AVX512-BF16, k % 32 == 0 and blocksize % 32 == 0");
 }
 
 // lora_nf4_matmul: nf4_matmul with LoRA's up-projection in its epilogue, the training forward's QLoRA product:
