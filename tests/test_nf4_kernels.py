@@ -286,6 +286,16 @@ def matmul_engine(engine):
         yield
 
 
+def assert_bf16_product_within_fp32_sum_bound(out, a, b):
+    """out (bf16) is a @ b summed in fp32 in any order from exact products, rounded once: within
+    K u |a||b| (1 + u_bf16) + u_bf16 |a @ b| of the exact product, K the sum's length."""
+    a, b = a.double(), b.double()
+    exact = a @ b
+    u, u_out = torch.finfo(torch.float32).eps / 2, torch.finfo(torch.bfloat16).eps / 2
+    bound = a.shape[1] * u * (a.abs() @ b.abs()) * (1 + u_out) + u_out * exact.abs()
+    assert bool(((out.double() - exact).abs() <= bound).all())
+
+
 def native_matmul(x, packed, absmax, code, n, blocksize):
     out = torch.full((x.shape[0], n), float("nan"), dtype=torch.bfloat16)
     _native.launch("nf4_matmul", x, x, packed, absmax, code, out, x.shape[0], n, x.shape[1], blocksize)
@@ -313,11 +323,8 @@ def test_matmul_matches_the_bf16_dequantized_product(engine, m, n, k, blocksize)
     x = torch.randn(m, k, generator=generator).bfloat16()
     with matmul_engine(engine):
         out = native_matmul(x, packed, absmax, code, n, blocksize)
-    weight = ref.dequantize_4bit(packed, absmax, code, blocksize, n * k, torch.bfloat16).view(n, k).double()
-    exact = x.double() @ weight.T
-    u, u_out = torch.finfo(torch.float32).eps / 2, torch.finfo(torch.bfloat16).eps / 2
-    bound = k * u * (x.double().abs() @ weight.abs().T) * (1 + u_out) + u_out * exact.abs()
-    assert bool(((out.double() - exact).abs() <= bound).all())
+    weight = ref.dequantize_4bit(packed, absmax, code, blocksize, n * k, torch.bfloat16).view(n, k)
+    assert_bf16_product_within_fp32_sum_bound(out, x, weight.T)
 
 
 @MATMUL
@@ -386,11 +393,8 @@ def test_matmul_grad_input_matches_the_bf16_dequantized_product(engine, m, n, k,
     dy = torch.randn(m, n, generator=generator).bfloat16()
     with matmul_engine(engine):
         dx = native_matmul_grad_input(dy, packed, absmax, code, k, blocksize)
-    weight = ref.dequantize_4bit(packed, absmax, code, blocksize, n * k, torch.bfloat16).view(n, k).double()
-    exact = dy.double() @ weight
-    u, u_out = torch.finfo(torch.float32).eps / 2, torch.finfo(torch.bfloat16).eps / 2
-    bound = n * u * (dy.double().abs() @ weight.abs()) * (1 + u_out) + u_out * exact.abs()
-    assert bool(((dx.double() - exact).abs() <= bound).all())
+    weight = ref.dequantize_4bit(packed, absmax, code, blocksize, n * k, torch.bfloat16).view(n, k)
+    assert_bf16_product_within_fp32_sum_bound(dx, dy, weight)
 
 
 @MATMUL

@@ -509,11 +509,22 @@ void gemv_impl(const T* x, const uint8_t* packed, const float* absmax, const flo
 // the thread keeps in L2. Each value is bf16(code * absmax) rounded to nearest even, as nf4_dequantize to bf16
 // (a subnormal product becomes 0 here, which the tile product does to a subnormal input anyway).
 #if PFP_HAS_AMX
+// The 32 bf16 values of W's elements [first, first + 32) (first even, all in one block): byte i of the 16 packed
+// bytes holds the pair (2i, 2i + 1), the high nibble first; each value bf16(code * absmax) rounded to nearest even.
+__attribute__((target("avx512bf16"))) inline __m512i decode_32(const uint8_t* packed, const float* absmax, __m512 codes,
+                                                               int64_t first, int64_t blocksize) {
+  const __m256bh table = _mm512_cvtneps_pbh(_mm512_mul_ps(codes, _mm512_set1_ps(absmax[first / blocksize])));
+  const __m512i bytes = _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(packed + first / 2)));
+  // low word: the high nibble (the even element), high word: the low nibble
+  const __m512i index = _mm512_or_si512(_mm512_srli_epi32(bytes, 4),
+                                        _mm512_slli_epi32(_mm512_and_si512(bytes, _mm512_set1_epi32(15)), 16));
+  return _mm512_permutexvar_epi16(index, _mm512_castsi256_si512(reinterpret_cast<const __m256i&>(table)));
+}
+
 __attribute__((target("avx512bf16"))) void decode_b_tiles(const uint8_t* packed, const float* absmax, const float* code,
                                                           int64_t n, int64_t k, int64_t blocksize, int64_t n0,
                                                           int64_t groups, int64_t steps, int8_t* panel) {
   const __m512 codes = _mm512_loadu_ps(code);
-  const __m512i low_nibble = _mm512_set1_epi32(15);
   __m512i rows[16];
   for (int64_t g = 0; g < groups; ++g)
     for (int64_t s = 0; s < steps; ++s) {
@@ -523,14 +534,7 @@ __attribute__((target("avx512bf16"))) void decode_b_tiles(const uint8_t* packed,
           rows[c] = _mm512_setzero_si512();
           continue;
         }
-        const int64_t first = j * k + 32 * s;
-        const __m256bh table = _mm512_cvtneps_pbh(_mm512_mul_ps(codes, _mm512_set1_ps(absmax[first / blocksize])));
-        const __m512i bytes =
-            _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(packed + first / 2)));
-        // low word: the high nibble (the even element), high word: the low nibble
-        const __m512i index =
-            _mm512_or_si512(_mm512_srli_epi32(bytes, 4), _mm512_slli_epi32(_mm512_and_si512(bytes, low_nibble), 16));
-        rows[c] = _mm512_permutexvar_epi16(index, _mm512_castsi256_si512(reinterpret_cast<const __m256i&>(table)));
+        rows[c] = decode_32(packed, absmax, codes, j * k + 32 * s, blocksize);
       }
       amx::transpose_dwords(rows, panel + (g * steps + s) * amx::kTileBytes);
     }
@@ -545,7 +549,6 @@ __attribute__((target("avx512bf16"))) void decode_bt_tiles(const uint8_t* packed
                                                            const float* code, int64_t n, int64_t k, int64_t blocksize,
                                                            int64_t k0, int64_t groups, int64_t steps, int8_t* panel) {
   const __m512 codes = _mm512_loadu_ps(code);
-  const __m512i low_nibble = _mm512_set1_epi32(15);
   // word 2j of tile 0's row: element j of the even row, word 2j + 1: element j of the odd row; tile 1 from j + 16
   alignas(64) uint16_t interleave[2][32];
   for (int t = 0; t < 2; ++t)
@@ -563,13 +566,7 @@ __attribute__((target("avx512bf16"))) void decode_bt_tiles(const uint8_t* packed
           rows[c] = _mm512_setzero_si512();
           continue;
         }
-        const int64_t first = r * k + k0 + 16 * g;
-        const __m256bh table = _mm512_cvtneps_pbh(_mm512_mul_ps(codes, _mm512_set1_ps(absmax[first / blocksize])));
-        const __m512i bytes =
-            _mm512_cvtepu8_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(packed + first / 2)));
-        const __m512i index =
-            _mm512_or_si512(_mm512_srli_epi32(bytes, 4), _mm512_slli_epi32(_mm512_and_si512(bytes, low_nibble), 16));
-        rows[c] = _mm512_permutexvar_epi16(index, _mm512_castsi256_si512(reinterpret_cast<const __m256i&>(table)));
+        rows[c] = decode_32(packed, absmax, codes, r * k + k0 + 16 * g, blocksize);
       }
       for (int t = 0; t < 2 && g + t < groups; ++t) {
         int8_t* tile = panel + ((g + t) * steps + s) * amx::kTileBytes;
@@ -592,8 +589,18 @@ void matmul_grad_input_tiles(const void* dy, const uint8_t* packed, const float*
   amx::gemm<true, float, kTiles>(a_tiles, m, k, nthreads, decode, nullptr, 0, emit);
 }
 
+// run(std::true_type{}) on AMX tiles, run(std::false_type{}) by the dot products: the engine as a compile-time flag.
+template <typename Run>
+void on_engine(bool tiles, Run&& run) {
+  if (tiles) {
+    run(std::true_type{});
+  } else {
+    run(std::false_type{});
+  }
+}
+
 // x [m, k] @ w_hat^T on the tiles, each 32 x 32 block of fp32 sums handed to emit(row, col, block) (row stride 32).
-// kTiles false: the same operands and blocks by AVX512-BF16's dot products (amx::block_32x32_dots), where the CPU
+// kTiles false: the same operands and blocks by AVX512-BF16's dot products (amx::blocks_dots), where the CPU
 // has those but no AMX.
 template <bool kTiles = true, typename Emit>
 void matmul_tiles(const void* x, const uint8_t* packed, const float* absmax, const float* code, int64_t m, int64_t n,
@@ -725,11 +732,9 @@ void nf4_matmul(const void* x, const uint8_t* packed, const float* absmax, const
       for (int64_t i = 0; i < 32 && row + i < m; ++i)
         pfp::store_row<bf16, float>(block + 32 * i, static_cast<bf16*>(out) + (row + i) * n + col, cols);
     };
-    if (tiles) {
-      matmul_tiles<true>(x, packed, absmax, code, m, n, k, blocksize, nthreads, emit);
-    } else {
-      matmul_tiles<false>(x, packed, absmax, code, m, n, k, blocksize, nthreads, emit);
-    }
+    on_engine(tiles, [&](auto kTiles) {
+      matmul_tiles<kTiles()>(x, packed, absmax, code, m, n, k, blocksize, nthreads, emit);
+    });
     return;
   }
 #else
@@ -756,11 +761,9 @@ void nf4_matmul_grad_input(const void* dy, const uint8_t* packed, const float* a
       for (int64_t i = 0; i < 32 && row + i < m; ++i)
         pfp::store_row<bf16, float>(block + 32 * i, static_cast<bf16*>(dx) + (row + i) * k + col, 32);
     };
-    if (tiles) {
-      matmul_grad_input_tiles<true>(dy, packed, absmax, code, m, n, k, blocksize, nthreads, emit);
-    } else {
-      matmul_grad_input_tiles<false>(dy, packed, absmax, code, m, n, k, blocksize, nthreads, emit);
-    }
+    on_engine(tiles, [&](auto kTiles) {
+      matmul_grad_input_tiles<kTiles()>(dy, packed, absmax, code, m, n, k, blocksize, nthreads, emit);
+    });
     return;
   }
 #else
